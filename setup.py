@@ -1,0 +1,51 @@
+"""videoldm-jax: Video Latent Diffusion Models (Blattmann et al. 2023) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml_collections>=1.1,<2",
+    "einops>=0.8,<0.9",
+    "safetensors>=0.8,<0.9",
+    "numpy>=2.0",
+    "ml_dtypes>=0.5",
+    "regex",
+    "tqdm",
+    "absl-py",
+    "pillow",
+]
+
+EXTRAS = {
+    # Test-only PyTorch reference for numerical parity. torch is pinned exactly: an
+    # unpinned torch pulls a multi-GB CUDA build.
+    "test": [
+        "pytest>=8",
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "transformers>=5.0,<6",
+        "scipy",
+    ],
+    "eval": ["scipy"],
+}
+
+setup(
+    name="videoldm_jax",
+    version="0.1.0",
+    description="Video Latent Diffusion Models (Align your Latents) in JAX/Flax",
+    packages=find_packages(include=["videoldm_jax", "videoldm_jax.*", "data_pipelines",
+                                    "data_pipelines.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "videoldm-convert=videoldm_jax.cli.convert:run",
+            "videoldm-sample-image=videoldm_jax.cli.sample_image:run",
+            "videoldm-init-random=videoldm_jax.cli.init_random:run",
+        ]
+    },
+)

@@ -1,0 +1,122 @@
+"""Multi-head attention and the spatial transformer of the Stable Diffusion UNet.
+
+Module names mirror diffusers (`attn1/to_q`, `ff/net_0/proj`, `transformer_blocks_0`)
+so that checkpoints map onto them by `convert.torch_layout.flax_path_to_torch_key`.
+"""
+
+from typing import Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from videoldm_jax.models import layers
+
+
+def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.Array,
+                          num_heads: int, mask_BxLxS: Optional[jax.Array] = None
+                          ) -> jax.Array:
+  """Scaled dot-product attention over `num_heads` heads, (B, L, D) -> (B, L, D).
+
+  Logits and softmax run in float32 whatever the compute dtype: SD 2.x overflows in
+  half precision otherwise ("upcast_attention").
+  """
+  q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
+             for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bhld,bhsd->bhls", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+  if mask_BxLxS is not None:
+    logits = jnp.where(mask_BxLxS[:, None], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhls,bhsd->bhld", weights, v)
+  return einops.rearrange(out, "b h l d -> b l (h d)")
+
+
+class Attention(nn.Module):
+  """Self- or cross-attention with q/k/v/out projections (diffusers `Attention`)."""
+  num_heads: int
+  qkv_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxC: jax.Array, context_BxSxE: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """(B, L, C) attending to itself or to `context` (B, S, E) -> (B, L, C)."""
+    width = x_BxLxC.shape[-1]
+    ctx = x_BxLxC if context_BxSxE is None else context_BxSxE
+    proj = lambda name: layers.dense(width, ("embed", "heads"), name=name,
+                                     use_bias=self.qkv_bias, dtype=self.dtype)
+    q, k, v = proj("to_q")(x_BxLxC), proj("to_k")(ctx), proj("to_v")(ctx)
+    out = dot_product_attention(q, k, v, self.num_heads)
+    return layers.dense(width, ("heads", "embed"), name="to_out_0", dtype=self.dtype)(out)
+
+
+class GEGLU(nn.Module):
+  """Gated GELU projection (Shazeer 2020): (B, L, C) -> (B, L, inner)."""
+  inner: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = layers.dense(2 * self.inner, ("embed", "mlp"), name="proj", dtype=self.dtype)(x)
+    h, gate = jnp.split(h, 2, axis=-1)
+    return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """GEGLU feed-forward with 4x expansion: (B, L, C) -> (B, L, C)."""
+  mult: int = 4
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    h = GEGLU(self.mult * width, dtype=self.dtype, name="net_0")(x)
+    return layers.dense(width, ("mlp", "embed"), name="net_2", dtype=self.dtype)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Pre-LN self-attention, cross-attention to the context, GEGLU FF; all residual.
+
+  With `context=None` the second attention attends to x itself (as diffusers does).
+  """
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxC: jax.Array, context_BxSxE: Optional[jax.Array]) -> jax.Array:
+    ln = lambda name: layers.layer_norm(1e-5, name=name, dtype=self.dtype)
+    attn = lambda name: Attention(self.num_heads, dtype=self.dtype, name=name)
+    x = x_BxLxC + attn("attn1")(ln("norm1")(x_BxLxC))
+    x = x + attn("attn2")(ln("norm2")(x), context_BxSxE)
+    return x + FeedForward(dtype=self.dtype, name="ff")(ln("norm3")(x))
+
+
+class SpatialTransformer(nn.Module):
+  """The SD "Transformer2DModel": GroupNorm, 1x1-conv or linear proj_in, `depth`
+  transformer blocks over the H*W tokens, proj_out, residual. (B,H,W,C) -> same."""
+  num_heads: int
+  depth: int = 1
+  use_linear_projection: bool = False
+  norm_num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, context_BxSxE: Optional[jax.Array]) -> jax.Array:
+    _, height, width, channels = x_BxHxWxC.shape
+    h = layers.group_norm(self.norm_num_groups, 1e-6, name="norm", dtype=self.dtype)(x_BxHxWxC)
+    # SD 1.x stores proj_in/out as 1x1 convs, SD 2.x as linears: keep the checkpoint's
+    # parameter shapes so image checkpoints merge in by tree operations.
+    if self.use_linear_projection:
+      proj_in = layers.dense(channels, ("embed", "mlp"), name="proj_in", dtype=self.dtype)
+      proj_out = layers.dense(channels, ("mlp", "embed"), name="proj_out", dtype=self.dtype)
+    else:
+      proj_in = layers.conv2d(channels, 1, name="proj_in", dtype=self.dtype)
+      proj_out = layers.conv2d(channels, 1, name="proj_out", dtype=self.dtype)
+    h = einops.rearrange(proj_in(h), "b h w c -> b (h w) c")
+    for i in range(self.depth):
+      h = BasicTransformerBlock(self.num_heads, dtype=self.dtype,
+                                name=f"transformer_blocks_{i}")(h, context_BxSxE)
+    h = einops.rearrange(h, "b (h w) c -> b h w c", h=height, w=width)
+    return proj_out(h) + x_BxHxWxC

@@ -1,0 +1,118 @@
+"""Parameterised building blocks shared by every model, each with logical axis names.
+
+Every weight created here is wrapped in `nn.with_logical_partitioning`, so the mesh
+placement of any model is decided by the logical -> mesh rules in a config
+(`videoldm_jax.sharding`), never by the model code. Parameter names follow Flax
+conventions (`kernel`, `bias`, `scale`, `embedding`) so that PyTorch checkpoints map
+onto them mechanically (`videoldm_jax.convert.torch_layout`).
+
+Logical axis names used by the models:
+  conv_kh, conv_kw  spatial kernel dims of a 2-D conv (never sharded)
+  conv_in, conv_out input / output channels of a conv
+  embed             model width of a dense layer's input (or output for down-projections)
+  mlp               hidden width of a feed-forward or projection
+  heads             concatenated attention heads (q/k/v output, out-projection input)
+  norm              scale / bias of a normalisation layer
+  vocab             rows of an embedding table
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+
+
+def _partitioned(init, axes: Axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
+           *, name: str, dtype=jnp.float32, use_bias: bool = True) -> nn.Conv:
+  """2-D convolution on (B, H, W, C) -> (B, H', W', features).
+
+  padding "SAME_1" is symmetric zero padding of kernel // 2, as PyTorch's
+  `padding=kernel // 2`; pass explicit pairs for the asymmetric VAE downsampler.
+  """
+  if padding == "SAME_1":
+    p = kernel // 2
+    padding = ((p, p), (p, p))
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding=padding,
+      use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=_partitioned(nn.initializers.lecun_normal(),
+                               ("conv_kh", "conv_kw", "conv_in", "conv_out")),
+      bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+      name=name)
+
+
+def dense(features: int, axes: Axes = ("embed", "mlp"), *, name: str,
+          use_bias: bool = True, dtype=jnp.float32) -> nn.Dense:
+  """Dense layer on (..., C_in) -> (..., features); `axes` names (C_in, features)."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=_partitioned(nn.initializers.lecun_normal(), axes),
+      bias_init=_partitioned(nn.initializers.zeros_init(), (axes[1],)),
+      name=name)
+
+
+def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> nn.GroupNorm:
+  """GroupNorm over the channels-last axis; statistics are computed in float32."""
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+      name=name)
+
+
+def layer_norm(eps: float, *, name: str, dtype=jnp.float32) -> nn.LayerNorm:
+  """LayerNorm over the last axis."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+      name=name)
+
+
+def embedding(num_embeddings: int, features: int, *, name: str) -> nn.Embed:
+  """Lookup table (vocab, features)."""
+  return nn.Embed(
+      num_embeddings, features, param_dtype=jnp.float32,
+      embedding_init=_partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+      name=name)
+
+
+def upsample_nearest_2x(x_BxHxWxC: jax.Array) -> jax.Array:
+  """Nearest-neighbour 2x upsampling, (B, H, W, C) -> (B, 2H, 2W, C)."""
+  x = jnp.repeat(x_BxHxWxC, 2, axis=1)
+  return jnp.repeat(x, 2, axis=2)
+
+
+def timestep_embedding(timesteps_B: jax.Array, dim: int, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim).
+
+  Frequencies are exp(-log(max_period) * i / (dim/2 - freq_shift)); SD uses
+  flip_sin_to_cos=True (cos first) and freq_shift=0, as the original LDM code.
+  """
+  half = dim // 2
+  exponent = -jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = timesteps_B.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def per_level(value, num_levels: int, field: str) -> tuple:
+  """Broadcast an int to one value per UNet level, or check a sequence's length."""
+  if isinstance(value, Sequence) and not isinstance(value, str):
+    if len(value) != num_levels:
+      raise ValueError(f"{field} has {len(value)} entries, expected one per level "
+                       f"({num_levels}): {value}")
+    return tuple(value)
+  return (value,) * num_levels

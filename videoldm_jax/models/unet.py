@@ -1,0 +1,258 @@
+"""The Stable Diffusion 1.x / 2.x UNet in Flax Linen, channels-last.
+
+Structure and module names follow diffusers' `UNet2DConditionModel` (conv_in,
+time_embedding, down_blocks_i/{resnets_j, attentions_j, downsamplers_0}, mid_block,
+up_blocks_i/..., conv_norm_out, conv_out), which is what SD checkpoints hold.
+"""
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from videoldm_jax.models import layers
+from videoldm_jax.models.attention import SpatialTransformer
+from videoldm_jax.models.config_base import JsonConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(JsonConfig):
+  """Hyper-parameters of the image UNet. Defaults are Stable Diffusion 1.5.
+
+  Exactly one of `num_heads` / `head_dim` sets the attention heads per level:
+  SD 1.x uses 8 heads everywhere, SD 2.x a head dim of 64.
+  """
+  in_channels: int = 4
+  out_channels: int = 4
+  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+  layers_per_block: int = 2
+  attention_levels: tuple[bool, ...] = (True, True, True, False)
+  num_heads: Optional[int | tuple[int, ...]] = 8
+  head_dim: Optional[int] = None
+  transformer_depth: int | tuple[int, ...] = 1
+  cross_attention_dim: int = 768
+  use_linear_projection: bool = False
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  flip_sin_to_cos: bool = True
+  freq_shift: int = 0
+  # Discrete labels (class-conditional models, the x4 upscaler's noise level) embedded
+  # and added to the timestep embedding; None disables.
+  num_class_embeds: Optional[int] = None
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.block_out_channels)
+
+  @property
+  def time_embed_dim(self) -> int:
+    return 4 * self.block_out_channels[0]
+
+  def heads_per_level(self) -> tuple[int, ...]:
+    """Attention heads at each level (down order); the middle block uses the last."""
+    if (self.num_heads is None) == (self.head_dim is None):
+      raise ValueError("UNetConfig: set exactly one of num_heads and head_dim "
+                       f"(got num_heads={self.num_heads}, head_dim={self.head_dim})")
+    if self.head_dim is not None:
+      for c in self.block_out_channels:
+        if c % self.head_dim:
+          raise ValueError(f"UNetConfig: channels {c} not divisible by head_dim "
+                           f"{self.head_dim}")
+      return tuple(c // self.head_dim for c in self.block_out_channels)
+    return layers.per_level(self.num_heads, self.num_levels, "num_heads")
+
+  def depth_per_level(self) -> tuple[int, ...]:
+    return layers.per_level(self.transformer_depth, self.num_levels, "transformer_depth")
+
+  def validate(self) -> "UNetConfig":
+    layers.per_level(self.attention_levels, self.num_levels, "attention_levels")
+    self.heads_per_level()
+    self.depth_per_level()
+    for c in self.block_out_channels:
+      if c % self.norm_num_groups:
+        raise ValueError(f"UNetConfig: channels {c} not divisible by norm_num_groups "
+                         f"{self.norm_num_groups}")
+    return self
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-Conv, + projected timestep embedding, GroupNorm-SiLU-Conv, skip.
+
+  (B, H, W, C_in), temb (B, E) -> (B, H, W, out_channels).
+  """
+  out_channels: int
+  norm_num_groups: int = 32
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb_BxE: Optional[jax.Array] = None) -> jax.Array:
+    gn = lambda name: layers.group_norm(self.norm_num_groups, self.eps, name=name,
+                                        dtype=self.dtype)
+    h = layers.conv2d(self.out_channels, 3, name="conv1", dtype=self.dtype)(
+        nn.silu(gn("norm1")(x)))
+    if temb_BxE is not None:
+      t = layers.dense(self.out_channels, ("embed", "conv_out"), name="time_emb_proj",
+                       dtype=self.dtype)(nn.silu(temb_BxE))
+      h = h + t[:, None, None, :]
+    h = layers.conv2d(self.out_channels, 3, name="conv2", dtype=self.dtype)(
+        nn.silu(gn("norm2")(h)))
+    if x.shape[-1] != self.out_channels:
+      x = layers.conv2d(self.out_channels, 1, name="conv_shortcut", dtype=self.dtype)(x)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv with symmetric padding 1: (B, H, W, C) -> (B, H/2, W/2, C)."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layers.conv2d(x.shape[-1], 3, stride=2, name="conv", dtype=self.dtype)(x)
+
+
+class Upsample(nn.Module):
+  """Nearest 2x then 3x3 conv: (B, H, W, C) -> (B, 2H, 2W, C)."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layers.conv2d(x.shape[-1], 3, name="conv", dtype=self.dtype)(
+        layers.upsample_nearest_2x(x))
+
+
+class TimestepEmbedding(nn.Module):
+  """Linear-SiLU-Linear on the sinusoidal embedding: (B, C0) -> (B, E)."""
+  dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = layers.dense(self.dim, ("embed", "mlp"), name="linear_1", dtype=self.dtype)(x)
+    return layers.dense(self.dim, ("mlp", "embed"), name="linear_2",
+                        dtype=self.dtype)(nn.silu(x))
+
+
+class DownBlock(nn.Module):
+  """One encoder level: ResBlocks (+ spatial transformers), optional downsampler.
+
+  Returns the output and the skip activations the decoder concatenates.
+  """
+  config: UNetConfig
+  level: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, temb, context):
+    c, lvl = self.config, self.level
+    skips = []
+    for j in range(c.layers_per_block):
+      h = _res(c, c.block_out_channels[lvl], self.dtype, f"resnets_{j}")(h, temb)
+      if c.attention_levels[lvl]:
+        h = _attn(c, lvl, self.dtype, f"attentions_{j}")(h, context)
+      skips.append(h)
+    if lvl < c.num_levels - 1:
+      h = Downsample(dtype=self.dtype, name="downsamplers_0")(h)
+      skips.append(h)
+    return h, skips
+
+
+class MidBlock(nn.Module):
+  """ResBlock, spatial transformer, ResBlock at the lowest resolution."""
+  config: UNetConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, temb, context):
+    c = self.config
+    h = _res(c, c.block_out_channels[-1], self.dtype, "resnets_0")(h, temb)
+    h = _attn(c, c.num_levels - 1, self.dtype, "attentions_0")(h, context)
+    return _res(c, c.block_out_channels[-1], self.dtype, "resnets_1")(h, temb)
+
+
+class UpBlock(nn.Module):
+  """One decoder level: layers_per_block + 1 ResBlocks, each fed a concatenated skip."""
+  config: UNetConfig
+  level: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, skips, temb, context):
+    """`skips` are this level's encoder activations in encoder order; consumed last first."""
+    c, lvl = self.config, self.level
+    skips = list(skips)
+    for j in range(c.layers_per_block + 1):
+      h = jnp.concatenate([h, skips.pop()], axis=-1)
+      h = _res(c, c.block_out_channels[lvl], self.dtype, f"resnets_{j}")(h, temb)
+      if c.attention_levels[lvl]:
+        h = _attn(c, lvl, self.dtype, f"attentions_{j}")(h, context)
+    if lvl > 0:
+      h = Upsample(dtype=self.dtype, name="upsamplers_0")(h)
+    return h
+
+
+def _res(c: UNetConfig, channels: int, dtype, name: str) -> ResBlock:
+  return ResBlock(channels, c.norm_num_groups, c.norm_eps, dtype=dtype, name=name)
+
+
+def _attn(c: UNetConfig, level: int, dtype, name: str) -> SpatialTransformer:
+  return SpatialTransformer(c.heads_per_level()[level], c.depth_per_level()[level],
+                            c.use_linear_projection, c.norm_num_groups, dtype=dtype,
+                            name=name)
+
+
+class UNet(nn.Module):
+  """The SD UNet: (B, H, W, C_in) latents, timesteps (B,), context (B, S, E),
+  optional class labels (B,) -> (B, H, W, C_out) prediction."""
+  config: UNetConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, timesteps_B: jax.Array,
+               context_BxSxE: Optional[jax.Array] = None,
+               class_labels_B: Optional[jax.Array] = None) -> jax.Array:
+    c = self.config.validate()
+    timesteps_B = jnp.broadcast_to(timesteps_B, (x_BxHxWxC.shape[0],))
+    t = layers.timestep_embedding(timesteps_B, c.block_out_channels[0], c.flip_sin_to_cos,
+                                  c.freq_shift)
+    temb = TimestepEmbedding(c.time_embed_dim, dtype=self.dtype, name="time_embedding")(
+        t.astype(self.dtype))
+    if c.num_class_embeds is not None:
+      if class_labels_B is None:
+        raise ValueError("this UNet is class-conditional (num_class_embeds="
+                         f"{c.num_class_embeds}): pass class_labels")
+      temb = temb + layers.embedding(c.num_class_embeds, c.time_embed_dim,
+                                     name="class_embedding")(class_labels_B).astype(temb.dtype)
+    if context_BxSxE is not None:
+      context_BxSxE = context_BxSxE.astype(self.dtype)
+
+    h = layers.conv2d(c.block_out_channels[0], 3, name="conv_in", dtype=self.dtype)(
+        x_BxHxWxC.astype(self.dtype))
+    skips = [h]
+    for level in range(c.num_levels):
+      h, level_skips = DownBlock(c, level, dtype=self.dtype, name=f"down_blocks_{level}")(
+          h, temb, context_BxSxE)
+      skips += level_skips
+    h = MidBlock(c, dtype=self.dtype, name="mid_block")(h, temb, context_BxSxE)
+    n = c.layers_per_block + 1
+    for up, level in enumerate(reversed(range(c.num_levels))):
+      skips, level_skips = skips[:-n], skips[-n:]
+      h = UpBlock(c, level, dtype=self.dtype, name=f"up_blocks_{up}")(
+          h, level_skips, temb, context_BxSxE)
+    h = nn.silu(layers.group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out",
+                                  dtype=self.dtype)(h))
+    out = layers.conv2d(c.out_channels, 3, name="conv_out", dtype=self.dtype)(h)
+    return out.astype(jnp.float32)
+
+
+def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None,
+                   context_len: int = 1) -> tuple:
+  """Zero inputs of the right shapes for `UNet.init` / `jax.eval_shape`."""
+  size = size or 2 ** (config.num_levels - 1)
+  x = jnp.zeros((batch, size, size, config.in_channels), jnp.float32)
+  t = jnp.zeros((batch,), jnp.int32)
+  ctx = jnp.zeros((batch, context_len, config.cross_attention_dim), jnp.float32)
+  labels = None if config.num_class_embeds is None else jnp.zeros((batch,), jnp.int32)
+  return x, t, ctx, labels
