@@ -1,0 +1,190 @@
+"""Samplers against diffusers' schedulers, oracle denoisers and guidance identities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import max_rel_err
+from videoldm_jax.diffusion import parametrization as param, samplers, schedules
+
+diffusers = pytest.importorskip("diffusers")
+# diffusers' DPM scheduler trips a NumPy 2 deprecation inside its own set_timesteps.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SHAPE = (2, 3, 4, 4, 4)  # channels-last video latents (B, F, H, W, C)
+KINDS = param.PREDICTION_TYPES
+
+
+def _randn(seed, shape=SHAPE):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _ref(cls, **kw):
+  return getattr(diffusers, cls)(**{**SD, **kw})
+
+
+@pytest.mark.parametrize("cls,grid", [("DDIMScheduler", samplers.inference_timesteps),
+                                      ("DDPMScheduler", samplers.inference_timesteps),
+                                      ("DPMSolverMultistepScheduler",
+                                       samplers.dpm_solver_timesteps)])
+def test_timesteps_match_diffusers(cls, grid):
+  for steps in (1, 7, 10, 25, 30, 50, 333, 1000):
+    for spacing in ("leading", "trailing", "linspace"):
+      for offset in (0, 1):
+        ref = _ref(cls, timestep_spacing=spacing, steps_offset=offset)
+        ref.set_timesteps(steps)
+        ours = grid(1000, steps, spacing, offset)
+        np.testing.assert_array_equal(ours, ref.timesteps.numpy(),
+                                      err_msg=f"{steps} {spacing} {offset}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("t,alpha_to_one,eta", [(501, True, 0.0), (1, False, 0.0),
+                                                (1, True, 0.0), (741, True, 1.0)])
+def test_ddim_step_matches_diffusers(torch_cpu, kind, t, alpha_to_one, eta):
+  torch = torch_cpu
+  ref = _ref("DDIMScheduler", prediction_type=kind, clip_sample=False, steps_offset=1,
+             set_alpha_to_one=alpha_to_one)
+  ref.set_timesteps(20)
+  out, x, noise = _randn(0), _randn(1), _randn(2)
+  expected = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), eta=eta,
+                      variance_noise=torch.from_numpy(noise) if eta else None).prev_sample
+  s = schedules.make_schedule("scaled_linear")
+  final = 1.0 if alpha_to_one else float(s.alphas_cumprod[0])
+  ours = samplers.ddim_step(s, jnp.asarray(out), t, t - 50, jnp.asarray(x), kind, eta=eta,
+                            final_alpha_cumprod=final, noise=jnp.asarray(noise))
+  assert max_rel_err(ours, expected.numpy()) < 1e-6
+
+
+def test_ddim_step_clip_and_per_example_t(torch_cpu):
+  torch = torch_cpu
+  ref = _ref("DDIMScheduler", clip_sample=True, clip_sample_range=0.5)
+  ref.set_timesteps(10)
+  out, x = _randn(3), _randn(4)
+  expected = ref.step(torch.from_numpy(out), 900, torch.from_numpy(x)).prev_sample
+  s = schedules.make_schedule("scaled_linear")
+  ours = samplers.ddim_step(s, jnp.asarray(out), 900, 800, jnp.asarray(x), clip_sample=0.5)
+  assert max_rel_err(ours, expected.numpy()) < 1e-6
+  per_ex = samplers.ddim_step(s, jnp.asarray(out), jnp.array([900, 900]), jnp.array([800, 800]),
+                              jnp.asarray(x), clip_sample=0.5)
+  np.testing.assert_array_equal(np.asarray(per_ex), np.asarray(ours))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("t", [601, 1, 0])
+def test_ddpm_step_matches_diffusers_with_same_noise(torch_cpu, kind, t):
+  torch = torch_cpu
+  spacing = "linspace" if t == 0 else "leading"  # the linspace grid ends at t = 0
+  ref = _ref("DDPMScheduler", prediction_type=kind, clip_sample=False, steps_offset=1,
+             timestep_spacing=spacing)
+  ref.set_timesteps(10)
+  grid = list(ref.timesteps.numpy()) + [-1]
+  t_prev = int(grid[grid.index(t) + 1])
+  out, x = _randn(5), _randn(6)
+  expected = ref.step(torch.from_numpy(out), t, torch.from_numpy(x),
+                      generator=torch.Generator().manual_seed(7)).prev_sample
+  # diffusers draws its CPU noise as torch.randn(shape, generator=...); replay it.
+  noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).numpy()
+  s = schedules.make_schedule("scaled_linear")
+  ours = samplers.ddpm_step(s, jnp.asarray(out), t, t_prev, jnp.asarray(x), kind,
+                            noise=jnp.asarray(noise))
+  assert max_rel_err(ours, expected.numpy()) < 1e-6
+
+
+def _toy_jax(x, t_b):
+  return 0.1 * x + jnp.sin(schedules.per_example(t_b.astype(jnp.float32), x))
+
+
+def _toy_torch(torch, x, t):
+  return 0.1 * x + torch.sin(torch.tensor(float(t)))
+
+
+@pytest.mark.parametrize("kind,steps", [("epsilon", 10), ("epsilon", 20),
+                                        ("v_prediction", 10), ("sample", 10)])
+def test_dpmpp_2m_run_matches_diffusers(torch_cpu, kind, steps):
+  torch = torch_cpu
+  ref = _ref("DPMSolverMultistepScheduler", prediction_type=kind)
+  ref.set_timesteps(steps)
+  x_T = _randn(8)
+  x = torch.from_numpy(x_T)
+  for t in ref.timesteps:
+    x = ref.step(_toy_torch(torch, x, int(t)), t, x).prev_sample
+  s = schedules.make_schedule("scaled_linear")
+  ours = samplers.sample(_toy_jax, jnp.asarray(x_T), s, steps, "dpmpp_2m", kind,
+                         progress=False)
+  assert max_rel_err(ours, x.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("spacing,offset,alpha_to_one", [("trailing", 0, True),
+                                                         ("leading", 1, False)])
+def test_ddim_run_matches_diffusers(torch_cpu, spacing, offset, alpha_to_one):
+  torch = torch_cpu
+  ref = _ref("DDIMScheduler", prediction_type="v_prediction", clip_sample=False,
+             timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=alpha_to_one)
+  ref.set_timesteps(10)
+  x_T = _randn(9)
+  x = torch.from_numpy(x_T)
+  for t in ref.timesteps:
+    x = ref.step(_toy_torch(torch, x, int(t)), t, x).prev_sample
+  s, cfg = schedules.schedule_from_diffusers_config(dict(ref.config))
+  ours = samplers.sample(_toy_jax, jnp.asarray(x_T), s, 10, "ddim", progress=False,
+                         **vars(cfg))
+  assert max_rel_err(ours, x.numpy()) < 1e-5
+
+
+def _oracle(s, x0, kind):
+  """Denoiser that knows x0: returns the exact eps / v / x0 implied by (x_t, t)."""
+  def denoise(x_t, t_b):
+    alpha, sigma = (schedules.per_example(v, x_t) for v in schedules.alpha_sigma(s, t_b))
+    return param.target(kind, x0, (x_t - alpha * x0) / sigma, alpha, sigma)
+  return denoise
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sampler,tol", [("ddim", 1e-5), ("dpmpp_2m", 1e-5), ("ddpm", 1e-4)])
+def test_oracle_denoiser_recovers_x0(kind, sampler, tol):
+  s = schedules.make_schedule("scaled_linear")
+  x0, x_T = jnp.asarray(_randn(10)), jnp.asarray(_randn(11))
+  out = samplers.sample(_oracle(s, x0, kind), x_T, s, 12, sampler, kind,
+                        key=jax.random.PRNGKey(0), progress=False, steps_offset=1)
+  assert max_rel_err(out, x0) < tol
+
+
+def test_cfg_identities():
+  cond, uncond = jnp.asarray(_randn(12)), jnp.asarray(_randn(13))
+  np.testing.assert_array_equal(samplers.classifier_free_guidance(uncond, cond, 1.0), cond)
+  np.testing.assert_array_equal(samplers.classifier_free_guidance(uncond, cond, 0.0), uncond)
+  np.testing.assert_allclose(samplers.classifier_free_guidance(uncond, cond, 7.5),
+                             uncond + 7.5 * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_guided_denoise_fn_batches_both_branches():
+  calls = []
+
+  def model(x, t, c):
+    calls.append(x.shape[0])
+    return x * c["scale"][:, None, None, None, None] + t[:, None, None, None, None]
+
+  cond, uncond = {"scale": jnp.array([2.0, 3.0])}, {"scale": jnp.array([0.5, 0.5])}
+  x, t = jnp.asarray(_randn(14)), jnp.array([5, 5])
+  guided = samplers.guided_denoise_fn(model, cond, uncond, 4.0)(x, t)
+  assert calls == [4]  # one forward pass of batch 2B
+  expected = samplers.classifier_free_guidance(model(x, t, uncond), model(x, t, cond), 4.0)
+  np.testing.assert_allclose(guided, expected, rtol=1e-6)
+  calls.clear()
+  np.testing.assert_array_equal(samplers.guided_denoise_fn(model, cond, uncond, 1.0)(x, t),
+                                model(x, t, cond))
+  assert calls == [2, 2]  # scale 1 skips the unconditional branch
+
+
+def test_sample_argument_errors():
+  s = schedules.make_schedule("linear")
+  x = jnp.zeros((1, 4))
+  with pytest.raises(ValueError, match="key"):
+    samplers.sample(lambda x, t: x, x, s, 5, "ddpm", progress=False)
+  with pytest.raises(ValueError, match="sampler"):
+    samplers.sample(lambda x, t: x, x, s, 5, "euler", progress=False)
+  with pytest.raises(ValueError, match="num_steps"):
+    samplers.inference_timesteps(1000, 1001)
