@@ -1,0 +1,157 @@
+"""Parity of the pure-Python CLIP tokenizer with transformers' CLIPTokenizer.
+
+A tiny vocabulary is built here: the 256 byte symbols, their `</w>` variants, merges
+learnt by a few steps of BPE on a small corpus, and the two special tokens. The
+reference is transformers' CLIPTokenizer loaded from the same folder (transformers 5
+only ships the `tokenizers`-backed one).
+"""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from videoldm_jax.models.tokenizer import CLIPTokenizer, bytes_to_unicode
+
+_CORPUS = ("a photo of a cat riding a horse on the moon, high quality photograph of the "
+           "astronaut. there's the other one; it's 2024 and they're here! the the then "
+           "that this those photos cats horses moons don't won't shouldn't")
+_NUM_MERGES = 48
+
+TEXTS = [
+    "a photo of a cat",
+    "A PHOTO of the Astronaut,  riding\ta horse\n on the MOON!!!",
+    "there's 12345 cats, they're here; it's 3.14 & 100% \"quoted\" (parens) [x]{y}",
+    "don't won't I'm we've you'll he'd",
+    "naïve café Über straße ñandú 東京 😀 🐱‍👤 Ελληνικά Σ",
+    "e\u0301 combining accent, non\u00a0breaking\u3000space",
+    "",
+    "   ",
+    "a photo <|endoftext|> of <|startoftext|>a cat",
+    "aaa aaaa thethe",
+    "IT'S !'s x'S '''' <|ENDOFTEXT|> x\x1cy \x00\x7f",
+    " ".join(["photograph of the astronaut riding a horse"] * 20),
+]
+
+
+def _learn_bpe(corpus: str, n: int) -> list[tuple[str, str]]:
+  """A few greedy BPE steps on byte-mapped words (last symbol with `</w>`)."""
+  b2u = bytes_to_unicode()
+  words = collections.Counter(
+      "".join(b2u[b] for b in w.encode()) for w in corpus.lower().split())
+  seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
+  merges = []
+  for _ in range(n):
+    counts = collections.Counter()
+    for w, s in seqs.items():
+      for pair in zip(s[:-1], s[1:]):
+        counts[pair] += words[w]
+    if not counts:
+      break
+    best = max(sorted(counts), key=lambda p: counts[p])
+    merges.append(best)
+    for w, s in seqs.items():
+      out, i = [], 0
+      while i < len(s):
+        if i < len(s) - 1 and (s[i], s[i + 1]) == best:
+          out.append(s[i] + s[i + 1])
+          i += 2
+        else:
+          out.append(s[i])
+          i += 1
+      seqs[w] = out
+  return merges
+
+
+def _vocab_and_merges():
+  base = list(bytes_to_unicode().values())
+  merges = _learn_bpe(_CORPUS, _NUM_MERGES)
+  tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
+  tokens += ["<|startoftext|>", "<|endoftext|>"]
+  return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _write_slow_folder(path, pad_token="<|endoftext|>", max_length=77):
+  path.mkdir(parents=True, exist_ok=True)
+  vocab, merges = _vocab_and_merges()
+  (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+  (path / "merges.txt").write_text(
+      "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+  special = {"bos_token": {"content": "<|startoftext|>", "lstrip": False, "normalized": True,
+                           "rstrip": False, "single_word": False},
+             "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
+  (path / "special_tokens_map.json").write_text(json.dumps(special))
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {**special, "model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
+       "do_lower_case": True}))
+  return path
+
+
+@pytest.fixture(scope="module")
+def hf_clip_tokenizer():
+  transformers = pytest.importorskip("transformers")
+  return transformers.CLIPTokenizer
+
+
+def _reference(hf_cls, folder, texts, max_length=77):
+  tok = hf_cls.from_pretrained(str(folder))
+  return np.asarray(tok(texts, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np")["input_ids"], np.int64), tok
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_vocab_merges_folder_matches_transformers(tmp_path, hf_clip_tokenizer, pad_token):
+  folder = _write_slow_folder(tmp_path, pad_token=pad_token)
+  ref, hf = _reference(hf_clip_tokenizer, folder, TEXTS)
+  ours = CLIPTokenizer.from_folder(str(folder))
+  ids = ours(TEXTS)
+  assert ids.shape == (len(TEXTS), 77) and ids.dtype == np.int32
+  assert ours.pad_token_id == hf.pad_token_id
+  for text, a, b in zip(TEXTS, ids, ref):
+    np.testing.assert_array_equal(a, b, err_msg=repr(text))
+  # Truncation keeps BOS and EOS.
+  assert ids[-1, 0] == ours.bos_token_id and ids[-1, -1] == ours.eos_token_id
+  # The empty string is BOS, EOS, then padding.
+  assert list(ids[TEXTS.index(""), :3]) == [ours.bos_token_id, ours.eos_token_id, ours.pad_token_id]
+
+
+def test_tokenizer_json_folder_matches_transformers(tmp_path, hf_clip_tokenizer):
+  slow = _write_slow_folder(tmp_path / "slow")
+  tok = hf_clip_tokenizer.from_pretrained(str(slow))
+  fast_dir = tmp_path / "fast"
+  tok.save_pretrained(str(fast_dir))
+  data = json.loads((fast_dir / "tokenizer.json").read_text(encoding="utf-8"))
+  # The other spelling of merges that tokenizer.json files use.
+  pairs = [m.split(" ") if isinstance(m, str) else m for m in data["model"]["merges"]]
+  for name, merges in (("lists", pairs), ("strings", [" ".join(p) for p in pairs])):
+    folder = tmp_path / name
+    folder.mkdir()
+    data["model"]["merges"] = merges
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False),
+                                           encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    ours = CLIPTokenizer.from_folder(str(folder))
+    assert ours.model_max_length == 16
+    ref, _ = _reference(hf_clip_tokenizer, slow, TEXTS, max_length=16)
+    np.testing.assert_array_equal(ours(TEXTS), ref)
+
+
+def test_missing_files_name_folder_and_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="vocab.json"):
+    CLIPTokenizer.from_folder(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    CLIPTokenizer.from_folder(str(tmp_path / "nope"))
+  (tmp_path / "vocab.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    CLIPTokenizer.from_folder(str(tmp_path))
+
+
+def test_defaults_without_config_files(tmp_path):
+  folder = _write_slow_folder(tmp_path)
+  (folder / "special_tokens_map.json").unlink()
+  (folder / "tokenizer_config.json").unlink()
+  tok = CLIPTokenizer.from_folder(str(folder))
+  assert tok.model_max_length == 77
+  assert tok.pad_token_id == tok.eos_token_id
+  assert tok(["a cat", "x"]).shape == (2, 77)

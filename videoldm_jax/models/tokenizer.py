@@ -1,0 +1,255 @@
+"""Pure-Python CLIP byte-level BPE tokenizer (no `tokenizers` / `transformers`).
+
+Reproduces transformers' `CLIPTokenizer` as Stable Diffusion pipelines call it
+(`padding="max_length", truncation=True`):
+
+  1. special tokens (bos / eos / pad / unk) written literally in the text are split
+     out first and map straight to their ids, as transformers' added tokens do;
+  2. every other chunk is NFC-normalised, whitespace runs collapse to one space and
+     the text is lowercased (transformers' fast normaliser; ftfy is not used);
+  3. CLIP's regex splits it into words, each word is mapped byte -> printable unicode
+     (GPT-2's table) and BPE-merged with `</w>` on its last symbol;
+  4. ids are truncated to model_max_length - 2, wrapped in BOS ... EOS and padded.
+"""
+
+import json
+import os
+import unicodedata
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import regex
+
+DEFAULT_MAX_LENGTH = 77
+_END_OF_WORD = "</w>"
+# `\p{White_Space}` rather than `\s`: transformers' (Oniguruma) `\s` is exactly the
+# Unicode White_Space set, Python's also matches \x1c-\x1f.
+_CLIP_PATTERN = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\p{White_Space}\p{L}\p{N}]+""")
+_WHITESPACE = regex.compile(r"\p{White_Space}+")
+# tokenizer_config.json files without a limit carry transformers' "very large" sentinel.
+_UNSET_MAX_LENGTH = 10 ** 6
+
+
+def bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible byte -> printable unicode character table (256 entries)."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _token_content(value: Any) -> str | None:
+  """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
+  if isinstance(value, Mapping):
+    return value.get("content")
+  return value
+
+
+def _read_json(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _parse_merges(merges: Iterable[Any], source: str) -> list[tuple[str, str]]:
+  out = []
+  for i, m in enumerate(merges):
+    pair = m.split(" ") if isinstance(m, str) else list(m)
+    if len(pair) != 2:
+      raise ValueError(f"{source}: merge #{i} {m!r} is not a pair of symbols")
+    out.append((pair[0], pair[1]))
+  return out
+
+
+class CLIPTokenizer:
+  """CLIP BPE tokenizer; `__call__(texts) -> (B, model_max_length) int32 ids`."""
+
+  def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], *,
+               bos_token: str = "<|startoftext|>", eos_token: str = "<|endoftext|>",
+               pad_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>",
+               model_max_length: int = DEFAULT_MAX_LENGTH):
+    """Args: vocab {token: id}; merges in priority order; special tokens must be in vocab."""
+    self.encoder = dict(vocab)
+    self.bpe_ranks = {tuple(pair): i for i, pair in enumerate(merges)}
+    for field, tok in (("bos_token", bos_token), ("eos_token", eos_token),
+                       ("pad_token", pad_token), ("unk_token", unk_token)):
+      if tok not in self.encoder:
+        raise ValueError(f"{field} {tok!r} is not in the vocabulary")
+    if model_max_length < 2:
+      raise ValueError(f"model_max_length={model_max_length} leaves no room for BOS/EOS")
+    self.bos_token, self.eos_token = bos_token, eos_token
+    self.pad_token, self.unk_token = pad_token, unk_token
+    self.model_max_length = int(model_max_length)
+    self.byte_encoder = bytes_to_unicode()
+    specials = sorted({bos_token, eos_token, pad_token, unk_token}, key=len, reverse=True)
+    # The capturing group keeps the special tokens in `split`'s output.
+    self._special_split = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
+    self._specials = frozenset(specials)
+    self._cache: dict[str, list[str]] = {}
+
+  @property
+  def bos_token_id(self) -> int:
+    """Id of bos_token."""
+    return self.encoder[self.bos_token]
+
+  @property
+  def eos_token_id(self) -> int:
+    """Id of eos_token."""
+    return self.encoder[self.eos_token]
+
+  @property
+  def pad_token_id(self) -> int:
+    """Id of pad_token."""
+    return self.encoder[self.pad_token]
+
+  @property
+  def unk_token_id(self) -> int:
+    """Id of unk_token."""
+    return self.encoder[self.unk_token]
+
+  @classmethod
+  def from_folder(cls, path: str) -> "CLIPTokenizer":
+    """Loads a transformers tokenizer folder (e.g. a diffusers model's tokenizer/).
+
+    Reads tokenizer.json (its BPE `model` section and `added_tokens`) when present,
+    otherwise vocab.json + merges.txt; special tokens and model_max_length come from
+    tokenizer_config.json, then special_tokens_map.json, then CLIP's defaults
+    (pad = <|endoftext|> as SD 1.x; SD 2.x folders say "!"; max length 77).
+
+    Raises:
+      FileNotFoundError: naming the folder and the expected files.
+      ValueError: for a tokenizer.json that is not a BPE with `</w>` word ends.
+    """
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
+    files = set(os.listdir(path))
+    if "tokenizer.json" in files:
+      vocab, merges = cls._load_tokenizer_json(os.path.join(path, "tokenizer.json"))
+    elif {"vocab.json", "merges.txt"} <= files:
+      vocab = _read_json(os.path.join(path, "vocab.json"))
+      merges_path = os.path.join(path, "merges.txt")
+      with open(merges_path, encoding="utf-8") as f:
+        lines = [ln for ln in f.read().split("\n")
+                 if ln.strip() and not ln.startswith("#version")]
+      merges = _parse_merges(lines, merges_path)
+    else:
+      raise FileNotFoundError(
+          f"tokenizer folder {path!r} has neither tokenizer.json nor vocab.json + "
+          f"merges.txt (found: {sorted(files)})")
+    settings: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+      if name in files:
+        # tokenizer_config.json is read last so that it wins where both set a token.
+        settings.update({k: v for k, v in _read_json(os.path.join(path, name)).items()
+                         if v is not None})
+    kwargs: dict[str, Any] = {}
+    for field in ("bos_token", "eos_token", "pad_token", "unk_token"):
+      content = _token_content(settings.get(field))
+      if content is not None:
+        kwargs[field] = content
+    max_len = settings.get("model_max_length")
+    if max_len is not None and max_len < _UNSET_MAX_LENGTH:
+      kwargs["model_max_length"] = int(max_len)
+    return cls(vocab, merges, **kwargs)
+
+  @staticmethod
+  def _load_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    data = _read_json(path)
+    model = data.get("model") or {}
+    if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
+      raise ValueError(f"{path}: expected a BPE `model` section with `vocab` and `merges` "
+                       f"(got type {model.get('type')!r})")
+    suffix = model.get("end_of_word_suffix")
+    if suffix not in (None, _END_OF_WORD):
+      raise ValueError(f"{path}: model.end_of_word_suffix={suffix!r}, CLIP uses "
+                       f"{_END_OF_WORD!r}")
+    vocab = dict(model["vocab"])
+    for tok in data.get("added_tokens") or []:
+      vocab[tok["content"]] = int(tok["id"])
+    return vocab, _parse_merges(model["merges"], path)
+
+  def _bpe(self, word: str) -> list[str]:
+    """BPE symbols of one byte-mapped word, the last carrying `</w>`."""
+    if word in self._cache:
+      return self._cache[word]
+    symbols = list(word[:-1]) + [word[-1] + _END_OF_WORD]
+    while len(symbols) > 1:
+      pairs = {(a, b) for a, b in zip(symbols[:-1], symbols[1:])}
+      best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+      if best not in self.bpe_ranks:
+        break
+      merged, i = [], 0
+      # Left-to-right, non-overlapping: "a a a" with merge (a, a) gives "aa a".
+      while i < len(symbols):
+        if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+          merged.append(symbols[i] + symbols[i + 1])
+          i += 2
+        else:
+          merged.append(symbols[i])
+          i += 1
+      symbols = merged
+    if len(self._cache) < 100_000:
+      self._cache[word] = symbols
+    return symbols
+
+  def tokenize(self, text: str) -> list[str]:
+    """Text -> BPE token strings (special tokens included verbatim, no BOS/EOS added)."""
+    tokens = []
+    for chunk in self._special_split.split(text):
+      if chunk in self._specials:
+        tokens.append(chunk)
+        continue
+      chunk = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", chunk)).lower()
+      for word in _CLIP_PATTERN.findall(chunk):
+        tokens += self._bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))
+    return tokens
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids without BOS/EOS; symbols missing from the vocab become unk."""
+    unk = self.unk_token_id
+    return [self.encoder.get(t, unk) for t in self.tokenize(text)]
+
+  def __call__(self, texts: Sequence[str] | str, max_length: int | None = None) -> np.ndarray:
+    """Batch of texts -> (B, max_length) int32 ids: BOS, ids[:max_length-2], EOS, pad.
+
+    max_length defaults to model_max_length (77 for CLIP).
+    """
+    if isinstance(texts, str):
+      texts = [texts]
+    length = self.model_max_length if max_length is None else int(max_length)
+    if length < 2:
+      raise ValueError(f"max_length={length} leaves no room for BOS/EOS")
+    out = np.full((len(texts), length), self.pad_token_id, dtype=np.int32)
+    for row, text in enumerate(texts):
+      ids = [self.bos_token_id] + self.encode(text)[:length - 2] + [self.eos_token_id]
+      out[row, :len(ids)] = ids
+    return out
+
+
+def write_byte_level_tokenizer(folder: str) -> None:
+  """Writes a merge-free CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json;
+  514 tokens) to `folder`.
+
+  CLIP's vocabulary starts with the 256 byte symbols and their `</w>` forms and ends
+  with the two special tokens; with no merges every character is one token. Used by
+  randomly initialised models (demo, tests) that need a real tokenizer folder but no
+  downloaded vocabulary.
+  """
+  os.makedirs(folder, exist_ok=True)
+  symbols = list(bytes_to_unicode().values())
+  vocab = symbols + [s + _END_OF_WORD for s in symbols] + ["<|startoftext|>",
+                                                            "<|endoftext|>"]
+  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n")
+  with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"model_max_length": 77, "bos_token": "<|startoftext|>",
+               "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}, f)
