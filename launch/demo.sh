@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The main job on built-in defaults. Creates .venv when missing, installs the package,
+# then (for now) makes a tiny randomly initialised text-to-image LDM and samples an
+# image from it through the real path: tokenizer -> CLIP -> UNet with classifier-free
+# guidance -> DPM-Solver++(2M) -> VAE decoder -> PNG.
+#   bash launch/demo.sh                  # writes work/demo/sample.png
+#   WORK=/tmp/demo bash launch/demo.sh   # elsewhere
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WORK=${WORK:-work/demo}
+if [ ! -x .venv/bin/python ]; then
+  echo "[demo.sh] creating .venv" >&2
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+echo "[demo.sh] installing videoldm_jax" >&2
+python -m pip install --quiet --disable-pip-version-check -e .
+mkdir -p "$WORK"
+if [ ! -f "$WORK/tiny_ldm/model_index.json" ]; then
+  echo "[demo.sh] initialising a tiny random image LDM in $WORK/tiny_ldm" >&2
+  videoldm-init-random --config=configs/image_tiny.py --output="$WORK/tiny_ldm"
+fi
+echo "[demo.sh] sampling" >&2
+videoldm-sample-image --model="$WORK/tiny_ldm" \
+  --prompt="a dash-cam view of a highway at night" --negative_prompt="blurry" \
+  --sampler=dpmpp_2m --steps=20 --guidance_scale=5 --seed=0 --height=64 --width=64 \
+  --output="$WORK/sample.png"
+echo "[demo.sh] done: $WORK/sample.png" >&2

@@ -1,0 +1,175 @@
+"""End to end: a tiny diffusers StableDiffusionPipeline -> videoldm-convert -> sampling.
+
+The pipeline (UNet, VAE, CLIP text encoder, tokenizer, DDIM scheduler) is built with
+every weight perturbed and saved with `save_pretrained` (safetensors). The tests run the
+real console scripts, check that the diffusers-folder and the single-file routes give
+bit-identical parameters, and that whole text-to-image sampling (prompt encoding, CFG,
+DDIM / DPM-Solver++ loop, VAE decode) matches diffusers' pipeline from the same noise.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+from tests import ldm_export
+from tests.conftest import max_rel_err, perturb_all_weights
+from videoldm_jax import pretrained
+from videoldm_jax.convert import pipeline_import
+from videoldm_jax.convert.safetensors_io import PickleRefused, load_safetensors
+from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
+from videoldm_jax.pipelines import text_to_image
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+            attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+           norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2)
+TEXT = dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+            eos_token_id=513)
+SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                 steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                        timeout=600, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def sd_pipeline(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sd")
+  torch.manual_seed(0)
+  write_byte_level_tokenizer(str(root / "tok"))
+  pipe = diffusers.StableDiffusionPipeline(
+      unet=perturb_all_weights(diffusers.UNet2DConditionModel(**UNET).eval(), torch, 1),
+      vae=perturb_all_weights(diffusers.AutoencoderKL(**VAE).eval(), torch, 2),
+      text_encoder=perturb_all_weights(transformers.CLIPTextModel(
+          transformers.CLIPTextConfig(**TEXT)).eval(), torch, 3),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(str(root / "tok")),
+      scheduler=diffusers.DDIMScheduler(**SCHEDULER), safety_checker=None,
+      feature_extractor=None, requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  pipe.save_pretrained(root / "pipe", safe_serialization=True)
+  _cli("videoldm_jax.cli.convert", f"--diffusers={root / 'pipe'}",
+       f"--output={root / 'converted'}")
+  return pipe, root
+
+
+def test_convert_cli_writes_loadable_model(sd_pipeline):
+  _, root = sd_pipeline
+  model = pretrained.load(root / "converted")
+  assert model.unet_config.cross_attention_dim == 32
+  assert model.unet_config.attention_levels == (True, False)
+  assert model.text_config.num_hidden_layers == 2
+  assert model.scheduler["steps_offset"] == 1
+  assert set(model.params) == {"unet", "vae", "text_encoder"}
+  direct, _ = pipeline_import.from_diffusers(root / "pipe")
+  for name in direct.params:
+    a = traverse_util.flatten_dict(direct.params[name])
+    b = traverse_util.flatten_dict(model.params[name])
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
+  assert CLIPTokenizer.from_folder(str(root / "converted" / "tokenizer"))(["hi"]).shape == (1, 77)
+
+
+def test_single_file_route_gives_identical_params(sd_pipeline, tmp_path):
+  pipe, root = sd_pipeline
+  sd = {}
+  sd.update(ldm_export.unet_to_ldm(ldm_export.as_numpy(pipe.unet.state_dict()), 1,
+                                   (True, False)))
+  sd.update(ldm_export.vae_to_ldm(ldm_export.as_numpy(pipe.vae.state_dict()), 2))
+  sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in
+             ldm_export.as_numpy(pipe.text_encoder.state_dict()).items()})
+  sd["alphas_cumprod"] = np.ones((1000,), np.float32)  # a schedule buffer: ignored
+  import safetensors.numpy
+  safetensors.numpy.save_file(sd, str(tmp_path / "tiny-ldm.safetensors"))
+  _cli("videoldm_jax.cli.convert", f"--single_file={tmp_path / 'tiny-ldm.safetensors'}",
+       f"--preset={root / 'converted' / 'model_index.json'}",
+       f"--tokenizer={root / 'tok'}", f"--output={tmp_path / 'out'}")
+  single = pretrained.load(tmp_path / "out")
+  folder = pretrained.load(root / "converted")
+  for name in folder.params:
+    a = traverse_util.flatten_dict(folder.params[name])
+    b = traverse_util.flatten_dict(single.params[name])
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_text_to_image_matches_diffusers_pipeline(sd_pipeline, sampler):
+  pipe, root = sd_pipeline
+  if sampler == "dpmpp_2m":
+    pipe = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler":
+        diffusers.DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="leading")})
+    pipe.set_progress_bar_config(disable=True)
+  model = pretrained.load(root / "converted")
+  tokenizer = CLIPTokenizer.from_folder(str(root / "converted" / "tokenizer"))
+  x_T = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  prompts = ["a red car on a road", "night, rain!"]
+  with torch.no_grad():
+    ref = pipe(prompts, negative_prompt=["blurry"] * 2, num_inference_steps=6,
+               guidance_scale=4.0, height=16, width=16, output_type="latent",
+               latents=torch.from_numpy(x_T).permute(0, 3, 1, 2)).images
+    ref_img = pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample
+  options = text_to_image.SampleOptions(height=16, width=16, num_steps=6, sampler=sampler,
+                                        guidance_scale=4.0, progress=False)
+  ours = text_to_image.sample_latents(model, tokenizer, prompts, "blurry", options, x_T=x_T)
+  assert max_rel_err(ours, ref.permute(0, 2, 3, 1).numpy()) < 1e-4
+  img = text_to_image.decode(model, ours)
+  assert max_rel_err(img, ref_img.permute(0, 2, 3, 1).numpy()) < 1e-4
+
+
+def test_sample_image_cli_writes_png(sd_pipeline, tmp_path):
+  _, root = sd_pipeline
+  _cli("videoldm_jax.cli.sample_image", f"--model={root / 'converted'}",
+       "--prompt=a truck", "--steps=3", "--height=16", "--width=24", "--num_images=2",
+       f"--output={tmp_path / 'img.png'}")
+  for i in range(2):
+    with Image.open(tmp_path / f"img_{i}.png") as im:
+      assert im.size == (24, 16) and im.mode == "RGB"
+
+
+def test_pickle_checkpoints_are_refused_with_instructions(tmp_path):
+  ckpt = tmp_path / "v1-5.ckpt"
+  ckpt.write_bytes(b"\x80\x04not really")
+  with pytest.raises(PickleRefused, match=r"safetensors.*weights_only=True"):
+    pipeline_import.from_single_file(ckpt, "sd15")
+  folder = tmp_path / "pipe"
+  for sub in ("unet", "vae"):
+    (folder / sub).mkdir(parents=True)
+    (folder / sub / "config.json").write_text(json.dumps(
+        {**UNET, "_class_name": "UNet2DConditionModel"} if sub == "unet" else VAE))
+    (folder / sub / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
+  with pytest.raises(PickleRefused, match="diffusion_pytorch_model.bin"):
+    pipeline_import.from_diffusers(folder)
+
+
+def test_truncated_safetensors_is_a_clear_error(sd_pipeline, tmp_path):
+  _, root = sd_pipeline
+  data = (root / "pipe" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="bad.safetensors.*truncated"):
+    load_safetensors(bad)
+  bad.write_bytes(b"hello")
+  with pytest.raises(ValueError, match="bad.safetensors: not a safetensors file"):
+    load_safetensors(bad)

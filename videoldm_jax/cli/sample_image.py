@@ -1,0 +1,69 @@
+r"""videoldm-sample-image: prompt -> PNG with a converted image LDM.
+
+  videoldm-sample-image --model=/ckpt/sd15 --prompt="a dash-cam view of a rainy road" \
+      --sampler=dpmpp_2m --steps=25 --guidance_scale=7.5 --seed=0 --output=out.png
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from PIL import Image
+
+from videoldm_jax import pretrained
+from videoldm_jax.models.tokenizer import CLIPTokenizer
+from videoldm_jax.pipelines import text_to_image
+
+_MODEL = flags.DEFINE_string("model", None, "folder written by videoldm-convert or "
+                             "videoldm-init-random")
+_PROMPT = flags.DEFINE_string("prompt", "", "text prompt")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "negative prompt (the CFG "
+                                "unconditional branch)")
+_LABEL = flags.DEFINE_integer("class_label", None, "class label, for class-conditional "
+                              "UNets")
+_NUM = flags.DEFINE_integer("num_images", 1, "images to generate, as one batch drawn "
+                            "from --seed")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "sampler")
+_STEPS = flags.DEFINE_integer("steps", 50, "denoising steps")
+_CFG = flags.DEFINE_float("guidance_scale", 7.5, "classifier-free guidance scale (1 = off)")
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta")
+_SEED = flags.DEFINE_integer("seed", 0, "random seed")
+_HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the VAE factor x "
+                               "64, i.e. 512 for SD)")
+_WIDTH = flags.DEFINE_integer("width", None, "image width (default as height)")
+_OUTPUT = flags.DEFINE_string("output", "sample.png", "PNG path; with --num_images > 1 "
+                              "an index is appended")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
+  if _MODEL.value is None:
+    raise app.UsageError("--model is required")
+  model = pretrained.load(_MODEL.value)
+  tokenizer = None
+  if model.text_config is not None:
+    tokenizer = CLIPTokenizer.from_folder(str(Path(_MODEL.value) / "tokenizer"))
+  default = 64 * model.vae_config.downsample_factor
+  options = text_to_image.SampleOptions(
+      height=_HEIGHT.value or default, width=_WIDTH.value or _HEIGHT.value or default,
+      num_steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_CFG.value,
+      eta=_ETA.value, seed=_SEED.value)
+  labels = None if _LABEL.value is None else [_LABEL.value] * _NUM.value
+  images = text_to_image.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
+                                  _NEGATIVE.value, options, class_labels=labels)
+  out = Path(_OUTPUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                          for i in range(len(images))]
+  for img, path in zip(images, paths):
+    Image.fromarray(img).save(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

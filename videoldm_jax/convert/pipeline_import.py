@@ -1,0 +1,87 @@
+"""Whole-pipeline import: a diffusers folder or an LDM single file -> `ImageLDM`."""
+
+import sys
+from pathlib import Path
+
+from videoldm_jax import pretrained
+from videoldm_jax.convert import clip_keys, image_models, ldm_keys, presets
+from videoldm_jax.convert.safetensors_io import find_weights, load_safetensors, refuse_pickle
+from videoldm_jax.models import params as params_lib
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+
+
+def _abstract_text_params(config: CLIPTextConfig):
+  import jax.numpy as jnp
+  ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
+  return params_lib.abstract_params(CLIPTextModel(config), ids)
+
+
+def text_params_from_torch(config: CLIPTextConfig, sd, source: str) -> dict:
+  """transformers CLIPTextModel state dict -> Flax params of `CLIPTextModel(config)`."""
+  return clip_keys.clip_params_from_torch(_abstract_text_params(config), sd, source)
+
+
+def from_diffusers(folder: str | Path) -> tuple[pretrained.ImageLDM, Path | None]:
+  """Reads `unet/`, `vae/`, optional `text_encoder/`, `tokenizer/`, `scheduler/`.
+
+  Returns the model and the tokenizer folder to copy (None if the pipeline has none).
+  """
+  folder = Path(folder)
+  if not folder.is_dir():
+    refuse_pickle(folder)
+    raise FileNotFoundError(f"{folder}: not a folder (a diffusers pipeline folder with "
+                            "unet/ and vae/ is expected; use --single_file for one file)")
+  for sub in ("unet", "vae"):
+    if not (folder / sub).is_dir():
+      raise FileNotFoundError(f"{folder}: missing {sub}/ (expected a diffusers pipeline "
+                              "folder with unet/, vae/, text_encoder/, tokenizer/)")
+  print(f"reading {folder}/unet", file=sys.stderr)
+  unet_config, unet_params = image_models.load_diffusers_unet(folder / "unet")
+  print(f"reading {folder}/vae", file=sys.stderr)
+  vae_config, vae_params = image_models.load_diffusers_vae(folder / "vae")
+  params = {"unet": unet_params, "vae": vae_params}
+  text_config, tokenizer = None, None
+  if (folder / "text_encoder").is_dir():
+    print(f"reading {folder}/text_encoder", file=sys.stderr)
+    text_config = CLIPTextConfig.from_transformers_config(
+        image_models.read_json(folder / "text_encoder" / "config.json"))
+    weights = find_weights(folder / "text_encoder", "model")
+    params["text_encoder"] = text_params_from_torch(text_config, load_safetensors(weights),
+                                                    str(weights))
+    tokenizer = folder / "tokenizer"
+    if not tokenizer.is_dir():
+      raise FileNotFoundError(f"{folder}: has text_encoder/ but no tokenizer/")
+  scheduler_json = folder / "scheduler" / "scheduler_config.json"
+  scheduler = (image_models.read_json(scheduler_json) if scheduler_json.is_file()
+               else dict(presets.PRESETS["sd15"].scheduler))
+  model = pretrained.ImageLDM(unet_config, vae_config, text_config, scheduler, params,
+                              source=str(folder.absolute()))
+  return model, tokenizer
+
+
+def from_single_file(path: str | Path, preset: str, extract_ema: bool = False,
+                     with_text_encoder: bool = True) -> pretrained.ImageLDM:
+  """Reads an original LDM single-file checkpoint (.safetensors).
+
+  `preset` names a release in `presets.PRESETS` or is a JSON file with the configs.
+  """
+  path = Path(path)
+  refuse_pickle(path)
+  base = presets.resolve(preset)
+  print(f"reading {path}", file=sys.stderr)
+  sd = load_safetensors(path)
+  parts = ldm_keys.split_single_file(sd, str(path), extract_ema=extract_ema)
+  unet_config = presets.unet_config_from_weights(base.unet, parts["unet"])
+  params = {"unet": image_models.unet_from_ldm(unet_config, parts["unet"], str(path)),
+            "vae": image_models.vae_from_ldm(base.vae, parts["vae"], str(path))}
+  text_config = None
+  if with_text_encoder:
+    if base.text is None:
+      raise ValueError(f"preset {preset!r} has no text encoder; pass "
+                       "--skip_text_encoder")
+    text_config = base.text
+    params["text_encoder"] = text_params_from_torch(
+        text_config, clip_keys.clip_state_dict_from_ldm(parts["text_encoder"]),
+        f"{path} ({ldm_keys.TEXT_PREFIX}*)")
+  return pretrained.ImageLDM(unet_config, base.vae, text_config, dict(base.scheduler),
+                             params, source=str(path.absolute()))

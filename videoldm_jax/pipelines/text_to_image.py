@@ -1,0 +1,117 @@
+"""Text (or label) -> image with a converted image LDM: encode, sample latents, decode."""
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from videoldm_jax.diffusion import samplers
+from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
+from videoldm_jax.models.clip_text import CLIPTextModel
+from videoldm_jax.models.tokenizer import CLIPTokenizer
+from videoldm_jax.models.unet import UNet
+from videoldm_jax.models.vae import AutoencoderKL
+from videoldm_jax.pretrained import ImageLDM
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+  """What `generate` does; defaults are the usual SD settings."""
+  height: int = 512
+  width: int = 512
+  num_steps: int = 50
+  sampler: str = "ddim"          # ddim | ddpm | dpmpp_2m
+  guidance_scale: float = 7.5    # 1.0 disables classifier-free guidance
+  eta: float = 0.0               # DDIM stochasticity
+  seed: int = 0
+  progress: bool = True
+
+
+def encode_prompts(model: ImageLDM, tokenizer: CLIPTokenizer, prompts: Sequence[str]
+                   ) -> jax.Array:
+  """Prompts -> CLIP context (B, 77, D) from the model's text encoder."""
+  if model.text_config is None:
+    raise ValueError(f"{model.source}: this model has no text encoder; it cannot take "
+                     "prompts")
+  ids = jnp.asarray(tokenizer(list(prompts), max_length=model.text_config.max_position_embeddings))
+  return jax.jit(CLIPTextModel(model.text_config).apply)(
+      {"params": model.params["text_encoder"]}, ids)
+
+
+def sample_latents(model: ImageLDM, tokenizer: Optional[CLIPTokenizer],
+                   prompts: Sequence[str], negative_prompt: str = "",
+                   options: SampleOptions = SampleOptions(),
+                   class_labels: Optional[Sequence[int]] = None,
+                   x_T: Optional[jax.Array] = None) -> jax.Array:
+  """Runs the sampler: returns scaled latents (B, height/f, width/f, latent_channels).
+
+  With a text encoder, classifier-free guidance runs the prompt and the negative prompt
+  in one batched UNet call per step. Class-conditional models take `class_labels` (B,)
+  for both branches. `x_T` replaces the initial noise drawn from `options.seed` (e.g. to
+  reproduce another implementation's run).
+  """
+  unet_cfg, vae_cfg = model.unet_config, model.vae_config
+  f = vae_cfg.downsample_factor * 2 ** (unet_cfg.num_levels - 1)
+  if options.height % f or options.width % f:
+    raise ValueError(f"height and width must be multiples of {f} for this model "
+                     f"(got {options.height}x{options.width})")
+  if unet_cfg.in_channels != vae_cfg.latent_channels:
+    raise ValueError(f"the UNet takes {unet_cfg.in_channels} input channels but the VAE "
+                     f"makes {vae_cfg.latent_channels}: not a text-to-image model "
+                     "(inpainting / upscaler UNets need their extra inputs)")
+  batch = len(prompts)
+  schedule, sampling = schedule_from_diffusers_config(model.scheduler)
+  labels = None if class_labels is None else jnp.asarray(class_labels, jnp.int32)
+  unet = UNet(unet_cfg)
+  unet_apply = jax.jit(unet.apply)
+  params = {"params": model.params["unet"]}
+
+  def model_fn(x, t, cond):
+    lab = None if labels is None else jnp.tile(labels, x.shape[0] // batch)
+    return unet_apply(params, x, t, cond, lab)
+
+  if model.text_config is not None:
+    cond = encode_prompts(model, tokenizer, prompts)
+    uncond = encode_prompts(model, tokenizer, [negative_prompt] * batch)
+    denoise = samplers.guided_denoise_fn(model_fn, cond, uncond, options.guidance_scale)
+  else:
+    denoise = lambda x, t: model_fn(x, t, None)
+
+  key = jax.random.key(options.seed)
+  shape = (batch, options.height // vae_cfg.downsample_factor,
+           options.width // vae_cfg.downsample_factor, vae_cfg.latent_channels)
+  if x_T is None:
+    x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+  elif tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+  if options.sampler == "dpmpp_2m":
+    # DPM-Solver ends at sigma = 0 (diffusers' final_sigmas_type="zero");
+    # set_alpha_to_one is a DDIM setting.
+    sampling = dataclasses.replace(sampling, final_alpha_cumprod=1.0)
+  return samplers.sample(
+      denoise, jnp.asarray(x_T, jnp.float32), schedule, options.num_steps,
+      sampler=options.sampler, key=jax.random.fold_in(key, 1), progress=options.progress,
+      eta=options.eta, **dataclasses.asdict(sampling))
+
+
+def decode(model: ImageLDM, latents: jax.Array) -> jax.Array:
+  """Scaled latents (B, h, w, C) -> images in about [-1, 1] (B, h*f, w*f, 3)."""
+  vae = AutoencoderKL(model.vae_config)
+  fn = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode_latents))
+  return fn(model.params["vae"], latents)
+
+
+def generate(model: ImageLDM, tokenizer: Optional[CLIPTokenizer], prompts: Sequence[str],
+             negative_prompt: str = "", options: SampleOptions = SampleOptions(),
+             class_labels: Optional[Sequence[int]] = None) -> np.ndarray:
+  """Prompts -> uint8 images (B, height, width, 3); see `sample_latents`."""
+  latents = sample_latents(model, tokenizer, prompts, negative_prompt, options, class_labels)
+  return to_uint8(decode(model, latents))
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+  """Images in [-1, 1] (B, H, W, C) -> uint8 (B, H, W, C), rounded."""
+  x = (np.clip(np.asarray(images, np.float32), -1.0, 1.0) + 1.0) * 127.5
+  return np.round(x).astype(np.uint8)

@@ -1,0 +1,108 @@
+"""The on-disk format of a converted image LDM (what `videoldm-convert` writes).
+
+  DIR/model_index.json  format tag, model configs (unet, vae, text_encoder), the
+                        diffusers-style scheduler config, and where it came from
+  DIR/params/           Orbax checkpoint of {'unet', 'vae'[, 'text_encoder']} param trees
+  DIR/tokenizer/        the CLIP tokenizer files (vocab.json + merges.txt or
+                        tokenizer.json, special_tokens_map.json, tokenizer_config.json)
+
+JSON and Orbax only: nothing here unpickles anything.
+"""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from videoldm_jax.models.clip_text import CLIPTextConfig
+from videoldm_jax.models.unet import UNetConfig
+from videoldm_jax.models.vae import VAEConfig
+
+FORMAT = "videoldm-jax/image-ldm"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
+                   "tokenizer_config.json")
+# Scheduler fields kept from a diffusers scheduler_config.json (the rest is sampler
+# choice, which belongs to the sampling command, not the model).
+SCHEDULER_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                    "prediction_type", "steps_offset", "timestep_spacing",
+                    "set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr",
+                    "trained_betas")
+
+
+@dataclasses.dataclass
+class ImageLDM:
+  """Configs and param trees of a text- or class-conditional image LDM."""
+  unet_config: UNetConfig
+  vae_config: VAEConfig
+  text_config: Optional[CLIPTextConfig]
+  scheduler: dict[str, Any]
+  params: dict[str, Any]  # {'unet', 'vae'[, 'text_encoder']}
+  source: str = ""
+
+
+def save(out_dir: str | Path, model: ImageLDM, tokenizer_dir: str | Path | None = None
+         ) -> Path:
+  """Writes `model` to `out_dir` (created; an existing non-empty folder is an error)."""
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists() and any(out_dir.iterdir()):
+    raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  index = {
+      "format": FORMAT, "format_version": FORMAT_VERSION, "source": model.source,
+      "unet": model.unet_config.to_dict(), "vae": model.vae_config.to_dict(),
+      "text_encoder": None if model.text_config is None else model.text_config.to_dict(),
+      "scheduler": {k: v for k, v in model.scheduler.items() if k in SCHEDULER_FIELDS},
+  }
+  (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(out_dir / "params", jax.tree_util.tree_map(np.asarray, model.params))
+  checkpointer.wait_until_finished()
+  if tokenizer_dir is not None:
+    copy_tokenizer(tokenizer_dir, out_dir / "tokenizer")
+  return out_dir
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+  """Copies the known tokenizer files of `src` into `dst`."""
+  src, dst = Path(src), Path(dst)
+  found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+  if not found:
+    raise FileNotFoundError(f"{src}: no tokenizer files (expected some of {TOKENIZER_FILES})")
+  dst.mkdir(parents=True, exist_ok=True)
+  for f in found:
+    shutil.copyfile(src / f, dst / f)
+
+
+def load_index(model_dir: str | Path) -> dict[str, Any]:
+  """Reads and checks `model_index.json` of a converted model folder."""
+  path = Path(model_dir) / "model_index.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: missing; {model_dir} is not a converted videoldm-jax "
+                            "model (make one with videoldm-convert)")
+  index = json.loads(path.read_text())
+  if index.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
+  if index.get("format_version", 0) > FORMAT_VERSION:
+    raise ValueError(f"{path}: format_version {index['format_version']} is newer than this "
+                     f"videoldm-jax understands ({FORMAT_VERSION}); upgrade the package")
+  return index
+
+
+def load(model_dir: str | Path) -> ImageLDM:
+  """Reads a converted model folder (params as host numpy arrays)."""
+  model_dir = Path(model_dir).absolute()
+  index = load_index(model_dir)
+  source = str(model_dir / "model_index.json")
+  params = ocp.StandardCheckpointer().restore(model_dir / "params")
+  text = index.get("text_encoder")
+  return ImageLDM(
+      unet_config=UNetConfig.from_dict(index["unet"], source),
+      vae_config=VAEConfig.from_dict(index["vae"], source),
+      text_config=None if text is None else CLIPTextConfig.from_dict(text),
+      scheduler=index["scheduler"], params=params, source=index.get("source", ""))
