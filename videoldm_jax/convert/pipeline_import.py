@@ -80,8 +80,10 @@ def from_single_file(path: str | Path, preset: str, extract_ema: bool = False,
       raise ValueError(f"preset {preset!r} has no text encoder; pass "
                        "--skip_text_encoder")
     text_config = base.text
-    params["text_encoder"] = text_params_from_torch(
-        text_config, clip_keys.clip_state_dict_from_ldm(parts["text_encoder"]),
-        f"{path} ({ldm_keys.TEXT_PREFIX}*)")
+    # num_layers: an OpenCLIP (SD 2.x) file holds all 24 layers, the model uses 23.
+    text_sd = clip_keys.clip_state_dict_from_ldm(
+        parts["text_encoder"], num_layers=text_config.num_hidden_layers)
+    params["text_encoder"] = text_params_from_torch(text_config, text_sd,
+                                                    f"{path} ({ldm_keys.TEXT_PREFIX}*)")
   return pretrained.ImageLDM(unet_config, base.vae, text_config, dict(base.scheduler),
                              params, source=str(path.absolute()))
