@@ -45,7 +45,7 @@ def test_unet_sharded_by_rules_matches_single_device():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
   ctx = jax.random.normal(jax.random.key(2), (2, 3, 8))
   labels = jnp.array([0, 2])
-  params = params_lib.init_params(module, jax.random.key(0), x, t, ctx, labels)
+  params = params_lib.init_params(module, 0, x, t, ctx, labels)
   ref = jax.jit(module.apply)({"params": params}, x, jnp.array([5, 900]), ctx, labels)
   mesh = sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}

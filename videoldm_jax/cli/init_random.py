@@ -29,19 +29,18 @@ def random_image_ldm(config) -> pretrained.ImageLDM:
   """Builds an `ImageLDM` with random params from a config like configs/image_tiny.py."""
   unet_cfg = unet_lib.UNetConfig.from_dict(dict(config.unet), "config.unet").validate()
   vae_cfg = vae_lib.VAEConfig.from_dict(dict(config.vae), "config.vae")
-  key = jax.random.key(config.seed)
   params = {
-      "unet": params_lib.init_params(unet_lib.UNet(unet_cfg), jax.random.fold_in(key, 0),
+      "unet": params_lib.init_params(unet_lib.UNet(unet_cfg), config.seed,
                                      *unet_lib.example_inputs(unet_cfg)),
-      "vae": params_lib.init_params(vae_lib.AutoencoderKL(vae_cfg), jax.random.fold_in(key, 1),
+      "vae": params_lib.init_params(vae_lib.AutoencoderKL(vae_cfg), config.seed,
                                     *vae_lib.example_inputs(vae_cfg)),
   }
   text_cfg = None
   if config.get("text_encoder") is not None:
     text_cfg = CLIPTextConfig.from_dict(dict(config.text_encoder), "config.text_encoder")
     ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
-    params["text_encoder"] = params_lib.init_params(CLIPTextModel(text_cfg),
-                                                    jax.random.fold_in(key, 2), ids)
+    params["text_encoder"] = params_lib.init_params(CLIPTextModel(text_cfg), config.seed,
+                                                    ids)
   return pretrained.ImageLDM(unet_cfg, vae_cfg, text_cfg, dict(config.scheduler), params,
                              source="random init")
 

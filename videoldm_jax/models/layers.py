@@ -1,6 +1,6 @@
 """Parameterised building blocks shared by every model, each with logical axis names.
 
-Every weight created here is wrapped in `nn.with_logical_partitioning`, so the mesh
+Every weight created here is boxed with its logical axis names (`param_init`), so the mesh
 placement of any model is decided by the logical -> mesh rules in a config
 (`videoldm_jax.sharding`), never by the model code. Parameter names follow Flax
 conventions (`kernel`, `bias`, `scale`, `embedding`) so that PyTorch checkpoints map
@@ -16,29 +16,65 @@ Logical axis names used by the models:
   vocab             rows of an embedding table
 """
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from flax.linen import spmd
 
 Axes = tuple[str | None, ...]
 
 
-def _KERNEL_INIT(key, shape, dtype=jnp.float32):
-  """LeCun normal, N(0, 1 / fan_in) with fan_in = prod(shape[:-1]).
 
-  Drawn flat and reshaped, without truncation: XLA on CPU compiles a rank-4 truncated
-  normal several times slower, which dominated initialising a UNet.
+@dataclasses.dataclass(frozen=True)
+class Init:
+  """A parameter initialiser that runs in JAX (inside `Module.init`) or in NumPy on the
+  host (`params.init_params`), drawing from the same distribution.
+
+  kind: 'fan_in_normal' (N(0, 1/fan_in), fan_in = prod(shape[:-1]); LeCun normal
+  without truncation), 'normal' (N(0, value^2)) or 'constant' (every entry = value).
   """
-  fan_in = math.prod(shape[:-1]) if len(shape) > 1 else 1
-  flat = jax.random.normal(key, (math.prod(shape),), jnp.float32)
-  return (flat.reshape(shape) / math.sqrt(fan_in)).astype(dtype)
+  kind: str
+  value: float = 0.0
+
+  def _std(self, shape) -> float:
+    if self.kind == "fan_in_normal":
+      return 1.0 / math.sqrt(math.prod(shape[:-1]) if len(shape) > 1 else 1)
+    return self.value
+
+  def __call__(self, key, shape, dtype=jnp.float32):
+    if self.kind == "constant":
+      return jnp.full(shape, self.value, dtype)
+    # Drawn flat and reshaped: XLA on CPU compiles rank-4 draws several times slower.
+    flat = jax.random.normal(key, (math.prod(shape),), jnp.float32)
+    return (flat.reshape(shape) * self._std(shape)).astype(dtype)
+
+  def host(self, rng: np.random.Generator, shape) -> np.ndarray:
+    if self.kind == "constant":
+      return np.full(shape, self.value, np.float32)
+    return (rng.standard_normal(shape, np.float32) * self._std(shape)).astype(np.float32)
 
 
-def _partitioned(init, axes: Axes):
-  return nn.with_logical_partitioning(init, axes)
+class InitPartitioned(spmd.LogicallyPartitioned):
+  """A parameter box carrying its logical axis names AND its `Init`, so that the
+  abstract tree from `jax.eval_shape(module.init, ...)` says how to build each leaf."""
+  init: Optional[Init] = struct.field(default=None, pytree_node=False)
+
+
+def param_init(init: Init, axes: Axes):
+  """Flax initialiser returning `init(key, shape)` boxed with `axes` and `init`."""
+  def wrapper(key, shape, dtype=jnp.float32):
+    return InitPartitioned(init(key, shape, dtype), axes, init=init)
+  return wrapper
+
+
+FAN_IN_NORMAL = Init("fan_in_normal")
+ZEROS, ONES = Init("constant", 0.0), Init("constant", 1.0)
 
 
 def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
@@ -54,9 +90,9 @@ def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=padding,
       use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=_partitioned(_KERNEL_INIT,
+      kernel_init=param_init(FAN_IN_NORMAL,
                                ("conv_kh", "conv_kw", "conv_in", "conv_out")),
-      bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+      bias_init=param_init(ZEROS, ("conv_out",)),
       name=name)
 
 
@@ -65,8 +101,8 @@ def dense(features: int, axes: Axes = ("embed", "mlp"), *, name: str,
   """Dense layer on (..., C_in) -> (..., features); `axes` names (C_in, features)."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=_partitioned(_KERNEL_INIT, axes),
-      bias_init=_partitioned(nn.initializers.zeros_init(), (axes[1],)),
+      kernel_init=param_init(FAN_IN_NORMAL, axes),
+      bias_init=param_init(ZEROS, (axes[1],)),
       name=name)
 
 
@@ -74,8 +110,8 @@ def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> 
   """GroupNorm over the channels-last axis; statistics are computed in float32."""
   return nn.GroupNorm(
       num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
-      bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+      scale_init=param_init(ONES, ("norm",)),
+      bias_init=param_init(ZEROS, ("norm",)),
       name=name)
 
 
@@ -83,8 +119,8 @@ def layer_norm(eps: float, *, name: str, dtype=jnp.float32) -> nn.LayerNorm:
   """LayerNorm over the last axis."""
   return nn.LayerNorm(
       epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
-      bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+      scale_init=param_init(ONES, ("norm",)),
+      bias_init=param_init(ZEROS, ("norm",)),
       name=name)
 
 
@@ -92,7 +128,7 @@ def embedding(num_embeddings: int, features: int, *, name: str) -> nn.Embed:
   """Lookup table (vocab, features)."""
   return nn.Embed(
       num_embeddings, features, param_dtype=jnp.float32,
-      embedding_init=_partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+      embedding_init=param_init(Init("normal", 0.02), ("vocab", "embed")),
       name=name)
 
 
