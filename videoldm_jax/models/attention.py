@@ -1,4 +1,4 @@
-"""Multi-head attention and the spatial transformer of the Stable Diffusion UNet.
+"""Multi-head attention, GEGLU feed-forward and the SD transformer block.
 
 Module names mirror diffusers (`attn1/to_q`, `ff/net_0/proj`, `transformer_blocks_0`)
 so that checkpoints map onto them by `convert.torch_layout.flax_path_to_torch_key`.
@@ -91,32 +91,3 @@ class BasicTransformerBlock(nn.Module):
     x = x_BxLxC + attn("attn1")(ln("norm1")(x_BxLxC))
     x = x + attn("attn2")(ln("norm2")(x), context_BxSxE)
     return x + FeedForward(dtype=self.dtype, name="ff")(ln("norm3")(x))
-
-
-class SpatialTransformer(nn.Module):
-  """The SD "Transformer2DModel": GroupNorm, 1x1-conv or linear proj_in, `depth`
-  transformer blocks over the H*W tokens, proj_out, residual. (B,H,W,C) -> same."""
-  num_heads: int
-  depth: int = 1
-  use_linear_projection: bool = False
-  norm_num_groups: int = 32
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array, context_BxSxE: Optional[jax.Array]) -> jax.Array:
-    _, height, width, channels = x_BxHxWxC.shape
-    h = layers.group_norm(self.norm_num_groups, 1e-6, name="norm", dtype=self.dtype)(x_BxHxWxC)
-    # SD 1.x stores proj_in/out as 1x1 convs, SD 2.x as linears: keep the checkpoint's
-    # parameter shapes so image checkpoints merge in by tree operations.
-    if self.use_linear_projection:
-      proj_in = layers.dense(channels, ("embed", "mlp"), name="proj_in", dtype=self.dtype)
-      proj_out = layers.dense(channels, ("mlp", "embed"), name="proj_out", dtype=self.dtype)
-    else:
-      proj_in = layers.conv2d(channels, 1, name="proj_in", dtype=self.dtype)
-      proj_out = layers.conv2d(channels, 1, name="proj_out", dtype=self.dtype)
-    h = einops.rearrange(proj_in(h), "b h w c -> b (h w) c")
-    for i in range(self.depth):
-      h = BasicTransformerBlock(self.num_heads, dtype=self.dtype,
-                                name=f"transformer_blocks_{i}")(h, context_BxSxE)
-    h = einops.rearrange(h, "b (h w) c -> b h w c", h=height, w=width)
-    return proj_out(h) + x_BxHxWxC

@@ -8,13 +8,15 @@ up_blocks_i/..., conv_norm_out, conv_out), which is what SD checkpoints hold.
 import dataclasses
 from typing import Optional
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from videoldm_jax.models import layers
-from videoldm_jax.models.attention import SpatialTransformer
+from videoldm_jax.models.transformer2d import SpatialTransformer
 from videoldm_jax.models.config_base import JsonConfig
+from videoldm_jax.models.temporal import Frames, TemporalConfig, TemporalResBlock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +144,17 @@ class DownBlock(nn.Module):
   """
   config: UNetConfig
   level: int
+  temporal: Optional[TemporalConfig] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h, temb, context):
-    c, lvl = self.config, self.level
+  def __call__(self, h, temb, context, frames):
+    c, lvl, tc = self.config, self.level, self.temporal
     skips = []
     for j in range(c.layers_per_block):
-      h = _res(c, c.block_out_channels[lvl], self.dtype, f"resnets_{j}")(h, temb)
+      h = _res(c, tc, c.block_out_channels[lvl], self.dtype, j, h, temb, frames)
       if c.attention_levels[lvl]:
-        h = _attn(c, lvl, self.dtype, f"attentions_{j}")(h, context)
+        h = _attn(c, tc, lvl, self.dtype, f"attentions_{j}")(h, context, frames)
       skips.append(h)
     if lvl < c.num_levels - 1:
       h = Downsample(dtype=self.dtype, name="downsamplers_0")(h)
@@ -162,59 +165,98 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
   """ResBlock, spatial transformer, ResBlock at the lowest resolution."""
   config: UNetConfig
+  temporal: Optional[TemporalConfig] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h, temb, context):
-    c = self.config
-    h = _res(c, c.block_out_channels[-1], self.dtype, "resnets_0")(h, temb)
-    h = _attn(c, c.num_levels - 1, self.dtype, "attentions_0")(h, context)
-    return _res(c, c.block_out_channels[-1], self.dtype, "resnets_1")(h, temb)
+  def __call__(self, h, temb, context, frames):
+    c, tc = self.config, self.temporal
+    h = _res(c, tc, c.block_out_channels[-1], self.dtype, 0, h, temb, frames)
+    h = _attn(c, tc, c.num_levels - 1, self.dtype, "attentions_0")(h, context, frames)
+    return _res(c, tc, c.block_out_channels[-1], self.dtype, 1, h, temb, frames)
 
 
 class UpBlock(nn.Module):
   """One decoder level: layers_per_block + 1 ResBlocks, each fed a concatenated skip."""
   config: UNetConfig
   level: int
+  temporal: Optional[TemporalConfig] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h, skips, temb, context):
+  def __call__(self, h, skips, temb, context, frames):
     """`skips` are this level's encoder activations in encoder order; consumed last first."""
-    c, lvl = self.config, self.level
+    c, lvl, tc = self.config, self.level, self.temporal
     skips = list(skips)
     for j in range(c.layers_per_block + 1):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
-      h = _res(c, c.block_out_channels[lvl], self.dtype, f"resnets_{j}")(h, temb)
+      h = _res(c, tc, c.block_out_channels[lvl], self.dtype, j, h, temb, frames)
       if c.attention_levels[lvl]:
-        h = _attn(c, lvl, self.dtype, f"attentions_{j}")(h, context)
+        h = _attn(c, tc, lvl, self.dtype, f"attentions_{j}")(h, context, frames)
     if lvl > 0:
       h = Upsample(dtype=self.dtype, name="upsamplers_0")(h)
     return h
 
 
-def _res(c: UNetConfig, channels: int, dtype, name: str) -> ResBlock:
-  return ResBlock(channels, c.norm_num_groups, c.norm_eps, dtype=dtype, name=name)
+def _res(c: UNetConfig, tc: Optional[TemporalConfig], channels: int, dtype, j: int,
+         h: jax.Array, temb: jax.Array, frames: Optional[Frames]) -> jax.Array:
+  """Spatial ResBlock `resnets_j`, then (video UNet) temporal ResBlock `temporal_resnets_j`.
+
+  Must be called from a compact module: the blocks become its children.
+  """
+  h = ResBlock(channels, c.norm_num_groups, c.norm_eps, dtype=dtype, name=f"resnets_{j}")(
+      h, temb)
+  if tc is not None and tc.resblocks and frames is not None:
+    h = TemporalResBlock(tc, c.norm_num_groups, c.norm_eps, dtype=dtype,
+                         name=f"temporal_resnets_{j}")(h, temb, frames)
+  return h
 
 
-def _attn(c: UNetConfig, level: int, dtype, name: str) -> SpatialTransformer:
+def _attn(c: UNetConfig, tc: Optional[TemporalConfig], level: int, dtype,
+          name: str) -> SpatialTransformer:
   return SpatialTransformer(c.heads_per_level()[level], c.depth_per_level()[level],
-                            c.use_linear_projection, c.norm_num_groups, dtype=dtype,
-                            name=name)
+                            c.use_linear_projection, c.norm_num_groups, temporal=tc,
+                            dtype=dtype, name=name)
 
 
 class UNet(nn.Module):
-  """The SD UNet: (B, H, W, C_in) latents, timesteps (B,), context (B, S, E),
-  optional class labels (B,) -> (B, H, W, C_out) prediction."""
+  """The SD UNet, and with `temporal` set the Video LDM UNet.
+
+  Image: x (B, H, W, C_in), timesteps (B,), context (B, S, E), optional class labels
+  (B,) -> (B, H, W, C_out).
+  Video: x (B, T, H, W, C_in) with the same per-video timesteps, context and labels,
+  and optional image_only (B, T) bool -> (B, T, H, W, C_out). Frames go through the
+  spatial layers as a batch of B*T images; the temporal layers (names `temporal_*`)
+  follow every spatial ResBlock and transformer block.
+  """
   config: UNetConfig
+  temporal: Optional[TemporalConfig] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array, timesteps_B: jax.Array,
+  def __call__(self, x: jax.Array, timesteps_B: jax.Array,
                context_BxSxE: Optional[jax.Array] = None,
-               class_labels_B: Optional[jax.Array] = None) -> jax.Array:
+               class_labels_B: Optional[jax.Array] = None,
+               image_only_BxT: Optional[jax.Array] = None) -> jax.Array:
     c = self.config.validate()
-    timesteps_B = jnp.broadcast_to(timesteps_B, (x_BxHxWxC.shape[0],))
+    if self.temporal is not None:
+      self.temporal.validate()
+    video = x.ndim == 5
+    if not video and x.ndim != 4:
+      raise ValueError(f"UNet input must be (B, H, W, C) or (B, T, H, W, C), got {x.shape}")
+    batch = x.shape[0]
+    timesteps_B = jnp.broadcast_to(timesteps_B, (batch,))
+    frames = None
+    if video:
+      t = x.shape[1]
+      x_BxHxWxC = einops.rearrange(x, "b t h w c -> (b t) h w c")
+      per_frame = lambda a: None if a is None else jnp.repeat(a, t, axis=0)
+      timesteps_B, context_BxSxE, class_labels_B = (
+          per_frame(timesteps_B), per_frame(context_BxSxE), per_frame(class_labels_B))
+      image_only = None if image_only_BxT is None else image_only_BxT.reshape(-1)
+      frames = Frames(t, image_only)
+    else:
+      x_BxHxWxC = x
     t = layers.timestep_embedding(timesteps_B, c.block_out_channels[0], c.flip_sin_to_cos,
                                   c.freq_shift)
     temb = TimestepEmbedding(c.time_embed_dim, dtype=self.dtype, name="time_embedding")(
@@ -231,20 +273,24 @@ class UNet(nn.Module):
     h = layers.conv2d(c.block_out_channels[0], 3, name="conv_in", dtype=self.dtype)(
         x_BxHxWxC.astype(self.dtype))
     skips = [h]
+    tc = self.temporal
     for level in range(c.num_levels):
-      h, level_skips = DownBlock(c, level, dtype=self.dtype, name=f"down_blocks_{level}")(
-          h, temb, context_BxSxE)
+      h, level_skips = DownBlock(c, level, tc, dtype=self.dtype,
+                                 name=f"down_blocks_{level}")(h, temb, context_BxSxE, frames)
       skips += level_skips
-    h = MidBlock(c, dtype=self.dtype, name="mid_block")(h, temb, context_BxSxE)
+    h = MidBlock(c, tc, dtype=self.dtype, name="mid_block")(h, temb, context_BxSxE, frames)
     n = c.layers_per_block + 1
     for up, level in enumerate(reversed(range(c.num_levels))):
       skips, level_skips = skips[:-n], skips[-n:]
-      h = UpBlock(c, level, dtype=self.dtype, name=f"up_blocks_{up}")(
-          h, level_skips, temb, context_BxSxE)
+      h = UpBlock(c, level, tc, dtype=self.dtype, name=f"up_blocks_{up}")(
+          h, level_skips, temb, context_BxSxE, frames)
     h = nn.silu(layers.group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out",
                                   dtype=self.dtype)(h))
     out = layers.conv2d(c.out_channels, 3, name="conv_out", dtype=self.dtype)(h)
-    return out.astype(jnp.float32)
+    out = out.astype(jnp.float32)
+    if video:
+      out = einops.rearrange(out, "(b t) h w c -> b t h w c", b=batch)
+    return out
 
 
 def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None,

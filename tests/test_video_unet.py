@@ -1,0 +1,130 @@
+"""The video UNet is the image UNet plus temporal layers (Video LDM Sec. 3.1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from videoldm_jax.models import params as params_lib
+from videoldm_jax.models import partition
+from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.models.unet import UNet, UNetConfig
+
+CONFIG = UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
+                    attention_levels=(True, True), num_heads=2, cross_attention_dim=8,
+                    norm_num_groups=8, transformer_depth=(1, 2))
+IMAGE = UNet(CONFIG)
+VIDEO = UNet(CONFIG, TemporalConfig())
+VIDEO_3D = UNet(CONFIG, TemporalConfig(conv_kernel=(3, 3, 3), cross_attention=True))
+
+
+def _inputs(batch=2, frames=8, seed=0):
+  k = jax.random.split(jax.random.key(seed), 2)
+  x = jax.random.normal(k[0], (batch, frames, 8, 8, 4))
+  ctx = jax.random.normal(k[1], (batch, 3, 8))
+  return x, jnp.array([17, 901])[:batch], ctx
+
+
+def _perturb(params, seed=1, scale=0.1):
+  """Moves every leaf (zero-initialised convs and mixing logits included) off its init."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+
+
+@pytest.fixture(scope="module")
+def video_params():
+  x, t, ctx = _inputs(frames=2)
+  return _perturb(params_lib.init_params(VIDEO, 0, x, t, ctx))
+
+
+def _image_frames(params, x, t, ctx):
+  """The image UNet on every frame, as a batch of B*T images."""
+  b, f = x.shape[:2]
+  spatial, _ = partition.split(params)
+  out = jax.jit(IMAGE.apply)({"params": spatial}, x.reshape(b * f, *x.shape[2:]),
+                             jnp.repeat(t, f), jnp.repeat(ctx, f, axis=0))
+  return out.reshape(x.shape[:2] + out.shape[1:])
+
+
+@pytest.mark.parametrize("frames", [1, 8])
+def test_alpha_one_gives_the_image_model_bitwise(video_params, frames):
+  x, t, ctx = _inputs(frames=frames)
+  ref = _image_frames(video_params, x, t, ctx)
+  apply = jax.jit(VIDEO.apply)
+  # alpha = 1 through the image-only indicator ...
+  out = apply({"params": video_params}, x, t, ctx, None, jnp.ones(x.shape[:2], bool))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  # ... and through saturated mixing logits, sigmoid(+inf) = 1.
+  flat = traverse_util.flatten_dict(video_params)
+  saturated = traverse_util.unflatten_dict(
+      {k: jnp.full_like(v, jnp.inf) if k[-1] == "mix_factor" else v for k, v in flat.items()})
+  out = apply({"params": saturated}, x, t, ctx)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  # The image-only flag acts per frame: flagged frames are image frames.
+  flags = jnp.zeros(x.shape[:2], bool).at[:, 0].set(True)
+  mixed = apply({"params": video_params}, x, t, ctx, None, flags)
+  if frames > 1:
+    assert not np.allclose(mixed[:, 1:], ref[:, 1:])
+
+
+def test_at_init_temporal_resblocks_are_identities_and_attention_acts_only_via_mixing():
+  x, t, ctx = _inputs(frames=4)
+  params = params_lib.init_params(VIDEO_3D, 3, x, t, ctx)
+  # Theta as a real image checkpoint would be (nothing zero), phi exactly at init.
+  spatial, temporal = partition.split(params)
+  params = partition.merge(_perturb(spatial), temporal)
+  ref = _image_frames(params, x, t, ctx)
+  flat = traverse_util.flatten_dict(params)
+  # Block only the attention sites (alpha = 1 there): the resblocks left active are
+  # identities at init, so the image model comes out exactly.
+  attn_off = traverse_util.unflatten_dict(
+      {k: jnp.full_like(v, jnp.inf) if k[-1] == "mix_factor" and
+       any(p.startswith("temporal_transformer") for p in k) else v for k, v in flat.items()})
+  out = jax.jit(VIDEO_3D.apply)({"params": attn_off}, x, t, ctx)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  # With the mixing logits at their init (alpha = sigmoid(0.5)) attention changes it.
+  out = jax.jit(VIDEO_3D.apply)({"params": params}, x, t, ctx)
+  assert np.max(np.abs(np.asarray(out) - np.asarray(ref))) > 1e-3
+  mix = [v for k, v in flat.items() if k[-1] == "mix_factor"]
+  # ResBlock sites: 2 down + 2 mid + 4 up; transformer blocks (depth 1, 2 by level):
+  # 1 + 2 down + 2 mid + 2 * 2 + 2 * 1 up.
+  assert len(mix) == 8 + 11
+  assert all(float(m[0]) == 0.5 for m in mix)
+
+
+def test_more_frames_than_in_training(video_params):
+  x, t, ctx = _inputs(frames=24)
+  out = jax.jit(VIDEO.apply)({"params": video_params}, x, t, ctx)
+  assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
+
+
+def test_spatial_subtree_is_exactly_the_image_model():
+  x, t, ctx = _inputs(frames=2)
+  video = params_lib.abstract_params(VIDEO, x, t, ctx)
+  image = params_lib.abstract_params(IMAGE, x[:, 0], t, ctx)
+  spatial, temporal = partition.split(video)
+  partition.check_same_structure(image, spatial, what="spatial", source="video model")
+  assert temporal and all(partition.is_temporal(k)
+                          for k in traverse_util.flatten_dict(temporal))
+  labels = traverse_util.flatten_dict(partition.labels(video))
+  assert {v for k, v in labels.items() if "temporal_resnets_0" in k} == {"temporal"}
+  assert labels[("conv_in", "kernel")] == "spatial"
+
+
+def test_image_checkpoint_plugs_in_as_theta_and_mismatch_is_named(video_params):
+  x, t, ctx = _inputs(frames=2)
+  image = params_lib.init_params(IMAGE, 9, x[:, 0], t, ctx)
+  merged = partition.with_image_params(video_params, image, "dreambooth.ckpt")
+  spatial, temporal = partition.split(merged)
+  for a, b in zip(jax.tree_util.tree_leaves(spatial), jax.tree_util.tree_leaves(image)):
+    np.testing.assert_array_equal(a, b)
+  _, phi = partition.split(video_params)
+  for a, b in zip(jax.tree_util.tree_leaves(temporal), jax.tree_util.tree_leaves(phi)):
+    np.testing.assert_array_equal(a, b)
+  bad = jax.tree_util.tree_map(lambda v: v, image)
+  bad["conv_in"]["kernel"] = jnp.zeros((3, 3, 5, 16))
+  with pytest.raises(ValueError, match=r"conv_in/kernel is \(3, 3, 5, 16\) in "
+                                       r"dreambooth.ckpt, the model expects \(3, 3, 4, 16\)"):
+    partition.with_image_params(video_params, bad, "dreambooth.ckpt")

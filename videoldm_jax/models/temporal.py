@@ -1,0 +1,146 @@
+"""The temporal layers phi of Video LDM (Blattmann et al. 2023, Sec. 3.1, Fig. 4).
+
+Each temporal layer follows a spatial layer of the frozen image UNet and is blended
+with it: out = alpha * x_spatial + (1 - alpha) * x_temporal, alpha = sigmoid(m) with
+one learned scalar m per site. Frames flagged "image only" (joint image/video batches)
+use alpha = 1, which makes the video UNet the image UNet exactly.
+
+Every module and parameter created here has a name starting with `temporal_` (or lives
+inside such a module): `partition.is_temporal` relies on it to split phi from theta.
+Spatial layers see frames as a batch (B*T, H, W, C); temporal layers reshape to
+(B, T, H, W, C) or to per-pixel sequences (B*H*W, T, C).
+"""
+
+import dataclasses
+from typing import Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from videoldm_jax.models import layers
+from videoldm_jax.models.attention import Attention, FeedForward
+from videoldm_jax.models.config_base import JsonConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalConfig(JsonConfig):
+  """Which temporal layers the video UNet gets, and how they start."""
+  resblocks: bool = True             # a temporal ResBlock after every spatial ResBlock
+  attention: bool = True             # temporal attention after every transformer block
+  conv_kernel: tuple[int, int, int] = (3, 1, 1)  # (t, h, w) of the Conv3d; or (3, 3, 3)
+  cross_attention: bool = False      # temporal blocks also attend to the text context
+  mix_init: float = 0.5              # initial logit m of every mixing site (as sgm)
+  max_period: float = 10000.0        # of the sinusoidal frame-index encoding
+
+  def validate(self) -> "TemporalConfig":
+    if len(self.conv_kernel) != 3 or any(k % 2 == 0 for k in self.conv_kernel):
+      raise ValueError(f"TemporalConfig.conv_kernel must be three odd sizes, got "
+                       f"{self.conv_kernel}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Frames:
+  """How a (B*T, ...) batch of frames folds into videos, passed to every layer.
+
+  image_only: (B*T,) bool, True where a frame is a still image (alpha forced to 1).
+  """
+  num_frames: int
+  image_only: Optional[jax.Array] = None
+
+
+def mix(x_spatial: jax.Array, x_temporal: jax.Array, m: jax.Array,
+        image_only: Optional[jax.Array]) -> jax.Array:
+  """alpha * x_spatial + (1 - alpha) * x_temporal with alpha = sigmoid(m), (N, ...).
+
+  The sigmoid comes first and the image-only override after it: overriding m instead
+  would give sigmoid(1) = 0.73, not 1.
+  """
+  alpha = jax.nn.sigmoid(m.astype(jnp.float32))
+  if image_only is not None:
+    alpha = jnp.where(image_only.reshape((-1,) + (1,) * (x_spatial.ndim - 1)), 1.0, alpha)
+  alpha = alpha.astype(x_spatial.dtype)
+  return alpha * x_spatial + (1 - alpha) * x_temporal
+
+
+def _mix_param(module: nn.Module, init: float) -> jax.Array:
+  return module.param("mix_factor", layers.param_init(layers.Init("constant", init), (None,)),
+                      (1,))
+
+
+def conv3d(features: int, kernel: tuple[int, int, int], *, name: str, zero_init: bool = False,
+           dtype=jnp.float32) -> nn.Conv:
+  """3-D convolution on (B, T, H, W, C) with 'same' zero padding."""
+  init = layers.ZEROS if zero_init else layers.FAN_IN_NORMAL
+  return nn.Conv(
+      features, kernel, padding=tuple((k // 2, k // 2) for k in kernel), dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=layers.param_init(
+          init, ("conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")),
+      bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
+
+
+class TemporalResBlock(nn.Module):
+  """GroupNorm-SiLU-Conv3d, + per-frame timestep embedding, GroupNorm-SiLU-Conv3d whose
+  weights start at zero (so the block starts as the identity), identity skip; then the
+  blend with its input. (B*T, H, W, C), temb (B*T, E) -> (B*T, H, W, C)."""
+  config: TemporalConfig
+  norm_num_groups: int = 32
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, frames: Frames) -> jax.Array:
+    c = self.config
+    channels = x.shape[-1]
+    # GroupNorm over (T, H, W) and the channel group: the video is the instance.
+    v = einops.rearrange(x, "(b t) h w c -> b t h w c", t=frames.num_frames)
+    gn = lambda name: layers.group_norm(self.norm_num_groups, self.eps, name=name,
+                                        dtype=self.dtype)
+    h = conv3d(channels, c.conv_kernel, name="conv1", dtype=self.dtype)(nn.silu(gn("norm1")(v)))
+    t = layers.dense(channels, ("embed", "conv_out"), name="time_emb_proj",
+                     dtype=self.dtype)(nn.silu(temb))
+    h = h + einops.rearrange(t, "(b t) c -> b t 1 1 c", t=frames.num_frames)
+    h = conv3d(channels, c.conv_kernel, name="conv2", zero_init=True, dtype=self.dtype)(
+        nn.silu(gn("norm2")(h)))
+    x_temporal = einops.rearrange(v + h, "b t h w c -> (b t) h w c")
+    return mix(x, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
+
+
+class TemporalTransformerBlock(nn.Module):
+  """Attention over the frames of each pixel, after a spatial transformer block.
+
+  Tokens (B*T, S, C) -> per-pixel sequences (B*S, T, C), plus a sinusoidal frame-index
+  embedding (through Linear-SiLU-Linear) on this branch only; pre-LN self-attention
+  over time, optional cross-attention to the context, GEGLU feed-forward, all
+  residual; then the blend with the spatial tokens. The encoding is a function of the
+  frame index, so any number of frames works, more than seen in training included.
+  """
+  config: TemporalConfig
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NxSxC: jax.Array, context_NxLxE: Optional[jax.Array],
+               frames: Frames) -> jax.Array:
+    c, t = self.config, frames.num_frames
+    width = x_NxSxC.shape[-1]
+    pos = layers.timestep_embedding(jnp.arange(t), width, True, 0.0, c.max_period)
+    pos = layers.dense(4 * width, ("embed", "mlp"), name="pos_linear_1", dtype=self.dtype)(
+        pos.astype(self.dtype))
+    pos = layers.dense(width, ("mlp", "embed"), name="pos_linear_2", dtype=self.dtype)(
+        nn.silu(pos))
+    h = einops.rearrange(x_NxSxC, "(b t) s c -> (b s) t c", t=t) + pos[None]
+    ln = lambda name: layers.layer_norm(1e-5, name=name, dtype=self.dtype)
+    attn = lambda name: Attention(self.num_heads, dtype=self.dtype, name=name)
+    h = h + attn("attn1")(ln("norm1")(h))
+    if c.cross_attention and context_NxLxE is not None:
+      # One context per video (that of its first frame), shared by all its pixels.
+      ctx = einops.rearrange(context_NxLxE, "(b t) l e -> b t l e", t=t)[:, 0]
+      ctx = jnp.repeat(ctx, h.shape[0] // ctx.shape[0], axis=0)
+      h = h + attn("attn2")(ln("norm2")(h), ctx)
+    h = h + FeedForward(dtype=self.dtype, name="ff")(ln("norm3")(h))
+    x_temporal = einops.rearrange(h, "(b s) t c -> (b t) s c", b=x_NxSxC.shape[0] // t)
+    return mix(x_NxSxC, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
