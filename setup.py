@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "tqdm",
     "absl-py",
     "pillow",
+    "av",
+    "tensorboardX",
 ]
 
 EXTRAS = {

@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from videoldm_jax.models.clip_text import CLIPTextConfig
+from videoldm_jax.models import params as params_lib
+from videoldm_jax.models import unet as unet_lib
+from videoldm_jax.models import vae as vae_lib
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.unet import UNetConfig
 from videoldm_jax.models.vae import VAEConfig
 
@@ -37,13 +42,16 @@ SCHEDULER_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_
 
 @dataclasses.dataclass
 class ImageLDM:
-  """Configs and param trees of a text- or class-conditional image LDM."""
+  """Configs and param trees of a text- or class-conditional image (or video) LDM."""
   unet_config: UNetConfig
   vae_config: VAEConfig
   text_config: Optional[CLIPTextConfig]
   scheduler: dict[str, Any]
   params: dict[str, Any]  # {'unet', 'vae'[, 'text_encoder']}
   source: str = ""
+  # Set for a video LDM (an exported training result): params['unet'] then holds the
+  # temporal layers too.
+  temporal_config: Optional[TemporalConfig] = None
 
 
 def save(out_dir: str | Path, model: ImageLDM, tokenizer_dir: str | Path | None = None
@@ -58,6 +66,8 @@ def save(out_dir: str | Path, model: ImageLDM, tokenizer_dir: str | Path | None 
       "unet": model.unet_config.to_dict(), "vae": model.vae_config.to_dict(),
       "text_encoder": None if model.text_config is None else model.text_config.to_dict(),
       "scheduler": {k: v for k, v in model.scheduler.items() if k in SCHEDULER_FIELDS},
+      "temporal": (None if model.temporal_config is None
+                   else model.temporal_config.to_dict()),
   }
   (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
   checkpointer = ocp.StandardCheckpointer()
@@ -100,9 +110,30 @@ def load(model_dir: str | Path) -> ImageLDM:
   index = load_index(model_dir)
   source = str(model_dir / "model_index.json")
   params = ocp.StandardCheckpointer().restore(model_dir / "params")
-  text = index.get("text_encoder")
+  text, temporal = index.get("text_encoder"), index.get("temporal")
   return ImageLDM(
       unet_config=UNetConfig.from_dict(index["unet"], source),
       vae_config=VAEConfig.from_dict(index["vae"], source),
-      text_config=None if text is None else CLIPTextConfig.from_dict(text),
-      scheduler=index["scheduler"], params=params, source=index.get("source", ""))
+      text_config=None if text is None else CLIPTextConfig.from_dict(text, source),
+      scheduler=index["scheduler"], params=params, source=index.get("source", ""),
+      temporal_config=None if temporal is None else TemporalConfig.from_dict(temporal, source))
+
+
+def random_image_ldm(config) -> ImageLDM:
+  """Builds an `ImageLDM` with random params from a config like configs/image_tiny.py."""
+  unet_cfg = UNetConfig.from_dict(dict(config.unet), "config.unet").validate()
+  vae_cfg = VAEConfig.from_dict(dict(config.vae), "config.vae")
+  params = {
+      "unet": params_lib.init_params(unet_lib.UNet(unet_cfg), config.seed,
+                                     *unet_lib.example_inputs(unet_cfg)),
+      "vae": params_lib.init_params(vae_lib.AutoencoderKL(vae_cfg), config.seed,
+                                    *vae_lib.example_inputs(vae_cfg)),
+  }
+  text_cfg = None
+  if config.get("text_encoder") is not None:
+    text_cfg = CLIPTextConfig.from_dict(dict(config.text_encoder), "config.text_encoder")
+    ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
+    params["text_encoder"] = params_lib.init_params(CLIPTextModel(text_cfg), config.seed,
+                                                    ids)
+  return ImageLDM(unet_cfg, vae_cfg, text_cfg, dict(config.scheduler), params,
+                  source="random init")

@@ -8,7 +8,7 @@ hosts or the order in which modules were created.
 """
 
 import zlib
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -38,12 +38,19 @@ def leaf_seed(seed: int, path: tuple[str, ...]) -> list[int]:
   return [int(seed), zlib.crc32("/".join(path).encode())]
 
 
-def init_params(module: nn.Module, seed: int, *inputs, method=None) -> dict[str, Any]:
-  """Freshly initialised, unboxed float32 NumPy params of `module` (see module doc)."""
+def init_params(module: nn.Module, seed: int, *inputs, method=None,
+                where: Optional[Callable[[tuple[str, ...]], bool]] = None) -> dict[str, Any]:
+  """Freshly initialised, unboxed float32 NumPy params of `module` (see module doc).
+
+  `where(path)` restricts the result to some leaves (e.g. only the temporal layers,
+  when the spatial ones come from a checkpoint).
+  """
   boxed = _boxed_abstract(module, *inputs, method=method)
   flat = traverse_util.flatten_dict(boxed)  # boxes are not dicts: they are the leaves
   out = {}
   for path, box in flat.items():
+    if where is not None and not where(path):
+      continue
     if not isinstance(box, InitPartitioned) or box.init is None:
       raise TypeError(f"parameter {'/'.join(path)} was not created through "
                       "models.layers.param_init, so it has no host initialiser")

@@ -16,6 +16,7 @@ from typing import Optional
 
 import einops
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 
@@ -41,13 +42,13 @@ class TemporalConfig(JsonConfig):
     return self
 
 
-@dataclasses.dataclass(frozen=True)
-class Frames:
-  """How a (B*T, ...) batch of frames folds into videos, passed to every layer.
+class Frames(struct.PyTreeNode):
+  """How a (B*T, ...) batch of frames folds into videos, passed to every layer (a pytree,
+  so that it crosses `nn.remat` boundaries).
 
   image_only: (B*T,) bool, True where a frame is a still image (alpha forced to 1).
   """
-  num_frames: int
+  num_frames: int = struct.field(pytree_node=False)
   image_only: Optional[jax.Array] = None
 
 

@@ -145,16 +145,17 @@ class DownBlock(nn.Module):
   config: UNetConfig
   level: int
   temporal: Optional[TemporalConfig] = None
+  remat_policy: str = "none"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h, temb, context, frames):
-    c, lvl, tc = self.config, self.level, self.temporal
+    c, lvl, tc, rp = self.config, self.level, self.temporal, self.remat_policy
     skips = []
     for j in range(c.layers_per_block):
-      h = _res(c, tc, c.block_out_channels[lvl], self.dtype, j, h, temb, frames)
+      h = _res(c, tc, c.block_out_channels[lvl], self.dtype, j, h, temb, frames, rp)
       if c.attention_levels[lvl]:
-        h = _attn(c, tc, lvl, self.dtype, f"attentions_{j}")(h, context, frames)
+        h = _attn(c, tc, lvl, self.dtype, f"attentions_{j}", rp)(h, context, frames)
       skips.append(h)
     if lvl < c.num_levels - 1:
       h = Downsample(dtype=self.dtype, name="downsamplers_0")(h)
@@ -166,14 +167,15 @@ class MidBlock(nn.Module):
   """ResBlock, spatial transformer, ResBlock at the lowest resolution."""
   config: UNetConfig
   temporal: Optional[TemporalConfig] = None
+  remat_policy: str = "none"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h, temb, context, frames):
-    c, tc = self.config, self.temporal
-    h = _res(c, tc, c.block_out_channels[-1], self.dtype, 0, h, temb, frames)
-    h = _attn(c, tc, c.num_levels - 1, self.dtype, "attentions_0")(h, context, frames)
-    return _res(c, tc, c.block_out_channels[-1], self.dtype, 1, h, temb, frames)
+    c, tc, rp = self.config, self.temporal, self.remat_policy
+    h = _res(c, tc, c.block_out_channels[-1], self.dtype, 0, h, temb, frames, rp)
+    h = _attn(c, tc, c.num_levels - 1, self.dtype, "attentions_0", rp)(h, context, frames)
+    return _res(c, tc, c.block_out_channels[-1], self.dtype, 1, h, temb, frames, rp)
 
 
 class UpBlock(nn.Module):
@@ -181,42 +183,59 @@ class UpBlock(nn.Module):
   config: UNetConfig
   level: int
   temporal: Optional[TemporalConfig] = None
+  remat_policy: str = "none"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h, skips, temb, context, frames):
     """`skips` are this level's encoder activations in encoder order; consumed last first."""
-    c, lvl, tc = self.config, self.level, self.temporal
+    c, lvl, tc, rp = self.config, self.level, self.temporal, self.remat_policy
     skips = list(skips)
     for j in range(c.layers_per_block + 1):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
-      h = _res(c, tc, c.block_out_channels[lvl], self.dtype, j, h, temb, frames)
+      h = _res(c, tc, c.block_out_channels[lvl], self.dtype, j, h, temb, frames, rp)
       if c.attention_levels[lvl]:
-        h = _attn(c, tc, lvl, self.dtype, f"attentions_{j}")(h, context, frames)
+        h = _attn(c, tc, lvl, self.dtype, f"attentions_{j}", rp)(h, context, frames)
     if lvl > 0:
       h = Upsample(dtype=self.dtype, name="upsamplers_0")(h)
     return h
 
 
+REMAT_POLICIES = {
+    "none": None,                # keep every activation
+    "full": "full",              # keep only block inputs, recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def _remat(cls, policy: str):
+  """`cls`, rematerialised per block under the named policy (parameter paths unchanged)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+  if REMAT_POLICIES[policy] is None:
+    return cls
+  return nn.remat(cls, policy=None if policy == "full" else REMAT_POLICIES[policy])
+
+
 def _res(c: UNetConfig, tc: Optional[TemporalConfig], channels: int, dtype, j: int,
-         h: jax.Array, temb: jax.Array, frames: Optional[Frames]) -> jax.Array:
+         h: jax.Array, temb: jax.Array, frames: Optional[Frames], remat: str) -> jax.Array:
   """Spatial ResBlock `resnets_j`, then (video UNet) temporal ResBlock `temporal_resnets_j`.
 
   Must be called from a compact module: the blocks become its children.
   """
-  h = ResBlock(channels, c.norm_num_groups, c.norm_eps, dtype=dtype, name=f"resnets_{j}")(
-      h, temb)
+  h = _remat(ResBlock, remat)(channels, c.norm_num_groups, c.norm_eps,
+                              dtype=dtype, name=f"resnets_{j}")(h, temb)
   if tc is not None and tc.resblocks and frames is not None:
-    h = TemporalResBlock(tc, c.norm_num_groups, c.norm_eps, dtype=dtype,
-                         name=f"temporal_resnets_{j}")(h, temb, frames)
+    h = _remat(TemporalResBlock, remat)(tc, c.norm_num_groups, c.norm_eps, dtype=dtype,
+                                        name=f"temporal_resnets_{j}")(h, temb, frames)
   return h
 
 
 def _attn(c: UNetConfig, tc: Optional[TemporalConfig], level: int, dtype,
-          name: str) -> SpatialTransformer:
-  return SpatialTransformer(c.heads_per_level()[level], c.depth_per_level()[level],
-                            c.use_linear_projection, c.norm_num_groups, temporal=tc,
-                            dtype=dtype, name=name)
+          name: str, remat: str) -> SpatialTransformer:
+  return _remat(SpatialTransformer, remat)(
+      c.heads_per_level()[level], c.depth_per_level()[level], c.use_linear_projection,
+      c.norm_num_groups, temporal=tc, dtype=dtype, name=name)
 
 
 class UNet(nn.Module):
@@ -232,6 +251,7 @@ class UNet(nn.Module):
   config: UNetConfig
   temporal: Optional[TemporalConfig] = None
   dtype: jnp.dtype = jnp.float32
+  remat_policy: str = "none"  # see REMAT_POLICIES
 
   @nn.compact
   def __call__(self, x: jax.Array, timesteps_B: jax.Array,
@@ -275,15 +295,16 @@ class UNet(nn.Module):
     skips = [h]
     tc = self.temporal
     for level in range(c.num_levels):
-      h, level_skips = DownBlock(c, level, tc, dtype=self.dtype,
+      h, level_skips = DownBlock(c, level, tc, self.remat_policy, dtype=self.dtype,
                                  name=f"down_blocks_{level}")(h, temb, context_BxSxE, frames)
       skips += level_skips
-    h = MidBlock(c, tc, dtype=self.dtype, name="mid_block")(h, temb, context_BxSxE, frames)
+    h = MidBlock(c, tc, self.remat_policy, dtype=self.dtype, name="mid_block")(
+        h, temb, context_BxSxE, frames)
     n = c.layers_per_block + 1
     for up, level in enumerate(reversed(range(c.num_levels))):
       skips, level_skips = skips[:-n], skips[-n:]
-      h = UpBlock(c, level, tc, dtype=self.dtype, name=f"up_blocks_{up}")(
-          h, level_skips, temb, context_BxSxE, frames)
+      h = UpBlock(c, level, tc, self.remat_policy, dtype=self.dtype,
+                  name=f"up_blocks_{up}")(h, level_skips, temb, context_BxSxE, frames)
     h = nn.silu(layers.group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out",
                                   dtype=self.dtype)(h))
     out = layers.conv2d(c.out_channels, 3, name="conv_out", dtype=self.dtype)(h)

@@ -1,0 +1,139 @@
+"""The procedural dash-cam source: determinism, resumable state, process sharding, content."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from videoldm_jax.data import ClipIterator, make_clip
+
+SHAPE = dict(num_frames=8, height=64, width=64)
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_batch_format():
+  batch = next(ClipIterator(batch_size=3, seed=0, **SHAPE))
+  assert batch["video"].shape == (3, 8, 64, 64, 3) and batch["video"].dtype == np.uint8
+  assert batch["time_of_day"].dtype == np.int32 and batch["crowdedness"].dtype == np.int32
+  assert set(batch["time_of_day"]) <= {0, 1} and set(batch["crowdedness"]) <= {0, 1, 2, 3}
+  assert batch["caption"].shape == (3,) and all(isinstance(c, str) for c in batch["caption"])
+  np.testing.assert_array_equal(batch["index"], [0, 1, 2])
+
+
+def test_labels_and_captions_cover_all_values():
+  labels = [make_clip(i, 2, 32, 32, seed=3)[1:] for i in range(64)]
+  assert {lab["time_of_day"] for lab, _ in labels} == {0, 1}
+  assert {lab["crowdedness"] for lab, _ in labels} == {0, 1, 2, 3}
+  for lab, caption in labels:
+    assert ("night" in caption) == (lab["time_of_day"] == 1)
+    assert ["no other cars", "one car", "two cars", "three cars"][lab["crowdedness"]] in caption
+
+
+def test_determinism():
+  a = _take(ClipIterator(batch_size=4, seed=7, **SHAPE), 2)
+  b = _take(ClipIterator(batch_size=4, seed=7, **SHAPE), 2)
+  for x, y in zip(a, b):
+    _assert_batches_equal(x, y)
+  c = _take(ClipIterator(batch_size=4, seed=8, **SHAPE), 2)
+  for x, y in zip(a, c):
+    assert not np.array_equal(x["video"], y["video"])
+    np.testing.assert_array_equal(x["index"], y["index"])  # same indices, different clips
+
+
+def test_clip_is_a_function_of_the_scene_not_the_length():
+  # Scene parameters don't depend on T, so a longer clip extends a shorter one.
+  short, lab_s, cap_s = make_clip(5, 4, 48, 64, seed=1)
+  long, lab_l, cap_l = make_clip(5, 12, 48, 64, seed=1)
+  np.testing.assert_array_equal(long[:4], short)
+  assert (lab_s, cap_s) == (lab_l, cap_l)
+
+
+def test_state_save_restore_continues_exactly():
+  it = ClipIterator(batch_size=3, seed=11, **SHAPE)
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))  # must survive JSON
+  assert state["next_index"] == 6
+  expected = _take(it, 2)
+  fresh = ClipIterator(batch_size=3, seed=11, **SHAPE)
+  fresh.set_state(state)
+  for x, y in zip(expected, _take(fresh, 2)):
+    _assert_batches_equal(x, y)
+
+
+def test_set_state_rejects_mismatches():
+  it = ClipIterator(batch_size=2, seed=0, process_index=1, process_count=2, **SHAPE)
+  with pytest.raises(ValueError, match="seed"):
+    it.set_state({"next_index": 3, "seed": 1})
+  with pytest.raises(ValueError, match="process 1 of 2"):
+    it.set_state({"next_index": 4, "seed": 0})  # even index belongs to process 0
+  with pytest.raises(ValueError, match="next_index"):
+    it.set_state({})
+
+
+def test_two_processes_are_disjoint_and_cover_one_process():
+  steps, b = 3, 4
+  shards = [_take(ClipIterator(batch_size=b, seed=2, process_index=p, process_count=2, **SHAPE),
+                  steps) for p in range(2)]
+  single = _take(ClipIterator(batch_size=2 * b, seed=2, **SHAPE), steps)
+  idx = [np.concatenate([batch["index"] for batch in shard]) for shard in shards]
+  np.testing.assert_array_equal(idx[0] % 2, 0)
+  np.testing.assert_array_equal(idx[1] % 2, 1)
+  assert not set(idx[0]) & set(idx[1])
+  for step in range(steps):
+    # Each step of the 2 processes covers exactly the range a 1-process step covers.
+    merged = {}
+    for shard in shards:
+      for i, v in zip(shard[step]["index"], shard[step]["video"]):
+        merged[int(i)] = v
+    ref = single[step]
+    assert sorted(merged) == list(ref["index"])
+    for i, v in zip(ref["index"], ref["video"]):
+      np.testing.assert_array_equal(merged[int(i)], v)
+
+
+def test_lane_markings_move():
+  for index in range(6):
+    video, labels, _ = make_clip(index, 8, 64, 64, seed=0)
+    if labels["crowdedness"] == 0:
+      break
+  else:
+    pytest.fail("no car-free clip among the first 6")
+  # With no cars, only the dashed markings can change: consecutive frames must differ,
+  # and only below the horizon (the sky is static).
+  diff = np.any(video[1:] != video[:-1], axis=-1)  # (T-1, H, W)
+  assert diff.reshape(7, -1).any(axis=1).all()
+  changed_rows = np.nonzero(diff.any(axis=(0, 2)))[0]
+  assert changed_rows.min() > 64 * 0.38 - 1
+
+
+def test_night_darker_than_day():
+  means = {0: [], 1: []}
+  for i in range(32):
+    video, labels, _ = make_clip(i, 4, 64, 64, seed=5)
+    means[labels["time_of_day"]].append(video.mean())
+  assert means[0] and means[1]
+  # Measured: day ~136, night ~33 on the 0..255 scale; any night clip beats any day clip.
+  assert max(means[1]) < 0.5 * min(means[0])
+
+
+def test_batch_runtime():
+  it = ClipIterator(batch_size=8, seed=0, **SHAPE)
+  next(it)  # warm-up (imports, allocator)
+  best = min(_timed(it) for _ in range(3))
+  assert best < 0.5, f"a batch of 8 clips of 8x64x64 took {best:.3f} s"
+
+
+def _timed(it) -> float:
+  start = time.perf_counter()
+  next(it)
+  return time.perf_counter() - start

@@ -1,0 +1,1 @@
+"""Training stages of Video LDM: each is a `train.step.Stage` (trainable mask + loss)."""

@@ -1,0 +1,1 @@
+"""Training engine: checkpointing, preemption handling, the train loop."""

@@ -1,0 +1,385 @@
+"""Train-state checkpoints (Orbax): async, crash-safe, keep-N + best-N, restore onto any mesh.
+
+One `Checkpointer` owns one directory, laid out by Orbax's CheckpointManager:
+
+  DIR/<step>/state/    the train-state pytree (StandardSave: OCDBT/zarr; every leaf a
+                       global jax.Array, each process writes the shards it owns)
+  DIR/<step>/data/     JSON: the input pipeline's position (optional)
+  DIR/<step>/config/   JSON: the run config (optional)
+  DIR/<step>/metrics/  JSON: the metrics that rank steps for `keep_best` (when > 0)
+
+Crash safety comes from Orbax, and `latest_step` / `restore` rely on it: a step is
+written into `DIR/<step>.orbax-checkpoint-tmp/` and renamed to `DIR/<step>/` only after
+every item and the step metadata are on disk (on GCS, where renames are not atomic,
+Orbax writes `commit_success.txt` last instead). Orbax lists steps only in final form, so
+a save killed mid-write is invisible; its tmp folder stays until that step is saved
+again (Orbax then deletes it first).
+
+`export_inference` / `load_inference` write and read a parameters-only checkpoint plus
+`config.json` for sampling. `PreemptionGuard` turns SIGTERM (and optionally SIGINT) into
+a flag that the train loop polls before doing a final forced save.
+JSON and Orbax only: nothing here pickles.
+"""
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+STATE, DATA, CONFIG = "state", "data", "config"
+PARAMS_DIR, CONFIG_FILE = "params", "config.json"
+
+
+def _key_str(key) -> str:
+  """One pytree key -> the name used in error messages and to match checkpoint trees.
+
+  Orbax stores dataclass / namedtuple fields as dict keys and sequences by index, so
+  attribute, dict and index keys all reduce to their plain text.
+  """
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _path_str(path) -> str:
+  return "/".join(_key_str(k) for k in path) or "<root>"
+
+
+def _flat(tree, is_leaf=None) -> dict[str, Any]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return {_path_str(p): leaf for p, leaf in leaves}
+
+
+def _default_sharding(where: str, path: str) -> jax.sharding.Sharding:
+  # One process: the first device is an unambiguous home. Several processes: a guess
+  # would silently give every host a different copy, so the caller must say.
+  if jax.process_count() > 1:
+    raise ValueError(f"{where}: abstract leaf '{path}' has no sharding; with "
+                     f"{jax.process_count()} processes every leaf needs a global sharding")
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _abstractify(tree, where: str):
+  """Tree of jax.Arrays / ShapeDtypeStructs -> ShapeDtypeStructs that all carry a sharding."""
+  def one(path, leaf):
+    name = _path_str(path)
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+      sharding = getattr(leaf, "sharding", None) or _default_sharding(where, name)
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    raise TypeError(f"{where}: abstract leaf '{name}' is a {type(leaf).__name__}; "
+                    "expected jax.ShapeDtypeStruct or jax.Array")
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _check_matches(saved_meta, abstract, where: str) -> None:
+  """Raises ValueError naming the first differing leaves of the saved tree and `abstract`.
+
+  `saved_meta` is Orbax's metadata tree (leaves have `.shape`). Dtypes may differ on
+  purpose (Orbax casts on restore, e.g. float32 -> bfloat16), so only paths and shapes
+  are compared.
+  """
+  saved = _flat(saved_meta, is_leaf=lambda x: hasattr(x, "shape"))
+  wanted = _flat(abstract)
+  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+  if missing or extra:
+    raise ValueError(f"{where}: checkpoint tree does not match abstract_state; requested "
+                     f"but not in checkpoint: {missing[:8]}; in checkpoint but not "
+                     f"requested: {extra[:8]}")
+  bad = [f"'{k}': checkpoint shape {tuple(saved[k].shape)}, abstract_state shape "
+         f"{tuple(wanted[k].shape)}" for k in sorted(wanted)
+         if tuple(saved[k].shape) != tuple(wanted[k].shape)]
+  if bad:
+    raise ValueError(f"{where}: shape mismatch for {len(bad)} parameter(s): "
+                     + "; ".join(bad[:8]))
+
+
+def _check_saveable(state, where: str) -> None:
+  """Every leaf must be a jax.Array; with several processes a global one (else Orbax fails
+  later, in a background thread, with "host local jax.Array")."""
+  multi = jax.process_count() > 1
+  for name, leaf in _flat(state).items():
+    if not isinstance(leaf, jax.Array):
+      raise TypeError(f"{where}: state leaf '{name}' is a {type(leaf).__name__}; put it "
+                      "on the mesh as a jax.Array (e.g. replicated) before saving")
+    if multi and leaf.is_fully_addressable:
+      raise ValueError(f"{where}: state leaf '{name}' is host-local; make it a global "
+                       "array (device_put with a NamedSharding over the global mesh)")
+
+
+def _json_checked(obj, what: str, where: str):
+  """Fails now, in the caller's thread, rather than inside Orbax's background write."""
+  try:
+    json.dumps(obj)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{where}: {what} is not JSON-serialisable: {e}") from e
+  return obj
+
+
+class Checkpointer:
+  """Periodic train-state checkpoints in `directory` (see the module docstring).
+
+  max_to_keep: the newest N complete steps are kept (None: keep all).
+  keep_best: additionally keep the N best steps by `metrics[best_metric]`
+    (`best_mode` 'min' or 'max'), even when older than the newest `max_to_keep`.
+  save_interval_steps: `should_save(step)` is true every this many steps.
+  async_save: `save` returns once device buffers are copied to host; the write runs in
+    the background. Call `wait_until_finished()` / `close()` before exiting.
+  All processes must make the same calls in the same order (Orbax syncs them).
+  """
+
+  def __init__(self, directory, *, max_to_keep: Optional[int] = 3, keep_best: int = 0,
+               best_metric: str = "loss", best_mode: str = "min",
+               save_interval_steps: int = 1, async_save: bool = True):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+    if keep_best < 0:
+      raise ValueError(f"keep_best must be >= 0, got {keep_best}")
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    path = str(directory)
+    # Orbax wants absolute paths; URIs (gs://...) already are.
+    self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
+    self.best_metric, self.keep_best = best_metric, keep_best
+    # Orbax's default decision policy also saves the first step of a run whatever the
+    # interval (InitialSavePolicy); a pure interval is more predictable. Preemption
+    # sync points (multi-host, jax.distributed) still trigger a save.
+    decide = ocm.AnySavePolicy([ocm.FixedIntervalPolicy(save_interval_steps),
+                                ocm.PreemptionCheckpointingPolicy()])
+    common = dict(save_decision_policy=decide, enable_async_checkpointing=async_save)
+    if keep_best:
+      # Orbax's max_to_keep + best_fn means "keep the N best", not "N latest AND K best";
+      # the union of both needs explicit preservation policies. Steps saved without
+      # metrics (e.g. a preemption save) are kept by LatestN only, so they cannot pile
+      # up. best_fn must still be set: Orbax writes metrics only when it is.
+      get_metric = lambda m: float(m[best_metric])
+      policy = ocm.AnyPreservationPolicy([
+          ocm.LatestN(n=max_to_keep),
+          ocm.BestN(get_metric_fn=get_metric, reverse=(best_mode == "min"), n=keep_best,
+                    keep_checkpoints_without_metrics=False)])
+      options = ocp.CheckpointManagerOptions(
+          best_fn=get_metric, best_mode=best_mode, preservation_policy=policy, **common)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
+    # Registered handlers let a fresh manager read metadata of existing steps.
+    handlers = {STATE: ocp.StandardCheckpointHandler(),
+                DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+    self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                      item_handlers=handlers)
+
+  # -- listing ----------------------------------------------------------------------
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  def all_steps(self) -> list[int]:
+    """Complete steps on disk, ascending. A save still in flight (async) or killed
+    mid-write is not listed: its final folder does not exist yet."""
+    return sorted(s for s in self._mgr.all_steps()
+                  if ocp.step.is_path_finalized(self._step_dir(s)))
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def best_step(self) -> Optional[int]:
+    """Best complete step by `best_metric` (needs keep_best > 0), else the latest."""
+    best = self._mgr.best_step() if self.keep_best else None
+    return best if best in self.all_steps() else self.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    """True at the save interval, once per step and only after the newest saved step."""
+    return bool(self._mgr.should_save(int(step)))
+
+  # -- save / restore ---------------------------------------------------------------
+
+  def save(self, step: int, state, *, data_state: Optional[dict] = None,
+           config: Optional[dict] = None, metrics: Optional[dict] = None,
+           force: bool = False) -> bool:
+    """Starts saving `state` (pytree of global jax.Arrays) as `step`; True if started.
+
+    Skipped (False) when `step` is not due (unless `force`) or is already saved or being
+    saved: a forced save after a preemption may land on a step just saved periodically.
+    metrics: scalars (JSON-able after float()) ranking this step when keep_best > 0.
+    """
+    step = int(step)
+    where = f"checkpoint {self._step_dir(step)}"
+    if step in self._mgr.all_steps() or not (force or self.should_save(step)):
+      return False
+    _check_saveable(state, where)
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_state is not None:
+      items[DATA] = ocp.args.JsonSave(_json_checked(data_state, "data_state", where))
+    if config is not None:
+      items[CONFIG] = ocp.args.JsonSave(_json_checked(config, "config", where))
+    if metrics is not None:
+      metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
+      if self.keep_best and self.best_metric not in metrics:
+        raise ValueError(f"{where}: metrics {sorted(metrics)} lack best_metric "
+                         f"'{self.best_metric}'")
+    return bool(self._mgr.save(step, args=ocp.args.Composite(**items),
+                               metrics=metrics if self.keep_best else None, force=True))
+
+  def restore(self, abstract_state, step: Optional[int] = None):
+    """-> (state, data_state | None, config | None) of `step` (default: latest complete).
+
+    abstract_state: the state's tree of jax.ShapeDtypeStruct(shape, dtype,
+      sharding=NamedSharding(mesh, spec)) (or of jax.Arrays): leaves are read straight
+      into that sharding, on any mesh; the one used at save time does not matter.
+      Leaves without a sharding go to the first device (single process only).
+    Raises FileNotFoundError if there is no complete checkpoint (or not `step`), and
+    ValueError naming the parameter path and both shapes if the trees differ.
+    """
+    complete = self.all_steps()
+    if step is None:
+      if not complete:
+        raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+      step = complete[-1]
+    elif int(step) not in complete:
+      raise FileNotFoundError(f"no complete checkpoint for step {step} in "
+                              f"{self.directory}; complete steps: {complete}")
+    step = int(step)
+    where = f"checkpoint {self._step_dir(step)}"
+    abstract = _abstractify(abstract_state, where)
+    present = set(self._mgr.metadata(step).item_handlers or ())
+    _check_matches(self._mgr.item_metadata(step)[STATE], abstract, where)
+    items = {STATE: ocp.args.StandardRestore(abstract)}
+    items.update({k: ocp.args.JsonRestore() for k in (DATA, CONFIG) if k in present})
+    try:
+      out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{where}: restore failed: {e}") from e
+    return out[STATE], out.get(DATA), out.get(CONFIG)
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the in-flight async save is on disk (re-raises its error, if any)."""
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# -- inference export ---------------------------------------------------------------
+
+def export_inference(directory, params: dict, config: dict, *,
+                     overwrite: bool = False) -> Path:
+  """Writes DIR/params/ (Orbax, parameters only) and DIR/config.json; returns DIR.
+
+  params: pytree of jax.Arrays (e.g. EMA weights), any sharding. config: JSON-able dict
+  (model config etc.) that `load_inference` hands back unchanged.
+  """
+  directory = Path(directory).absolute()
+  _json_checked(config, "config", f"export {directory}")
+  target = directory / PARAMS_DIR
+  if target.exists() and not overwrite:
+    raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, params, force=overwrite)
+    ckptr.wait_until_finished()
+  # Written via rename so a reader never sees a half-written config.
+  tmp = directory / (CONFIG_FILE + ".tmp")
+  tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+  os.replace(tmp, directory / CONFIG_FILE)
+  return directory
+
+
+def load_inference(directory, abstract=None):
+  """-> (params, config) from an `export_inference` folder.
+
+  abstract: tree of jax.ShapeDtypeStruct with shardings to read into; default: the
+  saved shapes and dtypes, every array on the first device.
+  """
+  directory = Path(directory).absolute()
+  target, cfg_path = directory / PARAMS_DIR, directory / CONFIG_FILE
+  if not ocp.step.is_path_finalized(epath.Path(target)) or not cfg_path.is_file():
+    raise FileNotFoundError(f"{directory} is not a complete inference export "
+                            f"(needs {PARAMS_DIR}/ and {CONFIG_FILE})")
+  config = json.loads(cfg_path.read_text())
+  where = f"inference export {target}"
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(target).item_metadata
+    if abstract is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      abstract = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta,
+          is_leaf=lambda x: hasattr(x, "shape"))
+    abstract = _abstractify(abstract, where)
+    _check_matches(meta, abstract, where)
+    try:
+      params = ckptr.restore(target, abstract)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{where}: restore failed: {e}") from e
+  return params, config
+
+
+# -- preemption ---------------------------------------------------------------------
+
+class PreemptionGuard:
+  """`with PreemptionGuard() as guard:` ... `if guard.stop_requested: save; break`.
+
+  Installs handlers for SIGTERM (what schedulers and TPU/GPU VM maintenance send before
+  a kill) and, with `sigint=True`, SIGINT. The handler only sets a flag: Python runs it
+  between bytecodes of the main thread, possibly inside a JAX dispatch or an Orbax call,
+  so doing the save there could deadlock or corrupt state. Previous handlers come back
+  on exit. Must be entered from the main thread (a Python rule for signal handlers).
+  With several processes, hosts get the signal at different steps: poll
+  `any_process_requested()` so that all of them stop (and save) at the same step.
+  """
+
+  def __init__(self, *, sigint: bool = False):
+    self._signals = (signal.SIGTERM,) + ((signal.SIGINT,) if sigint else ())
+    self._previous: dict[int, Any] = {}
+    self._event = threading.Event()
+    self.signal_received: Optional[int] = None
+
+  def _handler(self, signum, frame):  # noqa: ARG002  (signature fixed by `signal`)
+    self.signal_received = signum
+    self._event.set()
+
+  @property
+  def stop_requested(self) -> bool:
+    return self._event.is_set()
+
+  def request_stop(self) -> None:
+    """Sets the flag by hand (tests, or a trainer that stops for other reasons)."""
+    self._event.set()
+
+  def any_process_requested(self) -> bool:
+    """True if the flag is set on any process (a collective: call on all of them)."""
+    if jax.process_count() == 1:
+      return self.stop_requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.stop_requested))
+    return bool(np.any(flags))
+
+  def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError("PreemptionGuard must be entered from the main thread")
+    for sig in self._signals:
+      self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, prev in self._previous.items():
+      # None: the old handler was not installed from Python; the default is the
+      # closest thing we can put back.
+      signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+    self._previous.clear()
+    return False

@@ -1,0 +1,28 @@
+"""The optimiser of every stage: gradient clipping, AdamW, warmup + cosine decay.
+
+It only ever sees the trainable parameters (phi for temporal stages), so clipping, the
+logged gradient norm and the optimiser state cover exactly those; frozen parameters get
+neither gradients nor moments (see train/step.py).
+"""
+
+import ml_collections
+import optax
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to
+  `lr * final_lr_fraction` at `total_steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.lr, warmup_steps=max(int(config.warmup_steps), 1),
+      decay_steps=max(int(config.total_steps), int(config.warmup_steps) + 1),
+      end_value=config.lr * config.get("final_lr_fraction", 0.0))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, eps, weight_decay)."""
+  parts = []
+  if config.get("grad_clip"):
+    parts.append(optax.clip_by_global_norm(config.grad_clip))
+  parts.append(optax.adamw(learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay))
+  return optax.chain(*parts)

@@ -1,0 +1,158 @@
+"""The one train step of every stage, and the sharded train state it runs on.
+
+A `Stage` says what trains (a predicate on parameter paths) and how a batch becomes a
+loss. `build_train_step` turns any stage into a jitted, sharded, donated step:
+gradients are taken with respect to the trainable parameters only (frozen ones are
+closed over), so no weight gradient of the frozen image model is ever computed, and
+the optimiser, the clipping and the logged gradient norm see only the trainable
+leaves. A step whose loss or gradient norm is not finite leaves parameters, optimiser
+state and EMA untouched and is counted in `state.skipped`.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from videoldm_jax.train.state import Path, TrainState, merge, split
+
+LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A training stage: a trainable mask and a loss.
+
+  loss_fn(params, batch, key) -> (scalar loss, dict of scalar metrics), where params is
+  the full tree ({'unet': ..., 'vae': ..., ...}) and batch a dict of global arrays with
+  the batch on axis 0.
+  """
+  name: str
+  is_trainable: Callable[[Path], bool]
+  loss_fn: LossFn
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays (every process holding the full value) -> global jax.Arrays laid out by
+  `shardings`. Works in multi-process runs: each process fills only its own shards."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def state_shardings(param_shardings: dict, stage: Stage, tx: optax.GradientTransformation,
+                    abstract_params: dict, mesh: Mesh) -> TrainState:
+  """Shardings of every TrainState leaf: parameters, EMA and optimiser moments follow the
+  parameters' shardings; counters are replicated."""
+  train_sh, frozen_sh = split(param_shardings, stage.is_trainable)
+  train_abs, _ = split(abstract_params, stage.is_trainable)
+  opt_abs = jax.eval_shape(tx.init, train_abs)
+  rep = replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abs, train_sh,
+                                 transform_non_params=lambda _: rep)
+  return TrainState(step=rep, trainable=train_sh, frozen=frozen_sh, opt_state=opt_sh,
+                    ema=train_sh, skipped=rep)
+
+
+def init_state(params: dict, stage: Stage, tx: optax.GradientTransformation,
+               shardings: TrainState) -> TrainState:
+  """Host params (full tree, NumPy) -> a sharded TrainState at step 0."""
+  trainable, frozen = split(params, stage.is_trainable)
+  trainable = put_global(trainable, shardings.trainable)
+  frozen = put_global(frozen, shardings.frozen)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
+  ema = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t),
+                out_shardings=shardings.ema)(trainable)
+  zero = put_global(np.zeros((), np.int32), shardings.step)
+  return TrainState(step=zero, trainable=trainable, frozen=frozen, opt_state=opt_state,
+                    ema=ema, skipped=put_global(np.zeros((), np.int32), shardings.skipped))
+
+
+def abstract_state(state_or_shapes: TrainState, shardings: TrainState) -> TrainState:
+  """ShapeDtypeStructs carrying `shardings` (to restore a checkpoint onto them)."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_or_shapes,
+      shardings)
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+  def f(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={n}")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return jax.tree_util.tree_map(f, batch)
+
+
+def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: int,
+                     ema_decay: float = 0.9999, grad_accum: int = 1,
+                     lr_schedule: Optional[optax.Schedule] = None,
+                     shardings: Optional[TrainState] = None,
+                     batch_sharding: Optional[Any] = None) -> Callable:
+  """Jitted step(state, batch) -> (state, metrics) for any stage.
+
+  The step's randomness is fold_in(key(seed), step): a resumed run draws exactly what an
+  uninterrupted one does. With `grad_accum` = n the batch is split into n microbatches
+  whose gradients are averaged (a `lax.scan`, so memory is that of one microbatch).
+  `shardings` / `batch_sharding` pin the layouts; the input state is donated.
+  """
+  base_key = jax.random.key(seed)
+
+  def loss_and_grad(trainable, frozen, batch, key):
+    def loss_of(tr):
+      return stage.loss_fn(merge(tr, frozen), batch, key)
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    return loss, metrics, grads
+
+  def step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(base_key, state.step)
+    if grad_accum == 1:
+      loss, metrics, grads = loss_and_grad(state.trainable, state.frozen, batch, key)
+    else:
+      micro = _split_microbatches(batch, grad_accum)
+
+      def body(carry, xs):
+        i, mb = xs
+        loss, metrics, grads = loss_and_grad(state.trainable, state.frozen, mb,
+                                             jax.random.fold_in(key, i))
+        acc = jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads))
+        return acc, None
+
+      zeros = jax.tree_util.tree_map(
+          jnp.zeros_like, jax.eval_shape(loss_and_grad, state.trainable, state.frozen,
+                                         jax.tree_util.tree_map(lambda x: x[0], micro), key))
+      total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+      loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / grad_accum, total)
+
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    # EMA with the usual warm-up, so early averages are not dominated by the init.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
+                                 trainable)
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1, trainable=keep(trainable, state.trainable),
+        opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
+        skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
+                   skipped=new_state.skipped)
+    if lr_schedule is not None:
+      metrics["lr"] = lr_schedule(state.step)
+    return new_state, metrics
+
+  if shardings is None:
+    return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, shardings.step), donate_argnums=(0,))

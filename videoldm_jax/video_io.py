@@ -1,0 +1,207 @@
+"""Video files in and out: MP4 (PyAV / libx264), GIF (Pillow), and a grid for logging.
+
+All videos are channels-last uint8 RGB: one clip is (T, H, W, 3), a batch (B, T, H, W, 3).
+Model outputs in [-1, 1] go through `to_uint8` first.
+"""
+
+import math
+import os
+from fractions import Fraction
+
+import numpy as np
+
+__all__ = ["to_uint8", "write_mp4", "write_gif", "read_video", "video_grid"]
+
+
+def to_uint8(video) -> np.ndarray:
+  """Maps values in [-1, 1] (any shape, e.g. (T, H, W, 3)) to uint8 [0, 255], same shape.
+
+  Out-of-range values are clipped (samplers overshoot slightly); rounding, not
+  truncation, so that -1 -> 0, 0 -> 128 and 1 -> 255 exactly.
+  """
+  x = np.asarray(video, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _check_frames(frames, path: str) -> np.ndarray:
+  """Validates a (T, H, W, 3) uint8 clip, naming `path` in the error."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"{path}: expected frames of shape (T, H, W, 3), got {frames.shape}")
+  if frames.dtype != np.uint8:
+    raise TypeError(f"{path}: expected uint8 frames, got {frames.dtype}; convert videos in "
+                    "[-1, 1] with video_io.to_uint8 first")
+  if frames.shape[0] == 0 or frames.shape[1] == 0 or frames.shape[2] == 0:
+    raise ValueError(f"{path}: cannot write an empty video of shape {frames.shape}")
+  return frames
+
+
+def _atomic_target(path: str) -> str:
+  """A temporary sibling of `path` with the same extension (so the container format is
+  still inferred from it); written files are renamed into place, so a crash mid-write
+  never leaves a truncated video under the final name."""
+  root, ext = os.path.splitext(path)
+  return f"{root}.tmp-{os.getpid()}{ext}"
+
+
+def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
+              pad_odd: bool = True) -> tuple[int, int]:
+  """Writes a (T, H, W, 3) uint8 RGB clip as H.264 (libx264, yuv420p) MP4.
+
+  yuv420p stores chroma at half resolution, so libx264 needs even H and W. With
+  `pad_odd=True` (default) an odd height / width is padded by one row / column that
+  repeats the edge (edge pixels bleed less into the subsampled chroma than black would);
+  the file, and what `read_video` returns, then has the padded size. With
+  `pad_odd=False` odd sizes raise ValueError.
+
+  `crf` is x264's constant rate factor: 0 lossless-ish in luma, 18 near-transparent
+  (default; logging clips are small), 23 x264's default, 51 worst.
+
+  Returns the (height, width) actually written.
+  """
+  import av  # local: importing PyAV loads FFmpeg, which the rest of the package doesn't need
+
+  frames = _check_frames(frames, path)
+  _, h, w, _ = frames.shape
+  if h % 2 or w % 2:
+    if not pad_odd:
+      raise ValueError(f"{path}: libx264 with yuv420p needs even height and width, got "
+                       f"{h}x{w}; pass pad_odd=True or crop the frames")
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    h, w = frames.shape[1:3]
+  if not (fps > 0 and math.isfinite(fps)):
+    raise ValueError(f"{path}: fps must be a positive number, got {fps}")
+  if not 0 <= int(crf) <= 51:
+    raise ValueError(f"{path}: crf must be in [0, 51], got {crf}")
+
+  tmp = _atomic_target(path)
+  try:
+    with av.open(tmp, mode="w") as container:
+      # PyAV wants an int or Fraction rate; 29.97-style floats become 2997/100.
+      stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+      stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+      stream.options = {"crf": str(int(crf))}
+      for frame in frames:
+        # The encoder converts rgb24 -> yuv420p (BT.601, limited range) itself.
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        container.mux(stream.encode(vf))
+      container.mux(stream.encode(None))  # flush the frames x264 still holds for lookahead
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return h, w
+
+
+def _palette_frames(frames: np.ndarray):
+  """Converts a (T, H, W, 3) uint8 clip to Pillow "P" images sharing ONE palette.
+
+  A shared palette keeps colours stable across frames (per-frame quantisation flickers).
+  A clip with <= 256 distinct colours is mapped exactly; otherwise the palette is
+  Pillow's median cut over all frames and pixels map to the nearest entry (no dithering,
+  which would shimmer frame to frame).
+  """
+  from PIL import Image
+
+  t, h, w, _ = frames.shape
+  packed = (frames[..., 0].astype(np.int32) << 16) | (frames[..., 1].astype(np.int32) << 8) \
+      | frames[..., 2].astype(np.int32)
+  colours, inverse = np.unique(packed.reshape(-1), return_inverse=True)
+  if colours.size <= 256:
+    palette = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255], -1)
+    idx = inverse.reshape(t, h, w).astype(np.uint8)
+    flat_palette = palette.astype(np.uint8).reshape(-1).tolist()
+    images = []
+    for i in range(t):
+      im = Image.fromarray(idx[i], mode="P")
+      im.putpalette(flat_palette)
+      images.append(im)
+    return images
+  # Build the palette from at most ~2^18 pixels (a strided subsample of all frames) so a
+  # large logging grid stays fast; a few k-means refinements cut the error of plain median
+  # cut by ~10% on smooth colour fields.
+  pixels = frames.reshape(-1, 3)
+  pixels = pixels[::max(1, pixels.shape[0] >> 18)]
+  sample = Image.fromarray(pixels[None], mode="RGB")
+  pal_img = sample.quantize(256, method=Image.Quantize.MEDIANCUT, kmeans=2,
+                            dither=Image.Dither.NONE)
+  return [Image.fromarray(f, mode="RGB").quantize(palette=pal_img, dither=Image.Dither.NONE)
+          for f in frames]
+
+
+def write_gif(path: str, frames, fps: float = 8) -> None:
+  """Writes a (T, H, W, 3) uint8 RGB clip as an endlessly looping GIF.
+
+  GIF holds at most 256 colours (see `_palette_frames`) and frame delays in 1/100 s, so
+  fps is rounded to the nearest representable delay. Pillow merges consecutive
+  IDENTICAL frames into one longer frame (the playback is the same), so a reader may
+  see fewer frames than were written for a clip with repeated frames.
+  """
+  frames = _check_frames(frames, path)
+  if not (fps > 0 and math.isfinite(fps)):
+    raise ValueError(f"{path}: fps must be a positive number, got {fps}")
+  images = _palette_frames(frames)
+  duration_ms = max(10, int(round(100.0 / fps)) * 10)
+  tmp = _atomic_target(path)
+  try:
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                   duration=duration_ms, loop=0, optimize=False, disposal=1)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
+  """Decodes the first video stream of any FFmpeg-readable file (mp4, webm, gif, ...).
+
+  Returns (T, H, W, 3) uint8 RGB with T <= max_frames when given. Raises
+  FileNotFoundError for a missing path and ValueError naming the file when it cannot be
+  decoded, has no video stream, or yields no frames.
+  """
+  import av
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such video file")
+  if max_frames is not None and max_frames < 1:
+    raise ValueError(f"{path}: max_frames must be >= 1 or None, got {max_frames}")
+  out = []
+  try:
+    with av.open(path, mode="r") as container:
+      if not container.streams.video:
+        raise ValueError(f"{path}: file has no video stream")
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"  # frame + slice threads; decoding order is unaffected
+      for frame in container.decode(stream):
+        out.append(frame.to_ndarray(format="rgb24"))
+        if max_frames is not None and len(out) >= max_frames:
+          break
+  except av.error.FFmpegError as e:
+    raise ValueError(f"{path}: not a readable video file ({type(e).__name__}: {e})") from e
+  if not out:
+    raise ValueError(f"{path}: video stream contains no decodable frames")
+  return np.stack(out)
+
+
+def video_grid(videos, cols: int, pad: int = 0, pad_value: int = 0) -> np.ndarray:
+  """Tiles clips into one clip for logging: (B, T, H, W, C) -> (T, H', W', C).
+
+  Row-major: clip b lands in row b // cols, column b % cols, with rows = ceil(B / cols),
+  H' = rows * H + (rows - 1) * pad and W' = cols * W + (cols - 1) * pad. Missing cells of
+  the last row and the `pad`-pixel gutters are filled with `pad_value`. Dtype preserved.
+  """
+  videos = np.asarray(videos)
+  if videos.ndim != 5:
+    raise ValueError(f"video_grid: expected (B, T, H, W, C), got shape {videos.shape}")
+  if cols < 1 or pad < 0:
+    raise ValueError(f"video_grid: need cols >= 1 and pad >= 0, got cols={cols}, pad={pad}")
+  b, t, h, w, c = videos.shape
+  cols = min(cols, b)
+  rows = -(-b // cols)
+  # Give every cell a `pad` gutter below and right, lay out with one reshape, then cut
+  # the gutter off the last row / column.
+  cells = np.full((rows * cols, t, h + pad, w + pad, c), pad_value, videos.dtype)
+  cells[:b, :, :h, :w] = videos
+  grid = cells.reshape(rows, cols, t, h + pad, w + pad, c).transpose(2, 0, 3, 1, 4, 5)
+  grid = grid.reshape(t, rows * (h + pad), cols * (w + pad), c)
+  return np.ascontiguousarray(grid[:, :grid.shape[1] - pad, :grid.shape[2] - pad])
