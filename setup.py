@@ -48,6 +48,8 @@ setup(
             "videoldm-convert=videoldm_jax.cli.convert:run",
             "videoldm-sample-image=videoldm_jax.cli.sample_image:run",
             "videoldm-init-random=videoldm_jax.cli.init_random:run",
+            "videoldm-train=videoldm_jax.cli.train:run",
+            "videoldm-sample=videoldm_jax.cli.sample:run",
         ]
     },
 )

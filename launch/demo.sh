@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The main job on built-in defaults. Creates .venv when missing, installs the package,
-# then (for now) makes a tiny randomly initialised text-to-image LDM and samples an
-# image from it through the real path: tokenizer -> CLIP -> UNet with classifier-free
-# guidance -> DPM-Solver++(2M) -> VAE decoder -> PNG.
+# then, at toy scale on the CPU:
+#  1. makes a tiny randomly initialised text-to-image LDM and samples an image from it
+#     (tokenizer -> CLIP -> UNet with classifier-free guidance -> DPM-Solver++(2M) ->
+#     VAE decoder -> PNG);
+#  2. trains the key-frame stage of a Video LDM on procedural dash-cam clips (temporal
+#     layers only, image model frozen; resumes if interrupted and re-run);
+#  3. samples videos from the exported model to mp4 + gif.
 #   bash launch/demo.sh                  # writes work/demo/sample.png
 #   WORK=/tmp/demo bash launch/demo.sh   # elsewhere
 set -euo pipefail
@@ -27,4 +31,13 @@ videoldm-sample-image --model="$WORK/tiny_ldm" \
   --prompt="a dash-cam view of a highway at night" --negative_prompt="blurry" \
   --sampler=dpmpp_2m --steps=20 --guidance_scale=5 --seed=0 --height=64 --width=64 \
   --output="$WORK/sample.png"
-echo "[demo.sh] done: $WORK/sample.png" >&2
+echo "[demo.sh] training the key-frame stage (configs/keyframe_tiny.py)" >&2
+videoldm-train --config=configs/keyframe_tiny.py --workdir="$WORK/keyframe_tiny"
+EXPORT=$(ls -d "$WORK"/keyframe_tiny/export/step_* | sort -t_ -k2 -n | tail -1)
+echo "[demo.sh] sampling videos from $EXPORT" >&2
+videoldm-sample --model="$EXPORT" --prompt="a dash-cam view of a road at night" \
+  --num_frames=16 --height=32 --width=32 --num_videos=4 --steps=25 \
+  --output="$WORK/videos/night.mp4"
+echo "[demo.sh] done: $WORK/sample.png, $WORK/videos/night.mp4 (+ .gif)," \
+  "training samples in $WORK/keyframe_tiny/samples, TensorBoard logs in" \
+  "$WORK/keyframe_tiny/tb" >&2

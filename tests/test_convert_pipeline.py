@@ -23,7 +23,7 @@ from videoldm_jax import pretrained
 from videoldm_jax.convert import pipeline_import
 from videoldm_jax.convert.safetensors_io import PickleRefused, load_safetensors
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
-from videoldm_jax.pipelines import text_to_image
+from videoldm_jax.pipelines import sampling as text_to_image
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -27,29 +28,53 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 KNOWN_LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
 
 
-def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def _fill(shape: dict[str, int], n: int, what: str) -> list[int]:
+  """Axis sizes in MESH_AXES order for `n` devices; one size may be -1 (the rest)."""
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"{what} axes {sorted(unknown)} are unknown; use {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one {what} axis may be -1, got {shape}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n % known:
+      raise ValueError(f"{n} devices do not divide into {what} {shape}")
+    sizes[sizes.index(-1)] = n // known
+  if int(np.prod(sizes)) != n:
+    raise ValueError(f"{what} {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                     f"devices, have {n}")
+  return sizes
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn_shape: dict[str, int] | None = None) -> Mesh:
   """Mesh over `devices` with axes `MESH_AXES`; one size may be -1 (fill the rest).
 
+  `shape` is the mesh inside a slice (ICI). With `dcn_shape` (multi-slice, e.g.
+  {"data": 2} for two slices) each mesh axis is ici * dcn long and devices are laid
+  out so that only the DCN part of an axis crosses slices; slices are told apart by
+  `device.slice_index` (TPU multi-slice) or, where devices have none, by process.
   Axes are Auto (GSPMD): jax.make_mesh's Explicit default would turn logical
   constraints into assertions.
   """
   devices = list(jax.devices() if devices is None else devices)
-  unknown = set(shape) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"mesh axes {sorted(unknown)} are unknown; use {MESH_AXES}")
-  sizes = [shape.get(a, 1) for a in MESH_AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {shape}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
-                     f"devices, have {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  dcn_shape = dict(dcn_shape or {})
+  if any(v == -1 for v in dcn_shape.values()):
+    raise ValueError(f"dcn mesh sizes must be explicit (no -1), got {dcn_shape}")
+  slices = int(np.prod(list(dcn_shape.values()))) if dcn_shape else 1
+  if slices == 1:
+    sizes = _fill(shape, len(devices), "mesh")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  dcn = _fill(dcn_shape, slices, "dcn mesh")
+  if len(devices) % slices:
+    raise ValueError(f"{len(devices)} devices do not split into {slices} slices")
+  ici = _fill(shape, len(devices) // slices, "mesh")
+  granule_is_process = not hasattr(devices[0], "slice_index")
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                              process_is_granule=granule_is_process)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def shardings_for(logical_specs: Any, mesh: Mesh, shapes: Any,

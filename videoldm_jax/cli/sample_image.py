@@ -12,7 +12,7 @@ from PIL import Image
 
 from videoldm_jax import pretrained
 from videoldm_jax.models.tokenizer import CLIPTokenizer
-from videoldm_jax.pipelines import text_to_image
+from videoldm_jax.pipelines import sampling as text_to_image
 
 _MODEL = flags.DEFINE_string("model", None, "folder written by videoldm-convert or "
                              "videoldm-init-random")

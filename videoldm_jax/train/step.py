@@ -77,6 +77,15 @@ def init_state(params: dict, stage: Stage, tx: optax.GradientTransformation,
                     ema=ema, skipped=put_global(np.zeros((), np.int32), shardings.skipped))
 
 
+def abstract_train_state(abstract_params: dict, stage: Stage,
+                         tx: optax.GradientTransformation) -> TrainState:
+  """The TrainState of `abstract_params` as ShapeDtypeStructs (nothing allocated)."""
+  train, frozen = split(abstract_params, stage.is_trainable)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  return TrainState(step=scalar, trainable=train, frozen=frozen,
+                    opt_state=jax.eval_shape(tx.init, train), ema=train, skipped=scalar)
+
+
 def abstract_state(state_or_shapes: TrainState, shardings: TrainState) -> TrainState:
   """ShapeDtypeStructs carrying `shardings` (to restore a checkpoint onto them)."""
   return jax.tree_util.tree_map(

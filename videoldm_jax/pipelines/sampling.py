@@ -1,4 +1,8 @@
-"""Text (or label) -> image with a converted image LDM: encode, sample latents, decode."""
+"""Text (or label) -> image or video with a converted LDM: encode, sample latents, decode.
+
+A model with temporal layers (an exported video LDM) samples videos when
+`SampleOptions.num_frames` > 0; the same code path samples images otherwise.
+"""
 
 import dataclasses
 from typing import Optional, Sequence
@@ -27,6 +31,7 @@ class SampleOptions:
   eta: float = 0.0               # DDIM stochasticity
   seed: int = 0
   progress: bool = True
+  num_frames: int = 0            # > 0: a video of this many frames (needs temporal layers)
 
 
 def encode_prompts(model: ImageLDM, tokenizer: CLIPTokenizer, prompts: Sequence[str]
@@ -64,7 +69,10 @@ def sample_latents(model: ImageLDM, tokenizer: Optional[CLIPTokenizer],
   batch = len(prompts)
   schedule, sampling = schedule_from_diffusers_config(model.scheduler)
   labels = None if class_labels is None else jnp.asarray(class_labels, jnp.int32)
-  unet = UNet(unet_cfg)
+  if options.num_frames and model.temporal_config is None:
+    raise ValueError(f"{model.source}: num_frames={options.num_frames} needs a video model "
+                     "(temporal layers); this is an image model")
+  unet = UNet(unet_cfg, model.temporal_config)
   unet_apply = jax.jit(unet.apply)
   params = {"params": model.params["unet"]}
 
@@ -80,7 +88,8 @@ def sample_latents(model: ImageLDM, tokenizer: Optional[CLIPTokenizer],
     denoise = lambda x, t: model_fn(x, t, None)
 
   key = jax.random.key(options.seed)
-  shape = (batch, options.height // vae_cfg.downsample_factor,
+  frames = (options.num_frames,) if options.num_frames else ()
+  shape = (batch, *frames, options.height // vae_cfg.downsample_factor,
            options.width // vae_cfg.downsample_factor, vae_cfg.latent_channels)
   if x_T is None:
     x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
@@ -97,16 +106,20 @@ def sample_latents(model: ImageLDM, tokenizer: Optional[CLIPTokenizer],
 
 
 def decode(model: ImageLDM, latents: jax.Array) -> jax.Array:
-  """Scaled latents (B, h, w, C) -> images in about [-1, 1] (B, h*f, w*f, 3)."""
+  """Scaled latents (B, [T,] h, w, C) -> images or videos in about [-1, 1]
+  (B, [T,] h*f, w*f, 3); video frames are decoded one by one (as a batch)."""
   vae = AutoencoderKL(model.vae_config)
   fn = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode_latents))
-  return fn(model.params["vae"], latents)
+  lead = latents.shape[:-3]
+  out = fn(model.params["vae"], latents.reshape((-1,) + latents.shape[-3:]))
+  return out.reshape(lead + out.shape[1:])
 
 
 def generate(model: ImageLDM, tokenizer: Optional[CLIPTokenizer], prompts: Sequence[str],
              negative_prompt: str = "", options: SampleOptions = SampleOptions(),
              class_labels: Optional[Sequence[int]] = None) -> np.ndarray:
-  """Prompts -> uint8 images (B, height, width, 3); see `sample_latents`."""
+  """Prompts -> uint8 images (B, height, width, 3), or videos (B, T, height, width, 3)
+  when options.num_frames > 0; see `sample_latents`."""
   latents = sample_latents(model, tokenizer, prompts, negative_prompt, options, class_labels)
   return to_uint8(decode(model, latents))
 

@@ -1,0 +1,50 @@
+"""Shared defaults of the key-frame stage (Video LDM Sec. 3.1, eq. 2).
+
+Derived configs (keyframe_tiny.py, keyframe_sd15.py) load this file and override
+fields. Every field is documented here once.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axis rules (see videoldm_jax/models/layers.py for the names).
+# Weights are split over "fsdp" along output channels / model width and over "tensor"
+# along heads and MLP width; batches over ("data", "fsdp").
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("conv_kt", None), ("conv_kh", None), ("conv_kw", None), ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "keyframe"
+  c.seed = 0
+  # "temporal": train phi only (the paper); "full": the whole UNet.
+  c.mode = "temporal"
+  # A converted image LDM folder (videoldm-convert); "" = random_image_model below.
+  c.image_model = ""
+  c.random_image_model = ml_collections.ConfigDict()
+  c.temporal = dict(resblocks=True, attention=True, conv_kernel=(3, 1, 1),
+                    cross_attention=False, mix_init=0.5)
+  c.cond_drop_prob = 0.1          # caption -> empty prompt, for classifier-free guidance
+  c.min_snr_gamma = None          # e.g. 5.0 for min-SNR weighting
+  c.data = dict(kind="procedural", batch_size=8, num_frames=8, height=256, width=256)
+  c.optim = dict(lr=1e-4, warmup_steps=500, total_steps=100_000, final_lr_fraction=0.0,
+                 weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+                 ema_decay=0.9999)
+  c.train = dict(num_steps=100_000, grad_accum=1, log_every=50, ckpt_every=1000, keep=3,
+                 keep_best=0, compute_dtype="float32", remat_policy="none", export=True)
+  # Videos sampled from the EMA weights during training (every N steps and at the end;
+  # 0 = never), written to WORKDIR/samples and TensorBoard.
+  c.sample = dict(every=0, prompts=("a dash-cam view of a road by day",
+                                    "a dash-cam view of a road at night"),
+                  num_frames=8, steps=25, guidance_scale=5.0)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)   # within a slice (ICI); one size may be -1
+  c.dcn_mesh = dict(data=1, fsdp=1, tensor=1)  # across slices (multi-slice TPU / DCN)
+  c.batch_axes = ("data", "fsdp")
+  c.rules = DEFAULT_RULES
+  return c

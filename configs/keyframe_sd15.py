@@ -1,0 +1,35 @@
+"""Key-frame stage on Stable Diffusion 1.5 (paper Sec. 4.2, text-to-video), TPU pod.
+
+theta: SD 1.5 converted with videoldm-convert; phi: temporal ResBlocks (3,1,1) and
+temporal attention after every spatial layer. 16 frames of 320x512 (40x64 latents),
+bf16 compute with f32 master weights, per-block remat, FSDP over 16 chips x data.
+
+  videoldm-convert --single_file=v1-5-pruned-emaonly.safetensors --preset=sd15 \\
+      --tokenizer=TOKENIZER_DIR --output=/ckpt/sd15
+  videoldm-train --config=configs/keyframe_sd15.py \\
+      --config.image_model=/ckpt/sd15 --workdir=gs://bucket/keyframe_sd15
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = _load("keyframe_base").get_config()
+  c.image_model = "/ckpt/sd15"
+  c.data = dict(kind="procedural", batch_size=64, num_frames=16, height=320, width=512)
+  c.optim.update(lr=1e-4, warmup_steps=1000, total_steps=200_000)
+  c.train.update(num_steps=200_000, compute_dtype="bfloat16", remat_policy="dots",
+                 ckpt_every=2000, keep=3, keep_best=2)
+  c.mesh = dict(data=-1, fsdp=16, tensor=1)
+  return c

@@ -1,0 +1,82 @@
+"""The key-frame trainer as users run it (`videoldm-train` in subprocesses): killed with
+SIGKILL, stopped with SIGTERM, resumed, it ends bitwise where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+STEPS = 12
+FLAGS = [f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=2",
+         "--config.train.log_every=1", "--config.train.export=false",
+         "--config.data.num_frames=4", "--config.data.height=16", "--config.data.width=16",
+         "--config.sample.every=0"]
+
+
+def _start(workdir: Path) -> subprocess.Popen:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen(
+      [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
+       f"--workdir={workdir}", *FLAGS], cwd=Path(__file__).parents[1], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, workdir: Path, step: int, timeout=300):
+  t0 = time.time()
+  while not (workdir / "checkpoints" / str(step)).is_dir():
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() - t0 < timeout, "no checkpoint in time"
+    time.sleep(0.05)
+
+
+def _final_state(workdir: Path) -> dict:
+  return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
+
+
+def _finish(proc) -> str:
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("a")
+  out = _finish(_start(workdir))
+  assert f"step {STEPS}:" in out
+  return _final_state(workdir)
+
+
+def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+  rng = np.random.default_rng(int(time.time()))
+  proc = _start(tmp_path)
+  _wait_for_checkpoint(proc, tmp_path, 2)
+  time.sleep(rng.uniform(0.0, 1.0))  # a random point after the first checkpoint
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # Resume; then a SIGTERM makes it save where it is and exit cleanly.
+  proc = _start(tmp_path)
+  _wait_for_checkpoint(proc, tmp_path, 4)
+  proc.send_signal(signal.SIGTERM)
+  out = _finish(proc)
+  assert "stop requested" in out, out[-2000:]
+  stopped = int(out.split("stop requested (signal): saved step ")[1].split(",")[0])
+  assert 4 <= stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+  # Resume to the end.
+  out = _finish(_start(tmp_path))
+  assert "resumed from" in out
+  resumed = _final_state(tmp_path)
+  ref_leaves = jax.tree_util.tree_leaves_with_path(uninterrupted)
+  got_leaves = jax.tree_util.tree_leaves_with_path(resumed)
+  assert [p for p, _ in ref_leaves] == [p for p, _ in got_leaves]
+  for (path, a), (_, b) in zip(ref_leaves, got_leaves):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
+                                  err_msg=jax.tree_util.keystr(path))

@@ -1,0 +1,64 @@
+r"""videoldm-sample: prompt -> video clips (mp4 + gif) with an exported video LDM.
+
+  videoldm-sample --model=work/keyframe_tiny/export/step_200 \
+      --prompt="a dash-cam view of a road at night" --num_frames=8 --height=32 \
+      --width=32 --num_videos=2 --output=work/samples/night.mp4
+
+Writes OUTPUT (mp4, several clips tiled side by side) and the same clip as .gif.
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from videoldm_jax import pretrained, video_io
+from videoldm_jax.models.tokenizer import CLIPTokenizer
+from videoldm_jax.pipelines import sampling
+
+_MODEL = flags.DEFINE_string("model", None, "exported video model folder "
+                             "(WORKDIR/export/step_N)")
+_PROMPT = flags.DEFINE_string("prompt", "", "text prompt")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "negative prompt")
+_NUM = flags.DEFINE_integer("num_videos", 1, "clips to sample (one batch)")
+_FRAMES = flags.DEFINE_integer("num_frames", 8, "frames per clip (may exceed training)")
+_HEIGHT = flags.DEFINE_integer("height", 64, "frame height in pixels")
+_WIDTH = flags.DEFINE_integer("width", 64, "frame width in pixels")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "sampler")
+_STEPS = flags.DEFINE_integer("steps", 25, "denoising steps")
+_CFG = flags.DEFINE_float("guidance_scale", 5.0, "classifier-free guidance scale")
+_SEED = flags.DEFINE_integer("seed", 0, "random seed")
+_FPS = flags.DEFINE_float("fps", 8, "frames per second of the written files")
+_OUTPUT = flags.DEFINE_string("output", "sample.mp4", "mp4 path (a .gif is written beside)")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
+  if _MODEL.value is None:
+    raise app.UsageError("--model is required")
+  model = pretrained.load(_MODEL.value)
+  tokenizer = None
+  if model.text_config is not None:
+    tokenizer = CLIPTokenizer.from_folder(str(Path(_MODEL.value) / "tokenizer"))
+  options = sampling.SampleOptions(
+      height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
+      sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,
+      num_frames=_FRAMES.value)
+  videos = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
+                             _NEGATIVE.value, options)
+  clip = video_io.video_grid(videos, cols=min(len(videos), 4), pad=2)
+  out = Path(_OUTPUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  video_io.write_mp4(str(out), clip, fps=_FPS.value)
+  video_io.write_gif(str(out.with_suffix(".gif")), clip, fps=_FPS.value)
+  print(f"wrote {out} and {out.with_suffix('.gif')} ({len(videos)} clips of "
+        f"{videos.shape[1]} frames, {videos.shape[2]}x{videos.shape[3]})", file=sys.stderr)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
