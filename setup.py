@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "pillow",
     "av",
     "tensorboardX",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "grain>=0.2.18,<0.3",
+    "array_record>=0.8",
 ]
 
 EXTRAS = {

@@ -10,22 +10,13 @@ bf16 compute with f32 master weights, per-block remat, FSDP over 16 chips x data
       --config.image_model=/ckpt/sd15 --workdir=gs://bucket/keyframe_sd15
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from videoldm_jax.config_files import load_sibling
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _load("keyframe_base").get_config()
+  c = load_sibling(__file__, "keyframe_base").get_config()
   c.image_model = "/ckpt/sd15"
   c.data = dict(kind="procedural", batch_size=64, num_frames=16, height=320, width=512)
   c.optim.update(lr=1e-4, warmup_steps=1000, total_steps=200_000)

@@ -6,23 +6,14 @@ learns procedural dash-cam clips (8 frames, 32x32 pixels -> 8x8 latents).
   videoldm-train --config=configs/keyframe_tiny.py --workdir=work/keyframe_tiny
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from videoldm_jax.config_files import load_sibling
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _load("keyframe_base").get_config()
-  c.random_image_model = _load("image_tiny").get_config()
+  c = load_sibling(__file__, "keyframe_base").get_config()
+  c.random_image_model = load_sibling(__file__, "image_tiny").get_config()
   c.random_image_model.unet.block_out_channels = (32, 64)
   c.random_image_model.vae.block_out_channels = (32, 32, 64)  # f4
   c.data = dict(kind="procedural", batch_size=4, num_frames=8, height=32, width=32)

@@ -23,7 +23,7 @@ from videoldm_jax import pretrained
 from videoldm_jax.convert import pipeline_import
 from videoldm_jax.convert.safetensors_io import PickleRefused, load_safetensors
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
-from videoldm_jax.pipelines import sampling as text_to_image
+from videoldm_jax.pipelines import sampling
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -130,11 +130,11 @@ def test_text_to_image_matches_diffusers_pipeline(sd_pipeline, sampler):
                guidance_scale=4.0, height=16, width=16, output_type="latent",
                latents=torch.from_numpy(x_T).permute(0, 3, 1, 2)).images
     ref_img = pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample
-  options = text_to_image.SampleOptions(height=16, width=16, num_steps=6, sampler=sampler,
+  options = sampling.SampleOptions(height=16, width=16, num_steps=6, sampler=sampler,
                                         guidance_scale=4.0, progress=False)
-  ours = text_to_image.sample_latents(model, tokenizer, prompts, "blurry", options, x_T=x_T)
+  ours = sampling.sample_latents(model, tokenizer, prompts, "blurry", options, x_T=x_T)
   assert max_rel_err(ours, ref.permute(0, 2, 3, 1).numpy()) < 1e-4
-  img = text_to_image.decode(model, ours)
+  img = sampling.decode(model, ours)
   assert max_rel_err(img, ref_img.permute(0, 2, 3, 1).numpy()) < 1e-4
 
 

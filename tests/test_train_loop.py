@@ -1,5 +1,6 @@
-"""The key-frame trainer as users run it (`videoldm-train` in subprocesses): killed with
-SIGKILL, stopped with SIGTERM, resumed, it ends bitwise where an uninterrupted run ends."""
+"""The key-frame trainer as users run it (`videoldm-train` in subprocesses), starting
+from a converted image-model folder: killed with SIGKILL, stopped with SIGTERM,
+resumed, it ends bitwise where an uninterrupted run ends."""
 
 import os
 import signal
@@ -20,13 +21,30 @@ FLAGS = [f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=2",
          "--config.sample.every=0"]
 
 
-def _start(workdir: Path) -> subprocess.Popen:
+ROOT = Path(__file__).parents[1]
+
+
+def _env():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
+  return env
+
+
+@pytest.fixture(scope="module")
+def image_model(tmp_path_factory):
+  """A converted-format image LDM folder (what videoldm-convert writes), random weights."""
+  out = tmp_path_factory.mktemp("image") / "ldm"
+  subprocess.run([sys.executable, "-m", "videoldm_jax.cli.init_random",
+                  "--config=configs/image_tiny.py", f"--output={out}"], cwd=ROOT,
+                 env=_env(), check=True, capture_output=True, timeout=300)
+  return out
+
+
+def _start(workdir: Path, image_model: Path) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
-       f"--workdir={workdir}", *FLAGS], cwd=Path(__file__).parents[1], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       f"--config.image_model={image_model}", f"--workdir={workdir}", *FLAGS], cwd=ROOT,
+      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_checkpoint(proc, workdir: Path, step: int, timeout=300):
@@ -48,22 +66,23 @@ def _finish(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, image_model):
   workdir = tmp_path_factory.mktemp("a")
-  out = _finish(_start(workdir))
+  out = _finish(_start(workdir, image_model))
   assert f"step {STEPS}:" in out
   return _final_state(workdir)
 
 
-def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, image_model,
+                                                             tmp_path):
   rng = np.random.default_rng(int(time.time()))
-  proc = _start(tmp_path)
+  proc = _start(tmp_path, image_model)
   _wait_for_checkpoint(proc, tmp_path, 2)
   time.sleep(rng.uniform(0.0, 1.0))  # a random point after the first checkpoint
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   # Resume; then a SIGTERM makes it save where it is and exit cleanly.
-  proc = _start(tmp_path)
+  proc = _start(tmp_path, image_model)
   _wait_for_checkpoint(proc, tmp_path, 4)
   proc.send_signal(signal.SIGTERM)
   out = _finish(proc)
@@ -71,7 +90,7 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp
   stopped = int(out.split("stop requested (signal): saved step ")[1].split(",")[0])
   assert 4 <= stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
   # Resume to the end.
-  out = _finish(_start(tmp_path))
+  out = _finish(_start(tmp_path, image_model))
   assert "resumed from" in out
   resumed = _final_state(tmp_path)
   ref_leaves = jax.tree_util.tree_leaves_with_path(uninterrupted)

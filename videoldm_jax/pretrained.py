@@ -25,6 +25,7 @@ from videoldm_jax.models import unet as unet_lib
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.models.unet import UNetConfig
 from videoldm_jax.models.vae import VAEConfig
 
@@ -41,7 +42,7 @@ SCHEDULER_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_
 
 
 @dataclasses.dataclass
-class ImageLDM:
+class PretrainedLDM:
   """Configs and param trees of a text- or class-conditional image (or video) LDM."""
   unet_config: UNetConfig
   vae_config: VAEConfig
@@ -54,7 +55,7 @@ class ImageLDM:
   temporal_config: Optional[TemporalConfig] = None
 
 
-def save(out_dir: str | Path, model: ImageLDM, tokenizer_dir: str | Path | None = None
+def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | None = None
          ) -> Path:
   """Writes `model` to `out_dir` (created; an existing non-empty folder is an error)."""
   out_dir = Path(out_dir).absolute()
@@ -104,14 +105,14 @@ def load_index(model_dir: str | Path) -> dict[str, Any]:
   return index
 
 
-def load(model_dir: str | Path) -> ImageLDM:
+def load(model_dir: str | Path) -> PretrainedLDM:
   """Reads a converted model folder (params as host numpy arrays)."""
   model_dir = Path(model_dir).absolute()
   index = load_index(model_dir)
   source = str(model_dir / "model_index.json")
   params = ocp.StandardCheckpointer().restore(model_dir / "params")
   text, temporal = index.get("text_encoder"), index.get("temporal")
-  return ImageLDM(
+  return PretrainedLDM(
       unet_config=UNetConfig.from_dict(index["unet"], source),
       vae_config=VAEConfig.from_dict(index["vae"], source),
       text_config=None if text is None else CLIPTextConfig.from_dict(text, source),
@@ -119,8 +120,17 @@ def load(model_dir: str | Path) -> ImageLDM:
       temporal_config=None if temporal is None else TemporalConfig.from_dict(temporal, source))
 
 
-def random_image_ldm(config) -> ImageLDM:
-  """Builds an `ImageLDM` with random params from a config like configs/image_tiny.py."""
+def load_with_tokenizer(model_dir: str | Path) -> tuple[PretrainedLDM, Optional[CLIPTokenizer]]:
+  """`load` plus the folder's tokenizer (None for models without a text encoder)."""
+  model = load(model_dir)
+  tokenizer = None
+  if model.text_config is not None:
+    tokenizer = CLIPTokenizer.from_folder(str(Path(model_dir) / "tokenizer"))
+  return model, tokenizer
+
+
+def random_image_ldm(config) -> PretrainedLDM:
+  """Builds an `PretrainedLDM` with random params from a config like configs/image_tiny.py."""
   unet_cfg = UNetConfig.from_dict(dict(config.unet), "config.unet").validate()
   vae_cfg = VAEConfig.from_dict(dict(config.vae), "config.vae")
   params = {
@@ -135,5 +145,5 @@ def random_image_ldm(config) -> ImageLDM:
     ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
     params["text_encoder"] = params_lib.init_params(CLIPTextModel(text_cfg), config.seed,
                                                     ids)
-  return ImageLDM(unet_cfg, vae_cfg, text_cfg, dict(config.scheduler), params,
+  return PretrainedLDM(unet_cfg, vae_cfg, text_cfg, dict(config.scheduler), params,
                   source="random init")

@@ -2,7 +2,7 @@
 
 `VideoLDM` is what stages and samplers need to construct the UNet (with its temporal
 layers), the VAE and the text encoder, and to know every parameter's shape and logical
-axes without allocating anything. Parameters live in `pretrained.ImageLDM` (on disk)
+axes without allocating anything. Parameters live in `pretrained.PretrainedLDM` (on disk)
 or in the train state.
 """
 
@@ -35,7 +35,7 @@ class VideoLDM:
   remat_policy: str = "none"
 
   @classmethod
-  def from_pretrained(cls, model: pretrained.ImageLDM, temporal: Optional[TemporalConfig],
+  def from_pretrained(cls, model: pretrained.PretrainedLDM, temporal: Optional[TemporalConfig],
                       compute_dtype: str = "float32", remat_policy: str = "none") -> "VideoLDM":
     if compute_dtype not in DTYPES:
       raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {compute_dtype!r}")

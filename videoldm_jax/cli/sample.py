@@ -13,7 +13,6 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from videoldm_jax import pretrained, video_io
-from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.pipelines import sampling
 
 _MODEL = flags.DEFINE_string("model", None, "exported video model folder "
@@ -37,10 +36,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None:
     raise app.UsageError("--model is required")
-  model = pretrained.load(_MODEL.value)
-  tokenizer = None
-  if model.text_config is not None:
-    tokenizer = CLIPTokenizer.from_folder(str(Path(_MODEL.value) / "tokenizer"))
+  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   options = sampling.SampleOptions(
       height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
       sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,

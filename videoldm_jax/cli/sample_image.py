@@ -11,8 +11,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from videoldm_jax import pretrained
-from videoldm_jax.models.tokenizer import CLIPTokenizer
-from videoldm_jax.pipelines import sampling as text_to_image
+from videoldm_jax.pipelines import sampling
 
 _MODEL = flags.DEFINE_string("model", None, "folder written by videoldm-convert or "
                              "videoldm-init-random")
@@ -40,17 +39,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None:
     raise app.UsageError("--model is required")
-  model = pretrained.load(_MODEL.value)
-  tokenizer = None
-  if model.text_config is not None:
-    tokenizer = CLIPTokenizer.from_folder(str(Path(_MODEL.value) / "tokenizer"))
+  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   default = 64 * model.vae_config.downsample_factor
-  options = text_to_image.SampleOptions(
+  options = sampling.SampleOptions(
       height=_HEIGHT.value or default, width=_WIDTH.value or _HEIGHT.value or default,
       num_steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_CFG.value,
       eta=_ETA.value, seed=_SEED.value)
   labels = None if _LABEL.value is None else [_LABEL.value] * _NUM.value
-  images = text_to_image.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
+  images = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                                   _NEGATIVE.value, options, class_labels=labels)
   out = Path(_OUTPUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Whole-pipeline import: a diffusers folder or an LDM single file -> `ImageLDM`."""
+"""Whole-pipeline import: a diffusers folder or an LDM single file -> `PretrainedLDM`."""
 
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ def text_params_from_torch(config: CLIPTextConfig, sd, source: str) -> dict:
   return clip_keys.clip_params_from_torch(_abstract_text_params(config), sd, source)
 
 
-def from_diffusers(folder: str | Path) -> tuple[pretrained.ImageLDM, Path | None]:
+def from_diffusers(folder: str | Path) -> tuple[pretrained.PretrainedLDM, Path | None]:
   """Reads `unet/`, `vae/`, optional `text_encoder/`, `tokenizer/`, `scheduler/`.
 
   Returns the model and the tokenizer folder to copy (None if the pipeline has none).
@@ -54,13 +54,13 @@ def from_diffusers(folder: str | Path) -> tuple[pretrained.ImageLDM, Path | None
   scheduler_json = folder / "scheduler" / "scheduler_config.json"
   scheduler = (image_models.read_json(scheduler_json) if scheduler_json.is_file()
                else dict(presets.PRESETS["sd15"].scheduler))
-  model = pretrained.ImageLDM(unet_config, vae_config, text_config, scheduler, params,
+  model = pretrained.PretrainedLDM(unet_config, vae_config, text_config, scheduler, params,
                               source=str(folder.absolute()))
   return model, tokenizer
 
 
 def from_single_file(path: str | Path, preset: str, extract_ema: bool = False,
-                     with_text_encoder: bool = True) -> pretrained.ImageLDM:
+                     with_text_encoder: bool = True) -> pretrained.PretrainedLDM:
   """Reads an original LDM single-file checkpoint (.safetensors).
 
   `preset` names a release in `presets.PRESETS` or is a JSON file with the configs.
@@ -85,5 +85,5 @@ def from_single_file(path: str | Path, preset: str, extract_ema: bool = False,
         parts["text_encoder"], num_layers=text_config.num_hidden_layers)
     params["text_encoder"] = text_params_from_torch(text_config, text_sd,
                                                     f"{path} ({ldm_keys.TEXT_PREFIX}*)")
-  return pretrained.ImageLDM(unet_config, base.vae, text_config, dict(base.scheduler),
+  return pretrained.PretrainedLDM(unet_config, base.vae, text_config, dict(base.scheduler),
                              params, source=str(path.absolute()))

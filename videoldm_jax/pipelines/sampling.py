@@ -17,7 +17,7 @@ from videoldm_jax.models.clip_text import CLIPTextModel
 from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.models.unet import UNet
 from videoldm_jax.models.vae import AutoencoderKL
-from videoldm_jax.pretrained import ImageLDM
+from videoldm_jax.pretrained import PretrainedLDM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SampleOptions:
   num_frames: int = 0            # > 0: a video of this many frames (needs temporal layers)
 
 
-def encode_prompts(model: ImageLDM, tokenizer: CLIPTokenizer, prompts: Sequence[str]
+def encode_prompts(model: PretrainedLDM, tokenizer: CLIPTokenizer, prompts: Sequence[str]
                    ) -> jax.Array:
   """Prompts -> CLIP context (B, 77, D) from the model's text encoder."""
   if model.text_config is None:
@@ -45,7 +45,7 @@ def encode_prompts(model: ImageLDM, tokenizer: CLIPTokenizer, prompts: Sequence[
       {"params": model.params["text_encoder"]}, ids)
 
 
-def sample_latents(model: ImageLDM, tokenizer: Optional[CLIPTokenizer],
+def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
                    prompts: Sequence[str], negative_prompt: str = "",
                    options: SampleOptions = SampleOptions(),
                    class_labels: Optional[Sequence[int]] = None,
@@ -105,7 +105,7 @@ def sample_latents(model: ImageLDM, tokenizer: Optional[CLIPTokenizer],
       eta=options.eta, **dataclasses.asdict(sampling))
 
 
-def decode(model: ImageLDM, latents: jax.Array) -> jax.Array:
+def decode(model: PretrainedLDM, latents: jax.Array) -> jax.Array:
   """Scaled latents (B, [T,] h, w, C) -> images or videos in about [-1, 1]
   (B, [T,] h*f, w*f, 3); video frames are decoded one by one (as a batch)."""
   vae = AutoencoderKL(model.vae_config)
@@ -115,7 +115,7 @@ def decode(model: ImageLDM, latents: jax.Array) -> jax.Array:
   return out.reshape(lead + out.shape[1:])
 
 
-def generate(model: ImageLDM, tokenizer: Optional[CLIPTokenizer], prompts: Sequence[str],
+def generate(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer], prompts: Sequence[str],
              negative_prompt: str = "", options: SampleOptions = SampleOptions(),
              class_labels: Optional[Sequence[int]] = None) -> np.ndarray:
   """Prompts -> uint8 images (B, height, width, 3), or videos (B, T, height, width, 3)

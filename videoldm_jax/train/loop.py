@@ -40,7 +40,7 @@ def log(msg: str) -> None:
 
 
 def load_image_model(config, workdir: Path):
-  """(ImageLDM, tokenizer, tokenizer folder) from config.image_model or a random one."""
+  """(PretrainedLDM, tokenizer, tokenizer folder) from config.image_model or a random one."""
   if config.image_model:
     image = pretrained.load(config.image_model)
     tok_dir = Path(config.image_model) / "tokenizer"
@@ -83,7 +83,7 @@ def export(workdir: Path, ldm: VideoLDM, state, tok_dir: Path, step: int) -> Pat
   params = _gathered(state.merged(use_ema=True))
   out = workdir / "export" / f"step_{step}"
   if jax.process_index() == 0 and not out.exists():
-    model = pretrained.ImageLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
+    model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
                                 ldm.scheduler, params, source=str(workdir),
                                 temporal_config=ldm.temporal_config)
     pretrained.save(out, model, tok_dir if ldm.text_config is not None else None)
@@ -95,7 +95,7 @@ def sample_videos(workdir: Path, ldm: VideoLDM, state, tokenizer, config, step: 
                   writer) -> None:
   """EMA samples of config.sample.prompts -> workdir/samples/step_N.{mp4,gif} + TB frames."""
   params = _gathered(state.merged(use_ema=True))
-  model = pretrained.ImageLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
+  model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
                               ldm.scheduler, params, temporal_config=ldm.temporal_config)
   s = config.sample
   options = sampling.SampleOptions(
