@@ -17,8 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from videoldm_jax.sharding import make_mesh
-from videoldm_jax.train.checkpointing import (Checkpointer, PreemptionGuard,
-                                              export_inference, load_inference)
+from videoldm_jax.train.checkpointing import Checkpointer, PreemptionGuard
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # what Orbax 0.12 names a step while writing it
@@ -243,26 +242,3 @@ def test_preemption_guard_sets_flag_and_restores_handler():
         break
     assert guard.signal_received == signal.SIGINT
   assert signal.getsignal(signal.SIGINT) is prev_int
-
-
-def test_export_and_load_inference(tmp_path):
-  mesh = _mesh8()
-  params = _params(mesh, seed=2)
-  config = {"unet": {"ch": 32, "mult": [1, 2]}, "scheduler": "ddim"}
-  out = export_inference(tmp_path / "export", params, config)
-  assert (out / "config.json").is_file() and (out / "params").is_dir()
-  loaded, cfg = load_inference(out)
-  _assert_bitwise(loaded, params)
-  assert cfg == config
-  assert all(x.sharding == SingleDeviceSharding(jax.devices()[0]) for x in jax.tree.leaves(loaded))
-  # Onto a mesh, as a sampler sharding a large model would.
-  abstract = _abstract(params, lambda p, x: x.sharding)
-  loaded, _ = load_inference(out, abstract)
-  _assert_bitwise(loaded, params)
-  assert loaded["enc"]["w"].sharding == params["enc"]["w"].sharding
-  with pytest.raises(FileExistsError, match="params"):
-    export_inference(out, params, config)
-  export_inference(out, jax.tree.map(lambda x: x + 1, params), config, overwrite=True)
-  np.testing.assert_array_equal(load_inference(out)[0]["head"], np.asarray(params["head"]) + 1)
-  with pytest.raises(FileNotFoundError, match="missing"):
-    load_inference(tmp_path / "missing")

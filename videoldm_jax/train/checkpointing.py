@@ -15,9 +15,9 @@ Orbax writes `commit_success.txt` last instead). Orbax lists steps only in final
 a save killed mid-write is invisible; its tmp folder stays until that step is saved
 again (Orbax then deletes it first).
 
-`export_inference` / `load_inference` write and read a parameters-only checkpoint plus
-`config.json` for sampling. `PreemptionGuard` turns SIGTERM (and optionally SIGINT) into
-a flag that the train loop polls before doing a final forced save.
+The inference export (theta + EMA phi for sampling) is a `pretrained` model folder,
+written by `train.loop.export`. `PreemptionGuard` turns SIGTERM (and optionally SIGINT)
+into a flag that the train loop polls before doing a final forced save.
 JSON and Orbax only: nothing here pickles.
 """
 
@@ -35,7 +35,6 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 STATE, DATA, CONFIG = "state", "data", "config"
-PARAMS_DIR, CONFIG_FILE = "params", "config.json"
 
 
 def _key_str(key) -> str:
@@ -276,60 +275,6 @@ class Checkpointer:
 
 
 # -- inference export ---------------------------------------------------------------
-
-def export_inference(directory, params: dict, config: dict, *,
-                     overwrite: bool = False) -> Path:
-  """Writes DIR/params/ (Orbax, parameters only) and DIR/config.json; returns DIR.
-
-  params: pytree of jax.Arrays (e.g. EMA weights), any sharding. config: JSON-able dict
-  (model config etc.) that `load_inference` hands back unchanged.
-  """
-  directory = Path(directory).absolute()
-  _json_checked(config, "config", f"export {directory}")
-  target = directory / PARAMS_DIR
-  if target.exists() and not overwrite:
-    raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-  directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, params, force=overwrite)
-    ckptr.wait_until_finished()
-  # Written via rename so a reader never sees a half-written config.
-  tmp = directory / (CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-  os.replace(tmp, directory / CONFIG_FILE)
-  return directory
-
-
-def load_inference(directory, abstract=None):
-  """-> (params, config) from an `export_inference` folder.
-
-  abstract: tree of jax.ShapeDtypeStruct with shardings to read into; default: the
-  saved shapes and dtypes, every array on the first device.
-  """
-  directory = Path(directory).absolute()
-  target, cfg_path = directory / PARAMS_DIR, directory / CONFIG_FILE
-  if not ocp.step.is_path_finalized(epath.Path(target)) or not cfg_path.is_file():
-    raise FileNotFoundError(f"{directory} is not a complete inference export "
-                            f"(needs {PARAMS_DIR}/ and {CONFIG_FILE})")
-  config = json.loads(cfg_path.read_text())
-  where = f"inference export {target}"
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(target).item_metadata
-    if abstract is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      abstract = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta,
-          is_leaf=lambda x: hasattr(x, "shape"))
-    abstract = _abstractify(abstract, where)
-    _check_matches(meta, abstract, where)
-    try:
-      params = ckptr.restore(target, abstract)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{where}: restore failed: {e}") from e
-  return params, config
-
-
-# -- preemption ---------------------------------------------------------------------
 
 class PreemptionGuard:
   """`with PreemptionGuard() as guard:` ... `if guard.stop_requested: save; break`.
