@@ -53,6 +53,7 @@ setup(
             "videoldm-init-random=videoldm_jax.cli.init_random:run",
             "videoldm-train=videoldm_jax.cli.train:run",
             "videoldm-sample=videoldm_jax.cli.sample:run",
+            "videoldm-cache-latents=videoldm_jax.cli.cache_latents:run",
         ]
     },
 )

@@ -4,7 +4,8 @@ video latents, theta (the image UNet), the VAE and the text encoder frozen.
 A batch is a dict of global arrays:
   video   uint8 (B, T, H, W, 3), encoded here by the frozen VAE (a posterior sample), or
   latents float (B, T, h, w, C), already scaled (a latent cache);
-  tokens  int32 (B, L) CLIP token ids of the captions (text-conditioned models);
+  tokens  int32 (B, L) CLIP token ids of the captions (text-conditioned models), or
+  context float (B, L, D) their text embeddings (a latent cache);
   labels  int32 (B,) class labels (class-conditional UNets);
   image_only bool (B, T), optional: frames that are still images (alpha = 1).
 One diffusion time tau per video, shared by its frames; captions are replaced by the
@@ -69,7 +70,10 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
     b = latents.shape[0]
     context = None
     if text is not None:
-      context = text.apply({"params": params["text_encoder"]}, batch["tokens"])
+      if "context" in batch:  # text embeddings from a latent cache
+        context = batch["context"].astype(ldm.compute_dtype)
+      else:
+        context = text.apply({"params": params["text_encoder"]}, batch["tokens"])
       empty = text.apply({"params": params["text_encoder"]}, jnp.asarray(uncond_tokens)[None])
       drop = jax.random.bernoulli(k_drop, options.cond_drop_prob, (b,))
       context = jnp.where(drop[:, None, None], empty, context)
