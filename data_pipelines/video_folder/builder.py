@@ -1,0 +1,270 @@
+"""TFDS builder `video_folder`: a folder tree of video files -> one array_record dataset.
+
+Each example is
+  video      uint8 (T, H, W, 3) RGB, channels-last, zlib-compressed Tensor; T, H, W vary
+  caption    Text, from the caption file, "" for videos without a row
+  path       Text, the file's path relative to the source folder ('/' separators)
+  num_frames int32 scalar, T
+  fps        float32 scalar, frame rate of the STORED frames (0.0 if unknown)
+
+Odd heights / widths are KEPT as decoded (no crop, no pad): the stored tensor has no
+codec constraint, and cropping is the training pipeline's job anyway.
+
+Bad items never stop a build: each one is skipped, and listed with its reason in
+`skipped.json` next to `dataset_info.json` (plus one summary log line). Only a source
+with no usable video at all fails, with ONE `NoUsableVideoError` listing every reason.
+Works without TensorFlow (see /work/shared/notes/jax_stack.md): read back with
+`builder.as_data_source("train")` or `tfds.data_source("video_folder", split="train",
+data_dir=...)`; read back that way, Text features arrive as `bytes` (numpy decoding).
+"""
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines.video_folder import sources
+
+__all__ = ["VideoFolderConfig", "VideoFolder", "NoUsableVideoError", "build",
+           "SKIPPED_REPORT"]
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_REPORT = "skipped.json"
+_MAX_LISTED = 50  # skip reasons spelled out in one error message; the rest are counted
+
+
+class NoUsableVideoError(ValueError):
+  """The source yielded no example; the message lists every skipped file and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoFolderConfig:
+  """What to build and how. A plain dataclass rather than a `tfds.core.BuilderConfig`:
+  a custom BuilderConfig puts its name into the on-disk path and can't be recreated by
+  name when reading; these options are recorded in the dataset's metadata.json instead.
+
+  Attributes:
+    source_dir: folder walked recursively for .mp4/.webm/.mov/.gif/.avi/.mkv files.
+      Not needed to READ an already built dataset.
+    captions: optional CSV (columns path,caption) or JSONL ({"path","caption"}) file;
+      paths relative to `source_dir` (absolute paths inside it are accepted).
+    max_frames: most frames stored per video (decoding stops there: bounds memory and
+      disk for long videos); None keeps all.
+    frame_stride: keep every n-th frame. Exclusive with `target_fps`.
+    target_fps: choose the stride per video as round(source fps / target_fps), >= 1.
+    resize_short_side: scale frames DOWN so the shorter side is this many pixels
+      (aspect kept, never upscaled); None stores the decoded size.
+    min_frames: videos with fewer stored frames are skipped as too short.
+  """
+  source_dir: str | None = None
+  captions: str | None = None
+  max_frames: int | None = 64
+  frame_stride: int = 1
+  target_fps: float | None = None
+  resize_short_side: int | None = None
+  min_frames: int = 4
+
+  def __post_init__(self):
+    def bad(msg):
+      raise ValueError(f"VideoFolderConfig: {msg}")
+    if self.max_frames is not None and self.max_frames < 1:
+      bad(f"max_frames must be >= 1 or None, got {self.max_frames}")
+    if self.frame_stride < 1:
+      bad(f"frame_stride must be >= 1, got {self.frame_stride}")
+    if self.target_fps is not None and not self.target_fps > 0:
+      bad(f"target_fps must be > 0 or None, got {self.target_fps}")
+    if self.target_fps is not None and self.frame_stride != 1:
+      bad("give frame_stride or target_fps, not both")
+    if self.resize_short_side is not None and self.resize_short_side < 1:
+      bad(f"resize_short_side must be >= 1 or None, got {self.resize_short_side}")
+    if self.min_frames < 1:
+      bad(f"min_frames must be >= 1, got {self.min_frames}")
+    if self.max_frames is not None and self.min_frames > self.max_frames:
+      bad(f"min_frames={self.min_frames} > max_frames={self.max_frames}: every video "
+          "would be skipped")
+
+
+def _format_skip(skip: sources.Skip) -> str:
+  return f"{skip.path}: {skip.reason} ({skip.detail})"
+
+
+def _reason_counts(skips) -> dict[str, int]:
+  return dict(sorted(collections.Counter(s.reason for s in skips).items()))
+
+
+def _no_usable_video(source_dir: str, skips, what: str) -> NoUsableVideoError:
+  """The single error for a source that produced nothing, listing every reason."""
+  lines = [_format_skip(s) for s in skips[:_MAX_LISTED]]
+  if len(skips) > _MAX_LISTED:
+    lines.append(f"... and {len(skips) - _MAX_LISTED} more "
+                 f"(by reason: {_reason_counts(skips)})")
+  listing = "".join(f"\n  {line}" for line in lines)
+  return NoUsableVideoError(f"video_folder: no usable video in {source_dir}: {what}"
+                            + (f"; skipped {len(skips)} item(s):{listing}" if skips else ""))
+
+
+class VideoFolder(tfds.core.GeneratorBasedBuilder):
+  """Builds `video_folder` from a folder of videos; see the module docstring.
+
+  Build:  VideoFolder(data_dir=D, source_dir=S, captions=C, ...).download_and_prepare()
+          (or `build(S, D, C)`, which also refuses to silently reuse an old build).
+  Read:   VideoFolder(data_dir=D).as_data_source("train")
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "video (zlib uint8 T,H,W,3), caption, path, num_frames, fps."}
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10 resolves a packaged builder's code path through `importlib_resources`,
+    # a dependency it only declares for Python < 3.9, so on 3.11 download_and_prepare
+    # dies with ModuleNotFoundError. This file's own path is the same answer.
+    return epath.Path(__file__)
+
+  def __init__(self, *, data_dir=None, config=None, version=None,
+               file_format="array_record", folder_config: VideoFolderConfig | None = None,
+               **options):
+    """`options` are `VideoFolderConfig` fields (or pass a whole `folder_config`).
+    `config` / `version` are TFDS's own arguments, accepted so `tfds.builder` works."""
+    if folder_config is not None and options:
+      raise TypeError(f"VideoFolder: pass folder_config or options {sorted(options)}, "
+                      "not both")
+    folder_config = folder_config or VideoFolderConfig(**options)
+    if folder_config.source_dir:  # absolute, so metadata and messages say where it was
+      folder_config = dataclasses.replace(
+          folder_config, source_dir=os.path.abspath(folder_config.source_dir),
+          captions=folder_config.captions and os.path.abspath(folder_config.captions))
+    self.folder_config = folder_config
+    self.report = None  # filled by a build: what skipped.json holds
+    super().__init__(data_dir=data_dir, config=config, version=version,
+                     file_format=file_format or "array_record")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.folder_config
+    return self.dataset_info_from_configs(
+        description="Videos decoded from a folder tree, with optional captions.",
+        features=tfds.features.FeaturesDict({
+            # zlib: neighbouring frames are similar and small clips compress well;
+            # decoding needs no TensorFlow (plain numpy + zlib).
+            "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
+                                          encoding="zlib"),
+            "caption": tfds.features.Text(),
+            "path": tfds.features.Text(),
+            "num_frames": tfds.features.Scalar(dtype=np.int32),
+            "fps": tfds.features.Scalar(dtype=np.float32),
+        }),
+        # Overwritten from metadata.json when reading a built dataset.
+        metadata=tfds.core.MetadataDict(build_options=dataclasses.asdict(cfg)),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the source is a local folder
+    cfg = self.folder_config
+    if not cfg.source_dir:
+      raise ValueError("VideoFolder: no source_dir given, so there is nothing to build; "
+                       "pass source_dir=... (reading a built dataset needs only data_dir)")
+    videos = sources.find_videos(cfg.source_dir)
+    captions, skips = {}, []
+    if cfg.captions:
+      rows, skips = sources.read_captions(cfg.captions, cfg.source_dir)
+      captions, missing = sources.match_captions(videos, rows, cfg.source_dir, cfg.captions)
+      skips += missing
+    if not videos:
+      raise _no_usable_video(cfg.source_dir, skips, "no file ending in "
+                             f"{'/'.join(sources.VIDEO_EXTENSIONS)} found")
+    return {"train": self._generate_examples(videos, captions, skips)}
+
+  def _generate_examples(self, videos, captions, skips):
+    """Yields (relative path, example); bad files are appended to `skips`."""
+    cfg = self.folder_config
+    kept = 0
+    for rel in videos:
+      try:
+        clip = sources.decode_clip(
+            os.path.join(cfg.source_dir, rel), max_frames=cfg.max_frames,
+            frame_stride=cfg.frame_stride, target_fps=cfg.target_fps,
+            resize_short_side=cfg.resize_short_side, min_frames=cfg.min_frames)
+      except sources.SkipError as e:
+        skips.append(sources.Skip(rel, e.reason, e.detail))
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        # Anything else a hostile file provokes (PyAV / FFmpeg edge cases, memory)
+        # must not sink the other files either; the type is kept for diagnosis.
+        skips.append(sources.Skip(rel, sources.DECODE_ERROR, f"{type(e).__name__}: {e}"))
+        continue
+      kept += 1
+      # The relative path is unique, and a stable key keeps TFDS's shuffle reproducible.
+      yield rel, {"video": clip.frames, "caption": captions.get(rel, ""), "path": rel,
+                  "num_frames": np.int32(len(clip.frames)), "fps": np.float32(clip.fps)}
+    if not kept:
+      # Raised before TFDS finalises anything, so no half-written dataset remains.
+      raise _no_usable_video(cfg.source_dir, skips,
+                             f"none of {len(videos)} candidate file(s) could be used")
+    skips.sort(key=lambda s: (s.path, s.reason))
+    self.report = {
+        "source_dir": cfg.source_dir, "captions": cfg.captions,
+        "num_examples": kept, "num_skipped": len(skips),
+        "skipped_by_reason": _reason_counts(skips),
+        "skipped": [dataclasses.asdict(s) for s in skips],
+    }
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+    if self.report is None:  # e.g. max_examples_per_split=0: nothing was generated
+      return
+    # self.data_dir is still TFDS's temporary folder here; it is renamed into place
+    # with the data files, so the report exists exactly when the dataset does.
+    (epath.Path(self.data_dir) / SKIPPED_REPORT).write_text(
+        json.dumps(self.report, indent=1, ensure_ascii=False))
+    # build_options again: constructing over an old build loaded ITS metadata.
+    self.info.metadata.update(build_options=dataclasses.asdict(self.folder_config),
+                              num_skipped=self.report["num_skipped"],
+                              skipped_by_reason=self.report["skipped_by_reason"])
+
+  def _post_download_and_prepare_hook(self):
+    if self.report is not None:
+      r = self.report
+      level = logging.WARNING if r["num_skipped"] else logging.INFO
+      logger.log(level, "%s", summary_line(r, os.path.join(self.data_dir, SKIPPED_REPORT)))
+
+
+def summary_line(report: dict, report_path: str) -> str:
+  """One line: how many clips were stored and how many items skipped, by reason."""
+  by_reason = ", ".join(f"{k}={v}" for k, v in report["skipped_by_reason"].items())
+  return (f"video_folder: stored {report['num_examples']} video(s) from "
+          f"{report['source_dir']}; skipped {report['num_skipped']}"
+          + (f" ({by_reason}); details in {report_path}" if by_reason else ""))
+
+
+def build(source_dir: str, data_dir: str, captions: str | None = None, *,
+          overwrite: bool = False, **options) -> VideoFolder:
+  """Builds `video_folder` from `source_dir` into `data_dir` and returns the builder
+  (`.as_data_source("train")` reads it; `.report` is what skipped.json holds).
+
+  `options` are the other `VideoFolderConfig` fields (max_frames, frame_stride,
+  target_fps, resize_short_side, min_frames). An existing build in `data_dir` raises
+  FileExistsError unless `overwrite=True`: TFDS would otherwise silently reuse it even
+  though the source folder may have changed.
+  """
+  builder = VideoFolder(data_dir=data_dir, source_dir=source_dir, captions=captions,
+                        **options)
+  if (builder.data_path / "dataset_info.json").exists() and not overwrite:
+    raise FileExistsError(f"{builder.data_path}: a video_folder dataset is already built "
+                          "there; pass overwrite=True (CLI: --overwrite) to rebuild it")
+  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  # Nothing is downloaded, but TFDS's download manager still creates
+  # `<download_dir>/extracted`; keep that clutter out of data_dir.
+  with tempfile.TemporaryDirectory(prefix="video_folder_dl_") as download_dir:
+    builder.download_and_prepare(download_dir=download_dir,
+                                 download_config=tfds.download.DownloadConfig(
+                                     download_mode=mode))
+  return builder

@@ -1,0 +1,287 @@
+"""Finding, captioning and decoding the videos of a source folder (no TFDS in here).
+
+Everything that can go wrong with ONE item (an unreadable file, a too-short clip, a
+caption row for a file that isn't there) becomes a `Skip` record instead of an
+exception, so that one bad file never stops a build. Problems with the whole input (the
+source folder missing, a caption file without the required columns) still raise,
+because no partial result would be correct.
+
+Decoding mirrors `videoldm_jax.video_io.read_video` (first video stream, PyAV,
+`to_ndarray(format="rgb24")`), so without resizing the stored frames are bit-identical
+to what `read_video` returns for the same file.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+__all__ = [
+    "VIDEO_EXTENSIONS", "Skip", "SkipError", "Clip", "find_videos", "read_captions",
+    "match_captions", "decode_clip", "EMPTY_FILE", "UNREADABLE", "NO_VIDEO_STREAM",
+    "DECODE_ERROR", "TRUNCATED", "NO_FRAMES", "TOO_SHORT", "MISSING_FILE", "NOT_A_VIDEO",
+    "DUPLICATE_CAPTION",
+]
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif", ".avi", ".mkv")
+
+# Skip reasons: short stable codes (tests and `skipped.json` consumers match on them);
+# the human-readable cause goes in `Skip.detail`.
+EMPTY_FILE = "empty_file"            # zero bytes
+UNREADABLE = "unreadable"            # FFmpeg cannot open it (not a video, truncated, ...)
+NO_VIDEO_STREAM = "no_video_stream"  # a container with only audio / subtitles
+DECODE_ERROR = "decode_error"        # opened, but decoding failed part-way
+TRUNCATED = "truncated"              # opened, but fewer frames present than declared
+NO_FRAMES = "no_frames"              # opened, but not one frame decoded
+TOO_SHORT = "too_short"              # fewer stored frames than `min_frames`
+MISSING_FILE = "missing_file"        # caption row naming a file that does not exist
+NOT_A_VIDEO = "not_a_video_file"     # caption row naming a file without a video extension
+DUPLICATE_CAPTION = "duplicate_caption"  # a second caption row for the same path
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+  """One item left out of the dataset: `path` relative to the source folder (posix)."""
+  path: str
+  reason: str
+  detail: str
+
+
+class SkipError(Exception):
+  """Raised by `decode_clip` for a file that must be skipped; carries the reason code."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(f"{reason}: {detail}")
+    self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass
+class Clip:
+  """A decoded clip: frames (T, H, W, 3) uint8 RGB; fps of the STORED frames (the
+  source rate divided by the stride), 0.0 when the container states no rate."""
+  frames: np.ndarray
+  fps: float
+
+
+def _rel(path: str, root: str) -> str:
+  """`path` relative to `root` with '/' separators, so keys match across platforms."""
+  return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def find_videos(source_dir: str) -> list[str]:
+  """Relative posix paths of all files with a video extension under `source_dir`,
+  sorted (so builds are deterministic). Extensions match case-insensitively; files
+  with other extensions are not candidates and are not reported."""
+  if not os.path.isdir(source_dir):
+    raise FileNotFoundError(f"{source_dir}: video source folder does not exist")
+  found = []
+  for root, dirs, files in os.walk(source_dir):
+    dirs.sort()
+    for name in files:
+      if name.lower().endswith(VIDEO_EXTENSIONS):
+        found.append(_rel(os.path.join(root, name), source_dir))
+  return sorted(found)
+
+
+def _normalize_row_path(raw: str, source_dir: str) -> str:
+  """A caption row's path as a key comparable with `find_videos` output: relative to
+  the source folder (absolute paths inside it are accepted), normalised, posix."""
+  raw = raw.strip()
+  if os.path.isabs(raw):
+    return _rel(os.path.normpath(raw), source_dir)
+  return os.path.normpath(raw).replace(os.sep, "/")
+
+
+def read_captions(captions_file: str,
+                  source_dir: str) -> tuple[list[tuple[str, str]], list[Skip]]:
+  """Reads (path, caption) rows from a CSV (header with `path` and `caption` columns;
+  others are ignored) or JSONL ({"path": ..., "caption": ...} per line) file.
+
+  Returns the rows in file order plus `Skip`s for duplicate rows (the FIRST row for a
+  path wins). A malformed file raises ValueError naming the file and line, because
+  silently dropping captions would train on wrong text.
+  """
+  if not os.path.isfile(captions_file):
+    raise FileNotFoundError(f"{captions_file}: caption file does not exist")
+  ext = os.path.splitext(captions_file)[1].lower()
+  rows = []  # (line number, raw path, caption)
+  if ext == ".csv":
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would
+    # otherwise become part of the first column name.
+    with open(captions_file, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f)
+      missing = {"path", "caption"} - set(reader.fieldnames or ())
+      if missing:
+        raise ValueError(f"{captions_file}: CSV header must have columns 'path' and "
+                         f"'caption'; missing {sorted(missing)} (header: {reader.fieldnames})")
+      for row in reader:
+        if not (row.get("path") or "").strip():
+          raise ValueError(f"{captions_file}:{reader.line_num}: row has an empty 'path'")
+        rows.append((reader.line_num, row["path"], row.get("caption") or ""))
+  elif ext in (".jsonl", ".json"):
+    with open(captions_file, encoding="utf-8") as f:
+      for line_num, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{captions_file}:{line_num}: not valid JSON ({e})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) \
+            or not obj["path"].strip() or not isinstance(obj.get("caption", ""), str):
+          raise ValueError(f"{captions_file}:{line_num}: expected an object with a "
+                           'non-empty string "path" and a string "caption", got '
+                           f"{line.strip()[:200]}")
+        rows.append((line_num, obj["path"], obj.get("caption", "")))
+  else:
+    raise ValueError(f"{captions_file}: caption file must end in .csv or .jsonl, got '{ext}'")
+
+  out, skips, seen = [], [], {}
+  for line_num, raw, caption in rows:
+    key = _normalize_row_path(raw, source_dir)
+    if key in seen:
+      skips.append(Skip(key, DUPLICATE_CAPTION, f"{os.path.basename(captions_file)} line "
+                        f"{line_num} repeats the path of line {seen[key]}; first row kept"))
+      continue
+    seen[key] = line_num
+    out.append((key, caption))
+  return out, skips
+
+
+def match_captions(videos: list[str], rows: list[tuple[str, str]], source_dir: str,
+                   captions_file: str) -> tuple[dict[str, str], list[Skip]]:
+  """Maps each video to its caption; rows naming no candidate video become `Skip`s."""
+  candidates, captions, skips = set(videos), {}, []
+  for key, caption in rows:
+    if key in candidates:
+      captions[key] = caption
+      continue
+    full = os.path.join(source_dir, key)
+    where = f"listed in {os.path.basename(captions_file)}"
+    if key.startswith("../") or key == "..":
+      skips.append(Skip(key, MISSING_FILE, f"{where} but outside the source folder"))
+    elif not os.path.exists(full):
+      skips.append(Skip(key, MISSING_FILE, f"{where} but no such file"))
+    else:
+      skips.append(Skip(key, NOT_A_VIDEO, f"{where} but not a file with a video extension "
+                        f"{VIDEO_EXTENSIONS}"))
+  return captions, skips
+
+
+def _stream_fps(stream) -> float:
+  """The stream's frame rate as a float, 0.0 if the container states none."""
+  for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+    if rate and float(rate) > 0 and math.isfinite(float(rate)):
+      return float(rate)
+  return 0.0
+
+
+def _target_size(h: int, w: int, resize_short_side: int | None) -> tuple[int, int]:
+  """(h, w) after scaling the shorter side DOWN to `resize_short_side`; never upscales
+  (upscaling adds storage, not information). Odd results are kept as they are."""
+  if not resize_short_side or min(h, w) <= resize_short_side:
+    return h, w
+  scale = resize_short_side / min(h, w)
+  # The shorter side lands exactly on the target; the other rounds to the nearest pixel.
+  if h <= w:
+    return resize_short_side, max(1, round(w * scale))
+  return max(1, round(h * scale)), resize_short_side
+
+
+def _is_truncated(declared: int, packets: int) -> bool:
+  """Fewer packets than the container's index declares (0 = no declared count)."""
+  return declared > 0 and declared - packets > max(2, declared // 20)
+
+
+def _truncated_detail(declared: int, packets: int) -> str:
+  return (f"container declares {declared} frames but only {packets} could be read: "
+          "file is cut short")
+
+
+def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
+                target_fps: float | None = None, resize_short_side: int | None = None,
+                min_frames: int = 1) -> Clip:
+  """Decodes frames 0, s, 2s, ... (s = stride) of the first video stream of `path`.
+
+  With `target_fps` the stride is round(source fps / target fps), at least 1 (whole
+  frames are dropped, never interpolated or repeated); without a known source rate the
+  stride stays 1. At most `max_frames` frames are kept, decoding stops there. Every
+  problem raises `SkipError` with a reason code and a detail message (the caller
+  knows the file's name and puts it in front).
+  """
+  import av  # local: importing PyAV loads FFmpeg, only needed while building
+
+  if os.path.getsize(path) == 0:
+    raise SkipError(EMPTY_FILE, "file is empty (0 bytes)")
+  try:
+    container = av.open(path, mode="r")
+  except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+    raise SkipError(UNREADABLE, "FFmpeg cannot open it as a video "
+                    f"({type(e).__name__}: {e})") from e
+  frames = []
+  with container:
+    if not container.streams.video:
+      raise SkipError(NO_VIDEO_STREAM, "container has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # same as read_video; frame order is unaffected
+    src_fps = _stream_fps(stream)
+    stride = frame_stride
+    if target_fps and src_fps:
+      stride = max(1, round(src_fps / target_fps))
+    size = None  # (h, w) of the stored frames, fixed by the first frame
+    packets, frame_index, reached_end = 0, 0, True
+    try:
+      # demux + decode is what container.decode(stream) does; spelled out to count
+      # the packets actually read, for the truncation check below.
+      demuxed = container.demux(stream)
+      for packet in demuxed:
+        packets += packet.size > 0  # the final empty packet only flushes the decoder
+        for frame in packet.decode():
+          keep = frame_index % stride == 0
+          frame_index += 1
+          if not keep:
+            continue
+          if size is None:
+            size = _target_size(frame.height, frame.width, resize_short_side)
+          if (frame.height, frame.width) == size:
+            rgb = frame.to_ndarray(format="rgb24")  # exactly what read_video does
+          else:
+            # Resizing, or a stream that changes resolution mid-way (legal in some
+            # containers): scale to the first frame's size so frames stack. AREA
+            # averages source pixels, which avoids aliasing when shrinking.
+            rgb = frame.reformat(width=size[1], height=size[0], format="rgb24",
+                                 interpolation="AREA").to_ndarray()
+          frames.append(rgb)
+          if max_frames is not None and len(frames) >= max_frames:
+            break
+        if max_frames is not None and len(frames) >= max_frames:
+          reached_end = False
+          break
+    except av.error.FFmpegError as e:
+      # Whether a cut-off file errors here or just ends early (check below) depends on
+      # decoder threading; count the remaining packets so both read as "truncated".
+      try:
+        packets += sum(p.size > 0 for p in demuxed)
+      except av.error.FFmpegError:
+        pass
+      if _is_truncated(stream.frames, packets):
+        raise SkipError(TRUNCATED, _truncated_detail(stream.frames, packets)) from e
+      raise SkipError(DECODE_ERROR, f"decoding failed after {len(frames)} kept "
+                      f"frame(s) ({type(e).__name__}: {e})") from e
+    # A cut-off file whose index sits at the front (mp4 "faststart", as served on the
+    # web) opens fine and, with threaded decoding, just ends early without an error.
+    # Its index still declares the full frame count, so fewer packets than declared
+    # means the tail is missing (and the last decoded frame may be garbage). A small
+    # margin: edit lists can legitimately hide a few declared samples. Stopping at
+    # max_frames before the damage keeps the clip: those frames are intact.
+    if reached_end and _is_truncated(stream.frames, packets):
+      raise SkipError(TRUNCATED, _truncated_detail(stream.frames, packets))
+  if not frames:
+    raise SkipError(NO_FRAMES, f"video stream has no decodable frames")
+  if len(frames) < min_frames:
+    raise SkipError(TOO_SHORT, f"{len(frames)} frame(s) after stride {stride}, "
+                    f"fewer than min_frames={min_frames}")
+  return Clip(np.stack(frames), src_fps / stride if src_fps else 0.0)

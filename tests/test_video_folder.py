@@ -1,0 +1,260 @@
+"""The `video_folder` TFDS builder: a folder mixing good and broken videos still builds,
+every bad item is skipped with the right reason, good clips round-trip exactly."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+av = pytest.importorskip("av")
+
+from data_pipelines import video_folder as vf  # noqa: E402
+from data_pipelines.video_folder import __main__ as cli  # noqa: E402
+from data_pipelines.video_folder import sources  # noqa: E402
+from videoldm_jax import video_io  # noqa: E402
+
+
+def _clip(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+  """A smooth moving gradient with a bright square: codecs keep it close to the input
+  (random noise would not), and it uses < 256 colours, so GIF stores it exactly."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  frames = []
+  for i in range(t):
+    f = np.zeros((h, w, 3), np.uint8)
+    f[..., 0] = (xx * 160 // max(w - 1, 1) + 20 * i + seed * 30) % 200
+    f[..., 1] = yy * 160 // max(h - 1, 1)
+    f[..., 2] = 90
+    f[2:10, 2 + 2 * i:10 + 2 * i] = 240
+    frames.append(f)
+  return np.stack(frames) // 16 * 16  # coarse levels: few colours for GIF
+
+
+def _write_pyav(path: str, frames: np.ndarray, codec: str, pix_fmt: str, fps: int = 8,
+                options=None):
+  """Writes a clip with any PyAV encoder (for the containers video_io does not write)."""
+  with av.open(path, mode="w", options=options or {}) as c:
+    s = c.add_stream(codec, rate=fps)
+    s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+    s.bit_rate = 4_000_000  # mpeg4's default (~200 kb/s) blurs even these tiny clips
+    for f in frames:
+      c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+    c.mux(s.encode(None))
+
+
+# Good files: relative path -> the frames written. One per supported extension.
+GOOD = {
+    "a.mp4": _clip(12, 24, 32, 0),
+    "c.gif": _clip(8, 24, 32, 1),
+    "sub/b.webm": _clip(10, 24, 32, 2),
+    "sub/e.mov": _clip(8, 24, 32, 3),
+    "sub/f.avi": _clip(8, 24, 32, 4),
+    # Odd resolution (ffv1 has no even-size rule): stored as-is, no crop or pad.
+    "sub/deeper/odd.mkv": _clip(9, 25, 33, 5),
+}
+CAPTIONS = {"a.mp4": "a car turns left", "sub/b.webm": 'rain, then "sun"',
+            "sub/deeper/odd.mkv": "odd sized"}
+EXPECTED_SKIPS = {
+    "empty.mp4": sources.EMPTY_FILE,        # zero bytes
+    "trunc.mp4": sources.UNREADABLE,        # first half of an mp4: no moov atom
+    "trunc_fast.mp4": sources.TRUNCATED,    # moov first ("faststart"), tail cut off
+    "audio.mkv": sources.NO_VIDEO_STREAM,   # audio only
+    "notes.mp4": sources.UNREADABLE,        # a text file named .mp4
+    "short.mp4": sources.TOO_SHORT,         # 2 frames < min_frames=4
+    "gone.mp4": sources.MISSING_FILE,       # caption row, file does not exist
+}
+
+
+def _write_good(src: str):
+  for rel, frames in GOOD.items():
+    path = os.path.join(src, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ext = os.path.splitext(rel)[1]
+    if ext == ".mp4":
+      video_io.write_mp4(path, frames)
+    elif ext == ".gif":
+      video_io.write_gif(path, frames)
+    elif ext == ".webm":
+      _write_pyav(path, frames, "libvpx-vp9", "yuv420p")
+    elif ext == ".mov":
+      _write_pyav(path, frames, "libx264", "yuv420p")
+    elif ext == ".avi":
+      _write_pyav(path, frames, "mpeg4", "yuv420p")
+    else:
+      _write_pyav(path, frames, "ffv1", "yuv444p")
+
+
+def _write_bad(src: str):
+  open(os.path.join(src, "empty.mp4"), "wb").close()
+  data = open(os.path.join(src, "a.mp4"), "rb").read()
+  with open(os.path.join(src, "trunc.mp4"), "wb") as f:
+    f.write(data[:len(data) // 2])
+  fast = os.path.join(src, "fast.tmp.mp4")
+  _write_pyav(fast, _clip(12, 24, 32), "libx264", "yuv420p",
+              options={"movflags": "faststart"})
+  data = open(fast, "rb").read()
+  os.remove(fast)
+  with open(os.path.join(src, "trunc_fast.mp4"), "wb") as f:
+    f.write(data[:len(data) // 2])
+  with av.open(os.path.join(src, "audio.mkv"), mode="w") as c:
+    s = c.add_stream("pcm_s16le", rate=8000)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16",
+                                       layout="mono")
+    frame.sample_rate = 8000
+    for packet in [*s.encode(frame), *s.encode(None)]:
+      c.mux(packet)
+  with open(os.path.join(src, "notes.mp4"), "w") as f:
+    f.write("these are my notes, not a video\n")
+  video_io.write_mp4(os.path.join(src, "short.mp4"), _clip(2, 24, 32))
+  with open(os.path.join(src, "readme.txt"), "w") as f:  # not a candidate: ignored
+    f.write("hello\n")
+
+
+class _ListHandler(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+  """Builds the mixed good/bad folder once; returns (builder, source dir, log lines)."""
+  root = tmp_path_factory.mktemp("mixed")
+  src, data = str(root / "src"), str(root / "data")
+  os.makedirs(src)
+  _write_good(src)
+  _write_bad(src)
+  captions = os.path.join(str(root), "captions.csv")
+  with open(captions, "w", newline="") as f:
+    f.write("path,caption\n")
+    for rel, text in CAPTIONS.items():
+      f.write(f'{rel},"{text.replace(chr(34), chr(34) * 2)}"\n')
+    f.write("gone.mp4,a file that is not there\nshort.mp4,too short to keep\n")
+  handler = _ListHandler()
+  log = logging.getLogger("data_pipelines.video_folder")
+  log.addHandler(handler)
+  try:
+    builder = vf.build(src, data, captions, min_frames=4, max_frames=None)
+  finally:
+    log.removeHandler(handler)
+  return builder, src, handler.messages
+
+
+def test_mixed_folder_skips_bad_items_with_reasons(mixed):
+  builder, _, messages = mixed
+  report = json.loads(open(os.path.join(builder.data_dir, vf.SKIPPED_REPORT)).read())
+  assert {s["path"]: s["reason"] for s in report["skipped"]} == EXPECTED_SKIPS
+  assert report["num_skipped"] == len(EXPECTED_SKIPS)
+  assert report["num_examples"] == len(GOOD)
+  assert report["skipped_by_reason"] == {
+      "empty_file": 1, "missing_file": 1, "no_video_stream": 1, "too_short": 1,
+      "truncated": 1, "unreadable": 2}
+  assert builder.report == report
+  summary = [m for m in messages if "skipped 7" in m]
+  assert len(summary) == 1 and "unreadable=2" in summary[0], messages
+  assert builder.info.metadata["num_skipped"] == 7
+
+
+def test_good_clips_present_exact_and_captioned(mixed):
+  builder, src, _ = mixed
+  ds = builder.as_data_source("train")
+  assert len(ds) == len(GOOD)
+  examples = {ds[i]["path"].decode(): ds[i] for i in range(len(ds))}
+  assert set(examples) == set(GOOD)
+  for rel, written in GOOD.items():
+    ex = examples[rel]
+    video = ex["video"]
+    assert video.dtype == np.uint8 and video.shape == written.shape, (rel, video.shape)
+    # Same decoder as read_video: bit-identical to it ...
+    np.testing.assert_array_equal(video, video_io.read_video(os.path.join(src, rel)))
+    # ... and within the codecs' lossy bound of what was written.
+    err = np.abs(video.astype(np.int16) - written).mean()
+    assert err < 6, (rel, err)
+    assert ex["num_frames"] == written.shape[0]
+    assert ex["caption"].decode() == CAPTIONS.get(rel, "")
+    assert ex["fps"] == pytest.approx(8.0, rel=0.05)  # gif: 12 cs delay = 8.33 fps
+
+
+def test_tfds_data_source_by_name(mixed):
+  builder, _, _ = mixed
+  ds = tfds.data_source("video_folder", split="train", data_dir=builder.data_dir_root)
+  assert len(ds) == len(GOOD)
+  assert ds[0]["video"].ndim == 4 and ds[0]["video"].shape[-1] == 3
+
+
+def test_all_bad_source_raises_one_clear_error(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  video_io.write_mp4(str(src / "a.mp4"), _clip(12, 24, 32))  # only to truncate it
+  _write_bad(str(src))
+  os.remove(src / "a.mp4")
+  caps = tmp_path / "caps.jsonl"
+  caps.write_text(json.dumps({"path": "gone.mp4", "caption": "x"}) + "\n")
+  with pytest.raises(vf.NoUsableVideoError) as exc:
+    vf.build(str(src), str(tmp_path / "data"), str(caps))
+  msg = str(exc.value)
+  assert "no usable video" in msg and str(src) in msg
+  for name, reason in EXPECTED_SKIPS.items():
+    assert f"{name}: {reason}" in msg, msg
+  assert "readme.txt" not in msg
+  # Nothing half-built is left behind.
+  assert not (tmp_path / "data" / "video_folder" / "1.0.0").exists()
+
+  empty = tmp_path / "empty_src"
+  empty.mkdir()
+  with pytest.raises(vf.NoUsableVideoError, match="no file ending in"):
+    vf.build(str(empty), str(tmp_path / "data2"))
+
+
+def test_cli_stride_resize_and_overwrite(tmp_path, capsys):
+  src = tmp_path / "src"
+  src.mkdir()
+  frames = _clip(12, 24, 32)
+  video_io.write_mp4(str(src / "clip.mp4"), frames, fps=8)
+  caps = tmp_path / "caps.jsonl"
+  caps.write_text(json.dumps({"path": "./clip.mp4", "caption": "jsonl caption"}) + "\n")
+  argv = [f"--source={src}", f"--data_dir={tmp_path / 'data'}", f"--captions={caps}",
+          "--target_fps=4", "--max_frames=4", "--resize_short_side=12"]
+  assert cli.main(argv) == 0
+  out_dir = capsys.readouterr().out.strip().splitlines()[-1]
+  assert os.path.exists(os.path.join(out_dir, vf.SKIPPED_REPORT))
+  ex = vf.VideoFolder(data_dir=str(tmp_path / "data")).as_data_source("train")[0]
+  # 8 fps / target 4 -> stride 2; first 4 kept frames; shorter side 24 -> 12.
+  assert ex["video"].shape == (4, 12, 16, 3) and ex["num_frames"] == 4
+  assert ex["fps"] == pytest.approx(4.0) and ex["caption"] == b"jsonl caption"
+  full = video_io.read_video(str(src / "clip.mp4"))[::2][:4].astype(np.float32)
+  pooled = full.reshape(4, 12, 2, 16, 2, 3).mean((2, 4))  # 2x2 area average
+  assert np.abs(ex["video"] - pooled).mean() < 4
+
+  assert cli.main(argv) == 1  # refuses to silently reuse / clobber a build
+  assert "already built" in capsys.readouterr().err
+  assert cli.main(argv[:-1] + ["--overwrite"]) == 0  # full size again
+  ex = vf.VideoFolder(data_dir=str(tmp_path / "data")).as_data_source("train")[0]
+  assert ex["video"].shape == (4, 24, 32, 3)
+
+
+def test_caption_file_errors_name_file_and_line(tmp_path):
+  bad_csv = tmp_path / "c.csv"
+  bad_csv.write_text("file,text\na.mp4,x\n")
+  with pytest.raises(ValueError, match=r"c\.csv: CSV header must have columns"):
+    sources.read_captions(str(bad_csv), str(tmp_path))
+  bad_jsonl = tmp_path / "c.jsonl"
+  bad_jsonl.write_text('{"path": "a.mp4", "caption": "ok"}\n{not json\n')
+  with pytest.raises(ValueError, match=r"c\.jsonl:2: not valid JSON"):
+    sources.read_captions(str(bad_jsonl), str(tmp_path))
+  dup = tmp_path / "d.csv"
+  dup.write_text("path,caption\na.mp4,first\n./a.mp4,second\n")
+  rows, skips = sources.read_captions(str(dup), str(tmp_path))
+  assert rows == [("a.mp4", "first")] and [s.reason for s in skips] == ["duplicate_caption"]
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="not both"):
+    vf.VideoFolderConfig(frame_stride=2, target_fps=4)
+  with pytest.raises(ValueError, match="min_frames=8 > max_frames=4"):
+    vf.VideoFolderConfig(max_frames=4, min_frames=8)
