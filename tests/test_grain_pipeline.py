@@ -1,0 +1,253 @@
+"""The Grain video pipeline: exact frames, determinism, exact resume, per-process shards,
+resize/crop/flip, joint image/video examples, worker processes."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("grain")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from videoldm_jax.data.grain_pipeline import make_video_dataset, resize_and_crop  # noqa: E402
+from videoldm_jax.data.procedural import make_clip  # noqa: E402
+
+N_LIST, L_LIST, H_LIST, W_LIST = 12, 10, 20, 30
+
+
+@pytest.fixture(scope="module")
+def tfds_train(tmp_path_factory):
+  """The tiny procedural_driving train split (64 clips, 16x64x64), built once."""
+  from data_pipelines.procedural_driving import build
+  return build("tiny", str(tmp_path_factory.mktemp("tfds"))).as_data_source("train")
+
+
+def _list_source(n=N_LIST, length=L_LIST, height=H_LIST, width=W_LIST):
+  """Examples whose pixels say where they came from: channel 0 = frame number, channel 1
+  = clip number, channel 2 = column (so flips are visible)."""
+  out = []
+  for i in range(n):
+    v = np.zeros((length, height, width, 3), np.uint8)
+    v[..., 0] = np.arange(length)[:, None, None]
+    v[..., 1] = i
+    v[..., 2] = np.arange(width)[None, None, :]
+    out.append({"video": v, "caption": f"clip {i}", "label": i % 3})
+  return out
+
+
+def _take(ds, n):
+  it = iter(ds)
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+KW = dict(num_frames=8, height=64, width=64, process_index=0, process_count=1)
+
+
+def test_tfds_batches_match_make_clip(tfds_train):
+  ds = make_video_dataset(tfds_train, batch_size=4, num_frames=16, height=64, width=64,
+                          seed=0, process_index=0, process_count=1)
+  batch = _take(ds, 1)[0]
+  assert batch["video"].dtype == np.uint8 and batch["video"].shape == (4, 16, 64, 64, 3)
+  for key in ("time_of_day", "crowdedness", "index"):
+    assert batch[key].dtype == np.int32 and batch[key].shape == (4,)
+  assert batch["image_only"].dtype == bool and batch["image_only"].shape == (4, 16)
+  assert not batch["image_only"].any()
+  assert batch["caption"].shape == (4,) and batch["frame_caption"].shape == (4, 16)
+  for b in range(4):
+    # 16 source frames, 16 requested: the clip is taken whole, unresized.
+    video, labels, caption = make_clip(int(batch["index"][b]), 16, 64, 64, 0)
+    np.testing.assert_array_equal(batch["video"][b], video)
+    assert batch["time_of_day"][b] == labels["time_of_day"]
+    assert batch["crowdedness"][b] == labels["crowdedness"]
+    assert batch["caption"][b] == caption and (batch["frame_caption"][b] == caption).all()
+
+
+def test_same_seed_same_batches_different_seed_different_order(tfds_train):
+  kw = dict(KW, batch_size=4, crop="random", hflip=True, image_fraction=0.25)
+  a = _take(make_video_dataset(tfds_train, seed=3, **kw), 3)
+  b = _take(make_video_dataset(tfds_train, seed=3, **kw), 3)
+  for x, y in zip(a, b):
+    _assert_batches_equal(x, y)
+  c = _take(make_video_dataset(tfds_train, seed=4, **kw), 3)
+  order = lambda batches: np.concatenate([x["source_index"] for x in batches])
+  assert not np.array_equal(order(a), order(c))
+
+
+def test_epochs_cover_the_source_and_reshuffle(tfds_train):
+  ds = make_video_dataset(tfds_train, seed=0, batch_size=8, num_epochs=2, **dict(KW, height=16,
+                                                                                 width=16))
+  order = np.concatenate([b["source_index"] for b in ds])
+  assert order.shape == (128,)
+  first, second = order[:64], order[64:]
+  assert sorted(first) == list(range(64)) and sorted(second) == list(range(64))
+  assert not np.array_equal(first, second)
+  unshuffled = make_video_dataset(tfds_train, seed=0, batch_size=8, num_epochs=1,
+                                  shuffle=False, **dict(KW, height=16, width=16))
+  assert np.concatenate([b["source_index"] for b in unshuffled]).tolist() == list(range(64))
+
+
+def test_resume_mid_epoch_continues_exactly(tfds_train):
+  kw = dict(KW, batch_size=4, crop="random", hflip=True, image_fraction=0.3, seed=7,
+            frame_stride=2)
+  it = iter(make_video_dataset(tfds_train, **kw))
+  for _ in range(5):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # the JSON round trip a checkpoint does
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(make_video_dataset(tfds_train, **kw))
+  resumed.set_state(state)
+  for want in expected:
+    _assert_batches_equal(next(resumed), want)
+
+
+def test_two_processes_get_disjoint_shares_of_the_epoch(tfds_train):
+  shares = []
+  for p in range(2):
+    ds = make_video_dataset(tfds_train, seed=1, batch_size=4, num_epochs=1, process_index=p,
+                            process_count=2, num_frames=4, height=16, width=16)
+    batches = list(ds)
+    assert len(batches) == 8  # 64 / 2 processes / 4 per batch
+    shares.append(np.concatenate([b["source_index"] for b in batches]))
+  assert not set(shares[0]) & set(shares[1])
+  assert sorted(np.concatenate(shares)) == list(range(64))
+  # Together the two hosts read exactly what one host with the global batch would.
+  single = np.concatenate([b["source_index"] for b in make_video_dataset(
+      tfds_train, seed=1, batch_size=8, num_epochs=1, process_index=0, process_count=1,
+      num_frames=4, height=16, width=16)])
+  assert sorted(single[:8]) == sorted(np.concatenate([shares[0][:4], shares[1][:4]]))
+
+
+def test_uneven_source_gives_every_process_the_same_count():
+  src = _list_source(n=9)
+  counts = []
+  for p in range(2):
+    ds = make_video_dataset(src, seed=0, batch_size=1, num_epochs=1, process_index=p,
+                            process_count=2, num_frames=2, height=H_LIST, width=W_LIST)
+    counts.append(len(list(ds)))
+  assert counts == [4, 4]
+
+
+def test_default_process_index_comes_from_jax():
+  ds = make_video_dataset(_list_source(), seed=0, batch_size=2, num_frames=2, height=H_LIST,
+                          width=W_LIST)
+  assert _take(ds, 1)[0]["video"].shape == (2, 2, H_LIST, W_LIST, 3)
+
+
+@pytest.mark.parametrize("stride,T", [(1, 4), (3, 3)])
+def test_clip_sampling_takes_strided_consecutive_frames(stride, T):
+  ds = make_video_dataset(_list_source(), seed=0, batch_size=6, num_frames=T,
+                          frame_stride=stride, height=H_LIST, width=W_LIST, process_index=0,
+                          process_count=1)
+  starts = set()
+  for batch in _take(ds, 4):
+    frame_ids = batch["video"][:, :, 0, 0, 0].astype(int)  # (B, T)
+    np.testing.assert_array_equal(np.diff(frame_ids, axis=1), stride)
+    np.testing.assert_array_equal(batch["video"][:, :, 0, 0, 1],
+                                  np.broadcast_to(batch["source_index"][:, None], (6, T)))
+    np.testing.assert_array_equal(batch["label"], batch["source_index"] % 3)
+    starts.update(frame_ids[:, 0].tolist())
+  assert len(starts) > 1  # the start is random, not always 0
+  assert max(starts) <= L_LIST - 1 - (T - 1) * stride
+
+
+@pytest.mark.parametrize("crop", ["center", "random"])
+@pytest.mark.parametrize("height,width", [(16, 16), (12, 24), (40, 40)])
+def test_resize_and_crop_shapes(crop, height, width):
+  ds = make_video_dataset(_list_source(), seed=0, batch_size=3, num_frames=2, crop=crop,
+                          height=height, width=width, process_index=0, process_count=1)
+  batch = _take(ds, 1)[0]
+  assert batch["video"].shape == (3, 2, height, width, 3) and batch["video"].dtype == np.uint8
+
+
+def test_resize_keeps_aspect_and_center_crops():
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (2, 40, 80, 3), dtype=np.uint8)
+  out = resize_and_crop(frames, 20, 20, "center")
+  # 40x80 -> shorter side to 20 -> 20x40 (aspect kept), then the middle 20 columns.
+  ref = np.asarray(Image.fromarray(frames[1]).resize((40, 20), Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(out[1], ref[:, 10:30])
+  # Random crops of one clip share one offset; same-size input is returned untouched.
+  crops = resize_and_crop(frames, 40, 40, "random", np.random.default_rng(1))
+  x0 = int(np.argmax([(frames[0, :, x:x + 40] == crops[0]).all() for x in range(41)]))
+  np.testing.assert_array_equal(crops, frames[:, :, x0:x0 + 40])
+  np.testing.assert_array_equal(resize_and_crop(frames, 40, 80, "center"), frames)
+
+
+def test_hflip_mirrors_some_examples_and_nothing_else():
+  kw = dict(seed=0, batch_size=16, num_frames=3, height=H_LIST, width=W_LIST, process_index=0,
+            process_count=1)
+  plain = _take(make_video_dataset(_list_source(), hflip=False, **kw), 1)[0]
+  flipped = _take(make_video_dataset(_list_source(), hflip=True, **kw), 1)[0]
+  mirrored = [np.array_equal(f, p[:, :, ::-1]) for f, p in zip(flipped["video"], plain["video"])]
+  same = [np.array_equal(f, p) for f, p in zip(flipped["video"], plain["video"])]
+  assert all(m or s for m, s in zip(mirrored, same))
+  assert any(mirrored) and any(same)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_image_only_flags_follow_image_fraction(fraction):
+  ds = make_video_dataset(_list_source(), seed=0, batch_size=8, num_frames=4, height=H_LIST,
+                          width=W_LIST, image_fraction=fraction, process_index=0,
+                          process_count=1)
+  batches = _take(ds, 8)
+  flags = np.concatenate([b["image_only"] for b in batches])  # (64, T)
+  assert (flags == flags[:, :1]).all()  # one flag per example, repeated over its frames
+  share = flags[:, 0].mean()
+  if fraction in (0.0, 1.0):
+    assert share == fraction
+  else:
+    assert 0.3 < share < 0.7
+  for b in batches:
+    for video, image, index, caps in zip(b["video"], b["image_only"][:, 0],
+                                         b["source_index"], b["frame_caption"]):
+      clips = video[:, 0, 0, 1].astype(int)  # which clip each frame came from
+      assert clips[0] == index
+      if image:
+        assert len(set(clips.tolist())) == 4  # frames from 4 different clips
+        assert caps.tolist() == [f"clip {c}" for c in clips]
+      else:
+        assert (clips == index).all()
+
+
+def test_clear_errors():
+  src = _list_source()
+  with pytest.raises(ValueError, match="crop must be one of"):
+    make_video_dataset(src, seed=0, batch_size=1, num_frames=2, height=8, width=8,
+                       crop="middle", process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="process_index < process_count"):
+    make_video_dataset(src, seed=0, batch_size=1, num_frames=2, height=8, width=8,
+                       process_index=2, process_count=2)
+  too_long = make_video_dataset(src, seed=0, batch_size=1, num_frames=L_LIST + 1, height=8,
+                                width=8, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"source example \d+ has 10 frames"):
+    _take(too_long, 1)
+  bad = make_video_dataset([{"frames": np.zeros((4, 8, 8, 3), np.uint8)}], seed=0,
+                           batch_size=1, num_frames=2, height=8, width=8, process_index=0,
+                           process_count=1)
+  with pytest.raises(KeyError, match="source example 0: expected a dict with a 'video'"):
+    _take(bad, 1)
+
+
+def test_worker_processes_cover_the_epoch_and_resume(tfds_train):
+  kw = dict(seed=2, batch_size=4, num_epochs=1, num_frames=4, height=16, width=16,
+            process_index=0, process_count=1, worker_count=2)
+  it = iter(make_video_dataset(tfds_train, **kw))
+  head = [next(it)["source_index"].copy() for _ in range(3)]
+  state = json.loads(json.dumps(it.get_state()))
+  tail = [b["source_index"].copy() for b in it]
+  it.close()
+  assert sorted(np.concatenate(head + tail)) == list(range(64))
+  resumed = iter(make_video_dataset(tfds_train, **kw))
+  resumed.set_state(state)
+  again = [b["source_index"].copy() for b in resumed]
+  resumed.close()
+  assert len(again) == len(tail)
+  for a, b in zip(again, tail):
+    np.testing.assert_array_equal(a, b)

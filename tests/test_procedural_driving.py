@@ -1,0 +1,129 @@
+"""The procedural_driving TFDS builder: builds offline, reads back exactly what make_clip
+renders, and plugs into Grain (without TensorFlow)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from data_pipelines.procedural_driving import BUILDER_CONFIGS, ProceduralDriving, build  # noqa: E402
+from data_pipelines.procedural_driving.__main__ import main as cli_main  # noqa: E402
+from videoldm_jax.data.procedural import make_clip  # noqa: E402
+
+TINY = next(c for c in BUILDER_CONFIGS if c.name == "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(builder, data_dir) of the tiny config, built once for this module (~1 s)."""
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  return build("tiny", data_dir), data_dir
+
+
+def test_tensorflow_is_not_needed():
+  # The whole point of array_record + Tensor features: nothing here may pull in TF.
+  import sys
+  assert "tensorflow" not in sys.modules
+
+
+def test_configs_are_distinct_and_sane():
+  names = [c.name for c in BUILDER_CONFIGS]
+  assert names == ["tiny", "small", "base"]
+  assert (TINY.num_train, TINY.num_frames, TINY.height, TINY.width) == (64, 16, 64, 64)
+  for c in BUILDER_CONFIGS:
+    assert c.num_train > 0 and c.num_validation > 0 and c.fps > 0
+
+
+def test_info_features_and_splits(tiny):
+  builder, _ = tiny
+  info = builder.info
+  assert info.name == "procedural_driving"
+  assert info.splits["train"].num_examples == TINY.num_train
+  assert info.splits["validation"].num_examples == TINY.num_validation
+  f = info.features
+  assert f["video"].shape == (TINY.num_frames, TINY.height, TINY.width, 3)
+  assert f["video"].np_dtype == np.uint8  # `.dtype` would try to import TensorFlow
+  assert f["time_of_day"].names == ["day", "night"]
+  assert f["crowdedness"].num_classes == 4
+  assert info.metadata["fps"] == TINY.fps
+  files = os.listdir(builder.data_dir)
+  assert any("train.array_record" in name for name in files), files
+
+
+@pytest.mark.parametrize("split,start,count", [("train", 0, TINY.num_train),
+                                               ("validation", TINY.num_train,
+                                                TINY.num_validation)])
+def test_read_back_equals_make_clip(tiny, split, start, count):
+  builder, _ = tiny
+  source = builder.as_data_source(split)
+  assert len(source) == count
+  seen = set()
+  for i in range(len(source)):
+    ex = source[i]
+    index = int(ex["index"])
+    seen.add(index)
+    video, labels, caption = make_clip(index, TINY.num_frames, TINY.height, TINY.width,
+                                       TINY.seed)
+    assert ex["video"].dtype == np.uint8
+    np.testing.assert_array_equal(ex["video"], video)
+    assert int(ex["time_of_day"]) == labels["time_of_day"]
+    assert int(ex["crowdedness"]) == labels["crowdedness"]
+    assert ex["caption"].decode("utf-8") == caption
+  # Splits are disjoint ranges of the same seeded stream.
+  assert seen == set(range(start, start + count))
+
+
+def test_labels_are_not_degenerate(tiny):
+  builder, _ = tiny
+  source = builder.as_data_source("train")
+  tod = {int(source[i]["time_of_day"]) for i in range(len(source))}
+  crowd = {int(source[i]["crowdedness"]) for i in range(len(source))}
+  assert tod == {0, 1} and len(crowd) >= 3
+
+
+def test_rebuild_reuses_the_existing_dataset(tiny):
+  builder, data_dir = tiny
+  path = os.path.join(builder.data_dir, "dataset_info.json")
+  before = os.path.getmtime(path)
+  again = build("tiny", data_dir)
+  assert os.path.getmtime(path) == before
+  assert again.info.splits["train"].num_examples == TINY.num_train
+
+
+def test_data_source_by_name(tiny):
+  _, data_dir = tiny
+  # Importing data_pipelines.procedural_driving registered the builder with TFDS.
+  sources = tfds.data_source("procedural_driving/tiny", data_dir=data_dir, download=False)
+  assert len(sources["train"]) == TINY.num_train
+
+
+def test_grain_reads_the_data_source(tiny):
+  import grain
+  builder, _ = tiny
+  ds = grain.MapDataset.source(builder.as_data_source("validation")).seed(0).shuffle()
+  indices = sorted(int(ex["index"]) for ex in ds)
+  assert indices == list(range(TINY.num_train, TINY.num_train + TINY.num_validation))
+
+
+def test_cli_builds(tiny, capsys):
+  _, data_dir = tiny
+  cli_main(["--config=tiny", f"--data_dir={data_dir}"])
+  out = capsys.readouterr().out
+  assert "procedural_driving/tiny" in out and "'train': 64" in out
+  with pytest.raises(SystemExit):
+    cli_main(["--config=huge", f"--data_dir={data_dir}"])
+
+
+def test_unknown_config_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="unknown config 'huge'"):
+    build("huge", str(tmp_path))
+
+
+def test_metadata_json_is_plain(tiny):
+  builder, _ = tiny
+  with open(os.path.join(builder.data_dir, "metadata.json")) as f:
+    assert json.load(f) == {"fps": TINY.fps, "seed": TINY.seed}
+  assert issubclass(ProceduralDriving, tfds.core.GeneratorBasedBuilder)

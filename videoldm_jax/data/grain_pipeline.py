@@ -1,0 +1,244 @@
+"""Grain input pipeline for video diffusion training: clips in, uint8 batches out.
+
+Works over any random-access source of video examples (`len()` and `[i]`): a TFDS
+array_record data source (`builder.as_data_source('train')`) or a plain list of dicts.
+Each example needs 'video' uint8 (L, h, w, 3) with any L, h, w; optional 'caption'
+(str or bytes); every other integer scalar field is treated as a label.
+
+Pipeline, in order (all per-example work is lazy, so a host reads only its share):
+  range(N) -> shuffle (reshuffled every epoch) -> repeat(num_epochs)
+  -> random_map: read the example, pick T frames at `frame_stride` from a random start,
+     resize (keep aspect, cover the target), center/random crop, optional hflip;
+     with probability `image_fraction` build an "image" example instead
+  -> [process_index::process_count] -> per-process batches -> worker processes.
+The random_map sits BEFORE the process slice, so its per-example randomness is keyed on
+the global stream position: the result does not depend on how many hosts read it.
+
+Batch (B = per-process batch size, T = num_frames):
+  'video'          uint8 (B, T, H, W, 3); normalising to [-1, 1] happens on device
+  'caption'        str (B,)   the example's caption ('' if the source has none)
+  'frame_caption'  str (B, T) caption of each frame's clip (differs per frame only in
+                   image examples, whose frames come from different clips)
+  <labels>         int32 (B,), e.g. 'time_of_day', 'crowdedness'
+  'source_index'   int64 (B,)  position of the example in `source`
+  'image_only'     bool (B, T) True for every frame of an image example
+
+Image examples (Video LDM trains on joint image/video batches): frame 0 comes from the
+stream's own example and frames 1..T-1 from other random clips at random times; caption,
+labels and source_index are those of frame 0's clip. The model treats their frames as
+independent images (temporal mixing alpha = 1), so each frame gets its own crop and flip.
+An image example reads T clips (a compressed clip decodes whole), so keep image_fraction
+modest or use more workers when clips are long.
+
+Exact resume: the iterator of the returned dataset has `get_state()` / `set_state()`.
+  it = iter(ds); ...; state = it.get_state()   # a small JSON-serialisable dict
+  # either store json.dumps(state) next to the model checkpoint, or let Orbax do it:
+  #   mngr.save(step, args=ocp.args.Composite(..., data_iter=grain.checkpoint.CheckpointSave(it)))
+  #   mngr.restore(step, args=ocp.args.Composite(..., data_iter=grain.checkpoint.CheckpointRestore(it)))
+  it2 = iter(make_video_dataset(<same arguments>)); it2.set_state(state)  # continues exactly
+The state is only valid for the same source, seed and arguments (including process
+count and worker_count).
+"""
+
+import numpy as np
+from PIL import Image
+
+import grain
+
+_CROPS = ("center", "random")
+
+
+def _to_str(value, where: str) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return _to_str(value.item(), where)
+  if isinstance(value, str):
+    return value
+  raise TypeError(f"{where}: 'caption' must be str or bytes, got {type(value).__name__}")
+
+
+def _is_int_scalar(value) -> bool:
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  if isinstance(value, (int, np.integer)):
+    return True
+  return isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu"
+
+
+def resize_and_crop(frames: np.ndarray, height: int, width: int, crop: str,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+  """Resizes (n, h, w, 3) uint8 frames, keeping the aspect ratio, so that they just cover
+  (height, width), then crops to (n, height, width, 3) uint8.
+
+  The shorter side (relative to the target's aspect) lands on the target, so nothing is
+  padded and nothing is squashed. 'center' crops the middle, 'random' draws one offset
+  from `rng` for all n frames (one clip = one camera).
+  """
+  n, h, w, _ = frames.shape
+  scale = max(height / h, width / w)
+  # max(): rounding must never leave the image a pixel short of the target.
+  new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+  if (new_h, new_w) != (h, w):
+    # PIL's bilinear filter widens its support when shrinking (antialiased), unlike a
+    # plain bilinear lookup that would alias the fine lane markings.
+    frames = np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h),
+                                                            Image.Resampling.BILINEAR))
+                       for f in frames])
+  if crop == "center":
+    y0, x0 = (new_h - height) // 2, (new_w - width) // 2
+  else:
+    y0, x0 = int(rng.integers(new_h - height + 1)), int(rng.integers(new_w - width + 1))
+  return frames[:, y0:y0 + height, x0:x0 + width]
+
+
+class _MakeExample:
+  """Random map: source index -> one training example (see the module docstring).
+
+  A class rather than a closure so worker processes can rebuild it; it holds the source,
+  which for TFDS is a lightweight handle on the array_record files.
+  """
+
+  def __init__(self, source, num_frames, frame_stride, height, width, crop, hflip,
+               image_fraction):
+    self.source, self.num_frames, self.frame_stride = source, num_frames, frame_stride
+    self.height, self.width, self.crop, self.hflip = height, width, crop, hflip
+    self.image_fraction = image_fraction
+
+  def _read(self, i: int):
+    """Returns (video (L, h, w, 3) uint8, caption str, labels dict) of source[i]."""
+    ex = self.source[i]
+    where = f"grain_pipeline: source example {i}"
+    if not isinstance(ex, dict) or "video" not in ex:
+      raise KeyError(f"{where}: expected a dict with a 'video' field, got "
+                     f"{list(ex) if isinstance(ex, dict) else type(ex).__name__}")
+    video = np.asarray(ex["video"])
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+      raise ValueError(f"{where}: 'video' must be uint8 (T, H, W, 3), got {video.dtype} "
+                       f"{video.shape}")
+    caption = _to_str(ex["caption"], where) if "caption" in ex else ""
+    labels = {k: np.int32(v) for k, v in ex.items()
+              if k not in ("video", "caption") and _is_int_scalar(v)}
+    return video, caption, labels
+
+  def _flip(self, frames, rng):
+    return frames[:, :, ::-1] if self.hflip and rng.random() < 0.5 else frames
+
+  def __call__(self, index, rng: np.random.Generator) -> dict:
+    index = int(index)
+    T, stride = self.num_frames, self.frame_stride
+    # Drawn unconditionally, so video examples' crops do not depend on image_fraction.
+    is_image = rng.random() < self.image_fraction
+    video, caption, labels = self._read(index)
+    if not is_image:
+      span = (T - 1) * stride + 1
+      if video.shape[0] < span:
+        raise ValueError(f"grain_pipeline: source example {index} has {video.shape[0]} "
+                         f"frames, fewer than num_frames={T} at frame_stride={stride} "
+                         f"need ({span})")
+      start = int(rng.integers(video.shape[0] - span + 1))
+      frames = video[start:start + span:stride]
+      frames = self._flip(resize_and_crop(frames, self.height, self.width, self.crop, rng),
+                          rng)
+      frame_captions = [caption] * T
+    else:
+      # Other clips for frames 1..T-1: distinct when the source is large enough.
+      n = len(self.source)
+      if n > 1:
+        others = rng.choice(n - 1, size=T - 1, replace=n - 1 < T - 1)
+        others = others + (others >= index)  # skips the example itself
+      else:
+        others = np.full(T - 1, index)
+      frames, frame_captions = [], []
+      for k, i in enumerate([index] + [int(o) for o in others]):
+        v, c = (video, caption) if k == 0 else self._read(i)[:2]
+        f = v[int(rng.integers(v.shape[0]))][None]  # (1, h, w, 3)
+        frames.append(self._flip(resize_and_crop(f, self.height, self.width, self.crop,
+                                                 rng), rng))
+        frame_captions.append(c)
+      frames = np.concatenate(frames)
+    return {
+      "video": np.ascontiguousarray(frames),
+      "caption": caption,
+      "frame_caption": np.array(frame_captions, dtype=str),
+      **labels,
+      "source_index": np.int64(index),
+      "image_only": np.full((T,), is_image, bool),
+    }
+
+
+def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
+                       width: int, seed: int, frame_stride: int = 1, crop: str = "center",
+                       hflip: bool = False, shuffle: bool = True,
+                       num_epochs: int | None = None, process_index: int | None = None,
+                       process_count: int | None = None, worker_count: int = 0,
+                       image_fraction: float = 0.0, drop_remainder: bool = True,
+                       read_threads: int = 4,
+                       worker_buffer_size: int = 2) -> grain.IterDataset:
+  """Builds the training input pipeline; `iter()` it to get batches (module docstring).
+
+  Args:
+    source: random-access examples (`len`, `[i]` -> dict with 'video' uint8 (L, h, w, 3)).
+    batch_size: examples per batch on THIS process.
+    num_frames, frame_stride: T frames, `frame_stride` source frames apart.
+    height, width: output frame size; crop: 'center' or 'random'; hflip: random
+      horizontal flips (p = 0.5).
+    seed: drives shuffling, clip starts, crops, flips and image examples.
+    shuffle: reshuffle every epoch (else source order).
+    num_epochs: None repeats forever. With a finite count, the stream is cut to a
+      multiple of process_count so that all hosts yield the same number of batches.
+    process_index, process_count: this host's share; default jax.process_index() /
+      jax.process_count(). Shares are disjoint and their union is the stream.
+    worker_count: > 0 runs the per-example work in that many worker processes (Grain
+      mp_prefetch); the order is still deterministic but differs from worker_count=0.
+    image_fraction: probability that an example is an image example (image_only=True).
+    drop_remainder: drop a final partial batch (finite epochs only).
+    read_threads: threads that read and decode examples (per worker process).
+    worker_buffer_size: batches each worker process keeps ready.
+  """
+  if crop not in _CROPS:
+    raise ValueError(f"make_video_dataset: crop must be one of {_CROPS}, got {crop!r}")
+  for name, value in (("batch_size", batch_size), ("num_frames", num_frames),
+                      ("height", height), ("width", width), ("frame_stride", frame_stride),
+                      ("read_threads", read_threads)):
+    if int(value) < 1:
+      raise ValueError(f"make_video_dataset: {name} must be >= 1, got {value}")
+  if not 0.0 <= image_fraction <= 1.0:
+    raise ValueError(f"make_video_dataset: image_fraction must be in [0, 1], got "
+                     f"{image_fraction}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"make_video_dataset: num_epochs must be None or >= 1, got {num_epochs}")
+  if process_index is None or process_count is None:
+    import jax  # only when asked to find out; the pipeline itself never touches JAX
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"make_video_dataset: need 0 <= process_index < process_count, got "
+                     f"{process_index} of {process_count}")
+  n = len(source)
+  if n == 0:
+    raise ValueError("make_video_dataset: the source is empty")
+
+  ds = grain.MapDataset.range(n).seed(int(seed))
+  if shuffle:
+    ds = ds.shuffle()  # Grain reseeds per epoch: index // n picks the epoch's permutation
+  ds = ds.repeat(num_epochs)
+  if num_epochs is not None:
+    ds = ds[:len(ds) // process_count * process_count]
+  ds = ds.random_map(_MakeExample(source, int(num_frames), int(frame_stride), int(height),
+                                  int(width), crop, bool(hflip), float(image_fraction)))
+  ds = ds[process_index::process_count]
+  # A bounded read-ahead: the default (hundreds of examples) would hold GBs of clips.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
+                                            prefetch_buffer_size=2 * int(batch_size)))
+  ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+  if worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # Grain reads its absl flags when it starts workers; outside an absl app (pytest, a
+      # notebook, a plain script) nobody parsed them and it raises UnparsedFlagAccessError.
+      # Marking them parsed keeps every flag at its default.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(worker_count), per_worker_buffer_size=int(worker_buffer_size)))
+  return ds
