@@ -18,7 +18,8 @@ from videoldm_jax.config_files import load_sibling
 def get_config() -> ml_collections.ConfigDict:
   c = load_sibling(__file__, "keyframe_base").get_config()
   c.image_model = "/ckpt/sd15"
-  c.data = dict(kind="procedural", batch_size=64, num_frames=16, height=320, width=512)
+  # Real training reads video_folder / WebVid or a latent cache; see configs/keyframe_base.py.
+  c.data.update(batch_size=64, num_frames=16, height=320, width=512, worker_count=8)
   c.optim.update(lr=1e-4, warmup_steps=1000, total_steps=200_000)
   c.train.update(num_steps=200_000, compute_dtype="bfloat16", remat_policy="dots",
                  ckpt_every=2000, keep=3, keep_best=2)

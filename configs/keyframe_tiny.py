@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.random_image_model = load_sibling(__file__, "image_tiny").get_config()
   c.random_image_model.unet.block_out_channels = (32, 64)
   c.random_image_model.vae.block_out_channels = (32, 32, 64)  # f4
-  c.data = dict(kind="procedural", batch_size=4, num_frames=8, height=32, width=32)
+  c.data.update(tfds_config="tiny", batch_size=4, num_frames=8, height=32, width=32)
   c.optim.update(lr=3e-4, warmup_steps=20, total_steps=200, ema_decay=0.99)
   c.train.update(num_steps=200, log_every=10, ckpt_every=50)
   c.sample.update(every=100, steps=20)

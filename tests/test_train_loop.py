@@ -99,3 +99,19 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
   for (path, a), (_, b) in zip(ref_leaves, got_leaves):
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_trains_from_a_latent_cache_of_the_same_vae(image_model, tmp_path):
+  subprocess.run([sys.executable, "-m", "videoldm_jax.cli.cache_latents",
+                  f"--model={image_model}", "--procedural_clips=8", "--num_frames=4",
+                  "--height=16", "--width=16", "--batch_size=4", "--num_shards=2",
+                  f"--output={tmp_path / 'cache'}"], cwd=ROOT, env=_env(), check=True,
+                 capture_output=True, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
+       f"--config.image_model={image_model}", f"--workdir={tmp_path / 'run'}", *FLAGS,
+       "--config.train.num_steps=3", "--config.data.kind=latent_cache",
+       f"--config.data.cache_dir={tmp_path / 'cache'}"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 3: loss" in proc.stderr

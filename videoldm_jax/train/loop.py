@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from videoldm_jax import pretrained, sharding, video_io
-from videoldm_jax.data.procedural import ClipIterator
+from videoldm_jax.data import inputs
 from videoldm_jax.models import partition
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
@@ -57,10 +57,12 @@ def load_image_model(config, workdir: Path):
 
 
 def make_batch(host: dict, tokenizer, max_length: int) -> dict:
-  """Procedural-clip batch -> the key-frame stage's batch (host NumPy)."""
-  batch = {"video": host["video"]}
-  if tokenizer is not None:
-    batch["tokens"] = tokenizer(list(host["caption"]), max_length=max_length)
+  """Input-pipeline batch -> the key-frame stage's batch (host NumPy): pixels or cached
+  latents, caption tokens or cached text embeddings, the image-only flags."""
+  batch = {k: host[k] for k in ("video", "latents", "context", "image_only") if k in host}
+  if tokenizer is not None and "context" not in host:
+    batch["tokens"] = tokenizer([c.decode() if isinstance(c, bytes) else str(c)
+                                 for c in host["caption"]], max_length=max_length)
   return batch
 
 
@@ -139,12 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       keep_best=config.train.keep_best,
                       save_interval_steps=config.train.ckpt_every)
   pc, pi = jax.process_count(), jax.process_index()
-  if config.data.batch_size % pc:
-    raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the "
-                     f"{pc} processes")
-  data = ClipIterator(config.data.batch_size // pc, config.data.num_frames,
-                      config.data.height, config.data.width, seed=config.seed,
-                      process_index=pi, process_count=pc)
+  data = inputs.make_iterator(config, workdir, ldm.vae_config.to_dict(), image.params["vae"])
 
   if ckpt.latest_step() is not None:
     target = step_lib.abstract_state(

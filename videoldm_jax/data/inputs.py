@@ -1,0 +1,78 @@
+"""The trainer's input: config.data -> an iterator of host batches with get/set_state.
+
+config.data.kind:
+  procedural_driving  the built-in TFDS dataset (built on first use under data_dir,
+                      config `tfds_config`), read through the Grain pipeline
+  video_folder        a `video_folder` TFDS dataset built beforehand under data_dir
+  tfds                any TFDS ArrayRecord dataset `tfds_name` under data_dir
+  latent_cache        a folder written by videoldm-cache-latents (cache_dir); its VAE
+                      must be the model's
+  procedural          clips drawn on the fly (no files; a smoke-test source)
+Every process reads only its share; iterator states are JSON and go into checkpoints.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from videoldm_jax.data import latent_cache
+from videoldm_jax.data.grain_pipeline import make_video_dataset
+from videoldm_jax.data.procedural import ClipIterator
+
+KINDS = ("procedural_driving", "video_folder", "tfds", "latent_cache", "procedural")
+
+
+def _tfds_source(data, workdir: Path):
+  import tensorflow_datasets as tfds  # imported here: only TFDS kinds need it
+  data_dir = data.get("data_dir") or str(workdir / "tfds")
+  if data.kind == "procedural_driving":
+    from data_pipelines.procedural_driving import build
+    if jax.process_index() == 0:
+      build(data.get("tfds_config", "tiny"), data_dir)
+    multihost_utils.sync_global_devices("procedural_driving built")
+    name = f"procedural_driving/{data.get('tfds_config', 'tiny')}"
+  elif data.kind == "video_folder":
+    import data_pipelines.video_folder  # noqa: F401  (registers the builder)
+    name = "video_folder"
+  else:
+    name = data.tfds_name
+  return tfds.data_source(name, data_dir=data_dir, split=data.get("split", "train"),
+                          download=False)
+
+
+def _cache_dataset(data, seed: int, pi: int, pc: int, vae_config: dict, vae_params: Any):
+  source = latent_cache.LatentCacheSource(data.cache_dir)
+  latent_cache.check_vae(source.info, vae_config, vae_params, str(data.cache_dir))
+  keep = ("latents", "context")
+  ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)[pi::pc]
+        .map(lambda r: {k: np.asarray(r[k]) for k in keep if k in r})
+        .batch(data.batch_size // pc, drop_remainder=True))
+  return ds.to_iter_dataset()
+
+
+def make_iterator(config, workdir: Path, vae_config: dict, vae_params: Any):
+  """Host-batch iterator for this process (see the module docstring)."""
+  data, seed = config.data, config.seed
+  pc, pi = jax.process_count(), jax.process_index()
+  if data.kind not in KINDS:
+    raise ValueError(f"config.data.kind={data.kind!r}; expected one of {KINDS}")
+  if data.batch_size % pc:
+    raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the {pc} "
+                     "processes")
+  if data.kind == "procedural":
+    return ClipIterator(data.batch_size // pc, data.num_frames, data.height, data.width,
+                        seed=seed, process_index=pi, process_count=pc)
+  if data.kind == "latent_cache":
+    return iter(_cache_dataset(data, seed, pi, pc, vae_config, vae_params))
+  ds = make_video_dataset(
+      _tfds_source(data, workdir), batch_size=data.batch_size // pc,
+      num_frames=data.num_frames, frame_stride=data.get("frame_stride", 1),
+      height=data.height, width=data.width, crop=data.get("crop", "random"),
+      hflip=data.get("hflip", False), seed=seed, process_index=pi, process_count=pc,
+      worker_count=data.get("worker_count", 0),
+      image_fraction=data.get("image_fraction", 0.0))
+  return iter(ds)
