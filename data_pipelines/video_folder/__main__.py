@@ -9,7 +9,7 @@ import contextlib
 import logging
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "add_decode_args", "decode_kwargs", "run_build"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +21,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--data_dir", required=True, help="TFDS data_dir to write into")
   p.add_argument("--captions", default=None,
                  help="CSV (path,caption) or JSONL ({path, caption}) file; optional")
+  add_decode_args(p)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing build")
+  return p
+
+
+def add_decode_args(p: argparse.ArgumentParser):
+  """The decoding options (builder.DECODE_OPTIONS), shared by the local-video CLIs."""
   p.add_argument("--max_frames", type=int, default=64,
                  help="most frames stored per video; 0 keeps all (default 64)")
   rate = p.add_mutually_exclusive_group()
@@ -31,30 +38,44 @@ def _parser() -> argparse.ArgumentParser:
                  help="downscale so the shorter side has this many pixels")
   p.add_argument("--min_frames", type=int, default=4,
                  help="skip videos with fewer stored frames (default 4)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing build")
-  return p
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+def decode_kwargs(args: argparse.Namespace) -> dict:
+  """The parsed `add_decode_args` options as builder keyword arguments."""
+  return dict(max_frames=args.max_frames or None, frame_stride=args.frame_stride,
+              target_fps=args.target_fps, resize_short_side=args.resize_short_side,
+              min_frames=args.min_frames)
+
+
+def run_build(build_call, package: str) -> int:
+  """Runs `build_call()` (returns the built builder) for a CLI: `package`'s summary
+  line on stderr, the dataset's folder on stdout, one-line errors and exit status 1
+  for bad input."""
   # Root at WARNING keeps TFDS's INFO chatter out; our own logger at INFO so the
   # builder's summary line reaches stderr even when nothing was skipped.
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("data_pipelines.video_folder").setLevel(logging.INFO)
+  logging.getLogger(package).setLevel(logging.INFO)
   from data_pipelines.video_folder import builder as vf  # slow import (TFDS): after --help
 
   try:
     # TFDS prints its progress with print(); keep stdout for the result path alone.
     with contextlib.redirect_stdout(sys.stderr):
-      b = vf.build(args.source, args.data_dir, args.captions, overwrite=args.overwrite,
-                   max_frames=args.max_frames or None, frame_stride=args.frame_stride,
-                   target_fps=args.target_fps, resize_short_side=args.resize_short_side,
-                   min_frames=args.min_frames)
+      b = build_call()
   except (vf.NoUsableVideoError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(b.data_dir)  # stdout: where the dataset is, for scripts
   return 0
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+
+  def build_call():
+    from data_pipelines.video_folder import builder as vf
+    return vf.build(args.source, args.data_dir, args.captions, overwrite=args.overwrite,
+                    **decode_kwargs(args))
+  return run_build(build_call, "data_pipelines.video_folder")
 
 
 if __name__ == "__main__":

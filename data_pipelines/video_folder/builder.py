@@ -16,10 +16,15 @@ with no usable video at all fails, with ONE `NoUsableVideoError` listing every r
 Works without TensorFlow (see /work/shared/notes/jax_stack.md): read back with
 `builder.as_data_source("train")` or `tfds.data_source("video_folder", split="train",
 data_dir=...)`; read back that way, Text features arrive as `bytes` (numpy decoding).
+
+The decoding / skipping / reporting machinery (`decode_examples`, `skip_report`,
+`SkipReportingBuilder`, `prepare`, ...) is shared with the other builders that read
+local video files (data_pipelines.webvid, data_pipelines.ucf101).
 """
 
 import collections
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -32,9 +37,9 @@ import tensorflow_datasets as tfds
 from data_pipelines.video_folder import sources
 
 __all__ = ["VideoFolderConfig", "VideoFolder", "NoUsableVideoError", "build",
-           "SKIPPED_REPORT"]
-
-logger = logging.getLogger(__name__)
+           "SKIPPED_REPORT", "DECODE_OPTIONS", "validate_decode_options",
+           "decode_options", "decode_examples", "reason_counts", "skip_report",
+           "no_usable_video_error", "summary_line", "SkipReportingBuilder", "prepare"]
 
 SKIPPED_REPORT = "skipped.json"
 _MAX_LISTED = 50  # skip reasons spelled out in one error message; the rest are counted
@@ -42,6 +47,39 @@ _MAX_LISTED = 50  # skip reasons spelled out in one error message; the rest are 
 
 class NoUsableVideoError(ValueError):
   """The source yielded no example; the message lists every skipped file and why."""
+
+
+# The VideoFolderConfig fields that steer `sources.decode_clip`; other builders that
+# decode local files (data_pipelines.webvid, .ucf101) reuse them with the same meaning.
+DECODE_OPTIONS = ("max_frames", "frame_stride", "target_fps", "resize_short_side",
+                  "min_frames")
+
+
+def validate_decode_options(owner: str, cfg) -> None:
+  """Checks the DECODE_OPTIONS fields of `cfg`; errors start with `owner` (the config's
+  class name), so the message says which config is wrong."""
+  def bad(msg):
+    raise ValueError(f"{owner}: {msg}")
+  if cfg.max_frames is not None and cfg.max_frames < 1:
+    bad(f"max_frames must be >= 1 or None, got {cfg.max_frames}")
+  if cfg.frame_stride < 1:
+    bad(f"frame_stride must be >= 1, got {cfg.frame_stride}")
+  if cfg.target_fps is not None and not cfg.target_fps > 0:
+    bad(f"target_fps must be > 0 or None, got {cfg.target_fps}")
+  if cfg.target_fps is not None and cfg.frame_stride != 1:
+    bad("give frame_stride or target_fps, not both")
+  if cfg.resize_short_side is not None and cfg.resize_short_side < 1:
+    bad(f"resize_short_side must be >= 1 or None, got {cfg.resize_short_side}")
+  if cfg.min_frames < 1:
+    bad(f"min_frames must be >= 1, got {cfg.min_frames}")
+  if cfg.max_frames is not None and cfg.min_frames > cfg.max_frames:
+    bad(f"min_frames={cfg.min_frames} > max_frames={cfg.max_frames}: every video "
+        "would be skipped")
+
+
+def decode_options(cfg) -> dict:
+  """The DECODE_OPTIONS fields of `cfg`, as keyword arguments for `decode_clip`."""
+  return {name: getattr(cfg, name) for name in DECODE_OPTIONS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,45 +110,109 @@ class VideoFolderConfig:
   min_frames: int = 4
 
   def __post_init__(self):
-    def bad(msg):
-      raise ValueError(f"VideoFolderConfig: {msg}")
-    if self.max_frames is not None and self.max_frames < 1:
-      bad(f"max_frames must be >= 1 or None, got {self.max_frames}")
-    if self.frame_stride < 1:
-      bad(f"frame_stride must be >= 1, got {self.frame_stride}")
-    if self.target_fps is not None and not self.target_fps > 0:
-      bad(f"target_fps must be > 0 or None, got {self.target_fps}")
-    if self.target_fps is not None and self.frame_stride != 1:
-      bad("give frame_stride or target_fps, not both")
-    if self.resize_short_side is not None and self.resize_short_side < 1:
-      bad(f"resize_short_side must be >= 1 or None, got {self.resize_short_side}")
-    if self.min_frames < 1:
-      bad(f"min_frames must be >= 1, got {self.min_frames}")
-    if self.max_frames is not None and self.min_frames > self.max_frames:
-      bad(f"min_frames={self.min_frames} > max_frames={self.max_frames}: every video "
-          "would be skipped")
+    validate_decode_options("VideoFolderConfig", self)
 
 
 def _format_skip(skip: sources.Skip) -> str:
   return f"{skip.path}: {skip.reason} ({skip.detail})"
 
 
-def _reason_counts(skips) -> dict[str, int]:
+def reason_counts(skips) -> dict[str, int]:
+  """{reason: number of skips}, sorted by reason."""
   return dict(sorted(collections.Counter(s.reason for s in skips).items()))
 
 
-def _no_usable_video(source_dir: str, skips, what: str) -> NoUsableVideoError:
+def skip_report(skips, num_examples: int, **where) -> dict:
+  """What `skipped.json` holds: `where` (source_dir first: `summary_line` names it),
+  then the counts and every skip, sorted by path so reports diff well."""
+  skips = sorted(skips, key=lambda s: (s.path, s.reason))
+  return {**where, "num_examples": num_examples, "num_skipped": len(skips),
+          "skipped_by_reason": reason_counts(skips),
+          "skipped": [dataclasses.asdict(s) for s in skips]}
+
+
+def no_usable_video_error(source_dir: str, skips, what: str,
+                          dataset: str = "video_folder") -> NoUsableVideoError:
   """The single error for a source that produced nothing, listing every reason."""
   lines = [_format_skip(s) for s in skips[:_MAX_LISTED]]
   if len(skips) > _MAX_LISTED:
     lines.append(f"... and {len(skips) - _MAX_LISTED} more "
-                 f"(by reason: {_reason_counts(skips)})")
+                 f"(by reason: {reason_counts(skips)})")
   listing = "".join(f"\n  {line}" for line in lines)
-  return NoUsableVideoError(f"video_folder: no usable video in {source_dir}: {what}"
+  return NoUsableVideoError(f"{dataset}: no usable video in {source_dir}: {what}"
                             + (f"; skipped {len(skips)} item(s):{listing}" if skips else ""))
 
 
-class VideoFolder(tfds.core.GeneratorBasedBuilder):
+def decode_examples(items, skips: list, cfg):
+  """Decodes each `(key, file, fields)` of `items` with the DECODE_OPTIONS of `cfg`.
+
+  Yields `(key, example)`: video, path (= key, unique, so TFDS's shuffle stays
+  reproducible), num_frames and fps, plus `fields` (caption and any dataset-specific
+  features). A file that can't be used is appended to `skips` instead. Returns the
+  number of examples yielded (`kept = yield from decode_examples(...)`).
+  """
+  kept = 0
+  for key, path, fields in items:
+    try:
+      clip = sources.decode_clip(path, **decode_options(cfg))
+    except sources.SkipError as e:
+      skips.append(sources.Skip(key, e.reason, e.detail))
+      continue
+    except Exception as e:  # pylint: disable=broad-except
+      # Anything else a hostile file provokes (PyAV / FFmpeg edge cases, memory)
+      # must not sink the other files either; the type is kept for diagnosis.
+      skips.append(sources.Skip(key, sources.DECODE_ERROR, f"{type(e).__name__}: {e}"))
+      continue
+    kept += 1
+    yield key, {"video": clip.frames, "path": key,
+                "num_frames": np.int32(len(clip.frames)), "fps": np.float32(clip.fps),
+                **fields}
+  return kept
+
+
+class SkipReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the builders that decode local video files (video_folder, webvid_local,
+  ucf101_local): after a build, `self.report` (a `skip_report` dict, set by the last
+  generator) goes to `skipped.json` and metadata.json, plus one summary log line.
+  Subclasses define `build_options()`: the options recorded in metadata.json."""
+
+  report = None  # filled by a build: what skipped.json holds
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10 resolves a packaged builder's code path through `importlib_resources`,
+    # a dependency it only declares for Python < 3.9, so on 3.11 download_and_prepare
+    # dies with ModuleNotFoundError. The file defining the subclass is the same answer.
+    return epath.Path(inspect.getfile(cls))
+
+  def build_options(self) -> dict:
+    raise NotImplementedError
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+    if self.report is None:  # e.g. max_examples_per_split=0: nothing was generated
+      return
+    # self.data_dir is still TFDS's temporary folder here; it is renamed into place
+    # with the data files, so the report exists exactly when the dataset does.
+    (epath.Path(self.data_dir) / SKIPPED_REPORT).write_text(
+        json.dumps(self.report, indent=1, ensure_ascii=False))
+    # build_options again: constructing over an old build loaded ITS metadata.
+    self.info.metadata.update(build_options=self.build_options(),
+                              num_skipped=self.report["num_skipped"],
+                              skipped_by_reason=self.report["skipped_by_reason"])
+
+  def _post_download_and_prepare_hook(self):
+    if self.report is not None:
+      r = self.report
+      level = logging.WARNING if r["num_skipped"] else logging.INFO
+      # The subclass's own module logger, so each CLI / test listens to its dataset.
+      logging.getLogger(type(self).__module__).log(
+          level, "%s", summary_line(r, os.path.join(self.data_dir, SKIPPED_REPORT),
+                                    dataset=self.name))
+
+
+class VideoFolder(SkipReportingBuilder):
   """Builds `video_folder` from a folder of videos; see the module docstring.
 
   Build:  VideoFolder(data_dir=D, source_dir=S, captions=C, ...).download_and_prepare()
@@ -120,14 +222,6 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "video (zlib uint8 T,H,W,3), caption, path, num_frames, fps."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS 4.9.10 resolves a packaged builder's code path through `importlib_resources`,
-    # a dependency it only declares for Python < 3.9, so on 3.11 download_and_prepare
-    # dies with ModuleNotFoundError. This file's own path is the same answer.
-    return epath.Path(__file__)
 
   def __init__(self, *, data_dir=None, config=None, version=None,
                file_format="array_record", folder_config: VideoFolderConfig | None = None,
@@ -143,7 +237,6 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
           folder_config, source_dir=os.path.abspath(folder_config.source_dir),
           captions=folder_config.captions and os.path.abspath(folder_config.captions))
     self.folder_config = folder_config
-    self.report = None  # filled by a build: what skipped.json holds
     super().__init__(data_dir=data_dir, config=config, version=version,
                      file_format=file_format or "array_record")
 
@@ -178,70 +271,53 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
       captions, missing = sources.match_captions(videos, rows, cfg.source_dir, cfg.captions)
       skips += missing
     if not videos:
-      raise _no_usable_video(cfg.source_dir, skips, "no file ending in "
-                             f"{'/'.join(sources.VIDEO_EXTENSIONS)} found")
+      raise no_usable_video_error(cfg.source_dir, skips, "no file ending in "
+                                  f"{'/'.join(sources.VIDEO_EXTENSIONS)} found")
     return {"train": self._generate_examples(videos, captions, skips)}
 
   def _generate_examples(self, videos, captions, skips):
     """Yields (relative path, example); bad files are appended to `skips`."""
     cfg = self.folder_config
-    kept = 0
-    for rel in videos:
-      try:
-        clip = sources.decode_clip(
-            os.path.join(cfg.source_dir, rel), max_frames=cfg.max_frames,
-            frame_stride=cfg.frame_stride, target_fps=cfg.target_fps,
-            resize_short_side=cfg.resize_short_side, min_frames=cfg.min_frames)
-      except sources.SkipError as e:
-        skips.append(sources.Skip(rel, e.reason, e.detail))
-        continue
-      except Exception as e:  # pylint: disable=broad-except
-        # Anything else a hostile file provokes (PyAV / FFmpeg edge cases, memory)
-        # must not sink the other files either; the type is kept for diagnosis.
-        skips.append(sources.Skip(rel, sources.DECODE_ERROR, f"{type(e).__name__}: {e}"))
-        continue
-      kept += 1
-      # The relative path is unique, and a stable key keeps TFDS's shuffle reproducible.
-      yield rel, {"video": clip.frames, "caption": captions.get(rel, ""), "path": rel,
-                  "num_frames": np.int32(len(clip.frames)), "fps": np.float32(clip.fps)}
+    items = ((rel, os.path.join(cfg.source_dir, rel), {"caption": captions.get(rel, "")})
+             for rel in videos)
+    kept = yield from decode_examples(items, skips, cfg)
     if not kept:
       # Raised before TFDS finalises anything, so no half-written dataset remains.
-      raise _no_usable_video(cfg.source_dir, skips,
-                             f"none of {len(videos)} candidate file(s) could be used")
-    skips.sort(key=lambda s: (s.path, s.reason))
-    self.report = {
-        "source_dir": cfg.source_dir, "captions": cfg.captions,
-        "num_examples": kept, "num_skipped": len(skips),
-        "skipped_by_reason": _reason_counts(skips),
-        "skipped": [dataclasses.asdict(s) for s in skips],
-    }
+      raise no_usable_video_error(cfg.source_dir, skips,
+                                  f"none of {len(videos)} candidate file(s) could be used")
+    self.report = skip_report(skips, kept, source_dir=cfg.source_dir,
+                              captions=cfg.captions)
 
-  def _download_and_prepare(self, dl_manager, download_config):
-    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
-    if self.report is None:  # e.g. max_examples_per_split=0: nothing was generated
-      return
-    # self.data_dir is still TFDS's temporary folder here; it is renamed into place
-    # with the data files, so the report exists exactly when the dataset does.
-    (epath.Path(self.data_dir) / SKIPPED_REPORT).write_text(
-        json.dumps(self.report, indent=1, ensure_ascii=False))
-    # build_options again: constructing over an old build loaded ITS metadata.
-    self.info.metadata.update(build_options=dataclasses.asdict(self.folder_config),
-                              num_skipped=self.report["num_skipped"],
-                              skipped_by_reason=self.report["skipped_by_reason"])
-
-  def _post_download_and_prepare_hook(self):
-    if self.report is not None:
-      r = self.report
-      level = logging.WARNING if r["num_skipped"] else logging.INFO
-      logger.log(level, "%s", summary_line(r, os.path.join(self.data_dir, SKIPPED_REPORT)))
+  def build_options(self) -> dict:
+    return dataclasses.asdict(self.folder_config)
 
 
-def summary_line(report: dict, report_path: str) -> str:
+def summary_line(report: dict, report_path: str, dataset: str = "video_folder") -> str:
   """One line: how many clips were stored and how many items skipped, by reason."""
   by_reason = ", ".join(f"{k}={v}" for k, v in report["skipped_by_reason"].items())
-  return (f"video_folder: stored {report['num_examples']} video(s) from "
+  return (f"{dataset}: stored {report['num_examples']} video(s) from "
           f"{report['source_dir']}; skipped {report['num_skipped']}"
           + (f" ({by_reason}); details in {report_path}" if by_reason else ""))
+
+
+def prepare(builder: tfds.core.DatasetBuilder, *, overwrite: bool = False):
+  """`builder.download_and_prepare()` for a builder whose source is local files.
+
+  An existing build raises FileExistsError unless `overwrite=True`: TFDS would
+  otherwise silently reuse it even though the source may have changed.
+  """
+  if (builder.data_path / "dataset_info.json").exists() and not overwrite:
+    raise FileExistsError(f"{builder.data_path}: a {builder.name} dataset is already "
+                          "built there; pass overwrite=True (CLI: --overwrite) to "
+                          "rebuild it")
+  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  # Nothing is downloaded, but TFDS's download manager still creates
+  # `<download_dir>/extracted`; keep that clutter out of data_dir.
+  with tempfile.TemporaryDirectory(prefix=f"{builder.name}_dl_") as download_dir:
+    builder.download_and_prepare(download_dir=download_dir,
+                                 download_config=tfds.download.DownloadConfig(
+                                     download_mode=mode))
 
 
 def build(source_dir: str, data_dir: str, captions: str | None = None, *,
@@ -251,20 +327,9 @@ def build(source_dir: str, data_dir: str, captions: str | None = None, *,
 
   `options` are the other `VideoFolderConfig` fields (max_frames, frame_stride,
   target_fps, resize_short_side, min_frames). An existing build in `data_dir` raises
-  FileExistsError unless `overwrite=True`: TFDS would otherwise silently reuse it even
-  though the source folder may have changed.
+  FileExistsError unless `overwrite=True` (see `prepare`).
   """
   builder = VideoFolder(data_dir=data_dir, source_dir=source_dir, captions=captions,
                         **options)
-  if (builder.data_path / "dataset_info.json").exists() and not overwrite:
-    raise FileExistsError(f"{builder.data_path}: a video_folder dataset is already built "
-                          "there; pass overwrite=True (CLI: --overwrite) to rebuild it")
-  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  # Nothing is downloaded, but TFDS's download manager still creates
-  # `<download_dir>/extracted`; keep that clutter out of data_dir.
-  with tempfile.TemporaryDirectory(prefix="video_folder_dl_") as download_dir:
-    builder.download_and_prepare(download_dir=download_dir,
-                                 download_config=tfds.download.DownloadConfig(
-                                     download_mode=mode))
+  prepare(builder, overwrite=overwrite)
   return builder
