@@ -33,7 +33,7 @@ SPLITS = {"train": "trainlist{:02d}.txt", "test": "testlist{:02d}.txt"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Ucf101Config:
+class Ucf101Config(vfb.DecodeOptions):
   """Where the data is and how to decode it (recorded in metadata.json, like
   `VideoFolderConfig`; which official partition is the builder config).
 
@@ -46,14 +46,6 @@ class Ucf101Config:
   """
   videos_dir: str | None = None
   splits_dir: str | None = None
-  max_frames: int | None = 64
-  frame_stride: int = 1
-  target_fps: float | None = None
-  resize_short_side: int | None = None
-  min_frames: int = 4
-
-  def __post_init__(self):
-    vfb.validate_decode_options("Ucf101Config", self)
 
 
 @dataclasses.dataclass(eq=False)

@@ -83,7 +83,21 @@ def decode_options(cfg) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoFolderConfig:
+class DecodeOptions:
+  """How every source video is decoded (shared by the video_folder, webvid and ucf101
+  builders' configs); see `VideoFolderConfig` for the meaning of each field."""
+  max_frames: int | None = 64
+  frame_stride: int = 1
+  target_fps: float | None = None
+  resize_short_side: int | None = None
+  min_frames: int = 4
+
+  def __post_init__(self):
+    validate_decode_options(type(self).__name__, self)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoFolderConfig(DecodeOptions):
   """What to build and how. A plain dataclass rather than a `tfds.core.BuilderConfig`:
   a custom BuilderConfig puts its name into the on-disk path and can't be recreated by
   name when reading; these options are recorded in the dataset's metadata.json instead.
@@ -103,14 +117,6 @@ class VideoFolderConfig:
   """
   source_dir: str | None = None
   captions: str | None = None
-  max_frames: int | None = 64
-  frame_stride: int = 1
-  target_fps: float | None = None
-  resize_short_side: int | None = None
-  min_frames: int = 4
-
-  def __post_init__(self):
-    validate_decode_options("VideoFolderConfig", self)
 
 
 def _format_skip(skip: sources.Skip) -> str:

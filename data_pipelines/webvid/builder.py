@@ -37,7 +37,7 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclasses.dataclass(frozen=True)
-class WebVidConfig:
+class WebVidConfig(vfb.DecodeOptions):
   """What to build and how (recorded in metadata.json, like `VideoFolderConfig`).
 
   Attributes:
@@ -51,14 +51,9 @@ class WebVidConfig:
   csv: str | None = None
   videos_root: str | None = None
   max_rows: int | None = None
-  max_frames: int | None = 64
-  frame_stride: int = 1
-  target_fps: float | None = None
-  resize_short_side: int | None = None
-  min_frames: int = 4
 
   def __post_init__(self):
-    vfb.validate_decode_options("WebVidConfig", self)
+    super().__post_init__()
     if self.max_rows is not None and self.max_rows < 1:
       raise ValueError(f"WebVidConfig: max_rows must be >= 1 or None, got {self.max_rows}")
 
