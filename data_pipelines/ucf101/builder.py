@@ -111,15 +111,7 @@ class Ucf101(vfb.SkipReportingBuilder):
     return self.dataset_info_from_configs(
         description="UCF-101 action videos (decoded uint8 frames) with class labels "
                     "and class-name captions, built from a local copy.",
-        features=tfds.features.FeaturesDict({
-            "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                          encoding="zlib"),
-            "caption": tfds.features.Text(),
-            "path": tfds.features.Text(),
-            "num_frames": tfds.features.Scalar(dtype=np.int32),
-            "fps": tfds.features.Scalar(dtype=np.float32),
-            "label": label,
-        }),
+        features=vfb.video_features(label=label),
         supervised_keys=("video", "label"),
         homepage="https://www.crcv.ucf.edu/data-sets/ucf101/",
         # Overwritten from metadata.json when reading a built dataset.

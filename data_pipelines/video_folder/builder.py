@@ -82,6 +82,22 @@ def decode_options(cfg) -> dict:
   return {name: getattr(cfg, name) for name in DECODE_OPTIONS}
 
 
+def video_features(**extra) -> tfds.features.FeaturesDict:
+  """The features of every decoded-video builder (video_folder, webvid, ucf101), plus
+  `extra` ones."""
+  return tfds.features.FeaturesDict({
+      # zlib: neighbouring frames are similar and small clips compress well; decoding
+      # needs no TensorFlow (plain numpy + zlib).
+      "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
+                                    encoding="zlib"),
+      "caption": tfds.features.Text(),
+      "path": tfds.features.Text(),
+      "num_frames": tfds.features.Scalar(dtype=np.int32),
+      "fps": tfds.features.Scalar(dtype=np.float32),
+      **extra,
+  })
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
   """How every source video is decoded (shared by the video_folder, webvid and ucf101
@@ -250,16 +266,7 @@ class VideoFolder(SkipReportingBuilder):
     cfg = self.folder_config
     return self.dataset_info_from_configs(
         description="Videos decoded from a folder tree, with optional captions.",
-        features=tfds.features.FeaturesDict({
-            # zlib: neighbouring frames are similar and small clips compress well;
-            # decoding needs no TensorFlow (plain numpy + zlib).
-            "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                          encoding="zlib"),
-            "caption": tfds.features.Text(),
-            "path": tfds.features.Text(),
-            "num_frames": tfds.features.Scalar(dtype=np.int32),
-            "fps": tfds.features.Scalar(dtype=np.float32),
-        }),
+        features=video_features(),
         # Overwritten from metadata.json when reading a built dataset.
         metadata=tfds.core.MetadataDict(build_options=dataclasses.asdict(cfg)),
     )

@@ -164,16 +164,9 @@ class WebVid(vfb.SkipReportingBuilder):
     return self.dataset_info_from_configs(
         description="WebVid videos (decoded uint8 frames) with their captions, built "
                     "from a local copy of the videos and a results CSV.",
-        features=tfds.features.FeaturesDict({
-            "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                          encoding="zlib"),
-            "caption": tfds.features.Text(),
-            "path": tfds.features.Text(),
-            "num_frames": tfds.features.Scalar(dtype=np.int32),
-            "fps": tfds.features.Scalar(dtype=np.float32),
-            "videoid": tfds.features.Scalar(dtype=np.int64),
-            "page_dir": tfds.features.Text(),
-        }),
+        features=vfb.video_features(
+            videoid=tfds.features.Scalar(dtype=np.int64),
+            page_dir=tfds.features.Text()),
         homepage="https://m-bain.github.io/webvid-dataset/",
         # Overwritten from metadata.json when reading a built dataset.
         metadata=tfds.core.MetadataDict(build_options=self.build_options()),
