@@ -115,3 +115,18 @@ def test_trains_from_a_latent_cache_of_the_same_vae(image_model, tmp_path):
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 3: loss" in proc.stderr
+
+
+def test_image_ldm_stage_trains_all_of_theta_and_exports_an_image_model(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/image_ldm_tiny.py",
+       f"--workdir={tmp_path}", "--config.train.num_steps=3", "--config.train.log_every=1",
+       "--config.sample.every=3", "--config.data.num_frames=2", "--config.data.height=16",
+       "--config.data.width=16"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 3: loss" in proc.stderr and "0.00M frozen" not in proc.stderr
+  from videoldm_jax import pretrained
+  model = pretrained.load(tmp_path / "export" / "step_3")
+  assert model.temporal_config is None  # an image model, usable as theta of a video LDM
+  assert (tmp_path / "samples" / "step_3.mp4").is_file()

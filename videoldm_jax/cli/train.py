@@ -21,9 +21,6 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
-  if _CONFIG.value.stage != "keyframe":
-    raise app.UsageError(f"stage {_CONFIG.value.stage!r} is not implemented yet "
-                         "(available: keyframe)")
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

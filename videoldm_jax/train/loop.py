@@ -27,11 +27,14 @@ from videoldm_jax.models import partition
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
 from videoldm_jax.pipelines import sampling
-from videoldm_jax.stages import keyframe
+from videoldm_jax.stages import image_ldm, keyframe
 from videoldm_jax.train import optim, perf
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer, PreemptionGuard
 from videoldm_jax.video_ldm import VideoLDM
+
+
+STAGES = {"keyframe": keyframe, "image_ldm": image_ldm}
 
 
 def log(msg: str) -> None:
@@ -100,11 +103,15 @@ def sample_videos(workdir: Path, ldm: VideoLDM, state, tokenizer, config, step: 
   model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
                               ldm.scheduler, params, temporal_config=ldm.temporal_config)
   s = config.sample
+  # An image model (image_ldm stage) samples images: one-frame clips.
+  frames = s.num_frames if ldm.temporal_config is not None else 0
   options = sampling.SampleOptions(
       height=config.data.height, width=config.data.width, num_steps=s.steps,
-      guidance_scale=s.guidance_scale, seed=config.seed, num_frames=s.num_frames,
+      guidance_scale=s.guidance_scale, seed=config.seed, num_frames=frames,
       progress=False)
   videos = sampling.generate(model, tokenizer, list(s.prompts), "", options)
+  if videos.ndim == 4:
+    videos = videos[:, None]
   if jax.process_index() != 0:
     return
   clip = video_io.video_grid(videos, cols=len(videos), pad=2)
@@ -120,19 +127,23 @@ def sample_videos(workdir: Path, ldm: VideoLDM, state, tokenizer, config, step: 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the key-frame stage; returns the last logged metrics."""
+  """Runs (or resumes) the stage `config.stage`; returns the last logged metrics."""
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage={config.stage!r}; implemented: {sorted(STAGES)}")
   image, tokenizer, tok_dir = load_image_model(config, workdir)
-  ldm = VideoLDM.from_pretrained(image, TemporalConfig.from_dict(dict(config.temporal)),
-                                 config.train.compute_dtype, config.train.remat_policy)
+  temporal = (None if config.stage == "image_ldm"
+              else TemporalConfig.from_dict(dict(config.temporal)))
+  ldm = VideoLDM.from_pretrained(image, temporal, config.train.compute_dtype,
+                                 config.train.remat_policy)
   mesh = sharding.make_mesh(dict(config.mesh), dcn_shape=dict(config.get("dcn_mesh", {})))
   rules = [tuple(r) for r in config.rules]
   abstract = ldm.abstract_params()
   param_sh = sharding.shardings_for(ldm.logical_axes(), mesh, abstract, rules)
   max_len = 0 if ldm.text_config is None else ldm.text_config.max_position_embeddings
   uncond = None if tokenizer is None else tokenizer([""], max_length=max_len)[0]
-  stage = keyframe.make_stage(ldm, keyframe.KeyframeOptions(
+  stage = STAGES[config.stage].make_stage(ldm, keyframe.KeyframeOptions(
       mode=config.mode, cond_drop_prob=config.cond_drop_prob,
       min_snr_gamma=config.get("min_snr_gamma")), uncond)
   tx = optim.make_optimizer(config.optim)

@@ -1,0 +1,39 @@
+"""Image LDM stage: train (or fine-tune) the whole image UNet theta on video frames.
+
+The paper fine-tunes SD on its video frames (and trains its driving model's image LDM
+from scratch) before adding temporal layers; this stage is that step. Every frame of a
+batch of clips becomes an independent image with its own diffusion time: clips
+(B, T, ...) are refolded into B*T one-frame clips and scored by the key-frame loss on a
+UNet without temporal layers, all of whose parameters train.
+"""
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from videoldm_jax.stages import keyframe
+from videoldm_jax.train.step import Stage
+from videoldm_jax.video_ldm import VideoLDM
+
+
+def frames_as_images(batch: dict) -> dict:
+  """(B, T, ...) clips -> (B*T, 1, ...) one-frame clips; per-clip fields repeat T times."""
+  t = (batch["latents"] if "latents" in batch else batch["video"]).shape[1]
+  out = {}
+  for k, v in batch.items():
+    if k in ("video", "latents"):
+      out[k] = v.reshape((v.shape[0] * t, 1) + v.shape[2:])
+    elif k in ("tokens", "context", "labels"):
+      out[k] = v.repeat(t, axis=0)
+  return out  # image_only is moot: there are no temporal layers
+
+
+def make_stage(ldm: VideoLDM, options: keyframe.KeyframeOptions,
+               uncond_tokens: Optional[np.ndarray]) -> Stage:
+  if ldm.temporal_config is not None:
+    raise ValueError("the image_ldm stage trains the image UNet: build the model with "
+                     "temporal=None")
+  inner = keyframe.make_stage(ldm, dataclasses.replace(options, mode="full"), uncond_tokens)
+  return Stage("image_ldm", inner.is_trainable,
+               lambda params, batch, key: inner.loss_fn(params, frames_as_images(batch), key))
