@@ -8,11 +8,14 @@ UNet without temporal layers, all of whose parameters train.
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
+import ml_collections
 import numpy as np
 
 from videoldm_jax.stages import keyframe
+from videoldm_jax.stages.base import StageSetup
 from videoldm_jax.train.step import Stage
 from videoldm_jax.video_ldm import VideoLDM
 
@@ -36,4 +39,10 @@ def make_stage(ldm: VideoLDM, options: keyframe.KeyframeOptions,
                      "temporal=None")
   inner = keyframe.make_stage(ldm, dataclasses.replace(options, mode="full"), uncond_tokens)
   return Stage("image_ldm", inner.is_trainable,
-               lambda params, batch, key: inner.loss_fn(params, frames_as_images(batch), key))
+               lambda params, batch, key, step=None: inner.loss_fn(params, frames_as_images(batch),
+                                                                   key, step))
+
+
+def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
+  """The image LDM stage of `config` (configs/image_ldm_tiny.py): no temporal layers."""
+  return keyframe.setup_video_ldm(config, workdir, None, make_stage)

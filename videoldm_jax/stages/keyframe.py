@@ -13,18 +13,28 @@ empty prompt with probability `cond_drop_prob`, which classifier-free guidance n
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
+from videoldm_jax import pretrained
+from videoldm_jax.data import inputs
 from videoldm_jax.diffusion.losses import denoising_loss
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.models import partition
 from videoldm_jax.models.clip_text import CLIPTextModel
+from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
 from videoldm_jax.models.unet import UNet
 from videoldm_jax.models.vae import AutoencoderKL
+from videoldm_jax.pipelines import sampling
+from videoldm_jax.stages.base import StageSetup, merge_trees
+from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
 from videoldm_jax.video_ldm import VideoLDM
 
@@ -61,7 +71,7 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
                                                             dtype=ldm.compute_dtype)
   schedule, sampling = schedule_from_diffusers_config(ldm.scheduler)
 
-  def loss_fn(params, batch, key):
+  def loss_fn(params, batch, key, step=None):
     k_vae, k_drop, k_diff = jax.random.split(key, 3)
     if "latents" in batch:
       latents = batch["latents"].astype(jnp.float32)
@@ -88,3 +98,117 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
     return loss, {"denoise_loss": loss}
 
   return Stage("keyframe", is_trainable_fn(options.mode), loss_fn)
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer's view (stages/base.py): shared by every stage built on the video UNet.
+
+def options_from_config(config: ml_collections.ConfigDict) -> KeyframeOptions:
+  return KeyframeOptions(mode=config.mode, cond_drop_prob=config.cond_drop_prob,
+                         min_snr_gamma=config.get("min_snr_gamma"))
+
+
+def load_image_model(config: ml_collections.ConfigDict, workdir: Path
+                     ) -> tuple[pretrained.PretrainedLDM, Optional[CLIPTokenizer], Path]:
+  """(model, tokenizer, tokenizer folder) from `config.image_model` (a converted or
+  exported folder) or, when empty, a random model from `config.random_image_model`
+  with a byte-level tokenizer written to WORKDIR/tokenizer."""
+  if config.image_model:
+    image = pretrained.load(config.image_model)
+    tok_dir = Path(config.image_model) / "tokenizer"
+  else:
+    image = pretrained.random_image_ldm(config.random_image_model)
+    tok_dir = workdir / "tokenizer"
+    if jax.process_index() == 0 and not (tok_dir / "vocab.json").exists():
+      write_byte_level_tokenizer(str(tok_dir))
+    multihost_utils.sync_global_devices("tokenizer written")
+  tokenizer = None
+  if image.text_config is not None:
+    tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
+  return image, tokenizer, tok_dir
+
+
+def batch_maker(tokenizer: Optional[CLIPTokenizer], max_length: int):
+  """Input-pipeline batch -> the stage's batch (host NumPy): pixels or cached latents,
+  caption tokens or cached text embeddings, the image-only flags."""
+  def make_batch(host: dict) -> dict:
+    batch = {k: host[k] for k in ("video", "latents", "context", "image_only", "labels")
+             if k in host}
+    if tokenizer is not None and "context" not in host:
+      batch["tokens"] = tokenizer([c.decode() if isinstance(c, bytes) else str(c)
+                                   for c in host["caption"]], max_length=max_length)
+    return batch
+  return make_batch
+
+
+def video_sampler(ldm: VideoLDM, tokenizer: Optional[CLIPTokenizer],
+                  config: ml_collections.ConfigDict):
+  """(params, step) -> uint8 samples of config.sample.prompts: videos (N, T, H, W, 3), or
+  one-frame clips for an image model."""
+  def sample(params: dict, step: int) -> np.ndarray:
+    model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
+                                     ldm.scheduler, params, temporal_config=ldm.temporal_config)
+    s = config.sample
+    frames = s.num_frames if ldm.temporal_config is not None else 0
+    options = sampling.SampleOptions(
+        height=config.data.height, width=config.data.width, num_steps=s.steps,
+        guidance_scale=s.guidance_scale, seed=config.seed, num_frames=frames,
+        progress=False)
+    videos = sampling.generate(model, tokenizer, list(s.prompts), "", options)
+    return videos[:, None] if videos.ndim == 4 else videos
+  return sample
+
+
+def ldm_exporter(ldm: VideoLDM, tok_dir: Path, source: str):
+  """(out_dir, params) -> writes a `pretrained` folder (what videoldm-sample reads)."""
+  def export(out: Path, params: dict) -> None:
+    model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
+                                     ldm.scheduler, params, source=source,
+                                     temporal_config=ldm.temporal_config)
+    pretrained.save(out, model, tok_dir if ldm.text_config is not None else None)
+  return export
+
+
+def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
+                    temporal: Optional[TemporalConfig], make_stage_fn) -> StageSetup:
+  """The StageSetup of a stage that trains (part of) the video LDM's UNet on clips:
+  `make_stage_fn(ldm, options, uncond_tokens) -> Stage`. New parameters (those the image
+  model lacks, e.g. phi) are initialised on the host; the rest come from the image model."""
+  image, tokenizer, tok_dir = load_image_model(config, workdir)
+  ldm = VideoLDM.from_pretrained(image, temporal, config.train.compute_dtype,
+                                 config.train.remat_policy)
+  max_len = 0 if ldm.text_config is None else ldm.text_config.max_position_embeddings
+  uncond = None if tokenizer is None else tokenizer([""], max_length=max_len)[0]
+  stage = make_stage_fn(ldm, options_from_config(config), uncond)
+  holder = {"image": image}
+
+  def init_params() -> dict:
+    model = holder.pop("image")  # the host copy is released once it is in the train state
+    have = _flat_keys(model.params["unet"])
+    new = ldm.init_unet_params(config.seed, where=lambda p: p not in have)
+    return {**model.params, "unet": merge_trees(model.params["unet"], new)}
+
+  vae_params = image.params["vae"]
+  return StageSetup(
+      stage=stage, abstract_params=ldm.abstract_params(), logical_axes=ldm.logical_axes(),
+      init_params=init_params,
+      make_iterator=lambda: inputs.make_iterator(config, workdir, ldm.vae_config.to_dict(),
+                                                 vae_params),
+      make_batch=batch_maker(tokenizer, max_len),
+      optimizer=optim.make_optimizer(config.optim),
+      lr_schedule=optim.learning_rate(config.optim),
+      export=ldm_exporter(ldm, tok_dir, str(workdir)),
+      samples_per_step=config.data.batch_size,
+      sample=video_sampler(ldm, tokenizer, config),
+      extra={"ldm": ldm, "tokenizer": tokenizer, "tokenizer_dir": tok_dir})
+
+
+def _flat_keys(tree: dict) -> set:
+  from flax import traverse_util
+  return set(traverse_util.flatten_dict(tree))
+
+
+def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
+  """The key-frame stage of `config` (configs/keyframe_*.py)."""
+  return setup_video_ldm(config, workdir, TemporalConfig.from_dict(dict(config.temporal)),
+                         make_stage)

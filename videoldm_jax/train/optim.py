@@ -26,3 +26,17 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   parts.append(optax.adamw(learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
   return optax.chain(*parts)
+
+
+def make_grouped_optimizer(configs: dict, group) -> optax.GradientTransformation:
+  """One `make_optimizer(configs[name])` per group of trainable leaves, `group(path)`
+  naming each leaf's group (e.g. generator / discriminator): each group is clipped and
+  stepped with its own settings, as two optimisers would."""
+  from flax import traverse_util
+
+  def labels(params):
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: group(k) for k in flat})
+
+  return optax.multi_transform({name: make_optimizer(c) for name, c in configs.items()},
+                               labels)

@@ -16,24 +16,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from videoldm_jax.train.state import Path, TrainState, merge, split
 
-LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[dict, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """A training stage: a trainable mask and a loss.
 
-  loss_fn(params, batch, key) -> (scalar loss, dict of scalar metrics), where params is
-  the full tree ({'unet': ..., 'vae': ..., ...}) and batch a dict of global arrays with
-  the batch on axis 0.
+  loss_fn(params, batch, key, step) -> (scalar loss, dict of scalar metrics), where
+  params is the full tree ({'unet': ..., 'vae': ..., ...}), batch a dict of global
+  arrays with the batch on axis 0 and step the int32 step counter (for schedules inside
+  the loss, e.g. when a discriminator starts).
+
+  group: optional path -> group name of the trainable leaves, for stages that train
+  several networks with their own optimisers (generator / discriminator). The total
+  loss is their sum, each network's term stopping gradients into the others, so one
+  gradient of the sum gives every network its own gradient; the optimiser applies one
+  transformation per group (`optax.multi_transform` with the same labels, see
+  `optim.make_grouped_optimizer`) and the step logs `grad_norm/<group>`.
   """
   name: str
   is_trainable: Callable[[Path], bool]
   loss_fn: LossFn
+  group: Optional[Callable[[Path], str]] = None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -93,6 +103,14 @@ def abstract_state(state_or_shapes: TrainState, shardings: TrainState) -> TrainS
       shardings)
 
 
+def group_leaves(tree: dict, group: Callable[[Path], str]) -> dict[str, list]:
+  """Leaves of a nested dict by group name (for per-group norms)."""
+  out: dict[str, list] = {}
+  for path, leaf in traverse_util.flatten_dict(tree).items():
+    out.setdefault(group(path), []).append(leaf)
+  return out
+
+
 def _split_microbatches(batch: dict, n: int) -> dict:
   def f(x):
     if x.shape[0] % n:
@@ -115,33 +133,39 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
   """
   base_key = jax.random.key(seed)
 
-  def loss_and_grad(trainable, frozen, batch, key):
+  def loss_and_grad(trainable, frozen, batch, key, step):
     def loss_of(tr):
-      return stage.loss_fn(merge(tr, frozen), batch, key)
+      return stage.loss_fn(merge(tr, frozen), batch, key, step)
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
     return loss, metrics, grads
 
   def step(state: TrainState, batch: dict):
     key = jax.random.fold_in(base_key, state.step)
     if grad_accum == 1:
-      loss, metrics, grads = loss_and_grad(state.trainable, state.frozen, batch, key)
+      loss, metrics, grads = loss_and_grad(state.trainable, state.frozen, batch, key,
+                                           state.step)
     else:
       micro = _split_microbatches(batch, grad_accum)
 
       def body(carry, xs):
         i, mb = xs
         loss, metrics, grads = loss_and_grad(state.trainable, state.frozen, mb,
-                                             jax.random.fold_in(key, i))
+                                             jax.random.fold_in(key, i), state.step)
         acc = jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads))
         return acc, None
 
       zeros = jax.tree_util.tree_map(
           jnp.zeros_like, jax.eval_shape(loss_and_grad, state.trainable, state.frozen,
-                                         jax.tree_util.tree_map(lambda x: x[0], micro), key))
+                                         jax.tree_util.tree_map(lambda x: x[0], micro), key,
+                                         state.step))
       total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
       loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / grad_accum, total)
 
     grad_norm = optax.tree.norm(grads)
+    group_norms = {}
+    if stage.group is not None:
+      for name, g in group_leaves(grads, stage.group).items():
+        group_norms[f"grad_norm/{name}"] = optax.tree.norm(g)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
@@ -156,7 +180,7 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
         opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
         skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
-                   skipped=new_state.skipped)
+                   skipped=new_state.skipped, **group_norms)
     if lr_schedule is not None:
       metrics["lr"] = lr_schedule(state.step)
     return new_state, metrics

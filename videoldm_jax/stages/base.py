@@ -1,0 +1,67 @@
+"""What a stage hands the trainer: `StageSetup`.
+
+Every stage module (`videoldm_jax.stages.<name>`) exposes
+
+  setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StageSetup
+
+and `train/loop.py` does the rest the same way for all of them: mesh and shardings
+from the logical axes, the train state (initialised or restored), the one jitted step
+of `train/step.py`, logging, checkpoints, samples and the export. A stage is thus
+(models + parameters, batch preparation, loss, trainable mask, optimiser): nothing in
+the loop knows which stage it runs.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import optax
+
+from videoldm_jax.train.step import Stage
+
+
+@dataclasses.dataclass
+class StageSetup:
+  """The trainer's view of a stage.
+
+  stage: trainable mask + loss (and optional optimiser groups), see `train.step.Stage`.
+  abstract_params: the full parameter tree as ShapeDtypeStructs, e.g.
+    {'unet': ..., 'vae': ..., 'text_encoder': ...}; nothing allocated.
+  logical_axes: the same tree of PartitionSpecs of logical axis names.
+  init_params: () -> the full tree as host NumPy arrays at step 0 (pretrained parts
+    loaded, new parts initialised). Called once, only when no checkpoint exists.
+  make_iterator: () -> this process's iterator of host batches with get_state /
+    set_state (JSON-able), e.g. `data.inputs.make_iterator(config, ...)`.
+  make_batch: host batch (dict of NumPy, per process) -> the step's batch (dict of
+    NumPy with the batch on axis 0); runs on the host every step.
+  optimizer / lr_schedule: the optax transformation over the trainable leaves, and the
+    schedule whose value is logged as `lr`.
+  sample: optional (params, step) -> uint8 video (N, T, H, W, 3) or images
+    (N, H, W, 3) drawn with `params` (the full tree, EMA weights, host copies on every
+    process); the loop writes it to WORKDIR/samples and TensorBoard.
+  export: (out_dir, params) -> None writes an inference folder from the full tree
+    (EMA weights); called on process 0 only.
+  samples_per_step: examples one step consumes (for samples/s).
+  """
+  stage: Stage
+  abstract_params: dict
+  logical_axes: dict
+  init_params: Callable[[], dict]
+  make_iterator: Callable[[], Iterator[dict]]
+  make_batch: Callable[[dict], dict]
+  optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  export: Callable[[Path, dict], None]
+  samples_per_step: int
+  sample: Optional[Callable[[dict, int], np.ndarray]] = None
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+def merge_trees(*trees: Any) -> dict:
+  """Union of nested dicts with disjoint leaves (later trees win on equal paths)."""
+  from flax import traverse_util
+  flat = {}
+  for t in trees:
+    flat.update(traverse_util.flatten_dict(t))
+  return traverse_util.unflatten_dict(flat)
