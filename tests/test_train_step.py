@@ -151,3 +151,32 @@ def test_one_device_and_eight_device_mesh_agree(temporal_1dev, tokenizer):
   _, l1 = _run(s1, f1, b1, tokenizer, 5)
   _, l8 = _run(s8, f8, b8, tokenizer, 5)
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_optimisers_step_each_group_with_its_own_settings():
+  """Two networks, one loss (the sum of their terms), one step: each group gets its own
+  optimiser (here lr 0 for 'disc'), its own clipping and its own logged gradient norm."""
+  params = {"gen": {"w": np.full((3,), 2.0, np.float32)},
+            "disc": {"w": np.full((2,), 1.0, np.float32)}}
+  # d/dw of sum(w^2) = 2w: |grad gen| = sqrt(3 * 4^2), |grad disc| = sqrt(2 * 2^2).
+  loss_fn = lambda p, batch, key, step: (jnp.sum(p["gen"]["w"] ** 2)
+                                         + jnp.sum(p["disc"]["w"] ** 2), {})
+  group = lambda path: "discriminator" if path[0] == "disc" else "generator"
+  stage = step_lib.Stage("gan", lambda path: True, loss_fn, group=group)
+  frozen_lr = OPTIM.copy_and_resolve_references()
+  frozen_lr.lr = 0.0
+  tx = optim.make_grouped_optimizer({"generator": OPTIM, "discriminator": frozen_lr}, group)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  rep = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shardings = step_lib.state_shardings(jax.tree_util.tree_map(lambda _: rep, params), stage,
+                                       tx, abstract, mesh)
+  state = step_lib.init_state(params, stage, tx, shardings)
+  train_step = step_lib.build_train_step(stage, tx, seed=0)
+  for _ in range(2):
+    state, metrics = train_step(state, {"x": jnp.zeros((1,))})
+  np.testing.assert_array_equal(np.asarray(state.trainable["disc"]["w"]), params["disc"]["w"])
+  assert np.all(np.asarray(state.trainable["gen"]["w"]) < 2.0)
+  np.testing.assert_allclose(float(metrics["grad_norm/discriminator"]), np.sqrt(2 * 4.0),
+                             rtol=1e-6)
+  assert 0 < float(metrics["grad_norm/generator"]) < np.sqrt(3 * 16.0)  # gen has moved

@@ -32,11 +32,12 @@ def make_grouped_optimizer(configs: dict, group) -> optax.GradientTransformation
   """One `make_optimizer(configs[name])` per group of trainable leaves, `group(path)`
   naming each leaf's group (e.g. generator / discriminator): each group is clipped and
   stepped with its own settings, as two optimisers would."""
-  from flax import traverse_util
+  import jax
 
   def labels(params):
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: group(k) for k in flat})
+    # tree_map_with_path, not flatten_dict: optax also calls this on placeholder trees.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: group(tuple(str(getattr(k, "key", k)) for k in path)), params)
 
   return optax.multi_transform({name: make_optimizer(c) for name, c in configs.items()},
                                labels)

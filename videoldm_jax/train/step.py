@@ -67,10 +67,34 @@ def state_shardings(param_shardings: dict, stage: Stage, tx: optax.GradientTrans
   train_abs, _ = split(abstract_params, stage.is_trainable)
   opt_abs = jax.eval_shape(tx.init, train_abs)
   rep = replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abs, train_sh,
-                                 transform_non_params=lambda _: rep)
+  opt_sh = _follow_params(opt_abs, train_sh, train_abs, rep)
   return TrainState(step=rep, trainable=train_sh, frozen=frozen_sh, opt_state=opt_sh,
                     ema=train_sh, skipped=rep)
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _follow_params(opt_abs: Any, param_sh: dict, param_abs: dict, default: Any) -> Any:
+  """Sharding of every optimiser-state leaf: a leaf whose key path ends with a
+  parameter's path and has its shape (Adam's mu / nu, also inside `multi_transform`'s
+  per-group states) takes that parameter's sharding; counters and the like `default`."""
+  sh = traverse_util.flatten_dict(param_sh)
+  shapes = {k: v.shape for k, v in traverse_util.flatten_dict(param_abs).items()}
+  depths = sorted({len(k) for k in sh}, reverse=True)
+
+  def one(path, leaf):
+    names = tuple(_key_name(k) for k in path)
+    for d in depths:
+      tail = names[-d:]
+      if len(names) >= d and tail in sh and shapes[tail] == leaf.shape:
+        return sh[tail]
+    return default
+  return jax.tree_util.tree_map_with_path(one, opt_abs)
 
 
 def init_state(params: dict, stage: Stage, tx: optax.GradientTransformation,
