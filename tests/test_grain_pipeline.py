@@ -121,7 +121,10 @@ def test_two_processes_get_disjoint_shares_of_the_epoch(tfds_train):
   single = np.concatenate([b["source_index"] for b in make_video_dataset(
       tfds_train, seed=1, batch_size=8, num_epochs=1, process_index=0, process_count=1,
       num_frames=4, height=16, width=16)])
-  assert sorted(single[:8]) == sorted(np.concatenate([shares[0][:4], shares[1][:4]]))
+  # In process order the blocks are the global batch, element for element.
+  np.testing.assert_array_equal(single[:8], np.concatenate([shares[0][:4], shares[1][:4]]))
+  np.testing.assert_array_equal(single[8:16], np.concatenate([shares[0][4:8],
+                                                              shares[1][4:8]]))
 
 
 def test_uneven_source_gives_every_process_the_same_count():

@@ -10,7 +10,8 @@ Pipeline, in order (all per-example work is lazy, so a host reads only its share
   -> random_map: read the example, pick T frames at `frame_stride` from a random start,
      resize (keep aspect, cover the target), center/random crop, optional hflip;
      with probability `image_fraction` build an "image" example instead
-  -> [process_index::process_count] -> per-process batches -> worker processes.
+  -> this process's blocks of the global batch (`process_share`) -> per-process batches
+  -> worker processes.
 The random_map sits BEFORE the process slice, so its per-example randomness is keyed on
 the global stream position: the result does not depend on how many hosts read it.
 
@@ -167,6 +168,38 @@ class _MakeExample:
     }
 
 
+class _TakeShare:
+  """Element k of a process's share -> element g(k) of the global stream: consecutive
+  blocks of `block` elements go to processes 0, 1, ..., P-1 in turn, so the global batch
+  of a step (all processes' batches concatenated in process order, as
+  `jax.make_array_from_process_local_data` lays them out) is exactly the batch one
+  process would read alone. A final partial round (finite epochs) is dealt round-robin.
+  """
+
+  def __init__(self, ds: grain.MapDataset, block: int, index: int, count: int):
+    self.ds, self.block, self.index, self.count = ds, block, index, count
+    n = len(ds)
+    self.full = n // (block * count) * (block * count)  # elements in whole rounds
+
+  def __call__(self, k: int):
+    b, p = self.block, self.count
+    if k < self.full // p:
+      g = (k // b) * b * p + self.index * b + k % b
+    else:
+      g = self.full + (k - self.full // p) * p + self.index
+    return self.ds[g]
+
+
+def process_share(ds: grain.MapDataset, block: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This process's share of `ds` (len(ds) // process_count elements) by blocks of
+  `block` (the per-process batch), see `_TakeShare`."""
+  if process_count == 1:
+    return ds
+  return grain.MapDataset.range(len(ds) // process_count).map(
+      _TakeShare(ds, block, process_index, process_count))
+
+
 def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
                        width: int, seed: int, frame_stride: int = 1, crop: str = "center",
                        hflip: bool = False, shuffle: bool = True,
@@ -227,7 +260,7 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
     ds = ds[:len(ds) // process_count * process_count]
   ds = ds.random_map(_MakeExample(source, int(num_frames), int(frame_stride), int(height),
                                   int(width), crop, bool(hflip), float(image_fraction)))
-  ds = ds[process_index::process_count]
+  ds = process_share(ds, int(batch_size), process_index, process_count)
   # A bounded read-ahead: the default (hundreds of examples) would hold GBs of clips.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
                                             prefetch_buffer_size=2 * int(batch_size)))

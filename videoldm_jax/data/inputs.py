@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from videoldm_jax.data import latent_cache
-from videoldm_jax.data.grain_pipeline import make_video_dataset
+from videoldm_jax.data.grain_pipeline import make_video_dataset, process_share
 from videoldm_jax.data.procedural import ClipIterator
 
 KINDS = ("procedural_driving", "video_folder", "tfds", "latent_cache", "procedural")
@@ -48,7 +48,8 @@ def _cache_dataset(data, seed: int, pi: int, pc: int, vae_config: dict, vae_para
   source = latent_cache.LatentCacheSource(data.cache_dir)
   latent_cache.check_vae(source.info, vae_config, vae_params, str(data.cache_dir))
   keep = ("latents", "context")
-  ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)[pi::pc]
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  ds = (process_share(ds, data.batch_size // pc, pi, pc)
         .map(lambda r: {k: np.asarray(r[k]) for k in keep if k in r})
         .batch(data.batch_size // pc, drop_remainder=True))
   return ds.to_iter_dataset()

@@ -225,17 +225,20 @@ class ClipIterator:
     self.batch_size, self.num_frames = int(batch_size), int(num_frames)
     self.height, self.width, self.seed = int(height), int(width), int(seed)
     self.process_index, self.process_count = int(process_index), int(process_count)
-    self._next_index = self.process_index  # next global clip index this process renders
+    self._next_batch = 0  # global batch (step) this process renders next
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    P = self.process_count
-    indices = self._next_index + P * np.arange(self.batch_size, dtype=np.int64)
+    # Process p renders its block of the global batch: concatenated in process order the
+    # blocks are the batch one process with the global batch size would render.
+    b, P = self.batch_size, self.process_count
+    indices = (self._next_batch * b * P + self.process_index * b
+               + np.arange(b, dtype=np.int64))
     clips = [make_clip(int(i), self.num_frames, self.height, self.width, self.seed)
              for i in indices]
-    self._next_index += P * self.batch_size
+    self._next_batch += 1
     return {
       "video": np.stack([v for v, _, _ in clips]),
       "time_of_day": np.array([lab["time_of_day"] for _, lab, _ in clips], np.int32),
@@ -245,24 +248,27 @@ class ClipIterator:
     }
 
   def get_state(self) -> dict:
-    """JSON-serialisable position: the next global index, plus what it is valid for."""
-    return {"next_index": self._next_index, "seed": self.seed,
-            "process_index": self.process_index, "process_count": self.process_count}
+    """JSON-serialisable position: the next global batch, plus what it is valid for."""
+    return {"next_batch": self._next_batch, "seed": self.seed,
+            "batch_size": self.batch_size, "process_index": self.process_index,
+            "process_count": self.process_count}
 
   def set_state(self, state: dict) -> None:
     """Restores `get_state()` output; the next batch continues exactly where it left off."""
     try:
-      next_index = int(state["next_index"])
+      next_batch = int(state["next_batch"])
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"ClipIterator.set_state: expected a dict with an integer "
-                       f"'next_index', got {state!r}") from e
+                       f"'next_batch', got {state!r}") from e
     if int(state.get("seed", self.seed)) != self.seed:
       raise ValueError(f"ClipIterator.set_state: state is for seed {state['seed']}, this "
                        f"iterator uses seed {self.seed}")
-    if next_index < 0 or next_index % self.process_count != self.process_index:
-      # A resume with a different process count would skip or repeat clips.
-      raise ValueError(f"ClipIterator.set_state: next_index {next_index} does not belong to "
-                       f"process {self.process_index} of {self.process_count} (state was "
-                       f"saved by process {state.get('process_index')} of "
-                       f"{state.get('process_count')})")
-    self._next_index = next_index
+    saved = (state.get("batch_size", self.batch_size), state.get("process_count",
+                                                                 self.process_count))
+    if next_batch < 0 or saved != (self.batch_size, self.process_count):
+      # Another split of the global batch would skip or repeat clips.
+      raise ValueError(f"ClipIterator.set_state: state {state!r} was saved with batch_size "
+                       f"{saved[0]} per process over {saved[1]} processes; this iterator "
+                       f"has {self.batch_size} per process, process {self.process_index} of "
+                       f"{self.process_count}")
+    self._next_batch = next_batch
