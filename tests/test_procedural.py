@@ -74,8 +74,10 @@ def test_set_state_rejects_mismatches():
   it = ClipIterator(batch_size=2, seed=0, process_index=1, process_count=2, **SHAPE)
   with pytest.raises(ValueError, match="seed"):
     it.set_state({"next_batch": 3, "seed": 1})
-  with pytest.raises(ValueError, match="process 1 of 2"):  # saved by a 1-process run
-    it.set_state({"next_batch": 4, "seed": 0, "batch_size": 4, "process_count": 1})
+  with pytest.raises(ValueError, match="global batch of 8"):
+    it.set_state({"next_batch": 4, "seed": 0, "global_batch": 8})
+  it.set_state({"next_batch": 4, "seed": 0, "global_batch": 4})  # 1 process x 4: fine
+  assert next(it)["index"][0] == 4 * 4 + 2
   with pytest.raises(ValueError, match="next_batch"):
     it.set_state({})
 

@@ -4,16 +4,22 @@ r"""videoldm-train: run (or resume) a training stage.
       --config.train.num_steps=100
 
 Re-running the same command resumes from the newest complete checkpoint in --workdir.
-SIGTERM saves a final checkpoint and exits.
+SIGTERM saves a final checkpoint and exits. Multi-host: TPU VMs, SLURM and Open MPI
+are detected from the environment; any other launcher passes --coordinator_address,
+--num_processes and --process_id (see videoldm_jax/distributed.py and launch/).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from videoldm_jax.train.loop import train_and_evaluate
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, samples, exports")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "HOST:PORT of process 0 (explicit multi-process start)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process's index")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "fake CPU devices per process (tests / local_multiprocess.sh)")
 
 
 def main(argv):
@@ -21,6 +27,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
+  from videoldm_jax import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _CPU_DEVICES.value)
+  from videoldm_jax.train.loop import train_and_evaluate  # after JAX's start-up
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -55,6 +55,47 @@ def _cache_dataset(data, seed: int, pi: int, pc: int, vae_config: dict, vae_para
   return ds.to_iter_dataset()
 
 
+class ShareIterator:
+  """A Grain iterator over this process's blocks of the global batch (see
+  `grain_pipeline.process_share`) whose state also resumes in a run with another number
+  of processes: it records the global batches consumed, and after n of them every
+  process has read exactly n * (its batch) elements of its share."""
+
+  def __init__(self, it, per_process_batch: int, process_count: int):
+    self._it, self._b, self._pc, self._batches = it, per_process_batch, process_count, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._batches += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"grain": self._it.get_state(), "batches": self._batches,
+            "global_batch": self._b * self._pc, "process_count": self._pc}
+
+  def set_state(self, state: dict) -> None:
+    if "grain" not in state:  # a bare Grain state (older checkpoints)
+      self._it.set_state(state)
+      return
+    if state["global_batch"] != self._b * self._pc:
+      raise ValueError(f"data state: the checkpoint read global batches of "
+                       f"{state['global_batch']}, this run reads {self._b * self._pc}; "
+                       "resuming would skip or repeat examples")
+    self._batches = int(state["batches"])
+    if state["process_count"] == self._pc:
+      self._it.set_state(state["grain"])
+    elif set(state["grain"]) == {"next_index"}:
+      self._it.set_state({"next_index": self._batches * self._b})
+    else:
+      raise ValueError(f"data state: cannot move a Grain state with worker processes "
+                       f"({sorted(state['grain'])}) from {state['process_count']} to "
+                       f"{self._pc} processes; resume with worker_count=0 or the same "
+                       "process count")
+
+
 def make_iterator(config, workdir: Path, vae_config: dict, vae_params: Any):
   """Host-batch iterator for this process (see the module docstring)."""
   data, seed = config.data, config.seed
@@ -68,7 +109,8 @@ def make_iterator(config, workdir: Path, vae_config: dict, vae_params: Any):
     return ClipIterator(data.batch_size // pc, data.num_frames, data.height, data.width,
                         seed=seed, process_index=pi, process_count=pc)
   if data.kind == "latent_cache":
-    return iter(_cache_dataset(data, seed, pi, pc, vae_config, vae_params))
+    return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, vae_config, vae_params)),
+                         data.batch_size // pc, pc)
   ds = make_video_dataset(
       _tfds_source(data, workdir), batch_size=data.batch_size // pc,
       num_frames=data.num_frames, frame_stride=data.get("frame_stride", 1),
@@ -76,4 +118,4 @@ def make_iterator(config, workdir: Path, vae_config: dict, vae_params: Any):
       hflip=data.get("hflip", False), seed=seed, process_index=pi, process_count=pc,
       worker_count=data.get("worker_count", 0),
       image_fraction=data.get("image_fraction", 0.0))
-  return iter(ds)
+  return ShareIterator(iter(ds), data.batch_size // pc, pc)

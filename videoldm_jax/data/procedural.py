@@ -248,13 +248,14 @@ class ClipIterator:
     }
 
   def get_state(self) -> dict:
-    """JSON-serialisable position: the next global batch, plus what it is valid for."""
+    """JSON-serialisable position: the next global batch, plus what it is valid for. It
+    is the same on every process, and valid for any split of the same global batch."""
     return {"next_batch": self._next_batch, "seed": self.seed,
-            "batch_size": self.batch_size, "process_index": self.process_index,
-            "process_count": self.process_count}
+            "global_batch": self.batch_size * self.process_count}
 
   def set_state(self, state: dict) -> None:
-    """Restores `get_state()` output; the next batch continues exactly where it left off."""
+    """Restores `get_state()` output (from any process, of a run with any number of
+    processes and the same global batch); the next batch continues exactly there."""
     try:
       next_batch = int(state["next_batch"])
     except (KeyError, TypeError, ValueError) as e:
@@ -263,12 +264,9 @@ class ClipIterator:
     if int(state.get("seed", self.seed)) != self.seed:
       raise ValueError(f"ClipIterator.set_state: state is for seed {state['seed']}, this "
                        f"iterator uses seed {self.seed}")
-    saved = (state.get("batch_size", self.batch_size), state.get("process_count",
-                                                                 self.process_count))
-    if next_batch < 0 or saved != (self.batch_size, self.process_count):
-      # Another split of the global batch would skip or repeat clips.
-      raise ValueError(f"ClipIterator.set_state: state {state!r} was saved with batch_size "
-                       f"{saved[0]} per process over {saved[1]} processes; this iterator "
-                       f"has {self.batch_size} per process, process {self.process_index} of "
-                       f"{self.process_count}")
+    global_batch = self.batch_size * self.process_count
+    if next_batch < 0 or int(state.get("global_batch", global_batch)) != global_batch:
+      raise ValueError(f"ClipIterator.set_state: state {state!r} is for a global batch of "
+                       f"{state.get('global_batch')}; this iterator (process "
+                       f"{self.process_index} of {self.process_count}) reads {global_batch}")
     self._next_batch = next_batch

@@ -5,7 +5,7 @@ and parameters, batch preparation, loss, trainable mask, optimiser; see
 stages/base.py). This loop is the same for all of them: it builds the mesh, restores
 the newest checkpoint in `workdir` (or initialises the parameters), then loops: host
 batch -> global arrays -> the jitted step. It logs loss, step time, samples/s and MFU
-to the console and TensorBoard, checkpoints (train state + data-iterator state +
+to the console, TensorBoard and WORKDIR/metrics.jsonl (process 0 only), checkpoints (train state + data-iterator state +
 config) on schedule and on SIGTERM, samples, and finally exports an inference folder
 from the EMA weights.
 """
@@ -158,6 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if writer is not None:
           for k, v in m.items():
             writer.add_scalar(f"train/{k}", v, step)
+        if pi == 0:
+          with open(workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(dict(m, step=step)) + "\n")
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
         ckpt.save(step, state, data_state=data.get_state(), config=config.to_dict(),
                   metrics={"loss": float(metrics["loss"])}, force=True)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Runs one command as N JAX processes on this machine (loopback coordinator, fake CPU
+# devices per process): the way to exercise multi-host code paths without a cluster.
+# Each process gets --coordinator_address, --num_processes, --process_id and
+# --cpu_devices appended; output lines are prefixed with [pI]. If one process fails the
+# others are stopped and the script exits with its status.
+#
+#   bash launch/local_multiprocess.sh [--num_processes=2] [--devices_per_process=2] \
+#       [--port=PORT] [--dry_run] -- videoldm-train --config=configs/keyframe_tiny.py \
+#       --workdir="work/mp run"
+#
+# Variables (flags override): NUM_PROCESSES (2), DEVICES_PER_PROCESS (2), PORT (a free
+# port from 20000-29999), VENV (.venv: activated when it exists).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NUM_PROCESSES=${NUM_PROCESSES:-2}
+DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-2}
+PORT=${PORT:-$((20000 + RANDOM % 10000))}
+VENV=${VENV:-.venv}
+DRY_RUN=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --num_processes=*) NUM_PROCESSES=${1#*=} ;;
+    --devices_per_process=*) DEVICES_PER_PROCESS=${1#*=} ;;
+    --port=*) PORT=${1#*=} ;;
+    --dry_run) DRY_RUN=1 ;;
+    --) shift; break ;;
+    *) echo "local_multiprocess.sh: unknown option $1 (the command follows --)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ $# -eq 0 ]; then
+  echo "local_multiprocess.sh: no command given after --" >&2
+  exit 2
+fi
+if [ -f "$VENV/bin/activate" ] && [ "$DRY_RUN" = 0 ]; then
+  # shellcheck disable=SC1090,SC1091
+  . "$VENV/bin/activate"
+fi
+export JAX_PLATFORMS=cpu
+
+pids=()
+for ((i = 0; i < NUM_PROCESSES; i++)); do
+  cmd=("$@" "--coordinator_address=127.0.0.1:$PORT" "--num_processes=$NUM_PROCESSES"
+       "--process_id=$i" "--cpu_devices=$DEVICES_PER_PROCESS")
+  if [ "$DRY_RUN" = 1 ]; then
+    printf 'JAX_PLATFORMS=cpu'
+    printf ' %q' "${cmd[@]}"
+    printf '\n'
+    continue
+  fi
+  ( "${cmd[@]}" 2>&1 | sed -u "s/^/[p$i] /" ; exit "${PIPESTATUS[0]}" ) &
+  pids+=("$!")
+done
+[ "$DRY_RUN" = 1 ] && exit 0
+
+status=0
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
+trap cleanup INT TERM
+# wait -n: a process that fails early stops the rest at once (they would otherwise sit
+# in a collective until its timeout).
+for ((left = NUM_PROCESSES; left > 0; left--)); do
+  wait -n || status=$?
+  if [ "$status" != 0 ]; then
+    echo "local_multiprocess.sh: a process failed (exit $status); stopping the others" >&2
+    cleanup
+    break
+  fi
+done
+wait || true
+exit "$status"

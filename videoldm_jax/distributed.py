@@ -1,0 +1,79 @@
+"""Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
+
+Call `initialize()` once per process before any other JAX call. Where the processes
+come from decides how they find each other:
+
+  explicit    --coordinator_address=HOST:PORT --num_processes=N --process_id=I (any
+              launcher; launch/local_multiprocess.sh uses it on loopback)
+  TPU VM      a multi-host slice (TPU_WORKER_HOSTNAMES / the metadata server): JAX
+              auto-detects everything
+  SLURM       srun with SLURM_NTASKS > 1 (launch/gpu_slurm.sbatch)
+  Open MPI    mpirun with OMPI_COMM_WORLD_SIZE > 1
+  nothing     one process: no initialisation
+
+`cpu_devices` > 0 gives each process that many fake CPU devices with gloo
+collectives: this is how tests and `local_multiprocess.sh` run multi-host code paths
+on one machine.
+"""
+
+import dataclasses
+import os
+from typing import Mapping, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How this process joins the job (see `detect`)."""
+  kind: str                       # explicit | tpu | slurm | mpi | single
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+
+def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes: int = 0,
+           process_id: int = -1) -> Launch:
+  """The launch kind from flags (which win) or the environment; raises on half-given
+  flags instead of hanging at start-up."""
+  given = [bool(coordinator_address), num_processes > 0, process_id >= 0]
+  if any(given):
+    if not all(given):
+      raise ValueError(
+          "distributed start-up: --coordinator_address, --num_processes and --process_id "
+          f"go together; got coordinator_address={coordinator_address!r}, "
+          f"num_processes={num_processes}, process_id={process_id}")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"distributed start-up: --process_id={process_id} is not in "
+                       f"[0, {num_processes})")
+    return Launch("explicit", coordinator_address, num_processes, process_id)
+  if env.get("TPU_WORKER_HOSTNAMES") and "," in env["TPU_WORKER_HOSTNAMES"]:
+    return Launch("tpu")
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
+    return Launch("slurm")
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return Launch("mpi")
+  return Launch("single")
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+               cpu_devices: int = 0, timeout_s: int = 300) -> Launch:
+  """Joins the job described by the flags / environment (module docstring). Returns the
+  detected `Launch`. Must run before the first JAX computation."""
+  import jax
+  launch = detect(os.environ, coordinator_address, num_processes, process_id)
+  if cpu_devices > 0:
+    jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if launch.kind == "single":
+    return launch
+  if launch.kind == "explicit":
+    kwargs = dict(coordinator_address=launch.coordinator_address,
+                  num_processes=launch.num_processes, process_id=launch.process_id,
+                  initialization_timeout=timeout_s)
+    host = launch.coordinator_address.rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost"):  # one machine: never listen beyond loopback
+      kwargs["coordinator_bind_address"] = launch.coordinator_address
+    jax.distributed.initialize(**kwargs)
+  else:  # tpu, slurm, mpi: JAX's cluster auto-detection reads the environment
+    jax.distributed.initialize(initialization_timeout=timeout_s)
+  return launch
+
