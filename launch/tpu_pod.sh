@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Runs one videoldm-jax command on every worker of a Cloud TPU VM slice (v4 / v5e / v5p
+# pods): creates the slice or reuses it, puts the code on every worker, installs the
+# package in a venv there, runs the same command on all workers at once (JAX finds
+# its peers from the TPU metadata) and streams their output here.
+#
+#   TPU_NAME=vldm ZONE=us-east5-a ACCELERATOR_TYPE=v5p-128 \
+#     bash launch/tpu_pod.sh [--dry_run] -- videoldm-train \
+#       --config=configs/keyframe_sd15_v5p128.py --workdir=/mnt/shared/runs/kf
+#
+# The workdir must be one filesystem all workers see (e.g. a Filestore/NFS mount):
+# checkpoints are written collectively by all of them.
+#
+# Variables (all may be set in the environment; no secrets belong here: gcloud uses
+# the credentials of `gcloud auth login` / the VM's service account):
+#   TPU_NAME          name of the TPU VM slice (required)
+#   ZONE              Cloud zone of the slice (required)
+#   PROJECT           Cloud project; default: gcloud's configured project
+#   ACCELERATOR_TYPE  e.g. v5litepod-64, v5p-128; used only when creating (default v5p-8)
+#   RUNTIME_VERSION   TPU VM image used when creating (default v2-alpha-tpuv5)
+#   SPOT              1 = create a spot (preemptible) slice; the trainer checkpoints on
+#                     SIGTERM and resumes when the same command is re-run
+#   CODE              "copy" (default): scp this checkout (git-tracked files only);
+#                     "clone": git clone REPO_URL at REPO_REF on every worker
+#   REPO_URL, REPO_REF  for CODE=clone (default ref: main)
+#   REMOTE_DIR        where the code lives on the workers (default ~/videoldm-jax)
+#   EXTRAS            pip extras installed on the workers (default "tpu")
+#   DRY_RUN           1 = print the commands instead of running them (same as --dry_run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY_RUN=${DRY_RUN:-0}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry_run) DRY_RUN=1 ;;
+    --) shift; break ;;
+    *) echo "tpu_pod.sh: unknown option $1 (the command follows --)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ $# -eq 0 ]; then
+  echo "tpu_pod.sh: no command given after --" >&2
+  exit 2
+fi
+: "${TPU_NAME:?set TPU_NAME (the TPU VM slice name)}"
+: "${ZONE:?set ZONE (e.g. us-east5-a)}"
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5p-8}
+RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5}
+SPOT=${SPOT:-0}
+CODE=${CODE:-copy}
+REPO_REF=${REPO_REF:-main}
+REMOTE_DIR=${REMOTE_DIR:-videoldm-jax}
+EXTRAS=${EXTRAS:-tpu}
+project=()
+[ -n "${PROJECT:-}" ] && project=("--project=$PROJECT")
+tpu=(gcloud compute tpus tpu-vm)
+where=("--zone=$ZONE" "${project[@]}")
+
+run() {  # prints (dry run) or runs a command, quoted so it can be pasted back
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '%q ' "$@" | sed 's/ $//'
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# The remote shell line: quoted once here, so user arguments with spaces survive ssh.
+remote_cmd=$(printf '%q ' "$@")
+remote_cmd=${remote_cmd% }
+q_dir=$(printf '%q' "$REMOTE_DIR")
+
+# 1. The slice: reuse it when it exists.
+if [ "$DRY_RUN" = 1 ] || ! "${tpu[@]}" describe "$TPU_NAME" "${where[@]}" >/dev/null 2>&1; then
+  create=("${tpu[@]}" create "$TPU_NAME" "${where[@]}" "--accelerator-type=$ACCELERATOR_TYPE"
+          "--version=$RUNTIME_VERSION")
+  [ "$SPOT" = 1 ] && create+=(--spot)
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "# if the slice does not exist yet:"
+  fi
+  run "${create[@]}"
+fi
+
+# 2. The code on every worker.
+if [ "$CODE" = clone ]; then
+  : "${REPO_URL:?set REPO_URL for CODE=clone}"
+  run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+    "rm -rf $q_dir && git clone --branch $(printf '%q' "$REPO_REF") $(printf '%q' "$REPO_URL") $q_dir"
+else
+  archive=${TMPDIR:-/tmp}/videoldm-jax-code.tar.gz
+  run git archive --format=tar.gz -o "$archive" HEAD
+  run "${tpu[@]}" scp "$archive" "$TPU_NAME:videoldm-jax-code.tar.gz" "${where[@]}" --worker=all
+  run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+    "rm -rf $q_dir && mkdir -p $q_dir && tar -xzf videoldm-jax-code.tar.gz -C $q_dir"
+fi
+
+# 3. Install (a venv per worker) and 4. run everywhere; --worker=all streams every
+# worker's output, prefixed by gcloud with the worker's address.
+run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+  "cd $q_dir && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[$EXTRAS]'"
+run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+  "cd $q_dir && . .venv/bin/activate && $remote_cmd"

@@ -1,0 +1,62 @@
+"""Launch scripts in --dry_run mode: the exact commands they would run, with arguments
+containing spaces surviving every level of quoting (local shell, ssh, srun)."""
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+USER_CMD = ["videoldm-train", "--config=configs/keyframe_sd15.py", "--workdir=/runs/kf 1"]
+
+
+def _dry(script, *args, env=None):
+  out = subprocess.run(["bash", script, "--dry_run", *args, "--", *USER_CMD], cwd=ROOT,
+                       env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                       check=True)
+  return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("#")]
+
+
+def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
+  env = dict(TPU_NAME="vldm pod", ZONE="us-east5-a", PROJECT="proj",
+             ACCELERATOR_TYPE="v5p-128", SPOT="1", REMOTE_DIR="code dir")
+  cmds = _dry("launch/tpu_pod.sh", env=env)
+  base = ["gcloud", "compute", "tpus", "tpu-vm"]
+  create, archive, scp, unpack, install, run = cmds
+  assert create == base + ["create", "vldm pod", "--zone=us-east5-a", "--project=proj",
+                           "--accelerator-type=v5p-128", "--version=v2-alpha-tpuv5",
+                           "--spot"]
+  assert archive[:2] == ["git", "archive"]
+  assert scp[:5] == base + ["scp"] and "--worker=all" in scp
+  for c in (unpack, install, run):
+    assert c[:6] == base + ["ssh", "vldm pod"] and "--worker=all" in c
+  remote = run[run.index("--command") + 1]
+  # The remote shell splits the line once more: the user's argv comes back intact.
+  words = shlex.split(remote)
+  assert words[:2] == ["cd", "code dir"] and words[-3:] == USER_CMD
+  assert "pip install -q -e '.[tpu]'" in install[install.index("--command") + 1]
+
+
+def test_tpu_pod_can_clone_instead_of_copy():
+  env = dict(TPU_NAME="v", ZONE="z", CODE="clone", REPO_URL="https://example.org/r.git",
+             REPO_REF="v1")
+  cmds = _dry("launch/tpu_pod.sh", env=env)
+  clone = shlex.split(cmds[1][cmds[1].index("--command") + 1])
+  assert "git" in clone and clone[clone.index("clone"):] == [
+      "clone", "--branch", "v1", "https://example.org/r.git", "videoldm-jax"]
+
+
+def test_tpu_pod_requires_its_variables():
+  out = subprocess.run(["bash", "launch/tpu_pod.sh", "--dry_run", "--", "true"], cwd=ROOT,
+                       env={k: v for k, v in os.environ.items() if k != "TPU_NAME"},
+                       capture_output=True, text=True)
+  assert out.returncode != 0 and "TPU_NAME" in out.stderr
+
+
+def test_slurm_one_process_per_gpu_or_per_node():
+  (per_gpu,) = _dry("launch/gpu_slurm.sbatch")
+  assert per_gpu[:5] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=8",
+                         "--gpus-per-task=1", "--cpu-bind=none"]
+  assert per_gpu[-3:] == USER_CMD  # passed as separate words through `bash -c ... "$@"`
+  (per_node,) = _dry("launch/gpu_slurm.sbatch", env=dict(MODE="per_node", GPUS_PER_NODE="4"))
+  assert per_node[2:4] == ["--ntasks-per-node=1", "--gpus-per-task=4"]
