@@ -34,11 +34,20 @@ class TemporalConfig(JsonConfig):
   cross_attention: bool = False      # temporal blocks also attend to the text context
   mix_init: float = 0.5              # initial logit m of every mixing site (as sgm)
   max_period: float = 10000.0        # of the sinusoidal frame-index encoding
+  # Context frames (prediction / interpolation models, paper eq. 3): the UNet takes
+  # cond = (m * z, m) (B, T, h, w, C+1) through `temporal_context_encoder`, whose
+  # features at each resolution are added (zero-initialised projections) to the input
+  # of every temporal layer. theta and conv_in are untouched.
+  context_frames: bool = False
+  # Encoder width per UNet level; () = the UNet's block_out_channels.
+  context_channels: tuple[int, ...] = ()
 
   def validate(self) -> "TemporalConfig":
     if len(self.conv_kernel) != 3 or any(k % 2 == 0 for k in self.conv_kernel):
       raise ValueError(f"TemporalConfig.conv_kernel must be three odd sizes, got "
                        f"{self.conv_kernel}")
+    if self.context_channels and not self.context_frames:
+      raise ValueError("TemporalConfig.context_channels is set but context_frames is False")
     return self
 
 
@@ -47,9 +56,15 @@ class Frames(struct.PyTreeNode):
   so that it crosses `nn.remat` boundaries).
 
   image_only: (B*T,) bool, True where a frame is a still image (alpha forced to 1).
+  context: (B*T, h, w, C_ctx) features of the context frames at the resolution of the
+    layers that receive this Frames (models with `context_frames`), or None.
   """
   num_frames: int = struct.field(pytree_node=False)
   image_only: Optional[jax.Array] = None
+  context: Optional[jax.Array] = None
+
+  def with_context(self, context: Optional[jax.Array]) -> "Frames":
+    return self.replace(context=context)
 
 
 def mix(x_spatial: jax.Array, x_temporal: jax.Array, m: jax.Array,
@@ -83,10 +98,30 @@ def conv3d(features: int, kernel: tuple[int, int, int], *, name: str, zero_init:
       bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
 
 
+def add_context(x: jax.Array, frames: Frames) -> jax.Array:
+  """x (N, ..., C) + a zero-initialised, bias-free projection of `frames.context`
+  (N, h, w, C_ctx), reshaped to x's shape (x is (B*T, h, w, C) or tokens (B*T, h*w, C));
+  x itself when there is no context.
+
+  Bias-free and zero-initialised: at init a context model is the model it was built from,
+  and an all-zero cond (no context frame) adds exactly zero at any weights, so the
+  unconditional branch of context guidance is the context-free model.
+  """
+  if frames.context is None:
+    return x
+  proj = nn.Dense(x.shape[-1], use_bias=False, dtype=x.dtype, param_dtype=jnp.float32,
+                  kernel_init=layers.param_init(layers.ZEROS, ("conv_in", "conv_out")),
+                  name="context_proj")
+  return x + proj(frames.context.astype(x.dtype)).reshape(x.shape)
+
+
 class TemporalResBlock(nn.Module):
   """GroupNorm-SiLU-Conv3d, + per-frame timestep embedding, GroupNorm-SiLU-Conv3d whose
   weights start at zero (so the block starts as the identity), identity skip; then the
-  blend with its input. (B*T, H, W, C), temb (B*T, E) -> (B*T, H, W, C)."""
+  blend with its input. (B*T, H, W, C), temb (B*T, E) -> (B*T, H, W, C).
+
+  With context features in `frames`, their projection is added to the temporal branch's
+  input (residual stream included, so the projection gets gradients from step one)."""
   config: TemporalConfig
   norm_num_groups: int = 32
   eps: float = 1e-5
@@ -97,7 +132,8 @@ class TemporalResBlock(nn.Module):
     c = self.config
     channels = x.shape[-1]
     # GroupNorm over (T, H, W) and the channel group: the video is the instance.
-    v = einops.rearrange(x, "(b t) h w c -> b t h w c", t=frames.num_frames)
+    v = einops.rearrange(add_context(x, frames), "(b t) h w c -> b t h w c",
+                         t=frames.num_frames)
     gn = lambda name: layers.group_norm(self.norm_num_groups, self.eps, name=name,
                                         dtype=self.dtype)
     h = conv3d(channels, c.conv_kernel, name="conv1", dtype=self.dtype)(nn.silu(gn("norm1")(v)))
@@ -118,6 +154,8 @@ class TemporalTransformerBlock(nn.Module):
   over time, optional cross-attention to the context, GEGLU feed-forward, all
   residual; then the blend with the spatial tokens. The encoding is a function of the
   frame index, so any number of frames works, more than seen in training included.
+  Context features (if any) are projected and added to this branch's tokens, next to the
+  frame-index embedding.
   """
   config: TemporalConfig
   num_heads: int
@@ -133,7 +171,8 @@ class TemporalTransformerBlock(nn.Module):
         pos.astype(self.dtype))
     pos = layers.dense(width, ("mlp", "embed"), name="pos_linear_2", dtype=self.dtype)(
         nn.silu(pos))
-    h = einops.rearrange(x_NxSxC, "(b t) s c -> (b s) t c", t=t) + pos[None]
+    h = add_context(x_NxSxC, frames)
+    h = einops.rearrange(h, "(b t) s c -> (b s) t c", t=t) + pos[None]
     ln = lambda name: layers.layer_norm(1e-5, name=name, dtype=self.dtype)
     attn = lambda name: Attention(self.num_heads, dtype=self.dtype, name=name)
     h = h + attn("attn1")(ln("norm1")(h))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from videoldm_jax.models import layers
+from videoldm_jax.models.context_encoder import ContextEncoder
 from videoldm_jax.models.transformer2d import SpatialTransformer
 from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.temporal import Frames, TemporalConfig, TemporalResBlock
@@ -247,6 +248,11 @@ class UNet(nn.Module):
   and optional image_only (B, T) bool -> (B, T, H, W, C_out). Frames go through the
   spatial layers as a batch of B*T images; the temporal layers (names `temporal_*`)
   follow every spatial ResBlock and transformer block.
+  Context frames (temporal.context_frames): optional cond (B, T, H, W, C_in + 1) =
+  (m * z, m) (`context_encoder.masked_cond`), encoded by `temporal_context_encoder` to
+  every level and added to the temporal layers' inputs. cond=None skips the encoder: the
+  model without context, which an all-zero cond (S = 0) reproduces exactly (every added
+  term is exactly 0; only XLA's fusion of the two jitted programs may round differently).
   """
   config: UNetConfig
   temporal: Optional[TemporalConfig] = None
@@ -257,7 +263,8 @@ class UNet(nn.Module):
   def __call__(self, x: jax.Array, timesteps_B: jax.Array,
                context_BxSxE: Optional[jax.Array] = None,
                class_labels_B: Optional[jax.Array] = None,
-               image_only_BxT: Optional[jax.Array] = None) -> jax.Array:
+               image_only_BxT: Optional[jax.Array] = None,
+               cond: Optional[jax.Array] = None) -> jax.Array:
     c = self.config.validate()
     if self.temporal is not None:
       self.temporal.validate()
@@ -277,6 +284,7 @@ class UNet(nn.Module):
       frames = Frames(t, image_only)
     else:
       x_BxHxWxC = x
+    frames_per_level = self._context_frames(x, cond, frames)
     t = layers.timestep_embedding(timesteps_B, c.block_out_channels[0], c.flip_sin_to_cos,
                                   c.freq_shift)
     temb = TimestepEmbedding(c.time_embed_dim, dtype=self.dtype, name="time_embedding")(
@@ -296,15 +304,17 @@ class UNet(nn.Module):
     tc = self.temporal
     for level in range(c.num_levels):
       h, level_skips = DownBlock(c, level, tc, self.remat_policy, dtype=self.dtype,
-                                 name=f"down_blocks_{level}")(h, temb, context_BxSxE, frames)
+                                 name=f"down_blocks_{level}")(
+                                     h, temb, context_BxSxE, frames_per_level[level])
       skips += level_skips
     h = MidBlock(c, tc, self.remat_policy, dtype=self.dtype, name="mid_block")(
-        h, temb, context_BxSxE, frames)
+        h, temb, context_BxSxE, frames_per_level[-1])
     n = c.layers_per_block + 1
     for up, level in enumerate(reversed(range(c.num_levels))):
       skips, level_skips = skips[:-n], skips[-n:]
       h = UpBlock(c, level, tc, self.remat_policy, dtype=self.dtype,
-                  name=f"up_blocks_{up}")(h, level_skips, temb, context_BxSxE, frames)
+                  name=f"up_blocks_{up}")(h, level_skips, temb, context_BxSxE,
+                                          frames_per_level[level])
     h = nn.silu(layers.group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out",
                                   dtype=self.dtype)(h))
     out = layers.conv2d(c.out_channels, 3, name="conv_out", dtype=self.dtype)(h)
@@ -312,6 +322,37 @@ class UNet(nn.Module):
     if video:
       out = einops.rearrange(out, "(b t) h w c -> b t h w c", b=batch)
     return out
+
+  def _context_frames(self, x: jax.Array, cond: Optional[jax.Array],
+                      frames: Optional[Frames]) -> list[Optional[Frames]]:
+    """`frames` for each level, carrying that level's context features (if any)."""
+    c, tc = self.config, self.temporal
+    levels = [frames] * c.num_levels
+    if tc is None or not tc.context_frames:
+      if cond is not None:
+        raise ValueError("cond (context frames) given, but this UNet has no context "
+                         "encoder (TemporalConfig.context_frames=False)")
+      return levels
+    if frames is None:
+      if cond is not None:
+        raise ValueError("cond (context frames) needs video input (B, T, H, W, C)")
+      return levels
+    if cond is None and self.is_initializing():
+      # Create the encoder and projections (the parameter tree must not depend on
+      # whether the example inputs carried a cond).
+      cond = jnp.zeros(x.shape[:-1] + (c.in_channels + 1,), jnp.float32)
+    if cond is None:
+      return levels
+    expected = x.shape[:-1] + (c.in_channels + 1,)
+    if tuple(cond.shape) != expected:
+      raise ValueError(f"cond must be (m * z, m) of shape {expected}, got {cond.shape}")
+    widths = tc.context_channels or c.block_out_channels
+    if len(widths) != c.num_levels:
+      raise ValueError(f"TemporalConfig.context_channels {widths} needs one width per "
+                       f"UNet level ({c.num_levels})")
+    features = ContextEncoder(tuple(widths), dtype=self.dtype, name="temporal_context_encoder")(
+        einops.rearrange(cond, "b t h w c -> (b t) h w c"))
+    return [frames.with_context(f) for f in features]
 
 
 def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None,

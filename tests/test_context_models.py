@@ -1,0 +1,164 @@
+"""Context frames (Video LDM eq. 3): the conditioning input, the UNet's context encoder,
+context guidance, and the prediction / interpolation samplers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from videoldm_jax.diffusion.schedules import SamplingConfig, make_schedule
+from videoldm_jax.models import params as params_lib
+from videoldm_jax.models import partition
+from videoldm_jax.models.context_encoder import first_frames_mask, masked_cond, strided_mask
+from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.models.unet import UNet, UNetConfig
+from videoldm_jax.pipelines import context_sampling as cs
+from videoldm_jax.stages import interpolator, predictor
+
+CONFIG = UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
+                    attention_levels=(True, True), num_heads=2, cross_attention_dim=8,
+                    norm_num_groups=8)
+KEYFRAME = UNet(CONFIG, TemporalConfig())
+CONTEXT = UNet(CONFIG, TemporalConfig(context_frames=True))
+SHAPE = (2, 4, 4, 4, 4)  # (B, T, h, w, C)
+
+
+def _inputs(seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(k[0], SHAPE), jnp.array([17, 901]),
+          jax.random.normal(k[1], (2, 3, 8)), jax.random.normal(k[2], SHAPE))
+
+
+@pytest.fixture(scope="module")
+def params():
+  """Context-model params with EVERY leaf (zero-initialised projections included)
+  moved off its init, so that no zero can hide a leak of the context."""
+  x, t, ctx, _ = _inputs()
+  p = params_lib.init_params(CONTEXT, 0, x, t, ctx)
+  rng = np.random.default_rng(1)
+  return jax.tree_util.tree_map(lambda a: a + 0.1 * rng.standard_normal(a.shape, np.float32), p)
+
+
+@pytest.fixture(scope="module")
+def model(params):
+  """A ContextModel on `params` (one jitted apply shared by the sampler tests)."""
+  return cs.ContextModel(jax.jit(CONTEXT.apply), params, make_schedule("scaled_linear"),
+                         SamplingConfig())
+
+
+def _is_context_leaf(path) -> bool:
+  return any("context" in p for p in path)
+
+
+def test_context_params_are_phi_and_theta_is_the_image_model():
+  x, t, ctx, _ = _inputs()
+  video = params_lib.abstract_params(CONTEXT, x, t, ctx)
+  image = params_lib.abstract_params(UNet(CONFIG), x[:, 0], t, ctx)
+  spatial, temporal = partition.split(video)
+  partition.check_same_structure(image, spatial, what="spatial", source="context model")
+  new = [k for k in traverse_util.flatten_dict(temporal) if _is_context_leaf(k)]
+  # Encoder: conv_in, conv_0, down_1, conv_1; one projection per temporal layer: 8
+  # ResBlocks (2 down, 2 mid, 4 up) and 7 transformer blocks; no biases anywhere.
+  assert len(new) == 4 + 8 + 7 and all(k[-1] == "kernel" for k in new)
+  assert sum(k[0] == "temporal_context_encoder" for k in new) == 4
+
+
+def test_no_context_is_exactly_the_model_without_context(params):
+  x, t, ctx, z = _inputs()
+  cond0 = masked_cond(z, first_frames_mask(jnp.zeros(2, jnp.int32), 4))
+  np.testing.assert_array_equal(np.asarray(cond0), 0.0)  # S = 0: nothing leaks in
+  # Eager (op by op): every op sees bitwise the same inputs in all three models. (Under
+  # jit the extra zero addends change XLA's fusion, which may round differently.)
+  with_zero_cond = CONTEXT.apply({"params": params}, x, t, ctx, None, None, cond=cond0)
+  without_cond = CONTEXT.apply({"params": params}, x, t, ctx)
+  np.testing.assert_array_equal(np.asarray(with_zero_cond), np.asarray(without_cond))
+  # ... and the key-frame model with the same phi (no context encoder, no projections).
+  keyframe = traverse_util.unflatten_dict(
+      {k: v for k, v in traverse_util.flatten_dict(params).items() if not _is_context_leaf(k)})
+  ref = KEYFRAME.apply({"params": keyframe}, x, t, ctx)
+  np.testing.assert_array_equal(np.asarray(without_cond), np.asarray(ref))
+
+
+@pytest.mark.parametrize("s", [0, 1, 2])
+def test_cond_holds_exactly_the_known_latents_and_the_mask(s):
+  z = jax.random.normal(jax.random.key(3), SHAPE)
+  mask = first_frames_mask(jnp.full((2,), s), 4)
+  np.testing.assert_array_equal(np.asarray(mask), np.array([[1.0] * s + [0.0] * (4 - s)] * 2))
+  cond = np.asarray(masked_cond(z, mask))
+  assert cond.shape == SHAPE[:-1] + (5,)
+  np.testing.assert_array_equal(cond[:, :s, ..., :4], np.asarray(z)[:, :s])
+  np.testing.assert_array_equal(cond[:, s:, ..., :4], 0.0)
+  np.testing.assert_array_equal(cond[:, :s, ..., 4], 1.0)
+  np.testing.assert_array_equal(cond[:, s:, ..., 4], 0.0)
+
+
+def test_training_masks():
+  # Predictor: prefixes of S frames, S drawn from the given probabilities per clip.
+  fn = predictor.mask_fn((1 / 3, 1 / 3, 1 / 3))
+  m = np.asarray(fn(jax.random.key(0), 600, 5))
+  s = m.sum(axis=1).astype(int)
+  np.testing.assert_array_equal(m, np.asarray(first_frames_mask(s, 5)))
+  counts = np.bincount(s, minlength=3)
+  assert len(counts) == 3 and all(150 < c < 250 for c in counts), counts
+  only_two = np.asarray(predictor.mask_fn((0.0, 0.0, 1.0))(jax.random.key(1), 8, 5))
+  np.testing.assert_array_equal(only_two, np.asarray(first_frames_mask(jnp.full(8, 2), 5)))
+  # Interpolator: frames 0, 4, 8 of 12 known; whole clips dropped at the given rate.
+  m = np.asarray(interpolator.mask_fn(4)(jax.random.key(2), 3, 12))
+  np.testing.assert_array_equal(m, np.tile([1.0, 0, 0, 0], 3)[None].repeat(3, 0))
+  m = np.asarray(interpolator.mask_fn(4, 0.5)(jax.random.key(3), 400, 12))
+  dropped = m.sum(axis=1) == 0
+  assert 150 < dropped.sum() < 250
+  np.testing.assert_array_equal(m[~dropped], np.asarray(strided_mask(int((~dropped).sum()),
+                                                                     12, 4)))
+
+
+def test_context_guidance(model, params):
+  # Every UNet call here has batch 2, so the test compiles the model once.
+  x, t, ctx, z = _inputs()
+  cond = masked_cond(z, first_frames_mask(jnp.array([1, 2]), 4))
+  f = lambda x, t, c, text: model.apply_fn({"params": params}, x, t, text, None, None, cond=c)
+  # Scale 1 (context and text): the plain conditional prediction, bit for bit.
+  opts = cs.ContextSampleOptions(context_scale=1.0, guidance_scale=1.0)
+  out = cs.guided_context_fn(model, cond, opts, ctx, jnp.zeros_like(ctx))(x, t)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(f(x, t, cond, ctx)))
+  # s = 3: f(z) + s (f(z, c_S) - f(z)), f(z) being the S = 0 branch (an all-zero cond),
+  # both branches in one batched call.
+  x1, c1, ctx1 = x[1:], cond[1:], ctx[1:]
+  out = cs.guided_context_fn(model, c1, cs.ContextSampleOptions(context_scale=3.0), ctx1)(
+      x1, t[1:])
+  both = f(jnp.concatenate([x1, x1]), jnp.concatenate([t[1:], t[1:]]),
+           jnp.concatenate([jnp.zeros_like(c1), c1]),
+           jnp.concatenate([ctx1, ctx1]))
+  uncond, conditional = both[:1], both[1:]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(uncond + 3.0 * (conditional - uncond)),
+                             rtol=1e-6, atol=1e-6)
+  # The known frames change the prediction of every frame (temporal layers mix them).
+  assert np.abs(np.asarray(conditional - uncond)).mean(axis=(0, 2, 3, 4)).min() > 1e-3
+
+
+def test_interpolation_reproduces_key_frames_and_runs_twice(model):
+  _, _, text, _ = _inputs()
+  keys = jax.random.normal(jax.random.key(4), (2, 1, 4, 4, 4))
+  opts = cs.ContextSampleOptions(num_steps=2)
+  once = cs.interpolate(model, keys, 4, opts, text=text)
+  assert once.shape == (2, 4, 4, 4, 4) and np.isfinite(np.asarray(once)).all()
+  np.testing.assert_array_equal(np.asarray(once[:, 0]), np.asarray(keys[:, 0]))
+  twice = cs.interpolate_twice(model, keys, 4, opts, text=text)
+  assert twice.shape == (2, 16, 4, 4, 4) and np.isfinite(np.asarray(twice)).all()
+  # The second pass keeps the first pass's four frames (the same draw) at 0, 4, 8, 12.
+  np.testing.assert_array_equal(np.asarray(twice[:, ::4]), np.asarray(once))
+
+
+def test_autoregressive_extension(model):
+  _, _, text, _ = _inputs()
+  context = jax.random.normal(jax.random.key(5), (2, 2, 4, 4, 4))
+  opts = cs.ContextSampleOptions(num_steps=2)
+  video = cs.extend(model, context, num_frames=7, clip_frames=4, num_context=2, options=opts,
+                    text=text)
+  assert video.shape == (2, 7, 4, 4, 4) and np.isfinite(np.asarray(video)).all()
+  np.testing.assert_array_equal(np.asarray(video[:, :2]), np.asarray(context))
+  # Each round continues from the last two frames: round 1 predicts frames 4, 5 from 2, 3.
+  clip = cs.predict(model, video[:, 2:4], 4, opts, key=jax.random.fold_in(jax.random.key(0), 1),
+                    text=text)
+  np.testing.assert_array_equal(np.asarray(clip[:, 2:]), np.asarray(video[:, 4:6]))

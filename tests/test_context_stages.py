@@ -1,0 +1,167 @@
+"""The prediction and interpolation stages: set-up (from a key-frame export or from
+scratch), the generic train step on them (phi learns, theta stays bitwise), and the
+trainer loop with a checkpoint and a resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from videoldm_jax import pretrained, sharding
+from videoldm_jax.config_files import load_sibling
+from videoldm_jax.models import partition
+from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
+from videoldm_jax.stages import interpolator, predictor
+from videoldm_jax.stages.base import merge_trees
+from videoldm_jax.train import step as step_lib
+from videoldm_jax.video_ldm import VideoLDM
+
+ROOT = Path(__file__).parents[1]
+TINY = dict(
+    seed=0,
+    # One level (the mid block still has attention): small programs compile fast.
+    unet=dict(block_out_channels=(16,), layers_per_block=1, attention_levels=(False,),
+              num_heads=2, cross_attention_dim=16, norm_num_groups=8),
+    vae=dict(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8),
+    text_encoder=dict(vocab_size=514, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16),
+    scheduler=dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                   prediction_type="epsilon"))
+
+
+@pytest.fixture(scope="module")
+def keyframe_export(tmp_path_factory):
+  """A key-frame export folder (what the key-frame stage writes): a random tiny image
+  LDM with a random phi and a byte-level tokenizer."""
+  root = tmp_path_factory.mktemp("keyframe")
+  image = pretrained.random_image_ldm(ml_collections.ConfigDict(TINY))
+  ldm = VideoLDM.from_pretrained(image, TemporalConfig())
+  phi = ldm.init_unet_params(7, where=partition.is_temporal)
+  params = {**image.params, "unet": merge_trees(image.params["unet"], phi)}
+  write_byte_level_tokenizer(str(root / "tok"))
+  model = pretrained.PretrainedLDM(image.unet_config, image.vae_config, image.text_config,
+                                   image.scheduler, params, temporal_config=TemporalConfig())
+  return pretrained.save(root / "export", model, root / "tok")
+
+
+def _config(name: str, **data) -> ml_collections.ConfigDict:
+  c = load_sibling(str(ROOT / "configs" / "x.py"), name).get_config()
+  c.random_image_model = ml_collections.ConfigDict(TINY)
+  c.data.update(kind="procedural", batch_size=2, height=8, width=8, **data)
+  c.optim.update(lr=3e-3, warmup_steps=1, total_steps=100)
+  return c
+
+
+def _train_repeatedly(setup, params: dict, batch: dict, steps: int):
+  """Runs `steps` train steps on one batch, each with the step-0 key (the same tau,
+  noise and mask: a fixed objective that must decrease). Returns (losses, state0, state)."""
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params)
+  shardings = step_lib.state_shardings(param_sh, setup.stage, setup.optimizer,
+                                       setup.abstract_params, mesh)
+  state = step_lib.init_state(params, setup.stage, setup.optimizer, shardings)
+  state0 = jax.tree_util.tree_map(np.asarray, state)
+  fn = step_lib.build_train_step(setup.stage, setup.optimizer, seed=0, shardings=shardings,
+                                 batch_sharding=shardings.step)
+  losses = []
+  for _ in range(steps):
+    state = state.replace(step=jnp.zeros_like(state.step))
+    state, metrics = fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, state0, state
+
+
+def _check_theta_frozen_and_phi_trained(state0, state):
+  for a, b in zip(jax.tree_util.tree_leaves(state.frozen),
+                  jax.tree_util.tree_leaves(state0.frozen)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  trained = traverse_util.flatten_dict(state.trainable)
+  assert all(p[0] == "unet" and partition.is_temporal(p) for p in trained)
+  assert any(p[1] == "temporal_context_encoder" for p in trained)
+  before = traverse_util.flatten_dict(state0.trainable)
+  # The zero-initialised projections learn (the encoder follows once they are non-zero).
+  assert all(not np.array_equal(np.asarray(v), before[k]) for k, v in trained.items()
+             if k[-2] == "context_proj")
+
+
+def _batch(frames: int, seed: int = 0) -> dict:
+  """Cached-style batch: scaled latents (2, frames, 4, 4, 4) and text embeddings."""
+  rng = np.random.default_rng(seed)
+  return {"latents": rng.standard_normal((2, frames, 4, 4, 4), np.float32),
+          "context": rng.standard_normal((2, 16, 16), np.float32)}
+
+
+def test_predictor_from_a_keyframe_export_trains_phi_only(keyframe_export, tmp_path):
+  config = _config("predictor_tiny", num_frames=4)
+  config.init_from = str(keyframe_export)
+  config.temporal.conv_kernel = (3, 3, 3)  # ignored: the export's temporal config wins
+  setup = predictor.setup(config, tmp_path)
+  ldm = setup.extra["ldm"]
+  assert ldm.temporal_config == TemporalConfig(context_frames=True)
+  # theta and phi come from the export; only the context parameters are new, and the
+  # projections start at zero (the model starts as the key-frame model).
+  exported = traverse_util.flatten_dict(pretrained.load(keyframe_export).params["unet"])
+  full = setup.init_params()  # (callable once: it hands over its host copy)
+  params = traverse_util.flatten_dict(full["unet"])
+  new = params.keys() - exported.keys()
+  assert new and all(any("context" in p for p in k) for k in new)
+  for k, v in exported.items():
+    np.testing.assert_array_equal(params[k], v)
+  assert all(not params[k].any() for k in new if k[-2] == "context_proj")
+
+  losses, state0, state = _train_repeatedly(setup, full, _batch(4), 6)
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+  _check_theta_frozen_and_phi_trained(state0, state)
+
+
+def test_interpolator_from_scratch_trains_phi_only(tmp_path):
+  config = _config("interpolator_tiny", num_frames=8)
+  config.interpolator.context_drop_prob = 0.0
+  setup = interpolator.setup(config, tmp_path)
+  assert setup.extra["ldm"].temporal_config.context_frames
+  assert setup.stage.name == "interpolator"
+  losses, state0, state = _train_repeatedly(setup, setup.init_params(), _batch(8), 6)
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+  _check_theta_frozen_and_phi_trained(state0, state)
+
+
+def _train_cli(workdir: Path, keyframe_export: Path, steps: int) -> str:
+  # The resumed run compiles the same programs: a persistent compilation cache saves that.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/predictor_tiny.py",
+       f"--config.init_from={keyframe_export}", f"--workdir={workdir}",
+       f"--config.train.num_steps={steps}", "--config.train.ckpt_every=2",
+       "--config.train.log_every=1", "--config.sample.every=0", "--config.data.kind=procedural",
+       "--config.data.num_frames=4", "--config.data.height=8", "--config.data.width=8",
+       "--config.data.batch_size=2"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stderr
+
+
+def test_trainer_runs_checkpoints_resumes_and_exports_a_context_model(keyframe_export,
+                                                                       tmp_path):
+  out = _train_cli(tmp_path, keyframe_export, 4)
+  assert "predictor: compiled" in out and "step 4: loss" in out and "known_frames" in out
+  assert (tmp_path / "checkpoints" / "2").is_dir() and (tmp_path / "checkpoints" / "4").is_dir()
+  out = _train_cli(tmp_path, keyframe_export, 6)
+  assert "resumed from" in out and "step 5: loss" in out and "step 6: loss" in out
+  model = pretrained.load(tmp_path / "export" / "step_6")
+  assert model.temporal_config == TemporalConfig(context_frames=True)
+  # The export's theta is the key-frame model's, unchanged by training.
+  theta, _ = partition.split(model.params["unet"])
+  ref, _ = partition.split(pretrained.load(keyframe_export).params["unet"])
+  for a, b in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_array_equal(a, b)

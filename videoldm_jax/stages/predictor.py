@@ -1,0 +1,66 @@
+"""Prediction-model stage (Video LDM Sec. 3.3, eq. 3): the video UNet learns to continue
+a clip from S = 0, 1 or 2 known first frames.
+
+Per clip S is drawn from {0, ..., len(probs) - 1} with probabilities
+`config.predictor.num_context_probs` (default uniform over {0, 1, 2}); the mask m_S is 1
+on the first S frames and the model gets c_S = (m_S * z, m_S) through its context
+encoder. S = 0 is the unconditional branch, which makes context guidance
+f(z) + s (f(z, c_S) - f(z)) available at sampling time
+(`pipelines/context_sampling.py`: `predict`, `extend`). Everything else (batches, loss,
+frozen theta, initialisation from a key-frame export) is `stages/context.py`.
+
+  videoldm-train --config=configs/predictor_tiny.py --workdir=work/predictor_tiny
+"""
+
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from videoldm_jax.models.context_encoder import first_frames_mask
+from videoldm_jax.pipelines import context_sampling
+from videoldm_jax.stages import context
+from videoldm_jax.stages.base import StageSetup
+
+
+def mask_fn(num_context_probs: Sequence[float]) -> context.MaskFn:
+  """(key, B, T) -> (B, T) masks of the first S frames, S ~ num_context_probs per clip."""
+  probs = np.asarray(num_context_probs, np.float64)
+  if probs.ndim != 1 or len(probs) < 1 or (probs < 0).any() or probs.sum() <= 0:
+    raise ValueError(f"num_context_probs must be non-negative weights of S = 0, 1, ..., "
+                     f"got {tuple(num_context_probs)}")
+  logits = jnp.log(jnp.asarray(probs / probs.sum(), jnp.float32))
+
+  def fn(key: jax.Array, batch: int, num_frames: int) -> jax.Array:
+    if len(probs) > num_frames:
+      raise ValueError(f"S up to {len(probs) - 1} context frames needs clips longer than "
+                       f"{num_frames} frames")
+    s = jax.random.categorical(key, logits, shape=(batch,))
+    return first_frames_mask(s, num_frames)
+  return fn
+
+
+def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
+  """(params, step) -> uint8 videos (N, sample.num_frames, H, W, 3): an unconditional
+  first clip of data.num_frames (S = 0), extended autoregressively from its last
+  `sample.num_context` frames."""
+  def sample(params: dict, step: int) -> np.ndarray:
+    model = context.pretrained_from(ldm, params)
+    cm = context_sampling.ContextModel.from_pretrained(model)
+    prompts = list(config.sample.prompts)
+    empty = jnp.zeros((len(prompts), 0) + context.latent_shape(ldm, config), jnp.float32)
+    latents = context_sampling.extend(
+        cm, empty, config.sample.num_frames, config.data.num_frames,
+        config.sample.get("num_context", 2), context.sample_options(config),
+        **context.prompt_conditioning(model, tokenizer, prompts))
+    return context.decode_videos(model, latents)
+  return sample
+
+
+def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
+  """The prediction stage of `config` (configs/predictor_*.py)."""
+  return context.setup_context_stage(config, workdir, "predictor",
+                                     mask_fn(config.predictor.num_context_probs), sampler)
