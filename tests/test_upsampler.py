@@ -1,0 +1,205 @@
+"""The temporally aligned upsampler: batch preparation (patches, per-video noise level),
+training on patches, full-frame sampling with the same weights, the export format,
+theta from an image upsampler, latent space, and the trainer loop with resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from videoldm_jax import sharding
+from videoldm_jax import upsampler_model as um
+from videoldm_jax.config_files import load_sibling
+from videoldm_jax.models import partition
+from videoldm_jax.pipelines import upsampling
+from videoldm_jax.stages import upsampler
+from videoldm_jax.train import step as step_lib
+
+ROOT = Path(__file__).parents[1]
+STEPS = 8
+
+
+def tiny_config(**data):
+  c = load_sibling(str(ROOT / "configs" / "x.py"), "upsampler_tiny").get_config()
+  c.data.update({"kind": "procedural", "batch_size": 2, "num_frames": 4, **data})
+  c.optim.update(lr=1e-3, warmup_steps=1, total_steps=100, ema_decay=0.5)
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """STEPS train steps of the tiny upsampler on one repeated batch of 16x16 patches of
+  32x32 clips; the loss at fixed keys before and after."""
+  config = tiny_config()
+  setup = upsampler.setup(config, tmp_path_factory.mktemp("run"))
+  params = setup.init_params()
+  batch = setup.make_batch(next(setup.make_iterator()))
+  tx = setup.optimizer
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params)
+  state = step_lib.init_state(params, setup.stage, tx, step_lib.state_shardings(
+      param_sh, setup.stage, tx, setup.abstract_params, mesh))
+  loss = jax.jit(setup.stage.loss_fn)
+  keys = [jax.random.key(100 + i) for i in range(4)]
+  fixed_loss = lambda p: float(np.mean([loss(p, batch, k, 0)[0] for k in keys]))
+  before = fixed_loss(params)
+  train_step = step_lib.build_train_step(setup.stage, tx, seed=0, ema_decay=0.5)
+  metrics = []
+  for _ in range(STEPS):
+    state, m = train_step(state, batch)
+    metrics.append(jax.device_get(m))
+  params_after = jax.device_get(state.merged())
+  return dict(config=config, setup=setup, batch=batch, before=before,
+              after=fixed_loss(params_after), metrics=metrics, params=params_after,
+              model=setup.extra["model"])
+
+
+def test_batch_prep_patches_and_one_noise_level_per_video():
+  config = tiny_config()
+  model, _, _ = upsampler.build_model(config)
+  model = model.replace(upsample_method="nearest")
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.integers(0, 256, (6, 4, 32, 32, 3), dtype=np.uint8))
+  aug = model.schedules()[2]
+  prep = upsampler.prepare_batch(model, aug, None, video, jax.random.key(1), 16)
+  assert prep["x0"].shape == prep["cond"].shape == (6, 4, 16, 16, 3)
+  assert prep["lowres"].shape == (6, 4, 8, 8, 3)
+  level = np.asarray(prep["noise_level"])
+  assert level.shape == (6,) and level.dtype == np.int32  # one level per video
+  assert level.min() >= 0 and level.max() < model.max_noise_level
+  assert len(set(level.tolist())) > 1
+  # The conditioning patch is the low-res version of the very same window.
+  np.testing.assert_allclose(
+      prep["cond_clean"], um.upsample(um.area_downsample(prep["x0"], 4), 4, "nearest"),
+      atol=1e-6)
+  # Every frame of a video is noised at its video's level: the implied noise is
+  # standard normal in each frame (a wrong per-frame level would rescale it).
+  abar = np.asarray(aug.alphas_cumprod)[level].reshape(6, 1, 1, 1, 1)
+  eps = (np.asarray(prep["cond"]) - np.sqrt(abar) * np.asarray(prep["cond_clean"])
+         ) / np.sqrt(1 - abar)
+  std = eps.reshape(6, 4, -1).std(axis=-1)
+  assert np.all(np.abs(std - 1.0) < 0.15), std
+
+
+def test_loss_finite_and_decreasing(trained):
+  assert all(bool(m["finite"]) for m in trained["metrics"])
+  assert trained["after"] < 0.9 * trained["before"], (trained["before"], trained["after"])
+
+
+def test_patch_trained_weights_sample_full_frames_at_4x(trained):
+  assert trained["config"].patch_size < trained["config"].data.height  # trained on patches
+  model = trained["model"]
+  lowres = np.random.default_rng(0).uniform(-1, 1, (1, 3, 8, 12, 3)).astype(np.float32)
+  out = upsampling.upsample(model, trained["params"], lowres, steps=2, seed=0)
+  assert out.shape == (1, 3, 32, 48, 3)  # other frame count and aspect than training
+  assert np.all(np.isfinite(out))
+  # The level is an input: 0 vs a high level, same seed, give different videos.
+  lo = upsampling.upsample(model, trained["params"], lowres, noise_level=0, steps=2, seed=0)
+  hi = upsampling.upsample(model, trained["params"], lowres, noise_level=300, steps=2, seed=0)
+  assert float(jnp.max(jnp.abs(lo - hi))) > 1e-3
+  again = upsampling.upsample(model, trained["params"], lowres, noise_level=0, steps=2, seed=0)
+  np.testing.assert_array_equal(np.asarray(lo), np.asarray(again))
+
+
+def test_export_round_trip(trained, tmp_path):
+  trained["setup"].export(tmp_path / "ups", trained["params"])
+  loaded = um.load(tmp_path / "ups")
+  assert loaded.config.to_dict() == trained["model"].to_dict()
+  assert loaded.config.noise_level == 20 and loaded.config.scheduler["prediction_type"] == (
+      "v_prediction")
+  flat_a = traverse_util.flatten_dict(trained["params"])
+  flat_b = traverse_util.flatten_dict(loaded.params)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_b[k]), np.asarray(flat_a[k]))
+
+
+def test_temporal_mode_takes_theta_from_an_image_upsampler(tmp_path):
+  image_cfg = tiny_config()
+  image_cfg.temporal_layers = False
+  image_setup = upsampler.setup(image_cfg, tmp_path / "img")
+  image_params = image_setup.init_params()
+  assert not any(partition.is_temporal(p)
+                 for p in traverse_util.flatten_dict(image_params["unet"]))
+  image_setup.export(tmp_path / "image_upsampler", image_params)
+
+  config = tiny_config()
+  config.mode = "temporal"
+  config.seed = 7
+  config.image_upsampler = str(tmp_path / "image_upsampler")
+  setup = upsampler.setup(config, tmp_path / "vid")
+  params = traverse_util.flatten_dict(setup.init_params())
+  theta = traverse_util.flatten_dict(image_params)
+  for k, v in theta.items():
+    np.testing.assert_array_equal(params[k], v)
+  phi = [k for k in params if partition.is_temporal(k)]
+  assert phi and set(params) == set(theta) | set(phi)
+  assert all(setup.stage.is_trainable(k) == partition.is_temporal(k) for k in params)
+
+  config.image_upsampler = ""
+  with pytest.raises(ValueError, match="image upsampler"):
+    upsampler.setup(config, tmp_path / "bad")
+
+
+def test_base_config_builds_a_pixel_space_video_upsampler():
+  config = load_sibling(str(ROOT / "configs" / "x.py"), "upsampler_base").get_config()
+  model, image, vae = upsampler.build_model(config)
+  assert image is None and vae is None and model.space == "pixel"
+  assert (model.unet.in_channels, model.unet.out_channels) == (6, 3)
+  assert model.unet.num_class_embeds == 1000 and model.max_noise_level == 350
+  assert model.schedules()[1].prediction_type == "v_prediction"
+  assert config.data.height % model.size_multiple == 0
+  assert config.patch_size % model.size_multiple == 0
+  abstract = um.abstract_params(model)  # shapes only
+  assert any(partition.is_temporal(p) for p in traverse_util.flatten_dict(abstract["unet"]))
+
+
+def test_latent_space_upsampler(tmp_path):
+  config = tiny_config()
+  config.space = "latent"  # random tiny f4 VAE (config.random_vae)
+  setup = upsampler.setup(config, tmp_path)
+  model = setup.extra["model"]
+  assert model.unet.in_channels == 8 and model.unet.out_channels == 4
+  params = setup.init_params()
+  batch = setup.make_batch(next(setup.make_iterator()))
+  # Traced, not compiled (the sampling below runs the VAE and UNet for real).
+  loss, _ = jax.eval_shape(setup.stage.loss_fn, params, batch, jax.random.key(0), 0)
+  assert loss.shape == () and loss.dtype == jnp.float32
+  lowres = np.zeros((1, 2, 8, 8, 3), np.uint8)
+  out = upsampling.upsample(model, params, lowres, steps=1)
+  assert out.shape == (1, 2, 32, 32, 3)
+  with pytest.raises(ValueError, match="multiple of 8"):  # f4 VAE x 2 UNet levels
+    upsampling.upsample(model, params, lowres[:, :, :7], steps=1)
+
+
+def _train(workdir: Path, *flags: str) -> str:
+  # The resumed run compiles the very same step: a persistent cache saves it the time.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache")}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/upsampler_tiny.py",
+       f"--workdir={workdir}", "--config.data.batch_size=2", "--config.data.num_frames=4",
+       "--config.train.ckpt_every=2", "--config.train.log_every=1", *flags],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stderr
+
+
+def test_trainer_loop_checkpoints_resumes_and_exports(tmp_path):
+  out = _train(tmp_path, "--config.train.num_steps=4", "--config.sample.every=0")
+  assert "step 4: loss" in out and "upsampler: compiled" in out
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+  out = _train(tmp_path, "--config.train.num_steps=6", "--config.sample.every=6",
+               "--config.sample.num_clips=1", "--config.sample.steps=2")
+  assert "resumed from" in out and "step 5: loss" in out and "step 6: loss" in out
+  assert "step 4: loss" not in out
+  assert (tmp_path / "samples" / "step_6.mp4").is_file()
+  model = um.load(tmp_path / "export" / "step_6")
+  assert model.config.temporal is not None and model.config.space == "pixel"

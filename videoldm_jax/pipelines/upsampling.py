@@ -1,0 +1,92 @@
+"""Low-resolution video -> `scale`x higher resolution with a trained upsampler.
+
+The UNet is fully convolutional in space (and its temporal layers in time), so a
+model trained on small patches of short clips runs here on whole frames of any size
+that is a multiple of `UpsamplerConfig.size_multiple` and on any number of frames.
+All frames of a video are denoised jointly, which is what makes a temporally aligned
+upsampler (the temporal layers) consistent over time (Video LDM, Sec. 3.4).
+"""
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from videoldm_jax import upsampler_model as um
+from videoldm_jax.diffusion import samplers
+from videoldm_jax.diffusion.schedules import gaussian_noise, q_sample
+from videoldm_jax.upsampler_model import PretrainedUpsampler, UpsamplerConfig
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(config: UpsamplerConfig):
+  """Jitted (UNet, conditioning, decode) functions of one model config: the training
+  loop samples repeatedly, and this keeps one compilation per input shape. (The
+  schedules are not part of the config's hash, so they are passed as arguments.)"""
+  unet = config.unet_module()
+
+  def denoise(params, x_t, cond, t, labels):
+    return unet.apply({"params": params}, um.model_input(x_t, cond), t, None, labels)
+
+  def cond_fn(aug_schedule, vae_params, lowres, level, noise):
+    return q_sample(aug_schedule, um.conditioning(config, vae_params, lowres), level, noise)
+
+  decode = lambda vae_params, z: um.decode(config.vae, vae_params, z)
+  return jax.jit(denoise), jax.jit(cond_fn), jax.jit(decode)
+
+
+def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarray,
+             noise_level: Optional[int] = None, steps: int = 50, sampler: str = "ddim",
+             seed: int = 0, eta: float = 0.0, progress: bool = False) -> jax.Array:
+  """Upsamples videos: lowres (B, T, h, w, 3) uint8 or float in [-1, 1] ->
+  float32 (B, T, scale h, scale w, 3) in about [-1, 1] (`sampling.to_uint8` for bytes).
+
+  params: {'unet'[, 'vae']} (e.g. `upsampler_model.load(dir).params`).
+  noise_level: the augmentation level s of the conditioning (same for every frame and
+    video); None takes the model's default. Higher levels let the model invent more
+    detail and ignore more of the input's artefacts.
+  steps / sampler / eta: the reverse process (`diffusion.samplers.sample`).
+  seed: drives the initial noise, the augmentation noise and stochastic samplers.
+  """
+  model.validate()
+  lowres = jnp.asarray(lowres)
+  if lowres.ndim != 5 or lowres.shape[-1] != 3:
+    raise ValueError(f"lowres must be (B, T, h, w, 3), got {lowres.shape}")
+  b, t, h, w, _ = lowres.shape
+  s = model.scale
+  m = model.size_multiple
+  if (h * s) % m or (w * s) % m:
+    raise ValueError(f"output size {h * s}x{w * s} must be a multiple of {m} for this "
+                     f"model (low-res {h}x{w}, scale {s})")
+  level = model.noise_level if noise_level is None else int(noise_level)
+  if not 0 <= level < model.aug_levels():
+    raise ValueError(f"noise_level must be in [0, {model.aug_levels()}), got {level}")
+  denoise, cond_fn, decode = _jitted(model)
+  schedule, sampling, aug_schedule = model.schedules()
+  key = jax.random.key(seed)
+  vae_params = params.get("vae")
+  f = model.vae_factor
+  shape = (b, t, h * s // f, w * s // f, model.channels)
+  levels = jnp.full((b,), level, jnp.int32)
+  # One fixed level for every frame and video, as in training (per video there).
+  cond = cond_fn(aug_schedule, vae_params, um.to_float(lowres), levels,
+                 gaussian_noise(jax.random.fold_in(key, 1), shape))
+  x_T = gaussian_noise(jax.random.fold_in(key, 0), shape)
+  unet_params = params["unet"]
+  denoise_fn = lambda x, tt: denoise(unet_params, x, cond, tt, levels)
+  kw = dict(prediction_type=sampling.prediction_type, timestep_spacing=sampling.timestep_spacing,
+            steps_offset=sampling.steps_offset, clip_sample=sampling.clip_sample,
+            final_alpha_cumprod=(1.0 if sampler == "dpmpp_2m"
+                                 else sampling.final_alpha_cumprod))
+  x0 = samplers.sample(denoise_fn, x_T, schedule, steps, sampler=sampler,
+                       key=jax.random.fold_in(key, 2), progress=progress, eta=eta, **kw)
+  if model.space == "latent":
+    x0 = decode(vae_params, x0)
+  return jnp.clip(x0, -1.0, 1.0)
+
+
+def upsample_pretrained(model: PretrainedUpsampler, lowres, **kwargs) -> jax.Array:
+  """`upsample` with the config and parameters of a loaded folder."""
+  return upsample(model.config, model.params, lowres, **kwargs)
