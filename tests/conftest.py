@@ -1,9 +1,17 @@
-"""Test-wide JAX set-up: CPU only, 8 fake devices, float32 matmuls at full precision."""
+"""Test-wide JAX set-up: CPU only, 8 fake devices, float32 matmuls at full precision, a
+session-wide persistent compilation cache."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for the session, inherited by the trainer
+# subprocesses: a resumed or repeated run of the same tiny config loads its compiled
+# step instead of compiling it again (the bulk of the suite's time on 2 cores).
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="videoldm-jax-test-cache-")
 
 import jax  # noqa: E402  (must come after the environment above)
 
@@ -37,3 +45,9 @@ def perturb_all_weights(module, torch, seed: int = 0, scale: float = 0.05):
     for _, p in module.named_parameters():
       p.add_(torch.randn(p.shape, generator=g) * scale)
   return module
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE:
+    import shutil
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -11,6 +11,8 @@ of `train/step.py`, logging, checkpoints, samples and the export. A stage is thu
 the loop knows which stage it runs.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -65,3 +67,22 @@ def merge_trees(*trees: Any) -> dict:
   for t in trees:
     flat.update(traverse_util.flatten_dict(t))
   return traverse_util.unflatten_dict(flat)
+
+
+_ABSTRACT = contextvars.ContextVar("videoldm_abstract_setup", default=False)
+
+
+@contextlib.contextmanager
+def abstract_setup():
+  """Within this context stages build their StageSetup from model configs only: the
+  pretrained parameters are ShapeDtypeStructs, nothing is read or allocated (for
+  ahead-of-time compilation of pod-sized configs on a laptop, `videoldm-compile`)."""
+  token = _ABSTRACT.set(True)
+  try:
+    yield
+  finally:
+    _ABSTRACT.reset(token)
+
+
+def is_abstract() -> bool:
+  return _ABSTRACT.get()

@@ -27,12 +27,13 @@ from videoldm_jax.data import inputs
 from videoldm_jax.diffusion.losses import denoising_loss
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.models import partition
-from videoldm_jax.models.clip_text import CLIPTextModel
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
-from videoldm_jax.models.unet import UNet
-from videoldm_jax.models.vae import AutoencoderKL
+from videoldm_jax.models.unet import UNet, UNetConfig
+from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
 from videoldm_jax.pipelines import sampling
+from videoldm_jax.stages import base
 from videoldm_jax.stages.base import StageSetup, merge_trees
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
@@ -112,7 +113,11 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path
                      ) -> tuple[pretrained.PretrainedLDM, Optional[CLIPTokenizer], Path]:
   """(model, tokenizer, tokenizer folder) from `config.image_model` (a converted or
   exported folder) or, when empty, a random model from `config.random_image_model`
-  with a byte-level tokenizer written to WORKDIR/tokenizer."""
+  with a byte-level tokenizer written to WORKDIR/tokenizer. Under
+  `base.abstract_setup()` only configs are read (a folder's model_index.json, a preset
+  name such as "sd15", or the random model's config) and params are ShapeDtypeStructs."""
+  if base.is_abstract():
+    return _abstract_image_model(config, workdir)
   if config.image_model:
     image = pretrained.load(config.image_model)
     tok_dir = Path(config.image_model) / "tokenizer"
@@ -125,6 +130,35 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path
   tokenizer = None
   if image.text_config is not None:
     tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
+  return image, tokenizer, tok_dir
+
+
+def _abstract_image_model(config, workdir: Path):
+  from videoldm_jax.convert import presets
+  name = config.image_model
+  if name and (Path(name) / "model_index.json").is_file():
+    index = pretrained.load_index(name)
+    text = index.get("text_encoder")
+    configs = (UNetConfig.from_dict(index["unet"]), VAEConfig.from_dict(index["vae"]),
+               None if text is None else CLIPTextConfig.from_dict(text), index["scheduler"])
+  elif name:
+    if name not in presets.PRESETS:
+      raise FileNotFoundError(f"config.image_model={name!r} is neither a converted model "
+                              f"folder nor a preset ({sorted(presets.PRESETS)})")
+    p = presets.PRESETS[name]
+    configs = (p.unet, p.vae, p.text, p.scheduler)
+  else:
+    r = config.random_image_model
+    text = r.get("text_encoder")
+    configs = (UNetConfig.from_dict(dict(r.unet)), VAEConfig.from_dict(dict(r.vae)),
+               None if text is None else CLIPTextConfig.from_dict(dict(text)),
+               dict(r.scheduler))
+  image = pretrained.PretrainedLDM(*configs, params={}, source="abstract")
+  image.params = VideoLDM.from_pretrained(image, None).abstract_params()
+  tok_dir = workdir / "tokenizer"
+  if not (tok_dir / "vocab.json").exists():
+    write_byte_level_tokenizer(str(tok_dir))  # token ids only need the right shape
+  tokenizer = None if image.text_config is None else CLIPTokenizer.from_folder(str(tok_dir))
   return image, tokenizer, tok_dir
 
 
@@ -188,12 +222,12 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
     new = ldm.init_unet_params(config.seed, where=lambda p: p not in have)
     return {**model.params, "unet": merge_trees(model.params["unet"], new)}
 
-  vae_params = image.params["vae"]
+  vae = {"config": ldm.vae_config.to_dict(), "params": image.params["vae"]}
   return StageSetup(
       stage=stage, abstract_params=ldm.abstract_params(), logical_axes=ldm.logical_axes(),
       init_params=init_params,
-      make_iterator=lambda: inputs.make_iterator(config, workdir, ldm.vae_config.to_dict(),
-                                                 vae_params),
+      make_iterator=lambda: inputs.make_iterator(config, workdir, vae["config"],
+                                                 vae["params"]),
       make_batch=batch_maker(tokenizer, max_len),
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),

@@ -1,0 +1,161 @@
+"""Ahead-of-time compilation of a stage's train step for a target topology.
+
+`fit_report(config, topology)` builds the stage from configs only (no parameters read
+or allocated, `stages.base.abstract_setup`), lays its train state and a global batch
+out on the config's mesh over the topology's devices, lowers and compiles the one
+jitted step, and reads XLA's per-device memory analysis and cost analysis. On a
+CPU-only machine TPU topologies come from libtpu's topology descriptions
+(`pip install -e .[tpu]`); "cpu:N" compiles for N local (fake) CPU devices instead.
+"""
+
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from videoldm_jax import sharding
+from videoldm_jax.stages import base
+from videoldm_jax.train import step as step_lib
+
+GiB = 1024 ** 3
+# HBM per chip (public spec sheets). A chip may expose several JAX devices (v4: 2
+# TensorCores); memory per device is HBM per chip / devices per chip.
+HBM_PER_CHIP = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB,
+                "v6e": 32 * GiB}
+# Compilation needs headroom for the runtime, fragmentation and host transfers.
+FIT_FRACTION = 0.95
+
+
+@dataclasses.dataclass
+class FitReport:
+  """Per-device figures of one compiled train step (bytes, FLOPs)."""
+  stage: str
+  topology: str
+  devices: int
+  mesh: dict
+  params: int
+  trainable_params: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  peak_bytes: int
+  device_memory_bytes: Optional[int]
+  flops_per_device: float
+  compile_s: float
+
+  @property
+  def fits(self) -> Optional[bool]:
+    if self.device_memory_bytes is None:
+      return None
+    return self.peak_bytes <= FIT_FRACTION * self.device_memory_bytes
+
+  def verdict(self) -> str:
+    return {True: "FITS", False: "DOES NOT FIT", None: "UNKNOWN (no memory size)"}[self.fits]
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.update(fits=self.fits, verdict=self.verdict(),
+             peak_gib=self.peak_bytes / GiB, flops_per_step=self.flops_per_device * self.devices)
+    return d
+
+  def summary(self) -> str:
+    mem = ("?" if self.device_memory_bytes is None
+           else f"{self.device_memory_bytes / GiB:.1f} GiB")
+    return (f"{self.stage} on {self.topology} ({self.devices} devices, mesh {self.mesh}): "
+            f"params {self.params / 1e6:.1f}M ({self.trainable_params / 1e6:.1f}M trainable)\n"
+            f"  per device: arguments {self.argument_bytes / GiB:.2f} GiB, temporaries "
+            f"{self.temp_bytes / GiB:.2f} GiB, outputs {self.output_bytes / GiB:.2f} GiB "
+            f"(aliased {self.alias_bytes / GiB:.2f}), peak {self.peak_bytes / GiB:.2f} GiB "
+            f"of {mem}\n"
+            f"  FLOPs per step: {self.flops_per_device * self.devices / 1e12:.2f} TFLOP "
+            f"({self.flops_per_device / 1e12:.3f} per device); compiled in "
+            f"{self.compile_s:.0f}s\n  {self.verdict()}")
+
+
+def topology_devices(topology: str) -> tuple[list, Optional[int]]:
+  """'v5p:4x4x4' (libtpu topology, TPU) or 'cpu:N' -> (devices, memory per device)."""
+  kind, _, shape = topology.partition(":")
+  if kind == "cpu":
+    n = int(shape or len(jax.devices("cpu")))
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+      raise ValueError(f"topology {topology!r}: only {len(devices)} CPU devices; start with "
+                       f"--cpu_devices={n}")
+    return devices[:n], None
+  if kind not in HBM_PER_CHIP or not shape:
+    raise ValueError(f"topology {topology!r}: expected cpu:N or one of "
+                     f"{sorted(HBM_PER_CHIP)} with a chip grid, e.g. v5p:4x4x4, v5e:8x8")
+  try:
+    from jax.experimental import topologies
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # libtpu missing or topology unknown
+    raise RuntimeError(f"topology {topology!r}: libtpu could not describe it ({e}); "
+                       "install the TPU extra: pip install -e '.[tpu]'") from e
+  devices = list(desc.devices)
+  chips = math.prod(int(x) for x in shape.split("x"))
+  return devices, HBM_PER_CHIP[kind] * chips // len(devices)
+
+
+def _abstract_batch(setup: base.StageSetup, config: ml_collections.ConfigDict) -> dict:
+  """The global batch's shapes, from one synthetic host batch through make_batch."""
+  d = config.data
+  b = int(d.batch_size)
+  host = {"video": np.zeros((b, d.num_frames, d.height, d.width, 3), np.uint8),
+          "caption": np.array([""] * b), "time_of_day": np.zeros((b,), np.int32),
+          "crowdedness": np.zeros((b,), np.int32), "index": np.arange(b)}
+  return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
+          for k, v in setup.make_batch(host).items()}
+
+
+def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
+  """Compiles `config`'s train step for `topology` and measures it (module docstring)."""
+  from videoldm_jax.train.loop import stage_setup
+  devices, mem = topology_devices(topology)
+  with tempfile.TemporaryDirectory() as tmp, base.abstract_setup():
+    setup = stage_setup(config, Path(tmp))
+    batch = _abstract_batch(setup, config)
+  stage, tx = setup.stage, setup.optimizer
+  mesh = sharding.make_mesh(dict(config.mesh), devices,
+                            dcn_shape=dict(config.get("dcn_mesh", {})))
+  rules = [tuple(r) for r in config.rules]
+  param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
+  shardings = step_lib.state_shardings(param_sh, stage, tx, setup.abstract_params, mesh)
+  state = step_lib.abstract_state(
+      step_lib.abstract_train_state(setup.abstract_params, stage, tx), shardings)
+  batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
+  split = math.prod(mesh.shape[a] for a in config.batch_axes)
+  if config.data.batch_size % split:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split over "
+                     f"the batch axes {tuple(config.batch_axes)} of mesh {dict(mesh.shape)} "
+                     f"({split} ways) on {topology}")
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+           for k, v in batch.items()}
+  train_step = step_lib.build_train_step(
+      stage, tx, seed=config.seed, ema_decay=config.optim.ema_decay,
+      grad_accum=config.train.grad_accum, lr_schedule=setup.lr_schedule,
+      shardings=shardings, batch_sharding=batch_sh)
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+  arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+  alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
+  return FitReport(
+      stage=stage.name, topology=topology, devices=len(devices),
+      mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
+      params=count(setup.abstract_params), trainable_params=count(state.trainable),
+      argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
+      # Donated state buffers are reused for the outputs (aliased), so they count once.
+      peak_bytes=arg + out - alias + temp, device_memory_bytes=mem,
+      flops_per_device=float(cost.get("flops", 0.0)), compile_s=compile_s)
