@@ -16,8 +16,15 @@ from flax import traverse_util
 CONFIGS = "configs/x.py"
 
 
-@pytest.mark.parametrize("name", ["image_tiny", "keyframe_base", "keyframe_tiny",
-                                  "keyframe_sd15"])
+ALL = sorted(p.stem for p in (__import__("pathlib").Path(__file__).parents[1] / "configs"
+                              ).glob("*.py"))
+
+
+def test_every_config_file_is_checked():
+  assert len(ALL) >= 8 and "keyframe_sd15_v5e64" in ALL
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_config_loads(name):
   c = load_sibling(CONFIGS, name).get_config()
   assert c is not None

@@ -27,7 +27,7 @@ from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.models.unet import UNetConfig
-from videoldm_jax.models.vae import VAEConfig
+from videoldm_jax.models.vae import VAEConfig, VAETemporalConfig
 
 FORMAT = "videoldm-jax/image-ldm"
 FORMAT_VERSION = 1
@@ -53,6 +53,9 @@ class PretrainedLDM:
   # Set for a video LDM (an exported training result): params['unet'] then holds the
   # temporal layers too.
   temporal_config: Optional[TemporalConfig] = None
+  # Set when params['vae'] holds a video decoder (the decoder stage's export): its
+  # temporal layers (`temporal_*` leaves under vae/decoder). Absent from older folders.
+  vae_temporal_config: Optional[VAETemporalConfig] = None
 
 
 def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | None = None
@@ -70,6 +73,8 @@ def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | 
       "temporal": (None if model.temporal_config is None
                    else model.temporal_config.to_dict()),
   }
+  if model.vae_temporal_config is not None:  # only then: older readers see no new key
+    index["vae_temporal"] = model.vae_temporal_config.to_dict()
   (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(out_dir / "params", jax.tree_util.tree_map(np.asarray, model.params))
@@ -112,12 +117,15 @@ def load(model_dir: str | Path) -> PretrainedLDM:
   source = str(model_dir / "model_index.json")
   params = ocp.StandardCheckpointer().restore(model_dir / "params")
   text, temporal = index.get("text_encoder"), index.get("temporal")
+  vae_temporal = index.get("vae_temporal")
   return PretrainedLDM(
       unet_config=UNetConfig.from_dict(index["unet"], source),
       vae_config=VAEConfig.from_dict(index["vae"], source),
       text_config=None if text is None else CLIPTextConfig.from_dict(text, source),
       scheduler=index["scheduler"], params=params, source=index.get("source", ""),
-      temporal_config=None if temporal is None else TemporalConfig.from_dict(temporal, source))
+      temporal_config=None if temporal is None else TemporalConfig.from_dict(temporal, source),
+      vae_temporal_config=(None if vae_temporal is None
+                           else VAETemporalConfig.from_dict(vae_temporal, source)))
 
 
 def load_with_tokenizer(model_dir: str | Path) -> tuple[PretrainedLDM, Optional[CLIPTokenizer]]:

@@ -1,0 +1,181 @@
+"""The autoencoder and decoder stages through the generic train step, and through the
+trainer (`videoldm-train`): autoencoder -> export -> decoder -> checkpoint -> resume ->
+export of a video decoder."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from videoldm_jax import pretrained, sharding
+from videoldm_jax.config_files import load_sibling
+from videoldm_jax.data.procedural import make_clip
+from videoldm_jax.models import partition
+from videoldm_jax.stages import autoencoder, decoder
+from videoldm_jax.train import step as step_lib
+from tests.test_video_decoder import _tiny_vgg_file
+
+ROOT = Path(__file__).parents[1]
+STAGES = {"autoencoder": autoencoder, "decoder": decoder}
+# Test sizes: a 2-level autoencoder (f2), 2 clips of 2 frames of 16x16.
+SMALL = ["--config.random_image_model.vae.block_out_channels=(8, 16)",
+         "--config.random_image_model.vae.norm_num_groups=4",
+         "--config.discriminator.base_channels=8", "--config.discriminator.num_layers=2",
+         "--config.discriminator.norm_num_groups=4", "--config.data.num_frames=2",
+         "--config.data.height=16", "--config.data.width=16", "--config.train.log_every=1",
+         "--config.sample.every=0"]
+
+
+def _config(stage: str):
+  c = load_sibling(str(ROOT / "configs" / "x.py"), f"{stage}_tiny").get_config()
+  c.random_image_model.vae.update(block_out_channels=(8, 16), norm_num_groups=4)
+  c.discriminator.update(base_channels=8, num_layers=2, norm_num_groups=4)
+  c.data.update(batch_size=2, num_frames=2, height=16, width=16)
+  c.loss.disc_start = 2
+  c.optim.update(lr=3e-3, warmup_steps=1)
+  c.disc_optim.update(lr=3e-3)
+  return c
+
+
+def _batch(config):
+  d = config.data
+  video = np.stack([make_clip(i, d.num_frames, d.height, d.width)[0]
+                    for i in range(d.batch_size)])
+  return {"video": video}
+
+
+def _leaves(tree):
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _train_in_process(name, workdir, image_model="", perceptual_weights=""):
+  """setup -> 5 steps of the generic train step on one repeated batch -> export.
+  Returns (initial trainable and frozen leaves, final state, per-step metrics)."""
+  config = _config(name)
+  config.image_model = str(image_model)
+  if perceptual_weights:
+    config.loss.update(perceptual_weight=0.5, perceptual_weights_path=str(perceptual_weights))
+  setup = STAGES[name].setup(config, workdir)
+  stage, tx = setup.stage, setup.optimizer
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params,
+                                    [tuple(r) for r in config.rules])
+  shardings = step_lib.state_shardings(param_sh, stage, tx, setup.abstract_params, mesh)
+  state = step_lib.init_state(setup.init_params(), stage, tx, shardings)
+  train0, frozen0 = _leaves(state.trainable), _leaves(state.frozen)
+  train_step = step_lib.build_train_step(stage, tx, seed=0, ema_decay=0.9)
+  batch = jax.device_put(setup.make_batch(_batch(config)), shardings.step)
+  metrics, disc_after_2 = [], None
+  for i in range(5):
+    state, m = train_step(state, batch)
+    metrics.append({k: float(v) for k, v in m.items()})
+    if i == 1:
+      disc_after_2 = _leaves(state.trainable["discriminator"])
+  setup.export(workdir / "export", jax.tree_util.tree_map(np.asarray,
+                                                          state.merged(use_ema=True)))
+  return train0, frozen0, disc_after_2, state, metrics
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("autoencoder")
+  _tiny_vgg_file(workdir / "vgg.safetensors")  # the perceptual term is on here
+  return workdir / "export", _train_in_process("autoencoder", workdir,
+                                               perceptual_weights=workdir / "vgg.safetensors")
+
+
+def _check_training(train0, frozen0, disc_after_2, state, metrics):
+  rec = [m["rec_loss"] for m in metrics]
+  assert all(np.isfinite(m["loss"]) for m in metrics)
+  assert np.mean(rec[-2:]) < rec[0], rec
+  # disc_start = 2: zero discriminator gradient (and no update) for steps 0 and 1 ...
+  assert [m["grad_norm/discriminator"] for m in metrics[:2]] == [0.0, 0.0]
+  assert all(m["d_weight"] == 0.0 and m["d_loss"] == 0.0 for m in metrics[:2])
+  for k, v in disc_after_2.items():
+    np.testing.assert_array_equal(v, train0[("discriminator",) + k])
+  # ... then both play.
+  assert metrics[-1]["d_weight"] > 0 and metrics[-1]["grad_norm/discriminator"] > 0
+  trained = _leaves(state.trainable)
+  assert any(not np.array_equal(v, train0[k]) for k, v in trained.items()
+             if k[0] == "discriminator")
+  assert int(state.skipped) == 0
+  for k, v in _leaves(state.frozen).items():
+    np.testing.assert_array_equal(v, frozen0[k])
+
+
+def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencoder_run):
+  export, (train0, frozen0, disc_after_2, state, metrics) = autoencoder_run
+  # The whole autoencoder and its discriminator train; only the VGG16 weights are frozen.
+  assert {k[0] for k in train0} == {"vae", "discriminator"}
+  assert {k[0] for k in frozen0} == {"lpips"}
+  _check_training(train0, frozen0, disc_after_2, state, metrics)
+  assert all(m["perceptual_loss"] > 0 for m in metrics)
+  model = pretrained.load(export)
+  assert model.vae_temporal_config is None and model.vae_config.block_out_channels == (8, 16)
+  assert set(model.params) == {"unet", "vae", "text_encoder"}
+  ema = _leaves(state.ema["vae"])  # the export holds the EMA weights
+  for k, v in _leaves(model.params["vae"]).items():
+    np.testing.assert_array_equal(v, ema[k])
+
+
+def test_decoder_stage_trains_temporal_layers_only_theta_bitwise_frozen(autoencoder_run,
+                                                                        tmp_path):
+  ae_export, _ = autoencoder_run
+  train0, frozen0, disc_after_2, state, metrics = _train_in_process("decoder", tmp_path,
+                                                                    ae_export)
+  # Trainable: the decoder's temporal layers and the 3-D discriminator; the encoder and
+  # the spatial decoder (theta, here the autoencoder stage's export) are frozen.
+  assert all(k[0] == "discriminator" or (k[1] == "decoder" and partition.is_temporal(k))
+             for k in train0)
+  image = _leaves(pretrained.load(ae_export).params["vae"])
+  assert {k[1:] for k in frozen0} == set(image)
+  for k, v in frozen0.items():
+    np.testing.assert_array_equal(v, image[k[1:]])
+  _check_training(train0, frozen0, disc_after_2, state, metrics)
+  model = pretrained.load(tmp_path / "export")
+  assert model.vae_temporal_config == decoder.VAETemporalConfig()
+
+
+def _env(cache_dir: Path):
+  # The resumed run compiles the same step: JAX's persistent cache saves it the time.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _train(config: str, workdir: Path, *flags: str) -> str:
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.train", f"--config=configs/{config}",
+       f"--workdir={workdir}", *SMALL, *flags],
+      cwd=ROOT, env=_env(workdir.parent / "jax_cache"), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stderr
+
+
+def test_decoder_stage_through_the_trainer_checkpoints_and_resumes(autoencoder_run,
+                                                                   tmp_path):
+  ae_export, _ = autoencoder_run
+  # On-the-fly procedural clips (resumable like the TFDS pipeline, no dataset to build).
+  flags = ["--config.data.kind=procedural", f"--config.image_model={ae_export}",
+           "--config.train.ckpt_every=2", "--config.loss.disc_start=3"]
+  log = _train("decoder_tiny.py", tmp_path, *flags, "--config.train.num_steps=4",
+               "--config.train.export=false")
+  assert "step 4: loss" in log and (tmp_path / "checkpoints" / "2").is_dir()
+  log = _train("decoder_tiny.py", tmp_path, *flags, "--config.train.num_steps=6")
+  assert "resumed from" in log and "start at step 4" in log and "step 6: loss" in log
+  video = pretrained.load(tmp_path / "export" / "step_6")
+  assert video.vae_temporal_config is not None
+  spatial, temporal = partition.split(video.params["vae"])
+  assert ("decoder", "temporal_conv_out", "conv", "kernel") in traverse_util.flatten_dict(
+      temporal)
+  # The frozen encoder and spatial decoder are the autoencoder stage's, bitwise.
+  image = _leaves(pretrained.load(ae_export).params["vae"])
+  for k, v in _leaves(spatial).items():
+    np.testing.assert_array_equal(v, image[k])

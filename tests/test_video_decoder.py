@@ -1,0 +1,225 @@
+"""The video decoder is the image decoder plus temporal layers (Video LDM Sec. 3.1); the
+3-D patch discriminator sees time; the GAN loss pieces (train/gan.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from videoldm_jax.models import discriminator as disc_lib
+from videoldm_jax.models import params as params_lib
+from videoldm_jax.models import partition
+from videoldm_jax.models import perceptual
+from videoldm_jax.models import vae as vae_lib
+from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
+from videoldm_jax.train import gan
+
+CONFIG = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+IMAGE = AutoencoderKL(CONFIG)
+VIDEO = AutoencoderKL(CONFIG, VAETemporalConfig())
+DISC = disc_lib.DiscriminatorConfig(base_channels=8, num_layers=2, norm_num_groups=4)
+
+
+def _perturb(params, seed=1, scale=0.1):
+  """Moves every leaf (zero-initialised convs and mixing logits included) off its init."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+
+
+def _set_mix(params, value):
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: jnp.full_like(v, value) if k[-1] == "mix_factor" else v for k, v in flat.items()})
+
+
+@pytest.fixture(scope="module")
+def video_params():
+  return _perturb(params_lib.init_params(VIDEO, 0, *vae_lib.example_inputs(CONFIG, video=True)))
+
+
+@pytest.fixture(scope="module")
+def decoders():
+  """(image decode, video decode) jitted once for the module."""
+  image = jax.jit(lambda p, z: IMAGE.apply({"params": p}, z, method=AutoencoderKL.decode))
+  video = jax.jit(lambda p, z, flags: VIDEO.apply({"params": p}, z, flags,
+                                                  method=AutoencoderKL.decode_video))
+  return image, video
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+def test_spatial_branch_everywhere_gives_the_image_decoder_bitwise(video_params, decoders,
+                                                                   frames):
+  image, video = decoders
+  z = jax.random.normal(jax.random.key(frames), (2, frames, 4, 4, 4))
+  spatial, _ = partition.split(video_params)
+  ref = image(spatial, z.reshape((-1,) + z.shape[2:])).reshape(z.shape[:2] + (8, 8, 3))
+  # The image-only override on every frame ...
+  out = video(video_params, z, jnp.ones(z.shape[:2], bool))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  # ... and saturated logits: alpha = sigmoid(-inf) = 0 on the temporal branch.
+  out = video(_set_mix(video_params, -jnp.inf), z, jnp.zeros(z.shape[:2], bool))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  # The override acts per frame: flagged frames are image frames, the others are not.
+  flags = jnp.zeros(z.shape[:2], bool).at[:, 0].set(True)
+  out = np.asarray(video(video_params, z, flags))
+  np.testing.assert_array_equal(out[:, 0], np.asarray(ref)[:, 0])
+  if frames > 1:
+    assert np.max(np.abs(out[:, 1:] - np.asarray(ref)[:, 1:])) > 1e-3
+
+
+def test_at_init_the_temporal_layers_are_identities(decoders):
+  """Zero-initialised ResBlock convs and the identity-initialised output Conv3d: with
+  the mixing logits at their init (alpha 0.5) the video decoder starts as the image
+  decoder, so fine-tuning starts from it."""
+  image, video = decoders
+  params = params_lib.init_params(VIDEO, 3, *vae_lib.example_inputs(CONFIG, video=True))
+  spatial, temporal = partition.split(params)
+  params = partition.merge(_perturb(spatial), temporal)
+  z = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 4))  # shapes compiled above
+  ref = image(partition.split(params)[0], z.reshape((-1,) + z.shape[2:]))
+  out = video(params, z, jnp.zeros((2, 4), bool)).reshape(ref.shape)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+  mix = [float(v[0]) for k, v in traverse_util.flatten_dict(params).items()
+         if k[-1] == "mix_factor"]
+  # Temporal ResBlocks: 2 in the mid block, (layers_per_block + 1) per up level; + conv_out.
+  assert mix == [0.0] * (2 + 2 * 2 + 1)
+
+
+def test_spatial_subtree_is_exactly_the_image_autoencoder():
+  video = params_lib.abstract_params(VIDEO, *vae_lib.example_inputs(CONFIG, video=True))
+  image = params_lib.abstract_params(IMAGE, *vae_lib.example_inputs(CONFIG))
+  spatial, temporal = partition.split(video)
+  partition.check_same_structure(image, spatial, what="spatial", source="video decoder")
+  paths = list(traverse_util.flatten_dict(temporal))
+  assert paths and all(p[0] == "decoder" for p in paths)  # the encoder stays per frame
+  assert ("decoder", "temporal_conv_out", "conv", "kernel") in paths
+  assert ("decoder", "up_blocks_1", "temporal_resnets_1", "conv2", "kernel") in paths
+  # Every new parameter carries logical axis names.
+  axes = traverse_util.flatten_dict(partition.split(
+      params_lib.logical_axes(VIDEO, *vae_lib.example_inputs(CONFIG, video=True)))[1])
+  assert tuple(axes[("decoder", "temporal_conv_out", "conv", "kernel")]) == (
+      "conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")
+  assert all(len(a) == len(traverse_util.flatten_dict(temporal)[k].shape)
+             for k, a in axes.items())
+
+
+def test_3d_discriminator_sees_time_2d_is_per_frame():
+  video_d = disc_lib.VideoPatchDiscriminator(DISC)
+  image_d = disc_lib.PatchDiscriminator(DISC)
+  p3 = params_lib.init_params(video_d, 0, *disc_lib.example_inputs(DISC, True))
+  p2 = params_lib.init_params(image_d, 0, *disc_lib.example_inputs(DISC, False))
+  x = jax.random.uniform(jax.random.key(0), (2, 4, 16, 16, 3), minval=-1, maxval=1)
+  order = jnp.array([2, 0, 3, 1])
+  shuffled = x[:, order]
+  d3 = jax.jit(lambda v: video_d.apply({"params": p3}, v))
+  assert d3(x).shape == (2, 1, 2, 2, 1)
+  assert float(jnp.max(jnp.abs(d3(shuffled) - d3(x)))) > 1e-4
+  # A per-frame 2-D discriminator only permutes its outputs.
+  d2 = jax.jit(lambda v: image_d.apply({"params": p2}, v.reshape((-1,) + v.shape[2:]))
+               .reshape(v.shape[:2] + (2, 2, 1)))
+  np.testing.assert_allclose(np.asarray(d2(shuffled)), np.asarray(d2(x))[:, order],
+                             rtol=0, atol=1e-6)
+  # Clips shorter than the temporal reduction still give logits.
+  assert d3(x[:, :1]).shape == (2, 1, 2, 2, 1)
+
+
+def test_stride_two_conv_equals_a_strided_conv():
+  import flax.linen as nn
+  # Odd sizes and uneven padding: a trailing row no output reads is dropped.
+  x = jax.random.normal(jax.random.key(0), (1, 1, 9, 8, 3))
+  pad = ((1, 2), (1, 1), (1, 1))
+  m = disc_lib.StrideTwoConv(5, pad)
+  p = _perturb(nn.unbox(jax.jit(m.init)(jax.random.key(1), x)))
+  ref = jax.jit(nn.Conv(5, (4, 4, 4), strides=2, padding=pad).apply)(p, x)
+  np.testing.assert_allclose(np.asarray(jax.jit(m.apply)(p, x)), np.asarray(ref), atol=1e-5)
+
+
+def test_hinge_losses_and_disc_factor():
+  real, fake = jnp.array([2.0, 0.5]), jnp.array([-2.0, 0.0])
+  assert float(gan.hinge_d_loss(real, fake)) == pytest.approx(0.5 * (0.25 + 0.5))
+  assert float(gan.generator_loss(fake)) == pytest.approx(1.0)
+  assert float(gan.disc_factor(jnp.int32(4), 5, 0.7)) == 0.0
+  assert float(gan.disc_factor(jnp.int32(5), 5, 0.7)) == pytest.approx(0.7)
+
+
+def test_adaptive_weight_matches_direct_gradients():
+  rng = np.random.default_rng(0)
+  feats, w = rng.standard_normal((6, 5), np.float32), rng.standard_normal((5, 3), np.float32)
+  target, v = rng.standard_normal((6, 3), np.float32), rng.standard_normal((3,), np.float32)
+  head = lambda w: jnp.tanh(feats @ w)
+  rec = lambda r: jnp.mean(jnp.abs(r - target))
+  g = lambda r: -jnp.mean(jnp.tanh(r) @ v)
+
+  @jax.jit
+  def both(w):
+    d_rec = jax.grad(lambda w: rec(head(w)))(w)
+    d_g = jax.grad(lambda w: g(head(w)))(w)
+    expected = 0.5 * jnp.linalg.norm(d_rec) / (jnp.linalg.norm(d_g) + 1e-4)
+    got = gan.last_layer_weight(head, w, lambda r: (rec(r), g(r)), factor=0.5)
+    # No gradient flows through the weight.
+    no_grad = jax.grad(lambda w: gan.last_layer_weight(head, w, lambda r: (rec(r), g(r))))(w)
+    return expected, got, no_grad
+
+  expected, got, no_grad = both(w)
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(no_grad), 0.0)
+  # Clipped to [0, 1e4].
+  assert float(gan.adaptive_weight(np.ones(3, np.float32), np.zeros(3, np.float32))) == \
+      gan.MAX_WEIGHT
+
+
+def _tiny_vgg_file(path, seed=0):
+  """A VGG16-shaped network (torchvision layout, 4-8 channels) saved as safetensors."""
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(seed)
+  tensors, cin = {}, 3
+  for s, stage in enumerate(perceptual.STAGES):
+    cout = (4, 6, 8, 8, 8)[s]
+    for i in stage:
+      tensors[f"features.{i}.weight"] = rng.standard_normal((cout, cin, 3, 3)).astype(
+          np.float32) * 0.3
+      tensors[f"features.{i}.bias"] = rng.standard_normal((cout,)).astype(np.float32) * 0.1
+      cin = cout
+  save_file(tensors, str(path))
+  return tensors
+
+
+def test_perceptual_distance_from_a_torchvision_layout_file(tmp_path, torch_cpu):
+  torch = torch_cpu
+  tensors = _tiny_vgg_file(tmp_path / "vgg.safetensors")
+  params = perceptual.load_vgg16(tmp_path / "vgg.safetensors")
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  y = np.clip(x + 0.3 * rng.standard_normal(x.shape), -1, 1).astype(np.float32)
+  distance = jax.jit(perceptual.distance)
+  d = distance(params, x, y)
+  assert d.shape == (2,) and bool(jnp.all(d > 0))
+  np.testing.assert_allclose(np.asarray(distance(params, x, x)), 0.0, atol=1e-6)
+  # Reference: the same stack in PyTorch (NCHW, OIHW weights, max-pools between stages).
+  def feats(img):
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    h = (torch.from_numpy(img).permute(0, 3, 1, 2) - shift) / scale
+    out = []
+    for s, stage in enumerate(perceptual.STAGES):
+      if s:
+        h = torch.nn.functional.max_pool2d(h, 2)
+      for i in stage:
+        h = torch.relu(torch.nn.functional.conv2d(
+            h, torch.from_numpy(tensors[f"features.{i}.weight"]),
+            torch.from_numpy(tensors[f"features.{i}.bias"]), padding=1))
+      out.append(h)
+    return out
+  ref = 0
+  for a, b in zip(feats(x), feats(y)):
+    a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+    b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+    ref = ref + (a - b).pow(2).sum(1).mean((1, 2))
+  np.testing.assert_allclose(np.asarray(d), ref.numpy(), rtol=1e-4)
+  with pytest.raises(ValueError, match="features.28.weight"):
+    from safetensors.numpy import save_file
+    save_file({k: v for k, v in tensors.items() if "28" not in k},
+              str(tmp_path / "bad.safetensors"))
+    perceptual.load_vgg16(tmp_path / "bad.safetensors")

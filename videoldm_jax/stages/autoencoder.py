@@ -1,0 +1,283 @@
+"""Autoencoder stage: train the image KL autoencoder (all of it) with a 2-D patch
+discriminator on video frames as images, as Stable Diffusion's autoencoder was trained
+(taming-transformers' `LPIPSWithDiscriminator`). The paper trains its driving model's
+autoencoder on its own data before the latent models; this stage is that step.
+
+A batch is {'video': uint8 (B, T, H, W, 3)}; its B*T frames are independent images.
+Generator loss (autoencoder):
+  mean |x - x_rec|  (+ perceptual_weight * LPIPS(x, x_rec))
+  + kl_weight * KL(posterior || N(0, I)) / (H * W * 3)
+  + lambda * disc_factor(step) * -mean(D(x_rec))
+and the discriminator's: disc_factor(step) * hinge(D(x), D(sg(x_rec))); lambda is the
+adaptive weight (train/gan.py) and disc_factor is 0 before `loss.disc_start`.
+Per-pixel means instead of taming's per-image sums: the KL is divided by the pixels of
+an image, so kl_weight keeps taming's meaning (SD: 1e-6) relative to the L1 term.
+
+Parameters {'vae': AutoencoderKL, 'discriminator': PatchDiscriminator[, 'lpips': VGG16
+features (frozen)]}. The export is the image model (config.image_model, or the random
+config.random_image_model) with the trained autoencoder: a `pretrained` folder the
+latent stages (image_ldm, keyframe, ...) and the decoder stage start from.
+
+The loss helpers here are shared with the decoder stage (stages/decoder.py).
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from videoldm_jax import pretrained
+from videoldm_jax.data import inputs
+from videoldm_jax.data.procedural import make_clip
+from videoldm_jax.models import discriminator as disc_lib
+from videoldm_jax.models import params as params_lib
+from videoldm_jax.models import perceptual
+from videoldm_jax.models import vae as vae_lib
+from videoldm_jax.models.vae import AutoencoderKL, kl_divergence
+from videoldm_jax.stages import keyframe
+from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.train import gan, optim
+from videoldm_jax.train.step import Stage
+from videoldm_jax.video_ldm import DTYPES
+
+ParamPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """config.loss of the autoencoder stages (see configs/decoder_base.py)."""
+  kl_weight: float = 1e-6
+  perceptual_weight: float = 0.0
+  perceptual_weights_path: str = ""
+  disc_start: int = 0           # steps before the adversarial terms switch on
+  disc_weight: float = 0.5      # factor on the adaptive weight (taming's disc_weight)
+  disc_factor: float = 1.0      # factor on both adversarial terms once on
+
+  @classmethod
+  def from_config(cls, loss: ml_collections.ConfigDict) -> "LossOptions":
+    options = cls(**dict(loss))
+    if options.perceptual_weight and not options.perceptual_weights_path:
+      raise ValueError("config.loss.perceptual_weight > 0 needs "
+                       "config.loss.perceptual_weights_path: a safetensors file of "
+                       "torchvision's vgg16().features (see models/perceptual.py; "
+                       "nothing is downloaded)")
+    return options
+
+
+def frames_to_images(video_u8: jax.Array) -> jax.Array:
+  """uint8 (B, T, H, W, 3) -> float32 (B*T, H, W, 3) in [-1, 1]."""
+  x = video_u8.reshape((-1,) + video_u8.shape[2:]).astype(jnp.float32)
+  return x / 127.5 - 1.0
+
+
+def get_leaf(tree: dict, path: ParamPath) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def with_leaf(tree: dict, path: ParamPath, value: Any) -> dict:
+  """A copy of the nested dict `tree` with the leaf at `path` replaced."""
+  if not path:
+    return value
+  return {**tree, path[0]: with_leaf(tree[path[0]], path[1:], value)}
+
+
+def reconstruction_gan_losses(
+    options: LossOptions, *, x: jax.Array, features: jax.Array, vae_params: dict,
+    head: Callable[[dict, jax.Array], jax.Array], last_layer: ParamPath,
+    disc: Callable[[dict, jax.Array], jax.Array], disc_params: dict,
+    to_disc: Callable[[jax.Array], jax.Array], lpips_params: Optional[dict],
+    step: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+  """The reconstruction + adversarial terms shared by the autoencoder stages.
+
+  x: targets (N, H, W, 3) in [-1, 1]; features: the decoder's features before its last
+  layers, (N, H, W, C0); head(vae_params, features) -> reconstructions (N, H, W, 3);
+  last_layer: path in vae_params of the kernel the adaptive weight is computed on;
+  disc(disc_params, to_disc(images)) -> logits (to_disc folds images into the
+  discriminator's layout, e.g. videos). Returns (generator loss without KL,
+  discriminator loss, metrics): the generator's term sees the discriminator through
+  stop_gradient, the discriminator's sees stop-gradiented reconstructions.
+  """
+  def rec_loss_of(rec):
+    l1 = jnp.mean(jnp.abs(x - rec))
+    if lpips_params is None:
+      return l1, (l1, jnp.float32(0.0))
+    p = jnp.mean(perceptual.distance(lpips_params, x, rec))
+    return l1 + options.perceptual_weight * p, (l1, p)
+
+  disc_frozen = jax.lax.stop_gradient(disc_params)
+  gen_loss_of = lambda rec: gan.generator_loss(disc(disc_frozen, to_disc(rec)))
+  rec = head(vae_params, features)
+  rec_loss, (l1, p_loss) = rec_loss_of(rec)
+  g_loss = gen_loss_of(rec)
+  factor = gan.disc_factor(step, options.disc_start, options.disc_factor)
+
+  def adaptive():
+    vp, feats = jax.lax.stop_gradient(vae_params), jax.lax.stop_gradient(features)
+    return gan.last_layer_weight(
+        lambda w: head(with_leaf(vp, last_layer, w), feats), get_leaf(vp, last_layer),
+        lambda r: (rec_loss_of(r)[0], gen_loss_of(r)), options.disc_weight)
+
+  # Before disc_start the weight multiplies 0: skip its two extra pullbacks.
+  d_weight = jax.lax.cond(jnp.asarray(step) >= options.disc_start, adaptive,
+                          lambda: jnp.float32(0.0))
+  # Real and fake through D as one batch (GroupNorm: no cross-example statistics).
+  logits = disc(disc_params, to_disc(jnp.concatenate([x, jax.lax.stop_gradient(rec)])))
+  logits_real, logits_fake = jnp.split(logits, 2)
+  d_loss = factor * gan.hinge_d_loss(logits_real, logits_fake)
+  gen = rec_loss + d_weight * factor * g_loss
+  metrics = {"rec_loss": l1, "perceptual_loss": p_loss, "g_loss": g_loss,
+             "d_loss": d_loss, "d_weight": d_weight, "disc_factor": factor,
+             "logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake)}
+  return gen, d_loss, metrics
+
+
+def group(path: ParamPath) -> str:
+  """Optimiser group of a trainable leaf."""
+  return "discriminator" if path[0] == "discriminator" else "generator"
+
+
+def make_stage(vae: AutoencoderKL, disc: disc_lib.PatchDiscriminator,
+               options: LossOptions) -> Stage:
+  """The autoencoder stage: every VAE and discriminator leaf trains; 'lpips' is frozen."""
+  def loss_fn(params, batch, key, step):
+    x = frames_to_images(batch["video"])
+    vp = params["vae"]
+    mean, logvar = vae.apply({"params": vp}, x, method=AutoencoderKL.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    feats = vae.apply({"params": vp}, z, method=AutoencoderKL.decode_features)
+    gen, d_loss, metrics = reconstruction_gan_losses(
+        options, x=x, features=feats, vae_params=vp,
+        head=lambda p, f: vae.apply({"params": p}, f, method=AutoencoderKL.decode_head),
+        last_layer=("decoder", "conv_out", "kernel"),
+        disc=lambda p, y: disc.apply({"params": p}, y), disc_params=params["discriminator"],
+        to_disc=lambda y: y, lpips_params=params.get("lpips"), step=step)
+    kl = jnp.mean(kl_divergence(mean, logvar)) / np.prod(x.shape[1:])
+    metrics["kl_loss"] = kl
+    return gen + options.kl_weight * kl + d_loss, metrics
+
+  return Stage("autoencoder", lambda path: path[0] in ("vae", "discriminator"), loss_fn,
+               group=group)
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer's view (stages/base.py), shared with the decoder stage.
+
+def lpips_params(options: LossOptions) -> Optional[dict]:
+  """The frozen VGG16 weights of the perceptual term (None when it is off)."""
+  if not options.perceptual_weight:
+    return None
+  return perceptual.load_vgg16(options.perceptual_weights_path)
+
+
+def with_lpips(abstract: dict, axes: dict, lpips: Optional[dict]) -> tuple[dict, dict]:
+  if lpips is None:
+    return abstract, axes
+  shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), lpips)
+  return {**abstract, "lpips": shapes}, {**axes, "lpips": perceptual.logical_axes(lpips)}
+
+
+def optimizer(config: ml_collections.ConfigDict):
+  return optim.make_grouped_optimizer(
+      {"generator": config.optim, "discriminator": config.disc_optim}, group)
+
+
+def make_batch(host: dict) -> dict:
+  """Only the pixels: captions and labels play no part in autoencoder training."""
+  return {"video": host["video"]}
+
+
+def pixel_iterator(config: ml_collections.ConfigDict, workdir: Path):
+  """() -> the input pipeline's iterator; these stages need pixels, not a latent cache."""
+  if config.data.kind == "latent_cache":
+    raise ValueError(f"config.stage={config.stage!r} trains on pixels: data.kind "
+                     "'latent_cache' holds latents only; use a video source")
+  return lambda: inputs.make_iterator(config, workdir, {}, None)
+
+
+def reconstruction_sampler(config: ml_collections.ConfigDict,
+                           reconstruct: Callable[[dict, np.ndarray], np.ndarray]):
+  """(params, step) -> uint8 (N, T, 2H, W, 3): fixed procedural clips (top) over their
+  reconstructions (bottom); reconstruct(params, uint8 clips) -> float clips in [-1, 1]."""
+  s, d = config.sample, config.data
+  clips = np.stack([make_clip(i, d.num_frames, d.height, d.width, seed=12345)[0]
+                    for i in range(s.get("num_clips", 2))])
+
+  def sample(params: dict, step: int) -> np.ndarray:
+    del step
+    rec = np.asarray(reconstruct(params, clips))
+    rec = np.clip(np.round((rec + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.concatenate([clips, rec], axis=2)
+  return sample
+
+
+def model_exporter(config: ml_collections.ConfigDict, workdir: Path,
+                   vae_temporal: Optional[vae_lib.VAETemporalConfig]):
+  """(out_dir, params) -> the image model of the config with params['vae'] replaced (and
+  `vae_temporal_config` set for a video decoder), as a `pretrained` folder. The rest
+  of the image model is re-read here, so the trainer never holds it."""
+  def export(out: Path, params: dict) -> None:
+    image, _, tok_dir = keyframe.load_image_model(config, workdir)
+    image.params = {**image.params, "vae": params["vae"]}
+    image.source = str(workdir)
+    image.vae_temporal_config = vae_temporal
+    pretrained.save(out, image, tok_dir if image.text_config is not None else None)
+  return export
+
+
+def image_model_vae(config: ml_collections.ConfigDict, workdir: Path):
+  """(VAEConfig, the image model's VAE params, its VAETemporalConfig or None)."""
+  image, _, _ = keyframe.load_image_model(config, workdir)
+  return image.vae_config, image.params["vae"], image.vae_temporal_config
+
+
+def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
+  """The autoencoder stage of `config` (configs/autoencoder_tiny.py)."""
+  vae_config, vae_params, vae_temporal = image_model_vae(config, workdir)
+  if vae_temporal is not None:
+    # Keep the image autoencoder: the video decoder's temporal layers are dropped.
+    vae_params = traverse_util.unflatten_dict(
+        {k: v for k, v in traverse_util.flatten_dict(vae_params).items()
+         if not any(p.startswith("temporal_") for p in k)})
+  dtype = DTYPES[config.train.compute_dtype]
+  vae = AutoencoderKL(vae_config, dtype=dtype)
+  disc_config = disc_lib.DiscriminatorConfig.from_dict(
+      dict(config.discriminator), "config.discriminator").validate()
+  disc = disc_lib.PatchDiscriminator(disc_config, dtype=dtype)
+  options = LossOptions.from_config(config.loss)
+  lpips = lpips_params(options)
+  vae_in, disc_in = vae_lib.example_inputs(vae_config), disc_lib.example_inputs(disc_config,
+                                                                                 False)
+  abstract, axes = with_lpips(
+      {"vae": params_lib.abstract_params(vae, *vae_in),
+       "discriminator": params_lib.abstract_params(disc, *disc_in)},
+      {"vae": params_lib.logical_axes(vae, *vae_in),
+       "discriminator": params_lib.logical_axes(disc, *disc_in)}, lpips)
+  holder = {"vae": vae_params}
+
+  def init_params() -> dict:
+    out = {"vae": holder.pop("vae"),
+           "discriminator": params_lib.init_params(disc, config.seed, *disc_in)}
+    return out if lpips is None else {**out, "lpips": lpips}
+
+  @jax.jit
+  def reconstruct(params, clips_u8):
+    b, t = clips_u8.shape[:2]
+    x = frames_to_images(clips_u8)
+    return vae.apply({"params": params["vae"]}, x).reshape((b, t) + x.shape[1:])
+
+  return StageSetup(
+      stage=make_stage(vae, disc, options), abstract_params=abstract, logical_axes=axes,
+      init_params=init_params,
+      make_iterator=pixel_iterator(config, workdir), make_batch=make_batch,
+      optimizer=optimizer(config),
+      lr_schedule=optim.learning_rate(config.optim),
+      export=model_exporter(config, workdir, None),
+      samples_per_step=config.data.batch_size * config.data.num_frames,
+      sample=reconstruction_sampler(config, reconstruct))
