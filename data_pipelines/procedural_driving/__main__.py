@@ -3,10 +3,15 @@
   python -m data_pipelines.procedural_driving --config=tiny --data_dir=/tmp/tfds
 
 Prints where the array_record files went and the split sizes. No network is used.
+With --write_clips=DIR the clips of --split are also written as uint8 .npy files
+(T, H, W, 3), e.g. held-out reference clips for videoldm-eval.
 """
 
 import argparse
 import time
+from pathlib import Path
+
+import numpy as np
 
 from data_pipelines.procedural_driving.procedural_driving import BUILDER_CONFIGS, build
 
@@ -18,12 +23,24 @@ def main(argv=None) -> None:
   parser.add_argument("--data_dir", required=True, help="TFDS data directory to build into")
   parser.add_argument("--overwrite", action="store_true",
                       help="rebuild even if the dataset is already there")
+  parser.add_argument("--write_clips", default="", help="also write the clips of --split "
+                      "as .npy files into this folder")
+  parser.add_argument("--split", default="validation", choices=["train", "validation"])
+  parser.add_argument("--max_clips", type=int, default=0, help="0: all clips of the split")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   builder = build(args.config, args.data_dir, overwrite=args.overwrite)
   splits = {name: split.num_examples for name, split in builder.info.splits.items()}
   print(f"procedural_driving/{args.config}: {splits} in {builder.data_dir} "
         f"({time.perf_counter() - start:.1f} s)")
+  if args.write_clips:
+    out = Path(args.write_clips)
+    out.mkdir(parents=True, exist_ok=True)
+    source = builder.as_data_source(args.split)
+    n = len(source) if args.max_clips <= 0 else min(args.max_clips, len(source))
+    for i in range(n):
+      np.save(out / f"{args.split}_{i:05d}.npy", np.asarray(source[i]["video"], np.uint8))
+    print(f"wrote {n} {args.split} clips to {out}")
 
 
 if __name__ == "__main__":

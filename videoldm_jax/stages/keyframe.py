@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from videoldm_jax import pretrained
@@ -121,6 +122,13 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path
   if config.image_model:
     image = pretrained.load(config.image_model)
     tok_dir = Path(config.image_model) / "tokenizer"
+    if image.vae_temporal_config is not None:
+      # A decoder-stage export: the UNet stages use the frame-wise autoencoder; the
+      # temporal decoder is applied at generation time from its own folder.
+      flat = traverse_util.flatten_dict(image.params["vae"])
+      image.params["vae"] = traverse_util.unflatten_dict(
+          {k: v for k, v in flat.items() if not partition.is_temporal(k)})
+      image.vae_temporal_config = None
   else:
     image = pretrained.random_image_ldm(config.random_image_model)
     tok_dir = workdir / "tokenizer"
