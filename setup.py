@@ -65,6 +65,7 @@ setup(
             "videoldm-cache-latents=videoldm_jax.cli.cache_latents:run",
             "videoldm-eval=videoldm_jax.cli.evaluate:run",
             "videoldm-compile=videoldm_jax.cli.compile:run",
+            "videoldm-generate=videoldm_jax.cli.generate:run",
         ]
     },
 )

@@ -1,7 +1,8 @@
 """Video files in and out: MP4 (PyAV / libx264), GIF (Pillow), and a grid for logging.
 
 All videos are channels-last uint8 RGB: one clip is (T, H, W, 3), a batch (B, T, H, W, 3).
-Model outputs in [-1, 1] go through `to_uint8` first.
+Model outputs in [-1, 1] go through `to_uint8` first. `Mp4Writer` streams a video of any
+length to disk chunk by chunk (memory independent of the length).
 """
 
 import math
@@ -10,7 +11,7 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["to_uint8", "write_mp4", "write_gif", "read_video", "video_grid"]
+__all__ = ["to_uint8", "write_mp4", "Mp4Writer", "write_gif", "read_video", "video_grid"]
 
 
 def to_uint8(video) -> np.ndarray:
@@ -91,6 +92,117 @@ def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
     if os.path.exists(tmp):
       os.remove(tmp)
   return h, w
+
+
+class Mp4Writer:
+  """Streams an H.264 MP4 chunk by chunk: memory does not grow with the video's length.
+
+    with video_io.Mp4Writer("out.mp4", fps=24) as writer:
+      for chunk in chunks:          # each (T_i, H, W, 3) uint8, the same H and W
+        writer.append(chunk)
+    # out.mp4 now exists, complete
+
+  Frames go to a temporary sibling file that is renamed to `path` by `close()` (which
+  `with` calls on success), so `path` never holds a truncated video; on an exception
+  inside the `with` block, or with `abort()`, the temporary file is deleted and `path`
+  is left as it was. The frame size is fixed by the first chunk; odd sizes are padded
+  as in `write_mp4` (`pad_odd`). `crf` as in `write_mp4`. Only x264's look-ahead (a few
+  dozen frames) is buffered inside the encoder.
+  """
+
+  def __init__(self, path: str, fps: float = 8, crf: int = 18, pad_odd: bool = True):
+    if not (fps > 0 and math.isfinite(fps)):
+      raise ValueError(f"{path}: fps must be a positive number, got {fps}")
+    if not 0 <= int(crf) <= 51:
+      raise ValueError(f"{path}: crf must be in [0, 51], got {crf}")
+    self.path, self.fps, self.crf, self.pad_odd = str(path), fps, int(crf), pad_odd
+    self._tmp = _atomic_target(self.path)
+    self._container = None
+    self._stream = None
+    self._size = None            # (H, W) of the input frames, set by the first chunk
+    self.num_frames = 0          # frames appended so far
+    self.closed = False
+
+  @property
+  def size(self) -> tuple[int, int] | None:
+    """(height, width) written to the file (after odd-size padding); None before the
+    first chunk."""
+    if self._stream is None:
+      return None
+    return self._stream.height, self._stream.width
+
+  def _open(self, h: int, w: int) -> None:
+    import av  # local, as in write_mp4
+
+    if h % 2 or w % 2:
+      if not self.pad_odd:
+        raise ValueError(f"{self.path}: libx264 with yuv420p needs even height and width, "
+                         f"got {h}x{w}; pass pad_odd=True or crop the frames")
+    self._container = av.open(self._tmp, mode="w")
+    stream = self._container.add_stream(
+        "libx264", rate=Fraction(self.fps).limit_denominator(1001))
+    stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+    stream.options = {"crf": str(self.crf)}
+    self._stream, self._size = stream, (h, w)
+
+  def append(self, frames) -> None:
+    """Encodes a (T, H, W, 3) uint8 chunk (T >= 1) after the frames appended before."""
+    if self.closed:
+      raise ValueError(f"{self.path}: append() after close() or abort()")
+    import av
+
+    frames = _check_frames(frames, self.path)
+    h, w = frames.shape[1:3]
+    if self._stream is None:
+      self._open(h, w)
+    elif (h, w) != self._size:
+      raise ValueError(f"{self.path}: chunk frames are {h}x{w}, but the video's first chunk "
+                       f"was {self._size[0]}x{self._size[1]}")
+    if h % 2 or w % 2:
+      frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    for frame in frames:
+      vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+      self._container.mux(self._stream.encode(vf))
+    self.num_frames += frames.shape[0]
+
+  def close(self) -> str:
+    """Flushes the encoder and moves the finished file to `path`; returns `path`.
+    A writer that received no frame raises ValueError (an empty video is not a video)."""
+    if self.closed:
+      return self.path
+    if self._stream is None:
+      self.abort()
+      raise ValueError(f"{self.path}: no frames were appended; nothing written")
+    try:
+      self._container.mux(self._stream.encode(None))  # x264's look-ahead frames
+      self._container.close()
+      os.replace(self._tmp, self.path)
+    finally:
+      self.closed = True
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
+    return self.path
+
+  def abort(self) -> None:
+    """Discards everything written so far (the temporary file); `path` is untouched."""
+    if self.closed:
+      return
+    self.closed = True
+    try:
+      if self._container is not None:
+        self._container.close()
+    finally:
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
+
+  def __enter__(self) -> "Mp4Writer":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
 
 
 def _palette_frames(frames: np.ndarray):

@@ -1,0 +1,754 @@
+"""The whole Video LDM chain (paper Fig. 2 / Sec. 3), streamed to an mp4:
+
+  prompt or class label
+   -> key frames            key-frame model, text CFG (first clip)
+   -> more key frames       prediction model, autoregressive: each round is conditioned on
+                            the last S generated key frames (context guidance s_c)
+   -> x4, and x4 again      interpolation model(s): one model applied twice, or two
+   -> pixels                temporal decoder (a decoder-stage export), else the key-frame
+                            model's frame-wise image decoder
+   -> x4 resolution         temporally aligned upsampler (optional)
+   -> mp4 (+ gif preview)
+
+Every stage is optional except a key-frame or prediction model; a missing one is skipped
+with a note (no predictor: one clip; no interpolator: key-frame rate; no upsampler: low
+resolution). `generate_video` is the Python API (the CLI videoldm-generate and the demo
+call it).
+
+Memory stays flat in the video's length: nothing holds the whole video. Key frames are
+produced window by window (only the last S key latents survive a prediction round) and
+pushed through a chain of streaming stages, each of which keeps a bounded buffer:
+
+  interpolation  (`Interpolation`) buffers key frames until it has `interp_window` of
+                 them, fills in window [k_0 .. k_{n-1}] and emits frames from k_0 up to,
+                 not including, k_{n-1}; k_{n-1} is the first known frame of the next
+                 window, so consecutive windows share their boundary key frame (no gap,
+                 no duplicate). The last window reaches back over key frames already
+                 filled in (their frames are not emitted again) and also emits the last
+                 key frame.
+  decoding /     (`OverlapChunker`) chunks of `chunk` frames, each processed together
+  upsampling     with `overlap` frames before it (already emitted) and `overlap` after it
+                 (emitted by the next call); the outputs of context frames are dropped.
+  sink           converts to uint8, appends to `video_io.Mp4Writer` (which closes
+                 atomically) and keeps the first few frames, downscaled, for the gif.
+
+Every call of a stage has the same number of frames (one compiled program per stage,
+however long the video; only a video shorter than one window differs), and stages that
+share a config share their compiled UNet / text encoder / decoder, also across videos.
+
+Chunk borders of the temporal decoder: it decodes `decode_chunk` frames per call with
+`decode_overlap` real neighbouring latents on each side, so the temporal convolutions
+next to a chunk border see true neighbours instead of the zero padding of a clip end;
+only the video's true first and last frames see zero padding, as in training. No
+overlap makes the chunked decode exactly the whole-video decode: the temporal
+ResBlocks' Conv3ds compound to a radius of (2 + levels (layers + 1)) * 2 + 1 frames (29
+for SD's VAE) and their GroupNorms pool statistics over all frames of the call. The
+influence of far frames is weak, so a small overlap (default 2) removes the visible
+seams, and the call length (chunk + 2 overlap, default 20) should be near the decoder's
+training clip length so the GroupNorm statistics are the ones it was trained with.
+(sgm, the same authors' code, decodes in chunks with no overlap at all.) The frame-wise
+image decoder needs no overlap (set to 0). The upsampler is chunked the same way: its
+context frames give its temporal layers real neighbours at chunk borders, and the
+shared low-res conditioning ties neighbouring chunks together.
+
+Lengths: with F = 4^passes (1, 4 or 16), K key frames give F (K - 1) + 1 frames; K is
+the smallest count that reaches the requested `num_frames` (or `duration * fps`) and the
+file is cut to exactly that. `fps` is the frame rate of the output (the key frames run
+at fps / F).
+"""
+
+import dataclasses
+import functools
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from videoldm_jax import pretrained, video_io
+from videoldm_jax import upsampler_model as um
+from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.models.unet import UNet, UNetConfig
+from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
+from videoldm_jax.pipelines import context_sampling, personalize, upsampling
+from videoldm_jax.pipelines.context_sampling import ContextModel, ContextSampleOptions
+
+Log = Callable[[str], None]
+
+
+def log_to_stderr(message: str) -> None:
+  """The default `log` of `generate_video`."""
+  print(message, file=sys.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+  """What `generate_video` makes. Lengths count frames of the OUTPUT unless named keys.
+
+  Conditioning: `prompt` / `negative_prompt` (text models), `class_label` (class-
+  conditional UNets). Length: `num_frames`, or `duration` seconds at `fps`; neither:
+  one key-frame clip through the chain. `height` / `width`: frames before the
+  upsampler, any multiple of the latent models' total downsampling (larger than
+  training = convolutional in space).
+  Key frames: `keyframes_per_clip` frames from the key-frame model (without a predictor
+  it samples all key frames in one clip: convolutional in time); the predictor makes
+  clips of `predictor_frames` (default keyframes_per_clip) from the last `num_context`.
+  Guidance: `guidance_scale` (text CFG of key frames and predictor), `context_scale` (s
+  of context guidance, predictor; the paper finds s > 1 helps), and for the
+  interpolators `interp_guidance_scale` / `interp_context_scale` (1.0: no extra
+  branch; the key frames already carry the prompt).
+  Interpolation: `interp_passes` x4 passes (at most 2), `interp_window` key frames per
+  interpolator call (default keyframes_per_clip).
+  Chunking: see the module docstring.
+  """
+  prompt: str = ""
+  negative_prompt: str = ""
+  class_label: Optional[int] = None
+  seed: int = 0
+  num_frames: Optional[int] = None
+  duration: Optional[float] = None
+  fps: float = 24.0
+  height: int = 64
+  width: int = 64
+  sampler: str = "ddim"
+  steps: int = 25
+  eta: float = 0.0
+  guidance_scale: float = 5.0
+  context_scale: float = 1.0
+  keyframes_per_clip: int = 8
+  predictor_frames: Optional[int] = None
+  num_context: int = 2
+  interp_passes: int = 2
+  interp_stride: int = 4
+  interp_window: Optional[int] = None
+  interp_steps: Optional[int] = None
+  interp_guidance_scale: float = 1.0
+  interp_context_scale: float = 1.0
+  decode_chunk: int = 16
+  decode_overlap: int = 2
+  upsampler_steps: Optional[int] = None
+  upsampler_noise_level: Optional[int] = None
+  upsample_chunk: int = 8
+  upsample_overlap: int = 2
+  crf: int = 18
+  gif: bool = True
+  gif_max_frames: int = 48
+  gif_max_size: int = 128
+  progress: bool = True
+
+
+# --- models ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ChainModels:
+  """The loaded stages (None = skipped) and the notes about skipped stages.
+
+  keyframe / predictor / interpolator / interpolator2: (PretrainedLDM, tokenizer or None).
+  decoder: a PretrainedLDM whose params['vae'] decode (its `vae_temporal_config` set for
+  a temporal decoder). upsampler: a PretrainedUpsampler.
+  """
+  keyframe: Optional[tuple] = None
+  predictor: Optional[tuple] = None
+  interpolator: Optional[tuple] = None
+  interpolator2: Optional[tuple] = None
+  decoder: Optional[pretrained.PretrainedLDM] = None
+  upsampler: Optional[um.PretrainedUpsampler] = None
+  notes: list = dataclasses.field(default_factory=list)
+  paths: dict = dataclasses.field(default_factory=dict)  # stage -> folder (for messages)
+
+  @property
+  def base(self) -> pretrained.PretrainedLDM:
+    """The model whose latent space everything shares (key-frame, else predictor)."""
+    return (self.keyframe or self.predictor)[0]
+
+  @functools.cached_property
+  def samplers(self) -> dict:
+    """A ContextModel per UNet stage (the key-frame model's ignores the context cond)."""
+    out = {name: _context_model(getattr(self, name)[0], context=name != "keyframe")
+           for name in ("keyframe", "predictor", "interpolator", "interpolator2")
+           if getattr(self, name) is not None}
+    return out
+
+
+# Jitted programs are cached per config, not per loaded model: stages (and videos) that
+# share a config and input shapes share one compilation (an SD-size UNet takes minutes).
+
+@functools.lru_cache(maxsize=16)
+def _unet_fn(unet_config: UNetConfig, temporal: TemporalConfig) -> Callable:
+  return jax.jit(UNet(unet_config, temporal).apply)
+
+
+@functools.lru_cache(maxsize=4)
+def _text_fn(text_config: CLIPTextConfig) -> Callable:
+  return jax.jit(CLIPTextModel(text_config).apply)
+
+
+@functools.lru_cache(maxsize=4)
+def _decode_fn(vae_config: VAEConfig, temporal: Optional[VAETemporalConfig]) -> Callable:
+  """Jitted (vae params, scaled latents (1, T, h, w, C)) -> frames (1, T, H, W, 3): the
+  temporal decoder on the clip, or the image decoder on its frames as one batch."""
+  vae = AutoencoderKL(vae_config, temporal)
+  if temporal is not None:
+    return jax.jit(lambda p, z: vae.apply({"params": p}, z,
+                                          method=AutoencoderKL.decode_video_latents))
+
+  def frame_wise(p, z):
+    x = vae.apply({"params": p}, z.reshape((-1,) + z.shape[2:]),
+                  method=AutoencoderKL.decode_latents)
+    return x.reshape(z.shape[:2] + x.shape[1:])
+  return jax.jit(frame_wise)
+
+
+def _context_model(model: pretrained.PretrainedLDM, context: bool) -> ContextModel:
+  """`ContextModel` on the shared jitted UNet. context=False (the key-frame model):
+  the cond argument of `context_sampling` is dropped, so `sample_clip` with an
+  all-zero mask samples the key-frame model with text guidance."""
+  schedule, sampling_cfg = schedule_from_diffusers_config(model.scheduler)
+  fn = _unet_fn(model.unet_config, model.temporal_config)
+  if not context:
+    jitted = fn
+    fn = lambda params, x, t, text, labels, image_only, cond=None: jitted(
+        params, x, t, text, labels, image_only)
+  return ContextModel(fn, model.params["unet"], schedule, sampling_cfg)
+
+
+def _load_ldm(path, image: Optional[pretrained.PretrainedLDM], parts, image_source: str):
+  model, tokenizer = pretrained.load_with_tokenizer(path)
+  if image is not None:
+    model = personalize.personalize(model, image, parts, source=image_source)
+  return model, tokenizer
+
+
+def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=None,
+               interpolator2_model=None, decoder_model=None, upsampler_model=None,
+               image_checkpoint=None, personalize_parts: Sequence[str] = ("unet",),
+               ) -> ChainModels:
+  """Loads each given stage folder (None / "" skips the stage, with a note).
+
+  image_checkpoint: an image LDM folder whose spatial UNet (theta) replaces that of the
+  key-frame, prediction and interpolation models, keeping their phi (personalisation,
+  `pipelines/personalize.py`; `personalize_parts` may add 'vae', which then also applies
+  to the decoder, and 'text_encoder').
+  """
+  image, image_source = None, ""
+  if image_checkpoint:
+    image_source = str(Path(image_checkpoint).absolute())
+    image = pretrained.load(image_checkpoint)
+  ldm = lambda p: _load_ldm(p, image, personalize_parts, image_source) if p else None
+  m = ChainModels(keyframe=ldm(keyframe_model), predictor=ldm(predictor_model),
+                  interpolator=ldm(interpolator_model),
+                  interpolator2=ldm(interpolator2_model))
+  given = dict(keyframe=keyframe_model, predictor=predictor_model,
+               interpolator=interpolator_model, interpolator2=interpolator2_model,
+               decoder=decoder_model, upsampler=upsampler_model)
+  m.paths = {k: str(v) for k, v in given.items() if v}
+  if m.keyframe is None and m.predictor is None:
+    raise ValueError("need a key-frame model (--keyframe_model) or a prediction model "
+                     "(--predictor_model) to make key frames")
+  if decoder_model:
+    m.decoder = pretrained.load(decoder_model)
+    if image is not None and "vae" in personalize_parts:
+      m.decoder = personalize.personalize(m.decoder, image, ("vae",), source=image_source)
+  if upsampler_model:
+    m.upsampler = um.load(upsampler_model)
+  if m.interpolator is None and m.interpolator2 is not None:
+    m.interpolator, m.interpolator2 = m.interpolator2, None
+    m.paths["interpolator"] = m.paths.pop("interpolator2")
+    m.notes.append("interpolator stage: only --interpolator2_model given; it is used for "
+                   "both passes")
+  _check_chain(m)
+  if m.keyframe is None:
+    m.notes.append("key-frame stage skipped (no --keyframe_model): the first clip comes "
+                   "from the prediction model's unconditional branch (S = 0)")
+  if m.predictor is None:
+    m.notes.append("prediction stage skipped (no --predictor_model): the key frames are "
+                   "ONE clip of the key-frame model (convolutional in time when longer "
+                   "than keyframes_per_clip; its memory then grows with the length)")
+  if m.interpolator is None:
+    m.notes.append("interpolation stage skipped (no --interpolator_model): the video runs "
+                   "at the key-frame rate")
+  if m.decoder is None:
+    kind = "temporal" if m.base.vae_temporal_config is not None else "frame-wise image"
+    m.notes.append(f"decoder stage skipped (no --decoder_model): decoding with the {kind} "
+                   "decoder of the key-frame model")
+  elif m.decoder.vae_temporal_config is None:
+    m.notes.append(f"decoder model {decoder_model}: has no temporal decoder (vae_temporal_config); "
+                   "decoding frame by frame with its image decoder")
+  if m.upsampler is None:
+    m.notes.append("upsampler stage skipped (no --upsampler_model): the output stays at "
+                   "the generated (low) resolution")
+  return m
+
+
+def _check_chain(m: ChainModels) -> None:
+  """Every stage must live in the base model's latent space."""
+  base = m.base
+  key = lambda c: (c.latent_channels, c.downsample_factor, c.scaling_factor, c.shift_factor)
+  stages = {"predictor": m.predictor and m.predictor[0],
+            "interpolator": m.interpolator and m.interpolator[0],
+            "interpolator2": m.interpolator2 and m.interpolator2[0], "decoder": m.decoder}
+  for name, model in stages.items():
+    if model is None:
+      continue
+    where = m.paths.get(name, model.source)
+    if key(model.vae_config) != key(base.vae_config):
+      raise ValueError(
+          f"{name} model ({where}): its autoencoder's latent space (channels, "
+          f"factor, scaling, shift) = {key(model.vae_config)} differs from the key-frame "
+          f"model's {key(base.vae_config)}; all stages must share one latent space")
+    if name != "decoder":
+      tc = model.temporal_config
+      if tc is None or not tc.context_frames:
+        raise ValueError(f"{name} model ({where}): not a context model (no "
+                         "temporal_config.context_frames); export one with the "
+                         f"{name.rstrip('2')} stage")
+  if m.keyframe is not None and m.keyframe[0].temporal_config is None:
+    raise ValueError(f"key-frame model ({m.paths.get('keyframe', m.keyframe[0].source)}): an image model (no "
+                     "temporal layers); pass a key-frame export")
+
+
+# --- lengths and sizes -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run makes, computed before any sampling (`plan`)."""
+  num_frames: int         # frames written
+  num_keys: int           # K key frames
+  first_clip: int         # key frames of the first clip
+  new_per_round: int      # new key frames per prediction round
+  rounds: int             # prediction rounds
+  passes: int             # x stride interpolation passes
+  generated_frames: int   # F (K - 1) + 1 >= num_frames
+  latent_hw: tuple        # (h, w) of the latents
+  lowres_hw: tuple        # (H, W) decoded
+  out_hw: tuple           # (H, W) written (x upsampler scale)
+  fps: float
+  frame_factor: int       # F = stride ** passes output frames per key frame
+
+
+def plan(models: ChainModels, o: GenerateOptions) -> Plan:
+  """Frame counts and sizes of a run; raises ValueError for impossible options (before
+  anything is sampled)."""
+  if not (o.fps > 0 and math.isfinite(o.fps)):
+    raise ValueError(f"fps must be positive, got {o.fps}")
+  if not 0 <= o.interp_passes <= 2:
+    raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
+  passes = o.interp_passes if models.interpolator is not None else 0
+  if o.interp_stride < 2:
+    raise ValueError(f"interp_stride must be >= 2, got {o.interp_stride}")
+  f = o.interp_stride ** passes
+  t = o.keyframes_per_clip
+  if t < 1:
+    raise ValueError(f"keyframes_per_clip must be >= 1, got {t}")
+  if o.num_frames is not None and o.duration is not None:
+    raise ValueError("give num_frames or duration, not both")
+  if o.num_frames is not None:
+    n = int(o.num_frames)
+  elif o.duration is not None:
+    n = int(round(o.duration * o.fps))
+  else:
+    n = f * (t - 1) + 1
+  if n < 1:
+    raise ValueError(f"the video must have at least one frame (num_frames={o.num_frames}, "
+                     f"duration={o.duration}, fps={o.fps})")
+  k = -(-(n - 1) // f) + 1
+  p = o.predictor_frames or t
+  s = o.num_context
+  if models.predictor is not None:
+    if not 0 <= s < p:
+      raise ValueError(f"num_context={s} must be in [0, predictor_frames={p})")
+    first = min(k, t if models.keyframe is not None else p)
+    rounds = -(-(k - first) // (p - s))
+  else:
+    first, rounds = k, 0
+  window = o.interp_window or t
+  if passes and window < 2:
+    raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
+  base = models.base
+  mult = base.vae_config.downsample_factor
+  for m in (models.keyframe, models.predictor, models.interpolator, models.interpolator2):
+    if m is not None:
+      mult = max(mult, base.vae_config.downsample_factor * 2 ** (m[0].unet_config.num_levels - 1))
+  if o.height % mult or o.width % mult or o.height < 1 or o.width < 1:
+    raise ValueError(f"height and width must be positive multiples of {mult} for these "
+                     f"models (got {o.height}x{o.width})")
+  fac = base.vae_config.downsample_factor
+  out_hw = (o.height, o.width)
+  if models.upsampler is not None:
+    c = models.upsampler.config
+    out_hw = (o.height * c.scale, o.width * c.scale)
+    if out_hw[0] % c.size_multiple or out_hw[1] % c.size_multiple:
+      raise ValueError(f"the upsampler's output {out_hw[0]}x{out_hw[1]} must be a multiple "
+                       f"of {c.size_multiple}: choose height and width multiples of "
+                       f"{c.size_multiple // math.gcd(c.size_multiple, c.scale)}")
+  for name, chunk, overlap in (("decode", o.decode_chunk, o.decode_overlap),
+                               ("upsample", o.upsample_chunk, o.upsample_overlap)):
+    if chunk < 1 or overlap < 0:
+      raise ValueError(f"{name}_chunk must be >= 1 and {name}_overlap >= 0, got "
+                       f"{chunk}, {overlap}")
+  return Plan(num_frames=n, num_keys=k, first_clip=first, new_per_round=p - s,
+              rounds=rounds, passes=passes, generated_frames=f * (k - 1) + 1,
+              latent_hw=(o.height // fac, o.width // fac), lowres_hw=(o.height, o.width),
+              out_hw=out_hw, fps=o.fps, frame_factor=f)
+
+
+# --- streaming stages ----------------------------------------------------------------------
+# Each stage takes chunks of frames (1, n, ...) through push() and returns what it can
+# emit (or None); flush() emits the rest at the end of the video.
+
+def _cat(a: Optional[jax.Array], b: jax.Array) -> jax.Array:
+  return b if a is None else jnp.concatenate([a, b], axis=1)
+
+
+class _Buffered:
+  """A frame buffer with absolute indices (buf[:, i] is frame `start` + i), a counter
+  of calls to `fn` (each call draws its own noise) and an optional progress bar."""
+
+  def __init__(self, fn, bar=None):
+    self.fn, self.bar = fn, bar
+    self.buf, self.start, self.total, self.calls = None, 0, 0, 0
+
+  def _append(self, frames: jax.Array) -> None:
+    self.buf = _cat(self.buf, frames)
+    self.total += frames.shape[1]
+
+  def _frames(self, first: int, last: int) -> jax.Array:
+    return self.buf[:, first - self.start:last - self.start]
+
+  def _drop_before(self, first: int) -> None:
+    self.buf, self.start = self._frames(first, self.total), first
+
+  def _run(self, first: int, last: int) -> jax.Array:
+    out = self.fn(self._frames(first, last), self.calls)
+    self.calls += 1
+    return out
+
+  def _emit(self, outs: list) -> Optional[jax.Array]:
+    if not outs:
+      return None
+    out = jnp.concatenate(outs, axis=1)
+    if self.bar is not None:
+      self.bar.update(out.shape[1])
+    return out
+
+
+class Interpolation(_Buffered):
+  """Streaming `interpolate`: key frames in, stride-times as many frames out, in windows
+  of `window` key frames that share their boundary key frame (module docstring).
+
+  interpolate_fn(keys (1, window, h, w, C), call index) -> (1, stride (window - 1) + 1,
+  h, w, C), exactly `keys` at every stride-th frame. Every call has `window` keys (one
+  compiled shape): the last window reaches back over key frames already filled in, and
+  only its new frames are emitted (a video of fewer than `window` key frames is one
+  shorter call). Keeps at most 2 window - 1 key frames plus one pushed chunk.
+  """
+
+  def __init__(self, interpolate_fn, stride: int, window: int, bar=None):
+    super().__init__(interpolate_fn, bar)
+    self.stride, self.window = stride, window
+    self.done = 0  # the frames before key frame `done` are emitted
+
+  def push(self, keys: jax.Array) -> Optional[jax.Array]:
+    self._append(keys)
+    outs = []
+    while self.total - self.done >= self.window:
+      frames = self._run(self.done, self.done + self.window)
+      outs.append(frames[:, :self.stride * (self.window - 1)])  # last key: next window's
+      self.done += self.window - 1
+      self._drop_before(max(0, self.done - (self.window - 1)))  # history: last window
+    return self._emit(outs)
+
+  def flush(self) -> Optional[jax.Array]:
+    if self.total == self.done:
+      return None
+    if self.total - self.done == 1:  # only the last key frame, known: nothing to fill in
+      out = self._frames(self.done, self.total)
+    else:
+      first = max(0, self.total - self.window)
+      out = self._run(first, self.total)[:, self.stride * (self.done - first):]
+    self.done, self.buf = self.total, None
+    return self._emit([out])
+
+
+class OverlapChunker(_Buffered):
+  """Streaming frame-aligned processing (decode, upsample) in chunks with context.
+
+  fn(frames (1, W, ...), call index) -> (1, W, ...) frame for frame, W = chunk + 2
+  overlap for every call (one compiled shape; a video shorter than W is one shorter
+  call). The first call covers frames [0, W) and emits [0, W - overlap); each further
+  call emits the next `chunk` frames, seeing `overlap` frames on each side of them
+  (their outputs are dropped); the last call covers the last W frames of the video and
+  emits what is left (so it sees >= overlap frames before). The true start and end of
+  the video have no context frames, as in whole-video processing. Keeps at most
+  W - 1 + chunk + overlap frames plus one pushed chunk.
+  """
+
+  def __init__(self, fn, chunk: int, overlap: int, bar=None):
+    super().__init__(fn, bar)
+    self.chunk, self.overlap = chunk, overlap
+    self.size = chunk + 2 * overlap
+    self.done = 0  # frames [0, done) are emitted
+
+  def push(self, frames: jax.Array) -> Optional[jax.Array]:
+    self._append(frames)
+    outs = []
+    while True:
+      end = self.size if self.done == 0 else self.done + self.chunk + self.overlap
+      if self.total < end:
+        break
+      first = end - self.size
+      outs.append(self._run(first, end)[:, self.done - first:end - self.overlap - first])
+      self.done = end - self.overlap
+      self._drop_before(max(0, self.done - (self.size - 1)))  # history: last call
+    return self._emit(outs)
+
+  def flush(self) -> Optional[jax.Array]:
+    if self.total == self.done:
+      return None
+    first = max(0, self.total - self.size)
+    out = self._run(first, self.total)[:, self.done - first:]
+    self.done, self.buf = self.total, None
+    return self._emit([out])
+
+
+class _Sink:
+  """float frames (1, n, H, W, 3) in [-1, 1] -> uint8 -> mp4 writer (cut at num_frames),
+  keeping the first gif_max_frames frames, downscaled, for the preview."""
+
+  def __init__(self, writer: video_io.Mp4Writer, num_frames: int, gif_frames: int,
+               gif_size: int, bar=None):
+    self.writer, self.remaining, self.bar = writer, num_frames, bar
+    self.gif_frames, self.gif_size, self.preview = gif_frames, gif_size, []
+
+  def push(self, frames: jax.Array) -> None:
+    if self.remaining <= 0:
+      return None
+    frames = video_io.to_uint8(np.asarray(frames[0, :self.remaining]))
+    self.writer.append(frames)
+    self.remaining -= frames.shape[0]
+    for frame in frames[:max(0, self.gif_frames - len(self.preview))]:
+      self.preview.append(_downscale(frame, self.gif_size))
+    if self.bar is not None:
+      self.bar.update(frames.shape[0])
+    return None
+
+  def flush(self) -> None:
+    return None
+
+
+def _downscale(frame: np.ndarray, max_size: int) -> np.ndarray:
+  """(H, W, 3) uint8 -> at most max_size on the longer side (box filter)."""
+  h, w = frame.shape[:2]
+  factor = max(h, w) / max_size
+  if factor <= 1:
+    return frame
+  from PIL import Image
+  size = (max(1, round(w / factor)), max(1, round(h / factor)))
+  return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BOX))
+
+
+class _Pipeline:
+  """Stages in series: push() sends a chunk as far as it goes; flush() flushes each stage
+  in order and sends what it emits through the stages after it."""
+
+  def __init__(self, stages):
+    self.stages = stages
+
+  def push(self, x, start: int = 0) -> None:
+    for stage in self.stages[start:]:
+      x = stage.push(x)
+      if x is None:
+        return
+
+  def flush(self) -> None:
+    for i, stage in enumerate(self.stages):
+      x = stage.flush()
+      if x is not None:
+        self.push(x, i + 1)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+  """What `generate_video` wrote."""
+  path: str                 # the mp4
+  gif_path: Optional[str]   # the preview, if written
+  num_frames: int
+  height: int
+  width: int
+  fps: float
+  plan: Plan
+  notes: tuple              # what was skipped or adapted
+
+
+def _seed(*ids: int) -> int:
+  """An independent 31-bit seed per (run seed, stage, window): windows never share noise."""
+  return int(np.random.SeedSequence([int(i) for i in ids]).generate_state(1)[0] >> 1)
+
+
+def _conditioning(entry: tuple, o: GenerateOptions) -> dict:
+  """text / uncond_text (1, L, D) and labels (1,) for one stage's model."""
+  model, tokenizer = entry
+  cond = {}
+  if model.text_config is not None:
+    n = model.text_config.max_position_embeddings
+    encode = lambda prompt: _text_fn(model.text_config)(
+        {"params": model.params["text_encoder"]},
+        jnp.asarray(tokenizer([prompt], max_length=n)))
+    cond["text"], cond["uncond_text"] = encode(o.prompt), encode(o.negative_prompt)
+  if model.unet_config.num_class_embeds is not None:
+    if o.class_label is None:
+      raise ValueError(f"{model.source}: a class-conditional model; give class_label")
+    cond["labels"] = jnp.asarray([o.class_label], jnp.int32)
+  return cond
+
+
+def _key_frames(models: ChainModels, o: GenerateOptions, p: Plan, bar):
+  """Yields the K key-frame latents (1, n, h, w, C) window by window: the key-frame
+  model's clip, then one prediction round at a time; between rounds only the last
+  num_context latents are kept."""
+  opts = ContextSampleOptions(num_steps=o.steps, sampler=o.sampler, eta=o.eta,
+                              context_scale=o.context_scale,
+                              guidance_scale=o.guidance_scale)
+  shape = (1, p.first_clip, *p.latent_hw, models.base.vae_config.latent_channels)
+  if models.keyframe is not None:
+    # An all-zero mask: nothing known, plain text-guided sampling of the clip.
+    first = context_sampling.sample_clip(
+        models.samplers["keyframe"], jnp.zeros(shape), jnp.zeros(shape[:2]),
+        dataclasses.replace(opts, context_scale=1.0),
+        key=jax.random.key(_seed(o.seed, 0)), **_conditioning(models.keyframe, o))
+  if models.predictor is None:
+    bar.update(first.shape[1])
+    yield first
+    return
+  cm = models.samplers["predictor"]
+  cond = _conditioning(models.predictor, o)
+  frames = o.predictor_frames or o.keyframes_per_clip
+  if models.keyframe is None:  # the S = 0 branch makes the first clip
+    first = context_sampling.predict(cm, jnp.zeros((1, 0) + shape[2:]), frames, opts,
+                                     key=jax.random.key(_seed(o.seed, 1, 0)), **cond)
+    first = first[:, :p.first_clip]
+  bar.update(first.shape[1])
+  yield first
+  produced, s = first.shape[1], o.num_context
+  context = first[:, first.shape[1] - min(s, first.shape[1]):]
+  del first
+  for r in range(1, p.rounds + 1):
+    clip = context_sampling.predict(cm, context, frames, opts,
+                                    key=jax.random.key(_seed(o.seed, 1, r)), **cond)
+    new = clip[:, context.shape[1]:][:, :p.num_keys - produced]
+    produced += new.shape[1]
+    context = _cat(context, new)[:, -s:] if s else context[:, :0]
+    bar.update(new.shape[1])
+    yield new
+
+
+def _interpolate_fn(models: ChainModels, name: str, o: GenerateOptions, stage_id: int):
+  cm = models.samplers[name]
+  cond = _conditioning(getattr(models, name), o)
+  opts = ContextSampleOptions(num_steps=o.interp_steps or o.steps, sampler=o.sampler,
+                              eta=o.eta, context_scale=o.interp_context_scale,
+                              guidance_scale=o.interp_guidance_scale)
+  stride = o.interp_stride
+
+  def fn(keys: jax.Array, index: int) -> jax.Array:
+    n = keys.shape[1]
+    # The training layout (known at 0, stride, ...; the last stride - 1 frames after
+    # the last key frame) for n keys, cut after the last key frame.
+    out = context_sampling.interpolate(cm, keys, stride, opts,
+                                       key=jax.random.key(_seed(o.seed, stage_id, index)),
+                                       **cond)
+    return out[:, :stride * (n - 1) + 1]
+  return fn
+
+
+def _upsample_fn(models: ChainModels, o: GenerateOptions):
+  up = models.upsampler
+
+  def fn(frames: jax.Array, index: int) -> jax.Array:
+    return upsampling.upsample(up.config, up.params, frames, o.upsampler_noise_level,
+                               steps=o.upsampler_steps or o.steps, sampler=o.sampler,
+                               seed=_seed(o.seed, 4, index), eta=o.eta)
+  return fn
+
+
+def generate_video(output: str | Path, options: GenerateOptions = GenerateOptions(), *,
+                   models: Optional[ChainModels] = None, log: Optional[Log] = log_to_stderr,
+                   **folders) -> GenerationResult:
+  """Runs the chain and writes `output` (mp4) and, with options.gif, `output`.gif.
+
+  models: stages loaded with `load_chain` (reuse them across videos); otherwise
+  `folders` (the keyword arguments of `load_chain`: keyframe_model=..., ...) are loaded.
+  log: receives the notes on skipped stages (None: silent; they are also returned).
+  Returns the written file's frame count, size and fps, the plan, and the notes.
+  """
+  if models is None:
+    models = load_chain(**folders)
+  elif folders:
+    raise ValueError("pass either models or stage folders, not both")
+  o = options
+  p = plan(models, o)
+  notes = list(models.notes)
+  if models.predictor is None and p.num_keys > o.keyframes_per_clip:
+    notes.append(f"{p.num_keys} key frames from one clip of the key-frame model "
+                 f"(keyframes_per_clip={o.keyframes_per_clip}): convolutional in time")
+  if log is not None:
+    for note in notes:
+      log(note)
+  output = Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  decoder = models.decoder or models.base
+  temporal_decoder = decoder.vae_temporal_config is not None
+  bars = []
+
+  def bar(desc: str, total: int):
+    b = tqdm(total=total, desc=desc, unit="frame", disable=not o.progress,
+             position=len(bars), leave=True)
+    bars.append(b)
+    return b
+
+  key_bar = bar("key frames", p.num_keys)
+  stages = []
+  frames = p.num_keys
+  for i in range(p.passes):
+    name = "interpolator2" if i == 1 and models.interpolator2 is not None else "interpolator"
+    frames = o.interp_stride * (frames - 1) + 1
+    stages.append(Interpolation(_interpolate_fn(models, name, o, 2 + i), o.interp_stride,
+                                o.interp_window or o.keyframes_per_clip,
+                                bar(f"interpolate x{o.interp_stride} ({i + 1})", frames)))
+  vae_params = decoder.params["vae"]
+  decode = _decode_fn(decoder.vae_config, decoder.vae_temporal_config)
+  stages.append(OverlapChunker(lambda z, call: decode(vae_params, z), o.decode_chunk,
+                               o.decode_overlap if temporal_decoder else 0,
+                               bar("decode", frames)))
+  if models.upsampler is not None:
+    stages.append(OverlapChunker(_upsample_fn(models, o), o.upsample_chunk,
+                                 o.upsample_overlap, bar("upsample", frames)))
+  try:
+    with video_io.Mp4Writer(str(output), fps=o.fps, crf=o.crf) as writer:
+      sink = _Sink(writer, p.num_frames, o.gif_max_frames if o.gif else 0, o.gif_max_size,
+                   bar("write", p.num_frames))
+      pipeline = _Pipeline(stages + [sink])
+      for keys in _key_frames(models, o, p, key_bar):
+        pipeline.push(keys)
+      pipeline.flush()
+      if writer.num_frames != p.num_frames:  # an internal error, not a user one
+        raise RuntimeError(f"wrote {writer.num_frames} frames, planned {p.num_frames}")
+      size = writer.size
+  finally:
+    for b in bars:
+      b.close()
+  gif_path = None
+  if o.gif and sink.preview:
+    gif_path = str(output.with_suffix(".gif"))
+    video_io.write_gif(gif_path, np.stack(sink.preview), fps=o.fps)
+  return GenerationResult(path=str(output), gif_path=gif_path, num_frames=p.num_frames,
+                          height=size[0], width=size[1], fps=o.fps, plan=p,
+                          notes=tuple(notes))
