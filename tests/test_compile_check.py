@@ -17,26 +17,30 @@ ROOT = Path(__file__).parents[1]
 def _tiny(mesh: dict) -> ml_collections.ConfigDict:
   c = load_sibling(str(ROOT / "configs" / "_"), "keyframe_tiny").get_config()
   c.data.update(batch_size=4, num_frames=2, height=16, width=16)
+  # One UNet level, one ResBlock: TPU compile time grows with the number of ops.
+  c.random_image_model.unet.update(block_out_channels=(32,), attention_levels=(True,),
+                                   layers_per_block=1)
   c.mesh = mesh
   return c
 
 
 @pytest.fixture(scope="module")
-def reports():
-  return {name: compile_check.fit_report(_tiny(mesh), "v5e:2x2")
-          for name, mesh in (("data", dict(data=4, fsdp=1, tensor=1)),
-                             ("fsdp", dict(data=1, fsdp=4, tensor=1)))}
+def fsdp_report():
+  return compile_check.fit_report(_tiny(dict(data=1, fsdp=4, tensor=1)), "v5e:2x2")
 
 
-def test_tiny_keyframe_step_fits_a_v5e_2x2_and_fsdp_shrinks_it(reports):
-  data, fsdp = reports["data"], reports["fsdp"]
-  assert data.devices == 4 and data.device_memory_bytes == 16 * compile_check.GiB
-  assert data.verdict() == "FITS" and data.flops_per_device > 0
-  assert data.trainable_params < data.params
-  # Replicated (data-parallel) state vs state sharded 4 ways: arguments are mostly the
-  # train state, so per-device bytes drop well below the replicated size.
-  assert fsdp.argument_bytes < 0.5 * data.argument_bytes
-  assert "per device" in data.summary()
+def test_tiny_keyframe_step_fits_a_v5e_2x2_and_fsdp_shards_it(fsdp_report):
+  r = fsdp_report
+  assert r.devices == 4 and r.device_memory_bytes == 16 * compile_check.GiB
+  assert r.verdict() == "FITS" and r.flops_per_device > 0
+  assert r.trainable_params < r.params
+  assert "per device" in r.summary()
+  # Replicated, every device would hold the whole train state: f32 theta + phi, and
+  # Adam's two moments and the EMA of phi (3 more copies of phi). Sharded 4 ways over
+  # FSDP the large leaves shrink 4x; this model is tiny, so biases and norms (which do
+  # not divide and stay replicated) weigh a lot: measured 0.60 of the replicated size.
+  replicated = 4 * (r.params + 3 * r.trainable_params)
+  assert r.argument_bytes < 0.7 * replicated
 
 
 def test_verdict_from_peak_against_device_memory():
