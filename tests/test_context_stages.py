@@ -20,7 +20,7 @@ from videoldm_jax.models import partition
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
 from videoldm_jax.stages import interpolator, predictor
-from videoldm_jax.stages.base import merge_trees
+from videoldm_jax.train.state import merge
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.video_ldm import VideoLDM
 
@@ -45,7 +45,7 @@ def keyframe_export(tmp_path_factory):
   image = pretrained.random_image_ldm(ml_collections.ConfigDict(TINY))
   ldm = VideoLDM.from_pretrained(image, TemporalConfig())
   phi = ldm.init_unet_params(7, where=partition.is_temporal)
-  params = {**image.params, "unet": merge_trees(image.params["unet"], phi)}
+  params = {**image.params, "unet": merge(image.params["unet"], phi)}
   write_byte_level_tokenizer(str(root / "tok"))
   model = pretrained.PretrainedLDM(image.unet_config, image.vae_config, image.text_config,
                                    image.scheduler, params, temporal_config=TemporalConfig())

@@ -33,7 +33,7 @@ from videoldm_jax.models.tokenizer import write_byte_level_tokenizer  # noqa: E4
 from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig  # noqa: E402
 from videoldm_jax.pipelines import generate, personalize  # noqa: E402
 from videoldm_jax.stages import upsampler as upsampler_stage  # noqa: E402
-from videoldm_jax.stages.base import merge_trees  # noqa: E402
+from videoldm_jax.train.state import merge  # noqa: E402
 from videoldm_jax.video_ldm import VideoLDM  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -68,7 +68,7 @@ def video_model(image: pretrained.PretrainedLDM, temporal: TemporalConfig, seed:
   phi = _perturb(ldm.init_unet_params(seed, where=partition.is_temporal), seed)
   return pretrained.PretrainedLDM(
       image.unet_config, image.vae_config, image.text_config, image.scheduler,
-      {**image.params, "unet": merge_trees(image.params["unet"], phi)},
+      {**image.params, "unet": merge(image.params["unet"], phi)},
       source=f"test video model {seed}", temporal_config=temporal)
 
 
@@ -89,7 +89,7 @@ def save_stage_folders(root: Path, image_config=None, upsampler: bool = True) ->
                                         where=partition.is_temporal), 5)
   decoder = pretrained.PretrainedLDM(
       image.unet_config, image.vae_config, image.text_config, image.scheduler,
-      {**image.params, "vae": merge_trees(image.params["vae"], new)},
+      {**image.params, "vae": merge(image.params["vae"], new)},
       source="test decoder", vae_temporal_config=vt)
   folders["decoder_model"] = str(pretrained.save(root / "decoder", decoder, root / "tok"))
   if upsampler:

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import optax
@@ -58,15 +58,6 @@ class StageSetup:
   samples_per_step: int
   sample: Optional[Callable[[dict, int], np.ndarray]] = None
   extra: dict = dataclasses.field(default_factory=dict)
-
-
-def merge_trees(*trees: Any) -> dict:
-  """Union of nested dicts with disjoint leaves (later trees win on equal paths)."""
-  from flax import traverse_util
-  flat = {}
-  for t in trees:
-    flat.update(traverse_util.flatten_dict(t))
-  return traverse_util.unflatten_dict(flat)
 
 
 _ABSTRACT = contextvars.ContextVar("videoldm_abstract_setup", default=False)

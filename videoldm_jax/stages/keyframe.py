@@ -31,11 +31,12 @@ from videoldm_jax.models import partition
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
-from videoldm_jax.models.unet import UNet, UNetConfig
+from videoldm_jax.models.unet import UNetConfig
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
 from videoldm_jax.pipelines import sampling
 from videoldm_jax.stages import base
-from videoldm_jax.stages.base import StageSetup, merge_trees
+from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.train.state import merge
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
 from videoldm_jax.video_ldm import VideoLDM
@@ -228,7 +229,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
     model = holder.pop("image")  # the host copy is released once it is in the train state
     have = _flat_keys(model.params["unet"])
     new = ldm.init_unet_params(config.seed, where=lambda p: p not in have)
-    return {**model.params, "unet": merge_trees(model.params["unet"], new)}
+    return {**model.params, "unet": merge(model.params["unet"], new)}
 
   vae = {"config": ldm.vae_config.to_dict(), "params": image.params["vae"]}
   return StageSetup(

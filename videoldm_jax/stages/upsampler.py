@@ -43,7 +43,8 @@ from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
 from videoldm_jax.pipelines import upsampling
 from videoldm_jax.pipelines.sampling import to_uint8
-from videoldm_jax.stages.base import StageSetup, merge_trees
+from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.train.state import merge
 from videoldm_jax.stages.keyframe import is_trainable_fn
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
@@ -215,7 +216,7 @@ def init_params_fn(model: um.UpsamplerConfig, image: Optional[um.PretrainedUpsam
       partition.check_same_structure(expected, theta, what="image upsampler UNet",
                                      source=source or "config.image_upsampler")
       have = set(traverse_util.flatten_dict(theta))
-      unet = merge_trees(theta, um.init_unet_params(model, seed,
+      unet = merge(theta, um.init_unet_params(model, seed,
                                                     where=lambda p: p not in have))
     out = {"unet": unet}
     if vae_params is not None:
