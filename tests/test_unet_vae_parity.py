@@ -45,9 +45,9 @@ def _torch_unet(cfg, seed):
   return perturb_all_weights(diffusers.UNet2DConditionModel(**cfg).eval(), torch, seed)
 
 
-def _unet_inputs(cfg, seed=0):
+def _unet_inputs(cfg, seed=0, size=16):
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((2, 16, 16, cfg["in_channels"]), dtype=np.float32)
+  x = rng.standard_normal((2, size, size, cfg["in_channels"]), dtype=np.float32)
   t = np.array([10, 777], np.int64)
   ctx = rng.standard_normal((2, 5, cfg["cross_attention_dim"]), dtype=np.float32)
   labels = np.array([3, 7]) if cfg.get("num_class_embeds") else None
@@ -90,6 +90,20 @@ def test_unet_parity_diffusers_folder_and_single_file(cfg, tmp_path):
   params2 = image_models.unet_from_ldm(config, parts["unet"], "test.safetensors")
   ours2 = apply({"params": params2}, x, t, ctx, labels)
   assert max_rel_err(ours2, ref) < 1e-4
+
+
+def test_unet_parity_with_blocked_attention(tmp_path):
+  # 32 x 32 latents: 1024 x 1024 self-attention logits per head at the first level take
+  # the blocked CPU path (models/blocked_attention.py); the result must still be
+  # diffusers' UNet to 1e-4.
+  from videoldm_jax.models import attention
+  assert attention.use_blocked(32 * 32, 32 * 32)
+  model = _torch_unet(SD1_STYLE, seed=2)
+  model.save_pretrained(tmp_path / "unet", safe_serialization=True)
+  inputs = _unet_inputs(SD1_STYLE, seed=3, size=32)
+  config, params = image_models.load_diffusers_unet(tmp_path / "unet")
+  ours = jax.jit(UNet(config).apply)({"params": params}, *inputs)
+  assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < 1e-4
 
 
 def test_vae_parity_encode_decode_both_routes(tmp_path):

@@ -11,7 +11,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from videoldm_jax.models import blocked_attention as blocked_lib
 from videoldm_jax.models import layers
+from videoldm_jax.models.blocked_attention import blocked_attention
+
+
+# "auto": blocked attention for long sequences on CPU, the plain formula elsewhere;
+# "plain": always the plain formula (set with `set_implementation`, e.g. by the
+# benchmarks to measure the difference). Read when a model is traced.
+IMPLEMENTATIONS = ("auto", "plain")
+_implementation = "auto"
+
+
+def set_implementation(name: str) -> None:
+  """Selects the attention implementation for models traced from now on."""
+  global _implementation
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+  _implementation = name
+
+
+def implementation() -> str:
+  return _implementation
+
+
+def use_blocked(num_queries: int, num_keys: int) -> bool:
+  """Whether attention of this size takes the blocked path: on CPU, once the logits of one
+  head fill a block (bench/README.md has the measurements behind it). Accelerators keep
+  XLA's own attention."""
+  return (_implementation == "auto" and jax.default_backend() == "cpu"
+          and num_queries * num_keys >= blocked_lib.BLOCK_ELEMENTS)
 
 
 def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.Array,
@@ -20,8 +49,14 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   """Scaled dot-product attention over `num_heads` heads, (B, L, D) -> (B, L, D).
 
   Logits and softmax run in float32 whatever the compute dtype: SD 2.x overflows in
-  half precision otherwise ("upcast_attention").
+  half precision otherwise ("upcast_attention"). Long unmasked attention on CPU goes
+  through `blocked_attention` (no L x S array stored; see `use_blocked`).
   """
+  if mask_BxLxS is None and use_blocked(q_BxLxD.shape[1], k_BxSxD.shape[1]):
+    q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)
+               for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+    out = blocked_attention(q, k, v).astype(v_BxSxD.dtype)
+    return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
   q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
              for x in (q_BxLxD, k_BxSxD, v_BxSxD))
   scale = q.shape[-1] ** -0.5

@@ -28,7 +28,6 @@ import numpy as np
 from videoldm_jax import pretrained
 from videoldm_jax.diffusion.losses import denoising_loss
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
-from videoldm_jax.models.clip_text import CLIPTextModel
 from videoldm_jax.models.context_encoder import masked_cond
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.pipelines import context_sampling, sampling
@@ -39,23 +38,6 @@ from videoldm_jax.video_ldm import VideoLDM
 
 # mask_fn(key, batch, num_frames) -> (B, T) float32 in {0, 1}: the known frames.
 MaskFn = Callable[[jax.Array, int, int], jax.Array]
-
-
-def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
-                 uncond_tokens: Optional[np.ndarray], drop_prob: float, key: jax.Array,
-                 dtype) -> Optional[jax.Array]:
-  """Caption embeddings (B, L, D) (from `tokens` or a cached `context`), each replaced by
-  the empty prompt's with probability drop_prob (for text guidance); None without a
-  text encoder. The same rule as the key-frame stage."""
-  if text is None:
-    return None
-  if "context" in batch:
-    context = batch["context"].astype(dtype)
-  else:
-    context = text.apply({"params": params["text_encoder"]}, batch["tokens"])
-  empty = text.apply({"params": params["text_encoder"]}, jnp.asarray(uncond_tokens)[None])
-  drop = jax.random.bernoulli(key, drop_prob, (context.shape[0],))
-  return jnp.where(drop[:, None, None], empty, context)
 
 
 def make_context_stage(name: str, ldm: VideoLDM, options: keyframe.KeyframeOptions,
@@ -80,8 +62,8 @@ def make_context_stage(name: str, ldm: VideoLDM, options: keyframe.KeyframeOptio
     else:
       latents = keyframe.encode_video(vae, params["vae"], batch["video"], k_vae)
     b, t = latents.shape[:2]
-    context = text_context(text, params, batch, uncond_tokens, options.cond_drop_prob,
-                           k_drop, ldm.compute_dtype)
+    context = keyframe.text_context(text, params, batch, uncond_tokens,
+                                    options.cond_drop_prob, k_drop, ldm.compute_dtype)
     mask = mask_fn(k_mask, b, t)
     # Built from the clean latents: the known frames are given, not noised.
     cond = masked_cond(latents, mask)

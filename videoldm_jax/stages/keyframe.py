@@ -51,6 +51,28 @@ def encode_video(vae: AutoencoderKL, vae_params: dict, video_u8: jax.Array,
   return z.reshape((b, t) + z.shape[1:])
 
 
+def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
+                 uncond_tokens: Optional[np.ndarray], drop_prob: float, key: jax.Array,
+                 dtype) -> Optional[jax.Array]:
+  """Cross-attention context (B, L, D) of a batch, or None.
+
+  With a text encoder: caption embeddings from `tokens` (or a cached `context`), each
+  replaced by the empty prompt's with probability drop_prob (classifier-free guidance
+  needs it). Without one, a `context` in the batch is used as given (embeddings computed
+  outside the model, e.g. a latent cache of another encoder; no dropping, since no
+  empty-prompt embedding is known); otherwise None.
+  """
+  if text is None:
+    return None if "context" not in batch else batch["context"].astype(dtype)
+  if "context" in batch:
+    context = batch["context"].astype(dtype)
+  else:
+    context = text.apply({"params": params["text_encoder"]}, batch["tokens"])
+  empty = text.apply({"params": params["text_encoder"]}, jnp.asarray(uncond_tokens)[None])
+  drop = jax.random.bernoulli(key, drop_prob, (context.shape[0],))
+  return jnp.where(drop[:, None, None], empty.astype(context.dtype), context)
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyframeOptions:
   mode: str = "temporal"          # "temporal": phi only; "full": the whole UNet
@@ -80,16 +102,8 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
       latents = batch["latents"].astype(jnp.float32)
     else:
       latents = encode_video(vae, params["vae"], batch["video"], k_vae)
-    b = latents.shape[0]
-    context = None
-    if text is not None:
-      if "context" in batch:  # text embeddings from a latent cache
-        context = batch["context"].astype(ldm.compute_dtype)
-      else:
-        context = text.apply({"params": params["text_encoder"]}, batch["tokens"])
-      empty = text.apply({"params": params["text_encoder"]}, jnp.asarray(uncond_tokens)[None])
-      drop = jax.random.bernoulli(k_drop, options.cond_drop_prob, (b,))
-      context = jnp.where(drop[:, None, None], empty, context)
+    context = text_context(text, params, batch, uncond_tokens, options.cond_drop_prob,
+                           k_drop, ldm.compute_dtype)
     labels, image_only = batch.get("labels"), batch.get("image_only")
 
     def model_fn(x_t, t):

@@ -1,0 +1,107 @@
+"""The model-FLOP counter (train/flops.py) and the blocked attention used on CPU.
+
+FLOP counts are checked against PyTorch's FlopCounterMode on the same block (exact) and
+against hand derivations; blocked attention against the plain softmax formula, values
+and gradients.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from videoldm_jax.models import attention as attention_lib
+from videoldm_jax.models import blocked_attention as blocked_lib
+from videoldm_jax.models.attention import BasicTransformerBlock
+from videoldm_jax.models.unet import ResBlock
+from videoldm_jax.train.flops import model_flops
+
+
+def _step_flops(module, *inputs) -> int:
+  """FLOPs of loss value + gradient w.r.t. every parameter (a training step's work)."""
+  params = module.init(jax.random.key(0), *inputs)
+  return model_flops(jax.value_and_grad(lambda p: jnp.sum(module.apply(p, *inputs))), params)
+
+
+def test_resblock_flops_equal_torch_flop_counter(torch_cpu):
+  torch = torch_cpu
+  from diffusers.models.resnet import ResnetBlock2D
+  from torch.utils.flop_counter import FlopCounterMode
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 32), np.float32)
+  temb = rng.standard_normal((2, 64), np.float32)
+  block = ResnetBlock2D(in_channels=32, out_channels=64, temb_channels=64, groups=8)
+  counter = FlopCounterMode(display=False)
+  with counter:
+    block(torch.tensor(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(temb)).sum().backward()
+  assert _step_flops(ResBlock(64, norm_num_groups=8), x, temb) == counter.get_total_flops()
+
+
+def _transformer_flops(b, length, width, ctx_len, ctx_dim, self_attn_backward: float) -> int:
+  """Hand count for BasicTransformerBlock: forward + backward, weights trained, the
+  context not (its k/v projections get no input gradient)."""
+  linear = (2 * b * length * width * width * 4          # attn1 q, k, v, out
+            + 2 * b * length * width * width * 2        # attn2 q, out
+            + 2 * b * ctx_len * ctx_dim * width * 2     # attn2 k, v (on the context)
+            + 2 * b * length * width * 8 * width        # GEGLU proj to 2 x 4C
+            + 2 * b * length * 4 * width * width)       # ff out
+  ctx_kv = 2 * b * ctx_len * ctx_dim * width * 2
+  attn1 = 2 * b * length * length * width * 2           # q k^T and p v
+  attn2 = 2 * b * length * ctx_len * width * 2
+  # forward + weight gradients + input gradients of every linear; attention cores:
+  # forward + backward (plain: 4 matmuls = 2x forward; blocked: recompute, 2.5x).
+  return 3 * linear - ctx_kv + attn1 * (1 + self_attn_backward) + attn2 * 3
+
+
+@pytest.mark.parametrize("length, backward", [(64, 2.0), (512, 2.5)])
+def test_transformer_flops_match_hand_count(length, backward):
+  # 64 tokens take the plain path, 512 (512 x 512 logits = one block) the blocked one.
+  assert attention_lib.use_blocked(length, length) == (backward == 2.5)
+  rng = np.random.default_rng(0)
+  h = rng.standard_normal((2, length, 64), np.float32)
+  ctx = rng.standard_normal((2, 1, 32), np.float32)
+  got = _step_flops(BasicTransformerBlock(2), h, ctx)
+  assert got == _transformer_flops(2, length, 64, 1, 32, backward)
+
+
+def test_flops_of_frozen_weights_have_no_weight_gradient():
+  # A two-layer MLP, first layer frozen: forward 2 + 2, backward dW2 + dX2 (to reach
+  # nothing trainable below, dX2 is dead and removed) -> 2*4*8*16 + 2*4*16*2 x 2.
+  x = jnp.ones((4, 8))
+  w1, w2 = jnp.ones((8, 16)), jnp.ones((16, 2))
+  loss = lambda w2, w1: jnp.sum((x @ w1) @ w2)
+  assert model_flops(jax.value_and_grad(loss), w2, w1) == 2 * 4 * 8 * 16 + 2 * (2 * 4 * 16 * 2)
+  both = jax.value_and_grad(loss, argnums=(0, 1))
+  # + dX2 (2*4*16*2) + dW1 (2*4*8*16)
+  assert model_flops(both, w2, w1) == 2 * (2 * 4 * 8 * 16) + 3 * (2 * 4 * 16 * 2)
+
+
+def _reference(q, k, v):
+  logits = jnp.einsum("nld,nsd->nls", q, k) * q.shape[-1] ** -0.5
+  return jnp.einsum("nls,nsd->nld", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("length, keys", [(512, 512), (96, 1000), (7, 13)])
+def test_blocked_attention_matches_softmax_formula(length, keys):
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.standard_normal((3, length, 16), np.float32)) * 2.0
+  k = jnp.asarray(rng.standard_normal((3, keys, 16), np.float32)) * 2.0
+  v = jnp.asarray(rng.standard_normal((3, keys, 16), np.float32))
+  g = jnp.asarray(rng.standard_normal((3, length, 16), np.float32))
+  out = jax.jit(blocked_lib.blocked_attention)(q, k, v)
+  np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
+  loss = lambda fn: (lambda q, k, v: jnp.vdot(fn(q, k, v), g))
+  got = jax.jit(jax.grad(loss(blocked_lib.blocked_attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_query_block_divides_and_bounds_the_logits():
+  assert blocked_lib.query_block(1024, 1024) == 256
+  assert blocked_lib.query_block(4096, 77) == 2048     # <= 262144 // 77 = 3404
+  assert blocked_lib.query_block(7, 13) == 7
+  assert blocked_lib.query_block(97, 2 ** 20) == 1     # a prime length, huge keys
+  for length, keys in [(1024, 1024), (4096, 77), (300, 256)]:
+    b = blocked_lib.query_block(length, keys)
+    assert length % b == 0 and b * keys <= blocked_lib.BLOCK_ELEMENTS

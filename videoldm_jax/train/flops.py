@@ -1,0 +1,85 @@
+"""Model FLOPs of a JAX function, counted from its jaxpr.
+
+The convention is that of PyTorch's `FlopCounterMode`: 2 x multiply-accumulates of
+every matmul (`dot_general`, attention's two einsums included) and convolution, in
+whatever the function executes: for a training step, the forward pass and the backward
+pass, weight gradients only for what is differentiated. Elementwise work, norms and
+reductions are not counted. Unlike XLA's cost analysis (which sees the optimised, fused
+program and counts elementwise FLOPs too), this is a property of the model and of the
+set of trainable parameters, so it is the numerator of MFU.
+
+The jaxpr is pruned of dead code first, so work whose result is unused is not counted;
+remat recomputation is counted (it is executed). Loops count their trip count times
+(`scan`); `while` loops, whose trip count is unknown, count one iteration.
+"""
+
+import math
+from typing import Any, Callable
+
+import jax
+from jax.extend import core as jcore
+
+try:  # the DCE pass lives in jax's internals; the public jaxpr API has no equivalent
+  from jax._src.interpreters.partial_eval import dce_jaxpr
+except ImportError:  # pragma: no cover
+  dce_jaxpr = None
+
+
+def dot_general_flops(lhs_shape, rhs_shape, out_shape, dimension_numbers) -> int:
+  """2 x (output elements) x (contracted size)."""
+  (lhs_contract, _), _ = dimension_numbers
+  return 2 * math.prod(out_shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+
+
+def conv_flops(rhs_shape, out_shape, dimension_numbers) -> int:
+  """2 x (output elements) x (kernel input features x kernel window).
+
+  Holds for grouped convolutions (the kernel's input-feature dim is already per group)
+  and for the weight-gradient convolutions of the backward pass (batch groups)."""
+  rhs_spec = dimension_numbers.rhs_spec  # (out feature, in feature, *spatial)
+  window = math.prod(rhs_shape[d] for d in rhs_spec[2:])
+  return 2 * math.prod(out_shape) * rhs_shape[rhs_spec[1]] * window
+
+
+def _sub_jaxprs(value: Any):
+  if isinstance(value, jcore.ClosedJaxpr):
+    yield value.jaxpr
+  elif isinstance(value, jcore.Jaxpr):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
+  """Matmul + convolution FLOPs of `jaxpr`, recursing into nested jaxprs."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      total += dot_general_flops(lhs, rhs, eqn.outvars[0].aval.shape,
+                                 eqn.params["dimension_numbers"])
+      continue
+    if name == "conv_general_dilated":
+      total += conv_flops(eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape,
+                          eqn.params["dimension_numbers"])
+      continue
+    if name == "cond":  # one branch runs: count the most expensive
+      total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+      continue
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    for value in eqn.params.values():
+      for sub in _sub_jaxprs(value):
+        total += times * jaxpr_flops(sub)
+  return total
+
+
+def model_flops(fn: Callable, *args, **kwargs) -> int:
+  """Matmul + convolution FLOPs of one call of `fn(*args, **kwargs)` (arrays or
+  ShapeDtypeStructs; nothing is executed), dead code removed."""
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  jaxpr = closed.jaxpr
+  if dce_jaxpr is not None:
+    jaxpr, _ = dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
+  return jaxpr_flops(jaxpr)
