@@ -4,7 +4,8 @@ trained on the W1 / W2 workloads, timed exactly as `bench/train_step.py` times o
 One step = forward, epsilon-MSE loss, backward, AdamW update (foreach), zero_grad.
 'temporal' mode freezes every spatial parameter (requires_grad=False, so autograd takes
 no weight gradient for them, as ours); 'full' trains the whole UNet. FLOPs are counted
-with `torch.utils.flop_counter.FlopCounterMode` over one forward + backward. Threads:
+with `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (taught the
+CPU flash-attention kernel, see `flop_counter`). Threads:
 torch.get_num_threads() (all cores by default, as XLA uses).
 
   python -m bench.peer_torch --workload=W1,W2 --mode=temporal,full
@@ -42,6 +43,29 @@ def svd_unet(w: Workload) -> UNetSpatioTemporalConditionModel:
       num_attention_heads=u.heads_per_level(), num_frames=w.frames)
 
 
+def flop_counter() -> FlopCounterMode:
+  """torch's FlopCounterMode, taught the CPU flash-attention kernels it has no formula for
+  (torch 2.13 counts `_scaled_dot_product_flash_attention` but not its `_for_cpu`
+  variant, so attention would count as zero). The GPU kernel's formulas apply: the
+  same (batch, heads, L, S, D) arithmetic, backward with the recomputed scores."""
+  from torch.utils import flop_counter as fc
+  aten = torch.ops.aten
+
+  def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+  def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+               **kwargs):
+    return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+  mapping = {}
+  for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", forward),
+                   ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)):
+    if hasattr(aten, name) and getattr(aten, name) not in fc.flop_registry:
+      mapping[getattr(aten, name)] = fn
+  return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def is_temporal(name: str) -> bool:
   return any(m in name for m in TEMPORAL_MARKERS)
 
@@ -75,7 +99,7 @@ def run(workload: str, mode: str, steps: int, warmup: int) -> dict:
     opt.zero_grad(set_to_none=True)
     return loss
 
-  counter = FlopCounterMode(display=False)
+  counter = flop_counter()
   with counter:
     fwd_bwd()
   opt.zero_grad(set_to_none=True)

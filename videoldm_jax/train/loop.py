@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from videoldm_jax import sharding, video_io
 from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.train import flops as flops_lib
 from videoldm_jax.train import perf
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer, PreemptionGuard
@@ -127,10 +128,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   first = next_batch()
   t0 = time.perf_counter()
   compiled = train_step.lower(state, first).compile()
-  flops = perf.compiled_flops(compiled)
+  # MFU counts model FLOPs (matmuls + convolutions, forward + backward, per device),
+  # as bench/train_step.py does; XLA's own count is logged beside it.
+  flops = flops_lib.model_flops(train_step, state, first) / jax.device_count()
   peak = perf.matmul_peak_flops()
-  log(f"{stage.name}: compiled in {time.perf_counter() - t0:.1f}s; "
-      f"{flops / 1e9:.2f} GFLOP/step/device; matmul peak {peak / 1e9:.0f} GFLOP/s/device")
+  log(f"{stage.name}: compiled in {time.perf_counter() - t0:.1f}s; model "
+      f"{flops / 1e9:.2f} GFLOP/step/device (XLA {perf.compiled_flops(compiled) / 1e9:.2f}); "
+      f"matmul peak {peak / 1e9:.0f} GFLOP/s/device")
   writer = perf.summary_writer(workdir / "tb")
   n_params = {k: sum(x.size for x in jax.tree_util.tree_leaves(v))
               for k, v in (("trainable", state.trainable), ("frozen", state.frozen))}
@@ -139,28 +143,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   last = {}
   batch, t_last, step_last = first, time.perf_counter(), step
+  pending = None  # (step, metrics on device) not yet logged
+
+  def write_log(at: int, metrics: dict) -> None:
+    nonlocal last, t_last, step_last
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    # Timed between completions of logged steps (device_get just waited for this one).
+    now = time.perf_counter()
+    dt = (now - t_last) / max(at - step_last, 1)
+    t_last, step_last = now, at
+    m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak)
+    last = m
+    extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
+                     if k not in _LOGGED and not k.startswith("grad_norm/"))
+    log(f"step {at}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
+        f"lr {m.get('lr', 0):.2e} {dt:.3f}s/step {m['samples_per_s']:.2f} samples/s "
+        f"MFU {m['mfu']:.1%} skipped {int(m['skipped'])}" + (f" | {extra}" if extra else ""))
+    if writer is not None:
+      for k, v in m.items():
+        writer.add_scalar(f"train/{k}", v, at)
+    if pi == 0:
+      with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(m, step=at)) + "\n")
+
   with PreemptionGuard() as guard:
     while step < config.train.num_steps:
       state, metrics = compiled(state, batch)
       step += 1
+      if pending is not None:
+        # Logged one step late: the copy started when that step was dispatched, and the
+        # device is already busy with this one, so reading it costs no stall.
+        write_log(*pending)
+        pending = None
       stop = guard.any_process_requested() if pc > 1 else guard.stop_requested
       if step % config.train.log_every == 0 or step == config.train.num_steps or stop:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        dt = (time.perf_counter() - t_last) / max(step - step_last, 1)
-        m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt,
-                 mfu=flops / dt / peak)
-        t_last, step_last, last = time.perf_counter(), step, m
-        extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
-                         if k not in _LOGGED and not k.startswith("grad_norm/"))
-        log(f"step {step}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
-            f"lr {m.get('lr', 0):.2e} {dt:.3f}s/step {m['samples_per_s']:.2f} samples/s "
-            f"MFU {m['mfu']:.1%} skipped {int(m['skipped'])}" + (f" | {extra}" if extra else ""))
-        if writer is not None:
-          for k, v in m.items():
-            writer.add_scalar(f"train/{k}", v, step)
-        if pi == 0:
-          with open(workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(dict(m, step=step)) + "\n")
+        for leaf in jax.tree_util.tree_leaves(metrics):
+          leaf.copy_to_host_async()
+        pending = (step, metrics)
+        if step == config.train.num_steps or stop:
+          write_log(*pending)
+          pending = None
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
         ckpt.save(step, state, data_state=data.get_state(), config=config.to_dict(),
                   metrics={"loss": float(metrics["loss"])}, force=True)
