@@ -39,7 +39,7 @@ from videoldm_jax.train import flops as flops_lib  # noqa: E402
 
 def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float) -> dict:
   w = workloads.WORKLOADS[workload]
-  ldm = workloads._ldm(w, TemporalConfig(), "float32", "none")
+  ldm = workloads.video_ldm(w, TemporalConfig(), "float32", "none")
   unet = ldm.unet()
   params = {"params": ldm.init_unet_params(0)}
   rng = np.random.default_rng(0)

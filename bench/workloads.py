@@ -27,8 +27,6 @@ trains the whole UNet (decoder: the whole decoder, `train_spatial_decoder`).
 import dataclasses
 from typing import Callable, Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import ml_collections
 import optax
@@ -49,7 +47,7 @@ from videoldm_jax.stages import upsampler as upsampler_stage
 from videoldm_jax.train import optim
 from videoldm_jax.train.state import split
 from videoldm_jax.train.step import Stage
-from videoldm_jax.video_ldm import VideoLDM
+from videoldm_jax.video_ldm import DTYPES, VideoLDM
 
 STAGES = ("keyframe", "predictor", "interpolator", "upsampler", "decoder")
 MODES = ("temporal", "full")
@@ -98,12 +96,11 @@ class Case:
   axes: dict        # logical axis names of every parameter (the params tree's structure)
 
 
-def _ldm(w: Workload, temporal: TemporalConfig, dtype: str, remat: str) -> VideoLDM:
+def video_ldm(w: Workload, temporal: TemporalConfig, dtype: str, remat: str) -> VideoLDM:
   # The VAE config is never run (batches are cached latents); the text encoder is absent
   # (the context comes with the batch, as from a latent cache).
   return VideoLDM(w.unet, VAEConfig(block_out_channels=(32,), layers_per_block=1),
-                  None, SD_SCHEDULER, temporal, {"float32": jnp.float32,
-                                                  "bfloat16": jnp.bfloat16}[dtype], remat)
+                  None, SD_SCHEDULER, temporal, DTYPES[dtype], remat)
 
 
 def _latent_batch(w: Workload, rng: np.random.Generator) -> dict:
@@ -127,13 +124,13 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
     w = dataclasses.replace(w, batch=batch)
   options = keyframe.KeyframeOptions(mode=mode)
   if stage == "keyframe":
-    ldm = _ldm(w, TemporalConfig(), dtype, remat)
+    ldm = video_ldm(w, TemporalConfig(), dtype, remat)
     return Case(keyframe.make_stage(ldm, options, None),
                 {"unet": ldm.init_unet_params(seed)}, _latent_batch(w, rng), w.batch,
                 f"{w.name} key-frame UNet, latents {w.frames}x{w.latent_size}^2x4",
                 {"unet": ldm.logical_axes()["unet"]})
   if stage in ("predictor", "interpolator"):
-    ldm = _ldm(w, TemporalConfig(context_frames=True), dtype, remat)
+    ldm = video_ldm(w, TemporalConfig(context_frames=True), dtype, remat)
     mask = (predictor.mask_fn((1.0, 1.0, 1.0)) if stage == "predictor"
             else interpolator.mask_fn(4))
     return Case(context_stage.make_context_stage(stage, ldm, options, None, mask),
@@ -148,16 +145,16 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
         scheduler=UPSAMPLER_SCHEDULER, noise_aug_scheduler=dict(UPSAMPLER_SCHEDULER))
     s = w.latent_size
     video = rng.integers(0, 256, (w.batch, w.frames, s, s, 3), dtype=np.uint8)
-    return Case(upsampler_stage.make_stage(model, mode, s, dtype=_dtype(dtype),
+    return Case(upsampler_stage.make_stage(model, mode, s, dtype=DTYPES[dtype],
                                            remat_policy=remat),
                 {"unet": um.init_unet_params(model, seed)}, {"video": video}, w.batch,
                 f"{w.name} pixel upsampler UNet on {s}^2 crops (x_t ++ 4x-upsampled cond)",
                 um.logical_axes(model))
   if stage == "decoder":
     vcfg = w.vae()
-    vae = AutoencoderKL(vcfg, VAETemporalConfig(), dtype=_dtype(dtype))
+    vae = AutoencoderKL(vcfg, VAETemporalConfig(), dtype=DTYPES[dtype])
     dcfg = disc_lib.DiscriminatorConfig(base_channels=32, num_layers=2)
-    disc = disc_lib.VideoPatchDiscriminator(dcfg, dtype=_dtype(dtype))
+    disc = disc_lib.VideoPatchDiscriminator(dcfg, dtype=DTYPES[dtype])
     vae_in, disc_in = vae_lib.example_inputs(vcfg, video=True), disc_lib.example_inputs(dcfg, True)
     params = {"vae": params_lib.init_params(vae, seed, *vae_in),
               "discriminator": params_lib.init_params(disc, seed, *disc_in)}
@@ -169,10 +166,6 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
                 params, {"video": video}, w.batch,
                 f"{w.name} video decoder, latents {w.latent_size}^2x4 -> {size}^2 frames", axes)
   raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-
-
-def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 OPTIM = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=100, total_steps=10000,
@@ -191,8 +184,3 @@ def optimizer(case: Case) -> optax.GradientTransformation:
 
 def params_count(tree: dict, where: Callable = lambda path: True) -> int:
   return int(sum(np.size(v) for k, v in traverse_util.flatten_dict(tree).items() if where(k)))
-
-
-def tree_bytes(tree) -> int:
-  return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
-                 for x in jax.tree_util.tree_leaves(tree)))
