@@ -18,9 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Logits per query block: 256K floats (1 MB, one core's L2 here). On the 2-core EPYC
-# the attention of (32 heads, 1024 x 1024, d 32) took forward + backward 426 / 316 / 310
-# ms with blocks of 128 / 256 / 1024 queries, the plain formula 542 ms (bench/README.md).
+# Logits per query block: 256K floats (1 MB, one core's L2 here). On the idle 2-core
+# EPYC the attention of (32 heads, 1024 x 1024, d 32) took forward + backward 254 / 256 /
+# 244 ms with blocks of 128 / 256 / 1024 queries, the plain formula 461 ms; blocks of
+# 1 MB keep the working set in cache for longer sequences too (bench/README.md).
 BLOCK_ELEMENTS = 256 * 1024
 
 
