@@ -60,3 +60,18 @@ def test_unknown_topology_and_indivisible_batch_are_clear_errors():
   c.data.batch_size = 6
   with pytest.raises(ValueError, match="does not split"):
     compile_check.fit_report(c, "v5e:2x2")
+
+
+def test_out_of_memory_compile_is_a_does_not_fit_verdict():
+  # The first line of libtpu's error for the SD 1.5 v5e-64 config (bench/compile_fit.py,
+  # 2026-11-25): XLA's memory assignment refuses the program instead of compiling it.
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+         "HLO temporaries (24.02G) exceeds available HBM (15.75G).")
+  assert compile_check.required_temp_bytes(msg) == int(24.02 * compile_check.GiB)
+  assert compile_check.required_temp_bytes("RESOURCE_EXHAUSTED: something else") == -1
+  r = compile_check.FitReport(
+      stage="s", topology="v5e:8x8", devices=64, mesh={}, params=1, trainable_params=1,
+      argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0, peak_bytes=0,
+      device_memory_bytes=16 * compile_check.GiB, flops_per_device=float("nan"),
+      compile_s=0.0, compile_error=msg)
+  assert r.verdict() == "DOES NOT FIT" and "24.02G" in r.summary()

@@ -10,6 +10,7 @@ CPU-only machine TPU topologies come from libtpu's topology descriptions
 
 import dataclasses
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -50,9 +51,14 @@ class FitReport:
   device_memory_bytes: Optional[int]
   flops_per_device: float
   compile_s: float
+  # Set when the TPU compiler itself refused the program for lack of memory (its
+  # message); the byte figures then come from that message and the state's shardings.
+  compile_error: Optional[str] = None
 
   @property
   def fits(self) -> Optional[bool]:
+    if self.compile_error is not None:
+      return False
     if self.device_memory_bytes is None:
       return None
     return self.peak_bytes <= FIT_FRACTION * self.device_memory_bytes
@@ -77,7 +83,8 @@ class FitReport:
             f"of {mem}\n"
             f"  FLOPs per step: {self.flops_per_device * self.devices / 1e12:.2f} TFLOP "
             f"({self.flops_per_device / 1e12:.3f} per device); compiled in "
-            f"{self.compile_s:.0f}s\n  {self.verdict()}")
+            f"{self.compile_s:.0f}s\n  {self.verdict()}"
+            + (f" (XLA: {self.compile_error})" if self.compile_error else ""))
 
 
 def topology_devices(topology: str) -> tuple[list, Optional[int]]:
@@ -143,19 +150,54 @@ def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
       grad_accum=config.train.grad_accum, lr_schedule=setup.lr_schedule,
       shardings=shardings, batch_sharding=batch_sh)
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  lowered = train_step.lower(state, batch)
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+  common = dict(stage=stage.name, topology=topology, devices=len(devices),
+                mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
+                params=count(setup.abstract_params), trainable_params=count(state.trainable),
+                device_memory_bytes=mem)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # XLA's memory assignment failed: the step DOES NOT FIT. Report what it needed.
+    arg = _per_device_bytes((state, batch))
+    temp = required_temp_bytes(str(e))
+    return FitReport(**common, argument_bytes=arg, output_bytes=arg, alias_bytes=arg,
+                     temp_bytes=temp, peak_bytes=arg + temp, flops_per_device=float("nan"),
+                     compile_s=time.perf_counter() - t0,
+                     compile_error=str(e).splitlines()[0][:500])
   compile_s = time.perf_counter() - t0
   m = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
   alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
   return FitReport(
-      stage=stage.name, topology=topology, devices=len(devices),
-      mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
-      params=count(setup.abstract_params), trainable_params=count(state.trainable),
-      argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
+      **common, argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
       # Donated state buffers are reused for the outputs (aliased), so they count once.
-      peak_bytes=arg + out - alias + temp, device_memory_bytes=mem,
+      peak_bytes=arg + out - alias + temp,
       flops_per_device=float(cost.get("flops", 0.0)), compile_s=compile_s)
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def required_temp_bytes(message: str) -> int:
+  """Bytes of temporaries XLA's out-of-memory message says the program needs, e.g.
+  '... required for HLO temporaries (24.02G) exceeds available HBM (15.75G)'; -1 when
+  the message names no such figure."""
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+  if m is None:
+    return -1
+  return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes that device 0 holds of `tree` (ShapeDtypeStructs with shardings)."""
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+  return total
