@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from videoldm_jax import sharding
+from videoldm_jax.models import attention
 from videoldm_jax.stages import base
 from videoldm_jax.train import step as step_lib
 
@@ -123,7 +124,22 @@ def _abstract_batch(setup: base.StageSetup, config: ml_collections.ConfigDict) -
 
 
 def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
-  """Compiles `config`'s train step for `topology` and measures it (module docstring)."""
+  """Compiles `config`'s train step for `topology` and measures it (module docstring).
+
+  For a TPU topology the model is traced as on a TPU host: the CPU-only blocked
+  attention path (`models/attention.use_blocked`) would otherwise be chosen because
+  this process's default backend is the CPU."""
+  if topology.partition(":")[0] == "cpu":
+    return _fit_report(config, topology)
+  previous = attention.implementation()
+  attention.set_implementation("plain")
+  try:
+    return _fit_report(config, topology)
+  finally:
+    attention.set_implementation(previous)
+
+
+def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
   from videoldm_jax.train.loop import stage_setup
   devices, mem = topology_devices(topology)
   with tempfile.TemporaryDirectory() as tmp, base.abstract_setup():
