@@ -7,8 +7,9 @@ sharded 64 ways (FSDP over every chip), activations are rematerialised per block
 
   videoldm-compile --config=configs/keyframe_sd15_v5e64.py --topology=v5e:8x8
 
-As of 2026-11-25 this DOES NOT FIT: libtpu needs 24.02 GiB of temporaries per chip
-(15.75 GiB available); with 8 frames per clip the peak is still 18.49 GiB. One clip's
+As of 2026-11-25 this does not fit (compiled with the CPU blocked attention, which
+stores less than the TPU program will): libtpu needed 24.02 GiB of temporaries per chip
+(15.75 GiB available); with 8 frames per clip the peak was still 18.49 GiB. One clip's
 activations (VAE encoding in the step included) are the problem, not the state (0.22
 GiB per chip). See README "Scale-out" for what to try next.
 """
