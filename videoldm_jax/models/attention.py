@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from videoldm_jax.models import blocked_attention as blocked_lib
 from videoldm_jax.models import layers
-from videoldm_jax.models.blocked_attention import blocked_attention
 
 
 # "auto": blocked attention for long sequences on CPU, the plain formula elsewhere;
@@ -55,7 +54,7 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   if mask_BxLxS is None and use_blocked(q_BxLxD.shape[1], k_BxSxD.shape[1]):
     q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))
-    out = blocked_attention(q, k, v).astype(v_BxSxD.dtype)
+    out = blocked_lib.blocked_attention(q, k, v).astype(v_BxSxD.dtype)
     return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
   q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
              for x in (q_BxLxD, k_BxSxD, v_BxSxD))
