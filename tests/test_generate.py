@@ -31,7 +31,7 @@ from videoldm_jax.models import vae as vae_lib  # noqa: E402
 from videoldm_jax.models.temporal import TemporalConfig  # noqa: E402
 from videoldm_jax.models.tokenizer import write_byte_level_tokenizer  # noqa: E402
 from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig  # noqa: E402
-from videoldm_jax.pipelines import generate, personalize  # noqa: E402
+from videoldm_jax.pipelines import generate, personalize, streaming  # noqa: E402
 from videoldm_jax.stages import upsampler as upsampler_stage  # noqa: E402
 from videoldm_jax.train.state import merge  # noqa: E402
 from videoldm_jax.video_ldm import VideoLDM  # noqa: E402
@@ -268,7 +268,7 @@ def test_interpolation_windows_share_the_boundary_key_frame():
     out[:, ::4] = keys
     return jax.numpy.asarray(out)
 
-  stage = generate.Interpolation(fake_interpolate, 4, window=3)
+  stage = streaming.Interpolation(fake_interpolate, 4, window=3)
   keys = np.arange(8, dtype=np.float32).reshape(1, 8, 1, 1, 1)
   outs = [stage.push(keys[:, i:i + 2]) for i in range(0, 8, 2)] + [stage.flush()]
   frames = np.concatenate([np.asarray(o) for o in outs if o is not None], axis=1)[0, :, 0, 0, 0]
@@ -294,7 +294,7 @@ def test_overlap_chunker_matches_whole_video_processing(length, chunk, overlap, 
     return sum((k + 1) * p[:, k:k + n] for k in range(2 * overlap + 1))
 
   video = jax.numpy.asarray(np.random.default_rng(0).standard_normal((1, length, 2)))
-  stage = generate.OverlapChunker(blur, chunk=chunk, overlap=overlap)
+  stage = streaming.OverlapChunker(blur, chunk=chunk, overlap=overlap)
   outs = [stage.push(video[:, i:i + push]) for i in range(0, length, push)]
   outs.append(stage.flush())
   chunked = np.concatenate([np.asarray(o) for o in outs if o is not None], axis=1)

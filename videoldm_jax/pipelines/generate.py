@@ -17,24 +17,11 @@ call it).
 
 Memory stays flat in the video's length: nothing holds the whole video. Key frames are
 produced window by window (only the last S key latents survive a prediction round) and
-pushed through a chain of streaming stages, each of which keeps a bounded buffer:
-
-  interpolation  (`Interpolation`) buffers key frames until it has `interp_window` of
-                 them, fills in window [k_0 .. k_{n-1}] and emits frames from k_0 up to,
-                 not including, k_{n-1}; k_{n-1} is the first known frame of the next
-                 window, so consecutive windows share their boundary key frame (no gap,
-                 no duplicate). The last window reaches back over key frames already
-                 filled in (their frames are not emitted again) and also emits the last
-                 key frame.
-  decoding /     (`OverlapChunker`) chunks of `chunk` frames, each processed together
-  upsampling     with `overlap` frames before it (already emitted) and `overlap` after it
-                 (emitted by the next call); the outputs of context frames are dropped.
-  sink           converts to uint8, appends to `video_io.Mp4Writer` (which closes
-                 atomically) and keeps the first few frames, downscaled, for the gif.
-
-Every call of a stage has the same number of frames (one compiled program per stage,
-however long the video; only a video shorter than one window differs), and stages that
-share a config share their compiled UNet / text encoder / decoder, also across videos.
+pushed through a chain of streaming stages with bounded buffers (interpolation, decoding,
+upsampling, the mp4 sink; `pipelines/streaming.py` describes how each one windows its
+frames). Every call of a stage has the same number of frames (one compiled program per
+stage, however long the video), and stages that share a config share their compiled
+UNet / text encoder / decoder, also across videos.
 
 Chunk borders of the temporal decoder: it decodes `decode_chunk` frames per call with
 `decode_overlap` real neighbouring latents on each side, so the temporal convolutions
@@ -76,7 +63,7 @@ from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.unet import UNet, UNetConfig
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
-from videoldm_jax.pipelines import context_sampling, personalize, upsampling
+from videoldm_jax.pipelines import context_sampling, personalize, streaming, upsampling
 from videoldm_jax.pipelines.context_sampling import ContextModel, ContextSampleOptions
 
 Log = Callable[[str], None]
@@ -309,8 +296,9 @@ def _check_chain(m: ChainModels) -> None:
                          "temporal_config.context_frames); export one with the "
                          f"{name.rstrip('2')} stage")
   if m.keyframe is not None and m.keyframe[0].temporal_config is None:
-    raise ValueError(f"key-frame model ({m.paths.get('keyframe', m.keyframe[0].source)}): an image model (no "
-                     "temporal layers); pass a key-frame export")
+    where = m.paths.get("keyframe", m.keyframe[0].source)
+    raise ValueError(f"key-frame model ({where}): an image model (no temporal layers); "
+                     "pass a key-frame export")
 
 
 # --- lengths and sizes -------------------------------------------------------------------
@@ -398,181 +386,6 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
               out_hw=out_hw, fps=o.fps, frame_factor=f)
 
 
-# --- streaming stages ----------------------------------------------------------------------
-# Each stage takes chunks of frames (1, n, ...) through push() and returns what it can
-# emit (or None); flush() emits the rest at the end of the video.
-
-def _cat(a: Optional[jax.Array], b: jax.Array) -> jax.Array:
-  return b if a is None else jnp.concatenate([a, b], axis=1)
-
-
-class _Buffered:
-  """A frame buffer with absolute indices (buf[:, i] is frame `start` + i), a counter
-  of calls to `fn` (each call draws its own noise) and an optional progress bar."""
-
-  def __init__(self, fn, bar=None):
-    self.fn, self.bar = fn, bar
-    self.buf, self.start, self.total, self.calls = None, 0, 0, 0
-
-  def _append(self, frames: jax.Array) -> None:
-    self.buf = _cat(self.buf, frames)
-    self.total += frames.shape[1]
-
-  def _frames(self, first: int, last: int) -> jax.Array:
-    return self.buf[:, first - self.start:last - self.start]
-
-  def _drop_before(self, first: int) -> None:
-    self.buf, self.start = self._frames(first, self.total), first
-
-  def _run(self, first: int, last: int) -> jax.Array:
-    out = self.fn(self._frames(first, last), self.calls)
-    self.calls += 1
-    return out
-
-  def _emit(self, outs: list) -> Optional[jax.Array]:
-    if not outs:
-      return None
-    out = jnp.concatenate(outs, axis=1)
-    if self.bar is not None:
-      self.bar.update(out.shape[1])
-    return out
-
-
-class Interpolation(_Buffered):
-  """Streaming `interpolate`: key frames in, stride-times as many frames out, in windows
-  of `window` key frames that share their boundary key frame (module docstring).
-
-  interpolate_fn(keys (1, window, h, w, C), call index) -> (1, stride (window - 1) + 1,
-  h, w, C), exactly `keys` at every stride-th frame. Every call has `window` keys (one
-  compiled shape): the last window reaches back over key frames already filled in, and
-  only its new frames are emitted (a video of fewer than `window` key frames is one
-  shorter call). Keeps at most 2 window - 1 key frames plus one pushed chunk.
-  """
-
-  def __init__(self, interpolate_fn, stride: int, window: int, bar=None):
-    super().__init__(interpolate_fn, bar)
-    self.stride, self.window = stride, window
-    self.done = 0  # the frames before key frame `done` are emitted
-
-  def push(self, keys: jax.Array) -> Optional[jax.Array]:
-    self._append(keys)
-    outs = []
-    while self.total - self.done >= self.window:
-      frames = self._run(self.done, self.done + self.window)
-      outs.append(frames[:, :self.stride * (self.window - 1)])  # last key: next window's
-      self.done += self.window - 1
-      self._drop_before(max(0, self.done - (self.window - 1)))  # history: last window
-    return self._emit(outs)
-
-  def flush(self) -> Optional[jax.Array]:
-    if self.total == self.done:
-      return None
-    if self.total - self.done == 1:  # only the last key frame, known: nothing to fill in
-      out = self._frames(self.done, self.total)
-    else:
-      first = max(0, self.total - self.window)
-      out = self._run(first, self.total)[:, self.stride * (self.done - first):]
-    self.done, self.buf = self.total, None
-    return self._emit([out])
-
-
-class OverlapChunker(_Buffered):
-  """Streaming frame-aligned processing (decode, upsample) in chunks with context.
-
-  fn(frames (1, W, ...), call index) -> (1, W, ...) frame for frame, W = chunk + 2
-  overlap for every call (one compiled shape; a video shorter than W is one shorter
-  call). The first call covers frames [0, W) and emits [0, W - overlap); each further
-  call emits the next `chunk` frames, seeing `overlap` frames on each side of them
-  (their outputs are dropped); the last call covers the last W frames of the video and
-  emits what is left (so it sees >= overlap frames before). The true start and end of
-  the video have no context frames, as in whole-video processing. Keeps at most
-  W - 1 + chunk + overlap frames plus one pushed chunk.
-  """
-
-  def __init__(self, fn, chunk: int, overlap: int, bar=None):
-    super().__init__(fn, bar)
-    self.chunk, self.overlap = chunk, overlap
-    self.size = chunk + 2 * overlap
-    self.done = 0  # frames [0, done) are emitted
-
-  def push(self, frames: jax.Array) -> Optional[jax.Array]:
-    self._append(frames)
-    outs = []
-    while True:
-      end = self.size if self.done == 0 else self.done + self.chunk + self.overlap
-      if self.total < end:
-        break
-      first = end - self.size
-      outs.append(self._run(first, end)[:, self.done - first:end - self.overlap - first])
-      self.done = end - self.overlap
-      self._drop_before(max(0, self.done - (self.size - 1)))  # history: last call
-    return self._emit(outs)
-
-  def flush(self) -> Optional[jax.Array]:
-    if self.total == self.done:
-      return None
-    first = max(0, self.total - self.size)
-    out = self._run(first, self.total)[:, self.done - first:]
-    self.done, self.buf = self.total, None
-    return self._emit([out])
-
-
-class _Sink:
-  """float frames (1, n, H, W, 3) in [-1, 1] -> uint8 -> mp4 writer (cut at num_frames),
-  keeping the first gif_max_frames frames, downscaled, for the preview."""
-
-  def __init__(self, writer: video_io.Mp4Writer, num_frames: int, gif_frames: int,
-               gif_size: int, bar=None):
-    self.writer, self.remaining, self.bar = writer, num_frames, bar
-    self.gif_frames, self.gif_size, self.preview = gif_frames, gif_size, []
-
-  def push(self, frames: jax.Array) -> None:
-    if self.remaining <= 0:
-      return None
-    frames = video_io.to_uint8(np.asarray(frames[0, :self.remaining]))
-    self.writer.append(frames)
-    self.remaining -= frames.shape[0]
-    for frame in frames[:max(0, self.gif_frames - len(self.preview))]:
-      self.preview.append(_downscale(frame, self.gif_size))
-    if self.bar is not None:
-      self.bar.update(frames.shape[0])
-    return None
-
-  def flush(self) -> None:
-    return None
-
-
-def _downscale(frame: np.ndarray, max_size: int) -> np.ndarray:
-  """(H, W, 3) uint8 -> at most max_size on the longer side (box filter)."""
-  h, w = frame.shape[:2]
-  factor = max(h, w) / max_size
-  if factor <= 1:
-    return frame
-  from PIL import Image
-  size = (max(1, round(w / factor)), max(1, round(h / factor)))
-  return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BOX))
-
-
-class _Pipeline:
-  """Stages in series: push() sends a chunk as far as it goes; flush() flushes each stage
-  in order and sends what it emits through the stages after it."""
-
-  def __init__(self, stages):
-    self.stages = stages
-
-  def push(self, x, start: int = 0) -> None:
-    for stage in self.stages[start:]:
-      x = stage.push(x)
-      if x is None:
-        return
-
-  def flush(self) -> None:
-    for i, stage in enumerate(self.stages):
-      x = stage.flush()
-      if x is not None:
-        self.push(x, i + 1)
-
-
 # --- the run ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -645,7 +458,7 @@ def _key_frames(models: ChainModels, o: GenerateOptions, p: Plan, bar):
                                     key=jax.random.key(_seed(o.seed, 1, r)), **cond)
     new = clip[:, context.shape[1]:][:, :p.num_keys - produced]
     produced += new.shape[1]
-    context = _cat(context, new)[:, -s:] if s else context[:, :0]
+    context = streaming.cat_frames(context, new)[:, -s:] if s else context[:, :0]
     bar.update(new.shape[1])
     yield new
 
@@ -720,22 +533,23 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
   for i in range(p.passes):
     name = "interpolator2" if i == 1 and models.interpolator2 is not None else "interpolator"
     frames = o.interp_stride * (frames - 1) + 1
-    stages.append(Interpolation(_interpolate_fn(models, name, o, 2 + i), o.interp_stride,
-                                o.interp_window or o.keyframes_per_clip,
-                                bar(f"interpolate x{o.interp_stride} ({i + 1})", frames)))
+    stages.append(streaming.Interpolation(
+        _interpolate_fn(models, name, o, 2 + i), o.interp_stride,
+        o.interp_window or o.keyframes_per_clip,
+        bar(f"interpolate x{o.interp_stride} ({i + 1})", frames)))
   vae_params = decoder.params["vae"]
   decode = _decode_fn(decoder.vae_config, decoder.vae_temporal_config)
-  stages.append(OverlapChunker(lambda z, call: decode(vae_params, z), o.decode_chunk,
-                               o.decode_overlap if temporal_decoder else 0,
-                               bar("decode", frames)))
+  stages.append(streaming.OverlapChunker(
+      lambda z, call: decode(vae_params, z), o.decode_chunk,
+      o.decode_overlap if temporal_decoder else 0, bar("decode", frames)))
   if models.upsampler is not None:
-    stages.append(OverlapChunker(_upsample_fn(models, o), o.upsample_chunk,
-                                 o.upsample_overlap, bar("upsample", frames)))
+    stages.append(streaming.OverlapChunker(_upsample_fn(models, o), o.upsample_chunk,
+                                           o.upsample_overlap, bar("upsample", frames)))
   try:
     with video_io.Mp4Writer(str(output), fps=o.fps, crf=o.crf) as writer:
-      sink = _Sink(writer, p.num_frames, o.gif_max_frames if o.gif else 0, o.gif_max_size,
-                   bar("write", p.num_frames))
-      pipeline = _Pipeline(stages + [sink])
+      sink = streaming.Sink(writer, p.num_frames, o.gif_max_frames if o.gif else 0,
+                            o.gif_max_size, bar("write", p.num_frames))
+      pipeline = streaming.Pipeline(stages + [sink])
       for keys in _key_frames(models, o, p, key_bar):
         pipeline.push(keys)
       pipeline.flush()
