@@ -82,7 +82,7 @@ def run(workload: str, stage: str, mode: str, *, dtype: str, remat: str, steps: 
   trainable, _ = split(case.params, case.stage.is_trainable)
   return dict(
       bench="train_step", workload=workload, stage=stage, mode=mode, dtype=dtype,
-      attention=attention.implementation(),
+      attention=attention.implementation()[0],
       remat=remat, description=case.description, batch=case.samples,
       step_s=t, step_s_min=float(np.min(times)), samples_per_s=case.samples / t,
       compile_s=compile_s, params=workloads.params_count(case.params),

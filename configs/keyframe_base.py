@@ -42,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
                  weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                  ema_decay=0.9999)
   c.train = dict(num_steps=100_000, grad_accum=1, log_every=50, ckpt_every=1000, keep=3,
-                 keep_best=0, compute_dtype="float32", remat_policy="none", export=True)
+                 keep_best=0, compute_dtype="float32", remat_policy="none", export=True,
+                 # models/attention.py IMPLEMENTATIONS: auto | plain | blocked
+                 attention="auto")
   # Videos sampled from the EMA weights during training (every N steps and at the end;
   # 0 = never), written to WORKDIR/samples and TensorBoard.
   c.sample = dict(every=0, prompts=("a dash-cam view of a road by day",

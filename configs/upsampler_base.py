@@ -83,7 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
                  weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                  ema_decay=0.9999)
   c.train = dict(num_steps=200_000, grad_accum=1, log_every=50, ckpt_every=2000, keep=3,
-                 keep_best=0, compute_dtype="bfloat16", remat_policy="none", export=True)
+                 keep_best=0, compute_dtype="bfloat16", remat_policy="none", export=True,
+                 # models/attention.py IMPLEMENTATIONS: auto | plain | blocked
+                 attention="auto")
   # Samples from the EMA weights (every N steps and at the end; 0 = never): num_clips
   # held-out procedural clips of num_frames full frames, downsampled and upsampled
   # again, shown as [low-res | upsampled | ground truth] in WORKDIR/samples.

@@ -2,6 +2,7 @@
 topology on this CPU-only machine (libtpu's topology descriptions), with per-device
 memory that shrinks as FSDP grows and a FITS / DOES NOT FIT verdict."""
 
+import tempfile
 from pathlib import Path
 
 import ml_collections
@@ -75,3 +76,34 @@ def test_out_of_memory_compile_is_a_does_not_fit_verdict():
       device_memory_bytes=16 * compile_check.GiB, flops_per_device=float("nan"),
       compile_s=0.0, compile_error=msg)
   assert r.verdict() == "DOES NOT FIT" and "24.02G" in r.summary()
+  # The rest of the compiler's message (libtpu lists the largest allocations) is shown
+  # under the verdict, cut to MESSAGE_LINES lines; the JSON keeps all of it.
+  details = [f"  {i}. Size: 1.00G" for i in range(compile_check.MESSAGE_LINES + 5)]
+  r.compile_message = "\n".join([msg] + details)
+  text = r.summary()
+  assert "  1. Size: 1.00G" in text and f"  {compile_check.MESSAGE_LINES}. Size" not in text
+  assert "(5 more lines in the JSON report)" in text
+  assert r.to_json()["compile_message"] == r.compile_message
+
+
+def test_latent_cache_batch_compiles_the_step_without_the_encoders():
+  # A cache (videoldm-cache-latents) holds scaled latents and caption embeddings, so the
+  # step that trains from it runs neither the VAE encoder nor the text encoder.
+  from videoldm_jax.stages import base
+  from videoldm_jax.train.loop import stage_setup
+  c = _tiny(dict(data=1, fsdp=4, tensor=1))
+  c.data.kind = "latent_cache"
+  with tempfile.TemporaryDirectory() as tmp, base.abstract_setup():
+    setup = stage_setup(c, Path(tmp))
+    batch = compile_check._abstract_batch(setup, c)
+  ldm = setup.extra["ldm"]
+  f = ldm.vae_config.downsample_factor
+  assert set(batch) == {"latents", "context"}
+  assert batch["latents"].shape == (4, 2, 16 // f, 16 // f, ldm.vae_config.latent_channels)
+  text = ldm.text_config
+  assert batch["context"].shape == (4, text.max_position_embeddings, text.hidden_size)
+  r = compile_check.fit_report(c, "cpu:4")
+  assert r.devices == 4 and r.flops_per_device > 0 and r.fits is None
+  c.data.height = 17  # not a multiple of the VAE's factor: named, not a shape error
+  with pytest.raises(ValueError, match="downsampling factor"):
+    compile_check.fit_report(c, "cpu:4")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from videoldm_jax.models import attention as attention_lib
 from videoldm_jax.models import blocked_attention as blocked_lib
@@ -81,20 +82,56 @@ def _reference(q, k, v):
   return jnp.einsum("nls,nsd->nld", jax.nn.softmax(logits, axis=-1), v)
 
 
+def _batched(q, k, v):
+  """blocked_attention_batched through the (N, L, D) layout of the other tests, N = 3
+  split as batch 1 x 3 heads."""
+  return blocked_lib.blocked_attention_batched(q[None], k[None], v[None])[0]
+
+
+@pytest.mark.parametrize("layout", ["per_head", "batched"])
 @pytest.mark.parametrize("length, keys", [(512, 512), (96, 1000), (7, 13)])
-def test_blocked_attention_matches_softmax_formula(length, keys):
+def test_blocked_attention_matches_softmax_formula(length, keys, layout):
+  fn = blocked_lib.blocked_attention if layout == "per_head" else _batched
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.standard_normal((3, length, 16), np.float32)) * 2.0
   k = jnp.asarray(rng.standard_normal((3, keys, 16), np.float32)) * 2.0
   v = jnp.asarray(rng.standard_normal((3, keys, 16), np.float32))
   g = jnp.asarray(rng.standard_normal((3, length, 16), np.float32))
-  out = jax.jit(blocked_lib.blocked_attention)(q, k, v)
+  out = jax.jit(fn)(q, k, v)
   np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
   loss = lambda fn: (lambda q, k, v: jnp.vdot(fn(q, k, v), g))
-  got = jax.jit(jax.grad(loss(blocked_lib.blocked_attention), argnums=(0, 1, 2)))(q, k, v)
+  got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
   want = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_layout_keeps_a_sharded_batch_local():
+  # The accelerator layout loops over heads, never along the batch, so a batch sharded
+  # over 4 devices stays sharded through forward and backward; a loop along a sharded
+  # axis (the per-head CPU layout, N = batch x heads) makes XLA gather it everywhere.
+  mesh = Mesh(np.array(jax.devices()[:4]), ("fsdp",))
+  sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32,
+                                           sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
+  hlo = lambda fn, x: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2),
+                                       argnums=(0, 1, 2))).lower(x, x, x).compile().as_text()
+  assert "all-gather" not in hlo(blocked_lib.blocked_attention_batched, sds((8, 2, 512, 16)))
+  assert "all-gather" in hlo(blocked_lib.blocked_attention, sds((16, 512, 16)))
+
+
+def test_attention_path_follows_implementation_and_target_platform():
+  n = 512  # 512 x 512 logits: one block, long enough for the blocked path
+  try:
+    for name, platform, long_path in [("auto", "cpu", True), ("auto", "tpu", False),
+                                      ("blocked", "tpu", True), ("blocked", "gpu", True),
+                                      ("plain", "cpu", False)]:
+      attention_lib.set_implementation(name, platform)
+      assert attention_lib.use_blocked(n, n) == long_path, (name, platform)
+      assert not attention_lib.use_blocked(64, 64)  # short attention: always the formula
+  finally:
+    attention_lib.set_implementation("auto")
+  with pytest.raises(ValueError, match="auto"):
+    attention_lib.set_implementation("flash")
 
 
 def test_query_block_divides_and_bounds_the_logits():

@@ -92,17 +92,23 @@ def test_unet_parity_diffusers_folder_and_single_file(cfg, tmp_path):
   assert max_rel_err(ours2, ref) < 1e-4
 
 
-def test_unet_parity_with_blocked_attention(tmp_path):
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_unet_parity_with_blocked_attention(tmp_path, platform):
   # 32 x 32 latents: 1024 x 1024 self-attention logits per head at the first level take
-  # the blocked CPU path (models/blocked_attention.py); the result must still be
-  # diffusers' UNet to 1e-4.
+  # the blocked path (models/blocked_attention.py), in the CPU layout (one batch x head
+  # at a time) or, traced for a TPU with attention="blocked", the accelerator layout
+  # (heads in a loop, the batch vmapped); either must still be diffusers' UNet to 1e-4.
   from videoldm_jax.models import attention
-  assert attention.use_blocked(32 * 32, 32 * 32)
-  model = _torch_unet(SD1_STYLE, seed=2)
-  model.save_pretrained(tmp_path / "unet", safe_serialization=True)
-  inputs = _unet_inputs(SD1_STYLE, seed=3, size=32)
-  config, params = image_models.load_diffusers_unet(tmp_path / "unet")
-  ours = jax.jit(UNet(config).apply)({"params": params}, *inputs)
+  attention.set_implementation("auto" if platform == "cpu" else "blocked", platform)
+  try:
+    assert attention.use_blocked(32 * 32, 32 * 32)
+    model = _torch_unet(SD1_STYLE, seed=2)
+    model.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    inputs = _unet_inputs(SD1_STYLE, seed=3, size=32)
+    config, params = image_models.load_diffusers_unet(tmp_path / "unet")
+    ours = jax.jit(UNet(config).apply)({"params": params}, *inputs)
+  finally:
+    attention.set_implementation("auto")
   assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < 1e-4
 
 

@@ -55,6 +55,9 @@ class FitReport:
   # Set when the TPU compiler itself refused the program for lack of memory (its
   # message); the byte figures then come from that message and the state's shardings.
   compile_error: Optional[str] = None
+  # The compiler's whole message in that case: libtpu lists the largest allocations
+  # (size, shape, the op that made them), which says what to shrink.
+  compile_message: Optional[str] = None
 
   @property
   def fits(self) -> Optional[bool]:
@@ -85,7 +88,20 @@ class FitReport:
             f"  FLOPs per step: {self.flops_per_device * self.devices / 1e12:.2f} TFLOP "
             f"({self.flops_per_device / 1e12:.3f} per device); compiled in "
             f"{self.compile_s:.0f}s\n  {self.verdict()}"
-            + (f" (XLA: {self.compile_error})" if self.compile_error else ""))
+            + (f" (XLA: {self.compile_error})" if self.compile_error else "")
+            + (f"\n  compiler's report:\n{_indent(self.compile_message, MESSAGE_LINES)}"
+               if self.compile_message else ""))
+
+
+MESSAGE_LINES = 80  # of the compiler's out-of-memory report shown in the summary
+
+
+def _indent(text: str, max_lines: int) -> str:
+  lines = text.splitlines()[1:]
+  more = len(lines) - max_lines
+  shown = ["    " + line for line in lines[:max_lines]]
+  return "\n".join(shown + ([f"    ... ({more} more lines in the JSON report)"]
+                            if more > 0 else []))
 
 
 def topology_devices(topology: str) -> tuple[list, Optional[int]]:
@@ -113,12 +129,31 @@ def topology_devices(topology: str) -> tuple[list, Optional[int]]:
 
 
 def _abstract_batch(setup: base.StageSetup, config: ml_collections.ConfigDict) -> dict:
-  """The global batch's shapes, from one synthetic host batch through make_batch."""
+  """The global batch's shapes, from one synthetic host batch through make_batch.
+
+  With `data.kind = "latent_cache"` the batch holds what a cache written by
+  videoldm-cache-latents holds (scaled latents and, for text models, caption embeddings),
+  so the step is compiled without the VAE encoder and the text encoder in it."""
   d = config.data
   b = int(d.batch_size)
-  host = {"video": np.zeros((b, d.num_frames, d.height, d.width, 3), np.uint8),
-          "caption": np.array([""] * b), "time_of_day": np.zeros((b,), np.int32),
+  host = {"caption": np.array([""] * b), "time_of_day": np.zeros((b,), np.int32),
           "crowdedness": np.zeros((b,), np.int32), "index": np.arange(b)}
+  if d.kind == "latent_cache":
+    ldm = setup.extra.get("ldm")
+    if ldm is None:
+      raise ValueError(f"config.data.kind='latent_cache': stage {config.stage!r} does not "
+                       "train on VAE latents of the video LDM; use a video data kind")
+    f, vae = ldm.vae_config.downsample_factor, ldm.vae_config
+    if d.height % f or d.width % f:
+      raise ValueError(f"config.data.height/width = {d.height}x{d.width} is not a multiple "
+                       f"of the VAE's downsampling factor {f}")
+    host["latents"] = np.zeros((b, d.num_frames, d.height // f, d.width // f,
+                                vae.latent_channels), np.float32)
+    if ldm.text_config is not None:
+      t = ldm.text_config
+      host["context"] = np.zeros((b, t.max_position_embeddings, t.hidden_size), np.float32)
+  else:
+    host["video"] = np.zeros((b, d.num_frames, d.height, d.width, 3), np.uint8)
   return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
           for k, v in setup.make_batch(host).items()}
 
@@ -126,17 +161,16 @@ def _abstract_batch(setup: base.StageSetup, config: ml_collections.ConfigDict) -
 def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
   """Compiles `config`'s train step for `topology` and measures it (module docstring).
 
-  For a TPU topology the model is traced as on a TPU host: the CPU-only blocked
-  attention path (`models/attention.use_blocked`) would otherwise be chosen because
-  this process's default backend is the CPU."""
-  if topology.partition(":")[0] == "cpu":
-    return _fit_report(config, topology)
+  The model is traced as on a host of the target platform: `config.train.attention`
+  resolves for a TPU topology as it would on a TPU host, not for this process's CPU."""
   previous = attention.implementation()
-  attention.set_implementation("plain")
+  kind = topology.partition(":")[0]
+  attention.set_implementation(config.train.get("attention", "auto"),
+                               platform="cpu" if kind == "cpu" else "tpu")
   try:
     return _fit_report(config, topology)
   finally:
-    attention.set_implementation(previous)
+    attention.set_implementation(*previous)
 
 
 def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
@@ -183,7 +217,8 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     return FitReport(**common, argument_bytes=arg, output_bytes=arg, alias_bytes=arg,
                      temp_bytes=temp, peak_bytes=arg + temp, flops_per_device=float("nan"),
                      compile_s=time.perf_counter() - t0,
-                     compile_error=str(e).splitlines()[0][:500])
+                     compile_error=str(e).splitlines()[0][:500],
+                     compile_message=str(e)[:MESSAGE_CHARS])
   compile_s = time.perf_counter() - t0
   m = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -197,6 +232,7 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
       flops_per_device=float(cost.get("flops", 0.0)), compile_s=compile_s)
 
 
+MESSAGE_CHARS = 50_000
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
 

@@ -15,31 +15,44 @@ from videoldm_jax.models import blocked_attention as blocked_lib
 from videoldm_jax.models import layers
 
 
-# "auto": blocked attention for long sequences on CPU, the plain formula elsewhere;
-# "plain": always the plain formula (set with `set_implementation`, e.g. by the
-# benchmarks to measure the difference). Read when a model is traced.
-IMPLEMENTATIONS = ("auto", "plain")
+# Which attention runs (read when a model is traced):
+#   "auto"     the blocked path for long sequences on CPU (faster there), XLA's formula
+#              on accelerators;
+#   "plain"    always the formula (the benchmarks' baseline);
+#   "blocked"  the blocked path for long sequences on every platform: on an accelerator
+#              it trades some speed for memory (no L x S array is stored), which is what
+#              lets long clips fit a 16 GiB chip (configs/keyframe_sd15_v5e64.py).
+# The platform is the one the program is compiled for: this process's backend, unless
+# `set_implementation` names another (videoldm-compile compiles for a TPU on a CPU).
+IMPLEMENTATIONS = ("auto", "plain", "blocked")
 _implementation = "auto"
+_platform: Optional[str] = None
 
 
-def set_implementation(name: str) -> None:
-  """Selects the attention implementation for models traced from now on."""
-  global _implementation
+def set_implementation(name: str, platform: Optional[str] = None) -> None:
+  """Selects the attention implementation (and the target platform, default this
+  process's backend) for models traced from now on."""
+  global _implementation, _platform
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
-  _implementation = name
+  _implementation, _platform = name, platform
 
 
-def implementation() -> str:
-  return _implementation
+def implementation() -> tuple[str, Optional[str]]:
+  """(implementation, target platform or None = this process's backend)."""
+  return _implementation, _platform
+
+
+def target_platform() -> str:
+  return _platform or jax.default_backend()
 
 
 def use_blocked(num_queries: int, num_keys: int) -> bool:
-  """Whether attention of this size takes the blocked path: on CPU, once the logits of one
-  head fill a block (bench/README.md has the measurements behind it). Accelerators keep
-  XLA's own attention."""
-  return (_implementation == "auto" and jax.default_backend() == "cpu"
-          and num_queries * num_keys >= blocked_lib.BLOCK_ELEMENTS)
+  """Whether attention of this size takes the blocked path (see IMPLEMENTATIONS): only
+  once the logits of one head fill a block (bench/README.md has the measurements)."""
+  if _implementation == "plain" or num_queries * num_keys < blocked_lib.BLOCK_ELEMENTS:
+    return False
+  return _implementation == "blocked" or target_platform() == "cpu"
 
 
 def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.Array,
@@ -48,14 +61,19 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   """Scaled dot-product attention over `num_heads` heads, (B, L, D) -> (B, L, D).
 
   Logits and softmax run in float32 whatever the compute dtype: SD 2.x overflows in
-  half precision otherwise ("upcast_attention"). Long unmasked attention on CPU goes
-  through `blocked_attention` (no L x S array stored; see `use_blocked`).
+  half precision otherwise ("upcast_attention"). Long unmasked attention may go through
+  `blocked_attention` (no L x S array stored; see `use_blocked`).
   """
   if mask_BxLxS is None and use_blocked(q_BxLxD.shape[1], k_BxSxD.shape[1]):
-    q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)
+    if target_platform() == "cpu":  # one (batch, head) at a time, sized for the cache
+      q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)
+                 for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+      out = blocked_lib.blocked_attention(q, k, v).astype(v_BxSxD.dtype)
+      return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
+    q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))
-    out = blocked_lib.blocked_attention(q, k, v).astype(v_BxSxD.dtype)
-    return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
+    out = blocked_lib.blocked_attention_batched(q, k, v).astype(v_BxSxD.dtype)
+    return einops.rearrange(out, "b h l d -> b l (h d)")
   q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
              for x in (q_BxLxD, k_BxSxD, v_BxSxD))
   scale = q.shape[-1] ** -0.5

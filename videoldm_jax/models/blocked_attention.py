@@ -1,4 +1,4 @@
-"""Memory-efficient softmax attention for long sequences on CPU (flash-attention style).
+"""Memory-efficient softmax attention for long sequences (flash-attention style).
 
 XLA materialises attention's (B, H, L, S) logits, probabilities and their gradients as
 whole arrays. At the first level of a 32 x 32-latent UNet that is 1024 x 1024 floats per
@@ -8,6 +8,14 @@ the training step's time went mostly there (bench/README.md, profiling notes). H
 L2 cache. The forward pass keeps only the output and the per-row log-sum-exp; the
 backward pass recomputes each block's probabilities from them (as FlashAttention does),
 so nothing of size L x S is ever stored and the step's memory no longer grows with L x S.
+
+Two layouts of the same computation:
+  blocked_attention          (N, L, D), one (batch x head) after another: the CPU path,
+                             sized for a core's cache; for arrays on one device.
+  blocked_attention_batched  (B, H, L, D), one head after another, all of the batch at
+                             once: the accelerator path. The loop never runs along the
+                             batch, which a mesh shards (a loop over a sharded axis
+                             would make XLA gather every device's batch to each device).
 
 Numerics: the same softmax(q k^T / sqrt(d)) v in float32, rounded differently
 (~1e-6 relative); gradients match `jax.grad` of the plain formula to the same level.
@@ -25,9 +33,9 @@ import jax.numpy as jnp
 BLOCK_ELEMENTS = 256 * 1024
 
 
-def query_block(num_queries: int, num_keys: int) -> int:
-  """The largest divisor of num_queries with block x num_keys <= BLOCK_ELEMENTS (>= 1)."""
-  target = max(1, BLOCK_ELEMENTS // max(num_keys, 1))
+def query_block(num_queries: int, num_keys: int, elements: int = BLOCK_ELEMENTS) -> int:
+  """The largest divisor of num_queries with block x num_keys <= elements (>= 1)."""
+  target = max(1, elements // max(num_keys, 1))
   for b in range(min(target, num_queries), 0, -1):
     if num_queries % b == 0:
       return b
@@ -72,19 +80,28 @@ def _backward_one(q, k, v, out, lse, d_out, block: int):
   return dq.reshape(length, dim), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, block):
-  return jax.lax.map(lambda a: _forward_one(*a, block)[0], (q, k, v))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, block, batched):
+  return _attention_fwd(q, k, v, block, batched)[0]
 
 
-def _attention_fwd(q, k, v, block):
-  out, lse = jax.lax.map(lambda a: _forward_one(*a, block), (q, k, v))
+def _per_head(fn, block: int, batched: bool):
+  """fn(arrays of one head..., block) as a function of the arrays, vmapped over the batch
+  axis (axis 0 of each) when `batched`."""
+  one = functools.partial(fn, block=block)
+  return jax.vmap(one) if batched else one
+
+
+def _attention_fwd(q, k, v, block, batched):
+  fwd = _per_head(_forward_one, block, batched)
+  out, lse = jax.lax.map(lambda a: fwd(*a), (q, k, v))
   return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(block, residuals, d_out):
+def _attention_bwd(block, batched, residuals, d_out):
   q, k, v, out, lse = residuals
-  return jax.lax.map(lambda a: _backward_one(*a, block), (q, k, v, out, lse, d_out))
+  bwd = _per_head(_backward_one, block, batched)
+  return jax.lax.map(lambda a: bwd(*a), (q, k, v, out, lse, d_out))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -96,4 +113,20 @@ def blocked_attention(q_NxLxD: jax.Array, k_NxSxD: jax.Array, v_NxSxD: jax.Array
   N = batch x heads, without storing any (L, S) array across the forward/backward."""
   f32 = lambda x: x.astype(jnp.float32)
   block = query_block(q_NxLxD.shape[1], k_NxSxD.shape[1])
-  return _attention(f32(q_NxLxD), f32(k_NxSxD), f32(v_NxSxD), block)
+  return _attention(f32(q_NxLxD), f32(k_NxSxD), f32(v_NxSxD), block, False)
+
+
+# Logits per (batch element, head) and query block on accelerators: 4M floats (16 MB);
+# the whole local batch's block is live at once.
+BATCHED_BLOCK_ELEMENTS = 4 * 1024 * 1024
+
+
+def blocked_attention_batched(q_BxHxLxD: jax.Array, k_BxHxSxD: jax.Array,
+                              v_BxHxSxD: jax.Array) -> jax.Array:
+  """As `blocked_attention`, (B, H, L, D) x (B, H, S, D) -> (B, H, L, D) float32, looping
+  over heads and query blocks only (module docstring: safe with a sharded batch)."""
+  heads_first = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)
+  block = query_block(q_BxHxLxD.shape[2], k_BxHxSxD.shape[2], BATCHED_BLOCK_ELEMENTS)
+  out = _attention(heads_first(q_BxHxLxD), heads_first(k_BxHxSxD), heads_first(v_BxHxSxD),
+                   block, True)
+  return jnp.swapaxes(out, 0, 1)

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from videoldm_jax import sharding, video_io
+from videoldm_jax.models import attention
 from videoldm_jax.stages.base import StageSetup
 from videoldm_jax.train import flops as flops_lib
 from videoldm_jax.train import perf
@@ -96,6 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the stage `config.stage`; returns the last logged metrics."""
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  attention.set_implementation(config.train.get("attention", "auto"))
   setup = stage_setup(config, workdir)
   stage, tx = setup.stage, setup.optimizer
   mesh = sharding.make_mesh(dict(config.mesh), dcn_shape=dict(config.get("dcn_mesh", {})))
