@@ -15,8 +15,8 @@ Check before launching:
   videoldm-compile --config=configs/keyframe_sd15_v5e64.py --topology=v5e:8x8
 
 On 2026-12-02 (libtpu 0.0.42, this repository's 2-core CPU machine): FITS, peak 7.17 of
-16 GiB per chip (arguments 0.21 GiB, temporaries 6.96 GiB), compiled in 1953 s. The
-earlier layout (pixels in the step, XLA attention) needed 24 GiB of temporaries.
+16 GiB per chip (arguments 0.21 GiB, temporaries 6.96 GiB), compiled in 1953 s. With
+pixels in the step it did not fit (README "Scale-out").
 """
 
 import ml_collections

@@ -55,8 +55,8 @@ class FitReport:
   # Set when the TPU compiler itself refused the program for lack of memory (its
   # message); the byte figures then come from that message and the state's shardings.
   compile_error: Optional[str] = None
-  # The compiler's whole message in that case: libtpu lists the largest allocations
-  # (size, shape, the op that made them), which says what to shrink.
+  # The compiler's whole message in that case: beyond its first line it may say which
+  # allocations are the largest, i.e. what to shrink.
   compile_message: Optional[str] = None
 
   @property
