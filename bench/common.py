@@ -8,7 +8,10 @@ from typing import Callable
 
 import numpy as np
 
-from videoldm_jax.train.perf import compiled_flops, matmul_peak_flops  # noqa: F401
+from videoldm_jax.train.perf import compiled_flops, matmul_peak_flops
+
+# The trainer's measurements (train/perf.py) are the benchmarks' too: one definition.
+__all__ = ["compiled_flops", "matmul_peak_flops", "time_fn", "peak_host_rss_bytes", "emit"]
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 2, steps: int = 5) -> float:

@@ -59,11 +59,8 @@ from tqdm import tqdm
 from videoldm_jax import pretrained, video_io
 from videoldm_jax import upsampler_model as um
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
-from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from videoldm_jax.models.temporal import TemporalConfig
-from videoldm_jax.models.unet import UNet, UNetConfig
-from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
-from videoldm_jax.pipelines import context_sampling, personalize, streaming, upsampling
+from videoldm_jax.pipelines import (context_sampling, personalize, sampling, streaming,
+                                    upsampling)
 from videoldm_jax.pipelines.context_sampling import ContextModel, ContextSampleOptions
 
 Log = Callable[[str], None]
@@ -163,41 +160,12 @@ class ChainModels:
     return out
 
 
-# Jitted programs are cached per config, not per loaded model: stages (and videos) that
-# share a config and input shapes share one compilation (an SD-size UNet takes minutes).
-
-@functools.lru_cache(maxsize=16)
-def _unet_fn(unet_config: UNetConfig, temporal: TemporalConfig) -> Callable:
-  return jax.jit(UNet(unet_config, temporal).apply)
-
-
-@functools.lru_cache(maxsize=4)
-def _text_fn(text_config: CLIPTextConfig) -> Callable:
-  return jax.jit(CLIPTextModel(text_config).apply)
-
-
-@functools.lru_cache(maxsize=4)
-def _decode_fn(vae_config: VAEConfig, temporal: Optional[VAETemporalConfig]) -> Callable:
-  """Jitted (vae params, scaled latents (1, T, h, w, C)) -> frames (1, T, H, W, 3): the
-  temporal decoder on the clip, or the image decoder on its frames as one batch."""
-  vae = AutoencoderKL(vae_config, temporal)
-  if temporal is not None:
-    return jax.jit(lambda p, z: vae.apply({"params": p}, z,
-                                          method=AutoencoderKL.decode_video_latents))
-
-  def frame_wise(p, z):
-    x = vae.apply({"params": p}, z.reshape((-1,) + z.shape[2:]),
-                  method=AutoencoderKL.decode_latents)
-    return x.reshape(z.shape[:2] + x.shape[1:])
-  return jax.jit(frame_wise)
-
-
 def _context_model(model: pretrained.PretrainedLDM, context: bool) -> ContextModel:
   """`ContextModel` on the shared jitted UNet. context=False (the key-frame model):
   the cond argument of `context_sampling` is dropped, so `sample_clip` with an
   all-zero mask samples the key-frame model with text guidance."""
   schedule, sampling_cfg = schedule_from_diffusers_config(model.scheduler)
-  fn = _unet_fn(model.unet_config, model.temporal_config)
+  fn = sampling.unet_fn(model.unet_config, model.temporal_config)
   if not context:
     jitted = fn
     fn = lambda params, x, t, text, labels, image_only, cond=None: jitted(
@@ -412,7 +380,7 @@ def _conditioning(entry: tuple, o: GenerateOptions) -> dict:
   cond = {}
   if model.text_config is not None:
     n = model.text_config.max_position_embeddings
-    encode = lambda prompt: _text_fn(model.text_config)(
+    encode = lambda prompt: sampling.text_fn(model.text_config)(
         {"params": model.params["text_encoder"]},
         jnp.asarray(tokenizer([prompt], max_length=n)))
     cond["text"], cond["uncond_text"] = encode(o.prompt), encode(o.negative_prompt)
@@ -538,7 +506,7 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
         o.interp_window or o.keyframes_per_clip,
         bar(f"interpolate x{o.interp_stride} ({i + 1})", frames)))
   vae_params = decoder.params["vae"]
-  decode = _decode_fn(decoder.vae_config, decoder.vae_temporal_config)
+  decode = sampling.decode_fn(decoder.vae_config, decoder.vae_temporal_config)
   stages.append(streaming.OverlapChunker(
       lambda z, call: decode(vae_params, z), o.decode_chunk,
       o.decode_overlap if temporal_decoder else 0, bar("decode", frames)))

@@ -5,7 +5,8 @@ A model with temporal layers (an exported video LDM) samples videos when
 """
 
 import dataclasses
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,11 @@ import numpy as np
 
 from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
-from videoldm_jax.models.clip_text import CLIPTextModel
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
-from videoldm_jax.models.unet import UNet
-from videoldm_jax.models.vae import AutoencoderKL
+from videoldm_jax.models.unet import UNet, UNetConfig
+from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
 from videoldm_jax.pretrained import PretrainedLDM
 
 
@@ -34,6 +36,39 @@ class SampleOptions:
   num_frames: int = 0            # > 0: a video of this many frames (needs temporal layers)
 
 
+# Jitted programs are cached per config, not per loaded model: calls (and stages of the
+# generation chain) that share a config and input shapes share one compilation (an
+# SD-size UNet takes minutes to compile).
+
+@functools.lru_cache(maxsize=16)
+def unet_fn(unet_config: UNetConfig, temporal: Optional[TemporalConfig]) -> Callable:
+  """Jitted `UNet(unet_config, temporal).apply`."""
+  return jax.jit(UNet(unet_config, temporal).apply)
+
+
+@functools.lru_cache(maxsize=4)
+def text_fn(text_config: CLIPTextConfig) -> Callable:
+  """Jitted `CLIPTextModel(text_config).apply`: token ids (B, L) -> (B, L, D)."""
+  return jax.jit(CLIPTextModel(text_config).apply)
+
+
+@functools.lru_cache(maxsize=4)
+def decode_fn(vae_config: VAEConfig, temporal: Optional[VAETemporalConfig]) -> Callable:
+  """Jitted (vae params, scaled latents (..., h, w, C)) -> pixels (..., H, W, 3): with
+  `temporal`, the temporal decoder on clips (B, T, h, w, C); without, the image decoder
+  on all frames or images as one batch, whatever the leading axes."""
+  vae = AutoencoderKL(vae_config, temporal)
+  if temporal is not None:
+    return jax.jit(lambda p, z: vae.apply({"params": p}, z,
+                                          method=AutoencoderKL.decode_video_latents))
+
+  def frame_wise(p, z):
+    x = vae.apply({"params": p}, z.reshape((-1,) + z.shape[-3:]),
+                  method=AutoencoderKL.decode_latents)
+    return x.reshape(z.shape[:-3] + x.shape[1:])
+  return jax.jit(frame_wise)
+
+
 def encode_prompts(model: PretrainedLDM, tokenizer: CLIPTokenizer, prompts: Sequence[str]
                    ) -> jax.Array:
   """Prompts -> CLIP context (B, 77, D) from the model's text encoder."""
@@ -41,8 +76,7 @@ def encode_prompts(model: PretrainedLDM, tokenizer: CLIPTokenizer, prompts: Sequ
     raise ValueError(f"{model.source}: this model has no text encoder; it cannot take "
                      "prompts")
   ids = jnp.asarray(tokenizer(list(prompts), max_length=model.text_config.max_position_embeddings))
-  return jax.jit(CLIPTextModel(model.text_config).apply)(
-      {"params": model.params["text_encoder"]}, ids)
+  return text_fn(model.text_config)({"params": model.params["text_encoder"]}, ids)
 
 
 def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
@@ -72,8 +106,7 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
   if options.num_frames and model.temporal_config is None:
     raise ValueError(f"{model.source}: num_frames={options.num_frames} needs a video model "
                      "(temporal layers); this is an image model")
-  unet = UNet(unet_cfg, model.temporal_config)
-  unet_apply = jax.jit(unet.apply)
+  unet_apply = unet_fn(unet_cfg, model.temporal_config)
   params = {"params": model.params["unet"]}
 
   def model_fn(x, t, cond):
@@ -108,11 +141,7 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
 def decode(model: PretrainedLDM, latents: jax.Array) -> jax.Array:
   """Scaled latents (B, [T,] h, w, C) -> images or videos in about [-1, 1]
   (B, [T,] h*f, w*f, 3); video frames are decoded one by one (as a batch)."""
-  vae = AutoencoderKL(model.vae_config)
-  fn = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode_latents))
-  lead = latents.shape[:-3]
-  out = fn(model.params["vae"], latents.reshape((-1,) + latents.shape[-3:]))
-  return out.reshape(lead + out.shape[1:])
+  return decode_fn(model.vae_config, None)(model.params["vae"], latents)
 
 
 def generate(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer], prompts: Sequence[str],

@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
