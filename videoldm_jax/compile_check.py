@@ -5,7 +5,9 @@ or allocated, `stages.base.abstract_setup`), lays its train state and a global b
 out on the config's mesh over the topology's devices, lowers and compiles the one
 jitted step, and reads XLA's per-device memory analysis and cost analysis. On a
 CPU-only machine TPU topologies come from libtpu's topology descriptions
-(`pip install -e .[tpu]`); "cpu:N" compiles for N local (fake) CPU devices instead.
+(`pip install -e .[tpu]`); "cpu:N" compiles for N local (fake) CPU devices instead, and
+"h100:N" does the same for a model traced as for GPUs, against an H100's memory (a
+proxy: see GPU_MEMORY).
 """
 
 import dataclasses
@@ -31,6 +33,11 @@ GiB = 1024 ** 3
 # TensorCores); memory per device is HBM per chip / devices per chip.
 HBM_PER_CHIP = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB,
                 "v6e": 32 * GiB}
+# GPUs: XLA cannot compile for a GPU on a machine without one, so "h100:N" compiles the
+# step for N fake CPU devices (the same sharding and per-device state; temporaries from
+# XLA CPU's buffer assignment, a proxy for the GPU program's) traced as for a GPU, and
+# compares it with the card's memory (nvidia-smi's total for the 80 GB H100).
+GPU_MEMORY = {"h100": 81559 * 1024 ** 2}
 # Compilation needs headroom for the runtime, fragmentation and host transfers.
 FIT_FRACTION = 0.95
 
@@ -88,6 +95,8 @@ class FitReport:
             f"  FLOPs per step: {self.flops_per_device * self.devices / 1e12:.2f} TFLOP "
             f"({self.flops_per_device / 1e12:.3f} per device); compiled in "
             f"{self.compile_s:.0f}s\n  {self.verdict()}"
+            + (" (a proxy: compiled for CPU devices, see compile_check.GPU_MEMORY)"
+               if self.topology.partition(":")[0] in GPU_MEMORY else "")
             + (f" (XLA: {self.compile_error})" if self.compile_error else "")
             + (f"\n  compiler's report:\n{_indent(self.compile_message, MESSAGE_LINES)}"
                if self.compile_message else ""))
@@ -105,17 +114,18 @@ def _indent(text: str, max_lines: int) -> str:
 
 
 def topology_devices(topology: str) -> tuple[list, Optional[int]]:
-  """'v5p:4x4x4' (libtpu topology, TPU) or 'cpu:N' -> (devices, memory per device)."""
+  """'v5p:4x4x4' (libtpu topology, TPU), 'cpu:N' or 'h100:N' (N local fake CPU devices)
+  -> (devices, memory per device)."""
   kind, _, shape = topology.partition(":")
-  if kind == "cpu":
+  if kind == "cpu" or kind in GPU_MEMORY:
     n = int(shape or len(jax.devices("cpu")))
     devices = jax.devices("cpu")
     if len(devices) < n:
       raise ValueError(f"topology {topology!r}: only {len(devices)} CPU devices; start with "
                        f"--cpu_devices={n}")
-    return devices[:n], None
+    return devices[:n], GPU_MEMORY.get(kind)
   if kind not in HBM_PER_CHIP or not shape:
-    raise ValueError(f"topology {topology!r}: expected cpu:N or one of "
+    raise ValueError(f"topology {topology!r}: expected cpu:N, h100:N or one of "
                      f"{sorted(HBM_PER_CHIP)} with a chip grid, e.g. v5p:4x4x4, v5e:8x8")
   try:
     from jax.experimental import topologies
@@ -165,8 +175,8 @@ def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
   resolves for a TPU topology as it would on a TPU host, not for this process's CPU."""
   previous = attention.implementation()
   kind = topology.partition(":")[0]
-  attention.set_implementation(config.train.get("attention", "auto"),
-                               platform="cpu" if kind == "cpu" else "tpu")
+  platform = "cpu" if kind == "cpu" else "gpu" if kind in GPU_MEMORY else "tpu"
+  attention.set_implementation(config.train.get("attention", "auto"), platform=platform)
   try:
     return _fit_report(config, topology)
   finally:

@@ -3,6 +3,7 @@ laptop, before anything is launched, by compiling it ahead of time.
 
   videoldm-compile --config=configs/keyframe_sd15_v5p128.py --topology=v5p:4x4x4
   videoldm-compile --config=configs/keyframe_tiny.py --topology=cpu:8 --cpu_devices=8
+  videoldm-compile --config=configs/keyframe_sd15_8xh100.py --topology=h100:8 --cpu_devices=8
 
 Prints per-device memory (arguments, temporaries, outputs, peak vs the chip's HBM),
 FLOPs per step and FITS / DOES NOT FIT; --json also writes the figures as one JSON
@@ -20,9 +21,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 _TOPOLOGY = flags.DEFINE_multi_string(
-    "topology", None, "TPU topology (v5p:4x4x4, v5e:8x8, v4:2x2x2, v6e:4x4) or cpu:N; "
+    "topology", None, "TPU topology (v5p:4x4x4, v5e:8x8, v4:2x2x2, v6e:4x4), cpu:N or "
+    "h100:N (compiled for N CPU devices as a proxy: XLA cannot compile for absent GPUs); "
     "repeat the flag for several")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "fake CPU devices (for cpu:N)")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "fake CPU devices (cpu:N, h100:N)")
 _JSON = flags.DEFINE_string("json", "", "append one JSON line per topology to this file")
 
 
