@@ -142,3 +142,19 @@ def test_query_block_divides_and_bounds_the_logits():
   for length, keys in [(1024, 1024), (4096, 77), (300, 256)]:
     b = blocked_lib.query_block(length, keys)
     assert length % b == 0 and b * keys <= blocked_lib.BLOCK_ELEMENTS
+
+
+def test_cached_sampling_programs_are_keyed_by_the_attention_implementation():
+  # The implementation is read when a program is traced, so a jitted UNet cached for
+  # one implementation must not serve another.
+  from videoldm_jax.models.unet import UNetConfig
+  from videoldm_jax.pipelines import sampling
+  config = UNetConfig()
+  try:
+    auto = sampling.unet_fn(config, None)
+    assert sampling.unet_fn(config, None) is auto  # one compilation per config
+    attention_lib.set_implementation("plain")
+    assert sampling.unet_fn(config, None) is not auto
+  finally:
+    attention_lib.set_implementation("auto")
+  assert sampling.unet_fn(config, None) is auto

@@ -14,6 +14,7 @@ import numpy as np
 
 from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
+from videoldm_jax.models import attention
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
@@ -38,25 +39,37 @@ class SampleOptions:
 
 # Jitted programs are cached per config, not per loaded model: calls (and stages of the
 # generation chain) that share a config and input shapes share one compilation (an
-# SD-size UNet takes minutes to compile).
+# SD-size UNet takes minutes to compile). The attention implementation is part of the
+# key because it is read when a program is traced (models/attention.py).
 
-@functools.lru_cache(maxsize=16)
 def unet_fn(unet_config: UNetConfig, temporal: Optional[TemporalConfig]) -> Callable:
   """Jitted `UNet(unet_config, temporal).apply`."""
+  return _unet_fn(unet_config, temporal, attention.implementation())
+
+
+@functools.lru_cache(maxsize=16)
+def _unet_fn(unet_config, temporal, implementation) -> Callable:
+  del implementation  # a cache key only
   return jax.jit(UNet(unet_config, temporal).apply)
 
 
 @functools.lru_cache(maxsize=4)
 def text_fn(text_config: CLIPTextConfig) -> Callable:
-  """Jitted `CLIPTextModel(text_config).apply`: token ids (B, L) -> (B, L, D)."""
+  """Jitted `CLIPTextModel(text_config).apply`: token ids (B, L) -> (B, L, D). (CLIP's
+  causal attention is its own formula, whatever the attention implementation.)"""
   return jax.jit(CLIPTextModel(text_config).apply)
 
 
-@functools.lru_cache(maxsize=4)
 def decode_fn(vae_config: VAEConfig, temporal: Optional[VAETemporalConfig]) -> Callable:
   """Jitted (vae params, scaled latents (..., h, w, C)) -> pixels (..., H, W, 3): with
   `temporal`, the temporal decoder on clips (B, T, h, w, C); without, the image decoder
   on all frames or images as one batch, whatever the leading axes."""
+  return _decode_fn(vae_config, temporal, attention.implementation())
+
+
+@functools.lru_cache(maxsize=4)
+def _decode_fn(vae_config, temporal, implementation) -> Callable:
+  del implementation  # a cache key only
   vae = AutoencoderKL(vae_config, temporal)
   if temporal is not None:
     return jax.jit(lambda p, z: vae.apply({"params": p}, z,
