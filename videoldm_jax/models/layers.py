@@ -106,6 +106,25 @@ def dense(features: int, axes: Axes = ("embed", "mlp"), *, name: str,
       name=name)
 
 
+class DenseHalves(nn.Module):
+  """A dense layer C_in -> 2 F (one `kernel` (C_in, 2F) and `bias` (2F,), the paths and
+  initialisation of `dense(2 * F)`) applied as its two F-wide halves:
+  (..., C_in) -> ((..., F), (..., F))."""
+  features: int
+  axes: Axes = ("embed", "mlp")
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    f = self.features
+    kernel = self.param("kernel", param_init(FAN_IN_NORMAL, self.axes),
+                        (x.shape[-1], 2 * f), jnp.float32)
+    bias = self.param("bias", param_init(ZEROS, (self.axes[1],)), (2 * f,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return tuple(jnp.dot(x, kernel[:, i * f:(i + 1) * f]) + bias[i * f:(i + 1) * f]
+                 for i in range(2))
+
+
 def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> nn.GroupNorm:
   """GroupNorm over the channels-last axis; statistics are computed in float32."""
   return nn.GroupNorm(
