@@ -50,8 +50,8 @@ def target_platform() -> str:
 
 def use_blocked(num_queries: int, num_keys: int) -> bool:
   """Whether attention of this size takes the blocked path (see IMPLEMENTATIONS): only
-  once the logits of one head fill a block (bench/README.md has the measurements)."""
-  if _implementation == "plain" or num_queries * num_keys < blocked_lib.BLOCK_ELEMENTS:
+  from MIN_BLOCKED_ELEMENTS logits per head (bench/README.md has the measurements)."""
+  if _implementation == "plain" or num_queries * num_keys < blocked_lib.MIN_BLOCKED_ELEMENTS:
     return False
   return _implementation == "blocked" or target_platform() == "cpu"
 
