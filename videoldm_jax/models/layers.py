@@ -151,10 +151,44 @@ def embedding(num_embeddings: int, features: int, *, name: str) -> nn.Embed:
       name=name)
 
 
-def upsample_nearest_2x(x_BxHxWxC: jax.Array) -> jax.Array:
-  """Nearest-neighbour 2x upsampling, (B, H, W, C) -> (B, 2H, 2W, C)."""
-  x = jnp.repeat(x_BxHxWxC, 2, axis=1)
-  return jnp.repeat(x, 2, axis=2)
+# Which taps of a 3-tap kernel axis land on input offsets (-1, 0) for even outputs and
+# (0, +1) for odd ones, after nearest 2x upsampling: output row 2i reads upsampled rows
+# 2i-1, 2i, 2i+1 = input rows i-1, i, i; output row 2i+1 reads input rows i, i, i+1.
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+class UpsampleConv(nn.Module):
+  """Nearest 2x upsampling then a 3x3 conv (padding 1): (B, H, W, C) -> (B, 2H, 2W, F).
+
+  Parameters are those of `conv2d(F, 3)` (`kernel` (3, 3, C, F), `bias`), so checkpoints
+  map unchanged. The result is computed without the upsampled array: each of the four
+  output phases (row, column parity) is a 2x2 conv of the input whose taps are sums of
+  the 3x3 kernel's, 16 taps per input pixel instead of 36 (2.25x fewer FLOPs, and the
+  backward has no 4x-sized gradient to sum back).
+  """
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", param_init(FAN_IN_NORMAL,
+                                             ("conv_kh", "conv_kw", "conv_in", "conv_out")),
+                        (3, 3, x_BxHxWxC.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", param_init(ZEROS, ("conv_out",)), (self.features,), jnp.float32)
+    # The phase kernels are summed in float32, before any cast to the compute dtype.
+    phase = lambda a, b: jnp.stack([jnp.stack([sum(kernel[i, j] for i in ti for j in tj)
+                                               for tj in _PHASE_TAPS[b]])
+                                    for ti in _PHASE_TAPS[a]])             # (2, 2, C, F)
+    x, bias, *kernels = nn.dtypes.promote_dtype(
+        x_BxHxWxC, bias, *(phase(a, b) for a in range(2) for b in range(2)), dtype=self.dtype)
+    _, h, w, _ = x.shape
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    conv = lambda a, b: jax.lax.conv_general_dilated(
+        x[:, a:a + h + 1, b:b + w + 1], kernels[2 * a + b], (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))                        # (B, H, W, F)
+    y = jnp.stack([jnp.stack([conv(a, b) for b in range(2)], axis=3) for a in range(2)],
+                  axis=2)                                                  # (B, H, 2, W, 2, F)
+    return y.reshape(y.shape[0], 2 * h, 2 * w, self.features) + bias
 
 
 def timestep_embedding(timesteps_B: jax.Array, dim: int, flip_sin_to_cos: bool = True,

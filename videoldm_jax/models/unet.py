@@ -122,8 +122,7 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layers.conv2d(x.shape[-1], 3, name="conv", dtype=self.dtype)(
-        layers.upsample_nearest_2x(x))
+    return layers.UpsampleConv(x.shape[-1], name="conv", dtype=self.dtype)(x)
 
 
 class TimestepEmbedding(nn.Module):

@@ -234,8 +234,7 @@ class _Sampler(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
       return layers.conv2d(x.shape[-1], 3, stride=2, padding="VALID", name="conv",
                            dtype=self.dtype)(x)
-    return layers.conv2d(x.shape[-1], 3, name="conv", dtype=self.dtype)(
-        layers.upsample_nearest_2x(x))
+    return layers.UpsampleConv(x.shape[-1], name="conv", dtype=self.dtype)(x)
 
 
 class _Level(nn.Module):

@@ -1,0 +1,84 @@
+"""Layers computed in a faster form than their definition equal the definition.
+
+`UpsampleConv` (four 2x2 phase convs) against a 3x3 conv of the nearest-2x-upsampled
+input, and `GEGLU` (two kernel halves, erf GELU) against one dense layer split in two with
+`jax.nn.gelu`: same parameters, values and gradients to float32 rounding, with every
+parameter perturbed away from its initialisation.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from videoldm_jax.models import layers
+from videoldm_jax.models.attention import GEGLU
+from videoldm_jax.train.flops import model_flops
+
+
+def _perturbed(params, seed=1):
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _assert_same_function(fast, reference, x, params, tol=1e-5):
+  """fast(params, x) == reference(params, x) in value, d/dx and d/dparams."""
+  loss = lambda f: lambda p, x: jnp.sum(f(p, x) ** 2)
+  rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+  assert rel(fast(params, x), reference(params, x)) < tol
+  for argnum in (0, 1):
+    got = jax.grad(loss(fast), argnums=argnum)(params, x)
+    want = jax.grad(loss(reference), argnums=argnum)(params, x)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      assert g.shape == w.shape and rel(g, w) < tol
+
+
+class _ReferenceUpsample(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return layers.conv2d(self.features, 3, name="conv")(x)
+
+
+@pytest.mark.parametrize("shape, features", [((2, 5, 7, 4), 6), ((1, 8, 8, 16), 16)])
+def test_upsample_conv_is_a_conv_of_the_nearest_upsampled_input(shape, features):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
+  fast = layers.UpsampleConv(features, name="conv")
+  reference = _ReferenceUpsample(features)
+  params = nn.unbox(reference.init(jax.random.key(0), x))
+  # Same parameter tree (paths and shapes): checkpoints load into either.
+  assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(fast.init(jax.random.key(0), x)))
+          == jax.tree_util.tree_map(jnp.shape, {"params": params["params"]["conv"]}))
+  params = _perturbed(params)
+  _assert_same_function(lambda p, x: fast.apply({"params": p["params"]["conv"]}, x),
+                        reference.apply, x, params)
+  # 16 of the reference's 36 multiply-adds per input pixel and output channel: forward
+  # 2 x (B H W) x 16 x C x F.
+  b, h, w, c = shape
+  forward = lambda m, p: model_flops(lambda p: m.apply(p, x), p)
+  assert forward(fast, {"params": params["params"]["conv"]}) == 2 * b * h * w * 16 * c * features
+  assert forward(reference, params) == 2 * b * (2 * h) * (2 * w) * 9 * c * features
+
+
+class _ReferenceGEGLU(nn.Module):
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    h, gate = jnp.split(layers.dense(2 * self.inner, name="proj")(x), 2, axis=-1)
+    return h * jax.nn.gelu(gate, approximate=False)
+
+
+def test_geglu_halves_and_erf_gelu_equal_one_split_dense_layer():
+  x = jnp.asarray(3 * np.random.default_rng(0).standard_normal((2, 9, 8), np.float32))
+  reference = _ReferenceGEGLU(12)
+  params = _perturbed(nn.unbox(reference.init(jax.random.key(0), x)))
+  fast = GEGLU(12)
+  assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(fast.init(jax.random.key(0), x)))
+          == jax.tree_util.tree_map(jnp.shape, params))
+  _assert_same_function(fast.apply, reference.apply, x, params)
