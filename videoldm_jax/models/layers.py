@@ -75,6 +75,7 @@ def param_init(init: Init, axes: Axes):
 
 FAN_IN_NORMAL = Init("fan_in_normal")
 ZEROS, ONES = Init("constant", 0.0), Init("constant", 1.0)
+CONV2D_AXES = ("conv_kh", "conv_kw", "conv_in", "conv_out")  # a 2-D conv kernel (HWIO)
 
 
 def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
@@ -90,8 +91,7 @@ def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=padding,
       use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=param_init(FAN_IN_NORMAL,
-                               ("conv_kh", "conv_kw", "conv_in", "conv_out")),
+      kernel_init=param_init(FAN_IN_NORMAL, CONV2D_AXES),
       bias_init=param_init(ZEROS, ("conv_out",)),
       name=name)
 
@@ -171,8 +171,7 @@ class UpsampleConv(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", param_init(FAN_IN_NORMAL,
-                                             ("conv_kh", "conv_kw", "conv_in", "conv_out")),
+    kernel = self.param("kernel", param_init(FAN_IN_NORMAL, CONV2D_AXES),
                         (3, 3, x_BxHxWxC.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", param_init(ZEROS, ("conv_out",)), (self.features,), jnp.float32)
     # The phase kernels are summed in float32, before any cast to the compute dtype.
