@@ -1,6 +1,7 @@
 """Shared measurement helpers for the benchmarks: timing, memory, JSON lines."""
 
 import json
+import os
 import resource
 import sys
 import time
@@ -32,6 +33,8 @@ def peak_host_rss_bytes() -> int:
 
 
 def emit(record: dict) -> None:
-  """One JSON line on stdout."""
+  """One JSON line on stdout, with the XLA_FLAGS the process ran under (the package
+  adds its defaults at import: videoldm_jax/xla_flags.py)."""
+  record = {**record, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   print(json.dumps(record, sort_keys=True), flush=True)
   sys.stdout.flush()

@@ -1,0 +1,70 @@
+"""The package's XLA defaults: added at import, before the backend starts, so they reach
+XLA in programs that import jax first; a user's own value of a flag wins; the opt-out
+leaves XLA_FLAGS alone. What XLA received is read back from its own dump of the debug
+options of a real compiled program."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from videoldm_jax import xla_flags
+
+ROOT = Path(__file__).parents[1]
+FLAG = xla_flags.YNN_FUSION_FLAG
+
+
+def test_with_defaults_appends_and_respects_user_values():
+  assert xla_flags.with_defaults("") == f"--{FLAG}=-individual_convolution"
+  assert (xla_flags.with_defaults("--xla_force_host_platform_device_count=8")
+          == f"--xla_force_host_platform_device_count=8 --{FLAG}=-individual_convolution")
+  # The user's value, even an empty one, is kept as given and not duplicated.
+  for own in (f"--{FLAG}=individual_convolution", f"--{FLAG}="):
+    assert xla_flags.with_defaults(f"--xla_dump_to=/x {own}") == f"--xla_dump_to=/x {own}"
+
+
+def test_apply_defaults_opt_out():
+  env = {"XLA_FLAGS": "--a=1", xla_flags.OPT_OUT_ENV: "0"}
+  xla_flags.apply_defaults(env)
+  assert env["XLA_FLAGS"] == "--a=1"
+  env = {}
+  xla_flags.apply_defaults(env)
+  assert env["XLA_FLAGS"] == f"--{FLAG}=-individual_convolution"
+
+
+def _ynn_types_xla_used(tmp_path, xla_flags_env: str) -> list[str]:
+  """The YNNPACK fusion types in XLA's dumped debug options of a conv compiled in a
+  fresh process that imports jax first and videoldm_jax second (as conftest does)."""
+  dump = tmp_path / "dump"
+  code = ("import jax, jax.numpy as jnp\n"
+          "import videoldm_jax\n"
+          "x = jnp.ones((1, 8, 8, 4)); w = jnp.ones((3, 3, 4, 4))\n"
+          "jax.jit(lambda x, w: jax.lax.conv_general_dilated(\n"
+          "    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w)\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_dump_to={dump} {xla_flags_env}".strip()}
+  env.pop(xla_flags.OPT_OUT_ENV, None)
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=120)
+  options = sorted(dump.glob("*lambda*.debug_options"))
+  assert options, sorted(p.name for p in dump.iterdir())
+  return [line.split(":", 1)[1].strip() for line in options[0].read_text().splitlines()
+          if line.startswith(FLAG)]
+
+
+@pytest.mark.parametrize("own, expected", [
+    ("", {"LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE"}),
+    (f"--{FLAG}=individual_convolution", {"LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}),
+])
+def test_defaults_reach_xla(tmp_path, own, expected):
+  """Without a user value XLA gets its default list minus individual convolutions (the
+  dump names the types it kept); with one, exactly the user's."""
+  assert set(_ynn_types_xla_used(tmp_path, own)) == expected
+
+
+def test_this_suite_runs_with_the_defaults():
+  """The parity tests run under the defaults too: conftest imports jax, the test modules
+  import videoldm_jax, and nothing has computed in between."""
+  assert f"--{FLAG}=-individual_convolution" in os.environ.get("XLA_FLAGS", "").split()

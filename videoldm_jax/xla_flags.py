@@ -1,0 +1,40 @@
+"""XLA flags the package sets by default, before any JAX backend starts.
+
+XLA reads `XLA_FLAGS` once, when the first backend initialises (the first computation,
+not `import jax`), so setting it at package import takes effect for every program that
+imports `videoldm_jax` before computing anything, including the trainer's subprocesses.
+
+The one default today is for XLA:CPU. jax 0.10 routes single convolutions through
+YNNPACK ("individual_convolution" fusions), which on an AVX-512 host runs the 3x3
+weight gradient of our ResBlocks at about half of XLA's own convolution path (40-88 vs
+139-174 GFLOP/s, bench/README.md's profiling notes) and the forward at 85-164 vs 170-185.
+Removing that one fusion type from XLA's default list keeps YNNPACK for dots and
+elementwise fusions. The flag is a debug option of every backend; GPU and TPU ignore it.
+"""
+
+import os
+
+YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+# The leading "-" removes one type from XLA's default list instead of replacing it.
+DEFAULT_FLAGS = (f"--{YNN_FUSION_FLAG}=-individual_convolution",)
+# Set to 0 to run with XLA's own defaults (bench comparisons, bug reports to XLA).
+OPT_OUT_ENV = "VIDEOLDM_JAX_XLA_DEFAULTS"
+
+
+def with_defaults(flags: str) -> str:
+  """`flags` (an XLA_FLAGS string) plus each default whose flag the user did not name."""
+  out = flags.split()
+  for flag in DEFAULT_FLAGS:
+    name = flag.split("=", 1)[0]
+    if not any(f.split("=", 1)[0] == name for f in out):
+      out.append(flag)
+  return " ".join(out)
+
+
+def apply_defaults(environ=None) -> None:
+  """Adds the package's XLA defaults to `environ["XLA_FLAGS"]` (os.environ by default)
+  unless `VIDEOLDM_JAX_XLA_DEFAULTS=0`. A flag the user already set wins."""
+  environ = os.environ if environ is None else environ
+  if environ.get(OPT_OUT_ENV, "1") == "0":
+    return
+  environ["XLA_FLAGS"] = with_defaults(environ.get("XLA_FLAGS", ""))
