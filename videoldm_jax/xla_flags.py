@@ -6,10 +6,11 @@ imports `videoldm_jax` before computing anything, including the trainer's subpro
 
 The one default today is for XLA:CPU. jax 0.10 routes single convolutions through
 YNNPACK ("individual_convolution" fusions), which on an AVX-512 host runs the 3x3
-weight gradient of our ResBlocks at about half of XLA's own convolution path (40-88 vs
-139-174 GFLOP/s, bench/README.md's profiling notes) and the forward at 85-164 vs 170-185.
-Removing that one fusion type from XLA's default list keeps YNNPACK for dots and
-elementwise fusions. The flag is a debug option of every backend; GPU and TPU ignore it.
+weight gradient of our ResBlocks at about half the rate of XLA's own convolution path
+(40-88 vs 139-174 GFLOP/s) and the forward at 85-164 vs 170-185 (bench/README.md,
+"XLA:CPU convolutions off YNNPACK"). Removing that one type from XLA's default list
+keeps YNNPACK for individual dots and reductions. The flag is a debug option of every
+backend; GPU and TPU ignore it.
 """
 
 import os
