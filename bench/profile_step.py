@@ -71,8 +71,10 @@ def hlo_index(hlo_text: str) -> dict:
 
 def op_times(trace_dir: Path) -> collections.Counter:
   """{event name: total seconds} over every event of the host planes of the trace."""
-  (xplane,) = sorted(trace_dir.rglob("*.xplane.pb"))[-1:]
-  data = jax.profiler.ProfileData.from_file(str(xplane))
+  traces = sorted(trace_dir.rglob("*.xplane.pb"))
+  if not traces:
+    raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: did the trace run?")
+  data = jax.profiler.ProfileData.from_file(str(traces[-1]))
   totals: collections.Counter = collections.Counter()
   for plane in data.planes:
     for line in plane.lines:
@@ -122,7 +124,7 @@ def main():
     emit(dict(bench="profile_category", **case_id, category=category,
               ms_per_step=1e3 * seconds / args.steps, share=seconds / op_total))
   # XLA:CPU's Eigen convolutions complete asynchronously: their events time only the
-  # launch (~0.2 ms each), so the step's wall time not covered by synchronous ops is
+  # launch (0.05-0.25 ms each), so the step's wall time not covered by synchronous ops is
   # mostly theirs. Reported as its own line rather than folded into "convolution".
   emit(dict(bench="profile_total", **case_id, wall_ms_per_step=1e3 * wall / args.steps,
             op_ms_per_step=1e3 * op_total / args.steps,
