@@ -5,9 +5,12 @@ what a fusion computes, its shape and the jaxpr source line XLA recorded).
 Prints JSON lines: one per op among the `--top` slowest (ms per step, share of the
 traced op time), then one per category (fusions around a dot, elementwise fusions,
 transposes, reductions, copies, ...), then the wall time per step and the part of it
-no synchronous op covers (on XLA:CPU: the convolutions, which run asynchronously on
-Eigen's pool and whose trace events time only their launch). The numbers behind
-bench/README.md's profiling notes.
+no synchronous op covers, then the timeline: how long 0, 1, 2, ... ops were in flight
+and, for each idle gap, the category of the op before it. On XLA:CPU the convolutions
+and the dots that YNNPACK does not take (weight gradients x^T dy) run asynchronously on
+Eigen's pool and their trace events time only the launch, so the gaps after them are
+their run time. The numbers behind bench/README.md's profiling notes. The trace is
+deleted afterwards unless --trace_dir names where to keep it.
 
   JAX_PLATFORMS=cpu python -m bench.profile_step --workload=W2 --stage=keyframe \
       --mode=full --top=25
@@ -69,20 +72,44 @@ def hlo_index(hlo_text: str) -> dict:
   return index
 
 
-def op_times(trace_dir: Path) -> collections.Counter:
-  """{event name: total seconds} over every event of the host planes of the trace."""
+def op_events(trace_dir: Path, names) -> list:
+  """[(start ns, end ns, name)] of every event of the trace's host planes whose name is
+  in `names` (the HLO instructions), sorted by start."""
   traces = sorted(trace_dir.rglob("*.xplane.pb"))
   if not traces:
     raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: did the trace run?")
   data = jax.profiler.ProfileData.from_file(str(traces[-1]))
-  totals: collections.Counter = collections.Counter()
+  events = []
   for plane in data.planes:
     for line in plane.lines:
       # XLA:CPU's thunk executor records each op under its HLO instruction name on the
       # worker threads' lines; python and runtime lines name no HLO instruction.
       for event in line.events:
-        totals[event.name] += event.duration_ns / 1e9
-  return totals
+        if event.name in names:
+          events.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
+  return sorted(events)
+
+
+def timeline(events: list, category_of) -> tuple[dict, collections.Counter]:
+  """How the traced ops cover time: ({ops in flight (0, 1, 2, ...): seconds} over the
+  span of `events`, {category of the op that ended last before an idle gap of >= 0.1
+  ms: seconds of such gaps}). A long gap after an op that XLA:CPU runs asynchronously
+  (an Eigen convolution or dot) is that op still running: its event only timed the
+  launch."""
+  in_flight: collections.Counter = collections.Counter()
+  edges = sorted([(s, 1) for s, _, _ in events] + [(e, -1) for _, e, _ in events])
+  level, last = 0, edges[0][0] if edges else 0
+  for t, delta in edges:
+    in_flight[level] += (t - last) / 1e9
+    level, last = level + delta, t
+  gaps: collections.Counter = collections.Counter()
+  covered_to, last_name = None, None
+  for start, end, name in events:
+    if covered_to is not None and start - covered_to >= 100_000:
+      gaps[category_of(last_name)] += (start - covered_to) / 1e9
+    if covered_to is None or end > covered_to:
+      covered_to, last_name = end, name
+  return dict(sorted(in_flight.items())), gaps
 
 
 def main():
@@ -101,15 +128,19 @@ def main():
   for _ in range(2):
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
-  trace_dir = Path(args.trace_dir or tempfile.mkdtemp(prefix="videoldm-profile-"))
-  with jax.profiler.trace(str(trace_dir)):
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-      state, _ = compiled(state, batch)
-    jax.block_until_ready(state)
-    wall = time.perf_counter() - t0
+  with tempfile.TemporaryDirectory(prefix="videoldm-profile-") as scratch:
+    trace_dir = Path(args.trace_dir or scratch)  # the trace is kept only when asked
+    with jax.profiler.trace(str(trace_dir)):
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        state, _ = compiled(state, batch)
+      jax.block_until_ready(state)
+      wall = time.perf_counter() - t0
+    events = op_events(trace_dir, index)
 
-  totals = {k: v for k, v in op_times(trace_dir).items() if k in index}
+  totals: collections.Counter = collections.Counter()
+  for start, end, name in events:
+    totals[name] += (end - start) / 1e9
   op_total = sum(totals.values())
   case_id = dict(workload=args.workload, stage=args.stage, mode=args.mode)
   for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
@@ -129,7 +160,13 @@ def main():
   emit(dict(bench="profile_total", **case_id, wall_ms_per_step=1e3 * wall / args.steps,
             op_ms_per_step=1e3 * op_total / args.steps,
             unattributed_ms_per_step=1e3 * (wall - op_total) / args.steps,
-            trace_dir=str(trace_dir)))
+            trace_dir=args.trace_dir or None))
+  in_flight, gaps = timeline(events, lambda name: index[name][2])
+  emit(dict(bench="profile_timeline", **case_id,
+            ms_per_step_with_ops_in_flight={
+                str(k): 1e3 * v / args.steps for k, v in in_flight.items()},
+            idle_gap_ms_per_step_after={
+                k: 1e3 * v / args.steps for k, v in gaps.most_common()}))
 
 
 if __name__ == "__main__":

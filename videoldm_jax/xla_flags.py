@@ -5,10 +5,10 @@ not `import jax`), so setting it at package import takes effect for every progra
 imports `videoldm_jax` before computing anything, including the trainer's subprocesses.
 
 The one default today is for XLA:CPU. jax 0.10 routes single convolutions through
-YNNPACK ("individual_convolution" fusions), which on an AVX-512 host runs the 3x3
-weight gradient of our ResBlocks at about half the rate of XLA's own convolution path
-(40-88 vs 139-174 GFLOP/s) and the forward at 85-164 vs 170-185 (bench/README.md,
-"XLA:CPU convolutions off YNNPACK"). Removing that one type from XLA's default list
+YNNPACK ("individual_convolution" fusions), which on our 2-core Zen 2 host (AVX2) runs
+the 3x3 weight gradient of our ResBlocks at about half the rate of XLA's own
+convolution path (40-88 vs 139-174 GFLOP/s) and the forward at 85-164 vs 170-185
+(bench/README.md, "XLA:CPU convolutions off YNNPACK"). Removing that one type from XLA's default list
 keeps YNNPACK for individual dots and reductions. The flag is a debug option of every
 backend; GPU and TPU ignore it.
 """

@@ -4,8 +4,8 @@ XLA materialises attention's (B, H, L, S) logits, probabilities and their gradie
 whole arrays. At the first level of a 32 x 32-latent UNet that is 1024 x 1024 floats per
 frame and head, hundreds of MB per step that stream through memory several times, and
 the training step's time went mostly there (bench/README.md, profiling notes). Here each
-(batch x head) is processed on its own, in blocks of queries whose logits fit in a core's
-L2 cache. The forward pass keeps only the output and the per-row log-sum-exp; the
+(batch x head) is processed on its own, in blocks of queries whose logits fit in the
+cores' L2 caches. The forward pass keeps only the output and the per-row log-sum-exp; the
 backward pass recomputes each block's probabilities from them (as FlashAttention does),
 so nothing of size L x S is ever stored and the step's memory no longer grows with L x S.
 
@@ -26,9 +26,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Logits per query block: 256K floats (1 MB, one core's L2 here). On the idle 2-core
-# EPYC the attention of (32 heads, 1024 x 1024, d 32) took forward + backward 254 / 256 /
-# 244 ms with blocks of 128 / 256 / 1024 queries, the plain formula 461 ms; blocks of
+# Logits per query block: 256K floats (1 MB; each of the two threads' half is one Zen 2
+# core's 512 KB L2). On the idle 2-core EPYC the attention of (32 heads, 1024 x 1024,
+# d 32) took forward + backward 254 / 256 / 244 ms with blocks of 128 / 256 / 1024 queries, the plain formula 461 ms; blocks of
 # 1 MB keep the working set in cache for longer sequences too (bench/README.md).
 BLOCK_ELEMENTS = 256 * 1024
 
