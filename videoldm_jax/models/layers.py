@@ -27,6 +27,8 @@ import numpy as np
 from flax import struct
 from flax.linen import spmd
 
+from videoldm_jax.models.matmul import dense_dot_general
+
 Axes = tuple[str | None, ...]
 
 
@@ -103,6 +105,7 @@ def dense(features: int, axes: Axes = ("embed", "mlp"), *, name: str,
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=param_init(FAN_IN_NORMAL, axes),
       bias_init=param_init(ZEROS, (axes[1],)),
+      dot_general=dense_dot_general,  # XLA:CPU's fast weight gradient (models/matmul.py)
       name=name)
 
 
@@ -121,8 +124,9 @@ class DenseHalves(nn.Module):
                         (x.shape[-1], 2 * f), jnp.float32)
     bias = self.param("bias", param_init(ZEROS, (self.axes[1],)), (2 * f,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return tuple(jnp.dot(x, kernel[:, i * f:(i + 1) * f]) + bias[i * f:(i + 1) * f]
-                 for i in range(2))
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return tuple(dense_dot_general(x, kernel[:, i * f:(i + 1) * f], dims)
+                 + bias[i * f:(i + 1) * f] for i in range(2))
 
 
 def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> nn.GroupNorm:

@@ -110,6 +110,7 @@ def add_context(x: jax.Array, frames: Frames) -> jax.Array:
   if frames.context is None:
     return x
   proj = nn.Dense(x.shape[-1], use_bias=False, dtype=x.dtype, param_dtype=jnp.float32,
+                  dot_general=layers.dense_dot_general,
                   kernel_init=layers.param_init(layers.ZEROS, ("conv_in", "conv_out")),
                   name="context_proj")
   return x + proj(frames.context.astype(x.dtype)).reshape(x.shape)

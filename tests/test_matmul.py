@@ -1,0 +1,82 @@
+"""models/matmul.py: dense layers' matmul with the weight gradient as (x^T materialised)
+@ dy. Same values and gradients as `x @ W`; no weight gradient for a frozen kernel; on
+XLA:CPU the compiled weight gradient is a canonical dot (no token-axis contraction left
+for Eigen); other target platforms get `lax.dot_general` untouched."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from videoldm_jax.models import attention, layers
+from videoldm_jax.models.matmul import dense_dot_general, dense_matmul
+
+
+def _xw(seed=0, shape=(2, 48, 24), features=40):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal(shape, np.float32)),
+          jnp.asarray(rng.standard_normal((shape[-1], features), np.float32)))
+
+
+def test_values_and_gradients_match_the_plain_matmul():
+  x, w = _xw()
+  probe = jnp.asarray(np.random.default_rng(1).standard_normal((2, 48, 40), np.float32))
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
+  ours = jax.jit(jax.value_and_grad(loss(dense_matmul), argnums=(0, 1)))(x, w)
+  ref = jax.jit(jax.value_and_grad(loss(lambda x, w: x @ w), argnums=(0, 1)))(x, w)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def _dots(closed_jaxpr) -> int:
+  return str(closed_jaxpr).count("dot_general[")  # nested jaxprs print inline
+
+
+def test_frozen_kernel_gets_no_weight_gradient():
+  x, w = _xw()
+  # Differentiating x only (W closed over, as the frozen image model is): the forward
+  # dot and dx = dy W^T, nothing else. Differentiating W as well adds dW.
+  grad_x = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(dense_matmul(x, w))))(x)
+  grad_xw = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(dense_matmul(x, w)),
+                                    argnums=(0, 1)))(x, w)
+  assert _dots(grad_x) == 2
+  assert _dots(grad_xw) == 3
+
+
+def test_cpu_weight_gradient_is_a_canonical_dot():
+  x, w = _xw(shape=(4, 256, 64), features=128)
+  grad_w = jax.jit(jax.grad(lambda w: jnp.sum(dense_matmul(x, w) ** 2)))
+  hlo = grad_w.lower(w).compile().as_text()
+  # The plain x @ W's dW contracts the token axis (dim 0 of the flattened x); here the
+  # transpose is materialised, so no dot of the module contracts an lhs dim 0.
+  plain = jax.jit(jax.grad(lambda w: jnp.sum((x @ w) ** 2))).lower(w).compile().as_text()
+  token_contraction = re.compile(r"lhs_contracting_dims=\{0\}")
+  assert token_contraction.search(plain), "XLA changed: the plain dW no longer contracts dim 0"
+  assert not token_contraction.search(hlo)
+
+
+def test_dense_layers_use_it_on_cpu_only():
+  module = layers.dense(8, name="proj")
+  x = jnp.ones((3, 5, 4))
+  params = module.init(jax.random.key(0), x)
+  jaxpr = lambda: str(jax.make_jaxpr(lambda p: module.apply(p, x))(params))
+  assert "custom_vjp_call" in jaxpr()
+  try:
+    attention.set_implementation("auto", platform="tpu")
+    assert "custom_vjp_call" not in jaxpr()
+  finally:
+    attention.set_implementation("auto")
+
+
+@pytest.mark.parametrize("x_shape,w_shape,dims", [
+    ((3, 6), (5, 6), (((1,), (1,)), ((), ()))),           # x W^T: not a dense layer's
+    ((3, 4, 5), (3, 5, 6), (((2,), (1,)), ((0,), (0,)))),  # batched
+])
+def test_other_contractions_fall_through(x_shape, w_shape, dims):
+  x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: dense_dot_general(x, w, dims))(x, w))
+  assert "custom_vjp_call" not in jaxpr
+  np.testing.assert_array_equal(np.asarray(dense_dot_general(x, w, dims)),
+                                np.asarray(jax.lax.dot_general(x, w, dims)))
