@@ -2,8 +2,9 @@
 
 `UpsampleConv` (four 2x2 phase convs) against a 3x3 conv of the nearest-2x-upsampled
 input, and `GEGLU` (two kernel halves, erf GELU) against one dense layer split in two with
-`jax.nn.gelu`: same parameters, values and gradients to float32 rounding, with every
-parameter perturbed away from its initialisation.
+`jax.nn.gelu`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one matmul of time-shifted
+inputs) against `nn.Conv`: same parameters, values and gradients to float32 rounding,
+with every parameter perturbed away from its initialisation.
 """
 
 import flax.linen as nn
@@ -12,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from videoldm_jax.models import layers
+from videoldm_jax.models import attention, layers
 from videoldm_jax.models.attention import GEGLU
+from videoldm_jax.models.temporal import TimeOnlyConv, conv3d
 from videoldm_jax.train.flops import model_flops
 
 
@@ -82,3 +84,20 @@ def test_geglu_halves_and_erf_gelu_equal_one_split_dense_layer():
   assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(fast.init(jax.random.key(0), x)))
           == jax.tree_util.tree_map(jnp.shape, params))
   _assert_same_function(fast.apply, reference.apply, x, params)
+
+
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (5, 1, 1)])
+def test_time_only_conv_equals_a_3d_conv(kernel):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 3, 4, 5), np.float32))
+  fast = conv3d(7, kernel, name="conv")
+  try:  # what conv3d builds when compiling for an accelerator
+    attention.set_implementation("auto", platform="tpu")
+    reference = conv3d(7, kernel, name="conv")
+  finally:
+    attention.set_implementation("auto")
+  assert isinstance(fast, TimeOnlyConv) and isinstance(reference, nn.Conv)
+  # Same parameter tree and the same initial values: checkpoints load into either.
+  init = lambda m: nn.unbox(m.init(jax.random.key(0), x))
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)), init(fast), init(reference)))
+  _assert_same_function(fast.apply, reference.apply, x, _perturbed(init(reference)))

@@ -12,7 +12,7 @@ Spatial layers see frames as a batch (B*T, H, W, C); temporal layers reshape to
 """
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import einops
 import flax.linen as nn
@@ -20,8 +20,9 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from videoldm_jax.models import layers
+from videoldm_jax.models import attention, layers
 from videoldm_jax.models.attention import Attention, FeedForward
+from videoldm_jax.models.matmul import dense_matmul
 from videoldm_jax.models.config_base import JsonConfig
 
 
@@ -86,16 +87,54 @@ def _mix_param(module: nn.Module, init: float) -> jax.Array:
                       (1,))
 
 
+class TimeOnlyConv(nn.Module):
+  """A (kt, 1, 1) 3-D convolution on (B, T, H, W, C) with 'same' zero padding, as one
+  dense matmul: the kt time-shifted copies of the input side by side (B, T, H, W, kt*C)
+  times the kernel reshaped to (kt*C, features). The parameters (`kernel`
+  (kt, 1, 1, C, features), `bias`) are those of `nn.Conv`, so checkpoints are shared.
+
+  Why not `nn.Conv`: XLA:CPU runs this conv and its gradients at 33-99 GFLOP/s on our
+  shapes (its weight gradient in Eigen, asynchronously); as a matmul whose weight
+  gradient takes YNNPACK's path (models/matmul.py), forward + both gradients run at
+  52-159 GFLOP/s, 1.4-1.9x (bench/README.md). It costs kt x the input's memory for the
+  backward pass, so `conv3d` picks it only when compiling for a CPU.
+  """
+  features: int
+  kernel_size: tuple[int, int, int]
+  kernel_init: Callable
+  bias_init: Callable
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxHxWxC: jax.Array) -> jax.Array:
+    kt = self.kernel_size[0]
+    channels = x_BxTxHxWxC.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, channels,
+                                                     self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x_BxTxHxWxC, kernel, bias, dtype=self.dtype)
+    frames, pad = x.shape[1], kt // 2
+    x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
+    # Tap i of a cross-correlation reads frame t + i - pad: padded frame t + i.
+    shifted = jnp.concatenate([x[:, i:i + frames] for i in range(kt)], axis=-1)
+    return dense_matmul(shifted, kernel.reshape(kt * channels, self.features)) + bias
+
+
 def conv3d(features: int, kernel: tuple[int, int, int], *, name: str, zero_init: bool = False,
-           dtype=jnp.float32) -> nn.Conv:
-  """3-D convolution on (B, T, H, W, C) with 'same' zero padding."""
-  init = layers.ZEROS if zero_init else layers.FAN_IN_NORMAL
+           init: Optional[layers.Init] = None, dtype=jnp.float32) -> nn.Module:
+  """3-D convolution on (B, T, H, W, C) with 'same' zero padding (`TimeOnlyConv` for a
+  (kt, 1, 1) kernel on CPU, `nn.Conv` otherwise; the same parameters either way). The
+  kernel starts from `init`, else zeros (`zero_init`) or fan-in normal."""
+  init = init or (layers.ZEROS if zero_init else layers.FAN_IN_NORMAL)
+  axes = ("conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")
+  if tuple(kernel[1:]) == (1, 1) and attention.target_platform() == "cpu":
+    return TimeOnlyConv(features, tuple(kernel), layers.param_init(init, axes),
+                        layers.param_init(layers.ZEROS, ("conv_out",)), dtype=dtype,
+                        name=name)
   return nn.Conv(
       features, kernel, padding=tuple((k // 2, k // 2) for k in kernel), dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=layers.param_init(
-          init, ("conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")),
-      bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
+      kernel_init=layers.param_init(init, axes), bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
 
 
 def add_context(x: jax.Array, frames: Frames) -> jax.Array:

@@ -33,7 +33,7 @@ import numpy as np
 from videoldm_jax.models import layers
 from videoldm_jax.models.attention import dot_product_attention
 from videoldm_jax.models.config_base import JsonConfig
-from videoldm_jax.models.temporal import Frames
+from videoldm_jax.models.temporal import Frames, conv3d
 from videoldm_jax.models.unet import ResBlock
 
 
@@ -116,17 +116,6 @@ class _DiracInit(layers.Init):
     return jnp.asarray(self.host(None, shape), dtype)
 
 
-def _conv3d(features: int, kernel: tuple[int, int, int], init: layers.Init, *, name: str,
-            dtype) -> nn.Conv:
-  """3-D conv on (B, T, H, W, C) with 'same' zero padding (of the time axis too)."""
-  return nn.Conv(
-      features, tuple(kernel), padding=tuple((k // 2, k // 2) for k in kernel), dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=layers.param_init(
-          init, ("conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")),
-      bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
-
-
 def _mix_param(module: nn.Module, init: float) -> jax.Array:
   return module.param("mix_factor", layers.param_init(layers.Init("constant", init), (None,)),
                       (1,))
@@ -150,9 +139,9 @@ class TemporalResBlock3D(nn.Module):
     v = einops.rearrange(x, "(b t) h w c -> b t h w c", t=frames.num_frames)
     gn = lambda name: layers.group_norm(self.norm_num_groups, _EPS, name=name,
                                         dtype=self.dtype)
-    h = _conv3d(channels, c.conv_kernel, layers.FAN_IN_NORMAL, name="conv1",
-                dtype=self.dtype)(nn.silu(gn("norm1")(v)))
-    h = _conv3d(channels, c.conv_kernel, layers.ZEROS, name="conv2", dtype=self.dtype)(
+    h = conv3d(channels, c.conv_kernel, init=layers.FAN_IN_NORMAL, name="conv1",
+               dtype=self.dtype)(nn.silu(gn("norm1")(v)))
+    h = conv3d(channels, c.conv_kernel, init=layers.ZEROS, name="conv2", dtype=self.dtype)(
         nn.silu(gn("norm2")(h)))
     x_temporal = einops.rearrange(v + h, "b t h w c -> (b t) h w c")
     return mix_temporal(x, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
@@ -171,8 +160,8 @@ class TemporalConvOut(nn.Module):
   def __call__(self, x: jax.Array, frames: Frames) -> jax.Array:
     c = self.config
     v = einops.rearrange(x, "(b t) h w c -> b t h w c", t=frames.num_frames)
-    y = _conv3d(x.shape[-1], c.out_conv_kernel, _DiracInit(), name="conv",
-                dtype=self.dtype)(v)
+    y = conv3d(x.shape[-1], c.out_conv_kernel, init=_DiracInit(), name="conv",
+               dtype=self.dtype)(v)
     x_temporal = einops.rearrange(y, "b t h w c -> (b t) h w c")
     return mix_temporal(x, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
 
