@@ -28,8 +28,9 @@ import jax.numpy as jnp
 
 # Logits per query block: 256K floats (1 MB; each of the two threads' half is one Zen 2
 # core's 512 KB L2). On the idle 2-core EPYC the attention of (32 heads, 1024 x 1024,
-# d 32) took forward + backward 254 / 256 / 244 ms with blocks of 128 / 256 / 1024 queries, the plain formula 461 ms; blocks of
-# 1 MB keep the working set in cache for longer sequences too (bench/README.md).
+# d 32) took forward + backward 254 / 256 / 244 ms with blocks of 128 / 256 / 1024
+# queries, the plain formula 461 ms; blocks of 1 MB keep the working set in cache for
+# longer sequences too (bench/README.md).
 BLOCK_ELEMENTS = 256 * 1024
 
 # The smallest attention (queries x keys per head) worth the blocked path. With the

@@ -11,8 +11,8 @@ back into the dot) makes it a canonical dot that YNNPACK takes: 86-156 GFLOP/s o
 same shapes, the transpose included (bench/README.md).
 
 Only the backward pass changes, and only its weight gradient: the forward and dx are
-the plain dot, so values and gradients are those of `x @ W` (the same products summed
-in the same order within XLA's float32 dot; tests/test_matmul.py). On other platforms
+the plain dots, so values are those of `x @ W` and gradients equal its gradients to
+float32 rounding (tests/test_matmul.py). On other platforms
 (GPU / TPU), whose matmul units take transposed operands natively, dense layers use
 `lax.dot_general` unchanged.
 """

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from videoldm_jax.models import attention, layers
 from videoldm_jax.models.attention import Attention, FeedForward
-from videoldm_jax.models.matmul import dense_matmul
 from videoldm_jax.models.config_base import JsonConfig
+from videoldm_jax.models.matmul import dense_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,8 @@ def conv3d(features: int, kernel: tuple[int, int, int], *, name: str, zero_init:
   """3-D convolution on (B, T, H, W, C) with 'same' zero padding (`TimeOnlyConv` for a
   (kt, 1, 1) kernel on CPU, `nn.Conv` otherwise; the same parameters either way). The
   kernel starts from `init`, else zeros (`zero_init`) or fan-in normal."""
-  init = init or (layers.ZEROS if zero_init else layers.FAN_IN_NORMAL)
+  if init is None:
+    init = layers.ZEROS if zero_init else layers.FAN_IN_NORMAL
   axes = ("conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")
   if tuple(kernel[1:]) == (1, 1) and attention.target_platform() == "cpu":
     return TimeOnlyConv(features, tuple(kernel), layers.param_init(init, axes),
@@ -134,7 +135,8 @@ def conv3d(features: int, kernel: tuple[int, int, int], *, name: str, zero_init:
   return nn.Conv(
       features, kernel, padding=tuple((k // 2, k // 2) for k in kernel), dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=layers.param_init(init, axes), bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
+      kernel_init=layers.param_init(init, axes),
+      bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
 
 
 def add_context(x: jax.Array, frames: Frames) -> jax.Array:
