@@ -29,6 +29,7 @@ EXTRAS = {
     # unpinned torch pulls a multi-GB CUDA build.
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3",  # launch/test.sh runs the suite on two workers
         "torch==2.13.0",
         "diffusers==0.42.1",
         "transformers>=5.0,<6",

@@ -9,8 +9,9 @@ no synchronous op covers, then the timeline: how long 0, 1, 2, ... ops were in f
 and, for each idle gap, the category of the op before it. On XLA:CPU the convolutions
 and the dots that YNNPACK does not take (weight gradients x^T dy) run asynchronously on
 Eigen's pool and their trace events time only the launch, so the gaps after them are
-their run time. The numbers behind bench/README.md's profiling notes. The trace is
-deleted afterwards unless --trace_dir names where to keep it.
+their run time. Last, one line per model part (Flax module path, forward or backward):
+its ops' time plus the idle gaps after them. The numbers behind bench/README.md's
+profiling notes. The trace is deleted afterwards unless --trace_dir names where to keep it.
 
   JAX_PLATFORMS=cpu python -m bench.profile_step --workload=W2 --stage=keyframe \
       --mode=full --top=25
@@ -72,6 +73,25 @@ def hlo_index(hlo_text: str) -> dict:
   return index
 
 
+_MODULE = re.compile(r"[A-Za-z_]\w*")
+# Names of control flow and transformations in an op_name path, not Flax modules.
+_NOT_MODULES = {"while", "body", "cond", "scan", "map", "checkpoint", "remat", "pjit",
+                "closed_call", "custom_vjp_call", "custom_jvp_call"}
+
+
+def scope_of(op_name: str, depth: int = 4) -> str:
+  """The model part an op belongs to, from the `op_name` XLA recorded:
+  'fwd:down_blocks_0/attentions/transformer_blocks/attn1' for an op of the forward pass
+  under that Flax module path ('bwd:' under a `transpose(...)`, i.e. the backward pass),
+  at most `depth` modules deep. Index suffixes below the UNet level are dropped so that
+  the two ResBlocks of a level count as one part; the level's index stays."""
+  parts = op_name.split("/")
+  direction = "bwd" if any(p.startswith("transpose(") for p in parts) else "fwd"
+  modules = [p for p in parts[1:-1] if _MODULE.fullmatch(p) and p not in _NOT_MODULES]
+  modules = [m if i == 0 else re.sub(r"_\d+$", "", m) for i, m in enumerate(modules)]
+  return f"{direction}:{'/'.join(modules[:depth]) or '(top)'}"
+
+
 def op_events(trace_dir: Path, names) -> list:
   """[(start ns, end ns, name)] of every event of the trace's host planes whose name is
   in `names` (the HLO instructions), sorted by start."""
@@ -119,6 +139,8 @@ def main():
   parser.add_argument("--mode", default="temporal")
   parser.add_argument("--steps", type=int, default=3, help="traced steps")
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--scope_depth", type=int, default=4,
+                      help="Flax module levels per profile_scope line")
   parser.add_argument("--trace_dir", default="", help="keep the trace here (TensorBoard)")
   args = parser.parse_args()
 
@@ -169,6 +191,20 @@ def main():
                 str(k): 1e3 * v / args.steps for k, v in in_flight.items()},
             idle_gap_ms_per_step_after={
                 k: 1e3 * v / args.steps for k, v in gaps.most_common()}))
+  # The same time by model part: each part's op time plus the idle gaps that follow its
+  # ops (its asynchronous convs and dots still running), so the parts add up to about
+  # the wall time.
+  scope = lambda name: scope_of(index[name][3], args.scope_depth)
+  _, scope_gaps = timeline(events, scope)
+  by_scope: collections.Counter = collections.Counter()
+  for name, seconds in totals.items():
+    by_scope[scope(name)] += seconds
+  for part in sorted(set(by_scope) | set(scope_gaps),
+                     key=lambda k: -(by_scope[k] + scope_gaps[k]))[:args.top]:
+    emit(dict(bench="profile_scope", **case_id, scope=part,
+              ms_per_step=1e3 * (by_scope[part] + scope_gaps[part]) / args.steps,
+              op_ms_per_step=1e3 * by_scope[part] / args.steps,
+              gap_ms_per_step=1e3 * scope_gaps[part] / args.steps))
 
 if __name__ == "__main__":
   main()

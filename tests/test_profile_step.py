@@ -8,7 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.profile_step import hlo_index, op_events, timeline
+from bench.profile_step import hlo_index, op_events, scope_of, timeline
 
 
 def test_trace_ops_map_to_hlo(tmp_path):
@@ -46,3 +46,16 @@ def test_timeline_counts_overlap_and_idle_gaps():
   in_flight, gaps = timeline(events, kind.get)
   assert {k: round(v * 1e3, 6) for k, v in in_flight.items()} == {0: 5.05, 1: 20.95, 2: 5.0}
   assert {k: round(v * 1e3, 6) for k, v in gaps.items()} == {"convolution": 5.0}
+
+
+def test_scope_of_names_the_model_part_and_the_pass():
+  # op_name paths as XLA records them for a Flax model under jax.grad (the backward pass
+  # is under transpose(jvp(...))); control flow of the blocked attention's loop is no
+  # module, and the indices of a level's layers are dropped, the level's own kept.
+  fwd = "jit(step)/jvp(VideoUNet)/down_blocks_0/attentions_1/transformer_blocks_0/attn1/dot_general"
+  bwd = ("jit(step)/transpose(jvp(VideoUNet))/down_blocks_0/attentions_0/transformer_blocks_0"
+         "/attn1/while/body/dot_general")
+  assert scope_of(fwd) == "fwd:down_blocks_0/attentions/transformer_blocks/attn1"
+  assert scope_of(bwd) == "bwd:down_blocks_0/attentions/transformer_blocks/attn1"
+  assert scope_of(bwd, depth=2) == "bwd:down_blocks_0/attentions"
+  assert scope_of("jit(step)/add") == "fwd:(top)"

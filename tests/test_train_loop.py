@@ -14,8 +14,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-STEPS = 12
-FLAGS = [f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=2",
+# Checkpoints every 3 steps (each Orbax save of the tiny state takes ~2 s here, so not
+# more often): killed after the first (3), stopped after the second (6), resumed to 12.
+# The margin matters: a save waits for the previous one, so by the time checkpoint 6
+# is on disk the run may be at the save of step 9, which must not be its last.
+STEPS, EVERY = 12, 3
+FLAGS = [f"--config.train.num_steps={STEPS}", f"--config.train.ckpt_every={EVERY}",
          "--config.train.log_every=1", "--config.train.export=false",
          "--config.data.num_frames=4", "--config.data.height=16", "--config.data.width=16",
          "--config.sample.every=0"]
@@ -77,18 +81,18 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
                                                              tmp_path):
   rng = np.random.default_rng(int(time.time()))
   proc = _start(tmp_path, image_model)
-  _wait_for_checkpoint(proc, tmp_path, 2)
+  _wait_for_checkpoint(proc, tmp_path, EVERY)
   time.sleep(rng.uniform(0.0, 1.0))  # a random point after the first checkpoint
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   # Resume; then a SIGTERM makes it save where it is and exit cleanly.
   proc = _start(tmp_path, image_model)
-  _wait_for_checkpoint(proc, tmp_path, 4)
+  _wait_for_checkpoint(proc, tmp_path, 2 * EVERY)
   proc.send_signal(signal.SIGTERM)
   out = _finish(proc)
   assert "stop requested" in out, out[-2000:]
   stopped = int(out.split("stop requested (signal): saved step ")[1].split(",")[0])
-  assert 4 <= stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+  assert 2 * EVERY <= stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
   # Resume to the end.
   out = _finish(_start(tmp_path, image_model))
   assert "resumed from" in out

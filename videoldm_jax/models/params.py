@@ -7,6 +7,7 @@ UNet. The values depend only on the seed and the path, not on the mesh, the numb
 hosts or the order in which modules were created.
 """
 
+import collections
 import zlib
 from typing import Any, Callable, Optional
 
@@ -18,8 +19,35 @@ from flax import traverse_util
 from videoldm_jax.models.layers import InitPartitioned
 
 
+# Tracing `module.init` takes ~1 s for a small video UNet, and set-up asks for the same
+# tree several times (shapes, logical axes, host init; the trainer 7 times per start).
+# The boxed tree is immutable, so it is kept per (module, method, input shapes).
+_ABSTRACT_CACHE: collections.OrderedDict = collections.OrderedDict()
+_ABSTRACT_CACHE_SIZE = 16
+
+
+def _cache_key(module: nn.Module, inputs, method):
+  leaves, treedef = jax.tree_util.tree_flatten(inputs)
+  spec = tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") and hasattr(x, "dtype")
+               else x for x in leaves)
+  key = (module, method, treedef, spec)
+  try:
+    hash(key)
+  except TypeError:  # an unhashable module field or input: trace every time
+    return None
+  return key
+
+
 def _boxed_abstract(module: nn.Module, *inputs, method=None) -> dict[str, Any]:
+  key = _cache_key(module, inputs, method)
+  if key is not None and key in _ABSTRACT_CACHE:
+    _ABSTRACT_CACHE.move_to_end(key)
+    return _ABSTRACT_CACHE[key]
   variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, method=method))
+  if key is not None:
+    _ABSTRACT_CACHE[key] = variables["params"]
+    while len(_ABSTRACT_CACHE) > _ABSTRACT_CACHE_SIZE:
+      _ABSTRACT_CACHE.popitem(last=False)
   return variables["params"]
 
 
