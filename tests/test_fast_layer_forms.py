@@ -3,7 +3,7 @@
 `UpsampleConv` (four 2x2 phase convs) against a 3x3 conv of the nearest-2x-upsampled
 input, and `GEGLU` (two kernel halves, erf GELU) against one dense layer split in two with
 `jax.nn.gelu`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one matmul of time-shifted
-inputs) and `PointwiseConv` (a 1x1 conv as a matmul) against `nn.Conv`: same parameters, values and gradients to float32 rounding,
+inputs) against `nn.Conv`: same parameters, values and gradients to float32 rounding,
 with every parameter perturbed away from its initialisation.
 """
 
@@ -100,23 +100,4 @@ def test_time_only_conv_equals_a_3d_conv(kernel):
   init = lambda m: nn.unbox(m.init(jax.random.key(0), x))
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(
       lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)), init(fast), init(reference)))
-  _assert_same_function(fast.apply, reference.apply, x, _perturbed(init(reference)))
-
-
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_pointwise_conv_equals_a_1x1_conv(use_bias):
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 3, 6), np.float32))
-  fast = layers.conv2d(4, 1, name="conv", use_bias=use_bias)
-  try:  # what conv2d builds when compiling for an accelerator
-    attention.set_implementation("auto", platform="tpu")
-    reference = layers.conv2d(4, 1, name="conv", use_bias=use_bias)
-  finally:
-    attention.set_implementation("auto")
-  assert isinstance(fast, layers.PointwiseConv) and isinstance(reference, nn.Conv)
-  assert isinstance(layers.conv2d(4, 3, name="conv"), nn.Conv)  # only 1x1 changes
-  init = lambda m: nn.unbox(m.init(jax.random.key(0), x))
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
-      lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)), init(fast), init(reference)))
-  assert (jax.tree_util.tree_structure(init(fast))
-          == jax.tree_util.tree_structure(init(reference)))
   _assert_same_function(fast.apply, reference.apply, x, _perturbed(init(reference)))

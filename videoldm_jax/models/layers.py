@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 from flax.linen import spmd
 
-from videoldm_jax.models.matmul import compiling_for_cpu, dense_dot_general, dense_matmul
+from videoldm_jax.models.matmul import dense_dot_general
 
 Axes = tuple[str | None, ...]
 
@@ -80,42 +80,16 @@ ZEROS, ONES = Init("constant", 0.0), Init("constant", 1.0)
 CONV2D_AXES = ("conv_kh", "conv_kw", "conv_in", "conv_out")  # a 2-D conv kernel (HWIO)
 
 
-class PointwiseConv(nn.Module):
-  """A 1x1 convolution (B, H, W, C) -> (B, H, W, features) as a dense matmul over the
-  channels, with `nn.Conv`'s parameters (`kernel` (1, 1, C, features), `bias`), so
-  checkpoints are shared. On XLA:CPU the matmul and its gradients take YNNPACK's dot
-  path (models/matmul.py) instead of Eigen's convolution; `conv2d` picks it only when
-  compiling for a CPU."""
-  features: int
-  use_bias: bool = True
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    channels = x_BxHxWxC.shape[-1]
-    kernel = self.param("kernel", param_init(FAN_IN_NORMAL, CONV2D_AXES),
-                        (1, 1, channels, self.features), jnp.float32)
-    bias = (self.param("bias", param_init(ZEROS, ("conv_out",)), (self.features,),
-                       jnp.float32) if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
-    y = dense_matmul(x, kernel.reshape(channels, self.features))
-    return y if bias is None else y + bias
-
-
 def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
-           *, name: str, dtype=jnp.float32, use_bias: bool = True) -> nn.Module:
+           *, name: str, dtype=jnp.float32, use_bias: bool = True) -> nn.Conv:
   """2-D convolution on (B, H, W, C) -> (B, H', W', features).
 
   padding "SAME_1" is symmetric zero padding of kernel // 2, as PyTorch's
   `padding=kernel // 2`; pass explicit pairs for the asymmetric VAE downsampler.
-  A 1x1 stride-1 conv is a `PointwiseConv` when compiling for a CPU (same parameters).
   """
   if padding == "SAME_1":
     p = kernel // 2
     padding = ((p, p), (p, p))
-  if kernel == 1 and stride == 1 and tuple(map(tuple, padding)) == ((0, 0), (0, 0)) \
-      and compiling_for_cpu():
-    return PointwiseConv(features, use_bias=use_bias, dtype=dtype, name=name)
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=padding,
       use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,

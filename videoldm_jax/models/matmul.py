@@ -55,21 +55,15 @@ def _bwd(residuals, dy):
 dense_matmul.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
-def compiling_for_cpu() -> bool:
-  """Whether the model being traced is compiled for XLA:CPU (`attention.target_platform`,
-  which `videoldm-compile` may set to a TPU on a CPU host)."""
-  from videoldm_jax.models import attention  # imported here: attention imports layers
-
-  return attention.target_platform() == "cpu"
-
-
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None, **kwargs):
   """`lax.dot_general` for `nn.Dense(dot_general=...)`: the dense contraction (last
   axis of x with the first of a 2-D kernel) goes through `dense_matmul` when compiling
   for a CPU; anything else, or any other platform, is `lax.dot_general` itself."""
+  from videoldm_jax.models import attention  # the target platform lives there
+
   dense = (((lhs.ndim - 1,), (0,)), ((), ()))
-  if (compiling_for_cpu() and rhs.ndim == 2 and precision is None
+  if (attention.target_platform() == "cpu" and rhs.ndim == 2 and precision is None
       and preferred_element_type is None and not kwargs
       and tuple(map(tuple, dimension_numbers[0])) == dense[0]
       and tuple(map(tuple, dimension_numbers[1])) == dense[1]):
