@@ -1,0 +1,32 @@
+"""The abstract parameter tree is traced once per (module, input shapes) and reused."""
+
+import jax
+import jax.numpy as jnp
+
+from videoldm_jax.models import params as params_lib
+from videoldm_jax.models.unet import UNet, UNetConfig
+
+
+def _unet(width: int) -> UNet:
+  return UNet(UNetConfig(block_out_channels=(width,), layers_per_block=1,
+                         attention_levels=(False,), num_heads=(1,), cross_attention_dim=8,
+                         norm_num_groups=8))
+
+
+def test_abstract_tree_is_traced_once_per_module_and_shapes(monkeypatch):
+  traced = []
+  real = jax.eval_shape
+  monkeypatch.setattr(params_lib.jax, "eval_shape", lambda f: traced.append(1) or real(f))
+  params_lib._ABSTRACT_CACHE.clear()
+  x, t, ctx = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 1, 8))
+  first = params_lib.abstract_params(_unet(16), x, t, ctx)
+  # An equal module with inputs of the same shapes (a ShapeDtypeStruct is as good as an
+  # array): the cached tree, and the axes come from it too.
+  again = params_lib.abstract_params(_unet(16), jax.ShapeDtypeStruct(x.shape, x.dtype), t, ctx)
+  params_lib.logical_axes(_unet(16), x, t, ctx)
+  assert len(traced) == 1 and again == first
+  # Another width or another input shape is traced anew and has its own shapes.
+  wider = params_lib.abstract_params(_unet(32), x, t, ctx)
+  params_lib.abstract_params(_unet(16), jnp.zeros((1, 16, 16, 4)), t, ctx)
+  assert len(traced) == 3
+  assert wider["conv_in"]["kernel"].shape == (3, 3, 4, 32) != first["conv_in"]["kernel"].shape
