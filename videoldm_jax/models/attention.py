@@ -142,7 +142,10 @@ class FeedForward(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     h = GEGLU(self.mult * width, dtype=self.dtype, name="net_0")(x)
-    return layers.dense(width, ("mlp", "embed"), name="net_2", dtype=self.dtype)(h)
+    # h is GEGLU's product of two (B, L, inner) arrays, which XLA fuses into dW's
+    # transpose: the chunked weight gradient keeps that transpose in cache.
+    return layers.dense(width, ("mlp", "embed"), name="net_2", dtype=self.dtype,
+                        weight_grad="chunked")(h)
 
 
 class BasicTransformerBlock(nn.Module):

@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 from flax.linen import spmd
 
-from videoldm_jax.models.matmul import dense_dot_general
+from videoldm_jax.models.matmul import dense_dot_general, dense_dot_general_chunked
 
 Axes = tuple[str | None, ...]
 
@@ -99,13 +99,18 @@ def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
 
 
 def dense(features: int, axes: Axes = ("embed", "mlp"), *, name: str,
-          use_bias: bool = True, dtype=jnp.float32) -> nn.Dense:
-  """Dense layer on (..., C_in) -> (..., features); `axes` names (C_in, features)."""
+          use_bias: bool = True, dtype=jnp.float32,
+          weight_grad: str = "transposed") -> nn.Dense:
+  """Dense layer on (..., C_in) -> (..., features); `axes` names (C_in, features).
+  `weight_grad="chunked"` for inputs that are products of large arrays (see
+  models/matmul.py; values and gradients are the same either way)."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=param_init(FAN_IN_NORMAL, axes),
       bias_init=param_init(ZEROS, (axes[1],)),
-      dot_general=dense_dot_general,  # XLA:CPU's fast weight gradient (models/matmul.py)
+      # XLA:CPU's fast weight gradient (models/matmul.py)
+      dot_general={"transposed": dense_dot_general,
+                   "chunked": dense_dot_general_chunked}[weight_grad],
       name=name)
 
 

@@ -10,12 +10,22 @@ Materialising x^T first (an optimisation barrier stops XLA from folding the tran
 back into the dot) makes it a canonical dot that YNNPACK takes: 86-156 GFLOP/s on the
 same shapes, the transpose included (bench/README.md).
 
+That transpose is only fast when it reads one large array. When x is a product of two
+large arrays (GEGLU's h * gelu(gate) before the feed-forward's out-projection), XLA
+fuses the product into the transpose, whose loop then reads both with a stride of a
+whole row and stalls: 40-73 ms per (8192, 512) in the W2 step, against ~3 ms to
+transpose one materialised array. `dense_matmul_chunked` computes dW over row chunks of
+~1 MB, dW = sum_c x_c^T dy_c, so each fused transpose works on what fits in cache
+(`weight_grad="chunked"` in `layers.dense`).
+
 Only the backward pass changes, and only its weight gradient: the forward and dx are
 the plain dots, so values are those of `x @ W` and gradients equal its gradients to
 float32 rounding (tests/test_matmul.py). On other platforms
 (GPU / TPU), whose matmul units take transposed operands natively, dense layers use
 `lax.dot_general` unchanged.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +37,46 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-@jax.custom_vjp
-def dense_matmul(x_NxA: jax.Array, w_AxB: jax.Array) -> jax.Array:
-  """x (..., a) @ W (a, b) -> (..., b), with dW computed as (materialised x^T) @ dy."""
-  return _matmul(x_NxA, w_AxB)
+def _weight_grad_transposed(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
+  """x^T dy (A, B) with x^T materialised: one canonical (A, N) x (N, B) dot."""
+  return _matmul(lax.optimization_barrier(x_NxA.T), dy_NxB)
+
+
+# Elements of x per chunk of the chunked weight gradient: 256K floats (1 MB), so the
+# chunk of each operand the fused transpose reads fits a core's L2 with room to spare.
+# Alone, with x a product (x + b) * y of two arrays, GFLOP/s: (16384, 256) x 64,
+# (8192, 512) x 128, (2048, 1024) x 256: one fused transpose then a dot 11, 34, 42;
+# chunks of 1024 rows 43, 55, 62. Chunks of 64K / 128K / 256K / 512K elements (each
+# chunk's dot left to Eigen) 48 / 44 / 47 / 43, 66 / 61 / 59 / 58, 20 / 49 / 57 / 57.
+CHUNK_ELEMENTS = 256 * 1024
+# Fewer rows than this make each chunk's dot too thin (K = 64 ran at 20 GFLOP/s above).
+MIN_CHUNK_ROWS = 256
+
+
+def chunk_rows(num_rows: int, width: int) -> int:
+  """Rows per chunk: the largest divisor of num_rows with rows x width <=
+  CHUNK_ELEMENTS, or num_rows itself (one chunk) when that divisor is below
+  MIN_CHUNK_ROWS."""
+  target = max(1, CHUNK_ELEMENTS // max(width, 1))
+  for rows in range(min(target, num_rows), MIN_CHUNK_ROWS - 1, -1):
+    if num_rows % rows == 0:
+      return rows
+  return num_rows
+
+
+def _weight_grad_chunked(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
+  """x^T dy (A, B) as the sum over row chunks c of x_c^T dy_c (see the module
+  docstring); the transposed variant when there would be one chunk."""
+  (n, a), b = x_NxA.shape, dy_NxB.shape[1]
+  rows = chunk_rows(n, a)
+  if rows == n:
+    return _weight_grad_transposed(x_NxA, dy_NxB)
+
+  def add_chunk(acc, chunk):
+    return acc + _weight_grad_transposed(*chunk), None
+
+  chunks = (x_NxA.reshape(n // rows, rows, a), dy_NxB.reshape(n // rows, rows, b))
+  return lax.scan(add_chunk, jnp.zeros((a, b), jnp.result_type(x_NxA, dy_NxB)), chunks)[0]
 
 
 def _fwd(x, w):
@@ -40,26 +86,41 @@ def _fwd(x, w):
   return y, (w.value, x.value if w.perturbed else None)
 
 
-def _bwd(residuals, dy):
+def _bwd(weight_grad, residuals, dy):
   w, x = residuals
   if isinstance(dy, SymbolicZero):
     return None, None
   dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
   if x is None:
     return dx, None
-  x_t = lax.optimization_barrier(jnp.reshape(x, (-1, x.shape[-1])).T)  # (a, N)
-  dw = _matmul(x_t, jnp.reshape(dy, (-1, dy.shape[-1])))
+  dw = weight_grad(jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1])))
   return dx, dw.astype(w.dtype)
 
 
-dense_matmul.defvjp(_fwd, _bwd, symbolic_zeros=True)
+def _with_weight_grad(weight_grad):
+  @jax.custom_vjp
+  def matmul(x_NxA: jax.Array, w_AxB: jax.Array) -> jax.Array:
+    return _matmul(x_NxA, w_AxB)
+
+  matmul.defvjp(_fwd, functools.partial(_bwd, weight_grad), symbolic_zeros=True)
+  return matmul
+
+
+dense_matmul = _with_weight_grad(_weight_grad_transposed)
+dense_matmul.__doc__ = """x (..., a) @ W (a, b) -> (..., b), with dW = (materialised x^T) @ dy."""
+dense_matmul_chunked = _with_weight_grad(_weight_grad_chunked)
+dense_matmul_chunked.__doc__ = """x (..., a) @ W (a, b) -> (..., b), with dW summed over
+row chunks of x (for x a fused product of large arrays; module docstring)."""
+WEIGHT_GRADS = {"transposed": dense_matmul, "chunked": dense_matmul_chunked}
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                      preferred_element_type=None, **kwargs):
+                      preferred_element_type=None, weight_grad: str = "transposed",
+                      **kwargs):
   """`lax.dot_general` for `nn.Dense(dot_general=...)`: the dense contraction (last
-  axis of x with the first of a 2-D kernel) goes through `dense_matmul` when compiling
-  for a CPU; anything else, or any other platform, is `lax.dot_general` itself."""
+  axis of x with the first of a 2-D kernel) goes through `WEIGHT_GRADS[weight_grad]`
+  when compiling for a CPU; anything else, or any other platform, is `lax.dot_general`
+  itself."""
   from videoldm_jax.models import attention  # the target platform lives there
 
   dense = (((lhs.ndim - 1,), (0,)), ((), ()))
@@ -67,6 +128,11 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
       and preferred_element_type is None and not kwargs
       and tuple(map(tuple, dimension_numbers[0])) == dense[0]
       and tuple(map(tuple, dimension_numbers[1])) == dense[1]):
-    return dense_matmul(lhs, rhs)
+    return WEIGHT_GRADS[weight_grad](lhs, rhs)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type, **kwargs)
+
+
+# For `nn.Dense(dot_general=...)` on inputs that are products of large arrays; one
+# object, so modules using it compare equal (models/params.py memoises on modules).
+dense_dot_general_chunked = functools.partial(dense_dot_general, weight_grad="chunked")

@@ -1,0 +1,116 @@
+"""A/B of two code variants of one train step, compiled in one process and timed
+interleaved, so that both see the same machine: on the shared 2-core host the same
+step's time drifts by 10-20% between runs minutes apart (bench/README.md), which hides
+any change smaller than that when each variant runs in its own process.
+
+Both steps are compiled, warmed up, then timed in `--rounds` rounds; each round times
+`--steps` steps of each variant, in the order AB, BA, AB, ... One JSON line: each
+variant's median step time, the median of the per-round ratios B / A, and every time.
+
+  JAX_PLATFORMS=cpu python -m bench.ab_step --workload=W2 --mode=temporal \
+      --a=ffn_weight_grad=transposed --b=default
+
+Variants (`VARIANTS`) switch what a model reads when it is traced.
+"""
+
+import argparse
+import contextlib
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import workloads  # noqa: E402
+from bench.common import emit  # noqa: E402
+from bench.train_step import compile_step  # noqa: E402
+from videoldm_jax.models import attention, matmul  # noqa: E402
+
+
+@contextlib.contextmanager
+def _attention(name: str):
+  before = attention.implementation()
+  attention.set_implementation(name)
+  try:
+    yield
+  finally:
+    attention.set_implementation(*before)
+
+
+@contextlib.contextmanager
+def _weight_grad(kind: str, fn):
+  before = matmul.WEIGHT_GRADS[kind]
+  matmul.WEIGHT_GRADS[kind] = fn
+  try:
+    yield
+  finally:
+    matmul.WEIGHT_GRADS[kind] = before
+
+
+# name -> a context manager factory; the step is traced inside it.
+VARIANTS = {
+    "default": contextlib.nullcontext,
+    "attention=plain": lambda: _attention("plain"),
+    # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
+    "ffn_weight_grad=transposed": lambda: _weight_grad("chunked", matmul.dense_matmul),
+}
+
+
+def interleaved_times(run_a, run_b, rounds: int, steps: int) -> tuple[list, list]:
+  """Per-round median seconds of `run_a()` and `run_b()` (each blocks until done),
+  `steps` calls of each per round, alternating which goes first."""
+  per_round = ([], [])
+  for r in range(rounds):
+    order = (0, 1) if r % 2 == 0 else (1, 0)
+    for i in order:
+      fn = (run_a, run_b)[i]
+      times = []
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+      per_round[i].append(float(np.median(times)))
+  return per_round
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workload", default="W2")
+  parser.add_argument("--stage", default="keyframe")
+  parser.add_argument("--mode", default="temporal")
+  parser.add_argument("--a", default="default", choices=sorted(VARIANTS))
+  parser.add_argument("--b", default="default", choices=sorted(VARIANTS))
+  parser.add_argument("--rounds", type=int, default=6)
+  parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+  parser.add_argument("--warmup", type=int, default=2)
+  args = parser.parse_args()
+
+  runners = []
+  for name in (args.a, args.b):
+    with VARIANTS[name]():
+      case = workloads.build(args.workload, args.stage, args.mode)
+      compiled, _, state, batch, _, compile_s = compile_step(case)
+    holder = {"state": state}
+
+    def run(compiled=compiled, holder=holder, batch=batch):
+      holder["state"], metrics = compiled(holder["state"], batch)
+      jax.block_until_ready(holder["state"])
+      return metrics
+
+    for _ in range(args.warmup):
+      run()
+    runners.append(run)
+  times_a, times_b = interleaved_times(*runners, rounds=args.rounds, steps=args.steps)
+  ratios = [b / a for a, b in zip(times_a, times_b)]
+  emit(dict(bench="ab_step", workload=args.workload, stage=args.stage, mode=args.mode,
+            a=args.a, b=args.b, a_step_s=float(np.median(times_a)),
+            b_step_s=float(np.median(times_b)), b_over_a=float(np.median(ratios)),
+            b_over_a_min=float(min(ratios)), b_over_a_max=float(max(ratios)),
+            a_round_s=times_a, b_round_s=times_b, rounds=args.rounds, steps=args.steps,
+            jax=jax.__version__, cpus=os.cpu_count()))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,26 @@
+"""bench/ab_step.py: the interleaving alternates which variant goes first and times each
+variant's own calls; every variant switch is undone when its step has been traced."""
+
+from bench import ab_step
+from videoldm_jax.models import attention, matmul
+
+
+def test_interleaved_times_alternate_and_time_each_variant():
+  calls = []
+  run_a = lambda: calls.append("a")
+  run_b = lambda: calls.append("b")
+  times_a, times_b = ab_step.interleaved_times(run_a, run_b, rounds=3, steps=2)
+  assert calls == list("aabb" "bbaa" "aabb")
+  assert len(times_a) == len(times_b) == 3
+  assert all(t >= 0 for t in times_a + times_b)
+
+
+def test_variants_restore_what_they_switch():
+  before = (attention.implementation(), dict(matmul.WEIGHT_GRADS))
+  for name, variant in ab_step.VARIANTS.items():
+    with variant():
+      if name == "attention=plain":
+        assert attention.implementation()[0] == "plain"
+      if name == "ffn_weight_grad=transposed":
+        assert matmul.WEIGHT_GRADS["chunked"] is matmul.dense_matmul
+    assert (attention.implementation(), dict(matmul.WEIGHT_GRADS)) == before, name
