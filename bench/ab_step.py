@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
-from bench.common import emit  # noqa: E402
+from bench.common import emit, peak_host_rss_bytes  # noqa: E402
 from bench.train_step import compile_step  # noqa: E402
 from videoldm_jax.models import attention, matmul  # noqa: E402
 
@@ -87,11 +87,12 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
 
-  runners = []
+  runners, compile_s = [], []
   for name in (args.a, args.b):
     with VARIANTS[name]():
       case = workloads.build(args.workload, args.stage, args.mode)
-      compiled, _, state, batch, _, compile_s = compile_step(case)
+      compiled, _, state, batch, _, seconds = compile_step(case)
+    compile_s.append(seconds)
     holder = {"state": state}
 
     def run(compiled=compiled, holder=holder, batch=batch):
@@ -109,7 +110,9 @@ def main():
             b_step_s=float(np.median(times_b)), b_over_a=float(np.median(ratios)),
             b_over_a_min=float(min(ratios)), b_over_a_max=float(max(ratios)),
             a_round_s=times_a, b_round_s=times_b, rounds=args.rounds, steps=args.steps,
-            jax=jax.__version__, cpus=os.cpu_count()))
+            a_compile_s=compile_s[0], b_compile_s=compile_s[1],
+            peak_host_rss_bytes=peak_host_rss_bytes(), jax=jax.__version__,
+            cpus=os.cpu_count()))
 
 
 if __name__ == "__main__":
