@@ -37,6 +37,19 @@ def test_values_and_gradients_match_the_plain_matmul(fn, shape):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-4)
 
 
+def test_chunked_weight_gradient_in_bfloat16():
+  x, w = _xw(shape=(2, 512, 1024))
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  grad = lambda f, x, w: jax.jit(jax.grad(lambda w: jnp.sum(f(x, w).astype(jnp.float32))))(w)
+  ours = grad(dense_matmul_chunked, x16, w16)
+  ref = grad(lambda x, w: x @ w, x16.astype(jnp.float32), w16.astype(jnp.float32))
+  assert ours.dtype == jnp.bfloat16
+  # dW = column sums of x over 1024 rows: float32 sums of the 4 chunks, each rounded
+  # once to bfloat16 (2^-8 relative), then the result once more.
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref),
+                             rtol=2 ** -6, atol=0.5)
+
+
 def test_chunk_rows():
   # 256K elements per chunk: 256K / 512 = 512 rows; 256K / 1024 = 256 rows.
   assert matmul.chunk_rows(8192, 512) == 512

@@ -76,7 +76,9 @@ def _weight_grad_chunked(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
     return acc + _weight_grad_transposed(*chunk), None
 
   chunks = (x_NxA.reshape(n // rows, rows, a), dy_NxB.reshape(n // rows, rows, b))
-  return lax.scan(add_chunk, jnp.zeros((a, b), jnp.result_type(x_NxA, dy_NxB)), chunks)[0]
+  # The sum over chunks in at least float32, as one dot would accumulate its products.
+  acc = jnp.zeros((a, b), jnp.promote_types(jnp.result_type(x_NxA, dy_NxB), jnp.float32))
+  return lax.scan(add_chunk, acc, chunks)[0]
 
 
 def _fwd(x, w):
