@@ -58,11 +58,15 @@ VARIANTS = {
 }
 
 
-def interleaved_times(run_a, run_b, rounds: int, steps: int) -> tuple[list, list]:
+def interleaved_times(run_a, run_b, rounds: int, steps: int,
+                      before_round=None) -> tuple[list, list]:
   """Per-round median seconds of `run_a()` and `run_b()` (each blocks until done),
-  `steps` calls of each per round, alternating which goes first."""
+  `steps` calls of each per round, alternating which goes first; `before_round(r)`, if
+  given, runs untimed before round r."""
   per_round = ([], [])
   for r in range(rounds):
+    if before_round is not None:
+      before_round(r)
     order = (0, 1) if r % 2 == 0 else (1, 0)
     for i in order:
       fn = (run_a, run_b)[i]

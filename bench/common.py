@@ -34,7 +34,9 @@ def peak_host_rss_bytes() -> int:
 
 def emit(record: dict) -> None:
   """One JSON line on stdout, with the XLA_FLAGS the process ran under (the package
-  adds its defaults at import: videoldm_jax/xla_flags.py)."""
-  record = {**record, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  adds its defaults at import: videoldm_jax/xla_flags.py) and its GLIBC_TUNABLES
+  (videoldm_jax/host_memory.py)."""
+  record = {**record, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   print(json.dumps(record, sort_keys=True), flush=True)
   sys.stdout.flush()

@@ -70,7 +70,10 @@ def is_temporal(name: str) -> bool:
   return any(m in name for m in TEMPORAL_MARKERS)
 
 
-def run(workload: str, mode: str, steps: int, warmup: int) -> dict:
+def build(workload: str, mode: str):
+  """(step, info) for the SVD UNet on `workload` in `mode`: `step()` runs one training
+  step and returns the loss tensor; `info` holds the FLOPs of one forward + backward
+  (FlopCounterMode) and the parameter counts."""
   w = WORKLOADS[workload]
   torch.manual_seed(0)
   model = svd_unet(w)
@@ -97,13 +100,20 @@ def run(workload: str, mode: str, steps: int, warmup: int) -> dict:
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return loss.detach()
 
   counter = flop_counter()
   with counter:
     fwd_bwd()
   opt.zero_grad(set_to_none=True)
-  flops = counter.get_total_flops()
+  info = dict(batch=w.batch, model_gflop=counter.get_total_flops() / 1e9,
+              params=sum(p.numel() for p in model.parameters()),
+              trainable_params=sum(p.numel() for p in trainable))
+  return step, info
+
+
+def run(workload: str, mode: str, steps: int, warmup: int) -> dict:
+  step, info = build(workload, mode)
   for _ in range(warmup):
     step()
   times = []
@@ -113,13 +123,11 @@ def run(workload: str, mode: str, steps: int, warmup: int) -> dict:
     times.append(time.perf_counter() - t0)
   t = float(np.median(times))
   return dict(bench="peer_torch", model="diffusers.UNetSpatioTemporalConditionModel",
-              workload=workload, mode=mode, dtype="float32", batch=w.batch, step_s=t,
-              step_s_min=float(np.min(times)), samples_per_s=w.batch / t,
-              params=sum(p.numel() for p in model.parameters()),
-              trainable_params=sum(p.numel() for p in trainable),
-              model_gflop=flops / 1e9, loss=float(loss), steps=steps,
-              peak_host_rss_bytes=peak_host_rss_bytes(), threads=torch.get_num_threads(),
-              torch=torch.__version__, cpus=os.cpu_count(), machine=platform.machine())
+              workload=workload, mode=mode, dtype="float32", step_s=t,
+              step_s_min=float(np.min(times)), samples_per_s=info["batch"] / t,
+              loss=float(loss), steps=steps, peak_host_rss_bytes=peak_host_rss_bytes(),
+              threads=torch.get_num_threads(), torch=torch.__version__,
+              cpus=os.cpu_count(), machine=platform.machine(), **info)
 
 
 def main():

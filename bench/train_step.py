@@ -31,7 +31,7 @@ from typing import Optional  # noqa: E402
 from bench import workloads  # noqa: E402
 from bench.common import (compiled_flops, emit, matmul_peak_flops,  # noqa: E402
                           peak_host_rss_bytes)
-from videoldm_jax import sharding  # noqa: E402
+from videoldm_jax import host_memory, sharding  # noqa: E402
 from videoldm_jax.models import attention  # noqa: E402
 from videoldm_jax.train import flops as flops_lib  # noqa: E402
 from videoldm_jax.train import step as step_lib  # noqa: E402
@@ -112,7 +112,8 @@ def main():
   parser.add_argument("--isolate", default=True, action=argparse.BooleanOptionalAction,
                       help="run each case in its own process (default), so that no case "
                            "runs beside the programs and heap of the ones before it (W2 "
-                           "after four W1 cases once measured 8.65 s/step, alone 6.5 s)")
+                           "after four W1 cases once measured 8.65 s/step, alone 6.5 s), "
+                           "with the GLIBC_TUNABLES for CPU runs (videoldm_jax/host_memory.py)")
   args = parser.parse_args()
   if args.steps < 5:
     parser.error("--steps must be >= 5 (the median of at least 5 timed steps)")
@@ -123,7 +124,8 @@ def main():
       subprocess.run([sys.executable, "-m", "bench.train_step", f"--workload={w}",
                       f"--stage={s}", f"--mode={m}", f"--attention={i}",
                       f"--dtype={args.dtype}", f"--remat={args.remat}", f"--steps={args.steps}",
-                      f"--warmup={args.warmup}"], check=True)
+                      f"--warmup={args.warmup}"], check=True,
+                     env=host_memory.environ_with_tunables())
     return
   peak_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[args.dtype]
   peak = matmul_peak_flops(dtype=peak_dtype)

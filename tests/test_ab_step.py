@@ -1,7 +1,10 @@
 """bench/ab_step.py: the interleaving alternates which variant goes first and times each
-variant's own calls; every variant switch is undone when its step has been traced."""
+variant's own calls; every variant switch is undone when its step has been traced.
+bench/side_by_side.py reports a worker's failure with the side's name."""
 
-from bench import ab_step
+import pytest
+
+from bench import ab_step, side_by_side
 from videoldm_jax.models import attention, matmul
 
 
@@ -24,3 +27,15 @@ def test_variants_restore_what_they_switch():
       if name == "ffn_weight_grad=transposed":
         assert matmul.WEIGHT_GRADS["chunked"] is matmul.dense_matmul
     assert (attention.implementation(), dict(matmul.WEIGHT_GRADS)) == before, name
+
+
+def test_before_round_runs_untimed_before_each_round():
+  calls = []
+  ab_step.interleaved_times(lambda: calls.append("a"), lambda: calls.append("b"), rounds=2,
+                            steps=1, before_round=lambda r: calls.append(f"r{r}"))
+  assert calls == ["r0", "a", "b", "r1", "b", "a"]
+
+
+def test_side_by_side_names_the_side_whose_worker_failed():
+  with pytest.raises(RuntimeError, match="the torch worker failed: KeyError: 'W9'"):
+    side_by_side.Side("torch", "W9", "temporal", warmup=0)
