@@ -137,17 +137,18 @@ def run(workload: str, mode: str, rounds: int, steps: int, warmup: int, *,
   an A/B of the environment) in one run; the JSON record of the module docstring."""
   # The peer first: its worker is built and idle (blocked on its pipe) while ours
   # compiles, and ours then starts timing with its programs freshly loaded.
-  peer_side = Side(peer, workload, mode, warmup, peer_env)
-  ours = Side("ours", workload, mode, warmup, ours_env)
+  peer_side, ours = Side(peer, workload, mode, warmup, peer_env), None
   try:
+    ours = Side("ours", workload, mode, warmup, ours_env)
     peaks = []
     times_ours, times_peer = interleaved_times(
         lambda: ours.request("step"), lambda: peer_side.request("step"),
         rounds=rounds, steps=steps,
         before_round=lambda _: peaks.append(ours.request("peak")))
   finally:
-    ours.close()
-    peer_side.close()
+    for side in (ours, peer_side):
+      if side is not None:
+        side.close()
   speedups = [p / o for o, p in zip(times_ours, times_peer)]
   mfu = lambda side, times: float(np.median(
       [side.info["model_gflop"] * 1e9 / t / p for t, p in zip(times, peaks)]))
