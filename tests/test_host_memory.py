@@ -1,6 +1,6 @@
-"""videoldm_jax/host_memory.py: the launchers' GLIBC_TUNABLES merge with the user's, and
-on this machine's C library they stop a thread's large blocks from being faulted in
-afresh at every allocation (what XLA:CPU's per-step temporary buffer goes through)."""
+"""videoldm_jax/host_memory.py: its GLIBC_TUNABLES merge with the user's, and on this
+machine's C library they stop a thread's large blocks from being faulted in afresh at
+every allocation (what XLA:CPU's per-step temporary buffer goes through)."""
 
 import subprocess
 import sys
@@ -8,8 +8,8 @@ import sys
 from videoldm_jax import host_memory
 
 # In a fresh interpreter: a worker thread allocates, touches and frees a 64 MB block
-# 4 times; prints the minor page faults of the last 3 rounds.
-# libc's malloc directly: numpy's allocator would advise huge pages on its own.
+# 4 times; prints the minor page faults of the last 3 rounds. libc's malloc directly:
+# numpy's allocator would advise huge pages on its own.
 _CHILD = """
 import ctypes, resource, threading
 libc = ctypes.CDLL(None)

@@ -5,17 +5,17 @@ XLA:CPU allocates a program's temporary buffer afresh at every execution (one
 frees it at the end. The execution runs on a worker thread, and glibc serves a block
 that large from a thread's arena with its own `mmap` and returns it with `munmap`, so
 every step faults in every page again: 0.47 M minor faults per W1 step, 0.84 M per W2
-step. In the KVM guest of 2026-12-03 a fault cost 2.4-5.6 us: 1.1-1.3 s (W1) and 4.2-4.7 s
-(W2) of kernel time per step, a quarter to a third of the step's CPU time
+step. In the KVM guest of 2026-12-03 a fault cost 2.4-5.6 us: 1.1-1.3 s (W1) and
+4.2-4.7 s (W2) of kernel time per step, a quarter to a third of the step's CPU time
 (bench/README.md).
 
 `GLIBC_TUNABLES` below keeps that memory in the process: one arena (so the buffer comes
 from the main heap, which may grow by `brk`), no `mmap` for large blocks, and no
 trimming of the heap's free top. After the first step the pages stay (0 faults per step
-in 4 of 5 measured runs); the process keeps its peak heap. The cost is one malloc lock for all
-threads: user time per W2 step rose 1.2-1.9 s, against 3.7-4.2 s less kernel time;
-in steps timed interleaved with and without, W1 and W2 temporal ran 1.19x and 1.25x
-faster (medians over 6 rounds, on a noisy host).
+in 4 of 5 measured runs); the process keeps its peak heap. The cost is one malloc lock
+for all threads: user time per W2 step rose 1.2-1.9 s, against 3.7-4.2 s less kernel
+time; in steps timed interleaved with and without, W1 and W2 temporal ran 1.19x and
+1.25x faster (medians over 6 rounds, on a noisy host).
 
 The C library reads `GLIBC_TUNABLES` only when a process starts, so the package cannot
 set it for itself: the benchmarks pass `environ_with_tunables()` to their child
