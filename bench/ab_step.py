@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
 from bench.common import emit, peak_host_rss_bytes  # noqa: E402
-from bench.train_step import compile_step  # noqa: E402
+from bench.train_step import compile_step, step_runner  # noqa: E402
 from videoldm_jax.models import attention, matmul  # noqa: E402
 
 
@@ -97,13 +97,7 @@ def main():
       case = workloads.build(args.workload, args.stage, args.mode)
       compiled, _, state, batch, _, seconds = compile_step(case)
     compile_s.append(seconds)
-    holder = {"state": state}
-
-    def run(compiled=compiled, holder=holder, batch=batch):
-      holder["state"], metrics = compiled(holder["state"], batch)
-      jax.block_until_ready(holder["state"])
-      return metrics
-
+    run = step_runner(compiled, state, batch)
     for _ in range(args.warmup):
       run()
     runners.append(run)

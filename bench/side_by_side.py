@@ -46,20 +46,15 @@ def _build(side: str, workload: str, mode: str):
   if side == "ours":
     import jax
     from bench import workloads
-    from bench.train_step import compile_step
+    from bench.train_step import compile_step, step_runner
     from videoldm_jax.train import flops as flops_lib
     from videoldm_jax.train.perf import matmul_peak_flops
 
     case = workloads.build(workload, "keyframe", mode)
     compiled, jitted, state, batch, _, compile_s = compile_step(case)
     model_flops = flops_lib.model_flops(jitted, state, batch)
-    holder = {"state": state}
-
-    def step():
-      holder["state"], metrics = compiled(holder["state"], batch)
-      jax.block_until_ready(holder["state"])
-      return float(metrics["loss"])
-
+    run = step_runner(compiled, state, batch)
+    step = lambda: float(run()["loss"])
     info = dict(model_gflop=model_flops / 1e9, compile_s=compile_s, jax=jax.__version__,
                 params=workloads.params_count(case.params))
     return step, matmul_peak_flops, info

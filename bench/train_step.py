@@ -61,6 +61,19 @@ def compile_step(case: workloads.Case, mesh: Optional[Mesh] = None,
   return compiled, step, state, batch, shardings, time.perf_counter() - t0
 
 
+def step_runner(compiled, state, batch):
+  """A callable that runs `compiled` once on the state it holds (updated in place) and
+  `batch`, blocks until the new state is ready and returns the step's metrics."""
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(holder["state"])
+    return metrics
+
+  return run
+
+
 def run(workload: str, stage: str, mode: str, *, dtype: str, remat: str, steps: int,
         warmup: int, peak: float) -> dict:
   case = workloads.build(workload, stage, mode, dtype=dtype, remat=remat)
