@@ -65,10 +65,11 @@ def _build(side: str, workload: str, mode: str):
   return (lambda: float(torch_step())), None, info
 
 
-def _worker(side: str, workload: str, mode: str, warmup: int, conn) -> None:
-  """Builds one side, warms it up, then serves 'step' / 'peak' / 'stop' requests."""
+def _worker(build, args: tuple, warmup: int, conn) -> None:
+  """`build(*args)` -> (step, peak, info) (as `_build`), warms the step up, then serves
+  'step' / 'peak' / 'stop' requests."""
   try:
-    step, peak, info = _build(side, workload, mode)
+    step, peak, info = build(*args)
     for _ in range(warmup):
       info["loss"] = step()
     conn.send(("ready", info))
@@ -80,7 +81,7 @@ def _worker(side: str, workload: str, mode: str, warmup: int, conn) -> None:
         info["loss"] = step()
         conn.send(info["loss"])
       elif request == "peak":
-        conn.send(peak())
+        conn.send(peak() if peak is not None else None)
   except BaseException as e:  # the parent re-raises it with the side's name
     conn.send(("error", f"{type(e).__name__}: {e}"))
     raise
@@ -89,15 +90,18 @@ def _worker(side: str, workload: str, mode: str, warmup: int, conn) -> None:
 class Side:
   """A worker process running one side; `request("step")` blocks until its step is done.
 
+  The worker runs `build(side, workload, mode)` (default: this module's train steps; any
+  module-level function with `_build`'s contract, which the spawned worker imports).
   `env` updates the worker's environment: a spawned worker is a fresh interpreter, so
   even what the C library reads at start-up (GLIBC_TUNABLES) applies to it alone."""
 
   def __init__(self, side: str, workload: str, mode: str, warmup: int,
-               env: Optional[dict] = None):
+               env: Optional[dict] = None, build=_build):
     self.name = side
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
-    self._proc = ctx.Process(target=_worker, args=(side, workload, mode, warmup, child),
+    self._proc = ctx.Process(target=_worker,
+                             args=(build, (side, workload, mode), warmup, child),
                              daemon=True)
     before = dict(os.environ)
     os.environ.update(env or {})

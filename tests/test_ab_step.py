@@ -1,10 +1,13 @@
 """bench/ab_step.py: the interleaving alternates which variant goes first and times each
 variant's own calls; every variant switch is undone when its step has been traced.
-bench/side_by_side.py reports a worker's failure with the side's name."""
+bench/side_by_side.py reports a worker's failure with the side's name; bench/attention.py
+counts FLOPs as torch's FlopCounterMode does and runs both sides in side_by_side's
+workers."""
 
 import pytest
 
 from bench import ab_step, side_by_side
+from bench import attention as attention_bench
 from videoldm_jax.models import attention, matmul
 
 
@@ -39,3 +42,33 @@ def test_before_round_runs_untimed_before_each_round():
 def test_side_by_side_names_the_side_whose_worker_failed():
   with pytest.raises(RuntimeError, match="the torch worker failed: KeyError: 'W9'"):
     side_by_side.Side("torch", "W9", "temporal", warmup=0)
+
+
+def test_attention_flops_match_torch_flop_counter():
+  torch = pytest.importorskip("torch")
+  from bench import peer_torch
+  n, h, length, d = 2, 2, 64, 16
+  q, k, v = (torch.randn(n, h, length, d, requires_grad=True) for _ in range(3))
+  with peer_torch.flop_counter() as forward_only:
+    with torch.no_grad():
+      torch.nn.functional.scaled_dot_product_attention(q, k, v)
+  with peer_torch.flop_counter() as both:
+    torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+  # 4 L S D per sequence and head = 4 * 2 * 2 * 64 * 64 * 16 = 1 048 576 forward.
+  assert attention_bench.attention_flops(n, h, length, d, backward=False) == 1_048_576
+  assert forward_only.get_total_flops() == 1_048_576
+  # The backward's five matmuls add 2.5 times the forward: 3.5 * 1 048 576.
+  assert both.get_total_flops() == 3_670_016
+  assert attention_bench.attention_flops(n, h, length, d, backward=True) == 3_670_016
+
+
+def test_attention_bench_runs_both_sides_in_workers():
+  pytest.importorskip("torch")
+  for side in ("torch", "ours"):
+    worker = side_by_side.Side(side, "W1-temporal", "forward", warmup=1,
+                               build=attention_bench.build)
+    try:
+      assert worker.request("step") is None
+      assert worker.request("peak") is None
+    finally:
+      worker.close()
