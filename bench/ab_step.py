@@ -5,10 +5,13 @@ any change smaller than that when each variant runs in its own process.
 
 Both steps are compiled, warmed up, then timed in `--rounds` rounds; each round times
 `--steps` steps of each variant, in the order AB, BA, AB, ... One JSON line: each
-variant's median step time, the median of the per-round ratios B / A, and every time.
+variant's median step time and model FLOPs, the median of the per-round ratios B / A,
+and every time. `--mode_b` gives B another mode: temporal-only against full fine-tuning,
+the time ratio beside the FLOP ratio, in one run.
 
   JAX_PLATFORMS=cpu python -m bench.ab_step --workload=W2 --mode=temporal \
       --a=ffn_weight_grad=transposed --b=default
+  JAX_PLATFORMS=cpu python -m bench.ab_step --workload=W1 --mode=full --mode_b=temporal
 
 Variants (`VARIANTS`) switch what a model reads when it is traced.
 """
@@ -26,6 +29,7 @@ import numpy as np  # noqa: E402
 from bench import workloads  # noqa: E402
 from bench.common import emit, peak_host_rss_bytes  # noqa: E402
 from bench.train_step import compile_step, step_runner  # noqa: E402
+from videoldm_jax.train import flops as flops_lib  # noqa: E402
 from videoldm_jax.models import attention, matmul  # noqa: E402
 
 
@@ -84,6 +88,10 @@ def main():
   parser.add_argument("--workload", default="W2")
   parser.add_argument("--stage", default="keyframe")
   parser.add_argument("--mode", default="temporal")
+  parser.add_argument("--mode_b", default=None,
+                      help="B's mode if not --mode: --mode=full --mode_b=temporal times "
+                           "temporal-only against full fine-tuning (b_over_a beside the "
+                           "FLOP ratio)")
   parser.add_argument("--a", default="default", choices=sorted(VARIANTS))
   parser.add_argument("--b", default="default", choices=sorted(VARIANTS))
   parser.add_argument("--rounds", type=int, default=6)
@@ -91,11 +99,13 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
 
-  runners, compile_s = [], []
-  for name in (args.a, args.b):
+  modes = (args.mode, args.mode_b or args.mode)
+  runners, compile_s, gflop = [], [], []
+  for name, mode in zip((args.a, args.b), modes):
     with VARIANTS[name]():
-      case = workloads.build(args.workload, args.stage, args.mode)
-      compiled, _, state, batch, _, seconds = compile_step(case)
+      case = workloads.build(args.workload, args.stage, mode)
+      compiled, jitted, state, batch, _, seconds = compile_step(case)
+      gflop.append(flops_lib.model_flops(jitted, state, batch) / 1e9)
     compile_s.append(seconds)
     run = step_runner(compiled, state, batch)
     for _ in range(args.warmup):
@@ -103,8 +113,10 @@ def main():
     runners.append(run)
   times_a, times_b = interleaved_times(*runners, rounds=args.rounds, steps=args.steps)
   ratios = [b / a for a, b in zip(times_a, times_b)]
-  emit(dict(bench="ab_step", workload=args.workload, stage=args.stage, mode=args.mode,
-            a=args.a, b=args.b, a_step_s=float(np.median(times_a)),
+  emit(dict(bench="ab_step", workload=args.workload, stage=args.stage, mode=modes[0],
+            mode_b=modes[1], a=args.a, b=args.b, a_model_gflop=gflop[0],
+            b_model_gflop=gflop[1], flops_b_over_a=gflop[1] / gflop[0],
+            a_step_s=float(np.median(times_a)),
             b_step_s=float(np.median(times_b)), b_over_a=float(np.median(ratios)),
             b_over_a_min=float(min(ratios)), b_over_a_max=float(max(ratios)),
             a_round_s=times_a, b_round_s=times_b, rounds=args.rounds, steps=args.steps,
