@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 from bench import workloads  # noqa: E402
 from bench.common import emit, peak_host_rss_bytes  # noqa: E402
 from bench.train_step import compile_step, step_runner  # noqa: E402
-from videoldm_jax.train import flops as flops_lib  # noqa: E402
 from videoldm_jax.models import attention, matmul  # noqa: E402
+from videoldm_jax.train import flops as flops_lib  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -29,11 +29,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.ab_step import interleaved_times  # noqa: E402
 from bench import side_by_side  # noqa: E402
+from bench.ab_step import interleaved_times  # noqa: E402
 from bench.common import emit  # noqa: E402
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import attention  # noqa: E402
+
+PASSES = ("forward", "forward+backward")
 
 # name -> (sequences = batch x frames or batch x pixels, heads, length, head dim); the
 # first level of the workloads in bench/workloads.py (W1: batch 2, heads 2, width 64;
@@ -109,9 +111,9 @@ def _torch(case: str, backward: bool):
 
 def build(side: str, case: str, passes: str):
   """`side_by_side.Side`'s builder: (step, peak, info) of one side's attention."""
-  backward = {"forward": False, "forward+backward": True}[passes]
+  backward = passes == "forward+backward"
   if side == "ours":
-    n, h, length, d = CASES[case]
+    length = CASES[case][2]
     return _ours(case, backward), None, dict(
         jax=jax.__version__,
         implementation="blocked" if attention.use_blocked(length, length) else "plain")
@@ -123,20 +125,22 @@ def build(side: str, case: str, passes: str):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--case", default=",".join(CASES))
-  parser.add_argument("--passes", default="forward,forward+backward")
+  parser.add_argument("--passes", default=",".join(PASSES))
   parser.add_argument("--ours_env", default=f"GLIBC_TUNABLES={host_memory.GLIBC_TUNABLES}",
                       help="NAME=VALUE,... for our worker (as in bench.side_by_side)")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--steps", type=int, default=3, help="calls per side per round")
   args = parser.parse_args()
+  for given, known, flag in ((args.case, CASES, "--case"), (args.passes, PASSES, "--passes")):
+    unknown = [x for x in given.split(",") if x not in known]
+    if unknown:
+      raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
   for name in args.case.split(","):
-    if name not in CASES:
-      raise SystemExit(f"--case: unknown case {name!r}; known: {', '.join(CASES)}")
     n, h, length, d = CASES[name]
     for passes in args.passes.split(","):
       sides = []
       try:
-        for side, env in (("torch", {}), ("ours", side_by_side._env(args.ours_env))):
+        for side, env in (("torch", {}), ("ours", side_by_side.parse_env(args.ours_env))):
           sides.append(side_by_side.Side(side, name, passes, warmup=2, env=env,
                                          build=build))
         a, b = interleaved_times(lambda: sides[1].request("step"),

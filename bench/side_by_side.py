@@ -163,7 +163,7 @@ def run(workload: str, mode: str, rounds: int, steps: int, warmup: int, *,
       cpus=os.cpu_count(), machine=platform.machine())
 
 
-def _env(assignments: str) -> dict:
+def parse_env(assignments: str) -> dict:
   """'A=1,B=x:y' -> {"A": "1", "B": "x:y"} ('' -> {})."""
   return dict(a.split("=", 1) for a in assignments.split(",") if a)
 
@@ -186,7 +186,8 @@ def main():
   for workload in args.workload.split(","):
     for mode in args.mode.split(","):
       emit(run(workload, mode, args.rounds, args.steps, args.warmup,
-               ours_env=_env(args.ours_env), peer=args.peer, peer_env=_env(args.peer_env)))
+               ours_env=parse_env(args.ours_env), peer=args.peer,
+               peer_env=parse_env(args.peer_env)))
 
 
 if __name__ == "__main__":
