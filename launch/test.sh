@@ -19,8 +19,9 @@ export JAX_PLATFORMS=cpu
 # Two workers, one test file each at a time (module fixtures are built once): most of a
 # test's time is XLA compiling on one thread, so two of them fill two cores; 22 instead
 # of 29 minutes on the 2-core machine.
+# --durations: the slowest tests, for keeping the suite inside its 25-minute budget.
 WORKERS=${TEST_WORKERS:-2}
 if [ "$WORKERS" -gt 1 ]; then
-  exec python -m pytest -q tests -n "$WORKERS" --dist loadfile "$@"
+  exec python -m pytest -q tests -n "$WORKERS" --dist loadfile --durations=20 "$@"
 fi
-exec python -m pytest -q tests "$@"
+exec python -m pytest -q tests --durations=20 "$@"
