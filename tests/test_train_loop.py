@@ -134,3 +134,23 @@ def test_image_ldm_stage_trains_all_of_theta_and_exports_an_image_model(tmp_path
   model = pretrained.load(tmp_path / "export" / "step_3")
   assert model.temporal_config is None  # an image model, usable as theta of a video LDM
   assert (tmp_path / "samples" / "step_3.mp4").is_file()
+
+
+def test_tensorboard_writer_starts_without_importing_torch(tmp_path):
+  """tensorboardX imports torch when installed (2.5 s per trainer start); the trainer's
+  writer keeps it out and leaves torch importable afterwards."""
+  code = (
+      "import sys\n"
+      "from videoldm_jax.train import perf\n"
+      f"w = perf.summary_writer({str(tmp_path)!r})\n"
+      "w.add_scalar('train/loss', 1.5, 3)\n"
+      "w.close()\n"
+      "assert 'torch' not in sys.modules, 'torch was imported'\n"
+      "import torch\n"
+      "print('torch', torch.__version__)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith("torch ")
+  events = list(tmp_path.glob("events.out.tfevents.*"))
+  assert len(events) == 1 and b"train/loss" in events[0].read_bytes()
