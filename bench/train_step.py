@@ -45,20 +45,26 @@ def compile_step(case: workloads.Case, mesh: Optional[Mesh] = None,
   state and EMA) placed by the logical-axis `rules` and the batch split over
   ("data", "fsdp")."""
   mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  tx = workloads.optimizer(case)
-  param_shardings = sharding.shardings_for(case.axes, mesh, case.params, rules)
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                    case.params)
-  shardings = step_lib.state_shardings(param_shardings, case.stage, tx, abstract, mesh)
+  tx, state, shardings = sharded_state(case, mesh, rules)
   batch_sh = jax.tree_util.tree_map(
       lambda _: NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), case.batch)
-  state = step_lib.init_state(case.params, case.stage, tx, shardings)
   batch = step_lib.put_global(case.batch, batch_sh)
   step = step_lib.build_train_step(case.stage, tx, seed=0, shardings=shardings,
                                    batch_sharding=batch_sh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   return compiled, step, state, batch, shardings, time.perf_counter() - t0
+
+
+def sharded_state(case: workloads.Case, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+  """(optimizer, train state, state shardings) of `case` on `mesh`: parameters, their
+  optimiser state and EMA placed by the logical-axis `rules`."""
+  tx = workloads.optimizer(case)
+  param_shardings = sharding.shardings_for(case.axes, mesh, case.params, rules)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    case.params)
+  shardings = step_lib.state_shardings(param_shardings, case.stage, tx, abstract, mesh)
+  return tx, step_lib.init_state(case.params, case.stage, tx, shardings), shardings
 
 
 def step_runner(compiled, state, batch):

@@ -94,6 +94,26 @@ def test_round_trip_bitwise_with_data_and_config(tmp_path):
   ck.close()
 
 
+@pytest.mark.parametrize("min_slice", [0, None])
+def test_replicated_arrays_round_trip_with_and_without_replica_parallel_writes(
+    tmp_path, min_slice):
+  """Replicated over 8 devices: a (512, 4096) float32 leaf is 1 MiB per replica slice
+  (written replica-parallel under both settings), the small ones are split over the
+  replicas only with min_replica_slice_bytes=0 (Orbax's default)."""
+  rep = NamedSharding(_mesh8(), P())
+  rng = np.random.default_rng(1)
+  state = {"big": rng.standard_normal((512, 4096), np.float32),
+           "small": rng.standard_normal((16, 8), np.float32), "bias": np.arange(8.0)}
+  state = {k: jax.device_put(jnp.asarray(v), rep) for k, v in state.items()}
+  kwargs = {} if min_slice is None else {"min_replica_slice_bytes": min_slice}
+  with Checkpointer(tmp_path / "ckpt", **kwargs) as ck:
+    assert ck.save(1, state)
+    ck.wait_until_finished()
+    restored, _, _ = ck.restore(_abstract(state, lambda p, x: x.sharding))
+  _assert_bitwise(restored, state)
+  assert restored["small"].sharding == rep
+
+
 def test_listing_interval_keep_n_and_best_n(tmp_path):
   ck = Checkpointer(tmp_path / "latest", max_to_keep=2, save_interval_steps=2)
   assert [ck.should_save(s) for s in range(5)] == [True, False, True, False, True]

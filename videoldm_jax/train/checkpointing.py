@@ -47,12 +47,12 @@ STATE, DATA, CONFIG = "state", "data", "config"
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
+def _state_handler(min_replica_slice_bytes: int) -> ocp.PyTreeCheckpointHandler:
   """Orbax's PyTree handler with the standard type handlers, except that jax.Arrays
-  are written replica-parallel only from MIN_REPLICA_SLICE_BYTES per slice."""
+  are written replica-parallel only from `min_replica_slice_bytes` per slice."""
   arrays = ocp.type_handlers.ArrayHandler(
       array_metadata_store=array_metadata_store.Store(),
-      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+      min_slice_bytes_for_replica_parallel=min_replica_slice_bytes)
   registry = ocp.type_handlers.create_type_handler_registry(
       *[(ty, ocp.type_handlers.get_type_handler(ty))
         for ty in ocp.type_handlers.supported_types() if ty is not jax.Array],
@@ -155,12 +155,15 @@ class Checkpointer:
   save_interval_steps: `should_save(step)` is true every this many steps.
   async_save: `save` returns once device buffers are copied to host; the write runs in
     the background. Call `wait_until_finished()` / `close()` before exiting.
+  min_replica_slice_bytes: a replicated array is split over its replicas for writing
+    only when each part has at least this many bytes (0: always, Orbax's default).
   All processes must make the same calls in the same order (Orbax syncs them).
   """
 
   def __init__(self, directory, *, max_to_keep: Optional[int] = 3, keep_best: int = 0,
                best_metric: str = "loss", best_mode: str = "min",
-               save_interval_steps: int = 1, async_save: bool = True):
+               save_interval_steps: int = 1, async_save: bool = True,
+               min_replica_slice_bytes: int = MIN_REPLICA_SLICE_BYTES):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
     if keep_best < 0:
@@ -194,7 +197,7 @@ class Checkpointer:
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
     # Registered handlers let a fresh manager read metadata of existing steps.
-    handlers = {STATE: _state_handler(),
+    handlers = {STATE: _state_handler(min_replica_slice_bytes),
                 DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
     self._mgr = ocp.CheckpointManager(self.directory, options=options,
                                       item_handlers=handlers)
