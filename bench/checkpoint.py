@@ -87,8 +87,9 @@ def main():
   p.add_argument("--mode", default="temporal", help="comma-separated: temporal,full")
   p.add_argument("--mesh", default="data", help=f"comma-separated: {','.join(MESHES)}")
   p.add_argument("--devices", type=int, default=4, help="fake CPU devices in the mesh")
-  p.add_argument("--min_replica_slice_bytes", default=f"0,{checkpointing.MIN_REPLICA_SLICE_BYTES}",
-                 help="comma-separated variants, timed in turns")
+  p.add_argument("--min_replica_slice_bytes",
+                 default=f"0,{checkpointing.MIN_REPLICA_SLICE_BYTES}",
+                 help="comma-separated variants, timed in turns (0: Orbax's default)")
   p.add_argument("--rounds", type=int, default=3, help="timed saves per variant")
   p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
   a = p.parse_args()

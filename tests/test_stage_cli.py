@@ -18,7 +18,11 @@ TINY_DATA = ["--config.data.kind=procedural", "--config.data.num_frames=4",
              "--config.data.height=16", "--config.data.width=16",
              "--config.data.batch_size=2"]
 CASES = {
-    "interpolator": ["--config=configs/interpolator_tiny.py", *TINY_DATA],
+    # One UNet level: XLA's compile time grows with the op count (the stage's context
+    # encoder and its conditioning are what this case adds to the key-frame tests).
+    "interpolator": ["--config=configs/interpolator_tiny.py", *TINY_DATA,
+                     "--config.random_image_model.unet.block_out_channels=(32,)",
+                     "--config.random_image_model.unet.attention_levels=(True,)"],
     # The generator and discriminator both train from step 1 (disc_start=1).
     "autoencoder": ["--config=configs/autoencoder_tiny.py", *TINY_DATA,
                     "--config.loss.disc_start=1"],

@@ -36,10 +36,15 @@ def _env():
 
 @pytest.fixture(scope="module")
 def image_model(tmp_path_factory):
-  """A converted-format image LDM folder (what videoldm-convert writes), random weights."""
+  """A converted-format image LDM folder (what videoldm-convert writes), random weights.
+  Its UNet has one level: these tests are about the trainer's processes, and XLA's
+  compile time grows with the op count (a cold tiny key-frame step: 23 s instead of
+  43-54 s with two levels)."""
   out = tmp_path_factory.mktemp("image") / "ldm"
   subprocess.run([sys.executable, "-m", "videoldm_jax.cli.init_random",
-                  "--config=configs/image_tiny.py", f"--output={out}"], cwd=ROOT,
+                  "--config=configs/image_tiny.py", f"--output={out}",
+                  "--config.unet.block_out_channels=(32,)",
+                  "--config.unet.attention_levels=(True,)"], cwd=ROOT,
                  env=_env(), check=True, capture_output=True, timeout=300)
   return out
 
