@@ -53,6 +53,8 @@ setup(
     description="Video Latent Diffusion Models (Align your Latents) in JAX/Flax",
     packages=find_packages(include=["videoldm_jax", "videoldm_jax.*", "data_pipelines",
                                     "data_pipelines.*"]),
+    # The C++ kernels are compiled on the user's machine at first use (native/build.py).
+    package_data={"videoldm_jax.native": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -57,6 +57,8 @@ def _weight_grad(kind: str, fn):
 VARIANTS = {
     "default": contextlib.nullcontext,
     "attention=plain": lambda: _attention("plain"),
+    # XLA's blocked loop instead of the C++ kernel on CPU.
+    "attention=blocked": lambda: _attention("blocked"),
     # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
     "ffn_weight_grad=transposed": lambda: _weight_grad("chunked", matmul.dense_matmul),
 }

@@ -3,7 +3,9 @@
 
 Cases are the first UNet level's attentions, where the step's attention time goes:
   spatial   every frame's 32 x 32 latent pixels attend to each other: (B*T) sequences
-            of 1024 per head, d = 32 (ours: the blocked path, models/blocked_attention.py);
+            of 1024 per head, d = 32 (ours: the C++ kernel, models/native_attention.py, or
+            with VIDEOLDM_JAX_NATIVE=0 in --ours_env XLA's blocked path,
+            models/blocked_attention.py);
   temporal  every pixel's 8 frames attend to each other: (B*1024) sequences of 8 per
             head (ours: XLA's formula; too short for the blocked path).
 Each is timed forward only and forward + backward (the gradients of q, k, v against a
@@ -116,7 +118,8 @@ def build(side: str, case: str, passes: str):
     length = CASES[case][2]
     return _ours(case, backward), None, dict(
         jax=jax.__version__,
-        implementation="blocked" if attention.use_blocked(length, length) else "plain")
+        implementation=(("native" if attention.use_native() else "blocked")
+                        if attention.use_blocked(length, length) else "plain"))
   import torch
   return _torch(case, backward), None, dict(torch=torch.__version__,
                                             threads=torch.get_num_threads())

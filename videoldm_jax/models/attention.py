@@ -13,19 +13,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from videoldm_jax.models import blocked_attention as blocked_lib
+from videoldm_jax.models import native_attention as native_lib
 from videoldm_jax.models import layers
 
 
 # Which attention runs (read when a model is traced):
-#   "auto"     the blocked path for long sequences on CPU (faster there), XLA's formula
-#              on accelerators;
+#   "auto"     long sequences on CPU through the C++ kernel (models/native_attention.py),
+#              or XLA's blocked path where the kernel cannot be built; XLA's formula on
+#              accelerators;
 #   "plain"    always the formula (the benchmarks' baseline);
-#   "blocked"  the blocked path for long sequences on every platform: on an accelerator
+#   "blocked"  XLA's blocked path for long sequences on every platform: on an accelerator
 #              it trades some speed for memory (no L x S array is stored), which is what
-#              lets long clips fit a 16 GiB chip (configs/keyframe_sd15_v5e64.py).
+#              lets long clips fit a 16 GiB chip (configs/keyframe_sd15_v5e64.py);
+#   "native"   the C++ kernel for long sequences, an error where it is unavailable (CPU
+#              only).
 # The platform is the one the program is compiled for: this process's backend, unless
 # `set_implementation` names another (videoldm-compile compiles for a TPU on a CPU).
-IMPLEMENTATIONS = ("auto", "plain", "blocked")
+IMPLEMENTATIONS = ("auto", "plain", "blocked", "native")
 _implementation = "auto"
 _platform: Optional[str] = None
 
@@ -49,11 +53,26 @@ def target_platform() -> str:
 
 
 def use_blocked(num_queries: int, num_keys: int) -> bool:
-  """Whether attention of this size takes the blocked path (see IMPLEMENTATIONS): only
-  from MIN_BLOCKED_ELEMENTS logits per head (bench/README.md has the measurements)."""
+  """Whether attention of this size takes a long-sequence path, blocked or native (see
+  IMPLEMENTATIONS): only from MIN_BLOCKED_ELEMENTS logits per head (bench/README.md has
+  the measurements)."""
   if _implementation == "plain" or num_queries * num_keys < blocked_lib.MIN_BLOCKED_ELEMENTS:
     return False
   return _implementation == "blocked" or target_platform() == "cpu"
+
+
+def use_native() -> bool:
+  """Whether the long-sequence path is the C++ kernel (given `use_blocked`). Builds the
+  kernel on first use; "native" raises where it cannot."""
+  if _implementation not in ("auto", "native"):
+    return False
+  if target_platform() != "cpu":
+    if _implementation == "native":
+      raise ValueError(f"attention 'native' is a CPU kernel; the target is {target_platform()}")
+    return False
+  if _implementation == "native" and not native_lib.available():
+    raise RuntimeError(f"attention 'native' requested, but {native_lib.unavailable_reason()}")
+  return native_lib.available()
 
 
 def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.Array,
@@ -63,9 +82,13 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
 
   Logits and softmax run in float32 whatever the compute dtype: SD 2.x overflows in
   half precision otherwise ("upcast_attention"). Long unmasked attention may go through
-  `blocked_attention` (no L x S array stored; see `use_blocked`).
+  the C++ kernel or `blocked_attention` (no L x S array stored; see `use_blocked`).
   """
   if mask_BxLxS is None and use_blocked(q_BxLxD.shape[1], k_BxSxD.shape[1]):
+    if use_native():  # (B, L, H*D) viewed as (B, L, H, D): no transpose
+      split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
+      out = native_lib.attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD))
+      return einops.rearrange(out.astype(v_BxSxD.dtype), "b l h d -> b l (h d)")
     if target_platform() == "cpu":  # one (batch, head) at a time, sized for the cache
       q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)
                  for x in (q_BxLxD, k_BxSxD, v_BxSxD))

@@ -10,7 +10,8 @@ set of trainable parameters, so it is the numerator of MFU.
 
 The jaxpr is pruned of dead code first, so work whose result is unused is not counted;
 remat recomputation is counted (it is executed). Loops count their trip count times
-(`scan`); `while` loops, whose trip count is unknown, count one iteration.
+(`scan`); `while` loops, whose trip count is unknown, count one iteration. The C++
+attention kernel's custom calls count as the attention they compute.
 """
 
 import math
@@ -18,6 +19,8 @@ from typing import Any, Callable
 
 import jax
 from jax.extend import core as jcore
+
+from videoldm_jax.models import native_attention
 
 try:  # the DCE pass lives in jax's internals; the public jaxpr API has no equivalent
   from jax._src.interpreters.partial_eval import dce_jaxpr
@@ -64,6 +67,10 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
     if name == "conv_general_dilated":
       total += conv_flops(eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape,
                           eqn.params["dimension_numbers"])
+      continue
+    if name == "ffi_call":  # our C++ kernels (a model's only custom calls)
+      total += native_attention.call_flops(eqn.params["target_name"],
+                                           [v.aval.shape for v in eqn.invars])
       continue
     if name == "cond":  # one branch runs: count the most expensive
       total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])

@@ -1,0 +1,154 @@
+"""The C++ attention kernel for XLA:CPU (native/attention_cpu.cc, models/native_attention.py)
+against the softmax formula: values and gradients over odd shapes, bitwise repeatability,
+sharded operands, the model's choice of path, and the fallback when it cannot be built."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tests.conftest import max_rel_err
+from videoldm_jax.models import attention as attention_lib
+from videoldm_jax.models import native_attention
+from videoldm_jax.native import build
+
+pytestmark = pytest.mark.skipif(not native_attention.available(),
+                                reason=f"kernel unavailable: {native_attention.unavailable_reason()}")
+
+
+def _formula(q, k, v):
+  logits = jnp.einsum("blhd,bshd->bhls", q, k) * q.shape[-1] ** -0.5
+  return jnp.einsum("bhls,bshd->blhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _arrays(b, length, keys, heads, dim, seed=0):
+  rng = np.random.default_rng(seed)
+  # Logits of several units: the softmax is far from uniform, so errors in the max
+  # subtraction, the exponential or the normalisation show.
+  q = jnp.asarray(rng.standard_normal((b, length, heads, dim), np.float32)) * 2
+  k = jnp.asarray(rng.standard_normal((b, keys, heads, dim), np.float32)) * 2
+  v = jnp.asarray(rng.standard_normal((b, keys, heads, dim), np.float32))
+  g = jnp.asarray(rng.standard_normal((b, length, heads, dim), np.float32))
+  return q, k, v, g
+
+
+def _grads(fn, q, k, v, g):
+  return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v), g), argnums=(0, 1, 2)))(q, k, v)
+
+
+# (batch, queries, keys, heads, head dim): the W1 / W2 level-0 shape; keys and head dims
+# that are not whole vectors (16 floats with AVX-512, 8 with AVX2); one key (a context of
+# length 1); more queries than one task's chunk; SD's head dims 40 and 80.
+SHAPES = [(2, 1024, 1024, 2, 32), (1, 100, 77, 3, 40), (2, 37, 1, 2, 16),
+          (1, 1500, 70, 1, 80), (3, 64, 300, 2, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_softmax_formula(shape):
+  q, k, v, g = _arrays(*shape)
+  assert max_rel_err(jax.jit(native_attention.attention)(q, k, v), _formula(q, k, v)) < 1e-5
+  for got, want in zip(_grads(native_attention.attention, q, k, v, g),
+                       _grads(_formula, q, k, v, g)):
+    # Relative to the largest gradient, or absolute where that is ~0 (dq with one key:
+    # the softmax of a single logit is constant, so dq is rounding noise around 0).
+    err = float(jnp.max(jnp.abs(got - want)))
+    assert err < 1e-5 * max(float(jnp.max(jnp.abs(want))), 1.0), err
+
+
+def test_bitwise_repeatable():
+  # Each element is summed in a fixed order whatever thread runs its task.
+  q, k, v, g = _arrays(2, 512, 512, 4, 32, seed=3)
+  fn = jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.vdot(native_attention.attention(q, k, v), g), argnums=(0, 1, 2)))
+  first, second = fn(q, k, v), fn(q, k, v)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [P("data"), P(None, None, "data"), P("data", None, "model")])
+def test_sharded_operands_stay_sharded(spec):
+  # Batch and heads keep their sharding through forward and backward (no all-gather,
+  # each device runs the kernel on its own part); the values equal the formula's.
+  devices = np.array(jax.devices()[:4])
+  mesh = Mesh(devices.reshape(2, 2) if "model" in spec else devices[:2].reshape(2, 1),
+              ("data", "model"))
+  sharding = NamedSharding(mesh, spec)
+  q, k, v, g = (jax.device_put(x, sharding) for x in _arrays(4, 256, 256, 4, 32, seed=5))
+  step = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(native_attention.attention(q, k, v), g),
+                          argnums=(0, 1, 2)))
+  hlo = step.lower(q, k, v).compile().as_text()
+  assert "videoldm_attention_backward" in hlo and "all-gather" not in hlo
+  got = step(q, k, v)
+  for a, want in zip(got, _grads(_formula, q, k, v, g)):
+    assert a.sharding.is_equivalent_to(sharding, 4)
+    assert max_rel_err(a, want) < 1e-5
+
+
+def test_model_path_uses_the_kernel_on_cpu_only():
+  n = 512
+  q = jnp.ones((1, n, 64), jnp.float32)
+  jaxpr = lambda: str(jax.make_jaxpr(
+      lambda x: attention_lib.dot_product_attention(x, x, x, num_heads=2))(q))
+  try:
+    for name, platform, native in [("auto", "cpu", True), ("native", "cpu", True),
+                                   ("blocked", "cpu", False), ("auto", "tpu", False)]:
+      attention_lib.set_implementation(name, platform)
+      assert attention_lib.use_native() == native, (name, platform)
+      if platform == "cpu":
+        assert ("videoldm_attention_forward" in jaxpr()) == native, name
+    attention_lib.set_implementation("native", "tpu")
+    with pytest.raises(ValueError, match="CPU kernel"):
+      attention_lib.use_native()
+  finally:
+    attention_lib.set_implementation("auto")
+
+
+_FALLBACK = """
+import json, jax, jax.numpy as jnp
+from videoldm_jax.models import attention, native_attention
+q = jnp.asarray(jax.random.normal(jax.random.key(0), (1, 512, 64)))
+out = attention.dot_product_attention(q, q, q, num_heads=2)  # must not fail
+attention.set_implementation("native")
+try:
+  attention.dot_product_attention(q, q, q, num_heads=2)
+  error = ""
+except RuntimeError as e:
+  error = str(e)
+print(json.dumps(dict(available=native_attention.available(),
+                      reason=native_attention.unavailable_reason(), error=error,
+                      finite=bool(jnp.isfinite(out).all()))))
+"""
+
+
+@pytest.mark.parametrize("env, reason", [({"CXX": "no-such-compiler-xyz"}, "no C++ compiler"),
+                                         ({"VIDEOLDM_JAX_NATIVE": "0"}, "VIDEOLDM_JAX_NATIVE=0")])
+def test_falls_back_to_xla_without_the_kernel(tmp_path, env, reason):
+  # A fresh process with an empty cache and no way to build: the model runs on XLA's
+  # blocked path, and only an explicit "native" request fails, saying why.
+  run_env = dict(os.environ, VIDEOLDM_JAX_NATIVE_CACHE=str(tmp_path), **env)
+  proc = subprocess.run([sys.executable, "-c", _FALLBACK], env=run_env, capture_output=True,
+                        text=True, cwd=Path(__file__).parents[1], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result == dict(available=False, reason=result["reason"], error=result["error"],
+                        finite=True)
+  assert reason in result["reason"] and reason in result["error"]
+  assert not list(tmp_path.iterdir())
+
+
+def test_library_name_changes_with_source_compiler_and_cpu(monkeypatch):
+  # The cache key: a library built for another CPU, compiler or source is never loaded.
+  compiler = "/usr/bin/g++"
+  base = build.library_path("attention", compiler)
+  assert base == build.library_path("attention", compiler)
+  assert base != build.library_path("attention", "/usr/bin/clang++")
+  monkeypatch.setattr(build, "_cpu_flags", lambda: "flags : fpu sse2")
+  assert base != build.library_path("attention", compiler)

@@ -1,0 +1,1 @@
+"""Native (C++) kernels for XLA:CPU, compiled on first use (`build.py`)."""

@@ -1,0 +1,267 @@
+// Softmax attention for XLA:CPU, forward and backward, as XLA FFI handlers.
+//
+// Why this exists: XLA:CPU runs the blocked attention of models/blocked_attention.py
+// as a loop whose small dots run one after another on one core (bench/README.md, "Why:
+// XLA:CPU runs the blocked attention on one of the two cores"), at less than half the
+// speed of torch's CPU flash kernel. Here every (batch, head) pair, and in the forward
+// every chunk of queries, is a task on XLA's own intra-op thread pool, and each task runs
+// FlashAttention's algorithm in blocks of queries whose logits stay in the core's L2.
+//
+// Layouts (row-major, float32): q (B, L, H, D), k and v (B, S, H, D), out (B, L, H, D),
+// lse (B, H, L) = the log-sum-exp of each query's scaled logits, kept for the backward.
+// The (B, L, H, D) layout is the projections' (B, L, H*D) output as it is, so no
+// transpose runs before or after the call.
+//
+// Numerics: logits s = (scale q) k^T, p = exp(s - max) / sum, all in float32; exp is
+// a polynomial after the usual range reduction (relative error ~1e-7).
+// Each output element is a sum in a fixed order whatever the thread count, so results
+// are bitwise reproducible.
+
+#include <cmath>
+#include <limits>
+
+#include "cpu_kernels.h"
+
+namespace ffi = xla::ffi;
+using namespace videoldm;  // NOLINT: this file's kernels are built on its helpers
+
+namespace {
+
+// exp(x) for x <= 0 (softmax after subtracting the row max): exp(x) = 2^i exp(f) with
+// i = round(x log2 e), f = x - i ln 2 in [-ln2 / 2, ln2 / 2] (ln 2 split in two parts so
+// that i ln 2 is exact to float precision), exp(f) by its degree-7 Taylor polynomial.
+inline vec exp_nonpositive(vec x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38: no denormals
+  const vec t = x * splat(1.44269504088896341f) - splat(0.5f);
+  const ivec i = __builtin_convertvector(t, ivec);  // t < 0: truncation rounds up, so
+  const vec r = __builtin_convertvector(i, vec);    // r = round(x log2 e)
+  const vec f = (x - r * splat(0.693359375f)) + r * splat(2.12194440e-4f);
+  vec p = splat(1.f / 5040);
+  p = p * f + splat(1.f / 720);
+  p = p * f + splat(1.f / 120);
+  p = p * f + splat(1.f / 24);
+  p = p * f + splat(1.f / 6);
+  p = p * f + splat(0.5f);
+  p = p * f + splat(1.f);
+  p = p * f + splat(1.f);
+  const ivec bits = (i + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+struct Shape {
+  int64_t B, L, S, H, D;
+  int64_t Dp() const { return round_up(D, W); }  // head dim padded to whole vectors
+  int64_t Sp() const { return round_up(S, W); }
+  // Row stride of the (., S) arrays: one cache line more than Sp, so that the rows of a
+  // block do not all map to the same L1 set (with S = 1024, rows 4 KB apart did).
+  int64_t Ls() const { return Sp() + 16; }
+};
+
+// Queries per block: logits of 64K floats (256 KB), within a core's L2 with the
+// packed keys and values of the head (2 x S x Dp floats) beside them.
+int64_t query_block(const Shape& s) {
+  return std::clamp<int64_t>((64 * 1024) / s.Sp(), 4, 256);
+}
+
+// Copies rows [0, n) of one head of x (B, n, H, D) into dst (n, Dp) (zero padding),
+// times `scale`.
+void pack_rows(const float* x, const Shape& s, int64_t n, int64_t b, int64_t h, float scale,
+               float* dst) {
+  const int64_t dp = s.Dp();
+  for (int64_t r = 0; r < n; ++r) {
+    const float* src = x + ((b * n + r) * s.H + h) * s.D;
+    for (int64_t d = 0; d < s.D; ++d) dst[r * dp + d] = src[d] * scale;
+  }
+}
+
+// Transposed: dst (Dp, Ls) with dst[d, r] = x[b, r, h, d].
+void pack_transposed(const float* x, const Shape& s, int64_t b, int64_t h, float* dst) {
+  const int64_t ls = s.Ls();
+  for (int64_t r = 0; r < s.S; ++r) {
+    const float* src = x + ((b * s.S + r) * s.H + h) * s.D;
+    for (int64_t d = 0; d < s.D; ++d) dst[d * ls + r] = src[d];
+  }
+}
+
+void unpack_rows(const float* src, const Shape& s, int64_t n, int64_t b, int64_t h,
+                 int64_t first, int64_t count, float scale, float* x) {
+  const int64_t dp = s.Dp();
+  for (int64_t r = 0; r < count; ++r) {
+    float* dst = x + ((b * n + first + r) * s.H + h) * s.D;
+    for (int64_t d = 0; d < s.D; ++d) dst[d] = src[r * dp + d] * scale;
+  }
+}
+
+// The forward pass of queries [q0, q0 + nq) of head (b, h).
+void forward_chunk(const float* q, const float* k, const float* v, float* out, float* lse,
+                   const Shape& s, float scale, int64_t b, int64_t h, int64_t q0, int64_t nq) {
+  const int64_t dp = s.Dp(), sp = s.Sp(), ls = s.Ls(), bq = query_block(s);
+  Floats kt = zeros(dp * ls), vp = zeros(s.S * dp), qb = zeros(bq * dp),
+         logits = zeros(bq * ls), ob = zeros(bq * dp);
+  pack_transposed(k, s, b, h, kt.get());
+  pack_rows(v, s, s.S, b, h, 1.f, vp.get());
+  for (int64_t i0 = q0; i0 < q0 + nq; i0 += bq) {
+    const int64_t m = std::min(bq, q0 + nq - i0);
+    for (int64_t r = 0; r < m; ++r) {
+      const float* src = q + ((b * s.L + i0 + r) * s.H + h) * s.D;
+      for (int64_t d = 0; d < s.D; ++d) qb[r * dp + d] = src[d] * scale;
+    }
+    gemm<false>(m, sp, dp, qb.get(), dp, 1, kt.get(), ls, logits.get(), ls);
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = logits.get() + r * ls;
+      vec vmx = splat(-std::numeric_limits<float>::infinity());
+      int64_t c0 = 0;
+      for (; c0 + W <= s.S; c0 += W) {
+        const vec x = load(row + c0);
+        vmx = x > vmx ? x : vmx;
+      }
+      float mx = vmx[0];
+      for (int i = 1; i < W; ++i) mx = std::max(mx, vmx[i]);
+      for (; c0 < s.S; ++c0) mx = std::max(mx, row[c0]);
+      vec total{};
+      int64_t c = 0;
+      for (; c + W <= s.S; c += W) {
+        const vec e = exp_nonpositive(load(row + c) - splat(mx));
+        store(row + c, e);
+        total += e;
+      }
+      float sum = 0.f;
+      for (int i = 0; i < W; ++i) sum += total[i];
+      for (; c < s.S; ++c) {  // the last partial vector, then the padding: p = 0
+        vec e = exp_nonpositive(splat(row[c] - mx));
+        row[c] = e[0];
+        sum += e[0];
+      }
+      for (c = s.S; c < sp; ++c) row[c] = 0.f;
+      const float inv = 1.f / sum;
+      for (c = 0; c < s.S; ++c) row[c] *= inv;
+      lse[(b * s.H + h) * s.L + i0 + r] = mx + std::log(sum);
+    }
+    gemm<false>(m, dp, s.S, logits.get(), ls, 1, vp.get(), dp, ob.get(), dp);
+    unpack_rows(ob.get(), s, s.L, b, h, i0, m, 1.f, out);
+  }
+}
+
+// The backward pass of head (b, h): dq, dk, dv of that head from its q, k, v, out,
+// lse and d_out, recomputing each query block's probabilities.
+void backward_head(const float* q, const float* k, const float* v, const float* out,
+                   const float* lse, const float* dout, float* dq, float* dk, float* dv,
+                   const Shape& s, float scale, int64_t b, int64_t h) {
+  const int64_t dp = s.Dp(), sp = s.Sp(), ls = s.Ls(), bq = query_block(s);
+  Floats kt = zeros(dp * ls), vt = zeros(dp * ls), kp = zeros(s.S * dp),
+         qb = zeros(bq * dp), dob = zeros(bq * dp), p = zeros(bq * ls), dp_ = zeros(bq * ls),
+         dqb = zeros(bq * dp), dkh = zeros(s.S * dp), dvh = zeros(s.S * dp),
+         delta = zeros(bq);
+  pack_transposed(k, s, b, h, kt.get());
+  pack_transposed(v, s, b, h, vt.get());
+  pack_rows(k, s, s.S, b, h, 1.f, kp.get());
+  for (int64_t i0 = 0; i0 < s.L; i0 += bq) {
+    const int64_t m = std::min(bq, s.L - i0);
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t row = (b * s.L + i0 + r) * s.H + h;
+      const float* qs = q + row * s.D;
+      const float* g = dout + row * s.D;
+      const float* o = out + row * s.D;
+      float dot = 0.f;
+      for (int64_t d = 0; d < s.D; ++d) {
+        qb[r * dp + d] = qs[d] * scale;
+        dob[r * dp + d] = g[d];
+        dot += g[d] * o[d];
+      }
+      delta[r] = dot;  // sum_j p_ij dp_ij = d_out_i . out_i
+    }
+    // p = exp(s - lse), recomputed.
+    gemm<false>(m, sp, dp, qb.get(), dp, 1, kt.get(), ls, p.get(), ls);
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = p.get() + r * ls;
+      const vec l = splat(lse[(b * s.H + h) * s.L + i0 + r]);
+      int64_t c = 0;
+      for (; c + W <= s.S; c += W) store(row + c, exp_nonpositive(load(row + c) - l));
+      for (; c < s.S; ++c) row[c] = exp_nonpositive(splat(row[c]) - l)[0];
+      for (; c < sp; ++c) row[c] = 0.f;
+    }
+    // dv += p^T d_out: A(i = key, k = query) = p[query, key].
+    gemm<true>(s.S, dp, m, p.get(), 1, ls, dob.get(), dp, dvh.get(), dp);
+    // dp = d_out v^T
+    gemm<false>(m, sp, dp, dob.get(), dp, 1, vt.get(), ls, dp_.get(), ls);
+    // ds = p (dp - delta), in place of dp (padding columns: p = 0, so ds = 0).
+    for (int64_t r = 0; r < m; ++r) {
+      float* ds = dp_.get() + r * ls;
+      const float* pr = p.get() + r * ls;
+      const vec dl = splat(delta[r]);
+      for (int64_t c = 0; c < sp; c += W) store(ds + c, load(pr + c) * (load(ds + c) - dl));
+    }
+    // dq = scale ds k; dk += ds^T (scale q).
+    gemm<false>(m, dp, s.S, dp_.get(), ls, 1, kp.get(), dp, dqb.get(), dp);
+    unpack_rows(dqb.get(), s, s.L, b, h, i0, m, scale, dq);
+    gemm<true>(s.S, dp, m, dp_.get(), 1, ls, qb.get(), dp, dkh.get(), dp);
+  }
+  unpack_rows(dkh.get(), s, s.S, b, h, 0, s.S, 1.f, dk);
+  unpack_rows(dvh.get(), s, s.S, b, h, 0, s.S, 1.f, dv);
+}
+
+Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  return Shape{qd[0], qd[1], kd[1], qd[2], qd[3]};
+}
+
+ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                    ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  const Shape s = shape_of(q, k);
+  // Query chunks of >= 4 blocks: enough tasks for the threads even at batch x heads = 1,
+  // few enough that packing k and v once per chunk stays small.
+  const int64_t chunk = 4 * query_block(s);
+  const int64_t chunks = (s.L + chunk - 1) / chunk;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  return run_tasks(pool, s.B * s.H * chunks, [=](int64_t t) {
+    const int64_t bh = t / chunks, c = t % chunks;
+    const int64_t q0 = c * chunk;
+    forward_chunk(qp, kp, vp, op, lp, s, scale, bh / s.H, bh % s.H, q0,
+                  std::min(chunk, s.L - q0));
+  });
+}
+
+ffi::Future Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
+                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                     ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  const Shape s = shape_of(q, k);
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(),
+              *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  return run_tasks(pool, s.B * s.H, [=](int64_t t) {
+    backward_head(qp, kp, vp, op, lp, gp, dqp, dkp, dvp, s, scale, t / s.H, t % s.H);
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VideoLdmAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VideoLdmAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

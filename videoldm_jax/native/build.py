@@ -1,0 +1,125 @@
+"""Compiles the C++ kernels of this folder on first use and registers them with XLA.
+
+The kernels are XLA FFI handlers (`attention_cpu.cc`, on the helpers of
+`cpu_kernels.h`). They are compiled for the CPU
+they run on (`-march=native`) with the C++ compiler of the machine (`$CXX`, else `g++`)
+against the XLA FFI headers that ship with jaxlib, into a cache folder
+(`$VIDEOLDM_JAX_NATIVE_CACHE`, else `~/.cache/videoldm_jax/native`). The library's
+name holds a hash of the sources, the compiler command, jaxlib's version and the CPU's
+feature flags, so a cache shared between machines never hands one CPU code built for
+another. Several processes may build at once (multi-host tests): each writes its own
+temporary file and renames it into place.
+
+Without a compiler, or when the build fails, `load()` says why and the callers keep
+XLA's own implementation (models/attention.py). `VIDEOLDM_JAX_NATIVE=0` turns the
+kernels off.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jaxlib
+
+_HERE = Path(__file__).parent
+SOURCES = {"attention": _HERE / "attention_cpu.cc"}
+HEADERS = (_HERE / "cpu_kernels.h",)  # included by every source
+# Handler symbols of each library -> the FFI target names they are registered under.
+TARGETS = {
+    "attention": {"VideoLdmAttentionForward": "videoldm_attention_forward",
+                  "VideoLdmAttentionBackward": "videoldm_attention_backward"},
+}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+_lock = threading.Lock()
+_loaded: dict = {}  # name -> (library or None, reason it is None)
+
+
+def enabled() -> bool:
+  """Whether native kernels may be used at all (`VIDEOLDM_JAX_NATIVE`, default on)."""
+  return os.environ.get("VIDEOLDM_JAX_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+  return Path(os.environ.get("VIDEOLDM_JAX_NATIVE_CACHE")
+              or Path.home() / ".cache" / "videoldm_jax" / "native")
+
+
+def _cpu_flags() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith(("flags", "Features")):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _compiler() -> Optional[str]:
+  return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def library_path(name: str, compiler: str) -> Path:
+  """Where the library of source `name` built by `compiler` for this CPU lives."""
+  key = hashlib.sha256()
+  for part in (SOURCES[name].read_bytes(), *(h.read_bytes() for h in HEADERS),
+               compiler.encode(), " ".join(FLAGS).encode(),
+               jaxlib.__version__.encode(), _cpu_flags().encode(), platform.machine().encode()):
+    key.update(part)
+    key.update(b"\0")
+  return cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+
+
+def _build(name: str, compiler: str, target: Path) -> None:
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  os.close(fd)
+  cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCES[name]), "-o", tmp]
+  logging.info("videoldm_jax.native: compiling %s (once per machine): %s", name, " ".join(cmd))
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load(name: str) -> tuple[Optional[ctypes.CDLL], str]:
+  """(the library with its FFI targets registered for the CPU, "") or (None, why not).
+  Builds it on the first call on a machine; later calls and processes reuse it."""
+  with _lock:
+    if name in _loaded:
+      return _loaded[name]
+    lib, reason = None, ""
+    compiler = _compiler()
+    if not enabled():
+      reason = "VIDEOLDM_JAX_NATIVE=0"
+    elif compiler is None:
+      reason = f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
+    else:
+      path = library_path(name, compiler)
+      try:
+        if not path.exists():
+          _build(name, compiler, path)
+        lib = ctypes.CDLL(str(path))
+        for symbol, target in TARGETS[name].items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                      platform="cpu")
+      except (OSError, RuntimeError, AttributeError) as e:
+        lib, reason = None, f"building or loading {path} failed: {e}"
+    if lib is None:
+      logging.warning("videoldm_jax.native: %s kernels unavailable (%s); XLA's own "
+                      "implementation is used instead", name, reason)
+    _loaded[name] = (lib, reason)
+    return _loaded[name]
