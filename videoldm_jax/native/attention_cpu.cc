@@ -99,7 +99,7 @@ void forward_chunk(const float* q, const float* k, const float* v, float* out, f
                    const Shape& s, float scale, int64_t b, int64_t h, int64_t q0, int64_t nq) {
   const int64_t dp = s.Dp(), sp = s.Sp(), ls = s.Ls(), bq = query_block(s);
   Floats kt = zeros(dp * ls), vp = zeros(s.S * dp), qb = zeros(bq * dp),
-         logits = zeros(bq * ls), ob = zeros(bq * dp);
+         logits = zeros(bq * ls), ob = zeros(bq * dp), inv_sum = zeros(bq);
   pack_transposed(k, s, b, h, kt.get());
   pack_rows(v, s, s.S, b, h, 1.f, vp.get());
   for (int64_t i0 = q0; i0 < q0 + nq; i0 += bq) {
@@ -135,12 +135,14 @@ void forward_chunk(const float* q, const float* k, const float* v, float* out, f
         sum += e[0];
       }
       for (c = s.S; c < sp; ++c) row[c] = 0.f;
-      const float inv = 1.f / sum;
-      for (c = 0; c < s.S; ++c) row[c] *= inv;
+      inv_sum[r] = 1.f / sum;  // applied to the output row: one pass less over p
       lse[(b * s.H + h) * s.L + i0 + r] = mx + std::log(sum);
     }
     gemm<false>(m, dp, s.S, logits.get(), ls, 1, vp.get(), dp, ob.get(), dp);
-    unpack_rows(ob.get(), s, s.L, b, h, i0, m, 1.f, out);
+    for (int64_t r = 0; r < m; ++r) {
+      float* dst = out + ((b * s.L + i0 + r) * s.H + h) * s.D;
+      for (int64_t d = 0; d < s.D; ++d) dst[d] = ob[r * dp + d] * inv_sum[r];
+    }
   }
 }
 
