@@ -92,16 +92,19 @@ def test_unet_parity_diffusers_folder_and_single_file(cfg, tmp_path):
   assert max_rel_err(ours2, ref) < 1e-4
 
 
-@pytest.mark.parametrize("platform", ["cpu", "tpu"])
-def test_unet_parity_with_blocked_attention(tmp_path, platform):
+@pytest.mark.parametrize("implementation, platform", [("auto", "cpu"), ("blocked", "cpu"),
+                                                     ("blocked", "tpu")])
+def test_unet_parity_with_long_attention_paths(tmp_path, implementation, platform):
   # 32 x 32 latents: 1024 x 1024 self-attention logits per head at the first level take
-  # the blocked path (models/blocked_attention.py), in the CPU layout (one batch x head
-  # at a time) or, traced for a TPU with attention="blocked", the accelerator layout
-  # (heads in a loop, the batch vmapped); either must still be diffusers' UNet to 1e-4.
-  from videoldm_jax.models import attention
-  attention.set_implementation("auto" if platform == "cpu" else "blocked", platform)
+  # a long-sequence path: on a CPU by default the C++ kernel (models/native_attention.py),
+  # with attention="blocked" XLA's blocked loop in its CPU layout (one batch x head at a
+  # time), and traced for a TPU the accelerator layout (heads in a loop, the batch
+  # vmapped); each must still be diffusers' UNet to 1e-4.
+  from videoldm_jax.models import attention, native_attention
+  attention.set_implementation(implementation, platform)
   try:
     assert attention.use_blocked(32 * 32, 32 * 32)
+    assert attention.use_native() == (implementation == "auto" and native_attention.available())
     model = _torch_unet(SD1_STYLE, seed=2)
     model.save_pretrained(tmp_path / "unet", safe_serialization=True)
     inputs = _unet_inputs(SD1_STYLE, seed=3, size=32)

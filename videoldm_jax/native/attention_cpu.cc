@@ -65,24 +65,27 @@ int64_t query_block(const Shape& s) {
   return std::clamp<int64_t>((64 * 1024) / s.Sp(), 4, 256);
 }
 
-// Copies rows [0, n) of one head of x (B, n, H, D) into dst (n, Dp) (zero padding),
-// times `scale`.
-void pack_rows(const float* x, const Shape& s, int64_t n, int64_t b, int64_t h, float scale,
-               float* dst) {
+// Copies rows [first, first + count) of one head of x (B, n, H, D) into dst (count, Dp),
+// times `scale`, zeros in the padding columns (they enter the logits' dot products).
+void pack_rows(const float* x, const Shape& s, int64_t n, int64_t b, int64_t h,
+               int64_t first, int64_t count, float scale, float* dst) {
   const int64_t dp = s.Dp();
-  for (int64_t r = 0; r < n; ++r) {
-    const float* src = x + ((b * n + r) * s.H + h) * s.D;
+  for (int64_t r = 0; r < count; ++r) {
+    const float* src = x + ((b * n + first + r) * s.H + h) * s.D;
     for (int64_t d = 0; d < s.D; ++d) dst[r * dp + d] = src[d] * scale;
+    for (int64_t d = s.D; d < dp; ++d) dst[r * dp + d] = 0.f;
   }
 }
 
-// Transposed: dst (Dp, Ls) with dst[d, r] = x[b, r, h, d].
+// Transposed: dst (Dp, Ls) with dst[d, r] = x[b, r, h, d], zeros elsewhere.
 void pack_transposed(const float* x, const Shape& s, int64_t b, int64_t h, float* dst) {
   const int64_t ls = s.Ls();
   for (int64_t r = 0; r < s.S; ++r) {
     const float* src = x + ((b * s.S + r) * s.H + h) * s.D;
     for (int64_t d = 0; d < s.D; ++d) dst[d * ls + r] = src[d];
   }
+  for (int64_t d = 0; d < s.D; ++d) std::fill(dst + d * ls + s.S, dst + (d + 1) * ls, 0.f);
+  std::fill(dst + s.D * ls, dst + s.Dp() * ls, 0.f);
 }
 
 void unpack_rows(const float* src, const Shape& s, int64_t n, int64_t b, int64_t h,
@@ -98,19 +101,18 @@ void unpack_rows(const float* src, const Shape& s, int64_t n, int64_t b, int64_t
 void forward_chunk(const float* q, const float* k, const float* v, float* out, float* lse,
                    const Shape& s, float scale, int64_t b, int64_t h, int64_t q0, int64_t nq) {
   const int64_t dp = s.Dp(), sp = s.Sp(), ls = s.Ls(), bq = query_block(s);
-  Floats kt = zeros(dp * ls), vp = zeros(s.S * dp), qb = zeros(bq * dp),
-         logits = zeros(bq * ls), ob = zeros(bq * dp), inv_sum = zeros(bq);
-  pack_transposed(k, s, b, h, kt.get());
-  pack_rows(v, s, s.S, b, h, 1.f, vp.get());
+  Scratch& scratch = thread_scratch();
+  float *kt = scratch.get(0, dp * ls), *vp = scratch.get(1, s.S * dp),
+        *qb = scratch.get(2, bq * dp), *logits = scratch.get(3, bq * ls),
+        *ob = scratch.get(4, bq * dp), *inv_sum = scratch.get(5, bq);
+  pack_transposed(k, s, b, h, kt);
+  pack_rows(v, s, s.S, b, h, 0, s.S, 1.f, vp);
   for (int64_t i0 = q0; i0 < q0 + nq; i0 += bq) {
     const int64_t m = std::min(bq, q0 + nq - i0);
+    pack_rows(q, s, s.L, b, h, i0, m, scale, qb);
+    gemm<false>(m, sp, dp, qb, dp, 1, kt, ls, logits, ls);
     for (int64_t r = 0; r < m; ++r) {
-      const float* src = q + ((b * s.L + i0 + r) * s.H + h) * s.D;
-      for (int64_t d = 0; d < s.D; ++d) qb[r * dp + d] = src[d] * scale;
-    }
-    gemm<false>(m, sp, dp, qb.get(), dp, 1, kt.get(), ls, logits.get(), ls);
-    for (int64_t r = 0; r < m; ++r) {
-      float* row = logits.get() + r * ls;
+      float* row = logits + r * ls;
       vec vmx = splat(-std::numeric_limits<float>::infinity());
       int64_t c0 = 0;
       for (; c0 + W <= s.S; c0 += W) {
@@ -138,7 +140,7 @@ void forward_chunk(const float* q, const float* k, const float* v, float* out, f
       inv_sum[r] = 1.f / sum;  // applied to the output row: one pass less over p
       lse[(b * s.H + h) * s.L + i0 + r] = mx + std::log(sum);
     }
-    gemm<false>(m, dp, s.S, logits.get(), ls, 1, vp.get(), dp, ob.get(), dp);
+    gemm<false>(m, dp, s.S, logits, ls, 1, vp, dp, ob, dp);
     for (int64_t r = 0; r < m; ++r) {
       float* dst = out + ((b * s.L + i0 + r) * s.H + h) * s.D;
       for (int64_t d = 0; d < s.D; ++d) dst[d] = ob[r * dp + d] * inv_sum[r];
@@ -152,13 +154,18 @@ void backward_head(const float* q, const float* k, const float* v, const float* 
                    const float* lse, const float* dout, float* dq, float* dk, float* dv,
                    const Shape& s, float scale, int64_t b, int64_t h) {
   const int64_t dp = s.Dp(), sp = s.Sp(), ls = s.Ls(), bq = query_block(s);
-  Floats kt = zeros(dp * ls), vt = zeros(dp * ls), kp = zeros(s.S * dp),
-         qb = zeros(bq * dp), dob = zeros(bq * dp), p = zeros(bq * ls), dp_ = zeros(bq * ls),
-         dqb = zeros(bq * dp), dkh = zeros(s.S * dp), dvh = zeros(s.S * dp),
-         delta = zeros(bq);
-  pack_transposed(k, s, b, h, kt.get());
-  pack_transposed(v, s, b, h, vt.get());
-  pack_rows(k, s, s.S, b, h, 1.f, kp.get());
+  Scratch& scratch = thread_scratch();
+  float *kt = scratch.get(0, dp * ls), *vt = scratch.get(1, dp * ls),
+        *kp = scratch.get(2, s.S * dp), *qb = scratch.get(3, bq * dp),
+        *dob = scratch.get(4, bq * dp), *p = scratch.get(5, bq * ls),
+        *dp_ = scratch.get(6, bq * ls), *dqb = scratch.get(7, bq * dp),
+        *dkh = scratch.get(8, s.S * dp), *dvh = scratch.get(9, s.S * dp),
+        *delta = scratch.get(10, bq);
+  pack_transposed(k, s, b, h, kt);
+  pack_transposed(v, s, b, h, vt);
+  pack_rows(k, s, s.S, b, h, 0, s.S, 1.f, kp);
+  std::fill(dkh, dkh + s.S * dp, 0.f);  // accumulated over the query blocks
+  std::fill(dvh, dvh + s.S * dp, 0.f);
   for (int64_t i0 = 0; i0 < s.L; i0 += bq) {
     const int64_t m = std::min(bq, s.L - i0);
     for (int64_t r = 0; r < m; ++r) {
@@ -172,12 +179,13 @@ void backward_head(const float* q, const float* k, const float* v, const float* 
         dob[r * dp + d] = g[d];
         dot += g[d] * o[d];
       }
+      for (int64_t d = s.D; d < dp; ++d) qb[r * dp + d] = dob[r * dp + d] = 0.f;
       delta[r] = dot;  // sum_j p_ij dp_ij = d_out_i . out_i
     }
     // p = exp(s - lse), recomputed.
-    gemm<false>(m, sp, dp, qb.get(), dp, 1, kt.get(), ls, p.get(), ls);
+    gemm<false>(m, sp, dp, qb, dp, 1, kt, ls, p, ls);
     for (int64_t r = 0; r < m; ++r) {
-      float* row = p.get() + r * ls;
+      float* row = p + r * ls;
       const vec l = splat(lse[(b * s.H + h) * s.L + i0 + r]);
       int64_t c = 0;
       for (; c + W <= s.S; c += W) store(row + c, exp_nonpositive(load(row + c) - l));
@@ -185,23 +193,23 @@ void backward_head(const float* q, const float* k, const float* v, const float* 
       for (; c < sp; ++c) row[c] = 0.f;
     }
     // dv += p^T d_out: A(i = key, k = query) = p[query, key].
-    gemm<true>(s.S, dp, m, p.get(), 1, ls, dob.get(), dp, dvh.get(), dp);
+    gemm<true>(s.S, dp, m, p, 1, ls, dob, dp, dvh, dp);
     // dp = d_out v^T
-    gemm<false>(m, sp, dp, dob.get(), dp, 1, vt.get(), ls, dp_.get(), ls);
+    gemm<false>(m, sp, dp, dob, dp, 1, vt, ls, dp_, ls);
     // ds = p (dp - delta), in place of dp (padding columns: p = 0, so ds = 0).
     for (int64_t r = 0; r < m; ++r) {
-      float* ds = dp_.get() + r * ls;
-      const float* pr = p.get() + r * ls;
+      float* ds = dp_ + r * ls;
+      const float* pr = p + r * ls;
       const vec dl = splat(delta[r]);
       for (int64_t c = 0; c < sp; c += W) store(ds + c, load(pr + c) * (load(ds + c) - dl));
     }
     // dq = scale ds k; dk += ds^T (scale q).
-    gemm<false>(m, dp, s.S, dp_.get(), ls, 1, kp.get(), dp, dqb.get(), dp);
-    unpack_rows(dqb.get(), s, s.L, b, h, i0, m, scale, dq);
-    gemm<true>(s.S, dp, m, dp_.get(), 1, ls, qb.get(), dp, dkh.get(), dp);
+    gemm<false>(m, dp, s.S, dp_, ls, 1, kp, dp, dqb, dp);
+    unpack_rows(dqb, s, s.L, b, h, i0, m, scale, dq);
+    gemm<true>(s.S, dp, m, dp_, 1, ls, qb, dp, dkh, dp);
   }
-  unpack_rows(dkh.get(), s, s.S, b, h, 0, s.S, 1.f, dk);
-  unpack_rows(dvh.get(), s, s.S, b, h, 0, s.S, 1.f, dv);
+  unpack_rows(dkh, s, s.S, b, h, 0, s.S, 1.f, dk);
+  unpack_rows(dvh, s, s.S, b, h, 0, s.S, 1.f, dv);
 }
 
 Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
@@ -214,10 +222,14 @@ ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
                     ffi::ResultBuffer<ffi::F32> lse, float scale) {
   const Shape s = shape_of(q, k);
-  // Query chunks of >= 4 blocks: enough tasks for the threads even at batch x heads = 1,
-  // few enough that packing k and v once per chunk stays small.
-  const int64_t chunk = 4 * query_block(s);
-  const int64_t chunks = (s.L + chunk - 1) / chunk;
+  // Whole heads per task when there are enough of them for the threads (k and v are
+  // packed once per task); else the queries in chunks of whole blocks.
+  const int64_t bq = query_block(s), blocks = (s.L + bq - 1) / bq;
+  const int64_t want = 4 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t split = std::clamp<int64_t>((want + s.B * s.H - 1) / (s.B * s.H), 1, blocks);
+  const int64_t blocks_per_chunk = (blocks + split - 1) / split;
+  const int64_t chunk = blocks_per_chunk * bq;
+  const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
   return run_tasks(pool, s.B * s.H * chunks, [=](int64_t t) {

@@ -1,7 +1,7 @@
 // Shared pieces of the C++ kernels for XLA:CPU (attention_cpu.cc): vector
 // types for the compile target's widest registers, a register-tiled float32 matmul whose
-// A operand may have any strides, aligned scratch buffers, and running tasks on XLA's
-// intra-op thread pool. Header-only; each kernel file is its own library.
+// A operand may have any strides, per-thread scratch buffers, and running tasks on
+// XLA's intra-op thread pool. Header-only; each kernel file is its own library.
 
 #ifndef VIDEOLDM_JAX_NATIVE_CPU_KERNELS_H_
 #define VIDEOLDM_JAX_NATIVE_CPU_KERNELS_H_
@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -109,11 +110,35 @@ struct FreeDeleter {
 };
 using Floats = std::unique_ptr<float[], FreeDeleter>;
 
-inline Floats zeros(int64_t n) {
-  const int64_t bytes = round_up(std::max<int64_t>(n, 1) * 4, 64);
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
-  std::memset(p, 0, bytes);
-  return Floats(p);
+// Per-thread scratch buffers, reused by every task and call that runs on the thread:
+// XLA's pool threads live as long as the process, so after the first calls no task
+// allocates (a fresh allocation of this size is an mmap whose pages fault in again on
+// every call). Not zeroed: callers write every element they read.
+class Scratch {
+ public:
+  // Buffer `slot` with room for n floats, 64-byte aligned; valid until the same slot
+  // is asked for again on this thread.
+  float* get(size_t slot, int64_t n) {
+    if (slot >= buffers_.size()) {
+      buffers_.resize(slot + 1);
+      sizes_.resize(slot + 1, 0);
+    }
+    if (sizes_[slot] < n) {
+      const int64_t bytes = round_up(n * 4, 64);
+      buffers_[slot] = Floats(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      sizes_[slot] = n;
+    }
+    return buffers_[slot].get();
+  }
+
+ private:
+  std::vector<Floats> buffers_;
+  std::vector<int64_t> sizes_;
+};
+
+inline Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
 }
 
 // Runs task(t) for t in [0, n) on the pool's threads and completes the returned
