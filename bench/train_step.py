@@ -126,8 +126,9 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--attention", default="auto",
-                      help="comma-separated of auto | plain (plain: XLA's materialised "
-                           "attention everywhere, the baseline of the blocked CPU path)")
+                      help="comma-separated of models/attention.py's IMPLEMENTATIONS: auto "
+                           "| plain (XLA's materialised attention everywhere) | blocked "
+                           "(XLA's blocked loop, the CPU path without the C++ kernel) | native")
   parser.add_argument("--isolate", default=True, action=argparse.BooleanOptionalAction,
                       help="run each case in its own process (default), so that no case "
                            "runs beside the programs and heap of the ones before it (W2 "

@@ -7,7 +7,6 @@ Metric: max |ours - torch| / max |torch| < 1e-4 in float32.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
