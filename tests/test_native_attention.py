@@ -20,8 +20,9 @@ from videoldm_jax.models import attention as attention_lib
 from videoldm_jax.models import native_attention
 from videoldm_jax.native import build
 
-pytestmark = pytest.mark.skipif(not native_attention.available(),
-                                reason=f"kernel unavailable: {native_attention.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    not native_attention.available(),
+    reason=f"kernel unavailable: {native_attention.unavailable_reason()}")
 
 
 def _formula(q, k, v):

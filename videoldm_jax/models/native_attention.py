@@ -39,7 +39,8 @@ def _ffi_backward(q, k, v, out, lse, d_out):
   return tuple(jax.ffi.ffi_call(
       "videoldm_attention_backward",
       tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-      vmap_method="sequential")(q, k, v, out, lse, d_out, scale=np.float32(q.shape[-1] ** -0.5)))
+      vmap_method="sequential")(q, k, v, out, lse, d_out,
+                                scale=np.float32(q.shape[-1] ** -0.5)))
 
 
 # Under a mesh, each device runs the kernel on its own batch elements and heads: the

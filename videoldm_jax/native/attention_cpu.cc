@@ -3,17 +3,19 @@
 // Why this exists: XLA:CPU runs the blocked attention of models/blocked_attention.py
 // as a loop whose small dots run one after another on one core (bench/README.md, "Why:
 // XLA:CPU runs the blocked attention on one of the two cores"), at less than half the
-// speed of torch's CPU flash kernel. Here every (batch, head) pair, and in the forward
-// every chunk of queries, is a task on XLA's own intra-op thread pool, and each task runs
-// FlashAttention's algorithm in blocks of queries whose logits stay in the core's L2.
+// speed of torch's CPU flash kernel. Here every (batch, head) pair (in the forward, with
+// fewer pairs than 4 per thread, every chunk of its queries) is a task on XLA's own
+// intra-op thread pool, and each task runs FlashAttention's algorithm in blocks of
+// queries whose logits stay in the core's L2.
 //
 // Layouts (row-major, float32): q (B, L, H, D), k and v (B, S, H, D), out (B, L, H, D),
 // lse (B, H, L) = the log-sum-exp of each query's scaled logits, kept for the backward.
 // The (B, L, H, D) layout is the projections' (B, L, H*D) output as it is, so no
 // transpose runs before or after the call.
 //
-// Numerics: logits s = (scale q) k^T, p = exp(s - max) / sum, all in float32; exp is
-// a polynomial after the usual range reduction (relative error ~1e-7).
+// Numerics: logits s = (scale q) k^T, p = exp(s - max) / sum (the 1 / sum applied to
+// the output row), all in float32; exp is a polynomial after the usual range reduction
+// (relative error ~1e-7). NaN or infinite logits give NaN outputs, as the formula does.
 // Each output element is a sum in a fixed order whatever the thread count, so results
 // are bitwise reproducible.
 
