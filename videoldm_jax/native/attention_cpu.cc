@@ -170,19 +170,13 @@ void backward_head(const float* q, const float* k, const float* v, const float* 
   std::fill(dvh, dvh + s.S * dp, 0.f);
   for (int64_t i0 = 0; i0 < s.L; i0 += bq) {
     const int64_t m = std::min(bq, s.L - i0);
-    for (int64_t r = 0; r < m; ++r) {
-      const int64_t row = (b * s.L + i0 + r) * s.H + h;
-      const float* qs = q + row * s.D;
-      const float* g = dout + row * s.D;
-      const float* o = out + row * s.D;
+    pack_rows(q, s, s.L, b, h, i0, m, scale, qb);
+    pack_rows(dout, s, s.L, b, h, i0, m, 1.f, dob);
+    for (int64_t r = 0; r < m; ++r) {  // delta_i = sum_j p_ij dp_ij = d_out_i . out_i
+      const float* o = out + ((b * s.L + i0 + r) * s.H + h) * s.D;
       float dot = 0.f;
-      for (int64_t d = 0; d < s.D; ++d) {
-        qb[r * dp + d] = qs[d] * scale;
-        dob[r * dp + d] = g[d];
-        dot += g[d] * o[d];
-      }
-      for (int64_t d = s.D; d < dp; ++d) qb[r * dp + d] = dob[r * dp + d] = 0.f;
-      delta[r] = dot;  // sum_j p_ij dp_ij = d_out_i . out_i
+      for (int64_t d = 0; d < s.D; ++d) dot += dob[r * dp + d] * o[d];
+      delta[r] = dot;
     }
     // p = exp(s - lse), recomputed.
     gemm<false>(m, sp, dp, qb, dp, 1, kt, ls, p, ls);

@@ -1,8 +1,8 @@
 """Compiles the C++ kernels of this folder on first use and registers them with XLA.
 
 The kernels are XLA FFI handlers (`attention_cpu.cc`, on the helpers of
-`cpu_kernels.h`). They are compiled for the CPU
-they run on (`-march=native`) with the C++ compiler of the machine (`$CXX`, else `g++`)
+`cpu_kernels.h`). They are compiled for the CPU they run on (`-march=native`) with the
+C++ compiler of the machine (`$CXX`, else `g++`)
 against the XLA FFI headers that ship with jaxlib, into a cache folder
 (`$VIDEOLDM_JAX_NATIVE_CACHE`, else `~/.cache/videoldm_jax/native`). The library's
 name holds a hash of the sources, the compiler command, jaxlib's version and the CPU's

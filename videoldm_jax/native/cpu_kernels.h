@@ -91,8 +91,7 @@ template <bool ACC>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs,
           const float* b, int64_t ldb, float* c, int64_t ldc) {
   constexpr int kWide = kRegisters == 32 ? 4 : 2;  // vectors per row of the wide tile
-  constexpr int kWideRows = kRegisters == 32 ? 6 : 6;
-  constexpr int kNarrowRows = kRegisters == 32 ? 12 : 12;
+  constexpr int kWideRows = 6, kNarrowRows = 12;
   int64_t j = 0;
   for (; j + kWide * W <= N; j += kWide * W)
     panel<kWideRows, kWide, ACC>(M, K, a, ars, acs, b + j, ldb, c + j, ldc);
