@@ -44,6 +44,16 @@ def _attention(name: str):
 
 
 @contextlib.contextmanager
+def _native_min_logits(logits: int):
+  before = attention.NATIVE_MIN_LOGITS
+  attention.NATIVE_MIN_LOGITS = logits
+  try:
+    yield
+  finally:
+    attention.NATIVE_MIN_LOGITS = before
+
+
+@contextlib.contextmanager
 def _weight_grad(kind: str, fn):
   before = matmul.WEIGHT_GRADS[kind]
   matmul.WEIGHT_GRADS[kind] = fn
@@ -59,6 +69,9 @@ VARIANTS = {
     "attention=plain": lambda: _attention("plain"),
     # XLA's blocked loop instead of the C++ kernel on CPU.
     "attention=blocked": lambda: _attention("blocked"),
+    # The kernel only for long attention (>= MIN_BLOCKED_ELEMENTS logits), as before
+    # 2026-12-04: short temporal and cross-attention through XLA's formula.
+    "attention=kernel_long_only": lambda: _native_min_logits(2 ** 62),
     # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
     "ffn_weight_grad=transposed": lambda: _weight_grad("chunked", matmul.dense_matmul),
 }

@@ -118,8 +118,7 @@ def build(side: str, case: str, passes: str):
     length = CASES[case][2]
     return _ours(case, backward), None, dict(
         jax=jax.__version__,
-        implementation=(("native" if attention.use_native() else "blocked")
-                        if attention.use_blocked(length, length) else "plain"))
+        implementation=attention.attention_path(length, length))
   import torch
   return _torch(case, backward), None, dict(torch=torch.__version__,
                                             threads=torch.get_num_threads())

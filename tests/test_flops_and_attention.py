@@ -38,7 +38,8 @@ def test_resblock_flops_equal_torch_flop_counter(torch_cpu):
   assert _step_flops(ResBlock(64, norm_num_groups=8), x, temb) == counter.get_total_flops()
 
 
-def _transformer_flops(b, length, width, ctx_len, ctx_dim, self_attn_backward: float) -> int:
+def _transformer_flops(b, length, width, ctx_len, ctx_dim, self_attn_backward: float,
+                       cross_attn_backward: float) -> int:
   """Hand count for BasicTransformerBlock: forward + backward, weights trained, the
   context not (its k/v projections get no input gradient)."""
   linear = (2 * b * length * width * width * 4          # attn1 q, k, v, out
@@ -51,18 +52,36 @@ def _transformer_flops(b, length, width, ctx_len, ctx_dim, self_attn_backward: f
   attn2 = 2 * b * length * ctx_len * width * 2
   # forward + weight gradients + input gradients of every linear; attention cores:
   # forward + backward (plain: 4 matmuls = 2x forward; blocked: recompute, 2.5x).
-  return 3 * linear - ctx_kv + attn1 * (1 + self_attn_backward) + attn2 * 3
+  return (3 * linear - ctx_kv + attn1 * (1 + self_attn_backward)
+          + attn2 * (1 + cross_attn_backward))
 
 
-@pytest.mark.parametrize("length, backward", [(64, 2.0), (512, 2.5)])
-def test_transformer_flops_match_hand_count(length, backward):
-  # 64 tokens take the plain path, 512 (512 x 512 logits = one block) the blocked one.
-  assert attention_lib.use_blocked(length, length) == (backward == 2.5)
+@pytest.mark.parametrize("implementation", ["plain", "auto"])
+@pytest.mark.parametrize("length", [64, 512])
+def test_transformer_flops_match_hand_count(length, implementation):
+  # The formula's backward is its four matmuls (2x the forward); the C++ kernel and the
+  # blocked path recompute the logits (2.5x). With "auto" on CPU both attentions take
+  # the kernel; where it cannot be built 512 x 512 self-attention the blocked loop.
+  attention_lib.set_implementation(implementation)
+  try:
+    backward = lambda queries, keys: (
+        2.0 if attention_lib.attention_path(queries, keys) == "formula" else 2.5)
+    if implementation == "plain":
+      assert backward(512, 512) == backward(64, 1) == 2.0
+    elif attention_lib.use_native():
+      assert backward(64, 64) == backward(64, 1) == 2.5
+    got = _transformer_step_flops(length)
+    assert got == _transformer_flops(2, length, 64, 1, 32, backward(length, length),
+                                     backward(length, 1))
+  finally:
+    attention_lib.set_implementation("auto")
+
+
+def _transformer_step_flops(length: int) -> int:
   rng = np.random.default_rng(0)
   h = rng.standard_normal((2, length, 64), np.float32)
   ctx = rng.standard_normal((2, 1, 32), np.float32)
-  got = _step_flops(BasicTransformerBlock(2), h, ctx)
-  assert got == _transformer_flops(2, length, 64, 1, 32, backward)
+  return _step_flops(BasicTransformerBlock(2), h, ctx)
 
 
 def test_flops_of_frozen_weights_have_no_weight_gradient():
@@ -121,13 +140,18 @@ def test_batched_layout_keeps_a_sharded_batch_local():
 
 def test_attention_path_follows_implementation_and_target_platform():
   n = 512  # 512 x 512 logits: one block, long enough for the blocked path
+  kernel = attention_lib.use_native()  # on this CPU in "auto"
   try:
-    for name, platform, long_path in [("auto", "cpu", True), ("auto", "tpu", False),
-                                      ("blocked", "tpu", True), ("blocked", "gpu", True),
-                                      ("plain", "cpu", False)]:
+    for name, platform, long_path, short_path in [
+        ("auto", "cpu", "native" if kernel else "blocked", "native" if kernel else "formula"),
+        ("auto", "tpu", "formula", "formula"), ("blocked", "tpu", "blocked", "formula"),
+        ("blocked", "gpu", "blocked", "formula"), ("blocked", "cpu", "blocked", "formula"),
+        ("plain", "cpu", "formula", "formula")]:
       attention_lib.set_implementation(name, platform)
-      assert attention_lib.use_blocked(n, n) == long_path, (name, platform)
-      assert not attention_lib.use_blocked(64, 64)  # short attention: always the formula
+      assert attention_lib.attention_path(n, n) == long_path, (name, platform)
+      # Short attention (8 frames; one context token): the kernel, or else the formula.
+      assert attention_lib.attention_path(8, 8) == short_path, (name, platform)
+      assert attention_lib.attention_path(1024, 1) == short_path, (name, platform)
   finally:
     attention_lib.set_implementation("auto")
   with pytest.raises(ValueError, match="auto"):

@@ -100,17 +100,21 @@ def test_sharded_operands_stay_sharded(spec):
 
 
 def test_model_path_uses_the_kernel_on_cpu_only():
-  n = 512
-  q = jnp.ones((1, n, 64), jnp.float32)
-  jaxpr = lambda: str(jax.make_jaxpr(
-      lambda x: attention_lib.dot_product_attention(x, x, x, num_heads=2))(q))
+  # Long self-attention, the temporal attention of an 8-frame clip, cross-attention on
+  # one context token: all through the kernel on CPU unless another path is asked for.
+  sizes = [(512, 512), (8, 8), (64, 1)]
+  jaxpr = lambda length, keys: str(jax.make_jaxpr(
+      lambda q, kv: attention_lib.dot_product_attention(q, kv, kv, num_heads=2))(
+          jnp.ones((3, length, 64)), jnp.ones((3, keys, 64))))
   try:
     for name, platform, native in [("auto", "cpu", True), ("native", "cpu", True),
                                    ("blocked", "cpu", False), ("auto", "tpu", False)]:
       attention_lib.set_implementation(name, platform)
       assert attention_lib.use_native() == native, (name, platform)
       if platform == "cpu":
-        assert ("videoldm_attention_forward" in jaxpr()) == native, name
+        for length, keys in sizes:
+          assert ("videoldm_attention_forward" in jaxpr(length, keys)) == native, (
+              name, length, keys)
     attention_lib.set_implementation("native", "tpu")
     with pytest.raises(ValueError, match="CPU kernel"):
       attention_lib.use_native()

@@ -102,8 +102,8 @@ def test_unet_parity_with_long_attention_paths(tmp_path, implementation, platfor
   from videoldm_jax.models import attention, native_attention
   attention.set_implementation(implementation, platform)
   try:
-    assert attention.use_blocked(32 * 32, 32 * 32)
-    assert attention.use_native() == (implementation == "auto" and native_attention.available())
+    kernel = implementation == "auto" and native_attention.available()
+    assert attention.attention_path(32 * 32, 32 * 32) == ("native" if kernel else "blocked")
     model = _torch_unet(SD1_STYLE, seed=2)
     model.save_pretrained(tmp_path / "unet", safe_serialization=True)
     inputs = _unet_inputs(SD1_STYLE, seed=3, size=32)

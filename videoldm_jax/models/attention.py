@@ -18,15 +18,14 @@ from videoldm_jax.models import layers
 
 
 # Which attention runs (read when a model is traced):
-#   "auto"     long sequences on CPU through the C++ kernel (models/native_attention.py),
-#              or XLA's blocked path where the kernel cannot be built; XLA's formula on
-#              accelerators;
+#   "auto"     on CPU the C++ kernel (models/native_attention.py) for all unmasked
+#              attention, or XLA's blocked path for long sequences where the kernel
+#              cannot be built; XLA's formula on accelerators;
 #   "plain"    always the formula (the benchmarks' baseline);
 #   "blocked"  XLA's blocked path for long sequences on every platform: on an accelerator
 #              it trades some speed for memory (no L x S array is stored), which is what
 #              lets long clips fit a 16 GiB chip (configs/keyframe_sd15_v5e64.py);
-#   "native"   the C++ kernel for long sequences, an error where it is unavailable (CPU
-#              only).
+#   "native"   the kernel as in "auto", an error where it is unavailable (CPU only).
 # The platform is the one the program is compiled for: this process's backend, unless
 # `set_implementation` names another (videoldm-compile compiles for a TPU on a CPU).
 IMPLEMENTATIONS = ("auto", "plain", "blocked", "native")
@@ -52,18 +51,35 @@ def target_platform() -> str:
   return _platform or jax.default_backend()
 
 
-def use_blocked(num_queries: int, num_keys: int) -> bool:
-  """Whether attention of this size takes a long-sequence path, blocked or native (see
-  IMPLEMENTATIONS): only from MIN_BLOCKED_ELEMENTS logits per head (bench/README.md has
-  the measurements)."""
-  if _implementation == "plain" or num_queries * num_keys < blocked_lib.MIN_BLOCKED_ELEMENTS:
-    return False
-  return _implementation == "blocked" or target_platform() == "cpu"
+# The smallest attention (queries x keys per head) that takes the C++ kernel on CPU:
+# all of it. Until 2026-12-04 only long attention did (>= MIN_BLOCKED_ELEMENTS logits)
+# and the rest ran XLA's formula, whose backward runs the temporal attention's thousands
+# of 8 x 8 dots one by one. In one W1 temporal-stage run (bench.ab_step, 6 rounds) the
+# kernel for the temporal attention too took the step from 1.885 to 1.723 s, and for
+# the cross-attention on one context token as well, in a second run, from 1.547 to
+# 1.453 s (W2: 4.018 -> 3.976 s); bench/README.md has the rounds.
+NATIVE_MIN_LOGITS = 1
+
+
+def attention_path(num_queries: int, num_keys: int) -> str:
+  """The computation that unmasked attention with these sequence lengths runs under the
+  selected implementation (see IMPLEMENTATIONS): "native" (the C++ kernel: on CPU from
+  NATIVE_MIN_LOGITS logits per head), "blocked" (XLA's loop over query blocks, for long
+  sequences: >= MIN_BLOCKED_ELEMENTS logits per head) or "formula"."""
+  if _implementation == "plain":
+    return "formula"
+  logits = num_queries * num_keys
+  long = logits >= blocked_lib.MIN_BLOCKED_ELEMENTS
+  if logits >= min(NATIVE_MIN_LOGITS, blocked_lib.MIN_BLOCKED_ELEMENTS) and use_native():
+    return "native"
+  if long and (_implementation == "blocked" or target_platform() == "cpu"):
+    return "blocked"
+  return "formula"
 
 
 def use_native() -> bool:
-  """Whether the long-sequence path is the C++ kernel (given `use_blocked`). Builds the
-  kernel on first use; "native" raises where it cannot."""
+  """Whether the selected implementation runs the C++ kernel where `attention_path`
+  allows it. Builds the kernel on first use; "native" raises where it cannot."""
   if _implementation not in ("auto", "native"):
     return False
   if target_platform() != "cpu":
@@ -81,19 +97,21 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   """Scaled dot-product attention over `num_heads` heads, (B, L, D) -> (B, L, D).
 
   Logits and softmax run in float32 whatever the compute dtype: SD 2.x overflows in
-  half precision otherwise ("upcast_attention"). Long unmasked attention may go through
-  the C++ kernel or `blocked_attention` (no L x S array stored; see `use_blocked`).
+  half precision otherwise ("upcast_attention"). Unmasked attention may go through the
+  C++ kernel or `blocked_attention` (no L x S array stored; see `attention_path`).
   """
-  if mask_BxLxS is None and use_blocked(q_BxLxD.shape[1], k_BxSxD.shape[1]):
-    if use_native():  # (B, L, H*D) viewed as (B, L, H, D): no transpose
-      split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
-      out = native_lib.attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD))
-      return einops.rearrange(out.astype(v_BxSxD.dtype), "b l h d -> b l (h d)")
-    if target_platform() == "cpu":  # one (batch, head) at a time, sized for the cache
-      q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)
-                 for x in (q_BxLxD, k_BxSxD, v_BxSxD))
-      out = blocked_lib.blocked_attention(q, k, v).astype(v_BxSxD.dtype)
-      return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
+  path = "formula" if mask_BxLxS is not None else attention_path(q_BxLxD.shape[1],
+                                                                 k_BxSxD.shape[1])
+  if path == "native":  # (B, L, H*D) viewed as (B, L, H, D): no transpose
+    split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
+    out = native_lib.attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD))
+    return einops.rearrange(out.astype(v_BxSxD.dtype), "b l h d -> b l (h d)")
+  if path == "blocked" and target_platform() == "cpu":  # one (batch, head) at a time,
+    q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)  # cache-sized
+               for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+    out = blocked_lib.blocked_attention(q, k, v).astype(v_BxSxD.dtype)
+    return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
+  if path == "blocked":
     q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))
     out = blocked_lib.blocked_attention_batched(q, k, v).astype(v_BxSxD.dtype)
