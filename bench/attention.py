@@ -7,7 +7,7 @@ Cases are the first UNet level's attentions, where the step's attention time goe
             with VIDEOLDM_JAX_NATIVE=0 in --ours_env XLA's blocked path,
             models/blocked_attention.py);
   temporal  every pixel's 8 frames attend to each other: (B*1024) sequences of 8 per
-            head (ours: XLA's formula; too short for the blocked path).
+            head (ours: the kernel too, since 2026-12-04; XLA's formula without it).
 Each is timed forward only and forward + backward (the gradients of q, k, v against a
 fixed cotangent). As in `bench.side_by_side`, each side runs in its own worker process
 (two thread pools in one process slow each other down: in one process ours ran ~1.3-1.6x
@@ -17,9 +17,11 @@ each call. FLOPs in torch `FlopCounterMode`'s convention (`attention_flops`): fo
 4 L S D per sequence and head, backward 2.5 times that.
 
   python -m bench.attention --case=W1-spatial,W1-temporal,W2-spatial,W2-temporal
+  python -m bench.attention --case=W1-temporal --peer=ours \
+      --peer_env=GLIBC_TUNABLES=...,VIDEOLDM_JAX_NATIVE=0   # the kernel against XLA
 
 One JSON line per case and pass: both medians in ms, GFLOP/s, and the median and range
-of the per-round speed-ups (torch time / ours). Below 1, torch is faster.
+of the per-round speed-ups (the peer's time / ours). Below 1, the peer is faster.
 """
 
 import argparse
@@ -130,9 +132,14 @@ def main():
   parser.add_argument("--passes", default=",".join(PASSES))
   parser.add_argument("--ours_env", default=f"GLIBC_TUNABLES={host_memory.GLIBC_TUNABLES}",
                       help="NAME=VALUE,... for our worker (as in bench.side_by_side)")
+  parser.add_argument("--peer", default="torch", choices=("torch", "ours"),
+                      help="the other side: torch's SDPA, or ours again with --peer_env "
+                           "(an A/B of the environment, e.g. VIDEOLDM_JAX_NATIVE=0)")
+  parser.add_argument("--peer_env", default="", help="NAME=VALUE,... for the peer's worker")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--steps", type=int, default=3, help="calls per side per round")
   args = parser.parse_args()
+  peer = "torch" if args.peer == "torch" else "peer"  # the JSON keys of the other side
   for given, known, flag in ((args.case, CASES, "--case"), (args.passes, PASSES, "--passes")):
     unknown = [x for x in given.split(",") if x not in known]
     if unknown:
@@ -142,7 +149,8 @@ def main():
     for passes in args.passes.split(","):
       sides = []
       try:
-        for side, env in (("torch", {}), ("ours", side_by_side.parse_env(args.ours_env))):
+        for side, env in ((args.peer, side_by_side.parse_env(args.peer_env)),
+                          ("ours", side_by_side.parse_env(args.ours_env))):
           sides.append(side_by_side.Side(side, name, passes, warmup=2, env=env,
                                          build=build))
         a, b = interleaved_times(lambda: sides[1].request("step"),
@@ -154,12 +162,12 @@ def main():
       flops = attention_flops(n, h, length, d, passes == "forward+backward")
       emit(dict(bench="attention", case=name, sequences=n, heads=h, length=length,
                 head_dim=d, passes=passes, ours_ms=1e3 * float(np.median(a)),
-                torch_ms=1e3 * float(np.median(b)),
+                **{f"{peer}_ms": 1e3 * float(np.median(b))},
                 ours_gflops=flops / float(np.median(a)) / 1e9,
-                torch_gflops=flops / float(np.median(b)) / 1e9,
+                **{f"{peer}_gflops": flops / float(np.median(b)) / 1e9},
                 speedup=float(np.median(speedups)), speedup_min=min(speedups),
                 speedup_max=max(speedups), rounds=args.rounds, steps=args.steps,
-                ours=sides[1].info, torch=sides[0].info, cpus=os.cpu_count()))
+                ours=sides[1].info, **{peer: sides[0].info}, cpus=os.cpu_count()))
 
 
 if __name__ == "__main__":

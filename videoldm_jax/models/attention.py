@@ -54,10 +54,11 @@ def target_platform() -> str:
 # The smallest attention (queries x keys per head) that takes the C++ kernel on CPU:
 # all of it. Until 2026-12-04 only long attention did (>= MIN_BLOCKED_ELEMENTS logits)
 # and the rest ran XLA's formula, whose backward runs the temporal attention's thousands
-# of 8 x 8 dots one by one. In one W1 temporal-stage run (bench.ab_step, 6 rounds) the
-# kernel for the temporal attention too took the step from 1.885 to 1.723 s, and for
-# the cross-attention on one context token as well, in a second run, from 1.547 to
-# 1.453 s (W2: 4.018 -> 3.976 s); bench/README.md has the rounds.
+# of 8 x 8 dots one by one. On a 2-core AVX-512 EPYC, in one W1 temporal-stage run
+# (bench.ab_step, 6 rounds), the kernel for the temporal attention too took the step
+# from 1.885 to 1.723 s; for the cross-attention on one context token as well, in a
+# second run, from 1.547 to 1.453 s (W2: 4.018 -> 3.976 s). bench/README.md has the
+# rounds.
 NATIVE_MIN_LOGITS = 1
 
 
