@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import time
+from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -43,26 +44,6 @@ def _attention(name: str):
     attention.set_implementation(*before)
 
 
-@contextlib.contextmanager
-def _native_min_logits(logits: int):
-  before = attention.NATIVE_MIN_LOGITS
-  attention.NATIVE_MIN_LOGITS = logits
-  try:
-    yield
-  finally:
-    attention.NATIVE_MIN_LOGITS = before
-
-
-@contextlib.contextmanager
-def _weight_grad(kind: str, fn):
-  before = matmul.WEIGHT_GRADS[kind]
-  matmul.WEIGHT_GRADS[kind] = fn
-  try:
-    yield
-  finally:
-    matmul.WEIGHT_GRADS[kind] = before
-
-
 # name -> a context manager factory; the step is traced inside it.
 VARIANTS = {
     "default": contextlib.nullcontext,
@@ -71,9 +52,11 @@ VARIANTS = {
     "attention=blocked": lambda: _attention("blocked"),
     # The kernel only for long attention (>= MIN_BLOCKED_ELEMENTS logits), as before
     # 2026-12-04: short temporal and cross-attention through XLA's formula.
-    "attention=kernel_long_only": lambda: _native_min_logits(2 ** 62),
+    "attention=kernel_long_only": lambda: mock.patch.object(attention, "NATIVE_MIN_LOGITS",
+                                                            2 ** 62),
     # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
-    "ffn_weight_grad=transposed": lambda: _weight_grad("chunked", matmul.dense_matmul),
+    "ffn_weight_grad=transposed": lambda: mock.patch.dict(
+        matmul.WEIGHT_GRADS, {"chunked": matmul.dense_matmul}),
 }
 
 

@@ -22,14 +22,18 @@ def test_interleaved_times_alternate_and_time_each_variant():
 
 
 def test_variants_restore_what_they_switch():
-  before = (attention.implementation(), dict(matmul.WEIGHT_GRADS))
+  state = lambda: (attention.implementation(), dict(matmul.WEIGHT_GRADS),
+                   attention.NATIVE_MIN_LOGITS)
+  before = state()
   for name, variant in ab_step.VARIANTS.items():
     with variant():
       if name == "attention=plain":
         assert attention.implementation()[0] == "plain"
       if name == "ffn_weight_grad=transposed":
         assert matmul.WEIGHT_GRADS["chunked"] is matmul.dense_matmul
-    assert (attention.implementation(), dict(matmul.WEIGHT_GRADS)) == before, name
+      if name == "attention=kernel_long_only":
+        assert attention.attention_path(8, 8) == "formula"
+    assert state() == before, name
 
 
 def test_before_round_runs_untimed_before_each_round():

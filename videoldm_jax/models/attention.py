@@ -71,7 +71,7 @@ def attention_path(num_queries: int, num_keys: int) -> str:
     return "formula"
   logits = num_queries * num_keys
   long = logits >= blocked_lib.MIN_BLOCKED_ELEMENTS
-  if logits >= min(NATIVE_MIN_LOGITS, blocked_lib.MIN_BLOCKED_ELEMENTS) and use_native():
+  if (long or logits >= NATIVE_MIN_LOGITS) and use_native():
     return "native"
   if long and (_implementation == "blocked" or target_platform() == "cpu"):
     return "blocked"
@@ -107,12 +107,12 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
     split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
     out = native_lib.attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD))
     return einops.rearrange(out.astype(v_BxSxD.dtype), "b l h d -> b l (h d)")
-  if path == "blocked" and target_platform() == "cpu":  # one (batch, head) at a time,
-    q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)  # cache-sized
-               for x in (q_BxLxD, k_BxSxD, v_BxSxD))
-    out = blocked_lib.blocked_attention(q, k, v).astype(v_BxSxD.dtype)
-    return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
   if path == "blocked":
+    if target_platform() == "cpu":  # one (batch, head) at a time, sized for the cache
+      q, k, v = (einops.rearrange(x, "b l (h d) -> (b h) l d", h=num_heads)
+                 for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+      out = blocked_lib.blocked_attention(q, k, v).astype(v_BxSxD.dtype)
+      return einops.rearrange(out, "(b h) l d -> b l (h d)", h=num_heads)
     q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))
     out = blocked_lib.blocked_attention_batched(q, k, v).astype(v_BxSxD.dtype)
