@@ -44,7 +44,19 @@ def _attention(name: str):
     attention.set_implementation(*before)
 
 
-# name -> a context manager factory; the step is traced inside it.
+def _compiled_with(**options):
+  """Every `Lowered.compile` in the context gets XLA debug `options` (the process's
+  XLA_FLAGS cannot differ between A and B; a repeated enum option given here replaces
+  the whole list with its one value)."""
+  compile_ = jax.stages.Lowered.compile
+
+  def compile_with(self, compiler_options=None, **kwargs):
+    return compile_(self, compiler_options={**options, **(compiler_options or {})}, **kwargs)
+
+  return mock.patch.object(jax.stages.Lowered, "compile", compile_with)
+
+
+# name -> a context manager factory; the step is traced and compiled inside it.
 VARIANTS = {
     "default": contextlib.nullcontext,
     "attention=plain": lambda: _attention("plain"),
@@ -54,6 +66,10 @@ VARIANTS = {
     # 2026-12-04: short temporal and cross-attention through XLA's formula.
     "attention=kernel_long_only": lambda: mock.patch.object(attention, "NATIVE_MIN_LOGITS",
                                                             2 ** 62),
+    # YNNPACK for individual dots only: reductions (and the elementwise producers XLA
+    # fuses into them, dots included) back to XLA's own loop fusions.
+    "ynn=individual_dot": lambda: _compiled_with(
+        xla_cpu_experimental_ynn_fusion_type="LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
     # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
     "ffn_weight_grad=transposed": lambda: mock.patch.dict(
         matmul.WEIGHT_GRADS, {"chunked": matmul.dense_matmul}),

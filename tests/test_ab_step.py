@@ -33,7 +33,19 @@ def test_variants_restore_what_they_switch():
         assert matmul.WEIGHT_GRADS["chunked"] is matmul.dense_matmul
       if name == "attention=kernel_long_only":
         assert attention.attention_path(8, 8) == "formula"
+      if name == "ynn=individual_dot":
+        assert "__ynn_fusion" not in _compiled_row_sums()
     assert state() == before, name
+  # Outside the variant, XLA's default (the package's XLA_FLAGS) gives the row sums to
+  # YNNPACK: the variant switched something that was on.
+  assert "__ynn_fusion" in _compiled_row_sums()
+
+
+def _compiled_row_sums() -> str:
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((256, 512))
+  return jax.jit(lambda x: (x * x).sum(axis=1)).lower(x).compile().as_text()
 
 
 def test_before_round_runs_untimed_before_each_round():

@@ -128,3 +128,48 @@ def test_image_checkpoint_plugs_in_as_theta_and_mismatch_is_named(video_params):
   with pytest.raises(ValueError, match=r"conv_in/kernel is \(3, 3, 5, 16\) in "
                                        r"dreambooth.ckpt, the model expects \(3, 3, 4, 16\)"):
     partition.with_image_params(video_params, bad, "dreambooth.ckpt")
+
+
+@pytest.mark.parametrize("implementation", ["auto", "plain"])
+@pytest.mark.parametrize("cross_attention", [False, True])
+def test_temporal_block_is_attention_over_each_pixels_frames(implementation, cross_attention):
+  """The temporal transformer block works in the frames-major (B, T, S, C) layout; its
+  output equals the block written on per-pixel sequences (B*S, T, C), with the context
+  of each video's first frame repeated for every pixel (the layout before 2026-12-04),
+  built here from the same parameters and the 3-D `Attention`."""
+  from einops import rearrange
+  import flax.linen as nn
+  from videoldm_jax.models import attention as attention_lib
+  from videoldm_jax.models import layers
+  from videoldm_jax.models.temporal import Frames, TemporalTransformerBlock, mix
+
+  b, t, s, c, heads = 2, 3, 5, 16, 2
+  config = TemporalConfig(cross_attention=cross_attention)
+  k = jax.random.split(jax.random.key(3), 2)
+  x = jax.random.normal(k[0], (b * t, s, c))
+  ctx = jax.random.normal(k[1], (b * t, 4, 8))
+  frames = Frames(num_frames=t)
+  before = attention_lib.implementation()
+  attention_lib.set_implementation(implementation)
+  try:
+    block = TemporalTransformerBlock(config, heads)
+    p = _perturb(nn.meta.unbox(block.init(jax.random.key(4), x, ctx, frames))["params"],
+                 seed=5)
+    out = block.apply({"params": p}, x, ctx, frames)
+
+    dense = lambda name, y: y @ p[name]["kernel"] + p[name]["bias"]
+    ln = lambda name, y: nn.LayerNorm(1e-5).apply({"params": p[name]}, y)
+    attn = lambda name, *a: attention_lib.Attention(heads).apply({"params": p[name]}, *a)
+    pos = layers.timestep_embedding(jnp.arange(t), c, True, 0.0, config.max_period)
+    pos = dense("pos_linear_2", jax.nn.silu(dense("pos_linear_1", pos)))
+    h = rearrange(x, "(b t) s c -> (b s) t c", t=t) + pos[None]
+    h = h + attn("attn1", ln("norm1", h))
+    if cross_attention:
+      first = rearrange(ctx, "(b t) l e -> b t l e", t=t)[:, 0]
+      h = h + attn("attn2", ln("norm2", h), jnp.repeat(first, s, axis=0))
+    h = h + attention_lib.FeedForward().apply({"params": p["ff"]}, ln("norm3", h))
+    reference = mix(x, rearrange(h, "(b s) t c -> (b t) s c", b=b), p["mix_factor"], None)
+  finally:
+    attention_lib.set_implementation(*before)
+  assert "attn2" in p or not cross_attention
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)

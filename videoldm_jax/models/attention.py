@@ -95,12 +95,17 @@ def use_native() -> bool:
 def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.Array,
                           num_heads: int, mask_BxLxS: Optional[jax.Array] = None
                           ) -> jax.Array:
-  """Scaled dot-product attention over `num_heads` heads, (B, L, D) -> (B, L, D).
+  """Scaled dot-product attention over `num_heads` heads, (B, L, D) -> (B, L, D); or,
+  for 4-D inputs (B, L, N, D), (B, S, N, D), N independent sequences per batch
+  element, each attending along axis 1 (the temporal layers' frames of each pixel,
+  in the frames-major layout of the spatial layers, so that no transpose is needed).
 
   Logits and softmax run in float32 whatever the compute dtype: SD 2.x overflows in
   half precision otherwise ("upcast_attention"). Unmasked attention may go through the
   C++ kernel or `blocked_attention` (no L x S array stored; see `attention_path`).
   """
+  if q_BxLxD.ndim == 4:
+    return _attention_per_sequence(q_BxLxD, k_BxSxD, v_BxSxD, num_heads, mask_BxLxS)
   path = "formula" if mask_BxLxS is not None else attention_path(q_BxLxD.shape[1],
                                                                  k_BxSxD.shape[1])
   if path == "native":  # (B, L, H*D) viewed as (B, L, H, D): no transpose
@@ -128,6 +133,23 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   return einops.rearrange(out, "b h l d -> b l (h d)")
 
 
+def _attention_per_sequence(q_BxLxNxD, k_BxSxNxD, v_BxSxNxD, num_heads, mask):
+  """`dot_product_attention` of (B, L, N, D) queries on (B, S, N, D) keys and values."""
+  if mask is not None:
+    raise ValueError("masked attention takes (B, L, D) inputs, got queries of shape "
+                     f"{q_BxLxNxD.shape}")
+  b, length, n, _ = q_BxLxNxD.shape
+  if attention_path(length, k_BxSxNxD.shape[1]) == "native":
+    # The kernel's (B, L, H, D) layout with the N sequences' heads as its heads: a
+    # reshape, where folding N into the batch would transpose every operand.
+    split = lambda x: einops.rearrange(x, "b l n (h d) -> b l (n h) d", h=num_heads)
+    out = native_lib.attention(split(q_BxLxNxD), split(k_BxSxNxD), split(v_BxSxNxD))
+    return einops.rearrange(out.astype(v_BxSxNxD.dtype), "b l (n h) d -> b l n (h d)", n=n)
+  fold = lambda x: einops.rearrange(x, "b l n d -> (b n) l d")
+  out = dot_product_attention(fold(q_BxLxNxD), fold(k_BxSxNxD), fold(v_BxSxNxD), num_heads)
+  return einops.rearrange(out, "(b n) l d -> b l n d", b=b)
+
+
 class Attention(nn.Module):
   """Self- or cross-attention with q/k/v/out projections (diffusers `Attention`)."""
   num_heads: int
@@ -137,7 +159,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxC: jax.Array, context_BxSxE: Optional[jax.Array] = None
                ) -> jax.Array:
-    """(B, L, C) attending to itself or to `context` (B, S, E) -> (B, L, C)."""
+    """(B, L, C) attending to itself or to `context` (B, S, E) -> (B, L, C); or
+    (B, L, N, C) -> (B, L, N, C), N sequences per batch element attending along axis 1
+    to themselves or to `context` (B, S, N, E) (`dot_product_attention`)."""
     width = x_BxLxC.shape[-1]
     ctx = x_BxLxC if context_BxSxE is None else context_BxSxE
     proj = lambda name: layers.dense(width, ("embed", "heads"), name=name,

@@ -8,7 +8,7 @@ use alpha = 1, which makes the video UNet the image UNet exactly.
 Every module and parameter created here has a name starting with `temporal_` (or lives
 inside such a module): `partition.is_temporal` relies on it to split phi from theta.
 Spatial layers see frames as a batch (B*T, H, W, C); temporal layers reshape to
-(B, T, H, W, C) or to per-pixel sequences (B*H*W, T, C).
+(B, T, H, W, C) or, for attention over each pixel's frames, (B, T, H*W, C).
 """
 
 import dataclasses
@@ -191,7 +191,7 @@ class TemporalResBlock(nn.Module):
 class TemporalTransformerBlock(nn.Module):
   """Attention over the frames of each pixel, after a spatial transformer block.
 
-  Tokens (B*T, S, C) -> per-pixel sequences (B*S, T, C), plus a sinusoidal frame-index
+  Tokens (B*T, S, C) -> S per-pixel sequences of T frames, plus a sinusoidal frame-index
   embedding (through Linear-SiLU-Linear) on this branch only; pre-LN self-attention
   over time, optional cross-attention to the context, GEGLU feed-forward, all
   residual; then the blend with the spatial tokens. The encoding is a function of the
@@ -213,16 +213,21 @@ class TemporalTransformerBlock(nn.Module):
         pos.astype(self.dtype))
     pos = layers.dense(width, ("mlp", "embed"), name="pos_linear_2", dtype=self.dtype)(
         nn.silu(pos))
-    h = add_context(x_NxSxC, frames)
-    h = einops.rearrange(h, "(b t) s c -> (b s) t c", t=t) + pos[None]
+    # (B, T, S, C): each pixel's frames are a sequence along axis 1. The layout of the
+    # spatial layers, a reshape of their (B*T, S, C); norms, projections and the
+    # feed-forward act per token, and the attention takes the S sequences as they lie.
+    h = einops.rearrange(add_context(x_NxSxC, frames), "(b t) s c -> b t s c", t=t)
+    h = h + pos[None, :, None]
     ln = lambda name: layers.layer_norm(1e-5, name=name, dtype=self.dtype)
     attn = lambda name: Attention(self.num_heads, dtype=self.dtype, name=name)
     h = h + attn("attn1")(ln("norm1")(h))
     if c.cross_attention and context_NxLxE is not None:
-      # One context per video (that of its first frame), shared by all its pixels.
+      # One context per video (that of its first frame), shared by all its pixels: the
+      # video's T*S tokens as one query sequence attend to it (each query attends on
+      # its own, so this equals every pixel's sequence attending to a copy).
       ctx = einops.rearrange(context_NxLxE, "(b t) l e -> b t l e", t=t)[:, 0]
-      ctx = jnp.repeat(ctx, h.shape[0] // ctx.shape[0], axis=0)
-      h = h + attn("attn2")(ln("norm2")(h), ctx)
+      q = einops.rearrange(ln("norm2")(h), "b t s c -> b (t s) c")
+      h = h + attn("attn2")(q, ctx).reshape(h.shape)
     h = h + FeedForward(dtype=self.dtype, name="ff")(ln("norm3")(h))
-    x_temporal = einops.rearrange(h, "(b s) t c -> (b t) s c", b=x_NxSxC.shape[0] // t)
+    x_temporal = einops.rearrange(h, "b t s c -> (b t) s c")
     return mix(x_NxSxC, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
