@@ -66,6 +66,10 @@ VARIANTS = {
     # 2026-12-04: short temporal and cross-attention through XLA's formula.
     "attention=kernel_long_only": lambda: mock.patch.object(attention, "NATIVE_MIN_LOGITS",
                                                             2 ** 62),
+    # GEGLU's h * gelu(gate) differentiated by autodiff (its saved intermediates read
+    # back), not by gated_gelu's backward that recomputes GELU from gate.
+    "geglu=autodiff": lambda: mock.patch.object(
+        attention, "gated_gelu", lambda h, gate: h * attention.gelu(gate)),
     # YNNPACK for individual dots only: reductions (and the elementwise producers XLA
     # fuses into them, dots included) back to XLA's own loop fusions.
     "ynn=individual_dot": lambda: _compiled_with(

@@ -1,8 +1,8 @@
 """Layers computed in a faster form than their definition equal the definition.
 
 `UpsampleConv` (four 2x2 phase convs) against a 3x3 conv of the nearest-2x-upsampled
-input, and `GEGLU` (two kernel halves, erf GELU) against one dense layer split in two with
-`jax.nn.gelu`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one matmul of time-shifted
+input, and `GEGLU` (two kernel halves, erf GELU, a hand-written backward) against one
+dense layer split in two with `jax.nn.gelu`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one matmul of time-shifted
 inputs) against `nn.Conv`: same parameters, values and gradients to float32 rounding,
 with every parameter perturbed away from its initialisation.
 """
@@ -84,6 +84,16 @@ def test_geglu_halves_and_erf_gelu_equal_one_split_dense_layer():
   assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(fast.init(jax.random.key(0), x)))
           == jax.tree_util.tree_map(jnp.shape, params))
   _assert_same_function(fast.apply, reference.apply, x, params)
+
+
+def test_gated_gelu_keeps_only_its_two_inputs_for_the_backward():
+  rng = np.random.default_rng(1)
+  h, gate = (jnp.asarray(3 * rng.standard_normal((64, 48), np.float32)) for _ in range(2))
+  saved = lambda f: [a for a in jax.tree_util.tree_leaves(jax.vjp(f, h, gate)[1])
+                     if a.shape == h.shape]
+  assert len(saved(attention.gated_gelu)) == 2
+  # Autodiff of the same product keeps more full-size arrays (erf, partial products).
+  assert len(saved(lambda h, gate: h * attention.gelu(gate))) > 2
 
 
 @pytest.mark.parametrize("kernel", [(3, 1, 1), (5, 1, 1)])
