@@ -1,10 +1,10 @@
 """Layers computed in a faster form than their definition equal the definition.
 
 `UpsampleConv` (four 2x2 phase convs) against a 3x3 conv of the nearest-2x-upsampled
-input, and `GEGLU` (two kernel halves, erf GELU, a hand-written backward) against one
-dense layer split in two with `jax.nn.gelu`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one matmul of time-shifted
-inputs) against `nn.Conv`: same parameters, values and gradients to float32 rounding,
-with every parameter perturbed away from its initialisation.
+input, `GEGLU` (two kernel halves, erf GELU, a hand-written backward) against one dense
+layer split in two with `jax.nn.gelu`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one
+matmul of time-shifted inputs) against `nn.Conv`: same parameters, values and gradients
+to float32 rounding, with every parameter perturbed away from its initialisation.
 """
 
 import flax.linen as nn

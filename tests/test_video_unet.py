@@ -1,14 +1,19 @@
 """The video UNet is the image UNet plus temporal layers (Video LDM Sec. 3.1)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from einops import rearrange
 from flax import traverse_util
 
+from videoldm_jax.models import attention as attention_lib
+from videoldm_jax.models import layers
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import partition
-from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.models.temporal import (Frames, TemporalConfig, TemporalTransformerBlock,
+                                          mix)
 from videoldm_jax.models.unet import UNet, UNetConfig
 
 CONFIG = UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
@@ -137,12 +142,6 @@ def test_temporal_block_is_attention_over_each_pixels_frames(implementation, cro
   output equals the block written on per-pixel sequences (B*S, T, C), with the context
   of each video's first frame repeated for every pixel (the layout before 2026-12-04),
   built here from the same parameters and the 3-D `Attention`."""
-  from einops import rearrange
-  import flax.linen as nn
-  from videoldm_jax.models import attention as attention_lib
-  from videoldm_jax.models import layers
-  from videoldm_jax.models.temporal import Frames, TemporalTransformerBlock, mix
-
   b, t, s, c, heads = 2, 3, 5, 16, 2
   config = TemporalConfig(cross_attention=cross_attention)
   k = jax.random.split(jax.random.key(3), 2)
