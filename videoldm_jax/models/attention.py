@@ -190,7 +190,7 @@ def gated_gelu(h: jax.Array, gate: jax.Array) -> jax.Array:
   products of them for the backward, and the backward's fusion of one level-0 GEGLU in
   the W1 step read eight (16, 1024, 256) arrays. Recomputing costs an erf and an exp
   per element; XLA's temporary memory of the key-frame step fell by 6-11% (W1 temporal
-  1647 -> 1471 MB, W2 temporal 3183 -> 2859 MB) at the same step time within the
+  1647 -> 1471 MiB, W2 temporal 3183 -> 2859 MiB) at the same step time within the
   host's noise (bench/README.md).
   """
   return h * gelu(gate)
