@@ -24,13 +24,15 @@ from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
 from bench.common import emit, peak_host_rss_bytes  # noqa: E402
 from bench.train_step import compile_step, step_runner  # noqa: E402
-from videoldm_jax.models import attention, matmul  # noqa: E402
+from videoldm_jax.models import attention, layers, matmul  # noqa: E402
 from videoldm_jax.train import flops as flops_lib  # noqa: E402
 
 
@@ -56,6 +58,13 @@ def _compiled_with(**options):
   return mock.patch.object(jax.stages.Lowered, "compile", compile_with)
 
 
+def _flax_group_norm(num_groups, epsilon, dtype, name):
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+                      param_dtype=jnp.float32,
+                      scale_init=layers.param_init(layers.ONES, ("norm",)),
+                      bias_init=layers.param_init(layers.ZEROS, ("norm",)), name=name)
+
+
 # name -> a context manager factory; the step is traced and compiled inside it.
 VARIANTS = {
     "default": contextlib.nullcontext,
@@ -70,6 +79,9 @@ VARIANTS = {
     # back), not by gated_gelu's backward that recomputes GELU from gate.
     "geglu=autodiff": lambda: mock.patch.object(
         attention, "gated_gelu", lambda h, gate: h * attention.gelu(gate)),
+    # flax's nn.GroupNorm (one reduction over positions and the group's channels,
+    # autodiff backward) instead of layers.GroupNorm.
+    "group_norm=flax": lambda: mock.patch.object(layers, "GroupNorm", _flax_group_norm),
     # YNNPACK for individual dots only: reductions (and the elementwise producers XLA
     # fuses into them, dots included) back to XLA's own loop fusions.
     "ynn=individual_dot": lambda: _compiled_with(

@@ -2,7 +2,8 @@
 
 `UpsampleConv` (four 2x2 phase convs) against a 3x3 conv of the nearest-2x-upsampled
 input, `GEGLU` (two kernel halves, erf GELU, a hand-written backward) against one dense
-layer split in two with `jax.nn.gelu`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one
+layer split in two with `jax.nn.gelu`, `GroupNorm` (two-stage sums, a hand-written
+backward) against `nn.GroupNorm`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one
 matmul of time-shifted inputs) against `nn.Conv`: same parameters, values and gradients
 to float32 rounding, with every parameter perturbed away from its initialisation.
 """
@@ -84,6 +85,23 @@ def test_geglu_halves_and_erf_gelu_equal_one_split_dense_layer():
   assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(fast.init(jax.random.key(0), x)))
           == jax.tree_util.tree_map(jnp.shape, params))
   _assert_same_function(fast.apply, reference.apply, x, params)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 16), (2, 3, 4, 5, 16), (4, 16)])
+def test_group_norm_equals_flax_group_norm(shape):
+  x = jnp.asarray(2 + 3 * np.random.default_rng(0).standard_normal(shape, np.float32))
+  fast = layers.group_norm(4, 1e-5, name="norm")
+  reference = nn.GroupNorm(num_groups=4, epsilon=1e-5, param_dtype=jnp.float32)
+  params = _perturbed(nn.unbox(fast.init(jax.random.key(0), x)))
+  assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(reference.init(jax.random.key(0), x)))
+          == jax.tree_util.tree_map(jnp.shape, params))
+  _assert_same_function(fast.apply, reference.apply, x, params)
+
+
+def test_group_norm_names_groups_that_do_not_divide_the_channels():
+  with pytest.raises(ValueError, match=r"GroupNorm norm: 3 groups do not divide the 16 "
+                                       r"channels of an input of shape \(2, 4, 16\)"):
+    layers.group_norm(3, 1e-5, name="norm").init(jax.random.key(0), jnp.ones((2, 4, 16)))
 
 
 def test_gated_gelu_keeps_only_its_two_inputs_for_the_backward():

@@ -17,11 +17,13 @@ Logical axis names used by the models:
 """
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -134,13 +136,95 @@ class DenseHalves(nn.Module):
                  + bias[i * f:(i + 1) * f] for i in range(2))
 
 
-def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> nn.GroupNorm:
+def _group_stats(x_NxPxC, groups, eps):
+  """(mean, 1 / std) per instance and channel group, (N, G) each, float32: the sums
+  over positions per channel first (a reduction along the major axis, vectorised over
+  the contiguous channels), then over each group's channels."""
+  n, p, c = x_NxPxC.shape
+  count = p * (c // groups)
+  per_group = lambda s_NxC: s_NxC.reshape(n, groups, c // groups).sum(-1) / count
+  mean = per_group(jnp.sum(x_NxPxC, axis=1))
+  var = jnp.maximum(per_group(jnp.sum(x_NxPxC * x_NxPxC, axis=1)) - mean * mean, 0.0)
+  return mean, lax.rsqrt(var + eps)
+
+
+def _per_channel(s_NxG, channels):
+  return jnp.repeat(s_NxG, channels // s_NxG.shape[1], axis=1)[:, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_fn(x_NxPxC, scale_C, bias_C, groups: int, eps: float):
+  """GroupNorm of float32 (N, P, C): each instance's channel groups normalised over the
+  positions P and the group's channels, then scale and bias per channel. The backward
+  keeps x and the (N, G) statistics only and takes two reductions over P."""
+  mean, inv = _group_stats(x_NxPxC, groups, eps)
+  c = x_NxPxC.shape[-1]
+  return (x_NxPxC - _per_channel(mean, c)) * (_per_channel(inv, c) * scale_C) + bias_C
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+  mean, inv = _group_stats(x, groups, eps)
+  c = x.shape[-1]
+  y = (x - _per_channel(mean, c)) * (_per_channel(inv, c) * scale) + bias
+  return y, (x, scale, mean, inv)
+
+
+def _group_norm_bwd(groups, eps, residuals, dy):
+  x, scale, mean, inv = residuals
+  n, p, c = x.shape
+  count = p * (c // groups)
+  # Per (instance, channel): sum_p dy and sum_p dy x; everything else follows from them.
+  dy_sum, dyx_sum = jnp.sum(dy, axis=1), jnp.sum(dy * x, axis=1)
+  mean_c, inv_c = _per_channel(mean, c)[:, 0], _per_channel(inv, c)[:, 0]
+  dbias = jnp.sum(dy_sum, axis=0)
+  dscale = jnp.sum(inv_c * (dyx_sum - mean_c * dy_sum), axis=0)
+  # With g = dy scale and xhat = (x - mean) inv, per group:
+  # dx = inv (g - mean(g) - xhat mean(g xhat)).
+  group_sum = lambda s_NxC: s_NxC.reshape(n, groups, c // groups).sum(-1)
+  g_mean = group_sum(dy_sum * scale) / count
+  gx_mean = inv * (group_sum(dyx_sum * scale) / count - mean * g_mean)
+  a = _per_channel(inv, c) * scale
+  xhat = (x - _per_channel(mean, c)) * _per_channel(inv, c)
+  dx = a * dy - _per_channel(inv * g_mean, c) - xhat * _per_channel(inv * gx_mean, c)
+  return dx, dscale, dbias
+
+
+group_norm_fn.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm of (N, ..., C): each instance's channel groups normalised over all its
+  other axes, then per-channel `scale` and `bias` (C,): the parameters, values and
+  statistics (float32, variance as E[x^2] - E[x]^2) of `nn.GroupNorm`, computed by
+  `group_norm_fn`, whose two-stage sums XLA:CPU runs faster than `nn.GroupNorm`'s one
+  reduction over positions and channels together: alone, GroupNorm + SiLU on
+  (16, 32, 32, 64) forward 5.9 -> 1.5 ms, with the backward 8.1 -> 3.5 ms; the W1
+  temporal step 0.947x the time (bench/README.md)."""
+  num_groups: int
+  epsilon: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels, groups = x.shape[-1], self.num_groups
+    if groups <= 0 or channels % groups:
+      raise ValueError(f"GroupNorm {self.name}: {groups} groups do not divide the "
+                       f"{channels} channels of an input of shape {x.shape}")
+    scale = self.param("scale", param_init(ONES, ("norm",)), (channels,), jnp.float32)
+    bias = self.param("bias", param_init(ZEROS, ("norm",)), (channels,), jnp.float32)
+    x_NxPxC = x.astype(jnp.float32).reshape(x.shape[0], -1, channels)
+    # The sums over x compiled on their own, not fused with whatever produced x: their
+    # order of addition is then the same in every program, and a video model with
+    # alpha = 1 gives its image model's output bit for bit (in the video decoder, the
+    # producer is the blend with the temporal branch, and the fused sums differed).
+    x_NxPxC = lax.optimization_barrier(x_NxPxC)
+    y = group_norm_fn(x_NxPxC, scale, bias, groups, float(self.epsilon))
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> GroupNorm:
   """GroupNorm over the channels-last axis; statistics are computed in float32."""
-  return nn.GroupNorm(
-      num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=param_init(ONES, ("norm",)),
-      bias_init=param_init(ZEROS, ("norm",)),
-      name=name)
+  return GroupNorm(num_groups, eps, dtype=dtype, name=name)
 
 
 def layer_norm(eps: float, *, name: str, dtype=jnp.float32) -> nn.LayerNorm:
