@@ -216,7 +216,7 @@ class GroupNorm(nn.Module):
   `group_norm_fn`, whose two-stage sums XLA:CPU runs faster than `nn.GroupNorm`'s one
   reduction over positions and channels together: alone, GroupNorm + SiLU on
   (16, 32, 32, 64) forward 5.9 -> 1.5 ms, with the backward 8.1 -> 3.5 ms; the W1
-  temporal step 0.947x the time (bench/README.md)."""
+  temporal step 0.95-0.97x the time, W2 1.005x (bench/README.md)."""
   num_groups: int
   epsilon: float
   dtype: jnp.dtype = jnp.float32
