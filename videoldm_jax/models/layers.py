@@ -138,9 +138,9 @@ class DenseHalves(nn.Module):
 
 # With one instance (W2's temporal GroupNorm at batch 1) a single sum over all positions
 # left the backward 2.5-4x slower than flax's (8192 rows into 128 sums); such sums run
-# as POSITION_SPLITS partial sums over row blocks, then their sum. Only then: split
-# sums of several instances made the video decoder's output with alpha = 1 differ from
-# the image decoder's in the last bit (tests/test_video_decoder.py).
+# as POSITION_SPLITS partial sums over row blocks, then their sum. Only for one
+# instance: splitting the sums of several made the video decoder's output with
+# alpha = 1 differ from the image decoder's in the last bit (tests/test_video_decoder.py).
 POSITION_SPLITS = 16
 
 
@@ -234,6 +234,7 @@ class GroupNorm(nn.Module):
     # order of addition is then the same in every program, and a video model with
     # alpha = 1 gives its image model's output bit for bit (in the video decoder, the
     # producer is the blend with the temporal branch, and the fused sums differed).
+    # Fused, they also made the train step slower, not faster (bench/README.md).
     x_NxPxC = lax.optimization_barrier(x_NxPxC)
     y = group_norm_fn(x_NxPxC, scale, bias, groups, float(self.epsilon))
     return y.reshape(x.shape).astype(self.dtype)
