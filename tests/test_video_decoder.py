@@ -48,11 +48,12 @@ def decoders():
   return image, video
 
 
-@pytest.mark.parametrize("frames", [1, 4])
+# Batch 1: GroupNorms of a single instance sum in row blocks (layers.POSITION_SPLITS).
+@pytest.mark.parametrize("batch,frames", [(2, 1), (2, 4), (1, 1), (1, 4)])
 def test_spatial_branch_everywhere_gives_the_image_decoder_bitwise(video_params, decoders,
-                                                                   frames):
+                                                                   batch, frames):
   image, video = decoders
-  z = jax.random.normal(jax.random.key(frames), (2, frames, 4, 4, 4))
+  z = jax.random.normal(jax.random.key(frames), (batch, frames, 4, 4, 4))
   spatial, _ = partition.split(video_params)
   ref = image(spatial, z.reshape((-1,) + z.shape[2:])).reshape(z.shape[:2] + (8, 8, 3))
   # The image-only override on every frame ...
