@@ -138,16 +138,12 @@ def _attention_per_sequence(q_BxLxNxD, k_BxSxNxD, v_BxSxNxD, num_heads, mask):
   if mask is not None:
     raise ValueError("masked attention takes (B, L, D) inputs, got queries of shape "
                      f"{q_BxLxNxD.shape}")
-  b, length, n, _ = q_BxLxNxD.shape
-  if attention_path(length, k_BxSxNxD.shape[1]) == "native":
-    # The kernel's (B, L, H, D) layout with the N sequences' heads as its heads: a
-    # reshape, where folding N into the batch would transpose every operand.
-    split = lambda x: einops.rearrange(x, "b l n (h d) -> b l (n h) d", h=num_heads)
-    out = native_lib.attention(split(q_BxLxNxD), split(k_BxSxNxD), split(v_BxSxNxD))
-    return einops.rearrange(out.astype(v_BxSxNxD.dtype), "b l (n h) d -> b l n (h d)", n=n)
-  fold = lambda x: einops.rearrange(x, "b l n d -> (b n) l d")
-  out = dot_product_attention(fold(q_BxLxNxD), fold(k_BxSxNxD), fold(v_BxSxNxD), num_heads)
-  return einops.rearrange(out, "(b n) l d -> b l n d", b=b)
+  # N sequences of H heads each are N*H heads of one sequence: (B, L, N*D) is a reshape,
+  # which every path takes as it is (the kernel's (B, L, H, D) layout included).
+  merge = lambda x: x.reshape(x.shape[:2] + (-1,))
+  out = dot_product_attention(merge(q_BxLxNxD), merge(k_BxSxNxD), merge(v_BxSxNxD),
+                              q_BxLxNxD.shape[2] * num_heads)
+  return out.reshape(q_BxLxNxD.shape[:3] + (-1,))
 
 
 class Attention(nn.Module):

@@ -174,9 +174,7 @@ def group_norm_fn(x_NxPxC, scale_C, bias_C, groups: int, eps: float):
   """GroupNorm of float32 (N, P, C): each instance's channel groups normalised over the
   positions P and the group's channels, then scale and bias per channel. The backward
   keeps x and the (N, G) statistics only and takes two reductions over P."""
-  mean, inv = _group_stats(x_NxPxC, groups, eps)
-  c = x_NxPxC.shape[-1]
-  return (x_NxPxC - _per_channel(mean, c)) * (_per_channel(inv, c) * scale_C) + bias_C
+  return _group_norm_fwd(x_NxPxC, scale_C, bias_C, groups, eps)[0]
 
 
 def _group_norm_fwd(x, scale, bias, groups, eps):
