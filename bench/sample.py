@@ -37,9 +37,10 @@ from videoldm_jax.models.temporal import TemporalConfig  # noqa: E402
 from videoldm_jax.train import flops as flops_lib  # noqa: E402
 
 
-def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float) -> dict:
+def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float,
+         dtype: str = "float32") -> dict:
   w = workloads.WORKLOADS[workload]
-  ldm = workloads.video_ldm(w, TemporalConfig(), "float32", "none")
+  ldm = workloads.video_ldm(w, TemporalConfig(), dtype, "none")
   unet = ldm.unet()
   params = {"params": ldm.init_unet_params(0)}
   rng = np.random.default_rng(0)
@@ -50,8 +51,8 @@ def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float) -> 
   denoise = samplers.guided_denoise_fn(lambda x, t, c: apply(params, x, t, c),
                                        cond, uncond, guidance)
   schedule, sampling = schedule_from_diffusers_config(workloads.SD_SCHEDULER)
-  s = w.latent_size
-  x_T = jnp.asarray(rng.standard_normal((w.batch, w.frames, s, s, 4), np.float32))
+  h, wd = w.latent_hw
+  x_T = jnp.asarray(rng.standard_normal((w.batch, w.frames, h, wd, 4), np.float32))
 
   def run():
     out = samplers.sample(denoise, x_T, schedule, steps, sampler="ddim",
@@ -72,12 +73,14 @@ def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float) -> 
   flops = flops_lib.model_flops(lambda p, x: unet.apply(p, x, jnp.zeros((2 * w.batch,)),
                                                         jnp.concatenate([cond, uncond])),
                                 params, x2)
-  return dict(bench="sample_ddim", workload=workload, batch=w.batch, frames=w.frames,
+  return dict(bench="sample_ddim", workload=workload, dtype=dtype, batch=w.batch,
+              frames=w.frames, latents=w.latent_text,
               steps=steps, guidance_scale=guidance, s_per_step=total / steps,
               frames_per_s=w.batch * w.frames / total, sample_s=total,
               first_run_s=first, model_gflop_per_step=flops / 1e9,
               peak_gflops=peak / 1e9, mfu=flops / (total / steps) / peak,
-              peak_host_rss_bytes=peak_host_rss_bytes())
+              peak_host_rss_bytes=peak_host_rss_bytes(),
+              device=jax.devices()[0].device_kind, jax=jax.__version__)
 
 
 def _latest_export(work: Path, stage: str) -> str:
@@ -120,15 +123,18 @@ def main():
   parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sample")
   parser.add_argument("--runs", type=int, default=3, help="timed samples (median)")
   parser.add_argument("--guidance", type=float, default=7.5)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="compute dtype (parameters stay float32); MFU against a "
+                           "matmul of this dtype")
   parser.add_argument("--chain_work", default="", help="launch/demo.sh's work folder")
   parser.add_argument("--chain_seconds", type=float, default=4.0)
   parser.add_argument("--chain_fps", type=float, default=8.0)
   parser.add_argument("--chain_steps", type=int, default=20)
   args = parser.parse_args()
   if args.workload:
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(dtype=jnp.dtype(args.dtype))
     for workload in args.workload.split(","):
-      emit(ddim(workload, args.steps, args.runs, args.guidance, peak))
+      emit(ddim(workload, args.steps, args.runs, args.guidance, peak, args.dtype))
   if args.chain_work:
     emit(chain(Path(args.chain_work), args.chain_seconds, args.chain_fps, args.chain_steps))
 

@@ -5,13 +5,16 @@ steps after compile and `--warmup` warm-ups, samples/s, compile seconds, paramet
 (total, trainable), model FLOPs per step (2 x MACs of matmuls, convolutions and
 attention, forward + backward, counted from the step's jaxpr: `train/flops.py`) and
 XLA's own cost-analysis count, MFU = model FLOPs / step time / peak, where peak is a
-large float32 matmul measured in this process, XLA's temporary bytes, and the peak host
-memory of the process so far.
+large matmul of the compute dtype (`--dtype`) measured in this process, XLA's temporary
+bytes, the peak host memory of the process so far and, on accelerators, the device's
+peak bytes in use.
 
   JAX_PLATFORMS=cpu python -m bench.train_step --workload=W1,W2 --stage=keyframe \
       --mode=temporal,full
   JAX_PLATFORMS=cpu python -m bench.train_step --workload=W1 \
       --stage=predictor,interpolator,upsampler,decoder --mode=temporal,full
+  # on a GPU (bench/gpu_run.sh): the SD 1.5-sized key-frame step in bf16
+  JAX_PLATFORMS=cuda python -m bench.train_step --workload=SD15 --dtype=bfloat16
 """
 
 import argparse
@@ -101,6 +104,7 @@ def run(workload: str, stage: str, mode: str, *, dtype: str, remat: str, steps: 
     raise FloatingPointError(f"{workload}/{stage}/{mode}: loss is {loss}")
   t = float(np.median(times))
   trainable, _ = split(case.params, case.stage.is_trainable)
+  device_stats = jax.devices()[0].memory_stats() or {}
   return dict(
       bench="train_step", workload=workload, stage=stage, mode=mode, dtype=dtype,
       attention=attention.implementation()[0],
@@ -111,7 +115,8 @@ def run(workload: str, stage: str, mode: str, *, dtype: str, remat: str, steps: 
       model_gflop=model_flops / 1e9, xla_gflop=xla_flops / 1e9,
       peak_gflops=peak / 1e9, mfu=model_flops / t / peak, mfu_xla=xla_flops / t / peak,
       temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
-      peak_host_rss_bytes=peak_host_rss_bytes(), loss=loss, steps=steps,
+      peak_host_rss_bytes=peak_host_rss_bytes(),
+      device_peak_bytes=device_stats.get("peak_bytes_in_use"), loss=loss, steps=steps,
       device=jax.devices()[0].device_kind, cpus=os.cpu_count(), machine=platform.machine(),
       jax=jax.__version__)
 

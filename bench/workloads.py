@@ -7,6 +7,10 @@ The shapes are those of the SVD-style video UNet our users compare against (issu
   W2: latents 4 x 32 x 32, T = 8, batch 1; levels (128, 256, 256), two ResBlocks per
       level, attention at levels 0, 1 and in the middle block, heads (4, 8, 8),
       cross-attention dim 128.
+  SD15: the SD 1.5-sized key-frame config of the accelerator runs (configs/
+      keyframe_sd15.py): latents 4 x 40 x 64 (320 x 512 frames), T = 16, batch 1
+      (one clip per device, as configs/keyframe_sd15_8xh100.py); SD 1.5's UNet
+      (320, 640, 1280, 1280), 8 heads, context 77 x 768.
 Temporal layers (a temporal ResBlock after every ResBlock, a temporal transformer after
 every spatial one) are the library's defaults.
 
@@ -65,8 +69,18 @@ class Workload:
   unet: UNetConfig
   batch: int
   frames: int = 8
-  latent_size: int = 32
+  latent_size: int = 32             # latent height (and width unless latent_width)
   context_len: int = 1
+  latent_width: Optional[int] = None
+
+  @property
+  def latent_hw(self) -> tuple[int, int]:
+    return self.latent_size, self.latent_width or self.latent_size
+
+  @property
+  def latent_text(self) -> str:
+    h, w = self.latent_hw
+    return f"{self.frames}x{h}x{w}x4"
 
   def vae(self) -> VAEConfig:
     """The decoder stage's autoencoder: the workload's widths, 2x downsampling per level."""
@@ -82,6 +96,8 @@ WORKLOADS = {
         block_out_channels=(128, 256, 256), layers_per_block=2,
         attention_levels=(True, True, False), num_heads=(4, 8, 8),
         cross_attention_dim=128), batch=1),
+    "SD15": Workload("SD15", UNetConfig(), batch=1, frames=16, latent_size=40,
+                     latent_width=64, context_len=77),
 }
 
 
@@ -104,8 +120,8 @@ def video_ldm(w: Workload, temporal: TemporalConfig, dtype: str, remat: str) -> 
 
 
 def _latent_batch(w: Workload, rng: np.random.Generator) -> dict:
-  s = w.latent_size
-  return {"latents": rng.standard_normal((w.batch, w.frames, s, s, w.unet.in_channels),
+  h, wd = w.latent_hw
+  return {"latents": rng.standard_normal((w.batch, w.frames, h, wd, w.unet.in_channels),
                                          np.float32),
           "context": rng.standard_normal((w.batch, w.context_len, w.unet.cross_attention_dim),
                                          np.float32)}
@@ -127,7 +143,7 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
     ldm = video_ldm(w, TemporalConfig(), dtype, remat)
     return Case(keyframe.make_stage(ldm, options, None),
                 {"unet": ldm.init_unet_params(seed)}, _latent_batch(w, rng), w.batch,
-                f"{w.name} key-frame UNet, latents {w.frames}x{w.latent_size}^2x4",
+                f"{w.name} key-frame UNet, latents {w.latent_text}",
                 {"unet": ldm.logical_axes()["unet"]})
   if stage in ("predictor", "interpolator"):
     ldm = video_ldm(w, TemporalConfig(context_frames=True), dtype, remat)
@@ -135,8 +151,11 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
             else interpolator.mask_fn(4))
     return Case(context_stage.make_context_stage(stage, ldm, options, None, mask),
                 {"unet": ldm.init_unet_params(seed)}, _latent_batch(w, rng), w.batch,
-                f"{w.name} UNet + context encoder, latents {w.frames}x{w.latent_size}^2x4",
+                f"{w.name} UNet + context encoder, latents {w.latent_text}",
                 {"unet": ldm.logical_axes()["unet"]})
+  if stage in ("upsampler", "decoder") and w.latent_hw[0] != w.latent_hw[1]:
+    raise ValueError(f"stage {stage!r} runs on square workloads (W1, W2); {w.name} has "
+                     f"latents {w.latent_text}")
   if stage == "upsampler":
     arch = {k: v for k, v in w.unet.to_dict().items()
             if k not in ("in_channels", "out_channels", "num_class_embeds")}

@@ -145,6 +145,7 @@ def test_attention_path_follows_implementation_and_target_platform():
     for name, platform, long_path, short_path in [
         ("auto", "cpu", "native" if kernel else "blocked", "native" if kernel else "formula"),
         ("auto", "tpu", "formula", "formula"), ("blocked", "tpu", "blocked", "formula"),
+        ("auto", "gpu", "cudnn", "formula"), ("plain", "gpu", "formula", "formula"),
         ("blocked", "gpu", "blocked", "formula"), ("blocked", "cpu", "blocked", "formula"),
         ("plain", "cpu", "formula", "formula")]:
       attention_lib.set_implementation(name, platform)
@@ -156,6 +157,31 @@ def test_attention_path_follows_implementation_and_target_platform():
     attention_lib.set_implementation("auto")
   with pytest.raises(ValueError, match="auto"):
     attention_lib.set_implementation("flash")
+  # A GPU program traced on this CPU host (videoldm-compile's proxy) has no cuDNN: the
+  # "cudnn" path falls back to the formula there.
+  assert not attention_lib.cudnn_supports(jnp.bfloat16, 64, 1024, 1024)
+
+
+def test_cudnn_attention_counts_as_its_matmuls():
+  # jax binds cuDNN's fused attention as primitives of these names (jax/_src/cudnn/
+  # fused_attention_stablehlo.py); they only lower on a GPU, so stand-ins with the
+  # same names and operand shapes give the jaxpr the counter sees there.
+  from jax.extend import core as jcore
+  from videoldm_jax.train import flops as flops_lib
+  b, t, s, n, h = 2, 300, 77, 8, 40
+  prims = {}
+  for name in ("dot_product_attention_fwd_wrapper", "dot_product_attention_bwd_wrapper"):
+    prims[name] = jcore.Primitive(name)
+    prims[name].def_abstract_eval(lambda q, k, v: q)
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, s, n, h), jnp.bfloat16)
+  for name, matmuls in [("dot_product_attention_fwd_wrapper", 2),
+                        ("dot_product_attention_bwd_wrapper", 5)]:
+    count = model_flops(lambda q, k, v: prims[name].bind(q, k, v), q, kv, kv)
+    # 2 x (B N T S H) per matmul; forward: q k^T, weights v; backward (as torch's
+    # FlopCounterMode counts flash attention): logits recomputed, dv, dp, dq, dk.
+    assert count == matmuls * 2 * b * n * t * s * h, name
+    assert flops_lib.CUDNN_ATTENTION_MATMULS[name] == matmuls
 
 
 def test_query_block_divides_and_bounds_the_logits():

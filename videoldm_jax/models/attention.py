@@ -20,7 +20,9 @@ from videoldm_jax.models import layers
 # Which attention runs (read when a model is traced):
 #   "auto"     on CPU the C++ kernel (models/native_attention.py) for all unmasked
 #              attention, or XLA's blocked path for long sequences where the kernel
-#              cannot be built; XLA's formula on accelerators;
+#              cannot be built; on GPUs cuDNN's fused (flash) attention for long
+#              unmasked attention in bf16 / fp16 (`CUDNN_HEAD_DIMS`), XLA's formula for
+#              the rest; XLA's formula on TPUs;
 #   "plain"    always the formula (the benchmarks' baseline);
 #   "blocked"  XLA's blocked path for long sequences on every platform: on an accelerator
 #              it trades some speed for memory (no L x S array is stored), which is what
@@ -66,7 +68,9 @@ def attention_path(num_queries: int, num_keys: int) -> str:
   """The computation that unmasked attention with these sequence lengths runs under the
   selected implementation (see IMPLEMENTATIONS): "native" (the C++ kernel: on CPU from
   NATIVE_MIN_LOGITS logits per head), "blocked" (XLA's loop over query blocks, for long
-  sequences: >= MIN_BLOCKED_ELEMENTS logits per head) or "formula"."""
+  sequences: >= MIN_BLOCKED_ELEMENTS logits per head), "cudnn" (GPU, "auto", long
+  sequences; `dot_product_attention` falls back to the formula for float32 or a head
+  dim cuDNN lacks) or "formula"."""
   if _implementation == "plain":
     return "formula"
   logits = num_queries * num_keys
@@ -75,7 +79,27 @@ def attention_path(num_queries: int, num_keys: int) -> str:
     return "native"
   if long and (_implementation == "blocked" or target_platform() == "cpu"):
     return "blocked"
+  # Short attention (the temporal layers' 8-16 frames) stays with the formula: a flash
+  # kernel's query tiles (64-128 rows) would be mostly padding.
+  if long and _implementation == "auto" and target_platform() == "gpu":
+    return "cudnn"
   return "formula"
+
+
+def cudnn_supports(dtype, head_dim: int, num_queries: int, num_keys: int) -> bool:
+  """Whether cuDNN's fused attention takes these inputs, forward and backward: bf16 /
+  fp16, a head dim that is a multiple of 8 up to 128 (256 from Hopper, compute
+  capability 9.0, on), even sequence lengths (jax 0.11.2 refuses to train on SD's 77
+  context tokens: "Unsupported sequence length Q 2560, KV 77"), on a GPU host. A GPU
+  program traced on a CPU host (videoldm-compile's CPU proxy of a GPU topology) has no
+  cuDNN and keeps the formula."""
+  if jax.default_backend() != "gpu" or num_queries % 2 or num_keys % 2:
+    return False
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", "0")
+  most = 256 if float(capability) >= 9.0 else 128
+  return head_dim % 8 == 0 and head_dim <= most
 
 
 def use_native() -> bool:
@@ -108,6 +132,14 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
     return _attention_per_sequence(q_BxLxD, k_BxSxD, v_BxSxD, num_heads, mask_BxLxS)
   path = "formula" if mask_BxLxS is not None else attention_path(q_BxLxD.shape[1],
                                                                  k_BxSxD.shape[1])
+  if path == "cudnn" and not cudnn_supports(q_BxLxD.dtype, q_BxLxD.shape[-1] // num_heads,
+                                            q_BxLxD.shape[1], k_BxSxD.shape[1]):
+    path = "formula"
+  if path == "cudnn":  # (B, L, H, D), its logits and softmax in float32 inside cuDNN
+    split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
+    out = jax.nn.dot_product_attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD),
+                                       implementation="cudnn")
+    return einops.rearrange(out, "b l h d -> b l (h d)")
   if path == "native":  # (B, L, H*D) viewed as (B, L, H, D): no transpose
     split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
     out = native_lib.attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD))

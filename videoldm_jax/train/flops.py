@@ -11,7 +11,8 @@ set of trainable parameters, so it is the numerator of MFU.
 The jaxpr is pruned of dead code first, so work whose result is unused is not counted;
 remat recomputation is counted (it is executed). Loops count their trip count times
 (`scan`); `while` loops, whose trip count is unknown, count one iteration. The C++
-attention kernel's custom calls count as the attention they compute.
+attention kernel's custom calls and cuDNN's fused attention count as the attention they
+compute.
 """
 
 import math
@@ -44,6 +45,24 @@ def conv_flops(rhs_shape, out_shape, dimension_numbers) -> int:
   return 2 * math.prod(out_shape) * rhs_shape[rhs_spec[1]] * window
 
 
+# cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")) in a
+# jaxpr: jax's forward and backward primitives (the "_wrapper" ones are what jax binds),
+# their first two operands (B, T, N, H) queries and (B, S, N, H) keys, and the matmuls
+# each runs in torch's convention (forward: logits, weights x values; backward: logits
+# recomputed, dv, dp, dq, dk).
+CUDNN_ATTENTION_MATMULS = {"dot_product_attention_fwd": 2,
+                           "dot_product_attention_fwd_wrapper": 2,
+                           "dot_product_attention_bwd": 5,
+                           "dot_product_attention_bwd_wrapper": 5}
+
+
+def attention_matmul_flops(query_shape, key_shape, matmuls: int) -> int:
+  """`matmuls` matmuls of (B, T, N, H) queries against (B, S, N, H) keys: each
+  2 B N T S H."""
+  (b, length, heads, dim), keys = query_shape, key_shape[1]
+  return 2 * b * heads * length * keys * dim * matmuls
+
+
 def _sub_jaxprs(value: Any):
   if isinstance(value, jcore.ClosedJaxpr):
     yield value.jaxpr
@@ -71,6 +90,10 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
     if name == "ffi_call":  # our C++ kernels (a model's only custom calls)
       total += native_attention.call_flops(eqn.params["target_name"],
                                            [v.aval.shape for v in eqn.invars])
+      continue
+    if name in CUDNN_ATTENTION_MATMULS:
+      total += attention_matmul_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
+                                      CUDNN_ATTENTION_MATMULS[name])
       continue
     if name == "cond":  # one branch runs: count the most expensive
       total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 8's accelerator benchmarks in one call on a GPU machine: the SD 1.5-sized
+# key-frame train step (bench/workloads.py "SD15": T = 16, 40 x 64 latents) in bf16,
+# temporal and full, with cuDNN's fused attention ("auto" on GPUs) and with XLA's
+# formula ("plain"), DDIM sampling of the same model, and W2 in bf16. Cases run in
+# priority order, each in its own process under its own time limit, and append their
+# JSON lines to $OUT/results.jsonl as they finish, so a run cut short still reports
+# what it measured. MFU is against a bf16 8192^3 matmul measured in each process.
+#
+#   OUT=work/gpu_run bash bench/gpu_run.sh          # OUT defaults to work/gpu_run
+#
+# The machine's own Python and JAX are used (no install). Packages it lacks travel as
+# wheels in .whl/ (ml_collections, grain, array_record, portpicker: bench/README.md
+# says how to fetch them) and are installed into /tmp/site.
+set -u
+OUT=${OUT:-work/gpu_run}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The package's XLA:CPU default flag (videoldm_jax/xla_flags.py) is left out: a flag
+# this XLA build does not know would stop the process.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} VIDEOLDM_JAX_XLA_DEFAULTS=0 PYTHONUNBUFFERED=1
+CASE_LIMIT=${CASE_LIMIT:-240}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+      --format=csv 2>&1
+  $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__); \
+print(jax.devices())" 2>&1; } | tee "$OUT/env.txt"
+$PY -c "import bench.train_step" || { echo "imports failed"; exit 1; }
+
+CASES=${CASES:-all}  # or a space-separated list of case names
+run_case() {  # name, command...
+  local name=$1; shift
+  [ "$CASES" = all ] || [[ " $CASES " == *" $name "* ]] || return 0
+  echo "== $name: $*"
+  local t0=$SECONDS
+  timeout "$CASE_LIMIT" "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
+  local rc=$?
+  grep '^{' "$OUT/$name.out" >> "$OUT/results.jsonl"
+  cat "$OUT/$name.out"
+  [ $rc -ne 0 ] && tail -n 25 "$OUT/$name.err"
+  echo "== $name: rc=$rc, $((SECONDS - t0)) s"
+}
+
+TS="$PY -m bench.train_step --dtype=bfloat16 --steps=10 --warmup=3 --stage=keyframe"
+run_case sd15_temporal_auto $TS --workload=SD15 --mode=temporal --attention=auto
+run_case sd15_temporal_plain $TS --workload=SD15 --mode=temporal --attention=plain
+run_case sd15_full_auto $TS --workload=SD15 --mode=full --attention=auto
+run_case sd15_sample $PY -m bench.sample --workload=SD15 --dtype=bfloat16 --steps=10 --runs=3
+run_case w2_bf16 $TS --workload=W2 --mode=temporal,full
+echo "== results"
+cat "$OUT/results.jsonl"
