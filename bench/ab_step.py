@@ -65,6 +65,12 @@ def _flax_group_norm(num_groups, epsilon, dtype, name):
                       bias_init=layers.param_init(layers.ZEROS, ("norm",)), name=name)
 
 
+def _flax_layer_norm(eps, *, name, dtype=jnp.float32):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                      scale_init=layers.param_init(layers.ONES, ("norm",)),
+                      bias_init=layers.param_init(layers.ZEROS, ("norm",)), name=name)
+
+
 # name -> a context manager factory; the step is traced and compiled inside it.
 VARIANTS = {
     "default": contextlib.nullcontext,
@@ -82,6 +88,9 @@ VARIANTS = {
     # flax's nn.GroupNorm (one reduction over positions and the group's channels,
     # autodiff backward) instead of layers.GroupNorm.
     "group_norm=flax": lambda: mock.patch.object(layers, "GroupNorm", _flax_group_norm),
+    # flax's nn.LayerNorm (autodiff backward, fusible with the dot before it) instead
+    # of layers.LayerNorm.
+    "layer_norm=flax": lambda: mock.patch.object(layers, "layer_norm", _flax_layer_norm),
     # YNNPACK for individual dots only: reductions (and the elementwise producers XLA
     # fuses into them, dots included) back to XLA's own loop fusions.
     "ynn=individual_dot": lambda: _compiled_with(

@@ -49,8 +49,8 @@ run_case() {  # name, command...
 
 TS="$PY -m bench.train_step --dtype=bfloat16 --steps=10 --warmup=3 --stage=keyframe"
 run_case sd15_temporal_auto $TS --workload=SD15 --mode=temporal --attention=auto
-run_case sd15_temporal_plain $TS --workload=SD15 --mode=temporal --attention=plain
 run_case sd15_full_auto $TS --workload=SD15 --mode=full --attention=auto
+run_case sd15_temporal_plain $TS --workload=SD15 --mode=temporal --attention=plain
 run_case sd15_sample $PY -m bench.sample --workload=SD15 --dtype=bfloat16 --steps=10 --runs=3
 run_case w2_bf16 $TS --workload=W2 --mode=temporal,full
 echo "== results"

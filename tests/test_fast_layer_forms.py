@@ -3,7 +3,8 @@
 `UpsampleConv` (four 2x2 phase convs) against a 3x3 conv of the nearest-2x-upsampled
 input, `GEGLU` (two kernel halves, erf GELU, a hand-written backward) against one dense
 layer split in two with `jax.nn.gelu`, `GroupNorm` (two-stage sums, a hand-written
-backward) against `nn.GroupNorm`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one
+backward) against `nn.GroupNorm`, `LayerNorm` (a hand-written backward) against
+`nn.LayerNorm`, and `TimeOnlyConv` (a (kt, 1, 1) conv as one
 matmul of time-shifted inputs) against `nn.Conv`: same parameters, values and gradients
 to float32 rounding, with every parameter perturbed away from its initialisation.
 """
@@ -92,6 +93,17 @@ def test_group_norm_equals_flax_group_norm(shape):
   x = jnp.asarray(2 + 3 * np.random.default_rng(0).standard_normal(shape, np.float32))
   fast = layers.group_norm(4, 1e-5, name="norm")
   reference = nn.GroupNorm(num_groups=4, epsilon=1e-5, param_dtype=jnp.float32)
+  params = _perturbed(nn.unbox(fast.init(jax.random.key(0), x)))
+  assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(reference.init(jax.random.key(0), x)))
+          == jax.tree_util.tree_map(jnp.shape, params))
+  _assert_same_function(fast.apply, reference.apply, x, params)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 16), (2, 9, 48), (4, 8)])
+def test_layer_norm_equals_flax_layer_norm(shape):
+  x = jnp.asarray(2 + 3 * np.random.default_rng(0).standard_normal(shape, np.float32))
+  fast = layers.layer_norm(1e-5, name="norm")
+  reference = nn.LayerNorm(epsilon=1e-5, param_dtype=jnp.float32)
   params = _perturbed(nn.unbox(fast.init(jax.random.key(0), x)))
   assert (jax.tree_util.tree_map(jnp.shape, nn.unbox(reference.init(jax.random.key(0), x)))
           == jax.tree_util.tree_map(jnp.shape, params))

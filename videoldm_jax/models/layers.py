@@ -243,13 +243,59 @@ def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> 
   return GroupNorm(num_groups, eps, dtype=dtype, name=name)
 
 
-def layer_norm(eps: float, *, name: str, dtype=jnp.float32) -> nn.LayerNorm:
-  """LayerNorm over the last axis."""
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=param_init(ONES, ("norm",)),
-      bias_init=param_init(ZEROS, ("norm",)),
-      name=name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_fn(x_NxC, scale_C, bias_C, eps: float):
+  """LayerNorm of float32 (N, C) over C, then scale and bias per channel. The backward
+  keeps x and the (N, 1) statistics only, and takes its input gradient as its own
+  computation (see `LayerNorm`)."""
+  return _layer_norm_fwd(x_NxC, scale_C, bias_C, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+  inv = lax.rsqrt(var + eps)
+  return (x - mean) * (inv * scale) + bias, (x, scale, mean, inv)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+  x, scale, mean, inv = residuals
+  # dy arrives from a dot (the feed-forward's or an attention projection's input
+  # gradient); XLA:CPU fused that dot with the row reductions below into one YNNPACK
+  # fusion that ran ~4x the dot's time alone (bench/README.md): kept apart.
+  dy = lax.optimization_barrier(dy)
+  xhat = (x - mean) * inv
+  g = dy * scale
+  # dx = inv (g - mean(g) - xhat mean(g xhat)), means over the channels of each row.
+  dx = inv * (g - jnp.mean(g, axis=-1, keepdims=True)
+              - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  return dx, jnp.sum(dy * xhat, axis=0), jnp.sum(dy, axis=0)
+
+
+layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis: the parameters (`scale`, `bias` (C,)), values and
+  float32 statistics (variance as E[x^2] - E[x]^2) of `nn.LayerNorm`, computed by
+  `layer_norm_fn`, whose backward XLA:CPU cannot fuse into the dot that produces the
+  incoming gradient."""
+  epsilon: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", param_init(ONES, ("norm",)), (channels,), jnp.float32)
+    bias = self.param("bias", param_init(ZEROS, ("norm",)), (channels,), jnp.float32)
+    y = layer_norm_fn(x.astype(jnp.float32).reshape(-1, channels), scale, bias,
+                      float(self.epsilon))
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+def layer_norm(eps: float, *, name: str, dtype=jnp.float32) -> LayerNorm:
+  """LayerNorm over the last axis; statistics are computed in float32."""
+  return LayerNorm(eps, dtype=dtype, name=name)
 
 
 def embedding(num_embeddings: int, features: int, *, name: str) -> nn.Embed:
