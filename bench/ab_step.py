@@ -95,6 +95,8 @@ VARIANTS = {
     # fuses into them, dots included) back to XLA's own loop fusions.
     "ynn=individual_dot": lambda: _compiled_with(
         xla_cpu_experimental_ynn_fusion_type="LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
+    # layers.LayerNorm's backward fused with the dots before it (no fusion_boundary).
+    "layer_norm=fused": lambda: mock.patch.object(layers, "fusion_boundary", lambda x: x),
     # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
     "ffn_weight_grad=transposed": lambda: mock.patch.dict(
         matmul.WEIGHT_GRADS, {"chunked": matmul.dense_matmul}),

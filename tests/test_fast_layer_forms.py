@@ -141,3 +141,15 @@ def test_time_only_conv_equals_a_3d_conv(kernel):
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(
       lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)), init(fast), init(reference)))
   _assert_same_function(fast.apply, reference.apply, x, _perturbed(init(reference)))
+
+
+def test_fusion_boundary_is_an_identity_that_stays_in_the_compiled_program():
+  x = jnp.array([1.0000001, np.nan, np.inf, -np.inf, 1e-45, 3.4e38, -0.0], jnp.float32)
+  for v in (x, x.astype(jnp.bfloat16)):
+    out = jax.jit(layers.fusion_boundary)(v)
+    bits = lambda a: np.asarray(a).view(np.uint32 if a.dtype == jnp.float32 else np.uint16)
+    assert np.array_equal(bits(v), bits(out))
+  # Not simplified away (as an optimisation barrier is): it is what keeps LayerNorm's
+  # backward apart from the dots before it.
+  hlo = jax.jit(lambda v: jnp.exp(layers.fusion_boundary(v * 2.0))).lower(x).compile().as_text()
+  assert "reduce-precision" in hlo

@@ -243,6 +243,15 @@ def group_norm(num_groups: int, eps: float, *, name: str, dtype=jnp.float32) -> 
   return GroupNorm(num_groups, eps, dtype=dtype, name=name)
 
 
+def fusion_boundary(x: jax.Array) -> jax.Array:
+  """x unchanged, as an op that XLA:CPU's YNNPACK fusions do not take in, so that the
+  computations before and after it are fused apart. A rounding of x to its own dtype's
+  precision (an identity, NaN and inf included); `lax.optimization_barrier` does not
+  do this: XLA removes it before fusion."""
+  info = jnp.finfo(x.dtype)
+  return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm_fn(x_NxC, scale_C, bias_C, eps: float):
   """LayerNorm of float32 (N, C) over C, then scale and bias per channel. The backward
@@ -260,10 +269,11 @@ def _layer_norm_fwd(x, scale, bias, eps):
 
 def _layer_norm_bwd(eps, residuals, dy):
   x, scale, mean, inv = residuals
-  # dy arrives from a dot (the feed-forward's or an attention projection's input
-  # gradient); XLA:CPU fused that dot with the row reductions below into one YNNPACK
-  # fusion that ran ~4x the dot's time alone (bench/README.md): kept apart.
-  dy = lax.optimization_barrier(dy)
+  # dy arrives from dots (the feed-forward's or the attention projections' input
+  # gradients), which XLA:CPU fused, with GEGLU's backward before them, into one
+  # YNNPACK reduce fusion with the row reductions below, slower than the parts apart
+  # (bench/README.md).
+  dy = fusion_boundary(dy)
   xhat = (x - mean) * inv
   g = dy * scale
   # dx = inv (g - mean(g) - xhat mean(g xhat)), means over the channels of each row.
@@ -278,8 +288,8 @@ layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis: the parameters (`scale`, `bias` (C,)), values and
   float32 statistics (variance as E[x^2] - E[x]^2) of `nn.LayerNorm`, computed by
-  `layer_norm_fn`, whose backward XLA:CPU cannot fuse into the dot that produces the
-  incoming gradient."""
+  `layer_norm_fn`, whose backward keeps x and the per-row statistics only and is not
+  fused with the dots that produce the incoming gradient (`fusion_boundary`)."""
   epsilon: float
   dtype: jnp.dtype = jnp.float32
 
