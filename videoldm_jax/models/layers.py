@@ -228,11 +228,12 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", param_init(ONES, ("norm",)), (channels,), jnp.float32)
     bias = self.param("bias", param_init(ZEROS, ("norm",)), (channels,), jnp.float32)
     x_NxPxC = x.astype(jnp.float32).reshape(x.shape[0], -1, channels)
-    # The sums over x compiled on their own, not fused with whatever produced x: their
-    # order of addition is then the same in every program, and a video model with
-    # alpha = 1 gives its image model's output bit for bit (in the video decoder, the
-    # producer is the blend with the temporal branch, and the fused sums differed).
-    # Fused, they also made the train step slower, not faster (bench/README.md).
+    # x is opaque to XLA's simplification passes (the barrier itself is removed before
+    # fusion): without it, the sums in the video decoder, whose x is the blend with the
+    # temporal branch, were rewritten into another order of addition, and a video
+    # model with alpha = 1 lost bitwise equality with its image model; the train step
+    # was also slower. A `fusion_boundary` here instead keeps the equality and the
+    # speed but stores x once more (W1 temporal +67 MiB; bench/README.md).
     x_NxPxC = lax.optimization_barrier(x_NxPxC)
     y = group_norm_fn(x_NxPxC, scale, bias, groups, float(self.epsilon))
     return y.reshape(x.shape).astype(self.dtype)
