@@ -15,6 +15,7 @@ profiling notes. The trace is deleted afterwards unless --trace_dir names where 
 
   JAX_PLATFORMS=cpu python -m bench.profile_step --workload=W2 --stage=keyframe \
       --mode=full --top=25
+  JAX_PLATFORMS=cuda python -m bench.profile_step --workload=SD15 --dtype=bfloat16
 """
 
 import argparse
@@ -32,6 +33,7 @@ import jax  # noqa: E402
 from bench import workloads  # noqa: E402
 from bench.common import emit  # noqa: E402
 from bench.train_step import compile_step  # noqa: E402
+from videoldm_jax.models import attention  # noqa: E402
 
 # `%name = f32[8,32,32,128]{3,2,1,0} opcode(...` in XLA's HLO text; tuple shapes too.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(")
@@ -93,20 +95,26 @@ def scope_of(op_name: str, depth: int = 4) -> str:
 
 
 def op_events(trace_dir: Path, names) -> list:
-  """[(start ns, end ns, name)] of every event of the trace's host planes whose name is
-  in `names` (the HLO instructions), sorted by start."""
+  """[(start ns, end ns, name)] of every event of the trace that runs one of `names`
+  (the HLO instructions), sorted by start. On CPU those are the host planes' events
+  named after the instruction; where the trace has GPU planes, only their kernels
+  count, each attributed to the instruction in its `hlo_op` stat (a fusion may launch
+  several kernels)."""
   traces = sorted(trace_dir.rglob("*.xplane.pb"))
   if not traces:
     raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: did the trace run?")
   data = jax.profiler.ProfileData.from_file(str(traces[-1]))
+  planes = list(data.planes)
+  gpu = [p for p in planes if p.name.startswith("/device:GPU")]
   events = []
-  for plane in data.planes:
+  for plane in gpu or planes:
     for line in plane.lines:
       # XLA:CPU's thunk executor records each op under its HLO instruction name on the
       # worker threads' lines; python and runtime lines name no HLO instruction.
       for event in line.events:
-        if event.name in names:
-          events.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
+        name = event.name if not gpu else dict(event.stats).get("hlo_op")
+        if name in names:
+          events.append((event.start_ns, event.start_ns + event.duration_ns, name))
   return sorted(events)
 
 
@@ -142,9 +150,12 @@ def main():
   parser.add_argument("--scope_depth", type=int, default=4,
                       help="Flax module levels per profile_scope line")
   parser.add_argument("--trace_dir", default="", help="keep the trace here (TensorBoard)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--attention", default="auto", help="models/attention.py IMPLEMENTATIONS")
   args = parser.parse_args()
 
-  case = workloads.build(args.workload, args.stage, args.mode)
+  attention.set_implementation(args.attention)
+  case = workloads.build(args.workload, args.stage, args.mode, dtype=args.dtype)
   compiled, _, state, batch, _, _ = compile_step(case)
   index = hlo_index(compiled.as_text())
   for _ in range(2):
@@ -164,7 +175,8 @@ def main():
   for start, end, name in events:
     totals[name] += (end - start) / 1e9
   op_total = sum(totals.values())
-  case_id = dict(workload=args.workload, stage=args.stage, mode=args.mode)
+  case_id = dict(workload=args.workload, stage=args.stage, mode=args.mode, dtype=args.dtype,
+                 device=jax.devices()[0].device_kind)
   for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
     opcode, shape, category, source = index[name]
     emit(dict(bench="profile_op", **case_id, op=name, category=category, shape=shape,
