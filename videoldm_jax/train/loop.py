@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -133,7 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # MFU counts model FLOPs (matmuls + convolutions, forward + backward, per device),
   # as bench/train_step.py does; XLA's own count is logged beside it.
   flops = flops_lib.model_flops(train_step, state, first) / jax.device_count()
-  peak = perf.matmul_peak_flops()
+  # The peak of the dtype the model computes in (bf16 runs on a GPU's tensor cores at
+  # several times its float32 rate).
+  peak = perf.matmul_peak_flops(dtype=jnp.dtype(config.train.get("compute_dtype", "float32")))
   log(f"{stage.name}: compiled in {time.perf_counter() - t0:.1f}s; model "
       f"{flops / 1e9:.2f} GFLOP/step/device (XLA {perf.compiled_flops(compiled) / 1e9:.2f}); "
       f"matmul peak {peak / 1e9:.0f} GFLOP/s/device")
