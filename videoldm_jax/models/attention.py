@@ -21,7 +21,7 @@ from videoldm_jax.models import layers
 #   "auto"     on CPU the C++ kernel (models/native_attention.py) for all unmasked
 #              attention, or XLA's blocked path for long sequences where the kernel
 #              cannot be built; on GPUs cuDNN's fused (flash) attention for long
-#              unmasked attention in bf16 / fp16 (`CUDNN_HEAD_DIMS`), XLA's formula for
+#              unmasked attention in bf16 / fp16 (`cudnn_supports`), XLA's formula for
 #              the rest; XLA's formula on TPUs;
 #   "plain"    always the formula (the benchmarks' baseline);
 #   "blocked"  XLA's blocked path for long sequences on every platform: on an accelerator

@@ -256,8 +256,8 @@ def fusion_boundary(x: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm_fn(x_NxC, scale_C, bias_C, eps: float):
   """LayerNorm of float32 (N, C) over C, then scale and bias per channel. The backward
-  keeps x and the (N, 1) statistics only, and takes its input gradient as its own
-  computation (see `LayerNorm`)."""
+  keeps x and the (N, 1) statistics only; the incoming gradient passes a
+  `fusion_boundary` first."""
   return _layer_norm_fwd(x_NxC, scale_C, bias_C, eps)[0]
 
 
