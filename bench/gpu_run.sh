@@ -4,10 +4,12 @@
 # temporal and full, with cuDNN's fused attention ("auto" on GPUs) and with XLA's
 # formula ("plain"), a profile of the temporal step (bench/profile_step.py: time per
 # XLA op from the GPU kernels' hlo_op), bf16 against float32 (bench/bf16_check.py),
-# DDIM sampling of the same model, and W2 in bf16. Cases run in priority order, each in its own process under its own time limit
-# (CASE_LIMIT seconds; an SD15 case took 165-170 s on an H200, two minutes of it
-# compiling), and append their JSON lines to $OUT/results.jsonl as they finish, so a
-# run cut short still reports what it measured; CASES="name ..." runs only those. MFU is against a bf16 8192^3 matmul measured in each process.
+# DDIM sampling of the same model, and W2 in bf16. Cases run in priority order, each
+# in its own process under its own time limit (CASE_LIMIT seconds; an SD15 case took
+# 165-170 s on an H200, two minutes of it compiling), and append their JSON lines to
+# $OUT/results.jsonl as they finish, so a run cut short still reports what it
+# measured; CASES="name ..." runs only those. MFU is against a bf16 8192^3 matmul
+# measured in each process.
 #
 #   OUT=work/gpu_run bash bench/gpu_run.sh          # OUT defaults to work/gpu_run
 #
