@@ -119,7 +119,8 @@ def video_ldm(w: Workload, temporal: TemporalConfig, dtype: str, remat: str) -> 
                   None, SD_SCHEDULER, temporal, DTYPES[dtype], remat)
 
 
-def _latent_batch(w: Workload, rng: np.random.Generator) -> dict:
+def latent_batch(w: Workload, rng: np.random.Generator) -> dict:
+  """One key-frame batch of `w`: latents (B, T, H, W, 4), context (B, S, E), float32."""
   h, wd = w.latent_hw
   return {"latents": rng.standard_normal((w.batch, w.frames, h, wd, w.unet.in_channels),
                                          np.float32),
@@ -142,7 +143,7 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
   if stage == "keyframe":
     ldm = video_ldm(w, TemporalConfig(), dtype, remat)
     return Case(keyframe.make_stage(ldm, options, None),
-                {"unet": ldm.init_unet_params(seed)}, _latent_batch(w, rng), w.batch,
+                {"unet": ldm.init_unet_params(seed)}, latent_batch(w, rng), w.batch,
                 f"{w.name} key-frame UNet, latents {w.latent_text}",
                 {"unet": ldm.logical_axes()["unet"]})
   if stage in ("predictor", "interpolator"):
@@ -150,7 +151,7 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
     mask = (predictor.mask_fn((1.0, 1.0, 1.0)) if stage == "predictor"
             else interpolator.mask_fn(4))
     return Case(context_stage.make_context_stage(stage, ldm, options, None, mask),
-                {"unet": ldm.init_unet_params(seed)}, _latent_batch(w, rng), w.batch,
+                {"unet": ldm.init_unet_params(seed)}, latent_batch(w, rng), w.batch,
                 f"{w.name} UNet + context encoder, latents {w.latent_text}",
                 {"unet": ldm.logical_axes()["unet"]})
   if stage in ("upsampler", "decoder") and w.latent_hw[0] != w.latent_hw[1]:

@@ -135,14 +135,12 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   if path == "cudnn" and not cudnn_supports(q_BxLxD.dtype, q_BxLxD.shape[-1] // num_heads,
                                             q_BxLxD.shape[1], k_BxSxD.shape[1]):
     path = "formula"
-  if path == "cudnn":  # (B, L, H, D), its logits and softmax in float32 inside cuDNN
-    split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
-    out = jax.nn.dot_product_attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD),
-                                       implementation="cudnn")
-    return einops.rearrange(out, "b l h d -> b l (h d)")
-  if path == "native":  # (B, L, H*D) viewed as (B, L, H, D): no transpose
-    split = lambda x: einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
-    out = native_lib.attention(split(q_BxLxD), split(k_BxSxD), split(v_BxSxD))
+  if path in ("cudnn", "native"):  # (B, L, H*D) viewed as (B, L, H, D): no transpose
+    q, k, v = (einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
+               for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+    # cuDNN keeps its logits and softmax in float32; the C++ kernel is float32 throughout.
+    out = (jax.nn.dot_product_attention(q, k, v, implementation="cudnn") if path == "cudnn"
+           else native_lib.attention(q, k, v))
     return einops.rearrange(out.astype(v_BxSxD.dtype), "b l h d -> b l (h d)")
   if path == "blocked":
     if target_platform() == "cpu":  # one (batch, head) at a time, sized for the cache
