@@ -100,6 +100,9 @@ VARIANTS = {
     # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
     "ffn_weight_grad=transposed": lambda: mock.patch.dict(
         matmul.WEIGHT_GRADS, {"chunked": matmul.dense_matmul}),
+    # Dense layers' weight gradients as XLA dots (transposed / chunked, models/matmul.py)
+    # instead of the C++ kernel.
+    "weight_grad=xla": lambda: mock.patch.object(matmul, "USE_KERNEL", False),
 }
 
 

@@ -1,7 +1,8 @@
-"""models/matmul.py: dense layers' matmul with the weight gradient as (x^T materialised)
-@ dy, or summed over row chunks. Same values and gradients as `x @ W`; no weight
-gradient for a frozen kernel; on XLA:CPU the compiled weight gradient is a canonical
-dot (no token-axis contraction left for Eigen); other target platforms get
+"""models/matmul.py: dense layers' matmul with the weight gradient from the C++ kernel
+(tests/test_native_matmul.py) or, where it does not apply, as (x^T materialised) @ dy,
+or summed over row chunks. Same values and gradients as `x @ W` on every path; no
+weight gradient for a frozen kernel; on XLA:CPU the compiled weight gradient is a
+canonical dot (no token-axis contraction left for Eigen); other target platforms get
 `lax.dot_general` untouched."""
 
 import re
@@ -15,6 +16,12 @@ from videoldm_jax.models import attention, layers, matmul
 from videoldm_jax.models.matmul import dense_dot_general, dense_matmul, dense_matmul_chunked
 
 
+@pytest.fixture
+def xla_weight_grad(monkeypatch):
+  """The XLA forms of the weight gradient, not the C++ kernel that takes float32."""
+  monkeypatch.setattr(matmul, "USE_KERNEL", False)
+
+
 def _xw(seed=0, shape=(2, 48, 24), features=40):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.standard_normal(shape, np.float32)),
@@ -22,10 +29,12 @@ def _xw(seed=0, shape=(2, 48, 24), features=40):
 
 
 # (2, 512, 1024): 1024 rows of width 1024 are 4 chunks of 256 rows in the chunked form.
+@pytest.mark.parametrize("use_kernel", [True, False])
 @pytest.mark.parametrize("fn,shape", [(dense_matmul, (2, 48, 24)),
                                       (dense_matmul_chunked, (2, 48, 24)),
                                       (dense_matmul_chunked, (2, 512, 1024))])
-def test_values_and_gradients_match_the_plain_matmul(fn, shape):
+def test_values_and_gradients_match_the_plain_matmul(fn, shape, use_kernel, monkeypatch):
+  monkeypatch.setattr(matmul, "USE_KERNEL", use_kernel)
   x, w = _xw(shape=shape)
   probe = jnp.asarray(np.random.default_rng(1).standard_normal(shape[:-1] + (40,),
                                                                 np.float32))
@@ -60,7 +69,7 @@ def test_chunk_rows():
   assert matmul.chunk_rows(100, 8) == 100  # fits in one chunk
 
 
-def test_chunked_weight_gradient_loops_over_canonical_dots():
+def test_chunked_weight_gradient_loops_over_canonical_dots(xla_weight_grad):
   x, w = _xw(shape=(2, 512, 1024), features=64)
   hlo = jax.jit(jax.grad(lambda w: jnp.sum(dense_matmul_chunked(x, w) ** 2))
                 ).lower(w).compile().as_text()
@@ -68,7 +77,7 @@ def test_chunked_weight_gradient_loops_over_canonical_dots():
   assert not re.search(r"lhs_contracting_dims=\{0\}", hlo)
 
 
-def test_feed_forward_out_projection_is_chunked():
+def test_feed_forward_out_projection_is_chunked(xla_weight_grad):
   # GEGLU's product feeds net_2: with 2048 tokens of inner width 256 (4 x 64), its dW
   # is 2 chunks of 1024 rows; net_0's input (width 64) keeps the transposed form.
   ff = attention.FeedForward()
@@ -79,7 +88,9 @@ def test_feed_forward_out_projection_is_chunked():
 
 
 def _dots(closed_jaxpr) -> int:
-  return str(closed_jaxpr).count("dot_general[")  # nested jaxprs print inline
+  """Matmuls in a jaxpr: dot_generals and the C++ weight gradient's calls."""
+  text = str(closed_jaxpr)  # nested jaxprs print inline
+  return text.count("dot_general[") + text.count("videoldm_weight_grad")
 
 
 def test_frozen_kernel_gets_no_weight_gradient():
@@ -93,7 +104,7 @@ def test_frozen_kernel_gets_no_weight_gradient():
   assert _dots(grad_xw) == 3
 
 
-def test_cpu_weight_gradient_is_a_canonical_dot():
+def test_cpu_weight_gradient_is_a_canonical_dot(xla_weight_grad):
   x, w = _xw(shape=(4, 256, 64), features=128)
   grad_w = jax.jit(jax.grad(lambda w: jnp.sum(dense_matmul(x, w) ** 2)))
   hlo = grad_w.lower(w).compile().as_text()

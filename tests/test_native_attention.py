@@ -124,9 +124,12 @@ def test_model_path_uses_the_kernel_on_cpu_only():
 
 _FALLBACK = """
 import json, jax, jax.numpy as jnp
-from videoldm_jax.models import attention, native_attention
+from videoldm_jax.models import attention, layers, native_attention, native_matmul
 q = jnp.asarray(jax.random.normal(jax.random.key(0), (1, 512, 64)))
 out = attention.dot_product_attention(q, q, q, num_heads=2)  # must not fail
+dense = layers.dense(32, name="proj")  # its weight gradient: XLA's dots, not the kernel
+params = dense.init(jax.random.key(1), q)
+grads = jax.grad(lambda p: jnp.sum(dense.apply(p, q) ** 2))(params)
 attention.set_implementation("native")
 try:
   attention.dot_product_attention(q, q, q, num_heads=2)
@@ -135,7 +138,9 @@ except RuntimeError as e:
   error = str(e)
 print(json.dumps(dict(available=native_attention.available(),
                       reason=native_attention.unavailable_reason(), error=error,
-                      finite=bool(jnp.isfinite(out).all()))))
+                      finite=bool(jnp.isfinite(out).all()), matmul=native_matmul.available(),
+                      dense_finite=all(bool(jnp.isfinite(g).all())
+                                       for g in jax.tree.leaves(grads)))))
 """
 
 
@@ -143,14 +148,15 @@ print(json.dumps(dict(available=native_attention.available(),
                                          ({"VIDEOLDM_JAX_NATIVE": "0"}, "VIDEOLDM_JAX_NATIVE=0")])
 def test_falls_back_to_xla_without_the_kernel(tmp_path, env, reason):
   # A fresh process with an empty cache and no way to build: the model runs on XLA's
-  # blocked path, and only an explicit "native" request fails, saying why.
+  # blocked path and dense layers on XLA's dots, and only an explicit "native"
+  # attention request fails, saying why.
   run_env = dict(os.environ, VIDEOLDM_JAX_NATIVE_CACHE=str(tmp_path), **env)
   proc = subprocess.run([sys.executable, "-c", _FALLBACK], env=run_env, capture_output=True,
                         text=True, cwd=Path(__file__).parents[1], timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result == dict(available=False, reason=result["reason"], error=result["error"],
-                        finite=True)
+                        finite=True, matmul=False, dense_finite=True)
   assert reason in result["reason"] and reason in result["error"]
   assert not list(tmp_path.iterdir())
 

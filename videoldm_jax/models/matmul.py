@@ -18,6 +18,11 @@ transpose one materialised array. `dense_matmul_chunked` computes dW over row ch
 ~1 MB, dW = sum_c x_c^T dy_c, so each fused transpose works on what fits in cache
 (`weight_grad="chunked"` in `layers.dense`).
 
+Where it applies (float32, dy's width a multiple of 16, the C++ kernels built), dW
+comes from the C++ kernel of models/native_matmul.py instead, which reads x^T in place
+at 173-190 GFLOP/s alone on the W1 / W2 shapes (bench/README.md); the XLA forms above
+remain for bfloat16, other widths and machines without a compiler.
+
 Only the backward pass changes, and only its weight gradient: the forward and dx are
 the plain dots, so values are those of `x @ W` and gradients equal its gradients to
 float32 rounding (tests/test_matmul.py). On other platforms
@@ -31,6 +36,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+
+from videoldm_jax.models import native_matmul
+
+# Whether weight gradients go to the C++ kernel where it takes them (bench/ab_step.py
+# turns it off for the A/B against XLA's dots).
+USE_KERNEL = True
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -95,8 +106,10 @@ def _bwd(weight_grad, residuals, dy):
   dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
   if x is None:
     return dx, None
-  dw = weight_grad(jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1])))
-  return dx, dw.astype(w.dtype)
+  x, dy = jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
+  if USE_KERNEL and native_matmul.supports(x, dy):
+    weight_grad = native_matmul.weight_grad
+  return dx, weight_grad(x, dy).astype(w.dtype)
 
 
 def _with_weight_grad(weight_grad):

@@ -31,12 +31,13 @@ import jax
 import jaxlib
 
 _HERE = Path(__file__).parent
-SOURCES = {"attention": _HERE / "attention_cpu.cc"}
+SOURCES = {"attention": _HERE / "attention_cpu.cc", "matmul": _HERE / "matmul_cpu.cc"}
 HEADERS = (_HERE / "cpu_kernels.h",)  # included by every source
 # Handler symbols of each library -> the FFI target names they are registered under.
 TARGETS = {
     "attention": {"VideoLdmAttentionForward": "videoldm_attention_forward",
                   "VideoLdmAttentionBackward": "videoldm_attention_backward"},
+    "matmul": {"VideoLdmWeightGrad": "videoldm_weight_grad"},
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 

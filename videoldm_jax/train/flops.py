@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 from jax.extend import core as jcore
 
-from videoldm_jax.models import native_attention
+from videoldm_jax.models import native_attention, native_matmul
 
 try:  # the DCE pass lives in jax's internals; the public jaxpr API has no equivalent
   from jax._src.interpreters.partial_eval import dce_jaxpr
@@ -88,8 +88,9 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
                           eqn.params["dimension_numbers"])
       continue
     if name == "ffi_call":  # our C++ kernels (a model's only custom calls)
-      total += native_attention.call_flops(eqn.params["target_name"],
-                                           [v.aval.shape for v in eqn.invars])
+      target, shapes = eqn.params["target_name"], [v.aval.shape for v in eqn.invars]
+      total += (native_attention.call_flops(target, shapes)
+                + native_matmul.call_flops(target, shapes))
       continue
     if name in CUDNN_ATTENTION_MATMULS:
       total += attention_matmul_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,

@@ -1,0 +1,108 @@
+"""The C++ weight gradient for XLA:CPU (native/matmul_cpu.cc, models/native_matmul.py):
+x^T dy against float64 over odd shapes, bitwise repeatability, sharded tokens, which
+dense layers use it, and its FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tests.conftest import max_rel_err
+from videoldm_jax.models import layers, matmul, native_matmul
+from videoldm_jax.native import build
+from videoldm_jax.train import flops as flops_lib
+
+_NO_BUILD = (None if build.enabled() and build._compiler() is not None
+             else build.load("matmul")[1])
+pytestmark = pytest.mark.skipif(_NO_BUILD is not None, reason=f"no kernel here: {_NO_BUILD}")
+
+
+def _operands(n, a, b, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((n, a), np.float32)),
+          jnp.asarray(rng.standard_normal((n, b), np.float32)))
+
+
+def test_kernel_builds_where_a_compiler_exists():
+  assert native_matmul.available(), build.load("matmul")[1]
+
+
+# (tokens, rows A, columns B): one token; rows that are no whole register tile (6) and
+# fewer than one; columns of one vector (16), of a narrow panel (48) and of several wide
+# panels with a remainder (80, 272); tokens that are not whole blocks of 256; the
+# shapes of W1's feed-forward (64 -> 256, 256 -> 64).
+SHAPES = [(1, 5, 16), (300, 7, 48), (257, 130, 80), (1000, 3, 272), (4096, 64, 256),
+          (4096, 256, 64)]
+
+
+@pytest.mark.parametrize("n,a,b", SHAPES)
+def test_matches_float64(n, a, b):
+  x, dy = _operands(n, a, b)
+  got = jax.jit(native_matmul.weight_grad)(x, dy)
+  want = np.asarray(x, np.float64).T @ np.asarray(dy, np.float64)
+  # Each element is one float32 sum of n products in order: rounding errors of about
+  # sqrt(n) x 2^-24 of the terms' size (4e-6 at n = 4096) against sums of size sqrt(n).
+  assert got.shape == (a, b) and got.dtype == jnp.float32
+  assert max_rel_err(got, want) < 2e-5
+
+
+def test_bitwise_repeatable():
+  x, dy = _operands(4096, 64, 256, seed=1)
+  fn = jax.jit(native_matmul.weight_grad)
+  np.testing.assert_array_equal(fn(x, dy), fn(x, dy))
+
+
+def test_refuses_what_it_does_not_take():
+  x, dy = _operands(8, 4, 40)  # 40 columns: not whole vectors
+  assert not native_matmul.supports(x, dy)
+  assert not native_matmul.supports(x.astype(jnp.bfloat16), dy[:, :32].astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="multiple of 16"):
+    native_matmul.weight_grad(x, dy)
+
+
+@pytest.mark.parametrize("spec", [P(("data", "fsdp")), P("data"), P(None)])
+def test_sharded_tokens_are_summed_across_devices(spec):
+  # A dense layer's dW with the batch split over devices: each device sums its own
+  # tokens and the partial sums are all-reduced; nothing is gathered.
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((8, 64, 24), np.float32))
+  w = jnp.asarray(rng.standard_normal((24, 32), np.float32))
+  probe = jnp.asarray(rng.standard_normal((8, 64, 32), np.float32))
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(matmul.dense_matmul(x, w) * probe)))
+  xs = jax.device_put(x, NamedSharding(mesh, spec))
+  ws = jax.device_put(w, NamedSharding(mesh, P("fsdp")))
+  hlo = grad.lower(ws, xs).compile().as_text()
+  assert "videoldm_weight_grad" in hlo and "all-gather" not in hlo
+  assert ("all-reduce" in hlo) == (spec != P(None))
+  want = jax.grad(lambda w: jnp.sum((x @ w) * probe))(w)
+  assert max_rel_err(grad(ws, xs), want) < 1e-5
+
+
+def _weight_grad_calls(dtype=jnp.float32, features=32):
+  module = layers.dense(features, name="proj", dtype=dtype)
+  x = jnp.ones((2, 64, 24), dtype)
+  params = module.init(jax.random.key(0), x)
+  fn = jax.grad(lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32)))
+  return str(jax.make_jaxpr(fn)(params)).count("videoldm_weight_grad"), fn, params
+
+
+def test_dense_layers_use_it_for_float32_whole_vectors(monkeypatch):
+  assert _weight_grad_calls()[0] == 1
+  assert _weight_grad_calls(jnp.bfloat16)[0] == 0  # XLA's dots in bfloat16
+  assert _weight_grad_calls(features=40)[0] == 0   # not whole vectors
+  monkeypatch.setattr(matmul, "USE_KERNEL", False)
+  assert _weight_grad_calls()[0] == 0
+
+
+def test_flops_count_the_dot_it_replaces(monkeypatch):
+  _, fn, params = _weight_grad_calls()
+  with_kernel = flops_lib.model_flops(fn, params)
+  monkeypatch.setattr(matmul, "USE_KERNEL", False)
+  assert flops_lib.model_flops(fn, params) == with_kernel
+  # dW alone, 2 x 128 tokens x 24 x 32: the counter removes dead code, and both the
+  # forward (grad returns no value; d sum / dy = 1 needs no y) and dx (x is a constant)
+  # are dead.
+  assert with_kernel == 2 * 128 * 24 * 32
