@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from bench import workloads  # noqa: E402
 from bench.common import emit, peak_host_rss_bytes  # noqa: E402
 from bench.train_step import compile_step, step_runner  # noqa: E402
-from videoldm_jax.models import attention, layers, matmul  # noqa: E402
+from videoldm_jax.models import attention, conv, layers, matmul  # noqa: E402
 from videoldm_jax.train import flops as flops_lib  # noqa: E402
 
 
@@ -103,6 +103,10 @@ VARIANTS = {
     # Dense layers' weight gradients as XLA dots (transposed / chunked, models/matmul.py)
     # instead of the C++ kernel.
     "weight_grad=xla": lambda: mock.patch.object(matmul, "USE_KERNEL", False),
+    # Only the ResBlock convolutions' kernel gradients as XLA's (dense layers keep the
+    # C++ kernel).
+    "conv_weight_grad=xla": lambda: mock.patch.object(conv, "conv_general_dilated",
+                                                      jax.lax.conv_general_dilated),
 }
 
 

@@ -2,6 +2,7 @@
 x^T dy against float64 over odd shapes, bitwise repeatability, sharded tokens, which
 dense layers use it, and its FLOPs."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +107,88 @@ def test_flops_count_the_dot_it_replaces(monkeypatch):
   # forward (grad returns no value; d sum / dy = 1 needs no y) and dx (x is a constant)
   # are dead.
   assert with_kernel == 2 * 128 * 24 * 32
+
+
+# The convolutions' kernel gradient (models/conv.py): (batch, height, width, in, out,
+# kernel size): 3x3 with widths that are no whole vector chunk, one column (every tap
+# but the centre column clipped), a 1x1 (a dense layer over pixels) and a 5x5 (padding
+# 2, clipped rows and columns on both sides); odd channel counts in.
+CONV_SHAPES = [(2, 5, 7, 3, 16, 3), (1, 9, 4, 8, 48, 3), (1, 3, 1, 4, 16, 3),
+               (2, 6, 6, 5, 32, 1), (2, 4, 5, 6, 16, 5), (2, 32, 32, 64, 64, 3)]
+
+
+def _conv_reference(x, dy, k):
+  """sum over b, h, w of x_pad[b, h + u, w + v, :]^T dy[b, h, w, :] in float64."""
+  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  p = k // 2
+  xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  h, w = x.shape[1:3]
+  return np.stack([np.stack([np.einsum("bhwi,bhwo->io", xp[:, u:u + h, v:v + w], dy)
+                             for v in range(k)]) for u in range(k)])
+
+
+@pytest.mark.parametrize("b,h,w,i,o,k", CONV_SHAPES)
+def test_conv_weight_grad_matches_float64(b, h, w, i, o, k):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((b, h, w, i), np.float32))
+  dy = jnp.asarray(rng.standard_normal((b, h, w, o), np.float32))
+  got = jax.jit(lambda x, dy: native_matmul.conv_weight_grad(x, dy, (k, k)))(x, dy)
+  assert got.shape == (k, k, i, o)
+  # Sums of up to b h w = 2048 products in float32 (see test_matches_float64).
+  assert max_rel_err(got, _conv_reference(x, dy, k)) < 2e-5
+
+
+def _conv_layer_grads(features=32, stride=1, dtype=jnp.float32, seed=4):
+  module = layers.conv2d(features, stride=stride, name="conv", dtype=dtype)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((2, 8, 12, 24), np.float32)).astype(dtype)
+  params = module.init(jax.random.key(0), x)
+  probe = jnp.asarray(rng.standard_normal(module.apply(params, x).shape, np.float32))
+  fn = jax.value_and_grad(
+      lambda p, x: jnp.sum(module.apply(p, x).astype(jnp.float32) * probe), argnums=(0, 1))
+  calls = str(jax.make_jaxpr(fn)(params, x)).count("videoldm_conv_weight_grad")
+  return calls, jax.jit(fn)(params, x), fn, params, x
+
+
+def test_conv_layers_use_it_for_float32_stride_1(monkeypatch):
+  calls, ours, *_ = _conv_layer_grads()
+  assert calls == 1
+  assert _conv_layer_grads(stride=2)[0] == 0           # the downsamplers: XLA's
+  assert _conv_layer_grads(dtype=jnp.bfloat16)[0] == 0
+  assert _conv_layer_grads(features=40)[0] == 0        # not whole vectors
+  monkeypatch.setattr(matmul, "USE_KERNEL", False)
+  calls, xla, *_ = _conv_layer_grads()
+  assert calls == 0
+  # The same loss and input gradient (XLA's convolutions either way) bitwise; the
+  # kernel gradient to float32 rounding of sums over 192 pixels x 9 taps.
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla)):
+    if a.shape == (3, 3, 24, 32):
+      assert max_rel_err(a, b) < 1e-5
+    else:
+      np.testing.assert_array_equal(a, b)
+
+
+def test_conv_flops_count_the_convolution_it_replaces(monkeypatch):
+  _, _, fn, params, x = _conv_layer_grads()
+  with_kernel = flops_lib.model_flops(fn, params, x)
+  monkeypatch.setattr(matmul, "USE_KERNEL", False)
+  assert flops_lib.model_flops(fn, params, x) == with_kernel
+  # forward, input gradient, kernel gradient: 2 x 2 x 8 x 12 x 9 x 24 x 32 each
+  assert with_kernel == 3 * 2 * (2 * 8 * 12) * 9 * 24 * 32
+
+
+@pytest.mark.parametrize("spec", [P("data"), P(None)])
+def test_conv_sharded_batch_is_summed_across_devices(spec):
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  module = layers.conv2d(32, name="conv")
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((4, 8, 8, 16), np.float32))
+  params = nn.meta.unbox(module.init(jax.random.key(0), x))
+  probe = jnp.asarray(rng.standard_normal((4, 8, 8, 32), np.float32))
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) * probe)))
+  xs = jax.device_put(x, NamedSharding(mesh, spec))
+  hlo = grad.lower(params, xs).compile().as_text()
+  assert "videoldm_conv_weight_grad" in hlo and "all-gather" not in hlo
+  assert ("all-reduce" in hlo) == (spec != P(None))
+  got = grad(params, xs)["params"]["kernel"]
+  assert max_rel_err(got, _conv_reference(x, probe, 3)) < 1e-5

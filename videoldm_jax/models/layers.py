@@ -29,6 +29,7 @@ import numpy as np
 from flax import struct
 from flax.linen import spmd
 
+from videoldm_jax.models import conv
 from videoldm_jax.models.matmul import dense_dot_general, dense_dot_general_chunked
 
 Axes = tuple[str | None, ...]
@@ -95,6 +96,8 @@ def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=padding,
       use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      # XLA:CPU's slow kernel gradient, from the C++ kernel (models/conv.py)
+      conv_general_dilated=conv.conv_general_dilated,
       kernel_init=param_init(FAN_IN_NORMAL, CONV2D_AXES),
       bias_init=param_init(ZEROS, ("conv_out",)),
       name=name)

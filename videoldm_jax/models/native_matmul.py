@@ -7,6 +7,8 @@ added across the devices that split the tokens (an all-reduce, as XLA's own dot 
 do); the weight's axes are computed whole on every device.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -66,10 +68,68 @@ def weight_grad(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
   return _weight_grad(x_NxA, dy_NxB)
 
 
-def call_flops(target_name: str, operand_shapes) -> int:
-  """Model FLOPs of the kernel's custom call (train/flops.py): 2 N A B, those of the
-  dot it replaces; 0 for other targets."""
-  if target_name != "videoldm_weight_grad":
-    return 0
-  (n, a), (_, b) = operand_shapes[:2]
-  return 2 * n * a * b
+def _ffi_conv_weight_grad(x, dy, kernel_hw):
+  return jax.ffi.ffi_call(
+      "videoldm_conv_weight_grad",
+      jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], dy.shape[-1]), jnp.float32),
+      vmap_method="sequential")(x, dy)
+
+
+@functools.cache
+def _conv_weight_grad_op(kernel_hw: tuple):
+  """The partitioned conv weight gradient of one kernel size: the batch stays split as
+  x's is (partial sums all-reduced), everything else is whole on every device."""
+  def fn(x, dy):
+    return _ffi_conv_weight_grad(x, dy, kernel_hw)
+
+  op = custom_partitioning(fn)
+
+  def partition(mesh, arg_shapes, result_shape):
+    batch = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
+    args = (NamedSharding(mesh, P(batch, None, None, None)),) * 2
+
+    def per_device(x, dy):
+      dw = fn(x, dy)
+      return dw if batch is None else jax.lax.psum(dw, batch)
+
+    return mesh, per_device, NamedSharding(mesh, P(None, None, None, None)), args
+
+  op.def_partition(partition=partition, sharding_rule="b h w i, b h w o -> u v i o",
+                   need_replication_factors=("h", "w", "i", "o"))
+  return op
+
+
+def conv_supports(x_BxHxWxI: jax.Array, dy_BxHxWxO: jax.Array, kernel_hw: tuple) -> bool:
+  """Whether `conv_weight_grad` takes these operands: 4-D float32 of one spatial shape,
+  an odd kernel, dy's channels a multiple of WIDTH_MULTIPLE, and the kernel built."""
+  return (x_BxHxWxI.ndim == 4 and x_BxHxWxI.shape[:3] == dy_BxHxWxO.shape[:3]
+          and x_BxHxWxI.dtype == dy_BxHxWxO.dtype == jnp.float32
+          and len(kernel_hw) == 2 and all(k % 2 == 1 for k in kernel_hw)
+          and dy_BxHxWxO.shape[-1] % WIDTH_MULTIPLE == 0 and available())
+
+
+def conv_weight_grad(x_BxHxWxI: jax.Array, dy_BxHxWxO: jax.Array, kernel_hw: tuple
+                     ) -> jax.Array:
+  """The kernel gradient (KH, KW, I, O) of a stride-1 convolution with zero padding
+  KH // 2, KW // 2 (the output keeps x's size) from its input x (B, H, W, I) and output
+  gradient dy (B, H, W, O), float32. Only for operands `conv_supports` accepts."""
+  kernel_hw = tuple(int(k) for k in kernel_hw)
+  if not conv_supports(x_BxHxWxI, dy_BxHxWxO, kernel_hw):
+    raise ValueError(f"the C++ conv weight gradient takes 4-D float32 x and dy of one "
+                     f"spatial shape, an odd kernel and dy's channels a multiple of "
+                     f"{WIDTH_MULTIPLE} ({build.load('matmul')[1] or 'built'}); got "
+                     f"{x_BxHxWxI.dtype}{x_BxHxWxI.shape}, {dy_BxHxWxO.dtype}"
+                     f"{dy_BxHxWxO.shape}, kernel {kernel_hw}")
+  return _conv_weight_grad_op(kernel_hw)(x_BxHxWxI, dy_BxHxWxO)
+
+
+def call_flops(target_name: str, operand_shapes, result_shapes) -> int:
+  """Model FLOPs of the kernels' custom calls (train/flops.py): those of the dot or
+  convolution they replace, 2 N A B and 2 B H W KH KW I O; 0 for other targets."""
+  if target_name == "videoldm_weight_grad":
+    (n, a), (_, b) = operand_shapes[:2]
+    return 2 * n * a * b
+  if target_name == "videoldm_conv_weight_grad":
+    (b, h, w, _), (kh, kw, i, o) = operand_shapes[0], result_shapes[0]
+    return 2 * b * h * w * kh * kw * i * o
+  return 0

@@ -37,7 +37,8 @@ HEADERS = (_HERE / "cpu_kernels.h",)  # included by every source
 TARGETS = {
     "attention": {"VideoLdmAttentionForward": "videoldm_attention_forward",
                   "VideoLdmAttentionBackward": "videoldm_attention_backward"},
-    "matmul": {"VideoLdmWeightGrad": "videoldm_weight_grad"},
+    "matmul": {"VideoLdmWeightGrad": "videoldm_weight_grad",
+               "VideoLdmConvWeightGrad": "videoldm_conv_weight_grad"},
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 

@@ -90,7 +90,8 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
     if name == "ffi_call":  # our C++ kernels (a model's only custom calls)
       target, shapes = eqn.params["target_name"], [v.aval.shape for v in eqn.invars]
       total += (native_attention.call_flops(target, shapes)
-                + native_matmul.call_flops(target, shapes))
+                + native_matmul.call_flops(target, shapes,
+                                           [v.aval.shape for v in eqn.outvars]))
       continue
     if name in CUDNN_ATTENTION_MATMULS:
       total += attention_matmul_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
