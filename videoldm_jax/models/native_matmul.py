@@ -1,10 +1,13 @@
-"""The dense layers' weight gradient dW = x^T dy through the C++ kernel for XLA:CPU
-(native/matmul_cpu.cc), which reads x^T in place: no transpose before a canonical dot,
-no Eigen dot contracting the token axis (models/matmul.py says why both are slow).
+"""Weight gradients through the C++ kernels for XLA:CPU (native/matmul_cpu.cc): of
+dense layers, dW = x^T dy with x^T read in place (no transpose before a canonical dot,
+no Eigen dot contracting the token axis; models/matmul.py says why both are slow), and
+of stride-1 size-keeping convolutions, each tap's shifted x read in place
+(models/conv.py).
 
-Under a mesh each device computes the sum over its own tokens and the partial sums are
-added across the devices that split the tokens (an all-reduce, as XLA's own dot would
-do); the weight's axes are computed whole on every device.
+Under a mesh each device computes the sum over its own tokens (batch elements) and the
+partial sums are added across the devices that split them (an all-reduce, as XLA's own
+dot would do); the weight's axes are computed whole on every device, so operands
+sharded along their channels (tensor parallelism) are gathered first.
 """
 
 import functools
@@ -41,8 +44,7 @@ def _ffi_weight_grad(x, dy):
 
 
 def _partition(mesh, arg_shapes, result_shape):
-  tokens = tuple(arg_shapes[0].sharding.spec)[:1] or (None,)
-  tokens = tokens[0]
+  tokens = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
   args = (NamedSharding(mesh, P(tokens, None)),) * 2
 
   def per_device(x, dy):

@@ -1,24 +1,26 @@
-// The weight gradient of a dense layer, dW = x^T dy, for XLA:CPU as an XLA FFI handler.
+// Weight gradients for XLA:CPU as XLA FFI handlers: of a dense layer, dW = x^T dy, and
+// of a stride-1 convolution that keeps the size, dW[tap] = sum of shifted x^T dy.
 //
 // Why this exists: dW contracts the token axis of both operands. XLA:CPU runs such a
 // dot either on Eigen (asynchronously, 70-144 GFLOP/s alone) or, with x^T materialised
 // first (models/matmul.py), as a transpose and a canonical YNNPACK dot whose long K
-// (all tokens) and few rows kept it at ~76 GFLOP/s in the W1 train step's profile
+// (all tokens) and few rows kept it at ~76 GFLOP/s in the W1 train step's profile; a
+// convolution's dW it computes as a convolution over the batch after transposing x
 // (bench/README.md). The register-tiled matmul of cpu_kernels.h broadcasts its A
-// operand from any strides, so A = x^T is read in place: no transpose, no copy.
+// operand from any strides, so A = x^T (and each tap's shifted x) is read in place.
 //
 // Layouts (row-major, float32): x (N, A), dy (N, B) with B a multiple of the vector
-// width and N >= 1, dw (A, B). Tasks are blocks of dW's rows x 64-wide column panels on XLA's
-// intra-op threads; each runs over all N tokens in blocks of kTokens rows, so the
-// block of dy it reuses for every row tile stays in L2. Every element is a sum over
-// the tokens in order whatever the thread count: results are bitwise reproducible.
+// width and N >= 1, dw (A, B). Tasks are blocks of dW's rows x 64-wide column panels
+// on XLA's intra-op threads; each runs over all N tokens in blocks of kTokens rows, so
+// the block of dy it reuses for every row tile stays in L2. Every element is a sum
+// over the tokens in order whatever the thread count: results are bitwise reproducible.
 
 #include <type_traits>
 
 #include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
-using namespace videoldm;  // NOLINT: this file's kernel is built on its helpers
+using namespace videoldm;  // NOLINT: this file's kernels are built on its helpers
 
 namespace {
 
@@ -101,7 +103,7 @@ inline void run_tail(int64_t rows, const Run* runs, int64_t n_runs, int64_t acs,
 
 // C[M, N] += sum over the runs of x^T dy, N a multiple of W and at most kPanel; the
 // runs' pointers are those of C's first row and column. Tiles as in gemm.
-void run_gemm(int64_t M, int64_t N, std::vector<Run>& runs, int64_t acs, int64_t ldb,
+void run_gemm(int64_t M, int64_t N, const std::vector<Run>& runs, int64_t acs, int64_t ldb,
               float* c, int64_t ldc) {
   std::vector<Run> shifted(runs.size());
   auto panel = [&](auto rows_tag, auto nv_tag, int64_t j) {
