@@ -43,20 +43,29 @@ def _ffi_weight_grad(x, dy):
       vmap_method="sequential")(x, dy)
 
 
-def _partition(mesh, arg_shapes, result_shape):
-  tokens = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
-  args = (NamedSharding(mesh, P(tokens, None)),) * 2
+def _summed_over_shards(fn, rule: str, whole: tuple):
+  """`fn` (x, dy) -> dw as a custom_partitioning op: x and dy keep x's sharding of
+  their leading (token or batch) axis, each device sums its own part and the partial
+  sums are all-reduced; the operands' other axes (factors `whole` of `rule`) are whole
+  on every device."""
+  op = custom_partitioning(fn)
 
-  def per_device(x, dy):
-    dw = _ffi_weight_grad(x, dy)
-    return dw if tokens is None else jax.lax.psum(dw, tokens)
+  def partition(mesh, arg_shapes, result_shape):
+    lead = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
+    args = tuple(NamedSharding(mesh, P(lead, *[None] * (len(a.shape) - 1)))
+                 for a in arg_shapes)
 
-  return mesh, per_device, NamedSharding(mesh, P(None, None)), args
+    def per_device(x, dy):
+      dw = fn(x, dy)
+      return dw if lead is None else jax.lax.psum(dw, lead)
+
+    return mesh, per_device, NamedSharding(mesh, P(*[None] * len(result_shape.shape))), args
+
+  op.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=whole)
+  return op
 
 
-_weight_grad = custom_partitioning(_ffi_weight_grad)
-_weight_grad.def_partition(partition=_partition, sharding_rule="n a, n b -> a b",
-                           need_replication_factors=("a", "b"))
+_weight_grad = _summed_over_shards(_ffi_weight_grad, "n a, n b -> a b", ("a", "b"))
 
 
 def weight_grad(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
@@ -79,26 +88,12 @@ def _ffi_conv_weight_grad(x, dy, kernel_hw):
 
 @functools.cache
 def _conv_weight_grad_op(kernel_hw: tuple):
-  """The partitioned conv weight gradient of one kernel size: the batch stays split as
-  x's is (partial sums all-reduced), everything else is whole on every device."""
+  """The partitioned conv weight gradient of one kernel size (the batch's partial sums
+  all-reduced, as `_summed_over_shards`)."""
   def fn(x, dy):
     return _ffi_conv_weight_grad(x, dy, kernel_hw)
 
-  op = custom_partitioning(fn)
-
-  def partition(mesh, arg_shapes, result_shape):
-    batch = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
-    args = (NamedSharding(mesh, P(batch, None, None, None)),) * 2
-
-    def per_device(x, dy):
-      dw = fn(x, dy)
-      return dw if batch is None else jax.lax.psum(dw, batch)
-
-    return mesh, per_device, NamedSharding(mesh, P(None, None, None, None)), args
-
-  op.def_partition(partition=partition, sharding_rule="b h w i, b h w o -> u v i o",
-                   need_replication_factors=("h", "w", "i", "o"))
-  return op
+  return _summed_over_shards(fn, "b h w i, b h w o -> u v i o", ("h", "w", "i", "o"))
 
 
 def conv_supports(x_BxHxWxI: jax.Array, dy_BxHxWxO: jax.Array, kernel_hw: tuple) -> bool:

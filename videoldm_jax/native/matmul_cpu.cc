@@ -15,8 +15,6 @@
 // the block of dy it reuses for every row tile stays in L2. Every element is a sum
 // over the tokens in order whatever the thread count: results are bitwise reproducible.
 
-#include <type_traits>
-
 #include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
@@ -24,43 +22,9 @@ using namespace videoldm;  // NOLINT: this file's kernels are built on its helpe
 
 namespace {
 
-constexpr int64_t kTokens = 256;     // rows of x and dy per inner block
+constexpr int64_t kTokens = 256;     // tokens (rows of x and dy) per inner block
 constexpr int64_t kPanel = 4 * W;    // columns of dW per task (four vectors)
 constexpr int64_t kTileRows = 6;     // rows of the wide register tile
-
-// dW[i0:i0+m, j0:j0+n] over all tokens.
-void block(const float* x, const float* dy, float* dw, int64_t N, int64_t A, int64_t B,
-           int64_t i0, int64_t m, int64_t j0, int64_t n) {
-  for (int64_t t0 = 0; t0 < N; t0 += kTokens) {
-    const int64_t k = std::min(kTokens, N - t0);
-    const float* a = x + t0 * A + i0;  // A(i, t) = x[t, i0 + i]: strides (1, A)
-    const float* b = dy + t0 * B + j0;
-    float* c = dw + i0 * B + j0;
-    if (t0 == 0) {
-      gemm<false>(m, n, k, a, 1, A, b, B, c, B);
-    } else {
-      gemm<true>(m, n, k, a, 1, A, b, B, c, B);
-    }
-  }
-}
-
-ffi::Future WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
-  const int64_t N = x.dimensions()[0], A = x.dimensions()[1], B = dy.dimensions()[1];
-  const float *xp = x.typed_data(), *dyp = dy.typed_data();
-  float* dwp = dw->typed_data();
-  // Enough tasks for the threads (2 per thread); fewer row blocks read dy fewer times.
-  const int64_t panels = (B + kPanel - 1) / kPanel;
-  const int64_t want = 2 * std::max<int64_t>(1, pool.num_threads());
-  const int64_t row_blocks = std::clamp<int64_t>((want + panels - 1) / panels, 1,
-                                                 (A + kTileRows - 1) / kTileRows);
-  const int64_t rows = round_up((A + row_blocks - 1) / row_blocks, kTileRows);
-  const int64_t blocks = (A + rows - 1) / rows;
-  return run_tasks(pool, blocks * panels, [=](int64_t t) {
-    const int64_t i0 = (t / panels) * rows, j0 = (t % panels) * kPanel;
-    block(xp, dyp, dwp, N, A, B, i0, std::min(rows, A - i0), j0, std::min(kPanel, B - j0));
-  });
-}
 
 // A run of k tokens: x's rows from a, dy's rows from b (row strides acs and ldb).
 struct Run {
@@ -70,15 +34,15 @@ struct Run {
 };
 
 // One register tile of C (MR rows x NV vectors) += sum over the runs' tokens of
-// x[t, i]^T dy[t, :]: the accumulators stay in registers across runs.
+// x[t, i0 + i]^T dy[t, j0:]: the accumulators stay in registers across runs.
 template <int MR, int NV>
-inline void run_tile(const Run* runs, int64_t n_runs, int64_t acs, int64_t ldb, float* c,
-                     int64_t ldc) {
+inline void run_tile(const Run* runs, int64_t n_runs, int64_t i0, int64_t j0, int64_t acs,
+                     int64_t ldb, float* c, int64_t ldc) {
   vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = load(c + i * ldc + j * W);
   for (int64_t r = 0; r < n_runs; ++r) {
-    const float *a = runs[r].a, *b = runs[r].b;
+    const float *a = runs[r].a + i0, *b = runs[r].b + j0;
     for (int64_t k = 0; k < runs[r].k; ++k) {
       vec bk[NV];
       for (int j = 0; j < NV; ++j) bk[j] = load(b + k * ldb + j * W);
@@ -92,40 +56,73 @@ inline void run_tile(const Run* runs, int64_t n_runs, int64_t acs, int64_t ldb, 
     for (int j = 0; j < NV; ++j) store(c + i * ldc + j * W, acc[i][j]);
 }
 
+// The rows [0, M) of one column panel, MR rows at a time, the last M % MR rows by
+// smaller tiles (R counts down to 1), as cpu_kernels.h's panel.
 template <int R, int NV>
-inline void run_tail(int64_t rows, const Run* runs, int64_t n_runs, int64_t acs,
-                     int64_t ldb, float* c, int64_t ldc) {
+inline void run_tail(int64_t rows, const Run* runs, int64_t n_runs, int64_t i0, int64_t j0,
+                     int64_t acs, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (R > 0) {
-    if (rows == R) return run_tile<R, NV>(runs, n_runs, acs, ldb, c, ldc);
-    run_tail<R - 1, NV>(rows, runs, n_runs, acs, ldb, c, ldc);
+    if (rows == R) return run_tile<R, NV>(runs, n_runs, i0, j0, acs, ldb, c, ldc);
+    run_tail<R - 1, NV>(rows, runs, n_runs, i0, j0, acs, ldb, c, ldc);
   }
 }
 
-// C[M, N] += sum over the runs of x^T dy, N a multiple of W and at most kPanel; the
-// runs' pointers are those of C's first row and column. Tiles as in gemm.
-void run_gemm(int64_t M, int64_t N, const std::vector<Run>& runs, int64_t acs, int64_t ldb,
-              float* c, int64_t ldc) {
-  std::vector<Run> shifted(runs.size());
-  auto panel = [&](auto rows_tag, auto nv_tag, int64_t j) {
-    constexpr int MR = decltype(rows_tag)::value, NV = decltype(nv_tag)::value;
-    int64_t i = 0;
-    for (; i < M; i += MR) {
-      for (size_t r = 0; r < runs.size(); ++r)
-        shifted[r] = Run{runs[r].a + i, runs[r].b + j, runs[r].k};
-      if (i + MR <= M) {
-        run_tile<MR, NV>(shifted.data(), runs.size(), acs, ldb, c + i * ldc + j, ldc);
-      } else {
-        run_tail<MR - 1, NV>(M - i, shifted.data(), runs.size(), acs, ldb,
-                             c + i * ldc + j, ldc);
-      }
-    }
-  };
-  int64_t j = 0;
+template <int MR, int NV>
+void run_panel(int64_t M, const Run* runs, int64_t n_runs, int64_t j0, int64_t acs,
+               int64_t ldb, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR)
+    run_tile<MR, NV>(runs, n_runs, i, j0, acs, ldb, c + i * ldc + j0, ldc);
+  run_tail<MR - 1, NV>(M - i, runs, n_runs, i, j0, acs, ldb, c + i * ldc + j0, ldc);
+}
+
+// C[M, N] += sum over the runs of x^T dy, N a multiple of W; the runs' pointers are
+// those of C's first row and column. Register tiles as in cpu_kernels.h's gemm.
+void run_gemm(int64_t M, int64_t N, const Run* runs, int64_t n_runs, int64_t acs,
+              int64_t ldb, float* c, int64_t ldc) {
   constexpr int kWide = kRegisters == 32 ? 4 : 2;
+  int64_t j = 0;
   for (; j + kWide * W <= N; j += kWide * W)
-    panel(std::integral_constant<int, 6>{}, std::integral_constant<int, kWide>{}, j);
-  for (; j < N; j += W)
-    panel(std::integral_constant<int, 12>{}, std::integral_constant<int, 1>{}, j);
+    run_panel<6, kWide>(M, runs, n_runs, j, acs, ldb, c, ldc);
+  for (; j < N; j += W) run_panel<12, 1>(M, runs, n_runs, j, acs, ldb, c, ldc);
+}
+
+// dW (rows x cols) split for the threads: blocks of `rows` rows x column panels, with
+// `per_block` tasks of each block and panel (the convolution's kernel rows), at least
+// `want` tasks where the rows allow; fewer row blocks read dy fewer times.
+struct Split {
+  int64_t rows, blocks, panels;
+  Split(int64_t num_rows, int64_t cols, int64_t per_block, int64_t want) {
+    panels = (cols + kPanel - 1) / kPanel;
+    const int64_t row_blocks =
+        std::clamp<int64_t>((want + panels * per_block - 1) / (panels * per_block), 1,
+                            (num_rows + kTileRows - 1) / kTileRows);
+    rows = round_up((num_rows + row_blocks - 1) / row_blocks, kTileRows);
+    blocks = (num_rows + rows - 1) / rows;
+  }
+};
+
+void zero(float* c, int64_t m, int64_t n, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+}
+
+ffi::Future WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
+  const int64_t N = x.dimensions()[0], A = x.dimensions()[1], B = dy.dimensions()[1];
+  const float *xp = x.typed_data(), *dyp = dy.typed_data();
+  float* dwp = dw->typed_data();
+  const Split split(A, B, 1, 2 * std::max<int64_t>(1, pool.num_threads()));
+  return run_tasks(pool, split.blocks * split.panels, [=](int64_t t) {
+    const int64_t i0 = (t / split.panels) * split.rows, j0 = (t % split.panels) * kPanel;
+    const int64_t m = std::min(split.rows, A - i0), n = std::min(kPanel, B - j0);
+    float* c = dwp + i0 * B + j0;
+    zero(c, m, n, B);
+    for (int64_t t0 = 0; t0 < N; t0 += kTokens) {
+      // A(i, t) = x[t, i0 + i]: strides (1, A); the block of dy stays in L2.
+      const Run run{xp + t0 * A + i0, dyp + t0 * B + j0, std::min(kTokens, N - t0)};
+      run_gemm(m, n, &run, 1, A, B, c, B);
+    }
+  });
 }
 
 // The weight gradient of a stride-1 convolution with zero padding that keeps the size
@@ -144,20 +141,14 @@ ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* dwp = dw->typed_data();
   // Tasks: one kernel row (KH) x a block of Cin x a column panel; the KW taps of a
   // kernel row read the same row of x, so each task keeps its rows in cache.
-  const int64_t panels = (Cout + kPanel - 1) / kPanel;
-  const int64_t want = 4 * std::max<int64_t>(1, pool.num_threads());
-  const int64_t row_blocks = std::clamp<int64_t>((want + panels * KH - 1) / (panels * KH), 1,
-                                                 (Cin + kTileRows - 1) / kTileRows);
-  const int64_t rows = round_up((Cin + row_blocks - 1) / row_blocks, kTileRows);
-  const int64_t blocks = (Cin + rows - 1) / rows;
+  const Split split(Cin, Cout, KH, 4 * std::max<int64_t>(1, pool.num_threads()));
+  const int64_t blocks = split.blocks, panels = split.panels;
   return run_tasks(pool, KH * blocks * panels, [=](int64_t t) {
-    const int64_t kh = t / (blocks * panels), i0 = (t / panels % blocks) * rows,
+    const int64_t kh = t / (blocks * panels), i0 = (t / panels % blocks) * split.rows,
                   j0 = (t % panels) * kPanel;
-    const int64_t m = std::min(rows, Cin - i0), n = std::min(kPanel, Cout - j0);
-    for (int64_t kw = 0; kw < KW; ++kw) {
-      float* c = dwp + ((kh * KW + kw) * Cin + i0) * Cout + j0;
-      for (int64_t i = 0; i < m; ++i) std::fill(c + i * Cout, c + i * Cout + n, 0.f);
-    }
+    const int64_t m = std::min(split.rows, Cin - i0), n = std::min(kPanel, Cout - j0);
+    for (int64_t kw = 0; kw < KW; ++kw)
+      zero(dwp + ((kh * KW + kw) * Cin + i0) * Cout + j0, m, n, Cout);
     // Output rows (b, h) in chunks of about kTokens tokens, whose x and dy rows stay in
     // L2 while every register tile of the task's block passes over them.
     const int64_t chunk = std::max<int64_t>(1, kTokens / Wd);
@@ -175,7 +166,8 @@ ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              dyp + ((b * H + h) * Wd + w0) * Cout + j0, w1 - w0});
         }
         if (runs.empty()) continue;
-        run_gemm(m, n, runs, Cin, Cout, dwp + ((kh * KW + kw) * Cin + i0) * Cout + j0, Cout);
+        run_gemm(m, n, runs.data(), runs.size(), Cin, Cout,
+                 dwp + ((kh * KW + kw) * Cin + i0) * Cout + j0, Cout);
       }
     }
   });
