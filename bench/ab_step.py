@@ -107,6 +107,10 @@ VARIANTS = {
     # C++ kernel).
     "conv_weight_grad=xla": lambda: mock.patch.object(conv, "conv_general_dilated",
                                                       jax.lax.conv_general_dilated),
+    # The ResBlock convolutions' forward pass and input gradient as XLA's (Eigen), the
+    # temporal layers' (3, 1, 1) convolution as a concatenated matmul, instead of the
+    # C++ convolution (kernel gradients stay the C++ ones).
+    "conv=xla": lambda: mock.patch.object(conv, "USE_NATIVE_CONV", False),
 }
 
 

@@ -120,6 +120,61 @@ def conv_weight_grad(x_BxHxWxI: jax.Array, dy_BxHxWxO: jax.Array, kernel_hw: tup
   return _conv_weight_grad_op(kernel_hw)(x_BxHxWxI, dy_BxHxWxO)
 
 
+def _ffi_conv_same(x, k):
+  return jax.ffi.ffi_call(
+      "videoldm_conv_same", jax.ShapeDtypeStruct(x.shape[:3] + (k.shape[3],), jnp.float32),
+      vmap_method="sequential")(x, k)
+
+
+def _batch_parallel(fn, rule: str, whole: tuple):
+  """`fn` (x, k) -> y as a custom_partitioning op: x and y keep x's sharding of their
+  batch axis, each device convolves its own images; k and x's other axes (factors
+  `whole` of `rule`) are whole on every device."""
+  op = custom_partitioning(fn)
+
+  def partition(mesh, arg_shapes, result_shape):
+    lead = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
+    x_sharding = NamedSharding(mesh, P(lead, *[None] * (len(arg_shapes[0].shape) - 1)))
+    k_sharding = NamedSharding(mesh, P(*[None] * len(arg_shapes[1].shape)))
+    y_sharding = NamedSharding(mesh, P(lead, *[None] * (len(result_shape.shape) - 1)))
+    return mesh, fn, y_sharding, (x_sharding, k_sharding)
+
+  op.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=whole)
+  return op
+
+
+_conv_same = _batch_parallel(_ffi_conv_same, "b h w i, u v i o -> b h w o",
+                             ("h", "w", "i", "u", "v", "o"))
+
+# The kernel's widest kernel row (taps per row held on the stack).
+MAX_KERNEL_WIDTH = 15
+
+
+def conv_same_supports(x_BxHxWxI: jax.Array, k_KHxKWxIxO: jax.Array) -> bool:
+  """Whether `conv_same` takes these operands: 4-D float32 x and kernel, an odd kernel
+  at most MAX_KERNEL_WIDTH wide, x's channels the kernel's inputs, the kernel's outputs
+  a multiple of WIDTH_MULTIPLE, and the library built."""
+  return (x_BxHxWxI.ndim == 4 and k_KHxKWxIxO.ndim == 4
+          and x_BxHxWxI.dtype == k_KHxKWxIxO.dtype == jnp.float32
+          and x_BxHxWxI.shape[-1] == k_KHxKWxIxO.shape[2]
+          and all(k % 2 == 1 for k in k_KHxKWxIxO.shape[:2])
+          and k_KHxKWxIxO.shape[1] <= MAX_KERNEL_WIDTH
+          and k_KHxKWxIxO.shape[3] % WIDTH_MULTIPLE == 0 and available())
+
+
+def conv_same(x_BxHxWxI: jax.Array, k_KHxKWxIxO: jax.Array) -> jax.Array:
+  """The stride-1 convolution (cross-correlation) of x (B, H, W, I) with an odd kernel
+  (KH, KW, I, O) and zero padding KH // 2, KW // 2: (B, H, W, O) float32, every
+  element summed over the taps in order. Only for operands `conv_same_supports` takes."""
+  if not conv_same_supports(x_BxHxWxI, k_KHxKWxIxO):
+    raise ValueError(f"the C++ convolution takes 4-D float32 x (B, H, W, I) and an odd "
+                     f"kernel (KH, KW, I, O) at most {MAX_KERNEL_WIDTH} wide with O a "
+                     f"multiple of {WIDTH_MULTIPLE} ({build.load('matmul')[1] or 'built'});"
+                     f" got {x_BxHxWxI.dtype}{x_BxHxWxI.shape} and kernel "
+                     f"{k_KHxKWxIxO.dtype}{k_KHxKWxIxO.shape}")
+  return _conv_same(x_BxHxWxI, k_KHxKWxIxO)
+
+
 def call_flops(target_name: str, operand_shapes, result_shapes) -> int:
   """Model FLOPs of the kernels' custom calls (train/flops.py): those of the dot or
   convolution they replace, 2 N A B and 2 B H W KH KW I O; 0 for other targets."""
@@ -128,5 +183,8 @@ def call_flops(target_name: str, operand_shapes, result_shapes) -> int:
     return 2 * n * a * b
   if target_name == "videoldm_conv_weight_grad":
     (b, h, w, _), (kh, kw, i, o) = operand_shapes[0], result_shapes[0]
+    return 2 * b * h * w * kh * kw * i * o
+  if target_name == "videoldm_conv_same":
+    (b, h, w, _), (kh, kw, i, o) = operand_shapes[:2]
     return 2 * b * h * w * kh * kw * i * o
   return 0

@@ -20,7 +20,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from videoldm_jax.models import attention, layers
+from videoldm_jax.models import attention, conv, layers
 from videoldm_jax.models.attention import Attention, FeedForward
 from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.matmul import dense_matmul
@@ -88,16 +88,19 @@ def _mix_param(module: nn.Module, init: float) -> jax.Array:
 
 
 class TimeOnlyConv(nn.Module):
-  """A (kt, 1, 1) 3-D convolution on (B, T, H, W, C) with 'same' zero padding, as one
-  dense matmul: the kt time-shifted copies of the input side by side (B, T, H, W, kt*C)
-  times the kernel reshaped to (kt*C, features). The parameters (`kernel`
-  (kt, 1, 1, C, features), `bias`) are those of `nn.Conv`, so checkpoints are shared.
+  """A (kt, 1, 1) 3-D convolution on (B, T, H, W, C) with 'same' zero padding for a
+  CPU target. With the C++ kernels (models/conv.py) it is a (kt, 1) 2-D convolution of
+  (B, T, H*W, C), each frame read in place; without them, one dense matmul: the kt
+  time-shifted copies of the input side by side (B, T, H, W, kt*C) times the kernel
+  reshaped to (kt*C, features). The parameters (`kernel` (kt, 1, 1, C, features),
+  `bias`) are those of `nn.Conv`, so checkpoints are shared.
 
-  Why not `nn.Conv`: XLA:CPU runs this conv and its gradients at 33-99 GFLOP/s on our
-  shapes (its weight gradient in Eigen, asynchronously); as a matmul whose weight
-  gradient takes YNNPACK's path (models/matmul.py), forward + both gradients run at
-  52-159 GFLOP/s, 1.4-1.9x (bench/README.md). It costs kt x the input's memory for the
-  backward pass, so `conv3d` picks it only when compiling for a CPU.
+  Why not `nn.Conv`: XLA:CPU runs this conv's gradients at 33-99 GFLOP/s on our shapes
+  (its weight gradient in Eigen, asynchronously); as a matmul whose weight gradient
+  takes YNNPACK's path (models/matmul.py), forward + both gradients run at 52-159
+  GFLOP/s, 1.4-1.9x, at the cost of kt x the input's memory for the backward pass
+  (bench/README.md); the C++ kernels need neither. `conv3d` picks it only when
+  compiling for a CPU.
   """
   features: int
   kernel_size: tuple[int, int, int]
@@ -113,7 +116,15 @@ class TimeOnlyConv(nn.Module):
                                                      self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x_BxTxHxWxC, kernel, bias, dtype=self.dtype)
-    frames, pad = x.shape[1], kt // 2
+    b, frames, h, w, _ = x.shape
+    # With the C++ convolution: (B, T, H*W, C) convolved with a (kt, 1) kernel, each
+    # frame read in place (no shifted copies).
+    x_BxTxSxC = x.reshape(b, frames, h * w, channels)
+    kernel_4d = kernel.reshape(kt, 1, channels, self.features)
+    if conv.USE_NATIVE_CONV and conv.takes(x_BxTxSxC, kernel_4d):
+      y = conv.conv_same(x_BxTxSxC, kernel_4d)
+      return y.reshape(b, frames, h, w, self.features) + bias
+    pad = kt // 2
     x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
     # Tap i of a cross-correlation reads frame t + i - pad: padded frame t + i.
     shifted = jnp.concatenate([x[:, i:i + frames] for i in range(kt)], axis=-1)

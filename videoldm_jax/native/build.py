@@ -38,7 +38,8 @@ TARGETS = {
     "attention": {"VideoLdmAttentionForward": "videoldm_attention_forward",
                   "VideoLdmAttentionBackward": "videoldm_attention_backward"},
     "matmul": {"VideoLdmWeightGrad": "videoldm_weight_grad",
-               "VideoLdmConvWeightGrad": "videoldm_conv_weight_grad"},
+               "VideoLdmConvWeightGrad": "videoldm_conv_weight_grad",
+               "VideoLdmConvSame": "videoldm_conv_same"},
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 

@@ -25,6 +25,7 @@ namespace {
 constexpr int64_t kTokens = 256;     // tokens (rows of x and dy) per inner block
 constexpr int64_t kPanel = 4 * W;    // columns of dW per task (four vectors)
 constexpr int64_t kTileRows = 6;     // rows of the wide register tile
+constexpr int kWide = kRegisters == 32 ? 4 : 2;  // vectors per row of the wide tile
 
 // A run of k tokens: x's rows from a, dy's rows from b (row strides acs and ldb).
 struct Run {
@@ -80,7 +81,6 @@ void run_panel(int64_t M, const Run* runs, int64_t n_runs, int64_t j0, int64_t a
 // those of C's first row and column. Register tiles as in cpu_kernels.h's gemm.
 void run_gemm(int64_t M, int64_t N, const Run* runs, int64_t n_runs, int64_t acs,
               int64_t ldb, float* c, int64_t ldc) {
-  constexpr int kWide = kRegisters == 32 ? 4 : 2;
   int64_t j = 0;
   for (; j + kWide * W <= N; j += kWide * W)
     run_panel<6, kWide>(M, runs, n_runs, j, acs, ldb, c, ldc);
@@ -173,9 +173,120 @@ ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   });
 }
 
+// One register tile of a convolution's output, MR tokens x NV vectors: y = (the tile
+// as stored when ACC) + sum over the taps t < n_taps and k < K of x_t(i)[k] w_t[k, :],
+// where x_t(i) points at the input row token i reads for tap t (a row of zeros outside
+// the image) and w_t at tap t's kernel rows (ldb floats apart). The accumulators stay in
+// registers across all the taps.
+template <int MR, int NV, bool ACC>
+inline void conv_tile(const float* const* rows, const float* const* w, int64_t n_taps,
+                      int64_t K, int64_t ldb, float* c, int64_t ldc) {
+  vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = ACC ? load(c + i * ldc + j * W) : vec{};
+  for (int64_t t = 0; t < n_taps; ++t) {
+    const float* a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = rows[t * kTileRows + i];
+    const float* b = w[t];
+    for (int64_t k = 0; k < K; ++k) {
+      vec bk[NV];
+      for (int j = 0; j < NV; ++j) bk[j] = load(b + k * ldb + j * W);
+      for (int i = 0; i < MR; ++i) {
+        const vec ai = splat(a[i][k]);
+        for (int j = 0; j < NV; ++j) acc[i][j] += ai * bk[j];
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) store(c + i * ldc + j * W, acc[i][j]);
+}
+
+// The same for the last `tokens` < kTileRows tokens (R counts down to 1).
+template <int R, int NV, bool ACC>
+inline void conv_tail(int64_t tokens, const float* const* rows, const float* const* w,
+                      int64_t n_taps, int64_t K, int64_t ldb, float* c, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (tokens == R) return conv_tile<R, NV, ACC>(rows, w, n_taps, K, ldb, c, ldc);
+    conv_tail<R - 1, NV, ACC>(tokens, rows, w, n_taps, K, ldb, c, ldc);
+  }
+}
+
+template <int NV, bool ACC>
+inline void conv_tiles(int64_t tokens, const float* const* rows, const float* const* w,
+                       int64_t n_taps, int64_t K, int64_t ldb, float* c, int64_t ldc) {
+  if (tokens == kTileRows)
+    return conv_tile<kTileRows, NV, ACC>(rows, w, n_taps, K, ldb, c, ldc);
+  conv_tail<kTileRows - 1, NV, ACC>(tokens, rows, w, n_taps, K, ldb, c, ldc);
+}
+
+// A stride-1 convolution with zero padding that keeps the size (kernel KH x KW, odd,
+// padding KH / 2 and KW / 2): y[b, h, w, :] = sum over the taps (u, v) of
+// x[b, h + u - ph, w + v - pw, :] k[u, v] (Cin, Cout), x read in place (a tap that falls
+// outside the image reads a row of zeros; no padded copy, no im2col). Tasks are blocks
+// of kTokens consecutive output tokens (b, h, w) x 64-wide column panels; within a task
+// the taps of one kernel row are summed in registers for a tile of six tokens, the
+// kernel rows accumulated in y, so the kernel rows a task reuses for all its tiles
+// (KW x Cin x 64 floats) stay in L2. XLA runs this convolution on Eigen (and its input
+// gradient, the same convolution of dy with the flipped, transposed kernel).
+ffi::Future ConvSame(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  const int64_t B = xd[0], H = xd[1], Wd = xd[2], Cin = xd[3];
+  const int64_t KH = kd[0], KW = kd[1], Cout = kd[3];
+  const int64_t ph = KH / 2, pw = KW / 2, N = B * H * Wd;
+  const float *xp = x.typed_data(), *kp = k.typed_data();
+  float* yp = y->typed_data();
+  const int64_t blocks = (N + kTokens - 1) / kTokens, panels = (Cout + kPanel - 1) / kPanel;
+  return run_tasks(pool, blocks * panels, [=](int64_t task) {
+    const int64_t n0 = (task / panels) * kTokens, j0 = (task % panels) * kPanel;
+    const int64_t n1 = std::min(N, n0 + kTokens), width = std::min(kPanel, Cout - j0);
+    float* zeros = thread_scratch().get(0, Cin);
+    std::fill(zeros, zeros + Cin, 0.f);
+    const float* rows[16 * kTileRows];  // KW <= 16 taps per kernel row
+    const float* w[16];
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      for (int64_t kw = 0; kw < KW; ++kw) w[kw] = kp + (kh * KW + kw) * Cin * Cout + j0;
+      for (int64_t n = n0; n < n1; n += kTileRows) {
+        const int64_t tokens = std::min<int64_t>(kTileRows, n1 - n);
+        for (int64_t i = 0; i < kTileRows; ++i) {
+          const int64_t token = std::min(n + i, n1 - 1), bh = token / Wd, col = token % Wd;
+          const int64_t row = bh % H + kh - ph;
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            const int64_t c = col + kw - pw;
+            rows[kw * kTileRows + i] = (row < 0 || row >= H || c < 0 || c >= Wd)
+                                           ? zeros
+                                           : xp + ((bh + kh - ph) * Wd + c) * Cin;
+          }
+        }
+        float* c = yp + n * Cout + j0;
+        const float* wj[16];
+        int64_t j = 0;
+        for (; j + kWide * W <= width; j += kWide * W) {
+          for (int64_t kw = 0; kw < KW; ++kw) wj[kw] = w[kw] + j;
+          if (kh == 0) conv_tiles<kWide, false>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
+          else conv_tiles<kWide, true>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
+        }
+        for (; j < width; j += W) {
+          for (int64_t kw = 0; kw < KW; ++kw) wj[kw] = w[kw] + j;
+          if (kh == 0) conv_tiles<1, false>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
+          else conv_tiles<1, true>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VideoLdmConvWeightGrad, ConvWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VideoLdmConvSame, ConvSame,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
