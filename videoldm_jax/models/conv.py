@@ -23,21 +23,31 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 # The forward pass and input gradient through the C++ convolution where it takes the
 # operands (False: XLA's convolutions, the kernel gradient still the C++ one, and the
-# temporal layers' convolution a concatenated matmul, as before 2026-12-05).
+# temporal layers' convolution a concatenated matmul, as before the late night of
+# 2026-12-04).
 USE_NATIVE_CONV = True
+
+
+def _xla_conv(x, w):
+  pad = tuple((k // 2, k // 2) for k in w.shape[:2])
+  return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=_NHWC)
 
 
 def _conv(x, w):
   if USE_NATIVE_CONV and native_matmul.conv_same_supports(x, w):
     return native_matmul.conv_same(x, w)
-  pad = tuple((k // 2, k // 2) for k in w.shape[:2])
-  return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=_NHWC)
+  return _xla_conv(x, w)
 
 
 def _input_grad(dy, w):
   """dx of `_conv(x, w)`: for a stride-1 size-keeping odd kernel, the same convolution
-  of dy with the kernel flipped in space and its channel axes swapped."""
-  return _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+  of dy with the kernel flipped in space and its channel axes swapped (the C++ one),
+  else XLA's transpose of its convolution."""
+  w_flipped = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+  if USE_NATIVE_CONV and native_matmul.conv_same_supports(dy, w_flipped):
+    return native_matmul.conv_same(dy, w_flipped)
+  x_shape = jax.ShapeDtypeStruct(dy.shape[:-1] + (w.shape[2],), dy.dtype)
+  return jax.linear_transpose(lambda x_: _xla_conv(x_, w), x_shape)(dy)[0]
 
 
 @jax.custom_vjp

@@ -1,13 +1,15 @@
-"""Weight gradients through the C++ kernels for XLA:CPU (native/matmul_cpu.cc): of
-dense layers, dW = x^T dy with x^T read in place (no transpose before a canonical dot,
-no Eigen dot contracting the token axis; models/matmul.py says why both are slow), and
-of stride-1 size-keeping convolutions, each tap's shifted x read in place
-(models/conv.py).
+"""Weight gradients and convolutions through the C++ kernels for XLA:CPU
+(native/matmul_cpu.cc): of dense layers, dW = x^T dy with x^T read in place (no
+transpose before a canonical dot, no Eigen dot contracting the token axis;
+models/matmul.py says why both are slow); of stride-1 size-keeping convolutions, the
+kernel gradient with each tap's shifted x read in place, and the convolution itself
+(forward pass and input gradient, models/conv.py).
 
-Under a mesh each device computes the sum over its own tokens (batch elements) and the
-partial sums are added across the devices that split them (an all-reduce, as XLA's own
-dot would do); the weight's axes are computed whole on every device, so operands
-sharded along their channels (tensor parallelism) are gathered first.
+Under a mesh each device computes the weight gradients' sum over its own tokens (batch
+elements) and the partial sums are added across the devices that split them (an
+all-reduce, as XLA's own dot would do), and convolves its own images; the weight's axes
+are computed whole on every device, so operands sharded along their channels (tensor
+parallelism) are gathered first.
 """
 
 import functools
@@ -43,29 +45,33 @@ def _ffi_weight_grad(x, dy):
       vmap_method="sequential")(x, dy)
 
 
-def _summed_over_shards(fn, rule: str, whole: tuple):
-  """`fn` (x, dy) -> dw as a custom_partitioning op: x and dy keep x's sharding of
-  their leading (token or batch) axis, each device sums its own part and the partial
-  sums are all-reduced; the operands' other axes (factors `whole` of `rule`) are whole
-  on every device."""
+def _over_leading_axis(fn, rule: str, whole: tuple, summed: bool = True):
+  """`fn` (x, y) -> z as a custom_partitioning op that keeps x's sharding of its leading
+  (token or batch) axis: with `summed`, x and y are split along it, each device sums
+  its own part and the partial sums are all-reduced (z whole); without, only x is split
+  and z keeps x's split (each device computes its own images). The operands' other
+  axes (factors `whole` of `rule`) are whole on every device."""
   op = custom_partitioning(fn)
 
   def partition(mesh, arg_shapes, result_shape):
     lead = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
-    args = tuple(NamedSharding(mesh, P(lead, *[None] * (len(a.shape) - 1)))
-                 for a in arg_shapes)
+    split = (lead, lead if summed else None)
+    args = tuple(NamedSharding(mesh, P(s, *[None] * (len(a.shape) - 1)))
+                 for a, s in zip(arg_shapes, split))
 
-    def per_device(x, dy):
-      dw = fn(x, dy)
-      return dw if lead is None else jax.lax.psum(dw, lead)
+    def per_device(x, y):
+      z = fn(x, y)
+      return jax.lax.psum(z, lead) if summed and lead is not None else z
 
-    return mesh, per_device, NamedSharding(mesh, P(*[None] * len(result_shape.shape))), args
+    z_lead = None if summed else lead
+    z_sharding = NamedSharding(mesh, P(z_lead, *[None] * (len(result_shape.shape) - 1)))
+    return mesh, per_device, z_sharding, args
 
   op.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=whole)
   return op
 
 
-_weight_grad = _summed_over_shards(_ffi_weight_grad, "n a, n b -> a b", ("a", "b"))
+_weight_grad = _over_leading_axis(_ffi_weight_grad, "n a, n b -> a b", ("a", "b"))
 
 
 def weight_grad(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
@@ -89,11 +95,11 @@ def _ffi_conv_weight_grad(x, dy, kernel_hw):
 @functools.cache
 def _conv_weight_grad_op(kernel_hw: tuple):
   """The partitioned conv weight gradient of one kernel size (the batch's partial sums
-  all-reduced, as `_summed_over_shards`)."""
+  all-reduced, as `_over_leading_axis`)."""
   def fn(x, dy):
     return _ffi_conv_weight_grad(x, dy, kernel_hw)
 
-  return _summed_over_shards(fn, "b h w i, b h w o -> u v i o", ("h", "w", "i", "o"))
+  return _over_leading_axis(fn, "b h w i, b h w o -> u v i o", ("h", "w", "i", "o"))
 
 
 def conv_supports(x_BxHxWxI: jax.Array, dy_BxHxWxO: jax.Array, kernel_hw: tuple) -> bool:
@@ -126,25 +132,8 @@ def _ffi_conv_same(x, k):
       vmap_method="sequential")(x, k)
 
 
-def _batch_parallel(fn, rule: str, whole: tuple):
-  """`fn` (x, k) -> y as a custom_partitioning op: x and y keep x's sharding of their
-  batch axis, each device convolves its own images; k and x's other axes (factors
-  `whole` of `rule`) are whole on every device."""
-  op = custom_partitioning(fn)
-
-  def partition(mesh, arg_shapes, result_shape):
-    lead = (tuple(arg_shapes[0].sharding.spec) + (None,))[0]
-    x_sharding = NamedSharding(mesh, P(lead, *[None] * (len(arg_shapes[0].shape) - 1)))
-    k_sharding = NamedSharding(mesh, P(*[None] * len(arg_shapes[1].shape)))
-    y_sharding = NamedSharding(mesh, P(lead, *[None] * (len(result_shape.shape) - 1)))
-    return mesh, fn, y_sharding, (x_sharding, k_sharding)
-
-  op.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=whole)
-  return op
-
-
-_conv_same = _batch_parallel(_ffi_conv_same, "b h w i, u v i o -> b h w o",
-                             ("h", "w", "i", "u", "v", "o"))
+_conv_same = _over_leading_axis(_ffi_conv_same, "b h w i, u v i o -> b h w o",
+                               ("h", "w", "i", "u", "v", "o"), summed=False)
 
 # The kernel's widest kernel row (taps per row held on the stack).
 MAX_KERNEL_WIDTH = 15
