@@ -111,6 +111,10 @@ VARIANTS = {
     # temporal layers' (3, 1, 1) convolution as a concatenated matmul, instead of the
     # C++ convolution (kernel gradients stay the C++ ones).
     "conv=xla": lambda: mock.patch.object(conv, "USE_NATIVE_CONV", False),
+    # XLA:CPU's memory-optimised scheduler instead of its concurrency-optimised one
+    # (fewer ops in flight beside the asynchronous custom calls).
+    "scheduler=memory": lambda: _compiled_with(
+        xla_cpu_enable_concurrency_optimized_scheduler=False),
 }
 
 
