@@ -130,6 +130,16 @@ out = attention.dot_product_attention(q, q, q, num_heads=2)  # must not fail
 dense = layers.dense(32, name="proj")  # its weight gradient: XLA's dots, not the kernel
 params = dense.init(jax.random.key(1), q)
 grads = jax.grad(lambda p: jnp.sum(dense.apply(p, q) ** 2))(params)
+# The convolutions: XLA's 3x3, the temporal (3, 1, 1) as its concatenated matmul.
+from videoldm_jax.models import temporal
+x = jax.random.normal(jax.random.key(2), (2, 3, 4, 4, 32))
+convs = [layers.conv2d(32, name="c2"),
+         temporal.conv3d(32, (3, 1, 1), name="c3", init=layers.FAN_IN_NORMAL)]
+for conv_layer, xs in zip(convs, (x[0], x)):
+  p = conv_layer.init(jax.random.key(3), xs)
+  fn = lambda p, xs: jnp.sum(conv_layer.apply(p, xs) ** 2)
+  assert "videoldm" not in str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(p, xs))
+  grads = (grads, jax.grad(fn, argnums=(0, 1))(p, xs))
 attention.set_implementation("native")
 try:
   attention.dot_product_attention(q, q, q, num_heads=2)
@@ -148,7 +158,8 @@ print(json.dumps(dict(available=native_attention.available(),
                                          ({"VIDEOLDM_JAX_NATIVE": "0"}, "VIDEOLDM_JAX_NATIVE=0")])
 def test_falls_back_to_xla_without_the_kernel(tmp_path, env, reason):
   # A fresh process with an empty cache and no way to build: the model runs on XLA's
-  # blocked path and dense layers on XLA's dots, and only an explicit "native"
+  # blocked path, dense layers and convolutions on XLA's dots and convolutions (no
+  # custom call traced), and only an explicit "native"
   # attention request fails, saying why.
   run_env = dict(os.environ, VIDEOLDM_JAX_NATIVE_CACHE=str(tmp_path), **env)
   proc = subprocess.run([sys.executable, "-c", _FALLBACK], env=run_env, capture_output=True,
