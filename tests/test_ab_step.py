@@ -8,7 +8,8 @@ import pytest
 
 from bench import ab_step, side_by_side
 from bench import attention as attention_bench
-from videoldm_jax.models import attention, matmul
+from bench import conv as conv_bench
+from videoldm_jax.models import attention, conv, matmul, native_matmul
 
 
 def test_interleaved_times_alternate_and_time_each_variant():
@@ -23,7 +24,7 @@ def test_interleaved_times_alternate_and_time_each_variant():
 
 def test_variants_restore_what_they_switch():
   state = lambda: (attention.implementation(), dict(matmul.WEIGHT_GRADS),
-                   attention.NATIVE_MIN_LOGITS)
+                   attention.NATIVE_MIN_LOGITS, conv.USE_NATIVE_CONV)
   before = state()
   for name, variant in ab_step.VARIANTS.items():
     with variant():
@@ -35,6 +36,8 @@ def test_variants_restore_what_they_switch():
         assert attention.attention_path(8, 8) == "formula"
       if name == "ynn=individual_dot":
         assert "__ynn_fusion" not in _compiled_row_sums()
+      if name == "conv=xla":
+        assert not conv.USE_NATIVE_CONV
     assert state() == before, name
   # Outside the variant, XLA's default (the package's XLA_FLAGS) gives the row sums to
   # YNNPACK: the variant switched something that was on.
@@ -94,3 +97,12 @@ def test_attention_bench_sides_run():
     assert worker.request("peak") is None
   finally:
     worker.close()
+
+
+@pytest.mark.skipif(not native_matmul.available(), reason="no C++ kernels here")
+@pytest.mark.parametrize("pass_", conv_bench.PASSES)
+def test_conv_bench_sides_run_and_agree(pass_):
+  # build() compares the kernel's result with XLA's (1e-4) before timing anything.
+  run_xla, run_kernel, gflop = conv_bench.build("W2-l2", pass_)
+  run_xla(), run_kernel()
+  assert gflop == 2 * 8 * 8 * 8 * 9 * 256 * 256 / 1e9
