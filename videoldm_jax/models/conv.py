@@ -15,7 +15,6 @@ operands (channels not whole vectors, bfloat16, no compiler) that part stays XLA
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from videoldm_jax.models import matmul, native_matmul
 
@@ -50,29 +49,18 @@ def _input_grad(dy, w):
   return jax.linear_transpose(lambda x_: _xla_conv(x_, w), x_shape)(dy)[0]
 
 
-@jax.custom_vjp
+def _kernel_grad(x, dy, w):
+  return native_matmul.conv_weight_grad(x, dy, w.shape[:2])
+
+
+_conv_same = matmul.linear_in_x(_conv, _input_grad, _kernel_grad)
+
+
 def conv_same(x_BxHxWxI: jax.Array, w_KHxKWxIxO: jax.Array) -> jax.Array:
   """Stride-1 convolution of (B, H, W, I) with an odd (KH, KW, I, O) kernel and zero
-  padding KH // 2, KW // 2: (B, H, W, O); its gradients from the C++ kernels."""
-  return _conv(x_BxHxWxI, w_KHxKWxIxO)
-
-
-def _fwd(x, w):
-  # As in models/matmul.py: a frozen kernel (temporal-only training) keeps no x.
-  return _conv(x.value, w.value), (w.value, x.value if w.perturbed else None)
-
-
-def _bwd(residuals, dy):
-  w, x = residuals
-  if isinstance(dy, SymbolicZero):
-    return None, None
-  dx = _input_grad(dy, w)
-  if x is None:
-    return dx, None
-  return dx, native_matmul.conv_weight_grad(x, dy, w.shape[:2]).astype(w.dtype)
-
-
-conv_same.defvjp(_fwd, _bwd, symbolic_zeros=True)
+  padding KH // 2, KW // 2: (B, H, W, O); its gradients from the C++ kernels (x kept
+  for the kernel gradient only when the kernel trains)."""
+  return _conv_same(x_BxHxWxI, w_KHxKWxIxO)
 
 
 def takes(x_BxHxWxI: jax.Array, w_KHxKWxIxO: jax.Array) -> bool:

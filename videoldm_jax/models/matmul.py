@@ -92,33 +92,38 @@ def _weight_grad_chunked(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
   return lax.scan(add_chunk, acc, chunks)[0]
 
 
-def _fwd(x, w):
-  # symbolic_zeros: the primals arrive wrapped with whether they are differentiated. A
-  # frozen W (the image model in temporal-only training) needs no x kept for dW.
-  y = _matmul(x.value, w.value)
-  return y, (w.value, x.value if w.perturbed else None)
+def linear_in_x(forward, input_grad, weight_grad):
+  """`forward(x, w)`, linear in x, as a custom_vjp function whose backward pass is
+  `input_grad(dy, w)` and `weight_grad(x, dy, w)`; x is kept for the backward pass
+  only when w is differentiated (a frozen W, the image model in temporal-only training,
+  needs no x) and neither gradient is computed for a symbolic-zero dy."""
+  def fwd(x, w):
+    # symbolic_zeros: the primals arrive wrapped with whether they are differentiated.
+    return forward(x.value, w.value), (w.value, x.value if w.perturbed else None)
 
+  def bwd(residuals, dy):
+    w, x = residuals
+    if isinstance(dy, SymbolicZero):
+      return None, None
+    dx = input_grad(dy, w)
+    return dx, None if x is None else weight_grad(x, dy, w).astype(w.dtype)
 
-def _bwd(weight_grad, residuals, dy):
-  w, x = residuals
-  if isinstance(dy, SymbolicZero):
-    return None, None
-  dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
-  if x is None:
-    return dx, None
-  x, dy = jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
-  if USE_KERNEL and native_matmul.supports(x, dy):
-    weight_grad = native_matmul.weight_grad
-  return dx, weight_grad(x, dy).astype(w.dtype)
+  op = jax.custom_vjp(forward)
+  op.defvjp(fwd, bwd, symbolic_zeros=True)
+  return op
 
 
 def _with_weight_grad(weight_grad):
-  @jax.custom_vjp
-  def matmul(x_NxA: jax.Array, w_AxB: jax.Array) -> jax.Array:
-    return _matmul(x_NxA, w_AxB)
+  def input_grad(dy, w):
+    return lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
 
-  matmul.defvjp(_fwd, functools.partial(_bwd, weight_grad), symbolic_zeros=True)
-  return matmul
+  def dense_weight_grad(x, dy, w):
+    x, dy = jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
+    if USE_KERNEL and native_matmul.supports(x, dy):
+      return native_matmul.weight_grad(x, dy)
+    return weight_grad(x, dy)
+
+  return linear_in_x(_matmul, input_grad, dense_weight_grad)
 
 
 dense_matmul = _with_weight_grad(_weight_grad_transposed)
