@@ -1,5 +1,6 @@
 // Weight gradients for XLA:CPU as XLA FFI handlers: of a dense layer, dW = x^T dy, and
-// of a stride-1 convolution that keeps the size, dW[tap] = sum of shifted x^T dy.
+// of a stride-1 convolution that keeps the size, dW[tap] = sum of shifted x^T dy; and
+// that convolution itself (ConvSame, below; its input gradient is the same handler).
 //
 // Why this exists: dW contracts the token axis of both operands. XLA:CPU runs such a
 // dot either on Eigen (asynchronously, 70-144 GFLOP/s alone) or, with x^T materialised
