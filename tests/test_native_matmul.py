@@ -103,6 +103,8 @@ def test_flops_count_the_dot_it_replaces(monkeypatch):
   _, fn, params = _weight_grad_calls()
   with_kernel = flops_lib.model_flops(fn, params)
   monkeypatch.setattr(matmul, "USE_KERNEL", False)
+  calls, fn, params = _weight_grad_calls()  # traced afresh: XLA's dots
+  assert calls == 0
   assert flops_lib.model_flops(fn, params) == with_kernel
   # dW alone, 2 x 128 tokens x 24 x 32: the counter removes dead code, and both the
   # forward (grad returns no value; d sum / dy = 1 needs no y) and dx (x is a constant)
@@ -223,10 +225,11 @@ def test_conv_layers_use_it_for_float32_stride_1(monkeypatch):
 def test_conv_input_gradient_matches_xla(features, monkeypatch):
   # 32 input channels: dx from the C++ convolution of dy with the flipped, transposed
   # kernel; XLA's transposed convolution for reference.
-  *_, fn, params, x = _conv_layer_grads(features=features, in_channels=32)
-  ours = jax.jit(fn)(params, x)
+  calls, ours, *_ = _conv_layer_grads(features=features, in_channels=32)
+  assert calls == (1, 2)
   monkeypatch.setattr(matmul, "USE_KERNEL", False)
-  xla = jax.jit(fn)(params, x)
+  calls, xla, *_ = _conv_layer_grads(features=features, in_channels=32)  # traced afresh
+  assert calls == (0, 0)
   assert max_rel_err(ours[1][1], xla[1][1]) < 1e-5
 
 
@@ -260,6 +263,8 @@ def test_conv_flops_count_the_convolution_it_replaces(monkeypatch):
   _, _, fn, params, x = _conv_layer_grads(in_channels=32)
   with_kernel = flops_lib.model_flops(fn, params, x)
   monkeypatch.setattr(matmul, "USE_KERNEL", False)
+  calls, _, fn, params, x = _conv_layer_grads(in_channels=32)  # traced afresh
+  assert calls == (0, 0)
   assert flops_lib.model_flops(fn, params, x) == with_kernel
   # forward, input gradient, kernel gradient: 2 x 2 x 8 x 12 x 9 x 32 x 32 each
   assert with_kernel == 3 * 2 * (2 * 8 * 12) * 9 * 32 * 32
