@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -65,24 +66,28 @@ inline void tile(int64_t K, const float* a, int64_t ars, int64_t acs, const floa
     for (int j = 0; j < NV; ++j) store(c + i * ldc + j * W, acc[i][j]);
 }
 
-// The rows [0, M) of one column panel, MR rows at a time, the last M % MR rows by
-// smaller tiles (R counts down to 1).
-template <int R, int NV, bool ACC>
-inline void tail(int64_t rows, int64_t K, const float* a, int64_t ars, int64_t acs,
-                 const float* b, int64_t ldb, float* c, int64_t ldc) {
-  if constexpr (R > 0) {
-    if (rows == R) return tile<R, NV, ACC>(K, a, ars, acs, b, ldb, c, ldc);
-    tail<R - 1, NV, ACC>(rows, K, a, ars, acs, b, ldb, c, ldc);
+// Calls f(std::integral_constant<int, R>{}) for the R == rows in [1, MAX] (a register
+// tile's row count as a compile-time constant: R counts down from MAX); nothing for
+// other rows.
+template <int MAX, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (MAX > 0) {
+    if (rows == MAX) return f(std::integral_constant<int, MAX>{});
+    with_rows<MAX - 1>(rows, f);
   }
 }
 
+// The rows [0, M) of one column panel, MR rows at a time, the last M % MR rows by one
+// smaller tile.
 template <int MR, int NV, bool ACC>
 void panel(int64_t M, int64_t K, const float* a, int64_t ars, int64_t acs,
            const float* b, int64_t ldb, float* c, int64_t ldc) {
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
     tile<MR, NV, ACC>(K, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc);
-  tail<MR - 1, NV, ACC>(M - i, K, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc);
+  with_rows<MR - 1>(M - i, [&](auto r) {
+    tile<decltype(r)::value, NV, ACC>(K, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc);
+  });
 }
 
 // C[M, N] (=, or += when ACC) A[M, K] B[K, N]; N a multiple of W. Register tiles use

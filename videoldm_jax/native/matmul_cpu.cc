@@ -58,24 +58,17 @@ inline void run_tile(const Run* runs, int64_t n_runs, int64_t i0, int64_t j0, in
     for (int j = 0; j < NV; ++j) store(c + i * ldc + j * W, acc[i][j]);
 }
 
-// The rows [0, M) of one column panel, MR rows at a time, the last M % MR rows by
-// smaller tiles (R counts down to 1), as cpu_kernels.h's panel.
-template <int R, int NV>
-inline void run_tail(int64_t rows, const Run* runs, int64_t n_runs, int64_t i0, int64_t j0,
-                     int64_t acs, int64_t ldb, float* c, int64_t ldc) {
-  if constexpr (R > 0) {
-    if (rows == R) return run_tile<R, NV>(runs, n_runs, i0, j0, acs, ldb, c, ldc);
-    run_tail<R - 1, NV>(rows, runs, n_runs, i0, j0, acs, ldb, c, ldc);
-  }
-}
-
+// The rows [0, M) of one column panel, MR rows at a time, the last M % MR rows by one
+// smaller tile, as cpu_kernels.h's panel.
 template <int MR, int NV>
 void run_panel(int64_t M, const Run* runs, int64_t n_runs, int64_t j0, int64_t acs,
                int64_t ldb, float* c, int64_t ldc) {
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
     run_tile<MR, NV>(runs, n_runs, i, j0, acs, ldb, c + i * ldc + j0, ldc);
-  run_tail<MR - 1, NV>(M - i, runs, n_runs, i, j0, acs, ldb, c + i * ldc + j0, ldc);
+  with_rows<MR - 1>(M - i, [&](auto r) {
+    run_tile<decltype(r)::value, NV>(runs, n_runs, i, j0, acs, ldb, c + i * ldc + j0, ldc);
+  });
 }
 
 // C[M, N] += sum over the runs of x^T dy, N a multiple of W; the runs' pointers are
@@ -202,24 +195,6 @@ inline void conv_tile(const float* const* rows, const float* const* w, int64_t n
     for (int j = 0; j < NV; ++j) store(c + i * ldc + j * W, acc[i][j]);
 }
 
-// The same for the last `tokens` < kTileRows tokens (R counts down to 1).
-template <int R, int NV, bool ACC>
-inline void conv_tail(int64_t tokens, const float* const* rows, const float* const* w,
-                      int64_t n_taps, int64_t K, int64_t ldb, float* c, int64_t ldc) {
-  if constexpr (R > 0) {
-    if (tokens == R) return conv_tile<R, NV, ACC>(rows, w, n_taps, K, ldb, c, ldc);
-    conv_tail<R - 1, NV, ACC>(tokens, rows, w, n_taps, K, ldb, c, ldc);
-  }
-}
-
-template <int NV, bool ACC>
-inline void conv_tiles(int64_t tokens, const float* const* rows, const float* const* w,
-                       int64_t n_taps, int64_t K, int64_t ldb, float* c, int64_t ldc) {
-  if (tokens == kTileRows)
-    return conv_tile<kTileRows, NV, ACC>(rows, w, n_taps, K, ldb, c, ldc);
-  conv_tail<kTileRows - 1, NV, ACC>(tokens, rows, w, n_taps, K, ldb, c, ldc);
-}
-
 // A stride-1 convolution with zero padding that keeps the size (kernel KH x KW, odd,
 // padding KH / 2 and KW / 2): y[b, h, w, :] = sum over the taps (u, v) of
 // x[b, h + u - ph, w + v - pw, :] k[u, v] (Cin, Cout), x read in place (a tap that falls
@@ -260,19 +235,23 @@ ffi::Future ConvSame(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
                                            : xp + ((bh + kh - ph) * Wd + c) * Cin;
           }
         }
-        float* c = yp + n * Cout + j0;
-        const float* wj[16];
+        // The tile of `tokens` tokens x NV vectors at column j, stored (the first
+        // kernel row) or accumulated.
+        auto tiles = [&](auto nv, int64_t j) {
+          constexpr int NV = decltype(nv)::value;
+          const float* wj[16];
+          for (int64_t kw = 0; kw < KW; ++kw) wj[kw] = w[kw] + j;
+          float* c = yp + n * Cout + j0 + j;
+          with_rows<kTileRows>(tokens, [&](auto r) {
+            constexpr int R = decltype(r)::value;
+            if (kh == 0) conv_tile<R, NV, false>(rows, wj, KW, Cin, Cout, c, Cout);
+            else conv_tile<R, NV, true>(rows, wj, KW, Cin, Cout, c, Cout);
+          });
+        };
         int64_t j = 0;
-        for (; j + kWide * W <= width; j += kWide * W) {
-          for (int64_t kw = 0; kw < KW; ++kw) wj[kw] = w[kw] + j;
-          if (kh == 0) conv_tiles<kWide, false>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
-          else conv_tiles<kWide, true>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
-        }
-        for (; j < width; j += W) {
-          for (int64_t kw = 0; kw < KW; ++kw) wj[kw] = w[kw] + j;
-          if (kh == 0) conv_tiles<1, false>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
-          else conv_tiles<1, true>(tokens, rows, wj, KW, Cin, Cout, c + j, Cout);
-        }
+        for (; j + kWide * W <= width; j += kWide * W)
+          tiles(std::integral_constant<int, kWide>{}, j);
+        for (; j < width; j += W) tiles(std::integral_constant<int, 1>{}, j);
       }
     }
   });
