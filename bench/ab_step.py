@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from bench import workloads  # noqa: E402
 from bench.common import emit, peak_host_rss_bytes  # noqa: E402
 from bench.train_step import compile_step, step_runner  # noqa: E402
+from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import attention, conv, layers, matmul  # noqa: E402
 from videoldm_jax.train import flops as flops_lib  # noqa: E402
 
@@ -154,6 +155,7 @@ def main():
   parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
+  host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
 
   modes = (args.mode, args.mode_b or args.mode)
   runners, compile_s, gflop = [], [], []

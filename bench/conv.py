@@ -9,7 +9,7 @@ Cases are the ResBlocks' 3x3 convolutions of each level (after the up-path's
 concatenation too) and the temporal layers' (3, 1, 1) convolution as the (3, 1)
 convolution of (B, T, H*W, C) that models/temporal.py runs.
 
-  GLIBC_TUNABLES=$(python -m videoldm_jax.host_memory) python -m bench.conv
+  python -m bench.conv      # restarts itself with the GLIBC_TUNABLES of host_memory.py
   python -m bench.conv --case=W2-l0,W2-l0-temporal --pass=forward
 
 One JSON line per case and pass: both medians in ms and GFLOP/s (2 B H W KH KW I O,
@@ -29,6 +29,7 @@ from jax import lax  # noqa: E402
 
 from bench.ab_step import interleaved_times  # noqa: E402
 from bench.common import emit  # noqa: E402
+from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import native_matmul  # noqa: E402
 
 # name -> (B, H, W, I, O, KH, KW): B is batch x frames (8 frames; batch 2 at W1, 1 at W2).
@@ -93,6 +94,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5, help="calls per side per round")
   args = parser.parse_args()
+  host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if not native_matmul.available():
     raise SystemExit("the C++ kernels are not built here: nothing to compare")
   for case in args.case.split(","):

@@ -33,6 +33,7 @@ import jax  # noqa: E402
 from bench import workloads  # noqa: E402
 from bench.common import emit  # noqa: E402
 from bench.train_step import compile_step  # noqa: E402
+from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import attention  # noqa: E402
 
 # `%name = f32[8,32,32,128]{3,2,1,0} opcode(...` in XLA's HLO text; tuple shapes too.
@@ -153,6 +154,7 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention", default="auto", help="models/attention.py IMPLEMENTATIONS")
   args = parser.parse_args()
+  host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
 
   attention.set_implementation(args.attention)
   case = workloads.build(args.workload, args.stage, args.mode, dtype=args.dtype)

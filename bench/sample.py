@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
 from bench.common import emit, matmul_peak_flops, peak_host_rss_bytes  # noqa: E402
+from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.diffusion import samplers  # noqa: E402
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config  # noqa: E402
 from videoldm_jax.models.temporal import TemporalConfig  # noqa: E402
@@ -131,6 +132,7 @@ def main():
   parser.add_argument("--chain_fps", type=float, default=8.0)
   parser.add_argument("--chain_steps", type=int, default=20)
   args = parser.parse_args()
+  host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.workload:
     peak = matmul_peak_flops(dtype=jnp.dtype(args.dtype))
     for workload in args.workload.split(","):

@@ -140,6 +140,7 @@ def main():
                            "after four W1 cases once measured 8.65 s/step, alone 6.5 s), "
                            "with the GLIBC_TUNABLES for CPU runs (videoldm_jax/host_memory.py)")
   args = parser.parse_args()
+  host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.steps < 5:
     parser.error("--steps must be >= 5 (the median of at least 5 timed steps)")
   cases = [(w, s, m, i) for w in args.workload.split(",") for s in args.stage.split(",")

@@ -2,6 +2,7 @@
 machine's C library they stop a thread's large blocks from being faulted in afresh at
 every allocation (what XLA:CPU's per-step temporary buffer goes through)."""
 
+import os
 import subprocess
 import sys
 
@@ -57,3 +58,35 @@ def test_tunables_keep_a_threads_large_blocks_in_the_process():
   assert _faults(base) >= 3 * PAGES * 0.9
   # With the tunables the block is reused from the heap: almost no faults after round 1.
   assert _faults(host_memory.environ_with_tunables(base)) < 3 * PAGES * 0.1
+
+
+# A child that restarts itself first (as the CPU benchmarks do), then reports the
+# GLIBC_TUNABLES it runs under and what remains of its command line.
+_RESTARTS = ("import os, sys\nfrom videoldm_jax import host_memory\n"
+             "host_memory.restart_with_tunables()\n"
+             "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])\n")
+
+
+def _restarted(env: dict) -> str:
+  return subprocess.run([sys.executable, "-c", _RESTARTS, "--flag=1"], env=env, check=True,
+                        capture_output=True, text=True).stdout.strip()
+
+
+def test_cpu_benchmarks_restart_themselves_with_the_tunables():
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", "VIDEOLDM_JAX_HOST_TUNABLES")}
+  cpu = {**base, "JAX_PLATFORMS": "cpu"}
+  assert _restarted(cpu) == f"{host_memory.GLIBC_TUNABLES} ['--flag=1']"
+  user = {**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}
+  assert _restarted(user) == (f"{host_memory.environ_with_tunables(user)['GLIBC_TUNABLES']}"
+                              " ['--flag=1']")
+  assert "arena_max=4" in _restarted(user)
+  # Left alone: another platform first, or the switch off.
+  assert _restarted({**base, "JAX_PLATFORMS": "cuda,cpu"}) == "['--flag=1']"
+  assert _restarted({**cpu, "VIDEOLDM_JAX_HOST_TUNABLES": "0"}) == "['--flag=1']"
+  # The restarted process really runs under them: its large blocks stay in the process.
+  restarting = subprocess.run(
+      [sys.executable, "-c", "from videoldm_jax import host_memory\n"
+       "host_memory.restart_with_tunables()\n" + _CHILD], env=cpu, check=True,
+      capture_output=True, text=True)
+  assert int(restarting.stdout) < 3 * PAGES * 0.1

@@ -18,15 +18,16 @@ time; in steps timed interleaved with and without, W1 and W2 temporal ran 1.19x 
 1.25x faster (medians over 6 rounds, on a noisy host).
 
 The C library reads `GLIBC_TUNABLES` only when a process starts, so the package cannot
-set it for itself: the benchmarks pass `environ_with_tunables()` to their child
-processes, and a CPU training run takes it by
-`export GLIBC_TUNABLES=$(python -m videoldm_jax.host_memory)` before it starts. It is
+set it for itself: the CPU benchmarks restart themselves with it (`restart_with_tunables`)
+or pass `environ_with_tunables()` to their child processes, and a CPU training run takes
+it by `export GLIBC_TUNABLES=$(python -m videoldm_jax.host_memory)` before it starts. It is
 not a default of the launch scripts: their tiny runs have small temporaries, and one
 malloc lock for all threads is a cost there that was not measured. Other C libraries
 ignore the variable. Accelerator hosts keep the temporaries on the device.
 """
 
 import os
+import sys
 from typing import Mapping, Optional
 
 # trim_threshold: 64 GiB, i.e. never give the heap's free top back to the kernel.
@@ -45,6 +46,24 @@ def environ_with_tunables(environ: Optional[Mapping[str, str]] = None) -> dict:
     tunables.setdefault(name, value)
   env["GLIBC_TUNABLES"] = ":".join(f"{k}={v}" for k, v in tunables.items())
   return env
+
+
+def restart_with_tunables() -> None:
+  """For a CPU run (the first of `JAX_PLATFORMS` is "cpu") whose GLIBC_TUNABLES lacks
+  ours: replaces this process by the same command line with `environ_with_tunables()`
+  (os.execve; call it before any work). Without it a benchmark run by hand measured
+  another program than the one it reports: the W2 temporal step took 3.9-4.3 s instead
+  of 3.3 s (bench/README.md). `VIDEOLDM_JAX_HOST_TUNABLES=0` keeps the process as it
+  is (to time the difference)."""
+  platform = os.environ.get("JAX_PLATFORMS", "").split(",")[0]
+  if platform != "cpu" or os.environ.get("VIDEOLDM_JAX_HOST_TUNABLES", "1") == "0":
+    return
+  env = environ_with_tunables()
+  if env["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES"):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 if __name__ == "__main__":  # prints the merged value, for `export GLIBC_TUNABLES=$(...)`
