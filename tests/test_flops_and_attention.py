@@ -157,9 +157,17 @@ def test_attention_path_follows_implementation_and_target_platform():
     attention_lib.set_implementation("auto")
   with pytest.raises(ValueError, match="auto"):
     attention_lib.set_implementation("flash")
-  # A GPU program traced on this CPU host (videoldm-compile's proxy) has no cuDNN: the
-  # "cudnn" path falls back to the formula there.
+  # A GPU program traced on this CPU host (videoldm-compile's proxy) has no cuDNN: given
+  # the operands, the "cudnn" path is the formula there.
   assert not attention_lib.cudnn_supports(jnp.bfloat16, 64, 1024, 1024)
+  attention_lib.set_implementation("auto", "gpu")
+  try:
+    assert attention_lib.attention_path(n, n, jnp.bfloat16, 64) == "formula"
+    q = jnp.ones((1, n, 128), jnp.bfloat16)
+    hlo = jax.jit(lambda q: attention_lib.dot_product_attention(q, q, q, 2)).lower(q).as_text()
+    assert "custom_call" not in hlo and "dot_general" in hlo
+  finally:
+    attention_lib.set_implementation("auto")
 
 
 def test_cudnn_attention_counts_as_its_matmuls():

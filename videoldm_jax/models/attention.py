@@ -64,13 +64,14 @@ def target_platform() -> str:
 NATIVE_MIN_LOGITS = 1
 
 
-def attention_path(num_queries: int, num_keys: int) -> str:
+def attention_path(num_queries: int, num_keys: int, dtype=None,
+                   head_dim: Optional[int] = None) -> str:
   """The computation that unmasked attention with these sequence lengths runs under the
   selected implementation (see IMPLEMENTATIONS): "native" (the C++ kernel: on CPU from
   NATIVE_MIN_LOGITS logits per head), "blocked" (XLA's loop over query blocks, for long
   sequences: >= MIN_BLOCKED_ELEMENTS logits per head), "cudnn" (GPU, "auto", long
-  sequences; `dot_product_attention` falls back to the formula for float32 or a head
-  dim cuDNN lacks) or "formula"."""
+  sequences; given the operands' `dtype` and `head_dim`, only where `cudnn_supports`
+  takes them) or "formula"."""
   if _implementation == "plain":
     return "formula"
   logits = num_queries * num_keys
@@ -81,7 +82,8 @@ def attention_path(num_queries: int, num_keys: int) -> str:
     return "blocked"
   # Short attention (the temporal layers' 8-16 frames) stays with the formula: a flash
   # kernel's query tiles (64-128 rows) would be mostly padding.
-  if long and _implementation == "auto" and target_platform() == "gpu":
+  if long and _implementation == "auto" and target_platform() == "gpu" and (
+      dtype is None or cudnn_supports(dtype, head_dim, num_queries, num_keys)):
     return "cudnn"
   return "formula"
 
@@ -90,10 +92,12 @@ def cudnn_supports(dtype, head_dim: int, num_queries: int, num_keys: int) -> boo
   """Whether cuDNN's fused attention takes these inputs, forward and backward: bf16 /
   fp16, a head dim that is a multiple of 8 up to 128 (256 from Hopper, compute
   capability 9.0, on), even sequence lengths (jax 0.11.2 refuses to train on SD's 77
-  context tokens: "Unsupported sequence length Q 2560, KV 77"), on a GPU host. A GPU
-  program traced on a CPU host (videoldm-compile's CPU proxy of a GPU topology) has no
-  cuDNN and keeps the formula."""
-  if jax.default_backend() != "gpu" or num_queries % 2 or num_keys % 2:
+  context tokens: "Unsupported sequence length Q 2560, KV 77"), on an NVIDIA GPU host
+  (CUDA; a ROCm build has no cuDNN). A GPU program traced on a CPU host
+  (videoldm-compile's CPU proxy of a GPU topology) keeps the formula."""
+  if "cuda" not in jax.devices()[0].client.platform_version.lower():
+    return False
+  if num_queries % 2 or num_keys % 2:
     return False
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return False
@@ -130,11 +134,8 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   """
   if q_BxLxD.ndim == 4:
     return _attention_per_sequence(q_BxLxD, k_BxSxD, v_BxSxD, num_heads, mask_BxLxS)
-  path = "formula" if mask_BxLxS is not None else attention_path(q_BxLxD.shape[1],
-                                                                 k_BxSxD.shape[1])
-  if path == "cudnn" and not cudnn_supports(q_BxLxD.dtype, q_BxLxD.shape[-1] // num_heads,
-                                            q_BxLxD.shape[1], k_BxSxD.shape[1]):
-    path = "formula"
+  path = "formula" if mask_BxLxS is not None else attention_path(
+      q_BxLxD.shape[1], k_BxSxD.shape[1], q_BxLxD.dtype, q_BxLxD.shape[-1] // num_heads)
   if path in ("cudnn", "native"):  # (B, L, H*D) viewed as (B, L, H, D): no transpose
     q, k, v = (einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))
