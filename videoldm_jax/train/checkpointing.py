@@ -276,11 +276,15 @@ class Checkpointer:
     step = int(step)
     where = f"checkpoint {self._step_dir(step)}"
     abstract = _abstractify(abstract_state, where)
-    present = set(self._mgr.metadata(step).item_handlers or ())
+    # Before Orbax reads anything: a tree or shape Orbax refuses fails its restore
+    # part-way, with un-awaited reads reported as ignored exceptions afterwards.
     _check_matches(self._mgr.item_metadata(step)[STATE], abstract, where)
+    # Each item is a folder of the step's (Orbax's step metadata says the same after
+    # reading every array's metadata once more: 0.45 s of a W1 state's 2.1 s restore).
     items = {STATE: ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))}
-    items.update({k: ocp.args.JsonRestore() for k in (DATA, CONFIG) if k in present})
+    items.update({k: ocp.args.JsonRestore() for k in (DATA, CONFIG)
+                  if (self._step_dir(step) / k).exists()})
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
