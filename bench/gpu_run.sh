@@ -3,7 +3,8 @@
 # key-frame train step (bench/workloads.py "SD15": T = 16, 40 x 64 latents) in bf16,
 # temporal and full, with cuDNN's fused attention ("auto" on GPUs) and with XLA's
 # formula ("plain"), a profile of the temporal step (bench/profile_step.py: time per
-# XLA op from the GPU kernels' hlo_op), bf16 against float32 (bench/bf16_check.py),
+# XLA op from the GPU kernels' hlo_op), the temporal step at four clips per step,
+# bf16 against float32 (bench/bf16_check.py),
 # DDIM sampling of the same model, and W2 in bf16. Cases run in priority order, each
 # in its own process under its own time limit (CASE_LIMIT seconds; an SD15 case took
 # 165-170 s on an H200, two minutes of it compiling), and append their JSON lines to
@@ -59,6 +60,9 @@ run_case sd15_temporal_auto $TS --workload=SD15 --mode=temporal --attention=auto
 run_case sd15_full_auto $TS --workload=SD15 --mode=full --attention=auto
 run_case sd15_profile $PY -m bench.profile_step --workload=SD15 --mode=temporal \
     --dtype=bfloat16 --top=40
+# Four clips per step (the chip holds them: 27.9 GB at one): how far the small batch
+# keeps the MFU down.
+run_case sd15_temporal_b4 $TS --workload=SD15 --mode=temporal --attention=auto --batch=4
 run_case bf16_check $PY -m bench.bf16_check --workload=W2,SD15
 run_case sd15_temporal_plain $TS --workload=SD15 --mode=temporal --attention=plain
 run_case sd15_sample $PY -m bench.sample --workload=SD15 --dtype=bfloat16 --steps=10 --runs=3

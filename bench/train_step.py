@@ -84,8 +84,8 @@ def step_runner(compiled, state, batch):
 
 
 def run(workload: str, stage: str, mode: str, *, dtype: str, remat: str, steps: int,
-        warmup: int, peak: float) -> dict:
-  case = workloads.build(workload, stage, mode, dtype=dtype, remat=remat)
+        warmup: int, peak: float, batch: Optional[int] = None) -> dict:
+  case = workloads.build(workload, stage, mode, dtype=dtype, remat=remat, batch=batch)
   compiled, step, state, batch, _, compile_s = compile_step(case)
   model_flops = flops_lib.model_flops(step, state, batch)
   xla_flops = compiled_flops(compiled)
@@ -128,6 +128,9 @@ def main():
   parser.add_argument("--mode", default="temporal,full")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  parser.add_argument("--batch", type=int, default=None,
+                      help="clips per step (default: the workload's; SD15's is the per-GPU "
+                           "batch of configs/keyframe_sd15_8xh100.py, 1)")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--attention", default="auto",
@@ -143,6 +146,8 @@ def main():
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.steps < 5:
     parser.error("--steps must be >= 5 (the median of at least 5 timed steps)")
+  if args.batch is not None and args.batch < 1:
+    parser.error("--batch must be >= 1")
   cases = [(w, s, m, i) for w in args.workload.split(",") for s in args.stage.split(",")
            for m in args.mode.split(",") for i in args.attention.split(",")]
   if args.isolate and len(cases) > 1:
@@ -150,7 +155,8 @@ def main():
       subprocess.run([sys.executable, "-m", "bench.train_step", f"--workload={w}",
                       f"--stage={s}", f"--mode={m}", f"--attention={i}",
                       f"--dtype={args.dtype}", f"--remat={args.remat}", f"--steps={args.steps}",
-                      f"--warmup={args.warmup}"], check=True,
+                      f"--warmup={args.warmup}"]
+                     + ([f"--batch={args.batch}"] if args.batch is not None else []), check=True,
                      env=host_memory.environ_with_tunables())
     return
   peak_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[args.dtype]
@@ -158,7 +164,7 @@ def main():
   for workload, stage, mode, impl in cases:
     attention.set_implementation(impl)  # read when the step is traced
     emit(run(workload, stage, mode, dtype=args.dtype, remat=args.remat,
-             steps=args.steps, warmup=args.warmup, peak=peak))
+             steps=args.steps, warmup=args.warmup, peak=peak, batch=args.batch))
 
 
 if __name__ == "__main__":
