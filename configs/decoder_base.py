@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = dict(kind="procedural_driving", tfds_config="small", data_dir="",
                 batch_size=8, num_frames=8, frame_stride=1, height=256, width=256,
                 crop="random", hflip=False, image_fraction=0.0, worker_count=0,
-                cache_dir="")
+                cache_dir="", tfds_name="", split="train")
   # Generator (autoencoder) and discriminator optimisers, each clipped and stepped on
   # its own (train/optim.py make_grouped_optimizer). Adam betas (0.5, 0.9) as taming.
   c.optim = dict(lr=1e-4, warmup_steps=500, total_steps=50_000, final_lr_fraction=0.0,

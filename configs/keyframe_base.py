@@ -33,11 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.cond_drop_prob = 0.1          # caption -> empty prompt, for classifier-free guidance
   c.min_snr_gamma = None          # e.g. 5.0 for min-SNR weighting
   # Input (videoldm_jax/data/inputs.py): kind procedural_driving | video_folder | tfds |
-  # latent_cache | procedural. batch_size is global (split over processes).
+  # latent_cache | procedural. batch_size is global (split over processes). kind tfds
+  # reads the TFDS dataset tfds_name (e.g. webvid_local, ucf101_local/split_1), split
+  # `split`, from data_dir (default WORKDIR/tfds).
   c.data = dict(kind="procedural_driving", tfds_config="small", data_dir="",
                 batch_size=8, num_frames=8, frame_stride=1, height=256, width=256,
                 crop="random", hflip=False, image_fraction=0.0, worker_count=0,
-                cache_dir="")
+                cache_dir="", tfds_name="", split="train")
   c.optim = dict(lr=1e-4, warmup_steps=500, total_steps=100_000, final_lr_fraction=0.0,
                  weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                  ema_decay=0.9999)

@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = dict(kind="procedural_driving", tfds_config="small", data_dir="",
                 batch_size=32, num_frames=8, frame_stride=1, height=512, width=1024,
                 crop="random", hflip=False, image_fraction=0.0, worker_count=0,
-                cache_dir="")
+                cache_dir="", tfds_name="", split="train")
   c.optim = dict(lr=1e-4, warmup_steps=1000, total_steps=200_000, final_lr_fraction=0.0,
                  weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                  ema_decay=0.9999)

@@ -39,7 +39,11 @@ def _tfds_source(data, workdir: Path):
     import data_pipelines.video_folder  # noqa: F401  (registers the builder)
     name = "video_folder"
   else:
-    name = data.tfds_name
+    name = data.get("tfds_name", "")
+    if not name:
+      raise ValueError("data.kind='tfds' reads the TFDS dataset data.tfds_name (e.g. "
+                       "--config.data.tfds_name=webvid_local or ucf101_local/split_1); "
+                       "it is empty")
   return tfds.data_source(name, data_dir=data_dir, split=data.get("split", "train"),
                           download=False)
 
