@@ -1,7 +1,7 @@
 r"""Denoising-step time of the image LDM's UNet (CFG batch of 2B), as JSON lines.
 
-  python bench/image_sampling.py                       # tiny demo UNet
-  python bench/image_sampling.py --unet=sd15 --latent=32 --batch=1
+  python -m bench.image_sampling                       # tiny demo UNet
+  python -m bench.image_sampling --unet=sd15 --latent=32 --batch=1
 
 Each line: seconds per denoising step (median of >= 5 after compile + 2 warm-ups),
 images/s, XLA's FLOPs per step, MFU against a float32 matmul measured in the same

@@ -6,7 +6,8 @@
 #
 #   TPU_NAME=vldm ZONE=us-east5-a ACCELERATOR_TYPE=v5p-128 \
 #     bash launch/tpu_pod.sh [--dry_run] -- videoldm-train \
-#       --config=configs/keyframe_sd15_v5p128.py --workdir=/mnt/shared/runs/kf
+#       --config=configs/keyframe_sd15_v5p128.py --config.image_model=/ckpt/sd15 \
+#       --workdir=/mnt/shared/runs/kf      # /ckpt/sd15: a videoldm-convert folder
 #
 # The workdir must be one filesystem all workers see (e.g. a Filestore/NFS mount):
 # checkpoints are written collectively by all of them.

@@ -2,7 +2,7 @@ r"""videoldm-compile: will this stage's train step fit on that topology? Answere
 laptop, before anything is launched, by compiling it ahead of time.
 
   videoldm-compile --config=configs/keyframe_sd15_v5p128.py --topology=v5p:4x4x4
-  videoldm-compile --config=configs/keyframe_tiny.py --topology=cpu:8 --cpu_devices=8
+  videoldm-compile --config=configs/keyframe_tiny.py --topology=cpu:4 --cpu_devices=4
   videoldm-compile --config=configs/keyframe_sd15_8xh100.py --topology=h100:8 --cpu_devices=8
 
 Prints per-device memory (arguments, temporaries, outputs, peak vs the chip's HBM),

