@@ -117,10 +117,10 @@ def build(side: str, case: str, passes: str):
   """`side_by_side.Side`'s builder: (step, peak, info) of one side's attention."""
   backward = passes == "forward+backward"
   if side == "ours":
-    length = CASES[case][2]
+    length, dim = CASES[case][2:]
     return _ours(case, backward), None, dict(
         jax=jax.__version__,
-        implementation=attention.attention_path(length, length))
+        implementation=attention.attention_path(length, length, jnp.float32, dim))
   import torch
   return _torch(case, backward), None, dict(torch=torch.__version__,
                                             threads=torch.get_num_threads())

@@ -30,9 +30,10 @@ fi
 # this XLA build does not know would stop the process.
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} VIDEOLDM_JAX_XLA_DEFAULTS=0 PYTHONUNBUFFERED=1
 CASE_LIMIT=${CASE_LIMIT:-240}
-# One persistent compilation cache for all cases: the profile runs the program of the
-# temporal case (two minutes of compiling on the H200) and loads it from here.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/videoldm_jax_compile_cache}
+# One persistent compilation cache for the cases of this run (fresh, so that compile_s
+# is a compile): the profile runs the program of the temporal case (two minutes of
+# compiling on the H200) and loads it from here.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d /tmp/videoldm_jax_cache.XXXXXX)}
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
       --format=csv 2>&1

@@ -163,6 +163,8 @@ def test_attention_path_follows_implementation_and_target_platform():
   attention_lib.set_implementation("auto", "gpu")
   try:
     assert attention_lib.attention_path(n, n, jnp.bfloat16, 64) == "formula"
+    with pytest.raises(ValueError, match="dtype and head dim together"):
+      attention_lib.attention_path(n, n, jnp.bfloat16)
     q = jnp.ones((1, n, 128), jnp.bfloat16)
     hlo = jax.jit(lambda q: attention_lib.dot_product_attention(q, q, q, 2)).lower(q).as_text()
     assert "custom_call" not in hlo and "dot_general" in hlo

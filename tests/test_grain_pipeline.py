@@ -272,7 +272,9 @@ def test_trainer_reads_any_tfds_dataset_by_name(tfds_dir, tmp_path):
   from pathlib import Path
 
   from videoldm_jax.data import inputs
-  for path in sorted(Path("configs").glob("*.py")):
+  configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+  assert len(configs) > 10
+  for path in configs:
     config = importlib.import_module(f"configs.{path.stem}").get_config()
     if "data" in config and "kind" in config.data:
       assert "tfds_name" in config.data and "split" in config.data, path

@@ -84,6 +84,10 @@ def test_cpu_benchmarks_restart_themselves_with_the_tunables():
   # Left alone: another platform first, or the switch off.
   assert _restarted({**base, "JAX_PLATFORMS": "cuda,cpu"}) == "['--flag=1']"
   assert _restarted({**cpu, "VIDEOLDM_JAX_HOST_TUNABLES": "0"}) == "['--flag=1']"
+  # A program read from stdin cannot be started again: it runs on as it is.
+  stdin = subprocess.run([sys.executable, "-"], input=_RESTARTS, env=cpu, check=True,
+                         capture_output=True, text=True)
+  assert stdin.stdout.strip() == "[]"
   # The restarted process really runs under them: its large blocks stay in the process.
   restarting = subprocess.run(
       [sys.executable, "-c", "from videoldm_jax import host_memory\n"

@@ -51,19 +51,26 @@ def environ_with_tunables(environ: Optional[Mapping[str, str]] = None) -> dict:
   return env
 
 
+_RESTARTED = "VIDEOLDM_JAX_HOST_TUNABLES_RESTARTED"  # set in the restarted process
+
+
 def restart_with_tunables() -> None:
   """For a CPU run (the first of `JAX_PLATFORMS` is "cpu") whose GLIBC_TUNABLES lacks
   ours: replaces this process by the same command line with `environ_with_tunables()`
   (os.execve; call it before any work). Without it a benchmark run by hand measured
   another program than the one it reports: the W2 temporal step took 3.9-4.3 s instead
   of 3.3 s (bench/README.md). `VIDEOLDM_JAX_HOST_TUNABLES=0` keeps the process as it
-  is (to time the difference)."""
+  is (to time the difference). A program read from stdin (`python -`, a REPL) cannot
+  be started again and is left as it is, as is a process this restarted once."""
   platform = os.environ.get("JAX_PLATFORMS", "").split(",")[0]
   if platform != "cpu" or os.environ.get("VIDEOLDM_JAX_HOST_TUNABLES", "1") == "0":
+    return
+  if sys.argv[0] in ("", "-") or os.environ.get(_RESTARTED):
     return
   env = environ_with_tunables()
   if env["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES"):
     return
+  env[_RESTARTED] = "1"
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -72,6 +72,9 @@ def attention_path(num_queries: int, num_keys: int, dtype=None,
   sequences: >= MIN_BLOCKED_ELEMENTS logits per head), "cudnn" (GPU, "auto", long
   sequences; given the operands' `dtype` and `head_dim`, only where `cudnn_supports`
   takes them) or "formula"."""
+  if (dtype is None) != (head_dim is None):
+    raise ValueError(f"attention_path: give the operands' dtype and head dim together "
+                     f"(got dtype={dtype}, head_dim={head_dim})")
   if _implementation == "plain":
     return "formula"
   logits = num_queries * num_keys
