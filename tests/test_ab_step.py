@@ -102,8 +102,8 @@ def test_attention_bench_sides_run():
 
 # Skipped only where nothing can be built (as tests/test_native_matmul.py); with a
 # compiler, a failed build fails here.
-@pytest.mark.skipif(not build.enabled() or build._compiler() is None,
-                    reason="no C++ compiler (or VIDEOLDM_JAX_NATIVE=0)")
+@pytest.mark.skipif(build.unbuildable_reason() is not None,
+                    reason=f"no kernel here: {build.unbuildable_reason()}")
 @pytest.mark.parametrize("pass_", conv_bench.PASSES)
 def test_conv_bench_sides_run_and_agree(pass_):
   # build() compares the kernel's result with XLA's (1e-4) before timing anything.

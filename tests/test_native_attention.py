@@ -22,8 +22,7 @@ from videoldm_jax.native import build
 
 # Skipped only where no kernel is meant to be built; with a compiler a failed build
 # fails test_kernel_builds_where_a_compiler_exists instead of skipping everything.
-_NO_BUILD = (None if build.enabled() and build._compiler() is not None
-             else native_attention.unavailable_reason())
+_NO_BUILD = build.unbuildable_reason()
 pytestmark = pytest.mark.skipif(_NO_BUILD is not None, reason=f"no kernel here: {_NO_BUILD}")
 
 

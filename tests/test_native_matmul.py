@@ -16,8 +16,7 @@ from videoldm_jax.models import conv, layers, matmul, native_matmul, temporal
 from videoldm_jax.native import build
 from videoldm_jax.train import flops as flops_lib
 
-_NO_BUILD = (None if build.enabled() and build._compiler() is not None
-             else build.load("matmul")[1])
+_NO_BUILD = build.unbuildable_reason()
 pytestmark = pytest.mark.skipif(_NO_BUILD is not None, reason=f"no kernel here: {_NO_BUILD}")
 
 
