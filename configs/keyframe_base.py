@@ -46,7 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(num_steps=100_000, grad_accum=1, log_every=50, ckpt_every=1000, keep=3,
                  keep_best=0, compute_dtype="float32", remat_policy="none", export=True,
                  # models/attention.py IMPLEMENTATIONS: auto | plain | blocked | native
-                 attention="auto")
+                 attention="auto",
+                 # False: checkpoints leave out the frozen parameters (a resume loads
+                 # them again and checks their digests; train/frozen.py).
+                 save_frozen=False)
   # Videos sampled from the EMA weights during training (every N steps and at the end;
   # 0 = never), written to WORKDIR/samples and TensorBoard.
   c.sample = dict(every=0, prompts=("a dash-cam view of a road by day",

@@ -85,7 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(num_steps=200_000, grad_accum=1, log_every=50, ckpt_every=2000, keep=3,
                  keep_best=0, compute_dtype="bfloat16", remat_policy="none", export=True,
                  # models/attention.py IMPLEMENTATIONS: auto | plain | blocked | native
-                 attention="auto")
+                 attention="auto",
+                 # False: checkpoints leave out the frozen parameters (a resume loads
+                 # them again and checks their digests; train/frozen.py).
+                 save_frozen=False)
   # Samples from the EMA weights (every N steps and at the end; 0 = never): num_clips
   # held-out procedural clips of num_frames full frames, downsampled and upsampled
   # again, shown as [low-res | upsampled | ground truth] in WORKDIR/samples.

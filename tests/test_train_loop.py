@@ -14,11 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-# Checkpoints every 3 steps (each Orbax save of the tiny state takes ~2 s here, so not
-# more often): killed after the first (3), stopped after the second (6), resumed to 12.
-# The margin matters: a save waits for the previous one, so by the time checkpoint 6
-# is on disk the run may be at the save of step 9, which must not be its last.
-STEPS, EVERY = 12, 3
+# Checkpoints every 3 steps; killed at a random point after the first, stopped by
+# SIGTERM once the resumed run has logged a step past its checkpoint, resumed to the end.
+# Enough steps that neither interruption lands after the last one however fast saves are.
+STEPS, EVERY = 24, 3
 FLAGS = [f"--config.train.num_steps={STEPS}", f"--config.train.ckpt_every={EVERY}",
          "--config.train.log_every=1", "--config.train.export=false",
          "--config.data.num_frames=4", "--config.data.height=16", "--config.data.width=16",
@@ -82,25 +81,43 @@ def uninterrupted(tmp_path_factory, image_model):
   return _final_state(workdir)
 
 
+def _complete_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _sigterm_after_a_step_past(proc, step: int) -> str:
+  """Reads the run's log until it reports a step after `step` (so it is in the loop,
+  with the SIGTERM handler installed), then sends SIGTERM; returns the log so far."""
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step ") and int(line.split()[1].rstrip(":")) > step:
+      proc.send_signal(signal.SIGTERM)
+      return "".join(lines)
+  raise AssertionError("".join(lines)[-3000:])
+
+
 def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, image_model,
                                                              tmp_path):
   rng = np.random.default_rng(int(time.time()))
   proc = _start(tmp_path, image_model)
   _wait_for_checkpoint(proc, tmp_path, EVERY)
-  time.sleep(rng.uniform(0.0, 1.0))  # a random point after the first checkpoint
+  time.sleep(rng.uniform(0.0, 0.5))  # a random point after the first checkpoint
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  killed_at = _complete_steps(tmp_path)[-1]
+  assert killed_at < STEPS
   # Resume; then a SIGTERM makes it save where it is and exit cleanly.
   proc = _start(tmp_path, image_model)
-  _wait_for_checkpoint(proc, tmp_path, 2 * EVERY)
-  proc.send_signal(signal.SIGTERM)
-  out = _finish(proc)
+  out = _sigterm_after_a_step_past(proc, killed_at)
+  out += _finish(proc)
+  assert f"resumed from {tmp_path / 'checkpoints'}/{killed_at}" in out, out[-2000:]
   assert "stop requested" in out, out[-2000:]
   stopped = int(out.split("stop requested (signal): saved step ")[1].split(",")[0])
-  assert 2 * EVERY <= stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+  assert killed_at < stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
   # Resume to the end.
   out = _finish(_start(tmp_path, image_model))
-  assert "resumed from" in out
+  assert f"resumed from {tmp_path / 'checkpoints'}/{stopped}" in out
   resumed = _final_state(tmp_path)
   ref_leaves = jax.tree_util.tree_leaves_with_path(uninterrupted)
   got_leaves = jax.tree_util.tree_leaves_with_path(resumed)

@@ -6,6 +6,8 @@ One `Checkpointer` owns one directory, laid out by Orbax's CheckpointManager:
                        global jax.Array, each process writes the shards it owns)
   DIR/<step>/data/     JSON: the input pipeline's position (optional)
   DIR/<step>/config/   JSON: the run config (optional)
+  DIR/<step>/frozen_digests/  JSON: digests of the frozen parameters left out of
+                       state/ (optional; see train/frozen.py)
   DIR/<step>/metrics/  JSON: the metrics that rank steps for `keep_best` (when > 0)
 
 Crash safety comes from Orbax, and `latest_step` / `restore` rely on it: a step is
@@ -36,7 +38,8 @@ from orbax.checkpoint import checkpoint_managers as ocm
 # store that Orbax's default jax.Array handler writes.
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, CONFIG, FROZEN_DIGESTS = "state", "data", "config", "frozen_digests"
+JSON_ITEMS = (DATA, CONFIG, FROZEN_DIGESTS)
 
 # Orbax splits a replicated array into one slice per replica so that every replica
 # writes a part ("replica-parallel"). Each slice is an eager jax op, compiled once per
@@ -198,9 +201,10 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
     # Registered handlers let a fresh manager read metadata of existing steps.
     handlers = {STATE: _state_handler(min_replica_slice_bytes),
-                DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+                **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}}
     self._mgr = ocp.CheckpointManager(self.directory, options=options,
                                       item_handlers=handlers)
+    self._state_metadata: dict[int, Any] = {}  # a complete step never changes
 
   # -- listing ----------------------------------------------------------------------
 
@@ -228,14 +232,33 @@ class Checkpointer:
 
   # -- save / restore ---------------------------------------------------------------
 
+  def _metadata(self, step: int):
+    if step not in self._state_metadata:
+      self._state_metadata[step] = self._mgr.item_metadata(step)[STATE]
+    return self._state_metadata[step]
+
+  def state_fields(self, step: int) -> list[str]:
+    """Top-level names of the state saved at `step` (e.g. a TrainState's fields that
+    hold arrays)."""
+    return sorted({p.split("/")[0] for p in
+                   _flat(self._metadata(step), is_leaf=lambda x: hasattr(x, "shape"))})
+
+  def frozen_digests(self, step: int) -> Optional[dict]:
+    """The frozen-parameter digests saved with `step`, or None."""
+    if not (self._step_dir(step) / FROZEN_DIGESTS).exists():
+      return None
+    items = ocp.args.Composite(**{FROZEN_DIGESTS: ocp.args.JsonRestore()})
+    return self._mgr.restore(step, args=items)[FROZEN_DIGESTS]
+
   def save(self, step: int, state, *, data_state: Optional[dict] = None,
            config: Optional[dict] = None, metrics: Optional[dict] = None,
-           force: bool = False) -> bool:
+           frozen_digests: Optional[dict] = None, force: bool = False) -> bool:
     """Starts saving `state` (pytree of global jax.Arrays) as `step`; True if started.
 
     Skipped (False) when `step` is not due (unless `force`) or is already saved or being
     saved: a forced save after a preemption may land on a step just saved periodically.
     metrics: scalars (JSON-able after float()) ranking this step when keep_best > 0.
+    frozen_digests: {leaf path: digest} of parameters `state` leaves out (train/frozen.py).
     """
     step = int(step)
     where = f"checkpoint {self._step_dir(step)}"
@@ -247,6 +270,9 @@ class Checkpointer:
       items[DATA] = ocp.args.JsonSave(_json_checked(data_state, "data_state", where))
     if config is not None:
       items[CONFIG] = ocp.args.JsonSave(_json_checked(config, "config", where))
+    if frozen_digests is not None:
+      items[FROZEN_DIGESTS] = ocp.args.JsonSave(
+          _json_checked(frozen_digests, "frozen_digests", where))
     if metrics is not None:
       metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
       if self.keep_best and self.best_metric not in metrics:
@@ -278,7 +304,7 @@ class Checkpointer:
     abstract = _abstractify(abstract_state, where)
     # Before Orbax reads anything: a tree or shape Orbax refuses fails its restore
     # part-way, with un-awaited reads reported as ignored exceptions afterwards.
-    _check_matches(self._mgr.item_metadata(step)[STATE], abstract, where)
+    _check_matches(self._metadata(step), abstract, where)
     # Each item is a folder of the step's (Orbax's step metadata says the same after
     # reading every array's metadata once more: 0.45 s of a W1 state's 2.1 s restore).
     items = {STATE: ocp.args.PyTreeRestore(

@@ -5,9 +5,10 @@ and parameters, batch preparation, loss, trainable mask, optimiser; see
 stages/base.py). This loop is the same for all of them: it builds the mesh, restores
 the newest checkpoint in `workdir` (or initialises the parameters), then loops: host
 batch -> global arrays -> the jitted step. It logs loss, step time, samples/s and MFU
-to the console, TensorBoard and WORKDIR/metrics.jsonl (process 0 only), checkpoints (train state + data-iterator state +
-config) on schedule and on SIGTERM, samples, and finally exports an inference folder
-from the EMA weights.
+to the console, TensorBoard and WORKDIR/metrics.jsonl (process 0 only), checkpoints
+(train state without the frozen parameters unless `train.save_frozen`, their digests,
+data-iterator state, config) on schedule and on SIGTERM, samples, and finally exports
+an inference folder from the EMA weights.
 """
 
 import importlib
@@ -28,9 +29,11 @@ from videoldm_jax import sharding, video_io
 from videoldm_jax.models import attention
 from videoldm_jax.stages.base import StageSetup
 from videoldm_jax.train import flops as flops_lib
+from videoldm_jax.train import frozen as frozen_lib
 from videoldm_jax.train import perf
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer, PreemptionGuard
+from videoldm_jax.train.state import split
 
 # config.stage -> module with `setup(config, workdir) -> StageSetup`.
 STAGES = ("image_ldm", "keyframe", "predictor", "interpolator", "decoder", "autoencoder",
@@ -111,14 +114,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pc, pi = jax.process_count(), jax.process_index()
   data = setup.make_iterator()
 
-  if ckpt.latest_step() is not None:
+  save_frozen = config.train.get("save_frozen", False)
+  latest = ckpt.latest_step()
+  if latest is not None:
     target = step_lib.abstract_state(
         step_lib.abstract_train_state(setup.abstract_params, stage, tx), shardings)
-    state, data_state, _ = ckpt.restore(target)
+    state, data_state, frozen_digests = frozen_lib.restore(
+        ckpt, latest, target, setup.init_params, stage.is_trainable)
     data.set_state(data_state)
-    log(f"resumed from {ckpt.directory}/{ckpt.latest_step()}")
+    log(f"resumed from {ckpt.directory}/{latest}")
   else:
-    state = step_lib.init_state(setup.init_params(), stage, tx, shardings)
+    params = setup.init_params()
+    frozen_digests = frozen_lib.leaf_digests(split(params, stage.is_trainable)[1])
+    state = step_lib.init_state(params, stage, tx, shardings)
+    del params
   setup.init_params = None  # drops the stage's host copy of the pretrained parameters
 
   batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
@@ -189,8 +198,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           write_log(*pending)
           pending = None
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
-        ckpt.save(step, state, data_state=data.get_state(), config=config.to_dict(),
-                  metrics={"loss": float(metrics["loss"])}, force=True)
+        ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
+                  data_state=data.get_state(), config=config.to_dict(),
+                  metrics={"loss": float(metrics["loss"])},
+                  frozen_digests=frozen_digests, force=True)
       if stop:
         log(f"stop requested (signal): saved step {step}, exiting")
         break

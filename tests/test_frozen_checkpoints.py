@@ -1,0 +1,132 @@
+"""Checkpoints that leave the frozen parameters out (train/frozen.py): what is on disk,
+the bitwise resume, and the refusal to resume onto other frozen weights."""
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from videoldm_jax.sharding import make_mesh
+from videoldm_jax.train import frozen as frozen_lib
+from videoldm_jax.train import step as step_lib
+from videoldm_jax.train.checkpointing import Checkpointer
+from videoldm_jax.train.state import split
+
+
+def _is_trainable(path):
+  return path[0] == "unet" and path[1].startswith("temporal")
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  return {"unet": {"conv": {"kernel": f(8, 4)}, "temporal_mix": {"kernel": f(4, 4)}},
+          "vae": {"w": f(16)}}
+
+
+def _setup():
+  mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  rep = NamedSharding(mesh, P())
+  fsdp = NamedSharding(mesh, P("fsdp"))
+  param_sh = {"unet": {"conv": {"kernel": fsdp}, "temporal_mix": {"kernel": rep}},
+              "vae": {"w": fsdp}}
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    _params())
+  loss = lambda p, batch, key, step: (jnp.sum(p["unet"]["temporal_mix"]["kernel"] ** 2), {})
+  stage = step_lib.Stage("test", _is_trainable, loss)
+  tx = optax.adam(1e-2)
+  shardings = step_lib.state_shardings(param_sh, stage, tx, abstract, mesh)
+  target = step_lib.abstract_state(step_lib.abstract_train_state(abstract, stage, tx),
+                                   shardings)
+  state = step_lib.init_state(_params(), stage, tx, shardings)
+  step = step_lib.build_train_step(stage, tx, seed=0, shardings=shardings,
+                                   batch_sharding=rep)
+  state, _ = step(state, {"x": jnp.zeros((2,))})
+  return stage, state, target
+
+
+def _save(directory, state, save_frozen):
+  digests = frozen_lib.leaf_digests(split(_params(), _is_trainable)[1])
+  with Checkpointer(directory) as ck:
+    ck.save(1, frozen_lib.checkpoint_tree(state, save_frozen), frozen_digests=digests,
+            force=True)
+
+
+def _assert_bitwise(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert x.sharding == y.sharding
+
+
+def _no_init():
+  raise AssertionError("init_params called although the checkpoint holds theta")
+
+
+def test_default_checkpoint_leaves_frozen_out_and_resumes_bitwise(tmp_path):
+  stage, state, target = _setup()
+  _save(tmp_path, state, save_frozen=False)
+  ck = Checkpointer(tmp_path)
+  assert ck.state_fields(1) == ["ema", "opt_state", "skipped", "step", "trainable"]
+  digests = ck.frozen_digests(1)
+  assert sorted(digests) == ["unet/conv/kernel", "vae/w"]
+  # '<shape> <dtype> <sha256>', the hash of exactly the leaf's bytes.
+  w = _params()["vae"]["w"]
+  assert digests["vae/w"] == f"(16,) float32 {hashlib.sha256(w.tobytes()).hexdigest()}"
+  calls = []
+  init = lambda: calls.append(1) or _params()
+  restored, data_state, got = frozen_lib.restore(ck, 1, target, init, stage.is_trainable)
+  assert calls == [1] and data_state is None and got == digests
+  _assert_bitwise(restored, state)
+
+
+def test_resume_onto_other_frozen_weights_names_the_leaf(tmp_path):
+  stage, state, target = _setup()
+  _save(tmp_path, state, save_frozen=False)
+  other = _params()
+  other["vae"]["w"][3] += 1e-6  # one element of one frozen leaf
+  with pytest.raises(ValueError) as e:
+    frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda: other, stage.is_trainable)
+  msg = str(e.value)
+  assert "1 of 2 leaves" in msg and "'vae/w': trained with (16,) float32" in msg, msg
+  assert "unet/conv/kernel" not in msg and str(tmp_path) in msg
+  # A changed shape is named with both shapes.
+  other = _params()
+  other["unet"]["conv"]["kernel"] = np.zeros((8, 5), np.float32)
+  with pytest.raises(ValueError, match=r"'unet/conv/kernel': trained with \(8, 4\) "
+                                       r"float32 [0-9a-f]{12}…, loaded \(8, 5\) float32"):
+    frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda: other, stage.is_trainable)
+
+
+def test_save_frozen_checkpoint_restores_without_init_params(tmp_path):
+  stage, state, target = _setup()
+  _save(tmp_path, state, save_frozen=True)
+  ck = Checkpointer(tmp_path)
+  assert "frozen" in ck.state_fields(1)
+  restored, _, digests = frozen_lib.restore(ck, 1, target, _no_init, stage.is_trainable)
+  _assert_bitwise(restored, state)
+  assert digests == ck.frozen_digests(1)
+
+
+def test_checkpoint_of_frozen_but_no_digests_gets_them_from_the_restored_state(tmp_path):
+  # What videoldm-train wrote before digests existed: the whole TrainState, no digests.
+  stage, state, target = _setup()
+  with Checkpointer(tmp_path) as ck:
+    ck.save(1, state, force=True)
+  ck = Checkpointer(tmp_path)
+  assert ck.frozen_digests(1) is None
+  restored, _, digests = frozen_lib.restore(ck, 1, target, _no_init, stage.is_trainable)
+  _assert_bitwise(restored, state)
+  assert digests == frozen_lib.leaf_digests(split(_params(), _is_trainable)[1])
+
+
+def test_checkpoint_with_neither_frozen_nor_digests_is_refused(tmp_path):
+  stage, state, target = _setup()
+  with Checkpointer(tmp_path) as ck:
+    ck.save(1, frozen_lib.checkpoint_tree(state, False), force=True)
+  with pytest.raises(ValueError, match="neither the frozen parameters nor their digests"):
+    frozen_lib.restore(Checkpointer(tmp_path), 1, target, _no_init, stage.is_trainable)
