@@ -64,6 +64,7 @@ setup(
             "videoldm-sample-image=videoldm_jax.cli.sample_image:run",
             "videoldm-init-random=videoldm_jax.cli.init_random:run",
             "videoldm-train=videoldm_jax.cli.train:run",
+            "videoldm-export=videoldm_jax.cli.export:run",
             "videoldm-sample=videoldm_jax.cli.sample:run",
             "videoldm-cache-latents=videoldm_jax.cli.cache_latents:run",
             "videoldm-eval=videoldm_jax.cli.evaluate:run",

@@ -92,7 +92,7 @@ def test_resume_onto_other_frozen_weights_names_the_leaf(tmp_path):
   with pytest.raises(ValueError) as e:
     frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda: other, stage.is_trainable)
   msg = str(e.value)
-  assert "1 of 2 leaves" in msg and "'vae/w': trained with (16,) float32" in msg, msg
+  assert "1 of 2 leaves differ" in msg and "'vae/w': trained with (16,) float32" in msg, msg
   assert "unet/conv/kernel" not in msg and str(tmp_path) in msg
   # A changed shape is named with both shapes.
   other = _params()
@@ -130,3 +130,27 @@ def test_checkpoint_with_neither_frozen_nor_digests_is_refused(tmp_path):
     ck.save(1, frozen_lib.checkpoint_tree(state, False), force=True)
   with pytest.raises(ValueError, match="neither the frozen parameters nor their digests"):
     frozen_lib.restore(Checkpointer(tmp_path), 1, target, _no_init, stage.is_trainable)
+
+
+@pytest.mark.parametrize("layout", ["default", "save_frozen", "before_digests"])
+def test_stage_without_frozen_parameters_resumes_in_every_layout(layout, tmp_path):
+  # The autoencoder stage without its perceptual term trains every leaf: frozen is {}.
+  mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  rep = NamedSharding(mesh, P())
+  params = {"vae": {"w": np.arange(4, dtype=np.float32)}}
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  stage = step_lib.Stage("all", lambda p: True, lambda p, b, k, s: (jnp.sum(p["vae"]["w"]), {}))
+  tx = optax.adam(1e-2)
+  shardings = step_lib.state_shardings({"vae": {"w": rep}}, stage, tx, abstract, mesh)
+  target = step_lib.abstract_state(step_lib.abstract_train_state(abstract, stage, tx),
+                                   shardings)
+  state = step_lib.init_state(params, stage, tx, shardings)
+  assert state.frozen == {}
+  tree = frozen_lib.checkpoint_tree(state, layout != "default")
+  with Checkpointer(tmp_path) as ck:
+    ck.save(1, tree, frozen_digests=None if layout == "before_digests" else {}, force=True)
+  ck = Checkpointer(tmp_path)
+  assert ("frozen" in ck.state_fields(1)) == (layout != "default")
+  restored, _, digests = frozen_lib.restore(ck, 1, target, _no_init, stage.is_trainable)
+  _assert_bitwise(restored, state)
+  assert digests == {}

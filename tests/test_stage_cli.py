@@ -11,7 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
+
+from videoldm_jax import pretrained
 
 ROOT = Path(__file__).parents[1]
 TINY_DATA = ["--config.data.kind=procedural", "--config.data.num_frames=4",
@@ -29,31 +33,50 @@ CASES = {
 }
 
 
-def _train(workdir: Path, args: list, steps: int, ok: bool = True) -> str:
+def _run(cli: str, workdir: Path, args: list, steps: int, ok: bool = True) -> str:
+  """Runs videoldm-<cli> (train / export) with the test's trainer flags; its output."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
-      [sys.executable, "-m", "videoldm_jax.cli.train", *args, f"--workdir={workdir}",
+      [sys.executable, "-m", f"videoldm_jax.cli.{cli}", *args, f"--workdir={workdir}",
        f"--config.train.num_steps={steps}", "--config.train.ckpt_every=2",
        "--config.train.log_every=1", "--config.sample.every=0",
        "--config.train.export=false"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
-  return proc.stderr
+  return proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("stage", sorted(CASES))
 def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
-  out = _train(tmp_path, CASES[stage], 2)
+  out = _run("train", tmp_path, CASES[stage], 2)
   assert f"{stage}: compiled" in out and (tmp_path / "checkpoints" / "2").is_dir()
-  out = _train(tmp_path, CASES[stage], 3)
+  out = _run("train", tmp_path, CASES[stage], 3)
   assert "resumed from" in out and "step 3: loss" in out
   steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [s["step"] for s in steps] == [1, 2, 3]
   assert all(np.isfinite(s["loss"]) and s["skipped"] == 0 for s in steps)
+
+  # An earlier checkpoint exported after the run: its EMA weights, in the folder format
+  # of the end-of-training export (the autoencoder's leaves out the discriminator).
+  out = _run("export", tmp_path, CASES[stage], 3)  # --step=best: the latest (keep_best=0)
+  assert f"{tmp_path / 'export' / 'step_3'}: exported" in out, out[-3000:]
+  out = _run("export", tmp_path, [*CASES[stage], "--step=2"], 3)
+  folder = tmp_path / "export" / "step_2"
+  assert f"{folder}: exported" in out, out[-3000:]
+  state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "2" / "state")
+  ema = traverse_util.flatten_dict(state["ema"])
+  exported = traverse_util.flatten_dict(pretrained.load(folder).params)
+  shared = [p for p in ema if p in exported]
+  assert len(shared) >= len(ema) // 2, (len(shared), len(ema))
+  for p in shared:
+    np.testing.assert_array_equal(exported[p], ema[p], err_msg="/".join(p))
+  out = _run("export", tmp_path, [*CASES[stage], "--step=7"], 3, ok=False)
+  assert "expected 'best', 'latest' or one of the complete steps" in out, out[-3000:]
+
   if stage == "interpolator":
     # Its checkpoints hold the digests of frozen theta, not theta: a resume whose random
     # image model is another one is refused before anything is restored.
-    out = _train(tmp_path, [*CASES[stage], "--config.random_image_model.seed=1"], 4,
-                 ok=False)
+    out = _run("train", tmp_path, [*CASES[stage], "--config.random_image_model.seed=1"],
+               4, ok=False)
     assert "the frozen parameters loaded for this run are not the ones" in out, out[-3000:]

@@ -12,8 +12,8 @@ are detected from the environment; any other launcher passes --coordinator_addre
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, samples, exports")
+CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
+WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, samples, exports")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "",
                                    "HOST:PORT of process 0 (explicit multi-process start)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "processes in the job")
@@ -22,16 +22,21 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "fake CPU devices per process (tests / local_multiprocess.sh)")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required")
+def initialize_distributed() -> None:
+  """jax.distributed from the flags or the launcher's environment (before any JAX use)."""
   from videoldm_jax import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _CPU_DEVICES.value)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
+  if CONFIG.value is None or WORKDIR.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  initialize_distributed()
   from videoldm_jax.train.loop import train_and_evaluate  # after JAX's start-up
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(CONFIG.value, WORKDIR.value)
 
 
 def run():

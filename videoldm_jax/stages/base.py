@@ -32,9 +32,10 @@ class StageSetup:
     {'unet': ..., 'vae': ..., 'text_encoder': ...}; nothing allocated.
   logical_axes: the same tree of PartitionSpecs of logical axis names.
   init_params: () -> the full tree as host NumPy arrays at step 0 (pretrained parts
-    loaded, new parts initialised). Called once per run: at the start, or at a resume
-    from a checkpoint that left the frozen parameters out (train/frozen.py), so it
-    must return the same frozen leaves every time.
+    loaded, new parts initialised). Called at most once per run: at the start, or at
+    a resume from a checkpoint that left the frozen parameters out (train/frozen.py;
+    only its frozen leaves are kept then), so it must return the same frozen leaves
+    every time.
   make_iterator: () -> this process's iterator of host batches with get_state /
     set_state (JSON-able), e.g. `data.inputs.make_iterator(config, ...)`.
   make_batch: host batch (dict of NumPy, per process) -> the step's batch (dict of

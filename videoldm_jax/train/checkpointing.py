@@ -2,8 +2,9 @@
 
 One `Checkpointer` owns one directory, laid out by Orbax's CheckpointManager:
 
-  DIR/<step>/state/    the train-state pytree (Orbax PyTree format: OCDBT/zarr; every leaf a
-                       global jax.Array, each process writes the shards it owns)
+  DIR/<step>/state/    the saved pytree (Orbax PyTree format: OCDBT/zarr; every leaf a
+                       global jax.Array, each process writes the shards it owns); the
+                       trainer's is its TrainState without the frozen parameters
   DIR/<step>/data/     JSON: the input pipeline's position (optional)
   DIR/<step>/config/   JSON: the run config (optional)
   DIR/<step>/frozen_digests/  JSON: digests of the frozen parameters left out of
@@ -238,10 +239,9 @@ class Checkpointer:
     return self._state_metadata[step]
 
   def state_fields(self, step: int) -> list[str]:
-    """Top-level names of the state saved at `step` (e.g. a TrainState's fields that
-    hold arrays)."""
-    return sorted({p.split("/")[0] for p in
-                   _flat(self._metadata(step), is_leaf=lambda x: hasattr(x, "shape"))})
+    """Top-level names of the state saved at `step` (a TrainState's fields, also those
+    holding an empty tree)."""
+    return sorted(_key_str(k) for k in self._metadata(step).keys())
 
   def frozen_digests(self, step: int) -> Optional[dict]:
     """The frozen-parameter digests saved with `step`, or None."""

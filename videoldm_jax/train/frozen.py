@@ -64,12 +64,12 @@ def checkpoint_tree(state: TrainState, save_frozen: bool) -> Any:
           if f.name != FIELD}
 
 
-def check_same(saved: dict[str, str], loaded: dict[str, str], where: str) -> None:
-  """Raises ValueError naming the frozen leaves whose loaded digest is not the saved one."""
+def _differences(saved: dict[str, str], loaded: dict[str, str]) -> Optional[str]:
+  """What differs between two leaf_digests, or None."""
   missing, extra = sorted(set(saved) - set(loaded)), sorted(set(loaded) - set(saved))
   differ = [k for k in sorted(saved) if k in loaded and saved[k] != loaded[k]]
   if not (missing or extra or differ):
-    return
+    return None
   parts = []
   if missing:
     parts.append(f"trained with but not loaded: {missing[:4]}")
@@ -78,13 +78,27 @@ def check_same(saved: dict[str, str], loaded: dict[str, str], where: str) -> Non
   short = lambda d: d[:-52] + "…"  # shape, dtype and the first 12 hex digits
   for k in differ[:4]:
     parts.append(f"'{k}': trained with {short(saved[k])}, loaded {short(loaded[k])}")
-  raise ValueError(
-      f"{where}: the frozen parameters loaded for this run are not the ones it was "
-      f"trained with ({len(missing) + len(extra) + len(differ)} of {len(saved)} leaves "
-      f"differ; shape, dtype, sha256): " + "; ".join(parts) + ". Resume with the "
-      "pretrained model and seed the run started from (see the checkpoint's config), "
-      "or start a new workdir. Checkpoints written with train.save_frozen=True hold "
-      "the frozen parameters themselves.")
+  return (f"{len(missing) + len(extra) + len(differ)} of {len(set(saved) | set(loaded))} "
+          f"leaves differ (shape, dtype, sha256): " + "; ".join(parts))
+
+
+def check_same(saved: dict[str, str], loaded: dict[str, str], where: str) -> None:
+  """Raises ValueError naming the frozen leaves whose loaded digest is not the saved one;
+  on every process when any process's differ (each loads its own copy of the
+  pretrained model: one bad copy must not leave the others waiting in a collective)."""
+  problem = _differences(saved, loaded)
+  if jax.process_count() > 1:
+    bad = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    if bad.any() and problem is None:
+      problem = (f"processes {np.flatnonzero(bad).tolist()} loaded other frozen "
+                 "parameters (their logs name the leaves)")
+  if problem is not None:
+    raise ValueError(
+        f"{where}: the frozen parameters loaded for this run are not the ones it was "
+        f"trained with: {problem}. Resume with the pretrained model and seed the run "
+        "started from (see the checkpoint's config), or start a new workdir. "
+        "Checkpoints written with train.save_frozen=True hold the frozen parameters "
+        "themselves.")
 
 
 def restore(ckpt: Checkpointer, step: int, target: TrainState,

@@ -97,30 +97,77 @@ def write_samples(workdir: Path, setup: StageSetup, state, step: int, writer) ->
   log(f"samples: {out}")
 
 
+def _prepared(config: ml_collections.ConfigDict, workdir: Path):
+  """(stage setup, mesh, state shardings, checkpointer) of a run of `config`."""
+  attention.set_implementation(config.train.get("attention", "auto"))
+  setup = stage_setup(config, workdir)
+  mesh = sharding.make_mesh(dict(config.mesh), dcn_shape=dict(config.get("dcn_mesh", {})))
+  rules = [tuple(r) for r in config.rules]
+  param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
+  shardings = step_lib.state_shardings(param_sh, setup.stage, setup.optimizer,
+                                       setup.abstract_params, mesh)
+  ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep,
+                      keep_best=config.train.keep_best,
+                      save_interval_steps=config.train.ckpt_every)
+  return setup, mesh, shardings, ckpt
+
+
+def _restored(ckpt: Checkpointer, step: int, setup: StageSetup, shardings):
+  """(state, data_state, frozen digests) of checkpoint `step`, on `shardings`."""
+  target = step_lib.abstract_state(
+      step_lib.abstract_train_state(setup.abstract_params, setup.stage, setup.optimizer),
+      shardings)
+  return frozen_lib.restore(ckpt, step, target, setup.init_params, setup.stage.is_trainable)
+
+
+def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                      step: str = "best") -> Path:
+  """Writes WORKDIR/export/step_N (as the end of training does) from a checkpoint of the
+  run of `config` in `workdir`; returns the folder.
+
+  step: 'best' (the best by loss when `train.keep_best` > 0, else the latest),
+    'latest', or a step number. A folder that exists already is left as it is.
+  """
+  workdir = Path(workdir).absolute()
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"{workdir / 'checkpoints'} does not exist: is {workdir} the "
+                            "--workdir of a videoldm-train run?")
+  setup, _, shardings, ckpt = _prepared(config, workdir)
+  complete = ckpt.all_steps()
+  if not complete:
+    raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+  if step == "best":
+    n = ckpt.best_step()
+  elif step == "latest":
+    n = complete[-1]
+  elif str(step).isdigit() and int(step) in complete:
+    n = int(step)
+  else:
+    raise ValueError(f"step={step!r}: expected 'best', 'latest' or one of the complete "
+                     f"steps in {ckpt.directory}: {complete}")
+  state, _, _ = _restored(ckpt, n, setup, shardings)
+  out = workdir / "export" / f"step_{n}"
+  existed = out.exists()
+  export(workdir, setup, state, n)
+  ckpt.close()
+  log(f"{out}: {'exists already, left as it is' if existed else 'exported'} "
+      f"(checkpoint {ckpt.directory}/{n}, EMA weights)")
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the stage `config.stage`; returns the last logged metrics."""
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  attention.set_implementation(config.train.get("attention", "auto"))
-  setup = stage_setup(config, workdir)
+  setup, mesh, shardings, ckpt = _prepared(config, workdir)
   stage, tx = setup.stage, setup.optimizer
-  mesh = sharding.make_mesh(dict(config.mesh), dcn_shape=dict(config.get("dcn_mesh", {})))
-  rules = [tuple(r) for r in config.rules]
-  param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
-  shardings = step_lib.state_shardings(param_sh, stage, tx, setup.abstract_params, mesh)
-  ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep,
-                      keep_best=config.train.keep_best,
-                      save_interval_steps=config.train.ckpt_every)
   pc, pi = jax.process_count(), jax.process_index()
   data = setup.make_iterator()
 
   save_frozen = config.train.get("save_frozen", False)
   latest = ckpt.latest_step()
   if latest is not None:
-    target = step_lib.abstract_state(
-        step_lib.abstract_train_state(setup.abstract_params, stage, tx), shardings)
-    state, data_state, frozen_digests = frozen_lib.restore(
-        ckpt, latest, target, setup.init_params, stage.is_trainable)
+    state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
     data.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{latest}")
   else:

@@ -1,0 +1,38 @@
+r"""videoldm-export: an inference folder from any checkpoint of a training run.
+
+  videoldm-export --config=configs/keyframe_tiny.py --workdir=work/keyframe_tiny \
+      --step=best
+
+Takes the same --config (and --config.* overrides) as the videoldm-train run that wrote
+--workdir, restores checkpoint --step and writes WORKDIR/export/step_N from its EMA
+weights, the folder the end of training writes (videoldm-sample / videoldm-generate
+read it). --step: 'best' (the best by loss, kept with train.keep_best; without it the
+latest), 'latest' or a step number. Frozen parameters left out of the checkpoint
+(train.save_frozen=false) are loaded from the run's pretrained model and checked
+against the checkpoint's digests. Runs on any mesh: one process is enough.
+"""
+
+from absl import app, flags, logging
+
+from videoldm_jax.cli import train as train_cli
+
+_STEP = flags.DEFINE_string("step", "best", "checkpoint to export: 'best', 'latest' or "
+                            "a step number")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
+  if train_cli.CONFIG.value is None or train_cli.WORKDIR.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  train_cli.initialize_distributed()
+  from videoldm_jax.train.loop import export_checkpoint  # after JAX's start-up
+  print(export_checkpoint(train_cli.CONFIG.value, train_cli.WORKDIR.value, _STEP.value))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
