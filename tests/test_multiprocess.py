@@ -97,3 +97,40 @@ def test_half_given_flags_are_an_error_not_a_hang():
   assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a,b"}).kind == "tpu"
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"},
                             "h:1", 2, 1).kind == "explicit"  # flags win
+
+
+CHECK_SAME = """
+import sys
+import numpy as np
+from videoldm_jax import distributed
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+distributed.initialize(flags["coordinator_address"], int(flags["num_processes"]),
+                       int(flags["process_id"]), int(flags["cpu_devices"]))
+import jax
+from videoldm_jax.train import frozen
+saved = {"vae/w": frozen.leaf_digest(np.zeros(3, np.float32))}
+frozen.check_same(saved, dict(saved), "ckpt")  # the same everywhere: no error
+loaded = {"vae/w": frozen.leaf_digest(np.ones(3, np.float32))}
+try:
+  frozen.check_same(saved, loaded if jax.process_index() == 1 else dict(saved), "ckpt")
+  print("no error")
+except ValueError as e:
+  print("refused:", e)
+"""
+
+
+def test_frozen_parameters_differing_on_one_process_stop_every_process(tmp_path):
+  # Each process loads its own copy of the pretrained model at a resume; one bad copy
+  # must stop all of them (a lone raise would leave the others in the restore's
+  # collectives until the coordinator times out).
+  script = tmp_path / "check_same.py"
+  script.write_text(CHECK_SAME)
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "--num_processes=2",
+                        "--devices_per_process=1", "--", sys.executable, str(script)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  log = out.stdout + out.stderr
+  assert "[p0] refused: ckpt: the frozen parameters" in log, log[-3000:]
+  assert "processes [1] loaded other frozen parameters" in log, log[-3000:]
+  assert "[p1] refused: ckpt: the frozen parameters" in log
+  assert "'vae/w': trained with (3,) float32" in log and "no error" not in log
