@@ -60,7 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
                  attention="auto",
                  # False: checkpoints leave out the frozen parameters (a resume loads
                  # them again and checks their digests; train/frozen.py).
-                 save_frozen=False)
+                 save_frozen=False,
+                 # A jax.profiler trace of steps profile_start + 1 .. + profile_steps
+                 # in WORKDIR/profile (0 steps: none).
+                 profile_start=10, profile_steps=0)
   # Reconstructions (top: fixed procedural clips, bottom: decoded) every N steps and at
   # the end (0 = never), written to WORKDIR/samples and TensorBoard.
   c.sample = dict(every=0, num_clips=2)

@@ -88,7 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
                  attention="auto",
                  # False: checkpoints leave out the frozen parameters (a resume loads
                  # them again and checks their digests; train/frozen.py).
-                 save_frozen=False)
+                 save_frozen=False,
+                 # A jax.profiler trace of steps profile_start + 1 .. + profile_steps
+                 # in WORKDIR/profile (0 steps: none).
+                 profile_start=10, profile_steps=0)
   # Samples from the EMA weights (every N steps and at the end; 0 = never): num_clips
   # held-out procedural clips of num_frames full frames, downsampled and upsampled
   # again, shown as [low-res | upsampled | ground truth] in WORKDIR/samples.

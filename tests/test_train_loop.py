@@ -146,7 +146,7 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
                                   err_msg=jax.tree_util.keystr(path))
 
 
-def test_trains_from_a_latent_cache_of_the_same_vae(image_model, tmp_path):
+def test_trains_from_a_latent_cache_of_the_same_vae_and_profiles(image_model, tmp_path):
   subprocess.run([sys.executable, "-m", "videoldm_jax.cli.cache_latents",
                   f"--model={image_model}", "--procedural_clips=8", "--num_frames=4",
                   "--height=16", "--width=16", "--batch_size=4", "--num_shards=2",
@@ -156,10 +156,18 @@ def test_trains_from_a_latent_cache_of_the_same_vae(image_model, tmp_path):
       [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
        f"--config.image_model={image_model}", f"--workdir={tmp_path / 'run'}", *FLAGS,
        "--config.train.num_steps=3", "--config.data.kind=latent_cache",
-       f"--config.data.cache_dir={tmp_path / 'cache'}"],
+       f"--config.data.cache_dir={tmp_path / 'cache'}",
+       # and a profile of its last two steps
+       "--config.train.profile_start=1", "--config.train.profile_steps=2"],
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 3: loss" in proc.stderr
+  assert f"profile of steps 2-3: {tmp_path / 'run' / 'profile'}" in proc.stderr
+  traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1
+  # It holds the step's XLA ops (the thunk executor names its events after them).
+  data = jax.profiler.ProfileData.from_file(str(traces[0]))
+  assert any("fusion" in e.name for p in data.planes for line in p.lines for e in line.events)
 
 
 def test_image_ldm_stage_trains_all_of_theta_and_exports_an_image_model(tmp_path):

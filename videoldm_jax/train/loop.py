@@ -227,8 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with open(workdir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(dict(m, step=at)) + "\n")
 
+  trace = perf.StepTrace(workdir / "profile", config.train.get("profile_start", 0),
+                         config.train.get("profile_steps", 0))
   with PreemptionGuard() as guard:
     while step < config.train.num_steps:
+      trace.before(step)
       state, metrics = compiled(state, batch)
       step += 1
       if pending is not None:
@@ -237,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         write_log(*pending)
         pending = None
       stop = guard.any_process_requested() if pc > 1 else guard.stop_requested
+      trace.after(step, (state, metrics), last=stop or step == config.train.num_steps)
       if step % config.train.log_every == 0 or step == config.train.num_steps or stop:
         for leaf in jax.tree_util.tree_leaves(metrics):
           leaf.copy_to_host_async()

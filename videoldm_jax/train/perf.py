@@ -66,3 +66,33 @@ def _summary_writer_class():
     if "torch" in sys.modules and sys.modules["torch"] is None:
       del sys.modules["torch"]
   return SummaryWriter
+
+
+class StepTrace:
+  """A jax.profiler trace of steps `start + 1 .. start + num` of a training run, written
+  to `directory` (TensorBoard's profile plugin / XProf read it; every process writes
+  its own). num = 0: no trace. The loop calls `before(step)` before dispatching the
+  step after `step` and `after(step, outputs)` once it is dispatched; the trace stops
+  when the last traced step's outputs are ready, so it holds their device work."""
+
+  def __init__(self, directory: Path, start: int, num: int):
+    if start < 0 or num < 0:
+      raise ValueError(f"train.profile_start={start} and train.profile_steps={num} "
+                       "must be >= 0")
+    self.directory, self.start, self.end = Path(directory), start, start + num
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if step == self.start and self.end > self.start:
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+
+  def after(self, step: int, outputs, last: bool = False) -> None:
+    """`last`: the run ends (or stops) at `step`; an active trace stops there too."""
+    if self.active and (step >= self.end or last):
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.active = False
+      if jax.process_index() == 0:
+        print(f"profile of steps {self.start + 1}-{step}: {self.directory} (TensorBoard "
+              "profile plugin or XProf)", file=sys.stderr, flush=True)
