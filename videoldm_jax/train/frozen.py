@@ -2,13 +2,12 @@
 
 The frozen part of a train state (theta, the VAE and the text encoder of a key-frame
 stage) never changes during a run, yet it is over a third of an SD 1.5 key-frame
-checkpoint (1.07 B float32 parameters: 4.3 of 11.6 GB, configs/keyframe_sd15.py,
-written again at every save). By default
-(`train.save_frozen=False`) a checkpoint holds every other field of the `TrainState`
-and, as JSON, one SHA-256 digest per frozen leaf (with its shape and dtype). A resume
-loads the frozen leaves again through the stage's `init_params` (the pretrained folder,
-or a seeded init) and refuses to go on when any of them differs from what the run
-trained with, naming the leaf. `train.save_frozen=True` writes them into every
+checkpoint (1.07 B float32 parameters: 4.3 of 11.6 GB, configs/keyframe_sd15.py),
+written again at every save. By default (`train.save_frozen=False`) a checkpoint holds
+every other field of the `TrainState` and, as JSON, one SHA-256 digest per frozen leaf
+(with its shape and dtype). A resume loads the frozen leaves again through the stage's
+`init_params` (the pretrained folder, or a seeded init) and refuses to go on when any
+of them differs from what the run trained with, naming the leaf. `train.save_frozen=True` writes them into every
 checkpoint, for runs whose pretrained source may change or vanish; such checkpoints
 (and those of earlier versions, which always held them) restore without `init_params`.
 """

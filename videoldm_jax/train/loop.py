@@ -227,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with open(workdir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(dict(m, step=at)) + "\n")
 
-  trace = perf.StepTrace(workdir / "profile", config.train.get("profile_start", 0),
+  trace = perf.StepTrace(workdir / "profile", config.train.get("profile_start", 10),
                          config.train.get("profile_steps", 0))
   with PreemptionGuard() as guard:
     while step < config.train.num_steps:
