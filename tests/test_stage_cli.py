@@ -80,3 +80,19 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
     out = _run("train", tmp_path, [*CASES[stage], "--config.random_image_model.seed=1"],
                4, ok=False)
     assert "the frozen parameters loaded for this run are not the ones" in out, out[-3000:]
+
+
+def test_diverged_steps_are_skipped_and_reported(tmp_path):
+  # Peak lr 1e38 after a one-step warmup from 0 (optim.make_schedule): step 1 changes
+  # nothing, step 2's update (Adam: about lr per weight) overflows the forward of every
+  # later step, so steps 3 and 4 are skipped, each leaving the parameters as they were.
+  out = _run("train", tmp_path, [*CASES["autoencoder"], "--config.optim.lr=1e38",
+                                 "--config.optim.warmup_steps=0"], 4)
+  assert "step 2: loss" in out and "skipped 0 eta 0:00:00" in out, out[-3000:]
+  assert ("WARNING step 3: 1 step(s) since the last log had a non-finite loss" in out
+          and "WARNING step 4: 1 step(s)" in out and "(2 in total)" in out
+          and "WARNING step 2" not in out), out[-3000:]
+  assert "NaN or Inf found" not in out  # tensorboardX's warning per value, silenced
+  steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [s["skipped"] for s in steps] == [0, 0, 1, 2]
+  assert all(s["input_s"] >= 0 for s in steps)

@@ -205,21 +205,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last = {}
   batch, t_last, step_last = first, time.perf_counter(), step
   pending = None  # (step, metrics on device) not yet logged
+  # Host seconds spent making batches since the last log, and the skipped-step count
+  # then (a rise is reported on its own line).
+  input_s, skipped_logged = 0.0, int(state.skipped)
 
   def write_log(at: int, metrics: dict) -> None:
-    nonlocal last, t_last, step_last
+    nonlocal last, t_last, step_last, input_s, skipped_logged
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # Timed between completions of logged steps (device_get just waited for this one).
     now = time.perf_counter()
-    dt = (now - t_last) / max(at - step_last, 1)
-    t_last, step_last = now, at
-    m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak)
+    steps = max(at - step_last, 1)
+    dt = (now - t_last) / steps
+    # The next batch is made while the device runs the step just dispatched: when it
+    # takes about as long as a step, the input pipeline bounds the run.
+    m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak,
+             input_s=input_s / steps)
+    t_last, step_last, input_s = now, at, 0.0
     last = m
     extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                      if k not in _LOGGED and not k.startswith("grad_norm/"))
+    eta = int((config.train.num_steps - at) * dt)
     log(f"step {at}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
-        f"lr {m.get('lr', 0):.2e} {dt:.3f}s/step {m['samples_per_s']:.2f} samples/s "
-        f"MFU {m['mfu']:.1%} skipped {int(m['skipped'])}" + (f" | {extra}" if extra else ""))
+        f"lr {m.get('lr', 0):.2e} {dt:.3f}s/step (input {m['input_s']:.3f}s) "
+        f"{m['samples_per_s']:.2f} samples/s MFU {m['mfu']:.1%} skipped "
+        f"{int(m['skipped'])} eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        + (f" | {extra}" if extra else ""))
+    if int(m["skipped"]) > skipped_logged:
+      log(f"WARNING step {at}: {int(m['skipped']) - skipped_logged} step(s) since the last "
+          f"log had a non-finite loss or gradient norm; their updates were skipped "
+          f"({int(m['skipped'])} in total). Persisting, this means a diverged run: lower "
+          "optim.lr or check the data.")
+      skipped_logged = int(m["skipped"])
     if writer is not None:
       for k, v in m.items():
         writer.add_scalar(f"train/{k}", v, at)
@@ -261,7 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                  or step == config.train.num_steps):
         write_samples(workdir, setup, state, step, writer)
       if step < config.train.num_steps:
+        t_input = time.perf_counter()
         batch = next_batch()
+        input_s += time.perf_counter() - t_input
   ckpt.wait_until_finished()
   if step >= config.train.num_steps and config.train.export:
     out = export(workdir, setup, state, step)
@@ -276,4 +294,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 # Metrics printed in the fixed part of the log line (the rest are appended).
 _LOGGED = {"loss", "grad_norm", "lr", "step_time", "samples_per_s", "mfu", "skipped",
-           "finite"}
+           "finite", "input_s"}

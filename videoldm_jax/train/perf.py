@@ -1,5 +1,6 @@
 """Throughput accounting shared by the trainer and the benchmarks."""
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,11 @@ def summary_writer(logdir: Path):
   """A TensorBoard writer on process 0, None elsewhere."""
   if jax.process_index() != 0:
     return None
-  return _summary_writer_class()(str(logdir))
+  writer = _summary_writer_class()(str(logdir))
+  # tensorboardX warns once per non-finite scalar (a dozen lines per log of a diverged
+  # run); the trainer reports skipped steps itself and the values are written anyway.
+  logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+  return writer
 
 
 def _summary_writer_class():
