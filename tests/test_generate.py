@@ -384,7 +384,12 @@ def test_memory_is_flat_in_the_video_length(tmp_path_factory, tmp_path):
   options = {**FAST, "height": 128, "width": 128, "steps": 1, "guidance_scale": 1.0,
              "context_scale": 1.0, "interp_passes": 1, "decode_chunk": 8, "gif": False}
   t = options["keyframes_per_clip"]
-  lengths = [("warmup", 4 * t), ("x4", 4 * t), ("x16", 16 * t)]
+  # Each length twice (x4b, x16b): the stricter check below takes each length's
+  # smaller growth. A video held in memory grows both runs; a loaded machine's noise
+  # seldom hits both (the 16x run once added 12.4 MB more than the 4x one with the
+  # suite's second worker and two more processes beside it, against ~1 MB alone).
+  lengths = [("warmup", 4 * t), ("x4", 4 * t), ("x16", 16 * t), ("x4b", 4 * t),
+             ("x16b", 16 * t)]
   # One malloc arena as well: glibc opens another arena whenever a thread finds the
   # current one locked, more often on a loaded machine, and the stricter check below
   # failed twice with the suite's second worker and the demo beside it (the 16x run
@@ -405,9 +410,10 @@ def test_memory_is_flat_in_the_video_length(tmp_path_factory, tmp_path):
   assert x16["hw"] == [128, 128]
   # The brief's criterion: the peak host memory differs by < 20%.
   assert abs(x16["peak"] - x4["peak"]) < 0.2 * x4["peak"], report
-  if x4["reset"] and x16["reset"]:
+  if all(report[k]["reset"] for k in ("x4", "x16", "x4b", "x16b")):
     # Stricter: what each run adds on top of the resident models and programs is
     # about the same, and the difference is far below the 16x video's float32 size.
     video_kib = x16["frames"] * 128 * 128 * 3 * 4 / 1024
-    grow4, grow16 = x4["peak"] - x4["before"], x16["peak"] - x16["before"]
+    grow = lambda k: report[k]["peak"] - report[k]["before"]
+    grow4, grow16 = min(grow("x4"), grow("x4b")), min(grow("x16"), grow("x16b"))
     assert grow16 - grow4 < 0.25 * video_kib, (grow4, grow16, video_kib)
