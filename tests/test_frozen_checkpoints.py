@@ -94,6 +94,11 @@ def test_resume_onto_other_frozen_weights_names_the_leaf(tmp_path):
   msg = str(e.value)
   assert "1 of 2 leaves differ" in msg and "'vae/w': trained with (16,) float32" in msg, msg
   assert "unet/conv/kernel" not in msg and str(tmp_path) in msg
+  # Another split into trainable and frozen leaves (e.g. mode=full) is named as such.
+  split_other = lambda p: p[0] == "unet"
+  with pytest.raises(ValueError, match=r"trained with but not loaded: \['unet/conv/kernel'\]"
+                                       r".*another split into trainable and frozen"):
+    frozen_lib.restore(Checkpointer(tmp_path), 1, target, _params, split_other)
   # A changed shape is named with both shapes.
   other = _params()
   other["unet"]["conv"]["kernel"] = np.zeros((8, 5), np.float32)

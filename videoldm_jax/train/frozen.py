@@ -74,6 +74,9 @@ def _differences(saved: dict[str, str], loaded: dict[str, str]) -> Optional[str]
     parts.append(f"trained with but not loaded: {missing[:4]}")
   if extra:
     parts.append(f"loaded but not trained with: {extra[:4]}")
+  if missing or extra:
+    parts.append("other leaves are frozen: another model, or another split into "
+                 "trainable and frozen parameters (e.g. the stage's mode)")
   short = lambda d: d[:-52] + "…"  # shape, dtype and the first 12 hex digits
   for k in differ[:4]:
     parts.append(f"'{k}': trained with {short(saved[k])}, loaded {short(loaded[k])}")
