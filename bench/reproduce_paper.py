@@ -35,16 +35,17 @@ from videoldm_jax.data.procedural import make_clip  # noqa: E402
 from videoldm_jax.eval import fvd, i3d  # noqa: E402
 from videoldm_jax.models.vae import AutoencoderKL  # noqa: E402
 from videoldm_jax.pipelines import context_sampling, sampling  # noqa: E402
+from videoldm_jax.train import loop  # noqa: E402
 
 FRAMES = 16  # I3D clips
 
 
 def _latest(folder: Path) -> Path:
-  steps = sorted(folder.glob("export/step_*"), key=lambda p: int(p.name.split("_")[1]))
-  if not steps:
+  latest = loop.latest_export(folder)
+  if latest is None:
     raise FileNotFoundError(f"{folder}: no export; run `bash launch/demo.sh` first "
                             "(or point --work at its WORK folder)")
-  return steps[-1]
+  return latest
 
 
 def real_clips(n: int, size: int, first_index: int = 10_000) -> np.ndarray:

@@ -36,6 +36,7 @@ from videoldm_jax.diffusion import samplers  # noqa: E402
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config  # noqa: E402
 from videoldm_jax.models.temporal import TemporalConfig  # noqa: E402
 from videoldm_jax.train import flops as flops_lib  # noqa: E402
+from videoldm_jax.train import loop  # noqa: E402
 
 
 def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float,
@@ -85,12 +86,11 @@ def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float,
 
 
 def _latest_export(work: Path, stage: str) -> str:
-  steps = sorted((work / stage / "export").glob("step_*"),
-                 key=lambda p: int(p.name.split("_")[1]))
-  if not steps:
+  latest = loop.latest_export(work / stage)
+  if latest is None:
     raise FileNotFoundError(f"no export in {work / stage}/export: run launch/demo.sh first "
                             "(or pass the folder it trained into)")
-  return str(steps[-1])
+  return str(latest)
 
 
 def chain(work: Path, seconds: float, fps: float, steps: int) -> dict:

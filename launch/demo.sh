@@ -36,7 +36,8 @@ mkdir -p "$WORK"
 START=$SECONDS
 DATA=(--config.data.data_dir="$WORK/tfds")
 
-latest() { ls -d "$1"/export/step_* 2>/dev/null | sort -t_ -k2 -n | tail -1; }
+# The newest EMA export (step_N; not videoldm-export's step_N_raw), by step number.
+latest() { ls -d "$1"/export/step_* 2>/dev/null | grep -E '/step_[0-9]+$' | sort -V | tail -1 || true; }
 train() {  # train NAME CONFIG [FLAGS...]: trains unless an export exists
   local name=$1 config=$2
   shift 2

@@ -73,6 +73,14 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
   assert len(shared) >= len(ema) // 2, (len(shared), len(ema))
   for p in shared:
     np.testing.assert_array_equal(exported[p], ema[p], err_msg="/".join(p))
+  # The trained weights themselves, beside it.
+  out = _run("export", tmp_path, [*CASES[stage], "--step=2", "--weights=raw"], 3)
+  assert f"{folder}_raw: exported" in out, out[-3000:]
+  trained = traverse_util.flatten_dict(state["trainable"])
+  raw = traverse_util.flatten_dict(pretrained.load(f"{folder}_raw").params)
+  assert any(not np.array_equal(trained[p], ema[p]) for p in shared)  # EMA differs
+  for p in shared:
+    np.testing.assert_array_equal(raw[p], trained[p], err_msg="/".join(p))
   out = _run("export", tmp_path, [*CASES[stage], "--step=7"], 3, ok=False)
   assert "expected 'best', 'latest' or one of the complete steps" in out, out[-3000:]
 

@@ -7,7 +7,8 @@ Takes the same --config (and --config.* overrides) as the videoldm-train run tha
 --workdir, restores checkpoint --step and writes WORKDIR/export/step_N from its EMA
 weights, the folder the end of training writes (videoldm-sample / videoldm-generate
 read it). --step: 'best' (the best by loss, kept with train.keep_best; without it the
-latest), 'latest' or a step number. Frozen parameters left out of the checkpoint
+latest), 'latest' or a step number. --weights=raw exports the trained weights instead
+of their EMA, into WORKDIR/export/step_N_raw. Frozen parameters left out of the checkpoint
 (train.save_frozen=false) are loaded from the run's pretrained model and checked
 against the checkpoint's digests. Runs on any mesh: one process is enough.
 """
@@ -18,6 +19,9 @@ from videoldm_jax.cli import train as train_cli
 
 _STEP = flags.DEFINE_string("step", "best", "checkpoint to export: 'best', 'latest' or "
                             "a step number")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
+                             "ema: the EMA weights (as the end of training exports); raw: "
+                             "the trained weights, into step_N_raw")
 
 
 def main(argv):
@@ -27,7 +31,8 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   train_cli.initialize_distributed()
   from videoldm_jax.train.loop import export_checkpoint  # after JAX's start-up
-  print(export_checkpoint(train_cli.CONFIG.value, train_cli.WORKDIR.value, _STEP.value))
+  print(export_checkpoint(train_cli.CONFIG.value, train_cli.WORKDIR.value, _STEP.value,
+                          _WEIGHTS.value))
 
 
 def run():

@@ -14,9 +14,11 @@ an inference folder from the EMA weights.
 import importlib
 import importlib.util
 import json
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,10 +69,24 @@ def _gathered(tree):
       lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def export(workdir: Path, setup: StageSetup, state, step: int) -> Path:
-  """Writes workdir/export/step_N from the EMA weights (the stage decides the format)."""
-  params = _gathered(state.merged(use_ema=True))
-  out = workdir / "export" / f"step_{step}"
+def export_dir(workdir: Path, step: int, weights: str = "ema") -> Path:
+  """WORKDIR/export/step_N (EMA weights) or step_N_raw (the trained weights)."""
+  if weights not in ("ema", "raw"):
+    raise ValueError(f"weights={weights!r}: expected 'ema' or 'raw'")
+  return workdir / "export" / (f"step_{step}" + ("_raw" if weights == "raw" else ""))
+
+
+def latest_export(workdir: Path) -> Optional[Path]:
+  """The newest EMA export WORKDIR/export/step_N (by N; step_N_raw is not one), or None."""
+  steps = [p for p in Path(workdir).glob("export/step_*") if re.fullmatch(r"step_\d+", p.name)]
+  return max(steps, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def export(workdir: Path, setup: StageSetup, state, step: int, weights: str = "ema") -> Path:
+  """Writes export_dir(workdir, step, weights) from the EMA (or the trained) weights;
+  the stage decides the format. A folder that exists already is left as it is."""
+  out = export_dir(workdir, step, weights)
+  params = _gathered(state.merged(use_ema=weights == "ema"))
   if jax.process_index() == 0 and not out.exists():
     setup.export(out, params)
   multihost_utils.sync_global_devices("exported")
@@ -121,14 +137,17 @@ def _restored(ckpt: Checkpointer, step: int, setup: StageSetup, shardings):
 
 
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                      step: str = "best") -> Path:
+                      step: str = "best", weights: str = "ema") -> Path:
   """Writes WORKDIR/export/step_N (as the end of training does) from a checkpoint of the
   run of `config` in `workdir`; returns the folder.
 
   step: 'best' (the best by loss when `train.keep_best` > 0, else the latest),
     'latest', or a step number. A folder that exists already is left as it is.
+  weights: 'ema' (what the end of training exports) or 'raw': the trained weights
+    themselves, into step_N_raw (for short fine-tunes, where the EMA lags).
   """
   workdir = Path(workdir).absolute()
+  export_dir(workdir, 0, weights)  # checks `weights` before anything is loaded
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir / 'checkpoints'} does not exist: is {workdir} the "
                             "--workdir of a videoldm-train run?")
@@ -146,12 +165,13 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"step={step!r}: expected 'best', 'latest' or one of the complete "
                      f"steps in {ckpt.directory}: {complete}")
   state, _, _ = _restored(ckpt, n, setup, shardings)
-  out = workdir / "export" / f"step_{n}"
+  out = export_dir(workdir, n, weights)
   existed = out.exists()
-  export(workdir, setup, state, n)
+  export(workdir, setup, state, n, weights)
   ckpt.close()
   log(f"{out}: {'exists already, left as it is' if existed else 'exported'} "
-      f"(checkpoint {ckpt.directory}/{n}, EMA weights)")
+      f"(checkpoint {ckpt.directory}/{n}, {'EMA' if weights == 'ema' else 'trained'} "
+      "weights)")
   return out
 
 
