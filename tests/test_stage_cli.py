@@ -103,6 +103,8 @@ def test_diverged_steps_are_skipped_and_reported(tmp_path):
           and "WARNING step 4: 1 step(s)" in out and "(2 in total)" in out
           and "WARNING step 2" not in out), out[-3000:]
   assert "NaN or Inf found" not in out  # tensorboardX's warning per value, silenced
+  assert re.search(r"autoencoder: steps 1-4 in [\d.]+s \([\d.]+s per step .*\), 2 skipped "
+                   r"in all; checkpoints \[2, 4\]", out), out[-3000:]
   steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [s["skipped"] for s in steps] == [0, 0, 1, 2]
   assert all(s["input_s"] >= 0 for s in steps)

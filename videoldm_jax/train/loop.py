@@ -224,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   last = {}
   batch, t_last, step_last = first, time.perf_counter(), step
+  t_start, start_step = t_last, step
   pending = None  # (step, metrics on device) not yet logged
   # Host seconds spent making batches since the last log, and the skipped-step count
   # then (a rise is reported on its own line).
@@ -301,6 +302,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = next_batch()
         input_s += time.perf_counter() - t_input
   ckpt.wait_until_finished()
+  ran, elapsed = step - start_step, time.perf_counter() - t_start
+  if ran:
+    log(f"{stage.name}: steps {start_step + 1}-{step} in {elapsed:.1f}s "
+        f"({elapsed / ran:.3f}s per step with logging, checkpoints and samples), "
+        f"{int(last.get('skipped', 0))} skipped in all; checkpoints {ckpt.all_steps()} "
+        f"in {ckpt.directory}")
+  else:
+    log(f"{stage.name}: already at step {step} of {config.train.num_steps}; nothing to run")
   if step >= config.train.num_steps and config.train.export:
     out = export(workdir, setup, state, step)
     log(f"exported {out}")
