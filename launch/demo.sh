@@ -37,16 +37,23 @@ START=$SECONDS
 DATA=(--config.data.data_dir="$WORK/tfds")
 
 # The newest EMA export (step_N; not videoldm-export's step_N_raw), by step number.
-latest() { ls -d "$1"/export/step_* 2>/dev/null | grep -E '/step_[0-9]+$' | sort -V | tail -1 || true; }
+latest() {
+  ls -d "$1"/export/step_* 2>/dev/null | grep -E '/step_[0-9]+$' | sort -V | tail -1 || true
+}
 train() {  # train NAME CONFIG [FLAGS...]: trains unless an export exists
-  local name=$1 config=$2
+  local name=$1 config=$2 out
   shift 2
   if [ -z "$(latest "$WORK/$name")" ]; then
     echo "[demo.sh] $((SECONDS - START))s: training $name ($config)" >&2
     videoldm-train --config="$config" --workdir="$WORK/$name" "${DATA[@]}" \
       --config.sample.every=0 "$@" >&2
   fi
-  latest "$WORK/$name"
+  out=$(latest "$WORK/$name")
+  if [ -z "$out" ]; then  # e.g. stopped by SIGTERM: it saved a checkpoint, no export
+    echo "[demo.sh] $name: no export in $WORK/$name/export; run the demo again to resume" >&2
+    exit 1
+  fi
+  echo "$out"
 }
 
 AE=$(train autoencoder configs/autoencoder_tiny.py)

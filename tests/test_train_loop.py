@@ -16,9 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-# Checkpoints every 3 steps; killed at a random point after the first, stopped by
+# Checkpoints every 3 steps; killed at a random logged step after the first, stopped by
 # SIGTERM once the resumed run has logged a step past its checkpoint, resumed to the end.
-# Enough steps that neither interruption lands after the last one however fast saves are.
+# The interruptions are placed by logged steps, not by time, so fast saves or a slow
+# host move neither of them past the last step.
 STEPS, EVERY = 24, 3
 FLAGS = [f"--config.train.num_steps={STEPS}", f"--config.train.ckpt_every={EVERY}",
          "--config.train.log_every=1", "--config.train.export=false",
@@ -87,49 +88,64 @@ def _complete_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _sigterm_after_a_step_past(proc, step: int, timeout=300) -> str:
-  """Reads the run's log until it reports a step after `step` (so it is in the loop,
-  with the SIGTERM handler installed), sends SIGTERM, waits for a clean exit; the log."""
-  lines: queue.Queue = queue.Queue()
-  reader = threading.Thread(
-      target=lambda: [lines.put(x) for x in iter(proc.stdout.readline, "")], daemon=True)
-  reader.start()
-  seen, deadline = [], time.time() + timeout
-  while True:
-    assert time.time() < deadline, "no step logged in time: " + "".join(seen)[-3000:]
-    try:
-      line = lines.get(timeout=1.0)
-    except queue.Empty:
-      assert proc.poll() is None, "".join(seen)[-3000:]
-      continue
-    seen.append(line)
-    if line.startswith("step ") and int(line.split()[1].rstrip(":")) > step:
-      break
-  proc.send_signal(signal.SIGTERM)
-  proc.wait(timeout=timeout)
-  reader.join(timeout=timeout)
-  while not lines.empty():
-    seen.append(lines.get())
-  out = "".join(seen)
-  assert proc.returncode == 0, out[-3000:]
-  return out
+class _Log:
+  """The run's merged output, read by a thread (so the pipe never fills) and searched
+  for logged steps with a deadline."""
+
+  def __init__(self, proc):
+    self.proc, self.lines, self.seen = proc, queue.Queue(), []
+    self.reader = threading.Thread(
+        target=lambda: [self.lines.put(x) for x in iter(proc.stdout.readline, "")],
+        daemon=True)
+    self.reader.start()
+
+  def _steps(self) -> list[int]:
+    return [int(x.split()[1].rstrip(":")) for x in self.seen if x.startswith("step ")]
+
+  def wait_for_step_after(self, step: int, timeout=300) -> None:
+    """Returns once the run has logged a step after `step` (it is then in the loop,
+    with the SIGTERM handler installed)."""
+    deadline = time.time() + timeout
+    while not any(s > step for s in self._steps()):
+      assert time.time() < deadline, "no step logged in time: " + self.text()[-3000:]
+      try:
+        self.seen.append(self.lines.get(timeout=1.0))
+      except queue.Empty:
+        assert self.proc.poll() is None, self.text()[-3000:]
+
+  def finish(self, timeout=300) -> str:
+    """Waits for the process and the reader; the whole log, after asserting rc 0."""
+    self.proc.wait(timeout=timeout)
+    self.reader.join(timeout=timeout)
+    while not self.lines.empty():
+      self.seen.append(self.lines.get())
+    assert self.proc.returncode == 0, self.text()[-3000:]
+    return self.text()
+
+  def text(self) -> str:
+    return "".join(self.seen)
 
 
 def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, image_model,
                                                              tmp_path):
   rng = np.random.default_rng(int(time.time()))
   proc = _start(tmp_path, image_model)
+  log = _Log(proc)
   _wait_for_checkpoint(proc, tmp_path, EVERY)
-  time.sleep(rng.uniform(0.0, 0.3))  # a random point after the first checkpoint
+  # Killed right after a random logged step k <= 4 * EVERY past the first checkpoint
+  # (the run is a step or two ahead of its log), so its last checkpoint is about k and
+  # well before STEPS - 2 * EVERY: the resumed run has steps left to be stopped in.
+  log.wait_for_step_after(int(rng.integers(EVERY, 4 * EVERY)))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = _complete_steps(tmp_path)[-1]
-  # Room for the resumed run to log a step, be stopped and save before the end (the
-  # log runs a step behind, and a SIGTERM is seen at the next step).
-  assert killed_at <= STEPS - 2 * EVERY, killed_at
+  assert EVERY <= killed_at <= STEPS - 2 * EVERY, killed_at
   # Resume; then a SIGTERM makes it save where it is and exit cleanly.
   proc = _start(tmp_path, image_model)
-  out = _sigterm_after_a_step_past(proc, killed_at)
+  log = _Log(proc)
+  log.wait_for_step_after(killed_at)
+  proc.send_signal(signal.SIGTERM)
+  out = log.finish()
   assert f"resumed from {tmp_path / 'checkpoints'}/{killed_at}" in out, out[-2000:]
   assert "stop requested" in out, out[-2000:]
   stopped = int(out.split("stop requested (signal): saved step ")[1].split(",")[0])

@@ -10,7 +10,8 @@ read it). --step: 'best' (the best by loss, kept with train.keep_best; without i
 latest), 'latest' or a step number. --weights=raw exports the trained weights instead
 of their EMA, into WORKDIR/export/step_N_raw. Frozen parameters left out of the checkpoint
 (train.save_frozen=false) are loaded from the run's pretrained model and checked
-against the checkpoint's digests. Runs on any mesh: one process is enough.
+against the checkpoint's digests. One process is enough: the state is restored onto the
+devices at hand (parameters replicated), whatever mesh trained it.
 """
 
 from absl import app, flags, logging

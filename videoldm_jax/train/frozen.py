@@ -7,9 +7,10 @@ written again at every save. By default (`train.save_frozen=False`) a checkpoint
 every other field of the `TrainState` and, as JSON, one SHA-256 digest per frozen leaf
 (with its shape and dtype). A resume loads the frozen leaves again through the stage's
 `init_params` (the pretrained folder, or a seeded init) and refuses to go on when any
-of them differs from what the run trained with, naming the leaf. `train.save_frozen=True` writes them into every
-checkpoint, for runs whose pretrained source may change or vanish; such checkpoints
-(and those of earlier versions, which always held them) restore without `init_params`.
+of them differs from what the run trained with, naming the leaf.
+`train.save_frozen=True` writes them into every checkpoint, for runs whose pretrained
+source may change or vanish; such checkpoints (and those of earlier versions, which
+always held them) restore without `init_params`.
 """
 
 import dataclasses

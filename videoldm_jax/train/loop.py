@@ -113,19 +113,28 @@ def write_samples(workdir: Path, setup: StageSetup, state, step: int, writer) ->
   log(f"samples: {out}")
 
 
-def _prepared(config: ml_collections.ConfigDict, workdir: Path):
-  """(stage setup, mesh, state shardings, checkpointer) of a run of `config`."""
+def _finite_or_inf(x) -> float:
+  x = float(x)
+  return x if np.isfinite(x) else float("inf")
+
+
+def _checkpointer(config: ml_collections.ConfigDict, workdir: Path) -> Checkpointer:
+  return Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep,
+                      keep_best=config.train.keep_best,
+                      save_interval_steps=config.train.ckpt_every)
+
+
+def _prepared(config: ml_collections.ConfigDict, workdir: Path, mesh_shape: dict,
+              dcn_shape: dict):
+  """(stage setup, mesh, state shardings) of a run of `config` on that mesh."""
   attention.set_implementation(config.train.get("attention", "auto"))
   setup = stage_setup(config, workdir)
-  mesh = sharding.make_mesh(dict(config.mesh), dcn_shape=dict(config.get("dcn_mesh", {})))
+  mesh = sharding.make_mesh(mesh_shape, dcn_shape=dcn_shape)
   rules = [tuple(r) for r in config.rules]
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, setup.stage, setup.optimizer,
                                        setup.abstract_params, mesh)
-  ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep,
-                      keep_best=config.train.keep_best,
-                      save_interval_steps=config.train.ckpt_every)
-  return setup, mesh, shardings, ckpt
+  return setup, mesh, shardings
 
 
 def _restored(ckpt: Checkpointer, step: int, setup: StageSetup, shardings):
@@ -151,26 +160,30 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir / 'checkpoints'} does not exist: is {workdir} the "
                             "--workdir of a videoldm-train run?")
-  setup, _, shardings, ckpt = _prepared(config, workdir)
-  complete = ckpt.all_steps()
-  if not complete:
-    raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
-  if step == "best":
-    n = ckpt.best_step()
-  elif step == "latest":
-    n = complete[-1]
-  elif str(step).isdigit() and int(step) in complete:
-    n = int(step)
-  else:
-    raise ValueError(f"step={step!r}: expected 'best', 'latest' or one of the complete "
-                     f"steps in {ckpt.directory}: {complete}")
-  state, _, _ = _restored(ckpt, n, setup, shardings)
-  out = export_dir(workdir, n, weights)
-  existed = out.exists()
-  export(workdir, setup, state, n, weights)
-  ckpt.close()
+  with _checkpointer(config, workdir) as ckpt:
+    complete = ckpt.all_steps()
+    if not complete:
+      raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+    if step == "best":
+      n = ckpt.best_step()
+      why = ("best by loss (train.keep_best)" if config.train.keep_best
+             else "the latest: train.keep_best=0 ranks none")
+    elif step == "latest":
+      n, why = complete[-1], "the latest"
+    elif str(step).isdigit() and int(step) in complete:
+      n, why = int(step), "as asked"
+    else:
+      raise ValueError(f"step={step!r}: expected 'best', 'latest' or one of the complete "
+                       f"steps in {ckpt.directory}: {complete}")
+    # The state restores onto any mesh: the devices at hand, parameters replicated
+    # (the training mesh may need a pod).
+    setup, _, shardings = _prepared(config, workdir, dict(data=-1, fsdp=1, tensor=1), {})
+    state, _, _ = _restored(ckpt, n, setup, shardings)
+    out = export_dir(workdir, n, weights)
+    existed = out.exists()
+    export(workdir, setup, state, n, weights)
   log(f"{out}: {'exists already, left as it is' if existed else 'exported'} "
-      f"(checkpoint {ckpt.directory}/{n}, {'EMA' if weights == 'ema' else 'trained'} "
+      f"(checkpoint {ckpt.directory}/{n}, {why}; {'EMA' if weights == 'ema' else 'trained'} "
       "weights)")
   return out
 
@@ -179,7 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the stage `config.stage`; returns the last logged metrics."""
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  setup, mesh, shardings, ckpt = _prepared(config, workdir)
+  setup, mesh, shardings = _prepared(config, workdir, dict(config.mesh),
+                                     dict(config.get("dcn_mesh", {})))
+  ckpt = _checkpointer(config, workdir)
   stage, tx = setup.stage, setup.optimizer
   pc, pi = jax.process_count(), jax.process_index()
   data = setup.make_iterator()
@@ -226,22 +241,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch, t_last, step_last = first, time.perf_counter(), step
   t_start, start_step = t_last, step
   pending = None  # (step, metrics on device) not yet logged
-  # Host seconds spent making batches since the last log, and the skipped-step count
-  # then (a rise is reported on its own line).
-  input_s, skipped_logged = 0.0, int(state.skipped)
+  # Host seconds spent making batches since the last log and how many, and the
+  # skipped-step count then (a rise is reported on its own line).
+  input_s, batches, skipped_logged = 0.0, 0, int(state.skipped)
 
   def write_log(at: int, metrics: dict) -> None:
-    nonlocal last, t_last, step_last, input_s, skipped_logged
+    nonlocal last, t_last, step_last, input_s, batches, skipped_logged
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # Timed between completions of logged steps (device_get just waited for this one).
     now = time.perf_counter()
     steps = max(at - step_last, 1)
     dt = (now - t_last) / steps
-    # The next batch is made while the device runs the step just dispatched: when it
-    # takes about as long as a step, the input pipeline bounds the run.
+    # The next batch is made while the device runs the step just dispatched (with one
+    # process; with several, the stop check's collective first waits for that step):
+    # when it takes about as long as a step, the input pipeline bounds the run.
     m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak,
-             input_s=input_s / steps)
-    t_last, step_last, input_s = now, at, 0.0
+             input_s=input_s / max(batches, 1))
+    t_last, step_last, input_s, batches = now, at, 0.0, 0
     last = m
     extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                      if k not in _LOGGED and not k.startswith("grad_norm/"))
@@ -264,8 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with open(workdir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(dict(m, step=at)) + "\n")
 
-  trace = perf.StepTrace(workdir / "profile", config.train.get("profile_start", 10),
+  trace = perf.StepTrace(workdir / "profile" / (f"process_{pi}" if pc > 1 else ""),
+                         config.train.get("profile_start", 10),
                          config.train.get("profile_steps", 0))
+  if trace.end > trace.start and not step <= trace.start < config.train.num_steps:
+    log(f"no profile: steps {trace.start + 1}-{trace.end} are not ahead of this run "
+        f"(steps {step + 1}-{config.train.num_steps})")
   with PreemptionGuard() as guard:
     while step < config.train.num_steps:
       trace.before(step)
@@ -288,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
                   data_state=data.get_state(), config=config.to_dict(),
-                  metrics={"loss": float(metrics["loss"])},
+                  # A skipped step's loss is not finite: ranked worst, never best.
+                  metrics={"loss": _finite_or_inf(metrics["loss"])},
                   frozen_digests=frozen_digests, force=True)
       if stop:
         log(f"stop requested (signal): saved step {step}, exiting")
@@ -301,6 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_input = time.perf_counter()
         batch = next_batch()
         input_s += time.perf_counter() - t_input
+        batches += 1
   ckpt.wait_until_finished()
   ran, elapsed = step - start_step, time.perf_counter() - t_start
   if ran:
