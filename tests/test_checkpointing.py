@@ -154,6 +154,17 @@ def test_listing_interval_keep_n_and_best_n(tmp_path):
   ck.close()
 
 
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_non_finite_best_metric_ranks_worst(tmp_path, mode):
+  # A diverged step's loss is NaN; newest last, it once came out of Orbax's sort as best.
+  ck = Checkpointer(tmp_path, max_to_keep=1, keep_best=1, best_mode=mode)
+  for step, value in ((1, 1.0), (2, 0.5), (3, float("inf")), (4, float("nan"))):
+    ck.save(step, _tiny(step), metrics={"loss": value if mode == "min" else -value})
+  ck.wait_until_finished()
+  assert ck.best_step() == 2 and ck.all_steps() == [2, 4]  # best, and the newest
+  ck.close()
+
+
 @pytest.mark.parametrize("target", ["one_device", "mesh_4_2_1"])
 def test_restore_onto_other_mesh(tmp_path, target):
   state = _state(_mesh8(), seed=1)

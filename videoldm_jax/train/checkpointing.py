@@ -179,7 +179,7 @@ class Checkpointer:
     path = str(directory)
     # Orbax wants absolute paths; URIs (gs://...) already are.
     self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
-    self.best_metric, self.keep_best = best_metric, keep_best
+    self.best_metric, self.keep_best, self.best_mode = best_metric, keep_best, best_mode
     # Orbax's default decision policy also saves the first step of a run whatever the
     # interval (InitialSavePolicy); a pure interval is more predictable. Preemption
     # sync points (multi-host, jax.distributed) still trigger a save.
@@ -278,6 +278,9 @@ class Checkpointer:
       if self.keep_best and self.best_metric not in metrics:
         raise ValueError(f"{where}: metrics {sorted(metrics)} lack best_metric "
                          f"'{self.best_metric}'")
+      if self.keep_best and not np.isfinite(metrics[self.best_metric]):
+        # A diverged step (NaN loss) ranks worst: Orbax's sort could place NaN first.
+        metrics[self.best_metric] = float("inf") if self.best_mode == "min" else -float("inf")
     return bool(self._mgr.save(step, args=ocp.args.Composite(**items),
                                metrics=metrics if self.keep_best else None, force=True))
 

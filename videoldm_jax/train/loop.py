@@ -113,11 +113,6 @@ def write_samples(workdir: Path, setup: StageSetup, state, step: int, writer) ->
   log(f"samples: {out}")
 
 
-def _finite_or_inf(x) -> float:
-  x = float(x)
-  return x if np.isfinite(x) else float("inf")
-
-
 def _checkpointer(config: ml_collections.ConfigDict, workdir: Path) -> Checkpointer:
   return Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep,
                       keep_best=config.train.keep_best,
@@ -308,8 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
                   data_state=data.get_state(), config=config.to_dict(),
-                  # A skipped step's loss is not finite: ranked worst, never best.
-                  metrics={"loss": _finite_or_inf(metrics["loss"])},
+                  metrics={"loss": float(metrics["loss"])},
                   frozen_digests=frozen_digests, force=True)
       if stop:
         log(f"stop requested (signal): saved step {step}, exiting")
