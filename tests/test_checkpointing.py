@@ -263,7 +263,8 @@ def test_preemption_guard_sets_flag_and_restores_handler():
       if guard.stop_requested:
         break
     assert guard.stop_requested and guard.signal_received == signal.SIGTERM
-    assert guard.any_process_requested()
+    assert guard.any_process_requested() and guard.should_stop(1)
+    assert not guard.uses_jax_service  # one process, no jax.distributed
   assert signal.getsignal(signal.SIGTERM) is before
   prev_int = signal.getsignal(signal.SIGINT)
   with PreemptionGuard(sigint=True) as guard:

@@ -1,16 +1,21 @@
 """Multi-host code paths on one machine: two JAX processes x two fake CPU devices
 (launch/local_multiprocess.sh, loopback coordinator, gloo collectives) train the tiny
 key-frame model exactly as one process with four devices does, each process reading
-its own block of every global batch; their checkpoint resumes in a one-process run."""
+its own block of every global batch; their checkpoint resumes in a one-process run.
+A SIGTERM to one process stops both at the same step, also during the compile."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.run_log import RunLog
 
 ROOT = Path(__file__).parents[1]
 FLAGS = ["--config=configs/keyframe_tiny.py", "--config.train.ckpt_every=3",
@@ -134,3 +139,58 @@ def test_frozen_parameters_differing_on_one_process_stop_every_process(tmp_path)
   assert "processes [1] loaded other frozen parameters" in log, log[-3000:]
   assert "[p1] refused: ckpt: the frozen parameters" in log
   assert "'vae/w': trained with (3,) float32" in log and "no error" not in log
+
+
+def _python_pid(workdir: Path, process_id: int) -> int:
+  """The pid of the trainer process `process_id` of the run in `workdir` (the launcher
+  runs it in a subshell piped into sed)."""
+  want = [f"--workdir={workdir}", f"--process_id={process_id}"]
+  for proc in Path("/proc").iterdir():
+    try:
+      argv = (proc / "cmdline").read_bytes().decode().split("\0")
+    except (OSError, ValueError):
+      continue
+    if all(w in argv for w in want) and "videoldm_jax.cli.train" in argv:
+      return int(proc.name)
+  raise AssertionError(f"no trainer process {process_id} for {workdir}")
+
+
+def _start_two(workdir: Path, steps: int) -> subprocess.Popen:
+  cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
+         "--devices_per_process=2", "--", sys.executable, "-m", "videoldm_jax.cli.train",
+         f"--workdir={workdir}", *FLAGS, f"--config.train.num_steps={steps}",
+         "--config.train.ckpt_every=1000"]
+  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _stopped_at(log: str) -> int:
+  found = re.search(r"\[p0\] stop requested \(SIGTERM on some process\): saved step "
+                    r"(\d+), exiting", log)
+  assert found, log[-3000:]
+  return int(found[1])
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+  # JAX's preemption service hears the SIGTERM (the trainer must not replace its
+  # handler) and picks the step at which both save, with no collective in the loop.
+  steps = 60
+  proc = _start_two(tmp_path, steps)
+  log = RunLog(proc)
+  log.wait_for_step_after(2)
+  os.kill(_python_pid(tmp_path, 1), signal.SIGTERM)
+  out = log.finish()  # both processes exit 0 (the launcher's status)
+  stopped = _stopped_at(out)
+  assert 3 <= stopped < steps, out[-3000:]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [str(stopped)]
+  assert max(_losses(tmp_path)) == stopped
+  # Resumed; a SIGTERM once process 0 has restored, while both compile: the service
+  # heard of the start step before the restore, so the run stops after its first step
+  # (without that, the sync point would be step 1 and the run would go on to the end).
+  proc = _start_two(tmp_path, stopped + 40)
+  log = RunLog(proc)
+  log.wait_for_text(f"resumed from {tmp_path / 'checkpoints'}/{stopped}")
+  os.kill(_python_pid(tmp_path, 1), signal.SIGTERM)
+  out = log.finish()
+  assert stopped < _stopped_at(out) < stopped + 40, out[-3000:]

@@ -3,11 +3,10 @@ from a converted image-model folder: killed with SIGKILL, stopped with SIGTERM,
 resumed, it ends bitwise where an uninterrupted run ends."""
 
 import os
-import queue
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests.run_log import RunLog
 
 # Checkpoints every 3 steps; killed at a random logged step after the first, stopped by
 # SIGTERM once the resumed run has logged a step past its checkpoint, resumed to the end.
@@ -88,49 +89,11 @@ def _complete_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-class _Log:
-  """The run's merged output, read by a thread (so the pipe never fills) and searched
-  for logged steps with a deadline."""
-
-  def __init__(self, proc):
-    self.proc, self.lines, self.seen = proc, queue.Queue(), []
-    self.reader = threading.Thread(
-        target=lambda: [self.lines.put(x) for x in iter(proc.stdout.readline, "")],
-        daemon=True)
-    self.reader.start()
-
-  def _steps(self) -> list[int]:
-    return [int(x.split()[1].rstrip(":")) for x in self.seen if x.startswith("step ")]
-
-  def wait_for_step_after(self, step: int, timeout=300) -> None:
-    """Returns once the run has logged a step after `step` (it is then in the loop,
-    with the SIGTERM handler installed)."""
-    deadline = time.time() + timeout
-    while not any(s > step for s in self._steps()):
-      assert time.time() < deadline, "no step logged in time: " + self.text()[-3000:]
-      try:
-        self.seen.append(self.lines.get(timeout=1.0))
-      except queue.Empty:
-        assert self.proc.poll() is None, self.text()[-3000:]
-
-  def finish(self, timeout=300) -> str:
-    """Waits for the process and the reader; the whole log, after asserting rc 0."""
-    self.proc.wait(timeout=timeout)
-    self.reader.join(timeout=timeout)
-    while not self.lines.empty():
-      self.seen.append(self.lines.get())
-    assert self.proc.returncode == 0, self.text()[-3000:]
-    return self.text()
-
-  def text(self) -> str:
-    return "".join(self.seen)
-
-
 def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, image_model,
                                                              tmp_path):
   rng = np.random.default_rng(int(time.time()))
   proc = _start(tmp_path, image_model)
-  log = _Log(proc)
+  log = RunLog(proc)
   _wait_for_checkpoint(proc, tmp_path, EVERY)
   # Killed right after a random logged step k <= 4 * EVERY past the first checkpoint
   # (the run is a step or two ahead of its log), so its last checkpoint is about k and
@@ -142,13 +105,13 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
   assert EVERY <= killed_at <= STEPS - 2 * EVERY, killed_at
   # Resume; then a SIGTERM makes it save where it is and exit cleanly.
   proc = _start(tmp_path, image_model)
-  log = _Log(proc)
+  log = RunLog(proc)
   log.wait_for_step_after(killed_at)
   proc.send_signal(signal.SIGTERM)
   out = log.finish()
   assert f"resumed from {tmp_path / 'checkpoints'}/{killed_at}" in out, out[-2000:]
   assert "stop requested" in out, out[-2000:]
-  stopped = int(out.split("stop requested (signal): saved step ")[1].split(",")[0])
+  stopped = int(re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", out)[1])
   assert killed_at < stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
   # Resume to the end.
   out = _finish(_start(tmp_path, image_model))

@@ -19,8 +19,8 @@ a save killed mid-write is invisible; its tmp folder stays until that step is sa
 again (Orbax then deletes it first).
 
 The inference export (theta + EMA phi for sampling) is a `pretrained` model folder,
-written by `train.loop.export`. `PreemptionGuard` turns SIGTERM (and optionally SIGINT)
-into a flag that the train loop polls before doing a final forced save.
+written by `train.loop.export`. `PreemptionGuard` tells the train loop, at the same step
+on every process, that SIGTERM (or optionally SIGINT) came, before a final forced save.
 JSON and Orbax only: nothing here pickles.
 """
 
@@ -337,22 +337,37 @@ class Checkpointer:
 # -- inference export ---------------------------------------------------------------
 
 class PreemptionGuard:
-  """`with PreemptionGuard() as guard:` ... `if guard.stop_requested: save; break`.
+  """`with PreemptionGuard(start_step) as guard:` ... `if guard.should_stop(step): save; break`.
 
-  Installs handlers for SIGTERM (what schedulers and TPU/GPU VM maintenance send before
-  a kill) and, with `sigint=True`, SIGINT. The handler only sets a flag: Python runs it
-  between bytecodes of the main thread, possibly inside a JAX dispatch or an Orbax call,
-  so doing the save there could deadlock or corrupt state. Previous handlers come back
-  on exit. Must be entered from the main thread (a Python rule for signal handlers).
-  With several processes, hosts get the signal at different steps: poll
-  `any_process_requested()` so that all of them stop (and save) at the same step.
+  One process: installs handlers for SIGTERM (what schedulers and TPU/GPU VM maintenance
+  send before a kill) and, with `sigint=True`, SIGINT. The handler only sets a flag:
+  Python runs it between bytecodes of the main thread, possibly inside a JAX dispatch or
+  an Orbax call, so doing the save there could deadlock or corrupt state. Previous
+  handlers come back on exit. Must be entered from the main thread (a Python rule for
+  signal handlers).
+
+  After `jax.distributed.initialize`, JAX's preemption service already owns SIGTERM: its
+  notifier (installed by `initialize`, so it also hears a SIGTERM during restore or
+  compile) tells the coordination service, which picks the step after the furthest
+  process's current one as the sync point, in background threads. `should_stop(step)`
+  asks it (a host-local read, tens of microseconds): every process gets True at the same
+  step, and no collective waits for the device. The guard installs no handler then (one
+  would replace the notifier's); SIGTERM is the only signal it hears. The service
+  compares step numbers, and a notice before the first one would fix the sync point at
+  step 1: construct the guard with the run's start step as soon as that is known.
+  Where the service is off (`jax_enable_preemption_service=False`) several processes fall
+  back to this guard's handlers and an allgather of the flags at every step.
   """
 
-  def __init__(self, *, sigint: bool = False):
+  def __init__(self, start_step: int = 0, *, sigint: bool = False):
     self._signals = (signal.SIGTERM,) + ((signal.SIGINT,) if sigint else ())
     self._previous: dict[int, Any] = {}
     self._event = threading.Event()
     self.signal_received: Optional[int] = None
+    self.uses_jax_service = _jax_preemption_service(start_step)
+    if self.uses_jax_service and sigint:
+      raise ValueError("sigint=True: JAX's preemption service (on after "
+                       "jax.distributed.initialize) hears SIGTERM only")
 
   def _handler(self, signum, frame):  # noqa: ARG002  (signature fixed by `signal`)
     self.signal_received = signum
@@ -360,14 +375,32 @@ class PreemptionGuard:
 
   @property
   def stop_requested(self) -> bool:
+    """This process's own flag (the handlers', or `request_stop`'s)."""
     return self._event.is_set()
 
   def request_stop(self) -> None:
     """Sets the flag by hand (tests, or a trainer that stops for other reasons)."""
+    if self.uses_jax_service:
+      raise RuntimeError("request_stop: under JAX's preemption service only SIGTERM "
+                         "stops the processes together")
     self._event.set()
 
+  def should_stop(self, step: int) -> bool:
+    """True when the processes should save `step` and exit; the same on all of them.
+
+    Call it on every process at every step, with the number of the step just run.
+    """
+    if self.uses_jax_service:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(int(step)):
+        self.signal_received = signal.SIGTERM
+        return True
+      return False
+    return self.any_process_requested()
+
   def any_process_requested(self) -> bool:
-    """True if the flag is set on any process (a collective: call on all of them)."""
+    """True if the flag is set on any process (a collective: call on all of them; it
+    waits for the device work already queued)."""
     if jax.process_count() == 1:
       return self.stop_requested
     from jax.experimental import multihost_utils
@@ -375,6 +408,8 @@ class PreemptionGuard:
     return bool(np.any(flags))
 
   def __enter__(self):
+    if self.uses_jax_service:
+      return self
     if threading.current_thread() is not threading.main_thread():
       raise RuntimeError("PreemptionGuard must be entered from the main thread")
     for sig in self._signals:
@@ -388,3 +423,19 @@ class PreemptionGuard:
       signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
     self._previous.clear()
     return False
+
+
+def _jax_preemption_service(step: int) -> bool:
+  """Whether JAX's preemption service runs in this process (after
+  `jax.distributed.initialize`, unless `jax_enable_preemption_service` is off); if so,
+  tells it the current step."""
+  if not jax.distributed.is_initialized():
+    return False
+  from jax.experimental import multihost_utils
+  try:
+    # Also the first step number the service sees: a notice that came before it would
+    # put the sync point at step 1, never reached by a resumed run.
+    multihost_utils.reached_preemption_sync_point(int(step))
+  except RuntimeError:  # initialized with the service off
+    return False
+  return True

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -196,6 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   save_frozen = config.train.get("save_frozen", False)
   latest = ckpt.latest_step()
+  # Before the restore and compile: with several processes, a SIGTERM during them then
+  # stops the run after its first step (see PreemptionGuard).
+  guard = PreemptionGuard(latest or 0)
   if latest is not None:
     state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
     data.set_state(data_state)
@@ -247,9 +251,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     now = time.perf_counter()
     steps = max(at - step_last, 1)
     dt = (now - t_last) / steps
-    # The next batch is made while the device runs the step just dispatched (with one
-    # process; with several, the stop check's collective first waits for that step):
-    # when it takes about as long as a step, the input pipeline bounds the run.
+    # The next batch is made while the device runs the step just dispatched: when it
+    # takes about as long as a step, the input pipeline bounds the run.
     m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak,
              input_s=input_s / max(batches, 1))
     t_last, step_last, input_s, batches = now, at, 0.0, 0
@@ -281,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if trace.end > trace.start and not step <= trace.start < config.train.num_steps:
     log(f"no profile: steps {trace.start + 1}-{trace.end} are not ahead of this run "
         f"(steps {step + 1}-{config.train.num_steps})")
-  with PreemptionGuard() as guard:
+  with guard:
     while step < config.train.num_steps:
       trace.before(step)
       state, metrics = compiled(state, batch)
@@ -291,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # device is already busy with this one, so reading it costs no stall.
         write_log(*pending)
         pending = None
-      stop = guard.any_process_requested() if pc > 1 else guard.stop_requested
+      stop = guard.should_stop(step) and step < config.train.num_steps
       trace.after(step, (state, metrics), last=stop or step == config.train.num_steps)
       if step % config.train.log_every == 0 or step == config.train.num_steps or stop:
         for leaf in jax.tree_util.tree_leaves(metrics):
@@ -306,7 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   metrics={"loss": float(metrics["loss"])},
                   frozen_digests=frozen_digests, force=True)
       if stop:
-        log(f"stop requested (signal): saved step {step}, exiting")
+        sig = guard.signal_received
+        log(f"stop requested ({signal.Signals(sig).name if sig else 'signal'}"
+            f"{' on some process' if guard.uses_jax_service else ''}): saved step {step}, "
+            "exiting")
         break
       every = config.sample.every if "sample" in config else 0
       if setup.sample is not None and every and (step % every == 0
