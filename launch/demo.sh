@@ -14,7 +14,7 @@
 #     temporal decoder -> upsampler -> work/demo/videos/drive.mp4 + .gif (32 frames,
 #     128x128);
 #  9. videoldm-eval: FVD of generated clips against held-out clips.
-# A re-run resumes or skips finished stages.
+# A re-run resumes unfinished stages; a finished one only restores its last checkpoint.
 #   bash launch/demo.sh                  # writes work/demo/...
 #   WORK=/tmp/demo bash launch/demo.sh   # elsewhere
 set -euo pipefail
@@ -40,14 +40,12 @@ DATA=(--config.data.data_dir="$WORK/tfds")
 latest() {
   ls -d "$1"/export/step_* 2>/dev/null | grep -E '/step_[0-9]+$' | sort -V | tail -1 || true
 }
-train() {  # train NAME CONFIG [FLAGS...]: trains unless an export exists
+train() {  # train NAME CONFIG [FLAGS...]: trains, resumes, or (finished) only restores
   local name=$1 config=$2 out
   shift 2
-  if [ -z "$(latest "$WORK/$name")" ]; then
-    echo "[demo.sh] $((SECONDS - START))s: training $name ($config)" >&2
-    videoldm-train --config="$config" --workdir="$WORK/$name" "${DATA[@]}" \
-      --config.sample.every=0 "$@" >&2
-  fi
+  echo "[demo.sh] $((SECONDS - START))s: training $name ($config)" >&2
+  videoldm-train --config="$config" --workdir="$WORK/$name" "${DATA[@]}" \
+    --config.sample.every=0 "$@" >&2
   out=$(latest "$WORK/$name")
   if [ -z "$out" ]; then  # e.g. stopped by SIGTERM: it saved a checkpoint, no export
     echo "[demo.sh] $name: no export in $WORK/$name/export; run the demo again to resume" >&2

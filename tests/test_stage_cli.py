@@ -2,8 +2,9 @@
 files exercise the trainer elsewhere (keyframe, image_ldm: test_train_loop.py;
 predictor: test_context_stages.py; decoder: test_autoencoder_stages.py; upsampler:
 test_upsampler.py) are not repeated. Here: the interpolator and the image
-autoencoder train a few steps, checkpoint, resume where they stopped and export an
-earlier checkpoint (videoldm-export); a diverged run reports its skipped steps."""
+autoencoder train a few steps, checkpoint, resume where they stopped, export an
+earlier checkpoint (videoldm-export) and, run again when finished, do nothing; a diverged
+run reports its skipped steps."""
 
 import json
 import os
@@ -83,6 +84,12 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
     np.testing.assert_array_equal(raw[p], trained[p], err_msg="/".join(p))
   out = _run("export", tmp_path, [*CASES[stage], "--step=7"], 3, ok=False)
   assert "expected 'best', 'latest' or one of the complete steps" in out, out[-3000:]
+  # The finished command run again: restored, nothing compiled or trained, and the
+  # run's last metrics kept.
+  last = (tmp_path / "last_metrics.json").read_text()
+  out = _run("train", tmp_path, CASES[stage], 3)
+  assert f"{stage}: already at step 3 of 3; nothing to run" in out, out[-3000:]
+  assert "compiled" not in out and (tmp_path / "last_metrics.json").read_text() == last
 
   if stage == "interpolator":
     # Its checkpoints hold the digests of frozen theta, not theta: a resume whose random

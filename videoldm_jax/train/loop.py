@@ -210,6 +210,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = step_lib.init_state(params, stage, tx, shardings)
     del params
   setup.init_params = None  # drops the stage's host copy of the pretrained parameters
+  if int(state.step) >= config.train.num_steps:
+    # A finished run started again (a retrying launcher, a re-run pipeline): no compile,
+    # only the export if it is missing; the last metrics stay as the run left them.
+    step = int(state.step)
+    log(f"{stage.name}: already at step {step} of {config.train.num_steps}; nothing to run")
+    if config.train.export:
+      existed = export_dir(workdir, step).exists()
+      out = export(workdir, setup, state, step)
+      log(f"{'export (there already)' if existed else 'exported'} {out}")
+    ckpt.close()
+    last_file = workdir / "last_metrics.json"
+    return json.loads(last_file.read_text()) if last_file.exists() else {}
 
   batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
   train_step = step_lib.build_train_step(
@@ -325,13 +337,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batches += 1
   ckpt.wait_until_finished()
   ran, elapsed = step - start_step, time.perf_counter() - t_start
-  if ran:
-    log(f"{stage.name}: steps {start_step + 1}-{step} in {elapsed:.1f}s "
-        f"({elapsed / ran:.3f}s per step with logging, checkpoints and samples), "
-        f"{int(last.get('skipped', 0))} skipped in all; checkpoints {ckpt.all_steps()} "
-        f"in {ckpt.directory}")
-  else:
-    log(f"{stage.name}: already at step {step} of {config.train.num_steps}; nothing to run")
+  log(f"{stage.name}: steps {start_step + 1}-{step} in {elapsed:.1f}s "
+      f"({elapsed / ran:.3f}s per step with logging, checkpoints and samples), "
+      f"{int(last.get('skipped', 0))} skipped in all; checkpoints {ckpt.all_steps()} "
+      f"in {ckpt.directory}")
   if step >= config.train.num_steps and config.train.export:
     out = export(workdir, setup, state, step)
     log(f"exported {out}")
