@@ -87,7 +87,9 @@ _NOISE = flags.DEFINE_integer("noise_level", None, "upsampler noise-augmentation
 _UP_CHUNK = flags.DEFINE_integer("upsample_chunk", 8, "frames per upsampler call")
 _UP_OVERLAP = flags.DEFINE_integer("upsample_overlap", 2, "context frames on each side of "
                                    "an upsampler chunk")
-_CRF = flags.DEFINE_integer("crf", 18, "x264 quality (0 best .. 51 worst)")
+_CRF = flags.DEFINE_integer("crf", 18, "x264 quality (0 lossless .. 51 worst); 0 also "
+                            "makes the files byte-identical run to run (see "
+                            "video_io.write_mp4)")
 _GIF = flags.DEFINE_bool("gif", True, "also write OUTPUT.gif, a short downscaled preview")
 _GIF_FRAMES = flags.DEFINE_integer("gif_max_frames", 48, "frames of the gif preview")
 _GIF_SIZE = flags.DEFINE_integer("gif_max_size", 128, "longer side of the gif preview")
