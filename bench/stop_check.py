@@ -6,7 +6,8 @@ launch/local_multiprocess.sh). Each step dispatches one jitted computation over 
 process's devices (a chain of matmuls ending in a sum over all of them, as a train
 step's gradient all-reduce does), runs the stop check, then spends `--input_ms` on the
 host making the "next batch": a sleep, as a pipeline that waits on file reads or on
-decoder threads (which release the GIL) does. Two checks take turns, round by round:
+decoder threads (which release the GIL) does. As in the train loop, at most
+`loop._IN_FLIGHT` steps stay queued. Two checks take turns, round by round:
 
   allgather  each process's SIGTERM flag gathered by a device collective
              (`PreemptionGuard.any_process_requested`; the loop's check before
@@ -23,6 +24,7 @@ host seconds of one check. Overlap shows as step ~ max(device, input) instead of
 """
 
 import argparse
+import collections
 import os
 import subprocess
 import sys
@@ -77,6 +79,7 @@ def _run(args) -> None:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from bench.common import emit
+  from videoldm_jax.train import loop
   from videoldm_jax.train.checkpointing import PreemptionGuard
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -111,9 +114,13 @@ def _run(args) -> None:
     device.append(device_only())
     for check in CHECKS:
       t0 = time.perf_counter()
+      queued = collections.deque()
       for _ in range(args.steps):
         out = step(x, w)
         counter += 1
+        queued.append(out)  # the train loop's bound on steps in flight
+        if len(queued) > loop._IN_FLIGHT:
+          queued.popleft().block_until_ready()
         tc = time.perf_counter()
         stop = (guard.any_process_requested() if check == "allgather"
                 else guard.should_stop(counter))

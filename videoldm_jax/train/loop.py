@@ -11,6 +11,7 @@ data-iterator state, config) on schedule and on SIGTERM, samples, and finally ex
 an inference folder from the EMA weights.
 """
 
+import collections
 import importlib
 import importlib.util
 import json
@@ -296,11 +297,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if trace.end > trace.start and not step <= trace.start < config.train.num_steps:
     log(f"no profile: steps {trace.start + 1}-{trace.end} are not ahead of this run "
         f"(steps {step + 1}-{config.train.num_steps})")
+  in_flight = collections.deque()
   with guard:
     while step < config.train.num_steps:
       trace.before(step)
       state, metrics = compiled(state, batch)
       step += 1
+      # At most _IN_FLIGHT steps queued on the device: the host, ahead, waits for an older
+      # step before it makes the next batch (each queued step holds its batch in device
+      # memory; nothing else in the loop waits between logs).
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > _IN_FLIGHT:
+        in_flight.popleft().block_until_ready()
       if pending is not None:
         # Logged one step late: the copy started when that step was dispatched, and the
         # device is already busy with this one, so reading it costs no stall.
@@ -351,6 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (workdir / "last_metrics.json").write_text(json.dumps(dict(last, step=step), indent=1))
   return last
 
+
+# Steps dispatched and not known finished: two keep the device busy while the host makes
+# a batch, and bound the batches held in device memory.
+_IN_FLIGHT = 2
 
 # Metrics printed in the fixed part of the log line (the rest are appended).
 _LOGGED = {"loss", "grad_norm", "lr", "step_time", "samples_per_s", "mfu", "skipped",
