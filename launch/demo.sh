@@ -14,7 +14,7 @@
 #     temporal decoder -> upsampler -> work/demo/videos/drive.mp4 + .gif (32 frames,
 #     128x128);
 #  9. videoldm-eval: FVD of generated clips against held-out clips.
-# A re-run resumes unfinished stages; a finished one only restores its last checkpoint.
+# A re-run resumes unfinished stages; a finished one stops at once.
 #   bash launch/demo.sh                  # writes work/demo/...
 #   WORK=/tmp/demo bash launch/demo.sh   # elsewhere
 set -euo pipefail
@@ -40,7 +40,7 @@ DATA=(--config.data.data_dir="$WORK/tfds")
 latest() {
   ls -d "$1"/export/step_* 2>/dev/null | grep -E '/step_[0-9]+$' | sort -V | tail -1 || true
 }
-train() {  # train NAME CONFIG [FLAGS...]: trains, resumes, or (finished) only restores
+train() {  # train NAME CONFIG [FLAGS...]: trains, resumes, or (finished) does nothing
   local name=$1 config=$2 out
   shift 2
   echo "[demo.sh] $((SECONDS - START))s: training $name ($config)" >&2

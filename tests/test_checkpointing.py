@@ -253,6 +253,23 @@ def test_errors_name_directory_path_and_shapes(tmp_path):
   ck.close()
 
 
+def test_orbax_never_asks_the_preemption_service(tmp_path, monkeypatch):
+  # The train loop alone asks, once per step: Orbax's own calls (from should_save, save
+  # and its finalize thread, with the older saved step) could move the sync point behind
+  # process 0 (checkpointing._Manager).
+  from jax.experimental import multihost_utils
+  calls = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: calls.append(step) or False)
+  ck = Checkpointer(tmp_path / "ck", max_to_keep=2, save_interval_steps=2)
+  for step in range(1, 5):
+    if ck.should_save(step):
+      ck.save(step, {"params": {"b": jax.device_put(np.full(4, step, np.float32))}})
+  ck.wait_until_finished()
+  assert ck.all_steps() == [2, 4] and calls == []
+  ck.close()
+
+
 def test_preemption_guard_sets_flag_and_restores_handler():
   before = signal.getsignal(signal.SIGTERM)
   with PreemptionGuard() as guard:

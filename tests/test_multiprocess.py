@@ -155,36 +155,42 @@ def _python_pid(workdir: Path, process_id: int) -> int:
   raise AssertionError(f"no trainer process {process_id} for {workdir}")
 
 
-def _start_two(workdir: Path, steps: int) -> subprocess.Popen:
+def _start_two(workdir: Path, steps: int, service: bool = True) -> subprocess.Popen:
   cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
          "--devices_per_process=2", "--", sys.executable, "-m", "videoldm_jax.cli.train",
          f"--workdir={workdir}", *FLAGS, f"--config.train.num_steps={steps}",
          "--config.train.ckpt_every=1000"]
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  env = {**_env(), "JAX_ENABLE_PREEMPTION_SERVICE": str(service).lower()}
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _stopped_at(log: str) -> int:
-  found = re.search(r"\[p0\] stop requested \(SIGTERM on some process\): saved step "
-                    r"(\d+), exiting", log)
+def _stopped_at(log: str, service: bool = True) -> int:
+  # Process 1 got the signal; process 0 logs.
+  why = "SIGTERM to some process" if service else "a signal to another process"
+  found = re.search(rf"\[p0\] stop requested \({why}\): saved step (\d+), exiting", log)
   assert found, log[-3000:]
   return int(found[1])
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+@pytest.mark.parametrize("service", [True, False], ids=["jax_service", "allgather"])
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, service):
   # JAX's preemption service hears the SIGTERM (the trainer must not replace its
   # handler) and picks the step at which both save, with no collective in the loop.
+  # With the service off, the guard's handler and an allgather per step do it.
   steps = 60
-  proc = _start_two(tmp_path, steps)
+  proc = _start_two(tmp_path, steps, service)
   log = RunLog(proc)
   log.wait_for_step_after(2)
   os.kill(_python_pid(tmp_path, 1), signal.SIGTERM)
   out = log.finish()  # both processes exit 0 (the launcher's status)
-  stopped = _stopped_at(out)
+  stopped = _stopped_at(out, service)
   assert 3 <= stopped < steps, out[-3000:]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [str(stopped)]
   assert max(_losses(tmp_path)) == stopped
+  if not service:
+    return
   # Resumed; a SIGTERM once process 0 has restored, while both compile: the service
   # heard of the start step before the restore, so the run stops after its first step
   # (without that, the sync point would be step 1 and the run would go on to the end).
@@ -192,5 +198,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
   log = RunLog(proc)
   log.wait_for_text(f"resumed from {tmp_path / 'checkpoints'}/{stopped}")
   os.kill(_python_pid(tmp_path, 1), signal.SIGTERM)
+  # The signal came before the loop (else this would not test the start step).
+  assert not any("compiled in" in x for x in log.seen), log.text()[-3000:]
   out = log.finish()
   assert stopped < _stopped_at(out) < stopped + 40, out[-3000:]

@@ -9,6 +9,7 @@ run reports its skipped steps."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ CASES = {
 }
 
 
-def _run(cli: str, workdir: Path, args: list, steps: int, ok: bool = True) -> str:
+def _run(cli: str, workdir: Path, args: list, steps: int, ok: bool = True,
+         export: bool = False) -> str:
   """Runs videoldm-<cli> (train / export) with the test's trainer flags; its output."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
@@ -44,7 +46,7 @@ def _run(cli: str, workdir: Path, args: list, steps: int, ok: bool = True) -> st
       [sys.executable, "-m", f"videoldm_jax.cli.{cli}", *args, f"--workdir={workdir}",
        f"--config.train.num_steps={steps}", "--config.train.ckpt_every=2",
        "--config.train.log_every=1", "--config.sample.every=0",
-       "--config.train.export=false"],
+       f"--config.train.export={str(export).lower()}"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
   return proc.stdout + proc.stderr
@@ -84,12 +86,17 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
     np.testing.assert_array_equal(raw[p], trained[p], err_msg="/".join(p))
   out = _run("export", tmp_path, [*CASES[stage], "--step=7"], 3, ok=False)
   assert "expected 'best', 'latest' or one of the complete steps" in out, out[-3000:]
-  # The finished command run again: restored, nothing compiled or trained, and the
-  # run's last metrics kept.
+  # The finished command run again: nothing loaded, compiled or trained, and the run's
+  # last metrics kept; with its export missing, only that is written.
   last = (tmp_path / "last_metrics.json").read_text()
-  out = _run("train", tmp_path, CASES[stage], 3)
+  out = _run("train", tmp_path, CASES[stage], 3, export=True)  # step_3 exported above
   assert f"{stage}: already at step 3 of 3; nothing to run" in out, out[-3000:]
-  assert "compiled" not in out and (tmp_path / "last_metrics.json").read_text() == last
+  assert "resumed" not in out and (tmp_path / "last_metrics.json").read_text() == last
+  shutil.rmtree(tmp_path / "export" / "step_3")
+  out = _run("train", tmp_path, CASES[stage], 3, export=True)
+  assert f"{stage}: already at step 3 of 3; writing the missing export" in out, out[-3000:]
+  assert "compiled" not in out and (tmp_path / "export" / "step_3").is_dir()
+  assert (tmp_path / "last_metrics.json").read_text() == last
 
   if stage == "interpolator":
     # Its checkpoints hold the digests of frozen theta, not theta: a resume whose random

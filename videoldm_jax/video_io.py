@@ -58,11 +58,12 @@ def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
   `crf` is x264's constant rate factor: 0 lossless in YUV 4:2:0, 18 near-transparent
   (default; logging clips are small), 23 x264's default, 51 worst.
 
-  Lossy encodes (crf > 0) of the same frames can differ slightly from run to run: x264's
-  MB-tree rate control reads uninitialised heap memory for some frame widths (on
-  2026-12-05, with PyAV 18.1's x264, widths that are not a multiple of 128 px: 32, 48,
-  96, 112, 144-240 varied, 128 and 256 did not; with glibc's MALLOC_PERTURB_ set, or
-  with mbtree=0, every encode was the same). Decoded pixels then differ by a few levels.
+  Lossy encodes (crf > 0) of the same frames can differ slightly from run to run. Seen
+  on 2026-12-05 with PyAV 18.1's x264, after other FFmpeg work in the process, at
+  widths that are not a multiple of 128 px (32, 48, 96, 112, 144-240 varied; 128 and
+  256 did not). With x264's MB-tree off (mbtree=0), or with glibc's MALLOC_PERTURB_
+  set, every encode was the same, which points at MB-tree reading uninitialised heap
+  memory. Decoded pixels then differ by a few levels.
   The frames given are bitwise reproducible; crf=0 makes the files byte-identical too,
   which is what evaluations that re-read the files (FVD) need.
 

@@ -203,8 +203,7 @@ class Checkpointer:
     # Registered handlers let a fresh manager read metadata of existing steps.
     handlers = {STATE: _state_handler(min_replica_slice_bytes),
                 **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}}
-    self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                      item_handlers=handlers)
+    self._mgr = _Manager(self.directory, options=options, item_handlers=handlers)
     self._state_metadata: dict[int, Any] = {}  # a complete step never changes
 
   # -- listing ----------------------------------------------------------------------
@@ -334,7 +333,23 @@ class Checkpointer:
     self.close()
 
 
-# -- inference export ---------------------------------------------------------------
+class _Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager, minus its own questions to JAX's preemption service.
+
+  Orbax asks the service from `should_save` and `save`, and after an async save from its
+  finalize thread, with the saved (older) step. The service keeps the last step each
+  process reported: a notice right after that late call puts the sync point behind
+  process 0's loop (two processes calling the service in that order: the other one
+  stopped at the late step + 1, process 0 never stopped), so the others would wait in
+  the stop save's collectives while process 0 ran on. The train loop asks once per step (`PreemptionGuard.should_stop`)
+  and saves the stop step itself.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
+# -- preemption ---------------------------------------------------------------------
 
 class PreemptionGuard:
   """`with PreemptionGuard(start_step) as guard:` ... `if guard.should_stop(step): save; break`.
@@ -354,8 +369,8 @@ class PreemptionGuard:
   step, and no collective waits for the device. The guard installs no handler then (one
   would replace the notifier's); SIGTERM is the only signal it hears. The service
   compares step numbers, and a notice before the first one would fix the sync point at
-  step 1: construct the guard with the run's start step as soon as that is known.
-  Where the service is off (`jax_enable_preemption_service=False`) several processes fall
+  step 1: construct the guard with the run's start step as soon as that is known, and
+  let nothing else ask the service (see `_Manager`). Where the service is off (`jax_enable_preemption_service=False`) several processes fall
   back to this guard's handlers and an allgather of the flags at every step.
   """
 
@@ -436,6 +451,8 @@ def _jax_preemption_service(step: int) -> bool:
     # Also the first step number the service sees: a notice that came before it would
     # put the sync point at step 1, never reached by a resumed run.
     multihost_utils.reached_preemption_sync_point(int(step))
-  except RuntimeError:  # initialized with the service off
-    return False
+  except RuntimeError as e:
+    if "Preemption sync manager has not been initialized" in str(e):
+      return False  # initialized with jax_enable_preemption_service off
+    raise
   return True

@@ -189,18 +189,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the stage `config.stage`; returns the last logged metrics."""
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = _checkpointer(config, workdir)
+  latest = ckpt.latest_step()
+  # First, before the slow parts (pretrained models, restore, compile): with several
+  # processes, a SIGTERM during them then stops the run after its first step (see
+  # PreemptionGuard).
+  guard = PreemptionGuard(latest or 0)
+  num_steps = config.train.num_steps
+  if (latest is not None and latest >= num_steps
+      and not (config.train.export and not export_dir(workdir, latest).exists())):
+    # A finished run started again (a retrying launcher, a re-run pipeline): nothing to
+    # load, compile or write; the last metrics stay as the run left them.
+    log(f"{config.stage}: already at step {latest} of {num_steps}; nothing to run")
+    ckpt.close()
+    return _last_metrics(workdir)
   setup, mesh, shardings = _prepared(config, workdir, dict(config.mesh),
                                      dict(config.get("dcn_mesh", {})))
-  ckpt = _checkpointer(config, workdir)
   stage, tx = setup.stage, setup.optimizer
   pc, pi = jax.process_count(), jax.process_index()
   data = setup.make_iterator()
 
   save_frozen = config.train.get("save_frozen", False)
-  latest = ckpt.latest_step()
-  # Before the restore and compile: with several processes, a SIGTERM during them then
-  # stops the run after its first step (see PreemptionGuard).
-  guard = PreemptionGuard(latest or 0)
   if latest is not None:
     state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
     data.set_state(data_state)
@@ -211,18 +220,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = step_lib.init_state(params, stage, tx, shardings)
     del params
   setup.init_params = None  # drops the stage's host copy of the pretrained parameters
-  if int(state.step) >= config.train.num_steps:
-    # A finished run started again (a retrying launcher, a re-run pipeline): no compile,
-    # only the export if it is missing; the last metrics stay as the run left them.
+  if int(state.step) >= num_steps:
+    # Finished, but its export is missing: written from the restored state, no compile.
     step = int(state.step)
-    log(f"{stage.name}: already at step {step} of {config.train.num_steps}; nothing to run")
-    if config.train.export:
-      existed = export_dir(workdir, step).exists()
-      out = export(workdir, setup, state, step)
-      log(f"{'export (there already)' if existed else 'exported'} {out}")
+    log(f"{stage.name}: already at step {step} of {num_steps}; writing the missing export")
+    log(f"exported {export(workdir, setup, state, step)}")
     ckpt.close()
-    last_file = workdir / "last_metrics.json"
-    return json.loads(last_file.read_text()) if last_file.exists() else {}
+    return _last_metrics(workdir)
 
   batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
   train_step = step_lib.build_train_step(
@@ -330,9 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   frozen_digests=frozen_digests, force=True)
       if stop:
         sig = guard.signal_received
-        log(f"stop requested ({signal.Signals(sig).name if sig else 'signal'}"
-            f"{' on some process' if guard.uses_jax_service else ''}): saved step {step}, "
-            "exiting")
+        why = ("SIGTERM to some process" if guard.uses_jax_service
+               else signal.Signals(sig).name if sig else "a signal to another process")
+        log(f"stop requested ({why}): saved step {step}, exiting")
         break
       every = config.sample.every if "sample" in config else 0
       if setup.sample is not None and every and (step % every == 0
@@ -357,6 +361,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   if pi == 0:
     (workdir / "last_metrics.json").write_text(json.dumps(dict(last, step=step), indent=1))
+  return last
+
+
+def _last_metrics(workdir: Path) -> dict:
+  """The metrics a finished run returned (WORKDIR/last_metrics.json, less its step)."""
+  path = workdir / "last_metrics.json"
+  last = json.loads(path.read_text()) if path.exists() else {}
+  last.pop("step", None)
   return last
 
 
