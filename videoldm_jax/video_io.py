@@ -63,9 +63,9 @@ def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
   widths that are not a multiple of 128 px (32, 48, 96, 112, 144-240 varied; 128 and
   256 did not). With x264's MB-tree off (mbtree=0), or with glibc's MALLOC_PERTURB_
   set, every encode was the same, which points at MB-tree reading uninitialised heap
-  memory. Decoded pixels then differ by a few levels.
-  The frames given are bitwise reproducible; crf=0 makes the files byte-identical too,
-  which is what evaluations that re-read the files (FVD) need.
+  memory. Decoded pixels then differ by a few levels, though the frames given were the
+  same bit for bit. crf=0 makes the files byte-identical too, which is what evaluations
+  that re-read the files (FVD) need.
 
   Returns the (height, width) actually written.
   """

@@ -341,8 +341,8 @@ class _Manager(ocp.CheckpointManager):
   process reported: a notice right after that late call puts the sync point behind
   process 0's loop (two processes calling the service in that order: the other one
   stopped at the late step + 1, process 0 never stopped), so the others would wait in
-  the stop save's collectives while process 0 ran on. The train loop asks once per step (`PreemptionGuard.should_stop`)
-  and saves the stop step itself.
+  the stop save's collectives while process 0 ran on. The train loop asks once per
+  step (`PreemptionGuard.should_stop`) and saves the stop step itself.
   """
 
   def reached_preemption(self, step: int) -> bool:
@@ -352,7 +352,8 @@ class _Manager(ocp.CheckpointManager):
 # -- preemption ---------------------------------------------------------------------
 
 class PreemptionGuard:
-  """`with PreemptionGuard(start_step) as guard:` ... `if guard.should_stop(step): save; break`.
+  """`with PreemptionGuard(start_step) as guard:` ... `if guard.should_stop(step): ...`
+  (save, then leave the loop).
 
   One process: installs handlers for SIGTERM (what schedulers and TPU/GPU VM maintenance
   send before a kill) and, with `sigint=True`, SIGINT. The handler only sets a flag:
@@ -362,16 +363,17 @@ class PreemptionGuard:
   signal handlers).
 
   After `jax.distributed.initialize`, JAX's preemption service already owns SIGTERM: its
-  notifier (installed by `initialize`, so it also hears a SIGTERM during restore or
-  compile) tells the coordination service, which picks the step after the furthest
+  notifier (installed by `initialize`, so it also hears a SIGTERM during loading,
+  restore or compile) tells the coordination service, which picks the step after the furthest
   process's current one as the sync point, in background threads. `should_stop(step)`
   asks it (a host-local read, tens of microseconds): every process gets True at the same
   step, and no collective waits for the device. The guard installs no handler then (one
   would replace the notifier's); SIGTERM is the only signal it hears. The service
   compares step numbers, and a notice before the first one would fix the sync point at
   step 1: construct the guard with the run's start step as soon as that is known, and
-  let nothing else ask the service (see `_Manager`). Where the service is off (`jax_enable_preemption_service=False`) several processes fall
-  back to this guard's handlers and an allgather of the flags at every step.
+  let nothing else ask the service (see `_Manager`). Where the service is off
+  (`jax_enable_preemption_service=False`), several processes fall back to this guard's
+  handlers and an allgather of the flags at every step.
   """
 
   def __init__(self, start_step: int = 0, *, sigint: bool = False):
