@@ -6,8 +6,9 @@ launch/local_multiprocess.sh). Each step dispatches one jitted computation over 
 process's devices (a chain of matmuls ending in a sum over all of them, as a train
 step's gradient all-reduce does), runs the stop check, then spends `--input_ms` on the
 host making the "next batch": a sleep, as a pipeline that waits on file reads or on
-decoder threads (which release the GIL) does. As in the train loop, at most
-`loop._IN_FLIGHT` steps stay queued. Two checks take turns, round by round:
+decoder threads (which release the GIL) does. As in the train loop (default
+`train.max_steps_in_flight`), at most 2 steps stay queued. Two checks take turns, round
+by round:
 
   allgather  each process's SIGTERM flag gathered by a device collective
              (`PreemptionGuard.any_process_requested`; the loop's check before
@@ -35,6 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = Path(__file__).parents[1]
 CHECKS = ("allgather", "service")
+IN_FLIGHT = 2  # configs/*_base.py: train.max_steps_in_flight
 
 
 def _args(argv=None):
@@ -79,7 +81,6 @@ def _run(args) -> None:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from bench.common import emit
-  from videoldm_jax.train import loop
   from videoldm_jax.train.checkpointing import PreemptionGuard
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -118,8 +119,8 @@ def _run(args) -> None:
       for _ in range(args.steps):
         out = step(x, w)
         counter += 1
-        queued.append(out)  # the train loop's bound on steps in flight
-        if len(queued) > loop._IN_FLIGHT:
+        queued.append(out)  # the train loop's default bound on steps in flight
+        if len(queued) > IN_FLIGHT:
           queued.popleft().block_until_ready()
         tc = time.perf_counter()
         stop = (guard.any_process_requested() if check == "allgather"

@@ -52,7 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
                  save_frozen=False,
                  # A jax.profiler trace of steps profile_start + 1 .. + profile_steps
                  # in WORKDIR/profile (0 steps: none).
-                 profile_start=10, profile_steps=0)
+                 profile_start=10, profile_steps=0,
+                 # Steps queued on the device while the host makes the next batch (more
+                 # smooths a bursty input pipeline; each holds its batch in device memory).
+                 max_steps_in_flight=2)
   # Videos sampled from the EMA weights during training (every N steps and at the end;
   # 0 = never), written to WORKDIR/samples and TensorBoard.
   c.sample = dict(every=0, prompts=("a dash-cam view of a road by day",

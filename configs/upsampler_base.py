@@ -91,7 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
                  save_frozen=False,
                  # A jax.profiler trace of steps profile_start + 1 .. + profile_steps
                  # in WORKDIR/profile (0 steps: none).
-                 profile_start=10, profile_steps=0)
+                 profile_start=10, profile_steps=0,
+                 # Steps queued on the device while the host makes the next batch (more
+                 # smooths a bursty input pipeline; each holds its batch in device memory).
+                 max_steps_in_flight=2)
   # Samples from the EMA weights (every N steps and at the end; 0 = never): num_clips
   # held-out procedural clips of num_frames full frames, downsampled and upsampled
   # again, shown as [low-res | upsampled | ground truth] in WORKDIR/samples.

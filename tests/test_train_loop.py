@@ -182,3 +182,13 @@ def test_tensorboard_writer_starts_without_importing_torch(tmp_path):
   assert out.stdout.startswith("torch ")
   events = list(tmp_path.glob("events.out.tfevents.*"))
   assert len(events) == 1 and b"train/loss" in events[0].read_bytes()
+
+
+def test_max_steps_in_flight_is_checked_before_anything_runs(tmp_path):
+  from videoldm_jax.config_files import load_sibling
+  from videoldm_jax.train import loop
+  config = load_sibling(str(ROOT / "configs" / "_"), "keyframe_tiny").get_config()
+  config.train.max_steps_in_flight = 0
+  with pytest.raises(ValueError, match=r"train.max_steps_in_flight=0: expected >= 1"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -188,6 +188,9 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the stage `config.stage`; returns the last logged metrics."""
   workdir = Path(workdir).absolute()
+  max_in_flight = config.train.get("max_steps_in_flight", 2)
+  if max_in_flight < 1:
+    raise ValueError(f"train.max_steps_in_flight={max_in_flight}: expected >= 1")
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = _checkpointer(config, workdir)
   latest = ckpt.latest_step()
@@ -307,11 +310,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       trace.before(step)
       state, metrics = compiled(state, batch)
       step += 1
-      # At most _IN_FLIGHT steps queued on the device: the host, ahead, waits for an older
-      # step before it makes the next batch (each queued step holds its batch in device
-      # memory; nothing else in the loop waits between logs).
+      # At most train.max_steps_in_flight steps queued on the device: the host, ahead,
+      # waits for an older step before it makes the next batch (each queued step holds
+      # its batch in device memory; nothing else in the loop waits between logs).
       in_flight.append(metrics["loss"])
-      if len(in_flight) > _IN_FLIGHT:
+      if len(in_flight) > max_in_flight:
         in_flight.popleft().block_until_ready()
       if pending is not None:
         # Logged one step late: the copy started when that step was dispatched, and the
@@ -371,10 +374,6 @@ def _last_metrics(workdir: Path) -> dict:
   last.pop("step", None)
   return last
 
-
-# Steps dispatched and not known finished: two keep the device busy while the host makes
-# a batch, and bound the batches held in device memory.
-_IN_FLIGHT = 2
 
 # Metrics printed in the fixed part of the log line (the rest are appended).
 _LOGGED = {"loss", "grad_norm", "lr", "step_time", "samples_per_s", "mfu", "skipped",
