@@ -31,6 +31,12 @@ class RunLog:
       except queue.Empty:
         assert self.proc.poll() is None, f"exited before {what}: " + self.text()[-3000:]
 
+  def drain(self) -> list[str]:
+    """The lines so far, after taking in what the reader has without waiting."""
+    while not self.lines.empty():
+      self.seen.append(self.lines.get())
+    return self.seen
+
   def wait_for_step_after(self, step: int, timeout=300) -> None:
     """Returns once the run has logged a step after `step` (it is then in the loop,
     with the SIGTERM handler installed)."""
@@ -44,8 +50,7 @@ class RunLog:
     """Waits for the process and the reader; the whole log, after asserting rc 0."""
     self.proc.wait(timeout=timeout)
     self.reader.join(timeout=timeout)
-    while not self.lines.empty():
-      self.seen.append(self.lines.get())
+    self.drain()
     assert self.proc.returncode == 0, self.text()[-3000:]
     return self.text()
 

@@ -192,3 +192,24 @@ def test_max_steps_in_flight_is_checked_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match=r"train.max_steps_in_flight=0: expected >= 1"):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_export_folders_appear_only_when_complete(tmp_path):
+  # A finished run whose export folder exists does nothing, so a half-written one
+  # (a SIGTERM during the final export) must never carry the final name.
+  from videoldm_jax.train.loop import write_folder
+  out = tmp_path / "export" / "step_5"
+  out.parent.mkdir()
+
+  def interrupted(folder):
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    raise KeyboardInterrupt  # a signal mid-write
+
+  with pytest.raises(KeyboardInterrupt):
+    write_folder(out, interrupted)
+  assert list(out.parent.iterdir()) == []
+  (out.parent / ".step_5.partial").mkdir()  # left by a SIGKILL
+  write_folder(out, lambda folder: (folder.mkdir(), (folder / "x").write_text("1")))
+  assert (out / "x").read_text() == "1"
+  assert [p.name for p in out.parent.iterdir()] == ["step_5"]

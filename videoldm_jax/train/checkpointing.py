@@ -181,10 +181,9 @@ class Checkpointer:
     self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
     self.best_metric, self.keep_best, self.best_mode = best_metric, keep_best, best_mode
     # Orbax's default decision policy also saves the first step of a run whatever the
-    # interval (InitialSavePolicy); a pure interval is more predictable. Preemption
-    # sync points (multi-host, jax.distributed) still trigger a save.
-    decide = ocm.AnySavePolicy([ocm.FixedIntervalPolicy(save_interval_steps),
-                                ocm.PreemptionCheckpointingPolicy()])
+    # interval (InitialSavePolicy); a pure interval is more predictable. The preemption
+    # stop step is saved by the train loop itself (force=True; see _Manager).
+    decide = ocm.FixedIntervalPolicy(save_interval_steps)
     common = dict(save_decision_policy=decide, enable_async_checkpointing=async_save)
     if keep_best:
       # Orbax's max_to_keep + best_fn means "keep the N best", not "N latest AND K best";

@@ -15,12 +15,14 @@ import collections
 import importlib
 import importlib.util
 import json
+import os
 import re
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +92,25 @@ def export(workdir: Path, setup: StageSetup, state, step: int, weights: str = "e
   out = export_dir(workdir, step, weights)
   params = _gathered(state.merged(use_ema=weights == "ema"))
   if jax.process_index() == 0 and not out.exists():
-    setup.export(out, params)
+    write_folder(out, lambda folder: setup.export(folder, params))
   multihost_utils.sync_global_devices("exported")
   return out
+
+
+def write_folder(out: Path, write: Callable[[Path], object]) -> None:
+  """`write(folder)` into a hidden sibling of `out`, renamed to `out` once it returns:
+  a run killed mid-export leaves no `out` that looks complete (a finished run whose
+  export is missing writes it again). A leftover sibling is replaced."""
+  out = Path(out)
+  tmp = out.with_name(f".{out.name}.partial")
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  try:
+    write(tmp)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def write_samples(workdir: Path, setup: StageSetup, state, step: int, writer) -> None:
@@ -192,19 +210,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if max_in_flight < 1:
     raise ValueError(f"train.max_steps_in_flight={max_in_flight}: expected >= 1")
   workdir.mkdir(parents=True, exist_ok=True)
-  ckpt = _checkpointer(config, workdir)
-  latest = ckpt.latest_step()
+  with _checkpointer(config, workdir) as ckpt:  # closed on errors too
+    return _train_and_evaluate(config, workdir, ckpt, max_in_flight)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
+                        ckpt: Checkpointer, max_in_flight: int) -> dict:
+  # Process 0's view of the workdir for every process: a process that decided alone
+  # (a lagging shared filesystem) could skip collectives the others enter.
+  latest, exported = _agreed(ckpt.latest_step(), workdir)
   # First, before the slow parts (pretrained models, restore, compile): with several
   # processes, a SIGTERM during them then stops the run after its first step (see
   # PreemptionGuard).
   guard = PreemptionGuard(latest or 0)
   num_steps = config.train.num_steps
-  if (latest is not None and latest >= num_steps
-      and not (config.train.export and not export_dir(workdir, latest).exists())):
+  if latest is not None and latest >= num_steps and (exported or not config.train.export):
     # A finished run started again (a retrying launcher, a re-run pipeline): nothing to
     # load, compile or write; the last metrics stay as the run left them.
     log(f"{config.stage}: already at step {latest} of {num_steps}; nothing to run")
-    ckpt.close()
     return _last_metrics(workdir)
   setup, mesh, shardings = _prepared(config, workdir, dict(config.mesh),
                                      dict(config.get("dcn_mesh", {})))
@@ -228,7 +251,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = int(state.step)
     log(f"{stage.name}: already at step {step} of {num_steps}; writing the missing export")
     log(f"exported {export(workdir, setup, state, step)}")
-    ckpt.close()
     return _last_metrics(workdir)
 
   batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
@@ -359,12 +381,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if step >= config.train.num_steps and config.train.export:
     out = export(workdir, setup, state, step)
     log(f"exported {out}")
-  ckpt.close()
   if writer is not None:
     writer.close()
   if pi == 0:
     (workdir / "last_metrics.json").write_text(json.dumps(dict(last, step=step), indent=1))
   return last
+
+
+def _agreed(latest: Optional[int], workdir: Path) -> tuple[Optional[int], bool]:
+  """(newest complete checkpoint step, whether its export exists) as process 0 sees them."""
+  exported = latest is not None and export_dir(workdir, latest).exists()
+  if jax.process_count() == 1:
+    return latest, exported
+  got = multihost_utils.broadcast_one_to_all(
+      np.array([-1 if latest is None else latest, exported], np.int64))
+  return (None if got[0] < 0 else int(got[0])), bool(got[1])
 
 
 def _last_metrics(workdir: Path) -> dict:
