@@ -394,7 +394,7 @@ def _agreed(latest: Optional[int], workdir: Path) -> tuple[Optional[int], bool]:
   if jax.process_count() == 1:
     return latest, exported
   got = multihost_utils.broadcast_one_to_all(
-      np.array([-1 if latest is None else latest, exported], np.int64))
+      np.array([-1 if latest is None else latest, exported], np.int32))
   return (None if got[0] < 0 else int(got[0])), bool(got[1])
 
 
