@@ -77,3 +77,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     jax.distributed.initialize(initialization_timeout=timeout_s)
   return launch
 
+
+
+def process_flags(flag: bool):
+  """(process_count,) bool array: every process's `flag` (a collective: call it on all
+  of them; it waits for the device work already queued)."""
+  import jax
+  import numpy as np
+  if jax.process_count() == 1:
+    return np.array([bool(flag)])
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).astype(bool)

@@ -34,10 +34,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 # Not re-exported by Orbax (pinned < 0.13 in setup.py); the same per-array metadata
 # store that Orbax's default jax.Array handler writes.
 from orbax.checkpoint._src.metadata import array_metadata_store
+
+from videoldm_jax import distributed
 
 STATE, DATA, CONFIG, FROZEN_DIGESTS = "state", "data", "config", "frozen_digests"
 JSON_ITEMS = (DATA, CONFIG, FROZEN_DIGESTS)
@@ -407,7 +410,6 @@ class PreemptionGuard:
     Call it on every process at every step, with the number of the step just run.
     """
     if self.uses_jax_service:
-      from jax.experimental import multihost_utils
       if multihost_utils.reached_preemption_sync_point(int(step)):
         self.signal_received = signal.SIGTERM
         return True
@@ -417,11 +419,7 @@ class PreemptionGuard:
   def any_process_requested(self) -> bool:
     """True if the flag is set on any process (a collective: call on all of them; it
     waits for the device work already queued)."""
-    if jax.process_count() == 1:
-      return self.stop_requested
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.int32(self.stop_requested))
-    return bool(np.any(flags))
+    return bool(distributed.process_flags(self.stop_requested).any())
 
   def __enter__(self):
     if self.uses_jax_service:
@@ -447,7 +445,6 @@ def _jax_preemption_service(step: int) -> bool:
   tells it the current step."""
   if not jax.distributed.is_initialized():
     return False
-  from jax.experimental import multihost_utils
   try:
     # Also the first step number the service sees: a notice that came before it would
     # put the sync point at step 1, never reached by a resumed run.

@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from videoldm_jax import distributed
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer
 from videoldm_jax.train.state import Path, TrainState, split
@@ -90,11 +91,10 @@ def check_same(saved: dict[str, str], loaded: dict[str, str], where: str) -> Non
   on every process when any process's differ (each loads its own copy of the
   pretrained model: one bad copy must not leave the others waiting in a collective)."""
   problem = _differences(saved, loaded)
-  if jax.process_count() > 1:
-    bad = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
-    if bad.any() and problem is None:
-      problem = (f"processes {np.flatnonzero(bad).tolist()} loaded other frozen "
-                 "parameters (their logs name the leaves)")
+  bad = distributed.process_flags(problem is not None)
+  if bad.any() and problem is None:
+    problem = (f"processes {np.flatnonzero(bad).tolist()} loaded other frozen "
+               "parameters (their logs name the leaves)")
   if problem is not None:
     raise ValueError(
         f"{where}: the frozen parameters loaded for this run are not the ones it was "
