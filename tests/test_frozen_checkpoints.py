@@ -2,19 +2,26 @@
 the bitwise resume, and the refusal to resume onto other frozen weights."""
 
 import hashlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from videoldm_jax.config_files import load_sibling
+from videoldm_jax.models import params as params_lib
 from videoldm_jax.sharding import make_mesh
 from videoldm_jax.train import frozen as frozen_lib
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer
+from videoldm_jax.train.loop import stage_setup
 from videoldm_jax.train.state import split
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _is_trainable(path):
@@ -63,7 +70,7 @@ def _assert_bitwise(a, b):
     assert x.sharding == y.sharding
 
 
-def _no_init():
+def _no_init(need=None):
   raise AssertionError("init_params called although the checkpoint holds theta")
 
 
@@ -78,9 +85,16 @@ def test_default_checkpoint_leaves_frozen_out_and_resumes_bitwise(tmp_path):
   w = _params()["vae"]["w"]
   assert digests["vae/w"] == f"(16,) float32 {hashlib.sha256(w.tobytes()).hexdigest()}"
   calls = []
-  init = lambda: calls.append(1) or _params()
+
+  def init(need):
+    # As a stage does: the leaves `need` rejects (the trainable ones) are left out.
+    calls.append(need)
+    flat = traverse_util.flatten_dict(_params())
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if need(k)})
+
   restored, data_state, got = frozen_lib.restore(ck, 1, target, init, stage.is_trainable)
-  assert calls == [1] and data_state is None and got == digests
+  assert len(calls) == 1 and data_state is None and got == digests
+  assert not calls[0](("unet", "temporal_mix", "kernel")) and calls[0](("vae", "w"))
   _assert_bitwise(restored, state)
 
 
@@ -90,7 +104,8 @@ def test_resume_onto_other_frozen_weights_names_the_leaf(tmp_path):
   other = _params()
   other["vae"]["w"][3] += 1e-6  # one element of one frozen leaf
   with pytest.raises(ValueError) as e:
-    frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda: other, stage.is_trainable)
+    frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda need: other,
+                       stage.is_trainable)
   msg = str(e.value)
   assert "1 of 2 leaves differ" in msg and "'vae/w': trained with (16,) float32" in msg, msg
   assert "unet/conv/kernel" not in msg and str(tmp_path) in msg
@@ -98,13 +113,15 @@ def test_resume_onto_other_frozen_weights_names_the_leaf(tmp_path):
   split_other = lambda p: p[0] == "unet"
   with pytest.raises(ValueError, match=r"trained with but not loaded: \['unet/conv/kernel'\]"
                                        r".*another split into trainable and frozen"):
-    frozen_lib.restore(Checkpointer(tmp_path), 1, target, _params, split_other)
+    frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda need: _params(),
+                       split_other)
   # A changed shape is named with both shapes.
   other = _params()
   other["unet"]["conv"]["kernel"] = np.zeros((8, 5), np.float32)
   with pytest.raises(ValueError, match=r"'unet/conv/kernel': trained with \(8, 4\) "
                                        r"float32 [0-9a-f]{12}…, loaded \(8, 5\) float32"):
-    frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda: other, stage.is_trainable)
+    frozen_lib.restore(Checkpointer(tmp_path), 1, target, lambda need: other,
+                       stage.is_trainable)
 
 
 def test_save_frozen_checkpoint_restores_without_init_params(tmp_path):
@@ -159,3 +176,32 @@ def test_stage_without_frozen_parameters_resumes_in_every_layout(layout, tmp_pat
   restored, _, digests = frozen_lib.restore(ck, 1, target, _no_init, stage.is_trainable)
   _assert_bitwise(restored, state)
   assert digests == {}
+
+
+@pytest.mark.parametrize("name", ["keyframe_tiny", "decoder_tiny", "upsampler_tiny",
+                                  "autoencoder_tiny"])
+def test_stage_init_for_a_resume_initialises_no_trainable_leaf(name, tmp_path, monkeypatch):
+  # What a resume asks for (frozen.restore): init_params(need) with need = frozen. The
+  # stage must return every frozen leaf, as the full init has it, and must not spend
+  # the host init on trainable leaves (the checkpoint replaces them).
+  config = load_sibling(str(ROOT / "configs" / "x.py"), name).get_config()
+  full = traverse_util.flatten_dict(stage_setup(config, tmp_path / "a").init_params())
+  setup = stage_setup(config, tmp_path / "b")
+  trainable = setup.stage.is_trainable
+  made = []  # the arrays the host initialiser produced during the call
+  real = params_lib.init_params
+
+  def spy(*args, **kwargs):
+    out = real(*args, **kwargs)
+    made.extend(id(v) for v in jax.tree_util.tree_leaves(out))
+    return out
+
+  monkeypatch.setattr(params_lib, "init_params", spy)
+  got = traverse_util.flatten_dict(setup.init_params(lambda p: not trainable(p)))
+  frozen = {k for k in full if not trainable(k)}
+  assert frozen <= got.keys(), sorted(frozen - got.keys())[:4]
+  for k in frozen:
+    np.testing.assert_array_equal(got[k], full[k], err_msg="/".join(k))
+  initialised_trainable = [k for k, v in got.items() if trainable(k) and id(v) in made]
+  assert not initialised_trainable, initialised_trainable[:4]
+  assert any(trainable(k) for k in full)  # the check above had something to leave out

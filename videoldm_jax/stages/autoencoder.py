@@ -40,7 +40,7 @@ from videoldm_jax.models import perceptual
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.vae import AutoencoderKL, kl_divergence
 from videoldm_jax.stages import keyframe
-from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train import gan, optim
 from videoldm_jax.train.step import Stage
 from videoldm_jax.video_ldm import DTYPES
@@ -261,9 +261,10 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
        "discriminator": params_lib.logical_axes(disc, *disc_in)}, lpips)
   holder = {"vae": vae_params}
 
-  def init_params() -> dict:
+  def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     out = {"vae": holder.pop("vae"),
-           "discriminator": params_lib.init_params(disc, config.seed, *disc_in)}
+           "discriminator": params_lib.init_params(
+               disc, config.seed, *disc_in, where=init_where(need, "discriminator"))}
     return out if lpips is None else {**out, "lpips": lpips}
 
   @jax.jit

@@ -19,6 +19,7 @@ config with the video decoder in params['vae'] and `vae_temporal_config` set.
 """
 
 from pathlib import Path
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.temporal import Frames
 from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig
 from videoldm_jax.stages import autoencoder as ae
-from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
 from videoldm_jax.video_ldm import DTYPES
@@ -108,16 +109,21 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
        "discriminator": params_lib.logical_axes(disc, *disc_in)}, lpips)
   holder = {"vae": image_vae}
 
-  def init_params() -> dict:
+  def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     # The spatial decoder (and temporal layers, when the image model already has a
     # video decoder of this layout) come from the image model; the rest is new.
     have = traverse_util.flatten_dict(holder.pop("vae"))
-    new = params_lib.init_params(vae, config.seed, *vae_in, where=lambda p: p not in have)
+    new = params_lib.init_params(vae, config.seed, *vae_in,
+                                 where=init_where(need, "vae", frozenset(have)))
     vae_params = traverse_util.unflatten_dict({**have, **traverse_util.flatten_dict(new)})
-    partition.check_same_structure(vae_abstract, vae_params, what="autoencoder parameters",
+    expected = {k: v for k, v in traverse_util.flatten_dict(vae_abstract).items()
+                if k in have or need is None or need(("vae",) + k)}  # others left out
+    partition.check_same_structure(traverse_util.unflatten_dict(expected), vae_params,
+                                   what="autoencoder parameters",
                                    source=config.image_model or "config.random_image_model")
     out = {"vae": vae_params,
-           "discriminator": params_lib.init_params(disc, config.seed, *disc_in)}
+           "discriminator": params_lib.init_params(
+               disc, config.seed, *disc_in, where=init_where(need, "discriminator"))}
     return out if lpips is None else {**out, "lpips": lpips}
 
   @jax.jit

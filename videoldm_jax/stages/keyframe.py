@@ -14,7 +14,7 @@ empty prompt with probability `cond_drop_prob`, which classifier-free guidance n
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from videoldm_jax.models.unet import UNetConfig
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
 from videoldm_jax.pipelines import sampling
 from videoldm_jax.stages import base
-from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train.state import merge
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
@@ -239,10 +239,10 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
   stage = make_stage_fn(ldm, options_from_config(config), uncond)
   holder = {"image": image}
 
-  def init_params() -> dict:
+  def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     model = holder.pop("image")  # the host copy is released once it is in the train state
     have = _flat_keys(model.params["unet"])
-    new = ldm.init_unet_params(config.seed, where=lambda p: p not in have)
+    new = ldm.init_unet_params(config.seed, where=init_where(need, "unet", have))
     return {**model.params, "unet": merge(model.params["unet"], new)}
 
   vae = {"config": ldm.vae_config.to_dict(), "params": image.params["vae"]}

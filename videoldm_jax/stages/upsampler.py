@@ -23,7 +23,7 @@ so configs/upsampler_tiny.py trains everything from a random init.
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
 from videoldm_jax.pipelines import upsampling
 from videoldm_jax.pipelines.sampling import to_uint8
-from videoldm_jax.stages.base import StageSetup
+from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train.state import merge
 from videoldm_jax.stages.keyframe import is_trainable_fn
 from videoldm_jax.train import optim
@@ -207,17 +207,17 @@ def init_params_fn(model: um.UpsamplerConfig, image: Optional[um.PretrainedUpsam
   """() -> {'unet'[, 'vae']} host arrays at step 0: theta from the image upsampler when
   given (structure checked; `source` names it in errors), every other UNet leaf freshly
   initialised."""
-  def init_params() -> dict:
+  def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     if image is None:
-      unet = um.init_unet_params(model, seed)
+      unet = um.init_unet_params(model, seed, where=init_where(need, "unet"))
     else:
       theta, _ = partition.split(image.params["unet"])
       expected, _ = partition.split(um.abstract_params(model)["unet"])
       partition.check_same_structure(expected, theta, what="image upsampler UNet",
                                      source=source or "config.image_upsampler")
-      have = set(traverse_util.flatten_dict(theta))
+      have = frozenset(traverse_util.flatten_dict(theta))
       unet = merge(theta, um.init_unet_params(model, seed,
-                                                    where=lambda p: p not in have))
+                                              where=init_where(need, "unet", have)))
     out = {"unet": unet}
     if vae_params is not None:
       out["vae"] = vae_params

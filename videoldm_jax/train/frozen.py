@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from videoldm_jax import distributed
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer
-from videoldm_jax.train.state import Path, TrainState, split
+from videoldm_jax.train.state import Path, TrainState
 
 FIELD = "frozen"  # the TrainState field left out
 
@@ -104,14 +104,24 @@ def check_same(saved: dict[str, str], loaded: dict[str, str], where: str) -> Non
         "themselves.")
 
 
+def _frozen_leaves(init_params: Callable[..., dict],
+                   is_trainable: Callable[[Path], bool]) -> dict:
+  """The frozen leaves of `init_params(need)`, told to keep only those: the stage then
+  leaves out (need not initialise) the trainable ones, which the checkpoint holds."""
+  frozen = lambda path: not is_trainable(path)
+  flat = traverse_util.flatten_dict(init_params(frozen))
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if frozen(k)})
+
+
 def restore(ckpt: Checkpointer, step: int, target: TrainState,
-            init_params: Callable[[], dict], is_trainable: Callable[[Path], bool]
+            init_params: Callable[..., dict], is_trainable: Callable[[Path], bool]
             ) -> tuple[TrainState, Optional[dict], dict[str, str]]:
   """-> (state, data_state, frozen digests) of checkpoint `step`.
 
   target: the TrainState of ShapeDtypeStructs with shardings to restore onto. The frozen
-  leaves come from the checkpoint when it holds them, else from `init_params()` (the
-  full host tree) after their digests matched the checkpoint's.
+  leaves come from the checkpoint when it holds them, else from `init_params(need)` (the
+  host tree; `need` selects the frozen leaves) after their digests matched the
+  checkpoint's.
   """
   where = f"checkpoint {ckpt.directory}/{step}"
   saved = ckpt.frozen_digests(step)
@@ -121,7 +131,7 @@ def restore(ckpt: Checkpointer, step: int, target: TrainState,
   if saved is None:
     raise ValueError(f"{where}: holds neither the frozen parameters nor their digests "
                      "(not written by videoldm-train?)")
-  frozen_host = split(init_params(), is_trainable)[1] if saved else {}
+  frozen_host = _frozen_leaves(init_params, is_trainable) if saved else {}
   check_same(saved, leaf_digests(frozen_host), where)
   rest, data_state, _ = ckpt.restore(checkpoint_tree(target, False), step)
   frozen = step_lib.put_global(
