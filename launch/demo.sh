@@ -41,14 +41,20 @@ latest() {
   ls -d "$1"/export/step_* 2>/dev/null | grep -E '/step_[0-9]+$' | sort -V | tail -1 || true
 }
 train() {  # train NAME CONFIG [FLAGS...]: trains, resumes, or (finished) does nothing
-  local name=$1 config=$2 out
+  local name=$1 config=$2 out rc=0
   shift 2
   echo "[demo.sh] $((SECONDS - START))s: training $name ($config)" >&2
   videoldm-train --config="$config" --workdir="$WORK/$name" "${DATA[@]}" \
-    --config.sample.every=0 "$@" >&2
+    --config.sample.every=0 "$@" >&2 || rc=$?
+  if [ "$rc" = 143 ]; then  # stopped by SIGTERM (videoldm-train --stopped_exit_code)
+    echo "[demo.sh] $name: stopped at a saved checkpoint; run the demo again to resume" >&2
+    exit 143
+  elif [ "$rc" != 0 ]; then  # (set -e does not reach into this command substitution)
+    exit "$rc"
+  fi
   out=$(latest "$WORK/$name")
-  if [ -z "$out" ]; then  # e.g. stopped by SIGTERM: it saved a checkpoint, no export
-    echo "[demo.sh] $name: no export in $WORK/$name/export; run the demo again to resume" >&2
+  if [ -z "$out" ]; then
+    echo "[demo.sh] $name: finished without an export in $WORK/$name/export" >&2
     exit 1
   fi
   echo "$out"

@@ -3,7 +3,8 @@
 # devices per process): the way to exercise multi-host code paths without a cluster.
 # Each process gets --coordinator_address, --num_processes, --process_id and
 # --cpu_devices appended; output lines are prefixed with [pI]. If one process fails the
-# others are stopped and the script exits with its status.
+# others are stopped and the script exits with its status. Status 143 (videoldm-train
+# stopped by SIGTERM, saved) is not a failure: the others stop at the same step.
 #
 #   bash launch/local_multiprocess.sh [--num_processes=2] [--devices_per_process=2] \
 #       [--port=PORT] [--dry_run] -- videoldm-train --config=configs/keyframe_tiny.py \
@@ -60,8 +61,12 @@ trap cleanup INT TERM
 # wait -n: a process that fails early stops the rest at once (they would otherwise sit
 # in a collective until its timeout).
 for ((left = NUM_PROCESSES; left > 0; left--)); do
-  wait -n || status=$?
-  if [ "$status" != 0 ]; then
+  rc=0
+  wait -n || rc=$?
+  if [ "$rc" = 143 ]; then
+    status=143
+  elif [ "$rc" != 0 ]; then
+    status=$rc
     echo "local_multiprocess.sh: a process failed (exit $status); stopping the others" >&2
     cleanup
     break

@@ -60,3 +60,41 @@ def test_slurm_one_process_per_gpu_or_per_node():
   assert per_gpu[-3:] == USER_CMD  # passed as separate words through `bash -c ... "$@"`
   (per_node,) = _dry("launch/gpu_slurm.sbatch", env=dict(MODE="per_node", GPUS_PER_NODE="4"))
   assert per_node[2:4] == ["--ntasks-per-node=1", "--gpus-per-task=4"]
+
+
+def _fake_tools(tmp_path: Path, srun_status: int) -> Path:
+  """A bin folder with `srun` (records its argv, exits `srun_status`) and `scontrol`
+  (records its argv): the SLURM tools the batch script calls, for the status logic."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, status in (("srun", srun_status), ("scontrol", 0)):
+    tool = bin_dir / name
+    tool.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{tmp_path}/{name}.calls"\n'
+                    f"exit {status}\n")
+    tool.chmod(0o755)
+  return bin_dir
+
+
+def test_slurm_requeues_a_run_stopped_at_a_checkpoint(tmp_path):
+  # videoldm-train exits 143 after SIGTERM (--signal=TERM@180 before the time limit) has
+  # made it save: the script requeues the job, which then resumes. A finished (0) or
+  # failed (1) run, or REQUEUE=0, is left alone; the status passes through.
+  header = (ROOT / "launch/gpu_slurm.sbatch").read_text()
+  for line in ("#SBATCH --signal=TERM@180", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+    assert line in header.splitlines(), line
+  for i, (status, requeue, requeued) in enumerate(
+      [(143, "1", True), (0, "1", False), (1, "1", False), (143, "0", False)]):
+    run_dir = tmp_path / str(i)
+    run_dir.mkdir()
+    bin_dir = _fake_tools(run_dir, status)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_SUBMIT_DIR": str(ROOT), "REQUEUE": requeue}
+    out = subprocess.run(["bash", "launch/gpu_slurm.sbatch", "--", *USER_CMD], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == status, out.stderr
+    assert (run_dir / "srun.calls").read_text().split()[:2] == ["--kill-on-bad-exit=1",
+                                                                 "--ntasks-per-node=8"]
+    calls = run_dir / "scontrol.calls"
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 77\n" if requeued
+                                                             else ""), (status, requeue)
+    assert ("requeueing job 77" in out.stderr) == requeued

@@ -183,7 +183,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, service):
   log = RunLog(proc)
   log.wait_for_step_after(2)
   os.kill(_python_pid(tmp_path, 1), signal.SIGTERM)
-  out = log.finish()  # both processes exit 0 (the launcher's status)
+  out = log.finish(returncode=143)  # both stopped, saved (the launcher's status)
   stopped = _stopped_at(out, service)
   assert 3 <= stopped < steps, out[-3000:]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
@@ -201,5 +201,5 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, service):
   # The signal came before the loop (the compile takes ~20 s), else this would not test
   # the start step; the sync point is then the run's first step.
   assert not any("compiled in" in x for x in log.drain()), log.text()[-3000:]
-  out = log.finish()
+  out = log.finish(returncode=143)
   assert _stopped_at(out) == stopped + 1, out[-3000:]

@@ -103,16 +103,18 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
   proc.wait()
   killed_at = _complete_steps(tmp_path)[-1]
   assert EVERY <= killed_at <= STEPS - 2 * EVERY, killed_at
-  # Resume; then a SIGTERM makes it save where it is and exit cleanly.
+  # Resume; then a SIGTERM makes it save where it is and exit with 143 (not finished).
   proc = _start(tmp_path, image_model)
   log = RunLog(proc)
   log.wait_for_step_after(killed_at)
   proc.send_signal(signal.SIGTERM)
-  out = log.finish()
+  out = log.finish(returncode=143)
   assert f"resumed from {tmp_path / 'checkpoints'}/{killed_at}" in out, out[-2000:]
   assert "stop requested" in out, out[-2000:]
   stopped = int(re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", out)[1])
   assert killed_at < stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+  assert (f"videoldm-train: stopped at step {stopped} of {STEPS} (SIGTERM); checkpoint "
+          f"{stopped} saved: run the same command again to resume (exit 143)") in out
   # Resume to the end.
   out = _finish(_start(tmp_path, image_model))
   assert f"resumed from {tmp_path / 'checkpoints'}/{stopped}" in out

@@ -4,10 +4,14 @@ r"""videoldm-train: run (or resume) a training stage.
       --config.train.num_steps=100
 
 Re-running the same command resumes from the newest complete checkpoint in --workdir.
-SIGTERM saves a final checkpoint and exits. Multi-host: TPU VMs, SLURM and Open MPI
+SIGTERM saves a checkpoint and exits with --stopped_exit_code (143, as for a process
+ended by SIGTERM): not 0, so that a launcher (launch/gpu_slurm.sbatch, a Kubernetes
+Job) tells a stopped run from a finished one and starts it again. Multi-host: TPU VMs, SLURM and Open MPI
 are detected from the environment; any other launcher passes --coordinator_address,
 --num_processes and --process_id (see videoldm_jax/distributed.py and launch/).
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,6 +24,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "processes in the job"
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process's index")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "fake CPU devices per process (tests / local_multiprocess.sh)")
+_STOPPED_EXIT_CODE = flags.DEFINE_integer(
+    "stopped_exit_code", 143,
+    "exit status of a run stopped by SIGTERM (saved, not finished); 143 = 128 + SIGTERM, "
+    "the status of a process the signal ended. 0 makes a stopped run look finished.")
 
 
 def initialize_distributed() -> None:
@@ -35,8 +43,24 @@ def main(argv):
   if CONFIG.value is None or WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   initialize_distributed()
-  from videoldm_jax.train.loop import train_and_evaluate  # after JAX's start-up
-  train_and_evaluate(CONFIG.value, WORKDIR.value)
+  from videoldm_jax.train import loop  # after JAX's start-up
+  try:
+    loop.train_and_evaluate(CONFIG.value, WORKDIR.value)
+  except loop.Stopped as e:
+    _all_processes_here()
+    loop.log(f"videoldm-train: {e} (exit {_STOPPED_EXIT_CODE.value})")
+    sys.exit(_STOPPED_EXIT_CODE.value)
+  _all_processes_here()
+
+
+def _all_processes_here() -> None:
+  """With several processes, returns once all of them finished the run (checkpoints
+  closed): one that exits first, non-zero after a stop, must not make a launcher (srun
+  --kill-on-bad-exit, launch/local_multiprocess.sh) kill one still saving."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("videoldm-train: exit")
 
 
 def run():

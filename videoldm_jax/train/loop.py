@@ -8,7 +8,8 @@ batch -> global arrays -> the jitted step. It logs loss, step time, samples/s an
 to the console, TensorBoard and WORKDIR/metrics.jsonl (process 0 only), checkpoints
 (train state without the frozen parameters unless `train.save_frozen`, their digests,
 data-iterator state, config) on schedule and on SIGTERM, samples, and finally exports
-an inference folder from the EMA weights.
+an inference folder from the EMA weights. A run stopped by SIGTERM saves, then raises
+`Stopped` (videoldm-train exits 143), so that no caller takes it for a finished one.
 """
 
 import collections
@@ -44,6 +45,17 @@ from videoldm_jax.train.state import split
 # config.stage -> module with `setup(config, workdir) -> StageSetup`.
 STAGES = ("image_ldm", "keyframe", "predictor", "interpolator", "decoder", "autoencoder",
           "upsampler")
+
+
+class Stopped(Exception):
+  """Raised by `train_and_evaluate`, on every process, when SIGTERM stopped the run
+  before `train.num_steps`: after the checkpoint of `step` is saved and closed. The run
+  is not finished; the same call (command) resumes it from `step`."""
+
+  def __init__(self, step: int, num_steps: int, why: str):
+    super().__init__(f"stopped at step {step} of {num_steps} ({why}); checkpoint {step} "
+                     "saved: run the same command again to resume")
+    self.step, self.num_steps, self.why = step, num_steps, why
 
 
 def log(msg: str) -> None:
@@ -204,7 +216,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the stage `config.stage`; returns the last logged metrics."""
+  """Runs (or resumes) the stage `config.stage`; returns the last logged metrics, or
+  raises `Stopped` when SIGTERM stopped it (after saving)."""
   workdir = Path(workdir).absolute()
   max_in_flight = config.train.get("max_steps_in_flight", 2)
   if max_in_flight < 1:
@@ -327,6 +340,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     log(f"no profile: steps {trace.start + 1}-{trace.end} are not ahead of this run "
         f"(steps {step + 1}-{config.train.num_steps})")
   in_flight = collections.deque()
+  stopped = None  # why, when a signal stopped the run
   with guard:
     while step < config.train.num_steps:
       trace.before(step)
@@ -359,9 +373,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                   frozen_digests=frozen_digests, force=True)
       if stop:
         sig = guard.signal_received
-        why = ("SIGTERM to some process" if guard.uses_jax_service
-               else signal.Signals(sig).name if sig else "a signal to another process")
-        log(f"stop requested ({why}): saved step {step}, exiting")
+        stopped = ("SIGTERM to some process" if guard.uses_jax_service
+                   else signal.Signals(sig).name if sig else "a signal to another process")
+        log(f"stop requested ({stopped}): saved step {step}, exiting")
         break
       every = config.sample.every if "sample" in config else 0
       if setup.sample is not None and every and (step % every == 0
@@ -385,6 +399,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     writer.close()
   if pi == 0:
     (workdir / "last_metrics.json").write_text(json.dumps(dict(last, step=step), indent=1))
+  if stopped is not None:
+    raise Stopped(step, config.train.num_steps, stopped)
   return last
 
 
