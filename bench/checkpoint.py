@@ -54,7 +54,7 @@ def _timed_round(ckpt: checkpointing.Checkpointer, step: int, state, target,
   t1 = time.perf_counter()
   ckpt.wait_until_finished()
   t2 = time.perf_counter()
-  restored, _, _ = frozen_lib.restore(ckpt, step, target, lambda: host_params,
+  restored, _, _ = frozen_lib.restore(ckpt, step, target, lambda need=None: host_params,
                                       stage.is_trainable)
   jax.block_until_ready(restored)
   return t1 - t0, t2 - t0, time.perf_counter() - t2

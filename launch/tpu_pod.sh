@@ -20,7 +20,7 @@
 #   ACCELERATOR_TYPE  e.g. v5litepod-64, v5p-128; used only when creating (default v5p-8)
 #   RUNTIME_VERSION   TPU VM image used when creating (default v2-alpha-tpuv5)
 #   SPOT              1 = create a spot (preemptible) slice; the trainer checkpoints on
-#                     SIGTERM and resumes when the same command is re-run
+#                     SIGTERM, exits 143, and resumes when the same command is re-run
 #   CODE              "copy" (default): scp this checkout (git-tracked files only);
 #                     "clone": git clone REPO_URL at REPO_REF on every worker
 #   REPO_URL, REPO_REF  for CODE=clone (default ref: main)

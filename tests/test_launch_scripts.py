@@ -78,17 +78,19 @@ def _fake_tools(tmp_path: Path, srun_status: int) -> Path:
 def test_slurm_requeues_a_run_stopped_at_a_checkpoint(tmp_path):
   # videoldm-train exits 143 after SIGTERM (--signal=TERM@180 before the time limit) has
   # made it save: the script requeues the job, which then resumes. A finished (0) or
-  # failed (1) run, or REQUEUE=0, is left alone; the status passes through.
+  # failed (1) run, REQUEUE=0, or a job requeued MAX_REQUEUES (50) times already is left
+  # alone; the status passes through.
   header = (ROOT / "launch/gpu_slurm.sbatch").read_text()
   for line in ("#SBATCH --signal=TERM@180", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
     assert line in header.splitlines(), line
-  for i, (status, requeue, requeued) in enumerate(
-      [(143, "1", True), (0, "1", False), (1, "1", False), (143, "0", False)]):
+  for i, (status, requeue, restarts, requeued) in enumerate(
+      [(143, "1", "0", True), (0, "1", "0", False), (1, "1", "0", False),
+       (143, "0", "0", False), (143, "1", "49", True), (143, "1", "50", False)]):
     run_dir = tmp_path / str(i)
     run_dir.mkdir()
     bin_dir = _fake_tools(run_dir, status)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
-           "SLURM_SUBMIT_DIR": str(ROOT), "REQUEUE": requeue}
+           "SLURM_SUBMIT_DIR": str(ROOT), "REQUEUE": requeue, "SLURM_RESTART_COUNT": restarts}
     out = subprocess.run(["bash", "launch/gpu_slurm.sbatch", "--", *USER_CMD], cwd=ROOT,
                          env=env, capture_output=True, text=True)
     assert out.returncode == status, out.stderr
@@ -98,3 +100,4 @@ def test_slurm_requeues_a_run_stopped_at_a_checkpoint(tmp_path):
     assert (calls.read_text() if calls.exists() else "") == ("requeue 77\n" if requeued
                                                              else ""), (status, requeue)
     assert ("requeueing job 77" in out.stderr) == requeued
+    assert ("not again" in out.stderr) == (restarts == "50")

@@ -6,7 +6,8 @@ r"""videoldm-train: run (or resume) a training stage.
 Re-running the same command resumes from the newest complete checkpoint in --workdir.
 SIGTERM saves a checkpoint and exits with --stopped_exit_code (143, as for a process
 ended by SIGTERM): not 0, so that a launcher (launch/gpu_slurm.sbatch, a Kubernetes
-Job) tells a stopped run from a finished one and starts it again. Multi-host: TPU VMs, SLURM and Open MPI
+Job) tells a stopped run from a finished one and starts it again.
+Multi-host: TPU VMs, SLURM and Open MPI
 are detected from the environment; any other launcher passes --coordinator_address,
 --num_processes and --process_id (see videoldm_jax/distributed.py and launch/).
 """
@@ -42,25 +43,20 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if CONFIG.value is None or WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
+  if not 0 <= _STOPPED_EXIT_CODE.value <= 255:
+    raise app.UsageError(f"--stopped_exit_code={_STOPPED_EXIT_CODE.value}: an exit "
+                         "status is 0-255")
   initialize_distributed()
   from videoldm_jax.train import loop  # after JAX's start-up
   try:
     loop.train_and_evaluate(CONFIG.value, WORKDIR.value)
   except loop.Stopped as e:
-    _all_processes_here()
+    # With several processes, none leaves before all have closed the checkpoint: JAX's
+    # shutdown barrier (at exit, from jax.distributed) holds each until all arrive, so a
+    # launcher that kills the rest on a non-zero exit (srun --kill-on-bad-exit) cannot
+    # cut a save short.
     loop.log(f"videoldm-train: {e} (exit {_STOPPED_EXIT_CODE.value})")
     sys.exit(_STOPPED_EXIT_CODE.value)
-  _all_processes_here()
-
-
-def _all_processes_here() -> None:
-  """With several processes, returns once all of them finished the run (checkpoints
-  closed): one that exits first, non-zero after a stop, must not make a launcher (srun
-  --kill-on-bad-exit, launch/local_multiprocess.sh) kill one still saving."""
-  import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("videoldm-train: exit")
 
 
 def run():

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional
 
 import numpy as np
 import optax
@@ -85,7 +85,7 @@ def is_abstract() -> bool:
 
 
 def init_where(need: Optional[Callable[[tuple], bool]], prefix: str,
-               have: frozenset = frozenset()) -> Callable[[tuple], bool]:
+               have: Collection[tuple] = frozenset()) -> Callable[[tuple], bool]:
   """`where` for `models.params.init_params` of the sub-tree `prefix` (e.g. 'unet') in
   a stage's `init_params(need)`: the leaves not in `have` (paths within the sub-tree
   that came loaded) that `need` selects (None: all). A resume of an SD 1.5 key-frame

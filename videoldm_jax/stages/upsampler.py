@@ -204,9 +204,9 @@ def _check(config: ml_collections.ConfigDict, model: um.UpsamplerConfig) -> None
 
 def init_params_fn(model: um.UpsamplerConfig, image: Optional[um.PretrainedUpsampler],
                    vae_params: Optional[dict], seed: int, source: str = ""):
-  """() -> {'unet'[, 'vae']} host arrays at step 0: theta from the image upsampler when
-  given (structure checked; `source` names it in errors), every other UNet leaf freshly
-  initialised."""
+  """(need=None) -> {'unet'[, 'vae']} host arrays at step 0: theta from the image
+  upsampler when given (structure checked; `source` names it in errors), every other
+  UNet leaf freshly initialised (only those `need` selects; StageSetup.init_params)."""
   def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     if image is None:
       unet = um.init_unet_params(model, seed, where=init_where(need, "unet"))
