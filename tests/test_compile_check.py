@@ -5,6 +5,7 @@ memory that shrinks as FSDP grows and a FITS / DOES NOT FIT verdict."""
 import tempfile
 from pathlib import Path
 
+import jax
 import ml_collections
 import pytest
 
@@ -111,3 +112,19 @@ def test_latent_cache_batch_compiles_the_step_without_the_encoders_gpu_proxy():
   c.data.height = 17  # not a multiple of the VAE's factor: named, not a shape error
   with pytest.raises(ValueError, match="downsampling factor"):
     compile_check.fit_report(c, "h100:4")
+
+
+def test_tiny_step_compiles_splash_attention_for_a_tpu():
+  # 64 x 64 frames: 16 x 16 = 256 latent tokens at the attention level, which "auto"
+  # gives Pallas' splash attention on a TPU (a shard_map over the 4-way FSDP batch).
+  # Compiled: Mosaic accepts the kernel inside the train step. XLA's FLOP count leaves
+  # custom calls out, so the level's self-attention matmuls leave it too.
+  c = _tiny(dict(data=1, fsdp=4, tensor=1))
+  c.data.update(height=64, width=64)
+  with jax.default_matmul_precision("default"):  # a TPU host's (the tests': highest)
+    reports = {}
+    for name in ("auto", "plain"):
+      c.train.attention = name
+      reports[name] = compile_check.fit_report(c, "v5e:2x2")
+  assert reports["auto"].verdict() == reports["plain"].verdict() == "FITS"
+  assert reports["auto"].flops_per_device < reports["plain"].flops_per_device, reports

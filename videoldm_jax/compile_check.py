@@ -130,9 +130,12 @@ def topology_devices(topology: str) -> tuple[list, Optional[int]]:
   try:
     from jax.experimental import topologies
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-  except Exception as e:  # libtpu missing or topology unknown
+  except Exception as e:  # libtpu missing, busy, or the topology unknown
+    hint = ("another process on this machine is using libtpu (one at a time): wait for "
+            "it, or remove the lockfile if no such process is left"
+            if "lockfile" in str(e) else "install the TPU extra: pip install -e '.[tpu]'")
     raise RuntimeError(f"topology {topology!r}: libtpu could not describe it ({e}); "
-                       "install the TPU extra: pip install -e '.[tpu]'") from e
+                       f"{hint}") from e
   devices = list(desc.devices)
   chips = math.prod(int(x) for x in shape.split("x"))
   return devices, HBM_PER_CHIP[kind] * chips // len(devices)
@@ -173,7 +176,7 @@ def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
 
   The model is traced as on a host of the target platform: `config.train.attention`
   resolves for a TPU topology as it would on a TPU host, not for this process's CPU."""
-  previous = attention.implementation()
+  previous, partitioning = attention.implementation(), attention.partitioning()
   kind = topology.partition(":")[0]
   platform = "cpu" if kind == "cpu" else "gpu" if kind in GPU_MEMORY else "tpu"
   attention.set_implementation(config.train.get("attention", "auto"), platform=platform)
@@ -181,6 +184,7 @@ def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     return _fit_report(config, topology)
   finally:
     attention.set_implementation(*previous)
+    attention.set_partitioning(*partitioning)
 
 
 def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
@@ -193,6 +197,7 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
   mesh = sharding.make_mesh(dict(config.mesh), devices,
                             dcn_shape=dict(config.get("dcn_mesh", {})))
   rules = [tuple(r) for r in config.rules]
+  attention.set_partitioning(mesh, tuple(config.batch_axes), sharding.mesh_axes(rules, "heads"))
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, stage, tx, setup.abstract_params, mesh)
   state = step_lib.abstract_state(

@@ -77,6 +77,15 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_axes(rules: Sequence[tuple[str, Any]], logical: str) -> tuple[str, ...]:
+  """The mesh axes that `rules` assign to the logical axis `logical` (() if none), e.g.
+  ('tensor',) for "heads" under DEFAULT_RULES."""
+  for name, axes in rules:
+    if name == logical:
+      return (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return ()
+
+
 def shardings_for(logical_specs: Any, mesh: Mesh, shapes: Any,
                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """Logical PartitionSpecs (from `params.logical_axes`) -> NamedShardings.

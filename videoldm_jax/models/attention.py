@@ -4,16 +4,18 @@ Module names mirror diffusers (`attn1/to_q`, `ff/net_0/proj`, `transformer_block
 so that checkpoints map onto them by `convert.torch_layout.flax_path_to_torch_key`.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from videoldm_jax.models import blocked_attention as blocked_lib
 from videoldm_jax.models import native_attention as native_lib
+from videoldm_jax.models import splash_attention as splash_lib
 from videoldm_jax.models import layers
 
 
@@ -22,17 +24,24 @@ from videoldm_jax.models import layers
 #              attention, or XLA's blocked path for long sequences where the kernel
 #              cannot be built; on GPUs cuDNN's fused (flash) attention for long
 #              unmasked attention in bf16 / fp16 (`cudnn_supports`), XLA's formula for
-#              the rest; XLA's formula on TPUs;
+#              the rest; on TPUs Pallas' splash attention (models/splash_attention.py)
+#              for long unmasked attention whose lengths are multiples of 128 and whose
+#              batch and heads split over the mesh (`set_partitioning`), XLA's formula
+#              for the rest;
 #   "plain"    always the formula (the benchmarks' baseline);
 #   "blocked"  XLA's blocked path for long sequences on every platform: on an accelerator
 #              it trades some speed for memory (no L x S array is stored), which is what
 #              lets long clips fit a 16 GiB chip (configs/keyframe_sd15_v5e64.py);
-#   "native"   the kernel as in "auto", an error where it is unavailable (CPU only).
+#   "native"   the kernel as in "auto", an error where it is unavailable (CPU only);
+#   "splash"   splash attention as on TPUs in "auto", on every platform: elsewhere it
+#              runs in Pallas' interpreter (slow: for tests).
 # The platform is the one the program is compiled for: this process's backend, unless
 # `set_implementation` names another (videoldm-compile compiles for a TPU on a CPU).
-IMPLEMENTATIONS = ("auto", "plain", "blocked", "native")
+IMPLEMENTATIONS = ("auto", "plain", "blocked", "native", "splash")
 _implementation = "auto"
 _platform: Optional[str] = None
+# (mesh, batch axes, head axes) of the program being traced (`set_partitioning`).
+_partitioning: tuple[Optional[Mesh], tuple[str, ...], tuple[str, ...]] = (None, (), ())
 
 
 def set_implementation(name: str, platform: Optional[str] = None) -> None:
@@ -47,6 +56,21 @@ def set_implementation(name: str, platform: Optional[str] = None) -> None:
 def implementation() -> tuple[str, Optional[str]]:
   """(implementation, target platform or None = this process's backend)."""
   return _implementation, _platform
+
+
+def set_partitioning(mesh: Optional[Mesh], batch_axes: Sequence[str] = (),
+                     head_axes: Sequence[str] = ()) -> None:
+  """The mesh that models traced from now on run under, and its axes that split the
+  activations' batch and the attention heads (config.batch_axes and the rules' "heads").
+  A kernel XLA cannot partition (splash attention) then runs per shard in a shard_map
+  over them; without a mesh it runs unpartitioned (one device)."""
+  global _partitioning
+  _partitioning = (mesh, tuple(batch_axes), tuple(head_axes))
+
+
+def partitioning() -> tuple[Optional[Mesh], tuple[str, ...], tuple[str, ...]]:
+  """What `set_partitioning` set: (mesh or None, batch axes, head axes)."""
+  return _partitioning
 
 
 def target_platform() -> str:
@@ -71,7 +95,9 @@ def attention_path(num_queries: int, num_keys: int, dtype=None,
   NATIVE_MIN_LOGITS logits per head), "blocked" (XLA's loop over query blocks, for long
   sequences: >= MIN_BLOCKED_ELEMENTS logits per head), "cudnn" (GPU, "auto", long
   sequences; given the operands' `dtype` and `head_dim`, only where `cudnn_supports`
-  takes them) or "formula"."""
+  takes them), "splash" (TPU, "auto", or "splash": long sequences whose lengths are
+  multiples of 128; `dot_product_attention` takes the formula instead where the batch
+  or heads do not split over the mesh) or "formula"."""
   if (dtype is None) != (head_dim is None):
     raise ValueError(f"attention_path: give the operands' dtype and head dim together "
                      f"(got dtype={dtype}, head_dim={head_dim})")
@@ -81,6 +107,10 @@ def attention_path(num_queries: int, num_keys: int, dtype=None,
   long = logits >= blocked_lib.MIN_BLOCKED_ELEMENTS
   if (long or logits >= NATIVE_MIN_LOGITS) and use_native():
     return "native"
+  if long and (_implementation == "splash" or (
+      _implementation == "auto" and target_platform() == "tpu")) and splash_lib.supports(
+          num_queries, num_keys):
+    return "splash"
   if long and (_implementation == "blocked" or target_platform() == "cpu"):
     return "blocked"
   # Short attention (the temporal layers' 8-16 frames) stays with the formula: a flash
@@ -139,6 +169,19 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
     return _attention_per_sequence(q_BxLxD, k_BxSxD, v_BxSxD, num_heads, mask_BxLxS)
   path = "formula" if mask_BxLxS is not None else attention_path(
       q_BxLxD.shape[1], k_BxSxD.shape[1], q_BxLxD.dtype, q_BxLxD.shape[-1] // num_heads)
+  if path == "splash":
+    mesh, batch_axes, head_axes = _partitioning
+    if (q_BxLxD.shape[0] % splash_lib.shards(mesh, batch_axes)
+        or num_heads % splash_lib.shards(mesh, head_axes)
+        or not splash_lib.precision_allows(q_BxLxD.dtype)):
+      path = "formula"  # shards would not split evenly (XLA partitions this), or Mosaic
+      #                   would refuse bf16 at jax_default_matmul_precision="highest"
+  if path == "splash":
+    q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
+               for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+    out = splash_lib.attention(q, k, v, mesh=mesh, batch_axes=batch_axes,
+                               head_axes=head_axes, interpret=target_platform() != "tpu")
+    return einops.rearrange(out, "b h l d -> b l (h d)")
   if path in ("cudnn", "native"):  # (B, L, H*D) viewed as (B, L, H, D): no transpose
     q, k, v = (einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))

@@ -12,7 +12,9 @@ The jaxpr is pruned of dead code first, so work whose result is unused is not co
 remat recomputation is counted (it is executed). Loops count their trip count times
 (`scan`); `while` loops, whose trip count is unknown, count one iteration. The C++
 attention kernel's custom calls and cuDNN's fused attention count as the attention they
-compute.
+compute; a Pallas kernel (splash attention) counts its body's matmuls once per block of
+its grid, which is what it executes (its backward recomputes the logits twice), and a
+shard_map's body counts once per shard.
 """
 
 import math
@@ -73,6 +75,17 @@ def _sub_jaxprs(value: Any):
       yield from _sub_jaxprs(v)
 
 
+def _shard_count(params: dict) -> int:
+  """Distinct shards a shard_map's body runs on: the sizes of the manual mesh axes that
+  split its inputs (devices along an axis no input uses repeat the same work)."""
+  used = set()
+  for spec in params["in_specs"]:
+    for part in spec:
+      used.update((part,) if isinstance(part, str) else (part or ()))
+  mesh = params["mesh"]
+  return math.prod(mesh.shape[a] for a in used & set(params["newly_manual_axes"]))
+
+
 def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
   """Matmul + convolution FLOPs of `jaxpr`, recursing into nested jaxprs."""
   total = 0
@@ -96,6 +109,12 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
     if name in CUDNN_ATTENTION_MATMULS:
       total += attention_matmul_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
                                       CUDNN_ATTENTION_MATMULS[name])
+      continue
+    if name == "shard_map":  # the body sees one shard's shapes: count every shard once
+      total += _shard_count(eqn.params) * jaxpr_flops(eqn.params["jaxpr"])
+      continue
+    if name == "pallas_call":  # a Pallas kernel (splash attention): its body per block
+      total += math.prod(eqn.params["grid_mapping"].grid) * jaxpr_flops(eqn.params["jaxpr"])
       continue
     if name == "cond":  # one branch runs: count the most expensive
       total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])

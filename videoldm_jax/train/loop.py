@@ -158,6 +158,7 @@ def _prepared(config: ml_collections.ConfigDict, workdir: Path, mesh_shape: dict
   setup = stage_setup(config, workdir)
   mesh = sharding.make_mesh(mesh_shape, dcn_shape=dcn_shape)
   rules = [tuple(r) for r in config.rules]
+  attention.set_partitioning(mesh, tuple(config.batch_axes), sharding.mesh_axes(rules, "heads"))
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, setup.stage, setup.optimizer,
                                        setup.abstract_params, mesh)

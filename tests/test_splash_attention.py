@@ -1,0 +1,108 @@
+"""Splash attention (models/splash_attention.py): the TPU kernel, run here in Pallas'
+interpreter against XLA's formula, per shard under a mesh, its FLOPs, and its memory
+when compiled for a TPU v5e from libtpu's topology description."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tests.conftest import max_rel_err
+from videoldm_jax import sharding
+from videoldm_jax.models import attention as attention_lib
+from videoldm_jax.train import flops
+
+HEADS, TOKENS, HEAD_DIM = 4, 256, 40  # 16 x 16 latent tokens: two 128-token tiles
+
+
+def _inputs(batch: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  shape = (batch, TOKENS, HEADS * HEAD_DIM)
+  return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4)]
+
+
+def _loss(q, k, v, w):
+  return jnp.sum(attention_lib.dot_product_attention(q, k, v, HEADS) * w)
+
+
+def _run(implementation: str, mesh, q, k, v, w):
+  """(output, grads wrt q, k, v, the jaxpr's text) under `implementation`."""
+  before, partitioning = attention_lib.implementation(), attention_lib.partitioning()
+  attention_lib.set_implementation(implementation)
+  attention_lib.set_partitioning(mesh, ("data", "fsdp"), ("tensor",))
+  try:
+    out = jax.jit(lambda q, k, v: attention_lib.dot_product_attention(q, k, v, HEADS))(q, k, v)
+    grad = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)))
+    text = str(jax.make_jaxpr(jax.grad(_loss, argnums=(0, 1, 2)))(q, k, v, w))
+    return out, grad(q, k, v, w), text
+  finally:
+    attention_lib.set_implementation(*before)
+    attention_lib.set_partitioning(*partitioning)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  # 2-way batch ("data") and 2-way heads ("tensor"): each device runs a quarter.
+  return sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
+
+
+def test_splash_matches_the_formula_per_shard_under_a_mesh(mesh):
+  q, k, v, w = _inputs(batch=4)
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor")))
+  q, k, v, w = map(put, (q, k, v, w))
+  ref_out, ref_grads, ref_text = _run("plain", mesh, q, k, v, w)
+  out, grads, text = _run("splash", mesh, q, k, v, w)
+  assert "pallas_call" in text and "shard_map" in text and "pallas_call" not in ref_text
+  assert max_rel_err(out, ref_out) < 1e-5
+  for name, g, r in zip("qkv", grads, ref_grads):
+    assert max_rel_err(g, r) < 1e-5, name
+  assert out.sharding.spec == P("data", None, "tensor")
+
+
+def test_splash_leaves_what_it_cannot_run_to_the_formula(mesh):
+  q, k, v, w = _inputs(batch=3)  # 3 frames over a 2-way batch axis: no even shards
+  out, grads, text = _run("splash", mesh, q, k, v, w)
+  ref_out, _, _ = _run("plain", mesh, q, k, v, w)
+  assert "pallas_call" not in text
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+  # bf16 under the tests' jax_default_matmul_precision="highest", which Mosaic refuses
+  # for half-precision matmuls: the formula too.
+  q, k, v, w = (x.astype(jnp.bfloat16) for x in _inputs(batch=4))
+  assert "pallas_call" not in _run("splash", mesh, q, k, v, w)[2]
+  with jax.default_matmul_precision("default"):
+    assert "pallas_call" in _run("splash", mesh, q, k, v, w)[2]
+
+
+def test_splash_flops_count_what_the_kernel_executes(mesh):
+  # B H L S D = 2 x 4 x 256 x 256 x 40. Forward: q k^T and p v, 2 x 2 BHLSD. Backward:
+  # the dq kernel recomputes q k^T and computes dp = do v^T and dq = ds k (3 matmuls),
+  # the dkv kernel q k^T, dp, dv = p^T do and dk = ds^T q (4): 14 BHLSD; plus the row
+  # sums di = sum_d(do * o), 2 BHLD. Under the mesh the shard_map's body sees a quarter
+  # of the batch x heads, counted once per shard: the same total.
+  b, h, n, d = 2, HEADS, TOKENS, HEAD_DIM
+  expected = 18 * b * h * n * n * d + 2 * b * h * n * d
+  spec = jax.ShapeDtypeStruct((b, TOKENS, HEADS * HEAD_DIM), jnp.float32)
+  grad = jax.grad(_loss, argnums=(0, 1, 2))
+  before, partitioning = attention_lib.implementation(), attention_lib.partitioning()
+  try:
+    attention_lib.set_implementation("splash")
+    for m in (None, mesh):
+      attention_lib.set_partitioning(m, ("data", "fsdp"), ("tensor",))
+      assert flops.model_flops(grad, spec, spec, spec, spec) == expected, m
+  finally:
+    attention_lib.set_implementation(*before)
+    attention_lib.set_partitioning(*partitioning)
+
+
+def test_splash_compiles_for_a_tpu_in_a_tenth_of_the_formulas_memory():
+  pytest.importorskip("libtpu")
+  from bench import splash_attention as bench
+  level, tokens, head_dim = bench.LEVELS[0]  # SD 1.5 level 0: 2560 tokens, head dim 40
+  got = {impl: bench.measure("v5e:2x2", 4, level, tokens, head_dim, impl)
+         for impl in ("splash", "plain")}
+  assert got["splash"]["path"] == "splash" and got["plain"]["path"] == "formula"
+  assert got["splash"]["all_gathers"] == 0  # each device attends over its own frames
+  assert (got["splash"]["temp_bytes_per_device"]
+          < got["plain"]["temp_bytes_per_device"] / 10), got
