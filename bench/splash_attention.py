@@ -41,9 +41,8 @@ def measure(topology: str, devices: int, level: str, tokens: int, head_dim: int,
   width = HEADS * head_dim
   spec = jax.ShapeDtypeStruct((FRAMES, tokens, width), jnp.bfloat16,
                               sharding=NamedSharding(mesh, P("data")))
-  previous, partitioning = attention_lib.implementation(), attention_lib.partitioning()
+  previous = attention_lib.implementation()
   attention_lib.set_implementation(implementation, "tpu")
-  attention_lib.set_partitioning(mesh, ("data", "fsdp"), ("tensor",))
   try:
     def loss(q, k, v):
       out = attention_lib.dot_product_attention(q, k, v, HEADS)
@@ -51,13 +50,13 @@ def measure(topology: str, devices: int, level: str, tokens: int, head_dim: int,
 
     grad = jax.grad(loss, argnums=(0, 1, 2))
     # A TPU host's default (bf16 passes; the tests' "highest" would keep the formula).
-    with jax.default_matmul_precision("default"):
+    with jax.default_matmul_precision("default"), attention_lib.partitioned(
+        mesh, ("data", "fsdp"), ("tensor",)):
       path = attention_lib.attention_path(tokens, tokens, jnp.bfloat16, head_dim)
       compiled = jax.jit(grad).lower(spec, spec, spec).compile()
       model_flops = flops.model_flops(grad, spec, spec, spec)
   finally:
     attention_lib.set_implementation(*previous)
-    attention_lib.set_partitioning(*partitioning)
   m = compiled.memory_analysis()
   return dict(bench="splash_attention", topology=topology, devices=devices, level=level,
               tokens=tokens, head_dim=head_dim, heads=HEADS, frames=FRAMES, dtype="bfloat16",

@@ -2,6 +2,8 @@
 interpreter against XLA's formula, per shard under a mesh, its FLOPs, and its memory
 when compiled for a TPU v5e from libtpu's topology description."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,18 +30,21 @@ def _loss(q, k, v, w):
 
 
 def _run(implementation: str, mesh, q, k, v, w):
-  """(output, grads wrt q, k, v, the jaxpr's text) under `implementation`."""
-  before, partitioning = attention_lib.implementation(), attention_lib.partitioning()
+  """(output, grads wrt q, k, v, the jaxpr's text) under `implementation`, traced as the
+  train step is: under `attention.partitioned(mesh, ...)` (no mesh: outside it)."""
+  before = attention_lib.implementation()
   attention_lib.set_implementation(implementation)
-  attention_lib.set_partitioning(mesh, ("data", "fsdp"), ("tensor",))
+  context = (attention_lib.partitioned(mesh, ("data", "fsdp"), ("tensor",)) if mesh
+             else contextlib.nullcontext())
   try:
-    out = jax.jit(lambda q, k, v: attention_lib.dot_product_attention(q, k, v, HEADS))(q, k, v)
-    grad = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)))
-    text = str(jax.make_jaxpr(jax.grad(_loss, argnums=(0, 1, 2)))(q, k, v, w))
-    return out, grad(q, k, v, w), text
+    with context:
+      out = jax.jit(lambda q, k, v: attention_lib.dot_product_attention(q, k, v, HEADS))(
+          q, k, v)
+      grad = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)))(q, k, v, w)
+      text = str(jax.make_jaxpr(jax.grad(_loss, argnums=(0, 1, 2)))(q, k, v, w))
+    return out, grad, text
   finally:
     attention_lib.set_implementation(*before)
-    attention_lib.set_partitioning(*partitioning)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +78,16 @@ def test_splash_leaves_what_it_cannot_run_to_the_formula(mesh):
   assert "pallas_call" not in _run("splash", mesh, q, k, v, w)[2]
   with jax.default_matmul_precision("default"):
     assert "pallas_call" in _run("splash", mesh, q, k, v, w)[2]
+  # Traced outside `partitioned` (sampling, exports, latent caching): no mesh is known,
+  # and Mosaic would refuse an unpartitioned kernel in a program over several devices.
+  q, k, v, w = _inputs(batch=4)
+  assert "pallas_call" not in _run("splash", None, q, k, v, w)[2]
+  # A head dim over MAX_HEAD_DIM (the SD VAE's one 512-wide head): the formula.
+  assert attention_lib.attention_path(TOKENS, TOKENS, jnp.float32, 512) != "splash"
+  # A mesh axis cannot split both the batch and the heads.
+  with pytest.raises(ValueError, match="split both the batch"):
+    with attention_lib.partitioned(mesh, ("data", "tensor"), ("tensor",)):
+      pass
 
 
 def test_splash_flops_count_what_the_kernel_executes(mesh):
@@ -80,20 +95,20 @@ def test_splash_flops_count_what_the_kernel_executes(mesh):
   # the dq kernel recomputes q k^T and computes dp = do v^T and dq = ds k (3 matmuls),
   # the dkv kernel q k^T, dp, dv = p^T do and dk = ds^T q (4): 14 BHLSD; plus the row
   # sums di = sum_d(do * o), 2 BHLD. Under the mesh the shard_map's body sees a quarter
-  # of the batch x heads, counted once per shard: the same total.
+  # of the batch x heads, counted once per shard: the same total as on one device.
   b, h, n, d = 2, HEADS, TOKENS, HEAD_DIM
   expected = 18 * b * h * n * n * d + 2 * b * h * n * d
   spec = jax.ShapeDtypeStruct((b, TOKENS, HEADS * HEAD_DIM), jnp.float32)
   grad = jax.grad(_loss, argnums=(0, 1, 2))
-  before, partitioning = attention_lib.implementation(), attention_lib.partitioning()
+  before = attention_lib.implementation()
   try:
     attention_lib.set_implementation("splash")
-    for m in (None, mesh):
-      attention_lib.set_partitioning(m, ("data", "fsdp"), ("tensor",))
-      assert flops.model_flops(grad, spec, spec, spec, spec) == expected, m
+    for m in (sharding.make_mesh({"data": 1}, jax.devices()[:1]), mesh):
+      with attention_lib.partitioned(m, ("data", "fsdp"), ("tensor",)):
+        assert "pallas_call" in str(jax.make_jaxpr(grad)(spec, spec, spec, spec))
+        assert flops.model_flops(grad, spec, spec, spec, spec) == expected, m
   finally:
     attention_lib.set_implementation(*before)
-    attention_lib.set_partitioning(*partitioning)
 
 
 def test_splash_compiles_for_a_tpu_in_a_tenth_of_the_formulas_memory():

@@ -176,7 +176,7 @@ def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
 
   The model is traced as on a host of the target platform: `config.train.attention`
   resolves for a TPU topology as it would on a TPU host, not for this process's CPU."""
-  previous, partitioning = attention.implementation(), attention.partitioning()
+  previous = attention.implementation()
   kind = topology.partition(":")[0]
   platform = "cpu" if kind == "cpu" else "gpu" if kind in GPU_MEMORY else "tpu"
   attention.set_implementation(config.train.get("attention", "auto"), platform=platform)
@@ -184,7 +184,6 @@ def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     return _fit_report(config, topology)
   finally:
     attention.set_implementation(*previous)
-    attention.set_partitioning(*partitioning)
 
 
 def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
@@ -197,7 +196,6 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
   mesh = sharding.make_mesh(dict(config.mesh), devices,
                             dcn_shape=dict(config.get("dcn_mesh", {})))
   rules = [tuple(r) for r in config.rules]
-  attention.set_partitioning(mesh, tuple(config.batch_axes), sharding.mesh_axes(rules, "heads"))
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, stage, tx, setup.abstract_params, mesh)
   state = step_lib.abstract_state(
@@ -215,7 +213,9 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
       grad_accum=config.train.grad_accum, lr_schedule=setup.lr_schedule,
       shardings=shardings, batch_sharding=batch_sh)
   t0 = time.perf_counter()
-  lowered = train_step.lower(state, batch)
+  with attention.partitioned(mesh, tuple(config.batch_axes),
+                             sharding.mesh_axes(rules, "heads")):
+    lowered = train_step.lower(state, batch)
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   common = dict(stage=stage.name, topology=topology, devices=len(devices),
                 mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),

@@ -4,6 +4,7 @@ Module names mirror diffusers (`attn1/to_q`, `ff/net_0/proj`, `transformer_block
 so that checkpoints map onto them by `convert.torch_layout.flax_path_to_torch_key`.
 """
 
+import contextlib
 from typing import Optional, Sequence
 
 import einops
@@ -25,9 +26,10 @@ from videoldm_jax.models import layers
 #              cannot be built; on GPUs cuDNN's fused (flash) attention for long
 #              unmasked attention in bf16 / fp16 (`cudnn_supports`), XLA's formula for
 #              the rest; on TPUs Pallas' splash attention (models/splash_attention.py)
-#              for long unmasked attention whose lengths are multiples of 128 and whose
-#              batch and heads split over the mesh (`set_partitioning`), XLA's formula
-#              for the rest;
+#              for long unmasked attention whose lengths are multiples of 128 and head
+#              dim at most 256, in a program traced under `partitioned` (the train
+#              step) whose batch and heads split over the mesh; XLA's formula for the
+#              rest;
 #   "plain"    always the formula (the benchmarks' baseline);
 #   "blocked"  XLA's blocked path for long sequences on every platform: on an accelerator
 #              it trades some speed for memory (no L x S array is stored), which is what
@@ -40,7 +42,7 @@ from videoldm_jax.models import layers
 IMPLEMENTATIONS = ("auto", "plain", "blocked", "native", "splash")
 _implementation = "auto"
 _platform: Optional[str] = None
-# (mesh, batch axes, head axes) of the program being traced (`set_partitioning`).
+# (mesh, batch axes, head axes) of the program being traced (`partitioned`).
 _partitioning: tuple[Optional[Mesh], tuple[str, ...], tuple[str, ...]] = (None, (), ())
 
 
@@ -58,18 +60,29 @@ def implementation() -> tuple[str, Optional[str]]:
   return _implementation, _platform
 
 
-def set_partitioning(mesh: Optional[Mesh], batch_axes: Sequence[str] = (),
-                     head_axes: Sequence[str] = ()) -> None:
-  """The mesh that models traced from now on run under, and its axes that split the
-  activations' batch and the attention heads (config.batch_axes and the rules' "heads").
-  A kernel XLA cannot partition (splash attention) then runs per shard in a shard_map
-  over them; without a mesh it runs unpartitioned (one device)."""
+@contextlib.contextmanager
+def partitioned(mesh: Mesh, batch_axes: Sequence[str] = (), head_axes: Sequence[str] = ()):
+  """`with partitioned(mesh, batch_axes, head_axes):` trace (lower) a program that runs on
+  `mesh`, whose `batch_axes` split the activations' batch and `head_axes` the attention
+  heads (config.batch_axes and the rules' "heads"): the trainer's and videoldm-compile's
+  train step. Only there does a kernel XLA cannot partition (splash attention) run, per
+  shard in a shard_map. Elsewhere (sampling, exports, latent caching, benchmarks) no
+  mesh is known and the formula runs: Mosaic refuses a program over several devices
+  that it cannot partition, and those programs run wherever their inputs live."""
   global _partitioning
-  _partitioning = (mesh, tuple(batch_axes), tuple(head_axes))
+  overlap = set(batch_axes) & set(head_axes)
+  if overlap:
+    raise ValueError(f"mesh axes {sorted(overlap)} split both the batch {tuple(batch_axes)} "
+                     f"and the attention heads {tuple(head_axes)}")
+  previous, _partitioning = _partitioning, (mesh, tuple(batch_axes), tuple(head_axes))
+  try:
+    yield
+  finally:
+    _partitioning = previous
 
 
 def partitioning() -> tuple[Optional[Mesh], tuple[str, ...], tuple[str, ...]]:
-  """What `set_partitioning` set: (mesh or None, batch axes, head axes)."""
+  """What the innermost `partitioned` context set: (mesh or None, batch axes, head axes)."""
   return _partitioning
 
 
@@ -109,7 +122,7 @@ def attention_path(num_queries: int, num_keys: int, dtype=None,
     return "native"
   if long and (_implementation == "splash" or (
       _implementation == "auto" and target_platform() == "tpu")) and splash_lib.supports(
-          num_queries, num_keys):
+          num_queries, num_keys, head_dim):
     return "splash"
   if long and (_implementation == "blocked" or target_platform() == "cpu"):
     return "blocked"
@@ -171,11 +184,13 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
       q_BxLxD.shape[1], k_BxSxD.shape[1], q_BxLxD.dtype, q_BxLxD.shape[-1] // num_heads)
   if path == "splash":
     mesh, batch_axes, head_axes = _partitioning
-    if (q_BxLxD.shape[0] % splash_lib.shards(mesh, batch_axes)
+    if (mesh is None or q_BxLxD.shape[0] % splash_lib.shards(mesh, batch_axes)
         or num_heads % splash_lib.shards(mesh, head_axes)
         or not splash_lib.precision_allows(q_BxLxD.dtype)):
-      path = "formula"  # shards would not split evenly (XLA partitions this), or Mosaic
-      #                   would refuse bf16 at jax_default_matmul_precision="highest"
+      # No mesh known (see `partitioned`), shards that would not split evenly (XLA
+      # partitions the formula), or bf16 at jax_default_matmul_precision="highest",
+      # which Mosaic refuses.
+      path = "formula"
   if path == "splash":
     q, k, v = (einops.rearrange(x, "b l (h d) -> b h l d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))

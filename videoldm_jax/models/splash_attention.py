@@ -4,8 +4,8 @@
 algorithm on the TPU's cores: the logits exist one (block_q, block_kv) tile at a time,
 and the backward pass recomputes them from the saved log-sum-exp, so no (L, S) array
 per head is kept. XLA cannot partition the kernel's custom call, so under a mesh it
-runs in a `shard_map` over the batch and head axes (`set_partitioning`); each device
-computes its own batch elements and heads. On other platforms the kernel runs in
+runs in a `shard_map` over the batch and head axes (`attention.partitioned`); each
+device computes its own batch elements and heads. On other platforms the kernel runs in
 Pallas' interpreter (what the CPU tests check against the formula).
 
 Memory (`python -m bench.splash_attention`: compiled for a TPU v5e from libtpu's
@@ -27,11 +27,17 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 TILE = 128  # sequence lengths must be multiples of this (the TPU's lane width)
+# The largest head dim given to the kernel. The SD VAE's single 512-wide attention head
+# would need blocks of ~18 MiB in the backward pass, over the 16 MiB of VMEM a v5e or
+# v5p kernel gets by default (an estimate: not compiled yet); it keeps XLA's formula.
+MAX_HEAD_DIM = 256
 
 
-def supports(num_queries: int, num_keys: int) -> bool:
-  """Whether the kernel takes these sequence lengths (multiples of TILE)."""
-  return num_queries % TILE == 0 and num_keys % TILE == 0
+def supports(num_queries: int, num_keys: int, head_dim: Optional[int] = None) -> bool:
+  """Whether the kernel takes these sequence lengths (multiples of TILE) and head dim
+  (at most MAX_HEAD_DIM; None: not checked)."""
+  return (num_queries % TILE == 0 and num_keys % TILE == 0
+          and (head_dim is None or head_dim <= MAX_HEAD_DIM))
 
 
 def _block(n: int) -> int:

@@ -14,7 +14,9 @@ remat recomputation is counted (it is executed). Loops count their trip count ti
 attention kernel's custom calls and cuDNN's fused attention count as the attention they
 compute; a Pallas kernel (splash attention) counts its body's matmuls once per block of
 its grid, which is what it executes (its backward recomputes the logits twice), and a
-shard_map's body counts once per shard.
+shard_map's body counts once per shard (per distinct split of its inputs). So the
+attention's share depends on its path: 3x the forward's matmuls for the formula, 4.5x
+for splash; compare MFU across attention paths with that in mind.
 """
 
 import math

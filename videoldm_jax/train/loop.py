@@ -158,7 +158,6 @@ def _prepared(config: ml_collections.ConfigDict, workdir: Path, mesh_shape: dict
   setup = stage_setup(config, workdir)
   mesh = sharding.make_mesh(mesh_shape, dcn_shape=dcn_shape)
   rules = [tuple(r) for r in config.rules]
-  attention.set_partitioning(mesh, tuple(config.batch_axes), sharding.mesh_axes(rules, "heads"))
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, setup.stage, setup.optimizer,
                                        setup.abstract_params, mesh)
@@ -276,10 +275,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   next_batch = lambda: _to_global(setup.make_batch(next(data)), batch_sh, pc)
   first = next_batch()
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, first).compile()
-  # MFU counts model FLOPs (matmuls + convolutions, forward + backward, per device),
-  # as bench/train_step.py does; XLA's own count is logged beside it.
-  flops = flops_lib.model_flops(train_step, state, first) / jax.device_count()
+  with attention.partitioned(mesh, tuple(config.batch_axes),
+                             sharding.mesh_axes(config.rules, "heads")):
+    compiled = train_step.lower(state, first).compile()
+    # MFU counts model FLOPs (matmuls + convolutions, forward + backward, per device),
+    # as bench/train_step.py does; XLA's own count is logged beside it.
+    flops = flops_lib.model_flops(train_step, state, first) / jax.device_count()
   # The peak of the dtype the model computes in (bf16 runs on a GPU's tensor cores at
   # several times its float32 rate).
   peak = perf.matmul_peak_flops(dtype=jnp.dtype(config.train.get("compute_dtype", "float32")))
