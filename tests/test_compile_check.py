@@ -115,16 +115,16 @@ def test_latent_cache_batch_compiles_the_step_without_the_encoders_gpu_proxy():
 
 
 def test_tiny_step_compiles_splash_attention_for_a_tpu():
-  # 64 x 64 frames: 16 x 16 = 256 latent tokens at the attention level, which "auto"
-  # gives Pallas' splash attention on a TPU (a shard_map over the 4-way FSDP batch).
+  # 64 x 64 frames: 16 x 16 = 256 latent tokens at the attention level, which
+  # attention="splash" gives Pallas' kernel (a shard_map over the 4-way FSDP batch).
   # Compiled: Mosaic accepts the kernel inside the train step. XLA's FLOP count leaves
   # custom calls out, so the level's self-attention matmuls leave it too.
   c = _tiny(dict(data=1, fsdp=4, tensor=1))
   c.data.update(height=64, width=64)
   with jax.default_matmul_precision("default"):  # a TPU host's (the tests': highest)
     reports = {}
-    for name in ("auto", "plain"):
+    for name in ("splash", "plain"):
       c.train.attention = name
       reports[name] = compile_check.fit_report(c, "v5e:2x2")
-  assert reports["auto"].verdict() == reports["plain"].verdict() == "FITS"
-  assert reports["auto"].flops_per_device < reports["plain"].flops_per_device, reports
+  assert reports["splash"].verdict() == reports["plain"].verdict() == "FITS"
+  assert reports["splash"].flops_per_device < reports["plain"].flops_per_device, reports

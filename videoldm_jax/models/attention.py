@@ -25,18 +25,20 @@ from videoldm_jax.models import layers
 #              attention, or XLA's blocked path for long sequences where the kernel
 #              cannot be built; on GPUs cuDNN's fused (flash) attention for long
 #              unmasked attention in bf16 / fp16 (`cudnn_supports`), XLA's formula for
-#              the rest; on TPUs Pallas' splash attention (models/splash_attention.py)
-#              for long unmasked attention whose lengths are multiples of 128 and head
-#              dim at most 256, in a program traced under `partitioned` (the train
-#              step) whose batch and heads split over the mesh; XLA's formula for the
-#              rest;
+#              the rest; XLA's formula on TPUs;
 #   "plain"    always the formula (the benchmarks' baseline);
 #   "blocked"  XLA's blocked path for long sequences on every platform: on an accelerator
 #              it trades some speed for memory (no L x S array is stored), which is what
 #              lets long clips fit a 16 GiB chip (configs/keyframe_sd15_v5e64.py);
 #   "native"   the kernel as in "auto", an error where it is unavailable (CPU only);
-#   "splash"   splash attention as on TPUs in "auto", on every platform: elsewhere it
-#              runs in Pallas' interpreter (slow: for tests).
+#   "splash"   Pallas' splash attention (models/splash_attention.py), meant for TPUs,
+#              for long unmasked attention whose lengths are multiples of 128 and head
+#              dim at most 256, in a program traced under `partitioned` (the train
+#              step) whose batch and heads split over the mesh; XLA's formula for the
+#              rest. Off a TPU it runs in Pallas' interpreter (slow: for tests). Not
+#              "auto"'s choice on TPUs until a TPU has timed it: compiled for TPUs it
+#              took less memory in some SD 1.5 steps and more in another
+#              (bench/README.md).
 # The platform is the one the program is compiled for: this process's backend, unless
 # `set_implementation` names another (videoldm-compile compiles for a TPU on a CPU).
 IMPLEMENTATIONS = ("auto", "plain", "blocked", "native", "splash")
@@ -108,9 +110,9 @@ def attention_path(num_queries: int, num_keys: int, dtype=None,
   NATIVE_MIN_LOGITS logits per head), "blocked" (XLA's loop over query blocks, for long
   sequences: >= MIN_BLOCKED_ELEMENTS logits per head), "cudnn" (GPU, "auto", long
   sequences; given the operands' `dtype` and `head_dim`, only where `cudnn_supports`
-  takes them), "splash" (TPU, "auto", or "splash": long sequences whose lengths are
-  multiples of 128; `dot_product_attention` takes the formula instead where the batch
-  or heads do not split over the mesh) or "formula"."""
+  takes them), "splash" ("splash": long sequences whose lengths are multiples of 128;
+  `dot_product_attention` takes the formula instead where the batch or heads do not
+  split over the mesh) or "formula"."""
   if (dtype is None) != (head_dim is None):
     raise ValueError(f"attention_path: give the operands' dtype and head dim together "
                      f"(got dtype={dtype}, head_dim={head_dim})")
@@ -120,9 +122,8 @@ def attention_path(num_queries: int, num_keys: int, dtype=None,
   long = logits >= blocked_lib.MIN_BLOCKED_ELEMENTS
   if (long or logits >= NATIVE_MIN_LOGITS) and use_native():
     return "native"
-  if long and (_implementation == "splash" or (
-      _implementation == "auto" and target_platform() == "tpu")) and splash_lib.supports(
-          num_queries, num_keys, head_dim):
+  if long and _implementation == "splash" and splash_lib.supports(num_queries, num_keys,
+                                                                 head_dim):
     return "splash"
   if long and (_implementation == "blocked" or target_platform() == "cpu"):
     return "blocked"

@@ -12,7 +12,8 @@ Memory (`python -m bench.splash_attention`: compiled for a TPU v5e from libtpu's
 topology description on a CPU host; bench/README.md has the table): one SD 1.5
 level-0 self-attention of a 16-frame clip (8 heads, 2560 tokens, head dim 40, bf16),
 forward + backward, keeps 640 MiB of temporaries against the formula's 4800 MiB on one
-chip. No TPU run has timed the kernel yet.
+chip. No TPU run has timed the kernel yet, and in whole SD 1.5 steps it took less
+memory in some cases and more in one, so it is opt-in (attention="splash").
 """
 
 import functools
