@@ -41,6 +41,9 @@ fi
 export JAX_PLATFORMS=cpu
 
 pids=()
+# The commands' own PIDs (pid.I files), for `cleanup`: killing a job's subshell would
+# leave its command running.
+pid_dir=$(mktemp -d)
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   cmd=("$@" "--coordinator_address=127.0.0.1:$PORT" "--num_processes=$NUM_PROCESSES"
        "--process_id=$i" "--cpu_devices=$DEVICES_PER_PROCESS")
@@ -50,13 +53,18 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
     printf '\n'
     continue
   fi
-  ( "${cmd[@]}" 2>&1 | sed -u "s/^/[p$i] /" ; exit "${PIPESTATUS[0]}" ) &
+  ( ( "${cmd[@]}" 2>&1 & echo "$!" > "$pid_dir/pid.$i"; wait "$!" ) |
+    sed -u "s/^/[p$i] /"; exit "${PIPESTATUS[0]}" ) &
   pids+=("$!")
 done
-[ "$DRY_RUN" = 1 ] && exit 0
+if [ "$DRY_RUN" = 1 ]; then
+  rm -rf "$pid_dir"
+  exit 0
+fi
 
 status=0
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
+# SIGTERM to the commands (a trainer saves and stops), not to the `sed`s that print them.
+cleanup() { kill $(cat "$pid_dir"/pid.* 2>/dev/null) 2>/dev/null || true; }
 trap cleanup INT TERM
 # wait -n: a process that fails early stops the rest at once (they would otherwise sit
 # in a collective until its timeout).
@@ -73,4 +81,5 @@ for ((left = NUM_PROCESSES; left > 0; left--)); do
   fi
 done
 wait || true
+rm -rf "$pid_dir"
 exit "$status"

@@ -4,7 +4,11 @@ containing spaces surviving every level of quoting (local shell, ssh, srun)."""
 import os
 import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 USER_CMD = ["videoldm-train", "--config=configs/keyframe_sd15.py", "--workdir=/runs/kf 1"]
@@ -101,3 +105,25 @@ def test_slurm_requeues_a_run_stopped_at_a_checkpoint(tmp_path):
                                                              else ""), (status, requeue)
     assert ("requeueing job 77" in out.stderr) == requeued
     assert ("not again" in out.stderr) == (restarts == "50")
+
+
+def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
+  # Process 1 records its PID and sleeps; process 0 then fails with status 3. The
+  # launcher must stop process 1 itself (not only the subshell around it, which left
+  # the command running) and exit with the failure's status.
+  script = ("import os, pathlib, sys, time\n"
+            "pid = pathlib.Path(sys.argv[1])\n"
+            "if '--process_id=0' in sys.argv:\n"
+            "  while not pid.exists(): time.sleep(0.05)\n"
+            "  sys.exit(3)\n"
+            "pid.write_text(str(os.getpid()))\n"
+            "time.sleep(60)\n")
+  t0 = time.monotonic()
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "--num_processes=2", "--",
+                        sys.executable, "-c", script, str(tmp_path / "pid")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 3, out.stderr
+  assert "a process failed (exit 3)" in out.stderr
+  assert time.monotonic() - t0 < 30  # not the 60 s sleep
+  with pytest.raises(ProcessLookupError):
+    os.kill(int((tmp_path / "pid").read_text()), 0)
