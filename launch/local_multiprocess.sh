@@ -40,7 +40,6 @@ if [ -f "$VENV/bin/activate" ] && [ "$DRY_RUN" = 0 ]; then
 fi
 export JAX_PLATFORMS=cpu
 
-pids=()
 # The commands' own PIDs (pid.I files), for `cleanup`: killing a job's subshell would
 # leave its command running.
 pid_dir=$(mktemp -d)
@@ -55,7 +54,6 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   fi
   ( ( "${cmd[@]}" 2>&1 & echo "$!" > "$pid_dir/pid.$i"; wait "$!" ) |
     sed -u "s/^/[p$i] /"; exit "${PIPESTATUS[0]}" ) &
-  pids+=("$!")
 done
 if [ "$DRY_RUN" = 1 ]; then
   rm -rf "$pid_dir"
