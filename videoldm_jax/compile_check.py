@@ -187,7 +187,7 @@ def fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
 
 
 def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
-  from videoldm_jax.train.loop import stage_setup
+  from videoldm_jax.train.loop import stage_setup, step_partitioning
   devices, mem = topology_devices(topology)
   with tempfile.TemporaryDirectory() as tmp, base.abstract_setup():
     setup = stage_setup(config, Path(tmp))
@@ -213,8 +213,7 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
       grad_accum=config.train.grad_accum, lr_schedule=setup.lr_schedule,
       shardings=shardings, batch_sharding=batch_sh)
   t0 = time.perf_counter()
-  with attention.partitioned(mesh, tuple(config.batch_axes),
-                             sharding.mesh_axes(rules, "heads")):
+  with step_partitioning(config, mesh):
     lowered = train_step.lower(state, batch)
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   common = dict(stage=stage.name, topology=topology, devices=len(devices),

@@ -78,7 +78,6 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   return launch
 
 
-
 def process_flags(flag: bool):
   """(process_count,) bool array: every process's `flag` (a collective: call it on all
   of them; it waits for the device work already queued)."""

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from videoldm_jax import sharding, video_io
 from videoldm_jax.models import attention
@@ -164,6 +164,13 @@ def _prepared(config: ml_collections.ConfigDict, workdir: Path, mesh_shape: dict
   return setup, mesh, shardings
 
 
+def step_partitioning(config: ml_collections.ConfigDict, mesh: Mesh):
+  """The context to trace the train step of `config` in on `mesh`: its batch axes and
+  the mesh axes the rules give the attention heads (`attention.partitioned`)."""
+  return attention.partitioned(mesh, tuple(config.batch_axes),
+                               sharding.mesh_axes(config.rules, "heads"))
+
+
 def _restored(ckpt: Checkpointer, step: int, setup: StageSetup, shardings):
   """(state, data_state, frozen digests) of checkpoint `step`, on `shardings`."""
   target = step_lib.abstract_state(
@@ -275,8 +282,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   next_batch = lambda: _to_global(setup.make_batch(next(data)), batch_sh, pc)
   first = next_batch()
   t0 = time.perf_counter()
-  with attention.partitioned(mesh, tuple(config.batch_axes),
-                             sharding.mesh_axes(config.rules, "heads")):
+  with step_partitioning(config, mesh):
     compiled = train_step.lower(state, first).compile()
     # MFU counts model FLOPs (matmuls + convolutions, forward + backward, per device),
     # as bench/train_step.py does; XLA's own count is logged beside it.
