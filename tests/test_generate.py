@@ -7,6 +7,7 @@ tests check the plumbing (lengths, sizes, chunking, skipped stages, parameter sw
 not the pictures.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -216,6 +217,18 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
   # Key-frame rate, low resolution: 6 key frames are the 6 frames.
   assert result.plan.num_keys == 6 and result.plan.rounds == 0
   assert video_io.read_video(result.path).shape == (6, 8, 8, 3)
+  # The same video as .npy holds the frames the mp4 was encoded from: encoding them at
+  # crf 0 (byte-identical encodes) decodes to what the chain's crf-0 mp4 decodes to.
+  lossless = dataclasses.replace(options, crf=0)
+  mp4, npy = (generate.generate_video(tmp_path / f"kf0.{s}", lossless, log=None,
+                                      keyframe_model=folders["keyframe_model"])
+              for s in ("mp4", "npy"))
+  frames = np.load(npy.path)
+  assert frames.shape == (6, 8, 8, 3) and frames.dtype == np.uint8
+  assert npy.gif_path.endswith("kf0.gif")
+  video_io.write_mp4(str(tmp_path / "re.mp4"), frames, crf=0)
+  np.testing.assert_array_equal(video_io.read_video(str(tmp_path / "re.mp4")),
+                                video_io.read_video(mp4.path))
 
   notes.clear()
   result = generate.generate_video(
@@ -255,6 +268,13 @@ def test_cli_seeds_and_notes(folders, tmp_path):
     assert (tmp_path / f"cli_seed{seed}.gif").is_file()
   a, b = (video_io.read_video(str(tmp_path / f"cli_seed{s}.mp4")) for s in (3, 4))
   assert not np.array_equal(a, b)
+  # An unsupported output is refused before any model is loaded.
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.generate", "--keyframe_model=/nonexistent",
+       f"--output={tmp_path / 'cli.avi'}"], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode != 0 and "cli.avi: expected a .mp4 or .npy path" in proc.stderr, \
+      proc.stderr[-3000:]
 
 
 def test_interpolation_windows_share_the_boundary_key_frame():
@@ -323,6 +343,35 @@ def test_mp4_writer_streams_chunks_and_closes_atomically(tmp_path):
   assert os.listdir(tmp_path) == ["w.mp4"]
   with pytest.raises(ValueError, match="no frames"):
     video_io.Mp4Writer(str(tmp_path / "empty.mp4")).close()
+
+
+def test_npy_writer_streams_exact_frames_and_closes_atomically(tmp_path):
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 256, (9, 15, 20, 3), dtype=np.uint8)
+  path = str(tmp_path / "w.npy")
+  with video_io.open_writer(path, num_frames=9, fps=12, crf=18) as writer:
+    assert isinstance(writer, video_io.NpyWriter)
+    for a, b in ((0, 3), (3, 4), (4, 9)):
+      writer.append(video[a:b])
+      assert not os.path.exists(path)  # only the temporary file exists until close
+    with pytest.raises(ValueError, match="first chunk was 15x20"):
+      writer.append(np.zeros((1, 16, 20, 3), np.uint8))
+    with pytest.raises(ValueError, match="10 frames appended, but the file was opened for 9"):
+      writer.append(video[:1])
+  assert writer.size == (15, 20)  # no padding: no codec
+  np.testing.assert_array_equal(np.load(path), video)
+  # Too few frames, or an exception inside the block: nothing written, the old file stays.
+  with pytest.raises(ValueError, match="8 of 9 frames were appended; nothing written"):
+    with video_io.NpyWriter(path, 9) as writer:
+      writer.append(video[:8])
+  with pytest.raises(RuntimeError):
+    with video_io.NpyWriter(path, 2) as writer:
+      writer.append(video[:2])
+      raise RuntimeError("stop")
+  np.testing.assert_array_equal(np.load(path), video)
+  assert os.listdir(tmp_path) == ["w.npy"]
+  with pytest.raises(ValueError, match=r"w\.avi: unsupported output suffix '\.avi'"):
+    video_io.open_writer(str(tmp_path / "w.avi"), 9)
 
 
 # --- memory ---------------------------------------------------------------------------------

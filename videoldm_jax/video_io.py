@@ -2,7 +2,8 @@
 
 All videos are channels-last uint8 RGB: one clip is (T, H, W, 3), a batch (B, T, H, W, 3).
 Model outputs in [-1, 1] go through `to_uint8` first. `Mp4Writer` streams a video of any
-length to disk chunk by chunk (memory independent of the length).
+length to disk chunk by chunk (memory independent of the length); `NpyWriter` does the
+same into a lossless .npy array, for evaluations (`open_writer` picks by suffix).
 """
 
 import math
@@ -11,7 +12,8 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["to_uint8", "write_mp4", "Mp4Writer", "write_gif", "read_video", "video_grid"]
+__all__ = ["to_uint8", "write_mp4", "Mp4Writer", "NpyWriter", "open_writer", "write_gif",
+           "read_video", "video_grid"]
 
 
 def to_uint8(video) -> np.ndarray:
@@ -212,6 +214,97 @@ class Mp4Writer:
       self.close()
     else:
       self.abort()
+
+
+class NpyWriter:
+  """Streams a clip into a .npy file of uint8 (T, H, W, 3) RGB frames: no codec, so the
+  file holds exactly the frames given (what an evaluation such as FVD against lossless
+  reference clips needs; H.264's 4:2:0 chroma halves colour resolution even at crf 0).
+
+  The interface is `Mp4Writer`'s (append / close / abort / size / num_frames, `with`).
+  The frame count is fixed up front, since a .npy header states the shape: the file is
+  a memory map of (num_frames, H, W, 3) created on the first chunk, so memory does not
+  grow with the clip. It is written to a temporary sibling and renamed into place by
+  `close()`, which raises ValueError unless exactly num_frames frames were appended.
+  """
+
+  def __init__(self, path: str, num_frames: int):
+    if num_frames < 1:
+      raise ValueError(f"{path}: num_frames must be >= 1, got {num_frames}")
+    self.path, self.total = str(path), int(num_frames)
+    self._tmp = _atomic_target(self.path)
+    self._array = None
+    self.size = None             # (height, width), set by the first chunk
+    self.num_frames = 0
+    self.closed = False
+
+  def append(self, frames) -> None:
+    """Writes a (T, H, W, 3) uint8 chunk (T >= 1) after the frames appended before."""
+    if self.closed:
+      raise ValueError(f"{self.path}: append() after close() or abort()")
+    frames = _check_frames(frames, self.path)
+    t, h, w, _ = frames.shape
+    if self.size is None:
+      self._array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.uint8,
+                                              shape=(self.total, h, w, 3))
+      self.size = (h, w)
+    elif (h, w) != self.size:
+      raise ValueError(f"{self.path}: chunk frames are {h}x{w}, but the clip's first chunk "
+                       f"was {self.size[0]}x{self.size[1]}")
+    if self.num_frames + t > self.total:
+      raise ValueError(f"{self.path}: {self.num_frames + t} frames appended, but the file "
+                       f"was opened for {self.total}")
+    self._array[self.num_frames:self.num_frames + t] = frames
+    self.num_frames += t
+
+  def close(self) -> str:
+    """Flushes the frames and moves the finished file to `path`; returns `path`."""
+    if self.closed:
+      return self.path
+    if self.num_frames != self.total:
+      self.abort()
+      raise ValueError(f"{self.path}: {self.num_frames} of {self.total} frames were "
+                       "appended; nothing written")
+    try:
+      self._array.flush()
+      self._array = None  # unmaps the file before the rename
+      os.replace(self._tmp, self.path)
+    finally:
+      self.closed = True
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
+    return self.path
+
+  def abort(self) -> None:
+    """Discards everything written so far (the temporary file); `path` is untouched."""
+    if self.closed:
+      return
+    self.closed = True
+    self._array = None
+    if os.path.exists(self._tmp):
+      os.remove(self._tmp)
+
+  def __enter__(self) -> "NpyWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def open_writer(path: str, num_frames: int, fps: float = 8, crf: int = 18):
+  """A streaming writer chosen by `path`'s suffix: `.mp4` -> `Mp4Writer(path, fps, crf)`,
+  `.npy` -> `NpyWriter(path, num_frames)` (uint8 frames, no codec; fps and crf unused).
+  Any other suffix raises ValueError naming the path."""
+  suffix = os.path.splitext(str(path))[1].lower()
+  if suffix == ".mp4":
+    return Mp4Writer(path, fps=fps, crf=crf)
+  if suffix == ".npy":
+    return NpyWriter(path, num_frames)
+  raise ValueError(f"{path}: unsupported output suffix {suffix!r}; expected .mp4 (H.264) "
+                   "or .npy (uint8 frames (T, H, W, 3), lossless)")
 
 
 def _palette_frames(frames: np.ndarray):

@@ -11,9 +11,10 @@ r"""videoldm-generate: prompt -> a long video through the whole Video LDM chain.
 
 Key frames (key-frame model) -> autoregressive prediction to the requested length
 (predictor) -> x4 and x4 again (interpolator; --interpolator2_model for a second one)
--> temporal decoder -> 4x upsampler -> OUTPUT (mp4) and OUTPUT.gif (a short, downscaled
-preview). Each stage's folder is optional except a key-frame or prediction model; a
-missing stage is skipped with a note. Memory does not grow with --duration: the video is
+-> temporal decoder -> 4x upsampler -> OUTPUT (.mp4, or .npy: the uint8 frames exactly,
+for FVD against lossless clips) and OUTPUT.gif (a short, downscaled preview). Each
+stage's folder is optional except a key-frame or prediction model; a missing stage is
+skipped with a note. Memory does not grow with --duration: the video is
 generated, decoded and written in chunks (pipelines/generate.py).
 
 Personalisation: --image_checkpoint=DIR (an image LDM folder, e.g. a DreamBooth
@@ -94,7 +95,8 @@ _GIF = flags.DEFINE_bool("gif", True, "also write OUTPUT.gif, a short downscaled
 _GIF_FRAMES = flags.DEFINE_integer("gif_max_frames", 48, "frames of the gif preview")
 _GIF_SIZE = flags.DEFINE_integer("gif_max_size", 128, "longer side of the gif preview")
 _PROGRESS = flags.DEFINE_bool("progress", True, "progress bars")
-_OUTPUT = flags.DEFINE_string("output", "video.mp4", "mp4 path")
+_OUTPUT = flags.DEFINE_string("output", "video.mp4", ".mp4 path (H.264), or .npy for the "
+                              "uint8 frames (T, H, W, 3) without codec loss (evaluation)")
 
 
 def options(seed: int) -> generate.GenerateOptions:
@@ -124,10 +126,12 @@ def main(argv):
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError as e:
     raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
+  out = Path(_OUTPUT.value)
+  if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
+    raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")
   models = generate.load_chain(
       **{f"{s}_model": f.value for s, f in _FOLDERS.items()},
       image_checkpoint=_IMAGE.value, personalize_parts=_PARTS.value)
-  out = Path(_OUTPUT.value)
   for i, seed in enumerate(seeds):
     path = out if len(seeds) == 1 else out.with_name(f"{out.stem}_seed{seed}{out.suffix}")
     # The notes on skipped stages are printed once, not once per seed.

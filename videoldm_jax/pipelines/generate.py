@@ -463,7 +463,10 @@ def _upsample_fn(models: ChainModels, o: GenerateOptions):
 def generate_video(output: str | Path, options: GenerateOptions = GenerateOptions(), *,
                    models: Optional[ChainModels] = None, log: Optional[Log] = log_to_stderr,
                    **folders) -> GenerationResult:
-  """Runs the chain and writes `output` (mp4) and, with options.gif, `output`.gif.
+  """Runs the chain and writes `output` and, with options.gif, `output`.gif.
+
+  output: `.mp4` (H.264 at options.crf) or `.npy` (the uint8 frames (T, H, W, 3)
+  exactly, e.g. for FVD against lossless reference clips); see `video_io.open_writer`.
 
   models: stages loaded with `load_chain` (reuse them across videos); otherwise
   `folders` (the keyword arguments of `load_chain`: keyframe_model=..., ...) are loaded.
@@ -514,7 +517,7 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
     stages.append(streaming.OverlapChunker(_upsample_fn(models, o), o.upsample_chunk,
                                            o.upsample_overlap, bar("upsample", frames)))
   try:
-    with video_io.Mp4Writer(str(output), fps=o.fps, crf=o.crf) as writer:
+    with video_io.open_writer(str(output), p.num_frames, fps=o.fps, crf=o.crf) as writer:
       sink = streaming.Sink(writer, p.num_frames, o.gif_max_frames if o.gif else 0,
                             o.gif_max_size, bar("write", p.num_frames))
       pipeline = streaming.Pipeline(stages + [sink])

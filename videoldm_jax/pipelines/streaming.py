@@ -14,8 +14,8 @@ pushed through a chain of streaming stages, each of which keeps a bounded buffer
   decoding /     (`OverlapChunker`) chunks of `chunk` frames, each processed together
   upsampling     with `overlap` frames before it (already emitted) and `overlap` after it
                  (emitted by the next call); the outputs of context frames are dropped.
-  sink           converts to uint8, appends to `video_io.Mp4Writer` (which closes
-                 atomically) and keeps the first few frames, downscaled, for the gif.
+  sink           converts to uint8, appends to a `video_io` writer (mp4 or npy, which
+                 close atomically) and keeps the first few frames, downscaled, for the gif.
 
 Every call of a stage has the same number of frames (one compiled program per stage,
 however long the video; only a video shorter than one window differs), and stages that
@@ -151,11 +151,11 @@ class OverlapChunker(_Buffered):
 
 
 class Sink:
-  """float frames (1, n, H, W, 3) in [-1, 1] -> uint8 -> mp4 writer (cut at num_frames),
+  """float frames (1, n, H, W, 3) in [-1, 1] -> uint8 -> video writer (cut at num_frames),
   keeping the first gif_max_frames frames, downscaled, for the preview."""
 
-  def __init__(self, writer: video_io.Mp4Writer, num_frames: int, gif_frames: int,
-               gif_size: int, bar=None):
+  def __init__(self, writer: video_io.Mp4Writer | video_io.NpyWriter, num_frames: int,
+               gif_frames: int, gif_size: int, bar=None):
     self.writer, self.remaining, self.bar = writer, num_frames, bar
     self.gif_frames, self.gif_size, self.preview = gif_frames, gif_size, []
 
