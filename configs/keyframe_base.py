@@ -35,11 +35,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Input (videoldm_jax/data/inputs.py): kind procedural_driving | video_folder | tfds |
   # latent_cache | procedural. batch_size is global (split over processes). kind tfds
   # reads the TFDS dataset tfds_name (e.g. webvid_local, ucf101_local/split_1), split
-  # `split`, from data_dir (default WORKDIR/tfds).
+  # `split`, from data_dir (default WORKDIR/tfds). label_field: the integer field fed
+  # as class labels to a class-conditional UNet (unet.num_class_embeds), e.g. UCF-101's.
   c.data = dict(kind="procedural_driving", tfds_config="small", data_dir="",
                 batch_size=8, num_frames=8, frame_stride=1, height=256, width=256,
                 crop="random", hflip=False, image_fraction=0.0, worker_count=0,
-                cache_dir="", tfds_name="", split="train")
+                cache_dir="", tfds_name="", split="train", label_field="label")
   c.optim = dict(lr=1e-4, warmup_steps=500, total_steps=100_000, final_lr_fraction=0.0,
                  weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                  ema_decay=0.9999)

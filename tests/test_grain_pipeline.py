@@ -64,7 +64,8 @@ def test_tfds_batches_match_make_clip(tfds_train):
   batch = _take(ds, 1)[0]
   assert batch["video"].dtype == np.uint8 and batch["video"].shape == (4, 16, 64, 64, 3)
   for key in ("time_of_day", "crowdedness", "index"):
-    assert batch[key].dtype == np.int32 and batch[key].shape == (4,)
+    assert batch[key].dtype == np.int64 and batch[key].shape == (4,)
+  assert "labels" not in batch  # the dataset has no `label` field
   assert batch["image_only"].dtype == bool and batch["image_only"].shape == (4, 16)
   assert not batch["image_only"].any()
   assert batch["caption"].shape == (4,) and batch["frame_caption"].shape == (4, 16)
@@ -163,6 +164,9 @@ def test_clip_sampling_takes_strided_consecutive_frames(stride, T):
     np.testing.assert_array_equal(batch["video"][:, :, 0, 0, 1],
                                   np.broadcast_to(batch["source_index"][:, None], (6, T)))
     np.testing.assert_array_equal(batch["label"], batch["source_index"] % 3)
+    # The label field is also the class labels a class-conditional UNet reads.
+    assert batch["labels"].dtype == np.int32
+    np.testing.assert_array_equal(batch["labels"], batch["source_index"] % 3)
     starts.update(frame_ids[:, 0].tolist())
   assert len(starts) > 1  # the start is random, not always 0
   assert max(starts) <= L_LIST - 1 - (T - 1) * stride
@@ -227,6 +231,31 @@ def test_image_only_flags_follow_image_fraction(fraction):
         assert (clips == index).all()
 
 
+def test_short_clips_are_replaced_deterministically_with_a_warning(caplog):
+  """A clip shorter than num_frames at frame_stride needs is replaced by another, drawn
+  from the example's own random stream: the same on every run, none too short."""
+  src = _list_source()
+  for i in (1, 4, 6):  # 3 of 8 clips keep only 3 of their 10 frames
+    src[i] = dict(src[i], video=src[i]["video"][:3], path=f"/data/short{i}.mp4")
+  kw = dict(seed=0, batch_size=4, num_frames=4, height=H_LIST, width=W_LIST,
+            process_index=0, process_count=1, num_epochs=2, shuffle=True)
+  with caplog.at_level("WARNING"):
+    first = list(make_video_dataset(src, **kw))
+  warned = [r.getMessage() for r in caplog.records if "replaced by another clip" in r.getMessage()]
+  again = list(make_video_dataset(src, **kw))
+  used = np.concatenate([b["source_index"] for b in first])
+  assert len(used) == 2 * N_LIST and not set(used.tolist()) & {1, 4, 6}
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["video"], b["video"])
+  for b in first:  # frames, clip number and label all come from the replacement
+    np.testing.assert_array_equal(b["video"][:, 0, 0, 0, 1], b["source_index"])
+    np.testing.assert_array_equal(b["labels"], b["source_index"] % 3)
+  # Each short clip is reported once per process (not at every epoch).
+  assert sorted(m.split(" has ")[0] for m in warned) == [
+      f"grain_pipeline: source example {i} (/data/short{i}.mp4)" for i in (1, 4, 6)]
+  assert "--min_frames=4" in warned[0]
+
+
 def test_clear_errors():
   src = _list_source()
   with pytest.raises(ValueError, match="crop must be one of"):
@@ -237,8 +266,14 @@ def test_clear_errors():
                        process_index=2, process_count=2)
   too_long = make_video_dataset(src, seed=0, batch_size=1, num_frames=L_LIST + 1, height=8,
                                 width=8, process_index=0, process_count=1)
-  with pytest.raises(ValueError, match=r"source example \d+ has 10 frames"):
+  with pytest.raises(ValueError, match=r"source example \d+ has 10 frames, fewer than "
+                     r"num_frames=11 .* and so had 15 clips drawn to replace it"):
     _take(too_long, 1)
+  no_frames = [{"video": np.zeros((0, 8, 8, 3), np.uint8), "path": b"/data/empty.mp4"}]
+  with pytest.raises(ValueError, match=r"source example 0 \(/data/empty.mp4\): 'video' "
+                     "has no frames"):
+    _take(make_video_dataset(no_frames, seed=0, batch_size=1, num_frames=1, height=8,
+                             width=8, process_index=0, process_count=1, image_fraction=1.0), 1)
   bad = make_video_dataset([{"frames": np.zeros((4, 8, 8, 3), np.uint8)}], seed=0,
                            batch_size=1, num_frames=2, height=8, width=8, process_index=0,
                            process_count=1)
@@ -281,8 +316,8 @@ def test_trainer_reads_any_tfds_dataset_by_name(tfds_dir, tmp_path):
   config = importlib.import_module("configs.keyframe_tiny").get_config()
   config.data.update(kind="tfds", tfds_name="procedural_driving/tiny", data_dir=tfds_dir,
                      batch_size=2, num_frames=4, height=32, width=32)
-  batch = next(inputs.make_iterator(config, tmp_path, {}, None))
+  batch = next(inputs.make_iterator(config, tmp_path, {}))
   assert batch["video"].shape == (2, 4, 32, 32, 3) and batch["video"].dtype == np.uint8
   config.data.tfds_name = ""
   with pytest.raises(ValueError, match="data.tfds_name"):
-    inputs.make_iterator(config, tmp_path, {}, None)
+    inputs.make_iterator(config, tmp_path, {})

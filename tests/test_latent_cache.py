@@ -53,15 +53,85 @@ def test_round_trip_equals_fresh_encode(setup):
     assert rec["latents"].dtype == np.float32
 
 
-def test_cache_refuses_another_vae_or_scale(setup):
+def _check(info, model, **kw):
+  latent_cache.check_cache(info, "cache", vae_config=model.vae_config.to_dict(),
+                           vae_params=model.params["vae"], **kw)
+
+
+def test_cache_refuses_another_vae_scale_text_encoder_or_clip_size(setup):
   model, _, cache_dir, info = setup
-  latent_cache.check_vae(info, model.vae_config.to_dict(), model.params["vae"], "cache")
+  text = model.params["text_encoder"]
+  data = ml_collections.ConfigDict(dict(num_frames=4, height=16, width=16))
+  _check(info, model, text_params=text, needs_context=True, data=data)
   other = pretrained.random_image_ldm(ml_collections.ConfigDict({**MODEL.to_dict(), "seed": 1}))
   with pytest.raises(ValueError, match="other VAE weights"):
-    latent_cache.check_vae(info, other.vae_config.to_dict(), other.params["vae"], "cache")
+    _check(info, other)
   scaled = dict(model.vae_config.to_dict(), scaling_factor=0.13025)
   with pytest.raises(ValueError, match="scaled by 0.18215.*uses 0.13025"):
-    latent_cache.check_vae(info, scaled, model.params["vae"], "cache")
+    latent_cache.check_cache(info, "cache", vae_config=scaled, vae_params=model.params["vae"])
+  with pytest.raises(ValueError, match="text embeddings from other text-encoder weights"):
+    _check(info, model, text_params=other.params["text_encoder"], needs_context=True)
+  with pytest.raises(ValueError, match="holds no text embeddings .* rebuild the cache with "
+                     "--text"):
+    _check(dict(info, has_context=False), model, needs_context=True)
+  # 16 px frames at the VAE's factor 2: latents (4, 8, 8, 4).
+  with pytest.raises(ValueError, match=r"clips of 4 frames of 16x16 pixels \(latents "
+                     r"\[4, 8, 8, 4\]\), the config asks for data.num_frames=8"):
+    _check(info, model, data=ml_collections.ConfigDict(dict(num_frames=8, height=16,
+                                                            width=16)))
+
+
+def test_tfds_text_fields_as_bytes_are_cached_as_text(setup, tmp_path):
+  """TFDS returns Text features (caption, path) as bytes: they are stored as str, and
+  the caption's embedding is that of its text, not of its repr."""
+  model, tokenizer, _, _ = setup
+  as_tfds = [{**ex, "caption": ex["caption"].encode(), "path": f"/v/{i}.mp4".encode()}
+             for i, ex in enumerate(_examples(3))]
+  cache_examples(model, as_tfds, str(tmp_path / "c"), batch_size=2, tokenizer=tokenizer)
+  src = latent_cache.LatentCacheSource(tmp_path / "c")
+  fresh = list(encode_examples(model, _examples(3), batch_size=2, tokenizer=tokenizer))
+  for i in range(3):
+    rec = src[i]
+    assert rec["caption"] == fresh[i]["caption"] and rec["path"] == f"/v/{i}.mp4"
+    np.testing.assert_array_equal(rec["context"], fresh[i]["context"])
+  mixed = [dict(ex, path=f"/v/{i}.mp4") for i, ex in enumerate(_examples(2))]
+  mixed[1]["video"] = mixed[1]["video"][:2]
+  with pytest.raises(ValueError, match=r"example 1 \(/v/1.mp4\): video of shape "
+                     r"\(2, 16, 16, 3\), the first was \(4, 16, 16, 3\)"):
+    list(encode_examples(model, mixed, batch_size=2))
+
+
+def test_cache_iterator_resumes_on_another_process_count(tmp_path):
+  """After n global batches, a resume with 1 or 2 processes reads on exactly where the
+  uninterrupted run goes on (the Grain index counts elements, not batches)."""
+  from videoldm_jax.data import inputs
+  vae_config = {"scaling_factor": 0.5, "block_out_channels": [1]}  # factor 1
+  vae_params = {"w": np.ones(3, np.float32)}
+  latent_cache.write_cache(
+      tmp_path / "c", ({"latents": np.full((1, 1, 1, 1), i, np.float32), "index": i}
+                       for i in range(16)),
+      vae_config=vae_config, vae_params=vae_params, num_shards=3)
+  data = ml_collections.ConfigDict(dict(cache_dir=str(tmp_path / "c"), batch_size=4,
+                                       num_frames=1, height=1, width=1))
+  check = {"vae_config": vae_config, "vae_params": vae_params}
+
+  def run(pc, pi, state=None, n=3):
+    it = inputs.ShareIterator(iter(inputs._cache_dataset(data, 0, pi, pc, check, "label")),
+                              4 // pc, pc)
+    if state:
+      it.set_state(state)
+    return it, [next(it)["latents"].reshape(-1).tolist() for _ in range(n)]
+
+  _, whole = run(1, 0, n=6)
+  it, _ = run(1, 0)
+  state = it.get_state()
+  _, a = run(2, 0, state)
+  _, b = run(2, 1, state)
+  assert [x + y for x, y in zip(a, b)] == whole[3:]
+  assert run(1, 0, state)[1] == whole[3:]
+  # A checkpoint written before the fix stored the index of batches: still resumed right.
+  old = dict(state, grain={"next_index": 3})
+  assert run(1, 0, old)[1] == whole[3:]
 
 
 def test_incomplete_cache_is_refused(setup, tmp_path):

@@ -180,11 +180,23 @@ def test_good_clips_present_exact_and_captioned(mixed):
     assert ex["fps"] == pytest.approx(8.0, rel=0.05)  # gif: 12 cs delay = 8.33 fps
 
 
-def test_tfds_data_source_by_name(mixed):
+def test_tfds_data_source_by_name(mixed, caplog):
   builder, _, _ = mixed
   ds = tfds.data_source("video_folder", split="train", data_dir=builder.data_dir_root)
   assert len(ds) == len(GOOD)
   assert ds[0]["video"].ndim == 4 and ds[0]["video"].shape[-1] == 3
+  # The trainer reads min_frames from the build's metadata: 4 frames are enough for
+  # num_frames=2 at stride 3, not for 3 (7 frames needed).
+  import ml_collections
+  from videoldm_jax.data import inputs
+  for num_frames, warned in ((2, False), (3, True)):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      inputs._check_clip_lengths(ds, ml_collections.ConfigDict(dict(
+          num_frames=num_frames, frame_stride=3)), "vf")
+    text = caplog.text
+    assert ("vf was built with min_frames=4, but num_frames=3 at frame_stride=3 need 7 "
+            "frames" in text) == warned, text
 
 
 def test_all_bad_source_raises_one_clear_error(tmp_path):

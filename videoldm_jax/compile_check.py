@@ -149,10 +149,12 @@ def _abstract_batch(setup: base.StageSetup, config: ml_collections.ConfigDict) -
   so the step is compiled without the VAE encoder and the text encoder in it."""
   d = config.data
   b = int(d.batch_size)
-  host = {"caption": np.array([""] * b), "time_of_day": np.zeros((b,), np.int32),
-          "crowdedness": np.zeros((b,), np.int32), "index": np.arange(b)}
+  host = {"caption": np.array([""] * b), "time_of_day": np.zeros((b,), np.int64),
+          "crowdedness": np.zeros((b,), np.int64), "index": np.arange(b)}
+  ldm = setup.extra.get("ldm")
+  if ldm is not None and ldm.unet_config.num_class_embeds is not None:
+    host["labels"] = np.zeros((b,), np.int32)  # from data.label_field
   if d.kind == "latent_cache":
-    ldm = setup.extra.get("ldm")
     if ldm is None:
       raise ValueError(f"config.data.kind='latent_cache': stage {config.stage!r} does not "
                        "train on VAE latents of the video LDM; use a video data kind")

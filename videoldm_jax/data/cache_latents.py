@@ -26,12 +26,26 @@ def _batches(examples: Iterable[dict], size: int) -> Iterator[list[dict]]:
     yield batch
 
 
+def _text(value) -> str:
+  """A caption as str: TFDS returns Text features as bytes."""
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _name(example: dict, index: int) -> str:
+  """The example's number in the stream, and its file when it has a 'path'."""
+  return f"{index} ({_text(example['path'])})" if "path" in example else str(index)
+
+
 def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *,
                     batch_size: int = 8, tokenizer: Optional[CLIPTokenizer] = None,
                     mesh=None) -> Iterator[dict]:
   """Yields one record per example: 'latents' float32 (T, h, w, C) = the scaled VAE
   posterior mean of its uint8 'video' (T, H, W, 3); with a tokenizer also 'context'
-  (L, D) text embeddings of its 'caption'; other scalar / string fields pass through.
+  (L, D) text embeddings of its 'caption' (str or UTF-8 bytes, as TFDS gives Text);
+  other scalar / string fields pass through. Every video must have the same shape (the
+  cache stores whole clips, uncropped): a dataset of fixed-size clips.
 
   The mean (not a sample) is cached so that a cache equals a fresh encode; frames of a
   batch are encoded together, sharded over the mesh's batch axes.
@@ -46,8 +60,18 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
   if tokenizer is not None and model.text_config is not None:
     text = jax.jit(CLIPTextModel(model.text_config).apply)
   n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+  shape, seen = None, 0
   for batch in _batches(examples, batch_size):
-    videos = np.stack([np.asarray(ex["video"]) for ex in batch])
+    videos = [np.asarray(ex["video"]) for ex in batch]
+    if shape is None:
+      shape = videos[0].shape
+    for ex, v in zip(batch, videos):
+      if v.shape != shape:
+        raise ValueError(f"example {_name(ex, seen)}: video of shape {v.shape}, the first "
+                         f"was {shape}; a latent cache holds clips of one size (cache a "
+                         "dataset of fixed-size clips)")
+      seen += 1
+    videos = np.stack(videos)
     b, t = videos.shape[:2]
     frames = videos.reshape((b * t,) + videos.shape[2:])
     pad = (-len(frames)) % n_dev  # the sharded batch axis must divide evenly
@@ -56,7 +80,7 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
     z = z[:b * t].reshape((b, t) + z.shape[1:])
     contexts = None
     if text is not None:
-      ids = tokenizer([str(ex.get("caption", "")) for ex in batch],
+      ids = tokenizer([_text(ex.get("caption", "")) for ex in batch],
                       max_length=model.text_config.max_position_embeddings)
       contexts = np.asarray(text({"params": model.params["text_encoder"]}, ids))
     for i, ex in enumerate(batch):
@@ -78,6 +102,7 @@ def cache_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], ou
         out_dir, encode_examples(model, examples, batch_size=batch_size,
                                  tokenizer=tokenizer),
         vae_config=model.vae_config.to_dict(), vae_params=model.params["vae"],
+        text_params=model.params.get("text_encoder") if tokenizer is not None else None,
         num_shards=num_shards, source=source, progress=bar)
   finally:
     bar.close()

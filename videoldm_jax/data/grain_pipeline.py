@@ -3,12 +3,14 @@
 Works over any random-access source of video examples (`len()` and `[i]`): a TFDS
 array_record data source (`builder.as_data_source('train')`) or a plain list of dicts.
 Each example needs 'video' uint8 (L, h, w, 3) with any L, h, w; optional 'caption'
-(str or bytes); every other integer scalar field is treated as a label.
+(str or bytes), 'path' (str or bytes, named in errors and warnings) and integer scalar
+fields, among them the class label `label_field` (UCF-101's 'label').
 
 Pipeline, in order (all per-example work is lazy, so a host reads only its share):
   range(N) -> shuffle (reshuffled every epoch) -> repeat(num_epochs)
   -> random_map: read the example, pick T frames at `frame_stride` from a random start,
-     resize (keep aspect, cover the target), center/random crop, optional hflip;
+     resize (keep aspect, cover the target), center/random crop, optional hflip; a clip
+     too short for that is replaced by another drawn at random (with a warning);
      with probability `image_fraction` build an "image" example instead
   -> this process's blocks of the global batch (`process_share`) -> per-process batches
   -> worker processes.
@@ -20,7 +22,10 @@ Batch (B = per-process batch size, T = num_frames):
   'caption'        str (B,)   the example's caption ('' if the source has none)
   'frame_caption'  str (B, T) caption of each frame's clip (differs per frame only in
                    image examples, whose frames come from different clips)
-  <labels>         int32 (B,), e.g. 'time_of_day', 'crowdedness'
+  'labels'         int32 (B,)  the `label_field` of each example, when the source has
+                   it: the class labels a class-conditional UNet reads
+  <other ints>     int64 (B,)  every integer scalar field under its own name, e.g.
+                   'time_of_day', 'crowdedness', 'num_frames' (the label field too)
   'source_index'   int64 (B,)  position of the example in `source`
   'image_only'     bool (B, T) True for every frame of an image example
 
@@ -41,6 +46,7 @@ The state is only valid for the same source, seed and arguments (including proce
 count and worker_count).
 """
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -49,14 +55,14 @@ import grain
 _CROPS = ("center", "random")
 
 
-def _to_str(value, where: str) -> str:
+def _to_str(value, where: str, field: str = "caption") -> str:
   if isinstance(value, bytes):
     return value.decode("utf-8")
   if isinstance(value, np.ndarray) and value.ndim == 0:
-    return _to_str(value.item(), where)
+    return _to_str(value.item(), where, field)
   if isinstance(value, str):
     return value
-  raise TypeError(f"{where}: 'caption' must be str or bytes, got {type(value).__name__}")
+  raise TypeError(f"{where}: {field!r} must be str or bytes, got {type(value).__name__}")
 
 
 def _is_int_scalar(value) -> bool:
@@ -100,49 +106,83 @@ class _MakeExample:
   which for TFDS is a lightweight handle on the array_record files.
   """
 
+  # Draws of a replacement for a clip too short for the requested frames, before the
+  # pipeline gives up (a dataset whose clips are nearly all too short).
+  MAX_DRAWS = 16
+
   def __init__(self, source, num_frames, frame_stride, height, width, crop, hflip,
-               image_fraction):
+               image_fraction, label_field="label"):
     self.source, self.num_frames, self.frame_stride = source, num_frames, frame_stride
     self.height, self.width, self.crop, self.hflip = height, width, crop, hflip
-    self.image_fraction = image_fraction
+    self.image_fraction, self.label_field = image_fraction, label_field
+    self._warned = set()  # short clips already reported by this process
 
   def _read(self, i: int):
-    """Returns (video (L, h, w, 3) uint8, caption str, labels dict) of source[i]."""
+    """Returns (video (L, h, w, 3) uint8, caption str, int fields dict, where str) of
+    source[i]; `where` names the example (and its file, when it has a 'path')."""
     ex = self.source[i]
     where = f"grain_pipeline: source example {i}"
     if not isinstance(ex, dict) or "video" not in ex:
       raise KeyError(f"{where}: expected a dict with a 'video' field, got "
                      f"{list(ex) if isinstance(ex, dict) else type(ex).__name__}")
+    if "path" in ex:
+      where += f" ({_to_str(ex['path'], where, 'path')})"
     video = np.asarray(ex["video"])
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
       raise ValueError(f"{where}: 'video' must be uint8 (T, H, W, 3), got {video.dtype} "
                        f"{video.shape}")
+    if video.shape[0] == 0:
+      raise ValueError(f"{where}: 'video' has no frames")
     caption = _to_str(ex["caption"], where) if "caption" in ex else ""
-    labels = {k: np.int32(v) for k, v in ex.items()
-              if k not in ("video", "caption") and _is_int_scalar(v)}
-    return video, caption, labels
+    ints = {k: np.int64(v) for k, v in ex.items()
+            if k not in ("video", "caption") and _is_int_scalar(v)}
+    if self.label_field in ints:
+      label = ints[self.label_field]
+      if not np.iinfo(np.int32).min <= label <= np.iinfo(np.int32).max:
+        raise ValueError(f"{where}: label field {self.label_field!r} = {label} does not "
+                         "fit int32")
+      ints["labels"] = np.int32(label)
+    return video, caption, ints, where
 
   def _flip(self, frames, rng):
     return frames[:, :, ::-1] if self.hflip and rng.random() < 0.5 else frames
+
+  def _long_enough(self, index: int, rng: np.random.Generator, span: int):
+    """(index, _read(index)) of a clip with >= span frames: `index` itself, or, when it
+    is too short, other clips drawn with `rng` (so the stream stays deterministic)."""
+    for _ in range(self.MAX_DRAWS):
+      read = self._read(index)
+      length, where = read[0].shape[0], read[3]
+      if length >= span:
+        return index, read
+      if index not in self._warned:
+        self._warned.add(index)
+        logging.warning(
+            "%s has %d frames, fewer than the %d that num_frames=%d at frame_stride=%d "
+            "need: replaced by another clip (%d short clips seen by this process; "
+            "rebuild the dataset with --min_frames=%d to drop them)", where, length,
+            span, self.num_frames, self.frame_stride, len(self._warned), span)
+      index = int(rng.integers(len(self.source)))
+    raise ValueError(f"{where} has {length} frames, fewer than num_frames="
+                     f"{self.num_frames} at frame_stride={self.frame_stride} need ({span}), "
+                     f"and so had {self.MAX_DRAWS - 1} clips drawn to replace it: lower "
+                     "num_frames / frame_stride, or rebuild the dataset with longer clips")
 
   def __call__(self, index, rng: np.random.Generator) -> dict:
     index = int(index)
     T, stride = self.num_frames, self.frame_stride
     # Drawn unconditionally, so video examples' crops do not depend on image_fraction.
     is_image = rng.random() < self.image_fraction
-    video, caption, labels = self._read(index)
     if not is_image:
       span = (T - 1) * stride + 1
-      if video.shape[0] < span:
-        raise ValueError(f"grain_pipeline: source example {index} has {video.shape[0]} "
-                         f"frames, fewer than num_frames={T} at frame_stride={stride} "
-                         f"need ({span})")
+      index, (video, caption, ints, _) = self._long_enough(index, rng, span)
       start = int(rng.integers(video.shape[0] - span + 1))
       frames = video[start:start + span:stride]
       frames = self._flip(resize_and_crop(frames, self.height, self.width, self.crop, rng),
                           rng)
       frame_captions = [caption] * T
     else:
+      video, caption, ints, _ = self._read(index)
       # Other clips for frames 1..T-1: distinct when the source is large enough.
       n = len(self.source)
       if n > 1:
@@ -162,7 +202,7 @@ class _MakeExample:
       "video": np.ascontiguousarray(frames),
       "caption": caption,
       "frame_caption": np.array(frame_captions, dtype=str),
-      **labels,
+      **ints,
       "source_index": np.int64(index),
       "image_only": np.full((T,), is_image, bool),
     }
@@ -205,7 +245,8 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
                        hflip: bool = False, shuffle: bool = True,
                        num_epochs: int | None = None, process_index: int | None = None,
                        process_count: int | None = None, worker_count: int = 0,
-                       image_fraction: float = 0.0, drop_remainder: bool = True,
+                       image_fraction: float = 0.0, label_field: str = "label",
+                       drop_remainder: bool = True,
                        read_threads: int = 4,
                        worker_buffer_size: int = 2) -> grain.IterDataset:
   """Builds the training input pipeline; `iter()` it to get batches (module docstring).
@@ -225,6 +266,7 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
     worker_count: > 0 runs the per-example work in that many worker processes (Grain
       mp_prefetch); the order is still deterministic but differs from worker_count=0.
     image_fraction: probability that an example is an image example (image_only=True).
+    label_field: the integer field emitted as 'labels' (int32), the class label.
     drop_remainder: drop a final partial batch (finite epochs only).
     read_threads: threads that read and decode examples (per worker process).
     worker_buffer_size: batches each worker process keeps ready.
@@ -259,7 +301,8 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
   if num_epochs is not None:
     ds = ds[:len(ds) // process_count * process_count]
   ds = ds.random_map(_MakeExample(source, int(num_frames), int(frame_stride), int(height),
-                                  int(width), crop, bool(hflip), float(image_fraction)))
+                                  int(width), crop, bool(hflip), float(image_fraction),
+                                  str(label_field)))
   ds = process_share(ds, int(batch_size), process_index, process_count)
   # A bounded read-ahead: the default (hundreds of examples) would hold GBs of clips.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),

@@ -6,9 +6,12 @@ config.data.kind:
   video_folder        a `video_folder` TFDS dataset built beforehand under data_dir
   tfds                any TFDS ArrayRecord dataset `tfds_name` under data_dir
   latent_cache        a folder written by videoldm-cache-latents (cache_dir); its VAE
-                      must be the model's
+                      (and text encoder, when it holds text embeddings) must be the
+                      model's, its clips data.num_frames x height x width
   procedural          clips drawn on the fly (no files; a smoke-test source)
 Every process reads only its share; iterator states are JSON and go into checkpoints.
+data.label_field (default 'label') names the integer field batched as 'labels', the
+class labels of a class-conditional UNet.
 """
 
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from videoldm_jax.data import latent_cache
@@ -44,19 +48,45 @@ def _tfds_source(data, workdir: Path):
       raise ValueError("data.kind='tfds' reads the TFDS dataset data.tfds_name (e.g. "
                        "--config.data.tfds_name=webvid_local or ucf101_local/split_1); "
                        "it is empty")
-  return tfds.data_source(name, data_dir=data_dir, split=data.get("split", "train"),
-                          download=False)
+  source = tfds.data_source(name, data_dir=data_dir, split=data.get("split", "train"),
+                            download=False)
+  _check_clip_lengths(source, data, f"{data_dir}/{name}")
+  return source
 
 
-def _cache_dataset(data, seed: int, pi: int, pc: int, vae_config: dict, vae_params: Any):
+def _cache_dataset(data, seed: int, pi: int, pc: int, cache_check: dict,
+                   label_field: str):
   source = latent_cache.LatentCacheSource(data.cache_dir)
-  latent_cache.check_vae(source.info, vae_config, vae_params, str(data.cache_dir))
-  keep = ("latents", "context")
+  latent_cache.check_cache(source.info, str(data.cache_dir), data=data, **cache_check)
+  b = data.batch_size // pc
+
+  def fields(r: dict) -> dict:
+    out = {k: np.asarray(r[k]) for k in ("latents", "context") if k in r}
+    if label_field in r:
+      out["labels"] = np.int32(r[label_field])
+    return out
+
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-  ds = (process_share(ds, data.batch_size // pc, pi, pc)
-        .map(lambda r: {k: np.asarray(r[k]) for k in keep if k in r})
-        .batch(data.batch_size // pc, drop_remainder=True))
-  return ds.to_iter_dataset()
+  ds = process_share(ds, b, pi, pc).map(fields)
+  # Batched after to_iter_dataset, so the Grain state counts elements (as ShareIterator
+  # assumes); a bounded read-ahead (the default keeps hundreds of elements).
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=2 * b))
+  return ds.batch(b, drop_remainder=True)
+
+
+def _check_clip_lengths(source, data, name: str) -> None:
+  """Warns, before training, when the dataset may hold clips too short for
+  data.num_frames at data.frame_stride (its builders record `min_frames`); the pipeline
+  replaces each such clip by another, with a warning naming it."""
+  info = getattr(source, "dataset_info", None)
+  built = (info.metadata or {}).get("build_options", {}) if info is not None else {}
+  span = (data.num_frames - 1) * data.get("frame_stride", 1) + 1
+  if isinstance(built, dict) and "min_frames" in built and built["min_frames"] < span:
+    logging.warning(
+        "%s was built with min_frames=%d, but num_frames=%d at frame_stride=%d need %d "
+        "frames: shorter clips will be replaced by others (rebuild with --min_frames=%d "
+        "to drop them)", name, built["min_frames"], data.num_frames,
+        data.get("frame_stride", 1), span, span)
 
 
 class ShareIterator:
@@ -89,10 +119,13 @@ class ShareIterator:
                        f"{state['global_batch']}, this run reads {self._b * self._pc}; "
                        "resuming would skip or repeat examples")
     self._batches = int(state["batches"])
-    if state["process_count"] == self._pc:
-      self._it.set_state(state["grain"])
-    elif set(state["grain"]) == {"next_index"}:
+    if set(state["grain"]) == {"next_index"}:
+      # Every global batch took exactly b elements of each process's share. Set from the
+      # batch count, not the stored index: latent-cache checkpoints written before its
+      # dataset was batched after `to_iter_dataset` stored an index of batches.
       self._it.set_state({"next_index": self._batches * self._b})
+    elif state["process_count"] == self._pc:
+      self._it.set_state(state["grain"])
     else:
       raise ValueError(f"data state: cannot move a Grain state with worker processes "
                        f"({sorted(state['grain'])}) from {state['process_count']} to "
@@ -100,8 +133,13 @@ class ShareIterator:
                        "process count")
 
 
-def make_iterator(config, workdir: Path, vae_config: dict, vae_params: Any):
-  """Host-batch iterator for this process (see the module docstring)."""
+def make_iterator(config, workdir: Path, cache_check: dict):
+  """Host-batch iterator for this process (see the module docstring).
+
+  cache_check: keyword arguments of `latent_cache.check_cache` besides the cache's info
+  (the model's vae_config, vae_params, text_params, needs_context) for
+  data.kind='latent_cache'.
+  """
   data, seed = config.data, config.seed
   pc, pi = jax.process_count(), jax.process_index()
   if data.kind not in KINDS:
@@ -113,7 +151,8 @@ def make_iterator(config, workdir: Path, vae_config: dict, vae_params: Any):
     return ClipIterator(data.batch_size // pc, data.num_frames, data.height, data.width,
                         seed=seed, process_index=pi, process_count=pc)
   if data.kind == "latent_cache":
-    return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, vae_config, vae_params)),
+    return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, cache_check,
+                                             data.get("label_field", "label"))),
                          data.batch_size // pc, pc)
   ds = make_video_dataset(
       _tfds_source(data, workdir), batch_size=data.batch_size // pc,
@@ -121,5 +160,6 @@ def make_iterator(config, workdir: Path, vae_config: dict, vae_params: Any):
       height=data.height, width=data.width, crop=data.get("crop", "random"),
       hflip=data.get("hflip", False), seed=seed, process_index=pi, process_count=pc,
       worker_count=data.get("worker_count", 0),
-      image_fraction=data.get("image_fraction", 0.0))
+      image_fraction=data.get("image_fraction", 0.0),
+      label_field=data.get("label_field", "label"))
   return ShareIterator(iter(ds), data.batch_size // pc, pc)

@@ -6,11 +6,15 @@ cache does it once. Layout of a cache folder:
   DIR/latents-00000-of-00004.array_record   records: msgpack maps of NumPy arrays and
                                             strings (no pickle), one per clip
   DIR/cache_info.json                       which VAE made it (config, scaling factor
-                                            and a fingerprint of its weights), latent
-                                            shape, record count, source
+                                            and a fingerprint of its weights), whether
+                                            it holds text embeddings and the text
+                                            encoder's fingerprint, latent shape, record
+                                            count, source
 
-`LatentCacheSource` is a random-access source (`len`, `[i]`) for Grain; `check_vae`
-refuses a cache made by another VAE or scale factor, naming what differs.
+`LatentCacheSource` is a random-access source (`len`, `[i]`) for Grain; `check_cache`
+refuses a cache made by another VAE, scale factor or text encoder, one without the text
+embeddings a text-conditioned model needs, and clips of another size, naming what
+differs.
 """
 
 import hashlib
@@ -26,10 +30,11 @@ INFO_FILE = "cache_info.json"
 FORMAT = "videoldm-jax/latent-cache"
 
 
-def vae_fingerprint(vae_params: dict) -> str:
-  """SHA-256 over every VAE weight (path, shape, dtype and bytes), in path order."""
+def params_fingerprint(params: dict) -> str:
+  """SHA-256 over every weight of a parameter tree (path, shape, dtype and bytes), in
+  path order."""
   h = hashlib.sha256()
-  for path, value in sorted(traverse_util.flatten_dict(vae_params).items()):
+  for path, value in sorted(traverse_util.flatten_dict(params).items()):
     value = np.ascontiguousarray(np.asarray(value))
     h.update("/".join(path).encode())
     h.update(str((value.shape, value.dtype.str)).encode())
@@ -37,10 +42,29 @@ def vae_fingerprint(vae_params: dict) -> str:
   return h.hexdigest()
 
 
+def _field(name: str, value):
+  """A record field as msgpack stores it: text as str (bytes, as TFDS returns Text
+  features, are decoded: msgpack cannot restore NumPy byte-string arrays), the rest as
+  arrays."""
+  if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "SU":
+    value = value.item()
+  if isinstance(value, bytes):
+    try:
+      return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"record field {name!r}: bytes that are not UTF-8 text") from e
+  if isinstance(value, str):
+    return value
+  value = np.asarray(value)
+  if value.dtype.kind in "SUO":
+    raise TypeError(f"record field {name!r}: {value.dtype} arrays cannot be cached; "
+                    "give text as str")
+  return value
+
+
 def encode_record(example: dict[str, Any]) -> bytes:
-  """{name: array | str | number} -> msgpack bytes."""
-  return serialization.msgpack_serialize(
-      {k: (np.asarray(v) if not isinstance(v, str) else v) for k, v in example.items()})
+  """{name: array | str | bytes (UTF-8 text) | number} -> msgpack bytes."""
+  return serialization.msgpack_serialize({k: _field(k, v) for k, v in example.items()})
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
@@ -48,10 +72,12 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 def write_cache(out_dir: str | Path, records: Iterable[dict], *, vae_config: dict,
-                vae_params: dict, num_shards: int = 1, source: str = "",
-                progress: Optional[Any] = None) -> dict:
+                vae_params: dict, text_params: Optional[dict] = None, num_shards: int = 1,
+                source: str = "", progress: Optional[Any] = None) -> dict:
   """Writes `records` (dicts with 'latents' float (T, h, w, C) and anything else, e.g.
-  'caption', labels, 'context') round-robin into `num_shards` ArrayRecord files.
+  'caption', labels, 'context' (L, D) from the text encoder `text_params`) round-robin
+  into `num_shards` ArrayRecord files. Every record must have the same latent shape, and
+  all or none a 'context'.
 
   Returns the info written to cache_info.json.
   """
@@ -62,12 +88,16 @@ def write_cache(out_dir: str | Path, records: Iterable[dict], *, vae_config: dic
   paths = [out_dir / f"latents-{i:05d}-of-{num_shards:05d}.array_record"
            for i in range(num_shards)]
   writers = [ar.ArrayRecordWriter(str(p), "group_size:1") for p in paths]
-  count, shape = 0, None
+  count, shape, has_context = 0, None, None
   try:
     for rec in records:
       latents = np.asarray(rec["latents"])
       if shape is None:
-        shape = list(latents.shape)
+        shape, has_context = list(latents.shape), "context" in rec
+      elif list(latents.shape) != shape or ("context" in rec) != has_context:
+        raise ValueError(f"{out_dir}: record {count} has latents {list(latents.shape)}"
+                         f"{' and' if 'context' in rec else ' but no'} context, the first "
+                         f"had {shape}{' and' if has_context else ' but no'} context")
       writers[count % num_shards].write(encode_record(rec))
       count += 1
       if progress is not None:
@@ -80,7 +110,10 @@ def write_cache(out_dir: str | Path, records: Iterable[dict], *, vae_config: dic
   info = {"format": FORMAT, "num_records": count, "latent_shape": shape,
           "files": [p.name for p in paths], "vae_config": vae_config,
           "scaling_factor": vae_config.get("scaling_factor"),
-          "vae_fingerprint": vae_fingerprint(vae_params), "source": source}
+          "vae_fingerprint": params_fingerprint(vae_params), "source": source,
+          "has_context": has_context,
+          "text_fingerprint": (params_fingerprint(text_params)
+                               if has_context and text_params is not None else None)}
   # Written last: a cache without its info file is incomplete and is never opened.
   (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
   return info
@@ -97,19 +130,42 @@ def read_info(cache_dir: str | Path) -> dict:
   return info
 
 
-def check_vae(info: dict, vae_config: dict, vae_params: dict, where: str) -> None:
-  """Raises ValueError unless the cache was made by this VAE and scale factor."""
+def check_cache(info: dict, where: str, *, vae_config: dict, vae_params: dict,
+                text_params: Optional[dict] = None, needs_context: bool = False,
+                data: Optional[Any] = None) -> None:
+  """Raises ValueError unless the cache (its `info`) can feed the model: made by this
+  VAE and scale factor; with text embeddings from this text encoder (`text_params`)
+  when the model is text-conditioned (`needs_context`); clips of data.num_frames x
+  data.height x data.width pixels when `data` (config.data) is given."""
   if info.get("scaling_factor") != vae_config.get("scaling_factor"):
     raise ValueError(f"{where}: latents were scaled by {info.get('scaling_factor')}, the "
                      f"model's VAE uses {vae_config.get('scaling_factor')}; rebuild the cache")
   if info.get("vae_config") != vae_config:
     raise ValueError(f"{where}: made by a VAE with config {info.get('vae_config')}, the "
                      f"model's is {vae_config}; rebuild the cache")
-  fingerprint = vae_fingerprint(vae_params)
+  fingerprint = params_fingerprint(vae_params)
   if info.get("vae_fingerprint") != fingerprint:
     raise ValueError(f"{where}: made by other VAE weights (fingerprint "
                      f"{info.get('vae_fingerprint', '?')[:12]}…, the model's is "
                      f"{fingerprint[:12]}…); rebuild the cache")
+  if needs_context:
+    if not info.get("has_context"):
+      raise ValueError(f"{where}: holds no text embeddings (made with --notext), but the "
+                       "model is text-conditioned; rebuild the cache with --text")
+    if text_params is not None and info.get("text_fingerprint") is not None:
+      fingerprint = params_fingerprint(text_params)
+      if info["text_fingerprint"] != fingerprint:
+        raise ValueError(f"{where}: text embeddings from other text-encoder weights "
+                         f"(fingerprint {info['text_fingerprint'][:12]}…, the model's is "
+                         f"{fingerprint[:12]}…); rebuild the cache")
+  if data is not None and info.get("latent_shape"):
+    t, h, w = info["latent_shape"][:3]
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if (t, h * factor, w * factor) != (data.num_frames, data.height, data.width):
+      raise ValueError(f"{where}: holds clips of {t} frames of {h * factor}x{w * factor} "
+                       f"pixels (latents {info['latent_shape']}), the config asks for "
+                       f"data.num_frames={data.num_frames}, data.height={data.height}, "
+                       f"data.width={data.width}; set those, or cache clips of that size")
 
 
 class LatentCacheSource:
@@ -123,6 +179,8 @@ class LatentCacheSource:
     if sum(self._counts) != self.info["num_records"]:
       raise ValueError(f"{cache_dir}: files hold {sum(self._counts)} records, "
                        f"{INFO_FILE} says {self.info['num_records']} (truncated copy?)")
+    if "has_context" not in self.info:  # caches written before the field existed
+      self.info["has_context"] = "context" in self[0]
 
   def __len__(self) -> int:
     return self.info["num_records"]

@@ -198,7 +198,7 @@ def pixel_iterator(config: ml_collections.ConfigDict, workdir: Path):
   if config.data.kind == "latent_cache":
     raise ValueError(f"config.stage={config.stage!r} trains on pixels: data.kind "
                      "'latent_cache' holds latents only; use a video source")
-  return lambda: inputs.make_iterator(config, workdir, {}, None)
+  return lambda: inputs.make_iterator(config, workdir, {})
 
 
 def reconstruction_sampler(config: ml_collections.ConfigDict,

@@ -245,12 +245,13 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
     new = ldm.init_unet_params(config.seed, where=init_where(need, "unet", have))
     return {**model.params, "unet": merge(model.params["unet"], new)}
 
-  vae = {"config": ldm.vae_config.to_dict(), "params": image.params["vae"]}
+  cache_check = {"vae_config": ldm.vae_config.to_dict(), "vae_params": image.params["vae"],
+                 "text_params": image.params.get("text_encoder"),
+                 "needs_context": ldm.text_config is not None}
   return StageSetup(
       stage=stage, abstract_params=ldm.abstract_params(), logical_axes=ldm.logical_axes(),
       init_params=init_params,
-      make_iterator=lambda: inputs.make_iterator(config, workdir, vae["config"],
-                                                 vae["params"]),
+      make_iterator=lambda: inputs.make_iterator(config, workdir, cache_check),
       make_batch=batch_maker(tokenizer, max_len),
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),

@@ -254,7 +254,6 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   unet = model.unet_module(DTYPES[config.train.compute_dtype], config.train.remat_policy)
   stage = make_stage(model, config.mode, config.patch_size, config.get("min_snr_gamma"),
                      DTYPES[config.train.compute_dtype], config.train.remat_policy)
-  vae_dict = {} if model.vae is None else model.vae.to_dict()
 
   def make_batch(host: dict) -> dict:
     return {k: host[k] for k in ("video", "image_only") if k in host}
@@ -268,7 +267,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
       logical_axes=um.logical_axes(model, unet),
       init_params=init_params_fn(model, image, vae_params, config.seed,
                                  config.image_upsampler),
-      make_iterator=lambda: inputs.make_iterator(config, workdir, vae_dict, vae_params),
+      make_iterator=lambda: inputs.make_iterator(config, workdir, {}),
       make_batch=make_batch,
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),
