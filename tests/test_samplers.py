@@ -152,6 +152,23 @@ def test_oracle_denoiser_recovers_x0(kind, sampler, tol):
   assert max_rel_err(out, x0) < tol
 
 
+@pytest.mark.parametrize("sampler,tol", [("dpmpp_2m", 1e-5), ("ddpm", 1e-4)])
+def test_ddpm_and_dpm_end_on_x0_even_without_set_alpha_to_one(sampler, tol):
+  """set_alpha_to_one=False (SD's scheduler configs) is DDIM's: its last step ends at
+  abar_0. DDPM and DPM-Solver end at abar = 1 regardless, as in diffusers; DDPM's last
+  step at t = 0 with steps_offset 0 would otherwise go from abar_0 to abar_0, a no-op."""
+  s = schedules.make_schedule("scaled_linear")
+  x0, x_T = jnp.asarray(_randn(10)), jnp.asarray(_randn(11))
+  abar0 = float(s.alphas_cumprod[0])
+  kw = dict(key=jax.random.PRNGKey(0), progress=False, steps_offset=0,
+            final_alpha_cumprod=abar0)
+  out = samplers.sample(_oracle(s, x0, "epsilon"), x_T, s, 20, sampler, "epsilon", **kw)
+  assert max_rel_err(out, x0) < tol
+  # DDIM honours it: its result is x_0 re-noised to abar_0 with the predicted noise.
+  ddim = samplers.sample(_oracle(s, x0, "epsilon"), x_T, s, 20, "ddim", "epsilon", **kw)
+  assert max_rel_err(ddim, x0) > 1e-3
+
+
 def test_cfg_identities():
   cond, uncond = jnp.asarray(_randn(12)), jnp.asarray(_randn(13))
   np.testing.assert_array_equal(samplers.classifier_free_guidance(uncond, cond, 1.0), cond)
@@ -188,3 +205,7 @@ def test_sample_argument_errors():
     samplers.sample(lambda x, t: x, x, s, 5, "euler", progress=False)
   with pytest.raises(ValueError, match="num_steps"):
     samplers.inference_timesteps(1000, 1001)
+  # 'leading' with 1000 steps and steps_offset 1 puts the first step at t = 1000.
+  with pytest.raises(ValueError, match=r"timesteps \[1000\] lie outside the schedule's "
+                     r"\[0, 1000\)"):
+    samplers.sample(lambda x, t: x, x, s, 1000, "ddim", progress=False, steps_offset=1)

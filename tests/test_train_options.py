@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -70,11 +71,33 @@ def test_remat_policies_change_memory_not_results(reference, remat):
 
 def test_gradient_accumulation_averages_microbatch_losses():
   stage, params, _, metrics = _one_step(grad_accum=2)
-  # Microbatch i of step 0 uses key fold_in(fold_in(key(seed), 0), i).
+  # Microbatch i of step 0 holds rows i, i + 2 and uses key
+  # fold_in(fold_in(key(seed), 0), i).
   key = jax.random.fold_in(jax.random.key(0), 0)
-  expected = np.mean([float(stage.loss_fn(params, {"latents": LATENTS[2 * i:2 * i + 2]},
+  expected = np.mean([float(stage.loss_fn(params, {"latents": LATENTS[i::2]},
                                           jax.random.fold_in(key, i))[0]) for i in range(2)])
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+
+
+def test_gradient_accumulation_keeps_every_device_busy():
+  """With the batch split over 4 devices, each microbatch has rows on all of them: the
+  compiled step gathers nothing and each device's matmul takes B / (n * 4) rows."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  stage = step_lib.Stage("s", lambda path: True,
+                         lambda p, b, key, step=None: (jnp.mean((b["x"] @ p["w"]) ** 2), {}))
+  tx = optax.sgd(0.1)
+  params = {"w": np.ones((16, 16), np.float32)}
+  shardings = step_lib.state_shardings({"w": NamedSharding(mesh, PartitionSpec())}, stage,
+                                       tx, jax.eval_shape(lambda: params), mesh)
+  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  fn = step_lib.build_train_step(stage, tx, seed=0, grad_accum=2, shardings=shardings,
+                                 batch_sharding=batch_sharding)
+  state = step_lib.init_state(params, stage, tx, shardings)
+  batch = {"x": jax.device_put(np.ones((8, 16), np.float32), batch_sharding)}
+  hlo = fn.lower(state, batch).compile().as_text()
+  assert "all-gather" not in hlo
+  assert "f32[1,16]{1,0} dot(" in hlo, hlo  # 8 rows / 2 microbatches / 4 devices
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):

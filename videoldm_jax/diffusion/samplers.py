@@ -229,7 +229,10 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
   Each step goes to the next grid point. (diffusers' DDIMScheduler instead steps to
   t - T // num_steps, which is the same grid for 'leading' and for 'trailing' when
   num_steps divides T, and up to one timestep off otherwise.)
-  The remaining keywords match `schedules.SamplingConfig`'s fields.
+  The remaining keywords match `schedules.SamplingConfig`'s fields. final_alpha_cumprod
+  (diffusers' set_alpha_to_one) is a DDIM setting: DDPM and DPM-Solver always end at
+  abar = 1, on x_0 itself, as diffusers' DDPMScheduler and DPM-Solver
+  (final_sigmas_type="zero") do, whatever the scheduler config says.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -243,9 +246,16 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
     timesteps = grid(schedule.num_train_timesteps, num_steps, timestep_spacing or default,
                      steps_offset)
   timesteps = [int(t) for t in timesteps]
+  bad = [t for t in timesteps if not 0 <= t < schedule.num_train_timesteps]
+  if bad:
+    # An index past the schedule would be clamped silently by the gather.
+    raise ValueError(f"timesteps {bad} lie outside the schedule's [0, "
+                     f"{schedule.num_train_timesteps}); lower steps_offset or num_steps")
   nexts = timesteps[1:] + [-1]
   n = len(timesteps)
   batch = x_T.shape[0]
+  if sampler != "ddim":
+    final_alpha_cumprod = 1.0
   final = jnp.float32(final_alpha_cumprod)
   x, state = x_T, dpmpp_2m_init(x_T)
   for i in tqdm(range(n), desc=sampler, disable=not progress):
@@ -259,9 +269,9 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
       x = _ddpm_jit(schedule, out, t, t_next, x, prediction_type=prediction_type,
                     key=step_key, final_alpha_cumprod=final, clip_sample=clip_sample)
     else:
-      # As diffusers' lower_order_final: the last step is first order when it ends at
-      # sigma = 0 (where the 2nd-order ratio r is 0) or the grid is short (< 15 steps).
-      last_first_order = i == n - 1 and (final_alpha_cumprod == 1.0 or n < 15)
+      # As diffusers' lower_order_final: the last step, which ends at sigma = 0 (where
+      # the 2nd-order ratio r is 0), is first order.
+      last_first_order = i == n - 1
       x, state = _dpm_jit(schedule, out, t, t_next, x, state, prediction_type=prediction_type,
                           first_order=(i == 0 or last_first_order),
                           final_alpha_cumprod=final, clip_sample=clip_sample)

@@ -124,9 +124,6 @@ def sample_clip(model: ContextModel, known: jax.Array, mask: jax.Array,
   denoise = guided_context_fn(model, masked_cond(known, mask), options, text, uncond_text,
                               labels)
   sampling = model.sampling
-  if options.sampler == "dpmpp_2m":
-    # DPM-Solver ends at sigma = 0; set_alpha_to_one is a DDIM setting (as sampling.py).
-    sampling = dataclasses.replace(sampling, final_alpha_cumprod=1.0)
   x0 = samplers.sample(denoise, x_T, model.schedule, options.num_steps,
                        sampler=options.sampler, key=jax.random.fold_in(key, 1),
                        progress=options.progress, eta=options.eta,

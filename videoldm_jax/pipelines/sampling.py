@@ -141,10 +141,6 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
     x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
   elif tuple(x_T.shape) != shape:
     raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
-  if options.sampler == "dpmpp_2m":
-    # DPM-Solver ends at sigma = 0 (diffusers' final_sigmas_type="zero");
-    # set_alpha_to_one is a DDIM setting.
-    sampling = dataclasses.replace(sampling, final_alpha_cumprod=1.0)
   return samplers.sample(
       denoise, jnp.asarray(x_T, jnp.float32), schedule, options.num_steps,
       sampler=options.sampler, key=jax.random.fold_in(key, 1), progress=options.progress,

@@ -78,8 +78,7 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   denoise_fn = lambda x, tt: denoise(unet_params, x, cond, tt, levels)
   kw = dict(prediction_type=sampling.prediction_type, timestep_spacing=sampling.timestep_spacing,
             steps_offset=sampling.steps_offset, clip_sample=sampling.clip_sample,
-            final_alpha_cumprod=(1.0 if sampler == "dpmpp_2m"
-                                 else sampling.final_alpha_cumprod))
+            final_alpha_cumprod=sampling.final_alpha_cumprod)
   x0 = samplers.sample(denoise_fn, x_T, schedule, steps, sampler=sampler,
                        key=jax.random.fold_in(key, 2), progress=progress, eta=eta, **kw)
   if model.space == "latent":

@@ -136,10 +136,16 @@ def group_leaves(tree: dict, group: Callable[[Path], str]) -> dict[str, list]:
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
+  """(B, ...) leaves -> (n, B // n, ...), microbatch i = rows i, i + n, i + 2n, ...
+
+  Strided, not consecutive blocks: with the batch axis split over devices in blocks,
+  every microbatch then has rows on every device, and the step needs no all-gather
+  (consecutive blocks would sit on a fraction of the devices, which XLA answers by
+  gathering the batch and computing rows redundantly)."""
   def f(x):
     if x.shape[0] % n:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={n}")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
   return jax.tree_util.tree_map(f, batch)
 
 
@@ -152,7 +158,8 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
 
   The step's randomness is fold_in(key(seed), step): a resumed run draws exactly what an
   uninterrupted one does. With `grad_accum` = n the batch is split into n microbatches
-  whose gradients are averaged (a `lax.scan`, so memory is that of one microbatch).
+  (microbatch i: rows i, i + n, ...) whose gradients are averaged (a `lax.scan`, so
+  memory is that of one microbatch).
   `shardings` / `batch_sharding` pin the layouts; the input state is donated.
   """
   base_key = jax.random.key(seed)
