@@ -239,6 +239,17 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
   assert result.plan.num_keys == 4 and result.plan.generated_frames == 13
   assert video_io.read_video(result.path).shape == (13, 8, 8, 3)
 
+  # A first clip of 1 key frame, shorter than num_context=2: round 1 has 1 context frame
+  # and makes 3 new ones, the later rounds 2 each: 1 + 3 + 2 + 2 + 2 = 10 key frames in
+  # 4 rounds (not ceil(9 / 2) = 5, whose last would sample and keep nothing).
+  short_first = generate.generate_video(
+      tmp_path / "short.npy", generate.GenerateOptions(
+          num_frames=10, **{**FAST, "keyframes_per_clip": 1, "predictor_frames": 4}),
+      log=None, keyframe_model=folders["keyframe_model"],
+      predictor_model=folders["predictor_model"])
+  assert (short_first.plan.first_clip, short_first.plan.rounds) == (1, 4)
+  assert np.load(short_first.path).shape == (10, 8, 8, 3)
+
   with pytest.raises(ValueError, match="key-frame model .* or a prediction model"):
     generate.load_chain(decoder_model=folders["decoder_model"])
   with pytest.raises(ValueError, match="predictor model .*keyframe.*not a context model"):

@@ -105,6 +105,9 @@ def test_patch_trained_weights_sample_full_frames_at_4x(trained):
   assert float(jnp.max(jnp.abs(lo - hi))) > 1e-3
   again = upsampling.upsample(model, trained["params"], lowres, noise_level=0, steps=2, seed=0)
   np.testing.assert_array_equal(np.asarray(lo), np.asarray(again))
+  # Levels the model never trained on (training draws [0, max_noise_level)) are refused.
+  with pytest.raises(ValueError, match=r"noise_level must be in \[0, max_noise_level=350\)"):
+    upsampling.upsample(model, trained["params"], lowres, noise_level=350, steps=2)
 
 
 def test_export_round_trip(trained, tmp_path):

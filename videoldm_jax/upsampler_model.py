@@ -112,8 +112,11 @@ class UpsamplerConfig:
     levels = self.aug_levels()
     if not 0 < self.max_noise_level <= levels:
       raise ValueError(f"max_noise_level must be in [1, {levels}], got {self.max_noise_level}")
-    if not 0 <= self.noise_level < levels:
-      raise ValueError(f"noise_level must be in [0, {levels}), got {self.noise_level}")
+    if not 0 <= self.noise_level < self.max_noise_level:
+      # Training never draws a level of max_noise_level or more: their class
+      # embeddings are untrained.
+      raise ValueError(f"noise_level must be in [0, max_noise_level={self.max_noise_level}),"
+                       f" got {self.noise_level}")
     c, u = self.channels, self.unet
     if (u.in_channels, u.out_channels, u.num_class_embeds) != (2 * c, c, levels):
       raise ValueError(

@@ -277,7 +277,9 @@ class Plan:
   num_frames: int         # frames written
   num_keys: int           # K key frames
   first_clip: int         # key frames of the first clip
-  new_per_round: int      # new key frames per prediction round
+  new_per_round: int      # new key frames per prediction round (after the first round,
+                          # which makes more when the first clip is shorter than the
+                          # context)
   rounds: int             # prediction rounds
   passes: int             # x stride interpolation passes
   generated_frames: int   # F (K - 1) + 1 >= num_frames
@@ -320,7 +322,12 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     if not 0 <= s < p:
       raise ValueError(f"num_context={s} must be in [0, predictor_frames={p})")
     first = min(k, t if models.keyframe is not None else p)
-    rounds = -(-(k - first) // (p - s))
+    # Round 1 sees min(s, first) context frames (a first clip shorter than num_context
+    # gives fewer), the later rounds s: each makes p minus its context new frames.
+    rounds, have = 0, first
+    while have < k:
+      have += p - min(s, have)
+      rounds += 1
   else:
     first, rounds = k, 0
   window = o.interp_window or t

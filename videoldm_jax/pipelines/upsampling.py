@@ -61,8 +61,9 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
     raise ValueError(f"output size {h * s}x{w * s} must be a multiple of {m} for this "
                      f"model (low-res {h}x{w}, scale {s})")
   level = model.noise_level if noise_level is None else int(noise_level)
-  if not 0 <= level < model.aug_levels():
-    raise ValueError(f"noise_level must be in [0, {model.aug_levels()}), got {level}")
+  if not 0 <= level < model.max_noise_level:
+    raise ValueError(f"noise_level must be in [0, max_noise_level={model.max_noise_level}) "
+                     f"(the levels the model was trained on), got {level}")
   denoise, cond_fn, decode = _jitted(model)
   schedule, sampling, aug_schedule = model.schedules()
   key = jax.random.key(seed)
@@ -71,7 +72,8 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   shape = (b, t, h * s // f, w * s // f, model.channels)
   levels = jnp.full((b,), level, jnp.int32)
   # One fixed level for every frame and video, as in training (per video there).
-  cond = cond_fn(aug_schedule, vae_params, um.to_float(lowres), levels,
+  # Clipped: decoded frames overshoot [-1, 1] a little; training inputs never do.
+  cond = cond_fn(aug_schedule, vae_params, jnp.clip(um.to_float(lowres), -1.0, 1.0), levels,
                  gaussian_noise(jax.random.fold_in(key, 1), shape))
   x_T = gaussian_noise(jax.random.fold_in(key, 0), shape)
   unet_params = params["unet"]
