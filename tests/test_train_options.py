@@ -106,3 +106,26 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.trainable))
   assert bool(metrics["finite"])
   np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=0.05)
+
+
+def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
+  """A skipped (non-finite) step keeps the optimizer state, so its schedule does not
+  advance: the logged lr is the schedule at the number of updates applied."""
+  schedule = optax.linear_schedule(1.0, 0.0, 10)
+  tx = optax.sgd(schedule)
+  stage = step_lib.Stage("s", lambda path: True,
+                         lambda p, b, key, step=None: (jnp.sum(p["w"] * b["x"]), {}))
+  params = {"w": jnp.zeros((2,), jnp.float32)}
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=params, frozen={},
+                              opt_state=tx.init(params),
+                              ema={"w": jnp.zeros((2,), jnp.float32)},  # own buffer: donated
+                              skipped=jnp.zeros((), jnp.int32))
+  fn = step_lib.build_train_step(stage, tx, seed=0, lr_schedule=schedule)
+  lrs = []
+  for x in (np.nan, 1.0, 1.0):  # step 1 skipped; steps 2 and 3 are updates 1 and 2
+    state, metrics = fn(state, {"x": jnp.full((2,), x, jnp.float32)})
+    lrs.append(float(metrics["lr"]))
+  assert int(state.skipped) == 1
+  np.testing.assert_allclose(lrs, [1.0, 1.0, 0.9], rtol=1e-6)
+  # The applied updates were -lr * grad (grad = x = 1): -1.0 then -0.9.
+  np.testing.assert_allclose(np.asarray(state.trainable["w"]), [-1.9, -1.9], rtol=1e-6)

@@ -126,6 +126,8 @@ def main(argv):
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError as e:
     raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
+  if any(s < 0 for s in seeds):  # before the models load (NumPy's SeedSequence needs >= 0)
+    raise app.UsageError(f"--seeds must be non-negative, got {_SEEDS.value}")
   out = Path(_OUTPUT.value)
   if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
     raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")

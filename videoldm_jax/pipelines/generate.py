@@ -27,7 +27,7 @@ Chunk borders of the temporal decoder: it decodes `decode_chunk` frames per call
 `decode_overlap` real neighbouring latents on each side, so the temporal convolutions
 next to a chunk border see true neighbours instead of the zero padding of a clip end;
 only the video's true first and last frames see zero padding, as in training. No
-overlap makes the chunked decode exactly the whole-video decode: the temporal
+finite overlap makes the chunked decode exactly the whole-video decode: the temporal
 ResBlocks' Conv3ds compound to a radius of (2 + levels (layers + 1)) * 2 + 1 frames (29
 for SD's VAE) and their GroupNorms pool statistics over all frames of the call. The
 influence of far frames is weak, so a small overlap (default 2) removes the visible

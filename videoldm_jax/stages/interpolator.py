@@ -12,6 +12,7 @@ twice (the same model or a second one) it gives 4T -> 16T
   videoldm-train --config=configs/interpolator_tiny.py --workdir=work/interpolator_tiny
 """
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -53,7 +54,10 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
     zeros = jnp.zeros(shape, jnp.float32)
     free = context_sampling.sample_clip(cm, zeros, jnp.zeros(shape[:2]), options, **cond)
     keys = free[:, ::stride]
-    latents = context_sampling.interpolate(cm, keys, stride, options, **cond)[:, :t]
+    # Another seed: with equal shapes (num_frames a multiple of stride) the same one would
+    # start the interpolation from the very noise the key frames came from.
+    again = dataclasses.replace(options, seed=options.seed + 1)
+    latents = context_sampling.interpolate(cm, keys, stride, again, **cond)[:, :t]
     return context.decode_videos(model, latents)
   return sample
 

@@ -213,7 +213,8 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
                    skipped=new_state.skipped, **group_norms)
     if lr_schedule is not None:
-      metrics["lr"] = lr_schedule(state.step)
+      # The optimizer's schedule counts applied updates: skipped steps kept its state.
+      metrics["lr"] = lr_schedule(state.step - state.skipped)
     return new_state, metrics
 
   if shardings is None:
