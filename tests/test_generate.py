@@ -292,7 +292,8 @@ def test_interpolation_windows_share_the_boundary_key_frame():
   """Known key frames land exactly every stride frames across window borders."""
   calls = []
 
-  def fake_interpolate(keys, index):  # keys at 0, 4, ...; in-between frames = -1
+  def fake_interpolate(keys, index, first):  # keys at 0, 4, ...; in-between frames = -1
+    assert keys[0, 0, 0, 0, 0] == first  # key k holds the value k
     calls.append(np.asarray(keys)[0, :, 0, 0, 0].tolist())
     n = keys.shape[1]
     out = -np.ones((1, 4 * (n - 1) + 1, 1, 1, 1), np.float32)
@@ -318,8 +319,9 @@ def test_overlap_chunker_matches_whole_video_processing(length, chunk, overlap, 
   every call has the same number of frames (one compiled shape)."""
   sizes = []
 
-  def blur(x, index):  # a (2 overlap + 1)-tap temporal filter, zero padding at the ends
+  def blur(x, index, first):  # a (2 overlap + 1)-tap temporal filter, zero padding at ends
     sizes.append(x.shape[1])
+    np.testing.assert_array_equal(x, video[:, first:first + x.shape[1]])
     p = jax.numpy.pad(x, ((0, 0), (overlap, overlap), (0, 0)))
     n = x.shape[1]
     return sum((k + 1) * p[:, k:k + n] for k in range(2 * overlap + 1))
@@ -329,7 +331,7 @@ def test_overlap_chunker_matches_whole_video_processing(length, chunk, overlap, 
   outs = [stage.push(video[:, i:i + push]) for i in range(0, length, push)]
   outs.append(stage.flush())
   chunked = np.concatenate([np.asarray(o) for o in outs if o is not None], axis=1)
-  whole = np.asarray(blur(video, 0))
+  whole = np.asarray(blur(video, 0, 0))
   np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
   assert set(sizes[:-1]) == {min(length, chunk + 2 * overlap)}
 

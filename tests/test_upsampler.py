@@ -2,6 +2,7 @@
 training on patches, full-frame sampling with the same weights, the export format,
 theta from an image upsampler, latent space, and the trainer loop with resume."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -108,6 +109,23 @@ def test_patch_trained_weights_sample_full_frames_at_4x(trained):
   # Levels the model never trained on (training draws [0, max_noise_level)) are refused.
   with pytest.raises(ValueError, match=r"noise_level must be in \[0, max_noise_level=350\)"):
     upsampling.upsample(model, trained["params"], lowres, noise_level=350, steps=2)
+
+
+def test_chunks_share_the_noise_of_the_frames_they_share(trained):
+  """With first_frame, a frame's initial and augmentation noise depend on its index in
+  the video, not on the chunk: a frame-wise model (theta alone) upsamples a frame the
+  same in two overlapping chunks."""
+  model = dataclasses.replace(trained["model"], temporal=None)
+  flat = traverse_util.flatten_dict(trained["params"]["unet"])
+  params = {"unet": traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if not partition.is_temporal(k)})}
+  lowres = np.random.default_rng(1).uniform(-1, 1, (1, 6, 8, 8, 3)).astype(np.float32)
+  up = lambda x, **kw: np.asarray(upsampling.upsample(model, params, x, steps=2, seed=3,
+                                                      **kw))
+  a, b = up(lowres[:, :4], first_frame=0), up(lowres[:, 2:], first_frame=2)
+  np.testing.assert_allclose(a[:, 2:], b[:, :2], rtol=1e-5, atol=1e-5)
+  whole_clip = up(lowres[:, 2:])  # noise drawn for the chunk: other frames
+  assert np.abs(a[:, 2:] - whole_clip[:, :2]).max() > 1e-2
 
 
 def test_export_round_trip(trained, tmp_path):

@@ -35,8 +35,9 @@ seams, and the call length (chunk + 2 overlap, default 20) should be near the de
 training clip length so the GroupNorm statistics are the ones it was trained with.
 (sgm, the same authors' code, decodes in chunks with no overlap at all.) The frame-wise
 image decoder needs no overlap (set to 0). The upsampler is chunked the same way: its
-context frames give its temporal layers real neighbours at chunk borders, and the
-shared low-res conditioning ties neighbouring chunks together.
+context frames give its temporal layers real neighbours at chunk borders, and each
+frame's initial and augmentation noise follow the frame (`upsample(first_frame=)`), so
+a chunk's context frames start where its neighbour's emitted frames did.
 
 Lengths: with F = 4^passes (1, 4 or 16), K key frames give F (K - 1) + 1 frames; K is
 the smallest count that reaches the requested `num_frames` (or `duration * fps`) and the
@@ -446,7 +447,8 @@ def _interpolate_fn(models: ChainModels, name: str, o: GenerateOptions, stage_id
                               guidance_scale=o.interp_guidance_scale)
   stride = o.interp_stride
 
-  def fn(keys: jax.Array, index: int) -> jax.Array:
+  def fn(keys: jax.Array, index: int, first: int) -> jax.Array:
+    del first  # windows share only a known key frame: nothing to keep consistent
     n = keys.shape[1]
     # The training layout (known at 0, stride, ...; the last stride - 1 frames after
     # the last key frame) for n keys, cut after the last key frame.
@@ -460,10 +462,13 @@ def _interpolate_fn(models: ChainModels, name: str, o: GenerateOptions, stage_id
 def _upsample_fn(models: ChainModels, o: GenerateOptions):
   up = models.upsampler
 
-  def fn(frames: jax.Array, index: int) -> jax.Array:
+  def fn(frames: jax.Array, index: int, first: int) -> jax.Array:
+    del index
+    # Noise by frame, not by call: the frames two chunks share start from the same
+    # noise in both, so the context a chunk sees agrees with what its neighbour emitted.
     return upsampling.upsample(up.config, up.params, frames, o.upsampler_noise_level,
                                steps=o.upsampler_steps or o.steps, sampler=o.sampler,
-                               seed=_seed(o.seed, 4, index), eta=o.eta)
+                               seed=_seed(o.seed, 4), eta=o.eta, first_frame=first)
   return fn
 
 
@@ -518,7 +523,7 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
   vae_params = decoder.params["vae"]
   decode = sampling.decode_fn(decoder.vae_config, decoder.vae_temporal_config)
   stages.append(streaming.OverlapChunker(
-      lambda z, call: decode(vae_params, z), o.decode_chunk,
+      lambda z, call, first: decode(vae_params, z), o.decode_chunk,
       o.decode_overlap if temporal_decoder else 0, bar("decode", frames)))
   if models.upsampler is not None:
     stages.append(streaming.OverlapChunker(_upsample_fn(models, o), o.upsample_chunk,

@@ -41,7 +41,10 @@ def cat_frames(a: Optional[jax.Array], b: jax.Array) -> jax.Array:
 
 class _Buffered:
   """A frame buffer with absolute indices (buf[:, i] is frame `start` + i), a counter
-  of calls to `fn` (each call draws its own noise) and an optional progress bar."""
+  of calls to `fn` and an optional progress bar. fn(frames, call index, index of the
+  first frame in the video): the call index gives each call its own noise, the frame
+  index lets noise follow the frames (the same frame, the same noise, in every call
+  that holds it)."""
 
   def __init__(self, fn, bar=None):
     self.fn, self.bar = fn, bar
@@ -58,7 +61,7 @@ class _Buffered:
     self.buf, self.start = self._frames(first, self.total), first
 
   def _run(self, first: int, last: int) -> jax.Array:
-    out = self.fn(self._frames(first, last), self.calls)
+    out = self.fn(self._frames(first, last), self.calls, first)
     self.calls += 1
     return out
 
@@ -75,8 +78,8 @@ class Interpolation(_Buffered):
   """Streaming `interpolate`: key frames in, stride-times as many frames out, in windows
   of `window` key frames that share their boundary key frame (module docstring).
 
-  interpolate_fn(keys (1, window, h, w, C), call index) -> (1, stride (window - 1) + 1,
-  h, w, C), exactly `keys` at every stride-th frame. Every call has `window` keys (one
+  interpolate_fn(keys (1, window, h, w, C), call index, first key's index) ->
+  (1, stride (window - 1) + 1, h, w, C), exactly `keys` at every stride-th frame. Every call has `window` keys (one
   compiled shape): the last window reaches back over key frames already filled in, and
   only its new frames are emitted (a video of fewer than `window` key frames is one
   shorter call). Keeps at most 2 window - 1 key frames plus one pushed chunk.
@@ -112,8 +115,8 @@ class Interpolation(_Buffered):
 class OverlapChunker(_Buffered):
   """Streaming frame-aligned processing (decode, upsample) in chunks with context.
 
-  fn(frames (1, W, ...), call index) -> (1, W, ...) frame for frame, W = chunk + 2
-  overlap for every call (one compiled shape; a video shorter than W is one shorter
+  fn(frames (1, W, ...), call index, first frame's index) -> (1, W, ...) frame for
+  frame, W = chunk + 2 overlap for every call (one compiled shape; a video shorter than W is one shorter
   call). The first call covers frames [0, W) and emits [0, W - overlap); each further
   call emits the next `chunk` frames, seeing `overlap` frames on each side of them
   (their outputs are dropped); the last call covers the last W frames of the video and

@@ -37,9 +37,21 @@ def _jitted(config: UpsamplerConfig):
   return jax.jit(denoise), jax.jit(cond_fn), jax.jit(decode)
 
 
+def _noise(key: jax.Array, shape: tuple, first_frame: Optional[int]) -> jax.Array:
+  """Standard normal (B, T, ...): for the clip as a whole, or frame by frame from
+  fold_in(key, first_frame + t) (see `upsample`)."""
+  if first_frame is None:
+    return gaussian_noise(key, shape)
+  frames = jnp.arange(shape[1]) + first_frame
+  per_frame = jax.vmap(lambda i: gaussian_noise(jax.random.fold_in(key, i),
+                                                (shape[0],) + shape[2:]))(frames)
+  return jnp.swapaxes(per_frame, 0, 1)
+
+
 def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarray,
              noise_level: Optional[int] = None, steps: int = 50, sampler: str = "ddim",
-             seed: int = 0, eta: float = 0.0, progress: bool = False) -> jax.Array:
+             seed: int = 0, eta: float = 0.0, progress: bool = False,
+             first_frame: Optional[int] = None) -> jax.Array:
   """Upsamples videos: lowres (B, T, h, w, 3) uint8 or float in [-1, 1] ->
   float32 (B, T, scale h, scale w, 3) in about [-1, 1] (`sampling.to_uint8` for bytes).
 
@@ -49,6 +61,11 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
     detail and ignore more of the input's artefacts.
   steps / sampler / eta: the reverse process (`diffusion.samplers.sample`).
   seed: drives the initial noise, the augmentation noise and stochastic samplers.
+  first_frame: the index of lowres's first frame in a longer video upsampled in
+    overlapping chunks. The initial and augmentation noise of each frame are then drawn
+    from (seed, its index in the video), so a frame gets the same noise in every chunk
+    that holds it. None: drawn for the clip as a whole. (DDPM's and eta > 0's step
+    noise is drawn per call either way.)
   """
   model.validate()
   lowres = jnp.asarray(lowres)
@@ -74,8 +91,8 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   # One fixed level for every frame and video, as in training (per video there).
   # Clipped: decoded frames overshoot [-1, 1] a little; training inputs never do.
   cond = cond_fn(aug_schedule, vae_params, jnp.clip(um.to_float(lowres), -1.0, 1.0), levels,
-                 gaussian_noise(jax.random.fold_in(key, 1), shape))
-  x_T = gaussian_noise(jax.random.fold_in(key, 0), shape)
+                 _noise(jax.random.fold_in(key, 1), shape, first_frame))
+  x_T = _noise(jax.random.fold_in(key, 0), shape, first_frame)
   unet_params = params["unet"]
   denoise_fn = lambda x, tt: denoise(unet_params, x, cond, tt, levels)
   kw = dict(prediction_type=sampling.prediction_type, timestep_spacing=sampling.timestep_spacing,
