@@ -157,6 +157,11 @@ def test_mixed_folder_skips_bad_items_with_reasons(mixed):
   assert builder.report == report
   summary = [m for m in messages if "skipped 7" in m]
   assert len(summary) == 1 and "unreadable=2" in summary[0], messages
+  # Stored videos the caption file has no row for are listed, not silent.
+  uncaptioned = sorted(set(GOOD) - set(CAPTIONS))
+  assert uncaptioned and report["uncaptioned"] == uncaptioned
+  assert report["num_uncaptioned"] == len(uncaptioned)
+  assert f"{len(uncaptioned)} of them without a caption row" in summary[0]
   assert builder.info.metadata["num_skipped"] == 7
 
 

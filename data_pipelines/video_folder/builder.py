@@ -300,6 +300,11 @@ class VideoFolder(SkipReportingBuilder):
                                   f"none of {len(videos)} candidate file(s) could be used")
     self.report = skip_report(skips, kept, source_dir=cfg.source_dir,
                               captions=cfg.captions)
+    if cfg.captions:
+      # Stored, but trained on with the empty caption: listed so that it is not silent.
+      skipped = {s.path for s in skips}
+      missing = sorted(rel for rel in videos if rel not in captions and rel not in skipped)
+      self.report.update(num_uncaptioned=len(missing), uncaptioned=missing)
 
   def build_options(self) -> dict:
     return dataclasses.asdict(self.folder_config)
@@ -308,9 +313,14 @@ class VideoFolder(SkipReportingBuilder):
 def summary_line(report: dict, report_path: str, dataset: str = "video_folder") -> str:
   """One line: how many clips were stored and how many items skipped, by reason."""
   by_reason = ", ".join(f"{k}={v}" for k, v in report["skipped_by_reason"].items())
+  uncaptioned = report.get("num_uncaptioned", 0)
   return (f"{dataset}: stored {report['num_examples']} video(s) from "
-          f"{report['source_dir']}; skipped {report['num_skipped']}"
-          + (f" ({by_reason}); details in {report_path}" if by_reason else ""))
+          f"{report['source_dir']}"
+          + (f", {uncaptioned} of them without a caption row (empty caption)"
+             if uncaptioned else "")
+          + f"; skipped {report['num_skipped']}"
+          + (f" ({by_reason})" if by_reason else "")
+          + (f"; details in {report_path}" if by_reason or uncaptioned else ""))
 
 
 def prepare(builder: tfds.core.DatasetBuilder, *, overwrite: bool = False):

@@ -305,8 +305,10 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
                                   str(label_field)))
   ds = process_share(ds, int(batch_size), process_index, process_count)
   # A bounded read-ahead: the default (hundreds of examples) would hold GBs of clips.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
-                                            prefetch_buffer_size=2 * int(batch_size)))
+  # At least one slot per thread (Grain warns otherwise).
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(read_threads),
+      prefetch_buffer_size=max(2 * int(batch_size), int(read_threads))))
   ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
   if worker_count > 0:
     from absl import flags

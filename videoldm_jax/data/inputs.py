@@ -70,7 +70,8 @@ def _cache_dataset(data, seed: int, pi: int, pc: int, cache_check: dict,
   ds = process_share(ds, b, pi, pc).map(fields)
   # Batched after to_iter_dataset, so the Grain state counts elements (as ShareIterator
   # assumes); a bounded read-ahead (the default keeps hundreds of elements).
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=2 * b))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4,
+                                            prefetch_buffer_size=max(2 * b, 4)))
   return ds.batch(b, drop_remainder=True)
 
 
@@ -113,6 +114,8 @@ class ShareIterator:
   def set_state(self, state: dict) -> None:
     if "grain" not in state:  # a bare Grain state (older checkpoints)
       self._it.set_state(state)
+      if set(state) == {"next_index"}:  # so a later resume elsewhere positions right
+        self._batches = int(state["next_index"]) // self._b
       return
     if state["global_batch"] != self._b * self._pc:
       raise ValueError(f"data state: the checkpoint read global batches of "

@@ -202,10 +202,10 @@ def make_clip(index: int, num_frames: int, height: int, width: int, seed: int = 
 class ClipIterator:
   """Endless batches of procedural clips, sharded over processes, resumable.
 
-  Process p of P takes global clip indices p, p + P, p + 2P, ...; its k-th batch holds
-  indices p + P * (k * B + j) for j < B. So the P processes' k-th batches together cover
-  exactly the global range [k * B * P, (k + 1) * B * P): disjoint, and their union is
-  what a single process with batch B * P would see.
+  Process p of P takes consecutive blocks of B global clip indices: its k-th batch holds
+  indices k * B * P + p * B + j for j < B. So the P processes' k-th batches together
+  cover exactly the global range [k * B * P, (k + 1) * B * P), in process order:
+  disjoint, and their concatenation is what a single process with batch B * P sees.
 
   Each batch is a dict:
     'video'        uint8 (B, T, H, W, 3)
