@@ -260,6 +260,31 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
         **{**FAST, "height": 7}), keyframe_model=folders["keyframe_model"], log=None)
 
 
+def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
+  """Exports record their training clips (`pretrained.training_record`): the
+  interpolator's stride and clip set the defaults, a stride or context count the models
+  never saw is refused, and other call lengths get a note."""
+  models = generate.load_chain(**folders)
+  interp, _ = models.interpolator
+  # Saved and loaded with the folder (older folders: {}).
+  interp.training = {"stage": "interpolator", "num_frames": 8, "interp_stride": 2}
+  pretrained.save(tmp_path / "interp", interp)
+  assert pretrained.load(tmp_path / "interp").training == interp.training
+  assert pretrained.load(folders["keyframe_model"]).training == {}
+  models.predictor[0].training = {"stage": "predictor", "num_frames": 4, "max_context": 1}
+  models.decoder.training = {"stage": "decoder", "num_frames": 4}
+  options = generate.GenerateOptions(num_frames=20, **{**FAST, "num_context": 1})
+  p = generate.plan(models, options)
+  # Stride 2 (two passes: x4 frames per key frame), windows of 8 // 2 = 4 key frames.
+  assert (p.interp_stride, p.interp_window, p.frame_factor) == (2, 4, 4)
+  assert p.notes == ("decoder stage: calls of 12 frames, trained on clips of 4 "
+                     "(decode_chunk=8; temporal statistics follow the call length)",)
+  with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):
+    generate.plan(models, dataclasses.replace(options, interp_stride=4))
+  with pytest.raises(ValueError, match="num_context=2: .* trained with at most 1 context"):
+    generate.plan(models, dataclasses.replace(options, num_context=2))
+
+
 def test_cli_seeds_and_notes(folders, tmp_path):
   """videoldm-generate: one video per seed, the notes on skipped stages once."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

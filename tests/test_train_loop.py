@@ -163,6 +163,8 @@ def test_image_ldm_stage_trains_all_of_theta_and_exports_an_image_model(tmp_path
   from videoldm_jax import pretrained
   model = pretrained.load(tmp_path / "export" / "step_3")
   assert model.temporal_config is None  # an image model, usable as theta of a video LDM
+  assert model.training == {"stage": "image_ldm", "num_frames": 2, "frame_stride": 1,
+                            "height": 16, "width": 16}
   assert (tmp_path / "samples" / "step_3.mp4").is_file()
 
 

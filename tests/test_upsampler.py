@@ -134,6 +134,7 @@ def test_export_round_trip(trained, tmp_path):
   assert loaded.config.to_dict() == trained["model"].to_dict()
   assert loaded.config.noise_level == 20 and loaded.config.scheduler["prediction_type"] == (
       "v_prediction")
+  assert loaded.training["stage"] == "upsampler" and loaded.training["num_frames"] == 4
   flat_a = traverse_util.flatten_dict(trained["params"])
   flat_b = traverse_util.flatten_dict(loaded.params)
   assert flat_a.keys() == flat_b.keys()

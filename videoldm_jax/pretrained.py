@@ -1,7 +1,8 @@
 """The on-disk format of a converted image LDM (what `videoldm-convert` writes).
 
   DIR/model_index.json  format tag, model configs (unet, vae, text_encoder), the
-                        diffusers-style scheduler config, and where it came from
+                        diffusers-style scheduler config, where it came from, and for
+                        a trained export what it was trained on (`training`)
   DIR/params/           Orbax checkpoint of {'unet', 'vae'[, 'text_encoder']} param trees
   DIR/tokenizer/        the CLIP tokenizer files (vocab.json + merges.txt or
                         tokenizer.json, special_tokens_map.json, tokenizer_config.json)
@@ -56,6 +57,9 @@ class PretrainedLDM:
   # Set when params['vae'] holds a video decoder (the decoder stage's export): its
   # temporal layers (`temporal_*` leaves under vae/decoder). Absent from older folders.
   vae_temporal_config: Optional[VAETemporalConfig] = None
+  # What a trainer export was trained on (`training_record`); {} for converted models
+  # and older folders. videoldm-generate checks its options against it.
+  training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | None = None
@@ -75,6 +79,8 @@ def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | 
   }
   if model.vae_temporal_config is not None:  # only then: older readers see no new key
     index["vae_temporal"] = model.vae_temporal_config.to_dict()
+  if model.training:
+    index["training"] = model.training
   (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(out_dir / "params", jax.tree_util.tree_map(np.asarray, model.params))
@@ -125,7 +131,23 @@ def load(model_dir: str | Path) -> PretrainedLDM:
       scheduler=index["scheduler"], params=params, source=index.get("source", ""),
       temporal_config=None if temporal is None else TemporalConfig.from_dict(temporal, source),
       vae_temporal_config=(None if vae_temporal is None
-                           else VAETemporalConfig.from_dict(vae_temporal, source)))
+                           else VAETemporalConfig.from_dict(vae_temporal, source)),
+      training=index.get("training", {}))
+
+
+def training_record(config) -> dict[str, Any]:
+  """What a stage's export records of its training (a trainer config -> JSON-able dict):
+  stage, clip length and size, and the interpolation stride / largest context count of
+  the interpolator / predictor stages."""
+  d = config.data
+  record = {"stage": config.stage, "num_frames": int(d.num_frames),
+            "frame_stride": int(d.get("frame_stride", 1)), "height": int(d.height),
+            "width": int(d.width)}
+  if "interpolator" in config:
+    record["interp_stride"] = int(config.interpolator.stride)
+  if "predictor" in config:
+    record["max_context"] = len(config.predictor.num_context_probs) - 1
+  return record
 
 
 def load_with_tokenizer(model_dir: str | Path) -> tuple[PretrainedLDM, Optional[CLIPTokenizer]]:

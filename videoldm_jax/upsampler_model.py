@@ -285,6 +285,7 @@ class PretrainedUpsampler:
   config: UpsamplerConfig
   params: dict
   source: str = ""
+  training: dict = dataclasses.field(default_factory=dict)  # `pretrained.training_record`
 
 
 def save(out_dir: str | Path, model: PretrainedUpsampler) -> Path:
@@ -300,6 +301,8 @@ def save(out_dir: str | Path, model: PretrainedUpsampler) -> Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   index = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": model.source,
            **model.config.to_dict()}
+  if model.training:
+    index["training"] = model.training
   (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(out_dir / "params", jax.tree_util.tree_map(np.asarray, model.params))
@@ -321,7 +324,7 @@ def load(model_dir: str | Path) -> PretrainedUpsampler:
   if version > FORMAT_VERSION:
     raise ValueError(f"{path}: format_version {version} is newer than this videoldm-jax "
                      f"understands ({FORMAT_VERSION}); upgrade the package")
-  source = index.pop("source", "")
+  source, training = index.pop("source", ""), index.pop("training", {})
   config = UpsamplerConfig.from_dict(index, str(path))
   params = ocp.StandardCheckpointer().restore(model_dir / "params")
-  return PretrainedUpsampler(config, params, source=source)
+  return PretrainedUpsampler(config, params, source=source, training=training)

@@ -88,9 +88,13 @@ class GenerateOptions:
   of context guidance, predictor; the paper finds s > 1 helps), and for the
   interpolators `interp_guidance_scale` / `interp_context_scale` (1.0: no extra
   branch; the key frames already carry the prompt).
-  Interpolation: `interp_passes` x4 passes (at most 2), `interp_window` key frames per
-  interpolator call (default keyframes_per_clip).
-  Chunking: see the module docstring.
+  Interpolation: `interp_passes` passes (at most 2) of x `interp_stride` (default: the
+  stride the interpolator was trained with, else 4), `interp_window` key frames per
+  interpolator call (default: the interpolator's training clip, num_frames // stride
+  key frames, else keyframes_per_clip).
+  Chunking: see the module docstring. Exports record what they were trained on
+  (`pretrained.training_record`): a stride or context count the model never saw is an
+  error, and calls of another length than the training clips get a note.
   """
   prompt: str = ""
   negative_prompt: str = ""
@@ -110,7 +114,7 @@ class GenerateOptions:
   predictor_frames: Optional[int] = None
   num_context: int = 2
   interp_passes: int = 2
-  interp_stride: int = 4
+  interp_stride: Optional[int] = None
   interp_window: Optional[int] = None
   interp_steps: Optional[int] = None
   interp_guidance_scale: float = 1.0
@@ -289,6 +293,9 @@ class Plan:
   out_hw: tuple           # (H, W) written (x upsampler scale)
   fps: float
   frame_factor: int       # F = stride ** passes output frames per key frame
+  interp_stride: int = 4  # frames per key frame and pass
+  interp_window: int = 2  # key frames per interpolator call
+  notes: tuple = ()       # call lengths that differ from the models' training clips
 
 
 def plan(models: ChainModels, o: GenerateOptions) -> Plan:
@@ -299,9 +306,17 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if not 0 <= o.interp_passes <= 2:
     raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
   passes = o.interp_passes if models.interpolator is not None else 0
-  if o.interp_stride < 2:
-    raise ValueError(f"interp_stride must be >= 2, got {o.interp_stride}")
-  f = o.interp_stride ** passes
+  trained = _trained_on(models)
+  stride = (o.interp_stride if o.interp_stride is not None
+            else trained["interpolator"].get("interp_stride", 4))
+  if stride < 2:
+    raise ValueError(f"interp_stride must be >= 2, got {stride}")
+  for name in ("interpolator", "interpolator2")[:passes]:
+    own = trained[name].get("interp_stride", stride)
+    if own != stride:
+      raise ValueError(f"{models.paths.get(name, name)}: trained to fill in x{own} "
+                       f"(key frames every {own} frames), asked for interp_stride={stride}")
+  f = stride ** passes
   t = o.keyframes_per_clip
   if t < 1:
     raise ValueError(f"keyframes_per_clip must be >= 1, got {t}")
@@ -322,6 +337,10 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if models.predictor is not None:
     if not 0 <= s < p:
       raise ValueError(f"num_context={s} must be in [0, predictor_frames={p})")
+    most = trained["predictor"].get("max_context")
+    if most is not None and s > most:
+      raise ValueError(f"num_context={s}: {models.paths.get('predictor', 'the predictor')} "
+                       f"was trained with at most {most} context frames")
     first = min(k, t if models.keyframe is not None else p)
     # Round 1 sees min(s, first) context frames (a first clip shorter than num_context
     # gives fewer), the later rounds s: each makes p minus its context new frames.
@@ -331,9 +350,24 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
       rounds += 1
   else:
     first, rounds = k, 0
-  window = o.interp_window or t
+  window = o.interp_window or trained["interpolator"].get("num_frames", 0) // stride or t
   if passes and window < 2:
     raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
+  notes = []
+  # (stage, used, frames per call, the option that sets it, its value)
+  calls = [("keyframe", models.keyframe is not None, t, "keyframes_per_clip", t),
+           ("predictor", models.predictor is not None, p, "predictor_frames", p),
+           ("interpolator", passes > 0, stride * window, "interp_window", window),
+           ("decoder", models.decoder is not None
+            and models.decoder.vae_temporal_config is not None,
+            o.decode_chunk + 2 * o.decode_overlap, "decode_chunk", o.decode_chunk),
+           ("upsampler", models.upsampler is not None,
+            o.upsample_chunk + 2 * o.upsample_overlap, "upsample_chunk", o.upsample_chunk)]
+  for name, used, length, option, value in calls:
+    clip = trained[name].get("num_frames")
+    if used and clip is not None and length != clip:
+      notes.append(f"{name} stage: calls of {length} frames, trained on clips of {clip} "
+                   f"({option}={value}; temporal statistics follow the call length)")
   base = models.base
   mult = base.vae_config.downsample_factor
   for m in (models.keyframe, models.predictor, models.interpolator, models.interpolator2):
@@ -359,7 +393,18 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   return Plan(num_frames=n, num_keys=k, first_clip=first, new_per_round=p - s,
               rounds=rounds, passes=passes, generated_frames=f * (k - 1) + 1,
               latent_hw=(o.height // fac, o.width // fac), lowres_hw=(o.height, o.width),
-              out_hw=out_hw, fps=o.fps, frame_factor=f)
+              out_hw=out_hw, fps=o.fps, frame_factor=f, interp_stride=stride,
+              interp_window=window, notes=tuple(notes))
+
+
+def _trained_on(models: ChainModels) -> dict:
+  """Stage -> the training record of its export ({} for older folders or none)."""
+  entries = {"keyframe": models.keyframe, "predictor": models.predictor,
+             "interpolator": models.interpolator, "interpolator2": models.interpolator2}
+  out = {k: (v[0].training if v is not None else {}) for k, v in entries.items()}
+  out["decoder"] = models.decoder.training if models.decoder is not None else {}
+  out["upsampler"] = models.upsampler.training if models.upsampler is not None else {}
+  return out
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -439,13 +484,13 @@ def _key_frames(models: ChainModels, o: GenerateOptions, p: Plan, bar):
     yield new
 
 
-def _interpolate_fn(models: ChainModels, name: str, o: GenerateOptions, stage_id: int):
+def _interpolate_fn(models: ChainModels, name: str, o: GenerateOptions, stride: int,
+                    stage_id: int):
   cm = models.samplers[name]
   cond = _conditioning(getattr(models, name), o)
   opts = ContextSampleOptions(num_steps=o.interp_steps or o.steps, sampler=o.sampler,
                               eta=o.eta, context_scale=o.interp_context_scale,
                               guidance_scale=o.interp_guidance_scale)
-  stride = o.interp_stride
 
   def fn(keys: jax.Array, index: int, first: int) -> jax.Array:
     del first  # windows share only a known key frame: nothing to keep consistent
@@ -495,6 +540,7 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
   if models.predictor is None and p.num_keys > o.keyframes_per_clip:
     notes.append(f"{p.num_keys} key frames from one clip of the key-frame model "
                  f"(keyframes_per_clip={o.keyframes_per_clip}): convolutional in time")
+  notes += p.notes
   if log is not None:
     for note in notes:
       log(note)
@@ -515,11 +561,10 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
   frames = p.num_keys
   for i in range(p.passes):
     name = "interpolator2" if i == 1 and models.interpolator2 is not None else "interpolator"
-    frames = o.interp_stride * (frames - 1) + 1
+    frames = p.interp_stride * (frames - 1) + 1
     stages.append(streaming.Interpolation(
-        _interpolate_fn(models, name, o, 2 + i), o.interp_stride,
-        o.interp_window or o.keyframes_per_clip,
-        bar(f"interpolate x{o.interp_stride} ({i + 1})", frames)))
+        _interpolate_fn(models, name, o, p.interp_stride, 2 + i), p.interp_stride,
+        p.interp_window, bar(f"interpolate x{p.interp_stride} ({i + 1})", frames)))
   vae_params = decoder.params["vae"]
   decode = sampling.decode_fn(decoder.vae_config, decoder.vae_temporal_config)
   stages.append(streaming.OverlapChunker(

@@ -216,12 +216,14 @@ def video_sampler(ldm: VideoLDM, tokenizer: Optional[CLIPTokenizer],
   return sample
 
 
-def ldm_exporter(ldm: VideoLDM, tok_dir: Path, source: str):
-  """(out_dir, params) -> writes a `pretrained` folder (what videoldm-sample reads)."""
+def ldm_exporter(ldm: VideoLDM, tok_dir: Path, source: str, training: dict):
+  """(out_dir, params) -> writes a `pretrained` folder (what videoldm-sample reads);
+  training: `pretrained.training_record` of the stage's config."""
   def export(out: Path, params: dict) -> None:
     model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
                                      ldm.scheduler, params, source=source,
-                                     temporal_config=ldm.temporal_config)
+                                     temporal_config=ldm.temporal_config,
+                                     training=training)
     pretrained.save(out, model, tok_dir if ldm.text_config is not None else None)
   return export
 
@@ -255,7 +257,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       make_batch=batch_maker(tokenizer, max_len),
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),
-      export=ldm_exporter(ldm, tok_dir, str(workdir)),
+      export=ldm_exporter(ldm, tok_dir, str(workdir), pretrained.training_record(config)),
       samples_per_step=config.data.batch_size,
       sample=video_sampler(ldm, tokenizer, config),
       extra={"ldm": ldm, "tokenizer": tokenizer, "tokenizer_dir": tok_dir})

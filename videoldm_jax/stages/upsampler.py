@@ -260,7 +260,8 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
 
   def export(out: Path, params: dict) -> None:
     keep = {k: params[k] for k in ("unet", "vae") if k in params}
-    um.save(out, um.PretrainedUpsampler(model, keep, source=str(workdir)))
+    um.save(out, um.PretrainedUpsampler(model, keep, source=str(workdir),
+                                        training=pretrained.training_record(config)))
 
   return StageSetup(
       stage=stage, abstract_params=um.abstract_params(model, unet),
