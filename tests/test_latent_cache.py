@@ -1,6 +1,5 @@
 """Latent cache: round trip equals a fresh encode; a cache refuses another VAE."""
 
-import jax
 import ml_collections
 import numpy as np
 import pytest

@@ -15,7 +15,6 @@ class labels of a class-conditional UNet.
 """
 
 from pathlib import Path
-from typing import Any
 
 import grain
 import jax
