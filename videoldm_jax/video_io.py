@@ -105,7 +105,68 @@ def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
   return h, w
 
 
-class Mp4Writer:
+class _AtomicWriter:
+  """A streaming writer's file handling: everything goes to a temporary sibling of
+  `path`, renamed into place by `close()` (which `with` calls on success), so `path`
+  never holds a truncated file; `abort()`, or an exception inside the `with` block,
+  deletes it and leaves `path` as it was. Subclasses define `_check_complete` (raise
+  ValueError for a file that must not be written), `_finish` (flush into the temporary
+  file) and `_release` (drop open handles without finishing)."""
+
+  def __init__(self, path: str):
+    self.path = str(path)
+    self._tmp = _atomic_target(self.path)
+    self.closed = False
+
+  def _check_complete(self) -> None:
+    raise NotImplementedError
+
+  def _finish(self) -> None:
+    raise NotImplementedError
+
+  def _release(self) -> None:
+    raise NotImplementedError
+
+  def close(self) -> str:
+    """Finishes the file and moves it to `path`; returns `path`."""
+    if self.closed:
+      return self.path
+    try:
+      self._check_complete()
+    except ValueError:
+      self.abort()
+      raise
+    try:
+      self._finish()
+      os.replace(self._tmp, self.path)
+    finally:
+      self.closed = True
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
+    return self.path
+
+  def abort(self) -> None:
+    """Discards everything written so far (the temporary file); `path` is untouched."""
+    if self.closed:
+      return
+    self.closed = True
+    try:
+      self._release()
+    finally:
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+class Mp4Writer(_AtomicWriter):
   """Streams an H.264 MP4 chunk by chunk: memory does not grow with the video's length.
 
     with video_io.Mp4Writer("out.mp4", fps=24) as writer:
@@ -113,12 +174,11 @@ class Mp4Writer:
         writer.append(chunk)
     # out.mp4 now exists, complete
 
-  Frames go to a temporary sibling file that is renamed to `path` by `close()` (which
-  `with` calls on success), so `path` never holds a truncated video; on an exception
-  inside the `with` block, or with `abort()`, the temporary file is deleted and `path`
-  is left as it was. The frame size is fixed by the first chunk; odd sizes are padded
-  as in `write_mp4` (`pad_odd`). `crf` as in `write_mp4`. Only x264's look-ahead (a few
-  dozen frames) is buffered inside the encoder.
+  Frames go to a temporary sibling file that `close()` renames to `path`, so `path`
+  never holds a truncated video (`_AtomicWriter`); closing a writer that received no
+  frame raises ValueError and writes nothing. The frame size is fixed by the first
+  chunk; odd sizes are padded as in `write_mp4` (`pad_odd`). `crf` as in `write_mp4`.
+  Only x264's look-ahead (a few dozen frames) is buffered inside the encoder.
   """
 
   def __init__(self, path: str, fps: float = 8, crf: int = 18, pad_odd: bool = True):
@@ -126,13 +186,12 @@ class Mp4Writer:
       raise ValueError(f"{path}: fps must be a positive number, got {fps}")
     if not 0 <= int(crf) <= 51:
       raise ValueError(f"{path}: crf must be in [0, 51], got {crf}")
-    self.path, self.fps, self.crf, self.pad_odd = str(path), fps, int(crf), pad_odd
-    self._tmp = _atomic_target(self.path)
+    super().__init__(path)
+    self.fps, self.crf, self.pad_odd = fps, int(crf), pad_odd
     self._container = None
     self._stream = None
     self._size = None            # (H, W) of the input frames, set by the first chunk
     self.num_frames = 0          # frames appended so far
-    self.closed = False
 
   @property
   def size(self) -> tuple[int, int] | None:
@@ -176,47 +235,20 @@ class Mp4Writer:
       self._container.mux(self._stream.encode(vf))
     self.num_frames += frames.shape[0]
 
-  def close(self) -> str:
-    """Flushes the encoder and moves the finished file to `path`; returns `path`.
-    A writer that received no frame raises ValueError (an empty video is not a video)."""
-    if self.closed:
-      return self.path
+  def _check_complete(self) -> None:
     if self._stream is None:
-      self.abort()
       raise ValueError(f"{self.path}: no frames were appended; nothing written")
-    try:
-      self._container.mux(self._stream.encode(None))  # x264's look-ahead frames
+
+  def _finish(self) -> None:
+    self._container.mux(self._stream.encode(None))  # x264's look-ahead frames
+    self._container.close()
+
+  def _release(self) -> None:
+    if self._container is not None:
       self._container.close()
-      os.replace(self._tmp, self.path)
-    finally:
-      self.closed = True
-      if os.path.exists(self._tmp):
-        os.remove(self._tmp)
-    return self.path
-
-  def abort(self) -> None:
-    """Discards everything written so far (the temporary file); `path` is untouched."""
-    if self.closed:
-      return
-    self.closed = True
-    try:
-      if self._container is not None:
-        self._container.close()
-    finally:
-      if os.path.exists(self._tmp):
-        os.remove(self._tmp)
-
-  def __enter__(self) -> "Mp4Writer":
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is None:
-      self.close()
-    else:
-      self.abort()
 
 
-class NpyWriter:
+class NpyWriter(_AtomicWriter):
   """Streams a clip into a .npy file of uint8 (T, H, W, 3) RGB frames: no codec, so the
   file holds exactly the frames given (what an evaluation such as FVD against lossless
   reference clips needs; H.264's 4:2:0 chroma halves colour resolution even at crf 0).
@@ -225,18 +257,18 @@ class NpyWriter:
   The frame count is fixed up front, since a .npy header states the shape: the file is
   a memory map of (num_frames, H, W, 3) created on the first chunk, so memory does not
   grow with the clip. It is written to a temporary sibling and renamed into place by
-  `close()`, which raises ValueError unless exactly num_frames frames were appended.
+  `close()` (`_AtomicWriter`), which raises ValueError and writes nothing unless
+  exactly num_frames frames were appended.
   """
 
   def __init__(self, path: str, num_frames: int):
     if num_frames < 1:
       raise ValueError(f"{path}: num_frames must be >= 1, got {num_frames}")
-    self.path, self.total = str(path), int(num_frames)
-    self._tmp = _atomic_target(self.path)
+    super().__init__(path)
+    self.total = int(num_frames)
     self._array = None
     self.size = None             # (height, width), set by the first chunk
     self.num_frames = 0
-    self.closed = False
 
   def append(self, frames) -> None:
     """Writes a (T, H, W, 3) uint8 chunk (T >= 1) after the frames appended before."""
@@ -257,41 +289,17 @@ class NpyWriter:
     self._array[self.num_frames:self.num_frames + t] = frames
     self.num_frames += t
 
-  def close(self) -> str:
-    """Flushes the frames and moves the finished file to `path`; returns `path`."""
-    if self.closed:
-      return self.path
+  def _check_complete(self) -> None:
     if self.num_frames != self.total:
-      self.abort()
       raise ValueError(f"{self.path}: {self.num_frames} of {self.total} frames were "
                        "appended; nothing written")
-    try:
-      self._array.flush()
-      self._array = None  # unmaps the file before the rename
-      os.replace(self._tmp, self.path)
-    finally:
-      self.closed = True
-      if os.path.exists(self._tmp):
-        os.remove(self._tmp)
-    return self.path
 
-  def abort(self) -> None:
-    """Discards everything written so far (the temporary file); `path` is untouched."""
-    if self.closed:
-      return
-    self.closed = True
+  def _finish(self) -> None:
+    self._array.flush()
+    self._array = None  # unmaps the file before the rename
+
+  def _release(self) -> None:
     self._array = None
-    if os.path.exists(self._tmp):
-      os.remove(self._tmp)
-
-  def __enter__(self) -> "NpyWriter":
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is None:
-      self.close()
-    else:
-      self.abort()
 
 
 def open_writer(path: str, num_frames: int, fps: float = 8, crf: int = 18):
