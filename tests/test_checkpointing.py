@@ -187,7 +187,7 @@ def test_restore_onto_other_mesh(tmp_path, target):
 
 
 _KILLED_SAVE = textwrap.dedent("""
-  import os, signal, sys
+  import os, signal, sys, time
   import jax.numpy as jnp
   from videoldm_jax.train.checkpointing import Checkpointer
   d = sys.argv[1]
@@ -195,10 +195,16 @@ _KILLED_SAVE = textwrap.dedent("""
   ck.save(1, {"small": jnp.ones(4), "big": jnp.full((8,), 1.0)})
   ck.wait_until_finished()
   ck.save(2, {"small": jnp.ones(4) * 2, "big": jnp.ones((1 << 24,))})  # 64 MB, async
-  # save() returns once the arrays are on the host; the write is still running.
+  # save() returns once the arrays are on the host; the write is still running. Its
+  # tmp folder may appear a moment later on a loaded machine: wait for it.
   tmp, final = os.path.join(d, "2.orbax-checkpoint-tmp"), os.path.join(d, "2")
+  deadline = time.monotonic() + 30
+  while not os.path.isdir(tmp) and time.monotonic() < deadline:
+    time.sleep(0.005)
   if not os.path.isdir(tmp) or os.path.exists(final) or ck.latest_step() != 1:
-    sys.exit(3)
+    print(f"tmp {os.path.isdir(tmp)}, final {os.path.exists(final)}, latest "
+          f"{ck.latest_step()}", file=sys.stderr, flush=True)
+    os._exit(3)  # not sys.exit: interpreter shutdown would wait for Orbax's writer
   os.kill(os.getpid(), signal.SIGKILL)
 """)
 
