@@ -104,6 +104,21 @@ def test_half_given_flags_are_an_error_not_a_hang():
                             "h:1", 2, 1).kind == "explicit"  # flags win
 
 
+def test_slurm_tasks_drive_the_gpus_they_see():
+  """JAX's SLURM default, [SLURM_LOCALID], asks a task bound to one GPU (seen as GPU 0)
+  for GPU 3, and gives a task owning a node one GPU of 8."""
+  from videoldm_jax import distributed
+  slurm = distributed.Launch("slurm")
+  task = {"SLURM_NTASKS": "16", "SLURM_PROCID": "11", "SLURM_LOCALID": "3"}
+  ids = lambda **env: distributed.local_device_ids(slurm, {**task, **env})
+  assert ids(CUDA_VISIBLE_DEVICES="3") == [0]                   # per_gpu, bound
+  assert ids(CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7") == list(range(8))  # per_node
+  assert ids(SLURM_GPUS_PER_TASK="1") == [3]                    # per_gpu, unbound
+  assert ids(SLURM_GPUS_PER_TASK="8", SLURM_LOCALID="0") == list(range(8))
+  assert ids(JAX_LOCAL_DEVICE_IDS="5", CUDA_VISIBLE_DEVICES="3") is None  # JAX reads it
+  assert distributed.local_device_ids(distributed.Launch("tpu"), task) is None
+
+
 CHECK_SAME = """
 import sys
 import numpy as np

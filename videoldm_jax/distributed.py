@@ -7,7 +7,8 @@ come from decides how they find each other:
               launcher; launch/local_multiprocess.sh uses it on loopback)
   TPU VM      a multi-host slice (TPU_WORKER_HOSTNAMES / the metadata server): JAX
               auto-detects everything
-  SLURM       srun with SLURM_NTASKS > 1 (launch/gpu_slurm.sbatch)
+  SLURM       srun with SLURM_NTASKS > 1 (launch/gpu_slurm.sbatch); each task drives
+              the GPUs it can see (`local_device_ids`)
   Open MPI    mpirun with OMPI_COMM_WORLD_SIZE > 1
   nothing     one process: no initialisation
 
@@ -54,6 +55,26 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
   return Launch("single")
 
 
+def local_device_ids(launch: Launch, env: Mapping[str, str]) -> Optional[list[int]]:
+  """The GPUs (indices among the visible ones) a SLURM task drives; None elsewhere.
+
+  JAX's SLURM default is [SLURM_LOCALID]: one GPU per task, numbered by the task's rank
+  on its node. That is wrong both ways: a task bound to its GPU (--gpus-per-task=1 with
+  GPU binding: CUDA_VISIBLE_DEVICES holds one id) sees it as GPU 0, so ranks 1..7 ask
+  for a GPU they cannot see; and a task owning a whole node (MODE=per_node) would
+  drive one of its GPUs. So: every visible GPU when CUDA_VISIBLE_DEVICES is set, else
+  the task's block of SLURM_GPUS_PER_TASK GPUs. JAX_LOCAL_DEVICE_IDS, when set, wins.
+  """
+  if launch.kind != "slurm" or env.get("JAX_LOCAL_DEVICE_IDS"):
+    return None
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if visible:
+    return list(range(len(visible)))
+  per_task = int(env.get("SLURM_GPUS_PER_TASK", "1") or 1)
+  local = int(env.get("SLURM_LOCALID", "0") or 0)
+  return list(range(local * per_task, (local + 1) * per_task))
+
+
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
                cpu_devices: int = 0, timeout_s: int = 300) -> Launch:
   """Joins the job described by the flags / environment (module docstring). Returns the
@@ -74,7 +95,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
       kwargs["coordinator_bind_address"] = launch.coordinator_address
     jax.distributed.initialize(**kwargs)
   else:  # tpu, slurm, mpi: JAX's cluster auto-detection reads the environment
-    jax.distributed.initialize(initialization_timeout=timeout_s)
+    jax.distributed.initialize(initialization_timeout=timeout_s,
+                               local_device_ids=local_device_ids(launch, os.environ))
   return launch
 
 
