@@ -5,6 +5,8 @@
 # --cpu_devices appended; output lines are prefixed with [pI]. If one process fails the
 # others are stopped and the script exits with its status. Status 143 (videoldm-train
 # stopped by SIGTERM, saved) is not a failure: the others stop at the same step.
+# SIGTERM / SIGINT to this script go to the commands; it exits 143 when they all
+# stopped, or with the first failure's status. Needs bash >= 5.1 (wait -n -p).
 #
 #   bash launch/local_multiprocess.sh [--num_processes=2] [--devices_per_process=2] \
 #       [--port=PORT] [--dry_run] -- videoldm-train --config=configs/keyframe_tiny.py \
@@ -61,23 +63,31 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 status=0
+stopping=0
 # SIGTERM to the commands (a trainer saves and stops), not to the `sed`s that print them.
 cleanup() { kill $(cat "$pid_dir"/pid.* 2>/dev/null) 2>/dev/null || true; }
-trap cleanup INT TERM
+on_signal() { stopping=1; cleanup; }
+trap on_signal INT TERM
 # wait -n: a process that fails early stops the rest at once (they would otherwise sit
-# in a collective until its timeout).
-for ((left = NUM_PROCESSES; left > 0; left--)); do
+# in a collective until its timeout). -p names the job that ended: a trapped signal
+# also ends the wait, with no job. Every status is collected; the first failure wins
+# over stops (143).
+left=$NUM_PROCESSES
+while [ "$left" -gt 0 ]; do
   rc=0
-  wait -n || rc=$?
+  job=""
+  wait -n -p job || rc=$?
+  [ -n "${job:-}" ] || continue
+  left=$((left - 1))
   if [ "$rc" = 143 ]; then
-    status=143
+    [ "$status" != 0 ] || status=143
   elif [ "$rc" != 0 ]; then
-    status=$rc
-    echo "local_multiprocess.sh: a process failed (exit $status); stopping the others" >&2
-    cleanup
-    break
+    if [ "$status" = 0 ] || [ "$status" = 143 ]; then
+      status=$rc
+      echo "local_multiprocess.sh: a process failed (exit $rc); stopping the others" >&2
+      cleanup
+    fi
   fi
 done
-wait || true
 rm -rf "$pid_dir"
 exit "$status"

@@ -2,6 +2,7 @@
 containing spaces surviving every level of quoting (local shell, ssh, srun)."""
 
 import os
+import signal
 import shlex
 import subprocess
 import sys
@@ -127,3 +128,27 @@ def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
   assert time.monotonic() - t0 < 30  # not the 60 s sleep
   with pytest.raises(ProcessLookupError):
     os.kill(int((tmp_path / "pid").read_text()), 0)
+
+
+def test_local_multiprocess_reports_a_failure_during_a_stop(tmp_path):
+  # SIGTERM to the launcher: it forwards it; process 0 stops (143), process 1 fails
+  # (1) while stopping. The trapped signal must not count as a process ending, and the
+  # failure must not be hidden behind the stop.
+  script = ("import os, pathlib, signal, sys, time\n"
+            "i = int([a for a in sys.argv if a.startswith('--process_id=')][0][13:])\n"
+            "def stop(*_):\n"
+            "  time.sleep(0.5 * i)\n"
+            "  sys.exit(143 if i == 0 else 1)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "pathlib.Path(sys.argv[1], str(i)).write_text('up')\n"
+            "time.sleep(60)\n")
+  proc = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--num_processes=2",
+                           "--", sys.executable, "-c", script, str(tmp_path)],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 1, err
+  assert "a process failed (exit 1)" in err
