@@ -317,6 +317,12 @@ def test_fid_and_is_run_on_random_inception(inception_file):
   other = _blobs(3, seed=3, t=4)
   assert fid.fid_from_videos(videos, other, str(path), batch_size=frame_batch,
                              splits=2)["fid"] > 0
+  # IS reads the logits without the classifier's bias (improved-GAN, torch-fidelity).
+  net = inception.InceptionFeatures(str(path), frame_batch)
+  assert np.abs(net.fc_bias).max() > 0  # the file's bias is perturbed
+  _, unbiased = fid.frame_stats(net, [videos], keep_logits=True)
+  np.testing.assert_allclose(unbiased, net(fid.frames_of(videos, 1))[1] - net.fc_bias,
+                             rtol=1e-6, atol=1e-6)
   uniform = np.zeros((20, 1008))
   assert fid.inception_score(uniform, splits=2)[0] == pytest.approx(1.0)
   assert fid.inception_score(np.eye(20, 1008) * 50, splits=1)[0] == pytest.approx(20, rel=1e-3)
@@ -336,6 +342,20 @@ def test_inception_loader_errors(inception_file, tmp_path):
   assert "missing: Mixed_7c.branch1x1.bn.running_var" in msg
   with pytest.raises(PickleRefused):
     inception.load_inception(tmp_path / "pt_inception.pth")
+
+
+def test_clip_image_preprocessing_matches_transformers(torch_cpu):
+  """Resize of the shortest side (bicubic), centre crop, normalisation: transformers'
+  CLIPImageProcessor (PIL, uint8 rounding after the resize) within about 1.5 uint8
+  levels (0.02 in normalised units: one level is 1 / 255 / 0.27)."""
+  from transformers import CLIPImageProcessor
+  ref = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+  ours = clip_score.ImagePreprocess(24, 24)
+  frames = _blobs(1, seed=7, t=3)[0]  # smooth (3, H, W, 3) uint8
+  got = np.asarray(ours(jax.numpy.asarray(frames)))
+  want = ref(images=list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+  assert got.shape == want.shape
+  assert np.abs(got - want).max() < 0.06 and np.abs(got - want).mean() < 0.02
 
 
 # ---------------------------------------------------------------- CLIP similarity
@@ -425,3 +445,27 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
   assert result["fvd"] > 0 and result["settings"]["covariance"].startswith("unbiased")
   with pytest.raises(ValueError, match="3 prompts for 2"):
     cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["a", "b"])
+
+
+def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
+  """A folder of generated videos holds NAME.gif previews beside NAME.mp4: the same
+  clips, not more. --max_videos stops reading files; a prompts file covers all clips."""
+  from videoldm_jax import video_io
+  from videoldm_jax.cli import evaluate as cli
+  clip = _blobs(1, seed=6)[0]
+  video_io.write_mp4(str(tmp_path / "s0.mp4"), clip)
+  video_io.write_gif(str(tmp_path / "s0.gif"), clip)  # preview of s0.mp4
+  video_io.write_gif(str(tmp_path / "s1.gif"), clip)  # a clip of its own
+  np.save(tmp_path / "s2.npy", np.zeros((2, 3), np.float32))  # unreadable as a clip
+  files = cli.expand_inputs(str(tmp_path))
+  assert [f.name for f in files] == ["s0.mp4", "s1.gif", "s2.npy"]
+  assert "skipping 1 .gif preview(s)" in capsys.readouterr().err
+  # The third file is never opened: reading it would raise.
+  chunks = list(cli.iter_chunks(files, _T, 4, max_videos=2))
+  assert [c.shape[0] for c in chunks] == [2]
+  with pytest.raises(ValueError, match="s2.npy: expected a uint8 array"):
+    list(cli.iter_chunks(files, _T, 4, max_videos=3))
+  (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
+  assert cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s1"], 3) == ["a", "b"]
+  with pytest.raises(ValueError, match="3 prompts for 4 fake clips"):
+    cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s1"], 4)

@@ -80,6 +80,14 @@ def expand_inputs(spec: str) -> list[Path]:
     p = Path(entry)
     if p.is_dir():
       found = sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES)
+      # videoldm-generate / -sample write NAME.gif beside NAME.mp4 as a preview: in a
+      # folder it is the same clip again (colour-reduced), not another one.
+      stems = {f.with_suffix("") for f in found if f.suffix.lower() != ".gif"}
+      previews = [f for f in found if f.suffix.lower() == ".gif" and f.with_suffix("") in stems]
+      if previews:
+        print(f"videoldm-eval: {entry}: skipping {len(previews)} .gif preview(s) of "
+              f"clips also there as .mp4 / .npy (e.g. {previews[0].name})", file=sys.stderr)
+        found = [f for f in found if f not in set(previews)]
     elif p.is_file():
       found = [p]
     else:
@@ -91,8 +99,9 @@ def expand_inputs(spec: str) -> list[Path]:
   return files
 
 
-def read_clips(path: Path) -> list[np.ndarray]:
-  """The uint8 (T, H, W, 3) clips of one file (a .npy may hold a batch)."""
+def read_clips(path: Path, max_frames: int | None = None) -> list[np.ndarray]:
+  """The uint8 (T, H, W, 3) clips of one file (a .npy may hold a batch); videos are
+  decoded up to `max_frames` frames."""
   if path.suffix.lower() == ".npy":
     a = np.load(path, mmap_mode="r", allow_pickle=False)  # read clip by clip
     if a.dtype != np.uint8 or a.ndim not in (4, 5) or a.shape[-1] != 3:
@@ -100,7 +109,7 @@ def read_clips(path: Path) -> list[np.ndarray]:
                        f"got {a.dtype} {a.shape}")
     return list(a) if a.ndim == 5 else [a]
   from videoldm_jax import video_io  # local: PyAV / Pillow only when reading videos
-  return [video_io.read_video(str(path))]
+  return [video_io.read_video(str(path), max_frames=max_frames)]
 
 
 def clip_names(files: Sequence[Path], max_videos: int = 0) -> list[str]:
@@ -123,7 +132,9 @@ def iter_chunks(files: Sequence[Path], num_frames: int, chunk: int, max_videos: 
   order of `clip_names`; only one chunk of decoded clips is in memory at a time."""
   clips, shape, count = [], None, 0
   for path in progress(files, len(files), desc, show_progress):
-    for i, clip in enumerate(read_clips(path)):
+    if max_videos and count >= max_videos:
+      break  # no further file is decoded
+    for i, clip in enumerate(read_clips(path, num_frames)):
       if max_videos and count >= max_videos:
         break
       name = f"{path.name}[{i}]" if path.suffix.lower() == ".npy" else path.name
@@ -144,8 +155,13 @@ def iter_chunks(files: Sequence[Path], num_frames: int, chunk: int, max_videos: 
     yield np.stack(clips)
 
 
-def read_prompts(path: str | None, prompt: str | None, names: Sequence[str]) -> list[str]:
-  """One prompt per fake clip name, from --prompt or a .txt / .json --prompts file."""
+def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
+                 num_clips: int | None = None) -> list[str]:
+  """One prompt per fake clip name, from --prompt or a .txt / .json --prompts file.
+
+  names: the clips evaluated (the first --max_videos of all); num_clips: how many there
+  are in all (default len(names)), which a .txt file or a .json list must match."""
+  num_clips = len(names) if num_clips is None else num_clips
   if prompt is not None:
     return [prompt] * len(names)
   if path is None:
@@ -154,15 +170,17 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str]) -> 
   if path.endswith(".json"):
     table = json.loads(text)
     if isinstance(table, list):
+      if len(table) != num_clips:
+        raise ValueError(f"{path}: {len(table)} prompts for {num_clips} fake clips")
       table = dict(zip(names, table))
     missing = [n for n in names if n not in table]
     if missing:
       raise ValueError(f"{path}: no prompt for {missing[:5]} ({len(missing)} clips)")
     return [table[n] for n in names]
   lines = [ln for ln in text.splitlines() if ln.strip()]
-  if len(lines) != len(names):
-    raise ValueError(f"{path}: {len(lines)} prompts for {len(names)} fake clips")
-  return lines
+  if len(lines) != num_clips:
+    raise ValueError(f"{path}: {len(lines)} prompts for {num_clips} fake clips")
+  return lines[:len(names)]
 
 
 def evaluate(real_files: Sequence[Path], fake_files: Sequence[Path], metrics: Sequence[str],
@@ -205,12 +223,14 @@ def evaluate(real_files: Sequence[Path], fake_files: Sequence[Path], metrics: Se
   for role, files in (("real", real_files), ("fake", fake_files)):
     if role == "real" and not {"fvd", "fid"} & set(metrics):
       continue
-    names = clip_names(files, max_videos)
+    all_names = clip_names(files)
+    names = all_names[:max_videos] if max_videos else all_names
     out[f"num_{role}"] = len(names)
     want_inception = inc_net is not None and ("fid" in metrics or role == "fake")
     want_logits = role == "fake" and "is" in metrics
     want_clip = role == "fake" and clip_net is not None
-    prompts = read_prompts(prompts_file, prompt, names) if want_clip else []
+    prompts = (read_prompts(prompts_file, prompt, names, len(all_names)) if want_clip
+               else [])
     i3d_stats = inc_stats = None
     logits, clip_scores = [], []
     for chunk in iter_chunks(files, num_frames, batch_size, max_videos, show_progress,

@@ -32,7 +32,9 @@ def frame_stats(extractor: InceptionFeatures,
                 keep_logits: bool = False, show_progress: bool = False
                 ) -> tuple[FeatureStats, np.ndarray | None]:
   """pool3 statistics (and optionally all logits, (M, K), for IS) of the frames of
-  video chunks, each (n, T, H, W, 3); only the logits grow with the number of frames."""
+  video chunks, each (n, T, H, W, 3); only the logits grow with the number of frames.
+  The logits leave out the classifier's bias, as the Inception Score's definition
+  (improved-GAN) and torch-fidelity / torchmetrics do."""
   stats, logits = None, []
   for chunk in video_chunks:
     for pool_bxF, logits_bxK in extractor.iterate(frames_of(chunk, frame_stride),
@@ -40,7 +42,7 @@ def frame_stats(extractor: InceptionFeatures,
       stats = stats or FeatureStats(pool_bxF.shape[-1])
       stats.update(pool_bxF)
       if keep_logits:
-        logits.append(logits_bxK)
+        logits.append(logits_bxK - extractor.fc_bias)
   if stats is None:
     raise ValueError("no frames given")
   return stats, (np.concatenate(logits, axis=0) if keep_logits else None)
@@ -50,7 +52,8 @@ def inception_score(logits_NxK: np.ndarray, splits: int = 10) -> tuple[float, fl
   """Inception Score (mean, std over `splits`) from classifier logits (N, K).
 
   Per split: exp(mean_x KL(p(y|x) || mean_x p(y|x))), in float64 with log-softmax.
-  N must be at least `splits`; the last split takes the remainder.
+  N must be at least `splits`; the splits are consecutive (np.array_split: the first
+  N % splits of them one item longer).
   """
   logits = np.asarray(logits_NxK, np.float64)
   if logits.ndim != 2 or logits.shape[0] < splits or splits < 1:

@@ -297,6 +297,9 @@ class InceptionFeatures:
                resolution: int = RESOLUTION,
                devices: Sequence[jax.Device] | None = None):
     self.model, variables = load_inception(weights_path, variant, width)
+    # The classifier's bias, (K,): the Inception Score is defined on the logits without
+    # it (improved-GAN's pool3 @ W; torch-fidelity's and torchmetrics' logits_unbiased).
+    self.fc_bias = np.asarray(variables["params"]["fc"]["bias"], np.float32)
     self.resolution = int(resolution)
     fn = _features_fn(self.model.num_classes, self.model.variant, self.model.width,
                       self.resolution)
