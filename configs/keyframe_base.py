@@ -15,7 +15,7 @@ DEFAULT_RULES = (
     ("conv_out", "fsdp"),
     ("embed", "fsdp"),
     ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-    ("norm", None),
+    ("norm", None), ("scalar", None),
 )
 
 

@@ -1,5 +1,6 @@
-"""Every parameter of every image model carries logical axis names, and sharding by
-them over a mesh of 8 fake CPU devices leaves the computation unchanged."""
+"""Every parameter of every model (image and video UNet, image and video VAE, CLIP,
+discriminators) carries logical axis names that the default rules know, and sharding
+by them over a mesh of 8 fake CPU devices leaves the computation unchanged."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 
 from videoldm_jax import sharding
+from videoldm_jax.models import discriminator as disc_lib
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import unet as unet_lib
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.temporal import TemporalConfig
 
 UNET = unet_lib.UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
                            attention_levels=(True, True), num_heads=2, cross_attention_dim=8,
@@ -19,10 +22,21 @@ VAE = vae_lib.VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_nu
 TEXT = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8)
 
+DISC = disc_lib.DiscriminatorConfig()
+_x, _t, _ctx, _labels = unet_lib.example_inputs(UNET)
 MODELS = {
     "unet": (unet_lib.UNet(UNET), unet_lib.example_inputs(UNET)),
+    "video_unet": (unet_lib.UNet(UNET, TemporalConfig(conv_kernel=(3, 3, 3),
+                                                      cross_attention=True)),
+                   (jnp.zeros((1, 2) + _x.shape[1:]), _t, _ctx, _labels)),
     "vae": (vae_lib.AutoencoderKL(VAE), vae_lib.example_inputs(VAE)),
+    "video_vae": (vae_lib.AutoencoderKL(VAE, vae_lib.VAETemporalConfig()),
+                  vae_lib.example_inputs(VAE, video=True)),
     "clip": (CLIPTextModel(TEXT), (jnp.zeros((1, 8), jnp.int32),)),
+    "discriminator": (disc_lib.PatchDiscriminator(DISC),
+                      disc_lib.example_inputs(DISC, video=False)),
+    "video_discriminator": (disc_lib.VideoPatchDiscriminator(DISC),
+                            disc_lib.example_inputs(DISC, video=True)),
 }
 
 
@@ -38,6 +52,11 @@ def test_every_param_has_known_logical_axes(name):
   for (path, spec), shape in zip(flat_specs, flat_shapes):
     assert len(spec) == len(shape.shape), (path, spec, shape.shape)
     assert all(a in sharding.KNOWN_LOGICAL_AXES for a in spec), (path, spec)
+
+
+def test_config_rules_name_every_logical_axis():
+  from configs import keyframe_base
+  assert {name for name, _ in keyframe_base.DEFAULT_RULES} == sharding.KNOWN_LOGICAL_AXES
 
 
 def test_unet_sharded_by_rules_matches_single_device():

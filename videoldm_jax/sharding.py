@@ -15,15 +15,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Default placement: weights are split over "fsdp" along their output channels / model
-# width and over "tensor" along attention heads and MLP width; spatial kernel dims and
-# norms are never split. A config may replace this list.
+# width and over "tensor" along attention heads and MLP width; kernel window dims (time
+# and space), norms and scalars (mix factors) are never split. A config may replace
+# this list.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
-    ("conv_kh", None), ("conv_kw", None), ("conv_in", None),
+    ("conv_kt", None), ("conv_kh", None), ("conv_kw", None), ("conv_in", None),
     ("conv_out", "fsdp"),
     ("embed", "fsdp"),
     ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-    ("norm", None),
+    ("norm", None), ("scalar", None),
 )
 KNOWN_LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
 

@@ -99,8 +99,7 @@ class _DiracInit(layers.Init):
 
   The output Conv3d starts as the identity, so that at init the video decoder computes
   the image decoder's output (the temporal ResBlocks are identities too) and
-  fine-tuning starts from it; it stays a plain conv (sgm's `time_mix_conv`), so
-  released temporal decoders map onto it directly.
+  fine-tuning starts from it.
   """
   kind: str = "dirac"
 
@@ -117,7 +116,7 @@ class _DiracInit(layers.Init):
 
 
 def _mix_param(module: nn.Module, init: float) -> jax.Array:
-  return module.param("mix_factor", layers.param_init(layers.Init("constant", init), (None,)),
+  return module.param("mix_factor", layers.param_init(layers.Init("constant", init), ("scalar",)),
                       (1,))
 
 
@@ -150,6 +149,10 @@ class TemporalResBlock3D(nn.Module):
 class TemporalConvOut(nn.Module):
   """The Conv3d over the decoder's RGB output (sgm's `AE3DConv.time_mix_conv`), blended
   with its input like the ResBlocks so that the image decoder stays recoverable.
+  Not weight-compatible with released temporal decoders (sgm / SVD,
+  diffusers' `time_conv_out`), which apply the Conv3d unblended (mix_factor = +inf
+  here) and use GroupNorm eps 1e-5 in their temporal ResBlocks (1e-6 here); no
+  converter for them exists.
 
   (B*T, H, W, C) -> (B*T, H, W, C).
   """
