@@ -2,6 +2,7 @@
 from a converted image-model folder: killed with SIGKILL, stopped with SIGTERM,
 resumed, it ends bitwise where an uninterrupted run ends."""
 
+import json
 import os
 import re
 import signal
@@ -118,6 +119,11 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
   # Resume to the end.
   out = _finish(_start(tmp_path, image_model))
   assert f"resumed from {tmp_path / 'checkpoints'}/{stopped}" in out
+  # The steps the killed run logged past its checkpoint were dropped on resume and
+  # logged again: every step once, in order.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  logged = [json.loads(ln)["step"] for ln in lines]
+  assert logged == list(range(1, STEPS + 1)), logged
   resumed = _final_state(tmp_path)
   ref_leaves = jax.tree_util.tree_leaves_with_path(uninterrupted)
   got_leaves = jax.tree_util.tree_leaves_with_path(resumed)

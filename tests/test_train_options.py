@@ -129,3 +129,15 @@ def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
   np.testing.assert_allclose(lrs, [1.0, 1.0, 0.9], rtol=1e-6)
   # The applied updates were -lr * grad (grad = x = 1): -1.0 then -0.9.
   np.testing.assert_allclose(np.asarray(state.trainable["w"]), [-1.9, -1.9], rtol=1e-6)
+
+
+def test_learning_rate_schedule_warmup_and_none():
+  from videoldm_jax.train import optim
+  cfg = lambda warmup: ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=warmup, total_steps=10, final_lr_fraction=0.1))
+  with_warmup = optim.learning_rate(cfg(2))
+  np.testing.assert_allclose([float(with_warmup(s)) for s in (0, 1, 2, 10)],
+                             [0.0, 5e-4, 1e-3, 1e-4], rtol=1e-6)
+  # No warmup: the first update already uses lr (not 0), decaying to the same end.
+  none = optim.learning_rate(cfg(0))
+  np.testing.assert_allclose([float(none(s)) for s in (0, 10)], [1e-3, 1e-4], rtol=1e-6)

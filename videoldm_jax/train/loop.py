@@ -260,6 +260,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
     data.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{latest}")
+    if pi == 0:
+      _drop_metrics_after(workdir / "metrics.jsonl", latest)
   else:
     params = setup.init_params()
     frozen_digests = frozen_lib.leaf_digests(split(params, stage.is_trainable)[1])
@@ -299,7 +301,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   log(f"params: {n_params['trainable'] / 1e6:.2f}M trainable, "
       f"{n_params['frozen'] / 1e6:.2f}M frozen; start at step {step}")
 
+  _check_schedule_length(config)
   last = {}
+  # Losses logged since the last checkpoint: their mean (with the saved step's own)
+  # ranks checkpoints for train.keep_best; one batch's loss is mostly timestep noise.
+  logged_losses = []
   batch, t_last, step_last = first, time.perf_counter(), step
   t_start, start_step = t_last, step
   pending = None  # (step, metrics on device) not yet logged
@@ -320,6 +326,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
              input_s=input_s / max(batches, 1))
     t_last, step_last, input_s, batches = now, at, 0.0, 0
     last = m
+    logged_losses.append(m["loss"])
     extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                      if k not in _LOGGED and not k.startswith("grad_norm/"))
     eta = int((config.train.num_steps - at) * dt)
@@ -375,10 +382,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           write_log(*pending)
           pending = None
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
+        if pending is None or pending[0] != step:  # else write_log adds it
+          logged_losses.append(float(metrics["loss"]))
+        elif pending is not None:
+          write_log(*pending)
+          pending = None
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
                   data_state=data.get_state(), config=config.to_dict(),
-                  metrics={"loss": float(metrics["loss"])},
+                  metrics={"loss": sum(logged_losses) / len(logged_losses)},
                   frozen_digests=frozen_digests, force=True)
+        logged_losses.clear()
       if stop:
         sig = guard.signal_received
         stopped = ("SIGTERM to some process" if guard.uses_jax_service
@@ -420,6 +433,35 @@ def _agreed(latest: Optional[int], workdir: Path) -> tuple[Optional[int], bool]:
   got = multihost_utils.broadcast_one_to_all(
       np.array([-1 if latest is None else latest, exported], np.int32))
   return (None if got[0] < 0 else int(got[0])), bool(got[1])
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+  """Keeps the lines of metrics.jsonl up to `step`: a run killed after its last
+  checkpoint logged steps that the resumed run logs again."""
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+  if len(keep) != len(lines):
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _check_schedule_length(config: ml_collections.ConfigDict) -> None:
+  """Says when the learning-rate schedule (optim.total_steps) and the run
+  (train.num_steps) end at different steps."""
+  total = config.get("optim", {}).get("total_steps")
+  steps = config.train.num_steps
+  if total is None or total == steps:
+    return
+  if steps > total:
+    log(f"WARNING: train.num_steps={steps} > optim.total_steps={total}: steps "
+        f"{total + 1}-{steps} train at the schedule's final learning rate "
+        f"(lr * final_lr_fraction)")
+  else:
+    log(f"note: the learning rate decays until optim.total_steps={total}; this run stops "
+        f"at train.num_steps={steps}, before it has decayed")
 
 
 def _last_metrics(workdir: Path) -> dict:

@@ -11,9 +11,12 @@ import optax
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to
-  `lr * final_lr_fraction` at `total_steps`."""
+  `lr * final_lr_fraction` at `total_steps`; warmup_steps = 0 starts at `lr`."""
+  if int(config.warmup_steps) <= 0:
+    return optax.cosine_decay_schedule(config.lr, max(int(config.total_steps), 1),
+                                       alpha=config.get("final_lr_fraction", 0.0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.lr, warmup_steps=max(int(config.warmup_steps), 1),
+      init_value=0.0, peak_value=config.lr, warmup_steps=int(config.warmup_steps),
       decay_steps=max(int(config.total_steps), int(config.warmup_steps) + 1),
       end_value=config.lr * config.get("final_lr_fraction", 0.0))
 
