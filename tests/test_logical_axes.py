@@ -96,3 +96,18 @@ def test_multi_slice_mesh_puts_only_dcn_axes_across_granules():
     sharding.make_mesh({"fsdp": -1}, dcn_shape={"data": 2})
   mesh = sharding.make_mesh({"fsdp": -1}, dcn_shape={"data": 1})
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_widths_a_mesh_axis_does_not_divide_are_replicated_with_a_warning(caplog):
+  module, inputs = MODELS["unet"]
+  specs = params_lib.logical_axes(module, *inputs)
+  shapes = params_lib.abstract_params(module, *inputs)
+  with caplog.at_level("WARNING"):
+    sharding.shardings_for(specs, sharding.make_mesh({"fsdp": 2}, jax.devices()[:2]), shapes)
+  assert "stay whole" not in caplog.text  # only the 3-row label table: under 1%
+  with caplog.at_level("WARNING"):
+    sh = sharding.shardings_for(specs, sharding.make_mesh({"fsdp": 3}, jax.devices()[:3]),
+                                shapes)
+  assert "stay whole on every device: a dimension is not divisible" in caplog.text
+  kernel = sh["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]  # 16 channels, 3 ways
+  assert kernel.spec == jax.sharding.PartitionSpec(None, None, None, None)

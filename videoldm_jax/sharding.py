@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -66,8 +67,10 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   slices = int(np.prod(list(dcn_shape.values()))) if dcn_shape else 1
   if slices == 1:
     sizes = _fill(shape, len(devices), "mesh")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    # Topology-aware on TPUs (neighbouring chips share an axis); a plain reshape on
+    # other platforms.
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   dcn = _fill(dcn_shape, slices, "dcn mesh")
   if len(devices) % slices:
     raise ValueError(f"{len(devices)} devices do not split into {slices} slices")
@@ -93,17 +96,33 @@ def shardings_for(logical_specs: Any, mesh: Mesh, shapes: Any,
 
   `shapes` is the matching tree of arrays or ShapeDtypeStructs. A dimension whose size
   the assigned mesh axes do not divide (a 3-row label table on a 2-way axis, say) is
-  replicated instead of failing: such tensors are small by construction.
+  replicated instead of failing; when that replicates more than 1% of the bytes (a
+  mesh axis that does not divide the model's widths), a warning names the largest.
   """
   mesh_specs = nn.logical_to_mesh(logical_specs, list(rules))
   is_spec = lambda x: isinstance(x, PartitionSpec)
+  replicated = []  # (bytes, path, shape, axes) of leaves left whole against the rules
 
-  def fit(spec: PartitionSpec, leaf) -> NamedSharding:
+  def fit(path, spec: PartitionSpec, leaf) -> NamedSharding:
     dims = []
     for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
       names = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
       dims.append(axes if size % ways == 0 else None)
+      if size % ways:
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        replicated.append((nbytes, jax.tree_util.keystr(path), leaf.shape, names))
     return NamedSharding(mesh, PartitionSpec(*dims))
 
-  return jax.tree_util.tree_map(fit, mesh_specs, shapes, is_leaf=is_spec)
+  out = jax.tree_util.tree_map_with_path(fit, mesh_specs, shapes, is_leaf=is_spec)
+  total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+              for x in jax.tree_util.tree_leaves(shapes))
+  lost = sum(b for b, *_ in replicated)
+  if total and lost > 0.01 * total:
+    biggest = ", ".join(f"{p} {tuple(s)} over {'x'.join(a)}"
+                        for _, p, s, a in sorted(replicated, reverse=True)[:3])
+    logging.warning("sharding: %d arrays (%.1f of %.1f MiB) stay whole on every device: "
+                    "a dimension is not divisible by its mesh axes (%s); choose mesh "
+                    "sizes that divide the model's widths", len(replicated), lost / 2**20,
+                    total / 2**20, biggest)
+  return out
