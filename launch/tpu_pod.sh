@@ -21,10 +21,14 @@
 #   RUNTIME_VERSION   TPU VM image used when creating (default v2-alpha-tpuv5)
 #   SPOT              1 = create a spot (preemptible) slice; the trainer checkpoints on
 #                     SIGTERM, exits 143, and resumes when the same command is re-run
-#   CODE              "copy" (default): scp this checkout (git-tracked files only);
-#                     "clone": git clone REPO_URL at REPO_REF on every worker
+#   CODE              "copy" (default): scp this checkout's committed files (HEAD;
+#                     uncommitted edits are not copied, with a warning);
+#                     "clone": git clone REPO_URL at REPO_REF on every worker (a later
+#                     run fetches and checks out REPO_REF there)
 #   REPO_URL, REPO_REF  for CODE=clone (default ref: main)
-#   REMOTE_DIR        where the code lives on the workers (default ~/videoldm-jax)
+#   REMOTE_DIR        where the code lives on the workers, relative to the home folder
+#                     (default videoldm-jax). Updating the code there never deletes
+#                     the folder: its .venv and a relative --workdir survive re-runs.
 #   EXTRAS            pip extras installed on the workers (default "tpu")
 #   DRY_RUN           1 = print the commands instead of running them (same as --dry_run)
 set -euo pipefail
@@ -50,11 +54,12 @@ SPOT=${SPOT:-0}
 CODE=${CODE:-copy}
 REPO_REF=${REPO_REF:-main}
 REMOTE_DIR=${REMOTE_DIR:-videoldm-jax}
+REMOTE_DIR=${REMOTE_DIR#\~/}  # ssh starts in the home folder; "~" would be quoted away
 EXTRAS=${EXTRAS:-tpu}
 project=()
 [ -n "${PROJECT:-}" ] && project=("--project=$PROJECT")
 tpu=(gcloud compute tpus tpu-vm)
-where=("--zone=$ZONE" "${project[@]}")
+where=("--zone=$ZONE" ${project[@]+"${project[@]}"})  # bash < 4.4: empty arrays
 
 run() {  # prints (dry run) or runs a command, quoted so it can be pasted back
   if [ "$DRY_RUN" = 1 ]; then
@@ -84,14 +89,19 @@ fi
 # 2. The code on every worker.
 if [ "$CODE" = clone ]; then
   : "${REPO_URL:?set REPO_URL for CODE=clone}"
+  q_ref=$(printf '%q' "$REPO_REF")
   run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
-    "rm -rf $q_dir && git clone --branch $(printf '%q' "$REPO_REF") $(printf '%q' "$REPO_URL") $q_dir"
+    "if [ -d $q_dir/.git ]; then git -C $q_dir fetch origin $q_ref && git -C $q_dir checkout -f FETCH_HEAD; else git clone --branch $q_ref $(printf '%q' "$REPO_URL") $q_dir; fi"
 else
+  if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    echo "tpu_pod.sh: warning: uncommitted changes are not copied (git archive HEAD)" >&2
+  fi
   archive=${TMPDIR:-/tmp}/videoldm-jax-code.tar.gz
   run git archive --format=tar.gz -o "$archive" HEAD
   run "${tpu[@]}" scp "$archive" "$TPU_NAME:videoldm-jax-code.tar.gz" "${where[@]}" --worker=all
+  # Unpacked over the folder, not into a fresh one: its .venv and any run data stay.
   run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
-    "rm -rf $q_dir && mkdir -p $q_dir && tar -xzf videoldm-jax-code.tar.gz -C $q_dir"
+    "mkdir -p $q_dir && tar -xzf videoldm-jax-code.tar.gz -C $q_dir"
 fi
 
 # 3. Install (a venv per worker) and 4. run everywhere; --worker=all streams every

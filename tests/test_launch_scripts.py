@@ -36,6 +36,9 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
   for c in (unpack, install, run):
     assert c[:6] == base + ["ssh", "vldm pod"] and "--worker=all" in c
   remote = run[run.index("--command") + 1]
+  # Re-running (the way to resume) must not delete the code folder: a relative
+  # --workdir lives there.
+  assert "rm " not in unpack[unpack.index("--command") + 1]
   # The remote shell splits the line once more: the user's argv comes back intact.
   words = shlex.split(remote)
   assert words[:2] == ["cd", "code dir"] and words[-3:] == USER_CMD
@@ -45,10 +48,12 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
 def test_tpu_pod_can_clone_instead_of_copy():
   env = dict(TPU_NAME="v", ZONE="z", CODE="clone", REPO_URL="https://example.org/r.git",
              REPO_REF="v1")
-  cmds = _dry("launch/tpu_pod.sh", env=env)
+  cmds = _dry("launch/tpu_pod.sh", env={**env, "REMOTE_DIR": "~/videoldm-jax"})
   clone = shlex.split(cmds[1][cmds[1].index("--command") + 1])
-  assert "git" in clone and clone[clone.index("clone"):] == [
-      "clone", "--branch", "v1", "https://example.org/r.git", "videoldm-jax"]
+  # A first run clones, a later one fetches the ref into the same folder.
+  assert clone[clone.index("clone"):clone.index("clone") + 5] == [
+      "clone", "--branch", "v1", "https://example.org/r.git", "videoldm-jax;"]
+  assert "fetch" in clone and "rm" not in clone
 
 
 def test_tpu_pod_requires_its_variables():
