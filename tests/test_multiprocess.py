@@ -139,6 +139,39 @@ except ValueError as e:
 """
 
 
+def test_a_failed_export_on_process_0_stops_process_1_too(two_process_run, tmp_path):
+  """The finished two-process run, started again with exports on, writes its missing
+  export (no compile). Process 0's write fails (WORKDIR/export is a file): process 1
+  must raise at once too, not wait in a collective until the coordinator times out."""
+  import shutil
+  import socket
+  import time
+  workdir = tmp_path / "run"
+  shutil.copytree(two_process_run[0], workdir)
+  (workdir / "export").write_text("not a folder")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "videoldm_jax.cli.train", f"--workdir={workdir}", *FLAGS,
+       "--config.train.num_steps=3", "--config.train.export=true",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}", "--cpu_devices=2"],
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  t0 = time.monotonic()
+  try:
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()  # (before the fix both waited out JAX's timeouts)
+  assert all(p.returncode not in (0, None) for p in procs), logs
+  assert "writing the missing export" in logs[0], logs[0][-3000:]
+  assert "Error" in logs[0] and "export" in logs[0]
+  assert "process 0 failed to write the export" in logs[1], logs[1][-3000:]
+  assert time.monotonic() - t0 < 120
+
+
 def test_frozen_parameters_differing_on_one_process_stop_every_process(tmp_path):
   # Each process loads its own copy of the pretrained model at a resume; one bad copy
   # must stop all of them (a lone raise would leave the others in the restore's

@@ -103,9 +103,20 @@ def export(workdir: Path, setup: StageSetup, state, step: int, weights: str = "e
   the stage decides the format. A folder that exists already is left as it is."""
   out = export_dir(workdir, step, weights)
   params = _gathered(state.merged(use_ema=weights == "ema"))
+  error = None
   if jax.process_index() == 0 and not out.exists():
-    write_folder(out, lambda folder: setup.export(folder, params))
-  multihost_utils.sync_global_devices("exported")
+    try:
+      write_folder(out, lambda folder: setup.export(folder, params))
+    except Exception as e:  # noqa: BLE001  (re-raised below, after the others hear of it)
+      error = e
+  # Every process learns whether process 0's write failed, so none waits for an export
+  # that will not come (until the coordination service's timeout).
+  failed = jax.process_count() > 1 and bool(multihost_utils.broadcast_one_to_all(
+      np.int32(error is not None)))
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(f"process 0 failed to write the export {out}; see its log")
   return out
 
 
