@@ -98,7 +98,10 @@ def test_half_given_flags_are_an_error_not_a_hang():
     distributed.detect({}, "127.0.0.1:1", 2, 2)
   assert distributed.detect({}).kind == "single"
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}).kind == "slurm"
-  assert distributed.detect({"OMPI_COMM_WORLD_SIZE": "4"}).kind == "mpi"
+  assert distributed.detect({"OMPI_COMM_WORLD_SIZE": "4",
+                             "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1"}).kind == "mpi"
+  with pytest.raises(ValueError, match="Open MPI 5.*--process_id=\\$OMPI_COMM_WORLD_RANK"):
+    distributed.detect({"OMPI_COMM_WORLD_SIZE": "4"})
   assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a,b"}).kind == "tpu"
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"},
                             "h:1", 2, 1).kind == "explicit"  # flags win
@@ -117,6 +120,9 @@ def test_slurm_tasks_drive_the_gpus_they_see():
   assert ids(SLURM_GPUS_PER_TASK="8", SLURM_LOCALID="0") == list(range(8))
   assert ids(JAX_LOCAL_DEVICE_IDS="5", CUDA_VISIBLE_DEVICES="3") is None  # JAX reads it
   assert distributed.local_device_ids(distributed.Launch("tpu"), task) is None
+  mpi = distributed.Launch("mpi")
+  assert distributed.local_device_ids(mpi, {"CUDA_VISIBLE_DEVICES": "2,3"}) == [0, 1]
+  assert distributed.local_device_ids(mpi, {}) is None  # JAX's: the rank's local GPU
 
 
 CHECK_SAME = """

@@ -9,7 +9,8 @@ come from decides how they find each other:
               auto-detects everything
   SLURM       srun with SLURM_NTASKS > 1 (launch/gpu_slurm.sbatch); each task drives
               the GPUs it can see (`local_device_ids`)
-  Open MPI    mpirun with OMPI_COMM_WORLD_SIZE > 1
+  Open MPI    mpirun with OMPI_COMM_WORLD_SIZE > 1 (Open MPI 4; version 5 needs the
+              explicit flags)
   nothing     one process: no initialisation
 
 `cpu_devices` > 0 gives each process that many fake CPU devices with gloo
@@ -51,25 +52,37 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
     return Launch("slurm")
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    if "OMPI_MCA_orte_hnp_uri" not in env:
+      # JAX finds the coordinator through Open MPI 4's ORTE URI; Open MPI 5 (PRRTE)
+      # has none, and initialize() would fail with a message about its arguments.
+      raise ValueError(
+          "distributed start-up: Open MPI without OMPI_MCA_orte_hnp_uri (Open MPI 5?) "
+          "is not auto-detected by JAX; pass --coordinator_address=HOST:PORT (rank 0's "
+          "host) --num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK")
     return Launch("mpi")
   return Launch("single")
 
 
 def local_device_ids(launch: Launch, env: Mapping[str, str]) -> Optional[list[int]]:
-  """The GPUs (indices among the visible ones) a SLURM task drives; None elsewhere.
+  """The GPUs (indices among the visible ones) a SLURM or Open MPI task drives (None:
+  JAX's default).
 
   JAX's SLURM default is [SLURM_LOCALID]: one GPU per task, numbered by the task's rank
   on its node. That is wrong both ways: a task bound to its GPU (--gpus-per-task=1 with
   GPU binding: CUDA_VISIBLE_DEVICES holds one id) sees it as GPU 0, so ranks 1..7 ask
   for a GPU they cannot see; and a task owning a whole node (MODE=per_node) would
   drive one of its GPUs. So: every visible GPU when CUDA_VISIBLE_DEVICES is set, else
-  the task's block of SLURM_GPUS_PER_TASK GPUs. JAX_LOCAL_DEVICE_IDS, when set, wins.
+  the task's block of SLURM_GPUS_PER_TASK GPUs. Open MPI ranks (JAX's default: GPU
+  OMPI_COMM_WORLD_LOCAL_RANK) likewise drive every visible GPU when
+  CUDA_VISIBLE_DEVICES is set. JAX_LOCAL_DEVICE_IDS, when set, wins.
   """
-  if launch.kind != "slurm" or env.get("JAX_LOCAL_DEVICE_IDS"):
+  if launch.kind not in ("slurm", "mpi") or env.get("JAX_LOCAL_DEVICE_IDS"):
     return None
   visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
   if visible:
     return list(range(len(visible)))
+  if launch.kind == "mpi":
+    return None
   per_task = int(env.get("SLURM_GPUS_PER_TASK", "1") or 1)
   local = int(env.get("SLURM_LOCALID", "0") or 0)
   return list(range(local * per_task, (local + 1) * per_task))
