@@ -90,8 +90,10 @@ fi
 if [ "$CODE" = clone ]; then
   : "${REPO_URL:?set REPO_URL for CODE=clone}"
   q_ref=$(printf '%q' "$REPO_REF")
+  update="git -C $q_dir fetch origin $q_ref && git -C $q_dir checkout -f FETCH_HEAD"
+  clone="git clone --branch $q_ref $(printf '%q' "$REPO_URL") $q_dir"
   run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
-    "if [ -d $q_dir/.git ]; then git -C $q_dir fetch origin $q_ref && git -C $q_dir checkout -f FETCH_HEAD; else git clone --branch $q_ref $(printf '%q' "$REPO_URL") $q_dir; fi"
+    "if [ -d $q_dir/.git ]; then $update; else $clone; fi"
 else
   if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
     echo "tpu_pod.sh: warning: uncommitted changes are not copied (git archive HEAD)" >&2

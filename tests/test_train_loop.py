@@ -223,3 +223,13 @@ def test_export_folders_appear_only_when_complete(tmp_path):
   write_folder(out, lambda folder: (folder.mkdir(), (folder / "x").write_text("1")))
   assert (out / "x").read_text() == "1"
   assert [p.name for p in out.parent.iterdir()] == ["step_5"]
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint_and_cut_lines(tmp_path):
+  from videoldm_jax.train.loop import _drop_metrics_after
+  path = tmp_path / "metrics.jsonl"
+  lines = "".join(json.dumps({"step": i, "loss": 0.5}) + "\n" for i in range(1, 6))
+  path.write_text(lines + '{"step": 6, "lo')  # the kill cut the last write short
+  _drop_metrics_after(path, 4)
+  assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+  assert path.read_text().endswith("\n")

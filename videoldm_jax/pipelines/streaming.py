@@ -79,10 +79,11 @@ class Interpolation(_Buffered):
   of `window` key frames that share their boundary key frame (module docstring).
 
   interpolate_fn(keys (1, window, h, w, C), call index, first key's index) ->
-  (1, stride (window - 1) + 1, h, w, C), exactly `keys` at every stride-th frame. Every call has `window` keys (one
-  compiled shape): the last window reaches back over key frames already filled in, and
-  only its new frames are emitted (a video of fewer than `window` key frames is one
-  shorter call). Keeps at most 2 window - 1 key frames plus one pushed chunk.
+  (1, stride (window - 1) + 1, h, w, C), exactly `keys` at every stride-th frame. Every
+  call has `window` keys (one compiled shape): the last window reaches back over key
+  frames already filled in, and only its new frames are emitted (a video of fewer than
+  `window` key frames is one shorter call). Keeps at most 2 window - 1 key frames plus
+  one pushed chunk.
   """
 
   def __init__(self, interpolate_fn, stride: int, window: int, bar=None):
@@ -116,8 +117,8 @@ class OverlapChunker(_Buffered):
   """Streaming frame-aligned processing (decode, upsample) in chunks with context.
 
   fn(frames (1, W, ...), call index, first frame's index) -> (1, W, ...) frame for
-  frame, W = chunk + 2 overlap for every call (one compiled shape; a video shorter than W is one shorter
-  call). The first call covers frames [0, W) and emits [0, W - overlap); each further
+  frame, W = chunk + 2 overlap for every call (one compiled shape; a video shorter than
+  W is one shorter call). The first call covers frames [0, W) and emits [0, W - overlap); each further
   call emits the next `chunk` frames, seeing `overlap` frames on each side of them
   (their outputs are dropped); the last call covers the last W frames of the video and
   emits what is left (so it sees >= overlap frames before). The true start and end of

@@ -393,9 +393,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           write_log(*pending)
           pending = None
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
-        if pending is None or pending[0] != step:  # else write_log adds it
+        if pending is None or pending[0] != step:
           logged_losses.append(float(metrics["loss"]))
-        elif pending is not None:
+        else:  # a log step: logged now (write_log adds its loss), not one step late
           write_log(*pending)
           pending = None
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
@@ -451,8 +451,14 @@ def _drop_metrics_after(path: Path, step: int) -> None:
   checkpoint logged steps that the resumed run logs again."""
   if not path.exists():
     return
+  def logged_at(line: str) -> float:
+    try:
+      return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      return float("inf")  # a line cut short by the kill: dropped
+
   lines = path.read_text().splitlines(keepends=True)
-  keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+  keep = [ln for ln in lines if ln.strip() and logged_at(ln) <= step]
   if len(keep) != len(lines):
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(keep))
