@@ -314,9 +314,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
 
   _check_schedule_length(config)
   last = {}
-  # Losses logged since the last checkpoint: their mean (with the saved step's own)
-  # ranks checkpoints for train.keep_best; one batch's loss is mostly timestep noise.
-  logged_losses = []
+  # Losses logged since the last checkpoint, by step: their mean (with the saved step's
+  # own) ranks checkpoints for train.keep_best; one batch's loss is mostly timestep
+  # noise.
+  window_losses, saved_at = {}, step
   batch, t_last, step_last = first, time.perf_counter(), step
   t_start, start_step = t_last, step
   pending = None  # (step, metrics on device) not yet logged
@@ -337,7 +338,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
              input_s=input_s / max(batches, 1))
     t_last, step_last, input_s, batches = now, at, 0.0, 0
     last = m
-    logged_losses.append(m["loss"])
+    if at > saved_at:  # a step logged one step late may belong to the saved window
+      window_losses[at] = m["loss"]
     extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                      if k not in _LOGGED and not k.startswith("grad_norm/"))
     eta = int((config.train.num_steps - at) * dt)
@@ -393,16 +395,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           write_log(*pending)
           pending = None
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
-        if pending is None or pending[0] != step:
-          logged_losses.append(float(metrics["loss"]))
-        else:  # a log step: logged now (write_log adds its loss), not one step late
-          write_log(*pending)
-          pending = None
+        window_losses[step] = float(metrics["loss"])
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
                   data_state=data.get_state(), config=config.to_dict(),
-                  metrics={"loss": sum(logged_losses) / len(logged_losses)},
+                  metrics={"loss": sum(window_losses.values()) / len(window_losses)},
                   frozen_digests=frozen_digests, force=True)
-        logged_losses.clear()
+        window_losses, saved_at = {}, step
       if stop:
         sig = guard.signal_received
         stopped = ("SIGTERM to some process" if guard.uses_jax_service
