@@ -87,8 +87,8 @@ def mix(x_spatial: jax.Array, x_temporal: jax.Array, m: jax.Array,
 
 
 def _mix_param(module: nn.Module, init: float) -> jax.Array:
-  return module.param("mix_factor", layers.param_init(layers.Init("constant", init), ("scalar",)),
-                      (1,))
+  init_fn = layers.param_init(layers.Init("constant", init), ("scalar",))
+  return module.param("mix_factor", init_fn, (1,))
 
 
 class TimeOnlyConv(nn.Module):

@@ -116,8 +116,8 @@ class _DiracInit(layers.Init):
 
 
 def _mix_param(module: nn.Module, init: float) -> jax.Array:
-  return module.param("mix_factor", layers.param_init(layers.Init("constant", init), ("scalar",)),
-                      (1,))
+  init_fn = layers.param_init(layers.Init("constant", init), ("scalar",))
+  return module.param("mix_factor", init_fn, (1,))
 
 
 class TemporalResBlock3D(nn.Module):
