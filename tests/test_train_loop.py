@@ -233,3 +233,31 @@ def test_resume_drops_metrics_logged_after_the_checkpoint_and_cut_lines(tmp_path
   _drop_metrics_after(path, 4)
   assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
   assert path.read_text().endswith("\n")
+
+
+def test_a_resumed_runs_tensorboard_writer_purges_the_steps_it_redoes(tmp_path):
+  """purge_step writes TensorBoard's SessionLog START at the resumed run's first step:
+  TensorBoard then drops the killed run's events from there on (no doubled curves)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  from videoldm_jax.train import perf
+
+  first = perf.summary_writer(tmp_path / "a")
+  first.close()
+  resumed = perf.summary_writer(tmp_path / "b", purge_step=4)
+  resumed.add_scalar("train/loss", 1.0, 4)
+  resumed.close()
+
+  def events(folder):
+    (path,) = folder.glob("events.out.tfevents.*")
+    data, out = path.read_bytes(), []
+    while data:  # TFRecords: length, its CRC, the record, its CRC
+      (n,) = struct.unpack("<Q", data[:8])
+      out.append(event_pb2.Event.FromString(data[12:12 + n]))
+      data = data[12 + n + 4:]
+    return out
+
+  starts = lambda folder: [e.step for e in events(folder)
+                           if e.HasField("session_log")
+                           and e.session_log.status == event_pb2.SessionLog.START]
+  assert starts(tmp_path / "b") == [4] and starts(tmp_path / "a") == []

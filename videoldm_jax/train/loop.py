@@ -306,7 +306,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   log(f"{stage.name}: compiled in {time.perf_counter() - t0:.1f}s; model "
       f"{flops / 1e9:.2f} GFLOP/step/device (XLA {perf.compiled_flops(compiled) / 1e9:.2f}); "
       f"matmul peak {peak / 1e9:.0f} GFLOP/s/device")
-  writer = perf.summary_writer(workdir / "tb")
+  writer = perf.summary_writer(workdir / "tb", purge_step=step + 1 if step else None)
   n_params = {k: sum(x.size for x in jax.tree_util.tree_leaves(v))
               for k, v in (("trainable", state.trainable), ("frozen", state.frozen))}
   log(f"params: {n_params['trainable'] / 1e6:.2f}M trainable, "

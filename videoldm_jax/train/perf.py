@@ -4,6 +4,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,13 @@ def compiled_flops(compiled) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def summary_writer(logdir: Path):
-  """A TensorBoard writer on process 0, None elsewhere."""
+def summary_writer(logdir: Path, purge_step: Optional[int] = None):
+  """A TensorBoard writer on process 0, None elsewhere. purge_step (a resumed run's first
+  step): TensorBoard drops the events of earlier runs from that step on, which a run
+  killed after its last checkpoint had already written."""
   if jax.process_index() != 0:
     return None
-  writer = _summary_writer_class()(str(logdir))
+  writer = _summary_writer_class()(str(logdir), purge_step=purge_step)
   # tensorboardX warns once per non-finite scalar (a dozen lines per log of a diverged
   # run); the trainer reports skipped steps itself and the values are written anyway.
   logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
