@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from videoldm_jax import pretrained, sharding
 from videoldm_jax.data import latent_cache
+from videoldm_jax.data.grain_pipeline import to_text
 from videoldm_jax.models.clip_text import CLIPTextModel
 from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.models.vae import AutoencoderKL
@@ -26,16 +27,11 @@ def _batches(examples: Iterable[dict], size: int) -> Iterator[list[dict]]:
     yield batch
 
 
-def _text(value) -> str:
-  """A caption as str: TFDS returns Text features as bytes."""
-  if isinstance(value, np.ndarray) and value.ndim == 0:
-    value = value.item()
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _name(example: dict, index: int) -> str:
   """The example's number in the stream, and its file when it has a 'path'."""
-  return f"{index} ({_text(example['path'])})" if "path" in example else str(index)
+  where = f"example {index}"
+  return f"{index} ({to_text(example['path'], where, 'path')})" if "path" in example \
+      else str(index)
 
 
 def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *,
@@ -80,7 +76,8 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
     z = z[:b * t].reshape((b, t) + z.shape[1:])
     contexts = None
     if text is not None:
-      ids = tokenizer([_text(ex.get("caption", "")) for ex in batch],
+      ids = tokenizer([to_text(ex.get("caption", ""), f"example {seen - len(batch) + i}")
+                       for i, ex in enumerate(batch)],
                       max_length=model.text_config.max_position_embeddings)
       contexts = np.asarray(text({"params": model.params["text_encoder"]}, ids))
     for i, ex in enumerate(batch):

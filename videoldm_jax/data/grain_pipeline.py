@@ -55,11 +55,13 @@ import grain
 _CROPS = ("center", "random")
 
 
-def _to_str(value, where: str, field: str = "caption") -> str:
+def to_text(value, where: str, field: str = "caption") -> str:
+  """A text field as str: str, UTF-8 bytes (TFDS returns Text features as bytes) or a
+  0-d array of either; anything else raises TypeError naming `where` and `field`."""
   if isinstance(value, bytes):
     return value.decode("utf-8")
   if isinstance(value, np.ndarray) and value.ndim == 0:
-    return _to_str(value.item(), where, field)
+    return to_text(value.item(), where, field)
   if isinstance(value, str):
     return value
   raise TypeError(f"{where}: {field!r} must be str or bytes, got {type(value).__name__}")
@@ -126,14 +128,14 @@ class _MakeExample:
       raise KeyError(f"{where}: expected a dict with a 'video' field, got "
                      f"{list(ex) if isinstance(ex, dict) else type(ex).__name__}")
     if "path" in ex:
-      where += f" ({_to_str(ex['path'], where, 'path')})"
+      where += f" ({to_text(ex['path'], where, 'path')})"
     video = np.asarray(ex["video"])
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
       raise ValueError(f"{where}: 'video' must be uint8 (T, H, W, 3), got {video.dtype} "
                        f"{video.shape}")
     if video.shape[0] == 0:
       raise ValueError(f"{where}: 'video' has no frames")
-    caption = _to_str(ex["caption"], where) if "caption" in ex else ""
+    caption = to_text(ex["caption"], where) if "caption" in ex else ""
     ints = {k: np.int64(v) for k, v in ex.items()
             if k not in ("video", "caption") and _is_int_scalar(v)}
     if self.label_field in ints:

@@ -86,7 +86,9 @@ def mix(x_spatial: jax.Array, x_temporal: jax.Array, m: jax.Array,
   return alpha * x_spatial + (1 - alpha) * x_temporal
 
 
-def _mix_param(module: nn.Module, init: float) -> jax.Array:
+def mix_param(module: nn.Module, init: float) -> jax.Array:
+  """The learned blend scalar m (shape (1,), logical axis 'scalar') of `module`'s site:
+  `mix_factor`, initialised to `init` (also the video decoder's)."""
   init_fn = layers.param_init(layers.Init("constant", init), ("scalar",))
   return module.param("mix_factor", init_fn, (1,))
 
@@ -200,7 +202,7 @@ class TemporalResBlock(nn.Module):
     h = conv3d(channels, c.conv_kernel, name="conv2", zero_init=True, dtype=self.dtype)(
         nn.silu(gn("norm2")(h)))
     x_temporal = einops.rearrange(v + h, "b t h w c -> (b t) h w c")
-    return mix(x, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
+    return mix(x, x_temporal, mix_param(self, c.mix_init), frames.image_only)
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -245,4 +247,4 @@ class TemporalTransformerBlock(nn.Module):
       h = h + attn("attn2")(q, ctx).reshape(h.shape)
     h = h + FeedForward(dtype=self.dtype, name="ff")(ln("norm3")(h))
     x_temporal = einops.rearrange(h, "b t s c -> (b t) s c")
-    return mix(x_NxSxC, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
+    return mix(x_NxSxC, x_temporal, mix_param(self, c.mix_init), frames.image_only)

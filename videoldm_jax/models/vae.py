@@ -33,7 +33,7 @@ import numpy as np
 from videoldm_jax.models import layers
 from videoldm_jax.models.attention import dot_product_attention
 from videoldm_jax.models.config_base import JsonConfig
-from videoldm_jax.models.temporal import Frames, conv3d
+from videoldm_jax.models.temporal import Frames, conv3d, mix_param
 from videoldm_jax.models.unet import ResBlock
 
 
@@ -115,11 +115,6 @@ class _DiracInit(layers.Init):
     return jnp.asarray(self.host(None, shape), dtype)
 
 
-def _mix_param(module: nn.Module, init: float) -> jax.Array:
-  init_fn = layers.param_init(layers.Init("constant", init), ("scalar",))
-  return module.param("mix_factor", init_fn, (1,))
-
-
 class TemporalResBlock3D(nn.Module):
   """sgm's `time_stack` of the video decoder: GroupNorm-SiLU-Conv3d, GroupNorm-SiLU-
   Conv3d (zero-initialised, so the block starts as the identity), identity skip; no
@@ -143,7 +138,7 @@ class TemporalResBlock3D(nn.Module):
     h = conv3d(channels, c.conv_kernel, init=layers.ZEROS, name="conv2", dtype=self.dtype)(
         nn.silu(gn("norm2")(h)))
     x_temporal = einops.rearrange(v + h, "b t h w c -> (b t) h w c")
-    return mix_temporal(x, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
+    return mix_temporal(x, x_temporal, mix_param(self, c.mix_init), frames.image_only)
 
 
 class TemporalConvOut(nn.Module):
@@ -166,7 +161,7 @@ class TemporalConvOut(nn.Module):
     y = conv3d(x.shape[-1], c.out_conv_kernel, init=_DiracInit(), name="conv",
                dtype=self.dtype)(v)
     x_temporal = einops.rearrange(y, "b t h w c -> (b t) h w c")
-    return mix_temporal(x, x_temporal, _mix_param(self, c.mix_init), frames.image_only)
+    return mix_temporal(x, x_temporal, mix_param(self, c.mix_init), frames.image_only)
 
 
 def _resnet(config: VAEConfig, temporal: Optional[VAETemporalConfig], channels: int, j: int,
