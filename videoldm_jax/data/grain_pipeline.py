@@ -67,6 +67,15 @@ def to_text(value, where: str, field: str = "caption") -> str:
   raise TypeError(f"{where}: {field!r} must be str or bytes, got {type(value).__name__}")
 
 
+def class_label(value, where: str, field: str) -> np.int32:
+  """An example's class label (its `field`) as the int32 the UNet's class embedding
+  takes; a value beyond int32 raises ValueError naming `where` instead of wrapping."""
+  label = int(np.asarray(value))
+  if not np.iinfo(np.int32).min <= label <= np.iinfo(np.int32).max:
+    raise ValueError(f"{where}: label field {field!r} = {label} does not fit int32")
+  return np.int32(label)
+
+
 def _is_int_scalar(value) -> bool:
   if isinstance(value, (bool, np.bool_)):
     return False
@@ -139,11 +148,7 @@ class _MakeExample:
     ints = {k: np.int64(v) for k, v in ex.items()
             if k not in ("video", "caption") and _is_int_scalar(v)}
     if self.label_field in ints:
-      label = ints[self.label_field]
-      if not np.iinfo(np.int32).min <= label <= np.iinfo(np.int32).max:
-        raise ValueError(f"{where}: label field {self.label_field!r} = {label} does not "
-                         "fit int32")
-      ints["labels"] = np.int32(label)
+      ints["labels"] = class_label(ints[self.label_field], where, self.label_field)
     return video, caption, ints, where
 
   def _flip(self, frames, rng):

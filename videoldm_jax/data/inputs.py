@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from videoldm_jax.data import latent_cache
-from videoldm_jax.data.grain_pipeline import make_video_dataset, process_share
+from videoldm_jax.data.grain_pipeline import class_label, make_video_dataset, process_share
 from videoldm_jax.data.procedural import ClipIterator
 
 KINDS = ("procedural_driving", "video_folder", "tfds", "latent_cache", "procedural")
@@ -62,7 +62,8 @@ def _cache_dataset(data, seed: int, pi: int, pc: int, cache_check: dict,
   def fields(r: dict) -> dict:
     out = {k: np.asarray(r[k]) for k in ("latents", "context") if k in r}
     if label_field in r:
-      out["labels"] = np.int32(r[label_field])
+      out["labels"] = class_label(r[label_field], f"{data.cache_dir}: a record",
+                                  label_field)
     return out
 
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
