@@ -275,3 +275,99 @@ def test_config_validation():
     vf.VideoFolderConfig(frame_stride=2, target_fps=4)
   with pytest.raises(ValueError, match="min_frames=8 > max_frames=4"):
     vf.VideoFolderConfig(max_frames=4, min_frames=8)
+
+
+def _write_with(path: str, frames: np.ndarray, codec: str, *, fps: int = 8, pts=None,
+                rotation=None, audio_seconds: float = 0.0):
+  """A clip with what `_write_pyav` cannot set: frame timestamps (gaps), a display
+  rotation, or an AAC track of `audio_seconds` (longer than the video)."""
+  with av.open(path, mode="w") as c:
+    s = c.add_stream(codec, rate=fps)
+    s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    s.bit_rate = 4_000_000
+    if rotation is not None:
+      s.set_display_rotation(rotation)
+    a = c.add_stream("aac", rate=16000) if audio_seconds else None
+    for i, f in enumerate(frames):
+      vf_ = av.VideoFrame.from_ndarray(f, format="rgb24")
+      if pts is not None:
+        vf_.pts = pts[i]
+      c.mux(s.encode(vf_))
+    c.mux(s.encode(None))
+    for start in range(0, int(audio_seconds * 16000), 1024):
+      af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                      layout="mono")
+      af.sample_rate, af.pts = 16000, start
+      c.mux(a.encode(af))
+    if a is not None:
+      c.mux(a.encode(None))
+
+
+def test_decode_clip_container_cases(tmp_path):
+  clip = _clip(40, 24, 32, 6)
+  # Portrait phone video: landscape frames plus a display rotation of +90 degrees
+  # (counter-clockwise), shown upright as np.rot90(frames, 1) by players and by the
+  # ffmpeg command line (compared pixel for pixel when this was written).
+  rotated = str(tmp_path / "portrait.mp4")
+  _write_with(rotated, clip[:6], "libx264", rotation=90)
+  via_clip = sources.decode_clip(rotated, max_frames=None).frames
+  np.testing.assert_array_equal(video_io.read_video(rotated), via_clip)
+  assert via_clip.shape == (6, 32, 24, 3)
+  right = np.rot90(clip[:6], 1, axes=(1, 2)).astype(int)
+  wrong = np.rot90(clip[:6], 3, axes=(1, 2)).astype(int)
+  assert np.abs(via_clip - right).mean() < 4 < 30 < np.abs(via_clip - wrong).mean()
+
+  # Matroska declares no frame count: a cut file is caught by its stated duration.
+  full = str(tmp_path / "full.mkv")
+  _write_with(full, clip, "libx264")
+  data = open(full, "rb").read()
+  cut = str(tmp_path / "cut.mkv")
+  with open(cut, "wb") as f:
+    f.write(data[:len(data) * 4 // 10])
+  with pytest.raises(sources.SkipError, match=r"truncated: container states 5\.00 s but "
+                     r"the last frame is at"):
+    sources.decode_clip(cut, max_frames=None)
+  # ... but an audio track that outlasts the video (10 s vs 5 s) is not a cut.
+  audio = str(tmp_path / "audio_longer.mkv")
+  _write_with(audio, clip, "libx264", audio_seconds=10.0)
+  assert sources.decode_clip(audio, max_frames=None).frames.shape[0] == 40
+
+  # An AVI whose frame count includes the empty chunks FFmpeg writes for dropped frames
+  # (timestamps 0..19, then every second one up to 38): complete, 30 frames, kept.
+  gaps = str(tmp_path / "gaps.avi")
+  _write_with(gaps, clip[:30], "mpeg4", pts=list(range(20)) + list(range(22, 42, 2)))
+  assert sources.decode_clip(gaps, max_frames=None).frames.shape[0] == 30
+  # The same file cut short still is truncated (count and duration both fall short).
+  data = open(gaps, "rb").read()
+  with open(str(tmp_path / "gaps_cut.avi"), "wb") as f:
+    f.write(data[:len(data) * 2 // 3])
+  with pytest.raises(sources.SkipError, match="truncated: container declares"):
+    sources.decode_clip(str(tmp_path / "gaps_cut.avi"), max_frames=None)
+
+
+def test_find_videos_links_and_undecodable_names(tmp_path):
+  src = tmp_path / "src"
+  (src / "own").mkdir(parents=True)
+  video_io.write_mp4(str(src / "own" / "a.mp4"), _clip(4, 24, 32))
+  outside = tmp_path / "elsewhere"
+  outside.mkdir()
+  video_io.write_mp4(str(outside / "b.mp4"), _clip(4, 24, 32))
+  os.symlink(outside, src / "linked")        # followed: its videos are candidates
+  os.symlink(src, src / "own" / "loop")      # a loop back to the root: walked once
+  os.symlink(outside, src / "zz_same")       # a second link to the same folder: once
+  with open(os.path.join(os.fsencode(str(src)), b"caf\xe9.mp4"), "wb") as f:
+    f.write(b"not valid utf-8 in the name")  # Latin-1 name from an old archive
+  videos, skips = sources.find_videos(str(src))
+  assert videos == ["linked/b.mp4", "own/a.mp4"]
+  assert [(s.path, s.reason) for s in skips] == [("caf\\xe9.mp4", "undecodable_name")]
+
+
+def test_caption_file_with_bytes_that_are_not_utf8(tmp_path):
+  bad = tmp_path / "latin1.csv"
+  bad.write_bytes(b"path,caption\na.mp4,fine\nb.mp4,caf\xe9 au lait\n")
+  with pytest.raises(ValueError, match=r"latin1\.csv:3: not valid UTF-8 text"):
+    sources.read_captions(str(bad), str(tmp_path))
+  bad_jsonl = tmp_path / "latin1.jsonl"
+  bad_jsonl.write_bytes(b'{"path": "a.mp4", "caption": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"latin1\.jsonl:1: not valid UTF-8 text"):
+    sources.read_captions(str(bad_jsonl), str(tmp_path))

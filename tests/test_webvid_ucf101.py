@@ -135,15 +135,17 @@ def test_webvid_bad_inputs(webvid_tree, tmp_path):
   # Malformed rows are skipped as bad_row naming line and column; with nothing else
   # usable the build fails with one error listing every row.
   rows = tmp_path / "rows.csv"
-  rows.write_text("videoid,page_dir,name\nabc,000001_000050,x\n5,../../etc,y\n"
-                  "1066692581,000001_000050,z\n")
+  rows.write_bytes(b"videoid,page_dir,name\nabc,000001_000050,x\n5,../../etc,y\n"
+                   b"1066692581,000001_000050,z\n1066692580,000001_000050,caf\xe9\n")
   with pytest.raises(webvid.NoUsableVideoError) as exc:
     webvid.build(str(rows), videos, str(tmp_path / "d2"))
   msg = str(exc.value)
-  assert "webvid_local: no usable video" in msg and "none of the 3 row(s)" in msg
+  assert "webvid_local: no usable video" in msg and "none of the 4 row(s)" in msg
   assert "rows.csv:2: bad_row (rows.csv line 2: column 'videoid' must be an integer" in msg
   assert "rows.csv:3: bad_row (rows.csv line 3: column 'page_dir'" in msg
   assert "000001_000050/1066692581.mp4: missing_file" in msg
+  # A row with bytes that are not UTF-8 is one bad row, not a crash mid-build.
+  assert "rows.csv:5: bad_row (rows.csv line 5: not valid UTF-8 text)" in msg
   assert not (tmp_path / "d2" / "webvid_local" / "1.0.0").exists()
 
   with pytest.raises(ValueError, match="WebVidConfig: max_rows must be >= 1"):

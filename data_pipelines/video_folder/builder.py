@@ -277,12 +277,12 @@ class VideoFolder(SkipReportingBuilder):
     if not cfg.source_dir:
       raise ValueError("VideoFolder: no source_dir given, so there is nothing to build; "
                        "pass source_dir=... (reading a built dataset needs only data_dir)")
-    videos = sources.find_videos(cfg.source_dir)
-    captions, skips = {}, []
+    videos, skips = sources.find_videos(cfg.source_dir)
+    captions = {}
     if cfg.captions:
-      rows, skips = sources.read_captions(cfg.captions, cfg.source_dir)
+      rows, duplicates = sources.read_captions(cfg.captions, cfg.source_dir)
       captions, missing = sources.match_captions(videos, rows, cfg.source_dir, cfg.captions)
-      skips += missing
+      skips += duplicates + missing
     if not videos:
       raise no_usable_video_error(cfg.source_dir, skips, "no file ending in "
                                   f"{'/'.join(sources.VIDEO_EXTENSIONS)} found")

@@ -7,8 +7,8 @@ source folder missing, a caption file without the required columns) still raise,
 because no partial result would be correct.
 
 Decoding mirrors `videoldm_jax.video_io.read_video` (first video stream, PyAV,
-`to_ndarray(format="rgb24")`), so without resizing the stored frames are bit-identical
-to what `read_video` returns for the same file.
+`to_ndarray(format="rgb24")`, display rotation applied), so without resizing the stored
+frames are bit-identical to what `read_video` returns for the same file.
 """
 
 import csv
@@ -19,11 +19,13 @@ import os
 
 import numpy as np
 
+from videoldm_jax.video_io import upright
+
 __all__ = [
     "VIDEO_EXTENSIONS", "Skip", "SkipError", "Clip", "find_videos", "read_captions",
     "match_captions", "decode_clip", "EMPTY_FILE", "UNREADABLE", "NO_VIDEO_STREAM",
     "DECODE_ERROR", "TRUNCATED", "NO_FRAMES", "TOO_SHORT", "MISSING_FILE", "NOT_A_VIDEO",
-    "DUPLICATE_CAPTION",
+    "DUPLICATE_CAPTION", "UNDECODABLE_NAME", "readable_text",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif", ".avi", ".mkv")
@@ -40,6 +42,7 @@ TOO_SHORT = "too_short"              # fewer stored frames than `min_frames`
 MISSING_FILE = "missing_file"        # caption row naming a file that does not exist
 NOT_A_VIDEO = "not_a_video_file"     # caption row naming a file without a video extension
 DUPLICATE_CAPTION = "duplicate_caption"  # a second caption row for the same path
+UNDECODABLE_NAME = "undecodable_name"    # a file name that is not valid UTF-8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +74,44 @@ def _rel(path: str, root: str) -> str:
   return os.path.relpath(path, root).replace(os.sep, "/")
 
 
-def find_videos(source_dir: str) -> list[str]:
+def readable_text(text: str) -> bool:
+  """False for text holding bytes that were not valid UTF-8 (read with
+  errors="surrogateescape", as the file system hands over such file names)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
+def find_videos(source_dir: str) -> tuple[list[str], list[Skip]]:
   """Relative posix paths of all files with a video extension under `source_dir`,
-  sorted (so builds are deterministic). Extensions match case-insensitively; files
-  with other extensions are not candidates and are not reported."""
+  sorted (so builds are deterministic), and `Skip`s for video files whose names are not
+  valid UTF-8 (TFDS and skipped.json store names as UTF-8 text). Extensions match
+  case-insensitively; files with other extensions are not candidates and are not
+  reported. Symlinked folders are followed, each real folder once (a link loop or a
+  second link to the same folder adds nothing)."""
   if not os.path.isdir(source_dir):
     raise FileNotFoundError(f"{source_dir}: video source folder does not exist")
-  found = []
-  for root, dirs, files in os.walk(source_dir):
-    dirs.sort()
+  found, skips, seen = [], [], {os.path.realpath(source_dir)}
+  for root, dirs, files in os.walk(source_dir, followlinks=True):
+    kept = []
+    for d in sorted(dirs):
+      real = os.path.realpath(os.path.join(root, d))
+      if real not in seen:
+        seen.add(real)
+        kept.append(d)
+    dirs[:] = kept
     for name in files:
       if name.lower().endswith(VIDEO_EXTENSIONS):
-        found.append(_rel(os.path.join(root, name), source_dir))
-  return sorted(found)
+        rel = _rel(os.path.join(root, name), source_dir)
+        if readable_text(rel):
+          found.append(rel)
+        else:
+          shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+          skips.append(Skip(shown, UNDECODABLE_NAME, "the file name is not valid UTF-8; "
+                            "rename it to store it"))
+  return sorted(found), skips
 
 
 def _normalize_row_path(raw: str, source_dir: str) -> str:
@@ -93,6 +121,11 @@ def _normalize_row_path(raw: str, source_dir: str) -> str:
   if os.path.isabs(raw):
     return _rel(os.path.normpath(raw), source_dir)
   return os.path.normpath(raw).replace(os.sep, "/")
+
+
+def _not_utf8(path: str, line_num: int) -> str:
+  return (f"{path}:{line_num}: not valid UTF-8 text; save the caption file as UTF-8 "
+          "(spreadsheets: 'CSV UTF-8')")
 
 
 def read_captions(captions_file: str,
@@ -111,7 +144,8 @@ def read_captions(captions_file: str,
   if ext == ".csv":
     # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would
     # otherwise become part of the first column name.
-    with open(captions_file, newline="", encoding="utf-8-sig") as f:
+    with open(captions_file, newline="", encoding="utf-8-sig",
+              errors="surrogateescape") as f:
       reader = csv.DictReader(f)
       missing = {"path", "caption"} - set(reader.fieldnames or ())
       if missing:
@@ -120,12 +154,16 @@ def read_captions(captions_file: str,
       for row in reader:
         if not (row.get("path") or "").strip():
           raise ValueError(f"{captions_file}:{reader.line_num}: row has an empty 'path'")
+        if not all(readable_text(v) for v in (row["path"], row.get("caption") or "")):
+          raise ValueError(_not_utf8(captions_file, reader.line_num))
         rows.append((reader.line_num, row["path"], row.get("caption") or ""))
   elif ext in (".jsonl", ".json"):
-    with open(captions_file, encoding="utf-8") as f:
+    with open(captions_file, encoding="utf-8", errors="surrogateescape") as f:
       for line_num, line in enumerate(f, 1):
         if not line.strip():
           continue
+        if not readable_text(line):
+          raise ValueError(_not_utf8(captions_file, line_num))
         try:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -201,6 +239,56 @@ def _truncated_detail(declared: int, packets: int) -> str:
           "file is cut short")
 
 
+def _declared_seconds(container, stream) -> float | None:
+  """The video stream's duration as the container states it, None when it states none.
+
+  Matroska / WebM keep no per-stream duration field; their muxers write a DURATION tag
+  ("HH:MM:SS.nnnnnnnnn") per track. Without it the file's duration is used only for a
+  file with one stream: an audio track may well outlast the video.
+  """
+  if stream.duration is not None and stream.time_base is not None:
+    return float(stream.duration * stream.time_base)
+  tag = (stream.metadata or {}).get("DURATION", "")
+  try:
+    h, m, sec = tag.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(sec)
+  except ValueError:
+    pass
+  if container.duration is not None and len(container.streams) == 1:
+    return container.duration / 1_000_000  # AV_TIME_BASE units
+  return None
+
+
+def _ends_early(declared_s: float | None, last_time: float | None, fps: float) -> bool | None:
+  """Whether decoding stopped well before the stated duration (None: unknown). The
+  margin matches `_is_truncated`'s: 2 frame periods or 5%, whichever is larger."""
+  if not declared_s or last_time is None or not fps:
+    return None
+  return declared_s - (last_time + 1 / fps) > max(2 / fps, declared_s / 20)
+
+
+def _tail_missing(container, stream, packets: int, last_time: float | None,
+                  fps: float) -> str | None:
+  """Why the decoded video looks cut short, or None.
+
+  Two signals: fewer packets than the stream's declared frame count (mp4, avi), and the
+  last frame's time falling short of the stated duration (the only signal for Matroska
+  and WebM, which declare no frame count). When both are known both must agree: an AVI's
+  count includes the empty chunks FFmpeg writes for dropped frames, which are never
+  returned as packets, while its last frame still reaches the stated duration.
+  """
+  by_count = _is_truncated(stream.frames, packets) if stream.frames > 0 else None
+  declared_s = _declared_seconds(container, stream)
+  by_time = _ends_early(declared_s, last_time, fps)
+  signals = [x for x in (by_count, by_time) if x is not None]
+  if not signals or not all(signals):
+    return None
+  if by_count:
+    return _truncated_detail(stream.frames, packets)
+  return (f"container states {declared_s:.2f} s but the last frame is at "
+          f"{last_time:.2f} s: file is cut short")
+
+
 def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
                 target_fps: float | None = None, resize_short_side: int | None = None,
                 min_frames: int = 1) -> Clip:
@@ -232,7 +320,7 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     if target_fps and src_fps:
       stride = max(1, round(src_fps / target_fps))
     size = None  # (h, w) of the stored frames, fixed by the first frame
-    packets, frame_index, reached_end = 0, 0, True
+    packets, frame_index, reached_end, last_time = 0, 0, True, None
     try:
       # demux + decode is what container.decode(stream) does; spelled out to count
       # the packets actually read, for the truncation check below.
@@ -240,11 +328,12 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
       for packet in demuxed:
         packets += packet.size > 0  # the final empty packet only flushes the decoder
         for frame in packet.decode():
+          last_time = frame.time if frame.time is not None else last_time
           keep = frame_index % stride == 0
           frame_index += 1
           if not keep:
             continue
-          if size is None:
+          if size is None:  # before the rotation: _target_size is symmetric in h, w
             size = _target_size(frame.height, frame.width, resize_short_side)
           if (frame.height, frame.width) == size:
             rgb = frame.to_ndarray(format="rgb24")  # exactly what read_video does
@@ -254,7 +343,7 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
             # averages source pixels, which avoids aliasing when shrinking.
             rgb = frame.reformat(width=size[1], height=size[0], format="rgb24",
                                  interpolation="AREA").to_ndarray()
-          frames.append(rgb)
+          frames.append(upright(rgb, frame))
           if max_frames is not None and len(frames) >= max_frames:
             break
         if max_frames is not None and len(frames) >= max_frames:
@@ -272,13 +361,14 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
       raise SkipError(DECODE_ERROR, f"decoding failed after {len(frames)} kept "
                       f"frame(s) ({type(e).__name__}: {e})") from e
     # A cut-off file whose index sits at the front (mp4 "faststart", as served on the
-    # web) opens fine and, with threaded decoding, just ends early without an error.
-    # Its index still declares the full frame count, so fewer packets than declared
-    # means the tail is missing (and the last decoded frame may be garbage). A small
-    # margin: edit lists can legitimately hide a few declared samples. Stopping at
-    # max_frames before the damage keeps the clip: those frames are intact.
-    if reached_end and _is_truncated(stream.frames, packets):
-      raise SkipError(TRUNCATED, _truncated_detail(stream.frames, packets))
+    # web) or that states its duration up front (Matroska) opens fine and, with
+    # threaded decoding, just ends early without an error, its last decoded frames
+    # possibly garbage. A small margin: edit lists can legitimately hide a few declared
+    # samples. Stopping at max_frames before the damage keeps the clip: those frames
+    # are intact.
+    cut = reached_end and _tail_missing(container, stream, packets, last_time, src_fps)
+    if cut:
+      raise SkipError(TRUNCATED, cut)
   if not frames:
     raise SkipError(NO_FRAMES, f"video stream has no decodable frames")
   if len(frames) < min_frames:

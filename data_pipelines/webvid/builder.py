@@ -63,7 +63,7 @@ def read_header(csv_path: str) -> list[str]:
   if not os.path.isfile(csv_path):
     raise FileNotFoundError(f"{csv_path}: WebVid results CSV does not exist")
   # utf-8-sig: a byte-order mark would otherwise become part of the first column name.
-  with open(csv_path, newline="", encoding="utf-8-sig") as f:
+  with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
     header = next(csv.reader(f), None)
   if not header:
     raise ValueError(f"{csv_path}: empty file; expected a WebVid results CSV with "
@@ -77,6 +77,8 @@ def read_header(csv_path: str) -> list[str]:
 
 def _parse_row(row: dict, where: str):
   """(videoid text, videoid, page_dir, caption) of one row, or a `Skip` detail."""
+  if not all(sources.readable_text(v) for v in row.values() if isinstance(v, str)):
+    return f"{where}: not valid UTF-8 text"
   raw_id = (row.get("videoid") or "").strip()
   try:
     videoid = int(raw_id)
@@ -105,7 +107,9 @@ def iter_rows(csv_path: str, videos_root: str, skips: list,
   (the first row wins, so `videoid` is unique in the dataset)."""
   name = os.path.basename(csv_path)
   seen = {}  # videoid -> CSV line of its first row
-  with open(csv_path, newline="", encoding="utf-8-sig") as f:
+  # surrogateescape: a row with bytes that are not UTF-8 becomes one bad_row skip
+  # instead of a UnicodeDecodeError hours into a build.
+  with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
     reader = csv.DictReader(f)
     for n, row in enumerate(reader):
       if max_rows is not None and n >= max_rows:
