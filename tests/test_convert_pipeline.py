@@ -173,3 +173,55 @@ def test_truncated_safetensors_is_a_clear_error(sd_pipeline, tmp_path):
   bad.write_bytes(b"hello")
   with pytest.raises(ValueError, match="bad.safetensors: not a safetensors file"):
     load_safetensors(bad)
+
+
+def test_vae_folder_with_pre_0_15_attention_names(sd_pipeline, tmp_path):
+  # VAE folders saved before diffusers 0.15 (SD 1.5's on the Hub) call the mid-block
+  # attention's projections query / key / value / proj_attn; diffusers renames them on
+  # load, and so must we.
+  import shutil
+  import safetensors.numpy
+  from videoldm_jax.convert import image_models
+  _, root = sd_pipeline
+  shutil.copytree(root / "pipe" / "vae", tmp_path / "vae")
+  weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+  old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  sd = load_safetensors(weights)
+  renamed = {}
+  for k, v in sd.items():
+    for new, legacy in old.items():
+      k = k.replace(f".attentions.0.{new}.", f".attentions.0.{legacy}.")
+    renamed[k] = v
+  # weight and bias of the encoder's and the decoder's mid-block attention
+  assert sum(".proj_attn." in k for k in renamed) == 4
+  safetensors.numpy.save_file(renamed, str(weights))
+  _, params = image_models.load_diffusers_vae(tmp_path / "vae")
+  _, ref = image_models.load_diffusers_vae(root / "pipe" / "vae")
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_checks_before_writing_and_keeps_schedule_fields(sd_pipeline, tmp_path):
+  import dataclasses
+  from videoldm_jax.diffusion import schedules
+  _, root = sd_pipeline
+  model = pretrained.load(root / "converted")
+  # clip_sample_range changes what the sampler does: it must survive a save.
+  clipped = dataclasses.replace(model, scheduler={**model.scheduler, "clip_sample": True,
+                                                  "clip_sample_range": 2.0})
+  pretrained.save(tmp_path / "clipped", clipped)
+  _, sampling_config = schedules.schedule_from_diffusers_config(
+      pretrained.load(tmp_path / "clipped").scheduler)
+  assert sampling_config.clip_sample == 2.0
+  # A schedule this package cannot sample with fails before anything is written (it
+  # was dropped on save and the model then sampled without it) ...
+  thresholded = dataclasses.replace(model, scheduler={**model.scheduler, "thresholding": True})
+  with pytest.raises(ValueError, match="thresholding=True"):
+    pretrained.save(tmp_path / "thresholded", thresholded)
+  assert not (tmp_path / "thresholded").exists()
+  # ... as does a tokenizer folder that is not one (it was checked after the params
+  # were written, leaving a folder that loaded as if complete).
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    pretrained.save(tmp_path / "out", model, tmp_path / "no_tokenizer")
+  assert not (tmp_path / "out").exists()
+  assert not list(tmp_path.glob(".*partial"))

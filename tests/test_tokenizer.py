@@ -155,3 +155,36 @@ def test_defaults_without_config_files(tmp_path):
   assert tok.model_max_length == 77
   assert tok.pad_token_id == tok.eos_token_id
   assert tok(["a cat", "x"]).shape == (2, 77)
+
+
+def test_added_tokens_are_split_out_as_transformers_does(tmp_path, hf_clip_tokenizer):
+  # Textual inversion adds tokens; transformers matches them whole, after lowercasing
+  # for the `normalized` ones (add_tokens' default), before any BPE.
+  tok = hf_clip_tokenizer.from_pretrained(str(_write_slow_folder(tmp_path / "slow")))
+  assert tok.add_tokens(["<cat-toy>", "sks"]) == 2
+  tok.save_pretrained(str(tmp_path / "ti"))
+  texts = ["a photo of <cat-toy> riding", "<CAT-Toy><cat-toy> sks dog", "asksk", "<cat-toy"]
+  ref = np.asarray(tok(texts, padding="max_length", truncation=True, max_length=16,
+                       return_tensors="np")["input_ids"])
+  ours = CLIPTokenizer.from_folder(str(tmp_path / "ti"))
+  np.testing.assert_array_equal(ours(texts, max_length=16), ref)
+  assert ours.encode("<cat-toy>") == [tok.convert_tokens_to_ids("<cat-toy>")]
+  # The slow tokenizers' added_tokens.json beside vocab.json + merges.txt.
+  slow = _write_slow_folder(tmp_path / "slow_added")
+  n = len(json.loads((slow / "vocab.json").read_text(encoding="utf-8")))
+  (slow / "added_tokens.json").write_text(json.dumps({"<cat-toy>": n}))
+  assert CLIPTokenizer.from_folder(str(slow)).encode("a <cat-toy>")[-1] == n
+
+
+def test_special_tokens_map_wins_over_a_legacy_config(tmp_path, hf_clip_tokenizer):
+  # SD 2.x tokenizer folders: special_tokens_map.json pads with "!" (id 0) while
+  # tokenizer_config.json (no added_tokens_decoder) says <|endoftext|>; transformers
+  # pads with "!", and every padded position of the text embedding depends on it.
+  folder = _write_slow_folder(tmp_path, pad_token="!")
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  (folder / "tokenizer_config.json").write_text(
+      json.dumps({**config, "pad_token": "<|endoftext|>"}))
+  ref, hf = _reference(hf_clip_tokenizer, folder, TEXTS[:3], max_length=12)
+  ours = CLIPTokenizer.from_folder(str(folder))
+  assert ours.pad_token == hf.pad_token == "!"
+  np.testing.assert_array_equal(ours(TEXTS[:3], max_length=12), ref)

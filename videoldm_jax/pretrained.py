@@ -12,15 +12,17 @@ JSON and Orbax only: nothing here unpickles anything.
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from videoldm_jax.diffusion import schedules
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import unet as unet_lib
 from videoldm_jax.models import vae as vae_lib
@@ -33,13 +35,16 @@ from videoldm_jax.models.vae import VAEConfig, VAETemporalConfig
 FORMAT = "videoldm-jax/image-ldm"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
-                   "tokenizer_config.json")
-# Scheduler fields kept from a diffusers scheduler_config.json (the rest is sampler
-# choice, which belongs to the sampling command, not the model).
+                   "tokenizer_config.json", "added_tokens.json")
+# Scheduler fields kept from a diffusers scheduler_config.json: the noise schedule and
+# how the model's output is read (`schedules.schedule_from_diffusers_config` checks
+# them on save). The rest (solver order, Karras sigmas, ...) is sampler choice, which
+# belongs to the sampling command, not the model.
 SCHEDULER_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                     "prediction_type", "steps_offset", "timestep_spacing",
-                    "set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr",
-                    "trained_betas")
+                    "set_alpha_to_one", "clip_sample", "clip_sample_range",
+                    "rescale_betas_zero_snr", "trained_betas", "thresholding",
+                    "variance_type")
 
 
 @dataclasses.dataclass
@@ -62,18 +67,53 @@ class PretrainedLDM:
   training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def write_folder(out: Path, write: Callable[[Path], object]) -> None:
+  """`write(folder)` into a hidden sibling of `out`, renamed to `out` once it returns:
+  a run killed mid-write leaves no `out` that looks complete. A leftover sibling is
+  replaced; `out` may exist if empty."""
+  out = Path(out)
+  tmp = out.with_name(f".{out.name}.partial")
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  try:
+    write(tmp)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | None = None
          ) -> Path:
-  """Writes `model` to `out_dir` (created; an existing non-empty folder is an error)."""
+  """Writes `model` to `out_dir` (created; an existing non-empty folder is an error).
+
+  Everything is checked before anything is written (the tokenizer folder loads, the
+  scheduler config is one this package samples with), and the folder appears only
+  complete (`write_folder`).
+  """
   out_dir = Path(out_dir).absolute()
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
-  out_dir.mkdir(parents=True, exist_ok=True)
+  if tokenizer_dir is not None:
+    CLIPTokenizer.from_folder(str(tokenizer_dir))
+  scheduler = {k: v for k, v in model.scheduler.items() if k in SCHEDULER_FIELDS}
+  try:
+    schedules.schedule_from_diffusers_config(scheduler)
+  except ValueError as e:
+    raise ValueError(f"{model.source or 'model'}: {e}") from e
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  write_folder(out_dir, lambda tmp: _write(tmp, model, scheduler, tokenizer_dir))
+  return out_dir
+
+
+def _write(out_dir: Path, model: PretrainedLDM, scheduler: dict,
+           tokenizer_dir: str | Path | None) -> None:
+  out_dir.mkdir()
   index = {
       "format": FORMAT, "format_version": FORMAT_VERSION, "source": model.source,
       "unet": model.unet_config.to_dict(), "vae": model.vae_config.to_dict(),
       "text_encoder": None if model.text_config is None else model.text_config.to_dict(),
-      "scheduler": {k: v for k, v in model.scheduler.items() if k in SCHEDULER_FIELDS},
+      "scheduler": scheduler,
       "temporal": (None if model.temporal_config is None
                    else model.temporal_config.to_dict()),
   }
@@ -87,7 +127,6 @@ def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | 
   checkpointer.wait_until_finished()
   if tokenizer_dir is not None:
     copy_tokenizer(tokenizer_dir, out_dir / "tokenizer")
-  return out_dir
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:

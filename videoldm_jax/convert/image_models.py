@@ -6,6 +6,7 @@ which checks every key and shape.
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +54,33 @@ def load_diffusers_unet(folder: str | Path) -> tuple[unet_lib.UNetConfig, dict]:
   return config, unet_params_from_torch(config, load_safetensors(weights), str(weights))
 
 
+# VAE folders saved before diffusers 0.15 (SD 1.5's on the Hub among them) name the
+# mid-block attention's projections as the old AttentionBlock did; diffusers renames
+# them on load, and so do we.
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
+                        "proj_attn": "to_out.0"}
+_OLD_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)"
+                                r"\.(weight|bias)$")
+
+
+def rename_old_attention(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A VAE state dict with pre-0.15 attention names (`query`, `key`, `value`,
+  `proj_attn`) renamed to the current ones; other keys unchanged."""
+  out = {}
+  for key, value in sd.items():
+    m = _OLD_ATTENTION_KEY.match(key)
+    out[f"{m[1]}.{_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}" if m else key] = value
+  return out
+
+
 def load_diffusers_vae(folder: str | Path) -> tuple[vae_lib.VAEConfig, dict]:
   """`vae/` folder of a diffusers pipeline -> (config, Flax params)."""
   folder = Path(folder)
   config = vae_config_from_diffusers(read_json(folder / "config.json"),
                                      str(folder / "config.json"))
   weights = find_weights(folder, "diffusion_pytorch_model")
-  return config, vae_params_from_torch(config, load_safetensors(weights), str(weights))
+  sd = rename_old_attention(load_safetensors(weights))
+  return config, vae_params_from_torch(config, sd, str(weights))
 
 
 def unet_from_ldm(config: unet_lib.UNetConfig, unet_sd: dict[str, np.ndarray],

@@ -3,8 +3,10 @@
 Reproduces transformers' `CLIPTokenizer` as Stable Diffusion pipelines call it
 (`padding="max_length", truncation=True`):
 
-  1. special tokens (bos / eos / pad / unk) written literally in the text are split
-     out first and map straight to their ids, as transformers' added tokens do;
+  1. special tokens (bos / eos / pad / unk) and added tokens (e.g. a textual-inversion
+     `<cat-toy>`) written in the text are split out first and map straight to their
+     ids, as transformers' added tokens do (added tokens marked `normalized` match
+     after lowercasing, as they do there);
   2. every other chunk is NFC-normalised, whitespace runs collapse to one space and
      the text is lowercased (transformers' fast normaliser; ftfy is not used);
   3. CLIP's regex splits it into words, each word is mapped byte -> printable unicode
@@ -73,9 +75,16 @@ class CLIPTokenizer:
   def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], *,
                bos_token: str = "<|startoftext|>", eos_token: str = "<|endoftext|>",
                pad_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>",
-               model_max_length: int = DEFAULT_MAX_LENGTH):
-    """Args: vocab {token: id}; merges in priority order; special tokens must be in vocab."""
+               model_max_length: int = DEFAULT_MAX_LENGTH,
+               added_tokens: Mapping[str, bool] | None = None):
+    """Args: vocab {token: id}; merges in priority order; special tokens must be in
+    vocab; added_tokens {token: normalized} (in vocab too) are split out of the text
+    whole, case-insensitively where `normalized`."""
     self.encoder = dict(vocab)
+    added_tokens = dict(added_tokens or {})
+    for tok in added_tokens:
+      if tok not in self.encoder:
+        raise ValueError(f"added token {tok!r} is not in the vocabulary")
     self.bpe_ranks = {tuple(pair): i for i, pair in enumerate(merges)}
     for field, tok in (("bos_token", bos_token), ("eos_token", eos_token),
                        ("pad_token", pad_token), ("unk_token", unk_token)):
@@ -87,10 +96,18 @@ class CLIPTokenizer:
     self.pad_token, self.unk_token = pad_token, unk_token
     self.model_max_length = int(model_max_length)
     self.byte_encoder = bytes_to_unicode()
-    specials = sorted({bos_token, eos_token, pad_token, unk_token}, key=len, reverse=True)
-    # The capturing group keeps the special tokens in `split`'s output.
-    self._special_split = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
-    self._specials = frozenset(specials)
+    exact = {bos_token, eos_token, pad_token, unk_token}
+    exact |= {t for t, normalized in added_tokens.items() if not normalized}
+    folded = {t.lower() for t, normalized in added_tokens.items() if normalized} - exact
+    alternatives = [regex.escape(t) for t in exact] + [
+        f"(?i:{regex.escape(t)})" for t in folded]
+    lengths = [len(t) for t in exact] + [len(t) for t in folded]
+    # Longest first, so a token that contains another wins; the capturing group keeps
+    # the tokens in `split`'s output.
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    self._special_split = regex.compile("(" + "|".join(alternatives[i] for i in order) + ")")
+    self._specials = {t: t for t in exact}
+    self._folded = {t: next(a for a in added_tokens if a.lower() == t) for t in folded}
     self._cache: dict[str, list[str]] = {}
 
   @property
@@ -118,9 +135,12 @@ class CLIPTokenizer:
     """Loads a transformers tokenizer folder (e.g. a diffusers model's tokenizer/).
 
     Reads tokenizer.json (its BPE `model` section and `added_tokens`) when present,
-    otherwise vocab.json + merges.txt; special tokens and model_max_length come from
-    tokenizer_config.json, then special_tokens_map.json, then CLIP's defaults
-    (pad = <|endoftext|> as SD 1.x; SD 2.x folders say "!"; max length 77).
+    otherwise vocab.json + merges.txt; added tokens also from tokenizer_config.json's
+    `added_tokens_decoder` and added_tokens.json (textual inversion). Special tokens
+    and model_max_length come from tokenizer_config.json, where special_tokens_map.json
+    overrides them unless the config has `added_tokens_decoder` (transformers' order;
+    SD 2.x folders pad with "!" from the map, the config saying <|endoftext|>), then
+    CLIP's defaults (pad = <|endoftext|> as SD 1.x; max length 77).
 
     Raises:
       FileNotFoundError: naming the folder and the expected files.
@@ -129,8 +149,9 @@ class CLIPTokenizer:
     if not os.path.isdir(path):
       raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
     files = set(os.listdir(path))
+    added: dict[str, tuple[int, bool]] = {}  # content -> (id, normalized)
     if "tokenizer.json" in files:
-      vocab, merges = cls._load_tokenizer_json(os.path.join(path, "tokenizer.json"))
+      vocab, merges, added = cls._load_tokenizer_json(os.path.join(path, "tokenizer.json"))
     elif {"vocab.json", "merges.txt"} <= files:
       vocab = _read_json(os.path.join(path, "vocab.json"))
       merges_path = os.path.join(path, "merges.txt")
@@ -143,11 +164,28 @@ class CLIPTokenizer:
           f"tokenizer folder {path!r} has neither tokenizer.json nor vocab.json + "
           f"merges.txt (found: {sorted(files)})")
     settings: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-      if name in files:
-        # tokenizer_config.json is read last so that it wins where both set a token.
-        settings.update({k: v for k, v in _read_json(os.path.join(path, name)).items()
-                         if v is not None})
+    if "tokenizer_config.json" in files:
+      settings = {k: v for k, v in
+                  _read_json(os.path.join(path, "tokenizer_config.json")).items()
+                  if v is not None}
+    decoder = settings.get("added_tokens_decoder")
+    if isinstance(decoder, Mapping):
+      for idx, tok in decoder.items():
+        content = _token_content(tok)
+        special = bool(tok.get("special", False)) if isinstance(tok, Mapping) else False
+        normalized = (tok.get("normalized", not special) if isinstance(tok, Mapping)
+                      else True)
+        added.setdefault(content, (int(idx), bool(normalized)))
+    elif "special_tokens_map.json" in files:
+      settings.update({k: v for k, v in
+                       _read_json(os.path.join(path, "special_tokens_map.json")).items()
+                       if v is not None})
+    if "added_tokens.json" in files:  # {content: id}, written by slow tokenizers
+      for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
+        added.setdefault(content, (int(idx), True))
+    vocab = dict(vocab)
+    for content, (idx, _) in added.items():
+      vocab[content] = idx
     kwargs: dict[str, Any] = {}
     for field in ("bos_token", "eos_token", "pad_token", "unk_token"):
       content = _token_content(settings.get(field))
@@ -156,10 +194,16 @@ class CLIPTokenizer:
     max_len = settings.get("model_max_length")
     if max_len is not None and max_len < _UNSET_MAX_LENGTH:
       kwargs["model_max_length"] = int(max_len)
+    specials = {kwargs.get(f, d) for f, d in (
+        ("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"),
+        ("pad_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))}
+    kwargs["added_tokens"] = {t: normalized for t, (_, normalized) in added.items()
+                              if t not in specials}
     return cls(vocab, merges, **kwargs)
 
   @staticmethod
-  def _load_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  def _load_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]],
+                                               dict[str, tuple[int, bool]]]:
     data = _read_json(path)
     model = data.get("model") or {}
     if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
@@ -169,10 +213,10 @@ class CLIPTokenizer:
     if suffix not in (None, _END_OF_WORD):
       raise ValueError(f"{path}: model.end_of_word_suffix={suffix!r}, CLIP uses "
                        f"{_END_OF_WORD!r}")
-    vocab = dict(model["vocab"])
-    for tok in data.get("added_tokens") or []:
-      vocab[tok["content"]] = int(tok["id"])
-    return vocab, _parse_merges(model["merges"], path)
+    added = {tok["content"]: (int(tok["id"]),
+                              bool(tok.get("normalized", not tok.get("special", False))))
+             for tok in data.get("added_tokens") or []}
+    return dict(model["vocab"]), _parse_merges(model["merges"], path), added
 
   def _bpe(self, word: str) -> list[str]:
     """BPE symbols of one byte-mapped word, the last carrying `</w>`."""
@@ -204,6 +248,9 @@ class CLIPTokenizer:
     for chunk in self._special_split.split(text):
       if chunk in self._specials:
         tokens.append(chunk)
+        continue
+      if chunk.lower() in self._folded:
+        tokens.append(self._folded[chunk.lower()])
         continue
       chunk = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", chunk)).lower()
       for word in _CLIP_PATTERN.findall(chunk):

@@ -21,6 +21,7 @@ mismatch, the path with both shapes. If the image folder is itself a video model
 own temporal leaves are ignored (only its theta is used).
 """
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -72,7 +73,25 @@ def personalize(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[str]
       unet_config=video.unet_config, vae_config=video.vae_config,
       text_config=video.text_config, scheduler=video.scheduler, params=params,
       source=f"{video.source} personalised with {source} ({', '.join(parts)})",
-      temporal_config=video.temporal_config, vae_temporal_config=video.vae_temporal_config)
+      temporal_config=video.temporal_config, vae_temporal_config=video.vae_temporal_config,
+      training=video.training)
+
+
+def _computed(part: str, config) -> dict:
+  """What of `config` decides what the parameters compute, in one spelling: a UNet's
+  heads per level (the diffusers route states SD 2.x heads as counts per level, the
+  single-file presets as a head dim), depths per level; the text encoder without its
+  EOS id, which only picks the pooled output (the LDM conditions on the hidden states;
+  diffusers' SD 2.x config says 2, the presets 49407)."""
+  d = json.loads(json.dumps(config.to_dict()))  # tuples and lists compare equal
+  if part == "unet":
+    d.pop("num_heads", None)
+    d.pop("head_dim", None)
+    d["heads_per_level"] = list(config.heads_per_level())
+    d["transformer_depth"] = list(config.depth_per_level())
+  elif part == "text_encoder":
+    d.pop("eos_token_id", None)
+  return d
 
 
 def _check_configs(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[str],
@@ -83,7 +102,8 @@ def _check_configs(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[s
              "text_encoder": ("text_config", "text encoder")}
   for part in parts:
     attr, name = configs[part]
-    a, b = getattr(video, attr).to_dict(), getattr(image, attr).to_dict()
+    a = _computed(part, getattr(video, attr))
+    b = _computed(part, getattr(image, attr))
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if diff:
       shown = ", ".join(f"{k}: {b.get(k)!r} vs {a.get(k)!r}" for k in diff)
