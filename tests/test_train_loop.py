@@ -207,7 +207,7 @@ def test_max_steps_in_flight_is_checked_before_anything_runs(tmp_path):
 def test_export_folders_appear_only_when_complete(tmp_path):
   # A finished run whose export folder exists does nothing, so a half-written one
   # (a SIGTERM during the final export) must never carry the final name.
-  from videoldm_jax.train.loop import write_folder
+  from videoldm_jax.pretrained import write_folder
   out = tmp_path / "export" / "step_5"
   out.parent.mkdir()
 
@@ -261,3 +261,14 @@ def test_a_resumed_runs_tensorboard_writer_purges_the_steps_it_redoes(tmp_path):
                            if e.HasField("session_log")
                            and e.session_log.status == event_pb2.SessionLog.START]
   assert starts(tmp_path / "b") == [4] and starts(tmp_path / "a") == []
+
+
+def test_uri_workdirs_are_refused_before_anything_runs(tmp_path):
+  # Metrics, TensorBoard, samples and exports use local file APIs: a gs:// workdir used
+  # to become the local folder ./gs:/bucket/..., found out at the first checkpoint.
+  from videoldm_jax.train import loop
+  with pytest.raises(ValueError, match="URIs are not supported.*gcsfuse"):
+    loop.train_and_evaluate(None, "gs://bucket/run")
+  with pytest.raises(ValueError, match="URIs are not supported"):
+    loop.export_checkpoint(None, "gs://bucket/run")
+  assert loop.local_workdir("rel/dir") == Path.cwd() / "rel" / "dir"

@@ -30,6 +30,8 @@ STAGES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
 # LPIPS' ScalingLayer: (x - shift) / scale maps [-1, 1] inputs to ImageNet statistics.
 _SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 _SCALE = np.array([0.458, 0.448, 0.450], np.float32)
+# Smallest image side `distance` takes: four 2x2 pools leave the last stage one pixel.
+MIN_SIZE = 16
 
 
 def load_vgg16(path: str) -> dict:
@@ -86,7 +88,7 @@ def _features(params: dict, x: jax.Array) -> list[jax.Array]:
 def distance(params: dict, x_BxHxWx3: jax.Array, y_BxHxWx3: jax.Array) -> jax.Array:
   """LPIPS-style distance per image, (B, H, W, 3) x2 in [-1, 1] -> (B,).
 
-  H and W must be at least 16 (four 2x2 pools)."""
+  H and W must be at least MIN_SIZE (16: four 2x2 pools)."""
   b = x_BxHxWx3.shape[0]
   feats = _features(params, jnp.concatenate([x_BxHxWx3, y_BxHxWx3]).astype(jnp.float32))
   total = jnp.zeros((b,), jnp.float32)

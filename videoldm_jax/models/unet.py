@@ -208,7 +208,7 @@ REMAT_POLICIES = {
 }
 
 
-def _remat(cls, policy: str):
+def with_remat(cls, policy: str):
   """`cls`, rematerialised per block under the named policy (parameter paths unchanged)."""
   if policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
@@ -223,17 +223,17 @@ def _res(c: UNetConfig, tc: Optional[TemporalConfig], channels: int, dtype, j: i
 
   Must be called from a compact module: the blocks become its children.
   """
-  h = _remat(ResBlock, remat)(channels, c.norm_num_groups, c.norm_eps,
+  h = with_remat(ResBlock, remat)(channels, c.norm_num_groups, c.norm_eps,
                               dtype=dtype, name=f"resnets_{j}")(h, temb)
   if tc is not None and tc.resblocks and frames is not None:
-    h = _remat(TemporalResBlock, remat)(tc, c.norm_num_groups, c.norm_eps, dtype=dtype,
+    h = with_remat(TemporalResBlock, remat)(tc, c.norm_num_groups, c.norm_eps, dtype=dtype,
                                         name=f"temporal_resnets_{j}")(h, temb, frames)
   return h
 
 
 def _attn(c: UNetConfig, tc: Optional[TemporalConfig], level: int, dtype,
           name: str, remat: str) -> SpatialTransformer:
-  return _remat(SpatialTransformer, remat)(
+  return with_remat(SpatialTransformer, remat)(
       c.heads_per_level()[level], c.depth_per_level()[level], c.use_linear_projection,
       c.norm_num_groups, temporal=tc, dtype=dtype, name=name)
 

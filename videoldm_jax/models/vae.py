@@ -34,7 +34,7 @@ from videoldm_jax.models import layers
 from videoldm_jax.models.attention import dot_product_attention
 from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.temporal import Frames, conv3d, mix_param
-from videoldm_jax.models.unet import ResBlock
+from videoldm_jax.models.unet import ResBlock, with_remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +244,13 @@ class _Level(nn.Module):
 
 
 class Encoder(nn.Module):
-  """(B, H, W, 3) -> (B, H/f, W/f, 2 * latent_channels) posterior moments."""
+  """(B, H, W, 3) -> (B, H/f, W/f, 2 * latent_channels) posterior moments.
+
+  remat_policy: `unet.REMAT_POLICIES`, applied per level and to the middle block.
+  """
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -254,9 +258,10 @@ class Encoder(nn.Module):
     n = len(c.block_out_channels)
     x = layers.conv2d(c.block_out_channels[0], 3, name="conv_in", dtype=self.dtype)(x)
     for i, ch in enumerate(c.block_out_channels):
-      x = _Level(c, ch, c.layers_per_block, "down" if i < n - 1 else None,
-                 dtype=self.dtype, name=f"down_blocks_{i}")(x)
-    x = VAEMidBlock(c, dtype=self.dtype, name="mid_block")(x)
+      x = with_remat(_Level, self.remat_policy)(
+          c, ch, c.layers_per_block, "down" if i < n - 1 else None, dtype=self.dtype,
+          name=f"down_blocks_{i}")(x)
+    x = with_remat(VAEMidBlock, self.remat_policy)(c, dtype=self.dtype, name="mid_block")(x)
     x = nn.silu(layers.group_norm(c.norm_num_groups, _EPS, name="conv_norm_out",
                                   dtype=self.dtype)(x))
     return layers.conv2d(2 * c.latent_channels, 3, name="conv_out", dtype=self.dtype)(x)
@@ -268,20 +273,23 @@ class Decoder(nn.Module):
   `features` and `head` split it before its last layers (for the adaptive GAN weight,
   which needs the gradient w.r.t. the last layer's kernel); __call__ is head(features).
   frames: how the batch folds into videos; None (or an image decoder) decodes every
-  frame as an image, skipping the temporal layers.
+  frame as an image, skipping the temporal layers. remat_policy: as `Encoder`'s.
   """
   config: VAEConfig
   temporal: Optional[VAETemporalConfig] = None
   dtype: jnp.dtype = jnp.float32
+  remat_policy: str = "none"
 
   def setup(self):
     c, tc = self.config, self.temporal
     n = len(c.block_out_channels)
     self.conv_in = layers.conv2d(c.block_out_channels[-1], 3, name="conv_in",
                                  dtype=self.dtype)
-    self.mid_block = VAEMidBlock(c, tc, dtype=self.dtype, name="mid_block")
-    self.up_blocks = [_Level(c, ch, c.layers_per_block + 1, "up" if i < n - 1 else None,
-                             tc, dtype=self.dtype, name=f"up_blocks_{i}")
+    self.mid_block = with_remat(VAEMidBlock, self.remat_policy)(c, tc, dtype=self.dtype,
+                                                           name="mid_block")
+    level = with_remat(_Level, self.remat_policy)
+    self.up_blocks = [level(c, ch, c.layers_per_block + 1, "up" if i < n - 1 else None,
+                            tc, dtype=self.dtype, name=f"up_blocks_{i}")
                       for i, ch in enumerate(reversed(c.block_out_channels))]
     self.conv_norm_out = layers.group_norm(c.norm_num_groups, _EPS, name="conv_norm_out",
                                            dtype=self.dtype)
@@ -319,13 +327,17 @@ class AutoencoderKL(nn.Module):
   config: VAEConfig
   temporal: Optional[VAETemporalConfig] = None
   dtype: jnp.dtype = jnp.float32
+  # Training memory (the autoencoder and decoder stages' train.remat_policy): see
+  # unet.REMAT_POLICIES; parameter paths are the same for every policy.
+  remat_policy: str = "none"
 
   def setup(self):
     c = self.config
     if self.temporal is not None:
       self.temporal.validate()
-    self.encoder = Encoder(c, dtype=self.dtype)
-    self.decoder = Decoder(c, self.temporal, dtype=self.dtype)
+    self.encoder = Encoder(c, dtype=self.dtype, remat_policy=self.remat_policy)
+    self.decoder = Decoder(c, self.temporal, dtype=self.dtype,
+                           remat_policy=self.remat_policy)
     if c.use_quant_conv:
       self.quant_conv = layers.conv2d(2 * c.latent_channels, 1, name="quant_conv",
                                       dtype=self.dtype)

@@ -132,7 +132,10 @@ def reconstruction_gan_losses(
   logits_real, logits_fake = jnp.split(logits, 2)
   d_loss = factor * gan.hinge_d_loss(logits_real, logits_fake)
   gen = rec_loss + d_weight * factor * g_loss
-  metrics = {"rec_loss": l1, "perceptual_loss": p_loss, "g_loss": g_loss,
+  # reconstruction_loss ranks checkpoints (StageSetup.best_metric): the total loss
+  # jumps by the discriminator's hinge loss (~1) at disc_start.
+  metrics = {"rec_loss": l1, "perceptual_loss": p_loss, "reconstruction_loss": rec_loss,
+             "g_loss": g_loss,
              "d_loss": d_loss, "d_weight": d_weight, "disc_factor": factor,
              "logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake)}
   return gen, d_loss, metrics
@@ -193,6 +196,26 @@ def make_batch(host: dict) -> dict:
   return {"video": host["video"]}
 
 
+def check_frame_size(config: ml_collections.ConfigDict, disc: disc_lib.PatchDiscriminator,
+                     options: LossOptions) -> None:
+  """Refuses frames (config.data.height x width) too small for the discriminator or
+  LPIPS: an empty logits map has a NaN mean, which makes every step's loss NaN (even
+  before disc_start: 0 * NaN), and every update skipped."""
+  d, video = config.data, disc.video
+  shape = (1, d.num_frames, d.height, d.width, 3) if video else (1, d.height, d.width, 3)
+  logits, _ = jax.eval_shape(lambda x: disc.init_with_output(jax.random.key(0), x),
+                             jax.ShapeDtypeStruct(shape, jnp.float32))
+  if 0 in logits.shape:
+    raise ValueError(
+        f"config.data: {d.height}x{d.width} frames are too small for the discriminator "
+        f"(config.discriminator.num_layers={config.discriminator.num_layers}): its logits "
+        f"would have shape {logits.shape}; use larger frames or fewer layers")
+  if options.perceptual_weight and min(d.height, d.width) < perceptual.MIN_SIZE:
+    raise ValueError(f"config.data: {d.height}x{d.width} frames are too small for the "
+                     f"perceptual loss (VGG16 LPIPS needs >= {perceptual.MIN_SIZE} "
+                     "pixels a side); set loss.perceptual_weight=0 or use larger frames")
+
+
 def pixel_iterator(config: ml_collections.ConfigDict, workdir: Path):
   """() -> the input pipeline's iterator; these stages need pixels, not a latent cache."""
   if config.data.kind == "latent_cache":
@@ -247,11 +270,12 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
         {k: v for k, v in traverse_util.flatten_dict(vae_params).items()
          if not any(p.startswith("temporal_") for p in k)})
   dtype = DTYPES[config.train.compute_dtype]
-  vae = AutoencoderKL(vae_config, dtype=dtype)
+  vae = AutoencoderKL(vae_config, dtype=dtype, remat_policy=config.train.remat_policy)
   disc_config = disc_lib.DiscriminatorConfig.from_dict(
       dict(config.discriminator), "config.discriminator").validate()
   disc = disc_lib.PatchDiscriminator(disc_config, dtype=dtype)
   options = LossOptions.from_config(config.loss)
+  check_frame_size(config, disc, options)
   lpips = lpips_params(options)
   vae_in, disc_in = vae_lib.example_inputs(vae_config), disc_lib.example_inputs(disc_config,
                                                                                  False)
@@ -282,4 +306,5 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
       lr_schedule=optim.learning_rate(config.optim),
       export=model_exporter(config, workdir, None),
       samples_per_step=config.data.batch_size * config.data.num_frames,
-      sample=reconstruction_sampler(config, reconstruct))
+      sample=reconstruction_sampler(config, reconstruct),
+      best_metric="reconstruction_loss")

@@ -50,6 +50,9 @@ class StageSetup:
   export: (out_dir, params) -> None writes an inference folder from the full tree
     (EMA weights); called on process 0 only.
   samples_per_step: examples one step consumes (for samples/s).
+  best_metric: the logged metric whose mean since the previous checkpoint ranks
+    checkpoints for train.keep_best (stored as the checkpoint's 'loss'); the GAN
+    stages rank by reconstruction, not by a total that jumps at disc_start.
   """
   stage: Stage
   abstract_params: dict
@@ -63,6 +66,7 @@ class StageSetup:
   samples_per_step: int
   sample: Optional[Callable[[dict, int], np.ndarray]] = None
   extra: dict = dataclasses.field(default_factory=dict)
+  best_metric: str = "loss"
 
 
 _ABSTRACT = contextvars.ContextVar("videoldm_abstract_setup", default=False)

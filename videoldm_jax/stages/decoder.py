@@ -94,11 +94,19 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   temporal = VAETemporalConfig.from_dict(dict(config.vae_temporal),
                                          "config.vae_temporal").validate()
   dtype = DTYPES[config.train.compute_dtype]
-  vae = AutoencoderKL(vae_config, temporal, dtype=dtype)
+  vae = AutoencoderKL(vae_config, temporal, dtype=dtype,
+                      remat_policy=config.train.remat_policy)
   disc_config = disc_lib.DiscriminatorConfig.from_dict(
       dict(config.discriminator), "config.discriminator").validate()
   disc = disc_lib.VideoPatchDiscriminator(disc_config, dtype=dtype)
   options = ae.LossOptions.from_config(config.loss)
+  ae.check_frame_size(config, disc, options)
+  if config.data.get("image_fraction", 0.0):
+    # Still images stacked into a "clip" would be decoded through the temporal layers
+    # and shown to the 3-D discriminator as real videos: it would learn that flicker
+    # is real, the opposite of what this stage trains.
+    raise ValueError(f"config.data.image_fraction={config.data.image_fraction}: the "
+                     "decoder stage trains on videos only; set it to 0")
   lpips = ae.lpips_params(options)
   vae_in = vae_lib.example_inputs(vae_config, video=True)
   disc_in = disc_lib.example_inputs(disc_config, True)
@@ -138,4 +146,5 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
       optimizer=ae.optimizer(config), lr_schedule=optim.learning_rate(config.optim),
       export=ae.model_exporter(config, workdir, temporal),
       samples_per_step=config.data.batch_size,
-      sample=ae.reconstruction_sampler(config, reconstruct))
+      sample=ae.reconstruction_sampler(config, reconstruct),
+      best_metric="reconstruction_loss")

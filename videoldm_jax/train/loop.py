@@ -18,12 +18,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from videoldm_jax import sharding, video_io
+from videoldm_jax import pretrained, sharding, video_io
 from videoldm_jax.models import attention
 from videoldm_jax.stages.base import StageSetup
 from videoldm_jax.train import flops as flops_lib
@@ -106,7 +105,7 @@ def export(workdir: Path, setup: StageSetup, state, step: int, weights: str = "e
   error = None
   if jax.process_index() == 0 and not out.exists():
     try:
-      write_folder(out, lambda folder: setup.export(folder, params))
+      pretrained.write_folder(out, lambda folder: setup.export(folder, params))
     except Exception as e:  # noqa: BLE001  (re-raised below, after the others hear of it)
       error = e
   # Every process learns whether process 0's write failed, so none waits for an export
@@ -118,22 +117,6 @@ def export(workdir: Path, setup: StageSetup, state, step: int, weights: str = "e
   if failed:
     raise RuntimeError(f"process 0 failed to write the export {out}; see its log")
   return out
-
-
-def write_folder(out: Path, write: Callable[[Path], object]) -> None:
-  """`write(folder)` into a hidden sibling of `out`, renamed to `out` once it returns:
-  a run killed mid-export leaves no `out` that looks complete (a finished run whose
-  export is missing writes it again). A leftover sibling is replaced."""
-  out = Path(out)
-  tmp = out.with_name(f".{out.name}.partial")
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  try:
-    write(tmp)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def write_samples(workdir: Path, setup: StageSetup, state, step: int, writer) -> None:
@@ -190,6 +173,16 @@ def _restored(ckpt: Checkpointer, step: int, setup: StageSetup, shardings):
   return frozen_lib.restore(ckpt, step, target, setup.init_params, setup.stage.is_trainable)
 
 
+def local_workdir(workdir: str) -> Path:
+  """`workdir` as an absolute path; a URI (gs://...) is refused: metrics, TensorBoard,
+  samples and exports are written with local file APIs."""
+  if "://" in str(workdir):
+    raise ValueError(f"--workdir={workdir}: URIs are not supported; use a filesystem "
+                     "path every process sees (a Filestore / NFS mount, or the bucket "
+                     "mounted with gcsfuse)")
+  return Path(workdir).absolute()
+
+
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                       step: str = "best", weights: str = "ema") -> Path:
   """Writes WORKDIR/export/step_N (as the end of training does) from a checkpoint of the
@@ -200,7 +193,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   weights: 'ema' (what the end of training exports) or 'raw': the trained weights
     themselves, into step_N_raw (for short fine-tunes, where the EMA lags).
   """
-  workdir = Path(workdir).absolute()
+  workdir = local_workdir(workdir)
   export_dir(workdir, 0, weights)  # checks `weights` before anything is loaded
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir / 'checkpoints'} does not exist: is {workdir} the "
@@ -236,7 +229,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the stage `config.stage`; returns the last logged metrics, or
   raises `Stopped` when SIGTERM stopped it (after saving)."""
-  workdir = Path(workdir).absolute()
+  workdir = local_workdir(workdir)
   max_in_flight = config.train.get("max_steps_in_flight", 2)
   if max_in_flight < 1:
     raise ValueError(f"train.max_steps_in_flight={max_in_flight}: expected >= 1")
@@ -314,9 +307,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
 
   _check_schedule_length(config)
   last = {}
-  # Losses logged since the last checkpoint, by step: their mean (with the saved step's
-  # own) ranks checkpoints for train.keep_best; one batch's loss is mostly timestep
-  # noise.
+  # Losses (setup.best_metric) logged since the last checkpoint, by step: their mean
+  # (with the saved step's own) ranks checkpoints for train.keep_best; one batch's loss
+  # is mostly timestep noise.
   window_losses, saved_at = {}, step
   batch, t_last, step_last = first, time.perf_counter(), step
   t_start, start_step = t_last, step
@@ -339,7 +332,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     t_last, step_last, input_s, batches = now, at, 0.0, 0
     last = m
     if at > saved_at:  # a step logged one step late may belong to the saved window
-      window_losses[at] = m["loss"]
+      window_losses[at] = m[setup.best_metric]
     extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                      if k not in _LOGGED and not k.startswith("grad_norm/"))
     eta = int((config.train.num_steps - at) * dt)
@@ -395,7 +388,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           write_log(*pending)
           pending = None
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
-        window_losses[step] = float(metrics["loss"])
+        window_losses[step] = float(metrics[setup.best_metric])
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
                   data_state=data.get_state(), config=config.to_dict(),
                   metrics={"loss": sum(window_losses.values()) / len(window_losses)},
