@@ -71,10 +71,10 @@ def ddim(workload: str, steps: int, runs: int, guidance: float, peak: float,
     run()
     times.append(time.perf_counter() - t0)
   total = float(np.median(times))
-  x2 = jnp.concatenate([x_T, x_T])
-  flops = flops_lib.model_flops(lambda p, x: unet.apply(p, x, jnp.zeros((2 * w.batch,)),
-                                                        jnp.concatenate([cond, uncond])),
-                                params, x2)
+  # One denoise call, as the sampler makes it: batch 2B with guidance, B without
+  # (guided_denoise_fn skips the unconditional half at guidance 1).
+  flops = flops_lib.model_flops(lambda x: denoise(x, jnp.zeros((w.batch,), jnp.int32)),
+                                x_T)
   return dict(bench="sample_ddim", workload=workload, dtype=dtype, batch=w.batch,
               frames=w.frames, latents=w.latent_text,
               steps=steps, guidance_scale=guidance, s_per_step=total / steps,

@@ -4,7 +4,7 @@ KL autoencoder with a 2-D patch discriminator). Every field is documented here o
 configs/decoder_tiny.py and configs/autoencoder_tiny.py override some.
 
   videoldm-train --config=configs/decoder_base.py --config.image_model=/ckpt/sd15 \\
-      --workdir=gs://bucket/decoder
+      --workdir=/mnt/shared/runs/decoder
 """
 
 import ml_collections

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.unet = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64),
                 layers_per_block=1, attention_levels=(True, True), num_heads=2,
-                head_dim=None, transformer_depth=1, cross_attention_dim=64,
+                transformer_depth=1, cross_attention_dim=64,
                 use_linear_projection=False, norm_num_groups=8)
   c.vae = dict(block_out_channels=(32, 32, 64), layers_per_block=1, latent_channels=4,
                norm_num_groups=8, scaling_factor=0.18215)

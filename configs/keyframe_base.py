@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.temporal = dict(resblocks=True, attention=True, conv_kernel=(3, 1, 1),
                     cross_attention=False, mix_init=0.5)
   c.cond_drop_prob = 0.1          # caption -> empty prompt, for classifier-free guidance
-  c.min_snr_gamma = None          # e.g. 5.0 for min-SNR weighting
+  # e.g. 5.0 for min-SNR weighting; a typed placeholder (None) so that
+  # --config.min_snr_gamma=5.0 can set it
+  c.min_snr_gamma = ml_collections.config_dict.placeholder(float)
   # Input (videoldm_jax/data/inputs.py): kind procedural_driving | video_folder | tfds |
   # latent_cache | procedural. batch_size is global (split over processes). kind tfds
   # reads the TFDS dataset tfds_name (e.g. webvid_local, ucf101_local/split_1), split
@@ -61,7 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 = never), written to WORKDIR/samples and TensorBoard.
   c.sample = dict(every=0, prompts=("a dash-cam view of a road by day",
                                     "a dash-cam view of a road at night"),
-                  num_frames=8, steps=25, guidance_scale=5.0)
+                  num_frames=8, steps=25, guidance_scale=5.0,
+                  # Class-conditional models: a label per prompt; empty = sample i
+                  # gets class i mod num_class_embeds.
+                  class_labels=())
   c.mesh = dict(data=-1, fsdp=1, tensor=1)   # within a slice (ICI); one size may be -1
   c.dcn_mesh = dict(data=1, fsdp=1, tensor=1)  # across slices (multi-slice TPU / DCN)
   c.batch_axes = ("data", "fsdp")

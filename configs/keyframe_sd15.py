@@ -7,7 +7,7 @@ bf16 compute with f32 master weights, per-block remat, FSDP over 16 chips x data
   videoldm-convert --single_file=v1-5-pruned-emaonly.safetensors --preset=sd15 \\
       --tokenizer=TOKENIZER_DIR --output=/ckpt/sd15
   videoldm-train --config=configs/keyframe_sd15.py \\
-      --config.image_model=/ckpt/sd15 --workdir=gs://bucket/keyframe_sd15
+      --config.image_model=/ckpt/sd15 --workdir=/mnt/shared/runs/keyframe_sd15
 """
 
 import ml_collections

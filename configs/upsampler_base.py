@@ -71,7 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
                      clip_sample=False)
   c.noise_aug_scheduler = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                beta_start=0.0001, beta_end=0.02)
-  c.min_snr_gamma = None          # e.g. 5.0 for min-SNR weighting
+  # e.g. 5.0 for min-SNR weighting; a typed placeholder (None) so that
+  # --config.min_snr_gamma=5.0 can set it
+  c.min_snr_gamma = ml_collections.config_dict.placeholder(float)
   # Input (videoldm_jax/data/inputs.py): high-res clips; the low-res input is made from
   # them. kind procedural_driving | video_folder | tfds | procedural (no latent_cache).
   # batch_size is global (split over processes); height / width are the full frames.

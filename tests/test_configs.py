@@ -2,6 +2,7 @@
 (shapes only: nothing is allocated or compiled)."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -52,3 +53,34 @@ def test_keyframe_sd15_params_shard_over_fsdp():
     total += n
     per_device += int(np.prod(sh.shard_shape(leaf.shape))) * 4
   assert per_device <= 1.05 * total / 8, (per_device, total)
+
+
+def _none_fields(cd, prefix=""):
+  for k in cd.keys():
+    v = cd._fields[k]
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _none_fields(v, f"{prefix}{k}.")
+    elif v is None:
+      yield prefix + k
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_field_can_be_overridden_on_the_command_line(name):
+  # ml_collections refuses `--config.x=...` for a field holding a plain None ("Type
+  # NoneType ... is not supported for overriding"): optional fields must be typed
+  # placeholders (config_dict.placeholder(float)).
+  c = load_sibling(CONFIGS, name).get_config()
+  assert list(_none_fields(c)) == []
+
+
+def test_min_snr_gamma_from_the_command_line():
+  import subprocess
+  import sys
+  script = ("import sys; from absl import flags; from ml_collections import config_flags; "
+            "c = config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv); "
+            "print(c.value.get('min_snr_gamma'))")
+  root = __import__("pathlib").Path(__file__).parents[1]
+  for extra, expected in ((["--config.min_snr_gamma=5.0"], "5.0"), ([], "None")):
+    out = subprocess.run([sys.executable, "-c", script, "--config=configs/keyframe_tiny.py",
+                          *extra], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr[-2000:]

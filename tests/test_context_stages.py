@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from videoldm_jax import pretrained, sharding
+from videoldm_jax import pretrained, sharding, video_io
 from videoldm_jax.config_files import load_sibling
 from videoldm_jax.models import partition
 from videoldm_jax.models.temporal import TemporalConfig
@@ -165,3 +165,52 @@ def test_trainer_runs_checkpoints_resumes_and_exports_a_context_model(keyframe_e
   ref, _ = partition.split(pretrained.load(keyframe_export).params["unet"])
   for a, b in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_training_samples_of_class_conditional_models(tmp_path):
+  # The trainer's samplers gave class-conditional UNets no labels: a UCF-101 run died
+  # at its first sample step. Labels come from config.sample.class_labels, else sample
+  # i gets class i mod num_class_embeds.
+  from videoldm_jax.stages import keyframe
+  tiny = {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}}
+  for name, module in (("keyframe_tiny", keyframe), ("predictor_tiny", predictor),
+                       ("interpolator_tiny", interpolator)):
+    config = _config(name, num_frames=4)
+    config.random_image_model = ml_collections.ConfigDict(tiny)
+    config.sample.update(steps=1, num_frames=4, prompts=("a", "b"))
+    setup = module.setup(config, tmp_path / name)
+    assert keyframe.sample_labels(setup.extra["ldm"].unet_config, config) == [0, 1]
+    videos = setup.sample(setup.init_params(), 0)
+    assert videos.shape == (2, 4, 8, 8, 3) and videos.dtype == np.uint8
+  config.sample.class_labels = (2, 3)
+  with pytest.raises(ValueError, match=r"class_labels=\(2, 3\): expected one label in "
+                     r"\[0, 3\) per prompt"):
+    keyframe.sample_labels(setup.extra["ldm"].unet_config, config)
+
+
+def test_sample_cli_takes_class_labels(tmp_path):
+  tiny = {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}}
+  image = pretrained.random_image_ldm(ml_collections.ConfigDict(tiny))
+  ldm = VideoLDM.from_pretrained(image, TemporalConfig())
+  params = {**image.params, "unet": merge(image.params["unet"],
+                                          ldm.init_unet_params(7, where=partition.is_temporal))}
+  write_byte_level_tokenizer(str(tmp_path / "tok"))
+  model = pretrained.PretrainedLDM(image.unet_config, image.vae_config, image.text_config,
+                                   image.scheduler, params, temporal_config=TemporalConfig())
+  folder = pretrained.save(tmp_path / "model", model, tmp_path / "tok")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+  def sample(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "videoldm_jax.cli.sample", f"--model={folder}",
+         "--num_frames=2", "--height=8", "--width=8", "--steps=1",
+         f"--output={tmp_path / 'out.mp4'}", *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = sample()
+  assert proc.returncode != 0 and "class-conditional (3 classes): pass --class_label" in \
+      proc.stderr, proc.stderr[-2000:]
+  proc = sample("--class_label=3")
+  assert proc.returncode != 0 and "--class_label=3: expected 0..2" in proc.stderr
+  proc = sample("--class_label=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert video_io.read_video(str(tmp_path / "out.mp4")).shape == (2, 8, 8, 3)

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from videoldm_jax.models import attention as attention_lib
 from videoldm_jax.models import blocked_attention as blocked_lib
 from videoldm_jax.models.attention import BasicTransformerBlock
-from videoldm_jax.models.unet import ResBlock
+from videoldm_jax.models.unet import Downsample, ResBlock, Upsample
 from videoldm_jax.train.flops import model_flops
 
 
@@ -36,6 +36,34 @@ def test_resblock_flops_equal_torch_flop_counter(torch_cpu):
   with counter:
     block(torch.tensor(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(temb)).sum().backward()
   assert _step_flops(ResBlock(64, norm_num_groups=8), x, temb) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("which", ["down", "up"])
+def test_resampler_flops_equal_torch_flop_counter(torch_cpu, which):
+  # JAX writes a strided convolution's input gradient as a transposed convolution
+  # (lhs dilation): counted at its output size it cost 4x the forward instead of 1x.
+  # The upsampler's phase convolution must count as diffusers' upsample-then-conv.
+  torch = torch_cpu
+  from diffusers.models.downsampling import Downsample2D
+  from diffusers.models.upsampling import Upsample2D
+  from torch.utils.flop_counter import FlopCounterMode
+  x = np.random.default_rng(0).standard_normal((2, 8, 8, 16), np.float32)
+  ours, ref = ((Downsample(), Downsample2D(16, use_conv=True, padding=1)) if which == "down"
+               else (Upsample(), Upsample2D(16, use_conv=True)))
+  counter = FlopCounterMode(display=False)
+  xt = torch.tensor(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+  with counter:
+    # Squared: a plain sum's gradient does not need the forward (pruned as dead code).
+    # The input's gradient too: the block sits inside a network.
+    ref(xt).square().sum().backward()
+  params = ours.init(jax.random.key(0), x)
+  loss = lambda p, x: jnp.sum(jnp.square(ours.apply(p, x)))
+  flops = model_flops(jax.grad(loss, argnums=(0, 1)), params, x)
+  # The counter counts what runs: layers.UpsampleConv does 16 of the 36 multiply-adds
+  # per input pixel of diffusers' upsample-then-3x3-conv (four 2x2 phase kernels), in
+  # the forward and in both gradients; the strided conv is the same work as torch's.
+  expected = counter.get_total_flops() * (4 if which == "up" else 9) // 9  # 16/36 = 4/9
+  assert flops == expected
 
 
 def _transformer_flops(b, length, width, ctx_len, ctx_dim, self_attn_backward: float,

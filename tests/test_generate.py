@@ -149,6 +149,17 @@ def test_personalisation_swaps_theta_and_keeps_phi(folders, dreambooth):
                     jax.tree_util.tree_leaves(video.params[part])):
       np.testing.assert_array_equal(a, b)
   assert out.temporal_config == video.temporal_config
+  # What the video model was trained on stays (generate plans its chain from it).
+  record = {"stage": "predictor", "num_frames": 4, "max_context": 2}
+  trained = personalize.personalize(dataclasses.replace(video, training=record), dreambooth)
+  assert trained.training == record
+  # The same architecture spelt otherwise (heads per level as a tuple, as the diffusers
+  # route writes SD 2.x; the EOS id that only picks the pooled output) is the same base.
+  respelt = dataclasses.replace(
+      dreambooth, unet_config=dataclasses.replace(
+          dreambooth.unet_config, num_heads=dreambooth.unet_config.heads_per_level()),
+      text_config=dataclasses.replace(dreambooth.text_config, eos_token_id=2))
+  personalize.personalize(video, respelt, ("unet", "text_encoder"))
   # 'vae' also swaps the spatial autoencoder and keeps a temporal decoder's layers.
   dec = personalize.personalize(pretrained.load(folders["decoder_model"]), dreambooth,
                                 ("vae",))
@@ -311,6 +322,13 @@ def test_cli_seeds_and_notes(folders, tmp_path):
       text=True, timeout=600)
   assert proc.returncode != 0 and "cli.avi: expected a .mp4 or .npy path" in proc.stderr, \
       proc.stderr[-3000:]
+  # No seed (nothing would be written, exit 0) or a repeated one (a file overwritten).
+  for seeds in ("--seeds=", "--seeds=3,3"):
+    proc = subprocess.run(
+        [sys.executable, "-m", "videoldm_jax.cli.generate", "--keyframe_model=/nonexistent",
+         seeds], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--seeds must be distinct and at least one" in \
+        proc.stderr, proc.stderr[-3000:]
 
 
 def test_interpolation_windows_share_the_boundary_key_frame():

@@ -117,6 +117,22 @@ def test_cli_builds(tiny, capsys):
     cli_main(["--config=huge", f"--data_dir={data_dir}"])
 
 
+def test_cli_writes_reference_clips_at_the_training_size(tiny, tmp_path):
+  # FVD reference clips at the size the models are trained and sampled at (the demo's
+  # 32x32): the stored 64x64 ones measured the resize, not the model.
+  from videoldm_jax.data.grain_pipeline import resize_and_crop
+  builder, data_dir = tiny
+  cli_main(["--config=tiny", f"--data_dir={data_dir}", f"--write_clips={tmp_path}",
+            "--split=validation", "--max_clips=2", "--height=32", "--width=32"])
+  stored = builder.as_data_source("validation")[1]["video"]
+  clip = np.load(tmp_path / "validation_00001.npy")
+  assert stored.shape[1:3] == (TINY.height, TINY.width) != clip.shape[1:3] == (32, 32)
+  np.testing.assert_array_equal(clip, resize_and_crop(np.asarray(stored), 32, 32, "center"))
+  with pytest.raises(SystemExit):
+    cli_main(["--config=tiny", f"--data_dir={data_dir}", f"--write_clips={tmp_path}",
+              "--height=32"])
+
+
 def test_unknown_config_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="unknown config 'huge'"):
     build("huge", str(tmp_path))

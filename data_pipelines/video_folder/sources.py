@@ -370,7 +370,7 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     if cut:
       raise SkipError(TRUNCATED, cut)
   if not frames:
-    raise SkipError(NO_FRAMES, f"video stream has no decodable frames")
+    raise SkipError(NO_FRAMES, "video stream has no decodable frames")
   if len(frames) < min_frames:
     raise SkipError(TOO_SHORT, f"{len(frames)} frame(s) after stride {stride}, "
                     f"fewer than min_frames={min_frames}")

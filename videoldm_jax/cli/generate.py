@@ -128,6 +128,8 @@ def main(argv):
     raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
   if any(s < 0 for s in seeds):  # before the models load (NumPy's SeedSequence needs >= 0)
     raise app.UsageError(f"--seeds must be non-negative, got {_SEEDS.value}")
+  if not seeds or len(set(seeds)) != len(seeds):  # nothing written / a file overwritten
+    raise app.UsageError(f"--seeds must be distinct and at least one, got {_SEEDS.value}")
   out = Path(_OUTPUT.value)
   if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
     raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")

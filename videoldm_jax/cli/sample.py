@@ -26,23 +26,35 @@ _WIDTH = flags.DEFINE_integer("width", 64, "frame width in pixels")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "sampler")
 _STEPS = flags.DEFINE_integer("steps", 25, "denoising steps")
 _CFG = flags.DEFINE_float("guidance_scale", 5.0, "classifier-free guidance scale")
+_LABEL = flags.DEFINE_integer("class_label", None, "class label, for class-conditional "
+                              "models (e.g. UCF-101's 0..100)")
 _SEED = flags.DEFINE_integer("seed", 0, "random seed")
 _FPS = flags.DEFINE_float("fps", 8, "frames per second of the written files")
 _OUTPUT = flags.DEFINE_string("output", "sample.mp4", "mp4 path (a .gif is written beside)")
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None:
     raise app.UsageError("--model is required")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
+  classes = model.unet_config.num_class_embeds
+  if classes and _LABEL.value is None:
+    raise app.UsageError(f"{_MODEL.value} is class-conditional ({classes} classes): "
+                         "pass --class_label")
+  if _LABEL.value is not None and not (classes and 0 <= _LABEL.value < classes):
+    raise app.UsageError(f"--class_label={_LABEL.value}: " + (
+        f"expected 0..{classes - 1}" if classes else f"{_MODEL.value} is not "
+        "class-conditional"))
+  labels = None if _LABEL.value is None else [_LABEL.value] * _NUM.value
   options = sampling.SampleOptions(
       height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
       sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,
       num_frames=_FRAMES.value)
   videos = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
-                             _NEGATIVE.value, options)
+                             _NEGATIVE.value, options, class_labels=labels)
   clip = video_io.video_grid(videos, cols=min(len(videos), 4), pad=2)
   out = Path(_OUTPUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)

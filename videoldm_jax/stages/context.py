@@ -121,13 +121,19 @@ def setup_context_stage(config: ml_collections.ConfigDict, workdir: Path, name: 
   return setup
 
 
-def prompt_conditioning(model: pretrained.PretrainedLDM, tokenizer, prompts) -> dict:
-  """text / uncond_text (N, L, D) of `prompts` for the context samplers ({} without a
-  text encoder)."""
-  if model.text_config is None:
-    return {}
-  return {"text": sampling.encode_prompts(model, tokenizer, prompts),
-          "uncond_text": sampling.encode_prompts(model, tokenizer, [""] * len(prompts))}
+def sample_conditioning(model: pretrained.PretrainedLDM, tokenizer,
+                        config: ml_collections.ConfigDict) -> dict:
+  """text / uncond_text (N, L, D) of config.sample.prompts and, for a class-conditional
+  model, labels (N,) (`keyframe.sample_labels`), for the context samplers."""
+  prompts = list(config.sample.prompts)
+  out = {}
+  labels = keyframe.sample_labels(model.unet_config, config)
+  if labels is not None:
+    out["labels"] = jnp.asarray(labels, jnp.int32)
+  if model.text_config is not None:
+    out["text"] = sampling.encode_prompts(model, tokenizer, prompts)
+    out["uncond_text"] = sampling.encode_prompts(model, tokenizer, [""] * len(prompts))
+  return out
 
 
 def pretrained_from(ldm: VideoLDM, params: dict) -> pretrained.PretrainedLDM:

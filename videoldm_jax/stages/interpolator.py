@@ -47,7 +47,7 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
     model = context.pretrained_from(ldm, params)
     cm = context_sampling.ContextModel.from_pretrained(model)
     prompts = list(config.sample.prompts)
-    cond = context.prompt_conditioning(model, tokenizer, prompts)
+    cond = context.sample_conditioning(model, tokenizer, config)
     options = context.sample_options(config)
     t = config.data.num_frames
     shape = (len(prompts), t) + context.latent_shape(ldm, config)

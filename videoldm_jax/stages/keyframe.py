@@ -198,6 +198,21 @@ def batch_maker(tokenizer: Optional[CLIPTokenizer], max_length: int):
   return make_batch
 
 
+def sample_labels(unet_config, config: ml_collections.ConfigDict) -> Optional[list[int]]:
+  """Class labels of the training samples (one per config.sample.prompts) for a
+  class-conditional UNet, None otherwise: config.sample.class_labels, or sample i gets
+  class i mod num_class_embeds."""
+  n_classes, s = unet_config.num_class_embeds, config.sample
+  if not n_classes:
+    return None
+  labels = [int(x) for x in s.get("class_labels", ())] or [
+      i % n_classes for i in range(len(s.prompts))]
+  if len(labels) != len(s.prompts) or not all(0 <= x < n_classes for x in labels):
+    raise ValueError(f"config.sample.class_labels={tuple(labels)}: expected one label in "
+                     f"[0, {n_classes}) per prompt ({len(s.prompts)} prompts)")
+  return labels
+
+
 def video_sampler(ldm: VideoLDM, tokenizer: Optional[CLIPTokenizer],
                   config: ml_collections.ConfigDict):
   """(params, step) -> uint8 samples of config.sample.prompts: videos (N, T, H, W, 3), or
@@ -211,7 +226,8 @@ def video_sampler(ldm: VideoLDM, tokenizer: Optional[CLIPTokenizer],
         height=config.data.height, width=config.data.width, num_steps=s.steps,
         guidance_scale=s.guidance_scale, seed=config.seed, num_frames=frames,
         progress=False)
-    videos = sampling.generate(model, tokenizer, list(s.prompts), "", options)
+    videos = sampling.generate(model, tokenizer, list(s.prompts), "", options,
+                               class_labels=sample_labels(ldm.unet_config, config))
     return videos[:, None] if videos.ndim == 4 else videos
   return sample
 

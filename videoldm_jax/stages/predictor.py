@@ -55,7 +55,7 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
     latents = context_sampling.extend(
         cm, empty, config.sample.num_frames, config.data.num_frames,
         config.sample.get("num_context", 2), context.sample_options(config),
-        **context.prompt_conditioning(model, tokenizer, prompts))
+        **context.sample_conditioning(model, tokenizer, config))
     return context.decode_videos(model, latents)
   return sample
 

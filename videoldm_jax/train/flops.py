@@ -39,14 +39,23 @@ def dot_general_flops(lhs_shape, rhs_shape, out_shape, dimension_numbers) -> int
   return 2 * math.prod(out_shape) * math.prod(lhs_shape[d] for d in lhs_contract)
 
 
-def conv_flops(rhs_shape, out_shape, dimension_numbers) -> int:
+def conv_flops(lhs_shape, rhs_shape, out_shape, dimension_numbers) -> int:
   """2 x (output elements) x (kernel input features x kernel window).
 
   Holds for grouped convolutions (the kernel's input-feature dim is already per group)
-  and for the weight-gradient convolutions of the backward pass (batch groups)."""
+  and for the weight-gradient convolutions of the backward pass (batch groups). A
+  transposed convolution (an output larger than its input: the input gradient of a
+  strided or VALID convolution, which JAX writes with lhs dilation or wide padding) is
+  counted at its input's positions, as torch counts a transposed convolution, so that
+  an input gradient costs what its forward does: the products with the zeros that the
+  dilation inserts are not model work."""
   rhs_spec = dimension_numbers.rhs_spec  # (out feature, in feature, *spatial)
+  lhs_spec, out_spec = dimension_numbers.lhs_spec, dimension_numbers.out_spec
   window = math.prod(rhs_shape[d] for d in rhs_spec[2:])
-  return 2 * math.prod(out_shape) * rhs_shape[rhs_spec[1]] * window
+  positions = math.prod(min(out_shape[o], lhs_shape[i])
+                        for o, i in zip(out_spec[2:], lhs_spec[2:]))
+  rest = out_shape[out_spec[0]] * out_shape[out_spec[1]]  # batch x output features
+  return 2 * rest * positions * rhs_shape[rhs_spec[1]] * window
 
 
 # cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")) in a
@@ -99,8 +108,8 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
                                  eqn.params["dimension_numbers"])
       continue
     if name == "conv_general_dilated":
-      total += conv_flops(eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape,
-                          eqn.params["dimension_numbers"])
+      total += conv_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
+                          eqn.outvars[0].aval.shape, eqn.params["dimension_numbers"])
       continue
     if name == "ffi_call":  # our C++ kernels (a model's only custom calls)
       target, shapes = eqn.params["target_name"], [v.aval.shape for v in eqn.invars]
