@@ -145,16 +145,21 @@ except ValueError as e:
 """
 
 
-def test_a_failed_export_on_process_0_stops_process_1_too(two_process_run, tmp_path):
+@pytest.mark.parametrize("fails", [False, True], ids=["written", "fails"])
+def test_export_of_a_two_process_run(two_process_run, tmp_path, fails):
   """The finished two-process run, started again with exports on, writes its missing
-  export (no compile). Process 0's write fails (WORKDIR/export is a file): process 1
-  must raise at once too, not wait in a collective until the coordinator times out."""
+  export (no compile) on process 0. Written: Orbax's save used to wait for every
+  process in a barrier while the others waited for process 0, and the run hung. Fails
+  (WORKDIR/export is a file): process 1 must raise at once too, not wait in a
+  collective until the coordinator times out."""
   import shutil
   import socket
   import time
+  from videoldm_jax import pretrained
   workdir = tmp_path / "run"
   shutil.copytree(two_process_run[0], workdir)
-  (workdir / "export").write_text("not a folder")
+  if fails:
+    (workdir / "export").write_text("not a folder")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -170,12 +175,17 @@ def test_a_failed_export_on_process_0_stops_process_1_too(two_process_run, tmp_p
     logs = [p.communicate(timeout=180)[0] for p in procs]
   finally:
     for p in procs:
-      p.kill()  # (before the fix both waited out JAX's timeouts)
-  assert all(p.returncode not in (0, None) for p in procs), logs
+      p.kill()  # (before the fixes both waited out JAX's timeouts)
   assert "writing the missing export" in logs[0], logs[0][-3000:]
+  assert time.monotonic() - t0 < 120
+  if not fails:
+    assert all(p.returncode == 0 for p in procs), logs
+    model = pretrained.load(workdir / "export" / "step_3")
+    assert model.training["stage"] == "keyframe" and "unet" in model.params
+    return
+  assert all(p.returncode not in (0, None) for p in procs), logs
   assert "Error" in logs[0] and "export" in logs[0]
   assert "process 0 failed to write the export" in logs[1], logs[1][-3000:]
-  assert time.monotonic() - t0 < 120
 
 
 def test_frozen_parameters_differing_on_one_process_stop_every_process(tmp_path):

@@ -69,6 +69,30 @@ def test_matches_softmax_formula(shape):
     assert err < 1e-5 * max(float(jnp.max(jnp.abs(want))), 1.0), err
 
 
+def test_mismatched_operands_are_refused_and_a_shared_context_broadcast():
+  # The kernel reads every size from q and k: mismatched operands were read out of
+  # bounds (garbage without an error) and zero keys divided by zero (SIGFPE).
+  q, k, v, _ = _arrays(2, 8, 5, 2, 16)
+  for bad_k, bad_v in ((k[:1], v[:1]), (k[..., :8], v[..., :8]), (k, v[:, :4]),
+                       (k[:, :0], v[:, :0])):
+    with pytest.raises(ValueError, match="same B, H, D and S >= 1"):
+      native_attention.attention(q, bad_k, bad_v)
+  # One context for the whole batch (keys of batch 1): the kernel's path gives the
+  # formula's broadcast result (it read past the end of k and v).
+  flat = lambda x: x.reshape(x.shape[:2] + (-1,))
+  assert attention_lib.attention_path(8, 5) == "native"
+  got = attention_lib.dot_product_attention(flat(q), flat(k[:1]), flat(v[:1]), 2)
+  shared = lambda x: jnp.broadcast_to(x[:1], x.shape)
+  np.testing.assert_allclose(got, flat(_formula(q, shared(k), shared(v))), rtol=1e-5,
+                             atol=1e-6)
+  attention_lib.set_implementation("plain")
+  try:
+    plain = attention_lib.dot_product_attention(flat(q), flat(k[:1]), flat(v[:1]), 2)
+  finally:
+    attention_lib.set_implementation("auto")
+  np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_bitwise_repeatable():
   # Each element is summed in a fixed order whatever thread runs its task.
   q, k, v, g = _arrays(2, 512, 512, 4, 32, seed=3)

@@ -25,6 +25,27 @@ def test_with_defaults_appends_and_respects_user_values():
     assert xla_flags.with_defaults(f"--xla_dump_to=/x {own}") == f"--xla_dump_to=/x {own}"
 
 
+def test_a_flags_file_and_spacing_are_kept(tmp_path):
+  # XLA_FLAGS not starting with "-" names a file of flags: appending to it made XLA
+  # abort on a file called "path --flag"; its flags are used instead.
+  path = tmp_path / "flags.txt"
+  path.write_text("--xla_force_host_platform_device_count=3\n")
+  assert (xla_flags.with_defaults(str(path))
+          == f"--xla_force_host_platform_device_count=3 --{FLAG}=-individual_convolution")
+  path.write_text(f"--{FLAG}=individual_convolution\n")  # the file's own value wins
+  assert xla_flags.with_defaults(str(path)) == f"--{FLAG}=individual_convolution"
+  assert xla_flags.with_defaults(str(tmp_path / "missing")) == str(tmp_path / "missing")
+  # The user's string as written (quoted values with several spaces).
+  assert xla_flags.with_defaults('--xla_dump_to="a  b"') == (
+      f'--xla_dump_to="a  b" --{FLAG}=-individual_convolution')
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": str(tmp_path / "three.txt")}
+  (tmp_path / "three.txt").write_text("--xla_force_host_platform_device_count=3")
+  out = subprocess.run([sys.executable, "-c", "import videoldm_jax, jax; "
+                        "print(jax.device_count())"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr[-2000:]
+
+
 def test_apply_defaults_opt_out():
   env = {"XLA_FLAGS": "--a=1", xla_flags.OPT_OUT_ENV: "0"}
   xla_flags.apply_defaults(env)

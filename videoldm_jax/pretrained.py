@@ -122,11 +122,32 @@ def _write(out_dir: Path, model: PretrainedLDM, scheduler: dict,
   if model.training:
     index["training"] = model.training
   (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out_dir / "params", jax.tree_util.tree_map(np.asarray, model.params))
-  checkpointer.wait_until_finished()
+  write_params(out_dir / "params", model.params)
   if tokenizer_dir is not None:
     copy_tokenizer(tokenizer_dir, out_dir / "tokenizer")
+
+
+def _this_process_only() -> ocp.StandardCheckpointer:
+  """An Orbax checkpointer for files this process reads or writes alone (a model folder:
+  exports are written by process 0 only). Orbax's default synchronises every process
+  of a multi-process run around a save: process 0 waited there for processes that
+  were waiting for it, and a multi-process run hung at its export."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
+def write_params(path: Path, params: dict) -> None:
+  """The param tree (host copies) as an Orbax checkpoint at `path`, by this process."""
+  with _this_process_only() as checkpointer:
+    checkpointer.save(path, jax.tree_util.tree_map(np.asarray, params))
+    checkpointer.wait_until_finished()
+
+
+def read_params(path: Path) -> dict:
+  """The param tree written by `write_params` (host NumPy arrays)."""
+  with _this_process_only() as checkpointer:
+    return checkpointer.restore(path)
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
@@ -160,7 +181,7 @@ def load(model_dir: str | Path) -> PretrainedLDM:
   model_dir = Path(model_dir).absolute()
   index = load_index(model_dir)
   source = str(model_dir / "model_index.json")
-  params = ocp.StandardCheckpointer().restore(model_dir / "params")
+  params = read_params(model_dir / "params")
   text, temporal = index.get("text_encoder"), index.get("temporal")
   vae_temporal = index.get("vae_temporal")
   return PretrainedLDM(

@@ -35,8 +35,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
+from videoldm_jax import pretrained
 from videoldm_jax.diffusion.schedules import (NoiseSchedule, SamplingConfig,
                                               schedule_from_diffusers_config)
 from videoldm_jax.models import params as params_lib
@@ -304,9 +304,7 @@ def save(out_dir: str | Path, model: PretrainedUpsampler) -> Path:
   if model.training:
     index["training"] = model.training
   (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out_dir / "params", jax.tree_util.tree_map(np.asarray, model.params))
-  checkpointer.wait_until_finished()
+  pretrained.write_params(out_dir / "params", model.params)
   return out_dir
 
 
@@ -326,5 +324,5 @@ def load(model_dir: str | Path) -> PretrainedUpsampler:
                      f"understands ({FORMAT_VERSION}); upgrade the package")
   source, training = index.pop("source", ""), index.pop("training", {})
   config = UpsamplerConfig.from_dict(index, str(path))
-  params = ocp.StandardCheckpointer().restore(model_dir / "params")
+  params = pretrained.read_params(model_dir / "params")
   return PretrainedUpsampler(config, params, source=source, training=training)

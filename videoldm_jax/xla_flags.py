@@ -23,13 +23,25 @@ OPT_OUT_ENV = "VIDEOLDM_JAX_XLA_DEFAULTS"
 
 
 def with_defaults(flags: str) -> str:
-  """`flags` (an XLA_FLAGS string) plus each default whose flag the user did not name."""
-  out = flags.split()
+  """`flags` (an XLA_FLAGS string) plus each default whose flag the user did not name.
+
+  The user's string is kept as written (quoted values with several spaces included);
+  defaults are appended. A value that does not start with "-" is, to XLA, the path of
+  a file of flags: its contents are used (appending to the path made XLA abort on a
+  file named "path --flag"); an unreadable file is left for XLA to report.
+  """
+  if flags.strip() and not flags.lstrip().startswith("-"):
+    try:
+      with open(flags.strip()) as f:
+        flags = f.read()
+    except OSError:
+      return flags
+  out = flags.rstrip()
+  names = {f.split("=", 1)[0] for f in out.split()}
   for flag in DEFAULT_FLAGS:
-    name = flag.split("=", 1)[0]
-    if not any(f.split("=", 1)[0] == name for f in out):
-      out.append(flag)
-  return " ".join(out)
+    if flag.split("=", 1)[0] not in names:
+      out = f"{out} {flag}" if out else flag
+  return out
 
 
 def apply_defaults(environ=None) -> None:

@@ -181,6 +181,11 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   """
   if q_BxLxD.ndim == 4:
     return _attention_per_sequence(q_BxLxD, k_BxSxD, v_BxSxD, num_heads, mask_BxLxS)
+  if k_BxSxD.shape[0] != q_BxLxD.shape[0]:
+    # One context for the whole batch (B = 1 keys): the formula's einsum broadcast it,
+    # the kernels index keys by the queries' batch and must see it repeated.
+    k_BxSxD, v_BxSxD = (jnp.broadcast_to(x, q_BxLxD.shape[:1] + x.shape[1:])
+                        for x in (k_BxSxD, v_BxSxD))
   path = "formula" if mask_BxLxS is not None else attention_path(
       q_BxLxD.shape[1], k_BxSxD.shape[1], q_BxLxD.dtype, q_BxLxD.shape[-1] // num_heads)
   if path == "splash":

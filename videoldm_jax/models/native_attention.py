@@ -118,5 +118,12 @@ def attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array
   is False) this raises with the reason."""
   if not available():
     raise RuntimeError(f"the C++ attention kernel is unavailable: {unavailable_reason()}")
+  # The kernel takes every size from q and k: operands that disagree would be read out
+  # of bounds (garbage, no error), and S = 0 divides by zero (SIGFPE).
+  q, k, v = q_BxLxHxD.shape, k_BxSxHxD.shape, v_BxSxHxD.shape
+  if len(q) != 4 or len(k) != 4 or k != v or (q[0], q[2], q[3]) != (k[0], k[2], k[3]) \
+      or k[1] < 1:
+    raise ValueError(f"native attention needs q (B, L, H, D) and k, v (B, S, H, D) with "
+                     f"the same B, H, D and S >= 1; got q {q}, k {k}, v {v}")
   f32 = lambda x: x.astype(jnp.float32)
   return _attention(f32(q_BxLxHxD), f32(k_BxSxHxD), f32(v_BxSxHxD))
