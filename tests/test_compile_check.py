@@ -87,6 +87,9 @@ def test_out_of_memory_compile_is_a_does_not_fit_verdict():
   assert "  1. Size: 1.00G" in text and f"  {compile_check.MESSAGE_LINES}. Size" not in text
   assert "(5 more lines in the JSON report)" in text
   assert r.to_json()["compile_message"] == r.compile_message
+  # A message without the figure: temporaries unknown, not -1 bytes.
+  r.temp_bytes = -1
+  assert "temporaries unknown," in r.summary()
 
 
 def test_latent_cache_batch_compiles_the_step_without_the_encoders_gpu_proxy():

@@ -225,3 +225,27 @@ def test_save_checks_before_writing_and_keeps_schedule_fields(sd_pipeline, tmp_p
     pretrained.save(tmp_path / "out", model, tmp_path / "no_tokenizer")
   assert not (tmp_path / "out").exists()
   assert not list(tmp_path.glob(".*partial"))
+
+
+def test_fp16_variant_folder_and_missing_scheduler(sd_pipeline, tmp_path, capsys):
+  # diffusers' variant="fp16" saves <stem>.fp16.safetensors only; it loads as float32.
+  import shutil
+  import safetensors.numpy
+  from videoldm_jax.convert import image_models
+  _, root = sd_pipeline
+  shutil.copytree(root / "pipe", tmp_path / "pipe")
+  unet = tmp_path / "pipe" / "unet"
+  sd = load_safetensors(unet / "diffusion_pytorch_model.safetensors")
+  (unet / "diffusion_pytorch_model.safetensors").unlink()
+  safetensors.numpy.save_file({k: v.astype(np.float16) for k, v in sd.items()},
+                              str(unet / "diffusion_pytorch_model.fp16.safetensors"))
+  _, half = image_models.load_diffusers_unet(unet)
+  _, full = image_models.load_diffusers_unet(root / "pipe" / "unet")
+  for a, b in zip(jax.tree_util.tree_leaves(half), jax.tree_util.tree_leaves(full)):
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(a, b.astype(np.float16).astype(np.float32))
+  # Without scheduler/ the SD 1.5 schedule is assumed, and said.
+  shutil.rmtree(tmp_path / "pipe" / "scheduler")
+  model, _ = pipeline_import.from_diffusers(tmp_path / "pipe")
+  assert model.scheduler["prediction_type"] == "epsilon"
+  assert "has no scheduler/scheduler_config.json: assuming SD 1.5's" in capsys.readouterr().err

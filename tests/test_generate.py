@@ -290,6 +290,14 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert (p.interp_stride, p.interp_window, p.frame_factor) == (2, 4, 4)
   assert p.notes == ("decoder stage: calls of 12 frames, trained on clips of 4 "
                      "(decode_chunk=8; temporal statistics follow the call length)",)
+  # The key-frame model is called on the first clip only: 2 key frames for 5 frames at
+  # x4 ((5 - 1) / 4 + 1), fewer than keyframes_per_clip=4 and than it was trained on.
+  models.keyframe[0].training = {"stage": "keyframe", "num_frames": 4}
+  short = generate.plan(models, dataclasses.replace(options, num_frames=5))
+  assert short.first_clip == 2 and short.notes[0] == (
+      "keyframe stage: calls of 2 frames, trained on clips of 4 (keyframes_per_clip=4; "
+      "temporal statistics follow the call length)")
+  models.keyframe[0].training = {}
   with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):
     generate.plan(models, dataclasses.replace(options, interp_stride=4))
   with pytest.raises(ValueError, match="num_context=2: .* trained with at most 1 context"):

@@ -203,3 +203,16 @@ def test_library_name_changes_with_source_compiler_and_cpu(monkeypatch):
   assert base != build.library_path("attention", "/usr/bin/clang++")
   monkeypatch.setattr(build, "_cpu_flags", lambda: "flags : fpu sse2")
   assert base != build.library_path("attention", compiler)
+
+
+def test_compiler_with_arguments_and_a_shareable_library(monkeypatch, tmp_path):
+  # $CXX may be a command with arguments ("ccache g++"); it was looked up whole on PATH
+  # and taken for "no compiler". The library is readable by the other users of a
+  # shared cache (mkstemp made it 0600: they fell back to XLA without rebuilding).
+  monkeypatch.setenv("CXX", "env g++")
+  compiler = build._compiler()
+  assert compiler is not None and compiler.endswith("env g++")
+  target = tmp_path / "attention.so"
+  build._build("attention", compiler, target)
+  assert target.stat().st_mode & 0o777 == 0o755
+  assert list(tmp_path.iterdir()) == [target]

@@ -89,7 +89,8 @@ class FitReport:
     return (f"{self.stage} on {self.topology} ({self.devices} devices, mesh {self.mesh}): "
             f"params {self.params / 1e6:.1f}M ({self.trainable_params / 1e6:.1f}M trainable)\n"
             f"  per device: arguments {self.argument_bytes / GiB:.2f} GiB, temporaries "
-            f"{self.temp_bytes / GiB:.2f} GiB, outputs {self.output_bytes / GiB:.2f} GiB "
+            + ("unknown" if self.temp_bytes < 0 else f"{self.temp_bytes / GiB:.2f} GiB")
+            + f", outputs {self.output_bytes / GiB:.2f} GiB "
             f"(aliased {self.alias_bytes / GiB:.2f}), peak {self.peak_bytes / GiB:.2f} GiB "
             f"of {mem}\n"
             f"  FLOPs per step: {self.flops_per_device * self.devices / 1e12:.2f} TFLOP "
@@ -230,8 +231,10 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
     # XLA's memory assignment failed: the step DOES NOT FIT. Report what it needed.
     arg = _per_device_bytes((state, batch))
     temp = required_temp_bytes(str(e))
+    # temp -1: XLA's message did not say; the peak is then at least the arguments.
     return FitReport(**common, argument_bytes=arg, output_bytes=arg, alias_bytes=arg,
-                     temp_bytes=temp, peak_bytes=arg + temp, flops_per_device=float("nan"),
+                     temp_bytes=temp, peak_bytes=arg + max(temp, 0),
+                     flops_per_device=float("nan"),
                      compile_s=time.perf_counter() - t0,
                      compile_error=str(e).splitlines()[0][:500],
                      compile_message=str(e)[:MESSAGE_CHARS])

@@ -139,6 +139,12 @@ class _AtomicWriter:
     try:
       self._finish()
       os.replace(self._tmp, self.path)
+    except BaseException:
+      try:  # a failed finish (disk full, encoder error) still closes its handles
+        self._release()
+      except Exception:  # the first error is the one to report
+        pass
+      raise
     finally:
       self.closed = True
       if os.path.exists(self._tmp):

@@ -52,8 +52,15 @@ def from_diffusers(folder: str | Path) -> tuple[pretrained.PretrainedLDM, Path |
     if not tokenizer.is_dir():
       raise FileNotFoundError(f"{folder}: has text_encoder/ but no tokenizer/")
   scheduler_json = folder / "scheduler" / "scheduler_config.json"
-  scheduler = (image_models.read_json(scheduler_json) if scheduler_json.is_file()
-               else dict(presets.PRESETS["sd15"].scheduler))
+  if scheduler_json.is_file():
+    scheduler = image_models.read_json(scheduler_json)
+  else:
+    scheduler = dict(presets.PRESETS["sd15"].scheduler)
+    # The UNet's weights do not say what they predict: a v-prediction model (SD 2.x
+    # 768) sampled as epsilon gives noise, so say what was assumed.
+    print(f"WARNING {folder} has no scheduler/scheduler_config.json: assuming SD 1.5's "
+          "schedule (epsilon prediction, scaled_linear betas); copy the right scheduler "
+          "folder in for a v-prediction model", file=sys.stderr)
   model = pretrained.PretrainedLDM(unet_config, vae_config, text_config, scheduler, params,
                               source=str(folder.absolute()))
   return model, tokenizer

@@ -80,13 +80,16 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def find_weights(folder: str | os.PathLike, stem: str) -> Path:
-  """The safetensors weights file `<stem>.safetensors` in a diffusers model folder.
+  """The safetensors weights file `<stem>.safetensors` in a diffusers model folder, or
+  the half-precision variant `<stem>.fp16.safetensors` (what `variant="fp16"` saves;
+  loaded as float32) where that is the only one.
 
   Sharded weights (`<stem>.safetensors.index.json`) are not supported yet; a folder
   holding only `<stem>.bin` is refused with conversion instructions.
   """
   folder = Path(folder)
-  candidates = [folder / f"{stem}.safetensors", folder / "model.safetensors"]
+  candidates = [folder / f"{stem}.safetensors", folder / "model.safetensors",
+                folder / f"{stem}.fp16.safetensors", folder / "model.fp16.safetensors"]
   for c in candidates:
     if c.is_file():
       return c

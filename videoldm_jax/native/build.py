@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,6 +58,9 @@ def cache_dir() -> Path:
               or Path.home() / ".cache" / "videoldm_jax" / "native")
 
 
+BUILD_TIMEOUT_S = 600  # a compile takes ~10-30 s; a hung compiler must not hang every trace
+
+
 def _cpu_flags() -> str:
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -68,7 +72,11 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> Optional[str]:
-  return shutil.which(os.environ.get("CXX", "g++"))
+  """The compiler command ($CXX may carry arguments, e.g. "ccache g++"), its program
+  resolved on PATH; None where there is none."""
+  words = shlex.split(os.environ.get("CXX", "g++")) or ["g++"]
+  program = shutil.which(words[0])
+  return None if program is None else shlex.join([program, *words[1:]])
 
 
 def unbuildable_reason() -> Optional[str]:
@@ -97,12 +105,19 @@ def _build(name: str, compiler: str, target: Path) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
-  cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCES[name]), "-o", tmp]
+  cmd = [*shlex.split(compiler), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCES[name]),
+         "-o", tmp]
   logging.info("videoldm_jax.native: compiling %s (once per machine): %s", name, " ".join(cmd))
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:  # bounded: every trace waits on this under the lock
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+      raise RuntimeError(f"{' '.join(cmd)} did not finish in {BUILD_TIMEOUT_S} s") from e
     if proc.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    # mkstemp's file is 0600: other users of a shared cache could not load it and would
+    # fall back to XLA without rebuilding.
+    os.chmod(tmp, 0o755)
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):

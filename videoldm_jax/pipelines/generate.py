@@ -355,7 +355,9 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
   notes = []
   # (stage, used, frames per call, the option that sets it, its value)
-  calls = [("keyframe", models.keyframe is not None, t, "keyframes_per_clip", t),
+  # The key-frame model is called once, on the first clip: fewer than
+  # keyframes_per_clip frames where the video needs fewer key frames.
+  calls = [("keyframe", models.keyframe is not None, first, "keyframes_per_clip", t),
            ("predictor", models.predictor is not None, p, "predictor_frames", p),
            ("interpolator", passes > 0, stride * window, "interp_window", window),
            ("decoder", models.decoder is not None
