@@ -216,3 +216,35 @@ def test_compiler_with_arguments_and_a_shareable_library(monkeypatch, tmp_path):
   build._build("attention", compiler, target)
   assert target.stat().st_mode & 0o777 == 0o755
   assert list(tmp_path.iterdir()) == [target]
+
+
+def test_kernels_under_vmap():
+  # custom_partitioning has no batching rule: jax.vmap of any CPU layer that reached a
+  # kernel raised NotImplementedError. The kernels map element by element now.
+  from videoldm_jax.models import layers
+  q, k, v, _ = _arrays(6, 8, 5, 2, 16)
+  q, k, v = (x.reshape((3, 2) + x.shape[1:]) for x in (q, k, v))
+  np.testing.assert_allclose(jax.jit(jax.vmap(native_attention.attention))(q, k, v),
+                             jax.vmap(_formula)(q, k, v), rtol=1e-5, atol=1e-6)
+  shared = jax.vmap(native_attention.attention, in_axes=(0, None, None))(q, k[0], v[0])
+  np.testing.assert_allclose(shared, jax.vmap(_formula, in_axes=(0, None, None))(
+      q, k[0], v[0]), rtol=1e-5, atol=1e-6)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+  for got, want in zip(
+      jax.vmap(jax.grad(loss(native_attention.attention), argnums=(0, 1, 2)))(q, k, v),
+      jax.vmap(jax.grad(loss(_formula), argnums=(0, 1, 2)))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # Per-example gradients of a convolution and a dense layer (C++ forward and weight
+  # gradients) equal the gradients taken one example at a time.
+  rng = np.random.default_rng(1)
+  for module, x in ((layers.conv2d(16, 3, name="c"), rng.standard_normal((3, 1, 6, 6, 16))),
+                    (layers.dense(32, ("embed", "mlp"), name="d"),
+                     rng.standard_normal((3, 10, 16)))):
+    x = jnp.asarray(x, jnp.float32)
+    params = module.init(jax.random.key(0), x[0])
+    grad = jax.grad(lambda p, xi: jnp.sum(module.apply(p, xi) ** 2))
+    batched = jax.vmap(grad, in_axes=(None, 0))(params, x)
+    for i in range(3):
+      for a, b in zip(jax.tree_util.tree_leaves(batched),
+                      jax.tree_util.tree_leaves(grad(params, x[i]))):
+        np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from videoldm_jax.native import build
+from videoldm_jax.native.vmap import sequential_vmap
 
 
 def available() -> bool:
@@ -74,12 +75,12 @@ def _partitioned(fn, rule: str, batch_heads_dims: tuple):
 
 
 _BLHD, _BHL = (0, 2), (0, 1)
-_forward = _partitioned(_ffi_forward, "b l h d, b s h d, b s h d -> b l h d, b h l",
-                        (_BLHD,) * 3 + (_BLHD, _BHL))
-_backward = _partitioned(
+_forward = sequential_vmap(_partitioned(
+    _ffi_forward, "b l h d, b s h d, b s h d -> b l h d, b h l", (_BLHD,) * 3 + (_BLHD, _BHL)))
+_backward = sequential_vmap(_partitioned(
     _ffi_backward,
     "b l h d, b s h d, b s h d, b l h d, b h l, b l h d -> b l h d, b s h d, b s h d",
-    (_BLHD,) * 4 + (_BHL, _BLHD) + (_BLHD,) * 3)
+    (_BLHD,) * 4 + (_BHL, _BLHD) + (_BLHD,) * 3))
 
 
 @jax.custom_vjp

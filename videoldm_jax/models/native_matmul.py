@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from videoldm_jax.native import build
+from videoldm_jax.native.vmap import sequential_vmap
 
 # dy's width must be whole vectors of the kernel's widest registers (16 floats).
 WIDTH_MULTIPLE = 16
@@ -71,7 +72,8 @@ def _over_leading_axis(fn, rule: str, whole: tuple, summed: bool = True):
   return op
 
 
-_weight_grad = _over_leading_axis(_ffi_weight_grad, "n a, n b -> a b", ("a", "b"))
+_weight_grad = sequential_vmap(
+    _over_leading_axis(_ffi_weight_grad, "n a, n b -> a b", ("a", "b")))
 
 
 def weight_grad(x_NxA: jax.Array, dy_NxB: jax.Array) -> jax.Array:
@@ -99,7 +101,8 @@ def _conv_weight_grad_op(kernel_hw: tuple):
   def fn(x, dy):
     return _ffi_conv_weight_grad(x, dy, kernel_hw)
 
-  return _over_leading_axis(fn, "b h w i, b h w o -> u v i o", ("h", "w", "i", "o"))
+  return sequential_vmap(
+      _over_leading_axis(fn, "b h w i, b h w o -> u v i o", ("h", "w", "i", "o")))
 
 
 def conv_supports(x_BxHxWxI: jax.Array, dy_BxHxWxO: jax.Array, kernel_hw: tuple) -> bool:
@@ -132,8 +135,9 @@ def _ffi_conv_same(x, k):
       vmap_method="sequential")(x, k)
 
 
-_conv_same = _over_leading_axis(_ffi_conv_same, "b h w i, u v i o -> b h w o",
-                               ("h", "w", "i", "u", "v", "o"), summed=False)
+_conv_same = sequential_vmap(_over_leading_axis(
+    _ffi_conv_same, "b h w i, u v i o -> b h w o", ("h", "w", "i", "u", "v", "o"),
+    summed=False))
 
 # The kernel's widest kernel row (taps per row held on the stack).
 MAX_KERNEL_WIDTH = 15
