@@ -177,7 +177,7 @@ print(json.dumps(dict(available=native_attention.available(),
 """
 
 
-@pytest.mark.parametrize("env, reason", [({"CXX": "no-such-compiler-xyz"}, "no C++ compiler"),
+@pytest.mark.parametrize("env, reason", [({"CXX": "no-such-compiler-xyz"}, "no usable C++ compiler"),
                                          ({"VIDEOLDM_JAX_NATIVE": "0"}, "VIDEOLDM_JAX_NATIVE=0")])
 def test_falls_back_to_xla_without_the_kernel(tmp_path, env, reason):
   # A fresh process with an empty cache and no way to build: the model runs on XLA's
@@ -216,6 +216,10 @@ def test_compiler_with_arguments_and_a_shareable_library(monkeypatch, tmp_path):
   build._build("attention", compiler, target)
   assert target.stat().st_mode & 0o777 == 0o755
   assert list(tmp_path.iterdir()) == [target]
+  # A $CXX shlex cannot read (an unbalanced quote) is unusable, not a crash of every
+  # attention call.
+  monkeypatch.setenv("CXX", 'g++ "-O2')
+  assert build._compiler() is None and "no usable C++ compiler" in build.unbuildable_reason()
 
 
 def test_kernels_under_vmap():

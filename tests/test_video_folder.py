@@ -324,8 +324,8 @@ def test_decode_clip_container_cases(tmp_path):
   cut = str(tmp_path / "cut.mkv")
   with open(cut, "wb") as f:
     f.write(data[:len(data) * 4 // 10])
-  with pytest.raises(sources.SkipError, match=r"truncated: container states 5\.00 s but "
-                     r"the last frame is at"):
+  with pytest.raises(sources.SkipError, match=r"truncated: container states the video ends "
+                     r"at 5\.00 s but the last frame ends at"):
     sources.decode_clip(cut, max_frames=None)
   # ... but an audio track that outlasts the video (10 s vs 5 s) is not a cut.
   audio = str(tmp_path / "audio_longer.mkv")
@@ -345,6 +345,46 @@ def test_decode_clip_container_cases(tmp_path):
     sources.decode_clip(str(tmp_path / "gaps_cut.avi"), max_frames=None)
 
 
+def _write_timed(path: str, n: int, *, hold_ms: int = 33, first_pts: int = 0,
+                 options=None):
+  """n frames 33 ms apart in a 1 ms time base, the last packet lasting `hold_ms` (a
+  screen recording's held last frame), the first at `first_pts` ms."""
+  from fractions import Fraction
+  with av.open(path, "w", options=options or {}) as c:
+    s = c.add_stream("libx264", rate=30)
+    s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+    s.codec_context.time_base = Fraction(1, 1000)
+    packets = []
+    for i in range(n):
+      f = av.VideoFrame.from_ndarray(np.random.default_rng(i).integers(
+          0, 255, (32, 32, 3), dtype=np.uint8), format="rgb24")
+      f.pts, f.time_base = first_pts + i * 33, Fraction(1, 1000)
+      packets += s.encode(f)
+    packets += s.encode(None)
+    for p in packets:
+      p.duration = hold_ms if p.pts == first_pts + (n - 1) * 33 else 33
+      c.mux(p)
+
+
+def test_truncation_check_on_held_frames_and_late_starts(tmp_path):
+  # The stated duration includes how long the last frame is shown (1 s here): complete,
+  # not cut, in a Matroska file (no frame count) and a fragmented mp4.
+  for name, options in (("hold.mkv", None),
+                        ("hold.mp4", {"movflags": "frag_keyframe+empty_moov"})):
+    _write_timed(str(tmp_path / name), 60, hold_ms=1000, options=options)
+    assert sources.decode_clip(str(tmp_path / name), max_frames=None).frames.shape[0] == 60
+  # A stream that starts at 5 s, cut: caught by the frame count and by the duration
+  # measured from the stream's start (frame times are absolute).
+  for name, options in (("late.mp4", {"movflags": "faststart"}), ("late.mkv", None)):
+    _write_timed(str(tmp_path / name), 80, first_pts=5000, options=options)
+    assert sources.decode_clip(str(tmp_path / name), max_frames=None).frames.shape[0] == 80
+    data = open(tmp_path / name, "rb").read()
+    with open(tmp_path / f"cut_{name}", "wb") as f:
+      f.write(data[:len(data) * 8 // 10])
+    with pytest.raises(sources.SkipError, match="truncated"):
+      sources.decode_clip(str(tmp_path / f"cut_{name}"), max_frames=None)
+
+
 def test_find_videos_links_and_undecodable_names(tmp_path):
   src = tmp_path / "src"
   (src / "own").mkdir(parents=True)
@@ -355,6 +395,7 @@ def test_find_videos_links_and_undecodable_names(tmp_path):
   os.symlink(outside, src / "linked")        # followed: its videos are candidates
   os.symlink(src, src / "own" / "loop")      # a loop back to the root: walked once
   os.symlink(outside, src / "zz_same")       # a second link to the same folder: once
+  os.symlink(src / "own", src / "current")   # into the tree: own/ keeps its name
   with open(os.path.join(os.fsencode(str(src)), b"caf\xe9.mp4"), "wb") as f:
     f.write(b"not valid utf-8 in the name")  # Latin-1 name from an old archive
   videos, skips = sources.find_videos(str(src))

@@ -46,12 +46,14 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     source = builder.as_data_source(args.split)
     n = len(source) if args.max_clips <= 0 else min(args.max_clips, len(source))
+    size = "stored size"
     for i in range(n):
       clip = np.asarray(source[i]["video"], np.uint8)
       if args.height:
         clip = resize_and_crop(clip, args.height, args.width, "center")
       np.save(out / f"{args.split}_{i:05d}.npy", clip)
-    print(f"wrote {n} {args.split} clips of {clip.shape[1]}x{clip.shape[2]} to {out}")
+      size = f"{clip.shape[1]}x{clip.shape[2]}"
+    print(f"wrote {n} {args.split} clips ({size}) to {out}")
 
 
 if __name__ == "__main__":

@@ -89,18 +89,24 @@ def find_videos(source_dir: str) -> tuple[list[str], list[Skip]]:
   sorted (so builds are deterministic), and `Skip`s for video files whose names are not
   valid UTF-8 (TFDS and skipped.json store names as UTF-8 text). Extensions match
   case-insensitively; files with other extensions are not candidates and are not
-  reported. Symlinked folders are followed, each real folder once (a link loop or a
-  second link to the same folder adds nothing)."""
+  reported. Symlinked folders outside the tree are followed, each once; a link into
+  the tree (or a loop) adds nothing, its videos keep their real paths."""
   if not os.path.isdir(source_dir):
     raise FileNotFoundError(f"{source_dir}: video source folder does not exist")
-  found, skips, seen = [], [], {os.path.realpath(source_dir)}
+  top = os.path.realpath(source_dir)
+  found, skips, seen = [], [], set()
   for root, dirs, files in os.walk(source_dir, followlinks=True):
     kept = []
     for d in sorted(dirs):
-      real = os.path.realpath(os.path.join(root, d))
-      if real not in seen:
+      full = os.path.join(root, d)
+      real = os.path.realpath(full)
+      if os.path.islink(full):
+        # A link into the tree itself: the real folder is walked under its own name
+        # (captions name it so); a second link to one outside folder adds nothing.
+        if real == top or real.startswith(top + os.sep) or real in seen:
+          continue
         seen.add(real)
-        kept.append(d)
+      kept.append(d)
     dirs[:] = kept
     for name in files:
       if name.lower().endswith(VIDEO_EXTENSIONS):
@@ -239,54 +245,72 @@ def _truncated_detail(declared: int, packets: int) -> str:
           "file is cut short")
 
 
-def _declared_seconds(container, stream) -> float | None:
-  """The video stream's duration as the container states it, None when it states none.
+def _declared_span(container, stream) -> tuple[float, float] | None:
+  """(start, end) seconds of the video stream as the container states them, None when
+  it states no duration. Times are absolute (as `frame.time`): a stream may start late.
 
   Matroska / WebM keep no per-stream duration field; their muxers write a DURATION tag
-  ("HH:MM:SS.nnnnnnnnn") per track. Without it the file's duration is used only for a
+  ("HH:MM:SS.nnnnnnnnn", mkvmerge's language-suffixed, e.g. DURATION-eng) per track,
+  whose value is FFmpeg's end time. Without it the file's duration is used only for a
   file with one stream: an audio track may well outlast the video.
   """
-  if stream.duration is not None and stream.time_base is not None:
-    return float(stream.duration * stream.time_base)
-  tag = (stream.metadata or {}).get("DURATION", "")
-  try:
-    h, m, sec = tag.split(":")
-    return int(h) * 3600 + int(m) * 60 + float(sec)
-  except ValueError:
-    pass
+  tb = stream.time_base
+  if stream.duration is not None and tb is not None:
+    start = float((stream.start_time or 0) * tb)
+    return start, start + float(stream.duration * tb)
+  for key, value in (stream.metadata or {}).items():
+    if key.upper().startswith("DURATION"):
+      try:
+        h, m, sec = value.split(":")
+        return 0.0, int(h) * 3600 + int(m) * 60 + float(sec)
+      except ValueError:
+        pass
   if container.duration is not None and len(container.streams) == 1:
-    return container.duration / 1_000_000  # AV_TIME_BASE units
+    start = (container.start_time or 0) / 1_000_000  # AV_TIME_BASE units
+    return start, start + container.duration / 1_000_000
   return None
 
 
-def _ends_early(declared_s: float | None, last_time: float | None, fps: float) -> bool | None:
-  """Whether decoding stopped well before the stated duration (None: unknown). The
-  margin matches `_is_truncated`'s: 2 frame periods or 5%, whichever is larger."""
-  if not declared_s or last_time is None or not fps:
+def _frame_end(frame, stream, fps: float) -> float | None:
+  """When `frame` stops showing: its time plus its duration (a last frame held for a
+  second is no cut), else one frame period."""
+  if frame.time is None:
     return None
-  return declared_s - (last_time + 1 / fps) > max(2 / fps, declared_s / 20)
+  tb = frame.time_base or stream.time_base
+  if frame.duration and tb is not None:
+    return frame.time + float(frame.duration * tb)
+  return frame.time + (1 / fps if fps else 0.0)
 
 
-def _tail_missing(container, stream, packets: int, last_time: float | None,
+def _ends_early(span: tuple[float, float] | None, last_end: float | None,
+                fps: float) -> bool | None:
+  """Whether decoding stopped well before the stated end (None: unknown). The margin
+  matches `_is_truncated`'s: 2 frame periods or 5%, whichever is larger."""
+  if span is None or last_end is None or not fps or span[1] <= span[0]:
+    return None
+  return span[1] - last_end > max(2 / fps, (span[1] - span[0]) / 20)
+
+
+def _tail_missing(container, stream, packets: int, last_end: float | None,
                   fps: float) -> str | None:
   """Why the decoded video looks cut short, or None.
 
   Two signals: fewer packets than the stream's declared frame count (mp4, avi), and the
-  last frame's time falling short of the stated duration (the only signal for Matroska
+  last frame's end falling short of the stated duration (the only signal for Matroska
   and WebM, which declare no frame count). When both are known both must agree: an AVI's
   count includes the empty chunks FFmpeg writes for dropped frames, which are never
   returned as packets, while its last frame still reaches the stated duration.
   """
   by_count = _is_truncated(stream.frames, packets) if stream.frames > 0 else None
-  declared_s = _declared_seconds(container, stream)
-  by_time = _ends_early(declared_s, last_time, fps)
+  span = _declared_span(container, stream)
+  by_time = _ends_early(span, last_end, fps)
   signals = [x for x in (by_count, by_time) if x is not None]
   if not signals or not all(signals):
     return None
   if by_count:
     return _truncated_detail(stream.frames, packets)
-  return (f"container states {declared_s:.2f} s but the last frame is at "
-          f"{last_time:.2f} s: file is cut short")
+  return (f"container states the video ends at {span[1]:.2f} s but the last frame ends "
+          f"at {last_end:.2f} s: file is cut short")
 
 
 def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
@@ -320,7 +344,7 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     if target_fps and src_fps:
       stride = max(1, round(src_fps / target_fps))
     size = None  # (h, w) of the stored frames, fixed by the first frame
-    packets, frame_index, reached_end, last_time = 0, 0, True, None
+    packets, frame_index, reached_end, last_end = 0, 0, True, None
     try:
       # demux + decode is what container.decode(stream) does; spelled out to count
       # the packets actually read, for the truncation check below.
@@ -328,7 +352,7 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
       for packet in demuxed:
         packets += packet.size > 0  # the final empty packet only flushes the decoder
         for frame in packet.decode():
-          last_time = frame.time if frame.time is not None else last_time
+          last_end = _frame_end(frame, stream, src_fps) or last_end
           keep = frame_index % stride == 0
           frame_index += 1
           if not keep:
@@ -366,7 +390,7 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     # possibly garbage. A small margin: edit lists can legitimately hide a few declared
     # samples. Stopping at max_frames before the damage keeps the clip: those frames
     # are intact.
-    cut = reached_end and _tail_missing(container, stream, packets, last_time, src_fps)
+    cut = reached_end and _tail_missing(container, stream, packets, last_end, src_fps)
     if cut:
       raise SkipError(TRUNCATED, cut)
   if not frames:

@@ -77,7 +77,7 @@ def read_header(csv_path: str) -> list[str]:
 
 def _parse_row(row: dict, where: str):
   """(videoid text, videoid, page_dir, caption) of one row, or a `Skip` detail."""
-  if not all(sources.readable_text(v) for v in row.values() if isinstance(v, str)):
+  if not all(sources.readable_text(row.get(c) or "") for c in REQUIRED_COLUMNS):
     return f"{where}: not valid UTF-8 text"
   raw_id = (row.get("videoid") or "").strip()
   try:

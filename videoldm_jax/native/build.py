@@ -74,7 +74,10 @@ def _cpu_flags() -> str:
 def _compiler() -> Optional[str]:
   """The compiler command ($CXX may carry arguments, e.g. "ccache g++"), its program
   resolved on PATH; None where there is none."""
-  words = shlex.split(os.environ.get("CXX", "g++")) or ["g++"]
+  try:
+    words = shlex.split(os.environ.get("CXX", "g++")) or ["g++"]
+  except ValueError:  # e.g. an unbalanced quote: unusable, so XLA's paths are used
+    return None
   program = shutil.which(words[0])
   return None if program is None else shlex.join([program, *words[1:]])
 
@@ -86,7 +89,7 @@ def unbuildable_reason() -> Optional[str]:
   if not enabled():
     return "VIDEOLDM_JAX_NATIVE=0"
   if _compiler() is None:
-    return f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
+    return f"no usable C++ compiler ($CXX={os.environ.get('CXX', 'g++')!r}) on PATH"
   return None
 
 
