@@ -112,6 +112,19 @@ def test_gif_round_trip_exact(tmp_path):
   np.testing.assert_array_equal(video_io.read_video(path), video)
 
 
+def test_fast_gif_keeps_its_speed(tmp_path):
+  # Browsers show GIF delays under 20 ms as 100 ms: 120 fps (8 ms) played 12x slow.
+  # Every 3rd frame at 40 fps instead (a 25 ms delay, GIF's 10 ms ticks: 20 ms).
+  colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], np.uint8)
+  video = np.broadcast_to(colours[np.arange(12) % 4][:, None, None], (12, 8, 8, 3))
+  path = str(tmp_path / "fast.gif")
+  video_io.write_gif(path, np.ascontiguousarray(video), fps=120)
+  with Image.open(path) as im:
+    assert im.info["duration"] == 20
+    frames = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+  np.testing.assert_array_equal(frames, video[::3])
+
+
 def test_gif_many_colours_shared_palette(tmp_path):
   video = _moving_pattern()  # thousands of colours -> median-cut palette
   path = str(tmp_path / "many.gif")

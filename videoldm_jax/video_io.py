@@ -361,15 +361,20 @@ def write_gif(path: str, frames, fps: float = 8) -> None:
   """Writes a (T, H, W, 3) uint8 RGB clip as an endlessly looping GIF.
 
   GIF holds at most 256 colours (see `_palette_frames`) and frame delays in 1/100 s, so
-  fps is rounded to the nearest representable delay. Pillow merges consecutive
+  fps is rounded to the nearest representable delay. Browsers show delays under 20 ms
+  as 100 ms, so above 50 fps every k-th frame is kept (k = ceil(fps / 50)) at fps / k:
+  the clip plays at its own speed. Pillow merges consecutive
   IDENTICAL frames into one longer frame (the playback is the same), so a reader may
   see fewer frames than were written for a clip with repeated frames.
   """
   frames = _check_frames(frames, path)
   if not (fps > 0 and math.isfinite(fps)):
     raise ValueError(f"{path}: fps must be a positive number, got {fps}")
+  if fps > 50:
+    step = math.ceil(fps / 50)
+    frames, fps = frames[::step], fps / step
   images = _palette_frames(frames)
-  duration_ms = max(10, int(round(100.0 / fps)) * 10)
+  duration_ms = max(20, int(round(100.0 / fps)) * 10)
   tmp = _atomic_target(path)
   try:
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
@@ -387,7 +392,7 @@ def upright(rgb: np.ndarray, frame) -> np.ndarray:
 
   `frame.rotation` is counter-clockwise degrees, the way `np.rot90` turns: this matched
   the ffmpeg command line's autorotation pixel for pixel for 90, -90 and 180 (checked
-  once by hand; tests/test_video_io.py pins the result).
+  once by hand; tests/test_video_folder.py pins the result).
   Flips in the display matrix (rare) are not applied.
   """
   turns = round((frame.rotation or 0) / 90) % 4
