@@ -188,6 +188,17 @@ def test_training_samples_of_class_conditional_models(tmp_path):
     keyframe.sample_labels(setup.extra["ldm"].unet_config, config)
 
 
+def test_frame_size_the_unet_cannot_take_is_refused(tmp_path):
+  # Each UNet level halves the latents: 9 pixels at the VAE's factor 2 failed deep in
+  # XLA (skip connections of different sizes).
+  from videoldm_jax.stages import keyframe
+  config = _config("keyframe_tiny", num_frames=4)
+  config.data.height = 9
+  with pytest.raises(ValueError, match=r"config.data.height and width must be multiples "
+                     r"of 2 .* got 9x8"):
+    keyframe.setup(config, tmp_path)
+
+
 def test_sample_cli_takes_class_labels(tmp_path):
   tiny = {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}}
   image = pretrained.random_image_ldm(ml_collections.ConfigDict(tiny))

@@ -460,6 +460,12 @@ def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
   files = cli.expand_inputs(str(tmp_path))
   assert [f.name for f in files] == ["s0.mp4", "s1.gif", "s2.npy"]
   assert "skipping 1 .gif preview(s)" in capsys.readouterr().err
+  # Every format the video_folder builder reads counts (webm clips were left out).
+  (tmp_path / "more").mkdir()
+  for name in ("a.webm", "b.mov", "c.avi", "d.mkv", "notes.txt"):
+    (tmp_path / "more" / name).write_bytes(b"")
+  assert [f.name for f in cli.expand_inputs(str(tmp_path / "more"))] == [
+      "a.webm", "b.mov", "c.avi", "d.mkv"]
   # The third file is never opened: reading it would raise.
   chunks = list(cli.iter_chunks(files, _T, 4, max_videos=2))
   assert [c.shape[0] for c in chunks] == [2]

@@ -270,6 +270,22 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   assert rows == [("a.mp4", "first")] and [s.reason for s in skips] == ["duplicate_caption"]
 
 
+def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path):
+  # TFDS's own error for a registered builder with nothing built was "splits is empty".
+  import ml_collections
+  from videoldm_jax.data import inputs
+  data = ml_collections.ConfigDict(dict(kind="video_folder", data_dir=str(tmp_path)))
+  with pytest.raises(FileNotFoundError, match=r"no built video_folder dataset in it .*"
+                     r"python -m data_pipelines.video_folder --source=VIDEOS"):
+    inputs._tfds_source(data, tmp_path)
+  # A dataset named but data.kind left at its default trained on the default data.
+  config = ml_collections.ConfigDict(dict(seed=0, data=dict(
+      kind="procedural", tfds_name="webvid_local", batch_size=2)))
+  with pytest.raises(ValueError, match=r"data.tfds_name='webvid_local' is read only with "
+                     r"data.kind='tfds', but data.kind='procedural'"):
+    inputs.make_iterator(config, tmp_path, {})
+
+
 def test_config_validation():
   with pytest.raises(ValueError, match="not both"):
     vf.VideoFolderConfig(frame_stride=2, target_fps=4)

@@ -38,7 +38,8 @@ from absl import app, flags
 
 from videoldm_jax.eval.batching import progress
 
-VIDEO_SUFFIXES = (".mp4", ".gif", ".npy")
+# What read_video decodes (the video_folder builder's formats) and raw .npy clips.
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif", ".npy")
 METRICS = ("fvd", "fid", "is", "clipsim")
 
 _REAL = flags.DEFINE_string("real", None, "reference videos: folders, globs or files, "

@@ -41,6 +41,13 @@ def _tfds_source(data, workdir: Path):
   elif data.kind == "video_folder":
     import data_pipelines.video_folder  # noqa: F401  (registers the builder)
     name = "video_folder"
+    # Registered, TFDS would make an empty builder here and fail on its split list.
+    if not list(Path(data_dir).glob("video_folder/*/dataset_info.json")):
+      raise FileNotFoundError(
+          f"data.data_dir={data_dir}: no built video_folder dataset in it (expected "
+          f"{data_dir}/video_folder/<version>/); build one with `python -m "
+          f"data_pipelines.video_folder --source=VIDEOS --data_dir={data_dir}` and pass "
+          "that --data_dir (the folder above video_folder/)")
   else:
     name = data.get("tfds_name", "")
     if not name:
@@ -147,6 +154,12 @@ def make_iterator(config, workdir: Path, cache_check: dict):
   pc, pi = jax.process_count(), jax.process_index()
   if data.kind not in KINDS:
     raise ValueError(f"config.data.kind={data.kind!r}; expected one of {KINDS}")
+  for field, kind in (("tfds_name", "tfds"), ("cache_dir", "latent_cache")):
+    if data.get(field) and data.kind != kind:
+      # A likely slip: the run would train on data.kind's data, not the one named.
+      raise ValueError(f"config.data.{field}={data.get(field)!r} is read only with "
+                       f"data.kind='{kind}', but data.kind={data.kind!r}; set "
+                       f"--config.data.kind={kind}, or clear {field}")
   if data.batch_size % pc:
     raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the {pc} "
                      "processes")
