@@ -202,6 +202,15 @@ def test_tfds_data_source_by_name(mixed, caplog):
     text = caplog.text
     assert ("vf was built with min_frames=4, but num_frames=3 at frame_stride=3 need 7 "
             "frames" in text) == warned, text
+  # Clips cut to max_frames when built are all too short: an error, not the advice to
+  # rebuild with a min_frames above max_frames (which the builder refuses).
+  from types import SimpleNamespace
+  cut = SimpleNamespace(dataset_info=SimpleNamespace(metadata={"build_options": dict(
+      min_frames=1, max_frames=8)}))
+  with pytest.raises(ValueError, match=r"vf was built with max_frames=8 .* need 10: lower "
+                     r"data.num_frames / frame_stride, or rebuild with --max_frames=10"):
+    inputs._check_clip_lengths(cut, ml_collections.ConfigDict(dict(
+        num_frames=10, frame_stride=1)), "vf")
 
 
 def test_all_bad_source_raises_one_clear_error(tmp_path):

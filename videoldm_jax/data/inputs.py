@@ -89,7 +89,17 @@ def _check_clip_lengths(source, data, name: str) -> None:
   info = getattr(source, "dataset_info", None)
   built = (info.metadata or {}).get("build_options", {}) if info is not None else {}
   span = (data.num_frames - 1) * data.get("frame_stride", 1) + 1
-  if isinstance(built, dict) and "min_frames" in built and built["min_frames"] < span:
+  if not isinstance(built, dict):
+    return
+  most = built.get("max_frames")
+  if most and most < span:  # (None: clips stored whole)
+    # Every clip is cut to max_frames when built: none is long enough.
+    raise ValueError(
+        f"{name} was built with max_frames={most} (clips cut to that length), but "
+        f"num_frames={data.num_frames} at frame_stride={data.get('frame_stride', 1)} "
+        f"need {span}: lower data.num_frames / frame_stride, or rebuild with "
+        f"--max_frames={span} or more")
+  if "min_frames" in built and built["min_frames"] < span:
     logging.warning(
         "%s was built with min_frames=%d, but num_frames=%d at frame_stride=%d need %d "
         "frames: shorter clips will be replaced by others (rebuild with --min_frames=%d "
