@@ -160,6 +160,16 @@ def test_personalisation_swaps_theta_and_keeps_phi(folders, dreambooth):
           dreambooth.unet_config, num_heads=dreambooth.unet_config.heads_per_level()),
       text_config=dataclasses.replace(dreambooth.text_config, eos_token_id=2))
   personalize.personalize(video, respelt, ("unet", "text_encoder"))
+  # One architecture, another parametrisation (SD 2.1 vs SD 2.1-base): refused.
+  v_pred = dataclasses.replace(dreambooth, scheduler={**dreambooth.scheduler,
+                                                      "prediction_type": "v_prediction"})
+  with pytest.raises(ValueError, match="its UNet predicts 'v_prediction', the video "
+                     "model's 'epsilon'"):
+    personalize.personalize(video, v_pred)
+  other_betas = dataclasses.replace(dreambooth, scheduler={**dreambooth.scheduler,
+                                                           "beta_end": 0.02})
+  with pytest.raises(ValueError, match="noise schedule"):
+    personalize.personalize(video, other_betas)
   # 'vae' also swaps the spatial autoencoder and keeps a temporal decoder's layers.
   dec = personalize.personalize(pretrained.load(folders["decoder_model"]), dreambooth,
                                 ("vae",))

@@ -257,6 +257,13 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
   if sampler != "ddim":
     final_alpha_cumprod = 1.0
   final = jnp.float32(final_alpha_cumprod)
+  if sampler == "dpmpp_2m":
+    # A zero-terminal-SNR schedule (rescale_betas_zero_snr) has abar = 0 at T - 1: an
+    # infinite log-SNR, which drops the second step's 2nd-order term. diffusers'
+    # DPMSolverMultistepScheduler puts 2^-24 there; other schedules are above it.
+    abar = schedule.alphas_cumprod
+    schedule = schedule.replace(alphas_cumprod=abar.at[-1].set(
+        jnp.maximum(abar[-1], 2.0 ** -24)))
   x, state = x_T, dpmpp_2m_init(x_T)
   for i in tqdm(range(n), desc=sampler, disable=not progress):
     t, t_next = jnp.int32(timesteps[i]), jnp.int32(nexts[i])

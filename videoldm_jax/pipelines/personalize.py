@@ -25,7 +25,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from videoldm_jax import pretrained
+from videoldm_jax.diffusion import schedules
 from videoldm_jax.models import partition
 from videoldm_jax.pretrained import PretrainedLDM
 
@@ -110,6 +113,18 @@ def _check_configs(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[s
       raise ValueError(f"{source}: its {name} config differs from the video model's "
                        f"({shown}; image vs video); personalisation needs the same base "
                        "architecture")
+  if "unet" in parts:
+    # The swapped UNet samples under the video model's scheduler: SD 2.1 (v-prediction)
+    # and SD 2.1-base (epsilon) have one architecture but predict different things.
+    (s_video, c_video), (s_image, c_image) = (
+        schedules.schedule_from_diffusers_config(m.scheduler) for m in (video, image))
+    if c_image.prediction_type != c_video.prediction_type:
+      raise ValueError(f"{source}: its UNet predicts {c_image.prediction_type!r}, the video "
+                       f"model's {c_video.prediction_type!r} (scheduler prediction_type); "
+                       "personalisation needs the same base model")
+    if not np.allclose(s_image.alphas_cumprod, s_video.alphas_cumprod, rtol=1e-6, atol=0):
+      raise ValueError(f"{source}: its noise schedule (scheduler betas) differs from the "
+                       "video model's; personalisation needs the same base model")
 
 
 def load_personalized(video_dir: str | Path, image_dir: str | Path,
