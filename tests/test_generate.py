@@ -308,6 +308,32 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
       "keyframe stage: calls of 2 frames, trained on clips of 4 (keyframes_per_clip=4; "
       "temporal statistics follow the call length)")
   models.keyframe[0].training = {}
+  # A short video's calls are shorter than the options say: 5 frames at x4 interpolate
+  # 2 key frames (8 frames per call, not 2 x 4), and decode / upsample 5 frames.
+  models.decoder.training = {"stage": "decoder", "num_frames": 12}
+  notes = generate.plan(models, dataclasses.replace(options, num_frames=5)).notes
+  assert "decoder stage: calls of 5 frames, trained on clips of 12" in notes[-1], notes
+  assert "interpolator stage: calls of 4 frames, trained on clips of 8" in notes[-2], notes
+  models.decoder.training = {"stage": "decoder", "num_frames": 4}
+  # Options checked before anything is sampled (they failed after the key frames, or a
+  # 0 was taken as "use the default").
+  for bad, message in ((dict(interp_steps=0), "interp_steps must be >= 1"),
+                       (dict(predictor_frames=0), "predictor_frames must be >= 1"),
+                       (dict(eta=-1.0), "eta >= 0"), (dict(sampler="euler"), "sampler one of"),
+                       (dict(gif_max_size=0), "gif_max_size and gif_max_frames must be >= 1"),
+                       (dict(upsampler_noise_level=400), r"upsampler_noise_level must be in "
+                        r"\[0, 350\)")):
+    with pytest.raises(ValueError, match=message):
+      generate.plan(models, dataclasses.replace(options, **bad))
+  # A label past a class-conditional model's table (NaN embeddings: a black video).
+  kf_model, kf_tok = models.keyframe
+  conditional = dataclasses.replace(models, keyframe=(dataclasses.replace(
+      kf_model, unet_config=dataclasses.replace(kf_model.unet_config, num_class_embeds=3)),
+      kf_tok))
+  with pytest.raises(ValueError, match="class_label=3: .* has classes 0..2"):
+    generate.plan(conditional, dataclasses.replace(options, class_label=3))
+  assert any("class_label=1 ignored" in n for n in generate.plan(
+      models, dataclasses.replace(options, class_label=1)).notes)
   with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):
     generate.plan(models, dataclasses.replace(options, interp_stride=4))
   with pytest.raises(ValueError, match="num_context=2: .* trained with at most 1 context"):

@@ -93,6 +93,26 @@ def test_mismatched_operands_are_refused_and_a_shared_context_broadcast():
   np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)
 
 
+def test_heads_a_tensor_axis_cannot_split():
+  # A tensor axis of 4 splits the projections' width 2 * 16 but not the 2 heads: the
+  # kernel's partitioner got operands split over the head dim and the compile failed.
+  # Under the trainer's mesh (`partitioned`) the operands are pinned to what it takes.
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 4), ("data", "tensor"))
+  x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 32)),
+                                 jnp.float32), NamedSharding(mesh, P(None, None, "tensor")))
+  loss = lambda q: jnp.sum(attention_lib.dot_product_attention(q, q, q, num_heads=2) ** 2)
+  with attention_lib.partitioned(mesh, ("data",), ("tensor",)):
+    assert attention_lib.attention_path(16, 16) == "native"
+    value, grad = jax.jit(jax.value_and_grad(loss))(x)
+  attention_lib.set_implementation("plain")
+  try:
+    want_value, want_grad = jax.jit(jax.value_and_grad(loss))(x)
+  finally:
+    attention_lib.set_implementation("auto")
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_bitwise_repeatable():
   # Each element is summed in a fixed order whatever thread runs its task.
   q, k, v, g = _arrays(2, 512, 512, 4, 32, seed=3)

@@ -99,6 +99,10 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
   assert (tmp_path / "last_metrics.json").read_text() == last
 
   if stage == "interpolator":
+    # --step=best asked of a run that ranked nothing (trained with keep_best=0) says so.
+    out = _run("export", tmp_path, [*CASES[stage], "--config.train.keep_best=1",
+                                    "--step=best"], 3)
+    assert "the latest: no checkpoint holds the metrics that rank them" in out, out[-3000:]
     # Its checkpoints hold the digests of frozen theta, not theta: a resume whose random
     # image model is another one is refused before anything is restored.
     out = _run("train", tmp_path, [*CASES[stage], "--config.random_image_model.seed=1"],

@@ -272,3 +272,22 @@ def test_uri_workdirs_are_refused_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match="URIs are not supported"):
     loop.export_checkpoint(None, "gs://bucket/run")
   assert loop.local_workdir("rel/dir") == Path.cwd() / "rel" / "dir"
+
+
+def test_batches_the_mesh_cannot_split_are_config_errors(tmp_path):
+  # Checked before the models load; they failed in XLA's partitioner with an error
+  # naming no config field (batch 4 on 8 devices), or in the C++ kernels' partitioner
+  # (microbatches of 2 rows on 4 devices).
+  from videoldm_jax import sharding
+  from videoldm_jax.config_files import load_sibling
+  from videoldm_jax.train import loop
+  config = load_sibling(str(ROOT / "configs" / "x.py"), "keyframe_tiny").get_config()
+  config.data.batch_size = 4  # default mesh: data=-1, all 8 test devices
+  with pytest.raises(ValueError, match=r"batch_size=4 does not split over the batch axes "
+                     r"\('data', 'fsdp'\) .* \(8 ways\); use a multiple of 8"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 1}, jax.devices()[:4])
+  with pytest.raises(ValueError, match=r"batch_size=4 / train.grad_accum=2 must be a whole "
+                     r"microbatch .* multiple of 8"):
+    sharding.check_batch_split(4, 2, mesh, ("data", "fsdp"))
+  sharding.check_batch_split(8, 2, mesh, ("data", "fsdp"))

@@ -126,6 +126,22 @@ def test_chunks_share_the_noise_of_the_frames_they_share(trained):
   np.testing.assert_allclose(a[:, 2:], b[:, :2], rtol=1e-5, atol=1e-5)
   whole_clip = up(lowres[:, 2:])  # noise drawn for the chunk: other frames
   assert np.abs(a[:, 2:] - whole_clip[:, :2]).max() > 1e-2
+  # DDPM's step noise: drawn from the chunk's first frame, so chunks do not repeat it
+  # (every chunk of a long video drew the same step noise).
+  keys = []
+  real = upsampling.samplers.sample
+
+  def spy(*args, key=None, **kw):
+    keys.append(np.asarray(jax.random.key_data(key)))
+    return real(*args, key=key, **kw)
+
+  upsampling.samplers.sample = spy
+  try:
+    for first in (0, 4, 0):
+      up(lowres[:, :2], first_frame=first, sampler="ddpm")
+  finally:
+    upsampling.samplers.sample = real
+  assert not np.array_equal(keys[0], keys[1]) and np.array_equal(keys[0], keys[2])
 
 
 def test_export_round_trip(trained, tmp_path):

@@ -204,11 +204,8 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
   state = step_lib.abstract_state(
       step_lib.abstract_train_state(setup.abstract_params, stage, tx), shardings)
   batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
-  split = math.prod(mesh.shape[a] for a in config.batch_axes)
-  if config.data.batch_size % split:
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split over "
-                     f"the batch axes {tuple(config.batch_axes)} of mesh {dict(mesh.shape)} "
-                     f"({split} ways) on {topology}")
+  sharding.check_batch_split(config.data.batch_size, config.train.grad_accum, mesh,
+                             tuple(config.batch_axes), topology)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
            for k, v in batch.items()}
   train_step = step_lib.build_train_step(

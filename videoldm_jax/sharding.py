@@ -126,3 +126,22 @@ def shardings_for(logical_specs: Any, mesh: Mesh, shapes: Any,
                     "sizes that divide the model's widths", len(replicated), lost / 2**20,
                     total / 2**20, biggest)
   return out
+
+
+def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
+                      batch_axes: Sequence[str], where: str = "") -> None:
+  """Refuses a global batch (and its grad_accum microbatches) that the batch axes of
+  `mesh` cannot split evenly: the step would fail in XLA's partitioner with an error
+  naming no config field, or compute microbatch rows redundantly on every device."""
+  split = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  on = f" on {where}" if where else ""
+  if batch_size % split:
+    raise ValueError(f"config.data.batch_size={batch_size} does not split over the batch "
+                     f"axes {tuple(batch_axes)} of mesh {dict(mesh.shape)} ({split} ways)"
+                     f"{on}; use a multiple of {split}")
+  if grad_accum > 1 and (batch_size % grad_accum or (batch_size // grad_accum) % split):
+    raise ValueError(f"config.data.batch_size={batch_size} / train.grad_accum={grad_accum} "
+                     f"must be a whole microbatch that splits over the batch axes "
+                     f"{tuple(batch_axes)} of mesh {dict(mesh.shape)} ({split} ways){on}; "
+                     f"use a batch size that is a multiple of {split * grad_accum}")
+

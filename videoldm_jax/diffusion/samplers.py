@@ -237,6 +237,8 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
   param.check_prediction_type(prediction_type)
+  if not eta >= 0:
+    raise ValueError(f"eta must be >= 0 (0: deterministic DDIM), got {eta}")
   stochastic = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
   if stochastic and key is None:
     raise ValueError(f"sampler {sampler!r} with eta={eta} needs a PRNG key")

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from videoldm_jax.models import blocked_attention as blocked_lib
 from videoldm_jax.models import native_attention as native_lib
@@ -206,9 +206,13 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   if path in ("cudnn", "native"):  # (B, L, H*D) viewed as (B, L, H, D): no transpose
     q, k, v = (einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
                for x in (q_BxLxD, k_BxSxD, v_BxSxD))
+    if path == "native":
+      q, k, v = _kernel_layout(q, k, v)
     # cuDNN keeps its logits and softmax in float32; the C++ kernel is float32 throughout.
     out = (jax.nn.dot_product_attention(q, k, v, implementation="cudnn") if path == "cudnn"
            else native_lib.attention(q, k, v))
+    if path == "native":  # (pins the output's gradient, the backward kernel's operand)
+      out = _kernel_layout(out)[0]
     return einops.rearrange(out.astype(v_BxSxD.dtype), "b l h d -> b l (h d)")
   if path == "blocked":
     if target_platform() == "cpu":  # one (batch, head) at a time, sized for the cache
@@ -229,6 +233,22 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bhls,bhsd->bhld", weights, v)
   return einops.rearrange(out, "b h l d -> b l (h d)")
+
+
+def _kernel_layout(*operands):
+  """(B, L, H, D) operands of the C++ kernel, pinned (on a known mesh, see
+  `partitioned`) to batch and heads split as far as they divide, the rest whole: the
+  kernel's partitioner takes only such layouts. A tensor axis that splits H * D but not
+  H (2 heads on 4 devices) gave an operand split over D, which it cannot take."""
+  mesh, batch_axes, head_axes = _partitioning
+  if mesh is None:
+    return operands
+  fits = lambda size, axes: axes and size % splash_lib.shards(mesh, axes) == 0
+  b, _, h, _ = operands[0].shape
+  spec = PartitionSpec(batch_axes if fits(b, batch_axes) else None, None,
+                       head_axes if fits(h, head_axes) else None, None)
+  pin = NamedSharding(mesh, spec)
+  return tuple(jax.lax.with_sharding_constraint(x, pin) for x in operands)
 
 
 def _attention_per_sequence(q_BxLxNxD, k_BxSxNxD, v_BxSxNxD, num_heads, mask):

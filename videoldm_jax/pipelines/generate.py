@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from videoldm_jax import pretrained, video_io
 from videoldm_jax import upsampler_model as um
+from videoldm_jax.diffusion import samplers as samplers_lib
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.pipelines import (context_sampling, personalize, sampling, streaming,
                                     upsampling)
@@ -303,6 +304,35 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   anything is sampled)."""
   if not (o.fps > 0 and math.isfinite(o.fps)):
     raise ValueError(f"fps must be positive, got {o.fps}")
+  # Options that would otherwise fail (or be replaced by their default) only after
+  # earlier stages have sampled.
+  for name in ("predictor_frames", "interp_steps", "upsampler_steps"):
+    value = getattr(o, name)
+    if value is not None and value < 1:
+      raise ValueError(f"{name} must be >= 1 (or unset for its default), got {value}")
+  if o.interp_window is not None and o.interp_window < 2:
+    raise ValueError(f"interp_window must be >= 2 key frames, got {o.interp_window}")
+  if o.steps < 1 or o.eta < 0 or o.sampler not in samplers_lib.SAMPLERS:
+    raise ValueError(f"steps must be >= 1, eta >= 0 and sampler one of "
+                     f"{samplers_lib.SAMPLERS}; "
+                     f"got steps={o.steps}, eta={o.eta}, sampler={o.sampler!r}")
+  if o.gif and (o.gif_max_size < 1 or o.gif_max_frames < 1):
+    raise ValueError(f"gif_max_size and gif_max_frames must be >= 1 (or gif=False), got "
+                     f"{o.gif_max_size}, {o.gif_max_frames}")
+  conditional = False
+  for stage in ("keyframe", "predictor", "interpolator", "interpolator2"):
+    entry = getattr(models, stage)
+    classes = None if entry is None else entry[0].unet_config.num_class_embeds
+    conditional = conditional or bool(classes)
+    if classes and o.class_label is not None and not 0 <= o.class_label < classes:
+      # The embedding lookup of a label past the table gives NaN: a black video.
+      raise ValueError(f"class_label={o.class_label}: {models.paths.get(stage, stage)} "
+                       f"has classes 0..{classes - 1}")
+  if models.upsampler is not None and o.upsampler_noise_level is not None:
+    top = models.upsampler.config.max_noise_level
+    if not 0 <= o.upsampler_noise_level < top:
+      raise ValueError(f"upsampler_noise_level must be in [0, {top}) (the levels the "
+                       f"upsampler was trained on), got {o.upsampler_noise_level}")
   if not 0 <= o.interp_passes <= 2:
     raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
   passes = o.interp_passes if models.interpolator is not None else 0
@@ -332,7 +362,7 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     raise ValueError(f"the video must have at least one frame (num_frames={o.num_frames}, "
                      f"duration={o.duration}, fps={o.fps})")
   k = -(-(n - 1) // f) + 1
-  p = o.predictor_frames or t
+  p = t if o.predictor_frames is None else o.predictor_frames
   s = o.num_context
   if models.predictor is not None:
     if not 0 <= s < p:
@@ -350,21 +380,30 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
       rounds += 1
   else:
     first, rounds = k, 0
-  window = o.interp_window or trained["interpolator"].get("num_frames", 0) // stride or t
+  window = (o.interp_window if o.interp_window is not None
+            else trained["interpolator"].get("num_frames", 0) // stride or t)
   if passes and window < 2:
     raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
   notes = []
-  # (stage, used, frames per call, the option that sets it, its value)
-  # The key-frame model is called once, on the first clip: fewer than
-  # keyframes_per_clip frames where the video needs fewer key frames.
+  if o.class_label is not None and not conditional:
+    notes.append(f"class_label={o.class_label} ignored: no model of the chain is "
+                 "class-conditional")
+  # (stage, used, frames per call, the option that sets it, its value); a short video
+  # makes shorter calls than the options say: the key-frame model is called once, on
+  # the first clip, and a window or chunk holds at most the frames there are.
+  generated = f * (k - 1) + 1
   calls = [("keyframe", models.keyframe is not None, first, "keyframes_per_clip", t),
            ("predictor", models.predictor is not None, p, "predictor_frames", p),
-           ("interpolator", passes > 0, stride * window, "interp_window", window),
+           ("interpolator", passes > 0, stride * min(window, k), "interp_window", window),
+           ("interpolator2", passes == 2 and models.interpolator2 is not None,
+            stride * min(window, stride * (k - 1) + 1), "interp_window", window),
            ("decoder", models.decoder is not None
             and models.decoder.vae_temporal_config is not None,
-            o.decode_chunk + 2 * o.decode_overlap, "decode_chunk", o.decode_chunk),
+            min(o.decode_chunk + 2 * o.decode_overlap, generated), "decode_chunk",
+            o.decode_chunk),
            ("upsampler", models.upsampler is not None,
-            o.upsample_chunk + 2 * o.upsample_overlap, "upsample_chunk", o.upsample_chunk)]
+            min(o.upsample_chunk + 2 * o.upsample_overlap, generated), "upsample_chunk",
+            o.upsample_chunk)]
   for name, used, length, option, value in calls:
     clip = trained[name].get("num_frames")
     if used and clip is not None and length != clip:
@@ -466,7 +505,7 @@ def _key_frames(models: ChainModels, o: GenerateOptions, p: Plan, bar):
     return
   cm = models.samplers["predictor"]
   cond = _conditioning(models.predictor, o)
-  frames = o.predictor_frames or o.keyframes_per_clip
+  frames = o.keyframes_per_clip if o.predictor_frames is None else o.predictor_frames
   if models.keyframe is None:  # the S = 0 branch makes the first clip
     first = context_sampling.predict(cm, jnp.zeros((1, 0) + shape[2:]), frames, opts,
                                      key=jax.random.key(_seed(o.seed, 1, 0)), **cond)
@@ -490,8 +529,8 @@ def _interpolate_fn(models: ChainModels, name: str, o: GenerateOptions, stride: 
                     stage_id: int):
   cm = models.samplers[name]
   cond = _conditioning(getattr(models, name), o)
-  opts = ContextSampleOptions(num_steps=o.interp_steps or o.steps, sampler=o.sampler,
-                              eta=o.eta, context_scale=o.interp_context_scale,
+  steps = o.steps if o.interp_steps is None else o.interp_steps
+  opts = ContextSampleOptions(num_steps=steps, sampler=o.sampler, eta=o.eta, context_scale=o.interp_context_scale,
                               guidance_scale=o.interp_guidance_scale)
 
   def fn(keys: jax.Array, index: int, first: int) -> jax.Array:
@@ -514,7 +553,8 @@ def _upsample_fn(models: ChainModels, o: GenerateOptions):
     # Noise by frame, not by call: the frames two chunks share start from the same
     # noise in both, so the context a chunk sees agrees with what its neighbour emitted.
     return upsampling.upsample(up.config, up.params, frames, o.upsampler_noise_level,
-                               steps=o.upsampler_steps or o.steps, sampler=o.sampler,
+                               steps=o.steps if o.upsampler_steps is None
+                               else o.upsampler_steps, sampler=o.sampler,
                                seed=_seed(o.seed, 4), eta=o.eta, first_frame=first)
   return fn
 

@@ -65,7 +65,7 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
     overlapping chunks. The initial and augmentation noise of each frame are then drawn
     from (seed, its index in the video), so a frame gets the same noise in every chunk
     that holds it. None: drawn for the clip as a whole. (DDPM's and eta > 0's step
-    noise is drawn per call either way.)
+    noise is drawn per call, from the call's first frame: chunks do not repeat it.)
   """
   model.validate()
   lowres = jnp.asarray(lowres)
@@ -98,8 +98,10 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   kw = dict(prediction_type=sampling.prediction_type, timestep_spacing=sampling.timestep_spacing,
             steps_offset=sampling.steps_offset, clip_sample=sampling.clip_sample,
             final_alpha_cumprod=sampling.final_alpha_cumprod)
-  x0 = samplers.sample(denoise_fn, x_T, schedule, steps, sampler=sampler,
-                       key=jax.random.fold_in(key, 2), progress=progress, eta=eta, **kw)
+  step_key = (jax.random.fold_in(key, 2) if first_frame is None
+              else jax.random.fold_in(jax.random.fold_in(key, 3), first_frame))
+  x0 = samplers.sample(denoise_fn, x_T, schedule, steps, sampler=sampler, key=step_key,
+                       progress=progress, eta=eta, **kw)
   if model.space == "latent":
     x0 = decode(vae_params, x0)
   return jnp.clip(x0, -1.0, 1.0)

@@ -146,11 +146,15 @@ def _checkpointer(config: ml_collections.ConfigDict, workdir: Path) -> Checkpoin
 
 
 def _prepared(config: ml_collections.ConfigDict, workdir: Path, mesh_shape: dict,
-              dcn_shape: dict):
-  """(stage setup, mesh, state shardings) of a run of `config` on that mesh."""
+              dcn_shape: dict, training: bool = True):
+  """(stage setup, mesh, state shardings) of a run of `config` on that mesh; for
+  training, the batch is checked against the mesh before anything is loaded."""
   attention.set_implementation(config.train.get("attention", "auto"))
-  setup = stage_setup(config, workdir)
   mesh = sharding.make_mesh(mesh_shape, dcn_shape=dcn_shape)
+  if training:
+    sharding.check_batch_split(config.data.batch_size, config.train.grad_accum, mesh,
+                               tuple(config.batch_axes))
+  setup = stage_setup(config, workdir)
   rules = [tuple(r) for r in config.rules]
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, setup.stage, setup.optimizer,
@@ -204,8 +208,11 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
     if step == "best":
       n = ckpt.best_step()
-      why = ("best by loss (train.keep_best)" if config.train.keep_best
-             else "the latest: train.keep_best=0 ranks none")
+      ranked = config.train.keep_best and (ckpt.directory / str(n) / "metrics").exists()
+      why = ("best by loss (train.keep_best)" if ranked
+             else "the latest: train.keep_best=0 ranks none" if not config.train.keep_best
+             else "the latest: no checkpoint holds the metrics that rank them (the run "
+                  "trained with train.keep_best=0)")
     elif step == "latest":
       n, why = complete[-1], "the latest"
     elif str(step).isdigit() and int(step) in complete:
@@ -215,7 +222,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                        f"steps in {ckpt.directory}: {complete}")
     # The state restores onto any mesh: the devices at hand, parameters replicated
     # (the training mesh may need a pod).
-    setup, _, shardings = _prepared(config, workdir, dict(data=-1, fsdp=1, tensor=1), {})
+    setup, _, shardings = _prepared(config, workdir, dict(data=-1, fsdp=1, tensor=1), {},
+                                    training=False)
     state, _, _ = _restored(ckpt, n, setup, shardings)
     out = export_dir(workdir, n, weights)
     existed = out.exists()
