@@ -326,13 +326,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   # skipped-step count then (a rise is reported on its own line).
   input_s, batches, skipped_logged = 0.0, 0, int(state.skipped)
 
-  def write_log(at: int, metrics: dict) -> None:
+  def write_log(at: int, metrics: dict, timed: bool = True) -> None:
     nonlocal last, t_last, step_last, input_s, batches, skipped_logged
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # Timed between completions of logged steps (device_get just waited for this one).
     now = time.perf_counter()
     steps = max(at - step_last, 1)
     dt = (now - t_last) / steps
+    if not timed and "step_time" in last:
+      # Observed right after the previous log: this step may have finished while the
+      # host was busy, so the gap measures nothing (it showed MFU of 700%+).
+      dt = last["step_time"]
     # The next batch is made while the device runs the step just dispatched: when it
     # takes about as long as a step, the input pipeline bounds the run.
     m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak,
@@ -381,6 +385,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       in_flight.append(metrics["loss"])
       if len(in_flight) > max_in_flight:
         in_flight.popleft().block_until_ready()
+      logged_now = pending is not None
       if pending is not None:
         # Logged one step late: the copy started when that step was dispatched, and the
         # device is already busy with this one, so reading it costs no stall.
@@ -393,7 +398,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           leaf.copy_to_host_async()
         pending = (step, metrics)
         if step == config.train.num_steps or stop:
-          write_log(*pending)
+          write_log(*pending, timed=not logged_now)
           pending = None
       if ckpt.should_save(step) or stop or step == config.train.num_steps:
         window_losses[step] = float(metrics[setup.best_metric])
