@@ -26,7 +26,14 @@ def main():
   ap.add_argument("--batches", type=int, default=20)
   ap.add_argument("--workers", default="0,1,2")
   args = ap.parse_args()
-  data_dir = args.data_dir or tempfile.mkdtemp(prefix="tfds_")
+  if args.data_dir:
+    run(args, args.data_dir)
+  else:  # a dataset built for this run only: removed afterwards
+    with tempfile.TemporaryDirectory(prefix="tfds_") as data_dir:
+      run(args, data_dir)
+
+
+def run(args, data_dir: str) -> None:
   t0 = time.perf_counter()
   source = build(args.tfds_config, data_dir).as_data_source("train")
   build_s = time.perf_counter() - t0

@@ -132,3 +132,14 @@ def test_diverged_steps_are_skipped_and_reported(tmp_path):
   # Making a batch is part of each step's wall time; the last step makes none.
   assert all(0 < s["input_s"] < s["step_time"] for s in steps[:-1]), steps
   assert steps[-1]["input_s"] == 0
+
+
+def test_console_scripts_list_their_flags_in_help():
+  # An installed script's sys.argv[0] is its wrapper, under which absl found no flags:
+  # `--help` printed only "USAGE: ... [flags]".
+  script = Path(sys.executable).parent / "videoldm-sample"
+  if not script.exists():
+    pytest.skip("the console scripts are not installed in this environment")
+  out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert "prompt -> video clips" in out.stdout and "--class_label" in out.stdout, out.stdout

@@ -53,6 +53,16 @@ def test_apply_defaults_opt_out():
   env = {}
   xla_flags.apply_defaults(env)
   assert env["XLA_FLAGS"] == f"--{FLAG}=-individual_convolution"
+  # A child that opts out inherits its parent's XLA_FLAGS: the defaults the parent's
+  # import added are taken out again (the bench's A/B of the flag compared equals).
+  child = {**env, xla_flags.OPT_OUT_ENV: "0"}
+  child["XLA_FLAGS"] = "--a=1 " + child["XLA_FLAGS"]
+  xla_flags.apply_defaults(child)
+  assert child["XLA_FLAGS"] == "--a=1" and xla_flags.ADDED_ENV not in child
+  # ... but not the user's own value of the flag.
+  own = {"XLA_FLAGS": f"--{FLAG}=-individual_convolution"}
+  xla_flags.apply_defaults(own)
+  assert xla_flags.ADDED_ENV not in own
 
 
 def _ynn_types_xla_used(tmp_path, xla_flags_env: str) -> list[str]:

@@ -20,6 +20,9 @@ YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 DEFAULT_FLAGS = (f"--{YNN_FUSION_FLAG}=-individual_convolution",)
 # Set to 0 to run with XLA's own defaults (bench comparisons, bug reports to XLA).
 OPT_OUT_ENV = "VIDEOLDM_JAX_XLA_DEFAULTS"
+# The defaults this package added to XLA_FLAGS, so that a child process that opts out
+# (inheriting its parent's XLA_FLAGS) can take them out again.
+ADDED_ENV = "VIDEOLDM_JAX_XLA_ADDED"
 
 
 def with_defaults(flags: str) -> str:
@@ -46,8 +49,18 @@ def with_defaults(flags: str) -> str:
 
 def apply_defaults(environ=None) -> None:
   """Adds the package's XLA defaults to `environ["XLA_FLAGS"]` (os.environ by default)
-  unless `VIDEOLDM_JAX_XLA_DEFAULTS=0`. A flag the user already set wins."""
+  unless `VIDEOLDM_JAX_XLA_DEFAULTS=0`, which instead removes defaults an earlier
+  import (a parent process's) added. A flag the user already set wins."""
   environ = os.environ if environ is None else environ
+  before = environ.get("XLA_FLAGS", "")
   if environ.get(OPT_OUT_ENV, "1") == "0":
+    added = set(environ.pop(ADDED_ENV, "").split())
+    if added:
+      environ["XLA_FLAGS"] = " ".join(f for f in before.split() if f not in added)
     return
-  environ["XLA_FLAGS"] = with_defaults(environ.get("XLA_FLAGS", ""))
+  environ["XLA_FLAGS"] = with_defaults(before)
+  mine = set(environ.get(ADDED_ENV, "").split())
+  mine |= {f for f in DEFAULT_FLAGS if f in environ["XLA_FLAGS"].split()
+           and f not in before.split()}
+  if mine:
+    environ[ADDED_ENV] = " ".join(sorted(mine))

@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.data.cache_latents import cache_examples
 from videoldm_jax.data.procedural import make_clip
@@ -63,7 +64,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

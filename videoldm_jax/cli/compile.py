@@ -19,6 +19,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from videoldm_jax.cli import run_app
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 _TOPOLOGY = flags.DEFINE_multi_string(
     "topology", None, "TPU topology (v5p:4x4x4, v5e:8x8, v4:2x2x2, v6e:4x4), cpu:N or "
@@ -52,7 +54,7 @@ def main(argv):
 
 def run():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no TPU here: libtpu only describes it
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.convert import pipeline_import, presets
 
@@ -55,7 +56,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

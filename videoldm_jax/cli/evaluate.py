@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from absl import app, flags
 
+from videoldm_jax.cli import run_app
 from videoldm_jax.eval.batching import progress
 
 # What read_video decodes (the video_folder builder's formats) and raw .npy clips.
@@ -287,7 +288,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

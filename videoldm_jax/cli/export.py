@@ -16,6 +16,7 @@ devices at hand (parameters replicated), whatever mesh trained it.
 
 from absl import app, flags, logging
 
+from videoldm_jax.cli import run_app
 from videoldm_jax.cli import train as train_cli
 
 _STEP = flags.DEFINE_string("step", "best", "checkpoint to export: 'best', 'latest' or "
@@ -37,7 +38,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from videoldm_jax.cli import run_app
 from videoldm_jax.pipelines import generate
 
 _STAGES = ("keyframe", "predictor", "interpolator", "interpolator2", "decoder", "upsampler")
@@ -148,7 +149,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

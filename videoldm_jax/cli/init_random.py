@@ -12,6 +12,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
 
@@ -35,7 +36,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -65,7 +66,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

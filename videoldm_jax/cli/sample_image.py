@@ -10,6 +10,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -58,7 +59,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":

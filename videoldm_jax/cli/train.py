@@ -17,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from videoldm_jax.cli import run_app
+
 CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, samples, exports")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "",
@@ -60,7 +62,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_app(main, __name__)
 
 
 if __name__ == "__main__":
