@@ -25,8 +25,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # Test-only PyTorch reference for numerical parity. torch is pinned exactly: an
-    # unpinned torch pulls a multi-GB CUDA build.
+    # Test-only PyTorch reference for numerical parity, pinned exactly (the versions the
+    # parity tests were written against). PyPI's Linux wheel brings CUDA libraries; the
+    # README shows the index of the CPU-only build.
     "test": [
         "pytest>=8",
         "pytest-xdist>=3",  # launch/test.sh runs the suite on two workers
