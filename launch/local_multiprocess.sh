@@ -3,10 +3,13 @@
 # devices per process): the way to exercise multi-host code paths without a cluster.
 # Each process gets --coordinator_address, --num_processes, --process_id and
 # --cpu_devices appended; output lines are prefixed with [pI]. If one process fails the
-# others are stopped and the script exits with its status. Status 143 (videoldm-train
-# stopped by SIGTERM, saved) is not a failure: the others stop at the same step.
-# SIGTERM / SIGINT to this script go to the commands; it exits 143 when they all
-# stopped, or with the first failure's status. Needs bash >= 5.1 (wait -n -p).
+# others are killed (SIGKILL: a JAX process catches SIGTERM, and one waiting in a
+# collective for the failed one would never see it) and the script exits with its
+# status. Status 143 (videoldm-train stopped by SIGTERM, saved) is not a failure: the
+# others stop at the same step. SIGTERM / SIGINT to this script go to the commands,
+# followed by SIGKILL after STOP_GRACE seconds (60) for any still running; it exits
+# 143 when they all stopped, or with the first failure's status. Needs bash >= 5.1
+# (wait -n -p).
 #
 #   bash launch/local_multiprocess.sh [--num_processes=2] [--devices_per_process=2] \
 #       [--port=PORT] [--dry_run] -- videoldm-train --config=configs/keyframe_tiny.py \
@@ -20,6 +23,7 @@ NUM_PROCESSES=${NUM_PROCESSES:-2}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-2}
 PORT=${PORT:-$((20000 + RANDOM % 10000))}
 VENV=${VENV:-.venv}
+STOP_GRACE=${STOP_GRACE:-60}
 DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -64,9 +68,18 @@ fi
 
 status=0
 stopping=0
-# SIGTERM to the commands (a trainer saves and stops), not to the `sed`s that print them.
-cleanup() { kill $(cat "$pid_dir"/pid.* 2>/dev/null) 2>/dev/null || true; }
-on_signal() { stopping=1; cleanup; }
+killer=""
+# Signals to the commands, not to the `sed`s that print them.
+signal_all() { kill -s "$1" $(cat "$pid_dir"/pid.* 2>/dev/null) 2>/dev/null || true; }
+on_signal() {
+  stopping=1
+  signal_all TERM  # a trainer saves and stops
+  if [ -z "$killer" ]; then
+    # Without our stdout / stderr: a caller reading them would wait for its `sleep`.
+    ( sleep "$STOP_GRACE"; signal_all KILL ) </dev/null >/dev/null 2>&1 &
+    killer=$!
+  fi
+}
 trap on_signal INT TERM
 # wait -n: a process that fails early stops the rest at once (they would otherwise sit
 # in a collective until its timeout). -p names the job that ended: a trapped signal
@@ -78,6 +91,7 @@ while [ "$left" -gt 0 ]; do
   job=""
   wait -n -p job || rc=$?
   [ -n "${job:-}" ] || continue
+  [ "$job" != "$killer" ] || continue
   left=$((left - 1))
   if [ "$rc" = 143 ]; then
     [ "$status" != 0 ] || status=143
@@ -85,9 +99,10 @@ while [ "$left" -gt 0 ]; do
     if [ "$status" = 0 ] || [ "$status" = 143 ]; then
       status=$rc
       echo "local_multiprocess.sh: a process failed (exit $rc); stopping the others" >&2
-      cleanup
+      signal_all KILL
     fi
   fi
 done
+[ -z "$killer" ] || kill "$killer" 2>/dev/null || true
 rm -rf "$pid_dir"
 exit "$status"

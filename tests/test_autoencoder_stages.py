@@ -240,3 +240,19 @@ def test_decoder_stage_through_the_trainer_checkpoints_and_resumes(autoencoder_r
   image = _leaves(pretrained.load(ae_export).params["vae"])
   for k, v in _leaves(spatial).items():
     np.testing.assert_array_equal(v, image[k])
+
+
+def test_export_runs_no_collective(tmp_path, monkeypatch):
+  # The trainer exports on process 0 alone while the others wait for it: a collective
+  # inside the export (the random image model's "tokenizer written" sync) hung every
+  # multi-process autoencoder / decoder run at its end.
+  from jax.experimental import multihost_utils
+  config = _config("decoder")
+  setup = decoder.setup(config, tmp_path)  # writes the random model's tokenizer
+  params = jax.tree_util.tree_map(np.asarray, setup.init_params())
+
+  def collective(*_):
+    raise AssertionError("a collective on one process hangs a multi-process run")
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", collective)
+  setup.export(tmp_path / "export", params)
+  assert pretrained.load(tmp_path / "export").vae_temporal_config is not None

@@ -114,14 +114,16 @@ def test_slurm_requeues_a_run_stopped_at_a_checkpoint(tmp_path):
 
 
 def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
-  # Process 1 records its PID and sleeps; process 0 then fails with status 3. The
-  # launcher must stop process 1 itself (not only the subshell around it, which left
-  # the command running) and exit with the failure's status.
-  script = ("import os, pathlib, sys, time\n"
+  # Process 1 records its PID and sleeps, deaf to SIGTERM as a JAX process is (JAX's
+  # preemption notifier catches it); process 0 then fails with status 3. The launcher
+  # must stop process 1 itself (not only the subshell around it, which left the command
+  # running) and exit with the failure's status.
+  script = ("import os, pathlib, signal, sys, time\n"
             "pid = pathlib.Path(sys.argv[1])\n"
             "if '--process_id=0' in sys.argv:\n"
             "  while not pid.exists(): time.sleep(0.05)\n"
             "  sys.exit(3)\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "pid.write_text(str(os.getpid()))\n"
             "time.sleep(60)\n")
   t0 = time.monotonic()
@@ -157,3 +159,30 @@ def test_local_multiprocess_reports_a_failure_during_a_stop(tmp_path):
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 1, err
   assert "a process failed (exit 1)" in err
+
+
+def test_local_multiprocess_kills_what_a_stop_does_not_end(tmp_path):
+  # SIGTERM to the launcher goes to the commands; a process that does not end (a JAX
+  # process blocked in a collective: it only records the signal) is killed after
+  # STOP_GRACE seconds instead of outliving the launcher.
+  script = ("import os, pathlib, signal, sys, time\n"
+            "i = [a for a in sys.argv if a.startswith('--process_id=')][0][13:]\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "pathlib.Path(sys.argv[1], i).write_text(str(os.getpid()))\n"
+            "time.sleep(60)\n")
+  proc = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--num_processes=2",
+                           "--", sys.executable, "-c", script, str(tmp_path)],
+                          cwd=ROOT, env={**os.environ, "STOP_GRACE": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  t0 = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert time.monotonic() - t0 < 30, err  # not the 60 s sleep
+  assert proc.returncode == 137, err  # killed: a failure, not a saved stop (143)
+  for f in tmp_path.iterdir():
+    with pytest.raises(ProcessLookupError):
+      os.kill(int(f.read_text()), 0)
+

@@ -267,3 +267,30 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, service):
   assert not any("compiled in" in x for x in log.drain()), log.text()[-3000:]
   out = log.finish(returncode=143)
   assert _stopped_at(out) == stopped + 1, out[-3000:]
+
+
+def test_a_process_that_fails_exits_at_once(tmp_path):
+  """Process 1's run fails (say a read error on its host) while process 0 waits in a
+  collective: process 1 used to sit 300 s in JAX's shutdown barrier and end in SIGABRT;
+  it now exits 1 at once and the launcher kills process 0."""
+  import time
+  wrapper = ("import sys\n"
+             "from videoldm_jax.cli import train\n"
+             "from videoldm_jax.train import loop\n"
+             "real = loop.train_and_evaluate\n"
+             "def fail_on_1(config, workdir):\n"
+             "  if '--process_id=1' in sys.argv:\n"
+             "    raise OSError('disk error on host 1')\n"
+             "  return real(config, workdir)\n"
+             "loop.train_and_evaluate = fail_on_1\n"
+             "train.run()\n")
+  cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
+         "--devices_per_process=2", "--", sys.executable, "-c", wrapper,
+         f"--workdir={tmp_path / 'run'}", *FLAGS, "--config.train.num_steps=3"]
+  t0 = time.monotonic()
+  out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+  log = out.stdout + out.stderr
+  assert out.returncode == 1, log[-3000:]
+  assert "[p1] OSError: disk error on host 1" in log, log[-3000:]
+  assert time.monotonic() - t0 < 120, log[-3000:]

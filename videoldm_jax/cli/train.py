@@ -12,7 +12,9 @@ are detected from the environment; any other launcher passes --coordinator_addre
 --num_processes and --process_id (see videoldm_jax/distributed.py and launch/).
 """
 
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -59,6 +61,17 @@ def main(argv):
     # cut a save short.
     loop.log(f"videoldm-train: {e} (exit {_STOPPED_EXIT_CODE.value})")
     sys.exit(_STOPPED_EXIT_CODE.value)
+  except Exception:  # pylint: disable=broad-except
+    import jax
+    if jax.process_count() == 1:
+      raise
+    # Not through JAX's shutdown barrier: it holds a failed process for 300 s waiting
+    # for the others, which wait in the next collective; the launcher (or srun
+    # --kill-on-bad-exit) stops them once this one is gone.
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def run():

@@ -246,7 +246,8 @@ def model_exporter(config: ml_collections.ConfigDict, workdir: Path,
   `vae_temporal_config` set for a video decoder), as a `pretrained` folder. The rest
   of the image model is re-read here, so the trainer never holds it."""
   def export(out: Path, params: dict) -> None:
-    image, _, tok_dir = keyframe.load_image_model(config, workdir)
+    # On process 0 alone (no collective): the setup wrote the random model's tokenizer.
+    image, _, tok_dir = keyframe.load_image_model(config, workdir, sync=False)
     image.params = {**image.params, "vae": params["vae"]}
     image.source = str(workdir)
     image.vae_temporal_config = vae_temporal

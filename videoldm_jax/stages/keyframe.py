@@ -125,11 +125,13 @@ def options_from_config(config: ml_collections.ConfigDict) -> KeyframeOptions:
                          min_snr_gamma=config.get("min_snr_gamma"))
 
 
-def load_image_model(config: ml_collections.ConfigDict, workdir: Path
+def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: bool = True
                      ) -> tuple[pretrained.PretrainedLDM, Optional[CLIPTokenizer], Path]:
   """(model, tokenizer, tokenizer folder) from `config.image_model` (a converted or
   exported folder) or, when empty, a random model from `config.random_image_model`
-  with a byte-level tokenizer written to WORKDIR/tokenizer. Under
+  with a byte-level tokenizer written to WORKDIR/tokenizer (by process 0, every
+  process waiting for it; `sync=False` where one process calls this alone, e.g. an
+  export, once the setup has written it: a collective there hung the run). Under
   `base.abstract_setup()` only configs are read (a folder's model_index.json, a preset
   name such as "sd15", or the random model's config) and params are ShapeDtypeStructs."""
   if base.is_abstract():
@@ -149,7 +151,8 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path
     tok_dir = workdir / "tokenizer"
     if jax.process_index() == 0 and not (tok_dir / "vocab.json").exists():
       write_byte_level_tokenizer(str(tok_dir))
-    multihost_utils.sync_global_devices("tokenizer written")
+    if sync:
+      multihost_utils.sync_global_devices("tokenizer written")
   tokenizer = None
   if image.text_config is not None:
     tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
