@@ -530,7 +530,8 @@ def _interpolate_fn(models: ChainModels, name: str, o: GenerateOptions, stride: 
   cm = models.samplers[name]
   cond = _conditioning(getattr(models, name), o)
   steps = o.steps if o.interp_steps is None else o.interp_steps
-  opts = ContextSampleOptions(num_steps=steps, sampler=o.sampler, eta=o.eta, context_scale=o.interp_context_scale,
+  opts = ContextSampleOptions(num_steps=steps, sampler=o.sampler, eta=o.eta,
+                              context_scale=o.interp_context_scale,
                               guidance_scale=o.interp_guidance_scale)
 
   def fn(keys: jax.Array, index: int, first: int) -> jax.Array:
