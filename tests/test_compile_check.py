@@ -115,7 +115,8 @@ def test_latent_cache_batch_compiles_the_step_without_the_encoders_gpu_proxy():
   assert r.device_memory_bytes == compile_check.GPU_MEMORY["h100"] and r.fits is True
   assert "proxy" in r.summary()
   c.data.height = 17  # not a multiple of the VAE's factor: named, not a shape error
-  with pytest.raises(ValueError, match="downsampling factor"):
+  with pytest.raises(ValueError, match=r"config.data.height and width must be multiples "
+                     r"of \d+ .* got 17x16"):
     compile_check.fit_report(c, "h100:4")
 
 
