@@ -137,6 +137,19 @@ def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
     os.kill(int((tmp_path / "pid").read_text()), 0)
 
 
+def _two_processes_up(script: str, folder, env=None) -> subprocess.Popen:
+  """local_multiprocess.sh running `script` as 2 processes, once each has written its
+  file into `folder` (the script's first argument)."""
+  proc = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--num_processes=2",
+                           "--", sys.executable, "-c", script, str(folder)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.monotonic() + 60
+  while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  return proc
+
+
 def test_local_multiprocess_reports_a_failure_during_a_stop(tmp_path):
   # SIGTERM to the launcher: it forwards it; process 0 stops (143), process 1 fails
   # (1) while stopping. The trapped signal must not count as a process ending, and the
@@ -149,12 +162,7 @@ def test_local_multiprocess_reports_a_failure_during_a_stop(tmp_path):
             "signal.signal(signal.SIGTERM, stop)\n"
             "pathlib.Path(sys.argv[1], str(i)).write_text('up')\n"
             "time.sleep(60)\n")
-  proc = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--num_processes=2",
-                           "--", sys.executable, "-c", script, str(tmp_path)],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 60
-  while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
-    time.sleep(0.05)
+  proc = _two_processes_up(script, tmp_path)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 1, err
@@ -170,13 +178,7 @@ def test_local_multiprocess_kills_what_a_stop_does_not_end(tmp_path):
             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "pathlib.Path(sys.argv[1], i).write_text(str(os.getpid()))\n"
             "time.sleep(60)\n")
-  proc = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--num_processes=2",
-                           "--", sys.executable, "-c", script, str(tmp_path)],
-                          cwd=ROOT, env={**os.environ, "STOP_GRACE": "1"},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 60
-  while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
-    time.sleep(0.05)
+  proc = _two_processes_up(script, tmp_path, {**os.environ, "STOP_GRACE": "1"})
   t0 = time.monotonic()
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
