@@ -308,8 +308,9 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
       "keyframe stage: calls of 2 frames, trained on clips of 4 (keyframes_per_clip=4; "
       "temporal statistics follow the call length)")
   models.keyframe[0].training = {}
-  # A short video's calls are shorter than the options say: 5 frames at x4 interpolate
-  # 2 key frames (8 frames per call, not 2 x 4), and decode / upsample 5 frames.
+  # A short video's calls are shorter than the options say: 5 frames at x4 (two x2
+  # passes) interpolate 2 key frames (calls of 2 x 2 = 4 frames, not the window's
+  # 2 x 4 = 8), and decode / upsample 5 frames.
   models.decoder.training = {"stage": "decoder", "num_frames": 12}
   notes = generate.plan(models, dataclasses.replace(options, num_frames=5)).notes
   assert "decoder stage: calls of 5 frames, trained on clips of 12" in notes[-1], notes
