@@ -413,7 +413,7 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   mult = base.vae_config.downsample_factor
   for m in (models.keyframe, models.predictor, models.interpolator, models.interpolator2):
     if m is not None:
-      mult = max(mult, base.vae_config.downsample_factor * 2 ** (m[0].unet_config.num_levels - 1))
+      mult = max(mult, sampling.size_multiple(m[0].unet_config, base.vae_config))
   if o.height % mult or o.width % mult or o.height < 1 or o.width < 1:
     raise ValueError(f"height and width must be positive multiples of {mult} for these "
                      f"models (got {o.height}x{o.width})")

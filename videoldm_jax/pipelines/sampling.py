@@ -92,6 +92,12 @@ def encode_prompts(model: PretrainedLDM, tokenizer: CLIPTokenizer, prompts: Sequ
   return text_fn(model.text_config)({"params": model.params["text_encoder"]}, ids)
 
 
+def size_multiple(unet_config, vae_config) -> int:
+  """What frame heights and widths must be multiples of for these models: the VAE's
+  factor times one halving per UNet level below the first (skips must match)."""
+  return vae_config.downsample_factor * 2 ** (unet_config.num_levels - 1)
+
+
 def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
                    prompts: Sequence[str], negative_prompt: str = "",
                    options: SampleOptions = SampleOptions(),
@@ -105,7 +111,7 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
   reproduce another implementation's run).
   """
   unet_cfg, vae_cfg = model.unet_config, model.vae_config
-  f = vae_cfg.downsample_factor * 2 ** (unet_cfg.num_levels - 1)
+  f = size_multiple(unet_cfg, vae_cfg)
   if options.height % f or options.width % f:
     raise ValueError(f"height and width must be multiples of {f} for this model "
                      f"(got {options.height}x{options.width})")

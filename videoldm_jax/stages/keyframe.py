@@ -253,7 +253,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
   `make_stage_fn(ldm, options, uncond_tokens) -> Stage`. New parameters (those the image
   model lacks, e.g. phi) are initialised on the host; the rest come from the image model."""
   image, tokenizer, tok_dir = load_image_model(config, workdir)
-  f = image.vae_config.downsample_factor * 2 ** (image.unet_config.num_levels - 1)
+  f = sampling.size_multiple(image.unet_config, image.vae_config)
   if config.data.height % f or config.data.width % f:
     # (else XLA fails deep in the UNet, concatenating skips of mismatched sizes)
     raise ValueError(f"config.data.height and width must be multiples of {f} for this "
