@@ -159,10 +159,8 @@ def _abstract_batch(setup: base.StageSetup, config: ml_collections.ConfigDict) -
     if ldm is None:
       raise ValueError(f"config.data.kind='latent_cache': stage {config.stage!r} does not "
                        "train on VAE latents of the video LDM; use a video data kind")
+    # (sizes the models cannot take were refused by the stage's set-up)
     f, vae = ldm.vae_config.downsample_factor, ldm.vae_config
-    if d.height % f or d.width % f:
-      raise ValueError(f"config.data.height/width = {d.height}x{d.width} is not a multiple "
-                       f"of the VAE's downsampling factor {f}")
     host["latents"] = np.zeros((b, d.num_frames, d.height // f, d.width // f,
                                 vae.latent_channels), np.float32)
     if ldm.text_config is not None:
