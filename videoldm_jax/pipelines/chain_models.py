@@ -1,0 +1,153 @@
+"""The stages of the generation chain, loaded (`load_chain`): which are there, that they
+share one latent space, and the notes on the ones skipped (`pipelines/generate.py`)."""
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Optional, Sequence
+
+from videoldm_jax import pretrained
+from videoldm_jax import upsampler_model as um
+from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
+from videoldm_jax.pipelines import personalize, sampling
+from videoldm_jax.pipelines.context_sampling import ContextModel
+
+
+@dataclasses.dataclass
+class ChainModels:
+  """The loaded stages (None = skipped) and the notes about skipped stages.
+
+  keyframe / predictor / interpolator / interpolator2: (PretrainedLDM, tokenizer or None).
+  decoder: a PretrainedLDM whose params['vae'] decode (its `vae_temporal_config` set for
+  a temporal decoder). upsampler: a PretrainedUpsampler.
+  """
+  keyframe: Optional[tuple] = None
+  predictor: Optional[tuple] = None
+  interpolator: Optional[tuple] = None
+  interpolator2: Optional[tuple] = None
+  decoder: Optional[pretrained.PretrainedLDM] = None
+  upsampler: Optional[um.PretrainedUpsampler] = None
+  notes: list = dataclasses.field(default_factory=list)
+  paths: dict = dataclasses.field(default_factory=dict)  # stage -> folder (for messages)
+
+  @property
+  def base(self) -> pretrained.PretrainedLDM:
+    """The model whose latent space everything shares (key-frame, else predictor)."""
+    return (self.keyframe or self.predictor)[0]
+
+  @functools.cached_property
+  def samplers(self) -> dict:
+    """A ContextModel per UNet stage (the key-frame model's ignores the context cond)."""
+    out = {name: _context_model(getattr(self, name)[0], context=name != "keyframe")
+           for name in ("keyframe", "predictor", "interpolator", "interpolator2")
+           if getattr(self, name) is not None}
+    return out
+
+
+def _context_model(model: pretrained.PretrainedLDM, context: bool) -> ContextModel:
+  """`ContextModel` on the shared jitted UNet. context=False (the key-frame model):
+  the cond argument of `context_sampling` is dropped, so `sample_clip` with an
+  all-zero mask samples the key-frame model with text guidance."""
+  schedule, sampling_cfg = schedule_from_diffusers_config(model.scheduler)
+  fn = sampling.unet_fn(model.unet_config, model.temporal_config)
+  if not context:
+    jitted = fn
+    fn = lambda params, x, t, text, labels, image_only, cond=None: jitted(
+        params, x, t, text, labels, image_only)
+  return ContextModel(fn, model.params["unet"], schedule, sampling_cfg)
+
+
+def _load_ldm(path, image: Optional[pretrained.PretrainedLDM], parts, image_source: str):
+  model, tokenizer = pretrained.load_with_tokenizer(path)
+  if image is not None:
+    model = personalize.personalize(model, image, parts, source=image_source)
+  return model, tokenizer
+
+
+def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=None,
+               interpolator2_model=None, decoder_model=None, upsampler_model=None,
+               image_checkpoint=None, personalize_parts: Sequence[str] = ("unet",),
+               ) -> ChainModels:
+  """Loads each given stage folder (None / "" skips the stage, with a note).
+
+  image_checkpoint: an image LDM folder whose spatial UNet (theta) replaces that of the
+  key-frame, prediction and interpolation models, keeping their phi (personalisation,
+  `pipelines/personalize.py`; `personalize_parts` may add 'vae', which then also applies
+  to the decoder, and 'text_encoder').
+  """
+  image, image_source = None, ""
+  if image_checkpoint:
+    image_source = str(Path(image_checkpoint).absolute())
+    image = pretrained.load(image_checkpoint)
+  ldm = lambda p: _load_ldm(p, image, personalize_parts, image_source) if p else None
+  m = ChainModels(keyframe=ldm(keyframe_model), predictor=ldm(predictor_model),
+                  interpolator=ldm(interpolator_model),
+                  interpolator2=ldm(interpolator2_model))
+  given = dict(keyframe=keyframe_model, predictor=predictor_model,
+               interpolator=interpolator_model, interpolator2=interpolator2_model,
+               decoder=decoder_model, upsampler=upsampler_model)
+  m.paths = {k: str(v) for k, v in given.items() if v}
+  if m.keyframe is None and m.predictor is None:
+    raise ValueError("need a key-frame model (--keyframe_model) or a prediction model "
+                     "(--predictor_model) to make key frames")
+  if decoder_model:
+    m.decoder = pretrained.load(decoder_model)
+    if image is not None and "vae" in personalize_parts:
+      m.decoder = personalize.personalize(m.decoder, image, ("vae",), source=image_source)
+  if upsampler_model:
+    m.upsampler = um.load(upsampler_model)
+  if m.interpolator is None and m.interpolator2 is not None:
+    m.interpolator, m.interpolator2 = m.interpolator2, None
+    m.paths["interpolator"] = m.paths.pop("interpolator2")
+    m.notes.append("interpolator stage: only --interpolator2_model given; it is used for "
+                   "both passes")
+  _check_chain(m)
+  if m.keyframe is None:
+    m.notes.append("key-frame stage skipped (no --keyframe_model): the first clip comes "
+                   "from the prediction model's unconditional branch (S = 0)")
+  if m.predictor is None:
+    m.notes.append("prediction stage skipped (no --predictor_model): the key frames are "
+                   "ONE clip of the key-frame model (convolutional in time when longer "
+                   "than keyframes_per_clip; its memory then grows with the length)")
+  if m.interpolator is None:
+    m.notes.append("interpolation stage skipped (no --interpolator_model): the video runs "
+                   "at the key-frame rate")
+  if m.decoder is None:
+    kind = "temporal" if m.base.vae_temporal_config is not None else "frame-wise image"
+    m.notes.append(f"decoder stage skipped (no --decoder_model): decoding with the {kind} "
+                   "decoder of the key-frame model")
+  elif m.decoder.vae_temporal_config is None:
+    m.notes.append(f"decoder model {decoder_model}: has no temporal decoder (vae_temporal_config); "
+                   "decoding frame by frame with its image decoder")
+  if m.upsampler is None:
+    m.notes.append("upsampler stage skipped (no --upsampler_model): the output stays at "
+                   "the generated (low) resolution")
+  return m
+
+
+def _check_chain(m: ChainModels) -> None:
+  """Every stage must live in the base model's latent space."""
+  base = m.base
+  key = lambda c: (c.latent_channels, c.downsample_factor, c.scaling_factor, c.shift_factor)
+  stages = {"predictor": m.predictor and m.predictor[0],
+            "interpolator": m.interpolator and m.interpolator[0],
+            "interpolator2": m.interpolator2 and m.interpolator2[0], "decoder": m.decoder}
+  for name, model in stages.items():
+    if model is None:
+      continue
+    where = m.paths.get(name, model.source)
+    if key(model.vae_config) != key(base.vae_config):
+      raise ValueError(
+          f"{name} model ({where}): its autoencoder's latent space (channels, "
+          f"factor, scaling, shift) = {key(model.vae_config)} differs from the key-frame "
+          f"model's {key(base.vae_config)}; all stages must share one latent space")
+    if name != "decoder":
+      tc = model.temporal_config
+      if tc is None or not tc.context_frames:
+        raise ValueError(f"{name} model ({where}): not a context model (no "
+                         "temporal_config.context_frames); export one with the "
+                         f"{name.rstrip('2')} stage")
+  if m.keyframe is not None and m.keyframe[0].temporal_config is None:
+    where = m.paths.get("keyframe", m.keyframe[0].source)
+    raise ValueError(f"key-frame model ({where}): an image model (no temporal layers); "
+                     "pass a key-frame export")

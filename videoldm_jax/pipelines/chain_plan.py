@@ -1,0 +1,244 @@
+"""What a generation run makes, decided before anything is sampled: the options
+(`GenerateOptions`), and the frame counts, sizes and notes they give for a loaded chain
+(`plan`, which raises ValueError for impossible options). Pure: no model is called.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+from videoldm_jax.diffusion import samplers as samplers_lib
+from videoldm_jax.pipelines import sampling
+from videoldm_jax.pipelines.chain_models import ChainModels
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+  """What `generate_video` makes. Lengths count frames of the OUTPUT unless named keys.
+
+  Conditioning: `prompt` / `negative_prompt` (text models), `class_label` (class-
+  conditional UNets). Length: `num_frames`, or `duration` seconds at `fps`; neither:
+  one key-frame clip through the chain. `height` / `width`: frames before the
+  upsampler, any multiple of the latent models' total downsampling (larger than
+  training = convolutional in space).
+  Key frames: `keyframes_per_clip` frames from the key-frame model (without a predictor
+  it samples all key frames in one clip: convolutional in time); the predictor makes
+  clips of `predictor_frames` (default keyframes_per_clip) from the last `num_context`.
+  Guidance: `guidance_scale` (text CFG of key frames and predictor), `context_scale` (s
+  of context guidance, predictor; the paper finds s > 1 helps), and for the
+  interpolators `interp_guidance_scale` / `interp_context_scale` (1.0: no extra
+  branch; the key frames already carry the prompt).
+  Interpolation: `interp_passes` passes (at most 2) of x `interp_stride` (default: the
+  stride the interpolator was trained with, else 4), `interp_window` key frames per
+  interpolator call (default: the interpolator's training clip, num_frames // stride
+  key frames, else keyframes_per_clip).
+  Chunking: see the module docstring. Exports record what they were trained on
+  (`pretrained.training_record`): a stride or context count the model never saw is an
+  error, and calls of another length than the training clips get a note.
+  """
+  prompt: str = ""
+  negative_prompt: str = ""
+  class_label: Optional[int] = None
+  seed: int = 0
+  num_frames: Optional[int] = None
+  duration: Optional[float] = None
+  fps: float = 24.0
+  height: int = 64
+  width: int = 64
+  sampler: str = "ddim"
+  steps: int = 25
+  eta: float = 0.0
+  guidance_scale: float = 5.0
+  context_scale: float = 1.0
+  keyframes_per_clip: int = 8
+  predictor_frames: Optional[int] = None
+  num_context: int = 2
+  interp_passes: int = 2
+  interp_stride: Optional[int] = None
+  interp_window: Optional[int] = None
+  interp_steps: Optional[int] = None
+  interp_guidance_scale: float = 1.0
+  interp_context_scale: float = 1.0
+  decode_chunk: int = 16
+  decode_overlap: int = 2
+  upsampler_steps: Optional[int] = None
+  upsampler_noise_level: Optional[int] = None
+  upsample_chunk: int = 8
+  upsample_overlap: int = 2
+  crf: int = 18
+  gif: bool = True
+  gif_max_frames: int = 48
+  gif_max_size: int = 128
+  progress: bool = True
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run makes, computed before any sampling (`plan`)."""
+  num_frames: int         # frames written
+  num_keys: int           # K key frames
+  first_clip: int         # key frames of the first clip
+  new_per_round: int      # new key frames per prediction round (after the first round,
+                          # which makes more when the first clip is shorter than the
+                          # context)
+  rounds: int             # prediction rounds
+  passes: int             # x stride interpolation passes
+  generated_frames: int   # F (K - 1) + 1 >= num_frames
+  latent_hw: tuple        # (h, w) of the latents
+  lowres_hw: tuple        # (H, W) decoded
+  out_hw: tuple           # (H, W) written (x upsampler scale)
+  fps: float
+  frame_factor: int       # F = stride ** passes output frames per key frame
+  interp_stride: int = 4  # frames per key frame and pass
+  interp_window: int = 2  # key frames per interpolator call
+  notes: tuple = ()       # call lengths that differ from the models' training clips
+
+
+def plan(models: ChainModels, o: GenerateOptions) -> Plan:
+  """Frame counts and sizes of a run; raises ValueError for impossible options (before
+  anything is sampled)."""
+  if not (o.fps > 0 and math.isfinite(o.fps)):
+    raise ValueError(f"fps must be positive, got {o.fps}")
+  # Options that would otherwise fail (or be replaced by their default) only after
+  # earlier stages have sampled.
+  for name in ("predictor_frames", "interp_steps", "upsampler_steps"):
+    value = getattr(o, name)
+    if value is not None and value < 1:
+      raise ValueError(f"{name} must be >= 1 (or unset for its default), got {value}")
+  if o.interp_window is not None and o.interp_window < 2:
+    raise ValueError(f"interp_window must be >= 2 key frames, got {o.interp_window}")
+  if o.steps < 1 or o.eta < 0 or o.sampler not in samplers_lib.SAMPLERS:
+    raise ValueError(f"steps must be >= 1, eta >= 0 and sampler one of "
+                     f"{samplers_lib.SAMPLERS}; "
+                     f"got steps={o.steps}, eta={o.eta}, sampler={o.sampler!r}")
+  if o.gif and (o.gif_max_size < 1 or o.gif_max_frames < 1):
+    raise ValueError(f"gif_max_size and gif_max_frames must be >= 1 (or gif=False), got "
+                     f"{o.gif_max_size}, {o.gif_max_frames}")
+  conditional = False
+  for stage in ("keyframe", "predictor", "interpolator", "interpolator2"):
+    entry = getattr(models, stage)
+    classes = None if entry is None else entry[0].unet_config.num_class_embeds
+    conditional = conditional or bool(classes)
+    if classes and o.class_label is not None and not 0 <= o.class_label < classes:
+      # The embedding lookup of a label past the table gives NaN: a black video.
+      raise ValueError(f"class_label={o.class_label}: {models.paths.get(stage, stage)} "
+                       f"has classes 0..{classes - 1}")
+  if models.upsampler is not None and o.upsampler_noise_level is not None:
+    top = models.upsampler.config.max_noise_level
+    if not 0 <= o.upsampler_noise_level < top:
+      raise ValueError(f"upsampler_noise_level must be in [0, {top}) (the levels the "
+                       f"upsampler was trained on), got {o.upsampler_noise_level}")
+  if not 0 <= o.interp_passes <= 2:
+    raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
+  passes = o.interp_passes if models.interpolator is not None else 0
+  trained = _trained_on(models)
+  stride = (o.interp_stride if o.interp_stride is not None
+            else trained["interpolator"].get("interp_stride", 4))
+  if stride < 2:
+    raise ValueError(f"interp_stride must be >= 2, got {stride}")
+  for name in ("interpolator", "interpolator2")[:passes]:
+    own = trained[name].get("interp_stride", stride)
+    if own != stride:
+      raise ValueError(f"{models.paths.get(name, name)}: trained to fill in x{own} "
+                       f"(key frames every {own} frames), asked for interp_stride={stride}")
+  f = stride ** passes
+  t = o.keyframes_per_clip
+  if t < 1:
+    raise ValueError(f"keyframes_per_clip must be >= 1, got {t}")
+  if o.num_frames is not None and o.duration is not None:
+    raise ValueError("give num_frames or duration, not both")
+  if o.num_frames is not None:
+    n = int(o.num_frames)
+  elif o.duration is not None:
+    n = int(round(o.duration * o.fps))
+  else:
+    n = f * (t - 1) + 1
+  if n < 1:
+    raise ValueError(f"the video must have at least one frame (num_frames={o.num_frames}, "
+                     f"duration={o.duration}, fps={o.fps})")
+  k = -(-(n - 1) // f) + 1
+  p = t if o.predictor_frames is None else o.predictor_frames
+  s = o.num_context
+  if models.predictor is not None:
+    if not 0 <= s < p:
+      raise ValueError(f"num_context={s} must be in [0, predictor_frames={p})")
+    most = trained["predictor"].get("max_context")
+    if most is not None and s > most:
+      raise ValueError(f"num_context={s}: {models.paths.get('predictor', 'the predictor')} "
+                       f"was trained with at most {most} context frames")
+    first = min(k, t if models.keyframe is not None else p)
+    # Round 1 sees min(s, first) context frames (a first clip shorter than num_context
+    # gives fewer), the later rounds s: each makes p minus its context new frames.
+    rounds, have = 0, first
+    while have < k:
+      have += p - min(s, have)
+      rounds += 1
+  else:
+    first, rounds = k, 0
+  window = (o.interp_window if o.interp_window is not None
+            else trained["interpolator"].get("num_frames", 0) // stride or t)
+  if passes and window < 2:
+    raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
+  notes = []
+  if o.class_label is not None and not conditional:
+    notes.append(f"class_label={o.class_label} ignored: no model of the chain is "
+                 "class-conditional")
+  # (stage, used, frames per call, the option that sets it, its value); a short video
+  # makes shorter calls than the options say: the key-frame model is called once, on
+  # the first clip, and a window or chunk holds at most the frames there are.
+  generated = f * (k - 1) + 1
+  calls = [("keyframe", models.keyframe is not None, first, "keyframes_per_clip", t),
+           ("predictor", models.predictor is not None, p, "predictor_frames", p),
+           ("interpolator", passes > 0, stride * min(window, k), "interp_window", window),
+           ("interpolator2", passes == 2 and models.interpolator2 is not None,
+            stride * min(window, stride * (k - 1) + 1), "interp_window", window),
+           ("decoder", models.decoder is not None
+            and models.decoder.vae_temporal_config is not None,
+            min(o.decode_chunk + 2 * o.decode_overlap, generated), "decode_chunk",
+            o.decode_chunk),
+           ("upsampler", models.upsampler is not None,
+            min(o.upsample_chunk + 2 * o.upsample_overlap, generated), "upsample_chunk",
+            o.upsample_chunk)]
+  for name, used, length, option, value in calls:
+    clip = trained[name].get("num_frames")
+    if used and clip is not None and length != clip:
+      notes.append(f"{name} stage: calls of {length} frames, trained on clips of {clip} "
+                   f"({option}={value}; temporal statistics follow the call length)")
+  base = models.base
+  mult = base.vae_config.downsample_factor
+  for m in (models.keyframe, models.predictor, models.interpolator, models.interpolator2):
+    if m is not None:
+      mult = max(mult, sampling.size_multiple(m[0].unet_config, base.vae_config))
+  if o.height % mult or o.width % mult or o.height < 1 or o.width < 1:
+    raise ValueError(f"height and width must be positive multiples of {mult} for these "
+                     f"models (got {o.height}x{o.width})")
+  fac = base.vae_config.downsample_factor
+  out_hw = (o.height, o.width)
+  if models.upsampler is not None:
+    c = models.upsampler.config
+    out_hw = (o.height * c.scale, o.width * c.scale)
+    if out_hw[0] % c.size_multiple or out_hw[1] % c.size_multiple:
+      raise ValueError(f"the upsampler's output {out_hw[0]}x{out_hw[1]} must be a multiple "
+                       f"of {c.size_multiple}: choose height and width multiples of "
+                       f"{c.size_multiple // math.gcd(c.size_multiple, c.scale)}")
+  for name, chunk, overlap in (("decode", o.decode_chunk, o.decode_overlap),
+                               ("upsample", o.upsample_chunk, o.upsample_overlap)):
+    if chunk < 1 or overlap < 0:
+      raise ValueError(f"{name}_chunk must be >= 1 and {name}_overlap >= 0, got "
+                       f"{chunk}, {overlap}")
+  return Plan(num_frames=n, num_keys=k, first_clip=first, new_per_round=p - s,
+              rounds=rounds, passes=passes, generated_frames=f * (k - 1) + 1,
+              latent_hw=(o.height // fac, o.width // fac), lowres_hw=(o.height, o.width),
+              out_hw=out_hw, fps=o.fps, frame_factor=f, interp_stride=stride,
+              interp_window=window, notes=tuple(notes))
+
+
+def _trained_on(models: ChainModels) -> dict:
+  """Stage -> the training record of its export ({} for older folders or none)."""
+  entries = {"keyframe": models.keyframe, "predictor": models.predictor,
+             "interpolator": models.interpolator, "interpolator2": models.interpolator2}
+  out = {k: (v[0].training if v is not None else {}) for k, v in entries.items()}
+  out["decoder"] = models.decoder.training if models.decoder is not None else {}
+  out["upsampler"] = models.upsampler.training if models.upsampler is not None else {}
+  return out
