@@ -13,11 +13,12 @@ import pickle
 import jax
 import numpy as np
 import pytest
+from absl import app
 
 from tests.conftest import max_rel_err
 from videoldm_jax.convert.safetensors_io import PickleRefused
 from videoldm_jax.convert.torch_layout import ConversionError
-from videoldm_jax.eval import clip_score, fid, fvd, i3d, i3d_weights, inception
+from videoldm_jax.eval import clip_score, fid, fvd, i3d, i3d_weights, inception, layers
 from videoldm_jax.eval.resize import resize_bilinear
 
 
@@ -180,6 +181,9 @@ def test_streaming_stats_equal_batch_stats(tmp_path):
   stream.save(tmp_path / "s.npz")
   back = fvd.FeatureStats.load(tmp_path / "s.npz")
   assert back.count == 257 and np.array_equal(back.sum_outer, stream.sum_outer)
+  # numpy adds .npz to other names; load finds the file under the name given to save.
+  assert stream.save(tmp_path / "real_stats") == tmp_path / "real_stats.npz"
+  assert fvd.FeatureStats.load(tmp_path / "real_stats").count == 257
   with pytest.raises(ValueError, match="non-finite"):
     stream.update(np.full((1, 16), np.nan))
 
@@ -326,6 +330,9 @@ def test_fid_and_is_run_on_random_inception(inception_file):
   uniform = np.zeros((20, 1008))
   assert fid.inception_score(uniform, splits=2)[0] == pytest.approx(1.0)
   assert fid.inception_score(np.eye(20, 1008) * 50, splits=1)[0] == pytest.approx(20, rel=1e-3)
+  # Logit gaps past float64's exp range make probabilities exactly 0 (0 log 0 = 0):
+  # 20 certain, distinct classes give IS = 20, not NaN.
+  assert fid.inception_score(np.eye(20, 1008) * 1000, splits=1)[0] == pytest.approx(20)
 
 
 def test_inception_loader_errors(inception_file, tmp_path):
@@ -475,3 +482,42 @@ def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
   assert cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s1"], 3) == ["a", "b"]
   with pytest.raises(ValueError, match="3 prompts for 4 fake clips"):
     cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s1"], 4)
+  with pytest.raises(app.UsageError, match="--max_videos must be >= 0"):
+    cli.evaluate(files, files, ["fvd"], max_videos=-1)
+
+
+def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
+  """Clips of the same file name in different sub-folders are different clips: a
+  .json prompt table keys them by their path below the folder given (a bare file
+  name only where it is unique), a .json list goes by position."""
+  from videoldm_jax.cli import evaluate as cli
+  for sub in ("catA", "catB"):
+    (tmp_path / "fake" / sub).mkdir(parents=True)
+    np.save(tmp_path / "fake" / sub / "seed0.npy", np.zeros((_T, 8, 8, 3), np.uint8))
+  np.save(tmp_path / "fake" / "solo.npy", np.zeros((_T, 8, 8, 3), np.uint8))
+  files = cli.expand_inputs(str(tmp_path / "fake"))
+  names = cli.clip_names(files)
+  assert names == ["catA/seed0.npy", "catB/seed0.npy", "solo.npy"]
+  table = tmp_path / "p.json"
+  table.write_text(json.dumps(["a cat", "a dog", "alone"]))
+  assert cli.read_prompts(str(table), None, names) == ["a cat", "a dog", "alone"]
+  table.write_text(json.dumps({"catA/seed0.npy": "a cat", "catB/seed0.npy": "a dog",
+                               "solo.npy": "alone"}))
+  assert cli.read_prompts(str(table), None, names) == ["a cat", "a dog", "alone"]
+  table.write_text(json.dumps({"seed0.npy": "a cat", "solo.npy": "alone"}))
+  with pytest.raises(ValueError, match="share the file name 'seed0.npy'"):
+    cli.read_prompts(str(table), None, names)
+  # A glob matching folders searches them; names start below the glob's fixed part.
+  globbed = cli.expand_inputs(str(tmp_path / "fake" / "cat*"))
+  assert [f.name for f in globbed] == ["catA/seed0.npy", "catB/seed0.npy"]
+  assert cli.clip_names(cli.expand_inputs(str(tmp_path / "fake" / "*.npy"))) == ["solo.npy"]
+
+
+def test_metric_inputs_must_be_uint8_or_float():
+  """int64 frames of 0..255 (np.array of Python ints) were taken as [-1, 1] values."""
+  frames = np.full((1, 8, 8, 3), 255)
+  with pytest.raises(ValueError, match="dtype int64: expected uint8"):
+    layers.to_minus_one_one(frames)
+  with pytest.raises(ValueError, match="dtype int64: expected uint8"):
+    clip_score.ImagePreprocess(8, 8, (0.5,) * 3, (0.5,) * 3)(frames)
+  assert float(layers.to_minus_one_one(frames.astype(np.uint8)).max()) == 1.0

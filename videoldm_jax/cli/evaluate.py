@@ -7,9 +7,11 @@ r"""videoldm-eval: FVD, FID, IS and CLIP similarity of generated videos.
       --inception_weights=pt_inception-2015-12-05.safetensors \
       --clip_model=models/clip-vit-base-patch32 --prompts=work/samples/prompts.txt
 
---real / --fake take comma-separated folders, globs or files: .mp4 / .gif (read with
-`video_io.read_video`) or .npy uint8 arrays of one clip (T, H, W, 3) or a batch
-(N, T, H, W, 3). Folders are searched recursively; files are taken in sorted order.
+--real / --fake take comma-separated folders, globs or files: .mp4 / .webm / .mov /
+.avi / .mkv / .gif (read with `video_io.read_video`) or .npy uint8 arrays of one clip (T, H, W, 3) or a batch
+(N, T, H, W, 3). Folders (also those a glob matches) are searched recursively; files
+are taken in sorted order of their paths (so x_seed10 comes before x_seed2), and
+NAME.gif previews beside a NAME.mp4 / .npy are left out.
 Every clip is cut to its first --num_frames frames (clips shorter than that are an
 error); clips of one set must share their height and width.
 
@@ -20,18 +22,21 @@ Metrics (see videoldm_jax/eval/):
            pytorch-fid layout) on every --frame_stride-th frame; IS on fake frames.
   clipsim  mean frame-prompt CLIP cosine of the fake videos; --clip_model is a local
            transformers CLIPModel folder; prompts from --prompt (one for all) or
-           --prompts (.txt: one line per fake clip in order; .json: {file name: prompt}).
+           --prompts (.txt or a .json list: one prompt per fake clip in that order;
+           a .json object: {clip name: prompt}, the name being the file's path below
+           the folder given, or its bare file name where that is unique).
 
 The JSON result goes to stdout and to --output; progress goes to stderr. Networks run
 data-parallel over all local devices (the batch is sharded, weights replicated).
 """
 
+import collections
 import glob
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -70,10 +75,20 @@ _OUTPUT = flags.DEFINE_string("output", None, "also write the JSON result here")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show progress on stderr")
 
 
-def expand_inputs(spec: str) -> list[Path]:
+class VideoFile(NamedTuple):
+  """One input file and its name: its path relative to the folder it was found in (the
+  folder given, or the fixed part of a glob), else its file name. Names key a .json
+  prompt table and label errors."""
+  path: Path
+  name: str
+
+
+def expand_inputs(spec: str) -> list[VideoFile]:
   """Comma-separated folders / globs / files -> sorted video files (see module doc).
 
-  Raises FileNotFoundError naming the entry that matched nothing.
+  A glob may match folders (searched like given folders). NAME.gif previews beside a
+  NAME.mp4 / .npy are left out. Raises FileNotFoundError naming the entry that
+  matched nothing.
   """
   files = []
   for entry in (s.strip() for s in spec.split(",")):
@@ -81,24 +96,45 @@ def expand_inputs(spec: str) -> list[Path]:
       continue
     p = Path(entry)
     if p.is_dir():
-      found = sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES)
-      # videoldm-generate / -sample write NAME.gif beside NAME.mp4 as a preview: in a
-      # folder it is the same clip again (colour-reduced), not another one.
-      stems = {f.with_suffix("") for f in found if f.suffix.lower() != ".gif"}
-      previews = [f for f in found if f.suffix.lower() == ".gif" and f.with_suffix("") in stems]
-      if previews:
-        print(f"videoldm-eval: {entry}: skipping {len(previews)} .gif preview(s) of "
-              f"clips also there as .mp4 / .npy (e.g. {previews[0].name})", file=sys.stderr)
-        found = [f for f in found if f not in set(previews)]
+      found = _folder_files(p)
     elif p.is_file():
-      found = [p]
+      found = [VideoFile(p, p.name)]
     else:
-      found = sorted(Path(f) for f in glob.glob(entry, recursive=True)
-                     if Path(f).suffix.lower() in VIDEO_SUFFIXES)
+      # Names relative to the pattern's fixed folder: 'runs/*/samples' gives
+      # 'a/samples/seed0.mp4', not 'seed0.mp4' once per run.
+      parts = p.parts
+      fixed = Path(*parts[:next(i for i, part in enumerate(parts + ("*",))
+                                if glob.has_magic(part))] or ".")
+      found = []
+      for match in sorted(Path(f) for f in glob.glob(entry, recursive=True)):
+        if match.is_dir():
+          found += [VideoFile(f.path, (match.relative_to(fixed) / f.name).as_posix())
+                    for f in _folder_files(match, announce=False)]
+        elif match.suffix.lower() in VIDEO_SUFFIXES:
+          found.append(VideoFile(match, match.relative_to(fixed).as_posix()))
+      found = _without_previews(entry, found)
     if not found:
       raise FileNotFoundError(f"{entry!r}: no {'/'.join(VIDEO_SUFFIXES)} files found")
     files += found
   return files
+
+
+def _folder_files(folder: Path, announce: bool = True) -> list[VideoFile]:
+  found = sorted(f for f in folder.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES)
+  found = [VideoFile(f, f.relative_to(folder).as_posix()) for f in found]
+  return _without_previews(str(folder), found) if announce else found
+
+
+def _without_previews(entry: str, found: list[VideoFile]) -> list[VideoFile]:
+  """videoldm-generate / -sample write NAME.gif beside NAME.mp4 as a preview: the same
+  clip again (colour-reduced), not another one."""
+  is_gif = lambda f: f.path.suffix.lower() == ".gif"
+  stems = {f.path.with_suffix("") for f in found if not is_gif(f)}
+  previews = {f.path for f in found if is_gif(f) and f.path.with_suffix("") in stems}
+  if previews:
+    print(f"videoldm-eval: {entry}: skipping {len(previews)} .gif preview(s) of clips "
+          f"also there as .mp4 / .npy (e.g. {min(previews).name})", file=sys.stderr)
+  return [f for f in found if f.path not in previews]
 
 
 def read_clips(path: Path, max_frames: int | None = None) -> list[np.ndarray]:
@@ -114,32 +150,32 @@ def read_clips(path: Path, max_frames: int | None = None) -> list[np.ndarray]:
   return [video_io.read_video(str(path), max_frames=max_frames)]
 
 
-def clip_names(files: Sequence[Path], max_videos: int = 0) -> list[str]:
+def clip_names(files: Sequence[VideoFile], max_videos: int = 0) -> list[str]:
   """Names of the clips `iter_chunks` yields, in order, without decoding any video
-  ("name.mp4", or "name.npy[i]" for the clips of a batch .npy)."""
+  (the file's name, or "name.npy[i]" for the clips of a batch .npy)."""
   names = []
-  for path in files:
-    if path.suffix.lower() == ".npy":
-      a = np.load(path, mmap_mode="r", allow_pickle=False)
-      names += [f"{path.name}[{i}]" for i in range(a.shape[0])] if a.ndim == 5 \
-          else [path.name]
+  for f in files:
+    if f.path.suffix.lower() == ".npy":
+      a = np.load(f.path, mmap_mode="r", allow_pickle=False)
+      names += [f"{f.name}[{i}]" for i in range(a.shape[0])] if a.ndim == 5 else [f.name]
     else:
-      names.append(path.name)
+      names.append(f.name)
   return names[:max_videos] if max_videos else names
 
 
-def iter_chunks(files: Sequence[Path], num_frames: int, chunk: int, max_videos: int = 0,
-                show_progress: bool = False, desc: str = "") -> Iterator[np.ndarray]:
+def iter_chunks(files: Sequence[VideoFile], num_frames: int, chunk: int,
+                max_videos: int = 0, show_progress: bool = False, desc: str = ""
+                ) -> Iterator[np.ndarray]:
   """Yields uint8 (n <= chunk, num_frames, H, W, 3) batches of the files' clips, in the
   order of `clip_names`; only one chunk of decoded clips is in memory at a time."""
   clips, shape, count = [], None, 0
-  for path in progress(files, len(files), desc, show_progress):
+  for f in progress(files, len(files), desc, show_progress):
     if max_videos and count >= max_videos:
       break  # no further file is decoded
-    for i, clip in enumerate(read_clips(path, num_frames)):
+    for i, clip in enumerate(read_clips(f.path, num_frames)):
       if max_videos and count >= max_videos:
         break
-      name = f"{path.name}[{i}]" if path.suffix.lower() == ".npy" else path.name
+      name = f"{f.path}[{i}]" if f.path.suffix.lower() == ".npy" else str(f.path)
       if clip.shape[0] < num_frames:
         raise ValueError(f"{name}: {clip.shape[0]} frames, --num_frames={num_frames}")
       clip = clip[:num_frames]
@@ -162,7 +198,10 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
   """One prompt per fake clip name, from --prompt or a .txt / .json --prompts file.
 
   names: the clips evaluated (the first --max_videos of all); num_clips: how many there
-  are in all (default len(names)), which a .txt file or a .json list must match."""
+  are in all (default len(names)), which a .txt file or a .json list must match (both
+  in the clips' order). A .json object maps clip names (`VideoFile.name`: the path
+  below the folder given) to prompts; a bare file name is accepted where it names one
+  clip only."""
   num_clips = len(names) if num_clips is None else num_clips
   if prompt is not None:
     return [prompt] * len(names)
@@ -174,18 +213,34 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
     if isinstance(table, list):
       if len(table) != num_clips:
         raise ValueError(f"{path}: {len(table)} prompts for {num_clips} fake clips")
-      table = dict(zip(names, table))
-    missing = [n for n in names if n not in table]
+      return [str(t) for t in table[:len(names)]]
+    if not isinstance(table, dict):
+      raise ValueError(f"{path}: expected a list of prompts or an object "
+                       "{clip name: prompt}")
+    base = lambda n: n.rsplit("/", 1)[-1]
+    bases = collections.Counter(base(n) for n in names)
+    out, missing, ambiguous = [], [], []
+    for n in names:
+      if n in table:
+        out.append(table[n])
+      elif base(n) in table and bases[base(n)] == 1:
+        out.append(table[base(n)])
+      else:
+        (ambiguous if base(n) in table else missing).append(n)
+    if ambiguous:
+      raise ValueError(f"{path}: {ambiguous[0]!r} and others share the file name "
+                       f"{base(ambiguous[0])!r}; key the prompts by the path below the "
+                       f"folder given ({', '.join(repr(n) for n in ambiguous[:3])})")
     if missing:
       raise ValueError(f"{path}: no prompt for {missing[:5]} ({len(missing)} clips)")
-    return [table[n] for n in names]
+    return out
   lines = [ln for ln in text.splitlines() if ln.strip()]
   if len(lines) != num_clips:
     raise ValueError(f"{path}: {len(lines)} prompts for {num_clips} fake clips")
   return lines[:len(names)]
 
 
-def evaluate(real_files: Sequence[Path], fake_files: Sequence[Path], metrics: Sequence[str],
+def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], metrics: Sequence[str],
              *, num_frames: int = 16, batch_size: int = 16, max_videos: int = 0,
              i3d_resize: str = "half_pixel", i3d_resolution: int = 224,
              i3d_weights: str | None = None,
@@ -211,6 +266,11 @@ def evaluate(real_files: Sequence[Path], fake_files: Sequence[Path], metrics: Se
                          "safetensors file, see videoldm_jax/eval/inception.py)")
   if "clipsim" in metrics and not clip_model:
     raise app.UsageError("clipsim needs --clip_model (a transformers CLIPModel folder)")
+  for name, value, least in (("num_frames", num_frames, 1), ("batch_size", batch_size, 1),
+                             ("max_videos", max_videos, 0), ("frame_stride", frame_stride, 1),
+                             ("is_splits", is_splits, 1)):
+    if value < least:
+      raise app.UsageError(f"--{name} must be >= {least}, got {value}")
   frame_batch = min(256, batch_size * num_frames)
   i3d_net = (i3d.I3DFeatures(batch_size, i3d_weights, resize=i3d_resize,
                              resolution=i3d_resolution, devices=devices)
@@ -227,6 +287,8 @@ def evaluate(real_files: Sequence[Path], fake_files: Sequence[Path], metrics: Se
       continue
     all_names = clip_names(files)
     names = all_names[:max_videos] if max_videos else all_names
+    if not names:  # e.g. a batch .npy of 0 clips
+      raise ValueError(f"no {role} clips in {[str(f.path) for f in files][:3]}")
     out[f"num_{role}"] = len(names)
     want_inception = inc_net is not None and ("fid" in metrics or role == "fake")
     want_logits = role == "fake" and "is" in metrics

@@ -35,6 +35,7 @@ import numpy as np
 from videoldm_jax.convert.safetensors_io import find_weights, load_safetensors
 from videoldm_jax.convert.torch_layout import flax_path_to_torch_key, load_state_dict
 from videoldm_jax.eval.batching import BatchedApply
+from videoldm_jax.eval.layers import check_pixels
 from videoldm_jax.models.clip_text import CLIPMLP, CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.layers import dense, embedding, layer_norm, param_init, Init
@@ -201,6 +202,7 @@ class ImagePreprocess:
   def __call__(self, frames_BxHxWx3: jax.Array) -> jax.Array:
     """uint8 [0, 255] or float [-1, 1] frames (B, H, W, 3) -> (B, crop, crop, 3)."""
     x = frames_BxHxWx3
+    check_pixels(x)
     x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else (x + 1.0) / 2.0
     b, h, w, _ = x.shape
     if h <= w:

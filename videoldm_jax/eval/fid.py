@@ -63,8 +63,11 @@ def inception_score(logits_NxK: np.ndarray, splits: int = 10) -> tuple[float, fl
   scores = []
   for part in np.array_split(logp, splits):
     p = np.exp(part)
-    log_py = np.log(p.mean(axis=0))
-    kl = (p * (part - log_py)).sum(axis=1)
+    # p = 0 where a logit trails by > ~745 (in every row: log p(y) = -inf): its term
+    # is 0 (x log x -> 0), not 0 * inf.
+    with np.errstate(divide="ignore", invalid="ignore"):
+      log_py = np.log(p.mean(axis=0))
+      kl = np.where(p > 0, p * (part - log_py), 0.0).sum(axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
 

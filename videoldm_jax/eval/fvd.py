@@ -84,15 +84,18 @@ class FeatureStats:
     cov = (self.sum_outer - self.count * np.outer(mu, mu)) / (self.count - 1)
     return (cov + cov.T) / 2  # exact symmetry despite rounding
 
-  def save(self, path: str | Path) -> None:
+  def save(self, path: str | Path) -> Path:
     """Writes count, sum and sum_outer to an .npz (no pickle), e.g. to reuse the
-    statistics of a real data set across evaluations."""
+    statistics of a real data set across evaluations; returns the file written
+    (`path`, with .npz added where it has another suffix, as numpy does)."""
+    path = _npz(path)
     np.savez(path, count=np.int64(self.count), sum=self.sum, sum_outer=self.sum_outer)
+    return path
 
   @classmethod
   def load(cls, path: str | Path) -> "FeatureStats":
-    """Reads a file written by `save`."""
-    path = Path(path)
+    """Reads a file written by `save` (given the same `path`)."""
+    path = _npz(path)
     if not path.is_file():
       raise FileNotFoundError(f"{path}: no such statistics file")
     with np.load(path, allow_pickle=False) as f:
@@ -102,6 +105,11 @@ class FeatureStats:
       stats = cls(f["sum"].shape[0])
       stats.count, stats.sum, stats.sum_outer = int(f["count"]), f["sum"], f["sum_outer"]
     return stats
+
+
+def _npz(path: str | Path) -> Path:
+  path = Path(path)
+  return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
 def _sqrt_psd(s_DxD: np.ndarray) -> np.ndarray:

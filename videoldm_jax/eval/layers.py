@@ -32,8 +32,19 @@ class EvalBatchNorm(nn.Module):
     return (x_BxC - mean) * inv + self.param("bias", param_init(ZEROS, ("norm",)), (c,))
 
 
+def check_pixels(x) -> None:
+  """Frames must be uint8 [0, 255] or float [-1, 1]: other integer types (int64 from
+  np.array of Python ints, uint16) would pass through unscaled and give wrong metrics
+  without an error."""
+  if x.dtype != jnp.uint8 and not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"frames of dtype {x.dtype}: expected uint8 in [0, 255] or float "
+                     "in [-1, 1] (convert with .astype(np.uint8))")
+
+
 def to_minus_one_one(x: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1); float input is taken as [-1, 1]."""
+  """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1); float input is taken as [-1, 1];
+  other dtypes are an error (`check_pixels`)."""
+  check_pixels(x)
   if x.dtype == jnp.uint8:
     return x.astype(jnp.float32) / 127.5 - 1.0
   return x.astype(jnp.float32)
