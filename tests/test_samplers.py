@@ -40,6 +40,20 @@ def test_timesteps_match_diffusers(cls, grid):
                                       err_msg=f"{steps} {spacing} {offset}")
 
 
+def test_trailing_grid_has_num_steps_points_for_every_count():
+  # diffusers' np.arange(1000, 0, -1000 / n) gives n + 1 values for 62 counts (61, 103,
+  # ...; the last one -1); its first n are the grid.
+  for n in range(1, 1001):
+    ours = samplers.inference_timesteps(1000, n, "trailing")
+    ref = (np.round(np.arange(1000, 0, -1000 / n)) - 1).astype(np.int64)[:n]
+    np.testing.assert_array_equal(ours, ref, err_msg=str(n))
+  assert len(np.round(np.arange(1000, 0, -1000 / 61))) == 62
+  x = jnp.ones((1, 4))
+  out = samplers.sample(lambda x, t: 0.3 * x, x, schedules.make_schedule("linear"), 61,
+                        "ddim", timestep_spacing="trailing", progress=False)
+  assert np.isfinite(np.asarray(out)).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t,alpha_to_one,eta", [(501, True, 0.0), (1, False, 0.0),
                                                 (1, True, 0.0), (741, True, 1.0)])
@@ -134,6 +148,38 @@ def test_dpmpp_2m_on_a_zero_terminal_snr_schedule_matches_diffusers(torch_cpu, k
   ours = samplers.sample(_toy_jax, jnp.asarray(x_T), s, 6, "dpmpp_2m", kind,
                          timestep_spacing="trailing", progress=False)
   assert max_rel_err(ours, x.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_dpmpp_2m_on_the_cosine_schedule_keeps_its_last_alpha(torch_cpu, kind):
+  # Its abar at T - 1 is 2.4e-9, below the 2^-24 put in for zero-SNR schedules only
+  # (raising it gave 2.1e-3 absolute error at 5 v-prediction steps).
+  torch = torch_cpu
+  ref = diffusers.DPMSolverMultistepScheduler(
+      beta_schedule="squaredcos_cap_v2", prediction_type=kind, timestep_spacing="trailing")
+  ref.set_timesteps(5)
+  x_T = _randn(10)
+  x = torch.from_numpy(x_T)
+  for t in ref.timesteps:
+    x = ref.step(_toy_torch(torch, x, int(t)), t, x).prev_sample
+  s = schedules.make_schedule("cosine")
+  assert 0 < float(s.alphas_cumprod[-1]) < 2.0 ** -24
+  ours = samplers.sample(_toy_jax, jnp.asarray(x_T), s, 5, "dpmpp_2m", kind,
+                         timestep_spacing="trailing", progress=False)
+  assert max_rel_err(ours, x.numpy()) < 1e-5
+
+
+def test_dpmpp_2m_ignores_clip_sample_and_refuses_repeated_timesteps():
+  s = schedules.make_schedule("scaled_linear")
+  x = jnp.asarray(_randn(11, (1, 4)))
+  run = lambda **kw: np.asarray(samplers.sample(lambda x, t: 0.3 * x, x, s, 10, "dpmpp_2m",
+                                                progress=False, **kw))
+  plain = run()
+  assert np.abs(plain).max() > 1  # clipping x0 to [-1, 1] would change the result
+  np.testing.assert_array_equal(run(clip_sample=1.0), plain)
+  # linspace over [0, 999] in 1001 points rounds to repeated timesteps: h = 0, NaN.
+  with pytest.raises(ValueError, match="repeats timesteps"):
+    samplers.sample(lambda x, t: 0.3 * x, x, s, 1000, "dpmpp_2m", progress=False)
 
 
 @pytest.mark.parametrize("spacing,offset,alpha_to_one", [("trailing", 0, True),

@@ -75,17 +75,20 @@ def test_batch_prep_patches_and_one_noise_level_per_video():
   assert level.shape == (6,) and level.dtype == np.int32  # one level per video
   assert level.min() >= 0 and level.max() < model.max_noise_level
   assert len(set(level.tolist())) > 1
-  # The conditioning patch is the low-res version of the very same window.
-  np.testing.assert_allclose(
-      prep["cond_clean"], um.upsample(um.area_downsample(prep["x0"], 4), 4, "nearest"),
-      atol=1e-6)
+  # The conditioning patch is the noised low-res version of the very same window,
+  # upsampled: noise drawn per low-res pixel, so constant over each 4 x 4 block (noise
+  # drawn after upsampling would differ within a block, and the UNet could average it
+  # away).
+  cond_lr = um.area_downsample(prep["cond"], 4)
+  np.testing.assert_allclose(prep["cond"], um.upsample(cond_lr, 4, "nearest"), atol=1e-6)
   # Every frame of a video is noised at its video's level: the implied noise is
-  # standard normal in each frame (a wrong per-frame level would rescale it).
+  # standard normal over the video's 4 frames x 4 x 4 x 3 low-res values (a level
+  # other than noise_level would rescale it; 192 samples: std error ~0.05).
   abar = np.asarray(aug.alphas_cumprod)[level].reshape(6, 1, 1, 1, 1)
-  eps = (np.asarray(prep["cond"]) - np.sqrt(abar) * np.asarray(prep["cond_clean"])
-         ) / np.sqrt(1 - abar)
-  std = eps.reshape(6, 4, -1).std(axis=-1)
-  assert np.all(np.abs(std - 1.0) < 0.15), std
+  clean_lr = np.asarray(um.area_downsample(prep["x0"], 4))
+  eps = (np.asarray(cond_lr) - np.sqrt(abar) * clean_lr) / np.sqrt(1 - abar)
+  std = eps.reshape(6, -1).std(axis=-1)
+  assert np.all(np.abs(std - 1.0) < 0.2), std
 
 
 def test_loss_finite_and_decreasing(trained):

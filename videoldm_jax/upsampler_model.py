@@ -224,9 +224,9 @@ def decode(vae_config: VAEConfig, vae_params: dict, latents: jax.Array) -> jax.A
 
 def conditioning(config: UpsamplerConfig, vae_params: Optional[dict],
                  lowres: jax.Array) -> jax.Array:
-  """Clean conditioning c on the model's grid: low-res frames in [-1, 1] (B, T, h, w, 3)
-  -> upsampled (B, T, scale h, scale w, 3), or its VAE latent (posterior mean, so the
-  conditioning is a deterministic function of the input) in latent space."""
+  """Conditioning c on the model's grid: low-res frames in about [-1, 1] (B, T, h, w, 3),
+  already noise-augmented, -> upsampled (B, T, scale h, scale w, 3), or its VAE latent
+  (posterior mean, so c is a deterministic function of its input) in latent space."""
   up = upsample(lowres, config.scale, config.upsample_method)
   if config.space == "latent":
     return encode(config.vae, vae_params, up, None)

@@ -37,7 +37,9 @@ def inference_timesteps(num_train: int, num_steps: int, spacing: str = "leading"
   if spacing == "leading":
     ts = np.arange(num_steps) * (num_train // num_steps) + steps_offset
   elif spacing == "trailing":
-    ts = np.round(np.arange(num_train, 0, -num_train / num_steps)) - 1
+    # diffusers' grid, whose float step gives num_steps + 1 values for 62 step counts
+    # of 1000 (61, 103, ...; the last one -1): its first num_steps are the grid.
+    ts = np.round(np.arange(num_train, 0, -num_train / num_steps)[:num_steps]) - 1
   elif spacing == "linspace":
     ts = np.round(np.linspace(0, num_train - 1, num_steps))
   else:
@@ -227,12 +229,15 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
   and ddim with eta > 0. timestep_spacing defaults to diffusers' per-scheduler default
   ('leading' for ddim/ddpm, 'linspace' for dpmpp_2m); `timesteps` overrides the grid.
   Each step goes to the next grid point. (diffusers' DDIMScheduler instead steps to
-  t - T // num_steps, which is the same grid for 'leading' and for 'trailing' when
-  num_steps divides T, and up to one timestep off otherwise.)
+  t - T // num_steps: the same for 'leading', and for 'trailing' when num_steps divides
+  T, up to one timestep off for 'trailing' otherwise, and off the grid for 'linspace',
+  whose points are (T - 1) / (num_steps - 1) apart: 999 -> 899 where the grid's next
+  point is 888 at 10 steps.)
   The remaining keywords match `schedules.SamplingConfig`'s fields. final_alpha_cumprod
   (diffusers' set_alpha_to_one) is a DDIM setting: DDPM and DPM-Solver always end at
   abar = 1, on x_0 itself, as diffusers' DDPMScheduler and DPM-Solver
-  (final_sigmas_type="zero") do, whatever the scheduler config says.
+  (final_sigmas_type="zero") do, whatever the scheduler config says; clip_sample is
+  ignored by DPM-Solver, as by diffusers' DPMSolverMultistepScheduler.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -260,12 +265,21 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
     final_alpha_cumprod = 1.0
   final = jnp.float32(final_alpha_cumprod)
   if sampler == "dpmpp_2m":
+    if len(set(timesteps)) != n:
+      # A repeated timestep is a step of h = 0: the next 2nd-order step divides by it.
+      raise ValueError(f"dpmpp_2m: the timestep grid of {n} steps repeats timesteps "
+                       f"({timestep_spacing or 'linspace'} spacing over "
+                       f"{schedule.num_train_timesteps}); use fewer steps")
     # A zero-terminal-SNR schedule (rescale_betas_zero_snr) has abar = 0 at T - 1: an
     # infinite log-SNR, which drops the second step's 2nd-order term. diffusers'
-    # DPMSolverMultistepScheduler puts 2^-24 there; other schedules are above it.
+    # DPMSolverMultistepScheduler puts 2^-24 there; other schedules keep their value
+    # (the cosine schedule's 2.4e-9 is below 2^-24).
     abar = schedule.alphas_cumprod
     schedule = schedule.replace(alphas_cumprod=abar.at[-1].set(
-        jnp.maximum(abar[-1], 2.0 ** -24)))
+        jnp.where(abar[-1] > 0, abar[-1], 2.0 ** -24)))
+    # DPMSolverMultistepScheduler never clips x0, whatever a DDIM config it is built
+    # from says (clip_sample is a DDIM / DDPM setting).
+    clip_sample = None
   x, state = x_T, dpmpp_2m_init(x_T)
   for i in tqdm(range(n), desc=sampler, disable=not progress):
     t, t_next = jnp.int32(timesteps[i]), jnp.int32(nexts[i])

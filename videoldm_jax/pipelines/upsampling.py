@@ -31,7 +31,8 @@ def _jitted(config: UpsamplerConfig):
     return unet.apply({"params": params}, um.model_input(x_t, cond), t, None, labels)
 
   def cond_fn(aug_schedule, vae_params, lowres, level, noise):
-    return q_sample(aug_schedule, um.conditioning(config, vae_params, lowres), level, noise)
+    # Noised at low resolution, then upsampled (and encoded), as in training.
+    return um.conditioning(config, vae_params, q_sample(aug_schedule, lowres, level, noise))
 
   decode = lambda vae_params, z: um.decode(config.vae, vae_params, z)
   return jax.jit(denoise), jax.jit(cond_fn), jax.jit(decode)
@@ -91,7 +92,7 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   # One fixed level for every frame and video, as in training (per video there).
   # Clipped: decoded frames overshoot [-1, 1] a little; training inputs never do.
   cond = cond_fn(aug_schedule, vae_params, jnp.clip(um.to_float(lowres), -1.0, 1.0), levels,
-                 _noise(jax.random.fold_in(key, 1), shape, first_frame))
+                 _noise(jax.random.fold_in(key, 1), lowres.shape, first_frame))
   x_T = _noise(jax.random.fold_in(key, 0), shape, first_frame)
   unet_params = params["unet"]
   denoise_fn = lambda x, tt: denoise(unet_params, x, cond, tt, levels)

@@ -2,18 +2,19 @@
 video, conditioned on the noise-augmented low-resolution clip, with temporal layers.
 
 Each step, for a batch of clips `video` uint8 (B, T, H, W, 3):
-  1. low-res clip = `scale`x area-downsampling of the clip; conditioning c = that clip
-     upsampled back to H x W (nearest or bilinear), i.e. exactly what full-frame
-     sampling sees;
-  2. one random patch_size x patch_size window per video (the same for all its
-     frames, offsets on the low-res grid) is cut from the clip and from c: training
-     runs on patches, sampling on full frames with the same weights (the UNet is
-     fully convolutional);
-  3. latent space only: both go through the frozen VAE (x0 a posterior sample, c the
-     mean);
-  4. c is noised with q(c_s | c) of the augmentation schedule at a level s drawn
+  1. low-res clip = `scale`x area-downsampling of the clip;
+  2. it is noised with q(x_s | x) of the augmentation schedule at a level s drawn
      uniformly in [0, max_noise_level), ONE s per video, shared by its frames; s is
-     the UNet's class label;
+     the UNet's class label. As in SD's x4 upscaler, the noise is drawn per low-res
+     pixel (noise drawn after upsampling would be independent within each scale x
+     scale block, and the model could average it away);
+  3. conditioning c = the noised clip upsampled back to H x W (nearest or bilinear),
+     i.e. exactly what full-frame sampling sees; one random patch_size x patch_size
+     window per video (the same for all its frames, offsets on the low-res grid) is
+     cut from the clip and from c: training runs on patches, sampling on full frames
+     with the same weights (the UNet is fully convolutional);
+  4. latent space only: both go through the frozen VAE (x0 a posterior sample, c the
+     mean);
   5. the usual denoising loss on x0 with tau per video, v-prediction by default.
 
 mode 'full' trains the whole UNet, mode 'temporal' only phi with theta taken from an
@@ -73,14 +74,14 @@ def random_patches(key: jax.Array, videos: tuple[jax.Array, ...], patch_size: in
   return tuple(jax.vmap(cut)(v, oy, ox) for v in videos)
 
 
-def noise_augment(aug_schedule: NoiseSchedule, cond: jax.Array, key: jax.Array,
+def noise_augment(aug_schedule: NoiseSchedule, lowres: jax.Array, key: jax.Array,
                   max_noise_level: int) -> tuple[jax.Array, jax.Array]:
-  """c (B, T, H, W, C) -> (c_s = alpha_s c + sigma_s eps, s (B,) int32), with s drawn
-  uniformly in [0, max_noise_level) once per video: every frame of a video gets the
-  same level (q_sample broadcasts the (B,) coefficients over T, H, W, C)."""
+  """Low-res clips (B, T, h, w, C) -> (alpha_s x + sigma_s eps, s (B,) int32), with s
+  drawn uniformly in [0, max_noise_level) once per video: every frame of a video gets
+  the same level (q_sample broadcasts the (B,) coefficients over T, h, w, C)."""
   k_level, k_noise = jax.random.split(key)
-  level = jax.random.randint(k_level, (cond.shape[0],), 0, max_noise_level, jnp.int32)
-  return q_sample(aug_schedule, cond, level, gaussian_noise(k_noise, cond.shape)), level
+  level = jax.random.randint(k_level, (lowres.shape[0],), 0, max_noise_level, jnp.int32)
+  return q_sample(aug_schedule, lowres, level, gaussian_noise(k_noise, lowres.shape)), level
 
 
 def prepare_batch(model: um.UpsamplerConfig, aug_schedule: NoiseSchedule,
@@ -88,24 +89,23 @@ def prepare_batch(model: um.UpsamplerConfig, aug_schedule: NoiseSchedule,
                   patch_size: int) -> dict:
   """Steps 1-4 of the module docstring: uint8 clips (B, T, H, W, 3) -> dict of
     x0          (B, T, p, p, C) the high-res patch (or its latent; p = patch_size / f)
-    cond_clean  (B, T, p, p, C) the upsampled low-res patch (or its latent)
-    cond        (B, T, p, p, C) the same, noise-augmented: the UNet's extra input
+    cond        (B, T, p, p, C) the noise-augmented low-res patch, upsampled (or its
+                latent): the UNet's extra input
     noise_level (B,) int32 the augmentation level of each video (its class label)
-    lowres      (B, T, H/scale, W/scale, 3) the whole low-res clips
+    lowres      (B, T, H/scale, W/scale, 3) the whole clean low-res clips
   """
   k_crop, k_vae, k_aug = jax.random.split(key, 3)
   hr = um.to_float(video)
   lowres = um.area_downsample(hr, model.scale)
-  up = um.upsample(lowres, model.scale, model.upsample_method)
+  noisy, level = noise_augment(aug_schedule, lowres, k_aug, model.max_noise_level)
+  up = um.upsample(noisy, model.scale, model.upsample_method)
   hr_patch, up_patch = random_patches(k_crop, (hr, up), patch_size, model.scale)
   if model.space == "latent":
     x0 = um.encode(model.vae, vae_params, hr_patch, k_vae)
-    clean = um.encode(model.vae, vae_params, up_patch, None)
+    cond = um.encode(model.vae, vae_params, up_patch, None)
   else:
-    x0, clean = hr_patch, up_patch
-  cond, level = noise_augment(aug_schedule, clean, k_aug, model.max_noise_level)
-  return {"x0": x0, "cond_clean": clean, "cond": cond, "noise_level": level,
-          "lowres": lowres}
+    x0, cond = hr_patch, up_patch
+  return {"x0": x0, "cond": cond, "noise_level": level, "lowres": lowres}
 
 
 def make_stage(model: um.UpsamplerConfig, mode: str, patch_size: int,
