@@ -39,19 +39,32 @@ def _params(ldm):
   return {**IMAGE.params, "unet": traverse_util.unflatten_dict(unet)}
 
 
-def _one_step(compute_dtype="float32", remat="none", grad_accum=1):
+def _setup(compute_dtype="float32", remat="none", grad_accum=1, tx=None):
+  """(stage, params, initial state, jitted step); tx defaults to OPTIM's AdamW."""
   ldm = VideoLDM.from_pretrained(IMAGE, TemporalConfig(), compute_dtype, remat)
   stage = keyframe.make_stage(ldm, keyframe.KeyframeOptions(), None)
-  tx = optim.make_optimizer(OPTIM)
+  tx = tx or optim.make_optimizer(OPTIM)
   params = _params(ldm)
   trainable, frozen = step_lib.split(params, stage.is_trainable)
   state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                               frozen=frozen, opt_state=tx.init(trainable), ema=trainable,
                               skipped=jnp.zeros((), jnp.int32))
   fn = step_lib.build_train_step(stage, tx, seed=0, grad_accum=grad_accum)
-  new_state, metrics = fn(jax.tree_util.tree_map(jnp.asarray, state),
-                          {"latents": jnp.asarray(LATENTS)})
+  return stage, params, jax.tree_util.tree_map(jnp.asarray, state), fn
+
+
+def _one_step(**kw):
+  stage, params, state, fn = _setup(**kw)
+  new_state, metrics = fn(state, {"latents": jnp.asarray(LATENTS)})
   return stage, params, new_state, metrics
+
+
+def _program_ops(**kw) -> int:
+  """Convolutions, dots and C++ kernel calls in the step's lowered program."""
+  _, _, state, fn = _setup(**kw)
+  text = fn.lower(state, {"latents": jnp.asarray(LATENTS)}).as_text()
+  return sum(text.count(op) for op in ("stablehlo.convolution", "stablehlo.dot_general",
+                                       "custom_call"))
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +80,41 @@ def test_remat_policies_change_memory_not_results(reference, remat):
   for a, b in zip(jax.tree_util.tree_leaves(state.trainable),
                   jax.tree_util.tree_leaves(ref_state.trainable)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  # What is not saved is recomputed in the backward pass: the program holds more
+  # convolutions / dots ('dots' keeps matmul outputs but recomputes the convolutions).
+  assert _program_ops(remat=remat) > _program_ops(remat="none")
 
 
-def test_gradient_accumulation_averages_microbatch_losses():
-  stage, params, _, metrics = _one_step(grad_accum=2)
+def test_ema_after_the_first_step(reference):
+  # build_train_step's warm-up decay min(ema_decay, (1 + step) / (10 + step)) is 0.1 at
+  # step 0, so the EMA moves 90% of the way from the initial to the updated weights.
+  stage, params, state, _ = reference
+  init, _ = step_lib.split(params, stage.is_trainable)
+  for e, p0, p1 in zip(jax.tree_util.tree_leaves(state.ema), jax.tree_util.tree_leaves(init),
+                       jax.tree_util.tree_leaves(state.trainable)):
+    np.testing.assert_allclose(np.asarray(e), 0.1 * np.asarray(p0) + 0.9 * np.asarray(p1),
+                               rtol=1e-5, atol=1e-7)
+  assert any(not np.array_equal(np.asarray(e), np.asarray(p0)) for e, p0 in zip(
+      jax.tree_util.tree_leaves(state.ema), jax.tree_util.tree_leaves(init)))
+
+
+def test_gradient_accumulation_averages_microbatch_losses_and_gradients():
   # Microbatch i of step 0 holds rows i, i + 2 and uses key
-  # fold_in(fold_in(key(seed), 0), i).
+  # fold_in(fold_in(key(seed), 0), i). With SGD at lr 1 the update is minus the
+  # mean of the microbatches' gradients.
+  stage, params, state, fn = _setup(grad_accum=2, tx=optax.sgd(1.0))
+  init, frozen = step_lib.split(params, stage.is_trainable)
+  new_state, metrics = fn(state, {"latents": jnp.asarray(LATENTS)})
   key = jax.random.fold_in(jax.random.key(0), 0)
-  expected = np.mean([float(stage.loss_fn(params, {"latents": LATENTS[i::2]},
-                                          jax.random.fold_in(key, i))[0]) for i in range(2)])
+  micro = [({"latents": LATENTS[i::2]}, jax.random.fold_in(key, i)) for i in range(2)]
+  expected = np.mean([float(stage.loss_fn(params, b, k)[0]) for b, k in micro])
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+  grads = [jax.grad(lambda t: stage.loss_fn(step_lib.merge(t, frozen), b, k)[0])(init)
+           for b, k in micro]
+  want = jax.tree_util.tree_map(lambda p, g0, g1: p - (g0 + g1) / 2, init, *grads)
+  for a, b in zip(jax.tree_util.tree_leaves(new_state.trainable),
+                  jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_accumulation_keeps_every_device_busy():
@@ -102,7 +140,11 @@ def test_gradient_accumulation_keeps_every_device_busy():
 
 def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):
   _, _, _, ref_metrics = reference
-  _, _, state, metrics = _one_step(compute_dtype="bfloat16")
+  stage, params, state, metrics = _one_step(compute_dtype="bfloat16")
+  # The UNet's matmuls run in bf16 (nothing in the float32 step does).
+  jaxpr = lambda s: str(jax.make_jaxpr(lambda p: s.loss_fn(
+      p, {"latents": LATENTS}, jax.random.key(0))[0])(params))
+  assert "bf16[" in jaxpr(stage) and "bf16[" not in jaxpr(reference[0])
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.trainable))
   assert bool(metrics["finite"])
   np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=0.05)
