@@ -8,6 +8,7 @@ from videoldm_jax import pretrained
 from videoldm_jax.data import latent_cache
 from videoldm_jax.data.cache_latents import cache_examples, encode_examples
 from videoldm_jax.data.procedural import make_clip
+from videoldm_jax.models.vae import AutoencoderKL
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
 
 MODEL = ml_collections.ConfigDict(dict(
@@ -50,6 +51,18 @@ def test_round_trip_equals_fresh_encode(setup):
     np.testing.assert_array_equal(rec["latents"], fresh[i]["latents"])
     np.testing.assert_array_equal(rec["context"], fresh[i]["context"])
     assert rec["latents"].dtype == np.float32
+  # And what the key-frame stage encodes on the fly (its pixels -> [-1, 1], the VAE
+  # posterior's mean, shifted and scaled), computed here without the cache's code.
+  video = np.stack([ex["video"] for ex in _examples(5)])
+  mean, _ = AutoencoderKL(model.vae_config).apply(
+      {"params": model.params["vae"]},
+      video.reshape((-1,) + video.shape[2:]).astype(np.float32) / 127.5 - 1.0,
+      method=AutoencoderKL.encode)
+  c = model.vae_config
+  want = ((np.asarray(mean) - c.shift_factor) * c.scaling_factor).reshape(
+      video.shape[:2] + mean.shape[1:])
+  np.testing.assert_allclose(np.stack([src[i]["latents"] for i in range(5)]), want,
+                             rtol=1e-5, atol=1e-5)
 
 
 def _check(info, model, **kw):

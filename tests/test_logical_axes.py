@@ -92,7 +92,7 @@ def test_mesh_errors_are_specific():
 def test_multi_slice_mesh_puts_only_dcn_axes_across_granules():
   # On CPU the granules are processes: with one process every device is one granule,
   # so asking for 2 slices must fail clearly rather than build a wrong layout.
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="slices"):
     sharding.make_mesh({"fsdp": -1}, dcn_shape={"data": 2})
   mesh = sharding.make_mesh({"fsdp": -1}, dcn_shape={"data": 1})
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}

@@ -113,8 +113,9 @@ def test_cli_builds(tiny, capsys):
   cli_main(["--config=tiny", f"--data_dir={data_dir}"])
   out = capsys.readouterr().out
   assert "procedural_driving/tiny" in out and "'train': 64" in out
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as exit_info:
     cli_main(["--config=huge", f"--data_dir={data_dir}"])
+  assert exit_info.value.code not in (0, None)
 
 
 def test_cli_writes_reference_clips_at_the_training_size(tiny, tmp_path):
@@ -128,9 +129,10 @@ def test_cli_writes_reference_clips_at_the_training_size(tiny, tmp_path):
   clip = np.load(tmp_path / "validation_00001.npy")
   assert stored.shape[1:3] == (TINY.height, TINY.width) != clip.shape[1:3] == (32, 32)
   np.testing.assert_array_equal(clip, resize_and_crop(np.asarray(stored), 32, 32, "center"))
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as exit_info:
     cli_main(["--config=tiny", f"--data_dir={data_dir}", f"--write_clips={tmp_path}",
               "--height=32"])
+  assert exit_info.value.code not in (0, None)
 
 
 def test_unknown_config_is_a_clear_error(tmp_path):

@@ -183,3 +183,19 @@ def test_learning_rate_schedule_warmup_and_none():
   # No warmup: the first update already uses lr (not 0), decaying to the same end.
   none = optim.learning_rate(cfg(0))
   np.testing.assert_allclose([float(none(s)) for s in (0, 10)], [1e-3, 1e-4], rtol=1e-6)
+
+
+def test_optimizer_clips_the_global_gradient_norm():
+  # Adam's first update is -lr g / (|g| + eps) per element (bias-corrected m = g,
+  # v = g^2); with eps = 1 it depends on the gradient's scale, so clipping shows.
+  cfg = OPTIM.copy_and_resolve_references()
+  cfg.eps, cfg.weight_decay, cfg.warmup_steps = 1.0, 0.0, 0  # lr(0) = lr, not 0
+  tx = optim.make_optimizer(cfg)
+  g = {"w": jnp.array([3.0, 4.0])}  # global norm 5 -> [0.6, 0.8] after clipping to 1
+  update, _ = tx.update(g, tx.init(g), g)
+  lr = float(optim.learning_rate(cfg)(0))
+  assert lr == pytest.approx(cfg.lr)
+  clipped = np.array([0.6, 0.8])
+  # (float32: Adam's bias corrections round at ~3e-6; unclipped would be -lr [0.75, 0.8].)
+  np.testing.assert_allclose(np.asarray(update["w"]), -lr * clipped / (clipped + 1.0),
+                             rtol=2e-5)

@@ -93,13 +93,19 @@ def test_unet_parity_diffusers_folder_and_single_file(cfg, tmp_path):
 
 @pytest.mark.parametrize("implementation, platform", [("auto", "cpu"), ("blocked", "cpu"),
                                                      ("blocked", "tpu")])
-def test_unet_parity_with_long_attention_paths(tmp_path, implementation, platform):
+def test_unet_parity_with_long_attention_paths(tmp_path, monkeypatch, implementation,
+                                              platform):
   # 32 x 32 latents: 1024 x 1024 self-attention logits per head at the first level take
   # a long-sequence path: on a CPU by default the C++ kernel (models/native_attention.py),
   # with attention="blocked" XLA's blocked loop in its CPU layout (one batch x head at a
   # time), and traced for a TPU the accelerator layout (heads in a loop, the batch
   # vmapped); each must still be diffusers' UNet to 1e-4.
-  from videoldm_jax.models import attention, native_attention
+  from videoldm_jax.models import attention, blocked_attention, native_attention
+  called = set()
+  for name in ("blocked_attention", "blocked_attention_batched"):
+    original = getattr(blocked_attention, name)
+    monkeypatch.setattr(blocked_attention, name, lambda *a, _f=original, _n=name: (
+        called.add(_n), _f(*a))[1])
   attention.set_implementation(implementation, platform)
   try:
     kernel = implementation == "auto" and native_attention.available()
@@ -112,6 +118,9 @@ def test_unet_parity_with_long_attention_paths(tmp_path, implementation, platfor
   finally:
     attention.set_implementation("auto")
   assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < 1e-4
+  if implementation == "blocked":  # the layout the platform's path takes was traced
+    assert called == {"blocked_attention_batched" if platform == "tpu"
+                      else "blocked_attention"}, called
 
 
 def test_vae_parity_encode_decode_both_routes(tmp_path):

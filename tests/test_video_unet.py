@@ -70,6 +70,7 @@ def test_alpha_one_gives_the_image_model_bitwise(video_params, frames):
   # The image-only flag acts per frame: flagged frames are image frames.
   flags = jnp.zeros(x.shape[:2], bool).at[:, 0].set(True)
   mixed = apply({"params": video_params}, x, t, ctx, None, flags)
+  np.testing.assert_array_equal(np.asarray(mixed[:, 0]), np.asarray(ref[:, 0]))
   if frames > 1:
     assert not np.allclose(mixed[:, 1:], ref[:, 1:])
 
