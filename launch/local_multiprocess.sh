@@ -9,20 +9,28 @@
 # others stop at the same step. SIGTERM / SIGINT to this script go to the commands,
 # followed by SIGKILL after STOP_GRACE seconds (60) for any still running; it exits
 # 143 when they all stopped, or with the first failure's status. Needs bash >= 5.1
-# (wait -n -p).
+# (wait -n -p; checked at the start, exit 2). The command runs in the caller's working
+# directory: relative --config / --workdir paths mean what they mean there.
 #
 #   bash launch/local_multiprocess.sh [--num_processes=2] [--devices_per_process=2] \
 #       [--port=PORT] [--dry_run] -- videoldm-train --config=configs/keyframe_tiny.py \
 #       --workdir="work/mp run"
 #
 # Variables (flags override): NUM_PROCESSES (2), DEVICES_PER_PROCESS (2), PORT (a free
-# port from 20000-29999), VENV (.venv: activated when it exists).
+# port from 20000-29999), VENV (activated when it exists; default: .venv of the checkout
+# this script is in, wherever it is called from).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
+  echo "local_multiprocess.sh: needs bash >= 5.1 (wait -n -p); this is bash" \
+    "$BASH_VERSION" >&2
+  exit 2
+fi
+# The checkout, for the default VENV. No `cd`: the commands run in the caller's folder.
+checkout=$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)
 NUM_PROCESSES=${NUM_PROCESSES:-2}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-2}
 PORT=${PORT:-$((20000 + RANDOM % 10000))}
-VENV=${VENV:-.venv}
+VENV=${VENV:-$checkout/.venv}
 STOP_GRACE=${STOP_GRACE:-60}
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -40,6 +48,14 @@ if [ $# -eq 0 ]; then
   echo "local_multiprocess.sh: no command given after --" >&2
   exit 2
 fi
+for var in NUM_PROCESSES DEVICES_PER_PROCESS; do
+  case "${!var}" in
+    '' | *[!0-9]* | 0*)
+      echo "local_multiprocess.sh: --${var,,} / $var must be a positive integer," \
+        "got '${!var}'" >&2
+      exit 2 ;;
+  esac
+done
 if [ -f "$VENV/bin/activate" ] && [ "$DRY_RUN" = 0 ]; then
   # shellcheck disable=SC1090,SC1091
   . "$VENV/bin/activate"
@@ -83,14 +99,33 @@ on_signal() {
 trap on_signal INT TERM
 # wait -n: a process that fails early stops the rest at once (they would otherwise sit
 # in a collective until its timeout). -p names the job that ended: a trapped signal
-# also ends the wait, with no job. Every status is collected; the first failure wins
-# over stops (143).
+# also ends the wait, with no job and a status above 128. No job otherwise (wait -n -p
+# unsupported, or no children left) would make this loop spin: fatal. Every status is
+# collected; the first failure wins over stops (143).
+fatal() {  # stops everything for good: SIGKILL to the commands, then exit 2
+  echo "local_multiprocess.sh: $1; killing the processes" >&2
+  [ -z "$killer" ] || kill "$killer" 2>/dev/null || true
+  # A command started just now may not have its pid file yet: give them a moment.
+  for ((t = 0; t < 50; t++)); do
+    n=0
+    for f in "$pid_dir"/pid.*; do if [ -s "$f" ]; then n=$((n + 1)); fi; done
+    [ "$n" -lt "$NUM_PROCESSES" ] || break
+    sleep 0.1
+  done
+  signal_all KILL
+  builtin wait 2>/dev/null || true
+  rm -rf "$pid_dir"
+  exit 2
+}
 left=$NUM_PROCESSES
 while [ "$left" -gt 0 ]; do
   rc=0
   job=""
   wait -n -p job || rc=$?
-  [ -n "${job:-}" ] || continue
+  if [ -z "${job:-}" ]; then
+    if [ "$rc" -gt 128 ]; then continue; fi  # a trapped signal (on_signal has run)
+    fatal "wait -n -p ended (exit $rc) without naming a process (bash $BASH_VERSION)"
+  fi
   [ "$job" != "$killer" ] || continue
   left=$((left - 1))
   if [ "$rc" = 143 ]; then

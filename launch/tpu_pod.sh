@@ -18,13 +18,17 @@
 #   ZONE              Cloud zone of the slice (required)
 #   PROJECT           Cloud project; default: gcloud's configured project
 #   ACCELERATOR_TYPE  e.g. v5litepod-64, v5p-128; used only when creating (default v5p-8)
-#   RUNTIME_VERSION   TPU VM image used when creating (default v2-alpha-tpuv5)
+#   RUNTIME_VERSION   TPU VM image used when creating; default by ACCELERATOR_TYPE:
+#                     v5litepod-* (v5e) v2-alpha-tpuv5-lite, v5p-* v2-alpha-tpuv5,
+#                     v6e-* v2-alpha-tpuv6e, v2-* / v3-* / v4-* tpu-ubuntu2204-base
+#                     (another type: set it)
 #   SPOT              1 = create a spot (preemptible) slice; the trainer checkpoints on
 #                     SIGTERM, exits 143, and resumes when the same command is re-run
 #   CODE              "copy" (default): scp this checkout's committed files (HEAD;
 #                     uncommitted edits are not copied, with a warning);
 #                     "clone": git clone REPO_URL at REPO_REF on every worker (a later
-#                     run fetches and checks out REPO_REF there)
+#                     run fetches and checks out REPO_REF there); anything else is an
+#                     error
 #   REPO_URL, REPO_REF  for CODE=clone (default ref: main)
 #   REMOTE_DIR        where the code lives on the workers, relative to the home folder
 #                     (default videoldm-jax). Updating the code there never deletes
@@ -49,9 +53,22 @@ fi
 : "${TPU_NAME:?set TPU_NAME (the TPU VM slice name)}"
 : "${ZONE:?set ZONE (e.g. us-east5-a)}"
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5p-8}
-RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5}
+if [ -z "${RUNTIME_VERSION:-}" ]; then
+  case "$ACCELERATOR_TYPE" in
+    v5litepod-*) RUNTIME_VERSION=v2-alpha-tpuv5-lite ;;  # v5e
+    v5p-*) RUNTIME_VERSION=v2-alpha-tpuv5 ;;
+    v6e-*) RUNTIME_VERSION=v2-alpha-tpuv6e ;;
+    v2-* | v3-* | v4-*) RUNTIME_VERSION="tpu-ubuntu2204-base" ;;
+    *) echo "tpu_pod.sh: no default RUNTIME_VERSION for" \
+         "ACCELERATOR_TYPE=$ACCELERATOR_TYPE; set RUNTIME_VERSION" >&2; exit 2 ;;
+  esac
+fi
 SPOT=${SPOT:-0}
 CODE=${CODE:-copy}
+case "$CODE" in
+  copy | clone) ;;
+  *) echo "tpu_pod.sh: CODE must be copy or clone, got '$CODE'" >&2; exit 2 ;;
+esac
 REPO_REF=${REPO_REF:-main}
 REMOTE_DIR=${REMOTE_DIR:-videoldm-jax}
 REMOTE_DIR=${REMOTE_DIR#\~/}  # ssh starts in the home folder; "~" would be quoted away

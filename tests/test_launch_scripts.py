@@ -13,13 +13,27 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 USER_CMD = ["videoldm-train", "--config=configs/keyframe_sd15.py", "--workdir=/runs/kf 1"]
+# Set inside a Slurm job: they would change gpu_slurm.sbatch's defaults.
+_HOST_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "GPUS_PER_NODE")
+
+
+def _env(extra=None):
+  return {**{k: v for k, v in os.environ.items() if k not in _HOST_VARS}, **(extra or {})}
 
 
 def _dry(script, *args, env=None):
   out = subprocess.run(["bash", script, "--dry_run", *args, "--", *USER_CMD], cwd=ROOT,
-                       env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                       check=True)
+                       env=_env(env), capture_output=True, text=True, check=True)
   return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("#")]
+
+
+def _refused(script, *args, env=None):
+  """`script --dry_run ARGS -- USER_CMD` run expecting exit 2: its stderr."""
+  out = subprocess.run(["bash", script, "--dry_run", *args, "--", *USER_CMD], cwd=ROOT,
+                       env=_env(env), capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2, (out.returncode, out.stderr)
+  assert out.stdout == ""  # refused before printing (or running) anything
+  return out.stderr
 
 
 def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
@@ -56,6 +70,31 @@ def test_tpu_pod_can_clone_instead_of_copy():
   assert "fetch" in clone and "rm" not in clone
 
 
+def test_tpu_pod_rejects_an_unknown_code_mode():
+  # CODE=clonee used to copy the local checkout as if it were "copy".
+  err = _refused("launch/tpu_pod.sh", env=dict(TPU_NAME="v", ZONE="z", CODE="clonee",
+                                                REPO_URL="https://example.org/r.git"))
+  assert "CODE" in err and "clonee" in err
+
+
+def test_tpu_pod_runtime_follows_the_accelerator_type():
+  # v5e (v5litepod-*) needs the -lite image; v2-alpha-tpuv5 is v5p's.
+  env = dict(TPU_NAME="v", ZONE="z")
+  for accelerator, runtime in [("v5litepod-64", "v2-alpha-tpuv5-lite"),
+                               ("v5p-128", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e"),
+                               ("v4-32", "tpu-ubuntu2204-base")]:
+    create = _dry("launch/tpu_pod.sh", env={**env, "ACCELERATOR_TYPE": accelerator})[0]
+    assert f"--accelerator-type={accelerator}" in create
+    assert f"--version={runtime}" in create, accelerator
+  (create, *_) = _dry("launch/tpu_pod.sh", env=env)  # default v5p-8
+  assert "--version=v2-alpha-tpuv5" in create
+  (create, *_) = _dry("launch/tpu_pod.sh", env={**env, "ACCELERATOR_TYPE": "v5litepod-8",
+                                                "RUNTIME_VERSION": "my-image"})
+  assert "--version=my-image" in create  # set explicitly: used as it is
+  err = _refused("launch/tpu_pod.sh", env={**env, "ACCELERATOR_TYPE": "v9x-8"})
+  assert "RUNTIME_VERSION" in err and "v9x-8" in err
+
+
 def test_tpu_pod_requires_its_variables():
   out = subprocess.run(["bash", "launch/tpu_pod.sh", "--dry_run", "--", "true"], cwd=ROOT,
                        env={k: v for k, v in os.environ.items() if k != "TPU_NAME"},
@@ -70,6 +109,28 @@ def test_slurm_one_process_per_gpu_or_per_node():
   assert per_gpu[-3:] == USER_CMD  # passed as separate words through `bash -c ... "$@"`
   (per_node,) = _dry("launch/gpu_slurm.sbatch", env=dict(MODE="per_node", GPUS_PER_NODE="4"))
   assert per_node[2:4] == ["--ntasks-per-node=1", "--gpus-per-task=4"]
+
+
+def test_slurm_gpus_per_node_follows_the_allocation():
+  # `#SBATCH --gpus-per-node=8` fixes the allocation unless sbatch is given
+  # --gpus-per-node=N: GPUS_PER_NODE defaults to what Slurm allocated, and one that
+  # differs from it (GPUS_PER_NODE=4 alone, on 8-GPU allocations) is refused.
+  header = (ROOT / "launch/gpu_slurm.sbatch").read_text()
+  assert "#SBATCH --gpus-per-node=8" in header.splitlines()
+  assert "sbatch --gpus-per-node=N" in header  # documented
+  (line,) = _dry("launch/gpu_slurm.sbatch", env=dict(SLURM_GPUS_ON_NODE="4"))
+  assert line[2:4] == ["--ntasks-per-node=4", "--gpus-per-task=1"]
+  (line,) = _dry("launch/gpu_slurm.sbatch", env=dict(SLURM_GPUS_PER_NODE="h100:2"))
+  assert line[2] == "--ntasks-per-node=2"
+  (line,) = _dry("launch/gpu_slurm.sbatch", env=dict(SLURM_GPUS_ON_NODE="4",
+                                                     GPUS_PER_NODE="4", MODE="per_node"))
+  assert line[2:4] == ["--ntasks-per-node=1", "--gpus-per-task=4"]
+  err = _refused("launch/gpu_slurm.sbatch", env=dict(SLURM_GPUS_ON_NODE="8",
+                                                     GPUS_PER_NODE="4"))
+  assert "GPUS_PER_NODE=4" in err and "allocated 8" in err and "--gpus-per-node=4" in err
+  for bad in ("0", "four"):
+    assert "GPUS_PER_NODE" in _refused("launch/gpu_slurm.sbatch",
+                                       env=dict(GPUS_PER_NODE=bad))
 
 
 def _fake_tools(tmp_path: Path, srun_status: int) -> Path:
@@ -99,8 +160,9 @@ def test_slurm_requeues_a_run_stopped_at_a_checkpoint(tmp_path):
     run_dir = tmp_path / str(i)
     run_dir.mkdir()
     bin_dir = _fake_tools(run_dir, status)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
-           "SLURM_SUBMIT_DIR": str(ROOT), "REQUEUE": requeue, "SLURM_RESTART_COUNT": restarts}
+    env = _env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+                "SLURM_SUBMIT_DIR": str(ROOT), "REQUEUE": requeue,
+                "SLURM_RESTART_COUNT": restarts})
     out = subprocess.run(["bash", "launch/gpu_slurm.sbatch", "--", *USER_CMD], cwd=ROOT,
                          env=env, capture_output=True, text=True)
     assert out.returncode == status, out.stderr
@@ -188,3 +250,62 @@ def test_local_multiprocess_kills_what_a_stop_does_not_end(tmp_path):
     with pytest.raises(ProcessLookupError):
       os.kill(int(f.read_text()), 0)
 
+
+
+def test_local_multiprocess_rejects_process_and_device_counts_below_one():
+  # --num_processes=0 used to run nothing and exit 0.
+  for args, env in [(["--num_processes=0"], {}), (["--devices_per_process=0"], {}),
+                    (["--num_processes=two"], {}), (["--num_processes=-1"], {}),
+                    ([], {"NUM_PROCESSES": "0"}), ([], {"DEVICES_PER_PROCESS": "1.5"})]:
+    out = subprocess.run(["bash", "launch/local_multiprocess.sh", *args, "--", "echo", "hi"],
+                         cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, (args, env, out.stderr)
+    assert "must be a positive integer" in out.stderr and out.stdout == "", (args, env)
+
+
+def test_local_multiprocess_runs_in_the_callers_folder(tmp_path):
+  # Relative --config / --workdir paths mean the caller's folder, not the checkout's;
+  # the default VENV is still the .venv next to the script's launch/ folder. A copy of
+  # the script in a fake checkout, called from another folder with a .venv of its own.
+  checkout, caller = tmp_path / "checkout", tmp_path / "caller"
+  (checkout / "launch").mkdir(parents=True)
+  script = checkout / "launch/local_multiprocess.sh"
+  script.write_text((ROOT / "launch/local_multiprocess.sh").read_text())
+  for folder in (checkout, caller):
+    (folder / ".venv/bin").mkdir(parents=True)
+    (folder / ".venv/bin/activate").write_text(f"export WHICH_VENV={folder.name}\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("VENV", "WHICH_VENV")}
+  # bash -c: the appended --coordinator_address etc. become $1... and are ignored.
+  subprocess.run(["bash", str(script), "--num_processes=1", "--", "bash", "-c",
+                  'printf "%s\\n%s\\n" "$PWD" "$WHICH_VENV" > "$0"', "where.txt"],
+                 cwd=caller, env=env, capture_output=True, text=True, check=True, timeout=60)
+  where, venv = (caller / "where.txt").read_text().splitlines()
+  assert Path(where).resolve() == caller.resolve()
+  assert venv == "checkout"
+
+
+def test_local_multiprocess_stops_when_wait_names_no_process(tmp_path):
+  # bash 5.0 has no `wait -n -p` (rc 2, no job): the launcher spun for ever, deaf to
+  # SIGTERM (trapped). bash >= 5.1 is checked at the start; a wait that still names no
+  # process (other than a trapped signal's) must kill the commands and exit non-zero.
+  # The `wait` below (an exported function wins over the builtin) rejects -p as bash
+  # 5.0 does, once both processes are up.
+  fake_wait = ('wait() { if [ "$1" = -n ] && [ "$2" = -p ]; then '
+               'while [ ! -s "$UP/0" ] || [ ! -s "$UP/1" ]; do sleep 0.05; done; '
+               'return 2; fi; builtin wait "$@"; }; export -f wait; '
+               'exec bash launch/local_multiprocess.sh --num_processes=2 -- "$@"')
+  script = ("import os, pathlib, sys, time\n"
+            "i = [a for a in sys.argv if a.startswith('--process_id=')][0][13:]\n"
+            "pathlib.Path(sys.argv[1], i).write_text(str(os.getpid()))\n"
+            "time.sleep(60)\n")
+  t0 = time.monotonic()
+  out = subprocess.run(["bash", "-c", fake_wait, "_", sys.executable, "-c", script,
+                        str(tmp_path)], cwd=ROOT, env={**os.environ, "UP": str(tmp_path)},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2, out.stderr
+  assert "without naming a process" in out.stderr
+  assert time.monotonic() - t0 < 30  # not the 60 s sleep
+  for f in tmp_path.iterdir():
+    with pytest.raises(ProcessLookupError):
+      os.kill(int(f.read_text()), 0)
