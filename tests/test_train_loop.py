@@ -26,7 +26,7 @@ STEPS, EVERY = 24, 3
 FLAGS = [f"--config.train.num_steps={STEPS}", f"--config.train.ckpt_every={EVERY}",
          "--config.train.log_every=1", "--config.train.export=false",
          "--config.data.num_frames=4", "--config.data.height=16", "--config.data.width=16",
-         "--config.sample.every=0"]
+         "--config.sample.every=0", "--config.train.keep=100", "--config.train.keep_best=1"]
 
 
 ROOT = Path(__file__).parents[1]
@@ -72,6 +72,12 @@ def _final_state(workdir: Path) -> dict:
   return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
 
 
+def _ranked(workdir: Path) -> dict:
+  """Step -> the metrics ranking it for keep_best (only checkpoints saved on schedule)."""
+  return {int(p.parents[1].name): json.loads(p.read_text())
+          for p in (workdir / "checkpoints").glob("*/metrics/metrics")}
+
+
 def _finish(proc) -> str:
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
@@ -83,7 +89,7 @@ def uninterrupted(tmp_path_factory, image_model):
   workdir = tmp_path_factory.mktemp("a")
   out = _finish(_start(workdir, image_model))
   assert f"step {STEPS}:" in out
-  return _final_state(workdir)
+  return _final_state(workdir), _ranked(workdir)
 
 
 def _complete_steps(workdir: Path) -> list[int]:
@@ -93,6 +99,12 @@ def _complete_steps(workdir: Path) -> list[int]:
 def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, image_model,
                                                              tmp_path):
   rng = np.random.default_rng(int(time.time()))
+  # Killed at its first logged step, mostly before its first checkpoint: the next run
+  # starts again from step 0 (or resumes) and drops the lines logged past its start.
+  proc = _start(tmp_path, image_model)
+  RunLog(proc).wait_for_step_after(0)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
   proc = _start(tmp_path, image_model)
   log = RunLog(proc)
   _wait_for_checkpoint(proc, tmp_path, EVERY)
@@ -124,8 +136,13 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   logged = [json.loads(ln)["step"] for ln in lines]
   assert logged == list(range(1, STEPS + 1)), logged
+  # keep_best ranks each scheduled checkpoint by the mean loss since the previous one,
+  # across the kill and the stop (the stop save is unranked and carries its window on).
+  ref_state, ref_ranked = uninterrupted
+  assert sorted(ref_ranked) == list(range(EVERY, STEPS + 1, EVERY))
+  assert _ranked(tmp_path) == ref_ranked
   resumed = _final_state(tmp_path)
-  ref_leaves = jax.tree_util.tree_leaves_with_path(uninterrupted)
+  ref_leaves = jax.tree_util.tree_leaves_with_path(ref_state)
   got_leaves = jax.tree_util.tree_leaves_with_path(resumed)
   assert [p for p, _ in ref_leaves] == [p for p, _ in got_leaves]
   for (path, a), (_, b) in zip(ref_leaves, got_leaves):

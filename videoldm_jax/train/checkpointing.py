@@ -9,6 +9,8 @@ One `Checkpointer` owns one directory, laid out by Orbax's CheckpointManager:
   DIR/<step>/config/   JSON: the run config (optional)
   DIR/<step>/frozen_digests/  JSON: digests of the frozen parameters left out of
                        state/ (optional; see train/frozen.py)
+  DIR/<step>/loop/     JSON: train-loop state a resumed run carries on with (optional;
+                       a preemption save's losses since the last ranked checkpoint)
   DIR/<step>/metrics/  JSON: the metrics that rank steps for `keep_best` (when > 0)
 
 Crash safety comes from Orbax, and `latest_step` / `restore` rely on it: a step is
@@ -43,7 +45,8 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 from videoldm_jax import distributed
 
 STATE, DATA, CONFIG, FROZEN_DIGESTS = "state", "data", "config", "frozen_digests"
-JSON_ITEMS = (DATA, CONFIG, FROZEN_DIGESTS)
+LOOP = "loop"
+JSON_ITEMS = (DATA, CONFIG, FROZEN_DIGESTS, LOOP)
 
 # Orbax splits a replicated array into one slice per replica so that every replica
 # writes a part ("replica-parallel"). Each slice is an eager jax op, compiled once per
@@ -244,22 +247,31 @@ class Checkpointer:
     holding an empty tree)."""
     return sorted(_key_str(k) for k in self._metadata(step).keys())
 
+  def _json_item(self, step: int, name: str) -> Optional[Any]:
+    if not (self._step_dir(step) / name).exists():
+      return None
+    items = ocp.args.Composite(**{name: ocp.args.JsonRestore()})
+    return self._mgr.restore(step, args=items)[name]
+
   def frozen_digests(self, step: int) -> Optional[dict]:
     """The frozen-parameter digests saved with `step`, or None."""
-    if not (self._step_dir(step) / FROZEN_DIGESTS).exists():
-      return None
-    items = ocp.args.Composite(**{FROZEN_DIGESTS: ocp.args.JsonRestore()})
-    return self._mgr.restore(step, args=items)[FROZEN_DIGESTS]
+    return self._json_item(step, FROZEN_DIGESTS)
+
+  def loop_state(self, step: int) -> Optional[dict]:
+    """The train-loop state saved with `step` (`save(loop_state=)`), or None."""
+    return self._json_item(step, LOOP)
 
   def save(self, step: int, state, *, data_state: Optional[dict] = None,
            config: Optional[dict] = None, metrics: Optional[dict] = None,
-           frozen_digests: Optional[dict] = None, force: bool = False) -> bool:
+           frozen_digests: Optional[dict] = None, loop_state: Optional[dict] = None,
+           force: bool = False) -> bool:
     """Starts saving `state` (pytree of global jax.Arrays) as `step`; True if started.
 
     Skipped (False) when `step` is not due (unless `force`) or is already saved or being
     saved: a forced save after a preemption may land on a step just saved periodically.
     metrics: scalars (JSON-able after float()) ranking this step when keep_best > 0.
     frozen_digests: {leaf path: digest} of parameters `state` leaves out (train/frozen.py).
+    loop_state: JSON the train loop reads back on resume (`loop_state`).
     """
     step = int(step)
     where = f"checkpoint {self._step_dir(step)}"
@@ -274,6 +286,8 @@ class Checkpointer:
     if frozen_digests is not None:
       items[FROZEN_DIGESTS] = ocp.args.JsonSave(
           _json_checked(frozen_digests, "frozen_digests", where))
+    if loop_state is not None:
+      items[LOOP] = ocp.args.JsonSave(_json_checked(loop_state, "loop_state", where))
     if metrics is not None:
       metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
       if self.keep_best and self.best_metric not in metrics:

@@ -268,13 +268,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   data = setup.make_iterator()
 
   save_frozen = config.train.get("save_frozen", False)
+  carried = {}  # losses of the ranking window a preemption save left open
   if latest is not None:
     state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
     data.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{latest}")
-    if pi == 0:
-      _drop_metrics_after(workdir / "metrics.jsonl", latest)
-  else:
+    carried = {int(k): v for k, v in
+               (ckpt.loop_state(latest) or {}).get("window_losses", {}).items()}
+  if pi == 0:
+    # Lines after the checkpoint (all of them without one) belong to steps this run
+    # repeats: a run killed before its first checkpoint restarts from step 0.
+    _drop_metrics_after(workdir / "metrics.jsonl", latest or 0)
+  if latest is None:
     params = setup.init_params()
     frozen_digests = frozen_lib.leaf_digests(split(params, stage.is_trainable)[1])
     state = step_lib.init_state(params, stage, tx, shardings)
@@ -307,7 +312,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   log(f"{stage.name}: compiled in {time.perf_counter() - t0:.1f}s; model "
       f"{flops / 1e9:.2f} GFLOP/step/device (XLA {perf.compiled_flops(compiled) / 1e9:.2f}); "
       f"matmul peak {peak / 1e9:.0f} GFLOP/s/device")
-  writer = perf.summary_writer(workdir / "tb", purge_step=step + 1 if step else None)
+  writer = perf.summary_writer(workdir / "tb", purge_step=step + 1)
   n_params = {k: sum(x.size for x in jax.tree_util.tree_leaves(v))
               for k, v in (("trainable", state.trainable), ("frozen", state.frozen))}
   log(f"params: {n_params['trainable'] / 1e6:.2f}M trainable, "
@@ -318,7 +323,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   # Losses (setup.best_metric) logged since the last checkpoint, by step: their mean
   # (with the saved step's own) ranks checkpoints for train.keep_best; one batch's loss
   # is mostly timestep noise.
-  window_losses, saved_at = {}, step
+  # A preemption save leaves the window open (it is ranked by nothing): the resumed run
+  # carries on with its losses, so it keeps the checkpoints an uninterrupted run keeps.
+  window_losses, saved_at = carried, step
   batch, t_last, step_last = first, time.perf_counter(), step
   t_start, start_step = t_last, step
   pending = None  # (step, metrics on device) not yet logged
@@ -400,13 +407,28 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         if step == config.train.num_steps or stop:
           write_log(*pending, timed=not logged_now)
           pending = None
-      if ckpt.should_save(step) or stop or step == config.train.num_steps:
-        window_losses[step] = float(metrics[setup.best_metric])
+      regular = ckpt.should_save(step) or step == config.train.num_steps
+      if regular or stop:
+        if pending is not None and pending[0] == step:
+          # Logged before the save: a kill after the save completes would otherwise
+          # lose this step's line for good (the resumed run starts after it).
+          write_log(*pending, timed=not logged_now)
+          pending = None
+        loop_state = None
+        if regular:
+          window_losses[step] = float(metrics[setup.best_metric])
+          ranked = {"loss": sum(window_losses.values()) / len(window_losses)}
+        else:
+          # A preemption save mid-window: unranked (kept as one of the newest only);
+          # its window, the steps an uninterrupted run logs, goes on in the resumed run.
+          ranked = None
+          loop_state = {"window_losses": {str(k): v for k, v in window_losses.items()
+                                          if k % config.train.log_every == 0}}
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
-                  data_state=data.get_state(), config=config.to_dict(),
-                  metrics={"loss": sum(window_losses.values()) / len(window_losses)},
-                  frozen_digests=frozen_digests, force=True)
-        window_losses, saved_at = {}, step
+                  data_state=data.get_state(), config=config.to_dict(), metrics=ranked,
+                  frozen_digests=frozen_digests, loop_state=loop_state, force=True)
+        if regular:
+          window_losses, saved_at = {}, step
       if stop:
         sig = guard.signal_received
         stopped = ("SIGTERM to some process" if guard.uses_jax_service
