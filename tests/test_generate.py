@@ -32,7 +32,7 @@ from videoldm_jax.models import vae as vae_lib  # noqa: E402
 from videoldm_jax.models.temporal import TemporalConfig  # noqa: E402
 from videoldm_jax.models.tokenizer import write_byte_level_tokenizer  # noqa: E402
 from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig  # noqa: E402
-from videoldm_jax.pipelines import generate, personalize, streaming  # noqa: E402
+from videoldm_jax.pipelines import chain_models, generate, personalize, streaming  # noqa: E402
 from videoldm_jax.stages import upsampler as upsampler_stage  # noqa: E402
 from videoldm_jax.train.state import merge  # noqa: E402
 from videoldm_jax.video_ldm import VideoLDM  # noqa: E402
@@ -339,6 +339,27 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
     generate.plan(models, dataclasses.replace(options, interp_stride=4))
   with pytest.raises(ValueError, match="num_context=2: .* trained with at most 1 context"):
     generate.plan(models, dataclasses.replace(options, num_context=2))
+  # An image upsampler (no temporal layers) is called without overlap and gets no note
+  # on temporal statistics.
+  is_upsampler_note = lambda n: n.startswith("upsampler stage")
+  models.upsampler.training = {"stage": "upsampler", "num_frames": 4}
+  assert any(map(is_upsampler_note, generate.plan(models, options).notes))
+  image_upsampler = dataclasses.replace(models, upsampler=dataclasses.replace(
+      models.upsampler, config=models.upsampler.config.replace(temporal=None)))
+  assert not any(map(is_upsampler_note, generate.plan(image_upsampler, options).notes))
+  models.upsampler.training = {}
+  # A stage trained on another autoencoder's latents: same shapes, other encoder weights
+  # (a decoder stage run without the key-frame model's image model).
+  decoder = models.decoder
+  encoder = traverse_util.flatten_dict(decoder.params["vae"]["encoder"])
+  first = sorted(encoder)[0]
+  encoder[first] = np.asarray(encoder[first]) + 1e-3
+  vae = {**decoder.params["vae"], "encoder": traverse_util.unflatten_dict(encoder)}
+  other = dataclasses.replace(models, decoder=dataclasses.replace(
+      decoder, params={**decoder.params, "vae": vae}))
+  with pytest.raises(ValueError, match=r"decoder model .*encoder differs from the "
+                     r"key-frame model's \(vae/encoder/" + "/".join(first)):
+    chain_models.check_chain(other)
 
 
 def test_cli_seeds_and_notes(folders, tmp_path):

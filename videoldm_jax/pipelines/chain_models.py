@@ -6,6 +6,9 @@ import functools
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+from flax import traverse_util
+
 from videoldm_jax import pretrained
 from videoldm_jax import upsampler_model as um
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
@@ -101,7 +104,7 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
     m.paths["interpolator"] = m.paths.pop("interpolator2")
     m.notes.append("interpolator stage: only --interpolator2_model given; it is used for "
                    "both passes")
-  _check_chain(m)
+  check_chain(m)
   if m.keyframe is None:
     m.notes.append("key-frame stage skipped (no --keyframe_model): the first clip comes "
                    "from the prediction model's unconditional branch (S = 0)")
@@ -125,7 +128,7 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
   return m
 
 
-def _check_chain(m: ChainModels) -> None:
+def check_chain(m: ChainModels) -> None:
   """Every stage must live in the base model's latent space."""
   base = m.base
   key = lambda c: (c.latent_channels, c.downsample_factor, c.scaling_factor, c.shift_factor)
@@ -141,6 +144,14 @@ def _check_chain(m: ChainModels) -> None:
           f"{name} model ({where}): its autoencoder's latent space (channels, "
           f"factor, scaling, shift) = {key(model.vae_config)} differs from the key-frame "
           f"model's {key(base.vae_config)}; all stages must share one latent space")
+    differs = _encoder_difference(model.params["vae"], base.params["vae"])
+    if differs:
+      # Same shapes, other weights: latents of another autoencoder, decoded (or
+      # denoised) without an error into a wrong video.
+      raise ValueError(
+          f"{name} model ({where}): its autoencoder's encoder differs from the key-frame "
+          f"model's ({differs}): it was trained on another autoencoder's latents; train "
+          "every stage from the same image model (--config.image_model)")
     if name != "decoder":
       tc = model.temporal_config
       if tc is None or not tc.context_frames:
@@ -151,3 +162,18 @@ def _check_chain(m: ChainModels) -> None:
     where = m.paths.get("keyframe", m.keyframe[0].source)
     raise ValueError(f"key-frame model ({where}): an image model (no temporal layers); "
                      "pass a key-frame export")
+
+
+def _encoder_difference(vae: dict, base_vae: dict) -> str:
+  """'' if the encoders (encoder + quant_conv: what defines the latent space; the
+  decoder stage trains only the decoder) are equal, else the first differing path."""
+  flat = lambda v: traverse_util.flatten_dict(
+      {k: v[k] for k in ("encoder", "quant_conv") if k in v})
+  a, b = flat(vae), flat(base_vae)
+  if a.keys() != b.keys():
+    return f"parameters {sorted('/'.join(k) for k in a.keys() ^ b.keys())[:3]}"
+  for path in sorted(a):
+    x, y = np.asarray(a[path]), np.asarray(b[path])
+    if x.shape != y.shape or not np.array_equal(x, y):
+      return "vae/" + "/".join(path)
+  return ""

@@ -197,7 +197,8 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
             and models.decoder.vae_temporal_config is not None,
             min(o.decode_chunk + 2 * o.decode_overlap, generated), "decode_chunk",
             o.decode_chunk),
-           ("upsampler", models.upsampler is not None,
+           ("upsampler", models.upsampler is not None
+            and models.upsampler.config.temporal is not None,
             min(o.upsample_chunk + 2 * o.upsample_overlap, generated), "upsample_chunk",
             o.upsample_chunk)]
   for name, used, length, option, value in calls:

@@ -241,8 +241,10 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
       lambda z, call, first: decode(vae_params, z), o.decode_chunk,
       o.decode_overlap if temporal_decoder else 0, bar("decode", frames)))
   if models.upsampler is not None:
+    # An image upsampler (no temporal layers) sees no neighbours: no overlap needed.
+    overlap = o.upsample_overlap if models.upsampler.config.temporal is not None else 0
     stages.append(streaming.OverlapChunker(_upsample_fn(models, o), o.upsample_chunk,
-                                           o.upsample_overlap, bar("upsample", frames)))
+                                           overlap, bar("upsample", frames)))
   try:
     with video_io.open_writer(str(output), p.num_frames, fps=o.fps, crf=o.crf) as writer:
       sink = streaming.Sink(writer, p.num_frames, o.gif_max_frames if o.gif else 0,
