@@ -174,6 +174,13 @@ def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
   with pytest.raises(ValueError, match=r"8x8 frames are too small for the discriminator "
                      r"\(config.discriminator.num_layers=2\)"):
     decoder.setup(c, tmp_path)
+  # Not multiples of the VAE factor (2 here): a shape error inside the traced step.
+  for stage in (decoder, autoencoder):
+    c = _config(stage.__name__.rsplit(".", 1)[-1])
+    c.data.update(height=30, width=63)
+    with pytest.raises(ValueError, match="30x63 frames: height and width must be multiples "
+                       "of the autoencoder's factor 2"):
+      stage.setup(c, tmp_path)
   c = _config("autoencoder")
   c.data.update(height=12, width=12)
   c.loss.update(perceptual_weight=0.5, perceptual_weights_path="vgg.safetensors")

@@ -84,3 +84,14 @@ def test_min_snr_gamma_from_the_command_line():
     out = subprocess.run([sys.executable, "-c", script, "--config=configs/keyframe_tiny.py",
                           *extra], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["keyframe_base", "decoder_base"])
+def test_base_configs_without_an_image_model_say_which_field(name, tmp_path):
+  # Their random_image_model is empty (they fine-tune a real model): this was
+  # AttributeError "'unet'".
+  from videoldm_jax.stages import keyframe
+  config = load_sibling(CONFIGS, name).get_config()
+  assert not config.image_model
+  with pytest.raises(ValueError, match="set --config.image_model"):
+    keyframe.load_image_model(config, tmp_path)

@@ -87,6 +87,11 @@ def test_mesh_errors_are_specific():
     sharding.make_mesh({"data": 3, "fsdp": 2})
   with pytest.raises(ValueError, match="unknown"):
     sharding.make_mesh({"model": 8})
+  # A zero size divided by zero; two negative ones fell through to numpy's reshape.
+  with pytest.raises(ValueError, match=r"mesh sizes must be >= 1 .*'fsdp': 0.*config.mesh"):
+    sharding.make_mesh({"data": -1, "fsdp": 0})
+  with pytest.raises(ValueError, match=r"'fsdp': -2"):
+    sharding.make_mesh({"data": -1, "fsdp": -2})
 
 
 def test_multi_slice_mesh_puts_only_dcn_axes_across_granules():

@@ -36,6 +36,10 @@ def _fill(shape: dict[str, int], n: int, what: str) -> list[int]:
   if unknown:
     raise ValueError(f"{what} axes {sorted(unknown)} are unknown; use {MESH_AXES}")
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  bad = {a: s for a, s in zip(MESH_AXES, sizes) if s < 1 and s != -1}
+  if bad:
+    raise ValueError(f"{what} sizes must be >= 1 (or -1: the rest of the devices), got "
+                     f"{bad} (config.{'dcn_mesh' if what.startswith('dcn') else 'mesh'})")
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one {what} axis may be -1, got {shape}")
   known = int(np.prod([s for s in sizes if s != -1]))

@@ -5,9 +5,10 @@ The network is the (video) UNet of `models/unet.py` run on
 
   concat([x_t, c_s], channels) -> v-prediction for x_t,   x_t, c_s: (B, T, H, W, C)
 
-where x_t is the noisy high-resolution clip and c_s the low-resolution clip, upsampled
-`scale`x back to H x W and noised with the forward process q(c_s | c) of a separate
-augmentation schedule at a level s (Sec. 3.4; the SD x4 upscaler's recipe). s is one
+where x_t is the noisy high-resolution clip and c_s the low-resolution clip, noised with
+the forward process q(c_s | c) of a separate augmentation schedule at a level s (per
+low-resolution pixel; Sec. 3.4, the SD x4 upscaler's recipe) and then upsampled
+`scale`x back to H x W. s is one
 integer per video, the same for all its frames, and enters the UNet as the class label
 (num_class_embeds = the augmentation schedule's length) added to the timestep
 embedding. Training draws s ~ U{0, ..., max_noise_level - 1}; sampling uses a fixed
@@ -15,10 +16,11 @@ embedding. Training draws s ~ U{0, ..., max_noise_level - 1}; sampling uses a fi
 
 space 'pixel' (default, the paper's driving upsampler): x and c are RGB in [-1, 1], C = 3.
 space 'latent': x is the VAE latent of the high-resolution clip and c the latent of the
-upsampled low-resolution clip, both from the same frozen VAE (C = latent channels), so
-noise augmentation happens in latent space. (The SD x4 upscaler instead concatenates
-the low-resolution PIXELS to the latents of its f4 VAE, whose grid they match; encoding
-the upsampled clip works for any VAE factor and keeps in_channels = 2C.)
+noised, upsampled low-resolution clip, both from the same frozen VAE (C = latent
+channels): the noise is added to the pixels, before the encoder. (The SD x4 upscaler
+instead concatenates the low-resolution PIXELS to the latents of its f4 VAE, whose grid
+they match; encoding the upsampled clip works for any VAE factor and keeps
+in_channels = 2C.)
 
 On disk (JSON and Orbax only, nothing is unpickled):
 

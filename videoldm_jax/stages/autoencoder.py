@@ -38,7 +38,7 @@ from videoldm_jax.models import discriminator as disc_lib
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import perceptual
 from videoldm_jax.models import vae as vae_lib
-from videoldm_jax.models.vae import AutoencoderKL, kl_divergence
+from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, kl_divergence
 from videoldm_jax.stages import keyframe
 from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train import gan, optim
@@ -197,11 +197,16 @@ def make_batch(host: dict) -> dict:
 
 
 def check_frame_size(config: ml_collections.ConfigDict, disc: disc_lib.PatchDiscriminator,
-                     options: LossOptions) -> None:
-  """Refuses frames (config.data.height x width) too small for the discriminator or
-  LPIPS: an empty logits map has a NaN mean, which makes every step's loss NaN (even
-  before disc_start: 0 * NaN), and every update skipped."""
+                     options: LossOptions, vae_config: VAEConfig) -> None:
+  """Refuses frames (config.data.height x width) the autoencoder cannot reconstruct at
+  their size (not multiples of its factor: a shape error inside the traced step) or too
+  small for the discriminator or LPIPS: an empty logits map has a NaN mean, which makes
+  every step's loss NaN (even before disc_start: 0 * NaN), and every update skipped."""
   d, video = config.data, disc.video
+  f = vae_config.downsample_factor
+  if d.height % f or d.width % f:
+    raise ValueError(f"config.data: {d.height}x{d.width} frames: height and width must be "
+                     f"multiples of the autoencoder's factor {f}")
   shape = (1, d.num_frames, d.height, d.width, 3) if video else (1, d.height, d.width, 3)
   logits, _ = jax.eval_shape(lambda x: disc.init_with_output(jax.random.key(0), x),
                              jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -276,7 +281,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
       dict(config.discriminator), "config.discriminator").validate()
   disc = disc_lib.PatchDiscriminator(disc_config, dtype=dtype)
   options = LossOptions.from_config(config.loss)
-  check_frame_size(config, disc, options)
+  check_frame_size(config, disc, options, vae_config)
   lpips = lpips_params(options)
   vae_in, disc_in = vae_lib.example_inputs(vae_config), disc_lib.example_inputs(disc_config,
                                                                                  False)

@@ -100,7 +100,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
       dict(config.discriminator), "config.discriminator").validate()
   disc = disc_lib.VideoPatchDiscriminator(disc_config, dtype=dtype)
   options = ae.LossOptions.from_config(config.loss)
-  ae.check_frame_size(config, disc, options)
+  ae.check_frame_size(config, disc, options, vae_config)
   if config.data.get("image_fraction", 0.0):
     # Still images stacked into a "clip" would be decoded through the temporal layers
     # and shown to the 3-D discriminator as real videos: it would learn that flicker

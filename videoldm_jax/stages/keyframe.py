@@ -125,6 +125,19 @@ def options_from_config(config: ml_collections.ConfigDict) -> KeyframeOptions:
                          min_snr_gamma=config.get("min_snr_gamma"))
 
 
+def _random_image_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.random_image_model, which the *_base configs leave empty (they fine-tune a
+  real image model)."""
+  r = config.get("random_image_model") or ml_collections.ConfigDict()
+  missing = [k for k in ("unet", "vae", "scheduler") if k not in r]
+  if missing:
+    raise ValueError(f"config.image_model is empty and config.random_image_model has no "
+                     f"{'/'.join(missing)}: set --config.image_model to a videoldm-convert "
+                     "folder (or a stage export), or start from a *_tiny config for a "
+                     "random model")
+  return r
+
+
 def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: bool = True
                      ) -> tuple[pretrained.PretrainedLDM, Optional[CLIPTokenizer], Path]:
   """(model, tokenizer, tokenizer folder) from `config.image_model` (a converted or
@@ -147,7 +160,7 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
           {k: v for k, v in flat.items() if not partition.is_temporal(k)})
       image.vae_temporal_config = None
   else:
-    image = pretrained.random_image_ldm(config.random_image_model)
+    image = pretrained.random_image_ldm(_random_image_model(config))
     tok_dir = workdir / "tokenizer"
     if jax.process_index() == 0 and not (tok_dir / "vocab.json").exists():
       write_byte_level_tokenizer(str(tok_dir))
@@ -174,7 +187,7 @@ def _abstract_image_model(config, workdir: Path):
     p = presets.PRESETS[name]
     configs = (p.unet, p.vae, p.text, p.scheduler)
   else:
-    r = config.random_image_model
+    r = _random_image_model(config)
     text = r.get("text_encoder")
     configs = (UNetConfig.from_dict(dict(r.unet)), VAEConfig.from_dict(dict(r.vae)),
                None if text is None else CLIPTextConfig.from_dict(dict(text)),
