@@ -177,11 +177,12 @@ def test_training_samples_of_class_conditional_models(tmp_path):
                        ("interpolator_tiny", interpolator)):
     config = _config(name, num_frames=4)
     config.random_image_model = ml_collections.ConfigDict(tiny)
-    config.sample.update(steps=1, num_frames=4, prompts=("a", "b"))
+    # sample.num_frames, not the training clips' 4 (the interpolator ignored it).
+    config.sample.update(steps=1, num_frames=6, prompts=("a", "b"))
     setup = module.setup(config, tmp_path / name)
     assert keyframe.sample_labels(setup.extra["ldm"].unet_config, config) == [0, 1]
     videos = setup.sample(setup.init_params(), 0)
-    assert videos.shape == (2, 4, 8, 8, 3) and videos.dtype == np.uint8
+    assert videos.shape == (2, 6, 8, 8, 3) and videos.dtype == np.uint8, (name, videos.shape)
   config.sample.class_labels = (2, 3)
   with pytest.raises(ValueError, match=r"class_labels=\(2, 3\): expected one label in "
                      r"\[0, 3\) per prompt"):

@@ -293,6 +293,14 @@ def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path):
   with pytest.raises(ValueError, match=r"data.tfds_name='webvid_local' is read only with "
                      r"data.kind='tfds', but data.kind='procedural'"):
     inputs.make_iterator(config, tmp_path, {})
+  # Video-pipeline options that procedural clips and latent caches do not have (an
+  # image_fraction trained without still images, silently).
+  for kind in ("procedural", "latent_cache"):
+    config = ml_collections.ConfigDict(dict(seed=0, data=dict(
+        kind=kind, batch_size=2, image_fraction=0.5, hflip=True, frame_stride=1)))
+    with pytest.raises(ValueError, match=r"\{'image_fraction': 0.5, 'hflip': True\} are "
+                       f"options of the video pipelines .*data.kind='{kind}'"):
+      inputs.make_iterator(config, tmp_path, {})
 
 
 def test_config_validation():

@@ -173,6 +173,17 @@ def make_iterator(config, workdir: Path, cache_check: dict):
   if data.batch_size % pc:
     raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the {pc} "
                      "processes")
+  if data.kind in ("procedural", "latent_cache"):
+    # Options of the video pipeline these sources do not have: a run would silently
+    # train without them (no still images mixed in, no flips, another frame rate).
+    unused = {k: v for k, v in (("image_fraction", data.get("image_fraction", 0.0)),
+                                ("frame_stride", data.get("frame_stride", 1)),
+                                ("hflip", data.get("hflip", False)))
+              if v != {"image_fraction": 0.0, "frame_stride": 1, "hflip": False}[k]}
+    if unused:
+      raise ValueError(f"config.data: {unused} are options of the video pipelines "
+                       f"(tfds / video_folder / webvid); data.kind={data.kind!r} has none "
+                       "of them: reset them, or use a video source")
   if data.kind == "procedural":
     return ClipIterator(data.batch_size // pc, data.num_frames, data.height, data.width,
                         seed=seed, process_index=pi, process_count=pc)

@@ -39,8 +39,9 @@ def mask_fn(stride: int, context_drop_prob: float = 0.0) -> context.MaskFn:
 
 
 def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
-  """(params, step) -> uint8 videos (N, data.num_frames, H, W, 3): key frames taken from
-  an unconditional clip of the same model (every stride-th frame), then interpolated."""
+  """(params, step) -> uint8 videos (N, sample.num_frames, H, W, 3): key frames taken from
+  an unconditional clip of the same model (every stride-th frame), then interpolated
+  (one call each; other lengths than data.num_frames are convolutional in time)."""
   stride = config.interpolator.stride
 
   def sample(params: dict, step: int) -> np.ndarray:
@@ -49,7 +50,7 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
     prompts = list(config.sample.prompts)
     cond = context.sample_conditioning(model, tokenizer, config)
     options = context.sample_options(config)
-    t = config.data.num_frames
+    t = config.sample.get("num_frames") or config.data.num_frames
     shape = (len(prompts), t) + context.latent_shape(ldm, config)
     zeros = jnp.zeros(shape, jnp.float32)
     free = context_sampling.sample_clip(cm, zeros, jnp.zeros(shape[:2]), options, **cond)
