@@ -321,3 +321,25 @@ def test_trainer_reads_any_tfds_dataset_by_name(tfds_dir, tmp_path):
   config.data.tfds_name = ""
   with pytest.raises(ValueError, match="data.tfds_name"):
     inputs.make_iterator(config, tmp_path, {})
+
+
+def test_resume_with_another_worker_count_names_the_field(tfds_train):
+  # Grain's state with worker processes is per worker: the other layout was a bare
+  # KeyError ('exhausted' / 'next_index').
+  from videoldm_jax.data.inputs import ShareIterator
+  kw = dict(seed=2, batch_size=4, num_epochs=1, num_frames=4, height=16, width=16,
+            process_index=0, process_count=1)
+  plain = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=0)), 4, 1)
+  next(plain)
+  saved = json.loads(json.dumps(plain.get_state()))
+  workers = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=1)), 4, 1)
+  with pytest.raises(ValueError, match="written without Grain worker processes, this run "
+                     "has some: resume with the checkpoint's config.data.worker_count"):
+    workers.set_state(saved)
+  next(workers)
+  saved = json.loads(json.dumps(workers.get_state()))
+  workers._it.close()
+  plain = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=0)), 4, 1)
+  with pytest.raises(ValueError, match="written with Grain worker processes, this run has "
+                     "none"):
+    plain.set_state(saved)

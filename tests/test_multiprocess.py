@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,7 @@ def test_slurm_tasks_drive_the_gpus_they_see():
 
 CHECK_SAME = """
 import sys
+import types
 import numpy as np
 from videoldm_jax import distributed
 flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
@@ -297,3 +299,25 @@ def test_a_process_that_fails_exits_at_once(tmp_path):
   assert out.returncode == 1, log[-3000:]
   assert "[p1] OSError: disk error on host 1" in log, log[-3000:]
   assert time.monotonic() - t0 < 120, log[-3000:]
+
+
+def test_a_mesh_axis_spanning_processes_outside_the_batch_axes_is_a_config_error(tmp_path):
+  # tensor=2 over 2 processes of 1 device: both hold the same batch rows, but each loads
+  # its own; JAX failed at the first batch, after the models loaded ("Invalid host
+  # data"). Now refused before anything loads.
+  out = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "--num_processes=2", "--devices_per_process=1",
+       "--", sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
+       f"--workdir={tmp_path}", "--config.data.kind=procedural", "--config.mesh.tensor=2"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  log = out.stdout + out.stderr
+  assert out.returncode != 0, log[-3000:]
+  assert ("batch shard (0, 0) (over ('data', 'fsdp')) is held by devices of processes "
+          "[0, 1]") in log, log[-3000:]
+  assert "Keep config.mesh.tensor within one process's 1 devices" in log
+  from videoldm_jax import sharding
+  two = np.array([[[types.SimpleNamespace(process_index=i) for i in range(2)]]])
+  assert sharding.shared_batch_shards(two, ("data", "fsdp", "tensor"), ("data", "fsdp")) == {
+      (0, 0): [0, 1]}
+  assert sharding.shared_batch_shards(two.reshape(2, 1, 1), ("data", "fsdp", "tensor"),
+                                      ("data", "fsdp")) == {}

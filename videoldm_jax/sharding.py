@@ -148,4 +148,25 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
                      f"must be a whole microbatch that splits over the batch axes "
                      f"{tuple(batch_axes)} of mesh {dict(mesh.shape)} ({split} ways){on}; "
                      f"use a batch size that is a multiple of {split * grad_accum}")
+  shared = shared_batch_shards(mesh.devices, mesh.axis_names, batch_axes)
+  if shared:
+    shard, procs = next(iter(shared.items()))
+    per_process = sum(1 for d in mesh.devices.flat if getattr(d, "process_index", 0) == 0)
+    raise ValueError(
+        f"mesh {dict(mesh.shape)}{on}: batch shard {shard} (over {tuple(batch_axes)}) is "
+        f"held by devices of processes {procs}, but each process loads rows of its own: "
+        f"an axis outside config.batch_axes spans processes. Keep config.mesh.tensor "
+        f"within one process's {per_process} devices, or add the axis to "
+        "config.batch_axes")
+
+
+def shared_batch_shards(devices: np.ndarray, axis_names: Sequence[str],
+                        batch_axes: Sequence[str]) -> dict:
+  """{batch shard (its index along batch_axes): [processes]} for the shards that devices
+  of several processes hold (the input pipeline gives each process other rows)."""
+  owners: dict = {}
+  for idx in np.ndindex(devices.shape):
+    shard = tuple(idx[list(axis_names).index(a)] for a in batch_axes)
+    owners.setdefault(shard, set()).add(getattr(devices[idx], "process_index", 0))
+  return {s: sorted(p) for s, p in owners.items() if len(p) > 1}
 

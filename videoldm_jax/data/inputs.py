@@ -138,8 +138,17 @@ class ShareIterator:
       raise ValueError(f"data state: the checkpoint read global batches of "
                        f"{state['global_batch']}, this run reads {self._b * self._pc}; "
                        "resuming would skip or repeat examples")
+    # Without worker processes Grain's state is {"next_index"}; with them, per-worker
+    # states: one layout cannot be read as the other (a bare KeyError).
+    saved_plain = set(state["grain"]) == {"next_index"}
+    if saved_plain != (set(self._it.get_state()) == {"next_index"}):
+      raise ValueError(
+          "data state: the checkpoint was written "
+          f"{'without' if saved_plain else 'with'} Grain worker processes, this run has "
+          f"{'some' if saved_plain else 'none'}: resume with the checkpoint's "
+          "config.data.worker_count")
     self._batches = int(state["batches"])
-    if set(state["grain"]) == {"next_index"}:
+    if saved_plain:
       # Every global batch took exactly b elements of each process's share. Set from the
       # batch count, not the stored index: latent-cache checkpoints written before its
       # dataset was batched after `to_iter_dataset` stored an index of batches.
