@@ -235,6 +235,35 @@ def test_unfinished_save_is_never_listed_or_restored(tmp_path):
   ck.close()
 
 
+@pytest.mark.parametrize("damage", ["cut_array_file", "lost_state_metadata",
+                                    "lost_json_metadata"])
+def test_a_damaged_complete_step_names_its_folder_and_the_one_before(tmp_path, damage):
+  # A copy cut short (gcsfuse renames are not atomic) looked complete and failed with a
+  # TensorStore dump, AttributeError 'keys' or FileNotFoundError.
+  state = {"a": jnp.arange(4096.0)}
+  ck = Checkpointer(tmp_path)
+  for step in (1, 2):
+    ck.save(step, state, data_state={"i": step}, frozen_digests={"w": "x"}, force=True)
+  ck.wait_until_finished()
+  if damage == "cut_array_file":
+    biggest = max((tmp_path / "2" / "state").rglob("ocdbt.process_0/d/*"),
+                  key=lambda f: f.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
+  elif damage == "lost_state_metadata":
+    (tmp_path / "2" / "state" / "_METADATA").unlink()
+  else:
+    (tmp_path / "2" / "frozen_digests" / "metadata").unlink()
+  ck = Checkpointer(tmp_path)
+  assert ck.latest_step() == 2
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with pytest.raises(ValueError, match=f"(?s)checkpoint {tmp_path}/2: .* damaged .*delete "
+                     "that folder to resume from checkpoint 1"):
+    ck.frozen_digests(2)
+    ck.restore(abstract, 2)
+  np.testing.assert_array_equal(ck.restore(abstract, 1)[0]["a"], np.arange(4096.0))
+  ck.close()
+
+
 def test_errors_name_directory_path_and_shapes(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
     Checkpointer(tmp_path / "empty").restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})

@@ -123,6 +123,7 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
   proc.send_signal(signal.SIGTERM)
   out = log.finish(returncode=143)
   assert f"resumed from {tmp_path / 'checkpoints'}/{killed_at}" in out, out[-2000:]
+  assert "NOTE resumed with a config other" not in out  # the same flags
   assert "stop requested" in out, out[-2000:]
   stopped = int(re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", out)[1])
   assert killed_at < stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
@@ -240,6 +241,15 @@ def test_export_folders_appear_only_when_complete(tmp_path):
   write_folder(out, lambda folder: (folder.mkdir(), (folder / "x").write_text("1")))
   assert (out / "x").read_text() == "1"
   assert [p.name for p in out.parent.iterdir()] == ["step_5"]
+
+
+def test_config_changes_on_resume_are_listed():
+  from videoldm_jax.train.loop import config_changes
+  saved = {"optim": {"lr": 1e-3}, "data": {"sizes": [1, 2]}, "old": 1}
+  now = {"optim": {"lr": 6e-3}, "data": {"sizes": (1, 2)}, "new": 2}  # tuples saved as lists
+  assert config_changes(saved, now) == ["new: (absent) -> 2", "old: 1 -> (absent)",
+                                        "optim.lr: 0.001 -> 0.006"]
+  assert config_changes(saved, saved) == []
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint_and_cut_lines(tmp_path):

@@ -239,7 +239,10 @@ class Checkpointer:
 
   def _metadata(self, step: int):
     if step not in self._state_metadata:
-      self._state_metadata[step] = self._mgr.item_metadata(step)[STATE]
+      metadata = self._mgr.item_metadata(step)[STATE]
+      if metadata is None:  # state/_METADATA lost
+        raise ValueError(self.damaged(step, "its state/ has no metadata"))
+      self._state_metadata[step] = metadata
     return self._state_metadata[step]
 
   def state_fields(self, step: int) -> list[str]:
@@ -247,15 +250,29 @@ class Checkpointer:
     holding an empty tree)."""
     return sorted(_key_str(k) for k in self._metadata(step).keys())
 
+  def damaged(self, step: int, why: str) -> str:
+    """The message for a complete-looking step that cannot be read: what to do."""
+    older = [s for s in self.all_steps() if s < step]
+    then = f"resume from checkpoint {older[-1]}" if older else "start from scratch"
+    return (f"checkpoint {self._step_dir(step)}: {why}. It looks complete but is damaged "
+            f"(a file lost or cut short); delete that folder to {then}")
+
   def _json_item(self, step: int, name: str) -> Optional[Any]:
     if not (self._step_dir(step) / name).exists():
       return None
     items = ocp.args.Composite(**{name: ocp.args.JsonRestore()})
-    return self._mgr.restore(step, args=items)[name]
+    try:
+      return self._mgr.restore(step, args=items)[name]
+    except Exception as e:  # noqa: BLE001  (Orbax / TensorStore raise plain Exception)
+      raise ValueError(self.damaged(step, f"reading {name}/ failed: {e}")) from e
 
   def frozen_digests(self, step: int) -> Optional[dict]:
     """The frozen-parameter digests saved with `step`, or None."""
     return self._json_item(step, FROZEN_DIGESTS)
+
+  def saved_config(self, step: int) -> Optional[dict]:
+    """The run config saved with `step`, or None."""
+    return self._json_item(step, CONFIG)
 
   def loop_state(self, step: int) -> Optional[dict]:
     """The train-loop state saved with `step` (`save(loop_state=)`), or None."""
@@ -333,6 +350,10 @@ class Checkpointer:
       out = self._mgr.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"{where}: restore failed: {e}") from e
+    except Exception as e:  # noqa: BLE001  (TensorStore: plain Exception on a cut file)
+      # Its first line: TensorStore appends a page of spec after it.
+      first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+      raise ValueError(self.damaged(step, f"reading it failed: {first}")) from e
     return out[STATE], out.get(DATA), out.get(CONFIG)
 
   def wait_until_finished(self) -> None:

@@ -271,8 +271,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   carried = {}  # losses of the ranking window a preemption save left open
   if latest is not None:
     state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
+    if data_state is None:  # videoldm-train always writes it
+      raise ValueError(ckpt.damaged(latest, "it has no data/ (the input pipeline's "
+                                            "position)"))
     data.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{latest}")
+    changes = config_changes(ckpt.saved_config(latest) or {}, config.to_dict())
+    if changes:
+      # Allowed (a longer run, another lr), but the run then differs from one that was
+      # never interrupted: said once, here.
+      log(f"NOTE resumed with a config other than the checkpoint's: {'; '.join(changes)}")
     carried = {int(k): v for k, v in
                (ckpt.loop_state(latest) or {}).get("window_losses", {}).items()}
   if pi == 0:
@@ -470,6 +478,22 @@ def _agreed(latest: Optional[int], workdir: Path) -> tuple[Optional[int], bool]:
   got = multihost_utils.broadcast_one_to_all(
       np.array([-1 if latest is None else latest, exported], np.int32))
   return (None if got[0] < 0 else int(got[0])), bool(got[1])
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+  """'field: saved -> now' for every config field that differs (dotted paths)."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+  a, b = flat(saved), flat(json.loads(json.dumps(now)))  # tuples saved as lists
+  show = lambda d, k: repr(d[k]) if k in d else "(absent)"
+  return [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(a.keys() | b.keys())
+          if k not in a or k not in b or a[k] != b[k]]
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
