@@ -177,6 +177,11 @@ def test_dpmpp_2m_ignores_clip_sample_and_refuses_repeated_timesteps():
   plain = run()
   assert np.abs(plain).max() > 1  # clipping x0 to [-1, 1] would change the result
   np.testing.assert_array_equal(run(clip_sample=1.0), plain)
+  # Epsilon prediction from abar = 0 (zero terminal SNR) divides by alpha = 0.
+  zero_snr = schedules.make_schedule("scaled_linear", rescale_zero_snr=True)
+  with pytest.raises(ValueError, match="epsilon-prediction model cannot start at t = 999"):
+    samplers.sample(lambda x, t: 0.3 * x, x, zero_snr, 10, "ddim",
+                    timestep_spacing="trailing", progress=False)
   # linspace over [0, 999] in 1001 points rounds to repeated timesteps: h = 0, NaN.
   with pytest.raises(ValueError, match="repeats timesteps"):
     samplers.sample(lambda x, t: 0.3 * x, x, s, 1000, "dpmpp_2m", progress=False)

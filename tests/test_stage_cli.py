@@ -58,6 +58,8 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
   assert f"{stage}: compiled" in out and (tmp_path / "checkpoints" / "2").is_dir()
   out = _run("train", tmp_path, CASES[stage], 3)
   assert "resumed from" in out and "step 3: loss" in out
+  assert ("NOTE resumed with a config other than the checkpoint's: train.num_steps: 2 -> 3"
+          in out), out[-3000:]
   steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [s["step"] for s in steps] == [1, 2, 3]
   assert all(np.isfinite(s["loss"]) and s["skipped"] == 0 for s in steps)
@@ -70,6 +72,7 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
   # of the end-of-training export (the autoencoder's leaves out the discriminator).
   out = _run("export", tmp_path, CASES[stage], 3)  # --step=best: the latest (keep_best=0)
   assert f"{tmp_path / 'export' / 'step_3'}: exported" in out, out[-3000:]
+  assert "NOTE exporting" not in out  # the flags of the run that saved step 3
   out = _run("export", tmp_path, [*CASES[stage], "--step=2"], 3)
   folder = tmp_path / "export" / "step_2"
   assert f"{folder}: exported" in out, out[-3000:]
@@ -107,6 +110,8 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
     out = _run("export", tmp_path, [*CASES[stage], "--config.train.keep_best=1",
                                     "--step=best"], 3)
     assert "the latest: no checkpoint holds the metrics that rank them" in out, out[-3000:]
+    assert ("NOTE exporting with a config other than the run's (checkpoint 3): "
+            "train.keep_best: 0 -> 1; pass the training run's --config flags") in out
     # Its checkpoints hold the digests of frozen theta, not theta: a resume whose random
     # image model is another one is refused before anything is restored.
     out = _run("train", tmp_path, [*CASES[stage], "--config.random_image_model.seed=1"],

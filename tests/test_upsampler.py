@@ -186,6 +186,11 @@ def test_temporal_mode_takes_theta_from_an_image_upsampler(tmp_path):
   config.image_upsampler = ""
   with pytest.raises(ValueError, match="image upsampler"):
     upsampler.setup(config, tmp_path / "bad")
+  # A patch larger than the (non-square) frames failed only once the step was traced.
+  config = tiny_config(height=16, width=32)
+  config.patch_size = 32
+  with pytest.raises(ValueError, match=r"patch_size=32 must be in \[1, 16\] \(the 16x32 "):
+    upsampler.setup(config, tmp_path / "patch")
 
 
 def test_base_config_builds_a_pixel_space_video_upsampler():

@@ -258,6 +258,13 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
     # An index past the schedule would be clamped silently by the gather.
     raise ValueError(f"timesteps {bad} lie outside the schedule's [0, "
                      f"{schedule.num_train_timesteps}); lower steps_offset or num_steps")
+  if (sampler != "dpmpp_2m" and prediction_type == "epsilon"
+      and float(schedule.alphas_cumprod[timesteps[0]]) == 0.0):
+    # x0 = (x_t - sigma eps) / alpha with alpha = 0: NaN from the first step on.
+    raise ValueError(f"{sampler}: an epsilon-prediction model cannot start at t = "
+                     f"{timesteps[0]}, where the schedule's abar is 0 (zero terminal SNR, "
+                     "rescale_betas_zero_snr): use a v_prediction model, dpmpp_2m, or "
+                     "'leading' spacing")
   nexts = timesteps[1:] + [-1]
   n = len(timesteps)
   batch = x_T.shape[0]

@@ -200,6 +200,10 @@ def _check(config: ml_collections.ConfigDict, model: um.UpsamplerConfig) -> None
   for name, v in (("data.height", d.height), ("data.width", d.width)):
     if v % m:
       raise ValueError(f"config.{name}={v} must be a multiple of {m} (full-frame samples)")
+  if not 0 < config.patch_size <= min(d.height, d.width):
+    # Found only when the step was traced (random_patches), after the models loaded.
+    raise ValueError(f"config.patch_size={config.patch_size} must be in [1, "
+                     f"{min(d.height, d.width)}] (the {d.height}x{d.width} frames)")
 
 
 def init_params_fn(model: um.UpsamplerConfig, image: Optional[um.PretrainedUpsampler],

@@ -220,6 +220,13 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     else:
       raise ValueError(f"step={step!r}: expected 'best', 'latest' or one of the complete "
                        f"steps in {ckpt.directory}: {complete}")
+    changes = config_changes(ckpt.saved_config(n) or {}, config.to_dict())
+    if changes:
+      # The export is built from this config (model configs, the training record):
+      # fields that change no parameter shape (an upsampler's scale, the frame size)
+      # would be written into the export unnoticed.
+      log(f"NOTE exporting with a config other than the run's (checkpoint {n}): "
+          f"{'; '.join(changes)}; pass the training run's --config flags")
     # The state restores onto any mesh: the devices at hand, parameters replicated
     # (the training mesh may need a pod).
     setup, _, shardings = _prepared(config, workdir, dict(data=-1, fsdp=1, tensor=1), {},
