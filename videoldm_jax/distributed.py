@@ -32,10 +32,22 @@ class Launch:
   process_id: Optional[int] = None
 
 
+def tpu_chips() -> int:
+  """TPU chips on this host's PCI bus, as JAX's Cloud TPU start-up counts them (0 on
+  other hosts, or where that private helper is gone)."""
+  try:
+    from jax._src import hardware_utils
+    return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+  except Exception:  # noqa: BLE001  (private API: absent means "not known to be a TPU")
+    return 0
+
+
 def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes: int = 0,
-           process_id: int = -1) -> Launch:
+           process_id: int = -1, chips: int = 0) -> Launch:
   """The launch kind from flags (which win) or the environment; raises on half-given
-  flags instead of hanging at start-up."""
+  flags instead of hanging at start-up. chips: `tpu_chips()` of this host: a TPU VM
+  (GCE: no TPU_WORKER_HOSTNAMES; JAX asks the metadata server for the slice's
+  workers) joins through JAX's auto-detection."""
   given = [bool(coordinator_address), num_processes > 0, process_id >= 0]
   if any(given):
     if not all(given):
@@ -48,7 +60,7 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
                        f"[0, {num_processes})")
     return Launch("explicit", coordinator_address, num_processes, process_id)
   if env.get("TPU_WORKER_HOSTNAMES") and "," in env["TPU_WORKER_HOSTNAMES"]:
-    return Launch("tpu")
+    return Launch("tpu")  # GKE
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
     return Launch("slurm")
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
@@ -60,6 +72,8 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
           "is not auto-detected by JAX; pass --coordinator_address=HOST:PORT (rank 0's "
           "host) --num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK")
     return Launch("mpi")
+  if chips > 0 and not env.get("TPU_SKIP_MDS_QUERY"):
+    return Launch("tpu")  # a Cloud TPU VM (GCE): one host or a slice, from the metadata
   return Launch("single")
 
 
@@ -93,7 +107,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   """Joins the job described by the flags / environment (module docstring). Returns the
   detected `Launch`. Must run before the first JAX computation."""
   import jax
-  launch = detect(os.environ, coordinator_address, num_processes, process_id)
+  launch = detect(os.environ, coordinator_address, num_processes, process_id,
+                  chips=0 if cpu_devices > 0 else tpu_chips())
   if cpu_devices > 0:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
