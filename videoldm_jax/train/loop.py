@@ -347,14 +347,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   # Host seconds spent making batches since the last log and how many, and the
   # skipped-step count then (a rise is reported on its own line).
   input_s, batches, skipped_logged = 0.0, 0, int(state.skipped)
+  sampling_s = 0.0  # seconds spent writing samples since the last log: not step time
 
   def write_log(at: int, metrics: dict, timed: bool = True) -> None:
-    nonlocal last, t_last, step_last, input_s, batches, skipped_logged
+    nonlocal last, t_last, step_last, input_s, batches, skipped_logged, sampling_s
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # Timed between completions of logged steps (device_get just waited for this one).
     now = time.perf_counter()
     steps = max(at - step_last, 1)
-    dt = (now - t_last) / steps
+    dt = max(now - t_last - sampling_s, 1e-6) / steps
+    sampling_s = 0.0
     if not timed and "step_time" in last:
       # Observed right after the previous log: this step may have finished while the
       # host was busy, so the gap measures nothing (it showed MFU of 700%+).
@@ -453,7 +455,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       every = config.sample.every if "sample" in config else 0
       if setup.sample is not None and every and (step % every == 0
                                                  or step == config.train.num_steps):
+        t_sample = time.perf_counter()
         write_samples(workdir, setup, state, step, writer)
+        sampling_s += time.perf_counter() - t_sample
       if step < config.train.num_steps:
         t_input = time.perf_counter()
         batch = next_batch()
