@@ -263,3 +263,35 @@ def test_export_runs_no_collective(tmp_path, monkeypatch):
   monkeypatch.setattr(multihost_utils, "sync_global_devices", collective)
   setup.export(tmp_path / "export", params)
   assert pretrained.load(tmp_path / "export").vae_temporal_config is not None
+
+
+def test_a_decoder_export_continues_in_the_decoder_stage_and_feeds_a_latent_upsampler(
+    tmp_path):
+  # The decoder stage started from a decoder-stage export re-initialised its trained
+  # temporal layers (the image model's video decoder was dropped for every stage); a
+  # latent-space upsampler on such an export failed with a pytree structure error.
+  config = _config("decoder")
+  setup = decoder.setup(config, tmp_path / "a")
+  params = jax.tree_util.tree_map(np.asarray, setup.init_params())
+  trained = {k: v + 1.0 if partition.is_temporal(k) else v
+             for k, v in traverse_util.flatten_dict(params["vae"]).items()}
+  params["vae"] = traverse_util.unflatten_dict(trained)
+  setup.export(tmp_path / "export", params)
+  config.image_model = str(tmp_path / "export")
+  again = traverse_util.flatten_dict(decoder.setup(config, tmp_path / "b").init_params()["vae"])
+  temporal = [k for k in trained if partition.is_temporal(k)]
+  assert temporal and all(np.array_equal(again[k], trained[k]) for k in temporal)
+  config.vae_temporal.mix_init = 1.0  # another layout than the export's
+  with pytest.raises(ValueError, match="holds a video decoder with vae_temporal .* set them "
+                     "equal"):
+    decoder.setup(config, tmp_path / "c")
+
+  from videoldm_jax.stages import upsampler
+  up = load_sibling(str(ROOT / "configs" / "x.py"), "upsampler_tiny").get_config()
+  up.update(space="latent", image_model=str(tmp_path / "export"))
+  up.data.update(height=16, width=16, num_frames=2, batch_size=2)
+  up.patch_size = 16
+  up_setup = upsampler.setup(up, tmp_path / "up")
+  state, _ = _init_state(up_setup, up)
+  assert not any(partition.is_temporal(k) for k in
+                 traverse_util.flatten_dict(jax.device_get(state.frozen)["vae"]))

@@ -199,3 +199,22 @@ def test_optimizer_clips_the_global_gradient_norm():
   # (float32: Adam's bias corrections round at ~3e-6; unclipped would be -lr [0.75, 0.8].)
   np.testing.assert_allclose(np.asarray(update["w"]), -lr * clipped / (clipped + 1.0),
                              rtol=2e-5)
+
+
+def test_a_text_free_model_with_attention_at_levels_of_other_widths_trains():
+  # Without a text encoder attn2 attends to each level's own tokens (context None), so
+  # its key width is that level's: one cross_attention_dim cannot fit widths 8 and 16
+  # (a class-conditional UCF-101-style model failed with a parameter shape error).
+  cfg = MINI.copy_and_resolve_references()
+  cfg.unet.update(attention_levels=(True, True), num_class_embeds=3)
+  image = pretrained.random_image_ldm(cfg)
+  ldm = VideoLDM.from_pretrained(image, TemporalConfig())
+  stage = keyframe.make_stage(ldm, keyframe.KeyframeOptions(), None)
+  phi = ldm.init_unet_params(1, where=partition.is_temporal)
+  unet = {**traverse_util.flatten_dict(image.params["unet"]), **traverse_util.flatten_dict(phi)}
+  params = {**image.params, "unet": traverse_util.unflatten_dict(unet)}
+  assert set(traverse_util.flatten_dict(params["unet"])) == set(
+      traverse_util.flatten_dict(ldm.abstract_params()["unet"]))
+  loss, _ = stage.loss_fn(params, {"latents": LATENTS, "labels": np.array([0, 1, 2, 0])},
+                          jax.random.key(0))
+  assert np.isfinite(float(loss))

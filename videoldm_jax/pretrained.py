@@ -224,8 +224,9 @@ def random_image_ldm(config) -> PretrainedLDM:
   unet_cfg = UNetConfig.from_dict(dict(config.unet), "config.unet").validate()
   vae_cfg = VAEConfig.from_dict(dict(config.vae), "config.vae")
   params = {
-      "unet": params_lib.init_params(unet_lib.UNet(unet_cfg), config.seed,
-                                     *unet_lib.example_inputs(unet_cfg)),
+      "unet": params_lib.init_params(
+          unet_lib.UNet(unet_cfg), config.seed,
+          *unet_lib.example_inputs(unet_cfg, text=config.get("text_encoder") is not None)),
       "vae": params_lib.init_params(vae_lib.AutoencoderKL(vae_cfg), config.seed,
                                     *vae_lib.example_inputs(vae_cfg)),
   }

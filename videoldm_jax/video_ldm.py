@@ -55,7 +55,8 @@ class VideoLDM:
     return CLIPTextModel(self.text_config, dtype=self.compute_dtype)
 
   def _unet_inputs(self):
-    x, t, ctx, labels = unet_lib.example_inputs(self.unet_config)
+    x, t, ctx, labels = unet_lib.example_inputs(self.unet_config,
+                                                text=self.text_config is not None)
     if self.temporal_config is not None:
       x = x[:, None].repeat(2, axis=1)  # two frames: every temporal layer is created
     return x, t, ctx, labels

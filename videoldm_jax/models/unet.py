@@ -355,11 +355,15 @@ class UNet(nn.Module):
 
 
 def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None,
-                   context_len: int = 1) -> tuple:
-  """Zero inputs of the right shapes for `UNet.init` / `jax.eval_shape`."""
+                   context_len: int = 1, text: bool = True) -> tuple:
+  """Zero inputs of the right shapes for `UNet.init` / `jax.eval_shape`. text=False
+  (a model without a text encoder, always called without a context): no context, so
+  every attn2 attends to its own tokens and its key / value widths are the level's
+  channels (cross_attention_dim cannot fit levels of different widths)."""
   size = size or 2 ** (config.num_levels - 1)
   x = jnp.zeros((batch, size, size, config.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
-  ctx = jnp.zeros((batch, context_len, config.cross_attention_dim), jnp.float32)
+  ctx = (jnp.zeros((batch, context_len, config.cross_attention_dim), jnp.float32)
+         if text else None)
   labels = None if config.num_class_embeds is None else jnp.zeros((batch,), jnp.int32)
   return x, t, ctx, labels

@@ -262,8 +262,9 @@ def model_exporter(config: ml_collections.ConfigDict, workdir: Path,
 
 
 def image_model_vae(config: ml_collections.ConfigDict, workdir: Path):
-  """(VAEConfig, the image model's VAE params, its VAETemporalConfig or None)."""
-  image, _, _ = keyframe.load_image_model(config, workdir)
+  """(VAEConfig, the image model's VAE params, its VAETemporalConfig or None: a
+  decoder-stage export keeps its video decoder here)."""
+  image, _, _ = keyframe.load_image_model(config, workdir, keep_video_decoder=True)
   return image.vae_config, image.params["vae"], image.vae_temporal_config
 
 

@@ -90,9 +90,15 @@ def make_stage(vae: AutoencoderKL, disc: disc_lib.VideoPatchDiscriminator,
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The decoder stage of `config` (configs/decoder_*.py)."""
-  vae_config, image_vae, _ = ae.image_model_vae(config, workdir)
+  vae_config, image_vae, image_temporal = ae.image_model_vae(config, workdir)
   temporal = VAETemporalConfig.from_dict(dict(config.vae_temporal),
                                          "config.vae_temporal").validate()
+  if image_temporal is not None and image_temporal != temporal:
+    # Its temporal layers continue training only in their own layout.
+    raise ValueError(f"config.image_model={config.image_model} holds a video decoder "
+                     f"with vae_temporal {image_temporal.to_dict()}, config.vae_temporal "
+                     f"is {temporal.to_dict()}: set them equal to continue training it, "
+                     "or start from the frame-wise image model")
   dtype = DTYPES[config.train.compute_dtype]
   vae = AutoencoderKL(vae_config, temporal, dtype=dtype,
                       remat_policy=config.train.remat_policy)

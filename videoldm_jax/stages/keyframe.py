@@ -138,7 +138,16 @@ def _random_image_model(config: ml_collections.ConfigDict) -> ml_collections.Con
   return r
 
 
-def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: bool = True
+def frame_wise_vae(vae_params: dict) -> dict:
+  """A decoder-stage export's VAE params without the video decoder's temporal leaves:
+  the frame-wise autoencoder it was trained from."""
+  flat = traverse_util.flatten_dict(vae_params)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                       if not partition.is_temporal(k)})
+
+
+def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: bool = True,
+                     keep_video_decoder: bool = False
                      ) -> tuple[pretrained.PretrainedLDM, Optional[CLIPTokenizer], Path]:
   """(model, tokenizer, tokenizer folder) from `config.image_model` (a converted or
   exported folder) or, when empty, a random model from `config.random_image_model`
@@ -146,18 +155,18 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
   process waiting for it; `sync=False` where one process calls this alone, e.g. an
   export, once the setup has written it: a collective there hung the run). Under
   `base.abstract_setup()` only configs are read (a folder's model_index.json, a preset
-  name such as "sd15", or the random model's config) and params are ShapeDtypeStructs."""
+  name such as "sd15", or the random model's config) and params are ShapeDtypeStructs.
+  A decoder-stage export's video decoder is dropped (the latent stages encode and
+  decode frame-wise) unless `keep_video_decoder` (the decoder stage continuing it)."""
   if base.is_abstract():
     return _abstract_image_model(config, workdir)
   if config.image_model:
     image = pretrained.load(config.image_model)
     tok_dir = Path(config.image_model) / "tokenizer"
-    if image.vae_temporal_config is not None:
+    if image.vae_temporal_config is not None and not keep_video_decoder:
       # A decoder-stage export: the UNet stages use the frame-wise autoencoder; the
       # temporal decoder is applied at generation time from its own folder.
-      flat = traverse_util.flatten_dict(image.params["vae"])
-      image.params["vae"] = traverse_util.unflatten_dict(
-          {k: v for k, v in flat.items() if not partition.is_temporal(k)})
+      image.params["vae"] = frame_wise_vae(image.params["vae"])
       image.vae_temporal_config = None
   else:
     image = pretrained.random_image_ldm(_random_image_model(config))
