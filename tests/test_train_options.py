@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 from videoldm_jax import pretrained
@@ -218,3 +219,33 @@ def test_a_text_free_model_with_attention_at_levels_of_other_widths_trains():
   loss, _ = stage.loss_fn(params, {"latents": LATENTS, "labels": np.array([0, 1, 2, 0])},
                           jax.random.key(0))
   assert np.isfinite(float(loss))
+
+
+def test_bfloat16_gradients_of_mixing_factors_and_biases():
+  """In bf16 the mixing factor's gradient is the small difference of two large sums
+  (the temporal branch starts near the identity): rounding each to bf16 lost it (15.0
+  for 4.1). A bias's gradient is dy summed over every other axis, which XLA:CPU summed
+  in bf16 (8.6 for 25.2). Both are now summed in float32."""
+  from videoldm_jax.models import layers
+  from videoldm_jax.models.temporal import mix
+  from videoldm_jax.models.vae import mix_temporal
+  r = np.random.default_rng(0)
+  xs = r.standard_normal((8, 16, 16, 64)).astype(np.float32) + 1.0
+  xt = xs + 0.02 * r.standard_normal(xs.shape).astype(np.float32)
+  dy = r.standard_normal(xs.shape).astype(np.float32) + 0.5
+  xs16, xt16 = (jnp.asarray(a, jnp.bfloat16) for a in (xs, xt))
+  m = jnp.array([0.5], jnp.float32)
+  for fn in (mix, mix_temporal):
+    g = lambda a, b: jax.grad(lambda m: jnp.sum(fn(a, b, m, None).astype(jnp.float32) * dy))(m)
+    exact = float(g(xs16.astype(jnp.float32), xt16.astype(jnp.float32))[0])
+    np.testing.assert_allclose(float(jax.jit(g)(xs16, xt16)[0]), exact, rtol=0.05)
+  conv = layers.conv2d(32, 3, name="c", dtype=jnp.bfloat16)
+  x = jnp.asarray(r.standard_normal((8, 32, 32, 32)), jnp.bfloat16)
+  params = nn.meta.unbox(conv.init(jax.random.key(0), x))
+  dy = jnp.asarray(r.standard_normal((8, 32, 32, 32)) * 0.1 + 0.003, jnp.float32)
+  grad = lambda dtype, x: jax.grad(lambda p: jnp.sum(layers.conv2d(32, 3, name="c", dtype=dtype)
+                                                     .apply(p, x).astype(jnp.float32) * dy))(
+      params)["params"]["bias"]
+  ref = grad(jnp.float32, x.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(grad(jnp.bfloat16, x)), np.asarray(ref), rtol=0.05,
+                             atol=0.02 * float(jnp.abs(ref).max()))

@@ -56,12 +56,13 @@ _SPATIAL_AXES = ("conv_kt", "conv_kh", "conv_kw")
 
 
 def _conv(features: int, kernel: tuple, padding: tuple, *, name: str, use_bias: bool,
-          dtype) -> nn.Conv:
+          dtype) -> layers.Conv:
   """Stride-1 conv over the len(kernel) axes after the batch axis."""
   names = _SPATIAL_AXES[3 - len(kernel):] + ("conv_in", "conv_out")
-  return nn.Conv(features, kernel, padding=padding, use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=layers.param_init(_CONV_INIT, names),
-                 bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
+  return layers.conv_layer(features, kernel, padding=padding, use_bias=use_bias,
+                          dtype=dtype, kernel_init=layers.param_init(_CONV_INIT, names),
+                          bias_init=layers.param_init(layers.ZEROS, ("conv_out",)),
+                          name=name)
 
 
 class StrideTwoConv(nn.Module):
@@ -109,8 +110,8 @@ class StrideTwoConv(nn.Module):
         x, k, (1,) * nd, "VALID",
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
     if self.use_bias:
-      y = y + self.param("bias", layers.param_init(layers.ZEROS, ("conv_out",)),
-                         (self.features,)).astype(self.dtype)
+      y = layers.add_bias(y, self.param("bias", layers.param_init(layers.ZEROS, ("conv_out",)),
+                                        (self.features,)))
     return y
 
 

@@ -83,8 +83,48 @@ ZEROS, ONES = Init("constant", 0.0), Init("constant", 1.0)
 CONV2D_AXES = ("conv_kh", "conv_kw", "conv_in", "conv_out")  # a 2-D conv kernel (HWIO)
 
 
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias (broadcast over the last axis), in float32 when y is lower precision, then
+  cast back: the bias's gradient, dy summed over every other axis, is then summed in
+  float32. (XLA:CPU sums a bfloat16 reduction in bfloat16: 65536 ones gave 512.)"""
+  if y.dtype == jnp.float32:
+    return y + bias
+  return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
+
+
+def _bias_float32(*args, dtype=None, inexact=True):
+  """flax's promote_dtype for (inputs, kernel, bias) that leaves the bias float32."""
+  del inexact
+  *front, bias = args
+  return (*(None if a is None else jnp.asarray(a).astype(dtype) for a in front), bias)
+
+
+class Conv(nn.Conv):
+  """nn.Conv (the same parameters) whose bias is added as `add_bias` does."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return super().__call__(inputs).astype(self.dtype or inputs.dtype)
+
+
+class Dense(nn.Dense):
+  """nn.Dense (the same parameters) whose bias is added as `add_bias` does."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return super().__call__(inputs).astype(self.dtype or inputs.dtype)
+
+
+def conv_layer(features: int, kernel: tuple, padding, *, name: str, dtype,
+               use_bias: bool = True, kernel_init, bias_init, strides=None,
+               conv_general_dilated=None) -> Conv:
+  """`Conv` with float32 parameters and the float32 bias add (see `add_bias`)."""
+  return Conv(features, kernel, strides=strides, padding=padding, use_bias=use_bias,
+              dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+              bias_init=bias_init, promote_dtype=_bias_float32,
+              conv_general_dilated=conv_general_dilated, name=name)
+
+
 def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
-           *, name: str, dtype=jnp.float32, use_bias: bool = True) -> nn.Conv:
+           *, name: str, dtype=jnp.float32, use_bias: bool = True) -> Conv:
   """2-D convolution on (B, H, W, C) -> (B, H', W', features).
 
   padding "SAME_1" is symmetric zero padding of kernel // 2, as PyTorch's
@@ -93,9 +133,9 @@ def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
   if padding == "SAME_1":
     p = kernel // 2
     padding = ((p, p), (p, p))
-  return nn.Conv(
+  return conv_layer(
       features, (kernel, kernel), strides=(stride, stride), padding=padding,
-      use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      use_bias=use_bias, dtype=dtype,
       # XLA:CPU's slow kernel gradient, from the C++ kernel (models/conv.py)
       conv_general_dilated=conv.conv_general_dilated,
       kernel_init=param_init(FAN_IN_NORMAL, CONV2D_AXES),
@@ -105,12 +145,13 @@ def conv2d(features: int, kernel: int = 3, stride: int = 1, padding="SAME_1",
 
 def dense(features: int, axes: Axes = ("embed", "mlp"), *, name: str,
           use_bias: bool = True, dtype=jnp.float32,
-          weight_grad: str = "transposed") -> nn.Dense:
+          weight_grad: str = "transposed") -> Dense:
   """Dense layer on (..., C_in) -> (..., features); `axes` names (C_in, features).
   `weight_grad="chunked"` for inputs that are products of large arrays (see
   models/matmul.py; values and gradients are the same either way)."""
-  return nn.Dense(
+  return Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      promote_dtype=_bias_float32,
       kernel_init=param_init(FAN_IN_NORMAL, axes),
       bias_init=param_init(ZEROS, (axes[1],)),
       # XLA:CPU's fast weight gradient (models/matmul.py)
@@ -133,10 +174,10 @@ class DenseHalves(nn.Module):
     kernel = self.param("kernel", param_init(FAN_IN_NORMAL, self.axes),
                         (x.shape[-1], 2 * f), jnp.float32)
     bias = self.param("bias", param_init(ZEROS, (self.axes[1],)), (2 * f,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
-    return tuple(dense_dot_general(x, kernel[:, i * f:(i + 1) * f], dims)
-                 + bias[i * f:(i + 1) * f] for i in range(2))
+    return tuple(add_bias(dense_dot_general(x, kernel[:, i * f:(i + 1) * f], dims),
+                          bias[i * f:(i + 1) * f]) for i in range(2))
 
 
 # With one instance (W2's temporal GroupNorm at batch 1) a single sum over all positions
@@ -347,8 +388,8 @@ class UpsampleConv(nn.Module):
     phase = lambda a, b: jnp.stack([jnp.stack([sum(kernel[i, j] for i in ti for j in tj)
                                                for tj in _PHASE_TAPS[b]])
                                     for ti in _PHASE_TAPS[a]])             # (2, 2, C, F)
-    x, bias, *kernels = nn.dtypes.promote_dtype(
-        x_BxHxWxC, bias, *(phase(a, b) for a in range(2) for b in range(2)), dtype=self.dtype)
+    x, *kernels = nn.dtypes.promote_dtype(
+        x_BxHxWxC, *(phase(a, b) for a in range(2) for b in range(2)), dtype=self.dtype)
     _, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     conv = lambda a, b: jax.lax.conv_general_dilated(
@@ -356,7 +397,7 @@ class UpsampleConv(nn.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))                        # (B, H, W, F)
     y = jnp.stack([jnp.stack([conv(a, b) for b in range(2)], axis=3) for a in range(2)],
                   axis=2)                                                  # (B, H, 2, W, 2, F)
-    return y.reshape(y.shape[0], 2 * h, 2 * w, self.features) + bias
+    return add_bias(y.reshape(y.shape[0], 2 * h, 2 * w, self.features), bias)
 
 
 def timestep_embedding(timesteps_B: jax.Array, dim: int, flip_sin_to_cos: bool = True,

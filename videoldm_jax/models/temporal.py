@@ -82,8 +82,10 @@ def mix(x_spatial: jax.Array, x_temporal: jax.Array, m: jax.Array,
   alpha = jax.nn.sigmoid(m.astype(jnp.float32))
   if image_only is not None:
     alpha = jnp.where(image_only.reshape((-1,) + (1,) * (x_spatial.ndim - 1)), 1.0, alpha)
-  alpha = alpha.astype(x_spatial.dtype)
-  return alpha * x_spatial + (1 - alpha) * x_temporal
+  # Blended in float32, cast once: dL/dm is the small difference of two large sums
+  # (the temporal branch starts near the identity), lost when each is rounded to bf16.
+  out = alpha * x_spatial.astype(jnp.float32) + (1 - alpha) * x_temporal.astype(jnp.float32)
+  return out.astype(x_spatial.dtype)
 
 
 def mix_param(module: nn.Module, init: float) -> jax.Array:
@@ -121,7 +123,7 @@ class TimeOnlyConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, channels,
                                                      self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x_BxTxHxWxC, kernel, bias, dtype=self.dtype)
+    x, kernel = nn.dtypes.promote_dtype(x_BxTxHxWxC, kernel, dtype=self.dtype)
     b, frames, h, w, _ = x.shape
     # With the C++ convolution: (B, T, H*W, C) convolved with a (kt, 1) kernel, each
     # frame read in place (no shifted copies).
@@ -129,12 +131,13 @@ class TimeOnlyConv(nn.Module):
     kernel_4d = kernel.reshape(kt, 1, channels, self.features)
     if conv.USE_NATIVE_CONV and conv.takes(x_BxTxSxC, kernel_4d):
       y = conv.conv_same(x_BxTxSxC, kernel_4d)
-      return y.reshape(b, frames, h, w, self.features) + bias
+      return layers.add_bias(y.reshape(b, frames, h, w, self.features), bias)
     pad = kt // 2
     x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
     # Tap i of a cross-correlation reads frame t + i - pad: padded frame t + i.
     shifted = jnp.concatenate([x[:, i:i + frames] for i in range(kt)], axis=-1)
-    return dense_matmul(shifted, kernel.reshape(kt * channels, self.features)) + bias
+    return layers.add_bias(dense_matmul(shifted, kernel.reshape(kt * channels, self.features)),
+                           bias)
 
 
 def conv3d(features: int, kernel: tuple[int, int, int], *, name: str, zero_init: bool = False,
@@ -149,9 +152,8 @@ def conv3d(features: int, kernel: tuple[int, int, int], *, name: str, zero_init:
     return TimeOnlyConv(features, tuple(kernel), layers.param_init(init, axes),
                         layers.param_init(layers.ZEROS, ("conv_out",)), dtype=dtype,
                         name=name)
-  return nn.Conv(
+  return layers.conv_layer(
       features, kernel, padding=tuple((k // 2, k // 2) for k in kernel), dtype=dtype,
-      param_dtype=jnp.float32,
       kernel_init=layers.param_init(init, axes),
       bias_init=layers.param_init(layers.ZEROS, ("conv_out",)), name=name)
 

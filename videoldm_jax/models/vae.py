@@ -89,8 +89,9 @@ def mix_temporal(x_spatial: jax.Array, x_temporal: jax.Array, m: jax.Array,
   alpha = jax.nn.sigmoid(m.astype(jnp.float32))
   if image_only is not None:
     alpha = jnp.where(image_only.reshape((-1,) + (1,) * (x_spatial.ndim - 1)), 0.0, alpha)
-  alpha = alpha.astype(x_spatial.dtype)
-  return alpha * x_temporal + (1 - alpha) * x_spatial
+  # In float32, cast once (see models/temporal.py `mix`).
+  out = alpha * x_temporal.astype(jnp.float32) + (1 - alpha) * x_spatial.astype(jnp.float32)
+  return out.astype(x_spatial.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
