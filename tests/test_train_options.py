@@ -203,9 +203,10 @@ def test_optimizer_clips_the_global_gradient_norm():
 
 
 def test_a_text_free_model_with_attention_at_levels_of_other_widths_trains():
-  # Without a text encoder attn2 attends to each level's own tokens (context None), so
-  # its key width is that level's: one cross_attention_dim cannot fit widths 8 and 16
-  # (a class-conditional UCF-101-style model failed with a parameter shape error).
+  # A class-conditional model without a text encoder is called without a context:
+  # attn2 attends to each level's own tokens, so its key width is that level's, and one
+  # cross_attention_dim cannot fit widths 8 and 16 (a UCF-101-style model failed with a
+  # parameter shape error).
   cfg = MINI.copy_and_resolve_references()
   cfg.unet.update(attention_levels=(True, True), num_class_embeds=3)
   image = pretrained.random_image_ldm(cfg)

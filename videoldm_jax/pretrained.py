@@ -226,7 +226,8 @@ def random_image_ldm(config) -> PretrainedLDM:
   params = {
       "unet": params_lib.init_params(
           unet_lib.UNet(unet_cfg), config.seed,
-          *unet_lib.example_inputs(unet_cfg, text=config.get("text_encoder") is not None)),
+          *unet_lib.example_inputs(unet_cfg, text=unet_lib.called_with_context(
+              unet_cfg, config.get("text_encoder") is not None))),
       "vae": params_lib.init_params(vae_lib.AutoencoderKL(vae_cfg), config.seed,
                                     *vae_lib.example_inputs(vae_cfg)),
   }

@@ -55,8 +55,9 @@ class VideoLDM:
     return CLIPTextModel(self.text_config, dtype=self.compute_dtype)
 
   def _unet_inputs(self):
-    x, t, ctx, labels = unet_lib.example_inputs(self.unet_config,
-                                                text=self.text_config is not None)
+    x, t, ctx, labels = unet_lib.example_inputs(
+        self.unet_config,
+        text=unet_lib.called_with_context(self.unet_config, self.text_config is not None))
     if self.temporal_config is not None:
       x = x[:, None].repeat(2, axis=1)  # two frames: every temporal layer is created
     return x, t, ctx, labels

@@ -354,12 +354,20 @@ class UNet(nn.Module):
     return [frames.with_context(f) for f in features]
 
 
+def called_with_context(config: UNetConfig, has_text_encoder: bool) -> bool:
+  """Whether a model's UNet gets a cross-attention context: from its text encoder, or,
+  without one, from outside (an image embedding as in SVD, a latent cache's context);
+  a class-conditional model without a text encoder is conditioned by its labels alone
+  and called without one."""
+  return has_text_encoder or config.num_class_embeds is None
+
+
 def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None,
                    context_len: int = 1, text: bool = True) -> tuple:
-  """Zero inputs of the right shapes for `UNet.init` / `jax.eval_shape`. text=False
-  (a model without a text encoder, always called without a context): no context, so
-  every attn2 attends to its own tokens and its key / value widths are the level's
-  channels (cross_attention_dim cannot fit levels of different widths)."""
+  """Zero inputs of the right shapes for `UNet.init` / `jax.eval_shape`. text=False (a
+  model always called without a context: `called_with_context`): no context, so every
+  attn2 attends to its own tokens and its key / value widths are the level's channels
+  (one cross_attention_dim cannot fit levels of different widths)."""
   size = size or 2 ** (config.num_levels - 1)
   x = jnp.zeros((batch, size, size, config.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
