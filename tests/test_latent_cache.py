@@ -1,5 +1,6 @@
 """Latent cache: round trip equals a fresh encode; a cache refuses another VAE."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -65,24 +66,31 @@ def test_round_trip_equals_fresh_encode(setup):
                              rtol=1e-5, atol=1e-5)
 
 
-def _check(info, model, **kw):
-  latent_cache.check_cache(info, "cache", vae_config=model.vae_config.to_dict(),
-                           vae_params=model.params["vae"], **kw)
+def _check(info, model, text_params=None, **kw):
+  latent_cache.check_cache(
+      info, "cache", vae_config=model.vae_config.to_dict(),
+      fingerprints=latent_cache.model_fingerprints(model.params["vae"], text_params), **kw)
 
 
 def test_cache_refuses_another_vae_scale_text_encoder_or_clip_size(setup):
   model, _, cache_dir, info = setup
   text = model.params["text_encoder"]
   data = ml_collections.ConfigDict(dict(num_frames=4, height=16, width=16))
-  _check(info, model, text_params=text, needs_context=True, data=data)
+  _check(info, model, text_params=text, needs_context=True, data=data,
+         text_config=model.text_config.to_dict())
   other = pretrained.random_image_ldm(ml_collections.ConfigDict({**MODEL.to_dict(), "seed": 1}))
   with pytest.raises(ValueError, match="other VAE weights"):
     _check(info, other)
   scaled = dict(model.vae_config.to_dict(), scaling_factor=0.13025)
   with pytest.raises(ValueError, match="scaled by 0.18215.*uses 0.13025"):
-    latent_cache.check_cache(info, "cache", vae_config=scaled, vae_params=model.params["vae"])
+    latent_cache.check_cache(info, "cache", vae_config=scaled,
+                             fingerprints=latent_cache.model_fingerprints(model.params["vae"]))
   with pytest.raises(ValueError, match="text embeddings from other text-encoder weights"):
     _check(info, model, text_params=other.params["text_encoder"], needs_context=True)
+  # The same weights under another config (an activation) give other embeddings.
+  gelu = dict(model.text_config.to_dict(), hidden_act="gelu")
+  with pytest.raises(ValueError, match="text embeddings from a text encoder with config"):
+    _check(info, model, text_params=text, needs_context=True, text_config=gelu)
   with pytest.raises(ValueError, match="holds no text embeddings .* rebuild the cache with "
                      "--text"):
     _check(dict(info, has_context=False), model, needs_context=True)
@@ -91,6 +99,22 @@ def test_cache_refuses_another_vae_scale_text_encoder_or_clip_size(setup):
                      r"\[4, 8, 8, 4\]\), the config asks for data.num_frames=8"):
     _check(info, model, data=ml_collections.ConfigDict(dict(num_frames=8, height=16,
                                                             width=16)))
+  # Only the encoder decides the latents: a decoder-stage export of the same model
+  # (temporal decoder leaves added, spatial decoder retrained) feeds from this cache.
+  vae = dict(model.params["vae"])
+  vae["decoder"] = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1.0, vae["decoder"])
+  vae["decoder"] = {**vae["decoder"], "temporal_conv_out": {"kernel": np.ones((3, 1, 1, 3, 3))}}
+  latent_cache.check_cache(info, "cache", vae_config=model.vae_config.to_dict(),
+                           fingerprints=latent_cache.model_fingerprints(vae))
+  # Caches written before the encoder fingerprint: the whole frame-wise VAE's.
+  old = {k: v for k, v in info.items() if k != "encoder_fingerprint"}
+  old["vae_fingerprint"] = latent_cache.params_fingerprint(model.params["vae"])
+  _check(old, model)
+  with pytest.raises(ValueError, match="other VAE weights"):
+    _check(old, other)
+  with pytest.raises(ValueError, match="num_shards must be >= 1"):
+    latent_cache.write_cache(cache_dir.parent / "none", [], vae_config={}, vae_params={},
+                             num_shards=0)
 
 
 def test_tfds_text_fields_as_bytes_are_cached_as_text(setup, tmp_path):
@@ -125,7 +149,8 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path):
       vae_config=vae_config, vae_params=vae_params, num_shards=3)
   data = ml_collections.ConfigDict(dict(cache_dir=str(tmp_path / "c"), batch_size=4,
                                        num_frames=1, height=1, width=1))
-  check = {"vae_config": vae_config, "vae_params": vae_params}
+  check = {"vae_config": vae_config,
+           "fingerprints": latent_cache.model_fingerprints(vae_params)}
 
   def run(pc, pi, state=None, n=3):
     it = inputs.ShareIterator(iter(inputs._cache_dataset(data, 0, pi, pc, check, "label")),

@@ -43,8 +43,9 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
   other scalar / string fields pass through. Every video must have the same shape (the
   cache stores whole clips, uncropped): a dataset of fixed-size clips.
 
-  The mean (not a sample) is cached so that a cache equals a fresh encode; frames of a
-  batch are encoded together, sharded over the mesh's batch axes.
+  The mean (not a sample) is cached so that a cache is deterministic (a step on pixels
+  draws a posterior sample; see `data/latent_cache.py`); frames of a batch are encoded
+  together, sharded over the mesh's batch axes.
   """
   mesh = mesh or sharding.make_mesh({"data": -1})
   frames_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -100,6 +101,8 @@ def cache_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], ou
                                  tokenizer=tokenizer),
         vae_config=model.vae_config.to_dict(), vae_params=model.params["vae"],
         text_params=model.params.get("text_encoder") if tokenizer is not None else None,
+        text_config=(model.text_config.to_dict()
+                     if tokenizer is not None and model.text_config is not None else None),
         num_shards=num_shards, source=source, progress=bar)
   finally:
     bar.close()

@@ -6,10 +6,15 @@ cache does it once. Layout of a cache folder:
   DIR/latents-00000-of-00004.array_record   records: msgpack maps of NumPy arrays and
                                             strings (no pickle), one per clip
   DIR/cache_info.json                       which VAE made it (config, scaling factor
-                                            and a fingerprint of its weights), whether
-                                            it holds text embeddings and the text
-                                            encoder's fingerprint, latent shape, record
-                                            count, source
+                                            and a fingerprint of its encoder's weights),
+                                            whether it holds text embeddings and the
+                                            text encoder's config and fingerprint,
+                                            latent shape, record count, source
+
+The latents are the scaled posterior MEAN of each frame (deterministic: a cache equals
+a fresh encode); a step on pixels draws a posterior sample instead. For SD's VAE the
+posterior's standard deviation is small against the latents' spread, so the two
+differ little.
 
 `LatentCacheSource` is a random-access source (`len`, `[i]`) for Grain; `check_cache`
 refuses a cache made by another VAE, scale factor or text encoder, one without the text
@@ -42,6 +47,20 @@ def params_fingerprint(params: dict) -> str:
   return h.hexdigest()
 
 
+def model_fingerprints(vae_params: dict, text_params: Optional[dict] = None) -> dict:
+  """What `check_cache` compares, as strings (a run keeps no parameter tree alive for
+  it): 'encoder', the fingerprint of the encoder and quant_conv, which alone decide the
+  latents (a decoder-stage export's video decoder leaves them as they are); 'vae', the
+  frame-wise VAE's (caches written before 'encoder' existed); 'text', the text
+  encoder's (None without one)."""
+  frame_wise = {k: v for k, v in traverse_util.flatten_dict(vae_params).items()
+                if not any(str(p).startswith("temporal_") for p in k)}
+  return {"encoder": params_fingerprint({k: vae_params[k] for k in ("encoder", "quant_conv")
+                                         if k in vae_params}),
+          "vae": params_fingerprint(traverse_util.unflatten_dict(frame_wise)),
+          "text": None if text_params is None else params_fingerprint(text_params)}
+
+
 def _field(name: str, value):
   """A record field as msgpack stores it: text as str (bytes, as TFDS returns Text
   features, are decoded: msgpack cannot restore NumPy byte-string arrays), the rest as
@@ -72,7 +91,8 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 def write_cache(out_dir: str | Path, records: Iterable[dict], *, vae_config: dict,
-                vae_params: dict, text_params: Optional[dict] = None, num_shards: int = 1,
+                vae_params: dict, text_params: Optional[dict] = None,
+                text_config: Optional[dict] = None, num_shards: int = 1,
                 source: str = "", progress: Optional[Any] = None) -> dict:
   """Writes `records` (dicts with 'latents' float (T, h, w, C) and anything else, e.g.
   'caption', labels, 'context' (L, D) from the text encoder `text_params`) round-robin
@@ -81,6 +101,8 @@ def write_cache(out_dir: str | Path, records: Iterable[dict], *, vae_config: dic
 
   Returns the info written to cache_info.json.
   """
+  if num_shards < 1:
+    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   if (out_dir / INFO_FILE).exists():
@@ -107,13 +129,13 @@ def write_cache(out_dir: str | Path, records: Iterable[dict], *, vae_config: dic
       w.close()
   if count == 0:
     raise ValueError(f"{out_dir}: no records to cache")
+  prints = model_fingerprints(vae_params, text_params if has_context else None)
   info = {"format": FORMAT, "num_records": count, "latent_shape": shape,
           "files": [p.name for p in paths], "vae_config": vae_config,
           "scaling_factor": vae_config.get("scaling_factor"),
-          "vae_fingerprint": params_fingerprint(vae_params), "source": source,
-          "has_context": has_context,
-          "text_fingerprint": (params_fingerprint(text_params)
-                               if has_context and text_params is not None else None)}
+          "encoder_fingerprint": prints["encoder"], "source": source,
+          "has_context": has_context, "text_fingerprint": prints["text"],
+          "text_config": text_config if has_context else None}
   # Written last: a cache without its info file is incomplete and is never opened.
   (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
   return info
@@ -130,30 +152,39 @@ def read_info(cache_dir: str | Path) -> dict:
   return info
 
 
-def check_cache(info: dict, where: str, *, vae_config: dict, vae_params: dict,
-                text_params: Optional[dict] = None, needs_context: bool = False,
+def check_cache(info: dict, where: str, *, vae_config: dict, fingerprints: dict,
+                text_config: Optional[dict] = None, needs_context: bool = False,
                 data: Optional[Any] = None) -> None:
   """Raises ValueError unless the cache (its `info`) can feed the model: made by this
-  VAE and scale factor; with text embeddings from this text encoder (`text_params`)
-  when the model is text-conditioned (`needs_context`); clips of data.num_frames x
-  data.height x data.width pixels when `data` (config.data) is given."""
+  VAE (config, scale factor, encoder weights); with text embeddings from this text
+  encoder (config `text_config`, weights) when the model is text-conditioned
+  (`needs_context`); clips of data.num_frames x data.height x data.width pixels when
+  `data` (config.data) is given. fingerprints: `model_fingerprints` of the model."""
   if info.get("scaling_factor") != vae_config.get("scaling_factor"):
     raise ValueError(f"{where}: latents were scaled by {info.get('scaling_factor')}, the "
                      f"model's VAE uses {vae_config.get('scaling_factor')}; rebuild the cache")
   if info.get("vae_config") != vae_config:
     raise ValueError(f"{where}: made by a VAE with config {info.get('vae_config')}, the "
                      f"model's is {vae_config}; rebuild the cache")
-  fingerprint = params_fingerprint(vae_params)
-  if info.get("vae_fingerprint") != fingerprint:
+  # Older caches fingerprinted the whole (frame-wise) VAE.
+  key, which = (("encoder_fingerprint", "encoder") if "encoder_fingerprint" in info
+                else ("vae_fingerprint", "vae"))
+  fingerprint = fingerprints[which]
+  if info.get(key) != fingerprint:
     raise ValueError(f"{where}: made by other VAE weights (fingerprint "
-                     f"{info.get('vae_fingerprint', '?')[:12]}…, the model's is "
+                     f"{str(info.get(key, '?'))[:12]}…, the model's is "
                      f"{fingerprint[:12]}…); rebuild the cache")
   if needs_context:
     if not info.get("has_context"):
       raise ValueError(f"{where}: holds no text embeddings (made with --notext), but the "
                        "model is text-conditioned; rebuild the cache with --text")
-    if text_params is not None and info.get("text_fingerprint") is not None:
-      fingerprint = params_fingerprint(text_params)
+    if (text_config is not None and info.get("text_config") is not None
+        and info["text_config"] != text_config):
+      raise ValueError(f"{where}: text embeddings from a text encoder with config "
+                       f"{info['text_config']}, the model's is {text_config}; rebuild "
+                       "the cache")
+    if fingerprints.get("text") is not None and info.get("text_fingerprint") is not None:
+      fingerprint = fingerprints["text"]
       if info["text_fingerprint"] != fingerprint:
         raise ValueError(f"{where}: text embeddings from other text-encoder weights "
                          f"(fingerprint {info['text_fingerprint'][:12]}…, the model's is "

@@ -24,7 +24,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from videoldm_jax import pretrained
-from videoldm_jax.data import inputs
+from videoldm_jax.data import inputs, latent_cache
 from videoldm_jax.diffusion.losses import denoising_loss
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.models import partition
@@ -294,9 +294,16 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
     new = ldm.init_unet_params(config.seed, where=init_where(need, "unet", have))
     return {**model.params, "unet": merge(model.params["unet"], new)}
 
-  cache_check = {"vae_config": ldm.vae_config.to_dict(), "vae_params": image.params["vae"],
-                 "text_params": image.params.get("text_encoder"),
-                 "needs_context": ldm.text_config is not None}
+  cache_check = {}
+  if config.data.kind == "latent_cache":
+    # Fingerprints (strings), not the parameter trees: the iterator lives as long as
+    # the run, and trees held here would keep the host copy of the VAE and text
+    # encoder that init_params hands over.
+    cache_check = {"vae_config": ldm.vae_config.to_dict(),
+                   "fingerprints": latent_cache.model_fingerprints(
+                       image.params["vae"], image.params.get("text_encoder")),
+                   "text_config": None if ldm.text_config is None else ldm.text_config.to_dict(),
+                   "needs_context": ldm.text_config is not None}
   return StageSetup(
       stage=stage, abstract_params=ldm.abstract_params(), logical_axes=ldm.logical_axes(),
       init_params=init_params,
