@@ -226,3 +226,10 @@ def test_sample_cli_takes_class_labels(tmp_path):
   proc = sample("--class_label=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert video_io.read_video(str(tmp_path / "out.mp4")).shape == (2, 8, 8, 3)
+  # videoldm-sample-image took any label: -1 wrapped to the last class, 3 gave NaN.
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.sample_image", f"--model={folder}",
+       "--class_label=-1", f"--output={tmp_path / 'out.png'}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and "--class_label=-1: expected 0..2" in proc.stderr, \
+      proc.stderr[-2000:]

@@ -217,9 +217,12 @@ def test_a_text_free_model_with_attention_at_levels_of_other_widths_trains():
   params = {**image.params, "unet": traverse_util.unflatten_dict(unet)}
   assert set(traverse_util.flatten_dict(params["unet"])) == set(
       traverse_util.flatten_dict(ldm.abstract_params()["unet"]))
-  loss, _ = stage.loss_fn(params, {"latents": LATENTS, "labels": np.array([0, 1, 2, 0])},
-                          jax.random.key(0))
+  batch = {"latents": LATENTS, "labels": np.array([0, 1, 2, 0])}
+  loss, _ = stage.loss_fn(params, batch, jax.random.key(0))
   assert np.isfinite(float(loss))
+  # A latent cache's text embeddings are not for it (they crashed the step).
+  cached = {**batch, "context": np.ones((4, 1, 16), np.float32)}
+  assert float(stage.loss_fn(params, cached, jax.random.key(0))[0]) == float(loss)
 
 
 def test_bfloat16_gradients_of_mixing_factors_and_biases():

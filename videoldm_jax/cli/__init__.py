@@ -1,6 +1,7 @@
 """Console scripts (setup.py entry points); `run_app` starts one."""
 
 import sys
+from typing import Optional
 
 from absl import app, flags
 
@@ -15,3 +16,17 @@ def run_app(main, module_name: str) -> None:
     flags.FLAGS.register_key_flag_for_module(entry, flag)
   sys.modules["__main__"].__doc__ = module.__doc__
   app.run(main)
+
+
+def class_labels(classes: Optional[int], label: Optional[int], count: int,
+                 model: str) -> Optional[list[int]]:
+  """`count` copies of --class_label for a model with `classes` classes (None: not
+  class-conditional); a missing, out-of-range or unused label is a usage error (past
+  the embedding table a label gives NaN, a black image; -1 wrapped to the last class)."""
+  if classes and label is None:
+    raise app.UsageError(f"{model} is class-conditional ({classes} classes): pass "
+                         "--class_label")
+  if label is not None and not (classes and 0 <= label < classes):
+    raise app.UsageError(f"--class_label={label}: " + (
+        f"expected 0..{classes - 1}" if classes else f"{model} is not class-conditional"))
+  return None if label is None else [label] * count

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import class_labels, run_app
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -41,15 +41,8 @@ def main(argv):
   if _MODEL.value is None:
     raise app.UsageError("--model is required")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
-  classes = model.unet_config.num_class_embeds
-  if classes and _LABEL.value is None:
-    raise app.UsageError(f"{_MODEL.value} is class-conditional ({classes} classes): "
-                         "pass --class_label")
-  if _LABEL.value is not None and not (classes and 0 <= _LABEL.value < classes):
-    raise app.UsageError(f"--class_label={_LABEL.value}: " + (
-        f"expected 0..{classes - 1}" if classes else f"{_MODEL.value} is not "
-        "class-conditional"))
-  labels = None if _LABEL.value is None else [_LABEL.value] * _NUM.value
+  labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
+                        _MODEL.value)
   options = sampling.SampleOptions(
       height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
       sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,

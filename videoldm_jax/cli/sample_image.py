@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import class_labels, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -46,7 +46,8 @@ def main(argv):
       height=_HEIGHT.value or default, width=_WIDTH.value or _HEIGHT.value or default,
       num_steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_CFG.value,
       eta=_ETA.value, seed=_SEED.value)
-  labels = None if _LABEL.value is None else [_LABEL.value] * _NUM.value
+  labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
+                        _MODEL.value)
   images = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                                   _NEGATIVE.value, options, class_labels=labels)
   out = Path(_OUTPUT.value)

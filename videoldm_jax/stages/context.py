@@ -63,7 +63,8 @@ def make_context_stage(name: str, ldm: VideoLDM, options: keyframe.KeyframeOptio
       latents = keyframe.encode_video(vae, params["vae"], batch["video"], k_vae)
     b, t = latents.shape[:2]
     context = keyframe.text_context(text, params, batch, uncond_tokens,
-                                    options.cond_drop_prob, k_drop, ldm.compute_dtype)
+                                    options.cond_drop_prob, k_drop, ldm.compute_dtype,
+                                    keyframe.takes_context(ldm))
     mask = mask_fn(k_mask, b, t)
     # Built from the clean latents: the known frames are given, not noised.
     cond = masked_cond(latents, mask)

@@ -31,7 +31,7 @@ from videoldm_jax.models import partition
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
-from videoldm_jax.models.unet import UNetConfig
+from videoldm_jax.models.unet import UNetConfig, called_with_context
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
 from videoldm_jax.pipelines import sampling
 from videoldm_jax.stages import base
@@ -51,9 +51,14 @@ def encode_video(vae: AutoencoderKL, vae_params: dict, video_u8: jax.Array,
   return z.reshape((b, t) + z.shape[1:])
 
 
+def takes_context(ldm) -> bool:
+  """Whether the stage's UNet is called with a context (`unet.called_with_context`)."""
+  return called_with_context(ldm.unet_config, ldm.text_config is not None)
+
+
 def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
                  uncond_tokens: Optional[np.ndarray], drop_prob: float, key: jax.Array,
-                 dtype) -> Optional[jax.Array]:
+                 dtype, takes: bool = True) -> Optional[jax.Array]:
   """Cross-attention context (B, L, D) of a batch, or None.
 
   With a text encoder: caption embeddings from `tokens` (or a cached `context`), each
@@ -63,7 +68,9 @@ def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
   empty-prompt embedding is known); otherwise None.
   """
   if text is None:
-    return None if "context" not in batch else batch["context"].astype(dtype)
+    # `takes` False: a class-conditional model without a text encoder, whose attn2
+    # attends to its own tokens; a cache's text embeddings are not for it.
+    return None if "context" not in batch or not takes else batch["context"].astype(dtype)
   if "context" in batch:
     context = batch["context"].astype(dtype)
   else:
@@ -103,7 +110,7 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
     else:
       latents = encode_video(vae, params["vae"], batch["video"], k_vae)
     context = text_context(text, params, batch, uncond_tokens, options.cond_drop_prob,
-                           k_drop, ldm.compute_dtype)
+                           k_drop, ldm.compute_dtype, takes_context(ldm))
     labels, image_only = batch.get("labels"), batch.get("image_only")
 
     def model_fn(x_t, t):
