@@ -253,3 +253,18 @@ def test_bfloat16_gradients_of_mixing_factors_and_biases():
   ref = grad(jnp.float32, x.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(grad(jnp.bfloat16, x)), np.asarray(ref), rtol=0.05,
                              atol=0.02 * float(jnp.abs(ref).max()))
+
+
+def test_batches_of_a_class_conditional_model_check_their_labels():
+  # A label past the table gave NaN (every step skipped, reported as divergence); -1
+  # wrapped to the last class; a misspelt label_field failed inside the UNet.
+  make = keyframe.batch_maker(None, 0, num_classes=3, label_field="action")
+  assert make({"latents": LATENTS[:2], "labels": np.array([0, 2])})["labels"].tolist() == [0, 2]
+  for bad in ([0, 3], [-1, 1]):
+    with pytest.raises(ValueError, match=r"config.data.label_field='action': labels \[-?\d\] "
+                       r"lie outside the UNet's classes 0..2"):
+      make({"latents": LATENTS[:2], "labels": np.array(bad)})
+  with pytest.raises(ValueError, match="hold no labels: config.data.label_field='action' "
+                     "names no field"):
+    make({"latents": LATENTS[:2]})
+  assert "labels" not in keyframe.batch_maker(None, 0)({"latents": LATENTS[:2]})

@@ -217,12 +217,26 @@ def _abstract_image_model(config, workdir: Path):
   return image, tokenizer, tok_dir
 
 
-def batch_maker(tokenizer: Optional[CLIPTokenizer], max_length: int):
+def batch_maker(tokenizer: Optional[CLIPTokenizer], max_length: int,
+                num_classes: Optional[int] = None, label_field: str = "label"):
   """Input-pipeline batch -> the stage's batch (host NumPy): pixels or cached latents,
-  caption tokens or cached text embeddings, the image-only flags."""
+  caption tokens or cached text embeddings, the image-only flags, and for a
+  class-conditional UNet (`num_classes`) the labels, checked to lie in its table (past
+  it the embedding gives NaN: every step skipped; below 0 one wraps silently)."""
   def make_batch(host: dict) -> dict:
     batch = {k: host[k] for k in ("video", "latents", "context", "image_only", "labels")
              if k in host}
+    if num_classes:
+      if "labels" not in batch:
+        raise ValueError(f"the UNet is class-conditional ({num_classes} classes), but the "
+                         f"batches hold no labels: config.data.label_field={label_field!r} "
+                         "names no field of the dataset")
+      labels = np.asarray(batch["labels"])
+      bad = sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))
+      if bad:
+        raise ValueError(f"config.data.label_field={label_field!r}: labels {bad[:5]} lie "
+                         f"outside the UNet's classes 0..{num_classes - 1} "
+                         "(unet.num_class_embeds)")
     if tokenizer is not None and "context" not in host:
       batch["tokens"] = tokenizer([c.decode() if isinstance(c, bytes) else str(c)
                                    for c in host["caption"]], max_length=max_length)
@@ -315,7 +329,8 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       stage=stage, abstract_params=ldm.abstract_params(), logical_axes=ldm.logical_axes(),
       init_params=init_params,
       make_iterator=lambda: inputs.make_iterator(config, workdir, cache_check),
-      make_batch=batch_maker(tokenizer, max_len),
+      make_batch=batch_maker(tokenizer, max_len, ldm.unet_config.num_class_embeds,
+                             config.data.get("label_field", "label")),
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),
       export=ldm_exporter(ldm, tok_dir, str(workdir), pretrained.training_record(config)),
