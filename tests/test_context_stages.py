@@ -225,6 +225,7 @@ def test_sample_cli_takes_class_labels(tmp_path):
   assert proc.returncode != 0 and "--class_label=3: expected 0..2" in proc.stderr
   proc = sample("--class_label=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "guidance_scale=5.0 ignored" not in proc.stderr  # it has a text encoder
   assert video_io.read_video(str(tmp_path / "out.mp4")).shape == (2, 8, 8, 3)
   # videoldm-sample-image took any label: -1 wrapped to the last class, 3 gave NaN.
   proc = subprocess.run(
@@ -233,3 +234,13 @@ def test_sample_cli_takes_class_labels(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0 and "--class_label=-1: expected 0..2" in proc.stderr, \
       proc.stderr[-2000:]
+
+
+def test_sampling_clis_say_guidance_does_nothing_without_a_text_encoder(capsys):
+  from videoldm_jax.cli import note_unguided
+  note_unguided(False, 5.0)
+  note_unguided(True, 5.0)   # text model: guided
+  note_unguided(False, 1.0)  # guidance off anyway
+  assert capsys.readouterr().err == (
+      "note: --guidance_scale=5.0 ignored: the model has no text encoder (no "
+      "classifier-free guidance without one)\n")

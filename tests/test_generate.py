@@ -333,6 +333,10 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
       kf_tok))
   with pytest.raises(ValueError, match="class_label=3: .* has classes 0..2"):
     generate.plan(conditional, dataclasses.replace(options, class_label=3))
+  text_free = dataclasses.replace(conditional, keyframe=(dataclasses.replace(
+      conditional.keyframe[0], text_config=None), None))
+  assert any("guidance_scale=2.0 ignored: the models have no text encoder" in n
+             for n in generate.plan(text_free, dataclasses.replace(options, class_label=1)).notes)
   assert any("class_label=1 ignored" in n for n in generate.plan(
       models, dataclasses.replace(options, class_label=1)).notes)
   with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):

@@ -30,3 +30,11 @@ def class_labels(classes: Optional[int], label: Optional[int], count: int,
     raise app.UsageError(f"--class_label={label}: " + (
         f"expected 0..{classes - 1}" if classes else f"{model} is not class-conditional"))
   return None if label is None else [label] * count
+
+
+def note_unguided(has_text_encoder: bool, guidance_scale: float) -> None:
+  """Says on stderr that --guidance_scale does nothing for a model without a text
+  encoder (no unconditional branch; class-conditional models train no label dropout)."""
+  if not has_text_encoder and guidance_scale != 1.0:
+    print(f"note: --guidance_scale={guidance_scale} ignored: the model has no text "
+          "encoder (no classifier-free guidance without one)", file=sys.stderr)

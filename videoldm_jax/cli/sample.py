@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import class_labels, run_app
+from videoldm_jax.cli import class_labels, note_unguided, run_app
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -43,6 +43,7 @@ def main(argv):
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
+  note_unguided(model.text_config is not None, _CFG.value)
   options = sampling.SampleOptions(
       height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
       sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,

@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import class_labels, run_app
+from videoldm_jax.cli import class_labels, note_unguided, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -48,6 +48,7 @@ def main(argv):
       eta=_ETA.value, seed=_SEED.value)
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
+  note_unguided(model.text_config is not None, _CFG.value)
   images = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                                   _NEGATIVE.value, options, class_labels=labels)
   out = Path(_OUTPUT.value)

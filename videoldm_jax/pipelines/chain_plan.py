@@ -184,6 +184,16 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if o.class_label is not None and not conditional:
     notes.append(f"class_label={o.class_label} ignored: no model of the chain is "
                  "class-conditional")
+  if models.base.text_config is None:
+    # No text encoder: no unconditional branch to guide against (class-conditional
+    # models are trained without label dropout).
+    ignored = [f"{k}={v!r}" for k, v in (("prompt", o.prompt),
+                                          ("negative_prompt", o.negative_prompt))
+               if v] + ([f"guidance_scale={o.guidance_scale}"]
+                        if o.guidance_scale != 1.0 else [])
+    if ignored:
+      notes.append(f"{', '.join(ignored)} ignored: the models have no text encoder "
+                   "(no classifier-free guidance without one)")
   # (stage, used, frames per call, the option that sets it, its value); a short video
   # makes shorter calls than the options say: the key-frame model is called once, on
   # the first clip, and a window or chunk holds at most the frames there are.
