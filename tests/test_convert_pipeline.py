@@ -249,3 +249,19 @@ def test_fp16_variant_folder_and_missing_scheduler(sd_pipeline, tmp_path, capsys
   model, _ = pipeline_import.from_diffusers(tmp_path / "pipe")
   assert model.scheduler["prediction_type"] == "epsilon"
   assert "has no scheduler/scheduler_config.json: assuming SD 1.5's" in capsys.readouterr().err
+
+
+def test_a_class_conditional_unet_with_a_context_but_no_text_encoder_is_refused(tmp_path):
+  # Such models are run without a context (attn2 on their own tokens): one trained with
+  # an external context of width 48 converted, then failed in every sampler with a
+  # parameter shape error.
+  unet = diffusers.UNet2DConditionModel(**{**UNET, "cross_attention_dim": 48,
+                                           "num_class_embeds": 3})
+  unet.save_pretrained(tmp_path / "pipe" / "unet", safe_serialization=True)
+  diffusers.AutoencoderKL(**VAE).save_pretrained(tmp_path / "pipe" / "vae",
+                                                 safe_serialization=True)
+  diffusers.DDIMScheduler(**SCHEDULER).save_pretrained(tmp_path / "pipe" / "scheduler")
+  with pytest.raises(ValueError, match=r"class-conditional UNet without a text encoder whose "
+                     r"cross-attention takes a context of cross_attention_dim=48 .*attn2/"
+                     r"to_k/kernel: \(48, 32\), self-attention needs \(32, 32\)"):
+    pipeline_import.from_diffusers(tmp_path / "pipe")

@@ -3,11 +3,16 @@
 import sys
 from pathlib import Path
 
+import numpy as np
+from flax import traverse_util
+
 from videoldm_jax import pretrained
 from videoldm_jax.convert import clip_keys, image_models, ldm_keys, presets
 from videoldm_jax.convert.safetensors_io import find_weights, load_safetensors, refuse_pickle
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.unet import UNet, called_with_context
+from videoldm_jax.models.unet import example_inputs as unet_example_inputs
 
 
 def _abstract_text_params(config: CLIPTextConfig):
@@ -19,6 +24,28 @@ def _abstract_text_params(config: CLIPTextConfig):
 def text_params_from_torch(config: CLIPTextConfig, sd, source: str) -> dict:
   """transformers CLIPTextModel state dict -> Flax params of `CLIPTextModel(config)`."""
   return clip_keys.clip_params_from_torch(_abstract_text_params(config), sd, source)
+
+
+def check_context_free(model: pretrained.PretrainedLDM, where: str) -> None:
+  """A class-conditional UNet without a text encoder is run without a context
+  (`unet.called_with_context`): its attn2 must attend to its own tokens. One trained
+  with an external context of another width cannot run here: refused by name."""
+  cfg = model.unet_config
+  if called_with_context(cfg, model.text_config is not None):
+    return
+  expected = traverse_util.flatten_dict(params_lib.abstract_params(
+      UNet(cfg), *unet_example_inputs(cfg, text=False)))
+  got = traverse_util.flatten_dict(model.params["unet"])
+  bad = [k for k, v in expected.items()
+         if "attn2" in k and k in got and tuple(np.shape(got[k])) != tuple(v.shape)]
+  if bad:
+    k = bad[0]
+    raise ValueError(
+        f"{where}: a class-conditional UNet without a text encoder whose cross-attention "
+        f"takes a context of cross_attention_dim={cfg.cross_attention_dim} "
+        f"({'/'.join(k)}: {tuple(np.shape(got[k]))}, self-attention needs "
+        f"{tuple(expected[k].shape)}); videoldm-jax calls such models without a context, "
+        "so this one cannot be converted")
 
 
 def from_diffusers(folder: str | Path) -> tuple[pretrained.PretrainedLDM, Path | None]:
@@ -63,6 +90,7 @@ def from_diffusers(folder: str | Path) -> tuple[pretrained.PretrainedLDM, Path |
           "folder in for a v-prediction model", file=sys.stderr)
   model = pretrained.PretrainedLDM(unet_config, vae_config, text_config, scheduler, params,
                               source=str(folder.absolute()))
+  check_context_free(model, str(folder))
   return model, tokenizer
 
 
@@ -92,5 +120,7 @@ def from_single_file(path: str | Path, preset: str, extract_ema: bool = False,
         parts["text_encoder"], num_layers=text_config.num_hidden_layers)
     params["text_encoder"] = text_params_from_torch(text_config, text_sd,
                                                     f"{path} ({ldm_keys.TEXT_PREFIX}*)")
-  return pretrained.PretrainedLDM(unet_config, base.vae, text_config, dict(base.scheduler),
-                             params, source=str(path.absolute()))
+  model = pretrained.PretrainedLDM(unet_config, base.vae, text_config, dict(base.scheduler),
+                                   params, source=str(path.absolute()))
+  check_context_free(model, str(path))
+  return model
