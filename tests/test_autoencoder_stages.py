@@ -281,10 +281,12 @@ def test_a_decoder_export_continues_in_the_decoder_stage_and_feeds_a_latent_upsa
   again = traverse_util.flatten_dict(decoder.setup(config, tmp_path / "b").init_params()["vae"])
   temporal = [k for k in trained if partition.is_temporal(k)]
   assert temporal and all(np.array_equal(again[k], trained[k]) for k in temporal)
-  config.vae_temporal.mix_init = 1.0  # another layout than the export's
+  config.vae_temporal.mix_init = 1.0  # only the start of the blend: the export's is kept
+  decoder.setup(config, tmp_path / "c")
+  config.vae_temporal.conv_kernel = (3, 3, 3)  # another layout than the export's
   with pytest.raises(ValueError, match="holds a video decoder with vae_temporal .* set them "
                      "equal"):
-    decoder.setup(config, tmp_path / "c")
+    decoder.setup(config, tmp_path / "d")
 
   from videoldm_jax.stages import upsampler
   up = load_sibling(str(ROOT / "configs" / "x.py"), "upsampler_tiny").get_config()

@@ -256,8 +256,8 @@ def test_a_damaged_complete_step_names_its_folder_and_the_one_before(tmp_path, d
   ck = Checkpointer(tmp_path)
   assert ck.latest_step() == 2
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  with pytest.raises(ValueError, match=f"(?s)checkpoint {tmp_path}/2: .* damaged .*delete "
-                     "that folder to resume from checkpoint 1"):
+  with pytest.raises(ValueError, match=f"(?s)checkpoint {tmp_path}/2: .* damaged .*if it "
+                     "fails again, delete that folder to resume from checkpoint 1"):
     ck.frozen_digests(2)
     ck.restore(abstract, 2)
   np.testing.assert_array_equal(ck.restore(abstract, 1)[0]["a"], np.arange(4096.0))

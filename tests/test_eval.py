@@ -510,6 +510,9 @@ def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
   globbed = cli.expand_inputs(str(tmp_path / "fake" / "cat*"))
   assert [f.name for f in globbed] == ["catA/seed0.npy", "catB/seed0.npy"]
   assert cli.clip_names(cli.expand_inputs(str(tmp_path / "fake" / "*.npy"))) == ["solo.npy"]
+  # A recursive glob matches folders and the files in them: each clip counts once.
+  assert len(cli.expand_inputs(str(tmp_path / "fake" / "**"))) == 3
+  assert len(cli.expand_inputs(f"{tmp_path / 'fake'},{tmp_path / 'fake' / 'catA'}")) == 3
 
 
 def test_metric_inputs_must_be_uint8_or_float():

@@ -108,6 +108,7 @@ def test_half_given_flags_are_an_error_not_a_hang():
   # asks the metadata server for the slice); JAX's own opt-out is respected.
   assert distributed.detect({}, chips=4).kind == "tpu"
   assert distributed.detect({"TPU_SKIP_MDS_QUERY": "1"}, chips=4).kind == "single"
+  assert distributed.detect({"TPU_SKIP_MDS_QUERY": ""}, chips=4).kind == "single"
   assert distributed.tpu_chips() == 0  # this test host
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"},
                             "h:1", 2, 1).kind == "explicit"  # flags win

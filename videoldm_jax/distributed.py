@@ -72,7 +72,7 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
           "is not auto-detected by JAX; pass --coordinator_address=HOST:PORT (rank 0's "
           "host) --num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK")
     return Launch("mpi")
-  if chips > 0 and not env.get("TPU_SKIP_MDS_QUERY"):
+  if chips > 0 and "TPU_SKIP_MDS_QUERY" not in env:  # set at all: JAX skips GCE too
     return Launch("tpu")  # a Cloud TPU VM (GCE): one host or a slice, from the metadata
   return Launch("single")
 

@@ -116,7 +116,14 @@ def expand_inputs(spec: str) -> list[VideoFile]:
     if not found:
       raise FileNotFoundError(f"{entry!r}: no {'/'.join(VIDEO_SUFFIXES)} files found")
     files += found
-  return files
+  # Once each: 'runs/**' matches a folder, its sub-folders and their files; entries may
+  # overlap too.
+  seen, unique = set(), []
+  for f in files:
+    if f.path.resolve() not in seen:
+      seen.add(f.path.resolve())
+      unique.append(f)
+  return unique
 
 
 def _folder_files(folder: Path, announce: bool = True) -> list[VideoFile]:

@@ -18,6 +18,7 @@ A batch is {'video': uint8 (B, T, H, W, 3)}. The export is the image model of th
 config with the video decoder in params['vae'] and `vae_temporal_config` set.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -93,7 +94,9 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   vae_config, image_vae, image_temporal = ae.image_model_vae(config, workdir)
   temporal = VAETemporalConfig.from_dict(dict(config.vae_temporal),
                                          "config.vae_temporal").validate()
-  if image_temporal is not None and image_temporal != temporal:
+  # mix_init only starts the blend; a continued decoder takes its blend from the export.
+  if (image_temporal is not None
+      and dataclasses.replace(image_temporal, mix_init=temporal.mix_init) != temporal):
     # Its temporal layers continue training only in their own layout.
     raise ValueError(f"config.image_model={config.image_model} holds a video decoder "
                      f"with vae_temporal {image_temporal.to_dict()}, config.vae_temporal "

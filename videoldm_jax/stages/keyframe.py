@@ -65,7 +65,8 @@ def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
   replaced by the empty prompt's with probability drop_prob (classifier-free guidance
   needs it). Without one, a `context` in the batch is used as given (embeddings computed
   outside the model, e.g. a latent cache of another encoder; no dropping, since no
-  empty-prompt embedding is known); otherwise None.
+  empty-prompt embedding is known) when the UNet takes one (`takes`, False for a
+  class-conditional model: `unet.called_with_context`); otherwise None.
   """
   if text is None:
     # `takes` False: a class-conditional model without a text encoder, whose attn2

@@ -254,8 +254,9 @@ class Checkpointer:
     """The message for a complete-looking step that cannot be read: what to do."""
     older = [s for s in self.all_steps() if s < step]
     then = f"resume from checkpoint {older[-1]}" if older else "start from scratch"
-    return (f"checkpoint {self._step_dir(step)}: {why}. It looks complete but is damaged "
-            f"(a file lost or cut short); delete that folder to {then}")
+    return (f"checkpoint {self._step_dir(step)}: {why}. It looks complete but cannot be "
+            f"read: damaged (a file lost or cut short), or a passing I/O error; if it "
+            f"fails again, delete that folder to {then}")
 
   def _json_item(self, step: int, name: str) -> Optional[Any]:
     if not (self._step_dir(step) / name).exists():
