@@ -220,13 +220,16 @@ def test_image_only_flags_follow_image_fraction(fraction):
   else:
     assert 0.3 < share < 0.7
   for b in batches:
-    for video, image, index, caps in zip(b["video"], b["image_only"][:, 0],
-                                         b["source_index"], b["frame_caption"]):
+    for video, image, index, caps, labels in zip(b["video"], b["image_only"][:, 0],
+                                                 b["source_index"], b["frame_caption"],
+                                                 b["frame_labels"]):
       clips = video[:, 0, 0, 1].astype(int)  # which clip each frame came from
       assert clips[0] == index
+      # Each frame's own clip's caption and label (the source's label is i % 3).
+      assert caps.tolist() == [f"clip {c}" for c in clips]
+      assert labels.tolist() == [c % 3 for c in clips] and labels.dtype == np.int32
       if image:
         assert len(set(clips.tolist())) == 4  # frames from 4 different clips
-        assert caps.tolist() == [f"clip {c}" for c in clips]
       else:
         assert (clips == index).all()
 

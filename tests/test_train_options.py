@@ -268,3 +268,33 @@ def test_batches_of_a_class_conditional_model_check_their_labels():
                      "names no field"):
     make({"latents": LATENTS[:2]})
   assert "labels" not in keyframe.batch_maker(None, 0)({"latents": LATENTS[:2]})
+
+
+def test_image_examples_condition_each_frame_on_its_own_clip():
+  # Frames of an image example come from different clips: the image LDM stage trains
+  # each on its own caption and label (it used frame 0's for all), and the video UNet
+  # takes per-frame labels.
+  from videoldm_jax.stages import image_ldm
+  batch = {"latents": LATENTS[:2], "labels": np.array([0, 1]),
+           "frame_labels": np.array([[0, 2, 1], [1, 1, 1]]),
+           "tokens": np.array([[7, 7], [8, 8]]),
+           "frame_tokens": np.arange(12).reshape(2, 3, 2)}
+  out = image_ldm.frames_as_images(batch)
+  assert out["latents"].shape == (6, 1, 4, 4, 4)
+  assert out["labels"].tolist() == [0, 2, 1, 1, 1, 1]
+  np.testing.assert_array_equal(out["tokens"], np.arange(12).reshape(6, 2))
+  assert keyframe.batch_labels(batch).tolist() == [0, 2, 1, 1, 1, 1]
+  assert keyframe.batch_labels({"labels": np.array([0, 1])}).tolist() == [0, 1]
+  # Per-video labels repeated equal the same labels given per frame, bit for bit.
+  cfg = MINI.copy_and_resolve_references()
+  cfg.unet.update(num_class_embeds=3)
+  image = pretrained.random_image_ldm(cfg)
+  ldm = VideoLDM.from_pretrained(image, TemporalConfig())
+  unet = ldm.unet()
+  params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(image.params["unet"]),
+                                         **traverse_util.flatten_dict(
+                                             ldm.init_unet_params(1, where=partition.is_temporal))})
+  x, t = jnp.asarray(LATENTS[:2]), jnp.array([10, 500])
+  apply = lambda labels: unet.apply({"params": params}, x, t, None, jnp.asarray(labels))
+  np.testing.assert_array_equal(apply([0, 2]), apply([0, 0, 0, 2, 2, 2]))
+  assert not np.allclose(apply([0, 2]), apply([0, 1, 0, 2, 2, 2]))

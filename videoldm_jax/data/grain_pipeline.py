@@ -24,6 +24,8 @@ Batch (B = per-process batch size, T = num_frames):
                    image examples, whose frames come from different clips)
   'labels'         int32 (B,)  the `label_field` of each example, when the source has
                    it: the class labels a class-conditional UNet reads
+  'frame_labels'   int32 (B, T) the label of each frame's clip (with 'labels'; differs
+                   per frame only in image examples)
   <other ints>     int64 (B,)  every integer scalar field under its own name, e.g.
                    'time_of_day', 'crowdedness', 'num_frames' (the label field too)
   'source_index'   int64 (B,)  position of the example in `source`
@@ -31,7 +33,8 @@ Batch (B = per-process batch size, T = num_frames):
 
 Image examples (Video LDM trains on joint image/video batches): frame 0 comes from the
 stream's own example and frames 1..T-1 from other random clips at random times; caption,
-labels and source_index are those of frame 0's clip. The model treats their frames as
+labels and source_index are those of frame 0's clip, 'frame_caption' and 'frame_labels'
+those of each frame's. The model treats their frames as
 independent images (temporal mixing alpha = 1), so each frame gets its own crop and flip.
 An image example reads T clips (a compressed clip decodes whole), so keep image_fraction
 modest or use more workers when clips are long.
@@ -188,6 +191,7 @@ class _MakeExample:
       frames = self._flip(resize_and_crop(frames, self.height, self.width, self.crop, rng),
                           rng)
       frame_captions = [caption] * T
+      frame_labels = [ints.get("labels")] * T
     else:
       video, caption, ints, _ = self._read(index)
       # Other clips for frames 1..T-1: distinct when the source is large enough.
@@ -197,19 +201,26 @@ class _MakeExample:
         others = others + (others >= index)  # skips the example itself
       else:
         others = np.full(T - 1, index)
-      frames, frame_captions = [], []
+      frames, frame_captions, frame_labels = [], [], []
       for k, i in enumerate([index] + [int(o) for o in others]):
-        v, c = (video, caption) if k == 0 else self._read(i)[:2]
+        v, c, clip_ints = (video, caption, ints) if k == 0 else self._read(i)[:3]
         f = v[int(rng.integers(v.shape[0]))][None]  # (1, h, w, 3)
         frames.append(self._flip(resize_and_crop(f, self.height, self.width, self.crop,
                                                  rng), rng))
         frame_captions.append(c)
+        frame_labels.append(clip_ints.get("labels"))
       frames = np.concatenate(frames)
+    per_frame = {}
+    if "labels" in ints:
+      if any(x is None for x in frame_labels):
+        raise ValueError(f"an image example mixes clips with and without the label field "
+                         f"{self.label_field!r}")
+      per_frame["frame_labels"] = np.array(frame_labels, np.int32)
     return {
       "video": np.ascontiguousarray(frames),
       "caption": caption,
       "frame_caption": np.array(frame_captions, dtype=str),
-      **ints,
+      **ints, **per_frame,
       "source_index": np.int64(index),
       "image_only": np.full((T,), is_image, bool),
     }

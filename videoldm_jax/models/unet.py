@@ -243,7 +243,8 @@ class UNet(nn.Module):
 
   Image: x (B, H, W, C_in), timesteps (B,), context (B, S, E), optional class labels
   (B,) -> (B, H, W, C_out).
-  Video: x (B, T, H, W, C_in) with the same per-video timesteps, context and labels,
+  Video: x (B, T, H, W, C_in) with the same per-video timesteps, context and labels
+  (context and labels may also be given per frame, (B*T, ...)),
   and optional image_only (B, T) bool -> (B, T, H, W, C_out). Frames go through the
   spatial layers as a batch of B*T images; the temporal layers (names `temporal_*`)
   follow every spatial ResBlock and transformer block.
@@ -276,7 +277,10 @@ class UNet(nn.Module):
     if video:
       t = x.shape[1]
       x_BxHxWxC = einops.rearrange(x, "b t h w c -> (b t) h w c")
-      per_frame = lambda a: None if a is None else jnp.repeat(a, t, axis=0)
+      # Per video (B, ...) repeated for its frames, or given per frame (B*T, ...): the
+      # frames of an image example come from different clips.
+      per_frame = lambda a: (None if a is None else a if a.shape[0] == batch * t
+                             else jnp.repeat(a, t, axis=0))
       timesteps_B, context_BxSxE, class_labels_B = (
           per_frame(timesteps_B), per_frame(context_BxSxE), per_frame(class_labels_B))
       image_only = None if image_only_BxT is None else image_only_BxT.reshape(-1)

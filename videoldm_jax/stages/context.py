@@ -68,7 +68,7 @@ def make_context_stage(name: str, ldm: VideoLDM, options: keyframe.KeyframeOptio
     mask = mask_fn(k_mask, b, t)
     # Built from the clean latents: the known frames are given, not noised.
     cond = masked_cond(latents, mask)
-    labels, image_only = batch.get("labels"), batch.get("image_only")
+    labels, image_only = keyframe.batch_labels(batch), batch.get("image_only")
 
     def model_fn(x_t, tau):
       return unet.apply({"params": params["unet"]}, x_t, tau, context, labels, image_only,

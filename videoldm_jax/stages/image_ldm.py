@@ -21,14 +21,20 @@ from videoldm_jax.video_ldm import VideoLDM
 
 
 def frames_as_images(batch: dict) -> dict:
-  """(B, T, ...) clips -> (B*T, 1, ...) one-frame clips; per-clip fields repeat T times."""
+  """(B, T, ...) clips -> (B*T, 1, ...) one-frame clips; per-clip fields repeat T times,
+  unless given per frame ('frame_tokens', 'frame_labels': an image example's frames come
+  from different clips, each with its own caption and label)."""
   t = (batch["latents"] if "latents" in batch else batch["video"]).shape[1]
   out = {}
   for k, v in batch.items():
-    if k in ("video", "latents"):
-      out[k] = v.reshape((v.shape[0] * t, 1) + v.shape[2:])
+    if k in ("video", "latents", "frame_tokens", "frame_labels"):
+      v = v.reshape((v.shape[0] * t,) + v.shape[2:])
+      if k in ("video", "latents"):
+        out[k] = v[:, None]
+      else:
+        out[k.removeprefix("frame_")] = v
     elif k in ("tokens", "context", "labels"):
-      out[k] = v.repeat(t, axis=0)
+      out.setdefault(k, v.repeat(t, axis=0))
   return out  # image_only is moot: there are no temporal layers
 
 
@@ -45,4 +51,6 @@ def make_stage(ldm: VideoLDM, options: keyframe.KeyframeOptions,
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The image LDM stage of `config` (configs/image_ldm_tiny.py): no temporal layers."""
-  return keyframe.setup_video_ldm(config, workdir, None, make_stage)
+  # Each frame is an image with its own caption (the frames of an image example come
+  # from different clips).
+  return keyframe.setup_video_ldm(config, workdir, None, make_stage, frame_tokens=True)

@@ -112,7 +112,7 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
       latents = encode_video(vae, params["vae"], batch["video"], k_vae)
     context = text_context(text, params, batch, uncond_tokens, options.cond_drop_prob,
                            k_drop, ldm.compute_dtype, takes_context(ldm))
-    labels, image_only = batch.get("labels"), batch.get("image_only")
+    labels, image_only = batch_labels(batch), batch.get("image_only")
 
     def model_fn(x_t, t):
       return unet.apply({"params": params["unet"]}, x_t, t, context, labels, image_only)
@@ -219,30 +219,46 @@ def _abstract_image_model(config, workdir: Path):
 
 
 def batch_maker(tokenizer: Optional[CLIPTokenizer], max_length: int,
-                num_classes: Optional[int] = None, label_field: str = "label"):
+                num_classes: Optional[int] = None, label_field: str = "label",
+                frame_tokens: bool = False):
   """Input-pipeline batch -> the stage's batch (host NumPy): pixels or cached latents,
   caption tokens or cached text embeddings, the image-only flags, and for a
   class-conditional UNet (`num_classes`) the labels, checked to lie in its table (past
-  it the embedding gives NaN: every step skipped; below 0 one wraps silently)."""
+  it the embedding gives NaN: every step skipped; below 0 one wraps silently).
+  frame_tokens: also each frame's caption tokens (B, T, L), for a stage that conditions
+  frames one by one (image_ldm)."""
   def make_batch(host: dict) -> dict:
-    batch = {k: host[k] for k in ("video", "latents", "context", "image_only", "labels")
-             if k in host}
+    batch = {k: host[k] for k in ("video", "latents", "context", "image_only", "labels",
+                                  "frame_labels") if k in host}
     if num_classes:
       if "labels" not in batch:
         raise ValueError(f"the UNet is class-conditional ({num_classes} classes), but the "
                          f"batches hold no labels: config.data.label_field={label_field!r} "
                          "names no field of the dataset")
-      labels = np.asarray(batch["labels"])
+      labels = np.asarray(batch.get("frame_labels", batch["labels"]))
       bad = sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))
       if bad:
         raise ValueError(f"config.data.label_field={label_field!r}: labels {bad[:5]} lie "
                          f"outside the UNet's classes 0..{num_classes - 1} "
                          "(unet.num_class_embeds)")
     if tokenizer is not None and "context" not in host:
-      batch["tokens"] = tokenizer([c.decode() if isinstance(c, bytes) else str(c)
-                                   for c in host["caption"]], max_length=max_length)
+      text = lambda c: c.decode() if isinstance(c, bytes) else str(c)
+      batch["tokens"] = tokenizer([text(c) for c in host["caption"]], max_length=max_length)
+      if frame_tokens and "frame_caption" in host:
+        captions = np.asarray(host["frame_caption"])
+        batch["frame_tokens"] = np.asarray(tokenizer(
+            [text(c) for c in captions.reshape(-1)], max_length=max_length)).reshape(
+                captions.shape + (-1,))
     return batch
   return make_batch
+
+
+def batch_labels(batch: dict):
+  """The class labels to condition on: per frame (B*T,) where the input pipeline gave
+  them (an image example's frames come from different clips), else per video (B,)."""
+  if "frame_labels" in batch:
+    return batch["frame_labels"].reshape(-1)
+  return batch.get("labels")
 
 
 def sample_labels(unet_config, config: ml_collections.ConfigDict) -> Optional[list[int]]:
@@ -292,10 +308,12 @@ def ldm_exporter(ldm: VideoLDM, tok_dir: Path, source: str, training: dict):
 
 
 def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
-                    temporal: Optional[TemporalConfig], make_stage_fn) -> StageSetup:
+                    temporal: Optional[TemporalConfig], make_stage_fn,
+                    frame_tokens: bool = False) -> StageSetup:
   """The StageSetup of a stage that trains (part of) the video LDM's UNet on clips:
   `make_stage_fn(ldm, options, uncond_tokens) -> Stage`. New parameters (those the image
-  model lacks, e.g. phi) are initialised on the host; the rest come from the image model."""
+  model lacks, e.g. phi) are initialised on the host; the rest come from the image model.
+  frame_tokens: batches also carry each frame's caption tokens (`batch_maker`)."""
   image, tokenizer, tok_dir = load_image_model(config, workdir)
   f = sampling.size_multiple(image.unet_config, image.vae_config)
   if config.data.height % f or config.data.width % f:
@@ -331,7 +349,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       init_params=init_params,
       make_iterator=lambda: inputs.make_iterator(config, workdir, cache_check),
       make_batch=batch_maker(tokenizer, max_len, ldm.unet_config.num_class_embeds,
-                             config.data.get("label_field", "label")),
+                             config.data.get("label_field", "label"), frame_tokens),
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),
       export=ldm_exporter(ldm, tok_dir, str(workdir), pretrained.training_record(config)),
