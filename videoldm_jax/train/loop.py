@@ -349,7 +349,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   input_s, batches, skipped_logged = 0.0, 0, int(state.skipped)
   sampling_s = 0.0  # seconds spent writing samples since the last log: not step time
 
-  def write_log(at: int, metrics: dict, timed: bool = True) -> None:
+  def write_log(at: int, metrics: dict, timed: bool = True, before_batch: bool = False
+                ) -> None:
     nonlocal last, t_last, step_last, input_s, batches, skipped_logged, sampling_s
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # Timed between completions of logged steps (device_get just waited for this one).
@@ -363,8 +364,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       dt = last["step_time"]
     # The next batch is made while the device runs the step just dispatched: when it
     # takes about as long as a step, the input pipeline bounds the run.
+    # `before_batch`: a checkpoint step logged before the next batch is made; the
+    # previous log's input time stands (as its step time does, above). The last step
+    # makes none: 0.
+    made = (input_s / batches if batches
+            else last.get("input_s", 0.0) if before_batch else 0.0)
     m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak,
-             input_s=input_s / max(batches, 1))
+             input_s=made)
     t_last, step_last, input_s, batches = now, at, 0.0, 0
     last = m
     if at > saved_at:  # a step logged one step late may belong to the saved window
@@ -429,7 +435,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         if pending is not None and pending[0] == step:
           # Logged before the save: a kill after the save completes would otherwise
           # lose this step's line for good (the resumed run starts after it).
-          write_log(*pending, timed=not logged_now)
+          write_log(*pending, timed=not logged_now, before_batch=True)
           pending = None
         loop_state = None
         if regular:
