@@ -107,8 +107,12 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   """Joins the job described by the flags / environment (module docstring). Returns the
   detected `Launch`. Must run before the first JAX computation."""
   import jax
+  # A run that will not use the TPU (fake CPU devices, JAX_PLATFORMS without tpu) on a
+  # worker of a slice must not join the slice's other workers.
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  uses_tpu = cpu_devices <= 0 and (not platforms or "tpu" in platforms)
   launch = detect(os.environ, coordinator_address, num_processes, process_id,
-                  chips=0 if cpu_devices > 0 else tpu_chips())
+                  chips=tpu_chips() if uses_tpu else 0)
   if cpu_devices > 0:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
