@@ -31,6 +31,9 @@ import numpy as np
 from array_record.python import array_record_module as ar
 from flax import serialization, traverse_util
 
+from videoldm_jax.models import partition
+from videoldm_jax.models import vae as vae_lib
+
 INFO_FILE = "cache_info.json"
 FORMAT = "videoldm-jax/latent-cache"
 
@@ -53,11 +56,8 @@ def model_fingerprints(vae_params: dict, text_params: Optional[dict] = None) -> 
   latents (a decoder-stage export's video decoder leaves them as they are); 'vae', the
   frame-wise VAE's (caches written before 'encoder' existed); 'text', the text
   encoder's (None without one)."""
-  frame_wise = {k: v for k, v in traverse_util.flatten_dict(vae_params).items()
-                if not any(str(p).startswith("temporal_") for p in k)}
-  return {"encoder": params_fingerprint({k: vae_params[k] for k in ("encoder", "quant_conv")
-                                         if k in vae_params}),
-          "vae": params_fingerprint(traverse_util.unflatten_dict(frame_wise)),
+  return {"encoder": params_fingerprint(vae_lib.latent_params(vae_params)),
+          "vae": params_fingerprint(partition.split(vae_params)[0]),
           "text": None if text_params is None else params_fingerprint(text_params)}
 
 

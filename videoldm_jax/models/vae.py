@@ -58,6 +58,16 @@ class VAEConfig(JsonConfig):
     return 2 ** (len(self.block_out_channels) - 1)
 
 
+# The parameters that decide an autoencoder's latents: a fine-tuned or video decoder
+# (the decoder stage trains only the decoder) keeps the latent space.
+LATENT_PARTS = ("encoder", "quant_conv")
+
+
+def latent_params(vae_params: dict) -> dict:
+  """The `LATENT_PARTS` of a VAE parameter tree."""
+  return {k: vae_params[k] for k in LATENT_PARTS if k in vae_params}
+
+
 @dataclasses.dataclass(frozen=True)
 class VAETemporalConfig(JsonConfig):
   """The temporal layers of the video decoder, and how they start."""

@@ -12,6 +12,7 @@ from flax import traverse_util
 from videoldm_jax import pretrained
 from videoldm_jax import upsampler_model as um
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
+from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.pipelines import personalize, sampling
 from videoldm_jax.pipelines.context_sampling import ContextModel
 
@@ -167,8 +168,7 @@ def check_chain(m: ChainModels) -> None:
 def _encoder_difference(vae: dict, base_vae: dict) -> str:
   """'' if the encoders (encoder + quant_conv: what defines the latent space; the
   decoder stage trains only the decoder) are equal, else the first differing path."""
-  flat = lambda v: traverse_util.flatten_dict(
-      {k: v[k] for k in ("encoder", "quant_conv") if k in v})
+  flat = lambda v: traverse_util.flatten_dict(vae_lib.latent_params(v))
   a, b = flat(vae), flat(base_vae)
   if a.keys() != b.keys():
     return f"parameters {sorted('/'.join(k) for k in a.keys() ^ b.keys())[:3]}"

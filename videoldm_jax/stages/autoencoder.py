@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from videoldm_jax import pretrained
 from videoldm_jax.data import inputs
 from videoldm_jax.data.procedural import make_clip
 from videoldm_jax.models import discriminator as disc_lib
 from videoldm_jax.models import params as params_lib
+from videoldm_jax.models import partition
 from videoldm_jax.models import perceptual
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, kl_divergence
@@ -273,9 +273,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   vae_config, vae_params, vae_temporal = image_model_vae(config, workdir)
   if vae_temporal is not None:
     # Keep the image autoencoder: the video decoder's temporal layers are dropped.
-    vae_params = traverse_util.unflatten_dict(
-        {k: v for k, v in traverse_util.flatten_dict(vae_params).items()
-         if not any(p.startswith("temporal_") for p in k)})
+    vae_params, _ = partition.split(vae_params)
   dtype = DTYPES[config.train.compute_dtype]
   vae = AutoencoderKL(vae_config, dtype=dtype, remat_policy=config.train.remat_policy)
   disc_config = disc_lib.DiscriminatorConfig.from_dict(

@@ -146,14 +146,6 @@ def _random_image_model(config: ml_collections.ConfigDict) -> ml_collections.Con
   return r
 
 
-def frame_wise_vae(vae_params: dict) -> dict:
-  """A decoder-stage export's VAE params without the video decoder's temporal leaves:
-  the frame-wise autoencoder it was trained from."""
-  flat = traverse_util.flatten_dict(vae_params)
-  return traverse_util.unflatten_dict({k: v for k, v in flat.items()
-                                       if not partition.is_temporal(k)})
-
-
 def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: bool = True,
                      keep_video_decoder: bool = False
                      ) -> tuple[pretrained.PretrainedLDM, Optional[CLIPTokenizer], Path]:
@@ -174,7 +166,7 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
     if image.vae_temporal_config is not None and not keep_video_decoder:
       # A decoder-stage export: the UNet stages use the frame-wise autoencoder; the
       # temporal decoder is applied at generation time from its own folder.
-      image.params["vae"] = frame_wise_vae(image.params["vae"])
+      image.params["vae"], _ = partition.split(image.params["vae"])
       image.vae_temporal_config = None
   else:
     image = pretrained.random_image_ldm(_random_image_model(config))
@@ -359,7 +351,6 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
 
 
 def _flat_keys(tree: dict) -> set:
-  from flax import traverse_util
   return set(traverse_util.flatten_dict(tree))
 
 

@@ -46,7 +46,6 @@ from videoldm_jax.pipelines import upsampling
 from videoldm_jax.pipelines.sampling import to_uint8
 from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train.state import merge
-from videoldm_jax.stages import keyframe
 from videoldm_jax.stages.keyframe import is_trainable_fn
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
@@ -153,7 +152,7 @@ def _vae(config: ml_collections.ConfigDict) -> tuple[VAEConfig, dict]:
     image = pretrained.load(config.image_model)
     # A decoder-stage export: its frame-wise autoencoder (the upsampler encodes and
     # decodes frame by frame).
-    return image.vae_config, keyframe.frame_wise_vae(image.params["vae"])
+    return image.vae_config, partition.split(image.params["vae"])[0]
   cfg = VAEConfig.from_dict(dict(config.random_vae), "config.random_vae")
   return cfg, params_lib.init_params(AutoencoderKL(cfg), config.seed,
                                      *vae_lib.example_inputs(cfg))
