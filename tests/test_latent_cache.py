@@ -69,7 +69,8 @@ def test_round_trip_equals_fresh_encode(setup):
 def _check(info, model, text_params=None, **kw):
   latent_cache.check_cache(
       info, "cache", vae_config=model.vae_config.to_dict(),
-      fingerprints=latent_cache.model_fingerprints(model.params["vae"], text_params), **kw)
+      fingerprints=latent_cache.model_fingerprints(model.params["vae"], text_params,
+                                                   whole_vae=True), **kw)
 
 
 def test_cache_refuses_another_vae_scale_text_encoder_or_clip_size(setup):

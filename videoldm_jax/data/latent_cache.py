@@ -50,15 +50,18 @@ def params_fingerprint(params: dict) -> str:
   return h.hexdigest()
 
 
-def model_fingerprints(vae_params: dict, text_params: Optional[dict] = None) -> dict:
+def model_fingerprints(vae_params: dict, text_params: Optional[dict] = None,
+                       whole_vae: bool = False) -> dict:
   """What `check_cache` compares, as strings (a run keeps no parameter tree alive for
   it): 'encoder', the fingerprint of the encoder and quant_conv, which alone decide the
-  latents (a decoder-stage export's video decoder leaves them as they are); 'vae', the
-  frame-wise VAE's (caches written before 'encoder' existed); 'text', the text
-  encoder's (None without one)."""
-  return {"encoder": params_fingerprint(vae_lib.latent_params(vae_params)),
-          "vae": params_fingerprint(partition.split(vae_params)[0]),
-          "text": None if text_params is None else params_fingerprint(text_params)}
+  latents (a decoder-stage export's video decoder leaves them as they are); with
+  `whole_vae`, 'vae', the frame-wise VAE's (what caches written before 'encoder'
+  existed hold); 'text', the text encoder's (None without one)."""
+  out = {"encoder": params_fingerprint(vae_lib.latent_params(vae_params)),
+         "text": None if text_params is None else params_fingerprint(text_params)}
+  if whole_vae:
+    out["vae"] = params_fingerprint(partition.split(vae_params)[0])
+  return out
 
 
 def _field(name: str, value):

@@ -327,13 +327,17 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
     return {**model.params, "unet": merge(model.params["unet"], new)}
 
   cache_check = {}
-  if config.data.kind == "latent_cache":
+  if config.data.kind == "latent_cache" and not base.is_abstract():
     # Fingerprints (strings), not the parameter trees: the iterator lives as long as
     # the run, and trees held here would keep the host copy of the VAE and text
-    # encoder that init_params hands over.
+    # encoder that init_params hands over. (An abstract setup, videoldm-compile, has
+    # no weights and reads no data.)
     cache_check = {"vae_config": ldm.vae_config.to_dict(),
                    "fingerprints": latent_cache.model_fingerprints(
-                       image.params["vae"], image.params.get("text_encoder")),
+                       image.params["vae"], image.params.get("text_encoder"),
+                       # the whole VAE's only for a cache that predates 'encoder'
+                       whole_vae="encoder_fingerprint" not in latent_cache.read_info(
+                           config.data.cache_dir)),
                    "text_config": None if ldm.text_config is None else ldm.text_config.to_dict(),
                    "needs_context": ldm.text_config is not None}
   return StageSetup(
