@@ -189,6 +189,41 @@ def test_training_samples_of_class_conditional_models(tmp_path):
     keyframe.sample_labels(setup.extra["ldm"].unet_config, config)
 
 
+def test_image_examples_in_video_stages_take_each_frames_caption(tmp_path):
+  # An image example's frames come from different clips; the key-frame (and context)
+  # stages conditioned all of them on frame 0's caption.
+  from videoldm_jax.stages import keyframe
+  host = {"video": np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), np.uint8),
+          "caption": np.array(["a cat", "a dog"]),
+          "frame_caption": np.array([["a cat"] * 3, ["a dog", "a car", "rain"]]),
+          "image_only": np.array([[False] * 3, [True] * 3])}
+  plain = keyframe.setup(_config("keyframe_tiny", num_frames=3), tmp_path / "plain")
+  assert "frame_tokens" not in plain.make_batch(host)
+  setup = keyframe.setup(_config("keyframe_tiny", num_frames=3, image_fraction=0.5),
+                         tmp_path / "mixed")
+  batch = setup.make_batch(host)
+  assert batch["frame_tokens"].shape == (2, 3) + batch["tokens"].shape[1:]
+  ldm, tokenizer = setup.extra["ldm"], setup.extra["tokenizer"]
+  length = batch["tokens"].shape[1]
+  uncond = tokenizer([""], max_length=length)[0]
+  params, text = setup.init_params(), ldm.text_encoder()
+  encode = lambda captions: np.asarray(text.apply(
+      {"params": params["text_encoder"]}, tokenizer(captions, max_length=length)))
+  context = lambda drop, seed=0: np.asarray(keyframe.text_context(
+      text, params, batch, uncond, drop, jax.random.key(seed), jnp.float32))
+  np.testing.assert_allclose(context(0.0), encode(["a cat"] * 3 + ["a dog", "a car", "rain"]),
+                             rtol=1e-5, atol=1e-6)
+  # Dropped per video: a video's frames are all captioned or all empty.
+  empty = encode([""])[0]
+  dropped = [[np.allclose(c, empty, atol=1e-6) for c in context(0.5, s)] for s in range(12)]
+  assert all(d[:3] in ([True] * 3, [False] * 3) and d[3:] in ([True] * 3, [False] * 3)
+             for d in dropped)
+  assert {tuple(d) for d in dropped} >= {(True,) * 3 + (False,) * 3, (False,) * 3 + (True,) * 3}
+  loss, _ = jax.jit(setup.stage.loss_fn)(params, jax.tree_util.tree_map(jnp.asarray, batch),
+                                         jax.random.key(0))
+  assert np.isfinite(float(loss))
+
+
 def test_frame_size_the_unet_cannot_take_is_refused(tmp_path):
   # Each UNet level halves the latents: 9 pixels at the VAE's factor 2 failed deep in
   # XLA (skip connections of different sizes).

@@ -6,6 +6,8 @@ A batch is a dict of global arrays:
   latents float (B, T, h, w, C), already scaled (a latent cache);
   tokens  int32 (B, L) CLIP token ids of the captions (text-conditioned models), or
   context float (B, L, D) their text embeddings (a latent cache);
+  frame_tokens int32 (B, T, L), with data.image_fraction > 0: each frame's caption,
+          used instead of tokens (an image example's frames come from different clips);
   labels  int32 (B,) class labels (class-conditional UNets);
   image_only bool (B, T), optional: frames that are still images (alpha = 1).
 One diffusion time tau per video, shared by its frames; captions are replaced by the
@@ -59,11 +61,12 @@ def takes_context(ldm) -> bool:
 def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
                  uncond_tokens: Optional[np.ndarray], drop_prob: float, key: jax.Array,
                  dtype, takes: bool = True) -> Optional[jax.Array]:
-  """Cross-attention context (B, L, D) of a batch, or None.
+  """Cross-attention context (B, L, D) of a batch, (B*T, L, D) from per-frame
+  `frame_tokens` (B, T, L), or None.
 
-  With a text encoder: caption embeddings from `tokens` (or a cached `context`), each
-  replaced by the empty prompt's with probability drop_prob (classifier-free guidance
-  needs it). Without one, a `context` in the batch is used as given (embeddings computed
+  With a text encoder: caption embeddings from `frame_tokens`, `tokens` or a cached
+  `context`, each video's replaced by the empty prompt's with probability drop_prob
+  (classifier-free guidance needs it). Without one, a `context` in the batch is used as given (embeddings computed
   outside the model, e.g. a latent cache of another encoder; no dropping, since no
   empty-prompt embedding is known) when the UNet takes one (`takes`, False for a
   class-conditional model: `unet.called_with_context`); otherwise None.
@@ -72,12 +75,21 @@ def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
     # `takes` False: a class-conditional model without a text encoder, whose attn2
     # attends to its own tokens; a cache's text embeddings are not for it.
     return None if "context" not in batch or not takes else batch["context"].astype(dtype)
+  frames = 1
   if "context" in batch:
     context = batch["context"].astype(dtype)
+  elif "frame_tokens" in batch:
+    # Per frame (B*T, L, D): an image example's frames come from different clips.
+    tokens = batch["frame_tokens"]
+    frames = tokens.shape[1]
+    context = text.apply({"params": params["text_encoder"]},
+                         tokens.reshape((-1,) + tokens.shape[2:]))
   else:
     context = text.apply({"params": params["text_encoder"]}, batch["tokens"])
   empty = text.apply({"params": params["text_encoder"]}, jnp.asarray(uncond_tokens)[None])
-  drop = jax.random.bernoulli(key, drop_prob, (context.shape[0],))
+  # One draw per video, shared by its frames: a video's frames keep one condition.
+  drop = jnp.repeat(jax.random.bernoulli(key, drop_prob, (context.shape[0] // frames,)),
+                    frames)
   return jnp.where(drop[:, None, None], empty.astype(context.dtype), context)
 
 
@@ -305,7 +317,9 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
   """The StageSetup of a stage that trains (part of) the video LDM's UNet on clips:
   `make_stage_fn(ldm, options, uncond_tokens) -> Stage`. New parameters (those the image
   model lacks, e.g. phi) are initialised on the host; the rest come from the image model.
-  frame_tokens: batches also carry each frame's caption tokens (`batch_maker`)."""
+  frame_tokens: batches also carry each frame's caption tokens (`batch_maker`); on
+  whenever config.data.image_fraction > 0, whose image examples' frames come from
+  different clips, each with its own caption."""
   image, tokenizer, tok_dir = load_image_model(config, workdir)
   f = sampling.size_multiple(image.unet_config, image.vae_config)
   if config.data.height % f or config.data.width % f:
@@ -345,7 +359,8 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       init_params=init_params,
       make_iterator=lambda: inputs.make_iterator(config, workdir, cache_check),
       make_batch=batch_maker(tokenizer, max_len, ldm.unet_config.num_class_embeds,
-                             config.data.get("label_field", "label"), frame_tokens),
+                             config.data.get("label_field", "label"),
+                             frame_tokens or config.data.get("image_fraction", 0.0) > 0),
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),
       export=ldm_exporter(ldm, tok_dir, str(workdir), pretrained.training_record(config)),
