@@ -170,6 +170,19 @@ def test_personalisation_swaps_theta_and_keeps_phi(folders, dreambooth):
                                                            "beta_end": 0.02})
   with pytest.raises(ValueError, match="noise schedule"):
     personalize.personalize(video, other_betas)
+  # A schedule of another length failed in numpy's broadcast.
+  shorter = dataclasses.replace(dreambooth, scheduler={**dreambooth.scheduler,
+                                                       "num_train_timesteps": 500})
+  with pytest.raises(ValueError, match=r"its noise schedule has 500 steps, the video "
+                     r"model's 1000 \(scheduler num_train_timesteps\)"):
+    personalize.personalize(video, shorter)
+  # A class-conditional UNet without a text encoder runs attn2 on its own tokens: an
+  # image UNet whose attn2 learnt text must not slip in where the shapes agree.
+  classes = lambda m, **kw: dataclasses.replace(m, unet_config=dataclasses.replace(
+      m.unet_config, num_class_embeds=3), **kw)
+  with pytest.raises(ValueError, match=r"its UNet is called with a text context, the video "
+                     r"model's with no context \(attn2 attends to x itself\)"):
+    personalize.personalize(classes(video, text_config=None), classes(dreambooth))
   # 'vae' also swaps the spatial autoencoder and keeps a temporal decoder's layers.
   dec = personalize.personalize(pretrained.load(folders["decoder_model"]), dreambooth,
                                 ("vae",))

@@ -30,6 +30,7 @@ import numpy as np
 from videoldm_jax import pretrained
 from videoldm_jax.diffusion import schedules
 from videoldm_jax.models import partition
+from videoldm_jax.models.unet import called_with_context
 from videoldm_jax.pretrained import PretrainedLDM
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -122,9 +123,23 @@ def _check_configs(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[s
       raise ValueError(f"{source}: its UNet predicts {c_image.prediction_type!r}, the video "
                        f"model's {c_video.prediction_type!r} (scheduler prediction_type); "
                        "personalisation needs the same base model")
-    if not np.allclose(s_image.alphas_cumprod, s_video.alphas_cumprod, rtol=1e-6, atol=0):
+    a_image, a_video = s_image.alphas_cumprod, s_video.alphas_cumprod
+    if a_image.shape != a_video.shape:
+      raise ValueError(f"{source}: its noise schedule has {a_image.shape[0]} steps, the "
+                       f"video model's {a_video.shape[0]} (scheduler num_train_timesteps); "
+                       "personalisation needs the same base model")
+    if not np.allclose(a_image, a_video, rtol=1e-6, atol=0):
       raise ValueError(f"{source}: its noise schedule (scheduler betas) differs from the "
                        "video model's; personalisation needs the same base model")
+    # Without a text encoder a class-conditional UNet's attn2 attends to its own tokens
+    # (`unet.called_with_context`): weights trained on text would run as self-attention.
+    calls = [called_with_context(m.unet_config, m.text_config is not None)
+             for m in (image, video)]
+    if calls[0] != calls[1]:
+      said = lambda c: "a text context" if c else "no context (attn2 attends to x itself)"
+      raise ValueError(f"{source}: its UNet is called with {said(calls[0])}, the video "
+                       f"model's with {said(calls[1])}; personalisation needs the same "
+                       "conditioning")
 
 
 def load_personalized(video_dir: str | Path, image_dir: str | Path,
