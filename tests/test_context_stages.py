@@ -3,6 +3,7 @@ scratch), the generic train step on them (phi learns, theta stays bitwise), and 
 trainer loop with a checkpoint and a resume."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,35 @@ def test_image_examples_in_video_stages_take_each_frames_caption(tmp_path):
   loss, _ = jax.jit(setup.stage.loss_fn)(params, jax.tree_util.tree_map(jnp.asarray, batch),
                                          jax.random.key(0))
   assert np.isfinite(float(loss))
+
+
+def test_a_video_export_as_image_model_gives_the_layers_the_stage_has(keyframe_export,
+                                                                     tmp_path, capsys):
+  # The image_ldm stage on a key-frame export crashed in the trainer with a pytree
+  # error (the export's temporal layers), as did the key-frame stage on a predictor's.
+  from videoldm_jax.stages import image_ldm, keyframe
+  exported = traverse_util.flatten_dict(pretrained.load(keyframe_export).params["unet"])
+  config = _config("image_ldm_tiny", num_frames=2)
+  config.image_model = str(keyframe_export)
+  setup = image_ldm.setup(config, tmp_path / "image")
+  params = traverse_util.flatten_dict(setup.init_params()["unet"])
+  assert params.keys() == traverse_util.flatten_dict(setup.abstract_params["unet"]).keys()
+  assert not any(partition.is_temporal(k) for k in params)
+  for k, v in params.items():
+    np.testing.assert_array_equal(v, exported[k])
+  assert re.search(r"note: config.image_model=.*: \d+ UNet parameters the stage's model "
+                   r"does not have are left out \(e.g. .*temporal_", capsys.readouterr().err)
+  # The key-frame stage keeps an export's phi where its config.temporal has its shapes.
+  config = _config("keyframe_tiny", num_frames=2)
+  config.image_model = str(keyframe_export)
+  params = traverse_util.flatten_dict(keyframe.setup(config, tmp_path / "kf").init_params()["unet"])
+  assert params.keys() == exported.keys()
+  for k, v in params.items():
+    np.testing.assert_array_equal(v, exported[k])
+  config.temporal.conv_kernel = (3, 3, 3)
+  with pytest.raises(ValueError, match=r"shape mismatch: .*temporal_.* is \(3, 1, 1, \d+, "
+                     r"\d+\) in .*, the model expects \(3, 3, 3, "):
+    keyframe.setup(config, tmp_path / "kf3").init_params()
 
 
 def test_frame_size_the_unet_cannot_take_is_refused(tmp_path):

@@ -15,6 +15,7 @@ empty prompt with probability `cond_drop_prob`, which classifier-free guidance n
 """
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -333,12 +334,14 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
   uncond = None if tokenizer is None else tokenizer([""], max_length=max_len)[0]
   stage = make_stage_fn(ldm, options_from_config(config), uncond)
   holder = {"image": image}
+  abstract = ldm.abstract_params()
 
   def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     model = holder.pop("image")  # the host copy is released once it is in the train state
-    have = _flat_keys(model.params["unet"])
-    new = ldm.init_unet_params(config.seed, where=init_where(need, "unet", have))
-    return {**model.params, "unet": merge(model.params["unet"], new)}
+    unet = fit_unet(model.params["unet"], abstract["unet"],
+                    config.image_model or "config.random_image_model")
+    new = ldm.init_unet_params(config.seed, where=init_where(need, "unet", _flat_keys(unet)))
+    return {**model.params, "unet": merge(unet, new)}
 
   cache_check = {}
   if config.data.kind == "latent_cache" and not base.is_abstract():
@@ -355,7 +358,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
                    "text_config": None if ldm.text_config is None else ldm.text_config.to_dict(),
                    "needs_context": ldm.text_config is not None}
   return StageSetup(
-      stage=stage, abstract_params=ldm.abstract_params(), logical_axes=ldm.logical_axes(),
+      stage=stage, abstract_params=abstract, logical_axes=ldm.logical_axes(),
       init_params=init_params,
       make_iterator=lambda: inputs.make_iterator(config, workdir, cache_check),
       make_batch=batch_maker(tokenizer, max_len, ldm.unet_config.num_class_embeds,
@@ -367,6 +370,29 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       samples_per_step=config.data.batch_size,
       sample=video_sampler(ldm, tokenizer, config),
       extra={"ldm": ldm, "tokenizer": tokenizer, "tokenizer_dir": tok_dir})
+
+
+def fit_unet(params: dict, abstract: dict, source: str) -> dict:
+  """The UNet parameters of the image model (`source`) that the stage's UNet has
+  (`abstract`, its tree of shapes): a video export's layers the stage lacks (its
+  temporal layers for the image_ldm stage, a predictor's context encoder for the
+  key-frame stage) are left out with a note; a kept layer of another shape (e.g. a
+  key-frame export's temporal layers under another config.temporal) is refused, naming
+  its path and both shapes."""
+  flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(abstract)
+  extra = sorted(k for k in flat if k not in want)
+  if extra and jax.process_index() == 0:
+    print(f"note: config.image_model={source}: {len(extra)} UNet parameters the stage's "
+          f"model does not have are left out (e.g. {'/'.join(extra[0])})", file=sys.stderr)
+  kept = {k: v for k, v in flat.items() if k in want}
+  try:
+    partition.check_same_structure(traverse_util.unflatten_dict({k: want[k] for k in kept}),
+                                   traverse_util.unflatten_dict(kept),
+                                   what="the UNet parameters", source=source)
+  except ValueError as e:
+    raise ValueError(f"config.image_model: {e}\n(for a video export, set config.temporal "
+                     "to the temporal config it was trained with)") from None
+  return traverse_util.unflatten_dict(kept)
 
 
 def _flat_keys(tree: dict) -> set:
