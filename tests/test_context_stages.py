@@ -2,8 +2,10 @@
 scratch), the generic train step on them (phi learns, theta stays bitwise), and the
 trainer loop with a checkpoint and a resume."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,7 +241,7 @@ def test_a_video_export_as_image_model_gives_the_layers_the_stage_has(keyframe_e
   assert not any(partition.is_temporal(k) for k in params)
   for k, v in params.items():
     np.testing.assert_array_equal(v, exported[k])
-  assert re.search(r"note: config.image_model=.*: \d+ UNet parameters the stage's model "
+  assert re.search(r"note: .*: \d+ UNet parameters the stage's model "
                    r"does not have are left out \(e.g. .*temporal_", capsys.readouterr().err)
   # The key-frame stage keeps an export's phi where its config.temporal has its shapes.
   config = _config("keyframe_tiny", num_frames=2)
@@ -252,6 +254,48 @@ def test_a_video_export_as_image_model_gives_the_layers_the_stage_has(keyframe_e
   with pytest.raises(ValueError, match=r"shape mismatch: .*temporal_.* is \(3, 1, 1, \d+, "
                      r"\d+\) in .*, the model expects \(3, 3, 3, "):
     keyframe.setup(config, tmp_path / "kf3").init_params()
+
+
+def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
+  # A trailing zero weight draws nothing: the export recorded max_context 2 (the chain
+  # then accepted 2 context frames), and 2-frame clips were refused.
+  assert predictor.max_context((0.5, 0.5, 0.0)) == 1
+  assert predictor.max_context((1 / 3,) * 3) == 2 and predictor.max_context((1.0,)) == 0
+  masks = predictor.mask_fn((0.5, 0.5, 0.0))(jax.random.key(0), 64, 2)
+  assert masks.shape == (64, 2) and set(np.asarray(masks.sum(1)).tolist()) == {0.0, 1.0}
+  config = _config("predictor_tiny", num_frames=4)
+  config.predictor.num_context_probs = (0.5, 0.5, 0.0)
+  assert pretrained.training_record(config)["max_context"] == 1
+  # Training-time samples extended from 2 frames: the run failed at its first sample
+  # step (2-frame clips) or conditioned on a count it never trained.
+  config.sample.update(every=2, num_context=2)
+  with pytest.raises(ValueError, match=r"config.sample.num_context=2: the predictor trains "
+                     r"with at most 1 context frames .* set it to at most 1"):
+    predictor.setup(config, tmp_path)
+  config.sample.num_context = 1
+  predictor.check_sample_context(config)
+  config.sample.every = 0  # no samples: nothing to check
+  config.sample.num_context = 5
+  predictor.check_sample_context(config)
+
+
+def test_a_context_export_keeps_its_context_encoder_widths(keyframe_export, tmp_path):
+  # The interpolator started from a predictor with context_channels=(8,) was built with
+  # the config's default widths and failed on the first parameter's shape.
+  from videoldm_jax.stages import context
+  folder = tmp_path / "predictor"
+  shutil.copytree(keyframe_export, folder)
+  index = json.loads((folder / "model_index.json").read_text())
+  index["temporal"] = {**index["temporal"], "context_frames": True, "context_channels": [8]}
+  (folder / "model_index.json").write_text(json.dumps(index))
+  config = _config("interpolator_tiny", num_frames=8)
+  config.init_from = str(folder)
+  assert context.context_temporal_config(config).context_channels == (8,)
+  config.context_channels = (16,)  # set: it wins
+  assert context.context_temporal_config(config).context_channels == (16,)
+  config.init_from = str(keyframe_export)  # a key-frame export: the config's widths
+  config.context_channels = ()
+  assert context.context_temporal_config(config).context_channels == ()
 
 
 def test_frame_size_the_unet_cannot_take_is_refused(tmp_path):

@@ -206,7 +206,8 @@ def training_record(config) -> dict[str, Any]:
   if "interpolator" in config:
     record["interp_stride"] = int(config.interpolator.stride)
   if "predictor" in config:
-    record["max_context"] = len(config.predictor.num_context_probs) - 1
+    from videoldm_jax.stages.predictor import max_context  # (the stages import this module)
+    record["max_context"] = max_context(config.predictor.num_context_probs)
   return record
 
 

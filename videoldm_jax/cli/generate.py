@@ -73,7 +73,8 @@ _PRED_FRAMES = flags.DEFINE_integer("predictor_frames", None, "frames per predic
 _NUM_CONTEXT = flags.DEFINE_integer("num_context", 2, "context key frames per prediction")
 _PASSES = flags.DEFINE_integer("interp_passes", 2, "x4 interpolation passes (0, 1, 2)")
 _WINDOW = flags.DEFINE_integer("interp_window", None, "key frames per interpolator call "
-                               "(default keyframes_per_clip)")
+                               "(default: the interpolator's training num_frames // its "
+                               "stride, else keyframes_per_clip)")
 _INTERP_STEPS = flags.DEFINE_integer("interp_steps", None, "interpolator steps "
                                      "(default --steps)")
 _INTERP_CFG = flags.DEFINE_float("interp_guidance_scale", 1.0, "text guidance of the "

@@ -83,7 +83,8 @@ def make_context_stage(name: str, ldm: VideoLDM, options: keyframe.KeyframeOptio
 
 def context_temporal_config(config: ml_collections.ConfigDict) -> TemporalConfig:
   """The temporal config of the context model: the key-frame export's (config.init_from)
-  or config.temporal, with context_frames on and config.context_channels."""
+  or config.temporal, with context_frames on and config.context_channels (when empty,
+  those of an export that has a context encoder already)."""
   if config.get("init_from"):
     index = pretrained.load_index(config.init_from)
     if index.get("temporal") is None:
@@ -92,9 +93,12 @@ def context_temporal_config(config: ml_collections.ConfigDict) -> TemporalConfig
     base = TemporalConfig.from_dict(index["temporal"], config.init_from)
   else:
     base = TemporalConfig.from_dict(dict(config.temporal), "config.temporal")
-  return base.replace(context_frames=True,
-                      context_channels=tuple(config.get("context_channels", ()) or ())
-                      ).validate()
+  channels = tuple(config.get("context_channels", ()) or ())
+  if not channels and base.context_frames:
+    # An export that is a context model already (a predictor continued, or the
+    # interpolator started from it) keeps its context encoder's widths.
+    channels = base.context_channels
+  return base.replace(context_frames=True, context_channels=channels).validate()
 
 
 def setup_context_stage(config: ml_collections.ConfigDict, workdir: Path, name: str,

@@ -382,7 +382,7 @@ def fit_unet(params: dict, abstract: dict, source: str) -> dict:
   flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(abstract)
   extra = sorted(k for k in flat if k not in want)
   if extra and jax.process_index() == 0:
-    print(f"note: config.image_model={source}: {len(extra)} UNet parameters the stage's "
+    print(f"note: {source}: {len(extra)} UNet parameters the stage's "
           f"model does not have are left out (e.g. {'/'.join(extra[0])})", file=sys.stderr)
   kept = {k: v for k, v in flat.items() if k in want}
   try:
@@ -390,8 +390,9 @@ def fit_unet(params: dict, abstract: dict, source: str) -> dict:
                                    traverse_util.unflatten_dict(kept),
                                    what="the UNet parameters", source=source)
   except ValueError as e:
-    raise ValueError(f"config.image_model: {e}\n(for a video export, set config.temporal "
-                     "to the temporal config it was trained with)") from None
+    raise ValueError(f"{e}\n(a video export's temporal layers must keep the shapes they "
+                     "were trained with: config.temporal of the key-frame stage, "
+                     "config.context_channels of the predictor and interpolator)") from None
   return traverse_util.unflatten_dict(kept)
 
 

@@ -33,14 +33,36 @@ def mask_fn(num_context_probs: Sequence[float]) -> context.MaskFn:
     raise ValueError(f"num_context_probs must be non-negative weights of S = 0, 1, ..., "
                      f"got {tuple(num_context_probs)}")
   logits = jnp.log(jnp.asarray(probs / probs.sum(), jnp.float32))
+  largest = max_context(num_context_probs)
 
   def fn(key: jax.Array, batch: int, num_frames: int) -> jax.Array:
-    if len(probs) > num_frames:
-      raise ValueError(f"S up to {len(probs) - 1} context frames needs clips longer than "
+    if largest >= num_frames:
+      raise ValueError(f"S up to {largest} context frames needs clips longer than "
                        f"{num_frames} frames")
     s = jax.random.categorical(key, logits, shape=(batch,))
     return first_frames_mask(s, num_frames)
   return fn
+
+
+def max_context(num_context_probs: Sequence[float]) -> int:
+  """The largest number of context frames S the stage draws: the last S of nonzero
+  weight (a trailing zero weight draws nothing)."""
+  return max((s for s, p in enumerate(num_context_probs) if float(p) > 0), default=0)
+
+
+def check_sample_context(config: ml_collections.ConfigDict) -> None:
+  """Training-time samples extend from config.sample.num_context frames: at most what
+  the stage trains with and fewer than a clip's frames (else the first sample, steps
+  into the run, failed or conditioned on a count the model never saw)."""
+  n, s = config.sample.get("num_context", 2), max_context(config.predictor.num_context_probs)
+  if not config.sample.get("every", 0):
+    return
+  if not 0 <= n <= s or n >= config.data.num_frames:
+    raise ValueError(f"config.sample.num_context={n}: the predictor trains with at most {s} "
+                     f"context frames (predictor.num_context_probs="
+                     f"{tuple(config.predictor.num_context_probs)}) on clips of "
+                     f"data.num_frames={config.data.num_frames}; set it to at most "
+                     f"{min(s, config.data.num_frames - 1)}")
 
 
 def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
@@ -62,5 +84,6 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The prediction stage of `config` (configs/predictor_*.py)."""
+  check_sample_context(config)
   return context.setup_context_stage(config, workdir, "predictor",
                                      mask_fn(config.predictor.num_context_probs), sampler)
