@@ -82,8 +82,8 @@ def build(workload: str, mode: str):
     p.requires_grad_(mode == "full" or is_temporal(name))
   trainable = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, foreach=True)
-  s = w.latent_size
-  x0 = torch.randn(w.batch, w.frames, w.unet.in_channels, s, s)
+  h, wd = w.latent_hw  # (SD15's latents are 40 x 64)
+  x0 = torch.randn(w.batch, w.frames, w.unet.in_channels, h, wd)
   ctx = torch.randn(w.batch, w.context_len, w.unet.cross_attention_dim)
   added = torch.zeros(w.batch, 3)
 

@@ -172,7 +172,7 @@ def build(workload: str, stage: str, mode: str, dtype: str = "float32",
                 um.logical_axes(model))
   if stage == "decoder":
     vcfg = w.vae()
-    vae = AutoencoderKL(vcfg, VAETemporalConfig(), dtype=DTYPES[dtype])
+    vae = AutoencoderKL(vcfg, VAETemporalConfig(), dtype=DTYPES[dtype], remat_policy=remat)
     dcfg = disc_lib.DiscriminatorConfig(base_channels=32, num_layers=2)
     disc = disc_lib.VideoPatchDiscriminator(dcfg, dtype=DTYPES[dtype])
     vae_in, disc_in = vae_lib.example_inputs(vcfg, video=True), disc_lib.example_inputs(dcfg, True)

@@ -4,6 +4,7 @@ bench/side_by_side.py reports a worker's failure with the side's name; bench/att
 counts FLOPs as torch's FlopCounterMode does and runs both sides in side_by_side's
 workers."""
 
+import jax
 import pytest
 
 from bench import ab_step, side_by_side
@@ -110,3 +111,34 @@ def test_conv_bench_sides_run_and_agree(pass_):
   run_xla, run_kernel, gflop = conv_bench.build("W2-l2", pass_)
   run_xla(), run_kernel()
   assert gflop == 2 * 8 * 8 * 8 * 9 * 256 * 256 / 1e9
+
+
+def test_torch_peer_and_decoder_case_run_what_they_report(monkeypatch):
+  # The torch peer ran SD15's 40 x 64 latents as 40 x 40 (its speed-up and MFU off by
+  # ~1.6x), and the decoder case ignored --remat while its JSON line reported it.
+  import dataclasses
+  from bench import peer_torch, workloads
+  from videoldm_jax.train import flops
+  w1 = workloads.WORKLOADS["W1"]
+  square = dataclasses.replace(w1, name="sq", batch=1, frames=2, latent_size=8)
+  wide = dataclasses.replace(square, name="wide", latent_width=16)
+  monkeypatch.setitem(workloads.WORKLOADS, "sq", square)
+  monkeypatch.setitem(workloads.WORKLOADS, "wide", wide)
+  gflop = {n: peer_torch.build(n, "temporal")[1]["model_gflop"] for n in ("sq", "wide")}
+  # Twice the latent pixels: every convolution and projection twice, the spatial
+  # attention's logits four times; so between 2x and 4x.
+  assert 2.0 <= gflop["wide"] / gflop["sq"] < 4.0, gflop
+  monkeypatch.setitem(workloads.WORKLOADS, "dec", dataclasses.replace(
+      square, name="dec", latent_size=4))
+  from bench.train_step import sharded_state
+  from videoldm_jax import sharding
+  from videoldm_jax.train import step as step_lib
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  count = {}
+  for remat in ("none", "full"):
+    case = workloads.build("dec", "decoder", "full", dtype="float32", remat=remat)
+    tx, state, _ = sharded_state(case, mesh)
+    step = step_lib.build_train_step(case.stage, tx, seed=0)
+    count[remat] = flops.model_flops(step, state, case.batch)  # traced, not compiled
+  # Full remat recomputes the forward in the backward pass: more FLOPs counted.
+  assert count["full"] > count["none"], count
