@@ -412,6 +412,14 @@ def test_cli_seeds_and_notes(folders, tmp_path):
          seeds], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "--seeds must be distinct and at least one" in \
         proc.stderr, proc.stderr[-3000:]
+  # Personalisation flags that would do nothing, silently.
+  for extra, said in ((["--personalize_parts=vae"], "give --image_checkpoint too"),
+                      (["--image_checkpoint=/x", "--personalize_parts="],
+                       "--personalize_parts is empty")):
+    proc = subprocess.run(
+        [sys.executable, "-m", "videoldm_jax.cli.generate", "--keyframe_model=/nonexistent",
+         *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
 
 
 def test_interpolation_windows_share_the_boundary_key_frame():

@@ -132,6 +132,12 @@ def main(argv):
     raise app.UsageError(f"--seeds must be non-negative, got {_SEEDS.value}")
   if not seeds or len(set(seeds)) != len(seeds):  # nothing written / a file overwritten
     raise app.UsageError(f"--seeds must be distinct and at least one, got {_SEEDS.value}")
+  if flags.FLAGS["personalize_parts"].present and not _IMAGE.value:
+    raise app.UsageError("--personalize_parts says what --image_checkpoint replaces; give "
+                         "--image_checkpoint too")
+  if _IMAGE.value and not _PARTS.value:
+    raise app.UsageError("--personalize_parts is empty: nothing of --image_checkpoint would "
+                         "be used (unet, vae, text_encoder)")
   out = Path(_OUTPUT.value)
   if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
     raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")
