@@ -78,6 +78,16 @@ def test_convert_cli_writes_loadable_model(sd_pipeline):
   assert model.unet_config.attention_levels == (True, False)
   assert model.text_config.num_hidden_layers == 2
   assert model.scheduler["steps_offset"] == 1
+  # --single_file options with --diffusers were ignored silently (a user asking for the
+  # EMA weights or no text encoder got neither).
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.convert", f"--diffusers={root / 'pipe'}",
+       "--extract_ema", "--skip_text_encoder", f"--output={root / 'unused'}"],
+      capture_output=True, text=True, timeout=600,
+      env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert proc.returncode != 0 and "--skip_text_encoder, --extract_ema: --single_file " \
+      "options" in proc.stderr, proc.stderr[-3000:]
+  assert not (root / "unused").exists()
   assert set(model.params) == {"unet", "vae", "text_encoder"}
   direct, _ = pipeline_import.from_diffusers(root / "pipe")
   for name in direct.params:

@@ -38,6 +38,12 @@ def main(argv):
   if _OUTPUT.value is None:
     raise app.UsageError("--output is required")
   if _DIFFUSERS.value is not None:
+    # A diffusers folder brings its own configs, tokenizer, text encoder and weights.
+    ignored = [f"--{f}" for f in ("preset", "tokenizer", "skip_text_encoder", "extract_ema")
+               if flags.FLAGS[f].present]
+    if ignored:
+      raise app.UsageError(f"{', '.join(ignored)}: --single_file options; a --diffusers "
+                           "folder brings its own configs, tokenizer and text encoder")
     model, tokenizer = pipeline_import.from_diffusers(_DIFFUSERS.value)
   else:
     with_text = not _NO_TEXT.value
