@@ -353,3 +353,14 @@ def test_sampling_clis_say_guidance_does_nothing_without_a_text_encoder(capsys):
   assert capsys.readouterr().err == (
       "note: --guidance_scale=5.0 ignored: the model has no text encoder (no "
       "classifier-free guidance without one)\n")
+
+
+def test_context_samplers_reuse_one_jitted_unet(keyframe_export):
+  # Each training-time sample of the context stages jitted a new UNet apply: a fresh
+  # compile of the whole UNet at every sample step.
+  import dataclasses
+  from videoldm_jax.pipelines import context_sampling
+  model = dataclasses.replace(pretrained.load(keyframe_export),
+                              temporal_config=TemporalConfig(context_frames=True))
+  a, b = (context_sampling.ContextModel.from_pretrained(model) for _ in range(2))
+  assert a.apply_fn is b.apply_fn

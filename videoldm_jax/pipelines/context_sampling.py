@@ -26,7 +26,7 @@ from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import (NoiseSchedule, SamplingConfig,
                                               schedule_from_diffusers_config)
 from videoldm_jax.models.context_encoder import first_frames_mask, masked_cond, strided_mask
-from videoldm_jax.models.unet import UNet
+from videoldm_jax.pipelines.sampling import unet_fn
 from videoldm_jax.pretrained import PretrainedLDM
 
 
@@ -46,8 +46,9 @@ class ContextModel:
       raise ValueError(f"{model.source}: not a context model (its temporal_config has no "
                        "context_frames); train one with the predictor or interpolator stage")
     schedule, sampling = schedule_from_diffusers_config(model.scheduler)
-    return cls(jax.jit(UNet(model.unet_config, tc).apply), model.params["unet"], schedule,
-               sampling)
+    # The cached jitted apply: training-time samples of the context stages made a new
+    # one per sample step, recompiling the UNet each time.
+    return cls(unet_fn(model.unet_config, tc), model.params["unet"], schedule, sampling)
 
 
 @dataclasses.dataclass(frozen=True)
