@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # configs/predictor_base.py.
   c.init_from = ""
   c.context_channels = ()         # context encoder widths per level; () = the UNet's
+  # (or those of an init_from export that has a context encoder already)
   # stride: known frames every `stride` frames (4: T -> 4T). context_drop_prob: clips
   # without any known frame, the unconditional branch of context guidance.
   c.interpolator = dict(stride=4, context_drop_prob=0.1)

@@ -23,12 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
   # is new. "" = start from config.image_model / config.random_image_model with a new
   # phi (config.temporal).
   c.init_from = ""
-  # Widths of the context encoder per UNet level; () = the UNet's block_out_channels.
+  # Widths of the context encoder per UNet level; () = the UNet's block_out_channels, or
+  # those of an init_from export that has a context encoder already.
   c.context_channels = ()
   # P(S = 0), P(S = 1), P(S = 2) per clip; S = 0 is context guidance's unconditional branch.
   c.predictor = dict(num_context_probs=(1 / 3, 1 / 3, 1 / 3))
   # Training-time samples: an unconditional clip of data.num_frames extended to
   # sample.num_frames from its last num_context frames; context_scale is s of
-  # f(z) + s (f(z, c_S) - f(z)).
+  # f(z) + s (f(z, c_S) - f(z)). num_context is checked at setup: at most the largest S
+  # of nonzero weight above, and below data.num_frames.
   c.sample.update(num_frames=2 * c.data.num_frames, num_context=2, context_scale=1.0)
   return c
