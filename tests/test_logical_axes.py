@@ -2,6 +2,8 @@
 discriminators) carries logical axis names that the default rules know, and sharding
 by them over a mesh of 8 fake CPU devices leaves the computation unchanged."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,10 +111,89 @@ def test_widths_a_mesh_axis_does_not_divide_are_replicated_with_a_warning(caplog
   shapes = params_lib.abstract_params(module, *inputs)
   with caplog.at_level("WARNING"):
     sharding.shardings_for(specs, sharding.make_mesh({"fsdp": 2}, jax.devices()[:2]), shapes)
-  assert "stay whole" not in caplog.text  # only the 3-row label table: under 1%
+  assert "split less" not in caplog.text  # only the 3-row label table: under 1%
   with caplog.at_level("WARNING"):
     sh = sharding.shardings_for(specs, sharding.make_mesh({"fsdp": 3}, jax.devices()[:3]),
                                 shapes)
-  assert "stay whole on every device: a dimension is not divisible" in caplog.text
+  assert "split less than the rules say" in caplog.text
+  assert "a dimension is not divisible by its mesh axes" in caplog.text
   kernel = sh["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]  # 16 channels, 3 ways
   assert kernel.spec == jax.sharding.PartitionSpec(None, None, None, None)
+
+
+def test_rules_and_batch_axes_are_checked():
+  # A misspelt logical name left its weights whole on every device, silently; a mesh
+  # axis the mesh lacks failed with a bare KeyError.
+  rules = list(sharding.DEFAULT_RULES)
+  with pytest.raises(ValueError, match=r"config.rules: logical axes \['conv_outs'\] are not "
+                     "the models'"):
+    sharding.check_rules([("conv_outs", "fsdp") if r[0] == "conv_out" else r for r in rules])
+  with pytest.raises(ValueError, match=r"config.rules gives no placement for logical axes "
+                     r"\['embed'\]"):
+    sharding.check_rules([r for r in rules if r[0] != "embed"])
+  with pytest.raises(ValueError, match=r"config.rules: mesh axes \['model'\] are not the "
+                     "mesh's"):
+    sharding.check_rules([("embed", "model") if r[0] == "embed" else r for r in rules])
+  mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+  with pytest.raises(ValueError, match=r"config.batch_axes=\('data', 'dcn'\): \['dcn'\]"):
+    sharding.check_batch_split(4, 1, mesh, ("data", "dcn"))
+  with pytest.raises(ValueError, match=r"config.train.grad_accum=0 must be >= 1"):
+    sharding.check_batch_split(4, 0, mesh, ("data", "fsdp"))
+
+
+def test_an_array_split_less_than_its_rules_counts_once(caplog):
+  # A (16, 5) kernel whose 5 columns a 2-way tensor axis does not divide stays split over
+  # fsdp; it was counted once per dimension and as whole on every device.
+  mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2}, jax.devices()[:8])
+  specs = {"w": jax.sharding.PartitionSpec("embed", "mlp")}
+  shapes = {"w": jax.ShapeDtypeStruct((16, 5), jnp.float32)}
+  with caplog.at_level("WARNING"):
+    sh = sharding.shardings_for(specs, mesh, shapes)
+  assert sh["w"].spec == jax.sharding.PartitionSpec("fsdp", None)
+  text = caplog.text
+  # 320 bytes split 4 ways instead of 8: 40 bytes more per device.
+  assert "1 arrays are split less than the rules say, 0.0 MiB more per device" in text, text
+  assert "['w'] (16, 5) not over tensor" in text
+
+
+def test_multi_slice_mesh_splits_physical_axes_as_one_slice_does():
+  # Two fake v5e-64 slices (8 x 8 chips, hosts of 2 x 2): fsdp=16 inside a slice needs
+  # a physical axis split; the one-slice mesh allowed it, the multi-slice one refused.
+  class Chip:
+    platform, device_kind, core_on_chip = "tpu", "TPU v5 lite", 0
+
+    def __init__(self, i, coords, process, slice_index):
+      self.id, self.coords = i, coords
+      self.process_index, self.slice_index = process, slice_index
+
+  def chips(sl):
+    out = [Chip(sl * 1000 + y * 8 + x, (x, y, 0), sl * 16 + (y // 2) * 4 + x // 2, sl)
+           for y in range(8) for x in range(8)]
+    return sorted(out, key=lambda d: (d.process_index, d.id))
+
+  ici = {"data": 4, "fsdp": 16, "tensor": 1}
+  with mock.patch.object(sharding, "Mesh", lambda grid, names, axis_types: grid):
+    assert sharding.make_mesh(ici, chips(0)).shape == (4, 16, 1)
+    grid = sharding.make_mesh(ici, chips(0) + chips(1), dcn_shape={"data": 2})
+  assert grid.shape == (8, 16, 1)
+  # Only the DCN part of the data axis crosses slices.
+  assert {d.slice_index for d in grid[:4].flat} == {0}
+  assert {d.slice_index for d in grid[4:].flat} == {1}
+
+
+def test_multi_slice_mesh_over_processes_where_devices_report_one_slice():
+  # CPU processes (and GPU hosts) report slice_index 0 on every device: dcn_mesh failed
+  # with JAX's "Number of slices 1 must equal ...", naming no config field.
+  class Cpu:
+    platform, device_kind = "cpu", "cpu"
+
+    def __init__(self, i, process):
+      self.id, self.process_index, self.slice_index = i, process, 0
+
+  devices = [Cpu(i, i // 2) for i in range(4)]
+  with mock.patch.object(sharding, "Mesh", lambda grid, names, axis_types: grid):
+    grid = sharding.make_mesh({"fsdp": 2}, devices, dcn_shape={"data": 2})
+    assert [[d.process_index for d in row.flat] for row in grid] == [[0, 0], [1, 1]]
+    with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 4\} needs 4 slices \(or "
+                       r"processes\), the devices are in 2"):
+      sharding.make_mesh({"fsdp": 1}, devices, dcn_shape={"data": 4})

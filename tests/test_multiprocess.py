@@ -320,7 +320,8 @@ def test_a_mesh_axis_spanning_processes_outside_the_batch_axes_is_a_config_error
   assert out.returncode != 0, log[-3000:]
   assert ("batch shard (0, 0) (over ('data', 'fsdp')) is held by devices of processes "
           "[0, 1]") in log, log[-3000:]
-  assert "Keep config.mesh.tensor within one process's 1 devices" in log
+  assert ("mesh axes ['tensor'] outside config.batch_axes span processes. Keep them within "
+          "one process's 1 devices") in log
   from videoldm_jax import sharding
   two = np.array([[[types.SimpleNamespace(process_index=i) for i in range(2)]]])
   assert sharding.shared_batch_shards(two, ("data", "fsdp", "tensor"), ("data", "fsdp")) == {

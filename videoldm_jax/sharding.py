@@ -79,10 +79,42 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   if len(devices) % slices:
     raise ValueError(f"{len(devices)} devices do not split into {slices} slices")
   ici = _fill(shape, len(devices) // slices, "mesh")
-  granule_is_process = not hasattr(devices[0], "slice_index")
+  # Slices are TPU slices where devices number that many; otherwise (CPU processes, GPU
+  # hosts: every device reports slice 0) each process is one.
+  slice_ids = {getattr(d, "slice_index", None) for d in devices}
+  granule_is_process = None in slice_ids or len(slice_ids) != slices
+  granules = len({d.process_index for d in devices}) if granule_is_process else len(slice_ids)
+  if granules != slices:
+    raise ValueError(f"config.dcn_mesh {dcn_shape} needs {slices} slices (or processes), "
+                     f"the devices are in {granules}")
+  # As for one slice: an ICI shape may need a physical axis split (e.g. fsdp=16 on 8x8).
   grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                              process_is_granule=granule_is_process)
+                                              process_is_granule=granule_is_process,
+                                              allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_rules(rules: Sequence[tuple[str, Any]], batch_axes: Sequence[str] = ()) -> None:
+  """Refuses rules (config.rules) that name a logical axis the models do not use or a
+  mesh axis the mesh does not have, that leave a logical axis without a placement (its
+  weights would stay whole on every device, silently), and batch axes
+  (config.batch_axes) outside the mesh."""
+  names = [r[0] for r in rules]
+  unknown = sorted(set(names) - KNOWN_LOGICAL_AXES)
+  if unknown:
+    raise ValueError(f"config.rules: logical axes {unknown} are not the models'; they name "
+                     f"{sorted(KNOWN_LOGICAL_AXES)}")
+  missing = sorted(KNOWN_LOGICAL_AXES - set(names))
+  if missing:
+    raise ValueError(f"config.rules gives no placement for logical axes {missing}: give "
+                     "each a mesh axis, or None to keep it whole")
+  bad = sorted({a for n in names for a in mesh_axes(rules, n)} - set(MESH_AXES))
+  if bad:
+    raise ValueError(f"config.rules: mesh axes {bad} are not the mesh's {MESH_AXES}")
+  bad = sorted(set(batch_axes) - set(MESH_AXES))
+  if bad:
+    raise ValueError(f"config.batch_axes={tuple(batch_axes)}: {bad} are not the mesh's "
+                     f"axes {MESH_AXES}")
 
 
 def mesh_axes(rules: Sequence[tuple[str, Any]], logical: str) -> tuple[str, ...]:
@@ -103,32 +135,42 @@ def shardings_for(logical_specs: Any, mesh: Mesh, shapes: Any,
   replicated instead of failing; when that replicates more than 1% of the bytes (a
   mesh axis that does not divide the model's widths), a warning names the largest.
   """
+  check_rules(rules)
   mesh_specs = nn.logical_to_mesh(logical_specs, list(rules))
   is_spec = lambda x: isinstance(x, PartitionSpec)
-  replicated = []  # (bytes, path, shape, axes) of leaves left whole against the rules
+  # (extra bytes per device, path, shape, mesh axes not split) of leaves split less than
+  # the rules say
+  less_split = []
 
   def fit(path, spec: PartitionSpec, leaf) -> NamedSharding:
-    dims = []
+    dims, dropped, ways_kept, ways_all = [], [], 1, 1
     for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
       names = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-      dims.append(axes if size % ways == 0 else None)
+      ways_all *= ways
       if size % ways:
-        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        replicated.append((nbytes, jax.tree_util.keystr(path), leaf.shape, names))
+        dims.append(None)
+        dropped.append("x".join(names))
+      else:
+        dims.append(axes)
+        ways_kept *= ways
+    if dropped:
+      nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      less_split.append((nbytes / ways_kept - nbytes / ways_all, jax.tree_util.keystr(path),
+                         leaf.shape, dropped))
     return NamedSharding(mesh, PartitionSpec(*dims))
 
   out = jax.tree_util.tree_map_with_path(fit, mesh_specs, shapes, is_leaf=is_spec)
   total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
               for x in jax.tree_util.tree_leaves(shapes))
-  lost = sum(b for b, *_ in replicated)
-  if total and lost > 0.01 * total:
-    biggest = ", ".join(f"{p} {tuple(s)} over {'x'.join(a)}"
-                        for _, p, s, a in sorted(replicated, reverse=True)[:3])
-    logging.warning("sharding: %d arrays (%.1f of %.1f MiB) stay whole on every device: "
-                    "a dimension is not divisible by its mesh axes (%s); choose mesh "
-                    "sizes that divide the model's widths", len(replicated), lost / 2**20,
-                    total / 2**20, biggest)
+  extra = sum(b for b, *_ in less_split)
+  if total and extra > 0.01 * total:
+    biggest = ", ".join(f"{p} {tuple(s)} not over {', '.join(a)}"
+                        for _, p, s, a in sorted(less_split, reverse=True)[:3])
+    logging.warning("sharding: %d arrays are split less than the rules say, %.1f MiB more "
+                    "per device (the tree: %.1f MiB): a dimension is not divisible by its "
+                    "mesh axes (%s); choose mesh sizes that divide the model's widths",
+                    len(less_split), extra / 2**20, total / 2**20, biggest)
   return out
 
 
@@ -137,6 +179,10 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
   """Refuses a global batch (and its grad_accum microbatches) that the batch axes of
   `mesh` cannot split evenly: the step would fail in XLA's partitioner with an error
   naming no config field, or compute microbatch rows redundantly on every device."""
+  check_rules(DEFAULT_RULES, batch_axes)
+  if grad_accum < 1:
+    raise ValueError(f"config.train.grad_accum={grad_accum} must be >= 1 (microbatches "
+                     "per step)")
   split = int(np.prod([mesh.shape[a] for a in batch_axes]))
   on = f" on {where}" if where else ""
   if batch_size % split:
@@ -152,12 +198,20 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
   if shared:
     shard, procs = next(iter(shared.items()))
     per_process = sum(1 for d in mesh.devices.flat if getattr(d, "process_index", 0) == 0)
+    spanning = [a for a in mesh.axis_names if a not in batch_axes
+                and _spans_processes(mesh.devices, list(mesh.axis_names).index(a))]
     raise ValueError(
         f"mesh {dict(mesh.shape)}{on}: batch shard {shard} (over {tuple(batch_axes)}) is "
         f"held by devices of processes {procs}, but each process loads rows of its own: "
-        f"an axis outside config.batch_axes spans processes. Keep config.mesh.tensor "
-        f"within one process's {per_process} devices, or add the axis to "
+        f"mesh axes {spanning} outside config.batch_axes span processes. Keep them within "
+        f"one process's {per_process} devices (config.mesh), or add them to "
         "config.batch_axes")
+
+
+def _spans_processes(devices: np.ndarray, axis: int) -> bool:
+  """Whether some line of `devices` along `axis` holds devices of several processes."""
+  lines = np.moveaxis(devices, axis, -1).reshape(-1, devices.shape[axis])
+  return any(len({getattr(d, "process_index", 0) for d in line}) > 1 for line in lines)
 
 
 def shared_batch_shards(devices: np.ndarray, axis_names: Sequence[str],
