@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from videoldm_jax import compile_check
@@ -118,6 +119,29 @@ def test_latent_cache_batch_compiles_the_step_without_the_encoders_gpu_proxy():
   with pytest.raises(ValueError, match=r"config.data.height and width must be multiples "
                      r"of \d+ .* got 17x16"):
     compile_check.fit_report(c, "h100:4")
+
+
+def test_abstract_batch_has_the_fields_of_the_trainers_batches():
+  # With image_fraction > 0 the trainer's batches carry each frame's caption tokens and
+  # a class-conditional model's per-frame labels; the compiled step lacked them (another
+  # program than the one trained: B captions encoded, not B*T).
+  from videoldm_jax.data.grain_pipeline import make_video_dataset
+  from videoldm_jax.stages import base
+  from videoldm_jax.train.loop import stage_setup
+  c = _tiny(dict(data=1, fsdp=4, tensor=1))
+  c.random_image_model.unet.num_class_embeds = 3
+  c.data.image_fraction = 0.5
+  with tempfile.TemporaryDirectory() as tmp, base.abstract_setup():
+    setup = stage_setup(c, Path(tmp))
+    batch = compile_check._abstract_batch(setup, c)
+  source = [{"video": np.zeros((3, 16, 16, 3), np.uint8), "caption": f"clip {i}",
+             "label": i % 3} for i in range(6)]
+  real = setup.make_batch(next(iter(make_video_dataset(
+      source, batch_size=4, num_frames=2, height=16, width=16, process_index=0,
+      process_count=1, image_fraction=0.5, seed=0))))
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (np.shape(v), np.asarray(v).dtype) for k, v in real.items()}
+  assert batch["frame_tokens"].shape[:2] == (4, 2) and batch["frame_labels"].shape == (4, 2)
 
 
 def test_tiny_step_compiles_splash_attention_for_a_tpu():

@@ -167,7 +167,16 @@ def _abstract_batch(setup: base.StageSetup, config: ml_collections.ConfigDict) -
       t = ldm.text_config
       host["context"] = np.zeros((b, t.max_position_embeddings, t.hidden_size), np.float32)
   else:
-    host["video"] = np.zeros((b, d.num_frames, d.height, d.width, 3), np.uint8)
+    t = int(d.num_frames)
+    host["video"] = np.zeros((b, t, d.height, d.width, 3), np.uint8)
+    if d.kind != "procedural":
+      # What the Grain pipeline's batches hold beside the clips (grain_pipeline.py):
+      # each frame's caption and label (per-frame conditioning with image_fraction > 0
+      # and of class-conditional models) and the image-only flags.
+      host["frame_caption"] = np.full((b, t), "")
+      host["image_only"] = np.zeros((b, t), bool)
+      if "labels" in host:
+        host["frame_labels"] = np.zeros((b, t), np.int32)
   return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
           for k, v in setup.make_batch(host).items()}
 
