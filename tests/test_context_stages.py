@@ -193,8 +193,9 @@ def test_training_samples_of_class_conditional_models(tmp_path):
 
 
 def test_image_examples_in_video_stages_take_each_frames_caption(tmp_path):
-  # An image example's frames come from different clips; the key-frame (and context)
-  # stages conditioned all of them on frame 0's caption.
+  # An image example's frames come from different clips; the key-frame stage (whose
+  # text_context and batch_maker the context stages share) conditioned all of them on
+  # frame 0's caption.
   from videoldm_jax.stages import keyframe
   host = {"video": np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), np.uint8),
           "caption": np.array(["a cat", "a dog"]),
