@@ -13,9 +13,10 @@ Pipeline, in order (all per-example work is lazy, so a host reads only its share
      too short for that is replaced by another drawn at random (with a warning);
      with probability `image_fraction` build an "image" example instead
   -> this process's blocks of the global batch (`process_share`) -> per-process batches
-  -> worker processes.
+  -> worker processes, each building whole batches in turn.
 The random_map sits BEFORE the process slice, so its per-example randomness is keyed on
-the global stream position: the result does not depend on how many hosts read it.
+the global stream position: the result does not depend on how many hosts read it, nor
+on how many worker processes build the batches.
 
 Batch (B = per-process batch size, T = num_frames):
   'video'          uint8 (B, T, H, W, 3); normalising to [-1, 1] happens on device
@@ -281,12 +282,13 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
       multiple of process_count so that all hosts yield the same number of batches.
     process_index, process_count: this host's share; default jax.process_index() /
       jax.process_count(). Shares are disjoint and their union is the stream.
-    worker_count: > 0 runs the per-example work in that many worker processes (Grain
-      mp_prefetch); the order is still deterministic but differs from worker_count=0.
+    worker_count: > 0 builds batches in that many worker processes (Grain
+      mp_prefetch), each a whole batch in turn: the same batches as worker_count=0.
     image_fraction: probability that an example is an image example (image_only=True).
     label_field: the integer field emitted as 'labels' (int32), the class label.
     drop_remainder: drop a final partial batch (finite epochs only).
-    read_threads: threads that read and decode examples (per worker process).
+    read_threads: threads that build batches (per worker process), each one batch
+      at a time; as many batches are read ahead.
     worker_buffer_size: batches each worker process keeps ready.
   """
   if crop not in _CROPS:
@@ -322,12 +324,15 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
                                   int(width), crop, bool(hflip), float(image_fraction),
                                   str(label_field)))
   ds = process_share(ds, int(batch_size), process_index, process_count)
-  # A bounded read-ahead: the default (hundreds of examples) would hold GBs of clips.
-  # At least one slot per thread (Grain warns otherwise).
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(read_threads),
-      prefetch_buffer_size=max(2 * int(batch_size), int(read_threads))))
+  # Batched before the iterator: worker processes (which Grain deals elements of this
+  # dataset in turn) then each build whole batches, and the stream of batches is the
+  # same for any worker_count (batched after it, worker w batched every W-th example:
+  # other batches than a run with another count of workers or processes).
   ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+  # A bounded read-ahead (the default would hold GBs of clips): one batch per thread,
+  # at least two (Grain warns with fewer slots than threads).
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(read_threads), prefetch_buffer_size=max(2, int(read_threads))))
   if worker_count > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():

@@ -107,14 +107,28 @@ def _check_clip_lengths(source, data, name: str) -> None:
         data.get("frame_stride", 1), span, span)
 
 
+_OLD_WORKERS = (
+    "data state: the checkpoint's Grain worker processes built batches example by example "
+    "(videoldm-jax before 2026-12-05), whose order this version does not reproduce; it "
+    "cannot be continued exactly. Start the data afresh from the checkpoint's weights "
+    "(videoldm-export, then config.image_model / init_from), or resume with that version")
+
+
 class ShareIterator:
   """A Grain iterator over this process's blocks of the global batch (see
   `grain_pipeline.process_share`) whose state also resumes in a run with another number
   of processes: it records the global batches consumed, and after n of them every
-  process has read exactly n * (its batch) elements of its share."""
+  process has read exactly n * (its batch) elements of its share.
 
-  def __init__(self, it, per_process_batch: int, process_count: int):
+  batched_source: the Grain dataset is batched before its iterator (the video pipeline:
+  its state counts batches), else after it (the latent cache: its state counts
+  elements).
+  """
+
+  def __init__(self, it, per_process_batch: int, process_count: int, worker_count: int = 0,
+               batched_source: bool = False):
     self._it, self._b, self._pc, self._batches = it, per_process_batch, process_count, 0
+    self._workers, self._per_batch = worker_count, 1 if batched_source else per_process_batch
 
   def __iter__(self):
     return self
@@ -126,13 +140,15 @@ class ShareIterator:
 
   def get_state(self) -> dict:
     return {"grain": self._it.get_state(), "batches": self._batches,
-            "global_batch": self._b * self._pc, "process_count": self._pc}
+            "global_batch": self._b * self._pc, "process_count": self._pc,
+            "worker_count": self._workers}
 
   def set_state(self, state: dict) -> None:
-    if "grain" not in state:  # a bare Grain state (older checkpoints)
-      self._it.set_state(state)
-      if set(state) == {"next_index"}:  # so a later resume elsewhere positions right
-        self._batches = int(state["next_index"]) // self._b
+    if "grain" not in state:  # a bare Grain state (older checkpoints: elements counted)
+      if set(state) != {"next_index"}:
+        raise ValueError(_OLD_WORKERS)
+      self._batches = int(state["next_index"]) // self._b
+      self._it.set_state({"next_index": self._batches * self._per_batch})
       return
     if state["global_batch"] != self._b * self._pc:
       raise ValueError(f"data state: the checkpoint read global batches of "
@@ -147,12 +163,22 @@ class ShareIterator:
           f"{'without' if saved_plain else 'with'} Grain worker processes, this run has "
           f"{'some' if saved_plain else 'none'}: resume with the checkpoint's "
           "config.data.worker_count")
+    saved_workers = state.get("worker_count")  # (absent in older checkpoints)
+    if not saved_plain and saved_workers is None and self._per_batch == 1:
+      raise ValueError(_OLD_WORKERS)
+    if not saved_plain and saved_workers is not None and saved_workers != self._workers:
+      # Grain takes per-worker states of another count without a word: examples were
+      # repeated and skipped (or an IndexError for fewer workers).
+      raise ValueError(f"data state: the checkpoint was written with {saved_workers} Grain "
+                       f"worker processes, this run has {self._workers}: resume with the "
+                       f"checkpoint's config.data.worker_count={saved_workers}")
     self._batches = int(state["batches"])
     if saved_plain:
       # Every global batch took exactly b elements of each process's share. Set from the
-      # batch count, not the stored index: latent-cache checkpoints written before its
-      # dataset was batched after `to_iter_dataset` stored an index of batches.
-      self._it.set_state({"next_index": self._batches * self._b})
+      # batch count, not the stored index: the video pipeline's counted elements before
+      # it was batched ahead of its iterator, latent-cache checkpoints written before
+      # its dataset was batched after it counted batches.
+      self._it.set_state({"next_index": self._batches * self._per_batch})
     elif state["process_count"] == self._pc:
       self._it.set_state(state["grain"])
     else:
@@ -208,4 +234,5 @@ def make_iterator(config, workdir: Path, cache_check: dict):
       worker_count=data.get("worker_count", 0),
       image_fraction=data.get("image_fraction", 0.0),
       label_field=data.get("label_field", "label"))
-  return ShareIterator(iter(ds), data.batch_size // pc, pc)
+  return ShareIterator(iter(ds), data.batch_size // pc, pc, data.get("worker_count", 0),
+                       batched_source=True)
