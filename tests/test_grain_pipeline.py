@@ -346,61 +346,55 @@ def test_resume_with_another_worker_count_names_the_field(tfds_train):
   from videoldm_jax.data.inputs import ShareIterator
   kw = dict(seed=2, batch_size=4, num_epochs=1, num_frames=4, height=16, width=16,
             process_index=0, process_count=1)
-  plain = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=0)), 4, 1,
-                        batched_source=True)
+  plain = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=0)), 4, 1)
   next(plain)
   saved = json.loads(json.dumps(plain.get_state()))
-  workers = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=1)), 4, 1, 1,
-                          batched_source=True)
+  workers = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=1)), 4, 1, 1)
   with pytest.raises(ValueError, match="written without Grain worker processes, this run "
                      "has some: resume with the checkpoint's config.data.worker_count"):
     workers.set_state(saved)
   next(workers)
   saved = json.loads(json.dumps(workers.get_state()))
   workers._it.close()
-  plain = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=0)), 4, 1,
-                        batched_source=True)
+  plain = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=0)), 4, 1)
   with pytest.raises(ValueError, match="written with Grain worker processes, this run has "
                      "none"):
     plain.set_state(saved)
   # Another count of workers: Grain took the per-worker states and repeated or skipped
   # examples (fewer workers: an IndexError).
-  two = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=2)), 4, 1, 2,
-                      batched_source=True)
+  two = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=2)), 4, 1, 2)
   with pytest.raises(ValueError, match=r"written with 1 Grain worker processes, this run has "
                      r"2: resume with the checkpoint's config.data.worker_count=1"):
     two.set_state(saved)
   two._it.close()
   # A state of the earlier per-example worker layout (no worker_count recorded).
   old = {k: v for k, v in saved.items() if k != "worker_count"}
-  one = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=1)), 4, 1, 1,
-                      batched_source=True)
+  one = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=1)), 4, 1, 1)
   with pytest.raises(ValueError, match="built batches example by example"):
     one.set_state(old)
   one._it.close()
+  with pytest.raises(ValueError, match="built batches example by example"):
+    plain.set_state(old)  # not "resume with the checkpoint's worker_count" first
 
 
 def test_video_share_state_resumes_with_another_process_count(tfds_train):
-  # The video pipeline is batched before its iterator: its state counts batches.
   from videoldm_jax.data.inputs import ShareIterator
   kw = dict(seed=4, num_frames=4, height=16, width=16)
   one = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=4,
-                                              process_index=0, process_count=1)), 4, 1,
-                      batched_source=True)
+                                              process_index=0, process_count=1)), 4, 1)
   first = [next(one)["source_index"].copy() for _ in range(3)]
   saved = json.loads(json.dumps(one.get_state()))
   after = next(one)["source_index"]
   halves = []
   for pi in range(2):
     it = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=2, process_index=pi,
-                                               process_count=2)), 2, 2, batched_source=True)
+                                               process_count=2)), 2, 2)
     it.set_state(saved)
     halves.append(next(it)["source_index"])
   np.testing.assert_array_equal(np.concatenate(halves), after)
   assert len(first) == 3
-  # An older checkpoint's bare Grain state counted elements (3 batches of 4).
+  # An older checkpoint's bare Grain state (3 batches of 4 elements).
   bare = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=4,
-                                               process_index=0, process_count=1)), 4, 1,
-                       batched_source=True)
+                                               process_index=0, process_count=1)), 4, 1)
   bare.set_state({"next_index": 12})
   np.testing.assert_array_equal(next(bare)["source_index"], after)

@@ -99,7 +99,8 @@ def test_mesh_errors_are_specific():
 def test_multi_slice_mesh_puts_only_dcn_axes_across_granules():
   # On CPU the granules are processes: with one process every device is one granule,
   # so asking for 2 slices must fail clearly rather than build a wrong layout.
-  with pytest.raises(ValueError, match="slices"):
+  with pytest.raises(ValueError, match=r"config.dcn_mesh \{.data.: 2\} needs 2 processes, "
+                     r"the devices are in 1"):
     sharding.make_mesh({"fsdp": -1}, dcn_shape={"data": 2})
   mesh = sharding.make_mesh({"fsdp": -1}, dcn_shape={"data": 1})
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -134,6 +135,9 @@ def test_rules_and_batch_axes_are_checked():
   with pytest.raises(ValueError, match=r"config.rules: mesh axes \['model'\] are not the "
                      "mesh's"):
     sharding.check_rules([("embed", "model") if r[0] == "embed" else r for r in rules])
+  with pytest.raises(ValueError, match=r"config.rules names logical axes \['embed'\] more "
+                     "than once"):
+    sharding.check_rules(rules + [("embed", None)])  # flax would keep the first
   mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
   with pytest.raises(ValueError, match=r"config.batch_axes=\('data', 'dcn'\): \['dcn'\]"):
     sharding.check_batch_split(4, 1, mesh, ("data", "dcn"))
@@ -175,6 +179,10 @@ def test_multi_slice_mesh_splits_physical_axes_as_one_slice_does():
   with mock.patch.object(sharding, "Mesh", lambda grid, names, axis_types: grid):
     assert sharding.make_mesh(ici, chips(0)).shape == (4, 16, 1)
     grid = sharding.make_mesh(ici, chips(0) + chips(1), dcn_shape={"data": 2})
+    # Two slices are not eight: processes are not taken for slices.
+    with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 8\} needs 8 slices, "
+                       r"the devices are in 2"):
+      sharding.make_mesh({"data": 1, "fsdp": 16}, chips(0) + chips(1), dcn_shape={"data": 8})
   assert grid.shape == (8, 16, 1)
   # Only the DCN part of the data axis crosses slices.
   assert {d.slice_index for d in grid[:4].flat} == {0}
@@ -194,6 +202,6 @@ def test_multi_slice_mesh_over_processes_where_devices_report_one_slice():
   with mock.patch.object(sharding, "Mesh", lambda grid, names, axis_types: grid):
     grid = sharding.make_mesh({"fsdp": 2}, devices, dcn_shape={"data": 2})
     assert [[d.process_index for d in row.flat] for row in grid] == [[0, 0], [1, 1]]
-    with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 4\} needs 4 slices \(or "
-                       r"processes\), the devices are in 2"):
+    with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 4\} needs 4 processes, "
+                       r"the devices are in 2"):
       sharding.make_mesh({"fsdp": 1}, devices, dcn_shape={"data": 4})

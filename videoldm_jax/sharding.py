@@ -60,7 +60,8 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   `shape` is the mesh inside a slice (ICI). With `dcn_shape` (multi-slice, e.g.
   {"data": 2} for two slices) each mesh axis is ici * dcn long and devices are laid
   out so that only the DCN part of an axis crosses slices; slices are told apart by
-  `device.slice_index` (TPU multi-slice) or, where devices have none, by process.
+  `device.slice_index` (TPU multi-slice) or, where devices report none or all the same
+  (CPU processes, GPU hosts), by process.
   Axes are Auto (GSPMD): jax.make_mesh's Explicit default would turn logical
   constraints into assertions.
   """
@@ -79,14 +80,15 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   if len(devices) % slices:
     raise ValueError(f"{len(devices)} devices do not split into {slices} slices")
   ici = _fill(shape, len(devices) // slices, "mesh")
-  # Slices are TPU slices where devices number that many; otherwise (CPU processes, GPU
-  # hosts: every device reports slice 0) each process is one.
+  # Slices are the devices' slice_index (TPU multi-slice); where every device reports
+  # one slice (CPU processes, GPU hosts) each process is one.
   slice_ids = {getattr(d, "slice_index", None) for d in devices}
-  granule_is_process = None in slice_ids or len(slice_ids) != slices
+  granule_is_process = None in slice_ids or len(slice_ids) == 1
   granules = len({d.process_index for d in devices}) if granule_is_process else len(slice_ids)
   if granules != slices:
-    raise ValueError(f"config.dcn_mesh {dcn_shape} needs {slices} slices (or processes), "
-                     f"the devices are in {granules}")
+    raise ValueError(f"config.dcn_mesh {dcn_shape} needs {slices} "
+                     f"{'processes' if granule_is_process else 'slices'}, the devices are "
+                     f"in {granules}")
   # As for one slice: an ICI shape may need a physical axis split (e.g. fsdp=16 on 8x8).
   grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
                                               process_is_granule=granule_is_process,
@@ -95,11 +97,15 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
 
 
 def check_rules(rules: Sequence[tuple[str, Any]], batch_axes: Sequence[str] = ()) -> None:
-  """Refuses rules (config.rules) that name a logical axis the models do not use or a
-  mesh axis the mesh does not have, that leave a logical axis without a placement (its
-  weights would stay whole on every device, silently), and batch axes
+  """Refuses rules (config.rules) that name a logical axis the models do not use, or
+  one twice, or a mesh axis the mesh does not have, that leave a logical axis without a
+  placement (its weights would stay whole on every device, silently), and batch axes
   (config.batch_axes) outside the mesh."""
   names = [r[0] for r in rules]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    # flax takes the first: a later entry meant as an override would be ignored.
+    raise ValueError(f"config.rules names logical axes {twice} more than once")
   unknown = sorted(set(names) - KNOWN_LOGICAL_AXES)
   if unknown:
     raise ValueError(f"config.rules: logical axes {unknown} are not the models'; they name "

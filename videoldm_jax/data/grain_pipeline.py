@@ -287,8 +287,8 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
     image_fraction: probability that an example is an image example (image_only=True).
     label_field: the integer field emitted as 'labels' (int32), the class label.
     drop_remainder: drop a final partial batch (finite epochs only).
-    read_threads: threads that build batches (per worker process), each one batch
-      at a time; as many batches are read ahead.
+    read_threads: threads that read and decode examples (without worker processes;
+      each worker process builds two batches at a time).
     worker_buffer_size: batches each worker process keeps ready.
   """
   if crop not in _CROPS:
@@ -324,15 +324,21 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
                                   int(width), crop, bool(hflip), float(image_fraction),
                                   str(label_field)))
   ds = process_share(ds, int(batch_size), process_index, process_count)
-  # Batched before the iterator: worker processes (which Grain deals elements of this
-  # dataset in turn) then each build whole batches, and the stream of batches is the
-  # same for any worker_count (batched after it, worker w batched every W-th example:
-  # other batches than a run with another count of workers or processes).
-  ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
-  # A bounded read-ahead (the default would hold GBs of clips): one batch per thread,
-  # at least two (Grain warns with fewer slots than threads).
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(read_threads), prefetch_buffer_size=max(2, int(read_threads))))
+  if worker_count > 0:
+    # Batched before the iterator: Grain deals the elements of this dataset to the
+    # worker processes in turn, so each builds whole batches and the stream of batches
+    # is the one without workers (batched after it, worker w batched every W-th
+    # example: other batches than a run with another count of workers or processes).
+    # Two batches read ahead per worker, as many as the 2 B examples below.
+    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  else:
+    # A bounded read-ahead: the default (hundreds of examples) would hold GBs of clips.
+    # At least one slot per thread (Grain warns otherwise).
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=int(read_threads),
+        prefetch_buffer_size=max(2 * int(batch_size), int(read_threads))))
+    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
   if worker_count > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():

@@ -109,26 +109,23 @@ def _check_clip_lengths(source, data, name: str) -> None:
 
 _OLD_WORKERS = (
     "data state: the checkpoint's Grain worker processes built batches example by example "
-    "(videoldm-jax before 2026-12-05), whose order this version does not reproduce; it "
-    "cannot be continued exactly. Start the data afresh from the checkpoint's weights "
-    "(videoldm-export, then config.image_model / init_from), or resume with that version")
+    "(videoldm-jax before commit 235770b, 2026-12-05 20:35 UTC), whose order this version "
+    "does not reproduce; it cannot be continued exactly. Start the data afresh from the "
+    "checkpoint's weights (videoldm-export, then config.image_model / init_from), or "
+    "resume with that version")
 
 
 class ShareIterator:
   """A Grain iterator over this process's blocks of the global batch (see
   `grain_pipeline.process_share`) whose state also resumes in a run with another number
   of processes: it records the global batches consumed, and after n of them every
-  process has read exactly n * (its batch) elements of its share.
-
-  batched_source: the Grain dataset is batched before its iterator (the video pipeline:
-  its state counts batches), else after it (the latent cache: its state counts
-  elements).
+  process has read exactly n * (its batch) elements of its share. (With Grain worker
+  processes the state is per worker: it resumes with the same counts only.)
   """
 
-  def __init__(self, it, per_process_batch: int, process_count: int, worker_count: int = 0,
-               batched_source: bool = False):
+  def __init__(self, it, per_process_batch: int, process_count: int, worker_count: int = 0):
     self._it, self._b, self._pc, self._batches = it, per_process_batch, process_count, 0
-    self._workers, self._per_batch = worker_count, 1 if batched_source else per_process_batch
+    self._workers = worker_count
 
   def __iter__(self):
     return self
@@ -144,11 +141,11 @@ class ShareIterator:
             "worker_count": self._workers}
 
   def set_state(self, state: dict) -> None:
-    if "grain" not in state:  # a bare Grain state (older checkpoints: elements counted)
+    if "grain" not in state:  # a bare Grain state (older checkpoints)
       if set(state) != {"next_index"}:
         raise ValueError(_OLD_WORKERS)
-      self._batches = int(state["next_index"]) // self._b
-      self._it.set_state({"next_index": self._batches * self._per_batch})
+      self._it.set_state(state)
+      self._batches = int(state["next_index"]) // self._b  # so a later resume elsewhere
       return
     if state["global_batch"] != self._b * self._pc:
       raise ValueError(f"data state: the checkpoint read global batches of "
@@ -157,16 +154,16 @@ class ShareIterator:
     # Without worker processes Grain's state is {"next_index"}; with them, per-worker
     # states: one layout cannot be read as the other (a bare KeyError).
     saved_plain = set(state["grain"]) == {"next_index"}
+    saved_workers = state.get("worker_count")  # (absent in older checkpoints)
+    if not saved_plain and saved_workers is None:
+      raise ValueError(_OLD_WORKERS)
     if saved_plain != (set(self._it.get_state()) == {"next_index"}):
       raise ValueError(
           "data state: the checkpoint was written "
           f"{'without' if saved_plain else 'with'} Grain worker processes, this run has "
           f"{'some' if saved_plain else 'none'}: resume with the checkpoint's "
           "config.data.worker_count")
-    saved_workers = state.get("worker_count")  # (absent in older checkpoints)
-    if not saved_plain and saved_workers is None and self._per_batch == 1:
-      raise ValueError(_OLD_WORKERS)
-    if not saved_plain and saved_workers is not None and saved_workers != self._workers:
+    if not saved_plain and saved_workers != self._workers:
       # Grain takes per-worker states of another count without a word: examples were
       # repeated and skipped (or an IndexError for fewer workers).
       raise ValueError(f"data state: the checkpoint was written with {saved_workers} Grain "
@@ -175,10 +172,9 @@ class ShareIterator:
     self._batches = int(state["batches"])
     if saved_plain:
       # Every global batch took exactly b elements of each process's share. Set from the
-      # batch count, not the stored index: the video pipeline's counted elements before
-      # it was batched ahead of its iterator, latent-cache checkpoints written before
-      # its dataset was batched after it counted batches.
-      self._it.set_state({"next_index": self._batches * self._per_batch})
+      # batch count, not the stored index: latent-cache checkpoints written before its
+      # dataset was batched after `to_iter_dataset` stored an index of batches.
+      self._it.set_state({"next_index": self._batches * self._b})
     elif state["process_count"] == self._pc:
       self._it.set_state(state["grain"])
     else:
@@ -234,5 +230,4 @@ def make_iterator(config, workdir: Path, cache_check: dict):
       worker_count=data.get("worker_count", 0),
       image_fraction=data.get("image_fraction", 0.0),
       label_field=data.get("label_field", "label"))
-  return ShareIterator(iter(ds), data.batch_size // pc, pc, data.get("worker_count", 0),
-                       batched_source=True)
+  return ShareIterator(iter(ds), data.batch_size // pc, pc, data.get("worker_count", 0))
