@@ -62,7 +62,8 @@ def check_sample_context(config: ml_collections.ConfigDict) -> None:
                      f"context frames (predictor.num_context_probs="
                      f"{tuple(config.predictor.num_context_probs)}) on clips of "
                      f"data.num_frames={config.data.num_frames}; set it to at most "
-                     f"{min(s, config.data.num_frames - 1)}")
+                     f"{min(s, config.data.num_frames - 1)} (or sample.every=0: no "
+                     "training-time samples)")
 
 
 def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
