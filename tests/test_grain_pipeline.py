@@ -2,6 +2,11 @@
 resize/crop/flip, joint image/video examples, worker processes."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +403,61 @@ def test_video_share_state_resumes_with_another_process_count(tfds_train):
                                                process_index=0, process_count=1)), 4, 1)
   bare.set_state({"next_index": 12})
   np.testing.assert_array_equal(next(bare)["source_index"], after)
+
+
+_ORPHAN_SCRIPT = '''
+import os, signal
+import numpy as np
+from videoldm_jax.data.grain_pipeline import make_video_dataset
+
+if __name__ == "__main__":
+  src = [{"video": np.zeros((3, 16, 16, 3), np.uint8), "caption": "c", "label": 0}
+         for _ in range(8)]
+  it = iter(make_video_dataset(src, batch_size=2, num_frames=2, height=16, width=16, seed=0,
+                               process_index=0, process_count=1, worker_count=2))
+  next(it)
+  me, kids = os.getpid(), []
+  for d in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(stat[1]) == me:
+      kids.append(d)
+  print(" ".join(kids), flush=True)
+  os.kill(me, signal.SIGKILL)
+'''
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_worker_processes_exit_when_the_trainer_is_killed(tmp_path):
+  # A SIGKILLed trainer (preemption, OOM) left its Grain workers running, ~220 MB each;
+  # every relaunch added more.
+  script, out = tmp_path / "orphan.py", tmp_path / "pids.txt"
+  script.write_text(_ORPHAN_SCRIPT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                         os.environ.get("PYTHONPATH", "")]))
+  with open(out, "w") as f:  # a file, not a pipe: orphans would hold a pipe open
+    subprocess.run([sys.executable, str(script)], stdout=f, stderr=subprocess.DEVNULL,
+                   env=env, cwd=tmp_path, timeout=300)
+  pids = [int(p) for p in out.read_text().split()]
+  assert len(pids) >= 2, pids  # the workers (and multiprocessing's resource tracker)
+  def running(pid: int) -> bool:  # (a zombie that PID 1 has not reaped runs nothing)
+    try:
+      return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+      return False
+
+  deadline = time.monotonic() + 20
+  try:
+    while time.monotonic() < deadline and any(map(running, pids)):
+      time.sleep(0.5)
+    alive = [p for p in pids if running(p)]
+    assert not alive, f"processes still running after the parent's SIGKILL: {alive}"
+  finally:
+    for p in pids:
+      try:
+        os.kill(p, 9)
+      except OSError:
+        pass

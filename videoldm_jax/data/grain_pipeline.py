@@ -50,6 +50,11 @@ The state is only valid for the same source, seed and arguments (including proce
 count and worker_count).
 """
 
+import functools
+import os
+import threading
+import time
+
 from absl import logging
 import numpy as np
 from PIL import Image
@@ -249,6 +254,21 @@ class _TakeShare:
     return self.ds[g]
 
 
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+  """Grain worker start-up: the worker exits once `parent`, the process that built the
+  pipeline, is gone. A SIGKILLed trainer (a preempted job, an OOM kill) left its workers
+  running, ~220 MB each, and every relaunch added more. (The pid comes from the parent:
+  a worker still starting up when it died would read pid 1 as its parent.)"""
+  del worker_index, worker_count
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(1)  # the parent is gone: nobody reads this worker's batches
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def process_share(ds: grain.MapDataset, block: int, process_index: int,
                   process_count: int) -> grain.MapDataset:
   """This process's share of `ds` (len(ds) // process_count elements) by blocks of
@@ -347,5 +367,6 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
       # Marking them parsed keeps every flag at its default.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(worker_count), per_worker_buffer_size=int(worker_buffer_size)))
+        num_workers=int(worker_count), per_worker_buffer_size=int(worker_buffer_size)),
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return ds
