@@ -380,6 +380,15 @@ def test_resume_with_another_worker_count_names_the_field(tfds_train):
   one._it.close()
   with pytest.raises(ValueError, match="built batches example by example"):
     plain.set_state(old)  # not "resume with the checkpoint's worker_count" first
+  # An old bare plain state in a run with workers (a KeyError), and a state of another
+  # data kind (the procedural iterator's), named for what they are.
+  one = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=1)), 4, 1, 1)
+  with pytest.raises(ValueError, match="written without Grain worker processes"):
+    one.set_state({"next_index": 8})
+  one._it.close()
+  with pytest.raises(ValueError, match=r"data state \['global_batch', 'next_batch', 'seed'\] "
+                     "is not a Grain pipeline's: .* another config.data.kind"):
+    plain.set_state({"next_batch": 1, "seed": 3, "global_batch": 4})
 
 
 def test_video_share_state_resumes_with_another_process_count(tfds_train):
@@ -398,6 +407,22 @@ def test_video_share_state_resumes_with_another_process_count(tfds_train):
     halves.append(next(it)["source_index"])
   np.testing.assert_array_equal(np.concatenate(halves), after)
   assert len(first) == 3
+  # With worker processes too: their per-worker state is the same at any process count.
+  kw_w = dict(kw, worker_count=2)
+  one = ShareIterator(iter(make_video_dataset(tfds_train, **kw_w, batch_size=4,
+                                              process_index=0, process_count=1)), 4, 1, 2)
+  for _ in range(3):
+    next(one)
+  saved_w = json.loads(json.dumps(one.get_state()))
+  one._it.close()
+  halves = []
+  for pi in range(2):
+    it = ShareIterator(iter(make_video_dataset(tfds_train, **kw_w, batch_size=2,
+                                               process_index=pi, process_count=2)), 2, 2, 2)
+    it.set_state(saved_w)
+    halves.append(next(it)["source_index"])
+    it._it.close()
+  np.testing.assert_array_equal(np.concatenate(halves), after)
   # An older checkpoint's bare Grain state (3 batches of 4 elements).
   bare = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=4,
                                                process_index=0, process_count=1)), 4, 1)

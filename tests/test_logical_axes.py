@@ -183,6 +183,9 @@ def test_multi_slice_mesh_splits_physical_axes_as_one_slice_does():
     with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 8\} needs 8 slices, "
                        r"the devices are in 2"):
       sharding.make_mesh({"data": 1, "fsdp": 16}, chips(0) + chips(1), dcn_shape={"data": 8})
+    # An ICI shape fit for 4 slices: the slice count is what is wrong, and said.
+    with pytest.raises(ValueError, match=r"needs 4 slices, the devices are in 2"):
+      sharding.make_mesh(ici, chips(0) + chips(1), dcn_shape={"data": 4})
   assert grid.shape == (8, 16, 1)
   # Only the DCN part of the data axis crosses slices.
   assert {d.slice_index for d in grid[:4].flat} == {0}

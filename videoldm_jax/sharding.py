@@ -77,11 +77,9 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
     grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   dcn = _fill(dcn_shape, slices, "dcn mesh")
-  if len(devices) % slices:
-    raise ValueError(f"{len(devices)} devices do not split into {slices} slices")
-  ici = _fill(shape, len(devices) // slices, "mesh")
   # Slices are the devices' slice_index (TPU multi-slice); where every device reports
-  # one slice (CPU processes, GPU hosts) each process is one.
+  # one slice (CPU processes, GPU hosts) each process is one. (Checked before the ICI
+  # shape, which a wrong slice count would otherwise be blamed on.)
   slice_ids = {getattr(d, "slice_index", None) for d in devices}
   granule_is_process = None in slice_ids or len(slice_ids) == 1
   granules = len({d.process_index for d in devices}) if granule_is_process else len(slice_ids)
@@ -89,6 +87,9 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
     raise ValueError(f"config.dcn_mesh {dcn_shape} needs {slices} "
                      f"{'processes' if granule_is_process else 'slices'}, the devices are "
                      f"in {granules}")
+  if len(devices) % slices:
+    raise ValueError(f"{len(devices)} devices do not split into {slices} slices")
+  ici = _fill(shape, len(devices) // slices, "mesh")
   # As for one slice: an ICI shape may need a physical axis split (e.g. fsdp=16 on 8x8).
   grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
                                               process_is_granule=granule_is_process,

@@ -120,7 +120,7 @@ class ShareIterator:
   `grain_pipeline.process_share`) whose state also resumes in a run with another number
   of processes: it records the global batches consumed, and after n of them every
   process has read exactly n * (its batch) elements of its share. (With Grain worker
-  processes the state is per worker: it resumes with the same counts only.)
+  processes the state is per worker: it resumes with the same worker_count only.)
   """
 
   def __init__(self, it, per_process_batch: int, process_count: int, worker_count: int = 0):
@@ -143,7 +143,11 @@ class ShareIterator:
   def set_state(self, state: dict) -> None:
     if "grain" not in state:  # a bare Grain state (older checkpoints)
       if set(state) != {"next_index"}:
-        raise ValueError(_OLD_WORKERS)
+        if {"workers_state", "iterators_in_use_states"} & set(state):
+          raise ValueError(_OLD_WORKERS)
+        raise ValueError(f"data state {sorted(state)} is not a Grain pipeline's: the "
+                         "checkpoint was written with another config.data.kind")
+      self._check_layout(saved_plain=True)
       self._it.set_state(state)
       self._batches = int(state["next_index"]) // self._b  # so a later resume elsewhere
       return
@@ -151,18 +155,11 @@ class ShareIterator:
       raise ValueError(f"data state: the checkpoint read global batches of "
                        f"{state['global_batch']}, this run reads {self._b * self._pc}; "
                        "resuming would skip or repeat examples")
-    # Without worker processes Grain's state is {"next_index"}; with them, per-worker
-    # states: one layout cannot be read as the other (a bare KeyError).
     saved_plain = set(state["grain"]) == {"next_index"}
     saved_workers = state.get("worker_count")  # (absent in older checkpoints)
     if not saved_plain and saved_workers is None:
       raise ValueError(_OLD_WORKERS)
-    if saved_plain != (set(self._it.get_state()) == {"next_index"}):
-      raise ValueError(
-          "data state: the checkpoint was written "
-          f"{'without' if saved_plain else 'with'} Grain worker processes, this run has "
-          f"{'some' if saved_plain else 'none'}: resume with the checkpoint's "
-          "config.data.worker_count")
+    self._check_layout(saved_plain)
     if not saved_plain and saved_workers != self._workers:
       # Grain takes per-worker states of another count without a word: examples were
       # repeated and skipped (or an IndexError for fewer workers).
@@ -175,13 +172,20 @@ class ShareIterator:
       # batch count, not the stored index: latent-cache checkpoints written before its
       # dataset was batched after `to_iter_dataset` stored an index of batches.
       self._it.set_state({"next_index": self._batches * self._b})
-    elif state["process_count"] == self._pc:
-      self._it.set_state(state["grain"])
     else:
-      raise ValueError(f"data state: cannot move a Grain state with worker processes "
-                       f"({sorted(state['grain'])}) from {state['process_count']} to "
-                       f"{self._pc} processes; resume with worker_count=0 or the same "
-                       "process count")
+      # Workers build whole batches in turn (grain_pipeline.py), so after n global
+      # batches every process's per-worker state is the same at any process count.
+      self._it.set_state(state["grain"])
+
+  def _check_layout(self, saved_plain: bool) -> None:
+    """Without worker processes Grain's state is {"next_index"}; with them, per-worker
+    states: one layout cannot be read as the other (a bare KeyError)."""
+    if saved_plain != (set(self._it.get_state()) == {"next_index"}):
+      raise ValueError(
+          "data state: the checkpoint was written "
+          f"{'without' if saved_plain else 'with'} Grain worker processes, this run has "
+          f"{'some' if saved_plain else 'none'}: resume with the checkpoint's "
+          "config.data.worker_count")
 
 
 def make_iterator(config, workdir: Path, cache_check: dict):
