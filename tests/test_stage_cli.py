@@ -104,6 +104,11 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
   assert f"{stage}: already at step 3 of 3; writing the missing export" in out, out[-3000:]
   assert "compiled" not in out and (tmp_path / "export" / "step_3").is_dir()
   assert (tmp_path / "last_metrics.json").read_text() == last
+  # Writing weights reads no data: a changed data config (here the seed, for which the
+  # data state refuses to resume) refused the export of a finished run.
+  shutil.rmtree(tmp_path / "export" / "step_3")
+  out = _run("train", tmp_path, [*CASES[stage], "--config.seed=7"], 3, export=True)
+  assert "writing the missing export" in out and (tmp_path / "export" / "step_3").is_dir()
 
   if stage == "interpolator":
     # --step=best asked of a run that ranked nothing (trained with keep_best=0) says so.

@@ -272,16 +272,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                                      dict(config.get("dcn_mesh", {})))
   stage, tx = setup.stage, setup.optimizer
   pc, pi = jax.process_count(), jax.process_index()
-  data = setup.make_iterator()
 
   save_frozen = config.train.get("save_frozen", False)
   carried = {}  # losses of the ranking window a preemption save left open
+  data_state = None
   if latest is not None:
     state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
     if data_state is None:  # videoldm-train always writes it
       raise ValueError(ckpt.damaged(latest, "it has no data/ (the input pipeline's "
                                             "position)"))
-    data.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{latest}")
     changes = config_changes(ckpt.saved_config(latest) or {}, config.to_dict())
     if changes:
@@ -306,6 +305,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     log(f"{stage.name}: already at step {step} of {num_steps}; writing the missing export")
     log(f"exported {export(workdir, setup, state, step)}")
     return _last_metrics(workdir)
+  # After the export-only case: writing weights reads no data (a changed data config,
+  # e.g. another worker_count, refused the export of a finished run).
+  data = setup.make_iterator()
+  if data_state is not None:
+    data.set_state(data_state)
 
   batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
   train_step = step_lib.build_train_step(
