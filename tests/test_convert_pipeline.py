@@ -88,6 +88,9 @@ def test_convert_cli_writes_loadable_model(sd_pipeline):
   assert proc.returncode != 0 and "--skip_text_encoder, --extract_ema: --single_file " \
       "options" in proc.stderr, proc.stderr[-3000:]
   assert not (root / "unused").exists()
+  # Restating a default asks for nothing else.
+  _cli("videoldm_jax.cli.convert", f"--diffusers={root / 'pipe'}", "--noextract_ema",
+       "--preset=sd15", f"--output={root / 'defaults'}")
   assert set(model.params) == {"unet", "vae", "text_encoder"}
   direct, _ = pipeline_import.from_diffusers(root / "pipe")
   for name in direct.params:
@@ -113,6 +116,15 @@ def test_single_file_route_gives_identical_params(sd_pipeline, tmp_path):
   _cli("videoldm_jax.cli.convert", f"--single_file={tmp_path / 'tiny-ldm.safetensors'}",
        f"--preset={root / 'converted' / 'model_index.json'}",
        f"--tokenizer={root / 'tok'}", f"--output={tmp_path / 'out'}")
+  # A tokenizer with --skip_text_encoder was dropped silently.
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.convert",
+       f"--single_file={tmp_path / 'tiny-ldm.safetensors'}", "--skip_text_encoder",
+       f"--tokenizer={root / 'tok'}", f"--output={tmp_path / 'no_text'}"],
+      capture_output=True, text=True, timeout=600,
+      env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert proc.returncode != 0 and "--tokenizer with --skip_text_encoder" in proc.stderr, \
+      proc.stderr[-3000:]
   single = pretrained.load(tmp_path / "out")
   folder = pretrained.load(root / "converted")
   for name in folder.params:

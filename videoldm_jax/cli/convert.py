@@ -39,14 +39,18 @@ def main(argv):
     raise app.UsageError("--output is required")
   if _DIFFUSERS.value is not None:
     # A diffusers folder brings its own configs, tokenizer, text encoder and weights.
+    # (Against their defaults: --noextract_ema or --preset=sd15 ask for nothing else.)
     ignored = [f"--{f}" for f in ("preset", "tokenizer", "skip_text_encoder", "extract_ema")
-               if flags.FLAGS[f].present]
+               if flags.FLAGS[f].value != flags.FLAGS[f].default]
     if ignored:
       raise app.UsageError(f"{', '.join(ignored)}: --single_file options; a --diffusers "
                            "folder brings its own configs, tokenizer and text encoder")
     model, tokenizer = pipeline_import.from_diffusers(_DIFFUSERS.value)
   else:
     with_text = not _NO_TEXT.value
+    if not with_text and _TOKENIZER.value is not None:
+      raise app.UsageError("--tokenizer with --skip_text_encoder: a folder without a text "
+                           "encoder keeps no tokenizer")
     if with_text and _TOKENIZER.value is None:
       raise app.UsageError("--single_file needs --tokenizer=FOLDER (single files carry no "
                            "tokenizer), or --skip_text_encoder")
