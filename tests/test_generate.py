@@ -356,6 +356,16 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
     generate.plan(models, dataclasses.replace(options, interp_stride=4))
   with pytest.raises(ValueError, match="num_context=2: .* trained with at most 1 context"):
     generate.plan(models, dataclasses.replace(options, num_context=2))
+  # A predictor and an interpolator swapped between the flags (both context models)
+  # passed every record check.
+  swapped = dataclasses.replace(models, predictor=models.interpolator,
+                                interpolator=models.predictor)
+  with pytest.raises(ValueError, match=r"an export of the interpolator stage, given as the "
+                     r"predictor \(--predictor_model\)"):
+    generate.plan(swapped, options)
+  # A video the first clip covers makes no prediction round: no note on its calls.
+  once = generate.plan(models, dataclasses.replace(options, num_frames=5, predictor_frames=5))
+  assert once.rounds == 0 and not any(n.startswith("predictor stage") for n in once.notes)
   # An image upsampler (no temporal layers) is called without overlap and gets no note
   # on temporal statistics.
   is_upsampler_note = lambda n: n.startswith("upsampler stage")

@@ -133,6 +133,14 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
   passes = o.interp_passes if models.interpolator is not None else 0
   trained = _trained_on(models)
+  for name, stage in (("predictor", "predictor"), ("interpolator", "interpolator"),
+                      ("interpolator2", "interpolator")):
+    # Both are context models: a predictor and an interpolator swapped between the
+    # flags loaded, and the record checks below read fields the other lacks.
+    got = trained[name].get("stage")
+    if got is not None and got != stage:
+      raise ValueError(f"{models.paths.get(name, name)}: an export of the {got} stage, "
+                       f"given as the {name} (--{name}_model)")
   stride = (o.interp_stride if o.interp_stride is not None
             else trained["interpolator"].get("interp_stride", 4))
   if stride < 2:
@@ -199,7 +207,7 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   # the first clip, and a window or chunk holds at most the frames there are.
   generated = f * (k - 1) + 1
   calls = [("keyframe", models.keyframe is not None, first, "keyframes_per_clip", t),
-           ("predictor", models.predictor is not None, p, "predictor_frames", p),
+           ("predictor", rounds > 0, p, "predictor_frames", p),
            ("interpolator", passes > 0, stride * min(window, k), "interp_window", window),
            ("interpolator2", passes == 2 and models.interpolator2 is not None,
             stride * min(window, stride * (k - 1) + 1), "interp_window", window),
