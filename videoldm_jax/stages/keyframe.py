@@ -67,10 +67,11 @@ def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
 
   With a text encoder: caption embeddings from `frame_tokens`, `tokens` or a cached
   `context`, each video's replaced by the empty prompt's with probability drop_prob
-  (classifier-free guidance needs it). Without one, a `context` in the batch is used as given (embeddings computed
-  outside the model, e.g. a latent cache of another encoder; no dropping, since no
-  empty-prompt embedding is known) when the UNet takes one (`takes`, False for a
-  class-conditional model: `unet.called_with_context`); otherwise None.
+  (classifier-free guidance needs it). Without one, a `context` in the batch is used as
+  given (embeddings computed outside the model, e.g. a latent cache of another encoder;
+  no dropping, since no empty-prompt embedding is known) when the UNet takes one
+  (`takes`, False for a class-conditional model: `unet.called_with_context`); otherwise
+  None.
   """
   if text is None:
     # `takes` False: a class-conditional model without a text encoder, whose attn2
@@ -382,8 +383,8 @@ def fit_unet(params: dict, abstract: dict, source: str) -> dict:
   flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(abstract)
   extra = sorted(k for k in flat if k not in want)
   if extra and jax.process_index() == 0:
-    print(f"note: {source}: {len(extra)} UNet parameters the stage's "
-          f"model does not have are left out (e.g. {'/'.join(extra[0])})", file=sys.stderr)
+    print(f"note: {source}: {len(extra)} UNet parameters the stage's model does not have "
+          f"are left out (e.g. {'/'.join(extra[0])})", file=sys.stderr)
   kept = {k: v for k, v in flat.items() if k in want}
   try:
     partition.check_same_structure(traverse_util.unflatten_dict({k: want[k] for k in kept}),
