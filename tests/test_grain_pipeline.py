@@ -454,7 +454,6 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_worker_processes_exit_when_the_trainer_is_killed(tmp_path):
   # A SIGKILLed trainer (preemption, OOM) left its Grain workers running, ~220 MB each;
   # every relaunch added more.
