@@ -265,6 +265,37 @@ def test_export_runs_no_collective(tmp_path, monkeypatch):
   assert pretrained.load(tmp_path / "export").vae_temporal_config is not None
 
 
+def test_a_decoder_export_keeps_the_unet_training_record_apart(tmp_path):
+  # A decoder stage on a key-frame export writes a folder that holds both models: its
+  # own record went to `training`, which the chain reads as the UNet's (the key-frame
+  # calls were checked against the decoder's clip length).
+  from videoldm_jax.stages import keyframe
+  config = _config("decoder")
+  image = pretrained.random_image_ldm(keyframe._random_image_model(config))
+  unet_record = {"stage": "keyframe", "num_frames": 8, "frame_stride": 1, "height": 32,
+                 "width": 32}
+  image.training = unet_record
+  keyframe.write_byte_level_tokenizer(str(tmp_path / "tokenizer"))
+  config.image_model = str(pretrained.save(tmp_path / "keyframe", image, tmp_path / "tokenizer"))
+  setup = decoder.setup(config, tmp_path / "run")
+  setup.export(tmp_path / "export", jax.tree_util.tree_map(np.asarray, setup.init_params()))
+  out = pretrained.load(tmp_path / "export")
+  assert out.training == unet_record
+  assert out.decoder_training == pretrained.training_record(config)
+  assert out.decoder_training["stage"] == "decoder" and out.decoder_training["num_frames"] == 2
+  # The key-frame stage on that folder drops the video decoder, and its record with it.
+  config.image_model = str(tmp_path / "export")
+  again = keyframe.load_image_model(config, tmp_path)[0]
+  assert again.vae_temporal_config is None and again.decoder_training == {}
+  # Folders of earlier versions wrote the decoder's record as `training`.
+  index_path = tmp_path / "export" / "model_index.json"
+  index = json.loads(index_path.read_text())
+  index["training"] = index.pop("decoder_training")
+  index_path.write_text(json.dumps(index))
+  older = pretrained.load(tmp_path / "export")
+  assert older.training == {} and older.decoder_training["stage"] == "decoder"
+
+
 def test_a_decoder_export_continues_in_the_decoder_stage_and_feeds_a_latent_upsampler(
     tmp_path):
   # The decoder stage started from a decoder-stage export re-initialised its trained

@@ -306,7 +306,7 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert pretrained.load(tmp_path / "interp").training == interp.training
   assert pretrained.load(folders["keyframe_model"]).training == {}
   models.predictor[0].training = {"stage": "predictor", "num_frames": 4, "max_context": 1}
-  models.decoder.training = {"stage": "decoder", "num_frames": 4}
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
   options = generate.GenerateOptions(num_frames=20, **{**FAST, "num_context": 1})
   p = generate.plan(models, options)
   # Stride 2 (two passes: x4 frames per key frame), windows of 8 // 2 = 4 key frames.
@@ -324,11 +324,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   # A short video's calls are shorter than the options say: 5 frames at x4 (two x2
   # passes) interpolate 2 key frames (calls of 2 x 2 = 4 frames, not the window's
   # 2 x 4 = 8), and decode / upsample 5 frames.
-  models.decoder.training = {"stage": "decoder", "num_frames": 12}
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 12}
   notes = generate.plan(models, dataclasses.replace(options, num_frames=5)).notes
   assert "decoder stage: calls of 5 frames, trained on clips of 12" in notes[-1], notes
   assert "interpolator stage: calls of 4 frames, trained on clips of 8" in notes[-2], notes
-  models.decoder.training = {"stage": "decoder", "num_frames": 4}
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
   # Options checked before anything is sampled (they failed after the key frames, or a
   # 0 was taken as "use the default").
   for bad, message in ((dict(interp_steps=0), "interp_steps must be >= 1"),

@@ -65,6 +65,10 @@ class PretrainedLDM:
   # What a trainer export was trained on (`training_record`); {} for converted models
   # and older folders. videoldm-generate checks its options against it.
   training: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # The same for params['vae'] when an autoencoder or decoder stage trained it: kept
+  # apart from `training`, which stays the UNet's (a decoder stage built on a key-frame
+  # export holds both models).
+  decoder_training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def write_folder(out: Path, write: Callable[[Path], object]) -> None:
@@ -121,6 +125,8 @@ def _write(out_dir: Path, model: PretrainedLDM, scheduler: dict,
     index["vae_temporal"] = model.vae_temporal_config.to_dict()
   if model.training:
     index["training"] = model.training
+  if model.decoder_training:
+    index["decoder_training"] = model.decoder_training
   (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
   write_params(out_dir / "params", model.params)
   if tokenizer_dir is not None:
@@ -184,6 +190,10 @@ def load(model_dir: str | Path) -> PretrainedLDM:
   params = read_params(model_dir / "params")
   text, temporal = index.get("text_encoder"), index.get("temporal")
   vae_temporal = index.get("vae_temporal")
+  training, decoder_training = index.get("training", {}), index.get("decoder_training", {})
+  if not decoder_training and training.get("stage") in _AUTOENCODER_STAGES:
+    # Older autoencoder / decoder exports wrote their record as the UNet's.
+    training, decoder_training = {}, training
   return PretrainedLDM(
       unet_config=UNetConfig.from_dict(index["unet"], source),
       vae_config=VAEConfig.from_dict(index["vae"], source),
@@ -192,7 +202,11 @@ def load(model_dir: str | Path) -> PretrainedLDM:
       temporal_config=None if temporal is None else TemporalConfig.from_dict(temporal, source),
       vae_temporal_config=(None if vae_temporal is None
                            else VAETemporalConfig.from_dict(vae_temporal, source)),
-      training=index.get("training", {}))
+      training=training, decoder_training=decoder_training)
+
+
+# Stages that train params['vae'] (their record is `decoder_training`).
+_AUTOENCODER_STAGES = ("decoder", "autoencoder")
 
 
 def training_record(config) -> dict[str, Any]:

@@ -258,6 +258,6 @@ def _trained_on(models: ChainModels) -> dict:
   entries = {"keyframe": models.keyframe, "predictor": models.predictor,
              "interpolator": models.interpolator, "interpolator2": models.interpolator2}
   out = {k: (v[0].training if v is not None else {}) for k, v in entries.items()}
-  out["decoder"] = models.decoder.training if models.decoder is not None else {}
+  out["decoder"] = models.decoder.decoder_training if models.decoder is not None else {}
   out["upsampler"] = models.upsampler.training if models.upsampler is not None else {}
   return out

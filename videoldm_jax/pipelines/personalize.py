@@ -78,7 +78,7 @@ def personalize(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[str]
       text_config=video.text_config, scheduler=video.scheduler, params=params,
       source=f"{video.source} personalised with {source} ({', '.join(parts)})",
       temporal_config=video.temporal_config, vae_temporal_config=video.vae_temporal_config,
-      training=video.training)
+      training=video.training, decoder_training=video.decoder_training)
 
 
 def _computed(part: str, config) -> dict:

@@ -256,7 +256,9 @@ def model_exporter(config: ml_collections.ConfigDict, workdir: Path,
     image.params = {**image.params, "vae": params["vae"]}
     image.source = str(workdir)
     image.vae_temporal_config = vae_temporal
-    image.training = pretrained.training_record(config)
+    # image.training stays: the UNet's record when the image model is a UNet stage's
+    # export, which this folder still holds.
+    image.decoder_training = pretrained.training_record(config)
     pretrained.save(out, image, tok_dir if image.text_config is not None else None)
   return export
 

@@ -181,7 +181,7 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
       # A decoder-stage export: the UNet stages use the frame-wise autoencoder; the
       # temporal decoder is applied at generation time from its own folder.
       image.params["vae"], _ = partition.split(image.params["vae"])
-      image.vae_temporal_config = None
+      image.vae_temporal_config, image.decoder_training = None, {}
   else:
     image = pretrained.random_image_ldm(_random_image_model(config))
     tok_dir = workdir / "tokenizer"
