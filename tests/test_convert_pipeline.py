@@ -10,6 +10,7 @@ DDIM / DPM-Solver++ loop, VAE decode) matches diffusers' pipeline from the same 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from videoldm_jax.convert.safetensors_io import PickleRefused, load_safetensors
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
 from videoldm_jax.pipelines import sampling
 
+ROOT = Path(__file__).parents[1]
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -125,6 +127,31 @@ def test_single_file_route_gives_identical_params(sd_pipeline, tmp_path):
       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
   assert proc.returncode != 0 and "--tokenizer with --skip_text_encoder" in proc.stderr, \
       proc.stderr[-3000:]
+  # Without its text encoder, a text-to-image UNet has no context to attend to when
+  # sampled: a Flax shape error deep in the UNet, now a note here and a named refusal
+  # wherever it would be sampled.
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.convert",
+       f"--single_file={tmp_path / 'tiny-ldm.safetensors'}", "--skip_text_encoder",
+       f"--preset={root / 'converted' / 'model_index.json'}",
+       f"--output={tmp_path / 'no_text'}"],
+      capture_output=True, text=True, timeout=600,
+      env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "note: " in proc.stderr and "cannot be sampled" in proc.stderr, proc.stderr[-3000:]
+  no_text = pretrained.load(tmp_path / "no_text")
+  assert no_text.text_config is None and "text_encoder" not in no_text.params
+  cannot = r"cross-attention takes a context of width 32 .* no text encoder"
+  with pytest.raises(ValueError, match=cannot):
+    sampling.generate(no_text, None, ["a"], options=sampling.SampleOptions(
+        height=16, width=16, num_steps=1))
+  from videoldm_jax.config_files import load_sibling
+  from videoldm_jax.stages import keyframe
+  config = load_sibling(str(ROOT / "configs" / "x.py"), "keyframe_tiny").get_config()
+  config.image_model = str(tmp_path / "no_text")
+  config.sample.every = 5
+  with pytest.raises(ValueError, match=cannot + r".*--config.sample.every=0"):
+    keyframe.setup(config, tmp_path / "run")
   single = pretrained.load(tmp_path / "out")
   folder = pretrained.load(root / "converted")
   for name in folder.params:

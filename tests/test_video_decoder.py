@@ -224,3 +224,22 @@ def test_perceptual_distance_from_a_torchvision_layout_file(tmp_path, torch_cpu)
     save_file({k: v for k, v in tensors.items() if "28" not in k},
               str(tmp_path / "bad.safetensors"))
     perceptual.load_vgg16(tmp_path / "bad.safetensors")
+
+
+def test_sampling_decodes_videos_with_the_models_video_decoder(video_params):
+  # A decoder-stage export built on a key-frame export holds the temporal UNet and the
+  # video decoder: videoldm-sample decoded its clips frame by frame all the same.
+  from videoldm_jax import pretrained
+  from videoldm_jax.pipelines import sampling
+  model = pretrained.PretrainedLDM(None, CONFIG, None, {}, {"vae": video_params},
+                                   vae_temporal_config=VAETemporalConfig())
+  z = jax.random.normal(jax.random.key(5), (1, 4, 4, 4, 4))
+  out = np.asarray(sampling.decode(model, z))
+  video = sampling.decode_fn(CONFIG, VAETemporalConfig())(video_params, z)
+  np.testing.assert_array_equal(out, np.asarray(video))
+  frame_wise = sampling.decode_fn(CONFIG, None)(partition.split(video_params)[0], z)
+  assert np.max(np.abs(out - np.asarray(frame_wise))) > 1e-3
+  # Images (4-D latents) stay frame-wise (a batch of 1 against one of 4 frames: the
+  # GroupNorm sums split otherwise, so equal to float32 rounding).
+  np.testing.assert_allclose(np.asarray(sampling.decode(model, z[:, 0])),
+                             np.asarray(frame_wise)[:, 0], rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.convert import pipeline_import, presets
+from videoldm_jax.pipelines import sampling
 
 _DIFFUSERS = flags.DEFINE_string("diffusers", None, "diffusers pipeline folder")
 _SINGLE = flags.DEFINE_string("single_file", None, "original LDM checkpoint (.safetensors)")
@@ -58,6 +59,10 @@ def main(argv):
                                              extract_ema=_EMA.value,
                                              with_text_encoder=with_text)
     tokenizer = _TOKENIZER.value if with_text else None
+    try:
+      sampling.check_context_source(model, _SINGLE.value)
+    except ValueError as e:  # still a valid folder: training can feed it cached embeddings
+      print(f"note: {e}", file=sys.stderr)
   out = pretrained.save(_OUTPUT.value, model, tokenizer)
   counts = {k: sum(x.size for x in jax.tree_util.tree_leaves(v))
             for k, v in model.params.items()}

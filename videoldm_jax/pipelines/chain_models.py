@@ -163,6 +163,11 @@ def check_chain(m: ChainModels) -> None:
     where = m.paths.get("keyframe", m.keyframe[0].source)
     raise ValueError(f"key-frame model ({where}): an image model (no temporal layers); "
                      "pass a key-frame export")
+  for name in ("keyframe", "predictor", "interpolator", "interpolator2"):
+    entry = getattr(m, name)
+    if entry is not None:
+      where = m.paths.get(name, entry[0].source)
+      sampling.check_context_source(entry[0], f"{name} model ({where})")
 
 
 def _encoder_difference(vae: dict, base_vae: dict) -> str:

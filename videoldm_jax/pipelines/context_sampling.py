@@ -26,7 +26,7 @@ from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import (NoiseSchedule, SamplingConfig,
                                               schedule_from_diffusers_config)
 from videoldm_jax.models.context_encoder import first_frames_mask, masked_cond, strided_mask
-from videoldm_jax.pipelines.sampling import unet_fn
+from videoldm_jax.pipelines.sampling import check_context_source, unet_fn
 from videoldm_jax.pretrained import PretrainedLDM
 
 
@@ -45,6 +45,7 @@ class ContextModel:
     if tc is None or not tc.context_frames:
       raise ValueError(f"{model.source}: not a context model (its temporal_config has no "
                        "context_frames); train one with the predictor or interpolator stage")
+    check_context_source(model)
     schedule, sampling = schedule_from_diffusers_config(model.scheduler)
     # The cached jitted apply: training-time samples of the context stages made a new
     # one per sample step, recompiling the UNet each time.

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
@@ -18,7 +19,7 @@ from videoldm_jax.models import attention
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
-from videoldm_jax.models.unet import UNet, UNetConfig
+from videoldm_jax.models.unet import UNet, UNetConfig, called_with_context
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
 from videoldm_jax.pretrained import PretrainedLDM
 
@@ -92,6 +93,26 @@ def encode_prompts(model: PretrainedLDM, tokenizer: CLIPTokenizer, prompts: Sequ
   return text_fn(model.text_config)({"params": model.params["text_encoder"]}, ids)
 
 
+def check_context_source(model: PretrainedLDM, where: str = "") -> None:
+  """Raises ValueError for a model whose UNet needs a cross-attention context that
+  sampling has no way to make: no text encoder (e.g. a text-to-image file converted
+  with --skip_text_encoder; training can still feed it a latent cache's embeddings),
+  and an attn2 whose keys take another width than its queries, so it cannot attend to
+  its own tokens as a model without a context does. Sampling failed deep in the UNet
+  on a parameter shape."""
+  cfg = model.unet_config
+  if model.text_config is not None or not called_with_context(cfg, False):
+    return
+  for path, leaf in traverse_util.flatten_dict(model.params.get("unet", {})).items():
+    if "attn2" in path and path[-2:] == ("to_k", "kernel") and leaf.shape[0] != leaf.shape[1]:
+      raise ValueError(
+          f"{where or model.source or 'model'}: its UNet's cross-attention takes a context "
+          f"of width {leaf.shape[0]} (text embeddings; {'/'.join(path)}: "
+          f"{tuple(leaf.shape)}), but the model has no text encoder to make one, so it "
+          "cannot be sampled; convert it with its text encoder (videoldm-convert without "
+          "--skip_text_encoder)")
+
+
 def size_multiple(unet_config, vae_config) -> int:
   """What frame heights and widths must be multiples of for these models: the VAE's
   factor times one halving per UNet level below the first (skips must match)."""
@@ -111,6 +132,7 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
   reproduce another implementation's run).
   """
   unet_cfg, vae_cfg = model.unet_config, model.vae_config
+  check_context_source(model)
   f = size_multiple(unet_cfg, vae_cfg)
   if options.height % f or options.width % f:
     raise ValueError(f"height and width must be multiples of {f} for this model "
@@ -155,8 +177,11 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
 
 def decode(model: PretrainedLDM, latents: jax.Array) -> jax.Array:
   """Scaled latents (B, [T,] h, w, C) -> images or videos in about [-1, 1]
-  (B, [T,] h*f, w*f, 3); video frames are decoded one by one (as a batch)."""
-  return decode_fn(model.vae_config, None)(model.params["vae"], latents)
+  (B, [T,] h*f, w*f, 3). Video frames are decoded one by one (as a batch), or by the
+  model's video decoder where it has one (`vae_temporal_config`: a decoder-stage
+  export built on a video model holds both)."""
+  temporal = model.vae_temporal_config if latents.ndim == 5 else None
+  return decode_fn(model.vae_config, temporal)(model.params["vae"], latents)
 
 
 def generate(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer], prompts: Sequence[str],

@@ -331,6 +331,11 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
                      f"{config.data.height}x{config.data.width}")
   ldm = VideoLDM.from_pretrained(image, temporal, config.train.compute_dtype,
                                  config.train.remat_policy)
+  if "sample" in config and config.sample.get("every", 0):
+    try:  # before training, not at the first samples
+      sampling.check_context_source(image, config.image_model or "config.random_image_model")
+    except ValueError as e:
+      raise ValueError(f"{e}; or train without samples (--config.sample.every=0)") from None
   max_len = 0 if ldm.text_config is None else ldm.text_config.max_position_embeddings
   uncond = None if tokenizer is None else tokenizer([""], max_length=max_len)[0]
   stage = make_stage_fn(ldm, options_from_config(config), uncond)
