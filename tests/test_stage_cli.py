@@ -67,6 +67,14 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
   # the gap between the two observations measures nothing (it read 0.001 s, MFU 700%+),
   # so the last step reports the step time logged before it.
   assert steps[1]["step_time"] == steps[0]["step_time"]
+  if stage == "interpolator":
+    # A change of parameter shapes fails the restore: the config change that caused it
+    # is named beside the shape list (it was logged only after a successful restore).
+    out = _run("train", tmp_path, [*CASES[stage], "--config.temporal.conv_kernel=(5,1,1)"],
+               4, ok=False)
+    assert "shape mismatch" in out and ("The config differs from the checkpoint's: "
+                                        "temporal.conv_kernel: [3, 1, 1] -> [5, 1, 1]") in out, \
+        out[-3000:]
 
   # An earlier checkpoint exported after the run: its EMA weights, in the folder format
   # of the end-of-training export (the autoencoder's leaves out the discriminator).

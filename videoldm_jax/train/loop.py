@@ -277,12 +277,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   carried = {}  # losses of the ranking window a preemption save left open
   data_state = None
   if latest is not None:
-    state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
+    changes = config_changes(ckpt.saved_config(latest) or {}, config.to_dict())
+    try:
+      state, data_state, frozen_digests = _restored(ckpt, latest, setup, shardings)
+    except ValueError as e:
+      if not changes:
+        raise
+      # A config change that alters parameter shapes (e.g. a context stage resumed
+      # without its context_channels): the cause belongs beside the shape list.
+      raise ValueError(f"{e}\nThe config differs from the checkpoint's: "
+                       f"{'; '.join(changes)}; resume with the run's --config flags") from e
     if data_state is None:  # videoldm-train always writes it
       raise ValueError(ckpt.damaged(latest, "it has no data/ (the input pipeline's "
                                             "position)"))
     log(f"resumed from {ckpt.directory}/{latest}")
-    changes = config_changes(ckpt.saved_config(latest) or {}, config.to_dict())
     if changes:
       # Allowed (a longer run, another lr), but the run then differs from one that was
       # never interrupted: said once, here.
