@@ -124,6 +124,9 @@ def test_tfds_text_fields_as_bytes_are_cached_as_text(setup, tmp_path):
   model, tokenizer, _, _ = setup
   as_tfds = [{**ex, "caption": ex["caption"].encode(), "path": f"/v/{i}.mp4".encode()}
              for i, ex in enumerate(_examples(3))]
+  # A NumPy string scalar (indexing a caption column): written, then unreadable.
+  as_tfds[2]["caption"] = np.array([as_tfds[2]["caption"].decode()])[0]
+  assert isinstance(as_tfds[2]["caption"], np.str_)
   cache_examples(model, as_tfds, str(tmp_path / "c"), batch_size=2, tokenizer=tokenizer)
   src = latent_cache.LatentCacheSource(tmp_path / "c")
   fresh = list(encode_examples(model, _examples(3), batch_size=2, tokenizer=tokenizer))
@@ -136,6 +139,8 @@ def test_tfds_text_fields_as_bytes_are_cached_as_text(setup, tmp_path):
   with pytest.raises(ValueError, match=r"example 1 \(/v/1.mp4\): video of shape "
                      r"\(2, 16, 16, 3\), the first was \(4, 16, 16, 3\)"):
     list(encode_examples(model, mixed, batch_size=2))
+  with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    list(encode_examples(model, mixed, batch_size=0))  # was: every clip in one batch
 
 
 def test_cache_iterator_resumes_on_another_process_count(tmp_path):
@@ -178,3 +183,6 @@ def test_incomplete_cache_is_refused(setup, tmp_path):
     (tmp_path / f.name).write_bytes(f.read_bytes())
   with pytest.raises(FileNotFoundError, match="not a \\(complete\\) latent cache"):
     latent_cache.LatentCacheSource(tmp_path)
+  # An unset cache_dir read the working directory ("": no cache_info.json).
+  with pytest.raises(ValueError, match="config.data.cache_dir is empty"):
+    latent_cache.LatentCacheSource("")

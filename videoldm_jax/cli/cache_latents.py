@@ -42,6 +42,8 @@ def main(argv):
     raise app.UsageError("--model and --output are required")
   if bool(_TFDS.value) == bool(_PROC.value):
     raise app.UsageError("give exactly one of --tfds_name and --procedural_clips")
+  if _BATCH.value < 1:
+    raise app.UsageError(f"--batch_size must be >= 1, got {_BATCH.value}")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if _PROC.value:
     def examples():

@@ -47,6 +47,8 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
   draws a posterior sample; see `data/latent_cache.py`); frames of a batch are encoded
   together, sharded over the mesh's batch axes.
   """
+  if batch_size < 1:  # (else every clip would be stacked into one batch)
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   mesh = mesh or sharding.make_mesh({"data": -1})
   frames_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
   vae = AutoencoderKL(model.vae_config)

@@ -76,7 +76,9 @@ def _field(name: str, value):
     except UnicodeDecodeError as e:
       raise ValueError(f"record field {name!r}: bytes that are not UTF-8 text") from e
   if isinstance(value, str):
-    return value
+    # str itself: a NumPy string scalar (np.str_, what indexing a string array gives)
+    # is a str too, but msgpack stored it as an array of a dtype it cannot read back.
+    return str(value)
   value = np.asarray(value)
   if value.dtype.kind in "SUO":
     raise TypeError(f"record field {name!r}: {value.dtype} arrays cannot be cached; "
@@ -145,6 +147,11 @@ def write_cache(out_dir: str | Path, records: Iterable[dict], *, vae_config: dic
 
 
 def read_info(cache_dir: str | Path) -> dict:
+  if not str(cache_dir).strip():
+    # (Path("") is the working directory: a cache there would be read unasked.)
+    raise ValueError("config.data.cache_dir is empty: data.kind='latent_cache' reads a "
+                     "folder written by videoldm-cache-latents; set "
+                     "--config.data.cache_dir=FOLDER")
   path = Path(cache_dir) / INFO_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{cache_dir}: no {INFO_FILE}; not a (complete) latent cache "
