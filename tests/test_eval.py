@@ -58,8 +58,12 @@ def _blobs(n: int, seed: int, t: int = _T, s: int = 32) -> np.ndarray:
 
 def test_numpy_only_unpickler():
   arrays = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "n": [1, 2.5]}
-  back = i3d_weights.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
-  np.testing.assert_array_equal(back["params"]["w"], arrays["params"]["w"])
+  # Every protocol: 5 (Python 3.14's default) builds arrays with numeric._frombuffer,
+  # 2 and 3 their bytes with _codecs.encode; both were refused as foreign globals.
+  for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+    back = i3d_weights.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(arrays, protocol))).load()
+    np.testing.assert_array_equal(back["params"]["w"], arrays["params"]["w"])
+    assert back["params"]["w"].dtype == np.float32 and back["n"] == [1, 2.5]
 
   class Evil:
     def __reduce__(self):
@@ -332,6 +336,17 @@ def test_fid_and_is_run_on_random_inception(inception_file):
   # Logit gaps past float64's exp range make probabilities exactly 0 (0 log 0 = 0):
   # 20 certain, distinct classes give IS = 20, not NaN.
   assert fid.inception_score(np.eye(20, 1008) * 1000, splits=1)[0] == pytest.approx(20)
+  # Frames come clip by clip: 50 clips of one certain class each (classes 0..49),
+  # 16 frames per clip. Consecutive splits of 80 rows held 5 clips each: IS = 5 (5
+  # equally likely classes, KL = log 5 per row). Shuffled, a split's 80 rows come from
+  # most of the 50 classes: IS = exp(entropy of its class histogram), 35.8 here (about
+  # 80 draws of 50 classes without replacement), whatever the order of the clips.
+  clips = np.repeat(np.eye(50, 1008) * 1000, 16, axis=0)
+  score = fid.inception_score(clips, splits=10)[0]
+  assert 25 < score < 45, score
+  reordered = clips.reshape(50, 16, -1)[np.random.default_rng(1).permutation(50)]
+  assert fid.inception_score(reordered.reshape(800, -1), splits=10)[0] == pytest.approx(
+      score, rel=0.15)
 
 
 def test_inception_loader_errors(inception_file, tmp_path):
@@ -506,6 +521,30 @@ def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
   table.write_text(json.dumps({"seed0.npy": "a cat", "solo.npy": "alone"}))
   with pytest.raises(ValueError, match="share the file name 'seed0.npy'"):
     cli.read_prompts(str(table), None, names)
+  # Two --fake entries with a clip of the same name each: one key cannot tell them
+  # apart (both clips got the one prompt).
+  both = cli.expand_inputs(f"{tmp_path / 'fake' / 'catA'},{tmp_path / 'fake' / 'catB'}")
+  assert cli.clip_names(both) == ["seed0.npy", "seed0.npy"]
+  table.write_text(json.dumps({"seed0.npy": "a cat"}))
+  with pytest.raises(ValueError, match="share the file name 'seed0.npy'"):
+    cli.read_prompts(str(table), None, cli.clip_names(both))
+  # Flags and inputs are checked before any network runs (the networks' files here do
+  # not exist: reaching them would fail otherwise).
+  solo = cli.expand_inputs(str(tmp_path / "fake" / "solo.npy"))
+  with pytest.raises(app.UsageError, match="clipsim needs --prompt or --prompts"):
+    cli.evaluate(files, files, ["fvd", "clipsim"], clip_model="/none", i3d_weights="/none")
+  with pytest.raises(ValueError, match="1 real clip\\(s\\): fvd needs at least 2"):
+    cli.evaluate(solo, files, ["fvd"], i3d_weights="/none")
+  with pytest.raises(app.UsageError, match="--i3d_resolution must be >= 1"):
+    cli.evaluate(files, files, ["fvd"], i3d_resolution=0)
+  with pytest.raises(app.UsageError, match="--metrics is empty"):
+    cli.evaluate(files, files, [])
+  # A damaged .npy is named (numpy's message names no file).
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "cut.npy").write_bytes(
+      (tmp_path / "fake" / "solo.npy").read_bytes()[:100])
+  with pytest.raises(ValueError, match="cut.npy: not a readable .npy clip file"):
+    cli.clip_names(cli.expand_inputs(str(tmp_path / "broken")))
   # A glob matching folders searches them; names start below the glob's fixed part.
   globbed = cli.expand_inputs(str(tmp_path / "fake" / "cat*"))
   assert [f.name for f in globbed] == ["catA/seed0.npy", "catB/seed0.npy"]

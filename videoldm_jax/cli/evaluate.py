@@ -144,11 +144,21 @@ def _without_previews(entry: str, found: list[VideoFile]) -> list[VideoFile]:
   return [f for f in found if f.path not in previews]
 
 
+def _load_npy(path: Path) -> np.ndarray:
+  """The memory-mapped array of a .npy clip file; a damaged file is named (numpy's own
+  messages name no file, and its pickle hint would suggest loading it unsafely)."""
+  try:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f"{path}: not a readable .npy clip file (uint8 (T, H, W, 3) or "
+                     f"(N, T, H, W, 3) arrays, no pickled objects): {e}") from None
+
+
 def read_clips(path: Path, max_frames: int | None = None) -> list[np.ndarray]:
   """The uint8 (T, H, W, 3) clips of one file (a .npy may hold a batch); videos are
   decoded up to `max_frames` frames."""
   if path.suffix.lower() == ".npy":
-    a = np.load(path, mmap_mode="r", allow_pickle=False)  # read clip by clip
+    a = _load_npy(path)  # memory-mapped: read clip by clip
     if a.dtype != np.uint8 or a.ndim not in (4, 5) or a.shape[-1] != 3:
       raise ValueError(f"{path}: expected a uint8 array (T, H, W, 3) or (N, T, H, W, 3), "
                        f"got {a.dtype} {a.shape}")
@@ -163,7 +173,7 @@ def clip_names(files: Sequence[VideoFile], max_videos: int = 0) -> list[str]:
   names = []
   for f in files:
     if f.path.suffix.lower() == ".npy":
-      a = np.load(f.path, mmap_mode="r", allow_pickle=False)
+      a = _load_npy(f.path)
       names += [f"{f.name}[{i}]" for i in range(a.shape[0])] if a.ndim == 5 else [f.name]
     else:
       names.append(f.name)
@@ -208,7 +218,8 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
   are in all (default len(names)), which a .txt file or a .json list must match (both
   in the clips' order). A .json object maps clip names (`VideoFile.name`: the path
   below the folder given) to prompts; a bare file name is accepted where it names one
-  clip only."""
+  clip only, and a name that several clips have (e.g. x.mp4 in two --fake folders)
+  is refused."""
   num_clips = len(names) if num_clips is None else num_clips
   if prompt is not None:
     return [prompt] * len(names)
@@ -226,18 +237,22 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
                        "{clip name: prompt}")
     base = lambda n: n.rsplit("/", 1)[-1]
     bases = collections.Counter(base(n) for n in names)
+    # Clips of two --fake entries can have the same name (run_a/x.mp4, run_b/x.mp4
+    # are both "x.mp4"): one key cannot tell them apart.
+    counts = collections.Counter(names)
     out, missing, ambiguous = [], [], []
     for n in names:
-      if n in table:
+      if n in table and counts[n] == 1:
         out.append(table[n])
       elif base(n) in table and bases[base(n)] == 1:
         out.append(table[base(n)])
       else:
-        (ambiguous if base(n) in table else missing).append(n)
+        (ambiguous if n in table or base(n) in table else missing).append(n)
     if ambiguous:
       raise ValueError(f"{path}: {ambiguous[0]!r} and others share the file name "
                        f"{base(ambiguous[0])!r}; key the prompts by the path below the "
-                       f"folder given ({', '.join(repr(n) for n in ambiguous[:3])})")
+                       f"folder given ({', '.join(repr(n) for n in ambiguous[:3])}), or "
+                       "give a list of prompts in the order of the clips")
     if missing:
       raise ValueError(f"{path}: no prompt for {missing[:5]} ({len(missing)} clips)")
     return out
@@ -273,11 +288,29 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
                          "safetensors file, see videoldm_jax/eval/inception.py)")
   if "clipsim" in metrics and not clip_model:
     raise app.UsageError("clipsim needs --clip_model (a transformers CLIPModel folder)")
+  if not metrics:
+    raise app.UsageError(f"--metrics is empty; choose from {METRICS}")
   for name, value, least in (("num_frames", num_frames, 1), ("batch_size", batch_size, 1),
                              ("max_videos", max_videos, 0), ("frame_stride", frame_stride, 1),
-                             ("is_splits", is_splits, 1)):
+                             ("is_splits", is_splits, 1), ("i3d_resolution", i3d_resolution, 1)):
     if value < least:
       raise app.UsageError(f"--{name} must be >= {least}, got {value}")
+  # Every set's clips and prompts are checked before any network runs: a bad
+  # --prompts found after the real set's features had cost their whole pass.
+  sets = {}
+  for role, files in (("real", real_files), ("fake", fake_files)):
+    if role == "real" and not {"fvd", "fid"} & set(metrics):
+      continue
+    all_names = clip_names(files)
+    names = all_names[:max_videos] if max_videos else all_names
+    if not names:  # e.g. a batch .npy of 0 clips
+      raise ValueError(f"no {role} clips in {[str(f.path) for f in files][:3]}")
+    if "fvd" in metrics and len(names) < 2:
+      raise ValueError(f"{len(names)} {role} clip(s): fvd needs at least 2 per set (a "
+                       "covariance of clip features)")
+    prompts = (read_prompts(prompts_file, prompt, names, len(all_names))
+               if role == "fake" and "clipsim" in metrics else [])
+    sets[role] = (files, names, prompts)
   frame_batch = min(256, batch_size * num_frames)
   i3d_net = (i3d.I3DFeatures(batch_size, i3d_weights, resize=i3d_resize,
                              resolution=i3d_resolution, devices=devices)
@@ -289,19 +322,11 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
 
   out: dict = {}
   stats: dict = {}
-  for role, files in (("real", real_files), ("fake", fake_files)):
-    if role == "real" and not {"fvd", "fid"} & set(metrics):
-      continue
-    all_names = clip_names(files)
-    names = all_names[:max_videos] if max_videos else all_names
-    if not names:  # e.g. a batch .npy of 0 clips
-      raise ValueError(f"no {role} clips in {[str(f.path) for f in files][:3]}")
+  for role, (files, names, prompts) in sets.items():
     out[f"num_{role}"] = len(names)
     want_inception = inc_net is not None and ("fid" in metrics or role == "fake")
     want_logits = role == "fake" and "is" in metrics
     want_clip = role == "fake" and clip_net is not None
-    prompts = (read_prompts(prompts_file, prompt, names, len(all_names)) if want_clip
-               else [])
     i3d_stats = inc_stats = None
     logits, clip_scores = [], []
     for chunk in iter_chunks(files, num_frames, batch_size, max_videos, show_progress,

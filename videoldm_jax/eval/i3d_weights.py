@@ -32,11 +32,36 @@ def _numpy_reconstruct():
   return _reconstruct
 
 
+def _numpy_frombuffer():
+  try:
+    from numpy._core.numeric import _frombuffer
+  except ImportError:  # numpy 1.x
+    from numpy.core.numeric import _frombuffer
+  return _frombuffer
+
+
+def _latin1_encode():
+  # Protocols 2 and 3 pickle an array's bytes as a str and _codecs.encode(s, 'latin1');
+  # only that codec is let through.
+  import codecs
+
+  def encode(text, encoding="utf-8"):
+    if codecs.lookup(encoding).name != "iso8859-1":
+      raise pickle.UnpicklingError(f"refusing _codecs.encode with {encoding!r}: only "
+                                   "latin1 bytes are allowed in an I3D weights file")
+    return codecs.encode(text, "latin1")
+  return encode
+
+
 # The only globals a pickled dict of numpy arrays needs: the array reconstructor (under
-# its numpy 1.x and 2.x module names), ndarray and dtype.
+# its numpy 1.x and 2.x module names), ndarray and dtype; protocol 5 builds arrays with
+# numeric._frombuffer, protocols 2-3 their bytes with _codecs.encode(..., 'latin1').
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("_codecs", "encode"): _latin1_encode,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
 }
