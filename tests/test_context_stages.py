@@ -346,6 +346,46 @@ def test_sample_cli_takes_class_labels(tmp_path):
       proc.stderr[-2000:]
 
 
+def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
+  # Each failed after the whole sampling run (a ZeroDivisionError, FFmpeg's "Could not
+  # determine output format"), or dropped words of an unquoted prompt.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+  def cli(name, *flags):
+    proc = subprocess.run([sys.executable, "-m", f"videoldm_jax.cli.{name}", *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    return proc.stderr + proc.stdout
+
+  absent = f"--model={tmp_path / 'absent'}"  # never read: the checks come first
+  assert "--num_videos must be >= 1, got 0" in cli("sample", absent, "--num_videos=0")
+  assert "expected an .mp4 path" in cli("sample", absent, f"--output={tmp_path / 'a.gif'}")
+  assert "--fps must be > 0" in cli("sample", absent, "--fps=0")
+  assert "unexpected arguments: ['road']" in cli("sample", absent, "--prompt=a", "road")
+  assert "--height must be >= 1, got 0" in cli("sample_image", absent, "--height=0")
+  assert "not an image file name" in cli("sample_image", absent,
+                                         f"--output={tmp_path / 'noext'}")
+  assert "unexpected arguments: ['road']" in cli("sample_image", absent, "--prompt=a",
+                                                 "road")
+  image = pretrained.random_image_ldm(ml_collections.ConfigDict(TINY))
+  write_byte_level_tokenizer(str(tmp_path / "tok"))
+  folder = pretrained.save(tmp_path / "image", image, tmp_path / "tok")
+  assert "an image model (no temporal layers; videoldm-sample-image samples it)" in cli(
+      "sample", f"--model={folder}")
+  # videoldm-export reuses videoldm-train's --config and --workdir: --help lists them,
+  # and a bare step number is refused, not ignored.
+  proc = subprocess.run([sys.executable, "-m", "videoldm_jax.cli.export", "--help"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert "--config" in proc.stdout and "--workdir" in proc.stdout and "--step" in proc.stdout
+  assert "unexpected arguments: ['10']" in cli(
+      "export", "--config=configs/keyframe_tiny.py", f"--workdir={tmp_path}", "10")
+  # An upsampler export passed where a latent diffusion model goes.
+  (tmp_path / "up").mkdir()
+  (tmp_path / "up" / "upsampler_index.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="an upsampler export .* --upsampler_model"):
+    pretrained.load(tmp_path / "up")
+
+
 def test_sampling_clis_say_guidance_does_nothing_without_a_text_encoder(capsys):
   from videoldm_jax.cli import note_unguided
   note_unguided(False, 5.0)

@@ -171,6 +171,10 @@ def load_index(model_dir: str | Path) -> dict[str, Any]:
   """Reads and checks `model_index.json` of a converted model folder."""
   path = Path(model_dir) / "model_index.json"
   if not path.is_file():
+    if (Path(model_dir) / "upsampler_index.json").is_file():
+      raise FileNotFoundError(f"{model_dir}: an upsampler export (upsampler_index.json), "
+                              "not a latent diffusion model; pass it to videoldm-generate "
+                              "as --upsampler_model")
     raise FileNotFoundError(f"{path}: missing; {model_dir} is not a converted videoldm-jax "
                             "model (make one with videoldm-convert)")
   index = json.loads(path.read_text())

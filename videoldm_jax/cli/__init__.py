@@ -1,19 +1,21 @@
 """Console scripts (setup.py entry points); `run_app` starts one."""
 
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 from absl import app, flags
 
 
-def run_app(main, module_name: str) -> None:
+def run_app(main, module_name: str, flag_modules: Sequence[str] = ()) -> None:
   """`app.run(main)` for the entry point of module `module_name`: `--help` shows that
-  module's docstring and flags. An installed script's sys.argv[0] is its wrapper, under
+  module's docstring and flags, and those of `flag_modules` (flags it reuses from
+  another command's module). An installed script's sys.argv[0] is its wrapper, under
   which absl finds no flags (it listed none) and no description."""
   module = sys.modules[module_name]
   entry = sys.argv[0]
-  for flag in flags.FLAGS.get_flags_for_module(module_name):
-    flags.FLAGS.register_key_flag_for_module(entry, flag)
+  for name in (module_name, *flag_modules):
+    for flag in flags.FLAGS.get_flags_for_module(name):
+      flags.FLAGS.register_key_flag_for_module(entry, flag)
   sys.modules["__main__"].__doc__ = module.__doc__
   app.run(main)
 
@@ -30,6 +32,14 @@ def class_labels(classes: Optional[int], label: Optional[int], count: int,
     raise app.UsageError(f"--class_label={label}: " + (
         f"expected 0..{classes - 1}" if classes else f"{model} is not class-conditional"))
   return None if label is None else [label] * count
+
+
+def no_positional(argv: Sequence[str]) -> None:
+  """Refuses positional arguments: an unquoted prompt's later words (or a step number
+  without --step=) were dropped without a word."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {list(argv[1:])} (quote values with "
+                         "spaces; every option is a --flag)")
 
 
 def note_unguided(has_text_encoder: bool, guidance_scale: float) -> None:

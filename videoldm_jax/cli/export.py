@@ -16,7 +16,7 @@ devices at hand (parameters replicated), whatever mesh trained it.
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import no_positional, run_app
 from videoldm_jax.cli import train as train_cli
 
 _STEP = flags.DEFINE_string("step", "best", "checkpoint to export: 'best', 'latest' or "
@@ -27,7 +27,7 @@ _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
 
 
 def main(argv):
-  del argv
+  no_positional(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if train_cli.CONFIG.value is None or train_cli.WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
@@ -38,7 +38,7 @@ def main(argv):
 
 
 def run():
-  run_app(main, __name__)
+  run_app(main, __name__, flag_modules=(train_cli.__name__,))
 
 
 if __name__ == "__main__":

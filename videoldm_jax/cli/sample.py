@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import class_labels, note_unguided, run_app
+from videoldm_jax.cli import class_labels, no_positional, note_unguided, run_app
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -35,12 +35,29 @@ _OUTPUT = flags.DEFINE_string("output", "sample.mp4", "mp4 path (a .gif is writt
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  no_positional(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None:
     raise app.UsageError("--model is required")
+  # Before the model is loaded and sampled (they failed after the sampling, some with
+  # a ZeroDivisionError or FFmpeg's "Could not determine output format").
+  for name, value in (("num_videos", _NUM.value), ("num_frames", _FRAMES.value),
+                      ("height", _HEIGHT.value), ("width", _WIDTH.value),
+                      ("steps", _STEPS.value)):
+    if value < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {value}")
+  if not _FPS.value > 0:
+    raise app.UsageError(f"--fps must be > 0, got {_FPS.value}")
+  if Path(_OUTPUT.value).suffix.lower() != ".mp4":
+    raise app.UsageError(f"--output={_OUTPUT.value}: expected an .mp4 path (the .gif is "
+                         "written beside it)")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
+  if model.temporal_config is None:
+    what = ("a decoder-stage export on an image model (its video decoder is for "
+            "videoldm-generate --decoder_model)" if model.vae_temporal_config is not None
+            else "an image model (no temporal layers; videoldm-sample-image samples it)")
+    raise app.UsageError(f"--model={_MODEL.value}: {what}; pass a key-frame, prediction "
+                         "or interpolation export")
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
   note_unguided(model.text_config is not None, _CFG.value)

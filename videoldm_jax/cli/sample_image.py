@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import class_labels, note_unguided, run_app
+from videoldm_jax.cli import class_labels, no_positional, note_unguided, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -36,14 +36,25 @@ _OUTPUT = flags.DEFINE_string("output", "sample.png", "PNG path; with --num_imag
 
 
 def main(argv):
-  del argv
+  no_positional(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None:
     raise app.UsageError("--model is required")
+  # Before the model is loaded and sampled (they failed after the sampling).
+  for name, value in (("num_images", _NUM.value), ("steps", _STEPS.value),
+                      ("height", _HEIGHT.value), ("width", _WIDTH.value)):
+    if value is not None and value < 1:  # (a 0 size was taken as "the default")
+      raise app.UsageError(f"--{name} must be >= 1, got {value}")
+  Image.init()
+  suffix = Path(_OUTPUT.value).suffix.lower()
+  if suffix not in Image.registered_extensions():
+    raise app.UsageError(f"--output={_OUTPUT.value}: not an image file name Pillow can "
+                         "write (e.g. .png)")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   default = 64 * model.vae_config.downsample_factor
+  height = default if _HEIGHT.value is None else _HEIGHT.value
   options = sampling.SampleOptions(
-      height=_HEIGHT.value or default, width=_WIDTH.value or _HEIGHT.value or default,
+      height=height, width=height if _WIDTH.value is None else _WIDTH.value,
       num_steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_CFG.value,
       eta=_ETA.value, seed=_SEED.value)
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
