@@ -182,6 +182,13 @@ def test_temporal_mode_takes_theta_from_an_image_upsampler(tmp_path):
   phi = [k for k in params if partition.is_temporal(k)]
   assert phi and set(params) == set(theta) | set(phi)
   assert all(setup.stage.is_trainable(k) == partition.is_temporal(k) for k in params)
+  # Levels past the image upsampler's would use its untrained (frozen) embeddings.
+  trained = config.max_noise_level
+  config.max_noise_level = trained + 1
+  with pytest.raises(ValueError, match=rf"trained on levels \[0, {trained}\), and mode "
+                     "'temporal' freezes"):
+    upsampler.setup(config, tmp_path / "levels")
+  config.max_noise_level = trained
 
   config.image_upsampler = ""
   with pytest.raises(ValueError, match="image upsampler"):

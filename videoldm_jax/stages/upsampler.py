@@ -170,6 +170,14 @@ def build_model(config: ml_collections.ConfigDict
   levels = dict(max_noise_level=config.max_noise_level, noise_level=config.noise_level)
   if config.image_upsampler:
     image = um.load(config.image_upsampler)
+    trained = image.config.max_noise_level
+    if config.mode == "temporal" and config.max_noise_level > trained:
+      # Theta (the noise-level embedding table included) stays frozen: levels the image
+      # upsampler never trained would get their random initial embeddings.
+      raise ValueError(f"config.max_noise_level={config.max_noise_level}: the image "
+                       f"upsampler {config.image_upsampler} was trained on levels "
+                       f"[0, {trained}), and mode 'temporal' freezes its noise-level "
+                       f"embeddings; set --config.max_noise_level={trained} or lower")
     model = image.config.replace(temporal=temporal, **levels).validate()
     return model, image, image.params.get("vae")
   vae_cfg, vae_params = (None, None)
