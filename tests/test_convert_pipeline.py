@@ -141,6 +141,9 @@ def test_single_file_route_gives_identical_params(sd_pipeline, tmp_path):
   assert "note: " in proc.stderr and "cannot be sampled" in proc.stderr, proc.stderr[-3000:]
   no_text = pretrained.load(tmp_path / "no_text")
   assert no_text.text_config is None and "text_encoder" not in no_text.params
+  # (A latent cache must then hold the text embeddings: keyframe's cache check.)
+  assert sampling.missing_context(no_text)[0].endswith("attn2/to_k/kernel")
+  assert sampling.missing_context(pretrained.load(tmp_path / "out")) is None
   cannot = r"cross-attention takes a context of width 32 .* no text encoder"
   with pytest.raises(ValueError, match=cannot):
     sampling.generate(no_text, None, ["a"], options=sampling.SampleOptions(

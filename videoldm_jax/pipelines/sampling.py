@@ -93,24 +93,33 @@ def encode_prompts(model: PretrainedLDM, tokenizer: CLIPTokenizer, prompts: Sequ
   return text_fn(model.text_config)({"params": model.params["text_encoder"]}, ids)
 
 
-def check_context_source(model: PretrainedLDM, where: str = "") -> None:
-  """Raises ValueError for a model whose UNet needs a cross-attention context that
-  sampling has no way to make: no text encoder (e.g. a text-to-image file converted
-  with --skip_text_encoder; training can still feed it a latent cache's embeddings),
-  and an attn2 whose keys take another width than its queries, so it cannot attend to
-  its own tokens as a model without a context does. Sampling failed deep in the UNet
-  on a parameter shape."""
-  cfg = model.unet_config
-  if model.text_config is not None or not called_with_context(cfg, False):
-    return
+def missing_context(model: PretrainedLDM) -> Optional[tuple[str, tuple]]:
+  """For a model without a text encoder whose UNet still needs a cross-attention context
+  (`unet.called_with_context`) from outside: the first attn2 key kernel whose width is
+  not its queries', so that it cannot attend to its own tokens as a model without a
+  context does ('path', shape). None for a model with a text encoder, or one that runs
+  without a context."""
+  if model.text_config is not None or not called_with_context(model.unet_config, False):
+    return None
   for path, leaf in traverse_util.flatten_dict(model.params.get("unet", {})).items():
     if "attn2" in path and path[-2:] == ("to_k", "kernel") and leaf.shape[0] != leaf.shape[1]:
-      raise ValueError(
-          f"{where or model.source or 'model'}: its UNet's cross-attention takes a context "
-          f"of width {leaf.shape[0]} (text embeddings; {'/'.join(path)}: "
-          f"{tuple(leaf.shape)}), but the model has no text encoder to make one, so it "
-          "cannot be sampled; convert it with its text encoder (videoldm-convert without "
-          "--skip_text_encoder)")
+      return "/".join(path), tuple(leaf.shape)
+  return None
+
+
+def check_context_source(model: PretrainedLDM, where: str = "") -> None:
+  """Raises ValueError for a model whose UNet needs a context that sampling has no way
+  to make (`missing_context`): e.g. a text-to-image file converted with
+  --skip_text_encoder (training can still feed it a latent cache's embeddings).
+  Sampling failed deep in the UNet on a parameter shape."""
+  missing = missing_context(model)
+  if missing is not None:
+    path, shape = missing
+    raise ValueError(
+        f"{where or model.source or 'model'}: its UNet's cross-attention takes a context "
+        f"of width {shape[0]} (text embeddings; {path}: {shape}), but the model has no "
+        "text encoder to make one, so it cannot be sampled; convert it with its text "
+        "encoder (videoldm-convert without --skip_text_encoder)")
 
 
 def size_multiple(unet_config, vae_config) -> int:

@@ -362,7 +362,10 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
                        whole_vae="encoder_fingerprint" not in latent_cache.read_info(
                            config.data.cache_dir)),
                    "text_config": None if ldm.text_config is None else ldm.text_config.to_dict(),
-                   "needs_context": ldm.text_config is not None}
+                   # A text-to-image UNet without its text encoder needs the cache's
+                   # embeddings too (it would get no context at all).
+                   "needs_context": (ldm.text_config is not None
+                                     or sampling.missing_context(image) is not None)}
   return StageSetup(
       stage=stage, abstract_params=abstract, logical_axes=ldm.logical_axes(),
       init_params=init_params,
