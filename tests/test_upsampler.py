@@ -182,6 +182,18 @@ def test_temporal_mode_takes_theta_from_an_image_upsampler(tmp_path):
   phi = [k for k in params if partition.is_temporal(k)]
   assert phi and set(params) == set(theta) | set(phi)
   assert all(setup.stage.is_trainable(k) == partition.is_temporal(k) for k in params)
+  # videoldm-compile's setup reads configs only (the image upsampler's parameters were
+  # read, a latent-space one's whole image LDM too): here a folder without them.
+  import shutil
+  from videoldm_jax.stages import base
+  shutil.copytree(tmp_path / "image_upsampler", tmp_path / "config_only",
+                  ignore=shutil.ignore_patterns("params"))
+  config_only = config.copy_and_resolve_references()
+  config_only.image_upsampler = str(tmp_path / "config_only")
+  with base.abstract_setup():
+    abstract = upsampler.setup(config_only, tmp_path / "abs")
+  assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), abstract.abstract_params) == \
+      jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), setup.abstract_params)
   # Levels past the image upsampler's would use its untrained (frozen) embeddings.
   trained = config.max_noise_level
   config.max_noise_level = trained + 1

@@ -310,8 +310,9 @@ def save(out_dir: str | Path, model: PretrainedUpsampler) -> Path:
   return out_dir
 
 
-def load(model_dir: str | Path) -> PretrainedUpsampler:
-  """Reads an upsampler folder written by `save` (params as host NumPy arrays)."""
+def load(model_dir: str | Path, read_params: bool = True) -> PretrainedUpsampler:
+  """Reads an upsampler folder written by `save` (params as host NumPy arrays; {}
+  without `read_params`: the config alone, for a setup that allocates nothing)."""
   model_dir = Path(model_dir).absolute()
   path = model_dir / INDEX
   if not path.is_file():
@@ -326,5 +327,5 @@ def load(model_dir: str | Path) -> PretrainedUpsampler:
                      f"understands ({FORMAT_VERSION}); upgrade the package")
   source, training = index.pop("source", ""), index.pop("training", {})
   config = UpsamplerConfig.from_dict(index, str(path))
-  params = pretrained.read_params(model_dir / "params")
+  params = pretrained.read_params(model_dir / "params") if read_params else {}
   return PretrainedUpsampler(config, params, source=source, training=training)

@@ -44,6 +44,7 @@ from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
 from videoldm_jax.pipelines import upsampling
 from videoldm_jax.pipelines.sampling import to_uint8
+from videoldm_jax.stages import base
 from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train.state import merge
 from videoldm_jax.stages.keyframe import is_trainable_fn
@@ -147,7 +148,12 @@ def make_stage(model: um.UpsamplerConfig, mode: str, patch_size: int,
 
 def _vae(config: ml_collections.ConfigDict) -> tuple[VAEConfig, dict]:
   """The frozen VAE of a latent-space upsampler: that of `config.image_model` (a
-  converted image-LDM folder) or a random one of `config.random_vae`."""
+  converted image-LDM folder) or a random one of `config.random_vae`; under
+  `base.abstract_setup()` the config alone (params None: nothing read or allocated)."""
+  if base.is_abstract():
+    vae = (pretrained.load_index(config.image_model)["vae"] if config.image_model
+           else dict(config.random_vae))
+    return VAEConfig.from_dict(vae, config.image_model or "config.random_vae"), None
   if config.image_model:
     image = pretrained.load(config.image_model)
     # A decoder-stage export: its frame-wise autoencoder (the upsampler encodes and
@@ -169,7 +175,7 @@ def build_model(config: ml_collections.ConfigDict
               if config.temporal_layers else None)
   levels = dict(max_noise_level=config.max_noise_level, noise_level=config.noise_level)
   if config.image_upsampler:
-    image = um.load(config.image_upsampler)
+    image = um.load(config.image_upsampler, read_params=not base.is_abstract())
     trained = image.config.max_noise_level
     if config.mode == "temporal" and config.max_noise_level > trained:
       # Theta (the noise-level embedding table included) stays frozen: levels the image
