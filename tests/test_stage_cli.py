@@ -120,9 +120,14 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
 
   if stage == "interpolator":
     # --step=best asked of a run that ranked nothing (trained with keep_best=0) says so.
+    # Its export exists: nothing is restored (the state moved away here would fail it).
+    state_dir = tmp_path / "checkpoints" / "3" / "state"
+    state_dir.rename(tmp_path / "state_aside")
     out = _run("export", tmp_path, [*CASES[stage], "--config.train.keep_best=1",
                                     "--step=best"], 3)
+    (tmp_path / "state_aside").rename(state_dir)
     assert "the latest: no checkpoint holds the metrics that rank them" in out, out[-3000:]
+    assert "step_3: exists already, left as it is" in out, out[-3000:]
     assert ("NOTE exporting with a config other than the run's (checkpoint 3): "
             "train.keep_best: 0 -> 1; pass the training run's --config flags") in out
     # Its checkpoints hold the digests of frozen theta, not theta: a resume whose random

@@ -227,14 +227,15 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       # would be written into the export unnoticed.
       log(f"NOTE exporting with a config other than the run's (checkpoint {n}): "
           f"{'; '.join(changes)}; pass the training run's --config flags")
-    # The state restores onto any mesh: the devices at hand, parameters replicated
-    # (the training mesh may need a pod).
-    setup, _, shardings = _prepared(config, workdir, dict(data=-1, fsdp=1, tensor=1), {},
-                                    training=False)
-    state, _, _ = _restored(ckpt, n, setup, shardings)
     out = export_dir(workdir, n, weights)
     existed = out.exists()
-    export(workdir, setup, state, n, weights)
+    if not existed:  # (else nothing to restore: minutes at SD scale for a no-op)
+      # The state restores onto any mesh: the devices at hand, parameters replicated
+      # (the training mesh may need a pod).
+      setup, _, shardings = _prepared(config, workdir, dict(data=-1, fsdp=1, tensor=1), {},
+                                      training=False)
+      state, _, _ = _restored(ckpt, n, setup, shardings)
+      export(workdir, setup, state, n, weights)
   log(f"{out}: {'exists already, left as it is' if existed else 'exported'} "
       f"(checkpoint {ckpt.directory}/{n}, {why}; {'EMA' if weights == 'ema' else 'trained'} "
       "weights)")
