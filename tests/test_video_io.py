@@ -44,6 +44,16 @@ def test_mp4_round_trip(tmp_path):
   for i in range(1, T):
     assert _mae(out[i], video[i]) < 0.5 * _mae(out[i], video[i - 1])
   assert video_io.read_video(path, max_frames=5).shape == (5, H, W, 3)
+  # Tagged as what the conversion made (BT.601 / SMPTE 170M, limited range), for this
+  # writer and the streaming one: untagged, players assume BT.709 for HD sizes.
+  import av
+  with video_io.Mp4Writer(str(tmp_path / "streamed.mp4"), fps=8) as writer:
+    writer.append(video[:2])
+  for f in (path, tmp_path / "streamed.mp4"):
+    with av.open(str(f)) as container:
+      cc = container.streams.video[0].codec_context
+      assert (int(cc.colorspace), cc.color_primaries, cc.color_trc, int(cc.color_range)) \
+          == (6, 6, 6, 1), f
 
 
 def test_mp4_grey_is_nearly_lossless(tmp_path):

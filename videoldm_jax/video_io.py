@@ -47,6 +47,17 @@ def _atomic_target(path: str) -> str:
   return f"{root}.tmp-{os.getpid()}{ext}"
 
 
+def _tag_bt601(stream) -> None:
+  """Marks the stream as what the rgb24 -> yuv420p conversion makes: BT.601 matrix,
+  primaries and transfer (SMPTE 170M), limited range. Untagged, players guess, and
+  most assume BT.709 for HD sizes: shifted colours."""
+  cc = stream.codec_context
+  # FFmpeg's AVColorSpace / AVColorPrimaries / AVColorTransferCharacteristic SMPTE170M
+  # (PyAV's Colorspace enum holds swscale's numbers, where 5 is every BT.601 variant).
+  cc.colorspace = cc.color_primaries = cc.color_trc = 6
+  cc.color_range = 1  # AVCOL_RANGE_MPEG: limited
+
+
 def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
               pad_odd: bool = True) -> tuple[int, int]:
   """Writes a (T, H, W, 3) uint8 RGB clip as H.264 (libx264, yuv420p) MP4.
@@ -88,11 +99,12 @@ def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
 
   tmp = _atomic_target(path)
   try:
-    with av.open(tmp, mode="w") as container:
+    with av.open(tmp, mode="w", format="mp4") as container:
       # PyAV wants an int or Fraction rate; 29.97-style floats become 2997/100.
       stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
       stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
       stream.options = {"crf": str(int(crf))}
+      _tag_bt601(stream)
       for frame in frames:
         # The encoder converts rgb24 -> yuv420p (BT.601, limited range) itself.
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
@@ -214,11 +226,12 @@ class Mp4Writer(_AtomicWriter):
       if not self.pad_odd:
         raise ValueError(f"{self.path}: libx264 with yuv420p needs even height and width, "
                          f"got {h}x{w}; pass pad_odd=True or crop the frames")
-    self._container = av.open(self._tmp, mode="w")
+    self._container = av.open(self._tmp, mode="w", format="mp4")
     stream = self._container.add_stream(
         "libx264", rate=Fraction(self.fps).limit_denominator(1001))
     stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
     stream.options = {"crf": str(self.crf)}
+    _tag_bt601(stream)
     self._stream, self._size = stream, (h, w)
 
   def append(self, frames) -> None:
