@@ -56,7 +56,7 @@ setup(
                                     "data_pipelines.*"]),
     # The C++ kernels are compiled on the user's machine at first use (native/build.py).
     package_data={"videoldm_jax.native": ["*.cc", "*.h"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, flax, orbax, grain pins need 3.11
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={

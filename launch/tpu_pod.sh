@@ -24,6 +24,7 @@
 #                     (another type: set it)
 #   SPOT              1 = create a spot (preemptible) slice; the trainer checkpoints on
 #                     SIGTERM, exits 143, and resumes when the same command is re-run
+#                     (a slice left PREEMPTED or TERMINATED is deleted and created anew)
 #   CODE              "copy" (default): scp this checkout's committed files (HEAD;
 #                     uncommitted edits are not copied, with a warning);
 #                     "clone": git clone REPO_URL at REPO_REF on every worker (a later
@@ -34,6 +35,10 @@
 #                     (default videoldm-jax). Updating the code there never deletes
 #                     the folder: its .venv and a relative --workdir survive re-runs.
 #   EXTRAS            pip extras installed on the workers (default "tpu")
+#   REMOTE_PYTHON     the workers' interpreter for their venv (default python3); it must
+#                     be Python >= 3.11 (the pinned jax / flax need it): on Ubuntu 22.04
+#                     images (v2-v4, python3 is 3.10) install python3.11 first and set
+#                     REMOTE_PYTHON=python3.11
 #   DRY_RUN           1 = print the commands instead of running them (same as --dry_run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +78,7 @@ REPO_REF=${REPO_REF:-main}
 REMOTE_DIR=${REMOTE_DIR:-videoldm-jax}
 REMOTE_DIR=${REMOTE_DIR#\~/}  # ssh starts in the home folder; "~" would be quoted away
 EXTRAS=${EXTRAS:-tpu}
+REMOTE_PYTHON=${REMOTE_PYTHON:-python3}
 project=()
 [ -n "${PROJECT:-}" ] && project=("--project=$PROJECT")
 tpu=(gcloud compute tpus tpu-vm)
@@ -91,9 +97,22 @@ run() {  # prints (dry run) or runs a command, quoted so it can be pasted back
 remote_cmd=$(printf '%q ' "$@")
 remote_cmd=${remote_cmd% }
 q_dir=$(printf '%q' "$REMOTE_DIR")
+q_python=$(printf '%q' "$REMOTE_PYTHON")
 
-# 1. The slice: reuse it when it exists.
-if [ "$DRY_RUN" = 1 ] || ! "${tpu[@]}" describe "$TPU_NAME" "${where[@]}" >/dev/null 2>&1; then
+# 1. The slice: reuse it when it exists and can run; a preempted spot slice stays listed
+# (PREEMPTED) and cannot be restarted, so it is deleted and created again.
+state=""
+if [ "$DRY_RUN" != 1 ]; then
+  state=$("${tpu[@]}" describe "$TPU_NAME" "${where[@]}" --format='value(state)' \
+          2>/dev/null || true)
+  case "$state" in
+    PREEMPTED | TERMINATED)
+      echo "tpu_pod.sh: $TPU_NAME is $state; deleting it to create it again" >&2
+      run "${tpu[@]}" delete "$TPU_NAME" "${where[@]}" --quiet
+      state="" ;;
+  esac
+fi
+if [ -z "$state" ]; then
   create=("${tpu[@]}" create "$TPU_NAME" "${where[@]}" "--accelerator-type=$ACCELERATOR_TYPE"
           "--version=$RUNTIME_VERSION")
   [ "$SPOT" = 1 ] && create+=(--spot)
@@ -115,7 +134,8 @@ else
   if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
     echo "tpu_pod.sh: warning: uncommitted changes are not copied (git archive HEAD)" >&2
   fi
-  archive=${TMPDIR:-/tmp}/videoldm-jax-code.tar.gz
+  archive=${TMPDIR:-/tmp}/videoldm-jax-code-$$.tar.gz  # per launch: two may run at once
+  trap 'rm -f "$archive"' EXIT
   run git archive --format=tar.gz -o "$archive" HEAD
   run "${tpu[@]}" scp "$archive" "$TPU_NAME:videoldm-jax-code.tar.gz" "${where[@]}" --worker=all
   # Unpacked over the folder, not into a fresh one: its .venv and any run data stay.
@@ -126,6 +146,6 @@ fi
 # 3. Install (a venv per worker) and 4. run everywhere; --worker=all streams every
 # worker's output, prefixed by gcloud with the worker's address.
 run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
-  "cd $q_dir && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[$EXTRAS]'"
+  "cd $q_dir && if ! $q_python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo \"\$(hostname): $q_python is not Python >= 3.11; set REMOTE_PYTHON\" >&2; exit 1; fi && $q_python -m venv .venv && . .venv/bin/activate && pip install -q -e '.[$EXTRAS]'"
 run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
   "cd $q_dir && . .venv/bin/activate && $remote_cmd"

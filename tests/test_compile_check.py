@@ -4,6 +4,7 @@ memory that shrinks as FSDP grows and a FITS / DOES NOT FIT verdict; and splash
 attention compiled for a TPU. Every test that compiles for a TPU lives in this file:
 libtpu serves one process at a time, and the suite's workers take whole files."""
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def test_verdict_from_peak_against_device_memory():
 def test_unknown_topology_and_indivisible_batch_are_clear_errors():
   with pytest.raises(ValueError, match="v5p:4x4x4"):
     compile_check.topology_devices("tpu-big")
+  for bad in ("cpu:0", "cpu:-1", "h100:two"):  # an IndexError, a bare int() error, 3 devices
+    with pytest.raises(ValueError, match="needs a device count N >= 1"):
+      compile_check.topology_devices(bad)
   c = _tiny(dict(data=4, fsdp=1, tensor=1))
   c.data.batch_size = 6
   with pytest.raises(ValueError, match="does not split"):
@@ -88,6 +92,10 @@ def test_out_of_memory_compile_is_a_does_not_fit_verdict():
   assert "  1. Size: 1.00G" in text and f"  {compile_check.MESSAGE_LINES}. Size" not in text
   assert "(5 more lines in the JSON report)" in text
   assert r.to_json()["compile_message"] == r.compile_message
+  # Strict JSON: the FLOPs an out-of-memory compile never counted are null, not NaN.
+  line = json.dumps(r.to_json())
+  assert json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))[
+      "flops_per_device"] is None
   # A message without the figure: temporaries unknown, not -1 bytes.
   r.temp_bytes = -1
   assert "temporaries unknown," in r.summary()

@@ -59,6 +59,28 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
   assert "pip install -q -e '.[tpu]'" in install[install.index("--command") + 1]
 
 
+def test_tpu_pod_recreates_a_preempted_spot_slice(tmp_path):
+  # A preempted spot slice stays listed: `describe` succeeded, so the re-run (the way to
+  # resume) skipped `create` and failed on scp to a slice that cannot run.
+  log = tmp_path / "calls"
+  (tmp_path / "gcloud").write_text(
+      "#!/usr/bin/env bash\n"
+      f"echo \"$*\" >> {shlex.quote(str(log))}\n"
+      "if [ \"$4\" = describe ]; then echo \"$STATE\"; fi\n")
+  (tmp_path / "gcloud").chmod(0o755)
+  env = dict(TPU_NAME="v", ZONE="z", SPOT="1", TMPDIR=str(tmp_path),
+             PATH=f"{tmp_path}:{os.environ['PATH']}")
+  for state, expected in (("PREEMPTED", ["describe", "delete", "create", "scp"]),
+                          ("READY", ["describe", "scp"])):
+    log.unlink(missing_ok=True)
+    subprocess.run(["bash", "launch/tpu_pod.sh", "--", "true"], cwd=ROOT,
+                   env=_env({**env, "STATE": state}), capture_output=True, text=True,
+                   check=True, timeout=120)
+    verbs = [line.split()[3] for line in log.read_text().splitlines()]
+    assert verbs[:len(expected)] == expected, (state, verbs)
+  assert not list(tmp_path.glob("videoldm-jax-code*"))  # the archive is removed after
+
+
 def test_tpu_pod_can_clone_instead_of_copy():
   env = dict(TPU_NAME="v", ZONE="z", CODE="clone", REPO_URL="https://example.org/r.git",
              REPO_REF="v1")
@@ -309,3 +331,21 @@ def test_local_multiprocess_stops_when_wait_names_no_process(tmp_path):
   for f in tmp_path.iterdir():
     with pytest.raises(ProcessLookupError):
       os.kill(int(f.read_text()), 0)
+
+
+def test_a_broken_venv_is_recreated(tmp_path):
+  # A venv whose creation failed half-way (Debian without python3-venv leaves one
+  # without pip) was reused by every later run of test.sh / demo.sh: "No module named
+  # pip" forever.
+  (tmp_path / "launch").mkdir()
+  (tmp_path / "launch" / "venv.sh").write_text((ROOT / "launch" / "venv.sh").read_text())
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", ".venv"], cwd=tmp_path,
+                 check=True, timeout=120)
+  script = "set -euo pipefail; . launch/venv.sh; ensure_venv t; python -m pip --version"
+  out = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+  assert out.returncode == 0, out.stderr
+  assert ".venv is unusable" in out.stderr and str(tmp_path / ".venv") in out.stdout
+  again = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0 and "unusable" not in again.stderr  # kept, not recreated

@@ -81,7 +81,10 @@ class FitReport:
     d = dataclasses.asdict(self)
     d.update(fits=self.fits, verdict=self.verdict(),
              peak_gib=self.peak_bytes / GiB, flops_per_step=self.flops_per_device * self.devices)
-    return d
+    # Unknown figures (nan: a compile that ran out of memory counts no FLOPs) as null:
+    # json.dumps would write NaN, which strict JSON readers refuse.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in d.items()}
 
   def summary(self) -> str:
     mem = ("?" if self.device_memory_bytes is None
@@ -119,6 +122,8 @@ def topology_devices(topology: str) -> tuple[list, Optional[int]]:
   -> (devices, memory per device)."""
   kind, _, shape = topology.partition(":")
   if kind == "cpu" or kind in GPU_MEMORY:
+    if shape and not (shape.isdigit() and int(shape) >= 1):
+      raise ValueError(f"topology {topology!r}: {kind}:N needs a device count N >= 1")
     n = int(shape or len(jax.devices("cpu")))
     devices = jax.devices("cpu")
     if len(devices) < n:
