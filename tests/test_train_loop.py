@@ -224,6 +224,35 @@ def test_max_steps_in_flight_is_checked_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match=r"train.max_steps_in_flight=0: expected >= 1"):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+  # The same for the loop's other counts: log_every=0 failed after the compile and the
+  # first step (ZeroDivisionError), num_steps=0 exported the untrained model, keep=0
+  # and ckpt_every=0 failed in Orbax naming no config field.
+  config.train.max_steps_in_flight = 2
+  for field in ("num_steps", "log_every", "ckpt_every", "keep"):
+    bad = config.copy_and_resolve_references()
+    bad.train[field] = 0
+    with pytest.raises(ValueError, match=rf"config.train.{field}=0: expected >= 1"):
+      loop.train_and_evaluate(bad, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+  # "--config.train.export false": absl takes no separate value for a boolean; the
+  # "false" was dropped and the run exported all the same.
+  proc = subprocess.run(
+      [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
+       f"--workdir={tmp_path / 'run'}", "--config.train.export", "false"], cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode != 0 and "unexpected arguments: ['false']" in proc.stderr, \
+      proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
+def test_keep_best_ranks_a_window_by_its_finite_losses():
+  # One skipped (NaN) step made its checkpoint's whole window rank worst; the step left
+  # the weights as they were.
+  from videoldm_jax.train.loop import window_mean
+  assert window_mean([1.41, float("nan"), 1.23]) == pytest.approx(1.32)
+  assert window_mean([2.0, float("inf")]) == 2.0
+  assert window_mean([float("nan")]) == float("inf")  # nothing finite: ranked last
 
 
 def test_export_folders_appear_only_when_complete(tmp_path):

@@ -184,6 +184,12 @@ def test_learning_rate_schedule_warmup_and_none():
   # No warmup: the first update already uses lr (not 0), decaying to the same end.
   none = optim.learning_rate(cfg(0))
   np.testing.assert_allclose([float(none(s)) for s in (0, 10)], [1e-3, 1e-4], rtol=1e-6)
+  # A warmup as long as the schedule never decays: a run of total_steps ended still
+  # warming up (optax stretched the schedule to warmup + 1 steps).
+  for warmup in (10, 20):
+    with pytest.raises(ValueError, match=rf"warmup_steps={warmup} must be below "
+                       r"total_steps=10"):
+      optim.learning_rate(cfg(warmup))
 
 
 def test_optimizer_clips_the_global_gradient_norm():

@@ -16,6 +16,7 @@ import collections
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -247,8 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   raises `Stopped` when SIGTERM stopped it (after saving)."""
   workdir = local_workdir(workdir)
   max_in_flight = config.train.get("max_steps_in_flight", 2)
-  if max_in_flight < 1:
-    raise ValueError(f"train.max_steps_in_flight={max_in_flight}: expected >= 1")
+  # Before anything loads or compiles (log_every=0 failed after the first step with a
+  # ZeroDivisionError; num_steps=0 exported the untrained model).
+  for field, value in (("max_steps_in_flight", max_in_flight),
+                       ("num_steps", config.train.num_steps),
+                       ("log_every", config.train.log_every),
+                       ("ckpt_every", config.train.ckpt_every),
+                       ("keep", config.train.keep)):
+    if value < 1:
+      raise ValueError(f"config.train.{field}={value}: expected >= 1")
   workdir.mkdir(parents=True, exist_ok=True)
   with _checkpointer(config, workdir) as ckpt:  # closed on errors too
     return _train_and_evaluate(config, workdir, ckpt, max_in_flight)
@@ -453,7 +461,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         loop_state = None
         if regular:
           window_losses[step] = float(metrics[setup.best_metric])
-          ranked = {"loss": sum(window_losses.values()) / len(window_losses)}
+          ranked = {"loss": window_mean(window_losses.values())}
         else:
           # A preemption save mid-window: unranked (kept as one of the newest only);
           # its window, the steps an uninterrupted run logs, goes on in the resumed run.
@@ -508,6 +516,14 @@ def _agreed(latest: Optional[int], workdir: Path) -> tuple[Optional[int], bool]:
   got = multihost_utils.broadcast_one_to_all(
       np.array([-1 if latest is None else latest, exported], np.int32))
   return (None if got[0] < 0 else int(got[0])), bool(got[1])
+
+
+def window_mean(losses) -> float:
+  """The rank of a checkpoint for train.keep_best: the mean of its window's finite logged
+  losses (a skipped, NaN step left the weights as they were, so it says nothing about
+  them); inf when none is finite."""
+  finite = [x for x in losses if math.isfinite(x)]
+  return sum(finite) / len(finite) if finite else math.inf
 
 
 def config_changes(saved: dict, now: dict) -> list[str]:

@@ -12,6 +12,12 @@ import optax
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to
   `lr * final_lr_fraction` at `total_steps`; warmup_steps = 0 starts at `lr`."""
+  if 0 < int(config.warmup_steps) and int(config.warmup_steps) >= int(config.total_steps):
+    # The decay would start at or after total_steps: a run of total_steps ends still
+    # warming up (optax stretched the schedule to warmup_steps + 1).
+    raise ValueError(f"warmup_steps={config.warmup_steps} must be below total_steps="
+                     f"{config.total_steps} (config.optim / disc_optim: the schedule's "
+                     "length, warmup included)")
   if int(config.warmup_steps) <= 0:
     return optax.cosine_decay_schedule(config.lr, max(int(config.total_steps), 1),
                                        alpha=config.get("final_lr_fraction", 0.0))
