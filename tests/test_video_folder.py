@@ -273,6 +273,16 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   bad_jsonl.write_text('{"path": "a.mp4", "caption": "ok"}\n{not json\n')
   with pytest.raises(ValueError, match=r"c\.jsonl:2: not valid JSON"):
     sources.read_captions(str(bad_jsonl), str(tmp_path))
+  # Captions under another key were read as empty captions, counted nowhere.
+  other_key = tmp_path / "k.jsonl"
+  other_key.write_text('{"path": "a.mp4", "text": "a car"}\n')
+  with pytest.raises(ValueError, match=r'k\.jsonl:1: expected an object with a non-empty '
+                     r'string "path" and a string "caption"'):
+    sources.read_captions(str(other_key), str(tmp_path))
+  # A byte-order mark before the first object is not part of it.
+  bom = tmp_path / "b.jsonl"
+  bom.write_bytes(b"\xef\xbb\xbf" + b'{"path": "a.mp4", "caption": "ok"}\n')
+  assert sources.read_captions(str(bom), str(tmp_path))[0] == [("a.mp4", "ok")]
   dup = tmp_path / "d.csv"
   dup.write_text("path,caption\na.mp4,first\n./a.mp4,second\n")
   rows, skips = sources.read_captions(str(dup), str(tmp_path))
@@ -376,6 +386,15 @@ def test_decode_clip_container_cases(tmp_path):
     f.write(data[:len(data) * 2 // 3])
   with pytest.raises(sources.SkipError, match="truncated: container declares"):
     sources.decode_clip(str(tmp_path / "gaps_cut.avi"), max_frames=None)
+
+  # A GIF states neither: cut off, it decoded without an error, its last frame garbage
+  # below the cut. Its trailer byte tells.
+  gif = tmp_path / "whole.gif"
+  video_io.write_gif(str(gif), clip[:10], fps=4)
+  assert sources.decode_clip(str(gif), max_frames=None).frames.shape[0] == 10
+  (tmp_path / "cut.gif").write_bytes(gif.read_bytes()[:-50])  # mid last frame
+  with pytest.raises(sources.SkipError, match="truncated: the GIF ends without its trailer"):
+    sources.decode_clip(str(tmp_path / "cut.gif"), max_frames=None)
 
 
 def _write_timed(path: str, n: int, *, hold_ms: int = 33, first_pts: int = 0,

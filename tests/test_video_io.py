@@ -176,3 +176,38 @@ def test_video_grid_layout():
   assert np.all(grid[:, h + 1:, 2 * (w + 1):] == 255)  # empty 6th cell
   # No padding: a plain tiling.
   assert video_io.video_grid(videos[:4], cols=2).shape == (t, 2 * h, 2 * w, 3)
+
+
+def test_a_cut_off_gif_is_refused_by_name(tmp_path):
+  # A GIF states no frame count or duration: cut off, it decoded without an error, its
+  # last frame garbage below the cut.
+  path = tmp_path / "whole.gif"
+  video_io.write_gif(str(path), _moving_pattern(), fps=4)
+  assert video_io.gif_has_trailer(str(path))
+  assert video_io.read_video(str(path)).shape == (T, H, W, 3)
+  cut = tmp_path / "cut.gif"
+  cut.write_bytes(path.read_bytes()[:int(path.stat().st_size * 0.95)])
+  assert not video_io.gif_has_trailer(str(cut))
+  with pytest.raises(ValueError, match=r"cut.gif: a GIF cut off before its end"):
+    video_io.read_video(str(cut))
+  assert video_io.read_video(str(cut), max_frames=2).shape == (2, H, W, 3)  # intact part
+
+
+def test_a_stream_that_changes_resolution_reads_at_its_first_size(tmp_path):
+  # Two MPEG-TS files one after the other (a legal stream): np.stack failed naming no
+  # file; frames are scaled to the first size, as the dataset builders do.
+  import av
+  parts = []
+  for i, (h, w) in enumerate(((48, 64), (32, 48))):
+    f = tmp_path / f"p{i}.ts"
+    with av.open(str(f), "w", format="mpegts") as c:
+      s = c.add_stream("libx264", rate=8)
+      s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+      for frame in _moving_pattern(4, h, w):
+        c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+      c.mux(s.encode(None))
+    parts.append(f.read_bytes())
+  joined = tmp_path / "joined.ts"
+  joined.write_bytes(b"".join(parts))
+  out = video_io.read_video(str(joined))
+  assert out.shape[1:] == (48, 64, 3) and out.shape[0] >= 5, out.shape

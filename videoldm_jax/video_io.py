@@ -412,13 +412,23 @@ def upright(rgb: np.ndarray, frame) -> np.ndarray:
   return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
+def gif_has_trailer(path: str) -> bool:
+  """Whether a GIF file ends with its trailer byte 0x3B (NUL padding after it allowed):
+  one cut off mid-file lacks it, and FFmpeg decodes it without an error."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - 64))
+    return f.read().rstrip(b"\0").endswith(b";")
+
+
 def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
   """Decodes the first video stream of any FFmpeg-readable file (mp4, webm, gif, ...).
 
   Returns (T, H, W, 3) uint8 RGB with T <= max_frames when given, upright (a display
-  rotation stored in the file is applied, as players do). Raises
-  FileNotFoundError for a missing path and ValueError naming the file when it cannot be
-  decoded, has no video stream, or yields no frames.
+  rotation stored in the file is applied, as players do); a stream whose resolution
+  changes mid-way is scaled to its first frame's size. Raises FileNotFoundError for a
+  missing path and ValueError naming the file when it cannot be decoded, has no video
+  stream, yields no frames, or is a GIF cut off before its end (`gif_has_trailer`).
   """
   import av
 
@@ -433,12 +443,25 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
         raise ValueError(f"{path}: file has no video stream")
       stream = container.streams.video[0]
       stream.thread_type = "AUTO"  # frame + slice threads; decoding order is unaffected
+      size = None
       for frame in container.decode(stream):
-        out.append(upright(frame.to_ndarray(format="rgb24"), frame))
+        size = size or (frame.height, frame.width)
+        if (frame.height, frame.width) == size:
+          rgb = frame.to_ndarray(format="rgb24")
+        else:  # (np.stack failed, naming no file)
+          rgb = frame.reformat(width=size[1], height=size[0], format="rgb24",
+                               interpolation="AREA").to_ndarray()
+        out.append(upright(rgb, frame))
         if max_frames is not None and len(out) >= max_frames:
           break
+      reached_end = max_frames is None or len(out) < max_frames
+      truncated_gif = (reached_end and container.format.name == "gif"
+                       and not gif_has_trailer(path))
   except av.error.FFmpegError as e:
     raise ValueError(f"{path}: not a readable video file ({type(e).__name__}: {e})") from e
+  if truncated_gif:
+    raise ValueError(f"{path}: a GIF cut off before its end (no trailer byte 0x3B); its "
+                     "last frame would be partly garbage")
   if not out:
     raise ValueError(f"{path}: video stream contains no decodable frames")
   return np.stack(out)

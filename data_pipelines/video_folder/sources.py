@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from videoldm_jax.video_io import upright
+from videoldm_jax.video_io import gif_has_trailer, upright
 
 __all__ = [
     "VIDEO_EXTENSIONS", "Skip", "SkipError", "Clip", "find_videos", "read_captions",
@@ -164,7 +164,8 @@ def read_captions(captions_file: str,
           raise ValueError(_not_utf8(captions_file, reader.line_num))
         rows.append((reader.line_num, row["path"], row.get("caption") or ""))
   elif ext in (".jsonl", ".json"):
-    with open(captions_file, encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a byte-order mark (as Windows editors write) is not part of line 1.
+    with open(captions_file, encoding="utf-8-sig", errors="surrogateescape") as f:
       for line_num, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -174,12 +175,14 @@ def read_captions(captions_file: str,
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{captions_file}:{line_num}: not valid JSON ({e})") from e
+        # "caption" required: a file keyed otherwise ("text") trained on empty captions,
+        # none of them counted as uncaptioned.
         if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) \
-            or not obj["path"].strip() or not isinstance(obj.get("caption", ""), str):
+            or not obj["path"].strip() or not isinstance(obj.get("caption"), str):
           raise ValueError(f"{captions_file}:{line_num}: expected an object with a "
                            'non-empty string "path" and a string "caption", got '
                            f"{line.strip()[:200]}")
-        rows.append((line_num, obj["path"], obj.get("caption", "")))
+        rows.append((line_num, obj["path"], obj["caption"]))
   else:
     raise ValueError(f"{captions_file}: caption file must end in .csv or .jsonl, got '{ext}'")
 
@@ -391,6 +394,11 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     # samples. Stopping at max_frames before the damage keeps the clip: those frames
     # are intact.
     cut = reached_end and _tail_missing(container, stream, packets, last_end, src_fps)
+    if reached_end and not cut and container.format.name == "gif" \
+        and not gif_has_trailer(path):
+      # A GIF states no frame count or duration (FFmpeg scans for it): a cut-off one
+      # decodes without an error, its last frame partly garbage.
+      cut = "the GIF ends without its trailer byte (0x3B): cut off"
     if cut:
       raise SkipError(TRUNCATED, cut)
   if not frames:

@@ -126,8 +126,8 @@ class _MakeExample:
   which for TFDS is a lightweight handle on the array_record files.
   """
 
-  # Draws of a replacement for a clip too short for the requested frames, before the
-  # pipeline gives up (a dataset whose clips are nearly all too short).
+  # Random draws of a replacement for a clip too short for the requested frames, before
+  # the clips are tried in turn (a dataset whose clips are mostly too short).
   MAX_DRAWS = 16
 
   def __init__(self, source, num_frames, frame_stride, height, width, crop, hflip,
@@ -165,7 +165,9 @@ class _MakeExample:
 
   def _long_enough(self, index: int, rng: np.random.Generator, span: int):
     """(index, _read(index)) of a clip with >= span frames: `index` itself, or, when it
-    is too short, other clips drawn with `rng` (so the stream stays deterministic)."""
+    is too short, other clips drawn with `rng` (so the stream stays deterministic), then
+    the clips after the last one drawn, in turn; ValueError when no clip is long
+    enough."""
     for _ in range(self.MAX_DRAWS):
       read = self._read(index)
       length, where = read[0].shape[0], read[3]
@@ -179,9 +181,19 @@ class _MakeExample:
             "rebuild the dataset with --min_frames=%d to drop them)", where, length,
             span, self.num_frames, self.frame_stride, len(self._warned), span)
       index = int(rng.integers(len(self.source)))
+    # Then the clips in turn from there (deterministic too): with half the clips short,
+    # MAX_DRAWS failed draws happen once in 2^16 examples, and a long run met one.
+    n = len(self.source)
+    for j in ((index + k) % n for k in range(n)):
+      if j in self._warned:  # known to be short
+        continue
+      read = self._read(j)
+      if read[0].shape[0] >= span:
+        return j, read
+      self._warned.add(j)
     raise ValueError(f"{where} has {length} frames, fewer than num_frames="
                      f"{self.num_frames} at frame_stride={self.frame_stride} need ({span}), "
-                     f"and so had {self.MAX_DRAWS - 1} clips drawn to replace it: lower "
+                     f"and so has every other clip of the source ({n}): lower "
                      "num_frames / frame_stride, or rebuild the dataset with longer clips")
 
   def __call__(self, index, rng: np.random.Generator) -> dict:
