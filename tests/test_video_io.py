@@ -211,3 +211,23 @@ def test_a_stream_that_changes_resolution_reads_at_its_first_size(tmp_path):
   joined.write_bytes(b"".join(parts))
   out = video_io.read_video(str(joined))
   assert out.shape[1:] == (48, 64, 3) and out.shape[0] >= 5, out.shape
+
+
+def test_non_square_pixels_are_shown_square(tmp_path):
+  # Anamorphic video: 48x48 coded pixels shown 16:9 wide (sample aspect ratio 16/9).
+  # Stored as coded, its frames trained squashed.
+  import av
+  from fractions import Fraction
+  path = tmp_path / "anamorphic.mp4"
+  with av.open(str(path), "w") as c:
+    s = c.add_stream("libx264", rate=8)
+    s.width, s.height, s.pix_fmt = 48, 48, "yuv420p"
+    s.codec_context.sample_aspect_ratio = Fraction(16, 9)
+    for frame in _moving_pattern(3, 48, 48):
+      c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    c.mux(s.encode(None))
+  assert video_io.read_video(str(path)).shape == (3, 48, 85, 3)  # 48 * 16 / 9 = 85.3
+  from data_pipelines.video_folder import sources
+  assert sources.decode_clip(str(path), max_frames=None).frames.shape == (3, 48, 85, 3)
+  assert sources.decode_clip(str(path), max_frames=None,
+                             resize_short_side=24).frames.shape == (3, 24, 42, 3)

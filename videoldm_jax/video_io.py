@@ -398,6 +398,16 @@ def write_gif(path: str, frames, fps: float = 8) -> None:
       os.remove(tmp)
 
 
+def display_size(stream, height: int, width: int) -> tuple[int, int]:
+  """(height, width) of `height` x `width` coded frames of the PyAV video `stream` as a
+  player shows them: with non-square pixels (a sample aspect ratio other than 1:1,
+  anamorphic video) the width is stretched by it, so frames do not train squashed."""
+  sar = stream.sample_aspect_ratio
+  if not sar or sar == 1:
+    return height, width
+  return height, max(1, round(width * float(sar)))
+
+
 def upright(rgb: np.ndarray, frame) -> np.ndarray:
   """`rgb` (H, W, C), the pixels of the decoded PyAV `frame`, turned the way a player
   shows it: phones store portrait video as landscape frames plus a display rotation.
@@ -425,8 +435,9 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
   """Decodes the first video stream of any FFmpeg-readable file (mp4, webm, gif, ...).
 
   Returns (T, H, W, 3) uint8 RGB with T <= max_frames when given, upright (a display
-  rotation stored in the file is applied, as players do); a stream whose resolution
-  changes mid-way is scaled to its first frame's size. Raises FileNotFoundError for a
+  rotation stored in the file is applied, as players do; non-square pixels are stretched
+  to square ones, `display_size`); a stream whose resolution changes mid-way is scaled
+  to its first frame's size. Raises FileNotFoundError for a
   missing path and ValueError naming the file when it cannot be decoded, has no video
   stream, yields no frames, or is a GIF cut off before its end (`gif_has_trailer`).
   """
@@ -445,7 +456,7 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
       stream.thread_type = "AUTO"  # frame + slice threads; decoding order is unaffected
       size = None
       for frame in container.decode(stream):
-        size = size or (frame.height, frame.width)
+        size = size or display_size(stream, frame.height, frame.width)
         if (frame.height, frame.width) == size:
           rgb = frame.to_ndarray(format="rgb24")
         else:  # (np.stack failed, naming no file)

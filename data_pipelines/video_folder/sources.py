@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from videoldm_jax.video_io import gif_has_trailer, upright
+from videoldm_jax.video_io import display_size, gif_has_trailer, upright
 
 __all__ = [
     "VIDEO_EXTENSIONS", "Skip", "SkipError", "Clip", "find_videos", "read_captions",
@@ -361,7 +361,8 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
           if not keep:
             continue
           if size is None:  # before the rotation: _target_size is symmetric in h, w
-            size = _target_size(frame.height, frame.width, resize_short_side)
+            size = _target_size(*display_size(stream, frame.height, frame.width),
+                                resize_short_side)
           if (frame.height, frame.width) == size:
             rgb = frame.to_ndarray(format="rgb24")  # exactly what read_video does
           else:
