@@ -496,13 +496,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       f"({elapsed / ran:.3f}s per step with logging, checkpoints and samples), "
       f"{int(last.get('skipped', 0))} skipped in all; checkpoints {ckpt.all_steps()} "
       f"in {ckpt.directory}")
+  if pi == 0:
+    # Before the export, whole or not at all: a run killed during the export writes it
+    # when started again (the finished-run branch), returning these metrics.
+    tmp = workdir / "last_metrics.json.tmp"
+    tmp.write_text(json.dumps(dict(last, step=step), indent=1))
+    os.replace(tmp, workdir / "last_metrics.json")
   if step >= config.train.num_steps and config.train.export:
     out = export(workdir, setup, state, step)
     log(f"exported {out}")
   if writer is not None:
     writer.close()
-  if pi == 0:
-    (workdir / "last_metrics.json").write_text(json.dumps(dict(last, step=step), indent=1))
   if stopped is not None:
     raise Stopped(step, config.train.num_steps, stopped)
   return last
