@@ -157,6 +157,13 @@ def test_single_file_route_gives_identical_params(sd_pipeline, tmp_path):
     keyframe.setup(config, tmp_path / "run")
   single = pretrained.load(tmp_path / "out")
   folder = pretrained.load(root / "converted")
+  assert single.scheduler == folder.scheduler  # both routes sample alike
+  # A preset of another family: the heads (no weight shape shows them) would come from
+  # it, a mixed model (SD 2.x weights with SD 1.5's 8 heads) converted silently.
+  with pytest.raises(ValueError, match=r"the UNet weights have cross_attention_dim=32.*"
+                     r"preset 'sd15' cross_attention_dim=768.*--preset=sd21"):
+    pipeline_import.from_single_file(tmp_path / "tiny-ldm.safetensors", "sd15",
+                                     with_text_encoder=False)
   for name in folder.params:
     a = traverse_util.flatten_dict(folder.params[name])
     b = traverse_util.flatten_dict(single.params[name])
@@ -296,6 +303,16 @@ def test_fp16_variant_folder_and_missing_scheduler(sd_pipeline, tmp_path, capsys
   for a, b in zip(jax.tree_util.tree_leaves(half), jax.tree_util.tree_leaves(full)):
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, b.astype(np.float16).astype(np.float32))
+  # An outdated scheduler config is corrected as diffusers' StableDiffusionPipeline
+  # corrects it on load (kept as it was, it clipped latents to [-1, 1]: 0.95 relative
+  # error after 5 DDIM steps against diffusers; steps_offset 0: 0.019).
+  sched = tmp_path / "pipe" / "scheduler" / "scheduler_config.json"
+  sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": True,
+                               "steps_offset": 0}))
+  capsys.readouterr()
+  model, _ = pipeline_import.from_diffusers(tmp_path / "pipe")
+  assert model.scheduler["clip_sample"] is False and model.scheduler["steps_offset"] == 1
+  assert "clip_sample: True -> False" in capsys.readouterr().err
   # Without scheduler/ the SD 1.5 schedule is assumed, and said.
   shutil.rmtree(tmp_path / "pipe" / "scheduler")
   model, _ = pipeline_import.from_diffusers(tmp_path / "pipe")

@@ -48,6 +48,25 @@ def check_context_free(model: pretrained.PretrainedLDM, where: str) -> None:
         "so this one cannot be converted")
 
 
+def sd_scheduler_fixes(scheduler: dict, where: str | Path) -> dict:
+  """The scheduler config a Stable Diffusion pipeline samples with: diffusers'
+  StableDiffusionPipeline corrects outdated configs when it loads them (steps_offset
+  other than 1, from before the field existed, becomes 1; clip_sample true, DDIM's
+  class default, becomes false: clipping x0 to [-1, 1] is for pixels, not latents), so
+  the same folder sampled other timesteps, or clipped latents, here. Said on stderr."""
+  fixed = dict(scheduler)
+  if fixed.get("steps_offset", 0) != 1:
+    fixed["steps_offset"] = 1
+  if fixed.get("clip_sample", False):
+    fixed["clip_sample"] = False
+  changed = [f"{k}: {scheduler.get(k, '(absent)')} -> {v}" for k, v in fixed.items()
+             if scheduler.get(k, "(absent)") != v]
+  if changed:
+    print(f"note: {where}: {', '.join(changed)} (as diffusers' StableDiffusionPipeline "
+          "corrects outdated scheduler configs)", file=sys.stderr)
+  return fixed
+
+
 def from_diffusers(folder: str | Path) -> tuple[pretrained.PretrainedLDM, Path | None]:
   """Reads `unet/`, `vae/`, optional `text_encoder/`, `tokenizer/`, `scheduler/`.
 
@@ -80,7 +99,7 @@ def from_diffusers(folder: str | Path) -> tuple[pretrained.PretrainedLDM, Path |
       raise FileNotFoundError(f"{folder}: has text_encoder/ but no tokenizer/")
   scheduler_json = folder / "scheduler" / "scheduler_config.json"
   if scheduler_json.is_file():
-    scheduler = image_models.read_json(scheduler_json)
+    scheduler = sd_scheduler_fixes(image_models.read_json(scheduler_json), scheduler_json)
   else:
     scheduler = dict(presets.PRESETS["sd15"].scheduler)
     # The UNet's weights do not say what they predict: a v-prediction model (SD 2.x
@@ -107,6 +126,19 @@ def from_single_file(path: str | Path, preset: str, extract_ema: bool = False,
   sd = load_safetensors(path)
   parts = ldm_keys.split_single_file(sd, str(path), extract_ema=extract_ema)
   unet_config = presets.unet_config_from_weights(base.unet, parts["unet"])
+  differs = {f: (getattr(base.unet, f), getattr(unet_config, f))
+             for f in ("cross_attention_dim", "use_linear_projection")
+             if getattr(base.unet, f) != getattr(unet_config, f)}
+  if differs:
+    # The head layout and the text encoder come from the preset; no weight shape shows
+    # the heads, so a mixed model (SD 2.x weights with SD 1.5's 8 heads) converted.
+    raise ValueError(
+        f"{path}: the UNet weights have " + ", ".join(f"{f}={w}" for f, (_, w) in
+                                                     differs.items())
+        + f", preset {preset!r} " + ", ".join(f"{f}={p}" for f, (p, _) in differs.items())
+        + ": SD 2.x files (context 1024, linear projections) need --preset=sd21 (768 px, "
+        "v-prediction) or --preset=sd21-base, SD 1.x files --preset=sd15, other models a "
+        "JSON preset with their configs")
   params = {"unet": image_models.unet_from_ldm(unet_config, parts["unet"], str(path)),
             "vae": image_models.vae_from_ldm(base.vae, parts["vae"], str(path))}
   text_config = None

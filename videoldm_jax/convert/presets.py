@@ -26,10 +26,12 @@ class Preset:
   scheduler: dict
 
 
+# The release scheduler configs (no timestep_spacing: each sampler then takes its
+# diffusers default, as the diffusers-folder route does; "leading" here made dpmpp_2m
+# sample other timesteps than the same weights converted from their folder).
 _SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                      beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
-                     steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False,
-                     clip_sample=False)
+                     steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 _SD2_UNET = UNetConfig(num_heads=None, head_dim=64, cross_attention_dim=1024,
                        use_linear_projection=True)
 # OpenCLIP ViT-H/14 as SD 2.x uses it: the penultimate layer's output, i.e. 23 layers.
