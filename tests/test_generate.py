@@ -229,7 +229,7 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path):
   assert video.std() > 1  # not a constant image
   gif = video_io.read_video(result.gif_path)
   assert gif.shape[1:] == (32, 32, 3) and 1 <= gif.shape[0] <= options.gif_max_frames
-  assert not list(tmp_path.glob("*.tmp-*"))  # the writer renamed its temporary file
+  assert not list(tmp_path.glob(".*.partial-*"))  # the writer renamed its temporary file
 
 
 def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
@@ -292,6 +292,10 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
   with pytest.raises(ValueError, match="multiples of 2 for these models"):  # latent' factor
     generate.generate_video(tmp_path / "odd.mp4", generate.GenerateOptions(
         **{**FAST, "height": 7}), keyframe_model=folders["keyframe_model"], log=None)
+  (tmp_path / "out.npy").mkdir()  # found at the final rename, after all the sampling
+  with pytest.raises(ValueError, match="out.npy: is a folder"):
+    generate.generate_video(tmp_path / "out.npy", generate.GenerateOptions(**FAST),
+                            keyframe_model=folders["keyframe_model"], log=None)
 
 
 def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
@@ -336,7 +340,16 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
                        (dict(eta=-1.0), "eta >= 0"), (dict(sampler="euler"), "sampler one of"),
                        (dict(gif_max_size=0), "gif_max_size and gif_max_frames must be >= 1"),
                        (dict(upsampler_noise_level=400), r"upsampler_noise_level must be in "
-                        r"\[0, 350\)")):
+                        r"\[0, 350\)"),
+                       (dict(duration=float("nan"), num_frames=None), "duration must be a "
+                        "positive number of seconds, got nan"),
+                       # Step counts off a stage's timestep grid failed in the sampler,
+                       # after the stages before it had sampled.
+                       (dict(sampler="dpmpp_2m", interp_steps=1000), r"interpolator model "
+                        r".*interp_steps=1000: dpmpp_2m: the timestep grid of 1000 steps "
+                        r"repeats"),
+                       (dict(upsampler_steps=1000), r"upsampler \(.*\), upsampler_steps=1000: "
+                        r"timesteps \[1000\] lie outside")):
     with pytest.raises(ValueError, match=message):
       generate.plan(models, dataclasses.replace(options, **bad))
   # A label past a class-conditional model's table (NaN embeddings: a black video).

@@ -231,3 +231,17 @@ def test_non_square_pixels_are_shown_square(tmp_path):
   assert sources.decode_clip(str(path), max_frames=None).frames.shape == (3, 48, 85, 3)
   assert sources.decode_clip(str(path), max_frames=None,
                              resize_short_side=24).frames.shape == (3, 24, 42, 3)
+
+
+def test_files_being_written_are_not_clips(tmp_path):
+  # A run killed mid-write (SIGKILL, the OOM killer) leaves the writer's temporary file:
+  # named NAME.tmp-PID.npy, it loaded as a full-shape clip (black past the kill) and
+  # videoldm-eval took it for one.
+  from videoldm_jax.cli import evaluate
+  video = _moving_pattern(4)
+  np.save(tmp_path / "done.npy", video)
+  writer = video_io.open_writer(str(tmp_path / "clip.npy"), num_frames=8)
+  writer.append(video)  # half of it, then "killed": left as it is
+  assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".")] == [
+      ".clip.npy.partial"]
+  assert [f.name for f in evaluate.expand_inputs(str(tmp_path))] == ["done.npy"]

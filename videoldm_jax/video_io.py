@@ -40,11 +40,13 @@ def _check_frames(frames, path: str) -> np.ndarray:
 
 
 def _atomic_target(path: str) -> str:
-  """A temporary sibling of `path` with the same extension (so the container format is
-  still inferred from it); written files are renamed into place, so a crash mid-write
-  never leaves a truncated video under the final name."""
-  root, ext = os.path.splitext(path)
-  return f"{root}.tmp-{os.getpid()}{ext}"
+  """A temporary sibling of `path`, hidden and without a video extension (the writers
+  name their format): written files are renamed into place, so a crash mid-write never
+  leaves a truncated video under the final name, nor a file that globs and
+  videoldm-eval take for a clip (a killed .npy run left a full-shape array, black past
+  the kill)."""
+  folder, name = os.path.split(path)
+  return os.path.join(folder, f".{name}.partial-{os.getpid()}")
 
 
 def _tag_bt601(stream) -> None:

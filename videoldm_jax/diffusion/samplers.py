@@ -215,6 +215,29 @@ _dpm_jit = jax.jit(dpmpp_2m_step,
                    static_argnames=("prediction_type", "first_order", "clip_sample"))
 
 
+def timestep_grid(num_train: int, num_steps: int, sampler: str = "ddim",
+                  timestep_spacing: str | None = None, steps_offset: int = 0,
+                  timesteps=None) -> list[int]:
+  """The timesteps `sample` visits (`timesteps` itself when given), checked: each in
+  [0, num_train) (a gather past the schedule clamps silently) and, for dpmpp_2m, none
+  repeated (a step of h = 0: the next 2nd-order step divides by it). ValueError
+  otherwise, so a caller can check a run's step counts before sampling anything."""
+  if timesteps is None:
+    grid = dpm_solver_timesteps if sampler == "dpmpp_2m" else inference_timesteps
+    default = "linspace" if sampler == "dpmpp_2m" else "leading"
+    timesteps = grid(num_train, num_steps, timestep_spacing or default, steps_offset)
+  timesteps = [int(t) for t in timesteps]
+  bad = [t for t in timesteps if not 0 <= t < num_train]
+  if bad:
+    raise ValueError(f"timesteps {bad} lie outside the schedule's [0, {num_train}); lower "
+                     "steps_offset or num_steps")
+  if sampler == "dpmpp_2m" and len(set(timesteps)) != len(timesteps):
+    raise ValueError(f"dpmpp_2m: the timestep grid of {len(timesteps)} steps repeats "
+                     f"timesteps ({timestep_spacing or 'linspace'} spacing over "
+                     f"{num_train}); use fewer steps")
+  return timesteps
+
+
 def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_steps: int,
            sampler: str = "ddim", prediction_type: str = "epsilon", key: jax.Array | None = None,
            progress: bool = True, eta: float = 0.0, timestep_spacing: str | None = None,
@@ -247,17 +270,8 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
   stochastic = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
   if stochastic and key is None:
     raise ValueError(f"sampler {sampler!r} with eta={eta} needs a PRNG key")
-  if timesteps is None:
-    grid = dpm_solver_timesteps if sampler == "dpmpp_2m" else inference_timesteps
-    default = "linspace" if sampler == "dpmpp_2m" else "leading"
-    timesteps = grid(schedule.num_train_timesteps, num_steps, timestep_spacing or default,
-                     steps_offset)
-  timesteps = [int(t) for t in timesteps]
-  bad = [t for t in timesteps if not 0 <= t < schedule.num_train_timesteps]
-  if bad:
-    # An index past the schedule would be clamped silently by the gather.
-    raise ValueError(f"timesteps {bad} lie outside the schedule's [0, "
-                     f"{schedule.num_train_timesteps}); lower steps_offset or num_steps")
+  timesteps = timestep_grid(schedule.num_train_timesteps, num_steps, sampler,
+                            timestep_spacing, steps_offset, timesteps)
   if (sampler != "dpmpp_2m" and prediction_type == "epsilon"
       and float(schedule.alphas_cumprod[timesteps[0]]) == 0.0):
     # x0 = (x_t - sigma eps) / alpha with alpha = 0: NaN from the first step on.
@@ -272,11 +286,6 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
     final_alpha_cumprod = 1.0
   final = jnp.float32(final_alpha_cumprod)
   if sampler == "dpmpp_2m":
-    if len(set(timesteps)) != n:
-      # A repeated timestep is a step of h = 0: the next 2nd-order step divides by it.
-      raise ValueError(f"dpmpp_2m: the timestep grid of {n} steps repeats timesteps "
-                       f"({timestep_spacing or 'linspace'} spacing over "
-                       f"{schedule.num_train_timesteps}); use fewer steps")
     # A zero-terminal-SNR schedule (rescale_betas_zero_snr) has abar = 0 at T - 1: an
     # infinite log-SNR, which drops the second step's 2nd-order term. diffusers'
     # DPMSolverMultistepScheduler puts 2^-24 there; other schedules keep their value

@@ -8,6 +8,7 @@ import math
 from typing import Optional
 
 from videoldm_jax.diffusion import samplers as samplers_lib
+from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.pipelines import sampling
 from videoldm_jax.pipelines.chain_models import ChainModels
 
@@ -159,6 +160,8 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if o.num_frames is not None:
     n = int(o.num_frames)
   elif o.duration is not None:
+    if not (o.duration > 0 and math.isfinite(o.duration)):
+      raise ValueError(f"duration must be a positive number of seconds, got {o.duration}")
     n = int(round(o.duration * o.fps))
   else:
     n = f * (t - 1) + 1
@@ -224,6 +227,23 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     if used and clip is not None and length != clip:
       notes.append(f"{name} stage: calls of {length} frames, trained on clips of {clip} "
                    f"({option}={value}; temporal statistics follow the call length)")
+  # Each stage's step count on its own schedule's grid: a grid past the schedule (1000
+  # 'leading' steps with steps_offset 1) or a repeating dpmpp_2m grid failed in the
+  # sampler, after the stages before it had sampled.
+  interp_steps = o.steps if o.interp_steps is None else o.interp_steps
+  grids = [("keyframe", "steps", o.steps), ("predictor", "steps", o.steps)]
+  grids += [(name, "interp_steps", interp_steps)
+            for name in ("interpolator", "interpolator2")[:passes]]
+  for name, option, steps in grids:
+    entry = getattr(models, name)
+    # (The predictor samples the first clip too when there is no key-frame model.)
+    if entry is not None and (name != "predictor" or rounds > 0 or models.keyframe is None):
+      _check_grid(schedule_from_diffusers_config(entry[0].scheduler), o.sampler, steps,
+                  f"{name} model ({models.paths.get(name, entry[0].source)}), {option}")
+  if models.upsampler is not None:
+    up_steps = o.steps if o.upsampler_steps is None else o.upsampler_steps
+    _check_grid(models.upsampler.config.schedules()[:2], o.sampler, up_steps,
+                f"upsampler ({models.paths.get('upsampler')}), upsampler_steps")
   base = models.base
   mult = base.vae_config.downsample_factor
   for m in (models.keyframe, models.predictor, models.interpolator, models.interpolator2):
@@ -251,6 +271,17 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
               latent_hw=(o.height // fac, o.width // fac), lowres_hw=(o.height, o.width),
               out_hw=out_hw, fps=o.fps, frame_factor=f, interp_stride=stride,
               interp_window=window, notes=tuple(notes))
+
+
+def _check_grid(schedules: tuple, sampler: str, steps: int, what: str) -> None:
+  """ValueError naming `what` unless `steps` of `sampler` make a valid timestep grid on
+  `schedules` = (NoiseSchedule, SamplingConfig)."""
+  schedule, cfg = schedules
+  try:
+    samplers_lib.timestep_grid(schedule.num_train_timesteps, steps, sampler,
+                               cfg.timestep_spacing, cfg.steps_offset)
+  except ValueError as e:
+    raise ValueError(f"{what}={steps}: {e}") from None
 
 
 def _trained_on(models: ChainModels) -> dict:

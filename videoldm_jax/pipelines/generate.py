@@ -200,6 +200,8 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
   log: receives the notes on skipped stages (None: silent; they are also returned).
   Returns the written file's frame count, size and fps, the plan, and the notes.
   """
+  if Path(output).is_dir():  # (found at the rename, after the whole video was made)
+    raise ValueError(f"{output}: is a folder; give a file path ending in .mp4 or .npy")
   if models is None:
     models = load_chain(**folders)
   elif folders:
