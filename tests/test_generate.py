@@ -376,6 +376,10 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   with pytest.raises(ValueError, match=r"an export of the interpolator stage, given as the "
                      r"predictor \(--predictor_model\)"):
     generate.plan(swapped, options)
+  # A model the passes asked for never call is loaded and checked for nothing: said.
+  assert any(n.startswith("interpolator2 model ") and n.endswith("unused: interp_passes=1")
+             for n in generate.plan(models, dataclasses.replace(options,
+                                                                interp_passes=1)).notes)
   # A video the first clip covers makes no prediction round: no note on its calls.
   once = generate.plan(models, dataclasses.replace(options, num_frames=5, predictor_frames=5))
   assert once.rounds == 0 and not any(n.startswith("predictor stage") for n in once.notes)

@@ -192,6 +192,10 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if passes and window < 2:
     raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
   notes = []
+  for name, needs in (("interpolator", 1), ("interpolator2", 2)):
+    if getattr(models, name) is not None and o.interp_passes < needs:
+      notes.append(f"{name} model {models.paths.get(name, '')} unused: interp_passes="
+                   f"{o.interp_passes}")
   if o.class_label is not None and not conditional:
     notes.append(f"class_label={o.class_label} ignored: no model of the chain is "
                  "class-conditional")
