@@ -24,11 +24,11 @@ export JAX_PLATFORMS=cpu
 # of 29 minutes on the 2-core machine.
 # --durations: the slowest tests, for keeping the suite inside its 25-minute budget.
 # The whole suite unless the arguments name tests (a file, folder or file::test).
-WHAT=(tests)
+WHAT=(tests)  # (expanded as ${WHAT[@]+...}: bash < 4.4 calls an empty array unbound)
 for arg in "$@"; do
   if [ -e "${arg%%::*}" ]; then WHAT=(); fi
 done
 if [ "$WORKERS" != 1 ]; then
-  exec python -m pytest -q "${WHAT[@]}" -n "$WORKERS" --dist loadfile --durations=20 "$@"
+  exec python -m pytest -q ${WHAT[@]+"${WHAT[@]}"} -n "$WORKERS" --dist loadfile --durations=20 "$@"
 fi
-exec python -m pytest -q "${WHAT[@]}" --durations=20 "$@"
+exec python -m pytest -q ${WHAT[@]+"${WHAT[@]}"} --durations=20 "$@"

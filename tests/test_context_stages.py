@@ -363,8 +363,9 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   assert "--fps must be > 0" in cli("sample", absent, "--fps=0")
   assert "unexpected arguments: ['road']" in cli("sample", absent, "--prompt=a", "road")
   assert "--height must be >= 1, got 0" in cli("sample_image", absent, "--height=0")
-  assert "not an image file name" in cli("sample_image", absent,
-                                         f"--output={tmp_path / 'noext'}")
+  for name in ("noext", "a.psd"):  # (Pillow reads .psd but cannot write it)
+    assert "not an image file name" in cli("sample_image", absent,
+                                           f"--output={tmp_path / name}")
   assert "unexpected arguments: ['road']" in cli("sample_image", absent, "--prompt=a",
                                                  "road")
   image = pretrained.random_image_ldm(ml_collections.ConfigDict(TINY))
@@ -379,6 +380,9 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   assert "--config" in proc.stdout and "--workdir" in proc.stdout and "--step" in proc.stdout
   assert "unexpected arguments: ['10']" in cli(
       "export", "--config=configs/keyframe_tiny.py", f"--workdir={tmp_path}", "10")
+  # Every command: a second --fake entry without its flag was dropped silently.
+  assert "unexpected arguments: ['B']" in cli("evaluate", "--fake", "A", "B")
+  assert "unexpected arguments: ['x']" in cli("convert", "--single_file=a", "x")
   # An upsampler export passed where a latent diffusion model goes.
   (tmp_path / "up").mkdir()
   (tmp_path / "up" / "upsampler_index.json").write_text("{}")

@@ -57,6 +57,8 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
   words = shlex.split(remote)
   assert words[:2] == ["cd", "code dir"] and words[-3:] == USER_CMD
   assert "pip install -q -e '.[tpu]'" in install[install.index("--command") + 1]
+  # A worker .venv of an older Python (made before REMOTE_PYTHON was set) is recreated.
+  assert "venv --clear .venv" in install[install.index("--command") + 1]
 
 
 def test_tpu_pod_recreates_a_preempted_spot_slice(tmp_path):

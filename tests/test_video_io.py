@@ -191,6 +191,9 @@ def test_a_cut_off_gif_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match=r"cut.gif: a GIF cut off before its end"):
     video_io.read_video(str(cut))
   assert video_io.read_video(str(cut), max_frames=2).shape == (2, H, W, 3)  # intact part
+  padded = tmp_path / "padded.gif"  # bytes after the trailer (a transfer's line ending)
+  padded.write_bytes(path.read_bytes() + b"\r\n")
+  assert video_io.read_video(str(padded)).shape == (T, H, W, 3)
 
 
 def test_a_stream_that_changes_resolution_reads_at_its_first_size(tmp_path):

@@ -425,12 +425,13 @@ def upright(rgb: np.ndarray, frame) -> np.ndarray:
 
 
 def gif_has_trailer(path: str) -> bool:
-  """Whether a GIF file ends with its trailer byte 0x3B (NUL padding after it allowed):
-  one cut off mid-file lacks it, and FFmpeg decodes it without an error."""
+  """Whether a GIF file ends with its trailer byte 0x3B (NUL or whitespace padding after
+  it allowed, as some tools and transfers add): one cut off mid-file lacks it, and
+  FFmpeg decodes it without an error."""
   with open(path, "rb") as f:
     f.seek(0, os.SEEK_END)
     f.seek(max(0, f.tell() - 64))
-    return f.read().rstrip(b"\0").endswith(b";")
+    return f.read().rstrip(b"\0 \t\r\n").endswith(b";")
 
 
 def read_video(path: str, max_frames: int | None = None) -> np.ndarray:

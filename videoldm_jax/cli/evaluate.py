@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 from absl import app, flags
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import no_positional, run_app
 from videoldm_jax.eval.batching import progress
 
 # What read_video decodes (the video_folder builder's formats) and raw .npy clips.
@@ -249,10 +249,12 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
       else:
         (ambiguous if n in table or base(n) in table else missing).append(n)
     if ambiguous:
+      fix = ("give a list of prompts in the order of the clips" if counts[ambiguous[0]] > 1
+             else "key the prompts by the path below the folder given ("
+             + ", ".join(repr(n) for n in ambiguous[:3]) + "), or give a list of prompts "
+             "in the order of the clips")
       raise ValueError(f"{path}: {ambiguous[0]!r} and others share the file name "
-                       f"{base(ambiguous[0])!r}; key the prompts by the path below the "
-                       f"folder given ({', '.join(repr(n) for n in ambiguous[:3])}), or "
-                       "give a list of prompts in the order of the clips")
+                       f"{base(ambiguous[0])!r}; {fix}")
     if missing:
       raise ValueError(f"{path}: no prompt for {missing[:5]} ({len(missing)} clips)")
     return out
@@ -361,7 +363,7 @@ def _merge(total, part):
 
 
 def main(argv):
-  del argv
+  no_positional(argv)
   if _FAKE.value is None:
     raise app.UsageError("--fake is required")
   metrics = [m.strip() for m in _METRICS.value if m.strip()]

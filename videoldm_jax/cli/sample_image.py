@@ -47,7 +47,7 @@ def main(argv):
       raise app.UsageError(f"--{name} must be >= 1, got {value}")
   Image.init()
   suffix = Path(_OUTPUT.value).suffix.lower()
-  if suffix not in Image.registered_extensions():
+  if Image.registered_extensions().get(suffix) not in Image.SAVE:  # (some only read)
     raise app.UsageError(f"--output={_OUTPUT.value}: not an image file name Pillow can "
                          "write (e.g. .png)")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)

@@ -295,7 +295,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       # A config change that alters parameter shapes (e.g. a context stage resumed
       # without its context_channels): the cause belongs beside the shape list.
       raise ValueError(f"{e}\nThe config differs from the checkpoint's: "
-                       f"{'; '.join(changes)}; resume with the run's --config flags") from e
+                       f"{'; '.join(changes)}; where these change parameter shapes, resume "
+                       "with the run's --config flags") from e
     if data_state is None:  # videoldm-train always writes it
       raise ValueError(ckpt.damaged(latest, "it has no data/ (the input pipeline's "
                                             "position)"))
