@@ -236,16 +236,34 @@ def test_unfinished_save_is_never_listed_or_restored(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["cut_array_file", "lost_state_metadata",
-                                    "lost_json_metadata"])
+                                    "lost_json_metadata", "lost_state", "empty_state_metadata",
+                                    "cut_metrics"])
 def test_a_damaged_complete_step_names_its_folder_and_the_one_before(tmp_path, damage):
   # A copy cut short (gcsfuse renames are not atomic) looked complete and failed with a
   # TensorStore dump, AttributeError 'keys' or FileNotFoundError.
+  # (A lost state/ or an empty state/_METADATA: a KeyError or JSONDecodeError naming no
+  # folder. A cut metrics file stopped every Checkpointer from opening the folder.)
   state = {"a": jnp.arange(4096.0)}
-  ck = Checkpointer(tmp_path)
+  ck = Checkpointer(tmp_path, keep_best=2)
   for step in (1, 2):
-    ck.save(step, state, data_state={"i": step}, frozen_digests={"w": "x"}, force=True)
+    ck.save(step, state, data_state={"i": step}, frozen_digests={"w": "x"},
+            metrics={"loss": 3.0 - step}, force=True)
   ck.wait_until_finished()
-  if damage == "cut_array_file":
+  if damage == "cut_metrics":
+    (tmp_path / "2" / "metrics" / "metrics").write_text('{"lo')
+    ck = Checkpointer(tmp_path, keep_best=2)  # opens; step 2 is unranked
+    assert ck.all_steps() == [1, 2]
+    np.testing.assert_array_equal(ck.restore(jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), 2)[0]["a"],
+        np.arange(4096.0))
+    ck.close()
+    return
+  if damage == "lost_state":
+    import shutil
+    shutil.rmtree(tmp_path / "2" / "state")
+  elif damage == "empty_state_metadata":
+    (tmp_path / "2" / "state" / "_METADATA").write_bytes(b"")
+  elif damage == "cut_array_file":
     biggest = max((tmp_path / "2" / "state").rglob("ocdbt.process_0/d/*"),
                   key=lambda f: f.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])

@@ -152,6 +152,18 @@ def test_checkpoint_with_neither_frozen_nor_digests_is_refused(tmp_path):
     ck.save(1, frozen_lib.checkpoint_tree(state, False), force=True)
   with pytest.raises(ValueError, match="neither the frozen parameters nor their digests"):
     frozen_lib.restore(Checkpointer(tmp_path), 1, target, _no_init, stage.is_trainable)
+  # Written by videoldm-train (its config beside it), frozen_digests/ since lost: a
+  # damaged step, with the usual remedy (it read "not written by videoldm-train?").
+  with Checkpointer(tmp_path / "lost") as ck:
+    ck.save(1, frozen_lib.checkpoint_tree(state, False), frozen_digests={"w": "x"},
+            config={"stage": "toy"}, force=True)
+  import shutil
+  shutil.rmtree(tmp_path / "lost" / "1" / "frozen_digests")
+  with pytest.raises(ValueError, match=r"(?s)holds neither the frozen parameters nor "
+                     r"frozen_digests/\. It looks complete but cannot be read.*start from "
+                     "scratch"):
+    frozen_lib.restore(Checkpointer(tmp_path / "lost"), 1, target, _no_init,
+                       stage.is_trainable)
 
 
 @pytest.mark.parametrize("layout", ["default", "save_frozen", "before_digests"])

@@ -33,6 +33,7 @@ import threading
 from typing import Any, Optional
 
 import jax
+from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -239,7 +240,14 @@ class Checkpointer:
 
   def _metadata(self, step: int):
     if step not in self._state_metadata:
-      metadata = self._mgr.item_metadata(step)[STATE]
+      if not (self._step_dir(step) / STATE).is_dir():
+        raise ValueError(self.damaged(step, "it has no state/"))
+      try:
+        metadata = self._mgr.item_metadata(step)[STATE]
+      except Exception as e:  # noqa: BLE001  (an empty _METADATA: JSONDecodeError, ...)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(self.damaged(step, f"reading state/'s metadata failed: {first}")
+                         ) from e
       if metadata is None:  # state/_METADATA lost
         raise ValueError(self.damaged(step, "its state/ has no metadata"))
       self._state_metadata[step] = metadata
@@ -385,6 +393,17 @@ class _Manager(ocp.CheckpointManager):
 
   def reached_preemption(self, step: int) -> bool:
     return False
+
+  def _get_metrics(self, step):
+    # Orbax reads every step's metrics when it opens the folder and catches only a
+    # missing file: one cut short stopped every Checkpointer (keep_best or not) with a
+    # JSONDecodeError naming no step. Such a step ranks as unranked, and says so.
+    try:
+      return super()._get_metrics(step)
+    except (ValueError, OSError) as e:
+      logging.warning("checkpoint %s: its metrics cannot be read (%s); the step is "
+                      "unranked for keep_best", self.directory / str(step), e)
+      return None
 
 
 # -- preemption ---------------------------------------------------------------------

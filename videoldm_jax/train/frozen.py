@@ -129,6 +129,9 @@ def restore(ckpt: Checkpointer, step: int, target: TrainState,
     state, data_state, _ = ckpt.restore(target, step)
     return state, data_state, saved if saved is not None else _gathered_digests(state.frozen)
   if saved is None:
+    if ckpt.saved_config(step) is not None:  # videoldm-train wrote it: a part is lost
+      raise ValueError(ckpt.damaged(step, "it holds neither the frozen parameters nor "
+                                          "frozen_digests/"))
     raise ValueError(f"{where}: holds neither the frozen parameters nor their digests "
                      "(not written by videoldm-train?)")
   frozen_host = _frozen_leaves(init_params, is_trainable) if saved else {}
