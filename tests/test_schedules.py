@@ -146,6 +146,23 @@ def test_min_snr_eps_weight_finite_at_zero_snr():
   np.testing.assert_array_equal(np.asarray(w), [1.0, 1.0])
 
 
+
+def test_out_of_range_loss_options_are_refused():
+  # Accepted before: gamma 0 zeroed every weight (a run that changed nothing), a negative
+  # gamma climbed the loss, cond_drop_prob 1.5 dropped every caption.
+  from videoldm_jax.stages import keyframe
+  for gamma in (0.0, -5.0):
+    with pytest.raises(ValueError, match=f"min_snr_gamma={gamma}: expected > 0"):
+      losses.min_snr_weight(jnp.array([1.0]), "epsilon", gamma)
+    with pytest.raises(ValueError, match=f"config.min_snr_gamma={gamma}: expected > 0"):
+      keyframe.KeyframeOptions(min_snr_gamma=gamma)
+  for p in (1.5, -0.1):
+    with pytest.raises(ValueError, match=rf"config.cond_drop_prob={p}: expected a "
+                       r"probability in \[0, 1\]"):
+      keyframe.KeyframeOptions(cond_drop_prob=p)
+  keyframe.KeyframeOptions(cond_drop_prob=1.0, min_snr_gamma=5.0)  # the edges are valid
+
+
 @pytest.mark.parametrize("kind", param.PREDICTION_TYPES)
 def test_loss_is_zero_for_perfect_prediction(kind):
   s = schedules.make_schedule("scaled_linear")

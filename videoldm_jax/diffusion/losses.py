@@ -37,6 +37,8 @@ def min_snr_weight(snr_t: jax.Array, prediction_type: str, gamma: float) -> jax.
     x0-pred:  weight min(snr, gamma).
   """
   param.check_prediction_type(prediction_type)
+  if not gamma > 0:  # 0 zeroes every weight, a negative one climbs the loss
+    raise ValueError(f"min_snr_gamma={gamma}: expected > 0")
   if prediction_type == "epsilon":
     # min(1, gamma/snr) == min(snr, gamma)/snr, but stays finite (= 1) where snr = 0
     # (the last step of a zero-terminal-SNR schedule).

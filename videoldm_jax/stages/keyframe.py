@@ -101,6 +101,16 @@ class KeyframeOptions:
   cond_drop_prob: float = 0.1
   min_snr_gamma: Optional[float] = None
 
+  def __post_init__(self):
+    # (Out of range, they trained silently: p > 1 drops every caption, gamma = 0 zeroes
+    # the loss, a negative gamma climbs it.)
+    if not 0.0 <= self.cond_drop_prob <= 1.0:
+      raise ValueError(f"config.cond_drop_prob={self.cond_drop_prob}: expected a "
+                       "probability in [0, 1]")
+    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+      raise ValueError(f"config.min_snr_gamma={self.min_snr_gamma}: expected > 0, or None "
+                       "for no Min-SNR weighting")
+
 
 def is_trainable_fn(mode: str):
   if mode not in ("temporal", "full"):
