@@ -224,6 +224,22 @@ def test_perceptual_distance_from_a_torchvision_layout_file(tmp_path, torch_cpu)
     save_file({k: v for k, v in tensors.items() if "28" not in k},
               str(tmp_path / "bad.safetensors"))
     perceptual.load_vgg16(tmp_path / "bad.safetensors")
+  # Wrong shapes are named at load time (they failed at the first traced step naming
+  # nothing, and a (1,) bias broadcast silently).
+  from safetensors.numpy import save_file
+  lins = {f"lin{k}.model.1.weight": np.ones((1, c, 1, 1), np.float32)
+          for k, c in enumerate((4, 6, 8, 8, 8))}
+  save_file({**tensors, **lins}, str(tmp_path / "ok.safetensors"))
+  assert perceptual.load_vgg16(tmp_path / "ok.safetensors")["lin_4"]["kernel"].shape == (8,)
+  for name, shape, message in (
+      ("features.5.weight", (6, 3, 3, 3), r"features.5.weight has shape \(6, 3, 3, 3\), "
+       r"expected \(out, 4, 3, 3\)"),
+      ("features.0.bias", (1,), r"features.0.bias has shape \(1,\), expected \(4,\)"),
+      ("lin1.model.1.weight", (1, 3, 1, 1), r"lin1.model.1.weight has shape \(1, 3, 1, 1\)")):
+    bad = {**tensors, **lins, name: np.ones(shape, np.float32)}
+    save_file(bad, str(tmp_path / "shapes.safetensors"))
+    with pytest.raises(ValueError, match=message):
+      perceptual.load_vgg16(tmp_path / "shapes.safetensors")
 
 
 def test_sampling_decodes_videos_with_the_models_video_decoder(video_params):

@@ -39,6 +39,10 @@ def load_vgg16(path: str) -> dict:
   ['lin_k': {'kernel' (C_k,)}]} as float32 NumPy arrays (see the module doc)."""
   tensors = load_safetensors(path)
   params = {}
+  # Every shape checked here, each layer's input against the one before: a file that
+  # loaded with wrong shapes failed at the first traced step naming neither file nor
+  # tensor, and a bias of shape (1,) broadcast over every channel without an error.
+  cin, stage_out = 3, []
   for stage in STAGES:
     for i in stage:
       w, b = tensors.get(f"features.{i}.weight"), tensors.get(f"features.{i}.bias")
@@ -46,16 +50,25 @@ def load_vgg16(path: str) -> dict:
         raise ValueError(f"{path}: missing features.{i}.weight/bias; expected the "
                          "torchvision vgg16().features state dict with 'features.' "
                          "prefixed keys (see videoldm_jax/models/perceptual.py)")
-      if w.ndim != 4 or w.shape[2:] != (3, 3):
-        raise ValueError(f"{path}: features.{i}.weight has shape {w.shape}, expected "
-                         "(out, in, 3, 3)")
+      if w.ndim != 4 or w.shape[1:] != (cin, 3, 3):
+        raise ValueError(f"{path}: features.{i}.weight has shape {tuple(w.shape)}, "
+                         f"expected (out, {cin}, 3, 3)")
+      if tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{path}: features.{i}.bias has shape {tuple(b.shape)}, "
+                         f"expected ({w.shape[0]},)")
       params[f"features_{i}"] = {"kernel": np.asarray(w, np.float32).transpose(2, 3, 1, 0),
                                  "bias": np.asarray(b, np.float32)}
+      cin = w.shape[0]
+    stage_out.append(cin)
   lins = [tensors.get(f"lin{k}.model.1.weight") for k in range(len(STAGES))]
   if any(x is not None for x in lins):
     if any(x is None for x in lins):
       raise ValueError(f"{path}: has some but not all of lin0..lin4.model.1.weight")
     for k, w in enumerate(lins):
+      if w.size != stage_out[k]:  # (1, C, 1, 1) in LPIPS' files; read as (C,)
+        raise ValueError(f"{path}: lin{k}.model.1.weight has shape {tuple(w.shape)}, "
+                         f"expected (1, {stage_out[k]}, 1, 1): one weight per channel of "
+                         f"stage {k}")
       params[f"lin_{k}"] = {"kernel": np.asarray(w, np.float32).reshape(-1)}
   return params
 
