@@ -173,3 +173,19 @@ def test_temporal_block_is_attention_over_each_pixels_frames(implementation, cro
     attention_lib.set_implementation(*before)
   assert "attn2" in p or not cross_attention
   np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_temporal_config_values_that_cannot_work_are_refused_by_field():
+  # max_period <= 0 made the frame encoding NaN and, through alpha x + (1 - alpha) NaN,
+  # every output NaN (image-only frames too); a scalar conv_kernel a bare TypeError.
+  for fields, message in (
+      (dict(max_period=0.0), r"max_period must be a finite number > 1, got 0.0"),
+      (dict(max_period=-1.0), r"max_period must be a finite number > 1"),
+      (dict(mix_init=float("nan")), r"mix_init must be finite"),
+      (dict(conv_kernel=3), r"conv_kernel must be three odd sizes, got 3"),
+      (dict(conv_kernel=(3, 2, 1)), r"conv_kernel must be three odd sizes"),
+      (dict(context_frames=True, context_channels=(0, 8)),
+       r"context_channels must be positive widths")):
+    with pytest.raises(ValueError, match=r"TemporalConfig\." + message):
+      TemporalConfig.from_dict(fields).validate()
+  TemporalConfig.from_dict(dict(conv_kernel=[3, 3, 3], max_period=100.0)).validate()

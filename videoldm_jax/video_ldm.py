@@ -39,6 +39,8 @@ class VideoLDM:
                       compute_dtype: str = "float32", remat_policy: str = "none") -> "VideoLDM":
     if compute_dtype not in DTYPES:
       raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {compute_dtype!r}")
+    if temporal is not None:
+      temporal.validate()
     return cls(model.unet_config, model.vae_config, model.text_config, model.scheduler,
                temporal, DTYPES[compute_dtype], remat_policy)
 

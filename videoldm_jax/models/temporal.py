@@ -16,6 +16,7 @@ Spatial layers see frames as a batch (B*T, H, W, C); temporal layers reshape to
 """
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import einops
@@ -48,11 +49,22 @@ class TemporalConfig(JsonConfig):
   context_channels: tuple[int, ...] = ()
 
   def validate(self) -> "TemporalConfig":
-    if len(self.conv_kernel) != 3 or any(k % 2 == 0 for k in self.conv_kernel):
-      raise ValueError(f"TemporalConfig.conv_kernel must be three odd sizes, got "
-                       f"{self.conv_kernel}")
+    k = self.conv_kernel
+    if (not isinstance(k, (tuple, list)) or len(k) != 3
+        or any(not isinstance(x, int) or x < 1 or x % 2 == 0 for x in k)):
+      raise ValueError(f"TemporalConfig.conv_kernel must be three odd sizes, got {k!r}")
+    # (max_period <= 0: a NaN frame encoding, and through alpha * x + (1 - alpha) * NaN
+    # every output NaN, image-only frames included; a non-finite mix_init likewise.)
+    if not (math.isfinite(self.max_period) and self.max_period > 1):
+      raise ValueError(f"TemporalConfig.max_period must be a finite number > 1, got "
+                       f"{self.max_period}")
+    if not math.isfinite(self.mix_init):
+      raise ValueError(f"TemporalConfig.mix_init must be finite, got {self.mix_init}")
     if self.context_channels and not self.context_frames:
       raise ValueError("TemporalConfig.context_channels is set but context_frames is False")
+    if any(not isinstance(c, int) or c < 1 for c in self.context_channels):
+      raise ValueError(f"TemporalConfig.context_channels must be positive widths, got "
+                       f"{self.context_channels}")
     return self
 
 
