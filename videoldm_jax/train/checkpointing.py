@@ -33,9 +33,9 @@ import threading
 from typing import Any, Optional
 
 import jax
-from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
