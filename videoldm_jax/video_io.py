@@ -440,9 +440,9 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
   Returns (T, H, W, 3) uint8 RGB with T <= max_frames when given, upright (a display
   rotation stored in the file is applied, as players do; non-square pixels are stretched
   to square ones, `display_size`); a stream whose resolution changes mid-way is scaled
-  to its first frame's size. Raises FileNotFoundError for a
-  missing path and ValueError naming the file when it cannot be decoded, has no video
-  stream, yields no frames, or is a GIF cut off before its end (`gif_has_trailer`).
+  to its first frame's size. Raises FileNotFoundError for a missing path and ValueError
+  naming the file when it cannot be decoded, has no video stream, yields no frames, or
+  is a GIF cut off before its end (`gif_has_trailer`).
   """
   import av
 
