@@ -3,16 +3,12 @@
 import sys
 from pathlib import Path
 
-import numpy as np
-from flax import traverse_util
-
 from videoldm_jax import pretrained
 from videoldm_jax.convert import clip_keys, image_models, ldm_keys, presets
 from videoldm_jax.convert.safetensors_io import find_weights, load_safetensors, refuse_pickle
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from videoldm_jax.models.unet import UNet, called_with_context
-from videoldm_jax.models.unet import example_inputs as unet_example_inputs
+from videoldm_jax.models.unet import called_with_context, context_attention
 
 
 def _abstract_text_params(config: CLIPTextConfig):
@@ -33,19 +29,14 @@ def check_context_free(model: pretrained.PretrainedLDM, where: str) -> None:
   cfg = model.unet_config
   if called_with_context(cfg, model.text_config is not None):
     return
-  expected = traverse_util.flatten_dict(params_lib.abstract_params(
-      UNet(cfg), *unet_example_inputs(cfg, text=False)))
-  got = traverse_util.flatten_dict(model.params["unet"])
-  bad = [k for k, v in expected.items()
-         if "attn2" in k and k in got and tuple(np.shape(got[k])) != tuple(v.shape)]
-  if bad:
-    k = bad[0]
+  found = context_attention(model.params["unet"])
+  if found:
+    path, keys, queries = found
     raise ValueError(
         f"{where}: a class-conditional UNet without a text encoder whose cross-attention "
         f"takes a context of cross_attention_dim={cfg.cross_attention_dim} "
-        f"({'/'.join(k)}: {tuple(np.shape(got[k]))}, self-attention needs "
-        f"{tuple(expected[k].shape)}); videoldm-jax calls such models without a context, "
-        "so this one cannot be converted")
+        f"({path}: {keys}, self-attention needs {queries}); videoldm-jax calls such "
+        "models without a context, so this one cannot be converted")
 
 
 def sd_scheduler_fixes(scheduler: dict, where: str | Path) -> dict:

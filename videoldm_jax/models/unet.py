@@ -10,6 +10,7 @@ from typing import Optional
 
 import einops
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -364,6 +365,20 @@ def called_with_context(config: UNetConfig, has_text_encoder: bool) -> bool:
   a class-conditional model without a text encoder is conditioned by its labels alone
   and called without one."""
   return has_text_encoder or config.num_class_embeds is None
+
+
+def context_attention(unet_params: dict) -> Optional[tuple[str, tuple, tuple]]:
+  """The first attn2 of `unet_params` (spatial or temporal) whose keys take another
+  width than its queries, i.e. that needs a context of that width and cannot attend to
+  its own tokens as a model called without a context does: ('path of its to_k kernel',
+  to_k shape, to_q shape). None when every attn2 can run without a context."""
+  flat = traverse_util.flatten_dict(unet_params)
+  for path, k in flat.items():
+    if "attn2" in path and path[-2:] == ("to_k", "kernel"):
+      q = flat.get(path[:-2] + ("to_q", "kernel"))
+      if q is not None and k.shape[0] != q.shape[0]:
+        return "/".join(path), tuple(k.shape), tuple(q.shape)
+  return None
 
 
 def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None,

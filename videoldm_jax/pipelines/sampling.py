@@ -11,7 +11,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
@@ -19,7 +18,8 @@ from videoldm_jax.models import attention
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
-from videoldm_jax.models.unet import UNet, UNetConfig, called_with_context
+from videoldm_jax.models.unet import (UNet, UNetConfig, called_with_context,
+                                      context_attention)
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
 from videoldm_jax.pretrained import PretrainedLDM
 
@@ -101,10 +101,8 @@ def missing_context(model: PretrainedLDM) -> Optional[tuple[str, tuple]]:
   without a context."""
   if model.text_config is not None or not called_with_context(model.unet_config, False):
     return None
-  for path, leaf in traverse_util.flatten_dict(model.params.get("unet", {})).items():
-    if "attn2" in path and path[-2:] == ("to_k", "kernel") and leaf.shape[0] != leaf.shape[1]:
-      return "/".join(path), tuple(leaf.shape)
-  return None
+  found = context_attention(model.params.get("unet", {}))
+  return None if found is None else found[:2]
 
 
 def check_context_source(model: PretrainedLDM, where: str = "") -> None:
