@@ -7,7 +7,8 @@ from absl import app, flags
 
 
 def run_app(main, module_name: str, flag_modules: Sequence[str] = ()) -> None:
-  """`app.run(main)` for the entry point of module `module_name`: `--help` shows that
+  """`app.run(main)` for the entry point of module `module_name`, positional arguments
+  refused (`no_positional`): `--help` shows that
   module's docstring and flags, and those of `flag_modules` (flags it reuses from
   another command's module). An installed script's sys.argv[0] is its wrapper, under
   which absl finds no flags (it listed none) and no description."""
@@ -17,7 +18,14 @@ def run_app(main, module_name: str, flag_modules: Sequence[str] = ()) -> None:
     for flag in flags.FLAGS.get_flags_for_module(name):
       flags.FLAGS.register_key_flag_for_module(entry, flag)
   sys.modules["__main__"].__doc__ = module.__doc__
-  app.run(main)
+
+  def checked(argv):
+    # Every command takes --flags only: an unquoted prompt's later words, a step number
+    # without --step=, "--config.train.export false" (absl takes no separate value for
+    # a boolean) were dropped without a word.
+    no_positional(argv)
+    return main(argv)
+  app.run(checked)
 
 
 def class_labels(classes: Optional[int], label: Optional[int], count: int,

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import no_positional, run_app
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.data.cache_latents import cache_examples
 from videoldm_jax.data.procedural import make_clip
@@ -36,7 +36,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "cache folder (must not hold a cac
 
 
 def main(argv):
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None or _OUTPUT.value is None:
     raise app.UsageError("--model and --output are required")

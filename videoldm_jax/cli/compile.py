@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from videoldm_jax.cli import no_positional, run_app
+from videoldm_jax.cli import run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 _TOPOLOGY = flags.DEFINE_multi_string(
@@ -31,7 +31,7 @@ _JSON = flags.DEFINE_string("json", "", "append one JSON line per topology to th
 
 
 def main(argv):
-  no_positional(argv)  # (a second topology without --topology= was dropped)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None or not _TOPOLOGY.value:
     raise app.UsageError("--config and --topology are required")

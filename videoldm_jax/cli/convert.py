@@ -12,7 +12,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from videoldm_jax.cli import no_positional, run_app
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.convert import pipeline_import, presets
 from videoldm_jax.pipelines import sampling
@@ -32,7 +32,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "output folder (must not exist or 
 
 
 def main(argv):
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if (_DIFFUSERS.value is None) == (_SINGLE.value is None):
     raise app.UsageError("give exactly one of --diffusers and --single_file")

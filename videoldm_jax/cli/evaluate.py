@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 from absl import app, flags
 
-from videoldm_jax.cli import no_positional, run_app
+from videoldm_jax.cli import run_app
 from videoldm_jax.eval.batching import progress
 
 # What read_video decodes (the video_folder builder's formats) and raw .npy clips.
@@ -363,7 +363,7 @@ def _merge(total, part):
 
 
 def main(argv):
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   if _FAKE.value is None:
     raise app.UsageError("--fake is required")
   metrics = [m.strip() for m in _METRICS.value if m.strip()]

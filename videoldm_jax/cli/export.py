@@ -16,7 +16,7 @@ devices at hand (parameters replicated), whatever mesh trained it.
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import no_positional, run_app
+from videoldm_jax.cli import run_app
 from videoldm_jax.cli import train as train_cli
 
 _STEP = flags.DEFINE_string("step", "best", "checkpoint to export: 'best', 'latest' or "
@@ -27,7 +27,7 @@ _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
 
 
 def main(argv):
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if train_cli.CONFIG.value is None or train_cli.WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")

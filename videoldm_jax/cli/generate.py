@@ -119,8 +119,7 @@ def options(seed: int) -> generate.GenerateOptions:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if not (_FOLDERS["keyframe"].value or _FOLDERS["predictor"].value):
     raise app.UsageError("give --keyframe_model and/or --predictor_model")

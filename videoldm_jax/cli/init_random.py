@@ -12,7 +12,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from videoldm_jax.cli import no_positional, run_app
+from videoldm_jax.cli import run_app
 from videoldm_jax import pretrained
 from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
 
@@ -21,7 +21,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "output folder (must not exist or 
 
 
 def main(argv):
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _CONFIG.value is None or _OUTPUT.value is None:
     raise app.UsageError("--config and --output are required")

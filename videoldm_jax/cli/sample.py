@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import class_labels, no_positional, note_unguided, run_app
+from videoldm_jax.cli import class_labels, note_unguided, run_app
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -35,7 +35,7 @@ _OUTPUT = flags.DEFINE_string("output", "sample.mp4", "mp4 path (a .gif is writt
 
 
 def main(argv):
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None:
     raise app.UsageError("--model is required")

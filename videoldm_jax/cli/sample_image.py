@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import class_labels, no_positional, note_unguided, run_app
+from videoldm_jax.cli import class_labels, note_unguided, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -36,7 +36,7 @@ _OUTPUT = flags.DEFINE_string("output", "sample.png", "PNG path; with --num_imag
 
 
 def main(argv):
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _MODEL.value is None:
     raise app.UsageError("--model is required")

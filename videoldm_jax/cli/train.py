@@ -19,7 +19,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from videoldm_jax.cli import no_positional, run_app
+from videoldm_jax.cli import run_app
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, samples, exports")
@@ -43,9 +43,7 @@ def initialize_distributed() -> None:
 
 
 def main(argv):
-  # (--config.train.export false: absl takes no separate value for a boolean, so
-  # "false" came here and was dropped, leaving export=True.)
-  no_positional(argv)
+  del argv  # (run_app refuses positional arguments)
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if CONFIG.value is None or WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")

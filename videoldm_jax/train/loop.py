@@ -255,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        ("log_every", config.train.log_every),
                        ("ckpt_every", config.train.ckpt_every),
                        ("keep", config.train.keep)):
-    if value < 1:
+    if value is not None and value < 1:  # (keep=None: Orbax keeps every checkpoint)
       raise ValueError(f"config.train.{field}={value}: expected >= 1")
   workdir.mkdir(parents=True, exist_ok=True)
   with _checkpointer(config, workdir) as ckpt:  # closed on errors too
