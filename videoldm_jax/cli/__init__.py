@@ -42,6 +42,15 @@ def class_labels(classes: Optional[int], label: Optional[int], count: int,
   return None if label is None else [label] * count
 
 
+def check_at_least(*checks: tuple) -> None:
+  """(flag name, value, least) triples: a UsageError naming the first flag whose value is
+  below its least (a value None, unset, passes). Checked before anything loads: a 0
+  count failed after the work, some with a ZeroDivisionError."""
+  for name, value, least in checks:
+    if value is not None and value < least:
+      raise app.UsageError(f"--{name} must be >= {least}, got {value}")
+
+
 def no_positional(argv: Sequence[str]) -> None:
   """Refuses positional arguments: an unquoted prompt's later words (or a step number
   without --step=) were dropped without a word."""

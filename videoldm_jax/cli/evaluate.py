@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 from absl import app, flags
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import check_at_least, run_app
 from videoldm_jax.eval.batching import progress
 
 # What read_video decodes (the video_folder builder's formats) and raw .npy clips.
@@ -292,11 +292,9 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
     raise app.UsageError("clipsim needs --clip_model (a transformers CLIPModel folder)")
   if not metrics:
     raise app.UsageError(f"--metrics is empty; choose from {METRICS}")
-  for name, value, least in (("num_frames", num_frames, 1), ("batch_size", batch_size, 1),
-                             ("max_videos", max_videos, 0), ("frame_stride", frame_stride, 1),
-                             ("is_splits", is_splits, 1), ("i3d_resolution", i3d_resolution, 1)):
-    if value < least:
-      raise app.UsageError(f"--{name} must be >= {least}, got {value}")
+  check_at_least(("num_frames", num_frames, 1), ("batch_size", batch_size, 1),
+                 ("max_videos", max_videos, 0), ("frame_stride", frame_stride, 1),
+                 ("is_splits", is_splits, 1), ("i3d_resolution", i3d_resolution, 1))
   # Every set's clips and prompts are checked before any network runs: a bad
   # --prompts found after the real set's features had cost their whole pass.
   sets = {}

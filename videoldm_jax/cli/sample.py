@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import class_labels, note_unguided, run_app
+from videoldm_jax.cli import check_at_least, class_labels, note_unguided, run_app
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -41,11 +41,9 @@ def main(argv):
     raise app.UsageError("--model is required")
   # Before the model is loaded and sampled (they failed after the sampling, some with
   # a ZeroDivisionError or FFmpeg's "Could not determine output format").
-  for name, value in (("num_videos", _NUM.value), ("num_frames", _FRAMES.value),
-                      ("height", _HEIGHT.value), ("width", _WIDTH.value),
-                      ("steps", _STEPS.value)):
-    if value < 1:
-      raise app.UsageError(f"--{name} must be >= 1, got {value}")
+  check_at_least(("num_videos", _NUM.value, 1), ("num_frames", _FRAMES.value, 1),
+                 ("height", _HEIGHT.value, 1), ("width", _WIDTH.value, 1),
+                 ("steps", _STEPS.value, 1))
   if not _FPS.value > 0:
     raise app.UsageError(f"--fps must be > 0, got {_FPS.value}")
   if Path(_OUTPUT.value).suffix.lower() != ".mp4":

@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import class_labels, note_unguided, run_app
+from videoldm_jax.cli import check_at_least, class_labels, note_unguided, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -41,10 +41,9 @@ def main(argv):
   if _MODEL.value is None:
     raise app.UsageError("--model is required")
   # Before the model is loaded and sampled (they failed after the sampling).
-  for name, value in (("num_images", _NUM.value), ("steps", _STEPS.value),
-                      ("height", _HEIGHT.value), ("width", _WIDTH.value)):
-    if value is not None and value < 1:  # (a 0 size was taken as "the default")
-      raise app.UsageError(f"--{name} must be >= 1, got {value}")
+  # (A 0 size was taken as "the default".)
+  check_at_least(("num_images", _NUM.value, 1), ("steps", _STEPS.value, 1),
+                 ("height", _HEIGHT.value, 1), ("width", _WIDTH.value, 1))
   Image.init()
   suffix = Path(_OUTPUT.value).suffix.lower()
   if Image.registered_extensions().get(suffix) not in Image.SAVE:  # (some only read)
