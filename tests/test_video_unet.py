@@ -185,7 +185,26 @@ def test_temporal_config_values_that_cannot_work_are_refused_by_field():
       (dict(conv_kernel=3), r"conv_kernel must be three odd sizes, got 3"),
       (dict(conv_kernel=(3, 2, 1)), r"conv_kernel must be three odd sizes"),
       (dict(context_frames=True, context_channels=(0, 8)),
-       r"context_channels must be positive widths")):
+       r"context_channels must be positive widths"),
+      # (the temporal cross-attention is part of the temporal attention block: without
+      # it the flag added no layer, silently)
+      (dict(cross_attention=True, attention=False), r"cross_attention needs attention=True")):
     with pytest.raises(ValueError, match=r"TemporalConfig\." + message):
       TemporalConfig.from_dict(fields).validate()
   TemporalConfig.from_dict(dict(conv_kernel=[3, 3, 3], max_period=100.0)).validate()
+
+
+def test_unet_heads_that_do_not_split_a_levels_channels_are_refused_by_level():
+  # 3 heads on 64 channels failed inside the attention's reshape, naming no field. A
+  # level without attention may hold any count (its heads are never used), except the
+  # last: the middle block always has a transformer.
+  base = dict(block_out_channels=(64, 96), attention_levels=(True, False),
+              norm_num_groups=32)
+  with pytest.raises(ValueError, match=r"num_heads at level 0 must be a positive divisor "
+                     r"of its 64 channels, got 3"):
+    UNetConfig(**base, num_heads=3).validate()
+  with pytest.raises(ValueError, match=r"num_heads at level 1 .* 96 channels, got 5"):
+    UNetConfig(**base, num_heads=(4, 5)).validate()
+  assert UNetConfig(**base, num_heads=(4, 6)).validate().heads_per_level() == (4, 6)
+  assert UNetConfig(block_out_channels=(64, 96, 96), attention_levels=(True, False, True),
+                    num_heads=(4, 5, 6)).validate().heads_per_level() == (4, 5, 6)

@@ -60,6 +60,11 @@ class TemporalConfig(JsonConfig):
                        f"{self.max_period}")
     if not math.isfinite(self.mix_init):
       raise ValueError(f"TemporalConfig.mix_init must be finite, got {self.mix_init}")
+    if self.cross_attention and not self.attention:
+      # The temporal cross-attention lives in the temporal transformer block, which
+      # attention=False leaves out: the flag would add nothing, silently.
+      raise ValueError("TemporalConfig.cross_attention needs attention=True (it is part "
+                       "of the temporal attention block)")
     if self.context_channels and not self.context_frames:
       raise ValueError("TemporalConfig.context_channels is set but context_frames is False")
     if any(not isinstance(c, int) or c < 1 for c in self.context_channels):

@@ -65,7 +65,17 @@ class UNetConfig(JsonConfig):
           raise ValueError(f"UNetConfig: channels {c} not divisible by head_dim "
                            f"{self.head_dim}")
       return tuple(c // self.head_dim for c in self.block_out_channels)
-    return layers.per_level(self.num_heads, self.num_levels, "num_heads")
+    heads = layers.per_level(self.num_heads, self.num_levels, "num_heads")
+    attention = layers.per_level(self.attention_levels, self.num_levels, "attention_levels")
+    for lvl, (c, n) in enumerate(zip(self.block_out_channels, heads)):
+      # Levels with attention, and the last (the middle block's transformer): the
+      # heads split the channels there, and a remainder failed inside a reshape.
+      if not (attention[lvl] or lvl == self.num_levels - 1):
+        continue
+      if not isinstance(n, int) or n < 1 or c % n:
+        raise ValueError(f"UNetConfig: num_heads at level {lvl} must be a positive "
+                         f"divisor of its {c} channels, got {n!r}")
+    return heads
 
   def depth_per_level(self) -> tuple[int, ...]:
     return layers.per_level(self.transformer_depth, self.num_levels, "transformer_depth")
