@@ -379,6 +379,32 @@ def test_clip_image_preprocessing_matches_transformers(torch_cpu):
   assert np.abs(got - want).max() < 0.06 and np.abs(got - want).mean() < 0.02
 
 
+def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cpu):
+  """transformers' own preprocessor_config.json is read; settings the evaluator does not
+  implement are named, not read as the defaults (size={height, width} became the model's
+  image size and do_center_crop=false cropped anyway)."""
+  from transformers import CLIPImageProcessor
+  CLIPImageProcessor(size={"shortest_edge": 40},
+                     crop_size={"height": 36, "width": 36}).save_pretrained(tmp_path)
+  got = clip_score.ImagePreprocess.from_folder(tmp_path, 32)
+  assert (got.resize, got.crop, got.mean) == (40, 36, clip_score.CLIP_MEAN)
+  path = tmp_path / "preprocessor_config.json"
+  base = json.loads(path.read_text())
+  for change, message in (
+      (dict(size={"height": 40, "width": 48}), r"size=\{'height': 40, 'width': 48\} "
+       r"\(expected \{'shortest_edge': N\}\)"),
+      (dict(do_center_crop=False), r"do_center_crop=False \(expected True\)"),
+      (dict(resample=2), r"resample=2 \(expected 3\)"),
+      (dict(rescale_factor=1.0), r"rescale_factor=1.0 \(expected 1/255\)"),
+      (dict(crop_size={"height": 36, "width": 30}), r"crop_size=.* \(expected a square\)"),
+      (dict(crop_size={"height": 48, "width": 48}), r"size 40 and crop_size 48 "
+       r"\(expected 0 < crop <= size\)")):
+    path.write_text(json.dumps({**base, **change}))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: preprocessing this "
+                       r"evaluator does not implement: " + message):
+      clip_score.ImagePreprocess.from_folder(tmp_path, 32)
+
+
 # ---------------------------------------------------------------- CLIP similarity
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ not bit-equal with PIL's), center crop, normalisation by image_mean / image_std.
 import dataclasses
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -193,10 +194,31 @@ class ImagePreprocess:
     if not path.is_file():
       return cls(image_size, image_size)
     d = json.loads(path.read_text())
+    # Only CLIPImageProcessor's own pipeline is implemented (bicubic resize of the
+    # shortest side, square centre crop, /255, normalise); another setting was read as
+    # these defaults before, and every similarity shifted without a word.
+    fixed = {"do_resize": True, "do_center_crop": True, "do_rescale": True,
+             "do_normalize": True, "resample": 3}
+    wrong = [f"{k}={d[k]!r} (expected {v!r})" for k, v in fixed.items()
+             if k in d and d[k] != v]
+    if "rescale_factor" in d and not math.isclose(d["rescale_factor"], 1 / 255):
+      wrong.append(f"rescale_factor={d['rescale_factor']!r} (expected 1/255)")
     size, crop = d.get("size", image_size), d.get("crop_size", image_size)
-    size = size.get("shortest_edge", image_size) if isinstance(size, dict) else size
-    crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
-    return cls(int(size), int(crop), tuple(d.get("image_mean", CLIP_MEAN)),
+    if isinstance(size, dict):
+      if set(size) != {"shortest_edge"}:
+        wrong.append(f"size={size!r} (expected {{'shortest_edge': N}})")
+      size = size.get("shortest_edge", image_size)
+    if isinstance(crop, dict):
+      if crop.get("height") != crop.get("width"):
+        wrong.append(f"crop_size={crop!r} (expected a square)")
+      crop = crop.get("height", image_size)
+    if not wrong and not (isinstance(size, int) and isinstance(crop, int)
+                          and 0 < crop <= size):
+      wrong.append(f"size {size!r} and crop_size {crop!r} (expected 0 < crop <= size)")
+    if wrong:
+      raise ValueError(f"{path}: preprocessing this evaluator does not implement: "
+                       + "; ".join(wrong))
+    return cls(size, crop, tuple(d.get("image_mean", CLIP_MEAN)),
                tuple(d.get("image_std", CLIP_STD)))
 
   def __call__(self, frames_BxHxWx3: jax.Array) -> jax.Array:
