@@ -352,6 +352,16 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
                         r"timesteps \[1000\] lie outside")):
     with pytest.raises(ValueError, match=message):
       generate.plan(models, dataclasses.replace(options, **bad))
+  # An epsilon interpolator on a zero-terminal-SNR 'trailing' schedule starts where
+  # abar = 0 (NaN): refused by the plan, not after the key frames were sampled.
+  interp_model, interp_tok = models.interpolator
+  zero_snr = dataclasses.replace(models, interpolator=(dataclasses.replace(
+      interp_model, scheduler={**interp_model.scheduler, "rescale_betas_zero_snr": True,
+                               "timestep_spacing": "trailing",
+                               "prediction_type": "epsilon"}), interp_tok))
+  with pytest.raises(ValueError, match=r"interpolator model .*interp_steps=2: ddim: an "
+                     r"epsilon-prediction model cannot start at t = 999"):
+    generate.plan(zero_snr, options)
   # A label past a class-conditional model's table (NaN embeddings: a black video).
   kf_model, kf_tok = models.keyframe
   conditional = dataclasses.replace(models, keyframe=(dataclasses.replace(

@@ -217,11 +217,14 @@ _dpm_jit = jax.jit(dpmpp_2m_step,
 
 def timestep_grid(num_train: int, num_steps: int, sampler: str = "ddim",
                   timestep_spacing: str | None = None, steps_offset: int = 0,
-                  timesteps=None) -> list[int]:
+                  timesteps=None, alphas_cumprod=None,
+                  prediction_type: str = "epsilon") -> list[int]:
   """The timesteps `sample` visits (`timesteps` itself when given), checked: each in
-  [0, num_train) (a gather past the schedule clamps silently) and, for dpmpp_2m, none
-  repeated (a step of h = 0: the next 2nd-order step divides by it). ValueError
-  otherwise, so a caller can check a run's step counts before sampling anything."""
+  [0, num_train) (a gather past the schedule clamps silently); for dpmpp_2m, none
+  repeated (a step of h = 0: the next 2nd-order step divides by it); with the schedule's
+  `alphas_cumprod` (T,), that an epsilon model's DDIM/DDPM does not start where abar is
+  0. ValueError otherwise, so a caller can check a run's step counts before sampling
+  anything."""
   if timesteps is None:
     grid = dpm_solver_timesteps if sampler == "dpmpp_2m" else inference_timesteps
     default = "linspace" if sampler == "dpmpp_2m" else "leading"
@@ -235,6 +238,13 @@ def timestep_grid(num_train: int, num_steps: int, sampler: str = "ddim",
     raise ValueError(f"dpmpp_2m: the timestep grid of {len(timesteps)} steps repeats "
                      f"timesteps ({timestep_spacing or 'linspace'} spacing over "
                      f"{num_train}); use fewer steps")
+  if (alphas_cumprod is not None and sampler != "dpmpp_2m" and prediction_type == "epsilon"
+      and float(alphas_cumprod[timesteps[0]]) == 0.0):
+    # x0 = (x_t - sigma eps) / alpha with alpha = 0: NaN from the first step on.
+    raise ValueError(f"{sampler}: an epsilon-prediction model cannot start at t = "
+                     f"{timesteps[0]}, where the schedule's abar is 0 (zero terminal SNR, "
+                     "rescale_betas_zero_snr): use a v_prediction model, dpmpp_2m, or "
+                     "'leading' spacing")
   return timesteps
 
 
@@ -271,14 +281,8 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, schedule: NoiseSchedule, num_s
   if stochastic and key is None:
     raise ValueError(f"sampler {sampler!r} with eta={eta} needs a PRNG key")
   timesteps = timestep_grid(schedule.num_train_timesteps, num_steps, sampler,
-                            timestep_spacing, steps_offset, timesteps)
-  if (sampler != "dpmpp_2m" and prediction_type == "epsilon"
-      and float(schedule.alphas_cumprod[timesteps[0]]) == 0.0):
-    # x0 = (x_t - sigma eps) / alpha with alpha = 0: NaN from the first step on.
-    raise ValueError(f"{sampler}: an epsilon-prediction model cannot start at t = "
-                     f"{timesteps[0]}, where the schedule's abar is 0 (zero terminal SNR, "
-                     "rescale_betas_zero_snr): use a v_prediction model, dpmpp_2m, or "
-                     "'leading' spacing")
+                            timestep_spacing, steps_offset, timesteps,
+                            schedule.alphas_cumprod, prediction_type)
   nexts = timesteps[1:] + [-1]
   n = len(timesteps)
   batch = x_T.shape[0]

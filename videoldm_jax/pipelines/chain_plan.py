@@ -283,7 +283,9 @@ def _check_grid(schedules: tuple, sampler: str, steps: int, what: str) -> None:
   schedule, cfg = schedules
   try:
     samplers_lib.timestep_grid(schedule.num_train_timesteps, steps, sampler,
-                               cfg.timestep_spacing, cfg.steps_offset)
+                               cfg.timestep_spacing, cfg.steps_offset,
+                               alphas_cumprod=schedule.alphas_cumprod,
+                               prediction_type=cfg.prediction_type)
   except ValueError as e:
     raise ValueError(f"{what}={steps}: {e}") from None
 
