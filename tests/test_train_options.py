@@ -192,6 +192,25 @@ def test_learning_rate_schedule_warmup_and_none():
       optim.learning_rate(cfg(warmup))
 
 
+def test_schedules_ending_elsewhere_than_the_run_are_reported_per_optimiser(capsys):
+  """The decoder stage's discriminator schedule is checked like the generator's: a
+  disc_optim.total_steps shorter than the run trained its tail at the final rate
+  without a word."""
+  from videoldm_jax.train import loop
+  config = ml_collections.ConfigDict(dict(
+      train=dict(num_steps=100), optim=dict(total_steps=100),
+      disc_optim=dict(total_steps=40)))
+  loop._check_schedule_length(config)  # noqa: SLF001
+  err = capsys.readouterr().err
+  assert "disc_optim.total_steps=40: steps 41-100 train at the schedule's final" in err
+  assert "optim.total_steps=100" not in err.replace("disc_optim", "")
+  config.optim.total_steps, config.disc_optim.total_steps = 400, 100
+  loop._check_schedule_length(config)  # noqa: SLF001
+  err = capsys.readouterr().err
+  assert "decays until optim.total_steps=400; this run stops at train.num_steps=100" in err
+  assert "disc_optim" not in err
+
+
 def test_optimizer_clips_the_global_gradient_norm():
   # Adam's first update is -lr g / (|g| + eps) per element (bias-corrected m = g,
   # v = g^2); with eps = 1 it depends on the gradient's scale, so clipping shows.

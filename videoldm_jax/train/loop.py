@@ -567,19 +567,20 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 
 def _check_schedule_length(config: ml_collections.ConfigDict) -> None:
-  """Says when the learning-rate schedule (optim.total_steps) and the run
-  (train.num_steps) end at different steps."""
-  total = config.get("optim", {}).get("total_steps")
+  """Says when a learning-rate schedule (optim.total_steps, and the decoder stage's
+  disc_optim.total_steps) and the run (train.num_steps) end at different steps."""
   steps = config.train.num_steps
-  if total is None or total == steps:
-    return
-  if steps > total:
-    log(f"WARNING: train.num_steps={steps} > optim.total_steps={total}: steps "
-        f"{total + 1}-{steps} train at the schedule's final learning rate "
-        f"(lr * final_lr_fraction)")
-  else:
-    log(f"note: the learning rate decays until optim.total_steps={total}; this run stops "
-        f"at train.num_steps={steps}, before it has decayed")
+  for name in ("optim", "disc_optim"):
+    total = config.get(name, {}).get("total_steps")
+    if total is None or total == steps:
+      continue
+    if steps > total:
+      log(f"WARNING: train.num_steps={steps} > {name}.total_steps={total}: steps "
+          f"{total + 1}-{steps} train at the schedule's final learning rate "
+          f"(lr * final_lr_fraction)")
+    else:
+      log(f"note: the learning rate decays until {name}.total_steps={total}; this run "
+          f"stops at train.num_steps={steps}, before it has decayed")
 
 
 def _last_metrics(workdir: Path) -> dict:
