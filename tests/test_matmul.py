@@ -59,6 +59,17 @@ def test_chunked_weight_gradient_in_bfloat16():
                              rtol=2 ** -6, atol=0.5)
 
 
+@pytest.mark.parametrize("fn", [dense_matmul, dense_matmul_chunked])
+def test_input_gradient_keeps_the_inputs_dtype(fn):
+  # bfloat16 x times a float32 kernel: dx came back float32 (x @ w gives bfloat16).
+  x, w = _xw(shape=(2, 48, 24))
+  dx, dw = jax.grad(lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) ** 2),
+                    argnums=(0, 1))(x.astype(jnp.bfloat16), w)
+  ref = jax.grad(lambda x, w: jnp.sum((x @ w).astype(jnp.float32) ** 2),
+                 argnums=(0, 1))(x.astype(jnp.bfloat16), w)
+  assert (dx.dtype, dw.dtype) == (ref[0].dtype, ref[1].dtype) == (jnp.bfloat16, jnp.float32)
+
+
 def test_chunk_rows():
   # 256K elements per chunk: 256K / 512 = 512 rows; 256K / 1024 = 256 rows.
   assert matmul.chunk_rows(8192, 512) == 512

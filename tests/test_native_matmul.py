@@ -185,6 +185,16 @@ def test_conv_same_refuses_what_it_does_not_take():
                                               jnp.ones((3, 3, 8, 16), jnp.bfloat16))
   with pytest.raises(ValueError, match=r"multiple of 16.*\(3, 3, 8, 40\)"):
     native_matmul.conv_same(x, jnp.ones((3, 3, 8, 40)))
+  # An image of width (or height) 0: the weight-gradient kernel divided by W (the
+  # process died of SIGFPE); XLA's forms take it, a kernel gradient of zeros.
+  empty = jnp.ones((1, 4, 0, 8), jnp.float32)
+  assert not native_matmul.conv_same_supports(empty, jnp.ones((3, 3, 8, 16)))
+  assert not native_matmul.conv_supports(empty, jnp.ones((1, 4, 0, 16)), (3, 3))
+  assert not conv.takes(empty, jnp.ones((3, 3, 8, 16)))
+  same = lambda w: conv.conv_general_dilated(empty, w, (1, 1), "SAME", dimension_numbers=(
+      "NHWC", "HWIO", "NHWC")).sum()
+  np.testing.assert_array_equal(jax.grad(same)(jnp.ones((3, 3, 8, 16))),
+                                np.zeros((3, 3, 8, 16), np.float32))
 
 
 def _conv_layer_grads(features=32, stride=1, dtype=jnp.float32, seed=4, in_channels=24):

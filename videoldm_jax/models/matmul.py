@@ -99,13 +99,16 @@ def linear_in_x(forward, input_grad, weight_grad):
   needs no x) and neither gradient is computed for a symbolic-zero dy."""
   def fwd(x, w):
     # symbolic_zeros: the primals arrive wrapped with whether they are differentiated.
-    return forward(x.value, w.value), (w.value, x.value if w.perturbed else None)
+    # (An empty array of x's dtype: dx is cast back to it, bf16 x times a float32 w
+    # gave a float32 dx.)
+    return forward(x.value, w.value), (w.value, x.value if w.perturbed else None,
+                                       jnp.zeros((0,), x.value.dtype))
 
   def bwd(residuals, dy):
-    w, x = residuals
+    w, x, x_dtype = residuals
     if isinstance(dy, SymbolicZero):
       return None, None
-    dx = input_grad(dy, w)
+    dx = input_grad(dy, w).astype(x_dtype.dtype)
     return dx, None if x is None else weight_grad(x, dy, w).astype(w.dtype)
 
   op = jax.custom_vjp(forward)

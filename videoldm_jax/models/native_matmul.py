@@ -109,6 +109,7 @@ def conv_supports(x_BxHxWxI: jax.Array, dy_BxHxWxO: jax.Array, kernel_hw: tuple)
   """Whether `conv_weight_grad` takes these operands: 4-D float32 of one spatial shape,
   an odd kernel, dy's channels a multiple of WIDTH_MULTIPLE, and the kernel built."""
   return (x_BxHxWxI.ndim == 4 and x_BxHxWxI.shape[:3] == dy_BxHxWxO.shape[:3]
+          and min(x_BxHxWxI.shape[1:3]) >= 1  # (the kernel divides by W: SIGFPE at 0)
           and x_BxHxWxI.dtype == dy_BxHxWxO.dtype == jnp.float32
           and len(kernel_hw) == 2 and all(k % 2 == 1 for k in kernel_hw)
           and dy_BxHxWxO.shape[-1] % WIDTH_MULTIPLE == 0 and available())
@@ -148,6 +149,7 @@ def conv_same_supports(x_BxHxWxI: jax.Array, k_KHxKWxIxO: jax.Array) -> bool:
   at most MAX_KERNEL_WIDTH wide, x's channels the kernel's inputs, the kernel's outputs
   a multiple of WIDTH_MULTIPLE, and the library built."""
   return (x_BxHxWxI.ndim == 4 and k_KHxKWxIxO.ndim == 4
+          and min(x_BxHxWxI.shape[1:3]) >= 1  # (an empty image: XLA's, no kernel call)
           and x_BxHxWxI.dtype == k_KHxKWxIxO.dtype == jnp.float32
           and x_BxHxWxI.shape[-1] == k_KHxKWxIxO.shape[2]
           and all(k % 2 == 1 for k in k_KHxKWxIxO.shape[:2])
