@@ -148,6 +148,14 @@ def test_interpolation_reproduces_key_frames_and_runs_twice(model):
   assert twice.shape == (2, 16, 4, 4, 4) and np.isfinite(np.asarray(twice)).all()
   # The second pass keeps the first pass's four frames (the same draw) at 0, 4, 8, 12.
   np.testing.assert_array_equal(np.asarray(twice[:, ::4]), np.asarray(once))
+  # A caller's key: the first pass draws from it, the second from other noise (it was
+  # handed the same key, and drew the first pass's noise again).
+  k = jax.random.key(9)
+  twice_k = cs.interpolate_twice(model, keys, 4, opts, text=text, key=k)
+  once_k = cs.interpolate(model, keys, 4, opts, text=text, key=k)
+  np.testing.assert_array_equal(np.asarray(twice_k[:, ::4]), np.asarray(once_k))
+  same_noise = cs.interpolate(model, once_k, 4, opts, text=text, key=k)
+  assert np.abs(np.asarray(twice_k - same_noise)).max() > 1e-2
 
 
 def test_autoregressive_extension(model):

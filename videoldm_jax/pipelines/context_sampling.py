@@ -192,7 +192,11 @@ def interpolate_twice(model: ContextModel, keys: jax.Array, stride: int = 4,
   """T -> stride^2 T frames (4T -> 16T in the paper's terms): `interpolate` with `model`,
   then again on its output with `second_model` (default: the same model), drawing other
   noise. keys (B, N, h, w, C) -> (B, stride^2 N, h, w, C); `conditioning`: text /
-  uncond_text / labels (no x_T: the two passes have different lengths)."""
-  once = interpolate(model, keys, stride, options, **conditioning)
+  uncond_text / labels, and `key` (else options.seed; the second pass draws from
+  fold_in(key, 2), or seed + 1), no x_T (the two passes have different lengths)."""
+  key = conditioning.pop("key", None)
+  once = interpolate(model, keys, stride, options, key=key, **conditioning)
+  # (A given key was passed to both passes: the second drew the first's noise again.)
   again = dataclasses.replace(options, seed=options.seed + 1)
-  return interpolate(second_model or model, once, stride, again, **conditioning)
+  return interpolate(second_model or model, once, stride, again,
+                     key=None if key is None else jax.random.fold_in(key, 2), **conditioning)
