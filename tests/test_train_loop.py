@@ -188,6 +188,8 @@ def test_image_ldm_stage_trains_all_of_theta_and_exports_an_image_model(tmp_path
   # and an mp4, tens of train steps long): its step time leaves them out.
   steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert steps[1]["step_time"] < 10 * steps[2]["step_time"], steps
+  # samples/s counts images: 4 clips (image_ldm_tiny's batch) of 2 frames per step.
+  assert all(abs(s["samples_per_s"] * s["step_time"] - 8) < 1e-6 for s in steps), steps
   from videoldm_jax import pretrained
   model = pretrained.load(tmp_path / "export" / "step_4")
   assert model.temporal_config is None  # an image model, usable as theta of a video LDM

@@ -53,4 +53,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The image LDM stage of `config` (configs/image_ldm_tiny.py): no temporal layers."""
   # Each frame is an image with its own caption (the frames of an image example come
   # from different clips).
-  return keyframe.setup_video_ldm(config, workdir, None, make_stage, frame_tokens=True)
+  setup_ = keyframe.setup_video_ldm(config, workdir, None, make_stage, frame_tokens=True)
+  # A step scores batch_size * num_frames images (samples/s counted clips).
+  return dataclasses.replace(
+      setup_, samples_per_step=config.data.batch_size * config.data.num_frames)
