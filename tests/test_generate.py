@@ -449,8 +449,9 @@ def test_cli_seeds_and_notes(folders, tmp_path):
          seeds], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "--seeds must be distinct and at least one" in \
         proc.stderr, proc.stderr[-3000:]
-  # Personalisation flags that would do nothing, silently.
-  for extra, said in ((["--personalize_parts=vae"], "give --image_checkpoint too"),
+  # Personalisation flags that would do nothing, silently; a stride below 2.
+  for extra, said in ((["--interp_stride=1"], "--interp_stride must be >= 2, got 1"),
+                      (["--personalize_parts=vae"], "give --image_checkpoint too"),
                       (["--image_checkpoint=/x", "--personalize_parts="],
                        "--personalize_parts is empty")):
     proc = subprocess.run(

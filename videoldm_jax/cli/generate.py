@@ -30,7 +30,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import check_at_least, run_app
 from videoldm_jax.pipelines import generate
 
 _STAGES = ("keyframe", "predictor", "interpolator", "interpolator2", "decoder", "upsampler")
@@ -71,7 +71,11 @@ _KPC = flags.DEFINE_integer("keyframes_per_clip", 8, "key frames per key-frame c
 _PRED_FRAMES = flags.DEFINE_integer("predictor_frames", None, "frames per predictor clip "
                                     "(default keyframes_per_clip)")
 _NUM_CONTEXT = flags.DEFINE_integer("num_context", 2, "context key frames per prediction")
-_PASSES = flags.DEFINE_integer("interp_passes", 2, "x4 interpolation passes (0, 1, 2)")
+_PASSES = flags.DEFINE_integer("interp_passes", 2, "interpolation passes (0, 1, 2), each "
+                               "x --interp_stride frames")
+_STRIDE = flags.DEFINE_integer("interp_stride", None, "frames per key frame and pass "
+                               "(default: the interpolator's training record, else 4; "
+                               "another than it trained on is refused)")
 _WINDOW = flags.DEFINE_integer("interp_window", None, "key frames per interpolator call "
                                "(default: the interpolator's training num_frames // its "
                                "stride, else keyframes_per_clip)")
@@ -109,7 +113,7 @@ def options(seed: int) -> generate.GenerateOptions:
       eta=_ETA.value, guidance_scale=_CFG.value, context_scale=_CTX.value,
       keyframes_per_clip=_KPC.value, predictor_frames=_PRED_FRAMES.value,
       num_context=_NUM_CONTEXT.value, interp_passes=_PASSES.value,
-      interp_window=_WINDOW.value, interp_steps=_INTERP_STEPS.value,
+      interp_stride=_STRIDE.value, interp_window=_WINDOW.value, interp_steps=_INTERP_STEPS.value,
       interp_guidance_scale=_INTERP_CFG.value, interp_context_scale=_INTERP_CTX.value,
       decode_chunk=_DEC_CHUNK.value, decode_overlap=_DEC_OVERLAP.value,
       upsampler_steps=_UP_STEPS.value, upsampler_noise_level=_NOISE.value,
@@ -137,6 +141,7 @@ def main(argv):
   if _IMAGE.value and not _PARTS.value:
     raise app.UsageError("--personalize_parts is empty: nothing of --image_checkpoint would "
                          "be used (unet, vae, text_encoder)")
+  check_at_least(("interp_stride", _STRIDE.value, 2))  # before the models load
   out = Path(_OUTPUT.value)
   if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
     raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")
