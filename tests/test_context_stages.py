@@ -267,6 +267,17 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
   config = _config("predictor_tiny", num_frames=4)
   config.predictor.num_context_probs = (0.5, 0.5, 0.0)
   assert pretrained.training_record(config)["max_context"] == 1
+  # How often a clip trained without context (the branch context guidance subtracts).
+  assert pretrained.training_record(config)["no_context_prob"] == 0.5
+  interp = _config("interpolator_tiny", num_frames=8)
+  assert pretrained.training_record(interp)["no_context_prob"] == \
+      interp.interpolator.context_drop_prob
+  # A drop probability past [0, 1] trained every clip with (< 0) or without (> 1) its
+  # key frames, silently.
+  for p in (-0.1, 1.5):
+    with pytest.raises(ValueError, match=rf"interpolator.context_drop_prob must be in "
+                       rf"\[0, 1\], got {p}"):
+      interpolator.mask_fn(4, p)
   # Training-time samples extended from 2 frames: the run failed at its first sample
   # step (2-frame clips) or conditioned on a count it never trained.
   config.sample.update(every=2, num_context=2)
@@ -378,6 +389,7 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "videoldm_jax.cli.export", "--help"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert "--config" in proc.stdout and "--workdir" in proc.stdout and "--step" in proc.stdout
+  assert "--num_processes" in proc.stdout and "--stopped_exit_code" not in proc.stdout
   assert "unexpected arguments: ['10']" in cli(
       "export", "--config=configs/keyframe_tiny.py", f"--workdir={tmp_path}", "10")
   # Every command: a second --fake entry without its flag was dropped silently.

@@ -352,6 +352,16 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
                         r"timesteps \[1000\] lie outside")):
     with pytest.raises(ValueError, match=message):
       generate.plan(models, dataclasses.replace(options, **bad))
+  # Context guidance (FAST: context_scale 1.5) against a no-context branch the predictor
+  # never trained: noted; at scale 1 that branch is not used.
+  models.predictor[0].training = {**models.predictor[0].training, "no_context_prob": 0.0}
+  note = ("predictor stage: context_scale=1.5 guides against its no-context prediction, "
+          "which it never trained")
+  assert any(n.startswith(note) for n in generate.plan(models, options).notes)
+  assert not any("no-context" in n for n in generate.plan(
+      models, dataclasses.replace(options, context_scale=1.0)).notes)
+  models.predictor[0].training["no_context_prob"] = 1 / 3
+  assert not any("no-context" in n for n in generate.plan(models, options).notes)
   # An epsilon interpolator on a zero-terminal-SNR 'trailing' schedule starts where
   # abar = 0 (NaN): refused by the plan, not after the key frames were sampled.
   interp_model, interp_tok = models.interpolator

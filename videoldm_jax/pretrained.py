@@ -215,17 +215,21 @@ _AUTOENCODER_STAGES = ("decoder", "autoencoder")
 
 def training_record(config) -> dict[str, Any]:
   """What a stage's export records of its training (a trainer config -> JSON-able dict):
-  stage, clip length and size, and the interpolation stride / largest context count of
-  the interpolator / predictor stages."""
+  stage, clip length and size, the interpolation stride / largest context count of the
+  interpolator / predictor stages, and their `no_context_prob`: how often a clip
+  trained without context (the branch context guidance subtracts)."""
   d = config.data
   record = {"stage": config.stage, "num_frames": int(d.num_frames),
             "frame_stride": int(d.get("frame_stride", 1)), "height": int(d.height),
             "width": int(d.width)}
   if "interpolator" in config:
     record["interp_stride"] = int(config.interpolator.stride)
+    record["no_context_prob"] = float(config.interpolator.get("context_drop_prob", 0.0))
   if "predictor" in config:
     from videoldm_jax.stages.predictor import max_context  # (the stages import this module)
-    record["max_context"] = max_context(config.predictor.num_context_probs)
+    probs = [float(p) for p in config.predictor.num_context_probs]
+    record["max_context"] = max_context(probs)
+    record["no_context_prob"] = probs[0] / sum(probs)
   return record
 
 

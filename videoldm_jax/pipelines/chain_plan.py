@@ -199,6 +199,17 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if o.class_label is not None and not conditional:
     notes.append(f"class_label={o.class_label} ignored: no model of the chain is "
                  "class-conditional")
+  # Context guidance subtracts the no-context prediction (S = 0): a model that never
+  # trained without context gives an untrained branch there.
+  for name, used, option, scale in (
+      ("predictor", rounds > 0, "context_scale", o.context_scale),
+      ("interpolator", passes > 0, "interp_context_scale", o.interp_context_scale),
+      ("interpolator2", passes == 2 and models.interpolator2 is not None,
+       "interp_context_scale", o.interp_context_scale)):
+    if used and scale != 1.0 and trained[name].get("no_context_prob") == 0.0:
+      notes.append(f"{name} stage: {option}={scale} guides against its no-context "
+                   "prediction, which it never trained (no clip without context): "
+                   f"expect artefacts; {option}=1 does not use it")
   if models.base.text_config is None:
     # No text encoder: no unconditional branch to guide against (class-conditional
     # models are trained without label dropout).

@@ -31,6 +31,11 @@ def mask_fn(stride: int, context_drop_prob: float = 0.0) -> context.MaskFn:
   probability context_drop_prob."""
   if stride < 2:
     raise ValueError(f"interpolation stride must be >= 2, got {stride}")
+  if not 0.0 <= context_drop_prob <= 1.0:
+    # (> 1 dropped every clip's key frames: never trained with context; < 0 none: the
+    # no-context branch its samples and context guidance use never trained.)
+    raise ValueError(f"interpolator.context_drop_prob must be in [0, 1], got "
+                     f"{context_drop_prob}")
 
   def fn(key: jax.Array, batch: int, num_frames: int) -> jax.Array:
     keep = ~jax.random.bernoulli(key, context_drop_prob, (batch,))
