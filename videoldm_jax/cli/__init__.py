@@ -6,17 +6,18 @@ from typing import Optional, Sequence
 from absl import app, flags
 
 
-def run_app(main, module_name: str, flag_modules: Sequence[str] = ()) -> None:
+def run_app(main, module_name: str, reused_flags: Sequence[str] = ()) -> None:
   """`app.run(main)` for the entry point of module `module_name`, positional arguments
-  refused (`no_positional`): `--help` shows that
-  module's docstring and flags, and those of `flag_modules` (flags it reuses from
-  another command's module). An installed script's sys.argv[0] is its wrapper, under
-  which absl finds no flags (it listed none) and no description."""
+  refused (`no_positional`): `--help` shows that module's docstring and flags, and the
+  flags named in `reused_flags` (defined by another command's module; only those this
+  command reads). An installed script's sys.argv[0] is its wrapper, under which absl
+  finds no flags (it listed none) and no description."""
   module = sys.modules[module_name]
   entry = sys.argv[0]
-  for name in (module_name, *flag_modules):
-    for flag in flags.FLAGS.get_flags_for_module(name):
-      flags.FLAGS.register_key_flag_for_module(entry, flag)
+  shown = [*flags.FLAGS.get_flags_for_module(module_name),
+           *(flags.FLAGS[name] for name in reused_flags)]
+  for flag in shown:
+    flags.FLAGS.register_key_flag_for_module(entry, flag)
   sys.modules["__main__"].__doc__ = module.__doc__
 
   def checked(argv):

@@ -32,13 +32,17 @@ def main(argv):
   if train_cli.CONFIG.value is None or train_cli.WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   train_cli.initialize_distributed()
-  from videoldm_jax.train.loop import export_checkpoint  # after JAX's start-up
-  print(export_checkpoint(train_cli.CONFIG.value, train_cli.WORKDIR.value, _STEP.value,
-                          _WEIGHTS.value))
+  from videoldm_jax.train import loop  # after JAX's start-up
+  with train_cli.failed_process_exits_at_once():
+    print(loop.export_checkpoint(train_cli.CONFIG.value, train_cli.WORKDIR.value,
+                                 _STEP.value, _WEIGHTS.value))
 
 
 def run():
-  run_app(main, __name__, flag_modules=(train_cli.__name__,))
+  # The training run's flags this command reads (not train's --stopped_exit_code).
+  run_app(main, __name__, reused_flags=(
+      "config", "workdir", "coordinator_address", "num_processes", "process_id",
+      "cpu_devices"))
 
 
 if __name__ == "__main__":
