@@ -110,6 +110,10 @@ def test_half_given_flags_are_an_error_not_a_hang():
   assert distributed.detect({"TPU_SKIP_MDS_QUERY": "1"}, chips=4).kind == "single"
   assert distributed.detect({"TPU_SKIP_MDS_QUERY": ""}, chips=4).kind == "single"
   assert distributed.tpu_chips() == 0  # this test host
+  # A CPU run (fake devices, JAX_PLATFORMS=cpu) on a TPU worker joins no slice: on GKE
+  # it waited up to 300 s for the slice's other workers.
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a,b"}, uses_tpu=False).kind == "single"
+  assert distributed.detect({}, chips=4, uses_tpu=False).kind == "single"
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"},
                             "h:1", 2, 1).kind == "explicit"  # flags win
 
@@ -153,6 +157,36 @@ except ValueError as e:
 """
 
 
+def _export_with_a_lagging_view(workdir: Path, tmp_path: Path, port: int) -> None:
+  """videoldm-export on two processes whose views of the workdir differ (a shared
+  filesystem lagging on one host; here process 1 reads a copy that already holds the
+  export): process 1 skipped the restore and its collectives, and process 0 waited in
+  them. Both now follow process 0's view."""
+  import shutil
+  lagging = tmp_path / "lagging"
+  shutil.copytree(workdir, lagging)
+  (step,) = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()
+             and (workdir / "export" / f"step_{p.name}").exists()]
+  (lagging / "export" / f"step_{step}_raw").mkdir()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "videoldm_jax.cli.export",
+       f"--workdir={workdir if i == 0 else lagging}", *FLAGS,
+       "--config.train.num_steps=3", f"--step={step}", "--weights=raw",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}", "--cpu_devices=2"],
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=150)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), logs
+  assert f"step_{step}_raw: exported" in logs[0], logs[0][-3000:]
+  from videoldm_jax import pretrained
+  assert "unet" in pretrained.load(workdir / "export" / f"step_{step}_raw").params
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["written", "fails"])
 def test_export_of_a_two_process_run(two_process_run, tmp_path, fails):
   """The finished two-process run, started again with exports on, writes its missing
@@ -193,6 +227,10 @@ def test_export_of_a_two_process_run(two_process_run, tmp_path, fails):
     assert len(exports) == 1, exports
     model = pretrained.load(exports[0])
     assert model.training["stage"] == "keyframe" and "unet" in model.params
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    _export_with_a_lagging_view(workdir, tmp_path, port)
     return
   assert all(p.returncode not in (0, None) for p in procs), logs
   assert "Error" in logs[0] and "export" in logs[0]
@@ -298,6 +336,33 @@ def test_a_process_that_fails_exits_at_once(tmp_path):
   cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
          "--devices_per_process=2", "--", sys.executable, "-c", wrapper,
          f"--workdir={tmp_path / 'run'}", *FLAGS, "--config.train.num_steps=3"]
+  t0 = time.monotonic()
+  out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+  log = out.stdout + out.stderr
+  assert out.returncode == 1, log[-3000:]
+  assert "[p1] OSError: disk error on host 1" in log, log[-3000:]
+  assert time.monotonic() - t0 < 120, log[-3000:]
+
+
+def test_a_process_that_fails_to_export_exits_at_once(tmp_path):
+  """videoldm-export joins the training run's processes too: process 1 failing (here
+  before its restore) while process 0 waits in a collective sat 300 s in JAX's shutdown
+  barrier; it now exits 1 at once, as videoldm-train's processes do."""
+  import time
+  wrapper = ("import sys\n"
+             "from videoldm_jax import distributed\n"
+             "from videoldm_jax.cli import export\n"
+             "from videoldm_jax.train import loop\n"
+             "def fail_on_1(*args):\n"
+             "  if '--process_id=1' in sys.argv:\n"
+             "    raise OSError('disk error on host 1')\n"
+             "  distributed.process_flags(True)  # a collective process 1 never joins\n"
+             "loop.export_checkpoint = fail_on_1\n"
+             "export.run()\n")
+  cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
+         "--devices_per_process=1", "--", sys.executable, "-c", wrapper,
+         "--config=configs/keyframe_tiny.py", f"--workdir={tmp_path / 'run'}"]
   t0 = time.monotonic()
   out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=300)

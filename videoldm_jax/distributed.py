@@ -43,11 +43,13 @@ def tpu_chips() -> int:
 
 
 def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes: int = 0,
-           process_id: int = -1, chips: int = 0) -> Launch:
+           process_id: int = -1, chips: int = 0, uses_tpu: bool = True) -> Launch:
   """The launch kind from flags (which win) or the environment; raises on half-given
   flags instead of hanging at start-up. chips: `tpu_chips()` of this host: a TPU VM
   (GCE: no TPU_WORKER_HOSTNAMES; JAX asks the metadata server for the slice's
-  workers) joins through JAX's auto-detection."""
+  workers) joins through JAX's auto-detection. uses_tpu=False (a CPU run on a TPU
+  worker: fake devices, JAX_PLATFORMS without tpu): neither kind of TPU slice is
+  joined; it would wait for the slice's other workers."""
   given = [bool(coordinator_address), num_processes > 0, process_id >= 0]
   if any(given):
     if not all(given):
@@ -59,7 +61,7 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
       raise ValueError(f"distributed start-up: --process_id={process_id} is not in "
                        f"[0, {num_processes})")
     return Launch("explicit", coordinator_address, num_processes, process_id)
-  if env.get("TPU_WORKER_HOSTNAMES") and "," in env["TPU_WORKER_HOSTNAMES"]:
+  if uses_tpu and env.get("TPU_WORKER_HOSTNAMES") and "," in env["TPU_WORKER_HOSTNAMES"]:
     return Launch("tpu")  # GKE
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
     return Launch("slurm")
@@ -72,7 +74,7 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
           "is not auto-detected by JAX; pass --coordinator_address=HOST:PORT (rank 0's "
           "host) --num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK")
     return Launch("mpi")
-  if chips > 0 and "TPU_SKIP_MDS_QUERY" not in env:  # set at all: JAX skips GCE too
+  if uses_tpu and chips > 0 and "TPU_SKIP_MDS_QUERY" not in env:  # set at all: JAX skips GCE too
     return Launch("tpu")  # a Cloud TPU VM (GCE): one host or a slice, from the metadata
   return Launch("single")
 
@@ -112,7 +114,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   platforms = os.environ.get("JAX_PLATFORMS", "")
   uses_tpu = cpu_devices <= 0 and (not platforms or "tpu" in platforms)
   launch = detect(os.environ, coordinator_address, num_processes, process_id,
-                  chips=tpu_chips() if uses_tpu else 0)
+                  chips=tpu_chips() if uses_tpu else 0, uses_tpu=uses_tpu)
   if cpu_devices > 0:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -12,6 +12,7 @@ are detected from the environment; any other launcher passes --coordinator_addre
 --num_processes and --process_id (see videoldm_jax/distributed.py and launch/).
 """
 
+import contextlib
 import os
 import sys
 import traceback
@@ -35,6 +36,25 @@ _STOPPED_EXIT_CODE = flags.DEFINE_integer(
     "the status of a process the signal ended. 0 makes a stopped run look finished.")
 
 
+@contextlib.contextmanager
+def failed_process_exits_at_once():
+  """Around a command's work after `initialize_distributed`: an exception on one of
+  several processes prints its traceback and ends that process with status 1 at once.
+  Through JAX's shutdown barrier it was held 300 s waiting for the others, which wait in
+  their next collective; the launcher (or srun --kill-on-bad-exit) stops them once this
+  one is gone. One process: the exception propagates as usual."""
+  try:
+    yield
+  except Exception:  # pylint: disable=broad-except
+    import jax
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def initialize_distributed() -> None:
   """jax.distributed from the flags or the launcher's environment (before any JAX use)."""
   from videoldm_jax import distributed
@@ -52,26 +72,16 @@ def main(argv):
                          "status is 0-255")
   initialize_distributed()
   from videoldm_jax.train import loop  # after JAX's start-up
-  try:
-    loop.train_and_evaluate(CONFIG.value, WORKDIR.value)
-  except loop.Stopped as e:
-    # With several processes, none leaves before all have closed the checkpoint: JAX's
-    # shutdown barrier (at exit, from jax.distributed) holds each until all arrive, so a
-    # launcher that kills the rest on a non-zero exit (srun --kill-on-bad-exit) cannot
-    # cut a save short.
-    loop.log(f"videoldm-train: {e} (exit {_STOPPED_EXIT_CODE.value})")
-    sys.exit(_STOPPED_EXIT_CODE.value)
-  except Exception:  # pylint: disable=broad-except
-    import jax
-    if jax.process_count() == 1:
-      raise
-    # Not through JAX's shutdown barrier: it holds a failed process for 300 s waiting
-    # for the others, which wait in the next collective; the launcher (or srun
-    # --kill-on-bad-exit) stops them once this one is gone.
-    traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+  with failed_process_exits_at_once():
+    try:
+      loop.train_and_evaluate(CONFIG.value, WORKDIR.value)
+    except loop.Stopped as e:
+      # With several processes, none leaves before all have closed the checkpoint:
+      # JAX's shutdown barrier (at exit, from jax.distributed) holds each until all
+      # arrive, so a launcher that kills the rest on a non-zero exit (srun
+      # --kill-on-bad-exit) cannot cut a save short.
+      loop.log(f"videoldm-train: {e} (exit {_STOPPED_EXIT_CODE.value})")
+      sys.exit(_STOPPED_EXIT_CODE.value)
 
 
 def run():

@@ -228,8 +228,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       # would be written into the export unnoticed.
       log(f"NOTE exporting with a config other than the run's (checkpoint {n}): "
           f"{'; '.join(changes)}; pass the training run's --config flags")
+    n, existed = _agreed(n, workdir, weights)
     out = export_dir(workdir, n, weights)
-    existed = out.exists()
     if not existed:  # (else nothing to restore: minutes at SD scale for a no-op)
       # The state restores onto any mesh: the devices at hand, parameters replicated
       # (the training mesh may need a pod).
@@ -513,9 +513,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   return last
 
 
-def _agreed(latest: Optional[int], workdir: Path) -> tuple[Optional[int], bool]:
-  """(newest complete checkpoint step, whether its export exists) as process 0 sees them."""
-  exported = latest is not None and export_dir(workdir, latest).exists()
+def _agreed(latest: Optional[int], workdir: Path, weights: str = "ema"
+            ) -> tuple[Optional[int], bool]:
+  """(a checkpoint step, whether its `weights` export exists) as process 0 sees them: on
+  a shared filesystem another host's view may lag, and a process that chose another
+  step, or skipped the restore, would leave the others waiting in its collectives."""
+  exported = latest is not None and export_dir(workdir, latest, weights).exists()
   if jax.process_count() == 1:
     return latest, exported
   got = multihost_utils.broadcast_one_to_all(
