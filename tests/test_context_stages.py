@@ -278,6 +278,12 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
     with pytest.raises(ValueError, match=rf"interpolator.context_drop_prob must be in "
                        rf"\[0, 1\], got {p}"):
       interpolator.mask_fn(4, p)
+  # 4T + 1 frames trained the last frame known; the chain samples T key frames followed
+  # by stride * T - 1 new frames.
+  interp.data.num_frames = 4 * interp.interpolator.stride + 1
+  with pytest.raises(ValueError, match=r"config.data.num_frames=\d+ must be a multiple of "
+                     r"interpolator.stride"):
+    interpolator.setup(interp, tmp_path)
   # Training-time samples extended from 2 frames: the run failed at its first sample
   # step (2-frame clips) or conditioned on a count it never trained.
   config.sample.update(every=2, num_context=2)
