@@ -84,9 +84,10 @@ CONV2D_AXES = ("conv_kh", "conv_kw", "conv_in", "conv_out")  # a 2-D conv kernel
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-  """y + bias (broadcast over the last axis), in float32 when y is lower precision, then
-  cast back: the bias's gradient, dy summed over every other axis, is then summed in
-  float32. (XLA:CPU sums a bfloat16 reduction in bfloat16: 65536 ones gave 512.)"""
+  """y + bias (broadcast to y's shape: a bias over the last axis, a per-example
+  embedding (B, 1, 1, C)), in float32 when y is lower precision, then cast back: the
+  bias's gradient, dy summed over the broadcast axes, is then summed in float32.
+  (XLA:CPU sums a bfloat16 reduction in bfloat16: 65536 ones gave 512.)"""
   if y.dtype == jnp.float32:
     return y + bias
   return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)

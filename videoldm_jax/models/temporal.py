@@ -217,7 +217,8 @@ class TemporalResBlock(nn.Module):
     h = conv3d(channels, c.conv_kernel, name="conv1", dtype=self.dtype)(nn.silu(gn("norm1")(v)))
     t = layers.dense(channels, ("embed", "conv_out"), name="time_emb_proj",
                      dtype=self.dtype)(nn.silu(temb))
-    h = h + einops.rearrange(t, "(b t) c -> b t 1 1 c", t=frames.num_frames)
+    # (add_bias: t's gradient, summed over the pixels, in float32 under bf16 compute)
+    h = layers.add_bias(h, einops.rearrange(t, "(b t) c -> b t 1 1 c", t=frames.num_frames))
     h = conv3d(channels, c.conv_kernel, name="conv2", zero_init=True, dtype=self.dtype)(
         nn.silu(gn("norm2")(h)))
     x_temporal = einops.rearrange(v + h, "b t h w c -> (b t) h w c")
@@ -253,7 +254,7 @@ class TemporalTransformerBlock(nn.Module):
     # spatial layers, a reshape of their (B*T, S, C); norms, projections and the
     # feed-forward act per token, and the attention takes the S sequences as they lie.
     h = einops.rearrange(add_context(x_NxSxC, frames), "(b t) s c -> b t s c", t=t)
-    h = h + pos[None, :, None]
+    h = layers.add_bias(h, pos[None, :, None])  # (summed over B and S: in float32)
     ln = lambda name: layers.layer_norm(1e-5, name=name, dtype=self.dtype)
     attn = lambda name: Attention(self.num_heads, dtype=self.dtype, name=name)
     h = h + attn("attn1")(ln("norm1")(h))

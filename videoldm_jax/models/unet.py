@@ -110,7 +110,7 @@ class ResBlock(nn.Module):
     if temb_BxE is not None:
       t = layers.dense(self.out_channels, ("embed", "conv_out"), name="time_emb_proj",
                        dtype=self.dtype)(nn.silu(temb_BxE))
-      h = h + t[:, None, None, :]
+      h = layers.add_bias(h, t[:, None, None, :])  # (its gradient summed in float32)
     h = layers.conv2d(self.out_channels, 3, name="conv2", dtype=self.dtype)(
         nn.silu(gn("norm2")(h)))
     if x.shape[-1] != self.out_channels:
