@@ -106,6 +106,19 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
     m.notes.append("interpolator stage: only --interpolator2_model given; it is used for "
                    "both passes")
   check_chain(m)
+  # Every parameter on the device once (the host copies are dropped): the chain calls
+  # each model for many windows and chunks, and a jitted call given host arrays copies
+  # them every time.
+  for name in ("keyframe", "predictor", "interpolator", "interpolator2"):
+    entry = getattr(m, name)
+    if entry is not None:
+      setattr(m, name, (dataclasses.replace(entry[0], params=sampling.on_device(
+          entry[0].params)), entry[1]))
+  if m.decoder is not None:
+    m.decoder = dataclasses.replace(m.decoder, params=sampling.on_device(m.decoder.params))
+  if m.upsampler is not None:
+    m.upsampler = dataclasses.replace(m.upsampler,
+                                      params=sampling.on_device(m.upsampler.params))
   if m.keyframe is None:
     m.notes.append("key-frame stage skipped (no --keyframe_model): the first clip comes "
                    "from the prediction model's unconditional branch (S = 0)")

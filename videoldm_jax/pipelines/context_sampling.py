@@ -26,7 +26,7 @@ from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import (NoiseSchedule, SamplingConfig,
                                               schedule_from_diffusers_config)
 from videoldm_jax.models.context_encoder import first_frames_mask, masked_cond, strided_mask
-from videoldm_jax.pipelines.sampling import check_context_source, unet_fn
+from videoldm_jax.pipelines.sampling import check_context_source, on_device, unet_fn
 from videoldm_jax.pretrained import PretrainedLDM
 
 
@@ -49,7 +49,8 @@ class ContextModel:
     schedule, sampling = schedule_from_diffusers_config(model.scheduler)
     # The cached jitted apply: training-time samples of the context stages made a new
     # one per sample step, recompiling the UNet each time.
-    return cls(unet_fn(model.unet_config, tc), model.params["unet"], schedule, sampling)
+    return cls(unet_fn(model.unet_config, tc), on_device(model.params["unet"]), schedule,
+               sampling)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 from videoldm_jax import upsampler_model as um
 from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import gaussian_noise, q_sample
+from videoldm_jax.pipelines import sampling as sampling_lib
 from videoldm_jax.upsampler_model import PretrainedUpsampler, UpsamplerConfig
 
 
@@ -85,7 +86,8 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   denoise, cond_fn, decode = _jitted(model)
   schedule, sampling, aug_schedule = model.schedules()
   key = jax.random.key(seed)
-  vae_params = params.get("vae")
+  # (On the device once, not copied again by each denoising step's call.)
+  vae_params = None if params.get("vae") is None else sampling_lib.on_device(params["vae"])
   f = model.vae_factor
   shape = (b, t, h * s // f, w * s // f, model.channels)
   levels = jnp.full((b,), level, jnp.int32)
@@ -94,7 +96,7 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   cond = cond_fn(aug_schedule, vae_params, jnp.clip(um.to_float(lowres), -1.0, 1.0), levels,
                  _noise(jax.random.fold_in(key, 1), lowres.shape, first_frame))
   x_T = _noise(jax.random.fold_in(key, 0), shape, first_frame)
-  unet_params = params["unet"]
+  unet_params = sampling_lib.on_device(params["unet"])
   denoise_fn = lambda x, tt: denoise(unet_params, x, cond, tt, levels)
   kw = dict(prediction_type=sampling.prediction_type, timestep_spacing=sampling.timestep_spacing,
             steps_offset=sampling.steps_offset, clip_sample=sampling.clip_sample,
