@@ -280,6 +280,10 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
       interpolator.mask_fn(4, p)
   # 4T + 1 frames trained the last frame known; the chain samples T key frames followed
   # by stride * T - 1 new frames.
+  interp.interpolator.stride = 0  # (a ZeroDivisionError of the multiple check)
+  with pytest.raises(ValueError, match=r"interpolation stride must be >= 2, got 0"):
+    interpolator.setup(interp, tmp_path)
+  interp.interpolator.stride = 4
   interp.data.num_frames = 4 * interp.interpolator.stride + 1
   with pytest.raises(ValueError, match=r"config.data.num_frames=\d+ must be a multiple of "
                      r"interpolator.stride"):

@@ -1,6 +1,8 @@
 """Train-step options on a minimal unconditional video UNet fed latents directly:
 remat policies, gradient accumulation and bfloat16 compute."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -209,6 +211,54 @@ def test_schedules_ending_elsewhere_than_the_run_are_reported_per_optimiser(caps
   err = capsys.readouterr().err
   assert "decays until optim.total_steps=400; this run stops at train.num_steps=100" in err
   assert "disc_optim" not in err
+
+
+def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
+  """A negative grad_clip made optax's clip scale every gradient by -1 / |g| (ascent),
+  as a negative lr does; an ema_decay outside [0, 1) extrapolated past the weights or
+  averaged the whole run; sample fields that cannot sample failed at the first sample,
+  after the compile (sample.steps=0 at step `every`; no prompts: ZeroDivisionError);
+  a misspelt compute_dtype was a bare KeyError in the decoder stages."""
+  from videoldm_jax.config_files import load_sibling
+  from videoldm_jax.stages import base
+  from videoldm_jax.train import loop
+  for change, message in ((dict(grad_clip=-1.0), r"config.optim.grad_clip=-1.0: expected >= 0"),
+                          (dict(lr=-0.1), r"config.optim.lr=-0.1: expected >= 0"),
+                          (dict(b2=1.0), r"config.optim.b2=1.0: expected in \[0, 1\)"),
+                          (dict(weight_decay=-1e-2), r"weight_decay=-0.01: expected >= 0")):
+    with pytest.raises(ValueError, match=message):
+      optim.make_optimizer(ml_collections.ConfigDict({**OPTIM.to_dict(), **change}))
+  optim.make_optimizer(ml_collections.ConfigDict({**OPTIM.to_dict(), "grad_clip": None}))
+  with pytest.raises(ValueError, match=r"config.disc_optim.lr=-1.0"):
+    optim.make_grouped_optimizer(
+        {"g": OPTIM, "d": ml_collections.ConfigDict({**OPTIM.to_dict(), "lr": -1.0})},
+        lambda path: "g", fields={"g": "optim", "d": "disc_optim"})
+  for decay in (-0.1, 1.0, 1.5):
+    with pytest.raises(ValueError, match=rf"config.optim.ema_decay={decay}: expected in "
+                       r"\[0, 1\)"):
+      step_lib.check_ema_decay(decay)
+  for change, message in ((dict(steps=0), r"config.sample.steps=0: expected an integer >= 1"),
+                          (dict(prompts=()), r"config.sample.prompts is empty"),
+                          (dict(num_frames=0), r"config.sample.num_frames=0"),
+                          (dict(every=-5), r"config.sample.every=-5")):
+    sample = ml_collections.ConfigDict(dict(every=2, prompts=("a",), steps=2, num_frames=4))
+    sample.update(change)
+    with pytest.raises(ValueError, match=message):
+      base.check_sample_config(sample)
+  base.check_sample_config(ml_collections.ConfigDict(dict(every=0, steps=0, prompts=())))
+  root = Path(__file__).parents[1]
+  up = load_sibling(str(root / "configs" / "x.py"), "upsampler_tiny").get_config()
+  up.sample.update(every=2, sampler="ddpmx")
+  with pytest.raises(ValueError, match=r"config.sample.sampler='ddpmx': expected one of"):
+    loop.stage_setup(up, tmp_path)  # before anything loads
+  up.sample.sampler, up.space = "ddim", "latnt"  # (was an AttributeError on a None VAE)
+  with pytest.raises(ValueError, match=r"config.space='latnt': expected one of "):
+    loop.stage_setup(up, tmp_path)
+  dec = load_sibling(str(root / "configs" / "x.py"), "decoder_tiny").get_config()
+  dec.train.compute_dtype = "bf16"
+  with pytest.raises(ValueError, match=r"train.compute_dtype must be one of \['bfloat16', "
+                     r"'float32'\], got 'bf16'"):
+    loop.stage_setup(dec, tmp_path)
 
 
 def test_optimizer_clips_the_global_gradient_norm():

@@ -23,6 +23,13 @@ from videoldm_jax.models import vae as vae_lib
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def dtype_named(name: str, field: str = "train.compute_dtype"):
+  """The dtype `DTYPES[name]`; a ValueError naming `field` and the choices otherwise."""
+  if name not in DTYPES:
+    raise ValueError(f"{field} must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoLDM:
   """Configs of UNet (+ temporal layers), VAE, text encoder and noise schedule."""
@@ -37,12 +44,11 @@ class VideoLDM:
   @classmethod
   def from_pretrained(cls, model: pretrained.PretrainedLDM, temporal: Optional[TemporalConfig],
                       compute_dtype: str = "float32", remat_policy: str = "none") -> "VideoLDM":
-    if compute_dtype not in DTYPES:
-      raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {compute_dtype!r}")
+    dtype = dtype_named(compute_dtype)
     if temporal is not None:
       temporal.validate()
     return cls(model.unet_config, model.vae_config, model.text_config, model.scheduler,
-               temporal, DTYPES[compute_dtype], remat_policy)
+               temporal, dtype, remat_policy)
 
   def unet(self) -> UNet:
     return UNet(self.unet_config, self.temporal_config, dtype=self.compute_dtype,

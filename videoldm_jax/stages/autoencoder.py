@@ -22,6 +22,7 @@ The loss helpers here are shared with the decoder stage (stages/decoder.py).
 """
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -43,7 +44,7 @@ from videoldm_jax.stages import keyframe
 from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train import gan, optim
 from videoldm_jax.train.step import Stage
-from videoldm_jax.video_ldm import DTYPES
+from videoldm_jax.video_ldm import dtype_named
 
 ParamPath = tuple[str, ...]
 
@@ -188,7 +189,8 @@ def with_lpips(abstract: dict, axes: dict, lpips: Optional[dict]) -> tuple[dict,
 
 def optimizer(config: ml_collections.ConfigDict):
   return optim.make_grouped_optimizer(
-      {"generator": config.optim, "discriminator": config.disc_optim}, group)
+      {"generator": config.optim, "discriminator": config.disc_optim}, group,
+      fields={"generator": "optim", "discriminator": "disc_optim"})
 
 
 def make_batch(host: dict) -> dict:
@@ -234,11 +236,16 @@ def reconstruction_sampler(config: ml_collections.ConfigDict,
   """(params, step) -> uint8 (N, T, 2H, W, 3): fixed procedural clips (top) over their
   reconstructions (bottom); reconstruct(params, uint8 clips) -> float clips in [-1, 1]."""
   s, d = config.sample, config.data
-  clips = np.stack([make_clip(i, d.num_frames, d.height, d.width, seed=12345)[0]
-                    for i in range(s.get("num_clips", 2))])
+
+  # Made at the first sample, not at setup: a run without samples needs none.
+  @functools.cache
+  def fixed_clips() -> np.ndarray:
+    return np.stack([make_clip(i, d.num_frames, d.height, d.width, seed=12345)[0]
+                     for i in range(s.get("num_clips", 2))])
 
   def sample(params: dict, step: int) -> np.ndarray:
     del step
+    clips = fixed_clips()
     rec = np.asarray(reconstruct(params, clips))
     rec = np.clip(np.round((rec + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return np.concatenate([clips, rec], axis=2)
@@ -276,7 +283,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   if vae_temporal is not None:
     # Keep the image autoencoder: the video decoder's temporal layers are dropped.
     vae_params, _ = partition.split(vae_params)
-  dtype = DTYPES[config.train.compute_dtype]
+  dtype = dtype_named(config.train.compute_dtype)
   vae = AutoencoderKL(vae_config, dtype=dtype, remat_policy=config.train.remat_policy)
   disc_config = disc_lib.DiscriminatorConfig.from_dict(
       dict(config.discriminator), "config.discriminator").validate()

@@ -84,6 +84,37 @@ def abstract_setup():
     _ABSTRACT.reset(token)
 
 
+def check_sample_config(sample) -> None:
+  """config.sample of any stage, when it draws samples (every > 0): ValueError naming the
+  field whose value cannot sample, at setup. The first sample comes `every` steps into
+  the run, after the compile: a 0 step count, an empty prompt list or a misspelt sampler
+  failed there (hours in, with `every` large), some with a bare ZeroDivisionError."""
+  import math
+
+  from videoldm_jax.diffusion.samplers import SAMPLERS
+  if not sample:
+    return
+  every = sample.get("every", 0)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f"config.sample.every={every!r}: expected a step count >= 0 (0: no "
+                     "samples)")
+  if not every:
+    return
+  for field, least in (("steps", 1), ("num_frames", 1), ("num_clips", 1),
+                       ("num_context", 0)):
+    value = sample.get(field)
+    if value is not None and not (isinstance(value, int) and value >= least):
+      raise ValueError(f"config.sample.{field}={value!r}: expected an integer >= {least}")
+  if "prompts" in sample and not sample.prompts:
+    raise ValueError("config.sample.prompts is empty: one video is sampled per prompt")
+  if "sampler" in sample and sample.sampler not in SAMPLERS:
+    raise ValueError(f"config.sample.sampler={sample.sampler!r}: expected one of {SAMPLERS}")
+  for field in ("guidance_scale", "context_scale"):
+    value = sample.get(field)
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+      raise ValueError(f"config.sample.{field}={value!r}: expected a finite number")
+
+
 def is_abstract() -> bool:
   return _ABSTRACT.get()
 

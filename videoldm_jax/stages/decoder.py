@@ -37,7 +37,7 @@ from videoldm_jax.stages import autoencoder as ae
 from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
-from videoldm_jax.video_ldm import DTYPES
+from videoldm_jax.video_ldm import dtype_named
 
 LAST_LAYER = ("decoder", "temporal_conv_out", "conv", "kernel")
 
@@ -102,7 +102,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
                      f"with vae_temporal {image_temporal.to_dict()}, config.vae_temporal "
                      f"is {temporal.to_dict()}: set them equal to continue training it, "
                      "or start from the frame-wise image model")
-  dtype = DTYPES[config.train.compute_dtype]
+  dtype = dtype_named(config.train.compute_dtype)
   vae = AutoencoderKL(vae_config, temporal, dtype=dtype,
                       remat_policy=config.train.remat_policy)
   disc_config = disc_lib.DiscriminatorConfig.from_dict(

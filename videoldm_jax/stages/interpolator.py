@@ -71,6 +71,7 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The interpolation stage of `config` (configs/interpolator_*.py)."""
   c = config.interpolator
+  mask = mask_fn(c.stride, c.context_drop_prob)  # (checks the stride first)
   if config.data.num_frames % c.stride:
     # The chain calls it on windows of stride frames per key frame, the last key frame
     # followed by stride - 1 new ones; 4T + 1 frames would train another layout (the
@@ -78,5 +79,4 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
     raise ValueError(f"config.data.num_frames={config.data.num_frames} must be a multiple "
                      f"of interpolator.stride={c.stride} (T key frames -> stride * T "
                      "frames)")
-  return context.setup_context_stage(config, workdir, "interpolator",
-                                     mask_fn(c.stride, c.context_drop_prob), sampler)
+  return context.setup_context_stage(config, workdir, "interpolator", mask, sampler)

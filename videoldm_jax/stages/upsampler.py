@@ -50,7 +50,7 @@ from videoldm_jax.train.state import merge
 from videoldm_jax.stages.keyframe import is_trainable_fn
 from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
-from videoldm_jax.video_ldm import DTYPES
+from videoldm_jax.video_ldm import dtype_named
 
 # Sample clips are procedural clips from this index on: far beyond what a run trains on.
 SAMPLE_CLIP_INDEX = 10_000_000
@@ -171,6 +171,8 @@ def build_model(config: ml_collections.ConfigDict
   With `config.image_upsampler` the architecture (UNet, space, VAE, scale, schedules,
   upsample method) is that folder's, plus this config's temporal layers and noise
   levels; otherwise everything comes from this config."""
+  if config.get("space") not in um.SPACES:  # (before a VAE is looked for)
+    raise ValueError(f"config.space={config.get('space')!r}: expected one of {um.SPACES}")
   temporal = (TemporalConfig.from_dict(dict(config.temporal), "config.temporal")
               if config.temporal_layers else None)
   levels = dict(max_noise_level=config.max_noise_level, noise_level=config.noise_level)
@@ -269,11 +271,10 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The upsampler stage of `config` (configs/upsampler_*.py)."""
   model, image, vae_params = build_model(config)
   _check(config, model)
-  if config.train.compute_dtype not in DTYPES:
-    raise ValueError(f"train.compute_dtype must be one of {sorted(DTYPES)}")
-  unet = model.unet_module(DTYPES[config.train.compute_dtype], config.train.remat_policy)
+  dtype = dtype_named(config.train.compute_dtype)
+  unet = model.unet_module(dtype, config.train.remat_policy)
   stage = make_stage(model, config.mode, config.patch_size, config.get("min_snr_gamma"),
-                     DTYPES[config.train.compute_dtype], config.train.remat_policy)
+                     dtype, config.train.remat_policy)
 
   def make_batch(host: dict) -> dict:
     return {k: host[k] for k in ("video", "image_only") if k in host}

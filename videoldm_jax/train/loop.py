@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from videoldm_jax import pretrained, sharding, video_io
 from videoldm_jax.models import attention
+from videoldm_jax.stages import base
 from videoldm_jax.stages.base import StageSetup
 from videoldm_jax.train import flops as flops_lib
 from videoldm_jax.train import frozen as frozen_lib
@@ -69,6 +70,7 @@ def stage_setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
                if importlib.util.find_spec(f"videoldm_jax.stages.{s}") is not None]
   if config.stage not in available:
     raise ValueError(f"config.stage={config.stage!r}; expected one of {available}")
+  base.check_sample_config(config.get("sample"))
   return importlib.import_module(f"videoldm_jax.stages.{config.stage}").setup(config, workdir)
 
 
@@ -257,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        ("keep", config.train.keep)):
     if value is not None and value < 1:  # (keep=None: Orbax keeps every checkpoint)
       raise ValueError(f"config.train.{field}={value}: expected >= 1")
+  step_lib.check_ema_decay(config.optim.ema_decay)
   workdir.mkdir(parents=True, exist_ok=True)
   with _checkpointer(config, workdir) as ckpt:  # closed on errors too
     return _train_and_evaluate(config, workdir, ckpt, max_in_flight)

@@ -5,6 +5,9 @@ logged gradient norm and the optimiser state cover exactly those; frozen paramet
 neither gradients nor moments (see train/step.py).
 """
 
+import math
+from typing import Optional
+
 import ml_collections
 import optax
 
@@ -27,8 +30,27 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
       end_value=config.lr * config.get("final_lr_fraction", 0.0))
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, eps, weight_decay)."""
+def check_settings(config: ml_collections.ConfigDict, field: str = "optim") -> None:
+  """ValueError naming `field`.X for settings that train the wrong way without a word: a
+  negative lr or grad_clip (optax's clip by -1 / |g| turns every step into ascent),
+  Adam betas outside [0, 1), negative eps or weight_decay."""
+  checks = [("lr", config.lr, lambda v: v >= 0, ">= 0"),
+            ("b1", config.b1, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("b2", config.b2, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("eps", config.eps, lambda v: v >= 0, ">= 0"),
+            ("weight_decay", config.weight_decay, lambda v: v >= 0, ">= 0"),
+            ("grad_clip", config.get("grad_clip") or 0.0, lambda v: v >= 0,
+             ">= 0 (0 or None: no clipping)")]
+  for name, value, ok, expected in checks:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+      raise ValueError(f"config.{field}.{name}={value!r}: expected {expected}")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, field: str = "optim"
+                   ) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, eps, weight_decay); the
+  settings checked first (`check_settings`; `field` names them in its errors)."""
+  check_settings(config, field)
   parts = []
   if config.get("grad_clip"):
     parts.append(optax.clip_by_global_norm(config.grad_clip))
@@ -37,10 +59,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.chain(*parts)
 
 
-def make_grouped_optimizer(configs: dict, group) -> optax.GradientTransformation:
+def make_grouped_optimizer(configs: dict, group, fields: Optional[dict] = None
+                           ) -> optax.GradientTransformation:
   """One `make_optimizer(configs[name])` per group of trainable leaves, `group(path)`
   naming each leaf's group (e.g. generator / discriminator): each group is clipped and
-  stepped with its own settings, as two optimisers would."""
+  stepped with its own settings, as two optimisers would. fields: group -> the config
+  field its settings come from (for errors; default the group's name)."""
   import jax
 
   def labels(params):
@@ -48,5 +72,6 @@ def make_grouped_optimizer(configs: dict, group) -> optax.GradientTransformation
     return jax.tree_util.tree_map_with_path(
         lambda path, _: group(tuple(str(getattr(k, "key", k)) for k in path)), params)
 
-  return optax.multi_transform({name: make_optimizer(c) for name, c in configs.items()},
-                               labels)
+  fields = fields or {}
+  return optax.multi_transform(
+      {name: make_optimizer(c, fields.get(name, name)) for name, c in configs.items()}, labels)

@@ -149,6 +149,15 @@ def _split_microbatches(batch: dict, n: int) -> dict:
   return jax.tree_util.tree_map(f, batch)
 
 
+def check_ema_decay(ema_decay: float) -> None:
+  """ValueError unless 0 <= ema_decay < 1 (config.optim.ema_decay): a negative decay
+  extrapolated past the weights; 1 or more left only the warm-up ramp, an average over
+  the whole run."""
+  if not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
+    raise ValueError(f"config.optim.ema_decay={ema_decay!r}: expected in [0, 1) (0: the "
+                     "EMA is the trained weights)")
+
+
 def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: int,
                      ema_decay: float = 0.9999, grad_accum: int = 1,
                      lr_schedule: Optional[optax.Schedule] = None,
@@ -162,6 +171,7 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
   memory is that of one microbatch).
   `shardings` / `batch_sharding` pin the layouts; the input state is donated.
   """
+  check_ema_decay(ema_decay)
   base_key = jax.random.key(seed)
 
   def loss_and_grad(trainable, frozen, batch, key, step):
