@@ -178,7 +178,8 @@ def _write_lists(splits_dir, files=UCF_FILES, number=1, train_labels=None):
     with open(os.path.join(splits_dir, f"{name}{number:02d}.txt"), "w", newline="") as f:
       for s, listed, _ in files:
         if s == split:
-          label = (train_labels or {}).get(listed, CLASSES.index(listed.split("/")[0]) + 1)
+          label = ((train_labels or {}).get(listed)
+                   or CLASSES.index(listed.split("/")[0]) + 1)
           f.write(f"{listed} {label}\r\n" if split == "train" else f"{listed}\r\n")
 
 
@@ -221,6 +222,25 @@ def test_ucf101_splits_labels_frames(ucf_built, ucf_root):
       "detail": "listed in testlist01.txt line 3 but no such file", "split": "test"}]
   assert report["num_examples_by_split"] == {"train": 3, "test": 2}
   assert report["num_examples"] == 5 and report["split_number"] == 1
+
+
+def test_ucf101_two_spellings_of_one_file_keep_the_first(ucf_root, tmp_path):
+  """The class folder and the file are matched ignoring case: two list lines that name
+  one file in different case passed the list's duplicate check (exact text) and gave
+  TFDS one example key twice, which failed the whole build (a DuplicatedKeysError,
+  shown as a missing-tensorflow error)."""
+  splits = str(tmp_path / "lists")
+  files = [("train", "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", None),
+           ("train", "applyeyemakeup/v_ApplyEyeMakeup_g08_c01.avi", None),
+           ("test", "Basketball/v_Basketball_g01_c01.avi", None)]
+  _write_lists(splits, files, train_labels={files[1][1]: 1})
+  builder = ucf101.build(None, str(tmp_path / "data"), videos_dir=os.path.join(
+      ucf_root, "UCF-101"), splits_dir=splits, max_frames=None)
+  assert len(builder.as_data_source("train")) == 1
+  assert _report(builder)["skipped"] == [{
+      "path": files[1][1], "reason": ucf_sources.DUPLICATE_ENTRY, "split": "train",
+      "detail": "trainlist01.txt line 2 names the file of line 1 "
+                "(ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi); first kept"}]
 
 
 def test_ucf101_read_back_by_name(ucf_built):

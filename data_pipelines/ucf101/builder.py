@@ -148,12 +148,21 @@ class Ucf101(vfb.SkipReportingBuilder):
     captions = [ucf.class_caption(name) for name in self._class_names]
 
     def items():
+      found = {}  # path on disk -> the list line that named it first
       for entry in entries:
         rel = finder.find(entry.rel)
         if rel is None:
           skips.append(sources.Skip(entry.rel, sources.MISSING_FILE, f"listed in "
                                     f"{list_name} line {entry.line} but no such file"))
           continue
+        if rel in found:
+          # Two spellings of one file (the case-blind match): the second would be an
+          # example key TFDS has already seen, which fails the whole build.
+          skips.append(sources.Skip(entry.rel, ucf.DUPLICATE_ENTRY, f"{list_name} line "
+                                    f"{entry.line} names the file of line {found[rel]} "
+                                    f"({rel}); first kept"))
+          continue
+        found[rel] = entry.line
         yield rel, os.path.join(cfg.videos_dir, *rel.split("/")), {
             "caption": captions[entry.label], "label": entry.label}
 
