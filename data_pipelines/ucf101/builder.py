@@ -20,7 +20,6 @@ split); a split left with no usable video fails the build with one clear error.
 import dataclasses
 import os
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines.ucf101 import sources as ucf
