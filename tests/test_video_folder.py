@@ -287,6 +287,14 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   dup.write_text("path,caption\na.mp4,first\n./a.mp4,second\n")
   rows, skips = sources.read_captions(str(dup), str(tmp_path))
   assert rows == [("a.mp4", "first")] and [s.reason for s in skips] == ["duplicate_caption"]
+  # Names match in Unicode NFC: "café" typed (NFC) names a file stored decomposed (NFD,
+  # as a macOS copy leaves it), and the two spellings in one file are one key.
+  nfc, nfd = "caf\u00e9.mp4", "cafe\u0301.mp4"
+  (tmp_path / "u.csv").write_text(f"path,caption\n{nfc},a cup\n{nfd},again\n",
+                                  encoding="utf-8")
+  rows, skips = sources.read_captions(str(tmp_path / "u.csv"), str(tmp_path))
+  assert [s.reason for s in skips] == ["duplicate_caption"]
+  assert sources.match_captions([nfd], rows, str(tmp_path), "u.csv") == ({nfd: "a cup"}, [])
 
 
 def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path):

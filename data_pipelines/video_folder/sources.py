@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import unicodedata
 
 import numpy as np
 
@@ -122,8 +123,9 @@ def find_videos(source_dir: str) -> tuple[list[str], list[Skip]]:
 
 def _normalize_row_path(raw: str, source_dir: str) -> str:
   """A caption row's path as a key comparable with `find_videos` output: relative to
-  the source folder (absolute paths inside it are accepted), normalised, posix."""
-  raw = raw.strip()
+  the source folder (absolute paths inside it are accepted), normalised (Unicode NFC
+  too: two spellings of one name are one key), posix."""
+  raw = unicodedata.normalize("NFC", raw.strip())
   if os.path.isabs(raw):
     return _rel(os.path.normpath(raw), source_dir)
   return os.path.normpath(raw).replace(os.sep, "/")
@@ -200,11 +202,14 @@ def read_captions(captions_file: str,
 
 def match_captions(videos: list[str], rows: list[tuple[str, str]], source_dir: str,
                    captions_file: str) -> tuple[dict[str, str], list[Skip]]:
-  """Maps each video to its caption; rows naming no candidate video become `Skip`s."""
-  candidates, captions, skips = set(videos), {}, []
+  """Maps each video to its caption; rows naming no candidate video become `Skip`s. Paths
+  match in Unicode NFC: a name typed or exported as "café" (NFC) names the file a macOS
+  copy stored decomposed (NFD), which Linux file systems keep as other bytes."""
+  candidates, captions, skips = {unicodedata.normalize("NFC", v): v for v in videos}, {}, []
   for key, caption in rows:
-    if key in candidates:
-      captions[key] = caption
+    on_disk = candidates.get(unicodedata.normalize("NFC", key))
+    if on_disk is not None:
+      captions[on_disk] = caption
       continue
     full = os.path.join(source_dir, key)
     where = f"listed in {os.path.basename(captions_file)}"
