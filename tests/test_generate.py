@@ -339,6 +339,7 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   for bad, message in ((dict(interp_steps=0), "interp_steps must be >= 1"),
                        (dict(predictor_frames=0), "predictor_frames must be >= 1"),
                        (dict(eta=-1.0), "eta >= 0"), (dict(sampler="euler"), "sampler one of"),
+                       (dict(seed=-1), "seed must be an integer >= 0, got -1"),
                        (dict(gif_max_size=0), "gif_max_size and gif_max_frames must be >= 1"),
                        (dict(upsampler_noise_level=400), r"upsampler_noise_level must be in "
                         r"\[0, 350\)"),

@@ -113,6 +113,8 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     raise ValueError(f"steps must be >= 1, eta >= 0 and sampler one of "
                      f"{samplers_lib.SAMPLERS}; "
                      f"got steps={o.steps}, eta={o.eta}, sampler={o.sampler!r}")
+  if not (isinstance(o.seed, int) and o.seed >= 0):  # (NumPy's SeedSequence, at the end)
+    raise ValueError(f"seed must be an integer >= 0, got {o.seed!r}")
   if o.gif and (o.gif_max_size < 1 or o.gif_max_frames < 1):
     raise ValueError(f"gif_max_size and gif_max_frames must be >= 1 (or gif=False), got "
                      f"{o.gif_max_size}, {o.gif_max_frames}")
