@@ -87,7 +87,7 @@ def test_schedule_from_diffusers_config(torch_cpu):
 @pytest.mark.parametrize("field,value", [
     ("beta_schedule", "sigmoid"), ("prediction_type", "flow_prediction"),
     ("timestep_spacing", "karras"), ("thresholding", True), ("use_karras_sigmas", True),
-    ("variance_type", "learned_range"), ("solver_order", 3)])
+    ("variance_type", "learned_range"), ("solver_order", 3), ("lambda_min_clipped", -5.1)])
 def test_schedule_from_diffusers_config_rejects(field, value):
   with pytest.raises(ValueError, match=field):
     schedules.schedule_from_diffusers_config({"beta_schedule": "linear", field: value})

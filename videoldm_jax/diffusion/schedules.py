@@ -159,6 +159,9 @@ _REQUIRED_VALUES = {
     "variance_type": ("fixed_small", None), "algorithm_type": ("dpmsolver++",),
     "solver_type": ("midpoint",), "solver_order": (2,), "final_sigmas_type": ("zero",),
     "euler_at_final": False,
+    # DPM-Solver cuts the top of its grid where the half-log-SNR falls below this (the
+    # cosine schedule's -5.1): another grid than ours. JSON's -Infinity is the default.
+    "lambda_min_clipped": (float("-inf"),),
 }
 
 
