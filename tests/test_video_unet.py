@@ -208,3 +208,13 @@ def test_unet_heads_that_do_not_split_a_levels_channels_are_refused_by_level():
   assert UNetConfig(**base, num_heads=(4, 6)).validate().heads_per_level() == (4, 6)
   assert UNetConfig(block_out_channels=(64, 96, 96), attention_levels=(True, False, True),
                     num_heads=(4, 5, 6)).validate().heads_per_level() == (4, 5, 6)
+
+
+def test_unet_sizes_its_levels_cannot_halve_are_refused():
+  # 10x6 latents on 3 levels: the way up could not concatenate a skip (TypeError).
+  config = UNetConfig(block_out_channels=(32, 32, 32), attention_levels=(False,) * 3,
+                      num_heads=2, cross_attention_dim=32)
+  with pytest.raises(ValueError, match=r"UNet input of 10x6 latents: both must be "
+                     r"multiples of 4"):
+    jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, 10, 6, 4)),
+                                              jnp.zeros((1,)), jnp.zeros((1, 3, 32))))

@@ -282,6 +282,12 @@ class UNet(nn.Module):
     video = x.ndim == 5
     if not video and x.ndim != 4:
       raise ValueError(f"UNet input must be (B, H, W, C) or (B, T, H, W, C), got {x.shape}")
+    f = 2 ** (c.num_levels - 1)
+    if x.shape[-3] % f or x.shape[-2] % f:
+      # (Each level halves the size and the way up doubles it: an odd size fails to
+      # concatenate with its skip, deep inside, as a TypeError.)
+      raise ValueError(f"UNet input of {x.shape[-3]}x{x.shape[-2]} latents: both must be "
+                       f"multiples of {f} (2 ** (levels - 1))")
     batch = x.shape[0]
     timesteps_B = jnp.broadcast_to(timesteps_B, (batch,))
     frames = None
