@@ -296,6 +296,12 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
     predictor.setup(config, tmp_path)
   config.sample.num_context = 1
   predictor.check_sample_context(config)
+  # Clips no longer than the largest S: refused at setup, not at the step's trace.
+  short = _config("predictor_tiny", num_frames=2)
+  short.sample.every = 0
+  with pytest.raises(ValueError, match=r"config.data.num_frames=2: the predictor draws up "
+                     r"to 2 context frames"):
+    predictor.setup(short, tmp_path / "short")
   config.sample.every = 0  # no samples: nothing to check
   config.sample.num_context = 5
   predictor.check_sample_context(config)

@@ -254,6 +254,9 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
   up.sample.sampler, up.space = "ddim", "latnt"  # (was an AttributeError on a None VAE)
   with pytest.raises(ValueError, match=r"config.space='latnt': expected one of "):
     loop.stage_setup(up, tmp_path)
+  up.space, up.min_snr_gamma = "pixel", 0.0  # (refused only when the step was traced)
+  with pytest.raises(ValueError, match=r"config.min_snr_gamma=0.0: expected > 0"):
+    loop.stage_setup(up, tmp_path)
   dec = load_sibling(str(root / "configs" / "x.py"), "decoder_tiny").get_config()
   dec.train.compute_dtype = "bf16"
   with pytest.raises(ValueError, match=r"train.compute_dtype must be one of \['bfloat16', "

@@ -86,5 +86,10 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The prediction stage of `config` (configs/predictor_*.py)."""
   check_sample_context(config)
-  return context.setup_context_stage(config, workdir, "predictor",
-                                     mask_fn(config.predictor.num_context_probs), sampler)
+  mask = mask_fn(config.predictor.num_context_probs)
+  most = max_context(config.predictor.num_context_probs)
+  if most >= config.data.num_frames:  # (else refused at the trace, after the loading)
+    raise ValueError(f"config.data.num_frames={config.data.num_frames}: the predictor draws "
+                     f"up to {most} context frames (predictor.num_context_probs) and needs "
+                     "clips with at least one frame more")
+  return context.setup_context_stage(config, workdir, "predictor", mask, sampler)

@@ -117,6 +117,9 @@ def make_stage(model: um.UpsamplerConfig, mode: str, patch_size: int,
   loss_fn(params {'unet'[, 'vae']}, batch {'video' uint8 (B, T, H, W, 3)[,
   'image_only' (B, T)]}, key, step) -> (loss, metrics)."""
   model.validate()
+  if min_snr_gamma is not None and not min_snr_gamma > 0:  # (else refused at the trace)
+    raise ValueError(f"config.min_snr_gamma={min_snr_gamma}: expected > 0, or None for no "
+                     "Min-SNR weighting")
   unet = model.unet_module(dtype, remat_policy)
   # Built here, outside any trace: reading a scheduler config needs concrete values.
   schedule, sampling, aug_schedule = model.schedules()
