@@ -458,9 +458,15 @@ def test_find_videos_links_and_undecodable_names(tmp_path):
   os.symlink(src / "own", src / "current")   # into the tree: own/ keeps its name
   with open(os.path.join(os.fsencode(str(src)), b"caf\xe9.mp4"), "wb") as f:
     f.write(b"not valid utf-8 in the name")  # Latin-1 name from an old archive
+  os.symlink(src / "own" / "a.mp4", src / "0_a_again.mp4")  # a file link: stored once
   videos, skips = sources.find_videos(str(src))
   assert videos == ["linked/b.mp4", "own/a.mp4"]
-  assert [(s.path, s.reason) for s in skips] == [("caf\\xe9.mp4", "undecodable_name")]
+  assert [(s.path, s.reason) for s in skips] == [("caf\\xe9.mp4", "undecodable_name"),
+                                                 ("0_a_again.mp4", "duplicate_file")]
+  # A caption naming the link captions the video stored under its real path.
+  rows = [("0_a_again.mp4", "a road"), ("linked/b.mp4", "a car")]
+  assert sources.match_captions(videos, rows, str(src), "c.csv") == (
+      {"own/a.mp4": "a road", "linked/b.mp4": "a car"}, [])
 
 
 def test_caption_file_with_bytes_that_are_not_utf8(tmp_path):

@@ -26,7 +26,7 @@ __all__ = [
     "VIDEO_EXTENSIONS", "Skip", "SkipError", "Clip", "find_videos", "read_captions",
     "match_captions", "decode_clip", "EMPTY_FILE", "UNREADABLE", "NO_VIDEO_STREAM",
     "DECODE_ERROR", "TRUNCATED", "NO_FRAMES", "TOO_SHORT", "MISSING_FILE", "NOT_A_VIDEO",
-    "DUPLICATE_CAPTION", "UNDECODABLE_NAME", "readable_text",
+    "DUPLICATE_CAPTION", "DUPLICATE_FILE", "UNDECODABLE_NAME", "readable_text",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif", ".avi", ".mkv")
@@ -43,6 +43,7 @@ TOO_SHORT = "too_short"              # fewer stored frames than `min_frames`
 MISSING_FILE = "missing_file"        # caption row naming a file that does not exist
 NOT_A_VIDEO = "not_a_video_file"     # caption row naming a file without a video extension
 DUPLICATE_CAPTION = "duplicate_caption"  # a second caption row for the same path
+DUPLICATE_FILE = "duplicate_file"    # a second path (a file link) to a listed video
 UNDECODABLE_NAME = "undecodable_name"    # a file name that is not valid UTF-8
 
 
@@ -91,7 +92,8 @@ def find_videos(source_dir: str) -> tuple[list[str], list[Skip]]:
   valid UTF-8 (TFDS and skipped.json store names as UTF-8 text). Extensions match
   case-insensitively; files with other extensions are not candidates and are not
   reported. Symlinked folders outside the tree are followed, each once; a link into
-  the tree (or a loop) adds nothing, its videos keep their real paths."""
+  the tree (or a loop) adds nothing, its videos keep their real paths. A second path
+  to one file (a file link) is a DUPLICATE_FILE skip: each video is stored once."""
   if not os.path.isdir(source_dir):
     raise FileNotFoundError(f"{source_dir}: video source folder does not exist")
   top = os.path.realpath(source_dir)
@@ -118,7 +120,18 @@ def find_videos(source_dir: str) -> tuple[list[str], list[Skip]]:
           shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
           skips.append(Skip(shown, UNDECODABLE_NAME, "the file name is not valid UTF-8; "
                             "rename it to store it"))
-  return sorted(found), skips
+  # One file under two paths (a file link beside its target): stored once, under the
+  # path that is not a link (else the first in order); it was trained on twice as often.
+  kept, by_real = [], {}
+  for rel in sorted(found, key=lambda r: (os.path.islink(os.path.join(source_dir, r)), r)):
+    real = os.path.realpath(os.path.join(source_dir, rel))
+    if real in by_real:
+      skips.append(Skip(rel, DUPLICATE_FILE, f"the same file as {by_real[real]}; stored "
+                        "once"))
+    else:
+      by_real[real] = rel
+      kept.append(rel)
+  return sorted(kept), skips
 
 
 def _normalize_row_path(raw: str, source_dir: str) -> str:
@@ -206,12 +219,23 @@ def match_captions(videos: list[str], rows: list[tuple[str, str]], source_dir: s
   match in Unicode NFC: a name typed or exported as "café" (NFC) names the file a macOS
   copy stored decomposed (NFD), which Linux file systems keep as other bytes."""
   candidates, captions, skips = {unicodedata.normalize("NFC", v): v for v in videos}, {}, []
+  by_real = None  # real path -> video, for rows naming another path to a video
   for key, caption in rows:
     on_disk = candidates.get(unicodedata.normalize("NFC", key))
     if on_disk is not None:
       captions[on_disk] = caption
       continue
     full = os.path.join(source_dir, key)
+    if by_real is None:
+      by_real = {os.path.realpath(os.path.join(source_dir, v)): v for v in videos}
+    video = by_real.get(os.path.realpath(full)) if os.path.exists(full) else None
+    if video is not None:  # (a link to a video stored under its other path)
+      if video in captions:
+        skips.append(Skip(key, DUPLICATE_CAPTION, f"names the file of {video}, which has "
+                          "a caption already; first kept"))
+      else:
+        captions[video] = caption
+      continue
     where = f"listed in {os.path.basename(captions_file)}"
     if key.startswith("../") or key == "..":
       skips.append(Skip(key, MISSING_FILE, f"{where} but outside the source folder"))
