@@ -289,12 +289,20 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   assert rows == [("a.mp4", "first")] and [s.reason for s in skips] == ["duplicate_caption"]
   # Names match in Unicode NFC: "café" typed (NFC) names a file stored decomposed (NFD,
   # as a macOS copy leaves it), and the two spellings in one file are one key.
+  # Exact names first: two files whose names differ only in that form are two videos.
   nfc, nfd = "caf\u00e9.mp4", "cafe\u0301.mp4"
-  (tmp_path / "u.csv").write_text(f"path,caption\n{nfc},a cup\n{nfd},again\n",
-                                  encoding="utf-8")
-  rows, skips = sources.read_captions(str(tmp_path / "u.csv"), str(tmp_path))
-  assert [s.reason for s in skips] == ["duplicate_caption"]
-  assert sources.match_captions([nfd], rows, str(tmp_path), "u.csv") == ({nfd: "a cup"}, [])
+  match = lambda videos, rows: sources.match_captions(videos, rows, str(tmp_path), "u.csv")
+  assert match([nfd], [(nfc, "a cup")]) == ({nfd: "a cup"}, [])
+  captions, skips = match([nfd], [(nfd, "exact"), (nfc, "again")])
+  assert captions == {nfd: "exact"} and [s.reason for s in skips] == ["duplicate_caption"]
+  assert match([nfc, nfd], [(nfc, "one"), (nfd, "two")]) == ({nfc: "one", nfd: "two"}, [])
+  # An absolute path is taken relative to the folder as spelled on disk (a decomposed
+  # folder name stays as it is).
+  folder = tmp_path / "Cafe\u0301"
+  folder.mkdir()
+  (folder / "u.jsonl").write_text(json.dumps({"path": str(folder / "a.mp4"),
+                                              "caption": "hi"}) + "\n", encoding="utf-8")
+  assert sources.read_captions(str(folder / "u.jsonl"), str(folder))[0] == [("a.mp4", "hi")]
 
 
 def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path):

@@ -136,9 +136,8 @@ def find_videos(source_dir: str) -> tuple[list[str], list[Skip]]:
 
 def _normalize_row_path(raw: str, source_dir: str) -> str:
   """A caption row's path as a key comparable with `find_videos` output: relative to
-  the source folder (absolute paths inside it are accepted), normalised (Unicode NFC
-  too: two spellings of one name are one key), posix."""
-  raw = unicodedata.normalize("NFC", raw.strip())
+  the source folder (absolute paths inside it are accepted), normalised, posix."""
+  raw = raw.strip()
   if os.path.isabs(raw):
     return _rel(os.path.normpath(raw), source_dir)
   return os.path.normpath(raw).replace(os.sep, "/")
@@ -215,15 +214,28 @@ def read_captions(captions_file: str,
 
 def match_captions(videos: list[str], rows: list[tuple[str, str]], source_dir: str,
                    captions_file: str) -> tuple[dict[str, str], list[Skip]]:
-  """Maps each video to its caption; rows naming no candidate video become `Skip`s. Paths
-  match in Unicode NFC: a name typed or exported as "café" (NFC) names the file a macOS
+  """Maps each video to its caption; rows naming no candidate video become `Skip`s. A
+  row that names no video exactly names the one video equal to it in Unicode NFC, if
+  there is exactly one: "café" typed or exported composed (NFC) names the file a macOS
   copy stored decomposed (NFD), which Linux file systems keep as other bytes."""
-  candidates, captions, skips = {unicodedata.normalize("NFC", v): v for v in videos}, {}, []
+  candidates, captions, skips = set(videos), {}, []
+  exact = {key for key, _ in rows if key in candidates}
+  nfc = lambda text: unicodedata.normalize("NFC", text)
+  by_nfc = {}
+  for v in videos:
+    by_nfc.setdefault(nfc(v), []).append(v)
   by_real = None  # real path -> video, for rows naming another path to a video
   for key, caption in rows:
-    on_disk = candidates.get(unicodedata.normalize("NFC", key))
-    if on_disk is not None:
-      captions[on_disk] = caption
+    if key in candidates:
+      captions[key] = caption
+      continue
+    spelled = by_nfc.get(nfc(key), [])
+    if len(spelled) == 1:
+      if spelled[0] in exact or spelled[0] in captions:
+        skips.append(Skip(key, DUPLICATE_CAPTION, f"names {spelled[0]} in another Unicode "
+                          "form, which has a caption already; first kept"))
+      else:
+        captions[spelled[0]] = caption
       continue
     full = os.path.join(source_dir, key)
     if by_real is None:
