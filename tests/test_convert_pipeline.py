@@ -334,3 +334,16 @@ def test_a_class_conditional_unet_with_a_context_but_no_text_encoder_is_refused(
                      r"cross-attention takes a context of cross_attention_dim=48 .*attn2/"
                      r"to_k/kernel: \(48, 32\), self-attention needs \(32, 32\)"):
     pipeline_import.from_diffusers(tmp_path / "pipe")
+
+
+def test_unet_config_fields_left_out_take_diffusers_defaults():
+  # diffusers' from_config fills a field config.json leaves out with the default of
+  # UNet2DConditionModel.__init__; a hand-written config.json may rely on that.
+  import inspect
+  from videoldm_jax.convert.diffusers_config import unet_config_from_diffusers
+  defaults = {name: p.default for name, p in inspect.signature(
+      diffusers.UNet2DConditionModel.__init__).parameters.items()
+      if p.default is not inspect.Parameter.empty}
+  assert unet_config_from_diffusers({}) == unet_config_from_diffusers(defaults)
+  assert unet_config_from_diffusers({}).block_out_channels == tuple(
+      defaults["block_out_channels"])

@@ -34,13 +34,20 @@ _UNET_FIXED = {
     "addition_time_embed_dim": (None,), "encoder_hid_dim_type": (None,),
 }
 
+# UNet2DConditionModel.__init__'s defaults, which diffusers' from_config fills in for a
+# config.json that leaves these fields out.
+_UNET_DEFAULT_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+_UNET_DEFAULT_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+_UNET_DEFAULT_CHANNELS = (320, 640, 1280, 1280)
+
 
 def unet_config_from_diffusers(d: dict[str, Any], source: str = "unet/config.json"
                                ) -> UNetConfig:
   """Translates a diffusers `UNet2DConditionModel` config."""
   for field, allowed in _UNET_FIXED.items():
     _require(d, field, allowed, source)
-  down, up = list(d["down_block_types"]), list(d["up_block_types"])
+  down = list(d.get("down_block_types", _UNET_DEFAULT_DOWN))
+  up = list(d.get("up_block_types", _UNET_DEFAULT_UP))
   down_kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
   up_kinds = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
   for kind in down:
@@ -62,7 +69,7 @@ def unet_config_from_diffusers(d: dict[str, Any], source: str = "unet/config.jso
   heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
   return UNetConfig(
       in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
-      block_out_channels=tuple(d["block_out_channels"]),
+      block_out_channels=tuple(d.get("block_out_channels", _UNET_DEFAULT_CHANNELS)),
       layers_per_block=d.get("layers_per_block", 2), attention_levels=attention,
       num_heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
       head_dim=None,
