@@ -262,6 +262,10 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
   with pytest.raises(ValueError, match=r"train.compute_dtype must be one of \['bfloat16', "
                      r"'float32'\], got 'bf16'"):
     loop.stage_setup(dec, tmp_path)
+  image = load_sibling(str(root / "configs" / "x.py"), "image_ldm_tiny").get_config()
+  image.mode = "temporal"  # (trained the whole UNet: there are no temporal layers)
+  with pytest.raises(ValueError, match=r"config.mode must be 'full', got 'temporal'"):
+    loop.stage_setup(image, tmp_path)
 
 
 def test_optimizer_clips_the_global_gradient_norm():

@@ -38,12 +38,20 @@ def frames_as_images(batch: dict) -> dict:
   return out  # image_only is moot: there are no temporal layers
 
 
+def _check_mode(mode: str):
+  # There are no temporal layers: "temporal" would train nothing (it trained in full).
+  if mode != "full":
+    raise ValueError(f"the image_ldm stage trains the whole image UNet: config.mode must be "
+                     f"'full', got {mode!r}")
+
+
 def make_stage(ldm: VideoLDM, options: keyframe.KeyframeOptions,
                uncond_tokens: Optional[np.ndarray]) -> Stage:
   if ldm.temporal_config is not None:
     raise ValueError("the image_ldm stage trains the image UNet: build the model with "
                      "temporal=None")
-  inner = keyframe.make_stage(ldm, dataclasses.replace(options, mode="full"), uncond_tokens)
+  _check_mode(options.mode)
+  inner = keyframe.make_stage(ldm, options, uncond_tokens)
   return Stage("image_ldm", inner.is_trainable,
                lambda params, batch, key, step=None: inner.loss_fn(params, frames_as_images(batch),
                                                                    key, step))
@@ -51,6 +59,7 @@ def make_stage(ldm: VideoLDM, options: keyframe.KeyframeOptions,
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The image LDM stage of `config` (configs/image_ldm_tiny.py): no temporal layers."""
+  _check_mode(config.mode)  # before the image model loads
   # Each frame is an image with its own caption (the frames of an image example come
   # from different clips).
   setup_ = keyframe.setup_video_ldm(config, workdir, None, make_stage, frame_tokens=True)
