@@ -242,6 +242,28 @@ def test_compiler_with_arguments_and_a_shareable_library(monkeypatch, tmp_path):
   assert build._compiler() is None and "no usable C++ compiler" in build.unbuildable_reason()
 
 
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+  # A cache entry that does not load (truncated by a crash or a full disk) made every
+  # later run fall back to XLA, with a warning, until the file was deleted by hand.
+  if build.unbuildable_reason():
+    pytest.skip(build.unbuildable_reason())
+  code = ("import logging, sys\n"
+          "from videoldm_jax.native import build\n"
+          "logging.basicConfig(level=logging.WARNING)\n"
+          "path = build.library_path('attention', build._compiler())\n"
+          "path.parent.mkdir(parents=True, exist_ok=True)\n"
+          "path.write_bytes(b'\\x7fELF truncated')\n"
+          "lib, reason = build.load('attention')\n"
+          "assert lib is not None, reason\n"
+          "print(path.stat().st_size)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=dict(os.environ, VIDEOLDM_JAX_NATIVE_CACHE=str(tmp_path)),
+                        cwd=Path(__file__).parents[1], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "does not load" in proc.stderr and "building it again" in proc.stderr
+  assert int(proc.stdout.split()[-1]) > 10_000
+
+
 def test_kernels_under_vmap():
   # custom_partitioning has no batching rule: jax.vmap of any CPU layer that reached a
   # kernel raised NotImplementedError. The kernels map element by element now.

@@ -121,6 +121,8 @@ def _build(name: str, compiler: str, target: Path) -> None:
     # mkstemp's file is 0600: other users of a shared cache could not load it and would
     # fall back to XLA without rebuilding.
     os.chmod(tmp, 0o755)
+    with open(tmp, "rb") as f:  # on disk before it is named: a crash leaves no empty .so
+      os.fsync(f.fileno())
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
@@ -140,7 +142,13 @@ def load(name: str) -> tuple[Optional[ctypes.CDLL], str]:
       try:
         if not path.exists():
           _build(name, compiler, path)
-        lib = ctypes.CDLL(str(path))
+        try:
+          lib = ctypes.CDLL(str(path))
+        except OSError as e:  # a damaged cache entry (e.g. truncated): built again, once
+          logging.warning("videoldm_jax.native: %s does not load (%s); building it again",
+                          path, e)
+          _build(name, compiler, path)
+          lib = ctypes.CDLL(str(path))
         for symbol, target in TARGETS[name].items():
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform="cpu")
