@@ -283,6 +283,12 @@ def test_save_checks_before_writing_and_keeps_schedule_fields(sd_pipeline, tmp_p
   with pytest.raises(FileNotFoundError, match="does not exist"):
     pretrained.save(tmp_path / "out", model, tmp_path / "no_tokenizer")
   assert not (tmp_path / "out").exists()
+  # ... or one with ids past the text encoder's table (their embeddings were NaN).
+  small = dataclasses.replace(model, text_config=dataclasses.replace(model.text_config,
+                                                                     vocab_size=300))
+  with pytest.raises(ValueError, match=r"token id 513 .* vocab_size is 300"):
+    pretrained.save(tmp_path / "out", small, root / "converted" / "tokenizer")
+  assert not (tmp_path / "out").exists()
   assert not list(tmp_path.glob(".*partial"))
 
 

@@ -24,7 +24,7 @@ TEXTS = [
     "A PHOTO of the Astronaut,  riding\ta horse\n on the MOON!!!",
     "there's 12345 cats, they're here; it's 3.14 & 100% \"quoted\" (parens) [x]{y}",
     "don't won't I'm we've you'll he'd",
-    "naïve café Über straße ñandú 東京 😀 🐱‍👤 Ελληνικά Σ",
+    "naïve café Über straße ñandú 東京 😀 🐱‍👤 Ελληνικά Σ ΟΔΟΣ ΣΟΦΟΣ photo ΑΣ.",
     "e\u0301 combining accent, non\u00a0breaking\u3000space",
     "",
     "   ",
@@ -162,10 +162,16 @@ def test_added_tokens_are_split_out_as_transformers_does(tmp_path, hf_clip_token
   # for the `normalized` ones (add_tokens' default), before any BPE.
   tok = hf_clip_tokenizer.from_pretrained(str(_write_slow_folder(tmp_path / "slow")))
   assert tok.add_tokens(["<cat-toy>", "sks"]) == 2
+  # Normalised added tokens match in the normalised text by their normalised content
+  # ("my  tok" and "MY\ttok" are "my tok"; a decomposed é in a token matches the
+  # precomposed one), which matching the raw text missed.
+  assert tok.add_tokens(["my tok", "cafe\u0301x", "‹ΣΣ>"]) == 3
   tok.save_pretrained(str(tmp_path / "ti"))
-  texts = ["a photo of <cat-toy> riding", "<CAT-Toy><cat-toy> sks dog", "asksk", "<cat-toy"]
+  texts = ["a photo of <cat-toy> riding", "<CAT-Toy><cat-toy> sks dog", "asksk", "<cat-toy",
+           "a my  tok b", "a MY\ttok", "caféx", "cafe\u0301X", "‹σς>", "‹ΣΣ>"]
   ref = np.asarray(tok(texts, padding="max_length", truncation=True, max_length=16,
                        return_tensors="np")["input_ids"])
+  assert tok.convert_tokens_to_ids("my tok") in ref[4]  # the case that must match
   ours = CLIPTokenizer.from_folder(str(tmp_path / "ti"))
   np.testing.assert_array_equal(ours(texts, max_length=16), ref)
   assert ours.encode("<cat-toy>") == [tok.convert_tokens_to_ids("<cat-toy>")]
@@ -188,3 +194,55 @@ def test_special_tokens_map_wins_over_a_legacy_config(tmp_path, hf_clip_tokenize
   ours = CLIPTokenizer.from_folder(str(folder))
   assert ours.pad_token == hf.pad_token == "!"
   np.testing.assert_array_equal(ours(TEXTS[:3], max_length=12), ref)
+
+
+def test_unreadable_files_are_named(tmp_path, hf_clip_tokenizer):
+  """A broken file of the folder was a bare JSONDecodeError / TypeError naming no file;
+  a GPT-2-style BPE (no `</w>` word ends) loaded and turned most words into unk."""
+  good = _write_slow_folder(tmp_path / "good")
+  cases = {
+      "vocab.json": ("version https://git-lfs.github.com/spec/v1\n", r"vocab.json: not a JSON"),
+      "tokenizer_config.json": (json.dumps({"model_max_length": "77"}),
+                                r"tokenizer_config.json: model_max_length='77', expected"),
+      "merges.txt": (b"#version: 0.2\n\xff\xfe a b\n", r"merges.txt: not UTF-8"),
+  }
+  for name, (content, message) in cases.items():
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in good.iterdir():
+      (folder / f.name).write_bytes(f.read_bytes())
+    if isinstance(content, bytes):
+      (folder / name).write_bytes(content)
+    else:
+      (folder / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+      CLIPTokenizer.from_folder(str(folder))
+  listed = tmp_path / "list"
+  listed.mkdir()
+  (listed / "tokenizer.json").write_text("[]")
+  with pytest.raises(ValueError, match=r"tokenizer.json: expected a JSON object, got a list"):
+    CLIPTokenizer.from_folder(str(listed))
+  no_specials = tmp_path / "no_specials"
+  no_specials.mkdir()
+  (no_specials / "vocab.json").write_text(json.dumps({"a</w>": 0}))
+  (no_specials / "merges.txt").write_text("")
+  with pytest.raises(ValueError, match=rf"{no_specials}.*bos_token '<\|startoftext\|>' is not"):
+    CLIPTokenizer.from_folder(str(no_specials))
+  with pytest.raises(FileNotFoundError, match="is not a folder"):
+    CLIPTokenizer.from_folder(str(good / "vocab.json"))
+  # A GPT-2-style byte-level BPE: words start with "Ġ", no "</w>" anywhere.
+  tok = hf_clip_tokenizer.from_pretrained(str(good))
+  tok.save_pretrained(str(tmp_path / "fast"))
+  data = json.loads((tmp_path / "fast" / "tokenizer.json").read_text(encoding="utf-8"))
+  data["model"]["end_of_word_suffix"] = None
+  gpt2 = tmp_path / "gpt2"
+  gpt2.mkdir()
+  (gpt2 / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+  with pytest.raises(ValueError, match=r"end_of_word_suffix=None, CLIP uses '</w>'"):
+    CLIPTokenizer.from_folder(str(gpt2))
+  (gpt2 / "tokenizer.json").unlink()
+  vocab = {k.replace("</w>", ""): v for k, v in _vocab_and_merges()[0].items()}
+  (gpt2 / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+  (gpt2 / "merges.txt").write_text("")
+  with pytest.raises(ValueError, match=r"no vocabulary entry ends with '</w>'"):
+    CLIPTokenizer.from_folder(str(gpt2))

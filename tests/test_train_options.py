@@ -266,6 +266,12 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
   image.mode = "temporal"  # (trained the whole UNet: there are no temporal layers)
   with pytest.raises(ValueError, match=r"config.mode must be 'full', got 'temporal'"):
     loop.stage_setup(image, tmp_path)
+  # A tokenizer with ids past the text encoder's table gave all-NaN prompt embeddings.
+  key = load_sibling(str(root / "configs" / "x.py"), "keyframe_tiny").get_config()
+  key.random_image_model.text_encoder.vocab_size = 300
+  with pytest.raises(ValueError, match=r"config.random_image_model.text_encoder: the "
+                     r"tokenizer has token id 513 .* vocab_size is 300"):
+    loop.stage_setup(key, tmp_path / "key")
 
 
 def test_optimizer_clips_the_global_gradient_norm():

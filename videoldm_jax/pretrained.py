@@ -26,7 +26,7 @@ from videoldm_jax.diffusion import schedules
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import unet as unet_lib
 from videoldm_jax.models import vae as vae_lib
-from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, check_tokenizer
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.models.unet import UNetConfig
@@ -99,7 +99,9 @@ def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | 
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
   if tokenizer_dir is not None:
-    CLIPTokenizer.from_folder(str(tokenizer_dir))
+    tokenizer = CLIPTokenizer.from_folder(str(tokenizer_dir))
+    if model.text_config is not None:
+      check_tokenizer(tokenizer, model.text_config, str(tokenizer_dir))
   scheduler = {k: v for k, v in model.scheduler.items() if k in SCHEDULER_FIELDS}
   try:
     schedules.schedule_from_diffusers_config(scheduler)
@@ -239,6 +241,7 @@ def load_with_tokenizer(model_dir: str | Path) -> tuple[PretrainedLDM, Optional[
   tokenizer = None
   if model.text_config is not None:
     tokenizer = CLIPTokenizer.from_folder(str(Path(model_dir) / "tokenizer"))
+    check_tokenizer(tokenizer, model.text_config, str(model_dir))
   return model, tokenizer
 
 

@@ -163,7 +163,7 @@ def clip_state_dict_from_ldm(sd: Mapping[str, np.ndarray],
   see `openclip_to_transformers`).
 
   Args:
-    sd: flat {key: array}, the whole file or its `cond_stage_model.` part.
+    sd: flat {key: array}: the whole file (keys starting `cond_stage_model.`).
     num_layers: the text config's num_hidden_layers. Needed for OpenCLIP only, where
       the file holds more layers than SD 2.x uses (24 vs. 23) and so cannot tell.
 

@@ -37,7 +37,7 @@ from videoldm_jax.convert.safetensors_io import find_weights, load_safetensors
 from videoldm_jax.convert.torch_layout import flax_path_to_torch_key, load_state_dict
 from videoldm_jax.eval.batching import BatchedApply
 from videoldm_jax.eval.layers import check_pixels
-from videoldm_jax.models.clip_text import CLIPMLP, CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.clip_text import CLIPMLP, CLIPTextConfig, CLIPTextModel, check_tokenizer
 from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.layers import dense, embedding, layer_norm, param_init, Init
 from videoldm_jax.models.tokenizer import CLIPTokenizer
@@ -305,6 +305,7 @@ class CLIPSimilarity:
                devices: Sequence[jax.Device] | None = None):
     self.model, params, self.preprocess = load_clip(folder)
     self.tokenizer = load_tokenizer(folder)
+    check_tokenizer(self.tokenizer, self.model.text_config, str(folder))
     image_fn, text_fn = _embedding_fns(self.model.text_config, self.model.vision_config,
                                        self.model.projection_dim, self.preprocess)
     self._images = BatchedApply(image_fn, params, batch_size, devices)

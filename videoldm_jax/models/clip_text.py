@@ -157,6 +157,19 @@ class CLIPEncoderLayer(nn.Module):
     return x_BxLxD + CLIPMLP(self.config, self.dtype, name="mlp")(h)
 
 
+def check_tokenizer(tokenizer, config: CLIPTextConfig, source: str) -> None:
+  """Raises where `tokenizer` (a models.tokenizer.CLIPTokenizer) has ids past `config`'s
+  token-embedding table: those rows read as NaN, and causal attention spreads the NaN to
+  every later position of the prompt (e.g. a textual-inversion tokenizer beside a text
+  encoder without its new rows)."""
+  top = max(tokenizer.encoder.values())
+  if top >= config.vocab_size:
+    name = next(t for t, i in tokenizer.encoder.items() if i == top)
+    raise ValueError(f"{source}: the tokenizer has token id {top} ({name!r}) but the text "
+                     f"encoder's vocab_size is {config.vocab_size}: use the tokenizer the "
+                     "text encoder was trained with")
+
+
 class CLIPTextEmbeddings(nn.Module):
   """Token + learned position embeddings, (B, L) int -> (B, L, D)."""
   config: CLIPTextConfig

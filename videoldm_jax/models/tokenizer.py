@@ -5,10 +5,11 @@ Reproduces transformers' `CLIPTokenizer` as Stable Diffusion pipelines call it
 
   1. special tokens (bos / eos / pad / unk) and added tokens (e.g. a textual-inversion
      `<cat-toy>`) written in the text are split out first and map straight to their
-     ids, as transformers' added tokens do (added tokens marked `normalized` match
-     after lowercasing, as they do there);
+     ids, as transformers' added tokens do;
   2. every other chunk is NFC-normalised, whitespace runs collapse to one space and
-     the text is lowercased (transformers' fast normaliser; ftfy is not used);
+     the text is lowercased (transformers' fast normaliser; ftfy is not used); added
+     tokens marked `normalized` are split out of this text, matched by their content
+     normalised the same way (as transformers does);
   3. CLIP's regex splits it into words, each word is mapped byte -> printable unicode
      (GPT-2's table) and BPE-merged with `</w>` on its last symbol;
   4. ids are truncated to model_max_length - 2, wrapped in BOS ... EOS and padded.
@@ -47,6 +48,22 @@ def bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _normalize(text: str) -> str:
+  """transformers' CLIP normaliser: NFC, whitespace runs -> one space, lowercase.
+
+  Lowercased one character at a time, as its Lowercase normaliser does: str.lower()
+  gives a word-final capital sigma its final form (ς), transformers gives σ.
+  """
+  return "".join(map(str.lower, _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text))))
+
+
+def _alternation(tokens: Iterable[str]) -> regex.Pattern:
+  """A pattern splitting `tokens` out of a text (kept in `split`'s output), longest
+  first so that a token holding another wins."""
+  return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=len,
+                                                                        reverse=True)) + ")")
+
+
 def _token_content(value: Any) -> str | None:
   """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
   if isinstance(value, Mapping):
@@ -55,8 +72,16 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  """A tokenizer file's JSON object; a file that is not one is named."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not a JSON file ({e}); a Git LFS pointer or a partial "
+                     "download?") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+  return data
 
 
 def _parse_merges(merges: Iterable[Any], source: str) -> list[tuple[str, str]]:
@@ -79,7 +104,7 @@ class CLIPTokenizer:
                added_tokens: Mapping[str, bool] | None = None):
     """Args: vocab {token: id}; merges in priority order; special tokens must be in
     vocab; added_tokens {token: normalized} (in vocab too) are split out of the text
-    whole, case-insensitively where `normalized`."""
+    whole (where `normalized`, out of the normalised text)."""
     self.encoder = dict(vocab)
     added_tokens = dict(added_tokens or {})
     for tok in added_tokens:
@@ -98,16 +123,16 @@ class CLIPTokenizer:
     self.byte_encoder = bytes_to_unicode()
     exact = {bos_token, eos_token, pad_token, unk_token}
     exact |= {t for t, normalized in added_tokens.items() if not normalized}
-    folded = {t.lower() for t, normalized in added_tokens.items() if normalized} - exact
-    alternatives = [regex.escape(t) for t in exact] + [
-        f"(?i:{regex.escape(t)})" for t in folded]
-    lengths = [len(t) for t in exact] + [len(t) for t in folded]
-    # Longest first, so a token that contains another wins; the capturing group keeps
-    # the tokens in `split`'s output.
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    self._special_split = regex.compile("(" + "|".join(alternatives[i] for i in order) + ")")
-    self._specials = {t: t for t in exact}
-    self._folded = {t: next(a for a in added_tokens if a.lower() == t) for t in folded}
+    # Normalised added tokens are matched in the normalised text, by their normalised
+    # content (transformers' AddedVocabulary): "<Cat-Toy>" matches "a  <cat-TOY>".
+    self._normalized: dict[str, str] = {}  # normalised content -> token
+    for t, normalized in added_tokens.items():
+      if normalized and t not in exact:
+        self._normalized.setdefault(_normalize(t), t)
+    self._special_split = _alternation(exact)
+    self._normalized_split = (_alternation(self._normalized) if self._normalized
+                              else None)
+    self._specials = exact
     self._cache: dict[str, list[str]] = {}
 
   @property
@@ -144,10 +169,12 @@ class CLIPTokenizer:
 
     Raises:
       FileNotFoundError: naming the folder and the expected files.
-      ValueError: for a tokenizer.json that is not a BPE with `</w>` word ends.
+      ValueError: naming the file, for one that is not JSON (or UTF-8 text) of the
+        expected layout, and for a tokenizer that is not a BPE with `</w>` word ends.
     """
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
+      raise FileNotFoundError(f"tokenizer folder {path!r} " + (
+          "is not a folder" if os.path.exists(path) else "does not exist"))
     files = set(os.listdir(path))
     added: dict[str, tuple[int, bool]] = {}  # content -> (id, normalized)
     if "tokenizer.json" in files:
@@ -155,9 +182,12 @@ class CLIPTokenizer:
     elif {"vocab.json", "merges.txt"} <= files:
       vocab = _read_json(os.path.join(path, "vocab.json"))
       merges_path = os.path.join(path, "merges.txt")
-      with open(merges_path, encoding="utf-8") as f:
-        lines = [ln for ln in f.read().split("\n")
-                 if ln.strip() and not ln.startswith("#version")]
+      try:
+        with open(merges_path, encoding="utf-8") as f:
+          lines = [ln for ln in f.read().split("\n")
+                   if ln.strip() and not ln.startswith("#version")]
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{merges_path}: not UTF-8 text ({e})") from e
       merges = _parse_merges(lines, merges_path)
     else:
       raise FileNotFoundError(
@@ -192,6 +222,9 @@ class CLIPTokenizer:
       if content is not None:
         kwargs[field] = content
     max_len = settings.get("model_max_length")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
+      raise ValueError(f"{os.path.join(path, 'tokenizer_config.json')}: model_max_length="
+                       f"{max_len!r}, expected an integer")
     if max_len is not None and max_len < _UNSET_MAX_LENGTH:
       kwargs["model_max_length"] = int(max_len)
     specials = {kwargs.get(f, d) for f, d in (
@@ -199,18 +232,34 @@ class CLIPTokenizer:
         ("pad_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))}
     kwargs["added_tokens"] = {t: normalized for t, (_, normalized) in added.items()
                               if t not in specials}
-    return cls(vocab, merges, **kwargs)
+    bad = next(((k, v) for k, v in vocab.items()
+                if isinstance(v, bool) or not isinstance(v, int)), None)
+    if bad is not None:
+      raise ValueError(f"tokenizer folder {path!r}: vocabulary entry {bad[0]!r} has id "
+                       f"{bad[1]!r}, expected an integer")
+    # CLIP's BPE marks word ends with `</w>` ("a</w>"); a GPT-2 / RoBERTa vocabulary
+    # (word starts marked with "Ġ") loads but turns most words into unk.
+    if not any(k.endswith(_END_OF_WORD) for k in vocab):
+      raise ValueError(f"tokenizer folder {path!r}: no vocabulary entry ends with "
+                       f"{_END_OF_WORD!r}; not a CLIP tokenizer")
+    try:
+      return cls(vocab, merges, **kwargs)
+    except ValueError as e:
+      raise ValueError(f"tokenizer folder {path!r}: {e}") from e
 
   @staticmethod
   def _load_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]],
                                                dict[str, tuple[int, bool]]]:
     data = _read_json(path)
     model = data.get("model") or {}
-    if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
-      raise ValueError(f"{path}: expected a BPE `model` section with `vocab` and `merges` "
-                       f"(got type {model.get('type')!r})")
+    if (not isinstance(model, Mapping) or model.get("type", "BPE") != "BPE"
+        or not isinstance(model.get("vocab"), Mapping)
+        or not isinstance(model.get("merges"), list)):
+      kind = model.get("type") if isinstance(model, Mapping) else type(model).__name__
+      raise ValueError(f"{path}: expected a BPE `model` section with a `vocab` object and "
+                       f"a `merges` list (got {kind!r})")
     suffix = model.get("end_of_word_suffix")
-    if suffix not in (None, _END_OF_WORD):
+    if suffix != _END_OF_WORD:
       raise ValueError(f"{path}: model.end_of_word_suffix={suffix!r}, CLIP uses "
                        f"{_END_OF_WORD!r}")
     added = {tok["content"]: (int(tok["id"]),
@@ -249,12 +298,14 @@ class CLIPTokenizer:
       if chunk in self._specials:
         tokens.append(chunk)
         continue
-      if chunk.lower() in self._folded:
-        tokens.append(self._folded[chunk.lower()])
-        continue
-      chunk = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", chunk)).lower()
-      for word in _CLIP_PATTERN.findall(chunk):
-        tokens += self._bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))
+      chunk = _normalize(chunk)
+      for piece in (self._normalized_split.split(chunk) if self._normalized_split
+                    else (chunk,)):
+        if piece in self._normalized:
+          tokens.append(self._normalized[piece])
+          continue
+        for word in _CLIP_PATTERN.findall(piece):
+          tokens += self._bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))
     return tokens
 
   def encode(self, text: str) -> list[int]:

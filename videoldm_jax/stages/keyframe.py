@@ -31,7 +31,7 @@ from videoldm_jax.data import inputs, latent_cache
 from videoldm_jax.diffusion.losses import denoising_loss
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.models import partition
-from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, check_tokenizer
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
 from videoldm_jax.models.unet import UNetConfig, called_with_context
@@ -202,6 +202,8 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
   tokenizer = None
   if image.text_config is not None:
     tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
+    check_tokenizer(tokenizer, image.text_config,
+                    config.image_model or "config.random_image_model.text_encoder")
   return image, tokenizer, tok_dir
 
 
@@ -230,7 +232,11 @@ def _abstract_image_model(config, workdir: Path):
   tok_dir = workdir / "tokenizer"
   if not (tok_dir / "vocab.json").exists():
     write_byte_level_tokenizer(str(tok_dir))  # token ids only need the right shape
-  tokenizer = None if image.text_config is None else CLIPTokenizer.from_folder(str(tok_dir))
+  tokenizer = None
+  if image.text_config is not None:
+    tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
+    check_tokenizer(tokenizer, image.text_config,
+                    name or "config.random_image_model.text_encoder")
   return image, tokenizer, tok_dir
 
 
