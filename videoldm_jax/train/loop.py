@@ -372,17 +372,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   # Host seconds spent making batches since the last log and how many, and the
   # skipped-step count then (a rise is reported on its own line).
   input_s, batches, skipped_logged = 0.0, 0, int(state.skipped)
-  sampling_s = 0.0  # seconds spent writing samples since the last log: not step time
+  # Seconds since the last log spent writing samples and blocked in checkpoint saves
+  # (after the step itself finished): not step time.
+  off_step_s = 0.0
 
   def write_log(at: int, metrics: dict, timed: bool = True, before_batch: bool = False
                 ) -> None:
-    nonlocal last, t_last, step_last, input_s, batches, skipped_logged, sampling_s
+    nonlocal last, t_last, step_last, input_s, batches, skipped_logged, off_step_s
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # Timed between completions of logged steps (device_get just waited for this one).
     now = time.perf_counter()
     steps = max(at - step_last, 1)
-    dt = max(now - t_last - sampling_s, 1e-6) / steps
-    sampling_s = 0.0
+    dt = max(now - t_last - off_step_s, 1e-6) / steps
+    off_step_s = 0.0
     if not timed and "step_time" in last:
       # Observed right after the previous log: this step may have finished while the
       # host was busy, so the gap measures nothing (it showed MFU of 700%+).
@@ -472,9 +474,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           ranked = None
           loop_state = {"window_losses": {str(k): v for k, v in window_losses.items()
                                           if k % config.train.log_every == 0}}
+        # The save copies the state to the host, waiting for the step first: that wait is
+        # step time, the copy and the synchronous part of the write are not.
+        jax.block_until_ready(state)
+        t_save = time.perf_counter()
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
                   data_state=data.get_state(), config=config.to_dict(), metrics=ranked,
                   frozen_digests=frozen_digests, loop_state=loop_state, force=True)
+        off_step_s += time.perf_counter() - t_save
         if regular:
           window_losses, saved_at = {}, step
       if stop:
@@ -488,7 +495,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                                                  or step == config.train.num_steps):
         t_sample = time.perf_counter()
         write_samples(workdir, setup, state, step, writer)
-        sampling_s += time.perf_counter() - t_sample
+        off_step_s += time.perf_counter() - t_sample
       if step < config.train.num_steps:
         t_input = time.perf_counter()
         batch = next_batch()
