@@ -363,6 +363,21 @@ def test_inception_loader_errors(inception_file, tmp_path):
   assert "missing: Mixed_7c.branch1x1.bn.running_var" in msg
   with pytest.raises(PickleRefused):
     inception.load_inception(tmp_path / "pt_inception.pth")
+  # A width the stem's 3 filters do not pin (0.1; read as 3 / 32): the error says so.
+  _random_inception_file(tmp_path / "w01.safetensors", width=0.1)
+  with pytest.raises(ConversionError, match=r"width 0.09375 was read from the stem's 3 "
+                     r"filters; pass the width"):
+    inception.load_inception(tmp_path / "w01.safetensors")
+  assert inception.load_inception(tmp_path / "w01.safetensors", width=0.1)[0].width == 0.1
+  # An image batch given for videos was strided over its rows (an error naming a
+  # shape never passed); no frames at all was an empty tuple.
+  with pytest.raises(ValueError, match=r"expected videos \(N, T, H, W, 3\), got shape "
+                     r"\(4, 20, 24, 3\)"):
+    fid.frames_of(np.zeros((4, 20, 24, 3), np.uint8))
+  with pytest.raises(ValueError, match="frame_stride=0"):
+    fid.frames_of(np.zeros((1, 2, 20, 24, 3), np.uint8), 0)
+  with pytest.raises(ValueError, match=r"no frames \(N = 0\)"):
+    inception.InceptionFeatures(str(path), 4)(np.zeros((0, 20, 24, 3), np.uint8))
 
 
 def test_clip_image_preprocessing_matches_transformers(torch_cpu):

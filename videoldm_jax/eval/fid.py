@@ -23,7 +23,14 @@ __all__ = ["frames_of", "frame_stats", "inception_score", "fid_from_videos"]
 
 def frames_of(videos_NxTxHxWx3: np.ndarray, frame_stride: int = 1) -> np.ndarray:
   """Video batch (N, T, H, W, 3) -> frames (N * ceil(T / stride), H, W, 3)."""
-  v = np.asarray(videos_NxTxHxWx3)[:, ::frame_stride]
+  v = np.asarray(videos_NxTxHxWx3)
+  if v.ndim != 5 or v.shape[-1] != 3:
+    # An image batch (N, H, W, 3) was strided over H and read as frames of W rows.
+    raise ValueError(f"expected videos (N, T, H, W, 3), got shape {v.shape}; for images "
+                     "add a time axis: x[:, None]")
+  if int(frame_stride) < 1:
+    raise ValueError(f"frame_stride={frame_stride}: expected >= 1")
+  v = v[:, ::frame_stride]
   return v.reshape(-1, *v.shape[2:])
 
 

@@ -250,6 +250,7 @@ def load_inception(path: str | os.PathLike, variant: str | None = None,
     raise ConversionError(f"{path}: no fc.weight; not an Inception-v3 state dict in "
                           f"torchvision layout (first keys: {sorted(sd)[:8]})")
   num_classes = int(sd["fc.weight"].shape[0])
+  read_width = width is None
   if width is None:
     stem = sd.get("Conv2d_1a_3x3.conv.weight")
     width = 1.0 if stem is None else stem.shape[0] / 32
@@ -257,8 +258,17 @@ def load_inception(path: str | os.PathLike, variant: str | None = None,
     variant = "fid" if num_classes == VARIANTS["fid"] else "torchvision"
   model = InceptionV3(num_classes=num_classes, variant=variant, width=width)
   abstract = abstract_variables(model)
-  variables = load_state_dict(abstract, sd, what="Inception-v3", source=str(path),
-                              key_fn=_torch_key, ignore=_IGNORED)
+  try:
+    variables = load_state_dict(abstract, sd, what="Inception-v3", source=str(path),
+                                key_fn=_torch_key, ignore=_IGNORED)
+  except ConversionError as e:
+    if not read_width or width == 1.0:
+      raise
+    # The stem's rounded filter count pins the width only to within 1/64: a network
+    # built with another (e.g. 0.1) has other rounded counts in later layers.
+    raise ConversionError(f"{e}\n(width {width} was read from the stem's "
+                          f"{int(width * 32)} filters; pass the width the file was built "
+                          "with)") from e
   return model, variables
 
 
@@ -313,4 +323,6 @@ class InceptionFeatures:
 
   def __call__(self, frames_NxHxWx3: np.ndarray, show_progress: bool = False):
     outs = list(self.iterate(frames_NxHxWx3, show_progress))
+    if not outs:  # (zip of nothing: an empty tuple the caller failed to unpack)
+      raise ValueError("no frames (N = 0)")
     return tuple(np.concatenate(o, axis=0) for o in zip(*outs))
