@@ -59,6 +59,12 @@ def test_apply_defaults_opt_out():
   child["XLA_FLAGS"] = "--a=1 " + child["XLA_FLAGS"]
   xla_flags.apply_defaults(child)
   assert child["XLA_FLAGS"] == "--a=1" and xla_flags.ADDED_ENV not in child
+  # The rest of the user's string is kept as written (a quoted value's two spaces were
+  # collapsed to one: another path).
+  child = {**env, xla_flags.OPT_OUT_ENV: "0"}
+  child["XLA_FLAGS"] = "--xla_dump_to='/tmp/a  b' " + child["XLA_FLAGS"] + " --b=2"
+  xla_flags.apply_defaults(child)
+  assert child["XLA_FLAGS"] == "--xla_dump_to='/tmp/a  b' --b=2"
   # ... but not the user's own value of the flag.
   own = {"XLA_FLAGS": f"--{FLAG}=-individual_convolution"}
   xla_flags.apply_defaults(own)

@@ -14,6 +14,7 @@ backend; GPU and TPU ignore it.
 """
 
 import os
+import re
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 # The leading "-" removes one type from XLA's default list instead of replacing it.
@@ -55,8 +56,11 @@ def apply_defaults(environ=None) -> None:
   before = environ.get("XLA_FLAGS", "")
   if environ.get(OPT_OUT_ENV, "1") == "0":
     added = set(environ.pop(ADDED_ENV, "").split())
+    flags = before
+    for flag in added:  # whole words only: the rest is kept as written (quoted spaces)
+      flags = re.sub(rf"(^|\s+){re.escape(flag)}(?=\s|$)", "", flags)
     if added:
-      environ["XLA_FLAGS"] = " ".join(f for f in before.split() if f not in added)
+      environ["XLA_FLAGS"] = flags.strip()
     return
   environ["XLA_FLAGS"] = with_defaults(before)
   mine = set(environ.get(ADDED_ENV, "").split())
