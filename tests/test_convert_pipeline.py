@@ -353,3 +353,24 @@ def test_unet_config_fields_left_out_take_diffusers_defaults():
   assert unet_config_from_diffusers({}) == unet_config_from_diffusers(defaults)
   assert unet_config_from_diffusers({}).block_out_channels == tuple(
       defaults["block_out_channels"])
+
+
+def test_output_folders_are_checked_before_the_model_is_built(tmp_path):
+  # An existing output was refused only by the save, after the model was built (48 s
+  # for an SD-sized random model), and a file given as --output failed with a bare
+  # NotADirectoryError.
+  taken = tmp_path / "taken"
+  taken.mkdir()
+  (taken / "x").write_text("")
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  for args, message in (
+      (["videoldm_jax.cli.init_random", "--config=configs/image_tiny.py",
+        f"--output={afile}"], "exists and is not a folder"),
+      (["videoldm_jax.cli.convert", f"--diffusers={tmp_path / 'absent'}",
+        f"--output={taken}"], "exists and is not empty")):
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -87,6 +87,18 @@ def write_folder(out: Path, write: Callable[[Path], object]) -> None:
     raise
 
 
+def check_new_folder(out_dir: str | Path) -> Path:
+  """`out_dir`, absolute, where a model may be written: absent or an empty folder.
+  Entry points call it before their slow work, the savers again before writing."""
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"{out_dir}: exists and is not a folder; choose a new output "
+                          "folder")
+  if out_dir.exists() and any(out_dir.iterdir()):
+    raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
+  return out_dir
+
+
 def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | None = None
          ) -> Path:
   """Writes `model` to `out_dir` (created; an existing non-empty folder is an error).
@@ -95,9 +107,7 @@ def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | 
   scheduler config is one this package samples with), and the folder appears only
   complete (`write_folder`).
   """
-  out_dir = Path(out_dir).absolute()
-  if out_dir.exists() and any(out_dir.iterdir()):
-    raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
+  out_dir = check_new_folder(out_dir)
   if tokenizer_dir is not None:
     tokenizer = CLIPTokenizer.from_folder(str(tokenizer_dir))
     if model.text_config is not None:

@@ -292,9 +292,7 @@ class PretrainedUpsampler:
 
 def save(out_dir: str | Path, model: PretrainedUpsampler) -> Path:
   """Writes `model` to `out_dir` (created; an existing non-empty folder is an error)."""
-  out_dir = Path(out_dir).absolute()
-  if out_dir.exists() and any(out_dir.iterdir()):
-    raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
+  out_dir = pretrained.check_new_folder(out_dir)
   model.config.validate()
   expected = {"unet", "vae"} if model.config.space == "latent" else {"unet"}
   if set(model.params) != expected:

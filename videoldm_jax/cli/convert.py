@@ -38,6 +38,10 @@ def main(argv):
     raise app.UsageError("give exactly one of --diffusers and --single_file")
   if _OUTPUT.value is None:
     raise app.UsageError("--output is required")
+  try:  # before the source model loads
+    pretrained.check_new_folder(_OUTPUT.value)
+  except FileExistsError as e:
+    raise app.UsageError(str(e)) from e
   if _DIFFUSERS.value is not None:
     # A diffusers folder brings its own configs, tokenizer, text encoder and weights.
     # (Against their defaults: --noextract_ema or --preset=sd15 ask for nothing else.)

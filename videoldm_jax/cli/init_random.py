@@ -25,6 +25,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _CONFIG.value is None or _OUTPUT.value is None:
     raise app.UsageError("--config and --output are required")
+  try:  # before the model is built (minutes for an SD-sized one)
+    pretrained.check_new_folder(_OUTPUT.value)
+  except FileExistsError as e:
+    raise app.UsageError(str(e)) from e
   model = pretrained.random_image_ldm(_CONFIG.value)
   with tempfile.TemporaryDirectory() as tok:
     tokenizer = None
