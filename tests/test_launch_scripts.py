@@ -351,3 +351,35 @@ def test_a_broken_venv_is_recreated(tmp_path):
   again = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
   assert again.returncode == 0 and "unusable" not in again.stderr  # kept, not recreated
+
+
+def test_a_moved_venv_is_recreated_and_an_old_python_named(tmp_path):
+  # A checkout moved with its .venv: python still ran, but activate put the old path on
+  # PATH, so pip installed into (and pytest ran from) whatever python came next.
+  # PYTHON naming a Python < 3.11 made a venv every run could only wipe and remake.
+  old = tmp_path / "old"
+  (old / "launch").mkdir(parents=True)
+  (old / "launch" / "venv.sh").write_text((ROOT / "launch" / "venv.sh").read_text())
+  env = {**os.environ, "PYTHON": sys.executable}
+  script = "set -euo pipefail; . launch/venv.sh; ensure_venv t; command -v python"
+  subprocess.run(["bash", "-c", script], cwd=old, check=True, capture_output=True,
+                 timeout=300, env=env)
+  moved = tmp_path / "moved"
+  old.rename(moved)
+  out = subprocess.run(["bash", "-c", script], cwd=moved, capture_output=True, text=True,
+                       timeout=300, env=env)
+  assert out.returncode == 0, out.stderr
+  assert "made at another path" in out.stderr
+  assert out.stdout.strip() == str(moved / ".venv" / "bin" / "python")
+  again = subprocess.run(["bash", "-c", script], cwd=moved, capture_output=True, text=True,
+                         timeout=300, env=env)
+  assert again.returncode == 0 and "unusable" not in again.stderr  # kept, not recreated
+  fake = tmp_path / "python3.9"
+  fake.write_text("#!/bin/sh\nexit 1\n")  # what the version check of a 3.9 returns
+  fake.chmod(0o755)
+  import shutil
+  shutil.rmtree(moved / ".venv")
+  out = subprocess.run(["bash", "-c", script], cwd=moved, capture_output=True, text=True,
+                       timeout=300, env={**env, "PYTHON": str(fake)})
+  assert out.returncode == 2 and "is not a Python >= 3.11" in out.stderr, out.stderr
+  assert not (moved / ".venv").exists()
