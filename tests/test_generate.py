@@ -334,6 +334,21 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert "decoder stage: calls of 5 frames, trained on clips of 12" in notes[-1], notes
   assert "interpolator stage: calls of 4 frames, trained on clips of 8" in notes[-2], notes
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
+  # Frame spacing: key frames trained 4 source frames apart are interpolated (x2, two
+  # passes) to 2 and 1 apart: an interpolator trained on frames 1 apart makes motion
+  # half as fast as it learned; the decoder (1 apart) matches. Not compared before.
+  models.keyframe[0].training = {"stage": "keyframe", "num_frames": 4, "frame_stride": 4}
+  interp.training = {**interp.training, "frame_stride": 1}
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4, "frame_stride": 1}
+  notes = generate.plan(models, options).notes
+  assert [n for n in notes if "apart" in n] == [
+      "interpolator stage: trained on frames 1 source frames apart, used on frames 2 apart "
+      "(the keyframe model's frame_stride=4, x2 per interpolation pass): its motion runs "
+      "at another speed than it learned"], notes
+  interp.training = {**interp.training, "frame_stride": 2}
+  assert not [n for n in generate.plan(models, options).notes if "apart" in n]
+  models.keyframe[0].training = {}
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
   # Options checked before anything is sampled (they failed after the key frames, or a
   # 0 was taken as "use the default").
   for bad, message in ((dict(interp_steps=0), "interp_steps must be >= 1"),

@@ -244,6 +244,23 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     if used and clip is not None and length != clip:
       notes.append(f"{name} stage: calls of {length} frames, trained on clips of {clip} "
                    f"({option}={value}; temporal statistics follow the call length)")
+  # Frame spacing: each stage's training clips were sampled data.frame_stride source
+  # frames apart; key frames that far apart are interpolated to 1 / stride and 1 /
+  # stride^2 of it, and decoded / upsampled at 1 / f. Another spacing is motion of
+  # another speed than the stage learned.
+  key_stage = "keyframe" if models.keyframe is not None else "predictor"
+  key_spacing = trained[key_stage].get("frame_stride")
+  if key_spacing is not None:
+    used_at = {"keyframe": key_spacing, "predictor": key_spacing,
+               "interpolator": key_spacing / stride, "interpolator2": key_spacing / stride ** 2,
+               "decoder": key_spacing / f, "upsampler": key_spacing / f}
+    for name, used, *_ in calls:
+      own = trained[name].get("frame_stride")
+      if used and own is not None and own != used_at[name]:
+        notes.append(f"{name} stage: trained on frames {own} source frames apart, used on "
+                     f"frames {used_at[name]:g} apart (the {key_stage} model's frame_stride="
+                     f"{key_spacing}, x{stride} per interpolation pass): its motion runs "
+                     "at another speed than it learned")
   # Each stage's step count on its own schedule's grid: a grid past the schedule (1000
   # 'leading' steps with steps_offset 1) or a repeating dpmpp_2m grid failed in the
   # sampler, after the stages before it had sampled.
