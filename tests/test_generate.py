@@ -334,17 +334,21 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert "decoder stage: calls of 5 frames, trained on clips of 12" in notes[-1], notes
   assert "interpolator stage: calls of 4 frames, trained on clips of 8" in notes[-2], notes
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
-  # Frame spacing: key frames trained 4 source frames apart are interpolated (x2, two
-  # passes) to 2 and 1 apart: an interpolator trained on frames 1 apart makes motion
-  # half as fast as it learned; the decoder (1 apart) matches. Not compared before.
+  # Frame spacing: key frames trained 4 source frames apart, filled in x2 twice (the
+  # interpolator reused). An interpolator trained on frames 1 apart fills in key frames
+  # 2 apart: noted, and its output (1 apart) filled in again is 0.5 apart for a decoder
+  # trained on frames 1 apart. Not compared before.
   models.keyframe[0].training = {"stage": "keyframe", "num_frames": 4, "frame_stride": 4}
   interp.training = {**interp.training, "frame_stride": 1}
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4, "frame_stride": 1}
   notes = generate.plan(models, options).notes
   assert [n for n in notes if "apart" in n] == [
-      "interpolator stage: trained on frames 1 source frames apart, used on frames 2 apart "
-      "(the keyframe model's frame_stride=4, x2 per interpolation pass): its motion runs "
-      "at another speed than it learned"], notes
+      "interpolator stage: trained to fill in key frames 2 source frames apart "
+      "(frame_stride=1 x interp_stride=2), given key frames 4 apart (the keyframe model's "
+      "frame_stride=4): its motion runs at another speed than it learned",
+      "decoder stage: trained on frames 1 source frames apart, used on frames 0.5 apart "
+      "(the interpolator model's frame_stride=1, / 2 per pass): its motion runs at another "
+      "speed than it learned"], notes
   interp.training = {**interp.training, "frame_stride": 2}
   assert not [n for n in generate.plan(models, options).notes if "apart" in n]
   models.keyframe[0].training = {}

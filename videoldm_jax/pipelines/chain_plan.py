@@ -245,22 +245,32 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
       notes.append(f"{name} stage: calls of {length} frames, trained on clips of {clip} "
                    f"({option}={value}; temporal statistics follow the call length)")
   # Frame spacing: each stage's training clips were sampled data.frame_stride source
-  # frames apart; key frames that far apart are interpolated to 1 / stride and 1 /
-  # stride^2 of it, and decoded / upsampled at 1 / f. Another spacing is motion of
-  # another speed than the stage learned.
+  # frames apart. Followed along the chain from the key frames: an interpolator fills
+  # in key frames stride x its own spacing apart and makes frames at its own spacing (a
+  # reused second pass: 1 / stride of the first's). Another spacing is motion of
+  # another speed than the stage learned; each mismatch is noted where it starts.
   key_stage = "keyframe" if models.keyframe is not None else "predictor"
-  key_spacing = trained[key_stage].get("frame_stride")
-  if key_spacing is not None:
-    used_at = {"keyframe": key_spacing, "predictor": key_spacing,
-               "interpolator": key_spacing / stride, "interpolator2": key_spacing / stride ** 2,
-               "decoder": key_spacing / f, "upsampler": key_spacing / f}
-    for name, used, *_ in calls:
+  spacing = trained[key_stage].get("frame_stride")
+  used = {name: on for name, on, *_ in calls}
+  if spacing is not None:
+    source = f"the {key_stage} model's frame_stride={spacing}"
+    for i in range(passes):
+      name = "interpolator2" if i == 1 and models.interpolator2 is not None else "interpolator"
+      own = trained[name].get("frame_stride") if i == 0 or name == "interpolator2" else None
+      if own is not None and own * stride != spacing:
+        notes.append(f"{name} stage: trained to fill in key frames {own * stride} source "
+                     f"frames apart (frame_stride={own} x interp_stride={stride}), given "
+                     f"key frames {spacing:g} apart ({source}): its motion runs at another "
+                     "speed than it learned")
+      spacing, source = ((own, f"the {name} model's frame_stride={own}") if own is not None
+                         else (spacing / stride, f"{source}, / {stride} per pass"))
+    for name in ("predictor", "decoder", "upsampler"):
       own = trained[name].get("frame_stride")
-      if used and own is not None and own != used_at[name]:
+      at = trained[key_stage].get("frame_stride") if name == "predictor" else spacing
+      if used[name] and own is not None and own != at:
         notes.append(f"{name} stage: trained on frames {own} source frames apart, used on "
-                     f"frames {used_at[name]:g} apart (the {key_stage} model's frame_stride="
-                     f"{key_spacing}, x{stride} per interpolation pass): its motion runs "
-                     "at another speed than it learned")
+                     f"frames {at:g} apart ({source if name != 'predictor' else key_stage}): "
+                     "its motion runs at another speed than it learned")
   # Each stage's step count on its own schedule's grid: a grid past the schedule (1000
   # 'leading' steps with steps_offset 1) or a repeating dpmpp_2m grid failed in the
   # sampler, after the stages before it had sampled.
