@@ -362,9 +362,11 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
                 min_frames: int = 1) -> Clip:
   """Decodes frames 0, s, 2s, ... (s = stride) of the first video stream of `path`.
 
-  With `target_fps` the stride is round(source fps / target fps), at least 1 (whole
-  frames are dropped, never interpolated or repeated); without a known source rate the
-  stride stays 1. At most `max_frames` frames are kept, decoding stops there. Every
+  With `target_fps` the stride is round(source fps / target fps), at least 1, and
+  frames are picked by timestamp: one per stride / source fps seconds, the one nearest
+  each slot (frames 0, s, 2s, ... at a constant rate; even in time at a variable one;
+  whole frames are dropped, never interpolated or repeated); without a known source
+  rate the stride stays 1. At most `max_frames` frames are kept, decoding stops there. Every
   problem raises `SkipError` with a reason code and a detail message (the caller
   knows the file's name and puts it in front).
   """
@@ -385,8 +387,15 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     stream.thread_type = "AUTO"  # same as read_video; frame order is unaffected
     src_fps = _stream_fps(stream)
     stride = frame_stride
+    # With target_fps frames are picked by their timestamps, one per `period` seconds
+    # (the one nearest each slot, within half a source frame): a variable-frame-rate
+    # stream (phone recordings) kept every stride-th frame, so its speed changed where
+    # its rate did. On a constant-rate stream these are frames 0, s, 2s, ...
+    period = 0.0
     if target_fps and src_fps:
       stride = max(1, round(src_fps / target_fps))
+      period = stride / src_fps
+    first_time, next_time, last_time = None, None, None
     size = None  # (h, w) of the stored frames, fixed by the first frame
     packets, frame_index, reached_end, last_end = 0, 0, True, None
     try:
@@ -397,7 +406,21 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
         packets += packet.size > 0  # the final empty packet only flushes the decoder
         for frame in packet.decode():
           last_end = _frame_end(frame, stream, src_fps) or last_end
-          keep = frame_index % stride == 0
+          if period and (frame.time is not None or last_time is not None):
+            # (an untimed frame among timed ones: one source period after the last)
+            t = frame.time if frame.time is not None else last_time + 1 / src_fps
+            if first_time is None:
+              first_time, keep = t, True
+            else:  # within half this frame's own duration (a VFR stream's local rate)
+              shown = _frame_end(frame, stream, src_fps)
+              half = (shown - frame.time if shown is not None and frame.time is not None
+                      and shown > frame.time else 1 / src_fps) / 2
+              keep = t >= next_time - half
+            last_time = t
+            if keep:  # the next slot after this frame's: a gap skips slots, no burst
+              next_time = first_time + (round((t - first_time) / period) + 1) * period
+          else:
+            keep = frame_index % stride == 0
           frame_index += 1
           if not keep:
             continue
