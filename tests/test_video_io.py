@@ -103,6 +103,23 @@ def test_write_mp4_rejects_bad_input(tmp_path):
     video_io.write_mp4(path, np.zeros((2, 8, 8, 3), np.float32))
   with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
     video_io.write_mp4(path, np.zeros((8, 8, 3), np.uint8))
+  # Rates and qualities a writer cannot honour are named: fps=1e-4 rounded to a rate of
+  # 0 (written as 24 fps), crf=-0.5 was read as 0 (lossless), None a bare TypeError.
+  frames = np.zeros((2, 8, 8, 3), np.uint8)
+  for kwargs, message in ((dict(fps=1e-4), r"fps must be a positive number of at least "
+                           r"1/1001, got 0.0001"),
+                          (dict(fps="x"), r"fps must be .* got 'x'"),
+                          (dict(crf=-0.5), r"crf must be an integer in \[0, 51\], got -0.5"),
+                          (dict(crf=None), r"crf must be an integer .* got None"),
+                          (dict(crf=51.9), r"crf must be .* got 51.9")):
+    with pytest.raises(ValueError, match=rf"bad.mp4: {message}"):
+      video_io.write_mp4(path, frames, **kwargs)
+    with pytest.raises(ValueError, match=rf"bad.mp4: {message}"):
+      video_io.Mp4Writer(path, **kwargs)
+  # A NumPy scalar rate (datasets store fps as float32) is a rate: it was a TypeError
+  # in Fraction().
+  video_io.write_mp4(path, frames, fps=np.float32(8))
+  assert video_io.read_video(path).shape == (2, 8, 8, 3)
 
 
 def test_gif_round_trip_exact(tmp_path):
@@ -248,3 +265,27 @@ def test_files_being_written_are_not_clips(tmp_path):
   assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".")] == [
       ".clip.npy.partial"]
   assert [f.name for f in evaluate.expand_inputs(str(tmp_path))] == ["done.npy"]
+
+
+def test_the_main_video_stream_is_read_not_the_first(tmp_path):
+  # A Matroska file whose stream 0 is a 2-frame 16 x 16 track and stream 1 the video:
+  # both readers took stream 0.
+  import av
+  from data_pipelines.video_folder import sources
+  path = str(tmp_path / "two.mkv")
+  with av.open(path, "w") as c:
+    small = c.add_stream("libx264", rate=8)
+    small.width = small.height = 16
+    main = c.add_stream("libx264", rate=8)
+    main.width = main.height = 32
+    small.pix_fmt = main.pix_fmt = "yuv420p"
+    for i in range(40):
+      c.mux(main.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 100, np.uint8),
+                                                   format="rgb24")))
+      if i < 2:
+        c.mux(small.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), 10, np.uint8),
+                                                      format="rgb24")))
+    c.mux(small.encode(None))
+    c.mux(main.encode(None))
+  assert video_io.read_video(path).shape == (40, 32, 32, 3)
+  assert sources.decode_clip(path, max_frames=None).frames.shape == (40, 32, 32, 3)

@@ -60,6 +60,30 @@ def _tag_bt601(stream) -> None:
   cc.color_range = 1  # AVCOL_RANGE_MPEG: limited
 
 
+def _rate_and_crf(path: str, fps, crf) -> tuple[Fraction, int]:
+  """(the stream rate, the crf) for an mp4 writer, or ValueError naming the file.
+
+  PyAV wants an int or Fraction rate: 29.97-style floats become 2997/100 (NumPy
+  scalars too); a rate below 1/1001 fps would round to 0, which PyAV silently wrote as
+  24 fps. crf is x264's integer quality, 0 (lossless) to 51: -0.5 was read as 0.
+  """
+  try:
+    fps_f = float(fps)
+  except (TypeError, ValueError):
+    fps_f = math.nan
+  rate = (Fraction(fps_f).limit_denominator(1001) if fps_f > 0 and math.isfinite(fps_f)
+          else Fraction(0))
+  if rate <= 0:
+    raise ValueError(f"{path}: fps must be a positive number of at least 1/1001, got {fps!r}")
+  try:
+    crf_f = float(crf)
+  except (TypeError, ValueError):
+    crf_f = math.nan
+  if not (math.isfinite(crf_f) and crf_f.is_integer() and 0 <= crf_f <= 51):
+    raise ValueError(f"{path}: crf must be an integer in [0, 51], got {crf!r}")
+  return rate, int(crf_f)
+
+
 def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
               pad_odd: bool = True) -> tuple[int, int]:
   """Writes a (T, H, W, 3) uint8 RGB clip as H.264 (libx264, yuv420p) MP4.
@@ -94,18 +118,14 @@ def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
                        f"{h}x{w}; pass pad_odd=True or crop the frames")
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     h, w = frames.shape[1:3]
-  if not (fps > 0 and math.isfinite(fps)):
-    raise ValueError(f"{path}: fps must be a positive number, got {fps}")
-  if not 0 <= int(crf) <= 51:
-    raise ValueError(f"{path}: crf must be in [0, 51], got {crf}")
+  rate, crf = _rate_and_crf(path, fps, crf)
 
   tmp = _atomic_target(path)
   try:
     with av.open(tmp, mode="w", format="mp4") as container:
-      # PyAV wants an int or Fraction rate; 29.97-style floats become 2997/100.
-      stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+      stream = container.add_stream("libx264", rate=rate)
       stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-      stream.options = {"crf": str(int(crf))}
+      stream.options = {"crf": str(crf)}
       _tag_bt601(stream)
       for frame in frames:
         # The encoder converts rgb24 -> yuv420p (BT.601, limited range) itself.
@@ -202,12 +222,9 @@ class Mp4Writer(_AtomicWriter):
   """
 
   def __init__(self, path: str, fps: float = 8, crf: int = 18, pad_odd: bool = True):
-    if not (fps > 0 and math.isfinite(fps)):
-      raise ValueError(f"{path}: fps must be a positive number, got {fps}")
-    if not 0 <= int(crf) <= 51:
-      raise ValueError(f"{path}: crf must be in [0, 51], got {crf}")
+    self._rate, crf = _rate_and_crf(path, fps, crf)
     super().__init__(path)
-    self.fps, self.crf, self.pad_odd = fps, int(crf), pad_odd
+    self.fps, self.crf, self.pad_odd = fps, crf, pad_odd
     self._container = None
     self._stream = None
     self._size = None            # (H, W) of the input frames, set by the first chunk
@@ -229,8 +246,7 @@ class Mp4Writer(_AtomicWriter):
         raise ValueError(f"{self.path}: libx264 with yuv420p needs even height and width, "
                          f"got {h}x{w}; pass pad_odd=True or crop the frames")
     self._container = av.open(self._tmp, mode="w", format="mp4")
-    stream = self._container.add_stream(
-        "libx264", rate=Fraction(self.fps).limit_denominator(1001))
+    stream = self._container.add_stream("libx264", rate=self._rate)
     stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
     stream.options = {"crf": str(self.crf)}
     _tag_bt601(stream)
@@ -435,7 +451,7 @@ def gif_has_trailer(path: str) -> bool:
 
 
 def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
-  """Decodes the first video stream of any FFmpeg-readable file (mp4, webm, gif, ...).
+  """Decodes the main video stream (FFmpeg's best) of any FFmpeg-readable file (mp4, gif, ...).
 
   Returns (T, H, W, 3) uint8 RGB with T <= max_frames when given, upright (a display
   rotation stored in the file is applied, as players do; non-square pixels are stretched
@@ -455,7 +471,9 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
     with av.open(path, mode="r") as container:
       if not container.streams.video:
         raise ValueError(f"{path}: file has no video stream")
-      stream = container.streams.video[0]
+      # FFmpeg's main video stream (not a cover picture, not a short extra track):
+      # the first by index was a 2-frame thumbnail track in some files.
+      stream = container.streams.best("video") or container.streams.video[0]
       stream.thread_type = "AUTO"  # frame + slice threads; decoding order is unaffected
       size = None
       for frame in container.decode(stream):

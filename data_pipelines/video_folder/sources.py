@@ -6,7 +6,7 @@ exception, so that one bad file never stops a build. Problems with the whole inp
 source folder missing, a caption file without the required columns) still raise,
 because no partial result would be correct.
 
-Decoding mirrors `videoldm_jax.video_io.read_video` (first video stream, PyAV,
+Decoding mirrors `videoldm_jax.video_io.read_video` (the main video stream, PyAV,
 `to_ndarray(format="rgb24")`, display rotation applied), so without resizing the stored
 frames are bit-identical to what `read_video` returns for the same file.
 """
@@ -360,7 +360,7 @@ def _tail_missing(container, stream, packets: int, last_end: float | None,
 def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
                 target_fps: float | None = None, resize_short_side: int | None = None,
                 min_frames: int = 1) -> Clip:
-  """Decodes frames 0, s, 2s, ... (s = stride) of the first video stream of `path`.
+  """Decodes frames 0, s, 2s, ... (s = stride) of the main video stream of `path`.
 
   With `target_fps` the stride is round(source fps / target fps), at least 1, and
   frames are picked by timestamp: one per stride / source fps seconds, the one nearest
@@ -383,7 +383,9 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
   with container:
     if not container.streams.video:
       raise SkipError(NO_VIDEO_STREAM, "container has no video stream")
-    stream = container.streams.video[0]
+    # FFmpeg's main video stream (not a cover picture, not a short extra track):
+    # the first by index was a 2-frame thumbnail track in some files.
+    stream = container.streams.best("video") or container.streams.video[0]
     stream.thread_type = "AUTO"  # same as read_video; frame order is unaffected
     src_fps = _stream_fps(stream)
     stride = frame_stride
