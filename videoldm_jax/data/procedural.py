@@ -150,7 +150,10 @@ def make_clip(index: int, num_frames: int, height: int, width: int, seed: int = 
     # frame horizontally, so the 'crowdedness' label counts visible cars: at depth z the
     # frame's half-width spans (W / 2) * z / f lanes.
     z_min = np.maximum(1.6, (np.abs(lane - s["cam_x"]) + 0.3) * f / (0.5 * W))
-    car_z = z_min + (s["car_z0"][:n] - z_min) * np.exp(-s["car_rate"][:n] * t[:, None])
+    # A start nearer than z_min put a far-lane car outside the frame (still counted), and
+    # a receding one then moved towards the camera, through it.
+    z0 = np.maximum(s["car_z0"][:n], z_min)
+    car_z = z_min + (z0 - z_min) * np.exp(-s["car_rate"][:n] * t[:, None])
     car_z = np.minimum(car_z, 60.0)  # (T, n)
     # Painter's algorithm: per frame, draw the farthest car first.
     order = np.argsort(-car_z, axis=1)
