@@ -153,3 +153,22 @@ def test_every_counted_car_is_in_the_frame(monkeypatch):
     monkeypatch.setattr(procedural, "_scene", scene)
     assert labels["crowdedness"] == n
     assert (full != without_last).any(), f"clip {index}: car {n} of {n} is not drawn"
+
+
+def test_label_field_names_a_label_of_the_clips(tmp_path):
+  # data.label_field was ignored by this source: a class-conditional UNet failed with
+  # "names no field of the dataset" on batches that held time_of_day.
+  import ml_collections
+  from videoldm_jax.data import inputs
+  config = ml_collections.ConfigDict(dict(seed=0, data=dict(
+      kind="procedural", batch_size=4, num_frames=2, height=16, width=16,
+      label_field="crowdedness")))
+  batch = next(inputs.make_iterator(config, tmp_path, {}))
+  np.testing.assert_array_equal(batch["labels"], batch["crowdedness"])
+  assert batch["labels"].dtype == np.int32
+  config.data.label_field = "label"  # the video sources' default: no labels here
+  assert "labels" not in next(inputs.make_iterator(config, tmp_path, {}))
+  config.data.label_field = "weather"
+  with pytest.raises(ValueError, match=r"label_field='weather': procedural clips have the "
+                     r"integer fields \('time_of_day', 'crowdedness'\)"):
+    inputs.make_iterator(config, tmp_path, {})

@@ -220,8 +220,11 @@ def make_iterator(config, workdir: Path, cache_check: dict):
                        f"(tfds / video_folder / webvid); data.kind={data.kind!r} has none "
                        "of them: reset them, or use a video source")
   if data.kind == "procedural":
+    # ('label', the default of the video sources, names no field here: no labels.)
+    label_field = data.get("label_field", "label")
     return ClipIterator(data.batch_size // pc, data.num_frames, data.height, data.width,
-                        seed=seed, process_index=pi, process_count=pc)
+                        seed=seed, process_index=pi, process_count=pc,
+                        label_field=None if label_field == "label" else label_field)
   if data.kind == "latent_cache":
     return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, cache_check,
                                              data.get("label_field", "label"))),

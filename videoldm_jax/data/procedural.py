@@ -216,10 +216,19 @@ class ClipIterator:
     'crowdedness'  int32 (B,)   number of other cars, 0..3
     'caption'      np.ndarray of str (B,)
     'index'        int64 (B,)   global clip index, for debugging and tests
+    'labels'       int32 (B,)   with label_field 'time_of_day' or 'crowdedness': that
+                                field, the class labels of a class-conditional UNet
   """
 
+  LABEL_FIELDS = ("time_of_day", "crowdedness")
+
   def __init__(self, batch_size: int, num_frames: int, height: int, width: int,
-               seed: int = 0, process_index: int = 0, process_count: int = 1):
+               seed: int = 0, process_index: int = 0, process_count: int = 1,
+               label_field: str | None = None):
+    if label_field is not None and label_field not in self.LABEL_FIELDS:
+      raise ValueError(f"config.data.label_field={label_field!r}: procedural clips have "
+                       f"the integer fields {self.LABEL_FIELDS}")
+    self.label_field = label_field
     if batch_size < 1:
       raise ValueError(f"ClipIterator: batch_size must be >= 1, got {batch_size}")
     if not 0 <= process_index < process_count:
@@ -248,6 +257,8 @@ class ClipIterator:
       "crowdedness": np.array([lab["crowdedness"] for _, lab, _ in clips], np.int32),
       "caption": np.array([cap for _, _, cap in clips], dtype=str),
       "index": indices,
+      **({"labels": np.array([lab[self.label_field] for _, lab, _ in clips], np.int32)}
+         if self.label_field else {}),
     }
 
   def get_state(self) -> dict:
