@@ -390,6 +390,11 @@ def test_decode_clip_container_cases(tmp_path):
   audio = str(tmp_path / "audio_longer.mkv")
   _write_with(audio, clip, "libx264", audio_seconds=10.0)
   assert sources.decode_clip(audio, max_frames=None).frames.shape[0] == 40
+  # ... nor is a video of two frames beside 5 s of audio (FFmpeg gave the short track
+  # the file's duration; its own DURATION tag says 0.25 s).
+  short = str(tmp_path / "short_with_audio.mkv")
+  _write_with(short, clip[:2], "libx264", audio_seconds=5.0)
+  assert sources.decode_clip(short, max_frames=None).frames.shape[0] == 2
 
   # An AVI whose frame count includes the empty chunks FFmpeg writes for dropped frames
   # (timestamps 0..19, then every second one up to 38): complete, 30 frames, kept.

@@ -298,10 +298,9 @@ def _declared_span(container, stream) -> tuple[float, float] | None:
   whose value is FFmpeg's end time. Without it the file's duration is used only for a
   file with one stream: an audio track may well outlast the video.
   """
-  tb = stream.time_base
-  if stream.duration is not None and tb is not None:
-    start = float((stream.start_time or 0) * tb)
-    return start, start + float(stream.duration * tb)
+  # The track's own tag first: for a Matroska video of a few frames FFmpeg fills
+  # stream.duration with the file's, which a longer audio track sets (2 frames stated
+  # to end at 5 s: skipped as cut short).
   for key, value in (stream.metadata or {}).items():
     if key.upper().startswith("DURATION"):
       try:
@@ -309,6 +308,10 @@ def _declared_span(container, stream) -> tuple[float, float] | None:
         return 0.0, int(h) * 3600 + int(m) * 60 + float(sec)
       except ValueError:
         pass
+  tb = stream.time_base
+  if stream.duration is not None and tb is not None:
+    start = float((stream.start_time or 0) * tb)
+    return start, start + float(stream.duration * tb)
   if container.duration is not None and len(container.streams) == 1:
     start = (container.start_time or 0) / 1_000_000  # AV_TIME_BASE units
     return start, start + container.duration / 1_000_000
