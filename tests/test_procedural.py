@@ -79,8 +79,11 @@ def test_set_state_rejects_mismatches():
     it.set_state({"next_batch": 4, "seed": 0, "global_batch": 8})
   it.set_state({"next_batch": 4, "seed": 0, "global_batch": 4})  # 1 process x 4: fine
   assert next(it)["index"][0] == 4 * 4 + 2
-  with pytest.raises(ValueError, match="next_batch"):
-    it.set_state({})
+  # A negative or fractional batch was truncated or blamed on the global batch.
+  for bad in ({}, {"next_batch": -1}, {"next_batch": 2.7}, {"next_batch": True}):
+    with pytest.raises(ValueError, match=r"an integer 'next_batch' >= 0, got"):
+      it.set_state(bad)
+  it.set_state({"next_batch": np.int64(4), "seed": 0, "global_batch": 4})
 
 
 def test_two_processes_are_disjoint_and_cover_one_process():

@@ -14,6 +14,8 @@ Scene parameters are drawn in a fixed order and number, independent of T, H and 
 longer clip extends a shorter one and a larger one shows the same scene.
 """
 
+import operator
+
 import numpy as np
 
 MAX_CARS = 3
@@ -270,16 +272,19 @@ class ClipIterator:
   def set_state(self, state: dict) -> None:
     """Restores `get_state()` output (from any process, of a run with any number of
     processes and the same global batch); the next batch continues exactly there."""
-    try:
-      next_batch = int(state["next_batch"])
-    except (KeyError, TypeError, ValueError) as e:
+    value = state.get("next_batch") if isinstance(state, dict) else None
+    try:  # an integer (NumPy's too), not a float to truncate (2.7) nor a bool
+      next_batch = -1 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+      next_batch = -1
+    if next_batch < 0:
       raise ValueError(f"ClipIterator.set_state: expected a dict with an integer "
-                       f"'next_batch', got {state!r}") from e
+                       f"'next_batch' >= 0, got {state!r}")
     if int(state.get("seed", self.seed)) != self.seed:
       raise ValueError(f"ClipIterator.set_state: state is for seed {state['seed']}, this "
                        f"iterator uses seed {self.seed}")
     global_batch = self.batch_size * self.process_count
-    if next_batch < 0 or int(state.get("global_batch", global_batch)) != global_batch:
+    if int(state.get("global_batch", global_batch)) != global_batch:
       raise ValueError(f"ClipIterator.set_state: state {state!r} is for a global batch of "
                        f"{state.get('global_batch')}; this iterator (process "
                        f"{self.process_index} of {self.process_count}) reads {global_batch}")
