@@ -267,6 +267,23 @@ def _stream_fps(stream) -> float:
   return 0.0
 
 
+def _nominal_fps(stream) -> float:
+  """The frame rate the stream's timestamps are laid out on, for picking frames by time.
+
+  FFmpeg's average rate is frames over duration: a last frame held for a second (a
+  screen recording) or a slower stretch of a variable-rate phone video lowers it below
+  the rate the frames actually follow, which slots of that average would then sample
+  unevenly. Its guessed rate (r_frame_rate, the rate that represents all timestamps)
+  is used instead when it lies within 2x above the average; a timebase-like guess
+  (1000 fps for millisecond timestamps) is not.
+  """
+  average = _stream_fps(stream)
+  guessed = float(stream.guessed_rate) if stream.guessed_rate else 0.0
+  if average and math.isfinite(guessed) and average <= guessed <= 2 * average:
+    return guessed
+  return average
+
+
 def _target_size(h: int, w: int, resize_short_side: int | None) -> tuple[int, int]:
   """(h, w) after scaling the shorter side DOWN to `resize_short_side`; never upscales
   (upscaling adds storage, not information). Odd results are kept as they are."""
@@ -398,6 +415,7 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     # its rate did. On a constant-rate stream these are frames 0, s, 2s, ...
     period = 0.0
     if target_fps and src_fps:
+      src_fps = _nominal_fps(stream)
       stride = max(1, round(src_fps / target_fps))
       period = stride / src_fps
     first_time, next_time, last_time = None, None, None
