@@ -336,8 +336,8 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
   # Frame spacing: key frames trained 4 source frames apart, filled in x2 twice (the
   # interpolator reused). An interpolator trained on frames 1 apart fills in key frames
-  # 2 apart: noted, and its output (1 apart) filled in again is 0.5 apart for a decoder
-  # trained on frames 1 apart. Not compared before.
+  # 2 apart: noted (the decoder after it, trained on frames 1 apart, would see frames
+  # 0.5 apart: a consequence, not noted). Not compared before.
   models.keyframe[0].training = {"stage": "keyframe", "num_frames": 4, "frame_stride": 4}
   interp.training = {**interp.training, "frame_stride": 1}
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4, "frame_stride": 1}
@@ -345,10 +345,16 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert [n for n in notes if "apart" in n] == [
       "interpolator stage: trained to fill in key frames 2 source frames apart "
       "(frame_stride=1 x interp_stride=2), given key frames 4 apart (the keyframe model's "
-      "frame_stride=4): its motion runs at another speed than it learned",
-      "decoder stage: trained on frames 1 source frames apart, used on frames 0.5 apart "
-      "(the interpolator model's frame_stride=1, / 2 per pass): its motion runs at another "
-      "speed than it learned"], notes
+      "frame_stride=4): on data of one frame rate, its motion runs at another speed than "
+      "it learned"], notes
+  # With the interpolator right, a decoder trained on frames 2 apart sees them 1 apart.
+  interp.training = {**interp.training, "frame_stride": 2}
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4, "frame_stride": 2}
+  assert [n for n in generate.plan(models, options).notes if "apart" in n] == [
+      "decoder stage: trained on frames 2 source frames apart, used on frames 1 apart (the "
+      "interpolator model's frame_stride=2, / 2 per pass): on data of one frame rate, its "
+      "motion runs at another speed than it learned"]
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4, "frame_stride": 1}
   interp.training = {**interp.training, "frame_stride": 2}
   assert not [n for n in generate.plan(models, options).notes if "apart" in n]
   models.keyframe[0].training = {}

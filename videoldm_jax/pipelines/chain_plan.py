@@ -248,29 +248,38 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   # frames apart. Followed along the chain from the key frames: an interpolator fills
   # in key frames stride x its own spacing apart and makes frames at its own spacing (a
   # reused second pass: 1 / stride of the first's). Another spacing is motion of
-  # another speed than the stage learned; each mismatch is noted where it starts.
+  # another speed than the stage learned, if the stages' datasets share a frame rate
+  # (the records hold strides, not rates). Only the first mismatch along the chain is
+  # noted: the stages after it follow from it.
   key_stage = "keyframe" if models.keyframe is not None else "predictor"
-  spacing = trained[key_stage].get("frame_stride")
+  key_spacing = trained[key_stage].get("frame_stride")
   used = {name: on for name, on, *_ in calls}
-  if spacing is not None:
-    source = f"the {key_stage} model's frame_stride={spacing}"
-    for i in range(passes):
-      name = "interpolator2" if i == 1 and models.interpolator2 is not None else "interpolator"
-      own = trained[name].get("frame_stride") if i == 0 or name == "interpolator2" else None
-      if own is not None and own * stride != spacing:
+  caveat = ": on data of one frame rate, its motion runs at another speed than it learned"
+  if key_spacing is not None:
+    own = trained["predictor"].get("frame_stride")
+    if key_stage == "keyframe" and used["predictor"] and own not in (None, key_spacing):
+      notes.append(f"predictor stage: trained on frames {own} source frames apart, "
+                   f"continues key frames {key_spacing} apart (the keyframe model's "
+                   f"frame_stride){caveat}")
+    spacing, source = key_spacing, f"the {key_stage} model's frame_stride={key_spacing}"
+    stages = [("interpolator2" if i == 1 and models.interpolator2 is not None
+               else "interpolator", i) for i in range(passes)]
+    stages += [(name, None) for name in ("decoder", "upsampler") if used[name]]
+    for name, i in stages:
+      own = (trained[name].get("frame_stride")
+             if i is None or i == 0 or name == "interpolator2" else None)
+      if i is not None and own is not None and own * stride != spacing:
         notes.append(f"{name} stage: trained to fill in key frames {own * stride} source "
                      f"frames apart (frame_stride={own} x interp_stride={stride}), given "
-                     f"key frames {spacing:g} apart ({source}): its motion runs at another "
-                     "speed than it learned")
-      spacing, source = ((own, f"the {name} model's frame_stride={own}") if own is not None
-                         else (spacing / stride, f"{source}, / {stride} per pass"))
-    for name in ("predictor", "decoder", "upsampler"):
-      own = trained[name].get("frame_stride")
-      at = trained[key_stage].get("frame_stride") if name == "predictor" else spacing
-      if used[name] and own is not None and own != at:
+                     f"key frames {spacing:g} apart ({source}){caveat}")
+        break
+      if i is None and own is not None and own != spacing:
         notes.append(f"{name} stage: trained on frames {own} source frames apart, used on "
-                     f"frames {at:g} apart ({source if name != 'predictor' else key_stage}): "
-                     "its motion runs at another speed than it learned")
+                     f"frames {spacing:g} apart ({source}){caveat}")
+        break
+      if i is not None:
+        spacing, source = ((own, f"the {name} model's frame_stride={own}") if own is not None
+                           else (spacing / stride, f"{source}, / {stride} per pass"))
   # Each stage's step count on its own schedule's grid: a grid past the schedule (1000
   # 'leading' steps with steps_offset 1) or a repeating dpmpp_2m grid failed in the
   # sampler, after the stages before it had sampled.
