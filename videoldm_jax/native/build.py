@@ -129,6 +129,21 @@ def _build(name: str, compiler: str, target: Path) -> None:
       os.remove(tmp)
 
 
+def _elf_damaged(path: Path) -> bool:
+  """Whether `path` is not a whole 64-bit little-endian ELF file: no ELF magic, or
+  shorter than its section header table's end (where a truncated library stops)."""
+  try:
+    data = path.read_bytes()
+  except OSError:
+    return True
+  if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    return True
+  shoff = int.from_bytes(data[0x28:0x30], "little")
+  shentsize = int.from_bytes(data[0x3A:0x3C], "little")
+  shnum = int.from_bytes(data[0x3C:0x3E], "little")
+  return len(data) < shoff + shentsize * shnum
+
+
 def load(name: str) -> tuple[Optional[ctypes.CDLL], str]:
   """(the library with its FFI targets registered for the CPU, "") or (None, why not).
   Builds it on the first call on a machine; later calls and processes reuse it."""
@@ -144,8 +159,13 @@ def load(name: str) -> tuple[Optional[ctypes.CDLL], str]:
           _build(name, compiler, path)
         try:
           lib = ctypes.CDLL(str(path))
-        except OSError as e:  # a damaged cache entry (e.g. truncated): built again, once
-          logging.warning("videoldm_jax.native: %s does not load (%s); building it again",
+        except OSError as e:
+          # A damaged cache entry (a crash mid-copy, a full disk) is built again; one that
+          # is whole but cannot load here (a noexec cache folder) is not rebuilt by every
+          # process: that is the environment.
+          if not _elf_damaged(path):
+            raise
+          logging.warning("videoldm_jax.native: %s is damaged (%s); building it again",
                           path, e)
           _build(name, compiler, path)
           lib = ctypes.CDLL(str(path))
