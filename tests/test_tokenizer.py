@@ -228,6 +228,14 @@ def test_unreadable_files_are_named(tmp_path, hf_clip_tokenizer):
   (no_specials / "merges.txt").write_text("")
   with pytest.raises(ValueError, match=rf"{no_specials}.*bos_token '<\|startoftext\|>' is not"):
     CLIPTokenizer.from_folder(str(no_specials))
+  # Integral floats, as some files write them (1e+30: no limit, CLIP's 77 stands).
+  for value, expected in ((77.0, 77), (1e30, 77)):
+    copy = tmp_path / f"float_{value:g}"
+    copy.mkdir()
+    for f in good.iterdir():
+      (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "tokenizer_config.json").write_text(json.dumps({"model_max_length": value}))
+    assert CLIPTokenizer.from_folder(str(copy)).model_max_length == expected
   with pytest.raises(FileNotFoundError, match="is not a folder"):
     CLIPTokenizer.from_folder(str(good / "vocab.json"))
   # A GPT-2-style byte-level BPE: words start with "Ġ", no "</w>" anywhere.

@@ -222,6 +222,8 @@ class CLIPTokenizer:
       if content is not None:
         kwargs[field] = content
     max_len = settings.get("model_max_length")
+    if isinstance(max_len, float) and max_len.is_integer():
+      max_len = int(max_len)  # (77.0, or 1e+30 for "no limit", in some files)
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
       raise ValueError(f"{os.path.join(path, 'tokenizer_config.json')}: model_max_length="
                        f"{max_len!r}, expected an integer")
