@@ -1,6 +1,8 @@
 """Context frames (Video LDM eq. 3): the conditioning input, the UNet's context encoder,
 context guidance, and the prediction / interpolation samplers."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +158,14 @@ def test_interpolation_reproduces_key_frames_and_runs_twice(model):
   np.testing.assert_array_equal(np.asarray(twice_k[:, ::4]), np.asarray(once_k))
   same_noise = cs.interpolate(model, once_k, 4, opts, text=text, key=k)
   assert np.abs(np.asarray(twice_k - same_noise)).max() > 1e-2
+  # Without a key, seed s's second pass drew seed s + 1's first-pass noise (consecutive
+  # seeds correlated); now it is seed s's key folded, as with a caller's key.
+  seed1 = dataclasses.replace(opts, seed=1)
+  second_of_0 = cs.interpolate(model, once, 4, seed1, text=text)
+  assert np.abs(np.asarray(twice - second_of_0)).max() > 1e-2
+  np.testing.assert_array_equal(
+      np.asarray(twice), np.asarray(cs.interpolate_twice(model, keys, 4, opts, text=text,
+                                                         key=jax.random.key(0))))
 
 
 def test_autoregressive_extension(model):
@@ -170,3 +180,24 @@ def test_autoregressive_extension(model):
   clip = cs.predict(model, video[:, 2:4], 4, opts, key=jax.random.fold_in(jax.random.key(0), 1),
                     text=text)
   np.testing.assert_array_equal(np.asarray(clip[:, 2:]), np.asarray(video[:, 4:6]))
+
+
+def test_context_guidance_without_known_frames_runs_one_branch(model):
+  # S = 0 (an unconditional first clip, num_context=0): the guided and unguided branches
+  # are the same, and both ran (twice the UNet batch) for the unguided result.
+  _, _, text, _ = _inputs()
+  batches = []
+  apply_fn = model.apply_fn
+
+  def counting(params, x, *args, **kwargs):
+    batches.append(x.shape[0])
+    return apply_fn(params, x, *args, **kwargs)
+
+  context = jnp.zeros((2, 0, 4, 4, 4))
+  plain = cs.predict(model, context, 4, cs.ContextSampleOptions(num_steps=2), text=text)
+  counted = dataclasses.replace(model, apply_fn=counting)
+  guided = cs.predict(counted, context, 4, cs.ContextSampleOptions(num_steps=2,
+                                                                 context_scale=2.0),
+                      text=text)
+  assert batches == [2, 2]  # one branch of batch 2 per step
+  np.testing.assert_array_equal(np.asarray(guided), np.asarray(plain))

@@ -124,6 +124,10 @@ def sample_clip(model: ContextModel, known: jax.Array, mask: jax.Array,
   key = jax.random.key(options.seed) if key is None else key
   if x_T is None:
     x_T = jax.random.normal(jax.random.fold_in(key, 0), known.shape, jnp.float32)
+  if options.context_scale != 1.0 and not bool(mask.any()):
+    # No known frame: the guided branch is the unguided one (u + s (u - u) = u), so
+    # only one runs (twice the UNet batch for the same result otherwise).
+    options = dataclasses.replace(options, context_scale=1.0)
   denoise = guided_context_fn(model, masked_cond(known, mask), options, text, uncond_text,
                               labels)
   sampling = model.sampling
@@ -193,11 +197,12 @@ def interpolate_twice(model: ContextModel, keys: jax.Array, stride: int = 4,
   """T -> stride^2 T frames (4T -> 16T in the paper's terms): `interpolate` with `model`,
   then again on its output with `second_model` (default: the same model), drawing other
   noise. keys (B, N, h, w, C) -> (B, stride^2 N, h, w, C); `conditioning`: text /
-  uncond_text / labels, and `key` (else options.seed; the second pass draws from
-  fold_in(key, 2), or seed + 1), no x_T (the two passes have different lengths)."""
+  uncond_text / labels, and `key` (else key(options.seed); the second pass draws from
+  fold_in(key, 2)), no x_T (the two passes have different lengths)."""
+  # (A given key was passed to both passes: the second drew the first's noise again;
+  # without one the second pass drew from seed + 1: the next seed's first pass.)
   key = conditioning.pop("key", None)
+  key = jax.random.key(options.seed) if key is None else key
   once = interpolate(model, keys, stride, options, key=key, **conditioning)
-  # (A given key was passed to both passes: the second drew the first's noise again.)
-  again = dataclasses.replace(options, seed=options.seed + 1)
-  return interpolate(second_model or model, once, stride, again,
-                     key=None if key is None else jax.random.fold_in(key, 2), **conditioning)
+  return interpolate(second_model or model, once, stride, options,
+                     key=jax.random.fold_in(key, 2), **conditioning)
