@@ -387,8 +387,20 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert any(n.startswith(note) for n in generate.plan(models, options).notes)
   assert not any("no-context" in n for n in generate.plan(
       models, dataclasses.replace(options, context_scale=1.0)).notes)
+  # Sampling with S = 0 uses that branch whatever the scale: num_context=0, or a chain
+  # without a key-frame model (its first clip); not noted before. No guidance note then
+  # for num_context=0 (no context to guide with).
+  s0 = ("predictor stage: samples every round (num_context=0) without context frames, "
+        "which it never trained (no clip without context): expect artefacts")
+  notes = generate.plan(models, dataclasses.replace(options, num_context=0)).notes
+  assert s0 in notes and not any("no-context" in n for n in notes), notes
+  no_key = dataclasses.replace(models, keyframe=None)
+  assert any(n.startswith("predictor stage: samples the first clip (no key-frame model) "
+                          "without context frames") for n in generate.plan(
+                              no_key, dataclasses.replace(options, context_scale=1.0)).notes)
   models.predictor[0].training["no_context_prob"] = 1 / 3
   assert not any("no-context" in n for n in generate.plan(models, options).notes)
+  assert s0 not in generate.plan(models, dataclasses.replace(options, num_context=0)).notes
   # An epsilon interpolator on a zero-terminal-SNR 'trailing' schedule starts where
   # abar = 0 (NaN): refused by the plan, not after the key frames were sampled.
   interp_model, interp_tok = models.interpolator

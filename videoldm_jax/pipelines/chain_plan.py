@@ -203,8 +203,18 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
                  "class-conditional")
   # Context guidance subtracts the no-context prediction (S = 0): a model that never
   # trained without context gives an untrained branch there.
+  # The predictor samples without context (S = 0) for the first clip when there is no
+  # key-frame model, and in every round with num_context=0.
+  without = [what for what, on in (("the first clip (no key-frame model)",
+                                    models.predictor is not None and models.keyframe is None),
+                                   ("every round (num_context=0)", rounds > 0 and s == 0))
+             if on]
+  if without and trained["predictor"].get("no_context_prob") == 0.0:
+    notes.append(f"predictor stage: samples {' and '.join(without)} without context frames, "
+                 "which it never trained (no clip without context): expect artefacts")
   for name, used, option, scale in (
-      ("predictor", rounds > 0, "context_scale", o.context_scale),
+      # (S = 0 rounds have no context to guide with: one branch runs.)
+      ("predictor", rounds > 0 and s > 0, "context_scale", o.context_scale),
       ("interpolator", passes > 0, "interp_context_scale", o.interp_context_scale),
       ("interpolator2", passes == 2 and models.interpolator2 is not None,
        "interp_context_scale", o.interp_context_scale)):
