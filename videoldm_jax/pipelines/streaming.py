@@ -118,12 +118,13 @@ class OverlapChunker(_Buffered):
 
   fn(frames (1, W, ...), call index, first frame's index) -> (1, W, ...) frame for
   frame, W = chunk + 2 overlap for every call (one compiled shape; a video shorter than
-  W is one shorter call). The first call covers frames [0, W) and emits [0, W - overlap); each further
-  call emits the next `chunk` frames, seeing `overlap` frames on each side of them
-  (their outputs are dropped); the last call covers the last W frames of the video and
-  emits what is left (so it sees >= overlap frames before). The true start and end of
-  the video have no context frames, as in whole-video processing. Keeps at most
-  W - 1 + chunk + overlap frames plus one pushed chunk.
+  W is one shorter call). The first call covers frames [0, W) and emits
+  [0, W - overlap); each further call emits the next `chunk` frames, seeing `overlap`
+  frames on each side of them (their outputs are dropped); the last call covers the
+  last W frames of the video and emits what is left (so it sees >= overlap frames
+  before). The true start and end of the video have no context frames, as in
+  whole-video processing. Keeps at most W - 1 + chunk + overlap frames plus one pushed
+  chunk.
   """
 
   def __init__(self, fn, chunk: int, overlap: int, bar=None):
