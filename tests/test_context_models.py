@@ -166,6 +166,8 @@ def test_interpolation_reproduces_key_frames_and_runs_twice(model):
   np.testing.assert_array_equal(
       np.asarray(twice), np.asarray(cs.interpolate_twice(model, keys, 4, opts, text=text,
                                                          key=jax.random.key(0))))
+  with pytest.raises(ValueError, match="no x_T"):  # (a shape error in the second pass)
+    cs.interpolate_twice(model, keys, 4, opts, text=text, x_T=jnp.zeros((2, 4, 4, 4, 4)))
 
 
 def test_autoregressive_extension(model):

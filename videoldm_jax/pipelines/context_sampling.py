@@ -201,6 +201,9 @@ def interpolate_twice(model: ContextModel, keys: jax.Array, stride: int = 4,
   fold_in(key, 2)), no x_T (the two passes have different lengths)."""
   # (A given key was passed to both passes: the second drew the first's noise again;
   # without one the second pass drew from seed + 1: the next seed's first pass.)
+  if "x_T" in conditioning:
+    raise ValueError("interpolate_twice draws each pass's noise itself: no x_T (the passes "
+                     "have different lengths); give a key, or call interpolate twice")
   key = conditioning.pop("key", None)
   key = jax.random.key(options.seed) if key is None else key
   once = interpolate(model, keys, stride, options, key=key, **conditioning)
