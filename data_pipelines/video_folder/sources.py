@@ -410,9 +410,10 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     src_fps = _stream_fps(stream)
     stride = frame_stride
     # With target_fps frames are picked by their timestamps, one per `period` seconds
-    # (the one nearest each slot, within half a source frame): a variable-frame-rate
-    # stream (phone recordings) kept every stride-th frame, so its speed changed where
-    # its rate did. On a constant-rate stream these are frames 0, s, 2s, ...
+    # of the stream's nominal rate (the one nearest each slot: within half its own
+    # duration): a variable-frame-rate stream (phone recordings) kept every stride-th
+    # frame, so its speed changed where its rate did. On a constant-rate stream these
+    # are frames 0, s, 2s, ...
     period = 0.0
     if target_fps and src_fps:
       src_fps = _nominal_fps(stream)
