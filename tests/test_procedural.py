@@ -175,3 +175,15 @@ def test_label_field_names_a_label_of_the_clips(tmp_path):
   with pytest.raises(ValueError, match=r"label_field='weather': procedural clips have the "
                      r"integer fields \('time_of_day', 'crowdedness'\)"):
     inputs.make_iterator(config, tmp_path, {})
+
+
+def test_options_this_source_lacks_are_named(tmp_path, caplog):
+  # data.crop / data.worker_count change nothing here: said so, not silently ignored.
+  import ml_collections
+  from videoldm_jax.data import inputs
+  config = ml_collections.ConfigDict(dict(seed=0, data=dict(
+      kind="procedural", batch_size=2, num_frames=2, height=16, width=16, crop="center",
+      worker_count=4)))
+  with caplog.at_level("WARNING"):
+    inputs.make_iterator(config, tmp_path, {})
+  assert "{'crop': 'center', 'worker_count': 4} ignored: data.kind='procedural'" in caplog.text

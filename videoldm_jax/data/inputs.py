@@ -219,6 +219,14 @@ def make_iterator(config, workdir: Path, cache_check: dict):
       raise ValueError(f"config.data: {unused} are options of the video pipelines "
                        f"(tfds / video_folder / webvid); data.kind={data.kind!r} has none "
                        "of them: reset them, or use a video source")
+    # These two change no example (a procedural clip is drawn at its size, a cached one
+    # was cropped when cached; neither source has Grain workers): a warning, not an error.
+    ignored = {k: v for k, v in (("crop", data.get("crop", "random")),
+                                 ("worker_count", data.get("worker_count", 0)))
+               if v != {"crop": "random", "worker_count": 0}[k]}
+    if ignored and jax.process_index() == 0:
+      logging.warning("config.data: %s ignored: data.kind=%r has no such option", ignored,
+                      data.kind)
   if data.kind == "procedural":
     # ('label', the default of the video sources, names no field here: no labels.)
     label_field = data.get("label_field", "label")
