@@ -453,6 +453,15 @@ def test_target_fps_picks_frames_by_time_in_a_variable_rate_video(tmp_path):
   ids = [int(np.abs(originals - f.astype(np.float32)).mean((1, 2, 3)).argmin())
          for f in clip.frames]
   assert ids == list(range(0, 64, 3)), ids
+  # A 30 fps GIF: delays of whole centiseconds, 3, 3, 4, ... (an average rate of 33.3,
+  # one over the shortest): every 3rd frame at 10 fps (was 0, 3, 5, 8, ... at 11.1).
+  from PIL import Image
+  gif = str(tmp_path / "30fps.gif")
+  delays = [10 * (round((i + 1) * 100 / 30) - round(i * 100 / 30)) for i in range(60)]
+  Image.fromarray(frames[0]).save(gif, save_all=True, append_images=[
+      Image.fromarray(f) for f in frames[1:60]], duration=delays, loop=0)
+  clip = sources.decode_clip(gif, max_frames=None, target_fps=10)
+  assert kept(clip) == list(range(0, 60, 3)) and clip.fps == pytest.approx(10), kept(clip)
 
 
 def _write_timed(path: str, n: int, *, hold_ms: int = 33, first_pts: int = 0,

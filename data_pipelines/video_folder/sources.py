@@ -273,13 +273,14 @@ def _nominal_fps(stream) -> float:
   FFmpeg's average rate is frames over duration: a last frame held for a second (a
   screen recording) or a slower stretch of a variable-rate phone video lowers it below
   the rate the frames actually follow, which slots of that average would then sample
-  unevenly. Its guessed rate (r_frame_rate, the rate that represents all timestamps)
-  is used instead when it lies within 2x above the average; a timebase-like guess
-  (1000 fps for millisecond timestamps) is not.
+  unevenly; a GIF's whole-centisecond delays (3, 3, 4 cs for 30 fps) raise it to one over
+  the shortest delay. Its guessed rate (r_frame_rate, the rate that represents all
+  timestamps) is used instead when it lies within 2x of the average; a timebase-like
+  guess (1000 fps for millisecond timestamps) is not.
   """
   average = _stream_fps(stream)
   guessed = float(stream.guessed_rate) if stream.guessed_rate else 0.0
-  if average and math.isfinite(guessed) and average <= guessed <= 2 * average:
+  if average and math.isfinite(guessed) and average / 2 <= guessed <= 2 * average:
     return guessed
   return average
 
