@@ -33,7 +33,8 @@ def add_decode_args(p: argparse.ArgumentParser):
   rate = p.add_mutually_exclusive_group()
   rate.add_argument("--frame_stride", type=int, default=1, help="keep every n-th frame")
   rate.add_argument("--target_fps", type=float, default=None,
-                    help="pick the stride per video as round(source fps / target fps)")
+                    help="keep a frame every round(source fps / target fps) source "
+                    "frames, picked by timestamp (even in time in variable-rate videos)")
   p.add_argument("--resize_short_side", type=int, default=None,
                  help="downscale so the shorter side has this many pixels")
   p.add_argument("--min_frames", type=int, default=4,
