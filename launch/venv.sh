@@ -28,9 +28,13 @@ ensure_venv() {
   . .venv/bin/activate
 }
 
-# Whether .venv/bin/activate puts this folder's .venv first on PATH.
+# Whether .venv/bin/activate puts this folder's .venv/bin first on PATH. Folders are
+# compared, not the python files: every venv's python links the same base interpreter.
 _venv_is_here() {
   [ -f .venv/bin/activate ] || return 1
+  local here
+  here=$(cd .venv/bin && pwd -P) || return 1
   # shellcheck disable=SC1091
-  (. .venv/bin/activate && [ "$(command -v python)" -ef .venv/bin/python ])
+  (. .venv/bin/activate && found=$(command -v python) \
+    && [ "$(cd "$(dirname "$found")" && pwd -P)" = "$here" ])
 }

@@ -360,7 +360,11 @@ def test_a_moved_venv_is_recreated_and_an_old_python_named(tmp_path):
   old = tmp_path / "old"
   (old / "launch").mkdir(parents=True)
   (old / "launch" / "venv.sh").write_text((ROOT / "launch" / "venv.sh").read_text())
-  env = {**os.environ, "PYTHON": sys.executable}
+  # Another venv's bin first on PATH (as under test.sh): its python links the same base
+  # interpreter as the moved one's, so comparing the python files could not tell them
+  # apart (this test passed from a bare shell and failed from test.sh).
+  env = {**os.environ, "PYTHON": sys.executable,
+         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
   script = "set -euo pipefail; . launch/venv.sh; ensure_venv t; command -v python"
   subprocess.run(["bash", "-c", script], cwd=old, check=True, capture_output=True,
                  timeout=300, env=env)
