@@ -8,9 +8,8 @@ import ml_collections
 
 # Logical axis -> mesh axis rules (see videoldm_jax/models/layers.py for the names).
 # Weights are split over "fsdp" along output channels / model width and over "tensor"
-# along heads and MLP width; batches over ("data", "fsdp").
+# along heads and MLP width. Batches are split over config.batch_axes below.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
     ("conv_kt", None), ("conv_kh", None), ("conv_kw", None), ("conv_in", None),
     ("conv_out", "fsdp"),
     ("embed", "fsdp"),
@@ -69,6 +68,6 @@ def get_config() -> ml_collections.ConfigDict:
                   class_labels=())
   c.mesh = dict(data=-1, fsdp=1, tensor=1)   # within a slice (ICI); one size may be -1
   c.dcn_mesh = dict(data=1, fsdp=1, tensor=1)  # across slices (multi-slice TPU / DCN)
-  c.batch_axes = ("data", "fsdp")
+  c.batch_axes = ("data", "fsdp")  # the mesh axes the global batch is split over
   c.rules = DEFAULT_RULES
   return c

@@ -145,6 +145,33 @@ def test_rules_and_batch_axes_are_checked():
     sharding.check_batch_split(4, 0, mesh, ("data", "fsdp"))
 
 
+def test_malformed_rules_duplicates_and_the_batch_rule_are_named():
+  # Each failed with a bare Python error or JAX's DuplicateSpecError naming no config
+  # field; a "batch" rule was required though batches follow config.batch_axes alone.
+  rules = list(sharding.DEFAULT_RULES)
+  for entry in (("scalar", None, "x"), ("embed", 2), "embed", ("embed", ("fsdp", 1))):
+    with pytest.raises(ValueError, match=r"config.rules\[11\] = .*: expected \(logical "
+                       "axis, mesh axis"):
+      sharding.check_rules(rules + [entry])
+  with pytest.raises(ValueError, match=r"logical axis 'embed' is placed on \('fsdp', "
+                     r"'fsdp'\), which names a mesh axis twice"):
+    sharding.check_rules([("embed", ("fsdp", "fsdp")) if r[0] == "embed" else r
+                          for r in rules])
+  mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+  with pytest.raises(ValueError, match=r"config.batch_axes=\('fsdp', 'fsdp'\) names a mesh "
+                     "axis twice"):
+    sharding.check_batch_split(2, 1, mesh, ("fsdp", "fsdp"))
+  assert "batch" not in dict(rules)
+  old_config = rules + [("batch", ("data", "fsdp"))]
+  sharding.check_rules(old_config)  # accepted: it agrees with the default batch_axes
+  sharding.check_batch_split(2, 1, mesh, ("data", "fsdp"), rules=old_config)
+  with pytest.raises(ValueError, match=r"config.rules places logical axis 'batch' on "
+                     r"\('tensor',\), but batches are split over config.batch_axes="
+                     r"\('data', 'fsdp'\); the rule places nothing"):
+    sharding.check_batch_split(2, 1, mesh, ("data", "fsdp"),
+                               rules=rules + [("batch", "tensor")])
+
+
 def test_an_array_split_less_than_its_rules_counts_once(caplog):
   # A (16, 5) kernel whose 5 columns a 2-way tensor axis does not divide stays split over
   # fsdp; it was counted once per dimension and as whole on every device.

@@ -217,7 +217,7 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
       step_lib.abstract_train_state(setup.abstract_params, stage, tx), shardings)
   batch_sh = NamedSharding(mesh, PartitionSpec(tuple(config.batch_axes)))
   sharding.check_batch_split(config.data.batch_size, config.train.grad_accum, mesh,
-                             tuple(config.batch_axes), topology)
+                             tuple(config.batch_axes), topology, rules)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
            for k, v in batch.items()}
   train_step = step_lib.build_train_step(

@@ -18,9 +18,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Default placement: weights are split over "fsdp" along their output channels / model
 # width and over "tensor" along attention heads and MLP width; kernel window dims (time
 # and space), norms and scalars (mix factors) are never split. A config may replace
-# this list.
+# this list. (Batches are split over config.batch_axes, not by a rule.)
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
     ("conv_kt", None), ("conv_kh", None), ("conv_kw", None), ("conv_in", None),
     ("conv_out", "fsdp"),
     ("embed", "fsdp"),
@@ -28,6 +27,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None), ("scalar", None),
 )
 KNOWN_LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
+# Configs written before batches followed config.batch_axes alone carry a rule for it:
+# accepted where it agrees with config.batch_axes (`check_batch_split`).
+_BATCH = "batch"
 
 
 def _fill(shape: dict[str, int], n: int, what: str) -> list[int]:
@@ -98,15 +100,24 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
 
 
 def check_rules(rules: Sequence[tuple[str, Any]]) -> None:
-  """Refuses rules (config.rules) that name a logical axis the models do not use, or
-  one twice, or a mesh axis the mesh does not have, or that leave a logical axis
-  without a placement (its weights would stay whole on every device, silently)."""
+  """Refuses rules (config.rules) that are not (logical axis, mesh axis | tuple of mesh
+  axes | None) pairs, that name a logical axis the models do not use, or one twice, or
+  a mesh axis the mesh does not have, or one twice in an entry, or that leave a
+  logical axis without a placement (its weights would stay whole on every device,
+  silently)."""
+  for i, r in enumerate(rules):
+    value = r[1] if isinstance(r, (tuple, list)) and len(r) == 2 else None
+    if (not isinstance(r, (tuple, list)) or len(r) != 2 or not isinstance(r[0], str)
+        or not (value is None or isinstance(value, str) or (
+            isinstance(value, (tuple, list)) and all(isinstance(a, str) for a in value)))):
+      raise ValueError(f"config.rules[{i}] = {r!r}: expected (logical axis, mesh axis | "
+                       "tuple of mesh axes | None)")
   names = [r[0] for r in rules]
   twice = sorted({n for n in names if names.count(n) > 1})
   if twice:
     # flax takes the first: a later entry meant as an override would be ignored.
     raise ValueError(f"config.rules names logical axes {twice} more than once")
-  unknown = sorted(set(names) - KNOWN_LOGICAL_AXES)
+  unknown = sorted(set(names) - KNOWN_LOGICAL_AXES - {_BATCH})
   if unknown:
     raise ValueError(f"config.rules: logical axes {unknown} are not the models'; they name "
                      f"{sorted(KNOWN_LOGICAL_AXES)}")
@@ -117,6 +128,11 @@ def check_rules(rules: Sequence[tuple[str, Any]]) -> None:
   bad = sorted({a for n in names for a in mesh_axes(rules, n)} - set(MESH_AXES))
   if bad:
     raise ValueError(f"config.rules: mesh axes {bad} are not the mesh's {MESH_AXES}")
+  for n in names:
+    axes = mesh_axes(rules, n)
+    if len(set(axes)) != len(axes):  # (JAX's DuplicateSpecError, naming no config field)
+      raise ValueError(f"config.rules: logical axis {n!r} is placed on {axes}, which "
+                       "names a mesh axis twice")
 
 
 def mesh_axes(rules: Sequence[tuple[str, Any]], logical: str) -> tuple[str, ...]:
@@ -177,14 +193,24 @@ def shardings_for(logical_specs: Any, mesh: Mesh, shapes: Any,
 
 
 def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
-                      batch_axes: Sequence[str], where: str = "") -> None:
+                      batch_axes: Sequence[str], where: str = "",
+                      rules: Sequence[tuple[str, Any]] = ()) -> None:
   """Refuses a global batch (and its grad_accum microbatches) that the batch axes of
   `mesh` cannot split evenly: the step would fail in XLA's partitioner with an error
-  naming no config field, or compute microbatch rows redundantly on every device."""
+  naming no config field, or compute microbatch rows redundantly on every device. A
+  "batch" entry of `rules` (older configs) must agree with `batch_axes`, which alone
+  split the batch."""
   bad = sorted(set(batch_axes) - set(MESH_AXES))
   if bad:  # (a bare KeyError below)
     raise ValueError(f"config.batch_axes={tuple(batch_axes)}: {bad} are not the mesh's "
                      f"axes {MESH_AXES}")
+  if len(set(batch_axes)) != len(batch_axes):
+    raise ValueError(f"config.batch_axes={tuple(batch_axes)} names a mesh axis twice")
+  if any(r[0] == _BATCH for r in rules) and mesh_axes(rules, _BATCH) != tuple(batch_axes):
+    raise ValueError(f"config.rules places logical axis 'batch' on "
+                     f"{mesh_axes(rules, _BATCH)}, but batches are split over "
+                     f"config.batch_axes={tuple(batch_axes)}; the rule places nothing: "
+                     "remove it (or make config.batch_axes the split you meant)")
   if grad_accum < 1:
     raise ValueError(f"config.train.grad_accum={grad_accum} must be >= 1 (microbatches "
                      "per step)")

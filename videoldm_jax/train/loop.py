@@ -156,7 +156,8 @@ def _prepared(config: ml_collections.ConfigDict, workdir: Path, mesh_shape: dict
   mesh = sharding.make_mesh(mesh_shape, dcn_shape=dcn_shape)
   if training:
     sharding.check_batch_split(config.data.batch_size, config.train.grad_accum, mesh,
-                               tuple(config.batch_axes))
+                               tuple(config.batch_axes),
+                               rules=[tuple(r) for r in config.rules])
   setup = stage_setup(config, workdir)
   rules = [tuple(r) for r in config.rules]
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
