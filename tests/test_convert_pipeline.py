@@ -8,6 +8,7 @@ DDIM / DPM-Solver++ loop, VAE decode) matches diffusers' pipeline from the same 
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -374,3 +375,35 @@ def test_output_folders_are_checked_before_the_model_is_built(tmp_path):
                           timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_model_index_files_and_linked_outputs_are_named(tmp_path):
+  # A damaged model_index.json raised a bare JSONDecodeError / AttributeError /
+  # TypeError / KeyError naming no file; an output given as a link to an empty folder
+  # passed the up-front check and failed at the final rename, after the work.
+  from videoldm_jax import pretrained, upsampler_model
+  folder = tmp_path / "model"
+  folder.mkdir()
+  index = folder / "model_index.json"
+  ok = {"format": pretrained.FORMAT, "format_version": 1, "unet": {}, "vae": {},
+        "scheduler": {}}
+  for text, message in (
+      ('{"format": ', "not valid JSON"), ("[1, 2]", "expected a JSON object, got a list"),
+      (json.dumps(dict(ok, format_version="1")), "format_version '1', expected a whole"),
+      (json.dumps(dict(ok, format_version=2)), "format_version 2 is newer"),
+      (json.dumps({k: v for k, v in ok.items() if k != "unet"}), r"no \['unet'\] entries")):
+    index.write_text(text)
+    with pytest.raises(ValueError, match=f"{re.escape(str(index))}: {message}"):
+      pretrained.load_index(folder)
+  index.write_text(json.dumps(ok))
+  assert pretrained.load_index(folder) == ok
+  up = folder / upsampler_model.INDEX
+  up.write_text("[]")
+  with pytest.raises(ValueError, match=f"{re.escape(str(up))}: expected a JSON object"):
+    upsampler_model.load(folder, read_params=False)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for link, target in ((tmp_path / "link", empty), (tmp_path / "dangling", tmp_path / "no")):
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(link))}: is a symbolic link"):
+      pretrained.check_new_folder(link)

@@ -91,6 +91,11 @@ def check_new_folder(out_dir: str | Path) -> Path:
   """`out_dir`, absolute, where a model may be written: absent or an empty folder.
   Entry points call it before their slow work, the savers again before writing."""
   out_dir = Path(out_dir).absolute()
+  if out_dir.is_symlink():
+    # The final rename (`write_folder`) cannot replace a link: the model, written,
+    # would be lost at the last moment.
+    raise FileExistsError(f"{out_dir}: is a symbolic link (to {os.readlink(out_dir)}); "
+                          "give the folder itself, or a new path")
   if out_dir.exists() and not out_dir.is_dir():
     raise FileExistsError(f"{out_dir}: exists and is not a folder; choose a new output "
                           "folder")
@@ -189,12 +194,31 @@ def load_index(model_dir: str | Path) -> dict[str, Any]:
                               "as --upsampler_model")
     raise FileNotFoundError(f"{path}: missing; {model_dir} is not a converted videoldm-jax "
                             "model (make one with videoldm-convert)")
-  index = json.loads(path.read_text())
-  if index.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
-  if index.get("format_version", 0) > FORMAT_VERSION:
-    raise ValueError(f"{path}: format_version {index['format_version']} is newer than this "
-                     f"videoldm-jax understands ({FORMAT_VERSION}); upgrade the package")
+  index = read_index(path, FORMAT, FORMAT_VERSION)
+  missing = [k for k in ("unet", "vae", "scheduler") if not isinstance(index.get(k), dict)]
+  if missing:
+    raise ValueError(f"{path}: no {missing} entries (JSON objects); the folder is "
+                     "incomplete or was not written by videoldm-jax")
+  return index
+
+
+def read_index(path: Path, fmt: str, version: int) -> dict[str, Any]:
+  """The JSON object of a model folder's index file `path`, checked to be of format
+  `fmt` and a format_version no newer than `version`; what is wrong is named."""
+  try:
+    index = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); a partial copy?") from e
+  if not isinstance(index, dict):
+    raise ValueError(f"{path}: expected a JSON object, got a {type(index).__name__}")
+  if index.get("format") != fmt:
+    raise ValueError(f"{path}: format {index.get('format')!r}, expected {fmt!r}")
+  saved = index.get("format_version", 0)
+  if not isinstance(saved, int) or isinstance(saved, bool) or saved < 0:
+    raise ValueError(f"{path}: format_version {saved!r}, expected a whole number")
+  if saved > version:
+    raise ValueError(f"{path}: format_version {saved} is newer than this videoldm-jax "
+                     f"understands ({version}); upgrade the package")
   return index
 
 

@@ -316,13 +316,9 @@ def load(model_dir: str | Path, read_params: bool = True) -> PretrainedUpsampler
   if not path.is_file():
     raise FileNotFoundError(f"{path}: missing; {model_dir} is not a videoldm-jax upsampler "
                             "(the upsampler stage exports one)")
-  index = json.loads(path.read_text())
-  if index.pop("format", None) != FORMAT:
-    raise ValueError(f"{path}: not a {FORMAT!r} folder")
-  version = index.pop("format_version", 0)
-  if version > FORMAT_VERSION:
-    raise ValueError(f"{path}: format_version {version} is newer than this videoldm-jax "
-                     f"understands ({FORMAT_VERSION}); upgrade the package")
+  index = pretrained.read_index(path, FORMAT, FORMAT_VERSION)
+  del index["format"]
+  index.pop("format_version", None)
   source, training = index.pop("source", ""), index.pop("training", {})
   config = UpsamplerConfig.from_dict(index, str(path))
   params = pretrained.read_params(model_dir / "params") if read_params else {}
