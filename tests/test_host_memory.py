@@ -49,6 +49,11 @@ def test_user_tunables_win_and_ours_are_added():
   assert tunables["glibc.malloc.trim_threshold"] == "68719476736"
   assert env["X"] == "1"
   assert host_memory.environ_with_tunables({})["GLIBC_TUNABLES"] == host_memory.GLIBC_TUNABLES
+  # glibc's MALLOC_* variables set the same tunables, and GLIBC_TUNABLES beat them: the
+  # user's MALLOC_ARENA_MAX=4 became arena_max=1.
+  env = host_memory.environ_with_tunables({"MALLOC_ARENA_MAX": "4"})
+  assert "arena_max" not in env["GLIBC_TUNABLES"] and env["MALLOC_ARENA_MAX"] == "4"
+  assert "glibc.malloc.mmap_max=0" in env["GLIBC_TUNABLES"]
 
 
 def test_tunables_keep_a_threads_large_blocks_in_the_process():

@@ -129,6 +129,14 @@ def test_slurm_tasks_drive_the_gpus_they_see():
   assert ids(CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7") == list(range(8))  # per_node
   assert ids(SLURM_GPUS_PER_TASK="1") == [3]                    # per_gpu, unbound
   assert ids(SLURM_GPUS_PER_TASK="8", SLURM_LOCALID="0") == list(range(8))
+  assert ids(SLURM_GPUS_PER_TASK="a100:2") == [6, 7]  # --gpus-per-task=TYPE:COUNT
+  with pytest.raises(ValueError, match=r"SLURM_GPUS_PER_TASK='two': expected a GPU count"):
+    ids(SLURM_GPUS_PER_TASK="two")
+  # The coordinator of a one-machine job binds loopback only (JAX's default: every
+  # address); [::1] and 127.0.1.1 were not recognised.
+  loopback = ("localhost", "127.0.0.1", "127.0.1.1", "[::1]")
+  assert all(distributed._is_loopback(h) for h in loopback)
+  assert not any(distributed._is_loopback(h) for h in ("10.0.0.2", "[::]", "node-3"))
   assert ids(JAX_LOCAL_DEVICE_IDS="5", CUDA_VISIBLE_DEVICES="3") is None  # JAX reads it
   assert distributed.local_device_ids(distributed.Launch("tpu"), task) is None
   mpi = distributed.Launch("mpi")

@@ -71,6 +71,20 @@ def test_apply_defaults_opt_out():
   assert xla_flags.ADDED_ENV not in own
 
 
+def test_a_default_the_users_flags_file_sets_is_theirs(tmp_path):
+  # Compared against the file's path, the user's own flag counted as added: a child
+  # that opted out took it out of the user's flags.
+  path = tmp_path / "flags.txt"
+  path.write_text(f"--xla_dump_to=/tmp/x --{FLAG}=-individual_convolution\n")
+  env = {"XLA_FLAGS": str(path)}
+  xla_flags.apply_defaults(env)
+  assert xla_flags.ADDED_ENV not in env
+  child = {**env, xla_flags.OPT_OUT_ENV: "0"}
+  xla_flags.apply_defaults(child)
+  assert child["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x",
+                                        f"--{FLAG}=-individual_convolution"]
+
+
 def _ynn_types_xla_used(tmp_path, xla_flags_env: str) -> list[str]:
   """The YNNPACK fusion types in XLA's dumped debug options of a conv compiled in a
   fresh process that imports jax first and videoldm_jax second (as conftest does)."""

@@ -19,6 +19,7 @@ on one machine.
 """
 
 import dataclasses
+import ipaddress
 import os
 from typing import Mapping, Optional
 
@@ -99,9 +100,25 @@ def local_device_ids(launch: Launch, env: Mapping[str, str]) -> Optional[list[in
     return list(range(len(visible)))
   if launch.kind == "mpi":
     return None
-  per_task = int(env.get("SLURM_GPUS_PER_TASK", "1") or 1)
+  value = env.get("SLURM_GPUS_PER_TASK", "1") or "1"
+  try:  # --gpus-per-task=[type:]count
+    per_task = int(value.rsplit(":", 1)[-1])
+  except ValueError:
+    raise ValueError(f"SLURM_GPUS_PER_TASK={value!r}: expected a GPU count, optionally "
+                     "after a type (e.g. 2 or a100:2)") from None
   local = int(env.get("SLURM_LOCALID", "0") or 0)
   return list(range(local * per_task, (local + 1) * per_task))
+
+
+def _is_loopback(host: str) -> bool:
+  """Whether `host` of a HOST:PORT address is this machine's loopback: localhost,
+  127.x.x.x, or [::1] (brackets, as IPv6 hosts are written before a port)."""
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host.strip("[]")).is_loopback
+  except ValueError:  # a host name
+    return False
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
@@ -124,8 +141,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     kwargs = dict(coordinator_address=launch.coordinator_address,
                   num_processes=launch.num_processes, process_id=launch.process_id,
                   initialization_timeout=timeout_s)
-    host = launch.coordinator_address.rsplit(":", 1)[0]
-    if host in ("127.0.0.1", "localhost"):  # one machine: never listen beyond loopback
+    if _is_loopback(launch.coordinator_address.rsplit(":", 1)[0]):
+      # One machine: never listen beyond loopback (JAX's default binds every address).
       kwargs["coordinator_bind_address"] = launch.coordinator_address
     jax.distributed.initialize(**kwargs)
   else:  # tpu, slurm, mpi: JAX's cluster auto-detection reads the environment

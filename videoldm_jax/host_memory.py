@@ -38,15 +38,23 @@ GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                   "glibc.malloc.trim_threshold=68719476736")
 
 
+# glibc's older variables for the same tunables: GLIBC_TUNABLES overrides them, so one
+# the user set (MALLOC_ARENA_MAX is common in containers) must keep ours out.
+_ALIASES = {"glibc.malloc.arena_max": "MALLOC_ARENA_MAX",
+            "glibc.malloc.mmap_max": "MALLOC_MMAP_MAX_",
+            "glibc.malloc.trim_threshold": "MALLOC_TRIM_THRESHOLD_"}
+
+
 def environ_with_tunables(environ: Optional[Mapping[str, str]] = None) -> dict:
   """A copy of `environ` (os.environ by default) whose GLIBC_TUNABLES also holds ours;
-  a tunable the user already set wins."""
+  a tunable the user already set wins, in GLIBC_TUNABLES or by its MALLOC_* alias."""
   env = dict(os.environ if environ is None else environ)
   tunables = dict(t.split("=", 1) for t in env.get("GLIBC_TUNABLES", "").split(":")
                   if "=" in t)
   for tunable in GLIBC_TUNABLES.split(":"):
     name, value = tunable.split("=", 1)
-    tunables.setdefault(name, value)
+    if _ALIASES[name] not in env:
+      tunables.setdefault(name, value)
   env["GLIBC_TUNABLES"] = ":".join(f"{k}={v}" for k, v in tunables.items())
   return env
 

@@ -34,18 +34,27 @@ def with_defaults(flags: str) -> str:
   a file of flags: its contents are used (appending to the path made XLA abort on a
   file named "path --flag"); an unreadable file is left for XLA to report.
   """
-  if flags.strip() and not flags.lstrip().startswith("-"):
-    try:
-      with open(flags.strip()) as f:
-        flags = f.read()
-    except OSError:
-      return flags
+  flags, readable = _as_written(flags)
+  if not readable:
+    return flags
   out = flags.rstrip()
   names = {f.split("=", 1)[0] for f in out.split()}
   for flag in DEFAULT_FLAGS:
     if flag.split("=", 1)[0] not in names:
       out = f"{out} {flag}" if out else flag
   return out
+
+
+def _as_written(flags: str) -> tuple[str, bool]:
+  """(the flags an XLA_FLAGS value gives, whether they could be read): a value that
+  does not start with "-" names a file of them."""
+  if flags.strip() and not flags.lstrip().startswith("-"):
+    try:
+      with open(flags.strip()) as f:
+        return f.read(), True
+    except OSError:
+      return flags, False
+  return flags, True
 
 
 def apply_defaults(environ=None) -> None:
@@ -64,7 +73,8 @@ def apply_defaults(environ=None) -> None:
     return
   environ["XLA_FLAGS"] = with_defaults(before)
   mine = set(environ.get(ADDED_ENV, "").split())
+  # (A flag the user wrote, in the string or in its file, is theirs, not added.)
   mine |= {f for f in DEFAULT_FLAGS if f in environ["XLA_FLAGS"].split()
-           and f not in before.split()}
+           and f not in _as_written(before)[0].split()}
   if mine:
     environ[ADDED_ENV] = " ".join(sorted(mine))
