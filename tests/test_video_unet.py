@@ -218,3 +218,26 @@ def test_unet_sizes_its_levels_cannot_halve_are_refused():
                      r"multiples of 4"):
     jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, 10, 6, 4)),
                                               jnp.zeros((1,)), jnp.zeros((1, 3, 32))))
+
+
+def test_video_inputs_of_other_batch_shapes_are_named_or_broadcast(video_params):
+  # image_only was flattened unchecked: (B,) and (B, T + 1) failed deep in the first
+  # temporal layer as a broadcasting TypeError, a transposed (T, B) array put the flags
+  # on other frames; a context for all videos ((1, S, E), as the image model takes it)
+  # was repeated to T rows instead of B * T.
+  x, t, ctx = _inputs(batch=2, frames=4)
+  shape = lambda **kw: jax.eval_shape(
+      lambda: VIDEO.apply({"params": video_params}, x, kw.get("t", t), kw.get("ctx", ctx),
+                          None, kw.get("image_only")))
+  for bad in ((2,), (2, 5), (4, 2)):
+    with pytest.raises(ValueError, match=rf"UNet image_only: expected \(B, T\) = \(2, 4\), "
+                       rf"got \({bad[0]},"):
+      shape(image_only=jnp.zeros(bad, bool))
+  with pytest.raises(ValueError, match=r"UNet context: leading size 3, expected 2 \(per "
+                     r"video\), 8 \(per frame\) or 1"):
+    shape(ctx=jnp.zeros((3, 3, 8)))
+  with pytest.raises(ValueError, match=r"UNet timesteps: expected one per video, \(2,\), "
+                     r"or one for all, got shape \(8,\)"):
+    shape(t=jnp.zeros((8,)))
+  one = jax.jit(lambda c: VIDEO.apply({"params": video_params}, x, t, c))
+  np.testing.assert_array_equal(one(ctx[:1]), one(jnp.concatenate([ctx[:1]] * 2)))

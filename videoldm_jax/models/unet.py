@@ -255,7 +255,7 @@ class UNet(nn.Module):
   Image: x (B, H, W, C_in), timesteps (B,), context (B, S, E), optional class labels
   (B,) -> (B, H, W, C_out).
   Video: x (B, T, H, W, C_in) with the same per-video timesteps, context and labels
-  (context and labels may also be given per frame, (B*T, ...)),
+  (context and labels may also be given per frame, (B*T, ...), or once for all, (1, ...)),
   and optional image_only (B, T) bool -> (B, T, H, W, C_out). Frames go through the
   spatial layers as a batch of B*T images; the temporal layers (names `temporal_*`)
   follow every spatial ResBlock and transformer block.
@@ -289,18 +289,38 @@ class UNet(nn.Module):
       raise ValueError(f"UNet input of {x.shape[-3]}x{x.shape[-2]} latents: both must be "
                        f"multiples of {f} (2 ** (levels - 1))")
     batch = x.shape[0]
+    if jnp.ndim(timesteps_B) > 1 or jnp.size(timesteps_B) not in (1, batch):
+      raise ValueError(f"UNet timesteps: expected one per {'video' if video else 'image'}, "
+                       f"({batch},), or one for all, got shape {jnp.shape(timesteps_B)}")
     timesteps_B = jnp.broadcast_to(timesteps_B, (batch,))
     frames = None
     if video:
       t = x.shape[1]
       x_BxHxWxC = einops.rearrange(x, "b t h w c -> (b t) h w c")
-      # Per video (B, ...) repeated for its frames, or given per frame (B*T, ...): the
-      # frames of an image example come from different clips.
-      per_frame = lambda a: (None if a is None else a if a.shape[0] == batch * t
-                             else jnp.repeat(a, t, axis=0))
+
+      def per_frame(a, name):
+        # Per video (B, ...) repeated for its frames, or given per frame (B*T, ...): the
+        # frames of an image example come from different clips. One for all videos
+        # (1, ...), as the image model takes it.
+        if a is None or a.shape[0] == batch * t:
+          return a
+        if a.shape[0] == 1:
+          a = jnp.broadcast_to(a, (batch, *a.shape[1:]))
+        if a.shape[0] != batch:
+          raise ValueError(f"UNet {name}: leading size {a.shape[0]}, expected {batch} (per "
+                           f"video), {batch * t} (per frame) or 1")
+        return jnp.repeat(a, t, axis=0)
+
       timesteps_B, context_BxSxE, class_labels_B = (
-          per_frame(timesteps_B), per_frame(context_BxSxE), per_frame(class_labels_B))
-      image_only = None if image_only_BxT is None else image_only_BxT.reshape(-1)
+          per_frame(timesteps_B, "timesteps"), per_frame(context_BxSxE, "context"),
+          per_frame(class_labels_B, "class_labels"))
+      image_only = None
+      if image_only_BxT is not None:
+        if image_only_BxT.shape != (batch, t):
+          # (Reshaped to B*T, a (T, B) array put the flags on other frames, silently.)
+          raise ValueError(f"UNet image_only: expected (B, T) = {(batch, t)}, got "
+                           f"{image_only_BxT.shape}")
+        image_only = image_only_BxT.reshape(-1)
       frames = Frames(t, image_only)
     else:
       x_BxHxWxC = x
