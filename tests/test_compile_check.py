@@ -177,3 +177,37 @@ def test_splash_compiles_for_a_tpu_in_a_tenth_of_the_formulas_memory():
   assert got["splash"]["all_gathers"] == 0  # each device attends over its own frames
   assert (got["splash"]["temp_bytes_per_device"]
           < got["plain"]["temp_bytes_per_device"] / 10), got
+
+
+def test_abstract_setup_checks_a_video_exports_layers_as_training_does(tmp_path):
+  # The abstract image model left out a video export's temporal layers and video
+  # decoder: videoldm-compile reported on configs that training refuses at setup.
+  from videoldm_jax import pretrained
+  from videoldm_jax.models.temporal import TemporalConfig
+  from videoldm_jax.models.vae import VAETemporalConfig
+  from videoldm_jax.stages import base
+  from videoldm_jax.train.loop import stage_setup
+  c = _tiny(dict(data=1, fsdp=1, tensor=1))
+  r = c.random_image_model
+  folder = tmp_path / "export"
+  folder.mkdir()
+  # What the abstract setup reads of an export: its index (params are never read).
+  (folder / "model_index.json").write_text(json.dumps({
+      "format": pretrained.FORMAT, "format_version": pretrained.FORMAT_VERSION,
+      "unet": dict(r.unet), "vae": dict(r.vae), "text_encoder": dict(r.text_encoder),
+      "scheduler": dict(r.scheduler), "temporal": TemporalConfig().to_dict(),
+      "vae_temporal": VAETemporalConfig().to_dict()}))
+  c.image_model = str(folder)
+  c.temporal.conv_kernel = (3, 3, 3)  # the export's layers are (3, 1, 1)
+  with base.abstract_setup(), pytest.raises(ValueError, match=r"(?s)does not fit the model.*"
+                                            r"temporal_resnets_0/conv1/kernel"):
+    stage_setup(c, tmp_path / "keyframe")
+  c.temporal.conv_kernel = (3, 1, 1)
+  with base.abstract_setup():
+    stage_setup(c, tmp_path / "keyframe")
+  d = load_sibling(str(ROOT / "configs" / "_"), "decoder_tiny").get_config()
+  d.image_model = str(folder)
+  d.vae_temporal.conv_kernel = (3, 3, 3)
+  with base.abstract_setup(), pytest.raises(ValueError, match="holds a video decoder with "
+                                            "vae_temporal"):
+    stage_setup(d, tmp_path / "decoder")

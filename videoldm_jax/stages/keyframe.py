@@ -30,12 +30,14 @@ from videoldm_jax import pretrained
 from videoldm_jax.data import inputs, latent_cache
 from videoldm_jax.diffusion.losses import denoising_loss
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
+from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import partition
+from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, check_tokenizer
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer, write_byte_level_tokenizer
 from videoldm_jax.models.unet import UNetConfig, called_with_context
-from videoldm_jax.models.vae import AutoencoderKL, VAEConfig
+from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
 from videoldm_jax.pipelines import sampling
 from videoldm_jax.stages import base
 from videoldm_jax.stages.base import StageSetup, init_where
@@ -183,7 +185,7 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
   A decoder-stage export's video decoder is dropped (the latent stages encode and
   decode frame-wise) unless `keep_video_decoder` (the decoder stage continuing it)."""
   if base.is_abstract():
-    return _abstract_image_model(config, workdir)
+    return _abstract_image_model(config, workdir, keep_video_decoder)
   if config.image_model:
     image = pretrained.load(config.image_model)
     tok_dir = Path(config.image_model) / "tokenizer"
@@ -207,14 +209,23 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
   return image, tokenizer, tok_dir
 
 
-def _abstract_image_model(config, workdir: Path):
+def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
+  """`load_image_model` with ShapeDtypeStructs for params: a video export's temporal
+  layers and (kept) video decoder included, so that the setup's checks of them run
+  as in training."""
   from videoldm_jax.convert import presets
   name = config.image_model
+  temporal = vae_temporal = None
   if name and (Path(name) / "model_index.json").is_file():
     index = pretrained.load_index(name)
     text = index.get("text_encoder")
     configs = (UNetConfig.from_dict(index["unet"]), VAEConfig.from_dict(index["vae"]),
                None if text is None else CLIPTextConfig.from_dict(text), index["scheduler"])
+    source = str(Path(name) / "model_index.json")
+    if index.get("temporal") is not None:
+      temporal = TemporalConfig.from_dict(index["temporal"], source)
+    if index.get("vae_temporal") is not None and keep_video_decoder:
+      vae_temporal = VAETemporalConfig.from_dict(index["vae_temporal"], source)
   elif name:
     if name not in presets.PRESETS:
       raise FileNotFoundError(f"config.image_model={name!r} is neither a converted model "
@@ -227,8 +238,13 @@ def _abstract_image_model(config, workdir: Path):
     configs = (UNetConfig.from_dict(dict(r.unet)), VAEConfig.from_dict(dict(r.vae)),
                None if text is None else CLIPTextConfig.from_dict(dict(text)),
                dict(r.scheduler))
-  image = pretrained.PretrainedLDM(*configs, params={}, source="abstract")
-  image.params = VideoLDM.from_pretrained(image, None).abstract_params()
+  image = pretrained.PretrainedLDM(*configs, params={}, source="abstract",
+                                   temporal_config=temporal,
+                                   vae_temporal_config=vae_temporal)
+  image.params = VideoLDM.from_pretrained(image, temporal).abstract_params()
+  if vae_temporal is not None:
+    image.params["vae"] = params_lib.abstract_params(
+        AutoencoderKL(image.vae_config, vae_temporal), *vae_lib.example_inputs(image.vae_config))
   tok_dir = workdir / "tokenizer"
   if not (tok_dir / "vocab.json").exists():
     write_byte_level_tokenizer(str(tok_dir))  # token ids only need the right shape
@@ -357,6 +373,11 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
   stage = make_stage_fn(ldm, options_from_config(config), uncond)
   holder = {"image": image}
   abstract = ldm.abstract_params()
+  if base.is_abstract():
+    # The check init_params makes (never called here): a video export's temporal layers
+    # under another config.temporal are refused by videoldm-compile as by training.
+    fit_unet(image.params["unet"], abstract["unet"],
+             config.image_model or "config.random_image_model")
 
   def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     model = holder.pop("image")  # the host copy is released once it is in the train state
