@@ -21,4 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.stage = "autoencoder"
   del c.vae_temporal, c.train_spatial_decoder  # decoder stage only
   c.optim.update(lr=1e-3)
+  # The latent factors of the export's VAE config (the diffusion models' inputs are
+  # scaling_factor * (z - shift_factor)): "std" sets scaling_factor = 1 / std of the new
+  # autoencoder's latents, as the LDM paper rescales them (SD's 0.18215 fits only SD's
+  # autoencoder); "mean_std" also shifts by their mean; "keep" (the default without
+  # this field) keeps the image model's, for an autoencoder fine-tuned under an
+  # existing UNet. Estimated at the export from 8 batches of the training data.
+  c.latent_normalization = "std"
   return c

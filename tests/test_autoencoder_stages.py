@@ -15,6 +15,7 @@ from flax import traverse_util
 
 from videoldm_jax import pretrained, sharding
 from videoldm_jax.config_files import load_sibling
+from videoldm_jax.data import inputs
 from videoldm_jax.data.procedural import make_clip
 from videoldm_jax.models import partition
 from videoldm_jax.stages import autoencoder, decoder
@@ -129,6 +130,19 @@ def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencod
   ema = _leaves(state.ema["vae"])  # the export holds the EMA weights
   for k, v in _leaves(model.params["vae"]).items():
     np.testing.assert_array_equal(v, ema[k])
+  # latent_normalization="std" (autoencoder_tiny): SD's 0.18215 gave this new
+  # autoencoder's latents a std of ~0.33 (the demo's), a third of the unit variance the
+  # diffusion schedule assumes. The export's factor makes the diffusion latents of its
+  # statistics batches (the same posterior samples) unit-variance.
+  config = _config("autoencoder")
+  assert config.latent_normalization == "std" and model.vae_config.shift_factor == 0.0
+  vae = autoencoder.AutoencoderKL(model.vae_config)
+  it = inputs.make_iterator(config, export.parent, {}, alone=True)
+  z = np.concatenate([np.asarray(vae.apply(
+      {"params": model.params["vae"]}, autoencoder.frames_to_images(next(it)["video"]),
+      jax.random.fold_in(jax.random.key(config.seed), i), method=vae.encode_latents)).ravel()
+      for i in range(autoencoder.LATENT_STATISTICS_BATCHES)])
+  assert model.vae_config.scaling_factor != 0.18215 and abs(z.std() - 1) < 1e-4, z.std()
 
 
 def test_decoder_stage_trains_temporal_layers_only_theta_bitwise_frozen(autoencoder_run,
@@ -147,6 +161,8 @@ def test_decoder_stage_trains_temporal_layers_only_theta_bitwise_frozen(autoenco
   _check_training(train0, frozen0, disc_after_2, state, metrics)
   model = pretrained.load(tmp_path / "export")
   assert model.vae_temporal_config == decoder.VAETemporalConfig()
+  # The encoder is frozen: the decoder stage keeps the autoencoder's latent factors.
+  assert model.vae_config == pretrained.load(ae_export).vae_config
 
 
 def _env(cache_dir: Path):
@@ -195,6 +211,11 @@ def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
   c.train.remat_policy = "bogus"
   with pytest.raises(ValueError, match="remat_policy must be one of"):
     decoder.setup(c, tmp_path)
+  c = _config("autoencoder")
+  c.latent_normalization = "unit"  # checked at setup, not at the export after training
+  with pytest.raises(ValueError, match=r"config.latent_normalization='unit': expected one "
+                     r"of \('keep', 'std', 'mean_std'\)"):
+    autoencoder.setup(c, tmp_path)
 
 
 def test_decoder_stage_remat_policy_recomputes_same_loss(tmp_path):
@@ -253,16 +274,20 @@ def test_export_runs_no_collective(tmp_path, monkeypatch):
   # The trainer exports on process 0 alone while the others wait for it: a collective
   # inside the export (the random image model's "tokenizer written" sync) hung every
   # multi-process autoencoder / decoder run at its end.
+  # The autoencoder's latent statistics read the data there too.
   from jax.experimental import multihost_utils
-  config = _config("decoder")
-  setup = decoder.setup(config, tmp_path)  # writes the random model's tokenizer
-  params = jax.tree_util.tree_map(np.asarray, setup.init_params())
+  setups = {name: STAGES[name].setup(_config(name), tmp_path / name)  # (tokenizers)
+            for name in ("decoder", "autoencoder")}
 
   def collective(*_):
     raise AssertionError("a collective on one process hangs a multi-process run")
   monkeypatch.setattr(multihost_utils, "sync_global_devices", collective)
-  setup.export(tmp_path / "export", params)
-  assert pretrained.load(tmp_path / "export").vae_temporal_config is not None
+  for name, setup in setups.items():
+    setup.export(tmp_path / name / "export",
+                 jax.tree_util.tree_map(np.asarray, setup.init_params()))
+  assert pretrained.load(tmp_path / "decoder" / "export").vae_temporal_config is not None
+  assert pretrained.load(tmp_path / "autoencoder" / "export").vae_config.scaling_factor != (
+      _config("autoencoder").random_image_model.vae.scaling_factor)
 
 
 def test_a_decoder_export_keeps_the_unet_training_record_apart(tmp_path):

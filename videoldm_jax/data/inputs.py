@@ -29,14 +29,15 @@ from videoldm_jax.data.procedural import ClipIterator
 KINDS = ("procedural_driving", "video_folder", "tfds", "latent_cache", "procedural")
 
 
-def _tfds_source(data, workdir: Path):
+def _tfds_source(data, workdir: Path, alone: bool = False):
   import tensorflow_datasets as tfds  # imported here: only TFDS kinds need it
   data_dir = data.get("data_dir") or str(workdir / "tfds")
   if data.kind == "procedural_driving":
     from data_pipelines.procedural_driving import build
-    if jax.process_index() == 0:
-      build(data.get("tfds_config", "tiny"), data_dir)
-    multihost_utils.sync_global_devices("procedural_driving built")
+    if jax.process_index() == 0 or alone:
+      build(data.get("tfds_config", "tiny"), data_dir)  # (a built one is kept)
+    if not alone:
+      multihost_utils.sync_global_devices("procedural_driving built")
     name = f"procedural_driving/{data.get('tfds_config', 'tiny')}"
   elif data.kind == "video_folder":
     import data_pipelines.video_folder  # noqa: F401  (registers the builder)
@@ -188,15 +189,18 @@ class ShareIterator:
           "config.data.worker_count")
 
 
-def make_iterator(config, workdir: Path, cache_check: dict):
+def make_iterator(config, workdir: Path, cache_check: dict, alone: bool = False):
   """Host-batch iterator for this process (see the module docstring).
 
   cache_check: keyword arguments of `latent_cache.check_cache` besides the cache's info
   (the model's vae_config, vae_params, text_params, needs_context) for
   data.kind='latent_cache'.
+  alone: the whole global batches, read by this process without the others (no
+  collective, no Grain worker processes), e.g. for statistics one process computes:
+  the same batches at any process count.
   """
   data, seed = config.data, config.seed
-  pc, pi = jax.process_count(), jax.process_index()
+  pc, pi = (1, 0) if alone else (jax.process_count(), jax.process_index())
   if data.kind not in KINDS:
     raise ValueError(f"config.data.kind={data.kind!r}; expected one of {KINDS}")
   for field, kind in (("tfds_name", "tfds"), ("cache_dir", "latent_cache")):
@@ -224,7 +228,7 @@ def make_iterator(config, workdir: Path, cache_check: dict):
     ignored = {k: v for k, v in (("crop", data.get("crop", "random")),
                                  ("worker_count", data.get("worker_count", 0)))
                if v != {"crop": "random", "worker_count": 0}[k]}
-    if ignored and jax.process_index() == 0:
+    if ignored and pi == 0 and not alone:
       logging.warning("config.data: %s ignored: data.kind=%r has no such option", ignored,
                       data.kind)
   if data.kind == "procedural":
@@ -237,12 +241,12 @@ def make_iterator(config, workdir: Path, cache_check: dict):
     return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, cache_check,
                                              data.get("label_field", "label"))),
                          data.batch_size // pc, pc)
+  workers = 0 if alone else data.get("worker_count", 0)
   ds = make_video_dataset(
-      _tfds_source(data, workdir), batch_size=data.batch_size // pc,
+      _tfds_source(data, workdir, alone), batch_size=data.batch_size // pc,
       num_frames=data.num_frames, frame_stride=data.get("frame_stride", 1),
       height=data.height, width=data.width, crop=data.get("crop", "random"),
       hflip=data.get("hflip", False), seed=seed, process_index=pi, process_count=pc,
-      worker_count=data.get("worker_count", 0),
-      image_fraction=data.get("image_fraction", 0.0),
+      worker_count=workers, image_fraction=data.get("image_fraction", 0.0),
       label_field=data.get("label_field", "label"))
-  return ShareIterator(iter(ds), data.batch_size // pc, pc, data.get("worker_count", 0))
+  return ShareIterator(iter(ds), data.batch_size // pc, pc, workers)

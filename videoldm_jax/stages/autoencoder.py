@@ -23,6 +23,7 @@ The loss helpers here are shared with the decoder stage (stages/decoder.py).
 
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -252,14 +253,81 @@ def reconstruction_sampler(config: ml_collections.ConfigDict,
   return sample
 
 
+# config.latent_normalization: what the export's VAE config scales latents by.
+LATENT_NORMALIZATIONS = ("keep", "std", "mean_std")
+# Batches of training data whose latents give the statistics (`latent_statistics`).
+LATENT_STATISTICS_BATCHES = 8
+
+
+def latent_statistics(config: ml_collections.ConfigDict, workdir: Path,
+                      vae_config: VAEConfig, vae_params: dict) -> tuple[float, float, int]:
+  """(mean, std, count) of the autoencoder's latents, posterior samples before any
+  shift or scaling, over the first LATENT_STATISTICS_BATCHES global batches of the
+  training data in its seeded order, read by this process alone (the same at any
+  process count; the LDM paper estimates the scale from one batch; the mean is for the
+  shift SD3 added)."""
+  vae = AutoencoderKL(vae_config)
+
+  @jax.jit
+  def sample(params, video_u8, key):
+    mean, logvar = vae.apply({"params": params}, frames_to_images(video_u8),
+                             method=vae.encode)
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+
+  it = inputs.make_iterator(config, workdir, {}, alone=True)
+  total, total_sq, count = 0.0, 0.0, 0
+  for i in range(LATENT_STATISTICS_BATCHES):
+    z = np.asarray(sample(vae_params, next(it)["video"],
+                          jax.random.fold_in(jax.random.key(config.seed), i)), np.float64)
+    total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
+  mean = total / count
+  return mean, float(np.sqrt(max(total_sq / count - mean * mean, 0.0))), count
+
+
+def latent_normalization(config: ml_collections.ConfigDict) -> str:
+  """config.latent_normalization, checked (at setup: it is used at the export)."""
+  how = config.get("latent_normalization", "keep")
+  if how not in LATENT_NORMALIZATIONS:
+    raise ValueError(f"config.latent_normalization={how!r}: expected one of "
+                     f"{LATENT_NORMALIZATIONS}")
+  return how
+
+
+def normalized_vae_config(config: ml_collections.ConfigDict, workdir: Path,
+                          vae_config: VAEConfig, vae_params: dict) -> VAEConfig:
+  """`vae_config` with the scaling (and shift) of config.latent_normalization: "keep"
+  (an autoencoder fine-tuned for an existing UNet keeps its factors), "std" (scaling
+  1 / std, as the LDM paper rescales a new autoencoder's latents for the diffusion
+  model) or "mean_std" (also shifted by the mean: zero-mean, unit-variance latents)."""
+  how = latent_normalization(config)
+  if how == "keep":
+    return vae_config
+  mean, std, count = latent_statistics(config, workdir, vae_config, vae_params)
+  if not np.isfinite(std) or std <= 0:
+    raise ValueError(f"config.latent_normalization={how!r}: the latents of "
+                     f"{LATENT_STATISTICS_BATCHES} batches have std {std}; the autoencoder "
+                     "has collapsed or diverged")
+  shift = mean if how == "mean_std" else 0.0
+  print(f"latent_normalization={how}: latents of {LATENT_STATISTICS_BATCHES} batches "
+        f"({count} values) have mean {mean:.4g}, std {std:.4g}: scaling_factor "
+        f"{1 / std:.6g}, shift_factor {shift:.6g} (were {vae_config.scaling_factor:.6g}, "
+        f"{vae_config.shift_factor:.6g})", file=sys.stderr, flush=True)
+  return dataclasses.replace(vae_config, scaling_factor=float(1 / std),
+                             shift_factor=float(shift))
+
+
 def model_exporter(config: ml_collections.ConfigDict, workdir: Path,
                    vae_temporal: Optional[vae_lib.VAETemporalConfig]):
   """(out_dir, params) -> the image model of the config with params['vae'] replaced (and
   `vae_temporal_config` set for a video decoder), as a `pretrained` folder. The rest
-  of the image model is re-read here, so the trainer never holds it."""
+  of the image model is re-read here, so the trainer never holds it. The autoencoder
+  stage's latent factors follow config.latent_normalization (`normalized_vae_config`)."""
   def export(out: Path, params: dict) -> None:
     # On process 0 alone (no collective): the setup wrote the random model's tokenizer.
     image, _, tok_dir = keyframe.load_image_model(config, workdir, sync=False)
+    if config.stage == "autoencoder":
+      image.vae_config = normalized_vae_config(config, workdir, image.vae_config,
+                                               params["vae"])
     image.params = {**image.params, "vae": params["vae"]}
     image.source = str(workdir)
     image.vae_temporal_config = vae_temporal
@@ -279,6 +347,7 @@ def image_model_vae(config: ml_collections.ConfigDict, workdir: Path):
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The autoencoder stage of `config` (configs/autoencoder_tiny.py)."""
+  latent_normalization(config)
   vae_config, vae_params, vae_temporal = image_model_vae(config, workdir)
   if vae_temporal is not None:
     # Keep the image autoencoder: the video decoder's temporal layers are dropped.
