@@ -20,7 +20,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,6 +40,7 @@ from videoldm_jax.train import frozen as frozen_lib
 from videoldm_jax.train import perf
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer, PreemptionGuard
+from videoldm_jax.train.step_log import StepLog, last_metrics, log, save_last_metrics
 from videoldm_jax.train.state import split
 
 # config.stage -> module with `setup(config, workdir) -> StageSetup`.
@@ -57,11 +57,6 @@ class Stopped(Exception):
     super().__init__(f"stopped at step {step} of {num_steps} ({why}); checkpoint {step} "
                      "saved: run the same command again to resume")
     self.step, self.num_steps, self.why = step, num_steps, why
-
-
-def log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def stage_setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
@@ -280,7 +275,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     # A finished run started again (a retrying launcher, a re-run pipeline): nothing to
     # load, compile or write; the last metrics stay as the run left them.
     log(f"{config.stage}: already at step {latest} of {num_steps}; nothing to run")
-    return _last_metrics(workdir)
+    return last_metrics(workdir)
   setup, mesh, shardings = _prepared(config, workdir, dict(config.mesh),
                                      dict(config.get("dcn_mesh", {})))
   stage, tx = setup.stage, setup.optimizer
@@ -326,7 +321,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     step = int(state.step)
     log(f"{stage.name}: already at step {step} of {num_steps}; writing the missing export")
     log(f"exported {export(workdir, setup, state, step)}")
-    return _last_metrics(workdir)
+    return last_metrics(workdir)
   # After the export-only case: writing weights reads no data (a changed data config,
   # e.g. another worker_count, refused the export of a finished run).
   data = setup.make_iterator()
@@ -360,69 +355,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       f"{n_params['frozen'] / 1e6:.2f}M frozen; start at step {step}")
 
   _check_schedule_length(config)
-  last = {}
   # Losses (setup.best_metric) logged since the last checkpoint, by step: their mean
   # (with the saved step's own) ranks checkpoints for train.keep_best; one batch's loss
   # is mostly timestep noise.
   # A preemption save leaves the window open (it is ranked by nothing): the resumed run
   # carries on with its losses, so it keeps the checkpoints an uninterrupted run keeps.
   window_losses, saved_at = carried, step
-  batch, t_last, step_last = first, time.perf_counter(), step
-  t_start, start_step = t_last, step
+  batch = first
+  step_log = StepLog(workdir, writer, num_steps, setup.samples_per_step, flops, peak, step,
+                     int(state.skipped))
+  t_start, start_step = time.perf_counter(), step
   pending = None  # (step, metrics on device) not yet logged
-  # Host seconds spent making batches since the last log and how many, and the
-  # skipped-step count then (a rise is reported on its own line).
-  input_s, batches, skipped_logged = 0.0, 0, int(state.skipped)
-  # Seconds since the last log spent writing samples and blocked in checkpoint saves
-  # (after the step itself finished): not step time.
-  off_step_s = 0.0
 
-  def write_log(at: int, metrics: dict, timed: bool = True, before_batch: bool = False
-                ) -> None:
-    nonlocal last, t_last, step_last, input_s, batches, skipped_logged, off_step_s
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    # Timed between completions of logged steps (device_get just waited for this one).
-    now = time.perf_counter()
-    steps = max(at - step_last, 1)
-    dt = max(now - t_last - off_step_s, 1e-6) / steps
-    off_step_s = 0.0
-    if not timed and "step_time" in last:
-      # Observed right after the previous log: this step may have finished while the
-      # host was busy, so the gap measures nothing (it showed MFU of 700%+).
-      dt = last["step_time"]
-    # The next batch is made while the device runs the step just dispatched: when it
-    # takes about as long as a step, the input pipeline bounds the run.
-    # `before_batch`: a checkpoint step logged before the next batch is made; the
-    # previous log's input time stands (as its step time does, above). The last step
-    # makes none: 0.
-    made = (input_s / batches if batches
-            else last.get("input_s", 0.0) if before_batch else 0.0)
-    m.update(step_time=dt, samples_per_s=setup.samples_per_step / dt, mfu=flops / dt / peak,
-             input_s=made)
-    t_last, step_last, input_s, batches = now, at, 0.0, 0
-    last = m
+  def write_log(at: int, metrics: dict, **kwargs) -> None:
+    m = step_log.write(at, metrics, **kwargs)
     if at > saved_at:  # a step logged one step late may belong to the saved window
       window_losses[at] = m[setup.best_metric]
-    extra = " ".join(f"{k} {v:.4g}" for k, v in m.items()
-                     if k not in _LOGGED and not k.startswith("grad_norm/"))
-    eta = int((config.train.num_steps - at) * dt)
-    log(f"step {at}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
-        f"lr {m.get('lr', 0):.2e} {dt:.3f}s/step (input {m['input_s']:.3f}s) "
-        f"{m['samples_per_s']:.2f} samples/s MFU {m['mfu']:.1%} skipped "
-        f"{int(m['skipped'])} eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
-        + (f" | {extra}" if extra else ""))
-    if int(m["skipped"]) > skipped_logged:
-      log(f"WARNING step {at}: {int(m['skipped']) - skipped_logged} step(s) since the last "
-          f"log had a non-finite loss or gradient norm; their updates were skipped "
-          f"({int(m['skipped'])} in total). Persisting, this means a diverged run: lower "
-          "optim.lr or check the data.")
-      skipped_logged = int(m["skipped"])
-    if writer is not None:
-      for k, v in m.items():
-        writer.add_scalar(f"train/{k}", v, at)
-    if pi == 0:
-      with open(workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(dict(m, step=at)) + "\n")
 
   trace = perf.StepTrace(workdir / "profile" / (f"process_{pi}" if pc > 1 else ""),
                          config.train.get("profile_start", 10),
@@ -482,7 +430,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
                   data_state=data.get_state(), config=config.to_dict(), metrics=ranked,
                   frozen_digests=frozen_digests, loop_state=loop_state, force=True)
-        off_step_s += time.perf_counter() - t_save
+        step_log.off_step(time.perf_counter() - t_save)
         if regular:
           window_losses, saved_at = {}, step
       if stop:
@@ -496,24 +444,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                                                  or step == config.train.num_steps):
         t_sample = time.perf_counter()
         write_samples(workdir, setup, state, step, writer)
-        off_step_s += time.perf_counter() - t_sample
+        step_log.off_step(time.perf_counter() - t_sample)
       if step < config.train.num_steps:
         t_input = time.perf_counter()
         batch = next_batch()
-        input_s += time.perf_counter() - t_input
-        batches += 1
+        step_log.input(time.perf_counter() - t_input)
   ckpt.wait_until_finished()
   ran, elapsed = step - start_step, time.perf_counter() - t_start
+  last = step_log.last
   log(f"{stage.name}: steps {start_step + 1}-{step} in {elapsed:.1f}s "
       f"({elapsed / ran:.3f}s per step with logging, checkpoints and samples), "
       f"{int(last.get('skipped', 0))} skipped in all; checkpoints {ckpt.all_steps()} "
       f"in {ckpt.directory}")
   if pi == 0:
-    # Before the export, whole or not at all: a run killed during the export writes it
-    # when started again (the finished-run branch), returning these metrics.
-    tmp = workdir / "last_metrics.json.tmp"
-    tmp.write_text(json.dumps(dict(last, step=step), indent=1))
-    os.replace(tmp, workdir / "last_metrics.json")
+    # Before the export: a run killed during the export writes it when started again
+    # (the finished-run branch), returning these metrics.
+    save_last_metrics(workdir, last, step)
   if step >= config.train.num_steps and config.train.export:
     out = export(workdir, setup, state, step)
     log(f"exported {out}")
@@ -597,14 +543,3 @@ def _check_schedule_length(config: ml_collections.ConfigDict) -> None:
           f"stops at train.num_steps={steps}, before it has decayed")
 
 
-def _last_metrics(workdir: Path) -> dict:
-  """The metrics a finished run returned (WORKDIR/last_metrics.json, less its step)."""
-  path = workdir / "last_metrics.json"
-  last = json.loads(path.read_text()) if path.exists() else {}
-  last.pop("step", None)
-  return last
-
-
-# Metrics printed in the fixed part of the log line (the rest are appended).
-_LOGGED = {"loss", "grad_norm", "lr", "step_time", "samples_per_s", "mfu", "skipped",
-           "finite", "input_s"}
