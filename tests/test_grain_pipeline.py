@@ -32,7 +32,7 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tfds_train(tfds_dir):
-  """The tiny procedural_driving train split (64 clips, 16x64x64)."""
+  """The tiny procedural_driving train split (64 clips, 32x64x64)."""
   return tfds.builder("procedural_driving/tiny", data_dir=tfds_dir).as_data_source("train")
 
 
@@ -64,19 +64,19 @@ KW = dict(num_frames=8, height=64, width=64, process_index=0, process_count=1)
 
 
 def test_tfds_batches_match_make_clip(tfds_train):
-  ds = make_video_dataset(tfds_train, batch_size=4, num_frames=16, height=64, width=64,
+  ds = make_video_dataset(tfds_train, batch_size=4, num_frames=32, height=64, width=64,
                           seed=0, process_index=0, process_count=1)
   batch = _take(ds, 1)[0]
-  assert batch["video"].dtype == np.uint8 and batch["video"].shape == (4, 16, 64, 64, 3)
+  assert batch["video"].dtype == np.uint8 and batch["video"].shape == (4, 32, 64, 64, 3)
   for key in ("time_of_day", "crowdedness", "index"):
     assert batch[key].dtype == np.int64 and batch[key].shape == (4,)
   assert "labels" not in batch  # the dataset has no `label` field
-  assert batch["image_only"].dtype == bool and batch["image_only"].shape == (4, 16)
+  assert batch["image_only"].dtype == bool and batch["image_only"].shape == (4, 32)
   assert not batch["image_only"].any()
-  assert batch["caption"].shape == (4,) and batch["frame_caption"].shape == (4, 16)
+  assert batch["caption"].shape == (4,) and batch["frame_caption"].shape == (4, 32)
   for b in range(4):
-    # 16 source frames, 16 requested: the clip is taken whole, unresized.
-    video, labels, caption = make_clip(int(batch["index"][b]), 16, 64, 64, 0)
+    # 32 source frames, 32 requested: the clip is taken whole, unresized.
+    video, labels, caption = make_clip(int(batch["index"][b]), 32, 64, 64, 0)
     np.testing.assert_array_equal(batch["video"][b], video)
     assert batch["time_of_day"][b] == labels["time_of_day"]
     assert batch["crowdedness"][b] == labels["crowdedness"]

@@ -32,7 +32,7 @@ def test_tensorflow_is_not_needed():
 def test_configs_are_distinct_and_sane():
   names = [c.name for c in BUILDER_CONFIGS]
   assert names == ["tiny", "small", "base"]
-  assert (TINY.num_train, TINY.num_frames, TINY.height, TINY.width) == (64, 16, 64, 64)
+  assert (TINY.num_train, TINY.num_frames, TINY.height, TINY.width) == (64, 32, 64, 64)
   for c in BUILDER_CONFIGS:
     assert c.num_train > 0 and c.num_validation > 0 and c.fps > 0
 
