@@ -407,3 +407,10 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
     link.symlink_to(target)
     with pytest.raises(FileExistsError, match=f"{re.escape(str(link))}: is a symbolic link"):
       pretrained.check_new_folder(link)
+  # A leftover partial sibling that is a file or a link is replaced as a folder is.
+  (tmp_path / ".new.partial").write_text("")
+  (tmp_path / ".other.partial").symlink_to(empty)
+  for name in ("new", "other"):
+    pretrained.write_folder(tmp_path / name, lambda d: (d.mkdir(), (d / "x").write_text("")))
+    assert (tmp_path / name / "x").is_file() and not (tmp_path / f".{name}.partial").exists()
+  assert empty.is_dir()

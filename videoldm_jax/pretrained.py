@@ -77,7 +77,9 @@ def write_folder(out: Path, write: Callable[[Path], object]) -> None:
   replaced; `out` may exist if empty."""
   out = Path(out)
   tmp = out.with_name(f".{out.name}.partial")
-  if tmp.exists():
+  if tmp.is_symlink() or tmp.is_file():  # (rmtree refuses both)
+    tmp.unlink()
+  elif tmp.exists():
     shutil.rmtree(tmp)
   try:
     write(tmp)
