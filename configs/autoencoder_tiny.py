@@ -26,6 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
   # autoencoder's latents, as the LDM paper rescales them (SD's 0.18215 fits only SD's
   # autoencoder); "mean_std" also shifts by their mean; "keep" (the default without
   # this field) keeps the image model's, for an autoencoder fine-tuned under an
-  # existing UNet. Estimated at the export from 8 batches of the training data.
+  # existing UNet. Estimated at the export from 64 clips of the training data.
   c.latent_normalization = "std"
   return c

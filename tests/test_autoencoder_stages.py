@@ -133,15 +133,20 @@ def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencod
   # latent_normalization="std" (autoencoder_tiny): SD's 0.18215 gave this new
   # autoencoder's latents a std of ~0.33 (the demo's), a third of the unit variance the
   # diffusion schedule assumes. The export's factor makes the diffusion latents of its
-  # statistics batches (the same posterior samples) unit-variance.
+  # statistics clips (the same posterior samples: clip j's frames drawn from
+  # fold_in(key(seed), j)) unit-variance.
   config = _config("autoencoder")
   assert config.latent_normalization == "std" and model.vae_config.shift_factor == 0.0
   vae = autoencoder.AutoencoderKL(model.vae_config)
+  encode = jax.jit(lambda x, k: vae.apply({"params": model.params["vae"]}, x, k,
+                                          method=vae.encode_latents))
   it = inputs.make_iterator(config, export.parent, {}, alone=True)
-  z = np.concatenate([np.asarray(vae.apply(
-      {"params": model.params["vae"]}, autoencoder.frames_to_images(next(it)["video"]),
-      jax.random.fold_in(jax.random.key(config.seed), i), method=vae.encode_latents)).ravel()
-      for i in range(autoencoder.LATENT_STATISTICS_BATCHES)])
+  clips = np.concatenate([next(it)["video"] for _ in range(
+      autoencoder.LATENT_STATISTICS_CLIPS // config.data.batch_size)])
+  z = np.concatenate([np.asarray(encode(
+      autoencoder.frames_to_images(clip[None]),
+      jax.random.fold_in(jax.random.key(config.seed), j))).ravel()
+      for j, clip in enumerate(clips)])
   assert model.vae_config.scaling_factor != 0.18215 and abs(z.std() - 1) < 1e-4, z.std()
 
 

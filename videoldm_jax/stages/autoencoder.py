@@ -255,31 +255,41 @@ def reconstruction_sampler(config: ml_collections.ConfigDict,
 
 # config.latent_normalization: what the export's VAE config scales latents by.
 LATENT_NORMALIZATIONS = ("keep", "std", "mean_std")
-# Batches of training data whose latents give the statistics (`latent_statistics`).
-LATENT_STATISTICS_BATCHES = 8
+# Clips of training data whose latents give the statistics (`latent_statistics`).
+LATENT_STATISTICS_CLIPS = 64
 
 
 def latent_statistics(config: ml_collections.ConfigDict, workdir: Path,
                       vae_config: VAEConfig, vae_params: dict) -> tuple[float, float, int]:
   """(mean, std, count) of the autoencoder's latents, posterior samples before any
-  shift or scaling, over the first LATENT_STATISTICS_BATCHES global batches of the
-  training data in its seeded order, read by this process alone (the same at any
-  process count; the LDM paper estimates the scale from one batch; the mean is for the
-  shift SD3 added)."""
+  shift or scaling, over the first LATENT_STATISTICS_CLIPS clips of the training data
+  in its seeded order, read by this process alone: the same at any process and device
+  count (each clip's noise follows its index). The LDM paper estimates the scale from
+  one batch; the mean is for the shift SD3 added. Encoded a training step's
+  per-device share of clips at a time, on this process's first device."""
   vae = AutoencoderKL(vae_config)
 
   @jax.jit
-  def sample(params, video_u8, key):
+  def sample(params, video_u8, keys):
     mean, logvar = vae.apply({"params": params}, frames_to_images(video_u8),
                              method=vae.encode)
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    # Each clip's frames drawn from its own key.
+    t = video_u8.shape[1]
+    noise = jax.vmap(lambda k: jax.random.normal(k, (t,) + mean.shape[1:]))(keys)
+    return mean + jnp.exp(0.5 * logvar) * noise.reshape(mean.shape)
 
+  per_call = max(1, config.data.batch_size // jax.device_count())
   it = inputs.make_iterator(config, workdir, {}, alone=True)
-  total, total_sq, count = 0.0, 0.0, 0
-  for i in range(LATENT_STATISTICS_BATCHES):
-    z = np.asarray(sample(vae_params, next(it)["video"],
-                          jax.random.fold_in(jax.random.key(config.seed), i)), np.float64)
-    total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
+  total, total_sq, count, clips = 0.0, 0.0, 0, 0
+  key = jax.random.key(config.seed)
+  while clips < LATENT_STATISTICS_CLIPS:
+    video = next(it)["video"][:LATENT_STATISTICS_CLIPS - clips]
+    for i in range(0, len(video), per_call):
+      chunk = video[i:i + per_call]
+      keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(clips + np.arange(len(chunk)))
+      z = np.asarray(sample(vae_params, chunk, keys), np.float64)
+      total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
+      clips += len(chunk)
   mean = total / count
   return mean, float(np.sqrt(max(total_sq / count - mean * mean, 0.0))), count
 
@@ -305,10 +315,10 @@ def normalized_vae_config(config: ml_collections.ConfigDict, workdir: Path,
   mean, std, count = latent_statistics(config, workdir, vae_config, vae_params)
   if not np.isfinite(std) or std <= 0:
     raise ValueError(f"config.latent_normalization={how!r}: the latents of "
-                     f"{LATENT_STATISTICS_BATCHES} batches have std {std}; the autoencoder "
+                     f"{LATENT_STATISTICS_CLIPS} clips have std {std}; the autoencoder "
                      "has collapsed or diverged")
   shift = mean if how == "mean_std" else 0.0
-  print(f"latent_normalization={how}: latents of {LATENT_STATISTICS_BATCHES} batches "
+  print(f"latent_normalization={how}: latents of {LATENT_STATISTICS_CLIPS} clips "
         f"({count} values) have mean {mean:.4g}, std {std:.4g}: scaling_factor "
         f"{1 / std:.6g}, shift_factor {shift:.6g} (were {vae_config.scaling_factor:.6g}, "
         f"{vae_config.shift_factor:.6g})", file=sys.stderr, flush=True)

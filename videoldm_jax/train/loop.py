@@ -322,8 +322,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     log(f"{stage.name}: already at step {step} of {num_steps}; writing the missing export")
     log(f"exported {export(workdir, setup, state, step)}")
     return last_metrics(workdir)
-  # After the export-only case: writing weights reads no data (a changed data config,
-  # e.g. another worker_count, refused the export of a finished run).
+  # After the export-only case: writing weights restores no data state (a changed data
+  # config, e.g. another worker_count, refused the export of a finished run; only the
+  # autoencoder stage's latent statistics read clips, from the start).
   data = setup.make_iterator()
   if data_state is not None:
     data.set_state(data_state)
