@@ -2,7 +2,8 @@
 
 Uses the models `launch/demo.sh` trains (WORK=work/demo by default: run the demo
 first) and reports FVD (Kinetics-400 I3D, 224x224, 16 frames) against real clips the
-models never saw, one JSON line per comparison and a table:
+models never saw (every 4th frame for the key-frame and prediction models, as they
+trained), one JSON line per comparison and a table:
 
   (a) image-only LDM (frames sampled independently) vs the Video LDM key-frame model
       (paper Tab. 1/2: temporal layers lower FVD);
@@ -48,11 +49,19 @@ def _latest(folder: Path) -> Path:
   return latest
 
 
-def real_clips(n: int, size: int, first_index: int = 10_000) -> np.ndarray:
-  """uint8 (n, 16, size, size, 3) procedural clips with indices the training never
-  drew (the demo trains on the 64-clip tiny split, indices 0..63)."""
-  return np.stack([make_clip(first_index + i, FRAMES, size, size, seed=0)[0]
+def real_clips(n: int, size: int, stride: int = 1, first_index: int = 10_000
+               ) -> np.ndarray:
+  """uint8 (n, 16, size, size, 3) procedural clips, every `stride`-th frame, with
+  indices the training never drew (the demo trains on the 64-clip tiny split, indices
+  0..63)."""
+  span = (FRAMES - 1) * stride + 1
+  return np.stack([make_clip(first_index + i, span, size, size, seed=0)[0][::stride]
                    for i in range(n)])
+
+
+def _stride(model: pretrained.PretrainedLDM) -> int:
+  """The frame spacing the model trained at (its export's record; 1 if none)."""
+  return int(model.training.get("frame_stride", 1))
 
 
 def _u8(x) -> np.ndarray:
@@ -92,8 +101,14 @@ def main():
   work, n = Path(args.work), args.num_clips
   extractor = i3d.I3DFeatures(8)
   real = real_clips(n, args.size)
-  real_stats = fvd.video_stats(extractor, real)
-  score = lambda videos: fvd.stats_distance(real_stats, fvd.video_stats(extractor, videos))
+  # Real clips at the spacing each compared model trained at (the demo's key-frame and
+  # prediction models see every 4th frame, its decoder consecutive ones).
+  stats = {}
+
+  def score(videos, stride=1):
+    if stride not in stats:
+      stats[stride] = fvd.video_stats(extractor, real_clips(n, args.size, stride))
+    return fvd.stats_distance(stats[stride], fvd.video_stats(extractor, videos))
   rows = []
 
   def report(name, claim, base_name, base, ours_name, ours):
@@ -116,8 +131,9 @@ def main():
   image_clips = frames.reshape(FRAMES, n, *frames.shape[1:]).swapaxes(0, 1)
   video_clips = sampling.generate(video, tok, prompts, "",
                                   dataclasses.replace(opts, num_frames=FRAMES))
+  stride = _stride(video)
   report("a", "temporal layers (key-frame model) lower FVD vs the image-only LDM",
-         "image_only", score(image_clips), "video_ldm", score(video_clips))
+         "image_only", score(image_clips, stride), "video_ldm", score(video_clips, stride))
 
   # (b) image vs temporal decoder on the latents of real clips.
   decoder = pretrained.load(_latest(work / "decoder"))
@@ -130,15 +146,16 @@ def main():
   # (c) context guidance: continue 2 real context frames to 16 with s = 1 and s = 2.
   predictor = pretrained.load(_latest(work / "predictor"))
   model = context_sampling.ContextModel.from_pretrained(predictor)
-  ctx = _encode(predictor, real)[:, :2]
+  stride = _stride(predictor)
+  ctx = _encode(predictor, real_clips(n, args.size, stride))[:, :2]
   text = sampling.encode_prompts(predictor, tok, prompts)
   out = {}
   for s in (1.0, 2.0):
     o = context_sampling.ContextSampleOptions(num_steps=args.steps, context_scale=s, seed=0)
     out[s] = _decode_frames(predictor, context_sampling.predict(model, ctx, FRAMES, o,
                                                                 text=text))
-  report("c", "context guidance (s = 2) lowers FVD vs s = 1", "s=1", score(out[1.0]),
-         "s=2", score(out[2.0]))
+  report("c", "context guidance (s = 2) lowers FVD vs s = 1", "s=1",
+         score(out[1.0], stride), "s=2", score(out[2.0], stride))
 
   print("\n| comparison | claim | baseline FVD | ours FVD | direction holds |")
   print("|---|---|---|---|---|")

@@ -7,8 +7,8 @@
    workload: seconds per denoising step (median over the timed runs' per-step times),
    latent frames/s at `--steps`, model FLOPs per step and MFU.
 2. The chain (`--chain_work=WORK`, WORK = the folder `launch/demo.sh` trained into):
-   `videoldm-generate`'s `generate_video` with the demo's models (key frames ->
-   prediction -> x4 x4 interpolation -> temporal decoder -> 4x upsampler -> mp4),
+   `videoldm-generate`'s `generate_video` with the demo's models and its options (key
+   frames -> prediction -> x4 interpolation -> temporal decoder -> 4x upsampler -> mp4),
    timed on a second run (the first compiles): wall seconds per generated second of
    video at --fps.
 
@@ -100,8 +100,7 @@ def chain(work: Path, seconds: float, fps: float, steps: int) -> dict:
   models = generate.load_chain(**folders)
   options = generate.GenerateOptions(
       prompt="a dash-cam view of a road at night", duration=seconds, fps=fps, height=32,
-      width=32, steps=steps, keyframes_per_clip=2, predictor_frames=8, upsampler_steps=4,
-      gif=False, progress=False)
+      width=32, steps=steps, interp_passes=1, upsampler_steps=4, gif=False, progress=False)
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "chain.mp4"
     t0 = time.perf_counter()
