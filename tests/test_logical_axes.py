@@ -165,6 +165,8 @@ def test_malformed_rules_duplicates_and_the_batch_rule_are_named():
   old_config = rules + [("batch", ("data", "fsdp"))]
   sharding.check_rules(old_config)  # accepted: it agrees with the default batch_axes
   sharding.check_batch_split(2, 1, mesh, ("data", "fsdp"), rules=old_config)
+  with pytest.raises(ValueError, match=r"config.rules\[11\] = \('batch',\): expected"):
+    sharding.check_batch_split(2, 1, mesh, ("data", "fsdp"), rules=rules + [("batch",)])
   with pytest.raises(ValueError, match=r"config.rules places logical axis 'batch' on "
                      r"\('tensor',\), but batches are split over config.batch_axes="
                      r"\('data', 'fsdp'\); the rule places nothing"):

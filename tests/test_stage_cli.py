@@ -107,6 +107,12 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
   out = _run("train", tmp_path, CASES[stage], 3, export=True)  # step_3 exported above
   assert f"{stage}: already at step 3 of 3; nothing to run" in out, out[-3000:]
   assert "resumed" not in out and (tmp_path / "last_metrics.json").read_text() == last
+  # (The run saved step 3 without train.export.)
+  assert ("NOTE the finished run's config differs from this one: train.export: False -> "
+          "True; nothing is retrained") in out, out[-3000:]
+  out = _run("train", tmp_path, [*CASES[stage], "--config.seed=7"], 3, export=True)
+  assert ("NOTE the finished run's config differs from this one: seed: 0 -> 7; "
+          "train.export") in out, out[-3000:]
   shutil.rmtree(tmp_path / "export" / "step_3")
   out = _run("train", tmp_path, CASES[stage], 3, export=True)
   assert f"{stage}: already at step 3 of 3; writing the missing export" in out, out[-3000:]

@@ -210,6 +210,7 @@ def _fit_report(config: ml_collections.ConfigDict, topology: str) -> FitReport:
   stage, tx = setup.stage, setup.optimizer
   mesh = sharding.make_mesh(dict(config.mesh), devices,
                             dcn_shape=dict(config.get("dcn_mesh", {})))
+  sharding.check_rules(config.rules)  # (entries checked as written, before tuple())
   rules = [tuple(r) for r in config.rules]
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, stage, tx, setup.abstract_params, mesh)

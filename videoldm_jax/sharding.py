@@ -200,6 +200,8 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
   naming no config field, or compute microbatch rows redundantly on every device. A
   "batch" entry of `rules` (older configs) must agree with `batch_axes`, which alone
   split the batch."""
+  if rules:
+    check_rules(rules)
   bad = sorted(set(batch_axes) - set(MESH_AXES))
   if bad:  # (a bare KeyError below)
     raise ValueError(f"config.batch_axes={tuple(batch_axes)}: {bad} are not the mesh's "

@@ -244,7 +244,8 @@ def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
   image.params = VideoLDM.from_pretrained(image, temporal).abstract_params()
   if vae_temporal is not None:
     image.params["vae"] = params_lib.abstract_params(
-        AutoencoderKL(image.vae_config, vae_temporal), *vae_lib.example_inputs(image.vae_config))
+        AutoencoderKL(image.vae_config, vae_temporal),
+        *vae_lib.example_inputs(image.vae_config, video=True))
   tok_dir = workdir / "tokenizer"
   if not (tok_dir / "vocab.json").exists():
     write_byte_level_tokenizer(str(tok_dir))  # token ids only need the right shape

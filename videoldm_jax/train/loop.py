@@ -149,12 +149,12 @@ def _prepared(config: ml_collections.ConfigDict, workdir: Path, mesh_shape: dict
   training, the batch is checked against the mesh before anything is loaded."""
   attention.set_implementation(config.train.get("attention", "auto"))
   mesh = sharding.make_mesh(mesh_shape, dcn_shape=dcn_shape)
+  sharding.check_rules(config.rules)  # (entries checked as written, before tuple())
+  rules = [tuple(r) for r in config.rules]
   if training:
     sharding.check_batch_split(config.data.batch_size, config.train.grad_accum, mesh,
-                               tuple(config.batch_axes),
-                               rules=[tuple(r) for r in config.rules])
+                               tuple(config.batch_axes), rules=rules)
   setup = stage_setup(config, workdir)
-  rules = [tuple(r) for r in config.rules]
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params, rules)
   shardings = step_lib.state_shardings(param_sh, setup.stage, setup.optimizer,
                                        setup.abstract_params, mesh)
@@ -275,6 +275,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     # A finished run started again (a retrying launcher, a re-run pipeline): nothing to
     # load, compile or write; the last metrics stay as the run left them.
     log(f"{config.stage}: already at step {latest} of {num_steps}; nothing to run")
+    changes = config_changes(ckpt.saved_config(latest) or {}, config.to_dict())
+    if changes:
+      # (A re-run pipeline with new flags, e.g. the demo after an update, would otherwise
+      # go on with the old model without a word.)
+      log(f"NOTE the finished run's config differs from this one: {'; '.join(changes)}; "
+          "nothing is retrained (train in a new --workdir to use it)")
     return last_metrics(workdir)
   setup, mesh, shardings = _prepared(config, workdir, dict(config.mesh),
                                      dict(config.get("dcn_mesh", {})))
