@@ -279,6 +279,7 @@ def latent_statistics(config: ml_collections.ConfigDict, workdir: Path,
     return mean + jnp.exp(0.5 * logvar) * noise.reshape(mean.shape)
 
   per_call = max(1, config.data.batch_size // jax.device_count())
+  vae_params = jax.device_put(vae_params)  # once, not at every call (host arrays here)
   it = inputs.make_iterator(config, workdir, {}, alone=True)
   total, total_sq, count, clips = 0.0, 0.0, 0, 0
   key = jax.random.key(config.seed)
