@@ -100,7 +100,9 @@ def chain(work: Path, seconds: float, fps: float, steps: int) -> dict:
   models = generate.load_chain(**folders)
   options = generate.GenerateOptions(
       prompt="a dash-cam view of a road at night", duration=seconds, fps=fps, height=32,
-      width=32, steps=steps, interp_passes=1, upsampler_steps=4, gif=False, progress=False)
+      width=32, steps=steps, interp_passes=1, upsampler_steps=4, gif=False, progress=False,
+      # launch/demo.sh's calls, as long as the decoder's and upsampler's training clips
+      decode_chunk=2, decode_overlap=1, upsample_chunk=4, upsample_overlap=2)
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "chain.mp4"
     t0 = time.perf_counter()
