@@ -94,6 +94,14 @@ def test_mesh_errors_are_specific():
     sharding.make_mesh({"data": -1, "fsdp": 0})
   with pytest.raises(ValueError, match=r"'fsdp': -2"):
     sharding.make_mesh({"data": -1, "fsdp": -2})
+  # int() made 2.5 a 2 (a 2 x 4 mesh) and "8" an 8; a dcn axis of size 1 went unread.
+  for bad in (2.5, "8", True):
+    with pytest.raises(ValueError, match=r"config.mesh: sizes must be whole numbers"):
+      sharding.make_mesh({"data": bad, "fsdp": -1})
+  with pytest.raises(ValueError, match=r"config.dcn_mesh axes \['slices'\] are unknown"):
+    sharding.make_mesh({"data": -1}, dcn_shape={"slices": 1})
+  with pytest.raises(ValueError, match=r"config.dcn_mesh sizes must be explicit"):
+    sharding.make_mesh({"data": -1}, dcn_shape={"data": -1})
 
 
 def test_multi_slice_mesh_puts_only_dcn_axes_across_granules():

@@ -241,3 +241,7 @@ def test_video_inputs_of_other_batch_shapes_are_named_or_broadcast(video_params)
     shape(t=jnp.zeros((8,)))
   one = jax.jit(lambda c: VIDEO.apply({"params": video_params}, x, t, c))
   np.testing.assert_array_equal(one(ctx[:1]), one(jnp.concatenate([ctx[:1]] * 2)))
+  spatial, _ = partition.split(video_params)
+  with pytest.raises(ValueError, match=r"UNet context: leading size 3, expected 2 \(per "
+                     r"image\) or 1"):
+    jax.eval_shape(lambda: IMAGE.apply({"params": spatial}, x[:, 0], t, jnp.zeros((3, 3, 8))))

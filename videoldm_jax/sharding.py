@@ -34,14 +34,19 @@ _BATCH = "batch"
 
 def _fill(shape: dict[str, int], n: int, what: str) -> list[int]:
   """Axis sizes in MESH_AXES order for `n` devices; one size may be -1 (the rest)."""
+  field = f"config.{'dcn_mesh' if what.startswith('dcn') else 'mesh'}"
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"{what} axes {sorted(unknown)} are unknown; use {MESH_AXES}")
+  odd = {a: v for a, v in shape.items()
+         if not isinstance(v, (int, np.integer)) or isinstance(v, bool)}
+  if odd:  # (int() made 2.5 a 2 and "8" an 8, silently)
+    raise ValueError(f"{field}: sizes must be whole numbers, got {odd}")
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   bad = {a: s for a, s in zip(MESH_AXES, sizes) if s < 1 and s != -1}
   if bad:
     raise ValueError(f"{what} sizes must be >= 1 (or -1: the rest of the devices), got "
-                     f"{bad} (config.{'dcn_mesh' if what.startswith('dcn') else 'mesh'})")
+                     f"{bad} ({field})")
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one {what} axis may be -1, got {shape}")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -70,7 +75,10 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   devices = list(jax.devices() if devices is None else devices)
   dcn_shape = dict(dcn_shape or {})
   if any(v == -1 for v in dcn_shape.values()):
-    raise ValueError(f"dcn mesh sizes must be explicit (no -1), got {dcn_shape}")
+    raise ValueError(f"config.dcn_mesh sizes must be explicit (no -1), got {dcn_shape}")
+  unknown = set(dcn_shape) - set(MESH_AXES)
+  if unknown:  # (checked below only with several slices: {"slices": 1} passed unread)
+    raise ValueError(f"config.dcn_mesh axes {sorted(unknown)} are unknown; use {MESH_AXES}")
   slices = int(np.prod(list(dcn_shape.values()))) if dcn_shape else 1
   if slices == 1:
     sizes = _fill(shape, len(devices), "mesh")

@@ -324,6 +324,10 @@ class UNet(nn.Module):
       frames = Frames(t, image_only)
     else:
       x_BxHxWxC = x
+      for name, a in (("context", context_BxSxE), ("class_labels", class_labels_B)):
+        if a is not None and a.shape[0] not in (1, batch):  # (else XLA's broadcast error)
+          raise ValueError(f"UNet {name}: leading size {a.shape[0]}, expected {batch} (per "
+                           "image) or 1")
     frames_per_level = self._context_frames(x, cond, frames)
     t = layers.timestep_embedding(timesteps_B, c.block_out_channels[0], c.flip_sin_to_cos,
                                   c.freq_shift)
