@@ -225,7 +225,16 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
   for change, message in ((dict(grad_clip=-1.0), r"config.optim.grad_clip=-1.0: expected >= 0"),
                           (dict(lr=-0.1), r"config.optim.lr=-0.1: expected >= 0"),
                           (dict(b2=1.0), r"config.optim.b2=1.0: expected in \[0, 1\)"),
-                          (dict(weight_decay=-1e-2), r"weight_decay=-0.01: expected >= 0")):
+                          (dict(weight_decay=-1e-2), r"weight_decay=-0.01: expected >= 0"),
+                          # Adam's 0 / 0 on a zero gradient: NaN weights, a finite step.
+                          (dict(eps=0.0), r"config.optim.eps=0.0: expected > 0"),
+                          # The cosine decay ended below 0 (ascent) or rose.
+                          (dict(final_lr_fraction=-0.5), r"final_lr_fraction=-0.5: "
+                           r"expected in \[0, 1\]"),
+                          (dict(final_lr_fraction=2.0), r"final_lr_fraction=2.0"),
+                          (dict(warmup_steps=-5), r"warmup_steps=-5: expected a whole"),
+                          (dict(total_steps=0), r"total_steps=0: expected a whole number "
+                           ">= 1")):
     with pytest.raises(ValueError, match=message):
       optim.make_optimizer(ml_collections.ConfigDict({**OPTIM.to_dict(), **change}))
   optim.make_optimizer(ml_collections.ConfigDict({**OPTIM.to_dict(), "grad_clip": None}))

@@ -6,6 +6,7 @@ neither gradients nor moments (see train/step.py).
 """
 
 import math
+import numbers
 from typing import Optional
 
 import ml_collections
@@ -32,17 +33,28 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def check_settings(config: ml_collections.ConfigDict, field: str = "optim") -> None:
   """ValueError naming `field`.X for settings that train the wrong way without a word: a
-  negative lr or grad_clip (optax's clip by -1 / |g| turns every step into ascent),
-  Adam betas outside [0, 1), negative eps or weight_decay."""
+  negative lr or grad_clip (optax's clip by -1 / |g| turns every step into ascent), a
+  final_lr_fraction outside [0, 1] (a negative one ends the decay in ascent), Adam
+  betas outside [0, 1), eps <= 0 (an exactly zero gradient, e.g. a discriminator's
+  before disc_start, gives 0 / 0: NaN weights from a step whose loss and gradient norm
+  are finite, so it is not skipped), negative weight_decay, step counts of the
+  schedule that are not counts."""
   checks = [("lr", config.lr, lambda v: v >= 0, ">= 0"),
+            ("final_lr_fraction", config.get("final_lr_fraction", 0.0),
+             lambda v: 0 <= v <= 1, "in [0, 1]"),
             ("b1", config.b1, lambda v: 0 <= v < 1, "in [0, 1)"),
             ("b2", config.b2, lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("eps", config.eps, lambda v: v >= 0, ">= 0"),
+            ("eps", config.eps, lambda v: v > 0, "> 0"),
             ("weight_decay", config.weight_decay, lambda v: v >= 0, ">= 0"),
             ("grad_clip", config.get("grad_clip") or 0.0, lambda v: v >= 0,
-             ">= 0 (0 or None: no clipping)")]
+             ">= 0 (0 or None: no clipping)"),
+            ("warmup_steps", config.warmup_steps,
+             lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0"),
+            ("total_steps", config.total_steps,
+             lambda v: v >= 1 and float(v).is_integer(), "a whole number >= 1")]
   for name, value, ok, expected in checks:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and ok(value)):
       raise ValueError(f"config.{field}.{name}={value!r}: expected {expected}")
 
 
