@@ -66,6 +66,26 @@ def test_resampler_flops_equal_torch_flop_counter(torch_cpu, which):
   assert flops == expected
 
 
+def test_transposed_conv_step_flops_equal_torch_flop_counter(torch_cpu):
+  # The kernel gradient of a transposed convolution (lhs-dilated input, the large output
+  # gradient as the window, the kernel's taps as output) was counted at window x taps:
+  # 4x its forward at stride 2 (a step of 230400 against torch's 115200).
+  torch = torch_cpu
+  from torch.utils.flop_counter import FlopCounterMode
+  x, w = jnp.ones((2, 5, 5, 4)), jnp.ones((4, 4, 6, 4))
+  f = lambda x, w: jax.lax.conv_transpose(x, w, (2, 2), [(2, 2)] * 2, transpose_kernel=True,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda x, w: jnp.sum(jnp.square(f(x, w)))
+  with FlopCounterMode(display=False) as counter:
+    torch.nn.functional.conv_transpose2d(  # (torch's padding 1 = JAX's 4 - 1 - 1 = 2)
+        torch.ones(2, 4, 5, 5, requires_grad=True), torch.ones(4, 6, 4, 4, requires_grad=True),
+        stride=2, padding=1).square().sum().backward()
+  # Each of forward, input and kernel gradient: 2 x 2 x (5 x 5) x 4 x 6 x (4 x 4) = 38400.
+  assert model_flops(f, x, w) == 38400
+  assert model_flops(jax.grad(loss, argnums=(0, 1)), x, w) == counter.get_total_flops() == (
+      3 * 38400)
+
+
 def _transformer_flops(b, length, width, ctx_len, ctx_dim, self_attn_backward: float,
                        cross_attn_backward: float) -> int:
   """Hand count for BasicTransformerBlock: forward + backward, weights trained, the
@@ -250,3 +270,22 @@ def test_cached_sampling_programs_are_keyed_by_the_attention_implementation():
   finally:
     attention_lib.set_implementation("auto")
   assert sampling.unet_fn(config, None) is auto
+
+
+def test_compiled_flops_is_nan_where_a_backend_has_no_cost_analysis():
+  # jax documents cost_analysis() as possibly raising NotImplementedError or giving
+  # nothing: the trainer's log line called it unguarded and would stop the run.
+  from videoldm_jax.train import perf
+
+  class Backend:  # stands in for a jax Compiled object of such a backend
+    def __init__(self, answer):
+      self.answer = answer
+
+    def cost_analysis(self):
+      if self.answer is NotImplementedError:
+        raise NotImplementedError
+      return self.answer
+  for answer in (NotImplementedError, [], None):
+    assert np.isnan(perf.compiled_flops(Backend(answer)))
+  assert perf.compiled_flops(Backend([{"flops": 3.0}])) == 3.0
+  assert perf.compiled_flops(jax.jit(lambda a: a @ a).lower(jnp.ones((4, 4))).compile()) > 0

@@ -20,7 +20,7 @@ for splash; compare MFU across attention paths with that in mind.
 """
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 from jax.extend import core as jcore
@@ -39,7 +39,8 @@ def dot_general_flops(lhs_shape, rhs_shape, out_shape, dimension_numbers) -> int
   return 2 * math.prod(out_shape) * math.prod(lhs_shape[d] for d in lhs_contract)
 
 
-def conv_flops(lhs_shape, rhs_shape, out_shape, dimension_numbers) -> int:
+def conv_flops(lhs_shape, rhs_shape, out_shape, dimension_numbers,
+               lhs_dilation: Optional[tuple] = None) -> int:
   """2 x (output elements) x (kernel input features x kernel window).
 
   Holds for grouped convolutions (the kernel's input-feature dim is already per group)
@@ -48,14 +49,20 @@ def conv_flops(lhs_shape, rhs_shape, out_shape, dimension_numbers) -> int:
   strided or VALID convolution, which JAX writes with lhs dilation or wide padding) is
   counted at its input's positions, as torch counts a transposed convolution, so that
   an input gradient costs what its forward does: the products with the zeros that the
-  dilation inserts are not model work."""
+  dilation inserts are not model work. With lhs dilation (`lhs_dilation`, from the
+  equation) a dim counts its input's positions x the smaller of window and output:
+  the kernel gradient of a transposed convolution, whose window is the large output
+  gradient and whose output the kernel's taps, then costs its forward too (it was
+  counted at window x taps, 4x at stride 2). (A convolution padded past "same" is
+  counted at its input's positions; torch counts its output's.)"""
   rhs_spec = dimension_numbers.rhs_spec  # (out feature, in feature, *spatial)
   lhs_spec, out_spec = dimension_numbers.lhs_spec, dimension_numbers.out_spec
-  window = math.prod(rhs_shape[d] for d in rhs_spec[2:])
-  positions = math.prod(min(out_shape[o], lhs_shape[i])
-                        for o, i in zip(out_spec[2:], lhs_spec[2:]))
   rest = out_shape[out_spec[0]] * out_shape[out_spec[1]]  # batch x output features
-  return 2 * rest * positions * rhs_shape[rhs_spec[1]] * window
+  dims = zip(lhs_spec[2:], rhs_spec[2:], out_spec[2:], lhs_dilation or (1,) * len(out_spec))
+  pairs = math.prod(  # (output position, tap) pairs per dim
+      lhs_shape[i] * min(rhs_shape[k], out_shape[o]) if d > 1
+      else min(out_shape[o], lhs_shape[i]) * rhs_shape[k] for i, k, o, d in dims)
+  return 2 * rest * pairs * rhs_shape[rhs_spec[1]]
 
 
 # cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")) in a
@@ -109,7 +116,8 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> int:
       continue
     if name == "conv_general_dilated":
       total += conv_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
-                          eqn.outvars[0].aval.shape, eqn.params["dimension_numbers"])
+                          eqn.outvars[0].aval.shape, eqn.params["dimension_numbers"],
+                          eqn.params.get("lhs_dilation"))
       continue
     if name == "ffi_call":  # our C++ kernels (a model's only custom calls)
       target, shapes = eqn.params["target_name"], [v.aval.shape for v in eqn.invars]

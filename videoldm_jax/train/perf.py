@@ -43,11 +43,15 @@ def matmul_peak_flops(n: int | None = None, dtype=jnp.float32, repeats: int = 5,
 
 
 def compiled_flops(compiled) -> float:
-  """FLOPs per call and device from XLA's cost analysis of a compiled function."""
-  cost = compiled.cost_analysis()
+  """FLOPs per call and device from XLA's cost analysis of a compiled function; NaN where
+  the backend has none (a log line's figure must not stop a run)."""
+  try:
+    cost = compiled.cost_analysis()
+  except NotImplementedError:
+    return float("nan")
   if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("flops", float("nan")))
+    cost = cost[0] if cost else None
+  return float(cost.get("flops", float("nan"))) if isinstance(cost, dict) else float("nan")
 
 
 def summary_writer(logdir: Path, purge_step: Optional[int] = None):
