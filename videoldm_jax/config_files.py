@@ -1,7 +1,8 @@
 """Loading config files by path, so that configs/*.py can build on each other without
-being an importable package."""
+being an importable package; reading a JSON config file of a model folder."""
 
 import importlib.util
+import json
 import os
 from types import ModuleType
 
@@ -15,3 +16,16 @@ def load_sibling(config_file: str, name: str) -> ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def read_json_object(path) -> dict:
+  """The JSON object in the file `path`; a file that is not one is named."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not a JSON file (not valid JSON: {e}); a Git LFS pointer "
+                     "or a partial download?") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+  return data

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from videoldm_jax.config_files import read_json_object
 from videoldm_jax.diffusion import schedules
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import unet as unet_lib
@@ -207,12 +208,7 @@ def load_index(model_dir: str | Path) -> dict[str, Any]:
 def read_index(path: Path, fmt: str, version: int) -> dict[str, Any]:
   """The JSON object of a model folder's index file `path`, checked to be of format
   `fmt` and a format_version no newer than `version`; what is wrong is named."""
-  try:
-    index = json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); a partial copy?") from e
-  if not isinstance(index, dict):
-    raise ValueError(f"{path}: expected a JSON object, got a {type(index).__name__}")
+  index = read_json_object(path)
   if index.get("format") != fmt:
     raise ValueError(f"{path}: format {index.get('format')!r}, expected {fmt!r}")
   saved = index.get("format_version", 0)

@@ -5,12 +5,12 @@ an original LDM single file (see `ldm_keys`). Both end in `torch_layout.load_sta
 which checks every key and shape.
 """
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from videoldm_jax.config_files import read_json_object
 from videoldm_jax.convert import ldm_keys
 from videoldm_jax.convert.diffusers_config import (unet_config_from_diffusers,
                                                    vae_config_from_diffusers)
@@ -24,10 +24,7 @@ from videoldm_jax.models import vae as vae_lib
 def read_json(path: Path) -> dict:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: missing (expected a diffusers config.json)")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  return read_json_object(path)
 
 
 def unet_params_from_torch(config: unet_lib.UNetConfig, sd: dict[str, np.ndarray],

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import regex
 
+from videoldm_jax.config_files import read_json_object
+
 DEFAULT_MAX_LENGTH = 77
 _END_OF_WORD = "</w>"
 # `\p{White_Space}` rather than `\s`: transformers' (Oniguruma) `\s` is exactly the
@@ -69,19 +71,6 @@ def _token_content(value: Any) -> str | None:
   if isinstance(value, Mapping):
     return value.get("content")
   return value
-
-
-def _read_json(path: str) -> dict:
-  """A tokenizer file's JSON object; a file that is not one is named."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not a JSON file ({e}); a Git LFS pointer or a partial "
-                     "download?") from e
-  if not isinstance(data, dict):
-    raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
-  return data
 
 
 def _parse_merges(merges: Iterable[Any], source: str) -> list[tuple[str, str]]:
@@ -180,7 +169,7 @@ class CLIPTokenizer:
     if "tokenizer.json" in files:
       vocab, merges, added = cls._load_tokenizer_json(os.path.join(path, "tokenizer.json"))
     elif {"vocab.json", "merges.txt"} <= files:
-      vocab = _read_json(os.path.join(path, "vocab.json"))
+      vocab = read_json_object(os.path.join(path, "vocab.json"))
       merges_path = os.path.join(path, "merges.txt")
       try:
         with open(merges_path, encoding="utf-8") as f:
@@ -196,7 +185,7 @@ class CLIPTokenizer:
     settings: dict[str, Any] = {}
     if "tokenizer_config.json" in files:
       settings = {k: v for k, v in
-                  _read_json(os.path.join(path, "tokenizer_config.json")).items()
+                  read_json_object(os.path.join(path, "tokenizer_config.json")).items()
                   if v is not None}
     decoder = settings.get("added_tokens_decoder")
     if isinstance(decoder, Mapping):
@@ -208,10 +197,10 @@ class CLIPTokenizer:
         added.setdefault(content, (int(idx), bool(normalized)))
     elif "special_tokens_map.json" in files:
       settings.update({k: v for k, v in
-                       _read_json(os.path.join(path, "special_tokens_map.json")).items()
+                       read_json_object(os.path.join(path, "special_tokens_map.json")).items()
                        if v is not None})
     if "added_tokens.json" in files:  # {content: id}, written by slow tokenizers
-      for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
+      for content, idx in read_json_object(os.path.join(path, "added_tokens.json")).items():
         added.setdefault(content, (int(idx), True))
     vocab = dict(vocab)
     for content, (idx, _) in added.items():
@@ -252,7 +241,7 @@ class CLIPTokenizer:
   @staticmethod
   def _load_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]],
                                                dict[str, tuple[int, bool]]]:
-    data = _read_json(path)
+    data = read_json_object(path)
     model = data.get("model") or {}
     if (not isinstance(model, Mapping) or model.get("type", "BPE") != "BPE"
         or not isinstance(model.get("vocab"), Mapping)
