@@ -107,7 +107,8 @@ def main():
 
   def score(videos, stride=1):
     if stride not in stats:
-      stats[stride] = fvd.video_stats(extractor, real_clips(n, args.size, stride))
+      clips = real if stride == 1 else real_clips(n, args.size, stride)
+      stats[stride] = fvd.video_stats(extractor, clips)
     return fvd.stats_distance(stats[stride], fvd.video_stats(extractor, videos))
   rows = []
 
