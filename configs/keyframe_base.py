@@ -29,7 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.random_image_model = ml_collections.ConfigDict()
   c.temporal = dict(resblocks=True, attention=True, conv_kernel=(3, 1, 1),
                     cross_attention=False, mix_init=0.5)
-  c.cond_drop_prob = 0.1          # caption -> empty prompt, for classifier-free guidance
+  # With probability cond_drop_prob a clip's caption -> the empty prompt and its class
+  # label -> null_class_label (both at once): the unconditional branch of
+  # classifier-free guidance. null_class_label: a class-conditional UNet's row for "no
+  # class" (e.g. K for K data classes and unet.num_class_embeds = K + 1); unset, the
+  # image model's own (recorded by the stage that trained it), else labels are kept.
+  c.cond_drop_prob = 0.1
+  c.null_class_label = ml_collections.config_dict.placeholder(int)
   # e.g. 5.0 for min-SNR weighting; a typed placeholder (None) so that
   # --config.min_snr_gamma=5.0 can set it
   c.min_snr_gamma = ml_collections.config_dict.placeholder(float)

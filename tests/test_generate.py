@@ -418,10 +418,16 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
       kf_tok))
   with pytest.raises(ValueError, match="class_label=3: .* has classes 0..2"):
     generate.plan(conditional, dataclasses.replace(options, class_label=3))
-  text_free = dataclasses.replace(conditional, keyframe=(dataclasses.replace(
-      conditional.keyframe[0], text_config=None), None))
+  text_free = dataclasses.replace(conditional, **{stage: (dataclasses.replace(
+      getattr(conditional, stage)[0], text_config=None), None)
+      for stage in ("keyframe", "predictor")})
   assert any("guidance_scale=2.0 ignored: the models have no text encoder" in n
              for n in generate.plan(text_free, dataclasses.replace(options, class_label=1)).notes)
+  # ... unless it was trained with label dropout: guidance against its null class.
+  nulled = dataclasses.replace(text_free, keyframe=(dataclasses.replace(
+      text_free.keyframe[0], training={"null_class_label": 2}), None))
+  assert not any("guidance_scale" in n for n in generate.plan(
+      nulled, dataclasses.replace(options, class_label=1)).notes)
   assert any("class_label=1 ignored" in n for n in generate.plan(
       models, dataclasses.replace(options, class_label=1)).notes)
   with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):

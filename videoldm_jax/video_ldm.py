@@ -40,6 +40,9 @@ class VideoLDM:
   temporal_config: Optional[TemporalConfig] = None
   compute_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  # The class label of a class-conditional UNet's unconditional branch, where it was
+  # trained with one (`stages.keyframe.null_class_label`); recorded in its exports.
+  null_class_label: Optional[int] = None
 
   @classmethod
   def from_pretrained(cls, model: pretrained.PretrainedLDM, temporal: Optional[TemporalConfig],

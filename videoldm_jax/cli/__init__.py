@@ -60,9 +60,11 @@ def no_positional(argv: Sequence[str]) -> None:
                          "spaces; every option is a --flag)")
 
 
-def note_unguided(has_text_encoder: bool, guidance_scale: float) -> None:
-  """Says on stderr that --guidance_scale does nothing for a model without a text
-  encoder (no unconditional branch; class-conditional models train no label dropout)."""
-  if not has_text_encoder and guidance_scale != 1.0:
+def note_unguided(guided: bool, guidance_scale: float) -> None:
+  """Says on stderr that --guidance_scale does nothing for a model without an
+  unconditional branch (`sampling.guided`: no text encoder, and no null class of a
+  class-conditional model trained with label dropout)."""
+  if not guided and guidance_scale != 1.0:
     print(f"note: --guidance_scale={guidance_scale} ignored: the model has no text "
-          "encoder (no classifier-free guidance without one)", file=sys.stderr)
+          "encoder and no null class (no classifier-free guidance without one)",
+          file=sys.stderr)

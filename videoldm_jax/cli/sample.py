@@ -58,7 +58,7 @@ def main(argv):
                          "or interpolation export")
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
-  note_unguided(model.text_config is not None, _CFG.value)
+  note_unguided(sampling.guided(model), _CFG.value)
   options = sampling.SampleOptions(
       height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
       sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,

@@ -58,7 +58,7 @@ def main(argv):
       eta=_ETA.value, seed=_SEED.value)
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
-  note_unguided(model.text_config is not None, _CFG.value)
+  note_unguided(sampling.guided(model), _CFG.value)
   images = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                                   _NEGATIVE.value, options, class_labels=labels)
   out = Path(_OUTPUT.value)

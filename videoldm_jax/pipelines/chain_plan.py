@@ -223,15 +223,18 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
                    "prediction, which it never trained (no clip without context): "
                    f"expect artefacts; {option}=1 does not use it")
   if models.base.text_config is None:
-    # No text encoder: no unconditional branch to guide against (class-conditional
-    # models are trained without label dropout).
+    # No text encoder: guidance_scale needs a class-conditional model's null class
+    # (the label of the unconditional branch; config.null_class_label in training).
+    guided = any(sampling.guided(getattr(models, stage)[0])
+                 for stage in ("keyframe", "predictor") if getattr(models, stage) is not None)
     ignored = [f"{k}={v!r}" for k, v in (("prompt", o.prompt),
                                           ("negative_prompt", o.negative_prompt))
                if v] + ([f"guidance_scale={o.guidance_scale}"]
-                        if o.guidance_scale != 1.0 else [])
+                        if o.guidance_scale != 1.0 and not guided else [])
     if ignored:
       notes.append(f"{', '.join(ignored)} ignored: the models have no text encoder "
-                   "(no classifier-free guidance without one)")
+                   + ("" if guided else "(no classifier-free guidance without one, or a "
+                      "class-conditional model's null class)"))
   # (stage, used, frames per call, the option that sets it, its value); a short video
   # makes shorter calls than the options say: the key-frame model is called once, on
   # the first clip, and a window or chunk holds at most the frames there are.

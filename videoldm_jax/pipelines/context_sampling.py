@@ -58,7 +58,8 @@ class ContextSampleOptions:
   """Sampler settings of every function here.
 
   context_scale: s of context guidance; 1.0 runs only the conditional branch.
-  guidance_scale: text classifier-free guidance (needs `text` and `uncond_text`).
+  guidance_scale: classifier-free guidance over the text (needs `text` and
+  `uncond_text`) and / or class label (needs `uncond_labels`, the null class).
   """
   num_steps: int = 50
   sampler: str = "ddim"           # ddim | ddpm | dpmpp_2m
@@ -72,28 +73,37 @@ class ContextSampleOptions:
 def guided_context_fn(model: ContextModel, cond: jax.Array, options: ContextSampleOptions,
                       text: Optional[jax.Array] = None,
                       uncond_text: Optional[jax.Array] = None,
-                      labels: Optional[jax.Array] = None) -> samplers.DenoiseFn:
-  """denoise_fn(x (B, T, h, w, C), t (B,)) with context and text guidance.
+                      labels: Optional[jax.Array] = None,
+                      uncond_labels: Optional[jax.Array] = None) -> samplers.DenoiseFn:
+  """denoise_fn(x (B, T, h, w, C), t (B,)) with context and classifier-free guidance.
 
   cond: (B, T, h, w, C+1) = (m * z, m); text / uncond_text: (B, L, D) or None; labels
-  (B,) for class-conditional UNets. With s_c = context_scale, s_t = guidance_scale and
-  f(context, text) the model output, the result is the bilinear lerp
-    g(c) = f(c, empty) + s_t (f(c, text) - f(c, empty)),  out = g(0) + s_c (g(c_S) - g(0)),
-  i.e. context guidance over text-guided predictions (the order does not matter). A
-  scale of exactly 1 drops its unconditional branches, so with both at 1 the output is
-  the plain conditional prediction, bit for bit. All branches go through one UNet call
-  of batch (number of branches) * B.
+  (B,) for class-conditional UNets, uncond_labels (B,) the null class of one trained
+  with label dropout (else the unconditional branch takes `labels`). With
+  s_c = context_scale, s_t = guidance_scale and f(context, y) the model output for
+  condition y (text and / or label; "empty" the unconditional ones), the result is the
+  bilinear lerp
+    g(c) = f(c, empty) + s_t (f(c, y) - f(c, empty)),  out = g(0) + s_c (g(c_S) - g(0)),
+  i.e. context guidance over classifier-free-guided predictions (the order does not
+  matter). A scale of exactly 1 drops its unconditional branches, so with both at 1
+  the output is the plain conditional prediction, bit for bit; so does s_t for a model
+  with neither text nor a null class. All branches go through one UNet call of batch
+  (number of branches) * B.
   """
   s_c, s_t = options.context_scale, options.guidance_scale
   contexts = [cond] if s_c == 1.0 else [jnp.zeros_like(cond), cond]
-  texts = [text] if text is None or s_t == 1.0 else [uncond_text, text]
-  if len(texts) == 2 and uncond_text is None:
+  guide = s_t != 1.0 and (text is not None or uncond_labels is not None)
+  if guide and text is not None and uncond_text is None:
     raise ValueError("text guidance (guidance_scale != 1) needs uncond_text")
-  n = len(contexts) * len(texts)
-  cat = lambda xs: None if xs[0] is None else jnp.concatenate(xs, axis=0)
-  all_cond = cat([c for c in contexts for _ in texts])
-  all_text = cat([tx for _ in contexts for tx in texts])
-  all_labels = None if labels is None else jnp.tile(jnp.asarray(labels), n)
+  # (text, labels) of each guidance branch: unconditional first.
+  ys = ([(uncond_text, labels if uncond_labels is None else uncond_labels),
+         (text, labels)] if guide else [(text, labels)])
+  n = len(contexts) * len(ys)
+  cat = lambda xs: None if xs[0] is None else jnp.concatenate(
+      [jnp.asarray(x) for x in xs], axis=0)
+  all_cond = cat([c for c in contexts for _ in ys])
+  all_text = cat([y[0] for _ in contexts for y in ys])
+  all_labels = cat([y[1] for _ in contexts for y in ys])
   params = {"params": model.params}
 
   def denoise_fn(x: jax.Array, t: jax.Array) -> jax.Array:
@@ -101,7 +111,7 @@ def guided_context_fn(model: ContextModel, cond: jax.Array, options: ContextSamp
                          jnp.concatenate([t] * n, axis=0), all_text, all_labels, None,
                          cond=all_cond)
     outs = jnp.split(out, n, axis=0)
-    per_context = [outs[i * len(texts):(i + 1) * len(texts)] for i in range(len(contexts))]
+    per_context = [outs[i * len(ys):(i + 1) * len(ys)] for i in range(len(contexts))]
     g = [o[0] if len(o) == 1 else samplers.classifier_free_guidance(o[0], o[1], s_t)
          for o in per_context]
     return g[0] if len(g) == 1 else samplers.classifier_free_guidance(g[0], g[1], s_c)
@@ -113,7 +123,8 @@ def sample_clip(model: ContextModel, known: jax.Array, mask: jax.Array,
                 options: ContextSampleOptions = ContextSampleOptions(),
                 text: Optional[jax.Array] = None, uncond_text: Optional[jax.Array] = None,
                 labels: Optional[jax.Array] = None, key: Optional[jax.Array] = None,
-                x_T: Optional[jax.Array] = None) -> jax.Array:
+                x_T: Optional[jax.Array] = None,
+                uncond_labels: Optional[jax.Array] = None) -> jax.Array:
   """One clip given known frames: known (B, T, h, w, C) (any values where mask = 0),
   mask (B, T) in {0, 1} -> latents (B, T, h, w, C), exactly `known` where mask = 1.
 
@@ -129,7 +140,7 @@ def sample_clip(model: ContextModel, known: jax.Array, mask: jax.Array,
     # only one runs (twice the UNet batch for the same result otherwise).
     options = dataclasses.replace(options, context_scale=1.0)
   denoise = guided_context_fn(model, masked_cond(known, mask), options, text, uncond_text,
-                              labels)
+                              labels, uncond_labels)
   sampling = model.sampling
   x0 = samplers.sample(denoise, x_T, model.schedule, options.num_steps,
                        sampler=options.sampler, key=jax.random.fold_in(key, 1),
@@ -144,7 +155,8 @@ def predict(model: ContextModel, context: jax.Array, num_frames: int,
             key: Optional[jax.Array] = None, **conditioning) -> jax.Array:
   """Prediction model: context (B, S, h, w, C) -> clip (B, num_frames, h, w, C) whose
   first S frames are the context. S = 0 samples an unconditional clip.
-  `conditioning`: text / uncond_text / labels / x_T as in `sample_clip`."""
+  `conditioning`: text / uncond_text / labels / uncond_labels / x_T as in
+  `sample_clip`."""
   b, s = context.shape[:2]
   if s >= num_frames:
     raise ValueError(f"{s} context frames leave nothing to predict in {num_frames} frames")
@@ -161,7 +173,7 @@ def extend(model: ContextModel, context: jax.Array, num_frames: int, clip_frames
 
   Each round predicts a clip of `clip_frames` from the last min(num_context, frames so
   far) frames and appends its new frames; round r draws its noise from
-  fold_in(key(seed), r). `conditioning`: text / uncond_text / labels.
+  fold_in(key(seed), r). `conditioning`: text / uncond_text / labels / uncond_labels.
   """
   if not 0 <= num_context < clip_frames:
     raise ValueError(f"num_context={num_context} must be in [0, clip_frames={clip_frames})")
@@ -197,8 +209,8 @@ def interpolate_twice(model: ContextModel, keys: jax.Array, stride: int = 4,
   """T -> stride^2 T frames (4T -> 16T in the paper's terms): `interpolate` with `model`,
   then again on its output with `second_model` (default: the same model), drawing other
   noise. keys (B, N, h, w, C) -> (B, stride^2 N, h, w, C); `conditioning`: text /
-  uncond_text / labels, and `key` (else key(options.seed); the second pass draws from
-  fold_in(key, 2)), no x_T (the two passes have different lengths)."""
+  uncond_text / labels / uncond_labels, and `key` (else key(options.seed); the second
+  pass draws from fold_in(key, 2)), no x_T (the two passes have different lengths)."""
   # (A given key was passed to both passes: the second drew the first's noise again;
   # without one the second pass drew from seed + 1: the next seed's first pass.)
   if "x_T" in conditioning:

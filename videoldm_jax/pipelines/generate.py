@@ -96,7 +96,7 @@ def _seed(*ids: int) -> int:
 
 
 def _conditioning(entry: tuple, o: GenerateOptions) -> dict:
-  """text / uncond_text (1, L, D) and labels (1,) for one stage's model."""
+  """text / uncond_text (1, L, D) and labels / uncond_labels (1,) for one stage's model."""
   model, tokenizer = entry
   cond = {}
   if model.text_config is not None:
@@ -109,6 +109,9 @@ def _conditioning(entry: tuple, o: GenerateOptions) -> dict:
     if o.class_label is None:
       raise ValueError(f"{model.source}: a class-conditional model; give class_label")
     cond["labels"] = jnp.asarray([o.class_label], jnp.int32)
+    null = sampling.null_class_label(model)
+    if null is not None:  # trained with label dropout: guidance against the null class
+      cond["uncond_labels"] = jnp.asarray([null], jnp.int32)
   return cond
 
 

@@ -141,10 +141,12 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
                    x_T: Optional[jax.Array] = None) -> jax.Array:
   """Runs the sampler: returns scaled latents (B, height/f, width/f, latent_channels).
 
-  With a text encoder, classifier-free guidance runs the prompt and the negative prompt
-  in one batched UNet call per step. Class-conditional models take `class_labels` (B,)
-  for both branches. `x_T` replaces the initial noise drawn from `options.seed` (e.g. to
-  reproduce another implementation's run).
+  Classifier-free guidance runs the conditional and unconditional branches in one
+  batched UNet call per step: the prompt and the negative prompt (text encoder), and
+  `class_labels` (B,) and the model's null class (`null_class_label`: a class-conditional
+  model trained with label dropout; without one, both branches take `class_labels` and
+  a model without a text encoder runs unguided). `x_T` replaces the initial noise drawn
+  from `options.seed` (e.g. to reproduce another implementation's run).
   """
   unet_cfg, vae_cfg = model.unet_config, model.vae_config
   check_context_source(model)
@@ -166,15 +168,20 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
   params = {"params": on_device(model.params["unet"])}
 
   def model_fn(x, t, cond):
-    lab = None if labels is None else jnp.tile(labels, x.shape[0] // batch)
-    return unet_apply(params, x, t, cond, lab)
+    return unet_apply(params, x, t, cond.get("text"), cond.get("labels"))
 
+  cond, uncond = {}, {}
   if model.text_config is not None:
-    cond = encode_prompts(model, tokenizer, prompts)
-    uncond = encode_prompts(model, tokenizer, [negative_prompt] * batch)
+    cond["text"] = encode_prompts(model, tokenizer, prompts)
+    uncond["text"] = encode_prompts(model, tokenizer, [negative_prompt] * batch)
+  if labels is not None:
+    cond["labels"] = labels
+    null = null_class_label(model)
+    uncond["labels"] = labels if null is None else jnp.full_like(labels, null)
+  if guided(model):
     denoise = samplers.guided_denoise_fn(model_fn, cond, uncond, options.guidance_scale)
   else:
-    denoise = lambda x, t: model_fn(x, t, None)
+    denoise = lambda x, t: model_fn(x, t, cond)
 
   key = jax.random.key(options.seed)
   frames = (options.num_frames,) if options.num_frames else ()
@@ -188,6 +195,21 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
       denoise, jnp.asarray(x_T, jnp.float32), schedule, options.num_steps,
       sampler=options.sampler, key=jax.random.fold_in(key, 1), progress=options.progress,
       eta=options.eta, **dataclasses.asdict(sampling))
+
+
+def null_class_label(model: PretrainedLDM) -> Optional[int]:
+  """The class label of `model`'s unconditional branch (classifier-free guidance of a
+  class-conditional model), recorded by the stage that trained it with label dropout;
+  None for other models."""
+  if not model.unet_config.num_class_embeds:
+    return None
+  return model.training.get("null_class_label")
+
+
+def guided(model: PretrainedLDM) -> bool:
+  """Whether classifier-free guidance applies to `model`: it has a text encoder or a
+  null class."""
+  return model.text_config is not None or null_class_label(model) is not None
 
 
 def decode(model: PretrainedLDM, latents: jax.Array) -> jax.Array:

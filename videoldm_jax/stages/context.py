@@ -68,7 +68,9 @@ def make_context_stage(name: str, ldm: VideoLDM, options: keyframe.KeyframeOptio
     mask = mask_fn(k_mask, b, t)
     # Built from the clean latents: the known frames are given, not noised.
     cond = masked_cond(latents, mask)
-    labels, image_only = keyframe.batch_labels(batch), batch.get("image_only")
+    labels = keyframe.drop_labels(keyframe.batch_labels(batch), options.null_class_label,
+                                  options.cond_drop_prob, k_drop, b)
+    image_only = batch.get("image_only")
 
     def model_fn(x_t, tau):
       return unet.apply({"params": params["unet"]}, x_t, tau, context, labels, image_only,
@@ -132,18 +134,16 @@ def sample_conditioning(model: pretrained.PretrainedLDM, tokenizer,
   model, labels (N,) (`keyframe.sample_labels`), for the context samplers."""
   prompts = list(config.sample.prompts)
   out = {}
-  labels = keyframe.sample_labels(model.unet_config, config)
+  null = model.training.get("null_class_label")
+  labels = keyframe.sample_labels(model.unet_config, config, null)
   if labels is not None:
     out["labels"] = jnp.asarray(labels, jnp.int32)
+    if null is not None:
+      out["uncond_labels"] = jnp.full((len(labels),), null, jnp.int32)
   if model.text_config is not None:
     out["text"] = sampling.encode_prompts(model, tokenizer, prompts)
     out["uncond_text"] = sampling.encode_prompts(model, tokenizer, [""] * len(prompts))
   return out
-
-
-def pretrained_from(ldm: VideoLDM, params: dict) -> pretrained.PretrainedLDM:
-  return pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
-                                  ldm.scheduler, params, temporal_config=ldm.temporal_config)
 
 
 def sample_options(config: ml_collections.ConfigDict) -> context_sampling.ContextSampleOptions:

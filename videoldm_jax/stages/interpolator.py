@@ -22,7 +22,7 @@ import numpy as np
 
 from videoldm_jax.models.context_encoder import strided_mask
 from videoldm_jax.pipelines import context_sampling
-from videoldm_jax.stages import context
+from videoldm_jax.stages import context, keyframe
 from videoldm_jax.stages.base import StageSetup
 
 
@@ -50,7 +50,7 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
   stride = config.interpolator.stride
 
   def sample(params: dict, step: int) -> np.ndarray:
-    model = context.pretrained_from(ldm, params)
+    model = keyframe.pretrained_from(ldm, params)
     cm = context_sampling.ContextModel.from_pretrained(model)
     prompts = list(config.sample.prompts)
     cond = context.sample_conditioning(model, tokenizer, config)

@@ -10,8 +10,10 @@ A batch is a dict of global arrays:
           used instead of tokens (an image example's frames come from different clips);
   labels  int32 (B,) class labels (class-conditional UNets);
   image_only bool (B, T), optional: frames that are still images (alpha = 1).
-One diffusion time tau per video, shared by its frames; captions are replaced by the
-empty prompt with probability `cond_drop_prob`, which classifier-free guidance needs.
+One diffusion time tau per video, shared by its frames; with probability
+`cond_drop_prob` a video's caption is replaced by the empty prompt and its class label
+by the model's null class (`null_class_label`, where it has one), both by one draw:
+the unconditional branch of classifier-free guidance has neither.
 """
 
 import dataclasses
@@ -92,9 +94,26 @@ def text_context(text: Optional[CLIPTextModel], params: dict, batch: dict,
     context = text.apply({"params": params["text_encoder"]}, batch["tokens"])
   empty = text.apply({"params": params["text_encoder"]}, jnp.asarray(uncond_tokens)[None])
   # One draw per video, shared by its frames: a video's frames keep one condition.
-  drop = jnp.repeat(jax.random.bernoulli(key, drop_prob, (context.shape[0] // frames,)),
-                    frames)
+  drop = jnp.repeat(_dropped(key, drop_prob, context.shape[0] // frames), frames)
   return jnp.where(drop[:, None, None], empty.astype(context.dtype), context)
+
+
+def _dropped(key: jax.Array, drop_prob: float, videos: int) -> jax.Array:
+  """(videos,) bool: the videos whose condition is dropped. `text_context` and
+  `drop_labels` draw the same with the same key, so a text- and class-conditional
+  video loses both together."""
+  return jax.random.bernoulli(key, drop_prob, (videos,))
+
+
+def drop_labels(labels: Optional[jax.Array], null_label: Optional[int], drop_prob: float,
+                key: jax.Array, videos: int) -> Optional[jax.Array]:
+  """Class labels (B,) or per frame (B*T,) with each of the `videos` videos' replaced by
+  `null_label` with probability drop_prob (the draws of `text_context` with the same
+  key). No labels or no null class: unchanged."""
+  if labels is None or null_label is None:
+    return labels
+  drop = jnp.repeat(_dropped(key, drop_prob, videos), labels.shape[0] // videos)
+  return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +121,9 @@ class KeyframeOptions:
   mode: str = "temporal"          # "temporal": phi only; "full": the whole UNet
   cond_drop_prob: float = 0.1
   min_snr_gamma: Optional[float] = None
+  # The class label of the unconditional branch (`null_class_label`); None: labels are
+  # never dropped.
+  null_class_label: Optional[int] = None
 
   def __post_init__(self):
     # (Out of range, they trained silently: p > 1 drops every caption, gamma = 0 zeroes
@@ -138,7 +160,9 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
       latents = encode_video(vae, params["vae"], batch["video"], k_vae)
     context = text_context(text, params, batch, uncond_tokens, options.cond_drop_prob,
                            k_drop, ldm.compute_dtype, takes_context(ldm))
-    labels, image_only = batch_labels(batch), batch.get("image_only")
+    labels = drop_labels(batch_labels(batch), options.null_class_label,
+                         options.cond_drop_prob, k_drop, latents.shape[0])
+    image_only = batch.get("image_only")
 
     def model_fn(x_t, t):
       return unet.apply({"params": params["unet"]}, x_t, t, context, labels, image_only)
@@ -154,9 +178,46 @@ def make_stage(ldm: VideoLDM, options: KeyframeOptions,
 # ---------------------------------------------------------------------------------------
 # The trainer's view (stages/base.py): shared by every stage built on the video UNet.
 
-def options_from_config(config: ml_collections.ConfigDict) -> KeyframeOptions:
+def options_from_config(config: ml_collections.ConfigDict,
+                        null_class_label: Optional[int] = None) -> KeyframeOptions:
+  """The stage options of `config`; null_class_label: `null_class_label(config, image)`."""
   return KeyframeOptions(mode=config.mode, cond_drop_prob=config.cond_drop_prob,
-                         min_snr_gamma=config.get("min_snr_gamma"))
+                         min_snr_gamma=config.get("min_snr_gamma"),
+                         null_class_label=null_class_label)
+
+
+def null_class_label(config: ml_collections.ConfigDict,
+                     image: pretrained.PretrainedLDM) -> Optional[int]:
+  """The class label a class-conditional UNet's unconditional branch uses: the one
+  the image model was trained with (its export's record), or config.null_class_label
+  for an image model that has none, whose class table then needs a row no data label
+  uses. None: labels are never dropped and class-conditional samples are unguided."""
+  given, recorded = config.get("null_class_label"), image.training.get("null_class_label")
+  if given is None:
+    return recorded
+  source = config.image_model or "config.random_image_model"
+  classes = image.unet_config.num_class_embeds
+  if isinstance(given, bool) or not isinstance(given, (int, np.integer)):
+    raise ValueError(f"config.null_class_label={given!r}: expected a class index, or None "
+                     "for no label dropout")
+  if not classes:
+    raise ValueError(f"config.null_class_label={given}: {source} is not class-conditional "
+                     "(unet.num_class_embeds is unset)")
+  if not 0 <= given < classes:
+    raise ValueError(f"config.null_class_label={given}: expected one of the UNet's classes "
+                     f"0..{classes - 1} (unet.num_class_embeds={classes}), a row no data "
+                     "label uses")
+  if recorded is not None and given != recorded:
+    raise ValueError(f"config.null_class_label={given}: {source} was trained with null "
+                     f"class {recorded}; leave config.null_class_label unset to use it")
+  if config.image_model and config.mode != "full":
+    # The frozen class table keeps the label's trained meaning: the unconditional
+    # branch would be that class.
+    raise ValueError(f"config.null_class_label={given}: {source} was trained without a "
+                     f"null class, and its class embedding is frozen (mode={config.mode!r}); "
+                     "train the image model with it (the image_ldm stage), or set "
+                     "config.mode='full'")
+  return int(given)
 
 
 def _random_image_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -216,8 +277,10 @@ def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
   from videoldm_jax.convert import presets
   name = config.image_model
   temporal = vae_temporal = None
+  training = {}
   if name and (Path(name) / "model_index.json").is_file():
     index = pretrained.load_index(name)
+    training = index.get("training", {})  # (its null class: `null_class_label`)
     text = index.get("text_encoder")
     configs = (UNetConfig.from_dict(index["unet"]), VAEConfig.from_dict(index["vae"]),
                None if text is None else CLIPTextConfig.from_dict(text), index["scheduler"])
@@ -240,7 +303,7 @@ def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
                dict(r.scheduler))
   image = pretrained.PretrainedLDM(*configs, params={}, source="abstract",
                                    temporal_config=temporal,
-                                   vae_temporal_config=vae_temporal)
+                                   vae_temporal_config=vae_temporal, training=training)
   image.params = VideoLDM.from_pretrained(image, temporal).abstract_params()
   if vae_temporal is not None:
     image.params["vae"] = params_lib.abstract_params(
@@ -259,11 +322,12 @@ def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
 
 def batch_maker(tokenizer: Optional[CLIPTokenizer], max_length: int,
                 num_classes: Optional[int] = None, label_field: str = "label",
-                frame_tokens: bool = False):
+                frame_tokens: bool = False, null_label: Optional[int] = None):
   """Input-pipeline batch -> the stage's batch (host NumPy): pixels or cached latents,
   caption tokens or cached text embeddings, the image-only flags, and for a
   class-conditional UNet (`num_classes`) the labels, checked to lie in its table (past
-  it the embedding gives NaN: every step skipped; below 0 one wraps silently).
+  it the embedding gives NaN: every step skipped; below 0 one wraps silently) and to
+  differ from its null class (`null_label`, which dropped labels take).
   frame_tokens: also each frame's caption tokens (B, T, L), for a stage that conditions
   frames one by one (image_ldm)."""
   def make_batch(host: dict) -> dict:
@@ -280,6 +344,12 @@ def batch_maker(tokenizer: Optional[CLIPTokenizer], max_length: int,
         raise ValueError(f"config.data.label_field={label_field!r}: labels {bad[:5]} lie "
                          f"outside the UNet's classes 0..{num_classes - 1} "
                          "(unet.num_class_embeds)")
+      if null_label is not None and (labels == null_label).any():
+        # Its examples would train the unconditional branch as that class.
+        raise ValueError(f"config.data.label_field={label_field!r}: label {null_label} "
+                         "is the model's null class (null_class_label, the unconditional "
+                         "branch of guidance), which no data label may use; give the "
+                         "UNet one more class for it")
     if tokenizer is not None and "context" not in host:
       text = lambda c: c.decode() if isinstance(c, bytes) else str(c)
       batch["tokens"] = tokenizer([text(c) for c in host["caption"]], max_length=max_length)
@@ -300,15 +370,17 @@ def batch_labels(batch: dict):
   return batch.get("labels")
 
 
-def sample_labels(unet_config, config: ml_collections.ConfigDict) -> Optional[list[int]]:
+def sample_labels(unet_config, config: ml_collections.ConfigDict,
+                  null_label: Optional[int] = None) -> Optional[list[int]]:
   """Class labels of the training samples (one per config.sample.prompts) for a
   class-conditional UNet, None otherwise: config.sample.class_labels, or sample i gets
-  class i mod num_class_embeds."""
+  the i-th class (cyclically) other than the null class `null_label`."""
   n_classes, s = unet_config.num_class_embeds, config.sample
   if not n_classes:
     return None
+  classes = [c for c in range(n_classes) if c != null_label] or [0]
   labels = [int(x) for x in s.get("class_labels", ())] or [
-      i % n_classes for i in range(len(s.prompts))]
+      classes[i % len(classes)] for i in range(len(s.prompts))]
   if len(labels) != len(s.prompts) or not all(0 <= x < n_classes for x in labels):
     raise ValueError(f"config.sample.class_labels={tuple(labels)}: expected one label in "
                      f"[0, {n_classes}) per prompt ({len(s.prompts)} prompts)")
@@ -320,8 +392,7 @@ def video_sampler(ldm: VideoLDM, tokenizer: Optional[CLIPTokenizer],
   """(params, step) -> uint8 samples of config.sample.prompts: videos (N, T, H, W, 3), or
   one-frame clips for an image model."""
   def sample(params: dict, step: int) -> np.ndarray:
-    model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
-                                     ldm.scheduler, params, temporal_config=ldm.temporal_config)
+    model = pretrained_from(ldm, params)
     s = config.sample
     frames = s.num_frames if ldm.temporal_config is not None else 0
     options = sampling.SampleOptions(
@@ -329,19 +400,36 @@ def video_sampler(ldm: VideoLDM, tokenizer: Optional[CLIPTokenizer],
         guidance_scale=s.guidance_scale, seed=config.seed, num_frames=frames,
         progress=False)
     videos = sampling.generate(model, tokenizer, list(s.prompts), "", options,
-                               class_labels=sample_labels(ldm.unet_config, config))
+                               class_labels=sample_labels(ldm.unet_config, config,
+                                                          ldm.null_class_label))
     return videos[:, None] if videos.ndim == 4 else videos
   return sample
+
+
+def pretrained_from(ldm: VideoLDM, params: dict, **fields) -> pretrained.PretrainedLDM:
+  """The model `ldm` with `params` (a train state's) as the samplers take it, its null
+  class (guidance's unconditional label) in its `training` record."""
+  training = ({} if ldm.null_class_label is None
+              else {"null_class_label": ldm.null_class_label})
+  return pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
+                                  ldm.scheduler, params, temporal_config=ldm.temporal_config,
+                                  training={**training, **fields.pop("training", {})},
+                                  **fields)
+
+
+def training_record(config: ml_collections.ConfigDict, ldm: VideoLDM) -> dict:
+  """`pretrained.training_record` plus the UNet's null class, where it has one."""
+  record = pretrained.training_record(config)
+  if ldm.null_class_label is not None:
+    record["null_class_label"] = ldm.null_class_label
+  return record
 
 
 def ldm_exporter(ldm: VideoLDM, tok_dir: Path, source: str, training: dict):
   """(out_dir, params) -> writes a `pretrained` folder (what videoldm-sample reads);
   training: `pretrained.training_record` of the stage's config."""
   def export(out: Path, params: dict) -> None:
-    model = pretrained.PretrainedLDM(ldm.unet_config, ldm.vae_config, ldm.text_config,
-                                     ldm.scheduler, params, source=source,
-                                     temporal_config=ldm.temporal_config,
-                                     training=training)
+    model = pretrained_from(ldm, params, source=source, training=training)
     pretrained.save(out, model, tok_dir if ldm.text_config is not None else None)
   return export
 
@@ -362,8 +450,10 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
     raise ValueError(f"config.data.height and width must be multiples of {f} for this "
                      f"model (VAE factor x 2^(UNet levels - 1)); got "
                      f"{config.data.height}x{config.data.width}")
-  ldm = VideoLDM.from_pretrained(image, temporal, config.train.compute_dtype,
-                                 config.train.remat_policy)
+  ldm = dataclasses.replace(
+      VideoLDM.from_pretrained(image, temporal, config.train.compute_dtype,
+                               config.train.remat_policy),
+      null_class_label=null_class_label(config, image))
   if "sample" in config and config.sample.get("every", 0):
     try:  # before training, not at the first samples
       sampling.check_context_source(image, config.image_model or "config.random_image_model")
@@ -371,7 +461,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       raise ValueError(f"{e}; or train without samples (--config.sample.every=0)") from None
   max_len = 0 if ldm.text_config is None else ldm.text_config.max_position_embeddings
   uncond = None if tokenizer is None else tokenizer([""], max_length=max_len)[0]
-  stage = make_stage_fn(ldm, options_from_config(config), uncond)
+  stage = make_stage_fn(ldm, options_from_config(config, ldm.null_class_label), uncond)
   holder = {"image": image}
   abstract = ldm.abstract_params()
   if base.is_abstract():
@@ -410,10 +500,11 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       make_iterator=lambda: inputs.make_iterator(config, workdir, cache_check),
       make_batch=batch_maker(tokenizer, max_len, ldm.unet_config.num_class_embeds,
                              config.data.get("label_field", "label"),
-                             frame_tokens or config.data.get("image_fraction", 0.0) > 0),
+                             frame_tokens or config.data.get("image_fraction", 0.0) > 0,
+                             ldm.null_class_label),
       optimizer=optim.make_optimizer(config.optim),
       lr_schedule=optim.learning_rate(config.optim),
-      export=ldm_exporter(ldm, tok_dir, str(workdir), pretrained.training_record(config)),
+      export=ldm_exporter(ldm, tok_dir, str(workdir), training_record(config, ldm)),
       samples_per_step=config.data.batch_size,
       sample=video_sampler(ldm, tokenizer, config),
       extra={"ldm": ldm, "tokenizer": tokenizer, "tokenizer_dir": tok_dir})

@@ -22,7 +22,7 @@ import numpy as np
 
 from videoldm_jax.models.context_encoder import first_frames_mask
 from videoldm_jax.pipelines import context_sampling
-from videoldm_jax.stages import context
+from videoldm_jax.stages import context, keyframe
 from videoldm_jax.stages.base import StageSetup
 
 
@@ -71,7 +71,7 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
   first clip of data.num_frames (S = 0), extended autoregressively from its last
   `sample.num_context` frames."""
   def sample(params: dict, step: int) -> np.ndarray:
-    model = context.pretrained_from(ldm, params)
+    model = keyframe.pretrained_from(ldm, params)
     cm = context_sampling.ContextModel.from_pretrained(model)
     prompts = list(config.sample.prompts)
     empty = jnp.zeros((len(prompts), 0) + context.latent_shape(ldm, config), jnp.float32)

@@ -1,0 +1,162 @@
+"""Classifier-free guidance of class-conditional models: labels dropped to the model's
+null class in training (with the captions), the null class recorded in exports and
+inherited by the next stage, and the samplers guiding against it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tests.test_context_stages import TINY, _config
+from videoldm_jax import pretrained
+from videoldm_jax.models import partition
+from videoldm_jax.models.temporal import TemporalConfig
+from videoldm_jax.pipelines import context_sampling, generate, sampling
+from videoldm_jax.stages import image_ldm, keyframe
+from videoldm_jax.train.state import merge
+from videoldm_jax.video_ldm import VideoLDM
+
+# Three classes: 0 and 1 for the data, 2 the null class.
+CLASSES = {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}}
+NO_TEXT = {k: v for k, v in CLASSES.items() if k != "text_encoder"}
+
+
+def _host_batch(labels) -> dict:
+  rng = np.random.default_rng(0)
+  n = len(labels)
+  return {"video": rng.integers(0, 256, (n, 2, 8, 8, 3), np.uint8),
+          "caption": np.array(["a road"] * n), "labels": np.asarray(labels, np.int32)}
+
+
+def test_labels_drop_to_the_null_class_together_with_the_captions(tmp_path):
+  labels = jnp.arange(8) % 2
+  key = jax.random.key(3)
+  assert keyframe.drop_labels(labels, None, 1.0, key, 8) is labels  # no null class
+  np.testing.assert_array_equal(keyframe.drop_labels(labels, 2, 0.0, key, 8), labels)
+  np.testing.assert_array_equal(keyframe.drop_labels(labels, 2, 1.0, key, 8), [2] * 8)
+  # Per-frame labels (B*T,) of 2 videos of 4 frames: a video's frames drop together.
+  patterns = {tuple(np.asarray(keyframe.drop_labels(labels, 2, 0.5, jax.random.key(s), 2))
+                    == 2) for s in range(16)}
+  assert patterns == {(a,) * 4 + (b,) * 4 for a in (False, True) for b in (False, True)}
+
+  # The caption and the label of a video are dropped by one draw: the unconditional
+  # branch guidance subtracts has neither.
+  config = _config("keyframe_tiny", num_frames=2)
+  config.random_image_model = ml_collections.ConfigDict(CLASSES)
+  config.null_class_label = 2
+  setup = keyframe.setup(config, tmp_path / "kf")
+  ldm, tokenizer = setup.extra["ldm"], setup.extra["tokenizer"]
+  assert ldm.null_class_label == 2
+  batch = setup.make_batch(_host_batch([0, 1] * 4))
+  params, text = setup.init_params(), ldm.text_encoder()
+  uncond = tokenizer([""], max_length=batch["tokens"].shape[1])[0]
+  empty = np.asarray(text.apply({"params": params["text_encoder"]}, uncond[None]))[0]
+  for seed in range(4):
+    k = jax.random.key(seed)
+    context = np.asarray(keyframe.text_context(text, params, batch, uncond, 0.5, k,
+                                               jnp.float32))
+    no_caption = [np.allclose(c, empty, atol=1e-6) for c in context]
+    no_label = np.asarray(keyframe.drop_labels(jnp.asarray(batch["labels"]), 2, 0.5, k, 8)) == 2
+    assert no_caption == no_label.tolist()
+
+  # In the loss: cond_drop_prob = 1 is the loss of the batch with every label the null
+  # class (and every caption empty) at cond_drop_prob = 0 (the same key: the same noise).
+  loss = lambda p, b: float(jax.jit(keyframe.make_stage(
+      ldm, keyframe.KeyframeOptions(cond_drop_prob=p, null_class_label=2), uncond).loss_fn)(
+          params, jax.tree_util.tree_map(jnp.asarray, b), jax.random.key(0))[0])
+  tokens_empty = np.broadcast_to(uncond, batch["tokens"].shape)
+  nulled = {**batch, "labels": np.full(8, 2, np.int32), "tokens": tokens_empty}
+  assert loss(1.0, batch) == loss(0.0, nulled) != loss(0.0, batch)
+
+
+def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
+  config = _config("image_ldm_tiny", num_frames=2)
+  config.random_image_model = ml_collections.ConfigDict(NO_TEXT)
+  for bad, match in ((3, r"null_class_label=3: expected one of the UNet's classes 0..2"),
+                     (True, r"null_class_label=True: expected a class index")):
+    config.null_class_label = bad
+    with pytest.raises(ValueError, match=match):
+      image_ldm.setup(config, tmp_path / "bad")
+  config.null_class_label = 2
+  setup = image_ldm.setup(config, tmp_path / "image")
+  # A data label equal to the null class would train the unconditional branch as a class.
+  with pytest.raises(ValueError, match="label 2 is the model's null class"):
+    setup.make_batch(_host_batch([0, 2]))
+  setup.export(tmp_path / "image_export", setup.init_params())
+  assert pretrained.load(tmp_path / "image_export").training["null_class_label"] == 2
+
+  # The key-frame stage on that export: the null class comes from its record.
+  kf = _config("keyframe_tiny", num_frames=2)
+  kf.image_model = str(tmp_path / "image_export")
+  kf_setup = keyframe.setup(kf, tmp_path / "kf")
+  assert kf_setup.extra["ldm"].null_class_label == 2
+  kf_setup.export(tmp_path / "kf_export", kf_setup.init_params())
+  assert pretrained.load(tmp_path / "kf_export").training["null_class_label"] == 2
+  kf.null_class_label = 1
+  with pytest.raises(ValueError, match="null_class_label=1: .*image_export was trained with "
+                     "null class 2"):
+    keyframe.setup(kf, tmp_path / "kf2")
+
+  # An image model trained without one: its frozen class table has no "no class" row.
+  plain = pretrained.random_image_ldm(ml_collections.ConfigDict(NO_TEXT))
+  pretrained.save(tmp_path / "plain", plain)
+  kf.image_model, kf.null_class_label = str(tmp_path / "plain"), 2
+  with pytest.raises(ValueError, match=r"trained without a null class, and its class "
+                     r"embedding is frozen \(mode='temporal'\)"):
+    keyframe.setup(kf, tmp_path / "kf3")
+  kf.mode = "full"  # the class table trains too
+  assert keyframe.setup(kf, tmp_path / "kf4").extra["ldm"].null_class_label == 2
+  # Not class-conditional: nothing to drop to.
+  text_model = _config("keyframe_tiny", num_frames=2)
+  text_model.null_class_label = 0
+  with pytest.raises(ValueError, match="is not class-conditional"):
+    keyframe.setup(text_model, tmp_path / "kf5")
+
+
+def test_samplers_guide_against_the_null_class():
+  image = pretrained.random_image_ldm(ml_collections.ConfigDict(NO_TEXT))
+  with_null = lambda label: dataclasses.replace(image, training={"null_class_label": label})
+  options = lambda scale: sampling.SampleOptions(height=8, width=8, num_steps=2,
+                                                 guidance_scale=scale, progress=False)
+  run = lambda model, scale, labels: np.asarray(sampling.sample_latents(
+      model, None, [""] * len(labels), "", options(scale), class_labels=labels))
+  assert not sampling.guided(image) and sampling.guided(with_null(2))
+  unguided = run(image, 5.0, [0, 1])  # no null class: guidance_scale does nothing
+  np.testing.assert_array_equal(run(with_null(2), 1.0, [0, 1]), unguided)
+  guided = run(with_null(2), 5.0, [0, 1])
+  assert np.abs(guided - unguided).max() > 1e-3
+  # A "null class" equal to the label: both branches agree, guided = unguided (to
+  # rounding), so the unconditional branch is the one that took the null label.
+  np.testing.assert_allclose(run(with_null(1), 5.0, [1, 1]), run(image, 1.0, [1, 1]),
+                             atol=1e-5)
+
+  # The context samplers: out = f(null) + s (f(label) - f(null)), all in one UNet call.
+  temporal = TemporalConfig(context_frames=True)
+  ldm = VideoLDM.from_pretrained(image, temporal)
+  phi = ldm.init_unet_params(1, where=partition.is_temporal)
+  video = dataclasses.replace(image, temporal_config=temporal, training={"null_class_label": 2},
+                              params={**image.params, "unet": merge(image.params["unet"], phi)})
+  cm = context_sampling.ContextModel.from_pretrained(video)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 4, 4)), jnp.float32)
+  cond = context_sampling.masked_cond(x, jnp.asarray([[1, 0, 0], [1, 1, 0]], jnp.float32))
+  t = jnp.asarray([500, 200])
+  labels, null = jnp.asarray([0, 1]), jnp.asarray([2, 2])
+  f = lambda lab, c: np.asarray(cm.apply_fn({"params": cm.params}, x, t, None, lab, None,
+                                            cond=c), np.float64)
+  for s_c in (1.0, 2.0):
+    opts = context_sampling.ContextSampleOptions(guidance_scale=3.0, context_scale=s_c)
+    out = context_sampling.guided_context_fn(cm, cond, opts, labels=labels,
+                                             uncond_labels=null)(x, t)
+    g = lambda c: f(null, c) + 3.0 * (f(labels, c) - f(null, c))
+    want = g(cond) if s_c == 1.0 else g(0 * cond) + s_c * (g(cond) - g(0 * cond))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)
+
+  # videoldm-generate conditions each stage's model on its own null class.
+  got = generate._conditioning((video, None), generate.GenerateOptions(class_label=1))
+  assert got["labels"].tolist() == [1] and got["uncond_labels"].tolist() == [2]
+  assert "uncond_labels" not in generate._conditioning(
+      (dataclasses.replace(video, training={}), None), generate.GenerateOptions(class_label=1))
