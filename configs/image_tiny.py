@@ -7,12 +7,18 @@ is the full path (tokenizer -> CLIP -> UNet + CFG -> sampler -> VAE -> PNG).
 
   videoldm-init-random --config=configs/image_tiny.py --output=work/tiny_ldm
   videoldm-sample-image --model=work/tiny_ldm --prompt="a road at night" --height=64
+
+`--config=configs/image_tiny.py:classes=N` gives a class-conditional model of N classes
+(`unet.num_class_embeds`) without a text encoder instead, e.g. N = 3 for the
+procedural_driving `time_of_day` labels (0 day, 1 night) plus a null class 2 for
+classifier-free guidance (README, "Class-conditional models").
 """
 
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """variant: "" (text-to-image) or "classes=N" (class-conditional, no text encoder)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.unet = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64),
@@ -29,4 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
                      beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
                      steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False,
                      clip_sample=False)
+  if variant:
+    name, _, value = variant.partition("=")
+    if name != "classes" or not value.isdigit() or int(value) < 2:
+      raise ValueError(f"configs/image_tiny.py:{variant}: expected 'classes=N', N >= 2")
+    del c.text_encoder
+    c.unet.num_class_embeds = int(value)
   return c

@@ -99,6 +99,8 @@ def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
   with pytest.raises(ValueError, match="null_class_label=1: .*image_export was trained with "
                      "null class 2"):
     keyframe.setup(kf, tmp_path / "kf2")
+  kf.null_class_label = 2  # the recorded one, given again (e.g. by a launch script)
+  assert keyframe.setup(kf, tmp_path / "kf2b").extra["ldm"].null_class_label == 2
 
   # An image model trained without one: its frozen class table has no "no class" row.
   plain = pretrained.random_image_ldm(ml_collections.ConfigDict(NO_TEXT))
@@ -109,6 +111,15 @@ def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
     keyframe.setup(kf, tmp_path / "kf3")
   kf.mode = "full"  # the class table trains too
   assert keyframe.setup(kf, tmp_path / "kf4").extra["ldm"].null_class_label == 2
+  # Personalisation swaps the class table: another null class than phi's is refused;
+  # an image model without a record (e.g. a converted fine-tune) keeps the video's.
+  from videoldm_jax.pipelines.personalize import personalize
+  video = pretrained.load(tmp_path / "kf_export")
+  image = pretrained.load(tmp_path / "image_export")
+  assert personalize(video, dataclasses.replace(image, training={})).training[
+      "null_class_label"] == 2
+  with pytest.raises(ValueError, match="null class is 1, the video model's 2"):
+    personalize(video, dataclasses.replace(image, training={"null_class_label": 1}))
   # Not class-conditional: nothing to drop to.
   text_model = _config("keyframe_tiny", num_frames=2)
   text_model.null_class_label = 0
@@ -160,3 +171,18 @@ def test_samplers_guide_against_the_null_class():
   assert got["labels"].tolist() == [1] and got["uncond_labels"].tolist() == [2]
   assert "uncond_labels" not in generate._conditioning(
       (dataclasses.replace(video, training={}), None), generate.GenerateOptions(class_label=1))
+
+
+def test_the_tiny_image_config_has_a_class_conditional_variant():
+  # videoldm-init-random --config=configs/image_tiny.py:classes=3 (README): a text-free
+  # class-conditional model, the start of a class-guided chain from the command line.
+  from videoldm_jax.config_files import load_sibling
+  from tests.test_context_stages import ROOT
+  module = load_sibling(str(ROOT / "configs" / "x.py"), "image_tiny")
+  config = module.get_config("classes=3")
+  assert "text_encoder" not in config and config.unet.num_class_embeds == 3
+  plain = module.get_config()
+  assert "text_encoder" in plain and "num_class_embeds" not in plain.unet
+  for bad in ("classes=1", "classes=x", "labels=3"):
+    with pytest.raises(ValueError, match="expected 'classes=N', N >= 2"):
+      module.get_config(bad)

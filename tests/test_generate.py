@@ -426,8 +426,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   # ... unless it was trained with label dropout: guidance against its null class.
   nulled = dataclasses.replace(text_free, keyframe=(dataclasses.replace(
       text_free.keyframe[0], training={"null_class_label": 2}), None))
-  assert not any("guidance_scale" in n for n in generate.plan(
-      nulled, dataclasses.replace(options, class_label=1)).notes)
+  notes = generate.plan(nulled, dataclasses.replace(options, class_label=1)).notes
+  # (the predictor, not class-conditional and text-free, samples unguided: said)
+  assert [n for n in notes if "guidance_scale" in n] == [
+      "guidance_scale=2.0: the predictor model has no null class (trained without label "
+      "dropout): it samples unguided"], notes
   assert any("class_label=1 ignored" in n for n in generate.plan(
       models, dataclasses.replace(options, class_label=1)).notes)
   with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):
@@ -537,6 +540,41 @@ def test_interpolation_windows_share_the_boundary_key_frame():
   # Windows [0..2], [2..4], [4..6]; the last one ([6, 7] new) reaches back to 5, so
   # every call has the same shape.
   assert calls == [[0, 1, 2], [2, 3, 4], [4, 5, 6], [5, 6, 7]]
+
+
+def test_frames_past_the_video_end_are_not_decoded():
+  # 8 key frames at x4 make 29 frames; a 26-frame video decoded all 29 (the demo: 33
+  # for 32) and cut them only when writing.
+  seen = []
+
+  def interpolate(keys, index, first):
+    n = keys.shape[1]
+    return jax.numpy.repeat(keys, 4, axis=1)[:, :4 * (n - 1) + 1]
+
+  def decode(frames, index, first):
+    seen.extend(range(first, first + frames.shape[1]))
+    return frames
+
+  got = []
+
+  class Collect:
+    def push(self, frames):
+      got.append(np.asarray(frames))
+
+    def flush(self):
+      return None
+
+  pipeline = streaming.Pipeline([streaming.Interpolation(interpolate, 4, window=3),
+                                 streaming.Cut(26),
+                                 streaming.OverlapChunker(decode, chunk=4, overlap=1),
+                                 Collect()])
+  keys = np.arange(8, dtype=np.float32).reshape(1, 8, 1)
+  for i in range(0, 8, 3):
+    pipeline.push(jax.numpy.asarray(keys[:, i:i + 3]))
+  pipeline.flush()
+  frames = np.concatenate(got, axis=1)[0, :, 0]
+  np.testing.assert_array_equal(frames, np.repeat(np.arange(8), 4)[:26])
+  assert max(seen) == 25 and set(seen) == set(range(26))
 
 
 @pytest.mark.parametrize("length, chunk, overlap, push", [(23, 5, 1, 3), (23, 4, 0, 5),

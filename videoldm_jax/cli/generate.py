@@ -63,7 +63,8 @@ _WIDTH = flags.DEFINE_integer("width", 64, "frame width before the upsampler")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "sampler")
 _STEPS = flags.DEFINE_integer("steps", 25, "denoising steps (key frames and predictor)")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity")
-_CFG = flags.DEFINE_float("guidance_scale", 5.0, "text classifier-free guidance scale")
+_CFG = flags.DEFINE_float("guidance_scale", 5.0, "classifier-free guidance scale (text, or "
+                          "a class-conditional model's null class)")
 _CTX = flags.DEFINE_float("context_scale", 1.0, "context guidance scale of the predictor "
                           "(> 1 helps in the paper)")
 _KPC = flags.DEFINE_integer("keyframes_per_clip", 8, "key frames per key-frame clip "
@@ -81,8 +82,8 @@ _WINDOW = flags.DEFINE_integer("interp_window", None, "key frames per interpolat
                                "stride, else keyframes_per_clip)")
 _INTERP_STEPS = flags.DEFINE_integer("interp_steps", None, "interpolator steps "
                                      "(default --steps)")
-_INTERP_CFG = flags.DEFINE_float("interp_guidance_scale", 1.0, "text guidance of the "
-                                 "interpolators")
+_INTERP_CFG = flags.DEFINE_float("interp_guidance_scale", 1.0, "classifier-free guidance "
+                                 "of the interpolators")
 _INTERP_CTX = flags.DEFINE_float("interp_context_scale", 1.0, "context guidance of the "
                                  "interpolators")
 _DEC_CHUNK = flags.DEFINE_integer("decode_chunk", 16, "frames per decoder call")

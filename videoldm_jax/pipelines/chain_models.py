@@ -51,7 +51,7 @@ class ChainModels:
 def _context_model(model: pretrained.PretrainedLDM, context: bool) -> ContextModel:
   """`ContextModel` on the shared jitted UNet. context=False (the key-frame model):
   the cond argument of `context_sampling` is dropped, so `sample_clip` with an
-  all-zero mask samples the key-frame model with text guidance."""
+  all-zero mask samples the key-frame model with classifier-free guidance."""
   schedule, sampling_cfg = schedule_from_diffusers_config(model.scheduler)
   fn = sampling.unet_fn(model.unet_config, model.temporal_config)
   if not context:

@@ -25,10 +25,11 @@ class GenerateOptions:
   Key frames: `keyframes_per_clip` frames from the key-frame model (without a predictor
   it samples all key frames in one clip: convolutional in time); the predictor makes
   clips of `predictor_frames` (default keyframes_per_clip) from the last `num_context`.
-  Guidance: `guidance_scale` (text CFG of key frames and predictor), `context_scale` (s
-  of context guidance, predictor; the paper finds s > 1 helps), and for the
-  interpolators `interp_guidance_scale` / `interp_context_scale` (1.0: no extra
-  branch; the key frames already carry the prompt).
+  Guidance: `guidance_scale` (classifier-free guidance of key frames and predictor:
+  against the negative prompt, or a class-conditional model's null class),
+  `context_scale` (s of context guidance, predictor; the paper finds s > 1 helps), and
+  for the interpolators `interp_guidance_scale` / `interp_context_scale` (1.0: no
+  extra branch; the key frames already carry the prompt).
   Interpolation: `interp_passes` passes (at most 2) of x `interp_stride` (default: the
   stride the interpolator was trained with, else 4), `interp_window` key frames per
   interpolator call (default: the interpolator's training clip, num_frames // stride
@@ -225,16 +226,21 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if models.base.text_config is None:
     # No text encoder: guidance_scale needs a class-conditional model's null class
     # (the label of the unconditional branch; config.null_class_label in training).
-    guided = any(sampling.guided(getattr(models, stage)[0])
-                 for stage in ("keyframe", "predictor") if getattr(models, stage) is not None)
+    guided = {stage: sampling.guided(getattr(models, stage)[0])
+              for stage in ("keyframe", "predictor") if getattr(models, stage) is not None}
     ignored = [f"{k}={v!r}" for k, v in (("prompt", o.prompt),
-                                          ("negative_prompt", o.negative_prompt))
-               if v] + ([f"guidance_scale={o.guidance_scale}"]
-                        if o.guidance_scale != 1.0 and not guided else [])
+                                          ("negative_prompt", o.negative_prompt)) if v]
+    if o.guidance_scale != 1.0 and not any(guided.values()):
+      ignored.append(f"guidance_scale={o.guidance_scale}")
     if ignored:
-      notes.append(f"{', '.join(ignored)} ignored: the models have no text encoder "
-                   + ("" if guided else "(no classifier-free guidance without one, or a "
-                      "class-conditional model's null class)"))
+      notes.append(f"{', '.join(ignored)} ignored: the models have no text encoder"
+                   + ("" if any(guided.values()) else " (no classifier-free guidance "
+                      "without one, or a class-conditional model's null class)"))
+    unguided = [stage for stage, g in guided.items() if not g]
+    if o.guidance_scale != 1.0 and any(guided.values()) and unguided:
+      notes.append(f"guidance_scale={o.guidance_scale}: the {' and '.join(unguided)} "
+                   "model has no null class (trained without label dropout): it samples "
+                   "unguided")
   # (stage, used, frames per call, the option that sets it, its value); a short video
   # makes shorter calls than the options say: the key-frame model is called once, on
   # the first clip, and a window or chunk holds at most the frames there are.

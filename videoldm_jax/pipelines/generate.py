@@ -240,16 +240,18 @@ def generate_video(output: str | Path, options: GenerateOptions = GenerateOption
     stages.append(streaming.Interpolation(
         _interpolate_fn(models, name, o, p.interp_stride, 2 + i), p.interp_stride,
         p.interp_window, bar(f"interpolate x{p.interp_stride} ({i + 1})", frames)))
+  # The frames past the video's end (of the last window) are not decoded or upsampled.
+  stages.append(streaming.Cut(p.num_frames))
   vae_params = decoder.params["vae"]
   decode = sampling.decode_fn(decoder.vae_config, decoder.vae_temporal_config)
   stages.append(streaming.OverlapChunker(
       lambda z, call, first: decode(vae_params, z), o.decode_chunk,
-      o.decode_overlap if temporal_decoder else 0, bar("decode", frames)))
+      o.decode_overlap if temporal_decoder else 0, bar("decode", p.num_frames)))
   if models.upsampler is not None:
     # An image upsampler (no temporal layers) sees no neighbours: no overlap needed.
     overlap = o.upsample_overlap if models.upsampler.config.temporal is not None else 0
     stages.append(streaming.OverlapChunker(_upsample_fn(models, o), o.upsample_chunk,
-                                           overlap, bar("upsample", frames)))
+                                           overlap, bar("upsample", p.num_frames)))
   try:
     with video_io.open_writer(str(output), p.num_frames, fps=o.fps, crf=o.crf) as writer:
       sink = streaming.Sink(writer, p.num_frames, o.gif_max_frames if o.gif else 0,

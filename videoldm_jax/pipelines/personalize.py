@@ -73,6 +73,13 @@ def personalize(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[str]
       partition.check_same_structure(spatial, given, what=what, source=source)
       params[part] = partition.merge(given, temporal) if temporal else given
   _check_configs(video, image, parts, source)
+  ours, theirs = (m.training.get("null_class_label") for m in (video, image))
+  if "unet" in parts and video.unet_config.num_class_embeds and theirs not in (None, ours):
+    # The class table is the image model's: guidance would subtract another class's
+    # prediction than its "no class" one. (Without a record, e.g. a converted
+    # fine-tune of the same base model, the video model's null row is kept.)
+    raise ValueError(f"{source}: its class embedding's null class is {theirs}, the video "
+                     f"model's {ours} (null_class_label): the two were trained apart")
   return PretrainedLDM(
       unet_config=video.unet_config, vae_config=video.vae_config,
       text_config=video.text_config, scheduler=video.scheduler, params=params,

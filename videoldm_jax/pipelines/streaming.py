@@ -11,6 +11,7 @@ pushed through a chain of streaming stages, each of which keeps a bounded buffer
                  no duplicate). The last window reaches back over key frames already
                  filled in (their frames are not emitted again) and also emits the last
                  key frame.
+  cut            (`Cut`) frames past the requested length are dropped here.
   decoding /     (`OverlapChunker`) chunks of `chunk` frames, each processed together
   upsampling     with `overlap` frames before it (already emitted) and `overlap` after it
                  (emitted by the next call); the outputs of context frames are dropped.
@@ -153,6 +154,23 @@ class OverlapChunker(_Buffered):
     out = self._run(first, self.total)[:, self.done - first:]
     self.done, self.buf = self.total, None
     return self._emit([out])
+
+
+class Cut:
+  """Passes on the first `num_frames` frames and drops the rest: what the last window
+  makes past the video's end (up to F - 1 frames at F = 4^passes) is neither decoded
+  nor upsampled."""
+
+  def __init__(self, num_frames: int):
+    self.remaining = num_frames
+
+  def push(self, frames: jax.Array) -> Optional[jax.Array]:
+    out = frames[:, :max(0, self.remaining)]
+    self.remaining -= out.shape[1]
+    return out if out.shape[1] else None
+
+  def flush(self) -> None:
+    return None
 
 
 class Sink:

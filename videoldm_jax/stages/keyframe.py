@@ -193,10 +193,14 @@ def null_class_label(config: ml_collections.ConfigDict,
   for an image model that has none, whose class table then needs a row no data label
   uses. None: labels are never dropped and class-conditional samples are unguided."""
   given, recorded = config.get("null_class_label"), image.training.get("null_class_label")
-  if given is None:
-    return recorded
   source = config.image_model or "config.random_image_model"
   classes = image.unet_config.num_class_embeds
+  if recorded is not None and not (classes and isinstance(recorded, int)
+                                   and 0 <= recorded < classes):
+    raise ValueError(f"{source}: its training record's null_class_label={recorded!r} is "
+                     f"not one of the UNet's classes (unet.num_class_embeds={classes})")
+  if given is None:
+    return recorded
   if isinstance(given, bool) or not isinstance(given, (int, np.integer)):
     raise ValueError(f"config.null_class_label={given!r}: expected a class index, or None "
                      "for no label dropout")
@@ -207,9 +211,11 @@ def null_class_label(config: ml_collections.ConfigDict,
     raise ValueError(f"config.null_class_label={given}: expected one of the UNet's classes "
                      f"0..{classes - 1} (unet.num_class_embeds={classes}), a row no data "
                      "label uses")
-  if recorded is not None and given != recorded:
-    raise ValueError(f"config.null_class_label={given}: {source} was trained with null "
-                     f"class {recorded}; leave config.null_class_label unset to use it")
+  if recorded is not None:
+    if given != recorded:
+      raise ValueError(f"config.null_class_label={given}: {source} was trained with null "
+                       f"class {recorded}; leave config.null_class_label unset to use it")
+    return recorded
   if config.image_model and config.mode != "full":
     # The frozen class table keeps the label's trained meaning: the unconditional
     # branch would be that class.
