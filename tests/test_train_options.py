@@ -174,6 +174,10 @@ def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
   np.testing.assert_allclose(lrs, [1.0, 1.0, 0.9], rtol=1e-6)
   # The applied updates were -lr * grad (grad = x = 1): -1.0 then -0.9.
   np.testing.assert_allclose(np.asarray(state.trainable["w"]), [-1.9, -1.9], rtol=1e-6)
+  # The EMA's warm-up decay min(decay, (1 + n) / (10 + n)) counts updates too: 0.1 at
+  # the first (0.1 * 0 + 0.9 * -1 = -0.9), 2/11 at the second (2/11 * -0.9 + 9/11 * -1.9
+  # = -18.9 / 11); counting the skipped step it was 2/11 then 1/4 (-1.6295).
+  np.testing.assert_allclose(np.asarray(state.ema["w"]), [-18.9 / 11] * 2, rtol=1e-6)
 
 
 def test_learning_rate_schedule_warmup_and_none():

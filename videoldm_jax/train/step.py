@@ -210,8 +210,10 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    # EMA with the usual warm-up, so early averages are not dominated by the init.
-    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    # EMA with the usual warm-up, so early averages are not dominated by the init;
+    # it counts applied updates, as the lr schedule does (a skipped step kept the EMA).
+    updates_done = state.step - state.skipped
+    decay = jnp.minimum(ema_decay, (1.0 + updates_done) / (10.0 + updates_done))
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
                                  trainable)
     keep = lambda new, old: jax.tree_util.tree_map(
