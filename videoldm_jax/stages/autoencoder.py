@@ -194,6 +194,12 @@ def optimizer(config: ml_collections.ConfigDict):
       fields={"generator": "optim", "discriminator": "disc_optim"})
 
 
+def lr_schedules(config: ml_collections.ConfigDict) -> dict:
+  """The logged learning rates of `optimizer`'s two networks."""
+  return {"lr": optim.learning_rate(config.optim),
+          "lr/discriminator": optim.learning_rate(config.disc_optim)}
+
+
 def make_batch(host: dict) -> dict:
   """Only the pixels: captions and labels play no part in autoencoder training."""
   return {"video": host["video"]}
@@ -397,7 +403,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
       init_params=init_params,
       make_iterator=pixel_iterator(config, workdir), make_batch=make_batch,
       optimizer=optimizer(config),
-      lr_schedule=optim.learning_rate(config.optim),
+      lr_schedule=lr_schedules(config),
       export=model_exporter(config, workdir, None),
       samples_per_step=config.data.batch_size * config.data.num_frames,
       sample=reconstruction_sampler(config, reconstruct),

@@ -43,7 +43,8 @@ class StageSetup:
   make_batch: host batch (dict of NumPy, per process) -> the step's batch (dict of
     NumPy with the batch on axis 0); runs on the host every step.
   optimizer / lr_schedule: the optax transformation over the trainable leaves, and the
-    schedule whose value is logged as `lr`.
+    schedule whose value is logged as `lr` (or {metric name: schedule}, one per
+    optimiser: `build_train_step`).
   sample: optional (params, step) -> uint8 video (N, T, H, W, 3) or images
     (N, H, W, 3) drawn with `params` (the full tree, EMA weights, host copies on every
     process); the loop writes it to WORKDIR/samples and TensorBoard.
@@ -61,7 +62,7 @@ class StageSetup:
   make_iterator: Callable[[], Iterator[dict]]
   make_batch: Callable[[dict], dict]
   optimizer: optax.GradientTransformation
-  lr_schedule: optax.Schedule
+  lr_schedule: optax.Schedule | dict
   export: Callable[[Path, dict], None]
   samples_per_step: int
   sample: Optional[Callable[[dict, int], np.ndarray]] = None

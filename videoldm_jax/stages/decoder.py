@@ -35,7 +35,6 @@ from videoldm_jax.models.temporal import Frames
 from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig
 from videoldm_jax.stages import autoencoder as ae
 from videoldm_jax.stages.base import StageSetup, init_where
-from videoldm_jax.train import optim
 from videoldm_jax.train.step import Stage
 from videoldm_jax.video_ldm import dtype_named
 
@@ -152,7 +151,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
       stage=make_stage(vae, disc, options, config.train_spatial_decoder),
       abstract_params=abstract, logical_axes=axes, init_params=init_params,
       make_iterator=ae.pixel_iterator(config, workdir), make_batch=ae.make_batch,
-      optimizer=ae.optimizer(config), lr_schedule=optim.learning_rate(config.optim),
+      optimizer=ae.optimizer(config), lr_schedule=ae.lr_schedules(config),
       export=ae.model_exporter(config, workdir, temporal),
       samples_per_step=config.data.batch_size,
       sample=ae.reconstruction_sampler(config, reconstruct),

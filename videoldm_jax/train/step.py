@@ -160,11 +160,13 @@ def check_ema_decay(ema_decay: float) -> None:
 
 def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: int,
                      ema_decay: float = 0.9999, grad_accum: int = 1,
-                     lr_schedule: Optional[optax.Schedule] = None,
+                     lr_schedule: Optional[optax.Schedule | dict] = None,
                      shardings: Optional[TrainState] = None,
                      batch_sharding: Optional[Any] = None) -> Callable:
   """Jitted step(state, batch) -> (state, metrics) for any stage.
 
+  lr_schedule: logged as metric `lr`, or {metric name: schedule} for stages with
+  several optimisers (e.g. `lr` and `lr/discriminator`).
   The step's randomness is fold_in(key(seed), step): a resumed run draws exactly what an
   uninterrupted one does. With `grad_accum` = n the batch is split into n microbatches
   (microbatch i: rows i, i + n, ...) whose gradients are averaged (a `lax.scan`, so
@@ -173,6 +175,8 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
   """
   check_ema_decay(ema_decay)
   base_key = jax.random.key(seed)
+  schedules = ({} if lr_schedule is None else
+               dict(lr_schedule) if isinstance(lr_schedule, dict) else {"lr": lr_schedule})
 
   def loss_and_grad(trainable, frozen, batch, key, step):
     def loss_of(tr):
@@ -224,9 +228,9 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
         skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
                    skipped=new_state.skipped, **group_norms)
-    if lr_schedule is not None:
+    for name, schedule in schedules.items():
       # The optimizer's schedule counts applied updates: skipped steps kept its state.
-      metrics["lr"] = lr_schedule(state.step - state.skipped)
+      metrics[name] = schedule(updates_done)
     return new_state, metrics
 
   if shardings is None:
