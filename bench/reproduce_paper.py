@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,10 +107,18 @@ def _decode_video(model: pretrained.PretrainedLDM, z: jax.Array) -> np.ndarray:
   return _u8(out)
 
 
-def train_ablation(work: Path, name: str, config: str, *flags: str) -> Path:
+def train_ablation(work: Path, name: str, config: str, *flags: str,
+                   built_on: Path | None = None) -> Path:
   """Trains (or resumes, or finds finished) WORK/ablations/NAME with the demo's data and
-  returns its newest export."""
+  returns its newest export; one older than `built_on` (the model it starts from, e.g.
+  a demo retrained since) is trained again."""
   out = work / "ablations" / name
+  done = loop.latest_export(out) if out.is_dir() else None
+  if done is not None and built_on is not None and (
+      done.stat().st_mtime < built_on.stat().st_mtime):
+    print(f"[reproduce_paper] {out}: older than {built_on}; training it again",
+          file=sys.stderr)
+    shutil.rmtree(out)
   cmd = [sys.executable, "-m", "videoldm_jax.cli.train", f"--config={ROOT / config}",
          f"--workdir={out}", f"--config.data.data_dir={work / 'tfds'}",
          "--config.sample.every=0", *flags]
@@ -209,7 +218,7 @@ def main():
     attention_only, _ = pretrained.load_with_tokenizer(train_ablation(
         work, "keyframe_attention_only", "configs/keyframe_tiny.py",
         f"--config.image_model={image_dir}", f"--config.data.frame_stride={_stride(video)}",
-        "--config.temporal.resblocks=False"))
+        "--config.temporal.resblocks=False", built_on=image_dir))
     clips = sampling.generate(attention_only, tok, prompts, "",
                               dataclasses.replace(opts, num_frames=FRAMES))
     report("d", "3-D convolutions + attention as temporal layers lower FVD vs attention "

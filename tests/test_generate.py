@@ -333,6 +333,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   notes = generate.plan(models, dataclasses.replace(options, num_frames=5)).notes
   assert "decoder stage: calls of 5 frames, trained on clips of 12" in notes[-1], notes
   assert "interpolator stage: calls of 4 frames, trained on clips of 8" in notes[-2], notes
+  # 10 frames at x4 generate 13 (4 key frames); the frames past 10 are cut before the
+  # decoder (streaming.Cut): its one call has 10 frames, as it trained, not 12.
+  models.decoder.decoder_training = {"stage": "decoder", "num_frames": 10}
+  ten = generate.plan(models, dataclasses.replace(options, num_frames=10))
+  assert ten.generated_frames == 13 and not any("decoder stage" in n for n in ten.notes)
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
   # Frame spacing: key frames trained 4 source frames apart, filled in x2 twice (the
   # interpolator reused). An interpolator trained on frames 1 apart fills in key frames
@@ -429,8 +434,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   notes = generate.plan(nulled, dataclasses.replace(options, class_label=1)).notes
   # (the predictor, not class-conditional and text-free, samples unguided: said)
   assert [n for n in notes if "guidance_scale" in n] == [
-      "guidance_scale=2.0: the predictor model has no null class (trained without label "
-      "dropout): it samples unguided"], notes
+      "guidance_scale=2.0: the predictor model samples unguided (no text encoder, and no "
+      "null class: not class-conditional or trained without label dropout)"], notes
+  # ... but only where it samples: a video within the key-frame clip has no rounds.
+  short = generate.plan(nulled, dataclasses.replace(options, class_label=1, num_frames=5))
+  assert short.rounds == 0 and not any("guidance_scale" in n for n in short.notes)
   assert any("class_label=1 ignored" in n for n in generate.plan(
       models, dataclasses.replace(options, class_label=1)).notes)
   with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):

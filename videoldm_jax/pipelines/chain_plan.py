@@ -226,8 +226,13 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if models.base.text_config is None:
     # No text encoder: guidance_scale needs a class-conditional model's null class
     # (the label of the unconditional branch; config.null_class_label in training).
+    # (The predictor samples only in prediction rounds, or the first clip without a
+    # key-frame model.)
+    samples = {"keyframe": models.keyframe is not None,
+               "predictor": models.predictor is not None and (
+                   rounds > 0 or models.keyframe is None)}
     guided = {stage: sampling.guided(getattr(models, stage)[0])
-              for stage in ("keyframe", "predictor") if getattr(models, stage) is not None}
+              for stage, on in samples.items() if on}
     ignored = [f"{k}={v!r}" for k, v in (("prompt", o.prompt),
                                           ("negative_prompt", o.negative_prompt)) if v]
     if o.guidance_scale != 1.0 and not any(guided.values()):
@@ -239,12 +244,12 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     unguided = [stage for stage, g in guided.items() if not g]
     if o.guidance_scale != 1.0 and any(guided.values()) and unguided:
       notes.append(f"guidance_scale={o.guidance_scale}: the {' and '.join(unguided)} "
-                   "model has no null class (trained without label dropout): it samples "
-                   "unguided")
+                   "model samples unguided (no text encoder, and no null class: not "
+                   "class-conditional or trained without label dropout)")
   # (stage, used, frames per call, the option that sets it, its value); a short video
   # makes shorter calls than the options say: the key-frame model is called once, on
-  # the first clip, and a window or chunk holds at most the frames there are.
-  generated = f * (k - 1) + 1
+  # the first clip, and a window or chunk holds at most the frames there are (the
+  # decoder and upsampler get the video's n, cut from the generated f (k - 1) + 1).
   calls = [("keyframe", models.keyframe is not None, first, "keyframes_per_clip", t),
            ("predictor", rounds > 0, p, "predictor_frames", p),
            ("interpolator", passes > 0, stride * min(window, k), "interp_window", window),
@@ -252,11 +257,11 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
             stride * min(window, stride * (k - 1) + 1), "interp_window", window),
            ("decoder", models.decoder is not None
             and models.decoder.vae_temporal_config is not None,
-            min(o.decode_chunk + 2 * o.decode_overlap, generated), "decode_chunk",
+            min(o.decode_chunk + 2 * o.decode_overlap, n), "decode_chunk",
             o.decode_chunk),
            ("upsampler", models.upsampler is not None
             and models.upsampler.config.temporal is not None,
-            min(o.upsample_chunk + 2 * o.upsample_overlap, generated), "upsample_chunk",
+            min(o.upsample_chunk + 2 * o.upsample_overlap, n), "upsample_chunk",
             o.upsample_chunk)]
   for name, used, length, option, value in calls:
     clip = trained[name].get("num_frames")

@@ -79,7 +79,8 @@ def personalize(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[str]
     # prediction than its "no class" one. (Without a record, e.g. a converted
     # fine-tune of the same base model, the video model's null row is kept.)
     raise ValueError(f"{source}: its class embedding's null class is {theirs}, the video "
-                     f"model's {ours} (null_class_label): the two were trained apart")
+                     f"model's " + ("none" if ours is None else str(ours))
+                     + " (null_class_label): the two were trained apart")
   return PretrainedLDM(
       unet_config=video.unet_config, vae_config=video.vae_config,
       text_config=video.text_config, scheduler=video.scheduler, params=params,
