@@ -127,6 +127,11 @@ def test_slurm_tasks_drive_the_gpus_they_see():
   ids = lambda **env: distributed.local_device_ids(slurm, {**task, **env})
   assert ids(CUDA_VISIBLE_DEVICES="3") == [0]                   # per_gpu, bound
   assert ids(CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7") == list(range(8))  # per_node
+  # CUDA stops at the first invalid entry: -1 hides every GPU (it gave [0]).
+  assert ids(CUDA_VISIBLE_DEVICES="0,-1,2") == [0]
+  assert ids(CUDA_VISIBLE_DEVICES="-1") is None and ids(CUDA_VISIBLE_DEVICES="") is None
+  assert ids(CUDA_VISIBLE_DEVICES="NoDevFiles") is None
+  assert ids(CUDA_VISIBLE_DEVICES="GPU-8f6c,GPU-1a2b") == [0, 1]  # UUIDs
   assert ids(SLURM_GPUS_PER_TASK="1") == [3]                    # per_gpu, unbound
   assert ids(SLURM_GPUS_PER_TASK="8", SLURM_LOCALID="0") == list(range(8))
   assert ids(SLURM_GPUS_PER_TASK="a100:2") == [6, 7]  # --gpus-per-task=TYPE:COUNT

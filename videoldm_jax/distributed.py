@@ -88,16 +88,24 @@ def local_device_ids(launch: Launch, env: Mapping[str, str]) -> Optional[list[in
   on its node. That is wrong both ways: a task bound to its GPU (--gpus-per-task=1 with
   GPU binding: CUDA_VISIBLE_DEVICES holds one id) sees it as GPU 0, so ranks 1..7 ask
   for a GPU they cannot see; and a task owning a whole node (MODE=per_node) would
-  drive one of its GPUs. So: every visible GPU when CUDA_VISIBLE_DEVICES is set, else
-  the task's block of SLURM_GPUS_PER_TASK GPUs. Open MPI ranks (JAX's default: GPU
-  OMPI_COMM_WORLD_LOCAL_RANK) likewise drive every visible GPU when
-  CUDA_VISIBLE_DEVICES is set. JAX_LOCAL_DEVICE_IDS, when set, wins.
+  drive one of its GPUs. So: every visible GPU when CUDA_VISIBLE_DEVICES is set (None
+  when it hides them all), else the task's block of SLURM_GPUS_PER_TASK GPUs. Open MPI
+  ranks (JAX's default: GPU OMPI_COMM_WORLD_LOCAL_RANK) likewise drive every visible
+  GPU when CUDA_VISIBLE_DEVICES is set. JAX_LOCAL_DEVICE_IDS, when set, wins.
   """
   if launch.kind not in ("slurm", "mpi") or env.get("JAX_LOCAL_DEVICE_IDS"):
     return None
-  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-  if visible:
-    return list(range(len(visible)))
+  if "CUDA_VISIBLE_DEVICES" in env:
+    visible = []
+    for d in env["CUDA_VISIBLE_DEVICES"].split(","):
+      # CUDA reads the list up to its first invalid entry: "-1", "" or SLURM's
+      # "NoDevFiles" hide every GPU, "0,-1,2" shows GPU 0 only.
+      d = d.strip()
+      if not (d.isdigit() or d.startswith(("GPU-", "MIG-"))):
+        break
+      visible.append(d)
+    # (No GPU visible: JAX's default; the task runs on the CPU.)
+    return list(range(len(visible))) if visible else None
   if launch.kind == "mpi":
     return None
   value = env.get("SLURM_GPUS_PER_TASK", "1") or "1"
