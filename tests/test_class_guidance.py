@@ -186,3 +186,42 @@ def test_the_tiny_image_config_has_a_class_conditional_variant():
   for bad in ("classes=1", "classes=x", "labels=3"):
     with pytest.raises(ValueError, match="expected 'classes=N', N >= 2"):
       module.get_config(bad)
+
+
+def test_the_chain_guides_a_class_conditional_video_against_its_null_class(tmp_path):
+  # videoldm-generate end to end (key frames, a prediction round, decoding) with a
+  # text-free class-conditional key-frame and prediction model: guidance_scale changes
+  # the video only where the models record a null class.
+  from tests.test_generate import tiny_image_config, video_model
+  config = tiny_image_config()
+  del config.text_encoder
+  config.unet.num_class_embeds = 3
+  image = pretrained.random_image_ldm(config)
+  ctx = TemporalConfig(context_frames=True)
+
+  def chain(null: dict) -> dict:
+    folders = {}
+    for name, temporal, seed in (("keyframe", TemporalConfig(), 1), ("predictor", ctx, 2)):
+      model = dataclasses.replace(video_model(image, temporal, seed),
+                                  training={"stage": name, **null})
+      folders[f"{name}_model"] = str(pretrained.save(tmp_path / f"{name}{len(null)}", model))
+    return folders
+
+  def video(folders: dict, scale: float) -> tuple[np.ndarray, tuple]:
+    out = tmp_path / f"v{len(folders['keyframe_model'])}_{scale}.npy"
+    options = generate.GenerateOptions(
+        class_label=1, num_frames=6, keyframes_per_clip=4, num_context=2, interp_passes=0,
+        height=8, width=8, steps=2, guidance_scale=scale, fps=8.0, gif=False,
+        progress=False)
+    result = generate.generate_video(out, options, log=None, **folders)
+    assert result.plan.rounds == 1  # the predictor samples too
+    return np.load(out), result.notes
+
+  guided = chain({"null_class_label": 2})
+  (one, _), (three, notes) = video(guided, 1.0), video(guided, 3.0)
+  assert one.shape == (6, 8, 8, 3) and np.abs(three.astype(int) - one.astype(int)).max() > 0
+  assert not any("guidance" in n for n in notes), notes
+  plain = chain({})
+  (one, _), (three, notes) = video(plain, 1.0), video(plain, 3.0)
+  np.testing.assert_array_equal(three, one)
+  assert any("guidance_scale=3.0 ignored" in n for n in notes), notes
