@@ -81,9 +81,17 @@ def test_ddim_step_clip_and_per_example_t(torch_cpu):
   s = schedules.make_schedule("scaled_linear")
   ours = samplers.ddim_step(s, jnp.asarray(out), 900, 800, jnp.asarray(x), clip_sample=0.5)
   assert max_rel_err(ours, expected.numpy()) < 1e-6
-  per_ex = samplers.ddim_step(s, jnp.asarray(out), jnp.array([900, 900]), jnp.array([800, 800]),
-                              jnp.asarray(x), clip_sample=0.5)
-  np.testing.assert_array_equal(np.asarray(per_ex), np.asarray(ours))
+  # Per-example times: each example steps from its own t to its own t_prev, as a
+  # call with that example alone does.
+  t, t_prev = jnp.array([900, 500]), jnp.array([800, 400])  # SHAPE: a batch of 2
+  per_ex = samplers.ddim_step(s, jnp.asarray(out), t, t_prev, jnp.asarray(x), clip_sample=0.5)
+  for i in range(2):
+    alone = samplers.ddim_step(s, jnp.asarray(out[i:i + 1]), int(t[i]), int(t_prev[i]),
+                               jnp.asarray(x[i:i + 1]), clip_sample=0.5)
+    np.testing.assert_allclose(np.asarray(per_ex[i:i + 1]), np.asarray(alone), rtol=1e-6,
+                               atol=1e-7)
+  np.testing.assert_allclose(np.asarray(per_ex[:1]), np.asarray(ours[:1]), rtol=1e-6,
+                             atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -255,7 +263,7 @@ def test_guided_denoise_fn_batches_both_branches():
     return x * c["scale"][:, None, None, None, None] + t[:, None, None, None, None]
 
   cond, uncond = {"scale": jnp.array([2.0, 3.0])}, {"scale": jnp.array([0.5, 0.5])}
-  x, t = jnp.asarray(_randn(14)), jnp.array([5, 5])
+  x, t = jnp.asarray(_randn(14)), jnp.array([5, 7])  # per-example times
   guided = samplers.guided_denoise_fn(model, cond, uncond, 4.0)(x, t)
   assert calls == [4]  # one forward pass of batch 2B
   expected = samplers.classifier_free_guidance(model(x, t, uncond), model(x, t, cond), 4.0)

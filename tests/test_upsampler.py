@@ -89,6 +89,15 @@ def test_batch_prep_patches_and_one_noise_level_per_video():
   eps = (np.asarray(cond_lr) - np.sqrt(abar) * clean_lr) / np.sqrt(1 - abar)
   std = eps.reshape(6, -1).std(axis=-1)
   assert np.all(np.abs(std - 1.0) < 0.2), std
+  # Exactly: with one key, noising x and noising zeros differ by alpha_s x (the same
+  # levels and noise), so every frame of video b is scaled by sqrt(abar[level_b]).
+  lowres = um.area_downsample(um.to_float(video), 4)
+  key = jax.random.key(2)
+  noisy, lv = upsampler.noise_augment(aug, lowres, key, model.max_noise_level)
+  zero, lv0 = upsampler.noise_augment(aug, jnp.zeros_like(lowres), key, model.max_noise_level)
+  np.testing.assert_array_equal(lv, lv0)
+  alpha = np.sqrt(np.asarray(aug.alphas_cumprod)[np.asarray(lv)]).reshape(6, 1, 1, 1, 1)
+  np.testing.assert_allclose(np.asarray(noisy - zero), alpha * np.asarray(lowres), atol=1e-5)
 
 
 def test_loss_finite_and_decreasing(trained):

@@ -104,6 +104,17 @@ def test_more_frames_than_in_training(video_params):
   x, t, ctx = _inputs(frames=24)
   out = jax.jit(VIDEO.apply)({"params": video_params}, x, t, ctx)
   assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
+  # Every frame has its own position: given 24 identical frames, the temporal
+  # attention block (no convolution, whose zero padding would tell the ends apart) has
+  # only the frame-index encoding to tell frames 4 and 12 apart; an encoding that
+  # wrapped after 8 frames, a table of the training length, would make them equal.
+  block = TemporalTransformerBlock(TemporalConfig(), 2)
+  same = jnp.broadcast_to(jax.random.normal(jax.random.key(5), (1, 1, 6, 16)),
+                          (2, 24, 6, 16)).reshape(48, 6, 16)
+  frames = Frames(num_frames=24)
+  p = _perturb(nn.meta.unbox(block.init(jax.random.key(6), same, None, frames))["params"])
+  out = np.asarray(block.apply({"params": p}, same, None, frames)).reshape(2, 24, 6, 16)
+  assert np.abs(out[:, 4] - out[:, 12]).max() > 1e-3
 
 
 def test_spatial_subtree_is_exactly_the_image_model():
