@@ -342,8 +342,12 @@ def test_a_decoder_export_continues_in_the_decoder_stage_and_feeds_a_latent_upsa
   again = traverse_util.flatten_dict(decoder.setup(config, tmp_path / "b").init_params()["vae"])
   temporal = [k for k in trained if partition.is_temporal(k)]
   assert temporal and all(np.array_equal(again[k], trained[k]) for k in temporal)
-  config.vae_temporal.mix_init = 1.0  # only the start of the blend: the export's is kept
-  decoder.setup(config, tmp_path / "c")
+  # mix_init is only the start of the blend: the export's trained factors are kept
+  # (exported at their init + 1; 2.0 differs from both).
+  config.vae_temporal.mix_init = 2.0
+  again = traverse_util.flatten_dict(decoder.setup(config, tmp_path / "c").init_params()["vae"])
+  mixes = [k for k in trained if k[-1] == "mix_factor"]
+  assert mixes and all(np.array_equal(again[k], trained[k]) for k in mixes)
   config.vae_temporal.conv_kernel = (3, 3, 3)  # another layout than the export's
   with pytest.raises(ValueError, match="holds a video decoder with vae_temporal .* set them "
                      "equal"):

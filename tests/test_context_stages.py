@@ -186,10 +186,16 @@ def test_training_samples_of_class_conditional_models(tmp_path):
     assert keyframe.sample_labels(setup.extra["ldm"].unet_config, config) == [0, 1]
     videos = setup.sample(setup.init_params(), 0)
     assert videos.shape == (2, 6, 8, 8, 3) and videos.dtype == np.uint8, (name, videos.shape)
+  # Cyclic over the classes, skipping a null class (the unconditional branch).
+  unet_config = setup.extra["ldm"].unet_config
+  config.sample.prompts = ("a",) * 5
+  assert keyframe.sample_labels(unet_config, config) == [0, 1, 2, 0, 1]
+  assert keyframe.sample_labels(unet_config, config, null_label=0) == [1, 2, 1, 2, 1]
+  config.sample.prompts = ("a", "b")
   config.sample.class_labels = (2, 3)
   with pytest.raises(ValueError, match=r"class_labels=\(2, 3\): expected one label in "
                      r"\[0, 3\) per prompt"):
-    keyframe.sample_labels(setup.extra["ldm"].unet_config, config)
+    keyframe.sample_labels(unet_config, config)
 
 
 def test_image_examples_in_video_stages_take_each_frames_caption(tmp_path):

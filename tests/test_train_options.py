@@ -430,6 +430,9 @@ def test_image_examples_condition_each_frame_on_its_own_clip():
            "frame_tokens": np.arange(12).reshape(2, 3, 2)}
   out = image_ldm.frames_as_images(batch)
   assert out["latents"].shape == (6, 1, 4, 4, 4)
+  # clip-major, as the labels and tokens: image i is frame i % 3 of clip i // 3
+  np.testing.assert_array_equal(out["latents"][:, 0],
+                                LATENTS[:2].reshape((6,) + LATENTS.shape[2:]))
   assert out["labels"].tolist() == [0, 2, 1, 1, 1, 1]
   np.testing.assert_array_equal(out["tokens"], np.arange(12).reshape(6, 2))
   assert keyframe.batch_labels(batch).tolist() == [0, 2, 1, 1, 1, 1]

@@ -68,6 +68,13 @@ def test_spatial_branch_everywhere_gives_the_image_decoder_bitwise(video_params,
   np.testing.assert_array_equal(out[:, 0], np.asarray(ref)[:, 0])
   if frames > 1:
     assert np.max(np.abs(out[:, 1:] - np.asarray(ref)[:, 1:])) > 1e-3
+  if batch == 2 and frames > 1:
+    # ... and per video: video 1 flags its last frame instead.
+    flags = flags.at[1, 0].set(False).at[1, frames - 1].set(True)
+    out = np.asarray(video(video_params, z, flags))
+    np.testing.assert_array_equal(out[1, -1], np.asarray(ref)[1, -1])
+    np.testing.assert_array_equal(out[0, 0], np.asarray(ref)[0, 0])
+    assert np.max(np.abs(out[1, 0] - np.asarray(ref)[1, 0])) > 1e-3
 
 
 def test_at_init_the_temporal_layers_are_identities(decoders):
