@@ -182,6 +182,17 @@ def test_autoregressive_extension(model):
   clip = cs.predict(model, video[:, 2:4], 4, opts, key=jax.random.fold_in(jax.random.key(0), 1),
                     text=text)
   np.testing.assert_array_equal(np.asarray(clip[:, 2:]), np.asarray(video[:, 4:6]))
+  # No context at all (S0 = 0): the first round is an unconditional clip, all of it
+  # kept; round 1 continues from its last two frames.
+  none = jnp.zeros((2, 0, 4, 4, 4))
+  video = cs.extend(model, none, num_frames=6, clip_frames=4, num_context=2, options=opts,
+                    text=text)
+  first = cs.predict(model, none, 4, opts, key=jax.random.fold_in(jax.random.key(0), 0),
+                     text=text)
+  np.testing.assert_array_equal(np.asarray(video[:, :4]), np.asarray(first))
+  clip = cs.predict(model, video[:, 2:4], 4, opts, key=jax.random.fold_in(jax.random.key(0), 1),
+                    text=text)
+  np.testing.assert_array_equal(np.asarray(video[:, 4:]), np.asarray(clip[:, 2:]))
 
 
 def test_context_guidance_without_known_frames_runs_one_branch(model):

@@ -344,6 +344,18 @@ def test_fid_and_is_run_on_random_inception(inception_file):
   clips = np.repeat(np.eye(50, 1008) * 1000, 16, axis=0)
   score = fid.inception_score(clips, splits=10)[0]
   assert 25 < score < 45, score
+  # Exactly: certain classes make a row's KL -log p_split(its class), so a split's
+  # score is exp(entropy of its class histogram), averaged over the splits of the
+  # documented shuffle (the mean of exp(KL) per row would count the split's classes).
+  rows = np.repeat(np.arange(50), 16)[
+      np.random.default_rng(fid.IS_SHUFFLE_SEED).permutation(800)]
+
+  def split_score(part):
+    h = np.bincount(part, minlength=50) / len(part)
+    return np.exp(-(h[h > 0] @ np.log(h[h > 0])))
+
+  assert score == pytest.approx(np.mean([split_score(r) for r in np.array_split(rows, 10)]),
+                                rel=1e-9)
   reordered = clips.reshape(50, 16, -1)[np.random.default_rng(1).permutation(50)]
   assert fid.inception_score(reordered.reshape(800, -1), splits=10)[0] == pytest.approx(
       score, rel=0.15)
@@ -388,10 +400,12 @@ def test_clip_image_preprocessing_matches_transformers(torch_cpu):
   ref = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
   ours = clip_score.ImagePreprocess(24, 24)
   frames = _blobs(1, seed=7, t=3)[0]  # smooth (3, H, W, 3) uint8
-  got = np.asarray(ours(jax.numpy.asarray(frames)))
-  want = ref(images=list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
-  assert got.shape == want.shape
-  assert np.abs(got - want).max() < 0.06 and np.abs(got - want).mean() < 0.02
+  # Square, and wide (32 x 48: the resize to 24 x 36 leaves a centre crop to take).
+  for frames in (frames, np.concatenate([frames, frames[:, :, :16]], axis=2)):
+    got = np.asarray(ours(jax.numpy.asarray(frames)))
+    want = ref(images=list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 0.06 and np.abs(got - want).mean() < 0.02
 
 
 def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cpu):
@@ -470,6 +484,10 @@ def test_clip_embeddings_match_transformers(tiny_clip, torch_cpu):
   expect = np.einsum("ntp,np->n", frames, sim.text_embeddings(prompts)) / 3
   np.testing.assert_allclose(scores, expect, rtol=1e-5)
   assert np.all(np.abs(scores) <= 1)
+  # ... of unit embeddings: a cosine, not a dot product.
+  np.testing.assert_allclose(np.linalg.norm(frames, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(sim.text_embeddings(prompts), axis=-1), 1.0,
+                             rtol=1e-5)
 
 
 # ---------------------------------------------------------------- CLI
@@ -505,6 +523,14 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
   for key in ("fvd", "fid", "is", "clipsim"):
     assert np.isfinite(result[key]), (key, result)
   assert result["fvd"] > 0 and result["settings"]["covariance"].startswith("unbiased")
+  # FID and IS are those of the library on the same clips (the CLI's reading, cutting
+  # and batching take nothing away): real 5 clips cut to _T frames, the fake mp4s.
+  fake = np.stack([video_io.read_video(str(fake_dir / f"sample{i}.mp4"))[:_T]
+                   for i in range(3)])
+  want = fid.fid_from_videos(real[:, :_T], fake, inception_file[0], batch_size=_BATCH,
+                             splits=2)
+  assert result["fid"] == pytest.approx(want["fid"], rel=1e-4) and result["fid"] > 0
+  assert result["is"] == pytest.approx(want["is"], rel=1e-4)
   with pytest.raises(ValueError, match="3 prompts for 2"):
     cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["a", "b"])
 

@@ -156,9 +156,15 @@ def _batched(q, k, v):
 
 
 @pytest.mark.parametrize("layout", ["per_head", "batched"])
-@pytest.mark.parametrize("length, keys", [(512, 512), (96, 1000), (7, 13)])
-def test_blocked_attention_matches_softmax_formula(length, keys, layout):
+@pytest.mark.parametrize("length, keys", [(512, 512), (96, 1000), (7, 13), (1024, 1024)])
+def test_blocked_attention_matches_softmax_formula(length, keys, layout, monkeypatch):
   fn = blocked_lib.blocked_attention if layout == "per_head" else _batched
+  # The batched layout's blocks as small as the per-head one's: (1024, 1024) then runs
+  # in 4 query blocks in both (the other shapes in one), and the blocks' outputs and
+  # gradients must land in their places.
+  monkeypatch.setattr(blocked_lib, "BATCHED_BLOCK_ELEMENTS", blocked_lib.BLOCK_ELEMENTS)
+  if length == 1024:
+    assert blocked_lib.query_block(length, keys) == 256
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.standard_normal((3, length, 16), np.float32)) * 2.0
   k = jnp.asarray(rng.standard_normal((3, keys, 16), np.float32)) * 2.0
