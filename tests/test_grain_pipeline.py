@@ -149,12 +149,29 @@ def test_uneven_source_gives_every_process_the_same_count():
                             process_count=2, num_frames=2, height=H_LIST, width=W_LIST)
     counts.append(len(list(ds)))
   assert counts == [4, 4]
+  # A last round that is not a whole batch per process (12 clips, 2 processes of 4,
+  # kept): the shares stay disjoint and cover the epoch.
+  shares = [np.concatenate([b["source_index"] for b in make_video_dataset(
+      _list_source(n=12), seed=0, batch_size=4, num_epochs=1, process_index=p,
+      process_count=2, num_frames=2, height=H_LIST, width=W_LIST, drop_remainder=False)])
+            for p in range(2)]
+  assert not set(shares[0]) & set(shares[1])
+  assert sorted(np.concatenate(shares).tolist()) == list(range(12))
 
 
-def test_default_process_index_comes_from_jax():
+def test_default_process_index_comes_from_jax(monkeypatch):
   ds = make_video_dataset(_list_source(), seed=0, batch_size=2, num_frames=2, height=H_LIST,
                           width=W_LIST)
   assert _take(ds, 1)[0]["video"].shape == (2, 2, H_LIST, W_LIST, 3)
+  # As process 1 of 2 (what JAX says), the share is that of process_index=1 given.
+  import jax
+  kw = dict(seed=0, batch_size=2, num_frames=2, height=H_LIST, width=W_LIST, num_epochs=1)
+  given = [b["source_index"] for b in make_video_dataset(
+      _list_source(), process_index=1, process_count=2, **kw)]
+  monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+  monkeypatch.setattr(jax, "process_count", lambda *a: 2)
+  got = [b["source_index"] for b in make_video_dataset(_list_source(), **kw)]
+  assert len(got) == len(given) and all(np.array_equal(a, b) for a, b in zip(got, given))
 
 
 @pytest.mark.parametrize("stride,T", [(1, 4), (3, 3)])
@@ -174,7 +191,8 @@ def test_clip_sampling_takes_strided_consecutive_frames(stride, T):
     np.testing.assert_array_equal(batch["labels"], batch["source_index"] % 3)
     starts.update(frame_ids[:, 0].tolist())
   assert len(starts) > 1  # the start is random, not always 0
-  assert max(starts) <= L_LIST - 1 - (T - 1) * stride
+  # ... over every valid start (24 draws of at most 7), the last one included
+  assert max(starts) == L_LIST - 1 - (T - 1) * stride and min(starts) == 0
 
 
 @pytest.mark.parametrize("crop", ["center", "random"])
@@ -197,6 +215,13 @@ def test_resize_keeps_aspect_and_center_crops():
   crops = resize_and_crop(frames, 40, 40, "random", np.random.default_rng(1))
   x0 = int(np.argmax([(frames[0, :, x:x + 40] == crops[0]).all() for x in range(41)]))
   np.testing.assert_array_equal(crops, frames[:, :, x0:x0 + 40])
+  # ... drawn from the generator: other draws take other offsets (not the centre's).
+  offsets = set()
+  for seed in range(8):
+    crops = resize_and_crop(frames, 40, 40, "random", np.random.default_rng(seed))
+    offsets.add(int(np.argmax([(frames[0, :, x:x + 40] == crops[0]).all()
+                               for x in range(41)])))
+  assert len(offsets) > 2, offsets
   np.testing.assert_array_equal(resize_and_crop(frames, 40, 80, "center"), frames)
 
 
@@ -232,6 +257,9 @@ def test_image_only_flags_follow_image_fraction(fraction):
       assert clips[0] == index
       # Each frame's own clip's caption and label (the source's label is i % 3).
       assert caps.tolist() == [f"clip {c}" for c in clips]
+      # The example's own caption and label: its frame 0's clip.
+      j = list(b["source_index"]).index(index)
+      assert b["caption"][j] == f"clip {index}" and b["labels"][j] == index % 3
       assert labels.tolist() == [c % 3 for c in clips] and labels.dtype == np.int32
       if image:
         assert len(set(clips.tolist())) == 4  # frames from 4 different clips

@@ -93,6 +93,8 @@ def test_mp4_odd_size_padding(tmp_path):
   out = video_io.read_video(path)
   assert out.shape == (T, 48, 64, 3)
   assert _mae(out[:, :47, :63], video) < 8.0
+  # The added row and column repeat the edge (black would cost the codec and the eye).
+  assert _mae(out[:, 47], out[:, 46]) < 8.0 and _mae(out[:, :, 63], out[:, :, 62]) < 8.0
   with pytest.raises(ValueError, match="odd.mp4.*even"):
     video_io.write_mp4(path, video, pad_odd=False)
 
@@ -231,6 +233,14 @@ def test_a_stream_that_changes_resolution_reads_at_its_first_size(tmp_path):
   joined.write_bytes(b"".join(parts))
   out = video_io.read_video(str(joined))
   assert out.shape[1:] == (48, 64, 3) and out.shape[0] >= 5, out.shape
+  # The later frames are the 32 x 48 part scaled up, not cropped or padded: they match
+  # its pattern resized to 48 x 64 (per pixel, to the codec's and the resize's error).
+  from PIL import Image
+  small = _moving_pattern(4, 32, 48)
+  want = np.stack([np.asarray(Image.fromarray(f).resize((64, 48), Image.Resampling.BILINEAR))
+                   for f in small])
+  later = out[4:]
+  assert _mae(later, want[:len(later)]) < 16.0, _mae(later, want[:len(later)])
 
 
 def test_non_square_pixels_are_shown_square(tmp_path):

@@ -120,6 +120,10 @@ def test_webvid_read_by_name_and_cli_subset(webvid_built, webvid_tree, tmp_path,
   ex = webvid.WebVid(data_dir=str(tmp_path / "data")).as_data_source("train")
   assert len(ex) == 1 and ex[0]["videoid"] == WEBVID_ROWS[0][0]
   assert ex[0]["video"].shape == (4, 24, 32, 3)  # 8 frames, every 2nd
+  # ... frames 0, 2, 4, 6 of the file (the mp4's own frames: same size, no resize)
+  page = WEBVID_ROWS[0][1]
+  whole = video_io.read_video(os.path.join(videos, page, f"{WEBVID_ROWS[0][0]}.mp4"))
+  np.testing.assert_array_equal(ex[0]["video"], whole[::2])
   assert webvid_cli.main(argv) == 1
   assert "already built" in capsys.readouterr().err
 
