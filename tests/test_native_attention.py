@@ -215,12 +215,23 @@ def test_falls_back_to_xla_without_the_kernel(tmp_path, env, reason):
   assert not list(tmp_path.iterdir())
 
 
-def test_library_name_changes_with_source_compiler_and_cpu(monkeypatch):
+def test_library_name_changes_with_source_compiler_and_cpu(monkeypatch, tmp_path):
   # The cache key: a library built for another CPU, compiler or source is never loaded.
   compiler = "/usr/bin/g++"
   base = build.library_path("attention", compiler)
   assert base == build.library_path("attention", compiler)
   assert base != build.library_path("attention", "/usr/bin/clang++")
+  # An edited source or shared header: copies with one more line.
+  for name, path in (("source", build.SOURCES["attention"]), ("header", build.HEADERS[0])):
+    edited = tmp_path / f"{name}_{path.name}"
+    edited.write_bytes(path.read_bytes() + b"// edited\n")
+    with monkeypatch.context() as m:
+      if name == "source":
+        m.setitem(build.SOURCES, "attention", edited)
+      else:
+        m.setattr(build, "HEADERS", (edited,))
+      assert base != build.library_path("attention", compiler), name
+  assert base == build.library_path("attention", compiler)
   monkeypatch.setattr(build, "_cpu_flags", lambda: "flags : fpu sse2")
   assert base != build.library_path("attention", compiler)
 
