@@ -18,7 +18,7 @@ from videoldm_jax.convert.clip_keys import clip_params_from_torch, clip_state_di
 from videoldm_jax.convert.torch_layout import ConversionError, flax_path_to_torch_key
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 
-_TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+_TINY = dict(vocab_size=1001, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=77)
 _EOS = 999
 
@@ -47,6 +47,9 @@ class _Case:
     ids = rng.integers(0, 998, size=(3, 77))
     ids[:, 0] = 998
     ids[0, 9:] = _EOS
+    # An id above the EOS id after it (e.g. a textual-inversion token appended to the
+    # vocabulary): argmax pooling takes it, first-EOS pooling (the gelu case) does not.
+    ids[0, 10] = 1000
     ids[1, 40:] = _EOS
     ids[2, -1] = _EOS
     self.ids = ids.astype(np.int32)
@@ -149,3 +152,7 @@ def test_bfloat16_compute_close(case):
   hidden = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, case.ids)
   assert hidden.dtype == jnp.bfloat16
   assert max_rel_err(hidden.astype(jnp.float32), case.ref_hidden) < 5e-2
+  # ... computed in bfloat16, not in float32 and cast at the end: the encoder's
+  # matmuls take bfloat16 operands.
+  jaxpr = str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, case.ids))
+  assert any("dot_general" in line and "bf16[" in line for line in jaxpr.splitlines())

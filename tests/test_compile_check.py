@@ -55,7 +55,9 @@ def test_verdict_from_peak_against_device_memory():
       argument_bytes=10, output_bytes=5, alias_bytes=5, temp_bytes=80, peak_bytes=90,
       device_memory_bytes=100, flops_per_device=1.0, compile_s=0.0)
   assert r.verdict() == "FITS"
-  r.peak_bytes = 96  # over the 95% headroom
+  r.peak_bytes = 95  # exactly the 95% headroom still fits ...
+  assert r.verdict() == "FITS"
+  r.peak_bytes = 95.5  # ... past it does not
   assert r.verdict() == "DOES NOT FIT" and r.to_json()["fits"] is False
 
 

@@ -3,7 +3,9 @@
 EVERY torch weight is perturbed before export, so a layer that is zero-initialised
 in diffusers cannot hide a wrong mapping. Both import routes are exercised: the
 diffusers folder (`save_pretrained`, safetensors) and the original LDM single file.
-Metric: max |ours - torch| / max |torch| < 1e-4 in float32.
+Metric: max |ours - torch| / max |torch| < PARITY in float32: 1e-5, a tenth of the
+project's 1e-4 (measured ~1e-6 to 2e-6): at 1e-4 a GroupNorm with the UNet's epsilon
+in the VAE (1e-5 for 1e-6, errors ~5e-5) passed.
 """
 
 import jax
@@ -19,6 +21,8 @@ from videoldm_jax.models.vae import AutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
+
+PARITY = 1e-5
 
 SD1_STYLE = dict(  # conv proj_in/out, the same number of heads at every level
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
@@ -72,7 +76,7 @@ def test_unet_parity_diffusers_folder_and_single_file(cfg, tmp_path):
   apply = jax.jit(UNet(config).apply)
   x, t, ctx, labels = inputs
   ours = apply({"params": params}, x, t, ctx, labels)
-  assert max_rel_err(ours, ref) < 1e-4
+  assert max_rel_err(ours, ref) < PARITY
 
   # Single-file route: LDM layout, verified against diffusers' own importer first.
   sd = ldm_export.as_numpy(model.state_dict())
@@ -88,7 +92,7 @@ def test_unet_parity_diffusers_folder_and_single_file(cfg, tmp_path):
       "test")
   params2 = image_models.unet_from_ldm(config, parts["unet"], "test.safetensors")
   ours2 = apply({"params": params2}, x, t, ctx, labels)
-  assert max_rel_err(ours2, ref) < 1e-4
+  assert max_rel_err(ours2, ref) < PARITY
 
 
 @pytest.mark.parametrize("implementation, platform", [("auto", "cpu"), ("blocked", "cpu"),
@@ -117,7 +121,7 @@ def test_unet_parity_with_long_attention_paths(tmp_path, monkeypatch, implementa
     ours = jax.jit(UNet(config).apply)({"params": params}, *inputs)
   finally:
     attention.set_implementation("auto")
-  assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < 1e-4
+  assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < PARITY
   if implementation == "blocked":  # the layout the platform's path takes was traced
     assert called == {"blocked_attention_batched" if platform == "tpu"
                       else "blocked_attention"}, called
@@ -143,9 +147,9 @@ def test_vae_parity_encode_decode_both_routes(tmp_path):
   encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))
   decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode))
   mean, logvar = encode(params, img)
-  assert max_rel_err(mean, ref_mean) < 1e-4
-  assert max_rel_err(logvar, ref_logvar) < 1e-4
-  assert max_rel_err(decode(params, z), ref_dec) < 1e-4
+  assert max_rel_err(mean, ref_mean) < PARITY
+  assert max_rel_err(logvar, ref_logvar) < PARITY
+  assert max_rel_err(decode(params, z), ref_dec) < PARITY
 
   sd = ldm_export.as_numpy(model.state_dict())
   ldm = ldm_export.vae_to_ldm(sd, len(VAE_TINY["block_out_channels"]))
@@ -157,8 +161,8 @@ def test_vae_parity_encode_decode_both_routes(tmp_path):
     np.testing.assert_array_equal(back[k].numpy().reshape(sd[k].shape), sd[k], err_msg=k)
   vae_sd = {k[len("first_stage_model."):]: v for k, v in ldm.items()}
   params2 = image_models.vae_from_ldm(config, vae_sd, "test.safetensors")
-  assert max_rel_err(encode(params2, img)[0], ref_mean) < 1e-4
-  assert max_rel_err(decode(params2, z), ref_dec) < 1e-4
+  assert max_rel_err(encode(params2, img)[0], ref_mean) < PARITY
+  assert max_rel_err(decode(params2, z), ref_dec) < PARITY
 
 
 def test_unet_shape_mismatch_and_unmapped_keys_are_named(tmp_path):
