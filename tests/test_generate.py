@@ -214,7 +214,9 @@ def test_personalisation_mismatch_names_path_and_shapes(folders, tmp_path):
 # --- the chain --------------------------------------------------------------------------------
 
 def test_full_chain_writes_the_planned_video(folders, tmp_path):
-  options = generate.GenerateOptions(prompt="a road at night", num_frames=70, **FAST)
+  # 8 x 16 (height and width told apart) -> 32 x 64 after the x4 upsampler.
+  options = generate.GenerateOptions(prompt="a road at night", num_frames=70,
+                                     **{**FAST, "width": 16})
   out = tmp_path / "video.mp4"
   notes = []
   result = generate.generate_video(out, options, log=notes.append, **folders)
@@ -224,12 +226,12 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path):
   # and one prediction round (2 new); 16 * 5 + 1 = 81 frames generated, cut to 70.
   assert (p.num_keys, p.first_clip, p.rounds, p.passes) == (6, 4, 1, 2)
   assert p.generated_frames == 81 and p.frame_factor == 16
-  assert (result.num_frames, result.height, result.width) == (70, 32, 32)  # 8 x 4
+  assert (result.num_frames, result.height, result.width) == (70, 32, 64)  # x 4
   video = video_io.read_video(str(out))
-  assert video.shape == (70, 32, 32, 3)
+  assert video.shape == (70, 32, 64, 3)
   assert video.std() > 1  # not a constant image
   gif = video_io.read_video(result.gif_path)
-  assert gif.shape[1:] == (32, 32, 3) and 1 <= gif.shape[0] <= options.gif_max_frames
+  assert gif.shape[1:] == (32, 64, 3) and 1 <= gif.shape[0] <= options.gif_max_frames
   assert not list(tmp_path.glob(".*.partial-*"))  # the writer renamed its temporary file
 
 

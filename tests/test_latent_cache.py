@@ -64,6 +64,15 @@ def test_round_trip_equals_fresh_encode(setup):
       video.shape[:2] + mean.shape[1:])
   np.testing.assert_allclose(np.stack([src[i]["latents"] for i in range(5)]), want,
                              rtol=1e-5, atol=1e-5)
+  # Each clip's text embedding is its own caption's, by the text encoder alone.
+  from videoldm_jax.models.clip_text import CLIPTextModel
+  ids = tokenizer([ex["caption"] for ex in _examples(5)],
+                  max_length=model.text_config.max_position_embeddings)
+  want = CLIPTextModel(model.text_config).apply({"params": model.params["text_encoder"]},
+                                                np.asarray(ids))
+  np.testing.assert_allclose(np.stack([src[i]["context"] for i in range(5)]), want,
+                             rtol=1e-5, atol=1e-5)
+  assert len({ex["caption"] for ex in _examples(5)}) > 1  # (so the rows differ)
 
 
 def _check(info, model, text_params=None, **kw):

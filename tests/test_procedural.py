@@ -169,6 +169,11 @@ def test_label_field_names_a_label_of_the_clips(tmp_path):
   batch = next(inputs.make_iterator(config, tmp_path, {}))
   np.testing.assert_array_equal(batch["labels"], batch["crowdedness"])
   assert batch["labels"].dtype == np.int32
+  config.data.update(label_field="time_of_day", batch_size=16)
+  batch = next(inputs.make_iterator(config, tmp_path, {}))
+  np.testing.assert_array_equal(batch["labels"], batch["time_of_day"])
+  assert (batch["time_of_day"] != batch["crowdedness"]).any()  # the field is read
+  config.data.batch_size = 4
   config.data.label_field = "label"  # the video sources' default: no labels here
   assert "labels" not in next(inputs.make_iterator(config, tmp_path, {}))
   config.data.label_field = "weather"

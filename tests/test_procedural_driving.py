@@ -123,12 +123,15 @@ def test_cli_writes_reference_clips_at_the_training_size(tiny, tmp_path):
   # 32x32): the stored 64x64 ones measured the resize, not the model.
   from videoldm_jax.data.grain_pipeline import resize_and_crop
   builder, data_dir = tiny
+  # (32 x 48: height and width told apart)
   cli_main(["--config=tiny", f"--data_dir={data_dir}", f"--write_clips={tmp_path}",
-            "--split=validation", "--max_clips=2", "--height=32", "--width=32"])
+            "--split=validation", "--max_clips=2", "--height=32", "--width=48"])
   stored = builder.as_data_source("validation")[1]["video"]
   clip = np.load(tmp_path / "validation_00001.npy")
-  assert stored.shape[1:3] == (TINY.height, TINY.width) != clip.shape[1:3] == (32, 32)
-  np.testing.assert_array_equal(clip, resize_and_crop(np.asarray(stored), 32, 32, "center"))
+  assert stored.shape[1:3] == (TINY.height, TINY.width) != clip.shape[1:3] == (32, 48)
+  np.testing.assert_array_equal(clip, resize_and_crop(np.asarray(stored), 32, 48, "center"))
+  assert sorted(p.name for p in tmp_path.glob("*.npy")) == [
+      "validation_00000.npy", "validation_00001.npy"]  # --max_clips=2
   with pytest.raises(SystemExit) as exit_info:
     cli_main(["--config=tiny", f"--data_dir={data_dir}", f"--write_clips={tmp_path}",
               "--height=32"])
