@@ -147,7 +147,12 @@ def test_samplers_guide_against_the_null_class():
   # The context samplers: out = f(null) + s (f(label) - f(null)), all in one UNet call.
   temporal = TemporalConfig(context_frames=True)
   ldm = VideoLDM.from_pretrained(image, temporal)
-  phi = ldm.init_unet_params(1, where=partition.is_temporal)
+  # phi off its init (zero-initialised context projections would make the context
+  # branch a no-op, and the context_scale check below vacuous).
+  rng = np.random.default_rng(1)
+  phi = jax.tree_util.tree_map(
+      lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype),
+      ldm.init_unet_params(1, where=partition.is_temporal))
   video = dataclasses.replace(image, temporal_config=temporal, training={"null_class_label": 2},
                               params={**image.params, "unet": merge(image.params["unet"], phi)})
   cm = context_sampling.ContextModel.from_pretrained(video)
@@ -158,6 +163,7 @@ def test_samplers_guide_against_the_null_class():
   labels, null = jnp.asarray([0, 1]), jnp.asarray([2, 2])
   f = lambda lab, c: np.asarray(cm.apply_fn({"params": cm.params}, x, t, None, lab, None,
                                             cond=c), np.float64)
+  assert np.abs(f(labels, cond) - f(labels, 0 * cond)).max() > 1e-3  # the context acts
   for s_c in (1.0, 2.0):
     opts = context_sampling.ContextSampleOptions(guidance_scale=3.0, context_scale=s_c)
     out = context_sampling.guided_context_fn(cm, cond, opts, labels=labels,
@@ -199,29 +205,42 @@ def test_the_chain_guides_a_class_conditional_video_against_its_null_class(tmp_p
   image = pretrained.random_image_ldm(config)
   ctx = TemporalConfig(context_frames=True)
 
-  def chain(null: dict) -> dict:
+  def chain(tag: str, keyframe_null: bool, predictor_null: bool) -> dict:
     folders = {}
-    for name, temporal, seed in (("keyframe", TemporalConfig(), 1), ("predictor", ctx, 2)):
-      model = dataclasses.replace(video_model(image, temporal, seed),
-                                  training={"stage": name, **null})
-      folders[f"{name}_model"] = str(pretrained.save(tmp_path / f"{name}{len(null)}", model))
+    for name, temporal, seed, null in (("keyframe", TemporalConfig(), 1, keyframe_null),
+                                       ("predictor", ctx, 2, predictor_null)):
+      record = {"stage": name, **({"null_class_label": 2} if null else {})}
+      model = dataclasses.replace(video_model(image, temporal, seed), training=record)
+      folders[f"{name}_model"] = str(pretrained.save(tmp_path / f"{name}_{tag}", model))
     return folders
 
-  def video(folders: dict, scale: float) -> tuple[np.ndarray, tuple]:
-    out = tmp_path / f"v{len(folders['keyframe_model'])}_{scale}.npy"
+  def video(tag: str, scale: float) -> tuple[np.ndarray, tuple]:
+    out = tmp_path / f"{tag}_{scale}.npy"
     options = generate.GenerateOptions(
         class_label=1, num_frames=6, keyframes_per_clip=4, num_context=2, interp_passes=0,
         height=8, width=8, steps=2, guidance_scale=scale, fps=8.0, gif=False,
         progress=False)
-    result = generate.generate_video(out, options, log=None, **folders)
-    assert result.plan.rounds == 1  # the predictor samples too
-    return np.load(out), result.notes
+    result = generate.generate_video(out, options, log=None, **chains[tag])
+    # Frames 0-3: the key-frame model's clip; 4-5: one prediction round (decoded frame
+    # by frame: each frame is its stage's alone).
+    assert result.plan.rounds == 1
+    return np.load(out).astype(int), result.notes
 
-  guided = chain({"null_class_label": 2})
-  (one, _), (three, notes) = video(guided, 1.0), video(guided, 3.0)
-  assert one.shape == (6, 8, 8, 3) and np.abs(three.astype(int) - one.astype(int)).max() > 0
+  chains = {tag: chain(tag, k, p) for tag, k, p in (
+      ("both", True, True), ("keyframe", True, False), ("predictor", False, True),
+      ("neither", False, False))}
+  (one, _), (three, notes) = video("both", 1.0), video("both", 3.0)
+  assert one.shape == (6, 8, 8, 3) and np.abs(three - one).max() > 0
   assert not any("guidance" in n for n in notes), notes
-  plain = chain({})
-  (one, _), (three, notes) = video(plain, 1.0), video(plain, 3.0)
+  # Each stage guides its own frames: the key-frame model's clip ...
+  (one, _), (three, notes) = video("keyframe", 1.0), video("keyframe", 3.0)
+  assert np.abs(three[:4] - one[:4]).max() > 0
+  assert any("the predictor model samples unguided" in n for n in notes), notes
+  # ... and the predictor's round (the key frames before it unchanged).
+  (one, _), (three, notes) = video("predictor", 1.0), video("predictor", 3.0)
+  np.testing.assert_array_equal(three[:4], one[:4])
+  assert np.abs(three[4:] - one[4:]).max() > 0
+  assert any("the keyframe model samples unguided" in n for n in notes), notes
+  (one, _), (three, notes) = video("neither", 1.0), video("neither", 3.0)
   np.testing.assert_array_equal(three, one)
   assert any("guidance_scale=3.0 ignored" in n for n in notes), notes

@@ -54,6 +54,10 @@ def test_user_tunables_win_and_ours_are_added():
   env = host_memory.environ_with_tunables({"MALLOC_ARENA_MAX": "4"})
   assert "arena_max" not in env["GLIBC_TUNABLES"] and env["MALLOC_ARENA_MAX"] == "4"
   assert "glibc.malloc.mmap_max=0" in env["GLIBC_TUNABLES"]
+  for var, tunable in (("MALLOC_MMAP_MAX_", "mmap_max"),
+                       ("MALLOC_TRIM_THRESHOLD_", "trim_threshold")):
+    env = host_memory.environ_with_tunables({var: "7"})
+    assert tunable not in env["GLIBC_TUNABLES"] and env[var] == "7", var
 
 
 def test_tunables_keep_a_threads_large_blocks_in_the_process():

@@ -53,6 +53,8 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
   # Re-running (the way to resume) must not delete the code folder: a relative
   # --workdir lives there.
   assert "rm " not in unpack[unpack.index("--command") + 1]
+  # ... and unpacks into it (elsewhere `cd` would run the code of an earlier launch).
+  assert shlex.split(unpack[unpack.index("--command") + 1])[-2:] == ["-C", "code dir"]
   # The remote shell splits the line once more: the user's argv comes back intact.
   words = shlex.split(remote)
   assert words[:2] == ["cd", "code dir"] and words[-3:] == USER_CMD
@@ -73,6 +75,7 @@ def test_tpu_pod_recreates_a_preempted_spot_slice(tmp_path):
   env = dict(TPU_NAME="v", ZONE="z", SPOT="1", TMPDIR=str(tmp_path),
              PATH=f"{tmp_path}:{os.environ['PATH']}")
   for state, expected in (("PREEMPTED", ["describe", "delete", "create", "scp"]),
+                          ("TERMINATED", ["describe", "delete", "create", "scp"]),
                           ("READY", ["describe", "scp"])):
     log.unlink(missing_ok=True)
     subprocess.run(["bash", "launch/tpu_pod.sh", "--", "true"], cwd=ROOT,
@@ -92,6 +95,9 @@ def test_tpu_pod_can_clone_instead_of_copy():
   assert clone[clone.index("clone"):clone.index("clone") + 5] == [
       "clone", "--branch", "v1", "https://example.org/r.git", "videoldm-jax;"]
   assert "fetch" in clone and "rm" not in clone
+  # ... and checks out what it fetched (a fetch alone kept the old tree).
+  update = clone[clone.index("then") + 1:clone.index("else")]
+  assert update[-3:] == ["checkout", "-f", "FETCH_HEAD;"], update
 
 
 def test_tpu_pod_rejects_an_unknown_code_mode():

@@ -104,6 +104,7 @@ def test_half_given_flags_are_an_error_not_a_hang():
   with pytest.raises(ValueError, match="Open MPI 5.*--process_id=\\$OMPI_COMM_WORLD_RANK"):
     distributed.detect({"OMPI_COMM_WORLD_SIZE": "4"})
   assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a,b"}).kind == "tpu"
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a"}).kind == "single"  # one host
   # A GCE TPU VM sets no such variable: its TPU chips on the PCI bus tell (JAX then
   # asks the metadata server for the slice); JAX's own opt-out is respected.
   assert distributed.detect({}, chips=4).kind == "tpu"
@@ -116,6 +117,23 @@ def test_half_given_flags_are_an_error_not_a_hang():
   assert distributed.detect({}, chips=4, uses_tpu=False).kind == "single"
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"},
                             "h:1", 2, 1).kind == "explicit"  # flags win
+
+
+def test_initialize_binds_loopback_and_keeps_cpu_runs_off_the_slice(monkeypatch):
+  # What initialize hands JAX (recorded, not run): a one-machine coordinator listens on
+  # loopback only; a CPU run (JAX_PLATFORMS=cpu) on a TPU worker joins nothing.
+  import jax
+  from videoldm_jax import distributed
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  distributed.initialize("127.0.0.1:1234", 2, 0)
+  assert calls[-1]["coordinator_bind_address"] == "127.0.0.1:1234"
+  distributed.initialize("10.0.0.2:1234", 2, 0)
+  assert "coordinator_bind_address" not in calls[-1]
+  calls.clear()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setattr(distributed, "tpu_chips", lambda: 4)  # a TPU VM's PCI bus
+  assert distributed.initialize().kind == "single" and calls == []
 
 
 def test_slurm_tasks_drive_the_gpus_they_see():
@@ -132,6 +150,7 @@ def test_slurm_tasks_drive_the_gpus_they_see():
   assert ids(CUDA_VISIBLE_DEVICES="-1") is None and ids(CUDA_VISIBLE_DEVICES="") is None
   assert ids(CUDA_VISIBLE_DEVICES="NoDevFiles") is None
   assert ids(CUDA_VISIBLE_DEVICES="GPU-8f6c,GPU-1a2b") == [0, 1]  # UUIDs
+  assert ids(CUDA_VISIBLE_DEVICES="MIG-ab12,MIG-cd34") == [0, 1]  # MIG instances
   assert ids(SLURM_GPUS_PER_TASK="1") == [3]                    # per_gpu, unbound
   assert ids(SLURM_GPUS_PER_TASK="8", SLURM_LOCALID="0") == list(range(8))
   assert ids(SLURM_GPUS_PER_TASK="a100:2") == [6, 7]  # --gpus-per-task=TYPE:COUNT

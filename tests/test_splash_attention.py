@@ -83,8 +83,15 @@ def test_splash_leaves_what_it_cannot_run_to_the_formula(mesh):
   # and Mosaic would refuse an unpartitioned kernel in a program over several devices.
   q, k, v, w = _inputs(batch=4)
   assert "pallas_call" not in _run("splash", None, q, k, v, w)[2]
-  # A head dim over MAX_HEAD_DIM (the SD VAE's one 512-wide head): the formula.
-  assert attention_lib.attention_path(TOKENS, TOKENS, jnp.float32, 512) != "splash"
+  # A head dim over MAX_HEAD_DIM (the SD VAE's one 512-wide head): the formula (asked
+  # under the splash implementation, which takes head dim 40).
+  before = attention_lib.implementation()
+  attention_lib.set_implementation("splash")
+  try:
+    assert attention_lib.attention_path(TOKENS, TOKENS, jnp.float32, 40) == "splash"
+    assert attention_lib.attention_path(TOKENS, TOKENS, jnp.float32, 512) != "splash"
+  finally:
+    attention_lib.set_implementation(*before)
   # A mesh axis cannot split both the batch and the heads.
   with pytest.raises(ValueError, match="split both the batch"):
     with attention_lib.partitioned(mesh, ("data", "tensor"), ("tensor",)):
