@@ -27,11 +27,19 @@ def test_interleaved_times_alternate_and_time_each_variant():
 
 
 def test_variants_restore_what_they_switch():
+  from videoldm_jax.models import layers
+  # Everything a variant may switch: the attention choice, the patched module
+  # attributes and XLA's compile (the flag variants patch Lowered.compile).
   state = lambda: (attention.implementation(), dict(matmul.WEIGHT_GRADS),
-                   attention.NATIVE_MIN_LOGITS, conv.USE_NATIVE_CONV)
+                   attention.NATIVE_MIN_LOGITS, conv.USE_NATIVE_CONV, matmul.USE_KERNEL,
+                   attention.gated_gelu, layers.GroupNorm, layers.layer_norm,
+                   layers.fusion_boundary, conv.conv_general_dilated,
+                   jax.stages.Lowered.compile)
   before = state()
   for name, variant in ab_step.VARIANTS.items():
     with variant():
+      # Every variant but the default switches something.
+      assert (state() == before) == (name == "default"), name
       if name == "attention=plain":
         assert attention.implementation()[0] == "plain"
       if name == "ffn_weight_grad=transposed":
