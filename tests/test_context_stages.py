@@ -91,8 +91,9 @@ def _check_theta_frozen_and_phi_trained(state0, state):
   assert any(p[1] == "temporal_context_encoder" for p in trained)
   before = traverse_util.flatten_dict(state0.trainable)
   # The zero-initialised projections learn (the encoder follows once they are non-zero).
-  assert all(not np.array_equal(np.asarray(v), before[k]) for k, v in trained.items()
-             if k[-2] == "context_proj")
+  projections = [k for k in trained if k[-2] == "context_proj"]
+  assert projections and all(not np.array_equal(np.asarray(trained[k]), before[k])
+                             for k in projections)
 
 
 def _batch(frames: int, seed: int = 0) -> dict:
@@ -118,7 +119,8 @@ def test_predictor_from_a_keyframe_export_trains_phi_only(keyframe_export, tmp_p
   assert new and all(any("context" in p for p in k) for k in new)
   for k, v in exported.items():
     np.testing.assert_array_equal(params[k], v)
-  assert all(not params[k].any() for k in new if k[-2] == "context_proj")
+  projections = [k for k in new if k[-2] == "context_proj"]
+  assert projections and all(not params[k].any() for k in projections)
 
   losses, state0, state = _train_repeatedly(setup, full, _batch(4), 6)
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses

@@ -135,10 +135,11 @@ def test_min_snr_weights_by_hand(gamma, kind, expected):
   t = jnp.array([0, 1])
   w = losses.min_snr_weight(schedules.snr(s, t), kind, gamma)
   np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-6)
-  # The weight multiplies the per-example MSE: an error of exactly 1 everywhere gives w.
+  # The weight multiplies the per-example MSE: an error of exactly 2 everywhere gives
+  # 4 w (squared: an absolute error would give 2 w).
   target = jnp.zeros((2, 3, 2, 2, 4))
-  loss = losses.diffusion_loss(target + 1.0, target, t, s, kind, gamma)
-  np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-6)
+  loss = losses.diffusion_loss(target + 2.0, target, t, s, kind, gamma)
+  np.testing.assert_allclose(np.asarray(loss), 4 * np.asarray(expected), rtol=1e-6)
 
 
 def test_min_snr_eps_weight_finite_at_zero_snr():

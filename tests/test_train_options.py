@@ -148,6 +148,9 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):
   jaxpr = lambda s: str(jax.make_jaxpr(lambda p: s.loss_fn(
       p, {"latents": LATENTS}, jax.random.key(0))[0])(params))
   assert "bf16[" in jaxpr(stage) and "bf16[" not in jaxpr(reference[0])
+  bf16_dots = [line for line in jaxpr(stage).splitlines()
+               if ("dot_general" in line or "conv_general_dilated" in line) and "bf16[" in line]
+  assert len(bf16_dots) > 10  # the UNet's matmuls and convolutions, not a stray cast
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.trainable))
   assert bool(metrics["finite"])
   np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=0.05)
