@@ -135,6 +135,17 @@ def test_samplers_guide_against_the_null_class():
   run = lambda model, scale, labels: np.asarray(sampling.sample_latents(
       model, None, [""] * len(labels), "", options(scale), class_labels=labels))
   assert not sampling.guided(image) and sampling.guided(with_null(2))
+  # videoldm-sample(-image) --class_label of the null class: said.
+  import contextlib
+  import io
+  from videoldm_jax.cli import note_null_class
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    note_null_class(with_null(2), 2)
+    note_null_class(with_null(2), 1)
+    note_null_class(image, 2)
+  assert err.getvalue() == ("note: --class_label=2 is the model's null class (no class): "
+                            "unconditional samples, unguided\n")
   unguided = run(image, 5.0, [0, 1])  # no null class: guidance_scale does nothing
   np.testing.assert_array_equal(run(with_null(2), 1.0, [0, 1]), unguided)
   guided = run(with_null(2), 5.0, [0, 1])

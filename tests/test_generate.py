@@ -438,6 +438,10 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert [n for n in notes if "guidance_scale" in n] == [
       "guidance_scale=2.0: the predictor model samples unguided (no text encoder, and no "
       "null class: not class-conditional or trained without label dropout)"], notes
+  # Asking for the null class itself: unconditional samples, said.
+  assert "class_label=2 is the null class (no class) of the keyframe model: " \
+      "unconditional samples, unguided" in generate.plan(
+          nulled, dataclasses.replace(options, class_label=2)).notes
   # ... but only where it samples: a video within the key-frame clip has no rounds.
   short = generate.plan(nulled, dataclasses.replace(options, class_label=1, num_frames=5))
   assert short.rounds == 0 and not any("guidance_scale" in n for n in short.notes)

@@ -60,6 +60,15 @@ def no_positional(argv: Sequence[str]) -> None:
                          "spaces; every option is a --flag)")
 
 
+def note_null_class(model, label: Optional[int]) -> None:
+  """Says on stderr that --class_label is `model`'s null class (`sampling.null_class_label`,
+  the unconditional branch of guidance): the samples are unconditional."""
+  from videoldm_jax.pipelines import sampling
+  if label is not None and label == sampling.null_class_label(model):
+    print(f"note: --class_label={label} is the model's null class (no class): "
+          "unconditional samples, unguided", file=sys.stderr)
+
+
 def note_unguided(guided: bool, guidance_scale: float) -> None:
   """Says on stderr that --guidance_scale does nothing for a model without an
   unconditional branch (`sampling.guided`: no text encoder, and no null class of a

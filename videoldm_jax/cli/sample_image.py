@@ -10,7 +10,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import check_at_least, class_labels, note_unguided, run_app
+from videoldm_jax.cli import (check_at_least, class_labels, note_null_class,
+                              note_unguided, run_app)
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -59,6 +60,7 @@ def main(argv):
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
   note_unguided(sampling.guided(model), _CFG.value)
+  note_null_class(model, _LABEL.value)
   images = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                                   _NEGATIVE.value, options, class_labels=labels)
   out = Path(_OUTPUT.value)

@@ -202,6 +202,12 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if o.class_label is not None and not conditional:
     notes.append(f"class_label={o.class_label} ignored: no model of the chain is "
                  "class-conditional")
+  nulls = [stage for stage in ("keyframe", "predictor", "interpolator", "interpolator2")
+           if getattr(models, stage) is not None
+           and sampling.null_class_label(getattr(models, stage)[0]) == o.class_label]
+  if o.class_label is not None and nulls:
+    notes.append(f"class_label={o.class_label} is the null class (no class) of the "
+                 f"{' and '.join(nulls)} model: unconditional samples, unguided")
   # Context guidance subtracts the no-context prediction (S = 0): a model that never
   # trained without context gives an untrained branch there.
   # The predictor samples without context (S = 0) for the first clip when there is no
