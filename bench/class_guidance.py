@@ -22,7 +22,6 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import emit  # noqa: E402
@@ -41,15 +40,14 @@ def luma(images: np.ndarray) -> np.ndarray:
   return (np.asarray(images, np.float64) @ [0.299, 0.587, 0.114]).mean(axis=(-1, -2))
 
 
-def base_model(autoencoder: Path, config: ml_collections.ConfigDict, out: Path) -> Path:
-  """A random class-conditional UNet (3 classes, no text encoder) with the demo
-  autoencoder's VAE (weights and latent scaling), saved to `out` once."""
+def base_model(autoencoder: Path, out: Path) -> Path:
+  """The tiny class-conditional model (`configs/image_tiny.py:classes=3`: the demo's
+  UNet, 3 classes, no text encoder) with the demo autoencoder's VAE (weights and
+  latent scaling), saved to `out` once."""
   if (out / "model_index.json").is_file():
     return out
-  r = ml_collections.ConfigDict(config.random_image_model.to_dict())
-  del r["text_encoder"]
-  r.unet.num_class_embeds = 3
-  model = pretrained.random_image_ldm(r)
+  model = pretrained.random_image_ldm(
+      load_sibling(str(ROOT / "configs" / "x.py"), "image_tiny").get_config("classes=3"))
   ae = pretrained.load(autoencoder)
   model = dataclasses.replace(model, vae_config=ae.vae_config,
                               params={**model.params, "vae": ae.params["vae"]},
@@ -74,7 +72,7 @@ def main():
                      "launch/demo.sh` first (or point --work at its WORK folder)")
 
   config = load_sibling(str(ROOT / "configs" / "x.py"), "image_ldm_tiny").get_config()
-  config.image_model = str(base_model(autoencoder, config, out / "base"))
+  config.image_model = str(base_model(autoencoder, out / "base"))
   config.null_class_label = NULL
   config.data.update(data_dir=str(work / "tfds"), label_field="time_of_day")
   config.sample.every = 0

@@ -134,7 +134,7 @@ def sample_conditioning(model: pretrained.PretrainedLDM, tokenizer,
   model, labels (N,) (`keyframe.sample_labels`), for the context samplers."""
   prompts = list(config.sample.prompts)
   out = {}
-  null = model.training.get("null_class_label")
+  null = sampling.null_class_label(model)
   labels = keyframe.sample_labels(model.unet_config, config, null)
   if labels is not None:
     out["labels"] = jnp.asarray(labels, jnp.int32)
