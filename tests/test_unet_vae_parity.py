@@ -14,7 +14,7 @@ import pytest
 
 from tests import ldm_export
 from tests.conftest import max_rel_err, perturb_all_weights
-from videoldm_jax.convert import image_models, ldm_keys
+from videoldm_jax.convert import diffusers_config, image_models, ldm_keys
 from videoldm_jax.convert.torch_layout import ConversionError
 from videoldm_jax.models.unet import UNet
 from videoldm_jax.models.vae import AutoencoderKL
@@ -163,6 +163,57 @@ def test_vae_parity_encode_decode_both_routes(tmp_path):
   params2 = image_models.vae_from_ldm(config, vae_sd, "test.safetensors")
   assert max_rel_err(encode(params2, img)[0], ref_mean) < PARITY
   assert max_rel_err(decode(params2, z), ref_dec) < PARITY
+
+
+def _quiet(*layers):
+  """Scales the weights and biases of torch `layers` by 1e-3: what follows them sees
+  activations of variance ~1e-6, where a norm's epsilon (1e-6 / 1e-5) moves the output
+  by percents; at unit variance the two epsilons differ by ~5e-6, under PARITY."""
+  with torch.no_grad():
+    for layer in layers:
+      layer.weight.mul_(1e-3)
+      layer.bias.mul_(1e-3)
+
+
+def test_unet_resblock_norm_epsilon_is_the_config_norm_eps():
+  # conv_in's output feeds the first ResBlock's GroupNorm (norm_eps 1e-5 in SD): ResBlocks
+  # with diffusers' ResnetBlock2D default of 1e-6 instead were 0.68 off here.
+  model = _torch_unet(SD1_STYLE, seed=4)
+  _quiet(model.conv_in)
+  inputs = _unet_inputs(SD1_STYLE, seed=5)
+  config = diffusers_config.unet_config_from_diffusers(dict(model.config))
+  params = image_models.unet_params_from_torch(
+      config, ldm_export.as_numpy(model.state_dict()), "test")
+  ours = jax.jit(UNet(config).apply)({"params": params}, *inputs)
+  assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < PARITY
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv_proj", "linear_proj"])
+def test_spatial_transformer_norm_epsilons_match_diffusers(linear):
+  # The spatial transformer's GroupNorm (1e-6) sees the quiet input x and the first
+  # block's LayerNorm (1e-5) the quiet proj_in output: swapping either epsilon for the
+  # other moved the output by 1.5e-2 / 1.6e-1 of its maximum (measured 4e-7 as is).
+  from flax.core import meta
+  from videoldm_jax.convert.torch_layout import load_state_dict
+  from videoldm_jax.models.transformer2d import SpatialTransformer
+  torch.manual_seed(6)
+  model = perturb_all_weights(diffusers.Transformer2DModel(
+      num_attention_heads=2, attention_head_dim=16, in_channels=32, norm_num_groups=8,
+      cross_attention_dim=24, use_linear_projection=linear).eval(), torch, seed=6)
+  _quiet(model.proj_in)
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((2, 6, 6, 32), dtype=np.float32) * 1e-3
+  ctx = rng.standard_normal((2, 5, 24), dtype=np.float32)
+  with torch.no_grad():
+    ref = model(torch.from_numpy(x).permute(0, 3, 1, 2),
+                encoder_hidden_states=torch.from_numpy(ctx)).sample.permute(0, 2, 3, 1)
+  ours_module = SpatialTransformer(num_heads=2, use_linear_projection=linear,
+                                   norm_num_groups=8)
+  abstract = meta.unbox(jax.eval_shape(ours_module.init, jax.random.key(0), x, ctx))
+  params = load_state_dict(abstract["params"], ldm_export.as_numpy(model.state_dict()),
+                           what="Transformer2DModel", source="test")
+  ours = ours_module.apply({"params": params}, x, ctx)
+  assert max_rel_err(ours, ref.numpy()) < PARITY
 
 
 def test_unet_shape_mismatch_and_unmapped_keys_are_named(tmp_path):
