@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -161,6 +162,16 @@ def test_diverged_steps_are_skipped_and_reported(tmp_path):
   # Making a batch is part of each step's wall time; the last step makes none.
   assert all(0 < s["input_s"] < s["step_time"] for s in steps[:-1]), steps
   assert steps[-1]["input_s"] == 0
+  # The skipped steps left the weights, their EMA and the optimiser state as step 2 saved
+  # them; only the step and skip counts moved.
+  saved = {step: ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step)
+                                                    / "state") for step in (2, 4)}
+  assert [(saved[s]["step"], saved[s]["skipped"]) for s in (2, 4)] == [(2, 0), (4, 2)]
+  for tree in ("trainable", "ema", "opt_state"):
+    two, four = (jax.tree_util.tree_leaves_with_path(saved[s][tree]) for s in (2, 4))
+    assert [p for p, _ in two] == [p for p, _ in four] and len(two) > 10, tree
+    for (path, a), (_, b) in zip(two, four):
+      np.testing.assert_array_equal(b, a, err_msg=tree + jax.tree_util.keystr(path))
 
 
 def test_console_scripts_list_their_flags_in_help():
