@@ -81,6 +81,11 @@ def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
     with pytest.raises(ValueError, match=match):
       image_ldm.setup(config, tmp_path / "bad")
   config.null_class_label = 2
+  # Without label dropout the null row never trains: guidance would push away from noise.
+  drop, config.cond_drop_prob = config.cond_drop_prob, 0.0
+  with pytest.raises(ValueError, match=r"cond_drop_prob=0.0: no label is ever dropped"):
+    image_ldm.setup(config, tmp_path / "bad")
+  config.cond_drop_prob = drop
   setup = image_ldm.setup(config, tmp_path / "image")
   # A data label equal to the null class would train the unconditional branch as a class.
   with pytest.raises(ValueError, match="label 2 is the model's null class"):
@@ -146,6 +151,17 @@ def test_samplers_guide_against_the_null_class():
     note_null_class(image, 2)
   assert err.getvalue() == ("note: --class_label=2 is the model's null class (no class): "
                             "unconditional samples, unguided\n")
+  # A text model's null class is still guided, by the prompt (the negative prompt's
+  # branch has the null class too).
+  text = pretrained.random_image_ldm(ml_collections.ConfigDict(CLASSES))
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    note_null_class(dataclasses.replace(text, training={"null_class_label": 2}), 2)
+  assert err.getvalue() == ("note: --class_label=2 is the model's null class (no class): "
+                            "no class condition; guidance follows the prompt alone\n")
+  with pytest.raises(ValueError, match=r"null_class_label=3 is not one of the UNet's "
+                     r"classes 0..2"):
+    sampling.null_class_label(with_null(3))
   unguided = run(image, 5.0, [0, 1])  # no null class: guidance_scale does nothing
   np.testing.assert_array_equal(run(with_null(2), 1.0, [0, 1]), unguided)
   guided = run(with_null(2), 5.0, [0, 1])

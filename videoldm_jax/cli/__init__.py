@@ -62,11 +62,12 @@ def no_positional(argv: Sequence[str]) -> None:
 
 def note_null_class(model, label: Optional[int]) -> None:
   """Says on stderr that --class_label is `model`'s null class (`sampling.null_class_label`,
-  the unconditional branch of guidance): the samples are unconditional."""
+  the unconditional branch of guidance): a text-free model's samples are unconditional,
+  a text model's follow the prompt alone."""
   from videoldm_jax.pipelines import sampling
   if label is not None and label == sampling.null_class_label(model):
     print(f"note: --class_label={label} is the model's null class (no class): "
-          "unconditional samples, unguided", file=sys.stderr)
+          f"{sampling.null_class_effect(model)}", file=sys.stderr)
 
 
 def note_unguided(guided: bool, guidance_scale: float) -> None:

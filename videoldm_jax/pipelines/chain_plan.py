@@ -205,9 +205,10 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   nulls = [stage for stage in ("keyframe", "predictor", "interpolator", "interpolator2")
            if getattr(models, stage) is not None
            and sampling.null_class_label(getattr(models, stage)[0]) == o.class_label]
-  if o.class_label is not None and nulls:
-    notes.append(f"class_label={o.class_label} is the null class (no class) of the "
-                 f"{' and '.join(nulls)} model: unconditional samples, unguided")
+  if o.class_label is not None:
+    for stage in nulls:
+      notes.append(f"class_label={o.class_label} is the null class (no class) of the {stage} "
+                   f"model: {sampling.null_class_effect(getattr(models, stage)[0])}")
   # Context guidance subtracts the no-context prediction (S = 0): a model that never
   # trained without context gives an untrained branch there.
   # The predictor samples without context (S = 0) for the first clip when there is no

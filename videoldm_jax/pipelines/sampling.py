@@ -200,10 +200,25 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
 def null_class_label(model: PretrainedLDM) -> Optional[int]:
   """The class label of `model`'s unconditional branch (classifier-free guidance of a
   class-conditional model), recorded by the stage that trained it with label dropout;
-  None for other models."""
-  if not model.unet_config.num_class_embeds:
+  None for other models. ValueError for a record outside the class table (a hand-edited
+  export would index past it)."""
+  classes = model.unet_config.num_class_embeds
+  if not classes:
     return None
-  return model.training.get("null_class_label")
+  null = model.training.get("null_class_label")
+  if null is not None and (isinstance(null, bool) or not isinstance(null, int)
+                           or not 0 <= null < classes):
+    raise ValueError(f"{model.source}: its training record's null_class_label={null!r} is "
+                     f"not one of the UNet's classes 0..{classes - 1}")
+  return null
+
+
+def null_class_effect(model: PretrainedLDM) -> str:
+  """What sampling `model` with its null class as the label gives: a text-free model's
+  samples are unconditional; a text model's are still guided, by the prompt alone."""
+  if model.text_config is None:
+    return "unconditional samples, unguided"
+  return "no class condition; guidance follows the prompt alone"
 
 
 def guided(model: PretrainedLDM) -> bool:

@@ -191,7 +191,8 @@ def null_class_label(config: ml_collections.ConfigDict,
   """The class label a class-conditional UNet's unconditional branch uses: the one
   the image model was trained with (its export's record), or config.null_class_label
   for an image model that has none, whose class table then needs a row no data label
-  uses. None: labels are never dropped and class-conditional samples are unguided."""
+  uses, which cond_drop_prob > 0 trains. None: labels are never dropped and
+  class-conditional samples are unguided."""
   given, recorded = config.get("null_class_label"), image.training.get("null_class_label")
   source = config.image_model or "config.random_image_model"
   classes = image.unet_config.num_class_embeds
@@ -223,6 +224,13 @@ def null_class_label(config: ml_collections.ConfigDict,
                      f"null class, and its class embedding is frozen (mode={config.mode!r}); "
                      "train the image model with it (the image_ldm stage), or set "
                      "config.mode='full'")
+  if not config.cond_drop_prob > 0:
+    # No label ever drops to it: its row keeps its initial values, and guidance would
+    # push every sample away from an untrained embedding.
+    raise ValueError(f"config.null_class_label={given} with config.cond_drop_prob="
+                     f"{config.cond_drop_prob}: no label is ever dropped to the null class, "
+                     "so its row never trains; set config.cond_drop_prob > 0 (e.g. 0.1), "
+                     "or leave config.null_class_label unset")
   return int(given)
 
 
