@@ -24,10 +24,10 @@ CLASSES = {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}}
 NO_TEXT = {k: v for k, v in CLASSES.items() if k != "text_encoder"}
 
 
-def _host_batch(labels) -> dict:
+def _host_batch(labels, frames: int = 2) -> dict:
   rng = np.random.default_rng(0)
   n = len(labels)
-  return {"video": rng.integers(0, 256, (n, 2, 8, 8, 3), np.uint8),
+  return {"video": rng.integers(0, 256, (n, frames, 8, 8, 3), np.uint8),
           "caption": np.array(["a road"] * n), "labels": np.asarray(labels, np.int32)}
 
 
@@ -70,6 +70,44 @@ def test_labels_drop_to_the_null_class_together_with_the_captions(tmp_path):
   tokens_empty = np.broadcast_to(uncond, batch["tokens"].shape)
   nulled = {**batch, "labels": np.full(8, 2, np.int32), "tokens": tokens_empty}
   assert loss(1.0, batch) == loss(0.0, nulled) != loss(0.0, batch)
+
+
+@pytest.mark.parametrize("name", ["keyframe", "predictor", "interpolator"])
+def test_every_stage_drops_a_videos_caption_and_label_by_one_draw(name, tmp_path):
+  # The stage's loss at cond_drop_prob = 0.5 is the loss at 0 (the same key: the same
+  # noise, times and context masks) of the batch with some videos unconditional, caption
+  # AND label: exactly one subset of the 4 videos, nulled in both, reproduces it. Labels
+  # and captions dropped by two draws, or labels never dropped, match no subset.
+  import itertools
+  from videoldm_jax.stages import context, interpolator, predictor
+  config = _config(f"{name}_tiny", num_frames=4)
+  config.random_image_model = ml_collections.ConfigDict(CLASSES)
+  config.null_class_label, config.cond_drop_prob = 2, 0.5
+  module = {"keyframe": keyframe, "predictor": predictor, "interpolator": interpolator}[name]
+  setup = module.setup(config, tmp_path / name)
+  ldm, tokenizer = setup.extra["ldm"], setup.extra["tokenizer"]
+  batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_host_batch([0, 1, 1, 0], 4)))
+  uncond = tokenizer([""], max_length=batch["tokens"].shape[1])[0]
+  options = keyframe.KeyframeOptions(cond_drop_prob=0.0, null_class_label=2)
+  if name == "keyframe":
+    never_drops = keyframe.make_stage(ldm, options, uncond)
+  else:
+    mask = (predictor.mask_fn(config.predictor.num_context_probs) if name == "predictor"
+            else interpolator.mask_fn(config.interpolator.stride,
+                                      config.interpolator.context_drop_prob))
+    never_drops = context.make_context_stage(name, ldm, options, uncond, mask)
+  params, key = setup.init_params(), jax.random.key(1)
+  target = float(jax.jit(setup.stage.loss_fn)(params, batch, key)[0])
+  loss = jax.jit(never_drops.loss_fn)
+  matches = []
+  for dropped in itertools.product([False, True], repeat=4):
+    d = jnp.asarray(dropped)
+    nulled = {**batch, "labels": jnp.where(d, 2, batch["labels"]),
+              "tokens": jnp.where(d[:, None], uncond[None], batch["tokens"])}
+    # (to rounding: the two programs fuse differently, ~1e-7; subsets differ by >= 1e-4)
+    if abs(float(loss(params, nulled, key)[0]) - target) <= 1e-6 * target:
+      matches.append(dropped)
+  assert len(matches) == 1 and 0 < sum(matches[0]) < 4, matches
 
 
 def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
