@@ -223,6 +223,23 @@ def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
     autoencoder.setup(c, tmp_path)
 
 
+@pytest.mark.parametrize("stage", [autoencoder, decoder], ids=["autoencoder", "decoder"])
+def test_gan_stages_log_each_optimisers_learning_rate(stage, tmp_path):
+  # metrics lr (config.optim) and lr/discriminator (config.disc_optim), told apart here
+  # by their warm-ups and peaks.
+  from videoldm_jax.train import optim
+  c = _config(stage.__name__.rsplit(".", 1)[-1])
+  c.optim.update(lr=1e-3, warmup_steps=0)
+  c.disc_optim.update(lr=7e-4, warmup_steps=4)
+  schedules = stage.setup(c, tmp_path).lr_schedule
+  assert set(schedules) == {"lr", "lr/discriminator"}
+  for name, field in (("lr", c.optim), ("lr/discriminator", c.disc_optim)):
+    expected = optim.learning_rate(field)
+    np.testing.assert_array_equal([schedules[name](s) for s in (0, 2, 7)],
+                                  [expected(s) for s in (0, 2, 7)], err_msg=name)
+  assert float(schedules["lr/discriminator"](2)) == pytest.approx(3.5e-4)  # half-way up
+
+
 def test_decoder_stage_remat_policy_recomputes_same_loss(tmp_path):
   # train.remat_policy used to be ignored by the GAN stages. Rematerialised levels show
   # in the program as recomputed convolutions (whether XLA then uses less memory is
