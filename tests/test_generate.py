@@ -213,13 +213,23 @@ def test_personalisation_mismatch_names_path_and_shapes(folders, tmp_path):
 
 # --- the chain --------------------------------------------------------------------------------
 
-def test_full_chain_writes_the_planned_video(folders, tmp_path):
+def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):
   # 8 x 16 (height and width told apart) -> 32 x 64 after the x4 upsampler.
   options = generate.GenerateOptions(prompt="a road at night", num_frames=70,
                                      **{**FAST, "width": 16})
   out = tmp_path / "video.mp4"
   notes = []
+  fed = {}  # frames pushed into the decoder's and the upsampler's chunkers
+
+  class Counted(streaming.OverlapChunker):
+    def push(self, frames):
+      fed[id(self)] = fed.get(id(self), 0) + frames.shape[1]
+      return super().push(frames)
+
+  monkeypatch.setattr(streaming, "OverlapChunker", Counted)
   result = generate.generate_video(out, options, log=notes.append, **folders)
+  # Only the video's frames reach them: the 11 past its end were cut before decoding.
+  assert sorted(fed.values()) == [70, 70], fed
   assert notes == [] and result.notes == ()  # nothing skipped
   p = result.plan
   # 70 frames at x16 need K = ceil(69 / 16) + 1 = 6 key frames: the key-frame clip (4)
