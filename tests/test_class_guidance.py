@@ -110,6 +110,27 @@ def test_every_stage_drops_a_videos_caption_and_label_by_one_draw(name, tmp_path
   assert len(matches) == 1 and 0 < sum(matches[0]) < 4, matches
 
 
+@pytest.mark.parametrize("name", ["keyframe", "predictor", "interpolator"])
+def test_training_samples_are_guided_against_the_null_class(name, tmp_path):
+  # A text-free class-conditional model guides by its null class alone: the trainer's
+  # samples at guidance_scale 4 differ from those at 1 (and are those at 1 when the
+  # samplers drop the null class).
+  from videoldm_jax.stages import interpolator, predictor
+  config = _config(f"{name}_tiny", num_frames=4)
+  config.random_image_model = ml_collections.ConfigDict(NO_TEXT)
+  config.null_class_label = 2
+  config.sample.update(steps=2, num_frames=4, prompts=("", ""))
+  module = {"keyframe": keyframe, "predictor": predictor, "interpolator": interpolator}[name]
+  setup = module.setup(config, tmp_path / name)
+  params = setup.init_params()
+  videos = {}
+  for scale in (1.0, 4.0):
+    config.sample.guidance_scale = scale
+    videos[scale] = setup.sample(params, 0)
+  assert videos[1.0].shape == (2, 4, 8, 8, 3)
+  assert np.abs(videos[4.0].astype(int) - videos[1.0]).max() > 2, name  # (8 to 12)
+
+
 def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
   config = _config("image_ldm_tiny", num_frames=2)
   config.random_image_model = ml_collections.ConfigDict(NO_TEXT)
