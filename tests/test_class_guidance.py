@@ -175,6 +175,13 @@ def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
     keyframe.setup(kf, tmp_path / "kf3")
   kf.mode = "full"  # the class table trains too
   assert keyframe.setup(kf, tmp_path / "kf4").extra["ldm"].null_class_label == 2
+  # A record outside the class table (an edited export) is refused, not indexed past.
+  pretrained.save(tmp_path / "edited", dataclasses.replace(
+      plain, training={"null_class_label": 3}))
+  kf.image_model, kf.null_class_label = str(tmp_path / "edited"), None
+  with pytest.raises(ValueError, match=r"edited: its training record's null_class_label=3 "
+                     r"is not one of the UNet's classes \(unet.num_class_embeds=3\)"):
+    keyframe.setup(kf, tmp_path / "kf6")
   # Personalisation swaps the class table: another null class than phi's is refused;
   # an image model without a record (e.g. a converted fine-tune) keeps the video's.
   from videoldm_jax.pipelines.personalize import personalize
@@ -184,6 +191,9 @@ def test_the_null_class_is_checked_recorded_and_inherited(tmp_path):
       "null_class_label"] == 2
   with pytest.raises(ValueError, match="null class is 1, the video model's 2"):
     personalize(video, dataclasses.replace(image, training={"null_class_label": 1}))
+  # (its autoencoder alone takes no class table: no refusal)
+  assert personalize(video, dataclasses.replace(image, training={"null_class_label": 1}),
+                     parts=("vae",)).training["null_class_label"] == 2
   # Not class-conditional: nothing to drop to.
   text_model = _config("keyframe_tiny", num_frames=2)
   text_model.null_class_label = 0
