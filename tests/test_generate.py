@@ -452,6 +452,16 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert "class_label=2 is the null class (no class) of the keyframe model: " \
       "unconditional samples, unguided" in generate.plan(
           nulled, dataclasses.replace(options, class_label=2)).notes
+  # A text model's null class (here the interpolator's) leaves guidance by the prompt.
+  interp, interp_tok = models.interpolator
+  both = dataclasses.replace(nulled, interpolator=(dataclasses.replace(
+      interp, unet_config=dataclasses.replace(interp.unet_config, num_class_embeds=3),
+      training={**interp.training, "null_class_label": 2}), interp_tok))
+  assert [n for n in generate.plan(both, dataclasses.replace(options, class_label=2)).notes
+          if "is the null class" in n] == [
+      "class_label=2 is the null class (no class) of the keyframe model: unconditional "
+      "samples, unguided", "class_label=2 is the null class (no class) of the interpolator "
+      "model: no class condition; guidance follows the prompt alone"]
   # ... but only where it samples: a video within the key-frame clip has no rounds.
   short = generate.plan(nulled, dataclasses.replace(options, class_label=1, num_frames=5))
   assert short.rounds == 0 and not any("guidance_scale" in n for n in short.notes)
