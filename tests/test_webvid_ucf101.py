@@ -111,6 +111,17 @@ def test_webvid_read_by_name_and_cli_subset(webvid_built, webvid_tree, tmp_path,
   builder, _ = webvid_built
   ds = tfds.data_source("webvid_local", split="train", data_dir=builder.data_dir_root)
   assert len(ds) == 2 and {int(ds[i]["videoid"]) for i in range(2)} == {1066692580, 31353428}
+  # A trainer (data.kind='tfds', data.tfds_name) imports no builder module: TFDS reads
+  # the built files by name alone.
+  import subprocess
+  import sys
+  code = ("import sys, tensorflow_datasets as tfds; ds = tfds.data_source("
+          f"'webvid_local', split='train', data_dir={str(builder.data_dir_root)!r}); "
+          "assert not [m for m in sys.modules if m.startswith('data_pipelines')]; "
+          "print(len(ds), sorted(int(ds[i]['videoid']) for i in range(len(ds))))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "2 [31353428, 1066692580]", out.stderr[-2000:]
 
   csv_path, videos = webvid_tree
   argv = [f"--csv={csv_path}", f"--videos_root={videos}",
