@@ -183,3 +183,28 @@ def test_console_scripts_list_their_flags_in_help():
   out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert "prompt -> video clips" in out.stdout and "--class_label" in out.stdout, out.stdout
+
+
+def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
+  # Each failed with a traceback: a misspelt field in ml_collections' escaped
+  # AttributeError (60 lines), an output under a file after the sampling had run.
+  (tmp_path / "a_file").touch()
+  cases = [
+      ("train", ["--config=configs/keyframe_tiny.py", f"--workdir={tmp_path / 'w'}",
+                 "--config.train.num_stpes=3"],
+       "FATAL Flags parsing error: --config.train.num_stpes: the config has no field "
+       "'num_stpes' (Did you mean \"num_steps\" instead of \"num_stpes\"?)"),
+      ("train", ["--config=configs/keyframe_tiny.py", f"--workdir={tmp_path / 'a_file'}"],
+       f"--workdir={tmp_path / 'a_file'}: exists and is not a folder"),
+      ("sample", ["--model=no_such_model", f"--output={tmp_path / 'a_file' / 'v.mp4'}"],
+       f"--output={tmp_path / 'a_file' / 'v.mp4'}: cannot create the folder "
+       f"{tmp_path / 'a_file'}"),
+      ("cache_latents", ["--model=no_such_model", "--procedural_clips=2",
+                         f"--output={tmp_path / 'a_file'}"],
+       f"--output={tmp_path / 'a_file'}: exists and is not a folder")]
+  for cli, args, message in cases:
+    proc = subprocess.run([sys.executable, "-m", f"videoldm_jax.cli.{cli}", *args], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and message in proc.stderr, (cli, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import check_at_least, run_app
+from videoldm_jax.cli import check_at_least, output_path, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.data.cache_latents import cache_examples
 from videoldm_jax.data.procedural import make_clip
@@ -43,6 +43,7 @@ def main(argv):
   if bool(_TFDS.value) == bool(_PROC.value):
     raise app.UsageError("give exactly one of --tfds_name and --procedural_clips")
   check_at_least(("batch_size", _BATCH.value, 1))
+  output_path(_OUTPUT.value, "output", folder=True)
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if _PROC.value:
     def examples():

@@ -33,7 +33,6 @@ data-parallel over all local devices (the batch is sharded, weights replicated).
 import collections
 import glob
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -41,7 +40,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 from absl import app, flags
 
-from videoldm_jax.cli import check_at_least, run_app
+from videoldm_jax.cli import check_at_least, output_path, run_app
 from videoldm_jax.eval.batching import progress
 
 # What read_video decodes (the video_folder builder's formats) and raw .npy clips.
@@ -364,6 +363,8 @@ def main(argv):
   del argv  # (run_app refuses positional arguments)
   if _FAKE.value is None:
     raise app.UsageError("--fake is required")
+  if _OUTPUT.value:  # before the features are computed
+    output_path(_OUTPUT.value, "output")
   metrics = [m.strip() for m in _METRICS.value if m.strip()]
   result = evaluate(
       expand_inputs(_REAL.value) if _REAL.value else [], expand_inputs(_FAKE.value),
@@ -376,7 +377,6 @@ def main(argv):
   text = json.dumps(result, indent=2)
   print(text)
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     Path(_OUTPUT.value).write_text(text + "\n")
     print(f"wrote {_OUTPUT.value}", file=sys.stderr)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import check_at_least, run_app
+from videoldm_jax.cli import check_at_least, output_path, run_app
 from videoldm_jax.pipelines import generate
 
 _STAGES = ("keyframe", "predictor", "interpolator", "interpolator2", "decoder", "upsampler")
@@ -146,6 +146,7 @@ def main(argv):
   out = Path(_OUTPUT.value)
   if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
     raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")
+  output_path(_OUTPUT.value, "output")
   models = generate.load_chain(
       **{f"{s}_model": f.value for s, f in _FOLDERS.items()},
       image_checkpoint=_IMAGE.value, personalize_parts=_PARTS.value)

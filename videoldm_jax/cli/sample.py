@@ -13,7 +13,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from videoldm_jax.cli import (check_at_least, class_labels, note_null_class,
-                              note_unguided, run_app)
+                              note_unguided, output_path, run_app)
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -50,6 +50,7 @@ def main(argv):
   if Path(_OUTPUT.value).suffix.lower() != ".mp4":
     raise app.UsageError(f"--output={_OUTPUT.value}: expected an .mp4 path (the .gif is "
                          "written beside it)")
+  out = output_path(_OUTPUT.value, "output")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if model.temporal_config is None:
     what = ("a decoder-stage export on an image model (its video decoder is for "
@@ -68,8 +69,6 @@ def main(argv):
   videos = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                              _NEGATIVE.value, options, class_labels=labels)
   clip = video_io.video_grid(videos, cols=min(len(videos), 4), pad=2)
-  out = Path(_OUTPUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
   video_io.write_mp4(str(out), clip, fps=_FPS.value)
   video_io.write_gif(str(out.with_suffix(".gif")), clip, fps=_FPS.value)
   print(f"wrote {out} and {out.with_suffix('.gif')} ({len(videos)} clips of "

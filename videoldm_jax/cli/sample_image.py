@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from videoldm_jax.cli import (check_at_least, class_labels, note_null_class,
-                              note_unguided, run_app)
+                              note_unguided, output_path, run_app)
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -50,6 +50,7 @@ def main(argv):
   if Image.registered_extensions().get(suffix) not in Image.SAVE:  # (some only read)
     raise app.UsageError(f"--output={_OUTPUT.value}: not an image file name Pillow can "
                          "write (e.g. .png)")
+  out = output_path(_OUTPUT.value, "output")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   default = 64 * model.vae_config.downsample_factor
   height = default if _HEIGHT.value is None else _HEIGHT.value
@@ -63,8 +64,6 @@ def main(argv):
   note_null_class(model, _LABEL.value)
   images = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                                   _NEGATIVE.value, options, class_labels=labels)
-  out = Path(_OUTPUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
   paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                           for i in range(len(images))]
   for img, path in zip(images, paths):

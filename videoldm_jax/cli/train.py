@@ -20,7 +20,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import output_path, run_app
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, samples, exports")
@@ -70,6 +70,7 @@ def main(argv):
   if not 0 <= _STOPPED_EXIT_CODE.value <= 255:
     raise app.UsageError(f"--stopped_exit_code={_STOPPED_EXIT_CODE.value}: an exit "
                          "status is 0-255")
+  output_path(WORKDIR.value, "workdir", folder=True)
   initialize_distributed()
   from videoldm_jax.train import loop  # after JAX's start-up
   with failed_process_exits_at_once():
