@@ -398,6 +398,33 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
       pretrained.load_index(folder)
   index.write_text(json.dumps(ok))
   assert pretrained.load_index(folder) == ok
+  # A field of the wrong type failed deep in the model (a string layer count: a
+  # TypeError in the UNet) or was taken (a string epsilon); named before the weights.
+  for config, message in (
+      (dict(ok, unet={"layers_per_block": "1"}),
+       r"UNetConfig.layers_per_block='1': expected int"),
+      (dict(ok, vae={"scaling_factor": "0.18"}),
+       r"VAEConfig.scaling_factor='0.18': expected float"),
+      (dict(ok, unet={"block_out_channels": 320}),
+       r"UNetConfig.block_out_channels=320: expected tuple\[int, \.\.\.\]"),
+      (dict(ok, temporal={"conv_kernel": [3, 1]}),
+       r"TemporalConfig.conv_kernel=\[3, 1\]: expected tuple\[int, int, int\]")):
+    index.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{re.escape(str(index))}: {message}"):
+      pretrained.load(folder)
+  # Damaged weights are named as such, the folder with them.
+  from videoldm_jax.config_files import load_sibling
+  model = pretrained.random_image_ldm(
+      load_sibling(str(ROOT / "configs" / "x.py"), "image_tiny").get_config("classes=2"))
+  pretrained.save(tmp_path / "saved", model)
+  with pytest.raises(FileNotFoundError, match="saved/params: missing"):
+    pretrained.read_params(tmp_path / "missing" / "saved" / "params")
+  for f in (tmp_path / "saved" / "params").rglob("*"):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(f.read_bytes()[:100])
+  with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'saved' / 'params'))}: "
+                     "unreadable or incomplete Orbax checkpoint"):
+    pretrained.load(tmp_path / "saved")
   up = folder / upsampler_model.INDEX
   up.write_text("[]")
   with pytest.raises(ValueError, match=f"{re.escape(str(up))}: expected a JSON object"):

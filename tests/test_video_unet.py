@@ -193,7 +193,7 @@ def test_temporal_config_values_that_cannot_work_are_refused_by_field():
       (dict(max_period=0.0), r"max_period must be a finite number > 1, got 0.0"),
       (dict(max_period=-1.0), r"max_period must be a finite number > 1"),
       (dict(mix_init=float("nan")), r"mix_init must be finite"),
-      (dict(conv_kernel=3), r"conv_kernel must be three odd sizes, got 3"),
+      (dict(conv_kernel=3), r"conv_kernel=3: expected tuple\[int, int, int\]"),
       (dict(conv_kernel=(3, 2, 1)), r"conv_kernel must be three odd sizes"),
       (dict(context_frames=True, context_channels=(0, 8)),
        r"context_channels must be positive widths"),

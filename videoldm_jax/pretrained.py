@@ -171,9 +171,18 @@ def write_params(path: Path, params: dict) -> None:
 
 
 def read_params(path: Path) -> dict:
-  """The param tree written by `write_params` (host NumPy arrays)."""
-  with _this_process_only() as checkpointer:
-    return checkpointer.restore(path)
+  """The param tree written by `write_params` (host NumPy arrays). ValueError naming
+  `path` for a checkpoint that is missing, truncated or damaged."""
+  if not Path(path).is_dir():
+    raise FileNotFoundError(f"{path}: missing (the model folder's weights, an Orbax "
+                            "checkpoint)")
+  try:
+    with _this_process_only() as checkpointer:
+      return checkpointer.restore(path)
+  except Exception as e:  # (Orbax / TensorStore raise many kinds; none names the folder)
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ValueError(f"{path}: unreadable or incomplete Orbax checkpoint of the model's "
+                     f"weights ({type(e).__name__}: {reason[:300]})") from e
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
@@ -225,22 +234,23 @@ def load(model_dir: str | Path) -> PretrainedLDM:
   model_dir = Path(model_dir).absolute()
   index = load_index(model_dir)
   source = str(model_dir / "model_index.json")
-  params = read_params(model_dir / "params")
   text, temporal = index.get("text_encoder"), index.get("temporal")
   vae_temporal = index.get("vae_temporal")
   training, decoder_training = index.get("training", {}), index.get("decoder_training", {})
   if not decoder_training and training.get("stage") in _AUTOENCODER_STAGES:
     # Older autoencoder / decoder exports wrote their record as the UNet's.
     training, decoder_training = {}, training
-  return PretrainedLDM(
+  configs = dict(  # (checked before the weights are read)
       unet_config=UNetConfig.from_dict(index["unet"], source),
       vae_config=VAEConfig.from_dict(index["vae"], source),
       text_config=None if text is None else CLIPTextConfig.from_dict(text, source),
-      scheduler=index["scheduler"], params=params, source=index.get("source", ""),
       temporal_config=None if temporal is None else TemporalConfig.from_dict(temporal, source),
       vae_temporal_config=(None if vae_temporal is None
-                           else VAETemporalConfig.from_dict(vae_temporal, source)),
-      training=training, decoder_training=decoder_training)
+                           else VAETemporalConfig.from_dict(vae_temporal, source)))
+  return PretrainedLDM(**configs, scheduler=index["scheduler"],
+                       params=read_params(model_dir / "params"),
+                       source=index.get("source", ""), training=training,
+                       decoder_training=decoder_training)
 
 
 # Stages that train params['vae'] (their record is `decoder_training`).

@@ -1,6 +1,8 @@
 """Console scripts (setup.py entry points); `run_app` starts one."""
 
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from absl import app, flags
@@ -26,7 +28,49 @@ def run_app(main, module_name: str, reused_flags: Sequence[str] = ()) -> None:
     # a boolean) were dropped without a word.
     no_positional(argv)
     return main(argv)
-  app.run(checked)
+  app.run(checked, flags_parser=parse_flags)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a misspelt `--config.a.b=...` field said as absl says a
+  bad flag value (ml_collections raises a bare AttributeError there: a 60-line
+  traceback ending in an escaped message)."""
+  try:
+    return app.parse_flags_with_usage(list(argv))
+  except (AttributeError, KeyError) as e:
+    arg = e  # (ml_collections wraps a KeyError's message in a KeyError, then this)
+    while isinstance(arg, (AttributeError, KeyError)) and arg.args:
+      arg = arg.args[0]
+    field, _, hint = str(arg).partition("\n")
+    field = field.strip("'\"")
+    named = [a.split("=", 1)[0] for a in argv[1:]
+             if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")[1:]]
+    if not field or not named:
+      raise  # not an override's field: a config file's own error, shown as it is
+    print(f"FATAL Flags parsing error: {named[0]}: the config has no field {field!r}"
+          + (f" ({hint.strip()})" if hint.strip() else ""), file=sys.stderr)
+    print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def output_path(path: str, flag: str, folder: bool = False) -> Path:
+  """`path` (--`flag`), its folder created: a file's parent, or with `folder` the path
+  itself. A UsageError where that cannot be done or written to, raised before the work
+  (a parent that is a file failed after the sampling, with a bare FileExistsError)."""
+  out = Path(path).absolute()
+  where = out if folder else out.parent
+  if folder and out.exists() and not out.is_dir():
+    raise app.UsageError(f"--{flag}={path}: exists and is not a folder")
+  if not folder and out.is_dir():
+    raise app.UsageError(f"--{flag}={path}: is a folder; expected a file path")
+  try:
+    where.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise app.UsageError(f"--{flag}={path}: cannot create the folder {where} ("
+                         f"{e.strerror or e}: a part of it is a file?)") from None
+  if not os.access(where, os.W_OK | os.X_OK):
+    raise app.UsageError(f"--{flag}={path}: {where} is not writable")
+  return out
 
 
 def class_labels(classes: Optional[int], label: Optional[int], count: int,

@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import numbers
+import types
+import typing
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound="JsonConfig")
@@ -19,6 +22,39 @@ def _frozen(value):
   return value
 
 
+def _conforms(value, annotation) -> bool:
+  """Whether `value` (JSON-decoded, lists made tuples) fits a field's `annotation`:
+  bool, int, float (a whole number too), str, None, tuple[X, ...], tuple[X, Y, Z] and
+  unions of those; other annotations are not checked."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    return any(_conforms(value, a) for a in typing.get_args(annotation))
+  if origin is tuple:
+    args = typing.get_args(annotation)
+    if not isinstance(value, tuple):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_conforms(v, args[0]) for v in value)
+    return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args))
+  if annotation is type(None):
+    return value is None
+  if annotation is bool:
+    return isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if annotation is float:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if annotation is str:
+    return isinstance(value, str)
+  return True
+
+
+def _describe(annotation) -> str:
+  if typing.get_origin(annotation) is None:
+    return getattr(annotation, "__name__", str(annotation))
+  return str(annotation).replace("typing.", "").replace("NoneType", "None")
+
+
 @dataclasses.dataclass(frozen=True)
 class JsonConfig:
   """Base of model configs: hashable (usable as a Flax module field) and JSON-able."""
@@ -33,7 +69,15 @@ class JsonConfig:
     if unknown:
       raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; "
                        f"expected a subset of {sorted(names)}")
-    return cls(**{k: _frozen(v) for k, v in d.items()})
+    values = {k: _frozen(v) for k, v in d.items()}
+    # A string for a number or a number for a list failed deep in the model (a
+    # TypeError in a reshape), or was taken ("1e-5" as an epsilon) and failed later.
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+      if not _conforms(v, hints[k]):
+        raise ValueError(f"{source}: {cls.__name__}.{k}={_jsonable(v)!r}: expected "
+                         f"{_describe(hints[k])}")
+    return cls(**values)
 
   def replace(self: T, **kw) -> T:
     return dataclasses.replace(self, **kw)
