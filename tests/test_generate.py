@@ -387,6 +387,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
                         r"\[0, 350\)"),
                        (dict(duration=float("nan"), num_frames=None), "duration must be a "
                         "positive number of seconds, got nan"),
+                       # (NaN scales: black frames, and no word)
+                       (dict(guidance_scale=float("nan")), "guidance_scale must be a finite "
+                        "number, got nan"),
+                       (dict(interp_context_scale=float("inf")), "interp_context_scale must "
+                        "be a finite number, got inf"),
                        # Step counts off a stage's timestep grid failed in the sampler,
                        # after the stages before it had sampled.
                        (dict(sampler="dpmpp_2m", interp_steps=1000), r"interpolator model "

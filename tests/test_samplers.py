@@ -287,3 +287,15 @@ def test_sample_argument_errors():
   with pytest.raises(ValueError, match=r"timesteps \[1000\] lie outside the schedule's "
                      r"\[0, 1000\)"):
     samplers.sample(lambda x, t: x, x, s, 1000, "ddim", progress=False, steps_offset=1)
+
+
+def test_sample_options_refuse_non_finite_scales():
+  # A NaN guidance scale wrote an all-black image, with only NumPy's cast warning.
+  from videoldm_jax.pipelines.sampling import SampleOptions
+  for bad, message in ((dict(guidance_scale=float("nan")), "guidance_scale must be a "
+                        "finite number, got nan"),
+                       (dict(eta=-0.5), "eta must be a finite number >= 0, got -0.5"),
+                       (dict(eta=float("inf")), "eta must be a finite number >= 0, got inf")):
+    with pytest.raises(ValueError, match=message):
+      SampleOptions(**bad)
+  assert SampleOptions(guidance_scale=1.0, eta=1.0).eta == 1.0

@@ -201,7 +201,14 @@ def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
        f"{tmp_path / 'a_file'}"),
       ("cache_latents", ["--model=no_such_model", "--procedural_clips=2",
                          f"--output={tmp_path / 'a_file'}"],
-       f"--output={tmp_path / 'a_file'}: exists and is not a folder")]
+       f"--output={tmp_path / 'a_file'}: exists and is not a folder"),
+      # 30 rows were encoded to 7 latent rows, which the model's 2-level UNet cannot take
+      ("cache_latents", [f"--model={tmp_path / 'model'}", "--procedural_clips=2",
+                         "--height=30", "--width=32", f"--output={tmp_path / 'cache'}"],
+       "--height=30 --width=32: must be positive multiples of 8")]
+  subprocess.run([sys.executable, "-m", "videoldm_jax.cli.init_random", "--config="
+                  "configs/image_tiny.py", f"--output={tmp_path / 'model'}"], cwd=ROOT,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=300)
   for cli, args, message in cases:
     proc = subprocess.run([sys.executable, "-m", f"videoldm_jax.cli.{cli}", *args], cwd=ROOT,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from videoldm_jax.cli import check_at_least, output_path, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.data.cache_latents import cache_examples
+from videoldm_jax.pipelines import sampling
 from videoldm_jax.data.procedural import make_clip
 
 _MODEL = flags.DEFINE_string("model", None, "converted model folder (its VAE encodes)")
@@ -42,10 +43,17 @@ def main(argv):
     raise app.UsageError("--model and --output are required")
   if bool(_TFDS.value) == bool(_PROC.value):
     raise app.UsageError("give exactly one of --tfds_name and --procedural_clips")
-  check_at_least(("batch_size", _BATCH.value, 1))
+  check_at_least(("batch_size", _BATCH.value, 1), ("procedural_clips", _PROC.value, 0),
+                 ("num_frames", _FRAMES.value, 1))
   output_path(_OUTPUT.value, "output", folder=True)
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if _PROC.value:
+    f = sampling.size_multiple(model.unet_config, model.vae_config)
+    if _HEIGHT.value % f or _WIDTH.value % f or min(_HEIGHT.value, _WIDTH.value) < 1:
+      # (a 30-row frame was encoded to 7 latent rows, which no 2-level UNet takes)
+      raise app.UsageError(f"--height={_HEIGHT.value} --width={_WIDTH.value}: must be "
+                           f"positive multiples of {f} for {_MODEL.value} (VAE factor x "
+                           "2^(UNet levels - 1))")
     def examples():
       for i in range(_PROC.value):
         video, labels, caption = make_clip(i, _FRAMES.value, _HEIGHT.value, _WIDTH.value,

@@ -102,6 +102,10 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   anything is sampled)."""
   if not (o.fps > 0 and math.isfinite(o.fps)):
     raise ValueError(f"fps must be positive, got {o.fps}")
+  for name in ("guidance_scale", "context_scale", "interp_guidance_scale",
+               "interp_context_scale", "eta"):
+    if not math.isfinite(getattr(o, name)):  # (NaN: every frame black, said by no one)
+      raise ValueError(f"{name} must be a finite number, got {getattr(o, name)}")
   # Options that would otherwise fail (or be replaced by their default) only after
   # earlier stages have sampled.
   for name in ("predictor_frames", "interp_steps", "upsampler_steps"):

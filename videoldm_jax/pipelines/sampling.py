@@ -6,6 +6,7 @@ A model with temporal layers (an exported video LDM) samples videos when
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -36,6 +37,13 @@ class SampleOptions:
   seed: int = 0
   progress: bool = True
   num_frames: int = 0            # > 0: a video of this many frames (needs temporal layers)
+
+  def __post_init__(self):
+    # (A NaN scale wrote an all-black image, with only NumPy's cast warning.)
+    if not math.isfinite(self.guidance_scale):
+      raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
+    if not (math.isfinite(self.eta) and self.eta >= 0):
+      raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
 
 
 # Jitted programs are cached per config, not per loaded model: calls (and stages of the
