@@ -102,16 +102,19 @@ def test_ema_after_the_first_step(reference):
 
 
 def test_gradient_accumulation_averages_microbatch_losses_and_gradients():
-  # Microbatch i of step 0 holds rows i, i + 2 and uses key
-  # fold_in(fold_in(key(seed), 0), i). With SGD at lr 1 the update is minus the
-  # mean of the microbatches' gradients.
+  # Microbatch i of step 3 holds rows i, i + 2 and uses key
+  # fold_in(fold_in(key(seed), 3), i): the noise and times move with the step. With SGD
+  # at lr 1 the update is minus the mean of the microbatches' gradients; the logged
+  # metrics are means too.
   stage, params, state, fn = _setup(grad_accum=2, tx=optax.sgd(1.0))
   init, frozen = step_lib.split(params, stage.is_trainable)
-  new_state, metrics = fn(state, {"latents": jnp.asarray(LATENTS)})
-  key = jax.random.fold_in(jax.random.key(0), 0)
+  new_state, metrics = fn(state.replace(step=jnp.asarray(3, jnp.int32)),
+                          {"latents": jnp.asarray(LATENTS)})
+  key = jax.random.fold_in(jax.random.key(0), 3)
   micro = [({"latents": LATENTS[i::2]}, jax.random.fold_in(key, i)) for i in range(2)]
   expected = np.mean([float(stage.loss_fn(params, b, k)[0]) for b, k in micro])
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["denoise_loss"]), expected, rtol=1e-5)
   grads = [jax.grad(lambda t: stage.loss_fn(step_lib.merge(t, frozen), b, k)[0])(init)
            for b, k in micro]
   want = jax.tree_util.tree_map(lambda p, g0, g1: p - (g0 + g1) / 2, init, *grads)
