@@ -464,6 +464,18 @@ def test_video_share_state_resumes_with_another_process_count(tfds_train):
                                                process_index=0, process_count=1)), 4, 1)
   bare.set_state({"next_index": 12})
   np.testing.assert_array_equal(next(bare)["source_index"], after)
+  # It counts the batches before the resume (3) as well: resumed again, on two
+  # processes, from the state it saves, the data goes on where it is, not at batch 1.
+  assert bare.get_state()["batches"] == 4
+  again = json.loads(json.dumps(bare.get_state()))
+  after_that = next(bare)["source_index"]
+  halves = []
+  for pi in range(2):
+    it = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=2, process_index=pi,
+                                               process_count=2)), 2, 2)
+    it.set_state(again)
+    halves.append(next(it)["source_index"])
+  np.testing.assert_array_equal(np.concatenate(halves), after_that)
 
 
 _ORPHAN_SCRIPT = '''
