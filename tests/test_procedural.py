@@ -192,3 +192,21 @@ def test_options_this_source_lacks_are_named(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     inputs.make_iterator(config, tmp_path, {})
   assert "{'crop': 'center', 'worker_count': 4} ignored: data.kind='procedural'" in caplog.text
+
+
+def test_each_process_reads_its_block_of_the_global_batch(tmp_path, monkeypatch):
+  # make_iterator hands the procedural source this process's index (from JAX): as
+  # process 1 of 2 it reads the second half of each global batch, not the first again.
+  import jax
+  import ml_collections
+  from videoldm_jax.data import inputs
+  config = ml_collections.ConfigDict(dict(seed=0, data=dict(
+      kind="procedural", batch_size=4, num_frames=2, height=16, width=16)))
+  one = inputs.make_iterator(config, tmp_path, {})
+  whole = [next(one)["index"] for _ in range(2)]
+  monkeypatch.setattr(jax, "process_count", lambda *a: 2)
+  for pi in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda *a, _pi=pi: _pi)
+    mine = inputs.make_iterator(config, tmp_path, {})
+    for step in range(2):
+      np.testing.assert_array_equal(next(mine)["index"], whole[step][2 * pi:2 * pi + 2])
