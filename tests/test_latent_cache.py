@@ -152,7 +152,7 @@ def test_tfds_text_fields_as_bytes_are_cached_as_text(setup, tmp_path):
     list(encode_examples(model, mixed, batch_size=0))  # was: every clip in one batch
 
 
-def test_cache_iterator_resumes_on_another_process_count(tmp_path):
+def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
   """After n global batches, a resume with 1 or 2 processes reads on exactly where the
   uninterrupted run goes on (the Grain index counts elements, not batches)."""
   from videoldm_jax.data import inputs
@@ -184,6 +184,17 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path):
   # A checkpoint written before the fix stored the index of batches: still resumed right.
   old = dict(state, grain={"next_index": 3})
   assert run(1, 0, old)[1] == whole[3:]
+  # The trainer's iterator (make_iterator) reads this process's half (JAX's index).
+  import jax
+  config = ml_collections.ConfigDict(dict(seed=0, data=dict(data.to_dict(),
+                                                            kind="latent_cache")))
+  monkeypatch.setattr(jax, "process_count", lambda *a: 2)
+  halves = []
+  for pi in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda *a, _pi=pi: _pi)
+    halves.append(next(inputs.make_iterator(config, tmp_path, check))["latents"]
+                  .reshape(-1).tolist())
+  assert halves[0] + halves[1] == whole[0]
 
 
 def test_incomplete_cache_is_refused(setup, tmp_path):
