@@ -102,6 +102,17 @@ def test_checkpoint_saves_are_not_counted_as_step_time(uninterrupted):
   assert np.median(after) < 8 * np.median(others), (after, others)
 
 
+def test_checkpoints_are_ranked_by_their_windows_mean_loss(uninterrupted):
+  # keep_best ranks checkpoint k by the mean loss of steps k - EVERY + 1 .. k (one
+  # batch's loss is too noisy to pick a model by), as logged in metrics.jsonl.
+  _, ranked, metrics = uninterrupted
+  loss = {m["step"]: m["loss"] for m in metrics}
+  for k in range(EVERY, STEPS + 1, EVERY):
+    window = [loss[s] for s in range(k - EVERY + 1, k + 1)]
+    assert ranked[k]["loss"] == pytest.approx(np.mean(window), rel=1e-6), k
+    assert ranked[k]["loss"] != pytest.approx(loss[k], rel=1e-6), k  # not the last alone
+
+
 def _complete_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
