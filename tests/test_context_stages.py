@@ -408,6 +408,18 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   folder = pretrained.save(tmp_path / "image", image, tmp_path / "tok")
   assert "an image model (no temporal layers; videoldm-sample-image samples it)" in cli(
       "sample", f"--model={folder}")
+  # An autoencoder-stage export's UNet never saw its latents: said (its images are noise).
+  import dataclasses
+  ae = pretrained.save(tmp_path / "ae", dataclasses.replace(
+      image, decoder_training={"stage": "autoencoder"}), tmp_path / "tok")
+  assert "an autoencoder-stage export (an image model whose UNet has not been trained on " \
+      "its latents: train the image_ldm stage on it)" in cli("sample", f"--model={ae}")
+  proc = subprocess.run([sys.executable, "-m", "videoldm_jax.cli.sample_image",
+                         f"--model={ae}", "--steps=1", "--height=16", "--width=16",
+                         f"--output={tmp_path / 'ae.png'}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "is an autoencoder-stage export: its UNet was not " \
+      "trained on this autoencoder's latents" in proc.stderr, proc.stderr[-2000:]
   # videoldm-export reuses videoldm-train's --config and --workdir: --help lists them,
   # and a bare step number is refused, not ignored.
   proc = subprocess.run([sys.executable, "-m", "videoldm_jax.cli.export", "--help"],

@@ -114,6 +114,13 @@ def note_null_class(model, label: Optional[int]) -> None:
           f"{sampling.null_class_effect(model)}", file=sys.stderr)
 
 
+def autoencoder_export(model) -> bool:
+  """Whether `model` is an autoencoder-stage export no UNet stage trained on since: its
+  UNet never saw this autoencoder's latents (the image_ldm stage trains it on them)."""
+  return (model.decoder_training.get("stage") == "autoencoder"
+          and not model.training.get("stage"))
+
+
 def note_unguided(guided: bool, guidance_scale: float) -> None:
   """Says on stderr that --guidance_scale does nothing for a model without an
   unconditional branch (`sampling.guided`: no text encoder, and no null class of a

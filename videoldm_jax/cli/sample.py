@@ -12,8 +12,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import (check_at_least, class_labels, note_null_class,
-                              note_unguided, output_path, run_app)
+from videoldm_jax.cli import (autoencoder_export, check_at_least, class_labels,
+                              note_null_class, note_unguided, output_path, run_app)
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
 
@@ -55,6 +55,9 @@ def main(argv):
   if model.temporal_config is None:
     what = ("a decoder-stage export on an image model (its video decoder is for "
             "videoldm-generate --decoder_model)" if model.vae_temporal_config is not None
+            else "an autoencoder-stage export (an image model whose UNet has not been "
+            "trained on its latents: train the image_ldm stage on it)"
+            if autoencoder_export(model)
             else "an image model (no temporal layers; videoldm-sample-image samples it)")
     raise app.UsageError(f"--model={_MODEL.value}: {what}; pass a key-frame, prediction "
                          "or interpolation export")

@@ -10,8 +10,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import (check_at_least, class_labels, note_null_class,
-                              note_unguided, output_path, run_app)
+from videoldm_jax.cli import (autoencoder_export, check_at_least, class_labels,
+                              note_null_class, note_unguided, output_path, run_app)
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
 
@@ -62,6 +62,10 @@ def main(argv):
                         _MODEL.value)
   note_unguided(sampling.guided(model), _CFG.value)
   note_null_class(model, _LABEL.value)
+  if autoencoder_export(model):
+    print(f"note: --model={_MODEL.value} is an autoencoder-stage export: its UNet was not "
+          "trained on this autoencoder's latents (the image_ldm stage does that); expect "
+          "noise", file=sys.stderr)
   images = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                                   _NEGATIVE.value, options, class_labels=labels)
   paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
