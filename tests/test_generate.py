@@ -472,6 +472,10 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   assert short.rounds == 0 and not any("guidance_scale" in n for n in short.notes)
   assert any("class_label=1 ignored" in n for n in generate.plan(
       models, dataclasses.replace(options, class_label=1)).notes)
+  assert "eta=0.5 ignored: only the ddim sampler takes it (sampler=dpmpp_2m)" in \
+      generate.plan(models, dataclasses.replace(options, eta=0.5, sampler="dpmpp_2m")).notes
+  assert not any("eta=" in n for n in generate.plan(
+      models, dataclasses.replace(options, eta=0.5, sampler="ddim")).notes)
   with pytest.raises(ValueError, match="trained to fill in x2 .* interp_stride=4"):
     generate.plan(models, dataclasses.replace(options, interp_stride=4))
   with pytest.raises(ValueError, match="num_context=2: .* trained with at most 1 context"):

@@ -62,6 +62,9 @@ def main(argv):
                         _MODEL.value)
   note_unguided(sampling.guided(model), _CFG.value)
   note_null_class(model, _LABEL.value)
+  if _ETA.value != 0.0 and _SAMPLER.value != "ddim":
+    print(f"note: --eta={_ETA.value} ignored: only --sampler=ddim takes it",
+          file=sys.stderr)
   if autoencoder_export(model):
     print(f"note: --model={_MODEL.value} is an autoencoder-stage export: its UNet was not "
           "trained on this autoencoder's latents (the image_ldm stage does that); expect "

@@ -199,6 +199,9 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if passes and window < 2:
     raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
   notes = []
+  if o.eta != 0.0 and o.sampler != "ddim":
+    notes.append(f"eta={o.eta} ignored: only the ddim sampler takes it (sampler="
+                 f"{o.sampler})")
   for name, needs in (("interpolator", 1), ("interpolator2", 2)):
     if getattr(models, name) is not None and o.interp_passes < needs:
       notes.append(f"{name} model {models.paths.get(name, '')} unused: interp_passes="
