@@ -171,8 +171,8 @@ def write_params(path: Path, params: dict) -> None:
 
 
 def read_params(path: Path) -> dict:
-  """The param tree written by `write_params` (host NumPy arrays). ValueError naming
-  `path` for a checkpoint that is missing, truncated or damaged."""
+  """The param tree written by `write_params` (host NumPy arrays). FileNotFoundError
+  for a missing checkpoint, ValueError naming `path` for a truncated or damaged one."""
   if not Path(path).is_dir():
     raise FileNotFoundError(f"{path}: missing (the model folder's weights, an Orbax "
                             "checkpoint)")

@@ -17,8 +17,8 @@ from absl import app, flags, logging
 from videoldm_jax.cli import check_at_least, output_path, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.data.cache_latents import cache_examples
-from videoldm_jax.pipelines import sampling
 from videoldm_jax.data.procedural import make_clip
+from videoldm_jax.pipelines import sampling
 
 _MODEL = flags.DEFINE_string("model", None, "converted model folder (its VAE encodes)")
 _TFDS = flags.DEFINE_string("tfds_name", None, "TFDS dataset name[/config] (ArrayRecord)")

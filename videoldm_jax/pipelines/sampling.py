@@ -216,8 +216,8 @@ def null_class_label(model: PretrainedLDM) -> Optional[int]:
   null = model.training.get("null_class_label")
   if null is not None and (isinstance(null, bool) or not isinstance(null, int)
                            or not 0 <= null < classes):
-    raise ValueError(f"{model.source}: its training record's null_class_label={null!r} is "
-                     f"not one of the UNet's classes 0..{classes - 1}")
+    raise ValueError(f"{model.source or 'the model'}: its training record's null_class_label="
+                     f"{null!r} is not one of the UNet's classes 0..{classes - 1}")
   return null
 
 
