@@ -12,8 +12,8 @@ from videoldm_jax.models import attention as attention_lib
 from videoldm_jax.models import layers
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import partition
-from videoldm_jax.models.temporal import (Frames, TemporalConfig, TemporalTransformerBlock,
-                                          mix)
+from videoldm_jax.models.temporal import (Frames, TemporalConfig, TemporalResBlock,
+                                          TemporalTransformerBlock, mix)
 from videoldm_jax.models.unet import UNet, UNetConfig
 
 CONFIG = UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
@@ -183,6 +183,47 @@ def test_temporal_block_is_attention_over_each_pixels_frames(implementation, cro
   finally:
     attention_lib.set_implementation(*before)
   assert "attn2" in p or not cross_attention
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def _group_norm_video(v, scale, bias, groups, eps):
+  """GroupNorm of (B, T, H, W, C) with statistics over each video's T, H, W and group."""
+  g = v.reshape(v.shape[:-1] + (groups, v.shape[-1] // groups))
+  mean = g.mean(axis=(1, 2, 3, 5), keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=(1, 2, 3, 5), keepdims=True)
+  return ((g - mean) / jnp.sqrt(var + eps)).reshape(v.shape) * scale + bias
+
+
+def _conv3d_same(v, p):
+  return jax.lax.conv_general_dilated(v, p["kernel"], (1, 1, 1), "SAME",
+                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + p["bias"]
+
+
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (3, 3, 3)])
+def test_temporal_resblock_equals_its_definition(kernel):
+  """The temporal ResBlock on perturbed parameters (conv2 and the mixing logit off their
+  zero init, so the branch shows) against its definition: GroupNorm over each video's
+  (T, H, W, group), SiLU, Conv3d, plus each frame's projected timestep embedding,
+  GroupNorm, SiLU, Conv3d, residual, blend. Per-frame statistics, or the timestep
+  embedding left out, passed every other test (alpha = 1 or conv2 = 0 hide the branch)."""
+  b, t, c, groups = 2, 6, 8, 4
+  config = TemporalConfig(conv_kernel=kernel)
+  k = jax.random.split(jax.random.key(5), 2)
+  x = jax.random.normal(k[0], (b * t, 4, 5, c)) * jnp.arange(1, b * t + 1)[:, None, None, None]
+  temb = jax.random.normal(k[1], (b * t, 16))
+  block = TemporalResBlock(config, norm_num_groups=groups)
+  frames = Frames(num_frames=t)
+  p = _perturb(nn.meta.unbox(block.init(jax.random.key(6), x, temb, frames))["params"],
+               seed=7)
+  out = block.apply({"params": p}, x, temb, frames)
+
+  v = rearrange(x, "(b t) h w c -> b t h w c", t=t)
+  gn = lambda name, y: _group_norm_video(y, p[name]["scale"], p[name]["bias"], groups, 1e-5)
+  h = _conv3d_same(jax.nn.silu(gn("norm1", v)), p["conv1"])
+  e = jax.nn.silu(temb) @ p["time_emb_proj"]["kernel"] + p["time_emb_proj"]["bias"]
+  h = h + rearrange(e, "(b t) c -> b t 1 1 c", t=t)
+  h = _conv3d_same(jax.nn.silu(gn("norm2", h)), p["conv2"])
+  reference = mix(x, rearrange(v + h, "b t h w c -> (b t) h w c"), p["mix_factor"], None)
   np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 
 
