@@ -1,6 +1,7 @@
 """The video decoder is the image decoder plus temporal layers (Video LDM Sec. 3.1); the
 3-D patch discriminator sees time; the GAN loss pieces (train/gan.py)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +94,32 @@ def test_at_init_the_temporal_layers_are_identities(decoders):
          if k[-1] == "mix_factor"]
   # Temporal ResBlocks: 2 in the mid block, (layers_per_block + 1) per up level; + conv_out.
   assert mix == [0.0] * (2 + 2 * 2 + 1)
+
+
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (3, 3, 3)])
+def test_temporal_resblock_3d_equals_its_definition(kernel):
+  # On perturbed parameters (conv2 and the merge logit off their init): GroupNorm over
+  # each video's (T, H, W, group) at the autoencoder's 1e-6, SiLU, Conv3d twice,
+  # residual, then alpha * temporal + (1 - alpha) * spatial. Per-frame statistics passed
+  # every other test (alpha = 0 or conv2 = 0 hide the branch).
+  from einops import rearrange
+  from videoldm_jax.models.temporal import Frames
+  from tests.test_video_unet import _conv3d_same, _group_norm_video
+  t, groups = 5, 4
+  x = jax.random.normal(jax.random.key(8), (2 * t, 4, 3, 8)) * jnp.arange(
+      1, 2 * t + 1)[:, None, None, None]
+  block = vae_lib.TemporalResBlock3D(VAETemporalConfig(conv_kernel=kernel),
+                                     norm_num_groups=groups)
+  frames = Frames(num_frames=t)
+  p = _perturb(nn.meta.unbox(block.init(jax.random.key(9), x, frames))["params"], seed=3)
+  out = block.apply({"params": p}, x, frames)
+  v = rearrange(x, "(b t) h w c -> b t h w c", t=t)
+  gn = lambda name, y: _group_norm_video(y, p[name]["scale"], p[name]["bias"], groups, 1e-6)
+  h = _conv3d_same(jax.nn.silu(gn("norm1", v)), p["conv1"])
+  h = _conv3d_same(jax.nn.silu(gn("norm2", h)), p["conv2"])
+  reference = vae_lib.mix_temporal(x, rearrange(v + h, "b t h w c -> (b t) h w c"),
+                                   p["mix_factor"], None)
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_spatial_subtree_is_exactly_the_image_autoencoder():
