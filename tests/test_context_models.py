@@ -82,6 +82,23 @@ def test_no_context_is_exactly_the_model_without_context(params):
   np.testing.assert_array_equal(np.asarray(without_cond), np.asarray(ref))
 
 
+def test_at_init_known_frames_change_nothing():
+  # The projections of the context features start at zero: a context model built from a
+  # key-frame model is that model at init, whatever frames it is given (eq. 3's new
+  # layers start as no-ops), though its context encoder's features are not zero.
+  x, t, ctx, z = _inputs()
+  fresh = params_lib.init_params(CONTEXT, 0, x, t, ctx)
+  projections = [v for k, v in traverse_util.flatten_dict(fresh).items()
+                 if "context_proj" in k]
+  assert len(projections) == 8 + 7 and all(not np.any(v) for v in projections)
+  cond2 = masked_cond(z, first_frames_mask(jnp.full(2, 2, jnp.int32), 4))
+  with_frames = CONTEXT.apply({"params": fresh}, x, t, ctx, None, None, cond=cond2)
+  keyframe = traverse_util.unflatten_dict(
+      {k: v for k, v in traverse_util.flatten_dict(fresh).items() if not _is_context_leaf(k)})
+  np.testing.assert_array_equal(np.asarray(with_frames),
+                                np.asarray(KEYFRAME.apply({"params": keyframe}, x, t, ctx)))
+
+
 @pytest.mark.parametrize("s", [0, 1, 2])
 def test_cond_holds_exactly_the_known_latents_and_the_mask(s):
   z = jax.random.normal(jax.random.key(3), SHAPE)
