@@ -123,6 +123,33 @@ def test_patch_trained_weights_sample_full_frames_at_4x(trained):
     upsampling.upsample(model, trained["params"], lowres, noise_level=350, steps=2)
 
 
+def test_the_noise_level_is_the_unets_class_label(trained):
+  # The augmentation level s enters the UNet as its class label (the SD x4 upscaler's
+  # noise_level): in training, the class-embedding rows of the levels drawn for the
+  # batch get gradients and no other row does; in sampling, the row of the level asked
+  # for is the one read. (Label 0 in either place passed every other test.)
+  setup, model, params = trained["setup"], trained["model"], trained["params"]
+  key = jax.random.key(5)
+  k_prep = jax.random.split(key)[0]  # (as the stage's loss_fn splits its key)
+  levels = upsampler.prepare_batch(model, model.schedules()[2], params.get("vae"),
+                                   jnp.asarray(trained["batch"]["video"]), k_prep,
+                                   trained["config"].patch_size)["noise_level"]
+  grads = jax.grad(lambda p: setup.stage.loss_fn(p, trained["batch"], key, 0)[0])(params)
+  rows = np.flatnonzero(np.abs(np.asarray(
+      grads["unet"]["class_embedding"]["embedding"])).sum(axis=1))
+  assert rows.tolist() == sorted(set(np.asarray(levels).tolist())), (rows, levels)
+
+  lowres = np.random.default_rng(1).uniform(-1, 1, (1, 2, 8, 8, 3)).astype(np.float32)
+  run = lambda p: np.asarray(upsampling.upsample(model, p, lowres, noise_level=123, steps=2,
+                                                 seed=0))
+  table = jnp.asarray(params["unet"]["class_embedding"]["embedding"])
+  moved = lambda row: {**params, "unet": {**params["unet"], "class_embedding": {
+      "embedding": table.at[row].add(1.0)}}}
+  base = run(params)
+  assert np.abs(run(moved(123)) - base).max() > 1e-3
+  np.testing.assert_array_equal(run(moved(7)), base)
+
+
 def test_chunks_share_the_noise_of_the_frames_they_share(trained):
   """With first_frame, a frame's initial and augmentation noise depend on its index in
   the video, not on the chunk: a frame-wise model (theta alone) upsamples a frame the
