@@ -56,7 +56,8 @@ def test_trailing_grid_has_num_steps_points_for_every_count():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t,alpha_to_one,eta", [(501, True, 0.0), (1, False, 0.0),
-                                                (1, True, 0.0), (741, True, 1.0)])
+                                                (1, True, 0.0), (741, True, 1.0),
+                                                (741, True, 0.5)])
 def test_ddim_step_matches_diffusers(torch_cpu, kind, t, alpha_to_one, eta):
   torch = torch_cpu
   ref = _ref("DDIMScheduler", prediction_type=kind, clip_sample=False, steps_offset=1,

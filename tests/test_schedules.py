@@ -82,6 +82,11 @@ def test_schedule_from_diffusers_config(torch_cpu):
   np.testing.assert_allclose(np.asarray(s2.betas), np.linspace(1e-4, 0.02, 1000), atol=1e-8)
   assert cfg2.clip_sample == 1.0 and cfg2.final_alpha_cumprod == 1.0
   assert cfg2.timestep_spacing == "trailing"
+  # Keys a file leaves out take DDIMScheduler's defaults (steps_offset 0, epsilon).
+  defaults = diffusers.DDIMScheduler().config
+  _, empty = schedules.schedule_from_diffusers_config({})
+  assert (empty.steps_offset, empty.prediction_type) == (defaults.steps_offset,
+                                                         defaults.prediction_type)
 
 
 @pytest.mark.parametrize("field,value", [
