@@ -561,28 +561,31 @@ def test_cli_seeds_and_notes(folders, tmp_path):
     assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
 
 
-def test_interpolation_windows_share_the_boundary_key_frame():
+@pytest.mark.parametrize("n", [7, 8])
+def test_interpolation_windows_share_the_boundary_key_frame(n):
   """Known key frames land exactly every stride frames across window borders."""
-  calls = []
+  calls, indices = [], []
 
   def fake_interpolate(keys, index, first):  # keys at 0, 4, ...; in-between frames = -1
     assert keys[0, 0, 0, 0, 0] == first  # key k holds the value k
     calls.append(np.asarray(keys)[0, :, 0, 0, 0].tolist())
-    n = keys.shape[1]
-    out = -np.ones((1, 4 * (n - 1) + 1, 1, 1, 1), np.float32)
+    indices.append(index)  # (each window's noise is seeded by it)
+    m = keys.shape[1]
+    out = -np.ones((1, 4 * (m - 1) + 1, 1, 1, 1), np.float32)
     out[:, ::4] = keys
     return jax.numpy.asarray(out)
 
   stage = streaming.Interpolation(fake_interpolate, 4, window=3)
-  keys = np.arange(8, dtype=np.float32).reshape(1, 8, 1, 1, 1)
-  outs = [stage.push(keys[:, i:i + 2]) for i in range(0, 8, 2)] + [stage.flush()]
+  keys = np.arange(n, dtype=np.float32).reshape(1, n, 1, 1, 1)
+  outs = [stage.push(keys[:, i:i + 2]) for i in range(0, n, 2)] + [stage.flush()]
   frames = np.concatenate([np.asarray(o) for o in outs if o is not None], axis=1)[0, :, 0, 0, 0]
-  assert frames.shape == (4 * 7 + 1,)
-  np.testing.assert_array_equal(frames[::4], np.arange(8))   # every key once, in place
-  assert (frames[np.arange(29) % 4 != 0] == -1).all()
-  # Windows [0..2], [2..4], [4..6]; the last one ([6, 7] new) reaches back to 5, so
-  # every call has the same shape.
-  assert calls == [[0, 1, 2], [2, 3, 4], [4, 5, 6], [5, 6, 7]]
+  assert frames.shape == (4 * (n - 1) + 1,)
+  np.testing.assert_array_equal(frames[::4], np.arange(n))   # every key once, in place
+  assert (frames[np.arange(4 * (n - 1) + 1) % 4 != 0] == -1).all()
+  # Windows [0..2], [2..4], [4..6]; with 8 keys the last one ([6, 7] new) reaches back
+  # to 5, so every call has the same shape; with 7 the last key (6) ends a window.
+  windows = [[0, 1, 2], [2, 3, 4], [4, 5, 6]] + ([[5, 6, 7]] if n == 8 else [])
+  assert calls == windows and indices == list(range(len(windows)))
 
 
 def test_frames_past_the_video_end_are_not_decoded():
