@@ -154,6 +154,16 @@ def test_context_guidance(model, params):
                              rtol=1e-6, atol=1e-6)
   # The known frames change the prediction of every frame (temporal layers mix them).
   assert np.abs(np.asarray(conditional - uncond)).mean(axis=(0, 2, 3, 4)).min() > 1e-3
+  # Text guidance, s_t = 2: f(c, empty) + 2 (f(c, text) - f(c, empty)), "empty" being
+  # uncond_text (here zeros), not the prompt again.
+  empty = jnp.zeros_like(ctx1)
+  out = cs.guided_context_fn(model, c1, cs.ContextSampleOptions(guidance_scale=2.0), ctx1,
+                             empty)(x1, t[1:])
+  both = f(jnp.concatenate([x1, x1]), jnp.concatenate([t[1:], t[1:]]),
+           jnp.concatenate([c1, c1]), jnp.concatenate([empty, ctx1]))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(both[:1] + 2.0 * (both[1:] - both[:1])),
+                             rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(both[1:] - both[:1])).max() > 1e-3
 
 
 def test_interpolation_reproduces_key_frames_and_runs_twice(model):
@@ -199,6 +209,7 @@ def test_autoregressive_extension(model):
   clip = cs.predict(model, video[:, 2:4], 4, opts, key=jax.random.fold_in(jax.random.key(0), 1),
                     text=text)
   np.testing.assert_array_equal(np.asarray(clip[:, 2:]), np.asarray(video[:, 4:6]))
+  np.testing.assert_array_equal(np.asarray(clip[:, :2]), np.asarray(video[:, 2:4]))  # known
   # No context at all (S0 = 0): the first round is an unconditional clip, all of it
   # kept; round 1 continues from its last two frames.
   none = jnp.zeros((2, 0, 4, 4, 4))
