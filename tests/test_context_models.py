@@ -242,3 +242,25 @@ def test_context_guidance_without_known_frames_runs_one_branch(model):
                       text=text)
   assert batches == [2, 2]  # one branch of batch 2 per step
   np.testing.assert_array_equal(np.asarray(guided), np.asarray(plain))
+
+
+def test_initial_and_step_noise_come_from_two_keys(model, monkeypatch):
+  # sample_clip draws x_T from fold_in(key, 0) and hands the sampler fold_in(key, 1) for
+  # its step noise (DDPM, eta > 0): one key for both correlated them, unseen by the
+  # deterministic-DDIM tests.
+  seen = {}
+  original = cs.samplers.sample
+
+  def sample(denoise, x_T, *args, key=None, **kwargs):
+    seen.update(x_T=x_T, key=key)
+    return original(denoise, x_T, *args, key=key, **kwargs)
+
+  monkeypatch.setattr(cs.samplers, "sample", sample)
+  _, _, text, z = _inputs()
+  k = jax.random.key(11)
+  cs.sample_clip(model, z, first_frames_mask(jnp.array([1, 2]), 4),
+                 cs.ContextSampleOptions(num_steps=1, sampler="ddpm"), text=text, key=k)
+  np.testing.assert_array_equal(
+      np.asarray(seen["x_T"]), np.asarray(jax.random.normal(jax.random.fold_in(k, 0), SHAPE)))
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(seen["key"])),
+                                np.asarray(jax.random.key_data(jax.random.fold_in(k, 1))))
