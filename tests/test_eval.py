@@ -202,6 +202,14 @@ def test_fvd_self_zero_and_monotone_in_noise(i3d_small):
   real = _blobs(16, seed=0)
   assert fvd.fvd_from_videos(real, real, num_frames=_T, extractor=i3d_small) < 1e-3
   real_stats = fvd.video_stats(i3d_small, real)
+  # Clips longer than num_frames are scored by their first num_frames frames.
+  longer = np.concatenate([real, _blobs(16, seed=9, t=2)], axis=1)
+  assert fvd.fvd_from_videos(real, longer, num_frames=_T, extractor=i3d_small) < 1e-3
+  # Chunks stream into the statistics of the whole set.
+  chunked = fvd.video_stats(i3d_small, [real[:_BATCH], real[_BATCH:]])
+  assert chunked.count == real_stats.count == 16
+  np.testing.assert_allclose(chunked.sum, real_stats.sum, rtol=1e-6)
+  np.testing.assert_allclose(chunked.sum_outer, real_stats.sum_outer, rtol=1e-6)
   rng = np.random.default_rng(1)
   scores = []
   for sigma in (0.1, 0.3, 0.9):  # noise std in units of the [-1, 1] range
@@ -327,9 +335,16 @@ def test_fid_and_is_run_on_random_inception(inception_file):
   # IS reads the logits without the classifier's bias (improved-GAN, torch-fidelity).
   net = inception.InceptionFeatures(str(path), frame_batch)
   assert np.abs(net.fc_bias).max() > 0  # the file's bias is perturbed
-  _, unbiased = fid.frame_stats(net, [videos], keep_logits=True)
+  pool_stats, unbiased = fid.frame_stats(net, [videos], keep_logits=True)
   np.testing.assert_allclose(unbiased, net(fid.frames_of(videos, 1))[1] - net.fc_bias,
                              rtol=1e-6, atol=1e-6)
+  # FID's statistics are of the pool3 features (not the logits).
+  pool = net(fid.frames_of(videos, 1))[0]
+  assert pool_stats.dim == pool.shape[1] != unbiased.shape[1]
+  np.testing.assert_allclose(pool_stats.sum, pool.sum(axis=0), rtol=1e-5, atol=1e-5)
+  # frame_stride takes every k-th frame of each clip.
+  np.testing.assert_array_equal(fid.frames_of(videos, 3),
+                                videos[:, ::3].reshape((-1,) + videos.shape[2:]))
   uniform = np.zeros((20, 1008))
   assert fid.inception_score(uniform, splits=2)[0] == pytest.approx(1.0)
   assert fid.inception_score(np.eye(20, 1008) * 50, splits=1)[0] == pytest.approx(20, rel=1e-3)
@@ -354,8 +369,9 @@ def test_fid_and_is_run_on_random_inception(inception_file):
     h = np.bincount(part, minlength=50) / len(part)
     return np.exp(-(h[h > 0] @ np.log(h[h > 0])))
 
-  assert score == pytest.approx(np.mean([split_score(r) for r in np.array_split(rows, 10)]),
-                                rel=1e-9)
+  per_split = [split_score(r) for r in np.array_split(rows, 10)]
+  assert score == pytest.approx(np.mean(per_split), rel=1e-9)
+  assert fid.inception_score(clips, splits=10)[1] == pytest.approx(np.std(per_split), rel=1e-9)
   reordered = clips.reshape(50, 16, -1)[np.random.default_rng(1).permutation(50)]
   assert fid.inception_score(reordered.reshape(800, -1), splits=10)[0] == pytest.approx(
       score, rel=0.15)
@@ -629,3 +645,7 @@ def test_metric_inputs_must_be_uint8_or_float():
   with pytest.raises(ValueError, match="dtype int64: expected uint8"):
     clip_score.ImagePreprocess(8, 8, (0.5,) * 3, (0.5,) * 3)(frames)
   assert float(layers.to_minus_one_one(frames.astype(np.uint8)).max()) == 1.0
+  # The networks' input range, both ends (x / 255 kept the maximum at 1).
+  np.testing.assert_allclose(
+      np.asarray(layers.to_minus_one_one(np.array([0, 51, 255], np.uint8))), [-1.0, -0.6, 1.0],
+      rtol=1e-6)
