@@ -90,11 +90,15 @@ def test_mp4_odd_size_padding(tmp_path):
   video = _moving_pattern()[:, :47, :63]
   path = str(tmp_path / "odd.mp4")
   assert video_io.write_mp4(path, video) == (48, 64)
-  out = video_io.read_video(path)
-  assert out.shape == (T, 48, 64, 3)
-  assert _mae(out[:, :47, :63], video) < 8.0
-  # The added row and column repeat the edge (black would cost the codec and the eye).
-  assert _mae(out[:, 47], out[:, 46]) < 8.0 and _mae(out[:, :, 63], out[:, :, 62]) < 8.0
+  streamed = str(tmp_path / "odd_streamed.mp4")  # the chain's writer pads the same way
+  with video_io.Mp4Writer(streamed, fps=8) as writer:
+    writer.append(video[:2])
+    writer.append(video[2:])
+  for out in (video_io.read_video(path), video_io.read_video(streamed)):
+    assert out.shape == (T, 48, 64, 3)
+    assert _mae(out[:, :47, :63], video) < 8.0
+    # The added row and column repeat the edge (black would cost the codec and the eye).
+    assert _mae(out[:, 47], out[:, 46]) < 8.0 and _mae(out[:, :, 63], out[:, :, 62]) < 8.0
   with pytest.raises(ValueError, match="odd.mp4.*even"):
     video_io.write_mp4(path, video, pad_odd=False)
 
@@ -136,6 +140,9 @@ def test_gif_round_trip_exact(tmp_path):
     assert im.info["loop"] == 0  # loop forever
     assert im.info["duration"] == 120  # 1/8 s rounded to GIF's 10 ms ticks
     frames = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+  video_io.write_gif(str(tmp_path / "six.gif"), video[:2], fps=6)
+  with Image.open(str(tmp_path / "six.gif")) as im:
+    assert im.info["duration"] == 170  # 16.7 ticks, rounded (not cut to 160 ms)
   np.testing.assert_array_equal(frames, video)
   # PyAV reads GIFs too.
   np.testing.assert_array_equal(video_io.read_video(path), video)
@@ -177,8 +184,9 @@ def test_read_video_unreadable_file(tmp_path, content):
 
 
 def test_to_uint8():
-  x = np.array([-2.0, -1.0, 0.0, 1.0, 1.5])
-  np.testing.assert_array_equal(video_io.to_uint8(x), [0, 0, 128, 255, 255])
+  # (x + 1) * 127.5 rounded, clipped: 0.5 -> 191.25 -> 191, -0.5 -> 63.75 -> 64.
+  x = np.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
+  np.testing.assert_array_equal(video_io.to_uint8(x), [0, 0, 64, 128, 191, 255, 255])
 
 
 def test_video_grid_layout():
