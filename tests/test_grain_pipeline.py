@@ -215,14 +215,39 @@ def test_resize_keeps_aspect_and_center_crops():
   crops = resize_and_crop(frames, 40, 40, "random", np.random.default_rng(1))
   x0 = int(np.argmax([(frames[0, :, x:x + 40] == crops[0]).all() for x in range(41)]))
   np.testing.assert_array_equal(crops, frames[:, :, x0:x0 + 40])
-  # ... drawn from the generator: other draws take other offsets (not the centre's).
+  # ... drawn from the generator, uniformly over every offset: both edges are reached.
   offsets = set()
-  for seed in range(8):
+  for seed in range(64):
     crops = resize_and_crop(frames, 40, 40, "random", np.random.default_rng(seed))
     offsets.add(int(np.argmax([(frames[0, :, x:x + 40] == crops[0]).all()
                                for x in range(41)])))
-  assert len(offsets) > 2, offsets
+  assert len(offsets) > 20 and {0, 40} <= offsets, offsets
   np.testing.assert_array_equal(resize_and_crop(frames, 40, 80, "center"), frames)
+  # Tall frames: the middle rows, and random offsets along the height.
+  tall = frames.transpose(0, 2, 1, 3)  # (2, 80, 40, 3)
+  ref = np.asarray(Image.fromarray(tall[1]).resize((20, 40), Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(resize_and_crop(tall, 20, 20, "center")[1], ref[10:30])
+  rows = {int(np.argmax([(tall[0, y:y + 40] == resize_and_crop(
+      tall, 40, 40, "random", np.random.default_rng(seed))[0]).all() for y in range(41)]))
+      for seed in range(64)}
+  assert len(rows) > 20 and {0, 40} <= rows, rows
+
+
+def test_random_crops_and_flips_take_one_draw_per_clip():
+  # A clip is one camera: every frame gets its clip's crop offset and flip; about half
+  # the clips are flipped; image examples (frames of several clips) are flipped too.
+  kw = dict(seed=0, batch_size=16, num_frames=4, height=10, width=10, process_index=0,
+            process_count=1, crop="random", hflip=True)
+  videos = np.concatenate([b["video"] for b in _take(make_video_dataset(_list_source(), **kw),
+                                                     8)])
+  columns = videos[..., 2].astype(int)  # (128, T, 10, 10): the source column of each pixel
+  assert (columns == columns[:, :1]).all()  # one offset and flip for all of a clip's frames
+  flipped = columns[:, 0, 0, 0] > columns[:, 0, 0, -1]
+  assert 0.35 < flipped.mean() < 0.65, flipped.mean()
+  assert len(set(np.minimum(columns[:, 0, 0, 0], columns[:, 0, 0, -1]).tolist())) > 3
+  images = make_video_dataset(_list_source(), **{**kw, "num_frames": 1}, image_fraction=1.0)
+  image_columns = np.concatenate([b["video"] for b in _take(images, 8)])[..., 2].astype(int)
+  assert (image_columns[:, 0, 0, 0] > image_columns[:, 0, 0, -1]).any()
 
 
 def test_hflip_mirrors_some_examples_and_nothing_else():
