@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -186,6 +187,51 @@ def _train(config: str, workdir: Path, *flags: str) -> str:
       timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stderr
+
+
+def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
+  # At step disc_start (on from there): loss = L1 + w_p LPIPS + lambda f L_G + w_kl KL +
+  # L_D, KL per pixel value; lambda from the last decoder kernel's gradients of the
+  # reconstruction and generator losses; the discriminator's gradient is L_D's alone
+  # (the generator term sees D through stop_gradient).
+  from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, kl_divergence
+  from videoldm_jax.train import gan
+  c = _config("autoencoder")
+  _tiny_vgg_file(tmp_path / "vgg.safetensors")
+  c.loss.update(perceptual_weight=0.5, perceptual_weights_path=str(tmp_path / "vgg.safetensors"),
+                kl_weight=0.3, disc_weight=0.7)
+  setup = autoencoder.setup(c, tmp_path / "run")
+  params = jax.tree_util.tree_map(jnp.asarray, setup.init_params())
+  batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_batch(c)))
+  key, step = jax.random.key(3), c.loss.disc_start
+  loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
+  loss, m = loss_fn(params)
+  assert float(m["d_weight"]) > 0 and float(m["disc_factor"]) == 1.0  # on at disc_start
+  np.testing.assert_allclose(float(m["reconstruction_loss"]),
+                             float(m["rec_loss"] + 0.5 * m["perceptual_loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(loss), float(
+      m["reconstruction_loss"] + m["d_weight"] * m["g_loss"] + 0.3 * m["kl_loss"]
+      + m["d_loss"]), rtol=1e-6)
+  x = autoencoder.frames_to_images(batch["video"])  # (B*T, H, W, 3)
+  vae = AutoencoderKL(VAEConfig.from_dict(dict(c.random_image_model.vae)))
+  mean, logvar = vae.apply({"params": params["vae"]}, x, method=AutoencoderKL.encode)
+  np.testing.assert_allclose(float(m["kl_loss"]), float(
+      jnp.mean(kl_divergence(mean, logvar)) / np.prod(x.shape[1:])), rtol=1e-5)
+
+  def grad_of(metric):  # of the last decoder kernel, other leaves held (as taming)
+    conv_out = params["vae"]["decoder"]["conv_out"]
+    with_kernel = lambda w: {**params, "vae": {**params["vae"], "decoder": {
+        **params["vae"]["decoder"], "conv_out": {**conv_out, "kernel": w}}}}
+    return jax.grad(lambda w: loss_fn(with_kernel(w))[1][metric])(conv_out["kernel"])
+  np.testing.assert_allclose(float(m["d_weight"]), float(gan.adaptive_weight(
+      grad_of("reconstruction_loss"), grad_of("g_loss"), 0.7)), rtol=1e-4)
+  # D's gradient: L_D's alone.
+  d_total = jax.grad(lambda d: loss_fn({**params, "discriminator": d})[0])(
+      params["discriminator"])
+  d_only = jax.grad(lambda d: loss_fn({**params, "discriminator": d})[1]["d_loss"])(
+      params["discriminator"])
+  for a, b in zip(jax.tree_util.tree_leaves(d_total), jax.tree_util.tree_leaves(d_only)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
