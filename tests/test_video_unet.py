@@ -145,6 +145,9 @@ def test_image_checkpoint_plugs_in_as_theta_and_mismatch_is_named(video_params):
   with pytest.raises(ValueError, match=r"conv_in/kernel is \(3, 3, 5, 16\) in "
                                        r"dreambooth.ckpt, the model expects \(3, 3, 4, 16\)"):
     partition.with_image_params(video_params, bad, "dreambooth.ckpt")
+  # A tree holding temporal leaves too is not theta: merging would overwrite phi.
+  with pytest.raises(ValueError, match="spatial and temporal trees share paths"):
+    partition.merge(video_params, temporal)
 
 
 @pytest.mark.parametrize("implementation", ["auto", "plain"])
