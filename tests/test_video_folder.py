@@ -163,6 +163,8 @@ def test_mixed_folder_skips_bad_items_with_reasons(mixed):
   assert report["num_uncaptioned"] == len(uncaptioned)
   assert f"{len(uncaptioned)} of them without a caption row" in summary[0]
   assert builder.info.metadata["num_skipped"] == 7
+  # (the dataset's own metadata keeps the counts by reason, readable without the report)
+  assert dict(builder.info.metadata["skipped_by_reason"]) == report["skipped_by_reason"]
 
 
 def test_good_clips_present_exact_and_captioned(mixed):
