@@ -128,8 +128,11 @@ def test_webvid_read_by_name_and_cli_subset(webvid_built, webvid_tree, tmp_path,
           f"--data_dir={tmp_path / 'data'}", "--max_rows=1", "--frame_stride=2"]
   assert webvid_cli.main(argv) == 0
   assert capsys.readouterr().out.strip().endswith(os.path.join("webvid_local", "1.0.0"))
-  ex = webvid.WebVid(data_dir=str(tmp_path / "data")).as_data_source("train")
+  subset = webvid.WebVid(data_dir=str(tmp_path / "data"))
+  ex = subset.as_data_source("train")
   assert len(ex) == 1 and ex[0]["videoid"] == WEBVID_ROWS[0][0]
+  # --max_rows=1 read one row (the next, a missing file, was not reached).
+  assert (_report(subset)["num_rows"], _report(subset)["num_skipped"]) == (1, 0)
   assert ex[0]["video"].shape == (4, 24, 32, 3)  # 8 frames, every 2nd
   # ... frames 0, 2, 4, 6 of the file (the mp4's own frames: same size, no resize)
   page = WEBVID_ROWS[0][1]
