@@ -285,6 +285,10 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   bom = tmp_path / "b.jsonl"
   bom.write_bytes(b"\xef\xbb\xbf" + b'{"path": "a.mp4", "caption": "ok"}\n')
   assert sources.read_captions(str(bom), str(tmp_path))[0] == [("a.mp4", "ok")]
+  # Columns by their header, in any order, others ignored.
+  reordered = tmp_path / "r.csv"
+  reordered.write_text("caption,source,path\na red car,cam 2,a.mp4\n")
+  assert sources.read_captions(str(reordered), str(tmp_path))[0] == [("a.mp4", "a red car")]
   dup = tmp_path / "d.csv"
   dup.write_text("path,caption\na.mp4,first\n./a.mp4,second\n")
   rows, skips = sources.read_captions(str(dup), str(tmp_path))
@@ -539,3 +543,12 @@ def test_caption_file_with_bytes_that_are_not_utf8(tmp_path):
   bad_jsonl.write_bytes(b'{"path": "a.mp4", "caption": "caf\xe9"}\n')
   with pytest.raises(ValueError, match=r"latin1\.jsonl:1: not valid UTF-8 text"):
     sources.read_captions(str(bad_jsonl), str(tmp_path))
+
+
+def test_resize_short_side_scales_down_only():
+  # Stored clips are scaled so that their shorter side is resize_short_side, never up
+  # (upscaling adds storage, not information); the other side rounds to the nearest.
+  assert sources._target_size(24, 32, 64) == (24, 32)
+  assert sources._target_size(48, 64, 24) == (24, 32)
+  assert sources._target_size(101, 50, 25) == (50, 25)  # 50.5 -> 50 (round half even)
+  assert sources._target_size(90, 60, None) == (90, 60)
