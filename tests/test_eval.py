@@ -422,6 +422,9 @@ def test_clip_image_preprocessing_matches_transformers(torch_cpu):
     want = ref(images=list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
     assert got.shape == want.shape
     assert np.abs(got - want).max() < 0.06 and np.abs(got - want).mean() < 0.02
+    # Float frames in [-1, 1] (what the samplers return) are the same pictures.
+    as_float = np.asarray(ours(jax.numpy.asarray(frames, jax.numpy.float32) / 127.5 - 1.0))
+    np.testing.assert_allclose(as_float, got, atol=1e-5)
 
 
 def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cpu):
