@@ -303,3 +303,19 @@ def test_ucf101_empty_split_and_cli(ucf_root, tmp_path, capsys):
                        "--max_frames=3", "--min_frames=2"]) == 0
   ds = ucf101.Ucf101(data_dir=str(tmp_path / "cli"), split_number=1).as_data_source("test")
   assert len(ds) == 2 and ds[0]["video"].shape[0] == 3
+
+
+def test_webvid_repeated_videoid_keeps_its_first_row(webvid_tree, tmp_path):
+  # WebVid's CSVs repeat some videoids; the dataset's videoid is unique: the first
+  # row's caption wins, the repeat is a duplicate_caption skip naming both lines.
+  from data_pipelines.webvid.builder import iter_rows
+  csv_path, videos = webvid_tree
+  lines = open(csv_path).read().splitlines()
+  repeated = tmp_path / "repeated.csv"
+  repeated.write_text("\n".join([lines[0], lines[1], lines[1].replace("then", "and")]) + "\n")
+  skips = []
+  rows = list(iter_rows(str(repeated), videos, skips))
+  assert [r[2]["caption"] for r in rows] == ['A dog runs, then "stops"']
+  assert [(s.reason, s.detail) for s in skips] == [(
+      sources.DUPLICATE_CAPTION, "repeated.csv line 3 repeats videoid 1066692580 of line 2; "
+      "first row kept")]
