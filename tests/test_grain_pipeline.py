@@ -455,35 +455,35 @@ def test_resume_with_another_worker_count_names_the_field(tfds_train):
 def test_video_share_state_resumes_with_another_process_count(tfds_train):
   from videoldm_jax.data.inputs import ShareIterator
   kw = dict(seed=4, num_frames=4, height=16, width=16)
+
+  def on_two_processes(state, workers=0):
+    """The next global batch's source indices, read by 2 processes resumed at `state`."""
+    halves = []
+    for pi in range(2):
+      it = ShareIterator(iter(make_video_dataset(
+          tfds_train, **kw, batch_size=2, process_index=pi, process_count=2,
+          worker_count=workers)), 2, 2, workers)
+      it.set_state(state)
+      halves.append(next(it)["source_index"])
+      if workers:
+        it._it.close()
+    return np.concatenate(halves)
+
   one = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=4,
                                               process_index=0, process_count=1)), 4, 1)
   first = [next(one)["source_index"].copy() for _ in range(3)]
   saved = json.loads(json.dumps(one.get_state()))
   after = next(one)["source_index"]
-  halves = []
-  for pi in range(2):
-    it = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=2, process_index=pi,
-                                               process_count=2)), 2, 2)
-    it.set_state(saved)
-    halves.append(next(it)["source_index"])
-  np.testing.assert_array_equal(np.concatenate(halves), after)
+  np.testing.assert_array_equal(on_two_processes(saved), after)
   assert len(first) == 3
   # With worker processes too: their per-worker state is the same at any process count.
-  kw_w = dict(kw, worker_count=2)
-  one = ShareIterator(iter(make_video_dataset(tfds_train, **kw_w, batch_size=4,
+  one = ShareIterator(iter(make_video_dataset(tfds_train, **kw, worker_count=2, batch_size=4,
                                               process_index=0, process_count=1)), 4, 1, 2)
   for _ in range(3):
     next(one)
   saved_w = json.loads(json.dumps(one.get_state()))
   one._it.close()
-  halves = []
-  for pi in range(2):
-    it = ShareIterator(iter(make_video_dataset(tfds_train, **kw_w, batch_size=2,
-                                               process_index=pi, process_count=2)), 2, 2, 2)
-    it.set_state(saved_w)
-    halves.append(next(it)["source_index"])
-    it._it.close()
-  np.testing.assert_array_equal(np.concatenate(halves), after)
+  np.testing.assert_array_equal(on_two_processes(saved_w, workers=2), after)
   # An older checkpoint's bare Grain state (3 batches of 4 elements).
   bare = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=4,
                                                process_index=0, process_count=1)), 4, 1)
@@ -494,13 +494,7 @@ def test_video_share_state_resumes_with_another_process_count(tfds_train):
   assert bare.get_state()["batches"] == 4
   again = json.loads(json.dumps(bare.get_state()))
   after_that = next(bare)["source_index"]
-  halves = []
-  for pi in range(2):
-    it = ShareIterator(iter(make_video_dataset(tfds_train, **kw, batch_size=2, process_index=pi,
-                                               process_count=2)), 2, 2)
-    it.set_state(again)
-    halves.append(next(it)["source_index"])
-  np.testing.assert_array_equal(np.concatenate(halves), after_that)
+  np.testing.assert_array_equal(on_two_processes(again), after_that)
 
 
 _ORPHAN_SCRIPT = '''
