@@ -53,12 +53,14 @@ def main(argv):
   out = output_path(_OUTPUT.value, "output")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if model.temporal_config is None:
-    what = ("a decoder-stage export on an image model (its video decoder is for "
-            "videoldm-generate --decoder_model)" if model.vae_temporal_config is not None
-            else "an autoencoder-stage export (an image model whose UNet has not been "
-            "trained on its latents: train the image_ldm stage on it)"
-            if autoencoder_export(model)
-            else "an image model (no temporal layers; videoldm-sample-image samples it)")
+    if model.vae_temporal_config is not None:
+      what = ("a decoder-stage export on an image model (its video decoder is for "
+              "videoldm-generate --decoder_model)")
+    elif autoencoder_export(model):
+      what = ("an autoencoder-stage export (an image model whose UNet has not been "
+              "trained on its latents: train the image_ldm stage on it)")
+    else:
+      what = "an image model (no temporal layers; videoldm-sample-image samples it)"
     raise app.UsageError(f"--model={_MODEL.value}: {what}; pass a key-frame, prediction "
                          "or interpolation export")
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
