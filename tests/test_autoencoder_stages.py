@@ -240,6 +240,43 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_layer(
+    tmp_path):
+  # One clip of three frames (B != T, so a B/T mix-up in folding frames back into clips
+  # changes what the 3-D discriminator sees): its logits on the real clip are the
+  # discriminator's on the batch as recorded; loss = L1 + lambda f L_G + L_D (no KL: the
+  # encoder is frozen), lambda from temporal_conv_out's kernel (LAST_LAYER) times
+  # disc_weight.
+  from videoldm_jax.models.discriminator import DiscriminatorConfig, VideoPatchDiscriminator
+  from videoldm_jax.train import gan
+  c = _config("decoder")
+  c.data.update(batch_size=1, num_frames=3)
+  c.loss.disc_weight = 0.7
+  setup = decoder.setup(c, tmp_path / "run")
+  params = jax.tree_util.tree_map(jnp.asarray, setup.init_params())
+  batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_batch(c)))
+  key, step = jax.random.key(3), c.loss.disc_start
+  loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
+  loss, m = loss_fn(params)
+  assert float(m["d_weight"]) > 0 and float(m["disc_factor"]) == 1.0
+  disc = VideoPatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
+  real = disc.apply({"params": params["discriminator"]},
+                    batch["video"].astype(jnp.float32) / 127.5 - 1.0)
+  np.testing.assert_allclose(float(m["logits_real"]), float(jnp.mean(real)), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(
+      m["reconstruction_loss"] + m["d_weight"] * m["g_loss"] + m["d_loss"]), rtol=1e-6)
+
+  vp = params["vae"]
+  def rec_and_gan(w):
+    metrics = loss_fn({**params, "vae": autoencoder.with_leaf(vp, decoder.LAST_LAYER, w)})[1]
+    return metrics["reconstruction_loss"], metrics["g_loss"]
+
+  assert decoder.LAST_LAYER[:2] == ("decoder", "temporal_conv_out")
+  g_rec, g_gan = jax.jit(jax.jacrev(rec_and_gan))(autoencoder.get_leaf(vp, decoder.LAST_LAYER))
+  np.testing.assert_allclose(float(m["d_weight"]),
+                             float(gan.adaptive_weight(g_rec, g_gan, 0.7)), rtol=1e-4)
+
+
 def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
   # Frames the discriminator reduces to an empty logits map: NaN loss at every step.
   c = _config("decoder")
