@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
@@ -145,6 +146,17 @@ def test_one_device_and_eight_device_mesh_agree(temporal_1dev, tokenizer):
   fresh, f1, b1 = temporal_1dev
   s1 = fresh()
   s8, f8, b8 = _setup("temporal", {"data": 2, "fsdp": 2, "tensor": 2}, tokenizer)
+  # The EMA and Adam's moments of each parameter live where it lives (split, not
+  # replicated copies that would undo FSDP's saving).
+  params = jax.tree_util.tree_leaves(s8.trainable)
+  assert sum(not p.sharding.is_fully_replicated for p in params) > 10
+  for name in ("mu", "nu"):
+    (_, moments), = optax.tree_utils.tree_get_all_with_path(s8.opt_state, name)
+    copies = [("ema", s8.ema), (name, moments)]
+    for what, tree in copies:
+      assert jax.tree.structure(tree) == jax.tree.structure(s8.trainable), what
+      assert [x.sharding for x in jax.tree_util.tree_leaves(tree)] == \
+          [p.sharding for p in params], what
   mem1 = f1.lower(s1, jax.device_put(_batch(tokenizer), b1)).compile().memory_analysis()
   mem8 = f8.lower(s8, jax.device_put(_batch(tokenizer), b8)).compile().memory_analysis()
   # Parameters and optimiser state are split over fsdp x tensor: per-device arguments
@@ -179,7 +191,6 @@ def test_grouped_optimisers_step_each_group_with_its_own_settings():
   # Each group clipped to grad_clip = 1 on its own: after one step each group's Adam
   # first moment is (1 - b1) x its clipped gradient, of norm 0.1 (clipped jointly the
   # two would share the norm: 0.04 and 0.09; unclipped 0.28 and 0.69).
-  import optax
   moments = [m for _, m in optax.tree_utils.tree_get_all_with_path(state.opt_state, "mu")]
   norms = sorted(float(optax.tree.norm(m)) for m in moments)  # (masked leaves: empty)
   np.testing.assert_allclose(norms, [0.1, 0.1], rtol=1e-5)
