@@ -458,3 +458,33 @@ def test_context_samplers_reuse_one_jitted_unet(keyframe_export):
                               temporal_config=TemporalConfig(context_frames=True))
   a, b = (context_sampling.ContextModel.from_pretrained(model) for _ in range(2))
   assert a.apply_fn is b.apply_fn
+
+
+@pytest.mark.parametrize("name", ["predictor", "interpolator"])
+def test_context_masks_and_condition_dropout_draw_from_their_own_keys(name, tmp_path,
+                                                                     monkeypatch):
+  # The known-frame mask and the caption / label dropout come from different keys. One
+  # key would nest the two events (every clip that loses its context frames would lose
+  # its caption too, or the other way round), so one of the four conditioning
+  # combinations that context guidance needs would hardly ever train.
+  from videoldm_jax.stages import keyframe
+  module = {"predictor": predictor, "interpolator": interpolator}[name]
+  keys = {"mask": [], "drop": []}
+  record = lambda what, k: keys[what].append(np.asarray(jax.random.key_data(k)))
+  real_mask_fn, real_dropped = module.mask_fn, keyframe._dropped
+
+  def mask_fn(*args):
+    mask = real_mask_fn(*args)
+    return lambda k, b, t: (record("mask", k), mask(k, b, t))[1]
+
+  monkeypatch.setattr(module, "mask_fn", mask_fn)
+  monkeypatch.setattr(keyframe, "_dropped",
+                      lambda k, p, n: (record("drop", k), real_dropped(k, p, n))[1])
+  config = _config(f"{name}_tiny", num_frames=4)
+  config.cond_drop_prob = 0.5
+  setup = module.setup(config, tmp_path)
+  tokens = setup.extra["tokenizer"](["a car", "rain"], max_length=16)
+  batch = {"latents": jnp.zeros((2, 4, 1, 1, 4)), "tokens": jnp.asarray(tokens)}
+  loss, _ = setup.stage.loss_fn(setup.init_params(), batch, jax.random.key(0))  # eager
+  assert np.isfinite(float(loss)) and len(keys["mask"]) == 1 and keys["drop"], keys
+  assert not any(np.array_equal(keys["mask"][0], k) for k in keys["drop"]), keys
