@@ -438,6 +438,11 @@ def test_image_examples_condition_each_frame_on_its_own_clip():
   assert out["labels"].tolist() == [0, 2, 1, 1, 1, 1]
   np.testing.assert_array_equal(out["tokens"], np.arange(12).reshape(6, 2))
   assert keyframe.batch_labels(batch).tolist() == [0, 2, 1, 1, 1, 1]
+  # Video examples (no per-frame fields): each frame takes its clip's caption and label,
+  # clip-major (image i is frame i % 3 of clip i // 3).
+  plain = image_ldm.frames_as_images({k: batch[k] for k in ("latents", "labels", "tokens")})
+  assert plain["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+  assert plain["tokens"].tolist() == [[7, 7]] * 3 + [[8, 8]] * 3
   assert keyframe.batch_labels({"labels": np.array([0, 1])}).tolist() == [0, 1]
   # Per-video labels repeated equal the same labels given per frame, bit for bit.
   cfg = MINI.copy_and_resolve_references()

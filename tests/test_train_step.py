@@ -113,6 +113,20 @@ def test_theta_frozen_phi_trained_and_optimizer_holds_only_phi(temporal_1dev, to
   assert int(state.step) == 3 and int(state.skipped) == 0
 
 
+def test_modes_train_the_unet_never_the_autoencoder_or_text_encoder():
+  # 'full' fine-tunes the whole UNet (theta and phi), 'temporal' phi alone; neither
+  # touches the VAE or the text encoder, whose outputs the UNet was trained on.
+  full, temporal = keyframe.is_trainable_fn("full"), keyframe.is_trainable_fn("temporal")
+  theta = ("unet", "down_blocks_0", "resnets_0", "conv1", "kernel")
+  phi = ("unet", "down_blocks_0", "temporal_resnets_0", "conv1", "kernel")
+  others = [("vae", "encoder", "conv_in", "kernel"), ("text_encoder", "final_layer_norm",
+                                                      "scale")]
+  assert [full(p) for p in [theta, phi, *others]] == [True, True, False, False]
+  assert [temporal(p) for p in [theta, phi, *others]] == [False, True, False, False]
+  with pytest.raises(ValueError, match="mode must be 'temporal' or 'full', got 'lora'"):
+    keyframe.is_trainable_fn("lora")
+
+
 def test_temporal_training_costs_fewer_flops_than_full(tokenizer):
   # Gradients are taken w.r.t. phi only, so theta's weight gradients are not even in the
   # traced program: the model FLOP count of the step's jaxpr shows it (train/flops.py,

@@ -98,6 +98,11 @@ def test_batch_prep_patches_and_one_noise_level_per_video():
   np.testing.assert_array_equal(lv, lv0)
   alpha = np.sqrt(np.asarray(aug.alphas_cumprod)[np.asarray(lv)]).reshape(6, 1, 1, 1, 1)
   np.testing.assert_allclose(np.asarray(noisy - zero), alpha * np.asarray(lowres), atol=1e-5)
+  # Levels are uniform over [0, max_noise_level): with a maximum of 2, 0 and 1 each about
+  # half of 512 draws, never 2 (a class the UNet's table may not have).
+  _, few = upsampler.noise_augment(aug, jnp.zeros((512, 1, 1, 1, 3)), key, 2)
+  counts = np.bincount(np.asarray(few), minlength=3)
+  assert counts[2] == 0 and 200 < counts[0] < 312, counts
 
 
 def test_loss_finite_and_decreasing(trained):
@@ -261,7 +266,7 @@ def test_base_config_builds_a_pixel_space_video_upsampler():
   assert any(partition.is_temporal(p) for p in traverse_util.flatten_dict(abstract["unet"]))
 
 
-def test_latent_space_upsampler(tmp_path):
+def test_latent_space_upsampler(tmp_path, monkeypatch):
   config = tiny_config()
   config.space = "latent"  # random tiny f4 VAE (config.random_vae)
   setup = upsampler.setup(config, tmp_path)
@@ -269,9 +274,19 @@ def test_latent_space_upsampler(tmp_path):
   assert model.unet.in_channels == 8 and model.unet.out_channels == 4
   params = setup.init_params()
   batch = setup.make_batch(next(setup.make_iterator()))
-  # Traced, not compiled (the sampling below runs the VAE and UNet for real).
+  # Traced, not compiled (the sampling below runs the VAE and UNet for real). The
+  # high-res target is a posterior sample, the low-res condition the posterior mean,
+  # as sampling encodes it (um.conditioning): a sample there would be a train / sample
+  # mismatch.
+  encoded, encode = [], um.encode
+  def recording_encode(vae, vae_params, video, key):
+    encoded.append(key is None)
+    return encode(vae, vae_params, video, key)
+  monkeypatch.setattr(um, "encode", recording_encode)
   loss, _ = jax.eval_shape(setup.stage.loss_fn, params, batch, jax.random.key(0), 0)
   assert loss.shape == () and loss.dtype == jnp.float32
+  assert encoded == [False, True]
+  monkeypatch.undo()
   lowres = np.zeros((1, 2, 8, 8, 3), np.uint8)
   out = upsampling.upsample(model, params, lowres, steps=1)
   assert out.shape == (1, 2, 32, 32, 3)
