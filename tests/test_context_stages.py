@@ -272,6 +272,11 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
   assert predictor.max_context((1 / 3,) * 3) == 2 and predictor.max_context((1.0,)) == 0
   masks = predictor.mask_fn((0.5, 0.5, 0.0))(jax.random.key(0), 64, 2)
   assert masks.shape == (64, 2) and set(np.asarray(masks.sum(1)).tolist()) == {0.0, 1.0}
+  # S = T would leave no frame to predict: the mask function itself refuses it.
+  with pytest.raises(ValueError, match="S up to 2 context frames needs clips longer than 2"):
+    predictor.mask_fn((0.0, 0.0, 1.0))(jax.random.key(0), 4, 2)
+  assert np.asarray(predictor.mask_fn((0.0, 0.0, 1.0))(jax.random.key(0), 4, 3)).tolist() \
+      == [[1.0, 1.0, 0.0]] * 4
   config = _config("predictor_tiny", num_frames=4)
   config.predictor.num_context_probs = (0.5, 0.5, 0.0)
   assert pretrained.training_record(config)["max_context"] == 1
