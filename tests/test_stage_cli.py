@@ -194,8 +194,23 @@ def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
                  "--config.train.num_stpes=3"],
        "FATAL Flags parsing error: --config.train.num_stpes: the config has no field "
        "'num_stpes' (Did you mean \"num_steps\" instead of \"num_stpes\"?)"),
-      ("train", ["--config=configs/keyframe_tiny.py", f"--workdir={tmp_path / 'a_file'}"],
+      ("train", ["--config=configs/keyframe_tiny.py", "--config.sede=1",
+                 f"--workdir={tmp_path / 'w'}"],
+       "FATAL Flags parsing error: --config.sede: the config has no field 'sede'"),
+      # (0 is a valid --stopped_exit_code: the workdir is what is wrong here)
+      ("train", ["--config=configs/keyframe_tiny.py", f"--workdir={tmp_path / 'a_file'}",
+                 "--stopped_exit_code=0"],
        f"--workdir={tmp_path / 'a_file'}: exists and is not a folder"),
+      # (found after the compile before: minutes of an SD-sized config's compile lost)
+      ("compile", ["--config=configs/keyframe_tiny.py", "--topology=cpu:1",
+                   f"--json={tmp_path / 'a_file' / 'fit.jsonl'}"],
+       f"--json={tmp_path / 'a_file' / 'fit.jsonl'}: cannot create the folder"),
+      ("cache_latents", ["--model=no_such_model", "--procedural_clips=-2",
+                         f"--output={tmp_path / 'cache'}"],
+       "--procedural_clips must be >= 0, got -2"),
+      ("cache_latents", ["--model=no_such_model", "--procedural_clips=2", "--num_shards=0",
+                         f"--output={tmp_path / 'cache'}"],
+       "--num_shards must be >= 1, got 0"),
       ("sample", ["--model=no_such_model", f"--output={tmp_path / 'a_file' / 'v.mp4'}"],
        f"--output={tmp_path / 'a_file' / 'v.mp4'}: cannot create the folder "
        f"{tmp_path / 'a_file'}"),
@@ -205,7 +220,10 @@ def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
       # 30 rows were encoded to 7 latent rows, which the model's 2-level UNet cannot take
       ("cache_latents", [f"--model={tmp_path / 'model'}", "--procedural_clips=2",
                          "--height=30", "--width=32", f"--output={tmp_path / 'cache'}"],
-       "--height=30 --width=32: must be positive multiples of 8")]
+       "--height=30 --width=32: must be positive multiples of 8"),
+      ("cache_latents", [f"--model={tmp_path / 'model'}", "--procedural_clips=2",
+                         "--height=32", "--width=30", f"--output={tmp_path / 'cache'}"],
+       "--height=32 --width=30: must be positive multiples of 8")]
   subprocess.run([sys.executable, "-m", "videoldm_jax.cli.init_random", "--config="
                   "configs/image_tiny.py", f"--output={tmp_path / 'model'}"], cwd=ROOT,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=300)

@@ -44,7 +44,7 @@ def main(argv):
   if bool(_TFDS.value) == bool(_PROC.value):
     raise app.UsageError("give exactly one of --tfds_name and --procedural_clips")
   check_at_least(("batch_size", _BATCH.value, 1), ("procedural_clips", _PROC.value, 0),
-                 ("num_frames", _FRAMES.value, 1))
+                 ("num_frames", _FRAMES.value, 1), ("num_shards", _SHARDS.value, 1))
   output_path(_OUTPUT.value, "output", folder=True)
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if _PROC.value:

@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from videoldm_jax.cli import run_app
+from videoldm_jax.cli import output_path, run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file")
 _TOPOLOGY = flags.DEFINE_multi_string(
@@ -38,6 +38,8 @@ def main(argv):
   import jax
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  # Checked before the compiles (minutes each for SD-sized configs), not after the first.
+  json_path = output_path(_JSON.value, "json") if _JSON.value else None
   from videoldm_jax import compile_check
   failed = False
   for topology in _TOPOLOGY.value:
@@ -45,8 +47,8 @@ def main(argv):
     print(report.summary(), flush=True)
     line = json.dumps(report.to_json())
     print(line, flush=True)
-    if _JSON.value:
-      with open(_JSON.value, "a") as f:
+    if json_path:
+      with open(json_path, "a") as f:
         f.write(line + "\n")
     failed |= report.fits is False
   sys.exit(1 if failed else 0)
