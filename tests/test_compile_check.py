@@ -47,6 +47,18 @@ def test_tiny_keyframe_step_fits_a_v5e_2x2_and_fsdp_shards_it(fsdp_report):
   # not divide and stay replicated) weigh a lot: measured 0.60 of the replicated size.
   replicated = 4 * (r.params + 3 * r.trainable_params)
   assert r.argument_bytes < 0.7 * replicated
+  # The donated state is reused for the outputs (aliased): counted once in the peak.
+  assert r.alias_bytes > 0.5 * r.argument_bytes
+  assert r.peak_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
+
+
+def test_memory_per_device_is_the_chips_hbm_over_its_devices():
+  # A v4 chip is two TensorCores, each a JAX device with half the chip's 32 GiB; a v5e
+  # chip is one device with all of its 16 GiB.
+  devices, memory = compile_check.topology_devices("v4:2x2x1")
+  assert len(devices) == 8 and memory == 16 * compile_check.GiB
+  devices, memory = compile_check.topology_devices("v5e:2x2")
+  assert len(devices) == 4 and memory == 16 * compile_check.GiB
 
 
 def test_verdict_from_peak_against_device_memory():
