@@ -99,6 +99,8 @@ def test_half_given_flags_are_an_error_not_a_hang():
     distributed.detect({}, "127.0.0.1:1", 2, 2)
   assert distributed.detect({}).kind == "single"
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}).kind == "slurm"
+  # An salloc shell (the allocation's variables, not a task of it): one process.
+  assert distributed.detect({"SLURM_NTASKS": "8"}).kind == "single"
   assert distributed.detect({"OMPI_COMM_WORLD_SIZE": "4",
                              "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1"}).kind == "mpi"
   with pytest.raises(ValueError, match="Open MPI 5.*--process_id=\\$OMPI_COMM_WORLD_RANK"):
@@ -128,12 +130,28 @@ def test_initialize_binds_loopback_and_keeps_cpu_runs_off_the_slice(monkeypatch)
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   distributed.initialize("127.0.0.1:1234", 2, 0)
   assert calls[-1]["coordinator_bind_address"] == "127.0.0.1:1234"
+  distributed.initialize("[::1]:1234", 2, 0)
+  assert calls[-1]["coordinator_bind_address"] == "[::1]:1234"
   distributed.initialize("10.0.0.2:1234", 2, 0)
   assert "coordinator_bind_address" not in calls[-1]
   calls.clear()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setattr(distributed, "tpu_chips", lambda: 4)  # a TPU VM's PCI bus
+  # (JAX sets this where libtpu is installed, as in the test extras; left, it would
+  # keep every run below off the slice whatever initialize decided.)
+  monkeypatch.delenv("TPU_SKIP_MDS_QUERY", raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "")
+  launch = distributed.initialize()  # a TPU run on a TPU VM joins its slice
+  assert launch.kind == "tpu" and len(calls) == 1
+  calls.clear()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert distributed.initialize().kind == "single" and calls == []
+  # Fake CPU devices on a TPU VM, JAX_PLATFORMS unset: a CPU run all the same.
+  monkeypatch.delenv("JAX_PLATFORMS")
+  settings = []
+  monkeypatch.setattr(jax.config, "update", lambda *a: settings.append(a))
+  assert distributed.initialize(cpu_devices=2).kind == "single" and calls == []
+  assert ("jax_num_cpu_devices", 2) in settings
 
 
 def test_slurm_tasks_drive_the_gpus_they_see():
