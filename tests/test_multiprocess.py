@@ -137,8 +137,9 @@ def test_initialize_binds_loopback_and_keeps_cpu_runs_off_the_slice(monkeypatch)
   calls.clear()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setattr(distributed, "tpu_chips", lambda: 4)  # a TPU VM's PCI bus
-  # (JAX sets this where libtpu is installed, as in the test extras; left, it would
-  # keep every run below off the slice whatever initialize decided.)
+  # (JAX's import sets this on a host without TPU chips, as this one, where libtpu is
+  # installed, as in the test extras; left, it kept every case below off the slice
+  # whatever initialize decided.)
   monkeypatch.delenv("TPU_SKIP_MDS_QUERY", raising=False)
   monkeypatch.setenv("JAX_PLATFORMS", "")
   launch = distributed.initialize()  # a TPU run on a TPU VM joins its slice
