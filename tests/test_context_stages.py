@@ -420,11 +420,13 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   assert "an autoencoder-stage export (an image model whose UNet has not been trained on " \
       "its latents: train the image_ldm stage on it)" in cli("sample", f"--model={ae}")
   proc = subprocess.run([sys.executable, "-m", "videoldm_jax.cli.sample_image",
-                         f"--model={ae}", "--steps=1", "--height=16", "--width=16",
+                         f"--model={ae}", "--steps=1", "--height=16",  # width: as height
                          "--sampler=ddpm", "--eta=0.3", f"--output={tmp_path / 'ae.png'}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "is an autoencoder-stage export: its UNet was not " \
       "trained on this autoencoder's latents" in proc.stderr, proc.stderr[-2000:]
+  from PIL import Image
+  assert Image.open(tmp_path / "ae.png").size == (16, 16)
   assert "note: --eta=0.3 ignored: only --sampler=ddim takes it" in proc.stderr
   # videoldm-export reuses videoldm-train's --config and --workdir: --help lists them,
   # and a bare step number is refused, not ignored.

@@ -519,6 +519,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
 
 def test_cli_seeds_and_notes(folders, tmp_path):
   """videoldm-generate: one video per seed, the notes on skipped stages once."""
+  from videoldm_jax.cli import seed_outputs
+  # One seed writes --output itself; several, one file per seed beside it.
+  assert seed_outputs(Path("out/v.mp4"), [7]) == [Path("out/v.mp4")]
+  assert seed_outputs(Path("out/v.mp4"), [3, 4]) == [Path("out/v_seed3.mp4"),
+                                                       Path("out/v_seed4.mp4")]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
       [sys.executable, "-m", "videoldm_jax.cli.generate",

@@ -73,6 +73,13 @@ def output_path(path: str, flag: str, folder: bool = False) -> Path:
   return out
 
 
+def seed_outputs(output: Path, seeds: Sequence[int]) -> list[Path]:
+  """Where each seed's video goes: `output` itself for one seed, else OUTPUT_seedN."""
+  if len(seeds) == 1:
+    return [output]
+  return [output.with_name(f"{output.stem}_seed{s}{output.suffix}") for s in seeds]
+
+
 def class_labels(classes: Optional[int], label: Optional[int], count: int,
                  model: str) -> Optional[list[int]]:
   """`count` copies of --class_label for a model with `classes` classes (None: not

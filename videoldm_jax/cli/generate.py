@@ -30,7 +30,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import check_at_least, output_path, run_app
+from videoldm_jax.cli import check_at_least, output_path, run_app, seed_outputs
 from videoldm_jax.pipelines import generate
 
 _STAGES = ("keyframe", "predictor", "interpolator", "interpolator2", "decoder", "upsampler")
@@ -150,8 +150,7 @@ def main(argv):
   models = generate.load_chain(
       **{f"{s}_model": f.value for s, f in _FOLDERS.items()},
       image_checkpoint=_IMAGE.value, personalize_parts=_PARTS.value)
-  for i, seed in enumerate(seeds):
-    path = out if len(seeds) == 1 else out.with_name(f"{out.stem}_seed{seed}{out.suffix}")
+  for i, (seed, path) in enumerate(zip(seeds, seed_outputs(out, seeds))):
     # The notes on skipped stages are printed once, not once per seed.
     result = generate.generate_video(path, options(seed), models=models,
                                      log=generate.log_to_stderr if i == 0 else None)
