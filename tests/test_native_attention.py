@@ -52,9 +52,12 @@ def _grads(fn, q, k, v, g):
 
 # (batch, queries, keys, heads, head dim): the W1 / W2 level-0 shape; keys and head dims
 # that are not whole vectors (16 floats with AVX-512, 8 with AVX2); one key (a context of
-# length 1); more queries than one task's chunk; SD's head dims 40 and 80.
+# length 1); more queries than one task's chunk; SD's head dims 40 and 80; row counts
+# that leave the last rows of a register tile (12 rows narrow, 6 wide) one short:
+# 23 and 35 = 11 mod 12, 29 = 5 mod 6 with the wide tiles of head dim 80.
 SHAPES = [(2, 1024, 1024, 2, 32), (1, 100, 77, 3, 40), (2, 37, 1, 2, 16),
-          (1, 1500, 70, 1, 80), (3, 64, 300, 2, 64)]
+          (1, 1500, 70, 1, 80), (3, 64, 300, 2, 64), (1, 23, 35, 1, 16),
+          (1, 11, 29, 1, 80)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -67,6 +70,19 @@ def test_matches_softmax_formula(shape):
     # the softmax of a single logit is constant, so dq is rounding noise around 0).
     err = float(jnp.max(jnp.abs(got - want)))
     assert err < 1e-5 * max(float(jnp.max(jnp.abs(want))), 1.0), err
+
+
+def test_logits_far_apart_underflow_to_zero_weight():
+  # Logit spreads of thousands: the exponential of the most negative differences must
+  # give 0, not overflow its exponent bits into garbage (the kernel clamps at -87).
+  q, k, v, g = _arrays(1, 16, 40, 1, 16)
+  q, k = q * 30, k * 30  # (spreads up to ~28000: each row's softmax is one-hot)
+  assert max_rel_err(jax.jit(native_attention.attention)(q, k, v), _formula(q, k, v)) < 1e-5
+  (dq, dk, dv), (_, _, want_dv) = (_grads(f, q, k, v, g)
+                                   for f in (native_attention.attention, _formula))
+  assert max_rel_err(dv, want_dv) < 1e-5
+  # One-hot rows pass no gradient to q and k (the formula's are ~1e-20): rounding noise.
+  assert float(jnp.max(jnp.abs(dq))) < 1e-4 and float(jnp.max(jnp.abs(dk))) < 1e-4
 
 
 def test_mismatched_operands_are_refused_and_a_shared_context_broadcast():
