@@ -61,6 +61,16 @@ def test_refuses_what_it_does_not_take():
   assert not native_matmul.supports(x.astype(jnp.bfloat16), dy[:, :32].astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="multiple of 16"):
     native_matmul.weight_grad(x, dy)
+  # Token counts that differ: the kernel would read dy past its end.
+  x8, (_, dy7) = _operands(8, 4, 16)[0], _operands(7, 4, 16)
+  assert not native_matmul.supports(x8, dy7)
+  with pytest.raises(ValueError, match=r"float32\(8, 4\) and float32\(7, 16\)"):
+    native_matmul.weight_grad(x8, dy7)
+  # An even kernel: the kernel's padding is KH // 2 on both sides, not XLA's SAME.
+  xi, dyi = jnp.ones((1, 6, 6, 8)), jnp.ones((1, 6, 6, 16))
+  assert native_matmul.conv_supports(xi, dyi, (3, 3))
+  assert not native_matmul.conv_supports(xi, dyi, (2, 2))
+  assert not native_matmul.conv_supports(xi, dyi, (3, 2))
 
 
 @pytest.mark.parametrize("spec", [P(("data", "fsdp")), P("data"), P(None)])
