@@ -295,3 +295,18 @@ def test_compiled_flops_is_nan_where_a_backend_has_no_cost_analysis():
     assert np.isnan(perf.compiled_flops(Backend(answer)))
   assert perf.compiled_flops(Backend([{"flops": 3.0}])) == 3.0
   assert perf.compiled_flops(jax.jit(lambda a: a @ a).lower(jnp.ones((4, 4))).compile()) > 0
+
+
+def test_loops_count_each_trip_and_a_cond_its_dearest_branch():
+  # A scan runs its body `length` times (gradient accumulation, the temporal loops);
+  # a cond runs one branch, so the larger is what a step may cost.
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+  one = 2 * 4 * 8 * 8
+  scan = lambda x: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=3)[0]
+  assert model_flops(scan, x) == 3 * one
+  wide = jnp.ones((8, 32))
+  cond = lambda p, x: jax.lax.cond(p, lambda x: (x @ w).sum(), lambda x: (x @ wide).sum(), x)
+  assert model_flops(cond, True, x) == 4 * one
+  # A remat (checkpoint) body and a pjit run once each.
+  assert model_flops(jax.checkpoint(lambda x: x @ w), x) == one
+  assert model_flops(jax.jit(lambda x: (x @ w) @ w), x) == 2 * one

@@ -1,0 +1,53 @@
+"""The throughput figures of the trainer's log line: step time, samples/s and MFU
+(`train.step_log.StepLog`) against the measured matmul peak (`train.perf`), on a
+clock the test moves."""
+
+import json
+import types
+
+from videoldm_jax.train import perf, step_log
+
+
+class Clock:
+  def __init__(self, tick: float = 0.0):
+    self.now, self.tick = 0.0, tick
+
+  def perf_counter(self) -> float:
+    self.now += self.tick
+    return self.now
+
+
+def test_peak_is_two_n_cubed_flops_over_one_products_time(monkeypatch):
+  # Each round reads the clock twice around one product: one tick per product.
+  monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=Clock(0.5)
+                                                          .perf_counter))
+  assert perf.matmul_peak_flops(n=16, repeats=3, calls=1) == 2 * 16 ** 3 / 0.5
+  # Several calls per round: the round's time is shared among them.
+  monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=Clock(0.5)
+                                                          .perf_counter))
+  assert perf.matmul_peak_flops(n=16, repeats=1, calls=4) == \
+      2 * 16 ** 3 / (0.5 / 4)
+
+
+def test_step_time_samples_and_mfu_of_a_logged_step(tmp_path, monkeypatch):
+  clock = Clock()
+  monkeypatch.setattr(step_log, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+  log = step_log.StepLog(tmp_path, None, num_steps=10, samples_per_step=4, flops=100.0,
+                         peak=1000.0, step=0, skipped=0)
+  metrics = {"loss": 0.5, "grad_norm": 1.0, "skipped": 0}
+  log.input(0.25)
+  log.input(0.75)
+  clock.now = 5.0  # steps 1 and 2 done 5 s after the start, 1 s of it checkpointing
+  log.off_step(1.0)
+  m = log.write(2, metrics)
+  # (5 - 1) s / 2 steps = 2 s per step: 4 / 2 samples/s, MFU 100 / 2 / 1000.
+  assert m["step_time"] == 2.0 and m["samples_per_s"] == 2.0
+  assert m["mfu"] == 0.05 and m["input_s"] == 0.5  # (0.25 + 0.75) / 2 batches
+  clock.now = 8.0
+  m = log.write(3, metrics)  # no off-step time this time, no batch made
+  assert m["step_time"] == 3.0 and m["mfu"] == 100 / 3 / 1000 and m["input_s"] == 0.0
+  # Observed late (timed=False): the previous step time stands.
+  clock.now = 8.5
+  assert log.write(4, metrics, timed=False)["step_time"] == 3.0
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(x["step"], x["step_time"]) for x in lines] == [(2, 2.0), (3, 3.0), (4, 3.0)]
