@@ -269,10 +269,13 @@ def test_save_checks_before_writing_and_keeps_schedule_fields(sd_pipeline, tmp_p
   # clip_sample_range changes what the sampler does: it must survive a save.
   clipped = dataclasses.replace(model, scheduler={**model.scheduler, "clip_sample": True,
                                                   "clip_sample_range": 2.0})
+  clipped = dataclasses.replace(clipped, scheduler={**clipped.scheduler,
+                                                    "timestep_spacing": "trailing"})
   pretrained.save(tmp_path / "clipped", clipped)
-  _, sampling_config = schedules.schedule_from_diffusers_config(
-      pretrained.load(tmp_path / "clipped").scheduler)
+  loaded = pretrained.load(tmp_path / "clipped").scheduler
+  _, sampling_config = schedules.schedule_from_diffusers_config(loaded)
   assert sampling_config.clip_sample == 2.0
+  assert loaded["timestep_spacing"] == "trailing"  # (SD 2.x's "leading" picks other steps)
   # A schedule this package cannot sample with fails before anything is written (it
   # was dropped on save and the model then sampled without it) ...
   thresholded = dataclasses.replace(model, scheduler={**model.scheduler, "thresholding": True})
@@ -442,3 +445,54 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
     pretrained.write_folder(tmp_path / name, lambda d: (d.mkdir(), (d / "x").write_text("")))
     assert (tmp_path / name / "x").is_file() and not (tmp_path / f".{name}.partial").exists()
   assert empty.is_dir()
+
+
+def test_weight_files_dtypes_and_single_file_keys(tmp_path):
+  # What real checkpoints hold and the tiny test models do not.
+  import ml_dtypes
+  import torch
+  from safetensors.torch import save_file
+  from videoldm_jax.convert import diffusers_config, ldm_keys, presets
+  from videoldm_jax.convert.safetensors_io import find_weights
+  from videoldm_jax.models.unet import UNetConfig
+  # bfloat16 (many fine-tuned single files): read as bfloat16, values exact.
+  t = torch.randn(3, 4).bfloat16()
+  save_file({"a": t}, str(tmp_path / "bf16.safetensors"))
+  a = load_safetensors(tmp_path / "bf16.safetensors")["a"]
+  assert a.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(a.astype(np.float32), t.float().numpy())
+  # A Hub folder with both precisions: the full one.
+  for name in ("diffusion_pytorch_model.fp16.safetensors",
+               "diffusion_pytorch_model.safetensors"):
+    (tmp_path / name).touch()
+  assert find_weights(tmp_path, "diffusion_pytorch_model").name == \
+      "diffusion_pytorch_model.safetensors"
+  # Only an upper-case pickle: the conversion instructions, not "no weights found".
+  (tmp_path / "pickled").mkdir()
+  (tmp_path / "pickled" / "MODEL.BIN").touch()
+  with pytest.raises(PickleRefused, match="refusing a pickle checkpoint"):
+    find_weights(tmp_path / "pickled", "diffusion_pytorch_model")
+  # SD 1.5's cross-attention keys are (320, 768): the context width is the input side.
+  to_k = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+  assert presets.unet_config_from_weights(UNetConfig(), {to_k: np.zeros((320, 768))}
+                                          ).cross_attention_dim == 768
+  # A full (unpruned) LDM file: the autoencoder's training-loss weights are left out,
+  # and --extract_ema takes the UNet from model_ema (keys without dots).
+  u, v = ldm_keys.UNET_PREFIX, ldm_keys.VAE_PREFIX
+  sd = {u + "out.2.weight": np.zeros(2), u + "input_blocks.0.0.bias": np.zeros(2),
+        "model_ema.diffusion_modelout2weight": np.ones(2),
+        "model_ema.diffusion_modelinput_blocks00bias": np.full(2, 2.0),
+        v + "decoder.conv_in.weight": np.zeros(1), v + "loss.logvar": np.zeros(1)}
+  parts = ldm_keys.split_single_file(sd, "x.safetensors", extract_ema=True)
+  assert list(parts["vae"]) == ["decoder.conv_in.weight"]
+  assert {k: float(x[0]) for k, x in parts["unet"].items()} == {
+      "out.2.weight": 1.0, "input_blocks.0.0.bias": 2.0}
+  assert float(ldm_keys.split_single_file(sd, "x")["unet"]["out.2.weight"][0]) == 0.0
+  del sd["model_ema.diffusion_modelout2weight"]
+  with pytest.raises(ValueError, match="--extract_ema but model_ema.diffusion_modelout2weight "
+                     "is missing"):
+    ldm_keys.split_single_file(sd, "x.safetensors", extract_ema=True)
+  # Fields older configs leave out: SD's values.
+  assert pipeline_import.sd_scheduler_fixes({"beta_schedule": "scaled_linear"}, "x"
+                                            )["steps_offset"] == 1
+  assert diffusers_config.vae_config_from_diffusers({}).scaling_factor == 0.18215

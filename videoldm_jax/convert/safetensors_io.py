@@ -97,7 +97,7 @@ def find_weights(folder: str | os.PathLike, stem: str) -> Path:
      (folder / "model.safetensors.index.json").is_file():
     raise ValueError(f"{folder}: sharded safetensors are not supported; merge the shards "
                      "into one file first")
-  pickles = sorted(p for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+  pickles = sorted(p for p in folder.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
   if pickles:
     refuse_pickle(pickles[0])
   raise FileNotFoundError(f"{folder}: no weights found (looked for "
