@@ -496,3 +496,7 @@ def test_weight_files_dtypes_and_single_file_keys(tmp_path):
   assert pipeline_import.sd_scheduler_fixes({"beta_schedule": "scaled_linear"}, "x"
                                             )["steps_offset"] == 1
   assert diffusers_config.vae_config_from_diffusers({}).scaling_factor == 0.18215
+  with pytest.raises(ValueError, match=r"vae/config.json: down_block_types has 3 entries, "
+                     r"block_out_channels \[8, 16\] 2: one block per level"):
+    diffusers_config.vae_config_from_diffusers({"block_out_channels": [8, 16],
+                                                "down_block_types": ["DownEncoderBlock2D"] * 3})

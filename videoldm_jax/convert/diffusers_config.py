@@ -88,16 +88,21 @@ def vae_config_from_diffusers(d: dict[str, Any], source: str = "vae/config.json"
                               ) -> VAEConfig:
   """Translates a diffusers `AutoencoderKL` config."""
   _require(d, "act_fn", ("silu",), source)
+  channels = tuple(d.get("block_out_channels", (64,)))
   for field, kind in (("down_block_types", "DownEncoderBlock2D"),
                       ("up_block_types", "UpDecoderBlock2D")):
     for k in d.get(field, [kind]):
       if k != kind:
         raise ValueError(f"{source}: unsupported {field} entry {k!r} (expected {kind!r})")
+    if field in d and len(d[field]) != len(channels):
+      # (diffusers builds one block per entry: the weights then have other levels)
+      raise ValueError(f"{source}: {field} has {len(d[field])} entries, block_out_channels "
+                       f"{list(channels)} {len(channels)}: one block per level")
   if d.get("latents_mean") is not None:
     raise ValueError(f"{source}: per-channel latents_mean/std are not supported")
   return VAEConfig(
       in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
-      block_out_channels=tuple(d.get("block_out_channels", (64,))),
+      block_out_channels=channels,
       layers_per_block=d.get("layers_per_block", 1),
       latent_channels=d.get("latent_channels", 4),
       norm_num_groups=d.get("norm_num_groups", 32),
