@@ -149,6 +149,20 @@ def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencod
       jax.random.fold_in(jax.random.key(config.seed), j))).ravel()
       for j, clip in enumerate(clips)])
   assert model.vae_config.scaling_factor != 0.18215 and abs(z.std() - 1) < 1e-4, z.std()
+  # "mean_std" also shifts by the mean: the same samples, zero-mean and unit-variance
+  # (the statistics are of the raw latents, whatever factors the config held before).
+  config.latent_normalization = "mean_std"
+  shifted = autoencoder.normalized_vae_config(config, export.parent, model.vae_config,
+                                              model.params["vae"])
+  assert shifted.shift_factor != 0.0
+  vae = autoencoder.AutoencoderKL(shifted)
+  encode = jax.jit(lambda x, k: vae.apply({"params": model.params["vae"]}, x, k,
+                                          method=vae.encode_latents))
+  z = np.concatenate([np.asarray(encode(
+      autoencoder.frames_to_images(clip[None]),
+      jax.random.fold_in(jax.random.key(config.seed), j)), np.float64).ravel()
+      for j, clip in enumerate(clips)])
+  assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-4, (z.mean(), z.std())
 
 
 def test_decoder_stage_trains_temporal_layers_only_theta_bitwise_frozen(autoencoder_run,
