@@ -155,6 +155,10 @@ def main():
   parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
+  # (checked before the compiles: 0 rounds failed at the end, on an empty list)
+  for name, least in (("rounds", 1), ("steps", 1), ("warmup", 0)):
+    if getattr(args, name) < least:
+      parser.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
 
   modes = (args.mode, args.mode_b or args.mode)

@@ -133,6 +133,9 @@ def main():
   parser.add_argument("--chain_fps", type=float, default=8.0)
   parser.add_argument("--chain_steps", type=int, default=20)
   args = parser.parse_args()
+  for name in ("steps", "runs", "chain_steps"):  # (0 runs printed NaN figures)
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.workload:
     peak = matmul_peak_flops(dtype=jnp.dtype(args.dtype))

@@ -117,6 +117,7 @@ def run(workload: str, stage: str, mode: str, *, dtype: str, remat: str, steps: 
       temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
       peak_host_rss_bytes=peak_host_rss_bytes(),
       device_peak_bytes=device_stats.get("peak_bytes_in_use"), loss=loss, steps=steps,
+      warmup=warmup,
       device=jax.devices()[0].device_kind, cpus=os.cpu_count(), machine=platform.machine(),
       jax=jax.__version__)
 
@@ -146,6 +147,8 @@ def main():
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.steps < 5:
     parser.error("--steps must be >= 5 (the median of at least 5 timed steps)")
+  if args.warmup < 0:
+    parser.error("--warmup must be >= 0")
   if args.batch is not None and args.batch < 1:
     parser.error("--batch must be >= 1")
   cases = [(w, s, m, i) for w in args.workload.split(",") for s in args.stage.split(",")

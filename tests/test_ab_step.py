@@ -152,3 +152,21 @@ def test_torch_peer_and_decoder_case_run_what_they_report(monkeypatch):
     count[remat] = flops.model_flops(step, state, case.batch)  # traced, not compiled
   # Full remat recomputes the forward in the backward pass: more FLOPs counted.
   assert count["full"] > count["none"], count
+
+
+def test_bench_counts_that_would_time_nothing_are_refused():
+  # 0 timed runs printed NaN figures (bench/sample.py); 0 rounds failed on an empty list
+  # after both sides had compiled.
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for script, flag, said in (("sample", "--runs=0", "--runs must be >= 1, got 0"),
+                             ("side_by_side", "--rounds=0", "--rounds must be >= 1, got 0"),
+                             ("ab_step", "--warmup=-1", "--warmup must be >= 0, got -1"),
+                             ("train_step", "--steps=4", "--steps must be >= 5")):
+    proc = subprocess.run([sys.executable, "-m", f"bench.{script}", flag],
+                          cwd=Path(__file__).parents[1], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and said in proc.stderr, (script, proc.stderr[-1000:])
