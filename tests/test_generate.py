@@ -398,9 +398,35 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
                         r".*interp_steps=1000: dpmpp_2m: the timestep grid of 1000 steps "
                         r"repeats"),
                        (dict(upsampler_steps=1000), r"upsampler \(.*\), upsampler_steps=1000: "
-                        r"timesteps \[1000\] lie outside")):
+                        r"timesteps \[1000\] lie outside"),
+                       (dict(fps=0.0), "fps must be positive, got 0.0"),
+                       (dict(decode_chunk=0), "decode_chunk must be >= 1"),
+                       (dict(keyframes_per_clip=0), "keyframes_per_clip must be >= 1, got 0"),
+                       (dict(interp_passes=3), "interp_passes must be 0, 1 or 2, got 3"),
+                       # S = p: no new frame per round (the rounds' loop never ended)
+                       (dict(num_context=4, predictor_frames=4), r"num_context=4 must be in "
+                        r"\[0, predictor_frames=4\)")):
     with pytest.raises(ValueError, match=message):
       generate.plan(models, dataclasses.replace(options, **bad))
+  # (the model-free ones also alone: the CLI checks them before loading the models)
+  with pytest.raises(ValueError, match="fps must be positive, got 0.0"):
+    generate.check_options(dataclasses.replace(options, fps=0.0))
+  # 0.29 s at 100 fps is 29 frames (0.29 * 100 = 28.999999999999996: truncated, 28).
+  assert generate.plan(models, dataclasses.replace(options, num_frames=None, duration=0.29,
+                                                    fps=100.0)).num_frames == 29
+  # Without a key-frame model the predictor makes the first clip: predictor_frames long.
+  assert generate.plan(dataclasses.replace(models, keyframe=None), dataclasses.replace(
+      options, predictor_frames=3, context_scale=1.0)).first_clip == 3
+  # An interpolator trained at x4 on 16 frames: windows of 16 // 4 = 4 key frames; a
+  # second one trained at another stride than the first is refused.
+  x4 = dataclasses.replace(interp, training={"stage": "interpolator", "num_frames": 16,
+                                             "interp_stride": 4})
+  assert generate.plan(dataclasses.replace(models, interpolator=(x4, models.interpolator[1])),
+                       options).interp_window == 4
+  with pytest.raises(ValueError, match=r"trained to fill in x4 \(key frames every 4 frames\), "
+                     r"asked for interp_stride=2"):
+    generate.plan(dataclasses.replace(models, interpolator2=(x4, models.interpolator[1])),
+                  options)
   # Context guidance (FAST: context_scale 1.5) against a no-context branch the predictor
   # never trained: noted; at scale 1 that branch is not used.
   models.predictor[0].training = {**models.predictor[0].training, "no_context_prob": 0.0}
@@ -555,8 +581,12 @@ def test_cli_seeds_and_notes(folders, tmp_path):
          seeds], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "--seeds must be distinct and at least one" in \
         proc.stderr, proc.stderr[-3000:]
-  # Personalisation flags that would do nothing, silently; a stride below 2.
+  # Personalisation flags that would do nothing, silently; a stride below 2; options no
+  # model decides (found after every model had loaded: minutes for SD-sized ones).
   for extra, said in ((["--interp_stride=1"], "--interp_stride must be >= 2, got 1"),
+                      (["--fps=0"], "fps must be positive, got 0.0"),
+                      (["--steps=0"], "steps must be >= 1"),
+                      (["--crf=60"], "crf must be an integer in [0, 51], got 60"),
                       (["--personalize_parts=vae"], "give --image_checkpoint too"),
                       (["--image_checkpoint=/x", "--personalize_parts="],
                        "--personalize_parts is empty")):
@@ -564,6 +594,7 @@ def test_cli_seeds_and_notes(folders, tmp_path):
         [sys.executable, "-m", "videoldm_jax.cli.generate", "--keyframe_model=/nonexistent",
          *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("n", [7, 8])

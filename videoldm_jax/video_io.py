@@ -60,7 +60,7 @@ def _tag_bt601(stream) -> None:
   cc.color_range = 1  # AVCOL_RANGE_MPEG: limited
 
 
-def _rate_and_crf(path: str, fps, crf) -> tuple[Fraction, int]:
+def rate_and_crf(path: str, fps, crf) -> tuple[Fraction, int]:
   """(the stream rate, the crf) for an mp4 writer, or ValueError naming the file.
 
   PyAV wants an int or Fraction rate: 29.97-style floats become 2997/100 (NumPy
@@ -118,7 +118,7 @@ def write_mp4(path: str, frames, fps: float = 8, crf: int = 18,
                        f"{h}x{w}; pass pad_odd=True or crop the frames")
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     h, w = frames.shape[1:3]
-  rate, crf = _rate_and_crf(path, fps, crf)
+  rate, crf = rate_and_crf(path, fps, crf)
 
   tmp = _atomic_target(path)
   try:
@@ -222,7 +222,7 @@ class Mp4Writer(_AtomicWriter):
   """
 
   def __init__(self, path: str, fps: float = 8, crf: int = 18, pad_odd: bool = True):
-    self._rate, crf = _rate_and_crf(path, fps, crf)
+    self._rate, crf = rate_and_crf(path, fps, crf)
     super().__init__(path)
     self.fps, self.crf, self.pad_odd = fps, crf, pad_odd
     self._container = None

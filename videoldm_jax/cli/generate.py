@@ -30,6 +30,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from videoldm_jax import video_io
 from videoldm_jax.cli import check_at_least, output_path, run_app, seed_outputs
 from videoldm_jax.pipelines import generate
 
@@ -147,6 +148,12 @@ def main(argv):
   if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
     raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")
   output_path(_OUTPUT.value, "output")
+  try:  # what no model decides, before minutes of loading them
+    generate.check_options(options(seeds[0]))
+    if out.suffix.lower() == ".mp4":
+      video_io.rate_and_crf(str(out), _FPS.value, _CRF.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   models = generate.load_chain(
       **{f"{s}_model": f.value for s, f in _FOLDERS.items()},
       image_checkpoint=_IMAGE.value, personalize_parts=_PARTS.value)

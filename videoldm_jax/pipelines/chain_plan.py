@@ -97,9 +97,9 @@ class Plan:
   notes: tuple = ()       # call lengths that differ from the models' training clips
 
 
-def plan(models: ChainModels, o: GenerateOptions) -> Plan:
-  """Frame counts and sizes of a run; raises ValueError for impossible options (before
-  anything is sampled)."""
+def check_options(o: GenerateOptions) -> None:
+  """ValueError for options impossible whatever the models (`plan` checks the rest):
+  callable before the models load, which takes minutes for SD-sized exports."""
   if not (o.fps > 0 and math.isfinite(o.fps)):
     raise ValueError(f"fps must be positive, got {o.fps}")
   for name in ("guidance_scale", "context_scale", "interp_guidance_scale",
@@ -123,6 +123,33 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   if o.gif and (o.gif_max_size < 1 or o.gif_max_frames < 1):
     raise ValueError(f"gif_max_size and gif_max_frames must be >= 1 (or gif=False), got "
                      f"{o.gif_max_size}, {o.gif_max_frames}")
+  if not 0 <= o.interp_passes <= 2:
+    raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
+  if o.interp_stride is not None and o.interp_stride < 2:
+    raise ValueError(f"interp_stride must be >= 2, got {o.interp_stride}")
+  if o.keyframes_per_clip < 1:
+    raise ValueError(f"keyframes_per_clip must be >= 1, got {o.keyframes_per_clip}")
+  if o.num_frames is not None and o.duration is not None:
+    raise ValueError("give num_frames or duration, not both")
+  if o.duration is not None and not (o.duration > 0 and math.isfinite(o.duration)):
+    raise ValueError(f"duration must be a positive number of seconds, got {o.duration}")
+  if ((o.num_frames is not None and o.num_frames < 1)
+      or (o.duration is not None and round(o.duration * o.fps) < 1)):
+    raise ValueError(f"the video must have at least one frame (num_frames={o.num_frames}, "
+                     f"duration={o.duration}, fps={o.fps})")
+  if o.height < 1 or o.width < 1:
+    raise ValueError(f"height and width must be positive, got {o.height}x{o.width}")
+  for name, chunk, overlap in (("decode", o.decode_chunk, o.decode_overlap),
+                               ("upsample", o.upsample_chunk, o.upsample_overlap)):
+    if chunk < 1 or overlap < 0:
+      raise ValueError(f"{name}_chunk must be >= 1 and {name}_overlap >= 0, got "
+                       f"{chunk}, {overlap}")
+
+
+def plan(models: ChainModels, o: GenerateOptions) -> Plan:
+  """Frame counts and sizes of a run; raises ValueError for impossible options (before
+  anything is sampled)."""
+  check_options(o)
   conditional = False
   for stage in ("keyframe", "predictor", "interpolator", "interpolator2"):
     entry = getattr(models, stage)
@@ -137,8 +164,6 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     if not 0 <= o.upsampler_noise_level < top:
       raise ValueError(f"upsampler_noise_level must be in [0, {top}) (the levels the "
                        f"upsampler was trained on), got {o.upsampler_noise_level}")
-  if not 0 <= o.interp_passes <= 2:
-    raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
   passes = o.interp_passes if models.interpolator is not None else 0
   trained = _trained_on(models)
   for name, stage in (("predictor", "predictor"), ("interpolator", "interpolator"),
@@ -160,21 +185,12 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
                        f"(key frames every {own} frames), asked for interp_stride={stride}")
   f = stride ** passes
   t = o.keyframes_per_clip
-  if t < 1:
-    raise ValueError(f"keyframes_per_clip must be >= 1, got {t}")
-  if o.num_frames is not None and o.duration is not None:
-    raise ValueError("give num_frames or duration, not both")
   if o.num_frames is not None:
     n = int(o.num_frames)
   elif o.duration is not None:
-    if not (o.duration > 0 and math.isfinite(o.duration)):
-      raise ValueError(f"duration must be a positive number of seconds, got {o.duration}")
     n = int(round(o.duration * o.fps))
   else:
     n = f * (t - 1) + 1
-  if n < 1:
-    raise ValueError(f"the video must have at least one frame (num_frames={o.num_frames}, "
-                     f"duration={o.duration}, fps={o.fps})")
   k = -(-(n - 1) // f) + 1
   p = t if o.predictor_frames is None else o.predictor_frames
   s = o.num_context
@@ -352,11 +368,6 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
       raise ValueError(f"the upsampler's output {out_hw[0]}x{out_hw[1]} must be a multiple "
                        f"of {c.size_multiple}: choose height and width multiples of "
                        f"{c.size_multiple // math.gcd(c.size_multiple, c.scale)}")
-  for name, chunk, overlap in (("decode", o.decode_chunk, o.decode_overlap),
-                               ("upsample", o.upsample_chunk, o.upsample_overlap)):
-    if chunk < 1 or overlap < 0:
-      raise ValueError(f"{name}_chunk must be >= 1 and {name}_overlap >= 0, got "
-                       f"{chunk}, {overlap}")
   return Plan(num_frames=n, num_keys=k, first_clip=first, new_per_round=p - s,
               rounds=rounds, passes=passes, generated_frames=f * (k - 1) + 1,
               latent_hw=(o.height // fac, o.width // fac), lowres_hw=(o.height, o.width),

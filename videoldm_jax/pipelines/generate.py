@@ -61,11 +61,11 @@ from videoldm_jax.pipelines import context_sampling, sampling, streaming, upsamp
 # The options, the plan and the loaded chain live in their own modules; they are part of
 # this module's API (videoldm-generate, the demo and bench.sample use them from here).
 from videoldm_jax.pipelines.chain_models import ChainModels, load_chain
-from videoldm_jax.pipelines.chain_plan import GenerateOptions, Plan, plan
+from videoldm_jax.pipelines.chain_plan import GenerateOptions, Plan, check_options, plan
 from videoldm_jax.pipelines.context_sampling import ContextSampleOptions
 
 __all__ = ["ChainModels", "GenerateOptions", "GenerationResult", "Plan", "generate_video",
-           "load_chain", "log_to_stderr", "plan"]
+           "check_options", "load_chain", "log_to_stderr", "plan"]
 
 Log = Callable[[str], None]
 
