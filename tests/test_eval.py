@@ -625,6 +625,26 @@ def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
     cli.evaluate(files, files, ["fvd"], i3d_resolution=0)
   with pytest.raises(app.UsageError, match="--metrics is empty"):
     cli.evaluate(files, files, [])
+  # A .json list of prompts must match the clips in number, as a .txt file.
+  table.write_text(json.dumps(["a", "b", "c", "d"]))
+  with pytest.raises(ValueError, match="4 prompts for 3 fake clips"):
+    cli.read_prompts(str(table), None, names)
+  # --max_videos with a prompts file covering every clip: its first prompts (the checks
+  # pass and the CLIP folder is reached).
+  (tmp_path / "p.txt").write_text("a\nb\nc\n")
+  with pytest.raises(FileNotFoundError, match="/none: no config.json"):
+    cli.evaluate([], files, ["clipsim"], clip_model="/none", max_videos=2,
+                 prompts_file=str(tmp_path / "p.txt"))
+  # The output is checked before any network is loaded (or any feature computed).
+  from absl import flags
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["videoldm-eval", f"--real={tmp_path / 'fake'}", f"--fake={tmp_path / 'fake'}",
+               "--metrics=fid", "--inception_weights=/none", f"--output={tmp_path}"])
+  try:
+    with pytest.raises(app.UsageError, match="is a folder; expected a file path"):
+      cli.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
   # A damaged .npy is named (numpy's message names no file).
   (tmp_path / "broken").mkdir()
   (tmp_path / "broken" / "cut.npy").write_bytes(
