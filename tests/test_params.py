@@ -30,3 +30,24 @@ def test_abstract_tree_is_traced_once_per_module_and_shapes(monkeypatch):
   params_lib.abstract_params(_unet(16), jnp.zeros((1, 16, 16, 4)), t, ctx)
   assert len(traced) == 3
   assert wider["conv_in"]["kernel"].shape == (3, 3, 4, 32) != first["conv_in"]["kernel"].shape
+
+
+def test_fresh_parameters_have_their_scale_and_a_seed_per_path():
+  # LeCun normal: std 1 / sqrt(fan_in) with fan_in = KH * KW * C_in for a conv kernel
+  # (C_in alone started from-scratch 3x3 convs 3x too large); each leaf drawn from a
+  # seed of its whole path (a seed of its name alone made every same-shaped 'kernel'
+  # equal: conv1 = conv2, to_q = to_k = to_v).
+  import numpy as np
+  from flax import traverse_util
+  x, t, ctx = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 1, 8))
+  p = traverse_util.flatten_dict(params_lib.init_params(_unet(16), 0, x, t, ctx))
+  res = ("down_blocks_0", "resnets_0")
+  conv1, conv2 = p[res + ("conv1", "kernel")], p[res + ("conv2", "kernel")]
+  assert conv1.shape == conv2.shape == (3, 3, 16, 16) and not np.array_equal(conv1, conv2)
+  assert abs(conv1.std() * np.sqrt(3 * 3 * 16) - 1) < 0.1, conv1.std()  # 2304 draws
+  dense = p[("time_embedding", "linear_1", "kernel")]
+  assert abs(dense.std() * np.sqrt(dense.shape[0]) - 1) < 0.15, (dense.shape, dense.std())
+  again = traverse_util.flatten_dict(params_lib.init_params(_unet(16), 0, x, t, ctx))
+  other = traverse_util.flatten_dict(params_lib.init_params(_unet(16), 1, x, t, ctx))
+  np.testing.assert_array_equal(again[res + ("conv1", "kernel")], conv1)
+  assert not np.array_equal(other[res + ("conv1", "kernel")], conv1)
