@@ -230,6 +230,24 @@ def test_attention_path_follows_implementation_and_target_platform():
     attention_lib.set_implementation("auto")
 
 
+def test_cudnn_takes_what_its_fused_attention_trains_on(monkeypatch):
+  # Its rules, on a stand-in for the first device of an NVIDIA host (this one has none):
+  # bf16 / fp16, head dims multiples of 8 up to 128 (256 from compute capability 9.0),
+  # even lengths (jax refused to train on SD's 77 context tokens).
+  import types
+  gpu = lambda capability: types.SimpleNamespace(
+      client=types.SimpleNamespace(platform_version="cuda 12.4"),
+      compute_capability=capability)
+  supports = attention_lib.cudnn_supports
+  monkeypatch.setattr(jax, "devices", lambda *a: [gpu("9.0")])
+  assert supports(jnp.bfloat16, 64, 1024, 1024) and supports(jnp.float16, 256, 64, 64)
+  assert not supports(jnp.bfloat16, 64, 1024, 77) and not supports(jnp.bfloat16, 64, 77, 64)
+  assert not supports(jnp.float32, 64, 1024, 1024)
+  assert not supports(jnp.bfloat16, 264, 64, 64) and not supports(jnp.bfloat16, 36, 64, 64)
+  monkeypatch.setattr(jax, "devices", lambda *a: [gpu("8.0")])
+  assert supports(jnp.bfloat16, 128, 64, 64) and not supports(jnp.bfloat16, 256, 64, 64)
+
+
 def test_cudnn_attention_counts_as_its_matmuls():
   # jax binds cuDNN's fused attention as primitives of these names (jax/_src/cudnn/
   # fused_attention_stablehlo.py); they only lower on a GPU, so stand-ins with the

@@ -92,6 +92,15 @@ def test_splash_leaves_what_it_cannot_run_to_the_formula(mesh):
     assert attention_lib.attention_path(TOKENS, TOKENS, jnp.float32, 512) != "splash"
   finally:
     attention_lib.set_implementation(*before)
+  # Heads the head axis cannot split evenly (3 on 2 devices): the formula, not an error.
+  q3 = jnp.zeros((4, TOKENS, 3 * HEAD_DIM))
+  attention_lib.set_implementation("splash")
+  try:
+    with attention_lib.partitioned(mesh, ("data", "fsdp"), ("tensor",)):
+      text = str(jax.make_jaxpr(lambda q: attention_lib.dot_product_attention(q, q, q, 3))(q3))
+  finally:
+    attention_lib.set_implementation(*before)
+  assert "pallas_call" not in text
   # A mesh axis cannot split both the batch and the heads.
   with pytest.raises(ValueError, match="split both the batch"):
     with attention_lib.partitioned(mesh, ("data", "tensor"), ("tensor",)):
