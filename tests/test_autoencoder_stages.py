@@ -203,6 +203,18 @@ def _train(config: str, workdir: Path, *flags: str) -> str:
   return proc.stderr
 
 
+def _loss_at_disc_start(setup, config):
+  """(params, batch, params -> (loss, metrics), the loss and metrics at params) of
+  `setup`'s stage at step disc_start, where the adversarial terms are on (checked)."""
+  params = jax.tree_util.tree_map(jnp.asarray, setup.init_params())
+  batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_batch(config)))
+  key, step = jax.random.key(3), config.loss.disc_start
+  loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
+  loss, m = loss_fn(params)
+  assert float(m["d_weight"]) > 0 and float(m["disc_factor"]) == 1.0
+  return params, batch, loss_fn, loss, m
+
+
 def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   # At step disc_start (on from there): loss = L1 + w_p LPIPS + lambda f L_G + w_kl KL +
   # L_D, KL per pixel value; lambda from the last decoder kernel's gradients of the
@@ -214,13 +226,8 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   _tiny_vgg_file(tmp_path / "vgg.safetensors")
   c.loss.update(perceptual_weight=0.5, perceptual_weights_path=str(tmp_path / "vgg.safetensors"),
                 kl_weight=0.3, disc_weight=0.7)
-  setup = autoencoder.setup(c, tmp_path / "run")
-  params = jax.tree_util.tree_map(jnp.asarray, setup.init_params())
-  batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_batch(c)))
-  key, step = jax.random.key(3), c.loss.disc_start
-  loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
-  loss, m = loss_fn(params)
-  assert float(m["d_weight"]) > 0 and float(m["disc_factor"]) == 1.0  # on at disc_start
+  params, batch, loss_fn, loss, m = _loss_at_disc_start(autoencoder.setup(c, tmp_path / "run"),
+                                                        c)
   np.testing.assert_allclose(float(m["reconstruction_loss"]),
                              float(m["rec_loss"] + 0.5 * m["perceptual_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss), float(
@@ -266,13 +273,8 @@ def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_l
   c = _config("decoder")
   c.data.update(batch_size=1, num_frames=3)
   c.loss.disc_weight = 0.7
-  setup = decoder.setup(c, tmp_path / "run")
-  params = jax.tree_util.tree_map(jnp.asarray, setup.init_params())
-  batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_batch(c)))
-  key, step = jax.random.key(3), c.loss.disc_start
-  loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
-  loss, m = loss_fn(params)
-  assert float(m["d_weight"]) > 0 and float(m["disc_factor"]) == 1.0
+  params, batch, loss_fn, loss, m = _loss_at_disc_start(decoder.setup(c, tmp_path / "run"),
+                                                        c)
   disc = VideoPatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
   real = disc.apply({"params": params["discriminator"]},
                     batch["video"].astype(jnp.float32) / 127.5 - 1.0)
