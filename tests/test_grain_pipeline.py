@@ -248,6 +248,14 @@ def test_random_crops_and_flips_take_one_draw_per_clip():
   images = make_video_dataset(_list_source(), **{**kw, "num_frames": 1}, image_fraction=1.0)
   image_columns = np.concatenate([b["video"] for b in _take(images, 8)])[..., 2].astype(int)
   assert (image_columns[:, 0, 0, 0] > image_columns[:, 0, 0, -1]).any()
+  # The image / video coin is drawn whatever image_fraction: the video examples of a
+  # stream with image examples are those of a stream without, crops and flips included.
+  videos, mixed = (np.concatenate([b["video"] for b in _take(make_video_dataset(
+      _list_source(), **kw, image_fraction=f), 4)]) for f in (0.0, 0.5))
+  flags = np.concatenate([b["image_only"][:, 0] for b in _take(make_video_dataset(
+      _list_source(), **kw, image_fraction=0.5), 4)])
+  assert 0 < flags.sum() < len(flags)
+  np.testing.assert_array_equal(mixed[~flags], videos[~flags])
 
 
 def test_hflip_mirrors_some_examples_and_nothing_else():
@@ -290,6 +298,12 @@ def test_image_only_flags_follow_image_fraction(fraction):
         assert len(set(clips.tolist())) == 4  # frames from 4 different clips
       else:
         assert (clips == index).all()
+  if fraction:
+    # An image example's frame is any frame of its clip (channel 0: the frame number),
+    # not always the first.
+    frames = np.concatenate([b["video"][b["image_only"][:, 0]][:, :, 0, 0, 0]
+                             for b in batches])
+    assert len(set(frames.ravel().tolist())) > 5, frames
 
 
 def test_short_clips_are_replaced_deterministically_with_a_warning(caplog):
@@ -323,6 +337,12 @@ def test_short_clips_are_replaced_deterministically_with_a_warning(caplog):
   assert len(used) == 2 * N_LIST and set(used.tolist()) == {5}
   for a, b in zip(*runs):
     np.testing.assert_array_equal(a["video"], b["video"])
+  # A replacement is drawn, not always the same neighbour (which would see its clip
+  # twice as often): unshuffled, clip 1's place takes several clips over the epochs.
+  in_order = make_video_dataset(src, **{**kw, "shuffle": False, "num_epochs": 10,
+                                         "batch_size": 1})
+  used = np.concatenate([b["source_index"] for b in in_order]).reshape(10, N_LIST)
+  assert len(set(used[:, 1].tolist())) >= 3, used[:, 1]
 
 
 def test_clear_errors():
