@@ -421,6 +421,12 @@ def test_trainer_reads_any_tfds_dataset_by_name(tfds_dir, tmp_path):
                      batch_size=2, num_frames=4, height=32, width=32)
   batch = next(inputs.make_iterator(config, tmp_path, {}))
   assert batch["video"].shape == (2, 4, 32, 32, 3) and batch["video"].dtype == np.uint8
+  # config.data.frame_stride reaches the clip sampler: every other frame, other clips.
+  config.data.frame_stride = 2
+  strided = next(inputs.make_iterator(config, tmp_path, {}))
+  assert strided["video"].shape == batch["video"].shape
+  assert not np.array_equal(strided["video"], batch["video"])
+  config.data.frame_stride = 1
   config.data.tfds_name = ""
   with pytest.raises(ValueError, match="data.tfds_name"):
     inputs.make_iterator(config, tmp_path, {})

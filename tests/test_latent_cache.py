@@ -159,8 +159,8 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
   vae_config = {"scaling_factor": 0.5, "block_out_channels": [1]}  # factor 1
   vae_params = {"w": np.ones(3, np.float32)}
   latent_cache.write_cache(
-      tmp_path / "c", ({"latents": np.full((1, 1, 1, 1), i, np.float32), "index": i}
-                       for i in range(16)),
+      tmp_path / "c", ({"latents": np.full((1, 1, 1, 1), i, np.float32), "index": i,
+                        "crowdedness": i % 3} for i in range(16)),
       vae_config=vae_config, vae_params=vae_params, num_shards=3)
   data = ml_collections.ConfigDict(dict(cache_dir=str(tmp_path / "c"), batch_size=4,
                                        num_frames=1, height=1, width=1))
@@ -195,6 +195,13 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
     halves.append(next(inputs.make_iterator(config, tmp_path, check))["latents"]
                   .reshape(-1).tolist())
   assert halves[0] + halves[1] == whole[0]
+  # Labels come from config.data.label_field, as int32 (the records' own values).
+  config.data.label_field = "crowdedness"
+  batch = next(inputs.make_iterator(config, tmp_path, check))
+  assert batch["labels"].dtype == np.int32
+  assert batch["labels"].tolist() == [int(x) % 3 for x in batch["latents"].reshape(-1)]
+  assert "labels" not in next(inputs.ShareIterator(
+      iter(inputs._cache_dataset(data, 0, 0, 1, check, "label")), 4, 1))
 
 
 def test_incomplete_cache_is_refused(setup, tmp_path):
