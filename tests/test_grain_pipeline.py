@@ -368,6 +368,12 @@ def test_clear_errors():
                            process_count=1)
   with pytest.raises(KeyError, match="source example 0: expected a dict with a 'video'"):
     _take(bad, 1)
+  # A label past int32 (the class embedding's index type) is named, not wrapped.
+  huge = [dict(src[0], label=np.int64(2 ** 31))]
+  with pytest.raises(ValueError, match=r"source example 0: label field 'label' = "
+                     "2147483648 does not fit int32"):
+    _take(make_video_dataset(huge, seed=0, batch_size=1, num_frames=2, height=8, width=8,
+                             process_index=0, process_count=1), 1)
 
 
 def test_worker_processes_cover_the_epoch_and_resume(tfds_train):

@@ -149,6 +149,8 @@ def test_mixed_folder_skips_bad_items_with_reasons(mixed):
   builder, _, messages = mixed
   report = json.loads(open(os.path.join(builder.data_dir, vf.SKIPPED_REPORT)).read())
   assert {s["path"]: s["reason"] for s in report["skipped"]} == EXPECTED_SKIPS
+  paths = [s["path"] for s in report["skipped"]]
+  assert paths == sorted(paths)  # (so that two builds' reports diff well)
   assert report["num_skipped"] == len(EXPECTED_SKIPS)
   assert report["num_examples"] == len(GOOD)
   assert report["skipped_by_reason"] == {
@@ -448,6 +450,10 @@ def test_target_fps_picks_frames_by_time_in_a_variable_rate_video(tmp_path):
   path = str(tmp_path / "cfr.mp4")
   _write_with(path, frames[:40], "libx264", fps=30)
   clip = sources.decode_clip(path, max_frames=None, target_fps=10)
+  assert kept(clip) == list(range(0, 40, 3)) and clip.fps == pytest.approx(10)
+  # The nearest whole stride: 30 / 11 = 2.7 keeps every 3rd frame (10 fps), not every
+  # 2nd (15 fps, further from 11).
+  clip = sources.decode_clip(path, max_frames=None, target_fps=11)
   assert kept(clip) == list(range(0, 40, 3)) and clip.fps == pytest.approx(10)
   # A constant rate with its last frame held for 1 s (an average rate of 20.8 fps):
   # still every 3rd frame, not slots of the average (0, 3, 6, 9, 12, 14, ...).
