@@ -193,16 +193,38 @@ def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
                              [0.8, 1.6], rtol=1e-6)
 
 
+def test_a_finite_loss_with_an_infinite_gradient_is_skipped():
+  # sqrt(|w|) at w = 0: the loss is 0, its gradient infinite (as a bf16 gradient that
+  # overflows): the update would make the weights -inf. Skipped and counted, nothing
+  # changed.
+  tx = optax.sgd(0.1)
+  stage = step_lib.Stage("s", lambda path: True, lambda p, batch, key, step=None: (
+      jnp.sum(jnp.sqrt(jnp.abs(p["w"]))), {}))
+  w = {"w": jnp.zeros((2,), jnp.float32)}
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=w, frozen={},
+                              opt_state=tx.init(w), ema={"w": jnp.ones((2,))},
+                              skipped=jnp.zeros((), jnp.int32))
+  state, metrics = step_lib.build_train_step(stage, tx, seed=0)(state, {"x": jnp.ones(2)})
+  assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"]) and int(state.skipped) == 1 and int(state.step) == 1
+  np.testing.assert_array_equal(state.trainable["w"], [0.0, 0.0])
+  np.testing.assert_array_equal(state.ema["w"], [1.0, 1.0])
+
+
 def test_learning_rate_schedule_warmup_and_none():
   from videoldm_jax.train import optim
   cfg = lambda warmup: ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=warmup, total_steps=10, final_lr_fraction=0.1))
   with_warmup = optim.learning_rate(cfg(2))
-  np.testing.assert_allclose([float(with_warmup(s)) for s in (0, 1, 2, 10)],
-                             [0.0, 5e-4, 1e-3, 1e-4], rtol=1e-6)
+  # The cosine runs from the warmup's end to total_steps: halfway (step 6) it is at
+  # lr (f + (1 - f) / 2) = 5.5e-4 (a decay over total_steps after the warmup, a common
+  # slip with optax's decay_steps, ended 2 steps early: 3.3e-4 there).
+  np.testing.assert_allclose([float(with_warmup(s)) for s in (0, 1, 2, 6, 10)],
+                             [0.0, 5e-4, 1e-3, 5.5e-4, 1e-4], rtol=1e-6)
   # No warmup: the first update already uses lr (not 0), decaying to the same end.
   none = optim.learning_rate(cfg(0))
-  np.testing.assert_allclose([float(none(s)) for s in (0, 10)], [1e-3, 1e-4], rtol=1e-6)
+  np.testing.assert_allclose([float(none(s)) for s in (0, 5, 10)], [1e-3, 5.5e-4, 1e-4],
+                             rtol=1e-6)
   # A warmup as long as the schedule never decays: a run of total_steps ended still
   # warming up (optax stretched the schedule to warmup + 1 steps).
   for warmup in (10, 20):
