@@ -116,6 +116,45 @@ def test_ddpm_step_matches_diffusers_with_same_noise(torch_cpu, kind, t):
   assert max_rel_err(ours, expected.numpy()) < 1e-6
 
 
+def test_ddpm_step_clips_x0_as_diffusers(torch_cpu):
+  # clip_sample_range 0.5 (a DDPM config's clip_sample, as DDIM's): x0_hat is clipped
+  # before the posterior mean.
+  torch = torch_cpu
+  ref = _ref("DDPMScheduler", clip_sample=True, clip_sample_range=0.5, steps_offset=1)
+  ref.set_timesteps(10)
+  out, x = _randn(5), _randn(6) * 3
+  expected = ref.step(torch.from_numpy(out), 601, torch.from_numpy(x),
+                      generator=torch.Generator().manual_seed(7)).prev_sample
+  noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).numpy()
+  s = schedules.make_schedule("scaled_linear")
+  ours = samplers.ddpm_step(s, jnp.asarray(out), 601, 501, jnp.asarray(x), "epsilon",
+                            clip_sample=0.5, noise=jnp.asarray(noise))
+  assert max_rel_err(ours, expected.numpy()) < 1e-6
+  unclipped = samplers.ddpm_step(s, jnp.asarray(out), 601, 501, jnp.asarray(x), "epsilon",
+                                 noise=jnp.asarray(noise))
+  assert max_rel_err(unclipped, expected.numpy()) > 1e-3
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_runs_draw_fresh_noise_at_every_step(sampler, eta):
+  # Step i's noise comes from fold_in(key, i) (one key for every step correlates the
+  # noise of the whole run); eta and clip_sample reach each step.
+  s = schedules.make_schedule("scaled_linear")
+  x_T, key = jnp.asarray(_randn(12)), jax.random.key(3)
+  fn = lambda x, t: 0.3 * x
+  # (clip_sample 1: x0_hat = (x - 0.3 sigma x) / alpha is clipped in the early steps)
+  out = samplers.sample(fn, x_T, s, 5, sampler, key=key, eta=eta, progress=False,
+                        steps_offset=1, clip_sample=1.0)
+  grid = samplers.timestep_grid(s.num_train_timesteps, 5, sampler, None, 1)
+  x = x_T
+  for i, (t, t_next) in enumerate(zip(grid, grid[1:] + [-1])):
+    noise = schedules.gaussian_noise(jax.random.fold_in(key, i), x.shape)
+    kw = dict(final_alpha_cumprod=1.0, noise=noise, clip_sample=1.0)
+    x = (samplers.ddpm_step(s, fn(x, None), t, t_next, x, **kw) if sampler == "ddpm" else
+         samplers.ddim_step(s, fn(x, None), t, t_next, x, eta=eta, **kw))
+  assert max_rel_err(out, x) < 1e-5
+
+
 def _toy_jax(x, t_b):
   return 0.1 * x + jnp.sin(schedules.per_example(t_b.astype(jnp.float32), x))
 
