@@ -123,6 +123,15 @@ def test_patch_trained_weights_sample_full_frames_at_4x(trained):
   assert float(jnp.max(jnp.abs(lo - hi))) > 1e-3
   again = upsampling.upsample(model, trained["params"], lowres, noise_level=0, steps=2, seed=0)
   np.testing.assert_array_equal(np.asarray(lo), np.asarray(again))
+  # ... also where the UNet cannot tell the labels apart (row 300 of the class table
+  # made row 0's): the condition itself is noised at the level asked for.
+  params = trained["params"]
+  table = jnp.asarray(params["unet"]["class_embedding"]["embedding"])
+  same_rows = {**params, "unet": {**params["unet"], "class_embedding": {
+      "embedding": table.at[300].set(table[0])}}}
+  lo, hi = (upsampling.upsample(model, same_rows, lowres, noise_level=n, steps=2, seed=0)
+            for n in (0, 300))
+  assert float(jnp.max(jnp.abs(lo - hi))) > 1e-3
   # Levels the model never trained on (training draws [0, max_noise_level)) are refused.
   with pytest.raises(ValueError, match=r"noise_level must be in \[0, max_noise_level=350\)"):
     upsampling.upsample(model, trained["params"], lowres, noise_level=350, steps=2)
