@@ -625,6 +625,12 @@ def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
     cli.evaluate(files, files, ["fvd"], i3d_resolution=0)
   with pytest.raises(app.UsageError, match="--metrics is empty"):
     cli.evaluate(files, files, [])
+  # One prompt for all or a file of them, not both (--prompt won silently); a file
+  # that is not a video given as clips.
+  with pytest.raises(app.UsageError, match="give --prompt .* or --prompts, not both"):
+    cli.read_prompts(str(table), "a cat", names)
+  with pytest.raises(ValueError, match=r"p.json': not a video file \(expected .mp4/"):
+    cli.expand_inputs(str(table))
   # A .json list of prompts must match the clips in number, as a .txt file.
   table.write_text(json.dumps(["a", "b", "c", "d"]))
   with pytest.raises(ValueError, match="4 prompts for 3 fake clips"):

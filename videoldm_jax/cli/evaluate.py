@@ -97,6 +97,9 @@ def expand_inputs(spec: str) -> list[VideoFile]:
     if p.is_dir():
       found = _folder_files(p)
     elif p.is_file():
+      if p.suffix.lower() not in VIDEO_SUFFIXES:  # (a prompts file as --fake, say)
+        raise ValueError(f"{entry!r}: not a video file (expected "
+                         f"{'/'.join(VIDEO_SUFFIXES)})")
       found = [VideoFile(p, p.name)]
     else:
       # Names relative to the pattern's fixed folder: 'runs/*/samples' gives
@@ -220,6 +223,8 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
   clip only, and a name that several clips have (e.g. x.mp4 in two --fake folders)
   is refused."""
   num_clips = len(names) if num_clips is None else num_clips
+  if prompt is not None and path is not None:
+    raise app.UsageError("give --prompt (one prompt for every clip) or --prompts, not both")
   if prompt is not None:
     return [prompt] * len(names)
   if path is None:
