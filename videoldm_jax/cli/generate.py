@@ -58,7 +58,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "one video per seed")
 _FRAMES = flags.DEFINE_integer("num_frames", None, "frames of the output video")
 _DURATION = flags.DEFINE_float("duration", None, "seconds of video (instead of num_frames)")
 _FPS = flags.DEFINE_float("fps", 24.0, "frame rate of the output (key frames run at "
-                          "fps / 4^passes)")
+                          "fps / stride^passes; the stride is the interpolator's, 4 "
+                          "by default)")
 _HEIGHT = flags.DEFINE_integer("height", 64, "frame height before the upsampler")
 _WIDTH = flags.DEFINE_integer("width", 64, "frame width before the upsampler")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "sampler")
