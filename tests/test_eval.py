@@ -621,6 +621,8 @@ def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
     cli.evaluate(files, files, ["fvd", "clipsim"], clip_model="/none", i3d_weights="/none")
   with pytest.raises(ValueError, match="1 real clip\\(s\\): fvd needs at least 2"):
     cli.evaluate(solo, files, ["fvd"], i3d_weights="/none")
+  with pytest.raises(app.UsageError, match="--num_frames=8: fvd's I3D needs at least 9"):
+    cli.evaluate(files, files, ["fvd"], num_frames=8, i3d_weights="/none")
   with pytest.raises(app.UsageError, match="--i3d_resolution must be >= 1"):
     cli.evaluate(files, files, ["fvd"], i3d_resolution=0)
   with pytest.raises(app.UsageError, match="--metrics is empty"):

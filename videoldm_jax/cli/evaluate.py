@@ -296,6 +296,9 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
     raise app.UsageError("clipsim needs --clip_model (a transformers CLIPModel folder)")
   if not metrics:
     raise app.UsageError(f"--metrics is empty; choose from {METRICS}")
+  if "fvd" in metrics and num_frames < i3d.MIN_FRAMES:  # (found after I3D had loaded)
+    raise app.UsageError(f"--num_frames={num_frames}: fvd's I3D needs at least "
+                         f"{i3d.MIN_FRAMES} frames per clip")
   check_at_least(("num_frames", num_frames, 1), ("batch_size", batch_size, 1),
                  ("max_videos", max_videos, 0), ("frame_stride", frame_stride, 1),
                  ("is_splits", is_splits, 1), ("i3d_resolution", i3d_resolution, 1))
