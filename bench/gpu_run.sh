@@ -14,12 +14,17 @@
 #
 #   OUT=work/gpu_run bash bench/gpu_run.sh          # OUT defaults to work/gpu_run
 #
+# Exits 1 when a case failed or ran out of time (its lines so far are still kept).
+#
 # The machine's own Python and JAX are used (no install). Packages it lacks travel as
 # wheels in .whl/ (ml_collections, grain, array_record, portpicker: bench/README.md
 # says how to fetch them) and are installed into /tmp/site.
 set -u
 OUT=${OUT:-work/gpu_run}
+case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac  # (from the caller's folder)
+cd "$(dirname "$0")/.."  # the package, bench/ and .whl/ are found from the checkout
 mkdir -p "$OUT"
+: > "$OUT/results.jsonl"  # this run's lines only (an earlier run's were shown as new)
 PY=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -52,9 +57,13 @@ run_case() {  # name, command...
   local rc=$?
   grep '^{' "$OUT/$name.out" >> "$OUT/results.jsonl"
   cat "$OUT/$name.out"
-  [ $rc -ne 0 ] && tail -n 25 "$OUT/$name.err"
+  if [ $rc -ne 0 ]; then
+    tail -n 25 "$OUT/$name.err"
+    FAILED="$FAILED $name"
+  fi
   echo "== $name: rc=$rc, $((SECONDS - t0)) s"
 }
+FAILED=""
 
 TS="$PY -m bench.train_step --dtype=bfloat16 --steps=10 --warmup=3 --stage=keyframe"
 run_case sd15_temporal_auto $TS --workload=SD15 --mode=temporal --attention=auto
@@ -70,3 +79,7 @@ run_case sd15_sample $PY -m bench.sample --workload=SD15 --dtype=bfloat16 --step
 run_case w2_bf16 $TS --workload=W2 --mode=temporal,full
 echo "== results"
 cat "$OUT/results.jsonl"
+if [ -n "$FAILED" ]; then
+  echo "== failed or cut off:$FAILED" >&2
+  exit 1
+fi

@@ -17,11 +17,13 @@
 #     128x128);
 #  9. videoldm-eval: FVD of generated clips against held-out clips.
 # A re-run resumes unfinished stages; a finished one stops at once.
-#   bash launch/demo.sh                  # writes work/demo/...
-#   WORK=/tmp/demo bash launch/demo.sh   # elsewhere
+#   bash launch/demo.sh                  # writes work/demo/... in the checkout
+#   WORK=/tmp/demo bash launch/demo.sh   # elsewhere (a relative WORK: from your folder)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-WORK=${WORK:-work/demo}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${WORK:-$ROOT/work/demo}
+case $WORK in /*) ;; *) WORK=$PWD/$WORK ;; esac  # (it went inside the checkout)
+cd "$ROOT"
 # shellcheck source=launch/venv.sh
 . launch/venv.sh
 ensure_venv demo.sh

@@ -4,7 +4,7 @@
 # references), runs pytest.
 #   bash launch/test.sh                 # everything
 #   bash launch/test.sh -k parity -x    # extra arguments go to pytest
-#   bash launch/test.sh tests/test_eval.py  # only the tests named
+#   bash launch/test.sh tests/test_eval.py  # only the tests named (paths from the checkout)
 #   TEST_WORKERS=1 bash launch/test.sh  # one process (default: 2 pytest-xdist workers)
 set -euo pipefail
 cd "$(dirname "$0")/.."

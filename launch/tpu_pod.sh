@@ -134,6 +134,13 @@ else
   if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
     echo "tpu_pod.sh: warning: uncommitted changes are not copied (git archive HEAD)" >&2
   fi
+  # New files never committed (a config just written, say) are not copied either.
+  untracked=$(git ls-files --others --exclude-standard 2>/dev/null | awk 'NR <= 5' |
+               tr '\n' ' ' || true)
+  if [ -n "$untracked" ]; then
+    echo "tpu_pod.sh: warning: files not in git are not copied (git archive HEAD):" \
+         "$untracked" >&2
+  fi
   archive=${TMPDIR:-/tmp}/videoldm-jax-code-$$.tar.gz  # per launch: two may run at once
   trap 'rm -f "$archive"' EXIT
   run git archive --format=tar.gz -o "$archive" HEAD

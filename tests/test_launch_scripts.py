@@ -63,6 +63,27 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers():
   assert "venv --clear .venv" in install[install.index("--command") + 1]
 
 
+def test_tpu_pod_warns_of_what_git_archive_leaves_out(tmp_path):
+  # The workers get `git archive HEAD`: an edited file's change and a file never
+  # committed (a config just written) are not there; both are said before the launch.
+  repo = tmp_path / "checkout"
+  (repo / "launch").mkdir(parents=True)
+  (repo / "launch" / "tpu_pod.sh").write_text((ROOT / "launch" / "tpu_pod.sh").read_text())
+  git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True,
+                                  capture_output=True)
+  git("init", "-q")
+  git("add", "-A")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+  env = _env(dict(TPU_NAME="pod", ZONE="z"))
+  run = lambda: subprocess.run(["bash", "launch/tpu_pod.sh", "--dry_run", "--", *USER_CMD],
+                               cwd=repo, env=env, capture_output=True, text=True,
+                               check=True).stderr
+  assert "warning" not in run()
+  (repo / "configs").mkdir()
+  (repo / "configs" / "my_run.py").write_text("x = 1\n")
+  assert "files not in git are not copied (git archive HEAD): configs/my_run.py" in run()
+
+
 def test_tpu_pod_recreates_a_preempted_spot_slice(tmp_path):
   # A preempted spot slice stays listed: `describe` succeeded, so the re-run (the way to
   # resume) skipped `create` and failed on scp to a slice that cannot run.
