@@ -16,8 +16,8 @@
 #       [--port=PORT] [--dry_run] -- videoldm-train --config=configs/keyframe_tiny.py \
 #       --workdir="work/mp run"
 #
-# Variables (flags override): NUM_PROCESSES (2), DEVICES_PER_PROCESS (2), PORT (a free
-# port from 20000-29999), VENV (activated when it exists; default: .venv of the checkout
+# Variables (flags override): NUM_PROCESSES (2), DEVICES_PER_PROCESS (2), PORT (a random
+# port from 20000-29999, not checked: set it if that one is taken), VENV (activated when it exists; default: .venv of the checkout
 # this script is in, wherever it is called from).
 set -euo pipefail
 if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
