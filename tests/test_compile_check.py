@@ -53,10 +53,11 @@ def test_tiny_keyframe_step_fits_a_v5e_2x2_and_fsdp_shards_it(fsdp_report):
 
 
 def test_memory_per_device_is_the_chips_hbm_over_its_devices():
-  # A v4 chip is two TensorCores, each a JAX device with half the chip's 32 GiB; a v5e
-  # chip is one device with all of its 16 GiB.
+  # A v4 chip's two TensorCores are one JAX device on a TPU VM (megacore), with the
+  # chip's 32 GiB (libtpu's default description split them: 8 devices of 16 GiB here,
+  # twice the devices training sees); a v5e chip is one device with its 16 GiB.
   devices, memory = compile_check.topology_devices("v4:2x2x1")
-  assert len(devices) == 8 and memory == 16 * compile_check.GiB
+  assert len(devices) == 4 and memory == 32 * compile_check.GiB
   devices, memory = compile_check.topology_devices("v5e:2x2")
   assert len(devices) == 4 and memory == 16 * compile_check.GiB
 

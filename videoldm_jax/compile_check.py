@@ -29,10 +29,13 @@ from videoldm_jax.stages import base
 from videoldm_jax.train import step as step_lib
 
 GiB = 1024 ** 3
-# HBM per chip (public spec sheets). A chip may expose several JAX devices (v4: 2
-# TensorCores); memory per device is HBM per chip / devices per chip.
+# HBM per chip (public spec sheets); memory per device is HBM per chip / devices per
+# chip (one each as described below).
 HBM_PER_CHIP = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB,
                 "v6e": 32 * GiB}
+# TPU generations whose training devices are megacore chips (libtpu's compile-only
+# topology describes them per TensorCore by default: twice the devices, half the HBM).
+MEGACORE = ("v4",)
 # GPUs: XLA cannot compile for a GPU on a machine without one, so "h100:N" compiles the
 # step for N fake CPU devices (the same sharding and per-device state; temporaries from
 # XLA CPU's buffer assignment, a proxy for the GPU program's) traced as for a GPU, and
@@ -135,7 +138,10 @@ def topology_devices(topology: str) -> tuple[list, Optional[int]]:
                      f"{sorted(HBM_PER_CHIP)} with a chip grid, e.g. v5p:4x4x4, v5e:8x8")
   try:
     from jax.experimental import topologies
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    # A v4 chip's two TensorCores run as one JAX device on a TPU VM (megacore); the
+    # compile-only description splits them unless asked for that chip config.
+    extra = {"chip_config_name": "megacore"} if kind in MEGACORE else {}
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **extra)
   except Exception as e:  # libtpu missing, busy, or the topology unknown
     hint = ("another process on this machine is using libtpu (one at a time): wait for "
             "it, or remove the lockfile if no such process is left"
