@@ -189,6 +189,24 @@ def test_streaming_stats_equal_batch_stats(tmp_path):
   assert fvd.FeatureStats.load(tmp_path / "real_stats").count == 257
   with pytest.raises(ValueError, match="non-finite"):
     stream.update(np.full((1, 16), np.nan))
+  # The networks give float32 features: summed in float64 (in float32 the one-pass
+  # covariance of features with mean 300 and std 1 was 5% off).
+  x32 = (rng.standard_normal((512, 64)) + 300).astype(np.float32)
+  stream = fvd.FeatureStats(64)
+  for chunk in np.array_split(x32, [1, 100, 300]):
+    stream.update(chunk)
+  np.testing.assert_allclose(stream.cov, np.cov(x32.astype(np.float64), rowvar=False),
+                             atol=1e-6)
+
+
+def test_batched_runs_round_the_batch_up_to_the_devices_and_drop_padding():
+  # 3 rows per batch on the 8 test devices: batches of 8 (an equal share each); 5 rows
+  # give 5 outputs (the 3 rows of padding dropped).
+  from videoldm_jax.eval.batching import BatchedApply
+  runner = BatchedApply(lambda v, x: x * 2, {}, 3)
+  assert runner.batch_size == len(jax.local_devices()) == 8
+  x = np.arange(5, dtype=np.float32)[:, None]
+  np.testing.assert_array_equal(runner(x), 2 * x)
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +347,9 @@ def test_fid_and_is_run_on_random_inception(inception_file):
   frame_batch = _BATCH * _T  # as the CLI test: one compilation for both
   res = fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2)
   assert res["fid"] < 1e-3 and 1.0 <= res["is"] <= 1008 and np.isfinite(res["is_std"])
+  # A frame stride applies to both sets (the same videos: the same frames, FID ~0).
+  assert fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2,
+                             frame_stride=2)["fid"] < 1e-3
   other = _blobs(3, seed=3, t=4)
   assert fid.fid_from_videos(videos, other, str(path), batch_size=frame_batch,
                              splits=2)["fid"] > 0
