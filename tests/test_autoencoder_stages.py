@@ -446,6 +446,11 @@ def test_a_decoder_export_keeps_the_unet_training_record_apart(tmp_path):
   index_path.write_text(json.dumps(index))
   older = pretrained.load(tmp_path / "export")
   assert older.training == {} and older.decoder_training["stage"] == "decoder"
+  # ... as did the autoencoder stage's.
+  index["training"]["stage"] = "autoencoder"
+  index_path.write_text(json.dumps(index))
+  older = pretrained.load(tmp_path / "export")
+  assert older.training == {} and older.decoder_training["stage"] == "autoencoder"
 
 
 def test_a_decoder_export_continues_in_the_decoder_stage_and_feeds_a_latent_upsampler(

@@ -280,8 +280,14 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
   config = _config("predictor_tiny", num_frames=4)
   config.predictor.num_context_probs = (0.5, 0.5, 0.0)
   assert pretrained.training_record(config)["max_context"] == 1
-  # How often a clip trained without context (the branch context guidance subtracts).
+  # How often a clip trained without context (the branch context guidance subtracts):
+  # the weights are normalised ((1, 1, 2): a quarter).
   assert pretrained.training_record(config)["no_context_prob"] == 0.5
+  weights = config.copy_and_resolve_references()
+  weights.predictor.num_context_probs = (1.0, 1.0, 2.0)
+  weights.data.update(height=8, width=16)  # (and the record keeps the frame's shape)
+  record = pretrained.training_record(weights)
+  assert record["no_context_prob"] == 0.25 and (record["height"], record["width"]) == (8, 16)
   interp = _config("interpolator_tiny", num_frames=8)
   assert pretrained.training_record(interp)["no_context_prob"] == \
       interp.interpolator.context_drop_prob
@@ -318,6 +324,18 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
   config.sample.every = 0  # no samples: nothing to check
   config.sample.num_context = 5
   predictor.check_sample_context(config)
+
+
+def test_a_video_model_folder_keeps_its_temporal_config(keyframe_export, tmp_path):
+  # Every field of the temporal layers' config survives a save and a load (the layer
+  # layout and the mixing / frame-encoding settings sampling depends on).
+  import dataclasses
+  model = pretrained.load(keyframe_export)
+  changed = dataclasses.replace(model.temporal_config, mix_init=1.5, max_period=500.0)
+  assert changed != TemporalConfig()
+  folder = pretrained.save(tmp_path / "copy", dataclasses.replace(
+      model, temporal_config=changed), keyframe_export / "tokenizer")
+  assert pretrained.load(folder).temporal_config == changed
 
 
 def test_a_context_export_keeps_its_context_encoder_widths(keyframe_export, tmp_path):
