@@ -180,6 +180,10 @@ def test_added_tokens_are_split_out_as_transformers_does(tmp_path, hf_clip_token
   n = len(json.loads((slow / "vocab.json").read_text(encoding="utf-8")))
   (slow / "added_tokens.json").write_text(json.dumps({"<cat-toy>": n}))
   assert CLIPTokenizer.from_folder(str(slow)).encode("a <cat-toy>")[-1] == n
+  # A converted or exported model folder keeps them (its tokenizer is copied).
+  from videoldm_jax import pretrained
+  pretrained.copy_tokenizer(slow, tmp_path / "copied")
+  assert CLIPTokenizer.from_folder(str(tmp_path / "copied")).encode("a <cat-toy>")[-1] == n
 
 
 def test_special_tokens_map_wins_over_a_legacy_config(tmp_path, hf_clip_tokenizer):

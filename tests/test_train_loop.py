@@ -297,6 +297,11 @@ def test_export_folders_appear_only_when_complete(tmp_path):
   write_folder(out, lambda folder: (folder.mkdir(), (folder / "x").write_text("1")))
   assert (out / "x").read_text() == "1"
   assert [p.name for p in out.parent.iterdir()] == ["step_5"]
+  # The newest EMA export, by step number: not a raw-weights export, not step 40 < 100.
+  from videoldm_jax.train.loop import latest_export
+  for name in ("step_40", "step_100", "step_200_raw", ".step_300.partial"):
+    (out.parent / name).mkdir()
+  assert latest_export(tmp_path).name == "step_100"
 
 
 def test_config_changes_on_resume_are_listed():
