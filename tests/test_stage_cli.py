@@ -102,6 +102,10 @@ def test_stage_trains_checkpoints_and_resumes_from_the_cli(stage, tmp_path):
     np.testing.assert_array_equal(raw[p], trained[p], err_msg="/".join(p))
   out = _run("export", tmp_path, [*CASES[stage], "--step=7"], 3, ok=False)
   assert "expected 'best', 'latest' or one of the complete steps" in out, out[-3000:]
+  if stage == "interpolator":  # (--step=latest: the newest checkpoint, exported already)
+    out = _run("export", tmp_path, [*CASES[stage], "--step=latest"], 3)
+    assert (f"{tmp_path / 'export' / 'step_3'}: exists already, left as it is (checkpoint "
+            f"{tmp_path / 'checkpoints'}/3, the latest") in out, out[-3000:]
   # The finished command run again: nothing loaded, compiled or trained, and the run's
   # last metrics kept; with its export missing, only that is written.
   last = (tmp_path / "last_metrics.json").read_text()
