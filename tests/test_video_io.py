@@ -101,6 +101,57 @@ def test_mp4_odd_size_padding(tmp_path):
     assert _mae(out[:, 47], out[:, 46]) < 8.0 and _mae(out[:, :, 63], out[:, :, 62]) < 8.0
   with pytest.raises(ValueError, match="odd.mp4.*even"):
     video_io.write_mp4(path, video, pad_odd=False)
+  # One odd side only, either one: only that side grows.
+  for h, w in ((48, 63), (47, 64)):
+    clip = _moving_pattern()[:4, :h, :w]
+    one = str(tmp_path / f"one_{h}x{w}.mp4")
+    assert video_io.write_mp4(one, clip) == (48, 64)
+    with video_io.Mp4Writer(str(tmp_path / f"s_{h}x{w}.mp4"), fps=8) as writer:
+      writer.append(clip)
+    for out in (video_io.read_video(one), video_io.read_video(str(tmp_path / f"s_{h}x{w}.mp4"))):
+      assert out.shape == (4, 48, 64, 3) and _mae(out[:, :h, :w], clip) < 8.0
+
+
+def test_written_rate_and_frame_count_are_the_ones_asked_for(tmp_path):
+  # NTSC's 30000/1001 stays exact (not 30, not 24), in both writers.
+  import av
+  from fractions import Fraction
+  clip = _moving_pattern()[:3]
+  plain, streamed = str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")
+  video_io.write_mp4(plain, clip, fps=30000 / 1001)
+  with video_io.Mp4Writer(streamed, fps=30000 / 1001) as writer:
+    writer.append(clip)
+  for path in (plain, streamed):
+    with av.open(path) as container:
+      stream = container.streams.video[0]
+      assert stream.average_rate == Fraction(30000, 1001) and stream.frames == 3, path
+
+
+def test_writers_refuse_what_they_cannot_write_and_closed_writers(tmp_path):
+  frames = np.zeros((2, 8, 8, 3), np.uint8)
+  for bad, message in ((np.zeros((0, 8, 8, 3), np.uint8), "no frames|T >= 1|empty"),
+                       (np.zeros((2, 8, 8, 1), np.uint8), r"\(T, H, W, 3\)"),
+                       (np.zeros((2, 8, 8, 4), np.uint8), r"\(T, H, W, 3\)")):
+    for write in (lambda f: video_io.write_mp4(str(tmp_path / "x.mp4"), f),
+                  lambda f: video_io.write_gif(str(tmp_path / "x.gif"), f)):
+      with pytest.raises(ValueError, match=message):
+        write(bad)
+  for fps in (0, float("nan"), float("inf"), "x"):
+    with pytest.raises(ValueError, match=r"x.gif: fps must be a positive number"):
+      video_io.write_gif(str(tmp_path / "x.gif"), frames, fps=fps)
+  for n in (0, 2.5, "3"):
+    with pytest.raises(ValueError, match=r"x.npy: num_frames must be an integer >= 1"):
+      video_io.NpyWriter(str(tmp_path / "x.npy"), n)
+  video_io.write_mp4(str(tmp_path / "q.mp4"), frames, crf=51)  # x264's lowest quality
+  assert not list(tmp_path.glob("x.*"))
+  # A closed writer takes nothing more; closing again returns the file.
+  for writer in (video_io.Mp4Writer(str(tmp_path / "c.mp4"), fps=8),
+                 video_io.NpyWriter(str(tmp_path / "c.npy"), 2)):
+    writer.append(frames)
+    path = writer.close()
+    assert writer.close() == path
+    with pytest.raises(ValueError, match="append\\(\\) after close\\(\\)"):
+      writer.append(frames)
 
 
 def test_write_mp4_rejects_bad_input(tmp_path):
@@ -307,3 +358,11 @@ def test_the_main_video_stream_is_read_not_the_first(tmp_path):
     c.mux(main.encode(None))
   assert video_io.read_video(path).shape == (40, 32, 32, 3)
   assert sources.decode_clip(path, max_frames=None).frames.shape == (40, 32, 32, 3)
+
+
+def test_gif_previews_shrink_the_longer_side_to_the_limit():
+  from videoldm_jax.pipelines.streaming import _downscale
+  assert _downscale(np.zeros((40, 100, 3), np.uint8), 50).shape == (20, 50, 3)
+  assert _downscale(np.zeros((100, 40, 3), np.uint8), 50).shape == (50, 20, 3)
+  small = np.ones((30, 20, 3), np.uint8)
+  assert _downscale(small, 50) is small

@@ -299,8 +299,10 @@ class NpyWriter(_AtomicWriter):
   """
 
   def __init__(self, path: str, num_frames: int):
-    if num_frames < 1:
-      raise ValueError(f"{path}: num_frames must be >= 1, got {num_frames}")
+    if (isinstance(num_frames, (bool, np.bool_))
+        or not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
+      # (2.5 was truncated to 2; a string failed comparing, naming no file)
+      raise ValueError(f"{path}: num_frames must be an integer >= 1, got {num_frames!r}")
     super().__init__(path)
     self.total = int(num_frames)
     self._array = None
@@ -399,6 +401,10 @@ def write_gif(path: str, frames, fps: float = 8) -> None:
   see fewer frames than were written for a clip with repeated frames.
   """
   frames = _check_frames(frames, path)
+  try:
+    fps = float(fps)
+  except (TypeError, ValueError):
+    raise ValueError(f"{path}: fps must be a positive number, got {fps!r}") from None
   if not (fps > 0 and math.isfinite(fps)):
     raise ValueError(f"{path}: fps must be a positive number, got {fps}")
   if fps > 50:
