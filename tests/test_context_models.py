@@ -82,6 +82,26 @@ def test_no_context_is_exactly_the_model_without_context(params):
   np.testing.assert_array_equal(np.asarray(without_cond), np.asarray(ref))
 
 
+def test_known_frames_reach_their_own_video_through_every_projection(params):
+  # Each video's known latents condition that video alone (a (t b) frame order gave
+  # video 0 frames of video 1), and both kinds of temporal layer read them: zeroing the
+  # transformer blocks' or the ResBlocks' projections alone changes the output.
+  x, t, ctx, z = _inputs()
+  mask = first_frames_mask(jnp.full(2, 2, jnp.int32), 4)
+  run = lambda p, latents: np.asarray(CONTEXT.apply({"params": p}, x, t, ctx, None, None,
+                                                    cond=masked_cond(latents, mask)))
+  base = run(params, z)
+  other = run(params, z.at[1].add(1.0))  # video 1's known frames only
+  np.testing.assert_array_equal(other[0], base[0])  # (eager: bitwise per video)
+  assert np.abs(other[1] - base[1]).max() > 1e-3
+  flat = traverse_util.flatten_dict(params)
+  for kind in ("temporal_transformer_blocks", "temporal_resnets"):
+    zeroed = traverse_util.unflatten_dict({
+        k: (np.zeros_like(v) if "context_proj" in k and any(kind in n for n in k) else v)
+        for k, v in flat.items()})
+    assert np.abs(run(zeroed, z) - base).max() > 1e-4, kind
+
+
 def test_at_init_known_frames_change_nothing():
   # The projections of the context features start at zero: a context model built from a
   # key-frame model is that model at init, whatever frames it is given (eq. 3's new

@@ -128,6 +128,14 @@ def test_spatial_subtree_is_exactly_the_image_model():
   labels = traverse_util.flatten_dict(partition.labels(video))
   assert {v for k, v in labels.items() if "temporal_resnets_0" in k} == {"temporal"}
   assert labels[("conv_in", "kernel")] == "spatial"
+  # resblocks / attention=False leave their kind of temporal layer out, only it.
+  for fields, absent, present in ((dict(resblocks=False), "temporal_resnets",
+                                   "temporal_transformer"),
+                                  (dict(attention=False), "temporal_transformer",
+                                   "temporal_resnets")):
+    names = {n for k in traverse_util.flatten_dict(params_lib.abstract_params(
+        UNet(CONFIG, TemporalConfig(**fields)), x, t, ctx)) for n in k}
+    assert not any(absent in n for n in names) and any(present in n for n in names), fields
 
 
 def test_image_checkpoint_plugs_in_as_theta_and_mismatch_is_named(video_params):
@@ -150,15 +158,16 @@ def test_image_checkpoint_plugs_in_as_theta_and_mismatch_is_named(video_params):
     partition.merge(video_params, temporal)
 
 
-@pytest.mark.parametrize("implementation", ["auto", "plain"])
+@pytest.mark.parametrize("implementation,max_period", [("auto", 10000.0), ("plain", 100.0)])
 @pytest.mark.parametrize("cross_attention", [False, True])
-def test_temporal_block_is_attention_over_each_pixels_frames(implementation, cross_attention):
+def test_temporal_block_is_attention_over_each_pixels_frames(implementation, max_period,
+                                                             cross_attention):
   """The temporal transformer block works in the frames-major (B, T, S, C) layout; its
   output equals the block written on per-pixel sequences (B*S, T, C), with the context
   of each video's first frame repeated for every pixel (the layout before 2026-12-04),
   built here from the same parameters and the 3-D `Attention`."""
   b, t, s, c, heads = 2, 3, 5, 16, 2
-  config = TemporalConfig(cross_attention=cross_attention)
+  config = TemporalConfig(cross_attention=cross_attention, max_period=max_period)
   k = jax.random.split(jax.random.key(3), 2)
   x = jax.random.normal(k[0], (b * t, s, c))
   ctx = jax.random.normal(k[1], (b * t, 4, 8))
@@ -241,6 +250,7 @@ def test_temporal_config_values_that_cannot_work_are_refused_by_field():
       (dict(conv_kernel=(3, 2, 1)), r"conv_kernel must be three odd sizes"),
       (dict(context_frames=True, context_channels=(0, 8)),
        r"context_channels must be positive widths"),
+      (dict(context_channels=(8, 8)), r"context_channels is set but context_frames is False"),
       # (the temporal cross-attention is part of the temporal attention block: without
       # it the flag added no layer, silently)
       (dict(cross_attention=True, attention=False), r"cross_attention needs attention=True")):
