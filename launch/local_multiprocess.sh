@@ -17,8 +17,9 @@
 #       --workdir="work/mp run"
 #
 # Variables (flags override): NUM_PROCESSES (2), DEVICES_PER_PROCESS (2), PORT (a random
-# port from 20000-29999, not checked: set it if that one is taken), VENV (activated when it exists; default: .venv of the checkout
-# this script is in, wherever it is called from).
+# port from 20000-29999, not checked: set it if that one is taken), VENV (activated when
+# it exists; default: .venv of the checkout this script is in, wherever it is called
+# from).
 set -euo pipefail
 if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
   echo "local_multiprocess.sh: needs bash >= 5.1 (wait -n -p); this is bash" \
