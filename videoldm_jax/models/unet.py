@@ -258,7 +258,9 @@ class UNet(nn.Module):
   (context and labels may also be given per frame, (B*T, ...), or once for all, (1, ...)),
   and optional image_only (B, T) bool -> (B, T, H, W, C_out). Frames go through the
   spatial layers as a batch of B*T images; the temporal layers (names `temporal_*`)
-  follow every spatial ResBlock and transformer block.
+  follow every spatial ResBlock and transformer block. image_only sets alpha = 1 for
+  the frames it flags; flag whole videos (as the data pipeline does): a flagged frame
+  inside an unflagged video still enters the temporal layers' outputs of the others.
   Context frames (temporal.context_frames): optional cond (B, T, H, W, C_in + 1) =
   (m * z, m) (`context_encoder.masked_cond`), encoded by `temporal_context_encoder` to
   every level and added to the temporal layers' inputs. cond=None skips the encoder: the
