@@ -336,6 +336,12 @@ def test_a_video_model_folder_keeps_its_temporal_config(keyframe_export, tmp_pat
   folder = pretrained.save(tmp_path / "copy", dataclasses.replace(
       model, temporal_config=changed), keyframe_export / "tokenizer")
   assert pretrained.load(folder).temporal_config == changed
+  # A tokenizer swapped into a folder with ids past its text encoder's table (NaN
+  # embeddings) is refused by name where the folder is loaded with its tokenizer.
+  (folder / "tokenizer" / "added_tokens.json").write_text(json.dumps({"<new>": 600}))
+  with pytest.raises(ValueError, match=r"copy: the tokenizer has token id 600 \('<new>'\) "
+                     r"but the text encoder's vocab_size is 514"):
+    pretrained.load_with_tokenizer(folder)
 
 
 def test_a_context_export_keeps_its_context_encoder_widths(keyframe_export, tmp_path):

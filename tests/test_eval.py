@@ -180,6 +180,8 @@ def test_streaming_stats_equal_batch_stats(tmp_path):
   np.testing.assert_allclose(stream.mean, x.mean(0), rtol=1e-12)
   np.testing.assert_allclose(stream.cov, np.cov(x, rowvar=False), rtol=1e-8, atol=1e-10)
   merged = fvd.FeatureStats.from_features(x[:100]).merge(fvd.FeatureStats.from_features(x[100:]))
+  with pytest.raises(ValueError, match="cannot merge statistics of dim 1 into dim 16"):
+    fvd.FeatureStats.from_features(x[:5]).merge(fvd.FeatureStats.from_features(x[:5, :1]))
   np.testing.assert_allclose(merged.cov, stream.cov, rtol=1e-8, atol=1e-10)
   stream.save(tmp_path / "s.npz")
   back = fvd.FeatureStats.load(tmp_path / "s.npz")

@@ -112,6 +112,29 @@ def test_mp4_odd_size_padding(tmp_path):
       assert out.shape == (4, 48, 64, 3) and _mae(out[:, :h, :w], clip) < 8.0
 
 
+def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
+  # The write fails after the encoder has written the temporary file (at the rename, as
+  # a full disk or a vanished folder would): no partial file is left, and a file of
+  # that name written before is left as it was.
+  import os
+  clip = _moving_pattern()[:4]
+  path = str(tmp_path / "v.mp4")
+  video_io.write_mp4(path, clip)
+  before = open(path, "rb").read()
+  partial = []
+
+  def failing(src, dst):
+    partial.append(os.path.getsize(src))
+    raise OSError("disk full")
+  monkeypatch.setattr(os, "replace", failing)
+  with pytest.raises(OSError, match="disk full"):
+    video_io.write_mp4(path, clip[::-1])
+  monkeypatch.undo()
+  assert partial and partial[0] > 0  # (it had been written)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+  assert open(path, "rb").read() == before
+
+
 def test_written_rate_and_frame_count_are_the_ones_asked_for(tmp_path):
   # NTSC's 30000/1001 stays exact (not 30, not 24), in both writers.
   import av
@@ -269,6 +292,8 @@ def test_a_cut_off_gif_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match=r"cut.gif: a GIF cut off before its end"):
     video_io.read_video(str(cut))
   assert video_io.read_video(str(cut), max_frames=2).shape == (2, H, W, 3)  # intact part
+  with pytest.raises(ValueError, match=r"cut.gif: a GIF cut off"):  # (all of it asked for)
+    video_io.read_video(str(cut), max_frames=100)
   padded = tmp_path / "padded.gif"  # bytes after the trailer (a transfer's line ending)
   padded.write_bytes(path.read_bytes() + b"\r\n")
   assert video_io.read_video(str(padded)).shape == (T, H, W, 3)
