@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
-from bench.common import emit, peak_host_rss_bytes  # noqa: E402
+from bench.common import emit, peak_host_rss_bytes, refuse_below  # noqa: E402
 from bench.train_step import compile_step, step_runner  # noqa: E402
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import attention, conv, layers, matmul  # noqa: E402
@@ -155,10 +155,7 @@ def main():
   parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
-  # (checked before the compiles: 0 rounds failed at the end, on an empty list)
-  for name, least in (("rounds", 1), ("steps", 1), ("warmup", 0)):
-    if getattr(args, name) < least:
-      parser.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
+  refuse_below(parser, args, rounds=1, steps=1, warmup=0)
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
 
   modes = (args.mode, args.mode_b or args.mode)

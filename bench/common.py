@@ -1,5 +1,6 @@
 """Shared measurement helpers for the benchmarks: timing, memory, JSON lines."""
 
+import argparse
 import json
 import os
 import resource
@@ -40,3 +41,13 @@ def emit(record: dict) -> None:
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   print(json.dumps(record, sort_keys=True), flush=True)
   sys.stdout.flush()
+
+
+def refuse_below(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 **least: int) -> None:
+  """parser.error naming the first --NAME below its least value, before any compile: a
+  count that times nothing (0 runs printed NaN figures, 0 rounds failed after both
+  sides had compiled)."""
+  for name, low in least.items():
+    if getattr(args, name) < low:
+      parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")

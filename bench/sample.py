@@ -30,7 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
-from bench.common import emit, matmul_peak_flops, peak_host_rss_bytes  # noqa: E402
+from bench.common import (emit, matmul_peak_flops, peak_host_rss_bytes,  # noqa: E402
+                          refuse_below)
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.diffusion import samplers  # noqa: E402
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config  # noqa: E402
@@ -133,9 +134,7 @@ def main():
   parser.add_argument("--chain_fps", type=float, default=8.0)
   parser.add_argument("--chain_steps", type=int, default=20)
   args = parser.parse_args()
-  for name in ("steps", "runs", "chain_steps"):  # (0 runs printed NaN figures)
-    if getattr(args, name) < 1:
-      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  refuse_below(parser, args, steps=1, runs=1, chain_steps=1)
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.workload:
     peak = matmul_peak_flops(dtype=jnp.dtype(args.dtype))

@@ -34,7 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 from bench.ab_step import interleaved_times  # noqa: E402
-from bench.common import emit  # noqa: E402
+from bench.common import emit, refuse_below  # noqa: E402
 from videoldm_jax import host_memory  # noqa: E402
 
 SIDES = ("ours", "torch")
@@ -183,10 +183,7 @@ def main():
                            "runs, videoldm_jax/host_memory.py)")
   parser.add_argument("--peer_env", default="", help="NAME=VALUE,... for the peer's worker")
   args = parser.parse_args()
-  # (checked before the compiles: 0 rounds failed at the end, on an empty list)
-  for name, least in (("rounds", 1), ("steps", 1), ("warmup", 0)):
-    if getattr(args, name) < least:
-      parser.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
+  refuse_below(parser, args, rounds=1, steps=1, warmup=0)
   for workload in args.workload.split(","):
     for mode in args.mode.split(","):
       emit(run(workload, mode, args.rounds, args.steps, args.warmup,

@@ -33,7 +33,7 @@ from typing import Optional  # noqa: E402
 
 from bench import workloads  # noqa: E402
 from bench.common import (compiled_flops, emit, matmul_peak_flops,  # noqa: E402
-                          peak_host_rss_bytes)
+                          peak_host_rss_bytes, refuse_below)
 from videoldm_jax import host_memory, sharding  # noqa: E402
 from videoldm_jax.models import attention  # noqa: E402
 from videoldm_jax.train import flops as flops_lib  # noqa: E402
@@ -147,8 +147,7 @@ def main():
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.steps < 5:
     parser.error("--steps must be >= 5 (the median of at least 5 timed steps)")
-  if args.warmup < 0:
-    parser.error("--warmup must be >= 0")
+  refuse_below(parser, args, warmup=0)
   if args.batch is not None and args.batch < 1:
     parser.error("--batch must be >= 1")
   cases = [(w, s, m, i) for w in args.workload.split(",") for s in args.stage.split(",")
