@@ -60,6 +60,14 @@ def _tag_bt601(stream) -> None:
   cc.color_range = 1  # AVCOL_RANGE_MPEG: limited
 
 
+def _as_float(value) -> float:
+  """float(value), NaN where it is no number (None, a string): the checks then name it."""
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
 def rate_and_crf(path: str, fps, crf) -> tuple[Fraction, int]:
   """(the stream rate, the crf) for an mp4 writer, or ValueError naming the file.
 
@@ -67,18 +75,12 @@ def rate_and_crf(path: str, fps, crf) -> tuple[Fraction, int]:
   scalars too); a rate below 1/1001 fps would round to 0, which PyAV silently wrote as
   24 fps. crf is x264's integer quality, 0 (lossless) to 51: -0.5 was read as 0.
   """
-  try:
-    fps_f = float(fps)
-  except (TypeError, ValueError):
-    fps_f = math.nan
+  fps_f = _as_float(fps)
   rate = (Fraction(fps_f).limit_denominator(1001) if fps_f > 0 and math.isfinite(fps_f)
           else Fraction(0))
   if rate <= 0:
     raise ValueError(f"{path}: fps must be a positive number of at least 1/1001, got {fps!r}")
-  try:
-    crf_f = float(crf)
-  except (TypeError, ValueError):
-    crf_f = math.nan
+  crf_f = _as_float(crf)
   if not (math.isfinite(crf_f) and crf_f.is_integer() and 0 <= crf_f <= 51):
     raise ValueError(f"{path}: crf must be an integer in [0, 51], got {crf!r}")
   return rate, int(crf_f)
@@ -401,12 +403,10 @@ def write_gif(path: str, frames, fps: float = 8) -> None:
   see fewer frames than were written for a clip with repeated frames.
   """
   frames = _check_frames(frames, path)
-  try:
-    fps = float(fps)
-  except (TypeError, ValueError):
-    raise ValueError(f"{path}: fps must be a positive number, got {fps!r}") from None
-  if not (fps > 0 and math.isfinite(fps)):
-    raise ValueError(f"{path}: fps must be a positive number, got {fps}")
+  fps_f = _as_float(fps)
+  if not (fps_f > 0 and math.isfinite(fps_f)):
+    raise ValueError(f"{path}: fps must be a positive number, got {fps!r}")
+  fps = fps_f
   if fps > 50:
     step = math.ceil(fps / 50)
     frames, fps = frames[::step], fps / step
