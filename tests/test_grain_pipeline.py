@@ -374,6 +374,24 @@ def test_clear_errors():
                      "2147483648 does not fit int32"):
     _take(make_video_dataset(huge, seed=0, batch_size=1, num_frames=2, height=8, width=8,
                              process_index=0, process_count=1), 1)
+  # A label that is not an integer is refused, not dropped (a class-conditional UNet
+  # would then say the dataset has no label field) nor truncated.
+  floats = [dict(src[0], label=1.5)]
+  with pytest.raises(ValueError, match=r"source example 0: label field 'label' must be "
+                     "one integer .* got float 1.5"):
+    _take(make_video_dataset(floats, seed=0, batch_size=1, num_frames=2, height=8, width=8,
+                             process_index=0, process_count=1), 1)
+  # Integer fields that only some examples have are named (Grain's batching, which
+  # stacks them, would fail naming neither example nor field).
+  mixed = [dict(src[0], crowd=2), {k: v for k, v in src[1].items() if k != "label"}]
+  for order, missing, extra in (([0, 1], "'crowd', 'label'", ""), ([1, 0], "",
+                                                                   "'crowd', 'label'")):
+    ds = make_video_dataset([mixed[i] for i in order], seed=0, batch_size=2, num_frames=2,
+                            height=8, width=8, process_index=0, process_count=1,
+                            shuffle=False)
+    with pytest.raises(ValueError, match=rf"source example 1: integer fields .* differ from "
+                       rf"example 0's .* \(missing here: \[{missing}\], extra: \[{extra}\]\)"):
+      _take(ds, 1)
 
 
 def test_worker_processes_cover_the_epoch_and_resume(tfds_train):

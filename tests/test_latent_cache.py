@@ -160,7 +160,7 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
   vae_params = {"w": np.ones(3, np.float32)}
   latent_cache.write_cache(
       tmp_path / "c", ({"latents": np.full((1, 1, 1, 1), i, np.float32), "index": i,
-                        "crowdedness": i % 3} for i in range(16)),
+                        "crowdedness": i % 3, "score": i + 0.5} for i in range(16)),
       vae_config=vae_config, vae_params=vae_params, num_shards=3)
   data = ml_collections.ConfigDict(dict(cache_dir=str(tmp_path / "c"), batch_size=4,
                                        num_frames=1, height=1, width=1))
@@ -202,6 +202,11 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
   assert batch["labels"].tolist() == [int(x) % 3 for x in batch["latents"].reshape(-1)]
   assert "labels" not in next(inputs.ShareIterator(
       iter(inputs._cache_dataset(data, 0, 0, 1, check, "label")), 4, 1))
+  # A float field as the label is refused, not truncated to an integer.
+  with pytest.raises(ValueError, match=r"a record: label field 'score' must be one "
+                     r"integer .* got ndarray array\(\d+\.5"):
+    next(inputs.ShareIterator(iter(inputs._cache_dataset(data, 0, 0, 1, check, "score")),
+                              4, 1))
 
 
 def test_incomplete_cache_is_refused(setup, tmp_path):

@@ -78,7 +78,11 @@ def to_text(value, where: str, field: str = "caption") -> str:
 
 def class_label(value, where: str, field: str) -> np.int32:
   """An example's class label (its `field`) as the int32 the UNet's class embedding
-  takes; a value beyond int32 raises ValueError naming `where` instead of wrapping."""
+  takes; a value that is not one integer, or lies beyond int32, raises ValueError naming
+  `where` (instead of truncating 1.7 to 1 or wrapping)."""
+  if not _is_int_scalar(np.asarray(value)):
+    raise ValueError(f"{where}: label field {field!r} must be one integer (a class "
+                     f"index), got {type(value).__name__} {value!r}")
   label = int(np.asarray(value))
   if not np.iinfo(np.int32).min <= label <= np.iinfo(np.int32).max:
     raise ValueError(f"{where}: label field {field!r} = {label} does not fit int32")
@@ -136,6 +140,11 @@ class _MakeExample:
     self.height, self.width, self.crop, self.hflip = height, width, crop, hflip
     self.image_fraction, self.label_field = image_fraction, label_field
     self._warned = set()  # short clips already reported by this process
+    self._fields = None  # example 0's integer fields, which every example must share
+
+  def _integer_fields(self, ex: dict) -> frozenset:
+    return frozenset(k for k, v in ex.items()
+                     if k not in ("video", "caption") and _is_int_scalar(v))
 
   def _read(self, i: int):
     """Returns (video (L, h, w, 3) uint8, caption str, int fields dict, where str) of
@@ -154,8 +163,18 @@ class _MakeExample:
     if video.shape[0] == 0:
       raise ValueError(f"{where}: 'video' has no frames")
     caption = to_text(ex["caption"], where) if "caption" in ex else ""
-    ints = {k: np.int64(v) for k, v in ex.items()
-            if k not in ("video", "caption") and _is_int_scalar(v)}
+    ints = {k: np.int64(ex[k]) for k in self._integer_fields(ex)}
+    if self._fields is None:  # read once per process (and worker)
+      self._fields = self._integer_fields(self.source[0]) if i else frozenset(ints)
+    if set(ints) != self._fields:
+      # Examples are batched together: without this, Grain's batching fails naming none.
+      raise ValueError(
+          f"{where}: integer fields {sorted(ints)} differ from example 0's "
+          f"{sorted(self._fields)}; every example of a dataset needs the same fields "
+          f"(missing here: {sorted(self._fields - set(ints))}, extra: "
+          f"{sorted(set(ints) - self._fields)})")
+    if self.label_field in ex and self.label_field not in ints:
+      class_label(ex[self.label_field], where, self.label_field)  # raises: not an integer
     if self.label_field in ints:
       ints["labels"] = class_label(ints[self.label_field], where, self.label_field)
     return video, caption, ints, where
@@ -317,7 +336,8 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
     worker_count: > 0 builds batches in that many worker processes (Grain
       mp_prefetch), each a whole batch in turn: the same batches as worker_count=0.
     image_fraction: probability that an example is an image example (image_only=True).
-    label_field: the integer field emitted as 'labels' (int32), the class label.
+    label_field: the integer field emitted as 'labels' (int32), the class label (a
+      non-integer value raises). Every example must have the same integer fields.
     drop_remainder: drop a final partial batch (finite epochs only).
     read_threads: threads that read and decode examples (without worker processes;
       each worker process builds two batches at a time).
