@@ -102,6 +102,12 @@ def test_mesh_errors_are_specific():
     sharding.make_mesh({"data": -1}, dcn_shape={"slices": 1})
   with pytest.raises(ValueError, match=r"config.dcn_mesh sizes must be explicit"):
     sharding.make_mesh({"data": -1}, dcn_shape={"data": -1})
+  # Whole sizes >= 1 there too: int() of their product made these one slice, silently.
+  for dcn in ({"data": 1.5}, {"data": True}, {"data": 2, "fsdp": 0.5}, {"data": "2"}):
+    with pytest.raises(ValueError, match=r"config.dcn_mesh: sizes must be whole numbers"):
+      sharding.make_mesh({"fsdp": -1}, dcn_shape=dcn)
+  with pytest.raises(ValueError, match=r"dcn mesh sizes must be >= 1 .*'fsdp': 0"):
+    sharding.make_mesh({"fsdp": -1}, dcn_shape={"data": 2, "fsdp": 0})
 
 
 def test_multi_slice_mesh_puts_only_dcn_axes_across_granules():
@@ -151,6 +157,14 @@ def test_rules_and_batch_axes_are_checked():
     sharding.check_batch_split(4, 1, mesh, ("data", "dcn"))
   with pytest.raises(ValueError, match=r"config.train.grad_accum=0 must be >= 1"):
     sharding.check_batch_split(4, 0, mesh, ("data", "fsdp"))
+  # A multiple of neither split nor its factors on one axis alone: 12 over 8 devices, and
+  # 2 over data x fsdp = 2 x 4 (which only data divides).
+  with pytest.raises(ValueError, match=r"batch_size=12 does not split .* use a multiple "
+                     "of 8"):
+    sharding.check_batch_split(12, 1, sharding.make_mesh({"data": 8}), ("data", "fsdp"))
+  with pytest.raises(ValueError, match=r"batch_size=2 does not split .* \(8 ways\)"):
+    sharding.check_batch_split(2, 1, sharding.make_mesh({"data": 2, "fsdp": 4}),
+                               ("data", "fsdp"))
 
 
 def test_malformed_rules_duplicates_and_the_batch_rule_are_named():
@@ -195,6 +209,20 @@ def test_an_array_split_less_than_its_rules_counts_once(caplog):
   # 320 bytes split 4 ways instead of 8: 40 bytes more per device.
   assert "1 arrays are split less than the rules say, 0.0 MiB more per device" in text, text
   assert "['w'] (16, 5) not over tensor" in text
+  # Sizes: a (1024, 1025) float32 kernel (4.0 MiB + 4 KiB) split 4 ways instead of 8:
+  # 4.0/4 - 4.0/8 = 0.5 MiB more per device. Beside it a (512, 1025) one (2 MiB: 0.25 MiB
+  # more) and an evenly split (1024, 1024) one; the three largest named largest first,
+  # and the warning already at 0.75 / (4+2+4) MiB = 7.5% > 1% of the tree.
+  caplog.clear()
+  specs = {k: jax.sharding.PartitionSpec("embed", "mlp") for k in ("big", "even", "small")}
+  shapes = {"big": jax.ShapeDtypeStruct((1024, 1025), jnp.float32),
+            "even": jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
+            "small": jax.ShapeDtypeStruct((512, 1025), jnp.float32)}
+  with caplog.at_level("WARNING"):
+    sharding.shardings_for(specs, mesh, shapes)
+  assert "2 arrays are split less than the rules say, 0.8 MiB more per device (the " \
+         "tree: 10.0 MiB)" in caplog.text, caplog.text
+  assert "['big'] (1024, 1025) not over tensor, ['small'] (512, 1025)" in caplog.text
 
 
 def test_multi_slice_mesh_splits_physical_axes_as_one_slice_does():

@@ -101,6 +101,8 @@ def test_half_given_flags_are_an_error_not_a_hang():
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}).kind == "slurm"
   # An salloc shell (the allocation's variables, not a task of it): one process.
   assert distributed.detect({"SLURM_NTASKS": "8"}).kind == "single"
+  # A one-task srun: one process driving every GPU, no coordinator.
+  assert distributed.detect({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}).kind == "single"
   assert distributed.detect({"OMPI_COMM_WORLD_SIZE": "4",
                              "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1"}).kind == "mpi"
   with pytest.raises(ValueError, match="Open MPI 5.*--process_id=\\$OMPI_COMM_WORLD_RANK"):

@@ -35,6 +35,9 @@ def test_a_flags_file_and_spacing_are_kept(tmp_path):
   path.write_text(f"--{FLAG}=individual_convolution\n")  # the file's own value wins
   assert xla_flags.with_defaults(str(path)) == f"--{FLAG}=individual_convolution"
   assert xla_flags.with_defaults(str(tmp_path / "missing")) == str(tmp_path / "missing")
+  # Leading spaces before a flag (XLA skips them) do not make it a file name.
+  assert (xla_flags.with_defaults(" --xla_force_host_platform_device_count=3")
+          == f" --xla_force_host_platform_device_count=3 --{FLAG}=-individual_convolution")
   # The user's string as written (quoted values with several spaces).
   assert xla_flags.with_defaults('--xla_dump_to="a  b"') == (
       f'--xla_dump_to="a  b" --{FLAG}=-individual_convolution')

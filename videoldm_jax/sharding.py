@@ -32,12 +32,13 @@ KNOWN_LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
 _BATCH = "batch"
 
 
-def _fill(shape: dict[str, int], n: int, what: str) -> list[int]:
-  """Axis sizes in MESH_AXES order for `n` devices; one size may be -1 (the rest)."""
+def _fill(shape: dict[str, int], n: int | None, what: str) -> list[int]:
+  """Axis sizes in MESH_AXES order for `n` devices; one size may be -1 (the rest).
+  n=None: as many devices as the sizes ask for (no -1)."""
   field = f"config.{'dcn_mesh' if what.startswith('dcn') else 'mesh'}"
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"{what} axes {sorted(unknown)} are unknown; use {MESH_AXES}")
+    raise ValueError(f"{field} axes {sorted(unknown)} are unknown; use {MESH_AXES}")
   odd = {a: v for a, v in shape.items()
          if not isinstance(v, (int, np.integer)) or isinstance(v, bool)}
   if odd:  # (int() made 2.5 a 2 and "8" an 8, silently)
@@ -50,6 +51,7 @@ def _fill(shape: dict[str, int], n: int, what: str) -> list[int]:
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one {what} axis may be -1, got {shape}")
   known = int(np.prod([s for s in sizes if s != -1]))
+  n = known if n is None else n
   if -1 in sizes:
     if n % known:
       raise ValueError(f"{n} devices do not divide into {what} {shape}")
@@ -76,17 +78,16 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   dcn_shape = dict(dcn_shape or {})
   if any(v == -1 for v in dcn_shape.values()):
     raise ValueError(f"config.dcn_mesh sizes must be explicit (no -1), got {dcn_shape}")
-  unknown = set(dcn_shape) - set(MESH_AXES)
-  if unknown:  # (checked below only with several slices: {"slices": 1} passed unread)
-    raise ValueError(f"config.dcn_mesh axes {sorted(unknown)} are unknown; use {MESH_AXES}")
-  slices = int(np.prod(list(dcn_shape.values()))) if dcn_shape else 1
+  # Checked (names, whole sizes) before their product: {"slices": 1} passed unread and
+  # int() made {"data": 1.5} one slice, silently.
+  dcn = _fill(dcn_shape, None, "dcn mesh")
+  slices = int(np.prod(dcn))
   if slices == 1:
     sizes = _fill(shape, len(devices), "mesh")
     # Topology-aware on TPUs (neighbouring chips share an axis); a plain reshape on
     # other platforms.
     grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  dcn = _fill(dcn_shape, slices, "dcn mesh")
   # Slices are the devices' slice_index (TPU multi-slice); where every device reports
   # one slice (CPU processes, GPU hosts) each process is one. (Checked before the ICI
   # shape, which a wrong slice count would otherwise be blamed on.)
