@@ -213,6 +213,15 @@ def test_interpolation_reproduces_key_frames_and_runs_twice(model):
   np.testing.assert_array_equal(
       np.asarray(twice), np.asarray(cs.interpolate_twice(model, keys, 4, opts, text=text,
                                                          key=jax.random.key(0))))
+  # A second model (the paper's second interpolator) runs the second pass alone.
+  other = dataclasses.replace(model, params=jax.tree_util.tree_map(lambda a: a * 1.05,
+                                                                   model.params))
+  by_two = cs.interpolate_twice(model, keys, 4, opts, text=text, second_model=other)
+  np.testing.assert_array_equal(
+      np.asarray(by_two), np.asarray(cs.interpolate(other, once, 4, opts, text=text,
+                                                    key=jax.random.fold_in(
+                                                        jax.random.key(0), 2))))
+  assert np.abs(np.asarray(by_two - twice)).max() > 1e-2
   with pytest.raises(ValueError, match="no x_T"):  # (a shape error in the second pass)
     cs.interpolate_twice(model, keys, 4, opts, text=text, x_T=jnp.zeros((2, 4, 4, 4, 4)))
 
@@ -262,6 +271,13 @@ def test_context_guidance_without_known_frames_runs_one_branch(model):
                       text=text)
   assert batches == [2, 2]  # one branch of batch 2 per step
   np.testing.assert_array_equal(np.asarray(guided), np.asarray(plain))
+  # With known frames in some videos (every prediction round), both branches run.
+  batches.clear()
+  cs.sample_clip(counted, jnp.zeros((2, 4, 4, 4, 4)), first_frames_mask(jnp.array([1, 0]), 4),
+                 cs.ContextSampleOptions(num_steps=2, context_scale=2.0), text=text)
+  assert batches == [4, 4]
+  with pytest.raises(ValueError, match="4 context frames leave nothing to predict in 4"):
+    cs.predict(model, jnp.zeros((2, 4, 4, 4, 4)), 4, text=text)
 
 
 def test_initial_and_step_noise_come_from_two_keys(model, monkeypatch):
