@@ -245,44 +245,46 @@ def test_a_damaged_complete_step_names_its_folder_and_the_one_before(tmp_path, d
   # folder. A cut metrics file stopped every Checkpointer from opening the folder.)
   state = {"a": jnp.arange(4096.0)}
   ck = Checkpointer(tmp_path, keep_best=2)
-  for step in (1, 2):
+  for step in (1, 2, 3):  # the advice names 2, not 1
     ck.save(step, state, data_state={"i": step}, frozen_digests={"w": "x"},
             metrics={"loss": 3.0 - step}, force=True)
   ck.wait_until_finished()
   if damage == "cut_metrics":
-    (tmp_path / "2" / "metrics" / "metrics").write_text('{"lo')
-    ck = Checkpointer(tmp_path, keep_best=2)  # opens; step 2 is unranked
-    assert ck.all_steps() == [1, 2]
+    (tmp_path / "3" / "metrics" / "metrics").write_text('{"lo')
+    ck = Checkpointer(tmp_path, keep_best=2)  # opens; step 3 is unranked
+    assert ck.all_steps() == [1, 2, 3]
     np.testing.assert_array_equal(ck.restore(jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), 2)[0]["a"],
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), 3)[0]["a"],
         np.arange(4096.0))
     ck.close()
     return
   if damage == "lost_state":
     import shutil
-    shutil.rmtree(tmp_path / "2" / "state")
+    shutil.rmtree(tmp_path / "3" / "state")
   elif damage == "empty_state_metadata":
-    (tmp_path / "2" / "state" / "_METADATA").write_bytes(b"")
+    (tmp_path / "3" / "state" / "_METADATA").write_bytes(b"")
   elif damage == "cut_array_file":
-    biggest = max((tmp_path / "2" / "state").rglob("ocdbt.process_0/d/*"),
+    biggest = max((tmp_path / "3" / "state").rglob("ocdbt.process_0/d/*"),
                   key=lambda f: f.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
   elif damage == "lost_state_metadata":
-    (tmp_path / "2" / "state" / "_METADATA").unlink()
+    (tmp_path / "3" / "state" / "_METADATA").unlink()
   else:
-    (tmp_path / "2" / "frozen_digests" / "metadata").unlink()
+    (tmp_path / "3" / "frozen_digests" / "metadata").unlink()
   ck = Checkpointer(tmp_path)
-  assert ck.latest_step() == 2
+  assert ck.latest_step() == 3
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  with pytest.raises(ValueError, match=f"(?s)checkpoint {tmp_path}/2: .* damaged .*if it "
-                     "fails again, delete that folder to resume from checkpoint 1"):
-    ck.frozen_digests(2)
-    ck.restore(abstract, 2)
-  np.testing.assert_array_equal(ck.restore(abstract, 1)[0]["a"], np.arange(4096.0))
+  with pytest.raises(ValueError, match=f"(?s)checkpoint {tmp_path}/3: .* damaged .*if it "
+                     "fails again, delete that folder to resume from checkpoint 2"):
+    ck.frozen_digests(3)
+    ck.restore(abstract, 3)
+  np.testing.assert_array_equal(ck.restore(abstract, 2)[0]["a"], np.arange(4096.0))
   ck.close()
 
 
 def test_errors_name_directory_path_and_shapes(tmp_path):
+  with pytest.raises(ValueError, match="max_to_keep must be >= 1 or None, got 0"):
+    Checkpointer(tmp_path / "none_kept", max_to_keep=0)  # (every save deleted, silently)
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
     Checkpointer(tmp_path / "empty").restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
   state = {"params": {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}}

@@ -101,6 +101,28 @@ def test_ema_after_the_first_step(reference):
       jax.tree_util.tree_leaves(state.ema), jax.tree_util.tree_leaves(init)))
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_ema_decay_caps_the_warm_up_ramp(decay):
+  # Past the ramp (1 + n) / (10 + n), which passes 0.5 at update 8, the EMA follows
+  # optim.ema_decay; 0 keeps the trained weights. SGD at lr 1 on loss sum(w) moves w by
+  # -1 per update, so the reference recurrence is a scalar one.
+  tx = optax.sgd(1.0)
+  stage = step_lib.Stage("s", lambda p: True,
+                         lambda p, b, k, s=None: (jnp.sum(p["w"] * b["x"]), {}))
+  w = {"w": jnp.zeros((2,), jnp.float32)}
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=w, frozen={},
+                              opt_state=tx.init(w), ema={"w": jnp.zeros((2,), jnp.float32)},  # (donated:
+                              skipped=jnp.zeros((), jnp.int32))  # its own buffer)
+  fn = step_lib.build_train_step(stage, tx, seed=0, ema_decay=decay)
+  ema = p = 0.0
+  for n in range(20):
+    state, _ = fn(state, {"x": jnp.ones((2,), jnp.float32)})
+    p -= 1.0
+    d = min(decay, (1 + n) / (10 + n))
+    ema = d * ema + (1 - d) * p
+  np.testing.assert_allclose(np.asarray(state.ema["w"]), [ema] * 2, rtol=1e-5)
+
+
 def test_gradient_accumulation_averages_microbatch_losses_and_gradients():
   # Microbatch i of step 3 holds rows i, i + 2 and uses key
   # fold_in(fold_in(key(seed), 3), i): the noise and times move with the step. With SGD
@@ -336,6 +358,17 @@ def test_optimizer_clips_the_global_gradient_norm():
   # (float32: Adam's bias corrections round at ~3e-6; unclipped would be -lr [0.75, 0.8].)
   np.testing.assert_allclose(np.asarray(update["w"]), -lr * clipped / (clipped + 1.0),
                              rtol=2e-5)
+
+
+def test_weight_decay_is_decoupled_from_adam():
+  # With a zero gradient AdamW's whole update is -lr * weight_decay * w.
+  cfg = OPTIM.copy_and_resolve_references()
+  cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip = 0.5, 0, None
+  tx = optim.make_optimizer(cfg)
+  w = {"w": jnp.array([2.0, -4.0])}
+  update, _ = tx.update({"w": jnp.zeros(2)}, tx.init(w), w)
+  np.testing.assert_allclose(np.asarray(update["w"]), -cfg.lr * 0.5 * np.array([2.0, -4.0]),
+                             rtol=1e-6)
 
 
 def test_a_text_free_model_with_attention_at_levels_of_other_widths_trains():
