@@ -439,8 +439,11 @@ def test_clip_image_preprocessing_matches_transformers(torch_cpu):
   ref = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
   ours = clip_score.ImagePreprocess(24, 24)
   frames = _blobs(1, seed=7, t=3)[0]  # smooth (3, H, W, 3) uint8
-  # Square, and wide (32 x 48: the resize to 24 x 36 leaves a centre crop to take).
-  for frames in (frames, np.concatenate([frames, frames[:, :, :16]], axis=2)):
+  # Square, and wide (32 x 48: the resize to 24 x 36 leaves a centre crop to take); 32 x
+  # 36 (24 x 27: an odd crop margin, 1 column left and 2 right) and 32 x 42 (24 * 42 / 32
+  # = 31.5 columns: transformers truncates to 31).
+  wide = np.concatenate([frames, frames[:, :, :16]], axis=2)
+  for frames in (frames, wide, wide[:, :, :36], wide[:, :, :42]):
     got = np.asarray(ours(jax.numpy.asarray(frames)))
     want = ref(images=list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
     assert got.shape == want.shape
@@ -459,6 +462,19 @@ def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cp
                      crop_size={"height": 36, "width": 36}).save_pretrained(tmp_path)
   got = clip_score.ImagePreprocess.from_folder(tmp_path, 32)
   assert (got.resize, got.crop, got.mean) == (40, 36, clip_score.CLIP_MEAN)
+  CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36},
+                     image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]
+                     ).save_pretrained(tmp_path)
+  got = clip_score.ImagePreprocess.from_folder(tmp_path, 32)
+  assert (got.mean, got.std) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+  # The vision tower runs quick_gelu or gelu only (another ran as gelu, silently).
+  with pytest.raises(ValueError, match=r"CLIPVisionConfig.hidden_act='relu' is not "
+                     "supported"):
+    clip_score.CLIPVisionConfig.from_transformers_config(
+        {"model_type": "clip", "vision_config": {"hidden_act": "relu"}})
+  with pytest.raises(ValueError, match="hidden_size=30 is not a multiple of "
+                     "num_attention_heads=4"):
+    clip_score.CLIPVisionConfig(hidden_size=30, num_attention_heads=4)
   path = tmp_path / "preprocessor_config.json"
   base = json.loads(path.read_text())
   for change, message in (

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.layers import dense, embedding, layer_norm
 
-_ACTIVATIONS = ("quick_gelu", "gelu")
+# The activations CLIPMLP runs (both towers).
+ACTIVATIONS = ("quick_gelu", "gelu")
 # transformers' `eos_token_id` of CLIP configs written before its PR #24773; such
 # configs pool at the argmax of the ids (the EOS id was the largest id in the vocab).
 _LEGACY_EOS_ID = 2
@@ -43,9 +44,9 @@ class CLIPTextConfig(JsonConfig):
   eos_token_id: int | None = 49407
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
+    if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"CLIPTextConfig.hidden_act={self.hidden_act!r} is not supported; "
-                       f"expected one of {_ACTIVATIONS}")
+                       f"expected one of {ACTIVATIONS}")
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"CLIPTextConfig.hidden_size={self.hidden_size} is not a multiple of "
                        f"num_attention_heads={self.num_attention_heads}")
@@ -72,9 +73,9 @@ class CLIPTextConfig(JsonConfig):
       raise ValueError(f"config.json field model_type={model_type!r}: expected "
                        f"'clip_text_model' (a transformers CLIPTextModel config)")
     act = d.get("hidden_act", "quick_gelu")
-    if act not in _ACTIVATIONS:
+    if act not in ACTIVATIONS:
       raise ValueError(f"config.json field hidden_act={act!r} is not supported; expected "
-                       f"one of {_ACTIVATIONS}")
+                       f"one of {ACTIVATIONS}")
     eos = d.get("eos_token_id", 49407)
     if isinstance(eos, (list, tuple)):
       if len(eos) != 1:
