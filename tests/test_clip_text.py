@@ -6,6 +6,7 @@ format and key names as a real text_encoder/ folder.
 """
 
 import json
+import types
 
 import flax
 import jax
@@ -16,7 +17,7 @@ import pytest
 from tests.conftest import max_rel_err, perturb_all_weights
 from videoldm_jax.convert.clip_keys import clip_params_from_torch, clip_state_dict_from_ldm
 from videoldm_jax.convert.torch_layout import ConversionError, flax_path_to_torch_key
-from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, check_tokenizer
 
 _TINY = dict(vocab_size=1001, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=77)
@@ -101,6 +102,8 @@ def test_parity_transformers_state_dict(case):
   # save_pretrained) and with it plus the old persistent position_ids buffer.
   prefixed = {"text_model." + k: v for k, v in sd.items()}
   prefixed["text_model.embeddings.position_ids"] = np.arange(77)[None]
+  # A CLIPTextModelWithProjection (SDXL's text_encoder_2): its head is not ours to read.
+  prefixed["text_projection.weight"] = np.ones((16, 32), np.float32)
   for variant in (sd, prefixed):
     params = clip_params_from_torch(case.abstract, variant, source="test")
     err_hidden, err_pooled = case.errors(params)
@@ -156,3 +159,13 @@ def test_bfloat16_compute_close(case):
   # matmuls take bfloat16 operands.
   jaxpr = str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, case.ids))
   assert any("dot_general" in line and "bf16[" in line for line in jaxpr.splitlines())
+
+
+def test_a_tokenizer_past_the_embedding_table_is_refused():
+  # Id vocab_size itself is past the table (rows 0..vocab_size - 1): every position of a
+  # prompt holding it read NaN.
+  tok = types.SimpleNamespace(encoder={"a": 0, "<new>": 300})
+  check_tokenizer(tok, CLIPTextConfig(vocab_size=301), "folder")
+  with pytest.raises(ValueError, match=r"folder: the tokenizer has token id 300 \('<new>'\) "
+                     "but the text encoder's vocab_size is 300"):
+    check_tokenizer(tok, CLIPTextConfig(vocab_size=300), "folder")

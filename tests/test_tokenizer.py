@@ -24,7 +24,9 @@ TEXTS = [
     "A PHOTO of the Astronaut,  riding\ta horse\n on the MOON!!!",
     "there's 12345 cats, they're here; it's 3.14 & 100% \"quoted\" (parens) [x]{y}",
     "don't won't I'm we've you'll he'd",
-    "naïve café Über straße ñandú 東京 😀 🐱‍👤 Ελληνικά Σ ΟΔΟΣ ΣΟΦΟΣ photo ΑΣ.",
+    "naïve café Über straße ñandú 東京 😀 🐱‍👤 Ελληνικά",
+    # Word-final capital sigmas (their own entry: within the 75 tokens kept).
+    "Σ ΟΔΟΣ ΣΟΦΟΣ photo ΑΣ.",
     "e\u0301 combining accent, non\u00a0breaking\u3000space",
     "",
     "   ",
@@ -180,6 +182,13 @@ def test_added_tokens_are_split_out_as_transformers_does(tmp_path, hf_clip_token
   n = len(json.loads((slow / "vocab.json").read_text(encoding="utf-8")))
   (slow / "added_tokens.json").write_text(json.dumps({"<cat-toy>": n}))
   assert CLIPTokenizer.from_folder(str(slow)).encode("a <cat-toy>")[-1] == n
+  # Multi-vector textual inversion: <cat-toy>_1 has <cat-toy> as a prefix (longest
+  # first), and the file's tokens match case-insensitively (normalized), as transformers.
+  (slow / "added_tokens.json").write_text(json.dumps({"<cat-toy>": n, "<cat-toy>_1": n + 1}))
+  hf, ours = hf_clip_tokenizer.from_pretrained(str(slow)), CLIPTokenizer.from_folder(str(slow))
+  for text in ("a <cat-toy>_1 <cat-toy>", "a <CAT-Toy> x"):
+    assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"], text
+  assert ours.encode("a <cat-toy>_1 <cat-toy>")[1:] == [n + 1, n]
   # A converted or exported model folder keeps them (its tokenizer is copied).
   from videoldm_jax import pretrained
   pretrained.copy_tokenizer(slow, tmp_path / "copied")
