@@ -91,6 +91,11 @@ def test_rebuild_reuses_the_existing_dataset(tiny):
   again = build("tiny", data_dir)
   assert os.path.getmtime(path) == before
   assert again.info.splits["train"].num_examples == TINY.num_train
+  # overwrite=True builds again (the file is written anew: its time set back is lost).
+  os.utime(path, (0, 0))
+  again = build("tiny", data_dir, overwrite=True)
+  assert os.path.getmtime(path) > 0
+  assert again.info.splits["train"].num_examples == TINY.num_train
 
 
 def test_data_source_by_name(tiny):

@@ -303,6 +303,24 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   assert match([nfd], [(nfc, "a cup")]) == ({nfd: "a cup"}, [])
   captions, skips = match([nfd], [(nfd, "exact"), (nfc, "again")])
   assert captions == {nfd: "exact"} and [s.reason for s in skips] == ["duplicate_caption"]
+  assert skips[0].detail.endswith("another Unicode form; the row naming it exactly is kept")
+  captions, skips = match([nfd], [(nfc, "first"), (nfd, "exact")])  # exact wins, not first
+  assert captions == {nfd: "exact"} and skips[0].path == nfc
+  assert skips[0].detail.endswith("the row naming it exactly is kept")
+  # A row outside the folder names no video there.
+  assert [(k.path, k.reason, k.detail) for k in match([nfd], [("../x.mp4", "out")])[1]] == [
+      ("../x.mp4", "missing_file", "listed in u.csv but outside the source folder")]
+  # A short row (no caption field: a missing comma) is not an empty caption; a row with
+  # an empty path is refused as well.
+  short = tmp_path / "s.csv"
+  short.write_text("path,caption\na.mp4\nb.mp4,a red car\n")
+  with pytest.raises(ValueError, match=r"s\.csv:2: row has no 'caption' field"):
+    sources.read_captions(str(short), str(tmp_path))
+  short.write_text("path,caption\na.mp4,\n,a red car\n")
+  with pytest.raises(ValueError, match=r"s\.csv:3: row has an empty 'path'"):
+    sources.read_captions(str(short), str(tmp_path))
+  short.write_text("path,caption\na.mp4,\n")  # an empty caption, written
+  assert sources.read_captions(str(short), str(tmp_path))[0] == [("a.mp4", "")]
   assert match([nfc, nfd], [(nfc, "one"), (nfd, "two")]) == ({nfc: "one", nfd: "two"}, [])
   # An absolute path is taken relative to the folder as spelled on disk (a decomposed
   # folder name stays as it is).
@@ -520,7 +538,7 @@ def test_find_videos_links_and_undecodable_names(tmp_path):
   src = tmp_path / "src"
   (src / "own").mkdir(parents=True)
   video_io.write_mp4(str(src / "own" / "a.mp4"), _clip(4, 24, 32))
-  outside = tmp_path / "elsewhere"
+  outside = tmp_path / "src_more"  # (its path starts with the source folder's)
   outside.mkdir()
   video_io.write_mp4(str(outside / "b.mp4"), _clip(4, 24, 32))
   os.symlink(outside, src / "linked")        # followed: its videos are candidates
@@ -557,4 +575,28 @@ def test_resize_short_side_scales_down_only():
   assert sources._target_size(24, 32, 64) == (24, 32)
   assert sources._target_size(48, 64, 24) == (24, 32)
   assert sources._target_size(101, 50, 25) == (50, 25)  # 50.5 -> 50 (round half even)
+  assert sources._target_size(36, 52, 24) == (24, 35)  # 34.67 -> 35, not 34
+  assert sources._target_size(52, 36, 24) == (35, 24)
   assert sources._target_size(90, 60, None) == (90, 60)
+
+
+def test_an_unexpected_decoder_error_skips_that_file_only(tmp_path, monkeypatch):
+  # PyAV / FFmpeg may raise anything on a hostile file: one such file is a decode_error
+  # skip naming the exception, not the end of the build.
+  from data_pipelines.video_folder import builder
+  good = tmp_path / "good.mp4"
+  video_io.write_mp4(str(good), _clip(4, 24, 32))
+  real = sources.decode_clip
+
+  def decode(path, **kw):
+    if path.endswith("bad.mp4"):
+      raise RuntimeError("codec exploded")
+    return real(path, **kw)
+
+  monkeypatch.setattr(sources, "decode_clip", decode)
+  skips = []
+  items = [("bad.mp4", str(tmp_path / "bad.mp4"), {}), ("good.mp4", str(good), {})]
+  out = list(builder.decode_examples(items, skips, vf.VideoFolderConfig()))
+  assert [key for key, _ in out] == ["good.mp4"] and out[0][1]["video"].shape[0] == 4
+  assert [(k.path, k.reason, k.detail) for k in skips] == [
+      ("bad.mp4", "decode_error", "RuntimeError: codec exploded")]

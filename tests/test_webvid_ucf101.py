@@ -154,11 +154,16 @@ def test_webvid_bad_inputs(webvid_tree, tmp_path):
   # usable the build fails with one error listing every row.
   rows = tmp_path / "rows.csv"
   rows.write_bytes(b"videoid,page_dir,name\nabc,000001_000050,x\n5,../../etc,y\n"
-                   b"1066692581,000001_000050,z\n1066692580,000001_000050,caf\xe9\n")
+                   b"1066692581,000001_000050,z\n1066692580,000001_000050,caf\xe9\n"
+                   b"99999999999999999999,000001_000050,w\n-5,000001_000050,v\n")
   with pytest.raises(webvid.NoUsableVideoError) as exc:
     webvid.build(str(rows), videos, str(tmp_path / "d2"))
   msg = str(exc.value)
-  assert "webvid_local: no usable video" in msg and "none of the 4 row(s)" in msg
+  assert "webvid_local: no usable video" in msg and "none of the 6 row(s)" in msg
+  # Ids past int64 (an OverflowError ended the build) or negative: bad rows as well.
+  assert ("rows.csv:6: bad_row (rows.csv line 6: column 'videoid' out of range for "
+          "int64: '99999999999999999999')") in msg
+  assert "rows.csv:7: bad_row (rows.csv line 7: column 'videoid' out of range" in msg
   assert "rows.csv:2: bad_row (rows.csv line 2: column 'videoid' must be an integer" in msg
   assert "rows.csv:3: bad_row (rows.csv line 3: column 'page_dir'" in msg
   assert "000001_000050/1066692581.mp4: missing_file" in msg
@@ -168,6 +173,9 @@ def test_webvid_bad_inputs(webvid_tree, tmp_path):
 
   with pytest.raises(ValueError, match="WebVidConfig: max_rows must be >= 1"):
     webvid.WebVidConfig(max_rows=0)
+  with pytest.raises(FileNotFoundError, match=r"/nowhere: WebVid videos root does not "
+                     "exist"):
+    webvid.build(str(rows), str(tmp_path / "nowhere"), str(tmp_path / "d3"))
 
 
 # ------------------------------------------------------------------------ UCF-101
@@ -283,6 +291,9 @@ def test_class_caption_and_list_errors(ucf_root, tmp_path):
     f.write("1 ApplyEyeMakeup\n3 YoYo\n")
   with pytest.raises(ValueError, match=r"classInd\.txt:2: class index 3 out of order"):
     ucf101.read_class_index(os.path.join(splits, "classInd.txt"))
+  # A TFDS config name and a split number that disagree (split 1 was built, silently).
+  with pytest.raises(ValueError, match="Ucf101: config split_2 contradicts split_number=1"):
+    ucf101.Ucf101(config="split_2", split_number=1)
 
 
 def test_ucf101_empty_split_and_cli(ucf_root, tmp_path, capsys):

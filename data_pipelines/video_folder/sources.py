@@ -174,9 +174,13 @@ def read_captions(captions_file: str,
       for row in reader:
         if not (row.get("path") or "").strip():
           raise ValueError(f"{captions_file}:{reader.line_num}: row has an empty 'path'")
-        if not all(readable_text(v) for v in (row["path"], row.get("caption") or "")):
+        if row.get("caption") is None:
+          # A short row (a missing comma): its caption read as "", counted as captioned.
+          raise ValueError(f"{captions_file}:{reader.line_num}: row has no 'caption' "
+                           "field (an empty caption is written as a trailing comma)")
+        if not all(readable_text(v) for v in (row["path"], row["caption"])):
           raise ValueError(_not_utf8(captions_file, reader.line_num))
-        rows.append((reader.line_num, row["path"], row.get("caption") or ""))
+        rows.append((reader.line_num, row["path"], row["caption"]))
   elif ext in (".jsonl", ".json"):
     # utf-8-sig: a byte-order mark (as Windows editors write) is not part of line 1.
     with open(captions_file, encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -198,7 +202,8 @@ def read_captions(captions_file: str,
                            f"{line.strip()[:200]}")
         rows.append((line_num, obj["path"], obj["caption"]))
   else:
-    raise ValueError(f"{captions_file}: caption file must end in .csv or .jsonl, got '{ext}'")
+    raise ValueError(f"{captions_file}: caption file must end in .csv or .jsonl (or .json: "
+                     f"JSON lines), got '{ext}'")
 
   out, skips, seen = [], [], {}
   for line_num, raw, caption in rows:
@@ -232,8 +237,10 @@ def match_captions(videos: list[str], rows: list[tuple[str, str]], source_dir: s
     spelled = by_nfc.get(nfc(key), [])
     if len(spelled) == 1:
       if spelled[0] in exact or spelled[0] in captions:
+        kept = ("; the row naming it exactly is kept" if spelled[0] in exact
+                else ", which has a caption already; first kept")
         skips.append(Skip(key, DUPLICATE_CAPTION, f"names {spelled[0]} in another Unicode "
-                          "form, which has a caption already; first kept"))
+                          f"form{kept}"))
       else:
         captions[spelled[0]] = caption
       continue
