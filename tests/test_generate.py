@@ -34,6 +34,7 @@ from videoldm_jax.models.temporal import TemporalConfig  # noqa: E402
 from videoldm_jax.models.tokenizer import write_byte_level_tokenizer  # noqa: E402
 from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig  # noqa: E402
 from videoldm_jax.pipelines import chain_models, generate, personalize, streaming  # noqa: E402
+from videoldm_jax.pipelines import sampling  # noqa: E402
 from videoldm_jax.stages import upsampler as upsampler_stage  # noqa: E402
 from videoldm_jax.train.state import merge  # noqa: E402
 from videoldm_jax.video_ldm import VideoLDM  # noqa: E402
@@ -160,7 +161,10 @@ def test_personalisation_swaps_theta_and_keeps_phi(folders, dreambooth):
       dreambooth, unet_config=dataclasses.replace(
           dreambooth.unet_config, num_heads=dreambooth.unet_config.heads_per_level()),
       text_config=dataclasses.replace(dreambooth.text_config, eos_token_id=2))
-  personalize.personalize(video, respelt, ("unet", "text_encoder"))
+  with_text = personalize.personalize(video, respelt, ("unet", "text_encoder"))
+  for a, b in zip(jax.tree_util.tree_leaves(with_text.params["text_encoder"]),
+                  jax.tree_util.tree_leaves(dreambooth.params["text_encoder"]), strict=True):
+    np.testing.assert_array_equal(a, b)
   # One architecture, another parametrisation (SD 2.1 vs SD 2.1-base): refused.
   v_pred = dataclasses.replace(dreambooth, scheduler={**dreambooth.scheduler,
                                                       "prediction_type": "v_prediction"})
@@ -227,7 +231,32 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):
       return super().push(frames)
 
   monkeypatch.setattr(streaming, "OverlapChunker", Counted)
+  # Which model runs which pass, the keys of its windows, the upsampler's first frames.
+  passes, keys, firsts = [], [], []
+  interpolate_fn, interpolate = generate._interpolate_fn, generate.context_sampling.interpolate
+  upsample = generate.upsampling.upsample
+
+  def recording_fn(models, name, o, stride, stage_id):
+    passes.append((name, stage_id))
+    return interpolate_fn(models, name, o, stride, stage_id)
+
+  def recording_interpolate(*args, key, **kwargs):
+    keys.append(tuple(np.asarray(jax.random.key_data(key)).ravel()))
+    return interpolate(*args, key=key, **kwargs)
+
+  def recording_upsample(*args, first_frame, **kwargs):
+    firsts.append(first_frame)
+    return upsample(*args, first_frame=first_frame, **kwargs)
+
+  monkeypatch.setattr(generate, "_interpolate_fn", recording_fn)
+  monkeypatch.setattr(generate.context_sampling, "interpolate", recording_interpolate)
+  monkeypatch.setattr(generate.upsampling, "upsample", recording_upsample)
   result = generate.generate_video(out, options, log=notes.append, **folders)
+  assert passes == [("interpolator", 2), ("interpolator2", 3)]
+  assert len(keys) > 2 and len(set(keys)) == len(keys)  # no two windows share noise
+  # Noise by frame: chunks of 8 + 2 x 2 overlap over the 70 frames start at 0, then
+  # every 8 (each emits 8 after its 2 context frames), the last at 70 - 12 = 58.
+  assert firsts == [0, 8, 16, 24, 32, 40, 48, 56, 58], firsts
   # Only the video's frames reach them: the 11 past its end were cut before decoding.
   assert sorted(fed.values()) == [70, 70], fed
   assert notes == [] and result.notes == ()  # nothing skipped
@@ -245,7 +274,7 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):
   assert not list(tmp_path.glob(".*.partial-*"))  # the writer renamed its temporary file
 
 
-def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
+def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path, monkeypatch):
   notes = []
   options = generate.GenerateOptions(num_frames=6, **{**FAST, "keyframes_per_clip": 2})
   result = generate.generate_video(tmp_path / "kf.mp4", options, log=notes.append,
@@ -289,14 +318,42 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
   # A first clip of 1 key frame, shorter than num_context=2: round 1 has 1 context frame
   # and makes 3 new ones, the later rounds 2 each: 1 + 3 + 2 + 2 + 2 = 10 key frames in
   # 4 rounds (not ceil(9 / 2) = 5, whose last would sample and keep nothing).
+  rounds = []  # (context, clip) of each prediction round
+  predict = generate.context_sampling.predict
+
+  def recording_predict(model, context, *args, **kwargs):
+    rounds.append((np.asarray(context), np.asarray(predict(model, context, *args,
+                                                           **kwargs))))
+    return jnp.asarray(rounds[-1][1])
+
+  monkeypatch.setattr(generate.context_sampling, "predict", recording_predict)
   short_first = generate.generate_video(
       tmp_path / "short.npy", generate.GenerateOptions(
           num_frames=10, **{**FAST, "keyframes_per_clip": 1, "predictor_frames": 4}),
       log=None, keyframe_model=folders["keyframe_model"],
       predictor_model=folders["predictor_model"])
+  monkeypatch.undo()
   assert (short_first.plan.first_clip, short_first.plan.rounds) == (1, 4)
+  # Each round after the first continues from the LAST 2 key frames made so far.
+  assert [c.shape[1] for c, _ in rounds] == [1, 2, 2, 2]
+  for (context, clip), (next_context, _) in zip(rounds, rounds[1:]):
+    made = np.concatenate([context, clip[:, context.shape[1]:]], axis=1)
+    np.testing.assert_array_equal(next_context, made[:, -2:])
   assert np.load(short_first.path).shape == (10, 8, 8, 3)
 
+  # Only a second interpolator: it runs both passes. A personalised chain (default
+  # parts: the UNet) keeps the decoder folder's VAE.
+  chain = generate.load_chain(keyframe_model=folders["keyframe_model"],
+                              interpolator2_model=folders["interpolator2_model"],
+                              decoder_model=folders["decoder_model"],
+                              image_checkpoint=str(dreambooth[1]))
+  assert chain.interpolator is not None and chain.interpolator2 is None
+  assert chain.paths["interpolator"] == folders["interpolator2_model"]
+  assert any("only --interpolator2_model given" in n for n in chain.notes)
+  for a, b in zip(jax.tree_util.tree_leaves(chain.decoder.params["vae"]),
+                  jax.tree_util.tree_leaves(
+                      pretrained.load(folders["decoder_model"]).params["vae"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
   with pytest.raises(ValueError, match="key-frame model .* or a prediction model"):
     generate.load_chain(decoder_model=folders["decoder_model"])
   with pytest.raises(ValueError, match="predictor model .*keyframe.*not a context model"):
@@ -309,6 +366,18 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path):
   with pytest.raises(ValueError, match="out.npy: is a folder"):
     generate.generate_video(tmp_path / "out.npy", generate.GenerateOptions(**FAST),
                             keyframe_model=folders["keyframe_model"], log=None)
+
+
+def test_prompt_and_negative_prompt_condition_their_own_branches(folders):
+  model, tokenizer = entry = pretrained.load_with_tokenizer(folders["keyframe_model"])
+  cond = generate._conditioning(entry, generate.GenerateOptions(prompt="a red car",
+                                                                negative_prompt="blurry"))
+  n = model.text_config.max_position_embeddings
+  for field, prompt in (("text", "a red car"), ("uncond_text", "blurry")):
+    want = sampling.text_fn(model.text_config)({"params": model.params["text_encoder"]},
+                                               jnp.asarray(tokenizer([prompt], max_length=n)))
+    np.testing.assert_array_equal(np.asarray(cond[field]), np.asarray(want))
+  assert np.abs(np.asarray(cond["text"] - cond["uncond_text"])).max() > 1e-3
 
 
 def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
