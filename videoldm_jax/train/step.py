@@ -153,9 +153,12 @@ def check_ema_decay(ema_decay: float) -> None:
   """ValueError unless 0 <= ema_decay < 1 (config.optim.ema_decay): a negative decay
   extrapolated past the weights; 1 or more left only the warm-up ramp, an average over
   the whole run."""
-  if not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
-    raise ValueError(f"config.optim.ema_decay={ema_decay!r}: expected in [0, 1) (0: the "
-                     "EMA is the trained weights)")
+  # (NumPy scalars too: np.float32(0.99) was refused as if out of range.)
+  number = isinstance(ema_decay, (int, float, np.integer, np.floating)) and not isinstance(
+      ema_decay, (bool, np.bool_))
+  if not (number and 0 <= ema_decay < 1):
+    raise ValueError(f"config.optim.ema_decay={ema_decay!r}: expected a number in [0, 1) "
+                     "(0: the EMA is the trained weights)")
 
 
 def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: int,
@@ -174,6 +177,10 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
   `shardings` / `batch_sharding` pin the layouts; the input state is donated.
   """
   check_ema_decay(ema_decay)
+  if not (isinstance(grad_accum, (int, np.integer)) and grad_accum >= 1):
+    # (0 was a ZeroDivisionError when the step traced; the trainer checks it earlier.)
+    raise ValueError(f"grad_accum={grad_accum!r}: expected an integer >= 1 (microbatches "
+                     "per step)")
   base_key = jax.random.key(seed)
   schedules = ({} if lr_schedule is None else
                dict(lr_schedule) if isinstance(lr_schedule, dict) else {"lr": lr_schedule})
