@@ -250,6 +250,15 @@ def test_autoregressive_extension(model):
   clip = cs.predict(model, video[:, 2:4], 4, opts, key=jax.random.fold_in(jax.random.key(0), 1),
                     text=text)
   np.testing.assert_array_equal(np.asarray(video[:, 4:]), np.asarray(clip[:, 2:]))
+  # A caller's key replaces key(seed) (it was a TypeError); x_T is refused (every round
+  # would start from the same noise).
+  keyed = cs.extend(model, none, num_frames=4, clip_frames=4, num_context=2, options=opts,
+                    text=text, key=jax.random.key(3))
+  np.testing.assert_array_equal(np.asarray(keyed), np.asarray(cs.predict(
+      model, none, 4, opts, key=jax.random.fold_in(jax.random.key(3), 0), text=text)))
+  with pytest.raises(ValueError, match="no x_T"):
+    cs.extend(model, none, num_frames=4, clip_frames=4, options=opts, text=text,
+              x_T=jnp.zeros((2, 4, 4, 4, 4)))
 
 
 def test_context_guidance_without_known_frames_runs_one_branch(model):

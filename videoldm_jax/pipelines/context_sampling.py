@@ -173,12 +173,16 @@ def extend(model: ContextModel, context: jax.Array, num_frames: int, clip_frames
 
   Each round predicts a clip of `clip_frames` from the last min(num_context, frames so
   far) frames and appends its new frames; round r draws its noise from
-  fold_in(key(seed), r). `conditioning`: text / uncond_text / labels / uncond_labels.
+  fold_in(key, r), key = `key` (else key(options.seed)). `conditioning`: text /
+  uncond_text / labels / uncond_labels; no x_T (each round draws its own noise).
   """
   if not 0 <= num_context < clip_frames:
     raise ValueError(f"num_context={num_context} must be in [0, clip_frames={clip_frames})")
+  if "x_T" in conditioning:  # (every round would start from the same noise)
+    raise ValueError("extend draws each round's noise itself: no x_T; give a key")
   video = jnp.asarray(context, jnp.float32)
-  base = jax.random.key(options.seed)
+  key = conditioning.pop("key", None)
+  base = jax.random.key(options.seed) if key is None else key
   r = 0
   while video.shape[1] < num_frames:
     s = min(num_context, video.shape[1])
