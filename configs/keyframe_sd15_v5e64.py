@@ -27,7 +27,10 @@ from videoldm_jax.config_files import load_sibling
 def get_config() -> ml_collections.ConfigDict:
   c = load_sibling(__file__, "keyframe_sd15").get_config()
   c.image_model = "sd15"  # videoldm-compile reads the preset; training needs the folder
-  c.data.update(kind="latent_cache", cache_dir="/cache/sd15_webvid", batch_size=64)
+  # (worker_count=0: a latent cache has no Grain worker processes; keyframe_sd15's 8
+  # were reported as ignored on every run.)
+  c.data.update(kind="latent_cache", cache_dir="/cache/sd15_webvid", batch_size=64,
+                worker_count=0)
   c.train.update(remat_policy="full", attention="blocked")
   c.mesh = dict(data=1, fsdp=64, tensor=1)
   return c

@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Training-time samples: an unconditional clip of data.num_frames extended to
   # sample.num_frames from its last num_context frames; context_scale is s of
   # f(z) + s (f(z, c_S) - f(z)). num_context is checked at setup: at most the largest S
-  # of nonzero weight above, and below data.num_frames.
-  c.sample.update(num_frames=2 * c.data.num_frames, num_context=2, context_scale=1.0)
+  # of nonzero weight above, and below data.num_frames. (A reference: twice the
+  # data.num_frames the command line gives, until sample.num_frames is set itself.)
+  c.sample.update(num_frames=c.data.get_ref("num_frames") * 2, num_context=2,
+                  context_scale=1.0)
   return c

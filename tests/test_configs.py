@@ -31,8 +31,35 @@ def test_config_loads(name):
   assert c is not None
 
 
+def test_base_configs_hold_the_reference_settings():
+  # The method's settings (../shared/notes/video_ldm_reference.md, sgm / taming where the
+  # paper is silent); a drifting default would train another model, silently.
+  key = load_sibling(CONFIGS, "keyframe_base").get_config()
+  assert key.temporal.mix_init == 0.5  # sgm's m = 0.5: alpha = sigmoid(0.5) at init
+  assert key.cond_drop_prob == 0.1  # classifier-free guidance's unconditional branch
+  pred = load_sibling(CONFIGS, "predictor_base").get_config()
+  probs = pred.predictor.num_context_probs  # S = 0, 1 or 2 context frames, all trained
+  assert len(probs) == 3 and min(probs) > 0
+  # The training-time sample extends a clip to twice data.num_frames, also when the
+  # command line changes it (a reference, not the value at load time).
+  pred.data.num_frames = 12
+  assert pred.sample.num_frames == 24
+  assert load_sibling(CONFIGS, "interpolator_base").get_config().interpolator.stride == 4
+  image = load_sibling(CONFIGS, "image_tiny").get_config().scheduler  # SD's schedule
+  assert (image.num_train_timesteps, image.beta_schedule, image.beta_start,
+          image.beta_end) == (1000, "scaled_linear", 0.00085, 0.012)
+  decoder = load_sibling(CONFIGS, "decoder_base").get_config()
+  assert (decoder.optim.b1, decoder.optim.b2) == (0.5, 0.9)  # taming's GAN Adam
+  assert (decoder.disc_optim.b1, decoder.disc_optim.b2) == (0.5, 0.9)
+  assert decoder.vae_temporal.mix_init == 0.0  # sgm's merge_factor 0
+
+
 def test_keyframe_sd15_params_shard_over_fsdp():
   c = load_sibling(CONFIGS, "keyframe_sd15").get_config()
+  # As its docstring says: 16 frames of 320 x 512, bf16, FSDP over 16 chips x data.
+  assert (c.data.num_frames, c.data.height, c.data.width) == (16, 320, 512)
+  assert c.train.compute_dtype == "bfloat16" and dict(c.mesh) == dict(data=-1, fsdp=16,
+                                                                      tensor=1)
   sd = PRESETS["sd15"]
   ldm = VideoLDM(sd.unet, sd.vae, sd.text, sd.scheduler,
                  TemporalConfig.from_dict(dict(c.temporal)))

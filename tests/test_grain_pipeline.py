@@ -451,6 +451,12 @@ def test_trainer_reads_any_tfds_dataset_by_name(tfds_dir, tmp_path):
   assert strided["video"].shape == batch["video"].shape
   assert not np.array_equal(strided["video"], batch["video"])
   config.data.frame_stride = 1
+  # config.data.split picks the split read (other scenes in procedural_driving's).
+  config.data.split = "validation"
+  validation = next(inputs.make_iterator(config, tmp_path, {}))
+  assert validation["video"].shape == batch["video"].shape
+  assert not np.array_equal(validation["video"], batch["video"])
+  config.data.split = "train"
   config.data.tfds_name = ""
   with pytest.raises(ValueError, match="data.tfds_name"):
     inputs.make_iterator(config, tmp_path, {})

@@ -181,6 +181,13 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
   _, b = run(2, 1, state)
   assert [x + y for x, y in zip(a, b)] == whole[3:]
   assert run(1, 0, state)[1] == whole[3:]
+  # config.seed orders the cache: another seed, another first batch.
+  other = next(iter(inputs._cache_dataset(data, 1, 0, 1, check, "label")))
+  assert other["latents"].reshape(-1).tolist() != whole[0]
+  # A resume that reads other global batches than the checkpoint did is refused.
+  with pytest.raises(ValueError, match="the checkpoint read global batches of 4, this run "
+                     "reads 8; resuming would skip or repeat examples"):
+    inputs.ShareIterator(iter([]), 4, 2).set_state(state)
   # A checkpoint written before the fix stored the index of batches: still resumed right.
   old = dict(state, grain={"next_index": 3})
   assert run(1, 0, old)[1] == whole[3:]

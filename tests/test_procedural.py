@@ -84,6 +84,8 @@ def test_set_state_rejects_mismatches():
     with pytest.raises(ValueError, match=r"an integer 'next_batch' >= 0, got"):
       it.set_state(bad)
   it.set_state({"next_batch": np.int64(4), "seed": 0, "global_batch": 4})
+  with pytest.raises(ValueError, match="need 0 <= process_index < process_count, got 2 of 2"):
+    ClipIterator(batch_size=2, seed=0, process_index=2, process_count=2, **SHAPE)
 
 
 def test_two_processes_are_disjoint_and_cover_one_process():

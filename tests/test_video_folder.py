@@ -204,6 +204,7 @@ def test_tfds_data_source_by_name(mixed, caplog):
       inputs._check_clip_lengths(ds, ml_collections.ConfigDict(dict(
           num_frames=num_frames, frame_stride=3)), "vf")
     text = caplog.text
+    assert ("vf was built with min_frames=4" in text) == warned, text
     assert ("vf was built with min_frames=4, but num_frames=3 at frame_stride=3 need 7 "
             "frames" in text) == warned, text
   # Clips cut to max_frames when built are all too short: an error, not the advice to
@@ -215,6 +216,9 @@ def test_tfds_data_source_by_name(mixed, caplog):
                      r"data.num_frames / frame_stride, or rebuild with --max_frames=10"):
     inputs._check_clip_lengths(cut, ml_collections.ConfigDict(dict(
         num_frames=10, frame_stride=1)), "vf")
+  for num_frames, stride in ((8, 1), (4, 2)):  # spans of exactly max_frames fit
+    inputs._check_clip_lengths(cut, ml_collections.ConfigDict(dict(
+        num_frames=num_frames, frame_stride=stride)), "vf")
 
 
 def test_all_bad_source_raises_one_clear_error(tmp_path):
@@ -331,7 +335,7 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   assert sources.read_captions(str(folder / "u.jsonl"), str(folder))[0] == [("a.mp4", "hi")]
 
 
-def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path):
+def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path, monkeypatch):
   # TFDS's own error for a registered builder with nothing built was "splits is empty".
   import ml_collections
   from videoldm_jax.data import inputs
@@ -345,6 +349,18 @@ def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path):
   with pytest.raises(ValueError, match=r"data.tfds_name='webvid_local' is read only with "
                      r"data.kind='tfds', but data.kind='procedural'"):
     inputs.make_iterator(config, tmp_path, {})
+  config.data.update(tfds_name="", cache_dir="/cache/x")
+  with pytest.raises(ValueError, match=r"data.cache_dir='/cache/x' is read only with "
+                     r"data.kind='latent_cache', but data.kind='procedural'"):
+    inputs.make_iterator(config, tmp_path, {})
+  # A global batch the processes do not divide.
+  import jax
+  config.data.cache_dir = ""
+  monkeypatch.setattr(jax, "process_count", lambda *a: 3)
+  with pytest.raises(ValueError, match="data.batch_size=2 is not divisible by the 3 "
+                     "processes"):
+    inputs.make_iterator(config, tmp_path, {})
+  monkeypatch.undo()
   # Video-pipeline options that procedural clips and latent caches do not have (an
   # image_fraction trained without still images, silently).
   for kind in ("procedural", "latent_cache"):
@@ -352,6 +368,10 @@ def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path):
         kind=kind, batch_size=2, image_fraction=0.5, hflip=True, frame_stride=1)))
     with pytest.raises(ValueError, match=r"\{'image_fraction': 0.5, 'hflip': True\} are "
                        f"options of the video pipelines .*data.kind='{kind}'"):
+      inputs.make_iterator(config, tmp_path, {})
+    config.data.update(image_fraction=0.0, hflip=False, frame_stride=2)
+    with pytest.raises(ValueError, match=r"\{'frame_stride': 2\} are options of the "
+                       f"video pipelines .*data.kind='{kind}'"):
       inputs.make_iterator(config, tmp_path, {})
 
 
