@@ -1,6 +1,7 @@
 """Train-step options on a minimal unconditional video UNet fed latents directly:
 remat policies, gradient accumulation and bfloat16 compute."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -121,6 +122,35 @@ def test_ema_decay_caps_the_warm_up_ramp(decay):
     d = min(decay, (1 + n) / (10 + n))
     ema = d * ema + (1 - d) * p
   np.testing.assert_allclose(np.asarray(state.ema["w"]), [ema] * 2, rtol=1e-5)
+
+
+def test_stage_losses_use_the_models_objective_and_average_over_videos(monkeypatch):
+  # The key-frame and context stages hand denoising_loss the scheduler's prediction type
+  # and min_snr_gamma, and average its per-video losses: an SD 2.x v-model trained on
+  # eps targets, or a summed loss, passed every other test.
+  from videoldm_jax.stages import context, predictor
+  image = dataclasses.replace(IMAGE, scheduler={**IMAGE.scheduler,
+                                                "prediction_type": "v_prediction"})
+  options = keyframe.KeyframeOptions(min_snr_gamma=5.0)
+  for module, temporal, make in (
+      (keyframe, TemporalConfig(), lambda ldm: keyframe.make_stage(ldm, options, None)),
+      (context, TemporalConfig(context_frames=True),
+       lambda ldm: context.make_context_stage("predictor", ldm, options, None,
+                                              predictor.mask_fn((1.0, 0.0, 0.0))))):
+    seen, real = [], module.denoising_loss
+
+    def spy(model_fn, x0, key, schedule, prediction_type, min_snr_gamma, _real=real):
+      seen.append((prediction_type, min_snr_gamma, x0.shape,
+                   _real(model_fn, x0, key, schedule, prediction_type, min_snr_gamma)))
+      return seen[-1][-1]
+
+    monkeypatch.setattr(module, "denoising_loss", spy)
+    ldm = VideoLDM.from_pretrained(image, temporal)
+    params = {**IMAGE.params, "unet": ldm.init_unet_params(1)}
+    loss, _ = make(ldm).loss_fn(params, {"latents": jnp.asarray(LATENTS)}, jax.random.key(0))
+    (kind, gamma, shape, per_video), = seen
+    assert (kind, gamma, shape, per_video.shape) == ("v_prediction", 5.0, LATENTS.shape, (4,))
+    np.testing.assert_allclose(float(loss), float(jnp.mean(per_video)), rtol=1e-6)
 
 
 def test_gradient_accumulation_averages_microbatch_losses_and_gradients():
