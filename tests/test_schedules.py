@@ -1,5 +1,7 @@
 """Noise schedules, parametrisations and the training loss against diffusers / hand maths."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,14 @@ def test_rescale_zero_terminal_snr_matches_diffusers(torch_cpu):
                              rtol=0, atol=1e-6)
   assert float(s.alphas_cumprod[-1]) == 0.0
   assert float(schedules.snr(s, jnp.array(999))) == 0.0
+  # Also on a config's trained_betas (the SD 2.x-style zero-SNR fine-tunes).
+  cfg = {"trained_betas": diffusers.DDIMScheduler(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).betas.tolist()}
+  plain, _ = schedules.schedule_from_diffusers_config(cfg)
+  assert float(plain.alphas_cumprod[-1]) > 0
+  zero, _ = schedules.schedule_from_diffusers_config({**cfg, "rescale_betas_zero_snr": True})
+  np.testing.assert_allclose(np.asarray(zero.alphas_cumprod), ref.alphas_cumprod.numpy(),
+                             rtol=0, atol=1e-6)
 
 
 def test_alpha_sigma_snr_q_sample_broadcast(torch_cpu):
@@ -84,9 +94,13 @@ def test_schedule_from_diffusers_config(torch_cpu):
   assert cfg2.timestep_spacing == "trailing"
   # Keys a file leaves out take DDIMScheduler's defaults (steps_offset 0, epsilon).
   defaults = diffusers.DDIMScheduler().config
-  _, empty = schedules.schedule_from_diffusers_config({})
+  empty_schedule, empty = schedules.schedule_from_diffusers_config({})
   assert (empty.steps_offset, empty.prediction_type) == (defaults.steps_offset,
                                                          defaults.prediction_type)
+  # ... the schedule too (linear, 1e-4 to 0.02) and set_alpha_to_one (True).
+  np.testing.assert_allclose(np.asarray(empty_schedule.betas),
+                             diffusers.DDIMScheduler().betas.numpy(), rtol=0, atol=1e-8)
+  assert empty.final_alpha_cumprod == 1.0 and defaults.set_alpha_to_one
 
 
 @pytest.mark.parametrize("field,value", [
@@ -96,6 +110,24 @@ def test_schedule_from_diffusers_config(torch_cpu):
 def test_schedule_from_diffusers_config_rejects(field, value):
   with pytest.raises(ValueError, match=field):
     schedules.schedule_from_diffusers_config({"beta_schedule": "linear", field: value})
+
+
+def test_impossible_betas_are_refused():
+  # Betas past [0, 1) or NaN gave a negative or NaN abar: every training step was then
+  # skipped as non-finite, which looked like divergence.
+  for betas, shown in (([0.5, 1.5], "[1.5] at steps [1]"), ([-0.1, 0.2], "[-0.1"),
+                       ([0.1, float("nan")], "[nan] at steps [1]"),
+                       ([1.0, 0.5], "[1.0] at steps [0]")):
+    with pytest.raises(ValueError, match=r"scheduler config trained_betas: every beta must "
+                       r"lie in \[0, 1\) \(1 only at the last step\), got " + re.escape(shown)):
+      schedules.schedule_from_diffusers_config({"num_train_timesteps": 2,
+                                                "trained_betas": betas})
+  schedules.schedule_from_betas([0.5, 1.0])  # zero terminal SNR: 1 last is fine
+  with pytest.raises(ValueError, match=r"a linear schedule from beta_start=0.5, "
+                     r"beta_end=1.5: every beta"):
+    schedules.make_schedule("linear", 10, 0.5, 1.5)
+  with pytest.raises(ValueError, match=r"num_train_timesteps=0: expected an integer >= 2"):
+    schedules.make_schedule("linear", 0)
 
 
 def test_schedule_is_a_pytree():
@@ -167,6 +199,29 @@ def test_out_of_range_loss_options_are_refused():
                        r"probability in \[0, 1\]"):
       keyframe.KeyframeOptions(cond_drop_prob=p)
   keyframe.KeyframeOptions(cond_drop_prob=1.0, min_snr_gamma=5.0)  # the edges are valid
+
+
+def test_denoising_loss_draws_tau_and_eps_from_their_own_keys_and_weights_them():
+  # tau from split(key)[0], eps from split(key)[1] (one key correlated them); an x0
+  # model predicting 0 for x0 = 1 has mse 1 per example, times its min-SNR weight.
+  s = schedules.schedule_from_betas([0.2, 0.5])  # snr 4 at t = 0, 2/3 at t = 1
+  x0, key, seen = jnp.ones((6, 2, 2, 1)), jax.random.key(4), {}
+
+  def model_fn(x_t, t):
+    seen.update(x_t=x_t, t=t)
+    return jnp.zeros_like(x_t)
+
+  loss = losses.denoising_loss(model_fn, x0, key, s, "sample", 1.0)
+  t_key, n_key = jax.random.split(key)
+  t = losses.sample_timesteps(t_key, 6, s)
+  np.testing.assert_array_equal(np.asarray(seen["t"]), np.asarray(t))
+  assert len(set(np.asarray(t).tolist())) == 2  # both timesteps drawn
+  noise = schedules.gaussian_noise(n_key, x0.shape)
+  np.testing.assert_allclose(np.asarray(seen["x_t"]),
+                             np.asarray(schedules.q_sample(s, x0, t, noise)), rtol=1e-6)
+  weight = np.asarray(losses.min_snr_weight(schedules.snr(s, t), "sample", 1.0))
+  assert not np.allclose(weight, 1.0)
+  np.testing.assert_allclose(np.asarray(loss), weight, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", param.PREDICTION_TYPES)

@@ -50,11 +50,21 @@ class SamplingConfig:
   clip_sample: float | None = None
 
 
-def schedule_from_betas(betas) -> NoiseSchedule:
+def schedule_from_betas(betas, what: str = "betas") -> NoiseSchedule:
   """Builds a schedule from betas (T,). The betas are rounded to float32 first, so abar
   is exactly the schedule the stored betas describe; its cumulative product is then taken
-  in float64 and rounded once, so abar carries no accumulated float32 error."""
+  in float64 and rounded once, so abar carries no accumulated float32 error. Betas
+  outside [0, 1) (1 only last: zero terminal SNR) or NaN raise ValueError naming `what`:
+  their abar is negative or NaN, and training would skip every step as non-finite."""
   b32 = np.asarray(betas, np.float32)
+  if b32.ndim != 1 or b32.size == 0:
+    raise ValueError(f"{what}: expected a non-empty 1-D array, got shape {b32.shape}")
+  bad = ~np.isfinite(b32) | (b32 < 0) | (b32 > 1)
+  bad[:-1] |= b32[:-1] >= 1
+  if bad.any():
+    i = np.flatnonzero(bad)
+    raise ValueError(f"{what}: every beta must lie in [0, 1) (1 only at the last step), "
+                     f"got {b32[i[:3]].tolist()} at steps {i[:3].tolist()}")
   abar = np.cumprod(1.0 - b32.astype(np.float64))
   return NoiseSchedule(betas=jnp.asarray(b32),
                        alphas_cumprod=jnp.asarray(abar, jnp.float32),
@@ -78,6 +88,9 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
   'linear' (DDPM: beta = linspace(b0, b1)), 'cosine' (squaredcos_cap_v2, betas capped at
   0.999; beta_start / beta_end are ignored).
   """
+  if not (isinstance(num_train_timesteps, (int, np.integer)) and num_train_timesteps >= 2):
+    raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: expected an integer "
+                     ">= 2")
   # Everything is float64 until schedule_from_betas rounds once: torch builds the same
   # betas in float32 and differs from these by < 1e-8.
   if kind == "scaled_linear":
@@ -90,7 +103,8 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
     raise ValueError(f"kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
   if rescale_zero_snr:
     betas = rescale_zero_terminal_snr(betas)
-  return schedule_from_betas(betas)
+  return schedule_from_betas(betas, f"a {kind} schedule from beta_start={beta_start}, "
+                                    f"beta_end={beta_end}")
 
 
 def rescale_zero_terminal_snr(betas) -> np.ndarray:
@@ -198,7 +212,7 @@ def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike
                        f"num_train_timesteps={n}")
     if cfg.get("rescale_betas_zero_snr", False):
       betas = rescale_zero_terminal_snr(betas)
-    schedule = schedule_from_betas(betas)
+    schedule = schedule_from_betas(betas, "scheduler config trained_betas")
   else:
     schedule = make_schedule(_BETA_SCHEDULES[cfg.get("beta_schedule", "linear")], n,
                              float(cfg.get("beta_start", 0.0001)),
