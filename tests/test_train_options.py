@@ -508,6 +508,23 @@ def test_batches_of_a_class_conditional_model_check_their_labels():
                      "names no field"):
     make({"latents": LATENTS[:2]})
   assert "labels" not in keyframe.batch_maker(None, 0)({"latents": LATENTS[:2]})
+  # Image examples' per-frame labels are checked too (they are what the UNet reads).
+  with pytest.raises(ValueError, match=r"labels \[3\] lie outside the UNet's classes 0..2"):
+    make({"latents": LATENTS[:2], "labels": np.array([0, 1]),
+          "frame_labels": np.array([[0, 0, 0], [1, 3, 1]])})
+
+
+def test_pixels_reach_the_vae_in_its_range():
+  # uint8 0..255 -> [-1, 1], the range the image VAE was trained on (frame by frame).
+  ldm = VideoLDM.from_pretrained(IMAGE, TemporalConfig())
+  video = np.random.default_rng(2).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+  got = keyframe.encode_video(ldm.vae(), IMAGE.params["vae"], jnp.asarray(video), None)
+  frames = jnp.asarray(video.reshape(6, 8, 8, 3), jnp.float32) * (2 / 255) - 1
+  want = ldm.vae().apply({"params": IMAGE.params["vae"]}, frames,
+                         method=type(ldm.vae()).encode_latents)
+  assert got.shape == (2, 3) + want.shape[1:]
+  np.testing.assert_allclose(np.asarray(got).reshape(want.shape), np.asarray(want),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_image_examples_condition_each_frame_on_its_own_clip():
