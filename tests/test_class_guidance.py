@@ -275,6 +275,16 @@ def test_samplers_guide_against_the_null_class():
       (dataclasses.replace(video, training={}), None), generate.GenerateOptions(class_label=1))
 
 
+def test_which_unets_are_called_with_a_context():
+  # From a text encoder (text + classes: upscaler-style); without one, from outside
+  # unless the model is class-conditional (its labels alone condition it).
+  from videoldm_jax.models.unet import UNetConfig, called_with_context
+  plain, classes = UNetConfig(), UNetConfig(num_class_embeds=4)
+  assert [called_with_context(c, text) for c, text in (
+      (plain, True), (classes, True), (plain, False), (classes, False))] == [
+          True, True, True, False]
+
+
 def test_the_tiny_image_config_has_a_class_conditional_variant():
   # videoldm-init-random --config=configs/image_tiny.py:classes=3 (README): a text-free
   # class-conditional model, the start of a class-guided chain from the command line.

@@ -78,6 +78,40 @@ def test_spatial_branch_everywhere_gives_the_image_decoder_bitwise(video_params,
     assert np.max(np.abs(out[1, 0] - np.asarray(ref)[1, 0])) > 1e-3
 
 
+def test_video_decode_refuses_flags_of_another_layout(video_params):
+  z = jnp.zeros((2, 3, 4, 4, 4))
+  with pytest.raises(ValueError, match=r"decode_video image_only: expected \(B, T\) = "
+                     r"\(2, 3\), got \(3, 2\)"):
+    VIDEO.apply({"params": video_params}, z, jnp.ones((3, 2), bool),
+                method=AutoencoderKL.decode_video)
+
+
+def test_latent_shift_and_scale_are_undone_by_decode(video_params):
+  # latent_normalization="mean_std" writes a shift_factor: latents are (z - shift) *
+  # scale, and every decode path undoes both (a sign slip offset every sampled video).
+  import dataclasses
+  shifted = dataclasses.replace(CONFIG, shift_factor=0.5, scaling_factor=0.3)
+  spatial, _ = partition.split(video_params)
+  x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 3), minval=-1, maxval=1)
+  for model, params in ((AutoencoderKL(shifted), spatial),
+                        (AutoencoderKL(shifted, VAETemporalConfig()), video_params)):
+    mean, _ = model.apply({"params": params}, x, method=AutoencoderKL.encode)
+    z = model.apply({"params": params}, x, method=AutoencoderKL.encode_latents)
+    np.testing.assert_allclose(np.asarray(z), (np.asarray(mean) - 0.5) * 0.3, rtol=1e-6,
+                               atol=1e-6)
+    if model.temporal is None:
+      np.testing.assert_allclose(
+          np.asarray(model.apply({"params": params}, z, method=AutoencoderKL.decode_latents)),
+          np.asarray(model.apply({"params": params}, mean, method=AutoencoderKL.decode)),
+          rtol=1e-5, atol=1e-5)
+    else:
+      np.testing.assert_allclose(
+          np.asarray(model.apply({"params": params}, z[None],
+                                 method=AutoencoderKL.decode_video_latents)),
+          np.asarray(model.apply({"params": params}, mean[None],
+                                 method=AutoencoderKL.decode_video)), rtol=1e-5, atol=1e-5)
+
+
 def test_at_init_the_temporal_layers_are_identities(decoders):
   """Zero-initialised ResBlock convs and the identity-initialised output Conv3d: with
   the mixing logits at their init (alpha 0.5) the video decoder starts as the image
@@ -158,6 +192,28 @@ def test_3d_discriminator_sees_time_2d_is_per_frame():
                              rtol=0, atol=1e-6)
   # Clips shorter than the temporal reduction still give logits.
   assert d3(x[:, :1]).shape == (2, 1, 2, 2, 1)
+
+
+def test_discriminator_time_padding_is_xlas_same():
+  # As lax's "SAME": ceil(t / stride) outputs, the odd pixel of padding at the end.
+  for t in (1, 2, 3, 4, 5, 8):
+    for kernel, stride in ((4, 2), (3, 1), (4, 1)):
+      want = jax.lax.padtype_to_pads((t,), (kernel,), (stride,), "SAME")[0]
+      assert disc_lib._time_padding(t, kernel, stride) == tuple(want), (t, kernel, stride)
+  assert disc_lib._time_padding(3, 4, 2) == (1, 2)
+
+
+def test_a_vae_without_mid_block_attention_has_none():
+  # mid_block_add_attention=False (diffusers' option): no mid_block/attentions_0 weights.
+  import dataclasses
+  config = dataclasses.replace(CONFIG, mid_block_add_attention=False)
+  params = params_lib.abstract_params(AutoencoderKL(config), *vae_lib.example_inputs(config))
+  paths = ["/".join(k) for k in traverse_util.flatten_dict(params)]
+  assert not [p for p in paths if "mid_block/attentions" in p]
+  assert [p for p in paths if "mid_block/resnets_1" in p]
+  with_attention = traverse_util.flatten_dict(params_lib.abstract_params(
+      IMAGE, *vae_lib.example_inputs(CONFIG)))
+  assert [k for k in with_attention if "attentions_0" in k and "mid_block" in k]
 
 
 def test_stride_two_conv_equals_a_strided_conv():

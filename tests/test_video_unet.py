@@ -279,10 +279,11 @@ def test_unet_sizes_its_levels_cannot_halve_are_refused():
   # 10x6 latents on 3 levels: the way up could not concatenate a skip (TypeError).
   config = UNetConfig(block_out_channels=(32, 32, 32), attention_levels=(False,) * 3,
                       num_heads=2, cross_attention_dim=32)
-  with pytest.raises(ValueError, match=r"UNet input of 10x6 latents: both must be "
-                     r"multiples of 4"):
-    jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, 10, 6, 4)),
-                                              jnp.zeros((1,)), jnp.zeros((1, 3, 32))))
+  for h, w in ((10, 6), (8, 6)):  # (8 x 6: the width alone)
+    with pytest.raises(ValueError, match=rf"UNet input of {h}x{w} latents: both must be "
+                       r"multiples of 4"):
+      jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, h, w, 4)),
+                                                jnp.zeros((1,)), jnp.zeros((1, 3, 32))))
 
 
 def test_video_inputs_of_other_batch_shapes_are_named_or_broadcast(video_params):
@@ -306,7 +307,13 @@ def test_video_inputs_of_other_batch_shapes_are_named_or_broadcast(video_params)
     shape(t=jnp.zeros((8,)))
   one = jax.jit(lambda c: VIDEO.apply({"params": video_params}, x, t, c))
   np.testing.assert_array_equal(one(ctx[:1]), one(jnp.concatenate([ctx[:1]] * 2)))
+  # Per video, each video's context reaches its own frames (video-major, not tiled).
+  assert np.abs(np.asarray(ctx[0] - ctx[1])).max() > 0.1
+  np.testing.assert_array_equal(one(ctx), one(jnp.repeat(ctx, 4, axis=0)))
   spatial, _ = partition.split(video_params)
+  # The image model takes one context for every image too.
+  image = jax.jit(lambda c: IMAGE.apply({"params": spatial}, x[:, 0], t, c))
+  np.testing.assert_array_equal(image(ctx[:1]), image(jnp.concatenate([ctx[:1]] * 2)))
   with pytest.raises(ValueError, match=r"UNet context: leading size 3, expected 2 \(per "
                      r"image\) or 1"):
     jax.eval_shape(lambda: IMAGE.apply({"params": spatial}, x[:, 0], t, jnp.zeros((3, 3, 8))))

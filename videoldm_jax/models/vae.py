@@ -391,6 +391,10 @@ class AutoencoderKL(nn.Module):
     """Unscaled video latents (B, T, h, w, C) -> videos (B, T, H, W, out_ch), through the
     temporal layers (if any); image_only (B, T) bool frames use the spatial branch."""
     b, t = z_BxTxhxwxC.shape[:2]
+    if image_only_BxT is not None and image_only_BxT.shape != (b, t):
+      # A (T, B) array reshaped silently, flagging other frames than meant (as the UNet).
+      raise ValueError(f"AutoencoderKL.decode_video image_only: expected (B, T) = "
+                       f"{(b, t)}, got {image_only_BxT.shape}")
     image_only = None if image_only_BxT is None else image_only_BxT.reshape(b * t)
     x = self.decode(z_BxTxhxwxC.reshape((b * t,) + z_BxTxhxwxC.shape[2:]),
                     Frames(t, image_only))
