@@ -209,6 +209,39 @@ def test_export_round_trip(trained, tmp_path):
   assert flat_a.keys() == flat_b.keys()
   for k in flat_a:
     np.testing.assert_array_equal(np.asarray(flat_b[k]), np.asarray(flat_a[k]))
+  # Every field comes back, also those the config leaves at a non-default value (a
+  # 'nearest' upsampler reloaded as bilinear otherwise).
+  config = trained["model"].replace(upsample_method="nearest", max_noise_level=300,
+                                    noise_level=7)
+  um.save(tmp_path / "nearest", um.PretrainedUpsampler(config, trained["params"]))
+  assert um.load(tmp_path / "nearest", read_params=False).config == config
+  # An index edited by hand is validated on load (an untrained noise level, here).
+  index = tmp_path / "nearest" / um.INDEX
+  index.write_text(index.read_text().replace('"noise_level": 7', '"noise_level": 999'))
+  with pytest.raises(ValueError, match=r"noise_level must be in \[0, max_noise_level=300\)"):
+    um.load(tmp_path / "nearest", read_params=False)
+
+
+def test_upsampler_config_checks_and_helpers_by_hand(trained):
+  config = trained["model"]
+  levels = config.aug_levels()
+  for bad, message in ((dict(noise_level=config.max_noise_level), "noise_level must be"),
+                       (dict(max_noise_level=levels + 1), "max_noise_level must be in")):
+    with pytest.raises(ValueError, match=message):
+      config.replace(**bad).validate()
+  # High-res sizes: multiples of the VAE factor x the UNet's 2^(levels - 1), and of
+  # scale. Pixel space (factor 1), 2 levels: lcm(2, 4) = 4 at x4, lcm(2, 3) = 6 at x3.
+  assert (config.space, config.unet.num_levels, config.scale) == ("pixel", 2, 4)
+  assert (config.size_multiple, config.replace(scale=3).size_multiple) == (4, 6)
+  # Bilinear with half-pixel centres (torch's align_corners=False): 0, 1 -> 0, .25, .75, 1.
+  x = jnp.arange(2.0).reshape(1, 2, 1)  # (h, w, C): one row 0, 1
+  np.testing.assert_allclose(np.asarray(um.upsample(x, 2, "bilinear"))[:, :, 0],
+                             [[0, 0.25, 0.75, 1]] * 2, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(um.upsample(x, 2, "nearest"))[:, :, 0],
+                                [[0, 0, 1, 1]] * 2)
+  # The UNet input is [x_t, c] along channels, in that order.
+  a, b = jnp.zeros((1, 1, 2, 2, 3)), jnp.ones((1, 1, 2, 2, 3))
+  np.testing.assert_array_equal(np.asarray(um.model_input(a, b))[..., :3], 0)
 
 
 def test_temporal_mode_takes_theta_from_an_image_upsampler(tmp_path):
