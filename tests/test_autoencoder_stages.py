@@ -291,6 +291,18 @@ def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_l
   g_rec, g_gan = jax.jit(jax.jacrev(rec_and_gan))(autoencoder.get_leaf(vp, decoder.LAST_LAYER))
   np.testing.assert_allclose(float(m["d_weight"]),
                              float(gan.adaptive_weight(g_rec, g_gan, 0.7)), rtol=1e-4)
+  # The frozen encoder's posterior is sampled (mean + exp(logvar / 2) eps, eps from the
+  # step's key) and decoded through the temporal layers: the L1 of that reconstruction.
+  from videoldm_jax.models.temporal import Frames
+  from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig
+  vae = AutoencoderKL(autoencoder.image_model_vae(c, tmp_path / "run")[0],
+                      VAETemporalConfig.from_dict(dict(c.vae_temporal)))
+  x = autoencoder.frames_to_images(batch["video"])
+  mean, logvar = vae.apply({"params": vp}, x, method=AutoencoderKL.encode)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(3), mean.shape)
+  rec = vae.apply({"params": vp}, z, Frames(3), method=AutoencoderKL.decode)
+  np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
+                             rtol=1e-5)
 
 
 def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
@@ -310,8 +322,10 @@ def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
   c = _config("autoencoder")
   c.data.update(height=12, width=12)
   c.loss.update(perceptual_weight=0.5, perceptual_weights_path="vgg.safetensors")
-  with pytest.raises(ValueError, match="too small for the perceptual loss"):
-    autoencoder.setup(c, tmp_path)
+  for h, w in ((12, 12), (12, 256)):  # (the shorter side decides: MIN_SIZE 16)
+    c.data.update(height=h, width=w)
+    with pytest.raises(ValueError, match="too small for the perceptual loss"):
+      autoencoder.setup(c, tmp_path)
   # Still images stacked into clips would be shown to the 3-D discriminator as videos.
   c = _config("decoder")
   c.data.image_fraction = 0.25
@@ -326,6 +340,19 @@ def test_gan_stages_refuse_configs_that_cannot_train(tmp_path):
   with pytest.raises(ValueError, match=r"config.latent_normalization='unit': expected one "
                      r"of \('keep', 'std', 'mean_std'\)"):
     autoencoder.setup(c, tmp_path)
+
+
+def test_decoder_stage_trainable_parts():
+  # Temporal layers and the discriminator; with train_spatial_decoder also the spatial
+  # decoder and post_quant_conv; never the encoder or quant_conv.
+  paths = [("discriminator", "conv_in", "kernel"), ("vae", "decoder", "up_blocks_0",
+           "temporal_res_blocks_0", "conv1", "kernel"), ("vae", "decoder", "conv_out", "kernel"),
+           ("vae", "post_quant_conv", "kernel"), ("vae", "encoder", "conv_in", "kernel"),
+           ("vae", "quant_conv", "kernel")]
+  assert [decoder.is_trainable_fn(False)(p) for p in paths] == [True, True, False, False,
+                                                                False, False]
+  assert [decoder.is_trainable_fn(True)(p) for p in paths] == [True, True, True, True,
+                                                               False, False]
 
 
 @pytest.mark.parametrize("stage", [autoencoder, decoder], ids=["autoencoder", "decoder"])
