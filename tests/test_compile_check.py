@@ -132,12 +132,44 @@ def test_latent_cache_batch_compiles_the_step_without_the_encoders_gpu_proxy():
   assert batch["latents"].shape == (4, 2, 16 // f, 16 // f, ldm.vae_config.latent_channels)
   text = ldm.text_config
   assert batch["context"].shape == (4, text.max_position_embeddings, text.hidden_size)
+  c.data.width = 32  # (height, width) in that order
+  with tempfile.TemporaryDirectory() as tmp, base.abstract_setup():
+    wide = compile_check._abstract_batch(stage_setup(c, Path(tmp)), c)
+  assert wide["latents"].shape[2:4] == (16 // f, 32 // f)
+  c.data.width = 16
   # Compiled as the GPU proxy (4 CPU devices, traced for GPUs, an H100's memory): the
-  # verdict is against the card's memory and says it is a proxy.
-  r = compile_check.fit_report(c, "h100:4")
+  # verdict is against the card's memory and says it is a proxy. The attention setting
+  # resolves as on a GPU host while tracing, and is restored after.
+  from videoldm_jax.models import attention
+  before, platforms = attention.implementation(), []
+  set_implementation = attention.set_implementation
+
+  def spy(*args, **kwargs):
+    platforms.append(kwargs.get("platform"))
+    return set_implementation(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(attention, "set_implementation", spy)
+    r = compile_check.fit_report(c, "h100:4")
+  assert platforms[0] == "gpu" and attention.implementation() == before
   assert r.devices == 4 and r.flops_per_device > 0
   assert r.device_memory_bytes == compile_check.GPU_MEMORY["h100"] and r.fits is True
   assert "proxy" in r.summary()
+  # XLA's memory assignment refusing the program: a DOES NOT FIT report, not a crash.
+  def out_of_memory(self):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. the total memory "
+        "required for HLO temporaries (2.50G) exceeds available\nmore detail")
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax.stages.Lowered, "compile", out_of_memory)
+    oom = compile_check.fit_report(c, "h100:4")
+  assert oom.fits is False and oom.verdict() == "DOES NOT FIT"
+  assert oom.temp_bytes == int(2.5 * compile_check.GiB)
+  assert oom.peak_bytes == oom.argument_bytes + oom.temp_bytes and oom.argument_bytes > 0
+  assert oom.to_json()["flops_per_device"] is None
+  assert oom.compile_error.startswith("RESOURCE_EXHAUSTED") and "more detail" not in \
+      oom.compile_error
   c.data.height = 17  # not a multiple of the VAE's factor: named, not a shape error
   with pytest.raises(ValueError, match=r"config.data.height and width must be multiples "
                      r"of \d+ .* got 17x16"):
