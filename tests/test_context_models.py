@@ -130,6 +130,32 @@ def test_cond_holds_exactly_the_known_latents_and_the_mask(s):
   np.testing.assert_array_equal(cond[:, s:, ..., :4], 0.0)
   np.testing.assert_array_equal(cond[:, :s, ..., 4], 1.0)
   np.testing.assert_array_equal(cond[:, s:, ..., 4], 0.0)
+  # A NaN / inf in an unknown frame (any values there, as documented) stays out.
+  bad = np.asarray(masked_cond(z.at[:, s:].set(jnp.nan).at[:, -1, 0].set(jnp.inf), mask))
+  np.testing.assert_array_equal(bad, cond)
+
+
+def test_context_encoder_is_its_written_out_definition():
+  # Level 0: conv3x3 - SiLU - conv3x3; each further level: SiLU - stride-2 conv3x3 -
+  # SiLU - conv3x3 (padding 1, no biases), on the previous level's output.
+  from videoldm_jax.models.context_encoder import ContextEncoder
+  encoder = ContextEncoder((8, 16, 16))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 5))
+  p = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape),
+                             params_lib.init_params(encoder, 1, x))
+  assert all(set(v) == {"kernel"} for v in p.values())  # bias-free
+  conv = lambda h, name, stride=1: jax.lax.conv_general_dilated(
+      h, p[name]["kernel"], (stride, stride), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+  h = conv(jax.nn.silu(conv(x, "conv_in")), "conv_0")
+  want = [h]
+  for level in (1, 2):
+    h = conv(jax.nn.silu(conv(jax.nn.silu(h), f"down_{level}", 2)), f"conv_{level}")
+    want.append(h)
+  got = encoder.apply({"params": p}, x)
+  assert [g.shape for g in got] == [(2, 8, 6, 8), (2, 4, 3, 16), (2, 2, 2, 16)]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 def test_training_masks():
@@ -222,6 +248,9 @@ def test_interpolation_reproduces_key_frames_and_runs_twice(model):
                                                     key=jax.random.fold_in(
                                                         jax.random.key(0), 2))))
   assert np.abs(np.asarray(by_two - twice)).max() > 1e-2
+  for stride in (1, 0):  # (1 returned the key frames unchanged)
+    with pytest.raises(ValueError, match=f"stride must be an integer >= 2, got {stride}"):
+      cs.interpolate(model, keys, stride, opts, text=text)
   with pytest.raises(ValueError, match="no x_T"):  # (a shape error in the second pass)
     cs.interpolate_twice(model, keys, 4, opts, text=text, x_T=jnp.zeros((2, 4, 4, 4, 4)))
 

@@ -401,6 +401,9 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
       pretrained.load_index(folder)
   index.write_text(json.dumps(ok))
   assert pretrained.load_index(folder) == ok
+  # A whole number where a float is expected is a float (a hand-written config).
+  from videoldm_jax.models.vae import VAEConfig
+  assert VAEConfig.from_dict({"scaling_factor": 1}).scaling_factor == 1
   # A field of the wrong type failed deep in the model (a string layer count: a
   # TypeError in the UNet) or was taken (a string epsilon); named before the weights.
   for config, message in (
@@ -411,7 +414,11 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
       (dict(ok, unet={"block_out_channels": 320}),
        r"UNetConfig.block_out_channels=320: expected tuple\[int, \.\.\.\]"),
       (dict(ok, temporal={"conv_kernel": [3, 1]}),
-       r"TemporalConfig.conv_kernel=\[3, 1\]: expected tuple\[int, int, int\]")):
+       r"TemporalConfig.conv_kernel=\[3, 1\]: expected tuple\[int, int, int\]"),
+      (dict(ok, unet={"layers_per_block": True}),
+       r"UNetConfig.layers_per_block=True: expected int"),
+      (dict(ok, unet={"block_out_channels": [320, "640"]}),
+       r"UNetConfig.block_out_channels=\[320, '640'\]: expected tuple\[int, \.\.\.\]")):
     index.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{re.escape(str(index))}: {message}"):
       pretrained.load(folder)

@@ -100,6 +100,31 @@ def test_at_init_temporal_resblocks_are_identities_and_attention_acts_only_via_m
   assert all(float(m[0]) == 0.5 for m in mix)
 
 
+
+def test_temporal_cross_attention_reads_the_context():
+  # TemporalConfig(cross_attention=True): the temporal blocks have an attn2 that reads
+  # the text context. With every spatial attn2 blind to it (zero key / value kernels),
+  # another context changes the output through the temporal layers alone.
+  x, t, ctx = _inputs(frames=3)
+  params = _perturb(params_lib.init_params(VIDEO_3D, 3, x, t, ctx))
+  flat = traverse_util.flatten_dict(params)
+  temporal_attn2 = [k for k in flat if "attn2" in k and partition.is_temporal(k)]
+  assert temporal_attn2, "no temporal cross-attention"
+  blind = traverse_util.unflatten_dict(
+      {k: jnp.zeros_like(v) if "attn2" in k and not partition.is_temporal(k)
+       and k[-2] in ("to_k", "to_v") else v for k, v in flat.items()})
+  apply = jax.jit(VIDEO_3D.apply)
+  other = jax.random.normal(jax.random.key(77), ctx.shape)
+  assert np.abs(np.asarray(apply({"params": blind}, x, t, ctx)
+                           - apply({"params": blind}, x, t, other))).max() > 1e-4
+  spatial_only = traverse_util.unflatten_dict(
+      {k: jnp.zeros_like(v) if "attn2" in k and k[-2] in ("to_k", "to_v") else v
+       for k, v in flat.items()})
+  np.testing.assert_allclose(np.asarray(apply({"params": spatial_only}, x, t, ctx)),
+                             np.asarray(apply({"params": spatial_only}, x, t, other)),
+                             rtol=1e-6, atol=1e-6)
+
+
 def test_more_frames_than_in_training(video_params):
   x, t, ctx = _inputs(frames=24)
   out = jax.jit(VIDEO.apply)({"params": video_params}, x, t, ctx)
@@ -153,6 +178,14 @@ def test_image_checkpoint_plugs_in_as_theta_and_mismatch_is_named(video_params):
   with pytest.raises(ValueError, match=r"conv_in/kernel is \(3, 3, 5, 16\) in "
                                        r"dreambooth.ckpt, the model expects \(3, 3, 4, 16\)"):
     partition.with_image_params(video_params, bad, "dreambooth.ckpt")
+  # Leaves the model does not have, or lacks, are named too (they rode along before).
+  extra = {**image, "extra": {"kernel": jnp.zeros((1,))}}
+  with pytest.raises(ValueError, match=r"unexpected: extra/kernel shape \(1,\)"):
+    partition.with_image_params(video_params, extra, "dreambooth.ckpt")
+  fewer = {k: v for k, v in image.items() if k != "conv_in"}
+  with pytest.raises(ValueError, match=r"missing: conv_in/kernel \(expected shape "
+                     r"\(3, 3, 4, 16\)\)"):
+    partition.with_image_params(video_params, fewer, "dreambooth.ckpt")
   # A tree holding temporal leaves too is not theta: merging would overwrite phi.
   with pytest.raises(ValueError, match="spatial and temporal trees share paths"):
     partition.merge(video_params, temporal)

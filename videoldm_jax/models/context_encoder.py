@@ -51,7 +51,7 @@ class ContextEncoder(nn.Module):
   (N, h, w, C+1) -> tuple of (N, h / 2^l, w / 2^l, channels[l]) for l = 0..L-1, as the
   UNet's levels (its downsamplers are stride-2 3x3 convs with padding 1, and so are
   these, so the sizes match for odd sizes too). Level 0: conv3x3-SiLU-conv3x3; every
-  further level: stride-2 conv3x3-SiLU-conv3x3 on the previous level's output.
+  further level: SiLU-stride-2 conv3x3-SiLU-conv3x3 on the previous level's output.
   Frames are encoded independently: mixing over time is the temporal layers' job.
   """
   channels: Sequence[int]

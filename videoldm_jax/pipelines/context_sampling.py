@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import (NoiseSchedule, SamplingConfig,
@@ -200,6 +201,9 @@ def interpolate(model: ContextModel, keys: jax.Array, stride: int = 4,
   frame k at position stride * k (the training layout: known at 0, stride, 2 stride, ...;
   the last stride - 1 frames follow the last key frame). One UNet call covers the clip:
   the temporal layers take any number of frames. `conditioning` as in `sample_clip`."""
+  if not (isinstance(stride, (int, np.integer)) and stride >= 2):
+    # (1 marked every frame known: the keys came back unchanged; 0 and below as well.)
+    raise ValueError(f"interpolate: stride must be an integer >= 2, got {stride!r}")
   b, n = keys.shape[:2]
   known = jnp.zeros((b, stride * n) + keys.shape[2:], jnp.float32).at[:, ::stride].set(keys)
   return sample_clip(model, known, strided_mask(b, stride * n, stride), options,
