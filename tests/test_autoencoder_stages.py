@@ -211,13 +211,15 @@ def _loss_at_disc_start(setup, config):
   key, step = jax.random.key(3), config.loss.disc_start
   loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
   loss, m = loss_fn(params)
-  assert float(m["d_weight"]) > 0 and float(m["disc_factor"]) == 1.0
+  assert float(m["d_weight"]) > 0
+  assert float(m["disc_factor"]) == config.loss.get("disc_factor", 1.0)
   return params, batch, loss_fn, loss, m
 
 
 def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   # At step disc_start (on from there): loss = L1 + w_p LPIPS + lambda f L_G + w_kl KL +
-  # L_D, KL per pixel value; lambda from the last decoder kernel's gradients of the
+  # f L_D (f = loss.disc_factor, 0.5 here), KL per pixel value; lambda from the last
+  # decoder kernel's gradients of the
   # reconstruction and generator losses; the discriminator's gradient is L_D's alone
   # (the generator term sees D through stop_gradient).
   from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, kl_divergence
@@ -225,13 +227,13 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   c = _config("autoencoder")
   _tiny_vgg_file(tmp_path / "vgg.safetensors")
   c.loss.update(perceptual_weight=0.5, perceptual_weights_path=str(tmp_path / "vgg.safetensors"),
-                kl_weight=0.3, disc_weight=0.7)
+                kl_weight=0.3, disc_weight=0.7, disc_factor=0.5)
   params, batch, loss_fn, loss, m = _loss_at_disc_start(autoencoder.setup(c, tmp_path / "run"),
                                                         c)
   np.testing.assert_allclose(float(m["reconstruction_loss"]),
                              float(m["rec_loss"] + 0.5 * m["perceptual_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss), float(
-      m["reconstruction_loss"] + m["d_weight"] * m["g_loss"] + 0.3 * m["kl_loss"]
+      m["reconstruction_loss"] + m["d_weight"] * 0.5 * m["g_loss"] + 0.3 * m["kl_loss"]
       + m["d_loss"]), rtol=1e-6)
   x = autoencoder.frames_to_images(batch["video"])  # (B*T, H, W, 3)
   vae = AutoencoderKL(VAEConfig.from_dict(dict(c.random_image_model.vae)))

@@ -325,7 +325,12 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
                           (dict(final_lr_fraction=2.0), r"final_lr_fraction=2.0"),
                           (dict(warmup_steps=-5), r"warmup_steps=-5: expected a whole"),
                           (dict(total_steps=0), r"total_steps=0: expected a whole number "
-                           ">= 1")):
+                           ">= 1"),
+                          # Adam with b1 = 1: NaN updates, which the step's finite-loss
+                          # skip does not see; lr = inf: -inf updates.
+                          (dict(b1=1.0), r"config.optim.b1=1.0: expected in \[0, 1\)"),
+                          (dict(lr=float("inf")), r"config.optim.lr=inf"),
+                          (dict(warmup_steps=2.5), r"warmup_steps=2.5: expected a whole")):
     with pytest.raises(ValueError, match=message):
       optim.make_optimizer(ml_collections.ConfigDict({**OPTIM.to_dict(), **change}))
   optim.make_optimizer(ml_collections.ConfigDict({**OPTIM.to_dict(), "grad_clip": None}))
@@ -392,6 +397,21 @@ def test_optimizer_clips_the_global_gradient_norm():
   # (float32: Adam's bias corrections round at ~3e-6; unclipped would be -lr [0.75, 0.8].)
   np.testing.assert_allclose(np.asarray(update["w"]), -lr * clipped / (clipped + 1.0),
                              rtol=2e-5)
+
+
+def test_grad_clip_zero_means_no_clipping():
+  # (Clipping to 0 would zero every update: a run that silently trains nothing.)
+  cfg = OPTIM.copy_and_resolve_references()
+  cfg.grad_clip, cfg.warmup_steps, cfg.eps = 0.0, 0, 1e-12
+  tx = optim.make_optimizer(cfg)
+  g = {"w": jnp.array([3.0, 4.0])}
+  update, _ = tx.update(g, tx.init(g), g)
+  np.testing.assert_allclose(np.asarray(update["w"]), [-cfg.lr] * 2, rtol=1e-4)
+
+
+def test_an_empty_trainable_mask_is_refused():
+  with pytest.raises(ValueError, match="selects no parameter"):
+    step_lib.split({"a": {"w": np.zeros(1)}}, lambda path: False)
 
 
 def test_weight_decay_is_decoupled_from_adam():

@@ -235,6 +235,13 @@ def test_hinge_losses_and_disc_factor():
   assert float(gan.disc_factor(jnp.int32(5), 5, 0.7)) == pytest.approx(0.7)
 
 
+def test_adaptive_weight_clips_before_disc_weight():
+  # As taming: clamp(|g_rec| / |g_gan|, 0, MAX) * disc_weight; a flat discriminator
+  # (zero generator gradient) hits the clamp.
+  w = gan.adaptive_weight(np.ones(3, np.float32), np.zeros(3, np.float32), 0.5)
+  assert float(w) == pytest.approx(0.5 * gan.MAX_WEIGHT)
+
+
 def test_adaptive_weight_matches_direct_gradients():
   rng = np.random.default_rng(0)
   feats, w = rng.standard_normal((6, 5), np.float32), rng.standard_normal((5, 3), np.float32)
@@ -330,6 +337,22 @@ def test_perceptual_distance_from_a_torchvision_layout_file(tmp_path, torch_cpu)
     save_file(bad, str(tmp_path / "shapes.safetensors"))
     with pytest.raises(ValueError, match=message):
       perceptual.load_vgg16(tmp_path / "shapes.safetensors")
+  # lpips' learned channel weights weight each stage's squared differences,
+  # sum_c w_c (a - b)^2 averaged over pixels (ones above equal a plain sum).
+  weights = {k: rng.uniform(0, 1, v.shape).astype(np.float32) for k, v in lins.items()}
+  save_file({**tensors, **weights}, str(tmp_path / "weighted.safetensors"))
+  weighted = perceptual.load_vgg16(tmp_path / "weighted.safetensors")
+  ref = 0
+  for k, (a, b) in enumerate(zip(feats(x), feats(y))):
+    a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+    b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+    w = torch.from_numpy(weights[f"lin{k}.model.1.weight"])
+    ref = ref + ((a - b).pow(2) * w).sum(1).mean((1, 2))
+  np.testing.assert_allclose(np.asarray(distance(weighted, x, y)), ref.numpy(), rtol=1e-4)
+  save_file({**tensors, **{k: v for k, v in weights.items() if "lin4" not in k}},
+            str(tmp_path / "partial.safetensors"))
+  with pytest.raises(ValueError, match="some but not all"):
+    perceptual.load_vgg16(tmp_path / "partial.safetensors")
 
 
 def test_sampling_decodes_videos_with_the_models_video_decoder(video_params):
