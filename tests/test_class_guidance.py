@@ -231,6 +231,16 @@ def test_samplers_guide_against_the_null_class():
   with pytest.raises(ValueError, match=r"null_class_label=3 is not one of the UNet's "
                      r"classes 0..2"):
     sampling.null_class_label(with_null(3))
+  # One label per prompt (else the UNet refused the guided batch of twice the size), and
+  # both sides multiples of the model's factor, named before sampling.
+  with pytest.raises(ValueError, match=r"class_labels: one per prompt, 2, got shape \(3,\)"):
+    sampling.sample_latents(image, None, ["", ""], "", options(1.0), class_labels=[0, 1, 0])
+  f = sampling.size_multiple(image.unet_config, image.vae_config)
+  with pytest.raises(ValueError, match=rf"height and width must be multiples of {f} for "
+                     rf"this model \(got 8x{f + 1}\)"):
+    sampling.sample_latents(image, None, [""], "", dataclasses.replace(options(1.0),
+                                                                      width=f + 1),
+                            class_labels=[0])
   unguided = run(image, 5.0, [0, 1])  # no null class: guidance_scale does nothing
   np.testing.assert_array_equal(run(with_null(2), 1.0, [0, 1]), unguided)
   guided = run(with_null(2), 5.0, [0, 1])

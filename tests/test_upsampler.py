@@ -172,11 +172,17 @@ def test_chunks_share_the_noise_of_the_frames_they_share(trained):
   flat = traverse_util.flatten_dict(trained["params"]["unet"])
   params = {"unet": traverse_util.unflatten_dict(
       {k: v for k, v in flat.items() if not partition.is_temporal(k)})}
-  lowres = np.random.default_rng(1).uniform(-1, 1, (1, 6, 8, 8, 3)).astype(np.float32)
+  # (Two videos: each frame's noise is its own video's, frame-major within it.)
+  lowres = np.random.default_rng(1).uniform(-1, 1, (2, 6, 8, 8, 3)).astype(np.float32)
   up = lambda x, **kw: np.asarray(upsampling.upsample(model, params, x, steps=2, seed=3,
                                                       **kw))
   a, b = up(lowres[:, :4], first_frame=0), up(lowres[:, 2:], first_frame=2)
   np.testing.assert_allclose(a[:, 2:], b[:, :2], rtol=1e-5, atol=1e-5)
+  # Inputs past [-1, 1] (decoded frames overshoot) are clipped as training saw them, and
+  # so are the outputs.
+  np.testing.assert_array_equal(up(1.5 * lowres[:, :4], first_frame=0),
+                                up(np.clip(1.5 * lowres[:, :4], -1, 1), first_frame=0))
+  assert np.abs(a).max() <= 1.0
   whole_clip = up(lowres[:, 2:])  # noise drawn for the chunk: other frames
   assert np.abs(a[:, 2:] - whole_clip[:, :2]).max() > 1e-2
   # DDPM's step noise: drawn from the chunk's first frame, so chunks do not repeat it
@@ -191,7 +197,7 @@ def test_chunks_share_the_noise_of_the_frames_they_share(trained):
   upsampling.samplers.sample = spy
   try:
     for first in (0, 4, 0):
-      up(lowres[:, :2], first_frame=first, sampler="ddpm")
+      up(lowres[:1, :2], first_frame=first, sampler="ddpm")
   finally:
     upsampling.samplers.sample = real
   assert not np.array_equal(keys[0], keys[1]) and np.array_equal(keys[0], keys[2])
@@ -242,6 +248,43 @@ def test_upsampler_config_checks_and_helpers_by_hand(trained):
   # The UNet input is [x_t, c] along channels, in that order.
   a, b = jnp.zeros((1, 1, 2, 2, 3)), jnp.ones((1, 1, 2, 2, 3))
   np.testing.assert_array_equal(np.asarray(um.model_input(a, b))[..., :3], 0)
+
+
+def test_patches_take_every_offset_of_non_square_frames():
+  # 16 x 32 frames (the base config trains on 512 x 1024), patches of 8 on a grid of 4:
+  # rows from {0, 4, 8}, columns from {0, 4, ..., 24}, each patch a window there.
+  h, w = 16, 32
+  where = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1)
+  video = jnp.asarray(np.broadcast_to(where, (64, 2, h, w, 2)))
+  (patches,) = upsampler.random_patches(jax.random.key(0), (video,), 8, 4)
+  p = np.asarray(patches)
+  assert p.shape == (64, 2, 8, 8, 2)
+  assert set(p[:, 0, 0, 0, 0].tolist()) == {0, 4, 8}
+  assert set(p[:, 0, 0, 0, 1].tolist()) == set(range(0, 25, 4))
+  window = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1)
+  np.testing.assert_array_equal(p - p[:, :, :1, :1], np.broadcast_to(window, p.shape))
+  np.testing.assert_array_equal(p[:, 0], p[:, 1])  # one window for all frames
+
+
+def test_the_stage_refuses_a_patch_the_unet_cannot_take(trained):
+  with pytest.raises(ValueError, match="patch_size 18 must be a multiple of 4"):
+    upsampler.make_stage(trained["model"], "full", 18)
+
+
+def test_image_examples_skip_the_upsamplers_temporal_layers(trained):
+  # batch['image_only'] reaches the UNet: all-image batches ignore phi.
+  loss = jax.jit(trained["setup"].stage.loss_fn)
+  batch = dict(trained["batch"], image_only=jnp.ones(trained["batch"]["video"].shape[:2],
+                                                     bool))
+  params = trained["params"]
+  flat = traverse_util.flatten_dict(params)
+  moved = traverse_util.unflatten_dict(
+      {k: v + 0.5 if partition.is_temporal(k) else v for k, v in flat.items()})
+  key = jax.random.key(5)
+  assert float(loss(params, batch, key, 0)[0]) == float(loss(moved, batch, key, 0)[0])
+  video_batch = dict(batch, image_only=jnp.zeros_like(batch["image_only"]))
+  assert float(loss(params, video_batch, key, 0)[0]) != float(
+      loss(moved, video_batch, key, 0)[0])
 
 
 def test_temporal_mode_takes_theta_from_an_image_upsampler(tmp_path):
@@ -334,6 +377,9 @@ def test_latent_space_upsampler(tmp_path, monkeypatch):
   assert out.shape == (1, 2, 32, 32, 3)
   with pytest.raises(ValueError, match="multiple of 8"):  # f4 VAE x 2 UNet levels
     upsampling.upsample(model, params, lowres[:, :, :7], steps=1)
+  with pytest.raises(ValueError, match=r"a latent-space upsampler needs its VAE: "
+                     r"params\['vae'\] is missing"):
+    upsampling.upsample(model, {"unet": params["unet"]}, lowres, steps=1)
 
 
 def _train(workdir: Path, *flags: str) -> str:

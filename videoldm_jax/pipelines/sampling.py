@@ -23,6 +23,7 @@ from videoldm_jax.models.unet import (UNet, UNetConfig, called_with_context,
                                       context_attention)
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
 from videoldm_jax.pretrained import PretrainedLDM
+from videoldm_jax.video_io import to_uint8  # noqa: F401  (callers' sampling.to_uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,9 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
   batch = len(prompts)
   schedule, sampling = schedule_from_diffusers_config(model.scheduler)
   labels = None if class_labels is None else jnp.asarray(class_labels, jnp.int32)
+  if labels is not None and labels.shape != (batch,):
+    # (The UNet refused it, naming the guided batch of twice the size.)
+    raise ValueError(f"class_labels: one per prompt, {batch}, got shape {labels.shape}")
   if options.num_frames and model.temporal_config is None:
     raise ValueError(f"{model.source}: num_frames={options.num_frames} needs a video model "
                      "(temporal layers); this is an image model")
@@ -251,9 +255,3 @@ def generate(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer], prompts: 
   when options.num_frames > 0; see `sample_latents`."""
   latents = sample_latents(model, tokenizer, prompts, negative_prompt, options, class_labels)
   return to_uint8(decode(model, latents))
-
-
-def to_uint8(images: jax.Array) -> np.ndarray:
-  """Images in [-1, 1] (B, H, W, C) -> uint8 (B, H, W, C), rounded."""
-  x = (np.clip(np.asarray(images, np.float32), -1.0, 1.0) + 1.0) * 127.5
-  return np.round(x).astype(np.uint8)

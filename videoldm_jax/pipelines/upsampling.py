@@ -86,6 +86,10 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   denoise, cond_fn, decode = _jitted(model)
   schedule, sampling, aug_schedule = model.schedules()
   key = jax.random.key(seed)
+  if model.space == "latent" and params.get("vae") is None:
+    # (It failed inside Flax: "The first argument passed to an apply function ...".)
+    raise ValueError("a latent-space upsampler needs its VAE: params['vae'] is missing "
+                     "(upsampler_model.load reads it from the export)")
   # (On the device once, not copied again by each denoising step's call.)
   vae_params = None if params.get("vae") is None else sampling_lib.on_device(params["vae"])
   f = model.vae_factor
