@@ -218,8 +218,8 @@ def _loss_at_disc_start(setup, config):
 
 def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   # At step disc_start (on from there): loss = L1 + w_p LPIPS + lambda f L_G + w_kl KL +
-  # f L_D (f = loss.disc_factor, 0.5 here), KL per pixel value; lambda from the last
-  # decoder kernel's gradients of the
+  # L_D (f = loss.disc_factor, 0.5 here; the d_loss metric holds f times the hinge
+  # loss), KL per pixel value; lambda from the last decoder kernel's gradients of the
   # reconstruction and generator losses; the discriminator's gradient is L_D's alone
   # (the generator term sees D through stop_gradient).
   from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, kl_divergence

@@ -381,6 +381,11 @@ def test_clear_errors():
                      "one integer .* got float 1.5"):
     _take(make_video_dataset(floats, seed=0, batch_size=1, num_frames=2, height=8, width=8,
                              process_index=0, process_count=1), 1)
+  # Text under that name is other data (a text model's dataset): not batched as labels.
+  named = make_video_dataset([dict(src[0], label="a cat")], seed=0, batch_size=1,
+                             num_frames=2, height=8, width=8, process_index=0,
+                             process_count=1)
+  assert "labels" not in _take(named, 1)[0]
   # Integer fields that only some examples have are named (Grain's batching, which
   # stacks them, would fail naming neither example nor field).
   mixed = [dict(src[0], crowd=2), {k: v for k, v in src[1].items() if k != "label"}]

@@ -122,11 +122,24 @@ def test_impossible_betas_are_refused():
                        r"lie in \[0, 1\) \(1 only at the last step\), got " + re.escape(shown)):
       schedules.schedule_from_diffusers_config({"num_train_timesteps": 2,
                                                 "trained_betas": betas})
+  # With the zero-SNR rescale the betas are checked as written (the rescale turned them
+  # into NaN or other values before).
+  with pytest.raises(ValueError, match=re.escape("got [1.5] at steps [1]")):
+    schedules.schedule_from_diffusers_config({"num_train_timesteps": 3,
+                                              "trained_betas": [0.1, 1.5, 0.2],
+                                              "rescale_betas_zero_snr": True})
+  with pytest.raises(ValueError, match=r"beta_end=1.5: every beta .* got \[1.5\] at steps "
+                     r"\[2\]"):
+    schedules.make_schedule("linear", 3, 0.1, 1.5, rescale_zero_snr=True)
+  with pytest.raises(ValueError, match="rescale_betas_zero_snr needs at least 2 timesteps"):
+    schedules.make_schedule("linear", 1, rescale_zero_snr=True)
+  with pytest.raises(ValueError, match=r"num_train_timesteps=1000.5, expected a whole"):
+    schedules.schedule_from_diffusers_config({"num_train_timesteps": 1000.5})
   schedules.schedule_from_betas([0.5, 1.0])  # zero terminal SNR: 1 last is fine
   with pytest.raises(ValueError, match=r"a linear schedule from beta_start=0.5, "
                      r"beta_end=1.5: every beta"):
     schedules.make_schedule("linear", 10, 0.5, 1.5)
-  with pytest.raises(ValueError, match=r"num_train_timesteps=0: expected an integer >= 2"):
+  with pytest.raises(ValueError, match=r"num_train_timesteps=0: expected an integer >= 1"):
     schedules.make_schedule("linear", 0)
 
 

@@ -247,7 +247,10 @@ def test_upsampler_config_checks_and_helpers_by_hand(trained):
                                 [[0, 0, 1, 1]] * 2)
   # The UNet input is [x_t, c] along channels, in that order.
   a, b = jnp.zeros((1, 1, 2, 2, 3)), jnp.ones((1, 1, 2, 2, 3))
-  np.testing.assert_array_equal(np.asarray(um.model_input(a, b))[..., :3], 0)
+  both = np.asarray(um.model_input(a, b))
+  assert both.shape == (1, 1, 2, 2, 6)
+  np.testing.assert_array_equal(both[..., :3], 0)
+  np.testing.assert_array_equal(both[..., 3:], 1)
 
 
 def test_patches_take_every_offset_of_non_square_frames():

@@ -46,8 +46,8 @@ def _fill(shape: dict[str, int], n: int | None, what: str) -> list[int]:
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   bad = {a: s for a, s in zip(MESH_AXES, sizes) if s < 1 and s != -1}
   if bad:
-    raise ValueError(f"{what} sizes must be >= 1 (or -1: the rest of the devices), got "
-                     f"{bad} ({field})")
+    rest = "" if n is None else " (or -1: the rest of the devices)"
+    raise ValueError(f"{what} sizes must be >= 1{rest}, got {bad} ({field})")
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one {what} axis may be -1, got {shape}")
   known = int(np.prod([s for s in sizes if s != -1]))

@@ -173,8 +173,11 @@ class _MakeExample:
           f"{sorted(self._fields)}; every example of a dataset needs the same fields "
           f"(missing here: {sorted(self._fields - set(ints))}, extra: "
           f"{sorted(set(ints) - self._fields)})")
-    if self.label_field in ex and self.label_field not in ints:
-      class_label(ex[self.label_field], where, self.label_field)  # raises: not an integer
+    label = np.asarray(ex.get(self.label_field, ""))
+    if label.ndim == 0 and label.dtype.kind in "fbc":
+      # A number that is no class index (1.5): refused, not dropped. (Text or arrays
+      # under that name are other data: not batched, as before.)
+      class_label(ex[self.label_field], where, self.label_field)  # raises
     if self.label_field in ints:
       ints["labels"] = class_label(ints[self.label_field], where, self.label_field)
     return video, caption, ints, where
@@ -248,10 +251,7 @@ class _MakeExample:
         frame_labels.append(clip_ints.get("labels"))
       frames = np.concatenate(frames)
     per_frame = {}
-    if "labels" in ints:
-      if any(x is None for x in frame_labels):
-        raise ValueError(f"an image example mixes clips with and without the label field "
-                         f"{self.label_field!r}")
+    if "labels" in ints:  # (every clip has it: `_read` checks the fields are example 0's)
       per_frame["frame_labels"] = np.array(frame_labels, np.int32)
     return {
       "video": np.ascontiguousarray(frames),
@@ -337,7 +337,7 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
       mp_prefetch), each a whole batch in turn: the same batches as worker_count=0.
     image_fraction: probability that an example is an image example (image_only=True).
     label_field: the integer field emitted as 'labels' (int32), the class label (a
-      non-integer value raises). Every example must have the same integer fields.
+      non-integer number raises). Every example must have the same integer fields.
     drop_remainder: drop a final partial batch (finite epochs only).
     read_threads: threads that read and decode examples (without worker processes;
       each worker process builds two batches at a time).

@@ -50,21 +50,27 @@ class SamplingConfig:
   clip_sample: float | None = None
 
 
+def check_betas(betas: np.ndarray, what: str) -> np.ndarray:
+  """Returns `betas` (T,) if each lies in [0, 1) (1 only last: zero terminal SNR);
+  raises ValueError naming `what`, the first bad values and their steps otherwise."""
+  if betas.ndim != 1 or betas.size == 0:
+    raise ValueError(f"{what}: expected a non-empty 1-D array, got shape {betas.shape}")
+  bad = ~np.isfinite(betas) | (betas < 0) | (betas > 1)
+  bad[:-1] |= betas[:-1] >= 1
+  if bad.any():
+    i = np.flatnonzero(bad)
+    raise ValueError(f"{what}: every beta must lie in [0, 1) (1 only at the last step), "
+                     f"got {betas[i[:3]].tolist()} at steps {i[:3].tolist()}")
+  return betas
+
+
 def schedule_from_betas(betas, what: str = "betas") -> NoiseSchedule:
   """Builds a schedule from betas (T,). The betas are rounded to float32 first, so abar
   is exactly the schedule the stored betas describe; its cumulative product is then taken
   in float64 and rounded once, so abar carries no accumulated float32 error. Betas
   outside [0, 1) (1 only last: zero terminal SNR) or NaN raise ValueError naming `what`:
   their abar is negative or NaN, and training would skip every step as non-finite."""
-  b32 = np.asarray(betas, np.float32)
-  if b32.ndim != 1 or b32.size == 0:
-    raise ValueError(f"{what}: expected a non-empty 1-D array, got shape {b32.shape}")
-  bad = ~np.isfinite(b32) | (b32 < 0) | (b32 > 1)
-  bad[:-1] |= b32[:-1] >= 1
-  if bad.any():
-    i = np.flatnonzero(bad)
-    raise ValueError(f"{what}: every beta must lie in [0, 1) (1 only at the last step), "
-                     f"got {b32[i[:3]].tolist()} at steps {i[:3].tolist()}")
+  b32 = check_betas(np.asarray(betas, np.float32), what)
   abar = np.cumprod(1.0 - b32.astype(np.float64))
   return NoiseSchedule(betas=jnp.asarray(b32),
                        alphas_cumprod=jnp.asarray(abar, jnp.float32),
@@ -88,9 +94,9 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
   'linear' (DDPM: beta = linspace(b0, b1)), 'cosine' (squaredcos_cap_v2, betas capped at
   0.999; beta_start / beta_end are ignored).
   """
-  if not (isinstance(num_train_timesteps, (int, np.integer)) and num_train_timesteps >= 2):
+  if not (isinstance(num_train_timesteps, (int, np.integer)) and num_train_timesteps >= 1):
     raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: expected an integer "
-                     ">= 2")
+                     ">= 1")
   # Everything is float64 until schedule_from_betas rounds once: torch builds the same
   # betas in float32 and differs from these by < 1e-8.
   if kind == "scaled_linear":
@@ -101,15 +107,17 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
     betas = _cosine_betas(num_train_timesteps)
   else:
     raise ValueError(f"kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
-  if rescale_zero_snr:
-    betas = rescale_zero_terminal_snr(betas)
-  return schedule_from_betas(betas, f"a {kind} schedule from beta_start={beta_start}, "
-                                    f"beta_end={beta_end}")
+  what = f"a {kind} schedule from beta_start={beta_start}, beta_end={beta_end}"
+  if rescale_zero_snr:  # (checked first: the rescale turns bad betas into NaN or others)
+    betas = rescale_zero_terminal_snr(check_betas(betas, what))
+  return schedule_from_betas(betas, what)
 
 
 def rescale_zero_terminal_snr(betas) -> np.ndarray:
   """Lin et al. 2024, Alg. 1: shifts and scales sqrt(abar) (T,) so abar_{T-1} = 0
   while abar_0 is unchanged; returns the new betas (T,) (the last one is 1)."""
+  if len(betas) < 2:  # (abar_0 = abar_{T-1}: 0 / 0)
+    raise ValueError(f"rescale_betas_zero_snr needs at least 2 timesteps, got {len(betas)}")
   sqrt_abar = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
   first, last = sqrt_abar[0], sqrt_abar[-1]
   sqrt_abar = (sqrt_abar - last) * first / (first - last)
@@ -204,15 +212,20 @@ def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike
   _check(cfg, "prediction_type", PREDICTION_TYPES)
   _check(cfg, "timestep_spacing", TIMESTEP_SPACINGS)
 
-  n = int(cfg.get("num_train_timesteps", 1000))
+  n = cfg.get("num_train_timesteps", 1000)
+  if isinstance(n, bool) or not float(n).is_integer():  # (int() cut 1000.5 to 1000)
+    raise ValueError(f"unsupported scheduler config: num_train_timesteps={n!r}, expected a "
+                     "whole number")
+  n = int(n)
   if cfg.get("trained_betas") is not None:
     betas = np.asarray(cfg["trained_betas"], np.float32)
     if betas.shape != (n,):
       raise ValueError(f"unsupported scheduler config: trained_betas has shape {betas.shape}, "
                        f"num_train_timesteps={n}")
-    if cfg.get("rescale_betas_zero_snr", False):
-      betas = rescale_zero_terminal_snr(betas)
-    schedule = schedule_from_betas(betas, "scheduler config trained_betas")
+    what = "scheduler config trained_betas"
+    if cfg.get("rescale_betas_zero_snr", False):  # (checked as written, not rescaled)
+      betas = rescale_zero_terminal_snr(check_betas(betas, what))
+    schedule = schedule_from_betas(betas, what)
   else:
     schedule = make_schedule(_BETA_SCHEDULES[cfg.get("beta_schedule", "linear")], n,
                              float(cfg.get("beta_start", 0.0001)),

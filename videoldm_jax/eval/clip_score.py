@@ -37,8 +37,8 @@ from videoldm_jax.convert.safetensors_io import find_weights, load_safetensors
 from videoldm_jax.convert.torch_layout import flax_path_to_torch_key, load_state_dict
 from videoldm_jax.eval.batching import BatchedApply
 from videoldm_jax.eval.layers import check_pixels
-from videoldm_jax.models.clip_text import (ACTIVATIONS, CLIPMLP, CLIPTextConfig,
-                                          CLIPTextModel, check_tokenizer)
+from videoldm_jax.models.clip_text import (CLIPMLP, CLIPTextConfig, CLIPTextModel,
+                                          check_tokenizer, check_tower)
 from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.layers import dense, embedding, layer_norm, param_init, Init
 from videoldm_jax.models.tokenizer import CLIPTokenizer
@@ -63,13 +63,7 @@ class CLIPVisionConfig(JsonConfig):
   layer_norm_eps: float = 1e-5
 
   def __post_init__(self):
-    # (Any other activation ran as exact gelu, shifting every CLIPSIM silently.)
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"CLIPVisionConfig.hidden_act={self.hidden_act!r} is not supported; "
-                       f"expected one of {ACTIVATIONS}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"CLIPVisionConfig.hidden_size={self.hidden_size} is not a multiple "
-                       f"of num_attention_heads={self.num_attention_heads}")
+    check_tower(self)  # (any other activation ran as exact gelu, shifting CLIPSIM)
 
   @classmethod
   def from_transformers_config(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":

@@ -23,10 +23,22 @@ from videoldm_jax.models.config_base import JsonConfig
 from videoldm_jax.models.layers import dense, embedding, layer_norm
 
 # The activations CLIPMLP runs (both towers).
-ACTIVATIONS = ("quick_gelu", "gelu")
+_ACTIVATIONS = ("quick_gelu", "gelu")
 # transformers' `eos_token_id` of CLIP configs written before its PR #24773; such
 # configs pool at the argmax of the ids (the EOS id was the largest id in the vocab).
 _LEGACY_EOS_ID = 2
+
+
+def check_tower(config) -> None:
+  """Raises ValueError when a CLIP tower's config (text or vision) has an activation
+  CLIPMLP does not run or a width its heads do not divide."""
+  name = type(config).__name__
+  if config.hidden_act not in _ACTIVATIONS:
+    raise ValueError(f"{name}.hidden_act={config.hidden_act!r} is not supported; expected "
+                     f"one of {_ACTIVATIONS}")
+  if config.hidden_size % config.num_attention_heads:
+    raise ValueError(f"{name}.hidden_size={config.hidden_size} is not a multiple of "
+                     f"num_attention_heads={config.num_attention_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +56,7 @@ class CLIPTextConfig(JsonConfig):
   eos_token_id: int | None = 49407
 
   def __post_init__(self):
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"CLIPTextConfig.hidden_act={self.hidden_act!r} is not supported; "
-                       f"expected one of {ACTIVATIONS}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"CLIPTextConfig.hidden_size={self.hidden_size} is not a multiple of "
-                       f"num_attention_heads={self.num_attention_heads}")
+    check_tower(self)
 
   @property
   def head_dim(self) -> int:
@@ -73,9 +80,9 @@ class CLIPTextConfig(JsonConfig):
       raise ValueError(f"config.json field model_type={model_type!r}: expected "
                        f"'clip_text_model' (a transformers CLIPTextModel config)")
     act = d.get("hidden_act", "quick_gelu")
-    if act not in ACTIVATIONS:
+    if act not in _ACTIVATIONS:
       raise ValueError(f"config.json field hidden_act={act!r} is not supported; expected "
-                       f"one of {ACTIVATIONS}")
+                       f"one of {_ACTIVATIONS}")
     eos = d.get("eos_token_id", 49407)
     if isinstance(eos, (list, tuple)):
       if len(eos) != 1:
