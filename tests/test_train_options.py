@@ -111,9 +111,9 @@ def test_ema_decay_caps_the_warm_up_ramp(decay):
   stage = step_lib.Stage("s", lambda p: True,
                          lambda p, b, k, s=None: (jnp.sum(p["w"] * b["x"]), {}))
   w = {"w": jnp.zeros((2,), jnp.float32)}
+  ema = {"w": jnp.zeros((2,), jnp.float32)}  # its own buffer: the state is donated
   state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=w, frozen={},
-                              opt_state=tx.init(w), ema={"w": jnp.zeros((2,), jnp.float32)},  # (donated:
-                              skipped=jnp.zeros((), jnp.int32))  # its own buffer)
+                              opt_state=tx.init(w), ema=ema, skipped=jnp.zeros((), jnp.int32))
   fn = step_lib.build_train_step(stage, tx, seed=0, ema_decay=decay)
   ema = p = 0.0
   for n in range(20):

@@ -23,7 +23,7 @@ from videoldm_jax.models.unet import (UNet, UNetConfig, called_with_context,
                                       context_attention)
 from videoldm_jax.models.vae import AutoencoderKL, VAEConfig, VAETemporalConfig
 from videoldm_jax.pretrained import PretrainedLDM
-from videoldm_jax.video_io import to_uint8  # noqa: F401  (callers' sampling.to_uint8)
+from videoldm_jax.video_io import to_uint8
 
 
 @dataclasses.dataclass(frozen=True)
