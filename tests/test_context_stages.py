@@ -245,6 +245,8 @@ def test_a_video_export_as_image_model_gives_the_layers_the_stage_has(keyframe_e
   config = _config("image_ldm_tiny", num_frames=2)
   config.image_model = str(keyframe_export)
   setup = image_ldm.setup(config, tmp_path / "image")
+  # Its examples are frames (samples/s counts them); the key-frame stage's are clips.
+  assert setup.samples_per_step == config.data.batch_size * 2
   params = traverse_util.flatten_dict(setup.init_params()["unet"])
   assert params.keys() == traverse_util.flatten_dict(setup.abstract_params["unet"]).keys()
   assert not any(partition.is_temporal(k) for k in params)
@@ -255,7 +257,9 @@ def test_a_video_export_as_image_model_gives_the_layers_the_stage_has(keyframe_e
   # The key-frame stage keeps an export's phi where its config.temporal has its shapes.
   config = _config("keyframe_tiny", num_frames=2)
   config.image_model = str(keyframe_export)
-  params = traverse_util.flatten_dict(keyframe.setup(config, tmp_path / "kf").init_params()["unet"])
+  kf = keyframe.setup(config, tmp_path / "kf")
+  assert kf.samples_per_step == config.data.batch_size
+  params = traverse_util.flatten_dict(kf.init_params()["unet"])
   assert params.keys() == exported.keys()
   for k, v in params.items():
     np.testing.assert_array_equal(v, exported[k])
@@ -277,6 +281,13 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
     predictor.mask_fn((0.0, 0.0, 1.0))(jax.random.key(0), 4, 2)
   assert np.asarray(predictor.mask_fn((0.0, 0.0, 1.0))(jax.random.key(0), 4, 3)).tolist() \
       == [[1.0, 1.0, 0.0]] * 4
+  # Weights that draw nothing (their normalisation: NaN), and strides that leave no
+  # frame to interpolate.
+  with pytest.raises(ValueError, match="non-negative weights"):
+    predictor.mask_fn((0.0, 0.0, 0.0))
+  for stride in (1, 0):
+    with pytest.raises(ValueError, match=f"stride must be >= 2, got {stride}"):
+      interpolator.mask_fn(stride)
   config = _config("predictor_tiny", num_frames=4)
   config.predictor.num_context_probs = (0.5, 0.5, 0.0)
   assert pretrained.training_record(config)["max_context"] == 1

@@ -355,6 +355,13 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
     with pytest.raises(ValueError, match=message):
       base.check_sample_config(sample)
   base.check_sample_config(ml_collections.ConfigDict(dict(every=0, steps=0, prompts=())))
+  # num_context=0 is valid (clips extended without context); below it is not.
+  base.check_sample_config(ml_collections.ConfigDict(dict(every=5, steps=2, num_context=0)))
+  with pytest.raises(ValueError, match=r"num_context=-1"):
+    base.check_sample_config(ml_collections.ConfigDict(dict(every=5, steps=2,
+                                                            num_context=-1)))
+  # The key-frame stage trains phi of the UNet alone, never a like-named leaf elsewhere.
+  assert not keyframe.is_trainable_fn("temporal")(("vae", "temporal_x", "kernel"))
   root = Path(__file__).parents[1]
   up = load_sibling(str(root / "configs" / "x.py"), "upsampler_tiny").get_config()
   up.sample.update(every=2, sampler="ddpmx")
