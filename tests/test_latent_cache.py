@@ -225,3 +225,40 @@ def test_incomplete_cache_is_refused(setup, tmp_path):
   # An unset cache_dir read the working directory ("": no cache_info.json).
   with pytest.raises(ValueError, match="config.data.cache_dir is empty"):
     latent_cache.LatentCacheSource("")
+
+
+def test_cache_files_shapes_and_records_are_checked(tmp_path):
+  # Non-square clips by their (height, width); a truncated copy; records of another
+  # shape or context than the first; string arrays; indices outside the cache; an
+  # info file that is not a JSON object.
+  vae_config = {"scaling_factor": 0.5, "block_out_channels": [1]}  # factor 1
+  vae_params = {"w": np.ones(3, np.float32)}
+  info = latent_cache.write_cache(
+      tmp_path / "c", ({"latents": np.full((1, 2, 1, 1), i, np.float32)} for i in range(3)),
+      vae_config=vae_config, vae_params=vae_params)
+  check = dict(vae_config=vae_config, fingerprints=latent_cache.model_fingerprints(vae_params))
+  size = lambda h, w: ml_collections.ConfigDict(dict(num_frames=1, height=h, width=w))
+  latent_cache.check_cache(info, "c", data=size(2, 1), **check)
+  with pytest.raises(ValueError, match=r"c: holds clips of 1 frames of 2x1 pixels"):
+    latent_cache.check_cache(info, "c", data=size(1, 2), **check)
+  source = latent_cache.LatentCacheSource(tmp_path / "c")
+  for index in (-1, 3):
+    with pytest.raises(IndexError, match=f"record {index} of 3"):
+      source[index]
+  info_file = tmp_path / "c" / latent_cache.INFO_FILE
+  info_file.write_text(info_file.read_text().replace('"num_records": 3', '"num_records": 4'))
+  with pytest.raises(ValueError, match="files hold 3 records, cache_info.json says 4 "
+                     r"\(truncated copy\?\)"):
+    latent_cache.LatentCacheSource(tmp_path / "c")
+  info_file.write_text("[1, 2]")
+  with pytest.raises(ValueError, match="cache_info.json: expected a JSON object, got a list"):
+    latent_cache.LatentCacheSource(tmp_path / "c")
+  for i, second in enumerate(({"latents": np.zeros((1, 1, 1, 1), np.float32)},
+                              {"latents": np.zeros((1, 2, 1, 1), np.float32),
+                               "context": np.zeros((3, 4), np.float32)})):
+    with pytest.raises(ValueError, match=r"record 1 has latents \[1, \d, 1, 1\]"):
+      latent_cache.write_cache(tmp_path / f"mixed{i}", [
+          {"latents": np.zeros((1, 2, 1, 1), np.float32)}, second],
+          vae_config=vae_config, vae_params=vae_params)
+  with pytest.raises(TypeError, match="record field 'x': <U1 arrays cannot be cached"):
+    latent_cache.encode_record({"x": np.array(["a", "b"])})

@@ -31,6 +31,7 @@ import numpy as np
 from array_record.python import array_record_module as ar
 from flax import serialization, traverse_util
 
+from videoldm_jax.config_files import read_json_object
 from videoldm_jax.models import partition
 from videoldm_jax.models import vae as vae_lib
 
@@ -156,7 +157,7 @@ def read_info(cache_dir: str | Path) -> dict:
   if not path.is_file():
     raise FileNotFoundError(f"{cache_dir}: no {INFO_FILE}; not a (complete) latent cache "
                             "made by videoldm-cache-latents")
-  info = json.loads(path.read_text())
+  info = read_json_object(path)  # (a cut or non-object file: named, not a bare error)
   if info.get("format") != FORMAT:
     raise ValueError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
   return info
