@@ -486,9 +486,10 @@ def test_sampling_clis_say_guidance_does_nothing_without_a_text_encoder(capsys):
   note_unguided(False, 5.0)
   note_unguided(True, 5.0)   # text model: guided
   note_unguided(False, 1.0)  # guidance off anyway
-  assert capsys.readouterr().err == (
-      "note: --guidance_scale=5.0 ignored: the model has no text encoder and no null "
-      "class (no classifier-free guidance without one)\n")
+  note_unguided(False, 0.0)  # (below 1 is a setting too)
+  assert capsys.readouterr().err == "".join(
+      f"note: --guidance_scale={s} ignored: the model has no text encoder and no null "
+      "class (no classifier-free guidance without one)\n" for s in (5.0, 0.0))
 
 
 def test_context_samplers_reuse_one_jitted_unet(keyframe_export):

@@ -206,6 +206,13 @@ def test_sample_image_cli_writes_png(sd_pipeline, tmp_path):
   for i in range(2):
     with Image.open(tmp_path / f"img_{i}.png") as im:
       assert im.size == (24, 16) and im.mode == "RGB"
+  # --eta reaches the sampler: DDIM with eta = 1 draws step noise, another image.
+  for eta in (0, 1):
+    _cli("videoldm_jax.cli.sample_image", f"--model={root / 'converted'}",
+         "--prompt=a truck", "--steps=3", "--height=16", "--width=24", "--sampler=ddim",
+         f"--eta={eta}", f"--output={tmp_path / f'eta{eta}.png'}")
+  with Image.open(tmp_path / "eta0.png") as a, Image.open(tmp_path / "eta1.png") as b:
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() > 0
 
 
 def test_pickle_checkpoints_are_refused_with_instructions(tmp_path):
