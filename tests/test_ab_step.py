@@ -170,3 +170,64 @@ def test_bench_counts_that_would_time_nothing_are_refused():
                           cwd=Path(__file__).parents[1], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and said in proc.stderr, (script, proc.stderr[-1000:])
+
+
+def test_train_step_record_is_its_arithmetic(monkeypatch):
+  # With a clock that ticks 0.5 s per call: step_s 0.5 (the median of the timed steps,
+  # each blocked on), samples/s = batch / 0.5, MFU = model FLOPs / 0.5 / peak; temporal
+  # mode trains fewer parameters than the model has, full all of the UNet's.
+  import dataclasses
+  import itertools
+  from bench import train_step, workloads
+  tiny = dataclasses.replace(workloads.WORKLOADS["W1"], name="t", batch=1, frames=2,
+                             latent_size=8)
+  monkeypatch.setitem(workloads.WORKLOADS, "t", tiny)
+  clock = itertools.count()
+  monkeypatch.setattr(train_step.time, "perf_counter", lambda: 0.5 * next(clock))
+  blocked = []
+  block = jax.block_until_ready
+  monkeypatch.setattr(train_step.jax, "block_until_ready",
+                      lambda x: blocked.append(1) or block(x))
+  records = {}
+  for mode in ("temporal", "full"):
+    blocked.clear()
+    r = train_step.run("t", "keyframe", mode, dtype="float32", remat="none", steps=5,
+                       warmup=0, peak=1e9, batch=2)
+    assert len(blocked) == 5 + 1  # every timed step, plus once after the warm-up
+    assert (r["step_s"], r["samples_per_s"], r["batch"]) == (0.5, 4.0, 2)
+    assert r["mfu"] == pytest.approx(r["model_gflop"] * 1e9 / 0.5 / 1e9)
+    records[mode] = r
+  assert records["temporal"]["trainable_params"] < records["temporal"]["params"]
+  assert records["temporal"]["trainable_params"] < records["full"]["trainable_params"]
+
+
+def test_bench_helpers_by_hand(monkeypatch):
+  import argparse
+  import itertools
+  from bench import common, sharding as sharding_bench, workloads
+  from videoldm_jax import sharding
+  # time_fn: the median of the timed calls (uneven: 1, 1, 10 -> 1, not the mean 4).
+  ticks = itertools.accumulate(itertools.cycle([0, 1, 0, 1, 0, 10]))
+  monkeypatch.setattr(common.time, "perf_counter", lambda: next(ticks))
+  assert common.time_fn(lambda: None, warmup=0, steps=3) == 1.0
+  monkeypatch.undo()
+  # Peak RSS in bytes (Linux reports KiB): near the kernel's high-water mark.
+  with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
+  assert 0.9 * hwm <= common.peak_host_rss_bytes() <= 1.1 * hwm
+  # refuse_below: the least value itself is fine.
+  common.refuse_below(argparse.ArgumentParser(), argparse.Namespace(runs=1), runs=1)
+  # Per-device bytes: a (8, 4) float32 array split 2 ways and a replicated (3,) one.
+  mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+  shardings = [jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(p))
+               for p in ("fsdp", None)]
+  tree = [jax.ShapeDtypeStruct((8, 4), "float32"), jax.ShapeDtypeStruct((3,), "float32")]
+  assert sharding_bench.per_device_bytes(tree, shardings) == (4 * 4 * 4 + 3 * 4,
+                                                              8 * 4 * 4 + 3 * 4)
+  # Workloads: --batch sets the samples; W2 as issue 8 states it.
+  assert workloads.build("W1", "keyframe", "temporal", batch=3).samples == 3
+  w1, w2 = workloads.WORKLOADS["W1"].unet, workloads.WORKLOADS["W2"].unet
+  assert (w1.block_out_channels, w1.layers_per_block, w1.attention_levels, w1.num_heads,
+          w1.cross_attention_dim) == ((64, 128), 1, (True, False), (2, 4), 64)
+  assert (w2.block_out_channels, w2.layers_per_block, w2.attention_levels, w2.num_heads,
+          w2.cross_attention_dim) == ((128, 256, 256), 2, (True, True, False), (4, 8, 8), 128)
