@@ -374,8 +374,8 @@ def test_clear_errors():
                      "2147483648 does not fit int32"):
     _take(make_video_dataset(huge, seed=0, batch_size=1, num_frames=2, height=8, width=8,
                              process_index=0, process_count=1), 1)
-  # A label that is not an integer is refused, not dropped (a class-conditional UNet
-  # would then say the dataset has no label field) nor truncated.
+  # A label that is a number but not an integer is refused, not dropped (a class-
+  # conditional UNet would then say the dataset has no label field) nor truncated.
   floats = [dict(src[0], label=1.5)]
   with pytest.raises(ValueError, match=r"source example 0: label field 'label' must be "
                      "one integer .* got float 1.5"):
