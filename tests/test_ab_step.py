@@ -231,3 +231,24 @@ def test_bench_helpers_by_hand(monkeypatch):
           w1.cross_attention_dim) == ((64, 128), 1, (True, False), (2, 4), 64)
   assert (w2.block_out_channels, w2.layers_per_block, w2.attention_levels, w2.num_heads,
           w2.cross_attention_dim) == ((128, 256, 256), 2, (True, True, False), (4, 8, 8), 128)
+
+
+def test_sample_bench_counts_both_guidance_branches(monkeypatch):
+  # A guided step is one UNet call on 2B (the unconditional half too): twice the FLOPs of
+  # an unguided one; MFU = FLOPs per step / seconds per step / peak, the clock ticking
+  # 0.5 s per call (so a run of 2 steps takes 0.5 s: 0.25 s a step).
+  import dataclasses
+  import itertools
+  from bench import sample, workloads
+  tiny = dataclasses.replace(workloads.WORKLOADS["W1"], name="t", batch=1, frames=2,
+                             latent_size=8)
+  monkeypatch.setitem(workloads.WORKLOADS, "t", tiny)
+  clock = itertools.count()
+  monkeypatch.setattr(sample.time, "perf_counter", lambda: 0.5 * next(clock))
+  guided, plain = (sample.ddim("t", steps=2, runs=1, guidance=g, peak=1e9)
+                   for g in (7.5, 1.0))
+  # (Within 1%: not every op of a call scales with its batch.)
+  assert guided["model_gflop_per_step"] == pytest.approx(2 * plain["model_gflop_per_step"],
+                                                         rel=0.01)
+  assert (guided["s_per_step"], guided["frames_per_s"]) == (0.25, 4.0)
+  assert guided["mfu"] == pytest.approx(guided["model_gflop_per_step"] / 0.25)

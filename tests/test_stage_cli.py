@@ -227,7 +227,10 @@ def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
        "--height=30 --width=32: must be positive multiples of 8"),
       ("cache_latents", [f"--model={tmp_path / 'model'}", "--procedural_clips=2",
                          "--height=32", "--width=30", f"--output={tmp_path / 'cache'}"],
-       "--height=32 --width=30: must be positive multiples of 8")]
+       "--height=32 --width=30: must be positive multiples of 8"),
+      ("cache_latents", [f"--model={tmp_path / 'model'}", "--procedural_clips=2",
+                         "--height=0", "--width=32", f"--output={tmp_path / 'cache'}"],
+       "--height=0 --width=32: must be positive multiples of 8")]
   subprocess.run([sys.executable, "-m", "videoldm_jax.cli.init_random", "--config="
                   "configs/image_tiny.py", f"--output={tmp_path / 'model'}"], cwd=ROOT,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=300)
