@@ -172,18 +172,26 @@ def test_bench_counts_that_would_time_nothing_are_refused():
     assert proc.returncode == 2 and said in proc.stderr, (script, proc.stderr[-1000:])
 
 
-def test_train_step_record_is_its_arithmetic(monkeypatch):
-  # With a clock that ticks 0.5 s per call: step_s 0.5 (the median of the timed steps,
-  # each blocked on), samples/s = batch / 0.5, MFU = model FLOPs / 0.5 / peak; temporal
-  # mode trains fewer parameters than the model has, full all of the UNet's.
+def _tiny_workload_ticking(monkeypatch, module) -> str:
+  """Registers workload "t" (W1 at batch 1, 2 frames of 8 x 8 latents) and makes
+  `module`'s clock tick 0.5 s per call; returns the workload's name."""
   import dataclasses
   import itertools
-  from bench import train_step, workloads
+  from bench import workloads
   tiny = dataclasses.replace(workloads.WORKLOADS["W1"], name="t", batch=1, frames=2,
                              latent_size=8)
   monkeypatch.setitem(workloads.WORKLOADS, "t", tiny)
   clock = itertools.count()
-  monkeypatch.setattr(train_step.time, "perf_counter", lambda: 0.5 * next(clock))
+  monkeypatch.setattr(module.time, "perf_counter", lambda: 0.5 * next(clock))
+  return "t"
+
+
+def test_train_step_record_is_its_arithmetic(monkeypatch):
+  # With a clock that ticks 0.5 s per call: step_s 0.5 (the median of the timed steps,
+  # each blocked on), samples/s = batch / 0.5, MFU = model FLOPs / 0.5 / peak; temporal
+  # mode trains fewer parameters than the model has, full all of the UNet's.
+  from bench import train_step
+  _tiny_workload_ticking(monkeypatch, train_step)
   blocked = []
   block = jax.block_until_ready
   monkeypatch.setattr(train_step.jax, "block_until_ready",
@@ -237,14 +245,8 @@ def test_sample_bench_counts_both_guidance_branches(monkeypatch):
   # A guided step is one UNet call on 2B (the unconditional half too): twice the FLOPs of
   # an unguided one; MFU = FLOPs per step / seconds per step / peak, the clock ticking
   # 0.5 s per call (so a run of 2 steps takes 0.5 s: 0.25 s a step).
-  import dataclasses
-  import itertools
-  from bench import sample, workloads
-  tiny = dataclasses.replace(workloads.WORKLOADS["W1"], name="t", batch=1, frames=2,
-                             latent_size=8)
-  monkeypatch.setitem(workloads.WORKLOADS, "t", tiny)
-  clock = itertools.count()
-  monkeypatch.setattr(sample.time, "perf_counter", lambda: 0.5 * next(clock))
+  from bench import sample
+  _tiny_workload_ticking(monkeypatch, sample)
   guided, plain = (sample.ddim("t", steps=2, runs=1, guidance=g, peak=1e9)
                    for g in (7.5, 1.0))
   # (Within 1%: not every op of a call scales with its batch.)
