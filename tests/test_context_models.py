@@ -178,6 +178,16 @@ def test_training_masks():
                                                                      12, 4)))
 
 
+def test_masks_refuse_bad_shapes_and_strides():
+  # A scalar count would broadcast to the wrong batch; stride 0 would divide by zero.
+  with pytest.raises(ValueError, match=r"num_known has shape \(\), expected \(B,\)"):
+    first_frames_mask(jnp.asarray(2), 4)
+  for stride in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="stride .* expected a whole number >= 1"):
+      strided_mask(2, 8, stride)
+  np.testing.assert_array_equal(strided_mask(1, 3, np.int64(1)), np.ones((1, 3)))
+
+
 def test_context_guidance(model, params):
   # Every UNet call here has batch 2, so the test compiles the model once.
   x, t, ctx, z = _inputs()

@@ -20,6 +20,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from videoldm_jax.models import layers
 
@@ -35,12 +36,18 @@ def masked_cond(latents_BxTxHxWxC: jax.Array, mask_BxT: jax.Array) -> jax.Array:
 
 def first_frames_mask(num_known_B: jax.Array, num_frames: int) -> jax.Array:
   """Prediction mask: m[b, i] = 1 for the first num_known[b] frames; (B,) -> (B, T) f32."""
-  return (jnp.arange(num_frames)[None, :] < jnp.asarray(num_known_B)[:, None]).astype(
-      jnp.float32)
+  num_known_B = jnp.asarray(num_known_B)
+  if num_known_B.ndim != 1:
+    # A scalar would broadcast to a mask of the wrong batch (or fail on [:, None]).
+    raise ValueError(f"first_frames_mask: num_known has shape {num_known_B.shape}, "
+                     "expected (B,): one count per video")
+  return (jnp.arange(num_frames)[None, :] < num_known_B[:, None]).astype(jnp.float32)
 
 
 def strided_mask(batch: int, num_frames: int, stride: int = 4) -> jax.Array:
   """Interpolation mask: m[b, i] = 1 at frames 0, stride, 2 stride, ...; (B, T) f32."""
+  if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+    raise ValueError(f"strided_mask: stride {stride!r}, expected a whole number >= 1")
   m = (jnp.arange(num_frames) % stride == 0).astype(jnp.float32)
   return jnp.broadcast_to(m[None], (batch, num_frames))
 
