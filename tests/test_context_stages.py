@@ -103,11 +103,14 @@ def _batch(frames: int, seed: int = 0) -> dict:
           "context": rng.standard_normal((2, 16, 16), np.float32)}
 
 
-def test_predictor_from_a_keyframe_export_trains_phi_only(keyframe_export, tmp_path):
+def test_predictor_from_a_keyframe_export_trains_phi_only(keyframe_export, tmp_path, caplog):
   config = _config("predictor_tiny", num_frames=4)
   config.init_from = str(keyframe_export)
   config.temporal.conv_kernel = (3, 3, 3)  # ignored: the export's temporal config wins
-  setup = predictor.setup(config, tmp_path)
+  config.image_model = str(tmp_path / "sd15")  # ignored too, and said so
+  with caplog.at_level("WARNING"):
+    setup = predictor.setup(config, tmp_path)
+  assert f"config.image_model={tmp_path / 'sd15'} is ignored" in caplog.text
   ldm = setup.extra["ldm"]
   assert ldm.temporal_config == TemporalConfig(context_frames=True)
   # theta and phi come from the export; only the context parameters are new, and the

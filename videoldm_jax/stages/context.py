@@ -11,7 +11,8 @@ The two stages differ only in the mask (`MaskFn`).
 
 Initialisation (`setup_context_stage`): from a key-frame export (`config.init_from`: a
 `pretrained` folder with a temporal_config), whose theta and phi are reused and whose
-temporal config wins over config.temporal (phi's shapes must match); or, when
+temporal config wins over config.temporal (phi's shapes must match) and which replaces
+config.image_model (a warning says so when that is set too); or, when
 init_from is empty, from config.image_model / config.random_image_model with a new phi.
 Only the context encoder and projections are new in the first case. At init they are
 zero (projections), so the model starts as the key-frame model it came from.
@@ -20,6 +21,7 @@ zero (projections), so the model starts as the key-frame model it came from.
 from pathlib import Path
 from typing import Callable, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -113,6 +115,9 @@ def setup_context_stage(config: ml_collections.ConfigDict, workdir: Path, name: 
   """
   temporal = context_temporal_config(config)
   if config.get("init_from"):
+    if config.get("image_model") and config.image_model != config.init_from:
+      logging.warning("config.image_model=%s is ignored: config.init_from=%s (a key-frame "
+                      "export) holds theta and phi", config.image_model, config.init_from)
     # The export holds theta + phi (+ VAE, text encoder, tokenizer): it is the "image
     # model" of the shared set-up, whose missing leaves (the context encoder) get
     # initialised.
