@@ -411,10 +411,18 @@ def test_sample_cli_takes_class_labels(tmp_path):
       proc.stderr, proc.stderr[-2000:]
   proc = sample("--class_label=3")
   assert proc.returncode != 0 and "--class_label=3: expected 0..2" in proc.stderr
-  proc = sample("--class_label=2")
+  proc = sample("--class_label=2", "--fps=12.5", f"--output={tmp_path / 'out.MP4'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "guidance_scale=5.0 ignored" not in proc.stderr  # it has a text encoder
-  assert video_io.read_video(str(tmp_path / "out.mp4")).shape == (2, 8, 8, 3)
+  assert video_io.read_video(str(tmp_path / "out.MP4")).shape == (2, 8, 8, 3)
+  # --fps reaches both files: the mp4's stream rate, the GIF's delay (100 / 12.5 = 8
+  # hundredths of a second).
+  import av
+  from PIL import Image
+  with av.open(str(tmp_path / "out.MP4")) as container:
+    assert container.streams.video[0].average_rate == 12.5
+  with Image.open(tmp_path / "out.gif") as im:
+    assert im.info["duration"] == 80
   # videoldm-sample-image took any label: -1 wrapped to the last class, 3 gave NaN.
   proc = subprocess.run(
       [sys.executable, "-m", "videoldm_jax.cli.sample_image", f"--model={folder}",
@@ -438,7 +446,12 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   absent = f"--model={tmp_path / 'absent'}"  # never read: the checks come first
   assert "--num_videos must be >= 1, got 0" in cli("sample", absent, "--num_videos=0")
   assert "expected an .mp4 path" in cli("sample", absent, f"--output={tmp_path / 'a.gif'}")
-  assert "--fps must be > 0" in cli("sample", absent, "--fps=0")
+  assert "--fps: sample.mp4: fps must be a positive number of at least 1/1001, got 0.0" in \
+      cli("sample", absent, "--fps=0")
+  # 1/1000 fps suits the mp4 but not the GIF beside it (its delay would overflow): both
+  # failed after the sampling.
+  assert "out.gif: fps 0.001 is slower than a GIF can show" in cli(
+      "sample", absent, "--fps=0.001", f"--output={tmp_path / 'out.mp4'}")
   assert "unexpected arguments: ['road']" in cli("sample", absent, "--prompt=a", "road")
   assert "--height must be >= 1, got 0" in cli("sample_image", absent, "--height=0")
   for name in ("noext", "a.psd"):  # (Pillow reads .psd but cannot write it)

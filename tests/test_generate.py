@@ -480,6 +480,10 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   # (the model-free ones also alone: the CLI checks them before loading the models)
   with pytest.raises(ValueError, match="fps must be positive, got 0.0"):
     generate.check_options(dataclasses.replace(options, fps=0.0))
+  # The GIF preview's delay is 16 bits of 1/100 s: it overflowed after the whole video.
+  with pytest.raises(ValueError, match="fps 0.001 is slower than the GIF preview can show"):
+    generate.check_options(dataclasses.replace(options, fps=0.001, gif=True))
+  generate.check_options(dataclasses.replace(options, fps=0.001, gif=False))
   # 0.29 s at 100 fps is 29 frames (0.29 * 100 = 28.999999999999996: truncated, 28).
   assert generate.plan(models, dataclasses.replace(options, num_frames=None, duration=0.29,
                                                     fps=100.0)).num_frames == 29
@@ -644,12 +648,13 @@ def test_cli_seeds_and_notes(folders, tmp_path):
   assert proc.returncode != 0 and "cli.avi: expected a .mp4 or .npy path" in proc.stderr, \
       proc.stderr[-3000:]
   # No seed (nothing would be written, exit 0) or a repeated one (a file overwritten).
-  for seeds in ("--seeds=", "--seeds=3,3"):
+  for seeds in ("--seeds=", "--seeds=3,3", "--seeds=-1"):
     proc = subprocess.run(
         [sys.executable, "-m", "videoldm_jax.cli.generate", "--keyframe_model=/nonexistent",
          seeds], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "--seeds must be distinct and at least one" in \
-        proc.stderr, proc.stderr[-3000:]
+    said = "non-negative" if seeds == "--seeds=-1" else "distinct and at least one"
+    assert proc.returncode != 0 and f"--seeds must be {said}" in proc.stderr, \
+        proc.stderr[-3000:]
   # Personalisation flags that would do nothing, silently; a stride below 2; options no
   # model decides (found after every model had loaded: minutes for SD-sized ones).
   for extra, said in ((["--interp_stride=1"], "--interp_stride must be >= 2, got 1"),

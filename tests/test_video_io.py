@@ -233,6 +233,23 @@ def test_fast_gif_keeps_its_speed(tmp_path):
     assert im.info["duration"] == 20
     frames = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
   np.testing.assert_array_equal(frames, video[::3])
+  # 60 fps: every 2nd frame at 30 fps, a 33 ms delay in 10 ms ticks: 30 ms (at 60 fps
+  # the 20 ms of 50 fps would play 1.5x fast).
+  video_io.write_gif(path, np.ascontiguousarray(video), fps=60)
+  with Image.open(path) as im:
+    assert im.info["duration"] == 30 and im.n_frames == 6
+
+
+def test_slow_gif_rates_fit_the_16_bit_delay(tmp_path):
+  # A delay is at most 65535 hundredths of a second: 0.001 fps overflowed in Pillow
+  # (OverflowError, no path named); 0.0016 fps is a 625 s delay, which fits.
+  frames = np.zeros((2, 4, 4, 3), np.uint8)
+  frames[1] = 255
+  with pytest.raises(ValueError, match=r"x.gif: fps 0.001 is slower than a GIF can show"):
+    video_io.write_gif(str(tmp_path / "x.gif"), frames, fps=0.001)
+  video_io.write_gif(str(tmp_path / "y.gif"), frames, fps=0.0016)
+  with Image.open(tmp_path / "y.gif") as im:
+    assert im.info["duration"] == 625_000
 
 
 def test_gif_many_colours_shared_palette(tmp_path):

@@ -13,7 +13,7 @@ from fractions import Fraction
 import numpy as np
 
 __all__ = ["to_uint8", "write_mp4", "Mp4Writer", "NpyWriter", "open_writer", "write_gif",
-           "read_video", "upright", "video_grid"]
+           "check_gif_fps", "read_video", "upright", "video_grid"]
 
 
 def to_uint8(video) -> np.ndarray:
@@ -392,6 +392,22 @@ def _palette_frames(frames: np.ndarray):
           for f in frames]
 
 
+# A GIF frame delay is a 16-bit count of 1/100 s: at most 655.35 s per frame.
+GIF_MIN_FPS = 100 / 65535
+
+
+def check_gif_fps(path: str, fps) -> float:
+  """fps as a float, or ValueError naming `path` when a GIF cannot hold it (not a
+  positive finite number, or slower than GIF_MIN_FPS: the frame delay would overflow)."""
+  fps_f = _as_float(fps)
+  if not (fps_f > 0 and math.isfinite(fps_f)):
+    raise ValueError(f"{path}: fps must be a positive number, got {fps!r}")
+  if fps_f < GIF_MIN_FPS:
+    raise ValueError(f"{path}: fps {fps!r} is slower than a GIF can show (its frame delay "
+                     f"is at most 655.35 s, i.e. fps >= {GIF_MIN_FPS:.6f})")
+  return fps_f
+
+
 def write_gif(path: str, frames, fps: float = 8) -> None:
   """Writes a (T, H, W, 3) uint8 RGB clip as an endlessly looping GIF.
 
@@ -403,10 +419,7 @@ def write_gif(path: str, frames, fps: float = 8) -> None:
   see fewer frames than were written for a clip with repeated frames.
   """
   frames = _check_frames(frames, path)
-  fps_f = _as_float(fps)
-  if not (fps_f > 0 and math.isfinite(fps_f)):
-    raise ValueError(f"{path}: fps must be a positive number, got {fps!r}")
-  fps = fps_f
+  fps = check_gif_fps(path, fps)
   if fps > 50:
     step = math.ceil(fps / 50)
     frames, fps = frames[::step], fps / step

@@ -45,11 +45,14 @@ def main(argv):
   check_at_least(("num_videos", _NUM.value, 1), ("num_frames", _FRAMES.value, 1),
                  ("height", _HEIGHT.value, 1), ("width", _WIDTH.value, 1),
                  ("steps", _STEPS.value, 1))
-  if not _FPS.value > 0:
-    raise app.UsageError(f"--fps must be > 0, got {_FPS.value}")
   if Path(_OUTPUT.value).suffix.lower() != ".mp4":
     raise app.UsageError(f"--output={_OUTPUT.value}: expected an .mp4 path (the .gif is "
                          "written beside it)")
+  try:  # the rates both writers can store (0.0001 and inf failed after the sampling)
+    video_io.rate_and_crf(_OUTPUT.value, _FPS.value, 18)
+    video_io.check_gif_fps(str(Path(_OUTPUT.value).with_suffix(".gif")), _FPS.value)
+  except ValueError as e:
+    raise app.UsageError(f"--fps: {e}") from None
   out = output_path(_OUTPUT.value, "output")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if model.temporal_config is None:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from typing import Optional
 
+from videoldm_jax import video_io
 from videoldm_jax.diffusion import samplers as samplers_lib
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.pipelines import sampling
@@ -123,6 +124,9 @@ def check_options(o: GenerateOptions) -> None:
   if o.gif and (o.gif_max_size < 1 or o.gif_max_frames < 1):
     raise ValueError(f"gif_max_size and gif_max_frames must be >= 1 (or gif=False), got "
                      f"{o.gif_max_size}, {o.gif_max_frames}")
+  if o.gif and o.fps < video_io.GIF_MIN_FPS:  # (the preview is written last)
+    raise ValueError(f"fps {o.fps} is slower than the GIF preview can show (>= "
+                     f"{video_io.GIF_MIN_FPS:.6f}; or gif=False)")
   if not 0 <= o.interp_passes <= 2:
     raise ValueError(f"interp_passes must be 0, 1 or 2, got {o.interp_passes}")
   if o.interp_stride is not None and o.interp_stride < 2:
