@@ -280,12 +280,23 @@ def test_to_uint8():
   np.testing.assert_array_equal(video_io.to_uint8(x), [0, 0, 64, 128, 191, 255, 255])
 
 
+def test_to_uint8_names_non_finite_values(caplog):
+  # NaN was cast to 0 with only NumPy's RuntimeWarning: a diverged sampler's output
+  # passed as a black video.
+  with caplog.at_level("WARNING"):
+    out = video_io.to_uint8(np.array([np.nan, np.inf, -np.inf, 0.0, np.nan]))
+  np.testing.assert_array_equal(out, [0, 255, 0, 128, 0])
+  assert "to_uint8: 4 of 5 values are NaN or infinite" in caplog.text
+
+
 def test_video_grid_layout():
   b, t, h, w = 5, 2, 3, 4
   videos = (np.arange(b)[:, None, None, None, None] + 1
             + np.zeros((b, t, h, w, 3))).astype(np.uint8)
   grid = video_io.video_grid(videos, cols=3, pad=1, pad_value=255)
   assert grid.shape == (t, 2 * h + 1, 3 * w + 2, 3)
+  # More columns than clips: one row of B cells, no empty columns.
+  assert video_io.video_grid(videos[:2], cols=4, pad=1).shape == (t, h, 2 * w + 1, 3)
   for i in range(b):
     r, c = divmod(i, 3)
     cell = grid[:, r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w]

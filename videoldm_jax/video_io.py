@@ -11,6 +11,7 @@ import os
 from fractions import Fraction
 
 import numpy as np
+from absl import logging
 
 __all__ = ["to_uint8", "write_mp4", "Mp4Writer", "NpyWriter", "open_writer", "write_gif",
            "check_gif_fps", "read_video", "upright", "video_grid"]
@@ -20,9 +21,16 @@ def to_uint8(video) -> np.ndarray:
   """Maps values in [-1, 1] (any shape, e.g. (T, H, W, 3)) to uint8 [0, 255], same shape.
 
   Out-of-range values are clipped (samplers overshoot slightly); rounding, not
-  truncation, so that -1 -> 0, 0 -> 128 and 1 -> 255 exactly.
+  truncation, so that -1 -> 0, 0 -> 128 and 1 -> 255 exactly. NaN becomes 0 and
+  +-inf 255 / 0, with a warning (a diverged sampler must not pass as a black video).
   """
   x = np.asarray(video, np.float32)
+  finite = np.isfinite(x)
+  if not finite.all():
+    logging.warning("to_uint8: %d of %d values are NaN or infinite (a diverged model?); "
+                    "written as black (NaN, -inf) and white (+inf)",
+                    finite.size - np.count_nonzero(finite), finite.size)
+    x = np.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -521,9 +529,10 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
 def video_grid(videos, cols: int, pad: int = 0, pad_value: int = 0) -> np.ndarray:
   """Tiles clips into one clip for logging: (B, T, H, W, C) -> (T, H', W', C).
 
-  Row-major: clip b lands in row b // cols, column b % cols, with rows = ceil(B / cols),
-  H' = rows * H + (rows - 1) * pad and W' = cols * W + (cols - 1) * pad. Missing cells of
-  the last row and the `pad`-pixel gutters are filled with `pad_value`. Dtype preserved.
+  Row-major (cols capped at B): clip b lands in row b // cols, column b % cols, with
+  rows = ceil(B / cols), H' = rows * H + (rows - 1) * pad and W' = cols * W + (cols - 1)
+  * pad. Missing cells of the last row and the `pad`-pixel gutters are filled with
+  `pad_value`. Dtype preserved.
   """
   videos = np.asarray(videos)
   if videos.ndim != 5:
