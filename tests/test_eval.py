@@ -88,6 +88,25 @@ def test_i3d_weights_mismatch_names_the_key(tmp_path):
   assert "(7, 7, 7, 3, 64)" in msg and "missing: " in msg and "more" in msg
   with pytest.raises(FileNotFoundError):
     i3d_weights.load_i3d_variables(abstract, tmp_path / "nope.ckpt")
+  # A file with every weight plus one the model does not use: that one is named.
+  raw = i3d_weights.load_numpy_pickle(i3d_weights.default_weights_path())
+  raw["params"]["Extra"] = {"kernel": np.zeros((2, 3), np.float32)}
+  path.write_bytes(pickle.dumps(raw))
+  with pytest.raises(ConversionError, match=r"\(1 problems\):\n  unmapped: params/Extra/kernel "
+                     r"\(2, 3\) is not used by the model"):
+    i3d_weights.load_i3d_variables(abstract, path)
+
+
+def test_i3d_logits_are_the_mean_over_time():
+  # Clips of 16 frames or fewer leave the head one time step (the I3D tests' 10 and 16):
+  # from 17 frames on there are several, averaged (DeepMind's mean over time).
+  head = i3d.LogitsHead(num_classes=5)
+  x = np.random.default_rng(0).standard_normal((2, 4, 3, 3, 6)).astype(np.float32)
+  variables = head.init(jax.random.key(0), x)
+  out = head.apply(variables, x)
+  windows = [head.apply(variables, x[:, t:t + 2]) for t in range(3)]  # one step each
+  np.testing.assert_allclose(out, np.mean(windows, axis=0), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(windows[0], windows[1])
 
 
 # ---------------------------------------------------------------- I3D, real weights
@@ -147,6 +166,9 @@ def test_resize_conventions(torch_cpu):
   np.testing.assert_allclose(up, [0, 0.5, 1, 2.5, 4, 6.5, 9, 9], atol=1e-6)
   down = np.asarray(resize_bilinear(row, 1, 2, "tf1"))[0, :, 0]
   np.testing.assert_allclose(down, [0, 4], atol=1e-6)
+  # The same along the height.
+  column = np.asarray(resize_bilinear(row.reshape(4, 1, 1), 8, 1, "tf1"))[:, 0, 0]
+  np.testing.assert_allclose(column, [0, 0.5, 1, 2.5, 4, 6.5, 9, 9], atol=1e-6)
 
 
 # ---------------------------------------------------------------- Frechet distance, stats
@@ -241,9 +263,9 @@ def test_fvd_self_zero_and_monotone_in_noise(i3d_small):
 
 # ---------------------------------------------------------------- Inception, FID, IS
 
-def _random_inception_file(path, width=0.125, seed=0):
+def _random_inception_file(path, width=0.125, seed=0, num_classes=1008):
   """A random, width-scaled Inception-v3 written in torchvision's state-dict layout."""
-  abstract = inception.abstract_variables(inception.InceptionV3(width=width))
+  abstract = inception.abstract_variables(inception.InceptionV3(num_classes, width=width))
   rng = np.random.default_rng(seed)
 
   def draw(path_, leaf):
@@ -429,6 +451,17 @@ def test_inception_loader_errors(inception_file, tmp_path):
     fid.frames_of(np.zeros((1, 2, 20, 24, 3), np.uint8), 0)
   with pytest.raises(ValueError, match=r"no frames \(N = 0\)"):
     inception.InceptionFeatures(str(path), 4)(np.zeros((0, 20, 24, 3), np.uint8))
+  # The class count picks the variant: 1008 is pytorch-fid's FID network, 1000
+  # torchvision's ImageNet classifier (other pooling).
+  assert inception.load_inception(path)[0].variant == "fid"
+  _random_inception_file(tmp_path / "tv.safetensors", num_classes=1000)
+  assert inception.load_inception(tmp_path / "tv.safetensors")[0].variant == "torchvision"
+  # Fewer logits than splits (an empty split's score was NaN); covariances of another
+  # dimension than the means.
+  with pytest.raises(ValueError, match=r"need logits \(N >= splits=5, K\), got \(3, 10\)"):
+    fid.inception_score(np.zeros((3, 10)), splits=5)
+  with pytest.raises(ValueError, match=r"shapes do not match: mu1 \(3,\), cov1 \(4, 4\)"):
+    fvd.frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(4))
 
 
 def test_clip_image_preprocessing_matches_transformers(torch_cpu):
@@ -593,6 +626,31 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
     cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["a", "b"])
 
 
+def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inception_file):
+  """IS without FID, with a frame stride; CLIPSIM with each chunk's own prompts."""
+  from videoldm_jax.cli import evaluate as cli
+  fake = _blobs(3, seed=8)
+  for i, clip in enumerate(fake):
+    np.save(tmp_path / f"f{i}.npy", clip)
+  prompts = ["a blob", "a red ball on grass", "snow"]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  files = cli.expand_inputs(str(tmp_path))
+  # Batches of 2 clips: the third clip's prompt is in the second chunk.
+  out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=2,
+                     clip_model=str(tiny_clip[0]),
+                     prompts_file=str(tmp_path / "prompts.txt"))
+  sim = clip_score.CLIPSimilarity(tiny_clip[0], 2 * _T)
+  assert out["clipsim"] == pytest.approx(float(np.mean(sim.video_scores(fake, prompts))),
+                                         rel=1e-5)
+  # Inception at the CLI test's batch (one compilation): every 2nd frame.
+  out = cli.evaluate([], files, ["is"], num_frames=_T, batch_size=_BATCH, frame_stride=2,
+                     inception_weights=str(inception_file[0]), is_splits=2)
+  want = fid.fid_from_videos(fake, fake, inception_file[0], batch_size=_BATCH * _T,
+                             splits=2, frame_stride=2)
+  assert out["is"] == pytest.approx(want["is"], rel=1e-6) and "fid" not in out
+  assert out["settings"]["frame_stride"] == 2 and out["num_fake"] == 3
+
+
 def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
   """A folder of generated videos holds NAME.gif previews beside NAME.mp4: the same
   clips, not more. --max_videos stops reading files; a prompts file covers all clips."""
@@ -606,6 +664,9 @@ def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
   files = cli.expand_inputs(str(tmp_path))
   assert [f.name for f in files] == ["s0.mp4", "s1.gif", "s2.npy"]
   assert "skipping 1 .gif preview(s)" in capsys.readouterr().err
+  # So does a glob (each clip counted twice in FID / IS otherwise).
+  assert [f.name for f in cli.expand_inputs(str(tmp_path / "s*"))] == [
+      "s0.mp4", "s1.gif", "s2.npy"]
   # Every format the video_folder builder reads counts (webm clips were left out).
   (tmp_path / "more").mkdir()
   for name in ("a.webm", "b.mov", "c.avi", "d.mkv", "notes.txt"):
@@ -617,6 +678,9 @@ def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
   assert [c.shape[0] for c in chunks] == [2]
   with pytest.raises(ValueError, match="s2.npy: expected a uint8 array"):
     list(cli.iter_chunks(files, _T, 4, max_videos=3))
+  # Clips shorter than --num_frames are refused, even when all are equally short.
+  with pytest.raises(ValueError, match=rf"s0.mp4: {_T} frames, --num_frames={_T + 1}"):
+    list(cli.iter_chunks(files[:1], _T + 1, 4))
   (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
   assert cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s1"], 3) == ["a", "b"]
   with pytest.raises(ValueError, match="3 prompts for 4 fake clips"):
