@@ -7,6 +7,7 @@ bit-identical parameters, and that whole text-to-image sampling (prompt encoding
 DDIM / DPM-Solver++ loop, VAE decode) matches diffusers' pipeline from the same noise.
 """
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -240,6 +241,20 @@ def test_truncated_safetensors_is_a_clear_error(sd_pipeline, tmp_path):
   bad.write_bytes(b"hello")
   with pytest.raises(ValueError, match="bad.safetensors: not a safetensors file"):
     load_safetensors(bad)
+  # Headers of another shape were a bare AttributeError / KeyError naming no file.
+  import struct
+  for header, said in (([1, 2], "the header is a JSON list, expected an object"),
+                       ({"a": {"dtype": "F32", "shape": [1]}}, "tensor a: expected an object "
+                        "with dtype, shape and data_offsets")):
+    text = json.dumps(header).encode()
+    bad.write_bytes(struct.pack("<Q", len(text)) + text + bytes(4))
+    with pytest.raises(ValueError, match=f"bad.safetensors: not a safetensors file \\({said}"):
+      load_safetensors(bad)
+  # Tensors of no elements take no bytes: a file of only those was refused as truncated.
+  import safetensors.numpy
+  empty = tmp_path / "empty.SAFETENSORS"  # (the suffix in any case)
+  safetensors.numpy.save_file({"a": np.zeros((0, 3), np.float32)}, str(empty))
+  assert load_safetensors(empty)["a"].shape == (0, 3)
 
 
 def test_vae_folder_with_pre_0_15_attention_names(sd_pipeline, tmp_path):
@@ -366,6 +381,48 @@ def test_unet_config_fields_left_out_take_diffusers_defaults():
       defaults["block_out_channels"])
 
 
+def test_unet_config_fields_are_read_or_refused():
+  # Fields no weight shape shows: each translated, or refused where we implement one value.
+  from videoldm_jax.convert.diffusers_config import (unet_config_from_diffusers,
+                                                     vae_config_from_diffusers)
+  got = unet_config_from_diffusers({"norm_eps": 1e-3, "use_linear_projection": True,
+                                    "cross_attention_dim": 64, "freq_shift": 1,
+                                    "flip_sin_to_cos": False, "norm_num_groups": 16,
+                                    "block_out_channels": [32, 64, 64, 64]})
+  assert (got.norm_eps, got.use_linear_projection, got.cross_attention_dim, got.freq_shift,
+          got.flip_sin_to_cos, got.norm_num_groups) == (1e-3, True, 64, 1, False, 16)
+  for field, value in (("act_fn", "gelu"), ("only_cross_attention", True),
+                       ("attention_type", "gated"), ("resnet_time_scale_shift", "scale_shift"),
+                       ("time_embedding_type", "fourier"), ("class_embed_type", "timestep"),
+                       ("conv_in_kernel", 7), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn")):
+    with pytest.raises(ValueError, match=f"unet/config.json: unsupported {field}="):
+      unet_config_from_diffusers({field: value})
+  with pytest.raises(ValueError, match="vae/config.json: unsupported act_fn='gelu'"):
+    vae_config_from_diffusers({"act_fn": "gelu"})
+
+
+def test_sd2_presets_are_the_release_configs():
+  # No weight shape shows the heads or the text encoder's depth: a wrong preset converts
+  # real SD 2.x files to a different model silently. Against SD 2.1's unet/config.json
+  # (the fields that differ from diffusers' defaults; "attention_head_dim" there holds
+  # the head counts, 64 channels each).
+  from videoldm_jax.convert.diffusers_config import unet_config_from_diffusers
+  from videoldm_jax.convert.presets import PRESETS
+  release = unet_config_from_diffusers({"attention_head_dim": [5, 10, 20, 20],
+                                        "cross_attention_dim": 1024,
+                                        "use_linear_projection": True})
+  for name, prediction in (("sd21", "v_prediction"), ("sd21-base", "epsilon")):
+    preset = PRESETS[name]
+    assert preset.unet.heads_per_level() == release.heads_per_level() == (5, 10, 20, 20)
+    assert dataclasses.replace(preset.unet, num_heads=release.num_heads,
+                               head_dim=None) == release
+    # OpenCLIP ViT-H/14 up to its penultimate layer (SD 2.x's text_encoder/config.json).
+    t = preset.text
+    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+            t.hidden_act) == (1024, 4096, 23, 16, "gelu")
+    assert preset.scheduler["prediction_type"] == prediction
+
+
 def test_output_folders_are_checked_before_the_model_is_built(tmp_path):
   # An existing output was refused only by the save, after the model was built (48 s
   # for an SD-sized random model), and a file given as --output failed with a bare
@@ -380,7 +437,13 @@ def test_output_folders_are_checked_before_the_model_is_built(tmp_path):
       (["videoldm_jax.cli.init_random", "--config=configs/image_tiny.py",
         f"--output={afile}"], "exists and is not a folder"),
       (["videoldm_jax.cli.convert", f"--diffusers={tmp_path / 'absent'}",
-        f"--output={taken}"], "exists and is not empty")):
+        f"--output={taken}"], "exists and is not empty"),
+      (["videoldm_jax.cli.convert", f"--diffusers={tmp_path / 'absent'}",
+        f"--single_file={afile}", f"--output={tmp_path / 'new'}"],
+       "give exactly one of --diffusers and --single_file"),
+      # (a folder with a text encoder and no tokenizer failed only when loaded)
+      (["videoldm_jax.cli.convert", f"--single_file={afile}", f"--output={tmp_path / 'new'}"],
+       "--single_file needs --tokenizer=FOLDER")):
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]

@@ -48,7 +48,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = Path(path)
   refuse_pickle(path)
-  if path.suffix != ".safetensors":
+  if path.suffix.lower() != ".safetensors":
     raise ValueError(f"{path}: expected a .safetensors file")
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file")
@@ -62,16 +62,24 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       header = json.loads(f.read(n))
     except ValueError as e:
       raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: not a safetensors file (the header is a JSON "
+                     f"{type(header).__name__}, expected an object)")
+  # (np.memmap refuses an empty region: a file of zero-element tensors has no data.)
+  data = (np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n
+          else np.zeros((0,), np.uint8))
   out = {}
   for key, info in header.items():
     if key == "__metadata__":
       continue
-    if info.get("dtype") not in _DTYPES:
-      raise ValueError(f"{path}: tensor {key} has unsupported dtype {info.get('dtype')}")
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+      raise ValueError(f"{path}: not a safetensors file (tensor {key}: expected an object "
+                       f"with dtype, shape and data_offsets, got {info!r:.200})")
+    if info["dtype"] not in _DTYPES:
+      raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
     dtype = np.dtype(_DTYPES[info["dtype"]])
-    if data is None or end > data.shape[0] or \
+    if not 0 <= start <= end <= data.shape[0] or \
        end - start != dtype.itemsize * int(np.prod(info["shape"])):
       raise ValueError(f"{path}: tensor {key} lies outside the file or has the wrong "
                        "byte size (truncated download?)")
