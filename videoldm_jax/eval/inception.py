@@ -32,9 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from videoldm_jax.convert.safetensors_io import load_safetensors
+from videoldm_jax.convert import torch_layout
 from videoldm_jax.convert.torch_layout import ConversionError, load_state_dict
 from videoldm_jax.eval.batching import BatchedApply
 from videoldm_jax.eval.layers import PRECISION, EvalBatchNorm, to_minus_one_one
@@ -273,14 +273,9 @@ def load_inception(path: str | os.PathLike, variant: str | None = None,
 
 
 def export_state_dict(variables: dict) -> dict[str, np.ndarray]:
-  """Our variables -> torchvision-layout state dict (inverse of `load_inception`)."""
-  out = {}
-  for path, v in traverse_util.flatten_dict(dict(variables)).items():
-    v = np.asarray(jax.device_get(v), np.float32)
-    if path[-1] == "kernel":
-      v = np.transpose(v, (3, 2, 0, 1)) if v.ndim == 4 else v.T
-    out[_torch_key(path)] = np.ascontiguousarray(v)
-  return out
+  """Our variables -> torchvision-layout float32 state dict (inverse of `load_inception`)."""
+  return {k: np.ascontiguousarray(v, np.float32)
+          for k, v in torch_layout.export_state_dict(variables, _torch_key).items()}
 
 
 @functools.lru_cache(maxsize=None)
