@@ -53,3 +53,23 @@ def test_step_time_samples_and_mfu_of_a_logged_step(tmp_path, monkeypatch):
   assert log.write(4, metrics, timed=False)["step_time"] == 3.0
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(x["step"], x["step_time"]) for x in lines] == [(2, 2.0), (3, 3.0), (4, 3.0)]
+
+
+def test_log_line_eta_input_and_skipped_warning(tmp_path, monkeypatch, capsys):
+  clock = Clock()
+  monkeypatch.setattr(step_log, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+  log = step_log.StepLog(tmp_path, None, num_steps=100, samples_per_step=4, flops=100.0,
+                         peak=1000.0, step=0, skipped=0)
+  log.input(0.5)
+  clock.now = 20.0
+  log.write(10, {"loss": 0.5, "grad_norm": 1.0, "skipped": 1})
+  err = capsys.readouterr().err
+  # 2 s per step, 90 steps to go: 180 s.
+  assert "step 10: loss 0.5000" in err and "eta 0:03:00" in err
+  assert "WARNING step 10: 1 step(s) since the last log" in err
+  # The count does not rise: no second warning. A checkpoint step logged before its
+  # next batch keeps the last input time.
+  clock.now = 40.0
+  m = log.write(20, {"loss": 0.5, "grad_norm": 1.0, "skipped": 1}, before_batch=True)
+  err = capsys.readouterr().err
+  assert "WARNING" not in err and "eta 0:02:40" in err and m["input_s"] == 0.5

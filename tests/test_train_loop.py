@@ -183,11 +183,16 @@ def test_trains_from_a_latent_cache_of_the_same_vae_and_profiles(image_model, tm
        f"--config.image_model={image_model}", f"--workdir={tmp_path / 'run'}", *FLAGS,
        "--config.train.num_steps=3", "--config.data.kind=latent_cache",
        f"--config.data.cache_dir={tmp_path / 'cache'}",
+       # The last step is no multiple of either: it is logged and saved all the same.
+       "--config.train.log_every=2", "--config.train.ckpt_every=2",
        # and a profile of its last two steps
        "--config.train.profile_start=1", "--config.train.profile_steps=2"],
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 3: loss" in proc.stderr
+  logged = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+  assert logged == [2, 3] and _complete_steps(tmp_path / "run") == [2, 3]
   assert f"profile of steps 2-3: {tmp_path / 'run' / 'profile'}" in proc.stderr
   traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
   assert len(traces) == 1

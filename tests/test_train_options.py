@@ -175,6 +175,25 @@ def test_gradient_accumulation_averages_microbatch_losses_and_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def test_each_step_draws_its_own_key():
+  # Without accumulation too, step s uses fold_in(key(seed), s) (the same key every step
+  # would draw the same noise and timesteps for each row, all run long).
+  stage = step_lib.Stage("s", lambda path: True, lambda p, batch, key, step=None: (
+      jnp.sum(p["w"]), {"draw": jax.random.uniform(key)}))
+  tx = optax.sgd(0.0)
+  w = {"w": jnp.zeros((2,), jnp.float32)}
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=w, frozen={},
+                              opt_state=tx.init(w), ema={"w": jnp.zeros((2,))},
+                              skipped=jnp.zeros((), jnp.int32))
+  fn = step_lib.build_train_step(stage, tx, seed=5)
+  draws = []
+  for _ in range(2):
+    state, metrics = fn(state, {"x": jnp.ones(2)})
+    draws.append(float(metrics["draw"]))
+  want = [float(jax.random.uniform(jax.random.fold_in(jax.random.key(5), s))) for s in (0, 1)]
+  assert draws == want and draws[0] != draws[1]
+
+
 def test_gradient_accumulation_keeps_every_device_busy():
   """With the batch split over 4 devices, each microbatch has rows on all of them: the
   compiled step gathers nothing and each device's matmul takes B / (n * 4) rows."""
