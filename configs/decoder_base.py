@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
                       weight_decay=0.0, b1=0.5, b2=0.9, eps=1e-8, grad_clip=1.0)
   c.train = dict(num_steps=50_000, grad_accum=1, log_every=50, ckpt_every=1000, keep=3,
                  keep_best=0, compute_dtype="float32", remat_policy="none", export=True,
-                 # models/attention.py IMPLEMENTATIONS: auto | plain | blocked | native
+                 # models/attention.py IMPLEMENTATIONS: auto | plain | blocked | native | splash
                  attention="auto",
                  # False: checkpoints leave out the frozen parameters (a resume loads
                  # them again and checks their digests; train/frozen.py).

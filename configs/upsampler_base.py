@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
                  ema_decay=0.9999)
   c.train = dict(num_steps=200_000, grad_accum=1, log_every=50, ckpt_every=2000, keep=3,
                  keep_best=0, compute_dtype="bfloat16", remat_policy="none", export=True,
-                 # models/attention.py IMPLEMENTATIONS: auto | plain | blocked | native
+                 # models/attention.py IMPLEMENTATIONS: auto | plain | blocked | native | splash
                  attention="auto",
                  # False: checkpoints leave out the frozen parameters (a resume loads
                  # them again and checks their digests; train/frozen.py).

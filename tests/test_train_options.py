@@ -357,6 +357,14 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
     optim.make_grouped_optimizer(
         {"g": OPTIM, "d": ml_collections.ConfigDict({**OPTIM.to_dict(), "lr": -1.0})},
         lambda path: "g", fields={"g": "optim", "d": "disc_optim"})
+  # The trainer checks both before the image model loads (minutes for SD 1.5's 4 GB).
+  configs = Path(__file__).parents[1] / "configs"
+  for name, field in (("keyframe_tiny", "optim"), ("decoder_tiny", "disc_optim")):
+    config = load_sibling(str(configs / "x.py"), name).get_config()
+    config.image_model = str(tmp_path / "absent")
+    config[field].lr = -1.0
+    with pytest.raises(ValueError, match=rf"config.{field}.lr=-1.0: expected >= 0"):
+      loop.train_and_evaluate(config, tmp_path / name)
   for decay in (-0.1, 1.0, 1.5, True, "0.9"):
     with pytest.raises(ValueError, match=rf"config.optim.ema_decay={decay!r}: expected a "
                        r"number in \[0, 1\)"):

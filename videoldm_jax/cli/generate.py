@@ -5,7 +5,7 @@ r"""videoldm-generate: prompt -> a long video through the whole Video LDM chain.
       --predictor_model=work/predictor_tiny/export/step_200 \
       --interpolator_model=work/interpolator_tiny/export/step_200 \
       --decoder_model=work/decoder_tiny/export/step_400 \
-      --upsampler_model=work/upsampler_tiny/export/step_300 \
+      --upsampler_model=work/upsampler_tiny/export/step_900 \
       --prompt="a dash-cam view of a road at night" --duration=10 --fps=24 \
       --height=32 --width=32 --output=work/videos/night.mp4
 

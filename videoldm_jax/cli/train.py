@@ -7,7 +7,7 @@ Re-running the same command resumes from the newest complete checkpoint in --wor
 SIGTERM saves a checkpoint and exits with --stopped_exit_code (143, as for a process
 ended by SIGTERM): not 0, so that a launcher (launch/gpu_slurm.sbatch, a Kubernetes
 Job) tells a stopped run from a finished one and starts it again.
-Multi-host: TPU VMs, SLURM and Open MPI
+Multi-host: TPU VMs, SLURM and Open MPI 4
 are detected from the environment; any other launcher passes --coordinator_address,
 --num_processes and --process_id (see videoldm_jax/distributed.py and launch/).
 """

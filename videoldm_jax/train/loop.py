@@ -37,6 +37,7 @@ from videoldm_jax.stages import base
 from videoldm_jax.stages.base import StageSetup
 from videoldm_jax.train import flops as flops_lib
 from videoldm_jax.train import frozen as frozen_lib
+from videoldm_jax.train import optim as optim_lib
 from videoldm_jax.train import perf
 from videoldm_jax.train import step as step_lib
 from videoldm_jax.train.checkpointing import Checkpointer, PreemptionGuard
@@ -256,6 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if value is not None and value < 1:  # (keep=None: Orbax keeps every checkpoint)
       raise ValueError(f"config.train.{field}={value}: expected >= 1")
   step_lib.check_ema_decay(config.optim.ema_decay)
+  for field in ("optim", "disc_optim"):  # (the stages' optimisers check them again)
+    if field in config:
+      optim_lib.check_settings(config[field], field)
   workdir.mkdir(parents=True, exist_ok=True)
   with _checkpointer(config, workdir) as ckpt:  # closed on errors too
     return _train_and_evaluate(config, workdir, ckpt, max_in_flight)
