@@ -230,6 +230,52 @@ def test_attention_path_follows_implementation_and_target_platform():
     attention_lib.set_implementation("auto")
 
 
+def test_each_path_of_dot_product_attention_is_the_formula(monkeypatch):
+  # The paths' layouts ((b h) rows on CPU, b h on accelerators, the kernel's b l h d)
+  # against "plain", forward and backward; batch 2 x 2 heads tell (b h) from (h b).
+  rng = np.random.default_rng(4)
+  q, k, v, g = (jnp.asarray(rng.standard_normal((2, 512, 32), np.float32))
+                for _ in range(4))
+  loss = lambda q, k, v: jnp.vdot(attention_lib.dot_product_attention(q, k, v, 2), g)
+  # (traced anew for each implementation: a jitted function keeps its first trace)
+  run = lambda *a: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*a)
+  before = attention_lib.implementation()
+  try:
+    attention_lib.set_implementation("plain")
+    want = run(q, k, v)
+    paths = [("blocked", "cpu", "blocked"), ("blocked", "tpu", "blocked")]
+    if attention_lib.use_native():
+      paths.append(("auto", "cpu", "native"))
+    for name, platform, path in paths:
+      attention_lib.set_implementation(name, platform)
+      assert attention_lib.attention_path(512, 512) == path
+      got = run(q, k, v)
+      for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"{name} {platform}")
+    # A mask is applied (by the formula, whatever the implementation: the kernels take
+    # none): where(mask, logits, -inf) per head, written out in NumPy.
+    attention_lib.set_implementation("auto")
+    mask = rng.random((2, 512, 512)) < 0.5
+    mask[:, :, 0] = True  # every query keeps one key
+    out = attention_lib.dot_product_attention(q, k, v, 2, jnp.asarray(mask))
+    qh, kh, vh = (np.asarray(x, np.float64).reshape(2, 512, 2, 16) for x in (q, k, v))
+    logits = np.einsum("blhd,bshd->bhls", qh, kh) / 4.0
+    logits = np.where(mask[:, None], logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = np.einsum("bhls,bshd->blhd", w / w.sum(-1, keepdims=True), vh).reshape(2, 512, 32)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # Without the C++ kernel (no compiler; VIDEOLDM_JAX_NATIVE=0), long attention on a
+    # CPU takes the blocked loop, short the formula.
+    monkeypatch.setattr(attention_lib.native_lib, "available", lambda: False)
+    assert attention_lib.attention_path(512, 512) == "blocked"
+    assert attention_lib.attention_path(8, 8) == "formula"
+    # Splash takes long attention only: 128 x 128 logits stay with the formula.
+    attention_lib.set_implementation("splash", "tpu")
+    assert attention_lib.attention_path(128, 128) == "formula"
+  finally:
+    attention_lib.set_implementation(*before)
+
+
 def test_cudnn_takes_what_its_fused_attention_trains_on(monkeypatch):
   # Its rules, on a stand-in for the first device of an NVIDIA host (this one has none):
   # bf16 / fp16, head dims multiples of 8 up to 128 (256 from compute capability 9.0),
