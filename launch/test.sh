@@ -7,7 +7,7 @@
 #   bash launch/test.sh tests/test_eval.py  # only the tests named (paths from the checkout)
 #   TEST_WORKERS=1 bash launch/test.sh  # one process (default: 2 pytest-xdist workers)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." >/dev/null  # (a CDPATH lookup prints the folder)
 WORKERS=${TEST_WORKERS:-2}
 case $WORKERS in
   auto | [1-9] | [1-9][0-9]) ;;
@@ -15,9 +15,7 @@ case $WORKERS in
 esac
 # shellcheck source=launch/venv.sh
 . launch/venv.sh
-ensure_venv test.sh
-echo "[test.sh] installing .[test]" >&2
-python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+install_package test.sh test
 export JAX_PLATFORMS=cpu
 # Two workers, one test file each at a time (module fixtures are built once): most of a
 # test's time is XLA compiling on one thread, so two of them fill two cores; 22 instead

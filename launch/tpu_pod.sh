@@ -153,6 +153,6 @@ fi
 # 3. Install (a venv per worker) and 4. run everywhere; --worker=all streams every
 # worker's output, prefixed by gcloud with the worker's address.
 run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
-  "cd $q_dir && if ! $q_python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo \"\$(hostname): $q_python is not Python >= 3.11; set REMOTE_PYTHON\" >&2; exit 1; fi && if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then $q_python -m venv --clear .venv; fi && . .venv/bin/activate && pip install -q -e '.[$EXTRAS]'"
+  "cd $q_dir && if ! $q_python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo \"\$(hostname): $q_python is not Python >= 3.11; set REMOTE_PYTHON\" >&2; exit 1; fi && if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || ! .venv/bin/python -m pip --version >/dev/null 2>&1 || [ ! -f .venv/bin/activate ]; then $q_python -m venv --clear .venv; fi && . .venv/bin/activate && python -m pip install -q -e '.[$EXTRAS]'"
 run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
   "cd $q_dir && . .venv/bin/activate && $remote_cmd"

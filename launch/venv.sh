@@ -1,4 +1,34 @@
-# Sourced by launch/test.sh and launch/demo.sh: ensure_venv TAG creates .venv with
+# Sourced by launch/test.sh and launch/demo.sh.
+#
+# install_package TAG EXTRA [COVERED_BY...]: `ensure_venv TAG`, then `pip install -e
+# .[EXTRA]` into it, both under the lock .venv.lock: two scripts started together
+# created one .venv at once (the second cleared the first's half-made folder). The
+# install is skipped when this setup.py was installed with EXTRA, or with an extra in
+# COVERED_BY that holds it, already: an editable reinstall removes the package and its
+# console scripts for seconds, and a demo running beside test.sh then lost them.
+install_package() {
+  local tag=$1 extra=$2 setup stamp=.venv/videoldm-jax-installed name
+  shift 2
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>>.venv.lock
+    flock 9
+  fi
+  ensure_venv "$tag"
+  setup=$(sha256sum setup.py | cut -d' ' -f1)
+  for name in "$extra" "$@"; do
+    if grep -qxF "$setup $name" "$stamp" 2>/dev/null; then
+      echo "[$tag] videoldm_jax is installed (.[$name], this setup.py)" >&2
+      exec 9>&-
+      return 0
+    fi
+  done
+  echo "[$tag] installing .[$extra]" >&2
+  python -m pip install --quiet --disable-pip-version-check -e ".[$extra]"
+  echo "$setup $extra" >>"$stamp"
+  exec 9>&-  # (releases the lock)
+}
+
+# ensure_venv TAG creates .venv with
 # $PYTHON (default python3) when it is missing or broken, then activates it. Broken:
 # no working `python -m pip` (a creation that failed half-way, e.g. without Debian's
 # python3-venv; a base interpreter since removed), a Python older than 3.11 (the pinned
