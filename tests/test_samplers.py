@@ -75,13 +75,17 @@ def test_ddim_step_matches_diffusers(torch_cpu, kind, t, alpha_to_one, eta):
 
 def test_ddim_step_clip_and_per_example_t(torch_cpu):
   torch = torch_cpu
-  ref = _ref("DDIMScheduler", clip_sample=True, clip_sample_range=0.5)
-  ref.set_timesteps(10)
   out, x = _randn(3), _randn(4)
-  expected = ref.step(torch.from_numpy(out), 900, torch.from_numpy(x)).prev_sample
   s = schedules.make_schedule("scaled_linear")
+  # eps is worked out before x0 is clipped, for every parametrisation (as diffusers).
+  for kind in KINDS:
+    ref = _ref("DDIMScheduler", clip_sample=True, clip_sample_range=0.5, prediction_type=kind)
+    ref.set_timesteps(10)
+    expected = ref.step(torch.from_numpy(out), 900, torch.from_numpy(x)).prev_sample
+    got = samplers.ddim_step(s, jnp.asarray(out), 900, 800, jnp.asarray(x), kind,
+                             clip_sample=0.5)
+    assert max_rel_err(got, expected.numpy()) < 1e-6, kind
   ours = samplers.ddim_step(s, jnp.asarray(out), 900, 800, jnp.asarray(x), clip_sample=0.5)
-  assert max_rel_err(ours, expected.numpy()) < 1e-6
   # Per-example times: each example steps from its own t to its own t_prev, as a
   # call with that example alone does.
   t, t_prev = jnp.array([900, 500]), jnp.array([800, 400])  # SHAPE: a batch of 2
@@ -312,6 +316,11 @@ def test_guided_denoise_fn_batches_both_branches():
   np.testing.assert_array_equal(samplers.guided_denoise_fn(model, cond, uncond, 1.0)(x, t),
                                 model(x, t, cond))
   assert calls == [2, 2]  # scale 1 skips the unconditional branch
+  for scale in (0.0, 0.5):  # below 1 too the combination (0: the unconditional output)
+    np.testing.assert_allclose(
+        samplers.guided_denoise_fn(model, cond, uncond, scale)(x, t),
+        samplers.classifier_free_guidance(model(x, t, uncond), model(x, t, cond), scale),
+        rtol=1e-6)
 
 
 def test_sample_argument_errors():
@@ -327,6 +336,15 @@ def test_sample_argument_errors():
   with pytest.raises(ValueError, match=r"timesteps \[1000\] lie outside the schedule's "
                      r"\[0, 1000\)"):
     samplers.sample(lambda x, t: x, x, s, 1000, "ddim", progress=False, steps_offset=1)
+  with pytest.raises(ValueError, match=r"timesteps \[-3\] lie outside"):
+    samplers.sample(lambda x, t: x, x, s, 2, "ddim", progress=False, timesteps=[500, -3])
+  # Given timesteps that rise ran the process forwards: DDPM all NaN, the others garbage.
+  for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+    with pytest.raises(ValueError, match="timesteps must descend .* 1 is followed by 500"):
+      samplers.sample(lambda x, t: x, x, s, 3, sampler, progress=False,
+                      timesteps=[999, 1, 500], key=jax.random.key(0))
+  # (DDIM / DDPM may repeat one: a step that changes nothing.)
+  assert samplers.timestep_grid(1000, 3, "ddim", timesteps=[500, 500, 1]) == [500, 500, 1]
 
 
 def test_sample_options_refuse_non_finite_scales():

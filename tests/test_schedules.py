@@ -101,6 +101,9 @@ def test_schedule_from_diffusers_config(torch_cpu):
   np.testing.assert_allclose(np.asarray(empty_schedule.betas),
                              diffusers.DDIMScheduler().betas.numpy(), rtol=0, atol=1e-8)
   assert empty.final_alpha_cumprod == 1.0 and defaults.set_alpha_to_one
+  # clip_sample left out is off; on without a clip_sample_range, diffusers' 1.0.
+  assert empty.clip_sample is None
+  assert schedules.schedule_from_diffusers_config({"clip_sample": True})[1].clip_sample == 1.0
 
 
 @pytest.mark.parametrize("field,value", [
@@ -162,6 +165,9 @@ def test_parametrisations_are_consistent(kind):
   np.testing.assert_allclose(param.to_eps(pred, x_t, alpha, sigma, kind), eps, atol=1e-5)
   np.testing.assert_allclose(param.to_v(pred, x_t, alpha, sigma, kind),
                              alpha * eps - sigma * x0, atol=1e-5)
+  for dst in param.PREDICTION_TYPES:
+    np.testing.assert_allclose(param.convert(pred, x_t, alpha, sigma, kind, dst),
+                               param.target(dst, x0, eps, alpha, sigma), atol=1e-5)
   with pytest.raises(ValueError, match="prediction_type"):
     param.to_x0(pred, x_t, alpha, sigma, "flow")
 

@@ -220,7 +220,7 @@ def timestep_grid(num_train: int, num_steps: int, sampler: str = "ddim",
                   timesteps=None, alphas_cumprod=None,
                   prediction_type: str = "epsilon") -> list[int]:
   """The timesteps `sample` visits (`timesteps` itself when given), checked: each in
-  [0, num_train) (a gather past the schedule clamps silently); for dpmpp_2m, none
+  [0, num_train) (a gather past the schedule clamps silently), descending; for dpmpp_2m, none
   repeated (a step of h = 0: the next 2nd-order step divides by it); with the schedule's
   `alphas_cumprod` (T,), that an epsilon model's DDIM/DDPM does not start where abar is
   0. ValueError otherwise, so a caller can check a run's step counts before sampling
@@ -234,6 +234,12 @@ def timestep_grid(num_train: int, num_steps: int, sampler: str = "ddim",
   if bad:
     raise ValueError(f"timesteps {bad} lie outside the schedule's [0, {num_train}); lower "
                      "steps_offset or num_steps")
+  rising = [(a, b) for a, b in zip(timesteps, timesteps[1:]) if a < b]
+  if rising:
+    # Each step goes from one entry to the next: an ascending pair runs the process
+    # forwards (DDPM's posterior variance goes negative: all NaN).
+    raise ValueError(f"timesteps must descend (noisy to clean); {rising[0][0]} is "
+                     f"followed by {rising[0][1]}")
   if sampler == "dpmpp_2m" and len(set(timesteps)) != len(timesteps):
     raise ValueError(f"dpmpp_2m: the timestep grid of {len(timesteps)} steps repeats "
                      f"timesteps ({timestep_spacing or 'linspace'} spacing over "
