@@ -221,6 +221,8 @@ def test_pickle_checkpoints_are_refused_with_instructions(tmp_path):
   ckpt.write_bytes(b"\x80\x04not really")
   with pytest.raises(PickleRefused, match=r"safetensors.*weights_only=True"):
     pipeline_import.from_single_file(ckpt, "sd15")
+  with pytest.raises(PickleRefused, match=r"v1-5.ckpt: refusing a pickle checkpoint"):
+    load_safetensors(ckpt)  # (the reader itself, not only its callers)
   folder = tmp_path / "pipe"
   for sub in ("unet", "vae"):
     (folder / sub).mkdir(parents=True)
