@@ -194,7 +194,9 @@ def guided_denoise_fn(model_fn: Callable, cond, uncond, scale: float) -> Denoise
   """Wraps model_fn(x (B, ...), t (B,), c) -> output (B, ...) into denoise_fn(x, t) that
   evaluates the conditional and unconditional branches in ONE forward pass of batch 2B.
   cond / uncond are pytrees of arrays with leading dim B (e.g. text embeddings). With
-  scale == 1 the unconditional pass is skipped."""
+  scale == 1 the unconditional pass is skipped. Scales below 1 combine the branches
+  too (0: the unconditional output), where diffusers' pipelines take the conditional
+  output alone for any scale <= 1."""
   if isinstance(scale, (int, float)) and scale == 1.0:
     return lambda x, t: model_fn(x, t, cond)
   both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
