@@ -159,6 +159,59 @@ def test_uneven_source_gives_every_process_the_same_count():
   assert sorted(np.concatenate(shares).tolist()) == list(range(12))
 
 
+def test_the_last_partial_batch_is_dropped_unless_asked_for():
+  # 10 clips in batches of 4: 8 clips per epoch by default, all 10 with the remainder.
+  kw = dict(seed=0, batch_size=4, num_frames=2, height=8, width=8, num_epochs=1,
+            process_index=0, process_count=1)
+  sizes = lambda **more: [len(b["source_index"]) for b in make_video_dataset(
+      _list_source(n=10), **kw, **more)]
+  assert sizes() == [4, 4] and sizes(drop_remainder=False) == [4, 4, 2]
+
+
+def test_state_of_a_two_process_run_resumes_it():
+  # The state records the global batch (2 processes x 2): a run resumed with the same
+  # processes continues where it stopped.
+  from videoldm_jax.data.inputs import ShareIterator
+  src = _list_source()
+
+  def share(pi):
+    return ShareIterator(iter(make_video_dataset(src, seed=0, batch_size=2, num_frames=2,
+                                                 height=8, width=8, process_index=pi,
+                                                 process_count=2)), 2, 2)
+  for pi in range(2):
+    run = share(pi)
+    next(run)
+    state = json.loads(json.dumps(run.get_state()))
+    assert state["global_batch"] == 4
+    resumed = share(pi)
+    resumed.set_state(state)
+    _assert_batches_equal(next(resumed), next(run))
+
+
+def test_trainer_reads_its_process_share_of_a_video_dataset(tfds_dir, tmp_path, monkeypatch):
+  # make_iterator gives each of 2 processes its half of the global batch (data.batch_size
+  # is global): together the batch one process reads alone.
+  import importlib
+
+  import jax
+  from jax.experimental import multihost_utils
+
+  from videoldm_jax.data import inputs
+  config = importlib.import_module("configs.keyframe_tiny").get_config()
+  config.data.update(kind="tfds", tfds_name="procedural_driving/tiny", data_dir=tfds_dir,
+                     batch_size=4, num_frames=2, height=16, width=16)
+  whole = next(inputs.make_iterator(config, tmp_path, {}))["source_index"]
+  monkeypatch.setattr(jax, "process_count", lambda *a: 2)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda *a: None)
+  halves = []
+  for pi in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda *a, _pi=pi: _pi)
+    it = inputs.make_iterator(config, tmp_path, {})
+    halves.append(next(it)["source_index"])
+    assert it.get_state()["global_batch"] == 4
+  np.testing.assert_array_equal(np.concatenate(halves), whole)
+
+
 def test_default_process_index_comes_from_jax(monkeypatch):
   ds = make_video_dataset(_list_source(), seed=0, batch_size=2, num_frames=2, height=H_LIST,
                           width=W_LIST)
@@ -306,6 +359,14 @@ def test_image_only_flags_follow_image_fraction(fraction):
     assert len(set(frames.ravel().tolist())) > 5, frames
 
 
+def test_image_examples_draw_any_frame_of_the_clip():
+  # Channel 0 holds the frame number: the first and the last frame both come up.
+  ds = make_video_dataset(_list_source(), seed=0, batch_size=16, num_frames=1, height=8,
+                          width=8, image_fraction=1.0, process_index=0, process_count=1)
+  frames = {int(x) for b in _take(ds, 4) for x in b["video"][:, 0, 0, 0, 0]}
+  assert {0, L_LIST - 1} <= frames, frames
+
+
 def test_short_clips_are_replaced_deterministically_with_a_warning(caplog):
   """A clip shorter than num_frames at frame_stride needs is replaced by another, drawn
   from the example's own random stream: the same on every run, none too short."""
@@ -353,6 +414,12 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="process_index < process_count"):
     make_video_dataset(src, seed=0, batch_size=1, num_frames=2, height=8, width=8,
                        process_index=2, process_count=2)
+  # (stride 0 failed only when read, "slice step cannot be zero"; 1.5 was taken)
+  for bad, said in ((dict(frame_stride=0), "frame_stride must be >= 1, got 0"),
+                    (dict(image_fraction=1.5), r"image_fraction must be in \[0, 1\], got 1.5")):
+    with pytest.raises(ValueError, match=f"make_video_dataset: {said}"):
+      make_video_dataset(src, seed=0, batch_size=1, num_frames=2, height=8, width=8,
+                         process_index=0, process_count=1, **bad)
   too_long = make_video_dataset(src, seed=0, batch_size=1, num_frames=L_LIST + 1, height=8,
                                 width=8, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r"source example \d+ has 10 frames, fewer than "
