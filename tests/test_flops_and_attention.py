@@ -269,6 +269,9 @@ def test_each_path_of_dot_product_attention_is_the_formula(monkeypatch):
     monkeypatch.setattr(attention_lib.native_lib, "available", lambda: False)
     assert attention_lib.attention_path(512, 512) == "blocked"
     assert attention_lib.attention_path(8, 8) == "formula"
+    with pytest.raises(ValueError, match="keys of batch 3 for queries of batch 2; expected "
+                       "the same or 1"):
+      attention_lib.dot_product_attention(q, k[:1].repeat(3, 0), v[:1].repeat(3, 0), 2)
     # Splash takes long attention only: 128 x 128 logits stay with the formula.
     attention_lib.set_implementation("splash", "tpu")
     assert attention_lib.attention_path(128, 128) == "formula"

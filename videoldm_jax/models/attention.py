@@ -181,6 +181,10 @@ def dot_product_attention(q_BxLxD: jax.Array, k_BxSxD: jax.Array, v_BxSxD: jax.A
   """
   if q_BxLxD.ndim == 4:
     return _attention_per_sequence(q_BxLxD, k_BxSxD, v_BxSxD, num_heads, mask_BxLxS)
+  if k_BxSxD.shape[0] not in (1, q_BxLxD.shape[0]):
+    raise ValueError(f"dot_product_attention: keys of batch {k_BxSxD.shape[0]} for "
+                     f"queries of batch {q_BxLxD.shape[0]}; expected the same or 1 (one "
+                     "context shared by the batch)")
   if k_BxSxD.shape[0] != q_BxLxD.shape[0]:
     # One context for the whole batch (B = 1 keys): the formula's einsum broadcast it,
     # the kernels index keys by the queries' batch and must see it repeated.
