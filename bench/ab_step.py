@@ -140,6 +140,19 @@ def interleaved_times(run_a, run_b, rounds: int, steps: int,
   return per_round
 
 
+def summary(times_a, times_b, gflop_a: float, gflop_b: float) -> dict:
+  """The record's figures from per-round seconds of A and B (`interleaved_times`) and
+  each variant's model GFLOP per step: medians, the median / min / max of the per-round
+  ratios B / A (a round's two variants ran back to back, so their ratio is the figure
+  least moved by the machine's drift), and the FLOP ratio beside them."""
+  ratios = [b / a for a, b in zip(times_a, times_b)]
+  return dict(a_model_gflop=gflop_a, b_model_gflop=gflop_b,
+              flops_b_over_a=gflop_b / gflop_a, a_step_s=float(np.median(times_a)),
+              b_step_s=float(np.median(times_b)), b_over_a=float(np.median(ratios)),
+              b_over_a_min=float(min(ratios)), b_over_a_max=float(max(ratios)),
+              a_round_s=list(times_a), b_round_s=list(times_b))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workload", default="W2")
@@ -171,14 +184,9 @@ def main():
       run()
     runners.append(run)
   times_a, times_b = interleaved_times(*runners, rounds=args.rounds, steps=args.steps)
-  ratios = [b / a for a, b in zip(times_a, times_b)]
   emit(dict(bench="ab_step", workload=args.workload, stage=args.stage, mode=modes[0],
-            mode_b=modes[1], a=args.a, b=args.b, a_model_gflop=gflop[0],
-            b_model_gflop=gflop[1], flops_b_over_a=gflop[1] / gflop[0],
-            a_step_s=float(np.median(times_a)),
-            b_step_s=float(np.median(times_b)), b_over_a=float(np.median(ratios)),
-            b_over_a_min=float(min(ratios)), b_over_a_max=float(max(ratios)),
-            a_round_s=times_a, b_round_s=times_b, rounds=args.rounds, steps=args.steps,
+            mode_b=modes[1], a=args.a, b=args.b, **summary(times_a, times_b, *gflop),
+            rounds=args.rounds, steps=args.steps,
             a_compile_s=compile_s[0], b_compile_s=compile_s[1],
             peak_host_rss_bytes=peak_host_rss_bytes(), jax=jax.__version__,
             cpus=os.cpu_count()))

@@ -14,7 +14,9 @@ Each step, for a batch of clips `video` uint8 (B, T, H, W, 3):
      cut from the clip and from c: training runs on patches, sampling on full frames
      with the same weights (the UNet is fully convolutional);
   4. latent space only: both go through the frozen VAE (x0 a posterior sample, c the
-     mean);
+     mean). The patch is encoded alone, so near its edges the encoder sees less
+     surround than it does encoding the whole frame at sampling (in pixel space the
+     cond is exactly the sampled one's);
   5. the usual denoising loss on x0 with tau per video, v-prediction by default.
 
 mode 'full' trains the whole UNet, mode 'temporal' only phi with theta taken from an
