@@ -26,6 +26,19 @@ def test_interleaved_times_alternate_and_time_each_variant():
   assert all(t >= 0 for t in times_a) and min(times_b) > max(times_a)
 
 
+def test_summary_ratios_are_per_round():
+  # Rounds of 1, 2 and 4 s for A (the machine drifting), B 10% slower in each: the
+  # per-round ratios are all 1.1, although B's median (2.2) / A's median (2) is too
+  # and A's mean (7/3) is not; the FLOP ratio stands beside them.
+  s = ab_step.summary([1.0, 2.0, 4.0], [1.1, 2.2, 4.4], gflop_a=30.0, gflop_b=20.0)
+  assert s["a_step_s"] == 2.0 and s["b_step_s"] == pytest.approx(2.2)
+  assert s["b_over_a"] == pytest.approx(1.1) and s["flops_b_over_a"] == pytest.approx(2 / 3)
+  # Ratios 0.5, 1.0, 3.0: median 1.0, min 0.5, max 3.0 (their mean, 1.5, is not used).
+  s = ab_step.summary([2.0, 1.0, 1.0], [1.0, 1.0, 3.0], 1.0, 1.0)
+  assert (s["b_over_a"], s["b_over_a_min"], s["b_over_a_max"]) == (1.0, 0.5, 3.0)
+  assert s["a_round_s"] == [2.0, 1.0, 1.0] and s["b_round_s"] == [1.0, 1.0, 3.0]
+
+
 def test_variants_restore_what_they_switch():
   from videoldm_jax.models import layers
   # Everything a variant may switch: the attention choice, the patched module
