@@ -33,10 +33,12 @@ def test_summary_ratios_are_per_round():
   s = ab_step.summary([1.0, 2.0, 4.0], [1.1, 2.2, 4.4], gflop_a=30.0, gflop_b=20.0)
   assert s["a_step_s"] == 2.0 and s["b_step_s"] == pytest.approx(2.2)
   assert s["b_over_a"] == pytest.approx(1.1) and s["flops_b_over_a"] == pytest.approx(2 / 3)
-  # Ratios 0.5, 1.0, 3.0: median 1.0, min 0.5, max 3.0 (their mean, 1.5, is not used).
-  s = ab_step.summary([2.0, 1.0, 1.0], [1.0, 1.0, 3.0], 1.0, 1.0)
-  assert (s["b_over_a"], s["b_over_a_min"], s["b_over_a_max"]) == (1.0, 0.5, 3.0)
-  assert s["a_round_s"] == [2.0, 1.0, 1.0] and s["b_round_s"] == [1.0, 1.0, 3.0]
+  # One disturbed round of B: ratios 3.0, 1.1, 1.1, median 1.1 (min 1.1, max 3.0); the
+  # ratio of the medians would say 3.0 / 2.0 = 1.5.
+  s = ab_step.summary([1.0, 2.0, 4.0], [3.0, 2.2, 4.4], 1.0, 1.0)
+  assert s["b_over_a"] == pytest.approx(1.1) and s["b_step_s"] == 3.0
+  assert (s["b_over_a_min"], s["b_over_a_max"]) == (pytest.approx(1.1), 3.0)
+  assert s["a_round_s"] == [1.0, 2.0, 4.0] and s["b_round_s"] == [3.0, 2.2, 4.4]
 
 
 def test_variants_restore_what_they_switch():
