@@ -2,19 +2,21 @@
 #
 # install_package TAG EXTRA [COVERED_BY...]: `ensure_venv TAG`, then `pip install -e
 # .[EXTRA]` into it, both under the lock .venv.lock: two scripts started together
-# created one .venv at once (the second cleared the first's half-made folder). The
-# install is skipped when this setup.py was installed with EXTRA, or with an extra in
-# COVERED_BY that holds it, already: an editable reinstall removes the package and its
-# console scripts for seconds, and a demo running beside test.sh then lost them.
+# created one .venv at once (the second cleared the first's half-made folder). An
+# editable reinstall removes the package and its console scripts for seconds (a demo
+# running beside test.sh lost them), so the stamp .venv/videoldm-jax-installed records
+# what was installed from which setup.py: nothing is done when this setup.py was
+# installed with EXTRA, or with an extra in COVERED_BY that holds it; only EXTRA's
+# requirements when it was installed with another extra; `pip install -e` otherwise.
 install_package() {
-  local tag=$1 extra=$2 setup stamp=.venv/videoldm-jax-installed name
+  local tag=$1 extra=$2 setup stamp=.venv/videoldm-jax-installed name reqs
   shift 2
   if command -v flock >/dev/null 2>&1; then
     exec 9>>.venv.lock
     flock 9
   fi
   ensure_venv "$tag"
-  setup=$(sha256sum setup.py | cut -d' ' -f1)
+  setup=$(python -c 'import hashlib, sys; print(hashlib.sha256(open("setup.py", "rb").read()).hexdigest())')
   for name in "$extra" "$@"; do
     if grep -qxF "$setup $name" "$stamp" 2>/dev/null; then
       echo "[$tag] videoldm_jax is installed (.[$name], this setup.py)" >&2
@@ -22,8 +24,26 @@ install_package() {
       return 0
     fi
   done
-  echo "[$tag] installing .[$extra]" >&2
-  python -m pip install --quiet --disable-pip-version-check -e ".[$extra]"
+  if grep -q "^$setup " "$stamp" 2>/dev/null; then
+    echo "[$tag] installing the requirements of .[$extra]" >&2
+    reqs=$(python - "$extra" <<'PY'
+import importlib.metadata as md, sys
+for r in md.requires("videoldm_jax") or []:
+  req, _, marker = r.partition(";")
+  if marker.replace("'", '"').split() == ["extra", "==", f'"{sys.argv[1]}"']:
+    print(req.strip())
+PY
+)
+    local -a each=()
+    [ -z "$reqs" ] || mapfile -t each <<<"$reqs"  # (one per line; unquoted, 1.* globs)
+    [ "${#each[@]}" = 0 ] ||
+      python -m pip install --quiet --disable-pip-version-check "${each[@]}"
+  else
+    echo "[$tag] installing .[$extra]" >&2
+    python -m pip install --quiet --disable-pip-version-check -e ".[$extra]"
+    # Another setup.py's lines no longer hold (a branch switched back and forth).
+    : >"$stamp"
+  fi
   echo "$setup $extra" >>"$stamp"
   exec 9>&-  # (releases the lock)
 }
