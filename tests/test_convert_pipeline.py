@@ -247,7 +247,14 @@ def test_truncated_safetensors_is_a_clear_error(sd_pipeline, tmp_path):
   import struct
   for header, said in (([1, 2], "the header is a JSON list, expected an object"),
                        ({"a": {"dtype": "F32", "shape": [1]}}, "tensor a: expected an object "
-                        "with dtype, shape and data_offsets")):
+                        "with dtype, shape"),
+                       # (unpacking / slicing / reshape errors naming no file)
+                       ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2, 4]}},
+                        "tensor a: expected"),
+                       ({"a": {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 4]}},
+                        "tensor a: expected"),
+                       ({"a": {"dtype": "F32", "shape": 1, "data_offsets": [0.0, 4.0]}},
+                        "tensor a: expected")):
     text = json.dumps(header).encode()
     bad.write_bytes(struct.pack("<Q", len(text)) + text + bytes(4))
     with pytest.raises(ValueError, match=f"bad.safetensors: not a safetensors file \\({said}"):

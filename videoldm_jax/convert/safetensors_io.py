@@ -72,9 +72,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   for key, info in header.items():
     if key == "__metadata__":
       continue
-    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()
+            and _whole_numbers(info["shape"], None) and _whole_numbers(info["data_offsets"], 2)):
       raise ValueError(f"{path}: not a safetensors file (tensor {key}: expected an object "
-                       f"with dtype, shape and data_offsets, got {info!r:.200})")
+                       "with dtype, shape (whole numbers >= 0) and data_offsets (two), got "
+                       f"{info!r:.200})")
     if info["dtype"] not in _DTYPES:
       raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
@@ -85,6 +87,12 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                        "byte size (truncated download?)")
     out[key] = data[start:end].view(dtype).reshape(info["shape"])
   return out
+
+
+def _whole_numbers(value, length) -> bool:
+  """Whether `value` is a list of `length` (None: any number of) integers >= 0."""
+  return (isinstance(value, list) and (length is None or len(value) == length)
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
 
 
 def find_weights(folder: str | os.PathLike, stem: str) -> Path:
