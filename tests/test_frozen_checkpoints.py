@@ -188,6 +188,18 @@ def test_stage_without_frozen_parameters_resumes_in_every_layout(layout, tmp_pat
   restored, _, digests = frozen_lib.restore(ck, 1, target, _no_init, stage.is_trainable)
   _assert_bitwise(restored, state)
   assert digests == {}
+  if layout == "default":
+    # Resumed with a frozen leaf the run had none of (the perceptual term switched on
+    # since): named, not a pytree structure error.
+    more = {**params, "lpips": {"k": np.ones(2, np.float32)}}
+    frozen_too = step_lib.Stage("more", lambda p: p[0] == "vae", stage.loss_fn)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), more)
+    shardings = step_lib.state_shardings({"vae": {"w": rep}, "lpips": {"k": rep}},
+                                         frozen_too, tx, abstract, mesh)
+    target = step_lib.abstract_state(step_lib.abstract_train_state(abstract, frozen_too, tx),
+                                     shardings)
+    with pytest.raises(ValueError, match=r"loaded but not trained with: \['lpips/k'\]"):
+      frozen_lib.restore(ck, 1, target, lambda need: more, frozen_too.is_trainable)
 
 
 @pytest.mark.parametrize("name", ["keyframe_tiny", "decoder_tiny", "upsampler_tiny",

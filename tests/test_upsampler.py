@@ -3,6 +3,7 @@ training on patches, full-frame sampling with the same weights, the export forma
 theta from an image upsampler, latent space, and the trainer loop with resume."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -226,6 +227,18 @@ def test_export_round_trip(trained, tmp_path):
   index.write_text(index.read_text().replace('"noise_level": 7', '"noise_level": 999'))
   with pytest.raises(ValueError, match=r"noise_level must be in \[0, max_noise_level=300\)"):
     um.load(tmp_path / "nearest", read_params=False)
+  # Damaged ones are named with the file (were a bare KeyError / TypeError).
+  saved = json.loads(index.read_text())
+  for change, said in (({"unet": None}, r"'unet' must be an object"),
+                       ({"foo": 1}, r"unknown UpsamplerConfig fields \['foo'\]"),
+                       ({"scale": "4"}, r"UpsamplerConfig.scale='4': expected int"),
+                       ({"scheduler": [1]}, r"UpsamplerConfig.scheduler=\[1\]: expected dict")):
+    index.write_text(json.dumps({**saved, **change}))
+    with pytest.raises(ValueError, match=rf"{um.INDEX}: {said}"):
+      um.load(tmp_path / "nearest", read_params=False)
+  # A save with other parameter trees than the space needs is refused.
+  with pytest.raises(ValueError, match=r"must hold exactly \['unet'\], got \['unet', 'vae'\]"):
+    um.save(tmp_path / "extra", um.PretrainedUpsampler(config, {**trained["params"], "vae": {}}))
 
 
 def test_upsampler_config_checks_and_helpers_by_hand(trained):

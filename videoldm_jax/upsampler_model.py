@@ -41,6 +41,7 @@ import numpy as np
 from videoldm_jax import pretrained
 from videoldm_jax.diffusion.schedules import (NoiseSchedule, SamplingConfig,
                                               schedule_from_diffusers_config)
+from videoldm_jax.models import config_base
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.temporal import TemporalConfig
@@ -151,7 +152,11 @@ class UpsamplerConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any], source: str = "config") -> "UpsamplerConfig":
-    d = dict(d)
+    """From `to_dict`'s JSON object; what does not fit is named with `source`."""
+    if not isinstance(d.get("unet"), dict):
+      raise ValueError(f"{source}: 'unet' must be an object (the UNet's config), got "
+                       f"{d.get('unet')!r:.100}")
+    d = dict(config_base.check_fields(cls, d, source))
     unet = UNetConfig.from_dict(d.pop("unet"), source)
     temporal, vae = d.pop("temporal", None), d.pop("vae", None)
     return cls(unet=unet,

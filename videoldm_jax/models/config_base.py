@@ -46,6 +46,8 @@ def _conforms(value, annotation) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
   if annotation is str:
     return isinstance(value, str)
+  if annotation is dict:
+    return isinstance(value, dict)
   return True
 
 
@@ -53,6 +55,26 @@ def _describe(annotation) -> str:
   if typing.get_origin(annotation) is None:
     return getattr(annotation, "__name__", str(annotation))
   return str(annotation).replace("typing.", "").replace("NoneType", "None")
+
+
+def check_fields(cls: type, d: dict[str, Any], source: str) -> dict[str, Any]:
+  """`d` (a JSON object) with lists made tuples, or ValueError naming `source` for keys
+  that are no fields of the dataclass `cls` and values of another type than the
+  field's (see `_conforms`)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; "
+                     f"expected a subset of {sorted(names)}")
+  values = {k: _frozen(v) for k, v in d.items()}
+  # A string for a number or a number for a list failed deep in the model (a
+  # TypeError in a reshape), or was taken ("1e-5" as an epsilon) and failed later.
+  hints = typing.get_type_hints(cls)
+  for k, v in values.items():
+    if not _conforms(v, hints[k]):
+      raise ValueError(f"{source}: {cls.__name__}.{k}={_jsonable(v)!r}: expected "
+                       f"{_describe(hints[k])}")
+  return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +86,7 @@ class JsonConfig:
 
   @classmethod
   def from_dict(cls: type[T], d: dict[str, Any], source: str = "config") -> T:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; "
-                       f"expected a subset of {sorted(names)}")
-    values = {k: _frozen(v) for k, v in d.items()}
-    # A string for a number or a number for a list failed deep in the model (a
-    # TypeError in a reshape), or was taken ("1e-5" as an epsilon) and failed later.
-    hints = typing.get_type_hints(cls)
-    for k, v in values.items():
-      if not _conforms(v, hints[k]):
-        raise ValueError(f"{source}: {cls.__name__}.{k}={_jsonable(v)!r}: expected "
-                         f"{_describe(hints[k])}")
-    return cls(**values)
+    return cls(**check_fields(cls, d, source))
 
   def replace(self: T, **kw) -> T:
     return dataclasses.replace(self, **kw)

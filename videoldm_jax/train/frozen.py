@@ -134,7 +134,10 @@ def restore(ckpt: Checkpointer, step: int, target: TrainState,
                                           "frozen_digests/"))
     raise ValueError(f"{where}: holds neither the frozen parameters nor their digests "
                      "(not written by videoldm-train?)")
-  frozen_host = _frozen_leaves(init_params, is_trainable) if saved else {}
+  # (No digests saved and none wanted: nothing to build. Frozen leaves the run had none
+  # of, e.g. LPIPS switched on since, are named by check_same.)
+  frozen_host = (_frozen_leaves(init_params, is_trainable)
+                 if saved or jax.tree_util.tree_leaves(target.frozen) else {})
   check_same(saved, leaf_digests(frozen_host), where)
   rest, data_state, _ = ckpt.restore(checkpoint_tree(target, False), step)
   frozen = step_lib.put_global(
