@@ -473,6 +473,7 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
       ('{"format": ', r"not a JSON file \(not valid JSON"),
       ("[1, 2]", "expected a JSON object, got a list"),
       (json.dumps(dict(ok, format_version="1")), "format_version '1', expected a whole"),
+      (json.dumps(dict(ok, format_version=-1)), "format_version -1, expected a whole"),
       (json.dumps(dict(ok, format_version=2)), "format_version 2 is newer"),
       (json.dumps({k: v for k, v in ok.items() if k != "unet"}), r"no \['unet'\] entries")):
     index.write_text(text)
