@@ -194,6 +194,31 @@ def test_each_step_draws_its_own_key():
   assert draws == want and draws[0] != draws[1]
 
 
+def test_exports_take_the_ema_or_the_trained_weights(tmp_path):
+  # export(weights="ema") writes EMA + frozen to step_N, "raw" the trained weights to
+  # step_N_raw; only the stage's writer (here: one that keeps what it is given) is not
+  # the trainer's own.
+  import types
+
+  from videoldm_jax.train import loop
+  state = step_lib.TrainState(
+      step=jnp.asarray(3, jnp.int32), trainable={"t": jnp.ones(2)}, frozen={"f": jnp.zeros(1)},
+      opt_state=(), ema={"t": jnp.full(2, 0.5)}, skipped=jnp.zeros((), jnp.int32))
+  written = []
+
+  def write(folder, params):
+    folder.mkdir(parents=True)
+    written.append(params)
+  setup = types.SimpleNamespace(export=write)
+  assert loop.export(tmp_path, setup, state, 3).name == "step_3"
+  assert loop.export(tmp_path, setup, state, 3, weights="raw").name == "step_3_raw"
+  assert (tmp_path / "export" / "step_3").is_dir() and len(written) == 2
+  ema, raw = written
+  for params, t in ((ema, 0.5), (raw, 1.0)):
+    np.testing.assert_array_equal(params["t"], [t, t])
+    np.testing.assert_array_equal(params["f"], [0.0])
+
+
 def test_gradient_accumulation_keeps_every_device_busy():
   """With the batch split over 4 devices, each microbatch has rows on all of them: the
   compiled step gathers nothing and each device's matmul takes B / (n * 4) rows."""
