@@ -390,6 +390,31 @@ def test_unet_config_fields_left_out_take_diffusers_defaults():
       defaults["block_out_channels"])
 
 
+def test_save_copies_every_tokenizer_file_and_load_checks_them(sd_pipeline, tmp_path):
+  # special_tokens_map.json (SD 2.x's pad token "!") and added_tokens.json (textual
+  # inversion) change the ids: a copy without them embeds prompts differently.
+  import shutil
+  _, root = sd_pipeline
+  tok = tmp_path / "tok"
+  shutil.copytree(root / "tok", tok)
+  vocab = json.loads((tok / "vocab.json").read_text())
+  (tok / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+  (tok / "added_tokens.json").write_text(json.dumps({"a</w>": vocab["a</w>"]}))
+  folder = pretrained.save(tmp_path / "model", pretrained.load(root / "converted"), tok)
+  assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == sorted(
+      p.name for p in tok.iterdir())
+  model, loaded = pretrained.load_with_tokenizer(folder)
+  source = CLIPTokenizer.from_folder(str(tok))
+  assert loaded.pad_token_id == source.pad_token_id == vocab["!"]
+  np.testing.assert_array_equal(loaded(["a cat!"]), source(["a cat!"]))
+  # A tokenizer edited after the save to ids past the text encoder's table is refused
+  # on load (all-NaN prompt embeddings otherwise).
+  n = model.text_config.vocab_size
+  (folder / "tokenizer" / "added_tokens.json").write_text(json.dumps({"<new>": n}))
+  with pytest.raises(ValueError, match=rf"{folder}.* token id {n}"):
+    pretrained.load_with_tokenizer(folder)
+
+
 def test_unet_config_fields_are_read_or_refused():
   # Fields no weight shape shows: each translated, or refused where we implement one value.
   from videoldm_jax.convert.diffusers_config import (unet_config_from_diffusers,
