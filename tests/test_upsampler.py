@@ -243,6 +243,10 @@ def test_export_round_trip(trained, tmp_path):
 
 def test_upsampler_config_checks_and_helpers_by_hand(trained):
   config = trained["model"]
+  # uint8 0 and 255 are -1 and 1 exactly; float input passes through.
+  np.testing.assert_array_equal(um.to_float(jnp.array([0, 255], jnp.uint8)), [-1.0, 1.0])
+  np.testing.assert_allclose(um.to_float(jnp.array([51], jnp.uint8)), [51 / 127.5 - 1.0],
+                             rtol=1e-6)
   levels = config.aug_levels()
   for bad, message in ((dict(noise_level=config.max_noise_level), "noise_level must be"),
                        (dict(max_noise_level=levels + 1), "max_noise_level must be in")):
@@ -280,6 +284,11 @@ def test_patches_take_every_offset_of_non_square_frames():
   window = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1)
   np.testing.assert_array_equal(p - p[:, :, :1, :1], np.broadcast_to(window, p.shape))
   np.testing.assert_array_equal(p[:, 0], p[:, 1])  # one window for all frames
+  # Rows and columns drawn independently: on square frames too, not only the diagonal.
+  square = jnp.asarray(np.broadcast_to(where[:16, :16], (64, 1, 16, 16, 2)))
+  (patches,) = upsampler.random_patches(jax.random.key(1), (square,), 8, 4)
+  corners = np.asarray(patches)[:, 0, 0, 0]
+  assert len({tuple(c) for c in corners.tolist()}) == 9  # all 3 x 3 offsets
 
 
 def test_the_stage_refuses_a_patch_the_unet_cannot_take(trained):
@@ -388,6 +397,14 @@ def test_latent_space_upsampler(tmp_path, monkeypatch):
   assert loss.shape == () and loss.dtype == jnp.float32
   assert encoded == [False, True]
   monkeypatch.undo()
+  # Decoding undoes the latent scaling (0.18215 here): the VAE's own reconstruction.
+  from videoldm_jax.models.vae import AutoencoderKL
+  frames = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 2, 16, 16, 3)),
+                       jnp.float32)
+  z = um.encode(model.vae, params["vae"], frames, None)
+  np.testing.assert_allclose(
+      um.decode(model.vae, params["vae"], z)[0],
+      AutoencoderKL(model.vae).apply({"params": params["vae"]}, frames[0]), atol=1e-5)
   lowres = np.zeros((1, 2, 8, 8, 3), np.uint8)
   out = upsampling.upsample(model, params, lowres, steps=1)
   assert out.shape == (1, 2, 32, 32, 3)

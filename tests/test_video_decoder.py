@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from videoldm_jax.models import discriminator as disc_lib
+from videoldm_jax.models.vae import kl_divergence
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models import partition
 from videoldm_jax.models import perceptual
@@ -372,3 +373,13 @@ def test_sampling_decodes_videos_with_the_models_video_decoder(video_params):
   # GroupNorm sums split otherwise, so equal to float32 rounding).
   np.testing.assert_allclose(np.asarray(sampling.decode(model, z[:, 0])),
                              np.asarray(frame_wise)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_kl_divergence_is_the_closed_form_per_example():
+  # KL(N(m, s^2) || N(0, 1)) = 0.5 (m^2 + s^2 - 1 - ln s^2) per value, summed per
+  # example: m = 1, s^2 = 2 over 12 values gives 12 * 0.5 * (2 - ln 2) = 7.8411.
+  mean = jnp.ones((2, 3, 4))
+  logvar = jnp.full((2, 3, 4), np.log(2.0))
+  np.testing.assert_allclose(kl_divergence(mean, logvar), [6 * (2 - np.log(2))] * 2,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(kl_divergence(jnp.zeros((1, 5)), jnp.zeros((1, 5))), [0.0])
