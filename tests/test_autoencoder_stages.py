@@ -240,6 +240,11 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   mean, logvar = vae.apply({"params": params["vae"]}, x, method=AutoencoderKL.encode)
   np.testing.assert_allclose(float(m["kl_loss"]), float(
       jnp.mean(kl_divergence(mean, logvar)) / np.prod(x.shape[1:])), rtol=1e-5)
+  # L1 of the decoded posterior sample z = mean + exp(logvar / 2) eps, eps from the key.
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(3), mean.shape)
+  rec = vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
+  np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
+                             rtol=1e-5)
 
   # The gradients of two outputs each: one jitted reverse pass per pair.
   conv_out = params["vae"]["decoder"]["conv_out"]
@@ -261,6 +266,11 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   d_total, d_only = jax.jit(jax.jacrev(total_and_d))(params["discriminator"])
   for a, b in zip(jax.tree_util.tree_leaves(d_total), jax.tree_util.tree_leaves(d_only)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  # ... and L_D reaches no VAE weight (the reconstruction enters it through
+  # stop_gradient: else it would push the decoder towards looking fake).
+  g_vae = jax.jit(jax.grad(lambda v: loss_fn({**params, "vae": v})[1]["d_loss"]))(
+      params["vae"])
+  assert not any(np.asarray(g).any() for g in jax.tree_util.tree_leaves(g_vae))
 
 
 def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_layer(
