@@ -225,7 +225,13 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):
   notes = []
   fed = {}  # frames pushed into the decoder's and the upsampler's chunkers
 
+  overlaps = []
+
   class Counted(streaming.OverlapChunker):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      overlaps.append(self.overlap)
+
     def push(self, frames):
       fed[id(self)] = fed.get(id(self), 0) + frames.shape[1]
       return super().push(frames)
@@ -259,18 +265,22 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):
   assert firsts == [0, 8, 16, 24, 32, 40, 48, 56, 58], firsts
   # Only the video's frames reach them: the 11 past its end were cut before decoding.
   assert sorted(fed.values()) == [70, 70], fed
+  assert overlaps == [2, 2]  # decode_overlap, upsample_overlap (no seams between chunks)
   assert notes == [] and result.notes == ()  # nothing skipped
   p = result.plan
   # 70 frames at x16 need K = ceil(69 / 16) + 1 = 6 key frames: the key-frame clip (4)
   # and one prediction round (2 new); 16 * 5 + 1 = 81 frames generated, cut to 70.
   assert (p.num_keys, p.first_clip, p.rounds, p.passes) == (6, 4, 1, 2)
   assert p.generated_frames == 81 and p.frame_factor == 16
-  assert (result.num_frames, result.height, result.width) == (70, 32, 64)  # x 4
+  assert p.interp_window == 4  # no training record: keyframes_per_clip  assert (result.num_frames, result.height, result.width) == (70, 32, 64)  # x 4
   video = video_io.read_video(str(out))
   assert video.shape == (70, 32, 64, 3)
   assert video.std() > 1  # not a constant image
   gif = video_io.read_video(result.gif_path)
   assert gif.shape[1:] == (32, 64, 3) and 1 <= gif.shape[0] <= options.gif_max_frames
+  from PIL import Image
+  with Image.open(result.gif_path) as im:  # 8 fps: 100 / 8 = 12.5 -> 12 hundredths
+    assert im.info["duration"] == 120
   assert not list(tmp_path.glob(".*.partial-*"))  # the writer renamed its temporary file
 
 
@@ -321,7 +331,10 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path, m
   rounds = []  # (context, clip) of each prediction round
   predict = generate.context_sampling.predict
 
+  round_keys = []
+
   def recording_predict(model, context, *args, **kwargs):
+    round_keys.append(tuple(np.asarray(jax.random.key_data(kwargs["key"])).ravel()))
     rounds.append((np.asarray(context), np.asarray(predict(model, context, *args,
                                                            **kwargs))))
     return jnp.asarray(rounds[-1][1])
@@ -334,6 +347,7 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path, m
       predictor_model=folders["predictor_model"])
   monkeypatch.undo()
   assert (short_first.plan.first_clip, short_first.plan.rounds) == (1, 4)
+  assert len(set(round_keys)) == 4  # each round: noise of its own
   # Each round after the first continues from the LAST 2 key frames made so far.
   assert [c.shape[1] for c, _ in rounds] == [1, 2, 2, 2]
   for (context, clip), (next_context, _) in zip(rounds, rounds[1:]):
@@ -450,7 +464,9 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   for bad, message in ((dict(interp_steps=0), "interp_steps must be >= 1"),
                        (dict(predictor_frames=0), "predictor_frames must be >= 1"),
                        (dict(eta=-1.0), "eta >= 0"), (dict(sampler="euler"), "sampler one of"),
-                       (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+                       (dict(seed=-1), r"seed must be an integer in \[0, 2\^32\), got -1"),
+                       # (two SeedSequence words: its ids could be another seed's)
+                       (dict(seed=2 ** 32), r"seed must be an integer in \[0, 2\^32\)"),
                        (dict(gif_max_size=0), "gif_max_size and gif_max_frames must be >= 1"),
                        (dict(upsampler_noise_level=400), r"upsampler_noise_level must be in "
                         r"\[0, 350\)"),
@@ -484,9 +500,17 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   with pytest.raises(ValueError, match="fps 0.001 is slower than the GIF preview can show"):
     generate.check_options(dataclasses.replace(options, fps=0.001, gif=True))
   generate.check_options(dataclasses.replace(options, fps=0.001, gif=False))
+  generate.check_options(dataclasses.replace(options, seed=np.int64(3)))  # (np.arange's)
   # 0.29 s at 100 fps is 29 frames (0.29 * 100 = 28.999999999999996: truncated, 28).
   assert generate.plan(models, dataclasses.replace(options, num_frames=None, duration=0.29,
                                                     fps=100.0)).num_frames == 29
+  # ... rounded, not rounded up: 0.3 s at 10 fps (3.0000000000000004) is 3 frames.
+  assert generate.plan(models, dataclasses.replace(options, num_frames=None, duration=0.3,
+                                                    fps=10.0)).num_frames == 3
+  # Neither given: one key-frame clip, interpolated (frame_factor (K - 1) + 1 frames).
+  one = generate.plan(models, dataclasses.replace(options, num_frames=None))
+  assert (one.num_keys, one.rounds) == (options.keyframes_per_clip, 0)
+  assert one.num_frames == one.frame_factor * (options.keyframes_per_clip - 1) + 1
   # Without a key-frame model the predictor makes the first clip: predictor_frames long.
   assert generate.plan(dataclasses.replace(models, keyframe=None), dataclasses.replace(
       options, predictor_frames=3, context_scale=1.0)).first_clip == 3
@@ -648,11 +672,12 @@ def test_cli_seeds_and_notes(folders, tmp_path):
   assert proc.returncode != 0 and "cli.avi: expected a .mp4 or .npy path" in proc.stderr, \
       proc.stderr[-3000:]
   # No seed (nothing would be written, exit 0) or a repeated one (a file overwritten).
-  for seeds in ("--seeds=", "--seeds=3,3", "--seeds=-1"):
+  for seeds in ("--seeds=", "--seeds=3,3", "--seeds=-1", "--seeds=1,4294967296"):
     proc = subprocess.run(
         [sys.executable, "-m", "videoldm_jax.cli.generate", "--keyframe_model=/nonexistent",
          seeds], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    said = "non-negative" if seeds == "--seeds=-1" else "distinct and at least one"
+    said = ("in [0, 2^32)" if "-1" in seeds or "429" in seeds
+            else "distinct and at least one")
     assert proc.returncode != 0 and f"--seeds must be {said}" in proc.stderr, \
         proc.stderr[-3000:]
   # Personalisation flags that would do nothing, silently; a stride below 2; options no

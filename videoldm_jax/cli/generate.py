@@ -134,8 +134,8 @@ def main(argv):
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError as e:
     raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
-  if any(s < 0 for s in seeds):  # before the models load (NumPy's SeedSequence needs >= 0)
-    raise app.UsageError(f"--seeds must be non-negative, got {_SEEDS.value}")
+  if any(not 0 <= s < 2 ** 32 for s in seeds):  # before the models load (see check_options)
+    raise app.UsageError(f"--seeds must be in [0, 2^32), got {_SEEDS.value}")
   if not seeds or len(set(seeds)) != len(seeds):  # nothing written / a file overwritten
     raise app.UsageError(f"--seeds must be distinct and at least one, got {_SEEDS.value}")
   if flags.FLAGS["personalize_parts"].present and not _IMAGE.value:

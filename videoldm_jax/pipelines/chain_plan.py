@@ -5,6 +5,7 @@
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 from videoldm_jax import video_io
@@ -19,8 +20,9 @@ class GenerateOptions:
   """What `generate_video` makes. Lengths count frames of the OUTPUT unless named keys.
 
   Conditioning: `prompt` / `negative_prompt` (text models), `class_label` (class-
-  conditional UNets). Length: `num_frames`, or `duration` seconds at `fps`; neither:
-  one key-frame clip through the chain. `height` / `width`: frames before the
+  conditional UNets). Length: `num_frames`, or `duration` seconds at `fps` (duration x
+  fps rounded, halves to even: 2.5 frames are 2); neither: one key-frame clip through
+  the chain. `seed` in [0, 2^32). `height` / `width`: frames before the
   upsampler, any multiple of the latent models' total downsampling (larger than
   training = convolutional in space).
   Key frames: `keyframes_per_clip` frames from the key-frame model (without a predictor
@@ -119,8 +121,11 @@ def check_options(o: GenerateOptions) -> None:
     raise ValueError(f"steps must be >= 1, eta >= 0 and sampler one of "
                      f"{samplers_lib.SAMPLERS}; "
                      f"got steps={o.steps}, eta={o.eta}, sampler={o.sampler!r}")
-  if not (isinstance(o.seed, int) and o.seed >= 0):  # (NumPy's SeedSequence, at the end)
-    raise ValueError(f"seed must be an integer >= 0, got {o.seed!r}")
+  # (NumPy's SeedSequence derives the stages' seeds: it needs >= 0, and takes a seed of
+  # 2^32 or more as two words, whose ids could then equal another seed's.)
+  if not (isinstance(o.seed, numbers.Integral) and not isinstance(o.seed, bool)
+          and 0 <= o.seed < 2 ** 32):
+    raise ValueError(f"seed must be an integer in [0, 2^32), got {o.seed!r}")
   if o.gif and (o.gif_max_size < 1 or o.gif_max_frames < 1):
     raise ValueError(f"gif_max_size and gif_max_frames must be >= 1 (or gif=False), got "
                      f"{o.gif_max_size}, {o.gif_max_frames}")
