@@ -368,6 +368,17 @@ def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path, m
                   jax.tree_util.tree_leaves(
                       pretrained.load(folders["decoder_model"]).params["vae"]), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
+  # With the VAE among the parts, the decoder takes it too (its image leaves; the
+  # temporal ones stay): the other stages' latents are then that VAE's.
+  chain = generate.load_chain(keyframe_model=folders["keyframe_model"],
+                              decoder_model=folders["decoder_model"],
+                              image_checkpoint=str(dreambooth[1]),
+                              personalize_parts=("unet", "vae"))
+  decoder_vae = traverse_util.flatten_dict(chain.decoder.params["vae"])
+  db_vae = traverse_util.flatten_dict(dreambooth[0].params["vae"])
+  assert decoder_vae.keys() > db_vae.keys()
+  for k, v in db_vae.items():
+    np.testing.assert_array_equal(np.asarray(decoder_vae[k]), v, err_msg=str(k))
   with pytest.raises(ValueError, match="key-frame model .* or a prediction model"):
     generate.load_chain(decoder_model=folders["decoder_model"])
   with pytest.raises(ValueError, match="predictor model .*keyframe.*not a context model"):
