@@ -965,3 +965,16 @@ def test_the_chain_copies_its_parameters_to_the_device_once(folders, tmp_path):
     out = cs.sample_clip(cm, known, jnp.asarray([[1.0, 0.0, 0.0, 0.0]]),
                          cs.ContextSampleOptions(num_steps=2, progress=False))
     assert out.shape == known.shape
+
+
+def test_the_upsamplers_noise_follows_the_videos_seed(monkeypatch):
+  # Each --seeds video draws its own upsampler noise (the same seed: the same noise).
+  import types
+  seen = []
+  monkeypatch.setattr(generate.upsampling, "upsample",
+                      lambda *a, seed, **k: seen.append(seed) or a[2])
+  models = types.SimpleNamespace(upsampler=types.SimpleNamespace(config=None, params=None))
+  for seed in (0, 1, 0):
+    fn = generate._upsample_fn(models, generate.GenerateOptions(seed=seed, **FAST))
+    fn(jnp.zeros((1, 2, 8, 8, 3)), 0, 0)
+  assert seen[0] != seen[1] and seen[0] == seen[2]
