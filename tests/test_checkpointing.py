@@ -158,10 +158,24 @@ def test_listing_interval_keep_n_and_best_n(tmp_path):
 def test_non_finite_best_metric_ranks_worst(tmp_path, mode):
   # A diverged step's loss is NaN; newest last, it once came out of Orbax's sort as best.
   ck = Checkpointer(tmp_path, max_to_keep=1, keep_best=1, best_mode=mode)
-  for step, value in ((1, 1.0), (2, 0.5), (3, float("inf")), (4, float("nan"))):
+  # (+inf and -inf in either mode: each is worst in one of them, unless ranked so.)
+  for step, value in ((1, 1.0), (2, 0.5), (3, float("inf")), (4, -float("inf")),
+                      (5, float("nan"))):
     ck.save(step, _tiny(step), metrics={"loss": value if mode == "min" else -value})
   ck.wait_until_finished()
-  assert ck.best_step() == 2 and ck.all_steps() == [2, 4]  # best, and the newest
+  assert ck.best_step() == 2 and ck.all_steps() == [2, 5]  # best, and the newest
+  ck.close()
+
+
+def test_unranked_saves_are_not_kept_beyond_the_newest(tmp_path):
+  # Preemption saves carry no metrics: kept only while among the newest (max_to_keep),
+  # else a preemptible run's disk filled with them.
+  ck = Checkpointer(tmp_path, max_to_keep=1, keep_best=1)
+  for step in range(1, 7):
+    ck.save(step, _tiny(step), metrics={"loss": 1.0 / step} if step % 2 == 0 else None,
+            force=True)
+  ck.wait_until_finished()
+  assert ck.all_steps() == [6]  # the newest is also the best (loss 1 / 6)
   ck.close()
 
 
@@ -327,8 +341,11 @@ def test_orbax_never_asks_the_preemption_service(tmp_path, monkeypatch):
 
 def test_preemption_guard_sets_flag_and_restores_handler():
   before = signal.getsignal(signal.SIGTERM)
+  prev_int = signal.getsignal(signal.SIGINT)
   with PreemptionGuard() as guard:
     assert not guard.stop_requested
+    # Ctrl-C stays a KeyboardInterrupt unless asked for (sigint=True).
+    assert signal.getsignal(signal.SIGINT) is prev_int
     os.kill(os.getpid(), signal.SIGTERM)
     # The handler runs at the next bytecode boundary of the main thread.
     for _ in range(1000):
@@ -338,7 +355,6 @@ def test_preemption_guard_sets_flag_and_restores_handler():
     assert guard.any_process_requested() and guard.should_stop(1)
     assert not guard.uses_jax_service  # one process, no jax.distributed
   assert signal.getsignal(signal.SIGTERM) is before
-  prev_int = signal.getsignal(signal.SIGINT)
   with PreemptionGuard(sigint=True) as guard:
     os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt without the guard
     for _ in range(1000):
