@@ -1,6 +1,7 @@
 """Latent cache: round trip equals a fresh encode; a cache refuses another VAE."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -262,3 +263,51 @@ def test_cache_files_shapes_and_records_are_checked(tmp_path):
           vae_config=vae_config, vae_params=vae_params)
   with pytest.raises(TypeError, match="record field 'x': <U1 arrays cannot be cached"):
     latent_cache.encode_record({"x": np.array(["a", "b"])})
+
+
+def test_odd_frame_counts_are_padded_for_the_devices_and_cut_back(setup):
+  # 3 frames per batch on the 8 devices: 5 padding rows, none in the records. NumPy
+  # scalar fields (TFDS gives labels as np.int64) are carried.
+  model = setup[0]
+  clips = [dict(video=make_clip(i, 3, 16, 16, seed=3)[0], index=np.int64(i)) for i in range(3)]
+  records = list(encode_examples(model, clips, batch_size=1))
+  frames = np.stack([c["video"] for c in clips]).reshape(-1, 16, 16, 3) / 127.5 - 1
+  mean, _ = AutoencoderKL(model.vae_config).apply(
+      {"params": model.params["vae"]}, jnp.asarray(frames, jnp.float32),
+      method=AutoencoderKL.encode)
+  c = model.vae_config
+  np.testing.assert_allclose(np.stack([r["latents"] for r in records]).reshape(mean.shape),
+                             (np.asarray(mean) - c.shift_factor) * c.scaling_factor, atol=1e-5)
+  assert [r["index"] for r in records] == [0, 1, 2]
+
+
+def test_fingerprints_cover_every_encoder_leaf_by_path_in_any_order(setup):
+  vae = dict(setup[0].params["vae"])
+  before = latent_cache.model_fingerprints(vae)["encoder"]
+  vae["quant_conv"] = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1, vae["quant_conv"])
+  assert latent_cache.model_fingerprints(vae)["encoder"] != before  # it shapes the latents
+  x, y = np.zeros(2, np.float32), np.ones(2, np.float32)
+  f = latent_cache.params_fingerprint
+  assert f({"a": x, "b": y}) != f({"a": y, "b": x}) and f({"a": x}) != f({"b": x})
+  assert f({"a": x, "b": y}) == f({"b": y, "a": x})  # (a restored tree's key order)
+
+
+def test_cache_writes_and_checks_by_hand(tmp_path):
+  vae_config, vae_params = {"scaling_factor": 0.5, "block_out_channels": [1]}, {"w": np.ones(3)}
+  kw = dict(vae_config=vae_config, vae_params=vae_params)
+  with pytest.raises(ValueError, match="no records to cache"):
+    latent_cache.write_cache(tmp_path / "empty", [], **kw)
+  record = {"latents": np.zeros((4, 2, 2, 1), np.float32), "context": np.zeros((2, 3), np.float32)}
+  info = latent_cache.write_cache(tmp_path / "c", [record], **kw,
+                                  text_params={"t": np.ones(2)}, text_config={"x": 1})
+  with pytest.raises(FileExistsError, match="already holds a latent cache"):
+    latent_cache.write_cache(tmp_path / "c", [record], **kw)
+  check = lambda **more: latent_cache.check_cache(
+      info, "c", vae_config=vae_config,
+      fingerprints=latent_cache.model_fingerprints(vae_params), **more)
+  # Clips of exactly the configured size: smaller ones too are another size.
+  for t, h, w in ((2, 2, 2), (4, 1, 2), (4, 2, 1)):
+    with pytest.raises(ValueError, match="holds clips of 4 frames of 2x2"):
+      check(data=ml_collections.ConfigDict(dict(num_frames=t, height=h, width=w)))
+  # A UNet without a text encoder of its own trains on the cached embeddings.
+  check(needs_context=True)
