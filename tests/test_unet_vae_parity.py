@@ -236,3 +236,15 @@ def test_unet_shape_mismatch_and_unmapped_keys_are_named(tmp_path):
 def _save(model, tmp_path):
   model.save_pretrained(tmp_path / "unet", safe_serialization=True)
   return tmp_path / "unet"
+
+
+@pytest.mark.parametrize("dim, flip, shift", [(32, True, 0), (32, False, 1), (33, True, 0)])
+def test_timestep_embedding_matches_diffusers(torch_cpu, dim, flip, shift):
+  # The parity models use diffusers' defaults (flip, shift 0); configs may set others.
+  from diffusers.models.embeddings import get_timestep_embedding
+  from videoldm_jax.models import layers
+  t = np.array([0, 1, 250, 999], np.float32)
+  ref = get_timestep_embedding(torch_cpu.from_numpy(t), dim, flip_sin_to_cos=flip,
+                               downscale_freq_shift=shift).numpy()
+  ours = layers.timestep_embedding(jax.numpy.asarray(t), dim, flip, shift)
+  assert max_rel_err(ours, ref) < 1e-4  # (float32 sin of arguments up to ~1000)
