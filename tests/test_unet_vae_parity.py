@@ -34,7 +34,7 @@ SD2_STYLE = dict(  # linear proj_in/out, per-level heads, deeper transformer, la
     sample_size=16, in_channels=7, out_channels=4, layers_per_block=1,
     block_out_channels=(32, 32, 64), norm_num_groups=8, cross_attention_dim=40,
     attention_head_dim=(2, 4, 8), use_linear_projection=True,
-    transformer_layers_per_block=(1, 2, 1), num_class_embeds=10,
+    transformer_layers_per_block=(1, 1, 2), num_class_embeds=10,  # (mid block: 2 too)
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"))
 VAE_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
