@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from videoldm_jax import sharding
 from videoldm_jax.models import discriminator as disc_lib
@@ -54,6 +55,25 @@ def test_every_param_has_known_logical_axes(name):
   for (path, spec), shape in zip(flat_specs, flat_shapes):
     assert len(spec) == len(shape.shape), (path, spec, shape.shape)
     assert all(a in sharding.KNOWN_LOGICAL_AXES for a in spec), (path, spec)
+
+
+def test_weights_name_their_dimensions_in_order():
+  # Which dimension an axis names decides what a mesh splits (an input width split as
+  # if it were the output's costs memory and collectives, not values: no other test
+  # sees it). Kernels are (in, out); convolutions (kh, kw, in, out).
+  module, inputs = MODELS["unet"]
+  specs = traverse_util.flatten_dict(
+      params_lib.logical_axes(module, *inputs),
+      is_leaf=lambda _, x: isinstance(x, jax.sharding.PartitionSpec), sep="/")
+  block = "down_blocks_0/attentions_0/transformer_blocks_0"
+  want = {"class_embedding/embedding": ("vocab", "embed"),
+          "conv_in/kernel": ("conv_kh", "conv_kw", "conv_in", "conv_out"),
+          "time_embedding/linear_1/kernel": ("embed", "mlp"),
+          "down_blocks_0/resnets_0/time_emb_proj/kernel": ("embed", "conv_out"),
+          f"{block}/attn1/to_q/kernel": ("embed", "heads"),
+          f"{block}/attn1/to_out_0/kernel": ("heads", "embed"),
+          f"{block}/ff/net_2/kernel": ("mlp", "embed")}
+  assert {k: tuple(specs[k]) for k in want} == want
 
 
 def test_config_rules_name_every_logical_axis():
