@@ -16,7 +16,8 @@ install_package() {
     flock 9
   fi
   ensure_venv "$tag"
-  setup=$(python -c 'import hashlib, sys; print(hashlib.sha256(open("setup.py", "rb").read()).hexdigest())')
+  setup=$(python -c 'import hashlib; print(hashlib.sha256(open("setup.py", "rb").read())
+    .hexdigest())')
   for name in "$extra" "$@"; do
     if grep -qxF "$setup $name" "$stamp" 2>/dev/null; then
       echo "[$tag] videoldm_jax is installed (.[$name], this setup.py)" >&2

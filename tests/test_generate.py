@@ -272,7 +272,8 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):
   # and one prediction round (2 new); 16 * 5 + 1 = 81 frames generated, cut to 70.
   assert (p.num_keys, p.first_clip, p.rounds, p.passes) == (6, 4, 1, 2)
   assert p.generated_frames == 81 and p.frame_factor == 16
-  assert p.interp_window == 4  # no training record: keyframes_per_clip  assert (result.num_frames, result.height, result.width) == (70, 32, 64)  # x 4
+  assert p.interp_window == 4  # no training record: keyframes_per_clip
+  assert (result.num_frames, result.height, result.width) == (70, 32, 64)  # x 4
   video = video_io.read_video(str(out))
   assert video.shape == (70, 32, 64, 3)
   assert video.std() > 1  # not a constant image
