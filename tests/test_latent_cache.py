@@ -281,6 +281,17 @@ def test_odd_frame_counts_are_padded_for_the_devices_and_cut_back(setup):
   assert [r["index"] for r in records] == [0, 1, 2]
 
 
+def test_clips_without_captions_are_counted_in_a_warning(setup, caplog):
+  # A text-conditioned cache of empty prompts would train an unconditional model.
+  model, tokenizer = setup[:2]
+  clips = [{k: v for k, v in ex.items() if k != "caption" or i == 0}
+           for i, ex in enumerate(_examples(3))]
+  with caplog.at_level("WARNING"):
+    records = list(encode_examples(model, clips, batch_size=2, tokenizer=tokenizer))
+  assert len(records) == 3
+  assert "2 of 3 clips have no 'caption' field" in caplog.text
+
+
 def test_fingerprints_cover_every_encoder_leaf_by_path_in_any_order(setup):
   vae = dict(setup[0].params["vae"])
   before = latent_cache.model_fingerprints(vae)["encoder"]

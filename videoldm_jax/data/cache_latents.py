@@ -5,6 +5,7 @@ from typing import Iterable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -59,7 +60,7 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
   if tokenizer is not None and model.text_config is not None:
     text = jax.jit(CLIPTextModel(model.text_config).apply)
   n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
-  shape, seen = None, 0
+  shape, seen, uncaptioned = None, 0, 0
   for batch in _batches(examples, batch_size):
     videos = [np.asarray(ex["video"]) for ex in batch]
     if shape is None:
@@ -79,6 +80,7 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
     z = z[:b * t].reshape((b, t) + z.shape[1:])
     contexts = None
     if text is not None:
+      uncaptioned += sum("caption" not in ex for ex in batch)
       ids = tokenizer([to_text(ex.get("caption", ""), f"example {seen - len(batch) + i}")
                        for i, ex in enumerate(batch)],
                       max_length=model.text_config.max_position_embeddings)
@@ -89,6 +91,10 @@ def encode_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], *
       if contexts is not None:
         rec["context"] = contexts[i]
       yield rec
+  if uncaptioned:
+    # (A text-conditioned cache of empty prompts trains an unconditional model.)
+    logging.warning("cache_latents: %d of %d clips have no 'caption' field; their text "
+                    "embeddings are of the empty prompt", uncaptioned, seen)
 
 
 def cache_examples(model: pretrained.PretrainedLDM, examples: Iterable[dict], out_dir: str,
