@@ -118,7 +118,60 @@ def test_lane_markings_move():
   assert changed_rows.min() > 64 * 0.38 - 1
 
 
-def test_night_darker_than_day():
+def test_dashes_move_towards_the_camera():
+  # A row at camera depth z shows in frame t + 1 what the row at depth z + ego_speed
+  # showed in frame t. (test_lane_markings_move passes with the road running backwards.)
+  H = W = 128
+  for index in range(40):
+    video, labels, _ = make_clip(index, 2, H, W, seed=0)
+    if labels == {"time_of_day": 0, "crowdedness": 0}:
+      break
+  s = procedural._scene(0, index)
+  hy, f = s["horizon"] * H, procedural.FOCAL_FRACTION * W
+  depth, painted = [], []  # per ground row nearer than 8: the lane line x = +0.5 painted?
+  for y in range(int(hy) + 1, H):
+    d = (y + 0.5 - hy) / (H - hy)  # disparity 1 / z of the row (make_clip's geometry)
+    col = int(0.5 * W + f * (0.5 - s["cam_x"]) * d)
+    if 1 / d < 8 and 0 <= col < W:
+      depth.append(1 / d)
+      painted.append(video[:, y, col].min(axis=-1) > 180)  # (2,) white dash vs grey road
+  depth, painted = np.array(depth), np.array(painted)
+  moved = [painted[i, 1] == painted[np.argmin(abs(depth - z - s["ego_speed"])), 0]
+           for i, z in enumerate(depth) if z + s["ego_speed"] <= depth.max()]
+  assert painted.any() and not painted.all()
+  # Rows are discrete (nearest depth): dash ends may land one row off.
+  assert np.mean(moved) > 0.9, np.mean(moved)
+
+
+def test_a_nearer_car_is_drawn_over_a_farther_one():
+  # One frame (depth = the start depth, clamped as make_clip clamps it), 48 x 48: the
+  # nearest car alone and with the others must look the same wherever it is drawn.
+  scene, fields = procedural._scene, ("car_lane", "car_z0", "car_rate", "car_colour")
+
+  def frame(s, cars):  # the scene with only `cars`, in this order
+    perm = cars + [i for i in range(procedural.MAX_CARS) if i not in cars]
+    s = {**s, "num_cars": len(cars), **{k: s[k][perm] for k in fields}}
+    original, procedural._scene = procedural._scene, lambda seed, index: s
+    try:
+      return make_clip(0, 1, 48, 48)[0][0]
+    finally:
+      procedural._scene = original
+
+  overlaps = 0
+  for index in range(300):
+    s = scene(3, index)
+    if s["num_cars"] < 2:
+      continue
+    n, f = s["num_cars"], procedural.FOCAL_FRACTION * 48
+    z_min = np.maximum(1.6, (np.abs(s["car_lane"] - s["cam_x"]) + 0.3) * f / 24)
+    near = int(np.argmin(np.maximum(s["car_z0"], z_min)[:n]))
+    others = [i for i in range(n) if i != near]
+    empty, alone = frame(s, []), frame(s, [near])
+    drawn = (alone != empty).any(-1)  # the nearest car's pixels
+    assert (frame(s, list(range(n)))[drawn] == alone[drawn]).all(), index
+    overlaps += ((frame(s, others) != empty).any(-1) & drawn).any()
+  assert overlaps >= 3  # (4 of these 300 scenes have a farther car behind the nearest)
+
   means = {0: [], 1: []}
   for i in range(32):
     video, labels, _ = make_clip(i, 4, 64, 64, seed=5)

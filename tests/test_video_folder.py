@@ -4,6 +4,7 @@ every bad item is skipped with the right reason, good clips round-trip exactly."
 import json
 import logging
 import os
+import types
 
 import numpy as np
 import pytest
@@ -576,6 +577,28 @@ def test_find_videos_links_and_undecodable_names(tmp_path):
   rows = [("0_a_again.mp4", "a road"), ("linked/b.mp4", "a car")]
   assert sources.match_captions(videos, rows, str(src), "c.csv") == (
       {"own/a.mp4": "a road", "linked/b.mp4": "a car"}, [])
+
+
+def test_video_extensions_match_in_any_case(tmp_path):
+  # Cameras name their files DSC0001.MP4; the folder's videos are found by extension
+  # whatever its case (the bytes are not read here: any content is a candidate).
+  for name in ("DSC0001.MP4", "b.Mov", "c.mp4", "notes.TXT"):
+    (tmp_path / name).write_bytes(b"x")
+  assert sources.find_videos(str(tmp_path))[0] == ["DSC0001.MP4", "b.Mov", "c.mp4"]
+
+
+def test_cli_max_frames_zero_keeps_every_frame():
+  args = cli._parser().parse_args(["--source=s", "--data_dir=d", "--max_frames=0"])
+  assert cli.decode_kwargs(args)["max_frames"] is None  # (0 was refused by the config)
+
+
+def test_language_suffixed_duration_tag_is_the_tracks_end():
+  # mkvmerge writes DURATION-eng per track. Without it a cut-off Matroska video beside a
+  # longer audio track has no stated end of its own, and its truncation goes unseen.
+  stream = types.SimpleNamespace(metadata={"DURATION-eng": "00:01:01.500000000"},
+                                 time_base=None, duration=None)
+  container = types.SimpleNamespace(duration=None, start_time=None, streams=[stream] * 2)
+  assert sources._declared_span(container, stream) == (0.0, 61.5)
 
 
 def test_caption_file_with_bytes_that_are_not_utf8(tmp_path):

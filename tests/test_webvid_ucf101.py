@@ -291,6 +291,17 @@ def test_class_caption_and_list_errors(ucf_root, tmp_path):
     f.write("1 ApplyEyeMakeup\n3 YoYo\n")
   with pytest.raises(ValueError, match=r"classInd\.txt:2: class index 3 out of order"):
     ucf101.read_class_index(os.path.join(splits, "classInd.txt"))
+  # A list saved in a legacy encoding: a bare UnicodeDecodeError named neither file nor
+  # line; the byte-order mark of a UTF-8 file is still accepted.
+  with open(os.path.join(splits, "classInd.txt"), "wb") as f:
+    f.write(b"\xef\xbb\xbf1 ApplyEyeMakeup\r\n2 Caf\xe9\r\n")
+  with pytest.raises(ValueError, match=r"classInd\.txt:2: UCF-101 class index "
+                     r"\(classInd\.txt\) is not valid UTF-8 text"):
+    ucf101.read_class_index(os.path.join(splits, "classInd.txt"))
+  with open(os.path.join(splits, "classInd.txt"), "wb") as f:
+    f.write(b"\xef\xbb\xbf1 ApplyEyeMakeup\r\n\r\n2 YoYo\r\n")
+  assert ucf101.read_class_index(os.path.join(splits, "classInd.txt")) == [
+      "ApplyEyeMakeup", "YoYo"]
   # A TFDS config name and a split number that disagree (split 1 was built, silently).
   with pytest.raises(ValueError, match="Ucf101: config split_2 contradicts split_number=1"):
     ucf101.Ucf101(config="split_2", split_number=1)

@@ -35,9 +35,17 @@ def _lines(path: str, what: str):
   """(line number, stripped text) of the non-blank lines of `path`."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: UCF-101 {what} does not exist")
-  # utf-8-sig + strip: tolerate a byte-order mark and the lists' CRLF line ends.
-  with open(path, encoding="utf-8-sig") as f:
-    return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+  out = []
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:  # (utf-8-sig + strip: a byte-order mark and the lists' CRLF line ends)
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{n}: UCF-101 {what} is not valid UTF-8 text "
+                         f"({e.reason} at byte {e.start} of the line)") from None
+      if line:
+        out.append((n, line))
+  return out
 
 
 def read_class_index(path: str) -> list[str]:
