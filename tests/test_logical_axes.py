@@ -156,6 +156,22 @@ def test_widths_a_mesh_axis_does_not_divide_are_replicated_with_a_warning(caplog
   assert kernel.spec == jax.sharding.PartitionSpec(None, None, None, None)
 
 
+def test_a_rule_over_several_mesh_axes_splits_by_their_product():
+  # ("embed", ("fsdp", "tensor")) on fsdp=2 x tensor=2 splits four ways: 8 rows split,
+  # 6 rows are kept whole (4 does not divide 6; split by fsdp's 2 alone they passed the
+  # check and JAX refused the placement, naming no config field).
+  rules = [(name, ("fsdp", "tensor") if name == "embed" else axes)
+           for name, axes in sharding.DEFAULT_RULES]
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
+  P = jax.sharding.PartitionSpec
+  specs = {"even": P("embed", None), "odd": P("embed", None)}
+  shapes = {"even": jax.ShapeDtypeStruct((8, 3), jnp.float32),
+            "odd": jax.ShapeDtypeStruct((6, 3), jnp.float32)}
+  sh = sharding.shardings_for(specs, mesh, shapes, rules)
+  assert sh["even"].spec == P(("fsdp", "tensor"), None)
+  assert sh["odd"].spec == P(None, None)
+
+
 def test_rules_and_batch_axes_are_checked():
   # A misspelt logical name left its weights whole on every device, silently; a mesh
   # axis the mesh lacks failed with a bare KeyError.
@@ -263,6 +279,10 @@ def test_multi_slice_mesh_splits_physical_axes_as_one_slice_does():
   ici = {"data": 4, "fsdp": 16, "tensor": 1}
   with mock.patch.object(sharding, "Mesh", lambda grid, names, axis_types: grid):
     assert sharding.make_mesh(ici, chips(0)).shape == (4, 16, 1)
+    # Topology-aware: each fsdp line is one physical row of chips (a reshape of the
+    # process-ordered list zigzags over the hosts' 2 x 2 blocks).
+    square = sharding.make_mesh({"data": 8, "fsdp": 8}, chips(0))
+    assert all(len({d.coords[1] for d in line}) == 1 for line in square[:, :, 0])
     grid = sharding.make_mesh(ici, chips(0) + chips(1), dcn_shape={"data": 2})
     # Two slices are not eight: processes are not taken for slices.
     with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 8\} needs 8 slices, "

@@ -147,6 +147,9 @@ def test_initialize_binds_loopback_and_keeps_cpu_runs_off_the_slice(monkeypatch)
   launch = distributed.initialize()  # a TPU run on a TPU VM joins its slice
   assert launch.kind == "tpu" and len(calls) == 1
   calls.clear()
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")  # a TPU among the platforms: joins too
+  assert distributed.initialize().kind == "tpu" and len(calls) == 1
+  calls.clear()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert distributed.initialize().kind == "single" and calls == []
   # Fake CPU devices on a TPU VM, JAX_PLATFORMS unset: a CPU run all the same.

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from videoldm_jax.models import params as params_lib
 from videoldm_jax.models.unet import UNet, UNetConfig
@@ -11,6 +12,24 @@ def _unet(width: int) -> UNet:
   return UNet(UNetConfig(block_out_channels=(width,), layers_per_block=1,
                          attention_levels=(False,), num_heads=(1,), cross_attention_dim=8,
                          norm_num_groups=8))
+
+
+def test_abstract_tree_of_a_method_is_its_own():
+  # The cache is keyed by the method too: a tree traced through another method (an
+  # encoder alone) is not the whole module's.
+  class TwoParts(nn.Module):
+    def setup(self):
+      self.first, self.second = nn.Dense(3), nn.Dense(5)
+
+    def __call__(self, x):
+      return self.second(self.first(x))
+
+    def encode(self, x):
+      return self.first(x)
+
+  x = jnp.zeros((1, 4))
+  assert set(params_lib.abstract_params(TwoParts(), x)) == {"first", "second"}
+  assert set(params_lib.abstract_params(TwoParts(), x, method=TwoParts.encode)) == {"first"}
 
 
 def test_abstract_tree_is_traced_once_per_module_and_shapes(monkeypatch):

@@ -384,3 +384,8 @@ def test_batches_the_mesh_cannot_split_are_config_errors(tmp_path):
                      r"microbatch .* multiple of 8"):
     sharding.check_batch_split(4, 2, mesh, ("data", "fsdp"))
   sharding.check_batch_split(8, 2, mesh, ("data", "fsdp"))
+  # One device: the batch axes split nothing, the microbatches still must be whole.
+  one = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"batch_size=6 / train.grad_accum=4 must be a whole "
+                     r"microbatch"):
+    sharding.check_batch_split(6, 4, one, ("data", "fsdp"))
