@@ -86,6 +86,10 @@ def test_config_from_transformers_and_roundtrip(case):
     CLIPTextConfig.from_transformers_config({**_TINY, "model_type": "t5"})
   with pytest.raises(ValueError, match="bogus"):
     CLIPTextConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+  # Fields the released encoders all share (1e-5, an eos id) are still read, not assumed.
+  other = CLIPTextConfig.from_transformers_config(
+      {**_TINY, "layer_norm_eps": 1e-6, "eos_token_id": None})
+  assert other.layer_norm_eps == 1e-6 and other.eos_token_id is None  # None: argmax pooling
 
 
 def test_flax_paths_map_to_transformers_keys(case):

@@ -209,6 +209,43 @@ def test_special_tokens_map_wins_over_a_legacy_config(tmp_path, hf_clip_tokenize
   np.testing.assert_array_equal(ours(TEXTS[:3], max_length=12), ref)
 
 
+@pytest.mark.parametrize("merges", [[("b", "c</w>"), ("a", "b")], [("a", "b"), ("b", "c</w>")]])
+def test_the_earlier_of_two_competing_merges_wins(tmp_path, hf_clip_tokenizer, merges):
+  # "abc" can merge a+b or b+c</w>: the merge listed first applies. The learned merges
+  # of the other tests hardly ever compete, so a reversed priority passed them all.
+  base = list(bytes_to_unicode().values())
+  tokens = base + [b + "</w>" for b in base] + ["bc</w>", "ab", "<|startoftext|>",
+                                                "<|endoftext|>"]
+  (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+  (tmp_path / "merges.txt").write_text(
+      "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  ours = CLIPTokenizer.from_folder(str(tmp_path))
+  expected = ["a", "bc</w>"] if merges[0] == ("b", "c</w>") else ["ab", "c</w>"]
+  assert ours.tokenize("abc") == hf_clip_tokenizer.from_pretrained(str(tmp_path)).tokenize(
+      "abc") == expected
+  ref, _ = _reference(hf_clip_tokenizer, tmp_path, ["abc abc"], max_length=8)
+  np.testing.assert_array_equal(ours(["abc abc"], max_length=8), ref)
+
+
+def test_added_tokens_decoder_config_wins_over_special_tokens_map(tmp_path,
+                                                                  hf_clip_tokenizer):
+  # With added_tokens_decoder (transformers >= 4.34 files) tokenizer_config.json's own
+  # special tokens count, as transformers reads them: the map's "!" pad is not used.
+  folder = _write_slow_folder(tmp_path, pad_token="!")
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  vocab = json.loads((folder / "vocab.json").read_text())
+  decoder = {str(vocab[t]): {"content": t, "special": True, "normalized": False,
+                             "lstrip": False, "rstrip": False, "single_word": False}
+             for t in ("<|startoftext|>", "<|endoftext|>")}
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {**config, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+       "added_tokens_decoder": decoder}))
+  ref, hf = _reference(hf_clip_tokenizer, folder, TEXTS[:3], max_length=12)
+  ours = CLIPTokenizer.from_folder(str(folder))
+  assert ours.pad_token == hf.pad_token == "<|endoftext|>"
+  np.testing.assert_array_equal(ours(TEXTS[:3], max_length=12), ref)
+
+
 def test_unreadable_files_are_named(tmp_path, hf_clip_tokenizer):
   """A broken file of the folder was a bare JSONDecodeError / TypeError naming no file;
   a GPT-2-style BPE (no `</w>` word ends) loaded and turned most words into unk."""
