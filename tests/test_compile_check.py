@@ -197,6 +197,7 @@ def test_abstract_batch_has_the_fields_of_the_trainers_batches():
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
       k: (np.shape(v), np.asarray(v).dtype) for k, v in real.items()}
   assert batch["frame_tokens"].shape[:2] == (4, 2) and batch["frame_labels"].shape == (4, 2)
+  assert batch["image_only"].shape == (4, 2)
 
 
 def test_tiny_step_compiles_splash_attention_for_a_tpu():

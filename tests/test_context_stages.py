@@ -218,6 +218,8 @@ def test_image_examples_in_video_stages_take_each_frames_caption(tmp_path):
                          tmp_path / "mixed")
   batch = setup.make_batch(host)
   assert batch["frame_tokens"].shape == (2, 3) + batch["tokens"].shape[1:]
+  # (Without the flags the still images went through the temporal layers, alpha < 1.)
+  np.testing.assert_array_equal(batch["image_only"], host["image_only"])
   ldm, tokenizer = setup.extra["ldm"], setup.extra["tokenizer"]
   length = batch["tokens"].shape[1]
   uncond = tokenizer([""], max_length=length)[0]
@@ -526,24 +528,38 @@ def test_context_masks_and_condition_dropout_draw_from_their_own_keys(name, tmp_
   # key would nest the two events (every clip that loses its context frames would lose
   # its caption too, or the other way round), so one of the four conditioning
   # combinations that context guidance needs would hardly ever train.
-  from videoldm_jax.stages import keyframe
+  # The diffusion noise has its own key too, and the model's condition is built from the
+  # drawn mask (all frames given: the model learned to copy them), whose mean count per
+  # clip is the known_frames metric.
+  from videoldm_jax.stages import context, keyframe
   module = {"predictor": predictor, "interpolator": interpolator}[name]
-  keys = {"mask": [], "drop": []}
+  keys = {"mask": [], "drop": [], "noise": []}
   record = lambda what, k: keys[what].append(np.asarray(jax.random.key_data(k)))
   real_mask_fn, real_dropped = module.mask_fn, keyframe._dropped
+  real_loss, real_cond = context.denoising_loss, context.masked_cond
+  drawn, given = [], []
 
   def mask_fn(*args):
     mask = real_mask_fn(*args)
-    return lambda k, b, t: (record("mask", k), mask(k, b, t))[1]
+    return lambda k, b, t: (record("mask", k), drawn.append(mask(k, b, t)))[1] or drawn[-1]
 
   monkeypatch.setattr(module, "mask_fn", mask_fn)
   monkeypatch.setattr(keyframe, "_dropped",
                       lambda k, p, n: (record("drop", k), real_dropped(k, p, n))[1])
+  monkeypatch.setattr(context, "denoising_loss",
+                      lambda fn, x0, k, *a: (record("noise", k), real_loss(fn, x0, k, *a))[1])
+  monkeypatch.setattr(context, "masked_cond",
+                      lambda z, m: (given.append(m), real_cond(z, m))[1])
   config = _config(f"{name}_tiny", num_frames=4)
   config.cond_drop_prob = 0.5
   setup = module.setup(config, tmp_path)
   tokens = setup.extra["tokenizer"](["a car", "rain"], max_length=16)
   batch = {"latents": jnp.zeros((2, 4, 1, 1, 4)), "tokens": jnp.asarray(tokens)}
-  loss, _ = setup.stage.loss_fn(setup.init_params(), batch, jax.random.key(0))  # eager
+  loss, metrics = setup.stage.loss_fn(setup.init_params(), batch, jax.random.key(0))  # eager
   assert np.isfinite(float(loss)) and len(keys["mask"]) == 1 and keys["drop"], keys
   assert not any(np.array_equal(keys["mask"][0], k) for k in keys["drop"]), keys
+  assert not np.array_equal(keys["mask"][0], keys["noise"][0])
+  mask = np.asarray(drawn[0])
+  assert 0 < mask.sum() < mask.size  # (this key draws some context, not all frames)
+  np.testing.assert_array_equal(np.asarray(given[0]), mask)
+  np.testing.assert_allclose(float(metrics["known_frames"]), mask.sum(axis=1).mean())

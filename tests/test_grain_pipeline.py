@@ -210,6 +210,12 @@ def test_trainer_reads_its_process_share_of_a_video_dataset(tfds_dir, tmp_path, 
     halves.append(next(it)["source_index"])
     assert it.get_state()["global_batch"] == 4
   np.testing.assert_array_equal(np.concatenate(halves), whole)
+  # Read alone (statistics one process computes): the whole batch, without the run's
+  # Grain worker processes, at any process count.
+  config.data.worker_count = 2
+  alone = inputs.make_iterator(config, tmp_path, {}, alone=True)
+  assert alone.get_state()["worker_count"] == 0
+  np.testing.assert_array_equal(next(alone)["source_index"], whole)
 
 
 def test_default_process_index_comes_from_jax(monkeypatch):
