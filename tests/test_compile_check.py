@@ -72,6 +72,8 @@ def test_verdict_from_peak_against_device_memory():
   assert r.verdict() == "FITS"
   r.peak_bytes = 95.5  # ... past it does not
   assert r.verdict() == "DOES NOT FIT" and r.to_json()["fits"] is False
+  r.devices, r.flops_per_device = 4, 2.5  # the step's FLOPs: every device's share
+  assert r.to_json()["flops_per_step"] == 10.0
 
 
 def test_unknown_topology_and_indivisible_batch_are_clear_errors():

@@ -377,3 +377,14 @@ def test_loops_count_each_trip_and_a_cond_its_dearest_branch():
   # A remat (checkpoint) body and a pjit run once each.
   assert model_flops(jax.checkpoint(lambda x: x @ w), x) == one
   assert model_flops(jax.jit(lambda x: (x @ w) @ w), x) == 2 * one
+
+
+def test_shard_map_counts_the_shards_its_inputs_are_split_into():
+  # x split over "x" only: the two devices along "y" of each row repeat one shard's work,
+  # so the model's FLOPs are one matmul of the whole x, not twice that.
+  mesh = jax.make_mesh((2, 2), ("x", "y"), devices=jax.devices()[:4])
+  w = jnp.ones((8, 8))
+  f = jax.shard_map(lambda x: x @ w, mesh=mesh, in_specs=PartitionSpec("x"),
+                    out_specs=PartitionSpec("x"))
+  x = jax.device_put(jnp.ones((4, 8)), NamedSharding(mesh, PartitionSpec("x")))
+  assert model_flops(f, x) == 2 * 4 * 8 * 8

@@ -46,6 +46,11 @@ def test_timeline_counts_overlap_and_idle_gaps():
   in_flight, gaps = timeline(events, kind.get)
   assert {k: round(v * 1e3, 6) for k, v in in_flight.items()} == {0: 5.05, 1: 20.95, 2: 5.0}
   assert {k: round(v * 1e3, 6) for k, v in gaps.items()} == {"convolution": 5.0}
+  # An op inside another (b [5, 10] within a [0, 20]) does not end the covered time:
+  # the 5 ms gap before c follows a, not a 15 ms one after b.
+  events = [(0, 20 * ms, "a"), (5 * ms, 10 * ms, "b"), (25 * ms, 26 * ms, "c")]
+  _, gaps = timeline(events, {"a": "convolution", "b": "dot", "c": "dot"}.get)
+  assert {k: round(v * 1e3, 6) for k, v in gaps.items()} == {"convolution": 5.0}
 
 
 def test_scope_of_names_the_model_part_and_the_pass():
@@ -59,3 +64,6 @@ def test_scope_of_names_the_model_part_and_the_pass():
   assert scope_of(bwd) == "bwd:down_blocks_0/attentions/transformer_blocks/attn1"
   assert scope_of(bwd, depth=2) == "bwd:down_blocks_0/attentions"
   assert scope_of("jit(step)/add") == "fwd:(top)"
+  # The backward pass of a nested jit: transpose( further down the path.
+  nested = "jit(step)/jit(inner)/transpose(jvp(VideoUNet))/down_blocks_0/dot_general"
+  assert scope_of(nested) == "bwd:down_blocks_0"
