@@ -219,9 +219,15 @@ def test_train_step_record_is_its_arithmetic(monkeypatch):
     assert len(blocked) == 5 + 1  # every timed step, plus once after the warm-up
     assert (r["step_s"], r["samples_per_s"], r["batch"]) == (0.5, 4.0, 2)
     assert r["mfu"] == pytest.approx(r["model_gflop"] * 1e9 / 0.5 / 1e9)
+    assert r["mfu_xla"] == pytest.approx(r["xla_gflop"] * 1e9 / 0.5 / 1e9)
+    assert r["temp_bytes"] > 0 and r["argument_bytes"] > 0
     records[mode] = r
   assert records["temporal"]["trainable_params"] < records["temporal"]["params"]
   assert records["temporal"]["trainable_params"] < records["full"]["trainable_params"]
+  # No weight gradients for the frozen image layers: fewer FLOPs, by the model's count
+  # and by XLA's.
+  for count in ("model_gflop", "xla_gflop"):
+    assert records["temporal"][count] < records["full"][count]
 
 
 def test_bench_helpers_by_hand(monkeypatch):

@@ -238,6 +238,17 @@ def test_gradient_accumulation_keeps_every_device_busy():
   hlo = fn.lower(state, batch).compile().as_text()
   assert "all-gather" not in hlo
   assert "f32[1,16]{1,0} dot(" in hlo, hlo  # 8 rows / 2 microbatches / 4 devices
+  # The old state's buffers are donated to the new one (both at once would double the
+  # memory of the weights, Adam's moments and the EMA), on the sharded path the trainer
+  # takes and on the plain one the benchmarks take.
+  plain = step_lib.build_train_step(stage, tx, seed=0, grad_accum=2)
+  for step_fn, old in ((fn, state), (plain, step_lib.init_state(params, stage, tx, shardings))):
+    new, _ = step_fn(old, batch)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(
+        (old.trainable, old.ema, old.opt_state, old.step)))
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(new))
+  with pytest.raises(ValueError, match="batch size 5 is not divisible by grad_accum=2"):
+    plain(new, {"x": np.ones((5, 16), np.float32)})
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):
