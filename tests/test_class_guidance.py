@@ -209,6 +209,10 @@ def test_samplers_guide_against_the_null_class():
   run = lambda model, scale, labels: np.asarray(sampling.sample_latents(
       model, None, [""] * len(labels), "", options(scale), class_labels=labels))
   assert not sampling.guided(image) and sampling.guided(with_null(2))
+  # A caller's initial noise must be the latents' shape (another size was sampled as is).
+  with pytest.raises(ValueError, match=r"x_T has shape \(1, 3, 3, 4\), expected \(1, "):
+    sampling.sample_latents(image, None, [""], "", options(1.0), class_labels=[0],
+                            x_T=jnp.zeros((1, 3, 3, 4)))
   # videoldm-sample(-image) --class_label of the null class: said.
   import contextlib
   import io

@@ -298,6 +298,14 @@ def test_autoregressive_extension(model):
   with pytest.raises(ValueError, match="no x_T"):
     cs.extend(model, none, num_frames=4, clip_frames=4, options=opts, text=text,
               x_T=jnp.zeros((2, 4, 4, 4, 4)))
+  # num_context=0 after given frames: each round is a clip of its own, conditioned on no
+  # frame (the given ones are kept in front, not handed to the model again).
+  given = context[:, :1]
+  video = cs.extend(model, given, num_frames=4, clip_frames=3, num_context=0, options=opts,
+                    text=text)
+  np.testing.assert_array_equal(np.asarray(video[:, :1]), np.asarray(given))
+  np.testing.assert_array_equal(np.asarray(video[:, 1:]), np.asarray(cs.predict(
+      model, none, 3, opts, key=jax.random.fold_in(jax.random.key(0), 0), text=text)))
 
 
 def test_context_guidance_without_known_frames_runs_one_branch(model):

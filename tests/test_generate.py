@@ -199,6 +199,18 @@ def test_personalisation_swaps_theta_and_keeps_phi(folders, dreambooth):
       np.testing.assert_array_equal(v, ref[k])
 
 
+def test_personalising_with_a_video_model_takes_its_image_layers(folders):
+  # The "image" checkpoint may be a video model itself (another export): its temporal
+  # layers are left out, the result keeps the target's.
+  video = pretrained.load(folders["predictor_model"])
+  out = personalize.personalize(video, pretrained.load(folders["keyframe_model"]))
+  flat, target = (traverse_util.flatten_dict(m.params["unet"]) for m in (out, video))
+  assert flat.keys() == target.keys()
+  _, phi = partition.split(out.params["unet"])
+  for path, leaf in traverse_util.flatten_dict(phi).items():
+    np.testing.assert_array_equal(leaf, target[path])
+
+
 def test_personalisation_mismatch_names_path_and_shapes(folders, tmp_path):
   config = tiny_image_config(seed=3)
   config.unet.block_out_channels = (24,)  # another base architecture

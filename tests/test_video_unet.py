@@ -290,6 +290,13 @@ def test_temporal_config_values_that_cannot_work_are_refused_by_field():
     with pytest.raises(ValueError, match=r"TemporalConfig\." + message):
       TemporalConfig.from_dict(fields).validate()
   TemporalConfig.from_dict(dict(conv_kernel=[3, 3, 3], max_period=100.0)).validate()
+  # Checked where the stages build their models too.
+  from tests.test_generate import tiny_image_config
+  from videoldm_jax import pretrained
+  from videoldm_jax.video_ldm import VideoLDM
+  image = pretrained.random_image_ldm(tiny_image_config())
+  with pytest.raises(ValueError, match=r"TemporalConfig\.max_period must be a finite"):
+    VideoLDM.from_pretrained(image, TemporalConfig(max_period=0.0))
 
 
 def test_unet_heads_that_do_not_split_a_levels_channels_are_refused_by_level():

@@ -7,6 +7,7 @@ A model with temporal layers (an exported video LDM) samples videos when
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -45,6 +46,11 @@ class SampleOptions:
       raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
     if not (math.isfinite(self.eta) and self.eta >= 0):
       raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+    for field, least in (("height", 1), ("width", 1), ("num_steps", 1), ("num_frames", 0)):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"SampleOptions.{field}={value!r}: expected a whole number >= "
+                         f"{least}")
 
 
 # Jitted programs are cached per config, not per loaded model: calls (and stages of the
