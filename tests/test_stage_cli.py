@@ -201,6 +201,18 @@ def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
       ("train", ["--config=configs/keyframe_tiny.py", "--config.sede=1",
                  f"--workdir={tmp_path / 'w'}"],
        "FATAL Flags parsing error: --config.sede: the config has no field 'sede'"),
+      # Through a value, not a group (a KeyError naming no field; a TypeError).
+      ("train", ["--config=configs/keyframe_tiny.py", "--config.seed.x=1",
+                 f"--workdir={tmp_path / 'w'}"],
+       "FATAL Flags parsing error: --config.seed.x: config.seed is a value (int), not a "
+       "group of fields"),
+      ("train", ["--config", "configs/keyframe_tiny.py", "--config.data.kind.x=1",
+                 f"--workdir={tmp_path / 'w'}"],
+       "FATAL Flags parsing error: --config.data.kind.x: config.data.kind is a value (str), "
+       "not a group of fields"),
+      # (sys.exit(256) exits 0: a stopped run would look finished)
+      ("train", ["--config=configs/keyframe_tiny.py", f"--workdir={tmp_path / 'w'}",
+                 "--stopped_exit_code=256"], "--stopped_exit_code=256: an exit "),
       # (0 is a valid --stopped_exit_code: the workdir is what is wrong here)
       ("train", ["--config=configs/keyframe_tiny.py", f"--workdir={tmp_path / 'a_file'}",
                  "--stopped_exit_code=0"],

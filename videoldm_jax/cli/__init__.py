@@ -37,7 +37,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   traceback ending in an escaped message)."""
   try:
     return app.parse_flags_with_usage(list(argv))
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError, TypeError) as e:
     arg = e  # (ml_collections wraps a KeyError's message in a KeyError, then this)
     while isinstance(arg, (AttributeError, KeyError)) and arg.args:
       arg = arg.args[0]
@@ -45,12 +45,47 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     field = field.strip("'\"")
     named = [a.split("=", 1)[0] for a in argv[1:]
              if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")[1:]]
-    if not field or not named:
-      raise  # not an override's field: a config file's own error, shown as it is
-    print(f"FATAL Flags parsing error: {named[0]}: the config has no field {field!r}"
-          + (f" ({hint.strip()})" if hint.strip() else ""), file=sys.stderr)
+    if field and named and not isinstance(e, TypeError):
+      message = f"{named[0]}: the config has no field {field!r}" + (
+          f" ({hint.strip()})" if hint.strip() else "")
+    else:
+      # An override through a field that holds a value, not a group (--config.seed.x=1:
+      # a KeyError naming no field, or a TypeError indexing a string).
+      message = _override_through_a_value(argv)
+      if message is None:
+        raise  # not an override's error: a config file's own, shown as it is
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
     print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     sys.exit(1)
+
+
+def _override_through_a_value(argv: Sequence[str]) -> Optional[str]:
+  """'--config.seed.x: config.seed is a value (int), not a group of fields' for the first
+  --config.a.b override whose path passes through a value of the loaded config."""
+  import ml_collections
+  groups = (ml_collections.ConfigDict, dict)
+  args = list(argv[1:])
+  files = [a.split("=", 1)[1] if "=" in a else (args[i + 1:i + 2] or [""])[0]
+           for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
+  if "config" not in flags.FLAGS or not files:
+    return None
+  try:  # (the flag holds no config when its overrides failed: loaded anew, without them)
+    config = flags.FLAGS["config"].parser.parse(files[-1])
+  except Exception:  # a config file's own error: shown by the caller as it is
+    return None
+  for a in argv[1:]:
+    name = a.split("=", 1)[0]
+    if not name.startswith("--config."):
+      continue
+    node, parts = config, name[len("--config."):].split(".")
+    for i, part in enumerate(parts[:-1]):
+      if part not in node:
+        break
+      node = node[part]
+      if not isinstance(node, groups):
+        where = ".".join(["config"] + parts[:i + 1])
+        return f"{name}: {where} is a value ({type(node).__name__}), not a group of fields"
+  return None
 
 
 def output_path(path: str, flag: str, folder: bool = False) -> Path:
