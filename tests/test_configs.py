@@ -1,6 +1,9 @@
 """The shipped configs load, and the SD 1.5 key-frame config shards as it claims
 (shapes only: nothing is allocated or compiled)."""
 
+import math
+import re
+
 import jax
 import ml_collections
 import numpy as np
@@ -52,6 +55,34 @@ def test_base_configs_hold_the_reference_settings():
   assert (decoder.optim.b1, decoder.optim.b2) == (0.5, 0.9)  # taming's GAN Adam
   assert (decoder.disc_optim.b1, decoder.disc_optim.b2) == (0.5, 0.9)
   assert decoder.vae_temporal.mix_init == 0.0  # sgm's merge_factor 0
+  # A (3, 1, 1) Conv3d over the decoder's RGB output; temporal ResBlocks and attention in
+  # the UNet, pure temporal kernels.
+  assert decoder.vae_temporal.out_conv_kernel == (3, 1, 1)
+  assert key.temporal.resblocks and key.temporal.attention
+  assert tuple(key.temporal.conv_kernel) == (3, 1, 1)
+  # Clips without any known frame train the unconditional branch of context guidance.
+  assert load_sibling(CONFIGS, "interpolator_base").get_config() \
+      .interpolator.context_drop_prob > 0
+  # SD's x4 upscaler: the low-res input noised at a level in [0, 350) of its own schedule.
+  up = load_sibling(CONFIGS, "upsampler_base").get_config()
+  assert up.max_noise_level == 350
+  assert (up.noise_aug_scheduler.num_train_timesteps, up.noise_aug_scheduler.beta_start,
+          up.noise_aug_scheduler.beta_end) == (1000, 0.0001, 0.02)
+  assert up.scheduler.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("name", ["keyframe_sd15_v5p128", "keyframe_sd15_v5e64",
+                                  "keyframe_sd15_8xh100"])
+def test_hardware_configs_fill_the_topology_their_docstring_names(name):
+  # Only a compile for that topology would show a mesh for another chip count.
+  module = load_sibling(CONFIGS, name)
+  topology = re.search(r"--topology=\w+:([\dx]+)", module.__doc__).group(1)
+  mesh = dict(module.get_config().mesh)
+  assert -1 not in mesh.values()
+  assert math.prod(mesh.values()) == math.prod(int(n) for n in topology.split("x"))
+  if name == "keyframe_sd15_v5e64":  # what its docstring says it needs to fit 16 GiB
+    c = module.get_config()
+    assert c.train.attention == "blocked" and c.data.kind == "latent_cache"
 
 
 def test_keyframe_sd15_params_shard_over_fsdp():

@@ -496,12 +496,13 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
         "scheduler": {}}
   for text, message in (
       ('{"format": ', r"not a JSON file \(not valid JSON"),
+      (b"\xff\xfe\x00binary", r"not a JSON file \(not valid JSON"),  # (not UTF-8)
       ("[1, 2]", "expected a JSON object, got a list"),
       (json.dumps(dict(ok, format_version="1")), "format_version '1', expected a whole"),
       (json.dumps(dict(ok, format_version=-1)), "format_version -1, expected a whole"),
       (json.dumps(dict(ok, format_version=2)), "format_version 2 is newer"),
       (json.dumps({k: v for k, v in ok.items() if k != "unet"}), r"no \['unet'\] entries")):
-    index.write_text(text)
+    index.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=f"{re.escape(str(index))}: {message}"):
       pretrained.load_index(folder)
   index.write_text(json.dumps(ok))
@@ -523,7 +524,11 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
       (dict(ok, unet={"layers_per_block": True}),
        r"UNetConfig.layers_per_block=True: expected int"),
       (dict(ok, unet={"block_out_channels": [320, "640"]}),
-       r"UNetConfig.block_out_channels=\[320, '640'\]: expected tuple\[int, \.\.\.\]")):
+       r"UNetConfig.block_out_channels=\[320, '640'\]: expected tuple\[int, \.\.\.\]"),
+      (dict(ok, text_encoder={"eos_token_id": "x"}),  # (an `int | None` field)
+       r"CLIPTextConfig.eos_token_id='x': expected int \| None"),
+      (dict(ok, vae={"scaling_factor": True}),  # (a bool is an int, not a float)
+       r"VAEConfig.scaling_factor=True: expected float")):
     index.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{re.escape(str(index))}: {message}"):
       pretrained.load(folder)
