@@ -325,10 +325,13 @@ def _python_pid(workdir: Path, process_id: int) -> int:
 
 
 def _start_two(workdir: Path, steps: int, service: bool = True) -> subprocess.Popen:
+  # (log_every and export as a run's usual: a stop's step is logged all the same, and a
+  # stopped run exports nothing)
   cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
          "--devices_per_process=2", "--", sys.executable, "-m", "videoldm_jax.cli.train",
          f"--workdir={workdir}", *FLAGS, f"--config.train.num_steps={steps}",
-         "--config.train.ckpt_every=1000"]
+         "--config.train.ckpt_every=1000", "--config.train.log_every=4",
+         "--config.train.export=true"]
   env = {**_env(), "JAX_ENABLE_PREEMPTION_SERVICE": str(service).lower()}
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -358,6 +361,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, service):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [str(stopped)]
   assert max(_losses(tmp_path)) == stopped
+  assert not (tmp_path / "export").exists()
   if not service:
     return
   # Resumed; a SIGTERM once process 0 has restored, while both compile: the service

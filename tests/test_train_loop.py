@@ -205,15 +205,15 @@ def test_image_ldm_stage_trains_all_of_theta_and_exports_an_image_model(tmp_path
   proc = subprocess.run(
       [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/image_ldm_tiny.py",
        f"--workdir={tmp_path}", "--config.train.num_steps=4", "--config.train.log_every=1",
-       "--config.sample.every=2", "--config.data.num_frames=2", "--config.data.height=16",
+       "--config.sample.every=3", "--config.data.num_frames=2", "--config.data.height=16",
        "--config.data.width=16"],
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 4: loss" in proc.stderr and "0.00M frozen" not in proc.stderr
-  # Step 2 is logged one step late, after its samples were written (25 denoising steps
+  # Step 3 is logged one step late, after its samples were written (25 denoising steps
   # and an mp4, tens of train steps long): its step time leaves them out.
   steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert steps[1]["step_time"] < 10 * steps[2]["step_time"], steps
+  assert steps[2]["step_time"] < 10 * steps[1]["step_time"], steps
   # samples/s counts images: 4 clips (image_ldm_tiny's batch) of 2 frames per step.
   assert all(abs(s["samples_per_s"] * s["step_time"] - 8) < 1e-6 for s in steps), steps
   from videoldm_jax import pretrained
@@ -221,7 +221,30 @@ def test_image_ldm_stage_trains_all_of_theta_and_exports_an_image_model(tmp_path
   assert model.temporal_config is None  # an image model, usable as theta of a video LDM
   assert model.training == {"stage": "image_ldm", "num_frames": 2, "frame_stride": 1,
                             "height": 16, "width": 16}
-  assert (tmp_path / "samples" / "step_2.mp4").is_file()
+  # Every sample.every steps, and at the last step (4 is no multiple of 3).
+  assert sorted(p.name for p in (tmp_path / "samples").glob("*.mp4")) == ["step_3.mp4",
+                                                                         "step_4.mp4"]
+
+
+def test_profile_window_spans_its_steps_and_ends_with_the_run(monkeypatch, tmp_path):
+  # The loop calls before(step) before dispatching step + 1 and after(step + 1) once it
+  # is dispatched. A window of steps 2-3 starts before step 2's dispatch and stops after
+  # step 3's; a window past the run's end (or a stop inside it) stops at the last step,
+  # else no profile is written.
+  from videoldm_jax.train import perf
+  calls = []
+  monkeypatch.setattr(perf.jax.profiler, "start_trace", lambda d: calls.append("start"))
+  monkeypatch.setattr(perf.jax.profiler, "stop_trace", lambda: calls.append("stop"))
+  for window, steps, expected in (
+      ((1, 2), 5, ["start", 2, 3, "stop", 4, 5]),
+      ((1, 10), 3, ["start", 2, 3, "stop"])):
+    calls.clear()
+    trace = perf.StepTrace(tmp_path, *window)
+    for step in range(steps):
+      trace.before(step)
+      calls.append(step + 1)
+      trace.after(step + 1, None, last=step + 1 == steps)
+    assert calls == [1] + expected, (window, calls)
 
 
 def test_tensorboard_writer_starts_without_importing_torch(tmp_path):
