@@ -166,6 +166,8 @@ def test_the_last_partial_batch_is_dropped_unless_asked_for():
   sizes = lambda **more: [len(b["source_index"]) for b in make_video_dataset(
       _list_source(n=10), **kw, **more)]
   assert sizes() == [4, 4] and sizes(drop_remainder=False) == [4, 4, 2]
+  # The same batches with worker processes (they batch before the iterator).
+  assert sizes(drop_remainder=False, worker_count=1) == [4, 4, 2]
 
 
 def test_state_of_a_two_process_run_resumes_it():
@@ -266,6 +268,9 @@ def test_resize_and_crop_shapes(crop, height, width):
 def test_resize_keeps_aspect_and_center_crops():
   rng = np.random.default_rng(0)
   frames = rng.integers(0, 256, (2, 40, 80, 3), dtype=np.uint8)
+  # A scale that rounds a side just under its target (11 * 20 / 11 -> 30 columns of
+  # 29.99..., say) is never a pixel short.
+  assert resize_and_crop(frames[:1, :11, :11], 20, 30, "center").shape == (1, 20, 30, 3)
   out = resize_and_crop(frames, 20, 20, "center")
   # 40x80 -> shorter side to 20 -> 20x40 (aspect kept), then the middle 20 columns.
   ref = np.asarray(Image.fromarray(frames[1]).resize((40, 20), Image.Resampling.BILINEAR))
@@ -307,6 +312,8 @@ def test_random_crops_and_flips_take_one_draw_per_clip():
   images = make_video_dataset(_list_source(), **{**kw, "num_frames": 1}, image_fraction=1.0)
   image_columns = np.concatenate([b["video"] for b in _take(images, 8)])[..., 2].astype(int)
   assert (image_columns[:, 0, 0, 0] > image_columns[:, 0, 0, -1]).any()
+  # ... and randomly cropped (not centred): many offsets.
+  assert len(set(np.minimum(image_columns[:, 0, 0, 0], image_columns[:, 0, 0, -1]).tolist())) > 3
   # The image / video coin is drawn whatever image_fraction: the video examples of a
   # stream with image examples are those of a stream without, crops and flips included.
   videos, mixed = (np.concatenate([b["video"] for b in _take(make_video_dataset(
@@ -371,6 +378,30 @@ def test_image_examples_draw_any_frame_of_the_clip():
                           width=8, image_fraction=1.0, process_index=0, process_count=1)
   frames = {int(x) for b in _take(ds, 4) for x in b["video"][:, 0, 0, 0, 0]}
   assert {0, L_LIST - 1} <= frames, frames
+
+
+def test_image_examples_take_frames_of_clips_of_any_length():
+  # An image example's frames come from several clips, each of its own length: a frame
+  # index drawn from the first clip's length fell outside a shorter one, and never
+  # reached the end of a longer one.
+  source = _list_source(n=2, length=40) + _list_source(n=2, length=2)
+  ds = make_video_dataset(source, seed=0, batch_size=4, num_frames=3, height=8, width=8,
+                          process_index=0, process_count=1, image_fraction=1.0)
+  frames = np.concatenate([b["video"][..., 0] for b in _take(ds, 5)])  # source frame no.
+  assert frames.max() > 2
+
+
+def test_text_and_label_fields_in_their_other_spellings():
+  # TFDS hands text over as UTF-8 bytes (or 0-d arrays of them) and labels as 0-d
+  # arrays of any integer type.
+  src = _list_source(n=2)
+  examples = [dict(src[0], caption="café sur la route".encode(), label=np.array(2, np.uint8)),
+              dict(src[1], caption=np.array(b"a road"), label=np.array(1, np.uint8))]
+  batch = _take(make_video_dataset(examples, seed=0, batch_size=2, num_frames=2, height=8,
+                                   width=8, process_index=0, process_count=1,
+                                   shuffle=False), 1)[0]
+  assert list(batch["caption"]) == ["café sur la route", "a road"]
+  assert batch["labels"].dtype == np.int32 and list(batch["labels"]) == [2, 1]
 
 
 def test_short_clips_are_replaced_deterministically_with_a_warning(caplog):
@@ -449,6 +480,15 @@ def test_clear_errors():
                              process_index=0, process_count=1), 1)
   # A label that is a number but not an integer is refused, not dropped (a class-
   # conditional UNet would then say the dataset has no label field) nor truncated.
+  for value, said in ((True, "bool True"), (np.bool_(False), "bool .*False")):
+    with pytest.raises(ValueError, match=rf"source example 0: label field 'label' must be "
+                       rf"one integer .* got {said}"):
+      _take(make_video_dataset([dict(src[0], label=value)], seed=0, batch_size=1,
+                               num_frames=2, height=8, width=8, process_index=0,
+                               process_count=1), 1)
+  with pytest.raises(ValueError, match="make_video_dataset: the source is empty"):
+    make_video_dataset([], seed=0, batch_size=1, num_frames=2, height=8, width=8,
+                       process_index=0, process_count=1)
   floats = [dict(src[0], label=1.5)]
   with pytest.raises(ValueError, match=r"source example 0: label field 'label' must be "
                      "one integer .* got float 1.5"):
