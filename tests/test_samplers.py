@@ -100,12 +100,13 @@ def test_ddim_step_clip_and_per_example_t(torch_cpu):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("t", [601, 1, 0])
+@pytest.mark.parametrize("t", [601, 1, 0, 100])
 def test_ddpm_step_matches_diffusers_with_same_noise(torch_cpu, kind, t):
   torch = torch_cpu
   spacing = "linspace" if t == 0 else "leading"  # the linspace grid ends at t = 0
-  ref = _ref("DDPMScheduler", prediction_type=kind, clip_sample=False, steps_offset=1,
-             timestep_spacing=spacing)
+  # (offset 0 for t = 100: its step goes into t = 0, which still adds noise)
+  ref = _ref("DDPMScheduler", prediction_type=kind, clip_sample=False,
+             steps_offset=0 if t == 100 else 1, timestep_spacing=spacing)
   ref.set_timesteps(10)
   grid = list(ref.timesteps.numpy()) + [-1]
   t_prev = int(grid[grid.index(t) + 1])
@@ -365,3 +366,18 @@ def test_sample_options_refuse_non_finite_scales():
                        rf"whole number >= {least}"):
       SampleOptions(**{field: value})
   assert SampleOptions(height=np.int64(64), num_frames=0).height == 64
+
+
+def test_ddim_with_eta_on_the_cosine_schedule_stays_finite():
+  # float32 makes 1 - abar_prev - std^2 slightly negative (-6e-8) for long jumps of the
+  # cosine schedule (999 -> 0 here): the square root of the direction term is clamped,
+  # not NaN.
+  s = schedules.make_schedule("cosine")
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8)), jnp.float32)
+  out = samplers.sample(lambda x, t: 0.3 * x, x, s, 2, "ddim", eta=1.0, key=jax.random.key(0),
+                        timestep_spacing="linspace", progress=False)
+  assert np.isfinite(np.asarray(out)).all()
+  # sample()'s own eta check (SampleOptions checks it for the pipelines).
+  with pytest.raises(ValueError, match="eta must be >= 0"):
+    samplers.sample(lambda x, t: x, x, s, 3, "ddim", eta=-0.5, key=jax.random.key(0),
+                    progress=False)

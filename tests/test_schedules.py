@@ -109,10 +109,39 @@ def test_schedule_from_diffusers_config(torch_cpu):
 @pytest.mark.parametrize("field,value", [
     ("beta_schedule", "sigmoid"), ("prediction_type", "flow_prediction"),
     ("timestep_spacing", "karras"), ("thresholding", True), ("use_karras_sigmas", True),
-    ("variance_type", "learned_range"), ("solver_order", 3), ("lambda_min_clipped", -5.1)])
+    ("variance_type", "learned_range"), ("solver_order", 3), ("lambda_min_clipped", -5.1),
+    ("final_sigmas_type", "sigma_min"), ("euler_at_final", True),
+    ("variance_type", "fixed_large"), ("clip_sample_range", 0.0),
+    ("clip_sample_range", -1.0), ("clip_sample_range", float("nan"))])
 def test_schedule_from_diffusers_config_rejects(field, value):
+  # (clip_sample_range <= 0 or NaN collapsed every DDIM / DDPM sample to 0, -1 or NaN)
   with pytest.raises(ValueError, match=field):
-    schedules.schedule_from_diffusers_config({"beta_schedule": "linear", field: value})
+    schedules.schedule_from_diffusers_config({"beta_schedule": "linear", field: value,
+                                              "clip_sample": True})
+
+
+def test_diffusers_config_sizes_and_dtypes():
+  # num_train_timesteps is read for named schedules too; trained_betas must have that
+  # many; the float64 product gives abar (no accumulated float32 error); the loss is
+  # float32 and the noise of the asked dtype.
+  diffusers = pytest.importorskip("diffusers")
+  config = dict(diffusers.DDIMScheduler(num_train_timesteps=500,
+                                        beta_schedule="scaled_linear").config)
+  assert schedules.schedule_from_diffusers_config(config)[0].num_train_timesteps == 500
+  with pytest.raises(ValueError, match=r"trained_betas has shape \(3,\), "
+                     "num_train_timesteps=4"):
+    schedules.schedule_from_diffusers_config({"num_train_timesteps": 4,
+                                              "trained_betas": [0.1] * 3})
+  betas = np.asarray(schedules.make_schedule("scaled_linear").betas)
+  np.testing.assert_array_equal(
+      np.asarray(schedules.schedule_from_betas(betas).alphas_cumprod),
+      np.cumprod(1 - betas.astype(np.float64)).astype(np.float32))
+  s = schedules.make_schedule("linear")
+  pred = jnp.full((2, 8), 1.001, jnp.bfloat16)
+  loss = losses.diffusion_loss(pred, jnp.ones((2, 8), jnp.bfloat16), jnp.array([0, 1]), s,
+                               "epsilon")
+  assert loss.dtype == jnp.float32
+  assert schedules.gaussian_noise(jax.random.key(0), (2, 3), jnp.bfloat16).dtype == jnp.bfloat16
 
 
 def test_impossible_betas_are_refused():

@@ -234,10 +234,16 @@ def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike
   set_alpha_to_one = bool(cfg.get("set_alpha_to_one", True))
   # Absent means off: DPM-Solver configs have no such key and never clip.
   clip = bool(cfg.get("clip_sample", False))
+  clip_range = cfg.get("clip_sample_range", 1.0)
+  if clip and not (isinstance(clip_range, (int, float)) and not isinstance(clip_range, bool)
+                   and math.isfinite(clip_range) and clip_range > 0):
+    # (0 or below collapsed every DDIM / DDPM sample to 0 or -1; NaN made it NaN)
+    raise ValueError(f"unsupported scheduler config: clip_sample_range={clip_range!r}, "
+                     "expected a finite number > 0")
   sampling = SamplingConfig(
       prediction_type=cfg.get("prediction_type", "epsilon"),
       timestep_spacing=cfg.get("timestep_spacing"),
       steps_offset=int(cfg.get("steps_offset", 0)),
       final_alpha_cumprod=1.0 if set_alpha_to_one else float(schedule.alphas_cumprod[0]),
-      clip_sample=float(cfg.get("clip_sample_range", 1.0)) if clip else None)
+      clip_sample=float(clip_range) if clip else None)
   return schedule, sampling
