@@ -365,10 +365,23 @@ def test_inception_matches_torch_reference(inception_file, torch_cpu):
   assert max_rel_err(logits, ref_logits.numpy()) < 1e-4
 
 
-def test_fid_and_is_run_on_random_inception(inception_file):
-  path, _ = inception_file
+def test_fid_and_is_run_on_random_inception(inception_file, torch_cpu):
+  path, sd = inception_file
   videos = _blobs(3, seed=2, t=4)
   frame_batch = _BATCH * _T  # as the CLI test: one compilation for both
+  # What the metrics feed the network: uint8 frames to [-1, 1], resized to 299 x 299 as
+  # pytorch-fid does (bilinear, half-pixel, no antialias), against torch's own resize.
+  net = inception.InceptionFeatures(str(path), frame_batch)
+  frames = videos[0]  # (4, 32, 32, 3) uint8
+  with torch_cpu.no_grad():
+    x = torch_cpu.from_numpy(frames.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    ref = _torch_inception(torch_cpu, sd, torch_cpu.nn.functional.interpolate(
+        x, size=(299, 299), mode="bilinear", align_corners=False))
+  for ours, theirs in zip(net(frames), ref):
+    assert max_rel_err(ours, theirs.numpy()) < 1e-4
+  # Fewer frames than IS splits (4 < 10): one frame per split, not an error.
+  assert np.isfinite(fid.fid_from_videos(videos[:1], videos[:1], str(path),
+                                         batch_size=frame_batch)["is"])
   res = fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2)
   assert res["fid"] < 1e-3 and 1.0 <= res["is"] <= 1008 and np.isfinite(res["is_std"])
   # A frame stride applies to both sets (the same videos: the same frames, FID ~0).
@@ -378,7 +391,6 @@ def test_fid_and_is_run_on_random_inception(inception_file):
   assert fid.fid_from_videos(videos, other, str(path), batch_size=frame_batch,
                              splits=2)["fid"] > 0
   # IS reads the logits without the classifier's bias (improved-GAN, torch-fidelity).
-  net = inception.InceptionFeatures(str(path), frame_batch)
   assert np.abs(net.fc_bias).max() > 0  # the file's bias is perturbed
   pool_stats, unbiased = fid.frame_stats(net, [videos], keep_logits=True)
   np.testing.assert_allclose(unbiased, net(fid.frames_of(videos, 1))[1] - net.fc_bias,
@@ -614,6 +626,8 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
   for key in ("fvd", "fid", "is", "clipsim"):
     assert np.isfinite(result[key]), (key, result)
   assert result["fvd"] > 0 and result["settings"]["covariance"].startswith("unbiased")
+  assert {k: result["settings"][k] for k in ("i3d_resolution", "i3d_resize", "num_frames")} \
+      == {"i3d_resolution": 32, "i3d_resize": "half_pixel", "num_frames": _T}
   # FID and IS are those of the library on the same clips (the CLI's reading, cutting
   # and batching take nothing away): real 5 clips cut to _T frames, the fake mp4s.
   fake = np.stack([video_io.read_video(str(fake_dir / f"sample{i}.mp4"))[:_T]
@@ -649,6 +663,22 @@ def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inceptio
                              splits=2, frame_stride=2)
   assert out["is"] == pytest.approx(want["is"], rel=1e-6) and "fid" not in out
   assert out["settings"]["frame_stride"] == 2 and out["num_fake"] == 3
+  # FID with a stride: both sets take every 2nd frame.
+  real = _blobs(3, seed=9)
+  for i, clip in enumerate(real):
+    np.save(tmp_path / f"r{i}.npy", clip)
+  real_files = cli.expand_inputs(str(tmp_path / "r*.npy"))
+  out = cli.evaluate(real_files, files, ["fid"], num_frames=_T, batch_size=_BATCH,
+                     frame_stride=2, inception_weights=str(inception_file[0]), is_splits=2)
+  want = fid.fid_from_videos(real, fake, inception_file[0], batch_size=_BATCH * _T,
+                             splits=2, frame_stride=2)
+  assert out["fid"] == pytest.approx(want["fid"], rel=1e-4) and out["fid"] > 0
+  # --max_videos: the first clips only, counted as such.
+  out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=2, max_videos=2,
+                     clip_model=str(tiny_clip[0]), prompts_file=str(tmp_path / "prompts.txt"))
+  assert out["num_fake"] == 2
+  assert out["clipsim"] == pytest.approx(float(np.mean(sim.video_scores(fake[:2],
+                                                                        prompts[:2]))), rel=1e-5)
 
 
 def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
@@ -676,6 +706,10 @@ def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
   # The third file is never opened: reading it would raise.
   chunks = list(cli.iter_chunks(files, _T, 4, max_videos=2))
   assert [c.shape[0] for c in chunks] == [2]
+  # Inside a file of several clips too.
+  np.save(tmp_path / "more" / "three.npy", _blobs(3, seed=7))
+  three = cli.expand_inputs(str(tmp_path / "more" / "three.npy"))
+  assert [c.shape[0] for c in cli.iter_chunks(three, _T, 4, max_videos=2)] == [2]
   with pytest.raises(ValueError, match="s2.npy: expected a uint8 array"):
     list(cli.iter_chunks(files, _T, 4, max_videos=3))
   # Clips shorter than --num_frames are refused, even when all are equally short.
