@@ -455,6 +455,11 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   assert "out.gif: fps 0.001 is slower than a GIF can show" in cli(
       "sample", absent, "--fps=0.001", f"--output={tmp_path / 'out.mp4'}")
   assert "unexpected arguments: ['road']" in cli("sample", absent, "--prompt=a", "road")
+  # (JAX keys keep a seed's low 32 bits: 2^32 drew seed 0's noise; 2^63 overflowed after
+  # the model had loaded)
+  assert "--seed must be in [0, 2^32), got -1" in cli("sample", absent, "--seed=-1")
+  assert "--seed must be in [0, 2^32), got 4294967296" in cli("sample_image", absent,
+                                                              "--seed=4294967296")
   assert "--height must be >= 1, got 0" in cli("sample_image", absent, "--height=0")
   for name in ("noext", "a.psd"):  # (Pillow reads .psd but cannot write it)
     assert "not an image file name" in cli("sample_image", absent,

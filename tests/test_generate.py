@@ -847,6 +847,7 @@ def test_npy_writer_streams_exact_frames_and_closes_atomically(tmp_path):
   with pytest.raises(ValueError, match="8 of 9 frames were appended; nothing written"):
     with video_io.NpyWriter(path, 9) as writer:
       writer.append(video[:8])
+  assert os.listdir(tmp_path) == ["w.npy"]  # (the full-size temporary file is gone)
   with pytest.raises(RuntimeError):
     with video_io.NpyWriter(path, 2) as writer:
       writer.append(video[:2])

@@ -366,6 +366,10 @@ def test_sample_options_refuse_non_finite_scales():
                        rf"whole number >= {least}"):
       SampleOptions(**{field: value})
   assert SampleOptions(height=np.int64(64), num_frames=0).height == 64
+  for seed in (-1, 2 ** 32):
+    with pytest.raises(ValueError, match=r"SampleOptions\.seed=.*: expected a whole number "
+                       r"in \[0, 2\^32\)"):
+      SampleOptions(seed=seed)
 
 
 def test_ddim_with_eta_on_the_cosine_schedule_stays_finite():

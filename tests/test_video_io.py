@@ -44,6 +44,8 @@ def test_mp4_round_trip(tmp_path):
   for i in range(1, T):
     assert _mae(out[i], video[i]) < 0.5 * _mae(out[i], video[i - 1])
   assert video_io.read_video(path, max_frames=5).shape == (5, H, W, 3)
+  with pytest.raises(ValueError, match="max_frames must be >= 1"):
+    video_io.read_video(path, max_frames=0)
   # Tagged as what the conversion made (BT.601 / SMPTE 170M, limited range), for this
   # writer and the streaming one: untagged, players assume BT.709 for HD sizes.
   import av

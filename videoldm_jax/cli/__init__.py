@@ -138,6 +138,15 @@ def check_at_least(*checks: tuple) -> None:
       raise app.UsageError(f"--{name} must be >= {least}, got {value}")
 
 
+def check_seed(flag: str, *seeds: int) -> None:
+  """A UsageError naming --`flag` for a seed outside [0, 2^32), before anything loads:
+  JAX's keys keep a seed's low 32 bits (2^32 drew seed 0's noise, -1 that of 2^32 - 1)
+  and larger ones overflowed after the model had loaded."""
+  for seed in seeds:
+    if not 0 <= seed < 2 ** 32:
+      raise app.UsageError(f"--{flag} must be in [0, 2^32), got {seed}")
+
+
 def no_positional(argv: Sequence[str]) -> None:
   """Refuses positional arguments: an unquoted prompt's later words (or a step number
   without --step=) were dropped without a word."""

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import check_at_least, output_path, run_app
+from videoldm_jax.cli import check_at_least, check_seed, output_path, run_app
 from videoldm_jax import pretrained
 from videoldm_jax.data.cache_latents import cache_examples
 from videoldm_jax.data.procedural import make_clip
@@ -45,6 +45,7 @@ def main(argv):
     raise app.UsageError("give exactly one of --tfds_name and --procedural_clips")
   check_at_least(("batch_size", _BATCH.value, 1), ("procedural_clips", _PROC.value, 0),
                  ("num_frames", _FRAMES.value, 1), ("num_shards", _SHARDS.value, 1))
+  check_seed("seed", _SEED.value)
   output_path(_OUTPUT.value, "output", folder=True)
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if _PROC.value:

@@ -31,7 +31,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from videoldm_jax import video_io
-from videoldm_jax.cli import check_at_least, output_path, run_app, seed_outputs
+from videoldm_jax.cli import check_at_least, check_seed, output_path, run_app, seed_outputs
 from videoldm_jax.pipelines import generate
 
 _STAGES = ("keyframe", "predictor", "interpolator", "interpolator2", "decoder", "upsampler")
@@ -134,8 +134,7 @@ def main(argv):
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError as e:
     raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
-  if any(not 0 <= s < 2 ** 32 for s in seeds):  # before the models load (see check_options)
-    raise app.UsageError(f"--seeds must be in [0, 2^32), got {_SEEDS.value}")
+  check_seed("seeds", *seeds)  # (check_options checks the first one, after the flags)
   if not seeds or len(set(seeds)) != len(seeds):  # nothing written / a file overwritten
     raise app.UsageError(f"--seeds must be distinct and at least one, got {_SEEDS.value}")
   if flags.FLAGS["personalize_parts"].present and not _IMAGE.value:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from videoldm_jax.cli import (autoencoder_export, check_at_least, class_labels,
+from videoldm_jax.cli import (autoencoder_export, check_at_least, check_seed, class_labels,
                               note_null_class, note_unguided, output_path, run_app)
 from videoldm_jax import pretrained, video_io
 from videoldm_jax.pipelines import sampling
@@ -45,6 +45,7 @@ def main(argv):
   check_at_least(("num_videos", _NUM.value, 1), ("num_frames", _FRAMES.value, 1),
                  ("height", _HEIGHT.value, 1), ("width", _WIDTH.value, 1),
                  ("steps", _STEPS.value, 1))
+  check_seed("seed", _SEED.value)
   if Path(_OUTPUT.value).suffix.lower() != ".mp4":
     raise app.UsageError(f"--output={_OUTPUT.value}: expected an .mp4 path (the .gif is "
                          "written beside it)")

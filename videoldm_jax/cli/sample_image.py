@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from PIL import Image
 
-from videoldm_jax.cli import (autoencoder_export, check_at_least, class_labels,
+from videoldm_jax.cli import (autoencoder_export, check_at_least, check_seed, class_labels,
                               note_null_class, note_unguided, output_path, run_app)
 from videoldm_jax import pretrained
 from videoldm_jax.pipelines import sampling
@@ -45,6 +45,7 @@ def main(argv):
   # (A 0 size was taken as "the default".)
   check_at_least(("num_images", _NUM.value, 1), ("steps", _STEPS.value, 1),
                  ("height", _HEIGHT.value, 1), ("width", _WIDTH.value, 1))
+  check_seed("seed", _SEED.value)
   Image.init()
   suffix = Path(_OUTPUT.value).suffix.lower()
   if Image.registered_extensions().get(suffix) not in Image.SAVE:  # (some only read)

@@ -46,6 +46,10 @@ class SampleOptions:
       raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
     if not (math.isfinite(self.eta) and self.eta >= 0):
       raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) \
+        or not 0 <= self.seed < 2 ** 32:  # (JAX keys keep a seed's low 32 bits)
+      raise ValueError(f"SampleOptions.seed={self.seed!r}: expected a whole number in "
+                       "[0, 2^32)")
     for field, least in (("height", 1), ("width", 1), ("num_steps", 1), ("num_frames", 0)):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
