@@ -433,6 +433,14 @@ def test_unet_config_fields_are_read_or_refused():
       unet_config_from_diffusers({field: value})
   with pytest.raises(ValueError, match="vae/config.json: unsupported act_fn='gelu'"):
     vae_config_from_diffusers({"act_fn": "gelu"})
+  # Per-channel latent statistics (SDXL-era VAEs) would need more than one scaling
+  # factor: refused, not converted to wrong latents.
+  with pytest.raises(ValueError, match="per-channel latents_mean/std are not supported"):
+    vae_config_from_diffusers({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
+  vae = vae_config_from_diffusers({"use_quant_conv": False, "use_post_quant_conv": False,
+                                   "mid_block_add_attention": False})
+  assert (vae.use_quant_conv, vae.use_post_quant_conv, vae.mid_block_add_attention) == (
+      False, False, False)
 
 
 def test_sd2_presets_are_the_release_configs():
@@ -500,6 +508,10 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
       ("[1, 2]", "expected a JSON object, got a list"),
       (json.dumps(dict(ok, format_version="1")), "format_version '1', expected a whole"),
       (json.dumps(dict(ok, format_version=-1)), "format_version -1, expected a whole"),
+      (json.dumps(dict(ok, format_version=True)), "format_version True, expected a whole"),
+      (json.dumps(dict(ok, text_encoder="clip")),
+       "'text_encoder' must be a JSON object or null, got str 'clip'"),
+      (json.dumps(dict(ok, training=[1])), "'training' must be a JSON object or null"),
       (json.dumps(dict(ok, format_version=2)), "format_version 2 is newer"),
       (json.dumps({k: v for k, v in ok.items() if k != "unet"}), r"no \['unet'\] entries")):
     index.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -537,6 +549,10 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
   model = pretrained.random_image_ldm(
       load_sibling(str(ROOT / "configs" / "x.py"), "image_tiny").get_config("classes=2"))
   pretrained.save(tmp_path / "saved", model)
+  loaded = pretrained.load(tmp_path / "saved")
+  assert loaded.source == model.source  # (what it was made from, not this folder)
+  # The scheduler entry holds the schedule's fields only (not a sampler's choices).
+  assert set(loaded.scheduler) <= set(pretrained.SCHEDULER_FIELDS)
   with pytest.raises(FileNotFoundError, match="saved/params: missing"):
     pretrained.read_params(tmp_path / "missing" / "saved" / "params")
   for f in (tmp_path / "saved" / "params").rglob("*"):
@@ -609,6 +625,21 @@ def test_weight_files_dtypes_and_single_file_keys(tmp_path):
   with pytest.raises(ValueError, match="--extract_ema but model_ema.diffusion_modelout2weight "
                      "is missing"):
     ldm_keys.split_single_file(sd, "x.safetensors", extract_ema=True)
+  # A full training checkpoint's schedule buffers are left out; other keys are named.
+  full = {**sd, **{k: np.zeros(1) for k in ldm_keys.SCHEDULE_BUFFERS}}
+  assert set(ldm_keys.split_single_file(full, "x")["unet"]) == {"out.2.weight",
+                                                                "input_blocks.0.0.bias"}
+  with pytest.raises(ValueError, match=r"keys outside the UNet .*: \['foo'\]"):
+    ldm_keys.split_single_file({**full, "foo": np.zeros(1)}, "x")
+  # A class-conditional UNet's label table gives its class count.
+  assert presets.unet_config_from_weights(UNetConfig(), {"label_emb.weight": np.zeros(
+      (10, 1280))}).num_class_embeds == 10
+  # Conv3d kernels (O, I, T, H, W) -> (T, H, W, I, O), and back.
+  from videoldm_jax.convert.torch_layout import flax_to_torch_array, torch_to_flax_array
+  w = np.random.default_rng(0).standard_normal((2, 3, 4, 5, 6))
+  k = torch_to_flax_array("kernel", w)
+  assert k.shape == (4, 5, 6, 3, 2) and k[1, 2, 3, 2, 1] == w[1, 2, 1, 2, 3]
+  np.testing.assert_array_equal(flax_to_torch_array("kernel", k), w)
   # Fields older configs leave out: SD's values.
   assert pipeline_import.sd_scheduler_fixes({"beta_schedule": "scaled_linear"}, "x"
                                             )["steps_offset"] == 1

@@ -213,6 +213,13 @@ def test_exports_take_the_ema_or_the_trained_weights(tmp_path):
   assert loop.export(tmp_path, setup, state, 3).name == "step_3"
   assert loop.export(tmp_path, setup, state, 3, weights="raw").name == "step_3_raw"
   assert (tmp_path / "export" / "step_3").is_dir() and len(written) == 2
+  # Again (a retrained run, or process 0 of several): the folder stays, nothing written.
+  assert loop.export(tmp_path, setup, state, 3).name == "step_3" and len(written) == 2
+  # Whether a step's export exists is asked of the weights named.
+  import shutil
+  shutil.rmtree(tmp_path / "export" / "step_3")
+  assert loop._agreed(3, tmp_path) == (3, False)
+  assert loop._agreed(3, tmp_path, "raw") == (3, True)
   ema, raw = written
   for params, t in ((ema, 0.5), (raw, 1.0)):
     np.testing.assert_array_equal(params["t"], [t, t])

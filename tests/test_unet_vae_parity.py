@@ -223,12 +223,13 @@ def test_unet_shape_mismatch_and_unmapped_keys_are_named(tmp_path):
   bad = dict(sd)
   bad["conv_in.weight"] = np.zeros((32, 5, 3, 3), np.float32)
   bad["extra.weight"] = np.zeros((2,), np.float32)
+  bad["foo"] = np.zeros((3,), np.float32)  # (a key without a dot: no module of its own)
   del bad["conv_out.bias"]
   with pytest.raises(ConversionError) as e:
     image_models.unet_params_from_torch(config, bad, "bad.safetensors")
   msg = str(e.value)
   assert "conv_in.weight has (32, 5, 3, 3)" in msg and "expects (3, 3, 4, 32)" in msg
-  assert "unmapped: extra.weight" in msg
+  assert "unmapped: extra.weight" in msg and "unmapped: foo (3,)" in msg
   assert "missing: conv_out.bias" in msg
   assert "bad.safetensors" in msg
 

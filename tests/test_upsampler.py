@@ -222,6 +222,11 @@ def test_export_round_trip(trained, tmp_path):
                                     noise_level=7)
   um.save(tmp_path / "nearest", um.PretrainedUpsampler(config, trained["params"]))
   assert um.load(tmp_path / "nearest", read_params=False).config == config
+  # A config its load would refuse is not saved.
+  with pytest.raises(ValueError, match="noise_level"):
+    um.save(tmp_path / "bad", um.PretrainedUpsampler(config.replace(noise_level=999),
+                                                     trained["params"]))
+  assert not (tmp_path / "bad").exists()
   # An index edited by hand is validated on load (an untrained noise level, here).
   index = tmp_path / "nearest" / um.INDEX
   index.write_text(index.read_text().replace('"noise_level": 7', '"noise_level": 999'))

@@ -211,6 +211,11 @@ def load_index(model_dir: str | Path) -> dict[str, Any]:
   if missing:
     raise ValueError(f"{path}: no {missing} entries (JSON objects); the folder is "
                      "incomplete or was not written by videoldm-jax")
+  for key in ("text_encoder", "temporal", "vae_temporal", "training", "decoder_training"):
+    if index.get(key) is not None and not isinstance(index[key], dict):
+      # (a string was read as a list of field names: "unknown fields ['c', 'l', ...]")
+      raise ValueError(f"{path}: {key!r} must be a JSON object or null, got "
+                       f"{type(index[key]).__name__} {index[key]!r}")
   return index
 
 
@@ -236,7 +241,8 @@ def load(model_dir: str | Path) -> PretrainedLDM:
   source = str(model_dir / "model_index.json")
   text, temporal = index.get("text_encoder"), index.get("temporal")
   vae_temporal = index.get("vae_temporal")
-  training, decoder_training = index.get("training", {}), index.get("decoder_training", {})
+  training = index.get("training") or {}
+  decoder_training = index.get("decoder_training") or {}
   if not decoder_training and training.get("stage") in _AUTOENCODER_STAGES:
     # Older autoencoder / decoder exports wrote their record as the UNet's.
     training, decoder_training = {}, training
