@@ -548,11 +548,12 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
   from videoldm_jax.config_files import load_sibling
   model = pretrained.random_image_ldm(
       load_sibling(str(ROOT / "configs" / "x.py"), "image_tiny").get_config("classes=2"))
-  pretrained.save(tmp_path / "saved", model)
+  # (a diffusers scheduler config also holds a sampler's choices: not the schedule's)
+  pretrained.save(tmp_path / "saved", dataclasses.replace(model, scheduler={
+      **model.scheduler, "_class_name": "DPMSolverMultistepScheduler", "solver_order": 2}))
   loaded = pretrained.load(tmp_path / "saved")
   assert loaded.source == model.source  # (what it was made from, not this folder)
-  # The scheduler entry holds the schedule's fields only (not a sampler's choices).
-  assert set(loaded.scheduler) <= set(pretrained.SCHEDULER_FIELDS)
+  assert loaded.scheduler == model.scheduler
   with pytest.raises(FileNotFoundError, match="saved/params: missing"):
     pretrained.read_params(tmp_path / "missing" / "saved" / "params")
   for f in (tmp_path / "saved" / "params").rglob("*"):
@@ -625,8 +626,14 @@ def test_weight_files_dtypes_and_single_file_keys(tmp_path):
   with pytest.raises(ValueError, match="--extract_ema but model_ema.diffusion_modelout2weight "
                      "is missing"):
     ldm_keys.split_single_file(sd, "x.safetensors", extract_ema=True)
-  # A full training checkpoint's schedule buffers are left out; other keys are named.
-  full = {**sd, **{k: np.zeros(1) for k in ldm_keys.SCHEDULE_BUFFERS}}
+  # A full training checkpoint's schedule buffers (CompVis LatentDiffusion's) are left
+  # out; other keys are named.
+  buffers = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+             "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+             "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+             "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+             "logvar", "model_ema.decay", "model_ema.num_updates"]
+  full = {**sd, **{k: np.zeros(1) for k in buffers}}
   assert set(ldm_keys.split_single_file(full, "x")["unet"]) == {"out.2.weight",
                                                                 "input_blocks.0.0.bias"}
   with pytest.raises(ValueError, match=r"keys outside the UNet .*: \['foo'\]"):
