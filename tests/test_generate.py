@@ -664,6 +664,41 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
     chain_models.check_chain(other)
 
 
+def test_cli_flags_reach_the_generation_options():
+  # Every option-changing flag set to a value other than its default, read back from
+  # the options the CLI builds (no model loaded): a dropped flag (say --nogif, whose
+  # preview was written all the same) keeps the default.
+  flag_values = dict(
+      prompt="p", negative_prompt="n", class_label=3, num_frames=40, fps=12.0, height=32,
+      width=48, sampler="dpmpp_2m", steps=9, eta=0.5, guidance_scale=3.0, context_scale=2.0,
+      keyframes_per_clip=6, predictor_frames=5, num_context=1, interp_passes=1,
+      interp_stride=2, interp_window=3, interp_steps=4, interp_guidance_scale=1.5,
+      interp_context_scale=1.25, decode_chunk=8, decode_overlap=1, upsampler_steps=3,
+      noise_level=11, upsample_chunk=6, upsample_overlap=1, crf=0, gif=False,
+      gif_max_frames=12, gif_max_size=64, progress=False)
+  code = ("import dataclasses, json, sys\n"
+          "from absl import flags\n"
+          "from videoldm_jax.cli import generate\n"
+          "flags.FLAGS(['videoldm-generate'] + sys.argv[1:])\n"
+          "print(json.dumps(dataclasses.asdict(generate.options(7))))\n")
+
+  def options(values):
+    args = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
+            for k, v in values.items()]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+  got = options(flag_values)
+  renamed = {"noise_level": "upsampler_noise_level"}
+  assert got == {**{renamed.get(k, k): v for k, v in flag_values.items()}, "seed": 7,
+                 "duration": None}
+  defaults = {f.name: f.default for f in dataclasses.fields(generate.GenerateOptions)}
+  assert [k for k in got if got[k] == defaults[k]] == ["duration"]
+  assert options({"duration": 2.5})["duration"] == 2.5
+
+
 def test_cli_seeds_and_notes(folders, tmp_path):
   """videoldm-generate: one video per seed, the notes on skipped stages once."""
   from videoldm_jax.cli import seed_outputs
