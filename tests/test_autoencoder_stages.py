@@ -118,7 +118,8 @@ def _check_training(train0, frozen0, disc_after_2, state, metrics):
     np.testing.assert_array_equal(v, frozen0[k])
 
 
-def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencoder_run):
+def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencoder_run,
+                                                                       monkeypatch):
   export, (train0, frozen0, disc_after_2, state, metrics) = autoencoder_run
   # The whole autoencoder and its discriminator train; only the VGG16 weights are frozen.
   assert {k[0] for k in train0} == {"vae", "discriminator"}
@@ -144,6 +145,14 @@ def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencod
   it = inputs.make_iterator(config, export.parent, {}, alone=True)
   clips = np.concatenate([next(it)["video"] for _ in range(
       autoencoder.LATENT_STATISTICS_CLIPS // config.data.batch_size)])
+  # Read alone on any process: no collective (the others are not reading; it would
+  # wait for them for good), the same clips.
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, "process_index", lambda *a: 1)
+    patch.setattr(inputs.multihost_utils, "sync_global_devices",
+                  lambda name: pytest.fail(f"a collective in a read alone: {name}"))
+    alone = inputs.make_iterator(config, export.parent, {}, alone=True)
+    np.testing.assert_array_equal(next(alone)["video"], clips[:config.data.batch_size])
   z = np.concatenate([np.asarray(encode(
       autoencoder.frames_to_images(clip[None]),
       jax.random.fold_in(jax.random.key(config.seed), j))).ravel()
