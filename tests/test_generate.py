@@ -297,6 +297,36 @@ def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):
   assert not list(tmp_path.glob(".*.partial-*"))  # the writer renamed its temporary file
 
 
+def test_prediction_rounds_continue_from_the_last_frames_made(folders, monkeypatch):
+  # Each round's context is the last num_context key frames made so far: the end of the
+  # key-frame clip for round 1 (a clip longer than the context), and for later rounds
+  # the frames of several rounds where each makes fewer new ones than the context.
+  from videoldm_jax.pipelines import context_sampling
+  models = generate.load_chain(keyframe_model=folders["keyframe_model"],
+                               predictor_model=folders["predictor_model"])
+  contexts, real = [], context_sampling.predict
+  monkeypatch.setattr(context_sampling, "predict", lambda cm, context, *a, **k: (
+      contexts.append(np.asarray(context)), real(cm, context, *a, **k))[1])
+
+  class Bar:
+    def update(self, n):
+      pass
+
+  for s in (2, 3):  # (3 of 4 predictor frames known: one new frame per round)
+    contexts.clear()
+    o = generate.GenerateOptions(num_frames=8, **{**FAST, "keyframes_per_clip": 3,
+                                                  "predictor_frames": 4, "num_context": s})
+    p = generate.plan(models, o)
+    made = np.concatenate([np.asarray(x) for x in generate._key_frames(models, o, p, Bar())],
+                          axis=1)
+    assert made.shape[1] == 8 and len(contexts) == p.rounds == {2: 3, 3: 5}[s]
+    produced = p.first_clip
+    for context in contexts:
+      assert context.shape[1] == min(s, produced)
+      np.testing.assert_array_equal(context, made[:, produced - context.shape[1]:produced])
+      produced += 4 - context.shape[1]
+
+
 def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path, monkeypatch):
   notes = []
   options = generate.GenerateOptions(num_frames=6, **{**FAST, "keyframes_per_clip": 2})
@@ -585,8 +615,25 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   conditional = dataclasses.replace(models, keyframe=(dataclasses.replace(
       kf_model, unet_config=dataclasses.replace(kf_model.unet_config, num_class_embeds=3)),
       kf_tok))
-  with pytest.raises(ValueError, match="class_label=3: .* has classes 0..2"):
-    generate.plan(conditional, dataclasses.replace(options, class_label=3))
+  for label in (3, -1):  # (-1 took the table's last row: often the null class)
+    with pytest.raises(ValueError, match=f"class_label={label}: .* has classes 0..2"):
+      generate.plan(conditional, dataclasses.replace(options, class_label=label))
+  # No label for a class-conditional model that samples: refused by the plan, also a
+  # predictor after a text key-frame model (found once the key frames were sampled).
+  pred_model, pred_tok = models.predictor
+  labelled_predictor = dataclasses.replace(models, predictor=(dataclasses.replace(
+      pred_model, unet_config=dataclasses.replace(pred_model.unet_config,
+                                                  num_class_embeds=3)), pred_tok))
+  with pytest.raises(ValueError, match=r"predictor.*: a class-conditional model; give "
+                     "class_label"):
+    generate.plan(labelled_predictor, options)
+  # ... not where it does not sample (a video within the key-frame clip: no rounds).
+  assert generate.plan(labelled_predictor, dataclasses.replace(
+      options, num_frames=5, predictor_frames=5)).rounds == 0
+  for change, said in ((dict(upsampler_noise_level=350), r"in \[0, 350\)"),
+                       (dict(num_context=-1), r"num_context=-1 must be in \[0, ")):
+    with pytest.raises(ValueError, match=said):
+      generate.plan(models, dataclasses.replace(options, **change))
   text_free = dataclasses.replace(conditional, **{stage: (dataclasses.replace(
       getattr(conditional, stage)[0], text_config=None), None)
       for stage in ("keyframe", "predictor")})
@@ -662,6 +709,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   with pytest.raises(ValueError, match=r"decoder model .*encoder differs from the "
                      r"key-frame model's \(vae/encoder/" + "/".join(first)):
     chain_models.check_chain(other)
+  # The same encoder, latents shifted otherwise: another latent space too.
+  shifted = dataclasses.replace(models, decoder=dataclasses.replace(
+      decoder, vae_config=dataclasses.replace(decoder.vae_config, shift_factor=0.5)))
+  with pytest.raises(ValueError, match=r"decoder model .*latent space .* differs"):
+    chain_models.check_chain(shifted)
 
 
 def test_cli_flags_reach_the_generation_options():

@@ -223,6 +223,16 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
             else trained["interpolator"].get("num_frames", 0) // stride or t)
   if passes and window < 2:
     raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
+  if o.class_label is None:
+    # (found when the stage's turn came: a class-conditional predictor after a text
+    # key-frame model failed once the key frames had been sampled)
+    sampled = {"keyframe": True, "predictor": rounds > 0 or models.keyframe is None,
+               "interpolator": passes >= 1, "interpolator2": passes >= 2}
+    for stage, used in sampled.items():
+      entry = getattr(models, stage)
+      if used and entry is not None and entry[0].unet_config.num_class_embeds:
+        raise ValueError(f"{models.paths.get(stage, stage)}: a class-conditional model; "
+                         "give class_label")
   notes = []
   if o.eta != 0.0 and o.sampler != "ddim":
     notes.append(f"eta={o.eta} ignored: only the ddim sampler takes it (sampler="
