@@ -311,12 +311,18 @@ def test_perceptual_distance_from_a_torchvision_layout_file(tmp_path, torch_cpu)
             torch.from_numpy(tensors[f"features.{i}.bias"]), padding=1))
       out.append(h)
     return out
-  ref = 0
-  for a, b in zip(feats(x), feats(y)):
-    a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-    b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-    ref = ref + (a - b).pow(2).sum(1).mean((1, 2))
-  np.testing.assert_allclose(np.asarray(d), ref.numpy(), rtol=1e-4)
+  def reference(x, y):
+    ref = 0
+    for a, b in zip(feats(x), feats(y)):
+      a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+      b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+      ref = ref + (a - b).pow(2).sum(1).mean((1, 2))
+    return ref.numpy()
+  np.testing.assert_allclose(np.asarray(d), reference(x, y), rtol=1e-4)
+  # Sides no power of 2 divides (24 -> 12 -> 6 -> 3 -> 1 row: torch's pooling drops
+  # an odd last row, as VALID does).
+  x, y = (np.pad(a, ((0, 0), (0, 8), (0, 4), (0, 0)), mode="reflect") for a in (x, y))
+  np.testing.assert_allclose(np.asarray(distance(params, x, y)), reference(x, y), rtol=1e-4)
   with pytest.raises(ValueError, match="features.28.weight"):
     from safetensors.numpy import save_file
     save_file({k: v for k, v in tensors.items() if "28" not in k},
