@@ -257,12 +257,15 @@ def test_temporal_resblock_equals_its_definition(kernel):
   x = jax.random.normal(k[0], (b * t, 4, 5, c)) * jnp.arange(1, b * t + 1)[:, None, None, None]
   temb = jax.random.normal(k[1], (b * t, 16))
   block = TemporalResBlock(config, norm_num_groups=groups)
-  frames = Frames(num_frames=t)
+  # With context features (a context model): their projection joins the branch's input,
+  # residual stream included (so it is trained from the first step: conv2 starts at 0).
+  context = jax.random.normal(jax.random.key(8), (b * t, 4, 5, 3))
+  frames = Frames(num_frames=t, context=context)
   p = _perturb(nn.meta.unbox(block.init(jax.random.key(6), x, temb, frames))["params"],
                seed=7)
   out = block.apply({"params": p}, x, temb, frames)
 
-  v = rearrange(x, "(b t) h w c -> b t h w c", t=t)
+  v = rearrange(x + context @ p["context_proj"]["kernel"], "(b t) h w c -> b t h w c", t=t)
   gn = lambda name, y: _group_norm_video(y, p[name]["scale"], p[name]["bias"], groups, 1e-5)
   h = _conv3d_same(jax.nn.silu(gn("norm1", v)), p["conv1"])
   e = jax.nn.silu(temb) @ p["time_emb_proj"]["kernel"] + p["time_emb_proj"]["bias"]
@@ -272,12 +275,36 @@ def test_temporal_resblock_equals_its_definition(kernel):
   np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_each_temporal_transformer_block_follows_its_spatial_block():
+  # The sgm / SVD placement: spatial block i, then temporal block i. Swapped, the
+  # parameter tree is the same (and alpha = 1 hides the temporal branch), so a trained
+  # checkpoint loaded as is would give another model, silently.
+  from videoldm_jax.models.transformer2d import SpatialTransformer
+  block = SpatialTransformer(num_heads=2, depth=2, norm_num_groups=4,
+                             temporal=TemporalConfig())
+  x, ctx = jnp.ones((4, 2, 2, 8)), jnp.ones((4, 3, 8))
+  frames = Frames(num_frames=2)
+  params = block.init(jax.random.key(0), x, ctx, frames)
+  called = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and "transformer_blocks" in str(context.module.name):
+      called.append(context.module.name)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    block.apply(params, x, ctx, frames)
+  assert called == ["transformer_blocks_0", "temporal_transformer_blocks_0",
+                    "transformer_blocks_1", "temporal_transformer_blocks_1"]
+
+
 def test_temporal_config_values_that_cannot_work_are_refused_by_field():
   # max_period <= 0 made the frame encoding NaN and, through alpha x + (1 - alpha) NaN,
   # every output NaN (image-only frames too); a scalar conv_kernel a bare TypeError.
   for fields, message in (
       (dict(max_period=0.0), r"max_period must be a finite number > 1, got 0.0"),
       (dict(max_period=-1.0), r"max_period must be a finite number > 1"),
+      (dict(max_period=1.0), r"max_period must be a finite number > 1"),  # (all freqs 1)
       (dict(mix_init=float("nan")), r"mix_init must be finite"),
       (dict(conv_kernel=3), r"conv_kernel=3: expected tuple\[int, int, int\]"),
       (dict(conv_kernel=(3, 2, 1)), r"conv_kernel must be three odd sizes"),
