@@ -554,6 +554,18 @@ def test_model_index_files_and_linked_outputs_are_named(tmp_path):
   loaded = pretrained.load(tmp_path / "saved")
   assert loaded.source == model.source  # (what it was made from, not this folder)
   assert loaded.scheduler == model.scheduler
+  # "training": null is no record, by the loader and by the stages' abstract setup
+  # (videoldm-compile's), which reads the index itself.
+  saved_index = tmp_path / "saved" / "model_index.json"
+  saved_index.write_text(json.dumps({**json.loads(saved_index.read_text()),
+                                     "training": None}))
+  assert pretrained.load(tmp_path / "saved").training == {}
+  import ml_collections
+  from videoldm_jax.stages import base, keyframe
+  with base.abstract_setup():
+    abstract, _, _ = keyframe.load_image_model(
+        ml_collections.ConfigDict({"image_model": str(tmp_path / "saved")}), tmp_path / "w")
+  assert abstract.training == {}
   with pytest.raises(FileNotFoundError, match="saved/params: missing"):
     pretrained.read_params(tmp_path / "missing" / "saved" / "params")
   for f in (tmp_path / "saved" / "params").rglob("*"):

@@ -325,6 +325,15 @@ def test_prediction_rounds_continue_from_the_last_frames_made(folders, monkeypat
       assert context.shape[1] == min(s, produced)
       np.testing.assert_array_equal(context, made[:, produced - context.shape[1]:produced])
       produced += 4 - context.shape[1]
+  # A video within the key-frame clip: no round, so a class-conditional predictor
+  # needs no label (its conditioning was built after the key frames, and raised).
+  pred, tok = models.predictor
+  labelled = dataclasses.replace(models, predictor=(dataclasses.replace(
+      pred, unet_config=dataclasses.replace(pred.unet_config, num_class_embeds=3)), tok))
+  o = generate.GenerateOptions(num_frames=3, **{**FAST, "keyframes_per_clip": 3})
+  p = generate.plan(labelled, o)
+  assert p.rounds == 0 and [x.shape[1] for x in generate._key_frames(labelled, o, p, Bar())
+                            ] == [3]
 
 
 def test_missing_stages_are_skipped_with_a_note(folders, dreambooth, tmp_path, monkeypatch):

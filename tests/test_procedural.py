@@ -172,6 +172,8 @@ def test_a_nearer_car_is_drawn_over_a_farther_one():
     overlaps += ((frame(s, others) != empty).any(-1) & drawn).any()
   assert overlaps >= 3  # (4 of these 300 scenes have a farther car behind the nearest)
 
+
+def test_night_darker_than_day():
   means = {0: [], 1: []}
   for i in range(32):
     video, labels, _ = make_clip(i, 4, 64, 64, seed=5)

@@ -279,6 +279,13 @@ def test_max_steps_in_flight_is_checked_before_anything_runs(tmp_path):
   # first step (ZeroDivisionError), num_steps=0 exported the untrained model, keep=0
   # and ckpt_every=0 failed in Orbax naming no config field.
   config.train.max_steps_in_flight = 2
+  # (a seed of 2^32 trained, then failed at the first training sample)
+  for seed in (-1, 2 ** 32):
+    bad = config.copy_and_resolve_references()
+    bad.seed = seed
+    with pytest.raises(ValueError, match=rf"config.seed={seed}: expected a whole number in "
+                       r"\[0, 2\^32\)"):
+      loop.train_and_evaluate(bad, str(tmp_path / "run"))
   for field in ("num_steps", "log_every", "ckpt_every", "keep"):
     bad = config.copy_and_resolve_references()
     bad.train[field] = 0

@@ -302,6 +302,10 @@ def test_class_caption_and_list_errors(ucf_root, tmp_path):
     f.write(b"\xef\xbb\xbf1 ApplyEyeMakeup\r\n\r\n2 YoYo\r\n")
   assert ucf101.read_class_index(os.path.join(splits, "classInd.txt")) == [
       "ApplyEyeMakeup", "YoYo"]
+  with open(os.path.join(splits, "classInd.txt"), "wb") as f:  # old Mac line ends
+    f.write(b"1 ApplyEyeMakeup\r2 YoYo\r")
+  assert ucf101.read_class_index(os.path.join(splits, "classInd.txt")) == [
+      "ApplyEyeMakeup", "YoYo"]
   # A TFDS config name and a split number that disagree (split 1 was built, silently).
   with pytest.raises(ValueError, match="Ucf101: config split_2 contradicts split_number=1"):
     ucf101.Ucf101(config="split_2", split_number=1)

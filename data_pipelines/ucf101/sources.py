@@ -35,16 +35,19 @@ def _lines(path: str, what: str):
   """(line number, stripped text) of the non-blank lines of `path`."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: UCF-101 {what} does not exist")
-  out = []
   with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      try:  # (utf-8-sig + strip: a byte-order mark and the lists' CRLF line ends)
-        line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{n}: UCF-101 {what} is not valid UTF-8 text "
-                         f"({e.reason} at byte {e.start} of the line)") from None
-      if line:
-        out.append((n, line))
+    data = f.read()
+  out = []
+  # Lines end at CRLF (the official lists), LF or CR; decoded one by one so that an
+  # error names its line (utf-8-sig: a byte-order mark).
+  for n, raw in enumerate(data.splitlines(), 1):
+    try:
+      line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}:{n}: UCF-101 {what} is not valid UTF-8 text "
+                       f"({e.reason} in the line's text)") from None
+    if line:
+      out.append((n, line))
   return out
 
 

@@ -129,7 +129,8 @@ def _key_frames(models: ChainModels, o: GenerateOptions, p: Plan, bar):
         models.samplers["keyframe"], jnp.zeros(shape), jnp.zeros(shape[:2]),
         dataclasses.replace(opts, context_scale=1.0),
         key=jax.random.key(_seed(o.seed, 0)), **_conditioning(models.keyframe, o))
-  if models.predictor is None:
+  if models.predictor is None or (models.keyframe is not None and p.rounds == 0):
+    # (no prediction round: a class-conditional predictor needs no label then)
     bar.update(first.shape[1])
     yield first
     return

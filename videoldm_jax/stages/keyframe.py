@@ -294,7 +294,7 @@ def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
   training = {}
   if name and (Path(name) / "model_index.json").is_file():
     index = pretrained.load_index(name)
-    training = index.get("training", {})  # (its null class: `null_class_label`)
+    training = index.get("training") or {}  # (its null class: `null_class_label`)
     text = index.get("text_encoder")
     configs = (UNetConfig.from_dict(index["unet"]), VAEConfig.from_dict(index["vae"]),
                None if text is None else CLIPTextConfig.from_dict(text), index["scheduler"])
