@@ -127,40 +127,40 @@ def test_unet_parity_with_long_attention_paths(tmp_path, monkeypatch, implementa
                       else "blocked_attention"}, called
 
 
+def _diffusers_vae(tmp_path, seed: int, img_shape, z_shape, **changes):
+  """A perturbed diffusers VAE (VAE_TINY with `changes`) saved to tmp_path / "vae",
+  random inputs and its outputs, channels-last: (model, img, z, mean, logvar, decoded)."""
+  torch.manual_seed(seed)
+  model = perturb_all_weights(diffusers.AutoencoderKL(**{**VAE_TINY, **changes}).eval(),
+                              torch, seed=seed)
+  model.save_pretrained(tmp_path / "vae", safe_serialization=True)
+  rng = np.random.default_rng(seed - 2)
+  img = rng.uniform(-1, 1, img_shape).astype(np.float32)
+  z = rng.standard_normal(z_shape).astype(np.float32)
+  nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()
+  with torch.no_grad():
+    dist = model.encode(torch.from_numpy(img).permute(0, 3, 1, 2)).latent_dist
+    decoded = model.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample
+  return model, img, z, nhwc(dist.mean), nhwc(dist.logvar), nhwc(decoded)
+
+
 def test_vae_without_quant_convs_matches_diffusers(tmp_path):
   # SD3 / Flux-style VAEs have no quant_conv / post_quant_conv.
-  torch.manual_seed(3)
-  config = dict(VAE_TINY, use_quant_conv=False, use_post_quant_conv=False)
-  model = perturb_all_weights(diffusers.AutoencoderKL(**config).eval(), torch, seed=3)
-  model.save_pretrained(tmp_path / "vae", safe_serialization=True)
-  rng = np.random.default_rng(1)
-  img = rng.uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
-  z = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
-  with torch.no_grad():
-    ref_mean = model.encode(torch.from_numpy(img).permute(0, 3, 1, 2)).latent_dist.mean
-    ref_dec = model.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample
+  _, img, z, ref_mean, _, ref_dec = _diffusers_vae(
+      tmp_path, 3, (1, 16, 16, 3), (1, 4, 4, 4), use_quant_conv=False,
+      use_post_quant_conv=False)
   config, params = image_models.load_diffusers_vae(tmp_path / "vae")
   assert not {"quant_conv", "post_quant_conv"} & set(params)
   vae = AutoencoderKL(config)
   mean, _ = vae.apply({"params": params}, img, method=AutoencoderKL.encode)
-  assert max_rel_err(mean, ref_mean.permute(0, 2, 3, 1).numpy()) < PARITY
+  assert max_rel_err(mean, ref_mean) < PARITY
   dec = vae.apply({"params": params}, z, method=AutoencoderKL.decode)
-  assert max_rel_err(dec, ref_dec.permute(0, 2, 3, 1).numpy()) < PARITY
+  assert max_rel_err(dec, ref_dec) < PARITY
 
 
 def test_vae_parity_encode_decode_both_routes(tmp_path):
-  torch.manual_seed(2)
-  model = perturb_all_weights(diffusers.AutoencoderKL(**VAE_TINY).eval(), torch, seed=2)
-  model.save_pretrained(tmp_path / "vae", safe_serialization=True)
-  rng = np.random.default_rng(0)
-  img = rng.uniform(-1, 1, (2, 32, 24, 3)).astype(np.float32)
-  z = rng.standard_normal((2, 8, 6, 4)).astype(np.float32)
-  with torch.no_grad():
-    dist = model.encode(torch.from_numpy(img).permute(0, 3, 1, 2)).latent_dist
-    ref_mean = dist.mean.permute(0, 2, 3, 1).numpy()
-    ref_logvar = dist.logvar.permute(0, 2, 3, 1).numpy()
-    ref_dec = model.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample.permute(
-        0, 2, 3, 1).numpy()
+  model, img, z, ref_mean, ref_logvar, ref_dec = _diffusers_vae(
+      tmp_path, 2, (2, 32, 24, 3), (2, 8, 6, 4))
 
   config, params = image_models.load_diffusers_vae(tmp_path / "vae")
   assert config.scaling_factor == 0.3
