@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 from absl import app, flags
 
+from videoldm_jax.models.config_base import is_seed
+
 
 def run_app(main, module_name: str, reused_flags: Sequence[str] = ()) -> None:
   """`app.run(main)` for the entry point of module `module_name`, positional arguments
@@ -139,11 +141,11 @@ def check_at_least(*checks: tuple) -> None:
 
 
 def check_seed(flag: str, *seeds: int) -> None:
-  """A UsageError naming --`flag` for a seed outside [0, 2^32), before anything loads:
-  JAX's keys keep a seed's low 32 bits (2^32 drew seed 0's noise, -1 that of 2^32 - 1)
-  and larger ones overflowed after the model had loaded."""
+  """A UsageError naming --`flag` for a seed that is no `config_base.is_seed`, before
+  anything loads (2^32 drew seed 0's noise, -1 that of 2^32 - 1, and larger ones
+  overflowed after the model had loaded)."""
   for seed in seeds:
-    if not 0 <= seed < 2 ** 32:
+    if not is_seed(seed):
       raise app.UsageError(f"--{flag} must be in [0, 2^32), got {seed}")
 
 

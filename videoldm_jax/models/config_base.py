@@ -57,6 +57,14 @@ def _describe(annotation) -> str:
   return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
+def is_seed(value) -> bool:
+  """An integer (not a bool) in [0, 2^32): what every seed of a run must be. JAX's keys
+  keep a seed's low 32 bits (2^32 would repeat seed 0's draws), and NumPy's SeedSequence
+  takes a larger one as two words (ids that could equal another seed's)."""
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and 0 <= value < 2 ** 32)
+
+
 def check_fields(cls: type, d: dict[str, Any], source: str) -> dict[str, Any]:
   """`d` (a JSON object) with lists made tuples, or ValueError naming `source` for keys
   that are no fields of the dataclass `cls` and values of another type than the

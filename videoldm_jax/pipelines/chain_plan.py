@@ -5,12 +5,12 @@
 
 import dataclasses
 import math
-import numbers
 from typing import Optional
 
 from videoldm_jax import video_io
 from videoldm_jax.diffusion import samplers as samplers_lib
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
+from videoldm_jax.models.config_base import is_seed
 from videoldm_jax.pipelines import sampling
 from videoldm_jax.pipelines.chain_models import ChainModels
 
@@ -121,10 +121,7 @@ def check_options(o: GenerateOptions) -> None:
     raise ValueError(f"steps must be >= 1, eta >= 0 and sampler one of "
                      f"{samplers_lib.SAMPLERS}; "
                      f"got steps={o.steps}, eta={o.eta}, sampler={o.sampler!r}")
-  # (NumPy's SeedSequence derives the stages' seeds: it needs >= 0, and takes a seed of
-  # 2^32 or more as two words, whose ids could then equal another seed's.)
-  if not (isinstance(o.seed, numbers.Integral) and not isinstance(o.seed, bool)
-          and 0 <= o.seed < 2 ** 32):
+  if not is_seed(o.seed):  # (NumPy's SeedSequence derives the stages' seeds from it)
     raise ValueError(f"seed must be an integer in [0, 2^32), got {o.seed!r}")
   if o.gif and (o.gif_max_size < 1 or o.gif_max_frames < 1):
     raise ValueError(f"gif_max_size and gif_max_frames must be >= 1 (or gif=False), got "

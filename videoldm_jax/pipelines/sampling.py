@@ -18,6 +18,7 @@ from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.models import attention
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from videoldm_jax.models.config_base import is_seed
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.models.unet import (UNet, UNetConfig, called_with_context,
@@ -46,8 +47,7 @@ class SampleOptions:
       raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
     if not (math.isfinite(self.eta) and self.eta >= 0):
       raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
-    if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) \
-        or not 0 <= self.seed < 2 ** 32:  # (JAX keys keep a seed's low 32 bits)
+    if not is_seed(self.seed):
       raise ValueError(f"SampleOptions.seed={self.seed!r}: expected a whole number in "
                        "[0, 2^32)")
     for field, least in (("height", 1), ("width", 1), ("num_steps", 1), ("num_frames", 0)):

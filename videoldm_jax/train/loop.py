@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from videoldm_jax import pretrained, sharding, video_io
 from videoldm_jax.models import attention
+from videoldm_jax.models.config_base import is_seed
 from videoldm_jax.stages import base
 from videoldm_jax.stages.base import StageSetup
 from videoldm_jax.train import flops as flops_lib
@@ -257,9 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if value is not None and value < 1:  # (keep=None: Orbax keeps every checkpoint)
       raise ValueError(f"config.train.{field}={value}: expected >= 1")
   seed = config.get("seed", 0)
-  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-    # (JAX keys keep a seed's low 32 bits: 2^32 would repeat seed 0's run; the training
-    # samples refused it after the first steps)
+  if not is_seed(seed):  # (the training samples refused it after the first steps)
     raise ValueError(f"config.seed={seed!r}: expected a whole number in [0, 2^32)")
   step_lib.check_ema_decay(config.optim.ema_decay)
   for field in ("optim", "disc_optim"):  # (the stages' optimisers check them again)
