@@ -94,6 +94,23 @@ def test_round_trip_bitwise_with_data_and_config(tmp_path):
   ck.close()
 
 
+def test_restore_without_a_step_is_the_latest_and_loop_state_round_trips(tmp_path):
+  ck = Checkpointer(tmp_path, max_to_keep=1, keep_best=1)
+  for step, loss in ((1, 0.1), (2, 0.9)):  # the best step (1) is older than the latest
+    ck.save(step, _tiny(step), metrics={"loss": loss}, data_state={"d": step},
+            loop_state={"window_losses": {"2": loss}})
+  ck.wait_until_finished()
+  assert ck.best_step() == 1 and ck.latest_step() == 2
+  state, data, _ = ck.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+  np.testing.assert_array_equal(state["w"], np.full(4, 2.0))
+  assert data == {"d": 2} and ck.loop_state(2) == {"window_losses": {"2": 0.9}}
+  # Every JSON side record is checked before the save (not in Orbax's writer thread).
+  for kw in ("data_state", "loop_state", "config", "frozen_digests"):
+    with pytest.raises(TypeError, match=kw):
+      ck.save(3, _tiny(3), force=True, **{kw: {"x": object()}})
+  ck.close()
+
+
 @pytest.mark.parametrize("min_slice", [0, None])
 def test_replicated_arrays_round_trip_with_and_without_replica_parallel_writes(
     tmp_path, min_slice):

@@ -134,6 +134,28 @@ def test_save_frozen_checkpoint_restores_without_init_params(tmp_path):
   assert digests == ck.frozen_digests(1)
 
 
+@pytest.mark.parametrize("save_frozen", [False, True])
+def test_restore_reads_the_step_asked_for_not_the_latest(tmp_path, save_frozen):
+  # videoldm-export --step=N and --step=best restore an older step through this path.
+  stage, state, target = _setup()
+  digests = frozen_lib.leaf_digests(split(_params(), _is_trainable)[1])
+  with Checkpointer(tmp_path) as ck:
+    for n, s in ((1, state), (2, state.replace(step=state.step + 5))):
+      ck.save(n, frozen_lib.checkpoint_tree(s, save_frozen), frozen_digests=digests,
+              force=True)
+  restored, _, _ = frozen_lib.restore(Checkpointer(tmp_path), 1, target,
+                                      lambda need: _params(), stage.is_trainable)
+  assert int(restored.step) == int(state.step)
+
+
+def test_leaf_digest_names_the_dtype_of_half_precision_leaves():
+  # Frozen bf16 / fp16 weights: a dtype change must show in the digest.
+  assert frozen_lib.leaf_digest(np.ones(2, np.float16)).startswith("(2,) float16 ")
+  assert frozen_lib.leaf_digest(jnp.ones(2, jnp.bfloat16)).startswith("(2,) bfloat16 ")
+  assert frozen_lib.leaf_digest(jnp.ones(2, jnp.bfloat16)) != frozen_lib.leaf_digest(
+      jnp.ones(2, jnp.float16))
+
+
 def test_checkpoint_of_frozen_but_no_digests_gets_them_from_the_restored_state(tmp_path):
   # What videoldm-train wrote before digests existed: the whole TrainState, no digests.
   stage, state, target = _setup()

@@ -346,6 +346,11 @@ def test_config_changes_on_resume_are_listed():
   assert config_changes(saved, now) == ["new: (absent) -> 2", "old: 1 -> (absent)",
                                         "optim.lr: 0.001 -> 0.006"]
   assert config_changes(saved, saved) == []
+  # Nested lists of tuples (the sharding rules) saved as lists of lists are no change;
+  # a change three levels down is named by its whole path.
+  saved = {"rules": [["a", ["b", "c"]]], "m": {"u": {"ch": 1}}}
+  now = {"rules": [("a", ("b", "c"))], "m": {"u": {"ch": 2}}}
+  assert config_changes(saved, now) == ["m.u.ch: 1 -> 2"]
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint_and_cut_lines(tmp_path):
