@@ -816,8 +816,8 @@ def test_cli_seeds_and_notes(folders, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("n", [7, 8])
-def test_interpolation_windows_share_the_boundary_key_frame(n):
+@pytest.mark.parametrize("n, window", [(7, 3), (8, 3), (8, 4), (9, 4)])
+def test_interpolation_windows_share_the_boundary_key_frame(n, window):
   """Known key frames land exactly every stride frames across window borders."""
   calls, indices = [], []
 
@@ -830,7 +830,7 @@ def test_interpolation_windows_share_the_boundary_key_frame(n):
     out[:, ::4] = keys
     return jax.numpy.asarray(out)
 
-  stage = streaming.Interpolation(fake_interpolate, 4, window=3)
+  stage = streaming.Interpolation(fake_interpolate, 4, window=window)
   keys = np.arange(n, dtype=np.float32).reshape(1, n, 1, 1, 1)
   outs = [stage.push(keys[:, i:i + 2]) for i in range(0, n, 2)] + [stage.flush()]
   frames = np.concatenate([np.asarray(o) for o in outs if o is not None], axis=1)[0, :, 0, 0, 0]
@@ -839,8 +839,24 @@ def test_interpolation_windows_share_the_boundary_key_frame(n):
   assert (frames[np.arange(4 * (n - 1) + 1) % 4 != 0] == -1).all()
   # Windows [0..2], [2..4], [4..6]; with 8 keys the last one ([6, 7] new) reaches back
   # to 5, so every call has the same shape; with 7 the last key (6) ends a window.
-  windows = [[0, 1, 2], [2, 3, 4], [4, 5, 6]] + ([[5, 6, 7]] if n == 8 else [])
+  # With 4 keys a window: [0..3], [3..6], and the last reaches back from 7 (8) to 4 (5).
+  windows = {(7, 3): [[0, 1, 2], [2, 3, 4], [4, 5, 6]],
+             (8, 3): [[0, 1, 2], [2, 3, 4], [4, 5, 6], [5, 6, 7]],
+             (8, 4): [[0, 1, 2, 3], [3, 4, 5, 6], [4, 5, 6, 7]],
+             (9, 4): [[0, 1, 2, 3], [3, 4, 5, 6], [5, 6, 7, 8]]}[n, window]
   assert calls == windows and indices == list(range(len(windows)))
+
+
+def test_sink_keeps_the_first_gif_frames_downscaled_and_cuts_the_video(tmp_path):
+  path = str(tmp_path / "v.npy")
+  with video_io.NpyWriter(path, 5) as writer:
+    sink = streaming.Sink(writer, num_frames=5, gif_frames=3, gif_size=4)
+    for i in range(3):  # 6 frames of 8x8, the last one past the video's end
+      sink.push(jax.numpy.full((1, 2, 8, 8, 3), i / 2 - 0.5))
+  assert np.load(path).shape == (5, 8, 8, 3)
+  assert len(sink.preview) == 3 and all(f.shape == (4, 4, 3) for f in sink.preview)
+  # -0.5 -> 64 and 0 -> 128 (to_uint8 rounds (x + 1) * 127.5): frames 0, 1 of chunk 0, 2 of 1
+  assert [int(f[0, 0, 0]) for f in sink.preview] == [64, 64, 128]
 
 
 def test_frames_past_the_video_end_are_not_decoded():

@@ -1,5 +1,7 @@
 """Latent cache: round trip equals a fresh encode; a cache refuses another VAE."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -322,3 +324,17 @@ def test_cache_writes_and_checks_by_hand(tmp_path):
       check(data=ml_collections.ConfigDict(dict(num_frames=t, height=h, width=w)))
   # A UNet without a text encoder of its own trains on the cached embeddings.
   check(needs_context=True)
+  # Another VAE config with the same weights and scale (a shift factor moves every
+  # latent: (mean - shift) * scale) made other latents.
+  with pytest.raises(ValueError, match="made by a VAE with config"):
+    latent_cache.check_cache(info, "c", vae_config={**vae_config, "shift_factor": 0.1},
+                             fingerprints=latent_cache.model_fingerprints(vae_params))
+  # A cache written before cache_info.json had has_context: read from its first record.
+  for name, rec in (("c", record), ("no_text", {"latents": record["latents"]})):
+    if name == "no_text":
+      latent_cache.write_cache(tmp_path / name, [rec], **kw)
+    info_file = tmp_path / name / latent_cache.INFO_FILE
+    old = json.loads(info_file.read_text())
+    del old["has_context"]
+    info_file.write_text(json.dumps(old))
+    assert latent_cache.LatentCacheSource(tmp_path / name).info["has_context"] == (name == "c")
