@@ -51,6 +51,15 @@ def test_values_and_gradients_match_the_plain_matmul(fn, shape, use_kernel, monk
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-4)
 
 
+@pytest.mark.parametrize("fn", [dense_matmul, dense_matmul_chunked])
+@pytest.mark.parametrize("features_in,features_out", [(5, 0), (0, 5)])
+def test_a_layer_of_zero_features_has_empty_gradients(fn, features_in, features_out):
+  # (The weight gradient reshaped dy to (-1, 0): a ZeroDivisionError.)
+  x, w = jnp.ones((2, 3, features_in)), jnp.ones((features_in, features_out))
+  dx, dw = jax.grad(lambda x, w: jnp.sum(fn(x, w)), argnums=(0, 1))(x, w)
+  assert dx.shape == x.shape and dw.shape == w.shape
+
+
 def test_chunked_weight_gradient_in_bfloat16():
   x, w = _xw(shape=(2, 512, 1024))
   x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
@@ -149,6 +158,7 @@ def test_dense_layers_use_it_on_cpu_only():
 @pytest.mark.parametrize("x_shape,w_shape,dims", [
     ((3, 6), (5, 6), (((1,), (1,)), ((), ()))),           # x W^T: not a dense layer's
     ((3, 4, 5), (3, 5, 6), (((2,), (1,)), ((0,), (0,)))),  # batched
+    ((4, 3), (3, 4), (((1,), (0,)), ((0,), (1,)))),         # a dense contraction, batched
 ])
 def test_other_contractions_fall_through(x_shape, w_shape, dims):
   x, w = jnp.ones(x_shape), jnp.ones(w_shape)
@@ -156,3 +166,11 @@ def test_other_contractions_fall_through(x_shape, w_shape, dims):
   assert "custom_vjp_call" not in jaxpr
   np.testing.assert_array_equal(np.asarray(dense_dot_general(x, w, dims)),
                                 np.asarray(jax.lax.dot_general(x, w, dims)))
+
+
+def test_a_dense_contraction_with_an_output_type_falls_through():
+  x, w = jnp.ones((4, 3), jnp.bfloat16), jnp.ones((3, 5), jnp.bfloat16)
+  dims = (((1,), (0,)), ((), ()))
+  f = lambda x, w: dense_dot_general(x, w, dims, preferred_element_type=jnp.float32)
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(f)(x, w))
+  assert f(x, w).dtype == jnp.float32

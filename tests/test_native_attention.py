@@ -57,7 +57,10 @@ def _grads(fn, q, k, v, g):
 # 23 and 35 = 11 mod 12, 29 = 5 mod 6 with the wide tiles of head dim 80.
 SHAPES = [(2, 1024, 1024, 2, 32), (1, 100, 77, 3, 40), (2, 37, 1, 2, 16),
           (1, 1500, 70, 1, 80), (3, 64, 300, 2, 64), (1, 23, 35, 1, 16),
-          (1, 11, 29, 1, 80)]
+          (1, 11, 29, 1, 80),
+          # 67 query blocks (a prime): the tasks' chunks of blocks are uneven on any
+          # thread count, and the last chunk must still be computed.
+          (1, 17000, 16, 1, 16)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -250,6 +253,10 @@ def test_library_name_changes_with_source_compiler_and_cpu(monkeypatch, tmp_path
   assert base == build.library_path("attention", compiler)
   monkeypatch.setattr(build, "_cpu_flags", lambda: "flags : fpu sse2")
   assert base != build.library_path("attention", compiler)
+  cpu = build.library_path("attention", compiler)
+  # Another jaxlib: its FFI headers may differ from those the library was built with.
+  monkeypatch.setattr(build.jaxlib, "__version__", "0.0.0")
+  assert cpu != build.library_path("attention", compiler)
 
 
 def test_compiler_with_arguments_and_a_shareable_library(monkeypatch, tmp_path):

@@ -79,6 +79,10 @@ def test_splash_leaves_what_it_cannot_run_to_the_formula(mesh):
   assert "pallas_call" not in _run("splash", mesh, q, k, v, w)[2]
   with jax.default_matmul_precision("default"):
     assert "pallas_call" in _run("splash", mesh, q, k, v, w)[2]
+  from videoldm_jax.models import splash_attention
+  with jax.default_matmul_precision("highest"):  # float16 is half precision too
+    assert not splash_attention.precision_allows(jnp.float16)
+    assert splash_attention.precision_allows(jnp.float32)
   # Traced outside `partitioned` (sampling, exports, latent caching): no mesh is known,
   # and Mosaic would refuse an unpartitioned kernel in a program over several devices.
   q, k, v, w = _inputs(batch=4)
@@ -90,6 +94,9 @@ def test_splash_leaves_what_it_cannot_run_to_the_formula(mesh):
   try:
     assert attention_lib.attention_path(TOKENS, TOKENS, jnp.float32, 40) == "splash"
     assert attention_lib.attention_path(TOKENS, TOKENS, jnp.float32, 512) != "splash"
+    # Keys no multiple of the kernel's tile: SD's 77-token cross-attention.
+    assert attention_lib.attention_path(1024, 1024, jnp.float32, 40) == "splash"
+    assert attention_lib.attention_path(1024, 77, jnp.float32, 40) != "splash"
   finally:
     attention_lib.set_implementation(*before)
   # Heads the head axis cannot split evenly (3 on 2 devices): the formula, not an error.

@@ -31,6 +31,7 @@ float32 rounding (tests/test_matmul.py). On other platforms
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,8 @@ def _with_weight_grad(weight_grad):
     return lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
 
   def dense_weight_grad(x, dy, w):
-    x, dy = jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
+    rows = math.prod(x.shape[:-1])  # (not -1: a layer of 0 features cannot infer it)
+    x, dy = jnp.reshape(x, (rows, x.shape[-1])), jnp.reshape(dy, (rows, dy.shape[-1]))
     if USE_KERNEL and native_matmul.supports(x, dy):
       return native_matmul.weight_grad(x, dy)
     return weight_grad(x, dy)
