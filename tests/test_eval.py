@@ -73,6 +73,14 @@ def test_numpy_only_unpickler():
   with pytest.raises(pickle.UnpicklingError, match="system"):
     i3d_weights.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
 
+  class OtherCodec:  # _codecs.encode is let through for latin1 only
+    def __reduce__(self):
+      import codecs
+      return (codecs.encode, ("x", "rot13"))
+
+  with pytest.raises(pickle.UnpicklingError, match="refusing _codecs.encode with 'rot13'"):
+    i3d_weights.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(OtherCodec(), 2))).load()
+
 
 def test_i3d_weights_mismatch_names_the_key(tmp_path):
   abstract = i3d.abstract_variables()
@@ -231,6 +239,12 @@ def test_batched_runs_round_the_batch_up_to_the_devices_and_drop_padding():
   assert runner.batch_size == len(jax.local_devices()) == 8
   x = np.arange(5, dtype=np.float32)[:, None]
   np.testing.assert_array_equal(runner(x), 2 * x)
+  # Metrics run every matmul in float32 whatever the default precision of the platform
+  # (TF32 on GPUs, bfloat16 passes on TPUs): the traced dot asks for HIGHEST.
+  runner = BatchedApply(lambda v, x: x @ v["w"], {"w": np.ones((4, 4), np.float32)}, 8)
+  with jax.default_matmul_precision("bfloat16"):
+    text = runner._fn.lower(runner.variables, np.ones((8, 4), np.float32)).as_text()
+  assert "precision = [HIGHEST, HIGHEST]" in text
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +261,11 @@ def test_fvd_self_zero_and_monotone_in_noise(i3d_small):
   # Clips longer than num_frames are scored by their first num_frames frames.
   longer = np.concatenate([real, _blobs(16, seed=9, t=2)], axis=1)
   assert fvd.fvd_from_videos(real, longer, num_frames=_T, extractor=i3d_small) < 1e-3
+  # Without an extractor: one made at the resolution asked for (the same features).
+  some, fake = real[:_BATCH], _blobs(_BATCH, seed=3)  # one I3D step per set
+  np.testing.assert_allclose(
+      fvd.fvd_from_videos(some, fake, _BATCH, num_frames=_T, resolution=32),
+      fvd.fvd_from_videos(some, fake, num_frames=_T, extractor=i3d_small), rtol=1e-5)
   # Chunks stream into the statistics of the whole set.
   chunked = fvd.video_stats(i3d_small, [real[:_BATCH], real[_BATCH:]])
   assert chunked.count == real_stats.count == 16
@@ -488,7 +507,13 @@ def test_clip_image_preprocessing_matches_transformers(torch_cpu):
   # 36 (24 x 27: an odd crop margin, 1 column left and 2 right) and 32 x 42 (24 * 42 / 32
   # = 31.5 columns: transformers truncates to 31).
   wide = np.concatenate([frames, frames[:, :, :16]], axis=2)
-  for frames in (frames, wide, wide[:, :, :36], wide[:, :, :42]):
+  # Fine texture (a 48 -> 24 resize): bilinear, or bicubic without antialiasing, differ
+  # from PIL's bicubic by 0.2 or more at some pixel (measured: 0.22 and 0.25).
+  yy, xx = np.mgrid[:48, :48]
+  noise = np.random.default_rng(3).normal(0, 10, (3, 48, 48, 3))
+  texture = np.clip(128 + 100 * np.sin(1.7 * xx + 0.9 * yy)[None, :, :, None] + noise, 0,
+                    255).astype(np.uint8)
+  for frames in (frames, wide, wide[:, :, :36], wide[:, :, :42], texture):
     got = np.asarray(ours(jax.numpy.asarray(frames)))
     want = ref(images=list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
     assert got.shape == want.shape
@@ -526,6 +551,7 @@ def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cp
       (dict(size={"height": 40, "width": 48}), r"size=\{'height': 40, 'width': 48\} "
        r"\(expected \{'shortest_edge': N\}\)"),
       (dict(do_center_crop=False), r"do_center_crop=False \(expected True\)"),
+      (dict(do_normalize=False), r"do_normalize=False \(expected True\)"),
       (dict(resample=2), r"resample=2 \(expected 3\)"),
       (dict(rescale_factor=1.0), r"rescale_factor=1.0 \(expected 1/255\)"),
       (dict(crop_size={"height": 36, "width": 30}), r"crop_size=.* \(expected a square\)"),
