@@ -158,6 +158,16 @@ def test_initialize_binds_loopback_and_keeps_cpu_runs_off_the_slice(monkeypatch)
   monkeypatch.setattr(jax.config, "update", lambda *a: settings.append(a))
   assert distributed.initialize(cpu_devices=2).kind == "single" and calls == []
   assert ("jax_num_cpu_devices", 2) in settings
+  # A SLURM task bound to one GPU (seen as device 0) is given that device.
+  for k, v in {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+               "CUDA_VISIBLE_DEVICES": "1", "JAX_PLATFORMS": "cpu"}.items():
+    monkeypatch.setenv(k, v)
+  monkeypatch.delenv("JAX_LOCAL_DEVICE_IDS", raising=False)
+  assert distributed.initialize().kind == "slurm"
+  assert calls[-1]["local_device_ids"] == [0]
+  # One process: its own stop flag (True asked every run to stop after its first step).
+  assert distributed.process_flags(False).tolist() == [False]
+  assert distributed.process_flags(True).tolist() == [True]
 
 
 def test_slurm_tasks_drive_the_gpus_they_see():

@@ -48,11 +48,15 @@ def test_step_time_samples_and_mfu_of_a_logged_step(tmp_path, monkeypatch):
   clock.now = 8.0
   m = log.write(3, metrics)  # no off-step time this time, no batch made
   assert m["step_time"] == 3.0 and m["mfu"] == pytest.approx(0.1 / 3) and m["input_s"] == 0
+  log.input(0.25)  # the input time of the steps since the last log only
+  clock.now = 11.0
+  assert log.write(4, metrics)["input_s"] == 0.25
   # Observed late (timed=False): the previous step time stands.
-  clock.now = 8.5
-  assert log.write(4, metrics, timed=False)["step_time"] == 3.0
+  clock.now = 11.5
+  assert log.write(5, metrics, timed=False)["step_time"] == 3.0
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [(x["step"], x["step_time"]) for x in lines] == [(2, 2.0), (3, 3.0), (4, 3.0)]
+  assert [(x["step"], x["step_time"]) for x in lines] == [(2, 2.0), (3, 3.0), (4, 3.0),
+                                                          (5, 3.0)]
 
 
 def test_log_line_eta_input_and_skipped_warning(tmp_path, monkeypatch, capsys):
@@ -73,3 +77,15 @@ def test_log_line_eta_input_and_skipped_warning(tmp_path, monkeypatch, capsys):
   m = log.write(20, {"loss": 0.5, "grad_norm": 1.0, "skipped": 1}, before_batch=True)
   err = capsys.readouterr().err
   assert "WARNING" not in err and "eta 0:02:40" in err and m["input_s"] == 0.5
+  # An hour or more: h:mm:ss (2000 steps at 2 s, 1990 to go: 3980 s).
+  log = step_log.StepLog(tmp_path, None, num_steps=2000, samples_per_step=4, flops=100.0,
+                         peak=1000.0, step=0, skipped=0)
+  clock.now += 20.0
+  log.write(10, {"loss": 0.5, "grad_norm": 1.0, "skipped": 0})
+  assert "eta 1:06:20" in capsys.readouterr().err
+
+
+def test_last_metrics_read_back_without_their_step(tmp_path):
+  # What a re-run of a finished stage reports (videoldm-train with nothing left to do).
+  step_log.save_last_metrics(tmp_path, {"loss": 1.5}, 7)
+  assert step_log.last_metrics(tmp_path) == {"loss": 1.5}

@@ -237,7 +237,8 @@ def test_profile_window_spans_its_steps_and_ends_with_the_run(monkeypatch, tmp_p
   monkeypatch.setattr(perf.jax.profiler, "stop_trace", lambda: calls.append("stop"))
   for window, steps, expected in (
       ((1, 2), 5, ["start", 2, 3, "stop", 4, 5]),
-      ((1, 10), 3, ["start", 2, 3, "stop"])):
+      ((1, 10), 3, ["start", 2, 3, "stop"]),
+      ((1, 0), 4, [2, 3, 4])):  # profile_steps=0 (the configs' default): no profile
     calls.clear()
     trace = perf.StepTrace(tmp_path, *window)
     for step in range(steps):
@@ -245,6 +246,8 @@ def test_profile_window_spans_its_steps_and_ends_with_the_run(monkeypatch, tmp_p
       calls.append(step + 1)
       trace.after(step + 1, None, last=step + 1 == steps)
     assert calls == [1] + expected, (window, calls)
+  with pytest.raises(ValueError, match="profile_steps=-1"):
+    perf.StepTrace(tmp_path, 1, -1)
 
 
 def test_tensorboard_writer_starts_without_importing_torch(tmp_path):
