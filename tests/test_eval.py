@@ -219,6 +219,15 @@ def test_streaming_stats_equal_batch_stats(tmp_path):
   # numpy adds .npz to other names; load finds the file under the name given to save.
   assert stream.save(tmp_path / "real_stats") == tmp_path / "real_stats.npz"
   assert fvd.FeatureStats.load(tmp_path / "real_stats").count == 257
+  assert fvd.FeatureStats.load(tmp_path / "s.npz").sum.dtype == np.float64
+  for name, arrays in (("cov", dict(count=np.int64(3), sum=np.zeros(4), sum_outer=np.eye(5))),
+                       ("mat", dict(count=np.int64(3), sum=np.eye(4), sum_outer=np.eye(4))),
+                       ("cnt", dict(count=np.float64(2.5), sum=np.zeros(4),
+                                    sum_outer=np.eye(4)))):
+    np.savez(tmp_path / name, **arrays)
+    with pytest.raises(ValueError, match=f"{name}.npz: not a FeatureStats file: expected an "
+                       r"integer count >= 0, sum \(D,\) and sum_outer \(D, D\)"):
+      fvd.FeatureStats.load(tmp_path / name)
   with pytest.raises(ValueError, match="non-finite"):
     stream.update(np.full((1, 16), np.nan))
   # The networks give float32 features: summed in float64 (in float32 the one-pass
@@ -493,6 +502,8 @@ def test_inception_loader_errors(inception_file, tmp_path):
     fid.inception_score(np.zeros((3, 10)), splits=5)
   with pytest.raises(ValueError, match=r"shapes do not match: mu1 \(3,\), cov1 \(4, 4\)"):
     fvd.frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(4))
+  with pytest.raises(ValueError, match=r"shapes do not match: mu1 \(\)"):  # (IndexError)
+    fvd.frechet_distance(np.float64(0), np.eye(1), np.float64(0), np.eye(1))
 
 
 def test_clip_image_preprocessing_matches_transformers(torch_cpu):

@@ -102,8 +102,16 @@ class FeatureStats:
       missing = {"count", "sum", "sum_outer"} - set(f.files)
       if missing:
         raise ValueError(f"{path}: not a FeatureStats file (missing {sorted(missing)})")
-      stats = cls(f["sum"].shape[0])
-      stats.count, stats.sum, stats.sum_outer = int(f["count"]), f["sum"], f["sum_outer"]
+      count, total, outer = f["count"], f["sum"], f["sum_outer"]
+    # (A file of other arrays failed at the first distance, with a numpy shape error.)
+    if (count.shape != () or not np.issubdtype(count.dtype, np.integer) or count < 0
+        or total.ndim != 1 or outer.shape != total.shape * 2):
+      raise ValueError(f"{path}: not a FeatureStats file: expected an integer count >= 0, "
+                       f"sum (D,) and sum_outer (D, D), got count {count.dtype}"
+                       f"{count.shape}, sum {total.shape}, sum_outer {outer.shape}")
+    stats = cls(total.shape[0])
+    stats.count = int(count)
+    stats.sum, stats.sum_outer = total.astype(np.float64), outer.astype(np.float64)
     return stats
 
 
@@ -127,7 +135,7 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray,
   """
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-  if mu1.shape != mu2.shape or cov1.shape != cov2.shape or \
+  if mu1.ndim != 1 or mu1.shape != mu2.shape or cov1.shape != cov2.shape or \
      cov1.shape != (mu1.shape[0], mu1.shape[0]):
     raise ValueError(f"shapes do not match: mu1 {mu1.shape}, cov1 {cov1.shape}, mu2 "
                      f"{mu2.shape}, cov2 {cov2.shape}")
