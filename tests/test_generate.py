@@ -564,6 +564,11 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
     generate.check_options(dataclasses.replace(options, fps=0.001, gif=True))
   generate.check_options(dataclasses.replace(options, fps=0.001, gif=False))
   generate.check_options(dataclasses.replace(options, seed=np.int64(3)))  # (np.arange's)
+  generate.check_options(dataclasses.replace(options, num_frames=np.int64(9)))
+  # Counts are integers (10.5 frames made 10; True made 1).
+  for bad in (dict(num_frames=10.5), dict(steps=True), dict(interp_window=4.0)):
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer, got "):
+      generate.check_options(dataclasses.replace(options, **bad))
   # 0.29 s at 100 fps is 29 frames (0.29 * 100 = 28.999999999999996: truncated, 28).
   assert generate.plan(models, dataclasses.replace(options, num_frames=None, duration=0.29,
                                                     fps=100.0)).num_frames == 29

@@ -5,6 +5,7 @@
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 from videoldm_jax import video_io
@@ -103,6 +104,12 @@ class Plan:
 def check_options(o: GenerateOptions) -> None:
   """ValueError for options impossible whatever the models (`plan` checks the rest):
   callable before the models load, which takes minutes for SD-sized exports."""
+  for field in dataclasses.fields(o):
+    value = getattr(o, field.name)
+    if (field.type in (int, Optional[int]) and value is not None
+        and (isinstance(value, bool) or not isinstance(value, numbers.Integral))):
+      # (num_frames=10.5 made 10 frames; a frame count of True made 1)
+      raise ValueError(f"{field.name} must be an integer, got {value!r}")
   if not (o.fps > 0 and math.isfinite(o.fps)):
     raise ValueError(f"fps must be positive, got {o.fps}")
   for name in ("guidance_scale", "context_scale", "interp_guidance_scale",
