@@ -452,11 +452,14 @@ def test_clear_errors():
     make_video_dataset(src, seed=0, batch_size=1, num_frames=2, height=8, width=8,
                        process_index=2, process_count=2)
   # (stride 0 failed only when read, "slice step cannot be zero"; 1.5 was taken)
-  for bad, said in ((dict(frame_stride=0), "frame_stride must be >= 1, got 0"),
+  # (2.9 frames were truncated to 2; seed -1 failed inside Grain, naming no argument)
+  for bad, said in ((dict(frame_stride=0), "frame_stride must be an integer >= 1, got 0"),
+                    (dict(num_frames=2.9), "num_frames must be an integer >= 1, got 2.9"),
+                    (dict(seed=-1), r"seed must be an integer in \[0, 2\^32\), got -1"),
                     (dict(image_fraction=1.5), r"image_fraction must be in \[0, 1\], got 1.5")):
     with pytest.raises(ValueError, match=f"make_video_dataset: {said}"):
-      make_video_dataset(src, seed=0, batch_size=1, num_frames=2, height=8, width=8,
-                         process_index=0, process_count=1, **bad)
+      make_video_dataset(src, **{**dict(seed=0, batch_size=1, num_frames=2, height=8,
+                                        width=8, process_index=0, process_count=1), **bad})
   too_long = make_video_dataset(src, seed=0, batch_size=1, num_frames=L_LIST + 1, height=8,
                                 width=8, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r"source example \d+ has 10 frames, fewer than "

@@ -51,6 +51,7 @@ count and worker_count).
 """
 
 import functools
+import numbers
 import os
 import threading
 import time
@@ -60,6 +61,8 @@ import numpy as np
 from PIL import Image
 
 import grain
+
+from videoldm_jax.models.config_base import is_seed
 
 _CROPS = ("center", "random")
 
@@ -348,8 +351,12 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
   for name, value in (("batch_size", batch_size), ("num_frames", num_frames),
                       ("height", height), ("width", width), ("frame_stride", frame_stride),
                       ("read_threads", read_threads)):
-    if int(value) < 1:
-      raise ValueError(f"make_video_dataset: {name} must be >= 1, got {value}")
+    # (2.9 frames were truncated to 2)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"make_video_dataset: {name} must be an integer >= 1, got {value!r}")
+  if not is_seed(seed):  # (-1 failed inside Grain, naming no argument)
+    raise ValueError(f"make_video_dataset: seed must be an integer in [0, 2^32), got "
+                     f"{seed!r}")
   if not 0.0 <= image_fraction <= 1.0:
     raise ValueError(f"make_video_dataset: image_fraction must be in [0, 1], got "
                      f"{image_fraction}")
