@@ -237,8 +237,8 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   _tiny_vgg_file(tmp_path / "vgg.safetensors")
   c.loss.update(perceptual_weight=0.5, perceptual_weights_path=str(tmp_path / "vgg.safetensors"),
                 kl_weight=0.3, disc_weight=0.7, disc_factor=0.5)
-  params, batch, loss_fn, loss, m = _loss_at_disc_start(autoencoder.setup(c, tmp_path / "run"),
-                                                        c)
+  setup = autoencoder.setup(c, tmp_path / "run")
+  params, batch, loss_fn, loss, m = _loss_at_disc_start(setup, c)
   np.testing.assert_allclose(float(m["reconstruction_loss"]),
                              float(m["rec_loss"] + 0.5 * m["perceptual_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss), float(
@@ -254,6 +254,18 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   rec = vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
   np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
                              rtol=1e-5)
+  # L_D = f times the hinge loss of D's logits on the frames and their reconstructions.
+  from videoldm_jax.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+  disc = PatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
+  real, fake = (disc.apply({"params": params["discriminator"]}, y) for y in (x, rec))
+  np.testing.assert_allclose(float(m["d_loss"]), 0.5 * float(gan.hinge_d_loss(real, fake)),
+                             rtol=1e-5)
+  # Before disc_start: no adversarial term at all, D untouched (its gradient is 0).
+  before = lambda d: setup.stage.loss_fn({**params, "discriminator": d}, batch,
+                                         jax.random.key(3), c.loss.disc_start - 1)[1]["d_loss"]
+  d_before, g_before = jax.jit(jax.value_and_grad(before))(params["discriminator"])
+  assert float(d_before) == 0.0
+  assert not any(np.asarray(g).any() for g in jax.tree_util.tree_leaves(g_before))
 
   # The gradients of two outputs each: one jitted reverse pass per pair.
   conv_out = params["vae"]["decoder"]["conv_out"]
@@ -527,6 +539,15 @@ def test_a_decoder_export_continues_in_the_decoder_stage_and_feeds_a_latent_upsa
   with pytest.raises(ValueError, match="holds a video decoder with vae_temporal .* set them "
                      "equal"):
     decoder.setup(config, tmp_path / "d")
+  # The autoencoder stage on it fine-tunes the image autoencoder: the temporal layers go.
+  ae = _config("autoencoder")
+  ae.image_model = str(tmp_path / "export")
+  ae_setup = autoencoder.setup(ae, tmp_path / "ae")
+  image_vae = traverse_util.flatten_dict(ae_setup.init_params()["vae"])
+  assert set(image_vae) == {k for k in trained if not partition.is_temporal(k)}
+  assert all(np.array_equal(v, trained[k]) for k, v in image_vae.items())
+  assert jax.tree_util.tree_structure(ae_setup.abstract_params["vae"]) == \
+      jax.tree_util.tree_structure(traverse_util.unflatten_dict(image_vae))
 
   from videoldm_jax.stages import upsampler
   up = load_sibling(str(ROOT / "configs" / "x.py"), "upsampler_tiny").get_config()
