@@ -136,6 +136,14 @@ def test_patch_trained_weights_sample_full_frames_at_4x(trained):
   # Levels the model never trained on (training draws [0, max_noise_level)) are refused.
   with pytest.raises(ValueError, match=r"noise_level must be in \[0, max_noise_level=350\)"):
     upsampling.upsample(model, trained["params"], lowres, noise_level=350, steps=2)
+  # The scheduler config's sampling settings reach the sampler: with x_0 predictions
+  # clipped to [-0.01, 0.01], DDIM's last step (to abar = 1: set_alpha_to_one) lands on
+  # one of them.
+  clipped = dataclasses.replace(model, scheduler={**model.scheduler, "clip_sample": True,
+                                                  "clip_sample_range": 0.01,
+                                                  "set_alpha_to_one": True})
+  out = upsampling.upsample(clipped, trained["params"], lowres, steps=2, seed=0)
+  assert float(jnp.max(jnp.abs(out))) <= 0.01 + 1e-6
 
 
 def test_the_noise_level_is_the_unets_class_label(trained):

@@ -7,6 +7,7 @@ All frames of a video are denoised jointly, which is what makes a temporally ali
 upsampler (the temporal layers) consistent over time (Video LDM, Sec. 3.4).
 """
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -102,9 +103,8 @@ def upsample(model: UpsamplerConfig, params: dict, lowres: jax.Array | np.ndarra
   x_T = _noise(jax.random.fold_in(key, 0), shape, first_frame)
   unet_params = sampling_lib.on_device(params["unet"])
   denoise_fn = lambda x, tt: denoise(unet_params, x, cond, tt, levels)
-  kw = dict(prediction_type=sampling.prediction_type, timestep_spacing=sampling.timestep_spacing,
-            steps_offset=sampling.steps_offset, clip_sample=sampling.clip_sample,
-            final_alpha_cumprod=sampling.final_alpha_cumprod)
+  # Every setting the scheduler config gives (as the key-frame and context samplers).
+  kw = dataclasses.asdict(sampling)
   step_key = (jax.random.fold_in(key, 2) if first_frame is None
               else jax.random.fold_in(jax.random.fold_in(key, 3), first_frame))
   x0 = samplers.sample(denoise_fn, x_T, schedule, steps, sampler=sampler, key=step_key,
