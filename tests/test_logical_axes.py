@@ -69,6 +69,7 @@ def test_weights_name_their_dimensions_in_order():
   want = {"class_embedding/embedding": ("vocab", "embed"),
           "conv_in/kernel": ("conv_kh", "conv_kw", "conv_in", "conv_out"),
           "time_embedding/linear_1/kernel": ("embed", "mlp"),
+          "time_embedding/linear_2/kernel": ("mlp", "embed"),  # (square: names only)
           "down_blocks_0/resnets_0/time_emb_proj/kernel": ("embed", "conv_out"),
           f"{block}/attn1/to_q/kernel": ("embed", "heads"),
           f"{block}/attn1/to_out_0/kernel": ("heads", "embed"),

@@ -209,6 +209,21 @@ def test_unet_resblock_norm_epsilon_is_the_config_norm_eps():
   assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < PARITY
 
 
+def test_unet_timestep_embedding_and_norm_settings_reach_their_layers():
+  # Non-default values (LDM-derived checkpoints set them): diffusers uses norm_eps in every
+  # ResBlock and conv_norm_out (the transformers keep 1e-6 and 1e-5), and
+  # flip_sin_to_cos / freq_shift in the time projection. 0.1 is far from either default.
+  cfg = dict(SD1_STYLE, flip_sin_to_cos=False, freq_shift=1, norm_eps=0.1)
+  model = _torch_unet(cfg, seed=6)
+  inputs = _unet_inputs(cfg, seed=7)
+  config = diffusers_config.unet_config_from_diffusers(dict(model.config))
+  assert (config.flip_sin_to_cos, config.freq_shift, config.norm_eps) == (False, 1, 0.1)
+  params = image_models.unet_params_from_torch(
+      config, ldm_export.as_numpy(model.state_dict()), "test")
+  ours = jax.jit(UNet(config).apply)({"params": params}, *inputs)
+  assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < PARITY
+
+
 @pytest.mark.parametrize("linear", [False, True], ids=["conv_proj", "linear_proj"])
 def test_spatial_transformer_norm_epsilons_match_diffusers(linear):
   # The spatial transformer's GroupNorm (1e-6) sees the quiet input x and the first

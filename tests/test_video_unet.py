@@ -353,6 +353,16 @@ def test_unet_sizes_its_levels_cannot_halve_are_refused():
                                                 jnp.zeros((1,)), jnp.zeros((1, 3, 32))))
 
 
+def test_a_class_conditional_unet_called_without_labels_says_so():
+  # (It failed inside the embedding lookup, naming no cause.)
+  config = UNetConfig(block_out_channels=(32,), attention_levels=(False,), num_heads=2,
+                      cross_attention_dim=32, num_class_embeds=3)
+  with pytest.raises(ValueError, match=r"class-conditional \(num_class_embeds=3\): pass "
+                     "class_labels"):
+    jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)),
+                                              jnp.zeros((1,)), jnp.zeros((1, 3, 32))))
+
+
 def test_video_inputs_of_other_batch_shapes_are_named_or_broadcast(video_params):
   # image_only was flattened unchecked: (B,) and (B, T + 1) failed deep in the first
   # temporal layer as a broadcasting TypeError, a transposed (T, B) array put the flags
