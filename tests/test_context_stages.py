@@ -331,6 +331,12 @@ def test_predictor_context_counts_follow_the_nonzero_weights(tmp_path):
     predictor.setup(config, tmp_path)
   config.sample.num_context = 1
   predictor.check_sample_context(config)
+  # Unset: the samples extend from SAMPLE_CONTEXT = 2 frames, checked as such.
+  unset = config.copy_and_resolve_references()
+  del unset.sample["num_context"]
+  assert predictor.sample_context(unset) == predictor.SAMPLE_CONTEXT == 2
+  with pytest.raises(ValueError, match=r"config.sample.num_context=2: "):
+    predictor.check_sample_context(unset)
   # Clips no longer than the largest S: refused at setup, not at the step's trace.
   short = _config("predictor_tiny", num_frames=2)
   short.sample.every = 0
@@ -560,7 +566,8 @@ def test_context_masks_and_condition_dropout_draw_from_their_own_keys(name, tmp_
   setup = module.setup(config, tmp_path)
   tokens = setup.extra["tokenizer"](["a car", "rain"], max_length=16)
   batch = {"latents": jnp.zeros((2, 4, 1, 1, 4)), "tokens": jnp.asarray(tokens)}
-  loss, metrics = setup.stage.loss_fn(setup.init_params(), batch, jax.random.key(0))  # eager
+  params = setup.init_params()
+  loss, metrics = setup.stage.loss_fn(params, batch, jax.random.key(0))  # eager
   assert np.isfinite(float(loss)) and len(keys["mask"]) == 1 and keys["drop"], keys
   assert not any(np.array_equal(keys["mask"][0], k) for k in keys["drop"]), keys
   assert not np.array_equal(keys["mask"][0], keys["noise"][0])
@@ -568,3 +575,24 @@ def test_context_masks_and_condition_dropout_draw_from_their_own_keys(name, tmp_
   assert 0 < mask.sum() < mask.size  # (this key draws some context, not all frames)
   np.testing.assert_array_equal(np.asarray(given[0]), mask)
   np.testing.assert_allclose(float(metrics["known_frames"]), mask.sum(axis=1).mean())
+  # Pixel clips are encoded to a posterior sample (as in the key-frame stage), from a key
+  # of its own.
+  vae_keys, real_encode = [], keyframe.encode_video
+  monkeypatch.setattr(keyframe, "encode_video", lambda vae, p, video, k: (
+      vae_keys.append(k), real_encode(vae, p, video, k))[1])
+  video = np.random.default_rng(1).integers(0, 256, (2, 4, 8, 8, 3), np.uint8)
+  pixels = {"video": jnp.asarray(video), "tokens": batch["tokens"]}
+  assert np.isfinite(float(setup.stage.loss_fn(params, pixels, jax.random.key(0))[0]))
+  assert vae_keys[0] is not None
+  vae_key = np.asarray(jax.random.key_data(vae_keys[0]))
+  assert not any(np.array_equal(vae_key, k[0]) for k in (keys["mask"], keys["noise"]))
+  # Still images (image_only) skip the temporal layers: with phi off its init (where the
+  # layers change nothing), the same batch and key give another loss.
+  rng = np.random.default_rng(0)
+  params["unet"] = traverse_util.unflatten_dict({
+      k: v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype)
+      if partition.is_temporal(k) else v
+      for k, v in traverse_util.flatten_dict(params["unet"]).items()})
+  still = {**batch, "image_only": jnp.ones((2, 4), bool)}
+  assert float(setup.stage.loss_fn(params, batch, jax.random.key(0))[0]) != \
+      float(setup.stage.loss_fn(params, still, jax.random.key(0))[0])

@@ -25,6 +25,15 @@ from videoldm_jax.pipelines import context_sampling
 from videoldm_jax.stages import context, keyframe
 from videoldm_jax.stages.base import StageSetup
 
+# Context frames of the training-time samples' extensions when config.sample has no
+# num_context (the paper's S = 2: the most the stage trains with by default).
+SAMPLE_CONTEXT = 2
+
+
+def sample_context(config: ml_collections.ConfigDict) -> int:
+  """config.sample.num_context, or SAMPLE_CONTEXT where the config has none."""
+  return config.sample.get("num_context", SAMPLE_CONTEXT)
+
 
 def mask_fn(num_context_probs: Sequence[float]) -> context.MaskFn:
   """(key, B, T) -> (B, T) masks of the first S frames, S ~ num_context_probs per clip."""
@@ -54,7 +63,7 @@ def check_sample_context(config: ml_collections.ConfigDict) -> None:
   """Training-time samples extend from config.sample.num_context frames: at most what
   the stage trains with and fewer than a clip's frames (else the first sample, steps
   into the run, failed or conditioned on a count the model never saw)."""
-  n, s = config.sample.get("num_context", 2), max_context(config.predictor.num_context_probs)
+  n, s = sample_context(config), max_context(config.predictor.num_context_probs)
   if not config.sample.get("every", 0):
     return
   if not 0 <= n <= s or n >= config.data.num_frames:
@@ -77,7 +86,7 @@ def sampler(ldm, tokenizer, config: ml_collections.ConfigDict):
     empty = jnp.zeros((len(prompts), 0) + context.latent_shape(ldm, config), jnp.float32)
     latents = context_sampling.extend(
         cm, empty, config.sample.num_frames, config.data.num_frames,
-        config.sample.get("num_context", 2), context.sample_options(config),
+        sample_context(config), context.sample_options(config),
         **context.sample_conditioning(model, tokenizer, config))
     return context.decode_videos(model, latents)
   return sample
