@@ -245,6 +245,13 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     if getattr(models, name) is not None and o.interp_passes < needs:
       notes.append(f"{name} model {models.paths.get(name, '')} unused: interp_passes="
                    f"{o.interp_passes}")
+  for stage, runs, names in (
+      ("interpolation", passes > 0, ("interp_stride", "interp_window", "interp_steps")),
+      ("upsampler", models.upsampler is not None, ("upsampler_steps",
+                                                   "upsampler_noise_level"))):
+    given = [f"{name}={getattr(o, name)}" for name in names if getattr(o, name) is not None]
+    if given and not runs:  # (passed silently: a flag for a stage the chain lacks)
+      notes.append(f"{', '.join(given)} ignored: the chain runs no {stage}")
   if o.class_label is not None and not conditional:
     notes.append(f"class_label={o.class_label} ignored: no model of the chain is "
                  "class-conditional")
