@@ -90,6 +90,21 @@ def test_config_from_transformers_and_roundtrip(case):
   other = CLIPTextConfig.from_transformers_config(
       {**_TINY, "layer_norm_eps": 1e-6, "eos_token_id": None})
   assert other.layer_norm_eps == 1e-6 and other.eos_token_id is None  # None: argmax pooling
+  # Missing fields are transformers' defaults (its CLIPTextConfig: ViT-L/14's encoder).
+  from transformers import CLIPTextConfig as TransformersConfig
+  ref, ours = TransformersConfig(), CLIPTextConfig.from_transformers_config({})
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings", "hidden_act",
+                "layer_norm_eps", "eos_token_id"):
+    assert getattr(ours, field) == getattr(ref, field), field
+  with pytest.raises(ValueError, match=r"eos_token_id=\[2, 3\]: only a single EOS id"):
+    CLIPTextConfig.from_transformers_config({**_TINY, "eos_token_id": [2, 3]})
+  # Tokens past the position table (a tokenizer of a longer max_length) are refused:
+  # every position read NaN.
+  too_long = jnp.zeros((1, cfg.max_position_embeddings + 1), jnp.int32)
+  with pytest.raises(ValueError, match=rf"sequence length {too_long.shape[1]} exceeds "
+                     rf"max_position_embeddings={cfg.max_position_embeddings}"):
+    jax.eval_shape(lambda: case.model.init(jax.random.key(0), too_long))
 
 
 def test_flax_paths_map_to_transformers_keys(case):

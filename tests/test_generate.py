@@ -227,6 +227,32 @@ def test_personalisation_mismatch_names_path_and_shapes(folders, tmp_path):
                         image_checkpoint=str(tmp_path / "other"))
 
 
+def test_personalisation_refuses_the_same_shapes_computing_otherwise():
+  # Another head count or VAE scale keeps every parameter shape: only the configs tell.
+  image = pretrained.random_image_ldm(tiny_image_config())
+  video = video_model(image, TemporalConfig(), 1)
+  db = pretrained.random_image_ldm(tiny_image_config(seed=11))
+  for part, field, changed, said in (
+      ("unet", "unet_config", dict(num_heads=1), "its UNet config differs"),
+      ("text_encoder", "text_config", dict(num_attention_heads=1),
+       "its text encoder config differs.*num_attention_heads"),
+      ("vae", "vae_config", dict(scaling_factor=0.5),
+       "its autoencoder config differs.*scaling_factor")):
+    other = dataclasses.replace(db, **{field: dataclasses.replace(getattr(db, field),
+                                                                  **changed)})
+    with pytest.raises(ValueError, match=said):
+      personalize.personalize(video, other, (part,))
+  # A text encoder of other leaves under the same config.
+  text = {**db.params["text_encoder"], "final_layer_norm": {"scale": np.ones(3, np.float32)}}
+  with pytest.raises(ValueError, match="final_layer_norm"):
+    personalize.personalize(video, dataclasses.replace(
+        db, params={**db.params, "text_encoder": text}), ("text_encoder",))
+  no_text = dataclasses.replace(db, params={k: v for k, v in db.params.items()
+                                            if k != "text_encoder"})
+  with pytest.raises(ValueError, match="has no 'text_encoder' parameters"):
+    personalize.personalize(video, no_text, ("text_encoder",))
+
+
 # --- the chain --------------------------------------------------------------------------------
 
 def test_full_chain_writes_the_planned_video(folders, tmp_path, monkeypatch):

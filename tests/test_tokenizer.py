@@ -137,6 +137,8 @@ def test_tokenizer_json_folder_matches_transformers(tmp_path, hf_clip_tokenizer)
     assert ours.model_max_length == 16
     ref, _ = _reference(hf_clip_tokenizer, slow, TEXTS, max_length=16)
     np.testing.assert_array_equal(ours(TEXTS), ref)
+  with pytest.raises(ValueError, match="max_length=1 leaves no room for BOS/EOS"):
+    ours("a", max_length=1)  # (a numpy broadcast error)
 
 
 def test_missing_files_name_folder_and_files(tmp_path):
