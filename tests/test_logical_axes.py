@@ -80,6 +80,8 @@ def test_weights_name_their_dimensions_in_order():
 def test_config_rules_name_every_logical_axis():
   from configs import keyframe_base
   assert {name for name, _ in keyframe_base.DEFAULT_RULES} == sharding.KNOWN_LOGICAL_AXES
+  # ... with the library's placement (a copy: configs import no JAX).
+  assert tuple(keyframe_base.DEFAULT_RULES) == sharding.DEFAULT_RULES
 
 
 def test_unet_sharded_by_rules_matches_single_device():
@@ -96,6 +98,12 @@ def test_unet_sharded_by_rules_matches_single_device():
   sharded = jax.device_put(params, shardings)
   kernel = sharded["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+  # Attention heads and the MLP width over "tensor", the model width over "fsdp".
+  block = sharded["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]
+  assert block["attn1"]["to_q"]["kernel"].sharding.spec == \
+      jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert block["ff"]["net_2"]["kernel"].sharding.spec == \
+      jax.sharding.PartitionSpec("tensor", "fsdp")
   # 3 label rows do not split 2 ways: replicated rather than an error.
   assert sharded["class_embedding"]["embedding"].sharding.spec == \
       jax.sharding.PartitionSpec(None, "fsdp")

@@ -63,6 +63,9 @@ def test_fresh_parameters_have_their_scale_and_a_seed_per_path():
   res = ("down_blocks_0", "resnets_0")
   conv1, conv2 = p[res + ("conv1", "kernel")], p[res + ("conv2", "kernel")]
   assert conv1.shape == conv2.shape == (3, 3, 16, 16) and not np.array_equal(conv1, conv2)
+  # ... and of its first part: the same layer in another block draws other values.
+  mid = p[("mid_block", "resnets_0", "conv1", "kernel")]
+  assert mid.shape == conv1.shape and not np.array_equal(mid, conv1)
   assert abs(conv1.std() * np.sqrt(3 * 3 * 16) - 1) < 0.1, conv1.std()  # 2304 draws
   dense = p[("time_embedding", "linear_1", "kernel")]
   assert abs(dense.std() * np.sqrt(dense.shape[0]) - 1) < 0.15, (dense.shape, dense.std())
