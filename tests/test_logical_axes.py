@@ -322,3 +322,8 @@ def test_multi_slice_mesh_over_processes_where_devices_report_one_slice():
     with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 4\} needs 4 processes, "
                        r"the devices are in 2"):
       sharding.make_mesh({"fsdp": 1}, devices, dcn_shape={"data": 4})
+    # More processes than slices: named as such too (not as the mesh within a slice).
+    spread = [Cpu(i, i) for i in range(4)]
+    with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 2\} needs 2 processes, "
+                       r"the devices are in 4"):
+      sharding.make_mesh({"fsdp": 2}, spread, dcn_shape={"data": 2})

@@ -192,6 +192,12 @@ def test_each_step_draws_its_own_key():
     draws.append(float(metrics["draw"]))
   want = [float(jax.random.uniform(jax.random.fold_in(jax.random.key(5), s))) for s in (0, 1)]
   assert draws == want and draws[0] != draws[1]
+  # The step, not the count of updates applied: after a skipped step the next one does
+  # not redraw the skipped step's noise (and a resumed run draws what it would have).
+  state = state.replace(step=jnp.asarray(3, jnp.int32), skipped=jnp.asarray(1, jnp.int32))
+  _, metrics = fn(state, {"x": jnp.ones(2)})
+  assert float(metrics["draw"]) == float(
+      jax.random.uniform(jax.random.fold_in(jax.random.key(5), 3)))
 
 
 def test_exports_take_the_ema_or_the_trained_weights(tmp_path):
@@ -241,6 +247,10 @@ def test_gradient_accumulation_keeps_every_device_busy():
   fn = step_lib.build_train_step(stage, tx, seed=0, grad_accum=2, shardings=shardings,
                                  batch_sharding=batch_sharding)
   state = step_lib.init_state(params, stage, tx, shardings)
+  # The EMA starts at the weights, in buffers of its own (the state is donated).
+  np.testing.assert_array_equal(np.asarray(state.ema["w"]), params["w"])
+  assert state.ema["w"].addressable_data(0).unsafe_buffer_pointer() != \
+      state.trainable["w"].addressable_data(0).unsafe_buffer_pointer()
   batch = {"x": jax.device_put(np.ones((8, 16), np.float32), batch_sharding)}
   hlo = fn.lower(state, batch).compile().as_text()
   assert "all-gather" not in hlo
@@ -286,11 +296,13 @@ def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
                               ema={"w": jnp.zeros((2,), jnp.float32)},  # own buffer: donated
                               skipped=jnp.zeros((), jnp.int32))
   fn = step_lib.build_train_step(stage, tx, seed=0, lr_schedule=schedule)
-  lrs = []
+  lrs, norms = [], []
   for x in (np.nan, 1.0, 1.0):  # step 1 skipped; steps 2 and 3 are updates 1 and 2
     state, metrics = fn(state, {"x": jnp.full((2,), x, jnp.float32)})
     lrs.append(float(metrics["lr"]))
+    norms.append(float(metrics["grad_norm"]))
   assert int(state.skipped) == 1
+  np.testing.assert_allclose(norms[1:], [np.sqrt(2)] * 2, rtol=1e-6)  # |(1, 1)|, global L2
   np.testing.assert_allclose(lrs, [1.0, 1.0, 0.9], rtol=1e-6)
   # The applied updates were -lr * grad (grad = x = 1): -1.0 then -0.9.
   np.testing.assert_allclose(np.asarray(state.trainable["w"]), [-1.9, -1.9], rtol=1e-6)
