@@ -84,6 +84,19 @@ def test_set_state_rejects_mismatches():
     with pytest.raises(ValueError, match=r"an integer 'next_batch' >= 0, got"):
       it.set_state(bad)
   it.set_state({"next_batch": np.int64(4), "seed": 0, "global_batch": 4})
+  # A two-process run's own state resumes it on two processes or on one.
+  its = [ClipIterator(batch_size=2, seed=0, process_index=p, process_count=2, **SHAPE)
+         for p in range(2)]
+  for i in its:
+    next(i)
+  state = json.loads(json.dumps(its[1].get_state()))
+  assert state == {"next_batch": 1, "seed": 0, "global_batch": 4}
+  again = ClipIterator(batch_size=2, seed=0, process_index=1, process_count=2, **SHAPE)
+  again.set_state(state)
+  one = ClipIterator(batch_size=4, seed=0, **SHAPE)
+  one.set_state(state)
+  np.testing.assert_array_equal(next(again)["index"], [6, 7])
+  np.testing.assert_array_equal(next(one)["index"], [4, 5, 6, 7])
   with pytest.raises(ValueError, match="need 0 <= process_index < process_count, got 2 of 2"):
     ClipIterator(batch_size=2, seed=0, process_index=2, process_count=2, **SHAPE)
 
@@ -267,3 +280,4 @@ def test_each_process_reads_its_block_of_the_global_batch(tmp_path, monkeypatch)
     mine = inputs.make_iterator(config, tmp_path, {})
     for step in range(2):
       np.testing.assert_array_equal(next(mine)["index"], whole[step][2 * pi:2 * pi + 2])
+    assert mine.get_state()["seed"] == config.seed  # (the clips are those of one process)

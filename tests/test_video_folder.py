@@ -599,6 +599,19 @@ def test_language_suffixed_duration_tag_is_the_tracks_end():
                                  time_base=None, duration=None)
   container = types.SimpleNamespace(duration=None, start_time=None, streams=[stream] * 2)
   assert sources._declared_span(container, stream) == (0.0, 61.5)
+  stream.metadata = {"DURATION": "01:00:02.500000000"}  # hours too
+  assert sources._declared_span(container, stream) == (0.0, 3602.5)
+
+
+def test_truncation_margins_are_two_frames_or_five_percent():
+  # A container's frame count or end time is often a frame or two off (edit lists, a
+  # held last frame): only a larger shortfall is a cut.
+  assert not sources._is_truncated(10, 8) and sources._is_truncated(10, 7)     # 2 frames
+  assert not sources._is_truncated(100, 95) and sources._is_truncated(100, 94)  # 5%
+  assert not sources._ends_early((0.0, 1.0), 0.8, 10.0)    # 2 / fps = 0.2 s
+  assert sources._ends_early((0.0, 1.0), 0.7, 10.0)
+  assert not sources._ends_early((0.0, 100.0), 95.0, 10.0)  # 5% of 100 s
+  assert sources._ends_early((0.0, 100.0), 94.0, 10.0)
 
 
 def test_caption_file_with_bytes_that_are_not_utf8(tmp_path):
@@ -606,6 +619,10 @@ def test_caption_file_with_bytes_that_are_not_utf8(tmp_path):
   bad.write_bytes(b"path,caption\na.mp4,fine\nb.mp4,caf\xe9 au lait\n")
   with pytest.raises(ValueError, match=r"latin1\.csv:3: not valid UTF-8 text"):
     sources.read_captions(str(bad), str(tmp_path))
+  # A byte-order mark (Excel's "CSV UTF-8" writes one) is no part of the first column.
+  bom = tmp_path / "excel.csv"
+  bom.write_bytes("\ufeffpath,caption\na.mp4,x\n".encode("utf-8"))
+  assert [row[1] for row in sources.read_captions(str(bom), str(tmp_path))[0]] == ["x"]
   bad_jsonl = tmp_path / "latin1.jsonl"
   bad_jsonl.write_bytes(b'{"path": "a.mp4", "caption": "caf\xe9"}\n')
   with pytest.raises(ValueError, match=r"latin1\.jsonl:1: not valid UTF-8 text"):
