@@ -95,6 +95,9 @@ def test_out_of_memory_compile_is_a_does_not_fit_verdict():
          "HLO temporaries (24.02G) exceeds available HBM (15.75G).")
   assert compile_check.required_temp_bytes(msg) == int(24.02 * compile_check.GiB)
   assert compile_check.required_temp_bytes("RESOURCE_EXHAUSTED: something else") == -1
+  # Binary units, as XLA prints them: 512.50M is 512.5 MiB.
+  assert compile_check.required_temp_bytes(
+      "HLO temporaries (512.50M) exceeds available") == int(512.5 * 2 ** 20)
   r = compile_check.FitReport(
       stage="s", topology="v5e:8x8", devices=64, mesh={}, params=1, trainable_params=1,
       argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0, peak_bytes=0,
@@ -172,6 +175,29 @@ def test_latent_cache_batch_compiles_the_step_without_the_encoders_gpu_proxy():
   assert oom.to_json()["flops_per_device"] is None
   assert oom.compile_error.startswith("RESOURCE_EXHAUSTED") and "more detail" not in \
       oom.compile_error
+  # Any other compiler error is raised as such, not reported as a step that does not fit.
+  def crash(self):
+    raise jax.errors.JaxRuntimeError("INTERNAL: Mosaic failed")
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax.stages.Lowered, "compile", crash)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: Mosaic failed"):
+      compile_check.fit_report(c, "h100:4")
+  # A CPU topology is traced for CPUs, and the batch is split over config.batch_axes as
+  # the trainer splits it (seen where the step is built; nothing compiled).
+  class Seen(Exception):
+    pass
+
+  def build(*args, batch_sharding, **kwargs):
+    raise Seen(attention.implementation()[1], batch_sharding)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(compile_check.step_lib, "build_train_step", build)
+    with pytest.raises(Seen) as seen:
+      compile_check.fit_report(c, "cpu:4")
+  platform, batch_sharding = seen.value.args
+  assert platform == "cpu"
+  assert batch_sharding.spec == jax.sharding.PartitionSpec(tuple(c.batch_axes))
   c.data.height = 17  # not a multiple of the VAE's factor: named, not a shape error
   with pytest.raises(ValueError, match=r"config.data.height and width must be multiples "
                      r"of \d+ .* got 17x16"):

@@ -79,9 +79,28 @@ def test_tpu_pod_warns_of_what_git_archive_leaves_out(tmp_path):
                                cwd=repo, env=env, capture_output=True, text=True,
                                check=True).stderr
   assert "warning" not in run()
+  # What .gitignore leaves out (.venv/, work dirs) is meant not to travel: no warning.
+  (repo / ".gitignore").write_text("ignored/\n")
+  git("add", ".gitignore")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ignore")
+  (repo / "ignored").mkdir()
+  (repo / "ignored" / "f").write_text("x\n")
+  assert "warning" not in run()
   (repo / "configs").mkdir()
   (repo / "configs" / "my_run.py").write_text("x = 1\n")
   assert "files not in git are not copied (git archive HEAD): configs/my_run.py" in run()
+
+
+def test_demo_resumes_from_the_newest_export_by_step_number(tmp_path):
+  # step_1000 after step_500 (a plain sort put step_500 last); a raw-weights export is
+  # not a step.
+  for name in ("step_500", "step_1000", "step_1000_raw", "step_90"):
+    (tmp_path / "export" / name).mkdir(parents=True)
+  script = ROOT / "launch" / "demo.sh"
+  out = subprocess.run(
+      ["bash", "-c", f"eval \"$(sed -n '/^latest()/,/^}}/p' {shlex.quote(str(script))})\"; "
+       f"latest {shlex.quote(str(tmp_path))}"], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == str(tmp_path / "export" / "step_1000")
 
 
 def test_tpu_pod_recreates_a_preempted_spot_slice(tmp_path):
