@@ -426,8 +426,9 @@ def test_settings_that_train_the_wrong_way_are_refused_by_field(tmp_path):
       step_lib.check_ema_decay(decay)
   step_lib.check_ema_decay(np.float32(0.99))
   stage = step_lib.Stage("s", lambda p: True, lambda p, b, k, s=None: (jnp.sum(p["w"]), {}))
-  with pytest.raises(ValueError, match=r"grad_accum=0: expected an integer >= 1"):
-    step_lib.build_train_step(stage, optax.sgd(1.0), seed=0, grad_accum=0)
+  for bad in (0, True, 2.0):
+    with pytest.raises(ValueError, match=rf"grad_accum={bad!r}: expected an integer >= 1"):
+      step_lib.build_train_step(stage, optax.sgd(1.0), seed=0, grad_accum=bad)
   for change, message in ((dict(steps=0), r"config.sample.steps=0: expected an integer >= 1"),
                           (dict(prompts=()), r"config.sample.prompts is empty"),
                           (dict(num_frames=0), r"config.sample.num_frames=0"),

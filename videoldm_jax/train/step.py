@@ -177,7 +177,8 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
   `shardings` / `batch_sharding` pin the layouts; the input state is donated.
   """
   check_ema_decay(ema_decay)
-  if not (isinstance(grad_accum, (int, np.integer)) and grad_accum >= 1):
+  if (isinstance(grad_accum, bool) or not isinstance(grad_accum, (int, np.integer))
+      or grad_accum < 1):  # (True passed as 1)
     # (0 was a ZeroDivisionError when the step traced; the trainer checks it earlier.)
     raise ValueError(f"grad_accum={grad_accum!r}: expected an integer >= 1 (microbatches "
                      "per step)")
