@@ -241,7 +241,7 @@ def test_personalisation_refuses_the_same_shapes_computing_otherwise():
     other = dataclasses.replace(db, **{field: dataclasses.replace(getattr(db, field),
                                                                   **changed)})
     with pytest.raises(ValueError, match=said):
-      personalize.personalize(video, other, (part,))
+      personalize.personalize(video, other, part)  # (one name: one part)
   # A text encoder of other leaves under the same config.
   text = {**db.params["text_encoder"], "final_layer_norm": {"scale": np.ones(3, np.float32)}}
   with pytest.raises(ValueError, match="final_layer_norm"):

@@ -50,7 +50,8 @@ def personalize(video: PretrainedLDM, image: PretrainedLDM, parts: Sequence[str]
   The parameter arrays are shared with the inputs, not copied. `video.source` gets a
   note of the swap.
   """
-  parts = tuple(parts)
+  # One name is one part ("unet" was read as the parts 'u', 'n', 'e', 't').
+  parts = (parts,) if isinstance(parts, str) else tuple(parts)
   unknown = set(parts) - set(PARTS)
   if unknown:
     raise ValueError(f"parts must be among {PARTS}, got {sorted(unknown)}")
