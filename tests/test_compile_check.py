@@ -104,6 +104,7 @@ def test_out_of_memory_compile_is_a_does_not_fit_verdict():
       device_memory_bytes=16 * compile_check.GiB, flops_per_device=float("nan"),
       compile_s=0.0, compile_error=msg)
   assert r.verdict() == "DOES NOT FIT" and "24.02G" in r.summary()
+  assert "FLOPs per step: not counted (no program); compiled in 0s" in r.summary()
   # The rest of the compiler's message (e.g. a list of the largest allocations) is shown
   # under the verdict, cut to MESSAGE_LINES lines; the JSON keeps all of it.
   details = [f"  {i}. Size: 1.00G" for i in range(compile_check.MESSAGE_LINES + 5)]

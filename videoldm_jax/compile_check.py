@@ -99,9 +99,11 @@ class FitReport:
             + f", outputs {self.output_bytes / GiB:.2f} GiB "
             f"(aliased {self.alias_bytes / GiB:.2f}), peak {self.peak_bytes / GiB:.2f} GiB "
             f"of {mem}\n"
-            f"  FLOPs per step: {self.flops_per_device * self.devices / 1e12:.2f} TFLOP "
-            f"({self.flops_per_device / 1e12:.3f} per device); compiled in "
-            f"{self.compile_s:.0f}s\n  {self.verdict()}"
+            + ("  FLOPs per step: not counted (no program)"  # (it printed "nan TFLOP")
+               if not math.isfinite(self.flops_per_device) else
+               f"  FLOPs per step: {self.flops_per_device * self.devices / 1e12:.2f} TFLOP "
+               f"({self.flops_per_device / 1e12:.3f} per device)")
+            + f"; compiled in {self.compile_s:.0f}s\n  {self.verdict()}"
             + (" (a proxy: compiled for CPU devices, see compile_check.GPU_MEMORY)"
                if self.topology.partition(":")[0] in GPU_MEMORY else "")
             + (f" (XLA: {self.compile_error})" if self.compile_error else "")
