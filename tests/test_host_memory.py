@@ -94,6 +94,15 @@ def test_cpu_benchmarks_restart_themselves_with_the_tunables():
   # Left alone: another platform first, or the switch off.
   assert _restarted({**base, "JAX_PLATFORMS": "cuda,cpu"}) == "['--flag=1']"
   assert _restarted({**cpu, "VIDEOLDM_JAX_HOST_TUNABLES": "0"}) == "['--flag=1']"
+  # ... or nothing to add: every tunable set by its MALLOC_* alias.
+  aliases = {**cpu, "MALLOC_ARENA_MAX": "4", "MALLOC_MMAP_MAX_": "7",
+             "MALLOC_TRIM_THRESHOLD_": "9"}
+  again = subprocess.run(
+      [sys.executable, "-c", "import os\nfrom videoldm_jax import host_memory\n"
+       "host_memory.restart_with_tunables()\n"
+       "print(os.environ.get('VIDEOLDM_JAX_HOST_TUNABLES_RESTARTED'))"],
+      env=aliases, check=True, capture_output=True, text=True)
+  assert again.stdout.strip() == "None"
   # A program read from stdin cannot be started again: it runs on as it is.
   stdin = subprocess.run([sys.executable, "-"], input=_RESTARTS, env=cpu, check=True,
                          capture_output=True, text=True)

@@ -76,7 +76,9 @@ def restart_with_tunables() -> None:
   if sys.argv[0] in ("", "-") or os.environ.get(_RESTARTED):
     return
   env = environ_with_tunables()
-  if env["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES"):
+  # (Unset and empty are the same: every tunable set by its MALLOC_* alias restarted
+  # the process for nothing.)
+  if env["GLIBC_TUNABLES"] == os.environ.get("GLIBC_TUNABLES", ""):
     return
   env[_RESTARTED] = "1"
   sys.stdout.flush()
