@@ -2,6 +2,7 @@
 scratch), the generic train step on them (phi learns, theta stays bitwise), and the
 trainer loop with a checkpoint and a resume."""
 
+import dataclasses
 import json
 import os
 import re
@@ -397,8 +398,15 @@ def test_frame_size_the_unet_cannot_take_is_refused(tmp_path):
 
 
 def test_sample_cli_takes_class_labels(tmp_path):
+  from videoldm_jax import cli
+  assert cli.class_labels(3, 0, 2, "m") == [0, 0]  # class 0 is a label, not "none given"
+  assert cli.class_labels(None, None, 2, "m") is None
   tiny = {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}}
   image = pretrained.random_image_ldm(ml_collections.ConfigDict(tiny))
+  # An autoencoder export is one no UNet stage trained on since (sample-image notes it).
+  ae = dataclasses.replace(image, decoder_training={"stage": "autoencoder"}, training={})
+  assert cli.autoencoder_export(ae)
+  assert not cli.autoencoder_export(dataclasses.replace(ae, training={"stage": "image_ldm"}))
   ldm = VideoLDM.from_pretrained(image, TemporalConfig())
   params = {**image.params, "unet": merge(image.params["unet"],
                                           ldm.init_unet_params(7, where=partition.is_temporal))}

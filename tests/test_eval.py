@@ -703,6 +703,12 @@ def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inceptio
                              splits=2, frame_stride=2)
   assert out["is"] == pytest.approx(want["is"], rel=1e-6) and "fid" not in out
   assert out["settings"]["frame_stride"] == 2 and out["num_fake"] == 3
+  # More splits than frames (15): one split per frame, not an error after the Inception
+  # work. A one-frame split's marginal is its own prediction: KL 0, IS exp(0) = 1.
+  out = cli.evaluate([], files, ["is"], num_frames=_T, batch_size=_BATCH, frame_stride=2,
+                     inception_weights=str(inception_file[0]), is_splits=1000)
+  assert out["is"] == pytest.approx(1.0, abs=1e-5) and out["is_std"] == pytest.approx(0.0,
+                                                                                      abs=1e-5)
   # FID with a stride: both sets take every 2nd frame.
   real = _blobs(3, seed=9)
   for i, clip in enumerate(real):

@@ -201,6 +201,10 @@ def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
       ("train", ["--config=configs/keyframe_tiny.py", "--config.sede=1",
                  f"--workdir={tmp_path / 'w'}"],
        "FATAL Flags parsing error: --config.sede: the config has no field 'sede'"),
+      ("train", ["--config=configs/keyframe_tiny.py", "--config.trian.num_steps=3",
+                 f"--workdir={tmp_path / 'w'}"],  # a misspelt group
+       "FATAL Flags parsing error: --config.trian.num_steps: the config has no field "
+       "'trian' (Did you mean \"train\""),
       # Through a value, not a group (a KeyError naming no field; a TypeError).
       ("train", ["--config=configs/keyframe_tiny.py", "--config.seed.x=1",
                  f"--workdir={tmp_path / 'w'}"],

@@ -53,10 +53,11 @@ def image_model(tmp_path_factory):
   return out
 
 
-def _start(workdir: Path, image_model: Path) -> subprocess.Popen:
+def _start(workdir: Path, image_model: Path, *more: str) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
-       f"--config.image_model={image_model}", f"--workdir={workdir}", *FLAGS], cwd=ROOT,
+       f"--config.image_model={image_model}", f"--workdir={workdir}", *FLAGS, *more],
+      cwd=ROOT,
       env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -137,19 +138,20 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
   proc.wait()
   killed_at = _complete_steps(tmp_path)[-1]
   assert EVERY <= killed_at <= STEPS - 2 * EVERY, killed_at
-  # Resume; then a SIGTERM makes it save where it is and exit with 143 (not finished).
-  proc = _start(tmp_path, image_model)
+  # Resume; then a SIGTERM makes it save where it is and exit with --stopped_exit_code
+  # (143 by default; 75 here, a scheduler's "requeue me"), not finished.
+  proc = _start(tmp_path, image_model, "--stopped_exit_code=75")
   log = RunLog(proc)
   log.wait_for_step_after(killed_at)
   proc.send_signal(signal.SIGTERM)
-  out = log.finish(returncode=143)
+  out = log.finish(returncode=75)
   assert f"resumed from {tmp_path / 'checkpoints'}/{killed_at}" in out, out[-2000:]
   assert "NOTE resumed with a config other" not in out  # the same flags
   assert "stop requested" in out, out[-2000:]
   stopped = int(re.search(r"stop requested \(SIGTERM\): saved step (\d+), exiting", out)[1])
   assert killed_at < stopped < STEPS and (tmp_path / "checkpoints" / str(stopped)).is_dir()
   assert (f"videoldm-train: stopped at step {stopped} of {STEPS} (SIGTERM); checkpoint "
-          f"{stopped} saved: run the same command again to resume (exit 143)") in out
+          f"{stopped} saved: run the same command again to resume (exit 75)") in out
   # Resume to the end.
   out = _finish(_start(tmp_path, image_model))
   assert f"resumed from {tmp_path / 'checkpoints'}/{stopped}" in out
