@@ -564,6 +564,7 @@ def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cp
       (dict(do_center_crop=False), r"do_center_crop=False \(expected True\)"),
       (dict(do_normalize=False), r"do_normalize=False \(expected True\)"),
       (dict(image_mean=[0.5]), r"image_mean=\[0.5\] \(expected three numbers"),
+      (dict(image_mean=[0.5, float("nan"), 0.5]), r"image_mean=\[0.5, nan, 0.5\] \("),
       (dict(image_std=[0.2, 0.0, 0.3]), r"image_std=\[0.2, 0.0, 0.3\] \(expected three "
        r"numbers, one per RGB channel, each > 0\)"),
       (dict(resample=2), r"resample=2 \(expected 3\)"),

@@ -222,7 +222,8 @@ class ImagePreprocess:
     for name, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
       value = d.get(name, default)  # (another length failed at the first frames' broadcast)
       if not (isinstance(value, (list, tuple)) and len(value) == 3
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and math.isfinite(v) for v in value)
               and (name == "image_mean" or all(v > 0 for v in value))):
         wrong.append(f"{name}={value!r} (expected three numbers, one per RGB channel"
                      + (", each > 0)" if name == "image_std" else ")"))
