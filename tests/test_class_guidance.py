@@ -245,6 +245,21 @@ def test_samplers_guide_against_the_null_class():
     sampling.sample_latents(image, None, [""], "", dataclasses.replace(options(1.0),
                                                                       width=f + 1),
                             class_labels=[0])
+  # An image model asked for frames: named (it failed inside the UNet).
+  with pytest.raises(ValueError, match="num_frames=2 needs a video model"):
+    sampling.sample_latents(image, None, [""], "", dataclasses.replace(options(1.0),
+                                                                      num_frames=2),
+                            class_labels=[0])
+  # The seed draws x_T from fold_in(key(seed), 0) (the steps' noise from fold_in(.., 1)):
+  # seed 3 equals its x_T given by hand (DDIM, eta 0: the steps draw nothing), seed 0
+  # differs.
+  seeded = lambda seed, **kw: np.asarray(sampling.sample_latents(
+      image, None, [""], "", dataclasses.replace(options(1.0), seed=seed),
+      class_labels=[0], **kw))
+  x_T = jax.random.normal(jax.random.fold_in(jax.random.key(3), 0),
+                          (1, 8 // f, 8 // f, image.vae_config.latent_channels))
+  np.testing.assert_array_equal(seeded(3), seeded(0, x_T=x_T))
+  assert np.abs(seeded(3) - seeded(0)).max() > 1e-3
   unguided = run(image, 5.0, [0, 1])  # no null class: guidance_scale does nothing
   np.testing.assert_array_equal(run(with_null(2), 1.0, [0, 1]), unguided)
   guided = run(with_null(2), 5.0, [0, 1])

@@ -220,6 +220,9 @@ def test_context_guidance(model, params):
   np.testing.assert_allclose(np.asarray(out), np.asarray(both[:1] + 2.0 * (both[1:] - both[:1])),
                              rtol=1e-6, atol=1e-6)
   assert np.abs(np.asarray(both[1:] - both[:1])).max() > 1e-3
+  # Text guidance without the empty prompt's embedding: refused (the text was dropped).
+  with pytest.raises(ValueError, match="needs uncond_text"):
+    cs.guided_context_fn(model, c1, cs.ContextSampleOptions(guidance_scale=2.0), ctx1)
 
 
 def test_interpolation_reproduces_key_frames_and_runs_twice(model):
@@ -249,6 +252,9 @@ def test_interpolation_reproduces_key_frames_and_runs_twice(model):
   np.testing.assert_array_equal(
       np.asarray(twice), np.asarray(cs.interpolate_twice(model, keys, 4, opts, text=text,
                                                          key=jax.random.key(0))))
+  np.testing.assert_array_equal(  # key(options.seed) for another seed too
+      np.asarray(cs.interpolate_twice(model, keys, 4, seed1, text=text)),
+      np.asarray(cs.interpolate_twice(model, keys, 4, opts, text=text, key=jax.random.key(1))))
   # A second model (the paper's second interpolator) runs the second pass alone.
   other = dataclasses.replace(model, params=jax.tree_util.tree_map(lambda a: a * 1.05,
                                                                    model.params))
@@ -295,6 +301,10 @@ def test_autoregressive_extension(model):
                     text=text, key=jax.random.key(3))
   np.testing.assert_array_equal(np.asarray(keyed), np.asarray(cs.predict(
       model, none, 4, opts, key=jax.random.fold_in(jax.random.key(3), 0), text=text)))
+  # Without a key: key(options.seed), seed 3 here.
+  np.testing.assert_array_equal(np.asarray(keyed), np.asarray(cs.extend(
+      model, none, num_frames=4, clip_frames=4, num_context=2,
+      options=dataclasses.replace(opts, seed=3), text=text)))
   with pytest.raises(ValueError, match="no x_T"):
     cs.extend(model, none, num_frames=4, clip_frames=4, options=opts, text=text,
               x_T=jnp.zeros((2, 4, 4, 4, 4)))
@@ -356,3 +366,8 @@ def test_initial_and_step_noise_come_from_two_keys(model, monkeypatch):
       np.asarray(seen["x_T"]), np.asarray(jax.random.normal(jax.random.fold_in(k, 0), SHAPE)))
   np.testing.assert_array_equal(np.asarray(jax.random.key_data(seen["key"])),
                                 np.asarray(jax.random.key_data(jax.random.fold_in(k, 1))))
+  # Without a key: key(options.seed) (the stages' training samples pass only a seed).
+  cs.sample_clip(model, z, first_frames_mask(jnp.array([1, 2]), 4),
+                 cs.ContextSampleOptions(num_steps=1, sampler="ddpm", seed=11), text=text)
+  np.testing.assert_array_equal(
+      np.asarray(seen["x_T"]), np.asarray(jax.random.normal(jax.random.fold_in(k, 0), SHAPE)))

@@ -361,7 +361,8 @@ def test_sample_options_refuse_non_finite_scales():
   # Sizes and counts (the CLIs check their flags; a library caller's height=0 passed the
   # size-multiple check, num_frames=-2 made a negative latent shape).
   for field, value, least in (("height", 0, 1), ("width", -8, 1), ("num_steps", 0, 1),
-                              ("num_frames", -2, 0), ("height", 64.0, 1)):
+                              ("num_frames", -2, 0), ("height", 64.0, 1),
+                              ("num_frames", True, 0)):
     with pytest.raises(ValueError, match=rf"SampleOptions\.{field}={value!r}: expected a "
                        rf"whole number >= {least}"):
       SampleOptions(**{field: value})
