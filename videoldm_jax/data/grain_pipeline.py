@@ -51,7 +51,6 @@ count and worker_count).
 """
 
 import functools
-import numbers
 import os
 import threading
 import time
@@ -62,7 +61,7 @@ from PIL import Image
 
 import grain
 
-from videoldm_jax.models.config_base import is_seed
+from videoldm_jax.models.config_base import is_integer, is_seed
 
 _CROPS = ("center", "random")
 
@@ -352,7 +351,7 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
                       ("height", height), ("width", width), ("frame_stride", frame_stride),
                       ("read_threads", read_threads)):
     # (2.9 frames were truncated to 2)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_integer(value, 1):
       raise ValueError(f"make_video_dataset: {name} must be an integer >= 1, got {value!r}")
   if not is_seed(seed):  # (-1 failed inside Grain, naming no argument)
     raise ValueError(f"make_video_dataset: seed must be an integer in [0, 2^32), got "

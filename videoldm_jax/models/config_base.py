@@ -57,12 +57,18 @@ def _describe(annotation) -> str:
   return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
+def is_integer(value, least=None) -> bool:
+  """An integer (Python or NumPy, not a bool) and, given `least`, >= least: what a count
+  must be (a float was truncated, True counted as 1)."""
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and (least is None or value >= least))
+
+
 def is_seed(value) -> bool:
   """An integer (not a bool) in [0, 2^32): what every seed of a run must be. JAX's keys
   keep a seed's low 32 bits (2^32 would repeat seed 0's draws), and NumPy's SeedSequence
   takes a larger one as two words (ids that could equal another seed's)."""
-  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-          and 0 <= value < 2 ** 32)
+  return is_integer(value, 0) and value < 2 ** 32
 
 
 def check_fields(cls: type, d: dict[str, Any], source: str) -> dict[str, Any]:

@@ -5,13 +5,12 @@
 
 import dataclasses
 import math
-import numbers
 from typing import Optional
 
 from videoldm_jax import video_io
 from videoldm_jax.diffusion import samplers as samplers_lib
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
-from videoldm_jax.models.config_base import is_seed
+from videoldm_jax.models.config_base import is_integer, is_seed
 from videoldm_jax.pipelines import sampling
 from videoldm_jax.pipelines.chain_models import ChainModels
 
@@ -106,8 +105,7 @@ def check_options(o: GenerateOptions) -> None:
   callable before the models load, which takes minutes for SD-sized exports."""
   for field in dataclasses.fields(o):
     value = getattr(o, field.name)
-    if (field.type in (int, Optional[int]) and value is not None
-        and (isinstance(value, bool) or not isinstance(value, numbers.Integral))):
+    if field.type in (int, Optional[int]) and value is not None and not is_integer(value):
       # (num_frames=10.5 made 10 frames; a frame count of True made 1)
       raise ValueError(f"{field.name} must be an integer, got {value!r}")
   if not (o.fps > 0 and math.isfinite(o.fps)):

@@ -7,7 +7,6 @@ A model with temporal layers (an exported video LDM) samples videos when
 import dataclasses
 import functools
 import math
-import numbers
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -18,7 +17,7 @@ from videoldm_jax.diffusion import samplers
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
 from videoldm_jax.models import attention
 from videoldm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from videoldm_jax.models.config_base import is_seed
+from videoldm_jax.models.config_base import is_integer, is_seed
 from videoldm_jax.models.temporal import TemporalConfig
 from videoldm_jax.models.tokenizer import CLIPTokenizer
 from videoldm_jax.models.unet import (UNet, UNetConfig, called_with_context,
@@ -52,7 +51,7 @@ class SampleOptions:
                        "[0, 2^32)")
     for field, least in (("height", 1), ("width", 1), ("num_steps", 1), ("num_frames", 0)):
       value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+      if not is_integer(value, least):
         raise ValueError(f"SampleOptions.{field}={value!r}: expected a whole number >= "
                          f"{least}")
 

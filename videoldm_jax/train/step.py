@@ -19,6 +19,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from videoldm_jax.models.config_base import is_integer
 from videoldm_jax.train.state import Path, TrainState, merge, split
 
 LossFn = Callable[[dict, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
@@ -177,8 +178,7 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
   `shardings` / `batch_sharding` pin the layouts; the input state is donated.
   """
   check_ema_decay(ema_decay)
-  if (isinstance(grad_accum, bool) or not isinstance(grad_accum, (int, np.integer))
-      or grad_accum < 1):  # (True passed as 1)
+  if not is_integer(grad_accum, 1):  # (True passed as 1)
     # (0 was a ZeroDivisionError when the step traced; the trainer checks it earlier.)
     raise ValueError(f"grad_accum={grad_accum!r}: expected an integer >= 1 (microbatches "
                      "per step)")
