@@ -30,7 +30,7 @@ EXTRAS = {
     # README shows the index of the CPU-only build.
     "test": [
         "pytest>=8",
-        "pytest-xdist>=3",  # launch/test.sh runs the suite on two workers
+        "pytest-xdist>=3.8",  # launch/test.sh: two workers; --no-loadscope-reorder (conftest)
         "torch==2.13.0",
         "diffusers==0.42.1",
         "transformers>=5.0,<6",
