@@ -157,7 +157,9 @@ def test_the_noise_level_is_the_unets_class_label(trained):
   levels = upsampler.prepare_batch(model, model.schedules()[2], params.get("vae"),
                                    jnp.asarray(trained["batch"]["video"]), k_prep,
                                    trained["config"].patch_size)["noise_level"]
-  grads = jax.grad(lambda p: setup.stage.loss_fn(p, trained["batch"], key, 0)[0])(params)
+  # (Jitted: one compile instead of op-by-op dispatch of the UNet's backward.)
+  grads = jax.jit(jax.grad(lambda p: setup.stage.loss_fn(p, trained["batch"], key, 0)[0]))(
+      params)
   rows = np.flatnonzero(np.abs(np.asarray(
       grads["unet"]["class_embedding"]["embedding"])).sum(axis=1))
   assert rows.tolist() == sorted(set(np.asarray(levels).tolist())), (rows, levels)
