@@ -32,10 +32,10 @@ def _assert_same_function(fast, reference, x, params, tol=1e-5):
   """fast(params, x) == reference(params, x) in value, d/dx and d/dparams."""
   loss = lambda f: lambda p, x: jnp.sum(f(p, x) ** 2)
   rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-  assert rel(fast(params, x), reference(params, x)) < tol
+  assert rel(jax.jit(fast)(params, x), jax.jit(reference)(params, x)) < tol
   for argnum in (0, 1):
-    got = jax.grad(loss(fast), argnums=argnum)(params, x)
-    want = jax.grad(loss(reference), argnums=argnum)(params, x)
+    got = jax.jit(jax.grad(loss(fast), argnums=argnum))(params, x)
+    want = jax.jit(jax.grad(loss(reference), argnums=argnum))(params, x)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
       assert g.shape == w.shape and rel(g, w) < tol
 
