@@ -219,7 +219,7 @@ def _loss_at_disc_start(setup, config):
   batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_batch(config)))
   key, step = jax.random.key(3), config.loss.disc_start
   loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
-  loss, m = loss_fn(params)
+  loss, m = jax.jit(loss_fn)(params)  # one program (op by op it dispatched hundreds)
   assert float(m["d_weight"]) > 0
   assert float(m["disc_factor"]) == config.loss.get("disc_factor", 1.0)
   return params, batch, loss_fn, loss, m
@@ -246,18 +246,22 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
       + m["d_loss"]), rtol=1e-6)
   x = autoencoder.frames_to_images(batch["video"])  # (B*T, H, W, 3)
   vae = AutoencoderKL(VAEConfig.from_dict(dict(c.random_image_model.vae)))
-  mean, logvar = vae.apply({"params": params["vae"]}, x, method=AutoencoderKL.encode)
+  # (the references jitted: op by op each dispatched hundreds of small programs)
+  mean, logvar = jax.jit(lambda v, x: vae.apply({"params": v}, x, method=AutoencoderKL.encode))(
+      params["vae"], x)
   np.testing.assert_allclose(float(m["kl_loss"]), float(
       jnp.mean(kl_divergence(mean, logvar)) / np.prod(x.shape[1:])), rtol=1e-5)
   # L1 of the decoded posterior sample z = mean + exp(logvar / 2) eps, eps from the key.
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(3), mean.shape)
-  rec = vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
+  rec = jax.jit(lambda v, z: vae.apply({"params": v}, z, method=AutoencoderKL.decode))(
+      params["vae"], z)
   np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
                              rtol=1e-5)
   # L_D = f times the hinge loss of D's logits on the frames and their reconstructions.
   from videoldm_jax.models.discriminator import DiscriminatorConfig, PatchDiscriminator
   disc = PatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
-  real, fake = (disc.apply({"params": params["discriminator"]}, y) for y in (x, rec))
+  disc_apply = jax.jit(lambda d, y: disc.apply({"params": d}, y))
+  real, fake = (disc_apply(params["discriminator"], y) for y in (x, rec))
   np.testing.assert_allclose(float(m["d_loss"]), 0.5 * float(gan.hinge_d_loss(real, fake)),
                              rtol=1e-5)
   # Before disc_start: no adversarial term at all, D untouched (its gradient is 0).
@@ -279,18 +283,19 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
     total, metrics = loss_fn({**params, "discriminator": d})
     return total, metrics["d_loss"]
 
+  # The three reverse passes below compiled as one program (one compile, not three).
+  (g_rec, g_gan), (d_total, d_only), g_vae = jax.jit(lambda w, d, v: (
+      jax.jacrev(rec_and_gan)(w), jax.jacrev(total_and_d)(d),
+      jax.grad(lambda v: loss_fn({**params, "vae": v})[1]["d_loss"])(v)))(
+          conv_out["kernel"], params["discriminator"], params["vae"])
   # lambda from the last decoder kernel's gradients, other leaves held (as taming).
-  g_rec, g_gan = jax.jit(jax.jacrev(rec_and_gan))(conv_out["kernel"])
   np.testing.assert_allclose(float(m["d_weight"]),
                              float(gan.adaptive_weight(g_rec, g_gan, 0.7)), rtol=1e-4)
   # D's gradient: L_D's alone.
-  d_total, d_only = jax.jit(jax.jacrev(total_and_d))(params["discriminator"])
   for a, b in zip(jax.tree_util.tree_leaves(d_total), jax.tree_util.tree_leaves(d_only)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   # ... and L_D reaches no VAE weight (the reconstruction enters it through
   # stop_gradient: else it would push the decoder towards looking fake).
-  g_vae = jax.jit(jax.grad(lambda v: loss_fn({**params, "vae": v})[1]["d_loss"]))(
-      params["vae"])
   assert not any(np.asarray(g).any() for g in jax.tree_util.tree_leaves(g_vae))
 
 
@@ -309,8 +314,9 @@ def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_l
   params, batch, loss_fn, loss, m = _loss_at_disc_start(decoder.setup(c, tmp_path / "run"),
                                                         c)
   disc = VideoPatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
-  real = disc.apply({"params": params["discriminator"]},
-                    batch["video"].astype(jnp.float32) / 127.5 - 1.0)
+  # (the references jitted: op by op each dispatched hundreds of small programs)
+  real = jax.jit(lambda d, v: disc.apply({"params": d}, v.astype(jnp.float32) / 127.5 - 1.0))(
+      params["discriminator"], batch["video"])
   np.testing.assert_allclose(float(m["logits_real"]), float(jnp.mean(real)), rtol=1e-5)
   np.testing.assert_allclose(float(loss), float(
       m["reconstruction_loss"] + m["d_weight"] * m["g_loss"] + m["d_loss"]), rtol=1e-6)
@@ -331,9 +337,11 @@ def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_l
   vae = AutoencoderKL(autoencoder.image_model_vae(c, tmp_path / "run")[0],
                       VAETemporalConfig.from_dict(dict(c.vae_temporal)))
   x = autoencoder.frames_to_images(batch["video"])
-  mean, logvar = vae.apply({"params": vp}, x, method=AutoencoderKL.encode)
+  mean, logvar = jax.jit(lambda v, x: vae.apply({"params": v}, x, method=AutoencoderKL.encode))(
+      vp, x)
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(3), mean.shape)
-  rec = vae.apply({"params": vp}, z, Frames(3), method=AutoencoderKL.decode)
+  rec = jax.jit(lambda v, z: vae.apply({"params": v}, z, Frames(3),
+                                       method=AutoencoderKL.decode))(vp, z)
   np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
                              rtol=1e-5)
 
@@ -415,14 +423,14 @@ def test_decoder_stage_remat_policy_recomputes_same_loss(tmp_path):
     c = _config("decoder")
     c.train.remat_policy = policy
     setup = decoder.setup(c, tmp_path)
-    abstract = step_lib.abstract_train_state(setup.abstract_params, setup.stage,
-                                             setup.optimizer)
     train_step = step_lib.build_train_step(setup.stage, setup.optimizer, seed=0)
     batch = setup.make_batch(_batch(c))
-    text = train_step.lower(abstract, batch).as_text()
-    convs[policy] = text.count("stablehlo.convolution") + text.count("custom_call")
     state, _ = _init_state(setup, c)
-    losses[policy] = float(train_step(state, batch)[1]["loss"])
+    # Traced once: the program counted is the one that runs.
+    lowered = train_step.lower(state, batch)
+    text = lowered.as_text()
+    convs[policy] = text.count("stablehlo.convolution") + text.count("custom_call")
+    losses[policy] = float(lowered.compile()(state, batch)[1]["loss"])
   assert convs["full"] > convs["none"], convs
   np.testing.assert_allclose(losses["full"], losses["none"], rtol=1e-5)
 

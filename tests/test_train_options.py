@@ -58,35 +58,44 @@ def _setup(compute_dtype="float32", remat="none", grad_accum=1, tx=None):
 
 
 def _one_step(**kw):
+  return _one_step_and_ops(**kw)[0]
+
+
+def _one_step_and_ops(**kw):
+  """((stage, params, state after one step, metrics), the number of convolutions, dots
+  and C++ kernel calls in the step's lowered program): traced once, the program counted
+  is the one that ran."""
   stage, params, state, fn = _setup(**kw)
-  new_state, metrics = fn(state, {"latents": jnp.asarray(LATENTS)})
-  return stage, params, new_state, metrics
-
-
-def _program_ops(**kw) -> int:
-  """Convolutions, dots and C++ kernel calls in the step's lowered program."""
-  _, _, state, fn = _setup(**kw)
-  text = fn.lower(state, {"latents": jnp.asarray(LATENTS)}).as_text()
-  return sum(text.count(op) for op in ("stablehlo.convolution", "stablehlo.dot_general",
-                                       "custom_call"))
+  batch = {"latents": jnp.asarray(LATENTS)}
+  lowered = fn.lower(state, batch)
+  text = lowered.as_text()
+  ops = sum(text.count(op) for op in ("stablehlo.convolution", "stablehlo.dot_general",
+                                      "custom_call"))
+  new_state, metrics = lowered.compile()(state, batch)
+  return (stage, params, new_state, metrics), ops
 
 
 @pytest.fixture(scope="module")
-def reference():
-  return _one_step()
+def reference_and_ops():
+  return _one_step_and_ops()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_and_ops):
+  return reference_and_ops[0]
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_policies_change_memory_not_results(reference, remat):
-  _, _, ref_state, ref_metrics = reference
-  _, _, state, metrics = _one_step(remat=remat)
+def test_remat_policies_change_memory_not_results(reference_and_ops, remat):
+  (_, _, ref_state, ref_metrics), ref_ops = reference_and_ops
+  (_, _, state, metrics), ops = _one_step_and_ops(remat=remat)
   np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(state.trainable),
                   jax.tree_util.tree_leaves(ref_state.trainable)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   # What is not saved is recomputed in the backward pass: the program holds more
   # convolutions / dots ('dots' keeps matmul outputs but recomputes the convolutions).
-  assert _program_ops(remat=remat) > _program_ops(remat="none")
+  assert ops > ref_ops
 
 
 def test_ema_after_the_first_step(reference):
@@ -276,8 +285,9 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):
   # The UNet's matmuls run in bf16 (nothing in the float32 step does).
   jaxpr = lambda s: str(jax.make_jaxpr(lambda p: s.loss_fn(
       p, {"latents": LATENTS}, jax.random.key(0))[0])(params))
-  assert "bf16[" in jaxpr(stage) and "bf16[" not in jaxpr(reference[0])
-  bf16_dots = [line for line in jaxpr(stage).splitlines()
+  bf16_jaxpr = jaxpr(stage)  # traced once, read twice
+  assert "bf16[" in bf16_jaxpr and "bf16[" not in jaxpr(reference[0])
+  bf16_dots = [line for line in bf16_jaxpr.splitlines()
                if ("dot_general" in line or "conv_general_dilated" in line) and "bf16[" in line]
   assert len(bf16_dots) > 10  # the UNet's matmuls and convolutions, not a stray cast
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.trainable))
@@ -584,12 +594,14 @@ def test_bfloat16_gradients_of_the_timestep_and_frame_embeddings():
     params = nn.meta.unbox(module(jnp.float32).init(jax.random.key(0), *args))
     # Perturbed: the temporal ResBlock's zero-initialised conv2 passes no gradient.
     params = jax.tree.map(lambda p: p + 0.05 * r.standard_normal(p.shape), params)
-    probe = 1.0 + 0.1 * r.standard_normal(module(jnp.float32).apply(params, *args).shape)
+    probe = 1.0 + 0.1 * r.standard_normal(
+        jax.eval_shape(module(jnp.float32).apply, params, *args).shape)
 
     def grads(dtype):
       cast = [a.astype(dtype) if isinstance(a, jax.Array) else a for a in args]
-      return traverse_util.flatten_dict(jax.grad(lambda p: jnp.sum(
-          module(dtype).apply(p, *cast).astype(jnp.float32) * probe))(params)["params"],
+      # Jitted: op by op the backward pass dispatched hundreds of small programs.
+      return traverse_util.flatten_dict(jax.jit(jax.grad(lambda p: jnp.sum(
+          module(dtype).apply(p, *cast).astype(jnp.float32) * probe)))(params)["params"],
           sep="/")
     a, b = grads(jnp.float32), grads(jnp.bfloat16)
     return [float(jnp.linalg.norm(b[k] - a[k]) / jnp.linalg.norm(a[k])) for k in names]
