@@ -141,7 +141,9 @@ def test_context_encoder_is_its_written_out_definition():
   from videoldm_jax.models.context_encoder import ContextEncoder
   encoder = ContextEncoder((8, 16, 16))
   x = jax.random.normal(jax.random.key(0), (2, 8, 6, 5))
-  p = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape),
+  # (NumPy noise: jax.random.normal compiled a sampler per kernel shape, ~6 s here.)
+  rng = np.random.default_rng(2)
+  p = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.standard_normal(a.shape, np.float32),
                              params_lib.init_params(encoder, 1, x))
   assert all(set(v) == {"kernel"} for v in p.values())  # bias-free
   conv = lambda h, name, stride=1: jax.lax.conv_general_dilated(
