@@ -52,23 +52,23 @@ def perturb_all_weights(module, torch, seed: int = 0, scale: float = 0.05):
 
 
 # Seconds each test file took (the sum of its tests' setup, call and teardown in a
-# fresh-clone run of launch/test.sh on the 2-core host, 2026-12-07); files under 15 s
-# are left out. With `--dist loadfile` each of the two workers runs whole files, taking
-# the next one when it is nearly done: files go out heaviest first and the light ones
-# fill the end (longest-processing-time-first). xdist's own order, most tests first,
-# sent out four-minute files last; replaying that run's times, it kept one worker busy
-# 1701 s against 1510 s for the other, and this order 1608 s against 1603 s.
+# fresh-clone run of launch/test.sh at 7803b7f on the 2-core Intel Xeon host,
+# 2026-12-07); files under 15 s are left out. With `--dist loadfile` each of the two
+# workers runs whole files, taking the next one when it is nearly done: files go out
+# heaviest first and the light ones fill the end (longest-processing-time-first).
+# xdist's own order, most tests first, sent out three-minute files last: replaying that
+# run's times, it kept one worker busy 1360 s against 1229 s for the other, this order
+# 1295 s against 1294 s (1701 / 1510 s against 1608 / 1603 s in the morning's run).
 FILE_SECONDS = {
-    "test_multiprocess.py": 285, "test_train_options.py": 271,
-    "test_compile_check.py": 257, "test_autoencoder_stages.py": 222,
-    "test_generate.py": 204, "test_stage_cli.py": 198, "test_context_stages.py": 187,
-    "test_train_loop.py": 185, "test_upsampler.py": 182, "test_video_unet.py": 143,
-    "test_ab_step.py": 106, "test_class_guidance.py": 106, "test_train_step.py": 103,
-    "test_eval.py": 89, "test_context_models.py": 81, "test_convert_pipeline.py": 78,
-    "test_fast_layer_forms.py": 75, "test_unet_vae_parity.py": 69,
-    "test_video_decoder.py": 69, "test_native_attention.py": 51,
-    "test_grain_pipeline.py": 48, "test_flops_and_attention.py": 38,
-    "test_latent_cache.py": 18, "test_launch_scripts.py": 17, "test_logical_axes.py": 15,
+    "test_train_options.py": 237, "test_multiprocess.py": 230, "test_stage_cli.py": 207,
+    "test_compile_check.py": 176, "test_autoencoder_stages.py": 171,
+    "test_generate.py": 151, "test_context_stages.py": 142, "test_train_loop.py": 131,
+    "test_upsampler.py": 131, "test_video_unet.py": 122, "test_train_step.py": 92,
+    "test_eval.py": 91, "test_class_guidance.py": 87, "test_context_models.py": 85,
+    "test_ab_step.py": 74, "test_convert_pipeline.py": 61, "test_unet_vae_parity.py": 59,
+    "test_native_attention.py": 53, "test_fast_layer_forms.py": 47,
+    "test_video_decoder.py": 45, "test_flops_and_attention.py": 32,
+    "test_grain_pipeline.py": 27, "test_logical_axes.py": 16, "test_latent_cache.py": 16,
 }
 
 
