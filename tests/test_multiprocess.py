@@ -36,8 +36,13 @@ def _env():
   # writes a Python object's id into the HLO: every launch missed the session's
   # persistent cache and compiled its step again (19 s of a 24 s tiny trainer run with
   # --cpu_devices=4; the one-process resume below loads the one-process run's step).
-  # JAX's flag hashes the HLO without that id; safe in conftest's own cache, which
-  # lives for one session of unchanged code (not in a cache kept across edits).
+  # JAX's flag hashes the HLO without that id, set only for conftest's own cache (one
+  # session of unchanged code). Without the id the HLO no longer says which kernel an
+  # op wraps: two custom_partitioning ops with the same operand / result types and
+  # sharding rule would share a cached program (a sin and a cos kernel did, in a
+  # reviewer's repro). The kernels' ops all differ there today (weight gradient,
+  # convolutions, attention forward and backward); a kernel option that changes the
+  # computation but not the signature would need its own rule before this is safe.
   if Path(env.get("JAX_COMPILATION_CACHE_DIR", "")).name.startswith("videoldm-jax-test-cache-"):
     env.setdefault("JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY", "true")
   return env
