@@ -153,3 +153,20 @@ def test_base_configs_without_an_image_model_say_which_field(name, tmp_path):
   assert not config.image_model
   with pytest.raises(ValueError, match="set --config.image_model"):
     keyframe.load_image_model(config, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["keyframe_tiny", "predictor_tiny", "upsampler_tiny"])
+def test_a_wrong_temporal_field_is_named_by_its_config_path(name, tmp_path):
+  # --config.temporal.conv_kernel=3 (which ml_collections parses as (3,)) was "config:
+  # TemporalConfig.conv_kernel=[3]" in the key-frame stage, a class where the user wrote
+  # a flag; (3, 2, 1) was refused after the image model had been built.
+  import importlib
+  for value, message in (
+      ((3,), r"^config\.temporal\.conv_kernel=\(3,\): expected tuple\[int, int, int\]$"),
+      ((3, 2, 1),
+       r"^config\.temporal\.conv_kernel must be three odd sizes, got \(3, 2, 1\)$")):
+    config = load_sibling(CONFIGS, name).get_config()
+    config.temporal.conv_kernel = value
+    stage = importlib.import_module(f"videoldm_jax.stages.{config.stage}")
+    with pytest.raises(ValueError, match=message):
+      stage.setup(config, tmp_path)

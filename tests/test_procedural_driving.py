@@ -153,3 +153,30 @@ def test_metadata_json_is_plain(tiny):
   with open(os.path.join(builder.data_dir, "metadata.json")) as f:
     assert json.load(f) == {"fps": TINY.fps, "seed": TINY.seed}
   assert issubclass(ProceduralDriving, tfds.core.GeneratorBasedBuilder)
+
+
+def test_the_trainer_builds_and_reads_the_config_data_tfds_config_names(tmp_path,
+                                                                        monkeypatch):
+  # config.data.tfds_config picks the BuilderConfig the trainer's input builds and reads.
+  # Every test config named "tiny", the default: an input that dropped it passed them all.
+  # A test-only config (4 clips of 4 frames at 16x24, seed 5) keeps this to a second.
+  import importlib
+
+  import data_pipelines.procedural_driving.procedural_driving as module
+  from videoldm_jax.data import inputs
+  mini = module._config("mini", "3 + 1 clips of 4 frames at 16x24.", num_frames=4,
+                        height=16, width=24, num_train=3, num_validation=1, seed=5)
+  monkeypatch.setattr(module, "BUILDER_CONFIGS", [*BUILDER_CONFIGS, mini])
+  monkeypatch.setitem(ProceduralDriving.builder_configs, "mini", mini)
+  config = importlib.import_module("configs.keyframe_tiny").get_config()
+  config.data.update(kind="procedural_driving", tfds_config="mini",
+                     data_dir=str(tmp_path / "tfds"), batch_size=3, num_frames=4,
+                     height=16, width=24, crop="center")
+  batch = next(inputs.make_iterator(config, tmp_path, {}, alone=True))
+  assert (tmp_path / "tfds" / "procedural_driving" / "mini").is_dir()
+  # One epoch of the 3 train clips, each stored at the config's size (resized, clips of
+  # another config would differ).
+  clips = [make_clip(i, 4, 16, 24, 5)[0] for i in range(3)]
+  found = sorted(i for v in batch["video"] for i, c in enumerate(clips)
+                 if np.array_equal(v, c))
+  assert found == [0, 1, 2]

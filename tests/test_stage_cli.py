@@ -189,6 +189,33 @@ def test_console_scripts_list_their_flags_in_help():
   assert "prompt -> video clips" in out.stdout and "--class_label" in out.stdout, out.stdout
 
 
+def test_a_failed_override_loads_the_config_file_once(tmp_path):
+  # Its message needs the config, which the flag no longer holds once an override
+  # failed: the file was loaded again, its get_config run twice (a config's own error
+  # too, before it was shown).
+  (tmp_path / "counted.py").write_text(
+      "import sys\nimport ml_collections\n\n\ndef get_config():\n"
+      "  print('get_config ran', file=sys.stderr)\n"
+      "  return ml_collections.ConfigDict(dict(seed=0, data=dict(kind='procedural')))\n")
+  (tmp_path / "broken.py").write_text(
+      "import sys\n\n\ndef get_config():\n"
+      "  print('get_config ran', file=sys.stderr)\n  return {}['no_such_key']\n")
+  for config, override, message in (
+      ("counted.py", "--config.seed.x=1",
+       "FATAL Flags parsing error: --config.seed.x: config.seed is a value (int), not a "
+       "group of fields"),
+      ("counted.py", "--config.data.kind.x=1",
+       "FATAL Flags parsing error: --config.data.kind.x: config.data.kind is a value "
+       "(str), not a group of fields"),
+      ("broken.py", "--config.seed=1", "KeyError: 'no_such_key'")):
+    proc = subprocess.run(
+        [sys.executable, "-m", "videoldm_jax.cli.train", f"--config={tmp_path / config}",
+         override, f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("get_config ran") == 1, proc.stderr[-3000:]
+
+
 def test_misspelt_config_fields_and_unusable_outputs_are_usage_errors(tmp_path):
   # Each failed with a traceback: a misspelt field in ml_collections' escaped
   # AttributeError (60 lines), an output under a file after the sampling had run.

@@ -1,5 +1,6 @@
 """Console scripts (setup.py entry points); `run_app` starts one."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -37,8 +38,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with a misspelt `--config.a.b=...` field said as absl says a
   bad flag value (ml_collections raises a bare AttributeError there: a 60-line
   traceback ending in an escaped message)."""
+  loaded = []
   try:
-    return app.parse_flags_with_usage(list(argv))
+    with _keeping_loaded_configs(loaded):
+      return app.parse_flags_with_usage(list(argv))
   except (AttributeError, KeyError, TypeError) as e:
     arg = e  # (ml_collections wraps a KeyError's message in a KeyError, then this)
     while isinstance(arg, (AttributeError, KeyError)) and arg.args:
@@ -53,7 +56,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     else:
       # An override through a field that holds a value, not a group (--config.seed.x=1:
       # a KeyError naming no field, or a TypeError indexing a string).
-      message = _override_through_a_value(argv)
+      message = _override_through_a_value(argv, loaded[-1] if loaded else None)
       if message is None:
         raise  # not an override's error: a config file's own, shown as it is
     print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
@@ -61,20 +64,38 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     sys.exit(1)
 
 
-def _override_through_a_value(argv: Sequence[str]) -> Optional[str]:
+@contextlib.contextmanager
+def _keeping_loaded_configs(loaded: list):
+  """Appends to `loaded` each config the --config flag loads inside (None for a file that
+  failed to load): its overrides fail after the load, and the flag then holds nothing.
+  The error's message reads the config from here; loading the file again ran its
+  get_config twice."""
+  if "config" not in flags.FLAGS:
+    yield
+    return
+  parser = flags.FLAGS["config"].parser
+  parse = parser.parse
+
+  def parse_and_keep(path):
+    loaded.append(None)
+    loaded[-1] = parse(path)
+    return loaded[-1]
+
+  parser.parse = parse_and_keep
+  try:
+    yield
+  finally:
+    del parser.parse  # (the class's method again)
+
+
+def _override_through_a_value(argv: Sequence[str], config) -> Optional[str]:
   """'--config.seed.x: config.seed is a value (int), not a group of fields' for the first
-  --config.a.b override whose path passes through a value of the loaded config."""
+  --config.a.b override whose path passes through a value of `config` (the loaded config
+  file, before the overrides; None: the file did not load)."""
   import ml_collections
+  if config is None:
+    return None
   groups = (ml_collections.ConfigDict, dict)
-  args = list(argv[1:])
-  files = [a.split("=", 1)[1] if "=" in a else (args[i + 1:i + 2] or [""])[0]
-           for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
-  if "config" not in flags.FLAGS or not files:
-    return None
-  try:  # (the flag holds no config when its overrides failed: loaded anew, without them)
-    config = flags.FLAGS["config"].parser.parse(files[-1])
-  except Exception:  # a config file's own error: shown by the caller as it is
-    return None
   for a in argv[1:]:
     name = a.split("=", 1)[0]
     if not name.startswith("--config."):

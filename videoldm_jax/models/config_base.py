@@ -71,10 +71,13 @@ def is_seed(value) -> bool:
   return is_integer(value, 0) and value < 2 ** 32
 
 
-def check_fields(cls: type, d: dict[str, Any], source: str) -> dict[str, Any]:
+def check_fields(cls: type, d: dict[str, Any], source: str,
+                 section: bool = False) -> dict[str, Any]:
   """`d` (a JSON object) with lists made tuples, or ValueError naming `source` for keys
   that are no fields of the dataclass `cls` and values of another type than the
-  field's (see `_conforms`)."""
+  field's (see `_conforms`). With `section`, `source` is the path of a section of the
+  stage config (`config.temporal`) and a wrong value is named by its field's path, as a
+  --config.temporal.conv_kernel override writes it."""
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
   if unknown:
@@ -86,8 +89,9 @@ def check_fields(cls: type, d: dict[str, Any], source: str) -> dict[str, Any]:
   hints = typing.get_type_hints(cls)
   for k, v in values.items():
     if not _conforms(v, hints[k]):
-      raise ValueError(f"{source}: {cls.__name__}.{k}={_jsonable(v)!r}: expected "
-                       f"{_describe(hints[k])}")
+      given = (f"{source}.{k}={v!r}" if section
+               else f"{source}: {cls.__name__}.{k}={_jsonable(v)!r}")
+      raise ValueError(f"{given}: expected {_describe(hints[k])}")
   return values
 
 
@@ -101,6 +105,13 @@ class JsonConfig:
   @classmethod
   def from_dict(cls: type[T], d: dict[str, Any], source: str = "config") -> T:
     return cls(**check_fields(cls, d, source))
+
+  @classmethod
+  def from_config(cls: type[T], section, path: str) -> T:
+    """From the section `path` of a stage config (`config.temporal`, a ConfigDict):
+    a wrong value is named by its field's path (`config.temporal.conv_kernel=(3,)`),
+    not by this class."""
+    return cls(**check_fields(cls, dict(section), path, section=True))
 
   def replace(self: T, **kw) -> T:
     return dataclasses.replace(self, **kw)

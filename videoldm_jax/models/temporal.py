@@ -48,27 +48,29 @@ class TemporalConfig(JsonConfig):
   # Encoder width per UNet level; () = the UNet's block_out_channels.
   context_channels: tuple[int, ...] = ()
 
-  def validate(self) -> "TemporalConfig":
+  def validate(self, where: str = "TemporalConfig") -> "TemporalConfig":
+    """`self`, or a ValueError naming the field as `where`.field (`where`: the config
+    section it came from, e.g. config.temporal)."""
     k = self.conv_kernel
     if (not isinstance(k, (tuple, list)) or len(k) != 3
         or any(not isinstance(x, int) or x < 1 or x % 2 == 0 for x in k)):
-      raise ValueError(f"TemporalConfig.conv_kernel must be three odd sizes, got {k!r}")
+      raise ValueError(f"{where}.conv_kernel must be three odd sizes, got {k!r}")
     # (max_period <= 0: a NaN frame encoding, and through alpha * x + (1 - alpha) * NaN
     # every output NaN, image-only frames included; a non-finite mix_init likewise.)
     if not (math.isfinite(self.max_period) and self.max_period > 1):
-      raise ValueError(f"TemporalConfig.max_period must be a finite number > 1, got "
+      raise ValueError(f"{where}.max_period must be a finite number > 1, got "
                        f"{self.max_period}")
     if not math.isfinite(self.mix_init):
-      raise ValueError(f"TemporalConfig.mix_init must be finite, got {self.mix_init}")
+      raise ValueError(f"{where}.mix_init must be finite, got {self.mix_init}")
     if self.cross_attention and not self.attention:
       # The temporal cross-attention lives in the temporal transformer block, which
       # attention=False leaves out: the flag would add nothing, silently.
-      raise ValueError("TemporalConfig.cross_attention needs attention=True (it is part "
+      raise ValueError(f"{where}.cross_attention needs attention=True (it is part "
                        "of the temporal attention block)")
     if self.context_channels and not self.context_frames:
-      raise ValueError("TemporalConfig.context_channels is set but context_frames is False")
+      raise ValueError(f"{where}.context_channels is set but context_frames is False")
     if any(not isinstance(c, int) or c < 1 for c in self.context_channels):
-      raise ValueError(f"TemporalConfig.context_channels must be positive widths, got "
+      raise ValueError(f"{where}.context_channels must be positive widths, got "
                        f"{self.context_channels}")
     return self
 

@@ -96,7 +96,8 @@ def context_temporal_config(config: ml_collections.ConfigDict) -> TemporalConfig
                        "export (no temporal layers); use config.image_model for image models")
     base = TemporalConfig.from_dict(index["temporal"], config.init_from)
   else:
-    base = TemporalConfig.from_dict(dict(config.temporal), "config.temporal")
+    base = TemporalConfig.from_config(config.temporal, "config.temporal").validate(
+        "config.temporal")
   channels = tuple(config.get("context_channels", ()) or ())
   if not channels and base.context_frames:
     # An export that is a context model already (a predictor continued, or the

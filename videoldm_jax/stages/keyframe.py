@@ -554,5 +554,6 @@ def _flat_keys(tree: dict) -> set:
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The key-frame stage of `config` (configs/keyframe_*.py)."""
-  return setup_video_ldm(config, workdir, TemporalConfig.from_dict(dict(config.temporal)),
-                         make_stage)
+  # Checked before the image model loads, naming the fields as --config.temporal.* does.
+  temporal = TemporalConfig.from_config(config.temporal, "config.temporal")
+  return setup_video_ldm(config, workdir, temporal.validate("config.temporal"), make_stage)

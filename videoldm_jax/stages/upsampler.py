@@ -178,8 +178,8 @@ def build_model(config: ml_collections.ConfigDict
   levels; otherwise everything comes from this config."""
   if config.get("space") not in um.SPACES:  # (before a VAE is looked for)
     raise ValueError(f"config.space={config.get('space')!r}: expected one of {um.SPACES}")
-  temporal = (TemporalConfig.from_dict(dict(config.temporal), "config.temporal")
-              if config.temporal_layers else None)
+  temporal = (TemporalConfig.from_config(config.temporal, "config.temporal").validate(
+      "config.temporal") if config.temporal_layers else None)
   levels = dict(max_noise_level=config.max_noise_level, noise_level=config.noise_level)
   if config.image_upsampler:
     image = um.load(config.image_upsampler, read_params=not base.is_abstract())
