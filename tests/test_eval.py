@@ -541,12 +541,12 @@ def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cp
   from transformers import CLIPImageProcessor
   CLIPImageProcessor(size={"shortest_edge": 40},
                      crop_size={"height": 36, "width": 36}).save_pretrained(tmp_path)
-  got = clip_score.ImagePreprocess.from_folder(tmp_path, 32)
+  got = clip_score.ImagePreprocess.from_folder(tmp_path, 36)
   assert (got.resize, got.crop, got.mean) == (40, 36, clip_score.CLIP_MEAN)
   CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36},
                      image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]
                      ).save_pretrained(tmp_path)
-  got = clip_score.ImagePreprocess.from_folder(tmp_path, 32)
+  got = clip_score.ImagePreprocess.from_folder(tmp_path, 36)
   assert (got.mean, got.std) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
   # The vision tower runs quick_gelu or gelu only (another ran as gelu, silently).
   with pytest.raises(ValueError, match=r"CLIPVisionConfig.hidden_act='relu' is not "
@@ -579,6 +579,47 @@ def test_clip_preprocessor_configs_read_or_refused_by_setting(tmp_path, torch_cp
 
 
 # ---------------------------------------------------------------- CLIP similarity
+
+def test_clip_folder_checked_from_its_config_files_before_the_weights(tmp_path):
+  """A preprocessor cropping to another size than the vision tower's input, or a
+  tokenizer past the text tower's vocabulary, is refused from the config files alone:
+  the folder here has no weights, and the evaluator reaches no network (the crop was
+  found at the first fake frames, after the real set's whole I3D / Inception pass)."""
+  from videoldm_jax.cli import evaluate as cli
+  from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
+  folder = tmp_path / "clip"
+  write_byte_level_tokenizer(str(folder))  # 514 tokens
+  config = {"model_type": "clip", "projection_dim": 24,
+            "text_config": dict(vocab_size=514, hidden_size=32, intermediate_size=48,
+                                num_hidden_layers=1, num_attention_heads=4),
+            "vision_config": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                  num_attention_heads=4, image_size=32, patch_size=8)}
+  (folder / "config.json").write_text(json.dumps(config))
+  (folder / "preprocessor_config.json").write_text(json.dumps(
+      {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
+  clip_score.check_folder(folder)  # a consistent folder passes without weights
+  with pytest.raises(FileNotFoundError, match="no weights found"):
+    clip_score.load_clip(folder)
+  (folder / "preprocessor_config.json").write_text(json.dumps(
+      {"size": {"shortest_edge": 24}, "crop_size": {"height": 24, "width": 24}}))
+  crop = (r"preprocessor_config.json: crop_size 24 but the vision tower's image_size is "
+          r"32 \(config.json\)")
+  with pytest.raises(ValueError, match=crop):
+    clip_score.check_folder(folder)
+  with pytest.raises(ValueError, match=crop):  # before the (missing) weights
+    clip_score.load_clip(folder)
+  np.save(tmp_path / "clips.npy", np.zeros((2, _T, 8, 8, 3), np.uint8))
+  files = cli.expand_inputs(str(tmp_path / "clips.npy"))
+  with pytest.raises(ValueError, match=crop):  # before I3D (whose weights do not exist)
+    cli.evaluate(files, files, ["fvd", "clipsim"], num_frames=_T, clip_model=str(folder),
+                 prompt="a cat", i3d_weights="/none")
+  (folder / "preprocessor_config.json").unlink()
+  (folder / "config.json").write_text(json.dumps(
+      {**config, "text_config": {**config["text_config"], "vocab_size": 500}}))
+  with pytest.raises(ValueError, match="token id 513 .* vocab_size is 500"):
+    cli.evaluate([], files, ["clipsim"], num_frames=_T, clip_model=str(folder),
+                 prompt="a cat")
+
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory, torch_cpu):
@@ -864,3 +905,35 @@ def test_metric_inputs_must_be_uint8_or_float():
   np.testing.assert_allclose(
       np.asarray(layers.to_minus_one_one(np.array([0, 51, 255], np.uint8))), [-1.0, -0.6, 1.0],
       rtol=1e-6)
+
+
+def test_cli_names_the_flag_of_a_missing_or_empty_input(tmp_path):
+  """A --fake / --real that does not exist, an empty folder, a glob matching nothing or
+  a flag of no entries is a usage error naming the flag and the path (they were a bare
+  FileNotFoundError traceback, one message for all three), raised before any network
+  loads (the networks' files here do not exist)."""
+  from absl import flags
+  from videoldm_jax.cli import evaluate as cli
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "fake").mkdir()
+  np.save(tmp_path / "fake" / "a.npy", np.zeros((_T, 8, 8, 3), np.uint8))
+  fake = str(tmp_path / "fake")
+  cases = (
+      ([f"--fake={tmp_path / 'nope'}"], rf"--fake={tmp_path / 'nope'}: .* does not exist"),
+      ([f"--fake={tmp_path / 'empty'}"], r"--fake=.*empty: .* a folder \(searched "
+       r"recursively\) without .mp4/"),
+      ([f"--fake={tmp_path / 'empty' / '*.mp4'}"], r"--fake=.*\*.mp4: .* a pattern "
+       r"matching no .mp4/"),
+      (["--fake=,"], r"--fake=,: ',': no folders, globs or files given"),
+      ([f"--real={tmp_path / 'nope'}", f"--fake={fake}"],
+       rf"--real={tmp_path / 'nope'}: .* does not exist"),
+      ([f"--real={fake}", f"--fake={fake},{tmp_path / 'empty'}"],
+       r"--fake=.*: '.*empty': a folder"))
+  for args, message in cases:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["videoldm-eval", *args, "--i3d_weights=/none"])
+    try:
+      with pytest.raises(app.UsageError, match=message):
+        cli.main([])
+    finally:
+      flags.FLAGS.unparse_flags()

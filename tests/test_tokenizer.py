@@ -269,6 +269,16 @@ def test_unreadable_files_are_named(tmp_path, hf_clip_tokenizer):
       (folder / name).write_text(content)
     with pytest.raises(ValueError, match=message):
       CLIPTokenizer.from_folder(str(folder))
+  # An added_tokens entry without its content or id was a bare KeyError naming no file.
+  for entry in ({"id": 5, "special": True}, {"content": "<x>", "id": "5"}, "<x>"):
+    broken = tmp_path / f"added_{len(str(entry))}"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "end_of_word_suffix": "</w>", "vocab": {}, "merges": []},
+        "added_tokens": [entry]}))
+    with pytest.raises(ValueError, match=r"tokenizer.json: added_tokens\[0\]=.*: expected "
+                       "an object with a string `content` and an integer `id`"):
+      CLIPTokenizer.from_folder(str(broken))
   listed = tmp_path / "list"
   listed.mkdir()
   (listed / "tokenizer.json").write_text("[]")
@@ -306,3 +316,22 @@ def test_unreadable_files_are_named(tmp_path, hf_clip_tokenizer):
   (gpt2 / "merges.txt").write_text("")
   with pytest.raises(ValueError, match=r"no vocabulary entry ends with '</w>'"):
     CLIPTokenizer.from_folder(str(gpt2))
+
+
+def test_added_tokens_without_a_normalized_key_follow_the_added_token_default(tmp_path):
+  """A tokenizer.json `added_tokens` entry without "normalized" is read as AddedToken's
+  default (tokenizers: normalized = not special): a plain added token matches the
+  lowercased text, a special one only its exact spelling. (tokenizers itself refuses such
+  a file, "missing field `normalized`"; nothing pinned this default here.)"""
+  symbols = list(bytes_to_unicode().values())
+  vocab = {t: i for i, t in enumerate(symbols + [s + "</w>" for s in symbols] + [
+      "<|startoftext|>", "<|endoftext|>", "<Cat-Toy>", "<Sp>"])}
+  added = [{"id": vocab[t], "content": t, "special": special}
+           for t, special in (("<Cat-Toy>", False), ("<Sp>", True))]
+  (tmp_path / "tokenizer.json").write_text(json.dumps({
+      "model": {"type": "BPE", "end_of_word_suffix": "</w>", "vocab": vocab, "merges": []},
+      "added_tokens": added}))
+  tok = CLIPTokenizer.from_folder(str(tmp_path))
+  assert tok.tokenize("a <CAT-toy>") == ["a</w>", "<Cat-Toy>"]
+  assert tok.tokenize("<Sp>") == ["<Sp>"]
+  assert "<Sp>" not in tok.tokenize("<sp>")

@@ -166,7 +166,7 @@ def test_gradient_accumulation_averages_microbatch_losses_and_gradients():
   # Microbatch i of step 3 holds rows i, i + 2 and uses key
   # fold_in(fold_in(key(seed), 3), i): the noise and times move with the step. With SGD
   # at lr 1 the update is minus the mean of the microbatches' gradients; the logged
-  # metrics are means too.
+  # (floating) metrics are means too.
   stage, params, state, fn = _setup(grad_accum=2, tx=optax.sgd(1.0))
   init, frozen = step_lib.split(params, stage.is_trainable)
   new_state, metrics = fn(state.replace(step=jnp.asarray(3, jnp.int32)),
@@ -184,6 +184,33 @@ def test_gradient_accumulation_averages_microbatch_losses_and_gradients():
   for a, b in zip(jax.tree_util.tree_leaves(new_state.trainable),
                   jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_keeps_each_metrics_meaning_and_dtype():
+  # Integer metrics (counts) are summed and boolean ones or-ed over the microbatches:
+  # averaged, a count of 3 rows logged 1.5 (float32) and a flag set in one microbatch
+  # 0.5. Floating ones stay means. A toy stage: compiles in milliseconds.
+  def loss_fn(p, b, key, step=None):
+    x = b["x"]
+    return jnp.mean(x @ p["w"]), {"rows": jnp.int32(x.shape[0]),
+                                  "large": jnp.sum(x[:, 0] > 6).astype(jnp.int32),
+                                  "any_large": jnp.any(x > 10), "mean_x": jnp.mean(x)}
+  stage = step_lib.Stage("s", lambda path: True, loss_fn)
+  tx = optax.sgd(0.1)
+  x = jnp.arange(12.0).reshape(4, 3)  # x[:, 0] = 0, 3, 6, 9; only row 3 holds x > 10
+  got = []
+  for n in (1, 2):
+    w = {"w": jnp.ones((3,))}
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=w, frozen={},
+                                opt_state=tx.init(w), ema={"w": jnp.ones((3,))},
+                                skipped=jnp.zeros((), jnp.int32))
+    _, metrics = step_lib.build_train_step(stage, tx, seed=0, grad_accum=n)(state, {"x": x})
+    got.append({k: (metrics[k].dtype, metrics[k].item())
+                for k in ("rows", "large", "any_large", "mean_x", "loss")})
+  assert got[0] == {"rows": (jnp.int32, 4), "large": (jnp.int32, 1),
+                    "any_large": (jnp.bool_, True), "mean_x": (jnp.float32, 5.5),
+                    "loss": (jnp.float32, 16.5)}
+  assert got[1] == got[0]
 
 
 def test_each_step_draws_its_own_key():
@@ -514,6 +541,24 @@ def test_grad_clip_zero_means_no_clipping():
 def test_an_empty_trainable_mask_is_refused():
   with pytest.raises(ValueError, match="selects no parameter"):
     step_lib.split({"a": {"w": np.zeros(1)}}, lambda path: False)
+
+
+def test_merging_trees_that_share_a_path_is_refused():
+  # The trainable / frozen and loaded / newly initialised unions took the second tree's
+  # leaf for a path both held (a loaded weight silently replaced by a random one).
+  a = {"unet": {"conv": {"kernel": np.zeros(1)}, "temporal_1": {"w": np.zeros(1)}}}
+  b = {"unet": {"conv": {"kernel": np.ones(1), "bias": np.ones(1)}}}
+  with pytest.raises(ValueError,
+                     match=r"the trees merged share paths: \['unet/conv/kernel'\]"):
+    step_lib.merge(a, b)
+  # A leaf in one tree where the other has a sub-tree overlaps as well (in either order).
+  leaf = {"unet": {"temporal_1": np.ones(1)}}
+  for pair in ((a, leaf), (leaf, a)):
+    with pytest.raises(ValueError, match=r"share paths: \['unet/temporal_1'\]"):
+      step_lib.merge(*pair)
+  merged = step_lib.merge(a, {"unet": {"conv": {"bias": np.ones(1)}}})
+  assert traverse_util.flatten_dict(merged).keys() == {
+      ("unet", "conv", "kernel"), ("unet", "conv", "bias"), ("unet", "temporal_1", "w")}
 
 
 def test_weight_decay_is_decoupled_from_adam():

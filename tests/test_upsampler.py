@@ -256,6 +256,27 @@ def test_export_round_trip(trained, tmp_path):
     um.save(tmp_path / "extra", um.PretrainedUpsampler(config, {**trained["params"], "vae": {}}))
 
 
+def test_a_failed_save_leaves_no_folder_and_a_retry_succeeds(tmp_path, monkeypatch):
+  # Orbax failing after the index was written (disk full, a kill) left a folder with
+  # the index alone: it loaded with read_params=False and a retry was refused as a
+  # non-empty folder.
+  import orbax.checkpoint as ocp
+  model, _, _ = upsampler.build_model(tiny_config())
+  ups = um.PretrainedUpsampler(model, {"unet": {"w": np.arange(3, dtype=np.float32)}})
+
+  def fail(*args, **kwargs):
+    raise OSError("No space left on device")
+  with monkeypatch.context() as m:
+    m.setattr(ocp.StandardCheckpointer, "save", fail)
+    with pytest.raises(OSError, match="No space left"):
+      um.save(tmp_path / "ups", ups)
+  assert sorted(os.listdir(tmp_path)) == []  # neither the folder nor a hidden partial one
+  um.save(tmp_path / "ups", ups)
+  loaded = um.load(tmp_path / "ups")
+  assert loaded.config == model
+  np.testing.assert_array_equal(loaded.params["unet"]["w"], [0.0, 1.0, 2.0])
+
+
 def test_upsampler_config_checks_and_helpers_by_hand(trained):
   config = trained["model"]
   # uint8 0 and 255 are -1 and 1 exactly; float input passes through.

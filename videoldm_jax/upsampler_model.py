@@ -296,20 +296,27 @@ class PretrainedUpsampler:
 
 
 def save(out_dir: str | Path, model: PretrainedUpsampler) -> Path:
-  """Writes `model` to `out_dir` (created; an existing non-empty folder is an error)."""
+  """Writes `model` to `out_dir` (created; an existing non-empty folder is an error).
+  The folder appears only complete (`pretrained.write_folder`): a failed write left an
+  index without weights, which loaded as a config and blocked a retry."""
   out_dir = pretrained.check_new_folder(out_dir)
   model.config.validate()
   expected = {"unet", "vae"} if model.config.space == "latent" else {"unet"}
   if set(model.params) != expected:
     raise ValueError(f"upsampler params must hold exactly {sorted(expected)}, got "
                      f"{sorted(model.params)}")
-  out_dir.mkdir(parents=True, exist_ok=True)
   index = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": model.source,
            **model.config.to_dict()}
   if model.training:
     index["training"] = model.training
-  (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-  pretrained.write_params(out_dir / "params", model.params)
+
+  def write(folder: Path) -> None:
+    folder.mkdir()
+    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    pretrained.write_params(folder / "params", model.params)
+
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  pretrained.write_folder(out_dir, write)
   return out_dir
 
 

@@ -86,9 +86,12 @@ def expand_inputs(spec: str) -> list[VideoFile]:
   """Comma-separated folders / globs / files -> sorted video files (see module doc).
 
   A glob may match folders (searched like given folders). NAME.gif previews beside a
-  NAME.mp4 / .npy are left out. Raises FileNotFoundError naming the entry that
-  matched nothing.
+  NAME.mp4 / .npy are left out. Raises FileNotFoundError naming the entry that does
+  not exist or holds / matches no video file, ValueError for a file of another kind
+  or a `spec` of no entries.
   """
+  if not any(s.strip() for s in spec.split(",")):
+    raise ValueError(f"{spec!r}: no folders, globs or files given")
   files = []
   for entry in (s.strip() for s in spec.split(",")):
     if not entry:
@@ -116,7 +119,15 @@ def expand_inputs(spec: str) -> list[VideoFile]:
           found.append(VideoFile(match, match.relative_to(fixed).as_posix()))
       found = _without_previews(entry, found)
     if not found:
-      raise FileNotFoundError(f"{entry!r}: no {'/'.join(VIDEO_SUFFIXES)} files found")
+      # Which of the three it is: a typo'd path and an empty output folder were both
+      # "no files found".
+      if p.is_dir():
+        what = "a folder (searched recursively) without"
+      elif glob.has_magic(entry):
+        what = "a pattern matching no"
+      else:
+        what = "does not exist; expected a folder, glob or"
+      raise FileNotFoundError(f"{entry!r}: {what} {'/'.join(VIDEO_SUFFIXES)} files")
     files += found
   # Once each: 'runs/**' matches a folder, its sub-folders and their files; entries may
   # overlap too.
@@ -318,6 +329,10 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
     prompts = (read_prompts(prompts_file, prompt, names, len(all_names))
                if role == "fake" and "clipsim" in metrics else [])
     sets[role] = (files, names, prompts)
+  if "clipsim" in metrics:
+    # From its config files alone: a crop of another size than the vision tower's was
+    # found at the first fake frames, after the real set's whole pass.
+    clip_score.check_folder(clip_model)
   frame_batch = min(256, batch_size * num_frames)
   i3d_net = (i3d.I3DFeatures(batch_size, i3d_weights, resize=i3d_resize,
                              resolution=i3d_resolution, devices=devices)
@@ -375,8 +390,8 @@ def main(argv):
     output_path(_OUTPUT.value, "output")
   metrics = [m.strip() for m in _METRICS.value if m.strip()]
   result = evaluate(
-      expand_inputs(_REAL.value) if _REAL.value else [], expand_inputs(_FAKE.value),
-      metrics, num_frames=_FRAMES.value, batch_size=_BATCH.value, max_videos=_MAX.value,
+      _input_files(_REAL) if _REAL.value else [], _input_files(_FAKE), metrics,
+      num_frames=_FRAMES.value, batch_size=_BATCH.value, max_videos=_MAX.value,
       i3d_resize=_RESIZE.value, i3d_resolution=_I3D_RES.value,
       i3d_weights=_I3D_WEIGHTS.value,
       inception_weights=_INCEPTION.value, frame_stride=_STRIDE.value,
@@ -387,6 +402,15 @@ def main(argv):
   if _OUTPUT.value:
     Path(_OUTPUT.value).write_text(text + "\n")
     print(f"wrote {_OUTPUT.value}", file=sys.stderr)
+
+
+def _input_files(flag: flags.FlagHolder) -> list[VideoFile]:
+  """`expand_inputs` of --real / --fake, its refusals said as usage errors naming the
+  flag (a missing path or an empty folder was a bare FileNotFoundError traceback)."""
+  try:
+    return expand_inputs(flag.value)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(f"--{flag.name}={flag.value}: {e}") from None
 
 
 def run():

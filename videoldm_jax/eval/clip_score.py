@@ -194,6 +194,9 @@ class ImagePreprocess:
 
   @classmethod
   def from_folder(cls, folder: Path, image_size: int) -> "ImagePreprocess":
+    """The folder's preprocessor_config.json (else `image_size` for both sizes); raises
+    ValueError for a setting not implemented here or a crop other than `image_size`, the
+    vision tower's input size."""
     path = folder / "preprocessor_config.json"
     if not path.is_file():
       return cls(image_size, image_size)
@@ -230,6 +233,9 @@ class ImagePreprocess:
     if wrong:
       raise ValueError(f"{path}: preprocessing this evaluator does not implement: "
                        + "; ".join(wrong))
+    if crop != image_size:  # (else an error at the first frames through the tower)
+      raise ValueError(f"{path}: crop_size {crop} but the vision tower's image_size is "
+                       f"{image_size} (config.json): the preprocessor is not this model's")
     return cls(size, crop, tuple(d.get("image_mean", CLIP_MEAN)),
                tuple(d.get("image_std", CLIP_STD)))
 
@@ -250,15 +256,9 @@ class ImagePreprocess:
     return (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
 
 
-def load_clip(folder: str | os.PathLike) -> tuple[CLIPModel, dict, ImagePreprocess]:
-  """CLIP model, float32 numpy params and image preprocessing from a transformers folder.
-
-  Raises:
-    FileNotFoundError: missing folder, config.json or weights (pickle-only folders are
-      refused with conversion instructions).
-    ConversionError: listing every missing, mis-shaped or unused key.
-  """
-  folder = Path(folder)
+def _read_configs(folder: Path) -> tuple[CLIPModel, ImagePreprocess]:
+  """The (unbound) CLIP model and image preprocessing a transformers folder's config
+  files describe; no weights are read."""
   if not (folder / "config.json").is_file():
     raise FileNotFoundError(f"{folder}: no config.json (expected a transformers CLIPModel "
                             "folder, as written by CLIPModel.save_pretrained)")
@@ -269,6 +269,30 @@ def load_clip(folder: str | os.PathLike) -> tuple[CLIPModel, dict, ImagePreproce
   model = CLIPModel(CLIPTextConfig.from_transformers_config(cfg),
                     CLIPVisionConfig.from_transformers_config(cfg),
                     int(cfg.get("projection_dim", 512)))
+  return model, ImagePreprocess.from_folder(folder, model.vision_config.image_size)
+
+
+def check_folder(folder: str | os.PathLike) -> None:
+  """Raises what `CLIPSimilarity(folder)` would for the folder's config and tokenizer
+  files (config.json, preprocessing that fits the vision tower, a tokenizer within the
+  text tower's vocabulary) without reading the weights: videoldm-eval calls it before
+  any network loads."""
+  model, _ = _read_configs(Path(folder))
+  check_tokenizer(load_tokenizer(folder), model.text_config, str(folder))
+
+
+def load_clip(folder: str | os.PathLike) -> tuple[CLIPModel, dict, ImagePreprocess]:
+  """CLIP model, float32 numpy params and image preprocessing from a transformers folder.
+
+  Raises:
+    FileNotFoundError: missing folder, config.json or weights (pickle-only folders are
+      refused with conversion instructions).
+    ValueError: a config or preprocessor_config.json this evaluator cannot run, before
+      the weights are read.
+    ConversionError: listing every missing, mis-shaped or unused key.
+  """
+  folder = Path(folder)
+  model, preprocess = _read_configs(folder)
   v = model.vision_config
   abstract = nn.unbox(jax.eval_shape(
       model.init, jax.random.key(0),
@@ -277,7 +301,7 @@ def load_clip(folder: str | os.PathLike) -> tuple[CLIPModel, dict, ImagePreproce
   weights = find_weights(folder, "model")
   params = load_state_dict(abstract["params"], load_safetensors(weights), what="CLIP",
                            source=str(weights), key_fn=_torch_key, ignore=_IGNORED)
-  return model, params, ImagePreprocess.from_folder(folder, v.image_size)
+  return model, params, preprocess
 
 
 def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:

@@ -34,13 +34,22 @@ def split(params: Mapping[str, Any]) -> tuple[dict, dict]:
   return traverse_util.unflatten_dict(spatial), traverse_util.unflatten_dict(temporal)
 
 
-def merge(spatial: Mapping[str, Any], temporal: Mapping[str, Any]) -> dict:
-  """Inverse of `split`."""
+def merge(spatial: Mapping[str, Any], temporal: Mapping[str, Any],
+          what: str = "spatial and temporal trees") -> dict:
+  """Inverse of `split` (and of `train.state.split`): the union of two nested dicts with
+  disjoint leaves. A path both hold, as a leaf or as a leaf in one and a sub-tree in the
+  other, is a ValueError naming it and `what`: one tree's weights silently replaced the
+  other's."""
   flat = traverse_util.flatten_dict(dict(spatial))
-  overlap = flat.keys() & traverse_util.flatten_dict(dict(temporal)).keys()
-  if overlap:
-    raise ValueError(f"spatial and temporal trees share paths: {sorted(overlap)[:5]}")
-  flat.update(traverse_util.flatten_dict(dict(temporal)))
+  other = traverse_util.flatten_dict(dict(temporal))
+  inner = lambda keys: {k[:i] for k in keys for i in range(1, len(k))}
+  shared = (flat.keys() & other.keys()) | (flat.keys() & inner(other)) | (
+      other.keys() & inner(flat))
+  if shared:
+    names = sorted("/".join(map(str, k)) for k in shared)
+    raise ValueError(f"{what} share paths: {names[:5]}"
+                     + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+  flat.update(other)
   return traverse_util.unflatten_dict(flat)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import regex
 
 from videoldm_jax.config_files import read_json_object
+from videoldm_jax.models import config_base
 
 DEFAULT_MAX_LENGTH = 77
 _END_OF_WORD = "</w>"
@@ -253,9 +254,16 @@ class CLIPTokenizer:
     if suffix != _END_OF_WORD:
       raise ValueError(f"{path}: model.end_of_word_suffix={suffix!r}, CLIP uses "
                        f"{_END_OF_WORD!r}")
-    added = {tok["content"]: (int(tok["id"]),
-                              bool(tok.get("normalized", not tok.get("special", False))))
-             for tok in data.get("added_tokens") or []}
+    added = {}
+    for i, tok in enumerate(data.get("added_tokens") or []):
+      if (not isinstance(tok, Mapping) or not isinstance(tok.get("content"), str)
+          or not config_base.is_integer(tok.get("id"), 0)):
+        raise ValueError(f"{path}: added_tokens[{i}]={tok!r}: expected an object with a "
+                         "string `content` and an integer `id` >= 0")
+      # Without `normalized`, AddedToken's own default (not special), as for
+      # added_tokens_decoder above; tokenizers itself refuses such an entry.
+      added[tok["content"]] = (int(tok["id"]),
+                               bool(tok.get("normalized", not tok.get("special", False))))
     return dict(model["vocab"]), _parse_merges(model["merges"], path), added
 
   def _bpe(self, word: str) -> list[str]:

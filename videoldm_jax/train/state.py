@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct, traverse_util
 
+from videoldm_jax.models import partition
+
 Path = tuple[str, ...]
 
 
@@ -42,10 +44,9 @@ def split(params: dict, is_trainable: Callable[[Path], bool]) -> tuple[dict, dic
 
 
 def merge(a: dict, b: dict) -> dict:
-  """Union of two nested dicts with disjoint leaves."""
-  flat = traverse_util.flatten_dict(a)
-  flat.update(traverse_util.flatten_dict(b))
-  return traverse_util.unflatten_dict(flat)
+  """Union of two nested dicts with disjoint leaves (trainable and frozen, loaded and
+  freshly initialised); a path both hold is a ValueError (`partition.merge`)."""
+  return partition.merge(a, b, what="the trees merged")
 
 
 def tree_bytes(tree: Any) -> int:

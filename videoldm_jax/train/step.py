@@ -32,7 +32,9 @@ class Stage:
   loss_fn(params, batch, key, step) -> (scalar loss, dict of scalar metrics), where
   params is the full tree ({'unet': ..., 'vae': ..., ...}), batch a dict of global
   arrays with the batch on axis 0 and step the int32 step counter (for schedules inside
-  the loss, e.g. when a discriminator starts).
+  the loss, e.g. when a discriminator starts). Under gradient accumulation a metric
+  keeps its dtype and its meaning for the whole batch: floating ones (means) are
+  averaged over the microbatches, integer ones (counts) summed, boolean ones or-ed.
 
   group: optional path -> group name of the trainable leaves, for stages that train
   several networks with their own optimisers (generator / discriminator). The total
@@ -173,8 +175,9 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
   several optimisers (e.g. `lr` and `lr/discriminator`).
   The step's randomness is fold_in(key(seed), step): a resumed run draws exactly what an
   uninterrupted one does. With `grad_accum` = n the batch is split into n microbatches
-  (microbatch i: rows i, i + n, ...) whose gradients are averaged (a `lax.scan`, so
-  memory is that of one microbatch).
+  (microbatch i: rows i, i + n, ...) whose gradients, losses and floating metrics are
+  averaged (a `lax.scan`, so memory is that of one microbatch); see `Stage` for the
+  other metrics.
   `shardings` / `batch_sharding` pin the layouts; the input state is donated.
   """
   check_ema_decay(ema_decay)
@@ -212,7 +215,11 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
                                          jax.tree_util.tree_map(lambda x: x[0], micro), key,
                                          state.step))
       total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
-      loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / grad_accum, total)
+      # Sums (jnp.add or-s booleans): the floating ones become means; integer counts
+      # and flags stay as summed (divided, a count logged 1/n of the batch's as a
+      # float, a flag 0.5).
+      loss, metrics, grads = jax.tree_util.tree_map(
+          lambda x: x / grad_accum if jnp.issubdtype(x.dtype, jnp.inexact) else x, total)
 
     grad_norm = optax.tree.norm(grads)
     group_norms = {}
