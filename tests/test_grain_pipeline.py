@@ -170,6 +170,26 @@ def test_the_last_partial_batch_is_dropped_unless_asked_for():
   assert sizes(drop_remainder=False, worker_count=1) == [4, 4, 2]
 
 
+def test_too_few_clips_for_one_batch_is_named_not_an_empty_iterator():
+  # 3 clips, 1 epoch, batches of 4: the iterator ended at once, without an error.
+  kw = dict(seed=0, batch_size=4, num_frames=2, height=8, width=8, num_epochs=1,
+            process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"the source has 3 clips; 1 epoch\(s\) of them give "
+                     r"each of the 1 processes 3, fewer than one batch of 4"):
+    make_video_dataset(_list_source(n=3), **kw)
+  # 5 clips, 2 epochs, 2 processes: 5 each, under a batch of 6 per process.
+  with pytest.raises(ValueError, match=r"5 clips; 2 epoch\(s\) .* the 2 processes 5, "):
+    make_video_dataset(_list_source(n=5), **{**kw, "num_epochs": 2, "process_count": 2,
+                                             "batch_size": 6})
+  # Enough epochs, the remainder kept, or endless repeats: batches as before.
+  assert [len(b["source_index"]) for b in make_video_dataset(
+      _list_source(n=3), **{**kw, "num_epochs": 3})] == [4, 4]
+  assert [len(b["source_index"]) for b in make_video_dataset(
+      _list_source(n=3), **kw, drop_remainder=False)] == [3]
+  assert len(_take(make_video_dataset(_list_source(n=3), **{**kw, "num_epochs": None}),
+                   1)[0]["source_index"]) == 4
+
+
 def test_state_of_a_two_process_run_resumes_it():
   # The state records the global batch (2 processes x 2): a run resumed with the same
   # processes continues where it stopped.

@@ -180,3 +180,38 @@ def test_the_trainer_builds_and_reads_the_config_data_tfds_config_names(tmp_path
   found = sorted(i for v in batch["video"] for i, c in enumerate(clips)
                  if np.array_equal(v, c))
   assert found == [0, 1, 2]
+
+
+def test_a_process_other_than_0_reading_alone_never_builds(tiny, tmp_path, monkeypatch):
+  # make_iterator(alone=True) has no barrier. Process 1 of 2 built the dataset itself
+  # there, racing process 0's build of the same folder (two builds at once: the second
+  # rename into place failed with FileExistsError, measured).
+  import jax
+  import ml_collections
+  import data_pipelines.procedural_driving as package
+  from videoldm_jax.data import inputs
+  builds = []
+  monkeypatch.setattr(package, "build", lambda *a, **k: builds.append(a))
+  monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+  monkeypatch.setattr(jax, "process_count", lambda *a: 2)
+  data = ml_collections.ConfigDict(dict(kind="procedural_driving", num_frames=4,
+                                        data_dir=str(tmp_path / "tfds")))
+  with pytest.raises(FileNotFoundError, match=r"no built procedural_driving/tiny dataset, "
+                     r"and process 1 of 2 reads it alone \(no barrier\): only process 0 "
+                     "builds it"):
+    inputs._tfds_source(data, tmp_path, alone=True)
+  # A half-built one (TFDS's incomplete.* folder, renamed into place when done) is none.
+  building = tmp_path / "tfds" / "procedural_driving" / "tiny" / (
+      f"incomplete.x_{ProceduralDriving.VERSION}")
+  building.mkdir(parents=True)
+  (building / "dataset_info.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="no built procedural_driving/tiny"):
+    inputs._tfds_source(data, tmp_path, alone=True)
+  # A built one is read as it is.
+  data.data_dir = tiny[1]
+  assert len(inputs._tfds_source(data, tmp_path, alone=True)) == TINY.num_train
+  assert builds == []
+  # Process 0 still builds (kept when built), alone or not.
+  monkeypatch.setattr(jax, "process_index", lambda *a: 0)
+  inputs._tfds_source(data, tmp_path, alone=True)
+  assert builds == [("tiny", tiny[1])]

@@ -336,6 +336,31 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
   assert sources.read_captions(str(folder / "u.jsonl"), str(folder))[0] == [("a.mp4", "hi")]
 
 
+def test_a_row_equal_in_nfc_to_two_files_names_both(tmp_path):
+  # "été" stored twice, composed (NFC) and decomposed (NFD): two videos. A row naming
+  # one exactly captions it alone; a row in a third spelling (one accent of each form)
+  # equals both in NFC and names neither: skipped as missing, which said "no such file"
+  # while both files were there.
+  composed, decomposed = "\u00e9t\u00e9.mp4", "e\u0301te\u0301.mp4"
+  mixed = "\u00e9te\u0301.mp4"
+  src = tmp_path / "src"
+  src.mkdir()
+  for seed, name in enumerate((composed, decomposed)):
+    video_io.write_mp4(str(src / name), _clip(4, 16, 16, seed))
+  caps = tmp_path / "c.csv"
+  caps.write_text(f"path,caption\n{decomposed},exact\n{mixed},which one\n",
+                  encoding="utf-8")
+  builder = vf.build(str(src), str(tmp_path / "data"), str(caps), max_frames=None)
+  ds = builder.as_data_source("train")
+  got = {ds[i]["path"].decode(): ds[i]["caption"].decode() for i in range(len(ds))}
+  assert got == {composed: "", decomposed: "exact"}
+  assert builder.report["uncaptioned"] == [composed]
+  assert [(s["path"], s["reason"], s["detail"]) for s in builder.report["skipped"]] == [
+      (mixed, "missing_file", "listed in c.csv but no such file; it equals 2 files in "
+       "Unicode NFC ('e\\u0301te\\u0301.mp4', '\\xe9t\\xe9.mp4'): ambiguous, spell the "
+       "row as one of them exactly")]
+
+
 def test_training_on_an_unbuilt_video_folder_names_the_folder(tmp_path, monkeypatch):
   # TFDS's own error for a registered builder with nothing built was "splits is empty".
   import ml_collections

@@ -178,6 +178,35 @@ def test_webvid_bad_inputs(webvid_tree, tmp_path):
     webvid.build(str(rows), str(tmp_path / "nowhere"), str(tmp_path / "d3"))
 
 
+def test_webvid_ids_with_other_leading_zeros_find_their_one_file(tmp_path):
+  # A CSV saved back by a spreadsheet (or pandas) that read videoid as numbers lost the
+  # zeros of 00123.mp4: every such row was a missing file, with that file right there.
+  page = tmp_path / "videos" / "000001_000050"
+  page.mkdir(parents=True)
+  files = {"00123.mp4": 0, "456.mp4": 1, "0789.mp4": 2, "00789.mp4": 3}
+  for name, seed in files.items():
+    video_io.write_mp4(str(page / name), _clip(seed, t=4))
+  csv_path = tmp_path / "r.csv"
+  csv_path.write_text("videoid,page_dir,name\n123,000001_000050,lost zeros\n"
+                      "00456,000001_000050,added zeros\n789,000001_000050,two files\n"
+                      "999,000001_000050,none\n")
+  builder = webvid.build(str(csv_path), str(tmp_path / "videos"), str(tmp_path / "data"),
+                         max_frames=None)
+  ds = builder.as_data_source("train")
+  got = {ds[i]["path"].decode(): ds[i] for i in range(len(ds))}
+  assert sorted(got) == ["000001_000050/00123.mp4", "000001_000050/456.mp4"]
+  for name, videoid, caption in (("00123.mp4", 123, "lost zeros"),
+                                 ("456.mp4", 456, "added zeros")):
+    ex = got[f"000001_000050/{name}"]
+    assert (int(ex["videoid"]), ex["caption"].decode()) == (videoid, caption)
+    np.testing.assert_array_equal(ex["video"], video_io.read_video(str(page / name)))
+  assert {s["path"]: s["detail"] for s in _report(builder)["skipped"]} == {
+      "000001_000050/789.mp4": "listed in r.csv line 4 but no such file; 00789.mp4, "
+                               "0789.mp4 spell videoid 789 with other leading zeros: "
+                               "ambiguous",
+      "000001_000050/999.mp4": "listed in r.csv line 5 but no such file"}
+
+
 # ------------------------------------------------------------------------ UCF-101
 
 CLASSES = ["ApplyEyeMakeup", "Basketball", "YoYo"]

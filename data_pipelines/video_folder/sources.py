@@ -222,7 +222,9 @@ def match_captions(videos: list[str], rows: list[tuple[str, str]], source_dir: s
   """Maps each video to its caption; rows naming no candidate video become `Skip`s. A
   row that names no video exactly names the one video equal to it in Unicode NFC, if
   there is exactly one: "café" typed or exported composed (NFC) names the file a macOS
-  copy stored decomposed (NFD), which Linux file systems keep as other bytes."""
+  copy stored decomposed (NFD), which Linux file systems keep as other bytes. Two files
+  equal in NFC are two videos: a row naming one exactly captions that one only, and a
+  row equal to both but naming neither is a MISSING_FILE skip that lists them."""
   candidates, captions, skips = set(videos), {}, []
   exact = {key for key, _ in rows if key in candidates}
   nfc = lambda text: unicodedata.normalize("NFC", text)
@@ -259,7 +261,12 @@ def match_captions(videos: list[str], rows: list[tuple[str, str]], source_dir: s
     if key.startswith("../") or key == "..":
       skips.append(Skip(key, MISSING_FILE, f"{where} but outside the source folder"))
     elif not os.path.exists(full):
-      skips.append(Skip(key, MISSING_FILE, f"{where} but no such file"))
+      # (Two files equal to the row in NFC: it names neither, "no such file" alone
+      # misled, both files being there.) Escaped: the spellings print alike.
+      twins = (f"; it equals {len(spelled)} files in Unicode NFC "
+               f"({', '.join(ascii(v) for v in spelled)}): ambiguous, spell the row as "
+               "one of them exactly" if spelled else "")
+      skips.append(Skip(key, MISSING_FILE, f"{where} but no such file{twins}"))
     else:
       skips.append(Skip(key, NOT_A_VIDEO, f"{where} but not a file with a video extension "
                         f"{VIDEO_EXTENSIONS}"))

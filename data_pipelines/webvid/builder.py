@@ -15,6 +15,12 @@ is missing, unreadable or too short is skipped and listed in `skipped.json` with
 reason; a malformed row (non-integer videoid, page_dir leaving the videos root) too,
 as `bad_row`, naming the CSV line and column. Only a CSV without the required columns,
 or one from which nothing at all is usable, fails the build.
+
+A videoid is an integer: when `<videoid>.mp4` as the CSV spells it is missing, the one
+file of its page_dir that spells the same integer with other leading zeros is the
+row's (`00123.mp4` for a CSV's `123`: a spreadsheet or pandas that read the column as
+numbers wrote it back without them); its name is then the example's `path`. Two or
+more such files are ambiguous: a `missing_file` skip naming them.
 """
 
 import csv
@@ -99,6 +105,20 @@ def _parse_row(row: dict, where: str):
   return raw_id, videoid, norm, caption
 
 
+def _files_by_id(folder: str) -> dict[int, list[str]]:
+  """{videoid: names} of the files `<digits>.mp4` in `folder` ({} if there is none)."""
+  out = {}
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError:
+    return out
+  for name in names:
+    stem = name[:-len(".mp4")]
+    if name.endswith(".mp4") and stem.isascii() and stem.isdigit():
+      out.setdefault(int(stem), []).append(name)
+  return out
+
+
 def iter_rows(csv_path: str, videos_root: str, skips: list,
               max_rows: int | None = None) -> Iterator[tuple[str, str, dict]]:
   """Streams `(key, file, fields)` for `vfb.decode_examples` from the CSV (streamed:
@@ -107,6 +127,7 @@ def iter_rows(csv_path: str, videos_root: str, skips: list,
   (the first row wins, so `videoid` is unique in the dataset)."""
   name = os.path.basename(csv_path)
   seen = {}  # videoid -> CSV line of its first row
+  listed = {}  # page_dir -> _files_by_id of it, for the last page_dir with a missing file
   # surrogateescape: a row with bytes that are not UTF-8 becomes one bad_row skip
   # instead of a UnicodeDecodeError hours into a build.
   with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -129,9 +150,18 @@ def iter_rows(csv_path: str, videos_root: str, skips: list,
       seen[videoid] = reader.line_num
       path = os.path.join(videos_root, *key.split("/"))
       if not os.path.isfile(path):
-        skips.append(sources.Skip(key, sources.MISSING_FILE,
-                                  f"listed in {where} but no such file"))
-        continue
+        if page_dir not in listed:  # (rows come grouped by page_dir: one listing each)
+          listed.clear()
+          listed[page_dir] = _files_by_id(os.path.join(videos_root, *page_dir.split("/")))
+        spelled = listed[page_dir].get(videoid, [])
+        if len(spelled) != 1:
+          other = (f"; {', '.join(spelled)} spell videoid {videoid} with other leading "
+                   "zeros: ambiguous" if spelled else "")
+          skips.append(sources.Skip(key, sources.MISSING_FILE,
+                                    f"listed in {where} but no such file{other}"))
+          continue
+        key = f"{page_dir}/{spelled[0]}"  # (see the module docstring)
+        path = os.path.join(videos_root, *key.split("/"))
       yield key, path, {"caption": caption, "videoid": np.int64(videoid),
                         "page_dir": page_dir}
 

@@ -332,7 +332,8 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
     seed: drives shuffling, clip starts, crops, flips and image examples.
     shuffle: reshuffle every epoch (else source order).
     num_epochs: None repeats forever. With a finite count, the stream is cut to a
-      multiple of process_count so that all hosts yield the same number of batches.
+      multiple of process_count so that all hosts yield the same number of batches;
+      a count too small for one batch per process (with drop_remainder) raises.
     process_index, process_count: this host's share; default jax.process_index() /
       jax.process_count(). Shares are disjoint and their union is the stream.
     worker_count: > 0 builds batches in that many worker processes (Grain
@@ -371,13 +372,20 @@ def make_video_dataset(source, *, batch_size: int, num_frames: int, height: int,
   n = len(source)
   if n == 0:
     raise ValueError("make_video_dataset: the source is empty")
+  if num_epochs is not None and drop_remainder and \
+      n * num_epochs // process_count < batch_size:
+    # Else an iterator that ends at once: a run that trains on nothing, without a word.
+    raise ValueError(
+        f"make_video_dataset: the source has {n} clips; {num_epochs} epoch(s) of them "
+        f"give each of the {process_count} processes {n * num_epochs // process_count}, "
+        f"fewer than one batch of {batch_size}: with drop_remainder=True no batch is "
+        "made. Use more clips or epochs, a smaller batch, or drop_remainder=False")
 
   ds = grain.MapDataset.range(n).seed(int(seed))
   if shuffle:
     ds = ds.shuffle()  # Grain reseeds per epoch: index // n picks the epoch's permutation
   ds = ds.repeat(num_epochs)
-  if num_epochs is not None:
-    ds = ds[:len(ds) // process_count * process_count]
+  # (With finite epochs `process_share` cuts the stream to a multiple of process_count.)
   ds = ds.random_map(_MakeExample(source, int(num_frames), int(frame_stride), int(height),
                                   int(width), crop, bool(hflip), float(image_fraction),
                                   str(label_field)))

@@ -30,15 +30,28 @@ KINDS = ("procedural_driving", "video_folder", "tfds", "latent_cache", "procedur
 
 
 def _tfds_source(data, workdir: Path, alone: bool = False):
+  """The TFDS data source of config.data. kind='procedural_driving' is built first when
+  missing, by process 0 only; with `alone=False` every process calls this and the others
+  wait at a barrier. `alone=True` has no barrier: there a process other than 0 reads a
+  dataset already built (TFDS moves a finished build into place whole), else
+  FileNotFoundError; a build of its own would race process 0's on the same folder.
+  (The one caller, the autoencoder export's statistics, runs on process 0.)"""
   import tensorflow_datasets as tfds  # imported here: only TFDS kinds need it
   data_dir = data.get("data_dir") or str(workdir / "tfds")
   if data.kind == "procedural_driving":
-    from data_pipelines.procedural_driving import build
-    if jax.process_index() == 0 or alone:
-      build(data.get("tfds_config", "tiny"), data_dir)  # (a built one is kept)
+    from data_pipelines.procedural_driving import ProceduralDriving, build
+    config_name = data.get("tfds_config", "tiny")
+    name = f"procedural_driving/{config_name}"
+    if jax.process_index() == 0:
+      build(config_name, data_dir)  # (a built one is kept)
+    elif alone and not (Path(data_dir, name, str(ProceduralDriving.VERSION))
+                        / "dataset_info.json").exists():  # (not incomplete.*: building)
+      raise FileNotFoundError(
+          f"data.data_dir={data_dir}: no built {name} dataset, and process "
+          f"{jax.process_index()} of {jax.process_count()} reads it alone (no barrier): "
+          "only process 0 builds it; read it alone after a run built it, or on process 0")
     if not alone:
       multihost_utils.sync_global_devices("procedural_driving built")
-    name = f"procedural_driving/{data.get('tfds_config', 'tiny')}"
   elif data.kind == "video_folder":
     import data_pipelines.video_folder  # noqa: F401  (registers the builder)
     name = "video_folder"
