@@ -11,6 +11,7 @@ import json
 import pickle
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app
@@ -117,6 +118,30 @@ def test_i3d_logits_are_the_mean_over_time():
   assert not np.allclose(windows[0], windows[1])
 
 
+def test_i3d_inputs_channels_and_float_range_are_checked():
+  # uint8 and float [-1, 1] are the same input (x / 127.5 - 1: google-research's
+  # 2 x / 255 - 1); float [0, 255] (that code's convention for any dtype) went through
+  # unscaled: features ~560 off out of ~95, and no error.
+  u8 = np.random.default_rng(0).integers(0, 256, (2, 9, 8, 8, 3), dtype=np.uint8)
+  np.testing.assert_allclose(np.asarray(i3d.preprocess(u8, 8)),
+                             u8.astype(np.float64) * 2 / 255 - 1, atol=1e-6)
+  i3d._check_videos(u8.astype(np.float32) / 127.5 - 1)
+  i3d._check_videos(np.full((1, 9, 4, 4, 3), -1.5, jnp.bfloat16))  # unclipped decoder
+  for bad in (u8.astype(np.float32), u8.astype(jnp.bfloat16),
+              np.full((1, 9, 4, 4, 3), np.nan, np.float32)):
+    with pytest.raises(ValueError, match=r"float videos must be in \[-1, 1\], got max"):
+      i3d._check_videos(bad)
+  for channels in (1, 4):
+    with pytest.raises(ValueError, match=rf"shape \(N, T, H, W, 3\), got \(2, 9, 8, 8, "
+                                         rf"{channels}\)"):
+      i3d._check_videos(np.zeros((2, 9, 8, 8, channels), np.uint8))
+  # FVD names the clips' own shape (the extractor would see them cut to num_frames).
+  with pytest.raises(ValueError, match=r"real videos: expected \(N, T >= 9, H, W, 3\), "
+                                       r"got \(2, 16, 8, 8, 4\)"):
+    fvd.fvd_from_videos(np.zeros((2, 16, 8, 8, 4), np.uint8), u8, num_frames=9,
+                        extractor=object())
+
+
 # ---------------------------------------------------------------- I3D, real weights
 
 @pytest.fixture(scope="module")
@@ -199,6 +224,31 @@ def test_frechet_distance_matches_scipy_sqrtm():
   ours = fvd.stats_distance(sa, sb)
   assert abs(ours - ref) / ref < 1e-6, (ours, ref)
   assert fvd.stats_distance(sa, sa) < 1e-9 * np.trace(sa.cov)
+
+
+def test_frechet_distance_of_rank_deficient_covariances():
+  # N < D clips (FVD on a few dozen clips): the covariances are singular and rounding
+  # leaves eigenvalues of -1e-13, which the square roots clip to 0 (unclipped: NaN roots,
+  # and the SVD fails).
+  # Reference from the data alone: tr((S1 S2)^1/2) is the nuclear norm of
+  # X1c X2c^T / sqrt((N1 - 1)(N2 - 1)). scipy's sqrtm agrees to ~3e-8 here and gives
+  # -6e-5 for a set against itself, where ours gives ~0.
+  pytest.importorskip("scipy")
+  rng = np.random.default_rng(0)
+  mix = rng.standard_normal((64, 64))
+  a = rng.standard_normal((40, 64)) @ mix
+  b = rng.standard_normal((30, 64)) @ mix + 0.3
+  sa, sb = fvd.FeatureStats.from_features(a), fvd.FeatureStats.from_features(b)
+  assert min(np.linalg.eigvalsh(sa.cov).min(), np.linalg.eigvalsh(sb.cov).min()) < 0
+  ca, cb = a - a.mean(0), b - b.mean(0)
+  tr_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(39 * 29)
+  diff = a.mean(0) - b.mean(0)
+  exact = diff @ diff + np.trace(sa.cov) + np.trace(sb.cov) - 2 * tr_sqrt
+  ours = fvd.stats_distance(sa, sb)
+  assert abs(ours - exact) / exact < 1e-7, (ours, exact)
+  ref = _scipy_frechet(sa.mean, sa.cov, sb.mean, sb.cov)
+  assert abs(ours - ref) / exact < 1e-6, (ours, ref)
+  assert 0 <= fvd.stats_distance(sa, sa) < 1e-9 * np.trace(sa.cov)
 
 
 def test_streaming_stats_equal_batch_stats(tmp_path):

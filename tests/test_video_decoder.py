@@ -195,6 +195,50 @@ def test_3d_discriminator_sees_time_2d_is_per_frame():
   assert d3(x[:, :1]).shape == (2, 1, 2, 2, 1)
 
 
+def _taming_discriminator(torch, config, video: bool):
+  """taming-transformers' NLayerDiscriminator, rebuilt in torch with GroupNorm for its
+  BatchNorm; video: Conv3d, with the stride-1 layers' time kernel 3 (see the module)."""
+  conv = torch.nn.Conv3d if video else torch.nn.Conv2d
+  pad, k1 = ((1, 1, 1), (3, 4, 4)) if video else (1, 4)
+  ch = lambda n: config.base_channels * min(2 ** n, 8)  # taming's ndf * nf_mult
+  seq = [conv(config.in_channels, ch(0), 4, 2, pad), torch.nn.LeakyReLU(0.2)]
+  for n in range(1, config.num_layers + 1):
+    last = n == config.num_layers
+    seq += [conv(ch(n - 1), ch(n), k1 if last else 4, 1 if last else 2, pad, bias=False),
+            torch.nn.GroupNorm(config.norm_num_groups, ch(n), eps=1e-5),
+            torch.nn.LeakyReLU(0.2)]
+  return torch.nn.Sequential(*seq, conv(ch(config.num_layers), 1, k1, 1, pad))
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["2d", "3d"])
+def test_discriminator_is_tamings_nlayer_discriminator(torch_cpu, video):
+  # Kernel 4, padding 1, stride 2 then 1, channel multipliers capped at 8 (max_mult),
+  # LeakyReLU(0.2), bias only without a norm, a 1-channel conv_out; 4 layers reach
+  # the cap (4 * min(2^4, 8) channels). Measured ~1e-6.
+  torch = torch_cpu
+  config = disc_lib.DiscriminatorConfig(base_channels=4, num_layers=4, norm_num_groups=4)
+  disc = (disc_lib.VideoPatchDiscriminator if video else disc_lib.PatchDiscriminator)(config)
+  shape = (1, 32, 64, 64, 3) if video else (2, 64, 64, 3)
+  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  params = _perturb(params_lib.init_params(disc, 0, *disc_lib.example_inputs(config, video)))
+  ours = np.asarray(jax.jit(disc.apply)({"params": params}, x))
+  ref = _taming_discriminator(torch, config, video)
+  convs = [m for m in ref if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+  names = [f"conv_{i}" for i in range(len(convs) - 1)] + ["conv_out"]
+  to_torch = lambda a: torch.from_numpy(np.moveaxis(np.asarray(a), (-1, -2), (0, 1)).copy())
+  with torch.no_grad():
+    for m, name in zip(convs, names):
+      m.weight.copy_(to_torch(params[name]["kernel"]))
+      if m.bias is not None:
+        m.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+    for n, m in enumerate((m for m in ref if isinstance(m, torch.nn.GroupNorm)), 1):
+      m.weight.copy_(torch.from_numpy(np.asarray(params[f"norm_{n}"]["scale"])))
+      m.bias.copy_(torch.from_numpy(np.asarray(params[f"norm_{n}"]["bias"])))
+    want = np.moveaxis(ref(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy(), 1, -1)
+  assert ours.shape == want.shape
+  np.testing.assert_allclose(ours, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_discriminator_time_padding_is_xlas_same():
   # As lax's "SAME": ceil(t / stride) outputs, the odd pixel of padding at the end.
   for t in (1, 2, 3, 4, 5, 8):

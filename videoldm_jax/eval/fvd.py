@@ -203,7 +203,8 @@ def fvd_from_videos(real_NxTxHxWx3: np.ndarray, fake_MxTxHxWx3: np.ndarray,
                                 devices=devices)
   sets = []
   for name, v in (("real", real_NxTxHxWx3), ("fake", fake_MxTxHxWx3)):
-    if v.ndim != 5 or v.shape[1] < num_frames:
+    if v.ndim != 5 or v.shape[1] < num_frames or v.shape[-1] != 3:
+      # (Checked here: the extractor names the shape after the cut to num_frames.)
       raise ValueError(f"{name} videos: expected (N, T >= {num_frames}, H, W, 3), got "
                        f"{v.shape}")
     sets.append(video_stats(extractor, v[:, :num_frames], show_progress))

@@ -16,7 +16,9 @@ endpoint). Conventions of `I3DFeatures`, the extractor used by `fvd.py`:
   * frames are resized to 224 x 224 with half-pixel bilinear (`jax.image.resize`
     'bilinear', antialias=False) by default; `resize="tf1"` selects TF1's legacy
     bilinear of google-research's FVD code (see `resize.py`).
-  * uint8 input is mapped to [-1, 1] as x / 127.5 - 1; float input is taken as [-1, 1].
+  * uint8 input is mapped to [-1, 1] as x / 127.5 - 1 (google-research's 2 x / 255 - 1);
+    float input is taken as [-1, 1], unlike that code (which reads every dtype as
+    [0, 255]): floats with |x| > 2 are refused.
   * BatchNorm runs in eval mode from the stored statistics (Sonnet: no scale, eps 1e-3).
 """
 
@@ -264,9 +266,22 @@ def _features_fn(resolution: int, resize: str):
   return features
 
 
+# Float frames beyond this are refused: google-research's FVD code takes ANY dtype as
+# [0, 255] (cast, then 2 x / 255 - 1), so float [0, 255] clips ported from it would
+# otherwise pass unscaled (features ~500 off) without an error. The margin over 1
+# leaves room for unclipped decoder outputs.
+_FLOAT_LIMIT = 2.0
+
+
 def _check_videos(v) -> None:
   if v.ndim != 5 or v.shape[-1] != 3:
     raise ValueError(f"expected videos of shape (N, T, H, W, 3), got {v.shape}")
+  if jnp.issubdtype(v.dtype, jnp.floating) and v.size:
+    peak = float(np.max(np.abs(v)))
+    if not peak <= _FLOAT_LIMIT:  # (NaN too)
+      raise ValueError(f"float videos must be in [-1, 1], got max |x| = {peak:.4g} "
+                       f"(uint8 [0, 255] frames: pass them as uint8; float [0, 255]: "
+                       f"x / 127.5 - 1)")
   if v.shape[1] < MIN_FRAMES:
     raise ValueError(f"I3D needs at least {MIN_FRAMES} frames per clip, got {v.shape[1]} "
                      f"(FVD uses {DEFAULT_FRAMES})")

@@ -16,6 +16,15 @@ outside the parameter tree (a mutable collection the generic train step does not
 carry), would differ between the real and the fake pass of one step, and would depend
 on how the batch is sharded over devices; GroupNorm normalises each example on its
 own, so the logits are a pure function of (params, input) on any mesh.
+
+Other deliberate differences from taming (otherwise the same function: kernel 4,
+padding 1, channels base_channels * min(2^n, max_mult), bias only where no norm
+follows; tests/test_video_decoder.py checks it against a torch rebuild of taming's):
+- Conv biases start at zero (taming leaves PyTorch's default uniform init).
+- 3-D only: the stride-1 layers (the last normalised conv and `conv_out`) use a
+  3-tap time kernel, 'same' padded, not 4 taps, so time is not cut by one frame per
+  layer; the stride-2 layers pad time 'SAME' (ceil(T / 2) outputs), which equals
+  padding 1 for even T and still gives one output for T = 1 or 2 frames.
 """
 
 import dataclasses
