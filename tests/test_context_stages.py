@@ -427,10 +427,15 @@ def test_sample_cli_takes_class_labels(tmp_path):
       proc.stderr, proc.stderr[-2000:]
   proc = sample("--class_label=3")
   assert proc.returncode != 0 and "--class_label=3: expected 0..2" in proc.stderr
-  proc = sample("--class_label=2", "--fps=12.5", f"--output={tmp_path / 'out.MP4'}")
+  proc = sample("--class_label=2", "--fps=12.5", "--num_videos=2", "--seed=5",
+                "--sampler=dpmpp_2m", f"--output={tmp_path / 'out.MP4'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "guidance_scale=5.0 ignored" not in proc.stderr  # it has a text encoder
-  assert video_io.read_video(str(tmp_path / "out.MP4")).shape == (2, 8, 8, 3)
+  # Two clips side by side (a 2-pixel gutter); --sampler and --seed reach the options
+  # sampled with (an ignored flag sampled the default: the same files' shapes).
+  assert video_io.read_video(str(tmp_path / "out.MP4")).shape == (2, 8, 18, 3)
+  assert "(2 clips of 2 frames, 8x8; dpmpp_2m, 1 steps, seed 5)" in proc.stderr, \
+      proc.stderr[-2000:]
   # --fps reaches both files: the mp4's stream rate, the GIF's delay (100 / 12.5 = 8
   # hundredths of a second).
   import av
@@ -469,6 +474,10 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   assert "out.gif: fps 0.001 is slower than a GIF can show" in cli(
       "sample", absent, "--fps=0.001", f"--output={tmp_path / 'out.mp4'}")
   assert "unexpected arguments: ['road']" in cli("sample", absent, "--prompt=a", "road")
+  # A misspelt sampler is a flag error (not one raised after the model has loaded).
+  for name in ("sample", "sample_image"):
+    assert "flag --sampler=dpmpp2m: value should be one of <ddim|ddpm|dpmpp_2m>" in cli(
+        name, absent, "--sampler=dpmpp2m")
   # (JAX keys keep a seed's low 32 bits: 2^32 drew seed 0's noise; 2^63 overflowed after
   # the model had loaded)
   assert "--seed must be in [0, 2^32), got -1" in cli("sample", absent, "--seed=-1")
@@ -492,13 +501,16 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   assert "an autoencoder-stage export (an image model whose UNet has not been trained on " \
       "its latents: train the image_ldm stage on it)" in cli("sample", f"--model={ae}")
   proc = subprocess.run([sys.executable, "-m", "videoldm_jax.cli.sample_image",
-                         f"--model={ae}", "--steps=1", "--height=16",  # width: as height
-                         "--sampler=ddpm", "--eta=0.3", f"--output={tmp_path / 'ae.png'}"],
+                         f"--model={ae}", "--steps=1", "--width=16", "--sampler=ddpm",
+                         "--eta=0.3", "--seed=7", f"--output={tmp_path / 'ae.png'}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "is an autoencoder-stage export: its UNet was not " \
       "trained on this autoencoder's latents" in proc.stderr, proc.stderr[-2000:]
   from PIL import Image
-  assert Image.open(tmp_path / "ae.png").size == (16, 16)
+  # The height defaults to 64 x the VAE factor (2 here); --sampler and --seed reach the
+  # options sampled with.
+  assert Image.open(tmp_path / "ae.png").size == (16, 128)
+  assert "1 image(s) of 128x16; ddpm, 1 steps, seed 7" in proc.stderr, proc.stderr[-2000:]
   assert "note: --eta=0.3 ignored: only --sampler=ddim takes it" in proc.stderr
   # videoldm-export reuses videoldm-train's --config and --workdir: --help lists them,
   # and a bare step number is refused, not ignored.

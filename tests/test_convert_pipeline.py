@@ -207,12 +207,14 @@ def test_sample_image_cli_writes_png(sd_pipeline, tmp_path):
   for i in range(2):
     with Image.open(tmp_path / f"img_{i}.png") as im:
       assert im.size == (24, 16) and im.mode == "RGB"
-  # --eta reaches the sampler: DDIM with eta = 1 draws step noise, another image.
+  # --eta reaches the sampler: DDIM with eta = 1 draws step noise, another image. (No
+  # --width: it defaults to the height.)
   for eta in (0, 1):
     _cli("videoldm_jax.cli.sample_image", f"--model={root / 'converted'}",
-         "--prompt=a truck", "--steps=3", "--height=16", "--width=24", "--sampler=ddim",
+         "--prompt=a truck", "--steps=3", "--height=16", "--sampler=ddim",
          f"--eta={eta}", f"--output={tmp_path / f'eta{eta}.png'}")
   with Image.open(tmp_path / "eta0.png") as a, Image.open(tmp_path / "eta1.png") as b:
+    assert a.size == b.size == (16, 16)
     assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() > 0
 
 
@@ -297,9 +299,10 @@ def test_save_checks_before_writing_and_keeps_schedule_fields(sd_pipeline, tmp_p
   from videoldm_jax.diffusion import schedules
   _, root = sd_pipeline
   model = pretrained.load(root / "converted")
-  # clip_sample_range changes what the sampler does: it must survive a save.
+  # clip_sample_range changes what the sampler does: it must survive a save (a NumPy
+  # scalar too, written as a JSON number).
   clipped = dataclasses.replace(model, scheduler={**model.scheduler, "clip_sample": True,
-                                                  "clip_sample_range": 2.0})
+                                                  "clip_sample_range": np.float32(2.0)})
   clipped = dataclasses.replace(clipped, scheduler={**clipped.scheduler,
                                                     "timestep_spacing": "trailing"})
   pretrained.save(tmp_path / "clipped", clipped)

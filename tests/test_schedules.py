@@ -104,6 +104,11 @@ def test_schedule_from_diffusers_config(torch_cpu):
   # clip_sample left out is off; on without a clip_sample_range, diffusers' 1.0.
   assert empty.clip_sample is None
   assert schedules.schedule_from_diffusers_config({"clip_sample": True})[1].clip_sample == 1.0
+  # Any real number (a NumPy float32 or integer was refused as "not a finite number").
+  for value in (np.float32(1.5), np.int64(2), 2):
+    clip = schedules.schedule_from_diffusers_config(
+        {"clip_sample": True, "clip_sample_range": value})[1].clip_sample
+    assert clip == float(value) and type(clip) is float
 
 
 @pytest.mark.parametrize("field,value", [

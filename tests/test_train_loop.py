@@ -175,11 +175,28 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, ima
 
 
 def test_trains_from_a_latent_cache_of_the_same_vae_and_profiles(image_model, tmp_path):
+  from videoldm_jax.data.latent_cache import LatentCacheSource
+  from videoldm_jax.data.procedural import make_clip
   subprocess.run([sys.executable, "-m", "videoldm_jax.cli.cache_latents",
                   f"--model={image_model}", "--procedural_clips=8", "--num_frames=4",
-                  "--height=16", "--width=16", "--batch_size=4", "--num_shards=2",
-                  f"--output={tmp_path / 'cache'}"], cwd=ROOT, env=_env(), check=True,
+                  "--height=16", "--width=16", "--seed=3", "--batch_size=4",
+                  "--num_shards=2", f"--output={tmp_path / 'cache'}"], cwd=ROOT, env=_env(),
+                 check=True, capture_output=True, timeout=300)
+  # --seed picks the procedural stream: the records' captions are those of seed 3's
+  # clips (seed 0's differ), and their text embeddings are cached.
+  cache = LatentCacheSource(tmp_path / "cache")
+  captions = {int(r["index"]): r["caption"] for r in cache}
+  expected = {i: make_clip(i, 4, 16, 16, seed=3)[2] for i in range(8)}
+  assert captions == expected != {i: make_clip(i, 4, 16, 16)[2] for i in range(8)}
+  assert cache.info["has_context"] and "context" in cache[0]
+  # --notext caches none.
+  subprocess.run([sys.executable, "-m", "videoldm_jax.cli.cache_latents",
+                  f"--model={image_model}", "--procedural_clips=1", "--num_frames=1",
+                  "--height=16", "--width=16", "--num_shards=1", "--notext",
+                  f"--output={tmp_path / 'notext'}"], cwd=ROOT, env=_env(), check=True,
                  capture_output=True, timeout=300)
+  cache = LatentCacheSource(tmp_path / "notext")
+  assert not cache.info["has_context"] and "context" not in cache[0]
   proc = subprocess.run(
       [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/keyframe_tiny.py",
        f"--config.image_model={image_model}", f"--workdir={tmp_path / 'run'}", *FLAGS,

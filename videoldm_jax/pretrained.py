@@ -120,7 +120,9 @@ def save(out_dir: str | Path, model: PretrainedLDM, tokenizer_dir: str | Path | 
     tokenizer = CLIPTokenizer.from_folder(str(tokenizer_dir))
     if model.text_config is not None:
       check_tokenizer(tokenizer, model.text_config, str(tokenizer_dir))
-  scheduler = {k: v for k, v in model.scheduler.items() if k in SCHEDULER_FIELDS}
+  # (NumPy scalars as the Python numbers JSON can write: json.dumps refused a float32)
+  scheduler = {k: v.item() if isinstance(v, np.generic) else v
+               for k, v in model.scheduler.items() if k in SCHEDULER_FIELDS}
   try:
     schedules.schedule_from_diffusers_config(scheduler)
   except ValueError as e:

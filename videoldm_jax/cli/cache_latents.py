@@ -15,10 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from videoldm_jax.cli import check_at_least, check_seed, output_path, run_app
-from videoldm_jax import pretrained
-from videoldm_jax.data.cache_latents import cache_examples
 from videoldm_jax.data.procedural import make_clip
-from videoldm_jax.pipelines import sampling
 
 _MODEL = flags.DEFINE_string("model", None, "converted model folder (its VAE encodes)")
 _TFDS = flags.DEFINE_string("tfds_name", None, "TFDS dataset name[/config] (ArrayRecord)")
@@ -47,6 +44,11 @@ def main(argv):
                  ("num_frames", _FRAMES.value, 1), ("num_shards", _SHARDS.value, 1))
   check_seed("seed", _SEED.value)
   output_path(_OUTPUT.value, "output", folder=True)
+  # Imported here, not above: the usage errors above and --help exit before JAX loads
+  # (~1 s).
+  from videoldm_jax import pretrained
+  from videoldm_jax.data.cache_latents import cache_examples
+  from videoldm_jax.pipelines import sampling
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if _PROC.value:
     f = sampling.size_multiple(model.unet_config, model.vae_config)

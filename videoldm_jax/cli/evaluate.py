@@ -41,7 +41,6 @@ import numpy as np
 from absl import app, flags
 
 from videoldm_jax.cli import check_at_least, output_path, run_app
-from videoldm_jax.eval.batching import progress
 
 # What read_video decodes (the video_folder builder's formats) and raw .npy clips.
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif", ".npy")
@@ -199,6 +198,7 @@ def iter_chunks(files: Sequence[VideoFile], num_frames: int, chunk: int,
   """Yields uint8 (n <= chunk, num_frames, H, W, 3) batches of the files' clips, in the
   order of `clip_names`; only one chunk of decoded clips is in memory at a time."""
   clips, shape, count = [], None, 0
+  from videoldm_jax.eval.batching import progress  # (JAX: not for --help / usage errors)
   for f in progress(files, len(files), desc, show_progress):
     if max_videos and count >= max_videos:
       break  # no further file is decoded

@@ -32,7 +32,6 @@ from absl import app, flags, logging
 
 from videoldm_jax import video_io
 from videoldm_jax.cli import check_at_least, check_seed, output_path, run_app, seed_outputs
-from videoldm_jax.pipelines import generate
 
 _STAGES = ("keyframe", "predictor", "interpolator", "interpolator2", "decoder", "upsampler")
 _MODEL_HELP = {
@@ -108,8 +107,10 @@ _OUTPUT = flags.DEFINE_string("output", "video.mp4", ".mp4 path (H.264), or .npy
                               "uint8 frames (T, H, W, 3) without codec loss (evaluation)")
 
 
-def options(seed: int) -> generate.GenerateOptions:
-  return generate.GenerateOptions(
+def options(seed: int):
+  """The flags' GenerateOptions (pipelines/chain_plan.py) for `seed`."""
+  from videoldm_jax.pipelines.chain_plan import GenerateOptions
+  return GenerateOptions(
       prompt=_PROMPT.value, negative_prompt=_NEGATIVE.value, class_label=_LABEL.value,
       seed=seed, num_frames=_FRAMES.value, duration=_DURATION.value, fps=_FPS.value,
       height=_HEIGHT.value, width=_WIDTH.value, sampler=_SAMPLER.value, steps=_STEPS.value,
@@ -148,6 +149,9 @@ def main(argv):
   if out.suffix.lower() not in (".mp4", ".npy"):  # before minutes of model loading
     raise app.UsageError(f"--output={out}: expected a .mp4 or .npy path")
   output_path(_OUTPUT.value, "output")
+  # Imported here, not above: the usage errors above and --help exit before JAX loads
+  # (~1 s).
+  from videoldm_jax.pipelines import generate
   try:  # what no model decides, before minutes of loading them
     generate.check_options(options(seeds[0]))
     if out.suffix.lower() == ".mp4":

@@ -13,8 +13,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from videoldm_jax.cli import run_app
-from videoldm_jax import pretrained
-from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "model config file")
 _OUTPUT = flags.DEFINE_string("output", None, "output folder (must not exist or be empty)")
@@ -25,6 +23,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
   if _CONFIG.value is None or _OUTPUT.value is None:
     raise app.UsageError("--config and --output are required")
+  # Imported here, not above: the usage errors above and --help exit before JAX loads
+  # (~1 s).
+  from videoldm_jax import pretrained
+  from videoldm_jax.models.tokenizer import write_byte_level_tokenizer
   try:  # before the model is built (minutes for an SD-sized one)
     pretrained.check_new_folder(_OUTPUT.value)
   except FileExistsError as e:

@@ -14,8 +14,7 @@ from absl import app, flags, logging
 
 from videoldm_jax.cli import (autoencoder_export, check_at_least, check_seed, class_labels,
                               note_null_class, note_unguided, output_path, run_app)
-from videoldm_jax import pretrained, video_io
-from videoldm_jax.pipelines import sampling
+from videoldm_jax import video_io
 
 _MODEL = flags.DEFINE_string("model", None, "exported video model folder "
                              "(WORKDIR/export/step_N)")
@@ -55,6 +54,10 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--fps: {e}") from None
   out = output_path(_OUTPUT.value, "output")
+  # Imported here, not above: a usage error or --help then exits before JAX loads
+  # (~1 s).
+  from videoldm_jax import pretrained
+  from videoldm_jax.pipelines import sampling
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if model.temporal_config is None:
     if model.vae_temporal_config is not None:
@@ -80,8 +83,10 @@ def main(argv):
   clip = video_io.video_grid(videos, cols=min(len(videos), 4), pad=2)
   video_io.write_mp4(str(out), clip, fps=_FPS.value)
   video_io.write_gif(str(out.with_suffix(".gif")), clip, fps=_FPS.value)
+  # (what was sampled, as the sampler was given it: the options, not the flags)
   print(f"wrote {out} and {out.with_suffix('.gif')} ({len(videos)} clips of "
-        f"{videos.shape[1]} frames, {videos.shape[2]}x{videos.shape[3]})", file=sys.stderr)
+        f"{videos.shape[1]} frames, {videos.shape[2]}x{videos.shape[3]}; {options.sampler}, "
+        f"{options.num_steps} steps, seed {options.seed})", file=sys.stderr)
 
 
 def run():

@@ -12,8 +12,6 @@ from PIL import Image
 
 from videoldm_jax.cli import (autoencoder_export, check_at_least, check_seed, class_labels,
                               note_null_class, note_unguided, output_path, run_app)
-from videoldm_jax import pretrained
-from videoldm_jax.pipelines import sampling
 
 _MODEL = flags.DEFINE_string("model", None, "folder written by videoldm-convert or "
                              "videoldm-init-random")
@@ -52,6 +50,10 @@ def main(argv):
     raise app.UsageError(f"--output={_OUTPUT.value}: not an image file name Pillow can "
                          "write (e.g. .png)")
   out = output_path(_OUTPUT.value, "output")
+  # Imported here, not above: a usage error or --help then exits before JAX loads
+  # (~1 s).
+  from videoldm_jax import pretrained
+  from videoldm_jax.pipelines import sampling
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   default = 64 * model.vae_config.downsample_factor
   height = default if _HEIGHT.value is None else _HEIGHT.value
@@ -77,6 +79,9 @@ def main(argv):
   for img, path in zip(images, paths):
     Image.fromarray(img).save(path)
     print(f"wrote {path}", file=sys.stderr)
+  # (what was sampled, as the sampler was given it: the options, not the flags)
+  print(f"{len(images)} image(s) of {options.height}x{options.width}; {options.sampler}, "
+        f"{options.num_steps} steps, seed {options.seed}", file=sys.stderr)
 
 
 def run():

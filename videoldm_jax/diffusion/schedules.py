@@ -9,6 +9,7 @@ and integer t in [0, num_train_timesteps). Latents are channels-last of any shap
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -235,7 +236,8 @@ def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike
   # Absent means off: DPM-Solver configs have no such key and never clip.
   clip = bool(cfg.get("clip_sample", False))
   clip_range = cfg.get("clip_sample_range", 1.0)
-  if clip and not (isinstance(clip_range, (int, float)) and not isinstance(clip_range, bool)
+  # (Any real number: a NumPy float32 or integer was refused as "not a finite number".)
+  if clip and not (isinstance(clip_range, numbers.Real) and not isinstance(clip_range, bool)
                    and math.isfinite(clip_range) and clip_range > 0):
     # (0 or below collapsed every DDIM / DDPM sample to 0 or -1; NaN made it NaN)
     raise ValueError(f"unsupported scheduler config: clip_sample_range={clip_range!r}, "
