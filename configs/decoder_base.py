@@ -37,8 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # safetensors file perceptual_weights_path; see models/perceptual.py, nothing is
   # downloaded) + kl_weight * KL (autoencoder stage only) + adaptive-weighted hinge GAN.
   # disc_start: step from which the adversarial terms count (before it they are
-  # multiplied by 0 and the discriminator gets no gradient); disc_weight: factor on
-  # the adaptive weight; disc_factor: factor on both adversarial terms once on.
+  # multiplied by 0 and the discriminator gets no gradient and no update, weight decay
+  # included: it starts from its initialisation); disc_weight: factor on the adaptive
+  # weight; disc_factor: factor on both adversarial terms once on.
   c.loss = dict(kl_weight=1e-6, perceptual_weight=0.0, perceptual_weights_path="",
                 disc_start=5_000, disc_weight=0.5, disc_factor=1.0)
   # Input (videoldm_jax/data/inputs.py): any pixel source (not latent_cache).

@@ -170,3 +170,64 @@ def test_a_wrong_temporal_field_is_named_by_its_config_path(name, tmp_path):
     stage = importlib.import_module(f"videoldm_jax.stages.{config.stage}")
     with pytest.raises(ValueError, match=message):
       stage.setup(config, tmp_path)
+
+
+SECTION_ERRORS = [
+    # (config, field path, wrong value, expected error: the path a --config flag names)
+    ("keyframe_tiny", "random_image_model.unet.block_out_channels", (32.5,),
+     r"config\.random_image_model\.unet\.block_out_channels=\(32\.5,\): expected "
+     r"tuple\[int, \.\.\.\]"),
+    ("keyframe_tiny", "random_image_model.vae.scaling_factor", "0.18",
+     r"config\.random_image_model\.vae\.scaling_factor='0\.18': expected float"),
+    ("keyframe_tiny", "random_image_model.text_encoder.hidden_size", 16.5,
+     r"config\.random_image_model\.text_encoder\.hidden_size=16\.5: expected int"),
+    ("image_tiny", "unet.layers_per_block", 1.5,  # videoldm-init-random's config
+     r"config\.unet\.layers_per_block=1\.5: expected int"),
+    ("decoder_tiny", "vae_temporal.conv_kernel", (3,),
+     r"config\.vae_temporal\.conv_kernel=\(3,\): expected tuple\[int, int, int\]"),
+    ("decoder_tiny", "vae_temporal.out_conv_kernel", (3, 2, 1),
+     r"config\.vae_temporal\.out_conv_kernel must be three odd sizes, got \(3, 2, 1\)"),
+    ("decoder_tiny", "discriminator.num_layers", 2.5,
+     r"config\.discriminator\.num_layers=2\.5: expected int"),
+    ("autoencoder_tiny", "discriminator.base_channels", "8",
+     r"config\.discriminator\.base_channels='8': expected int"),
+    ("upsampler_tiny", "unet.layers_per_block", 1.5,
+     r"config\.unet\.layers_per_block=1\.5: expected int"),
+    ("upsampler_tiny", "random_vae.block_out_channels", (32, "64"),
+     r"config\.random_vae\.block_out_channels=\(32, '64'\): expected tuple\[int, \.\.\.\]"),
+]
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["built", "abstract"])
+@pytest.mark.parametrize("name, field, value, message", SECTION_ERRORS,
+                         ids=[f"{c[0]}:{c[1]}" for c in SECTION_ERRORS])
+def test_a_wrong_model_section_field_is_named_by_its_config_path(name, field, value,
+                                                                 message, abstract,
+                                                                 tmp_path):
+  # These sections were "config.unet: UNetConfig.x=..." (for the key-frame stage's
+  # config.random_image_model.unet) or "config.discriminator: DiscriminatorConfig.x=...";
+  # now the path a --config override writes, before any model is built (also under
+  # videoldm-compile's abstract setup).
+  import importlib
+  from videoldm_jax import pretrained
+  from videoldm_jax.stages import base
+  config = load_sibling(CONFIGS, name).get_config()
+  if name == "upsampler_tiny":
+    config.space = "latent"  # (config.random_vae is the latent space's VAE)
+  *parents, key = field.split(".")
+  section = config
+  for p in parents:
+    section = section[p]
+  with section.ignore_type():
+    section[key] = value
+  if name == "image_tiny":
+    build = lambda: pretrained.random_image_ldm(config)
+  else:
+    build = lambda: importlib.import_module(f"videoldm_jax.stages.{config.stage}").setup(
+        config, tmp_path)
+  with pytest.raises(ValueError, match=f"^{message}$"):
+    if abstract:
+      with base.abstract_setup():
+        build()
+    else:
+      build()

@@ -204,6 +204,26 @@ def test_training_samples_of_class_conditional_models(tmp_path):
     keyframe.sample_labels(unet_config, config)
 
 
+@pytest.mark.parametrize("labels, error", [
+    ((2, 0), r"class_labels=\(2, 0\): 2 is the model's null class \(null_class_label"),
+    ((0, 5), r"class_labels=\(0, 5\): expected one label in \[0, 3\) per prompt")],
+    ids=["null_class", "out_of_range"])
+def test_sample_class_labels_are_refused_at_setup(labels, error, tmp_path):
+  # config.sample.class_labels holding the null class gave unconditional samples, logged
+  # as that class's (guidance: both branches took it); any bad label surfaced only at the
+  # first sample step, after sample.every steps of training.
+  from videoldm_jax.stages import keyframe
+  config = _config("keyframe_tiny", num_frames=4)
+  config.random_image_model = ml_collections.ConfigDict(
+      {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}})
+  config.update(null_class_label=2, cond_drop_prob=0.1)
+  config.sample.update(every=10, prompts=("a", "b"), class_labels=labels)
+  with pytest.raises(ValueError, match=error):
+    keyframe.setup(config, tmp_path)
+  config.sample.class_labels = (1, 0)
+  assert keyframe.setup(config, tmp_path).extra["ldm"].null_class_label == 2
+
+
 def test_image_examples_in_video_stages_take_each_frames_caption(tmp_path):
   # An image example's frames come from different clips; the key-frame stage (whose
   # text_context and batch_maker the context stages share) conditioned all of them on

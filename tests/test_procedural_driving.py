@@ -211,7 +211,7 @@ def test_a_process_other_than_0_reading_alone_never_builds(tiny, tmp_path, monke
   data.data_dir = tiny[1]
   assert len(inputs._tfds_source(data, tmp_path, alone=True)) == TINY.num_train
   assert builds == []
-  # Process 0 still builds (kept when built), alone or not.
+  # Process 0 reading alone still builds (a built dataset is kept).
   monkeypatch.setattr(jax, "process_index", lambda *a: 0)
   inputs._tfds_source(data, tmp_path, alone=True)
   assert builds == [("tiny", tiny[1])]

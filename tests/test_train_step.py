@@ -214,3 +214,42 @@ def test_grouped_optimisers_step_each_group_with_its_own_settings():
   np.testing.assert_allclose(float(metrics["grad_norm/discriminator"]), np.sqrt(2 * 4.0),
                              rtol=1e-6)
   assert 0 < float(metrics["grad_norm/generator"]) < np.sqrt(3 * 16.0)  # gen has moved
+
+
+def test_a_discriminator_is_held_at_its_initialisation_before_disc_start():
+  """The autoencoder stages' discriminator gets a zero gradient before loss.disc_start;
+  AdamW's decoupled weight decay shrank its weights anyway (by (1 - lr wd) a step), so
+  it started from decayed weights. Now its update is zero until disc_start, counted on
+  the train state's step (as the loss's disc_factor), then it trains with decay."""
+  from pathlib import Path
+  from videoldm_jax.config_files import load_sibling
+  from videoldm_jax.stages import autoencoder
+  from videoldm_jax.train import gan
+  config = load_sibling(str(Path(__file__).parents[1] / "configs" / "x.py"),
+                        "autoencoder_tiny").get_config()
+  config.loss.disc_start = 3
+  config.disc_optim.update(weight_decay=0.5, lr=0.1)
+  params = {"vae": {"w": np.full((3,), 2.0, np.float32)},
+            "discriminator": {"w": np.full((2,), 1.0, np.float32)}}
+
+  def loss_fn(p, batch, key, step):  # the stage's shape: disc term times disc_factor
+    factor = gan.disc_factor(step, config.loss.disc_start)
+    return jnp.sum(p["vae"]["w"] ** 2) + factor * jnp.sum(p["discriminator"]["w"]), {}
+  stage = step_lib.Stage("gan", lambda path: True, loss_fn, group=autoencoder.group)
+  tx = autoencoder.optimizer(config)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  rep = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shardings = step_lib.state_shardings(jax.tree_util.tree_map(lambda _: rep, params), stage,
+                                       tx, abstract, mesh)
+  state = step_lib.init_state(params, stage, tx, shardings)
+  train_step = step_lib.build_train_step(stage, tx, seed=0)
+  for _ in range(3):
+    state, metrics = train_step(state, {"x": jnp.zeros((1,))})
+    assert float(metrics["grad_norm/discriminator"]) == 0.0
+  np.testing.assert_array_equal(np.asarray(state.trainable["discriminator"]["w"]),
+                                params["discriminator"]["w"])  # was 0.95^3 = 0.857
+  assert np.all(np.asarray(state.trainable["vae"]["w"]) < 2.0)  # the generator trained
+  state, _ = train_step(state, {"x": jnp.zeros((1,))})  # step 3 = disc_start: it trains
+  # Adam's step (-lr * ~1 against a gradient of +1 per weight) plus the decay.
+  assert np.all(np.asarray(state.trainable["discriminator"]["w"]) < 0.95)

@@ -295,10 +295,17 @@ def load_with_tokenizer(model_dir: str | Path) -> tuple[PretrainedLDM, Optional[
   return model, tokenizer
 
 
-def random_image_ldm(config) -> PretrainedLDM:
-  """Builds an `PretrainedLDM` with random params from a config like configs/image_tiny.py."""
-  unet_cfg = UNetConfig.from_dict(dict(config.unet), "config.unet").validate()
-  vae_cfg = VAEConfig.from_dict(dict(config.vae), "config.vae")
+def random_image_ldm(config, path: str = "config") -> PretrainedLDM:
+  """Builds an `PretrainedLDM` with random params from a config like configs/image_tiny.py.
+  path: where that config sits in the user's config, for errors (`config` for
+  configs/image_tiny.py, `config.random_image_model` in a stage config): a wrong value
+  is named as its --config flag writes it (config.random_image_model.unet.x=...). All
+  three model configs are checked before any parameter is initialised."""
+  unet_cfg = UNetConfig.from_config(config.unet, f"{path}.unet").validate()
+  vae_cfg = VAEConfig.from_config(config.vae, f"{path}.vae")
+  text_cfg = None
+  if config.get("text_encoder") is not None:
+    text_cfg = CLIPTextConfig.from_config(config.text_encoder, f"{path}.text_encoder")
   params = {
       "unet": params_lib.init_params(
           unet_lib.UNet(unet_cfg), config.seed,
@@ -307,9 +314,7 @@ def random_image_ldm(config) -> PretrainedLDM:
       "vae": params_lib.init_params(vae_lib.AutoencoderKL(vae_cfg), config.seed,
                                     *vae_lib.example_inputs(vae_cfg)),
   }
-  text_cfg = None
-  if config.get("text_encoder") is not None:
-    text_cfg = CLIPTextConfig.from_dict(dict(config.text_encoder), "config.text_encoder")
+  if text_cfg is not None:
     ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
     params["text_encoder"] = params_lib.init_params(CLIPTextModel(text_cfg), config.seed,
                                                     ids)

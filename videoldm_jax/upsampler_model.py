@@ -175,9 +175,9 @@ def unet_config(architecture: dict[str, Any], channels: int, aug_levels: int) ->
   given = derived & set(architecture)
   if given:
     raise ValueError(f"config.unet must not set {sorted(given)}: the upsampler derives them")
-  return UNetConfig.from_dict({**dict(architecture), "in_channels": 2 * channels,
-                               "out_channels": channels, "num_class_embeds": aug_levels},
-                              "config.unet").validate()
+  return UNetConfig.from_config({**dict(architecture), "in_channels": 2 * channels,
+                                 "out_channels": channels, "num_class_embeds": aug_levels},
+                                "config.unet").validate()
 
 
 # --- conditioning maths (shared by training and sampling) ----------------------------

@@ -105,17 +105,21 @@ def _parse_row(row: dict, where: str):
   return raw_id, videoid, norm, caption
 
 
+_LISTINGS = 64
+
+
 def _files_by_id(folder: str) -> dict[int, list[str]]:
   """{videoid: names} of the files `<digits>.mp4` in `folder` ({} if there is none)."""
   out = {}
   try:
-    names = sorted(os.listdir(folder))
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
   except OSError:
     return out
-  for name in names:
-    stem = name[:-len(".mp4")]
-    if name.endswith(".mp4") and stem.isascii() and stem.isdigit():
-      out.setdefault(int(stem), []).append(name)
+  for e in entries:
+    stem = e.name[:-len(".mp4")]
+    # (A folder or a broken link named 00123.mp4 stays "no such file", as before.)
+    if e.name.endswith(".mp4") and stem.isascii() and stem.isdigit() and e.is_file():
+      out.setdefault(int(stem), []).append(e.name)
   return out
 
 
@@ -127,7 +131,9 @@ def iter_rows(csv_path: str, videos_root: str, skips: list,
   (the first row wins, so `videoid` is unique in the dataset)."""
   name = os.path.basename(csv_path)
   seen = {}  # videoid -> CSV line of its first row
-  listed = {}  # page_dir -> _files_by_id of it, for the last page_dir with a missing file
+  # page_dir -> _files_by_id of it, for the last _LISTINGS page_dirs with a missing file
+  # (a partial download misses many rows; they need not come grouped by page_dir).
+  listed = {}
   # surrogateescape: a row with bytes that are not UTF-8 becomes one bad_row skip
   # instead of a UnicodeDecodeError hours into a build.
   with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -150,8 +156,9 @@ def iter_rows(csv_path: str, videos_root: str, skips: list,
       seen[videoid] = reader.line_num
       path = os.path.join(videos_root, *key.split("/"))
       if not os.path.isfile(path):
-        if page_dir not in listed:  # (rows come grouped by page_dir: one listing each)
-          listed.clear()
+        if page_dir not in listed:
+          if len(listed) >= _LISTINGS:
+            del listed[next(iter(listed))]  # (the oldest listing)
           listed[page_dir] = _files_by_id(os.path.join(videos_root, *page_dir.split("/")))
         spelled = listed[page_dir].get(videoid, [])
         if len(spelled) != 1:

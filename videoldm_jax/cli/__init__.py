@@ -91,7 +91,7 @@ def _keeping_loaded_configs(loaded: list):
 def _override_through_a_value(argv: Sequence[str], config) -> Optional[str]:
   """'--config.seed.x: config.seed is a value (int), not a group of fields' for the first
   --config.a.b override whose path passes through a value of `config` (the loaded config
-  file, before the overrides; None: the file did not load)."""
+  file, with the overrides applied before the failing one; None: the file did not load)."""
   import ml_collections
   if config is None:
     return None

@@ -77,11 +77,13 @@ class VAETemporalConfig(JsonConfig):
   # branch (sgm initialises its decoder's merge factor to 0: alpha = 0.5).
   mix_init: float = 0.0
 
-  def validate(self) -> "VAETemporalConfig":
+  def validate(self, where: str = "VAETemporalConfig") -> "VAETemporalConfig":
+    """self, or ValueError naming `where`.field (the config section it came from, e.g.
+    config.vae_temporal)."""
     for name in ("conv_kernel", "out_conv_kernel"):
       k = getattr(self, name)
       if len(k) != 3 or any(int(v) % 2 == 0 for v in k):
-        raise ValueError(f"VAETemporalConfig.{name} must be three odd sizes, got {k}")
+        raise ValueError(f"{where}.{name} must be three odd sizes, got {k}")
     return self
 
 

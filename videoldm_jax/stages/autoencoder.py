@@ -189,9 +189,13 @@ def with_lpips(abstract: dict, axes: dict, lpips: Optional[dict]) -> tuple[dict,
 
 
 def optimizer(config: ml_collections.ConfigDict):
+  """The generator's and the discriminator's optimisers; the discriminator's updates are
+  zero before loss.disc_start (its weights stay at their initialisation: its gradient is
+  zero then, but AdamW's weight decay would still shrink them)."""
   return optim.make_grouped_optimizer(
       {"generator": config.optim, "discriminator": config.disc_optim}, group,
-      fields={"generator": "optim", "discriminator": "disc_optim"})
+      fields={"generator": "optim", "discriminator": "disc_optim"},
+      start_at={"discriminator": int(config.loss.get("disc_start", 0))})
 
 
 def lr_schedules(config: ml_collections.ConfigDict) -> dict:
@@ -365,14 +369,14 @@ def image_model_vae(config: ml_collections.ConfigDict, workdir: Path):
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The autoencoder stage of `config` (configs/autoencoder_tiny.py)."""
   latent_normalization(config)
+  disc_config = disc_lib.DiscriminatorConfig.from_config(
+      config.discriminator, "config.discriminator").validate()  # before the image model
   vae_config, vae_params, vae_temporal = image_model_vae(config, workdir)
   if vae_temporal is not None:
     # Keep the image autoencoder: the video decoder's temporal layers are dropped.
     vae_params, _ = partition.split(vae_params)
   dtype = dtype_named(config.train.compute_dtype)
   vae = AutoencoderKL(vae_config, dtype=dtype, remat_policy=config.train.remat_policy)
-  disc_config = disc_lib.DiscriminatorConfig.from_dict(
-      dict(config.discriminator), "config.discriminator").validate()
   disc = disc_lib.PatchDiscriminator(disc_config, dtype=dtype)
   options = LossOptions.from_config(config.loss)
   check_frame_size(config, disc, options, vae_config)

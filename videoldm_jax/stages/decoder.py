@@ -90,9 +90,12 @@ def make_stage(vae: AutoencoderKL, disc: disc_lib.VideoPatchDiscriminator,
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The decoder stage of `config` (configs/decoder_*.py)."""
+  # The sections first: their errors before the image model loads.
+  temporal = VAETemporalConfig.from_config(
+      config.vae_temporal, "config.vae_temporal").validate("config.vae_temporal")
+  disc_config = disc_lib.DiscriminatorConfig.from_config(
+      config.discriminator, "config.discriminator").validate()
   vae_config, image_vae, image_temporal = ae.image_model_vae(config, workdir)
-  temporal = VAETemporalConfig.from_dict(dict(config.vae_temporal),
-                                         "config.vae_temporal").validate()
   # mix_init only starts the blend; a continued decoder takes its blend from the export.
   if (image_temporal is not None
       and dataclasses.replace(image_temporal, mix_init=temporal.mix_init) != temporal):
@@ -104,8 +107,6 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   dtype = dtype_named(config.train.compute_dtype)
   vae = AutoencoderKL(vae_config, temporal, dtype=dtype,
                       remat_policy=config.train.remat_policy)
-  disc_config = disc_lib.DiscriminatorConfig.from_dict(
-      dict(config.discriminator), "config.discriminator").validate()
   disc = disc_lib.VideoPatchDiscriminator(disc_config, dtype=dtype)
   options = ae.LossOptions.from_config(config.loss)
   ae.check_frame_size(config, disc, options, vae_config)

@@ -234,6 +234,10 @@ def null_class_label(config: ml_collections.ConfigDict,
   return int(given)
 
 
+# Where the random image model's sections sit in a stage config (for errors).
+RANDOM_IMAGE_MODEL = "config.random_image_model"
+
+
 def _random_image_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.random_image_model, which the *_base configs leave empty (they fine-tune a
   real image model)."""
@@ -270,7 +274,7 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
       image.params["vae"], _ = partition.split(image.params["vae"])
       image.vae_temporal_config, image.decoder_training = None, {}
   else:
-    image = pretrained.random_image_ldm(_random_image_model(config))
+    image = pretrained.random_image_ldm(_random_image_model(config), RANDOM_IMAGE_MODEL)
     tok_dir = workdir / "tokenizer"
     if jax.process_index() == 0 and not (tok_dir / "vocab.json").exists():
       write_byte_level_tokenizer(str(tok_dir))
@@ -312,8 +316,11 @@ def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
   else:
     r = _random_image_model(config)
     text = r.get("text_encoder")
-    configs = (UNetConfig.from_dict(dict(r.unet)), VAEConfig.from_dict(dict(r.vae)),
-               None if text is None else CLIPTextConfig.from_dict(dict(text)),
+    path = RANDOM_IMAGE_MODEL
+    configs = (UNetConfig.from_config(r.unet, f"{path}.unet").validate(),
+               VAEConfig.from_config(r.vae, f"{path}.vae"),
+               None if text is None else CLIPTextConfig.from_config(text,
+                                                                    f"{path}.text_encoder"),
                dict(r.scheduler))
   image = pretrained.PretrainedLDM(*configs, params={}, source="abstract",
                                    temporal_config=temporal,
@@ -388,7 +395,8 @@ def sample_labels(unet_config, config: ml_collections.ConfigDict,
                   null_label: Optional[int] = None) -> Optional[list[int]]:
   """Class labels of the training samples (one per config.sample.prompts) for a
   class-conditional UNet, None otherwise: config.sample.class_labels, or sample i gets
-  the i-th class (cyclically) other than the null class `null_label`."""
+  the i-th class (cyclically) other than the null class `null_label`. Checked at setup
+  (`setup_video_ldm`), not first at the first samples."""
   n_classes, s = unet_config.num_class_embeds, config.sample
   if not n_classes:
     return None
@@ -398,6 +406,12 @@ def sample_labels(unet_config, config: ml_collections.ConfigDict,
   if len(labels) != len(s.prompts) or not all(0 <= x < n_classes for x in labels):
     raise ValueError(f"config.sample.class_labels={tuple(labels)}: expected one label in "
                      f"[0, {n_classes}) per prompt ({len(s.prompts)} prompts)")
+  if null_label is not None and null_label in labels:
+    # Both branches of guidance would take the null class: an unconditional sample
+    # logged as that label's.
+    raise ValueError(f"config.sample.class_labels={tuple(labels)}: {null_label} is the "
+                     "model's null class (null_class_label, the unconditional branch of "
+                     f"guidance); expected data classes, i.e. not {null_label}")
   return labels
 
 
@@ -473,6 +487,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       sampling.check_context_source(image, config.image_model or "config.random_image_model")
     except ValueError as e:
       raise ValueError(f"{e}; or train without samples (--config.sample.every=0)") from None
+    sample_labels(ldm.unet_config, config, ldm.null_class_label)
   max_len = 0 if ldm.text_config is None else ldm.text_config.max_position_embeddings
   uncond = None if tokenizer is None else tokenizer([""], max_length=max_len)[0]
   stage = make_stage_fn(ldm, options_from_config(config, ldm.null_class_label), uncond)

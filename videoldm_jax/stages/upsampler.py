@@ -156,15 +156,16 @@ def _vae(config: ml_collections.ConfigDict) -> tuple[VAEConfig, dict]:
   converted image-LDM folder) or a random one of `config.random_vae`; under
   `base.abstract_setup()` the config alone (params None: nothing read or allocated)."""
   if base.is_abstract():
-    vae = (pretrained.load_index(config.image_model)["vae"] if config.image_model
-           else dict(config.random_vae))
-    return VAEConfig.from_dict(vae, config.image_model or "config.random_vae"), None
+    if not config.image_model:
+      return VAEConfig.from_config(config.random_vae, "config.random_vae"), None
+    return VAEConfig.from_dict(pretrained.load_index(config.image_model)["vae"],
+                               config.image_model), None
   if config.image_model:
     image = pretrained.load(config.image_model)
     # A decoder-stage export: its frame-wise autoencoder (the upsampler encodes and
     # decodes frame by frame).
     return image.vae_config, partition.split(image.params["vae"])[0]
-  cfg = VAEConfig.from_dict(dict(config.random_vae), "config.random_vae")
+  cfg = VAEConfig.from_config(config.random_vae, "config.random_vae")
   return cfg, params_lib.init_params(AutoencoderKL(cfg), config.seed,
                                      *vae_lib.example_inputs(cfg))
 

@@ -8,7 +8,8 @@ and Video LDM's temporal decoder fine-tuning).
                last layer, so the GAN term is scaled to pull about as hard as the
                reconstruction term where it matters most
   start        both adversarial terms are multiplied by 0 before `disc_start` steps
-               (the autoencoder first learns to reconstruct; D then gets no gradient)
+               (the autoencoder first learns to reconstruct; D then gets no gradient,
+               and no update: see optim.hold_until)
 
 The train step takes one gradient of the SUM of the generator's loss (discriminator
 parameters stop-gradiented) and the discriminator's (reconstructions stop-gradiented):

@@ -35,8 +35,8 @@ def check_settings(config: ml_collections.ConfigDict, field: str = "optim") -> N
   """ValueError naming `field`.X for settings that train the wrong way without a word: a
   negative lr or grad_clip (optax's clip by -1 / |g| turns every step into ascent), a
   final_lr_fraction outside [0, 1] (a negative one ends the decay in ascent), Adam
-  betas outside [0, 1), eps <= 0 (an exactly zero gradient, e.g. a discriminator's
-  before disc_start, gives 0 / 0: NaN weights from a step whose loss and gradient norm
+  betas outside [0, 1), eps <= 0 (an exactly zero gradient, e.g. of a weight the loss
+  does not reach, gives 0 / 0: NaN weights from a step whose loss and gradient norm
   are finite, so it is not skipped), negative weight_decay, step counts of the
   schedule that are not counts."""
   checks = [("lr", config.lr, lambda v: v >= 0, ">= 0"),
@@ -71,12 +71,40 @@ def make_optimizer(config: ml_collections.ConfigDict, field: str = "optim"
   return optax.chain(*parts)
 
 
-def make_grouped_optimizer(configs: dict, group, fields: Optional[dict] = None
+def hold_until(inner: optax.GradientTransformation, start: int
+               ) -> optax.GradientTransformationExtraArgs:
+  """`inner` whose updates are exactly zero before train step `start`: no step, no
+  weight decay (AdamW's decoupled decay shrank a discriminator's weights at every step
+  before disc_start, where its gradient is zero). Its update needs the extra argument
+  `step`, the train state's step counter (train/step.py passes it), so the hold follows
+  the same step the loss's `disc_start` does, and a resumed run holds as an
+  uninterrupted one. `inner` still sees every step, with a zero gradient before `start`:
+  its moments stay zero and its counters (schedule, Adam's bias correction) count every
+  step, as before; the parameters stay at their initialisation until `start`."""
+  import jax
+  import jax.numpy as jnp
+  inner = optax.with_extra_args_support(inner)
+
+  def update(updates, state, params=None, *, step=None, **extra_args):
+    if step is None:
+      raise TypeError("hold_until: update needs step= (the train step counter)")
+    on = jnp.asarray(step) >= start
+    gate = lambda tree: jax.tree_util.tree_map(
+        lambda x: jnp.where(on, x, jnp.zeros_like(x)), tree)
+    out, state = inner.update(gate(updates), state, params, **extra_args)
+    return gate(out), state
+  return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def make_grouped_optimizer(configs: dict, group, fields: Optional[dict] = None,
+                           start_at: Optional[dict] = None
                            ) -> optax.GradientTransformation:
   """One `make_optimizer(configs[name])` per group of trainable leaves, `group(path)`
   naming each leaf's group (e.g. generator / discriminator): each group is clipped and
   stepped with its own settings, as two optimisers would. fields: group -> the config
-  field its settings come from (for errors; default the group's name)."""
+  field its settings come from (for errors; default the group's name). start_at:
+  group -> the train step before which its updates are zero (`hold_until`; e.g. the
+  discriminator's disc_start)."""
   import jax
 
   def labels(params):
@@ -84,6 +112,12 @@ def make_grouped_optimizer(configs: dict, group, fields: Optional[dict] = None
     return jax.tree_util.tree_map_with_path(
         lambda path, _: group(tuple(str(getattr(k, "key", k)) for k in path)), params)
 
-  fields = fields or {}
-  return optax.multi_transform(
-      {name: make_optimizer(c, fields.get(name, name)) for name, c in configs.items()}, labels)
+  fields, start_at = fields or {}, start_at or {}
+  unknown = set(start_at) - set(configs)
+  if unknown:
+    raise ValueError(f"start_at names groups without an optimiser: {sorted(unknown)}")
+
+  def one(name, c):
+    tx = make_optimizer(c, fields.get(name, name))
+    return hold_until(tx, int(start_at[name])) if start_at.get(name) else tx
+  return optax.multi_transform({name: one(name, c) for name, c in configs.items()}, labels)

@@ -227,7 +227,9 @@ def build_train_step(stage: Stage, tx: optax.GradientTransformation, *, seed: in
       for name, g in group_leaves(grads, stage.group).items():
         group_norms[f"grad_norm/{name}"] = optax.tree.norm(g)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    # step= for transformations held until a step (optim.hold_until); others ignore it.
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.trainable, step=state.step)
     trainable = optax.apply_updates(state.trainable, updates)
     # EMA with the usual warm-up, so early averages are not dominated by the init;
     # it counts applied updates, as the lr schedule does (a skipped step kept the EMA).
