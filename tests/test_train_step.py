@@ -181,6 +181,17 @@ def test_one_device_and_eight_device_mesh_agree(temporal_1dev, tokenizer):
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
 
 
+def _one_device_step(params, stage, tx):
+  """(train state of `params`, replicated on one device; the stage's jitted step)."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  rep = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shardings = step_lib.state_shardings(jax.tree_util.tree_map(lambda _: rep, params), stage,
+                                       tx, abstract, mesh)
+  return (step_lib.init_state(params, stage, tx, shardings),
+          step_lib.build_train_step(stage, tx, seed=0))
+
+
 def test_grouped_optimisers_step_each_group_with_its_own_settings():
   """Two networks, one loss (the sum of their terms), one step: each group gets its own
   optimiser (here lr 0 for 'disc'), its own clipping and its own logged gradient norm."""
@@ -194,13 +205,7 @@ def test_grouped_optimisers_step_each_group_with_its_own_settings():
   frozen_lr = OPTIM.copy_and_resolve_references()
   frozen_lr.lr = 0.0
   tx = optim.make_grouped_optimizer({"generator": OPTIM, "discriminator": frozen_lr}, group)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  rep = NamedSharding(mesh, PartitionSpec())
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  shardings = step_lib.state_shardings(jax.tree_util.tree_map(lambda _: rep, params), stage,
-                                       tx, abstract, mesh)
-  state = step_lib.init_state(params, stage, tx, shardings)
-  train_step = step_lib.build_train_step(stage, tx, seed=0)
+  state, train_step = _one_device_step(params, stage, tx)
   state, metrics = train_step(state, {"x": jnp.zeros((1,))})
   # Each group clipped to grad_clip = 1 on its own: after one step each group's Adam
   # first moment is (1 - b1) x its clipped gradient, of norm 0.1 (clipped jointly the
@@ -237,13 +242,7 @@ def test_a_discriminator_is_held_at_its_initialisation_before_disc_start():
     return jnp.sum(p["vae"]["w"] ** 2) + factor * jnp.sum(p["discriminator"]["w"]), {}
   stage = step_lib.Stage("gan", lambda path: True, loss_fn, group=autoencoder.group)
   tx = autoencoder.optimizer(config)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  rep = NamedSharding(mesh, PartitionSpec())
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  shardings = step_lib.state_shardings(jax.tree_util.tree_map(lambda _: rep, params), stage,
-                                       tx, abstract, mesh)
-  state = step_lib.init_state(params, stage, tx, shardings)
-  train_step = step_lib.build_train_step(stage, tx, seed=0)
+  state, train_step = _one_device_step(params, stage, tx)
   for _ in range(3):
     state, metrics = train_step(state, {"x": jnp.zeros((1,))})
     assert float(metrics["grad_norm/discriminator"]) == 0.0
