@@ -371,6 +371,9 @@ def test_sample_options_refuse_non_finite_scales():
     with pytest.raises(ValueError, match=r"SampleOptions\.seed=.*: expected a whole number "
                        r"in \[0, 2\^32\)"):
       SampleOptions(seed=seed)
+  with pytest.raises(ValueError, match=r"SampleOptions\.sampler='dpmpp2m': expected one of "
+                     r"\('ddim', 'ddpm', 'dpmpp_2m'\)"):
+    SampleOptions(sampler="dpmpp2m")
 
 
 def test_ddim_with_eta_on_the_cosine_schedule_stays_finite():

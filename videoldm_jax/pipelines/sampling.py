@@ -49,6 +49,10 @@ class SampleOptions:
     if not is_seed(self.seed):
       raise ValueError(f"SampleOptions.seed={self.seed!r}: expected a whole number in "
                        "[0, 2^32)")
+    if self.sampler not in samplers.SAMPLERS:
+      # (Else refused by the sampler, after the prompts had gone through the text encoder.)
+      raise ValueError(f"SampleOptions.sampler={self.sampler!r}: expected one of "
+                       f"{samplers.SAMPLERS}")
     for field, least in (("height", 1), ("width", 1), ("num_steps", 1), ("num_frames", 0)):
       value = getattr(self, field)
       if not is_integer(value, least):
