@@ -156,6 +156,14 @@ def test_leaf_digest_names_the_dtype_of_half_precision_leaves():
       jnp.ones(2, jnp.float16))
 
 
+def test_leaf_digest_tells_a_0d_leaf_from_a_one_element_vector():
+  # np.ascontiguousarray made every 0-d leaf (1,): the two had one digest.
+  scalar = frozen_lib.leaf_digest(np.float32(2))
+  vector = frozen_lib.leaf_digest(np.full(1, 2, np.float32))
+  assert scalar.startswith("() float32 ") and vector.startswith("(1,) float32 ")
+  assert scalar.split()[-1] == vector.split()[-1]  # the same bytes
+
+
 def test_checkpoint_of_frozen_but_no_digests_gets_them_from_the_restored_state(tmp_path):
   # What videoldm-train wrote before digests existed: the whole TrainState, no digests.
   stage, state, target = _setup()

@@ -241,6 +241,20 @@ def test_malformed_rules_duplicates_and_the_batch_rule_are_named():
                                rules=rules + [("batch", "tensor")])
 
 
+def test_batch_axes_that_also_split_the_heads_are_refused_with_the_batch():
+  # The default rules put the heads on "tensor": a batch over it too passed the batch
+  # check and failed at the step's trace (attention.partitioned), after the load.
+  mesh = sharding.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
+  rules = list(sharding.DEFAULT_RULES)
+  for old_rule in ([], [("batch", ("data", "tensor"))]):
+    with pytest.raises(ValueError, match=r"config.batch_axes=\('data', 'tensor'\) and the "
+                       r"attention heads \(config.rules: 'heads' on \('tensor',\)\) share "
+                       r"mesh axes \['tensor'\]"):
+      sharding.check_batch_split(4, 1, mesh, ("data", "tensor"), rules=rules + old_rule)
+  sharding.check_batch_split(4, 1, mesh, ("data", "tensor"),
+                             rules=[(n, None if n == "heads" else a) for n, a in rules])
+
+
 def test_an_array_split_less_than_its_rules_counts_once(caplog):
   # A (16, 5) kernel whose 5 columns a 2-way tensor axis does not divide stays split over
   # fsdp; it was counted once per dimension and as whole on every device.

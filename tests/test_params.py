@@ -73,3 +73,20 @@ def test_fresh_parameters_have_their_scale_and_a_seed_per_path():
   other = traverse_util.flatten_dict(params_lib.init_params(_unet(16), 1, x, t, ctx))
   np.testing.assert_array_equal(again[res + ("conv1", "kernel")], conv1)
   assert not np.array_equal(other[res + ("conv1", "kernel")], conv1)
+
+
+def test_abstract_cache_keys_the_input_dtype_and_drops_the_least_recently_used(monkeypatch):
+  class Typed(nn.Module):  # a parameter of its input's dtype
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param("w", nn.initializers.zeros, (2,), x.dtype)
+
+  params_lib._ABSTRACT_CACHE.clear()
+  dtypes = [params_lib.abstract_params(Typed(), jnp.zeros(2, d))["w"].dtype
+            for d in (jnp.float32, jnp.bfloat16)]
+  assert dtypes == [jnp.float32, jnp.bfloat16]
+  monkeypatch.setattr(params_lib, "_ABSTRACT_CACHE_SIZE", 2)
+  params_lib._ABSTRACT_CACHE.clear()
+  for width in (1, 2, 1, 3):  # 1 is used again after 2: 2 goes when 3 comes
+    params_lib.abstract_params(nn.Dense(width), jnp.zeros((1, 1)))
+  assert [key[0].features for key in params_lib._ABSTRACT_CACHE] == [1, 3]

@@ -208,7 +208,7 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
   `mesh` cannot split evenly: the step would fail in XLA's partitioner with an error
   naming no config field, or compute microbatch rows redundantly on every device. A
   "batch" entry of `rules` (older configs) must agree with `batch_axes`, which alone
-  split the batch."""
+  split the batch; the rules must not put the attention heads on a batch axis."""
   if rules:
     check_rules(rules)
   bad = sorted(set(batch_axes) - set(MESH_AXES))
@@ -222,6 +222,11 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
                      f"{mesh_axes(rules, _BATCH)}, but batches are split over "
                      f"config.batch_axes={tuple(batch_axes)}; the rule places nothing: "
                      "remove it (or make config.batch_axes the split you meant)")
+  both = sorted(set(batch_axes) & set(mesh_axes(rules, "heads")))
+  if both:  # (else refused by attention.partitioned at the step's trace, after the load)
+    raise ValueError(f"config.batch_axes={tuple(batch_axes)} and the attention heads "
+                     f"(config.rules: 'heads' on {mesh_axes(rules, 'heads')}) share mesh "
+                     f"axes {both}; one mesh axis cannot split both")
   if grad_accum < 1:
     raise ValueError(f"config.train.grad_accum={grad_accum} must be >= 1 (microbatches "
                      "per step)")

@@ -34,8 +34,10 @@ FIELD = "frozen"  # the TrainState field left out
 
 def leaf_digest(value: Any) -> str:
   """'<shape> <dtype> <sha256 of the bytes>' of one array (host NumPy)."""
-  value = np.ascontiguousarray(np.asarray(value))
-  h = hashlib.sha256(value.reshape(-1).view(np.uint8))
+  # (np.ascontiguousarray returns ndim >= 1: a 0-d leaf was named (1,), its digest that
+  # of a 1-element vector.)
+  value = np.asarray(value)
+  h = hashlib.sha256(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
   return f"{value.shape} {value.dtype.name} {h.hexdigest()}"
 
 
