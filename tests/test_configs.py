@@ -198,9 +198,15 @@ SECTION_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("abstract", [False, True], ids=["built", "abstract"])
-@pytest.mark.parametrize("name, field, value, message", SECTION_ERRORS,
-                         ids=[f"{c[0]}:{c[1]}" for c in SECTION_ERRORS])
+# Each case built and under videoldm-compile's abstract setup, but for image_tiny's:
+# videoldm-init-random has no abstract setup (it would run the same code twice).
+SECTION_CASES = [(*case, abstract) for case in SECTION_ERRORS for abstract in (False, True)
+                 if not (abstract and case[0] == "image_tiny")]
+
+
+@pytest.mark.parametrize("name, field, value, message, abstract", SECTION_CASES,
+                         ids=[f"{c[0]}:{c[1]}-{'abstract' if c[4] else 'built'}"
+                              for c in SECTION_CASES])
 def test_a_wrong_model_section_field_is_named_by_its_config_path(name, field, value,
                                                                  message, abstract,
                                                                  tmp_path):

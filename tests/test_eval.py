@@ -647,7 +647,11 @@ def test_clip_folder_checked_from_its_config_files_before_the_weights(tmp_path):
   (folder / "config.json").write_text(json.dumps(config))
   (folder / "preprocessor_config.json").write_text(json.dumps(
       {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
-  clip_score.check_folder(folder)  # a consistent folder passes without weights
+  # A consistent folder passes without weights; its tokenizer comes back for the
+  # evaluator's CLIPSimilarity (which read it a second time).
+  tokenizer = clip_score.check_folder(folder)
+  np.testing.assert_array_equal(tokenizer(["a cat"], max_length=8),
+                                clip_score.load_tokenizer(folder)(["a cat"], max_length=8))
   with pytest.raises(FileNotFoundError, match="no weights found"):
     clip_score.load_clip(folder)
   (folder / "preprocessor_config.json").write_text(json.dumps(

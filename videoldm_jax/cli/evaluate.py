@@ -329,17 +329,19 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
     prompts = (read_prompts(prompts_file, prompt, names, len(all_names))
                if role == "fake" and "clipsim" in metrics else [])
     sets[role] = (files, names, prompts)
+  clip_tokenizer = None
   if "clipsim" in metrics:
     # From its config files alone: a crop of another size than the vision tower's was
     # found at the first fake frames, after the real set's whole pass.
-    clip_score.check_folder(clip_model)
+    clip_tokenizer = clip_score.check_folder(clip_model)
   frame_batch = min(256, batch_size * num_frames)
   i3d_net = (i3d.I3DFeatures(batch_size, i3d_weights, resize=i3d_resize,
                              resolution=i3d_resolution, devices=devices)
              if "fvd" in metrics else None)
   inc_net = (inception.InceptionFeatures(inception_weights, frame_batch, devices=devices)
              if {"fid", "is"} & set(metrics) else None)
-  clip_net = (clip_score.CLIPSimilarity(clip_model, frame_batch, devices=devices)
+  clip_net = (clip_score.CLIPSimilarity(clip_model, frame_batch, devices=devices,
+                                        tokenizer=clip_tokenizer)
               if "clipsim" in metrics else None)
 
   out: dict = {}

@@ -272,13 +272,15 @@ def _read_configs(folder: Path) -> tuple[CLIPModel, ImagePreprocess]:
   return model, ImagePreprocess.from_folder(folder, model.vision_config.image_size)
 
 
-def check_folder(folder: str | os.PathLike) -> None:
+def check_folder(folder: str | os.PathLike) -> CLIPTokenizer:
   """Raises what `CLIPSimilarity(folder)` would for the folder's config and tokenizer
   files (config.json, preprocessing that fits the vision tower, a tokenizer within the
   text tower's vocabulary) without reading the weights: videoldm-eval calls it before
-  any network loads."""
+  any network loads. Returns the tokenizer, for `CLIPSimilarity(..., tokenizer=)`."""
   model, _ = _read_configs(Path(folder))
-  check_tokenizer(load_tokenizer(folder), model.text_config, str(folder))
+  tokenizer = load_tokenizer(folder)
+  check_tokenizer(tokenizer, model.text_config, str(folder))
+  return tokenizer
 
 
 def load_clip(folder: str | os.PathLike) -> tuple[CLIPModel, dict, ImagePreprocess]:
@@ -338,9 +340,11 @@ class CLIPSimilarity:
   """Unit-norm CLIP embeddings of frames and texts, and CLIPSIM of videos."""
 
   def __init__(self, folder: str | os.PathLike, batch_size: int = 64,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None,
+               tokenizer: CLIPTokenizer | None = None):
+    """tokenizer: the folder's, when the caller has read it already (`check_folder`)."""
     self.model, params, self.preprocess = load_clip(folder)
-    self.tokenizer = load_tokenizer(folder)
+    self.tokenizer = tokenizer or load_tokenizer(folder)
     check_tokenizer(self.tokenizer, self.model.text_config, str(folder))
     image_fn, text_fn = _embedding_fns(self.model.text_config, self.model.vision_config,
                                        self.model.projection_dim, self.preprocess)

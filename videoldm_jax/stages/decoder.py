@@ -34,6 +34,7 @@ from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.temporal import Frames
 from videoldm_jax.models.vae import AutoencoderKL, VAETemporalConfig
 from videoldm_jax.stages import autoencoder as ae
+from videoldm_jax.stages import keyframe
 from videoldm_jax.stages.base import StageSetup, init_where
 from videoldm_jax.train.step import Stage
 from videoldm_jax.video_ldm import dtype_named
@@ -137,7 +138,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
                 if k in have or need is None or need(("vae",) + k)}  # others left out
     partition.check_same_structure(traverse_util.unflatten_dict(expected), vae_params,
                                    what="autoencoder parameters",
-                                   source=config.image_model or "config.random_image_model")
+                                   source=keyframe.image_model_source(config))
     out = {"vae": vae_params,
            "discriminator": params_lib.init_params(
                disc, config.seed, *disc_in, where=init_where(need, "discriminator"))}

@@ -194,7 +194,7 @@ def null_class_label(config: ml_collections.ConfigDict,
   uses, which cond_drop_prob > 0 trains. None: labels are never dropped and
   class-conditional samples are unguided."""
   given, recorded = config.get("null_class_label"), image.training.get("null_class_label")
-  source = config.image_model or "config.random_image_model"
+  source = image_model_source(config)
   classes = image.unet_config.num_class_embeds
   if recorded is not None and not (classes and isinstance(recorded, int)
                                    and 0 <= recorded < classes):
@@ -238,13 +238,21 @@ def null_class_label(config: ml_collections.ConfigDict,
 RANDOM_IMAGE_MODEL = "config.random_image_model"
 
 
+def image_model_source(config: ml_collections.ConfigDict, section: str = "") -> str:
+  """What errors name as the image model: the config.image_model folder or preset, else
+  the random model's config section (`section`, e.g. "text_encoder", below it)."""
+  if config.get("image_model"):
+    return config.image_model
+  return f"{RANDOM_IMAGE_MODEL}.{section}" if section else RANDOM_IMAGE_MODEL
+
+
 def _random_image_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.random_image_model, which the *_base configs leave empty (they fine-tune a
   real image model)."""
   r = config.get("random_image_model") or ml_collections.ConfigDict()
   missing = [k for k in ("unet", "vae", "scheduler") if k not in r]
   if missing:
-    raise ValueError(f"config.image_model is empty and config.random_image_model has no "
+    raise ValueError(f"config.image_model is empty and {RANDOM_IMAGE_MODEL} has no "
                      f"{'/'.join(missing)}: set --config.image_model to a videoldm-convert "
                      "folder (or a stage export), or start from a *_tiny config for a "
                      "random model")
@@ -284,7 +292,7 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
   if image.text_config is not None:
     tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
     check_tokenizer(tokenizer, image.text_config,
-                    config.image_model or "config.random_image_model.text_encoder")
+                    image_model_source(config, "text_encoder"))
   return image, tokenizer, tok_dir
 
 
@@ -337,7 +345,7 @@ def _abstract_image_model(config, workdir: Path, keep_video_decoder: bool):
   if image.text_config is not None:
     tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
     check_tokenizer(tokenizer, image.text_config,
-                    name or "config.random_image_model.text_encoder")
+                    image_model_source(config, "text_encoder"))
   return image, tokenizer, tok_dir
 
 
@@ -484,7 +492,7 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
       null_class_label=null_class_label(config, image))
   if "sample" in config and config.sample.get("every", 0):
     try:  # before training, not at the first samples
-      sampling.check_context_source(image, config.image_model or "config.random_image_model")
+      sampling.check_context_source(image, image_model_source(config))
     except ValueError as e:
       raise ValueError(f"{e}; or train without samples (--config.sample.every=0)") from None
     sample_labels(ldm.unet_config, config, ldm.null_class_label)
@@ -496,13 +504,11 @@ def setup_video_ldm(config: ml_collections.ConfigDict, workdir: Path,
   if base.is_abstract():
     # The check init_params makes (never called here): a video export's temporal layers
     # under another config.temporal are refused by videoldm-compile as by training.
-    fit_unet(image.params["unet"], abstract["unet"],
-             config.image_model or "config.random_image_model")
+    fit_unet(image.params["unet"], abstract["unet"], image_model_source(config))
 
   def init_params(need: Optional[Callable[[tuple], bool]] = None) -> dict:
     model = holder.pop("image")  # the host copy is released once it is in the train state
-    unet = fit_unet(model.params["unet"], abstract["unet"],
-                    config.image_model or "config.random_image_model")
+    unet = fit_unet(model.params["unet"], abstract["unet"], image_model_source(config))
     new = ldm.init_unet_params(config.seed, where=init_where(need, "unet", _flat_keys(unet)))
     return {**model.params, "unet": merge(unet, new)}
 
