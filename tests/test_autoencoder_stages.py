@@ -194,9 +194,12 @@ def test_decoder_stage_trains_temporal_layers_only_theta_bitwise_frozen(autoenco
   assert model.vae_config == pretrained.load(ae_export).vae_config
 
 
-def _env(cache_dir: Path):
+def _env():
   # The resumed run compiles the same step: JAX's persistent cache saves it the time.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+  # The session's (tests/conftest.py; its own folder when run otherwise): the trainer's
+  # small programs (data placement, metrics, the matmul peak) are loaded from earlier
+  # trainer runs of the session instead of compiled again.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   env.pop("XLA_FLAGS", None)
   return env
@@ -206,7 +209,7 @@ def _train(config: str, workdir: Path, *flags: str) -> str:
   proc = subprocess.run(
       [sys.executable, "-m", "videoldm_jax.cli.train", f"--config=configs/{config}",
        f"--workdir={workdir}", *SMALL, *flags],
-      cwd=ROOT, env=_env(workdir.parent / "jax_cache"), capture_output=True, text=True,
+      cwd=ROOT, env=_env(), capture_output=True, text=True,
       timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stderr
@@ -223,6 +226,11 @@ def _loss_at_disc_start(setup, config):
   assert float(m["d_weight"]) > 0
   assert float(m["disc_factor"]) == config.loss.get("disc_factor", 1.0)
   return params, batch, loss_fn, loss, m
+
+
+def _posterior_sample(mean, logvar):
+  """mean + exp(logvar / 2) eps, eps from key 3 (the key _loss_at_disc_start's loss took)."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(3), mean.shape)
 
 
 def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
@@ -251,10 +259,11 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
       params["vae"], x)
   np.testing.assert_allclose(float(m["kl_loss"]), float(
       jnp.mean(kl_divergence(mean, logvar)) / np.prod(x.shape[1:])), rtol=1e-5)
-  # L1 of the decoded posterior sample z = mean + exp(logvar / 2) eps, eps from the key.
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(3), mean.shape)
-  rec = jax.jit(lambda v, z: vae.apply({"params": v}, z, method=AutoencoderKL.decode))(
-      params["vae"], z)
+  # L1 of the decoded posterior sample z = mean + exp(logvar / 2) eps, eps from the key
+  # (drawn in the jitted reference: eagerly the sampler and each op compiled apart).
+  rec = jax.jit(lambda v, mean, logvar: vae.apply(
+      {"params": v}, _posterior_sample(mean, logvar), method=AutoencoderKL.decode))(
+          params["vae"], mean, logvar)
   np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
                              rtol=1e-5)
   # L_D = f times the hinge loss of D's logits on the frames and their reconstructions.
@@ -339,9 +348,9 @@ def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_l
   x = autoencoder.frames_to_images(batch["video"])
   mean, logvar = jax.jit(lambda v, x: vae.apply({"params": v}, x, method=AutoencoderKL.encode))(
       vp, x)
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(3), mean.shape)
-  rec = jax.jit(lambda v, z: vae.apply({"params": v}, z, Frames(3),
-                                       method=AutoencoderKL.decode))(vp, z)
+  rec = jax.jit(lambda v, mean, logvar: vae.apply(
+      {"params": v}, _posterior_sample(mean, logvar), Frames(3),
+      method=AutoencoderKL.decode))(vp, mean, logvar)
   np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
                              rtol=1e-5)
 
@@ -423,9 +432,14 @@ def test_decoder_stage_remat_policy_recomputes_same_loss(tmp_path):
     c = _config("decoder")
     c.train.remat_policy = policy
     setup = decoder.setup(c, tmp_path)
-    train_step = step_lib.build_train_step(setup.stage, setup.optimizer, seed=0)
-    batch = setup.make_batch(_batch(c))
-    state, _ = _init_state(setup, c)
+    # The step and batch placement of _train_in_process: policy "none" is then the program
+    # test_decoder_stage_trains_temporal_layers_only_theta_bitwise_frozen compiled (a load
+    # from the persistent cache); ema_decay plays no part in the loss or the program's
+    # convolutions.
+    train_step = step_lib.build_train_step(setup.stage, setup.optimizer, seed=0,
+                                           ema_decay=0.9)
+    state, shardings = _init_state(setup, c)
+    batch = jax.device_put(setup.make_batch(_batch(c)), shardings.step)
     # Traced once: the program counted is the one that runs.
     lowered = train_step.lower(state, batch)
     text = lowered.as_text()

@@ -64,9 +64,11 @@ def test_labels_drop_to_the_null_class_together_with_the_captions(tmp_path):
 
   # In the loss: cond_drop_prob = 1 is the loss of the batch with every label the null
   # class (and every caption empty) at cond_drop_prob = 0 (the same key: the same noise).
-  loss = lambda p, b: float(jax.jit(keyframe.make_stage(
-      ldm, keyframe.KeyframeOptions(cond_drop_prob=p, null_class_label=2), uncond).loss_fn)(
-          params, jax.tree_util.tree_map(jnp.asarray, b), jax.random.key(0))[0])
+  # (One jitted loss per cond_drop_prob: a jit per call compiled the p = 0 one twice.)
+  jitted = {p: jax.jit(keyframe.make_stage(ldm, keyframe.KeyframeOptions(
+      cond_drop_prob=p, null_class_label=2), uncond).loss_fn) for p in (0.0, 1.0)}
+  loss = lambda p, b: float(jitted[p](params, jax.tree_util.tree_map(jnp.asarray, b),
+                                      jax.random.key(0))[0])
   tokens_empty = np.broadcast_to(uncond, batch["tokens"].shape)
   nulled = {**batch, "labels": np.full(8, 2, np.int32), "tokens": tokens_empty}
   assert loss(1.0, batch) == loss(0.0, nulled) != loss(0.0, batch)
@@ -253,11 +255,12 @@ def test_samplers_guide_against_the_null_class():
   # The seed draws x_T from fold_in(key(seed), 0) (the steps' noise from fold_in(.., 1)):
   # seed 3 equals its x_T given by hand (DDIM, eta 0: the steps draw nothing), seed 0
   # differs.
+  # (Two labels, as `run` below samples: one compiled UNet and noise draw for both.)
   seeded = lambda seed, **kw: np.asarray(sampling.sample_latents(
-      image, None, [""], "", dataclasses.replace(options(1.0), seed=seed),
-      class_labels=[0], **kw))
+      image, None, ["", ""], "", dataclasses.replace(options(1.0), seed=seed),
+      class_labels=[0, 1], **kw))
   x_T = jax.random.normal(jax.random.fold_in(jax.random.key(3), 0),
-                          (1, 8 // f, 8 // f, image.vae_config.latent_channels))
+                          (2, 8 // f, 8 // f, image.vae_config.latent_channels))
   np.testing.assert_array_equal(seeded(3), seeded(0, x_T=x_T))
   assert np.abs(seeded(3) - seeded(0)).max() > 1e-3
   unguided = run(image, 5.0, [0, 1])  # no null class: guidance_scale does nothing

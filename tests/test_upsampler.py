@@ -49,7 +49,10 @@ def trained(tmp_path_factory):
       param_sh, setup.stage, tx, setup.abstract_params, mesh))
   loss = jax.jit(setup.stage.loss_fn)
   keys = [jax.random.key(100 + i) for i in range(4)]
-  fixed_loss = lambda p: float(np.mean([loss(p, batch, k, 0)[0] for k in keys]))
+  # With explicit all-video flags (alpha where(False, 1, alpha) = alpha: the same loss):
+  # test_image_examples_skip_the_upsamplers_temporal_layers calls this compiled loss.
+  flagged = dict(batch, image_only=jnp.zeros(batch["video"].shape[:2], bool))
+  fixed_loss = lambda p: float(np.mean([loss(p, flagged, k, 0)[0] for k in keys]))
   before = fixed_loss(params)
   train_step = step_lib.build_train_step(setup.stage, tx, seed=0, ema_decay=0.5)
   metrics = []
@@ -57,7 +60,7 @@ def trained(tmp_path_factory):
     state, m = train_step(state, batch)
     metrics.append(jax.device_get(m))
   params_after = jax.device_get(state.merged())
-  return dict(config=config, setup=setup, batch=batch, before=before,
+  return dict(config=config, setup=setup, batch=batch, loss=loss, before=before,
               after=fixed_loss(params_after), metrics=metrics, params=params_after,
               model=setup.extra["model"])
 
@@ -164,7 +167,9 @@ def test_the_noise_level_is_the_unets_class_label(trained):
       grads["unet"]["class_embedding"]["embedding"])).sum(axis=1))
   assert rows.tolist() == sorted(set(np.asarray(levels).tolist())), (rows, levels)
 
-  lowres = np.random.default_rng(1).uniform(-1, 1, (1, 2, 8, 8, 3)).astype(np.float32)
+  # (The shape of test_patch_trained_weights_sample_full_frames_at_4x's clip: the same
+  # compiled sampling programs.)
+  lowres = np.random.default_rng(1).uniform(-1, 1, (1, 3, 8, 12, 3)).astype(np.float32)
   run = lambda p: np.asarray(upsampling.upsample(model, p, lowres, noise_level=123, steps=2,
                                                  seed=0))
   table = jnp.asarray(params["unet"]["class_embedding"]["embedding"])
@@ -334,7 +339,7 @@ def test_the_stage_refuses_a_patch_the_unet_cannot_take(trained):
 
 def test_image_examples_skip_the_upsamplers_temporal_layers(trained):
   # batch['image_only'] reaches the UNet: all-image batches ignore phi.
-  loss = jax.jit(trained["setup"].stage.loss_fn)
+  loss = trained["loss"]  # (the fixture's: compiled for batches with image_only)
   batch = dict(trained["batch"], image_only=jnp.ones(trained["batch"]["video"].shape[:2],
                                                      bool))
   params = trained["params"]
@@ -452,9 +457,8 @@ def test_latent_space_upsampler(tmp_path, monkeypatch):
 
 
 def _train(workdir: Path, *flags: str) -> str:
-  # The resumed run compiles the very same step: a persistent cache saves it the time.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache")}
+  # (The resumed run loads its step from the session's compilation cache, conftest.)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, "-m", "videoldm_jax.cli.train", "--config=configs/upsampler_tiny.py",

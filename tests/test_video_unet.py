@@ -22,6 +22,10 @@ CONFIG = UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
 IMAGE = UNet(CONFIG)
 VIDEO = UNet(CONFIG, TemporalConfig())
 VIDEO_3D = UNet(CONFIG, TemporalConfig(conv_kernel=(3, 3, 3), cross_attention=True))
+# One jitted apply per model, shared by the tests: calls of the same shapes reuse one
+# compiled UNet (a `jax.jit(VIDEO.apply)` per call site compiles it again, and a jitted
+# lambda closing over the parameters bakes them in as constants: ~2x its compile time).
+IMAGE_APPLY, VIDEO_APPLY, VIDEO_3D_APPLY = (jax.jit(m.apply) for m in (IMAGE, VIDEO, VIDEO_3D))
 
 
 def _inputs(batch=2, frames=8, seed=0):
@@ -50,8 +54,8 @@ def _image_frames(params, x, t, ctx):
   """The image UNet on every frame, as a batch of B*T images."""
   b, f = x.shape[:2]
   spatial, _ = partition.split(params)
-  out = jax.jit(IMAGE.apply)({"params": spatial}, x.reshape(b * f, *x.shape[2:]),
-                             jnp.repeat(t, f), jnp.repeat(ctx, f, axis=0))
+  out = IMAGE_APPLY({"params": spatial}, x.reshape(b * f, *x.shape[2:]), jnp.repeat(t, f),
+                    jnp.repeat(ctx, f, axis=0))
   return out.reshape(x.shape[:2] + out.shape[1:])
 
 
@@ -59,7 +63,7 @@ def _image_frames(params, x, t, ctx):
 def test_alpha_one_gives_the_image_model_bitwise(video_params, frames):
   x, t, ctx = _inputs(frames=frames)
   ref = _image_frames(video_params, x, t, ctx)
-  apply = jax.jit(VIDEO.apply)
+  apply = VIDEO_APPLY
   # alpha = 1 through the image-only indicator ...
   out = apply({"params": video_params}, x, t, ctx, None, jnp.ones(x.shape[:2], bool))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
@@ -90,10 +94,10 @@ def test_at_init_temporal_resblocks_are_identities_and_attention_acts_only_via_m
   attn_off = traverse_util.unflatten_dict(
       {k: jnp.full_like(v, jnp.inf) if k[-1] == "mix_factor" and
        any(p.startswith("temporal_transformer") for p in k) else v for k, v in flat.items()})
-  out = jax.jit(VIDEO_3D.apply)({"params": attn_off}, x, t, ctx)
+  out = VIDEO_3D_APPLY({"params": attn_off}, x, t, ctx)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
   # With the mixing logits at their init (alpha = sigmoid(0.5)) attention changes it.
-  out = jax.jit(VIDEO_3D.apply)({"params": params}, x, t, ctx)
+  out = VIDEO_3D_APPLY({"params": params}, x, t, ctx)
   assert np.max(np.abs(np.asarray(out) - np.asarray(ref))) > 1e-3
   mix = [v for k, v in flat.items() if k[-1] == "mix_factor"]
   # ResBlock sites: 2 down + 2 mid + 4 up; transformer blocks (depth 1, 2 by level):
@@ -107,7 +111,8 @@ def test_temporal_cross_attention_reads_the_context():
   # TemporalConfig(cross_attention=True): the temporal blocks have an attn2 that reads
   # the text context. With every spatial attn2 blind to it (zero key / value kernels),
   # another context changes the output through the temporal layers alone.
-  x, t, ctx = _inputs(frames=3)
+  # (4 frames, as in the test above: the same compiled UNet)
+  x, t, ctx = _inputs(frames=4)
   params = _perturb(params_lib.init_params(VIDEO_3D, 3, x, t, ctx))
   flat = traverse_util.flatten_dict(params)
   temporal_attn2 = [k for k in flat if "attn2" in k and partition.is_temporal(k)]
@@ -115,8 +120,8 @@ def test_temporal_cross_attention_reads_the_context():
   blind = traverse_util.unflatten_dict(
       {k: jnp.zeros_like(v) if "attn2" in k and not partition.is_temporal(k)
        and k[-2] in ("to_k", "to_v") else v for k, v in flat.items()})
-  apply = jax.jit(VIDEO_3D.apply)
-  other = jax.random.normal(jax.random.key(77), ctx.shape)
+  apply = VIDEO_3D_APPLY
+  other = jnp.asarray(np.random.default_rng(77).standard_normal(ctx.shape, np.float32))
   assert np.abs(np.asarray(apply({"params": blind}, x, t, ctx)
                            - apply({"params": blind}, x, t, other))).max() > 1e-4
   spatial_only = traverse_util.unflatten_dict(
@@ -129,18 +134,21 @@ def test_temporal_cross_attention_reads_the_context():
 
 def test_more_frames_than_in_training(video_params):
   x, t, ctx = _inputs(frames=24)
-  out = jax.jit(VIDEO.apply)({"params": video_params}, x, t, ctx)
+  out = VIDEO_APPLY({"params": video_params}, x, t, ctx)
   assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
   # Every frame has its own position: given 24 identical frames, the temporal
   # attention block (no convolution, whose zero padding would tell the ends apart) has
   # only the frame-index encoding to tell frames 4 and 12 apart; an encoding that
   # wrapped after 8 frames, a table of the training length, would make them equal.
+  # (Host init, NumPy draws and one jitted apply: run op by op, the block compiled ~60
+  # programs.)
   block = TemporalTransformerBlock(TemporalConfig(), 2)
-  same = jnp.broadcast_to(jax.random.normal(jax.random.key(5), (1, 1, 6, 16)),
+  same = jnp.broadcast_to(np.random.default_rng(5).standard_normal((1, 1, 6, 16), np.float32),
                           (2, 24, 6, 16)).reshape(48, 6, 16)
   frames = Frames(num_frames=24)
-  p = _perturb(nn.meta.unbox(block.init(jax.random.key(6), same, None, frames))["params"])
-  out = np.asarray(block.apply({"params": p}, same, None, frames)).reshape(2, 24, 6, 16)
+  p = _perturb(params_lib.init_params(block, 6, same, None, frames))
+  out = np.asarray(jax.jit(block.apply)({"params": p}, same, None, frames)
+                   ).reshape(2, 24, 6, 16)
   assert np.abs(out[:, 4] - out[:, 12]).max() > 1e-3
 
 
@@ -203,16 +211,18 @@ def test_temporal_block_is_attention_over_each_pixels_frames(implementation, max
   built here from the same parameters and the 3-D `Attention`."""
   b, t, s, c, heads = 2, 3, 5, 16, 2
   config = TemporalConfig(cross_attention=cross_attention, max_period=max_period)
-  k = jax.random.split(jax.random.key(3), 2)
-  x = jax.random.normal(k[0], (b * t, s, c))
-  ctx = jax.random.normal(k[1], (b * t, 4, 8))
+  # (NumPy draws and host init: eager jax.random and Module.init compile a program per
+  # shape and per leaf.)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((b * t, s, c), np.float32))
+  ctx = jnp.asarray(rng.standard_normal((b * t, 4, 8), np.float32))
   frames = Frames(num_frames=t)
   before = attention_lib.implementation()
   attention_lib.set_implementation(implementation)
   try:
     block = TemporalTransformerBlock(config, heads)
-    p = _perturb(nn.meta.unbox(block.init(jax.random.key(4), x, ctx, frames))["params"],
-                 seed=5)
+    p = jax.tree_util.tree_map(jnp.asarray, _perturb(
+        params_lib.init_params(block, 4, x, ctx, frames), seed=5))
     out = block.apply({"params": p}, x, ctx, frames)
 
     dense = lambda name, y: y @ p[name]["kernel"] + p[name]["bias"]
@@ -255,16 +265,17 @@ def test_temporal_resblock_equals_its_definition(kernel):
   embedding left out, passed every other test (alpha = 1 or conv2 = 0 hide the branch)."""
   b, t, c, groups = 2, 6, 8, 4
   config = TemporalConfig(conv_kernel=kernel)
-  k = jax.random.split(jax.random.key(5), 2)
-  x = jax.random.normal(k[0], (b * t, 4, 5, c)) * jnp.arange(1, b * t + 1)[:, None, None, None]
-  temb = jax.random.normal(k[1], (b * t, 16))
+  rng = np.random.default_rng(5)  # (NumPy draws, host init: see the test above)
+  x = jnp.asarray(rng.standard_normal((b * t, 4, 5, c), np.float32)
+                  * np.arange(1, b * t + 1, dtype=np.float32)[:, None, None, None])
+  temb = jnp.asarray(rng.standard_normal((b * t, 16), np.float32))
   block = TemporalResBlock(config, norm_num_groups=groups)
   # With context features (a context model): their projection joins the branch's input,
   # residual stream included (so it is trained from the first step: conv2 starts at 0).
-  context = jax.random.normal(jax.random.key(8), (b * t, 4, 5, 3))
+  context = jnp.asarray(rng.standard_normal((b * t, 4, 5, 3), np.float32))
   frames = Frames(num_frames=t, context=context)
-  p = _perturb(nn.meta.unbox(block.init(jax.random.key(6), x, temb, frames))["params"],
-               seed=7)
+  p = jax.tree_util.tree_map(jnp.asarray, _perturb(
+      params_lib.init_params(block, 6, x, temb, frames), seed=7))
   out = block.apply({"params": p}, x, temb, frames)
 
   v = rearrange(x + context @ p["context_proj"]["kernel"], "(b t) h w c -> b t h w c", t=t)
@@ -286,7 +297,9 @@ def test_each_temporal_transformer_block_follows_its_spatial_block():
                              temporal=TemporalConfig())
   x, ctx = jnp.ones((4, 2, 2, 8)), jnp.ones((4, 3, 8))
   frames = Frames(num_frames=2)
-  params = block.init(jax.random.key(0), x, ctx, frames)
+  # Shapes only (the order of the calls is what counts): run eagerly, init and apply
+  # compiled ~110 programs op by op.
+  params = jax.eval_shape(block.init, jax.random.key(0), x, ctx, frames)
   called = []
 
   def record(next_fun, args, kwargs, context):
@@ -295,7 +308,7 @@ def test_each_temporal_transformer_block_follows_its_spatial_block():
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    block.apply(params, x, ctx, frames)
+    jax.eval_shape(block.apply, params, x, ctx, frames)
   assert called == ["transformer_blocks_0", "temporal_transformer_blocks_0",
                     "transformer_blocks_1", "temporal_transformer_blocks_1"]
 
@@ -384,14 +397,17 @@ def test_video_inputs_of_other_batch_shapes_are_named_or_broadcast(video_params)
   with pytest.raises(ValueError, match=r"UNet timesteps: expected one per video, \(2,\), "
                      r"or one for all, got shape \(8,\)"):
     shape(t=jnp.zeros((8,)))
-  one = jax.jit(lambda c: VIDEO.apply({"params": video_params}, x, t, c))
+  # (Run on 8 frames, with the shared jitted applies: the per-video calls are those of
+  # test_alpha_one_gives_the_image_model_bitwise[8], the image model's of its [1].)
+  x, t, ctx = _inputs(batch=2, frames=8)
+  one = lambda c: VIDEO_APPLY({"params": video_params}, x, t, c)
   np.testing.assert_array_equal(one(ctx[:1]), one(jnp.concatenate([ctx[:1]] * 2)))
   # Per video, each video's context reaches its own frames (video-major, not tiled).
   assert np.abs(np.asarray(ctx[0] - ctx[1])).max() > 0.1
-  np.testing.assert_array_equal(one(ctx), one(jnp.repeat(ctx, 4, axis=0)))
+  np.testing.assert_array_equal(one(ctx), one(jnp.repeat(ctx, 8, axis=0)))
   spatial, _ = partition.split(video_params)
   # The image model takes one context for every image too.
-  image = jax.jit(lambda c: IMAGE.apply({"params": spatial}, x[:, 0], t, c))
+  image = lambda c: IMAGE_APPLY({"params": spatial}, x[:, 0], t, c)
   np.testing.assert_array_equal(image(ctx[:1]), image(jnp.concatenate([ctx[:1]] * 2)))
   with pytest.raises(ValueError, match=r"UNet context: leading size 3, expected 2 \(per "
                      r"image\) or 1"):
