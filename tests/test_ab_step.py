@@ -176,10 +176,7 @@ def test_bench_counts_that_would_time_nothing_are_refused():
   import subprocess
   import sys
   from pathlib import Path
-  # VIDEOLDM_JAX_HOST_TUNABLES=0: bench.train_step restarts itself with the host's malloc
-  # settings before it reads its flags, a second interpreter and import of jax before
-  # the same refusal.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "VIDEOLDM_JAX_HOST_TUNABLES": "0"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   for script, flag, said in (("sample", "--runs=0", "--runs must be >= 1, got 0"),
                              ("side_by_side", "--rounds=0", "--rounds must be >= 1, got 0"),
                              ("ab_step", "--warmup=-1", "--warmup must be >= 0, got -1"),
