@@ -189,6 +189,8 @@ SECTION_ERRORS = [
      r"config\.vae_temporal\.out_conv_kernel must be three odd sizes, got \(3, 2, 1\)"),
     ("decoder_tiny", "discriminator.num_layers", 2.5,
      r"config\.discriminator\.num_layers=2\.5: expected int"),
+    ("autoencoder_tiny", "discriminator.num_layers", 0,
+     r"config\.discriminator\.num_layers=0: expected >= 1"),
     ("autoencoder_tiny", "discriminator.base_channels", "8",
      r"config\.discriminator\.base_channels='8': expected int"),
     ("upsampler_tiny", "unet.layers_per_block", 1.5,

@@ -1,6 +1,8 @@
 """The video decoder is the image decoder plus temporal layers (Video LDM Sec. 3.1); the
 3-D patch discriminator sees time; the GAN loss pieces (train/gan.py)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -246,6 +248,19 @@ def test_discriminator_time_padding_is_xlas_same():
       want = jax.lax.padtype_to_pads((t,), (kernel,), (stride,), "SAME")[0]
       assert disc_lib._time_padding(t, kernel, stride) == tuple(want), (t, kernel, stride)
   assert disc_lib._time_padding(3, 4, 2) == (1, 2)
+
+
+def test_discriminator_config_refuses_sizes_below_one():
+  # num_layers = 0 built a discriminator without taming's normalised stride-1 conv.
+  for field in ("in_channels", "base_channels", "num_layers", "max_mult",
+                "norm_num_groups"):
+    with pytest.raises(ValueError, match=f"DiscriminatorConfig.{field}=0: expected >= 1"):
+      dataclasses.replace(DISC, **{field: 0}).validate()
+  with pytest.raises(ValueError, match=r"config.discriminator: 48 channels \(layer 1\) are "
+                     "not divisible by norm_num_groups=5"):
+    disc_lib.DiscriminatorConfig(base_channels=24, norm_num_groups=5).validate(
+        "config.discriminator")
+  assert DISC.validate() is DISC
 
 
 def test_a_vae_without_mid_block_attention_has_none():

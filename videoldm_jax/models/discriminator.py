@@ -53,10 +53,18 @@ class DiscriminatorConfig(JsonConfig):
   def channels(self, n: int) -> int:
     return self.base_channels * min(2 ** n, self.max_mult)
 
-  def validate(self) -> "DiscriminatorConfig":
+  def validate(self, where: str = "DiscriminatorConfig") -> "DiscriminatorConfig":
+    """self, or ValueError naming `where`.field (the config section it came from, e.g.
+    config.discriminator)."""
+    for name in ("in_channels", "base_channels", "num_layers", "max_mult",
+                 "norm_num_groups"):
+      # num_layers = 0 would leave out the normalised stride-1 conv that taming's
+      # network always has: a different, shallower discriminator without a word.
+      if getattr(self, name) < 1:
+        raise ValueError(f"{where}.{name}={getattr(self, name)}: expected >= 1")
     for n in range(1, self.num_layers + 1):
       if self.channels(n) % self.norm_num_groups:
-        raise ValueError(f"DiscriminatorConfig: {self.channels(n)} channels are not "
+        raise ValueError(f"{where}: {self.channels(n)} channels (layer {n}) are not "
                          f"divisible by norm_num_groups={self.norm_num_groups}")
     return self
 

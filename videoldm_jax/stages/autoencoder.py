@@ -369,8 +369,8 @@ def image_model_vae(config: ml_collections.ConfigDict, workdir: Path):
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   """The autoencoder stage of `config` (configs/autoencoder_tiny.py)."""
   latent_normalization(config)
-  disc_config = disc_lib.DiscriminatorConfig.from_config(
-      config.discriminator, "config.discriminator").validate()  # before the image model
+  disc_config = disc_lib.DiscriminatorConfig.from_config(  # before the image model
+      config.discriminator, "config.discriminator").validate("config.discriminator")
   vae_config, vae_params, vae_temporal = image_model_vae(config, workdir)
   if vae_temporal is not None:
     # Keep the image autoencoder: the video decoder's temporal layers are dropped.

@@ -95,7 +95,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> StageSetup:
   temporal = VAETemporalConfig.from_config(
       config.vae_temporal, "config.vae_temporal").validate("config.vae_temporal")
   disc_config = disc_lib.DiscriminatorConfig.from_config(
-      config.discriminator, "config.discriminator").validate()
+      config.discriminator, "config.discriminator").validate("config.discriminator")
   vae_config, image_vae, image_temporal = ae.image_model_vae(config, workdir)
   # mix_init only starts the blend; a continued decoder takes its blend from the export.
   if (image_temporal is not None
