@@ -991,3 +991,22 @@ def test_cli_names_the_flag_of_a_missing_or_empty_input(tmp_path):
         cli.main([])
     finally:
       flags.FLAGS.unparse_flags()
+
+
+def test_inception_and_clip_refuse_float_frames_outside_minus_one_one(inception_file,
+                                                                       tiny_clip):
+  # I3D refused float [0, 255] clips already; FID / IS and CLIPSIM embedded them
+  # unscaled, without an error. The check runs on the host, before anything compiles.
+  net = inception.InceptionFeatures(str(inception_file[0]), 8)
+  sim = clip_score.CLIPSimilarity(tiny_clip[0], 8)
+  frames = np.full((2, 32, 32, 3), 200.0, np.float32)
+  for embed in (net, sim.image_embeddings):
+    with pytest.raises(ValueError, match=r"float frames must be in \[-1, 1\], got max "
+                       r"\|x\| = 200 \(uint8 \[0, 255\] frames: pass them as uint8"):
+      embed(frames)
+    with pytest.raises(ValueError, match=r"got max \|x\| = nan"):
+      embed(np.full((2, 32, 32, 3), np.nan, jnp.bfloat16))
+  with pytest.raises(ValueError, match="float frames must be in"):
+    sim.video_scores(frames[None], ["a road"])
+  with pytest.raises(ValueError, match="float frames must be in"):
+    fid.fid_from_videos(frames[None], frames[None], "", extractor=net)

@@ -36,7 +36,7 @@ import numpy as np
 from videoldm_jax.convert.safetensors_io import find_weights, load_safetensors
 from videoldm_jax.convert.torch_layout import flax_path_to_torch_key, load_state_dict
 from videoldm_jax.eval.batching import BatchedApply
-from videoldm_jax.eval.layers import check_pixels
+from videoldm_jax.eval.layers import check_float_range, check_pixels
 from videoldm_jax.models.clip_text import (CLIPMLP, CLIPTextConfig, CLIPTextModel,
                                           check_tokenizer, check_tower)
 from videoldm_jax.models.config_base import JsonConfig
@@ -354,6 +354,7 @@ class CLIPSimilarity:
 
   def image_embeddings(self, frames_NxHxWx3: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 or [-1, 1] float frames -> (N, P) unit-norm embeddings."""
+    check_float_range(frames_NxHxWx3)
     return self._images(frames_NxHxWx3)
 
   def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:

@@ -32,7 +32,8 @@ import numpy as np
 
 from videoldm_jax.eval import i3d_weights
 from videoldm_jax.eval.batching import BatchedApply
-from videoldm_jax.eval.layers import PRECISION, EvalBatchNorm, to_minus_one_one
+from videoldm_jax.eval.layers import (PRECISION, EvalBatchNorm, check_float_range,
+                                      to_minus_one_one)
 from videoldm_jax.eval.resize import resize_bilinear
 from videoldm_jax.models.layers import FAN_IN_NORMAL, ZEROS, param_init
 
@@ -266,22 +267,10 @@ def _features_fn(resolution: int, resize: str):
   return features
 
 
-# Float frames beyond this are refused: google-research's FVD code takes ANY dtype as
-# [0, 255] (cast, then 2 x / 255 - 1), so float [0, 255] clips ported from it would
-# otherwise pass unscaled (features ~500 off) without an error. The margin over 1
-# leaves room for unclipped decoder outputs.
-_FLOAT_LIMIT = 2.0
-
-
 def _check_videos(v) -> None:
   if v.ndim != 5 or v.shape[-1] != 3:
     raise ValueError(f"expected videos of shape (N, T, H, W, 3), got {v.shape}")
-  if jnp.issubdtype(v.dtype, jnp.floating) and v.size:
-    peak = float(np.max(np.abs(v)))
-    if not peak <= _FLOAT_LIMIT:  # (NaN too)
-      raise ValueError(f"float videos must be in [-1, 1], got max |x| = {peak:.4g} "
-                       f"(uint8 [0, 255] frames: pass them as uint8; float [0, 255]: "
-                       f"x / 127.5 - 1)")
+  check_float_range(v, "videos")
   if v.shape[1] < MIN_FRAMES:
     raise ValueError(f"I3D needs at least {MIN_FRAMES} frames per clip, got {v.shape[1]} "
                      f"(FVD uses {DEFAULT_FRAMES})")

@@ -37,7 +37,8 @@ from videoldm_jax.convert.safetensors_io import load_safetensors
 from videoldm_jax.convert import torch_layout
 from videoldm_jax.convert.torch_layout import ConversionError, load_state_dict
 from videoldm_jax.eval.batching import BatchedApply
-from videoldm_jax.eval.layers import PRECISION, EvalBatchNorm, to_minus_one_one
+from videoldm_jax.eval.layers import (PRECISION, EvalBatchNorm, check_float_range,
+                                      to_minus_one_one)
 from videoldm_jax.eval.resize import resize_bilinear
 from videoldm_jax.models.layers import FAN_IN_NORMAL, ZEROS, param_init
 
@@ -314,6 +315,7 @@ class InceptionFeatures:
     """Yields (pool3 (b, 2048), logits (b, K)) float32 batches."""
     if frames_NxHxWx3.ndim != 4 or frames_NxHxWx3.shape[-1] != 3:
       raise ValueError(f"expected frames of shape (N, H, W, 3), got {frames_NxHxWx3.shape}")
+    check_float_range(frames_NxHxWx3)
     yield from self._runner.iterate(frames_NxHxWx3, show_progress, desc="Inception")
 
   def __call__(self, frames_NxHxWx3: np.ndarray, show_progress: bool = False):

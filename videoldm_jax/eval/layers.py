@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from videoldm_jax.models.layers import ONES, ZEROS, param_init
 
@@ -39,6 +40,26 @@ def check_pixels(x) -> None:
   if x.dtype != jnp.uint8 and not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"frames of dtype {x.dtype}: expected uint8 in [0, 255] or float "
                      "in [-1, 1] (convert with .astype(np.uint8))")
+
+
+# Float frames beyond this are refused: google-research's FVD code takes ANY dtype as
+# [0, 255] (cast, then 2 x / 255 - 1), and torch code often keeps frames as float
+# [0, 1], so ported clips would otherwise pass unscaled (features far off) without an
+# error. The margin over 1 leaves room for unclipped decoder outputs.
+FLOAT_LIMIT = 2.0
+
+
+def check_float_range(x, what: str = "frames") -> None:
+  """Host-side check of an input batch (any shape): float values must lie in [-1, 1]
+  (up to FLOAT_LIMIT), else a ValueError naming `what`, the peak and the conversions.
+  Integer input is left to `check_pixels`."""
+  x = np.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.size:
+    peak = float(np.max(np.abs(x)))
+    if not peak <= FLOAT_LIMIT:  # (NaN too)
+      raise ValueError(f"float {what} must be in [-1, 1], got max |x| = {peak:.4g} "
+                       f"(uint8 [0, 255] {what}: pass them as uint8; float [0, 255]: "
+                       f"x / 127.5 - 1; float [0, 1]: 2 x - 1)")
 
 
 def to_minus_one_one(x: jax.Array) -> jax.Array:
