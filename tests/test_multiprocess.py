@@ -2,7 +2,8 @@
 (launch/local_multiprocess.sh, loopback coordinator, gloo collectives) train the tiny
 key-frame model exactly as one process with four devices does, each process reading
 its own block of every global batch; their checkpoint resumes in a one-process run.
-A SIGTERM to one process stops both at the same step, also during the compile."""
+A SIGTERM to one process stops both at the same step, also during the compile; a
+process that reaches the first step over 30 s after the other does not fail it."""
 
 import json
 import os
@@ -61,11 +62,28 @@ def _train(workdir: Path, steps: int, *extra: str) -> str:
   return out.stderr
 
 
+# videoldm-train with process 1's step compile 31 s late, as when process 0 loads the
+# step from the compilation cache and process 1 compiles it (on CPU only process 0
+# writes the cache, and the key holds the process): the first step's gloo collective
+# gave up after its fixed 30 s ("Gloo context initialization failed: DEADLINE_EXCEEDED")
+# in loaded test runs, until the trainer waited for all processes after its compile.
+LATE_PROCESS_1 = ("import sys, time\n"
+                  "import jax\n"
+                  "from videoldm_jax.cli import train\n"
+                  "compile = jax.stages.Lowered.compile\n"
+                  "def late(self, *args, **kwargs):\n"
+                  "  if jax.process_index() == 1:\n"
+                  "    time.sleep(31)\n"
+                  "  return compile(self, *args, **kwargs)\n"
+                  "jax.stages.Lowered.compile = late\n"
+                  "train.run()\n")
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("mp") / "two procs"  # a space: quoting must hold
   cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
-         "--devices_per_process=2", "--", sys.executable, "-m", "videoldm_jax.cli.train",
+         "--devices_per_process=2", "--", sys.executable, "-c", LATE_PROCESS_1,
          f"--workdir={workdir}", *FLAGS, "--config.train.num_steps=3"]
   out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]

@@ -168,3 +168,18 @@ def process_flags(flag: bool):
     return np.array([bool(flag)])
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).astype(bool)
+
+
+def wait_for_all(name: str, timeout_s: int = 3600) -> None:
+  """Blocks until every process has called `wait_for_all(name)` (nothing with one
+  process). A barrier of the coordination service, not a collective: the first CPU
+  collective of a device set gives up after gloo's fixed 30 s if another process has
+  not reached it (one process compiling a step the other loaded from the compilation
+  cache). `name` must be unique within the run; `timeout_s` bounds the wait (a process
+  that dies is reported sooner, by the service's heartbeat)."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+  multihost.sync_global_processes(name, timeout=int(timeout_s),
+                                  processes=set(range(jax.process_count())))

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from videoldm_jax import pretrained, sharding, video_io
+from videoldm_jax import distributed, pretrained, sharding, video_io
 from videoldm_jax.models import attention
 from videoldm_jax.models.config_base import is_seed
 from videoldm_jax.stages import base
@@ -363,6 +363,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   log(f"{stage.name}: compiled in {time.perf_counter() - t0:.1f}s; model "
       f"{flops / 1e9:.2f} GFLOP/step/device (XLA {perf.compiled_flops(compiled) / 1e9:.2f}); "
       f"matmul peak {peak / 1e9:.0f} GFLOP/s/device")
+  # The processes start the first step together: where one loaded the step from the
+  # compilation cache and another compiled it (on CPU, only process 0 writes the cache,
+  # and the key holds the process), the first step's collective gave up after 30 s.
+  distributed.wait_for_all("train step compiled")
   writer = perf.summary_writer(workdir / "tb", purge_step=step + 1)
   n_params = {k: sum(x.size for x in jax.tree_util.tree_leaves(v))
               for k, v in (("trainable", state.trainable), ("frozen", state.frozen))}
