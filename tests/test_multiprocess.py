@@ -62,18 +62,18 @@ def _train(workdir: Path, steps: int, *extra: str) -> str:
   return out.stderr
 
 
-# videoldm-train with process 1's step compile 31 s late, as when process 0 loads the
+# videoldm-train with process 1's step compile 40 s late, as when process 0 loads the
 # step from the compilation cache and process 1 compiles it (on CPU only process 0
 # writes the cache, and the key holds the process): the first step's gloo collective
 # gave up after its fixed 30 s ("Gloo context initialization failed: DEADLINE_EXCEEDED")
 # in loaded test runs, until the trainer waited for all processes after its compile.
-LATE_PROCESS_1 = ("import sys, time\n"
+LATE_PROCESS_1 = ("import time\n"
                   "import jax\n"
                   "from videoldm_jax.cli import train\n"
                   "compile = jax.stages.Lowered.compile\n"
                   "def late(self, *args, **kwargs):\n"
                   "  if jax.process_index() == 1:\n"
-                  "    time.sleep(31)\n"
+                  "    time.sleep(40)\n"
                   "  return compile(self, *args, **kwargs)\n"
                   "jax.stages.Lowered.compile = late\n"
                   "train.run()\n")
