@@ -38,9 +38,10 @@ def _formula(q, k, v):
 def _arrays(b, length, keys, heads, dim, seed=0):
   rng = np.random.default_rng(seed)
   # Logits of several units: the softmax is far from uniform, so errors in the max
-  # subtraction, the exponential or the normalisation show.
-  q = jnp.asarray(rng.standard_normal((b, length, heads, dim), np.float32)) * 2
-  k = jnp.asarray(rng.standard_normal((b, keys, heads, dim), np.float32)) * 2
+  # subtraction, the exponential or the normalisation show. (Scaled in NumPy: an eager
+  # multiply compiles a program for every new shape.)
+  q = jnp.asarray(rng.standard_normal((b, length, heads, dim), np.float32) * 2)
+  k = jnp.asarray(rng.standard_normal((b, keys, heads, dim), np.float32) * 2)
   v = jnp.asarray(rng.standard_normal((b, keys, heads, dim), np.float32))
   g = jnp.asarray(rng.standard_normal((b, length, heads, dim), np.float32))
   return q, k, v, g
@@ -48,6 +49,11 @@ def _arrays(b, length, keys, heads, dim, seed=0):
 
 def _grads(fn, q, k, v, g):
   return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v), g), argnums=(0, 1, 2)))(q, k, v)
+
+
+# The formula as one program: op by op, it and the error arithmetic (now NumPy's) compiled
+# a program per op and shape, 21 programs for each case below instead of 6.
+_formula_jit = jax.jit(_formula)
 
 
 # (batch, queries, keys, heads, head dim): the W1 / W2 level-0 shape; keys and head dims
@@ -66,26 +72,27 @@ SHAPES = [(2, 1024, 1024, 2, 32), (1, 100, 77, 3, 40), (2, 37, 1, 2, 16),
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_softmax_formula(shape):
   q, k, v, g = _arrays(*shape)
-  assert max_rel_err(jax.jit(native_attention.attention)(q, k, v), _formula(q, k, v)) < 1e-5
+  assert max_rel_err(jax.jit(native_attention.attention)(q, k, v), _formula_jit(q, k, v)) < 1e-5
   for got, want in zip(_grads(native_attention.attention, q, k, v, g),
                        _grads(_formula, q, k, v, g)):
     # Relative to the largest gradient, or absolute where that is ~0 (dq with one key:
     # the softmax of a single logit is constant, so dq is rounding noise around 0).
-    err = float(jnp.max(jnp.abs(got - want)))
-    assert err < 1e-5 * max(float(jnp.max(jnp.abs(want))), 1.0), err
+    got, want = np.asarray(got), np.asarray(want)
+    err = float(np.max(np.abs(got - want)))
+    assert err < 1e-5 * max(float(np.max(np.abs(want))), 1.0), err
 
 
 def test_logits_far_apart_underflow_to_zero_weight():
   # Logit spreads of thousands: the exponential of the most negative differences must
   # give 0, not overflow its exponent bits into garbage (the kernel clamps at -87).
   q, k, v, g = _arrays(1, 16, 40, 1, 16)
-  q, k = q * 30, k * 30  # (spreads up to ~28000: each row's softmax is one-hot)
-  assert max_rel_err(jax.jit(native_attention.attention)(q, k, v), _formula(q, k, v)) < 1e-5
+  q, k = np.asarray(q) * 30, np.asarray(k) * 30  # (spreads up to ~28000: one-hot softmax)
+  assert max_rel_err(jax.jit(native_attention.attention)(q, k, v), _formula_jit(q, k, v)) < 1e-5
   (dq, dk, dv), (_, _, want_dv) = (_grads(f, q, k, v, g)
                                    for f in (native_attention.attention, _formula))
   assert max_rel_err(dv, want_dv) < 1e-5
   # One-hot rows pass no gradient to q and k (the formula's are ~1e-20): rounding noise.
-  assert float(jnp.max(jnp.abs(dq))) < 1e-4 and float(jnp.max(jnp.abs(dk))) < 1e-4
+  assert np.max(np.abs(dq)) < 1e-4 and np.max(np.abs(dk)) < 1e-4
 
 
 def test_mismatched_operands_are_refused_and_a_shared_context_broadcast():
@@ -185,23 +192,27 @@ def test_model_path_uses_the_kernel_on_cpu_only():
 
 
 _FALLBACK = """
-import json, jax, jax.numpy as jnp
+import json, jax, jax.numpy as jnp, numpy as np
 from videoldm_jax.models import attention, layers, native_attention, native_matmul
-q = jnp.asarray(jax.random.normal(jax.random.key(0), (1, 512, 64)))
-out = attention.dot_product_attention(q, q, q, num_heads=2)  # must not fail
+from videoldm_jax.models import params as params_lib
+# (NumPy draws and initialisers, jitted calls, NumPy checks: op by op, with jax.random,
+# this process compiled 113 small programs.)
+rng = np.random.default_rng(0)
+q = jnp.asarray(rng.standard_normal((1, 512, 64), np.float32))
+out = jax.jit(lambda q: attention.dot_product_attention(q, q, q, num_heads=2))(q)  # no failure
 dense = layers.dense(32, name="proj")  # its weight gradient: XLA's dots, not the kernel
-params = dense.init(jax.random.key(1), q)
-grads = jax.grad(lambda p: jnp.sum(dense.apply(p, q) ** 2))(params)
+params = {"params": params_lib.init_params(dense, 1, q)}
+grads = jax.jit(jax.grad(lambda p: jnp.sum(dense.apply(p, q) ** 2)))(params)
 # The convolutions: XLA's 3x3, the temporal (3, 1, 1) as its concatenated matmul.
 from videoldm_jax.models import temporal
-x = jax.random.normal(jax.random.key(2), (2, 3, 4, 4, 32))
+x = rng.standard_normal((2, 3, 4, 4, 32), np.float32)
 convs = [layers.conv2d(32, name="c2"),
          temporal.conv3d(32, (3, 1, 1), name="c3", init=layers.FAN_IN_NORMAL)]
 for conv_layer, xs in zip(convs, (x[0], x)):
-  p = conv_layer.init(jax.random.key(3), xs)
+  p = {"params": params_lib.init_params(conv_layer, 3, xs)}
   fn = lambda p, xs: jnp.sum(conv_layer.apply(p, xs) ** 2)
   assert "videoldm" not in str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(p, xs))
-  grads = (grads, jax.grad(fn, argnums=(0, 1))(p, xs))
+  grads = (grads, jax.jit(jax.grad(fn, argnums=(0, 1)))(p, xs))
 attention.set_implementation("native")
 try:
   attention.dot_product_attention(q, q, q, num_heads=2)
@@ -210,8 +221,8 @@ except RuntimeError as e:
   error = str(e)
 print(json.dumps(dict(available=native_attention.available(),
                       reason=native_attention.unavailable_reason(), error=error,
-                      finite=bool(jnp.isfinite(out).all()), matmul=native_matmul.available(),
-                      dense_finite=all(bool(jnp.isfinite(g).all())
+                      finite=bool(np.isfinite(out).all()), matmul=native_matmul.available(),
+                      dense_finite=all(bool(np.isfinite(g).all())
                                        for g in jax.tree.leaves(grads)))))
 """
 
@@ -307,18 +318,22 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
 def test_kernels_under_vmap():
   # custom_partitioning has no batching rule: jax.vmap of any CPU layer that reached a
   # kernel raised NotImplementedError. The kernels map element by element now.
+  # (Every mapped function jitted, the parameters drawn in NumPy: op by op, with
+  # jax.random initialisers, the test compiled 146 small programs, now 20.)
   from videoldm_jax.models import layers
+  from videoldm_jax.models import params as params_lib
   q, k, v, _ = _arrays(6, 8, 5, 2, 16)
-  q, k, v = (x.reshape((3, 2) + x.shape[1:]) for x in (q, k, v))
+  q, k, v = (np.asarray(x).reshape((3, 2) + x.shape[1:]) for x in (q, k, v))
   np.testing.assert_allclose(jax.jit(jax.vmap(native_attention.attention))(q, k, v),
-                             jax.vmap(_formula)(q, k, v), rtol=1e-5, atol=1e-6)
-  shared = jax.vmap(native_attention.attention, in_axes=(0, None, None))(q, k[0], v[0])
-  np.testing.assert_allclose(shared, jax.vmap(_formula, in_axes=(0, None, None))(
+                             jax.jit(jax.vmap(_formula))(q, k, v), rtol=1e-5, atol=1e-6)
+  shared = jax.jit(jax.vmap(native_attention.attention, in_axes=(0, None, None)))(
+      q, k[0], v[0])
+  np.testing.assert_allclose(shared, jax.jit(jax.vmap(_formula, in_axes=(0, None, None)))(
       q, k[0], v[0]), rtol=1e-5, atol=1e-6)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
   for got, want in zip(
-      jax.vmap(jax.grad(loss(native_attention.attention), argnums=(0, 1, 2)))(q, k, v),
-      jax.vmap(jax.grad(loss(_formula), argnums=(0, 1, 2)))(q, k, v)):
+      jax.jit(jax.vmap(jax.grad(loss(native_attention.attention), argnums=(0, 1, 2))))(q, k, v),
+      jax.jit(jax.vmap(jax.grad(loss(_formula), argnums=(0, 1, 2))))(q, k, v)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   # Per-example gradients of a convolution and a dense layer (C++ forward and weight
   # gradients) equal the gradients taken one example at a time.
@@ -326,11 +341,12 @@ def test_kernels_under_vmap():
   for module, x in ((layers.conv2d(16, 3, name="c"), rng.standard_normal((3, 1, 6, 6, 16))),
                     (layers.dense(32, ("embed", "mlp"), name="d"),
                      rng.standard_normal((3, 10, 16)))):
-    x = jnp.asarray(x, jnp.float32)
-    params = module.init(jax.random.key(0), x[0])
+    x = x.astype(np.float32)
+    params = {"params": params_lib.init_params(module, 0, x[0])}
     grad = jax.grad(lambda p, xi: jnp.sum(module.apply(p, xi) ** 2))
-    batched = jax.vmap(grad, in_axes=(None, 0))(params, x)
+    batched = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(params, x)
+    one = jax.jit(grad)
     for i in range(3):
       for a, b in zip(jax.tree_util.tree_leaves(batched),
-                      jax.tree_util.tree_leaves(grad(params, x[i]))):
+                      jax.tree_util.tree_leaves(one(params, x[i]))):
         np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,14 @@ SD2_STYLE = dict(  # linear proj_in/out, per-level heads, deeper transformer, la
     transformer_layers_per_block=(1, 1, 2), num_class_embeds=10,  # (mid block: 2 too)
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"))
+# SD1_STYLE cut to two levels of one layer: still every block type (with and without
+# cross-attention, down and up, the middle block), attention at level 0, in half the ops.
+# For tests of one setting or attention path, a UNet compile each; the whole structure is
+# test_unet_parity_diffusers_folder_and_single_file's. (The three long attention paths
+# took 32 s of CPU with SD1_STYLE, 17 s with this.)
+SD1_SMALL = dict(SD1_STYLE, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 VAE_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
                 block_out_channels=(16, 32, 32), layers_per_block=2,
                 down_block_types=("DownEncoderBlock2D",) * 3,
@@ -95,16 +103,28 @@ def test_unet_parity_diffusers_folder_and_single_file(cfg, tmp_path):
   assert max_rel_err(ours2, ref) < PARITY
 
 
+@pytest.fixture(scope="module")
+def long_attention_unet(tmp_path_factory):
+  """(our config, params, inputs at 32 x 32, diffusers' output) of SD1_SMALL: one
+  torch model, folder and reference for every attention path."""
+  model = _torch_unet(SD1_SMALL, seed=2)
+  folder = _save(model, tmp_path_factory.mktemp("long_attention"))
+  inputs = _unet_inputs(SD1_SMALL, seed=3, size=32)
+  config, params = image_models.load_diffusers_unet(folder)
+  return config, params, inputs, _torch_unet_out(model, *inputs)
+
+
 @pytest.mark.parametrize("implementation, platform", [("auto", "cpu"), ("blocked", "cpu"),
                                                      ("blocked", "tpu")])
-def test_unet_parity_with_long_attention_paths(tmp_path, monkeypatch, implementation,
-                                              platform):
+def test_unet_parity_with_long_attention_paths(long_attention_unet, monkeypatch,
+                                              implementation, platform):
   # 32 x 32 latents: 1024 x 1024 self-attention logits per head at the first level take
   # a long-sequence path: on a CPU by default the C++ kernel (models/native_attention.py),
   # with attention="blocked" XLA's blocked loop in its CPU layout (one batch x head at a
   # time), and traced for a TPU the accelerator layout (heads in a loop, the batch
   # vmapped); each must still be diffusers' UNet to 1e-4.
   from videoldm_jax.models import attention, blocked_attention, native_attention
+  config, params, inputs, ref = long_attention_unet
   called = set()
   for name in ("blocked_attention", "blocked_attention_batched"):
     original = getattr(blocked_attention, name)
@@ -114,14 +134,10 @@ def test_unet_parity_with_long_attention_paths(tmp_path, monkeypatch, implementa
   try:
     kernel = implementation == "auto" and native_attention.available()
     assert attention.attention_path(32 * 32, 32 * 32) == ("native" if kernel else "blocked")
-    model = _torch_unet(SD1_STYLE, seed=2)
-    model.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    inputs = _unet_inputs(SD1_STYLE, seed=3, size=32)
-    config, params = image_models.load_diffusers_unet(tmp_path / "unet")
     ours = jax.jit(UNet(config).apply)({"params": params}, *inputs)
   finally:
     attention.set_implementation("auto")
-  assert max_rel_err(ours, _torch_unet_out(model, *inputs)) < PARITY
+  assert max_rel_err(ours, ref) < PARITY
   if implementation == "blocked":  # the layout the platform's path takes was traced
     assert called == {"blocked_attention_batched" if platform == "tpu"
                       else "blocked_attention"}, called
@@ -152,16 +168,22 @@ def _diffusers_vae(tmp_path, seed: int, img_shape, z_shape, **changes):
 
 
 def test_vae_without_quant_convs_matches_diffusers(tmp_path):
-  # SD3 / Flux-style VAEs have no quant_conv / post_quant_conv.
+  # SD3 / Flux-style VAEs have no quant_conv / post_quant_conv. (Two levels of one layer:
+  # the rest of the VAE is test_vae_parity_encode_decode_both_routes's; compiled in 3.8 s,
+  # VAE_TINY's three levels of two in 5.1 s.)
   _, img, z, ref_mean, _, ref_dec = _diffusers_vae(
       tmp_path, 3, (1, 16, 16, 3), (1, 4, 4, 4), use_quant_conv=False,
-      use_post_quant_conv=False)
+      use_post_quant_conv=False, block_out_channels=(16, 32), layers_per_block=1,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
   config, params = image_models.load_diffusers_vae(tmp_path / "vae")
   assert not {"quant_conv", "post_quant_conv"} & set(params)
   vae = AutoencoderKL(config)
-  mean, _ = vae.apply({"params": params}, img, method=AutoencoderKL.encode)
+  # (Jitted: op by op, the VAE compiled 133 small programs, 2 s of CPU more.)
+  mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))(
+      params, img)
   assert max_rel_err(mean, ref_mean) < PARITY
-  dec = vae.apply({"params": params}, z, method=AutoencoderKL.decode)
+  dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode))(
+      params, z)
   assert max_rel_err(dec, ref_dec) < PARITY
 
 
@@ -203,7 +225,9 @@ def test_vae_posterior_logvar_is_clamped_as_diffusers():
   with torch.no_grad():
     model.quant_conv.bias[latent] += 1e3
     model.quant_conv.bias[latent + 1] -= 1e3
-  img = np.random.default_rng(8).uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32)
+  # (test_vae_parity_encode_decode_both_routes's image shape: its encoder program, loaded
+  # from the compilation cache, not compiled again)
+  img = np.random.default_rng(8).uniform(-1, 1, (2, 32, 24, 3)).astype(np.float32)
   with torch.no_grad():
     dist = model.encode(torch.from_numpy(img).permute(0, 3, 1, 2)).latent_dist
   ref_logvar = dist.logvar.permute(0, 2, 3, 1).numpy()
@@ -243,7 +267,7 @@ def test_unet_timestep_embedding_and_norm_settings_reach_their_layers():
   # Non-default values (LDM-derived checkpoints set them): diffusers uses norm_eps in every
   # ResBlock and conv_norm_out (the transformers keep 1e-6 and 1e-5), and
   # flip_sin_to_cos / freq_shift in the time projection. 0.1 is far from either default.
-  cfg = dict(SD1_STYLE, flip_sin_to_cos=False, freq_shift=1, norm_eps=0.1)
+  cfg = dict(SD1_SMALL, flip_sin_to_cos=False, freq_shift=1, norm_eps=0.1)
   model = _torch_unet(cfg, seed=6)
   inputs = _unet_inputs(cfg, seed=7)
   config = diffusers_config.unet_config_from_diffusers(dict(model.config))
@@ -278,7 +302,8 @@ def test_spatial_transformer_norm_epsilons_match_diffusers(linear):
   abstract = meta.unbox(jax.eval_shape(ours_module.init, jax.random.key(0), x, ctx))
   params = load_state_dict(abstract["params"], ldm_export.as_numpy(model.state_dict()),
                            what="Transformer2DModel", source="test")
-  ours = ours_module.apply({"params": params}, x, ctx)
+  # (Jitted: op by op, the two cases compiled 61 programs.)
+  ours = jax.jit(ours_module.apply)({"params": params}, x, ctx)
   assert max_rel_err(ours, ref.numpy()) < PARITY
 
 
