@@ -180,16 +180,21 @@ def test_training_samples_of_class_conditional_models(tmp_path):
   # i gets class i mod num_class_embeds.
   from videoldm_jax.stages import keyframe
   tiny = {**TINY, "unet": {**TINY["unet"], "num_class_embeds": 3}}
-  for name, module in (("keyframe_tiny", keyframe), ("predictor_tiny", predictor),
-                       ("interpolator_tiny", interpolator)):
-    config = _config(name, num_frames=4)
+  # sample.num_frames, not the training clips' (the interpolator ignored it). The
+  # interpolator samples 4 frames of the predictor's 4-frame clips (one key frame): its
+  # UNet calls are the predictor's compiled programs (6 frames from 8 compiled two more);
+  # the key-frame model's 4 frames draw the same noise shape as both.
+  for name, module, frames, sample_frames in (
+      ("keyframe_tiny", keyframe, 6, 4), ("predictor_tiny", predictor, 4, 6),
+      ("interpolator_tiny", interpolator, 8, 4)):
+    config = _config(name, num_frames=frames)
     config.random_image_model = ml_collections.ConfigDict(tiny)
-    # sample.num_frames, not the training clips' 4 (the interpolator ignored it).
-    config.sample.update(steps=1, num_frames=6, prompts=("a", "b"))
+    config.sample.update(steps=1, num_frames=sample_frames, prompts=("a", "b"))
     setup = module.setup(config, tmp_path / name)
     assert keyframe.sample_labels(setup.extra["ldm"].unet_config, config) == [0, 1]
     videos = setup.sample(setup.init_params(), 0)
-    assert videos.shape == (2, 6, 8, 8, 3) and videos.dtype == np.uint8, (name, videos.shape)
+    assert videos.shape == (2, sample_frames, 8, 8, 3) and videos.dtype == np.uint8, \
+        (name, videos.shape)
   # Cyclic over the classes, skipping a null class (the unconditional branch).
   unet_config = setup.extra["ldm"].unet_config
   config.sample.prompts = ("a",) * 5
@@ -243,14 +248,18 @@ def test_image_examples_in_video_stages_take_each_frames_caption(tmp_path):
   length = batch["tokens"].shape[1]
   uncond = tokenizer([""], max_length=length)[0]
   params, text = setup.init_params(), ldm.text_encoder()
-  encode = lambda captions: np.asarray(text.apply(
-      {"params": params["text_encoder"]}, tokenizer(captions, max_length=length)))
-  context = lambda drop, seed=0: np.asarray(keyframe.text_context(
-      text, params, batch, uncond, drop, jax.random.key(seed), jnp.float32))
+  # Jitted, the drop rate an argument, and six captions a call: op by op, each shape
+  # compiled the text encoder's ops one by one (~3 s).
+  encode_fn = jax.jit(lambda p, tokens: text.apply({"params": p}, tokens))
+  encode = lambda captions: np.asarray(encode_fn(params["text_encoder"],
+                                                 tokenizer(captions, max_length=length)))
+  context_fn = jax.jit(lambda p, drop, key: keyframe.text_context(text, p, batch, uncond, drop,
+                                                                  key, jnp.float32))
+  context = lambda drop, seed=0: np.asarray(context_fn(params, drop, jax.random.key(seed)))
   np.testing.assert_allclose(context(0.0), encode(["a cat"] * 3 + ["a dog", "a car", "rain"]),
                              rtol=1e-5, atol=1e-6)
   # Dropped per video: a video's frames are all captioned or all empty.
-  empty = encode([""])[0]
+  empty = encode([""] * 6)[0]
   dropped = [[np.allclose(c, empty, atol=1e-6) for c in context(0.5, s)] for s in range(12)]
   assert all(d[:3] in ([True] * 3, [False] * 3) and d[3:] in ([True] * 3, [False] * 3)
              for d in dropped)
@@ -603,7 +612,9 @@ def test_context_masks_and_condition_dropout_draw_from_their_own_keys(name, tmp_
   config.cond_drop_prob = 0.5
   setup = module.setup(config, tmp_path)
   tokens = setup.extra["tokenizer"](["a car", "rain"], max_length=16)
-  batch = {"latents": jnp.zeros((2, 4, 1, 1, 4)), "tokens": jnp.asarray(tokens)}
+  # Latents of the pixel clips' shape below (8 x 8 -> 4 x 4): op by op, every shape
+  # compiles each of the UNet's ops again (1 x 1 latents cost ~8 s more).
+  batch = {"latents": jnp.zeros((2, 4, 4, 4, 4)), "tokens": jnp.asarray(tokens)}
   params = setup.init_params()
   loss, metrics = setup.stage.loss_fn(params, batch, jax.random.key(0))  # eager
   assert np.isfinite(float(loss)) and len(keys["mask"]) == 1 and keys["drop"], keys

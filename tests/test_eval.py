@@ -37,6 +37,12 @@ def _patterns(t=16, s=64) -> dict[str, np.ndarray]:
 
 
 _T, _BATCH = 10, 8  # frames and clips per I3D step of the statistics and CLI tests
+# Clips per CLI step of the Inception / CLIP tests, and the frames per step it gives
+# (rounded up to 24 over the 8 test devices): one compiled program of each network for
+# all of them. I3D rounds 2 clips up to the same 8 as _BATCH. (At 8 clips, 80 frames a
+# step, most of each Inception step was padding: ~1.2 s of CPU against ~0.4 s.)
+_CLI_BATCH = 2
+_FRAME_BATCH = _CLI_BATCH * _T
 
 
 def _blobs(n: int, seed: int, t: int = _T, s: int = 32) -> np.ndarray:
@@ -314,20 +320,22 @@ def i3d_small():
 
 
 def test_fvd_self_zero_and_monotone_in_noise(i3d_small):
-  real = _blobs(16, seed=0)
+  # One I3D step per set (16 clips took two: 22 steps of ~0.8 s CPU in all; with 8 the
+  # noise scores still grow by a factor 1.8 or more from one level to the next).
+  real = _blobs(_BATCH, seed=0)
   assert fvd.fvd_from_videos(real, real, num_frames=_T, extractor=i3d_small) < 1e-3
   real_stats = fvd.video_stats(i3d_small, real)
   # Clips longer than num_frames are scored by their first num_frames frames.
-  longer = np.concatenate([real, _blobs(16, seed=9, t=2)], axis=1)
+  longer = np.concatenate([real, _blobs(_BATCH, seed=9, t=2)], axis=1)
   assert fvd.fvd_from_videos(real, longer, num_frames=_T, extractor=i3d_small) < 1e-3
   # Without an extractor: one made at the resolution asked for (the same features).
-  some, fake = real[:_BATCH], _blobs(_BATCH, seed=3)  # one I3D step per set
+  fake = _blobs(_BATCH, seed=3)
   np.testing.assert_allclose(
-      fvd.fvd_from_videos(some, fake, _BATCH, num_frames=_T, resolution=32),
-      fvd.fvd_from_videos(some, fake, num_frames=_T, extractor=i3d_small), rtol=1e-5)
-  # Chunks stream into the statistics of the whole set.
-  chunked = fvd.video_stats(i3d_small, [real[:_BATCH], real[_BATCH:]])
-  assert chunked.count == real_stats.count == 16
+      fvd.fvd_from_videos(real, fake, _BATCH, num_frames=_T, resolution=32),
+      fvd.fvd_from_videos(real, fake, num_frames=_T, extractor=i3d_small), rtol=1e-5)
+  # Chunks (each padded to a step) stream into the statistics of the whole set.
+  chunked = fvd.video_stats(i3d_small, [real[:3], real[3:]])
+  assert chunked.count == real_stats.count == _BATCH
   np.testing.assert_allclose(chunked.sum, real_stats.sum, rtol=1e-6)
   np.testing.assert_allclose(chunked.sum_outer, real_stats.sum_outer, rtol=1e-6)
   rng = np.random.default_rng(1)
@@ -429,6 +437,12 @@ def inception_file(tmp_path_factory):
   return path, _random_inception_file(path)
 
 
+@pytest.fixture(scope="module")
+def inception_net(inception_file):
+  """The random Inception at the CLI tests' frame batch, its weights loaded once."""
+  return inception.InceptionFeatures(str(inception_file[0]), _FRAME_BATCH)
+
+
 def test_inception_matches_torch_reference(inception_file, torch_cpu):
   path, sd = inception_file
   model, variables = inception.load_inception(path)
@@ -443,13 +457,13 @@ def test_inception_matches_torch_reference(inception_file, torch_cpu):
   assert max_rel_err(logits, ref_logits.numpy()) < 1e-4
 
 
-def test_fid_and_is_run_on_random_inception(inception_file, torch_cpu):
+def test_fid_and_is_run_on_random_inception(inception_file, inception_net, torch_cpu):
   path, sd = inception_file
   videos = _blobs(3, seed=2, t=4)
-  frame_batch = _BATCH * _T  # as the CLI test: one compilation for both
+  frame_batch = _FRAME_BATCH  # as the CLI tests: one compilation for all
   # What the metrics feed the network: uint8 frames to [-1, 1], resized to 299 x 299 as
   # pytorch-fid does (bilinear, half-pixel, no antialias), against torch's own resize.
-  net = inception.InceptionFeatures(str(path), frame_batch)
+  net = inception_net
   frames = videos[0]  # (4, 32, 32, 3) uint8
   with torch_cpu.no_grad():
     x = torch_cpu.from_numpy(frames.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
@@ -458,23 +472,25 @@ def test_fid_and_is_run_on_random_inception(inception_file, torch_cpu):
   for ours, theirs in zip(net(frames), ref):
     assert max_rel_err(ours, theirs.numpy()) < 1e-4
   # Fewer frames than IS splits (4 < 10): one frame per split, not an error.
+  # (`net` passed as the extractor: each call loaded the weights again, ~1.5 s; the CLI
+  # tests call fid_from_videos without one.)
   assert np.isfinite(fid.fid_from_videos(videos[:1], videos[:1], str(path),
-                                         batch_size=frame_batch)["is"])
-  res = fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2)
+                                         batch_size=frame_batch, extractor=net)["is"])
+  res = fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2,
+                            extractor=net)
   assert res["fid"] < 1e-3 and 1.0 <= res["is"] <= 1008 and np.isfinite(res["is_std"])
   # A frame stride applies to both sets (the same videos: the same frames, FID ~0).
   assert fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2,
-                             frame_stride=2)["fid"] < 1e-3
+                             frame_stride=2, extractor=net)["fid"] < 1e-3
   other = _blobs(3, seed=3, t=4)
   assert fid.fid_from_videos(videos, other, str(path), batch_size=frame_batch,
-                             splits=2)["fid"] > 0
+                             splits=2, extractor=net)["fid"] > 0
   # IS reads the logits without the classifier's bias (improved-GAN, torch-fidelity).
   assert np.abs(net.fc_bias).max() > 0  # the file's bias is perturbed
   pool_stats, unbiased = fid.frame_stats(net, [videos], keep_logits=True)
-  np.testing.assert_allclose(unbiased, net(fid.frames_of(videos, 1))[1] - net.fc_bias,
-                             rtol=1e-6, atol=1e-6)
+  pool, logits = net(fid.frames_of(videos, 1))
+  np.testing.assert_allclose(unbiased, logits - net.fc_bias, rtol=1e-6, atol=1e-6)
   # FID's statistics are of the pool3 features (not the logits).
-  pool = net(fid.frames_of(videos, 1))[0]
   assert pool_stats.dim == pool.shape[1] != unbiased.shape[1]
   np.testing.assert_allclose(pool_stats.sum, pool.sum(axis=0), rtol=1e-5, atol=1e-5)
   # frame_stride takes every k-th frame of each clip.
@@ -512,7 +528,7 @@ def test_fid_and_is_run_on_random_inception(inception_file, torch_cpu):
       score, rel=0.15)
 
 
-def test_inception_loader_errors(inception_file, tmp_path):
+def test_inception_loader_errors(inception_file, inception_net, tmp_path):
   path, sd = inception_file
   from safetensors.numpy import save_file
   broken = dict(sd)
@@ -540,7 +556,7 @@ def test_inception_loader_errors(inception_file, tmp_path):
   with pytest.raises(ValueError, match="frame_stride=0"):
     fid.frames_of(np.zeros((1, 2, 20, 24, 3), np.uint8), 0)
   with pytest.raises(ValueError, match=r"no frames \(N = 0\)"):
-    inception.InceptionFeatures(str(path), 4)(np.zeros((0, 20, 24, 3), np.uint8))
+    inception_net(np.zeros((0, 20, 24, 3), np.uint8))
   # The class count picks the variant: 1008 is pytorch-fid's FID network, 1000
   # torchvision's ImageNet classifier (other pooling).
   assert inception.load_inception(path)[0].variant == "fid"
@@ -702,12 +718,15 @@ def _features(out):
 
 def test_clip_embeddings_match_transformers(tiny_clip, torch_cpu):
   folder, ref_model = tiny_clip
-  sim = clip_score.CLIPSimilarity(folder, batch_size=8)
+  # (The CLI tests' frame batch: its text tower's program is theirs too.)
+  sim = clip_score.CLIPSimilarity(folder, batch_size=_FRAME_BATCH)
   params = sim._images.variables  # noqa: SLF001
   pixels = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
   ids = sim.tokenizer(["a red car on a road", "a dog", ""])
-  image = sim.model.apply({"params": params}, pixels, method=clip_score.CLIPModel.encode_image)
-  text = sim.model.apply({"params": params}, ids, method=clip_score.CLIPModel.encode_text)
+  # Jitted: op by op, the two towers compiled ~100 small programs (~5 s).
+  encode = jax.jit(sim.model.apply, static_argnames="method")
+  image = encode({"params": params}, pixels, method=clip_score.CLIPModel.encode_image)
+  text = encode({"params": params}, ids, method=clip_score.CLIPModel.encode_text)
   with torch_cpu.no_grad():
     ref_image = _features(ref_model.get_image_features(
         pixel_values=torch_cpu.from_numpy(pixels).permute(0, 3, 1, 2))).numpy()
@@ -748,7 +767,7 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
   out = tmp_path / "metrics.json"
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["videoldm-eval", f"--real={real_dir}", f"--fake={fake_dir}/*.mp4",
-               "--metrics=fvd,fid,is,clipsim", f"--batch_size={_BATCH}",
+               "--metrics=fvd,fid,is,clipsim", f"--batch_size={_CLI_BATCH}",
                f"--num_frames={_T}", "--i3d_resolution=32",
                f"--inception_weights={inception_file[0]}", "--is_splits=2",
                f"--clip_model={tiny_clip[0]}", f"--prompts={tmp_path / 'prompts.txt'}",
@@ -768,8 +787,8 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
   # and batching take nothing away): real 5 clips cut to _T frames, the fake mp4s.
   fake = np.stack([video_io.read_video(str(fake_dir / f"sample{i}.mp4"))[:_T]
                    for i in range(3)])
-  want = fid.fid_from_videos(real[:, :_T], fake, inception_file[0], batch_size=_BATCH,
-                             splits=2)
+  want = fid.fid_from_videos(real[:, :_T], fake, inception_file[0],
+                             batch_size=_FRAME_BATCH, splits=2)
   assert result["fid"] == pytest.approx(want["fid"], rel=1e-4) and result["fid"] > 0
   assert result["is"] == pytest.approx(want["is"], rel=1e-4)
   with pytest.raises(ValueError, match="3 prompts for 2"):
@@ -786,22 +805,22 @@ def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inceptio
   (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
   files = cli.expand_inputs(str(tmp_path))
   # Batches of 2 clips: the third clip's prompt is in the second chunk.
-  out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=2,
+  out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=_CLI_BATCH,
                      clip_model=str(tiny_clip[0]),
                      prompts_file=str(tmp_path / "prompts.txt"))
-  sim = clip_score.CLIPSimilarity(tiny_clip[0], 2 * _T)
+  sim = clip_score.CLIPSimilarity(tiny_clip[0], _FRAME_BATCH)
   assert out["clipsim"] == pytest.approx(float(np.mean(sim.video_scores(fake, prompts))),
                                          rel=1e-5)
-  # Inception at the CLI test's batch (one compilation): every 2nd frame.
-  out = cli.evaluate([], files, ["is"], num_frames=_T, batch_size=_BATCH, frame_stride=2,
+  # Inception at the CLI tests' batch (one compilation): every 2nd frame.
+  out = cli.evaluate([], files, ["is"], num_frames=_T, batch_size=_CLI_BATCH, frame_stride=2,
                      inception_weights=str(inception_file[0]), is_splits=2)
-  want = fid.fid_from_videos(fake, fake, inception_file[0], batch_size=_BATCH * _T,
+  want = fid.fid_from_videos(fake, fake, inception_file[0], batch_size=_FRAME_BATCH,
                              splits=2, frame_stride=2)
   assert out["is"] == pytest.approx(want["is"], rel=1e-6) and "fid" not in out
   assert out["settings"]["frame_stride"] == 2 and out["num_fake"] == 3
   # More splits than frames (15): one split per frame, not an error after the Inception
   # work. A one-frame split's marginal is its own prediction: KL 0, IS exp(0) = 1.
-  out = cli.evaluate([], files, ["is"], num_frames=_T, batch_size=_BATCH, frame_stride=2,
+  out = cli.evaluate([], files, ["is"], num_frames=_T, batch_size=_CLI_BATCH, frame_stride=2,
                      inception_weights=str(inception_file[0]), is_splits=1000)
   assert out["is"] == pytest.approx(1.0, abs=1e-5) and out["is_std"] == pytest.approx(0.0,
                                                                                       abs=1e-5)
@@ -810,13 +829,13 @@ def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inceptio
   for i, clip in enumerate(real):
     np.save(tmp_path / f"r{i}.npy", clip)
   real_files = cli.expand_inputs(str(tmp_path / "r*.npy"))
-  out = cli.evaluate(real_files, files, ["fid"], num_frames=_T, batch_size=_BATCH,
+  out = cli.evaluate(real_files, files, ["fid"], num_frames=_T, batch_size=_CLI_BATCH,
                      frame_stride=2, inception_weights=str(inception_file[0]), is_splits=2)
-  want = fid.fid_from_videos(real, fake, inception_file[0], batch_size=_BATCH * _T,
+  want = fid.fid_from_videos(real, fake, inception_file[0], batch_size=_FRAME_BATCH,
                              splits=2, frame_stride=2)
   assert out["fid"] == pytest.approx(want["fid"], rel=1e-4) and out["fid"] > 0
   # --max_videos: the first clips only, counted as such.
-  out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=2, max_videos=2,
+  out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=_CLI_BATCH, max_videos=2,
                      clip_model=str(tiny_clip[0]), prompts_file=str(tmp_path / "prompts.txt"))
   assert out["num_fake"] == 2
   assert out["clipsim"] == pytest.approx(float(np.mean(sim.video_scores(fake[:2],
@@ -993,11 +1012,11 @@ def test_cli_names_the_flag_of_a_missing_or_empty_input(tmp_path):
       flags.FLAGS.unparse_flags()
 
 
-def test_inception_and_clip_refuse_float_frames_outside_minus_one_one(inception_file,
+def test_inception_and_clip_refuse_float_frames_outside_minus_one_one(inception_net,
                                                                        tiny_clip):
   # I3D refused float [0, 255] clips already; FID / IS and CLIPSIM embedded them
   # unscaled, without an error. The check runs on the host, before anything compiles.
-  net = inception.InceptionFeatures(str(inception_file[0]), 8)
+  net = inception_net  # (its weights loaded once)
   sim = clip_score.CLIPSimilarity(tiny_clip[0], 8)
   frames = np.full((2, 32, 32, 3), 200.0, np.float32)
   for embed in (net, sim.image_embeddings):
