@@ -149,8 +149,8 @@ def test_autoencoder_stage_trains_all_of_it_and_exports_an_image_model(autoencod
   # wait for them for good), the same clips.
   with monkeypatch.context() as patch:
     patch.setattr(jax, "process_index", lambda *a: 1)
-    patch.setattr(inputs.multihost_utils, "sync_global_devices",
-                  lambda name: pytest.fail(f"a collective in a read alone: {name}"))
+    patch.setattr(inputs.distributed, "wait_for_all",
+                  lambda name: pytest.fail(f"a barrier in a read alone: {name}"))
     alone = inputs.make_iterator(config, export.parent, {}, alone=True)
     np.testing.assert_array_equal(next(alone)["video"], clips[:config.data.batch_size])
   z = np.concatenate([np.asarray(encode(
@@ -484,13 +484,13 @@ def test_export_runs_no_collective(tmp_path, monkeypatch):
   # inside the export (the random image model's "tokenizer written" sync) hung every
   # multi-process autoencoder / decoder run at its end.
   # The autoencoder's latent statistics read the data there too.
-  from jax.experimental import multihost_utils
+  from videoldm_jax import distributed
   setups = {name: STAGES[name].setup(_config(name), tmp_path / name)  # (tokenizers)
             for name in ("decoder", "autoencoder")}
 
   def collective(*_):
-    raise AssertionError("a collective on one process hangs a multi-process run")
-  monkeypatch.setattr(multihost_utils, "sync_global_devices", collective)
+    raise AssertionError("a barrier on one process hangs a multi-process run")
+  monkeypatch.setattr(distributed, "wait_for_all", collective)
   for name, setup in setups.items():
     setup.export(tmp_path / name / "export",
                  jax.tree_util.tree_map(np.asarray, setup.init_params()))

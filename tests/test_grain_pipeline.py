@@ -216,15 +216,15 @@ def test_trainer_reads_its_process_share_of_a_video_dataset(tfds_dir, tmp_path, 
   import importlib
 
   import jax
-  from jax.experimental import multihost_utils
 
+  from videoldm_jax import distributed
   from videoldm_jax.data import inputs
   config = importlib.import_module("configs.keyframe_tiny").get_config()
   config.data.update(kind="tfds", tfds_name="procedural_driving/tiny", data_dir=tfds_dir,
                      batch_size=4, num_frames=2, height=16, width=16)
   whole = next(inputs.make_iterator(config, tmp_path, {}))["source_index"]
   monkeypatch.setattr(jax, "process_count", lambda *a: 2)
-  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda *a: None)
+  monkeypatch.setattr(distributed, "wait_for_all", lambda *a: None)
   halves = []
   for pi in range(2):
     monkeypatch.setattr(jax, "process_index", lambda *a, _pi=pi: _pi)

@@ -20,8 +20,8 @@ import grain
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
+from videoldm_jax import distributed
 from videoldm_jax.data import latent_cache
 from videoldm_jax.data.grain_pipeline import class_label, make_video_dataset, process_share
 from videoldm_jax.data.procedural import ClipIterator
@@ -51,7 +51,7 @@ def _tfds_source(data, workdir: Path, alone: bool = False):
           f"{jax.process_index()} of {jax.process_count()} reads it alone (no barrier): "
           "only process 0 builds it; read it alone after a run built it, or on process 0")
     if not alone:
-      multihost_utils.sync_global_devices("procedural_driving built")
+      distributed.wait_for_all("procedural_driving built")
   elif data.kind == "video_folder":
     import data_pipelines.video_folder  # noqa: F401  (registers the builder)
     name = "video_folder"

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
-from jax.experimental import multihost_utils
 
-from videoldm_jax import pretrained
+from videoldm_jax import distributed, pretrained
 from videoldm_jax.data import inputs, latent_cache
 from videoldm_jax.diffusion.losses import denoising_loss
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config
@@ -287,7 +286,7 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
     if jax.process_index() == 0 and not (tok_dir / "vocab.json").exists():
       write_byte_level_tokenizer(str(tok_dir))
     if sync:
-      multihost_utils.sync_global_devices("tokenizer written")
+      distributed.wait_for_all("tokenizer written")
   tokenizer = None
   if image.text_config is not None:
     tokenizer = CLIPTokenizer.from_folder(str(tok_dir))
