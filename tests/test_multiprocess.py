@@ -54,10 +54,14 @@ def _losses(workdir: Path) -> dict:
   return {json.loads(x)["step"]: json.loads(x)["loss"] for x in lines}
 
 
+def _train_cmd(workdir: Path, steps: int, *extra: str) -> list:
+  return [sys.executable, "-m", "videoldm_jax.cli.train", f"--workdir={workdir}", *FLAGS,
+          f"--config.train.num_steps={steps}", *extra]
+
+
 def _train(workdir: Path, steps: int, *extra: str) -> str:
-  cmd = [sys.executable, "-m", "videoldm_jax.cli.train", f"--workdir={workdir}", *FLAGS,
-         f"--config.train.num_steps={steps}", *extra]
-  out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  out = subprocess.run(_train_cmd(workdir, steps, *extra), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stderr
 
@@ -67,35 +71,57 @@ def _train(workdir: Path, steps: int, *extra: str) -> str:
 # writes the cache, and the key holds the process): the first step's gloo collective
 # gave up after its fixed 30 s ("Gloo context initialization failed: DEADLINE_EXCEEDED")
 # in loaded test runs, until the trainer waited for all processes after its compile.
-LATE_PROCESS_1 = ("import time\n"
+# Should process 0 start its first step meanwhile (a trainer without that wait), process
+# 1 goes on 35 s after that start (the file LATE_MARK tells when), so that the gap is
+# over 30 s however long the rest of each process's start-up takes: a fixed 40 s wait
+# before the compile let a trainer without the wait pass in a loaded run.
+LATE_PROCESS_1 = ("import os, time\n"
                   "import jax\n"
                   "from videoldm_jax.cli import train\n"
-                  "compile = jax.stages.Lowered.compile\n"
+                  "compile, call = jax.stages.Lowered.compile, jax.stages.Compiled.__call__\n"
+                  "mark = os.environ['LATE_MARK']\n"
                   "def late(self, *args, **kwargs):\n"
+                  "  out = compile(self, *args, **kwargs)\n"
                   "  if jax.process_index() == 1:\n"
-                  "    time.sleep(40)\n"
-                  "  return compile(self, *args, **kwargs)\n"
+                  "    end = time.time() + 40\n"
+                  "    while time.time() < end and not os.path.exists(mark):\n"
+                  "      time.sleep(0.1)\n"
+                  "    if os.path.exists(mark):\n"
+                  "      time.sleep(max(0.0, os.path.getmtime(mark) + 35 - time.time()))\n"
+                  "  return out\n"
+                  "def first_step(self, *args, **kwargs):\n"
+                  "  if jax.process_index() == 0 and not os.path.exists(mark):\n"
+                  "    open(mark, 'w').close()\n"
+                  "  return call(self, *args, **kwargs)\n"
                   "jax.stages.Lowered.compile = late\n"
+                  "jax.stages.Compiled.__call__ = first_step\n"
                   "train.run()\n")
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("mp") / "two procs"  # a space: quoting must hold
+  """(two-process workdir, its log, one-process workdir): 3 steps on 2 processes x 2
+  devices, and 4 steps on one process x 4 devices, run side by side (the one-process
+  run fills process 1's wait)."""
+  base = tmp_path_factory.mktemp("mp")
+  workdir, one = base / "two procs", base / "one"  # a space: quoting must hold
+  with open(base / "one.log", "w") as ref_log:  # (a file: a pipe left unread can fill)
+    reference = subprocess.Popen(_train_cmd(one, 4, "--cpu_devices=4"), cwd=ROOT,
+                                 env=_env(), stdout=ref_log, stderr=subprocess.STDOUT)
   cmd = ["bash", "launch/local_multiprocess.sh", "--num_processes=2",
          "--devices_per_process=2", "--", sys.executable, "-c", LATE_PROCESS_1,
          f"--workdir={workdir}", *FLAGS, "--config.train.num_steps=3"]
-  out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  out = subprocess.run(cmd, cwd=ROOT, env={**_env(), "LATE_MARK": str(base / "p0 stepped")},
+                       capture_output=True, text=True, timeout=600)
+  assert reference.wait(timeout=600) == 0, (base / "one.log").read_text()[-3000:]
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-  return workdir, out.stdout + out.stderr
+  return workdir, out.stdout + out.stderr, one
 
 
-def test_two_processes_match_one_process_and_resume_in_one(two_process_run, tmp_path):
-  two, log = two_process_run
+def test_two_processes_match_one_process_and_resume_in_one(two_process_run):
+  two, log, one = two_process_run
   assert "[p1]" in log and "[p0] step 3" in log
   assert "[p1] step" not in log  # only process 0 logs
-  one = tmp_path / "one"
-  _train(one, 4, "--cpu_devices=4")
   ref, got = _losses(one), _losses(two)
   assert sorted(got) == [1, 2, 3]
   # Same global batches (each process reads its block), same RNG, same mesh size: the
