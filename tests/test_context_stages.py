@@ -443,16 +443,19 @@ def test_sample_cli_takes_class_labels(tmp_path):
   folder = pretrained.save(tmp_path / "model", model, tmp_path / "tok")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
-  def sample(*flags):
+  def sample(*flags, model=folder):
     return subprocess.run(
-        [sys.executable, "-m", "videoldm_jax.cli.sample", f"--model={folder}",
+        [sys.executable, "-m", "videoldm_jax.cli.sample", f"--model={model}",
          "--num_frames=2", "--height=8", "--width=8", "--steps=1",
          f"--output={tmp_path / 'out.mp4'}", *flags],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  proc = sample()
+  # The label is checked before the weights are read (a copy without them).
+  configs_only = shutil.copytree(folder, tmp_path / "configs only",
+                                 ignore=shutil.ignore_patterns("params"))
+  proc = sample(model=configs_only)
   assert proc.returncode != 0 and "class-conditional (3 classes): pass --class_label" in \
       proc.stderr, proc.stderr[-2000:]
-  proc = sample("--class_label=3")
+  proc = sample("--class_label=3", model=configs_only)
   assert proc.returncode != 0 and "--class_label=3: expected 0..2" in proc.stderr
   proc = sample("--class_label=2", "--fps=12.5", "--num_videos=2", "--seed=5",
                 "--sampler=dpmpp_2m", f"--output={tmp_path / 'out.MP4'}")
@@ -519,6 +522,7 @@ def test_sampling_clis_check_their_flags_before_loading_the_model(tmp_path):
   image = pretrained.random_image_ldm(ml_collections.ConfigDict(TINY))
   write_byte_level_tokenizer(str(tmp_path / "tok"))
   folder = pretrained.save(tmp_path / "image", image, tmp_path / "tok")
+  shutil.rmtree(folder / "params")  # the refusal comes before the weights are read
   assert "an image model (no temporal layers; videoldm-sample-image samples it)" in cli(
       "sample", f"--model={folder}")
   # An autoencoder-stage export's UNet never saw its latents: said (its images are noise).

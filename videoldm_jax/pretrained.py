@@ -236,8 +236,10 @@ def read_index(path: Path, fmt: str, version: int) -> dict[str, Any]:
   return index
 
 
-def load(model_dir: str | Path) -> PretrainedLDM:
-  """Reads a converted model folder (params as host numpy arrays)."""
+def load(model_dir: str | Path, weights: bool = True) -> PretrainedLDM:
+  """Reads a converted model folder (params as host numpy arrays). weights=False reads
+  its configs and training records alone (params {}): a command's refusals of the
+  wrong kind of model then come before gigabytes of weights are read."""
   model_dir = Path(model_dir).absolute()
   index = load_index(model_dir)
   source = str(model_dir / "model_index.json")
@@ -256,7 +258,7 @@ def load(model_dir: str | Path) -> PretrainedLDM:
       vae_temporal_config=(None if vae_temporal is None
                            else VAETemporalConfig.from_dict(vae_temporal, source)))
   return PretrainedLDM(**configs, scheduler=index["scheduler"],
-                       params=read_params(model_dir / "params"),
+                       params=read_params(model_dir / "params") if weights else {},
                        source=index.get("source", ""), training=training,
                        decoder_training=decoder_training)
 

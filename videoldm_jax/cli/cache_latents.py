@@ -49,7 +49,7 @@ def main(argv):
   from videoldm_jax import pretrained
   from videoldm_jax.data.cache_latents import cache_examples
   from videoldm_jax.pipelines import sampling
-  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
+  model = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
   if _PROC.value:
     f = sampling.size_multiple(model.unet_config, model.vae_config)
     if _HEIGHT.value % f or _WIDTH.value % f or min(_HEIGHT.value, _WIDTH.value) < 1:
@@ -57,6 +57,8 @@ def main(argv):
       raise app.UsageError(f"--height={_HEIGHT.value} --width={_WIDTH.value}: must be "
                            f"positive multiples of {f} for {_MODEL.value} (VAE factor x "
                            "2^(UNet levels - 1))")
+  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
+  if _PROC.value:
     def examples():
       for i in range(_PROC.value):
         video, labels, caption = make_clip(i, _FRAMES.value, _HEIGHT.value, _WIDTH.value,

@@ -58,7 +58,7 @@ def main(argv):
   # (~1 s).
   from videoldm_jax import pretrained
   from videoldm_jax.pipelines import sampling
-  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
+  model = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
   if model.temporal_config is None:
     if model.vae_temporal_config is not None:
       what = ("a decoder-stage export on an image model (its video decoder is for "
@@ -72,6 +72,7 @@ def main(argv):
                          "or interpolation export")
   labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
+  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   note_unguided(sampling.guided(model), _CFG.value)
   note_null_class(model, _LABEL.value)
   options = sampling.SampleOptions(

@@ -54,6 +54,9 @@ def main(argv):
   # (~1 s).
   from videoldm_jax import pretrained
   from videoldm_jax.pipelines import sampling
+  model = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
+  labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
+                        _MODEL.value)
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   default = 64 * model.vae_config.downsample_factor
   height = default if _HEIGHT.value is None else _HEIGHT.value
@@ -61,8 +64,6 @@ def main(argv):
       height=height, width=height if _WIDTH.value is None else _WIDTH.value,
       num_steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_CFG.value,
       eta=_ETA.value, seed=_SEED.value)
-  labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
-                        _MODEL.value)
   note_unguided(sampling.guided(model), _CFG.value)
   note_null_class(model, _LABEL.value)
   if _ETA.value != 0.0 and _SAMPLER.value != "ddim":
