@@ -460,9 +460,9 @@ def test_inception_matches_torch_reference(inception_file, torch_cpu):
 def test_fid_and_is_run_on_random_inception(inception_file, inception_net, torch_cpu):
   path, sd = inception_file
   videos = _blobs(3, seed=2, t=4)
-  frame_batch = _FRAME_BATCH  # as the CLI tests: one compilation for all
   # What the metrics feed the network: uint8 frames to [-1, 1], resized to 299 x 299 as
   # pytorch-fid does (bilinear, half-pixel, no antialias), against torch's own resize.
+  # (At the CLI tests' frame batch: one compilation for all.)
   net = inception_net
   frames = videos[0]  # (4, 32, 32, 3) uint8
   with torch_cpu.no_grad():
@@ -472,19 +472,17 @@ def test_fid_and_is_run_on_random_inception(inception_file, inception_net, torch
   for ours, theirs in zip(net(frames), ref):
     assert max_rel_err(ours, theirs.numpy()) < 1e-4
   # Fewer frames than IS splits (4 < 10): one frame per split, not an error.
-  # (`net` passed as the extractor: each call loaded the weights again, ~1.5 s; the CLI
-  # tests call fid_from_videos without one.)
+  # (`net` passed as the extractor: each call loaded the weights again, ~1.5 s; the last
+  # call of test_cli_metrics_alone_and_over_several_chunks goes without one.)
   assert np.isfinite(fid.fid_from_videos(videos[:1], videos[:1], str(path),
-                                         batch_size=frame_batch, extractor=net)["is"])
-  res = fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2,
-                            extractor=net)
+                                         extractor=net)["is"])
+  res = fid.fid_from_videos(videos, videos, str(path), splits=2, extractor=net)
   assert res["fid"] < 1e-3 and 1.0 <= res["is"] <= 1008 and np.isfinite(res["is_std"])
   # A frame stride applies to both sets (the same videos: the same frames, FID ~0).
-  assert fid.fid_from_videos(videos, videos, str(path), batch_size=frame_batch, splits=2,
-                             frame_stride=2, extractor=net)["fid"] < 1e-3
+  assert fid.fid_from_videos(videos, videos, str(path), splits=2, frame_stride=2,
+                             extractor=net)["fid"] < 1e-3
   other = _blobs(3, seed=3, t=4)
-  assert fid.fid_from_videos(videos, other, str(path), batch_size=frame_batch,
-                             splits=2, extractor=net)["fid"] > 0
+  assert fid.fid_from_videos(videos, other, str(path), splits=2, extractor=net)["fid"] > 0
   # IS reads the logits without the classifier's bias (improved-GAN, torch-fidelity).
   assert np.abs(net.fc_bias).max() > 0  # the file's bias is perturbed
   pool_stats, unbiased = fid.frame_stats(net, [videos], keep_logits=True)
@@ -750,7 +748,7 @@ def test_clip_embeddings_match_transformers(tiny_clip, torch_cpu):
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
+def test_cli_all_metrics(tmp_path, tiny_clip, inception_file, inception_net):
   from absl import flags
   from videoldm_jax import video_io
   from videoldm_jax.cli import evaluate as cli
@@ -787,15 +785,16 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file):
   # and batching take nothing away): real 5 clips cut to _T frames, the fake mp4s.
   fake = np.stack([video_io.read_video(str(fake_dir / f"sample{i}.mp4"))[:_T]
                    for i in range(3)])
-  want = fid.fid_from_videos(real[:, :_T], fake, inception_file[0],
-                             batch_size=_FRAME_BATCH, splits=2)
+  want = fid.fid_from_videos(real[:, :_T], fake, inception_file[0], splits=2,
+                             extractor=inception_net)
   assert result["fid"] == pytest.approx(want["fid"], rel=1e-4) and result["fid"] > 0
   assert result["is"] == pytest.approx(want["is"], rel=1e-4)
   with pytest.raises(ValueError, match="3 prompts for 2"):
     cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["a", "b"])
 
 
-def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inception_file):
+def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inception_file,
+                                                   inception_net):
   """IS without FID, with a frame stride; CLIPSIM with each chunk's own prompts."""
   from videoldm_jax.cli import evaluate as cli
   fake = _blobs(3, seed=8)
@@ -814,8 +813,8 @@ def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inceptio
   # Inception at the CLI tests' batch (one compilation): every 2nd frame.
   out = cli.evaluate([], files, ["is"], num_frames=_T, batch_size=_CLI_BATCH, frame_stride=2,
                      inception_weights=str(inception_file[0]), is_splits=2)
-  want = fid.fid_from_videos(fake, fake, inception_file[0], batch_size=_FRAME_BATCH,
-                             splits=2, frame_stride=2)
+  want = fid.fid_from_videos(fake, fake, inception_file[0], splits=2, frame_stride=2,
+                             extractor=inception_net)
   assert out["is"] == pytest.approx(want["is"], rel=1e-6) and "fid" not in out
   assert out["settings"]["frame_stride"] == 2 and out["num_fake"] == 3
   # More splits than frames (15): one split per frame, not an error after the Inception
