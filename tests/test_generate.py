@@ -1127,12 +1127,16 @@ def test_the_chain_copies_its_parameters_to_the_device_once(folders, tmp_path):
 
   host = pretrained.load(folders["predictor_model"])  # (NumPy, as loaded)
   assert not any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(host.params))
+  # A prediction round of the chain with FAST's options (test_prediction_rounds_continue_
+  # from_the_last_frames_made's clips: the same programs, compiled already).
+  cond = generate._conditioning(models.predictor, generate.GenerateOptions(**FAST))
+  options = cs.ContextSampleOptions(num_steps=2, context_scale=FAST["context_scale"],
+                                    guidance_scale=FAST["guidance_scale"])
   for model in (host, models.predictor[0]):
     cm = cs.ContextModel.from_pretrained(model)
     cm = dataclasses.replace(cm, apply_fn=guarded(cm.apply_fn))
-    known = jnp.zeros((1, 4, 2, 2, 4), jnp.float32)
-    out = cs.sample_clip(cm, known, jnp.asarray([[1.0, 0.0, 0.0, 0.0]]),
-                         cs.ContextSampleOptions(num_steps=2, progress=False))
+    known = jnp.zeros((1, 4, 4, 4, 4), jnp.float32)
+    out = cs.sample_clip(cm, known, jnp.asarray([[1.0, 0.0, 0.0, 0.0]]), options, **cond)
     assert out.shape == known.shape
 
 
