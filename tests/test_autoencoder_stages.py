@@ -215,17 +215,22 @@ def _train(config: str, workdir: Path, *flags: str) -> str:
   return proc.stderr
 
 
-def _loss_at_disc_start(setup, config):
-  """(params, batch, params -> (loss, metrics), the loss and metrics at params) of
-  `setup`'s stage at step disc_start, where the adversarial terms are on (checked)."""
+def _loss_at_disc_start(setup, config, derived=lambda loss_at, p: ()):
+  """(params, batch, the loss and metrics at params, derived(loss_at, params)) of
+  `setup`'s stage at step disc_start, where the adversarial terms are on (checked).
+  loss_at(p, step=disc_start) -> (loss, metrics) is the stage's loss at the batch and key
+  3; `derived` computes more from it (the tests' gradients) in the same program."""
   params = jax.tree_util.tree_map(jnp.asarray, setup.init_params())
   batch = jax.tree_util.tree_map(jnp.asarray, setup.make_batch(_batch(config)))
   key, step = jax.random.key(3), config.loss.disc_start
-  loss_fn = lambda p: setup.stage.loss_fn(p, batch, key, step)
-  loss, m = jax.jit(loss_fn)(params)  # one program (op by op it dispatched hundreds)
+  loss_at = lambda p, s=step: setup.stage.loss_fn(p, batch, key, s)
+  # One program (op by op it dispatched hundreds): with the loss's gradients in it too,
+  # XLA computes the loss's forward pass, which they repeat, once (a loss program and
+  # a gradient program apart compiled it twice).
+  (loss, m), more = jax.jit(lambda p: (loss_at(p), derived(loss_at, p)))(params)
   assert float(m["d_weight"]) > 0
   assert float(m["disc_factor"]) == config.loss.get("disc_factor", 1.0)
-  return params, batch, loss_fn, loss, m
+  return params, batch, loss, m, more
 
 
 def _posterior_sample(mean, logvar):
@@ -246,7 +251,30 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
   c.loss.update(perceptual_weight=0.5, perceptual_weights_path=str(tmp_path / "vgg.safetensors"),
                 kl_weight=0.3, disc_weight=0.7, disc_factor=0.5)
   setup = autoencoder.setup(c, tmp_path / "run")
-  params, batch, loss_fn, loss, m = _loss_at_disc_start(setup, c)
+
+  def gradients(loss_at, p):
+    # The gradients of two outputs each (one reverse pass per pair), and D's of d_loss
+    # a step before disc_start.
+    conv_out = p["vae"]["decoder"]["conv_out"]
+    with_kernel = lambda w: {**p, "vae": {**p["vae"], "decoder": {
+        **p["vae"]["decoder"], "conv_out": {**conv_out, "kernel": w}}}}
+
+    def rec_and_gan(w):
+      metrics = loss_at(with_kernel(w))[1]
+      return metrics["reconstruction_loss"], metrics["g_loss"]
+
+    def total_and_d(d):
+      total, metrics = loss_at({**p, "discriminator": d})
+      return total, metrics["d_loss"]
+
+    before = lambda d: loss_at({**p, "discriminator": d}, c.loss.disc_start - 1)[1]["d_loss"]
+    return (jax.jacrev(rec_and_gan)(conv_out["kernel"]),
+            jax.jacrev(total_and_d)(p["discriminator"]),
+            jax.grad(lambda v: loss_at({**p, "vae": v})[1]["d_loss"])(p["vae"]),
+            jax.value_and_grad(before)(p["discriminator"]))
+
+  params, batch, loss, m, ((g_rec, g_gan), (d_total, d_only), g_vae, (d_before, g_before)) = (
+      _loss_at_disc_start(setup, c, gradients))
   np.testing.assert_allclose(float(m["reconstruction_loss"]),
                              float(m["rec_loss"] + 0.5 * m["perceptual_loss"]), rtol=1e-6)
   np.testing.assert_allclose(float(loss), float(
@@ -254,49 +282,31 @@ def test_autoencoder_loss_is_its_weighted_terms(tmp_path):
       + m["d_loss"]), rtol=1e-6)
   x = autoencoder.frames_to_images(batch["video"])  # (B*T, H, W, 3)
   vae = AutoencoderKL(VAEConfig.from_dict(dict(c.random_image_model.vae)))
-  # (the references jitted: op by op each dispatched hundreds of small programs)
-  mean, logvar = jax.jit(lambda v, x: vae.apply({"params": v}, x, method=AutoencoderKL.encode))(
-      params["vae"], x)
+  from videoldm_jax.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+  disc = PatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
+
+  def references(v, d):
+    # The posterior; the decoded posterior sample z = mean + exp(logvar / 2) eps, eps
+    # from the key; D's logits on the frames and on that reconstruction.
+    mean, logvar = vae.apply({"params": v}, x, method=AutoencoderKL.encode)
+    rec = vae.apply({"params": v}, _posterior_sample(mean, logvar),
+                    method=AutoencoderKL.decode)
+    return mean, logvar, rec, [disc.apply({"params": d}, y) for y in (x, rec)]
+
+  # (the references jitted, one program: op by op each dispatched hundreds of small
+  # programs, and the sampler drawn eagerly compiled apart)
+  mean, logvar, rec, (real, fake) = jax.jit(references)(params["vae"], params["discriminator"])
   np.testing.assert_allclose(float(m["kl_loss"]), float(
       jnp.mean(kl_divergence(mean, logvar)) / np.prod(x.shape[1:])), rtol=1e-5)
-  # L1 of the decoded posterior sample z = mean + exp(logvar / 2) eps, eps from the key
-  # (drawn in the jitted reference: eagerly the sampler and each op compiled apart).
-  rec = jax.jit(lambda v, mean, logvar: vae.apply(
-      {"params": v}, _posterior_sample(mean, logvar), method=AutoencoderKL.decode))(
-          params["vae"], mean, logvar)
+  # L1 of the decoded posterior sample.
   np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
                              rtol=1e-5)
   # L_D = f times the hinge loss of D's logits on the frames and their reconstructions.
-  from videoldm_jax.models.discriminator import DiscriminatorConfig, PatchDiscriminator
-  disc = PatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
-  disc_apply = jax.jit(lambda d, y: disc.apply({"params": d}, y))
-  real, fake = (disc_apply(params["discriminator"], y) for y in (x, rec))
   np.testing.assert_allclose(float(m["d_loss"]), 0.5 * float(gan.hinge_d_loss(real, fake)),
                              rtol=1e-5)
   # Before disc_start: no adversarial term at all, D untouched (its gradient is 0).
-  before = lambda d: setup.stage.loss_fn({**params, "discriminator": d}, batch,
-                                         jax.random.key(3), c.loss.disc_start - 1)[1]["d_loss"]
-  d_before, g_before = jax.jit(jax.value_and_grad(before))(params["discriminator"])
   assert float(d_before) == 0.0
   assert not any(np.asarray(g).any() for g in jax.tree_util.tree_leaves(g_before))
-
-  # The gradients of two outputs each: one jitted reverse pass per pair.
-  conv_out = params["vae"]["decoder"]["conv_out"]
-  with_kernel = lambda w: {**params, "vae": {**params["vae"], "decoder": {
-      **params["vae"]["decoder"], "conv_out": {**conv_out, "kernel": w}}}}
-  def rec_and_gan(w):
-    metrics = loss_fn(with_kernel(w))[1]
-    return metrics["reconstruction_loss"], metrics["g_loss"]
-
-  def total_and_d(d):
-    total, metrics = loss_fn({**params, "discriminator": d})
-    return total, metrics["d_loss"]
-
-  # The three reverse passes below compiled as one program (one compile, not three).
-  (g_rec, g_gan), (d_total, d_only), g_vae = jax.jit(lambda w, d, v: (
-      jax.jacrev(rec_and_gan)(w), jax.jacrev(total_and_d)(d),
-      jax.grad(lambda v: loss_fn({**params, "vae": v})[1]["d_loss"])(v)))(
-          conv_out["kernel"], params["discriminator"], params["vae"])
   # lambda from the last decoder kernel's gradients, other leaves held (as taming).
   np.testing.assert_allclose(float(m["d_weight"]),
                              float(gan.adaptive_weight(g_rec, g_gan, 0.7)), rtol=1e-4)
@@ -320,25 +330,19 @@ def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_l
   c = _config("decoder")
   c.data.update(batch_size=1, num_frames=3)
   c.loss.disc_weight = 0.7
-  params, batch, loss_fn, loss, m = _loss_at_disc_start(decoder.setup(c, tmp_path / "run"),
-                                                        c)
-  disc = VideoPatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
-  # (the references jitted: op by op each dispatched hundreds of small programs)
-  real = jax.jit(lambda d, v: disc.apply({"params": d}, v.astype(jnp.float32) / 127.5 - 1.0))(
-      params["discriminator"], batch["video"])
-  np.testing.assert_allclose(float(m["logits_real"]), float(jnp.mean(real)), rtol=1e-5)
-  np.testing.assert_allclose(float(loss), float(
-      m["reconstruction_loss"] + m["d_weight"] * m["g_loss"] + m["d_loss"]), rtol=1e-6)
-
-  vp = params["vae"]
-  def rec_and_gan(w):
-    metrics = loss_fn({**params, "vae": autoencoder.with_leaf(vp, decoder.LAST_LAYER, w)})[1]
-    return metrics["reconstruction_loss"], metrics["g_loss"]
-
   assert decoder.LAST_LAYER[:2] == ("decoder", "temporal_conv_out")
-  g_rec, g_gan = jax.jit(jax.jacrev(rec_and_gan))(autoencoder.get_leaf(vp, decoder.LAST_LAYER))
-  np.testing.assert_allclose(float(m["d_weight"]),
-                             float(gan.adaptive_weight(g_rec, g_gan, 0.7)), rtol=1e-4)
+
+  def rec_and_gan_grads(loss_at, p):
+    vp = p["vae"]
+
+    def rec_and_gan(w):
+      metrics = loss_at({**p, "vae": autoencoder.with_leaf(vp, decoder.LAST_LAYER, w)})[1]
+      return metrics["reconstruction_loss"], metrics["g_loss"]
+    return jax.jacrev(rec_and_gan)(autoencoder.get_leaf(vp, decoder.LAST_LAYER))
+
+  params, batch, loss, m, (g_rec, g_gan) = _loss_at_disc_start(
+      decoder.setup(c, tmp_path / "run"), c, rec_and_gan_grads)
+  disc = VideoPatchDiscriminator(DiscriminatorConfig.from_dict(dict(c.discriminator)))
   # The frozen encoder's posterior is sampled (mean + exp(logvar / 2) eps, eps from the
   # step's key) and decoded through the temporal layers: the L1 of that reconstruction.
   from videoldm_jax.models.temporal import Frames
@@ -346,11 +350,22 @@ def test_decoder_loss_shows_clips_to_the_3d_discriminator_and_weights_its_last_l
   vae = AutoencoderKL(autoencoder.image_model_vae(c, tmp_path / "run")[0],
                       VAETemporalConfig.from_dict(dict(c.vae_temporal)))
   x = autoencoder.frames_to_images(batch["video"])
-  mean, logvar = jax.jit(lambda v, x: vae.apply({"params": v}, x, method=AutoencoderKL.encode))(
-      vp, x)
-  rec = jax.jit(lambda v, mean, logvar: vae.apply(
-      {"params": v}, _posterior_sample(mean, logvar), Frames(3),
-      method=AutoencoderKL.decode))(vp, mean, logvar)
+
+  def references(v, d):
+    # D's logits on the real clip; the decoded posterior sample.
+    real = disc.apply({"params": d}, batch["video"].astype(jnp.float32) / 127.5 - 1.0)
+    mean, logvar = vae.apply({"params": v}, x, method=AutoencoderKL.encode)
+    return real, vae.apply({"params": v}, _posterior_sample(mean, logvar), Frames(3),
+                           method=AutoencoderKL.decode)
+
+  # (the references jitted, one program: op by op each dispatched hundreds of small
+  # programs)
+  real, rec = jax.jit(references)(params["vae"], params["discriminator"])
+  np.testing.assert_allclose(float(m["logits_real"]), float(jnp.mean(real)), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(
+      m["reconstruction_loss"] + m["d_weight"] * m["g_loss"] + m["d_loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(m["d_weight"]),
+                             float(gan.adaptive_weight(g_rec, g_gan, 0.7)), rtol=1e-4)
   np.testing.assert_allclose(float(m["rec_loss"]), float(jnp.mean(jnp.abs(x - rec))),
                              rtol=1e-5)
 

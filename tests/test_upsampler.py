@@ -36,9 +36,15 @@ def tiny_config(**data):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """STEPS train steps of the tiny upsampler on one repeated batch of 16x16 patches of
-  32x32 clips; the loss at fixed keys before and after."""
+  """STEPS train steps of the tiny upsampler, at one UNet level, on one repeated batch of
+  16x16 patches of 32x32 clips; the loss at fixed keys before and after."""
   config = tiny_config()
+  # One UNet level (the tiny config's two are checked by
+  # test_upsampler_config_checks_and_helpers_by_hand on its own model): what the tests
+  # on this fixture check (the loss falls, patch-trained weights sample full frames, the
+  # noise level is the class label, the export) is the same at one level, and every UNet
+  # program they compile compiles faster (the train step 27 s of CPU instead of 45).
+  config.unet.update(block_out_channels=(32,), attention_levels=(False,))
   setup = upsampler.setup(config, tmp_path_factory.mktemp("run"))
   params = setup.init_params()
   batch = setup.make_batch(next(setup.make_iterator()))
@@ -47,10 +53,24 @@ def trained(tmp_path_factory):
   param_sh = sharding.shardings_for(setup.logical_axes, mesh, setup.abstract_params)
   state = step_lib.init_state(params, setup.stage, tx, step_lib.state_shardings(
       param_sh, setup.stage, tx, setup.abstract_params, mesh))
-  loss = jax.jit(setup.stage.loss_fn)
+  loss_fn = setup.stage.loss_fn
+
+  def loss_and_table_grad(p, batch, key, step):
+    # ((loss, metrics), the gradient of the class-embedding table): one program for the
+    # loss here and in test_image_examples_skip_the_upsamplers_temporal_layers and the
+    # gradient test_the_noise_level_is_the_unets_class_label reads (a forward-only
+    # loss and a gradient apart compiled 8 + 21 s of CPU, this 19 s).
+    def of_table(table):
+      unet = {**p["unet"], "class_embedding": {"embedding": table}}
+      return loss_fn({**p, "unet": unet}, batch, key, step)
+    return jax.value_and_grad(of_table, has_aux=True)(
+        p["unet"]["class_embedding"]["embedding"])
+
+  table_grad = jax.jit(loss_and_table_grad)
+  loss = lambda *args: table_grad(*args)[0]
   keys = [jax.random.key(100 + i) for i in range(4)]
   # With explicit all-video flags (alpha where(False, 1, alpha) = alpha: the same loss):
-  # test_image_examples_skip_the_upsamplers_temporal_layers calls this compiled loss.
+  # the other tests call this compiled program with batches that hold image_only.
   flagged = dict(batch, image_only=jnp.zeros(batch["video"].shape[:2], bool))
   fixed_loss = lambda p: float(np.mean([loss(p, flagged, k, 0)[0] for k in keys]))
   before = fixed_loss(params)
@@ -60,9 +80,9 @@ def trained(tmp_path_factory):
     state, m = train_step(state, batch)
     metrics.append(jax.device_get(m))
   params_after = jax.device_get(state.merged())
-  return dict(config=config, setup=setup, batch=batch, loss=loss, before=before,
-              after=fixed_loss(params_after), metrics=metrics, params=params_after,
-              model=setup.extra["model"])
+  return dict(config=config, setup=setup, batch=batch, flagged=flagged, loss=loss,
+              table_grad=table_grad, before=before, after=fixed_loss(params_after),
+              metrics=metrics, params=params_after, model=setup.extra["model"])
 
 
 def test_batch_prep_patches_and_one_noise_level_per_video():
@@ -154,17 +174,19 @@ def test_the_noise_level_is_the_unets_class_label(trained):
   # noise_level): in training, the class-embedding rows of the levels drawn for the
   # batch get gradients and no other row does; in sampling, the row of the level asked
   # for is the one read. (Label 0 in either place passed every other test.)
-  setup, model, params = trained["setup"], trained["model"], trained["params"]
+  model, params = trained["model"], trained["params"]
   key = jax.random.key(5)
   k_prep = jax.random.split(key)[0]  # (as the stage's loss_fn splits its key)
-  levels = upsampler.prepare_batch(model, model.schedules()[2], params.get("vae"),
-                                   jnp.asarray(trained["batch"]["video"]), k_prep,
-                                   trained["config"].patch_size)["noise_level"]
-  # (Jitted: one compile instead of op-by-op dispatch of the UNet's backward.)
-  grads = jax.jit(jax.grad(lambda p: setup.stage.loss_fn(p, trained["batch"], key, 0)[0]))(
-      params)
-  rows = np.flatnonzero(np.abs(np.asarray(
-      grads["unet"]["class_embedding"]["embedding"])).sum(axis=1))
+  # (Jitted: one small program, not each of the batch preparation's ops compiled apart;
+  # the schedules are read outside the trace, as the stage does.)
+  aug = model.schedules()[2]
+  levels = jax.jit(lambda video, k: upsampler.prepare_batch(
+      model, aug, params.get("vae"), video, k, trained["config"].patch_size)["noise_level"])(
+          trained["batch"]["video"], k_prep)
+  # The table's gradient of the stage's loss (the fixture's compiled program; its batch
+  # flags every example as video, the loss of the bare batch).
+  _, grad = trained["table_grad"](params, trained["flagged"], key, 0)
+  rows = np.flatnonzero(np.abs(np.asarray(grad)).sum(axis=1))
   assert rows.tolist() == sorted(set(np.asarray(levels).tolist())), (rows, levels)
 
   # (The shape of test_patch_trained_weights_sample_full_frames_at_4x's clip: the same
@@ -212,8 +234,8 @@ def test_chunks_share_the_noise_of_the_frames_they_share(trained):
 
   upsampling.samplers.sample = spy
   try:
-    for first in (0, 4, 0):
-      up(lowres[:1, :2], first_frame=first, sampler="ddpm")
+    for first in (0, 4, 0):  # (the shape of a's chunks: their compiled UNet)
+      up(lowres[:, :4], first_frame=first, sampler="ddpm")
   finally:
     upsampling.samplers.sample = real
   assert not np.array_equal(keys[0], keys[1]) and np.array_equal(keys[0], keys[2])
@@ -282,8 +304,8 @@ def test_a_failed_save_leaves_no_folder_and_a_retry_succeeds(tmp_path, monkeypat
   np.testing.assert_array_equal(loaded.params["unet"]["w"], [0.0, 1.0, 2.0])
 
 
-def test_upsampler_config_checks_and_helpers_by_hand(trained):
-  config = trained["model"]
+def test_upsampler_config_checks_and_helpers_by_hand():
+  config, _, _ = upsampler.build_model(tiny_config())  # (configs only: nothing compiled)
   # uint8 0 and 255 are -1 and 1 exactly; float input passes through.
   np.testing.assert_array_equal(um.to_float(jnp.array([0, 255], jnp.uint8)), [-1.0, 1.0])
   np.testing.assert_allclose(um.to_float(jnp.array([51], jnp.uint8)), [51 / 127.5 - 1.0],
@@ -442,10 +464,11 @@ def test_latent_space_upsampler(tmp_path, monkeypatch):
   from videoldm_jax.models.vae import AutoencoderKL
   frames = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 2, 16, 16, 3)),
                        jnp.float32)
-  z = um.encode(model.vae, params["vae"], frames, None)
-  np.testing.assert_allclose(
-      um.decode(model.vae, params["vae"], z)[0],
-      AutoencoderKL(model.vae).apply({"params": params["vae"]}, frames[0]), atol=1e-5)
+  # (Jitted, one program: op by op each of the VAE's ops compiled apart.)
+  decoded, own = jax.jit(lambda v, x: (
+      um.decode(model.vae, v, um.encode(model.vae, v, x, None))[0],
+      AutoencoderKL(model.vae).apply({"params": v}, x[0])))(params["vae"], frames)
+  np.testing.assert_allclose(decoded, own, atol=1e-5)
   lowres = np.zeros((1, 2, 8, 8, 3), np.uint8)
   out = upsampling.upsample(model, params, lowres, steps=1)
   assert out.shape == (1, 2, 32, 32, 3)
@@ -467,7 +490,8 @@ def _train(workdir: Path, *flags: str) -> str:
        # One UNet level: XLA's compile time grows with the op count, and the loop,
        # checkpoints and export are what this test is about.
        "--config.unet.block_out_channels=(32,)", "--config.unet.attention_levels=(False,)",
-       *flags],
+       # (Temporal resblocks alone: still a video UNet, 4 s of CPU less compiling.)
+       "--config.temporal.attention=False", *flags],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stderr
