@@ -49,14 +49,14 @@ def main(argv):
   from videoldm_jax import pretrained
   from videoldm_jax.data.cache_latents import cache_examples
   from videoldm_jax.pipelines import sampling
-  model = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
-  if _PROC.value:
-    f = sampling.size_multiple(model.unet_config, model.vae_config)
-    if _HEIGHT.value % f or _WIDTH.value % f or min(_HEIGHT.value, _WIDTH.value) < 1:
-      # (a 30-row frame was encoded to 7 latent rows, which no 2-level UNet takes)
-      raise app.UsageError(f"--height={_HEIGHT.value} --width={_WIDTH.value}: must be "
-                           f"positive multiples of {f} for {_MODEL.value} (VAE factor x "
-                           "2^(UNet levels - 1))")
+  configs = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
+  f = sampling.size_multiple(configs.unet_config, configs.vae_config)
+  if _PROC.value and (_HEIGHT.value % f or _WIDTH.value % f
+                      or min(_HEIGHT.value, _WIDTH.value) < 1):
+    # (a 30-row frame was encoded to 7 latent rows, which no 2-level UNet takes)
+    raise app.UsageError(f"--height={_HEIGHT.value} --width={_WIDTH.value}: must be "
+                         f"positive multiples of {f} for {_MODEL.value} (VAE factor x "
+                         "2^(UNet levels - 1))")
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   if _PROC.value:
     def examples():

@@ -58,19 +58,19 @@ def main(argv):
   # (~1 s).
   from videoldm_jax import pretrained
   from videoldm_jax.pipelines import sampling
-  model = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
-  if model.temporal_config is None:
-    if model.vae_temporal_config is not None:
+  configs = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
+  if configs.temporal_config is None:
+    if configs.vae_temporal_config is not None:
       what = ("a decoder-stage export on an image model (its video decoder is for "
               "videoldm-generate --decoder_model)")
-    elif autoencoder_export(model):
+    elif autoencoder_export(configs):
       what = ("an autoencoder-stage export (an image model whose UNet has not been "
               "trained on its latents: train the image_ldm stage on it)")
     else:
       what = "an image model (no temporal layers; videoldm-sample-image samples it)"
     raise app.UsageError(f"--model={_MODEL.value}: {what}; pass a key-frame, prediction "
                          "or interpolation export")
-  labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
+  labels = class_labels(configs.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   note_unguided(sampling.guided(model), _CFG.value)

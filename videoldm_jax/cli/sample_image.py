@@ -54,8 +54,8 @@ def main(argv):
   # (~1 s).
   from videoldm_jax import pretrained
   from videoldm_jax.pipelines import sampling
-  model = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
-  labels = class_labels(model.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
+  configs = pretrained.load(_MODEL.value, weights=False)  # (refusals before the weights)
+  labels = class_labels(configs.unet_config.num_class_embeds, _LABEL.value, _NUM.value,
                         _MODEL.value)
   model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
   default = 64 * model.vae_config.downsample_factor
