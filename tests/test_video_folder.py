@@ -6,6 +6,7 @@ import logging
 import os
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ from data_pipelines import video_folder as vf  # noqa: E402
 from data_pipelines.video_folder import __main__ as cli  # noqa: E402
 from data_pipelines.video_folder import sources  # noqa: E402
 from videoldm_jax import video_io  # noqa: E402
+from videoldm_jax.data import inputs  # noqa: E402
 
 
 def _clip(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -190,6 +192,12 @@ def test_good_clips_present_exact_and_captioned(mixed):
     assert ex["fps"] == pytest.approx(8.0, rel=0.05)  # gif: 12 cs delay = 8.33 fps
 
 
+def _built_with(**build_options):
+  """A data source whose TFDS metadata records these build options."""
+  return types.SimpleNamespace(dataset_info=types.SimpleNamespace(
+      metadata={"build_options": build_options}))
+
+
 def test_tfds_data_source_by_name(mixed, caplog):
   builder, _, _ = mixed
   ds = tfds.data_source("video_folder", split="train", data_dir=builder.data_dir_root)
@@ -197,8 +205,6 @@ def test_tfds_data_source_by_name(mixed, caplog):
   assert ds[0]["video"].ndim == 4 and ds[0]["video"].shape[-1] == 3
   # The trainer reads min_frames from the build's metadata: 4 frames are enough for
   # num_frames=2 at stride 3, not for 3 (7 frames needed).
-  import ml_collections
-  from videoldm_jax.data import inputs
   for num_frames, warned in ((2, False), (3, True)):
     caplog.clear()
     with caplog.at_level("WARNING"):
@@ -210,9 +216,7 @@ def test_tfds_data_source_by_name(mixed, caplog):
             "frames" in text) == warned, text
   # Clips cut to max_frames when built are all too short: an error, not the advice to
   # rebuild with a min_frames above max_frames (which the builder refuses).
-  from types import SimpleNamespace
-  cut = SimpleNamespace(dataset_info=SimpleNamespace(metadata={"build_options": dict(
-      min_frames=1, max_frames=8)}))
+  cut = _built_with(min_frames=1, max_frames=8)
   with pytest.raises(ValueError, match=r"vf was built with max_frames=8 .* need 10: lower "
                      r"data.num_frames / frame_stride, or rebuild with --max_frames=10"):
     inputs._check_clip_lengths(cut, ml_collections.ConfigDict(dict(
@@ -220,6 +224,22 @@ def test_tfds_data_source_by_name(mixed, caplog):
   for num_frames, stride in ((8, 1), (4, 2)):  # spans of exactly max_frames fit
     inputs._check_clip_lengths(cut, ml_collections.ConfigDict(dict(
         num_frames=num_frames, frame_stride=stride)), "vf")
+
+
+def test_a_dataset_built_smaller_than_the_training_size_is_named(caplog):
+  # Built with --resize_short_side=64 and trained at 128 x 128: every frame upscaled 2x
+  # by the pipeline (blurred), without a word.
+  small = _built_with(min_frames=8, max_frames=None, resize_short_side=64)
+  for (height, width), warned in (((128, 128), True), ((64, 96), False),
+                                  ((48, 160), False)):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      inputs._check_clip_lengths(small, ml_collections.ConfigDict(dict(
+          num_frames=8, frame_stride=1, height=height, width=width)), "vf")
+    assert ("vf was built with resize_short_side=64 (frames at most 64 pixels on their "
+            f"shorter side), smaller than data.height={height} x data.width={width}: "
+            "every frame will be upscaled; rebuild with --resize_short_side="
+            f"{max(height, width)} or more" in caplog.text) == warned, caplog.text
 
 
 def test_all_bad_source_raises_one_clear_error(tmp_path):
@@ -323,6 +343,11 @@ def test_caption_file_errors_name_file_and_line(tmp_path):
     sources.read_captions(str(short), str(tmp_path))
   short.write_text("path,caption\na.mp4,\n,a red car\n")
   with pytest.raises(ValueError, match=r"s\.csv:3: row has an empty 'path'"):
+    sources.read_captions(str(short), str(tmp_path))
+  # A long row (an unquoted comma in its caption) was read as the caption "a red car".
+  short.write_text("path,caption\na.mp4,a red car, then a bus\n")
+  with pytest.raises(ValueError, match=r"s\.csv:2: row has 3 fields, the header 2; put a "
+                     "caption holding commas in double quotes"):
     sources.read_captions(str(short), str(tmp_path))
   short.write_text("path,caption\na.mp4,\n")  # an empty caption, written
   assert sources.read_captions(str(short), str(tmp_path))[0] == [("a.mp4", "")]
@@ -578,6 +603,46 @@ def test_truncation_check_on_held_frames_and_late_starts(tmp_path):
       f.write(data[:len(data) * 8 // 10])
     with pytest.raises(sources.SkipError, match="truncated"):
       sources.decode_clip(str(tmp_path / f"cut_{name}"), max_frames=None)
+
+
+def test_a_cut_off_avi_is_truncated_not_kept_short(tmp_path):
+  # Cut off, an AVI loses its index and FFmpeg states the duration of what is left, so
+  # only the frame count fell short: the file was kept (18 of 40 frames, the last partly
+  # garbage). UCF-101 is AVI. Its RIFF header's size tells a cut file. (Noise frames:
+  # big packets, so the cuts below end the file cleanly between or inside them.)
+  base = np.random.default_rng(0).integers(0, 256, (24, 32, 3), np.uint8)
+  whole = str(tmp_path / "whole.avi")
+  _write_pyav(whole, np.stack([np.roll(base, 3 * i, axis=1) for i in range(40)]), "mpeg4",
+              "yuv420p")
+  assert sources.riff_bytes_missing(whole) == 0
+  assert sources.decode_clip(whole, max_frames=None).frames.shape[0] == 40
+  data = open(whole, "rb").read()
+  cut = str(tmp_path / "cut.avi")
+  for keep in (len(data) // 2, len(data) * 7 // 10):
+    with open(cut, "wb") as f:
+      f.write(data[:keep])
+    assert sources.riff_bytes_missing(cut) == len(data) - keep
+    with pytest.raises(sources.SkipError, match=r"truncated: container declares 40 frames "
+                       r"but only \d+ could be read: .*bytes short of its RIFF header"):
+      sources.decode_clip(cut, max_frames=None)
+  # Frames before the cut are intact: a clip that stops there is kept.
+  assert sources.decode_clip(cut, max_frames=4).frames.shape[0] == 4
+
+
+def test_a_source_too_slow_for_target_fps_is_named(tmp_path, caplog):
+  # A 2 fps video built with --target_fps=8 keeps every frame, at 2 fps: it was stored
+  # beside the 8 fps clips without a word (its motion trains 4x faster).
+  src = tmp_path / "src"
+  src.mkdir()
+  video_io.write_mp4(str(src / "slow.mp4"), _clip(8, 24, 32), fps=2)
+  video_io.write_mp4(str(src / "fast.mp4"), _clip(16, 24, 32), fps=16)
+  with caplog.at_level("WARNING"):
+    builder = vf.build(str(src), str(tmp_path / "data"), target_fps=8, min_frames=2)
+  assert "slow.mp4: kept at its own 2 fps, not near target_fps=8 (every frame stored)" \
+      in caplog.text
+  assert "fast.mp4" not in caplog.text
+  fps = {ex["path"]: float(ex["fps"]) for ex in builder.as_data_source("train")}
+  assert fps == {b"slow.mp4": 2.0, b"fast.mp4": 8.0}
 
 
 def test_find_videos_links_and_undecodable_names(tmp_path):

@@ -374,3 +374,19 @@ def test_webvid_repeated_videoid_keeps_its_first_row(webvid_tree, tmp_path):
   assert [(s.reason, s.detail) for s in skips] == [(
       sources.DUPLICATE_CAPTION, "repeated.csv line 3 repeats videoid 1066692580 of line 2; "
       "first row kept")]
+
+
+def test_webvid_row_with_more_fields_than_the_header_is_a_bad_row(webvid_tree, tmp_path):
+  # An unquoted comma in a caption: the caption was cut there and trained on as
+  # "A dog runs", the rest of the row dropped without a word.
+  from data_pipelines.webvid.builder import iter_rows
+  csv_path, videos = webvid_tree
+  lines = open(csv_path).read().splitlines()
+  unquoted = tmp_path / "unquoted.csv"
+  unquoted.write_text("\n".join([lines[0], lines[1].replace('"A dog runs, then ""stops"""',
+                                                            "A dog runs, then stops")]) + "\n")
+  skips = []
+  assert list(iter_rows(str(unquoted), videos, skips)) == []
+  assert [(s.path, s.reason, s.detail) for s in skips] == [(
+      "unquoted.csv:2", webvid.BAD_ROW, "unquoted.csv line 2: 1 field(s) more than the "
+      "header; a caption holding commas must be in double quotes")]

@@ -185,6 +185,13 @@ def decode_examples(items, skips: list, cfg):
       # must not sink the other files either; the type is kept for diagnosis.
       skips.append(sources.Skip(key, sources.DECODE_ERROR, f"{type(e).__name__}: {e}"))
       continue
+    if cfg.target_fps and not clip.fps >= cfg.target_fps / 1.5:
+      # The stride cannot go below 1 (frames are never repeated): a slower source, or
+      # one stating no rate, keeps its own, and plays faster than the other clips.
+      logging.getLogger(__name__).warning(
+          "%s: kept at %s, not near target_fps=%g (every frame stored)", key,
+          f"its own {clip.fps:.3g} fps" if clip.fps else "an unknown rate (none stated)",
+          cfg.target_fps)
     kept += 1
     yield key, {"video": clip.frames, "path": key,
                 "num_frames": np.int32(len(clip.frames)), "fps": np.float32(clip.fps),

@@ -178,6 +178,12 @@ def read_captions(captions_file: str,
           # A short row (a missing comma): its caption read as "", counted as captioned.
           raise ValueError(f"{captions_file}:{reader.line_num}: row has no 'caption' "
                            "field (an empty caption is written as a trailing comma)")
+        if None in row:
+          # A long row: an unquoted comma in a caption cut it there, the rest dropped.
+          raise ValueError(f"{captions_file}:{reader.line_num}: row has "
+                           f"{len(reader.fieldnames) + len(row[None])} fields, the header "
+                           f"{len(reader.fieldnames)}; put a caption holding commas in "
+                           'double quotes ("a car, then a bus")')
         if not all(readable_text(v) for v in (row["path"], row["caption"])):
           raise ValueError(_not_utf8(captions_file, reader.line_num))
         rows.append((reader.line_num, row["path"], row["caption"]))
@@ -370,17 +376,33 @@ def _ends_early(span: tuple[float, float] | None, last_end: float | None,
   return span[1] - last_end > max(2 / fps, (span[1] - span[0]) / 20)
 
 
+def riff_bytes_missing(path: str) -> int:
+  """How many bytes shorter than its RIFF header states (file size - 8) an AVI file is;
+  0 for a complete file or one that is not RIFF AVI."""
+  with open(path, "rb") as f:
+    head = f.read(12)
+  if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"AVI ":
+    return 0
+  return max(0, int.from_bytes(head[4:8], "little") + 8 - os.path.getsize(path))
+
+
 def _tail_missing(container, stream, packets: int, last_end: float | None,
-                  fps: float) -> str | None:
+                  fps: float, path: str) -> str | None:
   """Why the decoded video looks cut short, or None.
 
   Two signals: fewer packets than the stream's declared frame count (mp4, avi), and the
   last frame's end falling short of the stated duration (the only signal for Matroska
   and WebM, which declare no frame count). When both are known both must agree: an AVI's
   count includes the empty chunks FFmpeg writes for dropped frames, which are never
-  returned as packets, while its last frame still reaches the stated duration.
+  returned as packets, while its last frame still reaches the stated duration. An AVI
+  cut off loses its index, and FFmpeg then states the duration of what it found, so
+  there the count decides when the file is shorter than its RIFF header says.
   """
   by_count = _is_truncated(stream.frames, packets) if stream.frames > 0 else None
+  missing = riff_bytes_missing(path) if by_count and container.format.name == "avi" else 0
+  if missing:  # (a cut AVI was kept: 6 of 40 frames, the last one partly garbage)
+    return (f"{_truncated_detail(stream.frames, packets)} ({missing} bytes short of its "
+            "RIFF header's size)")
   span = _declared_span(container, stream)
   by_time = _ends_early(span, last_end, fps)
   signals = [x for x in (by_count, by_time) if x is not None]
@@ -497,7 +519,8 @@ def decode_clip(path: str, *, max_frames: int | None, frame_stride: int = 1,
     # possibly garbage. A small margin: edit lists can legitimately hide a few declared
     # samples. Stopping at max_frames before the damage keeps the clip: those frames
     # are intact.
-    cut = reached_end and _tail_missing(container, stream, packets, last_end, src_fps)
+    cut = reached_end and _tail_missing(container, stream, packets, last_end, src_fps,
+                                        path)
     if reached_end and not cut and container.format.name == "gif" \
         and not gif_has_trailer(path):
       # A GIF states no frame count or duration (FFmpeg scans for it): a cut-off one

@@ -102,6 +102,10 @@ def _parse_row(row: dict, where: str):
   caption = row.get("name")
   if caption is None:  # DictReader fills columns missing from a short row with None
     return f"{where}: column 'name' (the caption) is missing from the row"
+  if None in row:  # (DictReader's key for fields past the header's)
+    # An unquoted comma in the caption: it was cut there, the rest dropped.
+    return (f"{where}: {len(row[None])} field(s) more than the header; a caption "
+            "holding commas must be in double quotes")
   return raw_id, videoid, norm, caption
 
 

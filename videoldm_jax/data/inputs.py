@@ -99,7 +99,8 @@ def _cache_dataset(data, seed: int, pi: int, pc: int, cache_check: dict,
 def _check_clip_lengths(source, data, name: str) -> None:
   """Warns, before training, when the dataset may hold clips too short for
   data.num_frames at data.frame_stride (its builders record `min_frames`); the pipeline
-  replaces each such clip by another, with a warning naming it."""
+  replaces each such clip by another, with a warning naming it. Also when it was built
+  smaller (`resize_short_side`) than data.height x data.width: every frame is upscaled."""
   info = getattr(source, "dataset_info", None)
   built = (info.metadata or {}).get("build_options", {}) if info is not None else {}
   span = (data.num_frames - 1) * data.get("frame_stride", 1) + 1
@@ -113,6 +114,15 @@ def _check_clip_lengths(source, data, name: str) -> None:
         f"num_frames={data.num_frames} at frame_stride={data.get('frame_stride', 1)} "
         f"need {span}: lower data.num_frames / frame_stride, or rebuild with "
         f"--max_frames={span} or more")
+  short = built.get("resize_short_side")
+  if short and short < min(data.height, data.width):
+    # Frames are resized to cover height x width: all of them grow, blurred, and the
+    # run looks like any other.
+    logging.warning(
+        "%s was built with resize_short_side=%d (frames at most %d pixels on their "
+        "shorter side), smaller than data.height=%d x data.width=%d: every frame will be "
+        "upscaled; rebuild with --resize_short_side=%d or more, or train smaller",
+        name, short, short, data.height, data.width, max(data.height, data.width))
   if "min_frames" in built and built["min_frames"] < span:
     logging.warning(
         "%s was built with min_frames=%d, but num_frames=%d at frame_stride=%d need %d "
