@@ -676,3 +676,59 @@ def test_weight_files_dtypes_and_single_file_keys(tmp_path):
                      r"block_out_channels \[8, 16\] 2: one block per level"):
     diffusers_config.vae_config_from_diffusers({"block_out_channels": [8, 16],
                                                 "down_block_types": ["DownEncoderBlock2D"] * 3})
+
+
+def test_single_file_mismatches_name_the_files_own_keys():
+  # A single file's problems were named by the diffusers keys it is renamed to
+  # ("missing: down_blocks.0.resnets.0.conv1.weight"), which its user cannot find in it;
+  # a mid-attention kernel other than 1x1 failed with NumPy's bare reshape error.
+  from tests.test_generate import tiny_image_config
+  from videoldm_jax.convert import image_models
+  from videoldm_jax.convert.torch_layout import ConversionError, export_state_dict
+  model = pretrained.random_image_ldm(tiny_image_config())
+  unet = {k[len("model.diffusion_model."):]: v for k, v in ldm_export.unet_to_ldm(
+      export_state_dict(model.params["unet"]), 1, (False,)).items()}
+  vae = {k[len("first_stage_model."):]: v for k, v in ldm_export.vae_to_ldm(
+      export_state_dict(model.params["vae"]), 2).items()}
+  conv = "input_blocks.1.0.in_layers.2.weight"
+  assert conv in unet
+  with pytest.raises(ConversionError, match=r"missing: model\.diffusion_model\.input_blocks"
+                     r"\.1\.0\.in_layers\.2\.weight \(diffusers down_blocks\.0\.resnets\.0"
+                     r"\.conv1\.weight\)"):
+    image_models.unet_from_ldm(model.unet_config, {k: v for k, v in unet.items()
+                                                   if k != conv}, "x.safetensors")
+  with pytest.raises(ConversionError, match=r"unmapped: model\.diffusion_model\.extra\.weight "
+                     r"\(3,\)"):
+    image_models.unet_from_ldm(model.unet_config, {**unet, "extra.weight": np.zeros(3)},
+                               "x.safetensors")
+  q = "decoder.mid.attn_1.q.weight"
+  with pytest.raises(ConversionError, match=r"shape mismatch: first_stage_model\.decoder\.mid"
+                     r"\.attn_1\.q\.weight \(diffusers decoder\.mid_block\.attentions\.0\.to_q"
+                     r"\.weight\) has \(16, 16, 3, 3\)"):
+    image_models.vae_from_ldm(model.vae_config, {**vae, q: np.zeros((16, 16, 3, 3))},
+                              "x.safetensors")
+
+
+def test_an_unconverted_diffusers_folder_is_named_as_one(tmp_path):
+  # The likeliest wrong --model / --image_checkpoint: a diffusers pipeline folder, whose
+  # own model_index.json read as "format None, expected 'videoldm-jax/image-ldm'".
+  (tmp_path / "model_index.json").write_text(json.dumps(
+      {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+       "unet": ["diffusers", "UNet2DConditionModel"]}))
+  with pytest.raises(ValueError, match=r"a diffusers pipeline folder \(StableDiffusionPipeline"
+                     r"\), not a videoldm-jax model folder; convert it first: videoldm-convert "
+                     f"--diffusers={re.escape(str(tmp_path))} --output=NEW_FOLDER"):
+    pretrained.load(tmp_path, weights=False)
+
+
+def test_a_diffusers_folder_without_its_text_encoder_is_noted(sd_pipeline, tmp_path):
+  # As --single_file with --skip_text_encoder is: the folder converted without a word,
+  # and every sampler refused the result.
+  import shutil
+  _, root = sd_pipeline
+  shutil.copytree(root / "pipe", tmp_path / "pipe", ignore=shutil.ignore_patterns(
+      "text_encoder", "tokenizer"))
+  proc = _cli("videoldm_jax.cli.convert", f"--diffusers={tmp_path / 'pipe'}",
+              f"--output={tmp_path / 'out'}")
+  assert f"note: {tmp_path / 'pipe'}: its UNet's cross-attention takes a context" in \
+      proc.stderr and "cannot be sampled" in proc.stderr, proc.stderr[-3000:]

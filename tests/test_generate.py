@@ -860,6 +860,42 @@ def test_cli_seeds_and_notes(folders, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_cli_refuses_what_the_models_configs_decide_before_their_weights(folders, tmp_path):
+  """The plan's refusals (sizes, context counts, step grids) come from the folders'
+  configs, before the weights load: they came after every model had loaded (minutes for
+  SD-sized exports), as a traceback."""
+  import shutil
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # Folders without their weights: only their configs can be read.
+  bare = {}
+  for name in ("keyframe", "predictor"):
+    bare[name] = tmp_path / name
+    bare[name].mkdir()
+    shutil.copy(Path(folders[f"{name}_model"]) / "model_index.json", bare[name])
+  for extra, said in ((["--height=7"], "height and width must be positive multiples of 2"),
+                      (["--num_context=4"], "num_context=4 must be in [0, predictor_frames=4)"),
+                      (["--steps=1001"], "steps=1001: num_steps must be in [1, 1000]")):
+    proc = subprocess.run(
+        [sys.executable, "-m", "videoldm_jax.cli.generate",
+         f"--keyframe_model={bare['keyframe']}", f"--predictor_model={bare['predictor']}",
+         "--keyframes_per_clip=4", "--height=8", "--width=8", *extra,
+         f"--output={tmp_path / 'v.mp4'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  # The same in videoldm-sample and videoldm-sample-image.
+  for cli, out, extra, said in (
+      ("sample", "s.mp4", "--height=7", "height and width must be multiples of 2 for this "
+       "model"),
+      ("sample_image", "s.png", "--steps=1001", "steps=1001: num_steps must be in [1, 1000]")):
+    proc = subprocess.run(
+        [sys.executable, "-m", f"videoldm_jax.cli.{cli}", f"--model={bare['keyframe']}",
+         "--height=8", "--width=8", extra, f"--output={tmp_path / out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("n, window", [(7, 3), (8, 3), (8, 4), (9, 4)])
 def test_interpolation_windows_share_the_boundary_key_frame(n, window):
   """Known key frames land exactly every stride frames across window borders."""
@@ -1151,3 +1187,20 @@ def test_the_upsamplers_noise_follows_the_videos_seed(monkeypatch):
     fn = generate._upsample_fn(models, generate.GenerateOptions(seed=seed, **FAST))
     fn(jnp.zeros((1, 2, 8, 8, 3)), 0, 0)
   assert seen[0] != seen[1] and seen[0] == seen[2]
+
+
+def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(folders, capsys):
+  # At guidance_scale=1 the unconditional branch, which the negative prompt conditions,
+  # is not run: the output was the same with or without it, said by no one.
+  from videoldm_jax.cli import note_unused_negative
+  models = generate.load_chain(keyframe_model=folders["keyframe_model"], weights=False)
+  said = "negative_prompt='blurry' ignored: guidance_scale=1 runs no unconditional branch"
+  for scale, negative, noted in ((1.0, "blurry", True), (2.0, "blurry", False),
+                                 (1.0, "", False)):
+    o = generate.GenerateOptions(**{**FAST, "guidance_scale": scale,
+                                    "negative_prompt": negative})
+    assert (said in generate.plan(models, o).notes) == noted
+    note_unused_negative(True, scale, negative)
+    assert ("--negative_prompt ignored" in capsys.readouterr().err) == noted
+  note_unused_negative(False, 1.0, "blurry")  # (no text encoder: note_unguided's case)
+  assert capsys.readouterr().err == ""

@@ -225,6 +225,11 @@ def read_index(path: Path, fmt: str, version: int) -> dict[str, Any]:
   """The JSON object of a model folder's index file `path`, checked to be of format
   `fmt` and a format_version no newer than `version`; what is wrong is named."""
   index = read_json_object(path)
+  if index.get("format") is None and "_diffusers_version" in index:
+    # (A diffusers pipeline's own model_index.json: "format None" told no one what to do.)
+    raise ValueError(f"{path}: a diffusers pipeline folder ({index.get('_class_name')}), "
+                     "not a videoldm-jax model folder; convert it first: videoldm-convert "
+                     f"--diffusers={path.parent} --output=NEW_FOLDER")
   if index.get("format") != fmt:
     raise ValueError(f"{path}: format {index.get('format')!r}, expected {fmt!r}")
   saved = index.get("format_version", 0)

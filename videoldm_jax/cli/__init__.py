@@ -203,3 +203,12 @@ def note_unguided(guided: bool, guidance_scale: float) -> None:
     print(f"note: --guidance_scale={guidance_scale} ignored: the model has no text "
           "encoder and no null class (no classifier-free guidance without one)",
           file=sys.stderr)
+
+
+def note_unused_negative(guided: bool, guidance_scale: float, negative_prompt: str) -> None:
+  """Says on stderr that --negative_prompt does nothing at --guidance_scale=1: the
+  unconditional branch it conditions is not run (`samplers.guided_denoise_fn`); the
+  image was the same with or without it, said by no one."""
+  if guided and guidance_scale == 1.0 and negative_prompt:
+    print("note: --negative_prompt ignored: --guidance_scale=1 runs no unconditional "
+          "branch (the one the negative prompt conditions)", file=sys.stderr)

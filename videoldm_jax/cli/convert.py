@@ -63,10 +63,10 @@ def main(argv):
                                              extract_ema=_EMA.value,
                                              with_text_encoder=with_text)
     tokenizer = _TOKENIZER.value if with_text else None
-    try:
-      sampling.check_context_source(model, _SINGLE.value)
-    except ValueError as e:  # still a valid folder: training can feed it cached embeddings
-      print(f"note: {e}", file=sys.stderr)
+  try:  # (a diffusers folder without text_encoder/ too: it converted without a word)
+    sampling.check_context_source(model, _SINGLE.value or _DIFFUSERS.value)
+  except ValueError as e:  # still a valid folder: training can feed it cached embeddings
+    print(f"note: {e}", file=sys.stderr)
   out = pretrained.save(_OUTPUT.value, model, tokenizer)
   counts = {k: sum(x.size for x in jax.tree_util.tree_leaves(v))
             for k, v in model.params.items()}

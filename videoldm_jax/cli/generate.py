@@ -158,9 +158,14 @@ def main(argv):
       video_io.rate_and_crf(str(out), _FPS.value, _CRF.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  models = generate.load_chain(
-      **{f"{s}_model": f.value for s, f in _FOLDERS.items()},
-      image_checkpoint=_IMAGE.value, personalize_parts=_PARTS.value)
+  folders = {f"{s}_model": f.value for s, f in _FOLDERS.items()}
+  try:  # what the models' configs decide (sizes, strides, steps), before their weights
+    # load: found by generate_video's plan after minutes of loading, with a traceback
+    generate.plan(generate.load_chain(**folders, weights=False), options(seeds[0]))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  models = generate.load_chain(**folders, image_checkpoint=_IMAGE.value,
+                               personalize_parts=_PARTS.value)
   for i, (seed, path) in enumerate(zip(seeds, seed_outputs(out, seeds))):
     # The notes on skipped stages are printed once, not once per seed.
     result = generate.generate_video(path, options(seed), models=models,

@@ -28,18 +28,19 @@ def read_json(path: Path) -> dict:
 
 
 def unet_params_from_torch(config: unet_lib.UNetConfig, sd: dict[str, np.ndarray],
-                           source: str) -> dict:
-  """diffusers-named UNet state dict -> Flax params of `UNet(config)`."""
+                           source: str, names=None) -> dict:
+  """diffusers-named UNet state dict -> Flax params of `UNet(config)` (`names`: see
+  `torch_layout.load_state_dict`)."""
   abstract = params_lib.abstract_params(unet_lib.UNet(config), *unet_lib.example_inputs(config))
-  return load_state_dict(abstract, sd, what="UNet", source=source)
+  return load_state_dict(abstract, sd, what="UNet", source=source, names=names)
 
 
 def vae_params_from_torch(config: vae_lib.VAEConfig, sd: dict[str, np.ndarray],
-                          source: str) -> dict:
+                          source: str, names=None) -> dict:
   """diffusers-named AutoencoderKL state dict -> Flax params of `AutoencoderKL(config)`."""
   abstract = params_lib.abstract_params(vae_lib.AutoencoderKL(config),
                                         *vae_lib.example_inputs(config))
-  return load_state_dict(abstract, sd, what="VAE", source=source)
+  return load_state_dict(abstract, sd, what="VAE", source=source, names=names)
 
 
 def load_diffusers_unet(folder: str | Path) -> tuple[unet_lib.UNetConfig, dict]:
@@ -83,12 +84,16 @@ def load_diffusers_vae(folder: str | Path) -> tuple[vae_lib.VAEConfig, dict]:
 def unet_from_ldm(config: unet_lib.UNetConfig, unet_sd: dict[str, np.ndarray],
                   source: str) -> dict:
   """UNet part of a split LDM checkpoint (prefix removed) -> Flax params."""
+  table = ldm_keys.unet_key_table(config)
   return unet_params_from_torch(config, ldm_keys.unet_ldm_to_diffusers(unet_sd, config),
-                                f"{source} ({ldm_keys.UNET_PREFIX}*)")
+                                f"{source} ({ldm_keys.UNET_PREFIX}*)",
+                                lambda k: ldm_keys.UNET_PREFIX + ldm_keys.ldm_key(k, table))
 
 
 def vae_from_ldm(config: vae_lib.VAEConfig, vae_sd: dict[str, np.ndarray],
                  source: str) -> dict:
   """VAE part of a split LDM checkpoint (prefix removed) -> Flax params."""
+  table = ldm_keys.vae_key_table(config)
   return vae_params_from_torch(config, ldm_keys.vae_ldm_to_diffusers(vae_sd, config),
-                               f"{source} ({ldm_keys.VAE_PREFIX}*)")
+                               f"{source} ({ldm_keys.VAE_PREFIX}*)",
+                               lambda k: ldm_keys.VAE_PREFIX + ldm_keys.ldm_key(k, table))

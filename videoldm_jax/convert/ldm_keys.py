@@ -93,8 +93,28 @@ def _rename(sd: dict[str, np.ndarray], table: list[tuple[str, str, dict]]
   return out
 
 
+def ldm_key(key: str, table: list[tuple[str, str, dict]]) -> str:
+  """The inverse of `_rename`: the original key that `table` renames to the diffusers
+  key `key` (`key` itself where no entry gives it), for messages that name a key as
+  the user's file holds it."""
+  for old, new, inner in sorted(table, key=lambda e: -len(e[1])):
+    if key.startswith(new):
+      rest = key[len(new):]
+      for a, b in inner.items():
+        if rest.startswith(b + "."):
+          rest = a + rest[len(b):]
+          break
+      return old + rest
+  return key
+
+
 def unet_ldm_to_diffusers(sd: dict[str, np.ndarray], c: UNetConfig) -> dict[str, np.ndarray]:
   """openaimodel UNet keys (prefix removed) -> diffusers UNet2DConditionModel keys."""
+  return _rename(sd, unet_key_table(c))
+
+
+def unet_key_table(c: UNetConfig) -> list[tuple[str, str, dict]]:
+  """The (openaimodel prefix, diffusers prefix, inner names) renames of `c`'s UNet."""
   lpb, n = c.layers_per_block, c.num_levels
   table = [("time_embed.0.", "time_embedding.linear_1.", {}),
            ("time_embed.2.", "time_embedding.linear_2.", {}),
@@ -126,7 +146,7 @@ def unet_ldm_to_diffusers(sd: dict[str, np.ndarray], c: UNetConfig) -> dict[str,
       k = up * (lpb + 1) + lpb
       table.append((f"output_blocks.{k}.{2 if attn else 1}.conv.",
                     f"up_blocks.{up}.upsamplers.0.conv.", {}))
-  return _rename(sd, table)
+  return table
 
 
 def vae_ldm_to_diffusers(sd: dict[str, np.ndarray], c: VAEConfig) -> dict[str, np.ndarray]:
@@ -136,6 +156,18 @@ def vae_ldm_to_diffusers(sd: dict[str, np.ndarray], c: VAEConfig) -> dict[str, n
   level), the reverse of diffusers' `up_blocks`; the mid attention's q/k/v/proj_out are
   1x1 convolutions, squeezed here to the linear layers diffusers uses.
   """
+  out = _rename(sd, vae_key_table(c))
+  for key, value in out.items():
+    # (Only 1x1 kernels: another shape is left for the loader to report with its key; a
+    # reshape failed with NumPy's bare "cannot reshape array of size ...".)
+    if (".mid_block.attentions.0.to_" in key and key.endswith(".weight")
+        and value.ndim == 4 and value.shape[2:] == (1, 1)):
+      out[key] = value.reshape(value.shape[:2])
+  return out
+
+
+def vae_key_table(c: VAEConfig) -> list[tuple[str, str, dict]]:
+  """The (taming prefix, diffusers prefix, inner names) renames of `c`'s autoencoder."""
   n = len(c.block_out_channels)
   table = []
   for part in ("encoder", "decoder"):
@@ -154,8 +186,4 @@ def vae_ldm_to_diffusers(sd: dict[str, np.ndarray], c: VAEConfig) -> dict[str, n
                     f"decoder.up_blocks.{i}.resnets.{j}.", _VAE_RESNET))
     table.append((f"decoder.up.{n - 1 - i}.upsample.conv.",
                   f"decoder.up_blocks.{i}.upsamplers.0.conv.", {}))
-  out = _rename(sd, table)
-  for key, value in out.items():
-    if ".mid_block.attentions.0.to_" in key and key.endswith(".weight") and value.ndim == 4:
-      out[key] = value.reshape(value.shape[:2])
-  return out
+  return table

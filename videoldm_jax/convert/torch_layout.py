@@ -82,7 +82,8 @@ def _shape(x) -> tuple[int, ...]:
 def load_state_dict(abstract_params: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
                     *, what: str, source: str,
                     key_fn: Callable[[tuple[str, ...]], str] = flax_path_to_torch_key,
-                    ignore: Iterable[str] = (), dtype=np.float32) -> dict:
+                    ignore: Iterable[str] = (), dtype=np.float32,
+                    names: Callable[[str], str] | None = None) -> dict:
   """Builds the Flax param tree of `abstract_params` from a torch-layout state dict.
 
   Args:
@@ -94,6 +95,9 @@ def load_state_dict(abstract_params: Mapping[str, Any], state_dict: Mapping[str,
     key_fn: Flax path -> torch key.
     ignore: regexes of torch keys that are known not to be parameters (buffers).
     dtype: dtype of the returned arrays.
+    names: torch key -> the key as `source` names it, for messages (a single file's
+      original LDM key, renamed to the diffusers one before loading); the torch key
+      itself where None.
 
   Returns:
     nested dict of numpy arrays with exactly the paths and shapes of `abstract_params`.
@@ -102,30 +106,36 @@ def load_state_dict(abstract_params: Mapping[str, Any], state_dict: Mapping[str,
     ConversionError: listing every missing key, shape mismatch and unused key.
   """
   ignore_re = [re.compile(p) for p in ignore]
+  # (A single file's keys were named as diffusers names them, which its user cannot
+  # find in it: "missing: down_blocks.0.resnets.0.conv1.weight".)
+  def shown(k: str) -> str:
+    given = k if names is None else names(k)
+    return given if given.endswith(k) else f"{given} (diffusers {k})"
   flat = traverse_util.flatten_dict(dict(abstract_params))
   out, problems, used = {}, [], set()
   for path, leaf in flat.items():
     key = key_fn(path)
     if key not in state_dict:
-      problems.append(f"missing: {key} (for Flax param {'/'.join(path)}, shape {_shape(leaf)})")
+      problems.append(f"missing: {shown(key)} (for Flax param {'/'.join(path)}, shape "
+                      f"{_shape(leaf)})")
       continue
     used.add(key)
     value = torch_to_flax_array(path[-1], np.asarray(state_dict[key]))
     if _shape(value) != _shape(leaf):
-      problems.append(f"shape mismatch: {key} has {tuple(np.asarray(state_dict[key]).shape)} "
-                      f"(-> {_shape(value)} in Flax layout), Flax param {'/'.join(path)} "
-                      f"expects {_shape(leaf)}")
+      problems.append(f"shape mismatch: {shown(key)} has "
+                      f"{tuple(np.asarray(state_dict[key]).shape)} (-> {_shape(value)} in "
+                      f"Flax layout), Flax param {'/'.join(path)} expects {_shape(leaf)}")
       continue
     out[path] = value.astype(dtype)
   unused = sorted(k for k in state_dict
                   if k not in used and not any(r.search(k) for r in ignore_re))
-  problems += [f"unmapped: {k} {tuple(np.asarray(state_dict[k]).shape)} is not used by the "
-               f"model" for k in unused]
+  problems += [f"unmapped: {shown(k)} {tuple(np.asarray(state_dict[k]).shape)} is not used "
+               "by the model" for k in unused]
   if problems:
-    shown = "\n  ".join(problems[:40])
+    listed = "\n  ".join(problems[:40])
     more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
     raise ConversionError(f"{what} checkpoint {source} does not match the model "
-                          f"({len(problems)} problems):\n  {shown}{more}")
+                          f"({len(problems)} problems):\n  {listed}{more}")
   return traverse_util.unflatten_dict(out)
 
 

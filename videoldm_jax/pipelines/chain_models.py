@@ -71,19 +71,25 @@ def _load_ldm(path, image: Optional[pretrained.PretrainedLDM], parts, image_sour
 def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=None,
                interpolator2_model=None, decoder_model=None, upsampler_model=None,
                image_checkpoint=None, personalize_parts: Sequence[str] = ("unet",),
-               ) -> ChainModels:
+               weights: bool = True) -> ChainModels:
   """Loads each given stage folder (None / "" skips the stage, with a note).
 
   image_checkpoint: an image LDM folder whose spatial UNet (theta) replaces that of the
   key-frame, prediction and interpolation models, keeping their phi (personalisation,
   `pipelines/personalize.py`; `personalize_parts` may add 'vae', which then also applies
   to the decoder, and 'text_encoder').
+  weights=False reads the folders' configs and training records alone (params {}, no
+  tokenizers; personalisation and `check_chain`, which compare weights, are left out):
+  all `chain_plan.plan` reads, so that its refusals come before gigabytes of weights.
   """
   image, image_source = None, ""
-  if image_checkpoint:
+  if image_checkpoint and weights:
     image_source = str(Path(image_checkpoint).absolute())
     image = pretrained.load(image_checkpoint)
-  ldm = lambda p: _load_ldm(p, image, personalize_parts, image_source) if p else None
+  if weights:
+    ldm = lambda p: _load_ldm(p, image, personalize_parts, image_source) if p else None
+  else:
+    ldm = lambda p: (pretrained.load(p, weights=False), None) if p else None
   m = ChainModels(keyframe=ldm(keyframe_model), predictor=ldm(predictor_model),
                   interpolator=ldm(interpolator_model),
                   interpolator2=ldm(interpolator2_model))
@@ -95,30 +101,18 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
     raise ValueError("need a key-frame model (--keyframe_model) or a prediction model "
                      "(--predictor_model) to make key frames")
   if decoder_model:
-    m.decoder = pretrained.load(decoder_model)
+    m.decoder = pretrained.load(decoder_model, weights=weights)
     if image is not None and "vae" in personalize_parts:
       m.decoder = personalize.personalize(m.decoder, image, ("vae",), source=image_source)
   if upsampler_model:
-    m.upsampler = um.load(upsampler_model)
+    m.upsampler = um.load(upsampler_model, read_params=weights)
   if m.interpolator is None and m.interpolator2 is not None:
     m.interpolator, m.interpolator2 = m.interpolator2, None
     m.paths["interpolator"] = m.paths.pop("interpolator2")
     m.notes.append("interpolator stage: only --interpolator2_model given; it is used for "
                    "both passes")
-  check_chain(m)
-  # Every parameter on the device once (the host copies are dropped): the chain calls
-  # each model for many windows and chunks, and a jitted call given host arrays copies
-  # them every time.
-  for name in ("keyframe", "predictor", "interpolator", "interpolator2"):
-    entry = getattr(m, name)
-    if entry is not None:
-      setattr(m, name, (dataclasses.replace(entry[0], params=sampling.on_device(
-          entry[0].params)), entry[1]))
-  if m.decoder is not None:
-    m.decoder = dataclasses.replace(m.decoder, params=sampling.on_device(m.decoder.params))
-  if m.upsampler is not None:
-    m.upsampler = dataclasses.replace(m.upsampler,
-                                      params=sampling.on_device(m.upsampler.params))
+  if weights:
+    _check_and_place(m)
   if m.keyframe is None:
     m.notes.append("key-frame stage skipped (no --keyframe_model): the first clip comes "
                    "from the prediction model's unconditional branch (S = 0)")
@@ -140,6 +134,24 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
     m.notes.append("upsampler stage skipped (no --upsampler_model): the output stays at "
                    "the generated (low) resolution")
   return m
+
+
+def _check_and_place(m: ChainModels) -> None:
+  """`check_chain`, then every parameter of `m` on the device (in place)."""
+  check_chain(m)
+  # Every parameter on the device once (the host copies are dropped): the chain calls
+  # each model for many windows and chunks, and a jitted call given host arrays copies
+  # them every time.
+  for name in ("keyframe", "predictor", "interpolator", "interpolator2"):
+    entry = getattr(m, name)
+    if entry is not None:
+      setattr(m, name, (dataclasses.replace(entry[0], params=sampling.on_device(
+          entry[0].params)), entry[1]))
+  if m.decoder is not None:
+    m.decoder = dataclasses.replace(m.decoder, params=sampling.on_device(m.decoder.params))
+  if m.upsampler is not None:
+    m.upsampler = dataclasses.replace(m.upsampler,
+                                      params=sampling.on_device(m.upsampler.params))
 
 
 def check_chain(m: ChainModels) -> None:

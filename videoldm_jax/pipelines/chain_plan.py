@@ -281,6 +281,10 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
       notes.append(f"{name} stage: {option}={scale} guides against its no-context "
                    "prediction, which it never trained (no clip without context): "
                    f"expect artefacts; {option}=1 does not use it")
+  if models.base.text_config is not None and o.negative_prompt and o.guidance_scale == 1.0:
+    # (The unconditional branch it conditions is not run: the video was the same.)
+    notes.append(f"negative_prompt={o.negative_prompt!r} ignored: guidance_scale=1 runs no "
+                 "unconditional branch")
   if models.base.text_config is None:
     # No text encoder: guidance_scale needs a class-conditional model's null class
     # (the label of the unconditional branch; config.null_class_label in training).

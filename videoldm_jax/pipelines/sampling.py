@@ -156,6 +156,26 @@ def size_multiple(unet_config, vae_config) -> int:
   return vae_config.downsample_factor * 2 ** (unet_config.num_levels - 1)
 
 
+def check_sample_options(model: PretrainedLDM, options: SampleOptions) -> None:
+  """ValueError for `options` that `model` cannot sample, read from its configs alone
+  (`pretrained.load(..., weights=False)` will do: the sampling commands call it before
+  the weights load): a height or width that is not a multiple of `size_multiple`, a
+  step count whose timestep grid does not fit the model's schedule. (Both were refused
+  only once the weights had loaded and the prompts been encoded.)"""
+  f = size_multiple(model.unet_config, model.vae_config)
+  if options.height % f or options.width % f:
+    raise ValueError(f"height and width must be multiples of {f} for this model "
+                     f"(got {options.height}x{options.width})")
+  schedule, cfg = schedule_from_diffusers_config(model.scheduler)
+  try:
+    samplers.timestep_grid(schedule.num_train_timesteps, options.num_steps, options.sampler,
+                           cfg.timestep_spacing, cfg.steps_offset,
+                           alphas_cumprod=schedule.alphas_cumprod,
+                           prediction_type=cfg.prediction_type)
+  except ValueError as e:
+    raise ValueError(f"steps={options.num_steps}: {e}") from None
+
+
 def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
                    prompts: Sequence[str], negative_prompt: str = "",
                    options: SampleOptions = SampleOptions(),
@@ -172,10 +192,7 @@ def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
   """
   unet_cfg, vae_cfg = model.unet_config, model.vae_config
   check_context_source(model)
-  f = size_multiple(unet_cfg, vae_cfg)
-  if options.height % f or options.width % f:
-    raise ValueError(f"height and width must be multiples of {f} for this model "
-                     f"(got {options.height}x{options.width})")
+  check_sample_options(model, options)
   if unet_cfg.in_channels != vae_cfg.latent_channels:
     raise ValueError(f"the UNet takes {unet_cfg.in_channels} input channels but the VAE "
                      f"makes {vae_cfg.latent_channels}: not a text-to-image model "
