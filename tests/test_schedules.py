@@ -117,12 +117,35 @@ def test_schedule_from_diffusers_config(torch_cpu):
     ("variance_type", "learned_range"), ("solver_order", 3), ("lambda_min_clipped", -5.1),
     ("final_sigmas_type", "sigma_min"), ("euler_at_final", True),
     ("variance_type", "fixed_large"), ("clip_sample_range", 0.0),
-    ("clip_sample_range", -1.0), ("clip_sample_range", float("nan"))])
+    ("clip_sample_range", -1.0), ("clip_sample_range", float("nan")),
+    ("steps_offset", 1.5), ("steps_offset", -1), ("steps_offset", True),
+    ("steps_offset", "1")])
 def test_schedule_from_diffusers_config_rejects(field, value):
   # (clip_sample_range <= 0 or NaN collapsed every DDIM / DDPM sample to 0, -1 or NaN)
   with pytest.raises(ValueError, match=field):
     schedules.schedule_from_diffusers_config({"beta_schedule": "linear", field: value,
                                               "clip_sample": True})
+
+
+@pytest.mark.parametrize("cls,field", [
+    ("EDMEulerScheduler", "sigma_data"), ("EDMDPMSolverMultistepScheduler", "sigma_data"),
+    ("FlowMatchEulerDiscreteScheduler", "shift"), ("EulerDiscreteScheduler", "timestep_type")])
+def test_other_noise_processes_are_refused_on_load_and_save(tmp_path, cls, field):
+  # Their configs have no beta_schedule: they read as linear betas (a model converted
+  # with one sampled noise), and a save dropped the telling keys before its check.
+  from videoldm_jax import pretrained
+  kw = {"timestep_type": "continuous"} if field == "timestep_type" else {}
+  config = dict(getattr(diffusers, cls)(**kw).config)
+  with pytest.raises(ValueError, match=f"unsupported scheduler config: {field}="):
+    schedules.schedule_from_diffusers_config(config)
+  model = pretrained.PretrainedLDM(None, None, None, config, {})
+  with pytest.raises(ValueError, match=f"{field}="):
+    pretrained.save(tmp_path / "out", model)
+  assert not (tmp_path / "out").exists()
+  # The same keys at their discrete-schedule values (DPM-Solver's flow switch off,
+  # Euler's default timesteps) are no reason to refuse.
+  for ok in ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler"):
+    schedules.schedule_from_diffusers_config(dict(getattr(diffusers, ok)().config))
 
 
 def test_diffusers_config_sizes_and_dtypes():

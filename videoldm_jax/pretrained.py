@@ -39,13 +39,15 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens
                    "tokenizer_config.json", "added_tokens.json")
 # Scheduler fields kept from a diffusers scheduler_config.json: the noise schedule and
 # how the model's output is read (`schedules.schedule_from_diffusers_config` checks
-# them on save). The rest (solver order, Karras sigmas, ...) is sampler choice, which
-# belongs to the sampling command, not the model.
+# them on save), and the keys of other noise processes (EDM, flow matching), kept so
+# that the check refuses them rather than a save dropping them. The rest (solver order,
+# Karras sigmas, ...) is sampler choice, which belongs to the sampling command.
 SCHEDULER_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                     "prediction_type", "steps_offset", "timestep_spacing",
                     "set_alpha_to_one", "clip_sample", "clip_sample_range",
                     "rescale_betas_zero_snr", "trained_betas", "thresholding",
-                    "variance_type")
+                    "variance_type", "sigma_data", "shift", "use_dynamic_shifting",
+                    "timestep_type")
 
 
 @dataclasses.dataclass

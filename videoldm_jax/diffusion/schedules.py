@@ -188,6 +188,17 @@ _REQUIRED_VALUES = {
 }
 
 
+# Keys of schedulers whose noise process is not a discrete beta schedule: the
+# continuous-sigma (EDM, consistency) and flow-matching families, and Euler with
+# continuous timesteps (the UNet takes 0.25 log sigma, not t). Their configs have no
+# beta_schedule, so they read as linear betas and sampled noise, silently.
+_OTHER_PROCESSES = {
+    "sigma_data": "a continuous-sigma (EDM) scheduler", "shift": "a flow-matching scheduler",
+    "use_dynamic_shifting": "a flow-matching scheduler",
+    "timestep_type": "continuous timesteps (the UNet takes 0.25 log sigma)",
+}
+
+
 def _check(cfg: Mapping[str, Any], field: str, allowed) -> None:
   if field not in cfg:
     return
@@ -209,6 +220,11 @@ def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike
   cfg = dict(config)
   for field, allowed in _REQUIRED_VALUES.items():
     _check(cfg, field, allowed)
+  for field, what in _OTHER_PROCESSES.items():
+    # (False / None: DPM-Solver's flow switch off; "discrete": Euler's own default.)
+    if cfg.get(field) not in (None, False, "discrete"):
+      raise ValueError(f"unsupported scheduler config: {field}={cfg[field]!r}: {what}, not "
+                       "a discrete-time beta schedule (DDPM / DDIM / DPM-Solver)")
   _check(cfg, "beta_schedule", tuple(_BETA_SCHEDULES))
   _check(cfg, "prediction_type", PREDICTION_TYPES)
   _check(cfg, "timestep_spacing", TIMESTEP_SPACINGS)
@@ -242,10 +258,16 @@ def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike
     # (0 or below collapsed every DDIM / DDPM sample to 0 or -1; NaN made it NaN)
     raise ValueError(f"unsupported scheduler config: clip_sample_range={clip_range!r}, "
                      "expected a finite number > 0")
+  offset = cfg.get("steps_offset", 0)
+  # (int() cut 1.5 to 1, and took "1" or true: another grid than the file says)
+  if isinstance(offset, bool) or not (isinstance(offset, numbers.Real)
+                                      and float(offset).is_integer() and offset >= 0):
+    raise ValueError(f"unsupported scheduler config: steps_offset={offset!r}, expected a "
+                     "whole number >= 0")
   sampling = SamplingConfig(
       prediction_type=cfg.get("prediction_type", "epsilon"),
       timestep_spacing=cfg.get("timestep_spacing"),
-      steps_offset=int(cfg.get("steps_offset", 0)),
+      steps_offset=int(offset),
       final_alpha_cumprod=1.0 if set_alpha_to_one else float(schedule.alphas_cumprod[0]),
       clip_sample=float(clip_range) if clip else None)
   return schedule, sampling
