@@ -749,3 +749,45 @@ def test_worker_processes_exit_when_the_trainer_is_killed(tmp_path):
         os.kill(p, 9)
       except OSError:
         pass
+
+
+_SIGTERM_SCRIPT = '''
+import os, signal, time
+import numpy as np
+from videoldm_jax.data.grain_pipeline import make_video_dataset
+
+if __name__ == "__main__":
+  src = [{"video": np.zeros((3, 16, 16, 3), np.uint8), "caption": "c", "label": 0}
+         for _ in range(8)]
+  it = iter(make_video_dataset(src, batch_size=2, num_frames=2, height=16, width=16, seed=0,
+                               process_index=0, process_count=1, worker_count=2))
+  next(it), next(it)  # a batch from each worker: both have started
+  me = os.getpid()
+  for d in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(stat[1]) == me:
+      os.kill(int(d), signal.SIGTERM)
+  time.sleep(1)
+  # More batches than the workers had ready (a few each).
+  for _ in range(20):
+    next(it)
+  print("read on", flush=True)
+'''
+
+
+def test_worker_processes_outlive_a_sigterm_to_the_process_group(tmp_path):
+  # SLURM (--signal, scancel) and a VM's shutdown send SIGTERM to every process of the
+  # job: the trainer saves at the end of its step, and needs its workers until then.
+  # They died of it, and an input-bound run (no batch ready) crashed in next() instead
+  # of saving ("Worker process was terminated unexpectedly with exit code -15").
+  script = tmp_path / "sigterm.py"
+  script.write_text(_SIGTERM_SCRIPT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                         os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        env=env, cwd=tmp_path, timeout=300)
+  assert proc.returncode == 0 and "read on" in proc.stdout, proc.stderr[:3000]

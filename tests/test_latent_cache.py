@@ -205,6 +205,22 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
     halves.append(next(inputs.make_iterator(config, tmp_path, check))["latents"]
                   .reshape(-1).tolist())
   assert halves[0] + halves[1] == whole[0]
+  # A resume with another config.seed is refused: the position counts elements of the
+  # seed's permutation, and the rest of the epoch under another one re-read batches
+  # already read (the procedural source refused it; this one took it with a NOTE).
+  monkeypatch.setattr(jax, "process_count", lambda *a: 1)
+  monkeypatch.setattr(jax, "process_index", lambda *a: 0)
+  it = inputs.make_iterator(config, tmp_path, check)
+  next(it)
+  saved = it.get_state()
+  with pytest.raises(ValueError, match="the checkpoint's pipeline was shuffled with "
+                     "config.seed=0, this run's is 1; resuming would repeat and skip "
+                     "examples: resume with the checkpoint's config.seed=0"):
+    inputs.make_iterator(ml_collections.ConfigDict(dict(config.to_dict(), seed=1)),
+                         tmp_path, check).set_state(saved)
+  resumed = inputs.make_iterator(config, tmp_path, check)
+  resumed.set_state(saved)
+  assert next(resumed)["latents"].reshape(-1).tolist() == whole[1]
   # Labels come from config.data.label_field, as int32 (the records' own values).
   config.data.label_field = "crowdedness"
   batch = next(inputs.make_iterator(config, tmp_path, check))

@@ -52,6 +52,7 @@ count and worker_count).
 
 import functools
 import os
+import signal
 import threading
 import time
 
@@ -291,8 +292,16 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
   """Grain worker start-up: the worker exits once `parent`, the process that built the
   pipeline, is gone. A SIGKILLed trainer (a preempted job, an OOM kill) left its workers
   running, ~220 MB each, and every relaunch added more. (The pid comes from the parent:
-  a worker still starting up when it died would read pid 1 as its parent.)"""
+  a worker still starting up when it died would read pid 1 as its parent.)
+
+  SIGTERM is ignored: SLURM (--signal, scancel), systemd at a VM's shutdown and a kill of
+  the process group signal every process, the workers too. They died of it while the
+  trainer, which saves and stops at the end of its step, still needed a batch: an
+  input-bound run (no batch read ahead) crashed in `next()` with "Worker process was
+  terminated unexpectedly" instead of saving. Grain stops its workers with an event and
+  SIGKILL, never SIGTERM; a trainer that dies ends them through the watch below."""
   del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
   def watch():
     while os.getppid() == parent:

@@ -15,6 +15,7 @@ class labels of a class-conditional UNet.
 """
 
 from pathlib import Path
+from typing import Optional
 
 import grain
 import jax
@@ -145,11 +146,14 @@ class ShareIterator:
   of processes: it records the global batches consumed, and after n of them every
   process has read exactly n * (its batch) elements of its share. (With Grain worker
   processes the state is per worker: it resumes with the same worker_count only.)
+  `seed`: the pipeline's shuffle seed (config.seed), recorded and checked on resume
+  (None: neither).
   """
 
-  def __init__(self, it, per_process_batch: int, process_count: int, worker_count: int = 0):
+  def __init__(self, it, per_process_batch: int, process_count: int, worker_count: int = 0,
+               seed: Optional[int] = None):
     self._it, self._b, self._pc, self._batches = it, per_process_batch, process_count, 0
-    self._workers = worker_count
+    self._workers, self._seed = worker_count, seed
 
   def __iter__(self):
     return self
@@ -160,9 +164,10 @@ class ShareIterator:
     return batch
 
   def get_state(self) -> dict:
-    return {"grain": self._it.get_state(), "batches": self._batches,
-            "global_batch": self._b * self._pc, "process_count": self._pc,
-            "worker_count": self._workers}
+    state = {"grain": self._it.get_state(), "batches": self._batches,
+             "global_batch": self._b * self._pc, "process_count": self._pc,
+             "worker_count": self._workers}
+    return state if self._seed is None else {**state, "seed": self._seed}
 
   def set_state(self, state: dict) -> None:
     if "grain" not in state:  # a bare Grain state (older checkpoints)
@@ -179,6 +184,15 @@ class ShareIterator:
       raise ValueError(f"data state: the checkpoint read global batches of "
                        f"{state['global_batch']}, this run reads {self._b * self._pc}; "
                        "resuming would skip or repeat examples")
+    saved_seed = state.get("seed")  # (absent in older checkpoints)
+    if None not in (saved_seed, self._seed) and saved_seed != self._seed:
+      # The position counts elements of the seed's shuffled epoch: under another seed's
+      # permutation the rest of the epoch repeats examples already read and skips others
+      # (the procedural source refuses it too).
+      raise ValueError(f"data state: the checkpoint's pipeline was shuffled with "
+                       f"config.seed={saved_seed}, this run's is {self._seed}; resuming "
+                       "would repeat and skip examples: resume with the checkpoint's "
+                       f"config.seed={saved_seed}")
     saved_plain = set(state["grain"]) == {"next_index"}
     saved_workers = state.get("worker_count")  # (absent in older checkpoints)
     if not saved_plain and saved_workers is None:
@@ -263,7 +277,7 @@ def make_iterator(config, workdir: Path, cache_check: dict, alone: bool = False)
   if data.kind == "latent_cache":
     return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, cache_check,
                                              data.get("label_field", "label"))),
-                         data.batch_size // pc, pc)
+                         data.batch_size // pc, pc, seed=seed)
   workers = 0 if alone else data.get("worker_count", 0)
   ds = make_video_dataset(
       _tfds_source(data, workdir, alone), batch_size=data.batch_size // pc,
@@ -272,4 +286,4 @@ def make_iterator(config, workdir: Path, cache_check: dict, alone: bool = False)
       hflip=data.get("hflip", False), seed=seed, process_index=pi, process_count=pc,
       worker_count=workers, image_fraction=data.get("image_fraction", 0.0),
       label_field=data.get("label_field", "label"))
-  return ShareIterator(iter(ds), data.batch_size // pc, pc, workers)
+  return ShareIterator(iter(ds), data.batch_size // pc, pc, workers, seed=seed)
