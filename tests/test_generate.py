@@ -861,9 +861,10 @@ def test_cli_seeds_and_notes(folders, tmp_path):
 
 
 def test_cli_refuses_what_the_models_configs_decide_before_their_weights(folders, tmp_path):
-  """The plan's refusals (sizes, context counts, step grids) come from the folders'
-  configs, before the weights load: they came after every model had loaded (minutes for
-  SD-sized exports), as a traceback."""
+  """The plan's refusals (sizes, context counts, step grids) and `check_chain`'s (a model
+  of the wrong kind) come from the folders' configs, before the weights load: they came
+  after every model had loaded (minutes for SD-sized exports), the plan's as a
+  traceback."""
   import shutil
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   # Folders without their weights: only their configs can be read.
@@ -874,7 +875,10 @@ def test_cli_refuses_what_the_models_configs_decide_before_their_weights(folders
     shutil.copy(Path(folders[f"{name}_model"]) / "model_index.json", bare[name])
   for extra, said in ((["--height=7"], "height and width must be positive multiples of 2"),
                       (["--num_context=4"], "num_context=4 must be in [0, predictor_frames=4)"),
-                      (["--steps=1001"], "steps=1001: num_steps must be in [1, 1000]")):
+                      (["--steps=1001"], "steps=1001: num_steps must be in [1, 1000]"),
+                      # (the last --predictor_model given wins: a key-frame export there)
+                      ([f"--predictor_model={bare['keyframe']}"],
+                       "not a context model (no temporal_config.context_frames)")):
     proc = subprocess.run(
         [sys.executable, "-m", "videoldm_jax.cli.generate",
          f"--keyframe_model={bare['keyframe']}", f"--predictor_model={bare['predictor']}",

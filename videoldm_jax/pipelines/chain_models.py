@@ -79,8 +79,9 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
   `pipelines/personalize.py`; `personalize_parts` may add 'vae', which then also applies
   to the decoder, and 'text_encoder').
   weights=False reads the folders' configs and training records alone (params {}, no
-  tokenizers; personalisation and `check_chain`, which compare weights, are left out):
-  all `chain_plan.plan` reads, so that its refusals come before gigabytes of weights.
+  tokenizers; personalisation and `check_chain`'s comparison of the encoders' weights
+  are left out): all `chain_plan.plan` reads, so that its refusals, and those of
+  `check_chain`, come before gigabytes of weights.
   """
   image, image_source = None, ""
   if image_checkpoint and weights:
@@ -111,8 +112,9 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
     m.paths["interpolator"] = m.paths.pop("interpolator2")
     m.notes.append("interpolator stage: only --interpolator2_model given; it is used for "
                    "both passes")
+  check_chain(m, compare_weights=weights)
   if weights:
-    _check_and_place(m)
+    _place_on_device(m)
   if m.keyframe is None:
     m.notes.append("key-frame stage skipped (no --keyframe_model): the first clip comes "
                    "from the prediction model's unconditional branch (S = 0)")
@@ -136,9 +138,8 @@ def load_chain(keyframe_model=None, predictor_model=None, interpolator_model=Non
   return m
 
 
-def _check_and_place(m: ChainModels) -> None:
-  """`check_chain`, then every parameter of `m` on the device (in place)."""
-  check_chain(m)
+def _place_on_device(m: ChainModels) -> None:
+  """Every parameter of `m` on the device (in place)."""
   # Every parameter on the device once (the host copies are dropped): the chain calls
   # each model for many windows and chunks, and a jitted call given host arrays copies
   # them every time.
@@ -154,8 +155,9 @@ def _check_and_place(m: ChainModels) -> None:
                                       params=sampling.on_device(m.upsampler.params))
 
 
-def check_chain(m: ChainModels) -> None:
-  """Every stage must live in the base model's latent space."""
+def check_chain(m: ChainModels, compare_weights: bool = True) -> None:
+  """Every stage must live in the base model's latent space (its encoder's weights
+  compared too, with `compare_weights`) and be a model of its kind."""
   base = m.base
   key = lambda c: (c.latent_channels, c.downsample_factor, c.scaling_factor, c.shift_factor)
   stages = {"predictor": m.predictor and m.predictor[0],
@@ -170,7 +172,8 @@ def check_chain(m: ChainModels) -> None:
           f"{name} model ({where}): its autoencoder's latent space (channels, "
           f"factor, scaling, shift) = {key(model.vae_config)} differs from the key-frame "
           f"model's {key(base.vae_config)}; all stages must share one latent space")
-    differs = _encoder_difference(model.params["vae"], base.params["vae"])
+    differs = compare_weights and _encoder_difference(model.params["vae"],
+                                                      base.params["vae"])
     if differs:
       # Same shapes, other weights: latents of another autoencoder, decoded (or
       # denoised) without an error into a wrong video.
