@@ -377,12 +377,13 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
     entry = getattr(models, name)
     # (The predictor samples the first clip too when there is no key-frame model.)
     if entry is not None and (name != "predictor" or rounds > 0 or models.keyframe is None):
-      _check_grid(schedule_from_diffusers_config(entry[0].scheduler), o.sampler, steps,
-                  f"{name} model ({models.paths.get(name, entry[0].source)}), {option}")
+      sampling.check_step_grid(
+          schedule_from_diffusers_config(entry[0].scheduler), o.sampler, steps,
+          f"{name} model ({models.paths.get(name, entry[0].source)}), {option}")
   if models.upsampler is not None:
     up_steps = o.steps if o.upsampler_steps is None else o.upsampler_steps
-    _check_grid(models.upsampler.config.schedules()[:2], o.sampler, up_steps,
-                f"upsampler ({models.paths.get('upsampler')}), upsampler_steps")
+    sampling.check_step_grid(models.upsampler.config.schedules()[:2], o.sampler, up_steps,
+                             f"upsampler ({models.paths.get('upsampler')}), upsampler_steps")
   base = models.base
   mult = base.vae_config.downsample_factor
   for m in (models.keyframe, models.predictor, models.interpolator, models.interpolator2):
@@ -405,19 +406,6 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
               latent_hw=(o.height // fac, o.width // fac), lowres_hw=(o.height, o.width),
               out_hw=out_hw, fps=o.fps, frame_factor=f, interp_stride=stride,
               interp_window=window, notes=tuple(notes))
-
-
-def _check_grid(schedules: tuple, sampler: str, steps: int, what: str) -> None:
-  """ValueError naming `what` unless `steps` of `sampler` make a valid timestep grid on
-  `schedules` = (NoiseSchedule, SamplingConfig)."""
-  schedule, cfg = schedules
-  try:
-    samplers_lib.timestep_grid(schedule.num_train_timesteps, steps, sampler,
-                               cfg.timestep_spacing, cfg.steps_offset,
-                               alphas_cumprod=schedule.alphas_cumprod,
-                               prediction_type=cfg.prediction_type)
-  except ValueError as e:
-    raise ValueError(f"{what}={steps}: {e}") from None
 
 
 def _trained_on(models: ChainModels) -> dict:

@@ -166,14 +166,21 @@ def check_sample_options(model: PretrainedLDM, options: SampleOptions) -> None:
   if options.height % f or options.width % f:
     raise ValueError(f"height and width must be multiples of {f} for this model "
                      f"(got {options.height}x{options.width})")
-  schedule, cfg = schedule_from_diffusers_config(model.scheduler)
+  check_step_grid(schedule_from_diffusers_config(model.scheduler), options.sampler,
+                  options.num_steps, "steps")
+
+
+def check_step_grid(schedules: tuple, sampler: str, steps: int, what: str) -> None:
+  """ValueError naming `what` unless `steps` of `sampler` make a valid timestep grid on
+  `schedules` = (NoiseSchedule, SamplingConfig)."""
+  schedule, cfg = schedules
   try:
-    samplers.timestep_grid(schedule.num_train_timesteps, options.num_steps, options.sampler,
+    samplers.timestep_grid(schedule.num_train_timesteps, steps, sampler,
                            cfg.timestep_spacing, cfg.steps_offset,
                            alphas_cumprod=schedule.alphas_cumprod,
                            prediction_type=cfg.prediction_type)
   except ValueError as e:
-    raise ValueError(f"steps={options.num_steps}: {e}") from None
+    raise ValueError(f"{what}={steps}: {e}") from None
 
 
 def sample_latents(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
