@@ -694,17 +694,14 @@ def test_video_share_state_resumes_with_another_process_count(tfds_train):
   np.testing.assert_array_equal(on_two_processes(again), after_that)
 
 
-_ORPHAN_SCRIPT = '''
-import os, signal
+# pipeline(): batches made by two Grain worker processes; children(): this process's.
+_WORKERS_HEAD = '''
+import os, signal, time
 import numpy as np
 from videoldm_jax.data.grain_pipeline import make_video_dataset
 
-if __name__ == "__main__":
-  src = [{"video": np.zeros((3, 16, 16, 3), np.uint8), "caption": "c", "label": 0}
-         for _ in range(8)]
-  it = iter(make_video_dataset(src, batch_size=2, num_frames=2, height=16, width=16, seed=0,
-                               process_index=0, process_count=1, worker_count=2))
-  next(it)
+
+def children():
   me, kids = os.getpid(), []
   for d in filter(str.isdigit, os.listdir("/proc")):
     try:
@@ -712,9 +709,22 @@ if __name__ == "__main__":
     except OSError:
       continue
     if int(stat[1]) == me:
-      kids.append(d)
-  print(" ".join(kids), flush=True)
-  os.kill(me, signal.SIGKILL)
+      kids.append(int(d))
+  return kids
+
+
+def pipeline():
+  src = [{"video": np.zeros((3, 16, 16, 3), np.uint8), "caption": "c", "label": 0}
+         for _ in range(8)]
+  return iter(make_video_dataset(src, batch_size=2, num_frames=2, height=16, width=16,
+                                 seed=0, process_index=0, process_count=1, worker_count=2))
+'''
+_ORPHAN_SCRIPT = _WORKERS_HEAD + '''
+if __name__ == "__main__":
+  it = pipeline()
+  next(it)
+  print(" ".join(map(str, children())), flush=True)
+  os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 
@@ -751,25 +761,12 @@ def test_worker_processes_exit_when_the_trainer_is_killed(tmp_path):
         pass
 
 
-_SIGTERM_SCRIPT = '''
-import os, signal, time
-import numpy as np
-from videoldm_jax.data.grain_pipeline import make_video_dataset
-
+_SIGTERM_SCRIPT = _WORKERS_HEAD + '''
 if __name__ == "__main__":
-  src = [{"video": np.zeros((3, 16, 16, 3), np.uint8), "caption": "c", "label": 0}
-         for _ in range(8)]
-  it = iter(make_video_dataset(src, batch_size=2, num_frames=2, height=16, width=16, seed=0,
-                               process_index=0, process_count=1, worker_count=2))
+  it = pipeline()
   next(it), next(it)  # a batch from each worker: both have started
-  me = os.getpid()
-  for d in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-      continue
-    if int(stat[1]) == me:
-      os.kill(int(d), signal.SIGTERM)
+  for pid in children():
+    os.kill(pid, signal.SIGTERM)
   time.sleep(1)
   # More batches than the workers had ready (a few each).
   for _ in range(20):

@@ -212,3 +212,22 @@ def note_unused_negative(guided: bool, guidance_scale: float, negative_prompt: s
   if guided and guidance_scale == 1.0 and negative_prompt:
     print("note: --negative_prompt ignored: --guidance_scale=1 runs no unconditional "
           "branch (the one the negative prompt conditions)", file=sys.stderr)
+
+
+def load_to_sample(model_dir: str, configs, options, negative_prompt: str,
+                   class_label: Optional[int]):
+  """(model, tokenizer) of `model_dir` for videoldm-sample / -sample-image: `options`
+  (SampleOptions) that its `configs` (its configs-only read) cannot sample are a usage
+  error before the weights load; after the load, options the model ignores get notes."""
+  from videoldm_jax import pretrained
+  from videoldm_jax.pipelines import sampling
+  try:  # sizes and steps the model cannot sample, before its weights load
+    sampling.check_sample_options(configs, options)
+  except ValueError as e:
+    raise app.UsageError(f"--model={model_dir}: {e}") from None
+  model, tokenizer = pretrained.load_with_tokenizer(model_dir)
+  guided = sampling.guided(model)
+  note_unguided(guided, options.guidance_scale)
+  note_unused_negative(guided, options.guidance_scale, negative_prompt)
+  note_null_class(model, class_label)
+  return model, tokenizer

@@ -13,8 +13,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from videoldm_jax.cli import (autoencoder_export, check_at_least, check_seed, class_labels,
-                              note_null_class, note_unguided, note_unused_negative,
-                              output_path, run_app)
+                              load_to_sample, output_path, run_app)
 from videoldm_jax import video_io
 
 _MODEL = flags.DEFINE_string("model", None, "exported video model folder "
@@ -77,14 +76,8 @@ def main(argv):
       height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
       sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,
       num_frames=_FRAMES.value)
-  try:  # sizes and steps the model cannot sample, before its weights load
-    sampling.check_sample_options(configs, options)
-  except ValueError as e:
-    raise app.UsageError(f"--model={_MODEL.value}: {e}") from None
-  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
-  note_unguided(sampling.guided(model), _CFG.value)
-  note_unused_negative(sampling.guided(model), _CFG.value, _NEGATIVE.value)
-  note_null_class(model, _LABEL.value)
+  model, tokenizer = load_to_sample(_MODEL.value, configs, options, _NEGATIVE.value,
+                                    _LABEL.value)
   videos = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                              _NEGATIVE.value, options, class_labels=labels)
   clip = video_io.video_grid(videos, cols=min(len(videos), 4), pad=2)

@@ -11,8 +11,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from videoldm_jax.cli import (autoencoder_export, check_at_least, check_seed, class_labels,
-                              note_null_class, note_unguided, note_unused_negative,
-                              output_path, run_app)
+                              load_to_sample, output_path, run_app)
 
 _MODEL = flags.DEFINE_string("model", None, "folder written by videoldm-convert or "
                              "videoldm-init-random")
@@ -64,14 +63,8 @@ def main(argv):
       height=height, width=height if _WIDTH.value is None else _WIDTH.value,
       num_steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_CFG.value,
       eta=_ETA.value, seed=_SEED.value)
-  try:  # sizes and steps the model cannot sample, before its weights load
-    sampling.check_sample_options(configs, options)
-  except ValueError as e:
-    raise app.UsageError(f"--model={_MODEL.value}: {e}") from None
-  model, tokenizer = pretrained.load_with_tokenizer(_MODEL.value)
-  note_unguided(sampling.guided(model), _CFG.value)
-  note_unused_negative(sampling.guided(model), _CFG.value, _NEGATIVE.value)
-  note_null_class(model, _LABEL.value)
+  model, tokenizer = load_to_sample(_MODEL.value, configs, options, _NEGATIVE.value,
+                                    _LABEL.value)
   if _ETA.value != 0.0 and _SAMPLER.value != "ddim":
     print(f"note: --eta={_ETA.value} ignored: only --sampler=ddim takes it",
           file=sys.stderr)
