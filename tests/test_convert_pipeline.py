@@ -681,7 +681,8 @@ def test_weight_files_dtypes_and_single_file_keys(tmp_path):
 def test_single_file_mismatches_name_the_files_own_keys():
   # A single file's problems were named by the diffusers keys it is renamed to
   # ("missing: down_blocks.0.resnets.0.conv1.weight"), which its user cannot find in it;
-  # a mid-attention kernel other than 1x1 failed with NumPy's bare reshape error.
+  # a mid-attention kernel other than 1x1 failed with NumPy's bare reshape error, and an
+  # integer tensor in a weight's place was cast without a word.
   from tests.test_generate import tiny_image_config
   from videoldm_jax.convert import image_models
   from videoldm_jax.convert.torch_layout import ConversionError, export_state_dict
@@ -697,6 +698,11 @@ def test_single_file_mismatches_name_the_files_own_keys():
                      r"\.conv1\.weight\)"):
     image_models.unet_from_ldm(model.unet_config, {k: v for k, v in unet.items()
                                                    if k != conv}, "x.safetensors")
+  with pytest.raises(ConversionError, match=r"dtype: model\.diffusion_model\.input_blocks\.1"
+                     r"\.0\.in_layers\.2\.weight \(diffusers .*\) is int64, Flax param .* "
+                     "expects floating-point weights"):
+    image_models.unet_from_ldm(model.unet_config, {**unet, conv: unet[conv].astype(np.int64)},
+                               "x.safetensors")
   with pytest.raises(ConversionError, match=r"unmapped: model\.diffusion_model\.extra\.weight "
                      r"\(3,\)"):
     image_models.unet_from_ldm(model.unet_config, {**unet, "extra.weight": np.zeros(3)},

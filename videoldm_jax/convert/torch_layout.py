@@ -103,7 +103,8 @@ def load_state_dict(abstract_params: Mapping[str, Any], state_dict: Mapping[str,
     nested dict of numpy arrays with exactly the paths and shapes of `abstract_params`.
 
   Raises:
-    ConversionError: listing every missing key, shape mismatch and unused key.
+    ConversionError: listing every missing key, shape mismatch, non-float tensor and
+      unused key.
   """
   ignore_re = [re.compile(p) for p in ignore]
   # (A single file's keys were named as diffusers names them, which its user cannot
@@ -125,6 +126,12 @@ def load_state_dict(abstract_params: Mapping[str, Any], state_dict: Mapping[str,
       problems.append(f"shape mismatch: {shown(key)} has "
                       f"{tuple(np.asarray(state_dict[key]).shape)} (-> {_shape(value)} in "
                       f"Flax layout), Flax param {'/'.join(path)} expects {_shape(leaf)}")
+      continue
+    if value.dtype.kind in "iub":
+      # (An integer or boolean tensor in a weight's place was cast silently: a damaged
+      # or mislabelled file. bfloat16, kind "V", is a float.)
+      problems.append(f"dtype: {shown(key)} is {value.dtype}, Flax param "
+                      f"{'/'.join(path)} expects floating-point weights")
       continue
     out[path] = value.astype(dtype)
   unused = sorted(k for k in state_dict
