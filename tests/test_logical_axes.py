@@ -341,3 +341,27 @@ def test_multi_slice_mesh_over_processes_where_devices_report_one_slice():
     with pytest.raises(ValueError, match=r"config.dcn_mesh \{'data': 2\} needs 2 processes, "
                        r"the devices are in 4"):
       sharding.make_mesh({"fsdp": 2}, spread, dcn_shape={"data": 2})
+
+
+def test_a_mesh_axis_that_splits_neither_batch_nor_weights_is_refused():
+  # data=4 with batch_axes=("fsdp",): every device along "data" ran the whole step on
+  # the same rows (the tiny key-frame step: 0.62 XLA GFLOP per device instead of 0.11),
+  # with the same losses and no word.
+  rules = list(sharding.DEFAULT_RULES)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2}, jax.devices()[:8])
+  with pytest.raises(ValueError, match=r"mesh axes \['data'\] split neither the batch "
+                     r"\(config.batch_axes=\('fsdp',\)\) nor any weight"):
+    sharding.check_batch_split(8, 1, mesh, ("fsdp",), rules=rules)
+  sharding.check_batch_split(8, 1, mesh, ("data", "fsdp"), rules=rules)
+  # "fsdp" splits the weights (the batch then only over "data"): allowed.
+  sharding.check_batch_split(8, 1, mesh, ("data",), rules=rules)
+  # A "batch" rule of an older config places no weight.
+  with pytest.raises(ValueError, match=r"mesh axes \['data'\] split neither"):
+    sharding.check_batch_split(8, 1, mesh, ("fsdp",), rules=rules + [("batch", ("fsdp",))])
+
+
+def test_a_mesh_the_devices_do_not_fill_names_the_config_field():
+  with pytest.raises(ValueError, match=r"needs 8 devices, have 4 \(config.mesh\)"):
+    sharding.make_mesh({"data": 1, "fsdp": 8}, jax.devices()[:4])
+  with pytest.raises(ValueError, match=r"do not divide into mesh .* \(config.mesh\)"):
+    sharding.make_mesh({"data": -1, "fsdp": 3})

@@ -54,11 +54,12 @@ def _fill(shape: dict[str, int], n: int | None, what: str) -> list[int]:
   n = known if n is None else n
   if -1 in sizes:
     if n % known:
-      raise ValueError(f"{n} devices do not divide into {what} {shape}")
+      raise ValueError(f"{n} devices do not divide into {what} {shape} ({field})")
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
+    # (Named: the config's mesh, e.g. an 8-GPU config started on a 4-GPU host.)
     raise ValueError(f"{what} {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
-                     f"devices, have {n}")
+                     f"devices, have {n} ({field})")
   return sizes
 
 
@@ -208,7 +209,9 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
   `mesh` cannot split evenly: the step would fail in XLA's partitioner with an error
   naming no config field, or compute microbatch rows redundantly on every device. A
   "batch" entry of `rules` (older configs) must agree with `batch_axes`, which alone
-  split the batch; the rules must not put the attention heads on a batch axis."""
+  split the batch; the rules must not put the attention heads on a batch axis. Given
+  `rules`, a mesh axis longer than 1 that splits neither the batch nor a weight is
+  refused too (its devices would all compute the same step)."""
   if rules:
     check_rules(rules)
   bad = sorted(set(batch_axes) - set(MESH_AXES))
@@ -232,6 +235,18 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh,
                      "per step)")
   split = int(np.prod([mesh.shape[a] for a in batch_axes]))
   on = f" on {where}" if where else ""
+  placed = {a for n, _ in rules if n != _BATCH for a in mesh_axes(rules, n)}
+  idle = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in batch_axes
+          and a not in placed]
+  if rules and idle:
+    # Neither the batch nor a weight is split over them: every device along such an axis
+    # ran the whole step on the same rows (data=8 with batch_axes=("fsdp",): ~6x the
+    # FLOPs per device, the same losses, no word).
+    raise ValueError(f"mesh {dict(mesh.shape)}{on}: mesh axes {idle} split neither the "
+                     f"batch (config.batch_axes={tuple(batch_axes)}) nor any weight "
+                     "(config.rules): each device along them would repeat the others' "
+                     "work; add them to config.batch_axes or give them size 1 in "
+                     "config.mesh")
   if batch_size % split:
     raise ValueError(f"config.data.batch_size={batch_size} does not split over the batch "
                      f"axes {tuple(batch_axes)} of mesh {dict(mesh.shape)} ({split} ways)"
