@@ -312,6 +312,23 @@ def test_batched_runs_round_the_batch_up_to_the_devices_and_drop_padding():
   assert "precision = [HIGHEST, HIGHEST]" in text
 
 
+def test_progress_without_tqdm_goes_to_stderr(monkeypatch, capsys):
+  # videoldm-eval prints its JSON result to stdout (`> eval.json`); the fallback's
+  # progress lines went there too.
+  import builtins
+  from videoldm_jax.eval.batching import progress
+  real_import = builtins.__import__
+
+  def no_tqdm(name, *a, **k):
+    if name == "tqdm":
+      raise ImportError(name)
+    return real_import(name, *a, **k)
+  monkeypatch.setattr(builtins, "__import__", no_tqdm)
+  assert list(progress(range(20), 20, "fake")) == list(range(20))
+  out = capsys.readouterr()
+  assert out.out == "" and "fake: 20/20" in out.err
+
+
 @pytest.fixture(scope="module")
 def i3d_small():
   """I3D at 32 x 32, data-parallel over the 8 test devices."""
@@ -781,6 +798,9 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file, inception_net):
   assert result["fvd"] > 0 and result["settings"]["covariance"].startswith("unbiased")
   assert {k: result["settings"][k] for k in ("i3d_resolution", "i3d_resize", "num_frames")} \
       == {"i3d_resolution": 32, "i3d_resize": "half_pixel", "num_frames": _T}
+  # The variants that decide whether the numbers compare with papers' are named.
+  assert result["settings"]["inception"] == "fid"
+  assert result["settings"]["clipsim"].startswith("mean frame-prompt cosine")
   # FID and IS are those of the library on the same clips (the CLI's reading, cutting
   # and batching take nothing away): real 5 clips cut to _T frames, the fake mp4s.
   fake = np.stack([video_io.read_video(str(fake_dir / f"sample{i}.mp4"))[:_T]
@@ -794,9 +814,12 @@ def test_cli_all_metrics(tmp_path, tiny_clip, inception_file, inception_net):
 
 
 def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inception_file,
-                                                   inception_net):
+                                                   inception_net, monkeypatch):
   """IS without FID, with a frame stride; CLIPSIM with each chunk's own prompts."""
   from videoldm_jax.cli import evaluate as cli
+  built, similarity = [], clip_score.CLIPSimilarity
+  monkeypatch.setattr(clip_score, "CLIPSimilarity",
+                      lambda *a, **k: built.append(similarity(*a, **k)) or built[-1])
   fake = _blobs(3, seed=8)
   for i, clip in enumerate(fake):
     np.save(tmp_path / f"f{i}.npy", clip)
@@ -807,7 +830,10 @@ def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inceptio
   out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=_CLI_BATCH,
                      clip_model=str(tiny_clip[0]),
                      prompts_file=str(tmp_path / "prompts.txt"))
-  sim = clip_score.CLIPSimilarity(tiny_clip[0], _FRAME_BATCH)
+  # One prompt per clip: texts go in batches of clips, not of frames (padded to the
+  # frame batch, the text tower ran num_frames times over).
+  assert (built[0]._images.batch_size, built[0]._texts.batch_size) == (24, 8)
+  sim = similarity(tiny_clip[0], _FRAME_BATCH)
   assert out["clipsim"] == pytest.approx(float(np.mean(sim.video_scores(fake, prompts))),
                                          rel=1e-5)
   # Inception at the CLI tests' batch (one compilation): every 2nd frame.
@@ -938,7 +964,7 @@ def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
   # pass and the CLIP folder is reached).
   (tmp_path / "p.txt").write_text("a\nb\nc\n")
   with pytest.raises(FileNotFoundError, match="/none: no config.json"):
-    cli.evaluate([], files, ["clipsim"], clip_model="/none", max_videos=2,
+    cli.evaluate([], files, ["clipsim"], num_frames=_T, clip_model="/none", max_videos=2,
                  prompts_file=str(tmp_path / "p.txt"))
   # The output is checked before any network is loaded (or any feature computed).
   from absl import flags
@@ -963,6 +989,29 @@ def test_cli_names_clips_by_their_path_below_the_folder(tmp_path):
   # A recursive glob matches folders and the files in them: each clip counts once.
   assert len(cli.expand_inputs(str(tmp_path / "fake" / "**"))) == 3
   assert len(cli.expand_inputs(f"{tmp_path / 'fake'},{tmp_path / 'fake' / 'catA'}")) == 3
+
+
+def test_cli_refuses_bad_npy_clips_before_any_network_runs(tmp_path):
+  """A float or too-short .npy among the fake clips was found only when the fake set
+  was read, after the real set's whole pass (hours of I3D at scale); the .npy headers
+  tell it first. The networks' files here do not exist: reaching them would fail."""
+  from videoldm_jax.cli import evaluate as cli
+  for sub in ("real", "fake"):
+    (tmp_path / sub).mkdir()
+    np.save(tmp_path / sub / "a.npy", np.zeros((2, _T, 8, 8, 3), np.uint8))
+  real = cli.expand_inputs(str(tmp_path / "real"))
+  bad = tmp_path / "fake" / "b.npy"
+  for array, message in ((np.zeros((_T, 8, 8, 3), np.float32), "b.npy: expected a uint8"),
+                         (np.zeros((2, _T - 1, 8, 8, 3), np.uint8),
+                          rf"b.npy: {_T - 1} frames, --num_frames={_T}")):
+    np.save(bad, array)
+    with pytest.raises(ValueError, match=message):
+      cli.evaluate(real, cli.expand_inputs(str(tmp_path / "fake")), ["fvd"], num_frames=_T,
+                   i3d_weights="/none")
+  # Past --max_videos the file is not read, as `iter_chunks` does not read it.
+  with pytest.raises(FileNotFoundError, match="/none"):
+    cli.evaluate(real, cli.expand_inputs(str(tmp_path / "fake")), ["fvd"], num_frames=_T,
+                 max_videos=2, i3d_weights="/none")
 
 
 def test_metric_inputs_must_be_uint8_or_float():

@@ -166,14 +166,21 @@ def _load_npy(path: Path) -> np.ndarray:
                      f"(N, T, H, W, 3) arrays, no pickled objects): {e}") from None
 
 
+def _npy_clips(path: Path) -> np.ndarray:
+  """The memory-mapped array of a .npy clip file, checked to be uint8 (T, H, W, 3) or
+  (N, T, H, W, 3); only its header is read."""
+  a = _load_npy(path)
+  if a.dtype != np.uint8 or a.ndim not in (4, 5) or a.shape[-1] != 3:
+    raise ValueError(f"{path}: expected a uint8 array (T, H, W, 3) or (N, T, H, W, 3), "
+                     f"got {a.dtype} {a.shape}")
+  return a
+
+
 def read_clips(path: Path, max_frames: int | None = None) -> list[np.ndarray]:
   """The uint8 (T, H, W, 3) clips of one file (a .npy may hold a batch); videos are
   decoded up to `max_frames` frames."""
   if path.suffix.lower() == ".npy":
-    a = _load_npy(path)  # memory-mapped: read clip by clip
-    if a.dtype != np.uint8 or a.ndim not in (4, 5) or a.shape[-1] != 3:
-      raise ValueError(f"{path}: expected a uint8 array (T, H, W, 3) or (N, T, H, W, 3), "
-                       f"got {a.dtype} {a.shape}")
+    a = _npy_clips(path)  # memory-mapped: read clip by clip
     return list(a) if a.ndim == 5 else [a]
   from videoldm_jax import video_io  # local: PyAV / Pillow only when reading videos
   return [video_io.read_video(str(path), max_frames=max_frames)]
@@ -190,6 +197,27 @@ def clip_names(files: Sequence[VideoFile], max_videos: int = 0) -> list[str]:
     else:
       names.append(f.name)
   return names[:max_videos] if max_videos else names
+
+
+def check_npy_clips(files: Sequence[VideoFile], num_frames: int, max_videos: int = 0
+                    ) -> None:
+  """Raises what `iter_chunks` would for the .npy files among the first `max_videos`
+  clips (not uint8 (T, H, W, 3) clips, or fewer than `num_frames` frames), from their
+  headers alone: found while iterating, a bad fake file cost the real set's whole pass.
+  (Videos are checked as they are decoded.)"""
+  count = 0
+  for f in files:
+    if max_videos and count >= max_videos:
+      return
+    if f.path.suffix.lower() != ".npy":
+      count += 1
+      continue
+    a = _npy_clips(f.path)
+    n = a.shape[0] if a.ndim == 5 else 1
+    frames = a.shape[-4]
+    if n and frames < num_frames:
+      raise ValueError(f"{f.path}: {frames} frames, --num_frames={num_frames}")
+    count += n
 
 
 def iter_chunks(files: Sequence[VideoFile], num_frames: int, chunk: int,
@@ -329,6 +357,8 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
     prompts = (read_prompts(prompts_file, prompt, names, len(all_names))
                if role == "fake" and "clipsim" in metrics else [])
     sets[role] = (files, names, prompts)
+  for files, _, _ in sets.values():  # (after the flags' and prompts' usage errors)
+    check_npy_clips(files, num_frames, max_videos)
   clip_tokenizer = None
   if "clipsim" in metrics:
     # From its config files alone: a crop of another size than the vision tower's was
@@ -341,7 +371,7 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
   inc_net = (inception.InceptionFeatures(inception_weights, frame_batch, devices=devices)
              if {"fid", "is"} & set(metrics) else None)
   clip_net = (clip_score.CLIPSimilarity(clip_model, frame_batch, devices=devices,
-                                        tokenizer=clip_tokenizer)
+                                        tokenizer=clip_tokenizer, text_batch_size=batch_size)
               if "clipsim" in metrics else None)
 
   out: dict = {}
@@ -377,6 +407,12 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
   out["settings"] = {"metrics": list(metrics), "num_frames": num_frames,
                      "i3d_resize": i3d_resize, "i3d_resolution": i3d_resolution,
                      "covariance": "unbiased (N - 1)", "frame_stride": frame_stride}
+  if inc_net is not None:
+    # Which network: FIDs of torchvision's Inception ("torchvision", 1000 classes) are
+    # not comparable with published ones (pytorch-fid's "fid", 1008 classes).
+    out["settings"]["inception"] = inc_net.model.variant
+  if clip_net is not None:
+    out["settings"]["clipsim"] = "mean frame-prompt cosine (not x 100, not clamped at 0)"
   return out
 
 

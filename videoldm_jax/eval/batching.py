@@ -16,6 +16,7 @@ files and the per-process `fvd.FeatureStats` are merged (`FeatureStats.merge`).
 
 import functools
 import math
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -41,7 +42,8 @@ def _print_progress(iterable, total, desc):
   step = max(1, (total or 0) // 10)
   for i, item in enumerate(iterable):
     if total and (i + 1) % step == 0:
-      print(f"{desc}: {i + 1}/{total}", flush=True)
+      # stderr, as tqdm's bar: videoldm-eval's stdout is its JSON result.
+      print(f"{desc}: {i + 1}/{total}", file=sys.stderr, flush=True)
     yield item
 
 

@@ -341,8 +341,11 @@ class CLIPSimilarity:
 
   def __init__(self, folder: str | os.PathLike, batch_size: int = 64,
                devices: Sequence[jax.Device] | None = None,
-               tokenizer: CLIPTokenizer | None = None):
-    """tokenizer: the folder's, when the caller has read it already (`check_folder`)."""
+               tokenizer: CLIPTokenizer | None = None, text_batch_size: int | None = None):
+    """batch_size: frames per image step; text_batch_size: prompts per text step
+    (default batch_size): `video_scores` embeds one prompt per clip, T frames each, so
+    texts padded to the frame batch ran the text tower T times over.
+    tokenizer: the folder's, when the caller has read it already (`check_folder`)."""
     self.model, params, self.preprocess = load_clip(folder)
     self.tokenizer = tokenizer or load_tokenizer(folder)
     check_tokenizer(self.tokenizer, self.model.text_config, str(folder))
@@ -350,7 +353,8 @@ class CLIPSimilarity:
                                        self.model.projection_dim, self.preprocess)
     self._images = BatchedApply(image_fn, params, batch_size, devices)
     # Reuses the replicated params already on the devices (device_put is then a no-op).
-    self._texts = BatchedApply(text_fn, self._images.variables, batch_size, devices)
+    self._texts = BatchedApply(text_fn, self._images.variables, text_batch_size or batch_size,
+                               devices)
 
   def image_embeddings(self, frames_NxHxWx3: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 or [-1, 1] float frames -> (N, P) unit-norm embeddings."""
