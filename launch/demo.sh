@@ -20,6 +20,13 @@
 #   bash launch/demo.sh                  # writes work/demo/... in the checkout
 #   WORK=/tmp/demo bash launch/demo.sh   # elsewhere (a relative WORK: from your folder)
 set -euo pipefail
+if [ $# -gt 0 ]; then
+  # (They were ignored: `demo.sh --help` or `demo.sh /tmp/demo` started the whole run,
+  # into work/demo of the checkout.)
+  echo "demo.sh: takes no arguments, got: $*; set WORK to choose its folder:" \
+    "WORK=/tmp/demo bash launch/demo.sh" >&2
+  exit 2
+fi
 ROOT=$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)  # (CDPATH: cd would print it)
 WORK=${WORK:-$ROOT/work/demo}
 case $WORK in /*) ;; *) WORK=$PWD/$WORK ;; esac  # (it went inside the checkout)

@@ -57,6 +57,15 @@ for var in NUM_PROCESSES DEVICES_PER_PROCESS; do
       exit 2 ;;
   esac
 done
+# (Unchecked, a bad port crashed the processes in JAX's start-up with C++ stack traces.)
+case "$PORT" in
+  '' | *[!0-9]* | 0*) port_ok=0 ;;
+  *) port_ok=$((${#PORT} <= 5 && PORT <= 65535)) ;;
+esac
+if [ "$port_ok" = 0 ]; then
+  echo "local_multiprocess.sh: --port / PORT must be a TCP port, 1-65535, got '$PORT'" >&2
+  exit 2
+fi
 if [ -f "$VENV/bin/activate" ] && [ "$DRY_RUN" = 0 ]; then
   # shellcheck disable=SC1090,SC1091
   . "$VENV/bin/activate"

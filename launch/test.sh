@@ -7,7 +7,8 @@
 #   bash launch/test.sh tests/test_eval.py  # only the tests named (paths from the checkout)
 #   TEST_WORKERS=1 bash launch/test.sh  # one process (default: 2 pytest-xdist workers)
 set -euo pipefail
-cd "$(dirname "$0")/.." >/dev/null  # (a CDPATH lookup prints the folder)
+# (CDPATH='': an exported CDPATH naming a folder with a launch/ made cd go there)
+CDPATH='' cd -- "$(dirname -- "$0")/.."
 WORKERS=${TEST_WORKERS:-2}
 case $WORKERS in
   auto | [1-9] | [1-9][0-9]) ;;

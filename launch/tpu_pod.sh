@@ -41,7 +41,9 @@
 #                     REMOTE_PYTHON=python3.11
 #   DRY_RUN           1 = print the commands instead of running them (same as --dry_run)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# (CDPATH='': an exported CDPATH naming a folder with a launch/ made cd go there, and
+# `git archive` pack that folder's repository)
+CDPATH='' cd -- "$(dirname -- "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -110,6 +112,9 @@ if [ "$DRY_RUN" != 1 ]; then
       echo "tpu_pod.sh: $TPU_NAME is $state; deleting it to create it again" >&2
       run "${tpu[@]}" delete "$TPU_NAME" "${where[@]}" --quiet
       state="" ;;
+    STOPPED)  # (`tpu-vm stop`: kept, with its disks; the copy and ssh need it running)
+      echo "tpu_pod.sh: $TPU_NAME is STOPPED; starting it" >&2
+      run "${tpu[@]}" start "$TPU_NAME" "${where[@]}" ;;
   esac
 fi
 if [ -z "$state" ]; then

@@ -84,8 +84,11 @@ ensure_venv() {
 _venv_is_here() {
   [ -f .venv/bin/activate ] || return 1
   local here
-  here=$(cd .venv/bin && pwd -P) || return 1
+  # CDPATH='': with an exported CDPATH (`.:~` is common) cd prints the folder it found,
+  # which made `here` two lines: every run took .venv for a moved one, recreated it and
+  # reinstalled everything; or cd found another folder's .venv/bin first.
+  here=$(CDPATH='' cd -- .venv/bin && pwd -P) || return 1
   # shellcheck disable=SC1091
   (. .venv/bin/activate && found=$(command -v python) \
-    && [ "$(cd "$(dirname "$found")" && pwd -P)" = "$here" ])
+    && [ "$(CDPATH='' cd -- "$(dirname -- "$found")" && pwd -P)" = "$here" ])
 }

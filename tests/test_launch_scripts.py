@@ -103,6 +103,47 @@ def test_demo_resumes_from_the_newest_export_by_step_number(tmp_path):
   assert out.stdout.strip() == str(tmp_path / "export" / "step_1000")
 
 
+def test_scripts_find_their_checkout_whatever_cdpath_says(tmp_path):
+  # An exported CDPATH naming a folder that holds launch/ (or .ci/) made `cd launch/..`
+  # go there: test.sh sourced that folder's venv.sh and ran its tests, tpu_pod.sh packed
+  # its repository. Each script runs in a stub checkout, with a decoy that says so.
+  checkout, decoy = tmp_path / "checkout", tmp_path / "decoy"
+  for folder in (checkout, decoy):
+    for sub in ("launch", ".ci", "bin"):
+      (folder / sub).mkdir(parents=True)
+    (folder / "launch/venv.sh").write_text(f"install_package() {{ echo {folder.name}; }}\n")
+  for name in ("launch/test.sh", ".ci/run"):
+    (checkout / name).write_text((ROOT / name).read_text())
+  (checkout / "bin/python").write_text("#!/usr/bin/env bash\necho \"python in $PWD\"\n")
+  (checkout / "bin/python").chmod(0o755)
+  env = _env({"CDPATH": str(decoy), "PATH": f"{checkout / 'bin'}:{os.environ['PATH']}"})
+  for script in ("launch/test.sh", ".ci/run"):
+    out = subprocess.run(["bash", script], cwd=checkout, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, (script, out.stderr)
+    assert out.stdout.splitlines() == ["checkout", f"python in {checkout}"], (script, out)
+  env = dict(TPU_NAME="v", ZONE="z", CDPATH=str(decoy))
+  create, archive, *_ = _dry("launch/tpu_pod.sh", env=env)  # (cd printed nothing)
+  assert create[4] == "create" and archive[:2] == ["git", "archive"]
+
+
+def test_demo_refuses_arguments(tmp_path):
+  # `demo.sh --help` or `demo.sh /tmp/demo` started the whole demo (install, 10 minutes
+  # of training) into work/demo, the argument unread. Run in a stub checkout whose
+  # install_package says it was reached.
+  (tmp_path / "launch").mkdir()
+  (tmp_path / "launch/demo.sh").write_text((ROOT / "launch/demo.sh").read_text())
+  (tmp_path / "launch/venv.sh").write_text("install_package() { echo started; exit 9; }\n")
+  for args in (["--help"], [str(tmp_path / "work")]):
+    out = subprocess.run(["bash", "launch/demo.sh", *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "", (args, out)
+    assert "takes no arguments" in out.stderr and "WORK=" in out.stderr, out.stderr
+  out = subprocess.run(["bash", "launch/demo.sh"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+  assert (out.returncode, out.stdout) == (9, "started\n")  # no arguments: it runs
+
+
 def test_tpu_pod_recreates_a_preempted_spot_slice(tmp_path):
   # A preempted spot slice stays listed: `describe` succeeded, so the re-run (the way to
   # resume) skipped `create` and failed on scp to a slice that cannot run.
@@ -116,6 +157,7 @@ def test_tpu_pod_recreates_a_preempted_spot_slice(tmp_path):
              PATH=f"{tmp_path}:{os.environ['PATH']}")
   for state, expected in (("PREEMPTED", ["describe", "delete", "create", "scp"]),
                           ("TERMINATED", ["describe", "delete", "create", "scp"]),
+                          ("STOPPED", ["describe", "start", "scp"]),
                           ("READY", ["describe", "scp"])):
     log.unlink(missing_ok=True)
     subprocess.run(["bash", "launch/tpu_pod.sh", "--", "true"], cwd=ROOT,
@@ -334,6 +376,20 @@ def test_local_multiprocess_rejects_process_and_device_counts_below_one():
     assert "must be a positive integer" in out.stderr and out.stdout == "", (args, env)
 
 
+def test_local_multiprocess_rejects_a_port_that_is_not_one():
+  # Passed on unchecked, JAX's start-up crashed on it (segfault / abort, C++ stacks).
+  for args, env in [(["--port=abc"], {}), (["--port=0"], {}), (["--port=65536"], {}),
+                    (["--port="], {}), ([], {"PORT": "08080"})]:
+    out = subprocess.run(["bash", "launch/local_multiprocess.sh", "--dry_run", *args, "--",
+                          "echo", "hi"], cwd=ROOT, env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, (args, env, out.stderr)
+    assert "must be a TCP port, 1-65535" in out.stderr and out.stdout == "", (args, env)
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "--dry_run", "--port=65535",
+                        "--", "echo"], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert "--coordinator_address=127.0.0.1:65535" in out.stdout
+
+
 def test_local_multiprocess_runs_in_the_callers_folder(tmp_path):
   # Relative --config / --workdir paths mean the caller's folder, not the checkout's;
   # the default VENV is still the .venv next to the script's launch/ folder. A copy of
@@ -397,6 +453,12 @@ def test_a_broken_venv_is_recreated(tmp_path):
   again = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
   assert again.returncode == 0 and "unusable" not in again.stderr  # kept, not recreated
+  # An exported CDPATH (".:~" is common) made cd print the folder it found: the .venv
+  # looked moved and was recreated, everything reinstalled, at every run.
+  again = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300,
+                         env={**os.environ, "CDPATH": f".:{tmp_path.parent}"})
+  assert again.returncode == 0 and "unusable" not in again.stderr, again.stderr
 
 
 def test_a_moved_venv_is_recreated_and_an_old_python_named(tmp_path):

@@ -154,6 +154,11 @@ def test_half_given_flags_are_an_error_not_a_hang():
     distributed.detect({}, coordinator_address="127.0.0.1:1", num_processes=2)
   with pytest.raises(ValueError, match="not in"):
     distributed.detect({}, "127.0.0.1:1", 2, 2)
+  # JAX crashed on a port that is not one (C++ stacks, the flag unnamed).
+  for bad in ("127.0.0.1", "127.0.0.1:abc", "127.0.0.1:0", "h:65536", ":1234", "h:\u0661"):
+    with pytest.raises(ValueError, match="expected HOST:PORT with PORT in 1-65535"):
+      distributed.detect({}, bad, 2, 0)
+  assert distributed.detect({}, "[::1]:65535", 2, 1).kind == "explicit"
   assert distributed.detect({}).kind == "single"
   assert distributed.detect({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}).kind == "slurm"
   # An salloc shell (the allocation's variables, not a task of it): one process.

@@ -61,6 +61,14 @@ def detect(env: Mapping[str, str], coordinator_address: str = "", num_processes:
     if not 0 <= process_id < num_processes:
       raise ValueError(f"distributed start-up: --process_id={process_id} is not in "
                        f"[0, {num_processes})")
+    # JAX checks none of it: a port that is not a number, or 0, crashed the processes
+    # (a segfault or abort in the coordination service, C++ stacks and no word of the
+    # flag), no port was an IndexError inside JAX, and one above 65535 started anyway,
+    # on whatever port gRPC made of it.
+    host, _, port = coordinator_address.rpartition(":")
+    if not (host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+      raise ValueError(f"distributed start-up: --coordinator_address={coordinator_address}: "
+                       "expected HOST:PORT with PORT in 1-65535 (e.g. 10.0.0.1:12345)")
     return Launch("explicit", coordinator_address, num_processes, process_id)
   if uses_tpu and env.get("TPU_WORKER_HOSTNAMES") and "," in env["TPU_WORKER_HOSTNAMES"]:
     return Launch("tpu")  # GKE
