@@ -155,7 +155,7 @@ def test_tfds_text_fields_as_bytes_are_cached_as_text(setup, tmp_path):
     list(encode_examples(model, mixed, batch_size=0))  # was: every clip in one batch
 
 
-def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
+def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch, caplog):
   """After n global batches, a resume with 1 or 2 processes reads on exactly where the
   uninterrupted run goes on (the Grain index counts elements, not batches)."""
   from videoldm_jax.data import inputs
@@ -219,8 +219,16 @@ def test_cache_iterator_resumes_on_another_process_count(tmp_path, monkeypatch):
     inputs.make_iterator(ml_collections.ConfigDict(dict(config.to_dict(), seed=1)),
                          tmp_path, check).set_state(saved)
   resumed = inputs.make_iterator(config, tmp_path, check)
-  resumed.set_state(saved)
+  with caplog.at_level("WARNING"):
+    resumed.set_state(saved)
   assert next(resumed)["latents"].reshape(-1).tolist() == whole[1]
+  assert saved["num_examples"] == 16 and "examples" not in caplog.text
+  # A cache of another size (rebuilt, grown): the position is in another permutation;
+  # said, not refused (the run goes on, its epoch partly repeated).
+  with caplog.at_level("WARNING"):
+    inputs.make_iterator(config, tmp_path, check).set_state({**saved, "num_examples": 12})
+  assert ("the checkpoint's dataset had 12 examples, this run's has 16 (rebuilt or "
+          "another one?)") in caplog.text
   # Labels come from config.data.label_field, as int32 (the records' own values).
   config.data.label_field = "crowdedness"
   batch = next(inputs.make_iterator(config, tmp_path, check))

@@ -146,14 +146,15 @@ class ShareIterator:
   of processes: it records the global batches consumed, and after n of them every
   process has read exactly n * (its batch) elements of its share. (With Grain worker
   processes the state is per worker: it resumes with the same worker_count only.)
-  `seed`: the pipeline's shuffle seed (config.seed), recorded and checked on resume
-  (None: neither).
+  `seed`: the pipeline's shuffle seed (config.seed), recorded and checked on resume;
+  `num_examples`: the size of its source, recorded and compared on resume (None:
+  neither).
   """
 
   def __init__(self, it, per_process_batch: int, process_count: int, worker_count: int = 0,
-               seed: Optional[int] = None):
+               seed: Optional[int] = None, num_examples: Optional[int] = None):
     self._it, self._b, self._pc, self._batches = it, per_process_batch, process_count, 0
-    self._workers, self._seed = worker_count, seed
+    self._workers, self._seed, self._size = worker_count, seed, num_examples
 
   def __iter__(self):
     return self
@@ -167,7 +168,8 @@ class ShareIterator:
     state = {"grain": self._it.get_state(), "batches": self._batches,
              "global_batch": self._b * self._pc, "process_count": self._pc,
              "worker_count": self._workers}
-    return state if self._seed is None else {**state, "seed": self._seed}
+    recorded = (("seed", self._seed), ("num_examples", self._size))
+    return {**state, **{k: v for k, v in recorded if v is not None}}
 
   def set_state(self, state: dict) -> None:
     if "grain" not in state:  # a bare Grain state (older checkpoints)
@@ -193,6 +195,14 @@ class ShareIterator:
                        f"config.seed={saved_seed}, this run's is {self._seed}; resuming "
                        "would repeat and skip examples: resume with the checkpoint's "
                        f"config.seed={saved_seed}")
+    saved_size = state.get("num_examples")  # (absent in older checkpoints)
+    if None not in (saved_size, self._size) and saved_size != self._size:
+      # A rebuilt or other dataset: the saved position is in another permutation.
+      logging.warning(
+          "data state: the checkpoint's dataset had %d examples, this run's has %d (rebuilt "
+          "or another one?): the rest of this epoch follows another shuffled order, so "
+          "some examples repeat and others are skipped until it ends", saved_size,
+          self._size)
     saved_plain = set(state["grain"]) == {"next_index"}
     saved_workers = state.get("worker_count")  # (absent in older checkpoints)
     if not saved_plain and saved_workers is None:
@@ -277,13 +287,16 @@ def make_iterator(config, workdir: Path, cache_check: dict, alone: bool = False)
   if data.kind == "latent_cache":
     return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, cache_check,
                                              data.get("label_field", "label"))),
-                         data.batch_size // pc, pc, seed=seed)
+                         data.batch_size // pc, pc, seed=seed,
+                         num_examples=len(latent_cache.LatentCacheSource(data.cache_dir)))
   workers = 0 if alone else data.get("worker_count", 0)
+  source = _tfds_source(data, workdir, alone)
   ds = make_video_dataset(
-      _tfds_source(data, workdir, alone), batch_size=data.batch_size // pc,
+      source, batch_size=data.batch_size // pc,
       num_frames=data.num_frames, frame_stride=data.get("frame_stride", 1),
       height=data.height, width=data.width, crop=data.get("crop", "random"),
       hflip=data.get("hflip", False), seed=seed, process_index=pi, process_count=pc,
       worker_count=workers, image_fraction=data.get("image_fraction", 0.0),
       label_field=data.get("label_field", "label"))
-  return ShareIterator(iter(ds), data.batch_size // pc, pc, workers, seed=seed)
+  return ShareIterator(iter(ds), data.batch_size // pc, pc, workers, seed=seed,
+                       num_examples=len(source))
