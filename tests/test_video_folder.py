@@ -614,19 +614,25 @@ def test_a_cut_off_avi_is_truncated_not_kept_short(tmp_path):
   whole = str(tmp_path / "whole.avi")
   _write_pyav(whole, np.stack([np.roll(base, 3 * i, axis=1) for i in range(40)]), "mpeg4",
               "yuv420p")
-  assert sources.riff_bytes_missing(whole) == 0
+  assert video_io.riff_bytes_missing(whole) == 0
   assert sources.decode_clip(whole, max_frames=None).frames.shape[0] == 40
   data = open(whole, "rb").read()
   cut = str(tmp_path / "cut.avi")
   for keep in (len(data) // 2, len(data) * 7 // 10):
     with open(cut, "wb") as f:
       f.write(data[:keep])
-    assert sources.riff_bytes_missing(cut) == len(data) - keep
+    assert video_io.riff_bytes_missing(cut) == len(data) - keep
     with pytest.raises(sources.SkipError, match=r"truncated: container declares 40 frames "
                        r"but only \d+ could be read: .*bytes short of its RIFF header"):
       sources.decode_clip(cut, max_frames=None)
+    # videoldm-eval's reader too (a UCF-101 --real folder is AVI).
+    with pytest.raises(ValueError, match=r"cut\.avi: an AVI cut off before its end \("
+                       f"{len(data) - keep} bytes short"):
+      video_io.read_video(cut)
   # Frames before the cut are intact: a clip that stops there is kept.
   assert sources.decode_clip(cut, max_frames=4).frames.shape[0] == 4
+  assert video_io.read_video(cut, max_frames=4).shape[0] == 4
+  assert video_io.read_video(whole).shape[0] == 40
 
 
 def test_a_source_too_slow_for_target_fps_is_named(tmp_path, caplog):

@@ -477,6 +477,18 @@ def gif_has_trailer(path: str) -> bool:
     return f.read().rstrip(b"\0 \t\r\n").endswith(b";")
 
 
+def riff_bytes_missing(path: str) -> int:
+  """How many bytes shorter than its RIFF header states (file size - 8) an AVI file is;
+  0 for a complete file or one that is not RIFF AVI. A cut-off AVI loses its index, and
+  FFmpeg then states the duration of what is left and decodes it without an error, the
+  last frame partly garbage."""
+  with open(path, "rb") as f:
+    head = f.read(12)
+  if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"AVI ":
+    return 0
+  return max(0, int.from_bytes(head[4:8], "little") + 8 - os.path.getsize(path))
+
+
 def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
   """Decodes the main video stream (FFmpeg's best) of any FFmpeg-readable file (mp4, gif, ...).
 
@@ -485,7 +497,8 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
   to square ones, `display_size`); a stream whose resolution changes mid-way is scaled
   to its first frame's size. Raises FileNotFoundError for a missing path and ValueError
   naming the file when it cannot be decoded, has no video stream, yields no frames, or
-  is a GIF cut off before its end (`gif_has_trailer`).
+  is a GIF or an AVI cut off before its end (`gif_has_trailer`, `riff_bytes_missing`)
+  and read to that end.
   """
   import av
 
@@ -516,11 +529,16 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
       reached_end = max_frames is None or len(out) < max_frames
       truncated_gif = (reached_end and container.format.name == "gif"
                        and not gif_has_trailer(path))
+      cut_avi = (reached_end and container.format.name == "avi"
+                 and riff_bytes_missing(path))
   except av.error.FFmpegError as e:
     raise ValueError(f"{path}: not a readable video file ({type(e).__name__}: {e})") from e
   if truncated_gif:
     raise ValueError(f"{path}: a GIF cut off before its end (no trailer byte 0x3B); its "
                      "last frame would be partly garbage")
+  if cut_avi:
+    raise ValueError(f"{path}: an AVI cut off before its end ({cut_avi} bytes short of "
+                     "its RIFF header's size); its last frame would be partly garbage")
   if not out:
     raise ValueError(f"{path}: video stream contains no decodable frames")
   return np.stack(out)

@@ -20,7 +20,7 @@ import unicodedata
 
 import numpy as np
 
-from videoldm_jax.video_io import display_size, gif_has_trailer, upright
+from videoldm_jax.video_io import display_size, gif_has_trailer, riff_bytes_missing, upright
 
 __all__ = [
     "VIDEO_EXTENSIONS", "Skip", "SkipError", "Clip", "find_videos", "read_captions",
@@ -374,16 +374,6 @@ def _ends_early(span: tuple[float, float] | None, last_end: float | None,
   if span is None or last_end is None or not fps or span[1] <= span[0]:
     return None
   return span[1] - last_end > max(2 / fps, (span[1] - span[0]) / 20)
-
-
-def riff_bytes_missing(path: str) -> int:
-  """How many bytes shorter than its RIFF header states (file size - 8) an AVI file is;
-  0 for a complete file or one that is not RIFF AVI."""
-  with open(path, "rb") as f:
-    head = f.read(12)
-  if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"AVI ":
-    return 0
-  return max(0, int.from_bytes(head[4:8], "little") + 8 - os.path.getsize(path))
 
 
 def _tail_missing(container, stream, packets: int, last_end: float | None,
