@@ -153,6 +153,11 @@ def test_base_configs_without_an_image_model_say_which_field(name, tmp_path):
   assert not config.image_model
   with pytest.raises(ValueError, match="set --config.image_model"):
     keyframe.load_image_model(config, tmp_path)
+  # The pod configs' preset name (videoldm-compile's) trains from no folder: named.
+  config.image_model = "sd15"
+  with pytest.raises(FileNotFoundError, match="config.image_model='sd15': no such folder; "
+                     "training starts from a converted model folder"):
+    keyframe.load_image_model(config, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["keyframe_tiny", "predictor_tiny", "upsampler_tiny"])

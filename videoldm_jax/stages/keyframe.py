@@ -273,6 +273,14 @@ def load_image_model(config: ml_collections.ConfigDict, workdir: Path, sync: boo
   if base.is_abstract():
     return _abstract_image_model(config, workdir, keep_video_decoder)
   if config.image_model:
+    if not Path(config.image_model).is_dir():
+      # (A preset name, as the pod configs hold for videoldm-compile, failed on
+      # ".../sd15/model_index.json: missing", naming no config field.)
+      raise FileNotFoundError(
+          f"config.image_model={config.image_model!r}: no such folder; training starts "
+          "from a converted model folder (videoldm-convert) or a stage export: pass "
+          "--config.image_model=FOLDER (a preset name such as 'sd15' serves "
+          "videoldm-compile alone)")
     image = pretrained.load(config.image_model)
     tok_dir = Path(config.image_model) / "tokenizer"
     if image.vae_temporal_config is not None and not keep_video_decoder:
