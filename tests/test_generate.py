@@ -550,6 +550,15 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4, "frame_stride": 1}
   interp.training = {**interp.training, "frame_stride": 2}
   assert not [n for n in generate.plan(models, options).notes if "apart" in n]
+  # Without a second model the interpolator is reused: its second pass fills in key
+  # frames 2 apart, trained on 4 apart. Noted as a second model of its record is (it
+  # passed silently, the default interp_passes=2 with one interpolator).
+  reused = dataclasses.replace(models, interpolator2=None)
+  assert [n for n in generate.plan(reused, options).notes if "apart" in n] == [
+      "interpolator stage, reused for pass 2, trained to fill in key frames 4 source "
+      "frames apart (frame_stride=2 x interp_stride=2), given key frames 2 apart (the "
+      "interpolator model's frame_stride=2): on data of one frame rate, its motion runs "
+      "at another speed than it learned"]
   models.keyframe[0].training = {}
   models.decoder.decoder_training = {"stage": "decoder", "num_frames": 4}
   # Options checked before anything is sampled (they failed after the key frames, or a

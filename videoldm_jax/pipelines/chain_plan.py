@@ -332,11 +332,13 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
                    f"({option}={value}; temporal statistics follow the call length)")
   # Frame spacing: each stage's training clips were sampled data.frame_stride source
   # frames apart. Followed along the chain from the key frames: an interpolator fills
-  # in key frames stride x its own spacing apart and makes frames at its own spacing (a
-  # reused second pass: 1 / stride of the first's). Another spacing is motion of
-  # another speed than the stage learned, if the stages' datasets share a frame rate
-  # (the records hold strides, not rates). Only the first mismatch along the chain is
-  # noted: the stages after it follow from it.
+  # in key frames stride x its own spacing apart and makes frames at its own spacing.
+  # A reused second pass fills in key frames 1 / stride of the first's apart, which
+  # the one spacing it trained on cannot also match (the paper trains its interpolator
+  # on both regimes, T -> 4T and 4T -> 16T; this stage on one): noted like a second
+  # model's. Another spacing is motion of another speed than the stage learned, if the
+  # stages' datasets share a frame rate (the records hold strides, not rates). Only the
+  # first mismatch along the chain is noted: the stages after it follow from it.
   key_stage = "keyframe" if models.keyframe is not None else "predictor"
   key_spacing = trained[key_stage].get("frame_stride")
   used = {name: on for name, on, *_ in calls}
@@ -352,10 +354,11 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
                else "interpolator", i) for i in range(passes)]
     stages += [(name, None) for name in ("decoder", "upsampler") if used[name]]
     for name, i in stages:
-      own = (trained[name].get("frame_stride")
-             if i is None or i == 0 or name == "interpolator2" else None)
+      own = trained[name].get("frame_stride")
       if i is not None and own is not None and own * stride != spacing:
-        notes.append(f"{name} stage: trained to fill in key frames {own * stride} source "
+        reused = i == 1 and name == "interpolator"
+        what = "interpolator stage, reused for pass 2," if reused else f"{name} stage:"
+        notes.append(f"{what} trained to fill in key frames {own * stride} source "
                      f"frames apart (frame_stride={own} x interp_stride={stride}), given "
                      f"key frames {spacing:g} apart ({source}){caveat}")
         break
