@@ -778,6 +778,30 @@ def test_plan_follows_what_the_models_were_trained_on(folders, tmp_path):
     chain_models.check_chain(shifted)
 
 
+def test_refusals_of_a_default_say_where_it_came_from(folders):
+  """A predictor clip or interpolation window taken from keyframes_per_clip (or the
+  interpolator's record) is named as a default: the user set neither, and was told
+  'interp_window must be >= 2 key frames, got 1'."""
+  models = generate.load_chain(**folders, weights=False)
+  refused = lambda said: pytest.raises(ValueError, match=said)
+  with refused(said=r"num_context=2 must be in \[0, predictor_frames=2\) \(predictor_"
+               r"frames defaults to keyframes_per_clip=2; give it\)"):
+    generate.plan(models, generate.GenerateOptions(**{**FAST, "keyframes_per_clip": 2}))
+  with refused(said=r"interp_window must be >= 2 key frames, got 1 \(its default: "
+               r"keyframes_per_clip=1\); give interp_window"):
+    generate.plan(models, generate.GenerateOptions(
+        num_frames=40, **{**FAST, "keyframes_per_clip": 1, "predictor_frames": 4}))
+  models.interpolator[0].training = {"stage": "interpolator", "num_frames": 4,
+                                     "interp_stride": 4}
+  with refused(said=r"got 1 \(its default: the interpolator's training clip of 4 frames "
+               r"// interp_stride=4\)"):
+    generate.plan(models, generate.GenerateOptions(num_frames=40, **FAST))
+  # Given ones are named as given (check_options refuses interp_window=1 itself).
+  with refused(said=r"predictor_frames=3\)$"):
+    generate.plan(models, generate.GenerateOptions(
+        **{**FAST, "predictor_frames": 3, "num_context": 3}))
+
+
 def test_cli_flags_reach_the_generation_options():
   # Every option-changing flag set to a value other than its default, read back from
   # the options the CLI builds (no model loaded): a dropped flag (say --nogif, whose

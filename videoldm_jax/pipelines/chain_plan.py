@@ -207,7 +207,11 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
   s = o.num_context
   if models.predictor is not None:
     if not 0 <= s < p:
-      raise ValueError(f"num_context={s} must be in [0, predictor_frames={p})")
+      # (A predictor_frames the user never gave, taken from keyframes_per_clip, was named
+      # as if given: --keyframes_per_clip=2 refused num_context=2, its default.)
+      given = ("" if o.predictor_frames is not None
+               else f" (predictor_frames defaults to keyframes_per_clip={t}; give it)")
+      raise ValueError(f"num_context={s} must be in [0, predictor_frames={p}){given}")
     most = trained["predictor"].get("max_context")
     if most is not None and s > most:
       raise ValueError(f"num_context={s}: {models.paths.get('predictor', 'the predictor')} "
@@ -221,10 +225,15 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
       rounds += 1
   else:
     first, rounds = k, 0
-  window = (o.interp_window if o.interp_window is not None
-            else trained["interpolator"].get("num_frames", 0) // stride or t)
+  interp_clip = trained["interpolator"].get("num_frames", 0)
+  window = o.interp_window if o.interp_window is not None else interp_clip // stride or t
   if passes and window < 2:
-    raise ValueError(f"interp_window must be >= 2 key frames, got {window}")
+    # (Only a default gets here (check_options refuses a given one), and was named as if
+    # given: --keyframes_per_clip=1, or a training clip of 1 stride.)
+    source = (f"the interpolator's training clip of {interp_clip} frames // interp_stride="
+              f"{stride}" if interp_clip // stride else f"keyframes_per_clip={t}")
+    raise ValueError(f"interp_window must be >= 2 key frames, got {window} (its default: "
+                     f"{source}); give interp_window")
   if o.class_label is None:
     # (found when the stage's turn came: a class-conditional predictor after a text
     # key-frame model failed once the key frames had been sampled)
