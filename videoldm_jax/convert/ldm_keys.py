@@ -78,34 +78,29 @@ def _rename(sd: dict[str, np.ndarray], table: list[tuple[str, str, dict]]
   of the key go through that entry's map. Keys matching nothing keep their name, so
   that the loader reports them as unmapped."""
   table = sorted(table, key=lambda e: -len(e[0]))
-  out = {}
-  for key, value in sd.items():
-    for old, new, inner in table:
-      if key.startswith(old):
-        rest = key[len(old):]
-        for a, b in inner.items():
-          if rest.startswith(a + "."):
-            rest = b + rest[len(a):]
-            break
-        key = new + rest
-        break
-    out[key] = value
-  return out
+  return {_renamed(key, table): value for key, value in sd.items()}
+
+
+def _renamed(key: str, table: list[tuple[str, str, dict]]) -> str:
+  """`key` renamed by the first entry of `table` (longest prefixes first) it starts
+  with; itself where none."""
+  for old, new, inner in table:
+    if key.startswith(old):
+      rest = key[len(old):]
+      for a, b in inner.items():
+        if rest.startswith(a + "."):
+          rest = b + rest[len(a):]
+          break
+      return new + rest
+  return key
 
 
 def ldm_key(key: str, table: list[tuple[str, str, dict]]) -> str:
   """The inverse of `_rename`: the original key that `table` renames to the diffusers
   key `key` (`key` itself where no entry gives it), for messages that name a key as
   the user's file holds it."""
-  for old, new, inner in sorted(table, key=lambda e: -len(e[1])):
-    if key.startswith(new):
-      rest = key[len(new):]
-      for a, b in inner.items():
-        if rest.startswith(b + "."):
-          rest = a + rest[len(b):]
-          break
-      return old + rest
-  return key
+  inverse = [(new, old, {b: a for a, b in inner.items()}) for old, new, inner in table]
+  return _renamed(key, sorted(inverse, key=lambda e: -len(e[0])))
 
 
 def unet_ldm_to_diffusers(sd: dict[str, np.ndarray], c: UNetConfig) -> dict[str, np.ndarray]:
