@@ -10,10 +10,11 @@ and every time. `--mode_b` gives B another mode: temporal-only against full fine
 the time ratio beside the FLOP ratio, in one run.
 
   JAX_PLATFORMS=cpu python -m bench.ab_step --workload=W2 --mode=temporal \
-      --a=ffn_weight_grad=transposed --b=default
+      --a=weight_grad=xla+ffn_weight_grad=transposed --b=weight_grad=xla
   JAX_PLATFORMS=cpu python -m bench.ab_step --workload=W1 --mode=full --mode_b=temporal
 
-Variants (`VARIANTS`) switch what a model reads when it is traced.
+Variants (`VARIANTS`) switch what a model reads when it is traced; `--a` / `--b` name
+one or several joined by '+' (all switched together).
 """
 
 import argparse
@@ -30,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
-from bench.common import emit, peak_host_rss_bytes, refuse_below  # noqa: E402
+from bench.common import (emit, peak_host_rss_bytes, refuse_below,  # noqa: E402
+                          refuse_unknown)
 from bench.train_step import compile_step, step_runner  # noqa: E402
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import attention, conv, layers, matmul  # noqa: E402
@@ -98,7 +100,9 @@ VARIANTS = {
         xla_cpu_experimental_ynn_fusion_type="LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
     # layers.LayerNorm's backward fused with the dots before it (no fusion_boundary).
     "layer_norm=fused": lambda: mock.patch.object(layers, "fusion_boundary", lambda x: x),
-    # The feed-forward out-projection's dW as one transposed dot, not in row chunks.
+    # The feed-forward out-projection's dW as one transposed dot, not in row chunks. Only
+    # with the C++ weight gradients off (+weight_grad=xla): where the kernel runs, it
+    # takes every dense dW, chunked or not, and this alone compiles the default step.
     "ffn_weight_grad=transposed": lambda: mock.patch.dict(
         matmul.WEIGHT_GRADS, {"chunked": matmul.dense_matmul}),
     # Dense layers' weight gradients as XLA dots (transposed / chunked, models/matmul.py)
@@ -117,6 +121,16 @@ VARIANTS = {
     "scheduler=memory": lambda: _compiled_with(
         xla_cpu_enable_concurrency_optimized_scheduler=False),
 }
+
+
+@contextlib.contextmanager
+def variant(spec: str):
+  """The context of `spec`: one name of `VARIANTS` or several joined by '+', entered
+  in their order (a KeyError names an unknown one)."""
+  with contextlib.ExitStack() as stack:
+    for name in spec.split("+"):
+      stack.enter_context(VARIANTS[name]())
+    yield
 
 
 def interleaved_times(run_a, run_b, rounds: int, steps: int,
@@ -162,19 +176,22 @@ def main():
                       help="B's mode if not --mode: --mode=full --mode_b=temporal times "
                            "temporal-only against full fine-tuning (b_over_a beside the "
                            "FLOP ratio)")
-  parser.add_argument("--a", default="default", choices=sorted(VARIANTS))
-  parser.add_argument("--b", default="default", choices=sorted(VARIANTS))
+  parser.add_argument("--a", default="default",
+                      help=f"a variant or several joined by '+': {', '.join(VARIANTS)}")
+  parser.add_argument("--b", default="default", help="as --a")
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
   refuse_below(parser, args, rounds=1, steps=1, warmup=0)
+  for flag in ("a", "b"):
+    refuse_unknown(parser, flag, getattr(args, flag).replace("+", ","), VARIANTS)
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
 
   modes = (args.mode, args.mode_b or args.mode)
   runners, compile_s, gflop = [], [], []
   for name, mode in zip((args.a, args.b), modes):
-    with VARIANTS[name]():
+    with variant(name):
       case = workloads.build(args.workload, args.stage, mode)
       compiled, jitted, state, batch, _, seconds = compile_step(case)
       gflop.append(flops_lib.model_flops(jitted, state, batch) / 1e9)

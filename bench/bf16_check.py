@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
-from bench.common import emit  # noqa: E402
+from bench.common import emit, refuse_unknown  # noqa: E402
 from videoldm_jax.models import attention, partition  # noqa: E402
 from videoldm_jax.models.temporal import TemporalConfig  # noqa: E402
 
@@ -83,6 +83,7 @@ def main():
   parser.add_argument("--workload", default="W1")
   parser.add_argument("--attention", default="auto")
   args = parser.parse_args()
+  refuse_unknown(parser, "workload", args.workload, workloads.WORKLOADS)
   worst = 0.0
   for workload in args.workload.split(","):
     record = check(workload, args.attention)

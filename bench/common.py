@@ -51,3 +51,13 @@ def refuse_below(parser: argparse.ArgumentParser, args: argparse.Namespace,
   for name, low in least.items():
     if getattr(args, name) < low:
       parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, flag: str, given: str, known) -> None:
+  """parser.error naming the comma-separated values of --`flag` that are not in `known`,
+  before any compile: an unknown workload was a bare KeyError after the matmul peak had
+  been measured, and an unknown compile_fit case ran nothing and exited 0."""
+  unknown = [x for x in given.split(",") if x not in known]
+  if unknown:
+    parser.error(f"--{flag}: unknown {', '.join(map(repr, unknown))}; known: "
+                 f"{', '.join(known)}")

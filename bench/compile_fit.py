@@ -17,7 +17,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)  # the h100:8 proxy compiles for 8 CPU devices
 
-from bench.common import emit  # noqa: E402
+from bench.common import emit, refuse_unknown  # noqa: E402
 from videoldm_jax import compile_check  # noqa: E402
 from videoldm_jax.config_files import load_sibling  # noqa: E402
 
@@ -38,6 +38,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--only", default="", help="comma-separated case names")
   args = parser.parse_args()
+  if args.only:
+    refuse_unknown(parser, "only", args.only, CASES)
   for name, (config_name, topology, mesh) in CASES.items():
     if args.only and name not in args.only.split(","):
       continue

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from bench.ab_step import interleaved_times  # noqa: E402
-from bench.common import emit  # noqa: E402
+from bench.common import emit, refuse_below, refuse_unknown  # noqa: E402
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import native_matmul  # noqa: E402
 
@@ -94,6 +94,9 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5, help="calls per side per round")
   args = parser.parse_args()
+  refuse_below(parser, args, rounds=1, steps=1)
+  refuse_unknown(parser, "case", args.case, CASES)
+  refuse_unknown(parser, "pass", args.passes, PASSES)
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if not native_matmul.available():
     raise SystemExit("the C++ kernels are not built here: nothing to compare")

@@ -26,6 +26,8 @@ def main():
   ap.add_argument("--batches", type=int, default=20)
   ap.add_argument("--workers", default="0,1,2")
   args = ap.parse_args()
+  # Before the dataset is built: 0 batches failed on the last batch's shape.
+  common.refuse_below(ap, args, batches=1)
   if args.data_dir:
     run(args, args.data_dir)
   else:  # a dataset built for this run only: removed afterwards

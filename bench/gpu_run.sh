@@ -20,6 +20,17 @@
 # wheels in .whl/ (ml_collections, grain, array_record, portpicker: bench/README.md
 # says how to fetch them) and are installed into /tmp/site.
 set -u
+# The cases below, in order; CASES names some of them. A misspelt name ran nothing and
+# exited 0 (a GPU loan spent on starting the machine); it is refused before anything runs.
+KNOWN_CASES="sd15_temporal_auto sd15_full_auto sd15_profile sd15_temporal_b4 bf16_check
+  sd15_temporal_plain sd15_sample w2_bf16"
+CASES=${CASES:-all}  # or a space-separated list of case names
+if [ "$CASES" != all ]; then
+  for name in $CASES; do
+    [[ " $(echo $KNOWN_CASES) " == *" $name "* ]] || {
+      echo "gpu_run.sh: CASES: unknown case '$name'; known: all or" $KNOWN_CASES >&2; exit 2; }
+  done
+fi
 OUT=${OUT:-work/gpu_run}
 case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac  # (from the caller's folder)
 cd "$(dirname "$0")/.."  # the package, bench/ and .whl/ are found from the checkout
@@ -47,9 +58,10 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d /tmp/v
 print(jax.devices())" 2>&1; } | tee "$OUT/env.txt"
 $PY -c "import bench.train_step" || { echo "imports failed"; exit 1; }
 
-CASES=${CASES:-all}  # or a space-separated list of case names
 run_case() {  # name, command...
   local name=$1; shift
+  [[ " $(echo $KNOWN_CASES) " == *" $name "* ]] || {
+    echo "gpu_run.sh: case $name is not in KNOWN_CASES" >&2; exit 2; }
   [ "$CASES" = all ] || [[ " $CASES " == *" $name "* ]] || return 0
   echo "== $name: $*"
   local t0=$SECONDS

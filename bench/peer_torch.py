@@ -21,8 +21,8 @@ import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import emit, peak_host_rss_bytes
-from bench.workloads import WORKLOADS, Workload
+from bench.common import emit, peak_host_rss_bytes, refuse_below, refuse_unknown
+from bench.workloads import MODES, WORKLOADS, Workload
 
 # Parameters of SVD's temporal layers (the counterpart of our phi).
 TEMPORAL_MARKERS = ("temporal_", "time_mixer", "time_pos_embed")
@@ -137,6 +137,13 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
+  # As bench.train_step, before anything is built: --steps=0 failed on an empty list
+  # after the model and its FLOP count were made, an unknown workload was a KeyError.
+  if args.steps < 5:
+    parser.error("--steps must be >= 5 (the median of at least 5 timed steps)")
+  refuse_below(parser, args, warmup=0)
+  refuse_unknown(parser, "workload", args.workload, WORKLOADS)
+  refuse_unknown(parser, "mode", args.mode, MODES)
   for workload in args.workload.split(","):
     for mode in args.mode.split(","):
       emit(run(workload, mode, args.steps, args.warmup))

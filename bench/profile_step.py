@@ -31,7 +31,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 from bench import workloads  # noqa: E402
-from bench.common import emit  # noqa: E402
+from bench.common import emit, refuse_below  # noqa: E402
 from bench.train_step import compile_step  # noqa: E402
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import attention  # noqa: E402
@@ -154,6 +154,7 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention", default="auto", help="models/attention.py IMPLEMENTATIONS")
   args = parser.parse_args()
+  refuse_below(parser, args, steps=1)  # (0 divided by zero after the compile)
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
 
   attention.set_implementation(args.attention)

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from bench import workloads  # noqa: E402
 from bench.common import (emit, matmul_peak_flops, peak_host_rss_bytes,  # noqa: E402
-                          refuse_below)
+                          refuse_below, refuse_unknown)
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.diffusion import samplers  # noqa: E402
 from videoldm_jax.diffusion.schedules import schedule_from_diffusers_config  # noqa: E402
@@ -135,6 +135,8 @@ def main():
   parser.add_argument("--chain_steps", type=int, default=20)
   args = parser.parse_args()
   refuse_below(parser, args, steps=1, runs=1, chain_steps=1)
+  if args.workload:  # ('' samples no workload: the chain alone)
+    refuse_unknown(parser, "workload", args.workload, workloads.WORKLOADS)
   host_memory.restart_with_tunables()  # CPU runs: the malloc settings they are timed under
   if args.workload:
     peak = matmul_peak_flops(dtype=jnp.dtype(args.dtype))

@@ -52,7 +52,12 @@ def _args(argv=None):
   p.add_argument("--coordinator_address")
   p.add_argument("--process_id", type=int)
   p.add_argument("--cpu_devices", type=int)
-  return p.parse_known_args(argv)[0]
+  # parse_args, not parse_known_args: a misspelt flag (--inputms=5) ran the defaults.
+  args = p.parse_args(argv)
+  for name in ("rounds", "steps"):  # (0 printed NaN figures; bench.common imports JAX)
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  return args
 
 
 def _launch(args) -> int:

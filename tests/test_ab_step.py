@@ -183,29 +183,62 @@ def test_bench_counts_that_would_time_nothing_are_refused():
   cases = (("sample", "--runs=0", "--runs must be >= 1, got 0"),
            ("side_by_side", "--rounds=0", "--rounds must be >= 1, got 0"),
            ("ab_step", "--warmup=-1", "--warmup must be >= 0, got -1"),
-           ("train_step", "--steps=4", "--steps must be >= 5"))
-  # Each script as `python -m bench.NAME FLAG` runs it (runpy, as "__main__"), all four in
-  # one interpreter: a process per script spent ~2 s of CPU each on its imports alone.
+           ("train_step", "--steps=4", "--steps must be >= 5"),
+           # 0 rounds / steps / batches failed on an empty list or divided by zero after
+           # the compiles (conv, attention, profile_step), the dataset's build
+           # (data_throughput) or printed NaN (stop_check)
+           ("conv", "--rounds=0", "--rounds must be >= 1, got 0"),
+           ("attention", "--steps=0", "--steps must be >= 1, got 0"),
+           ("profile_step", "--steps=0", "--steps must be >= 1, got 0"),
+           ("data_throughput", "--batches=0", "--batches must be >= 1, got 0"),
+           ("stop_check", "--rounds=0", "--rounds must be >= 1, got 0"),
+           # a misspelt flag ran stop_check's defaults (parse_known_args)
+           ("stop_check", "--inputms=5", "unrecognized arguments: --inputms=5"),
+           # unknown names: a KeyError after the matmul peak (sample), after the kernels'
+           # check (conv), or nothing run and exit status 0 (compile_fit)
+           ("sample", "--workload=W3", "--workload: unknown 'W3'; known: W1, W2, SD15"),
+           ("bf16_check", "--workload=W1,W9", "--workload: unknown 'W9'"),
+           ("conv", "--case=W9-l0", "--case: unknown 'W9-l0'"),
+           ("compile_fit", "--only=v5e46", "--only: unknown 'v5e46'"),
+           ("ab_step", "--b=weight_grad=xla+bogus", "--b: unknown 'bogus'"))
+  # Each script as `python -m bench.NAME FLAG` runs it (runpy, as "__main__"), all of them
+  # in one interpreter: a process per script spent ~2 s of CPU each on its imports alone.
   program = ("import runpy, sys, warnings\n"
              # (a script another one imported already: runpy says so, and runs it afresh)
              "warnings.filterwarnings('ignore', '.*found in sys.modules', RuntimeWarning)\n"
-             f"for script, flag in {[(script, flag) for script, flag, _ in cases]!r}:\n"
+             f"for i, (script, flag) in enumerate("
+             f"{[(script, flag) for script, flag, _ in cases]!r}):\n"
              "  sys.argv = ['-m', flag]\n"
              "  try:\n"
              "    runpy.run_module(f'bench.{script}', run_name='__main__', alter_sys=True)\n"
              "    code = 'none'\n"
              "  except SystemExit as e:\n"
              "    code = e.code\n"
-             "  print(f'=== {script} exited {code}', file=sys.stderr, flush=True)\n")
+             "  print(f'=== {i} exited {code}', file=sys.stderr, flush=True)\n")
   proc = subprocess.run([sys.executable, "-c", program], cwd=Path(__file__).parents[1],
                         env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # Each script's stderr, then its line "=== NAME exited CODE".
-  parts = re.split(r"=== (\w+) exited (\S+)\n", proc.stderr)
-  exits = {name: (code, stderr) for stderr, name, code in zip(*[iter(parts)] * 3)}
-  for script, _, said in cases:
-    code, stderr = exits.get(script, (None, ""))
-    assert code == "2" and said in stderr, (script, proc.stderr[-1000:])
+  # Each case's stderr, then its line "=== INDEX exited CODE".
+  parts = re.split(r"=== (\d+) exited (\S+)\n", proc.stderr)
+  exits = {int(i): (code, stderr) for stderr, i, code in zip(*[iter(parts)] * 3)}
+  for i, (script, flag, said) in enumerate(cases):
+    code, stderr = exits.get(i, (None, ""))
+    assert code == "2" and said in stderr, (script, flag, proc.stderr[-1000:])
+
+
+def test_peer_torch_refuses_what_train_step_refuses(monkeypatch):
+  # --steps=0 failed on an empty list after the SVD UNet and its FLOP count were built
+  # (train_step, which it is timed as, refuses fewer than 5); a misspelt mode ran
+  # 'temporal' silently.
+  pytest.importorskip("torch")
+  import sys
+  from bench import peer_torch
+  monkeypatch.setattr(peer_torch, "run", lambda *a: pytest.fail("ran"))
+  for flag in ("--steps=0", "--warmup=-1", "--workload=W9", "--mode=ful"):
+    monkeypatch.setattr(sys, "argv", ["peer_torch", flag])
+    with pytest.raises(SystemExit) as e:
+      peer_torch.main()
+    assert e.value.code == 2, flag
 
 
 def _first_level(w):
@@ -310,3 +343,47 @@ def test_sample_bench_counts_both_guidance_branches(monkeypatch):
                                                          rel=0.01)
   assert (guided["s_per_step"], guided["frames_per_s"]) == (0.25, 4.0)
   assert guided["mfu"] == pytest.approx(guided["model_gflop_per_step"] / 0.25)
+
+
+def test_gpu_run_refuses_an_unknown_case_before_anything_runs(tmp_path):
+  # A misspelt CASES name ran no case and exited 0, a GPU loan spent on starting the
+  # machine; its list of names is the script's own cases, in their order.
+  import re
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).parents[1]
+  script = root / "bench" / "gpu_run.sh"
+  env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+         "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
+         "CASES": "sd15_temporal_atuo"}
+  proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "unknown case 'sd15_temporal_atuo'" in proc.stderr
+  assert not (tmp_path / "out").exists()  # refused before anything ran or was written
+  text = script.read_text()
+  known = re.search(r'KNOWN_CASES="([^"]*)"', text).group(1).split()
+  assert known == re.findall(r"^run_case (\w+) ", text, re.M)
+
+
+def test_ffn_weight_grad_variant_changes_the_program_it_is_run_against():
+  # Where the C++ kernel runs it takes every dense dW, chunked or not: the README's
+  # `--a=ffn_weight_grad=transposed --b=default` compiled one program twice. Joined with
+  # weight_grad=xla (the README's command now) it changes the feed-forward's dW.
+  from videoldm_jax.models import native_matmul
+  x, w = jax.numpy.ones((2048, 256)), jax.numpy.ones((256, 128))  # (several row chunks)
+  dense = (((1,), (0,)), ((), ()))
+
+  def program(spec):
+    with ab_step.variant(spec):
+      return jax.jit(jax.grad(lambda w: matmul.dense_dot_general_chunked(
+          x, w, dense).sum())).lower(w).as_text()
+
+  before = dict(matmul.WEIGHT_GRADS), matmul.USE_KERNEL
+  assert program("weight_grad=xla+ffn_weight_grad=transposed") != program("weight_grad=xla")
+  assert (dict(matmul.WEIGHT_GRADS), matmul.USE_KERNEL) == before  # both undone
+  if native_matmul.available():
+    assert program("ffn_weight_grad=transposed") == program("default")
+  with pytest.raises(KeyError):
+    program("weight_grad=xla+bogus")
