@@ -206,9 +206,11 @@ def clip_names(files: Sequence[VideoFile]) -> list[str]:
   decoding any video (the file's name, or "name.npy[i]" for the clips of a batch .npy)."""
   names = []
   for f in files:
-    n = _clip_count(f)
-    is_batch = f.path.suffix.lower() == ".npy" and _load_npy(f.path).ndim == 5
-    names += [f"{f.name}[{i}]" for i in range(n)] if is_batch else [f.name]
+    if f.path.suffix.lower() == ".npy":
+      a = _load_npy(f.path)
+      names += [f"{f.name}[{i}]" for i in range(a.shape[0])] if a.ndim == 5 else [f.name]
+    else:
+      names.append(f.name)
   return names
 
 
