@@ -1226,6 +1226,29 @@ def test_the_upsamplers_noise_follows_the_videos_seed(monkeypatch):
   assert seen[0] != seen[1] and seen[0] == seen[2]
 
 
+def test_a_prompt_past_what_the_text_encoder_reads_is_said_to_be_cut(folders, capsys):
+  # CLIP reads 75 tokens (this tiny text encoder 14): a longer prompt's end was dropped
+  # without a word (diffusers warns, naming the dropped text). The byte-level tokenizer
+  # makes a token per character.
+  from videoldm_jax.cli import load_to_sample
+  long = "a red car, " * 2 + "at night"
+  # (With its tokenizer: a configs-only chain, weights=False, has none.)
+  models = generate.load_chain(keyframe_model=folders["keyframe_model"])
+  for prompt, negative, cut in ((long, "", ["prompt"]), ("a car", long, ["negative_prompt"]),
+                                ("a car", "blurry", [])):
+    o = generate.GenerateOptions(**{**FAST, "prompt": prompt, "negative_prompt": negative})
+    notes = [n for n in generate.plan(models, o).notes if "the text encoder reads" in n]
+    assert [n.split()[0] for n in notes] == cut
+    if cut == ["prompt"]:  # 8 tokens a repeat: "a red car," and "a red ca" are read
+      assert notes[0] == ("prompt is longer than the 14 tokens the text encoder reads; its "
+                          "end is ignored: 'r , at night'")
+  configs = pretrained.load(folders["keyframe_model"], weights=False)
+  options = sampling.SampleOptions(height=8, width=8, num_steps=2, num_frames=4)
+  load_to_sample(folders["keyframe_model"], configs, options, "", None, prompt=long)
+  assert "note: --prompt is longer than the 14 tokens the text encoder reads" in (
+      capsys.readouterr().err)
+
+
 def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(folders, capsys):
   # At guidance_scale=1 the unconditional branch, which the negative prompt conditions,
   # is not run: the output was the same with or without it, said by no one.

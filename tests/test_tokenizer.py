@@ -335,3 +335,36 @@ def test_added_tokens_without_a_normalized_key_follow_the_added_token_default(tm
   assert tok.tokenize("a <CAT-toy>") == ["a</w>", "<Cat-Toy>"]
   assert tok.tokenize("<Sp>") == ["<Sp>"]
   assert "<Sp>" not in tok.tokenize("<sp>")
+
+
+def test_special_token_spellings_in_a_prompt_match_transformers(tmp_path, hf_clip_tokenizer):
+  """transformers' CLIP pre-tokenizer makes the literal "<|startoftext|>" /
+  "<|endoftext|>" words of their own in the lowercased text ("<|ENDOFTEXT|>]" ended the
+  word at "|>" there, not here), and SD folders (added_tokens_decoder) mark
+  <|startoftext|> `normalized`, so "<|StartOfText|>" is BOS there (it was BPE'd here)."""
+  folder = _write_slow_folder(tmp_path)
+  vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  config["added_tokens_decoder"] = {
+      str(vocab[t]): {"content": t, "lstrip": False, "normalized": normalized,
+                      "rstrip": False, "single_word": False, "special": True}
+      for t, normalized in (("<|startoftext|>", True), ("<|endoftext|>", False))}
+  config.update(bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  texts = ["a <|StartOfText|> cat", "a <|ENDOFTEXT|>, cat", "!<|Endoftext|>]x",
+           "<|endoftext|>] <|startoftext|>x"]
+  ref, _ = _reference(hf_clip_tokenizer, folder, texts, max_length=24)
+  ours = CLIPTokenizer.from_folder(str(folder))
+  for text, a, b in zip(texts, ours(texts, max_length=24), ref):
+    np.testing.assert_array_equal(a, b, err_msg=repr(text))
+  assert ours(texts[0], max_length=8)[0, 2] == ours.bos_token_id
+
+
+def test_dropped_is_the_end_that_truncation_cuts(tmp_path):
+  # What the sampling commands' note names: the tokens past max_length - 2, decoded
+  # (multi-byte characters span byte tokens).
+  tok = CLIPTokenizer.from_folder(str(_write_slow_folder(tmp_path)))
+  text = "a " * 80 + "Tōkyō 東京 😀 <|endoftext|>!"
+  assert tok.dropped(text) == "a a a a a tōkyō 東京 😀 <|endoftext|> !"
+  assert tok.dropped("a cat") == "" and tok.dropped("a cat", max_length=3) == "cat"

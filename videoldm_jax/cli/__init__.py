@@ -215,7 +215,7 @@ def note_unused_negative(guided: bool, guidance_scale: float, negative_prompt: s
 
 
 def load_to_sample(model_dir: str, configs, options, negative_prompt: str,
-                   class_label: Optional[int]):
+                   class_label: Optional[int], prompt: str = ""):
   """(model, tokenizer) of `model_dir` for videoldm-sample / -sample-image: `options`
   (SampleOptions) that its `configs` (its configs-only read) cannot sample are a usage
   error before the weights load; after the load, options the model ignores get notes."""
@@ -230,4 +230,7 @@ def load_to_sample(model_dir: str, configs, options, negative_prompt: str,
   note_unguided(guided, options.guidance_scale)
   note_unused_negative(guided, options.guidance_scale, negative_prompt)
   note_null_class(model, class_label)
+  prompts = {"--prompt": prompt, "--negative_prompt": negative_prompt}
+  for note in sampling.truncation_notes(model, tokenizer, prompts):
+    print(f"note: {note}", file=sys.stderr)
   return model, tokenizer

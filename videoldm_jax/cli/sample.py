@@ -77,7 +77,7 @@ def main(argv):
       sampler=_SAMPLER.value, guidance_scale=_CFG.value, seed=_SEED.value,
       num_frames=_FRAMES.value)
   model, tokenizer = load_to_sample(_MODEL.value, configs, options, _NEGATIVE.value,
-                                    _LABEL.value)
+                                    _LABEL.value, _PROMPT.value)
   videos = sampling.generate(model, tokenizer, [_PROMPT.value] * _NUM.value,
                              _NEGATIVE.value, options, class_labels=labels)
   clip = video_io.video_grid(videos, cols=min(len(videos), 4), pad=2)

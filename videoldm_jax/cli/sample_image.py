@@ -64,7 +64,7 @@ def main(argv):
       num_steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_CFG.value,
       eta=_ETA.value, seed=_SEED.value)
   model, tokenizer = load_to_sample(_MODEL.value, configs, options, _NEGATIVE.value,
-                                    _LABEL.value)
+                                    _LABEL.value, _PROMPT.value)
   if _ETA.value != 0.0 and _SAMPLER.value != "ddim":
     print(f"note: --eta={_ETA.value} ignored: only --sampler=ddim takes it",
           file=sys.stderr)

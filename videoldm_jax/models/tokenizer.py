@@ -7,11 +7,14 @@ Reproduces transformers' `CLIPTokenizer` as Stable Diffusion pipelines call it
      `<cat-toy>`) written in the text are split out first and map straight to their
      ids, as transformers' added tokens do;
   2. every other chunk is NFC-normalised, whitespace runs collapse to one space and
-     the text is lowercased (transformers' fast normaliser; ftfy is not used); added
-     tokens marked `normalized` are split out of this text, matched by their content
-     normalised the same way (as transformers does);
-  3. CLIP's regex splits it into words, each word is mapped byte -> printable unicode
-     (GPT-2's table) and BPE-merged with `</w>` on its last symbol;
+     the text is lowercased (transformers' fast normaliser; ftfy and html.unescape are
+     not used); added tokens marked `normalized` (special ones too, e.g. SD folders'
+     <|startoftext|>) are split out of this text, matched by their content normalised
+     the same way (as transformers does);
+  3. CLIP's regex splits it into words, GPT-2's regex splits those again (transformers'
+     ByteLevel pre-tokenizer: only a literal "<|endoftext|>" splits), each word is
+     mapped byte -> printable unicode (GPT-2's table) and BPE-merged with `</w>` on its
+     last symbol;
   4. ids are truncated to model_max_length - 2, wrapped in BOS ... EOS and padded.
 """
 
@@ -30,8 +33,16 @@ DEFAULT_MAX_LENGTH = 77
 _END_OF_WORD = "</w>"
 # `\p{White_Space}` rather than `\s`: transformers' (Oniguruma) `\s` is exactly the
 # Unicode White_Space set, Python's also matches \x1c-\x1f.
+# The literal special tokens come first, as in transformers' CLIP pre-tokenizer: in the
+# normalised text ("<|ENDOFTEXT|>" lowercased) they are words of their own.
 _CLIP_PATTERN = regex.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\p{White_Space}\p{L}\p{N}]+""")
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
+    r"""|[^\p{White_Space}\p{L}\p{N}]+""")
+# GPT-2's split, which transformers' ByteLevel pre-tokenizer (use_regex) runs on each
+# CLIP word: it only splits those literal tokens ("<|", "endoftext", "|>").
+_BYTE_LEVEL_PATTERN = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\p{White_Space}\p{L}\p{N}]+"""
+    r"""|\p{White_Space}+(?!\S)|\p{White_Space}+""")
 _WHITESPACE = regex.compile(r"\p{White_Space}+")
 # tokenizer_config.json files without a limit carry transformers' "very large" sentinel.
 _UNSET_MAX_LENGTH = 10 ** 6
@@ -94,7 +105,8 @@ class CLIPTokenizer:
                added_tokens: Mapping[str, bool] | None = None):
     """Args: vocab {token: id}; merges in priority order; special tokens must be in
     vocab; added_tokens {token: normalized} (in vocab too) are split out of the text
-    whole (where `normalized`, out of the normalised text)."""
+    whole (where `normalized`, out of the normalised text); a special token listed there
+    takes its flag, otherwise it is matched exactly."""
     self.encoder = dict(vocab)
     added_tokens = dict(added_tokens or {})
     for tok in added_tokens:
@@ -111,7 +123,10 @@ class CLIPTokenizer:
     self.pad_token, self.unk_token = pad_token, unk_token
     self.model_max_length = int(model_max_length)
     self.byte_encoder = bytes_to_unicode()
-    exact = {bos_token, eos_token, pad_token, unk_token}
+    # A special token marked `normalized` in added_tokens (SD folders' <|startoftext|>)
+    # matches in the normalised text, as transformers does: "<|StartOfText|>" is BOS.
+    exact = {t for t in (bos_token, eos_token, pad_token, unk_token)
+             if not added_tokens.get(t, False)}
     exact |= {t for t, normalized in added_tokens.items() if not normalized}
     # Normalised added tokens are matched in the normalised text, by their normalised
     # content (transformers' AddedVocabulary): "<Cat-Toy>" matches "a  <cat-TOY>".
@@ -119,7 +134,7 @@ class CLIPTokenizer:
     for t, normalized in added_tokens.items():
       if normalized and t not in exact:
         self._normalized.setdefault(_normalize(t), t)
-    self._special_split = _alternation(exact)
+    self._special_split = _alternation(exact) if exact else None
     self._normalized_split = (_alternation(self._normalized) if self._normalized
                               else None)
     self._specials = exact
@@ -207,10 +222,21 @@ class CLIPTokenizer:
     for content, (idx, _) in added.items():
       vocab[content] = idx
     kwargs: dict[str, Any] = {}
-    for field in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    fields = ("bos_token", "eos_token", "pad_token", "unk_token")
+    for field in fields:
       content = _token_content(settings.get(field))
       if content is not None:
         kwargs[field] = content
+    for field in fields:
+      value = settings.get(field)
+      content = _token_content(value)
+      if (isinstance(value, Mapping) and "normalized" in value and content in vocab
+          and content not in added and list(kwargs.values()).count(content) == 1):
+        # An AddedToken dict of older SD folders' special_tokens_map.json ("normalized":
+        # true for <|startoftext|>): its flag, as transformers reads it. (Where eos, pad
+        # and unk share one token transformers' pick among their flags is its own; such
+        # a token stays an exact match, as transformers has it for SD 1.x's files.)
+        added[content] = (vocab[content], bool(value["normalized"]))
     max_len = settings.get("model_max_length")
     if isinstance(max_len, float) and max_len.is_integer():
       max_len = int(max_len)  # (77.0, or 1e+30 for "no limit", in some files)
@@ -222,8 +248,10 @@ class CLIPTokenizer:
     specials = {kwargs.get(f, d) for f, d in (
         ("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"),
         ("pad_token", "<|endoftext|>"), ("unk_token", "<|endoftext|>"))}
+    # Special tokens keep their `normalized` flag (transformers matches a normalized
+    # <|startoftext|> in the lowercased text); those without an entry match exactly.
     kwargs["added_tokens"] = {t: normalized for t, (_, normalized) in added.items()
-                              if t not in specials}
+                              if t not in specials or normalized}
     bad = next(((k, v) for k, v in vocab.items()
                 if isinstance(v, bool) or not isinstance(v, int)), None)
     if bad is not None:
@@ -293,7 +321,7 @@ class CLIPTokenizer:
   def tokenize(self, text: str) -> list[str]:
     """Text -> BPE token strings (special tokens included verbatim, no BOS/EOS added)."""
     tokens = []
-    for chunk in self._special_split.split(text):
+    for chunk in (self._special_split.split(text) if self._special_split else (text,)):
       if chunk in self._specials:
         tokens.append(chunk)
         continue
@@ -304,13 +332,31 @@ class CLIPTokenizer:
           tokens.append(self._normalized[piece])
           continue
         for word in _CLIP_PATTERN.findall(piece):
-          tokens += self._bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))
+          for sub in _BYTE_LEVEL_PATTERN.findall(word):
+            tokens += self._bpe("".join(self.byte_encoder[b] for b in sub.encode("utf-8")))
     return tokens
 
   def encode(self, text: str) -> list[int]:
     """Text -> ids without BOS/EOS; symbols missing from the vocab become unk."""
     unk = self.unk_token_id
     return [self.encoder.get(t, unk) for t in self.tokenize(text)]
+
+  def dropped(self, text: str, max_length: int | None = None) -> str:
+    """The end of `text` that `__call__` cuts off (its tokens past max_length - 2), as
+    the text encoder would have read it: lowercased, words joined by single spaces;
+    '' when the text fits. max_length defaults to model_max_length."""
+    length = self.model_max_length if max_length is None else int(max_length)
+    whole = self._specials | set(self._normalized.values())
+    byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+    out, pending = [], bytearray()
+    for tok in self.tokenize(text)[max(length - 2, 0):]:
+      if tok in whole or any(c not in byte_decoder for c in tok):
+        out += [pending.decode("utf-8", "replace"), tok + _END_OF_WORD]
+        pending = bytearray()
+      else:  # (a character's bytes may span tokens)
+        pending += bytes(byte_decoder[c] for c in tok)
+    out.append(pending.decode("utf-8", "replace"))
+    return " ".join("".join(out).replace(_END_OF_WORD, " ").split())
 
   def __call__(self, texts: Sequence[str] | str, max_length: int | None = None) -> np.ndarray:
     """Batch of texts -> (B, max_length) int32 ids: BOS, ids[:max_length-2], EOS, pad.

@@ -245,6 +245,10 @@ def plan(models: ChainModels, o: GenerateOptions) -> Plan:
         raise ValueError(f"{models.paths.get(stage, stage)}: a class-conditional model; "
                          "give class_label")
   notes = []
+  text_stage = next((e for e in (models.keyframe, models.predictor) if e is not None), None)
+  if text_stage is not None:
+    notes += sampling.truncation_notes(*text_stage, {"prompt": o.prompt,
+                                                     "negative_prompt": o.negative_prompt})
   if o.eta != 0.0 and o.sampler != "ddim":
     notes.append(f"eta={o.eta} ignored: only the ddim sampler takes it (sampler="
                  f"{o.sampler})")

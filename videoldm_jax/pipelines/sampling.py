@@ -115,6 +115,19 @@ def encode_prompts(model: PretrainedLDM, tokenizer: CLIPTokenizer, prompts: Sequ
   return text_fn(model.text_config)({"params": on_device(model.params["text_encoder"])}, ids)
 
 
+def truncation_notes(model: PretrainedLDM, tokenizer: Optional[CLIPTokenizer],
+                     prompts: dict[str, str]) -> list[str]:
+  """A note per prompt (name -> text) longer than `model`'s text encoder reads
+  (max_position_embeddings - 2 tokens: 75 for CLIP), naming the end `encode_prompts`
+  cuts off. (It was cut without a word; diffusers warns.)"""
+  if model.text_config is None or tokenizer is None:
+    return []
+  n = model.text_config.max_position_embeddings
+  return [f"{name} is longer than the {n - 2} tokens the text encoder reads; its end is "
+          f"ignored: {cut!r}" for name, text in prompts.items()
+          if (cut := tokenizer.dropped(text, n))]
+
+
 def on_device(params):
   """`params` (host NumPy, as `pretrained.load` gives them) on the default device, once:
   a jitted call given NumPy arrays copies them to the device on every call (for every
