@@ -22,7 +22,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -442,14 +442,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           ranked = None
           loop_state = {"window_losses": {str(k): v for k, v in window_losses.items()
                                           if k % config.train.log_every == 0}}
-        # The save copies the state to the host, waiting for the step first: that wait is
-        # step time, the copy and the synchronous part of the write are not.
-        jax.block_until_ready(state)
-        t_save = time.perf_counter()
-        ckpt.save(step, frozen_lib.checkpoint_tree(state, save_frozen),
-                  data_state=data.get_state(), config=config.to_dict(), metrics=ranked,
-                  frozen_digests=frozen_digests, loop_state=loop_state, force=True)
-        step_log.off_step(time.perf_counter() - t_save)
+        # The save copies the state to the host: the copy and the synchronous part of
+        # the write are not step time.
+        off_step(step_log, state, lambda: ckpt.save(
+            step, frozen_lib.checkpoint_tree(state, save_frozen),
+            data_state=data.get_state(), config=config.to_dict(), metrics=ranked,
+            frozen_digests=frozen_digests, loop_state=loop_state, force=True))
         if regular:
           window_losses, saved_at = {}, step
       if stop:
@@ -461,9 +459,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       every = config.sample.every if "sample" in config else 0
       if setup.sample is not None and every and (step % every == 0
                                                  or step == config.train.num_steps):
-        t_sample = time.perf_counter()
-        write_samples(workdir, setup, state, step, writer)
-        step_log.off_step(time.perf_counter() - t_sample)
+        off_step(step_log, state, lambda: write_samples(workdir, setup, state, step, writer))
       if step < config.train.num_steps:
         t_input = time.perf_counter()
         batch = next_batch()
@@ -487,6 +483,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   if stopped is not None:
     raise Stopped(step, config.train.num_steps, stopped)
   return last
+
+
+def off_step(step_log: StepLog, state, work: Callable[[], object]) -> None:
+  """Runs `work` (a checkpoint save, samples: it reads `state`) and reports its seconds
+  as not step time, after waiting for `state`: the steps still queued on the device are
+  step time. (Samples timed with that wait inside hid up to train.max_steps_in_flight
+  steps' device time from the log that followed: MFU above 100% on CPU.)"""
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  work()
+  step_log.off_step(time.perf_counter() - t0)
 
 
 def _agreed(latest: Optional[int], workdir: Path, weights: str = "ema"
