@@ -76,8 +76,10 @@ def _tfds_source(data, workdir: Path, alone: bool = False):
 
 
 def _cache_dataset(data, seed: int, pi: int, pc: int, cache_check: dict,
-                   label_field: str):
-  source = latent_cache.LatentCacheSource(data.cache_dir)
+                   label_field: str, source=None):
+  # (`source`: the caller's LatentCacheSource of data.cache_dir, opened once.)
+  if source is None:  # (not `or`: an empty source has len 0)
+    source = latent_cache.LatentCacheSource(data.cache_dir)
   latent_cache.check_cache(source.info, str(data.cache_dir), data=data, **cache_check)
   b = data.batch_size // pc
 
@@ -285,10 +287,10 @@ def make_iterator(config, workdir: Path, cache_check: dict, alone: bool = False)
                         seed=seed, process_index=pi, process_count=pc,
                         label_field=None if label_field == "label" else label_field)
   if data.kind == "latent_cache":
+    source = latent_cache.LatentCacheSource(data.cache_dir)
     return ShareIterator(iter(_cache_dataset(data, seed, pi, pc, cache_check,
-                                             data.get("label_field", "label"))),
-                         data.batch_size // pc, pc, seed=seed,
-                         num_examples=len(latent_cache.LatentCacheSource(data.cache_dir)))
+                                             data.get("label_field", "label"), source)),
+                         data.batch_size // pc, pc, seed=seed, num_examples=len(source))
   workers = 0 if alone else data.get("worker_count", 0)
   source = _tfds_source(data, workdir, alone)
   ds = make_video_dataset(
