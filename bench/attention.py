@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from bench import side_by_side  # noqa: E402
 from bench.ab_step import interleaved_times  # noqa: E402
-from bench.common import emit, refuse_below  # noqa: E402
+from bench.common import emit, refuse_below, refuse_unknown  # noqa: E402
 from videoldm_jax import host_memory  # noqa: E402
 from videoldm_jax.models import attention  # noqa: E402
 
@@ -141,10 +141,8 @@ def main():
   args = parser.parse_args()
   refuse_below(parser, args, rounds=1, steps=1)
   peer = "torch" if args.peer == "torch" else "peer"  # the JSON keys of the other side
-  for given, known, flag in ((args.case, CASES, "--case"), (args.passes, PASSES, "--passes")):
-    unknown = [x for x in given.split(",") if x not in known]
-    if unknown:
-      raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+  refuse_unknown(parser, "case", args.case, CASES)
+  refuse_unknown(parser, "passes", args.passes, PASSES)
   for name in args.case.split(","):
     n, h, length, d = CASES[name]
     for passes in args.passes.split(","):
